@@ -1,0 +1,585 @@
+"""Deterministic builder of small ONNX conv nets, for the demo model and the test fixtures.
+
+:class:`GraphBuilder` wraps ``onnx.helper`` so that a model reads like a PyTorch ``forward``:
+every method takes tensor names, emits one node (plus its weights) and returns the name of the
+new tensor. The builder tracks the shape of every tensor itself, so callers never pass input
+channel counts and a wrong wiring fails at build time with a clear message rather than later in
+ONNX Runtime.
+
+Why these choices:
+
+* Weights come from one ``np.random.default_rng(seed)``, consumed in build order, so the same
+  seed gives byte-identical models and tests can rely on exact files.
+* Weights use He scaling (``std = sqrt(gain / fan_in)``, gain 2 ahead of a Relu-like activation)
+  and every bias and normalisation parameter is non-trivial but O(1), so activations stay O(1)
+  through the network: equivalence checks then compare outputs that neither vanish nor explode,
+  and a wrongly permuted bias or BN statistic changes the output visibly.
+* Models use opset 17 of ``ai.onnx`` and ``ir_version = 8``, which every ONNX Runtime from 1.17 on
+  accepts (the newest IR version that ``onnx`` writes by default is rejected by older runtimes).
+* Every node has a readable, unique name (``stage1.conv1``); a node's output tensor has the node's
+  name, and its parameters are named after it (``stage1.conv1.weight``).
+
+Block helpers (:func:`conv_bn_relu`, :func:`basic_block`, :func:`inverted_residual`,
+:func:`se_gate`) sit at the end of the module so the demo model and the fixtures share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET: int = 17
+IR_VERSION: int = 8
+
+Shape = tuple[int, ...]
+Array = npt.NDArray[Any]
+ParamStore = Literal["initializer", "constant"]
+
+
+class GraphBuilder:
+    """Build one ONNX graph node by node while tracking tensor shapes and dtypes.
+
+    Parameters are stored as initializers, or as ``Constant`` nodes (the way Paddle exports)
+    while :attr:`param_store` is ``"constant"`` (see :meth:`params_as`).
+    """
+
+    def __init__(self, name: str, seed: int = 0, *, opset: int = OPSET) -> None:
+        self.graph_name = name
+        self.rng = np.random.default_rng(seed)
+        self.opset = opset
+        self.param_store: ParamStore = "initializer"
+        self._nodes: list[onnx.NodeProto] = []
+        self._inputs: list[onnx.ValueInfoProto] = []
+        self._initializers: list[onnx.TensorProto] = []
+        self._shapes: dict[str, Shape] = {}
+        self._dtypes: dict[str, int] = {}
+        self._node_names: set[str] = set()
+        self._counters: dict[str, int] = {}
+        self._scope: list[str] = []
+        self._domains: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def shape(self, tensor: str) -> Shape:
+        """Shape of a tensor built so far (KeyError names the tensor if it is unknown)."""
+        if tensor not in self._shapes:
+            raise KeyError(f"unknown tensor {tensor!r} in graph {self.graph_name!r}")
+        return self._shapes[tensor]
+
+    def dtype(self, tensor: str) -> int:
+        """ONNX element type (``TensorProto.FLOAT`` ...) of a tensor built so far."""
+        self.shape(tensor)
+        return self._dtypes[tensor]
+
+    def channels(self, tensor: str) -> int:
+        """Size of axis 1, the channel axis of an NCHW activation."""
+        return self.shape(tensor)[1]
+
+    @contextlib.contextmanager
+    def scope(self, prefix: str) -> Iterator[None]:
+        """Prefix the names of everything built inside the ``with`` block by ``prefix.``."""
+        self._scope.append(prefix)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    @contextlib.contextmanager
+    def params_as(self, store: ParamStore) -> Iterator[None]:
+        """Store parameters created inside the ``with`` block as initializers or Constant nodes."""
+        previous, self.param_store = self.param_store, store
+        try:
+            yield
+        finally:
+            self.param_store = previous
+
+    def _scoped(self, name: str) -> str:
+        return ".".join([*self._scope, name])
+
+    def _claim(self, full: str) -> str:
+        """Claim an exact (already scoped) node name; a clash is a bug in the caller."""
+        if full in self._node_names or full in self._shapes:
+            raise ValueError(f"name {full!r} is already used in graph {self.graph_name!r}")
+        self._node_names.add(full)
+        return full
+
+    def _reserve(self, name: str | None, op_type: str) -> str:
+        """Claim a unique node name: the scoped ``name``, or ``<op><k>`` when none is given."""
+        if name is not None:
+            return self._claim(self._scoped(name))
+        base = op_type.lower()
+        while True:
+            # Counters are per op type, so auto names read "relu3" rather than "node57".
+            self._counters[base] = self._counters.get(base, 0) + 1
+            full = self._scoped(f"{base}{self._counters[base]}")
+            if full not in self._node_names and full not in self._shapes:
+                return self._claim(full)
+
+    def _register(self, tensor: str, shape: Sequence[int], elem_type: int) -> None:
+        if tensor in self._shapes:
+            raise ValueError(f"tensor {tensor!r} is already defined in graph {self.graph_name!r}")
+        self._shapes[tensor] = tuple(int(d) for d in shape)
+        self._dtypes[tensor] = elem_type
+
+    def _emit(
+        self,
+        node: str,
+        op_type: str,
+        inputs: Sequence[str],
+        shape: Sequence[int],
+        *,
+        elem_type: int | None = None,
+        domain: str = "",
+        **attrs: Any,
+    ) -> str:
+        """Append a node whose single output tensor is named like the node itself."""
+        for tensor in inputs:
+            if tensor:  # "" marks an omitted optional input
+                self.shape(tensor)
+        if elem_type is None:
+            elem_type = self._dtypes[inputs[0]]
+        self._register(node, shape, elem_type)
+        self._nodes.append(
+            helper.make_node(op_type, list(inputs), [node], name=node, domain=domain, **attrs)
+        )
+        return node
+
+    # ------------------------------------------------------------------ tensors
+
+    def input(self, name: str, shape: Sequence[int], elem_type: int = TensorProto.FLOAT) -> str:
+        """Declare a graph input with a fully static shape."""
+        self._register(name, shape, elem_type)
+        self._inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def param(self, name: str, array: Array) -> str:
+        """Store a constant under the scoped ``name`` (initializer or Constant node)."""
+        return self._store(self._scoped(name), array)
+
+    def _store(self, full_name: str, array: Array) -> str:
+        array = np.asarray(array)
+        elem_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor = numpy_helper.from_array(array, full_name)
+        if self.param_store == "initializer":
+            self._register(full_name, array.shape, elem_type)
+            self._initializers.append(tensor)
+            return full_name
+        node = self._claim(full_name)
+        # A Constant node's output carries the parameter's name, so readers see "x.weight".
+        self._register(full_name, array.shape, elem_type)
+        self._nodes.append(
+            helper.make_node("Constant", [], [full_name], name=node, value=tensor)
+        )
+        return full_name
+
+    def he_normal(self, shape: Sequence[int], fan_in: int, gain: float = 2.0) -> Array:
+        """Gaussian weights with variance ``gain / fan_in`` (He et al. for gain 2, Relu nets)."""
+        scale = np.float32(math.sqrt(gain / fan_in))
+        return self.rng.standard_normal(tuple(shape), dtype=np.float32) * scale
+
+    def small_normal(self, shape: Sequence[int], std: float = 0.1) -> Array:
+        """Small non-zero values for biases: visible when permuted wrongly, harmless to scale."""
+        return self.rng.standard_normal(tuple(shape), dtype=np.float32) * np.float32(std)
+
+    def uniform(self, shape: Sequence[int], low: float, high: float) -> Array:
+        """Uniform float32 values, for positive parameters such as BN scale and variance."""
+        return self.rng.uniform(low, high, size=tuple(shape)).astype(np.float32)
+
+    def conv_weight(self, x: str, out_channels: int, kernel: int, group: int = 1,
+                    gain: float = 2.0) -> Array:
+        """He-scaled weight for ``conv(x, out_channels, kernel, group=group)``.
+
+        For callers that route the weight through Identity, Cast or a Constant node themselves.
+        """
+        cin = self.channels(x)
+        if cin % group or out_channels % group:
+            raise ValueError(f"group {group} does not divide {cin} -> {out_channels} channels")
+        fan_in = cin // group * kernel * kernel
+        return self.he_normal((out_channels, cin // group, kernel, kernel), fan_in, gain)
+
+    def _check_param(self, tensor: str, shape: Shape, what: str) -> None:
+        if self.shape(tensor) != shape:
+            raise ValueError(f"{what} {tensor!r} has shape {self.shape(tensor)}, expected {shape}")
+
+    # ------------------------------------------------------------------ layers with weights
+
+    def conv(
+        self,
+        x: str,
+        out_channels: int,
+        kernel: int = 3,
+        stride: int = 1,
+        pad: int | None = None,
+        group: int = 1,
+        bias: bool | str = True,
+        *,
+        name: str | None = None,
+        weight: str | None = None,
+        gain: float = 2.0,
+    ) -> str:
+        """2-D Conv with square kernel; ``pad`` defaults to "same" (``kernel // 2``).
+
+        ``weight`` / ``bias`` may name existing tensors (a Constant, a Cast output, a shared
+        initializer) instead of letting the conv create its own.
+        """
+        n, cin, h, w = self.shape(x)
+        pad = kernel // 2 if pad is None else pad
+        node = self._reserve(name, "Conv")
+        w_shape = (out_channels, cin // group, kernel, kernel)
+        if weight is None:
+            weight = self._store(f"{node}.weight",
+                                 self.conv_weight(x, out_channels, kernel, group, gain))
+        self._check_param(weight, w_shape, "conv weight")
+        inputs = [x, weight]
+        if bias is True:
+            inputs.append(self._store(f"{node}.bias", self.small_normal((out_channels,))))
+        elif isinstance(bias, str):
+            self._check_param(bias, (out_channels,), "conv bias")
+            inputs.append(bias)
+        ho = (h + 2 * pad - kernel) // stride + 1
+        wo = (w + 2 * pad - kernel) // stride + 1
+        return self._emit(node, "Conv", inputs, (n, out_channels, ho, wo),
+                          kernel_shape=[kernel, kernel], strides=[stride, stride],
+                          pads=[pad] * 4, group=group)
+
+    def conv_transpose(
+        self,
+        x: str,
+        out_channels: int,
+        kernel: int = 2,
+        stride: int = 2,
+        pad: int = 0,
+        bias: bool = True,
+        *,
+        name: str | None = None,
+        gain: float = 2.0,
+    ) -> str:
+        """ConvTranspose (upsampling); its weight is ``[Cin, Cout, k, k]``, unlike Conv's."""
+        n, cin, h, w = self.shape(x)
+        node = self._reserve(name, "ConvTranspose")
+        # Each output pixel sums about Cin * (k / stride)^2 taps.
+        fan_in = cin * max(1, (kernel * kernel) // (stride * stride))
+        inputs = [x, self._store(f"{node}.weight",
+                                 self.he_normal((cin, out_channels, kernel, kernel), fan_in, gain))]
+        if bias:
+            inputs.append(self._store(f"{node}.bias", self.small_normal((out_channels,))))
+        ho = (h - 1) * stride - 2 * pad + kernel
+        wo = (w - 1) * stride - 2 * pad + kernel
+        return self._emit(node, "ConvTranspose", inputs, (n, out_channels, ho, wo),
+                          kernel_shape=[kernel, kernel], strides=[stride, stride],
+                          pads=[pad] * 4)
+
+    def batchnorm(self, x: str, *, name: str | None = None, eps: float = 1e-5) -> str:
+        """Inference BatchNormalization with non-trivial scale, bias, running mean and variance."""
+        c = self.channels(x)
+        node = self._reserve(name, "BatchNormalization")
+        inputs = [
+            x,
+            self._store(f"{node}.scale", self.uniform((c,), 0.5, 1.5)),
+            self._store(f"{node}.bias", self.small_normal((c,))),
+            self._store(f"{node}.mean", self.small_normal((c,), std=0.2)),
+            self._store(f"{node}.var", self.uniform((c,), 0.5, 2.0)),
+        ]
+        return self._emit(node, "BatchNormalization", inputs, self.shape(x), epsilon=eps)
+
+    def instance_norm(self, x: str, *, name: str | None = None, eps: float = 1e-5) -> str:
+        """InstanceNormalization with non-trivial per-channel scale and bias."""
+        c = self.channels(x)
+        node = self._reserve(name, "InstanceNormalization")
+        inputs = [
+            x,
+            self._store(f"{node}.scale", self.uniform((c,), 0.5, 1.5)),
+            self._store(f"{node}.bias", self.small_normal((c,))),
+        ]
+        return self._emit(node, "InstanceNormalization", inputs, self.shape(x), epsilon=eps)
+
+    def gemm(
+        self,
+        x: str,
+        out_features: int,
+        trans_b: int = 1,
+        bias: bool = True,
+        *,
+        name: str | None = None,
+        gain: float = 2.0,
+    ) -> str:
+        """Gemm ``x @ B (+ C)``; B is ``[N, K]`` with ``trans_b=1`` (as PyTorch's Linear exports),
+        else ``[K, N]``."""
+        m, k = self.shape(x)
+        node = self._reserve(name, "Gemm")
+        b_shape = (out_features, k) if trans_b else (k, out_features)
+        inputs = [x, self._store(f"{node}.weight", self.he_normal(b_shape, k, gain))]
+        if bias:
+            inputs.append(self._store(f"{node}.bias", self.small_normal((out_features,))))
+        return self._emit(node, "Gemm", inputs, (m, out_features), transB=trans_b)
+
+    def matmul(
+        self,
+        x: str,
+        out_features: int,
+        bias: bool = True,
+        *,
+        name: str | None = None,
+        gain: float = 2.0,
+    ) -> str:
+        """MatMul with a constant ``[K, N]`` weight, then ``Add`` of a bias (PyTorch's export).
+
+        The layer's last node carries ``name``: with a bias the MatMul is ``<name>.matmul`` and
+        the Add is ``<name>``, so ``name="output"`` yields a tensor called ``output``.
+        """
+        *lead, k = self.shape(x)
+        layer = self._reserve(name, "MatMul")
+        weight = self._store(f"{layer}.weight", self.he_normal((k, out_features), k, gain))
+        if not bias:
+            return self._emit(layer, "MatMul", [x, weight], (*lead, out_features))
+        y = self._emit(self._claim(f"{layer}.matmul"), "MatMul", [x, weight],
+                       (*lead, out_features))
+        bias_t = self._store(f"{layer}.bias", self.small_normal((out_features,)))
+        return self._emit(layer, "Add", [y, bias_t], (*lead, out_features))
+
+    # ------------------------------------------------------------------ element-wise
+
+    def _unary(self, op_type: str, x: str, name: str | None, **attrs: Any) -> str:
+        return self._emit(self._reserve(name, op_type), op_type, [x], self.shape(x), **attrs)
+
+    def relu(self, x: str, *, name: str | None = None) -> str:
+        """Relu."""
+        return self._unary("Relu", x, name)
+
+    def sigmoid(self, x: str, *, name: str | None = None) -> str:
+        """Sigmoid."""
+        return self._unary("Sigmoid", x, name)
+
+    def hardswish(self, x: str, *, name: str | None = None) -> str:
+        """HardSwish (MobileNetV3's activation)."""
+        return self._unary("HardSwish", x, name)
+
+    def hardsigmoid(self, x: str, *, name: str | None = None, alpha: float = 1.0 / 6.0,
+                    beta: float = 0.5) -> str:
+        """HardSigmoid with PyTorch's slope 1/6 (ONNX's default would be 0.2)."""
+        return self._unary("HardSigmoid", x, name, alpha=alpha, beta=beta)
+
+    def identity(self, x: str, *, name: str | None = None) -> str:
+        """Identity (exporters leave these in front of weights)."""
+        return self._unary("Identity", x, name)
+
+    def cast(self, x: str, to: int, *, name: str | None = None) -> str:
+        """Cast to the ONNX element type ``to`` (``TensorProto.FLOAT`` ...)."""
+        node = self._reserve(name, "Cast")
+        return self._emit(node, "Cast", [x], self.shape(x), elem_type=to, to=to)
+
+    def clip(self, x: str, lo: float, hi: float, *, name: str | None = None) -> str:
+        """Clip with scalar ``min``/``max`` given as constant inputs (opset 11+ style)."""
+        node = self._reserve(name, "Clip")
+        lo_t = self._store(f"{node}.min", np.array(lo, dtype=np.float32))
+        hi_t = self._store(f"{node}.max", np.array(hi, dtype=np.float32))
+        return self._emit(node, "Clip", [x, lo_t, hi_t], self.shape(x))
+
+    def _binary(self, op_type: str, a: str, b: str | Array, name: str | None,
+                const_name: str) -> str:
+        node = self._reserve(name, op_type)
+        if not isinstance(b, str):
+            b = self._store(f"{node}.{const_name}", np.asarray(b, dtype=np.float32))
+        shape = np.broadcast_shapes(self.shape(a), self.shape(b))
+        return self._emit(node, op_type, [a, b], shape)
+
+    def add(self, a: str, b: str | Array, *, name: str | None = None,
+            const_name: str = "const") -> str:
+        """Broadcasting Add; ``b`` is a tensor name, or an array stored as
+        ``<node>.<const_name>``."""
+        return self._binary("Add", a, b, name, const_name)
+
+    def sub(self, a: str, b: str | Array, *, name: str | None = None,
+            const_name: str = "const") -> str:
+        """Broadcasting Sub (see :meth:`add`)."""
+        return self._binary("Sub", a, b, name, const_name)
+
+    def mul(self, a: str, b: str | Array, *, name: str | None = None,
+            const_name: str = "const") -> str:
+        """Broadcasting Mul (see :meth:`add`)."""
+        return self._binary("Mul", a, b, name, const_name)
+
+    def div(self, a: str, b: str | Array, *, name: str | None = None,
+            const_name: str = "const") -> str:
+        """Broadcasting Div (see :meth:`add`)."""
+        return self._binary("Div", a, b, name, const_name)
+
+    # ------------------------------------------------------------------ shape and pooling
+
+    def concat(self, xs: Sequence[str], axis: int = 1, *, name: str | None = None) -> str:
+        """Concat along ``axis`` (all other dimensions must agree)."""
+        shapes = [self.shape(x) for x in xs]
+        rank = len(shapes[0])
+        ax = axis % rank
+        for s in shapes[1:]:
+            if len(s) != rank or any(s[i] != shapes[0][i] for i in range(rank) if i != ax):
+                raise ValueError(f"concat shapes disagree off axis {axis}: {shapes}")
+        shape = list(shapes[0])
+        shape[ax] = sum(s[ax] for s in shapes)
+        return self._emit(self._reserve(name, "Concat"), "Concat", list(xs), shape, axis=axis)
+
+    def maxpool(self, x: str, kernel: int = 2, stride: int | None = None, pad: int = 0, *,
+                name: str | None = None) -> str:
+        """MaxPool with a square kernel; ``stride`` defaults to ``kernel``."""
+        n, c, h, w = self.shape(x)
+        stride = kernel if stride is None else stride
+        ho = (h + 2 * pad - kernel) // stride + 1
+        wo = (w + 2 * pad - kernel) // stride + 1
+        return self._emit(self._reserve(name, "MaxPool"), "MaxPool", [x], (n, c, ho, wo),
+                          kernel_shape=[kernel, kernel], strides=[stride, stride],
+                          pads=[pad] * 4)
+
+    def global_avg_pool(self, x: str, *, name: str | None = None) -> str:
+        """GlobalAveragePool: ``[N, C, H, W] -> [N, C, 1, 1]``."""
+        n, c, *spatial = self.shape(x)
+        return self._emit(self._reserve(name, "GlobalAveragePool"), "GlobalAveragePool", [x],
+                          (n, c, *[1] * len(spatial)))
+
+    def flatten(self, x: str, axis: int = 1, *, name: str | None = None) -> str:
+        """Flatten to 2-D: dims before ``axis`` become rows, the rest (C major) columns."""
+        s = self.shape(x)
+        shape = (math.prod(s[:axis]), math.prod(s[axis:]))
+        return self._emit(self._reserve(name, "Flatten"), "Flatten", [x], shape, axis=axis)
+
+    def transpose(self, x: str, perm: Sequence[int], *, name: str | None = None) -> str:
+        """Transpose by ``perm`` (e.g. ``[0, 2, 3, 1]`` for NCHW -> NHWC)."""
+        s = self.shape(x)
+        return self._emit(self._reserve(name, "Transpose"), "Transpose", [x],
+                          [s[p] for p in perm], perm=list(perm))
+
+    def reduce_mean(self, x: str, axes: Sequence[int], keepdims: bool = True, *,
+                    name: str | None = None) -> str:
+        """ReduceMean with ``axes`` as an attribute (opset <= 17 form)."""
+        s = self.shape(x)
+        ax = {a % len(s) for a in axes}
+        shape = [1 if i in ax else d for i, d in enumerate(s) if keepdims or i not in ax]
+        return self._emit(self._reserve(name, "ReduceMean"), "ReduceMean", [x], shape,
+                          axes=list(axes), keepdims=int(keepdims))
+
+    def resize(self, x: str, scale: int = 2, *, name: str | None = None) -> str:
+        """Nearest-neighbour Resize by ``scale`` on H and W only (scale 1 on N and C)."""
+        n, c, h, w = self.shape(x)
+        node = self._reserve(name, "Resize")
+        scales = self._store(f"{node}.scales", np.array([1, 1, scale, scale], dtype=np.float32))
+        return self._emit(node, "Resize", [x, "", scales], (n, c, h * scale, w * scale),
+                          mode="nearest")
+
+    def pad(self, x: str, pads: Sequence[int], *, name: str | None = None) -> str:
+        """Zero Pad; ``pads`` is ONNX's ``[begin_0, ..., begin_r, end_0, ..., end_r]``."""
+        s = self.shape(x)
+        r = len(s)
+        if len(pads) != 2 * r:
+            raise ValueError(f"pads needs {2 * r} entries for rank {r}, got {list(pads)}")
+        node = self._reserve(name, "Pad")
+        pads_t = self._store(f"{node}.pads", np.array(pads, dtype=np.int64))
+        shape = [d + pads[i] + pads[i + r] for i, d in enumerate(s)]
+        return self._emit(node, "Pad", [x, pads_t], shape, mode="constant")
+
+    def lrn(self, x: str, size: int = 3, *, name: str | None = None) -> str:
+        """LocalResponseNormalization across ``size`` neighbouring channels."""
+        return self._unary("LRN", x, name, size=size, alpha=1e-4, beta=0.75, bias=1.0)
+
+    def cumsum(self, x: str, axis: int = 1, *, name: str | None = None) -> str:
+        """CumSum along ``axis`` (given as a 0-D int64 constant input)."""
+        node = self._reserve(name, "CumSum")
+        axis_t = self._store(f"{node}.axis", np.array(axis, dtype=np.int64))
+        return self._emit(node, "CumSum", [x, axis_t], self.shape(x))
+
+    def custom(
+        self,
+        op_type: str,
+        domain: str,
+        inputs: Sequence[str],
+        shape: Sequence[int],
+        *,
+        name: str | None = None,
+        version: int = 1,
+        **attrs: Any,
+    ) -> str:
+        """A node of any op and domain; its output shape is the caller's word.
+
+        The domain gets an opset import at :meth:`build`, as a real exporter would write.
+        """
+        if domain not in ("", "ai.onnx"):
+            self._domains[domain] = version
+        return self._emit(self._reserve(name, op_type), op_type, inputs, shape, domain=domain,
+                          **attrs)
+
+    # ------------------------------------------------------------------ model
+
+    def build(self, outputs: str | Sequence[str], *, value_info: bool = False) -> onnx.ModelProto:
+        """Finish the graph with the given outputs and wrap it in an opset-17, IR-8 model.
+
+        ``value_info=True`` also records the shape of every intermediate tensor.
+        """
+        names = [outputs] if isinstance(outputs, str) else list(outputs)
+        outs = [helper.make_tensor_value_info(o, self.dtype(o), list(self.shape(o)))
+                for o in names]
+        inner: list[onnx.ValueInfoProto] = []
+        if value_info:
+            produced = [o for node in self._nodes for o in node.output]
+            inner = [helper.make_tensor_value_info(t, self._dtypes[t], list(self._shapes[t]))
+                     for t in produced if t not in names]
+        graph = helper.make_graph(self._nodes, self.graph_name, self._inputs, outs,
+                                  initializer=self._initializers, value_info=inner)
+        opsets = [helper.make_opsetid("", self.opset)]
+        opsets += [helper.make_opsetid(d, v) for d, v in sorted(self._domains.items())]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="onnxlady",
+                                  doc_string=f"onnxlady test model {self.graph_name!r}")
+        model.ir_version = IR_VERSION
+        return model
+
+
+# ---------------------------------------------------------------------- shared blocks
+
+
+def conv_bn_relu(b: GraphBuilder, x: str, out_channels: int, kernel: int = 3, stride: int = 1,
+                 *, name: str, relu: bool = True, group: int = 1) -> str:
+    """Conv without bias -> BatchNormalization (unfolded, as exported) -> optional Relu."""
+    with b.scope(name):
+        y = b.conv(x, out_channels, kernel, stride, group=group, bias=False, name="conv")
+        y = b.batchnorm(y, name="bn")
+        return b.relu(y, name="relu") if relu else y
+
+
+def basic_block(b: GraphBuilder, x: str, out_channels: int, stride: int = 1, *,
+                name: str) -> str:
+    """ResNet basic block; a 1x1 strided conv + BN shortcut when the shape changes."""
+    with b.scope(name):
+        y = conv_bn_relu(b, x, out_channels, 3, stride, name="conv1")
+        y = conv_bn_relu(b, y, out_channels, 3, 1, name="conv2", relu=False)
+        shortcut = x
+        if stride != 1 or b.channels(x) != out_channels:
+            shortcut = conv_bn_relu(b, x, out_channels, 1, stride, name="shortcut", relu=False)
+        return b.relu(b.add(y, shortcut, name="add"), name="relu")
+
+
+def inverted_residual(b: GraphBuilder, x: str, expand: int, out_channels: int, stride: int = 1,
+                      *, name: str) -> str:
+    """MobileNetV2 block: 1x1 expand, depthwise 3x3, Clip(0, 6), 1x1 project, residual Add."""
+    with b.scope(name):
+        y = b.conv(x, expand, 1, bias=False, name="expand")
+        y = b.clip(b.batchnorm(y, name="expand_bn"), 0.0, 6.0, name="expand_clip")
+        y = b.conv(y, expand, 3, stride, group=expand, bias=False, name="depthwise")
+        y = b.clip(b.batchnorm(y, name="depthwise_bn"), 0.0, 6.0, name="depthwise_clip")
+        y = b.conv(y, out_channels, 1, bias=False, name="project", gain=1.0)
+        y = b.batchnorm(y, name="project_bn")
+        if stride == 1 and b.channels(x) == out_channels:
+            y = b.add(y, x, name="add")
+        return y
+
+
+def se_gate(b: GraphBuilder, x: str, squeeze: int, *, name: str) -> str:
+    """Squeeze-and-excitation: GAP -> 1x1 Conv -> Relu -> 1x1 Conv -> HardSigmoid -> Mul."""
+    with b.scope(name):
+        s = b.global_avg_pool(x, name="pool")
+        s = b.relu(b.conv(s, squeeze, 1, name="reduce"), name="relu")
+        s = b.hardsigmoid(b.conv(s, b.channels(x), 1, name="expand"), name="gate")
+        return b.mul(x, s, name="mul")
