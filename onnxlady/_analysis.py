@@ -1,0 +1,285 @@
+"""Channel analysis: from an ONNX model to the groups of neurons one permutation must move.
+
+:func:`analyze` walks the graph in topological order and runs each operator's rule from the
+registry; operators without a rule freeze what they touch. Spaces reaching a graph output
+are frozen. The result lists every group with a stable id (``g0``, ``g1``... in the order the
+graph first uses them), its members (weight slices and activations, with their index maps),
+whether it is permutable and, if not, every reason, plus a plan for constants shared by uses
+that need different permutations (each such use gets its own copy).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from onnxlady import _rules  # noqa: F401 - importing registers every rule
+from onnxlady._expr import Expr, Fixed, FreezeReason, canonical, describe, evaluate, labels
+from onnxlady._graph import ModelGraph, node_label
+from onnxlady._rules._context import AnalysisState, Binding, RuleContext, RuleDoesNotApply
+from onnxlady._rules._registry import rule_for
+
+#: Operators whose output neurons are the "producer neurons" counted by ``inspect``.
+PRODUCER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+COPY_SUFFIX = ".onnxlady_copy"
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One channel space in a group: a weight slice or an activation."""
+
+    tensor: str
+    axis: int
+    role: str
+    node: str
+    index_map: str
+    is_weight: bool
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Neurons that must take one permutation."""
+
+    id: str
+    root: int
+    size: int
+    frozen: bool
+    reasons: tuple[FreezeReason, ...]
+    members: tuple[GroupMember, ...]
+
+    @property
+    def permutable(self) -> bool:
+        """A non-identity permutation exists: not frozen and at least two neurons."""
+        return not self.frozen and self.size > 1
+
+
+@dataclass(frozen=True)
+class TensorPermutation:
+    """One constant tensor (after untying) and the permutation of each of its axes."""
+
+    tensor: str  # name in the permuted model (a copy's name for untied uses)
+    source: str  # leaf name in the source model
+    copy: int  # 0: the source tensor itself; k: its k-th copy
+    uses: tuple[tuple[int, int], ...]  # (node index, input slot) in the source model
+    axes: tuple[tuple[int, Expr], ...]  # axis -> permutation, non-identity ones only
+    roles: tuple[str, ...]
+
+
+@dataclass
+class ChannelAnalysis:
+    """Everything ``inspect`` reports and ``permute`` needs."""
+
+    graph: ModelGraph
+    state: AnalysisState
+    groups: list[ChannelGroup]
+    tensors: list[TensorPermutation]
+    producers: list[tuple[str, str, Expr]]  # (node label, op type, output neurons)
+    _by_id: dict[str, ChannelGroup] = field(default_factory=dict)
+    _by_root: dict[int, ChannelGroup] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._by_id = {group.id: group for group in self.groups}
+        self._by_root = {group.root: group for group in self.groups}
+
+    @property
+    def solver(self):  # noqa: ANN201 - GroupSolver, kept private to the package
+        return self.state.solver
+
+    def group(self, group_id: str) -> ChannelGroup:
+        return self._by_id[group_id]
+
+    def group_of_root(self, root: int) -> ChannelGroup | None:
+        return self._by_root.get(self.solver.find(root))
+
+    @property
+    def permutable_groups(self) -> list[ChannelGroup]:
+        return [group for group in self.groups if group.permutable]
+
+    def index_array(self, expr: Expr, perms: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Indices ``idx`` such that ``new = take(old, idx, axis)`` for group permutations by id."""
+        by_root = {self._by_id[gid].root: np.asarray(p) for gid, p in perms.items() if gid in self._by_id}
+        return evaluate(self.solver, expr, by_root)
+
+    def neuron_labels(self, expr: Expr) -> dict[str, np.ndarray]:
+        """For each group in ``expr`` (by id): which of its neurons governs each index (-1: none)."""
+        result = {}
+        for root, lab in labels(self.solver, expr).items():
+            group = self.group_of_root(root)
+            if group is not None:
+                result[group.id] = lab
+        return result
+
+    @property
+    def untied(self) -> list[TensorPermutation]:
+        return [t for t in self.tensors if t.copy > 0]
+
+    def summary(self) -> dict[str, object]:
+        """Counts for people and pipelines: groups, producer neurons, why things froze."""
+        total = permutable = pinned_by_output = 0
+        for _, _, expr in self.producers:
+            governed = np.zeros(expr.size, dtype=bool)
+            only_output = np.zeros(expr.size, dtype=bool)
+            for root, lab in labels(self.solver, expr).items():
+                group = self.group_of_root(root)
+                if group is None or group.size < 2:
+                    continue
+                if group.permutable:
+                    governed |= lab >= 0
+                elif all(r.kind == "graph-output" for r in group.reasons):
+                    only_output |= lab >= 0
+            total += expr.size
+            permutable += int(governed.sum())
+            pinned_by_output += int((only_output & ~governed).sum())
+        kinds = Counter(reason.kind for group in self.groups if group.frozen for reason in group.reasons)
+        return {
+            "groups": len(self.groups),
+            "permutable_groups": len(self.permutable_groups),
+            "frozen_groups": sum(1 for g in self.groups if g.frozen),
+            "producer_neurons": total,
+            "permutable_producer_neurons": permutable,
+            "permutable_fraction": (permutable / total) if total else 0.0,
+            "producer_neurons_pinned_by_outputs": pinned_by_output,
+            "freeze_reasons_by_kind": dict(sorted(kinds.items())),
+            "untied_constants": sorted({t.source for t in self.untied}),
+        }
+
+
+def analyze(model: onnx.ModelProto, *, progress: Callable[[str], None] | None = None) -> ChannelAnalysis:
+    """Find the coupled channel groups of ``model`` (which is not modified)."""
+    graph = ModelGraph(model)
+    state = AnalysisState(graph)
+    step = max(1, len(graph.order) // 10)
+    for position, index in enumerate(graph.order):
+        if progress is not None and position % step == 0:
+            progress(f"analysing node {position + 1}/{len(graph.order)}")
+        _run_rule(state, index)
+    for name in graph.graph_outputs:
+        for expr in state.tracked.get(name, {}).values():
+            state.solver.freeze(expr, FreezeReason("graph-output", f"graph output '{name}'"))
+    return _collect(state)
+
+
+def _run_rule(state: AnalysisState, index: int) -> None:
+    ctx = RuleContext(state, index)
+    node = ctx.node
+    rule = rule_for(node.domain, node.op_type)
+    if rule is None:
+        domain = node.domain or "ai.onnx"
+        ctx.abandon(ctx.reason("no-rule", f"no rule for operator {domain}::{node.op_type}"))
+        return
+    try:
+        rule.propagate(ctx)
+    except RuleDoesNotApply as stop:
+        ctx.abandon(ctx.reason(stop.kind, stop.message))
+        return
+    except Exception as exc:  # noqa: BLE001 - a failing rule must freeze, never half-permute
+        ctx.abandon(ctx.reason("rule-error", f"rule failed ({type(exc).__name__}: {exc})"))
+        return
+    ctx.commit()
+
+
+def _collect(state: AnalysisState) -> ChannelAnalysis:
+    graph, solver = state.graph, state.solver
+    tensors = _plan_tensors(state)
+    members: dict[int, list[tuple[tuple[int, int, int], GroupMember]]] = {}
+
+    def add_members(expr: Expr, order: tuple[int, int, int], make: Callable[[str], GroupMember]) -> None:
+        resolved = solver.resolve(expr)
+        for atom in set(solver.atoms(resolved)):
+            members.setdefault(atom.id, []).append((order, make(describe(resolved, atom.id))))
+
+    for plan in tensors:
+        for axis, expr in plan.axes:
+            node_index = plan.uses[0][0]
+            label = node_label(graph.nodes[node_index], node_index) if node_index >= 0 else ""
+            role = ", ".join(plan.roles)
+            add_members(
+                expr,
+                (graph.order.index(node_index) if node_index >= 0 else -1, 0, axis),
+                lambda imap, t=plan.tensor, a=axis, r=role, n=label: GroupMember(t, a, r, n, imap, True),
+            )
+    position = {index: k for k, index in enumerate(graph.order)}
+    for name, spaces in state.tracked.items():
+        produced = graph.producer.get(name)
+        node_index = produced[0] if produced else -1
+        label = node_label(graph.nodes[node_index], node_index) if node_index >= 0 else ""
+        for axis, expr in spaces.items():
+            add_members(
+                expr,
+                (position.get(node_index, -1), 1, axis),
+                lambda imap, t=name, a=axis, n=label: GroupMember(t, a, "activation", n, imap, False),
+            )
+    ordered_roots = sorted(members, key=lambda root: min(order for order, _ in members[root]))
+    groups = []
+    for number, root in enumerate(ordered_roots):
+        found = sorted(members[root], key=lambda item: item[0])
+        groups.append(
+            ChannelGroup(
+                id=f"g{number}",
+                root=root,
+                size=solver._size[root],
+                frozen=solver.is_frozen(root),
+                reasons=solver.reasons(root),
+                members=tuple(member for _, member in found),
+            )
+        )
+    producers = [
+        (node_label(graph.nodes[index], index), graph.nodes[index].op_type, expr)
+        for index, expr in state.producers
+        if graph.nodes[index].op_type in PRODUCER_OPS
+    ]
+    return ChannelAnalysis(graph, state, groups, tensors, producers)
+
+
+def _plan_tensors(state: AnalysisState) -> list[TensorPermutation]:
+    """Which physical tensors to permute, untying constants whose uses disagree."""
+    graph, solver = state.graph, state.solver
+    by_leaf: dict[str, dict[tuple[int, int], dict[int, Binding]]] = {}
+    for (node, slot, axis), binding in state.bindings.items():
+        by_leaf.setdefault(binding.leaf, {}).setdefault((node, slot), {})[axis] = binding
+    existing = set(graph.initializers) | set(graph.producer)
+    plans: list[TensorPermutation] = []
+    for leaf in sorted(by_leaf, key=lambda name: _first_use(graph, by_leaf[name])):
+        bound = by_leaf[leaf]
+        rank = len(graph.shape(leaf) or ())
+        classes: dict[tuple, list[tuple[int, int]]] = {}
+        for use in graph.constant_uses(leaf):
+            axes = bound.get(use, {})
+            requirement = tuple(
+                canonical(solver, axes[a].expr) if a in axes else None for a in range(rank)
+            )
+            requirement = tuple(None if _is_identity(r) else r for r in requirement)
+            classes.setdefault(requirement, []).append(use)
+        # The uses that need no permutation keep the original tensor; the others get copies.
+        ordered = sorted(classes.items(), key=lambda item: (any(r is not None for r in item[0]), item[1][0]))
+        original_taken = False
+        copies = 0
+        for requirement, uses in ordered:
+            if all(r is None for r in requirement):
+                original_taken = True
+                continue
+            if original_taken:
+                copies += 1
+                name = f"{leaf}{COPY_SUFFIX}{copies}"
+                while name in existing:
+                    name += "_"
+                existing.add(name)
+            else:
+                name, original_taken = leaf, True
+            roles = sorted({bound[use][a].role for use in uses if use in bound for a in bound[use]})
+            axes = tuple((a, r) for a, r in enumerate(requirement) if r is not None)
+            plans.append(TensorPermutation(name, leaf, copies if name != leaf else 0, tuple(uses), axes, tuple(roles)))
+    return plans
+
+
+def _is_identity(expr: Expr | None) -> bool:
+    return expr is None or isinstance(expr, Fixed)
+
+
+def _first_use(graph: ModelGraph, uses: Mapping[tuple[int, int], object]) -> tuple[int, int]:
+    position = {index: k for k, index in enumerate(graph.order)}
+    return min((position.get(node, -1), slot) for node, slot in uses)

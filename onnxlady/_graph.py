@@ -1,0 +1,347 @@
+"""A read-only view of an ONNX graph for channel analysis.
+
+:class:`ModelGraph` answers the questions every permutation rule asks: who produces and who
+consumes a tensor, what its static shape is, whether it is a constant (an initializer or a
+``Constant`` node, possibly reached through ``Identity``/``Cast``) and what that constant's
+leaf tensor is. Shapes come from ONNX shape inference run on a *skeleton* of the model: large
+weights are replaced by typed graph inputs, so inference never copies hundreds of megabytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxlady._errors import OnnxladyError
+
+#: Operators that forward a constant unchanged (up to dtype) to the operator that uses it.
+CHAIN_OPS = frozenset({"Identity", "Cast"})
+#: Initializers up to this many elements stay in the shape-inference skeleton (shape tensors).
+_SKELETON_KEEP_ELEMENTS = 4096
+
+Dim = int | str | None
+Shape = tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class ConstantLeaf:
+    """Where a constant operand really lives: an initializer or a ``Constant`` node's value."""
+
+    name: str  # tensor name of the leaf (initializer name or Constant output)
+    chain: tuple[int, ...]  # node indices of the Identity/Cast nodes between leaf and use
+    constant_node: int | None  # index of the Constant node holding it, if not an initializer
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """A readable, unique label for a node: its name, or its type and position."""
+    return node.name or f"{node.op_type}#{index}"
+
+
+class ModelGraph:
+    """Producers, consumers, constants and static shapes of one model's main graph."""
+
+    def __init__(self, model: onnx.ModelProto, *, infer_shapes: bool = True) -> None:
+        self.model = model
+        graph = model.graph
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.graph_inputs: list[str] = [v.name for v in graph.input if v.name not in self.initializers]
+        self.graph_outputs: list[str] = [v.name for v in graph.output]
+        self.opsets: dict[str, int] = {
+            (op.domain or ""): op.version for op in model.opset_import
+        }
+        self.producer: dict[str, tuple[int, int]] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = {}
+        self.constant_nodes: dict[str, int] = {}
+        self.implicit_inputs: dict[int, tuple[str, ...]] = {}
+        for index, node in enumerate(self.nodes):
+            for slot, name in enumerate(node.output):
+                if name:
+                    self.producer[name] = (index, slot)
+            for slot, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((index, slot))
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and _constant_attribute(node):
+                self.constant_nodes[node.output[0]] = index
+            outer = _outer_scope_names(node)
+            if outer:
+                self.implicit_inputs[index] = tuple(sorted(outer))
+                for name in outer:
+                    self.consumers.setdefault(name, []).append((index, -1))
+        self._check_defined()
+        self.order: list[int] = self._topological_order()
+        self.shapes: dict[str, Shape] = {}
+        self.dtypes: dict[str, int] = {}
+        self._collect_shapes(infer_shapes)
+        self._values: dict[str, np.ndarray | None] = {}
+
+    # -- structure -----------------------------------------------------------------------
+    def _check_defined(self) -> None:
+        known = set(self.initializers) | {v.name for v in self.model.graph.input} | set(self.producer)
+        for index, node in enumerate(self.nodes):
+            for name in node.input:
+                if name and name not in known:
+                    raise OnnxladyError(
+                        f"node '{node_label(node, index)}' reads tensor '{name}' that nothing defines "
+                        "(truncated or malformed model)"
+                    )
+        for name in self.graph_outputs:
+            if name not in known:
+                raise OnnxladyError(f"graph output '{name}' is not produced by any node (malformed model)")
+
+    def dependency_graph(self) -> nx.MultiDiGraph:
+        """Operators and tensors as a networkx graph: ``("op", index)`` and ``("tensor", name)`` nodes."""
+        dag = nx.MultiDiGraph()
+        for index, node in enumerate(self.nodes):
+            op = ("op", index)
+            dag.add_node(op, op_type=node.op_type, domain=node.domain, label=node_label(node, index))
+            for name in list(node.input) + list(self.implicit_inputs.get(index, ())):
+                if name:
+                    dag.add_edge(("tensor", name), op)
+            for name in node.output:
+                if name:
+                    dag.add_edge(op, ("tensor", name))
+        return dag
+
+    def _topological_order(self) -> list[int]:
+        # Exporters emit sorted graphs; check cheaply and only sort with networkx when needed.
+        seen = set(self.initializers) | {v.name for v in self.model.graph.input}
+        in_order = True
+        for index, node in enumerate(self.nodes):
+            needed = list(node.input) + list(self.implicit_inputs.get(index, ()))
+            if any(name and name not in seen for name in needed):
+                in_order = False
+                break
+            seen.update(name for name in node.output if name)
+        if in_order:
+            return list(range(len(self.nodes)))
+        dag = self.dependency_graph()
+        try:
+            ordered = nx.lexicographical_topological_sort(dag, key=_sort_key)
+            return [key[1] for key in ordered if key[0] == "op"]
+        except nx.NetworkXUnfeasible as exc:
+            raise OnnxladyError("the graph has a cycle (malformed model)") from exc
+
+    # -- shapes --------------------------------------------------------------------------
+    def _collect_shapes(self, infer: bool) -> None:
+        graph = self.model.graph
+        for name, tensor in self.initializers.items():
+            self.shapes[name] = tuple(int(d) for d in tensor.dims)
+            self.dtypes[name] = tensor.data_type
+        for name, index in self.constant_nodes.items():
+            tensor = _constant_attribute(self.nodes[index])
+            if isinstance(tensor, onnx.TensorProto):
+                self.shapes[name] = tuple(int(d) for d in tensor.dims)
+                self.dtypes[name] = tensor.data_type
+        infos: list[onnx.ValueInfoProto] = list(graph.input) + list(graph.output) + list(graph.value_info)
+        if infer:
+            try:
+                inferred = onnx.shape_inference.infer_shapes(
+                    self._skeleton(), check_type=False, strict_mode=False, data_prop=True
+                )
+                infos += list(inferred.graph.value_info) + list(inferred.graph.output)
+            except Exception:  # noqa: BLE001 - inference is a best effort; rules freeze without shapes
+                pass
+        for info in infos:
+            if not info.type.HasField("tensor_type") or info.name in self.initializers:
+                continue
+            tensor_type = info.type.tensor_type
+            self.dtypes.setdefault(info.name, tensor_type.elem_type)
+            if tensor_type.HasField("shape"):
+                shape = tuple(_dim(d) for d in tensor_type.shape.dim)
+                old = self.shapes.get(info.name)
+                if old is None or _known_count(shape) > _known_count(old):
+                    self.shapes[info.name] = shape
+
+    def _skeleton(self) -> onnx.ModelProto:
+        """The model without its large weights (they become typed inputs) for shape inference."""
+        graph = self.model.graph
+        skeleton = onnx.ModelProto()
+        skeleton.ir_version = max(self.model.ir_version, 4)
+        skeleton.opset_import.extend(self.model.opset_import)
+        skeleton.functions.extend(self.model.functions)
+        sgraph = skeleton.graph
+        sgraph.name = graph.name
+        input_names = {v.name for v in graph.input}
+        sgraph.input.extend(graph.input)
+        sgraph.output.extend(graph.output)
+        for tensor in graph.initializer:
+            if _element_count(tensor) <= _SKELETON_KEEP_ELEMENTS:
+                sgraph.initializer.append(tensor)
+            elif tensor.name not in input_names:
+                sgraph.input.append(
+                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                )
+        for index, node in enumerate(self.nodes):
+            value = _constant_attribute(node) if index in self.constant_nodes.values() else None
+            if isinstance(value, onnx.TensorProto) and _element_count(value) > _SKELETON_KEEP_ELEMENTS:
+                sgraph.input.append(
+                    onnx.helper.make_tensor_value_info(node.output[0], value.data_type, list(value.dims))
+                )
+                continue
+            sgraph.node.append(node)
+        return skeleton
+
+    def shape(self, name: str) -> Shape | None:
+        """Static shape of a tensor (dims are ints, symbolic names, or None), if known."""
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+    # -- constants -----------------------------------------------------------------------
+    def constant_leaf(self, name: str) -> ConstantLeaf | None:
+        """The initializer or Constant node behind ``name``, through Identity/Cast, if any."""
+        chain: list[int] = []
+        while True:
+            if name in self.initializers:
+                return ConstantLeaf(name, tuple(reversed(chain)), None)
+            if name in self.constant_nodes:
+                return ConstantLeaf(name, tuple(reversed(chain)), self.constant_nodes[name])
+            produced = self.producer.get(name)
+            if produced is None:
+                return None
+            node = self.nodes[produced[0]]
+            if node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx") or not node.input:
+                return None
+            chain.append(produced[0])
+            name = node.input[0]
+
+    def is_constant(self, name: str) -> bool:
+        return bool(name) and self.constant_leaf(name) is not None
+
+    def leaf_tensor(self, leaf: ConstantLeaf) -> onnx.TensorProto:
+        """The TensorProto that holds a leaf's data (initializer or Constant node attribute)."""
+        if leaf.constant_node is None:
+            return self.initializers[leaf.name]
+        tensor = _constant_attribute(self.nodes[leaf.constant_node])
+        assert isinstance(tensor, onnx.TensorProto)
+        return tensor
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor (after its Cast chain), or None if not constant."""
+        if name in self._values:
+            return self._values[name]
+        leaf = self.constant_leaf(name) if name else None
+        value: np.ndarray | None = None
+        if leaf is not None:
+            node = self.nodes[leaf.constant_node] if leaf.constant_node is not None else None
+            raw = _constant_attribute(node) if node is not None else self.initializers[leaf.name]
+            if isinstance(raw, onnx.TensorProto):
+                value = numpy_helper.to_array(raw)
+            elif raw is not None:
+                value = np.asarray(raw)
+            if value is not None:
+                for index in leaf.chain:
+                    chain_node = self.nodes[index]
+                    if chain_node.op_type == "Cast":
+                        to = onnx.helper.get_attribute_value(_attribute(chain_node, "to"))
+                        value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        self._values[name] = value
+        return value
+
+    def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        leaf = self.constant_leaf(name) if name else None
+        if leaf is None:
+            return None
+        shape = self.shapes.get(leaf.name)
+        return None if shape is None else tuple(int(d) for d in shape if d is not None)
+
+    def constant_uses(self, leaf_name: str) -> list[tuple[int, int]]:
+        """Every (node, input slot) that reads a leaf, directly or through its Identity/Cast chain.
+
+        Slot -1 marks a use from inside a subgraph; a graph output is reported as ``(-1, k)``.
+        """
+        uses: list[tuple[int, int]] = []
+        stack = [leaf_name]
+        outputs = {name: k for k, name in enumerate(self.graph_outputs)}
+        while stack:
+            name = stack.pop()
+            if name in outputs:
+                uses.append((-1, outputs[name]))
+            for index, slot in self.consumers.get(name, []):
+                node = self.nodes[index]
+                if slot == 0 and node.op_type in CHAIN_OPS and node.domain in ("", "ai.onnx"):
+                    stack.append(node.output[0])
+                else:
+                    uses.append((index, slot))
+        return uses
+
+    def inputs_of(self, index: int) -> Iterator[tuple[int, str]]:
+        """Explicit inputs (slot, name) of a node, then subgraph outer-scope reads (slot -1)."""
+        for slot, name in enumerate(self.nodes[index].input):
+            if name:
+                yield slot, name
+        for name in self.implicit_inputs.get(index, ()):
+            yield -1, name
+
+
+def _constant_attribute(node: onnx.NodeProto | None) -> onnx.TensorProto | list | float | int | None:
+    if node is None:
+        return None
+    for attribute in node.attribute:
+        if attribute.name == "value":
+            return attribute.t
+        if attribute.name in ("value_float", "value_int", "value_floats", "value_ints"):
+            return onnx.helper.get_attribute_value(attribute)
+    return None
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> onnx.AttributeProto:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return attribute
+    raise KeyError(name)
+
+
+def _outer_scope_names(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope (implicit inputs)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs: Iterable[onnx.GraphProto] = ()
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            graphs = (attribute.g,)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            graphs = attribute.graphs
+        for subgraph in graphs:
+            names |= _free_names(subgraph)
+    return names
+
+
+def _free_names(graph: onnx.GraphProto) -> set[str]:
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    free: set[str] = set()
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in defined:
+                free.add(name)
+        free |= _outer_scope_names(node) - defined
+        defined.update(node.output)
+    return free
+
+
+def _element_count(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return int(dim.dim_value)
+    if dim.HasField("dim_param") and dim.dim_param:
+        return dim.dim_param
+    return None
+
+
+def _known_count(shape: Shape) -> int:
+    return sum(isinstance(d, int) for d in shape)
+
+
+def _sort_key(key: tuple[str, object]) -> str:
+    kind, value = key
+    return f"{kind}:{value:012d}" if isinstance(value, int) else f"{kind}:{value}"

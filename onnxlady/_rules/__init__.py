@@ -1,0 +1,15 @@
+"""Per-operator permutation rules; importing this package fills the registry."""
+
+from onnxlady._rules import (  # noqa: F401 - each module registers its rules
+    blocking,
+    elementwise,
+    layout,
+    normalization,
+    pooling,
+    producers,
+    reductions,
+    structural,
+)
+from onnxlady._rules._registry import DuplicateRuleError, OpRule, register, registered_operators, rule_for
+
+__all__ = ["DuplicateRuleError", "OpRule", "register", "registered_operators", "rule_for"]

@@ -1,0 +1,269 @@
+"""What a rule sees of the graph, and the only ways it may change the analysis.
+
+A rule reads attributes, static shapes and constant values, *takes* the channel spaces of its
+inputs, *emits* spaces on its outputs, *binds* constant operands to permutations and *unifies*
+expressions. Everything a rule binds or emits is buffered and committed only when the rule
+finishes, so a rule that gives up (``RuleDoesNotApply``) or fails leaves no half-permuted
+operator behind. Any tracked input space a rule did not take is frozen: a rule that forgets an
+axis can make the tool permute less, never wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxlady._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver
+from onnxlady._graph import ModelGraph, Shape, node_label
+
+
+class RuleDoesNotApply(Exception):
+    """Raised by a rule: this node cannot carry a permutation; freeze what it touches."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A constant operand's axis must take the permutation ``expr`` at one use."""
+
+    node: int
+    slot: int
+    leaf: str
+    axis: int
+    expr: Expr
+    role: str
+
+
+@dataclass
+class AnalysisState:
+    """Mutable state of one analysis pass, shared by the rule contexts."""
+
+    graph: ModelGraph
+    solver: GroupSolver = field(default_factory=GroupSolver)
+    tracked: dict[str, dict[int, Expr]] = field(default_factory=dict)
+    untracked_reason: dict[str, FreezeReason] = field(default_factory=dict)
+    bindings: dict[tuple[int, int, int], Binding] = field(default_factory=dict)
+    producers: list[tuple[int, Expr]] = field(default_factory=list)
+
+
+class RuleContext:
+    """The view of one node that its rule works through."""
+
+    def __init__(self, state: AnalysisState, index: int) -> None:
+        self._state = state
+        self.graph = state.graph
+        self.solver = state.solver
+        self.index = index
+        self.node: onnx.NodeProto = state.graph.nodes[index]
+        self.op_type = self.node.op_type
+        self.label = node_label(self.node, index)
+        self.opset = state.graph.opsets.get(self.node.domain or "", state.graph.opsets.get("", 1))
+        self._taken: set[tuple[str, int]] = set()
+        self._emitted: dict[tuple[int, int], Expr] = {}
+        self._bound: list[Binding] = []
+        self._producers: list[Expr] = []
+
+    # -- reading -------------------------------------------------------------------------
+    def attr(self, name: str, default: Any = None) -> Any:
+        for attribute in self.node.attribute:
+            if attribute.name == name:
+                return onnx.helper.get_attribute_value(attribute)
+        return default
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.node.input)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.node.output)
+
+    def input(self, slot: int) -> str:
+        """Name of input ``slot`` ('' when absent or optional and empty)."""
+        return self.node.input[slot] if slot < len(self.node.input) else ""
+
+    def output(self, slot: int) -> str:
+        return self.node.output[slot] if slot < len(self.node.output) else ""
+
+    def output_used(self, slot: int) -> bool:
+        name = self.output(slot)
+        return bool(name) and (name in self.graph.consumers or name in self.graph.graph_outputs)
+
+    def shape_in(self, slot: int) -> Shape | None:
+        return self.graph.shape(self.input(slot)) if self.input(slot) else None
+
+    def shape_out(self, slot: int) -> Shape | None:
+        return self.graph.shape(self.output(slot)) if self.output(slot) else None
+
+    def rank_in(self, slot: int) -> int:
+        """Rank of input ``slot``; a rule that needs it and cannot know it does not apply."""
+        shape = self.shape_in(slot)
+        if shape is None:
+            raise RuleDoesNotApply("unknown-shape", f"the rank of '{self.input(slot)}' is unknown")
+        return len(shape)
+
+    def rank_out(self, slot: int) -> int:
+        shape = self.shape_out(slot)
+        if shape is None:
+            raise RuleDoesNotApply("unknown-shape", f"the rank of '{self.output(slot)}' is unknown")
+        return len(shape)
+
+    def is_const(self, slot: int) -> bool:
+        return self.graph.is_constant(self.input(slot))
+
+    def const(self, slot: int) -> np.ndarray | None:
+        """Value of a constant input (after its Cast chain), or None."""
+        return self.graph.constant_value(self.input(slot)) if self.input(slot) else None
+
+    def require_const(self, slot: int, what: str) -> np.ndarray:
+        value = self.const(slot)
+        if value is None:
+            raise RuleDoesNotApply("not-constant", f"{what} '{self.input(slot)}' is computed, not a constant")
+        return value
+
+    def const_shape(self, slot: int) -> tuple[int, ...]:
+        shape = self.graph.constant_shape(self.input(slot))
+        if shape is None:
+            raise RuleDoesNotApply("not-constant", f"'{self.input(slot)}' is not a constant")
+        return shape
+
+    def tracked(self, slot: int) -> dict[int, Expr]:
+        """Channel spaces carried by input ``slot`` (axis -> expression), without taking them."""
+        name = self.input(slot)
+        return dict(self._state.tracked.get(name, {})) if name else {}
+
+    # -- taking and emitting -------------------------------------------------------------
+    def take(self, slot: int, axis: int, size: int | None = None) -> Expr:
+        """The permutation of input ``slot`` on ``axis``: tracked, or the identity with its reason."""
+        name = self.input(slot)
+        tracked = self._state.tracked.get(name, {}) if name else {}
+        if axis in tracked:
+            self._taken.add((name, axis))
+            return tracked[axis]
+        if size is None:
+            shape = self.shape_in(slot)
+            dim = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+            if not isinstance(dim, int):
+                raise RuleDoesNotApply("unknown-shape", f"the size of axis {axis} of '{name}' is unknown")
+            size = dim
+        return Fixed(size, self._untracked_reason(name, axis))
+
+    def take_all(self, slot: int) -> dict[int, Expr]:
+        """Take every tracked space of input ``slot``."""
+        name = self.input(slot)
+        tracked = self._state.tracked.get(name, {}) if name else {}
+        for axis in tracked:
+            self._taken.add((name, axis))
+        return dict(tracked)
+
+    def emit(self, slot: int, axis: int, expr: Expr) -> None:
+        """Output ``slot`` carries ``expr`` on ``axis``."""
+        if not self.output(slot) or expr.size <= 1:
+            return
+        key = (slot, axis)
+        if key in self._emitted:
+            self.unify(self._emitted[key], expr)
+        else:
+            self._emitted[key] = expr
+
+    def bind(self, slot: int, axis: int, expr: Expr, role: str) -> None:
+        """Constant input ``slot`` must be permuted by ``expr`` along ``axis`` at this use."""
+        name = self.input(slot)
+        leaf = self.graph.constant_leaf(name) if name else None
+        if leaf is None:
+            raise RuleDoesNotApply("not-constant", f"'{name}' ({role}) is computed, not a constant")
+        shape = self.graph.shape(leaf.name) or ()
+        if axis < 0:
+            axis += len(shape)
+        if not 0 <= axis < len(shape) or shape[axis] != expr.size:
+            raise RuleDoesNotApply(
+                "index-map", f"constant '{name}' has shape {list(shape)}, not {expr.size} along axis {axis}"
+            )
+        self._bound.append(Binding(self.index, slot, leaf.name, axis, expr, role))
+
+    def attach(self, slot: int, axis: int, expr: Expr, role: str) -> None:
+        """Bind a constant input, or couple a computed one, to ``expr`` along ``axis``."""
+        if not self.input(slot):
+            return
+        if self.is_const(slot):
+            self.bind(slot, axis, expr, role)
+        else:
+            if axis < 0:
+                axis += self.rank_in(slot)
+            self.unify(self.take(slot, axis, expr.size), expr)
+
+    def declare_producer(self, expr: Expr) -> None:
+        """The node's output neurons (for the producer-neuron figures of ``inspect``)."""
+        self._producers.append(expr)
+
+    # -- equations -----------------------------------------------------------------------
+    def new_group(self, size: int) -> Atom:
+        return self.solver.new_atom(size)
+
+    def unify(self, left: Expr, right: Expr) -> None:
+        self.solver.unify(left, right, self.reason("index-map", "incompatible index maps meet here"))
+
+    def reason(self, kind: str, message: str) -> FreezeReason:
+        return FreezeReason(kind, f"{self.op_type} '{self.label}': {message}")
+
+    def fixed(self, size: int, message: str) -> Fixed:
+        """The identity on ``size`` positions that an index map keeps in place."""
+        return Fixed(size, self.reason("index-map", message))
+
+    def freeze(self, expr: Expr, kind: str, message: str) -> None:
+        """The groups in ``expr`` keep the identity (freezing is always safe, so not buffered)."""
+        self.solver.freeze(expr, self.reason(kind, message))
+
+    def block(self, kind: str, message: str) -> None:
+        """This node stops every permutation that reaches it (blocking operators)."""
+        raise RuleDoesNotApply(kind, message)
+
+    def _untracked_reason(self, name: str, axis: int) -> FreezeReason:
+        if name in self.graph.graph_inputs:
+            return FreezeReason("graph-input", f"graph input '{name}'")
+        if name in self._state.untracked_reason:
+            return self._state.untracked_reason[name]
+        if self.graph.is_constant(name):
+            return self.reason("blocking", f"constant '{name}' has no permutation on axis {axis}")
+        return self.reason("index-map", f"axis {axis} of '{name}' carries no channel permutation")
+
+    # -- commit --------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Record what the rule produced and freeze every input space it did not take."""
+        state = self._state
+        for (slot, axis), expr in self._emitted.items():
+            name = self.output(slot)
+            state.tracked.setdefault(name, {})[axis] = expr
+        for binding in self._bound:
+            key = (binding.node, binding.slot, binding.axis)
+            previous = state.bindings.get(key)
+            if previous is not None:
+                self.unify(previous.expr, binding.expr)
+            else:
+                state.bindings[key] = binding
+        for expr in self._producers:
+            state.producers.append((self.index, expr))
+        for slot, name in self.graph.inputs_of(self.index):
+            for axis, expr in state.tracked.get(name, {}).items():
+                if (name, axis) not in self._taken:
+                    where = "a subgraph" if slot < 0 else f"input {slot}"
+                    self.solver.freeze(
+                        expr, self.reason("no-rule", f"no rule for axis {axis} of '{name}' ({where})")
+                    )
+
+    def abandon(self, reason: FreezeReason) -> None:
+        """Drop what the rule produced; freeze every input space and mark the outputs."""
+        state = self._state
+        for _, name in self.graph.inputs_of(self.index):
+            for expr in state.tracked.get(name, {}).values():
+                self.solver.freeze(expr, reason)
+        for name in self.node.output:
+            if name:
+                state.untracked_reason[name] = reason

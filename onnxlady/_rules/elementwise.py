@@ -1,0 +1,89 @@
+"""Element-wise operators: unary ones pass every channel space through; broadcasting ones couple.
+
+Broadcasting (Add, Mul, Where, ...): shapes align from the right. On each output axis, every
+input that has that axis at full size must take the same permutation: computed inputs are
+coupled (residual connections, squeeze-and-excitation gates), constants are permuted along,
+inputs of size 1 there are broadcast and unaffected.
+"""
+
+from __future__ import annotations
+
+from onnxlady._expr import Expr
+from onnxlady._rules._context import RuleContext, RuleDoesNotApply
+from onnxlady._rules._registry import OpRule, register
+
+
+@register
+class UnaryRule(OpRule):
+    """Element-wise with one data input; other inputs are scalars or type carriers."""
+
+    op_types = (
+        "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+        "Celu", "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Shrink", "Erf", "Sqrt",
+        "Exp", "Log", "Neg", "Abs", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
+        "Not", "IsNaN", "IsInf", "Identity", "Cast", "CastLike", "Clip", "Softmax", "LogSoftmax",
+        "LpNormalization", "Dropout",
+    )  # fmt: skip
+
+    def propagate(self, ctx: RuleContext) -> None:
+        for slot in range(1, ctx.num_inputs):
+            if ctx.tracked(slot) and ctx.op_type != "CastLike":
+                raise RuleDoesNotApply("blocking", f"input {slot} carries channels where a scalar is expected")
+            ctx.take_all(slot)  # CastLike's second input only gives a dtype
+        for axis, expr in ctx.take_all(0).items():
+            ctx.emit(0, axis, expr)
+            if ctx.op_type == "Dropout":
+                ctx.emit(1, axis, expr)  # the mask has the data's shape
+
+
+@register
+class BroadcastRule(OpRule):
+    """Multi-input element-wise operators with numpy broadcasting."""
+
+    op_types = (
+        "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Mod",
+        "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor",
+    )  # fmt: skip
+
+    def propagate(self, ctx: RuleContext) -> None:
+        slots = [slot for slot in range(ctx.num_inputs) if ctx.input(slot)]
+        if not any(ctx.tracked(slot) for slot in slots):
+            return
+        ranks = {slot: ctx.rank_in(slot) for slot in slots}
+        out_rank = max(ranks.values())
+        for out_axis in range(out_rank):
+            self._couple_axis(ctx, slots, ranks, out_rank, out_axis)
+
+    @staticmethod
+    def _couple_axis(ctx: RuleContext, slots: list[int], ranks: dict[int, int], out_rank: int, out_axis: int) -> None:
+        tracked: list[Expr] = []
+        constants: list[tuple[int, int]] = []
+        computed: list[tuple[int, int]] = []
+        for slot in slots:
+            axis = out_axis - (out_rank - ranks[slot])
+            if axis < 0:
+                continue
+            spaces = ctx.tracked(slot)
+            if axis in spaces:
+                tracked.append(ctx.take(slot, axis))
+                continue
+            dim = (ctx.shape_in(slot) or ())[axis]
+            if dim == 1:
+                continue  # broadcast along this axis: unaffected by its permutation
+            if ctx.is_const(slot):
+                constants.append((slot, axis))
+            else:
+                computed.append((slot, axis))
+        if not tracked:
+            return
+        expr = tracked[0]
+        for other in tracked[1:]:
+            ctx.unify(expr, other)
+        for slot, axis in computed:
+            dim = (ctx.shape_in(slot) or ())[axis]
+            if not isinstance(dim, int):
+                raise RuleDoesNotApply("unknown-shape", f"cannot tell whether '{ctx.input(slot)}' broadcasts on axis {axis}")
+            ctx.unify(expr, ctx.take(slot, axis, expr.size))
+        for slot, axis in constants:
+            ctx.bind(slot, axis, expr, f"{ctx.op_type.lower()} operand")
+        ctx.emit(0, out_axis, expr)
