@@ -1,0 +1,309 @@
+"""Permute and unpermute the constants of a model.
+
+:func:`permute_model` applies one permutation per group to every constant the analysis bound
+to it (after giving disagreeing uses of a shared constant their own copies) and returns the
+key. :func:`unpermute_model` applies the inverse from a key alone and removes the copies; the
+tensors come back bit for bit. Elements are moved as raw bytes in the tensor's own storage
+field, so no value is ever converted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+
+from onnxlady._analysis import COPY_SUFFIX, ChannelAnalysis, TensorPermutation
+from onnxlady._errors import OnnxladyError
+from onnxlady._key import PermutationKey, evaluate_tree, expr_to_tree, graph_fingerprint, tree_size
+
+#: Typed storage fields of TensorProto, by data type, for tensors not stored as raw bytes.
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: ("float_data", np.float32),
+    onnx.TensorProto.COMPLEX64: ("float_data", np.float32),
+    onnx.TensorProto.DOUBLE: ("double_data", np.float64),
+    onnx.TensorProto.COMPLEX128: ("double_data", np.float64),
+    onnx.TensorProto.INT64: ("int64_data", np.int64),
+    onnx.TensorProto.UINT32: ("uint64_data", np.uint64),
+    onnx.TensorProto.UINT64: ("uint64_data", np.uint64),
+}
+_PACKED_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+if hasattr(onnx.TensorProto, "FLOAT4E2M1"):
+    _PACKED_TYPES.add(onnx.TensorProto.FLOAT4E2M1)
+
+
+def draw_permutations(
+    analysis: ChannelAnalysis, seed: int, group_ids: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """A random non-identity permutation for each permutable group (or each of ``group_ids``).
+
+    Each group draws from its own stream seeded by (seed, group number), so choosing a subset
+    of groups does not change the permutation any one group gets.
+    """
+    wanted = None if group_ids is None else list(group_ids)
+    if wanted is not None:
+        for gid in wanted:
+            if gid not in {g.id for g in analysis.groups}:
+                raise OnnxladyError(f"no group '{gid}' in this model (see 'onnxlady inspect')")
+            group = analysis.group(gid)
+            if not group.permutable:
+                why = "; ".join(str(r) for r in group.reasons) or f"it has {group.size} neuron"
+                raise OnnxladyError(f"group {gid} cannot be permuted ({why})")
+    perms: dict[str, np.ndarray] = {}
+    for group in analysis.permutable_groups:
+        if wanted is not None and group.id not in wanted:
+            continue
+        rng = np.random.default_rng([seed, int(group.id[1:])])
+        perm = rng.permutation(group.size)
+        while np.array_equal(perm, np.arange(group.size)):
+            perm = rng.permutation(group.size)
+        perms[group.id] = perm
+    return perms
+
+
+def permute_model(
+    analysis: ChannelAnalysis,
+    perms: Mapping[str, np.ndarray],
+    *,
+    source_sha256: str = "",
+    source_file: str = "",
+    seed: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PermutationKey:
+    """Permute ``analysis.graph.model`` in place by ``perms`` (group id -> perm) and return the key."""
+    model = analysis.graph.model
+    _check_perms(analysis, perms)
+    source_fingerprint = graph_fingerprint(model)
+    untied = _untie(analysis)
+    holders = _tensor_holders(model)
+    group_ids = {group.root: group.id for group in analysis.groups if group.id in perms}
+    find = analysis.solver.find
+    source_digest, permuted_digest = hashlib.sha256(), hashlib.sha256()
+    tensors: list[dict[str, object]] = []
+    hashed_sources: set[str] = set()
+    for number, plan in enumerate(analysis.tensors):
+        if progress is not None and number % 50 == 0:
+            progress(f"permuting tensor {number + 1}/{len(analysis.tensors)}")
+        tensor = holders[plan.tensor]
+        axes = [(axis, analysis.index_array(expr, perms)) for axis, expr in plan.axes]
+        before, after = _permute_tensor(tensor, axes)
+        if plan.source not in hashed_sources:
+            hashed_sources.add(plan.source)
+            source_digest.update(plan.source.encode() + b"\0" + before)
+        permuted_digest.update(plan.tensor.encode() + b"\0" + after)
+        tensors.append(
+            {
+                "tensor": plan.tensor,
+                "source": plan.source,
+                "axes": [
+                    {"axis": axis, "expr": expr_to_tree(analysis.solver.resolve(expr), group_ids, find)}
+                    for axis, expr in plan.axes
+                ],
+            }
+        )
+    groups = []
+    for group in analysis.groups:
+        if group.id not in perms:
+            continue
+        groups.append(
+            {
+                "id": group.id,
+                "size": group.size,
+                "members": [
+                    {"tensor": m.tensor, "axis": m.axis, "role": m.role, "index_map": m.index_map}
+                    for m in group.members
+                    if m.is_weight
+                ],
+                "perm": [int(i) for i in perms[group.id]],
+            }
+        )
+    return PermutationKey(
+        source_sha256=source_sha256,
+        source_fingerprint=source_fingerprint,
+        permuted_fingerprint=graph_fingerprint(model),
+        groups=groups,
+        tensors=tensors,
+        untied=untied,
+        source_weights_sha256=source_digest.hexdigest(),
+        permuted_weights_sha256=permuted_digest.hexdigest(),
+        seed=seed,
+        source_file=source_file,
+    )
+
+
+def _check_perms(analysis: ChannelAnalysis, perms: Mapping[str, np.ndarray]) -> None:
+    for gid, perm in perms.items():
+        try:
+            group = analysis.group(gid)
+        except KeyError:
+            raise OnnxladyError(f"no group '{gid}' in this model") from None
+        perm = np.asarray(perm)
+        if perm.shape != (group.size,) or not np.array_equal(np.sort(perm), np.arange(group.size)):
+            raise OnnxladyError(f"the permutation given for group {gid} is not a permutation of {group.size}")
+        if group.frozen and not np.array_equal(perm, np.arange(group.size)):
+            raise OnnxladyError(f"group {gid} is frozen and cannot be permuted")
+
+
+def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
+    """Undo ``key`` on ``model`` in place; True when the weights match the source bit for bit."""
+    if graph_fingerprint(model) != key.permuted_fingerprint:
+        if graph_fingerprint(model) == key.source_fingerprint and key.untied:
+            raise OnnxladyError("this model has the source's graph, not the permuted one: the key does not apply")
+        raise OnnxladyError("the key was made for a different model (graph fingerprints differ)")
+    holders = _tensor_holders(model)
+    perms = key.permutations()
+    sizes = {g["id"]: int(g["size"]) for g in key.groups}
+    restored: dict[str, bytes] = {}
+    for entry in key.tensors:
+        name = entry["tensor"]
+        if name not in holders:
+            raise OnnxladyError(f"the key names tensor '{name}' that this model lacks")
+        tensor = holders[name]
+        axes = []
+        for item in entry["axes"]:
+            axis, tree = int(item["axis"]), item["expr"]
+            if axis >= len(tensor.dims) or tree_size(tree, sizes) != tensor.dims[axis]:
+                raise OnnxladyError(f"tensor '{name}' does not have the shape the key expects on axis {axis}")
+            axes.append((axis, np.argsort(evaluate_tree(tree, perms, sizes))))
+        _, after = _permute_tensor(tensor, axes)
+        restored.setdefault(entry["source"], after)
+    _retie(model, key.untied)
+    digest = hashlib.sha256()
+    for entry in key.tensors:
+        if entry["source"] in restored:
+            digest.update(entry["source"].encode() + b"\0" + restored.pop(entry["source"]))
+    return digest.hexdigest() == key.source_weights_sha256
+
+
+# -- tensors ------------------------------------------------------------------------------
+def _tensor_holders(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor of the main graph by name: initializers and Constant node values."""
+    holders = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    holders.setdefault(node.output[0], attribute.t)
+    return holders
+
+
+def _permute_tensor(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> tuple[bytes, bytes]:
+    """Move whole elements of ``tensor`` (``new = take(old, idx, axis)`` per axis), in its own storage.
+
+    Returns the element bytes before and after, for the key's digests.
+    """
+    if tensor.data_type in _PACKED_TYPES:
+        raise OnnxladyError(f"tensor '{tensor.name}' packs two values per byte and cannot be permuted")
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        raise OnnxladyError(f"tensor '{tensor.name}' still points to external data that was not loaded")
+    dims = tuple(int(d) for d in tensor.dims)
+    if tensor.HasField("raw_data"):
+        raw = tensor.raw_data
+        itemsize = len(raw) // max(1, int(np.prod(dims)))
+        array = np.frombuffer(raw, dtype=np.dtype(f"V{itemsize}") if itemsize not in (1, 2, 4, 8) else f"u{itemsize}")
+        array = array.reshape(dims)
+        for axis, idx in axes:
+            array = np.take(array, idx, axis=axis)
+        after = array.tobytes()
+        tensor.raw_data = after
+        return raw, after
+    field_name, dtype = _TYPED_FIELDS.get(tensor.data_type, ("int32_data", np.int32))
+    if tensor.data_type == onnx.TensorProto.STRING:
+        field_name, dtype = "string_data", object
+    values = getattr(tensor, field_name)
+    flat = np.array(list(values), dtype=dtype)
+    per_element = flat.size // max(1, int(np.prod(dims))) if dims else 1
+    array = flat.reshape(dims + ((per_element,) if per_element > 1 else ()))
+    before = array.tobytes() if dtype is not object else repr(array.tolist()).encode()
+    for axis, idx in axes:
+        array = np.take(array, idx, axis=axis)
+    del values[:]
+    values.extend(array.reshape(-1).tolist())
+    after = array.tobytes() if dtype is not object else repr(array.tolist()).encode()
+    return before, after
+
+
+# -- untying shared constants -------------------------------------------------------------
+def _untie(analysis: ChannelAnalysis) -> list[dict[str, object]]:
+    """Give each disagreeing use of a shared constant its own copy; returns the key's records."""
+    graph = analysis.graph
+    model = graph.model
+    copies = [plan for plan in analysis.tensors if plan.copy > 0]
+    if not copies:
+        return []
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    records = []
+    for plan in copies:
+        suffix = plan.tensor[len(plan.source) :]
+        leaf = graph.constant_leaf(plan.source)
+        assert leaf is not None
+        created_nodes: list[str] = []
+        if leaf.constant_node is None:
+            clone = onnx.TensorProto()
+            clone.CopyFrom(graph.initializers[plan.source])
+            clone.name = plan.tensor
+            model.graph.initializer.append(clone)
+        else:
+            clone_node = _clone_node(graph.nodes[leaf.constant_node], suffix, {})
+            inserted.setdefault(leaf.constant_node, []).append(clone_node)
+            created_nodes.append(clone_node.output[0])
+        renamed = {plan.source: plan.tensor}
+        rewired = []
+        for node_index, slot in plan.uses:
+            node = model.graph.node[node_index]
+            original = node.input[slot]
+            chain = graph.constant_leaf(original)
+            assert chain is not None
+            for chain_index in chain.chain:
+                chain_node = graph.nodes[chain_index]
+                if chain_node.output[0] not in renamed:
+                    clone_node = _clone_node(chain_node, suffix, renamed)
+                    inserted.setdefault(chain_index, []).append(clone_node)
+                    created_nodes.append(clone_node.output[0])
+                    renamed[chain_node.output[0]] = clone_node.output[0]
+            node.input[slot] = renamed[original]
+            rewired.append({"slot": slot, "from": renamed[original], "to": original, "node_output": node.output[0]})
+        records.append({"source": plan.source, "copy": plan.tensor, "nodes": created_nodes, "rewired": rewired})
+    if inserted:
+        nodes = list(model.graph.node)
+        del model.graph.node[:]
+        for index, node in enumerate(nodes):
+            model.graph.node.append(node)
+            model.graph.node.extend(inserted.get(index, []))
+    return records
+
+
+def _clone_node(node: onnx.NodeProto, suffix: str, renamed: Mapping[str, str]) -> onnx.NodeProto:
+    clone = onnx.NodeProto()
+    clone.CopyFrom(node)
+    if clone.name:
+        clone.name += suffix
+    for position, name in enumerate(clone.input):
+        clone.input[position] = renamed.get(name, name)
+    clone.output[0] = clone.output[0] + suffix
+    return clone
+
+
+def _retie(model: onnx.ModelProto, records: list[dict[str, object]]) -> None:
+    """Remove the copies a key's untying made and point their uses back at the originals."""
+    back = {}
+    removed_nodes: set[str] = set()
+    removed_tensors: set[str] = set()
+    for record in records:
+        for rewire in record["rewired"]:  # type: ignore[union-attr]
+            back[rewire["from"]] = rewire["to"]
+        removed_nodes.update(record["nodes"])  # type: ignore[arg-type]
+        removed_tensors.add(str(record["copy"]))
+    kept = [node for node in model.graph.node if not (node.output and node.output[0] in removed_nodes)]
+    for node in kept:
+        for position, name in enumerate(node.input):
+            if name in back:
+                node.input[position] = back[name]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    initializers = [t for t in model.graph.initializer if t.name not in removed_tensors]
+    if len(initializers) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(initializers)
