@@ -1,6 +1,40 @@
-"""onnxlady: permute, verify and re-synchronize the neurons of ONNX models at graph level."""
+"""onnxlady: permute, verify and re-synchronize the neurons of ONNX models at graph level.
 
+The public API re-exported here is what the command line uses:
+
+- :func:`load_model` / :func:`save_model` — safe I/O (external data, atomic writes);
+- :func:`analyze` — the coupled channel groups of a model (:class:`ChannelAnalysis`);
+- :func:`draw_permutations`, :func:`permute_model`, :func:`unpermute_model` — permutation with a
+  :class:`PermutationKey` that restores the original bit for bit;
+- :func:`verify_models` — ONNX Runtime equivalence check (:class:`VerifyReport`).
+"""
+
+from onnxlady._analysis import ChannelAnalysis, ChannelGroup, GroupMember, TensorPermutation, analyze
 from onnxlady._errors import OnnxladyError
+from onnxlady._expr import FreezeReason
+from onnxlady._io import LoadedModel, load_model, save_model
+from onnxlady._key import PermutationKey, graph_fingerprint, read_key
+from onnxlady._permute import draw_permutations, permute_model, unpermute_model
+from onnxlady._verify import VerifyReport, verify_models
 
-__all__ = ["OnnxladyError"]
+__all__ = [
+    "ChannelAnalysis",
+    "ChannelGroup",
+    "FreezeReason",
+    "GroupMember",
+    "LoadedModel",
+    "OnnxladyError",
+    "PermutationKey",
+    "TensorPermutation",
+    "VerifyReport",
+    "analyze",
+    "draw_permutations",
+    "graph_fingerprint",
+    "load_model",
+    "permute_model",
+    "read_key",
+    "save_model",
+    "unpermute_model",
+    "verify_models",
+]
 __version__ = "0.1.0"
