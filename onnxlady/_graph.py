@@ -19,8 +19,9 @@ from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
 
-#: Operators that forward a constant unchanged (up to dtype) to the operator that uses it.
-CHAIN_OPS = frozenset({"Identity", "Cast"})
+#: Operators that forward a constant to its user unchanged up to dtype or size-1 axes
+#: (exporters reshape biases to [1, C, 1, 1]); their other inputs must be constants too.
+CHAIN_OPS = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 #: Initializers up to this many elements stay in the shape-inference skeleton (shape tensors).
 _SKELETON_KEEP_ELEMENTS = 4096
 
@@ -140,13 +141,7 @@ class ModelGraph:
                 self.dtypes[name] = tensor.data_type
         infos: list[onnx.ValueInfoProto] = list(graph.input) + list(graph.output) + list(graph.value_info)
         if infer:
-            try:
-                inferred = onnx.shape_inference.infer_shapes(
-                    self._skeleton(), check_type=False, strict_mode=False, data_prop=True
-                )
-                infos += list(inferred.graph.value_info) + list(inferred.graph.output)
-            except Exception:  # noqa: BLE001 - inference is a best effort; rules freeze without shapes
-                pass
+            infos += self._inferred_infos()
         for info in infos:
             if not info.type.HasField("tensor_type") or info.name in self.initializers:
                 continue
@@ -157,6 +152,35 @@ class ModelGraph:
                 old = self.shapes.get(info.name)
                 if old is None or _known_count(shape) > _known_count(old):
                     self.shapes[info.name] = shape
+
+    def _inferred_infos(self) -> list[onnx.ValueInfoProto]:
+        """Shapes from ONNX shape inference, a best effort (rules freeze where shapes are missing).
+
+        ONNX propagates shape *values* (Shape -> Gather -> Concat -> Reshape) only from opset 15
+        on; for older models the skeleton is also converted to opset 17 and inferred again, and
+        whatever that adds is used (tensor names survive the conversion).
+        """
+        skeleton = self._skeleton()
+        infos: list[onnx.ValueInfoProto] = []
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+            infos = list(inferred.graph.value_info) + list(inferred.graph.output)
+        except Exception:  # noqa: BLE001 - malformed or exotic graphs: go on without shapes
+            pass
+        if self.opsets.get("", 0) < 15 and self._has_unknown_outputs(infos):
+            try:
+                upgraded = onnx.version_converter.convert_version(skeleton, 17)
+                inferred = onnx.shape_inference.infer_shapes(upgraded, check_type=False, strict_mode=False, data_prop=True)
+                produced = set(self.producer)
+                infos += [v for v in inferred.graph.value_info if v.name in produced]
+            except Exception:  # noqa: BLE001 - the converter does not know every model
+                pass
+        return infos
+
+    def _has_unknown_outputs(self, infos: list[onnx.ValueInfoProto]) -> bool:
+        known = {v.name for v in infos if v.type.tensor_type.HasField("shape")}
+        known |= {v.name for v in self.model.graph.value_info}
+        return any(name not in known for name in self.producer if name not in self.constant_nodes)
 
     def _skeleton(self) -> onnx.ModelProto:
         """The model without its large weights (they become typed inputs) for shape inference."""
@@ -207,11 +231,45 @@ class ModelGraph:
             produced = self.producer.get(name)
             if produced is None:
                 return None
-            node = self.nodes[produced[0]]
-            if node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx") or not node.input:
+            if not self.is_chain_node(produced[0]):
                 return None
             chain.append(produced[0])
-            name = node.input[0]
+            name = self.nodes[produced[0]].input[0]
+
+    def is_chain_node(self, index: int) -> bool:
+        """A node that forwards a constant (its data input) when all its other inputs are constants."""
+        node = self.nodes[index]
+        if node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx") or not node.input:
+            return False
+        return all(not name or self.constant_leaf(name) is not None for name in node.input[1:])
+
+    def leaf_axis(self, name: str, axis: int) -> int | None:
+        """The axis of ``name``'s constant leaf that ``axis`` of ``name`` reads, if one does.
+
+        Reshapes in a chain may only add or remove size-1 axes; anything else has no single
+        leaf axis and the caller must not permute through it.
+        """
+        leaf = self.constant_leaf(name)
+        if leaf is None:
+            return None
+        current = name
+        for index in reversed(leaf.chain):
+            node = self.nodes[index]
+            source = node.input[0]
+            if node.op_type in ("Identity", "Cast"):
+                current = source
+                continue
+            out_value, in_value = self.constant_value(current), self.constant_value(source)
+            if out_value is None or in_value is None:
+                return None
+            out_shape, in_shape = out_value.shape, in_value.shape
+            wide_out = [a for a, d in enumerate(out_shape) if d != 1]
+            wide_in = [a for a, d in enumerate(in_shape) if d != 1]
+            if [out_shape[a] for a in wide_out] != [in_shape[a] for a in wide_in] or axis not in wide_out:
+                return None
+            axis = wide_in[wide_out.index(axis)]
+            current = source
+        return axis
 
     def is_constant(self, name: str) -> bool:
         return bool(name) and self.constant_leaf(name) is not None
@@ -239,19 +297,57 @@ class ModelGraph:
                 value = np.asarray(raw)
             if value is not None:
                 for index in leaf.chain:
-                    chain_node = self.nodes[index]
-                    if chain_node.op_type == "Cast":
-                        to = onnx.helper.get_attribute_value(_attribute(chain_node, "to"))
-                        value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+                    value = self._forward_chain(self.nodes[index], value)
+                    if value is None:
+                        break
         self._values[name] = value
         return value
 
+    def _forward_chain(self, node: onnx.NodeProto, value: np.ndarray) -> np.ndarray | None:
+        """Apply one chain operator to a constant value (numpy semantics of the ONNX op)."""
+        op = node.op_type
+        if op == "Identity":
+            return value
+        if op == "Cast":
+            to = onnx.helper.get_attribute_value(_attribute(node, "to"))
+            return value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        if op == "Flatten":
+            axis = int(_attribute_or(node, "axis", 1)) % (value.ndim + 1)
+            return value.reshape(int(np.prod(value.shape[:axis])), -1)
+        axes_value = _attribute_or(node, "axes", None)
+        if axes_value is None and len(node.input) > 1 and node.input[1]:
+            axes_value = self.constant_value(node.input[1])
+        if op == "Reshape":
+            if axes_value is None:
+                return None
+            target = [int(d) for d in np.asarray(axes_value).reshape(-1)]
+            if not int(_attribute_or(node, "allowzero", 0)):
+                target = [value.shape[i] if d == 0 else d for i, d in enumerate(target)]
+            return value.reshape(target)
+        if op == "Squeeze":
+            if axes_value is None:
+                return np.squeeze(value)
+            return np.squeeze(value, axis=tuple(int(a) for a in np.asarray(axes_value).reshape(-1)))
+        if op == "Unsqueeze":
+            if axes_value is None:
+                return None
+            out_rank = value.ndim + np.asarray(axes_value).size
+            axes = sorted(int(a) % out_rank for a in np.asarray(axes_value).reshape(-1))
+            for a in axes:
+                value = np.expand_dims(value, a)
+            return value
+        return None
+
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of a constant operand as its user sees it (after its chain)."""
         leaf = self.constant_leaf(name) if name else None
         if leaf is None:
             return None
-        shape = self.shapes.get(leaf.name)
-        return None if shape is None else tuple(int(d) for d in shape if d is not None)
+        if not leaf.chain or all(self.nodes[i].op_type in ("Identity", "Cast") for i in leaf.chain):
+            shape = self.shapes.get(leaf.name)
+            return None if shape is None else tuple(int(d) for d in shape if d is not None)
+        value = self.constant_value(name)
+        return None if value is None else tuple(value.shape)
 
     def constant_uses(self, leaf_name: str) -> list[tuple[int, int]]:
         """Every (node, input slot) that reads a leaf, directly or through its Identity/Cast chain.
@@ -266,9 +362,8 @@ class ModelGraph:
             if name in outputs:
                 uses.append((-1, outputs[name]))
             for index, slot in self.consumers.get(name, []):
-                node = self.nodes[index]
-                if slot == 0 and node.op_type in CHAIN_OPS and node.domain in ("", "ai.onnx"):
-                    stack.append(node.output[0])
+                if slot == 0 and self.is_chain_node(index):
+                    stack.append(self.nodes[index].output[0])
                 else:
                     uses.append((index, slot))
         return uses
@@ -291,6 +386,13 @@ def _constant_attribute(node: onnx.NodeProto | None) -> onnx.TensorProto | list 
         if attribute.name in ("value_float", "value_int", "value_floats", "value_ints"):
             return onnx.helper.get_attribute_value(attribute)
     return None
+
+
+def _attribute_or(node: onnx.NodeProto, name: str, default: object) -> object:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
 
 
 def _attribute(node: onnx.NodeProto, name: str) -> onnx.AttributeProto:

@@ -237,11 +237,13 @@ def test_different_non_finite_values_fail():
 def test_tiny_outputs_are_degenerate():
     report = verify_models(scale_model(1e-9), scale_model(1e-9), provider="cpu")
     (out,) = report.outputs
-    assert out.passed and out.degenerate is not None and "1e-06" in out.degenerate
+    assert out.passed and out.degenerate is not None and "10 x atol" in out.degenerate
     assert report.degenerate_outputs == (out,)
     # Such outputs pass even when the models differ a lot, which is why they are flagged.
     assert verify_models(scale_model(1e-9), scale_model(-1e-9), provider="cpu").equivalent
     assert verify_models(scale_model(1.0), scale_model(1.0), provider="cpu").outputs[0].degenerate is None
+    # The threshold follows atol: outputs of 1e-3 are meaningful at atol 1e-6, not at the default.
+    assert verify_models(scale_model(1e-3), scale_model(1e-3), provider="cpu", atol=1e-6).outputs[0].degenerate is None
 
 
 # ---------------------------------------------------------------- shapes

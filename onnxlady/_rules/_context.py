@@ -20,6 +20,9 @@ from onnxlady._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver
 from onnxlady._graph import ModelGraph, Shape, node_label
 
 
+_PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
 class RuleDoesNotApply(Exception):
     """Raised by a rule: this node cannot carry a permutation; freeze what it touches."""
 
@@ -179,14 +182,19 @@ class RuleContext:
         leaf = self.graph.constant_leaf(name) if name else None
         if leaf is None:
             raise RuleDoesNotApply("not-constant", f"'{name}' ({role}) is computed, not a constant")
-        shape = self.graph.shape(leaf.name) or ()
+        shape = self.graph.constant_shape(name) or ()
         if axis < 0:
             axis += len(shape)
         if not 0 <= axis < len(shape) or shape[axis] != expr.size:
             raise RuleDoesNotApply(
                 "index-map", f"constant '{name}' has shape {list(shape)}, not {expr.size} along axis {axis}"
             )
-        self._bound.append(Binding(self.index, slot, leaf.name, axis, expr, role))
+        leaf_axis = self.graph.leaf_axis(name, axis)
+        if leaf_axis is None:
+            raise RuleDoesNotApply("index-map", f"constant '{name}' is reshaped so that axis {axis} mixes with others")
+        if self.graph.dtypes.get(leaf.name) in _PACKED:
+            raise RuleDoesNotApply("blocking", f"constant '{leaf.name}' packs two values per byte")
+        self._bound.append(Binding(self.index, slot, leaf.name, leaf_axis, expr, role))
 
     def attach(self, slot: int, axis: int, expr: Expr, role: str) -> None:
         """Bind a constant input, or couple a computed one, to ``expr`` along ``axis``."""

@@ -128,81 +128,104 @@ class ReshapeRule(OpRule):
 
     @staticmethod
     def _carry(ctx: RuleContext, in_shape: Shape, out_shape: Shape, axis: int, expr: Expr) -> None:
-        # Strip equal leading and trailing dims (symbolic batch dims match by name).
+        rank_in, rank_out = len(in_shape), len(out_shape)
+        # Everything up to and including the axis unchanged: row-major keeps its index.
+        if rank_out > axis and all(_same(in_shape[i], out_shape[i]) for i in range(axis + 1)):
+            ctx.emit(0, axis, expr)
+            return
+        # Everything from the axis on unchanged: same, counted from the end.
+        tail = rank_in - axis
+        if rank_out >= tail and all(_same(in_shape[axis + i], out_shape[rank_out - tail + i]) for i in range(tail)):
+            ctx.emit(0, rank_out - tail, expr)
+            return
         lead = 0
-        while lead < min(len(in_shape), len(out_shape)) and lead < axis and _same(in_shape[lead], out_shape[lead]):
+        while lead < min(axis, rank_out) and _same(in_shape[lead], out_shape[lead]):
             lead += 1
         trail = 0
-        while (
-            trail < min(len(in_shape), len(out_shape)) - lead
-            and len(in_shape) - 1 - trail > axis
-            and _same(in_shape[-1 - trail], out_shape[-1 - trail])
-        ):
+        while trail < min(rank_in - axis - 1, rank_out - lead) and _same(in_shape[-1 - trail], out_shape[-1 - trail]):
             trail += 1
-        middle_in = list(range(lead, len(in_shape) - trail))
-        middle_out = list(range(lead, len(out_shape) - trail))
+        first_in, first_out = lead, lead
+        # Unknown leading dims (a dynamic batch) on both sides hold the same number of elements
+        # when everything after them is known and agrees: they pair up as one block.
+        while first_in < axis and not isinstance(in_shape[first_in], int):
+            first_in += 1
+        while first_out < rank_out - trail and not isinstance(out_shape[first_out], int):
+            first_out += 1
+        if (first_in > lead) != (first_out > lead):
+            raise RuleDoesNotApply("unknown-shape", f"reshaped axes around permuted axis {axis} have unknown sizes")
+        middle_in = list(range(first_in, rank_in - trail))
+        middle_out = list(range(first_out, rank_out - trail))
         dims_in = [in_shape[a] for a in middle_in]
         dims_out = [out_shape[a] for a in middle_out]
         if not all(isinstance(d, int) for d in dims_in + dims_out):
             raise RuleDoesNotApply("unknown-shape", f"reshaped axes around permuted axis {axis} have unknown sizes")
-        blocks = _row_major_blocks(middle_in, [int(d) for d in dims_in], middle_out, [int(d) for d in dims_out])
-        if blocks is None:
-            ctx.freeze(expr, "index-map", "Reshape changes the number of elements")
+        digits = _common_digits([int(d) for d in dims_in], [int(d) for d in dims_out])  # type: ignore[arg-type]
+        if digits is None:
+            ctx.freeze(expr, "index-map", "Reshape regroups the permuted axis in a way with no index map")
             return
-        for block_in, block_out in blocks:
-            if axis not in block_in:
-                continue
-            wide_out = [a for a in block_out if out_shape[a] != 1]
-            wide_in = [a for a in block_in if in_shape[a] != 1]
-            if len(wide_out) == 1:
-                ctx.emit(0, wide_out[0], _merged(ctx, expr, in_shape, block_in, axis))
-                return
-            if wide_in == [axis] and wide_out:
-                # Split: the permutation must be a product of one permutation per new axis.
-                digits = [ctx.new_group(int(out_shape[a])) for a in wide_out]  # type: ignore[arg-type]
-                split: Expr = digits[-1]
-                for digit in reversed(digits[:-1]):
-                    split = product(digit, split)
-                ctx.unify(expr, split)
-                for a, digit in zip(wide_out, digits):
-                    ctx.emit(0, a, digit)
-                return
-            ctx.freeze(expr, "index-map", f"Reshape mixes permuted axis {axis} with other axes")
+        digits_in, digits_out = digits
+        mine = [k for k, owner in enumerate(digits_in) if middle_in[owner[0]] == axis]
+        targets = {middle_out[digits_out[k][0]] for k in mine}
+        if len(mine) == 1:
+            (k,) = mine
+            ctx.emit(0, middle_out[digits_out[k][0]], _in_place(ctx, expr, digits_out, k))
             return
-        ctx.freeze(expr, "index-map", f"Reshape drops permuted axis {axis}")
+        # The axis is split across new axes: its permutation must be a product, one digit each.
+        pieces = [ctx.new_group(digits_out[k][1]) for k in mine]
+        split: Expr = pieces[-1]
+        for piece in reversed(pieces[:-1]):
+            split = product(piece, split)
+        ctx.unify(expr, split)
+        if len(targets) != len(mine):
+            ctx.freeze(expr, "index-map", "Reshape merges parts of the permuted axis with each other")
+            return
+        for k, piece in zip(mine, pieces):
+            ctx.emit(0, middle_out[digits_out[k][0]], _in_place(ctx, piece, digits_out, k))
 
 
-def _row_major_blocks(
-    axes_in: list[int], dims_in: list[int], axes_out: list[int], dims_out: list[int]
-) -> list[tuple[list[int], list[int]]] | None:
-    """Pair up the smallest runs of input and output axes that hold the same elements."""
-    blocks: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(axes_in) or j < len(axes_out):
-        block_in: list[int] = []
-        block_out: list[int] = []
-        size_in = size_out = 1
-        if i < len(axes_in):
-            block_in.append(axes_in[i])
-            size_in *= dims_in[i]
-            i += 1
-        if j < len(axes_out):
-            block_out.append(axes_out[j])
-            size_out *= dims_out[j]
-            j += 1
-        while size_in != size_out:
-            if size_in < size_out and i < len(axes_in):
-                block_in.append(axes_in[i])
-                size_in *= dims_in[i]
-                i += 1
-            elif size_out < size_in and j < len(axes_out):
-                block_out.append(axes_out[j])
-                size_out *= dims_out[j]
-                j += 1
-            else:
-                return None
-        blocks.append((block_in, block_out))
-    return blocks
+def _in_place(ctx: RuleContext, expr: Expr, digits: list[tuple[int, int]], k: int) -> Expr:
+    """``expr`` as digit ``k`` of its axis: identity on the axis's other digits."""
+    axis = digits[k][0]
+    before = math.prod(size for owner, size in digits[:k] if owner == axis)
+    after = math.prod(size for owner, size in digits[k + 1 :] if owner == axis)
+    placed = product(ctx.fixed(before, "positions merged in front of the channels"), expr)
+    return product(placed, ctx.fixed(after, "positions merged behind the channels"))
+
+
+def _common_digits(
+    dims_in: list[int], dims_out: list[int]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+    """Split both shapes into a common sequence of digits (mixed radix), or None.
+
+    Returns, for each digit, (owning axis position, size) on the input side and the output
+    side; digit k is the same elements on both sides. Size-1 axes own no digit.
+    """
+    queue_in = [(i, d) for i, d in enumerate(dims_in) if d != 1]
+    queue_out = [(j, d) for j, d in enumerate(dims_out) if d != 1]
+    digits_in: list[tuple[int, int]] = []
+    digits_out: list[tuple[int, int]] = []
+    while queue_in and queue_out:
+        (i, a), (j, b) = queue_in[0], queue_out[0]
+        if a == b:
+            digits_in.append((i, a))
+            digits_out.append((j, b))
+            queue_in.pop(0)
+            queue_out.pop(0)
+        elif a % b == 0:
+            digits_in.append((i, b))
+            digits_out.append((j, b))
+            queue_in[0] = (i, a // b)
+            queue_out.pop(0)
+        elif b % a == 0:
+            digits_in.append((i, a))
+            digits_out.append((j, a))
+            queue_out[0] = (j, b // a)
+            queue_in.pop(0)
+        else:
+            return None
+    if queue_in or queue_out:
+        return None
+    return digits_in, digits_out
 
 
 def _same(a: int | str | None, b: int | str | None) -> bool:

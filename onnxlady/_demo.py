@@ -1,0 +1,85 @@
+"""``onnxlady demo``: the main job end to end on a small model the package builds itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from onnxlady._analysis import analyze
+from onnxlady._demo_model import build_demo_model
+from onnxlady._io import load_model, save_model
+from onnxlady._permute import draw_permutations, permute_model, unpermute_model
+from onnxlady._verify import verify_models
+
+
+def run_demo(folder: Path, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build, inspect, permute, verify and restore the demo model; return the figures and lines."""
+    lines: list[str] = []
+    reference_path = folder / "demo.onnx"
+    save_model(build_demo_model(0), reference_path)
+    reference = load_model(reference_path)
+    analysis = analyze(reference.model)
+    summary = analysis.summary()
+    lines.append(
+        f"1. built {reference_path.name}: {summary['groups']} channel groups, {summary['permutable_groups']} permutable; "
+        f"{summary['permutable_producer_neurons']}/{summary['producer_neurons']} producer neurons "
+        f"({100 * summary['permutable_fraction']:.1f} %) can move, the rest feed the graph output"
+    )
+
+    permuted_path = folder / "demo.permuted.onnx"
+    perms = draw_permutations(analysis, seed)
+    key = permute_model(analysis, perms, source_sha256=reference.sha256, source_file=reference_path.name, seed=seed)
+    key.permuted_sha256 = save_model(analysis.graph.model, permuted_path)
+    key_path = folder / "demo.key.json"
+    key_path.write_text(json.dumps(key.to_json(), indent=1))
+    moved = sum(analysis.group(gid).size for gid in perms)
+    lines.append(f"2. permuted {len(perms)} groups ({moved} neurons) with seed {seed} -> {permuted_path.name}, key {key_path.name}")
+
+    report = verify_models(str(reference_path), str(permuted_path), provider="auto", progress=progress)
+    worst = max(out.max_abs_error for out in report.outputs)
+    scale = max(out.reference_max_abs for out in report.outputs)
+    lines.append(
+        f"3. verify on {report.provider_used}: {'EQUIVALENT' if report.equivalent else 'NOT EQUIVALENT'} "
+        f"(max abs error {worst:.2e} on outputs up to {scale:.2f})"
+    )
+
+    wrong = load_model(permuted_path).model
+    _swap_one_producer_row(wrong)
+    wrong_path = folder / "demo.wrong.onnx"
+    save_model(wrong, wrong_path)
+    caught = verify_models(str(reference_path), str(wrong_path), provider="auto")
+    lines.append(
+        "4. a wrong permutation (two rows of one conv swapped, consumers left alone) is "
+        + ("caught: NOT EQUIVALENT" if not caught.equivalent else "NOT caught")
+    )
+
+    restored = load_model(permuted_path).model
+    identical = unpermute_model(restored, key)
+    lines.append(f"5. unpermute with the key: weights bit-identical to the original: {identical}")
+    ok = report.equivalent and not caught.equivalent and identical
+    return {
+        "ok": ok,
+        "lines": lines,
+        "groups": summary["groups"],
+        "permutable_groups": summary["permutable_groups"],
+        "permutable_fraction": summary["permutable_fraction"],
+        "permuted_neurons": moved,
+        "verify": report.to_dict(),
+        "wrong_permutation_caught": not caught.equivalent,
+        "unpermute_bit_identical": identical,
+    }
+
+
+def _swap_one_producer_row(model: onnx.ModelProto) -> None:
+    """Swap two output rows of the first conv weight only: what a wrong permutation looks like."""
+    from onnx import numpy_helper
+
+    for tensor in model.graph.initializer:
+        if len(tensor.dims) == 4 and tensor.dims[0] > 1:
+            array = numpy_helper.to_array(tensor).copy()
+            array[[0, 1]] = array[[1, 0]]
+            tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+            return

@@ -1,0 +1,445 @@
+"""The ``onnxlady`` command line.
+
+Subcommands in the style of Polygraphy: explicit tolerances, seeds and per-output reporting,
+``--json`` on every command for pipelines. Exit codes: 0 success, 1 a negative verdict
+(outputs not equivalent), 2 bad input or usage (one line on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
+
+import numpy as np
+
+from onnxlady import __version__
+from onnxlady._analysis import ChannelAnalysis, analyze
+from onnxlady._errors import OnnxladyError
+from onnxlady._io import load_model, save_model
+from onnxlady._key import read_key
+from onnxlady._permute import draw_permutations, permute_model, unpermute_model
+from onnxlady._verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyReport, parse_shape_overrides, verify_models
+
+Progress = Callable[[str], None] | None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return 2
+    progress = _progress_printer(args)
+    try:
+        return int(args.handler(args, progress))
+    except OnnxladyError as exc:
+        print(f"onnxlady: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:  # output piped into `head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("onnxlady: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug must still end in one line unless debugging
+        if os.environ.get("ONNXLADY_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())
+        print(
+            f"onnxlady: internal error: {type(exc).__name__}: {message} (set ONNXLADY_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 3
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxlady", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"onnxlady {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="run the whole job end to end on a model onnxlady builds")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
+    demo.add_argument("--workdir", type=Path, help="keep the demo's files in this folder (default: a temporary one)")
+    _common(demo)
+    demo.set_defaults(handler=_cmd_demo)
+
+    inspect = commands.add_parser("inspect", help="show the coupled channel groups and why some are frozen")
+    inspect.add_argument("model", type=Path)
+    inspect.add_argument("--dot", type=Path, metavar="FILE", help="write the group graph for Graphviz")
+    inspect.add_argument("--members", action="store_true", help="list every member of every group")
+    _common(inspect)
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    permute = commands.add_parser("permute", help="permute the neurons of every permutable group")
+    permute.add_argument("model", type=Path)
+    permute.add_argument("-o", "--output", type=Path, required=True)
+    permute.add_argument("--seed", type=int, default=0, help="seed of the random permutations (default 0)")
+    permute.add_argument("--key-out", type=Path, help="where to write the key (default OUTPUT.key.json)")
+    permute.add_argument("--group", action="append", metavar="ID", help="permute only this group (repeatable)")
+    permute.add_argument("--perms", type=Path, metavar="FILE", help="JSON {group id: permutation} instead of random ones")
+    permute.add_argument("--verify", action="store_true", help="check the result with ONNX Runtime")
+    permute.add_argument("--external-data", action="store_true", help="save weights to OUTPUT.data")
+    permute.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the input file")
+    _verify_options(permute)
+    _common(permute)
+    permute.set_defaults(handler=_cmd_permute)
+
+    unpermute = commands.add_parser("unpermute", help="undo a permutation with its key")
+    unpermute.add_argument("model", type=Path)
+    unpermute.add_argument("--key", type=Path, required=True)
+    unpermute.add_argument("-o", "--output", type=Path, required=True)
+    unpermute.add_argument("--external-data", action="store_true", help="save weights to OUTPUT.data")
+    unpermute.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the input file")
+    _common(unpermute)
+    unpermute.set_defaults(handler=_cmd_unpermute)
+
+    verify = commands.add_parser("verify", help="run two models in ONNX Runtime and compare their outputs")
+    verify.add_argument("reference", type=Path)
+    verify.add_argument("candidate", type=Path)
+    _verify_options(verify)
+    _common(verify)
+    verify.set_defaults(handler=_cmd_verify)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+
+
+def _verify_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("equivalence check")
+    group.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    group.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL})")
+    group.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL})")
+    group.add_argument("--iterations", type=int, default=1, help="number of random input batches (default 1)")
+    group.add_argument("--input-seed", dest="input_seed", type=int, default=0, help="seed of the inputs (default 0)")
+    group.add_argument("--shape", action="append", default=[], metavar="NAME:1x3x224x224", help="input shape")
+    group.add_argument(
+        "--add-output", action="append", default=[], metavar="TENSOR",
+        help="also compare this intermediate tensor (e.g. logits before a saturating activation)",
+    )  # fmt: skip
+
+
+def _progress_printer(args: argparse.Namespace) -> Progress:
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return None
+    start = time.perf_counter()
+
+    def show(message: str) -> None:
+        print(f"\r[{time.perf_counter() - start:6.1f}s] {message}\033[K", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _emit(args: argparse.Namespace, document: dict[str, Any], text: Callable[[], str]) -> None:
+    if sys.stderr.isatty() and not getattr(args, "quiet", False):
+        print("\r\033[K", end="", file=sys.stderr)
+    if args.json:
+        print(json.dumps(document, indent=2, default=_json_default))
+    else:
+        print(text())
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+# -- inspect ------------------------------------------------------------------------------
+def inspect_document(analysis: ChannelAnalysis, members: bool = True) -> dict[str, Any]:
+    """The JSON form of an analysis, as printed by ``inspect --json``."""
+    return {
+        "summary": analysis.summary(),
+        "groups": [
+            {
+                "id": group.id,
+                "size": group.size,
+                "permutable": group.permutable,
+                "frozen": group.frozen,
+                "reasons": [{"kind": r.kind, "message": r.message} for r in group.reasons],
+                "members": [
+                    {
+                        "tensor": m.tensor,
+                        "axis": m.axis,
+                        "role": m.role,
+                        "node": m.node,
+                        "index_map": m.index_map,
+                        "weight": m.is_weight,
+                    }
+                    for m in group.members
+                    if members or m.is_weight
+                ],
+            }
+            for group in analysis.groups
+        ],
+        "untied": [
+            {"source": t.source, "copy": t.tensor, "uses": len(t.uses)} for t in analysis.tensors if t.copy > 0
+        ],
+    }
+
+
+def _inspect_text(analysis: ChannelAnalysis, path: Path, all_members: bool) -> str:
+    summary = analysis.summary()
+    lines = [
+        f"{path}: {summary['groups']} groups, {summary['permutable_groups']} permutable, {summary['frozen_groups']} frozen",
+        f"producer neurons (Conv/ConvTranspose/Gemm/MatMul outputs): {summary['producer_neurons']}, "
+        f"permutable {summary['permutable_producer_neurons']} ({100 * summary['permutable_fraction']:.1f} %), "
+        f"pinned by graph outputs {summary['producer_neurons_pinned_by_outputs']}",
+    ]
+    for source in summary["untied_constants"]:
+        lines.append(f"untied: constant '{source}' is shared by uses that need different permutations; each gets a copy")
+    lines.append("")
+    lines.append(f"{'group':>6} {'size':>6}  {'status':<10} members / reasons")
+    for group in analysis.groups:
+        status = "permutable" if group.permutable else ("frozen" if group.frozen else "trivial")
+        weights = [m for m in group.members if m.is_weight]
+        shown = group.members if all_members else weights
+        head = ", ".join(f"{m.tensor}[{m.axis}]" for m in shown[:4])
+        more = f" (+{len(shown) - 4} more)" if len(shown) > 4 else ""
+        lines.append(f"{group.id:>6} {group.size:>6}  {status:<10} {head}{more}")
+        if all_members:
+            for m in group.members:
+                lines.append(f"{'':>26}{m.tensor}[{m.axis}] {m.role} at {m.node}: {m.index_map}")
+        for reason in group.reasons:
+            lines.append(f"{'':>26}! {reason}")
+    return "\n".join(lines)
+
+
+def write_group_dot(analysis: ChannelAnalysis, path: Path) -> None:
+    """The group graph for Graphviz: a group points to the groups its neurons feed."""
+    state, solver = analysis.state, analysis.solver
+    edges: dict[tuple[str, str], set[str]] = {}
+    for index, node in enumerate(analysis.graph.nodes):
+        ins = {g for name in node.input if name for g in _groups_of(analysis, state.tracked.get(name, {}).values())}
+        outs = {g for name in node.output if name for g in _groups_of(analysis, state.tracked.get(name, {}).values())}
+        for a in ins:
+            for b in outs - {a}:
+                edges.setdefault((a, b), set()).add(node.op_type)
+    lines = ["digraph groups {", "  rankdir=LR;", '  node [shape=box, style=filled, fontname="Helvetica"];']
+    for group in analysis.groups:
+        colour = "palegreen" if group.permutable else ("lightpink" if group.frozen else "lightgrey")
+        why = f"\\n{group.reasons[0].kind}" if group.reasons else ""
+        lines.append(f'  "{group.id}" [label="{group.id}\\n{group.size} neurons{why}", fillcolor={colour}];')
+    for (a, b), ops in sorted(edges.items()):
+        lines.append(f'  "{a}" -> "{b}" [label="{",".join(sorted(ops))}"];')
+    lines.append("}")
+    _write_text(path, "\n".join(lines) + "\n")
+    del solver
+
+
+def _groups_of(analysis: ChannelAnalysis, exprs: Any) -> set[str]:
+    found = set()
+    for expr in exprs:
+        for atom in analysis.solver.atoms(expr):
+            group = analysis.group_of_root(atom.id)
+            if group is not None:
+                found.add(group.id)
+    return found
+
+
+def _write_text(path: Path, text: str) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxladyError(f"{path}: output folder '{folder}' does not exist")
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
+    loaded = load_model(args.model)
+    analysis = analyze(loaded.model, progress=progress)
+    if args.dot:
+        write_group_dot(analysis, args.dot)
+    document = {"model": str(args.model), "sha256": loaded.sha256, **inspect_document(analysis)}
+    _emit(args, document, lambda: _inspect_text(analysis, args.model, args.members))
+    return 0
+
+
+# -- permute / unpermute ------------------------------------------------------------------
+def _check_output(args: argparse.Namespace, inputs: Sequence[Path]) -> None:
+    for given in inputs:
+        if args.output.resolve() == given.resolve() and not args.overwrite_input:
+            raise OnnxladyError(f"{args.output}: refusing to overwrite the input model (pass --overwrite-input)")
+    folder = args.output.parent if str(args.output.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxladyError(f"{args.output}: output folder '{folder}' does not exist")
+
+
+def _read_perms(path: Path) -> dict[str, np.ndarray]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise OnnxladyError(f"{path}: no such file") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OnnxladyError(f"{path}: not JSON ({exc})") from exc
+    if isinstance(data, dict) and "groups" in data:  # a key file: reuse its permutations
+        data = {g["id"]: g["perm"] for g in data["groups"]}
+    if not isinstance(data, dict):
+        raise OnnxladyError(f"{path}: expected a JSON object {{group id: permutation}}")
+    try:
+        return {str(k): np.asarray(v, dtype=np.int64) for k, v in data.items()}
+    except (TypeError, ValueError) as exc:
+        raise OnnxladyError(f"{path}: permutations must be lists of integers ({exc})") from exc
+
+
+def _cmd_permute(args: argparse.Namespace, progress: Progress) -> int:
+    _check_output(args, [args.model])
+    key_path = args.key_out or args.output.with_name(args.output.name + ".key.json")
+    if key_path.resolve() == args.model.resolve():
+        raise OnnxladyError(f"{key_path}: the key would overwrite the input model")
+    loaded = load_model(args.model)
+    analysis = analyze(loaded.model, progress=progress)
+    if args.perms:
+        perms = _read_perms(args.perms)
+        if args.group:
+            perms = {gid: p for gid, p in perms.items() if gid in args.group}
+    else:
+        perms = draw_permutations(analysis, args.seed, args.group)
+    key = permute_model(
+        analysis, perms, source_sha256=loaded.sha256, source_file=args.model.name,
+        seed=None if args.perms else args.seed, progress=progress,
+    )  # fmt: skip
+    if progress:
+        progress(f"saving {args.output}")
+    key.permuted_sha256 = save_model(loaded.model, args.output, external_data=args.external_data or loaded.external_data)
+    _write_text(key_path, json.dumps(key.to_json(), indent=1) + "\n")
+    report = _verify(args, args.model, args.output, progress) if args.verify else None
+    summary = analysis.summary()
+    neurons = sum(analysis.group(gid).size for gid in perms)
+    document = {
+        "model": str(args.model),
+        "output": str(args.output),
+        "key": str(key_path),
+        "seed": key.seed,
+        "permuted_groups": len(perms),
+        "permuted_neurons": neurons,
+        "permutable_groups": summary["permutable_groups"],
+        "untied_constants": summary["untied_constants"],
+        "verify": report.to_dict() if report else None,
+    }
+
+    def text() -> str:
+        lines = [
+            f"permuted {len(perms)} of {summary['permutable_groups']} permutable groups ({neurons} neurons) "
+            f"-> {args.output}",
+            f"key -> {key_path}",
+        ]
+        if summary["untied_constants"]:
+            lines.append(f"untied shared constants: {', '.join(summary['untied_constants'])}")
+        if report:
+            lines.append(_verify_text(report))
+        return "\n".join(lines)
+
+    _emit(args, document, text)
+    return 0 if report is None or report.equivalent else 1
+
+
+def _cmd_unpermute(args: argparse.Namespace, progress: Progress) -> int:
+    _check_output(args, [args.model, args.key])
+    key = read_key(args.key)
+    loaded = load_model(args.model)
+    identical = unpermute_model(loaded.model, key)
+    if progress:
+        progress(f"saving {args.output}")
+    sha = save_model(loaded.model, args.output, external_data=args.external_data or loaded.external_data)
+    document = {
+        "model": str(args.model),
+        "key": str(args.key),
+        "output": str(args.output),
+        "weights_identical_to_source": identical,
+        "output_sha256": sha,
+        "output_identical_to_source_file": sha == key.source_sha256,
+    }
+
+    def text() -> str:
+        verdict = (
+            "the restored weights are bit-identical to the source"
+            if identical
+            else "the weights differ from the source (the model was changed after it was permuted); neuron order restored"
+        )
+        return f"unpermuted -> {args.output}: {verdict}"
+
+    _emit(args, document, text)
+    return 0
+
+
+# -- verify -------------------------------------------------------------------------------
+def _verify(args: argparse.Namespace, reference: Path, candidate: Path, progress: Progress) -> VerifyReport:
+    if args.iterations < 1:
+        raise OnnxladyError("--iterations must be at least 1")
+    if args.atol < 0 or args.rtol < 0:
+        raise OnnxladyError("--atol and --rtol must not be negative")
+    return verify_models(
+        str(reference), str(candidate), provider=args.provider, atol=args.atol, rtol=args.rtol,
+        iterations=args.iterations, seed=args.input_seed, shapes=parse_shape_overrides(args.shape),
+        progress=progress, extra_outputs=args.add_output,
+    )  # fmt: skip
+
+
+def _verify_text(report: VerifyReport) -> str:
+    lines = [
+        f"execution provider: {report.provider_used}"
+        + (f" (fell back: {report.fallback_reason})" if report.fallback_reason else ""),
+        f"inputs: {', '.join(f'{k}{list(v)}' for k, v in report.input_shapes.items())}; "
+        f"{report.iterations} iteration(s), seed {report.seed}; atol {report.atol:g}, rtol {report.rtol:g}",
+        f"{'output':<24} {'max abs err':>12} {'max rel err':>12} {'max |ref|':>10} {'mismatched':>14}  result",
+    ]
+    for out in report.outputs:
+        result = "PASS" if out.passed else "FAIL"
+        lines.append(
+            f"{out.name:<24} {out.max_abs_error:>12.3e} {out.max_rel_error:>12.3e} {out.reference_max_abs:>10.3g} "
+            f"{f'{out.mismatched_elements}/{out.total_elements}':>14}  {result}"
+        )
+        if out.degenerate:
+            lines.append(f"{'':<24} warning: {out.degenerate}: this comparison proves nothing")
+    lines.append("EQUIVALENT" if report.equivalent else "NOT EQUIVALENT")
+    return "\n".join(lines)
+
+
+def _cmd_verify(args: argparse.Namespace, progress: Progress) -> int:
+    report = _verify(args, args.reference, args.candidate, progress)
+    document = {"reference": str(args.reference), "candidate": str(args.candidate), **report.to_dict()}
+    _emit(args, document, lambda: _verify_text(report))
+    return 0 if report.equivalent else 1
+
+
+# -- demo ---------------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace, progress: Progress) -> int:
+    from onnxlady._demo import run_demo
+
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        document = run_demo(args.workdir, seed=args.seed, progress=progress)
+    else:
+        with tempfile.TemporaryDirectory(prefix="onnxlady-demo-") as folder:
+            document = run_demo(Path(folder), seed=args.seed, progress=progress)
+    _emit(args, document, lambda: "\n".join(document["lines"]))
+    return 0 if document["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
