@@ -1,0 +1,42 @@
+"""Helpers shared by the tests: copies of models, wrong permutations, tensor comparisons."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxlady import ChannelAnalysis
+from onnxlady._permute import _permute_tensor, _tensor_holders
+
+PRODUCER_ROLES = ("conv weight", "conv-transpose weight", "gemm weight", "matmul weight", "embedding table")
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def constant_bytes(model: onnx.ModelProto) -> dict[str, bytes]:
+    """Every constant tensor of the main graph, serialised (initializers and Constant nodes)."""
+    return {name: tensor.SerializeToString() for name, tensor in _tensor_holders(model).items()}
+
+
+def permute_producer_only(model: onnx.ModelProto, analysis: ChannelAnalysis) -> str:
+    """Permute the output rows of one producer weight and nothing else: a wrong permutation.
+
+    Returns the tensor it changed. The producer chosen is the first whose group is permutable.
+    """
+    holders = _tensor_holders(model)
+    for plan in analysis.tensors:
+        if not any(role in PRODUCER_ROLES for role in plan.roles):
+            continue
+        for axis, expr in plan.axes:
+            groups = analysis.neuron_labels(expr)
+            if any(analysis.group(gid).permutable and gid for gid in groups):
+                size = holders[plan.tensor].dims[axis]
+                swap = np.arange(size)
+                swap[[0, size - 1]] = swap[[size - 1, 0]]
+                _permute_tensor(holders[plan.tensor], [(axis, swap)])
+                return plan.tensor
+    raise AssertionError("no permutable producer weight found")
