@@ -492,6 +492,105 @@ class GraphBuilder:
         axis_t = self._store(f"{node}.axis", np.array(axis, dtype=np.int64))
         return self._emit(node, "CumSum", [x, axis_t], self.shape(x))
 
+    def reshape(self, x: str, shape: Sequence[int] | str, *, name: str | None = None) -> str:
+        """Reshape to ``shape`` (ONNX rules: ``0`` copies a dim, one ``-1`` is inferred).
+
+        ``shape`` is a list stored as ``<node>.shape`` (int64), or the name of an existing
+        int64 constant.
+        """
+        node = self._reserve(name, "Reshape")
+        if isinstance(shape, str):
+            shape_t = shape
+            target = [int(d) for d in self._constant_array(shape).reshape(-1)]
+        else:
+            target = [int(d) for d in shape]
+            shape_t = self._store(f"{node}.shape", np.array(target, dtype=np.int64))
+        out = self._reshaped(self.shape(x), target)
+        return self._emit(node, "Reshape", [x, shape_t], out)
+
+    def unsqueeze(self, x: str, axes: Sequence[int], *, name: str | None = None) -> str:
+        """Unsqueeze (opset 13+: ``axes`` is an int64 input stored as ``<node>.axes``)."""
+        node = self._reserve(name, "Unsqueeze")
+        s = list(self.shape(x))
+        rank = len(s) + len(axes)
+        for a in sorted(int(a) % rank for a in axes):
+            s.insert(a, 1)
+        axes_t = self._store(f"{node}.axes", np.array(list(axes), dtype=np.int64))
+        return self._emit(node, "Unsqueeze", [x, axes_t], s)
+
+    def split(self, x: str, sizes: Sequence[int], axis: int = 1, *,
+              name: str | None = None) -> list[str]:
+        """Split along ``axis`` into pieces of ``sizes`` (an int64 input, opset 13+).
+
+        The outputs are named ``<node>.out0``, ``<node>.out1``...
+        """
+        s = self.shape(x)
+        ax = axis % len(s)
+        if sum(sizes) != s[ax]:
+            raise ValueError(f"split sizes {list(sizes)} do not cover {s[ax]} along axis {axis}")
+        node = self._reserve(name, "Split")
+        split_t = self._store(f"{node}.split", np.array(list(sizes), dtype=np.int64))
+        outputs = [self._claim(f"{node}.out{k}") for k in range(len(sizes))]
+        for out, size in zip(outputs, sizes):
+            piece = list(s)
+            piece[ax] = int(size)
+            self._register(out, piece, self._dtypes[x])
+        self._nodes.append(helper.make_node("Split", [x, split_t], outputs, name=node, axis=axis))
+        return outputs
+
+    def slice(self, x: str, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int], *,
+              name: str | None = None) -> str:
+        """Slice with step 1 (starts/ends/axes stored as int64 inputs; ends may be INT64_MAX)."""
+        s = list(self.shape(x))
+        for start, end, axis in zip(starts, ends, axes):
+            ax = axis % len(s)
+            lo, hi, _ = slice(int(start), int(end)).indices(s[ax])
+            s[ax] = max(0, hi - lo)
+        node = self._reserve(name, "Slice")
+        inputs = [
+            x,
+            self._store(f"{node}.starts", np.array(list(starts), dtype=np.int64)),
+            self._store(f"{node}.ends", np.array(list(ends), dtype=np.int64)),
+            self._store(f"{node}.axes", np.array(list(axes), dtype=np.int64)),
+        ]
+        return self._emit(node, "Slice", inputs, s)
+
+    def matmul_weight(self, x: str, weight: Array, *, name: str | None = None) -> str:
+        """MatMul of ``x`` by the given ``[K, N]`` array stored as ``<node>.weight``."""
+        *lead, k = self.shape(x)
+        weight = np.asarray(weight, dtype=np.float32)
+        if weight.ndim != 2 or weight.shape[0] != k:
+            raise ValueError(f"matmul weight of shape {weight.shape} does not read {k} features")
+        node = self._reserve(name, "MatMul")
+        w = self._store(f"{node}.weight", weight)
+        return self._emit(node, "MatMul", [x, w], (*lead, weight.shape[1]))
+
+    @staticmethod
+    def _reshaped(shape: Shape, target: Sequence[int]) -> Shape:
+        """The output shape of ``Reshape(shape -> target)`` (``allowzero=0``)."""
+        dims = [shape[i] if d == 0 else int(d) for i, d in enumerate(target)]
+        total = math.prod(shape)
+        if dims.count(-1) > 1:
+            raise ValueError(f"reshape target {list(target)} has more than one -1")
+        if -1 in dims:
+            known = math.prod(d for d in dims if d != -1)
+            if known == 0 or total % known:
+                raise ValueError(f"cannot reshape {shape} to {list(target)}")
+            dims[dims.index(-1)] = total // known
+        if math.prod(dims) != total:
+            raise ValueError(f"cannot reshape {shape} to {list(target)}")
+        return tuple(dims)
+
+    def _constant_array(self, tensor: str) -> Array:
+        """The value of a constant built so far (initializer or Constant node)."""
+        for init in self._initializers:
+            if init.name == tensor:
+                return numpy_helper.to_array(init)
+        for node in self._nodes:
+            if node.op_type == "Constant" and node.output[0] == tensor:
+                return numpy_helper.to_array(node.attribute[0].t)
+        raise KeyError(f"{tensor!r} is not a constant of graph {self.graph_name!r}")
+
     def custom(
         self,
         op_type: str,

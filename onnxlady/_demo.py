@@ -32,7 +32,7 @@ def run_demo(folder: Path, seed: int = 0, progress: Callable[[str], None] | None
     permuted_path = folder / "demo.permuted.onnx"
     perms = draw_permutations(analysis, seed)
     key = permute_model(analysis, perms, source_sha256=reference.sha256, source_file=reference_path.name, seed=seed)
-    key.permuted_sha256 = save_model(analysis.graph.model, permuted_path)
+    key.permuted_sha256 = save_model(analysis.graph.model, permuted_path, digest=True)
     key_path = folder / "demo.key.json"
     key_path.write_text(json.dumps(key.to_json(), indent=1))
     moved = sum(analysis.group(gid).size for gid in perms)

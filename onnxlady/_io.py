@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -50,22 +51,45 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         data = path.read_bytes()
     except OSError as exc:
         raise OnnxladyError(f"{path}: cannot read ({exc.strerror})") from exc
-    digest = hashlib.sha256(data).hexdigest()
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
-        raise OnnxladyError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
+    # Hash beside the parse: hashlib releases the GIL on large buffers.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise OnnxladyError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
+        digest = hashing.result()
     del data
     if not model.graph.node and not model.graph.output:
         raise OnnxladyError(f"{path}: not an ONNX model (no graph)")
     if not model.opset_import:
         raise OnnxladyError(f"{path}: not an ONNX model (no opset import)")
+    _check_opsets(model, path)
     external = _uses_external_data(model)
     if external:
         _load_external_data(model, path)
     _check_tensor_sizes(model, path)
     return LoadedModel(model, path, digest, path.stat().st_size, external)
+
+
+def _check_opsets(model: onnx.ModelProto, path: Path) -> None:
+    """Every operator domain needs an opset import; a missing one means a damaged file."""
+    imported = {op.domain or "" for op in model.opset_import}
+    imported |= {"ai.onnx"} if "" in imported else set()
+    local = {(f.domain, f.name) for f in model.functions}
+
+    def check(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if (node.domain or "") not in imported and (node.domain, node.op_type) not in local:
+                raise OnnxladyError(
+                    f"{path}: operator {node.domain}::{node.op_type} has no opset import (truncated or corrupt file)"
+                )
+            for attribute in node.attribute:
+                for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs):
+                    check(subgraph)
+
+    check(model.graph)
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -116,9 +140,9 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
 
 
 def save_model(
-    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False, digest: bool = False
 ) -> str:
-    """Write ``model`` atomically to ``path``; returns the sha256 of the written model file.
+    """Write ``model`` atomically to ``path``; returns the sha256 of the model file if ``digest``.
 
     With ``external_data`` (or when the model exceeds protobuf's 2 GB limit) the weights go to
     ``<name>.data`` beside the model.
@@ -129,43 +153,76 @@ def save_model(
         raise OnnxladyError(f"{path}: output folder '{folder}' does not exist")
     if path.is_dir():
         raise OnnxladyError(f"{path}: is a folder")
-    if not external_data and model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
+    if not external_data and _estimated_size(model) > _EXTERNAL_DATA_THRESHOLD:
         external_data = True
     if not external_data:
         data = model.SerializeToString()
         _atomic_write(path, data)
-        return hashlib.sha256(data).hexdigest()
-    return _save_with_external_data(model, path)
+        return hashlib.sha256(data).hexdigest() if digest else ""
+    return _save_with_external_data(model, path, digest)
+
+
+def _estimated_size(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data, from shapes alone (``ByteSize`` walks every byte and is slow)."""
+    total = 0
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 8
+        total += (int(np.prod(tensor.dims)) if len(tensor.dims) else 1) * itemsize
+    return total
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = None
     try:
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        # The rename is atomic: readers see the old file or the whole new one, never a part.
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except OSError as exc:
+        raise OnnxladyError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        if temporary and os.path.exists(temporary):
             os.unlink(temporary)
-        raise
 
 
-def _save_with_external_data(model: onnx.ModelProto, path: Path) -> str:
+def _save_with_external_data(model: onnx.ModelProto, path: Path, digest: bool) -> str:
     data_name = f"{path.name}.data"
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    target_data = path.parent / data_name
+    try:
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise OnnxladyError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    moved_data = False
     try:
         staged = staging / path.name
+        tensors = list(onnx.external_data_helper._get_all_tensors(model))
+        layout = [(t.HasField("data_location"), t.data_location, list(t.external_data)) for t in tensors]
         onnx.save_model(
             model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
             location=data_name, size_threshold=1024,
         )  # fmt: skip
-        digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+        # save_model moved the weights out of the caller's model: read them back in, as they were.
+        onnx.external_data_helper.load_external_data_for_model(model, str(staging))
+        for tensor, (had_location, location, entries) in zip(tensors, layout):
+            tensor.ClearField("data_location")
+            if had_location:
+                tensor.data_location = location
+            del tensor.external_data[:]
+            tensor.external_data.extend(entries)
+        sha = file_sha256(staged) if digest else ""
         if (staging / data_name).exists():
-            os.replace(staging / data_name, path.parent / data_name)
+            os.replace(staging / data_name, target_data)
+            moved_data = True
         os.replace(staged, path)
-        return digest
+        return sha
+    except OSError as exc:
+        if moved_data and not path.exists():
+            target_data.unlink(missing_ok=True)
+        raise OnnxladyError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -94,12 +94,46 @@ class PermutationKey:
                 extra={k: v for k, v in data.items() if k not in _KNOWN_FIELDS},
             )
             for group in key.groups:
-                perm = np.asarray(group["perm"], dtype=np.int64)
+                values = group["perm"]
+                if not isinstance(values, list) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in values
+                ):
+                    raise OnnxladyError(f"{origin}: group {group['id']} has a permutation that is not a list of integers")
+                perm = np.asarray(values, dtype=np.int64)
                 if perm.shape != (int(group["size"]),) or not np.array_equal(np.sort(perm), np.arange(perm.size)):
                     raise OnnxladyError(f"{origin}: group {group['id']} does not hold a permutation of {group['size']}")
-        except (KeyError, TypeError, ValueError) as exc:
+            known = {str(g["id"]) for g in key.groups}
+            for entry in key.tensors:
+                str(entry["tensor"]), str(entry["source"])
+                for item in entry["axes"]:
+                    int(item["axis"])
+                    _check_tree(item["expr"], known, origin)
+            for record in key.untied:
+                str(record["copy"]), list(record["nodes"])
+                for rewire in record["rewired"]:
+                    str(rewire["from"]), str(rewire["to"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OnnxladyError(f"{origin}: malformed key ({type(exc).__name__}: {exc})") from exc
         return key
+
+
+def _check_tree(tree: Any, known: set[str], origin: str) -> None:
+    """An index-map expression must use only the key's groups and the four node kinds."""
+    if not isinstance(tree, dict) or len(tree) != 1:
+        raise OnnxladyError(f"{origin}: malformed index map {tree!r}")
+    ((kind, value),) = tree.items()
+    if kind == "group":
+        if value not in known:
+            raise OnnxladyError(f"{origin}: index map names group {value!r} that the key does not hold")
+    elif kind == "identity":
+        int(value)
+    elif kind in ("sum", "product"):
+        if not isinstance(value, list) or (kind == "product" and len(value) != 2):
+            raise OnnxladyError(f"{origin}: malformed index map {tree!r}")
+        for part in value:
+            _check_tree(part, known, origin)
+    else:
+        raise OnnxladyError(f"{origin}: malformed index map {tree!r}")
 
 
 _KNOWN_FIELDS = {"format", "version", "source", "permuted", "seed", "groups", "tensors", "untied"}

@@ -69,6 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxlady", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"onnxlady {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
 
     demo = commands.add_parser("demo", help="run the whole job end to end on a model onnxlady builds")
     demo.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
@@ -255,18 +256,21 @@ def _groups_of(analysis: ChannelAnalysis, exprs: Any) -> set[str]:
 
 
 def _write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file, then rename)."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxladyError(f"{path}: output folder '{folder}' does not exist")
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = None
     try:
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except OSError as exc:
+        raise OnnxladyError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        if temporary and os.path.exists(temporary):
             os.unlink(temporary)
-        raise
 
 
 def _cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
@@ -280,42 +284,77 @@ def _cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
 
 
 # -- permute / unpermute ------------------------------------------------------------------
-def _check_output(args: argparse.Namespace, inputs: Sequence[Path]) -> None:
+def _check_output(args: argparse.Namespace, inputs: Sequence[Path], extra: Sequence[Path] = ()) -> None:
+    """Refuse outputs that would overwrite an input (model, its external data, a key) or each other."""
+    output = args.output.resolve()
+    written = [output, output.with_name(output.name + ".data"), *(path.resolve() for path in extra)]
+    protected = {path.resolve() for path in inputs}
     for given in inputs:
-        if args.output.resolve() == given.resolve() and not args.overwrite_input:
-            raise OnnxladyError(f"{args.output}: refusing to overwrite the input model (pass --overwrite-input)")
-    folder = args.output.parent if str(args.output.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxladyError(f"{args.output}: output folder '{folder}' does not exist")
+        protected |= {p.resolve() for p in _external_files(given)}
+    for target in written:
+        if target in protected and not args.overwrite_input:
+            raise OnnxladyError(f"{target}: refusing to overwrite an input file (pass --overwrite-input)")
+    if len(set(written)) != len(written):
+        raise OnnxladyError(f"{args.output}: the key and the model would be written to the same file")
+    for target in written[:1] + list(extra):
+        folder = target.parent
+        if not folder.is_dir():
+            raise OnnxladyError(f"{target}: output folder '{folder}' does not exist")
+
+
+def _external_files(path: Path) -> list[Path]:
+    """External-data files a model file refers to (read from the graph only, not the data)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the real load reports a bad file with its own message
+        return []
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(path.parent / entry.value)
+    return sorted(locations)
 
 
 def _read_perms(path: Path) -> dict[str, np.ndarray]:
+    """Permutations from JSON: {group id: [..]} or a key file (its groups' ``perm``)."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise OnnxladyError(f"{path}: no such file") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OnnxladyError(f"{path}: not JSON ({exc})") from exc
-    if isinstance(data, dict) and "groups" in data:  # a key file: reuse its permutations
-        data = {g["id"]: g["perm"] for g in data["groups"]}
+    if isinstance(data, dict) and "groups" in data:
+        try:
+            data = {str(g["id"]): g["perm"] for g in data["groups"]}
+        except (KeyError, TypeError) as exc:
+            raise OnnxladyError(f"{path}: malformed key (each group needs 'id' and 'perm')") from exc
     if not isinstance(data, dict):
         raise OnnxladyError(f"{path}: expected a JSON object {{group id: permutation}}")
-    try:
-        return {str(k): np.asarray(v, dtype=np.int64) for k, v in data.items()}
-    except (TypeError, ValueError) as exc:
-        raise OnnxladyError(f"{path}: permutations must be lists of integers ({exc})") from exc
+    perms = {}
+    for gid, values in data.items():
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise OnnxladyError(f"{path}: the permutation of group {gid} must be a list of integers")
+        perms[str(gid)] = np.asarray(values, dtype=np.int64)
+    return perms
 
 
 def _cmd_permute(args: argparse.Namespace, progress: Progress) -> int:
-    _check_output(args, [args.model])
     key_path = args.key_out or args.output.with_name(args.output.name + ".key.json")
-    if key_path.resolve() == args.model.resolve():
-        raise OnnxladyError(f"{key_path}: the key would overwrite the input model")
+    _check_output(args, [args.model], extra=[key_path])
+    if args.verify:
+        _check_verify_options(args)
     loaded = load_model(args.model)
     analysis = analyze(loaded.model, progress=progress)
     if args.perms:
         perms = _read_perms(args.perms)
         if args.group:
+            draw_permutations(analysis, 0, args.group)  # checks that the groups exist and can move
+            missing = [gid for gid in args.group if gid not in perms]
+            if missing:
+                raise OnnxladyError(f"{args.perms}: no permutation for group {missing[0]}")
             perms = {gid: p for gid, p in perms.items() if gid in args.group}
     else:
         perms = draw_permutations(analysis, args.seed, args.group)
@@ -325,9 +364,17 @@ def _cmd_permute(args: argparse.Namespace, progress: Progress) -> int:
     )  # fmt: skip
     if progress:
         progress(f"saving {args.output}")
-    key.permuted_sha256 = save_model(loaded.model, args.output, external_data=args.external_data or loaded.external_data)
+    key.permuted_sha256 = save_model(
+        loaded.model, args.output, external_data=args.external_data or loaded.external_data, digest=True
+    )
     _write_text(key_path, json.dumps(key.to_json(), indent=1) + "\n")
-    report = _verify(args, args.model, args.output, progress) if args.verify else None
+    try:
+        report = _verify(args, args.model, args.output, progress) if args.verify else None
+    except OnnxladyError:
+        for written in (args.output, args.output.with_name(args.output.name + ".data"), key_path):
+            if written.exists():
+                written.unlink()  # exit 2 leaves nothing behind
+        raise
     summary = analysis.summary()
     neurons = sum(analysis.group(gid).size for gid in perms)
     document = {
@@ -365,7 +412,7 @@ def _cmd_unpermute(args: argparse.Namespace, progress: Progress) -> int:
     identical = unpermute_model(loaded.model, key)
     if progress:
         progress(f"saving {args.output}")
-    sha = save_model(loaded.model, args.output, external_data=args.external_data or loaded.external_data)
+    sha = save_model(loaded.model, args.output, external_data=args.external_data or loaded.external_data, digest=True)
     document = {
         "model": str(args.model),
         "key": str(args.key),
@@ -388,11 +435,17 @@ def _cmd_unpermute(args: argparse.Namespace, progress: Progress) -> int:
 
 
 # -- verify -------------------------------------------------------------------------------
-def _verify(args: argparse.Namespace, reference: Path, candidate: Path, progress: Progress) -> VerifyReport:
+def _check_verify_options(args: argparse.Namespace) -> None:
+    """Reject bad check options before any file is written."""
     if args.iterations < 1:
         raise OnnxladyError("--iterations must be at least 1")
-    if args.atol < 0 or args.rtol < 0:
-        raise OnnxladyError("--atol and --rtol must not be negative")
+    if not (args.atol >= 0 and args.rtol >= 0):
+        raise OnnxladyError("--atol and --rtol must be numbers >= 0")
+    parse_shape_overrides(args.shape)
+
+
+def _verify(args: argparse.Namespace, reference: Path, candidate: Path, progress: Progress) -> VerifyReport:
+    _check_verify_options(args)
     return verify_models(
         str(reference), str(candidate), provider=args.provider, atol=args.atol, rtol=args.rtol,
         iterations=args.iterations, seed=args.input_seed, shapes=parse_shape_overrides(args.shape),
