@@ -66,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnxlady", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="onnxlady",
+        description="Permute, verify and re-synchronize the neurons of ONNX models at graph level.",
+    )
     parser.add_argument("--version", action="version", version=f"onnxlady {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     commands.required = True

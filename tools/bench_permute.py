@@ -21,6 +21,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+_BUILD = """
+import sys, onnx
+from fixtures import build_large_model
+onnx.save(build_large_model(int(sys.argv[2])), sys.argv[1])
+"""
+
 _FLOOR = """
 import resource, sys, time, onnx
 path, out = sys.argv[1], sys.argv[2]
@@ -46,6 +52,7 @@ print(elapsed, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 102
 
 def _run(script: str, path: Path, out: Path) -> tuple[float, int]:
     # Every run writes a new file: unlinking an old one of the same size is not the tool's cost.
+    # The parent stays small (stdlib only) because children inherit its peak RSS figure.
     for stale in out.parent.glob(out.name + "*"):
         stale.unlink()
     result = subprocess.run(
@@ -63,14 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(REPO))
-    import onnx
-
-    from fixtures import build_large_model
-
     with tempfile.TemporaryDirectory(prefix="onnxlady-bench-") as folder:
         model_path = Path(folder) / "large.onnx"
-        onnx.save(build_large_model(args.megabytes), str(model_path))
+        # Built in a child: ru_maxrss survives fork and exec, so this process must stay small.
+        subprocess.run([sys.executable, "-c", _BUILD, str(model_path), str(args.megabytes)], check=True, cwd=REPO)
         size = model_path.stat().st_size
         floors, permutes = [], []
         for _ in range(args.repeats):
