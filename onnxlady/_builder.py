@@ -555,16 +555,6 @@ class GraphBuilder:
         ]
         return self._emit(node, "Slice", inputs, s)
 
-    def matmul_weight(self, x: str, weight: Array, *, name: str | None = None) -> str:
-        """MatMul of ``x`` by the given ``[K, N]`` array stored as ``<node>.weight``."""
-        *lead, k = self.shape(x)
-        weight = np.asarray(weight, dtype=np.float32)
-        if weight.ndim != 2 or weight.shape[0] != k:
-            raise ValueError(f"matmul weight of shape {weight.shape} does not read {k} features")
-        node = self._reserve(name, "MatMul")
-        w = self._store(f"{node}.weight", weight)
-        return self._emit(node, "MatMul", [x, w], (*lead, weight.shape[1]))
-
     @staticmethod
     def _reshaped(shape: Shape, target: Sequence[int]) -> Shape:
         """The output shape of ``Reshape(shape -> target)`` (``allowzero=0``)."""

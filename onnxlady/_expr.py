@@ -338,7 +338,7 @@ def _blocks(expr: Expr) -> list[Expr]:
     if isinstance(expr, DirectSum):
         return list(expr.parts)
     if isinstance(expr, Product) and isinstance(expr.outer, Fixed) and not isinstance(expr.inner, Fixed):
-        return [expr.inner] * expr.outer.size
+        return _blocks(expr.inner) * expr.outer.size
     return [expr]
 
 

@@ -67,7 +67,7 @@ class ModelGraph:
             for slot, name in enumerate(node.input):
                 if name:
                     self.consumers.setdefault(name, []).append((index, slot))
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and _constant_attribute(node):
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and _constant_attribute(node) is not None:
                 self.constant_nodes[node.output[0]] = index
             outer = _outer_scope_names(node)
             if outer:
@@ -282,6 +282,13 @@ class ModelGraph:
         assert isinstance(tensor, onnx.TensorProto)
         return tensor
 
+    def leaf_tensor_or_none(self, leaf: ConstantLeaf) -> onnx.TensorProto | None:
+        """The leaf's TensorProto, or None for a Constant holding a list or scalar attribute."""
+        if leaf.constant_node is None:
+            return self.initializers[leaf.name]
+        value = _constant_attribute(self.nodes[leaf.constant_node])
+        return value if isinstance(value, onnx.TensorProto) else None
+
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of a constant tensor (after its Cast chain), or None if not constant."""
         if name in self._values:
@@ -312,7 +319,8 @@ class ModelGraph:
             to = onnx.helper.get_attribute_value(_attribute(node, "to"))
             return value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
         if op == "Flatten":
-            axis = int(_attribute_or(node, "axis", 1)) % (value.ndim + 1)
+            axis = int(_attribute_or(node, "axis", 1))
+            axis = axis + value.ndim if axis < 0 else axis
             return value.reshape(int(np.prod(value.shape[:axis])), -1)
         axes_value = _attribute_or(node, "axes", None)
         if axes_value is None and len(node.input) > 1 and node.input[1]:

@@ -192,6 +192,8 @@ class RuleContext:
         leaf_axis = self.graph.leaf_axis(name, axis)
         if leaf_axis is None:
             raise RuleDoesNotApply("index-map", f"constant '{name}' is reshaped so that axis {axis} mixes with others")
+        if leaf.constant_node is not None and not isinstance(self.graph.leaf_tensor_or_none(leaf), onnx.TensorProto):
+            raise RuleDoesNotApply("not-constant", f"constant '{leaf.name}' is a list attribute, not a tensor")
         if self.graph.dtypes.get(leaf.name) in _PACKED:
             raise RuleDoesNotApply("blocking", f"constant '{leaf.name}' packs two values per byte")
         self._bound.append(Binding(self.index, slot, leaf.name, leaf_axis, expr, role))

@@ -41,14 +41,16 @@ def _domain_key(domain: str) -> str:
 
 def register(rule_class: RuleType) -> RuleType:
     """Class decorator: add a rule to the table; a second rule for an operator is an error."""
-    instance = rule_class()
-    for op_type in rule_class.op_types:
-        key = (_domain_key(rule_class.domain), op_type)
-        if key in _RULES:
+    keys = [(_domain_key(rule_class.domain), op_type) for op_type in rule_class.op_types]
+    for key in keys:  # check every operator first: a refused rule leaves no trace
+        if key in _RULES or keys.count(key) > 1:
+            holder = type(_RULES[key]).__name__ if key in _RULES else rule_class.__name__
             raise DuplicateRuleError(
-                f"operator {key[0] or 'ai.onnx'}::{op_type} already has rule "
-                f"{type(_RULES[key]).__name__}; {rule_class.__name__} would shadow it"
+                f"operator {key[0] or 'ai.onnx'}::{key[1]} already has rule {holder}; "
+                f"{rule_class.__name__} would shadow it"
             )
+    instance = rule_class()
+    for key in keys:
         _RULES[key] = instance
     return rule_class
 

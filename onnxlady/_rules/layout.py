@@ -92,7 +92,8 @@ class FlattenRule(OpRule):
         shape = ctx.shape_in(0)
         if shape is None:
             raise RuleDoesNotApply("unknown-shape", "input shape unknown")
-        split = int(ctx.attr("axis", 1)) % (len(shape) + 1) if len(shape) else 0
+        split = int(ctx.attr("axis", 1))
+        split = split + len(shape) if split < 0 else split
         for axis, expr in spaces.items():
             block = range(0, split) if axis < split else range(split, len(shape))
             ctx.emit(0, 0 if axis < split else 1, _merged(ctx, expr, shape, list(block), axis))

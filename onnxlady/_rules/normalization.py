@@ -14,14 +14,14 @@ class BatchNormRule(OpRule):
 
     def propagate(self, ctx: RuleContext) -> None:
         spaces = ctx.take_all(0)
+        for axis, expr in spaces.items():
+            ctx.emit(0, axis, expr)  # element-wise on every axis but the statistics' one
         if 1 not in spaces:
             return  # channels not permuted: parameters stay
         channels = spaces[1]
         parameters = 5 if ctx.op_type == "BatchNormalization" else 3
         for slot in range(1, min(parameters, ctx.num_inputs)):
             ctx.attach(slot, 0, channels, f"{ctx.op_type} parameter {slot}")
-        for axis, expr in spaces.items():
-            ctx.emit(0, axis, expr)
         for slot in (1, 2):  # training-mode running statistics
             if ctx.op_type == "BatchNormalization" and ctx.output_used(slot):
                 ctx.emit(slot, 0, channels)
