@@ -110,6 +110,21 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(unpermute)
     unpermute.set_defaults(handler=_cmd_unpermute)
 
+    perturb = commands.add_parser("perturb", help="add noise, quantize or prune the weight tensors")
+    perturb.add_argument("model", type=Path)
+    perturb.add_argument("-o", "--output", type=Path, required=True)
+    perturb.add_argument("--noise", type=float, metavar="OMEGA", help="add N(0, (OMEGA*std(t))^2) to each weight t")
+    perturb.add_argument("--quantize", type=int, metavar="BITS", help="uniform min-max, 2^BITS levels per tensor")
+    perturb.add_argument("--prune", type=float, metavar="PERCENT", help="zero the PERCENT smallest-magnitude entries")
+    perturb.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    perturb.add_argument(
+        "--only", action="append", metavar="GROUP_ID|TENSOR", help="perturb only these groups' or tensors' weights"
+    )
+    perturb.add_argument("--external-data", action="store_true", help="save weights to OUTPUT.data")
+    perturb.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the input file")
+    _common(perturb)
+    perturb.set_defaults(handler=_cmd_perturb)
+
     verify = commands.add_parser("verify", help="run two models in ONNX Runtime and compare their outputs")
     verify.add_argument("reference", type=Path)
     verify.add_argument("candidate", type=Path)
@@ -432,6 +447,32 @@ def _cmd_unpermute(args: argparse.Namespace, progress: Progress) -> int:
             else "the weights differ from the source (the model was changed after it was permuted); neuron order restored"
         )
         return f"unpermuted -> {args.output}: {verdict}"
+
+    _emit(args, document, text)
+    return 0
+
+
+def _cmd_perturb(args: argparse.Namespace, progress: Progress) -> int:
+    from onnxlady._perturb import perturb_model
+
+    _check_output(args, [args.model])
+    loaded = load_model(args.model)
+    report = perturb_model(
+        loaded.model, noise=args.noise, quantize_bits=args.quantize, prune_percent=args.prune,
+        seed=args.seed, only=args.only, progress=progress,
+    )  # fmt: skip
+    save_model(loaded.model, args.output, external_data=args.external_data or loaded.external_data)
+    document = {"model": str(args.model), "output": str(args.output), **report.to_dict()}
+
+    def text() -> str:
+        lines = [f"perturbed {len({c.tensor for c in report.changes})} weight tensors -> {args.output}"]
+        lines.append(f"{'tensor':<40} {'op':<14} {'kind':<9} {'changed':>12} {'rel. L2 change':>15}")
+        for change in report.changes:
+            lines.append(
+                f"{change.tensor[:40]:<40} {change.op_type:<14} {change.kind:<9} "
+                f"{f'{change.changed_elements}/{change.elements}':>12} {change.relative_l2_change:>15.4f}"
+            )
+        return "\n".join(lines)
 
     _emit(args, document, text)
     return 0

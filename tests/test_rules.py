@@ -6,8 +6,8 @@
 - the fixtures added for the rules (grouped convs, Paddle biases, Split/Slice/Concat, digit
   reshapes, ``view(1, -1)``): expected groups, permute -> verify -> unpermute, and a wrong
   permutation that verification must catch;
-- small inline models where a guess would be wrong (the group must freeze), and strict xfails
-  that pin down known analysis bugs.
+- small inline models where a guess would be wrong (the group must freeze), and regression
+  tests for analysis bugs found on the way.
 """
 
 from __future__ import annotations
