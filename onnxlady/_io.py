@@ -11,8 +11,10 @@ are saved with external data next to the model.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._stream import Override, read_model, write_model
 
 _PROTOBUF_LIMIT = 2**31 - 1
 #: Leave room under protobuf's 2 GB limit for the graph itself.
@@ -38,6 +41,7 @@ class LoadedModel:
     sha256: str
     size_bytes: int
     external_data: bool
+    external_files: tuple[Path, ...] = ()  # the data files its tensors were read from
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
@@ -47,30 +51,29 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise OnnxladyError(f"{path}: no such file")
     if path.is_dir():
         raise OnnxladyError(f"{path}: is a folder, not an ONNX file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise OnnxladyError(f"{path}: cannot read ({exc.strerror})") from exc
-    # Hash beside the parse: hashlib releases the GIL on large buffers.
+    # Parse in pieces (never the whole file and the model at once) while a second thread hashes
+    # the file: hashlib releases the GIL on large buffers.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        hashing = pool.submit(lambda: hashlib.sha256(data).hexdigest())
-        model = onnx.ModelProto()
+        hashing = pool.submit(file_sha256, path)
         try:
-            model.ParseFromString(data)
+            model = read_model(path, load_external_data=False)
         except (DecodeError, RuntimeError, ValueError) as exc:
             raise OnnxladyError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
-        digest = hashing.result()
-    del data
+        except OSError as exc:
+            raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        try:
+            digest = hashing.result()
+        except OSError as exc:
+            raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if not model.graph.node and not model.graph.output:
         raise OnnxladyError(f"{path}: not an ONNX model (no graph)")
     if not model.opset_import:
         raise OnnxladyError(f"{path}: not an ONNX model (no opset import)")
     _check_opsets(model, path)
     external = _uses_external_data(model)
-    if external:
-        _load_external_data(model, path)
+    files = _load_external_data(model, path) if external else ()
     _check_tensor_sizes(model, path)
-    return LoadedModel(model, path, digest, path.stat().st_size, external)
+    return LoadedModel(model, path, digest, path.stat().st_size, external, files)
 
 
 def _check_opsets(model: onnx.ModelProto, path: Path) -> None:
@@ -98,8 +101,9 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+def _load_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
     base = path.resolve().parent
+    files: set[Path] = set()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -112,10 +116,12 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
             raise OnnxladyError(
                 f"{path}: external data file '{location}' for tensor '{tensor.name}' not found in {base}"
             )
+        files.add(target)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(base))
     except (OSError, ValueError) as exc:
         raise OnnxladyError(f"{path}: cannot read external data ({exc})") from exc
+    return tuple(sorted(files))
 
 
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
@@ -140,12 +146,19 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
 
 
 def save_model(
-    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False, digest: bool = False
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool = False,
+    digest: bool = False,
+    overrides: Mapping[str, Override] | None = None,
 ) -> str:
     """Write ``model`` atomically to ``path``; returns the sha256 of the model file if ``digest``.
 
-    With ``external_data`` (or when the model exceeds protobuf's 2 GB limit) the weights go to
-    ``<name>.data`` beside the model.
+    ``overrides`` maps tensor names to their new ``raw_data`` (or to functions computing it,
+    called as each tensor is written): the model in memory is not changed, and the file is
+    streamed without ever holding its whole encoding. With ``external_data`` (or when the model
+    exceeds protobuf's 2 GB limit) the weights go to ``<name>.data`` beside the model.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -155,11 +168,67 @@ def save_model(
         raise OnnxladyError(f"{path}: is a folder")
     if not external_data and _estimated_size(model) > _EXTERNAL_DATA_THRESHOLD:
         external_data = True
+    if not external_data and overrides:
+        return _stream_atomically(model, path, overrides, digest)
     if not external_data:
+        # Protobuf's own encoding: a model that round-trips comes back as the same bytes.
         data = model.SerializeToString()
-        _atomic_write(path, data)
+        write_atomically(path, data)
         return hashlib.sha256(data).hexdigest() if digest else ""
+    if overrides:
+        _apply_overrides(model, overrides)
     return _save_with_external_data(model, path, digest)
+
+
+class _HashingWriter:
+    """A file wrapper that hashes what passes through it."""
+
+    def __init__(self, handle: Any, digest: bool) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256() if digest else None
+        # Hash beside the writer: hashlib releases the GIL, and one worker keeps the order.
+        self._pool = ThreadPoolExecutor(max_workers=1) if digest else None
+
+    def write(self, data: Any) -> int:
+        if self._pool is not None and self._digest is not None:
+            self._pool.submit(self._digest.update, data)
+        return self._handle.write(data)
+
+    def hexdigest(self) -> str:
+        if self._pool is None or self._digest is None:
+            return ""
+        self._pool.shutdown(wait=True)
+        return self._digest.hexdigest()
+
+
+def _stream_atomically(model: onnx.ModelProto, path: Path, overrides: Mapping[str, Override], digest: bool) -> str:
+    temporary = None
+    try:
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            writer = _HashingWriter(handle, digest)
+            write_model(model, writer, overrides=overrides)
+        # The rename is atomic: readers see the old file or the whole new one, never a part.
+        os.replace(temporary, path)
+        return writer.hexdigest()
+    except OSError as exc:
+        raise OnnxladyError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        if temporary and os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _apply_overrides(model: onnx.ModelProto, overrides: Mapping[str, Override]) -> None:
+    """Write deferred tensor bytes into the model (for the external-data path)."""
+    holders = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    holders.setdefault(node.output[0], attribute.t)
+    for name, value in overrides.items():
+        data = value() if callable(value) else value
+        holders[name].raw_data = bytes(memoryview(data).cast("B"))
 
 
 def _estimated_size(model: onnx.ModelProto) -> int:
@@ -174,7 +243,8 @@ def _estimated_size(model: onnx.ModelProto) -> int:
     return total
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
     temporary = None
     try:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -228,8 +298,10 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path, digest: bool) -
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
+    """sha256 of a file, hashed from a memory map (no copy through read buffers)."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return hashlib.sha256().hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return hashlib.sha256(mapped).hexdigest()

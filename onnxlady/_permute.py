@@ -64,6 +64,86 @@ def draw_permutations(
     return perms
 
 
+class SourceDigest:
+    """sha256 of the permuted tensors as they were before permutation, in plan order.
+
+    Each source tensor is hashed on its own (so hashing can happen in any order, for example
+    while a streaming writer asks for tensors), then the per-tensor digests are combined in
+    the order of the analysis' tensor plan.
+    """
+
+    def __init__(self) -> None:
+        self._order: list[str] = []
+        self._digests: dict[str, bytes] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1)  # hashlib releases the GIL: runs beside numpy
+        self._pending: dict[str, Future[bytes]] = {}
+
+    def expect(self, source: str) -> bool:
+        """Register ``source``; True the first time (that tensor's bytes must then be hashed)."""
+        if source in self._digests or source in self._pending or source in self._order:
+            return False
+        self._order.append(source)
+        return True
+
+    def add(self, source: str, data: bytes) -> None:
+        self._pending[source] = self._pool.submit(lambda: hashlib.sha256(data).digest())
+
+    def hexdigest(self) -> str:
+        for source, future in self._pending.items():
+            self._digests[source] = future.result()
+        self._pending.clear()
+        self._pool.shutdown()
+        missing = [source for source in self._order if source not in self._digests]
+        if missing:
+            raise RuntimeError(f"tensor '{missing[0]}' was never computed (deferred tensors not written)")
+        combined = hashlib.sha256()
+        for source in self._order:
+            combined.update(source.encode() + b"\0" + self._digests[source])
+        return combined.hexdigest()
+
+
+class DeferredTensors:
+    """Permuted tensors computed only when a streaming writer asks for them.
+
+    ``overrides`` maps tensor names to functions returning the permuted array; pass it to
+    :func:`onnxlady.save_model`, then complete the key with :meth:`finish`. The model in
+    memory keeps its unpermuted bytes, so no second copy of the weights ever exists.
+    """
+
+    def __init__(self) -> None:
+        self.overrides: dict[str, Callable[[], np.ndarray]] = {}
+        self.digest = SourceDigest()
+        self._work: dict[str, Callable[[], np.ndarray]] = {}
+        self._order: list[str] = []
+        self._ready: dict[str, Future[np.ndarray]] = {}
+        # One tensor is computed ahead while the writer writes the previous one.
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    def add(self, name: str, work: Callable[[], np.ndarray], file_order: Mapping[str, int]) -> None:
+        self._work[name] = work
+        self._order = sorted(self._work, key=lambda n: file_order.get(n, len(file_order)))
+        self.overrides[name] = lambda: self._take(name)
+
+    def _take(self, name: str) -> np.ndarray:
+        future = self._ready.pop(name, None)
+        result = future.result() if future is not None else self._work[name]()
+        position = self._order.index(name) + 1
+        if position < len(self._order):
+            following = self._order[position]
+            if following not in self._ready:
+                self._ready[following] = self._pool.submit(self._work[following])
+        return result
+
+    def finish(self, key: PermutationKey) -> PermutationKey:
+        self._pool.shutdown(wait=True)
+        key.source_weights_sha256 = self.digest.hexdigest()
+        return key
+
+
+#: Raw tensors at least this large are deferred when a DeferredTensors is given.
+_DEFER_BYTES = 1 << 16
+
+
 def permute_model(
     analysis: ChannelAnalysis,
     perms: Mapping[str, np.ndarray],
@@ -72,8 +152,14 @@ def permute_model(
     source_file: str = "",
     seed: int | None = None,
     progress: Callable[[str], None] | None = None,
+    deferred: DeferredTensors | None = None,
 ) -> PermutationKey:
-    """Permute ``analysis.graph.model`` in place by ``perms`` (group id -> perm) and return the key."""
+    """Permute ``analysis.graph.model`` by ``perms`` (group id -> perm) and return the key.
+
+    The model is changed in place, except that with ``deferred`` large tensors are left as
+    they are and their permuted bytes are produced when ``save_model(overrides=
+    deferred.overrides)`` writes them; call ``deferred.finish(key)`` after saving.
+    """
     model = analysis.graph.model
     _check_perms(analysis, perms)
     source_fingerprint = graph_fingerprint(model)
@@ -81,21 +167,22 @@ def permute_model(
     holders = _tensor_holders(model)
     group_ids = {group.root: group.id for group in analysis.groups if group.id in perms}
     find = analysis.solver.find
-    source_digest = hashlib.sha256()
+    digest = deferred.digest if deferred is not None else SourceDigest()
+    file_order = {name: position for position, name in enumerate(holders)}
     tensors: list[dict[str, object]] = []
-    hashed_sources: set[str] = set()
-    # Hashing runs beside the permutation (hashlib releases the GIL on large buffers).
-    hasher = ThreadPoolExecutor(max_workers=1)
-    pending: list[Future[None]] = []
     for number, plan in enumerate(analysis.tensors):
         if progress is not None and number % 50 == 0:
             progress(f"permuting tensor {number + 1}/{len(analysis.tensors)}")
         tensor = holders[plan.tensor]
         axes = [(axis, analysis.index_array(expr, perms)) for axis, expr in plan.axes]
-        before, _ = _permute_tensor(tensor, axes)
-        if plan.source not in hashed_sources:
-            hashed_sources.add(plan.source)
-            pending.append(hasher.submit(_update_digest, source_digest, plan.source, before, pending[-1:]))
+        first = digest.expect(plan.source)
+        if deferred is not None and _deferrable(tensor):
+            work = _deferred_take(tensor, axes, digest, plan.source if first else None)
+            deferred.add(plan.tensor, work, file_order)
+        else:
+            before, _ = _permute_tensor(tensor, axes)
+            if first:
+                digest.add(plan.source, before)
         tensors.append(
             {
                 "tensor": plan.tensor,
@@ -106,9 +193,6 @@ def permute_model(
                 ],
             }
         )
-    for future in pending:
-        future.result()
-    hasher.shutdown()
     groups = []
     for group in analysis.groups:
         if group.id not in perms:
@@ -132,17 +216,52 @@ def permute_model(
         groups=groups,
         tensors=tensors,
         untied=untied,
-        source_weights_sha256=source_digest.hexdigest(),
+        source_weights_sha256="" if deferred is not None else digest.hexdigest(),
         seed=seed,
         source_file=source_file,
     )
 
 
-def _update_digest(digest: "hashlib._Hash", name: str, data: bytes, previous: list[Future[None]]) -> None:
-    for future in previous:  # one worker runs the jobs in order; this keeps the order explicit
-        future.result()
-    digest.update(name.encode() + b"\0")
-    digest.update(data)
+def _deferrable(tensor: onnx.TensorProto) -> bool:
+    return (
+        tensor.HasField("raw_data")
+        and tensor.data_type not in _PACKED_TYPES
+        and tensor.data_type != onnx.TensorProto.STRING
+        and _element_count(tensor) * 1 >= 1
+        and _raw_size(tensor) >= _DEFER_BYTES
+    )
+
+
+def _deferred_take(
+    tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], digest: SourceDigest, source: str | None
+) -> Callable[[], np.ndarray]:
+    def compute() -> np.ndarray:
+        raw = tensor.raw_data
+        if source is not None:
+            digest.add(source, raw)
+        dims = tuple(int(d) for d in tensor.dims)
+        itemsize = len(raw) // max(1, int(np.prod(dims)))
+        array = np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims)
+        return _take_axes(array, axes)
+
+    return compute
+
+
+def _element_count(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+
+
+def _raw_size(tensor: onnx.TensorProto) -> int:
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return _element_count(tensor) * itemsize
+
+
+def _element_dtype(itemsize: int) -> np.dtype:
+    """An opaque dtype of one element: permutation moves elements, never reads their values."""
+    return np.dtype(f"u{itemsize}") if itemsize in (1, 2, 4, 8) else np.dtype(f"V{itemsize}")
 
 
 def _check_perms(analysis: ChannelAnalysis, perms: Mapping[str, np.ndarray]) -> None:
@@ -167,7 +286,7 @@ def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
     holders = _tensor_holders(model)
     perms = key.permutations()
     sizes = {g["id"]: int(g["size"]) for g in key.groups}
-    restored: dict[str, bytes] = {}
+    digest = SourceDigest()
     for entry in key.tensors:
         name = entry["tensor"]
         if name not in holders:
@@ -180,13 +299,9 @@ def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
                 raise OnnxladyError(f"tensor '{name}' does not have the shape the key expects on axis {axis}")
             axes.append((axis, np.argsort(evaluate_tree(tree, perms, sizes))))
         _, after = _permute_tensor(tensor, axes)
-        restored.setdefault(entry["source"], after)
+        if digest.expect(entry["source"]):
+            digest.add(entry["source"], after)
     _retie(model, key.untied)
-    digest = hashlib.sha256()
-    for entry in key.tensors:
-        if entry["source"] in restored:
-            digest.update(entry["source"].encode() + b"\0")
-            digest.update(restored.pop(entry["source"]))
     return digest.hexdigest() == key.source_weights_sha256
 
 
@@ -215,7 +330,7 @@ def _permute_tensor(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]
     if tensor.HasField("raw_data"):
         raw = tensor.raw_data
         itemsize = len(raw) // max(1, int(np.prod(dims)))
-        array = np.frombuffer(raw, dtype=np.dtype(f"V{itemsize}") if itemsize not in (1, 2, 4, 8) else f"u{itemsize}")
+        array = np.frombuffer(raw, dtype=_element_dtype(itemsize))
         after = _take_axes(array.reshape(dims), axes).tobytes()
         tensor.raw_data = after
         return raw, after

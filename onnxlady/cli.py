@@ -21,9 +21,9 @@ import numpy as np
 from onnxlady import __version__
 from onnxlady._analysis import ChannelAnalysis, analyze
 from onnxlady._errors import OnnxladyError
-from onnxlady._io import load_model, save_model
+from onnxlady._io import LoadedModel, load_model, save_model, write_atomically
 from onnxlady._key import read_key
-from onnxlady._permute import draw_permutations, permute_model, unpermute_model
+from onnxlady._permute import DeferredTensors, draw_permutations, permute_model, unpermute_model
 from onnxlady._verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyReport, parse_shape_overrides, verify_models
 
 Progress = Callable[[str], None] | None
@@ -89,14 +89,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     permute = commands.add_parser("permute", help="permute the neurons of every permutable group")
     permute.add_argument("model", type=Path)
-    permute.add_argument("-o", "--output", type=Path, required=True)
+    _output_options(permute)
     permute.add_argument("--seed", type=int, default=0, help="seed of the random permutations (default 0)")
     permute.add_argument("--key-out", type=Path, help="where to write the key (default OUTPUT.key.json)")
     permute.add_argument("--group", action="append", metavar="ID", help="permute only this group (repeatable)")
     permute.add_argument("--perms", type=Path, metavar="FILE", help="JSON {group id: permutation} instead of random ones")
     permute.add_argument("--verify", action="store_true", help="check the result with ONNX Runtime")
-    permute.add_argument("--external-data", action="store_true", help="save weights to OUTPUT.data")
-    permute.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the input file")
     _verify_options(permute)
     _common(permute)
     permute.set_defaults(handler=_cmd_permute)
@@ -104,15 +102,24 @@ def _build_parser() -> argparse.ArgumentParser:
     unpermute = commands.add_parser("unpermute", help="undo a permutation with its key")
     unpermute.add_argument("model", type=Path)
     unpermute.add_argument("--key", type=Path, required=True)
-    unpermute.add_argument("-o", "--output", type=Path, required=True)
-    unpermute.add_argument("--external-data", action="store_true", help="save weights to OUTPUT.data")
-    unpermute.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the input file")
+    _output_options(unpermute)
     _common(unpermute)
     unpermute.set_defaults(handler=_cmd_unpermute)
 
+    resync = commands.add_parser("resync", help="put a permuted (and perturbed) copy back in a reference's order")
+    resync.add_argument("reference", type=Path)
+    resync.add_argument("suspect", type=Path)
+    _output_options(resync)
+    resync.add_argument("--key-out", type=Path, help="write the recovered key here")
+    resync.add_argument("--true-key", type=Path, help="the key that made the suspect: report Psi")
+    resync.add_argument("--method", choices=("hungarian", "argmax"), default="hungarian")
+    resync.add_argument("--refine", action="store_true", help="re-solve every group with all its slices aligned")
+    _common(resync)
+    resync.set_defaults(handler=_cmd_resync)
+
     perturb = commands.add_parser("perturb", help="add noise, quantize or prune the weight tensors")
     perturb.add_argument("model", type=Path)
-    perturb.add_argument("-o", "--output", type=Path, required=True)
+    _output_options(perturb)
     perturb.add_argument("--noise", type=float, metavar="OMEGA", help="add N(0, (OMEGA*std(t))^2) to each weight t")
     perturb.add_argument("--quantize", type=int, metavar="BITS", help="uniform min-max, 2^BITS levels per tensor")
     perturb.add_argument("--prune", type=float, metavar="PERCENT", help="zero the PERCENT smallest-magnitude entries")
@@ -120,8 +127,6 @@ def _build_parser() -> argparse.ArgumentParser:
     perturb.add_argument(
         "--only", action="append", metavar="GROUP_ID|TENSOR", help="perturb only these groups' or tensors' weights"
     )
-    perturb.add_argument("--external-data", action="store_true", help="save weights to OUTPUT.data")
-    perturb.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the input file")
     _common(perturb)
     perturb.set_defaults(handler=_cmd_perturb)
 
@@ -132,6 +137,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(verify)
     verify.set_defaults(handler=_cmd_verify)
     return parser
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the model to write")
+    parser.add_argument("--external-data", action="store_true", help="save weights to OUTPUT.data")
+    parser.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be an input file")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -278,17 +289,7 @@ def _write_text(path: Path, text: str) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxladyError(f"{path}: output folder '{folder}' does not exist")
-    temporary = None
-    try:
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise OnnxladyError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        if temporary and os.path.exists(temporary):
-            os.unlink(temporary)
+    write_atomically(path, text.encode())
 
 
 def _cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
@@ -303,37 +304,30 @@ def _cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
 
 # -- permute / unpermute ------------------------------------------------------------------
 def _check_output(args: argparse.Namespace, inputs: Sequence[Path], extra: Sequence[Path] = ()) -> None:
-    """Refuse outputs that would overwrite an input (model, its external data, a key) or each other."""
-    output = args.output.resolve()
-    written = [output, output.with_name(output.name + ".data"), *(path.resolve() for path in extra)]
+    """Refuse outputs that would overwrite an input (model, key) or each other, before any work."""
+    written = _written_paths(args, extra)
     protected = {path.resolve() for path in inputs}
-    for given in inputs:
-        protected |= {p.resolve() for p in _external_files(given)}
     for target in written:
         if target in protected and not args.overwrite_input:
             raise OnnxladyError(f"{target}: refusing to overwrite an input file (pass --overwrite-input)")
     if len(set(written)) != len(written):
         raise OnnxladyError(f"{args.output}: the key and the model would be written to the same file")
-    for target in written[:1] + list(extra):
-        folder = target.parent
-        if not folder.is_dir():
-            raise OnnxladyError(f"{target}: output folder '{folder}' does not exist")
+    for target in written[:1] + [path.resolve() for path in extra]:
+        if not target.parent.is_dir():
+            raise OnnxladyError(f"{target}: output folder '{target.parent}' does not exist")
 
 
-def _external_files(path: Path) -> list[Path]:
-    """External-data files a model file refers to (read from the graph only, not the data)."""
-    try:
-        import onnx
+def _check_external_inputs(args: argparse.Namespace, loaded: Sequence[LoadedModel], extra: Sequence[Path] = ()) -> None:
+    """Refuse outputs that would overwrite the external-data files the inputs were read from."""
+    protected = {path.resolve() for model in loaded for path in model.external_files}
+    for target in _written_paths(args, extra):
+        if target in protected and not args.overwrite_input:
+            raise OnnxladyError(f"{target}: refusing to overwrite an input's external data (pass --overwrite-input)")
 
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - the real load reports a bad file with its own message
-        return []
-    locations = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                locations.add(path.parent / entry.value)
-    return sorted(locations)
+
+def _written_paths(args: argparse.Namespace, extra: Sequence[Path]) -> list[Path]:
+    output = args.output.resolve()
+    return [output, output.with_name(output.name + ".data"), *(path.resolve() for path in extra)]
 
 
 def _read_perms(path: Path) -> dict[str, np.ndarray]:
@@ -365,6 +359,7 @@ def _cmd_permute(args: argparse.Namespace, progress: Progress) -> int:
     if args.verify:
         _check_verify_options(args)
     loaded = load_model(args.model)
+    _check_external_inputs(args, [loaded], [key_path])
     analysis = analyze(loaded.model, progress=progress)
     if args.perms:
         perms = _read_perms(args.perms)
@@ -376,15 +371,19 @@ def _cmd_permute(args: argparse.Namespace, progress: Progress) -> int:
             perms = {gid: p for gid, p in perms.items() if gid in args.group}
     else:
         perms = draw_permutations(analysis, args.seed, args.group)
+    # Large tensors are permuted as the writer streams them out: one copy of the weights at a time.
+    deferred = DeferredTensors()
     key = permute_model(
         analysis, perms, source_sha256=loaded.sha256, source_file=args.model.name,
-        seed=None if args.perms else args.seed, progress=progress,
+        seed=None if args.perms else args.seed, progress=progress, deferred=deferred,
     )  # fmt: skip
     if progress:
         progress(f"saving {args.output}")
     key.permuted_sha256 = save_model(
-        loaded.model, args.output, external_data=args.external_data or loaded.external_data, digest=True
-    )
+        loaded.model, args.output, external_data=args.external_data or loaded.external_data, digest=True,
+        overrides=deferred.overrides,
+    )  # fmt: skip
+    deferred.finish(key)
     _write_text(key_path, json.dumps(key.to_json(), indent=1) + "\n")
     try:
         report = _verify(args, args.model, args.output, progress) if args.verify else None
@@ -427,6 +426,7 @@ def _cmd_unpermute(args: argparse.Namespace, progress: Progress) -> int:
     _check_output(args, [args.model, args.key])
     key = read_key(args.key)
     loaded = load_model(args.model)
+    _check_external_inputs(args, [loaded])
     identical = unpermute_model(loaded.model, key)
     if progress:
         progress(f"saving {args.output}")
@@ -457,6 +457,7 @@ def _cmd_perturb(args: argparse.Namespace, progress: Progress) -> int:
 
     _check_output(args, [args.model])
     loaded = load_model(args.model)
+    _check_external_inputs(args, [loaded])
     report = perturb_model(
         loaded.model, noise=args.noise, quantize_bits=args.quantize, prune_percent=args.prune,
         seed=args.seed, only=args.only, progress=progress,
@@ -472,6 +473,57 @@ def _cmd_perturb(args: argparse.Namespace, progress: Progress) -> int:
                 f"{change.tensor[:40]:<40} {change.op_type:<14} {change.kind:<9} "
                 f"{f'{change.changed_elements}/{change.elements}':>12} {change.relative_l2_change:>15.4f}"
             )
+        return "\n".join(lines)
+
+    _emit(args, document, text)
+    return 0
+
+
+def _cmd_resync(args: argparse.Namespace, progress: Progress) -> int:
+    from onnxlady._resync import resync_model
+
+    extra = [args.key_out] if args.key_out else []
+    _check_output(args, [args.reference, args.suspect] + ([args.true_key] if args.true_key else []), extra=extra)
+    true_key = read_key(args.true_key) if args.true_key else None
+    reference = load_model(args.reference)
+    suspect = load_model(args.suspect)
+    _check_external_inputs(args, [reference, suspect], extra)
+    result = resync_model(
+        reference.model, suspect.model, method=args.method, refine=args.refine, true_key=true_key, progress=progress
+    )
+    save_model(result.model, args.output, external_data=args.external_data or suspect.external_data)
+    if args.key_out:
+        _write_text(args.key_out, json.dumps(result.key.to_json(), indent=1) + "\n")
+    document = {
+        "reference": str(args.reference),
+        "suspect": str(args.suspect),
+        "output": str(args.output),
+        "key": str(args.key_out) if args.key_out else None,
+        **result.to_dict(),
+    }
+
+    def text() -> str:
+        lines = [f"re-synchronized {args.suspect} to {args.reference} ({result.method}) -> {args.output}"]
+        lines.append(
+            f"{'group':>6} {'size':>6} {'mean margin':>12} {'min margin':>11} {'ambiguous':>10} {'zeroed':>7} {'Psi %':>7}"
+        )
+        for group in result.groups:
+            psi = "" if group.psi is None else f"{group.psi:.1f}"
+            lines.append(
+                f"{group.id:>6} {group.size:>6} {group.mean_margin:>12.3f} {group.min_margin:>11.3f} "
+                f"{group.ambiguous:>10} {group.zero_neurons:>7} {psi:>7}"
+            )
+        if result.psi is not None:
+            lines.append(
+                f"Psi over all permuted neurons: {result.psi:.2f} %"
+                + (
+                    f" ({result.psi_distinguishable:.2f} % over distinguishable ones)"
+                    if result.psi_distinguishable is not None
+                    else ""
+                )
+            )
+        ambiguous = sum(g.ambiguous for g in result.groups)
+        lines.append(f"{ambiguous} ambiguous neurons (margin below the ambiguity threshold)")
         return "\n".join(lines)
 
     _emit(args, document, text)
