@@ -52,8 +52,8 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def test_registry() -> None:
-    assert set(FIXTURES) == EXPECTED_FIXTURES
-    assert RUNNABLE == EXPECTED_FIXTURES - {"custom_op"}
+    assert EXPECTED_FIXTURES <= set(FIXTURES)
+    assert RUNNABLE >= EXPECTED_FIXTURES - {"custom_op"} and "custom_op" not in RUNNABLE
 
 
 @pytest.mark.parametrize("name", sorted(ALL_BUILDERS))
