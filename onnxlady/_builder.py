@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -411,6 +411,88 @@ class GraphBuilder:
         """Broadcasting Div (see :meth:`add`)."""
         return self._binary("Div", a, b, name, const_name)
 
+    # ------------------------------------------------------------------ transformer pieces
+
+    def pow(self, x: str, exponent: float, *, name: str | None = None) -> str:
+        """``Pow(x, exponent)`` with a scalar float32 exponent stored as ``<node>.exponent``."""
+        return self._binary("Pow", x, np.array(exponent, dtype=np.float32), name, "exponent")
+
+    def erf(self, x: str, *, name: str | None = None) -> str:
+        """Erf (decomposed exact Gelu)."""
+        return self._unary("Erf", x, name)
+
+    def tanh(self, x: str, *, name: str | None = None) -> str:
+        """Tanh."""
+        return self._unary("Tanh", x, name)
+
+    def sqrt(self, x: str, *, name: str | None = None) -> str:
+        """Sqrt."""
+        return self._unary("Sqrt", x, name)
+
+    def softmax(self, x: str, axis: int = -1, *, name: str | None = None) -> str:
+        """Softmax along ``axis`` (opset 13+ semantics: one axis)."""
+        return self._unary("Softmax", x, name, axis=axis)
+
+    def gelu(self, x: str, approximate: str = "none", *, name: str | None = None) -> str:
+        """The ``Gelu`` operator (opset 20+; build with ``GraphBuilder(..., opset=20)``)."""
+        if self.opset < 20:
+            raise ValueError(f"Gelu needs opset 20, graph {self.graph_name!r} has {self.opset}")
+        return self._unary("Gelu", x, name, approximate=approximate)
+
+    def layer_norm(self, x: str, axis: int = -1, *, name: str | None = None,
+                   eps: float = 1e-5) -> str:
+        """LayerNormalization over the axes from ``axis`` on, with non-trivial Scale and B."""
+        normalized = self.shape(x)[axis % len(self.shape(x)):]
+        node = self._reserve(name, "LayerNormalization")
+        inputs = [
+            x,
+            self._store(f"{node}.weight", self.uniform(normalized, 0.5, 1.5)),
+            self._store(f"{node}.bias", self.small_normal(normalized)),
+        ]
+        return self._emit(node, "LayerNormalization", inputs, self.shape(x), axis=axis,
+                          epsilon=eps)
+
+    def gather(self, data: str, indices: str, axis: int = 0, *,
+               name: str | None = None) -> str:
+        """Gather ``data`` along ``axis`` at ``indices`` (an embedding look-up for axis 0)."""
+        s = self.shape(data)
+        ax = axis % len(s)
+        shape = (*s[:ax], *self.shape(indices), *s[ax + 1:])
+        return self._emit(self._reserve(name, "Gather"), "Gather", [data, indices], shape,
+                          elem_type=self._dtypes[data], axis=axis)
+
+    def embedding(self, ids: str, num: int, dim: int, *, name: str | None = None,
+                  std: float = 1.0) -> str:
+        """``nn.Embedding``: a ``[num, dim]`` table ``<name>.weight`` read by ``Gather(ids)``."""
+        node = self._reserve(name, "Gather")
+        table = self._store(f"{node}.weight", self.small_normal((num, dim), std=std))
+        s = self.shape(table)
+        return self._emit(node, "Gather", [table, ids], (*self.shape(ids), s[1]),
+                          elem_type=self._dtypes[table], axis=0)
+
+    def matmul_tensors(self, a: str, b: str, *, name: str | None = None) -> str:
+        """``MatMul(a, b)`` of two tensors (numpy semantics: batch axes broadcast)."""
+        sa, sb = self.shape(a), self.shape(b)
+        if len(sa) < 2 or len(sb) < 2 or sa[-1] != sb[-2]:
+            raise ValueError(f"cannot MatMul shapes {sa} and {sb}")
+        batch = np.broadcast_shapes(sa[:-2], sb[:-2])
+        return self._emit(self._reserve(name, "MatMul"), "MatMul", [a, b],
+                          (*batch, sa[-2], sb[-1]))
+
+    def positions(self, x: str, axis: int = 1, *, name: str | None = None) -> str:
+        """``arange(x.shape[axis])`` as PyTorch exports it with a dynamic sequence length:
+        ``Shape -> Gather(axis) -> Range(0, n, 1)``; the int64 ``[n]`` output is ``<name>``."""
+        n = self.shape(x)[axis]
+        node = self._reserve(name, "Range")
+        shape_t = self._emit(self._claim(f"{node}.shape"), "Shape", [x], (len(self.shape(x)),),
+                             elem_type=TensorProto.INT64)
+        index = self._store(f"{node}.axis", np.array(axis, dtype=np.int64))
+        length = self._emit(self._claim(f"{node}.length"), "Gather", [shape_t, index], (),
+                            elem_type=TensorProto.INT64, axis=0)
+        start = self._store(f"{node}.start", np.array(0, dtype=np.int64))
+        delta = self._store(f"{node}.delta", np.array(1, dtype=np.int64))
+        return self._emit(node, "Range", [start, length, delta], (n,), elem_type=TensorProto.INT64)
+
     # ------------------------------------------------------------------ shape and pooling
 
     def concat(self, xs: Sequence[str], axis: int = 1, *, name: str | None = None) -> str:
@@ -555,6 +637,155 @@ class GraphBuilder:
         ]
         return self._emit(node, "Slice", inputs, s)
 
+    # ------------------------------------------------------------------ layout and control flow
+
+    def squeeze(self, x: str, axes: Sequence[int], *, name: str | None = None) -> str:
+        """Squeeze size-1 ``axes`` (opset 13+: an int64 input stored as ``<node>.axes``)."""
+        s = self.shape(x)
+        drop = {int(a) % len(s) for a in axes}
+        if any(s[a] != 1 for a in drop):
+            raise ValueError(f"cannot squeeze axes {sorted(drop)} of shape {s}")
+        node = self._reserve(name, "Squeeze")
+        axes_t = self._store(f"{node}.axes", np.array(list(axes), dtype=np.int64))
+        return self._emit(node, "Squeeze", [x, axes_t], [d for i, d in enumerate(s) if i not in drop])
+
+    def expand(self, x: str, shape: Sequence[int], *, name: str | None = None) -> str:
+        """Expand (numpy broadcasting to ``shape``, stored as ``<node>.shape``)."""
+        out = np.broadcast_shapes(self.shape(x), tuple(int(d) for d in shape))
+        node = self._reserve(name, "Expand")
+        shape_t = self._store(f"{node}.shape", np.array(list(shape), dtype=np.int64))
+        return self._emit(node, "Expand", [x, shape_t], out)
+
+    def tile(self, x: str, repeats: Sequence[int], *, name: str | None = None) -> str:
+        """Tile: axis ``i`` repeated ``repeats[i]`` times (stored as ``<node>.repeats``)."""
+        s = self.shape(x)
+        if len(repeats) != len(s):
+            raise ValueError(f"tile needs {len(s)} repeats, got {list(repeats)}")
+        node = self._reserve(name, "Tile")
+        repeats_t = self._store(f"{node}.repeats", np.array(list(repeats), dtype=np.int64))
+        return self._emit(node, "Tile", [x, repeats_t], [d * int(r) for d, r in zip(s, repeats)])
+
+    def depth_to_space(self, x: str, blocksize: int, mode: str = "DCR", *,
+                       name: str | None = None) -> str:
+        """DepthToSpace: ``[N, C, H, W] -> [N, C / b^2, H * b, W * b]`` (``mode`` DCR or CRD)."""
+        n, c, h, w = self.shape(x)
+        if c % (blocksize * blocksize):
+            raise ValueError(f"{c} channels do not split into blocks of {blocksize}x{blocksize}")
+        return self._emit(self._reserve(name, "DepthToSpace"), "DepthToSpace", [x],
+                          (n, c // (blocksize * blocksize), h * blocksize, w * blocksize),
+                          blocksize=blocksize, mode=mode)
+
+    def space_to_depth(self, x: str, blocksize: int, *, name: str | None = None) -> str:
+        """SpaceToDepth: ``[N, C, H, W] -> [N, C * b^2, H / b, W / b]``."""
+        n, c, h, w = self.shape(x)
+        if h % blocksize or w % blocksize:
+            raise ValueError(f"{h}x{w} does not split into blocks of {blocksize}x{blocksize}")
+        return self._emit(self._reserve(name, "SpaceToDepth"), "SpaceToDepth", [x],
+                          (n, c * blocksize * blocksize, h // blocksize, w // blocksize),
+                          blocksize=blocksize)
+
+    def conv1d(self, x: str, out_channels: int, kernel: int = 3, stride: int = 1,
+               pad: int | None = None, bias: bool = True, *, name: str | None = None,
+               gain: float = 2.0) -> str:
+        """1-D Conv on ``[N, C, L]`` (weight ``[M, C, k]``); ``pad`` defaults to ``kernel // 2``."""
+        n, cin, length = self.shape(x)
+        pad = kernel // 2 if pad is None else pad
+        node = self._reserve(name, "Conv")
+        inputs = [x, self._store(f"{node}.weight",
+                                 self.he_normal((out_channels, cin, kernel), cin * kernel, gain))]
+        if bias:
+            inputs.append(self._store(f"{node}.bias", self.small_normal((out_channels,))))
+        out = (length + 2 * pad - kernel) // stride + 1
+        return self._emit(node, "Conv", inputs, (n, out_channels, out), kernel_shape=[kernel],
+                          strides=[stride], pads=[pad, pad])
+
+    def greater(self, a: str, b: str | Array, *, name: str | None = None,
+                const_name: str = "const") -> str:
+        """Broadcasting ``Greater`` (a bool tensor); ``b`` may be an array (see :meth:`add`)."""
+        node = self._reserve(name, "Greater")
+        if not isinstance(b, str):
+            b = self._store(f"{node}.{const_name}", np.asarray(b, dtype=np.float32))
+        shape = np.broadcast_shapes(self.shape(a), self.shape(b))
+        return self._emit(node, "Greater", [a, b], shape, elem_type=TensorProto.BOOL)
+
+    def _body_builder(self, name: str) -> GraphBuilder:
+        """A builder for a subgraph (If branch, Loop body) named ``name``.
+
+        It can read every tensor built so far (outer scope), draws weights from this builder's
+        generator and shares its names, so names stay unique across scopes, as ONNX requires.
+        """
+        body = GraphBuilder(name, opset=self.opset)
+        body.rng = self.rng
+        body.param_store = self.param_store
+        body._shapes = dict(self._shapes)
+        body._dtypes = dict(self._dtypes)
+        body._node_names = self._node_names
+        body._counters = self._counters
+        body._scope = [name]
+        return body
+
+    def _body_graph(self, body: GraphBuilder, inputs: Sequence[str],
+                    outputs: Sequence[str]) -> onnx.GraphProto:
+        """Finish a subgraph; its tensor names are reserved in this (outer) graph."""
+        self._node_names.update(t for t in body._shapes if t not in self._shapes)
+        infos = [helper.make_tensor_value_info(t, body._dtypes[t], list(body._shapes[t]))
+                 for t in (*inputs, *outputs)]
+        return helper.make_graph(body._nodes, body.graph_name, infos[: len(inputs)],
+                                 infos[len(inputs):], initializer=body._initializers)
+
+    def if_else(self, cond: str, then_branch: Callable[[GraphBuilder], str],
+                else_branch: Callable[[GraphBuilder], str], *, name: str | None = None) -> str:
+        """``If(cond)``: each branch function builds its subgraph with the builder it is given
+        (reading outer tensors by name) and returns its output; both must have one shape."""
+        node = self._reserve(name, "If")
+        graphs, shapes = {}, []
+        for label, branch in (("then_branch", then_branch), ("else_branch", else_branch)):
+            body = self._body_builder(f"{node}.{label.split('_')[0]}")
+            out = branch(body)
+            shapes.append((body.shape(out), body.dtype(out)))
+            graphs[label] = self._body_graph(body, [], [out])
+        if shapes[0] != shapes[1]:
+            raise ValueError(f"If branches disagree on their output: {shapes}")
+        (shape, elem_type), _ = shapes
+        return self._emit(node, "If", [cond], shape, elem_type=elem_type, **graphs)
+
+    def loop(self, trip_count: int, initial: str, body_fn: Callable[[GraphBuilder, str], str], *,
+             name: str | None = None) -> str:
+        """``Loop`` run ``trip_count`` times over one loop-carried tensor starting at ``initial``:
+        ``body_fn(body_builder, x)`` returns the next value (same shape)."""
+        node = self._reserve(name, "Loop")
+        body = self._body_builder(f"{node}.body")
+        iteration = body._claim(f"{node}.body.iteration")
+        body._register(iteration, (), TensorProto.INT64)
+        cond_in = body._claim(f"{node}.body.cond_in")
+        body._register(cond_in, (), TensorProto.BOOL)
+        carried = body._claim(f"{node}.body.x")
+        body._register(carried, self.shape(initial), self.dtype(initial))
+        out = body_fn(body, carried)
+        if body.shape(out) != self.shape(initial):
+            raise ValueError(f"loop body changes the shape {self.shape(initial)} to {body.shape(out)}")
+        cond_out = body.identity(cond_in, name="cond_out")
+        graph = self._body_graph(body, [iteration, cond_in, carried], [cond_out, out])
+        trips = self._store(f"{node}.trip_count", np.array(trip_count, dtype=np.int64))
+        keep_going = self._store(f"{node}.cond", np.array(True))
+        return self._emit(node, "Loop", [trips, keep_going, initial], self.shape(initial),
+                          elem_type=self.dtype(initial), body=graph)
+
+    def lstm(self, x: str, hidden: int, *, name: str | None = None) -> str:
+        """Forward LSTM over ``x`` ``[seq, batch, input]``; returns Y ``[seq, 1, batch, hidden]``.
+
+        W ``[1, 4h, input]``, R ``[1, 4h, h]`` and B ``[1, 8h]`` are ``<node>.W/.R/.B``.
+        """
+        seq, batch, features = self.shape(x)
+        node = self._reserve(name, "LSTM")
+        inputs = [
+            x,
+            self._store(f"{node}.W", self.he_normal((1, 4 * hidden, features), features, 1.0)),
+            self._store(f"{node}.R", self.he_normal((1, 4 * hidden, hidden), hidden, 1.0)),
+            self._store(f"{node}.B", self.small_normal((1, 8 * hidden))),
+        ]
+        return self._emit(node, "LSTM", inputs, (seq, 1, batch, hidden), hidden_size=hidden)
+
     @staticmethod
     def _reshaped(shape: Shape, target: Sequence[int]) -> Shape:
         """The output shape of ``Reshape(shape -> target)`` (``allowzero=0``)."""
@@ -600,6 +831,188 @@ class GraphBuilder:
             self._domains[domain] = version
         return self._emit(self._reserve(name, op_type), op_type, inputs, shape, domain=domain,
                           **attrs)
+
+    # ------------------------------------------------------------------ quantization
+
+    def _operand(self, node: str, value: str | Array, suffix: str) -> str:
+        """A tensor name as given, or an array stored as ``<node>.<suffix>`` (dtype kept)."""
+        return value if isinstance(value, str) else self._store(f"{node}.{suffix}", np.asarray(value))
+
+    def quantize(self, x: str, scale: str | Array, zero_point: str | Array, *,
+                 axis: int | None = None, name: str | None = None) -> str:
+        """QuantizeLinear; per-axis when ``scale`` is 1-D with ``axis``. Arrays are stored as
+        ``<node>.scale`` / ``<node>.zero_point``; the output has the zero point's type."""
+        node = self._reserve(name, "QuantizeLinear")
+        scale_t = self._operand(node, scale, "scale")
+        zero_t = self._operand(node, zero_point, "zero_point")
+        attrs = {} if axis is None else {"axis": axis}
+        return self._emit(node, "QuantizeLinear", [x, scale_t, zero_t], self.shape(x),
+                          elem_type=self._dtypes[zero_t], **attrs)
+
+    def dequantize(self, x: str, scale: str | Array, zero_point: str | Array | None = None, *,
+                   axis: int | None = None, block_size: int = 0,
+                   name: str | None = None) -> str:
+        """DequantizeLinear to the scale's float type (see :meth:`quantize`); ``block_size``
+        (opset 21+) for blocked quantization along ``axis``."""
+        node = self._reserve(name, "DequantizeLinear")
+        inputs = [x, self._operand(node, scale, "scale")]
+        if zero_point is not None:
+            inputs.append(self._operand(node, zero_point, "zero_point"))
+        attrs: dict[str, int] = {} if axis is None else {"axis": axis}
+        if block_size:
+            attrs["block_size"] = block_size
+        return self._emit(node, "DequantizeLinear", inputs, self.shape(x),
+                          elem_type=self._dtypes[inputs[1]], **attrs)
+
+    def quantize_array(self, array: Array, axis: int | None = 0, *, dtype: Any = np.int8,
+                       zero_points: bool = True, levels: int = 120) -> tuple[Array, Array, Array]:
+        """Linear quantization of a float array: ``(q, scale, zero_point)``.
+
+        Per channel along ``axis`` (per tensor when None) with scale ``max|w| / levels``; with
+        ``zero_points`` each channel gets a small random zero point in [-6, 6] (asymmetric
+        int8, or 128 +- 6 for uint8), else 0 (128 for uint8). ``levels=60`` is ONNX Runtime's
+        ``reduce_range`` (7-bit weights, so u8s8 kernels cannot saturate).
+        """
+        array = np.asarray(array, dtype=np.float32)
+        info = np.iinfo(dtype)
+        centre = 0 if info.min < 0 else 128
+        if axis is None:
+            amax = np.abs(array).max(keepdims=True).reshape(())
+        else:
+            others = tuple(a for a in range(array.ndim) if a != axis % array.ndim)
+            amax = np.abs(array).max(axis=others)
+        scale = (np.maximum(amax, 1e-6) / levels).astype(np.float32)
+        shape = [1] * array.ndim
+        if axis is not None:
+            shape[axis] = -1
+        zero = np.full(scale.shape, centre, dtype=np.int64)
+        if zero_points:
+            zero = zero + self.rng.integers(-6, 7, size=scale.shape)
+        q = np.rint(array / scale.reshape(shape)) + zero.reshape(shape)
+        q = np.clip(q, info.min, info.max).astype(dtype)
+        return q, scale, zero.astype(dtype)
+
+    def quantized_param(self, name: str, array: Array, axis: int | None = 0, *,
+                        dtype: Any = np.int8, zero_points: bool = True,
+                        levels: int = 120) -> tuple[str, str, str]:
+        """Store ``quantize_array(array)`` as ``<name>.quantized``, ``<name>.scale`` and
+        ``<name>.zero_point``; returns the three names."""
+        q, scale, zero = self.quantize_array(array, axis, dtype=dtype, zero_points=zero_points,
+                                             levels=levels)
+        return (self.param(f"{name}.quantized", q), self.param(f"{name}.scale", scale),
+                self.param(f"{name}.zero_point", zero))
+
+    def dequantized_param(self, name: str, array: Array, axis: int | None = 0, *,
+                          dtype: Any = np.int8, zero_points: bool = True,
+                          levels: int = 120) -> str:
+        """A QDQ weight: :meth:`quantized_param` read through ``DequantizeLinear`` (node
+        ``<name>.dequantize``); returns the float tensor."""
+        q, scale, zero = self.quantized_param(name, array, axis, dtype=dtype,
+                                              zero_points=zero_points, levels=levels)
+        attrs = {} if axis is None else {"axis": axis}
+        return self.dequantize(q, scale, zero, name=f"{name}.dequantize", **attrs)
+
+    def _conv_shape(self, x: str, weight: str, stride: int, pad: int) -> Shape:
+        n, _, h, w = self.shape(x)
+        m, _, kh, kw = self.shape(weight)
+        return (n, m, (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1)
+
+    def qlinear_conv(self, x: str, x_scale: str, x_zero_point: str, weight: str, w_scale: str,
+                     w_zero_point: str, y_scale: str | Array, y_zero_point: str | Array,
+                     bias: str | None = None, *, stride: int = 1, pad: int | None = None,
+                     group: int = 1, name: str | None = None) -> str:
+        """QLinearConv (square kernel taken from ``weight``; ``pad`` defaults to "same");
+        the output has ``y_zero_point``'s type."""
+        node = self._reserve(name, "QLinearConv")
+        kernel = self.shape(weight)[2]
+        pad = kernel // 2 if pad is None else pad
+        y_scale = self._operand(node, y_scale, "y_scale")
+        y_zero_point = self._operand(node, y_zero_point, "y_zero_point")
+        inputs = [x, x_scale, x_zero_point, weight, w_scale, w_zero_point, y_scale, y_zero_point]
+        if bias is not None:
+            inputs.append(bias)
+        return self._emit(node, "QLinearConv", inputs, self._conv_shape(x, weight, stride, pad),
+                          elem_type=self._dtypes[y_zero_point], kernel_shape=[kernel, kernel],
+                          strides=[stride, stride], pads=[pad] * 4, group=group)
+
+    def conv_integer(self, x: str, weight: str, x_zero_point: str | None = None,
+                     w_zero_point: str | None = None, *, stride: int = 1,
+                     pad: int | None = None, name: str | None = None) -> str:
+        """ConvInteger: int32 accumulators of a quantized conv."""
+        node = self._reserve(name, "ConvInteger")
+        kernel = self.shape(weight)[2]
+        pad = kernel // 2 if pad is None else pad
+        inputs = [x, weight, x_zero_point or "", w_zero_point or ""]
+        while inputs[-1] == "":
+            inputs.pop()
+        return self._emit(node, "ConvInteger", inputs, self._conv_shape(x, weight, stride, pad),
+                          elem_type=TensorProto.INT32, kernel_shape=[kernel, kernel],
+                          strides=[stride, stride], pads=[pad] * 4)
+
+    def qlinear_matmul(self, a: str, a_scale: str, a_zero_point: str, b: str, b_scale: str,
+                       b_zero_point: str, y_scale: str | Array, y_zero_point: str | Array, *,
+                       name: str | None = None) -> str:
+        """QLinearMatMul of ``a [..., M, K]`` by a 2-D ``b [K, N]``."""
+        node = self._reserve(name, "QLinearMatMul")
+        y_scale = self._operand(node, y_scale, "y_scale")
+        y_zero_point = self._operand(node, y_zero_point, "y_zero_point")
+        shape = (*self.shape(a)[:-1], self.shape(b)[-1])
+        return self._emit(node, "QLinearMatMul",
+                          [a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
+                           y_zero_point], shape, elem_type=self._dtypes[y_zero_point])
+
+    def matmul_integer(self, a: str, b: str, a_zero_point: str | None = None,
+                       b_zero_point: str | None = None, *, name: str | None = None) -> str:
+        """MatMulInteger of ``a [..., M, K]`` by a 2-D ``b [K, N]``: int32 accumulators."""
+        node = self._reserve(name, "MatMulInteger")
+        inputs = [a, b, a_zero_point or "", b_zero_point or ""]
+        while inputs[-1] == "":
+            inputs.pop()
+        shape = (*self.shape(a)[:-1], self.shape(b)[-1])
+        return self._emit(node, "MatMulInteger", inputs, shape, elem_type=TensorProto.INT32)
+
+    def constant_array(self, tensor: str) -> Array:
+        """The value of a constant built so far (initializer or Constant node)."""
+        return self._constant_array(tensor)
+
+    def param_proto(self, tensor: onnx.TensorProto) -> str:
+        """Store a ready-made TensorProto (packed int4, a special storage field) under its name."""
+        self._register(tensor.name, tuple(tensor.dims), tensor.data_type)
+        self._initializers.append(tensor)
+        return tensor.name
+
+    def typed_param(self, name: str, array: Array, data_type: int) -> str:
+        """Store a 16-bit float initializer (``array`` of float16 or bfloat16) in the typed
+        ``int32_data`` field, one element per entry, instead of raw bytes."""
+        full = self._scoped(name)
+        tensor = onnx.TensorProto(name=full, data_type=data_type, dims=list(array.shape))
+        tensor.int32_data.extend(np.ascontiguousarray(array).view(np.uint16).reshape(-1).tolist())
+        self._register(full, array.shape, data_type)
+        self._initializers.append(tensor)
+        return full
+
+    def gemm_on(self, x: str, weight: str, bias: str | None = None, *, trans_b: int = 1,
+                name: str | None = None) -> str:
+        """Gemm of ``x [M, K]`` by a given weight tensor (``[N, K]`` with ``trans_b=1``)."""
+        m, _ = self.shape(x)
+        n = self.shape(weight)[0 if trans_b else 1]
+        inputs = [x, weight] + ([bias] if bias else [])
+        return self._emit(self._reserve(name, "Gemm"), "Gemm", inputs, (m, n), transB=trans_b)
+
+    def matmul_on(self, x: str, weight: str, *, name: str | None = None) -> str:
+        """MatMul of ``x [..., K]`` by a given 2-D weight tensor ``[K, N]``."""
+        shape = (*self.shape(x)[:-1], self.shape(weight)[-1])
+        return self._emit(self._reserve(name, "MatMul"), "MatMul", [x, weight], shape)
+
+    def dynamic_quantize(self, x: str, *, name: str | None = None) -> tuple[str, str, str]:
+        """DynamicQuantizeLinear: ``(y uint8, y_scale, y_zero_point)`` named ``<node>.y`` etc."""
+        node = self._reserve(name, "DynamicQuantizeLinear")
+        outputs = [self._claim(f"{node}.{part}") for part in ("y", "scale", "zero_point")]
+        self._register(outputs[0], self.shape(x), TensorProto.UINT8)
+        self._register(outputs[1], (), TensorProto.FLOAT)
+        self._register(outputs[2], (), TensorProto.UINT8)
+        self._nodes.append(helper.make_node("DynamicQuantizeLinear", [x], outputs, name=node))
+        return outputs[0], outputs[1], outputs[2]
 
     # ------------------------------------------------------------------ model
 

@@ -34,7 +34,9 @@ def _run(model: onnx.ModelProto, seed: int = 0) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
-    feeds = {i.name: rng.standard_normal(i.shape, dtype=np.float32)
+    # Token-id inputs get small integer ids; everything else a standard normal sample.
+    feeds = {i.name: (rng.standard_normal(i.shape, dtype=np.float32) if i.type == "tensor(float)"
+                      else rng.integers(0, 16, size=i.shape).astype(np.int64))
              for i in session.get_inputs()}
     return session.run(None, feeds)
 

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fixtures import FIXTURES, RUNNABLE
 from onnxlady._analysis import analyze
 from onnxlady._errors import OnnxladyError
+from onnxlady._verify import generate_inputs
 from onnxlady._perturb import PerturbReport, TensorChange, perturb_model, weight_tensors
 
 OPSET = 17
@@ -67,8 +68,8 @@ def matmul_model(*weights: np.ndarray, raw: bool = True, dtype: int = TensorProt
 
 def run(model: onnx.ModelProto) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(123)
-    feeds = {i.name: rng.random(i.shape, dtype=np.float32) for i in session.get_inputs()}
+    # verify's input generator: the right dtype per input, token ids below the vocabulary size.
+    feeds = generate_inputs(model, {}, np.random.default_rng(123), (0.0, 1.0))
     return session.run(None, feeds)
 
 

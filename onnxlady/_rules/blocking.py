@@ -22,8 +22,6 @@ _WHY = {
     "ScatterElements": "scatters by computed positions",
     "ScatterND": "scatters by computed positions",
     "Einsum": "contracts axes given by an equation that has no rule yet",
-    "DepthToSpace": "moves channels into space (no rule yet)",
-    "SpaceToDepth": "moves space into channels (no rule yet)",
     "GroupNormalization": "normalises groups of channels (no rule yet)",
 }
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
-from onnxlady._expr import Expr, product
+from onnxlady._expr import Atom, Expr, Fixed, product
 from onnxlady._graph import Shape
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
@@ -81,7 +81,11 @@ class UnsqueezeRule(OpRule):
 
 @register
 class FlattenRule(OpRule):
-    """Flatten(axis=k): the permuted axis becomes a digit of a merged axis (p (x) I_S, ...)."""
+    """Flatten(axis=k): each permuted axis becomes a digit of a merged axis (p (x) I_S, ...).
+
+    Several permuted axes merged into one output axis give the product of their permutations
+    (row-major digits), not one permutation that would have to equal both.
+    """
 
     op_types = ("Flatten",)
 
@@ -94,25 +98,108 @@ class FlattenRule(OpRule):
             raise RuleDoesNotApply("unknown-shape", "input shape unknown")
         split = int(ctx.attr("axis", 1))
         split = split + len(shape) if split < 0 else split
-        for axis, expr in spaces.items():
-            block = range(0, split) if axis < split else range(split, len(shape))
-            ctx.emit(0, 0 if axis < split else 1, _merged(ctx, expr, shape, list(block), axis))
+        for out_axis, block in ((0, range(split)), (1, range(split, len(shape)))):
+            mine = {axis: spaces[axis] for axis in block if axis in spaces}
+            if not mine:
+                continue
+            unknown = [a for a in block if a not in mine and not isinstance(shape[a], int)]
+            if unknown:
+                for expr in mine.values():
+                    ctx.freeze(expr, "unknown-shape", f"axes {unknown} merged with a permuted axis have unknown sizes")
+                continue
+            parts = [
+                mine[a] if a in mine else _fixed_digit(ctx, int(shape[a]), a < min(mine))  # type: ignore[arg-type]
+                for a in block
+            ]
+            ctx.emit(0, out_axis, _chain(parts))
 
 
-def _merged(ctx: RuleContext, expr: Expr, shape: Shape, block: list[int], axis: int) -> Expr:
-    """The expression of ``axis`` after the axes in ``block`` are merged (row-major)."""
-    before = [shape[a] for a in block if a < axis]
-    after = [shape[a] for a in block if a > axis]
-    if not all(isinstance(d, int) for d in before + after):
-        raise RuleDoesNotApply("unknown-shape", f"axes merged with permuted axis {axis} have unknown sizes")
-    outer, inner = math.prod(before), math.prod(after)  # type: ignore[arg-type]
-    merged = product(ctx.fixed(outer, "positions merged in front of the channels"), expr)
-    return product(merged, ctx.fixed(inner, "positions merged behind the channels"))
+def _chain(parts: list[Expr]) -> Expr:
+    """Row-major digits, most significant first, as one mixed-radix expression."""
+    result = parts[-1]
+    for part in reversed(parts[:-1]):
+        result = product(part, result)
+    return result
+
+
+def _fixed_digit(ctx: RuleContext, size: int, in_front: bool) -> Expr:
+    where = "in front of" if in_front else "behind"
+    return ctx.fixed(size, f"positions merged {where} the channels")
+
+
+@dataclass(frozen=True)
+class _Digit:
+    """A run of elements that is one digit of input axis ``source`` and of output axis ``target``."""
+
+    source: int
+    target: int
+    size: int | None  # None: a whole axis of unknown size on both sides
+
+
+def _align(in_shape: Shape, out_shape: Shape) -> tuple[list[_Digit], dict[int, tuple[str, str]]]:
+    """The common row-major digits of a reshape, and the input axes that have none (with why).
+
+    Leading and trailing axes that agree map one to one. In between, unknown leading dims on
+    both sides (a dynamic batch) pair up as one block when everything after them is known, and
+    the known dims are split into a common mixed radix. Consecutive digits of one input axis
+    that land in one output axis are kept as one digit.
+    """
+    rank_in, rank_out = len(in_shape), len(out_shape)
+    lead = 0
+    while lead < min(rank_in, rank_out) and _same(in_shape[lead], out_shape[lead]):
+        lead += 1
+    trail = 0
+    while trail < min(rank_in, rank_out) - lead and _same(in_shape[-1 - trail], out_shape[-1 - trail]):
+        trail += 1
+    digits = [_Digit(a, a, _size(in_shape[a])) for a in range(lead)]
+    unaligned: dict[int, tuple[str, str]] = {}
+    end_in, end_out = rank_in - trail, rank_out - trail
+    first_in, first_out = lead, lead
+    while first_in < end_in and not isinstance(in_shape[first_in], int):
+        first_in += 1
+    while first_out < end_out and not isinstance(out_shape[first_out], int):
+        first_out += 1
+    unknown = ("unknown-shape", "Reshape: axes reshaped together with this one have unknown sizes")
+    if (first_in > lead) != (first_out > lead):
+        unaligned.update({a: unknown for a in range(lead, end_in)})
+    else:
+        if first_in - lead == 1 and first_out - lead == 1:
+            digits.append(_Digit(lead, lead, None))
+        else:
+            unaligned.update({a: unknown for a in range(lead, first_in)})
+        dims_in, dims_out = list(in_shape[first_in:end_in]), list(out_shape[first_out:end_out])
+        common = None
+        if all(isinstance(d, int) for d in dims_in + dims_out):
+            common = _common_digits([int(d) for d in dims_in], [int(d) for d in dims_out])  # type: ignore[arg-type]
+            if common is None:
+                unknown = ("index-map", "Reshape regroups the permuted axis in a way with no index map")
+        if common is None:
+            unaligned.update({a: unknown for a in range(first_in, end_in)})
+        else:
+            for (i, size), (j, _) in zip(*common):
+                source, target = first_in + i, first_out + j
+                last = digits[-1] if digits else None
+                if last is not None and last.source == source and last.target == target and last.size is not None:
+                    digits[-1] = _Digit(source, target, last.size * size)
+                else:
+                    digits.append(_Digit(source, target, size))
+    digits += [_Digit(end_in + k, end_out + k, _size(in_shape[end_in + k])) for k in range(trail)]
+    return digits, unaligned
+
+
+def _size(dim: int | str | None) -> int | None:
+    return dim if isinstance(dim, int) else None
 
 
 @register
 class ReshapeRule(OpRule):
-    """Reshape: keep, merge or split the permuted axis, found by matching row-major blocks."""
+    """Reshape: keep, merge or split permuted axes, found by matching row-major digits.
+
+    A permuted axis split over several output axes is restricted to a product of one
+    permutation per digit; the digits landing in one output axis (from any input axes, permuted
+    or not) make that axis's mixed-radix expression. Channel shuffle (split C into (g, C/g),
+    transpose, merge) therefore keeps the permutations of the form ``a (x) b``.
+    """
 
     op_types = ("Reshape",)
 
@@ -124,73 +211,45 @@ class ReshapeRule(OpRule):
         out_shape = ctx.shape_out(0)
         if in_shape is None or out_shape is None:
             raise RuleDoesNotApply("unknown-shape", "input or output shape unknown")
+        digits, unaligned = _align(in_shape, out_shape)
+        pieces: dict[int, Expr] = {}
         for axis, expr in spaces.items():
-            self._carry(ctx, in_shape, out_shape, axis, expr)
-
-    @staticmethod
-    def _carry(ctx: RuleContext, in_shape: Shape, out_shape: Shape, axis: int, expr: Expr) -> None:
-        rank_in, rank_out = len(in_shape), len(out_shape)
-        # Everything up to and including the axis unchanged: row-major keeps its index.
-        if rank_out > axis and all(_same(in_shape[i], out_shape[i]) for i in range(axis + 1)):
-            ctx.emit(0, axis, expr)
-            return
-        # Everything from the axis on unchanged: same, counted from the end.
-        tail = rank_in - axis
-        if rank_out >= tail and all(_same(in_shape[axis + i], out_shape[rank_out - tail + i]) for i in range(tail)):
-            ctx.emit(0, rank_out - tail, expr)
-            return
-        lead = 0
-        while lead < min(axis, rank_out) and _same(in_shape[lead], out_shape[lead]):
-            lead += 1
-        trail = 0
-        while trail < min(rank_in - axis - 1, rank_out - lead) and _same(in_shape[-1 - trail], out_shape[-1 - trail]):
-            trail += 1
-        first_in, first_out = lead, lead
-        # Unknown leading dims (a dynamic batch) on both sides hold the same number of elements
-        # when everything after them is known and agrees: they pair up as one block.
-        while first_in < axis and not isinstance(in_shape[first_in], int):
-            first_in += 1
-        while first_out < rank_out - trail and not isinstance(out_shape[first_out], int):
-            first_out += 1
-        if (first_in > lead) != (first_out > lead):
-            raise RuleDoesNotApply("unknown-shape", f"reshaped axes around permuted axis {axis} have unknown sizes")
-        middle_in = list(range(first_in, rank_in - trail))
-        middle_out = list(range(first_out, rank_out - trail))
-        dims_in = [in_shape[a] for a in middle_in]
-        dims_out = [out_shape[a] for a in middle_out]
-        if not all(isinstance(d, int) for d in dims_in + dims_out):
-            raise RuleDoesNotApply("unknown-shape", f"reshaped axes around permuted axis {axis} have unknown sizes")
-        digits = _common_digits([int(d) for d in dims_in], [int(d) for d in dims_out])  # type: ignore[arg-type]
-        if digits is None:
-            ctx.freeze(expr, "index-map", "Reshape regroups the permuted axis in a way with no index map")
-            return
-        digits_in, digits_out = digits
-        mine = [k for k, owner in enumerate(digits_in) if middle_in[owner[0]] == axis]
-        targets = {middle_out[digits_out[k][0]] for k in mine}
-        if len(mine) == 1:
-            (k,) = mine
-            ctx.emit(0, middle_out[digits_out[k][0]], _in_place(ctx, expr, digits_out, k))
-            return
-        # The axis is split across new axes: its permutation must be a product, one digit each.
-        pieces = [ctx.new_group(digits_out[k][1]) for k in mine]
-        split: Expr = pieces[-1]
-        for piece in reversed(pieces[:-1]):
-            split = product(piece, split)
-        ctx.unify(expr, split)
-        if len(targets) != len(mine):
-            ctx.freeze(expr, "index-map", "Reshape merges parts of the permuted axis with each other")
-            return
-        for k, piece in zip(mine, pieces):
-            ctx.emit(0, middle_out[digits_out[k][0]], _in_place(ctx, piece, digits_out, k))
+            mine = [k for k, digit in enumerate(digits) if digit.source == axis]
+            if axis in unaligned or not mine:
+                kind, message = unaligned.get(axis, ("index-map", f"Reshape: axis {axis} has no place in the output"))
+                ctx.freeze(expr, kind, message)
+                continue
+            if len(mine) == 1:
+                size = digits[mine[0]].size
+                if size is not None and size != expr.size:
+                    ctx.freeze(expr, "index-map", f"Reshape: axis {axis} has {size} positions, not {expr.size}")
+                    continue
+                pieces[mine[0]] = expr
+                continue
+            # The axis is split across output axes: one permutation per digit.
+            split = [ctx.new_group(int(digits[k].size)) for k in mine]  # type: ignore[arg-type]
+            ctx.unify(expr, _chain(list(split)))
+            for k, piece in zip(mine, split):
+                pieces[k] = _settled(ctx, piece)
+        for target in sorted({digits[k].target for k in pieces}):
+            owned = [k for k, digit in enumerate(digits) if digit.target == target]
+            first = min(k for k in owned if k in pieces)
+            parts = [pieces[k] if k in pieces else _fixed_digit(ctx, int(digits[k].size), k < first) for k in owned]  # type: ignore[arg-type]
+            _emit_moving(ctx, target, _chain(parts))
 
 
-def _in_place(ctx: RuleContext, expr: Expr, digits: list[tuple[int, int]], k: int) -> Expr:
-    """``expr`` as digit ``k`` of its axis: identity on the axis's other digits."""
-    axis = digits[k][0]
-    before = math.prod(size for owner, size in digits[:k] if owner == axis)
-    after = math.prod(size for owner, size in digits[k + 1 :] if owner == axis)
-    placed = product(ctx.fixed(before, "positions merged in front of the channels"), expr)
-    return product(placed, ctx.fixed(after, "positions merged behind the channels"))
+def _settled(ctx: RuleContext, piece: Expr) -> Expr:
+    """A digit that the split already froze is the identity: say so instead of keeping an atom."""
+    resolved = ctx.solver.resolve(piece)
+    if isinstance(resolved, Atom) and ctx.solver.is_frozen(resolved.id):
+        return Fixed(resolved.size, ctx.solver.reasons(resolved.id)[0])
+    return resolved
+
+
+def _emit_moving(ctx: RuleContext, axis: int, expr: Expr) -> None:
+    """Emit ``expr`` on output 0 unless it is the identity everywhere (a frozen digit)."""
+    if any(True for _ in ctx.solver.atoms(expr)):
+        ctx.emit(0, axis, expr)
 
 
 def _common_digits(
@@ -264,3 +323,61 @@ class TileRule(OpRule):
         for axis, expr in spaces.items():
             copies = int(repeats[axis])
             ctx.emit(0, axis, product(ctx.fixed(copies, "order of tiled copies"), expr))
+
+
+@register
+class DepthToSpaceRule(OpRule):
+    """DepthToSpace / SpaceToDepth (NCHW, block size b): channels and b x b pixel blocks trade places.
+
+    From the ONNX reference implementation (checked with ``onnx.reference``):
+
+    - DepthToSpace, DCR: input channel ``(b1 * b + b2) * C_out + c`` goes to output channel ``c``
+      at pixel offset (b1, b2): the input takes ``I_{b^2} (x) p`` when the output takes ``p``;
+    - DepthToSpace, CRD: input channel ``c * b^2 + (b1 * b + b2)``: the input takes ``p (x) I_{b^2}``;
+    - SpaceToDepth: output channel ``(b1 * b + b2) * C + c``: the output takes ``I_{b^2} (x) p``.
+
+    A permuted spatial axis is the high digit of the spatial output axis (``h * b + b1``), and
+    for SpaceToDepth the input's spatial permutation must keep the pixel blocks (``q (x) I_b``).
+    """
+
+    op_types = ("DepthToSpace", "SpaceToDepth")
+
+    def propagate(self, ctx: RuleContext) -> None:
+        spaces = ctx.take_all(0)
+        if not spaces:
+            return
+        if ctx.rank_in(0) != 4:
+            raise RuleDoesNotApply("index-map", f"{ctx.op_type} of a rank-{ctx.rank_in(0)} tensor")
+        block = int(ctx.attr("blocksize", 0))
+        if block < 1:
+            raise RuleDoesNotApply("index-map", "blocksize is missing")
+        mode = ctx.attr("mode", b"DCR")
+        mode = (mode.decode() if isinstance(mode, bytes) else str(mode)).upper()
+        if mode not in ("DCR", "CRD"):
+            raise RuleDoesNotApply("index-map", f"unknown mode '{mode}'")
+        to_space = ctx.op_type == "DepthToSpace"
+        for axis, expr in spaces.items():
+            if axis == 0:
+                ctx.emit(0, 0, expr)
+            elif axis == 1:
+                offsets = ctx.fixed(block * block, "pixel offsets inside a block")
+                if not to_space:
+                    ctx.emit(0, 1, product(offsets, expr))
+                    continue
+                if expr.size % (block * block):
+                    ctx.freeze(expr, "index-map", f"{expr.size} channels are not a multiple of {block * block}")
+                    continue
+                channels = ctx.new_group(expr.size // (block * block))
+                ctx.unify(expr, product(offsets, channels) if mode == "DCR" else product(channels, offsets))
+                _emit_moving(ctx, 1, _settled(ctx, channels))
+            else:
+                inside = ctx.fixed(block, "pixel offsets inside a block")
+                if to_space:
+                    ctx.emit(0, axis, product(expr, inside))
+                    continue
+                if expr.size % block:
+                    ctx.freeze(expr, "index-map", f"{expr.size} positions are not a multiple of {block}")
+                    continue
+                blocks = ctx.new_group(expr.size // block)
+                ctx.unify(expr, product(blocks, inside))
+                _emit_moving(ctx, axis, _settled(ctx, blocks))

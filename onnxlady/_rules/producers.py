@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from onnxlady._expr import DirectSum, product
-from onnxlady._rules._context import RuleContext, RuleDoesNotApply
+from collections.abc import Callable
+
+import onnx
+
+from onnxlady._expr import DirectSum, Expr, product
+from onnxlady._rules._context import Binding, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 
 
@@ -99,32 +103,46 @@ class GemmRule(OpRule):
 
 @register
 class MatMulRule(OpRule):
-    """MatMul with one constant operand (a linear layer); two computed operands have no rule yet."""
+    """MatMul: a linear layer when one operand is a constant, a contraction when both are computed.
+
+    - ``X @ W`` (``W`` constant ``[K, N]``, possibly read through a ``Transpose`` of a ``[N, K]``
+      constant, as tied LM heads export): ``W``'s K axis reads X's last axis, its N axis makes
+      new neurons; ``W @ X`` likewise with the roles of the axes swapped.
+    - ``A @ B`` with both computed (attention: ``Q @ K^T``, ``softmax @ V``): A's last axis and
+      B's second-to-last (the contracted axis) must take the same permutation; A's row axis
+      carries to Y's row axis, B's column axis to Y's column axis; batch axes broadcast like
+      element-wise operators (equal-size axes are coupled, size-1 axes are not).
+    """
 
     op_types = ("MatMul",)
 
     def propagate(self, ctx: RuleContext) -> None:
         a_const, b_const = ctx.is_const(0), ctx.is_const(1)
         if b_const and not a_const:
-            self._weight_right(ctx)
+            self._weight_right(ctx, ctx.const_shape(1), _direct_binder(ctx, 1))
         elif a_const and not b_const:
-            self._weight_left(ctx)
+            self._weight_left(ctx, ctx.const_shape(0), _direct_binder(ctx, 0))
+        elif a_const and b_const:
+            return  # nothing can carry a permutation into a product of constants
+        elif (right := _transposed_constant(ctx, 1)) is not None:
+            self._weight_right(ctx, *right)
+        elif (left := _transposed_constant(ctx, 0)) is not None:
+            self._weight_left(ctx, *left)
         else:
-            raise RuleDoesNotApply("blocking", "MatMul of two computed tensors (attention) has no rule")
+            self._contraction(ctx)
 
     @staticmethod
-    def _weight_right(ctx: RuleContext) -> None:
+    def _weight_right(ctx: RuleContext, weight_shape: tuple[int, ...], bind: _Binder) -> None:
         # Y[..., N] = X[..., K] @ W[K, N]
-        weight_shape = ctx.const_shape(1)
         if len(weight_shape) != 2:
             raise RuleDoesNotApply("index-map", f"batched MatMul weight of shape {list(weight_shape)}")
         rank = ctx.rank_in(0)
         if rank < 2:
             raise RuleDoesNotApply("index-map", "MatMul of a vector")
         features = ctx.take(0, rank - 1, weight_shape[0])
-        ctx.bind(1, 0, features, "matmul weight (input features)")
+        bind(0, features, "matmul weight (input features)")
         outputs = ctx.new_group(weight_shape[1])
-        ctx.bind(1, 1, outputs, "matmul weight")
+        bind(1, outputs, "matmul weight")
         for axis, expr in ctx.take_all(0).items():
             if axis != rank - 1:
                 ctx.emit(0, axis, expr)  # row (token) axes pass through a 2-D weight
@@ -132,20 +150,136 @@ class MatMulRule(OpRule):
         ctx.emit(0, rank - 1, outputs)
 
     @staticmethod
-    def _weight_left(ctx: RuleContext) -> None:
+    def _weight_left(ctx: RuleContext, weight_shape: tuple[int, ...], bind: _Binder) -> None:
         # Y[..., M, N] = W[M, K] @ X[..., K, N]
-        weight_shape = ctx.const_shape(0)
         if len(weight_shape) != 2:
             raise RuleDoesNotApply("index-map", f"batched MatMul weight of shape {list(weight_shape)}")
         rank = ctx.rank_in(1)
         if rank < 2:
             raise RuleDoesNotApply("index-map", "MatMul of a vector")
         features = ctx.take(1, rank - 2, weight_shape[1])
-        ctx.bind(0, 1, features, "matmul weight (input features)")
+        bind(1, features, "matmul weight (input features)")
         outputs = ctx.new_group(weight_shape[0])
-        ctx.bind(0, 0, outputs, "matmul weight")
+        bind(0, outputs, "matmul weight")
         for axis, expr in ctx.take_all(1).items():
             if axis != rank - 2:
                 ctx.emit(0, axis, expr)
         ctx.declare_producer(outputs)
         ctx.emit(0, rank - 2, outputs)
+
+    @staticmethod
+    def _contraction(ctx: RuleContext) -> None:
+        """``Y = A @ B`` with both operands computed (numpy semantics, rank-1 operands promoted)."""
+        a_spaces, b_spaces = ctx.tracked(0), ctx.tracked(1)
+        if not a_spaces and not b_spaces:
+            return
+        rank_a, rank_b = ctx.rank_in(0), ctx.rank_in(1)
+        if rank_a == 0 or rank_b == 0:
+            raise RuleDoesNotApply("index-map", "MatMul of a scalar")
+        ctx.take_all(0)
+        ctx.take_all(1)
+        batch_a, batch_b = max(rank_a - 2, 0), max(rank_b - 2, 0)
+        batch = max(batch_a, batch_b)
+        row_out = batch if rank_a >= 2 else None  # Y's M axis (absent for a vector A)
+        col_out = batch + (rank_a >= 2) if rank_b >= 2 else None  # Y's N axis
+
+        # The contracted axis: A[..., k] and B[..., k, :] must be permuted alike.
+        k_a, k_b = rank_a - 1, (rank_b - 2 if rank_b >= 2 else 0)
+        if k_a in a_spaces or k_b in b_spaces:
+            known = a_spaces[k_a] if k_a in a_spaces else b_spaces[k_b]
+            ctx.unify(ctx.take(0, k_a, known.size), ctx.take(1, k_b, known.size))
+        if rank_a >= 2 and rank_a - 2 in a_spaces:
+            ctx.emit(0, row_out, a_spaces[rank_a - 2])  # type: ignore[arg-type]
+        if rank_b >= 2 and rank_b - 1 in b_spaces:
+            ctx.emit(0, col_out, b_spaces[rank_b - 1])  # type: ignore[arg-type]
+
+        # Batch axes broadcast from the right, like an element-wise operator.
+        for out_axis in range(batch):
+            operands = []
+            for slot, spaces, own_batch in ((0, a_spaces, batch_a), (1, b_spaces, batch_b)):
+                axis = out_axis - (batch - own_batch)
+                if axis >= 0:
+                    operands.append((slot, spaces, axis))
+            tracked = [spaces[axis] for _, spaces, axis in operands if axis in spaces]
+            if not tracked:
+                continue
+            expr = tracked[0]
+            for other in tracked[1:]:
+                ctx.unify(expr, other)
+            for slot, spaces, axis in operands:
+                if axis in spaces:
+                    continue
+                dim = (ctx.shape_in(slot) or ())[axis]
+                if dim == 1:
+                    continue  # broadcast: every batch entry sees the same matrix
+                if not isinstance(dim, int):
+                    raise RuleDoesNotApply(
+                        "unknown-shape", f"cannot tell whether '{ctx.input(slot)}' broadcasts on axis {axis}"
+                    )
+                ctx.unify(expr, ctx.take(slot, axis, expr.size))
+            ctx.emit(0, out_axis, expr)
+
+
+#: ``bind(axis_as_the_matmul_sees_it, expr, role)`` for a constant MatMul operand.
+_Binder = Callable[[int, Expr, str], None]
+
+
+def _direct_binder(ctx: RuleContext, slot: int) -> _Binder:
+    return lambda axis, expr, role: ctx.bind(slot, axis, expr, role)
+
+
+def _transposed_constant(ctx: RuleContext, slot: int) -> tuple[tuple[int, ...], _Binder] | None:
+    """A 2-D constant read through ``Transpose(perm=[1, 0])`` by this MatMul alone, if ``slot`` is one.
+
+    Tied LM heads export as ``MatMul(x, Transpose(embedding_table))``. The transposed tensor is
+    computed, so the usual binding cannot reach the table; the table is bound at its use by the
+    Transpose instead, with the axes swapped. Only when this MatMul is the Transpose's single
+    reader (and it is no graph output): another reader would see the permuted table unannounced.
+    """
+    graph = ctx.graph
+    name = ctx.input(slot)
+    produced = graph.producer.get(name) if name else None
+    if produced is None:
+        return None
+    index = produced[0]
+    node = graph.nodes[index]
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not node.input:
+        return None
+    source = node.input[0]
+    shape = graph.constant_shape(source)
+    if shape is None or len(shape) != 2:
+        return None
+    perm = next((list(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), [1, 0])
+    if [int(p) for p in perm] != [1, 0]:
+        return None
+    if graph.consumers.get(name, []) != [(ctx.index, slot)] or name in graph.graph_outputs:
+        return None
+
+    def bind(axis: int, expr: Expr, role: str) -> None:
+        _bind_at(ctx, index, 0, 1 - axis, expr, f"{role}, transposed")
+
+    return (shape[1], shape[0]), bind
+
+
+def _bind_at(ctx: RuleContext, node_index: int, slot: int, axis: int, expr: Expr, role: str) -> None:
+    """:meth:`RuleContext.bind` for input ``slot`` of another node (the Transpose that feeds this one).
+
+    Same checks as ``bind``; the binding is buffered in the context like any other, so a rule that
+    gives up leaves nothing behind.
+    """
+    graph = ctx.graph
+    name = graph.nodes[node_index].input[slot]
+    leaf = graph.constant_leaf(name)
+    if leaf is None:
+        raise RuleDoesNotApply("not-constant", f"'{name}' ({role}) is computed, not a constant")
+    shape = graph.constant_shape(name) or ()
+    if not 0 <= axis < len(shape) or shape[axis] != expr.size:
+        raise RuleDoesNotApply("index-map", f"constant '{name}' has shape {list(shape)}, not {expr.size} along axis {axis}")
+    leaf_axis = graph.leaf_axis(name, axis)
+    if leaf_axis is None:
+        raise RuleDoesNotApply("index-map", f"constant '{name}' is reshaped so that axis {axis} mixes with others")
+    if leaf.constant_node is not None and not isinstance(graph.leaf_tensor_or_none(leaf), onnx.TensorProto):
+        raise RuleDoesNotApply("not-constant", f"constant '{leaf.name}' is a list attribute, not a tensor")
+    if graph.dtypes.get(leaf.name) in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        raise RuleDoesNotApply("blocking", f"constant '{leaf.name}' packs two values per byte")
+    ctx._bound.append(Binding(node_index, slot, leaf.name, leaf_axis, expr, role))  # a bind at the Transpose (see above)

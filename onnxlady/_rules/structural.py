@@ -150,7 +150,7 @@ class GatherRule(OpRule):
         if ctx.tracked(1):
             raise RuleDoesNotApply("blocking", "the indices carry channels")
         gather_axis = int(ctx.attr("axis", 0))
-        if ctx.is_const(0) and not ctx.is_const(1):
+        if ctx.is_const(0):
             table = ctx.const_shape(0)
             if len(table) == 2 and gather_axis % 2 == 0:
                 channels = ctx.new_group(table[1])
