@@ -24,7 +24,9 @@ from onnxlady._rules._context import AnalysisState, Binding, RuleContext, RuleDo
 from onnxlady._rules._registry import rule_for
 
 #: Operators whose output neurons are the "producer neurons" counted by ``inspect``.
-PRODUCER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PRODUCER_OPS = (
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
+)  # fmt: skip
 COPY_SUFFIX = ".onnxlady_copy"
 
 

@@ -3,8 +3,14 @@
 :class:`ModelGraph` answers the questions every permutation rule asks: who produces and who
 consumes a tensor, what its static shape is, whether it is a constant (an initializer or a
 ``Constant`` node, possibly reached through ``Identity``/``Cast``) and what that constant's
-leaf tensor is. Shapes come from ONNX shape inference run on a *skeleton* of the model: large
-weights are replaced by typed graph inputs, so inference never copies hundreds of megabytes.
+leaf tensor is. A constant may also reach its user through ``DequantizeLinear`` (QDQ weights;
+``QuantizeLinear`` too, for float weights fake-quantized by ``Q -> DQ`` as quantization-aware
+training exports them) or ``Mul`` by another constant (weight-only quantization,
+``Cast(W_int8) * scale``): the per-channel scales, zero points and factors met on the way are the
+leaf's *companions* (:meth:`ModelGraph.chain_companions`), which must be permuted with it.
+
+Shapes come from ONNX shape inference run on a *skeleton* of the model: large weights are
+replaced by typed graph inputs, so inference never copies hundreds of megabytes.
 """
 
 from __future__ import annotations
@@ -20,8 +26,13 @@ from onnx import numpy_helper
 from onnxlady._errors import OnnxladyError
 
 #: Operators that forward a constant to its user unchanged up to dtype or size-1 axes
-#: (exporters reshape biases to [1, C, 1, 1]); their other inputs must be constants too.
-CHAIN_OPS = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+#: (exporters reshape biases to [1, C, 1, 1]), or element-wise with other constants
+#: (``DequantizeLinear`` of a quantized weight, ``QuantizeLinear`` of a fake-quantized one,
+#: ``Mul`` of a weight by its scale); their other inputs must be constants too.
+QUANTIZE_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+CHAIN_OPS = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Mul"} | QUANTIZE_OPS)
+#: Chain operators whose output has the shape of their data input: axis k stays axis k.
+SHAPE_KEEPING_CHAIN_OPS = frozenset({"Identity", "Cast", "Mul"} | QUANTIZE_OPS)
 #: Initializers up to this many elements stay in the shape-inference skeleton (shape tensors).
 _SKELETON_KEEP_ELEMENTS = 4096
 
@@ -34,8 +45,27 @@ class ConstantLeaf:
     """Where a constant operand really lives: an initializer or a ``Constant`` node's value."""
 
     name: str  # tensor name of the leaf (initializer name or Constant output)
-    chain: tuple[int, ...]  # node indices of the Identity/Cast nodes between leaf and use
+    chain: tuple[int, ...]  # node indices of the chain nodes (CHAIN_OPS) between leaf and use
     constant_node: int | None  # index of the Constant node holding it, if not an initializer
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A constant operand of a chain node that varies along the permuted axis of the data.
+
+    A per-axis ``(De)QuantizeLinear`` scale (zero point) whose ``axis`` is the permuted one, or the
+    other factor of a ``Mul`` where it is not broadcast: it must take the data's permutation.
+    """
+
+    node: int  # the chain node (DequantizeLinear, QuantizeLinear, Mul)
+    slot: int  # the companion's input slot of that node
+    name: str  # the tensor read there (itself possibly a chain output)
+    axis: int  # its axis, as the chain node reads it, that follows the permutation
+    kind: str  # "dequantize scale", "dequantize zero point", "mul factor"
+
+
+class ChainAxisError(ValueError):
+    """A chain node cannot carry a permutation of this axis (the message says why)."""
 
 
 def node_label(node: onnx.NodeProto, index: int) -> str:
@@ -80,6 +110,11 @@ class ModelGraph:
         self.dtypes: dict[str, int] = {}
         self._collect_shapes(infer_shapes)
         self._values: dict[str, np.ndarray | None] = {}
+        # Memos for the constant walks: a Mul's data slot needs its operands' shapes, which for
+        # constants come from their own chains; without them, graphs full of Muls (activations,
+        # normalisations) without inferred shapes would be walked again and again.
+        self._leaves: dict[str, ConstantLeaf | None] = {}
+        self._data_slots: dict[int, int | None] = {}
 
     # -- structure -----------------------------------------------------------------------
     def _check_defined(self) -> None:
@@ -221,7 +256,12 @@ class ModelGraph:
 
     # -- constants -----------------------------------------------------------------------
     def constant_leaf(self, name: str) -> ConstantLeaf | None:
-        """The initializer or Constant node behind ``name``, through Identity/Cast, if any."""
+        """The initializer or Constant node behind ``name``, through chain nodes, if any."""
+        if name not in self._leaves:
+            self._leaves[name] = self._find_leaf(name)
+        return self._leaves[name]
+
+    def _find_leaf(self, name: str) -> ConstantLeaf | None:
         chain: list[int] = []
         while True:
             if name in self.initializers:
@@ -231,32 +271,68 @@ class ModelGraph:
             produced = self.producer.get(name)
             if produced is None:
                 return None
-            if not self.is_chain_node(produced[0]):
+            data = self.chain_data_slot(produced[0])
+            if data is None or not self.is_chain_node(produced[0]):
                 return None
             chain.append(produced[0])
-            name = self.nodes[produced[0]].input[0]
+            name = self.nodes[produced[0]].input[data]
+
+    def chain_data_slot(self, index: int) -> int | None:
+        """The input slot a chain operator forwards: 0, or for ``Mul`` the operand with the
+        output's full shape (the other one is a broadcast factor); None when neither is."""
+        if index not in self._data_slots:
+            self._data_slots[index] = self._find_data_slot(index)
+        return self._data_slots[index]
+
+    def _find_data_slot(self, index: int) -> int | None:
+        node = self.nodes[index]
+        if node.op_type != "Mul":
+            return 0
+        if len(node.input) != 2 or not all(node.input):
+            return None
+        shapes = [self._static_shape(name) for name in node.input]
+        if any(shape is None for shape in shapes):
+            return None
+        try:
+            out = tuple(np.broadcast_shapes(*shapes))  # type: ignore[arg-type]
+        except ValueError:
+            return None
+        for slot, shape in enumerate(shapes):
+            if tuple(shape) == out:  # type: ignore[arg-type]
+                return slot
+        return None
+
+    def _static_shape(self, name: str) -> tuple[int, ...] | None:
+        """A fully known shape: inferred, or a constant's (which needs no shape inference)."""
+        shape = self.shapes.get(name)
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            return tuple(int(d) for d in shape)  # type: ignore[arg-type]
+        return self.constant_shape(name)
 
     def is_chain_node(self, index: int) -> bool:
         """A node that forwards a constant (its data input) when all its other inputs are constants."""
         node = self.nodes[index]
         if node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx") or not node.input:
             return False
-        return all(not name or self.constant_leaf(name) is not None for name in node.input[1:])
+        data = self.chain_data_slot(index)
+        if data is None:
+            return False
+        return all(
+            not name or self.constant_leaf(name) is not None for slot, name in enumerate(node.input) if slot != data
+        )
 
-    def leaf_axis(self, name: str, axis: int) -> int | None:
-        """The axis of ``name``'s constant leaf that ``axis`` of ``name`` reads, if one does.
-
-        Reshapes in a chain may only add or remove size-1 axes; anything else has no single
-        leaf axis and the caller must not permute through it.
-        """
+    def _chain_axes(self, name: str, axis: int) -> tuple[list[tuple[int, int]], int] | None:
+        """Walk from ``name`` back to its leaf: (chain node, axis of its output) per node, leaf axis."""
         leaf = self.constant_leaf(name)
         if leaf is None:
             return None
+        steps: list[tuple[int, int]] = []
         current = name
         for index in reversed(leaf.chain):
             node = self.nodes[index]
-            source = node.input[0]
-            if node.op_type in ("Identity", "Cast"):
+            steps.append((index, axis))
+            source = node.input[self.chain_data_slot(index) or 0]
+            if node.op_type in SHAPE_KEEPING_CHAIN_OPS:
                 current = source
                 continue
             out_value, in_value = self.constant_value(current), self.constant_value(source)
@@ -269,7 +345,89 @@ class ModelGraph:
                 return None
             axis = wide_in[wide_out.index(axis)]
             current = source
-        return axis
+        return steps, axis
+
+    def leaf_axis(self, name: str, axis: int) -> int | None:
+        """The axis of ``name``'s constant leaf that ``axis`` of ``name`` reads, if one does.
+
+        Reshapes in a chain may only add or remove size-1 axes; anything else has no single
+        leaf axis and the caller must not permute through it.
+        """
+        walked = self._chain_axes(name, axis)
+        return None if walked is None else walked[1]
+
+    def use_axis(self, name: str, leaf_axis: int) -> int | None:
+        """The axis of ``name`` (a constant read through its chain) that reads ``leaf_axis`` of the leaf."""
+        shape = self.constant_shape(name)
+        if shape is None:
+            return None
+        for axis in range(len(shape)):
+            if self.leaf_axis(name, axis) == leaf_axis:
+                return axis
+        return None
+
+    def chain_companions(self, name: str, axis: int) -> list[Companion]:
+        """The companions (see :class:`Companion`) met between ``name`` and its leaf for ``axis``.
+
+        Per-tensor scales and zero points, and factors broadcast along the axis, are none.
+        Raises :class:`ChainAxisError` where a chain node cannot carry a permutation of the axis
+        (blocked quantization along it) or a shape needed to tell is unknown.
+        """
+        walked = self._chain_axes(name, axis)
+        if walked is None:
+            return []
+        found: list[Companion] = []
+        for index, out_axis in walked[0]:
+            op_type = self.nodes[index].op_type
+            if op_type in QUANTIZE_OPS:
+                found += self._quantize_companions(index, out_axis)
+            elif op_type == "Mul":
+                found += self._mul_companions(index, out_axis)
+        return found
+
+    def _quantize_companions(self, index: int, axis: int) -> list[Companion]:
+        node = self.nodes[index]
+        label = f"{node.op_type} '{node_label(node, index)}'"
+        what = "dequantize" if node.op_type == "DequantizeLinear" else "quantize"
+        data_shape = self.constant_shape(node.input[0])
+        scale_shape = self.constant_shape(node.input[1]) if len(node.input) > 1 else None
+        if data_shape is None or scale_shape is None:
+            raise ChainAxisError(f"{label}: the shape of its data or scale is unknown")
+        if int(np.prod(scale_shape)) <= 1 and len(scale_shape) <= 1:
+            return []  # per-tensor: one scale for every channel
+        rank = len(data_shape)
+        quantized_axis = int(_attribute_or(node, "axis", 1))
+        quantized_axis += rank if quantized_axis < 0 else 0
+        block = int(_attribute_or(node, "block_size", 0))
+        slots = [(1, f"{what} scale"), (2, f"{what} zero point")]
+        slots = [(slot, kind) for slot, kind in slots if slot < len(node.input) and node.input[slot]]
+        if block:
+            # Blocked quantization: scale and zero point have the data's rank, axis by axis.
+            if axis == quantized_axis:
+                raise ChainAxisError(
+                    f"{label} quantizes axis {axis} in blocks of {block}: "
+                    "only whole blocks could move"
+                )
+            if len(scale_shape) != rank or scale_shape[axis] == 1:
+                return []
+            return [Companion(index, slot, node.input[slot], axis, kind) for slot, kind in slots]
+        if axis != quantized_axis:
+            return []  # the per-axis scale is broadcast along the permuted axis
+        return [Companion(index, slot, node.input[slot], 0, kind) for slot, kind in slots]
+
+    def _mul_companions(self, index: int, axis: int) -> list[Companion]:
+        node = self.nodes[index]
+        data = self.chain_data_slot(index)
+        assert data is not None
+        other = 1 - data
+        data_shape, other_shape = self._static_shape(node.input[data]), self._static_shape(node.input[other])
+        if data_shape is None or other_shape is None:
+            raise ChainAxisError(f"Mul '{node_label(node, index)}': the shape of an operand is unknown")
+        out_rank = len(data_shape)
+        other_axis = axis - (out_rank - len(other_shape))
+        if other_axis < 0 or other_shape[other_axis] == 1:
+            return []  # broadcast along the permuted axis
+        return [Companion(index, other, node.input[other], other_axis, "mul factor")]
 
     def is_constant(self, name: str) -> bool:
         return bool(name) and self.constant_leaf(name) is not None
@@ -318,6 +476,12 @@ class ModelGraph:
         if op == "Cast":
             to = onnx.helper.get_attribute_value(_attribute(node, "to"))
             return value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        if op in QUANTIZE_OPS:
+            return self._quantization(node, value)
+        if op == "Mul":
+            data = self.chain_data_slot(self.producer[node.output[0]][0])
+            factor = self.constant_value(node.input[1 - data]) if data is not None else None
+            return None if factor is None else np.multiply(value, factor)  # IEEE products commute
         if op == "Flatten":
             axis = int(_attribute_or(node, "axis", 1))
             axis = axis + value.ndim if axis < 0 else axis
@@ -346,19 +510,52 @@ class ModelGraph:
             return value
         return None
 
+    def _quantization(self, node: onnx.NodeProto, value: np.ndarray) -> np.ndarray | None:
+        """DequantizeLinear ``(x - zero_point) * scale`` or QuantizeLinear ``saturate(round(x /
+        scale) + zero_point)``, with per-tensor, per-axis or blocked parameters."""
+        scale = self.constant_value(node.input[1]) if len(node.input) > 1 else None
+        if scale is None:
+            return None
+        zero = self.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        axis = int(_attribute_or(node, "axis", 1)) % max(value.ndim, 1)
+        block = int(_attribute_or(node, "block_size", 0))
+
+        def spread(parameter: np.ndarray) -> np.ndarray:
+            if parameter.size == 1 and parameter.ndim <= 1:
+                return parameter.reshape(())
+            if block:
+                return np.repeat(parameter, block, axis=axis).take(range(value.shape[axis]), axis=axis)
+            shape = [1] * value.ndim
+            shape[axis] = -1
+            return parameter.reshape(shape)
+
+        if node.op_type == "QuantizeLinear":
+            out = np.dtype(np.uint8) if zero is None else zero.dtype
+            if out.kind not in "iu":
+                return None  # float8 targets: not needed for shapes
+            shifted = np.rint(value.astype(np.float32) / spread(scale).astype(np.float32))
+            shifted += 0 if zero is None else spread(zero).astype(np.float32)
+            return np.clip(shifted, np.iinfo(out).min, np.iinfo(out).max).astype(out)
+        if value.dtype.kind in "iub":
+            shifted = value.astype(np.int64) - (0 if zero is None else spread(zero).astype(np.int64))
+            real = shifted.astype(np.float32)
+        else:  # float8 and friends: zero point is 0 by definition
+            real = value.astype(np.float32)
+        return (real * spread(scale).astype(np.float32)).astype(scale.dtype)
+
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """Shape of a constant operand as its user sees it (after its chain)."""
         leaf = self.constant_leaf(name) if name else None
         if leaf is None:
             return None
-        if not leaf.chain or all(self.nodes[i].op_type in ("Identity", "Cast") for i in leaf.chain):
+        if not leaf.chain or all(self.nodes[i].op_type in SHAPE_KEEPING_CHAIN_OPS for i in leaf.chain):
             shape = self.shapes.get(leaf.name)
             return None if shape is None else tuple(int(d) for d in shape if d is not None)
         value = self.constant_value(name)
         return None if value is None else tuple(value.shape)
 
     def constant_uses(self, leaf_name: str) -> list[tuple[int, int]]:
-        """Every (node, input slot) that reads a leaf, directly or through its Identity/Cast chain.
+        """Every (node, input slot) that reads a leaf, directly or through its chain (data slots).
 
         Slot -1 marks a use from inside a subgraph; a graph output is reported as ``(-1, k)``.
         """
@@ -370,7 +567,7 @@ class ModelGraph:
             if name in outputs:
                 uses.append((-1, outputs[name]))
             for index, slot in self.consumers.get(name, []):
-                if slot == 0 and self.is_chain_node(index):
+                if slot == self.chain_data_slot(index) and self.is_chain_node(index):
                     stack.append(self.nodes[index].output[0])
                 else:
                     uses.append((index, slot))

@@ -7,6 +7,7 @@ from onnxlady._rules import (  # noqa: F401 - each module registers its rules
     normalization,
     pooling,
     producers,
+    quantized,
     reductions,
     structural,
 )

@@ -6,6 +6,11 @@ expressions. Everything a rule binds or emits is buffered and committed only whe
 finishes, so a rule that gives up (``RuleDoesNotApply``) or fails leaves no half-permuted
 operator behind. Any tracked input space a rule did not take is frozen: a rule that forgets an
 axis can make the tool permute less, never wrongly.
+
+A constant reached through ``(De)QuantizeLinear`` or ``Mul`` carries *companions* (per-axis scales
+and zero points, multiplying factors; see :meth:`ModelGraph.chain_companions`). They are bound
+at commit, next to every binding whatever code path made it, at their own use (the chain node's
+input slot) and their own leaf axis; where one cannot follow, the binding's group is frozen.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 import onnx
 
 from onnxlady._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver
-from onnxlady._graph import ModelGraph, Shape, node_label
+from onnxlady._graph import ChainAxisError, Companion, ModelGraph, Shape, node_label
 
 
 _PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
@@ -251,7 +256,7 @@ class RuleContext:
         for (slot, axis), expr in self._emitted.items():
             name = self.output(slot)
             state.tracked.setdefault(name, {})[axis] = expr
-        for binding in self._bound:
+        for binding in self._with_companions():
             key = (binding.node, binding.slot, binding.axis)
             previous = state.bindings.get(key)
             if previous is not None:
@@ -267,6 +272,63 @@ class RuleContext:
                     self.solver.freeze(
                         expr, self.reason("no-rule", f"no rule for axis {axis} of '{name}' ({where})")
                     )
+
+    def _with_companions(self) -> list[Binding]:
+        """The buffered bindings, each followed by the bindings of its companions (recursively).
+
+        A companion that cannot take the permutation freezes the binding's expression instead:
+        blocked quantization along the axis, or a chain node read by several operators (untying
+        copies the weight and its chain for one use, but the copy would still read the shared
+        scale, so the uses could not get different permutations).
+        """
+        graph = self.graph
+        result: list[Binding] = []
+        pending = list(self._bound)
+        while pending:
+            binding = pending.pop(0)
+            result.append(binding)
+            name = graph.nodes[binding.node].input[binding.slot]
+            leaf = graph.constant_leaf(name)
+            if leaf is None or binding.expr.size <= 1:
+                continue
+            try:
+                axis = graph.use_axis(name, binding.axis)
+                if axis is None:
+                    if any(graph.nodes[i].op_type in ("DequantizeLinear", "QuantizeLinear", "Mul") for i in leaf.chain):
+                        raise ChainAxisError(f"cannot tell which axis of '{name}' reads axis {binding.axis} of '{leaf.name}'")
+                    continue
+                for companion in graph.chain_companions(name, axis):
+                    pending.append(self._companion_binding(binding, companion))
+            except ChainAxisError as exc:
+                self.solver.freeze(binding.expr, self.reason("index-map", str(exc)))
+        return result
+
+    def _companion_binding(self, binding: Binding, companion: Companion) -> Binding:
+        graph = self.graph
+        chain_node = graph.nodes[companion.node]
+        label = node_label(chain_node, companion.node)
+        readers = graph.constant_uses(chain_node.output[0])
+        if len(readers) > 1:
+            raise ChainAxisError(
+                f"{chain_node.op_type} '{label}' is read by {len(readers)} operators: "
+                f"its {companion.kind} '{companion.name}' cannot follow each of them"
+            )
+        leaf = graph.constant_leaf(companion.name)
+        shape = graph.constant_shape(companion.name) or ()
+        if leaf is None or not 0 <= companion.axis < len(shape) or shape[companion.axis] != binding.expr.size:
+            raise ChainAxisError(
+                f"{companion.kind} '{companion.name}' of {chain_node.op_type} '{label}' is not a constant "
+                f"with {binding.expr.size} entries along axis {companion.axis}"
+            )
+        leaf_axis = graph.leaf_axis(companion.name, companion.axis)
+        if leaf_axis is None:
+            raise ChainAxisError(f"{companion.kind} '{companion.name}' is reshaped so that its axes mix")
+        if leaf.constant_node is not None and not isinstance(graph.leaf_tensor_or_none(leaf), onnx.TensorProto):
+            raise ChainAxisError(f"{companion.kind} '{leaf.name}' is a list attribute, not a tensor")
+        if graph.dtypes.get(leaf.name) in _PACKED:
+            raise ChainAxisError(f"{companion.kind} '{leaf.name}' packs two values per byte")
+        role = f"{binding.role}: {companion.kind}"
+        return Binding(companion.node, companion.slot, leaf.name, leaf_axis, binding.expr, role)
 
     def abandon(self, reason: FreezeReason) -> None:
         """Drop what the rule produced; freeze every input space and mark the outputs."""
