@@ -12,11 +12,19 @@ from onnxlady._analysis import analyze
 from onnxlady._demo_model import build_demo_model
 from onnxlady._io import load_model, save_model
 from onnxlady._permute import draw_permutations, permute_model, unpermute_model
+from onnxlady._perturb import perturb_model
+from onnxlady._resync import resync_model
 from onnxlady._verify import verify_models
+
+#: The paper's noise level at which its classifiers still resynchronise fully (Omega = 1).
+DEMO_NOISE = 1.0
 
 
 def run_demo(folder: Path, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build, inspect, permute, verify and restore the demo model; return the figures and lines."""
+    """Build, inspect, permute, verify, restore, perturb and resync the demo model.
+
+    Returns the figures and the lines ``onnxlady demo`` prints.
+    """
     lines: list[str] = []
     reference_path = folder / "demo.onnx"
     save_model(build_demo_model(0), reference_path)
@@ -59,7 +67,37 @@ def run_demo(folder: Path, seed: int = 0, progress: Callable[[str], None] | None
     restored = load_model(permuted_path).model
     identical = unpermute_model(restored, key)
     lines.append(f"5. unpermute with the key: weights bit-identical to the original: {identical}")
-    ok = report.equivalent and not caught.equivalent and identical
+
+    suspect = load_model(permuted_path).model
+    perturbation = perturb_model(suspect, noise=DEMO_NOISE, seed=seed)
+    suspect_path = folder / "demo.suspect.onnx"
+    save_model(suspect, suspect_path)
+    changed = max(change.relative_l2_change for change in perturbation.changes)
+    lines.append(
+        f"6. perturbed the permuted copy: Gaussian noise of {DEMO_NOISE:g} x std on all "
+        f"{len(perturbation.changes)} weight tensors (relative change up to {changed:.2f}) -> {suspect_path.name}"
+    )
+    original = load_model(reference_path).model  # reference.model was permuted in place above
+    psi = {}
+    for method in ("argmax", "hungarian"):
+        result = resync_model(original, suspect, method=method, true_key=key)
+        psi[method] = result.psi
+        if method == "hungarian":
+            resynced_path = folder / "demo.resynced.onnx"
+            save_model(result.model, resynced_path)
+            ambiguous = sum(g.ambiguous for g in result.groups)
+            margin = min(g.min_margin for g in result.groups) if result.groups else 1.0
+    lines.append(
+        f"7. resync to the original order: Psi = {psi['hungarian']:.2f} % of the {moved} permuted neurons back in place "
+        f"with Hungarian matching ({psi['argmax']:.2f} % with the paper's argmax); {ambiguous} ambiguous, "
+        f"smallest margin {margin:.3f} -> {resynced_path.name}"
+    )
+    resynced_check = verify_models(str(suspect_path), str(resynced_path), provider="auto")
+    lines.append(
+        "8. verify resynced vs suspect: "
+        + ("EQUIVALENT (resync only reorders neurons)" if resynced_check.equivalent else "NOT EQUIVALENT")
+    )
+    ok = report.equivalent and not caught.equivalent and identical and resynced_check.equivalent
     return {
         "ok": ok,
         "lines": lines,
@@ -70,6 +108,10 @@ def run_demo(folder: Path, seed: int = 0, progress: Callable[[str], None] | None
         "verify": report.to_dict(),
         "wrong_permutation_caught": not caught.equivalent,
         "unpermute_bit_identical": identical,
+        "noise": DEMO_NOISE,
+        "psi_hungarian": psi["hungarian"],
+        "psi_argmax": psi["argmax"],
+        "resynced_equivalent_to_suspect": resynced_check.equivalent,
     }
 
 

@@ -605,14 +605,17 @@ def test_verify_missing_and_unrunnable(cli, model_file, tmp_path: Path) -> None:
 def test_demo(cli, tmp_path: Path) -> None:
     result = cli("demo")
     assert result.code == 0, result.err
-    steps = [line for line in result.out.splitlines() if line[:2] in {"1.", "2.", "3.", "4.", "5."}]
-    assert [s[:2] for s in steps] == ["1.", "2.", "3.", "4.", "5."]
+    numbers = [f"{k}." for k in range(1, 9)]
+    steps = [line for line in result.out.splitlines() if line[:2] in numbers]
+    assert [s[:2] for s in steps] == numbers
     assert "EQUIVALENT" in steps[2] and "caught" in steps[3] and "True" in steps[4]
+    assert "Psi = 100.00 %" in steps[6] and "EQUIVALENT" in steps[7]
     workdir = tmp_path / "demo"
     result = cli("demo", "--json", "--workdir", workdir)
     assert result.code == 0, result.err
     document = json.loads(result.out)
-    assert document["ok"] is True and len(document["lines"]) == 5
+    assert document["ok"] is True and len(document["lines"]) == 8
+    assert document["psi_hungarian"] == 100.0 and document["resynced_equivalent_to_suspect"] is True
     assert (workdir / "demo.onnx").exists()
 
 

@@ -1,0 +1,101 @@
+"""Benchmark: ``onnxlady resync`` against the I/O floor, on a generated model of >= 100 MB.
+
+The floor is loading both models and saving one (``onnx.load`` twice, ``onnx.save`` once): any
+resync must pay it. The reference is ``fixtures.build_large_model``; the suspect is that model
+permuted (seed 1) with Gaussian noise of 0.1 x std on every weight. Each measurement runs in a
+fresh subprocess (ru_maxrss survives fork and exec, so this parent stays small); medians of
+``--repeats`` runs. Goal: resync time at most 3 x the floor.
+
+    python tools/bench_resync.py [--megabytes 120] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_BUILD = """
+import sys, onnx
+from fixtures import build_large_model
+from onnxlady import analyze, draw_permutations, permute_model
+from onnxlady._perturb import perturb_model
+model = build_large_model(int(sys.argv[3]))
+onnx.save(model, sys.argv[1])
+analysis = analyze(model)
+permute_model(analysis, draw_permutations(analysis, 1))
+perturb_model(model, noise=0.1, seed=1)
+onnx.save(model, sys.argv[2])
+"""
+
+_FLOOR = """
+import resource, sys, time, onnx
+start = time.perf_counter()
+reference = onnx.load(sys.argv[1])
+suspect = onnx.load(sys.argv[2])
+onnx.save(suspect, sys.argv[3])
+print(time.perf_counter() - start)
+"""
+
+_RESYNC = """
+import sys, time
+from onnxlady.cli import main
+start = time.perf_counter()
+code = main(["resync", sys.argv[1], sys.argv[2], "-o", sys.argv[3], "--quiet"])
+assert code == 0, code
+print(time.perf_counter() - start)
+"""
+
+
+def _run(script: str, *paths: Path) -> float:
+    out = paths[-1]
+    for stale in out.parent.glob(out.name + "*"):
+        stale.unlink()
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, paths)], check=True, capture_output=True, text=True, cwd=REPO
+    )
+    return float(result.stdout.split()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="onnxlady-bench-") as folder:
+        reference, suspect = Path(folder) / "reference.onnx", Path(folder) / "suspect.onnx"
+        subprocess.run(
+            [sys.executable, "-c", _BUILD, str(reference), str(suspect), str(args.megabytes)], check=True, cwd=REPO
+        )
+        floors, resyncs = [], []
+        for _ in range(args.repeats):
+            floors.append(_run(_FLOOR, reference, suspect, Path(folder) / "floor.onnx"))
+            resyncs.append(_run(_RESYNC, reference, suspect, Path(folder) / "resynced.onnx"))
+        size = reference.stat().st_size
+    floor, resync = statistics.median(floors), statistics.median(resyncs)
+    document = {
+        "model_megabytes": round(size / 1e6, 1),
+        "repeats": args.repeats,
+        "floor_seconds": round(floor, 3),
+        "resync_seconds": round(resync, 3),
+        "time_ratio": round(resync / floor, 2),
+    }
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(
+            f"model {document['model_megabytes']} MB; load both + save one {floor:.3f} s, resync {resync:.3f} s "
+            f"-> time ratio {document['time_ratio']} (goal <= 3)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
