@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxlady import _fold
 from onnxlady._errors import OnnxladyError
 
 #: Operators that forward a constant to its user unchanged up to dtype or size-1 axes
@@ -76,7 +77,7 @@ def node_label(node: onnx.NodeProto, index: int) -> str:
 class ModelGraph:
     """Producers, consumers, constants and static shapes of one model's main graph."""
 
-    def __init__(self, model: onnx.ModelProto, *, infer_shapes: bool = True) -> None:
+    def __init__(self, model: onnx.ModelProto, *, infer_shapes: bool = True, fold: bool = True) -> None:
         self.model = model
         graph = model.graph
         self.nodes: list[onnx.NodeProto] = list(graph.node)
@@ -108,6 +109,11 @@ class ModelGraph:
         self.order: list[int] = self._topological_order()
         self.shapes: dict[str, Shape] = {}
         self.dtypes: dict[str, int] = {}
+        #: Values of computed tensors that are constant for every input of the declared shapes
+        #: (shape arithmetic, see :mod:`onnxlady._fold`): read by :meth:`constant_value` only;
+        #: they are no constant leaves and never permuted.
+        self.folded: dict[str, np.ndarray] = {}
+        self._fold = fold
         self._collect_shapes(infer_shapes)
         self._values: dict[str, np.ndarray | None] = {}
         # Memos for the constant walks: a Mul's data slot needs its operands' shapes, which for
@@ -174,9 +180,13 @@ class ModelGraph:
             if isinstance(tensor, onnx.TensorProto):
                 self.shapes[name] = tuple(int(d) for d in tensor.dims)
                 self.dtypes[name] = tensor.data_type
-        infos: list[onnx.ValueInfoProto] = list(graph.input) + list(graph.output) + list(graph.value_info)
+        self._merge_infos(list(graph.input) + list(graph.output) + list(graph.value_info))
         if infer:
-            infos += self._inferred_infos()
+            self._merge_infos(self._inferred_infos(self._skeleton()))
+            if self._fold:
+                self._fold_shape_arithmetic()
+
+    def _merge_infos(self, infos: list[onnx.ValueInfoProto]) -> None:
         for info in infos:
             if not info.type.HasField("tensor_type") or info.name in self.initializers:
                 continue
@@ -188,14 +198,100 @@ class ModelGraph:
                 if old is None or _known_count(shape) > _known_count(old):
                     self.shapes[info.name] = shape
 
-    def _inferred_infos(self) -> list[onnx.ValueInfoProto]:
+    def _fold_shape_arithmetic(self) -> None:
+        """Fold computed constants and infer the shapes they determine, in one topological pass.
+
+        After shape inference on the whole skeleton, every node is visited in order: it folds
+        if its inputs are known small values (or it is ``Shape``/``Size`` of a tensor of fully
+        static shape, see :mod:`onnxlady._fold`); otherwise, if its output shape is not fully
+        known yet, ONNX's shape inference runs on that node alone with the folded values of
+        its inputs (a ``Reshape`` to a computed target, a ``Slice`` with computed ends...), so
+        that the ``Shape`` nodes further down can fold in turn. Linear in the graph's size.
+        """
+        values: dict[str, np.ndarray] = {}
+        overridable = {v.name for v in self.model.graph.input} if self.model.ir_version >= 4 else set()
+        for name, tensor in self.initializers.items():
+            if name not in overridable and _element_count(tensor) <= _fold.FOLD_LIMIT:
+                try:
+                    values[name] = numpy_helper.to_array(tensor)
+                except Exception:  # noqa: BLE001 - exotic element types: not folded
+                    pass
+        for name, index in self.constant_nodes.items():
+            value = _fold.constant_attribute_value(self.nodes[index])
+            if value is not None and value.size <= _fold.FOLD_LIMIT and value.dtype.kind in "iufb":
+                values[name] = value
+        opset = self.opsets.get("", self.opsets.get("ai.onnx", 1))
+        opset_imports = list(self.model.opset_import)
+        protos: dict[str, onnx.TensorProto] = {}
+        refined: set[str] = set()  # tensors whose shape became better known in this pass
+        for index in self.order:
+            node = self.nodes[index]
+            if index in self.implicit_inputs or node.output[0:1] == [] or node.output[0] in values:
+                continue
+            value = _fold.fold_node(node, values, self.shapes, self.dtypes, opset)
+            if value is not None:
+                name = node.output[0]
+                values[name] = value
+                self.folded[name] = value
+                self.shapes[name] = tuple(int(d) for d in value.shape)
+                continue
+            if node.domain not in ("", "ai.onnx") or all(
+                _fold.static_shape(self.shapes.get(name)) is not None for name in node.output if name
+            ):
+                continue
+            feeds = [name for name in node.input if name]
+            if not any(name in self.folded or name in refined for name in feeds):
+                continue  # nothing new to tell shape inference about this node
+            refined |= self._infer_node(node, values, protos, opset, opset_imports)
+
+    def _infer_node(
+        self,
+        node: onnx.NodeProto,
+        values: dict[str, np.ndarray],
+        protos: dict[str, onnx.TensorProto],
+        opset: int,
+        opset_imports: list[onnx.OperatorSetIdProto],
+    ) -> set[str]:
+        """Shape inference on one node with the folded values of its inputs: the outputs it helped."""
+        types: dict[str, onnx.TypeProto] = {}
+        data: dict[str, onnx.TensorProto] = {}
+        for name in node.input:
+            if not name:
+                continue
+            shape, dtype = self.shapes.get(name), self.dtypes.get(name)
+            if shape is None or not dtype:
+                return set()
+            types[name] = onnx.helper.make_tensor_type_proto(dtype, [d if isinstance(d, (int, str)) else None for d in shape])
+            if name in values:
+                if name not in protos:
+                    protos[name] = numpy_helper.from_array(values[name], name)
+                data[name] = protos[name]
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+            outputs = onnx.shape_inference.infer_node_outputs(
+                schema, node, types, data, opset_imports=opset_imports, ir_version=max(self.model.ir_version, 4)
+            )
+        except Exception:  # noqa: BLE001 - inference is a best effort
+            return set()
+        helped: set[str] = set()
+        for name, proto in outputs.items():
+            if not proto.HasField("tensor_type") or not proto.tensor_type.HasField("shape"):
+                continue
+            shape = tuple(_dim(d) for d in proto.tensor_type.shape.dim)
+            old = self.shapes.get(name)
+            if old is None or _known_count(shape) > _known_count(old):
+                self.shapes[name] = shape
+                self.dtypes.setdefault(name, proto.tensor_type.elem_type)
+                helped.add(name)
+        return helped
+
+    def _inferred_infos(self, skeleton: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
         """Shapes from ONNX shape inference, a best effort (rules freeze where shapes are missing).
 
         ONNX propagates shape *values* (Shape -> Gather -> Concat -> Reshape) only from opset 15
         on; for older models the skeleton is also converted to opset 17 and inferred again, and
         whatever that adds is used (tensor names survive the conversion).
         """
-        skeleton = self._skeleton()
         infos: list[onnx.ValueInfoProto] = []
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
@@ -215,7 +311,9 @@ class ModelGraph:
     def _has_unknown_outputs(self, infos: list[onnx.ValueInfoProto]) -> bool:
         known = {v.name for v in infos if v.type.tensor_type.HasField("shape")}
         known |= {v.name for v in self.model.graph.value_info}
-        return any(name not in known for name in self.producer if name not in self.constant_nodes)
+        return any(
+            name not in known for name in self.producer if name not in self.constant_nodes and name not in self.folded
+        )
 
     def _skeleton(self) -> onnx.ModelProto:
         """The model without its large weights (they become typed inputs) for shape inference."""
@@ -236,8 +334,14 @@ class ModelGraph:
                 sgraph.input.append(
                     onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
                 )
+        constant_indices = set(self.constant_nodes.values())
         for index, node in enumerate(self.nodes):
-            value = _constant_attribute(node) if index in self.constant_nodes.values() else None
+            outputs = [name for name in node.output if name]
+            if outputs and all(name in self.folded for name in outputs):
+                for name in outputs:
+                    sgraph.initializer.append(numpy_helper.from_array(self.folded[name], name))
+                continue
+            value = _constant_attribute(node) if index in constant_indices else None
             if isinstance(value, onnx.TensorProto) and _element_count(value) > _SKELETON_KEEP_ELEMENTS:
                 sgraph.input.append(
                     onnx.helper.make_tensor_value_info(node.output[0], value.data_type, list(value.dims))
@@ -465,6 +569,8 @@ class ModelGraph:
                     value = self._forward_chain(self.nodes[index], value)
                     if value is None:
                         break
+        elif name:
+            value = self.folded.get(name)  # computed but constant: readable, never a leaf
         self._values[name] = value
         return value
 
