@@ -585,3 +585,43 @@ def test_bias_in_a_value_floats_constant() -> None:
         weights,
     )
     _assert_permutations_are_safe(model, require=False)
+
+
+def test_constant_varying_along_a_broadcast_axis_starts_a_group() -> None:
+    """LayerNorm over channels, exported as x - mean times (inverse std * gamma): gamma meets a
+    tensor of size 1 on the channel axis and must follow the channels it is multiplied into."""
+    from tests.helpers import copy_model, permute_producer_only
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3, "w2")
+    gamma = numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 8, 1, 1)).astype(np.float32), "gamma")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c1", "axes"], ["mean"]),
+        helper.make_node("Sub", ["c1", "mean"], ["centred"]),
+        helper.make_node("Mul", ["centred", "centred"], ["square"]),
+        helper.make_node("ReduceMean", ["square", "axes"], ["var"]),
+        helper.make_node("Sqrt", ["var"], ["std"]),
+        helper.make_node("Reciprocal", ["std"], ["inv"]),
+        helper.make_node("Mul", ["inv", "gamma"], ["scale"]),
+        helper.make_node("Mul", ["centred", "scale"], ["normed"]),
+        helper.make_node("Conv", ["normed", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "ln_channels", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w1, w2, gamma, axes],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    analysis = analyze(model)
+    (group,) = [g for g in analysis.groups if ("gamma", 1) in {(m.tensor, m.axis) for m in g.members}]
+    assert group.permutable and ("w1", 0) in {(m.tensor, m.axis) for m in group.members}
+    permuted = copy_model(model)
+    permuted_analysis = analyze(permuted)
+    permute_model(permuted_analysis, draw_permutations(permuted_analysis, 1))
+    assert verify_models(model, permuted, provider="cpu").equivalent
+    wrong = copy_model(model)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(model, wrong, provider="cpu").equivalent

@@ -47,8 +47,11 @@ class BroadcastRule(OpRule):
 
     def propagate(self, ctx: RuleContext) -> None:
         slots = [slot for slot in range(ctx.num_inputs) if ctx.input(slot)]
-        if not any(ctx.tracked(slot) for slot in slots):
+        constant_slots = [slot for slot in slots if ctx.is_const(slot)]
+        if not any(ctx.tracked(slot) for slot in slots) and not (constant_slots and len(constant_slots) < len(slots)):
             return
+        if not any(ctx.tracked(slot) for slot in slots) and any(ctx.shape_in(slot) is None for slot in slots):
+            return  # nothing to carry, and no shapes to find a new axis with
         ranks = {slot: ctx.rank_in(slot) for slot in slots}
         out_rank = max(ranks.values())
         for out_axis in range(out_rank):
@@ -75,6 +78,13 @@ class BroadcastRule(OpRule):
             else:
                 computed.append((slot, axis))
         if not tracked:
+            if constants and not computed and len(constants) < len(slots):
+                # Constants vary along an axis every computed input broadcasts over: the axis is
+                # new here, like a producer's (a LayerNorm gamma times a broadcast inverse std).
+                expr = ctx.new_group(int((ctx.shape_in(constants[0][0]) or ())[constants[0][1]]))
+                for slot, axis in constants:
+                    ctx.bind(slot, axis, expr, f"{ctx.op_type.lower()} operand")
+                ctx.emit(0, out_axis, expr)
             return
         expr = tracked[0]
         for other in tracked[1:]:
