@@ -150,9 +150,10 @@ def _deepest_group(analysis: Any) -> str:
 def _producer_weights(analysis: Any, gid: str) -> list[str]:
     names = []
     for member in analysis.group(gid).members:
-        if member.is_weight and member.role in PRODUCER_ROLES and member.tensor not in names:
+        roles = set(member.role.split(", "))
+        if member.is_weight and roles & PRODUCER_ROLES and member.tensor not in names:
             names.append(member.tensor.split(".onnxlady_copy")[0])
-    return names
+    return names or [gid]  # no producer weight (e.g. an embedding): the group's weights
 
 
 def measure(name: str, info: dict[str, Any], protocol: str, seed: int, say: Callable[[str], None]) -> list[Cell]:
