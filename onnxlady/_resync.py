@@ -743,15 +743,30 @@ def _true_perms(analysis: ChannelAnalysis, true_key: PermutationKey | None) -> d
     return perms
 
 
+#: A neuron whose every slice is below this fraction of the group's largest is dead: trained
+#: models hold neurons whose weights decayed to ~1e-20 (denormals), interchangeable in effect.
+DEAD_NEURON_SCALE = 1e-6
+
+
 def _duplicated(state: _Resync, gid: str) -> np.ndarray:
-    """Reference neurons whose full signature (every slice, raw) equals another neuron's."""
+    """Reference neurons that are interchangeable: their full signature (every slice, raw)
+    equals another neuron's, or they are dead (every slice negligible, see DEAD_NEURON_SCALE)
+    while another neuron of the group is dead too."""
     blocks = [_block(state.reference[p.plan], p, ()) for p in state.slices[gid]]
     n = state.analysis.group(gid).size
     if not blocks:
         return np.ones(n, dtype=bool)
-    rows = np.ascontiguousarray(np.concatenate([b.astype(np.float64) for b in blocks], axis=1))
+    blocks64 = [b.astype(np.float64).reshape(n, -1) for b in blocks]
+    rows = np.ascontiguousarray(np.concatenate(blocks64, axis=1))
     _, inverse, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
-    return counts[inverse.reshape(-1)] > 1
+    duplicated = counts[inverse.reshape(-1)] > 1
+    dead = np.ones(n, dtype=bool)
+    for block in blocks64:
+        magnitude = np.abs(block).max(axis=1) if block.shape[1] else np.zeros(n)
+        dead &= magnitude <= DEAD_NEURON_SCALE * max(float(magnitude.max()), 1e-300)
+    if dead.sum() > 1:
+        duplicated |= dead
+    return duplicated
 
 
 def _percent(hits: int, total: int) -> float | None:
