@@ -204,7 +204,7 @@ class _HashingWriter:
 def _stream_atomically(model: onnx.ModelProto, path: Path, overrides: Mapping[str, Override], digest: bool) -> str:
     temporary = None
     try:
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, temporary = _temporary_file(path)
         with os.fdopen(fd, "wb") as handle:
             writer = _HashingWriter(handle, digest)
             write_model(model, writer, overrides=overrides)
@@ -243,11 +243,23 @@ def _estimated_size(model: onnx.ModelProto) -> int:
     return total
 
 
+def _temporary_file(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` with the permissions a plain ``open`` would give.
+
+    ``mkstemp`` creates files readable by their owner only; the output must not be.
+    """
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, temporary
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
     temporary = None
     try:
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, temporary = _temporary_file(path)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         # The rename is atomic: readers see the old file or the whole new one, never a part.
