@@ -117,6 +117,21 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(resync)
     resync.set_defaults(handler=_cmd_resync)
 
+    audit = commands.add_parser("audit", help="is the suspect the reference, up to permutation? what was done to it?")
+    audit.add_argument("reference", type=Path)
+    audit.add_argument("suspect", type=Path)
+    audit.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance for float rounding (default 1e-5)")
+    audit.add_argument("--method", choices=("hungarian", "argmax"), default="hungarian")
+    audit.add_argument("--refine", action="store_true", help="refine the resync before comparing")
+    audit.add_argument("--html", type=Path, metavar="REPORT.html", help="write a self-contained HTML report")
+    audit.add_argument("--markdown", type=Path, metavar="REPORT.md", help="write a Markdown report")
+    audit.add_argument(
+        "--canonicalize", type=Path, metavar="OUT.onnx",
+        help="write the resynchronized suspect with function-preserving rescaling undone",
+    )  # fmt: skip
+    _common(audit)
+    audit.set_defaults(handler=_cmd_audit)
+
     perturb = commands.add_parser("perturb", help="add noise, quantize or prune the weight tensors")
     perturb.add_argument("model", type=Path)
     _output_options(perturb)
@@ -528,6 +543,38 @@ def _cmd_resync(args: argparse.Namespace, progress: Progress) -> int:
 
     _emit(args, document, text)
     return 0
+
+
+def _cmd_audit(args: argparse.Namespace, progress: Progress) -> int:
+    from onnxlady._audit import audit_models, canonicalize
+    from onnxlady._report import render_html, render_markdown
+
+    inputs = [args.reference.resolve(), args.suspect.resolve()]
+    for target in (args.html, args.markdown, args.canonicalize):
+        if target is None:
+            continue
+        if target.resolve() in inputs:
+            raise OnnxladyError(f"{target}: refusing to overwrite an input file")
+        if not target.resolve().parent.is_dir():
+            raise OnnxladyError(f"{target}: output folder '{target.resolve().parent}' does not exist")
+    if not args.rtol >= 0:
+        raise OnnxladyError("--rtol must be a number >= 0")
+    reference = load_model(args.reference)
+    suspect = load_model(args.suspect)
+    report = audit_models(
+        reference.model, suspect.model, rtol=args.rtol, method=args.method, refine=args.refine, progress=progress
+    )
+    if args.markdown:
+        _write_text(args.markdown, render_markdown(report))
+    if args.html:
+        _write_text(args.html, render_html(report))
+    if args.canonicalize:
+        if report.resync is None:
+            raise OnnxladyError("the suspect is identical to the reference: nothing to canonicalize")
+        save_model(canonicalize(report.resync.model, report, reference.model), args.canonicalize)
+    document = {"reference": str(args.reference), "suspect": str(args.suspect), **report.to_dict()}
+    _emit(args, document, lambda: render_markdown(report))
+    return report.exit_code
 
 
 # -- verify -------------------------------------------------------------------------------

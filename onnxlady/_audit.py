@@ -1,0 +1,730 @@
+"""Audit a suspect model against a reference, neuron by neuron, after re-synchronization.
+
+:func:`audit_models` runs :func:`~onnxlady._resync.resync_model`, then compares every producer
+neuron (a row of a Conv/Gemm/MatMul weight along its output axis) of the reference with the
+re-synchronized suspect: cosine similarity and L2-norm ratio. Cosine alone misses the integrity
+attack of *Find the Lady*: scaling a neuron's weights by ``k`` keeps cosine 1 but changes the
+output; the norm ratio exposes it, and the consumers' input columns tell a function-preserving
+rescale (``s`` on the producer row and bias before a positively homogeneous activation, ``1/s``
+on the consumer columns, or absorbed by a BatchNorm's statistics) from the attack.
+
+Verdicts (:attr:`AuditReport.verdict`), first that applies:
+
+``identical``         every constant bit-equal, before any resync;
+``permuted``          after resync every constant equal up to float rounding: the suspect is
+                      the reference with its neurons re-ordered (functionally equivalent);
+``permuted-rescaled`` equal once function-preserving positive per-neuron scales are undone
+                      (``report.rescaled`` lists them; :func:`canonicalize` undoes them);
+``scaled``            some neurons' rows are scaled by ``k`` with no compensation, everything
+                      else is equal up to rounding (``report.scaled_neurons``);
+``perturbed``         anything else, with ``report.perturbation`` = the likely kind and evidence.
+
+A suspect of another architecture raises :class:`OnnxladyError` (from resync).
+Exit codes: 0 for identical/permuted/permuted-rescaled, 1 for scaled/perturbed.
+
+Thresholds (module constants):
+
+- *float rounding*: ``|a - b| <= rtol * max|ref| + atol`` per tensor (``rtol`` 1e-5 by default);
+- a row is an *exact rescale* of the reference row when its cosine is above ``1 - COS_EXACT``
+  (1e-6) and its least-squares scale ``k`` differs from 1 by more than ``SCALE_TOL`` (1e-4);
+- compensation holds when every consumer column of the neuron has scale ``1/k`` (same rtol
+  ``SCALE_MATCH`` 1e-3) and, when the producer has a bias, the bias is scaled by ``k`` too, and
+  every op between producer and consumers is positively homogeneous (Relu, LeakyRelu, PRelu,
+  pooling, reshapes...); or a BatchNorm right after the producer has mean ``k x`` and variance
+  ``k^2 x`` (rtol ``BN_MATCH`` 1e-2, its epsilon makes it inexact).
+
+Perturbation kinds, on the Conv/Gemm/MatMul weights (what ``perturb_model`` touches):
+
+- *pruning*: suspect zeros that the reference did not have amount to at least
+  ``PRUNE_MIN_FRACTION`` (5 %) of the weight elements and at least 90 % of changed elements
+  became 0;
+- *quantization*: the suspect's distinct values per tensor are at most ``QUANT_RATIO`` (1/4) of
+  the reference's, in at least half the tensors (counts reported);
+- *noise*: at least 90 % of weight elements changed, non-weight constants (biases, BN) unchanged,
+  the per-tensor relative change (std of difference / std of reference) roughly uniform
+  (coefficient of variation below 0.5) and the change uncorrelated with the weight (|rho| < 0.2);
+- *fine-tuning*: dense changes that fail the noise test: biases/BN stats changed too,
+  non-uniform per-tensor change or change correlated with the weights;
+- *unknown* otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxlady._analysis import COPY_SUFFIX, ChannelAnalysis, analyze
+from onnxlady._permute import _tensor_holders
+from onnxlady._resync import ResyncResult, resync_model
+
+__all__ = [
+    "VERDICTS",
+    "AuditReport",
+    "NeuronScale",
+    "TensorAudit",
+    "audit_models",
+    "canonicalize",
+]
+
+VERDICTS = ("identical", "permuted", "permuted-rescaled", "scaled", "perturbed")
+DEFAULT_RTOL = 1e-5
+COS_EXACT = 1e-6
+SCALE_TOL = 1e-4
+SCALE_MATCH = 1e-3
+BN_MATCH = 1e-2
+PRUNE_MIN_FRACTION = 0.05
+QUANT_RATIO = 0.25
+NOISE_DENSE = 0.9
+NOISE_CV = 0.5
+NOISE_CORR = 0.2
+
+PRODUCER_OPS = ("Conv", "Gemm", "MatMul")
+#: Ops through which a positive per-channel scale passes unchanged (f(s x) = s f(x), s > 0).
+HOMOGENEOUS_OPS = {
+    "Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+    "Flatten", "Reshape", "Identity", "Transpose", "Concat", "Split", "Slice", "Dropout", "Squeeze",
+    "Unsqueeze", "Pad", "Add",
+}  # fmt: skip
+
+
+# -- results ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NeuronScale:
+    """One neuron whose producer row is the reference's times ``k``."""
+
+    group: str
+    neuron: int  # index in the reference's order
+    tensor: str  # the producer weight
+    k: float
+    compensated_by: str | None  # "consumer columns", "batchnorm" or None (the attack)
+
+
+@dataclass
+class TensorAudit:
+    """Per producer tensor: cosine and L2-norm ratio of every neuron's row (reference order)."""
+
+    tensor: str
+    group: str | None
+    axis: int
+    cosine: list[float]
+    norm_ratio: list[float]
+    flagged: list[int]  # neurons whose norm ratio is off 1 (scaled or rescaled)
+
+
+@dataclass
+class AuditReport:
+    verdict: str
+    summary: str
+    rtol: float
+    resync: ResyncResult | None
+    tensors: list[TensorAudit] = field(default_factory=list)
+    rescaled: list[NeuronScale] = field(default_factory=list)
+    scaled_neurons: list[NeuronScale] = field(default_factory=list)
+    perturbation: dict[str, Any] | None = None
+    differing_tensors: list[str] = field(default_factory=list)
+    #: Per group: similarity matrices (reference x suspect neurons) before/after resync.
+    similarity: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return (
+            0 if self.verdict in ("identical", "permuted", "permuted-rescaled") else 1
+        )
+
+    @property
+    def scales(self) -> dict[str, dict[int, float]]:
+        """Function-preserving scales by producer tensor and neuron (for :func:`canonicalize`)."""
+        out: dict[str, dict[int, float]] = {}
+        for item in self.rescaled:
+            out.setdefault(item.tensor, {})[item.neuron] = item.k
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        groups = self.resync.to_dict()["groups"] if self.resync is not None else []
+        return {
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "summary": self.summary,
+            "rtol": self.rtol,
+            "functionally_equivalent": self.exit_code == 0,
+            "differing_tensors": list(self.differing_tensors),
+            "rescaled": [asdict(s) for s in self.rescaled],
+            "scaled_neurons": [asdict(s) for s in self.scaled_neurons],
+            "perturbation": self.perturbation,
+            "groups": groups,
+            "tensors": [asdict(t) for t in self.tensors],
+        }
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {
+        name: numpy_helper.to_array(t) for name, t in _tensor_holders(model).items()
+    }
+
+
+def _close(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind not in "fc" and b.dtype.kind not in "fc":
+        return bool(np.array_equal(a, b))
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if not np.all(np.isfinite(a64)) or not np.all(np.isfinite(b64)):
+        return bool(np.array_equal(a64, b64, equal_nan=True))
+    scale = float(np.abs(a64).max()) if a64.size else 0.0
+    return bool(np.all(np.abs(a64 - b64) <= rtol * scale + 1e-30))
+
+
+def _source(name: str) -> str:
+    return name.split(COPY_SUFFIX)[0]
+
+
+def _axes_of(node: onnx.NodeProto, slot: int, rank: int) -> tuple[int, int] | None:
+    """(producer axis, consumer axis) of a weight operand, or None."""
+    if node.op_type == "Conv" and slot == 1:
+        return 0, 1
+    if node.op_type == "Gemm" and slot == 1 and rank == 2:
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return (0, 1) if trans_b else (1, 0)
+    if node.op_type == "MatMul" and slot == 1 and rank >= 2:
+        return rank - 1, rank - 2
+    return None
+
+
+def _positions(lab: np.ndarray, size: int) -> list[np.ndarray]:
+    return [np.flatnonzero(lab == j) for j in range(size)]
+
+
+def _rows(array: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
+    return np.moveaxis(np.take(array, pos, axis=axis), axis, 0).reshape(-1)
+
+
+def _cos_ratio(r: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
+    """Cosine, norm ratio |s|/|r| and least-squares scale <r,s>/<r,r> of two rows."""
+    nr, ns = float(np.linalg.norm(r)), float(np.linalg.norm(s))
+    if nr == 0.0 and ns == 0.0:
+        return 1.0, 1.0, 1.0
+    if nr == 0.0 or ns == 0.0:
+        return 0.0, (ns / nr if nr else float("inf")), 0.0
+    dot = float(np.dot(r, s))
+    return dot / (nr * ns), ns / nr, dot / (nr * nr)
+
+
+@dataclass
+class _Use:
+    plan: int
+    tensor: str  # name in the suspect/resynced model
+    source: str  # name in the reference
+    node: int
+    slot: int
+    axis: int
+    positions: list[np.ndarray]
+
+
+def _group_uses(
+    analysis: ChannelAnalysis, names: set[str]
+) -> dict[str, dict[str, list[_Use]]]:
+    """Per group: its producer rows, biases, BN statistics and consumer columns."""
+    nodes = analysis.graph.nodes
+    out: dict[str, dict[str, list[_Use]]] = {}
+    for number, plan in enumerate(analysis.tensors):
+        tensor = plan.tensor if plan.tensor in names else plan.source
+        node_index, slot = plan.uses[0]
+        if node_index < 0:
+            continue
+        node = nodes[node_index]
+        rank = len(analysis.graph.shape(plan.source) or ())
+        axes = _axes_of(node, slot, rank)
+        for axis, expr in plan.axes:
+            for gid, lab in analysis.neuron_labels(expr).items():
+                group = analysis.group(gid)
+                if not group.permutable:
+                    continue
+                use = _Use(
+                    number,
+                    tensor,
+                    plan.source,
+                    node_index,
+                    slot,
+                    axis,
+                    _positions(lab, group.size),
+                )
+                kinds = out.setdefault(
+                    gid, {"producer": [], "bias": [], "bn": [], "consumer": []}
+                )
+                if axes is not None and axis == axes[0]:
+                    kinds["producer"].append(use)
+                elif axes is not None and axis == axes[1]:
+                    kinds["consumer"].append(use)
+                elif node.op_type in ("Conv", "Gemm") and slot == 2:
+                    kinds["bias"].append(use)
+                elif node.op_type == "BatchNormalization" and slot in (3, 4):
+                    kinds["bn"].append(use)
+    return out
+
+
+def _homogeneous_path(analysis: ChannelAnalysis, node_index: int) -> bool:
+    """Every op from the producer's output to the next producers is positively homogeneous."""
+    graph = analysis.graph
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    outputs = {o.name for o in graph.model.graph.output}
+    todo, seen = list(graph.nodes[node_index].output), set()
+    while todo:
+        name = todo.pop()
+        if name in outputs:
+            return False
+        for index in consumers.get(name, []):
+            if index in seen:
+                continue
+            seen.add(index)
+            node = graph.nodes[index]
+            if node.op_type in PRODUCER_OPS:
+                continue
+            if node.op_type not in HOMOGENEOUS_OPS:
+                return False
+            todo.extend(node.output)
+    return True
+
+
+def _bn_after(analysis: ChannelAnalysis, node_index: int) -> int | None:
+    out = analysis.graph.nodes[node_index].output[0]
+    for index, node in enumerate(analysis.graph.nodes):
+        if node.op_type == "BatchNormalization" and node.input and node.input[0] == out:
+            return index
+    return None
+
+
+# -- the scale analysis -----------------------------------------------------------------------
+def _scale_analysis(
+    analysis: ChannelAnalysis, ref: dict[str, np.ndarray], work: dict[str, np.ndarray]
+) -> tuple[list[NeuronScale], list[NeuronScale], list[TensorAudit]]:
+    """Find rescaled neurons group by group, undoing compensated scales in ``work`` as it goes
+    (so later groups see aligned, unscaled input columns). Returns (rescaled, attacked, tensors)."""
+    uses = _group_uses(analysis, set(work))
+    rescaled: list[NeuronScale] = []
+    attacked: list[NeuronScale] = []
+    audits: list[TensorAudit] = []
+    for group in analysis.permutable_groups:
+        kinds = uses.get(group.id)
+        if not kinds:
+            continue
+        for prod in kinds["producer"]:
+            r_arr, s_arr = ref[prod.source].astype(np.float64), work[prod.tensor]
+            cos, ratio, ks = [], [], []
+            for pos in prod.positions:
+                c, q, k = _cos_ratio(
+                    _rows(r_arr, prod.axis, pos), _rows(s_arr, prod.axis, pos)
+                )
+                cos.append(c)
+                ratio.append(q)
+                ks.append(k)
+            flagged = []
+            node = prod.node
+            biases = [b for b in kinds["bias"] if b.node == node]
+            bn_node = _bn_after(analysis, node)
+            bn = (
+                [b for b in kinds["bn"] if b.node == bn_node]
+                if bn_node is not None
+                else []
+            )
+            for j in range(group.size):
+                k = ks[j]
+                if not (cos[j] > 1 - COS_EXACT and k > 0 and abs(k - 1) > SCALE_TOL):
+                    continue
+                flagged.append(j)
+                how = _compensation(analysis, kinds, prod, biases, bn, ref, work, j, k)
+                item = NeuronScale(group.id, j, prod.source, float(k), how)
+                if how is None:
+                    attacked.append(item)
+                    _scale(work, [prod], j, 1 / k)  # judge the rest as if undone
+                    continue
+                rescaled.append(item)
+                _scale(work, [prod], j, 1 / k)
+                if how == "batchnorm":
+                    for b in bn:
+                        slot_k = k if b.slot == 3 else k * k
+                        _scale(work, [b], j, 1 / slot_k)
+                else:
+                    _scale(work, biases, j, 1 / k)
+                    _scale(work, kinds["consumer"], j, k)
+            audits.append(
+                TensorAudit(prod.source, group.id, prod.axis, cos, ratio, flagged)
+            )
+    return rescaled, attacked, audits
+
+
+def _ratio_of(
+    uses: list[_Use], ref: dict[str, np.ndarray], work: dict[str, np.ndarray], j: int
+) -> list[float]:
+    out = []
+    for use in uses:
+        r = _rows(ref[use.source].astype(np.float64), use.axis, use.positions[j])
+        s = _rows(work[use.tensor], use.axis, use.positions[j])
+        c, _, k = _cos_ratio(r, s)
+        out.append(k if c > 1 - COS_EXACT or not np.any(r) else float("nan"))
+    return out
+
+
+def _compensation(
+    analysis: ChannelAnalysis,
+    kinds: dict[str, list[_Use]],
+    prod: _Use,
+    biases: list[_Use],
+    bn: list[_Use],
+    ref: dict[str, np.ndarray],
+    work: dict[str, np.ndarray],
+    j: int,
+    k: float,
+) -> str | None:
+    if bn:
+        means = [u for u in bn if u.slot == 3]
+        variances = [u for u in bn if u.slot == 4]
+        ok = all(abs(x / k - 1) <= BN_MATCH for x in _ratio_of(means, ref, work, j))
+        ok &= all(
+            abs(x / (k * k) - 1) <= BN_MATCH for x in _ratio_of(variances, ref, work, j)
+        )
+        return "batchnorm" if ok and means and variances else None
+    if not all(abs(x / k - 1) <= SCALE_MATCH for x in _ratio_of(biases, ref, work, j)):
+        return None
+    # Every producer of the group must carry the same scale for the consumers to undo it.
+    for other in kinds["producer"]:
+        if other is prod:
+            continue
+        if not all(
+            abs(x / k - 1) <= SCALE_MATCH for x in _ratio_of([other], ref, work, j)
+        ):
+            return None
+    consumers = kinds["consumer"]
+    if not consumers:
+        return None
+    if not all(
+        abs(x * k - 1) <= SCALE_MATCH for x in _ratio_of(consumers, ref, work, j)
+    ):
+        return None
+    if not _homogeneous_path(analysis, prod.node):
+        return None
+    return "consumer columns"
+
+
+def _scale(
+    work: dict[str, np.ndarray], uses: list[_Use], j: int, factor: float
+) -> None:
+    for use in uses:
+        array = work[use.tensor]
+        index = [slice(None)] * array.ndim
+        index[use.axis] = use.positions[j]
+        array[tuple(index)] *= factor
+
+
+# -- perturbation kind ------------------------------------------------------------------------
+def _weight_names(analysis: ChannelAnalysis) -> set[str]:
+    names = set()
+    for node in analysis.graph.nodes:
+        if node.op_type in PRODUCER_OPS and len(node.input) > 1:
+            leaf = analysis.graph.constant_leaf(node.input[1])
+            if leaf is not None:
+                names.add(leaf.name)
+    return names
+
+
+def _classify(
+    ref: dict[str, np.ndarray],
+    sus: dict[str, np.ndarray],
+    weights: set[str],
+    rtol: float,
+) -> dict[str, Any]:
+    per_tensor = []
+    total = changed = new_zeros = zeros_changed = 0
+    quant_votes = 0
+    rel_changes, corrs = [], []
+    for name in sorted(weights):
+        if name not in ref or name not in sus or ref[name].shape != sus[name].shape:
+            continue
+        r, s = (
+            ref[name].astype(np.float64).ravel(),
+            sus[name].astype(np.float64).ravel(),
+        )
+        diff = s - r
+        ch = diff != 0
+        nz = int(np.sum((s == 0) & (r != 0)))
+        ref_distinct, sus_distinct = int(np.unique(r).size), int(np.unique(s).size)
+        quant = sus_distinct <= QUANT_RATIO * ref_distinct
+        quant_votes += quant
+        std_r = float(r.std())
+        rel = float(diff.std() / std_r) if std_r else 0.0
+        if ch.sum() > 2 and np.std(diff) > 0 and np.std(r) > 0:
+            corrs.append(float(np.corrcoef(r, diff)[0, 1]))
+        rel_changes.append(rel)
+        total += r.size
+        changed += int(ch.sum())
+        new_zeros += nz
+        zeros_changed += int(np.sum(ch & (s == 0)))
+        per_tensor.append(
+            {
+                "tensor": name,
+                "elements": int(r.size),
+                "changed": int(ch.sum()),
+                "new_zeros": nz,
+                "reference_zeros": int(np.sum(r == 0)),
+                "distinct_values": sus_distinct,
+                "reference_distinct_values": ref_distinct,
+                "relative_change": rel,
+            }
+        )
+    others_changed = sorted(
+        n
+        for n in ref
+        if n not in weights and n in sus and not _close(ref[n], sus[n], rtol)
+    )
+    evidence: dict[str, Any] = {
+        "weight_elements": total,
+        "changed_fraction": changed / total if total else 0.0,
+        "new_zeros": new_zeros,
+        "new_zero_fraction": new_zeros / total if total else 0.0,
+        "tensors_with_few_distinct_values": quant_votes,
+        "weight_tensors": len(per_tensor),
+        "non_weight_constants_changed": others_changed,
+        "per_tensor": per_tensor,
+    }
+    rel_arr = np.array(rel_changes) if rel_changes else np.zeros(1)
+    cv = float(rel_arr.std() / rel_arr.mean()) if rel_arr.mean() > 0 else 0.0
+    max_corr = float(np.max(np.abs(corrs))) if corrs else 0.0
+    evidence["relative_change_cv"] = cv
+    evidence["max_abs_correlation_change_vs_weight"] = max_corr
+    if (
+        total
+        and new_zeros >= PRUNE_MIN_FRACTION * total
+        and zeros_changed >= 0.9 * max(changed, 1)
+    ):
+        kind = "pruning"
+        why = f"{new_zeros} weights ({100 * new_zeros / total:.1f} %) became exact zeros the reference did not have"
+    elif per_tensor and quant_votes >= 0.5 * len(per_tensor):
+        kind = "quantization"
+        pairs = ", ".join(
+            f"{t['distinct_values']} vs {t['reference_distinct_values']}"
+            for t in per_tensor[:4]
+        )
+        why = f"{quant_votes}/{len(per_tensor)} weight tensors hold few distinct values (suspect vs reference: {pairs}...)"
+    elif (
+        total
+        and changed >= NOISE_DENSE * total
+        and not others_changed
+        and cv < NOISE_CV
+        and max_corr < NOISE_CORR
+    ):
+        kind = "noise"
+        why = (
+            f"{100 * changed / total:.1f} % of weights changed, relative change "
+            f"{rel_arr.mean():.3g} x std per tensor (CV {cv:.2f}), uncorrelated with the weights, biases untouched"
+        )
+    elif changed or others_changed:
+        kind = "fine-tuning"
+        why = (
+            f"{100 * changed / max(total, 1):.1f} % of weights changed with structure: non-uniform per-tensor change "
+            f"(CV {cv:.2f}) or change correlated with the weights (|rho| up to {max_corr:.2f}) "
+            f"or biases/BatchNorm changed too ({len(others_changed)} non-weight constants)"
+        )
+    else:
+        kind, why = "unknown", "constants differ but not in the weights"
+    return {"kind": kind, "reason": why, "evidence": evidence}
+
+
+# -- similarity matrices ----------------------------------------------------------------------
+MAX_MATRIX = 64
+
+
+def _similarity(
+    analysis: ChannelAnalysis, ref, before, after
+) -> dict[str, dict[str, list[list[float]]]]:
+    uses = _group_uses(analysis, set(after))
+    out = {}
+    for group in analysis.permutable_groups:
+        prods = uses.get(group.id, {}).get("producer", [])
+        if not prods:
+            continue
+        n = group.size
+        step = max(1, int(np.ceil(n / MAX_MATRIX)))
+        pick = np.arange(0, n, step)
+        mats = {}
+        for label, model in (("before", before), ("after", after)):
+            r_rows, s_rows = [], []
+            for j in pick:
+                r_rows.append(
+                    np.concatenate(
+                        [
+                            _rows(
+                                ref[p.source].astype(np.float64), p.axis, p.positions[j]
+                            )
+                            for p in prods
+                        ]
+                    )
+                )
+                s_rows.append(
+                    np.concatenate(
+                        [
+                            _rows(
+                                model[
+                                    p.tensor if p.tensor in model else p.source
+                                ].astype(np.float64),
+                                p.axis,
+                                p.positions[j],
+                            )
+                            for p in prods
+                        ]
+                    )
+                )
+            a, b = np.array(r_rows), np.array(s_rows)
+            a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
+            b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-300)
+            mats[label] = np.round(a @ b.T, 4).tolist()
+        mats["step"] = step  # type: ignore[assignment]
+        out[group.id] = mats
+    return out
+
+
+# -- entry points -----------------------------------------------------------------------------
+def canonicalize(
+    suspect_resynced: onnx.ModelProto,
+    scales: dict[str, dict[int, float]] | AuditReport,
+    reference: onnx.ModelProto | None = None,
+) -> onnx.ModelProto:
+    """A copy of the re-synchronized suspect with function-preserving scales undone.
+
+    ``scales`` is ``report.scales`` (producer tensor -> {neuron: s}) or the report itself. The
+    groups come from ``reference`` when given, else from the model itself (same architecture).
+    Producer rows and biases are divided by ``s``; consumer columns multiplied by ``s`` (or,
+    when a BatchNorm follows the producer, its mean divided by ``s`` and variance by ``s^2``).
+    """
+    if isinstance(scales, AuditReport):
+        scales = scales.scales
+    model = onnx.ModelProto()
+    model.CopyFrom(suspect_resynced)
+    analysis = analyze(reference if reference is not None else model)
+    holders = _tensor_holders(model)
+    work = {n: numpy_helper.to_array(t).astype(np.float64) for n, t in holders.items()}
+    uses = _group_uses(analysis, set(work))
+    touched: set[str] = set()
+    for group in analysis.permutable_groups:
+        kinds = uses.get(group.id)
+        if not kinds:
+            continue
+        for prod in kinds["producer"]:
+            for j, s in scales.get(prod.source, {}).items():
+                _scale(work, [prod], j, 1 / s)
+                touched.add(prod.tensor)
+                bn_node = _bn_after(analysis, prod.node)
+                bn = (
+                    [b for b in kinds["bn"] if b.node == bn_node]
+                    if bn_node is not None
+                    else []
+                )
+                if bn:
+                    for b in bn:
+                        _scale(work, [b], j, 1 / (s if b.slot == 3 else s * s))
+                        touched.add(b.tensor)
+                else:
+                    biases = [b for b in kinds["bias"] if b.node == prod.node]
+                    _scale(work, biases, j, 1 / s)
+                    _scale(work, kinds["consumer"], j, s)
+                    touched.update(u.tensor for u in biases + kinds["consumer"])
+    for name in touched:
+        old = holders[name]
+        new = numpy_helper.from_array(
+            work[name].astype(numpy_helper.to_array(old).dtype), name
+        )
+        old.CopyFrom(new)
+    return model
+
+
+def audit_models(
+    reference: onnx.ModelProto,
+    suspect: onnx.ModelProto,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    method: str = "hungarian",
+    refine: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> AuditReport:
+    """Compare ``suspect`` with ``reference`` neuron by neuron (see the module docstring)."""
+    ref = _arrays(reference)
+    before = _arrays(suspect)
+    analysis = analyze(reference)
+    if (
+        set(ref) == set(before)
+        and all(
+            ref[n].dtype == before[n].dtype and np.array_equal(ref[n], before[n])
+            for n in ref
+        )
+        and len(reference.graph.node) == len(suspect.graph.node)
+    ):
+        sim = _similarity(analysis, ref, before, before)
+        _, _, audits = _scale_analysis(
+            analysis, ref, {n: a.astype(np.float64) for n, a in before.items()}
+        )
+        return AuditReport(
+            "identical",
+            "every constant is bit-identical to the reference",
+            rtol,
+            None,
+            audits,
+            similarity=sim,
+        )
+    result = resync_model(
+        reference, suspect, method=method, refine=refine, progress=progress
+    )
+    if progress is not None:
+        progress("audit: comparing neurons")
+    after = _arrays(result.model)
+    sim = _similarity(analysis, ref, before, after)
+
+    def differing(values: dict[str, np.ndarray]) -> list[str]:
+        return sorted(
+            n
+            for n, a in values.items()
+            if _source(n) in ref and not _close(ref[_source(n)], a, rtol)
+        )
+
+    diff = differing(after)
+    work = {n: a.astype(np.float64) for n, a in after.items()}
+    rescaled, attacked, audits = _scale_analysis(analysis, ref, work)
+    report = AuditReport(
+        "permuted", "", rtol, result, audits, rescaled, attacked, similarity=sim
+    )
+    if not diff:
+        report.summary = (
+            "after resync every constant equals the reference's up to float rounding: the suspect is the "
+            "reference with its neurons re-ordered, functionally equivalent"
+        )
+        report.rescaled, report.scaled_neurons = [], []
+        return report
+    remaining = differing(work)
+    report.differing_tensors = remaining or diff
+    if not remaining and attacked:
+        report.verdict = "scaled"
+        listing = ", ".join(f"{s.group}[{s.neuron}] x{s.k:.4g}" for s in attacked[:20])
+        report.summary = (
+            f"{len(attacked)} neurons have their weights scaled with no compensation (cosine 1, norm ratio k): "
+            f"the outputs change; {listing}"
+        )
+        return report
+    if not remaining and rescaled:
+        report.verdict = "permuted-rescaled"
+        report.summary = (
+            f"permuted, and {len(rescaled)} neurons rescaled by positive factors that the next layer or a "
+            "BatchNorm undoes: functionally equivalent; canonicalize() removes the scales"
+        )
+        return report
+    report.verdict = "perturbed"
+    report.rescaled, report.scaled_neurons = [], []
+    sus_for_kind = {_source(n): a for n, a in after.items()}
+    report.perturbation = _classify(ref, sus_for_kind, _weight_names(analysis), rtol)
+    report.summary = f"weights modified; likely {report.perturbation['kind']}: {report.perturbation['reason']}"
+    return report

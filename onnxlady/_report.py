@@ -1,0 +1,248 @@
+"""Human-readable renderings of an :class:`~onnxlady._audit.AuditReport`.
+
+:func:`render_markdown` and :func:`render_html` carry the same facts as ``report.to_dict()``;
+the HTML page adds pictures as inline SVG drawn by hand (no matplotlib, no external assets):
+per group a similarity heatmap before and after resync (groups above 64 neurons downsampled),
+and per producer tensor the L2-norm ratio of every neuron with flagged neurons marked.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+from onnxlady._audit import AuditReport
+
+__all__ = ["render_html", "render_markdown"]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _group_rows(report: AuditReport) -> list[dict[str, Any]]:
+    return report.resync.to_dict()["groups"] if report.resync is not None else []
+
+
+def render_markdown(report: AuditReport) -> str:
+    lines = [
+        f"# Audit verdict: **{report.verdict}** (exit {report.exit_code})",
+        "",
+        report.summary,
+        "",
+    ]
+    if report.rescaled:
+        lines += [
+            "## Function-preserving rescales",
+            "",
+            "| group | neuron | tensor | scale | undone by |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s.group} | {s.neuron} | {s.tensor} | {s.k:.6g} | {s.compensated_by} |"
+            for s in report.rescaled
+        ]
+        lines.append("")
+    if report.scaled_neurons:
+        lines += [
+            "## Scaled neurons (no compensation)",
+            "",
+            "| group | neuron | tensor | k |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s.group} | {s.neuron} | {s.tensor} | {s.k:.6g} |"
+            for s in report.scaled_neurons
+        ]
+        lines.append("")
+    if report.perturbation:
+        p = report.perturbation
+        ev = p["evidence"]
+        lines += [f"## Perturbation: {p['kind']}", "", p["reason"], ""]
+        lines += [
+            f"- changed weight fraction: {ev['changed_fraction']:.4f}",
+            f"- new zeros: {ev['new_zeros']} ({ev['new_zero_fraction']:.4f})",
+            f"- tensors with few distinct values: {ev['tensors_with_few_distinct_values']}/{ev['weight_tensors']}",
+            f"- per-tensor relative change CV: {ev['relative_change_cv']:.3f}",
+            f"- non-weight constants changed: {len(ev['non_weight_constants_changed'])}",
+            "",
+            "| tensor | elements | changed | new zeros | distinct (suspect / reference) | relative change |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {t['tensor']} | {t['elements']} | {t['changed']} | {t['new_zeros']} | "
+            f"{t['distinct_values']} / {t['reference_distinct_values']} | {t['relative_change']:.4g} |"
+            for t in ev["per_tensor"]
+        ]
+        lines.append("")
+    groups = _group_rows(report)
+    if groups:
+        lines += [
+            "## Resync per group",
+            "",
+            "| group | size | mean margin | min margin | ambiguous | zero neurons | Psi |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {g['id']} | {g['size']} | {_fmt(g['mean_margin'])} | {_fmt(g['min_margin'])} | {g['ambiguous']} | "
+            f"{g['zero_neurons']} | {_fmt(g['psi'])} |"
+            for g in groups
+        ]
+        lines.append("")
+    if report.tensors:
+        lines += [
+            "## Per tensor",
+            "",
+            "| tensor | group | min cosine | norm ratio min / max | flagged neurons |",
+            "|---|---|---|---|---|",
+        ]
+        for t in report.tensors:
+            lines.append(
+                f"| {t.tensor} | {t.group} | {min(t.cosine):.6f} | {min(t.norm_ratio):.4g} / {max(t.norm_ratio):.4g} | "
+                f"{', '.join(map(str, t.flagged)) or '-'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- SVG --------------------------------------------------------------------------------------
+def _color(value: float) -> str:
+    """-1 blue, 0 white, 1 red."""
+    v = max(-1.0, min(1.0, float(value)))
+    if v >= 0:
+        c = int(255 * (1 - v))
+        return f"rgb(255,{c},{c})"
+    c = int(255 * (1 + v))
+    return f"rgb({c},{c},255)"
+
+
+def _heatmap(matrix: list[list[float]], title: str, px: int = 200) -> str:
+    n = max(1, len(matrix))
+    m = max(1, len(matrix[0]) if matrix else 1)
+    cw, ch = px / m, px / n
+    cells = [
+        f'<rect x="{j * cw:.2f}" y="{20 + i * ch:.2f}" width="{cw + 0.05:.2f}" height="{ch + 0.05:.2f}" fill="{_color(v)}"/>'
+        for i, row in enumerate(matrix)
+        for j, v in enumerate(row)
+    ]
+    return (
+        f'<svg width="{px}" height="{px + 24}" role="img">'
+        f'<text x="0" y="14" font-size="12">{html.escape(title)}</text>{"".join(cells)}</svg>'
+    )
+
+
+def _ratio_plot(
+    ratios: list[float],
+    flagged: list[int],
+    title: str,
+    width: int = 420,
+    height: int = 120,
+) -> str:
+    finite = [r for r in ratios if math.isfinite(r)]
+    top = max(finite + [1.0]) * 1.1 or 1.0
+    n = max(1, len(ratios))
+    step = width / n
+    parts = [f'<text x="0" y="12" font-size="12">{html.escape(title)}</text>']
+    y1 = 16 + height * (1 - 1.0 / top)
+    parts.append(
+        f'<line x1="0" x2="{width}" y1="{y1:.1f}" y2="{y1:.1f}" stroke="#888" stroke-dasharray="3,3"/>'
+    )
+    flag = set(flagged)
+    for i, r in enumerate(ratios):
+        r = r if math.isfinite(r) else top
+        y = 16 + height * (1 - r / top)
+        color = "#d00" if i in flag else "#36c"
+        radius = 3 if i in flag else 1.6
+        parts.append(
+            f'<circle cx="{(i + 0.5) * step:.1f}" cy="{y:.1f}" r="{radius}" fill="{color}"/>'
+        )
+    return (
+        f'<svg width="{width}" height="{height + 20}" role="img">{"".join(parts)}</svg>'
+    )
+
+
+def render_html(report: AuditReport, analysis: Any = None) -> str:
+    """A self-contained HTML page (inline SVG, no external assets). ``analysis`` (optional, a
+    :class:`~onnxlady.ChannelAnalysis` of the reference) adds each group's members."""
+    esc = html.escape
+    body = [
+        f"<h1>Audit verdict: <span class='verdict'>{esc(report.verdict)}</span> (exit {report.exit_code})</h1>",
+        f"<p>{esc(report.summary)}</p>",
+    ]
+    if report.scaled_neurons or report.rescaled:
+        body.append(
+            "<h2>Scaled neurons</h2><table><tr><th>group</th><th>neuron</th><th>tensor</th><th>k</th><th>undone by</th></tr>"
+        )
+        for s in report.scaled_neurons + report.rescaled:
+            body.append(
+                f"<tr><td>{esc(s.group)}</td><td>{s.neuron}</td><td>{esc(s.tensor)}</td><td>{s.k:.6g}</td>"
+                f"<td>{esc(str(s.compensated_by or 'nothing (attack)'))}</td></tr>"
+            )
+        body.append("</table>")
+    if report.perturbation:
+        p = report.perturbation
+        body.append(f"<h2>Perturbation: {esc(p['kind'])}</h2><p>{esc(p['reason'])}</p>")
+        body.append(
+            "<table><tr><th>tensor</th><th>elements</th><th>changed</th><th>new zeros</th><th>distinct (suspect / reference)</th><th>relative change</th></tr>"
+        )
+        for t in p["evidence"]["per_tensor"]:
+            body.append(
+                f"<tr><td>{esc(t['tensor'])}</td><td>{t['elements']}</td><td>{t['changed']}</td><td>{t['new_zeros']}</td>"
+                f"<td>{t['distinct_values']} / {t['reference_distinct_values']}</td><td>{t['relative_change']:.4g}</td></tr>"
+            )
+        body.append("</table>")
+    stats = {g["id"]: g for g in _group_rows(report)}
+    body.append("<h2>Groups</h2>")
+    for gid, mats in report.similarity.items():
+        g = stats.get(gid)
+        facts = ""
+        if g is not None:
+            facts = (
+                f"size {g['size']}, mean margin {_fmt(g['mean_margin'])}, min margin {_fmt(g['min_margin'])}, "
+                f"ambiguous {g['ambiguous']}, Psi {_fmt(g['psi'])}"
+            )
+        members = ""
+        if analysis is not None:
+            try:
+                group = analysis.group(gid)
+                members = ", ".join(
+                    f"{m.tensor}[{m.axis}]" for m in group.members if m.is_weight
+                )
+            except KeyError:
+                members = ""
+        step = mats.get("step", 1)
+        note = f" (every {step}th neuron)" if step and step > 1 else ""
+        body.append(
+            f"<div class='group'><h3>{esc(gid)}</h3><p>{esc(facts)}{esc(note)}</p>"
+        )
+        if members:
+            body.append(f"<p class='members'>{esc(members)}</p>")
+        body.append(
+            "<figure>"
+            + _heatmap(mats["before"], "cosine before resync")
+            + _heatmap(mats["after"], "cosine after resync")
+            + "</figure></div>"
+        )
+    if report.tensors:
+        body.append(
+            "<h2>Per-tensor L2-norm ratio (suspect / reference), flagged neurons in red</h2>"
+        )
+        for t in report.tensors:
+            body.append(
+                f"<div>{_ratio_plot(t.norm_ratio, t.flagged, f'{t.tensor} ({t.group})')}</div>"
+            )
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        "padding:2px 6px}.verdict{color:#a00}figure{display:flex;gap:1em;margin:0}svg{margin:4px}"
+    )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>onnxlady audit: "
+        f"{esc(report.verdict)}</title><style>{style}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
