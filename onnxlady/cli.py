@@ -132,6 +132,24 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(audit)
     audit.set_defaults(handler=_cmd_audit)
 
+    watermark = commands.add_parser("watermark", help="embed or extract a white-box (Uchida) watermark in a Conv layer")
+    marks = watermark.add_subparsers(title="actions", metavar="ACTION", parser_class=_Parser)
+    marks.required = True
+    embed = marks.add_parser("embed", help="mark a Conv layer without retraining (smallest weight change)")
+    embed.add_argument("model", type=Path)
+    embed.add_argument("--layer", required=True, help="name of the Conv node to mark")
+    embed.add_argument("--bits", type=int, default=64, help="number of bits (default 64)")
+    embed.add_argument("--seed", type=int, default=0, help="seed of the secret projection and the bits")
+    embed.add_argument("--key-out", type=Path, required=True, metavar="WM.npz", help="where to write the secret key")
+    _output_options(embed)
+    _common(embed)
+    embed.set_defaults(handler=_cmd_watermark_embed)
+    extract = marks.add_parser("extract", help="read the bits back and report the bit error rate")
+    extract.add_argument("model", type=Path)
+    extract.add_argument("--key", type=Path, required=True, metavar="WM.npz")
+    _common(extract)
+    extract.set_defaults(handler=_cmd_watermark_extract)
+
     perturb = commands.add_parser("perturb", help="add noise, quantize or prune the weight tensors")
     perturb.add_argument("model", type=Path)
     _output_options(perturb)
@@ -575,6 +593,42 @@ def _cmd_audit(args: argparse.Namespace, progress: Progress) -> int:
     document = {"reference": str(args.reference), "suspect": str(args.suspect), **report.to_dict()}
     _emit(args, document, lambda: render_markdown(report))
     return report.exit_code
+
+
+def _cmd_watermark_embed(args: argparse.Namespace, progress: Progress) -> int:
+    from onnxlady._watermark import embed_watermark, relative_output_change, save_key
+
+    _check_output(args, [args.model], extra=[args.key_out])
+    loaded = load_model(args.model)
+    _check_external_inputs(args, [loaded], [args.key_out])
+    original = load_model(args.model).model
+    key, report = embed_watermark(loaded.model, args.layer, args.bits, args.seed)
+    report["relative_output_change"] = relative_output_change(original, loaded.model)
+    save_model(loaded.model, args.output, external_data=args.external_data or loaded.external_data)
+    save_key(key, args.key_out)
+    document = {"model": str(args.model), "output": str(args.output), "key": str(args.key_out), **report}
+
+    def text() -> str:
+        return (
+            f"embedded {report['bits']} bits in {args.layer} -> {args.output} (key {args.key_out}); "
+            f"weight change {100 * report['relative_weight_change']:.2f} %, "
+            f"output change {100 * report['relative_output_change']:.2f} % on random inputs"
+        )
+
+    _emit(args, document, text)
+    return 0
+
+
+def _cmd_watermark_extract(args: argparse.Namespace, progress: Progress) -> int:
+    from onnxlady._watermark import extract_watermark, load_key
+
+    key = load_key(args.key)
+    loaded = load_model(args.model)
+    bits, ber = extract_watermark(loaded.model, key)
+    document = {"model": str(args.model), "key": str(args.key), "layer": key.layer, "bits": int(bits.size),
+                "bit_error_rate": ber}  # fmt: skip
+    _emit(args, document, lambda: f"{key.layer}: {bits.size} bits, bit error rate {100 * ber:.1f} %")
+    return 0
 
 
 # -- verify -------------------------------------------------------------------------------

@@ -1,0 +1,233 @@
+"""Uchida-style white-box watermark: embedded without retraining, scrambled by permuting the
+layer's input channels, restored by re-synchronization, untouched by permuting its own filters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from fixtures import FIXTURES
+from onnxlady import OnnxladyError, analyze, draw_permutations, permute_model
+from onnxlady._resync import resync_model
+from onnxlady._watermark import (
+    DEFAULT_MARGIN,
+    WatermarkKey,
+    embed_watermark,
+    extract_watermark,
+    load_key,
+    relative_output_change,
+    save_key,
+)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def _conv_groups(model: onnx.ModelProto, min_width: int) -> tuple[str, str, str]:
+    """A Conv whose input and output groups are both permutable and whose kernel holds
+    ``min_width`` values per filter: (layer, input group id, output group id)."""
+    analysis = analyze(_copy(model))
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight = node.input[1]
+        value = analysis.graph.constant_value(weight)
+        if value is None or int(np.prod(value.shape[1:])) < min_width:
+            continue
+        by_axis = {}
+        for group in analysis.groups:
+            for member in group.members:
+                if member.is_weight and member.tensor == weight:
+                    by_axis[member.axis] = group
+        if 0 in by_axis and 1 in by_axis and by_axis[0].permutable and by_axis[1].permutable:
+            return node.name, by_axis[1].id, by_axis[0].id
+    raise AssertionError("no Conv with permutable input and output groups")
+
+
+def _permuted(model: onnx.ModelProto, seed: int, group_ids: list[str] | None = None) -> onnx.ModelProto:
+    suspect = _copy(model)
+    analysis = analyze(suspect)
+    permute_model(analysis, draw_permutations(analysis, seed, group_ids))
+    return suspect
+
+
+@pytest.fixture(scope="module", params=["vgg", "resnet"])
+def marked(request: pytest.FixtureRequest) -> dict:
+    original = FIXTURES[request.param](0)
+    layer, in_group, out_group = _conv_groups(original, 64)
+    model = _copy(original)
+    key, report = embed_watermark(model, layer, 64, seed=11)
+    report["relative_output_change"] = relative_output_change(original, model)
+    print(f"\n{request.param} {layer}: {report}")
+    return {
+        "name": request.param,
+        "original": original,
+        "model": model,
+        "key": key,
+        "report": report,
+        "in_group": in_group,
+        "out_group": out_group,
+    }
+
+
+# -- embedding ----------------------------------------------------------------------------------
+def test_marked_model_reads_back_every_bit(marked: dict) -> None:
+    key, report = marked["key"], marked["report"]
+    bits, ber = extract_watermark(marked["model"], key)
+    assert ber == 0.0
+    np.testing.assert_array_equal(bits, key.bits)
+    assert key.bits.size == 64 and key.projection.shape[0] == 64
+    assert report["min_projection"] > 0.5 * DEFAULT_MARGIN
+    # Survives serialization (float32 storage) too.
+    reloaded = onnx.load_from_string(marked["model"].SerializeToString())
+    assert extract_watermark(reloaded, key)[1] == 0.0
+
+
+def test_unmarked_model_does_not_carry_the_mark(marked: dict) -> None:
+    _, ber = extract_watermark(marked["original"], marked["key"])
+    assert ber == pytest.approx(marked["report"]["ber_before"])
+    assert 0.2 <= ber <= 0.8
+
+
+def test_embedding_changes_weights_and_outputs_little(marked: dict) -> None:
+    report = marked["report"]
+    assert 0.0 < report["relative_weight_change"] < 0.2
+    assert 0.0 < report["relative_output_change"] < 0.15
+    # Only the marked kernel changed, and every filter moved by the same shift.
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in marked["original"].graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in marked["model"].graph.initializer}
+    changed = [name for name in original if not np.array_equal(original[name], after[name])]
+    assert changed == [marked["key"].weight]
+    delta = after[changed[0]].astype(np.float64) - original[changed[0]]
+    np.testing.assert_allclose(delta, np.broadcast_to(delta[:1], delta.shape), atol=1e-6)
+
+
+def test_explicit_bits_are_embedded() -> None:
+    model = FIXTURES["vgg"](0)
+    layer, _, _ = _conv_groups(model, 32)
+    message = np.tile([1, 0, 0, 1], 8)
+    key, _ = embed_watermark(model, layer, message, seed=5)
+    bits, ber = extract_watermark(model, key)
+    assert ber == 0.0
+    np.testing.assert_array_equal(bits, message)
+
+
+# -- permutation and resync ---------------------------------------------------------------------
+def test_permuting_all_groups_scrambles_the_mark_and_resync_restores_it(marked: dict) -> None:
+    key = marked["key"]
+    suspect = _permuted(marked["model"], seed=3)
+    _, ber_permuted = extract_watermark(suspect, key)
+    assert 0.25 <= ber_permuted <= 0.75
+    result = resync_model(reference=marked["model"], suspect=suspect)
+    _, ber_resynced = extract_watermark(result.model, key)
+    print(f"\n{marked['name']}: BER permuted {ber_permuted:.3f}, resynced {ber_resynced:.3f}")
+    assert ber_resynced == 0.0
+
+
+def test_only_the_input_group_matters(marked: dict) -> None:
+    key = marked["key"]
+    own = _permuted(marked["model"], seed=3, group_ids=[marked["out_group"]])
+    assert extract_watermark(own, key)[1] == 0.0  # the mean over filters does not see them
+    feeding = _permuted(marked["model"], seed=3, group_ids=[marked["in_group"]])
+    assert 0.25 <= extract_watermark(feeding, key)[1] <= 0.75
+
+
+# -- key files ----------------------------------------------------------------------------------
+def test_key_round_trip(marked: dict, tmp_path: Path) -> None:
+    key = marked["key"]
+    path = tmp_path / "mark.npz"
+    save_key(key, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["mark.npz"]  # no temporary left behind
+    loaded = load_key(path)
+    assert isinstance(loaded, WatermarkKey)
+    assert (loaded.layer, loaded.weight, loaded.seed, loaded.margin) == (key.layer, key.weight, key.seed, key.margin)
+    np.testing.assert_array_equal(loaded.bits, key.bits)
+    np.testing.assert_array_equal(loaded.projection, key.projection)
+    assert extract_watermark(marked["model"], loaded)[1] == 0.0
+
+
+@pytest.mark.parametrize("content", [b"", b"not a key at all", b"PK\x03\x04broken zip"])
+def test_bad_key_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.npz"
+    path.write_bytes(content)
+    with pytest.raises(OnnxladyError) as info:
+        load_key(path)
+    assert "\n" not in str(info.value)
+
+
+def test_key_file_of_another_kind(tmp_path: Path) -> None:
+    other = tmp_path / "other.npz"
+    np.savez(other, bits=np.zeros(4))
+    with pytest.raises(OnnxladyError, match="not a readable watermark key"):
+        load_key(other)
+    inconsistent = tmp_path / "inconsistent.npz"
+    key = WatermarkKey("c", "w", np.zeros(4, np.uint8), np.zeros((3, 9)), 0, 1e-3)
+    save_key(key, inconsistent)
+    with pytest.raises(OnnxladyError, match="inconsistent"):
+        load_key(inconsistent)
+    with pytest.raises(OnnxladyError, match="no such"):
+        load_key(tmp_path / "missing.npz")
+
+
+# -- bad requests -------------------------------------------------------------------------------
+def test_bad_layers_and_lengths() -> None:
+    model = FIXTURES["vgg"](0)
+    before = model.SerializeToString()
+    with pytest.raises(OnnxladyError, match="no node named"):
+        embed_watermark(model, "nope", 8, 0)
+    with pytest.raises(OnnxladyError, match="not a Conv"):
+        embed_watermark(model, "classifier.fc1", 8, 0)
+    with pytest.raises(OnnxladyError, match="do not fit"):
+        embed_watermark(model, "features.block1.conv", 28, 0)  # 3 * 3 * 3 = 27 values
+    with pytest.raises(OnnxladyError):
+        embed_watermark(model, "features.block2.conv", 0, 0)
+    with pytest.raises(OnnxladyError):
+        embed_watermark(model, "features.block2.conv", 8, 0, margin=-1.0)
+    assert model.SerializeToString() == before
+
+
+def test_key_for_another_kernel_shape() -> None:
+    model = FIXTURES["vgg"](0)
+    key, _ = embed_watermark(model, "features.block2.conv", 16, 0)
+    key.layer = "features.block3.conv"  # 32 * 9 values per filter, the key projects 16 * 9
+    with pytest.raises(OnnxladyError, match="projects"):
+        extract_watermark(model, key)
+
+
+def test_watermark_commands_mark_scramble_and_recover(tmp_path) -> None:
+    """The README's demo: 0 % bit errors marked, about half after permute, 0 % after resync."""
+    import json
+
+    import onnx
+
+    from fixtures import FIXTURES
+    from onnxlady.cli import main
+
+    source = tmp_path / "vgg.onnx"
+    onnx.save(FIXTURES["vgg"](0), str(source))
+    marked, key, stolen, fixed = (tmp_path / n for n in ("marked.onnx", "wm.npz", "stolen.onnx", "fixed.onnx"))
+    layer = "features.block2.conv"
+    assert main(["watermark", "embed", str(source), "--layer", layer, "--bits", "64", "--seed", "11",
+                 "-o", str(marked), "--key-out", str(key), "--quiet"]) == 0  # fmt: skip
+    assert main(["permute", str(marked), "-o", str(stolen), "--seed", "3", "--quiet"]) == 0
+    assert main(["resync", str(marked), str(stolen), "-o", str(fixed), "--quiet"]) == 0
+
+    def ber(path) -> float:
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["watermark", "extract", str(path), "--key", str(key), "--json"]) == 0
+        return json.loads(out.getvalue())["bit_error_rate"]
+
+    assert ber(marked) == 0.0
+    assert 0.25 <= ber(stolen) <= 0.75
+    assert ber(fixed) == 0.0
+    assert main(["watermark", "extract", str(marked), "--key", str(source)]) == 2
