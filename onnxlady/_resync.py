@@ -538,6 +538,27 @@ class _Resync:
         ]
         return _Blocks.build(pairs, self.analysis.group(gid).size, seed=zlib.crc32(gid.encode()))
 
+    def exact_match(self, gid: str, solved: frozenset[str]) -> np.ndarray | None:
+        """The matching by bit-equal signatures, when every neuron has exactly one twin.
+
+        A permuted but otherwise untouched copy is matched exactly even where neurons are
+        nearly alike (trained models hold near-duplicates that similarity cannot separate).
+        """
+        n = self.analysis.group(gid).size
+        pieces = [piece for piece in self.slices[gid] if not piece.misaligned_dims(solved)]
+        if not pieces:
+            return None
+        ref = np.concatenate([_block(self.reference[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
+        sus = np.concatenate([_block(self.work[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
+        ref_keys = [row.tobytes() for row in np.ascontiguousarray(ref)]
+        lookup = {row.tobytes(): index for index, row in enumerate(np.ascontiguousarray(sus))}
+        if len(set(ref_keys)) < n or len(lookup) < n:
+            return None
+        step = [lookup.get(key) for key in ref_keys]
+        if any(index is None for index in step):
+            return None
+        return np.asarray(step, dtype=np.int64)
+
     def solve(self, gid: str, solved: frozenset[str], aligned: bool) -> bool:
         """Match one group and apply the correction to the working copies; True if it changed.
 
@@ -562,6 +583,9 @@ class _Resync:
         if blocks.sketched and blocks.rescore(weights, scores.decision, step):
             scores = blocks.scores(weights, self.options.similarity)
             step, duplicates = assign(scores.decision, blocks.zero_ref, blocks.zero_sus)
+        exact = self.exact_match(gid, solved)
+        if exact is not None:
+            step, duplicates = exact, 0  # bit-equal signatures: no similarity can do better
         similarity = scores.similarity()
         chosen = similarity[identity, step]
         self.stats[gid] = _Solve(_margins(similarity), int(blocks.zero_sus.sum()), duplicates, float(chosen.mean()))

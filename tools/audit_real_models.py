@@ -1,0 +1,59 @@
+"""Audit on the real models: a permuted copy must read "permuted", a copy with 5 neurons scaled
+by 1.5 (no compensation: the paper's integrity attack) must flag exactly those 5.
+
+    python tools/audit_real_models.py     (models from tools/fetch_models.py)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+SCALED = [0, 2, 3, 5, 7]
+
+
+def main() -> int:
+    from onnx import numpy_helper
+
+    from fetch_models import fetch_models
+    from onnxlady import analyze, draw_permutations, load_model, permute_model
+    from onnxlady._audit import audit_models
+    from onnxlady._permute import _tensor_holders
+
+    ok = True
+    print("| model | permuted copy | 5 neurons x 1.5, then permuted | flagged (group, neuron, k) |")
+    print("|---|---|---|---|")
+    for entry in fetch_models(REPO / ".cache" / "models"):
+        path = Path(str(entry["path"]))
+        reference = load_model(path).model
+        permuted = load_model(path).model
+        analysis = analyze(permuted)
+        permute_model(analysis, draw_permutations(analysis, 1))
+        first = audit_models(reference, permuted)
+        attacked = load_model(path).model
+        analysis = analyze(attacked)
+        group = next(
+            g for g in analysis.permutable_groups
+            if g.size >= 8 and any(m.is_weight and m.axis == 0 and "conv weight" in m.role.split(", ") for m in g.members)
+        )  # fmt: skip
+        member = next(m for m in group.members if m.is_weight and m.axis == 0 and "conv weight" in m.role.split(", "))
+        tensor = _tensor_holders(attacked)[member.tensor]
+        weights = numpy_helper.to_array(tensor).copy()
+        weights[SCALED] *= 1.5
+        tensor.CopyFrom(numpy_helper.from_array(weights, tensor.name))
+        analysis = analyze(attacked)
+        permute_model(analysis, draw_permutations(analysis, 2))
+        second = audit_models(reference, attacked)
+        flagged = sorted((s.group, s.neuron, round(s.k, 3)) for s in second.scaled_neurons)
+        expected = [(group.id, n, 1.5) for n in SCALED]
+        ok &= first.verdict == "permuted" and second.verdict == "scaled" and flagged == expected
+        print(f"| {entry['name']} | {first.verdict} | {second.verdict} | {flagged} |")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
