@@ -1,0 +1,53 @@
+"""The audit's HTML report renders in a real browser (headless Chromium), offline."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from fixtures import FIXTURES
+from onnxlady import analyze, draw_permutations, permute_model
+from onnxlady._audit import audit_models
+from onnxlady._report import render_html
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+def _browser(*arguments: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *arguments],  # type: ignore[list-item]
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+
+def test_html_report_renders_with_its_pictures(tmp_path: Path) -> None:
+    reference = FIXTURES["vgg"](0)
+    suspect = FIXTURES["vgg"](0)
+    analysis = analyze(suspect)
+    permute_model(analysis, draw_permutations(analysis, 1))
+    report = audit_models(reference, suspect)
+    page = tmp_path / "report.html"
+    page.write_text(render_html(report))
+    source_svgs = page.read_text().count("<svg")
+    assert source_svgs >= 2 * len(report.resync.groups)
+
+    dom = _browser("--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr[-500:]
+    assert "permuted" in dom.stdout and dom.stdout.count("<svg") == source_svgs  # every picture parsed
+
+    shot = tmp_path / "shot.png"
+    result = _browser(f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri())
+    assert result.returncode == 0 and shot.exists(), result.stderr[-500:]
+    assert shot.stat().st_size > 20_000  # a page with heatmaps, not a blank one
+
