@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -114,6 +114,28 @@ class ChannelAnalysis:
             if group is not None:
                 result[group.id] = lab
         return result
+
+    def group_edges(self) -> dict[tuple[str, str], set[str]]:
+        """The group graph: (a, b) when an operator reads group a's neurons and writes group b's,
+        with the operator types that do (for ``inspect --dot`` and the audit report)."""
+        edges: dict[tuple[str, str], set[str]] = {}
+        tracked = self.state.tracked
+        for node in self.graph.nodes:
+            ins = {g for name in node.input if name for g in self._groups_in(tracked.get(name, {}).values())}
+            outs = {g for name in node.output if name for g in self._groups_in(tracked.get(name, {}).values())}
+            for a in ins:
+                for b in outs - {a}:
+                    edges.setdefault((a, b), set()).add(node.op_type)
+        return edges
+
+    def _groups_in(self, exprs: Iterable[Expr]) -> set[str]:
+        found = set()
+        for expr in exprs:
+            for atom in self.solver.atoms(expr):
+                group = self.group_of_root(atom.id)
+                if group is not None:
+                    found.add(group.id)
+        return found
 
     @property
     def untied(self) -> list[TensorPermutation]:

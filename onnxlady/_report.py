@@ -166,6 +166,42 @@ def _ratio_plot(
     )
 
 
+def _group_graph(analysis: Any) -> str:
+    """The group graph as inline SVG: columns by depth, green permutable, pink frozen."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(g.id for g in analysis.groups)
+    graph.add_edges_from(analysis.group_edges())
+    if not nx.is_directed_acyclic_graph(graph):
+        graph = nx.DiGraph(nx.dfs_tree(graph))  # a cycle cannot be layered: keep a spanning tree
+    depth: dict[str, int] = {}
+    for gid in nx.topological_sort(graph):
+        depth[gid] = max((depth[p] + 1 for p in graph.predecessors(gid)), default=0)
+    columns: dict[int, list[str]] = {}
+    for group in analysis.groups:
+        columns.setdefault(depth.get(group.id, 0), []).append(group.id)
+    box_w, box_h, gap_x, gap_y = 86, 30, 40, 10
+    position = {gid: (10 + d * (box_w + gap_x), 10 + row * (box_h + gap_y))
+                for d, ids in columns.items() for row, gid in enumerate(ids)}  # fmt: skip
+    width = 20 + (max(columns, default=0) + 1) * (box_w + gap_x)
+    height = 20 + max((len(ids) for ids in columns.values()), default=1) * (box_h + gap_y)
+    parts = [f"<svg width='{width}' height='{height}'>"]  # inline SVG in HTML needs no namespace
+    for a, b in graph.edges:
+        (x1, y1), (x2, y2) = position[a], position[b]
+        parts.append(f"<line x1='{x1 + box_w}' y1='{y1 + box_h / 2}' x2='{x2}' y2='{y2 + box_h / 2}' stroke='#888'/>")
+    for group in analysis.groups:
+        x, y = position[group.id]
+        colour = "#b7e4b0" if group.permutable else ("#f5b5c4" if group.frozen else "#ddd")
+        parts.append(f"<rect x='{x}' y='{y}' width='{box_w}' height='{box_h}' fill='{colour}' stroke='#555'/>")
+        parts.append(
+            f"<text x='{x + 4}' y='{y + 19}' font-size='11' font-family='sans-serif'>"
+            f"{html.escape(group.id)} ({group.size})</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def render_html(report: AuditReport, analysis: Any = None) -> str:
     """A self-contained HTML page (inline SVG, no external assets). ``analysis`` (optional, a
     :class:`~onnxlady.ChannelAnalysis` of the reference) adds each group's members."""
@@ -197,6 +233,8 @@ def render_html(report: AuditReport, analysis: Any = None) -> str:
             )
         body.append("</table>")
     stats = {g["id"]: g for g in _group_rows(report)}
+    if analysis is not None:
+        body.append("<h2>Group graph</h2>" + _group_graph(analysis))
     body.append("<h2>Groups</h2>")
     for gid, mats in report.similarity.items():
         g = stats.get(gid)

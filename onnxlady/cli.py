@@ -287,34 +287,15 @@ def _inspect_text(analysis: ChannelAnalysis, path: Path, all_members: bool) -> s
 
 def write_group_dot(analysis: ChannelAnalysis, path: Path) -> None:
     """The group graph for Graphviz: a group points to the groups its neurons feed."""
-    state, solver = analysis.state, analysis.solver
-    edges: dict[tuple[str, str], set[str]] = {}
-    for index, node in enumerate(analysis.graph.nodes):
-        ins = {g for name in node.input if name for g in _groups_of(analysis, state.tracked.get(name, {}).values())}
-        outs = {g for name in node.output if name for g in _groups_of(analysis, state.tracked.get(name, {}).values())}
-        for a in ins:
-            for b in outs - {a}:
-                edges.setdefault((a, b), set()).add(node.op_type)
     lines = ["digraph groups {", "  rankdir=LR;", '  node [shape=box, style=filled, fontname="Helvetica"];']
     for group in analysis.groups:
         colour = "palegreen" if group.permutable else ("lightpink" if group.frozen else "lightgrey")
         why = f"\\n{group.reasons[0].kind}" if group.reasons else ""
         lines.append(f'  "{group.id}" [label="{group.id}\\n{group.size} neurons{why}", fillcolor={colour}];')
-    for (a, b), ops in sorted(edges.items()):
+    for (a, b), ops in sorted(analysis.group_edges().items()):
         lines.append(f'  "{a}" -> "{b}" [label="{",".join(sorted(ops))}"];')
     lines.append("}")
     _write_text(path, "\n".join(lines) + "\n")
-    del solver
-
-
-def _groups_of(analysis: ChannelAnalysis, exprs: Any) -> set[str]:
-    found = set()
-    for expr in exprs:
-        for atom in analysis.solver.atoms(expr):
-            group = analysis.group_of_root(atom.id)
-            if group is not None:
-                found.add(group.id)
-    return found
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -585,7 +566,7 @@ def _cmd_audit(args: argparse.Namespace, progress: Progress) -> int:
     if args.markdown:
         _write_text(args.markdown, render_markdown(report))
     if args.html:
-        _write_text(args.html, render_html(report))
+        _write_text(args.html, render_html(report, analyze(reference.model)))
     if args.canonicalize:
         if report.resync is None:
             raise OnnxladyError("the suspect is identical to the reference: nothing to canonicalize")
