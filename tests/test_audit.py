@@ -214,7 +214,7 @@ def test_reports() -> None:
     groups = len(report.similarity)
     assert groups == len(analyze(reference).permutable_groups)
     # two heatmaps per group, one norm-ratio plot per tensor
-    assert parser.tags.count("svg") == 2 * groups + len(report.tensors)
+    assert parser.tags.count("svg") == 2 * groups + len(report.tensors) + 1  # + the group graph
     text = render_markdown(report)
     assert report.verdict in text and "g1" in text and "| 0 |" in text
 
