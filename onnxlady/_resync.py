@@ -583,12 +583,14 @@ class _Resync:
         if blocks.sketched and blocks.rescore(weights, scores.decision, step):
             scores = blocks.scores(weights, self.options.similarity)
             step, duplicates = assign(scores.decision, blocks.zero_ref, blocks.zero_sus)
-        exact = self.exact_match(gid, solved)
-        if exact is not None:
-            step, duplicates = exact, 0  # bit-equal signatures: no similarity can do better
         similarity = scores.similarity()
+        margins = _margins(similarity)
+        if margins.size and margins.min() < AMBIGUITY_MARGIN:  # only ties need the (costly) exact test
+            exact = self.exact_match(gid, solved)
+            if exact is not None:
+                step, duplicates = exact, 0  # bit-equal signatures: no similarity can do better
         chosen = similarity[identity, step]
-        self.stats[gid] = _Solve(_margins(similarity), int(blocks.zero_sus.sum()), duplicates, float(chosen.mean()))
+        self.stats[gid] = _Solve(margins, int(blocks.zero_sus.sum()), duplicates, float(chosen.mean()))
         if np.array_equal(step, identity):
             return False
         self.match[gid] = self.match[gid][step]
