@@ -16,15 +16,17 @@ replaced by typed graph inputs, so inference never copies hundreds of megabytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from onnxlady import _fold
 from onnxlady._errors import OnnxladyError
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 #: Operators that forward a constant to its user unchanged up to dtype or size-1 axes
 #: (exporters reshape biases to [1, C, 1, 1]), or element-wise with other constants
@@ -136,8 +138,10 @@ class ModelGraph:
             if name not in known:
                 raise OnnxladyError(f"graph output '{name}' is not produced by any node (malformed model)")
 
-    def dependency_graph(self) -> nx.MultiDiGraph:
+    def dependency_graph(self) -> "nx.MultiDiGraph":
         """Operators and tensors as a networkx graph: ``("op", index)`` and ``("tensor", name)`` nodes."""
+        import networkx as nx  # imported when used: it costs 0.3 s at start-up
+
         dag = nx.MultiDiGraph()
         for index, node in enumerate(self.nodes):
             op = ("op", index)
@@ -162,6 +166,8 @@ class ModelGraph:
             seen.update(name for name in node.output if name)
         if in_order:
             return list(range(len(self.nodes)))
+        import networkx as nx
+
         dag = self.dependency_graph()
         try:
             ordered = nx.lexicographical_topological_sort(dag, key=_sort_key)

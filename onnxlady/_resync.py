@@ -57,7 +57,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from scipy.optimize import linear_sum_assignment
 
 from onnxlady._analysis import ChannelAnalysis, ChannelGroup, TensorPermutation, analyze
 from onnxlady._errors import OnnxladyError
@@ -448,6 +447,8 @@ def _hungarian(decision: np.ndarray, zero_ref: np.ndarray, zero_sus: np.ndarray)
     best = decision.argmax(axis=1)
     if np.unique(best).size == best.size:
         return best.astype(np.int64), 0  # every row at its maximum: nothing can beat it
+    from scipy.optimize import linear_sum_assignment  # 0.6 s to import: only when a tie needs it
+
     _, cols = linear_sum_assignment(decision, maximize=True)
     return cols.astype(np.int64), 0
 

@@ -27,10 +27,22 @@ from typing import Any, Union
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
 from onnx import TensorProto
 
 from onnxlady._errors import OnnxladyError
+
+
+class _LazyOnnxRuntime:
+    """onnxruntime, imported on first use: commands that run no model skip its start-up cost."""
+
+    def __getattr__(self, name: str) -> Any:
+        import onnxruntime
+
+        return getattr(onnxruntime, name)
+
+
+ort: Any = _LazyOnnxRuntime()
 
 __all__ = [
     "DEFAULT_ATOL",
