@@ -27,7 +27,6 @@ from typing import Any, Union
 
 import numpy as np
 import onnx
-
 from onnx import TensorProto
 
 from onnxlady._errors import OnnxladyError
