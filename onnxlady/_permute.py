@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
-from onnxlady._analysis import COPY_SUFFIX, ChannelAnalysis, TensorPermutation
+from onnxlady._analysis import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
 from onnxlady._key import PermutationKey, evaluate_tree, expr_to_tree, graph_fingerprint, tree_size
 

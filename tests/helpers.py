@@ -40,3 +40,14 @@ def permute_producer_only(model: onnx.ModelProto, analysis: ChannelAnalysis) -> 
                 _permute_tensor(holders[plan.tensor], [(axis, swap)])
                 return plan.tensor
     raise AssertionError("no permutable producer weight found")
+
+
+def permute_copy(source: onnx.ModelProto, seed: int):  # noqa: ANN201 - test helper
+    """A copy of ``source`` with every permutable group permuted: (model, analysis, perms, key)."""
+    from onnxlady import analyze, draw_permutations, permute_model
+
+    model = copy_model(source)
+    analysis = analyze(model)
+    perms = draw_permutations(analysis, seed)
+    key = permute_model(analysis, perms, seed=seed)
+    return model, analysis, perms, key

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixtures import FIXTURES, RUNNABLE
-from onnxlady import analyze, draw_permutations, graph_fingerprint, permute_model, unpermute_model, verify_models
-from tests.helpers import constant_bytes, copy_model, permute_producer_only
+from onnxlady import analyze, graph_fingerprint, unpermute_model, verify_models
+from tests.helpers import constant_bytes, copy_model, permute_copy, permute_producer_only
 
 FIXTURE_NAMES = sorted(FIXTURES)
 _SOURCES = {name: FIXTURES[name](0) for name in FIXTURE_NAMES}
@@ -17,11 +17,7 @@ _SOURCES = {name: FIXTURES[name](0) for name in FIXTURE_NAMES}
 
 def _permuted(name: str, seed: int):
     source = _SOURCES[name]
-    model = copy_model(source)
-    analysis = analyze(model)
-    perms = draw_permutations(analysis, seed)
-    key = permute_model(analysis, perms, seed=seed)
-    return source, model, analysis, perms, key
+    return (source, *permute_copy(source, seed))
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

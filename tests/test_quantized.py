@@ -28,7 +28,7 @@ from onnxlady import (
 from onnxlady._builder import GraphBuilder
 from onnxlady._expr import labels
 from onnxlady._permute import _permute_tensor, _tensor_holders
-from tests.helpers import PRODUCER_ROLES, constant_bytes, copy_model
+from tests.helpers import PRODUCER_ROLES, constant_bytes, copy_model, permute_copy
 
 NAMES = sorted(quantized.FIXTURES)
 _SOURCES = {name: quantized.FIXTURES[name](0) for name in NAMES}
@@ -88,11 +88,7 @@ COMPANIONS = {
 # -- helpers ------------------------------------------------------------------------------
 def _permuted(name: str, seed: int):
     source = _SOURCES[name]
-    model = copy_model(source)
-    analysis = analyze(model)
-    perms = draw_permutations(analysis, seed)
-    key = permute_model(analysis, perms, seed=seed)
-    return source, model, analysis, perms, key
+    return (source, *permute_copy(source, seed))
 
 
 def _verify(name: str, source: onnx.ModelProto, model: onnx.ModelProto, **kwargs):
