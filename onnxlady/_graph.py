@@ -33,7 +33,12 @@ if TYPE_CHECKING:
 #: (``DequantizeLinear`` of a quantized weight, ``QuantizeLinear`` of a fake-quantized one,
 #: ``Mul`` of a weight by its scale); their other inputs must be constants too.
 QUANTIZE_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-CHAIN_OPS = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Mul"} | QUANTIZE_OPS)
+CHAIN_OPS = frozenset(
+    {"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Mul"} | QUANTIZE_OPS
+)
+#: Chain operators whose other inputs are only read (shapes, axes): a value folded from
+#: constant shape arithmetic is enough there, no stored constant is needed.
+SHAPE_ARGUMENT_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Expand"})
 #: Chain operators whose output has the shape of their data input: axis k stays axis k.
 SHAPE_KEEPING_CHAIN_OPS = frozenset({"Identity", "Cast", "Mul"} | QUANTIZE_OPS)
 #: Initializers up to this many elements stay in the shape-inference skeleton (shape tensors).
@@ -428,7 +433,11 @@ class ModelGraph:
         if data is None:
             return False
         return all(
-            not name or self.constant_leaf(name) is not None for slot, name in enumerate(node.input) if slot != data
+            not name
+            or self.constant_leaf(name) is not None
+            or (node.op_type in SHAPE_ARGUMENT_OPS and name in self.folded)
+            for slot, name in enumerate(node.input)
+            if slot != data
         )
 
     def _chain_axes(self, name: str, axis: int) -> tuple[list[tuple[int, int]], int] | None:
@@ -601,6 +610,11 @@ class ModelGraph:
         axes_value = _attribute_or(node, "axes", None)
         if axes_value is None and len(node.input) > 1 and node.input[1]:
             axes_value = self.constant_value(node.input[1])
+        if op == "Expand":
+            if axes_value is None:
+                return None
+            target = tuple(int(d) for d in np.asarray(axes_value).reshape(-1))
+            return np.broadcast_to(value, np.broadcast_shapes(value.shape, target)).copy()
         if op == "Reshape":
             if axes_value is None:
                 return None
