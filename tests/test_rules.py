@@ -625,3 +625,33 @@ def test_constant_varying_along_a_broadcast_axis_starts_a_group() -> None:
     wrong = copy_model(model)
     permute_producer_only(wrong, analyze(wrong))
     assert not verify_models(model, wrong, provider="cpu").equivalent
+
+
+def test_matmul_with_the_weight_on_the_left() -> None:
+    """Y = W1 @ X then Y2 = W2 @ relu(Y): W1's rows and W2's columns take one permutation."""
+    from tests.helpers import copy_model, permute_producer_only
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((rng.standard_normal((12, 6)) / np.sqrt(6)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((5, 12)) / np.sqrt(6)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("MatMul", ["w1", "x"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["w2", "r"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "left_weights", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 7])], [w1, w2],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    analysis = analyze(model)
+    (hidden,) = [g for g in analysis.groups if ("w1", 0) in {(m.tensor, m.axis) for m in g.members}]
+    assert hidden.permutable and ("w2", 1) in {(m.tensor, m.axis) for m in hidden.members}
+    permuted = copy_model(model)
+    permuted_analysis = analyze(permuted)
+    permute_model(permuted_analysis, draw_permutations(permuted_analysis, 2))
+    assert verify_models(model, permuted, provider="cpu").equivalent
+    wrong = copy_model(model)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(model, wrong, provider="cpu").equivalent

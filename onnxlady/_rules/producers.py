@@ -119,53 +119,41 @@ class MatMulRule(OpRule):
     def propagate(self, ctx: RuleContext) -> None:
         a_const, b_const = ctx.is_const(0), ctx.is_const(1)
         if b_const and not a_const:
-            self._weight_right(ctx, ctx.const_shape(1), _direct_binder(ctx, 1))
+            self._linear(ctx, ctx.const_shape(1), _direct_binder(ctx, 1), data_slot=0)
         elif a_const and not b_const:
-            self._weight_left(ctx, ctx.const_shape(0), _direct_binder(ctx, 0))
+            self._linear(ctx, ctx.const_shape(0), _direct_binder(ctx, 0), data_slot=1)
         elif a_const and b_const:
             return  # nothing can carry a permutation into a product of constants
         elif (right := _transposed_constant(ctx, 1)) is not None:
-            self._weight_right(ctx, *right)
+            self._linear(ctx, *right, data_slot=0)
         elif (left := _transposed_constant(ctx, 0)) is not None:
-            self._weight_left(ctx, *left)
+            self._linear(ctx, *left, data_slot=1)
         else:
             self._contraction(ctx)
 
     @staticmethod
-    def _weight_right(ctx: RuleContext, weight_shape: tuple[int, ...], bind: _Binder) -> None:
-        # Y[..., N] = X[..., K] @ W[K, N]
+    def _linear(ctx: RuleContext, weight_shape: tuple[int, ...], bind: _Binder, data_slot: int) -> None:
+        """A linear layer: Y = X @ W[K, N] (``data_slot`` 0) or Y = W[M, K] @ X (``data_slot`` 1).
+
+        W's K axis reads X's contracted axis; its other axis makes the new neurons, which land
+        where the contracted axis was; X's remaining axes pass through a 2-D weight.
+        """
         if len(weight_shape) != 2:
             raise RuleDoesNotApply("index-map", f"batched MatMul weight of shape {list(weight_shape)}")
-        rank = ctx.rank_in(0)
+        rank = ctx.rank_in(data_slot)
         if rank < 2:
             raise RuleDoesNotApply("index-map", "MatMul of a vector")
-        features = ctx.take(0, rank - 1, weight_shape[0])
-        bind(0, features, "matmul weight (input features)")
-        outputs = ctx.new_group(weight_shape[1])
-        bind(1, outputs, "matmul weight")
-        for axis, expr in ctx.take_all(0).items():
-            if axis != rank - 1:
+        contracted = rank - 1 if data_slot == 0 else rank - 2
+        in_axis, out_axis = (0, 1) if data_slot == 0 else (1, 0)
+        features = ctx.take(data_slot, contracted, weight_shape[in_axis])
+        bind(in_axis, features, "matmul weight (input features)")
+        outputs = ctx.new_group(weight_shape[out_axis])
+        bind(out_axis, outputs, "matmul weight")
+        for axis, expr in ctx.take_all(data_slot).items():
+            if axis != contracted:
                 ctx.emit(0, axis, expr)  # row (token) axes pass through a 2-D weight
         ctx.declare_producer(outputs)
-        ctx.emit(0, rank - 1, outputs)
-
-    @staticmethod
-    def _weight_left(ctx: RuleContext, weight_shape: tuple[int, ...], bind: _Binder) -> None:
-        # Y[..., M, N] = W[M, K] @ X[..., K, N]
-        if len(weight_shape) != 2:
-            raise RuleDoesNotApply("index-map", f"batched MatMul weight of shape {list(weight_shape)}")
-        rank = ctx.rank_in(1)
-        if rank < 2:
-            raise RuleDoesNotApply("index-map", "MatMul of a vector")
-        features = ctx.take(1, rank - 2, weight_shape[1])
-        bind(1, features, "matmul weight (input features)")
-        outputs = ctx.new_group(weight_shape[0])
-        bind(0, outputs, "matmul weight")
-        for axis, expr in ctx.take_all(1).items():
-            if axis != rank - 2:
-                ctx.emit(0, axis, expr)
-        ctx.declare_producer(outputs)
-        ctx.emit(0, rank - 2, outputs)
+        ctx.emit(0, contracted, outputs)
 
     @staticmethod
     def _contraction(ctx: RuleContext) -> None:
