@@ -20,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from _bench import run_fresh  # noqa: E402 - tools/ is not a package
 
 _BUILD = """
 import sys, onnx
@@ -51,15 +54,7 @@ print(elapsed, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 102
 
 
 def _run(script: str, path: Path, out: Path) -> tuple[float, int]:
-    # Every run writes a new file: unlinking an old one of the same size is not the tool's cost.
-    # The parent stays small (stdlib only) because children inherit its peak RSS figure.
-    for stale in out.parent.glob(out.name + "*"):
-        stale.unlink()
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(path), str(out)],
-        check=True, capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
-    seconds, peak = result.stdout.split()[-2:]
+    seconds, peak = run_fresh(script, path, out)[-2:]
     return float(seconds), int(float(peak))
 
 

@@ -20,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from _bench import run_fresh  # noqa: E402 - tools/ is not a package
 
 _BUILD = """
 import sys, onnx
@@ -54,13 +57,7 @@ print(time.perf_counter() - start)
 
 
 def _run(script: str, *paths: Path) -> float:
-    out = paths[-1]
-    for stale in out.parent.glob(out.name + "*"):
-        stale.unlink()
-    result = subprocess.run(
-        [sys.executable, "-c", script, *map(str, paths)], check=True, capture_output=True, text=True, cwd=REPO
-    )
-    return float(result.stdout.split()[-1])
+    return float(run_fresh(script, *paths)[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
