@@ -17,7 +17,14 @@ Verdicts (:attr:`AuditReport.verdict`), first that applies:
                       (``report.rescaled`` lists them; :func:`canonicalize` undoes them);
 ``scaled``            some neurons' rows are scaled by ``k`` with no compensation, everything
                       else is equal up to rounding (``report.scaled_neurons``);
-``perturbed``         anything else, with ``report.perturbation`` = the likely kind and evidence.
+``perturbed``         anything else, with ``report.perturbation`` = the likely kind and evidence;
+``converted``         (suspects that went through a converter only) every constant equals the
+                      reference's within storage error, in the reference's order already.
+
+A suspect that went through a converter (float16, folded BatchNorm, QDQ, simplifier, opset; see
+:mod:`onnxlady._across`) is compared in a form both models share, each value within the error
+its storage allows; :attr:`AuditReport.conversions` lists what the converter did, separately
+from the verdict: a model only permuted and converted is ``permuted``, not modified.
 
 A suspect of another architecture raises :class:`OnnxladyError` (from resync).
 Exit codes: 0 for identical/permuted/permuted-rescaled, 1 for scaled/perturbed.
@@ -59,7 +66,9 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._analysis import COPY_SUFFIX, ChannelAnalysis, analyze
+from onnxlady._match import ConversionFinding
 from onnxlady._permute import _tensor_holders
+from onnxlady._across import AcrossResync
 from onnxlady._resync import ResyncResult, resync_model
 
 __all__ = [
@@ -71,7 +80,7 @@ __all__ = [
     "canonicalize",
 ]
 
-VERDICTS = ("identical", "permuted", "permuted-rescaled", "scaled", "perturbed")
+VERDICTS = ("identical", "permuted", "permuted-rescaled", "scaled", "perturbed", "converted")
 DEFAULT_RTOL = 1e-5
 COS_EXACT = 1e-6
 SCALE_TOL = 1e-4
@@ -129,11 +138,13 @@ class AuditReport:
     differing_tensors: list[str] = field(default_factory=list)
     #: Per group: similarity matrices (reference x suspect neurons) before/after resync.
     similarity: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    #: What a converter did to either model (float16, folded BatchNorm...): not an integrity change.
+    conversions: list[ConversionFinding] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         return (
-            0 if self.verdict in ("identical", "permuted", "permuted-rescaled") else 1
+            0 if self.verdict in ("identical", "permuted", "permuted-rescaled", "converted") else 1
         )
 
     @property
@@ -152,6 +163,7 @@ class AuditReport:
             "summary": self.summary,
             "rtol": self.rtol,
             "functionally_equivalent": self.exit_code == 0,
+            "conversions": [asdict(c) for c in self.conversions],
             "differing_tensors": list(self.differing_tensors),
             "rescaled": [asdict(s) for s in self.rescaled],
             "scaled_neurons": [asdict(s) for s in self.scaled_neurons],
@@ -682,8 +694,13 @@ def audit_models(
     )
     if progress is not None:
         progress("audit: comparing neurons")
-    after = _arrays(result.model)
+    if result.across is not None:
+        ref, before, after = _common_form(result.across, analysis, ref)
+    else:
+        after = _arrays(result.model)
     sim = _similarity(analysis, ref, before, after)
+    conversions = list(result.across.match.conversions) if result.across is not None else []
+    done = " and converted" if conversions else ""
 
     def differing(values: dict[str, np.ndarray]) -> list[str]:
         return sorted(
@@ -696,14 +713,23 @@ def audit_models(
     work = {n: a.astype(np.float64) for n, a in after.items()}
     rescaled, attacked, audits = _scale_analysis(analysis, ref, work)
     report = AuditReport(
-        "permuted", "", rtol, result, audits, rescaled, attacked, similarity=sim
+        "permuted", "", rtol, result, audits, rescaled, attacked, similarity=sim, conversions=conversions
     )
     if not diff:
-        report.summary = (
-            "after resync every constant equals the reference's up to float rounding: the suspect is the "
-            "reference with its neurons re-ordered, functionally equivalent"
-        )
         report.rescaled, report.scaled_neurons = [], []
+        if conversions and all(np.array_equal(m, np.arange(m.size)) for m in _matches(result)):
+            report.verdict = "converted"
+            report.summary = (
+                "every compared constant equals the reference's within the error its storage allows, in the "
+                f"reference's order: the suspect is the reference converted ({_conversion_text(conversions)})"
+            )
+            return report
+        rounding = "within the error its storage allows" if conversions else "up to float rounding"
+        report.summary = (
+            f"after resync every constant equals the reference's {rounding}: the suspect is the "
+            f"reference with its neurons re-ordered{done}, functionally equivalent"
+            + (f" ({_conversion_text(conversions)})" if conversions else "")
+        )
         return report
     remaining = differing(work)
     report.differing_tensors = remaining or diff
@@ -727,4 +753,46 @@ def audit_models(
     sus_for_kind = {_source(n): a for n, a in after.items()}
     report.perturbation = _classify(ref, sus_for_kind, _weight_names(analysis), rtol)
     report.summary = f"weights modified; likely {report.perturbation['kind']}: {report.perturbation['reason']}"
+    if conversions:
+        report.summary += f"; besides, converted ({_conversion_text(conversions)})"
     return report
+
+
+def _matches(result: ResyncResult) -> list[np.ndarray]:
+    """The recovered permutation of every group (identity where the suspect was in order)."""
+    return [np.asarray(group["perm"]) for group in result.key.groups]
+
+
+def _conversion_text(conversions: list[ConversionFinding]) -> str:
+    return "; ".join(f"{c.model}: {c.detail}" for c in conversions)
+
+
+def _common_form(
+    details: AcrossResync, analysis: ChannelAnalysis, raw: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Reference, suspect-before and suspect-after arrays by reference tensor name, in the form
+    both models share (folded, dequantized, float64; see :mod:`onnxlady._across`).
+
+    Suspect values within the storage error of the reference's are replaced by the reference's,
+    so what differs afterwards is a real change. Tensors with no counterpart read as equal.
+    """
+    ref: dict[str, np.ndarray] = {}
+    before: dict[str, np.ndarray] = {}
+    after: dict[str, np.ndarray] = {}
+    for number, plan in enumerate(analysis.tensors):
+        reference = details.reference[number]
+        aligned = details.suspect_aligned[number]
+        original = details.suspect_before[number]
+        if reference is None or aligned is None or original is None:
+            value = raw[plan.source].astype(np.float64)
+            ref[plan.source], before[plan.source], after[plan.source] = value, value, value
+            continue
+        ref[plan.source] = reference.value
+        scale = float(np.abs(reference.value).max()) if reference.value.size else 0.0
+        allowed = reference.error + aligned.error + 2.0**-24 * scale
+        within = np.abs(reference.value - aligned.value) <= allowed
+        after[plan.source] = np.where(within, reference.value, aligned.value)
+        before[plan.source] = original.value
+    for name, value in raw.items():  # constants no plan moves: as stored
+        ref.setdefault(name, value)
+    return ref, before, after

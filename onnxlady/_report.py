@@ -36,6 +36,10 @@ def render_markdown(report: AuditReport) -> str:
         report.summary,
         "",
     ]
+    if report.conversions:
+        lines += ["## Conversions (not integrity changes)", "", "| kind | in the | what |", "|---|---|---|"]
+        lines += [f"| {c.kind} | {c.model} | {c.detail} |" for c in report.conversions]
+        lines.append("")
     if report.rescaled:
         lines += [
             "## Function-preserving rescales",
@@ -210,6 +214,11 @@ def render_html(report: AuditReport, analysis: Any = None) -> str:
         f"<h1>Audit verdict: <span class='verdict'>{esc(report.verdict)}</span> (exit {report.exit_code})</h1>",
         f"<p>{esc(report.summary)}</p>",
     ]
+    if report.conversions:
+        body.append("<h2>Conversions (not integrity changes)</h2><table><tr><th>kind</th><th>in the</th><th>what</th></tr>")
+        for c in report.conversions:
+            body.append(f"<tr><td>{esc(c.kind)}</td><td>{esc(c.model)}</td><td>{esc(c.detail)}</td></tr>")
+        body.append("</table>")
     if report.scaled_neurons or report.rescaled:
         body.append(
             "<h2>Scaled neurons</h2><table><tr><th>group</th><th>neuron</th><th>tensor</th><th>k</th><th>undone by</th></tr>"

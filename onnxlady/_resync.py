@@ -142,10 +142,15 @@ class ResyncResult:
     refined_rounds: int
     psi: float | None
     psi_distinguishable: float | None
+    #: Set when the suspect was matched across conversions (see :mod:`onnxlady._across`).
+    across: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (the model and the key are written separately)."""
         return {
+            "across_conversions": self.across is not None,
+            **({"conversions": [asdict(c) for c in self.across.match.conversions]} if self.across else {}),
+            **(self.across.to_dict() if self.across else {}),
             "method": self.method,
             "refined_rounds": self.refined_rounds,
             "ambiguity_margin": AMBIGUITY_MARGIN,
@@ -600,12 +605,15 @@ class _Resync:
         return True
 
     def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
-        array = self.work[plan_index]
+        self.work[plan_index] = self._moved(self.work[plan_index], plan_index, gid, step)
+
+    def _moved(self, array: np.ndarray, plan_index: int, gid: str, step: np.ndarray) -> np.ndarray:
+        """``array`` (laid out like plan ``plan_index``) with group ``gid`` re-ordered by ``step``."""
         for axis, expr in self.analysis.tensors[plan_index].axes:
             idx = self.analysis.index_array(expr, {gid: step})
             if not np.array_equal(idx, np.arange(idx.size)):
                 array = np.take(array, idx, axis=axis)
-        self.work[plan_index] = array
+        return array
 
     def run(self, progress: Callable[[str], None] | None) -> int:
         """First pass in group order, then refinement rounds; returns the rounds run."""
@@ -676,6 +684,10 @@ def _shape_text(dims: Iterable[int]) -> str:
     return "[" + ",".join(str(int(d)) for d in dims) + "]"
 
 
+class _NotATwin(OnnxladyError):
+    """The suspect is no node-for-node copy of the reference (the message says where)."""
+
+
 class _SuspectMap:
     """The suspect's tensor behind each of the reference's constant use sites."""
 
@@ -706,10 +718,10 @@ class _SuspectMap:
         label = node_label(node, index)
         produced = self.suspect.producer.get(node.output[0]) if node.output else None
         if produced is None:
-            raise OnnxladyError(f"suspect differs from reference: node '{label}' missing")
+            raise _NotATwin(f"suspect differs from reference: node '{label}' missing")
         twin = self.suspect.nodes[produced[0]]
         if (twin.domain or "", twin.op_type) != (node.domain or "", node.op_type):
-            raise OnnxladyError(
+            raise _NotATwin(
                 f"suspect differs from reference: node '{label}' is {node.op_type} in the reference "
                 f"but {twin.op_type} in the suspect"
             )
@@ -723,17 +735,23 @@ class _SuspectMap:
         name = twin.input[slot] if slot < len(twin.input) else ""
         leaf = self.suspect.constant_leaf(name) if name else None
         if leaf is None:
-            raise OnnxladyError(f"suspect differs from reference: node '{label}' input {slot} is not a constant")
+            raise _NotATwin(f"suspect differs from reference: node '{label}' input {slot} is not a constant")
         ref_leaf = self.reference.constant_leaf(node.input[slot])
         assert ref_leaf is not None
         ref_dims = list(self.reference.leaf_tensor(ref_leaf).dims)
         sus_dims = list(self.suspect.leaf_tensor(leaf).dims)
         if ref_dims != sus_dims:
             where = "" if leaf.name == ref_leaf.name else f" (suspect tensor '{leaf.name}')"
-            raise OnnxladyError(
+            raise _NotATwin(
                 f"suspect differs from reference: tensor '{ref_leaf.name}'{where} has shape "
                 f"{_shape_text(sus_dims)} in the suspect vs {_shape_text(ref_dims)} in the reference"
             )
+        if self.reference.leaf_tensor(ref_leaf).data_type != self.suspect.leaf_tensor(leaf).data_type:
+            raise _NotATwin(f"suspect differs from reference: tensor '{ref_leaf.name}' is stored in another type")
+        ref_chain = [self.reference.nodes[i].op_type for i in ref_leaf.chain]
+        sus_chain = [self.suspect.nodes[i].op_type for i in leaf.chain]
+        if ref_chain != sus_chain:
+            raise _NotATwin(f"suspect differs from reference: tensor '{ref_leaf.name}' is read through other operators")
         return leaf.name
 
     def plan_leaves(self, plan: TensorPermutation) -> list[str]:
@@ -746,7 +764,7 @@ class _SuspectMap:
             if leaf not in leaves:
                 leaves.append(leaf)
         if not leaves:
-            raise OnnxladyError(f"suspect differs from reference: no use of tensor '{plan.source}' to match")
+            raise _NotATwin(f"suspect differs from reference: no use of tensor '{plan.source}' to match")
         return leaves
 
 
@@ -1017,10 +1035,17 @@ def _resync(
     # analyze() does not modify its model and nothing here does either, so the reference is
     # analysed as it is: a deep copy would cost as much as loading it again.
     analysis = analyze(reference)
-    true_perms = _true_perms(analysis, true_key)
     _say(progress, "resync: matching the suspect's tensors to the reference's")
-    site_map = _SuspectMap(analysis.graph, suspect)
-    leaves = [site_map.plan_leaves(plan) for plan in analysis.tensors]
+    try:
+        site_map = _SuspectMap(analysis.graph, suspect)
+        leaves = [site_map.plan_leaves(plan) for plan in analysis.tensors]
+        if site_map.suspect.opsets != analysis.graph.opsets:
+            raise _NotATwin("suspect differs from reference: other opsets")
+    except _NotATwin:
+        from onnxlady._across import resync_across  # converted suspects: structural matching
+
+        return resync_across(reference, suspect, options, true_key, progress)[0]
+    true_perms = _true_perms(analysis, true_key)
     ref_values, sus_values = _Values(reference, "reference"), _Values(suspect, "suspect")
     ref_values.check_finite(plan.source for plan in analysis.tensors)
     sus_values.check_finite(name for names in leaves for name in names)

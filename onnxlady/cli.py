@@ -117,6 +117,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(resync)
     resync.set_defaults(handler=_cmd_resync)
 
+    match = commands.add_parser(
+        "match", help="pair the groups of two models whose graphs differ (a converter ran on one of them)"
+    )
+    match.add_argument("reference", type=Path)
+    match.add_argument("suspect", type=Path)
+    _common(match)
+    match.set_defaults(handler=_cmd_match)
+
     audit = commands.add_parser("audit", help="is the suspect the reference, up to permutation? what was done to it?")
     audit.add_argument("reference", type=Path)
     audit.add_argument("suspect", type=Path)
@@ -538,10 +546,49 @@ def _cmd_resync(args: argparse.Namespace, progress: Progress) -> int:
             )
         ambiguous = sum(g.ambiguous for g in result.groups)
         lines.append(f"{ambiguous} ambiguous neurons (margin below the ambiguity threshold)")
+        if result.across is not None:
+            lines.append("the suspect is no node-for-node copy of the reference: matched across conversions")
+            for finding in result.across.match.conversions:
+                lines.append(f"conversion ({finding.kind}) in the {finding.model}: {finding.detail}")
+            for item in result.across.match.unmatched:
+                lines.append(f"left in place: {item.model} group {item.group} ({item.size}): {item.reason}")
         return "\n".join(lines)
 
     _emit(args, document, text)
     return 0
+
+
+def _cmd_match(args: argparse.Namespace, progress: Progress) -> int:
+    from onnxlady._match import match_analyses
+
+    reference = load_model(args.reference)
+    suspect = load_model(args.suspect)
+    if progress is not None:
+        progress("match: analysing both models")
+    result = match_analyses(analyze(reference.model), analyze(suspect.model))
+    document = {"reference": str(args.reference), "suspect": str(args.suspect), **result.to_dict()}
+
+    def text() -> str:
+        paired = sum(pair.permutable for pair in result.groups)
+        lines = [
+            f"{args.reference} <-> {args.suspect}: {len(result.sites)} of {result.site_counts[0]} reference sites "
+            f"and {result.site_counts[1]} suspect sites paired; {paired} permutable groups paired"
+        ]
+        lines.append(f"{'reference':>10} {'suspect':>8} {'size':>6}  permutable")
+        for pair in result.groups:
+            lines.append(f"{pair.reference:>10} {pair.suspect:>8} {pair.size:>6}  {'yes' if pair.permutable else 'no'}")
+        for item in result.unmatched:
+            lines.append(f"unmatched {item.model} group {item.group} ({item.size}): {item.reason}")
+        for where in result.divergences:
+            lines.append(f"structures diverge {where}")
+        for finding in result.conversions:
+            lines.append(f"conversion ({finding.kind}) in the {finding.model}: {finding.detail}")
+        if result.complete:
+            lines.append("every permutable group has its counterpart")
+        return "\n".join(lines)
+
+    _emit(args, document, text)
+    return 0 if result.complete else 1
 
 
 def _cmd_audit(args: argparse.Namespace, progress: Progress) -> int:

@@ -1,0 +1,472 @@
+"""Resync across conversions: the suspect's graph is not a node-for-node copy of the reference.
+
+:mod:`onnxlady._match` pairs the two models' sites and groups. Resync then runs the same solver
+as for twin graphs (:class:`~onnxlady._resync._Resync`, groups in the reference's order, block
+signatures, Hungarian), on arrays that both models hold in one common form:
+
+- every compared constant is read as its user reads it (:class:`Approx`): float16, bfloat16 and
+  int8-behind-``DequantizeLinear`` become real numbers, reshaped to the reference tensor's
+  layout;
+- a linear layer's weight and bias are taken with the BatchNorm that follows it folded in, on
+  both sides (``W s`` and ``(b - mean) s + beta`` with ``s = gamma / sqrt(var + eps)``): a
+  folded and an unfolded copy then hold the same numbers, per-neuron scales, signs included;
+- a reference constant with no counterpart (the statistics of a BatchNorm the suspect folded,
+  a quantization scale) is left out of the signatures.
+
+Every value carries a bound on how far its storage may be from the exact number (half a unit
+in the last place of float16/bfloat16/float32, half a quantization step behind
+DequantizeLinear, propagated through folding): the audit calls two aligned models equal when
+every difference is within the sum of the bounds (plus its ``rtol``), so a model that was only
+permuted and converted is not "modified".
+
+The result is the *suspect* re-ordered by :func:`~onnxlady._permute.permute_model` on its own
+analysis: it keeps its form (float16, folded, QDQ) and is equivalent to the suspect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxlady._analysis import ChannelAnalysis, analyze
+from onnxlady._errors import OnnxladyError
+from onnxlady._graph import ModelGraph
+from onnxlady._key import PermutationKey, graph_fingerprint
+from onnxlady._match import ModelMatch, Unit, match_analyses
+from onnxlady._permute import _tensor_holders, permute_model
+
+__all__ = ["AcrossResync", "Approx", "read_constant", "resync_across"]
+
+#: Half a unit in the last place, relative, of each stored float type.
+_HALF_ULP = {
+    onnx.TensorProto.FLOAT: 2.0**-24,
+    onnx.TensorProto.FLOAT16: 2.0**-11,
+    onnx.TensorProto.BFLOAT16: 2.0**-8,
+    onnx.TensorProto.DOUBLE: 2.0**-53,
+}
+#: Half the smallest subnormal step of each stored float type (absolute).
+_HALF_TINY = {
+    onnx.TensorProto.FLOAT: 2.0**-150,
+    onnx.TensorProto.FLOAT16: 2.0**-25,
+    onnx.TensorProto.BFLOAT16: 2.0**-134,
+    onnx.TensorProto.DOUBLE: 0.0,
+}
+_NUMPY_HALF_ULP = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float16): 2.0**-11, np.dtype(np.float64): 2.0**-53}
+
+
+@dataclass(frozen=True)
+class Approx:
+    """A constant as its user reads it, in float64, with a bound on its storage error."""
+
+    value: np.ndarray
+    error: np.ndarray
+
+    def reshaped(self, shape: tuple[int, ...]) -> Approx:
+        return Approx(self.value.reshape(shape), np.broadcast_to(self.error, self.value.shape).reshape(shape))
+
+
+def _spread(parameter: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
+    """A (De)QuantizeLinear scale broadcast to its data's shape (per tensor, per axis or blocked)."""
+    if parameter.size == 1:
+        return np.broadcast_to(parameter.reshape(()), shape)
+    rank = len(shape)
+    axis, block = 1, 0
+    for attribute in node.attribute:
+        if attribute.name == "axis":
+            axis = int(attribute.i)
+        elif attribute.name == "block_size":
+            block = int(attribute.i)
+    axis %= max(rank, 1)
+    if block:
+        return np.repeat(parameter, block, axis=axis).take(range(shape[axis]), axis=axis)
+    view = [1] * rank
+    view[axis] = -1
+    return np.broadcast_to(parameter.reshape(view), shape)
+
+
+def read_constant(graph: ModelGraph, name: str) -> Approx | None:
+    """The constant ``name`` as its user reads it, with the error bound of its storage."""
+    leaf = graph.constant_leaf(name) if name else None
+    if leaf is None:
+        return None
+    tensor = graph.leaf_tensor_or_none(leaf)
+    if tensor is None:
+        return None
+    raw = numpy_helper.to_array(tensor)
+    current = raw.astype(np.float64) if raw.dtype.kind in "fiub" else None
+    if current is None:
+        return None
+    error = np.abs(current) * _HALF_ULP.get(tensor.data_type, 0.0) + _HALF_TINY.get(tensor.data_type, 0.0)
+    for index in leaf.chain:
+        node = graph.nodes[index]
+        out = graph.constant_value(node.output[0])
+        if out is None:
+            return None
+        out64 = np.asarray(out, dtype=np.float64)
+        op = node.op_type
+        if op == "DequantizeLinear":
+            scale = graph.constant_value(node.input[1])
+            if scale is None:
+                return None
+            # The stored integers are exact; the number they stand for lies within half a step.
+            error = 0.5 * np.abs(_spread(np.asarray(scale, dtype=np.float64), node, out64.shape))
+        elif op == "QuantizeLinear":
+            error = np.zeros(out64.shape)
+        elif op == "Mul":
+            data = graph.chain_data_slot(index)
+            factor = graph.constant_value(node.input[1 - (data or 0)])
+            if factor is None:
+                return None
+            error = np.broadcast_to(error, out64.shape) * np.abs(np.asarray(factor, dtype=np.float64))
+        elif error.size == out64.size:
+            error = np.broadcast_to(error, current.shape).reshape(out64.shape)
+        else:  # Expand: every copy carries its source's error
+            error = np.broadcast_to(error.reshape(current.shape), out64.shape)
+        error = error + np.abs(out64) * _NUMPY_HALF_ULP.get(np.asarray(out).dtype, 0.0)
+        current = out64
+    return Approx(current, np.broadcast_to(error, current.shape))
+
+
+# -- units in folded form ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class _BatchNorm:
+    scale: Approx  # gamma / sqrt(var + eps)
+    shift: Approx  # beta
+    mean: Approx
+
+
+def _batchnorm(graph: ModelGraph, index: int) -> _BatchNorm | None:
+    node = graph.nodes[index]
+    parts = [read_constant(graph, name) for name in node.input[1:5]]
+    if any(part is None for part in parts):
+        return None
+    gamma, beta, mean, var = parts  # type: ignore[misc]
+    eps = 1e-5
+    for attribute in node.attribute:
+        if attribute.name == "epsilon":
+            eps = float(attribute.f)
+    root = np.sqrt(var.value + eps)
+    scale = gamma.value / root
+    # d(g / sqrt(v + e)) = dg / sqrt(v + e) - g dv / (2 (v + e)^1.5)
+    scale_error = gamma.error / root + np.abs(gamma.value) * 0.5 * var.error / root**3
+    return _BatchNorm(Approx(scale, scale_error), beta, mean)
+
+
+def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    view = [1] * rank
+    view[axis] = -1
+    return vector.reshape(view)
+
+
+def unit_weight(graph: ModelGraph, unit: Unit) -> Approx | None:
+    """The unit's weight as read, with its BatchNorm folded in along the output axis."""
+    weight = read_constant(graph, graph.nodes[unit.node].input[unit.weight_slot])
+    if weight is None or unit.batchnorm is None:
+        return weight
+    bn = _batchnorm(graph, unit.batchnorm)
+    if bn is None or weight.value.shape[unit.out_axis] != bn.scale.value.size:
+        return None
+    rank = weight.value.ndim
+    scale = _along(bn.scale.value, unit.out_axis, rank)
+    scale_error = _along(bn.scale.error, unit.out_axis, rank)
+    return Approx(weight.value * scale, weight.error * np.abs(scale) + np.abs(weight.value) * scale_error)
+
+
+def unit_bias(graph: ModelGraph, unit: Unit, size: int) -> Approx | None:
+    """The unit's bias as a vector over its output neurons, with its BatchNorm folded in."""
+    if unit.bias is not None:
+        node, slot = unit.bias
+        bias = read_constant(graph, graph.nodes[node].input[slot])
+        if bias is None or bias.value.size != size:
+            return None
+        bias = bias.reshaped((size,))
+    else:
+        bias = Approx(np.zeros(size), np.zeros(size))
+    if unit.batchnorm is None:
+        return bias
+    bn = _batchnorm(graph, unit.batchnorm)
+    if bn is None or bn.scale.value.size != size:
+        return None
+    centred = bias.value - bn.mean.value
+    value = centred * bn.scale.value + bn.shift.value
+    error = (bias.error + bn.mean.error) * np.abs(bn.scale.value) + np.abs(centred) * bn.scale.error + bn.shift.error
+    return Approx(value, error)
+
+
+# -- the roles of the reference's planned tensors --------------------------------------------
+@dataclass(frozen=True)
+class _Role:
+    """What a constant use is, in terms both models share."""
+
+    kind: str  # "weight", "bias", "batchnorm" (a raw BatchNorm parameter of a unit), "site"
+    node: int  # the unit's linear node, or the site node
+    slot: int  # input slot (of the BatchNorm node for "batchnorm")
+
+
+def _roles(graph: ModelGraph, units: dict[int, Unit]) -> dict[tuple[int, int], _Role]:
+    roles: dict[tuple[int, int], _Role] = {}
+    for unit in units.values():
+        roles[(unit.node, unit.weight_slot)] = _Role("weight", unit.node, unit.weight_slot)
+        if unit.bias is not None:
+            roles[unit.bias] = _Role("bias", unit.node, 0)
+        if unit.batchnorm is not None:
+            for slot in range(1, 5):
+                kind = "bias" if slot == 2 and unit.bias is None else "batchnorm"
+                roles[(unit.batchnorm, slot)] = _Role(kind, unit.node, slot)
+    return roles
+
+
+def _role_value(graph: ModelGraph, units: dict[int, Unit], role: _Role, size: int) -> Approx | None:
+    """The value of ``role`` in one model (``size``: the reference tensor's element count)."""
+    if role.kind == "weight":
+        return unit_weight(graph, units[role.node])
+    unit = units.get(role.node)
+    if role.kind == "bias":
+        assert unit is not None
+        return unit_bias(graph, unit, size)
+    if role.kind == "batchnorm":
+        if unit is None or unit.batchnorm is None:
+            return None
+        return read_constant(graph, graph.nodes[unit.batchnorm].input[role.slot])
+    node = graph.nodes[role.node]
+    return read_constant(graph, node.input[role.slot]) if role.slot < len(node.input) else None
+
+
+@dataclass
+class _Pairing:
+    """Per reference plan: both models' values in the reference tensor's layout, or None."""
+
+    reference: list[Approx | None]
+    suspect: list[Approx | None]
+    dropped: list[str]  # reference tensors with no counterpart (left out of the signatures)
+
+
+def _pair_plans(match: ModelMatch) -> _Pairing:
+    ref, sus = match.reference, match.suspect
+    ref_roles = _roles(ref.graph, match.reference_units)
+    holders = _tensor_holders(ref.graph.model)
+    references: list[Approx | None] = []
+    suspects: list[Approx | None] = []
+    dropped: list[str] = []
+    for plan in ref.tensors:
+        shape = tuple(int(d) for d in holders[plan.source].dims)
+        size = int(np.prod(shape)) if shape else 1
+        found: tuple[Approx, Approx] | None = None
+        for index, slot in plan.uses:
+            if index < 0 or slot < 0:
+                continue
+            role = ref_roles.get((index, slot), _Role("site", index, slot))
+            partner = match.sites.get(role.node)
+            if partner is None:
+                continue
+            theirs = _Role(role.kind, partner, role.slot)
+            if role.kind != "site" and partner not in match.suspect_units:
+                continue
+            mine_value = _role_value(ref.graph, match.reference_units, role, size)
+            their_value = _role_value(sus.graph, match.suspect_units, theirs, size)
+            if mine_value is None or their_value is None:
+                continue
+            if mine_value.value.size != size or their_value.value.size != size:
+                continue
+            found = (mine_value.reshaped(shape), their_value.reshaped(shape))
+            break
+        if found is None:
+            dropped.append(plan.source)
+            references.append(None)
+            suspects.append(None)
+        else:
+            references.append(found[0])
+            suspects.append(found[1])
+    return _Pairing(references, suspects, dropped)
+
+
+# -- the resync -------------------------------------------------------------------------------
+def _resync_module() -> Any:
+    from onnxlady import _resync  # the solver; imported late, it imports this module lazily too
+
+    return _resync
+
+
+@dataclass
+class AcrossResync:
+    """What resync across conversions found, beyond the usual result."""
+
+    match: ModelMatch
+    compared: list[int]  # reference plans compared (the others had no counterpart)
+    reference: list[Approx | None]
+    suspect_aligned: list[Approx | None]  # the suspect's values in the reference's order
+    suspect_before: list[Approx | None]  # the suspect's values in its own order
+    dropped: list[str] = field(default_factory=list)
+    unresolved: list[str] = field(default_factory=list)  # paired groups with nothing to compare
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "matching": self.match.to_dict(),
+            "compared_tensors": len(self.compared),
+            "tensors_without_counterpart": list(self.dropped),
+            "unresolved_groups": list(self.unresolved),
+        }
+
+
+def _state_class() -> type:
+    resync = _resync_module()
+
+    @dataclass
+    class _State(resync._Resync):  # type: ignore[name-defined, misc]
+        """The solver's state, moving the suspect's error bounds with its values."""
+
+        errors: list[np.ndarray] = field(default_factory=list)
+
+        def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
+            super()._apply(plan_index, gid, step)
+            self.errors[plan_index] = self._moved(self.errors[plan_index], plan_index, gid, step)
+
+    return _State
+
+
+def _true_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str, np.ndarray]:
+    """The true permutations by reference group id, whichever model's groups the key names."""
+    resync = _resync_module()
+    if true_key is None:
+        return {}
+    ref_model, sus_model = match.reference.graph.model, match.suspect.graph.model
+    if true_key.source_fingerprint == graph_fingerprint(ref_model):
+        return resync._true_perms(match.reference, true_key)
+    if graph_fingerprint(sus_model) in (true_key.permuted_fingerprint, true_key.source_fingerprint):
+        by_suspect = resync._true_perms(match.suspect, true_key)
+        return {pair.reference: by_suspect[pair.suspect] for pair in match.groups if pair.suspect in by_suspect}
+    raise OnnxladyError("the true key was made for neither the reference nor the suspect (graph fingerprints differ)")
+
+
+def resync_across(
+    reference: onnx.ModelProto,
+    suspect: onnx.ModelProto,
+    options: Any,
+    true_key: PermutationKey | None,
+    progress: Callable[[str], None] | None,
+) -> tuple[Any, AcrossResync]:
+    """Resync a converted suspect (see the module docstring): (ResyncResult, details)."""
+    resync = _resync_module()
+    resync._say(progress, "resync: the suspect is not a twin of the reference; matching across conversions")
+    ref_analysis, sus_analysis = analyze(reference), analyze(suspect)
+    match = match_analyses(ref_analysis, sus_analysis)
+    # A converter keeps the computation's skeleton: any divergence means another architecture
+    # (or an unknown rewrite), and resyncing part of it would be a guess.
+    if match.divergences:
+        more = f" (and {len(match.divergences) - 1} more places)" if len(match.divergences) > 1 else ""
+        raise OnnxladyError(
+            f"suspect differs from reference beyond a conversion: {match.divergences[0]}{more}; "
+            "'onnxlady match' shows the pairing"
+        )
+    if not any(pair.permutable for pair in match.groups):
+        raise OnnxladyError("suspect and reference structures cannot be matched: no permutable group pairs")
+    true_perms = _true_perms(match, true_key)
+    pairing = _pair_plans(match)
+    kept = {number for number, value in enumerate(pairing.reference) if value is not None}
+    for values, which in ((pairing.reference, "reference"), (pairing.suspect, "suspect")):
+        for number in kept:
+            approx = values[number]
+            assert approx is not None
+            if not np.all(np.isfinite(approx.value)):
+                raise OnnxladyError(
+                    f"tensor '{ref_analysis.tensors[number].source}' of the {which} holds NaN or Inf values"
+                )
+    permutable = {pair.reference for pair in match.groups if pair.permutable}
+    slices, touched = resync._group_slices(ref_analysis, permutable)
+    slices = {gid: [piece for piece in pieces if piece.plan in kept] for gid, pieces in slices.items()}
+    touched = {gid: [plan for plan in plans if plan in kept] for gid, plans in touched.items()}
+    order = [group for group in ref_analysis.permutable_groups if group.id in permutable and slices[group.id]]
+    unresolved = sorted(permutable - {group.id for group in order})
+    empty = np.zeros(0)
+    state = _state_class()(
+        analysis=ref_analysis,
+        order=order,
+        slices=slices,
+        touched=touched,
+        reference=[value.value if value is not None else empty for value in pairing.reference],
+        work=[value.value.copy() if value is not None else empty for value in pairing.suspect],
+        options=options,
+        errors=[np.array(value.error) if value is not None else empty for value in pairing.suspect],
+    )
+    rounds = state.run(progress)
+    tally = resync._Tally()
+    groups = [resync._group_report(state, group, tally, true_perms.get(group.id)) for group in order]
+    resync._say(progress, "resync: re-ordering the suspect in its own form")
+    perms = {match.suspect_group(gid).suspect: state.match[gid] for gid in state.match}  # type: ignore[union-attr]
+    model, key = _reorder_suspect(suspect, perms, reference, options)
+    aligned: list[Approx | None] = [
+        Approx(state.work[n], state.errors[n]) if n in kept else None for n in range(len(pairing.suspect))
+    ]
+    details = AcrossResync(
+        match, sorted(kept), pairing.reference, aligned, pairing.suspect, pairing.dropped, unresolved
+    )
+    result = resync.ResyncResult(
+        model=model,
+        key=key,
+        groups=groups,
+        method=options.method,
+        refined_rounds=rounds,
+        psi=resync._percent(tally.hits, tally.total) if true_perms else None,
+        psi_distinguishable=(
+            resync._percent(tally.hits_distinguishable, tally.total_distinguishable) if true_perms else None
+        ),
+        across=details,
+    )
+    return result, details
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def _reorder_suspect(
+    suspect: onnx.ModelProto, perms: dict[str, np.ndarray], reference: onnx.ModelProto, options: Any
+) -> tuple[onnx.ModelProto, PermutationKey]:
+    """The suspect permuted by ``perms`` (its own group ids), and the key that
+    ``unpermute_model`` applies to the suspect to give it (as for twin graphs)."""
+    output = _copy(suspect)
+    permute_model(analyze(output), perms)
+    back = _copy(output)
+    key = permute_model(analyze(back), {gid: np.argsort(perm) for gid, perm in perms.items()})
+    key.extra["resync"] = {
+        "reference_fingerprint": graph_fingerprint(reference),
+        "method": options.method,
+        "refine": options.refine,
+        "across_conversions": True,
+    }
+    return output, key
+
+
+# -- comparison for the audit -----------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorDifference:
+    """A reference tensor whose aligned suspect counterpart differs beyond storage error."""
+
+    tensor: str
+    max_excess: float  # largest |difference| minus allowed error, relative to max |reference|
+    elements: int  # elements beyond the allowed error
+
+
+def differences(details: AcrossResync, analysis: ChannelAnalysis, rtol: float) -> list[TensorDifference]:
+    """Reference tensors whose aligned suspect values differ by more than both storage errors
+    plus ``rtol`` times the tensor's largest magnitude."""
+    found = []
+    for number in details.compared:
+        ref, sus = details.reference[number], details.suspect_aligned[number]
+        assert ref is not None and sus is not None
+        scale = float(np.abs(ref.value).max()) if ref.value.size else 0.0
+        allowed = ref.error + sus.error + rtol * scale + 1e-30
+        excess = np.abs(ref.value - sus.value) - allowed
+        bad = int(np.count_nonzero(excess > 0))
+        if bad:
+            found.append(
+                TensorDifference(analysis.tensors[number].source, float(excess.max()) / max(scale, 1e-30), bad)
+            )
+    return found
