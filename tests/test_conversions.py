@@ -36,7 +36,7 @@ from fixtures.conversions import (
     upgrade_opset,
 )
 from onnxlady._verify import generate_inputs
-from tests.helpers import copy_model
+from tests.helpers import copy_model, permute_copy
 
 NAMES = ("vgg", "resnet", "mobilenet", "unfolded_bn", "concat", "matmul_mlp", "encoder_prenorm")
 #: Largest output error allowed, as a fraction of the largest reference output.
@@ -154,6 +154,16 @@ def test_conversion_keeps_the_function(conversion: str, name: str) -> None:
     assert _error(name, _broken(converted, name)) > 3 * tolerance
 
 
+@pytest.mark.parametrize("conversion", list(CONVERSIONS))
+def test_conversions_apply_to_a_permuted_model(conversion: str) -> None:
+    """Issue 6 converts permuted models (untied copies, permuted BN statistics): same checks."""
+    permuted, *_ = permute_copy(_source("resnet"), seed=3)
+    assert _error("resnet", permuted) <= 1e-5
+    converted = CONVERSIONS[conversion](permuted)
+    onnx.checker.check_model(converted, full_check=True)
+    assert _error("resnet", converted) <= TOLERANCE[conversion]
+
+
 def test_conversion_table() -> None:
     assert list(CONVERSIONS) == ["float16", "bfloat16", "fold-bn", "simplify", "qdq", "opset"]
 
@@ -195,6 +205,35 @@ def test_float16_keeps_float32_where_the_operator_needs_it() -> None:
     feeds = generate_inputs(source, None, np.random.default_rng(0))
     (out,), (ref,) = _run(model, feeds), _run(source, feeds)
     assert np.max(np.abs(out - ref)) <= TOLERANCE["float16"] * np.max(np.abs(ref))
+
+
+def test_float16_casts_around_an_operator_without_half_kernels() -> None:
+    """Range has no float16 form: its constant bounds stay float32, its computed step is cast
+    to float32 before it, its output is cast back to float16 after it."""
+    scalar = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Abs", ["step_raw"], ["step"], name="abs"),
+         helper.make_node("Range", ["start", "limit", "step"], ["range"], name="range"),
+         helper.make_node("Add", ["x", "range"], ["y"], name="add")],
+        "range", [scalar("x", TensorProto.FLOAT, [1, 4])], [scalar("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(v, dtype=np.float32), n)
+         for n, v in (("start", 0.0), ("limit", 4.0), ("step_raw", -1.0))])
+    source = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = to_float16(source)
+    onnx.checker.check_model(model, full_check=True)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert types == {"start": TensorProto.FLOAT, "limit": TensorProto.FLOAT, "step_raw": TensorProto.FLOAT16}
+    ops = [(n.name, n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+    assert ops == [("x.to_fp16", "Cast", ["x"], ["x.fp16"]),
+                   ("abs", "Abs", ["step_raw"], ["step"]),
+                   ("step.to_fp32", "Cast", ["step"], ["step.fp32"]),
+                   ("range", "Range", ["start", "limit", "step.fp32"], ["range.fp32"]),
+                   ("range.to_fp16", "Cast", ["range.fp32"], ["range"]),
+                   ("add", "Add", ["x.fp16", "range"], ["y.fp16"]),
+                   ("y.to_fp32", "Cast", ["y.fp16"], ["y"])]
+    x = np.array([[0.5, -1.0, 2.25, 3.0]], dtype=np.float32)
+    (y,) = _run(model, {"x": x})
+    assert np.array_equal(y, x + np.arange(4, dtype=np.float32))
 
 
 # -- bfloat16 ---------------------------------------------------------------------------------
