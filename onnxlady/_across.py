@@ -42,12 +42,12 @@ from onnxlady._permute import _tensor_holders, permute_model
 
 __all__ = ["AcrossResync", "Approx", "read_constant", "resync_across"]
 
-#: Half a unit in the last place, relative, of each stored float type.
-_HALF_ULP = {
-    onnx.TensorProto.FLOAT: 2.0**-24,
-    onnx.TensorProto.FLOAT16: 2.0**-11,
-    onnx.TensorProto.BFLOAT16: 2.0**-8,
-    onnx.TensorProto.DOUBLE: 2.0**-53,
+#: Significand bits (with the implicit one) of each stored float type.
+_PRECISION = {
+    onnx.TensorProto.FLOAT: 24,
+    onnx.TensorProto.FLOAT16: 11,
+    onnx.TensorProto.BFLOAT16: 8,
+    onnx.TensorProto.DOUBLE: 53,
 }
 #: Half the smallest subnormal step of each stored float type (absolute).
 _HALF_TINY = {
@@ -56,7 +56,16 @@ _HALF_TINY = {
     onnx.TensorProto.BFLOAT16: 2.0**-134,
     onnx.TensorProto.DOUBLE: 0.0,
 }
-_NUMPY_HALF_ULP = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float16): 2.0**-11, np.dtype(np.float64): 2.0**-53}
+_NUMPY_PRECISION = {np.dtype(np.float32): 24, np.dtype(np.float16): 11, np.dtype(np.float64): 53}
+
+
+def _half_ulp(values: np.ndarray, precision: int | None, tiny: float = 0.0) -> np.ndarray:
+    """Half a unit in the last place of each value stored with ``precision`` significand bits:
+    how far the number it was rounded from can be (0 for exact types)."""
+    if precision is None:
+        return np.zeros(values.shape)
+    _, exponent = np.frexp(values)  # |v| = m 2^e, 0.5 <= m < 1: the last place is 2^(e - precision)
+    return np.where(values == 0, tiny, np.maximum(np.ldexp(1.0, exponent - 1 - precision), tiny))
 
 
 @dataclass(frozen=True)
@@ -98,10 +107,11 @@ def read_constant(graph: ModelGraph, name: str) -> Approx | None:
     if tensor is None:
         return None
     raw = numpy_helper.to_array(tensor)
-    current = raw.astype(np.float64) if raw.dtype.kind in "fiub" else None
-    if current is None:
+    try:  # bfloat16 and float8 arrive as ml_dtypes arrays, which convert like the rest
+        current = raw.astype(np.float64)
+    except (TypeError, ValueError):
         return None
-    error = np.abs(current) * _HALF_ULP.get(tensor.data_type, 0.0) + _HALF_TINY.get(tensor.data_type, 0.0)
+    error = _half_ulp(current, _PRECISION.get(tensor.data_type), _HALF_TINY.get(tensor.data_type, 0.0))
     for index in leaf.chain:
         node = graph.nodes[index]
         out = graph.constant_value(node.output[0])
@@ -127,7 +137,7 @@ def read_constant(graph: ModelGraph, name: str) -> Approx | None:
             error = np.broadcast_to(error, current.shape).reshape(out64.shape)
         else:  # Expand: every copy carries its source's error
             error = np.broadcast_to(error.reshape(current.shape), out64.shape)
-        error = error + np.abs(out64) * _NUMPY_HALF_ULP.get(np.asarray(out).dtype, 0.0)
+        error = error + _half_ulp(out64, _NUMPY_PRECISION.get(np.asarray(out).dtype))
         current = out64
     return Approx(current, np.broadcast_to(error, current.shape))
 
@@ -442,31 +452,3 @@ def _reorder_suspect(
         "across_conversions": True,
     }
     return output, key
-
-
-# -- comparison for the audit -----------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorDifference:
-    """A reference tensor whose aligned suspect counterpart differs beyond storage error."""
-
-    tensor: str
-    max_excess: float  # largest |difference| minus allowed error, relative to max |reference|
-    elements: int  # elements beyond the allowed error
-
-
-def differences(details: AcrossResync, analysis: ChannelAnalysis, rtol: float) -> list[TensorDifference]:
-    """Reference tensors whose aligned suspect values differ by more than both storage errors
-    plus ``rtol`` times the tensor's largest magnitude."""
-    found = []
-    for number in details.compared:
-        ref, sus = details.reference[number], details.suspect_aligned[number]
-        assert ref is not None and sus is not None
-        scale = float(np.abs(ref.value).max()) if ref.value.size else 0.0
-        allowed = ref.error + sus.error + rtol * scale + 1e-30
-        excess = np.abs(ref.value - sus.value) - allowed
-        bad = int(np.count_nonzero(excess > 0))
-        if bad:
-            found.append(
-                TensorDifference(analysis.tensors[number].source, float(excess.max()) / max(scale, 1e-30), bad)
-            )
-    return found

@@ -180,7 +180,9 @@ def _arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     }
 
 
-def _close(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
+def _close(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None = None) -> bool:
+    """Equal up to ``rtol`` times the largest magnitude of ``a`` (plus, element by element,
+    ``allowed``: the error a conversion's storage may add)."""
     if a.shape != b.shape:
         return False
     if a.dtype.kind not in "fc" and b.dtype.kind not in "fc":
@@ -189,7 +191,8 @@ def _close(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
     if not np.all(np.isfinite(a64)) or not np.all(np.isfinite(b64)):
         return bool(np.array_equal(a64, b64, equal_nan=True))
     scale = float(np.abs(a64).max()) if a64.size else 0.0
-    return bool(np.all(np.abs(a64 - b64) <= rtol * scale + 1e-30))
+    extra = 0.0 if allowed is None else allowed
+    return bool(np.all(np.abs(a64 - b64) <= rtol * scale + extra + 1e-30))
 
 
 def _source(name: str) -> str:
@@ -694,8 +697,9 @@ def audit_models(
     )
     if progress is not None:
         progress("audit: comparing neurons")
+    allowed: dict[str, np.ndarray] = {}  # per tensor, the storage error a conversion may add
     if result.across is not None:
-        ref, before, after = _common_form(result.across, analysis, ref)
+        ref, before, after, allowed = _common_form(result.across, analysis, ref)
     else:
         after = _arrays(result.model)
     sim = _similarity(analysis, ref, before, after)
@@ -706,7 +710,7 @@ def audit_models(
         return sorted(
             n
             for n, a in values.items()
-            if _source(n) in ref and not _close(ref[_source(n)], a, rtol)
+            if _source(n) in ref and not _close(ref[_source(n)], a, rtol, allowed.get(_source(n)))
         )
 
     diff = differing(after)
@@ -769,9 +773,10 @@ def _conversion_text(conversions: list[ConversionFinding]) -> str:
 
 def _common_form(
     details: AcrossResync, analysis: ChannelAnalysis, raw: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Reference, suspect-before and suspect-after arrays by reference tensor name, in the form
-    both models share (folded, dequantized, float64; see :mod:`onnxlady._across`).
+    both models share (folded, dequantized, float64; see :mod:`onnxlady._across`), and the
+    storage error allowed per element.
 
     Suspect values within the storage error of the reference's are replaced by the reference's,
     so what differs afterwards is a real change. Tensors with no counterpart read as equal.
@@ -779,6 +784,7 @@ def _common_form(
     ref: dict[str, np.ndarray] = {}
     before: dict[str, np.ndarray] = {}
     after: dict[str, np.ndarray] = {}
+    allowed: dict[str, np.ndarray] = {}
     for number, plan in enumerate(analysis.tensors):
         reference = details.reference[number]
         aligned = details.suspect_aligned[number]
@@ -789,10 +795,10 @@ def _common_form(
             continue
         ref[plan.source] = reference.value
         scale = float(np.abs(reference.value).max()) if reference.value.size else 0.0
-        allowed = reference.error + aligned.error + 2.0**-24 * scale
-        within = np.abs(reference.value - aligned.value) <= allowed
+        allowed[plan.source] = reference.error + aligned.error + 2.0**-24 * scale
+        within = np.abs(reference.value - aligned.value) <= allowed[plan.source]
         after[plan.source] = np.where(within, reference.value, aligned.value)
         before[plan.source] = original.value
     for name, value in raw.items():  # constants no plan moves: as stored
         ref.setdefault(name, value)
-    return ref, before, after
+    return ref, before, after, allowed

@@ -245,31 +245,58 @@ def _is_channel_vector(graph: ModelGraph, name: str, rank: int | None, op_type: 
     return wide == [channel]
 
 
-def _site_token(graph: ModelGraph, index: int, unit: Unit | None) -> tuple[Any, ...] | None:
+def _constant_computed(graph: ModelGraph) -> set[str]:
+    """Tensors computed from constants only (a Gather of a constant table at constant indices):
+    a simplifier folds them into stored constants, so they count as constants on both sides."""
+    known = {name for name in graph.initializers} | set(graph.constant_nodes) | set(graph.folded)
+    computed: set[str] = set()
+    for index in graph.order:
+        node = graph.nodes[index]
+        if index in graph.implicit_inputs or not node.input or node.op_type.startswith("Random"):
+            continue
+        if all(not name or name in known or name in computed or graph.is_constant(name) for name in node.input):
+            computed.update(name for name in node.output if name)
+    return computed
+
+
+def _constant_operand_shape(graph: ModelGraph, name: str, computed: set[str]) -> tuple[int, ...] | None:
+    """Shape of a float constant operand of more than one element (stored or computed), else None."""
+    if _float_constant(graph, name):
+        shape = graph.constant_shape(name)
+    elif name in computed and graph.dtypes.get(name) in _FLOAT_TYPES:
+        found = graph.shape(name)
+        shape = tuple(found) if found is not None and all(isinstance(d, int) for d in found) else None  # type: ignore[arg-type]
+    else:
+        return None
+    return shape if shape is not None and int(np.prod(shape)) > 1 else None
+
+
+def _site_token(graph: ModelGraph, index: int, unit: Unit | None, computed: set[str]) -> tuple[Any, ...] | None:
     """What must agree for two sites to pair: operator and the shapes of what it reads."""
     node = graph.nodes[index]
     if unit is not None:
         shape = graph.constant_shape(node.input[unit.weight_slot])
         return ("unit", node.op_type, unit.weight_slot, shape, _attribute(node, "group", 1))
-    constants = tuple(
-        (slot, graph.constant_shape(name))
-        for slot, name in enumerate(node.input)
-        if _float_constant(graph, name) and int(np.prod(graph.constant_shape(name) or (1,))) > 1
-    )
-    if not constants or graph.is_chain_node(index):
+    if graph.is_chain_node(index) or (node.output and node.output[0] in computed):
         return None
-    return (node.domain or "", node.op_type, constants)
+    constants = tuple(
+        (slot, shape)
+        for slot, name in enumerate(node.input)
+        if name and (shape := _constant_operand_shape(graph, name, computed)) is not None
+    )
+    return (node.domain or "", node.op_type, constants) if constants else None
 
 
 def _sites(graph: ModelGraph, units: dict[int, Unit]) -> list[tuple[int, tuple[Any, ...]]]:
     """Sites in topological order with their tokens; a unit's bias Add and BatchNorm are none."""
     absorbed = {u.batchnorm for u in units.values() if u.batchnorm is not None}
     absorbed |= {u.bias[0] for u in units.values() if u.bias is not None and u.bias[0] != u.node}
+    computed = _constant_computed(graph)
     sites = []
     for index in graph.order:
         if index in absorbed:
             continue
-        token = _site_token(graph, index, units.get(index))
+        token = _site_token(graph, index, units.get(index), computed)
         if token is not None:
             sites.append((index, token))
     return sites

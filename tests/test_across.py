@@ -1,0 +1,227 @@
+"""Resync, audit and match when the suspect (or the reference) went through a converter.
+
+Every conversion of :mod:`fixtures.conversions` is applied to a permuted copy (the suspect is
+converted) and to the reference (the reference is converted, the suspect is only permuted):
+resync must put every neuron back (Psi 100), the output must keep the suspect's form and be
+equivalent to it, a wrong permutation of it must be caught, and audit must call the pair
+"permuted", with the conversion reported beside the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from fixtures import FIXTURES
+from fixtures.conversions import CONVERSIONS
+from onnxlady import analyze, unpermute_model
+from onnxlady._across import read_constant, unit_bias, unit_weight
+from onnxlady._audit import audit_models
+from onnxlady._errors import OnnxladyError
+from onnxlady._graph import ModelGraph
+from onnxlady._match import find_units, match_models
+from onnxlady._perturb import perturb_model
+from onnxlady._resync import resync_model
+from onnxlady._verify import verify_models
+from onnxlady.cli import main
+from tests.helpers import constant_bytes, copy_model, permute_copy, permute_producer_only
+
+#: What each conversion must be recognised as (on a fixture where it changes something).
+EXPECTED_FINDING = {
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "fold-bn": "batchnorm-folded",
+    "simplify": "renamed",
+    "qdq": "quantized",
+    "opset": "opset",
+}
+#: Fixtures covering convolutions with BatchNorm, depthwise convs, Concat, Flatten into Gemm,
+#: MatMul layers and a transformer block.
+FIXTURE_NAMES = ("resnet", "mobilenet", "concat", "vgg", "matmul_mlp", "encoder_prenorm")
+#: Verify tolerances fitting each converted model's own arithmetic: a float16 graph rounds its
+#: outputs to float16 (a unit in the last place is 2e-3 at 4), and re-ordering its neurons may
+#: flip that rounding. A wrong permutation moves the outputs by 6e-3 to 2 here.
+TOLERANCES = {"float16": (1e-3, 4e-3)}
+
+
+def _tolerance(conversion: str) -> dict[str, float]:
+    atol, rtol = TOLERANCES.get(conversion, (1e-4, 1e-3))
+    return {"atol": atol, "rtol": rtol}
+
+
+@pytest.fixture(scope="module")
+def permuted() -> dict[str, tuple[onnx.ModelProto, onnx.ModelProto, object]]:
+    """Per fixture: (reference, permuted copy, true key)."""
+    found = {}
+    for name in FIXTURE_NAMES:
+        reference = FIXTURES[name](0)
+        model, _, _, key = permute_copy(reference, 7)
+        found[name] = (reference, model, key)
+    return found
+
+
+def _stored_types(model: onnx.ModelProto) -> list[int]:
+    return sorted(t.data_type for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("conversion", sorted(CONVERSIONS))
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_resync_of_a_converted_suspect(permuted, name: str, conversion: str) -> None:
+    reference, model, key = permuted[name]
+    suspect = CONVERSIONS[conversion](model)
+    result = resync_model(reference, suspect, true_key=key)
+    assert result.psi == 100.0
+    # The output keeps the suspect's form and computes what the suspect computes...
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in suspect.graph.node]
+    assert _stored_types(result.model) == _stored_types(suspect)
+    assert verify_models(suspect, result.model, provider="cpu", **_tolerance(conversion)).equivalent
+    # ...which a wrong permutation would not (the check above can fail).
+    wrong = copy_model(result.model)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(suspect, wrong, provider="cpu", **_tolerance(conversion)).equivalent
+    # The recovered key turns the suspect into the output, bit for bit.
+    restored = copy_model(suspect)
+    unpermute_model(restored, result.key)
+    assert constant_bytes(restored) == constant_bytes(result.model)
+
+
+@pytest.mark.parametrize("conversion", sorted(CONVERSIONS))
+@pytest.mark.parametrize("name", ("resnet", "encoder_prenorm"))
+def test_resync_against_a_converted_reference(permuted, name: str, conversion: str) -> None:
+    reference, model, key = permuted[name]
+    result = resync_model(CONVERSIONS[conversion](reference), model, true_key=key)
+    assert result.psi == 100.0
+    assert verify_models(model, result.model, provider="cpu").equivalent
+    assert constant_bytes(result.model) == constant_bytes(reference)
+
+
+@pytest.mark.parametrize("conversion", sorted(CONVERSIONS))
+def test_audit_calls_a_permuted_and_converted_model_permuted(permuted, conversion: str) -> None:
+    reference, model, _ = permuted["resnet"]
+    report = audit_models(reference, CONVERSIONS[conversion](model))
+    assert report.verdict == "permuted" and report.exit_code == 0
+    assert EXPECTED_FINDING[conversion] in {c.kind for c in report.conversions}
+    assert "converted" in report.summary
+    backwards = audit_models(CONVERSIONS[conversion](reference), model)
+    assert backwards.verdict == "permuted"
+    assert EXPECTED_FINDING[conversion] in {c.kind for c in backwards.conversions}
+
+
+@pytest.mark.parametrize("conversion", ("float16", "fold-bn", "qdq"))
+def test_audit_of_a_converted_copy_in_order(permuted, conversion: str) -> None:
+    reference = permuted["resnet"][0]
+    report = audit_models(reference, CONVERSIONS[conversion](reference))
+    assert report.verdict == "converted" and report.exit_code == 0
+
+
+@pytest.mark.parametrize("conversion", ("float16", "fold-bn", "qdq", "simplify"))
+def test_audit_finds_noise_through_a_conversion(permuted, conversion: str) -> None:
+    reference, model, _ = permuted["resnet"]
+    noisy = copy_model(model)
+    perturb_model(noisy, noise=0.5, seed=3)
+    report = audit_models(reference, CONVERSIONS[conversion](noisy))
+    assert report.verdict == "perturbed" and report.exit_code == 1
+    assert report.conversions
+
+
+@pytest.mark.parametrize("conversion", ("float16", "simplify", "opset"))
+def test_audit_finds_scaled_neurons_through_a_conversion(permuted, conversion: str) -> None:
+    """The integrity attack of the paper (rows times k, nothing compensating) survives a converter."""
+    reference, model, _ = permuted["vgg"]
+    attacked = copy_model(model)
+    holders = {t.name: t for t in attacked.graph.initializer}
+    weight = holders["features.block2.conv.weight"]
+    values = numpy_helper.to_array(weight).copy()
+    values[[1, 4]] *= 1.5
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    report = audit_models(reference, CONVERSIONS[conversion](attacked))
+    assert report.verdict == "scaled" and report.exit_code == 1
+    assert len(report.scaled_neurons) == 2
+    assert all(abs(s.k - 1.5) < 1e-2 for s in report.scaled_neurons)
+
+
+# -- matching ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("conversion", sorted(CONVERSIONS))
+def test_match_pairs_every_group(permuted, conversion: str) -> None:
+    reference, model, _ = permuted["resnet"]
+    result = match_models(reference, CONVERSIONS[conversion](model))
+    assert result.complete and not result.divergences and not result.unmatched
+    ref_groups = {g.id for g in analyze(reference).permutable_groups}
+    assert {p.reference for p in result.groups if p.permutable} == ref_groups
+    assert EXPECTED_FINDING[conversion] in {c.kind for c in result.conversions}
+
+
+def test_match_names_where_two_architectures_diverge() -> None:
+    result = match_models(FIXTURES["vgg"](0), FIXTURES["resnet"](0))
+    assert not result.complete
+    assert result.divergences and "Conv 'layer1.conv1.conv'" in result.divergences[0]
+    with pytest.raises(OnnxladyError, match="beyond a conversion: after Conv 'features.block1.conv'"):
+        resync_model(FIXTURES["vgg"](0), FIXTURES["resnet"](0))
+
+
+def test_match_command(tmp_path, capsys, permuted) -> None:
+    reference, model, _ = permuted["resnet"]
+    onnx.save(reference, tmp_path / "ref.onnx")
+    onnx.save(CONVERSIONS["fold-bn"](model), tmp_path / "sus.onnx")
+    onnx.save(FIXTURES["vgg"](0), tmp_path / "other.onnx")
+    assert main(["match", str(tmp_path / "ref.onnx"), str(tmp_path / "sus.onnx"), "--json", "--quiet"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["complete"] and document["groups"]
+    assert any(c["kind"] == "batchnorm-folded" for c in document["conversions"])
+    assert main(["match", str(tmp_path / "ref.onnx"), str(tmp_path / "other.onnx"), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "structures diverge" in out and "unmatched" in out
+
+
+def test_resync_and_audit_commands_across_a_conversion(tmp_path, capsys, permuted) -> None:
+    reference, model, _ = permuted["resnet"]
+    onnx.save(reference, tmp_path / "ref.onnx")
+    onnx.save(CONVERSIONS["qdq"](model), tmp_path / "sus.onnx")
+    code = main(["resync", str(tmp_path / "ref.onnx"), str(tmp_path / "sus.onnx"), "-o", str(tmp_path / "out.onnx"), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "matched across conversions" in out and "conversion (quantized) in the suspect" in out
+    assert main(["audit", str(tmp_path / "ref.onnx"), str(tmp_path / "sus.onnx"), "--json", "--quiet"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["verdict"] == "permuted"
+    assert [c["kind"] for c in document["conversions"]] == ["quantized"]
+
+
+# -- common form and error bounds ---------------------------------------------------------------
+def test_folded_and_unfolded_units_read_the_same_numbers() -> None:
+    reference = FIXTURES["resnet"](0)
+    folded = CONVERSIONS["fold-bn"](reference)
+    ref_graph, sus_graph = ModelGraph(reference), ModelGraph(folded)
+    ref_units, sus_units = find_units(ref_graph), find_units(sus_graph)
+    assert sum(u.batchnorm is not None for u in ref_units.values()) >= 3
+    assert all(u.batchnorm is None for u in sus_units.values())
+    for ref_unit, sus_unit in zip(ref_units.values(), sus_units.values()):
+        a, b = unit_weight(ref_graph, ref_unit), unit_weight(sus_graph, sus_unit)
+        assert a is not None and b is not None
+        assert np.all(np.abs(a.value - b.value) <= a.error + b.error + 1e-7 * np.abs(a.value).max())
+        size = a.value.shape[ref_unit.out_axis]
+        c, d = unit_bias(ref_graph, ref_unit, size), unit_bias(sus_graph, sus_unit, size)
+        assert c is not None and d is not None
+        assert np.allclose(c.value, d.value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("conversion", ("float16", "bfloat16", "qdq"))
+def test_error_bounds_hold_and_are_tight(conversion: str) -> None:
+    """Each converted weight lies within its bound of the original, and the bound is tight."""
+    reference = FIXTURES["resnet"](0)
+    converted = CONVERSIONS[conversion](reference)
+    ref_graph, graph = ModelGraph(reference), ModelGraph(converted)
+    ref_units, units = find_units(ref_graph), find_units(graph)
+    assert len(ref_units) == len(units) >= 5
+    for ref_unit, unit in zip(ref_units.values(), units.values()):
+        original = read_constant(ref_graph, ref_graph.nodes[ref_unit.node].input[ref_unit.weight_slot])
+        read = read_constant(graph, graph.nodes[unit.node].input[unit.weight_slot])
+        assert original is not None and read is not None
+        gap = np.abs(read.value - original.value)
+        assert np.all(gap <= read.error + original.error)
+        if gap.size >= 100:  # some element is rounded by nearly its whole bound
+            assert float((gap / read.error).max()) >= 0.9
