@@ -20,7 +20,7 @@ import onnx
 from onnxlady import _rules  # noqa: F401 - importing registers every rule
 from onnxlady._expr import Expr, Fixed, FreezeReason, canonical, describe, evaluate, labels
 from onnxlady._graph import ModelGraph, node_label
-from onnxlady._rules._context import AnalysisState, Binding, RuleContext, RuleDoesNotApply
+from onnxlady._rules._context import AnalysisState, Binding, RuleContext, RuleDoesNotApply, materialize_joint
 from onnxlady._rules._registry import rule_for
 
 #: Operators whose output neurons are the "producer neurons" counted by ``inspect``.
@@ -119,14 +119,18 @@ class ChannelAnalysis:
         """The group graph: (a, b) when an operator reads group a's neurons and writes group b's,
         with the operator types that do (for ``inspect --dot`` and the audit report)."""
         edges: dict[tuple[str, str], set[str]] = {}
-        tracked = self.state.tracked
         for node in self.graph.nodes:
-            ins = {g for name in node.input if name for g in self._groups_in(tracked.get(name, {}).values())}
-            outs = {g for name in node.output if name for g in self._groups_in(tracked.get(name, {}).values())}
+            ins = {g for name in node.input if name for g in self._groups_in(self._spaces_of(name))}
+            outs = {g for name in node.output if name for g in self._groups_in(self._spaces_of(name))}
             for a in ins:
                 for b in outs - {a}:
                     edges.setdefault((a, b), set()).add(node.op_type)
         return edges
+
+    def _spaces_of(self, name: str) -> list[Expr]:
+        """Every permutation a tensor carries: per axis, and over axes taken together."""
+        state = self.state
+        return [*state.tracked.get(name, {}).values(), *(space.expr for space in state.joint.get(name, []))]
 
     def _groups_in(self, exprs: Iterable[Expr]) -> set[str]:
         found = set()
@@ -182,7 +186,8 @@ def analyze(model: onnx.ModelProto, *, progress: Callable[[str], None] | None = 
             progress(f"analysing node {position + 1}/{len(graph.order)}")
         _run_rule(state, index)
     for name in graph.graph_outputs:
-        for expr in state.tracked.get(name, {}).values():
+        spaces = [*state.tracked.get(name, {}).values(), *(space.expr for space in state.joint.get(name, []))]
+        for expr in spaces:
             state.solver.freeze(expr, FreezeReason("graph-output", f"graph output '{name}'"))
     return _collect(state)
 
@@ -191,6 +196,10 @@ def _run_rule(state: AnalysisState, index: int) -> None:
     ctx = RuleContext(state, index)
     node = ctx.node
     rule = rule_for(node.domain, node.op_type)
+    if rule is not None and not rule.joint_aware:
+        # Joint spaces reach only the rules that read them; the others see one axis per digit.
+        for _, name in state.graph.inputs_of(index):
+            materialize_joint(state, name)
     if rule is None:
         domain = node.domain or "ai.onnx"
         ctx.abandon(ctx.reason("no-rule", f"no rule for operator {domain}::{node.op_type}"))
@@ -236,6 +245,18 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
                 expr,
                 (position.get(node_index, -1), 1, axis),
                 lambda imap, t=name, a=axis, n=label: GroupMember(t, a, "activation", n, imap, False),
+            )
+    for name, joint in state.joint.items():
+        produced = graph.producer.get(name)
+        node_index = produced[0] if produced else -1
+        label = node_label(graph.nodes[node_index], node_index) if node_index >= 0 else ""
+        for space in joint:
+            add_members(
+                space.expr,
+                (position.get(node_index, -1), 1, space.axes[0]),
+                lambda imap, t=name, s=space, n=label: GroupMember(
+                    t, s.axes[0], "activation", n, f"axes {list(s.axes)} together: {imap}", False
+                ),
             )
     ordered_roots = sorted(members, key=lambda root: min(order for order, _ in members[root]))
     groups = []

@@ -8,7 +8,10 @@ described by an expression over *groups* (free permutations the tool may choose)
 - :class:`DirectSum` — block-diagonal: the parts are laid end to end (Concat, Split, Slice);
 - :class:`Product` — mixed radix ``index = o * inner.size + i`` with the permutation acting
   on both digits: ``p (x) I_S`` for Flatten after a conv, ``I_K (x) p`` for Tile or grouped
-  convolution, ``heads (x) head_dim`` for attention.
+  convolution, ``heads (x) head_dim`` for attention;
+- :class:`Interleave` — the parts dealt out with a stride: index ``t * n + j`` is element ``t``
+  of part ``j`` (``n`` parts), which keeps its residue ``j``. A channel shuffle of a Concat
+  (``[a; b]`` viewed as ``[2, C/2]`` and transposed) interleaves ``a`` and ``b`` this way.
 
 Rules state equations between expressions (:meth:`GroupSolver.unify`). The solver keeps the
 most general solution: two atoms become one group (union-find); an atom equated with a
@@ -79,7 +82,23 @@ class Product:
         return self.outer.size * self.inner.size
 
 
-Expr = Union[Atom, Fixed, DirectSum, Product]
+@dataclass(frozen=True)
+class Interleave:
+    """Strided block-diagonal permutation: index ``t * n + j`` is element ``t`` of part ``j``.
+
+    With ``n`` parts and ``S`` positions in all, part ``j`` holds ``ceil((S - j) / n)`` of them
+    (the residues ``j``, ``j + n``, ...); each part permutes its own positions, so position
+    ``t * n + j`` goes to ``p_j[t] * n + j``. Build it with :func:`interleave` (normal form).
+    """
+
+    parts: tuple["Expr", ...]
+
+    @property
+    def size(self) -> int:
+        return sum(part.size for part in self.parts)
+
+
+Expr = Union[Atom, Fixed, DirectSum, Product, Interleave]
 
 STRUCTURE = FreezeReason("index-map", "positions that an index map keeps in place")
 
@@ -134,6 +153,8 @@ class GroupSolver:
             return expr
         if isinstance(expr, DirectSum):
             return direct_sum([self.resolve(part) for part in expr.parts])
+        if isinstance(expr, Interleave):
+            return interleave([self.resolve(part) for part in expr.parts])
         return product(self.resolve(expr.outer), self.resolve(expr.inner))
 
     def atoms(self, expr: Expr) -> Iterator[Atom]:
@@ -173,6 +194,9 @@ class GroupSolver:
             return
         if isinstance(left, DirectSum) or isinstance(right, DirectSum):
             self._unify_blocks(left, right, mismatch)
+            return
+        if isinstance(left, Interleave) or isinstance(right, Interleave):
+            self._unify_interleaved(left, right, mismatch)
             return
         self._unify_products(left, right, mismatch)
 
@@ -236,6 +260,14 @@ class GroupSolver:
                     return self._split_at(part, cut - offset)
                 offset += part.size
             return True
+        if isinstance(expr, Interleave):
+            # Every part is cut where the prefix [0, cut) stops taking its residues.
+            stride = len(expr.parts)
+            for residue, part in enumerate(expr.parts):
+                local = _part_cut(cut, residue, stride)
+                if 0 < local < part.size and not self._split_at(part, local):
+                    return False
+            return True
         inner_size = expr.inner.size
         if cut % inner_size == 0:
             return self._split_at(expr.outer, cut // inner_size)
@@ -273,6 +305,88 @@ class GroupSolver:
         reason = mismatch or FreezeReason("index-map", "index maps of different radices were coupled")
         self.freeze(left, reason)
         self.freeze(right, reason)
+
+    def _unify_interleaved(self, left: Expr, right: Expr, mismatch: FreezeReason | None) -> None:
+        """Equate two expressions at least one of which is interleaved (and neither a block sum)."""
+        inter, other = (left, right) if isinstance(left, Interleave) else (right, left)
+        assert isinstance(inter, Interleave)
+        stride = len(inter.parts)
+        if isinstance(other, Interleave):
+            if len(other.parts) == stride and all(a.size == b.size for a, b in zip(inter.parts, other.parts)):
+                for a, b in zip(inter.parts, other.parts):
+                    self.unify(a, b, mismatch)
+                return
+        elif len(_blocks(other)) > 1:
+            self._unify_blocks(inter, other, mismatch)
+            return
+        elif isinstance(other, Product) and other.inner.size == stride:
+            # p (x) q moves residue j to q[j]; an interleave keeps residues: q must be the
+            # identity, and then every part is p.
+            if len({part.size for part in inter.parts}) == 1:
+                reason = mismatch or FreezeReason("index-map", "an interleave was coupled with a product")
+                self.unify(other.inner, Fixed(stride, reason), mismatch)
+                for part in inter.parts:
+                    self.unify(part, other.outer, mismatch)
+                return
+        reason = mismatch or FreezeReason("index-map", "interleaves that cannot be aligned were coupled")
+        self.freeze(left, reason)
+        self.freeze(right, reason)
+
+    def transposed(self, expr: Expr, rows: int, cols: int) -> Expr | None:
+        """The permutation of ``expr`` read in transposed order, or None if it has no form here.
+
+        ``expr`` permutes positions ``i * cols + j`` (a ``[rows, cols]`` layout); the result
+        permutes the same elements laid out as ``[cols, rows]`` (position ``j * rows + i``),
+        the last step of a channel shuffle. ``expr`` is refined where needed: a product whose
+        high digits have ``rows`` positions swaps its digits (``a (x) b`` -> ``b (x) a``, an
+        undivided group becomes such a product); block sums cut at every multiple of ``cols``
+        become the interleave of the ``rows`` chunks. Refinement only restricts, so the answer
+        is always valid.
+        """
+        expr = self.resolve(expr)
+        if rows * cols != expr.size or rows < 1 or cols < 1:
+            return None
+        if rows == 1 or cols == 1:
+            return expr
+        if isinstance(expr, Fixed):
+            return expr
+        if isinstance(expr, (Atom, Product)):
+            digits = self._leading_digits(expr, rows)
+            if digits is not None:
+                high, low = digits
+                return product(low, high)
+        if isinstance(expr, Product) and not _blocks(expr)[1:]:
+            return None
+        for k in range(1, rows):
+            if not self._split_at(expr, k * cols):
+                return None
+            expr = self.resolve(expr)
+        chunks = [_sub_range(expr, k * cols, (k + 1) * cols) for k in range(rows)]
+        if any(chunk is None for chunk in chunks):
+            return None
+        return interleave([chunk for chunk in chunks if chunk is not None])
+
+    def _leading_digits(self, expr: Expr, high_size: int) -> tuple[Expr, Expr] | None:
+        """Refine ``expr`` into ``high (x) low`` with ``high.size == high_size``, or None."""
+        factors = _factors(expr)
+        high: list[Expr] = []
+        taken = 1
+        while factors and taken < high_size:
+            factor = factors.pop(0)
+            if high_size % (taken * factor.size) == 0:
+                high.append(factor)
+                taken *= factor.size
+                continue
+            wanted = high_size // taken
+            split = self._split_radix(factor, wanted) if factor.size % wanted == 0 else None
+            if split is None:
+                return None
+            high.append(split[0])
+            factors.insert(0, split[1])
+            taken *= split[0].size
+        if taken != high_size or not factors:
+            return None
+        return _chain_product(high), _chain_product(factors)
 
     def _split_radix(self, expr: Expr, high_size: int) -> tuple[Expr, Expr] | None:
         """Refine ``expr`` into ``Product(high, low)`` with ``high.size == high_size``."""
@@ -323,10 +437,140 @@ def product(outer: Expr, inner: Expr) -> Expr:
     return Product(outer, inner)
 
 
+def interleave(parts: list[Expr]) -> Expr:
+    """Interleaved expression in normal form.
+
+    Sizes must follow the residues (part ``j`` of ``n`` holds ``ceil((S - j) / n)``). Where
+    every part has a block boundary at the same prefix ``[0, c)`` the result is a block sum of
+    smaller interleaves, so block structures stay visible to :meth:`GroupSolver.unify`; a
+    single part, or parts that are all identities, collapse.
+    """
+    stride = len(parts)
+    total = sum(part.size for part in parts)
+    if [part.size for part in parts] != [_part_cut(total, j, stride) for j in range(stride)]:
+        raise ValueError(f"interleave of parts {[p.size for p in parts]} does not follow the residues of {total}")
+    if stride == 1:
+        return parts[0]
+    if total <= stride:
+        return direct_sum(parts)
+    if all(_is_identity(part) for part in parts):
+        return Fixed(total, _first_reason(parts))
+    cuts = _interleave_cuts(parts, total)
+    if cuts:
+        bounds = [0, *cuts, total]
+        segments: list[Expr] = []
+        for start, stop in zip(bounds, bounds[1:]):
+            pieces = []
+            for residue in range(stride):
+                j = (residue + start) % stride  # the part whose residue lands on local residue
+                piece = _sub_range(parts[j], _part_cut(start, j, stride), _part_cut(stop, j, stride))
+                assert piece is not None  # the cut was checked against every part
+                pieces.append(piece)
+            segments.append(interleave(pieces))
+        return direct_sum(segments)
+    return Interleave(tuple(parts))
+
+
+def _part_cut(cut: int, residue: int, stride: int) -> int:
+    """How many positions of residue ``residue`` lie in ``[0, cut)``: ``ceil((cut - residue) / stride)``."""
+    return max(0, -(-(cut - residue) // stride))
+
+
+def _is_identity(expr: Expr) -> bool:
+    return next(_atoms_of(expr), None) is None
+
+
+def _first_reason(parts: list[Expr] | tuple[Expr, ...]) -> FreezeReason:
+    for part in parts:
+        if isinstance(part, Fixed):
+            return part.reason
+        inner = (
+            part.parts if isinstance(part, (DirectSum, Interleave))
+            else (part.outer, part.inner) if isinstance(part, Product) else ()
+        )
+        if inner:
+            return _first_reason(inner)
+    return STRUCTURE
+
+
+def _can_cut(expr: Expr, cut: int) -> bool:
+    """Whether ``cut`` is a block boundary of ``expr`` (identity blocks cut anywhere)."""
+    if cut <= 0 or cut >= expr.size:
+        return True
+    offset = 0
+    for block in _blocks(expr):
+        if cut == offset:
+            return True
+        if offset < cut < offset + block.size:
+            return _is_identity(block)
+        offset += block.size
+    return False
+
+
+def _local_cuts(expr: Expr) -> list[int]:
+    """Every inner position where ``expr`` can be cut: block boundaries, and inside identity blocks."""
+    found: list[int] = []
+    offset = 0
+    for block in _blocks(expr):
+        if offset:
+            found.append(offset)
+        if _is_identity(block):
+            found.extend(range(offset + 1, offset + block.size))
+        offset += block.size
+    return found
+
+
+def _interleave_cuts(parts: list[Expr], total: int) -> list[int]:
+    """The prefixes ``[0, c)`` of an interleave that every part can be cut at."""
+    stride = len(parts)
+    # Candidates come from the places where one moving part (the one with fewest) can be cut.
+    pivot, locals_ = min(
+        ((j, _local_cuts(part)) for j, part in enumerate(parts) if not _is_identity(part)),
+        key=lambda item: len(item[1]),
+    )
+    candidates: set[int] = set()
+    for local in (0, *locals_, parts[pivot].size):  # a cut may also leave the pivot whole
+        # The prefixes that take exactly ``local`` positions of residue ``pivot``.
+        candidates.update(range((local - 1) * stride + pivot + 1, local * stride + pivot + 1))
+    return sorted(
+        c for c in candidates
+        if 0 < c < total and all(_can_cut(part, _part_cut(c, j, stride)) for j, part in enumerate(parts))
+    )
+
+
+def _sub_range(expr: Expr, start: int, stop: int) -> Expr | None:
+    """Positions ``[start, stop)`` of ``expr`` as an expression, or None if they split a block."""
+    if start == 0 and stop == expr.size:
+        return expr
+    if _is_identity(expr):
+        return Fixed(stop - start, _first_reason([expr]))
+    pieces: list[Expr] = []
+    offset = 0
+    for block in _blocks(expr):
+        lo, hi = max(start, offset), min(stop, offset + block.size)
+        if lo < hi:
+            if lo == offset and hi == offset + block.size:
+                pieces.append(block)
+            elif _is_identity(block):
+                pieces.append(Fixed(hi - lo, _first_reason([block])))
+            else:
+                return None
+        offset += block.size
+    return direct_sum(pieces)
+
+
+def _chain_product(factors: list[Expr]) -> Expr:
+    """Row-major digits, most significant first, as one mixed-radix expression."""
+    result = factors[-1]
+    for factor in reversed(factors[:-1]):
+        result = product(factor, result)
+    return result
+
+
 def _atoms_of(expr: Expr) -> Iterator[Atom]:
     if isinstance(expr, Atom):
         yield expr
-    elif isinstance(expr, DirectSum):
+    elif isinstance(expr, (DirectSum, Interleave)):
         for part in expr.parts:
             yield from _atoms_of(part)
     elif isinstance(expr, Product):
@@ -375,6 +619,12 @@ def _evaluate(solver: GroupSolver, expr: Expr, perms: Mapping[int, np.ndarray]) 
             pieces.append(_evaluate(solver, part, perms) + offset)
             offset += part.size
         return np.concatenate(pieces)
+    if isinstance(expr, Interleave):
+        stride = len(expr.parts)
+        result = np.empty(expr.size, dtype=np.int64)
+        for residue, part in enumerate(expr.parts):
+            result[residue::stride] = _evaluate(solver, part, perms) * stride + residue
+        return result
     outer = _evaluate(solver, expr.outer, perms)
     inner = _evaluate(solver, expr.inner, perms)
     return (outer[:, None] * expr.inner.size + inner[None, :]).reshape(-1)
@@ -400,6 +650,14 @@ def _labels(expr: Expr) -> dict[int, np.ndarray]:
                 arr[offset : offset + part.size] = np.where(lab >= 0, lab, span)
             offset += part.size
         return result
+    if isinstance(expr, Interleave):
+        stride, total = len(expr.parts), expr.size
+        result = {}
+        for residue, part in enumerate(expr.parts):
+            for root, lab in _labels(part).items():
+                arr = result.setdefault(root, np.full(total, -1, dtype=np.int64))
+                arr[residue::stride] = np.where(lab >= 0, lab, arr[residue::stride])
+        return result
     outer_size, inner_size = expr.outer.size, expr.inner.size
     result = {root: np.repeat(lab, inner_size) for root, lab in _labels(expr.outer).items()}
     for root, lab in _labels(expr.inner).items():
@@ -421,6 +679,13 @@ def describe(expr: Expr, root: int) -> str:
                 found.append(f"[{offset}:{offset + part.size}] of {expr.size}: {describe(part, root)}")
             offset += part.size
         return "; ".join(found)
+    if isinstance(expr, Interleave):
+        stride = len(expr.parts)
+        return "; ".join(
+            f"[{j}::{stride}] of {expr.size}: {describe(part, root)}"
+            for j, part in enumerate(expr.parts)
+            if any(a.id == root for a in _atoms_of(part))
+        )
     in_outer = any(a.id == root for a in _atoms_of(expr.outer))
     in_inner = any(a.id == root for a in _atoms_of(expr.inner))
     outer = describe(expr.outer, root) if in_outer else f"I_{expr.outer.size}"
@@ -444,4 +709,6 @@ def _canonical(solver: GroupSolver, expr: Expr) -> Expr:
         return Fixed(expr.size, _IDENTITY)
     if isinstance(expr, DirectSum):
         return direct_sum([_canonical(solver, part) for part in expr.parts])
+    if isinstance(expr, Interleave):
+        return interleave([_canonical(solver, part) for part in expr.parts])
     return product(_canonical(solver, expr.outer), _canonical(solver, expr.inner))

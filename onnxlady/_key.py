@@ -2,8 +2,8 @@
 
 A key is JSON. Per group: id, size, members (for people) and the permutation ``perm`` with
 ``new[i] = old[perm[i]]``. Per permuted tensor: each axis's permutation as an expression over
-group ids (a block sum, a Kronecker product, a group, or the identity), so undoing needs no
-re-analysis. Untied constants list the copies made and the inputs rewired to them. The key
+group ids (a block sum, a Kronecker product, an interleave, a group, or the identity), so
+undoing needs no re-analysis. Untied constants list the copies made and the inputs rewired to them. The key
 names the source model (file sha256 and graph fingerprint) and the permuted one, so a key made
 for another model is refused.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._expr import Atom, DirectSum, Expr, Fixed
+from onnxlady._expr import Atom, DirectSum, Expr, Fixed, Interleave
 
 KEY_FORMAT = "onnxlady-permutation-key"
 KEY_VERSION = 1
@@ -118,7 +118,7 @@ class PermutationKey:
 
 
 def _check_tree(tree: Any, known: set[str], origin: str) -> None:
-    """An index-map expression must use only the key's groups and the four node kinds."""
+    """An index-map expression must use only the key's groups and the five node kinds."""
     if not isinstance(tree, dict) or len(tree) != 1:
         raise OnnxladyError(f"{origin}: malformed index map {tree!r}")
     ((kind, value),) = tree.items()
@@ -127,8 +127,8 @@ def _check_tree(tree: Any, known: set[str], origin: str) -> None:
             raise OnnxladyError(f"{origin}: index map names group {value!r} that the key does not hold")
     elif kind == "identity":
         int(value)
-    elif kind in ("sum", "product"):
-        if not isinstance(value, list) or (kind == "product" and len(value) != 2):
+    elif kind in ("sum", "product", "interleave"):
+        if not isinstance(value, list) or (kind == "product" and len(value) != 2) or (kind == "interleave" and not value):
             raise OnnxladyError(f"{origin}: malformed index map {tree!r}")
         for part in value:
             _check_tree(part, known, origin)
@@ -159,6 +159,8 @@ def expr_to_tree(expr: Expr, group_ids: Mapping[int, str], find: Any) -> ExprTre
         return {"identity": expr.size}
     if isinstance(expr, DirectSum):
         return {"sum": [expr_to_tree(part, group_ids, find) for part in expr.parts]}
+    if isinstance(expr, Interleave):
+        return {"interleave": [expr_to_tree(part, group_ids, find) for part in expr.parts]}
     return {"product": [expr_to_tree(expr.outer, group_ids, find), expr_to_tree(expr.inner, group_ids, find)]}
 
 
@@ -169,6 +171,8 @@ def tree_size(tree: ExprTree, sizes: Mapping[str, int]) -> int:
         return int(tree["identity"])
     if "sum" in tree:
         return sum(tree_size(part, sizes) for part in tree["sum"])
+    if "interleave" in tree:
+        return sum(tree_size(part, sizes) for part in tree["interleave"])
     outer, inner = tree["product"]
     return tree_size(outer, sizes) * tree_size(inner, sizes)
 
@@ -188,6 +192,16 @@ def evaluate_tree(tree: ExprTree, perms: Mapping[str, np.ndarray], sizes: Mappin
             pieces.append(piece + offset)
             offset += piece.size
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    if "interleave" in tree:
+        # Position t * n + j is element t of part j (n parts), which keeps its residue j.
+        parts = [evaluate_tree(part, perms, sizes) for part in tree["interleave"]]
+        stride, total = len(parts), sum(part.size for part in parts)
+        if [part.size for part in parts] != [max(0, -(-(total - j) // stride)) for j in range(stride)]:
+            raise OnnxladyError(f"interleave of parts {[part.size for part in parts]} does not deal out {total} positions")
+        result = np.empty(total, dtype=np.int64)
+        for residue, part in enumerate(parts):
+            result[residue::stride] = part * stride + residue
+        return result
     outer = evaluate_tree(tree["product"][0], perms, sizes)
     inner = evaluate_tree(tree["product"][1], perms, sizes)
     return (outer[:, None] * inner.size + inner[None, :]).reshape(-1)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from onnxlady._errors import OnnxladyError
 from onnxlady._expr import (
     STRUCTURE,
     Atom,
@@ -12,12 +15,15 @@ from onnxlady._expr import (
     Fixed,
     FreezeReason,
     GroupSolver,
+    Interleave,
     canonical,
     describe,
     evaluate,
+    interleave,
     labels,
     product,
 )
+from onnxlady._key import evaluate_tree, expr_to_tree
 
 REASON = FreezeReason("graph-output", "graph output 'y'")
 
@@ -129,3 +135,129 @@ def test_evaluation_is_always_a_permutation(seed: int) -> None:
 
 def test_atoms_are_values() -> None:
     assert Atom(1, 3) == Atom(1, 3)
+
+
+# -- channel shuffle: transposed reading and interleaves ------------------------------------
+def _transposed_index(idx: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A permutation of a [rows, cols] layout (``new = take(old, idx)``) read as [cols, rows]."""
+    order = np.arange(rows * cols).reshape(rows, cols).T.reshape(-1)  # new position -> old position
+    return np.argsort(order)[idx[order]]
+
+
+def test_a_shuffled_block_sum_is_an_interleave() -> None:
+    solver = GroupSolver()
+    a, b = solver.new_atom(5), solver.new_atom(5)
+    shuffled = solver.transposed(DirectSum((a, b)), 2, 5)
+    assert shuffled == Interleave((a, b))
+    perms = _perms(solver, 4)
+    assert np.array_equal(evaluate(solver, shuffled, perms), _transposed_index(evaluate(solver, DirectSum((a, b)), perms), 2, 5))
+    assert describe(shuffled, b.id) == "[1::2] of 10: p"
+    assert labels(solver, shuffled)[a.id].tolist() == [0, -1, 1, -1, 2, -1, 3, -1, 4, -1]
+    assert not solver.is_frozen(a.id) and not solver.is_frozen(b.id)
+
+
+def test_a_shuffled_group_is_restricted_to_a_product_with_its_digits_swapped() -> None:
+    solver = GroupSolver()
+    whole = solver.new_atom(6)
+    shuffled = solver.transposed(whole, 2, 3)
+    high, low = solver.resolve(whole).outer, solver.resolve(whole).inner  # type: ignore[union-attr]
+    assert (high.size, low.size) == (2, 3) and shuffled == product(low, high)
+
+
+def test_cutting_an_interleave_cuts_every_part_where_its_residues_stop() -> None:
+    solver = GroupSolver()
+    a, b = solver.new_atom(5), solver.new_atom(5)
+    halves = DirectSum((solver.new_atom(5), solver.new_atom(5)))
+    solver.unify(Interleave((a, b)), halves)
+    # [0:5] takes a[0:3] (positions 0, 2, 4) and b[0:2]; [5:10] starts on an odd position, so
+    # its even local positions are b's (b[2:5], 3 of them) and its odd ones a's (a[3:5]).
+    resolved = solver.resolve(Interleave((a, b)))
+    assert isinstance(resolved, DirectSum) and [p.size for p in resolved.parts] == [5, 5]
+    first, second = resolved.parts
+    assert [part.size for part in first.parts] == [3, 2] and [part.size for part in second.parts] == [3, 2]
+    lab = labels(solver, Interleave((a, b)))
+    assert [int(lab[solver.find(atom.id)][k]) >= 0 for atom in second.parts for k in (5, 6)] == [True, False, False, True]
+    perms = _perms(solver, 5)
+    idx = evaluate(solver, Interleave((a, b)), perms)
+    assert np.array_equal(idx, evaluate(solver, halves, perms))
+    assert sorted(idx[:5]) == list(range(5)) and sorted(idx[5:]) == list(range(5, 10))
+
+
+def test_interleave_normal_form() -> None:
+    solver = GroupSolver()
+    a, b = solver.new_atom(2), solver.new_atom(2)
+    assert interleave([a]) == a
+    assert interleave([Fixed(3, REASON), Fixed(2, REASON)]) == Fixed(5, REASON)
+    c, d = solver.new_atom(2), solver.new_atom(2)
+    # Both parts cut after 2 of their positions: the first 4 positions are a block.
+    split = interleave([DirectSum((a, b)), DirectSum((c, d))])
+    assert split == DirectSum((Interleave((a, c)), Interleave((b, d))))
+    # An identity part can be cut anywhere: its positions 3 and 7 are blocks of their own.
+    split = interleave([DirectSum((a, b)), Fixed(4, REASON)])
+    assert isinstance(split, DirectSum) and [p.size for p in split.parts] == [3, 1, 3, 1]
+    with pytest.raises(ValueError):
+        interleave([solver.new_atom(2), solver.new_atom(4)])
+
+
+def test_an_interleave_equals_a_product_only_with_the_identity_inside() -> None:
+    solver = GroupSolver()
+    a, b, p, q = solver.new_atom(3), solver.new_atom(3), solver.new_atom(3), solver.new_atom(2)
+    solver.unify(Interleave((a, b)), product(p, q))
+    assert solver.is_frozen(q.id) and not solver.is_frozen(p.id)
+    assert solver.find(a.id) == solver.find(b.id) == solver.find(p.id)
+
+
+def test_interleaves_of_different_shapes_freeze() -> None:
+    solver = GroupSolver()
+    left = Interleave((solver.new_atom(2), solver.new_atom(2), solver.new_atom(2)))
+    right = Interleave((solver.new_atom(3), solver.new_atom(3)))
+    solver.unify(left, right)
+    assert all(solver.is_frozen(atom.id) for atom in [*solver.atoms(left), *solver.atoms(right)])
+
+
+def test_an_interleave_in_the_key_evaluates_as_in_the_solver() -> None:
+    solver = GroupSolver()
+    a, b = solver.new_atom(3), solver.new_atom(2)
+    expr = Interleave((a, b))
+    perms = _perms(solver, 6)
+    ids = {a.id: "g0", b.id: "g1"}
+    tree = expr_to_tree(expr, ids, solver.find)
+    assert tree == {"interleave": [{"group": "g0"}, {"group": "g1"}]}
+    by_id = {ids[root]: perm for root, perm in perms.items() if root in ids}
+    assert np.array_equal(evaluate_tree(tree, by_id, {"g0": 3, "g1": 2}), evaluate(solver, expr, perms))
+    with pytest.raises(OnnxladyError, match="interleave"):
+        evaluate_tree({"interleave": [{"identity": 1}, {"identity": 3}]}, {}, {})
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    halves=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=3),
+    units=st.integers(min_value=1, max_value=5),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_shufflenet_units_keep_every_group_free_and_every_split(halves: list[int], units: int, seed: int) -> None:
+    """Stage after stage of ShuffleNetV2: Concat(kept half, branch) -> shuffle -> split in halves.
+
+    Nothing freezes (the structure always has a solution), each shuffle's output is exactly the
+    transposed reading of its input, and each split keeps its halves apart.
+    """
+    solver = GroupSolver()
+    checks: list[tuple[str, object, object, int, int]] = []
+    for half in halves:
+        stage = solver.transposed(DirectSum((solver.new_atom(half), solver.new_atom(half))), 2, half)
+        assert stage is not None
+        for _ in range(units):
+            kept, branch_in = solver.new_atom(half), solver.new_atom(half)
+            solver.unify(stage, DirectSum((kept, branch_in)))
+            checks.append(("split", stage, DirectSum((kept, branch_in)), 2, half))
+            concat = DirectSum((kept, solver.new_atom(half)))
+            stage = solver.transposed(concat, 2, half)
+            assert stage is not None
+            checks.append(("shuffle", concat, stage, 2, half))
+    assert not any(solver.is_frozen(root) for root in range(len(solver._size)))
+    perms = _perms(solver, seed % 1000)
+    for kind, before, after, rows, cols in checks:
+        old, new = evaluate(solver, before, perms), evaluate(solver, after, perms)  # type: ignore[arg-type]
+        assert sorted(old.tolist()) == list(range(rows * cols))
+        expected = _transposed_index(old, rows, cols) if kind == "shuffle" else old
+        assert np.array_equal(new, expected), kind

@@ -110,7 +110,7 @@ def _kron(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
 # -- every layout fixture -----------------------------------------------------------------
 def test_layout_fixtures_are_registered_and_runnable() -> None:
     assert set(LAYOUT_FIXTURES) == {
-        "nhwc_convnet", "channel_shuffle", "depth_to_space", "if_branch", "lstm_head",
+        "nhwc_convnet", "channel_shuffle", "shufflenet_v2", "depth_to_space", "if_branch", "lstm_head",
         "reshape_maps", "axis_ops",
     }
     assert set(LAYOUT_FIXTURES) <= layout_fixtures.RUNNABLE
@@ -130,7 +130,7 @@ def test_wrong_permutation_is_caught(name: str) -> None:
     assert not verify_models(source, model, provider="cpu").equivalent
 
 
-@pytest.mark.parametrize("name", ["channel_shuffle", "reshape_maps", "depth_to_space"])
+@pytest.mark.parametrize("name", ["channel_shuffle", "shufflenet_v2", "reshape_maps", "depth_to_space"])
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_restricted_index_maps_hold_for_any_seed(name: str, seed: int) -> None:
@@ -167,26 +167,117 @@ def test_nhwc_bias_on_the_last_axis_moves_with_the_conv_rows() -> None:
 
 
 # -- channel shuffle ------------------------------------------------------------------------
-def test_channel_shuffle_keeps_product_form_permutations() -> None:
+def test_channel_shuffle_interleaves_the_concat_operands() -> None:
     analysis = analyze(_fixture("channel_shuffle"))
-    # Unit 1: its passthrough half and its branch output take one permutation c of 8 (the
-    # shuffle interleaves them); unit 2 splits the shuffled output in halves, which cuts c into
-    # c1 (4) and c2 (4). The stem's second half is free.
+    # Unit 1 concatenates its passthrough half L (8) and its branch output D (8); the shuffle
+    # deals them out (L on even channels, D on odd ones) with no restriction. Unit 2 splits the
+    # shuffled output in halves: [0:8] holds L[0:4] and D[0:4], [8:16] L[4:8] and D[4:8], so L
+    # and D are cut in halves of 4, each free. The stem's second half is free too.
     stem = _maps(analysis, "stem.conv.weight", 0)
     assert sorted(stem.values()) == ["[0:4] of 16: p", "[4:8] of 16: p", "[8:16] of 16: p"]
     by_map = {index_map: gid for gid, index_map in stem.items()}
-    c1, c2, free = by_map["[0:4] of 16: p"], by_map["[4:8] of 16: p"], by_map["[8:16] of 16: p"]
-    assert all(analysis.group(g).permutable and analysis.group(g).size == s for g, s in ((c1, 4), (c2, 4), (free, 8)))
-    assert _maps(analysis, "unit1.pw2.weight", 0) == {c1: "[0:4] of 8: p", c2: "[4:8] of 8: p"}
+    l1, l2, free = by_map["[0:4] of 16: p"], by_map["[4:8] of 16: p"], by_map["[8:16] of 16: p"]
+    branch = _maps(analysis, "unit1.pw2.weight", 0)
+    by_map = {index_map: gid for gid, index_map in branch.items()}
+    d1, d2 = by_map["[0:4] of 8: p"], by_map["[4:8] of 8: p"]
+    assert len({l1, l2, free, d1, d2}) == 5
+    sizes = ((l1, 4), (l2, 4), (free, 8), (d1, 4), (d2, 4))
+    assert all(analysis.group(g).permutable and analysis.group(g).size == s for g, s in sizes)
     assert _maps(analysis, "unit1.pw1.weight", 1) == {free: "p"}
-    # After the first shuffle, the second half (c2) reaches unit 2's branch as c2 (x) I_2.
-    assert _maps(analysis, "unit2.pw1.weight", 1)[c2] == "p (x) I_2"
-    # Unit 2's branch output equals its passthrough half (c1 (x) I_2); after the second shuffle
-    # conv5 reads c1 (x) I_4.
-    assert _maps(analysis, "unit2.pw2.weight", 0)[c1] == "p (x) I_2"
-    assert _maps(analysis, "conv5.conv.weight", 1)[c1] == "p (x) I_4"
+    # Unit 2's branch reads the second half: L[4:8] on even channels, D[4:8] on odd ones.
+    assert _maps(analysis, "unit2.pw1.weight", 1) == {l2: "[0::2] of 8: p", d2: "[1::2] of 8: p"}
+    # After the second shuffle conv5 reads the first half (itself interleaved) on even channels
+    # and unit 2's branch output on odd ones.
+    unit2 = _group(analysis, "unit2.pw2.weight", 0)
+    assert _maps(analysis, "conv5.conv.weight", 1) == {
+        l1: "[0::2] of 16: [0::2] of 8: p", d1: "[0::2] of 16: [1::2] of 8: p", unit2.id: "[1::2] of 16: p",
+    }
     frozen = [g for g in analysis.groups if g.frozen]
     assert [g.reasons[0].kind for g in frozen] == ["graph-output"]
+
+
+def test_shufflenet_v2_moves_every_neuron_not_pinned_by_the_output() -> None:
+    """torchvision's export pattern: every producer neuron except the logits is permutable, the
+    only frozen group is the output's, and the branch outputs are cut where the half splits of
+    the following units cut them (odd places included), read interleaved after each shuffle."""
+    analysis = analyze(_fixture("shufflenet_v2"))
+    summary = analysis.summary()
+    assert summary["producer_neurons_pinned_by_outputs"] == 10
+    assert summary["permutable_producer_neurons"] == summary["producer_neurons"] - 10
+    assert [g.reasons[0].kind for g in analysis.groups if g.frozen] == ["graph-output"]
+    def rows(unit: int, branch: int, conv: int) -> dict[str, str]:
+        """Index map -> group of a stage-2 conv's output rows."""
+        tensor = f"stage2.stage2.{unit}.branch{branch}.branch{branch}.{conv}.weight"
+        return {index_map: gid for gid, index_map in _maps(analysis, tensor, 0).items()}
+
+    def reads(unit: int) -> dict[str, str]:
+        return _maps(analysis, f"stage2.stage2.{unit}.branch2.branch2.0.weight", 1)
+
+    # Stage 2's stride-2 unit: branch1 output A (10) and branch2 output B (10), concatenated and
+    # shuffled (A on even channels, B on odd ones). The next unit's branch reads the second
+    # half: A[5:10] and B[5:10].
+    a, b, d = rows(0, 1, 2), rows(0, 2, 5), rows(1, 2, 5)
+    assert reads(1) == {a["[5:10] of 10: p"]: "[0::2] of 10: p", b["[5:10] of 10: p"]: "[1::2] of 10: p"}
+    # The unit after it cuts the first halves A[0:5] and B[0:5] at odd places: A[0:3] + A[3:5],
+    # B[0:2] + B[2:5]; its second half starts on an odd channel, so B comes first there. The
+    # odd channels hold the second half of the previous unit's branch output D.
+    assert reads(2) == {
+        b["[2:5] of 10: p"]: "[0::2] of 10: [0::2] of 5: p",
+        a["[3:5] of 10: p"]: "[0::2] of 10: [1::2] of 5: p",
+        d["[5:10] of 10: p"]: "[1::2] of 10: p",
+    }
+
+
+def _concat_shuffle_model(seed: int) -> onnx.ModelProto:
+    """conv_a (6) and conv_b (6) -> Concat -> channel shuffle (g = 2) -> Slice [0:6] -> conv_c,
+    Slice [6:12] -> conv_d; the two are added, pooled, and a Gemm makes ``logits``."""
+    b = GraphBuilder("concat_shuffle", seed)
+    x = b.input("input", (1, 3, 8, 8))
+    a = b.relu(b.conv(x, 6, 3, name="conv_a"), name="relu_a")
+    c = b.relu(b.conv(x, 6, 3, name="conv_b"), name="relu_b")
+    y = b.concat([a, c], axis=1, name="concat")
+    y = b.reshape(b.transpose(b.reshape(y, [1, 2, 6, 8, 8], name="split"), [0, 2, 1, 3, 4], name="swap"),
+                  [1, 12, 8, 8], name="merge")
+    first = b.relu(b.conv(b.slice(y, [0], [6], [1], name="first"), 8, 3, name="conv_c"), name="relu_c")
+    second = b.relu(b.conv(b.slice(y, [6], [12], [1], name="second"), 8, 3, name="conv_d"), name="relu_d")
+    y = b.flatten(b.global_avg_pool(b.add(first, second, name="add"), name="pool"), name="flat")
+    return b.build(b.gemm(y, 4, name="logits", gain=1.0))
+
+
+def _interleaved(*parts: np.ndarray) -> np.ndarray:
+    """Index array of the interleave of ``parts``: position t*n + j takes part j's t-th entry."""
+    stride = len(parts)
+    result = np.empty(sum(len(p) for p in parts), dtype=np.int64)
+    for j, part in enumerate(parts):
+        result[j::stride] = np.asarray(part) * stride + j
+    return result
+
+
+def test_channel_shuffle_of_a_concat_is_read_interleaved() -> None:
+    """The two concatenated convs keep permutations of their own (each cut in halves, 3 + 3, by
+    the Slices after the shuffle); the convs after the shuffle read them interleaved. Reading
+    them as contiguous blocks (the shuffle ignored) is caught."""
+    source = _concat_shuffle_model(0)
+    analysis = _roundtrip(source, seed=4)
+    rows_a, rows_b = _maps(analysis, "conv_a.weight", 0), _maps(analysis, "conv_b.weight", 0)
+    assert sorted(rows_a.values()) == sorted(rows_b.values()) == ["[0:3] of 6: p", "[3:6] of 6: p"]
+    assert set(rows_a).isdisjoint(rows_b)
+    a = {m: g for g, m in rows_a.items()}
+    b = {m: g for g, m in rows_b.items()}
+    assert _maps(analysis, "conv_c.weight", 1) == {a["[0:3] of 6: p"]: "[0::2] of 6: p", b["[0:3] of 6: p"]: "[1::2] of 6: p"}
+    assert _maps(analysis, "conv_d.weight", 1) == {a["[3:6] of 6: p"]: "[0::2] of 6: p", b["[3:6] of 6: p"]: "[1::2] of 6: p"}
+    # By hand: conv_a's rows by (p0 + p1), conv_b's by (q0 + q1), each half of 3.
+    p0, p1, q0, q1 = np.array([2, 0, 1]), np.array([1, 2, 0]), np.array([1, 0, 2]), np.array([0, 2, 1])
+    rows_a_idx, rows_b_idx = np.concatenate([p0, p1 + 3]), np.concatenate([q0, q1 + 3])
+    for reading, expected in (("interleaved", True), ("blocks", False)):
+        model = copy_model(source)
+        for conv, index in (("conv_a", rows_a_idx), ("conv_b", rows_b_idx)):
+            _set(model, f"{conv}.weight", 0, index)
+            _set(model, f"{conv}.bias", 0, index)
+        for conv, p, q in (("conv_c", p0, q0), ("conv_d", p1, q1)):
+            cols = _interleaved(p, q) if reading == "interleaved" else np.concatenate([p, q + 3])
+            _set(model, f"{conv}.weight", 1, cols)
+        assert verify_models(source, model, provider="cpu").equivalent is expected, reading
 
 
 def _shuffle_model(seed: int, groups: int, flatten: bool = False) -> onnx.ModelProto:

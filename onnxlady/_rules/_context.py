@@ -7,6 +7,12 @@ finishes, so a rule that gives up (``RuleDoesNotApply``) or fails leaves no half
 operator behind. Any tracked input space a rule did not take is frozen: a rule that forgets an
 axis can make the tool permute less, never wrongly.
 
+A *joint space* (:class:`JointSpace`) is one permutation over several axes of a tensor read as
+row-major digits: a Reshape that splits a permuted axis leaves it there, so that a channel
+shuffle (split, Transpose, merge) gets its exact index map. Only rules that declare
+``joint_aware`` see joint spaces; for any other rule the analysis first *materializes* them
+(:func:`materialize_joint`): one permutation per digit, a restriction that is always valid.
+
 A constant reached through ``(De)QuantizeLinear`` or ``Mul`` carries *companions* (per-axis scales
 and zero points, multiplying factors; see :meth:`ModelGraph.chain_companions`). They are bound
 at commit, next to every binding whatever code path made it, at their own use (the chain node's
@@ -21,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxlady._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver
+from onnxlady._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, product
 from onnxlady._graph import ChainAxisError, Companion, ModelGraph, Shape, node_label
 
 
@@ -49,6 +55,22 @@ class Binding:
     role: str
 
 
+@dataclass(frozen=True)
+class JointSpace:
+    """One permutation ``expr`` of several axes of a tensor taken together.
+
+    ``axes`` are the digits, most significant first (not necessarily in layout order: a
+    Transpose may have swapped them), ``sizes`` their lengths; position
+    ``sum(i_k * prod(sizes[k+1:]))`` of ``expr`` is the element with index ``i_k`` on
+    ``axes[k]``. A permutation of the whole split axis need not be a product of one permutation
+    per digit (a block sum is not), which is why the digits are kept together.
+    """
+
+    axes: tuple[int, ...]
+    sizes: tuple[int, ...]
+    expr: Expr
+
+
 @dataclass
 class AnalysisState:
     """Mutable state of one analysis pass, shared by the rule contexts."""
@@ -56,6 +78,7 @@ class AnalysisState:
     graph: ModelGraph
     solver: GroupSolver = field(default_factory=GroupSolver)
     tracked: dict[str, dict[int, Expr]] = field(default_factory=dict)
+    joint: dict[str, list[JointSpace]] = field(default_factory=dict)
     untracked_reason: dict[str, FreezeReason] = field(default_factory=dict)
     bindings: dict[tuple[int, int, int], Binding] = field(default_factory=dict)
     producers: list[tuple[int, Expr]] = field(default_factory=list)
@@ -75,6 +98,8 @@ class RuleContext:
         self.opset = state.graph.opsets.get(self.node.domain or "", state.graph.opsets.get("", 1))
         self._taken: set[tuple[str, int]] = set()
         self._emitted: dict[tuple[int, int], Expr] = {}
+        self._joint_taken: set[tuple[str, tuple[int, ...]]] = set()
+        self._joint_emitted: dict[int, list[JointSpace]] = {}
         self._bound: list[Binding] = []
         self._producers: list[Expr] = []
 
@@ -171,6 +196,27 @@ class RuleContext:
             self._taken.add((name, axis))
         return dict(tracked)
 
+    def take_joint(self, slot: int) -> list[JointSpace]:
+        """Take the joint spaces of input ``slot`` (only for ``joint_aware`` rules)."""
+        name = self.input(slot)
+        spaces = list(self._state.joint.get(name, [])) if name else []
+        for space in spaces:
+            self._joint_taken.add((name, space.axes))
+        return spaces
+
+    def emit_joint(self, slot: int, space: JointSpace) -> None:
+        """Output ``slot`` carries the joint space ``space``."""
+        if self.output(slot) and space.expr.size > 1:
+            self._joint_emitted.setdefault(slot, []).append(space)
+
+    def materialize(self, space: JointSpace) -> dict[int, Expr]:
+        """One permutation per digit of a taken joint space (axis -> expression).
+
+        The joint permutation is restricted to the product of the digits' permutations; a
+        digit the restriction freezes is left out (it is the identity).
+        """
+        return _split_digits(self.solver, space, self.reason("index-map", "the digits of a split axis are read one by one"))
+
     def emit(self, slot: int, axis: int, expr: Expr) -> None:
         """Output ``slot`` carries ``expr`` on ``axis``."""
         if not self.output(slot) or expr.size <= 1:
@@ -256,6 +302,8 @@ class RuleContext:
         for (slot, axis), expr in self._emitted.items():
             name = self.output(slot)
             state.tracked.setdefault(name, {})[axis] = expr
+        for slot, spaces in self._joint_emitted.items():
+            state.joint.setdefault(self.output(slot), []).extend(spaces)
         for binding in self._with_companions():
             key = (binding.node, binding.slot, binding.axis)
             previous = state.bindings.get(key)
@@ -271,6 +319,11 @@ class RuleContext:
                     where = "a subgraph" if slot < 0 else f"input {slot}"
                     self.solver.freeze(
                         expr, self.reason("no-rule", f"no rule for axis {axis} of '{name}' ({where})")
+                    )
+            for space in state.joint.get(name, []):
+                if (name, space.axes) not in self._joint_taken:
+                    self.solver.freeze(
+                        space.expr, self.reason("no-rule", f"no rule for axes {list(space.axes)} of '{name}' taken together")
                     )
 
     def _with_companions(self) -> list[Binding]:
@@ -336,6 +389,37 @@ class RuleContext:
         for _, name in self.graph.inputs_of(self.index):
             for expr in state.tracked.get(name, {}).values():
                 self.solver.freeze(expr, reason)
+            for space in state.joint.get(name, []):
+                self.solver.freeze(space.expr, reason)
         for name in self.node.output:
             if name:
                 state.untracked_reason[name] = reason
+
+
+def materialize_joint(state: AnalysisState, name: str) -> None:
+    """Turn the joint spaces of tensor ``name`` into one tracked space per digit.
+
+    Used before a rule that does not read joint spaces: the joint permutation is restricted to
+    a product of per-digit permutations (valid for every consumer, since refinement only
+    restricts), and the digits become ordinary tracked axes of the tensor.
+    """
+    spaces = state.joint.pop(name, [])
+    for space in spaces:
+        reason = FreezeReason("index-map", f"the digits of axes {list(space.axes)} of '{name}' are read one by one")
+        for axis, expr in _split_digits(state.solver, space, reason).items():
+            state.tracked.setdefault(name, {})[axis] = expr
+
+
+def _split_digits(solver: GroupSolver, space: JointSpace, reason: FreezeReason) -> dict[int, Expr]:
+    digits = [solver.new_atom(size) for size in space.sizes]
+    chain: Expr = digits[-1]
+    for digit in reversed(digits[:-1]):
+        chain = product(digit, chain)
+    solver.unify(space.expr, chain, reason)
+    result: dict[int, Expr] = {}
+    for axis, digit in zip(space.axes, digits):
+        resolved = solver.resolve(digit)
+        moving = any(not solver.is_frozen(atom.id) for atom in solver.atoms(resolved))
+        if resolved.size > 1 and moving:
+            result[axis] = resolved
+    return result

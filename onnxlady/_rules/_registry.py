@@ -20,6 +20,9 @@ class OpRule:
     op_types: ClassVar[tuple[str, ...]] = ()
     #: Operator domain ("" is the default ai.onnx domain).
     domain: ClassVar[str] = ""
+    #: Whether the rule reads joint spaces (``RuleContext.take_joint``); for the others the
+    #: analysis splits joint spaces into one space per digit before the rule runs.
+    joint_aware: ClassVar[bool] = False
 
     def propagate(self, ctx: "RuleContext") -> None:
         """Couple the node's channel spaces through ``ctx``; raise ``RuleDoesNotApply`` to freeze."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from onnxlady._expr import Atom, Expr, Fixed, product
 from onnxlady._graph import Shape
-from onnxlady._rules._context import RuleContext, RuleDoesNotApply
+from onnxlady._rules._context import JointSpace, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 
 
@@ -25,19 +25,25 @@ def _axes(ctx: RuleContext, slot: int, rank: int) -> list[int] | None:
 
 @register
 class TransposeRule(OpRule):
-    """Transpose: output axis j is input axis perm[j]."""
+    """Transpose: output axis j is input axis perm[j]; axes taken together move as they are."""
 
     op_types = ("Transpose",)
+    joint_aware = True
 
     def propagate(self, ctx: RuleContext) -> None:
+        joints = ctx.take_joint(0)
         spaces = ctx.take_all(0)
-        if not spaces:
+        if not spaces and not joints:
             return
         perm = ctx.attr("perm")
         if perm is None:
             perm = list(reversed(range(ctx.rank_in(0))))
+        where = list(perm)
         for axis, expr in spaces.items():
-            ctx.emit(0, list(perm).index(axis), expr)
+            ctx.emit(0, where.index(axis), expr)
+        for space in joints:
+            # The digits keep their order of significance; only their places change.
+            ctx.emit_joint(0, JointSpace(tuple(where.index(a) for a in space.axes), space.sizes, space.expr))
 
 
 @register
@@ -195,23 +201,32 @@ def _size(dim: int | str | None) -> int | None:
 class ReshapeRule(OpRule):
     """Reshape: keep, merge or split permuted axes, found by matching row-major digits.
 
-    A permuted axis split over several output axes is restricted to a product of one
-    permutation per digit; the digits landing in one output axis (from any input axes, permuted
-    or not) make that axis's mixed-radix expression. Channel shuffle (split C into (g, C/g),
-    transpose, merge) therefore keeps the permutations of the form ``a (x) b``.
+    A permuted axis split over output axes of its own (each receiving one digit and nothing
+    else) stays one permutation over those axes taken together (a :class:`JointSpace`); other
+    rules see it as a product of one permutation per digit, but a later Reshape that merges
+    the digits back reads the whole permutation, in the order the digits now lie: for a
+    channel shuffle (split C into (g, C/g), Transpose, merge) the block sum of a Concat becomes
+    an interleave, with no restriction. Otherwise a split axis is restricted to a product of
+    one permutation per digit, and the digits landing in one output axis (from any input axes,
+    permuted or not) make that axis's mixed-radix expression.
     """
 
     op_types = ("Reshape",)
+    joint_aware = True
 
     def propagate(self, ctx: RuleContext) -> None:
+        joints = ctx.take_joint(0)
         spaces = ctx.take_all(0)
-        if not spaces:
+        if not spaces and not joints:
             return
         in_shape = ctx.shape_in(0)
         out_shape = ctx.shape_out(0)
         if in_shape is None or out_shape is None:
             raise RuleDoesNotApply("unknown-shape", "input or output shape unknown")
         digits, unaligned = _align(in_shape, out_shape)
+        for space in joints:
+            if not _move_joint(ctx, space, digits, unaligned):
+                spaces.update(ctx.materialize(space))  # the digits one by one, as below
         pieces: dict[int, Expr] = {}
         for axis, expr in spaces.items():
             mine = [k for k, digit in enumerate(digits) if digit.source == axis]
@@ -226,6 +241,12 @@ class ReshapeRule(OpRule):
                     continue
                 pieces[mine[0]] = expr
                 continue
+            targets = [digits[k].target for k in mine]
+            sizes = [digits[k].size for k in mine]
+            if _exclusive(digits, targets) and all(isinstance(size, int) for size in sizes):
+                # Each digit has an output axis to itself: keep the permutation whole.
+                ctx.emit_joint(0, JointSpace(tuple(targets), tuple(int(size) for size in sizes), expr))  # type: ignore[arg-type]
+                continue
             # The axis is split across output axes: one permutation per digit.
             split = [ctx.new_group(int(digits[k].size)) for k in mine]  # type: ignore[arg-type]
             ctx.unify(expr, _chain(list(split)))
@@ -236,6 +257,49 @@ class ReshapeRule(OpRule):
             first = min(k for k in owned if k in pieces)
             parts = [pieces[k] if k in pieces else _fixed_digit(ctx, int(digits[k].size), k < first) for k in owned]  # type: ignore[arg-type]
             _emit_moving(ctx, target, _chain(parts))
+
+
+def _exclusive(digits: list[_Digit], targets: list[int]) -> bool:
+    """Whether each of ``targets`` is a distinct output axis made of exactly one digit."""
+    return len(set(targets)) == len(targets) and all(
+        sum(1 for digit in digits if digit.target == target) == 1 for target in targets
+    )
+
+
+def _move_joint(ctx: RuleContext, space: JointSpace, digits: list[_Digit], unaligned: dict[int, tuple[str, str]]) -> bool:
+    """Carry a joint space through a Reshape; False when it must be read digit by digit.
+
+    Two cases keep it whole: every axis of the space stays an output axis of its own (the
+    space moves), or the axes are merged into one output axis and nothing else: the merged
+    axis reads the digits in layout order, so the permutation is read in that order (the
+    same order, or two digits swapped, which is :meth:`GroupSolver.transposed`).
+    """
+    if any(axis in unaligned for axis in space.axes):
+        return False
+    found: list[int] = []
+    for axis, size in zip(space.axes, space.sizes):
+        mine = [k for k, digit in enumerate(digits) if digit.source == axis]
+        if len(mine) != 1 or digits[mine[0]].size != size:
+            return False
+        found.append(mine[0])
+    targets = [digits[k].target for k in found]
+    if _exclusive(digits, targets):
+        ctx.emit_joint(0, JointSpace(tuple(targets), space.sizes, space.expr))
+        return True
+    target = targets[0]
+    owned = [k for k, digit in enumerate(digits) if digit.target == target]
+    if any(t != target for t in targets) or sorted(owned) != sorted(found):
+        return False
+    if owned == found:
+        merged: Expr | None = space.expr  # digits already in layout order
+    elif len(found) == 2 and owned == found[::-1]:
+        merged = ctx.solver.transposed(space.expr, space.sizes[0], space.sizes[1])
+    else:
+        merged = None
+    if merged is None:
+        return False
+    _emit_moving(ctx, target, merged)
+    return True
 
 
 def _settled(ctx: RuleContext, piece: Expr) -> Expr:
