@@ -331,12 +331,59 @@ def _state_class() -> type:
         """The solver's state, moving the suspect's error bounds with its values."""
 
         errors: list[np.ndarray] = field(default_factory=list)
+        reference_errors: list[np.ndarray] = field(default_factory=list)
 
         def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
             super()._apply(plan_index, gid, step)
             self.errors[plan_index] = self._moved(self.errors[plan_index], plan_index, gid, step)
 
+        def exact_match(
+            self, gid: str, solved: frozenset[str], step: np.ndarray | None = None, margins: np.ndarray | None = None
+        ) -> np.ndarray | None:
+            """Ties broken by storage error: the ambiguous reference neurons are matched among
+            their suspect neurons so that every aligned value lies within both storage errors
+            (a conversion's bit equality); None if no such matching exists (a perturbed copy)."""
+            exact = super().exact_match(gid, solved)  # bit-equal twins: an opset upgrade, renames
+            if exact is not None or step is None or margins is None:
+                return exact
+            ambiguous = np.flatnonzero(margins < resync.AMBIGUITY_MARGIN)
+            pieces = [piece for piece in self.slices[gid] if not piece.misaligned_dims(solved)]
+            if not pieces or not 0 < ambiguous.size <= _MAX_TIES:
+                return None
+            n = self.analysis.group(gid).size
+
+            def rows(arrays: list[np.ndarray]) -> np.ndarray:
+                return np.concatenate([resync._block(arrays[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
+
+            ref, ref_error = rows(self.reference), rows(self.reference_errors)
+            sus, sus_error = rows(self.work), rows(self.errors)
+            floor = 2.0**-24 * float(np.abs(ref).max(initial=0.0))  # arithmetic of a folding converter
+            candidates = step[ambiguous]  # the others keep the neurons the similarity gave them
+            fits = np.stack(
+                [
+                    np.all(np.abs(sus[candidates] - ref[j]) <= sus_error[candidates] + ref_error[j] + floor, axis=1)
+                    for j in ambiguous
+                ]
+            )
+            # A bijection inside the fits, keeping the similarity's choice where it fits: neurons
+            # fitting each other both ways are the same within storage error, interchangeable.
+            cost = np.where(fits, 1.0, float(ambiguous.size + 1))
+            current = candidates[None, :] == step[ambiguous][:, None]
+            cost[current & fits] = 0.0
+            from scipy.optimize import linear_sum_assignment
+
+            rows_taken, cols = linear_sum_assignment(cost)
+            if not np.all(fits[rows_taken, cols]):
+                return None
+            chosen = step.copy()
+            chosen[ambiguous[rows_taken]] = candidates[cols]
+            return chosen
+
     return _State
+
+
+#: Ties broken by storage error in one group, at most (each costs a pass over their signatures).
+_MAX_TIES = 1024
 
 
 def _true_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str, np.ndarray]:
@@ -402,8 +449,10 @@ def resync_across(
         work=[value.value.copy() if value is not None else empty for value in pairing.suspect],
         options=options,
         errors=[np.array(value.error) if value is not None else empty for value in pairing.suspect],
+        reference_errors=[np.array(value.error) if value is not None else empty for value in pairing.reference],
     )
     rounds = state.run(progress)
+    rounds += _settle_ties(state, progress)
     tally = resync._Tally()
     groups = [resync._group_report(state, group, tally, true_perms.get(group.id)) for group in order]
     resync._say(progress, "resync: re-ordering the suspect in its own form")
@@ -428,6 +477,32 @@ def resync_across(
         across=details,
     )
     return result, details
+
+
+def _settle_ties(state: Any, progress: Callable[[str], None] | None) -> int:
+    """Re-solve, with every slice aligned, the groups left with ambiguous neurons.
+
+    A conversion rounds near-dead neurons (weights of 1e-10) to the same stored numbers in the
+    slices the first pass can use; their consumer columns still tell them apart once the next
+    group is aligned. Only those groups are re-solved (``refine`` re-solves all of them).
+    """
+    resync = _resync_module()
+    if state.options.refine:
+        return 0
+    everything = frozenset(group.id for group in state.order)
+    rounds = 0
+    while rounds < resync.MAX_REFINE_ROUNDS:
+        tied = [
+            gid for gid, stats in state.stats.items()
+            if stats.margins.size and stats.margins.min() < resync.AMBIGUITY_MARGIN
+        ]  # fmt: skip
+        if not tied:
+            break
+        rounds += 1
+        resync._say(progress, f"resync: settling ties in {len(tied)} groups (round {rounds})")
+        if not any([state.solve(gid, everything, aligned=True) for gid in tied]):
+            break
+    return rounds
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

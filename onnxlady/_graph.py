@@ -306,6 +306,14 @@ class ModelGraph:
         infos: list[onnx.ValueInfoProto] = []
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+            # Loop outputs whose shapes are found from their bodies tell the nodes after them
+            # theirs: infer again with them (once per Loop at most, for loops in a chain).
+            for _ in range(sum(1 for node in skeleton.graph.node if node.op_type == "Loop")):
+                carried = _loop_carried_infos(inferred.graph)
+                if not carried:
+                    break
+                skeleton.graph.value_info.extend(carried)
+                inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
             infos = list(inferred.graph.value_info) + list(inferred.graph.output)
         except Exception:  # noqa: BLE001 - malformed or exotic graphs: go on without shapes
             pass
@@ -321,7 +329,7 @@ class ModelGraph:
 
     def _has_unknown_outputs(self, infos: list[onnx.ValueInfoProto]) -> bool:
         known = {v.name for v in infos if v.type.tensor_type.HasField("shape")}
-        known |= {v.name for v in self.model.graph.value_info}
+        known |= {v.name for v in self.model.graph.value_info if v.type.tensor_type.HasField("shape")}
         return any(
             name not in known for name in self.producer if name not in self.constant_nodes and name not in self.folded
         )
@@ -757,6 +765,49 @@ def _free_names(graph: onnx.GraphProto) -> set[str]:
         free |= _outer_scope_names(node) - defined
         defined.update(node.output)
     return free
+
+
+def _loop_carried_infos(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Shapes of the Loop outputs whose value the body maps to its own shape.
+
+    ONNX shape inference drops the shape of a loop-carried value (it could change from one
+    iteration to the next). When the body, inferred with the initial value's fully static shape
+    (and declaring no other), returns exactly that shape, every iteration keeps it, and zero
+    iterations return the initial value itself: the final value has that shape too.
+    """
+    types = {v.name: v.type.tensor_type for v in (*graph.input, *graph.value_info, *graph.output)}
+    shapes: dict[str, tuple[int, ...]] = {t.name: tuple(int(d) for d in t.dims) for t in graph.initializer}
+    for name, tensor_type in types.items():
+        static = _static_dims(tensor_type)
+        if static is not None:
+            shapes[name] = static
+    infos: list[onnx.ValueInfoProto] = []
+    for node in graph.node:
+        if node.op_type != "Loop" or node.domain not in ("", "ai.onnx"):
+            continue
+        body = next((a.g for a in node.attribute if a.name == "body" and a.type == onnx.AttributeProto.GRAPH), None)
+        if body is None:
+            continue
+        body_types = {v.name: v.type.tensor_type for v in (*body.input, *body.value_info, *body.output)}
+        for k, (initial, final) in enumerate(zip(node.input[2:], node.output)):
+            start = shapes.get(initial)
+            if not final or start is None or final in shapes or len(body.input) < 3 + k or len(body.output) < 2 + k:
+                continue
+            declared = body.input[2 + k].type.tensor_type
+            if declared.HasField("shape") and _static_dims(declared) not in (None, start):
+                continue  # the body was written for another shape: leave it unknown
+            returned = body_types.get(body.output[1 + k].name)
+            if returned is not None and _static_dims(returned) == start and initial in types:
+                infos.append(onnx.helper.make_tensor_value_info(final, types[initial].elem_type, list(start)))
+    return infos
+
+
+def _static_dims(tensor_type: onnx.TypeProto.Tensor) -> tuple[int, ...] | None:
+    """The dims of a tensor type when all are known numbers, else None."""
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = tuple(_dim(d) for d in tensor_type.shape.dim)
+    return dims if all(isinstance(d, int) for d in dims) else None  # type: ignore[return-value]
 
 
 def _element_count(tensor: onnx.TensorProto) -> int:

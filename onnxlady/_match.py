@@ -146,13 +146,25 @@ def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
+#: Operators that only change an activation's type: a float16 converter runs a BatchNorm in
+#: float32 between two Casts, and the BatchNorm still follows its Conv.
+_TYPE_ONLY_OPS = frozenset({"Cast", "Identity"})
+
+
 def _single_consumer(graph: ModelGraph, name: str, op_type: str) -> tuple[int, int] | None:
-    """The only reader of ``name`` if it is an ``op_type`` node and ``name`` is no graph output."""
-    readers = graph.consumers.get(name, [])
-    if len(readers) != 1 or name in graph.graph_outputs:
-        return None
-    index, slot = readers[0]
-    return (index, slot) if slot >= 0 and graph.nodes[index].op_type == op_type else None
+    """The only reader of ``name`` (through Casts) if it is an ``op_type`` node and nothing on
+    the way is a graph output."""
+    while True:
+        readers = graph.consumers.get(name, [])
+        if len(readers) != 1 or name in graph.graph_outputs:
+            return None
+        index, slot = readers[0]
+        node = graph.nodes[index]
+        if slot >= 0 and node.op_type == op_type:
+            return index, slot
+        if slot != 0 or node.op_type not in _TYPE_ONLY_OPS or len(node.output) != 1:
+            return None
+        name = node.output[0]
 
 
 def _float_constant(graph: ModelGraph, name: str) -> bool:
@@ -188,7 +200,7 @@ def find_units(graph: ModelGraph) -> dict[int, Unit]:
             if reader is not None:
                 add = graph.nodes[reader[0]]
                 other = 1 - reader[1]
-                if _is_channel_vector(graph, add.input[other], graph.rank(tail), node.op_type):
+                if _is_channel_vector(graph, add.input[other], node, slot, out_axis):
                     bias, tail = (reader[0], other), add.output[0]
         batchnorm = None
         if node.op_type in _FOLDABLE and _foldable(graph, node):
@@ -232,17 +244,25 @@ def _foldable(graph: ModelGraph, node: onnx.NodeProto) -> bool:
     return True
 
 
-def _is_channel_vector(graph: ModelGraph, name: str, rank: int | None, op_type: str) -> bool:
-    """A constant added along the channel axis only: a bias."""
-    if not _float_constant(graph, name) or rank is None:
+def _is_channel_vector(graph: ModelGraph, name: str, node: onnx.NodeProto, slot: int, out_axis: int) -> bool:
+    """A constant added to the layer's output along its channel axis only: a bias.
+
+    The output's rank is the weight's for convolutions (channels on axis 1, counted from the
+    left) and unknown for MatMul (channels last, counted from the right), so neither needs
+    shape inference.
+    """
+    weight = graph.constant_shape(node.input[slot])
+    shape = graph.constant_shape(name) if _float_constant(graph, name) else None
+    if weight is None or shape is None:
         return False
-    shape = graph.constant_shape(name)
-    if shape is None:
+    channels = weight[out_axis]
+    if node.op_type == "MatMul" or node.op_type == "Gemm":
+        return shape[-1:] == (channels,) and all(d == 1 for d in shape[:-1])
+    rank = len(weight)
+    if len(shape) > rank:
         return False
-    channel = rank - 1 if op_type == "MatMul" else 1
     aligned = (1,) * (rank - len(shape)) + tuple(shape)
-    wide = [axis for axis, dim in enumerate(aligned) if dim != 1]
-    return wide == [channel]
+    return aligned[1] == channels and all(d == 1 for axis, d in enumerate(aligned) if axis != 1)
 
 
 def _constant_computed(graph: ModelGraph) -> set[str]:

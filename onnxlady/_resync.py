@@ -544,7 +544,9 @@ class _Resync:
         ]
         return _Blocks.build(pairs, self.analysis.group(gid).size, seed=zlib.crc32(gid.encode()))
 
-    def exact_match(self, gid: str, solved: frozenset[str]) -> np.ndarray | None:
+    def exact_match(
+        self, gid: str, solved: frozenset[str], step: np.ndarray | None = None, margins: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """The matching by bit-equal signatures, when every neuron has exactly one twin.
 
         A permuted but otherwise untouched copy is matched exactly even where neurons are
@@ -592,7 +594,7 @@ class _Resync:
         similarity = scores.similarity()
         margins = _margins(similarity)
         if margins.size and margins.min() < AMBIGUITY_MARGIN:  # only ties need the (costly) exact test
-            exact = self.exact_match(gid, solved)
+            exact = self.exact_match(gid, solved, step, margins)
             if exact is not None:
                 step, duplicates = exact, 0  # bit-equal signatures: no similarity can do better
         chosen = similarity[identity, step]
