@@ -572,9 +572,16 @@ def test_outer_weight_read_by_a_branch_is_untied(kind: str) -> None:
         _tensor_holders(source)["shared.weight"].SerializeToString()
 
 
-@pytest.mark.xfail(strict=True, reason="Concat and broadcasting ops give up on an operand of unknown shape "
-                   "(a Loop output), freezing every group they touch instead of only that operand's")
+def _wrong_permutation_is_caught(source: onnx.ModelProto) -> None:
+    model = copy_model(source)
+    permute_producer_only(model, analyze(model))
+    assert not verify_models(source, model, provider="cpu").equivalent
+
+
 def test_concat_with_a_loop_output_keeps_the_other_operand_permutable() -> None:
+    """ONNX leaves the shape of a loop-carried value unknown; the body maps [1, 8, 8, 8] to
+    itself, so the Loop output has that shape, and the Concat gives it a frozen block of its
+    own: conv2's neurons stay permutable."""
     b = GraphBuilder("loop_concat", 0)
     x = b.input("input", (1, 3, 8, 8))
     a = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
@@ -583,5 +590,67 @@ def test_concat_with_a_loop_output_keeps_the_other_operand_permutable() -> None:
     z = b.loop(1, a, lambda body, t: body.relu(body.conv(t, 8, 3, weight=w, name="conv"), name="relu"),
                name="refine")
     y = b.flatten(b.global_avg_pool(b.concat([s, z], axis=1, name="concat"), name="pool"), name="flat")
-    analysis = analyze(b.build(b.gemm(y, 4, name="logits", gain=1.0)))
+    source = b.build(b.gemm(y, 4, name="logits", gain=1.0))
+    inferred = onnx.shape_inference.infer_shapes(source).graph.value_info
+    assert "refine" not in {v.name for v in inferred if v.type.tensor_type.HasField("shape")}
+    analysis = _roundtrip(source, seed=3)
+    conv2 = _group(analysis, "conv2.weight", 0)
+    assert conv2.permutable
+    assert _map(analysis, "logits.weight", 1) == "[0:8] of 16: p"
+    assert _group(analysis, "conv1", 1).frozen  # the Loop reads it
+    _wrong_permutation_is_caught(source)
+
+
+def _runtime_shaped_concat(seed: int, *, declare_output: bool, add: bool = False) -> onnx.ModelProto:
+    """conv2's output concatenated (or, with ``add``, added) to a tensor whose shape only the
+    runtime knows: conv3's output reshaped to a target computed from the input's values
+    (``0 * max(input) + [1, 8, 8, 8]``), which shape inference cannot follow. With
+    ``declare_output`` the graph states the Concat's output shape, as some exporters do."""
+    b = GraphBuilder("runtime_shape", seed)
+    x = b.input("input", (1, 3, 8, 8))
+    a = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
+    s = b.relu(b.conv(a, 8, 3, name="conv2"), name="relu2")
+    t = b.relu(b.conv(a, 8, 3, name="conv3"), name="relu3")
+    peak = b.custom("ReduceMax", "", [x], [], name="peak", keepdims=0)
+    zero = b.cast(b.mul(peak, np.array(0.0), name="zero"), TensorProto.INT64, name="zero_int")
+    target = b.add(zero, b.param("target_dims", np.array([1, 8, 8, 8], dtype=np.int64)), name="target")
+    z = b.custom("Reshape", "", [t, target], [1, 8, 8, 8], name="reshape")
+    y = b.add(s, z, name="sum") if add else b.concat([s, z], axis=1, name="concat")
+    y = b.flatten(b.global_avg_pool(y, name="pool"), name="flat")
+    model = b.build(b.gemm(y, 4, name="logits", gain=1.0))
+    if declare_output:
+        model.graph.value_info.append(helper.make_tensor_value_info("concat", TensorProto.FLOAT, [1, 16, 8, 8]))
+    return model
+
+
+def test_concat_operand_of_unknown_size_gets_a_frozen_block_of_its_own() -> None:
+    source = _runtime_shaped_concat(0, declare_output=True)
+    analysis = _roundtrip(source, seed=2)
+    assert not any(isinstance(d, int) for d in analysis.graph.shape("reshape") or ())  # no dim is known
     assert _group(analysis, "conv2.weight", 0).permutable
+    assert _map(analysis, "logits.weight", 1) == "[0:8] of 16: p"
+    conv3 = _group(analysis, "conv3", 1)
+    assert conv3.frozen and conv3.reasons[0].kind == "unknown-shape"  # the Reshape to a computed shape
+    assert _group(analysis, "conv1.weight", 0).permutable
+    _wrong_permutation_is_caught(source)
+
+
+def test_concat_of_unknown_total_size_freezes_only_along_its_axis() -> None:
+    """Without the output's size no operand's place is known: conv2 keeps the identity (with
+    the reason), and nothing else is affected."""
+    source = _runtime_shaped_concat(0, declare_output=False)
+    analysis = _roundtrip(source, seed=2)
+    conv2 = _group(analysis, "conv2", 1)
+    assert conv2.frozen
+    assert [r.kind for r in conv2.reasons] == ["unknown-shape"] and "'reshape'" in conv2.reasons[0].message
+    assert _group(analysis, "conv1.weight", 0).permutable
+
+
+def test_broadcast_with_an_operand_of_unknown_shape_freezes_only_that_axis() -> None:
+    """Add(conv2, z) with z's dims unknown: z may or may not broadcast along the channels, so
+    that axis keeps the identity, said so; conv1 before it is unaffected."""
+    source = _runtime_shaped_concat(0, declare_output=False, add=True)
+    analysis = _roundtrip(source, seed=4)
+    conv2 = _group(analysis, "conv2", 1)
+    assert conv2.frozen and "cannot tell whether 'reshape' broadcasts" in conv2.reasons[0].message
+    assert _group(analysis, "conv1.weight", 0).permutable

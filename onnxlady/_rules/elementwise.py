@@ -38,7 +38,13 @@ class UnaryRule(OpRule):
 
 @register
 class BroadcastRule(OpRule):
-    """Multi-input element-wise operators with numpy broadcasting."""
+    """Multi-input element-wise operators with numpy broadcasting.
+
+    A computed operand whose size along an axis is unknown (or whose rank is unknown: a Loop
+    output) may or may not broadcast there: the permutation on that axis must be the identity,
+    so that axis freezes; the other axes are coupled as usual. Only when the output's rank
+    cannot be known either does the rule give up.
+    """
 
     op_types = (
         "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Mod",
@@ -52,18 +58,33 @@ class BroadcastRule(OpRule):
             return
         if not any(ctx.tracked(slot) for slot in slots) and any(ctx.shape_in(slot) is None for slot in slots):
             return  # nothing to carry, and no shapes to find a new axis with
-        ranks = {slot: ctx.rank_in(slot) for slot in slots}
-        out_rank = max(ranks.values())
+        ranks: dict[int, int | None] = {slot: _rank(ctx, slot) for slot in slots}
+        if any(rank is None for rank in ranks.values()):
+            out_rank = ctx.rank_out(0)  # raises when the output's rank is unknown too
+            for slot, rank in ranks.items():
+                if rank is None:
+                    # Its axes cannot be placed: what it carries cannot move.
+                    for expr in ctx.take_all(slot).values():
+                        ctx.freeze(expr, "unknown-shape", f"the rank of '{ctx.input(slot)}' is unknown")
+        else:
+            out_rank = max(rank for rank in ranks.values() if rank is not None)
         for out_axis in range(out_rank):
             self._couple_axis(ctx, slots, ranks, out_rank, out_axis)
 
     @staticmethod
-    def _couple_axis(ctx: RuleContext, slots: list[int], ranks: dict[int, int], out_rank: int, out_axis: int) -> None:
+    def _couple_axis(
+        ctx: RuleContext, slots: list[int], ranks: dict[int, int | None], out_rank: int, out_axis: int
+    ) -> None:
         tracked: list[Expr] = []
         constants: list[tuple[int, int]] = []
         computed: list[tuple[int, int]] = []
+        uncertain: list[str] = []  # computed operands that may or may not broadcast here
         for slot in slots:
-            axis = out_axis - (out_rank - ranks[slot])
+            rank = ranks[slot]
+            if rank is None:
+                uncertain.append(ctx.input(slot))
+                continue
+            axis = out_axis - (out_rank - rank)
             if axis < 0:
                 continue
             spaces = ctx.tracked(slot)
@@ -75,10 +96,12 @@ class BroadcastRule(OpRule):
                 continue  # broadcast along this axis: unaffected by its permutation
             if ctx.is_const(slot):
                 constants.append((slot, axis))
-            else:
+            elif isinstance(dim, int):
                 computed.append((slot, axis))
+            else:
+                uncertain.append(ctx.input(slot))
         if not tracked:
-            if constants and not computed and len(constants) < len(slots):
+            if constants and not computed and not uncertain and len(constants) < len(slots):
                 # Constants vary along an axis every computed input broadcasts over: the axis is
                 # new here, like a producer's (a LayerNorm gamma times a broadcast inverse std).
                 expr = ctx.new_group(int((ctx.shape_in(constants[0][0]) or ())[constants[0][1]]))
@@ -90,10 +113,15 @@ class BroadcastRule(OpRule):
         for other in tracked[1:]:
             ctx.unify(expr, other)
         for slot, axis in computed:
-            dim = (ctx.shape_in(slot) or ())[axis]
-            if not isinstance(dim, int):
-                raise RuleDoesNotApply("unknown-shape", f"cannot tell whether '{ctx.input(slot)}' broadcasts on axis {axis}")
             ctx.unify(expr, ctx.take(slot, axis, expr.size))
+        if uncertain:
+            names = ", ".join(f"'{name}'" for name in uncertain)
+            ctx.freeze(expr, "unknown-shape", f"cannot tell whether {names} broadcasts on output axis {out_axis}")
         for slot, axis in constants:
             ctx.bind(slot, axis, expr, f"{ctx.op_type.lower()} operand")
         ctx.emit(0, out_axis, expr)
+
+
+def _rank(ctx: RuleContext, slot: int) -> int | None:
+    shape = ctx.shape_in(slot)
+    return None if shape is None else len(shape)

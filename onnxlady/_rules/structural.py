@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxlady._expr import DirectSum, Expr, direct_sum
+from onnxlady._expr import DirectSum, Expr, Fixed, direct_sum
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 
 
 @register
 class ConcatRule(OpRule):
-    """Concat: on its axis the output is the direct sum of the inputs; other axes are coupled."""
+    """Concat: on its axis the output is the direct sum of the inputs; other axes are coupled.
+
+    An operand whose size along the axis is unknown (a Loop output: ONNX does not infer it)
+    cannot be permuted, and hides where the operands after it start; when the output's size is
+    known, the span from the first to the last such operand becomes one identity block and the
+    operands before and after it keep their own permutations. Only when the output's size is
+    unknown too do all operands freeze along the axis (the other axes are unaffected).
+    """
 
     op_types = ("Concat",)
 
@@ -19,13 +26,16 @@ class ConcatRule(OpRule):
         slots = [slot for slot in range(ctx.num_inputs) if ctx.input(slot)]
         if not any(ctx.tracked(slot) for slot in slots):
             return
-        rank = ctx.rank_in(slots[0])
+        shapes = [ctx.shape_in(slot) for slot in slots] + [ctx.shape_out(0)]
+        known = [shape for shape in shapes if shape is not None]
+        if not known:
+            raise RuleDoesNotApply("unknown-shape", "the rank of every operand and of the output is unknown")
+        rank = len(known[0])  # Concat operands all have the output's rank
         concat_axis = int(ctx.attr("axis")) % rank
         tracked_axes = sorted({axis for slot in slots for axis in ctx.tracked(slot)})
         for axis in tracked_axes:
             if axis == concat_axis:
-                parts = [self._part(ctx, slot, axis) for slot in slots]
-                ctx.emit(0, axis, direct_sum(parts))
+                self._concatenate(ctx, slots, axis)
             else:
                 exprs = [ctx.take(slot, axis) for slot in slots if axis in ctx.tracked(slot)]
                 expr = exprs[0]
@@ -37,6 +47,35 @@ class ConcatRule(OpRule):
                     ctx.attach(slot, axis, expr, "concat operand")
                 ctx.emit(0, axis, expr)
 
+    def _concatenate(self, ctx: RuleContext, slots: list[int], axis: int) -> None:
+        sizes = [_operand_size(ctx, slot, axis) for slot in slots]
+        unknown = [k for k, size in enumerate(sizes) if size is None]
+        if not unknown:
+            ctx.emit(0, axis, direct_sum([self._part(ctx, slot, axis) for slot in slots]))
+            return
+        names = ", ".join(f"'{ctx.input(slots[k])}'" for k in unknown)
+        out_shape = ctx.shape_out(0)
+        total = out_shape[axis] if out_shape is not None and axis < len(out_shape) else None
+        first, last = unknown[0], unknown[-1]
+        outside = sum(size for k, size in enumerate(sizes) if not first <= k <= last and size is not None)
+        inside = sum(size for size in sizes[first : last + 1] if size is not None)
+        if not isinstance(total, int) or total < outside + inside:
+            # No operand's place in the output is known for sure: none can move along the axis.
+            for slot in slots:
+                if axis in ctx.tracked(slot):
+                    ctx.freeze(ctx.take(slot, axis), "unknown-shape",
+                               f"the sizes of {names} and of the output along axis {axis} are unknown")
+            return
+        # Operands between the first and last unknown one have unknown offsets: they freeze.
+        for slot in slots[first : last + 1]:
+            if axis in ctx.tracked(slot):
+                ctx.freeze(ctx.take(slot, axis), "unknown-shape", f"its place after {names} (sizes unknown) is unknown")
+        middle = Fixed(total - outside, ctx.reason("unknown-shape", f"channels of {names}, whose number is unknown"))
+        parts = [self._part(ctx, slot, axis) for slot in slots[:first]]
+        parts.append(middle)
+        parts += [self._part(ctx, slot, axis) for slot in slots[last + 1 :]]
+        ctx.emit(0, axis, direct_sum(parts))
+
     @staticmethod
     def _part(ctx: RuleContext, slot: int, axis: int) -> Expr:
         if axis in ctx.tracked(slot):
@@ -47,6 +86,19 @@ class ConcatRule(OpRule):
             ctx.bind(slot, axis, part, "concat constant")
             return part
         return ctx.take(slot, axis)  # identity with its reason; raises if the size is unknown
+
+
+def _operand_size(ctx: RuleContext, slot: int, axis: int) -> int | None:
+    """Size of a Concat operand along ``axis``: from its permutation, its constant or its shape."""
+    tracked = ctx.tracked(slot)
+    if axis in tracked:
+        return tracked[axis].size
+    if ctx.is_const(slot):
+        shape = ctx.const_shape(slot)
+        return shape[axis] if axis < len(shape) else None
+    shape = ctx.shape_in(slot)
+    dim = shape[axis] if shape is not None and axis < len(shape) else None
+    return dim if isinstance(dim, int) else None
 
 
 @register
