@@ -39,6 +39,7 @@ from onnxlady._graph import ModelGraph
 from onnxlady._key import PermutationKey, graph_fingerprint
 from onnxlady._match import ModelMatch, Unit, match_analyses
 from onnxlady._permute import _tensor_holders, permute_model
+from onnxlady import _resync as resync  # the solver (it imports this module only when it needs it)
 
 __all__ = ["AcrossResync", "Approx", "read_constant", "resync_across"]
 
@@ -296,12 +297,6 @@ def _pair_plans(match: ModelMatch) -> _Pairing:
 
 
 # -- the resync -------------------------------------------------------------------------------
-def _resync_module() -> Any:
-    from onnxlady import _resync  # the solver; imported late, it imports this module lazily too
-
-    return _resync
-
-
 @dataclass
 class AcrossResync:
     """What resync across conversions found, beyond the usual result."""
@@ -313,6 +308,11 @@ class AcrossResync:
     suspect_before: list[Approx | None]  # the suspect's values in its own order
     dropped: list[str] = field(default_factory=list)
     unresolved: list[str] = field(default_factory=list)  # paired groups with nothing to compare
+    #: Groups solved in the common form but left in place in the output: the suspect's own
+    #: analysis freezes them (its form hides a shape, say), so its tensors cannot be moved.
+    unwritten: list[str] = field(default_factory=list)
+    #: Per solved reference group: aligned[j] = suspect neuron matches[gid][j].
+    matches: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -320,66 +320,62 @@ class AcrossResync:
             "compared_tensors": len(self.compared),
             "tensors_without_counterpart": list(self.dropped),
             "unresolved_groups": list(self.unresolved),
+            "groups_left_in_place": list(self.unwritten),
         }
 
 
-def _state_class() -> type:
-    resync = _resync_module()
+@dataclass
+class _State(resync._Resync):
+    """The solver's state, moving the suspect's error bounds with its values."""
 
-    @dataclass
-    class _State(resync._Resync):  # type: ignore[name-defined, misc]
-        """The solver's state, moving the suspect's error bounds with its values."""
+    errors: list[np.ndarray] = field(default_factory=list)
+    reference_errors: list[np.ndarray] = field(default_factory=list)
 
-        errors: list[np.ndarray] = field(default_factory=list)
-        reference_errors: list[np.ndarray] = field(default_factory=list)
+    def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
+        super()._apply(plan_index, gid, step)
+        self.errors[plan_index] = self._moved(self.errors[plan_index], plan_index, gid, step)
 
-        def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
-            super()._apply(plan_index, gid, step)
-            self.errors[plan_index] = self._moved(self.errors[plan_index], plan_index, gid, step)
+    def exact_match(
+        self, gid: str, solved: frozenset[str], step: np.ndarray | None = None, margins: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """Ties broken by storage error: the ambiguous reference neurons are matched among
+        their suspect neurons so that every aligned value lies within both storage errors
+        (a conversion's bit equality); None if no such matching exists (a perturbed copy)."""
+        exact = super().exact_match(gid, solved)  # bit-equal twins: an opset upgrade, renames
+        if exact is not None or step is None or margins is None:
+            return exact
+        ambiguous = np.flatnonzero(margins < resync.AMBIGUITY_MARGIN)
+        pieces = [piece for piece in self.slices[gid] if not piece.misaligned_dims(solved)]
+        if not pieces or not 0 < ambiguous.size <= _MAX_TIES:
+            return None
+        n = self.analysis.group(gid).size
 
-        def exact_match(
-            self, gid: str, solved: frozenset[str], step: np.ndarray | None = None, margins: np.ndarray | None = None
-        ) -> np.ndarray | None:
-            """Ties broken by storage error: the ambiguous reference neurons are matched among
-            their suspect neurons so that every aligned value lies within both storage errors
-            (a conversion's bit equality); None if no such matching exists (a perturbed copy)."""
-            exact = super().exact_match(gid, solved)  # bit-equal twins: an opset upgrade, renames
-            if exact is not None or step is None or margins is None:
-                return exact
-            ambiguous = np.flatnonzero(margins < resync.AMBIGUITY_MARGIN)
-            pieces = [piece for piece in self.slices[gid] if not piece.misaligned_dims(solved)]
-            if not pieces or not 0 < ambiguous.size <= _MAX_TIES:
-                return None
-            n = self.analysis.group(gid).size
+        def rows(arrays: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate([resync._block(arrays[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
 
-            def rows(arrays: list[np.ndarray]) -> np.ndarray:
-                return np.concatenate([resync._block(arrays[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
+        ref, ref_error = rows(self.reference), rows(self.reference_errors)
+        sus, sus_error = rows(self.work), rows(self.errors)
+        floor = 2.0**-24 * float(np.abs(ref).max(initial=0.0))  # arithmetic of a folding converter
+        candidates = step[ambiguous]  # the others keep the neurons the similarity gave them
+        fits = np.stack(
+            [
+                np.all(np.abs(sus[candidates] - ref[j]) <= sus_error[candidates] + ref_error[j] + floor, axis=1)
+                for j in ambiguous
+            ]
+        )
+        # A bijection inside the fits, keeping the similarity's choice where it fits: neurons
+        # fitting each other both ways are the same within storage error, interchangeable.
+        cost = np.where(fits, 1.0, float(ambiguous.size + 1))
+        current = candidates[None, :] == step[ambiguous][:, None]
+        cost[current & fits] = 0.0
+        from scipy.optimize import linear_sum_assignment
 
-            ref, ref_error = rows(self.reference), rows(self.reference_errors)
-            sus, sus_error = rows(self.work), rows(self.errors)
-            floor = 2.0**-24 * float(np.abs(ref).max(initial=0.0))  # arithmetic of a folding converter
-            candidates = step[ambiguous]  # the others keep the neurons the similarity gave them
-            fits = np.stack(
-                [
-                    np.all(np.abs(sus[candidates] - ref[j]) <= sus_error[candidates] + ref_error[j] + floor, axis=1)
-                    for j in ambiguous
-                ]
-            )
-            # A bijection inside the fits, keeping the similarity's choice where it fits: neurons
-            # fitting each other both ways are the same within storage error, interchangeable.
-            cost = np.where(fits, 1.0, float(ambiguous.size + 1))
-            current = candidates[None, :] == step[ambiguous][:, None]
-            cost[current & fits] = 0.0
-            from scipy.optimize import linear_sum_assignment
-
-            rows_taken, cols = linear_sum_assignment(cost)
-            if not np.all(fits[rows_taken, cols]):
-                return None
-            chosen = step.copy()
-            chosen[ambiguous[rows_taken]] = candidates[cols]
-            return chosen
-
-    return _State
+        rows_taken, cols = linear_sum_assignment(cost)
+        if not np.all(fits[rows_taken, cols]):
+            return None
+        chosen = step.copy()
+        chosen[ambiguous[rows_taken]] = candidates[cols]
+        return chosen
 
 
 #: Ties broken by storage error in one group, at most (each costs a pass over their signatures).
@@ -388,7 +384,6 @@ _MAX_TIES = 1024
 
 def _true_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str, np.ndarray]:
     """The true permutations by reference group id, whichever model's groups the key names."""
-    resync = _resync_module()
     if true_key is None:
         return {}
     ref_model, sus_model = match.reference.graph.model, match.suspect.graph.model
@@ -403,12 +398,11 @@ def _true_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str,
 def resync_across(
     reference: onnx.ModelProto,
     suspect: onnx.ModelProto,
-    options: Any,
+    options: resync._Options,
     true_key: PermutationKey | None,
     progress: Callable[[str], None] | None,
-) -> tuple[Any, AcrossResync]:
+) -> tuple[resync.ResyncResult, AcrossResync]:
     """Resync a converted suspect (see the module docstring): (ResyncResult, details)."""
-    resync = _resync_module()
     resync._say(progress, "resync: the suspect is not a twin of the reference; matching across conversions")
     ref_analysis, sus_analysis = analyze(reference), analyze(suspect)
     match = match_analyses(ref_analysis, sus_analysis)
@@ -433,14 +427,15 @@ def resync_across(
                 raise OnnxladyError(
                     f"tensor '{ref_analysis.tensors[number].source}' of the {which} holds NaN or Inf values"
                 )
-    permutable = {pair.reference for pair in match.groups if pair.permutable}
+    # Solved wherever the reference can move the group; written where the suspect can too.
+    permutable = {pair.reference for pair in match.groups if ref_analysis.group(pair.reference).permutable}
     slices, touched = resync._group_slices(ref_analysis, permutable)
     slices = {gid: [piece for piece in pieces if piece.plan in kept] for gid, pieces in slices.items()}
     touched = {gid: [plan for plan in plans if plan in kept] for gid, plans in touched.items()}
     order = [group for group in ref_analysis.permutable_groups if group.id in permutable and slices[group.id]]
     unresolved = sorted(permutable - {group.id for group in order})
     empty = np.zeros(0)
-    state = _state_class()(
+    state = _State(
         analysis=ref_analysis,
         order=order,
         slices=slices,
@@ -456,13 +451,15 @@ def resync_across(
     tally = resync._Tally()
     groups = [resync._group_report(state, group, tally, true_perms.get(group.id)) for group in order]
     resync._say(progress, "resync: re-ordering the suspect in its own form")
-    perms = {match.suspect_group(gid).suspect: state.match[gid] for gid in state.match}  # type: ignore[union-attr]
+    pairs = {gid: match.suspect_group(gid) for gid in state.match}
+    perms = {pair.suspect: state.match[gid] for gid, pair in pairs.items() if pair is not None and pair.permutable}
+    unwritten = sorted(gid for gid, pair in pairs.items() if pair is not None and not pair.permutable)
     model, key = _reorder_suspect(suspect, perms, reference, options)
     aligned: list[Approx | None] = [
         Approx(state.work[n], state.errors[n]) if n in kept else None for n in range(len(pairing.suspect))
     ]
     details = AcrossResync(
-        match, sorted(kept), pairing.reference, aligned, pairing.suspect, pairing.dropped, unresolved
+        match, sorted(kept), pairing.reference, aligned, pairing.suspect, pairing.dropped, unresolved, unwritten, dict(state.match)
     )
     result = resync.ResyncResult(
         model=model,
@@ -479,14 +476,13 @@ def resync_across(
     return result, details
 
 
-def _settle_ties(state: Any, progress: Callable[[str], None] | None) -> int:
+def _settle_ties(state: _State, progress: Callable[[str], None] | None) -> int:
     """Re-solve, with every slice aligned, the groups left with ambiguous neurons.
 
     A conversion rounds near-dead neurons (weights of 1e-10) to the same stored numbers in the
     slices the first pass can use; their consumer columns still tell them apart once the next
     group is aligned. Only those groups are re-solved (``refine`` re-solves all of them).
     """
-    resync = _resync_module()
     if state.options.refine:
         return 0
     everything = frozenset(group.id for group in state.order)
@@ -512,7 +508,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _reorder_suspect(
-    suspect: onnx.ModelProto, perms: dict[str, np.ndarray], reference: onnx.ModelProto, options: Any
+    suspect: onnx.ModelProto, perms: dict[str, np.ndarray], reference: onnx.ModelProto, options: resync._Options
 ) -> tuple[onnx.ModelProto, PermutationKey]:
     """The suspect permuted by ``perms`` (its own group ids), and the key that
     ``unpermute_model`` applies to the suspect to give it (as for twin graphs)."""

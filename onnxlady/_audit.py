@@ -764,6 +764,8 @@ def audit_models(
 
 def _matches(result: ResyncResult) -> list[np.ndarray]:
     """The recovered permutation of every group (identity where the suspect was in order)."""
+    if result.across is not None:
+        return list(result.across.matches.values())
     return [np.asarray(group["perm"]) for group in result.key.groups]
 
 

@@ -551,7 +551,12 @@ def _cmd_resync(args: argparse.Namespace, progress: Progress) -> int:
             for finding in result.across.match.conversions:
                 lines.append(f"conversion ({finding.kind}) in the {finding.model}: {finding.detail}")
             for item in result.across.match.unmatched:
-                lines.append(f"left in place: {item.model} group {item.group} ({item.size}): {item.reason}")
+                lines.append(f"unmatched: {item.model} group {item.group} ({item.size}): {item.reason}")
+            if result.across.unwritten:
+                lines.append(
+                    "matched but left in place in the output (frozen in the suspect's own form): "
+                    + ", ".join(result.across.unwritten)
+                )
         return "\n".join(lines)
 
     _emit(args, document, text)
