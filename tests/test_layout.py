@@ -280,6 +280,43 @@ def test_channel_shuffle_of_a_concat_is_read_interleaved() -> None:
         assert verify_models(source, model, provider="cpu").equivalent is expected, reading
 
 
+def test_a_shuffle_read_half_way_falls_back_to_product_form() -> None:
+    """Four convs concatenated and shuffled (g = 4) while a ReduceMean also reads the transposed
+    5-D tensor: that reader sees each digit as an axis of its own, so the whole permutation is
+    restricted to a product (the four convs share one permutation, the blocks stay in place)."""
+    b = GraphBuilder("shuffle4", 0)
+    x = b.input("input", (1, 3, 8, 8))
+    parts = [b.relu(b.conv(x, 3, 3, name=f"conv{k}"), name=f"relu{k}") for k in range(4)]
+    t = b.reshape(b.concat(parts, axis=1, name="concat"), [1, 4, 3, 8, 8], name="split")
+    t = b.transpose(t, [0, 2, 1, 3, 4], name="swap")                                # [1, 3, 4, 8, 8]
+    side = b.flatten(b.reduce_mean(t, [3, 4], keepdims=False, name="side"), name="side_flat")
+    y = b.relu(b.conv(b.reshape(t, [1, 12, 8, 8], name="merge"), 8, 3, name="after"), name="relu_after")
+    y = b.flatten(b.global_avg_pool(y, name="pool"), name="flat")
+    source = b.build([b.gemm(y, 4, name="logits", gain=1.0), b.gemm(side, 4, name="side_logits", gain=1.0)])
+    analysis = _roundtrip(source, seed=1)
+    (shared,) = {gid for k in range(4) for gid in _maps(analysis, f"conv{k}.weight", 0)}
+    assert analysis.group(shared).permutable and analysis.group(shared).size == 3
+    assert _maps(analysis, "after.weight", 1)[shared] == "p (x) I_4"
+    _wrong_permutation_is_caught(source)
+
+
+def test_split_digits_reaching_a_graph_output_freeze() -> None:
+    """A Reshape splitting conv1's channels into (2, 4), transposed, is a graph output: the
+    permutation kept over both axes freezes (graph-output); the other branch still moves."""
+    b = GraphBuilder("split_output", 0)
+    x = b.input("input", (1, 3, 8, 8))
+    a = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
+    t = b.transpose(b.reshape(a, [1, 2, 4, 8, 8], name="split"), [0, 2, 1, 3, 4], name="swap")
+    y = b.relu(b.conv(x, 8, 3, name="conv2"), name="relu2")
+    y = b.flatten(b.global_avg_pool(y, name="pool"), name="flat")
+    source = b.build([t, b.gemm(y, 4, name="logits", gain=1.0)])
+    analysis = _roundtrip(source, seed=2)
+    frozen = _group(analysis, "conv1", 1)
+    assert frozen.frozen and frozen.reasons[0].kind == "graph-output"
+    assert _map(analysis, "swap", 2) == "axes [2, 1] together: p"
+    assert _group(analysis, "conv2.weight", 0).permutable
+
+
 def _shuffle_model(seed: int, groups: int, flatten: bool = False) -> onnx.ModelProto:
     """conv1 (8) -> Reshape [1, g, 8/g, 8, 8] -> Transpose (0, 2, 1, 3, 4) -> Reshape back ->
     conv2; or with ``flatten``, Flatten(axis=1) of the transposed 5-D tensor -> Gemm."""
