@@ -652,12 +652,12 @@ def _labels(expr: Expr) -> dict[int, np.ndarray]:
         return result
     if isinstance(expr, Interleave):
         stride, total = len(expr.parts), expr.size
-        result = {}
+        dealt: dict[int, np.ndarray] = {}
         for residue, part in enumerate(expr.parts):
             for root, lab in _labels(part).items():
-                arr = result.setdefault(root, np.full(total, -1, dtype=np.int64))
+                arr = dealt.setdefault(root, np.full(total, -1, dtype=np.int64))
                 arr[residue::stride] = np.where(lab >= 0, lab, arr[residue::stride])
-        return result
+        return dealt
     outer_size, inner_size = expr.outer.size, expr.inner.size
     result = {root: np.repeat(lab, inner_size) for root, lab in _labels(expr.outer).items()}
     for root, lab in _labels(expr.inner).items():

@@ -242,10 +242,10 @@ class ReshapeRule(OpRule):
                 pieces[mine[0]] = expr
                 continue
             targets = [digits[k].target for k in mine]
-            sizes = [digits[k].size for k in mine]
-            if _exclusive(digits, targets) and all(isinstance(size, int) for size in sizes):
+            sizes = tuple(size for k in mine if isinstance(size := digits[k].size, int))
+            if _exclusive(digits, targets) and len(sizes) == len(mine):
                 # Each digit has an output axis to itself: keep the permutation whole.
-                ctx.emit_joint(0, JointSpace(tuple(targets), tuple(int(size) for size in sizes), expr))  # type: ignore[arg-type]
+                ctx.emit_joint(0, JointSpace(tuple(targets), sizes, expr))
                 continue
             # The axis is split across output axes: one permutation per digit.
             split = [ctx.new_group(int(digits[k].size)) for k in mine]  # type: ignore[arg-type]
