@@ -6,7 +6,9 @@ The public API re-exported here is what the command line uses:
 - :func:`analyze` — the coupled channel groups of a model (:class:`ChannelAnalysis`);
 - :func:`draw_permutations`, :func:`permute_model`, :func:`unpermute_model` — permutation with a
   :class:`PermutationKey` that restores the original bit for bit;
-- :func:`verify_models` — ONNX Runtime equivalence check (:class:`VerifyReport`).
+- :func:`verify_models` — ONNX Runtime equivalence check (:class:`VerifyReport`);
+- :func:`match_models` — the pairing of two models' groups when a converter ran on one of them
+  (:class:`ModelMatch`), which resync and audit use for such suspects.
 """
 
 from onnxlady._analysis import ChannelAnalysis, ChannelGroup, GroupMember, TensorPermutation, analyze
@@ -14,23 +16,29 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._expr import FreezeReason
 from onnxlady._io import LoadedModel, load_model, save_model
 from onnxlady._key import PermutationKey, graph_fingerprint, read_key
+from onnxlady._match import ConversionFinding, GroupPair, ModelMatch, UnmatchedGroup, match_models
 from onnxlady._permute import draw_permutations, permute_model, unpermute_model
 from onnxlady._verify import VerifyReport, verify_models
 
 __all__ = [
     "ChannelAnalysis",
     "ChannelGroup",
+    "ConversionFinding",
     "FreezeReason",
     "GroupMember",
+    "GroupPair",
     "LoadedModel",
+    "ModelMatch",
     "OnnxladyError",
     "PermutationKey",
     "TensorPermutation",
+    "UnmatchedGroup",
     "VerifyReport",
     "analyze",
     "draw_permutations",
     "graph_fingerprint",
     "load_model",
+    "match_models",
     "permute_model",
     "read_key",
     "save_model",

@@ -450,6 +450,13 @@ def resync_across(
     rounds += _settle_ties(state, progress)
     tally = resync._Tally()
     groups = [resync._group_report(state, group, tally, true_perms.get(group.id)) for group in order]
+    for gid, perm in true_perms.items():  # permuted but never solved: only fixed points are in place
+        if gid not in state.match:
+            fixed = int(np.sum(perm == np.arange(perm.size)))
+            tally.hits += fixed
+            tally.total += perm.size
+            tally.hits_distinguishable += fixed
+            tally.total_distinguishable += perm.size
     resync._say(progress, "resync: re-ordering the suspect in its own form")
     pairs = {gid: match.suspect_group(gid) for gid in state.match}
     perms = {pair.suspect: state.match[gid] for gid, pair in pairs.items() if pair is not None and pair.permutable}

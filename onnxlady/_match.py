@@ -279,9 +279,15 @@ def _constant_computed(graph: ModelGraph) -> set[str]:
     return computed
 
 
-def _constant_operand_shape(graph: ModelGraph, name: str, computed: set[str]) -> tuple[int, ...] | None:
-    """Shape of a float constant operand of more than one element (stored or computed), else None."""
-    if _float_constant(graph, name):
+def _constant_operand_shape(
+    graph: ModelGraph, name: str, computed: set[str], planned: set[str]
+) -> tuple[int, ...] | None:
+    """Shape of a constant operand of more than one element that holds numbers (a float, or
+    any constant the analysis permutes: a one-hot's index table), stored or computed, else
+    None. Integer shapes and axes are left out: an opset upgrade moves them between attributes
+    and inputs."""
+    leaf = graph.constant_leaf(name)
+    if _float_constant(graph, name) or (leaf is not None and leaf.name in planned):
         shape = graph.constant_shape(name)
     elif name in computed and graph.dtypes.get(name) in _FLOAT_TYPES:
         found = graph.shape(name)
@@ -291,7 +297,9 @@ def _constant_operand_shape(graph: ModelGraph, name: str, computed: set[str]) ->
     return shape if shape is not None and int(np.prod(shape)) > 1 else None
 
 
-def _site_token(graph: ModelGraph, index: int, unit: Unit | None, computed: set[str]) -> tuple[Any, ...] | None:
+def _site_token(
+    graph: ModelGraph, index: int, unit: Unit | None, computed: set[str], planned: set[str]
+) -> tuple[Any, ...] | None:
     """What must agree for two sites to pair: operator and the shapes of what it reads."""
     node = graph.nodes[index]
     if unit is not None:
@@ -302,13 +310,14 @@ def _site_token(graph: ModelGraph, index: int, unit: Unit | None, computed: set[
     constants = tuple(
         (slot, shape)
         for slot, name in enumerate(node.input)
-        if name and (shape := _constant_operand_shape(graph, name, computed)) is not None
+        if name and (shape := _constant_operand_shape(graph, name, computed, planned)) is not None
     )
     return (node.domain or "", node.op_type, constants) if constants else None
 
 
-def _sites(graph: ModelGraph, units: dict[int, Unit]) -> list[tuple[int, tuple[Any, ...]]]:
-    """Sites in topological order with their tokens; a unit's bias Add and BatchNorm are none."""
+def _sites(graph: ModelGraph, units: dict[int, Unit], planned: set[str]) -> list[tuple[int, tuple[Any, ...]]]:
+    """Sites in topological order with their tokens; a unit's bias Add and BatchNorm are none.
+    ``planned``: the constants the analysis permutes."""
     absorbed = {u.batchnorm for u in units.values() if u.batchnorm is not None}
     absorbed |= {u.bias[0] for u in units.values() if u.bias is not None and u.bias[0] != u.node}
     computed = _constant_computed(graph)
@@ -316,7 +325,7 @@ def _sites(graph: ModelGraph, units: dict[int, Unit]) -> list[tuple[int, tuple[A
     for index in graph.order:
         if index in absorbed:
             continue
-        token = _site_token(graph, index, units.get(index), computed)
+        token = _site_token(graph, index, units.get(index), computed, planned)
         if token is not None:
             sites.append((index, token))
     return sites
@@ -569,7 +578,8 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
     """Pair the sites and groups of two analysed models (see the module docstring)."""
     ref_graph, sus_graph = reference.graph, suspect.graph
     ref_units, sus_units = find_units(ref_graph), find_units(sus_graph)
-    ref_sites, sus_sites = _sites(ref_graph, ref_units), _sites(sus_graph, sus_units)
+    ref_sites = _sites(ref_graph, ref_units, {plan.source for plan in reference.tensors})
+    sus_sites = _sites(sus_graph, sus_units, {plan.source for plan in suspect.tensors})
     matcher = difflib.SequenceMatcher(
         None, [token for _, token in ref_sites], [token for _, token in sus_sites], autojunk=False
     )

@@ -225,3 +225,44 @@ def test_error_bounds_hold_and_are_tight(conversion: str) -> None:
         assert np.all(gap <= read.error + original.error)
         if gap.size >= 100:  # some element is rounded by nearly its whole bound
             assert float((gap / read.error).max()) >= 0.9
+
+
+def _one_hot_model() -> onnx.ModelProto:
+    """Token ids -> one-hot (Equal against an int64 arange) -> MatMul -> Relu -> MatMul, as
+    magika's embedding is exported: the one-hot index is a group whose only constants are integers."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Unsqueeze", ["ids", "last"], ["ids1"]),
+        helper.make_node("Equal", ["ids1", "arange"], ["hot"]),
+        helper.make_node("Cast", ["hot"], ["hotf"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["hotf", "embed"], ["e"]),
+        helper.make_node("Relu", ["e"], ["r"]),
+        helper.make_node("MatMul", ["r", "proj"], ["out"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "last"),
+        numpy_helper.from_array(np.arange(16, dtype=np.int64), "arange"),
+        numpy_helper.from_array(rng.standard_normal((16, 12)).astype(np.float32), "embed"),
+        numpy_helper.from_array((rng.standard_normal((12, 4)) / np.sqrt(12)).astype(np.float32), "proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "one_hot",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 5, 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_group_held_only_by_integer_constants_is_matched_too() -> None:
+    reference = _one_hot_model()
+    analysis = analyze(reference)
+    assert any(g.size == 16 and g.permutable for g in analysis.groups)
+    model, _, _, key = permute_copy(reference, 2)
+    suspect = CONVERSIONS["opset"](model)
+    result = resync_model(reference, suspect, true_key=key)
+    assert result.psi == 100.0  # the 16 one-hot positions included
+    assert audit_models(reference, suspect).verdict == "permuted"
