@@ -168,6 +168,11 @@ def _batchnorm(graph: ModelGraph, index: int) -> _BatchNorm | None:
     return _BatchNorm(Approx(scale, scale_error), beta, mean)
 
 
+#: Relative rounding a converter's float32 folding adds to each term it computes (a few units
+#: in the last place).
+_FOLD_ROUNDING = 2.0**-22
+
+
 def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
     view = [1] * rank
     view[axis] = -1
@@ -185,7 +190,10 @@ def unit_weight(graph: ModelGraph, unit: Unit) -> Approx | None:
     rank = weight.value.ndim
     scale = _along(bn.scale.value, unit.out_axis, rank)
     scale_error = _along(bn.scale.error, unit.out_axis, rank)
-    return Approx(weight.value * scale, weight.error * np.abs(scale) + np.abs(weight.value) * scale_error)
+    folded = weight.value * scale
+    # Plus what a converter folding in float32 may add to its stored product (one rounding).
+    error = weight.error * np.abs(scale) + np.abs(weight.value) * scale_error + _FOLD_ROUNDING * np.abs(folded)
+    return Approx(folded, error)
 
 
 def unit_bias(graph: ModelGraph, unit: Unit, size: int) -> Approx | None:
@@ -204,8 +212,11 @@ def unit_bias(graph: ModelGraph, unit: Unit, size: int) -> Approx | None:
     if bn is None or bn.scale.value.size != size:
         return None
     centred = bias.value - bn.mean.value
-    value = centred * bn.scale.value + bn.shift.value
+    product = centred * bn.scale.value
+    value = product + bn.shift.value
     error = (bias.error + bn.mean.error) * np.abs(bn.scale.value) + np.abs(centred) * bn.scale.error + bn.shift.error
+    # A float32 fold rounds each term; the result may cancel far below them.
+    error = error + _FOLD_ROUNDING * (np.abs(bias.value) + np.abs(bn.mean.value) + np.abs(product) + np.abs(bn.shift.value))
     return Approx(value, error)
 
 
@@ -355,11 +366,10 @@ class _State(resync._Resync):
 
         ref, ref_error = rows(self.reference), rows(self.reference_errors)
         sus, sus_error = rows(self.work), rows(self.errors)
-        floor = 2.0**-24 * float(np.abs(ref).max(initial=0.0))  # arithmetic of a folding converter
         candidates = step[ambiguous]  # the others keep the neurons the similarity gave them
         fits = np.stack(
             [
-                np.all(np.abs(sus[candidates] - ref[j]) <= sus_error[candidates] + ref_error[j] + floor, axis=1)
+                np.all(np.abs(sus[candidates] - ref[j]) <= sus_error[candidates] + ref_error[j], axis=1)
                 for j in ambiguous
             ]
         )
