@@ -26,7 +26,7 @@ analysis: it keeps its form (float16, folded, QDQ) and is equivalent to the susp
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -324,6 +324,9 @@ class AcrossResync:
     unwritten: list[str] = field(default_factory=list)
     #: Per solved reference group: aligned[j] = suspect neuron matches[gid][j].
     matches: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Suspect groups solved with the roles exchanged (the reference's form freezes them); the
+    #: common-form arrays above do not hold them in the reference's order.
+    mirrored: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -332,6 +335,7 @@ class AcrossResync:
             "tensors_without_counterpart": list(self.dropped),
             "unresolved_groups": list(self.unresolved),
             "groups_left_in_place": list(self.unwritten),
+            "suspect_groups_solved_mirrored": list(self.mirrored),
         }
 
 
@@ -411,8 +415,15 @@ def resync_across(
     options: resync._Options,
     true_key: PermutationKey | None,
     progress: Callable[[str], None] | None,
+    *,
+    mirrored: bool = False,
 ) -> tuple[resync.ResyncResult, AcrossResync]:
-    """Resync a converted suspect (see the module docstring): (ResyncResult, details)."""
+    """Resync a converted suspect (see the module docstring): (ResyncResult, details).
+
+    Groups that only the suspect's form can move (the reference's own analysis freezes them: an
+    opset upgrade wrapped a Softmax in reshapes over dynamic sizes, say) are solved the other
+    way round, with the suspect as the reference (``mirrored`` marks that inner run).
+    """
     resync._say(progress, "resync: the suspect is not a twin of the reference; matching across conversions")
     ref_analysis, sus_analysis = analyze(reference), analyze(suspect)
     match = match_analyses(ref_analysis, sus_analysis)
@@ -471,12 +482,24 @@ def resync_across(
     pairs = {gid: match.suspect_group(gid) for gid in state.match}
     perms = {pair.suspect: state.match[gid] for gid, pair in pairs.items() if pair is not None and pair.permutable}
     unwritten = sorted(gid for gid, pair in pairs.items() if pair is not None and not pair.permutable)
+    mirrored_groups = {} if mirrored else _solve_mirrored(match, reference, suspect, options, progress)
+    for sus_gid, (ref_gid, perm, report) in mirrored_groups.items():
+        perms[sus_gid] = perm
+        true = true_perms.get(ref_gid) if ref_gid is not None else None
+        if true is not None:  # it was counted above as never solved: count what the mirror did
+            fixed = int(np.sum(true == np.arange(true.size)))
+            hits = int(np.sum(true[perm] == np.arange(perm.size)))
+            tally.hits += hits - fixed
+            tally.hits_distinguishable += hits - fixed
+            report = replace(report, psi=resync._percent(hits, perm.size), psi_distinguishable=resync._percent(hits, perm.size))
+        groups.append(replace(report, id=f"{ref_gid or sus_gid} (solved in the suspect's form)"))
     model, key = _reorder_suspect(suspect, perms, reference, options)
     aligned: list[Approx | None] = [
         Approx(state.work[n], state.errors[n]) if n in kept else None for n in range(len(pairing.suspect))
     ]
     details = AcrossResync(
-        match, sorted(kept), pairing.reference, aligned, pairing.suspect, pairing.dropped, unresolved, unwritten, dict(state.match)
+        match, sorted(kept), pairing.reference, aligned, pairing.suspect, pairing.dropped, unresolved, unwritten, dict(state.match),
+        sorted(mirrored_groups),
     )
     result = resync.ResyncResult(
         model=model,
@@ -491,6 +514,33 @@ def resync_across(
         across=details,
     )
     return result, details
+
+
+def _solve_mirrored(
+    match: ModelMatch,
+    reference: onnx.ModelProto,
+    suspect: onnx.ModelProto,
+    options: resync._Options,
+    progress: Callable[[str], None] | None,
+) -> dict[str, tuple[str | None, np.ndarray, resync.GroupResync]]:
+    """Suspect groups only the suspect's form can move, solved with the roles exchanged:
+    suspect group id -> (reference group id if paired, permutation putting the suspect in the
+    reference's order, the mirrored solve's statistics)."""
+    orphans = sorted(
+        item.group for item in match.unmatched if item.model == "suspect" and match.suspect.group(item.group).permutable
+    )
+    if not orphans:
+        return {}
+    resync._say(progress, f"resync: {len(orphans)} groups only the suspect's form can move: solving them mirrored")
+    back, details = resync_across(suspect, reference, options, None, progress, mirrored=True)
+    reports = {report.id: report for report in back.groups}
+    partner = {pair.suspect: pair.reference for pair in match.groups}
+    # Mirrored, suspect neuron j holds reference neuron matches[j]: the reference's order is argsort.
+    return {
+        gid: (partner.get(gid), np.argsort(details.matches[gid]), reports[gid])
+        for gid in orphans
+        if gid in details.matches
+    }
 
 
 def _settle_ties(state: _State, progress: Callable[[str], None] | None) -> int:

@@ -667,8 +667,15 @@ def audit_models(
     method: str = "hungarian",
     refine: bool = False,
     progress: Callable[[str], None] | None = None,
+    mirrored: bool = False,
 ) -> AuditReport:
-    """Compare ``suspect`` with ``reference`` neuron by neuron (see the module docstring)."""
+    """Compare ``suspect`` with ``reference`` neuron by neuron (see the module docstring).
+
+    When some groups only the suspect's converted form can move (see
+    :mod:`onnxlady._across`), the comparison in the reference's form cannot hold them in
+    order; if it then finds differences, the pair is compared the other way round as well
+    (``mirrored`` marks that inner audit) and a clean result there is the verdict.
+    """
     ref = _arrays(reference)
     before = _arrays(suspect)
     analysis = analyze(reference)
@@ -752,6 +759,19 @@ def audit_models(
             "BatchNorm undoes: functionally equivalent; canonicalize() removes the scales"
         )
         return report
+    if result.across is not None and result.across.mirrored and not mirrored:
+        other = audit_models(suspect, reference, rtol=rtol, method=method, refine=refine, progress=progress, mirrored=True)
+        if other.verdict in ("permuted", "converted"):
+            report.verdict = other.verdict
+            report.differing_tensors, report.rescaled, report.scaled_neurons = [], [], []
+            moved = "re-ordered and converted" if other.verdict == "permuted" else "converted, in the same order"
+            report.summary = (
+                "every compared constant equals the reference's within the error its storage allows, compared "
+                "in the suspect's form (the reference's own form freezes the suspect's groups "
+                f"{', '.join(result.across.mirrored)}): the suspect is the reference {moved}, functionally "
+                f"equivalent ({_conversion_text(conversions)})"
+            )
+            return report
     report.verdict = "perturbed"
     report.rescaled, report.scaled_neurons = [], []
     sus_for_kind = {_source(n): a for n, a in after.items()}

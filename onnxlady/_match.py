@@ -382,6 +382,19 @@ def _pair_groups(
         if not seen:
             unmatched.append(_unmatched("reference", group, "no paired operator writes it"))
             continue
+        partners = [suspect.group(other) for other in sorted(seen)]
+        if all(partner.frozen for partner in partners):
+            # Nothing of the suspect moves here: the reference's group can still be solved (its
+            # values are paired tensor by tensor), whichever frozen groups hold the neurons.
+            ids = ", ".join(partner.id for partner in partners)
+            if any(partner.size != group.size for partner in partners):
+                unmatched.append(_unmatched("reference", group, f"suspect groups {ids} have other sizes"))
+                continue
+            pairs.append(GroupPair(group.id, ids, group.size, False))
+            if group.permutable:
+                reasons = "; ".join(str(r) for partner in partners for r in partner.reasons) or "fewer than two neurons"
+                unmatched.append(_unmatched("reference", group, f"frozen in the suspect (as {ids}): {reasons}"))
+            continue
         if len(seen) > 1:
             others = ", ".join(sorted(seen))
             unmatched.append(_unmatched("reference", group, f"its neurons are spread over suspect groups {others}"))
@@ -400,10 +413,7 @@ def _pair_groups(
         paired_suspect.add(other_id)
         both = group.permutable and other.permutable
         pairs.append(GroupPair(group.id, other_id, group.size, both))
-        if group.permutable and not other.permutable:
-            reasons = "; ".join(str(r) for r in other.reasons) or "fewer than two neurons"
-            unmatched.append(_unmatched("reference", group, f"frozen in the suspect (as {other_id}): {reasons}"))
-        elif other.permutable and not group.permutable:
+        if other.permutable and not group.permutable:
             reasons = "; ".join(str(r) for r in group.reasons) or "fewer than two neurons"
             unmatched.append(_unmatched("suspect", other, f"frozen in the reference (as {group.id}): {reasons}"))
     for group in suspect.groups:

@@ -266,3 +266,61 @@ def test_a_group_held_only_by_integer_constants_is_matched_too() -> None:
     result = resync_model(reference, suspect, true_key=key)
     assert result.psi == 100.0  # the 16 one-hot positions included
     assert audit_models(reference, suspect).verdict == "permuted"
+
+
+def _symbolic_attention() -> onnx.ModelProto:
+    """An attention block whose batch and sequence sizes are symbolic (as exporters leave them)."""
+    from fixtures.transformer import attention
+    from onnxlady._builder import GraphBuilder
+
+    b = GraphBuilder("attention", 0)
+    x = b.input("x", [1, 6, 32])
+    model = b.build(b.matmul(attention(b, x, name="attn", zero_dims=True), 8, name="head", gain=1.0))
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, symbol in ((0, "B"), (1, "T")):
+            dims[axis].ClearField("dim_value")
+            dims[axis].dim_param = symbol
+    del model.graph.value_info[:]
+    return model
+
+
+def _softmax_through_flatten(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What onnx's Softmax 12 -> 13 adapter writes: Flatten, Softmax on the last axis, Reshape
+    back to the input's shape. Over symbolic sizes the analysis cannot carry the heads through
+    the Flatten and freezes them in this form."""
+    from onnx import helper
+
+    converted = copy_model(model)
+    nodes = []
+    for node in converted.graph.node:
+        if node.op_type != "Softmax":
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        nodes += [
+            helper.make_node("Flatten", [x], [x + ".2d"], axis=3),
+            helper.make_node("Softmax", [x + ".2d"], [y + ".2d"], axis=-1),
+            helper.make_node("Shape", [x], [x + ".shape"]),
+            helper.make_node("Reshape", [y + ".2d", x + ".shape"], [y]),
+        ]
+    del converted.graph.node[:]
+    converted.graph.node.extend(nodes)
+    return converted
+
+
+def test_groups_only_the_suspects_form_can_move_are_solved_mirrored() -> None:
+    original = _symbolic_attention()
+    reference = _softmax_through_flatten(original)
+    frozen = {g.size for g in analyze(reference).groups if g.frozen}
+    assert 4 in frozen  # the heads, in the reference's converted form
+    model, _, _, key = permute_copy(original, 5)
+    result = resync_model(reference, model, true_key=key)
+    assert result.psi == 100.0 and result.across.mirrored
+    assert constant_bytes(result.model) == constant_bytes(original)  # heads included
+    report = audit_models(reference, model)
+    assert report.verdict == "permuted" and "suspect's form" in report.summary
+    # The other way round the heads are solved in the reference's form and left in place.
+    forward = resync_model(original, _softmax_through_flatten(model), true_key=key)
+    assert forward.psi == 100.0 and forward.across.unwritten
+    assert audit_models(original, _softmax_through_flatten(model)).verdict == "permuted"
