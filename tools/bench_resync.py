@@ -4,9 +4,11 @@ The floor is loading both models and saving one (``onnx.load`` twice, ``onnx.sav
 resync must pay it. The reference is ``fixtures.build_large_model``; the suspect is that model
 permuted (seed 1) with Gaussian noise of 0.1 x std on every weight. Each measurement runs in a
 fresh subprocess (ru_maxrss survives fork and exec, so this parent stays small); medians of
-``--repeats`` runs. Goal: resync time at most 3 x the floor.
+``--repeats`` runs. Goal: resync time at most 3 x the floor. ``--convert NAME`` also passes
+the suspect through one conversion of ``fixtures/conversions.py`` (fold-bn, float16...), so
+resync works across conversions (structural matching, common form, output in the suspect's form).
 
-    python tools/bench_resync.py [--megabytes 120] [--repeats 3] [--json]
+    python tools/bench_resync.py [--megabytes 120] [--repeats 3] [--convert NAME] [--json]
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ onnx.save(model, sys.argv[1])
 analysis = analyze(model)
 permute_model(analysis, draw_permutations(analysis, 1))
 perturb_model(model, noise=0.1, seed=1)
+if sys.argv[4]:
+    from fixtures.conversions import CONVERSIONS
+    model = CONVERSIONS[sys.argv[4]](model)
 onnx.save(model, sys.argv[2])
 """
 
@@ -64,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--convert", default="", metavar="NAME", help="a conversion of fixtures/conversions.py")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="onnxlady-bench-") as folder:
         reference, suspect = Path(folder) / "reference.onnx", Path(folder) / "suspect.onnx"
         subprocess.run(
-            [sys.executable, "-c", _BUILD, str(reference), str(suspect), str(args.megabytes)], check=True, cwd=REPO
+            [sys.executable, "-c", _BUILD, str(reference), str(suspect), str(args.megabytes), args.convert],
+            check=True,
+            cwd=REPO,
         )
         floors, resyncs = [], []
         for _ in range(args.repeats):
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     floor, resync = statistics.median(floors), statistics.median(resyncs)
     document = {
         "model_megabytes": round(size / 1e6, 1),
+        "conversion": args.convert or None,
         "repeats": args.repeats,
         "floor_seconds": round(floor, 3),
         "resync_seconds": round(resync, 3),
