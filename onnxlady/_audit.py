@@ -319,10 +319,14 @@ def _bn_after(analysis: ChannelAnalysis, node_index: int) -> int | None:
 
 # -- the scale analysis -----------------------------------------------------------------------
 def _scale_analysis(
-    analysis: ChannelAnalysis, ref: dict[str, np.ndarray], work: dict[str, np.ndarray]
+    analysis: ChannelAnalysis,
+    ref: dict[str, np.ndarray],
+    work: dict[str, np.ndarray],
+    bounds: _Bounds | None = None,
 ) -> tuple[list[NeuronScale], list[NeuronScale], list[TensorAudit]]:
     """Find rescaled neurons group by group, undoing compensated scales in ``work`` as it goes
-    (so later groups see aligned, unscaled input columns). Returns (rescaled, attacked, tensors)."""
+    (so later groups see aligned, unscaled input columns; ``bounds``, across a conversion, are
+    widened to match). Returns (rescaled, attacked, tensors)."""
     uses = _group_uses(analysis, set(work))
     rescaled: list[NeuronScale] = []
     attacked: list[NeuronScale] = []
@@ -352,24 +356,30 @@ def _scale_analysis(
             )
             for j in range(group.size):
                 k = ks[j]
-                if not (cos[j] > 1 - COS_EXACT and k > 0 and abs(k - 1) > SCALE_TOL):
+                row = None if bounds is None else bounds.rows(prod, j)
+                exact, slack = _exact_multiple(
+                    _rows(r_arr, prod.axis, prod.positions[j]), _rows(s_arr, prod.axis, prod.positions[j]), k, row
+                )
+                if not (exact and k > 0 and abs(k - 1) > SCALE_TOL + slack):
                     continue
                 flagged.append(j)
-                how = _compensation(analysis, kinds, prod, biases, bn, ref, work, j, k)
+                how = _compensation(analysis, kinds, prod, biases, bn, ref, work, j, k, bounds, slack)
                 item = NeuronScale(group.id, j, prod.source, float(k), how)
                 if how is None:
                     attacked.append(item)
-                    _scale(work, [prod], j, 1 / k)  # judge the rest as if undone
+                    _scale(work, [prod], j, 1 / k, bounds, slack)  # judge the rest as if undone
+                    if _agree(_ratio_of(biases, ref, work, j, bounds), k, SCALE_MATCH, slack):
+                        _scale(work, biases, j, 1 / k, bounds, slack)  # the whole neuron scaled
                     continue
                 rescaled.append(item)
-                _scale(work, [prod], j, 1 / k)
+                _scale(work, [prod], j, 1 / k, bounds, slack)
                 if how == "batchnorm":
                     for b in bn:
                         slot_k = k if b.slot == 3 else k * k
-                        _scale(work, [b], j, 1 / slot_k)
+                        _scale(work, [b], j, 1 / slot_k, bounds, slack)
                 else:
-                    _scale(work, biases, j, 1 / k)
-                    _scale(work, kinds["consumer"], j, k)
+                    _scale(work, biases, j, 1 / k, bounds, slack)
+                    _scale(work, kinds["consumer"], j, k, bounds, slack)
             audits.append(
                 TensorAudit(prod.source, group.id, prod.axis, cos, ratio, flagged)
             )
@@ -377,15 +387,45 @@ def _scale_analysis(
 
 
 def _ratio_of(
-    uses: list[_Use], ref: dict[str, np.ndarray], work: dict[str, np.ndarray], j: int
-) -> list[float]:
+    uses: list[_Use],
+    ref: dict[str, np.ndarray],
+    work: dict[str, np.ndarray],
+    j: int,
+    bounds: _Bounds | None = None,
+) -> list[tuple[float, float]]:
+    """Per use: the scale of neuron ``j``'s slice against the reference and its relative
+    uncertainty; NaN where the slice is not an exact multiple (a zero slice reads as exact)."""
     out = []
     for use in uses:
         r = _rows(ref[use.source].astype(np.float64), use.axis, use.positions[j])
         s = _rows(work[use.tensor], use.axis, use.positions[j])
-        c, _, k = _cos_ratio(r, s)
-        out.append(k if c > 1 - COS_EXACT or not np.any(r) else float("nan"))
+        k = _cos_ratio(r, s)[2]
+        exact, slack = _exact_multiple(r, s, k, None if bounds is None else bounds.rows(use, j))
+        out.append((k, slack) if exact or not np.any(r) else (float("nan"), 0.0))
     return out
+
+
+def _exact_multiple(r: np.ndarray, s: np.ndarray, k: float, bound: np.ndarray | None) -> tuple[bool, float]:
+    """Whether ``s`` is ``k r`` exactly, and the relative uncertainty of ``k``.
+
+    Between twin graphs: cosine above ``1 - COS_EXACT``. Across a conversion the storage error
+    decides (coarse storage, bfloat16 or int8, lowers the cosine of equal rows below that):
+    every element of ``s - k r`` within ``max(1, k)`` times its bound, plus what the error of
+    the least-squares ``k`` itself explains (see :class:`_Bounds`).
+    """
+    if bound is None:
+        return _cos_ratio(r, s)[0] > 1 - COS_EXACT, 0.0
+    norm = float(np.linalg.norm(r))
+    if norm == 0.0 or k == 0.0:
+        return False, 0.0
+    slack = float(np.linalg.norm(bound)) / (abs(k) * norm)
+    limit = max(1.0, abs(k)) * bound + slack * abs(k) * np.abs(r) + 1e-30
+    return bool(np.all(np.abs(s - k * r) <= limit)), slack
+
+
+def _agree(ratios: list[tuple[float, float]], target: float, tolerance: float, slack: float) -> bool:
+    """Every ratio equals ``target`` within ``tolerance`` plus both relative uncertainties."""
+    return all(abs(x / target - 1) <= tolerance + own + slack for x, own in ratios)
 
 
 def _compensation(
@@ -398,31 +438,25 @@ def _compensation(
     work: dict[str, np.ndarray],
     j: int,
     k: float,
+    bounds: _Bounds | None = None,
+    slack: float = 0.0,
 ) -> str | None:
     if bn:
         means = [u for u in bn if u.slot == 3]
         variances = [u for u in bn if u.slot == 4]
-        ok = all(abs(x / k - 1) <= BN_MATCH for x in _ratio_of(means, ref, work, j))
-        ok &= all(
-            abs(x / (k * k) - 1) <= BN_MATCH for x in _ratio_of(variances, ref, work, j)
-        )
+        ok = _agree(_ratio_of(means, ref, work, j, bounds), k, BN_MATCH, slack)
+        ok &= _agree(_ratio_of(variances, ref, work, j, bounds), k * k, BN_MATCH, 2 * slack)
         return "batchnorm" if ok and means and variances else None
-    if not all(abs(x / k - 1) <= SCALE_MATCH for x in _ratio_of(biases, ref, work, j)):
+    if not _agree(_ratio_of(biases, ref, work, j, bounds), k, SCALE_MATCH, slack):
         return None
     # Every producer of the group must carry the same scale for the consumers to undo it.
-    for other in kinds["producer"]:
-        if other is prod:
-            continue
-        if not all(
-            abs(x / k - 1) <= SCALE_MATCH for x in _ratio_of([other], ref, work, j)
-        ):
-            return None
+    others = [other for other in kinds["producer"] if other is not prod]
+    if not _agree(_ratio_of(others, ref, work, j, bounds), k, SCALE_MATCH, slack):
+        return None
     consumers = kinds["consumer"]
     if not consumers:
         return None
-    if not all(
-        abs(x * k - 1) <= SCALE_MATCH for x in _ratio_of(consumers, ref, work, j)
-    ):
+    if not _agree(_ratio_of(consumers, ref, work, j, bounds), 1 / k, SCALE_MATCH, slack):
         return None
     if not _homogeneous_path(analysis, prod.node):
         return None
@@ -430,13 +464,46 @@ def _compensation(
 
 
 def _scale(
-    work: dict[str, np.ndarray], uses: list[_Use], j: int, factor: float
+    work: dict[str, np.ndarray],
+    uses: list[_Use],
+    j: int,
+    factor: float,
+    bounds: _Bounds | None = None,
+    slack: float = 0.0,
 ) -> None:
+    """Multiply neuron ``j``'s slices by ``factor``, widening the storage bounds to match."""
     for use in uses:
         array = work[use.tensor]
         index = [slice(None)] * array.ndim
         index[use.axis] = use.positions[j]
         array[tuple(index)] *= factor
+        if bounds is not None:
+            bounds.widen(use.source, tuple(index), factor, slack)
+
+
+@dataclass
+class _Bounds:
+    """The storage error allowed per element across a conversion (see :func:`_common_form`),
+    kept valid while the scale analysis undoes per-neuron scales.
+
+    A stored value ``v`` within ``e`` of ``k x`` becomes ``v / k``, within ``e / k`` of ``x``
+    once the exact ``k`` is used (bounds widen by ``max(1, 1/k)``, which covers both sides); the least-squares ``k`` of a row is itself off by at most
+    ``|e| / |r|`` (Cauchy-Schwarz), which adds ``|x|`` times that relative error (``slack``).
+    """
+
+    allowed: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]
+
+    def rows(self, use: _Use, j: int) -> np.ndarray | None:
+        """The bounds of neuron ``j``'s slice of one use, flattened like :func:`_rows`."""
+        bound = self.allowed.get(use.source)
+        return None if bound is None else _rows(bound, use.axis, use.positions[j])
+
+    def widen(self, source: str, index: tuple[Any, ...], factor: float, slack: float) -> None:
+        bound = self.allowed.get(source)
+        if bound is None:
+            return
+        bound[index] = bound[index] * max(1.0, abs(factor)) + slack * np.abs(self.reference[source][index])
 
 
 # -- perturbation kind ------------------------------------------------------------------------
@@ -706,9 +773,9 @@ def audit_models(
         progress("audit: comparing neurons")
     allowed: dict[str, np.ndarray] = {}  # per tensor, the storage error a conversion may add
     if result.across is not None:
-        ref, before, after, allowed = _common_form(result.across, analysis, ref)
+        ref, before, after, aligned, allowed = _common_form(result.across, analysis, ref)
     else:
-        after = _arrays(result.model)
+        after = aligned = _arrays(result.model)
     sim = _similarity(analysis, ref, before, after)
     conversions = list(result.across.match.conversions) if result.across is not None else []
     done = " and converted" if conversions else ""
@@ -721,8 +788,8 @@ def audit_models(
         )
 
     diff = differing(after)
-    work = {n: a.astype(np.float64) for n, a in after.items()}
-    rescaled, attacked, audits = _scale_analysis(analysis, ref, work)
+    work = {n: a.astype(np.float64) for n, a in aligned.items()}
+    rescaled, attacked, audits = _scale_analysis(analysis, ref, work, _Bounds(allowed, ref) if allowed else None)
     report = AuditReport(
         "permuted", "", rtol, result, audits, rescaled, attacked, similarity=sim, conversions=conversions
     )
@@ -795,17 +862,22 @@ def _conversion_text(conversions: list[ConversionFinding]) -> str:
 
 def _common_form(
     details: AcrossResync, analysis: ChannelAnalysis, raw: dict[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Reference, suspect-before and suspect-after arrays by reference tensor name, in the form
-    both models share (folded, dequantized, float64; see :mod:`onnxlady._across`), and the
-    storage error allowed per element.
+) -> tuple[
+    dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]
+]:
+    """Reference, suspect-before, suspect-after (cleaned) and suspect-after (as stored) arrays by
+    reference tensor name, in the form both models share (folded, dequantized, float64; see
+    :mod:`onnxlady._across`), and the storage error allowed per element.
 
-    Suspect values within the storage error of the reference's are replaced by the reference's,
-    so what differs afterwards is a real change. Tensors with no counterpart read as equal.
+    In the cleaned arrays, suspect values within the storage error of the reference's are
+    replaced by the reference's, so what differs there is a real change; the scale analysis
+    reads the stored values (cleaning some elements of a scaled row would break its
+    proportionality). Tensors with no counterpart read as equal.
     """
     ref: dict[str, np.ndarray] = {}
     before: dict[str, np.ndarray] = {}
     after: dict[str, np.ndarray] = {}
+    stored: dict[str, np.ndarray] = {}
     allowed: dict[str, np.ndarray] = {}
     for number, plan in enumerate(analysis.tensors):
         reference = details.reference[number]
@@ -813,14 +885,15 @@ def _common_form(
         original = details.suspect_before[number]
         if reference is None or aligned is None or original is None:
             value = raw[plan.source].astype(np.float64)
-            ref[plan.source], before[plan.source], after[plan.source] = value, value, value
+            ref[plan.source] = before[plan.source] = after[plan.source] = stored[plan.source] = value
             continue
         ref[plan.source] = reference.value
         scale = float(np.abs(reference.value).max()) if reference.value.size else 0.0
         allowed[plan.source] = reference.error + aligned.error + 2.0**-24 * scale
         within = np.abs(reference.value - aligned.value) <= allowed[plan.source]
         after[plan.source] = np.where(within, reference.value, aligned.value)
+        stored[plan.source] = aligned.value
         before[plan.source] = original.value
     for name, value in raw.items():  # constants no plan moves: as stored
         ref.setdefault(name, value)
-    return ref, before, after, allowed
+    return ref, before, after, stored, allowed

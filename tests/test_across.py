@@ -128,7 +128,7 @@ def test_audit_finds_noise_through_a_conversion(permuted, conversion: str) -> No
     assert report.conversions
 
 
-@pytest.mark.parametrize("conversion", ("float16", "simplify", "opset"))
+@pytest.mark.parametrize("conversion", ("float16", "bfloat16", "qdq", "simplify", "opset"))
 def test_audit_finds_scaled_neurons_through_a_conversion(permuted, conversion: str) -> None:
     """The integrity attack of the paper (rows times k, nothing compensating) survives a converter."""
     reference, model, _ = permuted["vgg"]
@@ -142,6 +142,37 @@ def test_audit_finds_scaled_neurons_through_a_conversion(permuted, conversion: s
     assert report.verdict == "scaled" and report.exit_code == 1
     assert len(report.scaled_neurons) == 2
     assert all(abs(s.k - 1.5) < 1e-2 for s in report.scaled_neurons)
+
+
+@pytest.mark.parametrize("conversion", ("float16", "bfloat16", "qdq", "simplify", "opset"))
+def test_audit_finds_compensated_rescales_through_a_conversion(permuted, conversion: str) -> None:
+    """Rows times k with the next layer's columns divided by k computes the same function: after
+    a conversion it is still ``permuted-rescaled`` with every k found, not "modified" (coarse
+    storage rounds the rows below the twin-graph cosine test; the storage bounds decide)."""
+    reference, model, _ = permuted["vgg"]
+    rescaled = copy_model(model)
+    scales = np.random.default_rng(5).uniform(0.5, 2.0, 32)
+    holders = {t.name: t for t in rescaled.graph.initializer}
+    for name, view in (
+        ("features.block2.conv.weight", scales[:, None, None, None]),
+        ("features.block2.conv.bias", scales),
+        ("features.block3.conv.weight", 1 / scales[None, :, None, None]),
+    ):
+        values = numpy_helper.to_array(holders[name]).astype(np.float64) * view
+        holders[name].CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
+    # The group of block2 is permuted in `model`: its scales follow the permutation.
+    report = audit_models(reference, CONVERSIONS[conversion](rescaled))
+    assert report.verdict == "permuted-rescaled" and report.exit_code == 0, report.summary
+    assert report.conversions and len(report.rescaled) == 32
+    recovered = {s.neuron: s.k for s in report.rescaled}
+    matches = report.resync.across.matches[report.rescaled[0].group]  # reference neuron -> suspect's
+    tolerance = 2e-2 if conversion == "qdq" else 2e-3
+    assert np.allclose([recovered[j] for j in range(32)], scales[matches], rtol=tolerance)
+    # Scales that the next layer does not undo are the paper's attack, caught as such.
+    attacked = copy_model(rescaled)
+    holder = {t.name: t for t in attacked.graph.initializer}["features.block3.conv.weight"]
+    holder.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(holder) * scales[None, :, None, None].astype(np.float32), holder.name))
+    assert audit_models(reference, CONVERSIONS[conversion](attacked)).verdict == "scaled"
 
 
 # -- matching ---------------------------------------------------------------------------------
