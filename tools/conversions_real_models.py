@@ -27,6 +27,15 @@ sys.path.insert(0, str(REPO / "tools"))
 NEEDS_OPSET_13 = ("bfloat16", "qdq")
 
 
+#: Verify tolerances fitting each converted model's own arithmetic. A float16 graph rounds its
+#: outputs to float16. A QDQ graph runs each layer in float on dequantized values and quantizes
+#: the next activation: re-ordering input channels changes the float sum's rounding, which flips
+#: some activations by one quantization step, and the flips add up over the layers (resnet18:
+#: up to 8e-3 on outputs up to 3.3; the QDQ copies of resnet18 and of a permuted resnet18
+#: differ by 2e-2).
+TOLERANCES = {"float16": {"atol": 1e-3, "rtol": 4e-3}, "qdq": {"atol": 3e-2, "rtol": 1e-2}}
+
+
 def _opset(model) -> int:  # noqa: ANN001 - a model
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -36,7 +45,7 @@ def _row(reference, suspect, key, conversion: str) -> dict[str, object]:  # noqa
     from onnxlady._resync import resync_model
     from onnxlady._verify import verify_models
 
-    tolerance = {"atol": 1e-3, "rtol": 4e-3} if conversion == "float16" else {}
+    tolerance = TOLERANCES.get(conversion, {})
     start = time.perf_counter()
     result = resync_model(reference, suspect, true_key=key)
     seconds = time.perf_counter() - start
