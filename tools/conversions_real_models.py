@@ -40,6 +40,23 @@ def _opset(model) -> int:  # noqa: ANN001 - a model
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def convert(model, name: str):  # noqa: ANN001, ANN201 - a model in, (model or None, label, why) out
+    """Apply conversion ``name`` as a pipeline would (upgrading to opset 17 first where the
+    conversion needs opset 13). Returns (converted, label, "") or (None, label, why not)."""
+    from fixtures.conversions import CONVERSIONS, upgrade_opset
+
+    label = name
+    try:
+        if name in NEEDS_OPSET_13 and _opset(model) < 13:
+            model, label = upgrade_opset(model, 17), f"opset 17 + {name}"
+        converted = CONVERSIONS[name](model)
+    except (ValueError, RuntimeError) as exc:
+        return None, label, f"not applicable: {exc}"
+    if converted.SerializeToString() == model.SerializeToString():
+        return None, label, "nothing to convert"
+    return converted, label, ""
+
+
 def _row(reference, suspect, key, conversion: str) -> dict[str, object]:  # noqa: ANN001 - models
     from onnxlady._audit import audit_models
     from onnxlady._resync import resync_model
@@ -70,7 +87,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from fetch_models import fetch_models
-    from fixtures.conversions import CONVERSIONS, upgrade_opset
+    from fixtures.conversions import CONVERSIONS
     from onnxlady import analyze, draw_permutations, load_model, permute_model
     from onnxlady._errors import OnnxladyError
 
@@ -88,19 +105,12 @@ def main() -> int:
         permuted = load_model(path).model
         analysis = analyze(permuted)
         key = permute_model(analysis, draw_permutations(analysis, 1))
-        for name, convert in CONVERSIONS.items():
+        for name in CONVERSIONS:
             sides = [("suspect", reference, permuted)] + ([("reference", permuted, reference)] if args.both else [])
             for side, keep, change in sides:
-                label = name
-                try:
-                    if name in NEEDS_OPSET_13 and _opset(change) < 13:  # as a pipeline would: upgrade first
-                        change, label = upgrade_opset(change, 17), f"opset 17 + {name}"
-                    converted = convert(change)
-                except (ValueError, RuntimeError) as exc:
-                    print(f"| {entry['name']} | {label} | {side} | - | - | - | - | - | not applicable: {exc} |")
-                    continue
-                if converted.SerializeToString() == change.SerializeToString():
-                    print(f"| {entry['name']} | {label} | {side} | - | - | - | - | - | nothing to convert |")
+                converted, label, why = convert(change, name)
+                if converted is None:
+                    print(f"| {entry['name']} | {label} | {side} | - | - | - | - | - | {why} |")
                     continue
                 pair = (keep, converted) if side == "suspect" else (converted, keep)
                 try:
