@@ -7,9 +7,13 @@ signatures, Hungarian), on arrays that both models hold in one common form:
 - every compared constant is read as its user reads it (:class:`Approx`): float16, bfloat16 and
   int8-behind-``DequantizeLinear`` become real numbers, reshaped to the reference tensor's
   layout;
-- a linear layer's weight and bias are taken with the BatchNorm that follows it folded in, on
-  both sides (``W s`` and ``(b - mean) s + beta`` with ``s = gamma / sqrt(var + eps)``): a
-  folded and an unfolded copy then hold the same numbers, per-neuron scales, signs included;
+- where one model folded a linear layer's BatchNorm and the other kept it, the layer's weight
+  and bias are taken with the BatchNorm folded in (``W s`` and ``(b - mean) s + beta`` with
+  ``s = gamma / sqrt(var + eps)``): a folded and an unfolded copy then hold the same numbers,
+  per-neuron scales, signs included. Where both kept it, weight, bias and statistics are
+  compared as stored, as between twin graphs: folding would merge a rescale that the
+  statistics absorb (weight times ``k``, mean times ``k``, variance times ``k^2``) into
+  numbers that differ only through ``eps``, which the audit could then not name;
 - a reference constant with no counterpart (the statistics of a BatchNorm the suspect folded,
   a quantization scale) is left out of the signatures.
 
@@ -179,10 +183,11 @@ def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
     return vector.reshape(view)
 
 
-def unit_weight(graph: ModelGraph, unit: Unit) -> Approx | None:
-    """The unit's weight as read, with its BatchNorm folded in along the output axis."""
+def unit_weight(graph: ModelGraph, unit: Unit, fold: bool = True) -> Approx | None:
+    """The unit's weight as read, with its BatchNorm folded in along the output axis (unless
+    ``fold`` is false)."""
     weight = read_constant(graph, graph.nodes[unit.node].input[unit.weight_slot])
-    if weight is None or unit.batchnorm is None:
+    if weight is None or unit.batchnorm is None or not fold:
         return weight
     bn = _batchnorm(graph, unit.batchnorm)
     if bn is None or weight.value.shape[unit.out_axis] != bn.scale.value.size:
@@ -196,8 +201,9 @@ def unit_weight(graph: ModelGraph, unit: Unit) -> Approx | None:
     return Approx(folded, error)
 
 
-def unit_bias(graph: ModelGraph, unit: Unit, size: int) -> Approx | None:
-    """The unit's bias as a vector over its output neurons, with its BatchNorm folded in."""
+def unit_bias(graph: ModelGraph, unit: Unit, size: int, fold: bool = True) -> Approx | None:
+    """The unit's bias as a vector over its output neurons, with its BatchNorm folded in
+    (unless ``fold`` is false: then the bias as stored, zeros where the layer has none)."""
     if unit.bias is not None:
         node, slot = unit.bias
         bias = read_constant(graph, graph.nodes[node].input[slot])
@@ -206,7 +212,7 @@ def unit_bias(graph: ModelGraph, unit: Unit, size: int) -> Approx | None:
         bias = bias.reshaped((size,))
     else:
         bias = Approx(np.zeros(size), np.zeros(size))
-    if unit.batchnorm is None:
+    if unit.batchnorm is None or not fold:
         return bias
     bn = _batchnorm(graph, unit.batchnorm)
     if bn is None or bn.scale.value.size != size:
@@ -243,14 +249,19 @@ def _roles(graph: ModelGraph, units: dict[int, Unit]) -> dict[tuple[int, int], _
     return roles
 
 
-def _role_value(graph: ModelGraph, units: dict[int, Unit], role: _Role, size: int) -> Approx | None:
-    """The value of ``role`` in one model (``size``: the reference tensor's element count)."""
+def _role_value(
+    graph: ModelGraph, units: dict[int, Unit], role: _Role, size: int, fold: bool = True
+) -> Approx | None:
+    """The value of ``role`` in one model (``size``: the reference tensor's element count;
+    ``fold``: whether a unit's weight and bias are read with its BatchNorm folded in)."""
     if role.kind == "weight":
-        return unit_weight(graph, units[role.node])
+        return unit_weight(graph, units[role.node], fold)
     unit = units.get(role.node)
     if role.kind == "bias":
         assert unit is not None
-        return unit_bias(graph, unit, size)
+        if not fold and role.slot == 2 and unit.batchnorm is not None:  # the BatchNorm's beta
+            return read_constant(graph, graph.nodes[unit.batchnorm].input[2])
+        return unit_bias(graph, unit, size, fold)
     if role.kind == "batchnorm":
         if unit is None or unit.batchnorm is None:
             return None
@@ -266,6 +277,12 @@ class _Pairing:
     reference: list[Approx | None]
     suspect: list[Approx | None]
     dropped: list[str]  # reference tensors with no counterpart (left out of the signatures)
+
+
+def _both_keep_batchnorm(match: ModelMatch, reference_node: int, suspect_node: int) -> bool:
+    """Whether a unit and its partner are both followed by their BatchNorm (nothing to fold)."""
+    mine, theirs = match.reference_units[reference_node], match.suspect_units[suspect_node]
+    return mine.batchnorm is not None and theirs.batchnorm is not None
 
 
 def _pair_plans(match: ModelMatch) -> _Pairing:
@@ -289,8 +306,9 @@ def _pair_plans(match: ModelMatch) -> _Pairing:
             theirs = _Role(role.kind, partner, role.slot)
             if role.kind != "site" and partner not in match.suspect_units:
                 continue
-            mine_value = _role_value(ref.graph, match.reference_units, role, size)
-            their_value = _role_value(sus.graph, match.suspect_units, theirs, size)
+            fold = role.kind == "site" or not _both_keep_batchnorm(match, role.node, partner)
+            mine_value = _role_value(ref.graph, match.reference_units, role, size, fold)
+            their_value = _role_value(sus.graph, match.suspect_units, theirs, size, fold)
             if mine_value is None or their_value is None:
                 continue
             if mine_value.value.size != size or their_value.value.size != size:

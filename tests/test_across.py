@@ -175,6 +175,40 @@ def test_audit_finds_compensated_rescales_through_a_conversion(permuted, convers
     assert audit_models(reference, CONVERSIONS[conversion](attacked)).verdict == "scaled"
 
 
+@pytest.mark.parametrize("conversion", ("float16", "bfloat16", "qdq", "simplify", "opset"))
+def test_audit_finds_batchnorm_absorbed_rescales_through_a_conversion(permuted, conversion: str) -> None:
+    """Rows times k with the BatchNorm's mean times k and variance times k^2 computes the same
+    function up to eps: when both models keep the BatchNorm, the conversion compares it as
+    stored and audit names every k (folded on both sides, the rescale would be lost in eps)."""
+    reference, model, _ = permuted["resnet"]
+    rescaled = copy_model(model)
+    # Kept 10 % away from 1: the statistics are compared within BN_MATCH (1 %), so a scale of
+    # 0.995 on the weight alone also reads as absorbed.
+    rng = np.random.default_rng(6)
+    scales = rng.uniform(1.1, 2.0, 16) ** rng.choice([-1, 1], 16)
+    holders = {t.name: t for t in rescaled.graph.initializer}
+    for name, view in (
+        ("layer1.conv1.conv.weight", scales[:, None, None, None]),
+        ("layer1.conv1.bn.mean", scales),
+        ("layer1.conv1.bn.var", scales * scales),
+    ):
+        values = numpy_helper.to_array(holders[name]).astype(np.float64) * view
+        holders[name].CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
+    report = audit_models(reference, CONVERSIONS[conversion](rescaled))
+    assert report.verdict == "permuted-rescaled" and report.exit_code == 0, report.summary
+    assert len(report.rescaled) == 16 and all(s.compensated_by == "batchnorm" for s in report.rescaled)
+    recovered = {s.neuron: s.k for s in report.rescaled}
+    matches = report.resync.across.matches[report.rescaled[0].group]
+    tolerance = 2e-2 if conversion == "qdq" else 2e-3
+    assert np.allclose([recovered[j] for j in range(16)], scales[matches], rtol=tolerance)
+    # The statistics left alone: nothing absorbs the scale, which is the attack.
+    attacked = copy_model(model)
+    holder = {t.name: t for t in attacked.graph.initializer}["layer1.conv1.conv.weight"]
+    values = numpy_helper.to_array(holder).astype(np.float64) * scales[:, None, None, None]
+    holder.CopyFrom(numpy_helper.from_array(values.astype(np.float32), holder.name))
+    assert audit_models(reference, CONVERSIONS[conversion](attacked)).verdict == "scaled"
+
+
 # -- matching ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("conversion", sorted(CONVERSIONS))
 def test_match_pairs_every_group(permuted, conversion: str) -> None:
