@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxlady._analysis import ChannelAnalysis, analyze
+from onnxlady._analysis import analyze
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph import ModelGraph
 from onnxlady._key import PermutationKey, graph_fingerprint

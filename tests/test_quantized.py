@@ -108,7 +108,7 @@ def _producer_fractions(analysis: ChannelAnalysis) -> tuple[int, int, int]:
     """(producer neurons, permutable ones, ones pinned by graph outputs) over every producer a
     rule declared (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger included)."""
     total = permutable = pinned = 0
-    for index, expr in analysis.state.producers:
+    for _index, expr in analysis.state.producers:
         for root, lab in labels(analysis.solver, expr).items():
             group = analysis.group_of_root(root)
             if group is None:
@@ -147,7 +147,7 @@ def _producer_only(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[st
             for other in analysis.tensors:
                 if not any(use[0] in own_nodes for use in other.uses):
                     continue
-                for other_axis, other_expr in other.axes:
+                for other_axis, _ in other.axes:
                     if _group_of(analysis, other.tensor, other_axis) == groups[0]:
                         _permute_tensor(holders[other.tensor], [(other_axis, swap)])
                         changed.append(other.tensor)

@@ -35,7 +35,7 @@ class ResizeRule(OpRule):
             if ctx.tracked(slot):
                 raise RuleDoesNotApply("blocking", f"input {slot} carries channels")
         in_shape, out_shape = ctx.shape_in(0), ctx.shape_out(0)
-        for axis, expr in ctx.tracked(0).items():
+        for axis in ctx.tracked(0):
             same = (
                 in_shape is not None
                 and out_shape is not None
