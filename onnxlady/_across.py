@@ -47,30 +47,35 @@ from onnxlady import _resync as resync  # the solver (it imports this module onl
 
 __all__ = ["AcrossResync", "Approx", "read_constant", "resync_across"]
 
-#: Significand bits (with the implicit one) of each stored float type.
-_PRECISION = {
-    onnx.TensorProto.FLOAT: 24,
-    onnx.TensorProto.FLOAT16: 11,
-    onnx.TensorProto.BFLOAT16: 8,
-    onnx.TensorProto.DOUBLE: 53,
+#: Per stored float type (numpy dtype name): significand bits, with the implicit one, and the
+#: smallest subnormal step.
+_FLOAT_FORMATS = {
+    "float16": (11, 2.0**-24),
+    "bfloat16": (8, 2.0**-133),  # ml_dtypes, as onnx reads it
+    "float32": (24, 2.0**-149),
+    "float64": (53, 0.0),
 }
-#: Half the smallest subnormal step of each stored float type (absolute).
-_HALF_TINY = {
-    onnx.TensorProto.FLOAT: 2.0**-150,
-    onnx.TensorProto.FLOAT16: 2.0**-25,
-    onnx.TensorProto.BFLOAT16: 2.0**-134,
-    onnx.TensorProto.DOUBLE: 0.0,
-}
-_NUMPY_PRECISION = {np.dtype(np.float32): 24, np.dtype(np.float16): 11, np.dtype(np.float64): 53}
 
 
-def _half_ulp(values: np.ndarray, precision: int | None, tiny: float = 0.0) -> np.ndarray:
-    """Half a unit in the last place of each value stored with ``precision`` significand bits:
-    how far the number it was rounded from can be (0 for exact types)."""
-    if precision is None:
+#: The exponent bits of a float64: masking the rest leaves 2^floor(log2 |v|) (0 for 0).
+_EXPONENT_BITS = np.int64(0x7FF0000000000000)
+
+
+def _half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
+    """Half a unit in the last place of each of ``values`` (float64) as stored in ``stored``
+    (zeros for exact types): how far the number it was rounded from can be. With
+    ``|v| = 2^k (1 + f)`` it is ``2^(k - bits)``, floored at half the subnormal step; ``2^k``
+    is read off the exponent bits (``frexp`` or ``np.spacing`` cost ten times as much, and
+    ``np.spacing`` in float16 is wrong for negative numbers)."""
+    fmt = _FLOAT_FORMATS.get(np.dtype(stored).name)
+    if fmt is None:
         return np.zeros(values.shape)
-    _, exponent = np.frexp(values)  # |v| = m 2^e, 0.5 <= m < 1: the last place is 2^(e - precision)
-    return np.where(values == 0, tiny, np.maximum(np.ldexp(1.0, exponent - 1 - precision), tiny))
+    bits, step = fmt
+    # One new array, then in place: on large weights the page faults of each fresh array cost
+    # more than the arithmetic.
+    half = (np.ascontiguousarray(values, dtype=np.float64).view(np.int64) & _EXPONENT_BITS).view(np.float64)
+    half *= 2.0**-bits
+    return np.maximum(half, step * 0.5, out=half)
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def read_constant(graph: ModelGraph, name: str) -> Approx | None:
         current = raw.astype(np.float64)
     except (TypeError, ValueError):
         return None
-    error = _half_ulp(current, _PRECISION.get(tensor.data_type), _HALF_TINY.get(tensor.data_type, 0.0))
+    error = _half_ulp(current, raw.dtype)
     for index in leaf.chain:
         node = graph.nodes[index]
         out = graph.constant_value(node.output[0])
@@ -142,7 +147,7 @@ def read_constant(graph: ModelGraph, name: str) -> Approx | None:
             error = np.broadcast_to(error, current.shape).reshape(out64.shape)
         else:  # Expand: every copy carries its source's error
             error = np.broadcast_to(error.reshape(current.shape), out64.shape)
-        error = error + _half_ulp(out64, _NUMPY_PRECISION.get(np.asarray(out).dtype))
+        error = error + _half_ulp(out64, np.asarray(out).dtype)
         current = out64
     return Approx(current, np.broadcast_to(error, current.shape))
 
@@ -479,11 +484,13 @@ def resync_across(
         order=order,
         slices=slices,
         touched=touched,
+        # No copies: the solver only ever moves the suspect's arrays (np.take makes new ones),
+        # so the pairing's arrays stay as read (they are the report's "before").
         reference=[value.value if value is not None else empty for value in pairing.reference],
-        work=[value.value.copy() if value is not None else empty for value in pairing.suspect],
+        work=[value.value if value is not None else empty for value in pairing.suspect],
         options=options,
-        errors=[np.array(value.error) if value is not None else empty for value in pairing.suspect],
-        reference_errors=[np.array(value.error) if value is not None else empty for value in pairing.reference],
+        errors=[value.error if value is not None else empty for value in pairing.suspect],
+        reference_errors=[value.error if value is not None else empty for value in pairing.reference],
     )
     rounds = state.run(progress)
     rounds += _settle_ties(state, progress)

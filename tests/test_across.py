@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from fixtures import FIXTURES
 from fixtures.conversions import CONVERSIONS
 from onnxlady import analyze, unpermute_model
-from onnxlady._across import read_constant, unit_bias, unit_weight
+from onnxlady._across import _half_ulp, read_constant, unit_bias, unit_weight
 from onnxlady._audit import audit_models
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph import ModelGraph
@@ -272,6 +272,30 @@ def test_folded_and_unfolded_units_read_the_same_numbers() -> None:
         c, d = unit_bias(ref_graph, ref_unit, size), unit_bias(sus_graph, sus_unit, size)
         assert c is not None and d is not None
         assert np.allclose(c.value, d.value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits", "step"),
+    [("float16", 11, 2.0**-24), ("bfloat16", 8, 2.0**-133), ("float32", 24, 2.0**-149), ("float64", 53, 0.0)],
+)
+def test_half_ulp_is_half_the_gap_to_the_next_stored_number(dtype: str, bits: int, step: float) -> None:
+    """Read off the exponent bits, it equals frexp's definition (|v| = m 2^e, half a unit is
+    2^(e - 1 - bits), at least half the subnormal step) on normals, subnormals, zeros and signs;
+    an integer type has no rounding error."""
+    import ml_dtypes
+
+    numpy_type = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(20000) * 10.0 ** rng.integers(-46, 38, 20000)
+    values = np.concatenate([values, [0.0, -0.0, 1.0, -1.0, 2.0**-149, -(2.0**-126), 65504.0, 6e-8]])
+    with np.errstate(over="ignore"):
+        stored = values.astype(numpy_type).astype(np.float64)
+    stored = stored[np.isfinite(stored)]
+    _, exponent = np.frexp(stored)
+    expected = np.maximum(np.ldexp(1.0, exponent - 1 - bits), step / 2)
+    expected[stored == 0] = step / 2
+    assert np.array_equal(_half_ulp(stored, np.dtype(numpy_type)), expected)
+    assert not np.any(_half_ulp(stored, np.dtype(np.int8)))
 
 
 @pytest.mark.parametrize("conversion", ("float16", "bfloat16", "qdq"))
