@@ -4,8 +4,10 @@ The same experiment as tools/conversions_real_models.py, on the zoo: each model 
 (every group, seed 1), the permuted copy is converted by each conversion of
 ``fixtures/conversions.py`` (upgraded to opset 17 first where a conversion needs opset 13),
 resync puts the converted suspect back in the reference's order (Psi from the true key), verify
-checks the output against the suspect (float16: atol 1e-3, rtol 4e-3) and audit reads the
-verdict, which should be ``permuted``.
+checks the output against the suspect (float16: atol 1e-3, rtol 4e-3; QDQ: within the
+re-ordering floor, see ``ORDER_SENSITIVE`` there) while a wrong permutation of the output (one
+producer's rows swapped) must be caught, and audit reads the verdict, which should be
+``permuted``.
 
     /tmp/zoo-venv/bin/python tools/conversions_zoo.py [--models NAME ...] [--conversions NAME ...]
         [--large-mb 150] [--large-skip float16 qdq]          (prints a Markdown table)
@@ -15,7 +17,8 @@ missing). Models over ``--large-mb`` MB skip the ``--large-skip`` conversions (t
 QDQ copies of vgg16_bn and vit_b_32 would take most of the run on 2 cores); the table says so.
 A conversion that does not apply (nothing to fold, an operator the converter refuses) is
 reported as such; an exception from onnxlady is a row of its own (``FAILED``). Exit status 0
-when every row is Psi-distinguishable 100 %, equivalent and ``permuted``, 1 otherwise.
+when every row is Psi-distinguishable 100 %, equivalent, catches the wrong permutation and
+reads ``permuted``; 1 otherwise.
 
 Runtime on 2 CPU cores with the cache: about 20 minutes for the 15 models with the defaults.
 """
@@ -33,13 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from conversions_real_models import _row, convert  # noqa: E402
+from conversions_real_models import ORDER_SENSITIVE, _clean, _output_cell, _row, convert  # noqa: E402
 from zoo import MODELS, ensure_exported  # noqa: E402
 
 HEADER = (
-    "| model | MB | conversion | Psi % | Psi % distinguishable | resync s | output == suspect | audit "
-    "| conversions found | row s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "| model | MB | conversion | Psi % | Psi % distinguishable | resync s | output == suspect | wrong perm caught "
+    "| audit | conversions found | row s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -48,7 +51,7 @@ def _line(name: str, mb: float, label: str, rest: str) -> str:
 
 
 def _skipped(name: str, mb: float, label: str, why: str) -> str:
-    return _line(name, mb, label, "- | - | - | - | - | " + why + " | -")
+    return _line(name, mb, label, "- | - | - | - | - | - | " + why + " | -")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,26 +98,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(_skipped(name, mb, label, why), flush=True)
                 continue
             try:
-                row = _row(reference, converted, key, conversion)
+                floor_pair = (convert(reference, conversion)[0], converted) if conversion in ORDER_SENSITIVE else None
+                row = _row(reference, converted, key, conversion, floor_pair)
             except Exception as exc:  # noqa: BLE001 - onnxlady's errors and crashes alike are results
                 ok = False
                 if args.traceback:
                     traceback.print_exc()
                 what = f"FAILED: {type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:400]
-                print(_line(name, mb, label, f"- | - | - | - | - | {what} | {time.perf_counter() - start:.0f}"), flush=True)
+                print(_line(name, mb, label, f"- | - | - | - | - | - | {what} | {time.perf_counter() - start:.0f}"), flush=True)
                 continue
             finally:
                 del converted
                 gc.collect()
-            clean = row["psi_distinguishable"] == 100.0 and bool(row["equivalent"]) and row["verdict"] == "permuted"
-            ok &= clean
+            ok &= _clean(row)
             print(
                 _line(
                     name,
                     mb,
                     label,
                     f"{row['psi']:.2f} | {row['psi_distinguishable']:.2f} | {row['seconds']:.1f} | "
-                    f"{'yes' if row['equivalent'] else 'NO'} | {row['verdict']} | {', '.join(row['conversions'])} | "
+                    f"{_output_cell(row)} | {'yes' if row['wrong_caught'] else 'NO'} | {row['verdict']} | "
+                    f"{', '.join(row['conversions'])} | "
                     f"{time.perf_counter() - start:.0f}",
                 ),
                 flush=True,
