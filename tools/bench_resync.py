@@ -5,9 +5,10 @@ resync must pay it. The reference is ``fixtures.build_large_model``; the suspect
 permuted (seed 1) with Gaussian noise of 0.1 x std on every weight. Each measurement runs in a
 fresh subprocess (ru_maxrss survives fork and exec, so this parent stays small); medians of
 ``--repeats`` runs. Goal: resync time at most 3 x the floor. Peak resident memory above the
-child's baseline (after its imports) is reported against the reference model's size. ``--convert NAME`` also passes
-the suspect through one conversion of ``fixtures/conversions.py`` (fold-bn, float16...), so
-resync works across conversions (structural matching, common form, output in the suspect's form).
+child's baseline (after its imports) is reported against the reference model's size.
+``--convert NAME`` also passes the suspect through one conversion of ``fixtures/conversions.py``
+(fold-bn, float16...), so resync works across conversions (structural matching, common form,
+output in the suspect's form).
 
     python tools/bench_resync.py [--megabytes 120] [--repeats 3] [--convert NAME] [--json]
 """

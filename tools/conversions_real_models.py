@@ -77,11 +77,10 @@ def convert(model, name: str):  # noqa: ANN001, ANN201 - a model in, (model or N
     return converted, label, ""
 
 
-def _row(reference, suspect, key, conversion: str, floor_pair=None) -> dict[str, object]:  # noqa: ANN001 - models
+def _row(reference, suspect, key, conversion: str, suspect_converted: bool = True) -> dict[str, object]:  # noqa: ANN001
     """Resync ``suspect`` against ``reference``, verify the output against the suspect (and a
-    wrong permutation of the output: one producer's rows swapped), audit the pair. ``floor_pair``:
-    two models computing the same function in two channel orders, whose largest output difference
-    widens ``atol`` (see ORDER_SENSITIVE)."""
+    wrong permutation of the output: one producer's rows swapped), audit the pair. When the
+    suspect is the converted side, ORDER_SENSITIVE and ACTIVATIONS_QUANTIZED apply."""
     from onnxlady import analyze
     from onnxlady._audit import audit_models
     from onnxlady._resync import resync_model
@@ -91,15 +90,18 @@ def _row(reference, suspect, key, conversion: str, floor_pair=None) -> dict[str,
     tolerance = dict(TOLERANCES.get(conversion, {}))
     logits = _logits(suspect)
     floor = None
-    if floor_pair is not None:
-        floor_report = verify_models(*floor_pair, provider="cpu", extra_outputs=logits, **tolerance)
+    if suspect_converted and conversion in ORDER_SENSITIVE:
+        # The same conversion of the reference, in the reference's own order.
+        floor_report = verify_models(
+            convert(reference, conversion)[0], suspect, provider="cpu", extra_outputs=logits, **tolerance
+        )
         floor = max(o.max_abs_error for o in floor_report.outputs)
         tolerance["atol"] = max(tolerance.get("atol", 1e-4), FLOOR_FACTOR * floor)
     start = time.perf_counter()
     result = resync_model(reference, suspect, true_key=key)
     seconds = time.perf_counter() - start
     psi, psi_distinguishable = result.psi, result.psi_distinguishable
-    float_form = _in_float if conversion in ACTIVATIONS_QUANTIZED else (lambda model: model)
+    float_form = _in_float if suspect_converted and conversion in ACTIVATIONS_QUANTIZED else (lambda model: model)
     compared = float_form(suspect)
     verify = verify_models(compared, float_form(result.model), provider="cpu", extra_outputs=logits, **tolerance)
     wrong = copy_model(result.model)
@@ -234,11 +236,8 @@ def main() -> int:
                     print(f"| {entry['name']} | {label} | {side} | - | - | - | - | - | - | {why} |")
                     continue
                 pair = (keep, converted) if side == "suspect" else (converted, keep)
-                floor_pair = None
-                if side == "suspect" and name in ORDER_SENSITIVE:
-                    floor_pair = (convert(reference, name)[0], converted)
                 try:
-                    row = _row(pair[0], pair[1], key, name, floor_pair)
+                    row = _row(pair[0], pair[1], key, name, suspect_converted=side == "suspect")
                 except OnnxladyError as exc:
                     ok = False
                     print(f"| {entry['name']} | {label} | {side} | - | - | - | - | - | - | FAILED: {exc} |", flush=True)
