@@ -11,14 +11,14 @@ The public API re-exported here is what the command line uses:
   (:class:`ModelMatch`), which resync and audit use for such suspects.
 """
 
-from onnxlady._analysis import ChannelAnalysis, ChannelGroup, GroupMember, TensorPermutation, analyze
+from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, GroupMember, TensorPermutation, analyze
 from onnxlady._errors import OnnxladyError
-from onnxlady._expr import FreezeReason
-from onnxlady._io import LoadedModel, load_model, save_model
-from onnxlady._key import PermutationKey, graph_fingerprint, read_key
-from onnxlady._match import ConversionFinding, GroupPair, ModelMatch, UnmatchedGroup, match_models
-from onnxlady._permute import draw_permutations, permute_model, unpermute_model
-from onnxlady._verify import VerifyReport, verify_models
+from onnxlady._graph._expr import FreezeReason
+from onnxlady._io._files import LoadedModel, load_model, save_model
+from onnxlady._transforms._key import PermutationKey, graph_fingerprint, read_key
+from onnxlady._resync._match import ConversionFinding, GroupPair, ModelMatch, UnmatchedGroup, match_models
+from onnxlady._transforms._permute import draw_permutations, permute_model, unpermute_model
+from onnxlady._verify._compare import VerifyReport, verify_models
 
 __all__ = [
     "ChannelAnalysis",

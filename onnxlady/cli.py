@@ -19,12 +19,12 @@ from typing import Any, Callable, NoReturn, Sequence
 import numpy as np
 
 from onnxlady import __version__
-from onnxlady._analysis import ChannelAnalysis, analyze
+from onnxlady._analysis._channels import ChannelAnalysis, analyze
 from onnxlady._errors import OnnxladyError
-from onnxlady._io import LoadedModel, load_model, save_model, write_atomically
-from onnxlady._key import read_key
-from onnxlady._permute import DeferredTensors, draw_permutations, permute_model, unpermute_model
-from onnxlady._verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyReport, parse_shape_overrides, verify_models
+from onnxlady._io._files import LoadedModel, load_model, save_model, write_atomically
+from onnxlady._transforms._key import read_key
+from onnxlady._transforms._permute import DeferredTensors, draw_permutations, permute_model, unpermute_model
+from onnxlady._verify._compare import DEFAULT_ATOL, DEFAULT_RTOL, VerifyReport, parse_shape_overrides, verify_models
 
 Progress = Callable[[str], None] | None
 
@@ -475,7 +475,7 @@ def _cmd_unpermute(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_perturb(args: argparse.Namespace, progress: Progress) -> int:
-    from onnxlady._perturb import perturb_model
+    from onnxlady._transforms._perturb import perturb_model
 
     _check_output(args, [args.model])
     loaded = load_model(args.model)
@@ -502,7 +502,7 @@ def _cmd_perturb(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_resync(args: argparse.Namespace, progress: Progress) -> int:
-    from onnxlady._resync import resync_model
+    from onnxlady._resync._twin import resync_model
 
     extra = [args.key_out] if args.key_out else []
     _check_output(args, [args.reference, args.suspect] + ([args.true_key] if args.true_key else []), extra=extra)
@@ -564,7 +564,7 @@ def _cmd_resync(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_match(args: argparse.Namespace, progress: Progress) -> int:
-    from onnxlady._match import match_analyses
+    from onnxlady._resync._match import match_analyses
 
     reference = load_model(args.reference)
     suspect = load_model(args.suspect)
@@ -597,8 +597,8 @@ def _cmd_match(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace, progress: Progress) -> int:
-    from onnxlady._audit import audit_models, canonicalize
-    from onnxlady._report import render_html, render_markdown
+    from onnxlady._audit._verdicts import audit_models, canonicalize
+    from onnxlady._audit._render import render_html, render_markdown
 
     inputs = [args.reference.resolve(), args.suspect.resolve()]
     for target in (args.html, args.markdown, args.canonicalize):
@@ -629,7 +629,7 @@ def _cmd_audit(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_watermark_embed(args: argparse.Namespace, progress: Progress) -> int:
-    from onnxlady._watermark import embed_watermark, relative_output_change, save_key
+    from onnxlady._transforms._watermark import embed_watermark, relative_output_change, save_key
 
     _check_output(args, [args.model], extra=[args.key_out])
     loaded = load_model(args.model)
@@ -653,7 +653,7 @@ def _cmd_watermark_embed(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_watermark_extract(args: argparse.Namespace, progress: Progress) -> int:
-    from onnxlady._watermark import extract_watermark, load_key
+    from onnxlady._transforms._watermark import extract_watermark, load_key
 
     key = load_key(args.key)
     loaded = load_model(args.model)
@@ -712,7 +712,7 @@ def _cmd_verify(args: argparse.Namespace, progress: Progress) -> int:
 
 # -- demo ---------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace, progress: Progress) -> int:
-    from onnxlady._demo import run_demo
+    from onnxlady._api._demo import run_demo
 
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,10 @@ from onnxlady import (
     permute_model,
     verify_models,
 )
-from onnxlady._audit import VERDICTS, AuditReport, audit_models, canonicalize
-from onnxlady._permute import _tensor_holders
-from onnxlady._perturb import perturb_model
-from onnxlady._report import render_html, render_markdown
+from onnxlady._audit._verdicts import VERDICTS, AuditReport, audit_models, canonicalize
+from onnxlady._transforms._permute import _tensor_holders
+from onnxlady._transforms._perturb import perturb_model
+from onnxlady._audit._render import render_html, render_markdown
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -227,7 +227,7 @@ def test_audit_command_exit_codes_and_reports(tmp_path) -> None:
     from onnxlady import analyze as _analyze
     from onnxlady import draw_permutations as _draw
     from onnxlady import permute_model as _permute
-    from onnxlady._perturb import perturb_model as _perturb
+    from onnxlady._transforms._perturb import perturb_model as _perturb
     from onnxlady.cli import main
 
     reference = tmp_path / "reference.onnx"

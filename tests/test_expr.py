@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._expr import (
+from onnxlady._graph._expr import (
     STRUCTURE,
     Atom,
     DirectSum,
@@ -23,7 +23,7 @@ from onnxlady._expr import (
     labels,
     product,
 )
-from onnxlady._key import evaluate_tree, expr_to_tree
+from onnxlady._transforms._key import evaluate_tree, expr_to_tree
 
 REASON = FreezeReason("graph-output", "graph output 'y'")
 

@@ -1,4 +1,4 @@
-"""Folding of shape arithmetic for the analysis (onnxlady._fold, ModelGraph.folded)."""
+"""Folding of shape arithmetic for the analysis (onnxlady._graph._fold, ModelGraph.folded)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import onnxlady._analysis as analysis_module
+import onnxlady._analysis._channels as analysis_module
 from onnxlady import analyze, draw_permutations, permute_model, verify_models
-from onnxlady._fold import fold_node
-from onnxlady._graph import ModelGraph
-from tests.helpers import copy_model
+from onnxlady._graph._fold import fold_node
+from onnxlady._graph._model_graph import ModelGraph
+from onnxlady.testing._helpers import copy_model
 
 RNG = np.random.default_rng(0)
 

@@ -1,4 +1,4 @@
-"""onnxlady._io: loading refuses anything that is not a whole ONNX model, saving is atomic.
+"""onnxlady._io._files: loading refuses anything that is not a whole ONNX model, saving is atomic.
 
 Every failure must be an :class:`OnnxladyError` (never a silently different model), external
 data is resolved against the model's own folder, and a failed save leaves nothing behind.
@@ -19,10 +19,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import onnxlady._io as io_module
+import onnxlady._io._files as io_module
 from onnxlady import analyze, draw_permutations, permute_model
 from onnxlady._errors import OnnxladyError
-from onnxlady._io import load_model, save_model
+from onnxlady._io._files import load_model, save_model
 from onnxlady.cli import main
 
 

@@ -32,10 +32,10 @@ from onnxlady import (
     unpermute_model,
     verify_models,
 )
-from onnxlady._builder import GraphBuilder
-from onnxlady._permute import _permute_tensor, _tensor_holders
-from onnxlady._verify import generate_inputs
-from tests.helpers import constant_bytes, copy_model, permute_producer_only
+from onnxlady.testing._builder import GraphBuilder
+from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
+from onnxlady._verify._compare import generate_inputs
+from onnxlady.testing._helpers import constant_bytes, copy_model, permute_producer_only
 
 LAYOUT_FIXTURES = sorted(layout_fixtures.FIXTURES)
 

@@ -1,4 +1,4 @@
-"""Tests for onnxlady._perturb: noise, quantization and pruning of weight tensors."""
+"""Tests for onnxlady._transforms._perturb: noise, quantization and pruning of weight tensors."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from fixtures import FIXTURES, RUNNABLE
-from onnxlady._analysis import analyze
+from onnxlady._analysis._channels import analyze
 from onnxlady._errors import OnnxladyError
-from onnxlady._verify import generate_inputs
+from onnxlady._verify._compare import generate_inputs
 from fixtures.quantized import INTEGER_WEIGHTS
-from onnxlady._perturb import PerturbReport, TensorChange, perturb_model, weight_tensors
+from onnxlady._transforms._perturb import PerturbReport, TensorChange, perturb_model, weight_tensors
 
 OPSET = 17
 IR_VERSION = 8

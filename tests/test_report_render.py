@@ -11,8 +11,8 @@ import pytest
 
 from fixtures import FIXTURES
 from onnxlady import analyze, draw_permutations, permute_model
-from onnxlady._audit import audit_models
-from onnxlady._report import render_html
+from onnxlady._audit._verdicts import audit_models
+from onnxlady._audit._render import render_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [

@@ -24,10 +24,10 @@ from onnxlady import (
     unpermute_model,
     verify_models,
 )
-from onnxlady._analysis import COPY_SUFFIX
-from onnxlady._builder import GraphBuilder
-from onnxlady._permute import _permute_tensor, _tensor_holders
-from onnxlady._resync import AMBIGUITY_MARGIN, ResyncResult, resync_model
+from onnxlady._analysis._channels import COPY_SUFFIX
+from onnxlady.testing._builder import GraphBuilder
+from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
+from onnxlady._resync._twin import AMBIGUITY_MARGIN, ResyncResult, resync_model
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 

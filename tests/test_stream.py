@@ -1,4 +1,4 @@
-"""onnxlady._stream: the streaming writer and the chunked reader give exactly protobuf's model.
+"""onnxlady._io._stream: the streaming writer and the chunked reader give exactly protobuf's model.
 
 ``write_model``'s field order may differ from ``SerializeToString``'s, so files are compared
 by parsing them and serializing the parsed message. Every test also checks that the model
@@ -21,9 +21,9 @@ from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import TensorProto, helper, numpy_helper
 
-import onnxlady._stream as stream
+import onnxlady._io._stream as stream
 from fixtures import FIXTURES, RUNNABLE
-from onnxlady._stream import Override, read_model, write_model
+from onnxlady._io._stream import Override, read_model, write_model
 
 Overrides = dict[str, bytes]
 

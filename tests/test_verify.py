@@ -1,4 +1,4 @@
-"""Tests for onnxlady._verify: running two models in ONNX Runtime and comparing their outputs."""
+"""Tests for onnxlady._verify._compare: running two models in ONNX Runtime and comparing their outputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._verify import (
+from onnxlady._verify._compare import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
     _probe_cuda,
@@ -466,7 +466,7 @@ def test_ort_cannot_run_custom_op(weights, capfd):
 
 def test_out_of_range_gather_would_fail(monkeypatch, capfd):
     """Without the Gather analysis ids come from [0, 16) and ORT rejects them: the analysis matters."""
-    import onnxlady._verify as verify
+    import onnxlady._verify._compare as verify
 
     monkeypatch.setattr(verify, "_gather_bounds", lambda model, names: {})
     model = embedding_model(5)

@@ -11,8 +11,8 @@ import pytest
 
 from fixtures import FIXTURES
 from onnxlady import OnnxladyError, analyze, draw_permutations, permute_model
-from onnxlady._resync import resync_model
-from onnxlady._watermark import (
+from onnxlady._resync._twin import resync_model
+from onnxlady._transforms._watermark import (
     DEFAULT_MARGIN,
     WatermarkKey,
     embed_watermark,

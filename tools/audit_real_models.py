@@ -21,8 +21,8 @@ def main() -> int:
 
     from fetch_models import fetch_models
     from onnxlady import analyze, draw_permutations, load_model, permute_model
-    from onnxlady._audit import audit_models
-    from onnxlady._permute import _tensor_holders
+    from onnxlady._audit._verdicts import audit_models
+    from onnxlady._transforms._permute import _tensor_holders
 
     ok = True
     print("| model | permuted copy | 5 neurons x 1.5, then permuted | flagged (group, neuron, k) |")

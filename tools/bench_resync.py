@@ -32,7 +32,7 @@ _BUILD = """
 import sys, onnx
 from fixtures import build_large_model
 from onnxlady import analyze, draw_permutations, permute_model
-from onnxlady._perturb import perturb_model
+from onnxlady._transforms._perturb import perturb_model
 model = build_large_model(int(sys.argv[3]))
 onnx.save(model, sys.argv[1])
 analysis = analyze(model)

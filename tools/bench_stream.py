@@ -1,4 +1,4 @@
-"""Benchmark: streaming model I/O (``onnxlady._stream``) against the ``onnx.load`` + ``onnx.save`` floor.
+"""Benchmark: streaming model I/O (``onnxlady._io._stream``) against the ``onnx.load`` + ``onnx.save`` floor.
 
 On a generated model (``fixtures.build_large_model``) saved to a temporary file, each scenario
 runs in a fresh subprocess and reports its wall time and its peak resident memory above the
@@ -45,7 +45,7 @@ import resource, sys, time
 import numpy as np
 import onnx
 from onnx import helper
-from onnxlady._stream import read_model, write_model
+from onnxlady._io._stream import read_model, write_model
 
 scenario, path, out = sys.argv[1:4]
 

@@ -82,10 +82,10 @@ def _row(reference, suspect, key, conversion: str, suspect_converted: bool = Tru
     wrong permutation of the output: one producer's rows swapped), audit the pair. When the
     suspect is the converted side, ORDER_SENSITIVE and ACTIVATIONS_QUANTIZED apply."""
     from onnxlady import analyze
-    from onnxlady._audit import audit_models
-    from onnxlady._resync import resync_model
-    from onnxlady._verify import verify_models
-    from tests.helpers import copy_model, permute_producer_only
+    from onnxlady._audit._verdicts import audit_models
+    from onnxlady._resync._twin import resync_model
+    from onnxlady._verify._compare import verify_models
+    from onnxlady.testing._helpers import copy_model, permute_producer_only
 
     tolerance = dict(TOLERANCES.get(conversion, {}))
     logits = _logits(suspect)
@@ -152,7 +152,7 @@ def _in_float(model):  # noqa: ANN001, ANN201 - a model in, a copy out
     import onnx
     from onnx import numpy_helper
 
-    from onnxlady._graph import ModelGraph
+    from onnxlady._graph._model_graph import ModelGraph
 
     out = onnx.ModelProto()
     out.CopyFrom(model)

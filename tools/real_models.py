@@ -47,8 +47,8 @@ def report_model(name: str, path: Path, work: Path) -> dict[str, Any]:
     import onnx
 
     from onnxlady import analyze, draw_permutations, load_model, permute_model, save_model, verify_models
-    from onnxlady._verify import parse_shape_overrides
-    from tests.helpers import permute_producer_only
+    from onnxlady._verify._compare import parse_shape_overrides
+    from onnxlady.testing._helpers import permute_producer_only
 
     loaded = load_model(path)
     analysis = analyze(loaded.model)

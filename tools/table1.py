@@ -107,7 +107,7 @@ def _inputs(name: str, model: Any) -> list[dict[str, np.ndarray]]:
         return [{model.graph.input[0].name: images[i : i + 64]} for i in range(0, 448, 64)]
     from real_models import SHAPES
 
-    from onnxlady._verify import generate_inputs, parse_shape_overrides
+    from onnxlady._verify._compare import generate_inputs, parse_shape_overrides
 
     shapes = parse_shape_overrides(SHAPES.get(name, []))
     rng = np.random.default_rng(0)
@@ -158,8 +158,8 @@ def _producer_weights(analysis: Any, gid: str) -> list[str]:
 
 def measure(name: str, info: dict[str, Any], protocol: str, seed: int, say: Callable[[str], None]) -> list[Cell]:
     from onnxlady import analyze, draw_permutations, load_model, permute_model
-    from onnxlady._perturb import perturb_model
-    from onnxlady._resync import resync_model
+    from onnxlady._transforms._perturb import perturb_model
+    from onnxlady._resync._twin import resync_model
     from real_models import EXTRA_OUTPUTS
 
     reference = load_model(info["path"]).model

@@ -380,7 +380,7 @@ def report_model(name: str, path: Path, meta: dict[str, Any], work: Path) -> dic
     import onnx
 
     from onnxlady import analyze, draw_permutations, load_model, permute_model, save_model, verify_models
-    from tests.helpers import permute_producer_only
+    from onnxlady.testing._helpers import permute_producer_only
 
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxlady._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, product
-from onnxlady._graph import ChainAxisError, Companion, ModelGraph, Shape, node_label
+from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, product
+from onnxlady._graph._model_graph import ChainAxisError, Companion, ModelGraph, Shape, node_label
 
 
 _PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}

@@ -8,7 +8,7 @@ inputs of size 1 there are broadcast and unaffected.
 
 from __future__ import annotations
 
-from onnxlady._expr import Expr
+from onnxlady._graph._expr import Expr
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onnxlady._expr import Atom, Expr, Fixed, product
-from onnxlady._graph import Shape
+from onnxlady._graph._expr import Atom, Expr, Fixed, product
+from onnxlady._graph._model_graph import Shape
 from onnxlady._rules._context import JointSpace, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import onnx
 
-from onnxlady._expr import DirectSum, Expr, product
+from onnxlady._graph._expr import DirectSum, Expr, product
 from onnxlady._rules._context import Binding, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 

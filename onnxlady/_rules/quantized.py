@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from onnxlady._expr import DirectSum, Expr, product
+from onnxlady._graph._expr import DirectSum, Expr, product
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxlady._expr import DirectSum, Expr, Fixed, direct_sum
+from onnxlady._graph._expr import DirectSum, Expr, Fixed, direct_sum
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 

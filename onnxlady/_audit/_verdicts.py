@@ -22,7 +22,7 @@ Verdicts (:attr:`AuditReport.verdict`), first that applies:
                       reference's within storage error, in the reference's order already.
 
 A suspect that went through a converter (float16, folded BatchNorm, QDQ, simplifier, opset; see
-:mod:`onnxlady._across`) is compared in a form both models share, each value within the error
+:mod:`onnxlady._resync._across`) is compared in a form both models share, each value within the error
 its storage allows; :attr:`AuditReport.conversions` lists what the converter did, separately
 from the verdict: a model only permuted and converted is ``permuted``, not modified.
 
@@ -65,11 +65,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxlady._analysis import COPY_SUFFIX, ChannelAnalysis, analyze
-from onnxlady._match import ConversionFinding
-from onnxlady._permute import _tensor_holders
-from onnxlady._across import AcrossResync
-from onnxlady._resync import ResyncResult, resync_model
+from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
+from onnxlady._resync._match import ConversionFinding
+from onnxlady._transforms._permute import _tensor_holders
+from onnxlady._resync._across import AcrossResync
+from onnxlady._resync._twin import ResyncResult, resync_model
 
 __all__ = [
     "VERDICTS",
@@ -739,7 +739,7 @@ def audit_models(
     """Compare ``suspect`` with ``reference`` neuron by neuron (see the module docstring).
 
     When some groups only the suspect's converted form can move (see
-    :mod:`onnxlady._across`), the comparison in the reference's form cannot hold them in
+    :mod:`onnxlady._resync._across`), the comparison in the reference's form cannot hold them in
     order; if it then finds differences, the pair is compared the other way round as well
     (``mirrored`` marks that inner audit) and a clean result there is the verdict.
     """
@@ -867,7 +867,7 @@ def _common_form(
 ]:
     """Reference, suspect-before, suspect-after (cleaned) and suspect-after (as stored) arrays by
     reference tensor name, in the form both models share (folded, dequantized, float64; see
-    :mod:`onnxlady._across`), and the storage error allowed per element.
+    :mod:`onnxlady._resync._across`), and the storage error allowed per element.
 
     In the cleaned arrays, suspect values within the storage error of the reference's are
     replaced by the reference's, so what differs there is a real change; the scale analysis

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxlady._analysis import ChannelAnalysis, analyze
-from onnxlady._expr import Expr
-from onnxlady._graph import ModelGraph, node_label
+from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._graph._expr import Expr
+from onnxlady._graph._model_graph import ModelGraph, node_label
 
 __all__ = ["ConversionFinding", "GroupPair", "ModelMatch", "Unit", "UnmatchedGroup", "match_models"]
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxlady import _fold
+from onnxlady._graph import _fold as _fold
 from onnxlady._errors import OnnxladyError
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class ModelGraph:
         self.shapes: dict[str, Shape] = {}
         self.dtypes: dict[str, int] = {}
         #: Values of computed tensors that are constant for every input of the declared shapes
-        #: (shape arithmetic, see :mod:`onnxlady._fold`): read by :meth:`constant_value` only;
+        #: (shape arithmetic, see :mod:`onnxlady._graph._fold`): read by :meth:`constant_value` only;
         #: they are no constant leaves and never permuted.
         self.folded: dict[str, np.ndarray] = {}
         self._fold = fold
@@ -214,7 +214,7 @@ class ModelGraph:
 
         After shape inference on the whole skeleton, every node is visited in order: it folds
         if its inputs are known small values (or it is ``Shape``/``Size`` of a tensor of fully
-        static shape, see :mod:`onnxlady._fold`); otherwise, if its output shape is not fully
+        static shape, see :mod:`onnxlady._graph._fold`); otherwise, if its output shape is not fully
         known yet, ONNX's shape inference runs on that node alone with the folded values of
         its inputs (a ``Reshape`` to a computed target, a ``Slice`` with computed ends...), so
         that the ``Shape`` nodes further down can fold in turn. Linear in the graph's size.

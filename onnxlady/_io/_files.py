@@ -25,7 +25,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._stream import Override, read_model, write_model
+from onnxlady._io._stream import Override, read_model, write_model
 
 _PROTOBUF_LIMIT = 2**31 - 1
 #: Leave room under protobuf's 2 GB limit for the graph itself.

@@ -16,9 +16,9 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
-from onnxlady._analysis import ChannelAnalysis
+from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
-from onnxlady._key import PermutationKey, evaluate_tree, expr_to_tree, graph_fingerprint, tree_size
+from onnxlady._transforms._key import PermutationKey, evaluate_tree, expr_to_tree, graph_fingerprint, tree_size
 
 #: Typed storage fields of TensorProto, by data type, for tensors not stored as raw bytes.
 _TYPED_FIELDS = {

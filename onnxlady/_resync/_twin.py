@@ -58,11 +58,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxlady._analysis import ChannelAnalysis, ChannelGroup, TensorPermutation, analyze
+from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, TensorPermutation, analyze
 from onnxlady._errors import OnnxladyError
-from onnxlady._graph import ModelGraph, node_label
-from onnxlady._key import PermutationKey, expr_to_tree, graph_fingerprint
-from onnxlady._permute import SourceDigest, _permute_tensor, _tensor_holders
+from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._transforms._key import PermutationKey, expr_to_tree, graph_fingerprint
+from onnxlady._transforms._permute import SourceDigest, _permute_tensor, _tensor_holders
 
 __all__ = [
     "AMBIGUITY_MARGIN",
@@ -142,7 +142,7 @@ class ResyncResult:
     refined_rounds: int
     psi: float | None
     psi_distinguishable: float | None
-    #: Set when the suspect was matched across conversions (see :mod:`onnxlady._across`).
+    #: Set when the suspect was matched across conversions (see :mod:`onnxlady._resync._across`).
     across: Any = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -1044,7 +1044,7 @@ def _resync(
         if site_map.suspect.opsets != analysis.graph.opsets:
             raise _NotATwin("suspect differs from reference: other opsets")
     except _NotATwin:
-        from onnxlady._across import resync_across  # converted suspects: structural matching
+        from onnxlady._resync._across import resync_across  # converted suspects: structural matching
 
         return resync_across(reference, suspect, options, true_key, progress)[0]
     true_perms = _true_perms(analysis, true_key)

@@ -8,13 +8,13 @@ from typing import Any, Callable
 
 import onnx
 
-from onnxlady._analysis import analyze
-from onnxlady._demo_model import build_demo_model
-from onnxlady._io import load_model, save_model
-from onnxlady._permute import draw_permutations, permute_model, unpermute_model
-from onnxlady._perturb import perturb_model
-from onnxlady._resync import resync_model
-from onnxlady._verify import verify_models
+from onnxlady._analysis._channels import analyze
+from onnxlady._api._demo_model import build_demo_model
+from onnxlady._io._files import load_model, save_model
+from onnxlady._transforms._permute import draw_permutations, permute_model, unpermute_model
+from onnxlady._transforms._perturb import perturb_model
+from onnxlady._resync._twin import resync_model
+from onnxlady._verify._compare import verify_models
 
 #: The paper's noise level at which its classifiers still resynchronise fully (Omega = 1).
 DEMO_NOISE = 1.0

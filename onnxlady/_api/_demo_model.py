@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx
 
-from onnxlady._builder import (
+from onnxlady.testing._builder import (
     GraphBuilder,
     basic_block,
     conv_bn_relu,

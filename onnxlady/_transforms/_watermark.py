@@ -30,8 +30,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._graph import ModelGraph
-from onnxlady._permute import _tensor_holders
+from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._transforms._permute import _tensor_holders
 
 #: Default margin on every projection ``|x_i . w|``. The rows of ``X`` have norm about
 #: ``sqrt(in*kh*kw)``, so float32 rounding of the kernel moves a projection by about

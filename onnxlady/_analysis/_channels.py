@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 
 from onnxlady import _rules  # noqa: F401 - importing registers every rule
-from onnxlady._expr import Expr, Fixed, FreezeReason, canonical, describe, evaluate, labels
-from onnxlady._graph import ModelGraph, node_label
+from onnxlady._graph._expr import Expr, Fixed, FreezeReason, canonical, describe, evaluate, labels
+from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._rules._context import AnalysisState, Binding, RuleContext, RuleDoesNotApply, materialize_joint
 from onnxlady._rules._registry import rule_for
 

@@ -1,6 +1,6 @@
 """Resync across conversions: the suspect's graph is not a node-for-node copy of the reference.
 
-:mod:`onnxlady._match` pairs the two models' sites and groups. Resync then runs the same solver
+:mod:`onnxlady._resync._match` pairs the two models' sites and groups. Resync then runs the same solver
 as for twin graphs (:class:`~onnxlady._resync._Resync`, groups in the reference's order, block
 signatures, Hungarian), on arrays that both models hold in one common form:
 
@@ -37,13 +37,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxlady._analysis import analyze
+from onnxlady._analysis._channels import analyze
 from onnxlady._errors import OnnxladyError
-from onnxlady._graph import ModelGraph
-from onnxlady._key import PermutationKey, graph_fingerprint
-from onnxlady._match import ModelMatch, Unit, match_analyses
-from onnxlady._permute import _tensor_holders, permute_model
-from onnxlady import _resync as resync  # the solver (it imports this module only when it needs it)
+from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._transforms._key import PermutationKey, graph_fingerprint
+from onnxlady._resync._match import ModelMatch, Unit, match_analyses
+from onnxlady._transforms._permute import _tensor_holders, permute_model
+from onnxlady._resync import _twin as resync  # the solver (it imports this module only when it needs it)
 
 __all__ = ["AcrossResync", "Approx", "read_constant", "resync_across"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from onnxlady import ChannelAnalysis
-from onnxlady._permute import _permute_tensor, _tensor_holders
+from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
 
 PRODUCER_ROLES = ("conv weight", "conv-transpose weight", "gemm weight", "matmul weight", "embedding table")
 

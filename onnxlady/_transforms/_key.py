@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._expr import Atom, DirectSum, Expr, Fixed, Interleave
+from onnxlady._graph._expr import Atom, DirectSum, Expr, Fixed, Interleave
 
 KEY_FORMAT = "onnxlady-permutation-key"
 KEY_VERSION = 1

@@ -12,7 +12,7 @@ import html
 import math
 from typing import Any
 
-from onnxlady._audit import AuditReport
+from onnxlady._audit._verdicts import AuditReport
 
 __all__ = ["render_html", "render_markdown"]
 

@@ -60,7 +60,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._graph import ModelGraph, node_label
+from onnxlady._graph._model_graph import ModelGraph, node_label
 
 #: Operators whose weight operand (input 1) is perturbed.
 WEIGHT_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -229,7 +229,7 @@ def _only_tensor(name: str, leaf: str, weights: dict[str, str]) -> str:
 def _group_weights(model: onnx.ModelProto, weights: dict[str, str]) -> dict[str, list[str]]:
     """Group id -> the weight tensors (source leaf names) among that group's members."""
     # Imported late: the (costly) analysis is only needed when group ids are given.
-    from onnxlady._analysis import analyze
+    from onnxlady._analysis._channels import analyze
 
     analysis = analyze(model)
     source = {plan.tensor: plan.source for plan in analysis.tensors}

@@ -787,7 +787,7 @@ def _with_outputs(model: ModelLike, names: Sequence[str], label: str) -> onnx.Mo
             proto = onnx.load(str(model))
         except Exception as exc:  # noqa: BLE001 - reported as bad input
             raise OnnxladyError(f"cannot load {label}: {exc}") from exc
-    from onnxlady._graph import ModelGraph  # local: verify stays usable without the analysis
+    from onnxlady._graph._model_graph import ModelGraph  # local: verify stays usable without the analysis
 
     produced = {name for node in proto.graph.node for name in node.output}
     present = {value.name for value in proto.graph.output}

@@ -1,0 +1,1 @@
+"""Helpers for tests of onnxlady and of code built on it (like ``numpy.testing``)."""
