@@ -502,7 +502,7 @@ def _cmd_perturb(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _cmd_resync(args: argparse.Namespace, progress: Progress) -> int:
-    from onnxlady._resync._twin import resync_model
+    from onnxlady._resync._entry import resync_model
 
     extra = [args.key_out] if args.key_out else []
     _check_output(args, [args.reference, args.suspect] + ([args.true_key] if args.true_key else []), extra=extra)

@@ -25,7 +25,7 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._resync._match import find_units, match_models
 from onnxlady._transforms._perturb import perturb_model
-from onnxlady._resync._twin import resync_model
+from onnxlady._resync._entry import resync_model
 from onnxlady._verify._compare import verify_models
 from onnxlady.cli import main
 from onnxlady.testing._helpers import constant_bytes, copy_model, permute_copy, permute_producer_only

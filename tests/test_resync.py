@@ -27,7 +27,8 @@ from onnxlady import (
 from onnxlady._analysis._channels import COPY_SUFFIX
 from onnxlady.testing._builder import GraphBuilder
 from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
-from onnxlady._resync._twin import AMBIGUITY_MARGIN, ResyncResult, resync_model
+from onnxlady._resync._entry import resync_model
+from onnxlady._resync._solver import AMBIGUITY_MARGIN, ResyncResult
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 

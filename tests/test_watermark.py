@@ -11,7 +11,7 @@ import pytest
 
 from fixtures import FIXTURES
 from onnxlady import OnnxladyError, analyze, draw_permutations, permute_model
-from onnxlady._resync._twin import resync_model
+from onnxlady._resync._entry import resync_model
 from onnxlady._transforms._watermark import (
     DEFAULT_MARGIN,
     WatermarkKey,

@@ -83,7 +83,7 @@ def _row(reference, suspect, key, conversion: str, suspect_converted: bool = Tru
     suspect is the converted side, ORDER_SENSITIVE and ACTIVATIONS_QUANTIZED apply."""
     from onnxlady import analyze
     from onnxlady._audit._verdicts import audit_models
-    from onnxlady._resync._twin import resync_model
+    from onnxlady._resync._entry import resync_model
     from onnxlady._verify._compare import verify_models
     from onnxlady.testing._helpers import copy_model, permute_producer_only
 

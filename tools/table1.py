@@ -159,7 +159,7 @@ def _producer_weights(analysis: Any, gid: str) -> list[str]:
 def measure(name: str, info: dict[str, Any], protocol: str, seed: int, say: Callable[[str], None]) -> list[Cell]:
     from onnxlady import analyze, draw_permutations, load_model, permute_model
     from onnxlady._transforms._perturb import perturb_model
-    from onnxlady._resync._twin import resync_model
+    from onnxlady._resync._entry import resync_model
     from real_models import EXTRA_OUTPUTS
 
     reference = load_model(info["path"]).model

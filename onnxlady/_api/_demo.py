@@ -13,7 +13,7 @@ from onnxlady._api._demo_model import build_demo_model
 from onnxlady._io._files import load_model, save_model
 from onnxlady._transforms._permute import draw_permutations, permute_model, unpermute_model
 from onnxlady._transforms._perturb import perturb_model
-from onnxlady._resync._twin import resync_model
+from onnxlady._resync._entry import resync_model
 from onnxlady._verify._compare import verify_models
 
 #: The paper's noise level at which its classifiers still resynchronise fully (Omega = 1).

@@ -69,7 +69,8 @@ from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
 from onnxlady._resync._match import ConversionFinding
 from onnxlady._transforms._permute import _tensor_holders
 from onnxlady._resync._across import AcrossResync
-from onnxlady._resync._twin import ResyncResult, resync_model
+from onnxlady._resync._entry import resync_model
+from onnxlady._resync._solver import ResyncResult
 
 __all__ = [
     "VERDICTS",

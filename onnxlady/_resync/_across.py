@@ -1,7 +1,7 @@
 """Resync across conversions: the suspect's graph is not a node-for-node copy of the reference.
 
 :mod:`onnxlady._resync._match` pairs the two models' sites and groups. Resync then runs the same solver
-as for twin graphs (:class:`~onnxlady._resync._Resync`, groups in the reference's order, block
+as for twin graphs (:class:`~onnxlady._resync._solver.ResyncState`, groups in the reference's order, block
 signatures, Hungarian), on arrays that both models hold in one common form:
 
 - every compared constant is read as its user reads it (:class:`Approx`): float16, bfloat16 and
@@ -43,7 +43,7 @@ from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._transforms._key import PermutationKey, graph_fingerprint
 from onnxlady._resync._match import ModelMatch, Unit, match_analyses
 from onnxlady._transforms._permute import _tensor_holders, permute_model
-from onnxlady._resync import _twin as resync  # the solver (it imports this module only when it needs it)
+from onnxlady._resync import _solver as solver
 
 __all__ = ["AcrossResync", "Approx", "read_constant", "resync_across"]
 
@@ -363,7 +363,7 @@ class AcrossResync:
 
 
 @dataclass
-class _State(resync._Resync):
+class _State(solver.ResyncState):
     """The solver's state, moving the suspect's error bounds with its values."""
 
     errors: list[np.ndarray] = field(default_factory=list)
@@ -382,14 +382,14 @@ class _State(resync._Resync):
         exact = super().exact_match(gid, solved)  # bit-equal twins: an opset upgrade, renames
         if exact is not None or step is None or margins is None:
             return exact
-        ambiguous = np.flatnonzero(margins < resync.AMBIGUITY_MARGIN)
+        ambiguous = np.flatnonzero(margins < solver.AMBIGUITY_MARGIN)
         pieces = [piece for piece in self.slices[gid] if not piece.misaligned_dims(solved)]
         if not pieces or not 0 < ambiguous.size <= _MAX_TIES:
             return None
         n = self.analysis.group(gid).size
 
         def rows(arrays: list[np.ndarray]) -> np.ndarray:
-            return np.concatenate([resync._block(arrays[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
+            return np.concatenate([solver.gather_block(arrays[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
 
         ref, ref_error = rows(self.reference), rows(self.reference_errors)
         sus, sus_error = rows(self.work), rows(self.errors)
@@ -425,9 +425,9 @@ def _true_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str,
         return {}
     ref_model, sus_model = match.reference.graph.model, match.suspect.graph.model
     if true_key.source_fingerprint == graph_fingerprint(ref_model):
-        return resync._true_perms(match.reference, true_key)
+        return solver.true_permutations(match.reference, true_key)
     if graph_fingerprint(sus_model) in (true_key.permuted_fingerprint, true_key.source_fingerprint):
-        by_suspect = resync._true_perms(match.suspect, true_key)
+        by_suspect = solver.true_permutations(match.suspect, true_key)
         return {pair.reference: by_suspect[pair.suspect] for pair in match.groups if pair.suspect in by_suspect}
     raise OnnxladyError("the true key was made for neither the reference nor the suspect (graph fingerprints differ)")
 
@@ -435,19 +435,19 @@ def _true_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str,
 def resync_across(
     reference: onnx.ModelProto,
     suspect: onnx.ModelProto,
-    options: resync._Options,
+    options: solver.ResyncOptions,
     true_key: PermutationKey | None,
     progress: Callable[[str], None] | None,
     *,
     mirrored: bool = False,
-) -> tuple[resync.ResyncResult, AcrossResync]:
+) -> tuple[solver.ResyncResult, AcrossResync]:
     """Resync a converted suspect (see the module docstring): (ResyncResult, details).
 
     Groups that only the suspect's form can move (the reference's own analysis freezes them: an
     opset upgrade wrapped a Softmax in reshapes over dynamic sizes, say) are solved the other
     way round, with the suspect as the reference (``mirrored`` marks that inner run).
     """
-    resync._say(progress, "resync: the suspect is not a twin of the reference; matching across conversions")
+    solver.say(progress, "resync: the suspect is not a twin of the reference; matching across conversions")
     ref_analysis, sus_analysis = analyze(reference), analyze(suspect)
     match = match_analyses(ref_analysis, sus_analysis)
     # A converter keeps the computation's skeleton: any divergence means another architecture
@@ -473,7 +473,7 @@ def resync_across(
                 )
     # Solved wherever the reference can move the group; written where the suspect can too.
     permutable = {pair.reference for pair in match.groups if ref_analysis.group(pair.reference).permutable}
-    slices, touched = resync._group_slices(ref_analysis, permutable)
+    slices, touched = solver.group_slices(ref_analysis, permutable)
     slices = {gid: [piece for piece in pieces if piece.plan in kept] for gid, pieces in slices.items()}
     touched = {gid: [plan for plan in plans if plan in kept] for gid, plans in touched.items()}
     order = [group for group in ref_analysis.permutable_groups if group.id in permutable and slices[group.id]]
@@ -494,8 +494,8 @@ def resync_across(
     )
     rounds = state.run(progress)
     rounds += _settle_ties(state, progress)
-    tally = resync._Tally()
-    groups = [resync._group_report(state, group, tally, true_perms.get(group.id)) for group in order]
+    tally = solver.PsiTally()
+    groups = [solver.group_report(state, group, tally, true_perms.get(group.id)) for group in order]
     for gid, perm in true_perms.items():  # permuted but never solved: only fixed points are in place
         if gid not in state.match:
             fixed = int(np.sum(perm == np.arange(perm.size)))
@@ -503,7 +503,7 @@ def resync_across(
             tally.total += perm.size
             tally.hits_distinguishable += fixed
             tally.total_distinguishable += perm.size
-    resync._say(progress, "resync: re-ordering the suspect in its own form")
+    solver.say(progress, "resync: re-ordering the suspect in its own form")
     pairs = {gid: match.suspect_group(gid) for gid in state.match}
     perms = {pair.suspect: state.match[gid] for gid, pair in pairs.items() if pair is not None and pair.permutable}
     unwritten = sorted(gid for gid, pair in pairs.items() if pair is not None and not pair.permutable)
@@ -516,7 +516,7 @@ def resync_across(
             hits = int(np.sum(true[perm] == np.arange(perm.size)))
             tally.hits += hits - fixed
             tally.hits_distinguishable += hits - fixed
-            report = replace(report, psi=resync._percent(hits, perm.size), psi_distinguishable=resync._percent(hits, perm.size))
+            report = replace(report, psi=solver.percent(hits, perm.size), psi_distinguishable=solver.percent(hits, perm.size))
         groups.append(replace(report, id=f"{ref_gid or sus_gid} (solved in the suspect's form)"))
     model, key = _reorder_suspect(suspect, perms, reference, options)
     aligned: list[Approx | None] = [
@@ -526,15 +526,15 @@ def resync_across(
         match, sorted(kept), pairing.reference, aligned, pairing.suspect, pairing.dropped, unresolved, unwritten, dict(state.match),
         sorted(mirrored_groups),
     )
-    result = resync.ResyncResult(
+    result = solver.ResyncResult(
         model=model,
         key=key,
         groups=groups,
         method=options.method,
         refined_rounds=rounds,
-        psi=resync._percent(tally.hits, tally.total) if true_perms else None,
+        psi=solver.percent(tally.hits, tally.total) if true_perms else None,
         psi_distinguishable=(
-            resync._percent(tally.hits_distinguishable, tally.total_distinguishable) if true_perms else None
+            solver.percent(tally.hits_distinguishable, tally.total_distinguishable) if true_perms else None
         ),
         across=details,
     )
@@ -545,9 +545,9 @@ def _solve_mirrored(
     match: ModelMatch,
     reference: onnx.ModelProto,
     suspect: onnx.ModelProto,
-    options: resync._Options,
+    options: solver.ResyncOptions,
     progress: Callable[[str], None] | None,
-) -> dict[str, tuple[str | None, np.ndarray, resync.GroupResync]]:
+) -> dict[str, tuple[str | None, np.ndarray, solver.GroupResync]]:
     """Suspect groups only the suspect's form can move, solved with the roles exchanged:
     suspect group id -> (reference group id if paired, permutation putting the suspect in the
     reference's order, the mirrored solve's statistics)."""
@@ -556,7 +556,7 @@ def _solve_mirrored(
     )
     if not orphans:
         return {}
-    resync._say(progress, f"resync: {len(orphans)} groups only the suspect's form can move: solving them mirrored")
+    solver.say(progress, f"resync: {len(orphans)} groups only the suspect's form can move: solving them mirrored")
     back, details = resync_across(suspect, reference, options, None, progress, mirrored=True)
     reports = {report.id: report for report in back.groups}
     partner = {pair.suspect: pair.reference for pair in match.groups}
@@ -579,15 +579,15 @@ def _settle_ties(state: _State, progress: Callable[[str], None] | None) -> int:
         return 0
     everything = frozenset(group.id for group in state.order)
     rounds = 0
-    while rounds < resync.MAX_REFINE_ROUNDS:
+    while rounds < solver.MAX_REFINE_ROUNDS:
         tied = [
             gid for gid, stats in state.stats.items()
-            if stats.margins.size and stats.margins.min() < resync.AMBIGUITY_MARGIN
+            if stats.margins.size and stats.margins.min() < solver.AMBIGUITY_MARGIN
         ]  # fmt: skip
         if not tied:
             break
         rounds += 1
-        resync._say(progress, f"resync: settling ties in {len(tied)} groups (round {rounds})")
+        solver.say(progress, f"resync: settling ties in {len(tied)} groups (round {rounds})")
         if not any([state.solve(gid, everything, aligned=True) for gid in tied]):
             break
     return rounds
@@ -600,7 +600,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _reorder_suspect(
-    suspect: onnx.ModelProto, perms: dict[str, np.ndarray], reference: onnx.ModelProto, options: resync._Options
+    suspect: onnx.ModelProto, perms: dict[str, np.ndarray], reference: onnx.ModelProto, options: solver.ResyncOptions
 ) -> tuple[onnx.ModelProto, PermutationKey]:
     """The suspect permuted by ``perms`` (its own group ids), and the key that
     ``unpermute_model`` applies to the suspect to give it (as for twin graphs)."""

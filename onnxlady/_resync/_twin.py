@@ -1,91 +1,43 @@
-"""Re-synchronize a permuted (and perturbed) copy of a model to its reference.
+"""Resync of a *twin* suspect: a node-for-node copy of the reference, its tensors found by use site.
 
-This is Algorithm 1 of "Find the Lady" (AAAI 2024) generalised to whole channel groups. The
-groups come from the *reference*'s analysis; the suspect must have the same architecture, and
-its tensors are found by *use site* (the consumer node's output name and input slot), so a
-suspect whose shared constants were untied into copies by ``permute`` still matches.
-
-Groups are solved in the reference's group order (producers before consumers). Every neuron of
-a group gets a *signature*: each tensor slice the group permutes (producer rows, biases,
-normalisation parameters and statistics, per-channel constants, consumer columns) whose other
-axes are already aligned, one *block* per slice. Once a group is solved its inverse is applied
-to the suspect's working copies, so downstream groups compare aligned input channels; a slice
-whose other axes still wait for a later group is left out of the first pass (``refine=True``
-re-solves every group with all its slices, as Git Re-Basin's weight matching does, until
-nothing changes).
-
-How blocks are weighted and compared, and why (measured on the fixtures and on trained models
-from PyPI wheels -- PP-OCR text detector and classifier, YOLOv8n -- under the paper's weight
-noise, noise on every permuted tensor, 2-bit quantization and 99 % pruning):
-
-- Each block is centred over neurons, scaled to unit norm (one large tensor must not drown the
-  small ones) and the group is matched. That match then gives each block's *residual noise*
-  ``|R - a S|^2`` (``a`` the least-squares scale of the matched suspect block); every block is
-  re-weighted by ``1 / noise`` (its Gaussian log-likelihood weight, capped at ``1 /
-  NOISE_FLOOR`` times its signal) and the group matched again, until the match stops changing.
-  An unperturbed bias or BatchNorm block then counts fully, a pruned or noisy weight little.
-  With noise of 2 x std on every tensor this took the first pass from 22-55 % to 57-99 % on
-  the fixtures and from 7-21 % to 53-82 % on the trained models.
-- Neurons are compared by the squared distance of their weighted signatures (Hungarian on it
-  is Hungarian on the sum of per-block dot products, as in Git Re-Basin). The cosine of the
-  concatenation divides by each neuron's norm, which couples the blocks: a pruned or
-  quantized block shrinks a neuron's norm and skews all its similarities. With 99 % pruning
-  of the trained models' weights the distance recovered 99.8-100 % where the cosine got
-  54-99 %; with 2-bit quantization 99.7-100 % against 59-100 %.
-- The reported *similarity* is ``1 - d^2 / (|a|^2 + mean |b|^2)``: 1 for an exact copy, about
-  0 for an unrelated neuron; margins and ambiguity are measured on it.
-- A block whose exact product would be expensive (a 704 x 6336 conv weight of a 100 MB model)
-  is compared through count sketches, and the neurons whose match the sketch error could
-  change are then scored exactly. On the noisy fixtures a sketch of only 64 buckets came
-  within 0.5 point of the exact Psi; 512 are used.
-
-Assignment is Hungarian (``scipy.optimize.linear_sum_assignment``, always a bijection) or the
-paper's argmax with greedy conflict repair. The output is the suspect with its stored elements
-moved bit for bit (structure, dtypes and storage untouched), together with a
-:class:`~onnxlady._key.PermutationKey` that :func:`~onnxlady._permute.unpermute_model` applies
-to the suspect to produce the same tensors.
+The suspect's tensors are found by *use site* (the consumer node's output name and input slot),
+so a suspect whose shared constants were untied into copies by ``permute`` still matches. The
+groups are solved by :mod:`onnxlady._resync._solver`; the output is the suspect with its stored
+elements moved bit for bit (structure, dtypes and storage untouched), with the key that does it.
+A suspect that is no twin raises :class:`NotATwin`, and :func:`onnxlady._resync._entry.resync_model`
+then matches it across conversions instead.
 """
+
 
 from __future__ import annotations
 
 import sys
-import zlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, TensorPermutation, analyze
+from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._transforms._key import PermutationKey, expr_to_tree, graph_fingerprint
 from onnxlady._transforms._permute import SourceDigest, _permute_tensor, _tensor_holders
+from onnxlady._resync._solver import (
+    PsiTally,
+    ResyncOptions,
+    ResyncResult,
+    ResyncState,
+    group_report,
+    group_slices,
+    key_group,
+    percent,
+    say,
+    true_permutations,
+)
 
-__all__ = [
-    "AMBIGUITY_MARGIN",
-    "MAX_REFINE_ROUNDS",
-    "METHODS",
-    "NOISE_FLOOR",
-    "GroupResync",
-    "ResyncResult",
-    "resync_model",
-]
-
-#: A reference neuron whose best similarity beats its second best by less than this is
-#: *ambiguous*. Measured over 4700 neurons of noisy resyncs: 29 % of those below were matched
-#: wrongly, 2 % of those above (identical neurons have margin 0, exact copies about 0.5).
-AMBIGUITY_MARGIN: float = 0.1
-#: Refinement stops after this many rounds even if some group still changes.
-MAX_REFINE_ROUNDS: int = 10
-#: A block's estimated noise energy is at least this fraction of its signal energy, so an
-#: unperturbed block weighs at most 100 times more than one as noisy as its signal.
-NOISE_FLOOR: float = 1e-2
-#: Re-weighting rounds after the unit-norm match, at most (they stop when the match does).
-REWEIGHT_ROUNDS: int = 8
-METHODS: tuple[str, ...] = ("hungarian", "argmax")
+__all__ = ["NotATwin", "resync_twin", "twin_leaves"]
 
 #: Stored types whose values a float32 holds exactly; anything else is compared in float64.
 _EXACT_IN_FLOAT32 = {
@@ -98,550 +50,6 @@ _EXACT_IN_FLOAT32 = {
     onnx.TensorProto.UINT16,
     onnx.TensorProto.BOOL,
 }
-#: Products of reference and suspect rows are kept for re-weighting up to this many elements.
-_KEPT_PRODUCTS = 1 << 26
-#: A block whose exact product would cost more multiply-adds than this is sketched, and its
-#: best candidates are then scored exactly: a 100 MB conv net resyncs ~10x faster.
-_EXACT_PRODUCT = 1 << 28
-_SKETCH_DIM = 512
-_CANDIDATES = 8
-
-
-# -- results ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GroupResync:
-    """How one group was re-synchronized (statistics of its last solve)."""
-
-    id: str
-    size: int
-    #: Per reference neuron, best minus second-best similarity: mean and minimum.
-    mean_margin: float
-    min_margin: float
-    #: Reference neurons whose margin is below :data:`AMBIGUITY_MARGIN`.
-    ambiguous: int
-    #: Suspect neurons whose signature is all zeros (pruned): similarity 0, matched last.
-    zero_neurons: int
-    #: ``method="argmax"`` only: suspect neurons claimed by several reference neurons.
-    duplicate_claims: int
-    #: % of neurons put back in their original position (only with a true key naming the group).
-    psi: float | None
-    #: The same over neurons not exactly duplicated in the reference (those are interchangeable).
-    psi_distinguishable: float | None
-    #: Mean similarity of the chosen matches (1: exact copies).
-    mean_similarity: float
-
-
-@dataclass
-class ResyncResult:
-    """The re-synchronized suspect, the recovered key and per-group statistics."""
-
-    model: onnx.ModelProto
-    key: PermutationKey
-    groups: list[GroupResync]
-    method: str
-    refined_rounds: int
-    psi: float | None
-    psi_distinguishable: float | None
-    #: Set when the suspect was matched across conversions (see :mod:`onnxlady._resync._across`).
-    across: Any = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary (the model and the key are written separately)."""
-        return {
-            "across_conversions": self.across is not None,
-            **({"conversions": [asdict(c) for c in self.across.match.conversions]} if self.across else {}),
-            **(self.across.to_dict() if self.across else {}),
-            "method": self.method,
-            "refined_rounds": self.refined_rounds,
-            "ambiguity_margin": AMBIGUITY_MARGIN,
-            "psi": self.psi,
-            "psi_distinguishable": self.psi_distinguishable,
-            "neurons": sum(g.size for g in self.groups),
-            "ambiguous": sum(g.ambiguous for g in self.groups),
-            "zero_neurons": sum(g.zero_neurons for g in self.groups),
-            "groups": [asdict(g) for g in self.groups],
-        }
-
-
-@dataclass(frozen=True)
-class _Options:
-    """Design choices; :func:`resync_model` uses the defaults, experiments vary them.
-
-    ``misaligned``: first-pass slices whose other axes wait for later groups are ``"skip"``-ped
-    (unless no slice is aligned) or kept in a permutation-invariant ``"sorted"`` form (sorting
-    helped some fixtures a little and cost up to 80 points on a trained text detector).
-    ``weighting``: ``"residual"`` (see the module docstring) or plain ``"unit"`` norms.
-    ``similarity``: ``"distance"`` or ``"cosine"``.
-    """
-
-    method: str = "hungarian"
-    refine: bool = False
-    misaligned: str = "skip"
-    weighting: str = "residual"
-    similarity: str = "distance"
-
-
-# -- slices -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Slice:
-    """The part of one planned tensor that one group's neurons govern along one axis."""
-
-    plan: int  # index into the analysis's tensor plans
-    axis: int
-    index: np.ndarray  # [n, m]: positions along ``axis`` governed by each neuron, ascending
-    identity: bool  # index.ravel() is the whole axis in order: no gather needed
-    inner: frozenset[str]  # other groups that reorder positions within one neuron's part
-    others: tuple[tuple[int, frozenset[str]], ...]  # other axes and the groups permuting them
-
-    def misaligned_dims(self, solved: frozenset[str]) -> list[int]:
-        """Dimensions of the gathered ``[n, m, other axes...]`` array not aligned yet."""
-        dims = [1] if self.inner - solved else []
-        for axis, groups in self.others:
-            if groups - solved:
-                dims.append(2 + (axis if axis < self.axis else axis - 1))
-        return dims
-
-
-def _neuron_positions(labels: np.ndarray, size: int) -> np.ndarray | None:
-    """``[size, m]`` positions where each neuron's label occurs, or None if counts differ."""
-    order = np.argsort(labels, kind="stable")
-    order = order[labels[order] >= 0]
-    counts = np.bincount(labels[order], minlength=size)
-    if counts.size != size or counts[0] == 0 or not np.all(counts == counts[0]):
-        return None
-    return order.reshape(size, int(counts[0]))
-
-
-def _group_slices(
-    analysis: ChannelAnalysis, permutable: set[str]
-) -> tuple[dict[str, list[_Slice]], dict[str, list[int]]]:
-    """Every slice of every permutable group, in plan order; and the plans each group touches."""
-    slices: dict[str, list[_Slice]] = {gid: [] for gid in permutable}
-    touched: dict[str, list[int]] = {gid: [] for gid in permutable}
-    for number, plan in enumerate(analysis.tensors):
-        labels = {axis: analysis.neuron_labels(expr) for axis, expr in plan.axes}
-        groups_on = {axis: frozenset(g for g in lab if g in permutable) for axis, lab in labels.items()}
-        for gid in sorted(frozenset().union(*groups_on.values())):
-            touched[gid].append(number)
-        for axis, lab in labels.items():
-            for gid in sorted(groups_on[axis]):
-                index = _neuron_positions(lab[gid], analysis.group(gid).size)
-                if index is None:
-                    continue
-                inner = frozenset(h for h in groups_on[axis] if h != gid and np.any(lab[h][index] >= 0))
-                others = tuple((b, groups_on[b]) for b in labels if b != axis and groups_on[b])
-                identity = bool(np.array_equal(index.ravel(), np.arange(lab[gid].size)))
-                slices[gid].append(_Slice(number, axis, index, identity, inner, others))
-    return slices, touched
-
-
-def _block(array: np.ndarray, piece: _Slice, sort_dims: Sequence[int]) -> np.ndarray:
-    """The slice as an ``[n, D]`` matrix (one gather), sorted along ``sort_dims``."""
-    n, m = piece.index.shape
-    taken = array if piece.identity else np.take(array, piece.index.ravel(), axis=piece.axis)
-    moved = np.moveaxis(taken, piece.axis, 0)
-    moved = moved.reshape((n, m) + moved.shape[1:])
-    for dim in sort_dims:
-        moved = np.sort(moved, axis=dim)
-    return moved.reshape(n, -1)
-
-
-# -- block weights and scores -----------------------------------------------------------------
-@dataclass
-class _Block:
-    """One slice of one solve: centred reference and suspect rows, and their products.
-
-    ``product()`` is ``ref @ sus.T``: exact, or, for a block too large to multiply out, from
-    count sketches (each column randomly signed and summed into one of ``_SKETCH_DIM``
-    buckets: unbiased, error about ``|a||b| / sqrt(_SKETCH_DIM)``) with exact values wherever
-    :meth:`_Blocks.rescore` computed them.
-    """
-
-    ref: np.ndarray
-    sus: np.ndarray
-    ref_sq: np.ndarray  # squared norm of each neuron's row
-    sus_sq: np.ndarray
-    sketch: tuple[np.ndarray, np.ndarray] | None = None
-    exact: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # (rows, cols, values)
-    cached: np.ndarray | None = None
-
-    @classmethod
-    def build(cls, ref: np.ndarray, sus: np.ndarray, rng: np.random.Generator) -> _Block:
-        if ref.shape[0] > 1:  # centring removes what all neurons share (BatchNorm variances near 1)
-            ref, sus = ref - ref.mean(axis=0, keepdims=True), sus - sus.mean(axis=0, keepdims=True)
-        n, width = ref.shape
-        sketch = None
-        if n * n * width > _EXACT_PRODUCT and width > 2 * _SKETCH_DIM:
-            sign = rng.choice(np.array([-1.0, 1.0], dtype=ref.dtype), width)
-            sketch = (_count_sketch(ref, sign), _count_sketch(sus, sign))
-        return cls(ref, sus, _row_energy(ref), _row_energy(sus), sketch)  # type: ignore[arg-type]
-
-    def product(self, keep: bool) -> np.ndarray:
-        """``ref @ sus.T`` (see the class docstring); kept for the next call when ``keep``."""
-        if self.cached is not None:
-            return self.cached
-        left, right = self.sketch if self.sketch is not None else (self.ref, self.sus)
-        gram = left @ right.T
-        for rows, cols, values in self.exact:
-            gram[rows, cols] = values
-        if keep:
-            self.cached = gram
-        return gram
-
-    def cross(self, step: np.ndarray) -> float:
-        """``sum_j <ref_j, sus_step[j]>`` (from the sketch when one is kept: summing ``n``
-        entries averages its error away)."""
-        if self.cached is not None:
-            return float(self.cached[np.arange(step.size), step].sum(dtype=np.float64))
-        return float(np.einsum("ij,ij->", self.ref, self.sus[step], dtype=np.float64))
-
-
-@dataclass
-class _Blocks:
-    """The blocks of one solve and the scores they give for a choice of block weights."""
-
-    blocks: list[_Block]
-    zero_ref: np.ndarray  # neurons whose raw signature is all zeros
-    zero_sus: np.ndarray
-    keep: bool  # whether every block's product fits in memory at once
-
-    @classmethod
-    def build(cls, pairs: list[tuple[np.ndarray, np.ndarray]], n: int, seed: int) -> _Blocks:
-        rng = np.random.default_rng(seed)
-        zero_ref, zero_sus = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
-        for r, s in pairs:
-            zero_ref &= ~np.any(r != 0, axis=1)
-            zero_sus &= ~np.any(s != 0, axis=1)
-        blocks = [_Block.build(r, s, rng) for r, s in pairs]
-        return cls(blocks, zero_ref, zero_sus, len(pairs) * n * n <= _KEPT_PRODUCTS)
-
-    @property
-    def sketched(self) -> bool:
-        return any(block.sketch is not None for block in self.blocks)
-
-    def unit_weights(self) -> list[tuple[float, float]]:
-        """Reference and suspect factors scaling every block to unit norm."""
-        return [(_inverse_root(b.ref_sq.sum()), _inverse_root(b.sus_sq.sum())) for b in self.blocks]
-
-    def residual_weights(self, step: np.ndarray) -> list[tuple[float, float]]:
-        """Factors ``(1/sigma, a/sigma)``: ``sigma^2`` the block's residual noise per element
-        under the match ``step``, ``a`` the least-squares scale of the matched suspect block."""
-        weights = []
-        for block in self.blocks:
-            e_ref, e_sus = float(block.ref_sq.sum()), float(block.sus_sq.sum())
-            if e_ref == 0 or e_sus == 0:
-                weights.append((0.0, 0.0))
-                continue
-            cross = block.cross(step)
-            scale = max(0.0, cross / e_sus)
-            noise = max(e_ref - 2 * scale * cross + scale * scale * e_sus, NOISE_FLOOR * e_ref) / block.ref.size
-            weights.append((1.0 / np.sqrt(noise), scale / np.sqrt(noise)))
-        return weights
-
-    def scores(self, weights: list[tuple[float, float]], similarity: str) -> _Scores:
-        """The scores of every (reference, suspect) pair for these block weights."""
-        n = self.zero_ref.size
-        gram = np.zeros((n, n), dtype=np.float32)
-        ref_sq, sus_sq = np.zeros(n), np.zeros(n)
-        for (u, v), block in zip(weights, self.blocks):
-            if u == 0 and v == 0:
-                continue
-            gram += np.float32(u * v) * block.product(self.keep)
-            ref_sq += (u * u) * block.ref_sq
-            sus_sq += (v * v) * block.sus_sq
-        return _Scores(gram, ref_sq, sus_sq, similarity, self.zero_ref, self.zero_sus)
-
-    def rescore(self, weights: list[tuple[float, float]], decision: np.ndarray, step: np.ndarray) -> bool:
-        """Exact products, in sketched blocks, for the neurons whose match the sketch error
-        could change: their best candidates and current match. False if there are none."""
-        n = step.size
-        # Per reference neuron, a bound (5 standard deviations) on the sketch's error in ``decision``.
-        variance = np.zeros(n)
-        for (u, v), block in zip(weights, self.blocks):
-            if block.sketch is not None:
-                variance += (u * v) ** 2 * block.ref_sq * float(block.sus_sq.max()) / _SKETCH_DIM
-        bound = 2.0 * 5.0 * np.sqrt(variance)
-        chosen = decision[np.arange(n), step]
-        others = decision.copy()
-        others[np.arange(n), step] = -np.inf
-        rows = np.flatnonzero(chosen - others.max(axis=1) <= 2.0 * bound)
-        if rows.size == 0:
-            return False
-        count = min(n, _CANDIDATES)
-        best = np.argpartition(-decision[rows], count - 1, axis=1)[:, :count]
-        cols = np.concatenate([best, step[rows, None]], axis=1)
-        grid = np.repeat(rows[:, None], cols.shape[1], axis=1)
-        for block in self.blocks:
-            if block.sketch is None:
-                continue
-            values = np.stack([np.einsum("ij,ij->i", block.ref[rows], block.sus[c]) for c in cols.T], axis=1)
-            block.exact.append((grid, cols, values))
-            if block.cached is not None:
-                block.cached[grid, cols] = values
-        return True
-
-
-def _count_sketch(rows: np.ndarray, sign: np.ndarray) -> np.ndarray:
-    """Column ``c`` of ``rows``, times ``sign[c]``, summed into bucket ``c % _SKETCH_DIM``.
-
-    Columns sharing a bucket lie ``_SKETCH_DIM`` apart (other input channels, not neighbouring
-    kernel taps), and the sums run over contiguous memory.
-    """
-    signed = rows * sign
-    n, width = signed.shape
-    whole = width // _SKETCH_DIM * _SKETCH_DIM
-    sketch = signed[:, :whole].reshape(n, -1, _SKETCH_DIM).sum(axis=1)
-    sketch[:, : width - whole] += signed[:, whole:]
-    return sketch
-
-
-@dataclass
-class _Scores:
-    """Weighted products of one solve: what assignment maximises and what is reported.
-
-    Zero signatures score 0 against everything (a constant row or column never sways the
-    Hungarian method).
-    """
-
-    gram: np.ndarray  # sum over blocks of weighted <ref_j, sus_i>
-    ref_sq: np.ndarray  # weighted squared norms
-    sus_sq: np.ndarray
-    kind: str  # "distance" or "cosine"
-    zero_ref: np.ndarray
-    zero_sus: np.ndarray
-
-    @property
-    def decision(self) -> np.ndarray:
-        if self.kind == "cosine":
-            return self._masked(self._cosine())
-        # The largest 2<a,b> - |b|^2 is the nearest suspect neuron (|a|^2 is the same in a row).
-        return self._masked(2.0 * self.gram - self.sus_sq[None, :].astype(np.float32))
-
-    def similarity(self) -> np.ndarray:
-        """Cosine, or ``1 - d^2 / (|a|^2 + mean |b|^2)``: 1 for an exact copy, ~0 for a stranger."""
-        if self.kind == "cosine":
-            return self._masked(self._cosine())
-        distance = np.maximum(self.ref_sq[:, None] + self.sus_sq[None, :] - 2.0 * self.gram, 0.0)
-        scale = self.ref_sq[:, None] + self.sus_sq.mean()
-        return self._masked(1.0 - distance / np.where(scale > 0, scale, 1.0))
-
-    def _cosine(self) -> np.ndarray:
-        norms = np.sqrt(np.outer(self.ref_sq, self.sus_sq))
-        return self.gram / np.where(norms > 0, norms, 1.0)
-
-    def _masked(self, matrix: np.ndarray) -> np.ndarray:
-        matrix[self.zero_ref, :] = 0.0
-        matrix[:, self.zero_sus] = 0.0
-        return matrix
-
-
-def _row_energy(block: np.ndarray) -> np.ndarray:
-    """Squared norm of every row, accumulated in float64."""
-    if block.shape[1] == 0:
-        return np.zeros(block.shape[0])
-    return np.einsum("ij,ij->i", block, block, dtype=np.float64)
-
-
-def _inverse_root(energy: float) -> float:
-    return 1.0 / np.sqrt(energy) if energy > 0 else 0.0
-
-
-# -- assignment -------------------------------------------------------------------------------
-def _hungarian(decision: np.ndarray, zero_ref: np.ndarray, zero_sus: np.ndarray) -> tuple[np.ndarray, int]:
-    """Best bijection: ``match[j]`` is the suspect neuron for reference neuron ``j``."""
-    best = decision.argmax(axis=1)
-    if np.unique(best).size == best.size:
-        return best.astype(np.int64), 0  # every row at its maximum: nothing can beat it
-    from scipy.optimize import linear_sum_assignment  # 0.6 s to import: only when a tie needs it
-
-    _, cols = linear_sum_assignment(decision, maximize=True)
-    return cols.astype(np.int64), 0
-
-
-def _argmax(decision: np.ndarray, zero_ref: np.ndarray, zero_sus: np.ndarray) -> tuple[np.ndarray, int]:
-    """The paper's rule: each reference neuron claims its best suspect neuron.
-
-    A suspect neuron claimed several times goes to its best claimant; the losers are then
-    matched greedily (best remaining score first) so the result is a permutation. Zero
-    signatures claim nothing and are claimed by nobody before the repair. Returns the match
-    and how many suspect neurons were claimed more than once.
-    """
-    n = decision.shape[0]
-    masked = decision.astype(np.float64, copy=True)
-    masked[:, zero_sus] = -np.inf
-    best = masked.argmax(axis=1)
-    claimants = np.flatnonzero(~zero_ref & np.isfinite(masked[np.arange(n), best]))
-    duplicates = int(np.sum(np.bincount(best[claimants], minlength=n) > 1))
-    match = np.full(n, -1, dtype=np.int64)
-    taken = np.zeros(n, dtype=bool)
-    for j in claimants[np.argsort(-masked[claimants, best[claimants]], kind="stable")]:
-        if not taken[best[j]]:
-            match[j], taken[best[j]] = best[j], True
-    losers, free = np.flatnonzero(match < 0), np.flatnonzero(~taken)
-    if losers.size:
-        sub = masked[np.ix_(losers, free)]
-        finite = np.isfinite(sub)
-        sub[~finite] = sub[finite].min() - 1.0 if finite.any() else 0.0  # zero signatures go last
-        used_rows, used_cols = np.zeros(losers.size, dtype=bool), np.zeros(free.size, dtype=bool)
-        for flat in np.argsort(-sub, axis=None, kind="stable"):
-            r, c = divmod(int(flat), free.size)
-            if not used_rows[r] and not used_cols[c]:
-                match[losers[r]] = free[c]
-                used_rows[r] = used_cols[c] = True
-    return match, duplicates
-
-
-_ASSIGN = {"hungarian": _hungarian, "argmax": _argmax}
-
-
-def _margins(similarity: np.ndarray) -> np.ndarray:
-    """Best minus second-best similarity per reference neuron (1 for a single neuron)."""
-    n = similarity.shape[1]
-    if n < 2:
-        return np.ones(similarity.shape[0])
-    top = np.partition(similarity, n - 2, axis=1)[:, -2:]
-    return (top.max(axis=1) - top.min(axis=1)).astype(np.float64)
-
-
-# -- the solver -------------------------------------------------------------------------------
-@dataclass
-class _Solve:
-    """Statistics of one group's latest solve."""
-
-    margins: np.ndarray
-    zero_neurons: int
-    duplicate_claims: int
-    mean_similarity: float
-
-
-@dataclass
-class _Resync:
-    """Working state: reference arrays, the suspect's progressively aligned copies, matches."""
-
-    analysis: ChannelAnalysis
-    order: list[ChannelGroup]
-    slices: dict[str, list[_Slice]]
-    touched: dict[str, list[int]]  # per group: the plans it permutes
-    reference: list[np.ndarray]  # per plan
-    work: list[np.ndarray]  # per plan: the suspect's array with current alignments applied
-    options: _Options
-    match: dict[str, np.ndarray] = field(default_factory=dict)  # aligned[j] = suspect[match[j]]
-    stats: dict[str, _Solve] = field(default_factory=dict)
-
-    def blocks(self, gid: str, solved: frozenset[str]) -> _Blocks:
-        """The blocks of the slices usable once the groups in ``solved`` are aligned.
-
-        Slices with misaligned axes are left out (or sorted along those axes, per the options);
-        a group with no aligned slice at all (attention heads, whose slices all wait for the
-        head dimension's group, and vice versa) gets the sorted forms of all of them.
-        """
-        pieces = [(piece, piece.misaligned_dims(solved)) for piece in self.slices[gid]]
-        if self.options.misaligned == "skip" and any(not dims for _, dims in pieces):
-            pieces = [(piece, dims) for piece, dims in pieces if not dims]
-        pairs = [
-            (_block(self.reference[piece.plan], piece, dims), _block(self.work[piece.plan], piece, dims))
-            for piece, dims in pieces
-        ]
-        return _Blocks.build(pairs, self.analysis.group(gid).size, seed=zlib.crc32(gid.encode()))
-
-    def exact_match(
-        self, gid: str, solved: frozenset[str], step: np.ndarray | None = None, margins: np.ndarray | None = None
-    ) -> np.ndarray | None:
-        """The matching by bit-equal signatures, when every neuron has exactly one twin.
-
-        A permuted but otherwise untouched copy is matched exactly even where neurons are
-        nearly alike (trained models hold near-duplicates that similarity cannot separate).
-        """
-        n = self.analysis.group(gid).size
-        pieces = [piece for piece in self.slices[gid] if not piece.misaligned_dims(solved)]
-        if not pieces:
-            return None
-        ref = np.concatenate([_block(self.reference[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
-        sus = np.concatenate([_block(self.work[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
-        ref_keys = [row.tobytes() for row in np.ascontiguousarray(ref)]
-        lookup = {row.tobytes(): index for index, row in enumerate(np.ascontiguousarray(sus))}
-        if len(set(ref_keys)) < n or len(lookup) < n:
-            return None
-        step = [lookup.get(key) for key in ref_keys]
-        if any(index is None for index in step):
-            return None
-        return np.asarray(step, dtype=np.int64)
-
-    def solve(self, gid: str, solved: frozenset[str], aligned: bool) -> bool:
-        """Match one group and apply the correction to the working copies; True if it changed.
-
-        ``aligned``: the working copies already hold a match for this group (refinement), so
-        block weights are estimated from it rather than bootstrapped with unit norms.
-        """
-        blocks = self.blocks(gid, solved)
-        n = blocks.zero_ref.size
-        identity = np.arange(n)
-        residual = self.options.weighting == "residual"
-        previous = identity if aligned and residual else None
-        weights = blocks.unit_weights() if previous is None else blocks.residual_weights(previous)
-        rounds = 1 + (REWEIGHT_ROUNDS if residual else 0)
-        assign = _ASSIGN[self.options.method]
-        for number in range(rounds):
-            scores = blocks.scores(weights, self.options.similarity)
-            step, duplicates = assign(scores.decision, blocks.zero_ref, blocks.zero_sus)
-            if (previous is not None and np.array_equal(step, previous)) or number == rounds - 1:
-                break
-            previous = step
-            weights = blocks.residual_weights(step)
-        if blocks.sketched and blocks.rescore(weights, scores.decision, step):
-            scores = blocks.scores(weights, self.options.similarity)
-            step, duplicates = assign(scores.decision, blocks.zero_ref, blocks.zero_sus)
-        similarity = scores.similarity()
-        margins = _margins(similarity)
-        if margins.size and margins.min() < AMBIGUITY_MARGIN:  # only ties need the (costly) exact test
-            exact = self.exact_match(gid, solved, step, margins)
-            if exact is not None:
-                step, duplicates = exact, 0  # bit-equal signatures: no similarity can do better
-        chosen = similarity[identity, step]
-        self.stats[gid] = _Solve(margins, int(blocks.zero_sus.sum()), duplicates, float(chosen.mean()))
-        if np.array_equal(step, identity):
-            return False
-        self.match[gid] = self.match[gid][step]
-        for plan_index in self.touched[gid]:
-            self._apply(plan_index, gid, step)
-        return True
-
-    def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
-        self.work[plan_index] = self._moved(self.work[plan_index], plan_index, gid, step)
-
-    def _moved(self, array: np.ndarray, plan_index: int, gid: str, step: np.ndarray) -> np.ndarray:
-        """``array`` (laid out like plan ``plan_index``) with group ``gid`` re-ordered by ``step``."""
-        for axis, expr in self.analysis.tensors[plan_index].axes:
-            idx = self.analysis.index_array(expr, {gid: step})
-            if not np.array_equal(idx, np.arange(idx.size)):
-                array = np.take(array, idx, axis=axis)
-        return array
-
-    def run(self, progress: Callable[[str], None] | None) -> int:
-        """First pass in group order, then refinement rounds; returns the rounds run."""
-        ids = [g.id for g in self.order]
-        self.match = {g.id: np.arange(g.size, dtype=np.int64) for g in self.order}
-        solved: set[str] = set()
-        for number, gid in enumerate(ids):
-            _say(progress, f"resync: matching group {gid} ({number + 1}/{len(ids)})")
-            self.solve(gid, frozenset(solved), aligned=False)
-            solved.add(gid)
-        rounds = 0
-        everything = frozenset(ids)
-        while self.options.refine and ids and rounds < MAX_REFINE_ROUNDS:
-            rounds += 1
-            _say(progress, f"resync: refinement round {rounds}")
-            changed = [self.solve(gid, everything, aligned=True) for gid in ids]
-            if not any(changed):
-                break
-        return rounds
-
-
-def _say(progress: Callable[[str], None] | None, message: str) -> None:
-    if progress is not None:
-        progress(message)
-
-
 # -- reading both models ----------------------------------------------------------------------
 class _Values:
     """Float views of a model's constants, read once each."""
@@ -686,7 +94,7 @@ def _shape_text(dims: Iterable[int]) -> str:
     return "[" + ",".join(str(int(d)) for d in dims) + "]"
 
 
-class _NotATwin(OnnxladyError):
+class NotATwin(OnnxladyError):
     """The suspect is no node-for-node copy of the reference (the message says where)."""
 
 
@@ -720,10 +128,10 @@ class _SuspectMap:
         label = node_label(node, index)
         produced = self.suspect.producer.get(node.output[0]) if node.output else None
         if produced is None:
-            raise _NotATwin(f"suspect differs from reference: node '{label}' missing")
+            raise NotATwin(f"suspect differs from reference: node '{label}' missing")
         twin = self.suspect.nodes[produced[0]]
         if (twin.domain or "", twin.op_type) != (node.domain or "", node.op_type):
-            raise _NotATwin(
+            raise NotATwin(
                 f"suspect differs from reference: node '{label}' is {node.op_type} in the reference "
                 f"but {twin.op_type} in the suspect"
             )
@@ -737,23 +145,23 @@ class _SuspectMap:
         name = twin.input[slot] if slot < len(twin.input) else ""
         leaf = self.suspect.constant_leaf(name) if name else None
         if leaf is None:
-            raise _NotATwin(f"suspect differs from reference: node '{label}' input {slot} is not a constant")
+            raise NotATwin(f"suspect differs from reference: node '{label}' input {slot} is not a constant")
         ref_leaf = self.reference.constant_leaf(node.input[slot])
         assert ref_leaf is not None
         ref_dims = list(self.reference.leaf_tensor(ref_leaf).dims)
         sus_dims = list(self.suspect.leaf_tensor(leaf).dims)
         if ref_dims != sus_dims:
             where = "" if leaf.name == ref_leaf.name else f" (suspect tensor '{leaf.name}')"
-            raise _NotATwin(
+            raise NotATwin(
                 f"suspect differs from reference: tensor '{ref_leaf.name}'{where} has shape "
                 f"{_shape_text(sus_dims)} in the suspect vs {_shape_text(ref_dims)} in the reference"
             )
         if self.reference.leaf_tensor(ref_leaf).data_type != self.suspect.leaf_tensor(leaf).data_type:
-            raise _NotATwin(f"suspect differs from reference: tensor '{ref_leaf.name}' is stored in another type")
+            raise NotATwin(f"suspect differs from reference: tensor '{ref_leaf.name}' is stored in another type")
         ref_chain = [self.reference.nodes[i].op_type for i in ref_leaf.chain]
         sus_chain = [self.suspect.nodes[i].op_type for i in leaf.chain]
         if ref_chain != sus_chain:
-            raise _NotATwin(f"suspect differs from reference: tensor '{ref_leaf.name}' is read through other operators")
+            raise NotATwin(f"suspect differs from reference: tensor '{ref_leaf.name}' is read through other operators")
         return leaf.name
 
     def plan_leaves(self, plan: TensorPermutation) -> list[str]:
@@ -766,100 +174,13 @@ class _SuspectMap:
             if leaf not in leaves:
                 leaves.append(leaf)
         if not leaves:
-            raise _NotATwin(f"suspect differs from reference: no use of tensor '{plan.source}' to match")
+            raise NotATwin(f"suspect differs from reference: no use of tensor '{plan.source}' to match")
         return leaves
-
-
-# -- ground truth -----------------------------------------------------------------------------
-def _true_perms(analysis: ChannelAnalysis, true_key: PermutationKey | None) -> dict[str, np.ndarray]:
-    """The true permutations by group id (suspect neuron i = reference neuron perm[i])."""
-    if true_key is None:
-        return {}
-    perms: dict[str, np.ndarray] = {}
-    known = {g.id for g in analysis.groups}
-    for gid, perm in true_key.permutations().items():
-        if gid not in known:
-            raise OnnxladyError(f"the true key names group '{gid}', which the reference does not have")
-        group = analysis.group(gid)
-        if group.frozen:
-            raise OnnxladyError(f"the true key permutes group {gid}, which is frozen in the reference")
-        if perm.size != group.size:
-            raise OnnxladyError(f"the true key's group {gid} has {perm.size} neurons, the reference's {group.size}")
-        if group.permutable:
-            perms[gid] = perm
-    return perms
-
-
-#: A neuron whose every slice is below this fraction of the group's largest is dead: trained
-#: models hold neurons whose weights decayed to ~1e-20 (denormals), interchangeable in effect.
-DEAD_NEURON_SCALE = 1e-6
-
-
-def _duplicated(state: _Resync, gid: str) -> np.ndarray:
-    """Reference neurons that are interchangeable: their full signature (every slice, raw)
-    equals another neuron's, or they are dead (every slice negligible, see DEAD_NEURON_SCALE)
-    while another neuron of the group is dead too."""
-    blocks = [_block(state.reference[p.plan], p, ()) for p in state.slices[gid]]
-    n = state.analysis.group(gid).size
-    if not blocks:
-        return np.ones(n, dtype=bool)
-    blocks64 = [b.astype(np.float64).reshape(n, -1) for b in blocks]
-    rows = np.ascontiguousarray(np.concatenate(blocks64, axis=1))
-    _, inverse, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
-    duplicated = counts[inverse.reshape(-1)] > 1
-    dead = np.ones(n, dtype=bool)
-    for block in blocks64:
-        magnitude = np.abs(block).max(axis=1) if block.shape[1] else np.zeros(n)
-        dead &= magnitude <= DEAD_NEURON_SCALE * max(float(magnitude.max()), 1e-300)
-    if dead.sum() > 1:
-        duplicated |= dead
-    return duplicated
-
-
-def _percent(hits: int, total: int) -> float | None:
-    return 100.0 * hits / total if total else None
-
-
-@dataclass
-class _Tally:
-    """Psi counts over all groups."""
-
-    hits: int = 0
-    total: int = 0
-    hits_distinguishable: int = 0
-    total_distinguishable: int = 0
-
-    def add(self, state: _Resync, gid: str, true: np.ndarray) -> tuple[float | None, float | None]:
-        """Count one group; returns its Psi and distinguishable Psi."""
-        correct = np.argsort(state.match[gid]) == true
-        distinguishable = ~_duplicated(state, gid)[true]
-        hits, hits_d, total_d = int(correct.sum()), int(correct[distinguishable].sum()), int(distinguishable.sum())
-        self.hits, self.total = self.hits + hits, self.total + correct.size
-        self.hits_distinguishable += hits_d
-        self.total_distinguishable += total_d
-        return _percent(hits, correct.size), _percent(hits_d, total_d)
-
-
-def _group_report(state: _Resync, group: ChannelGroup, tally: _Tally, true: np.ndarray | None) -> GroupResync:
-    stats = state.stats[group.id]
-    psi, psi_d = tally.add(state, group.id, true) if true is not None else (None, None)
-    return GroupResync(
-        id=group.id,
-        size=group.size,
-        mean_margin=float(stats.margins.mean()),
-        min_margin=float(stats.margins.min()),
-        ambiguous=int(np.sum(stats.margins < AMBIGUITY_MARGIN)),
-        zero_neurons=stats.zero_neurons,
-        duplicate_claims=stats.duplicate_claims,
-        psi=psi,
-        psi_distinguishable=psi_d,
-        mean_similarity=stats.mean_similarity,
-    )
 
 
 # -- output -----------------------------------------------------------------------------------
 def _write_output(
-    state: _Resync, suspect: onnx.ModelProto, leaves: list[list[str]]
+    state: ResyncState, suspect: onnx.ModelProto, leaves: list[list[str]]
 ) -> tuple[onnx.ModelProto, PermutationKey]:
     """The suspect with its elements moved into the reference's order, and the key that does it."""
     analysis = state.analysis
@@ -893,7 +214,7 @@ def _write_output(
         source_sha256="",
         source_fingerprint=fingerprint,  # unpermuting gives the suspect's graph, re-ordered
         permuted_fingerprint=fingerprint,
-        groups=[_key_group(group, state.match[group.id]) for group in state.order],
+        groups=[key_group(group, state.match[group.id]) for group in state.order],
         tensors=entries,
         untied=[],  # the output keeps the suspect's structure, copies included
         source_weights_sha256=digest.hexdigest(),
@@ -909,7 +230,7 @@ def _write_output(
 
 
 def _fresh_initializers(
-    state: _Resync, suspect: onnx.ModelProto, by_leaf: dict[str, list[int]], leaves: list[list[str]]
+    state: ResyncState, suspect: onnx.ModelProto, by_leaf: dict[str, list[int]], leaves: list[list[str]]
 ) -> dict[str, bytes]:
     """New bytes of the float32 raw initializers, straight from the aligned working arrays.
 
@@ -970,18 +291,8 @@ def _copy_fields(source: Any, target: Any, skip: str) -> None:
                 setattr(target, name, getattr(source, name))
 
 
-def _key_group(group: ChannelGroup, match: np.ndarray) -> dict[str, Any]:
-    """A key entry: the suspect was the output permuted by ``argsort(match)``."""
-    members = [
-        {"tensor": m.tensor, "axis": m.axis, "role": m.role, "index_map": m.index_map}
-        for m in group.members
-        if m.is_weight
-    ]
-    return {"id": group.id, "size": group.size, "members": members, "perm": [int(i) for i in np.argsort(match)]}
-
-
 def _check_shared(
-    tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], others: list[TensorPermutation], state: _Resync
+    tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], others: list[TensorPermutation], state: ResyncState
 ) -> None:
     """A suspect tensor shared by uses that need different orders must come out the same."""
     if not others:
@@ -1002,58 +313,42 @@ def _moved_copy(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) ->
     return _permute_tensor(clone, axes)[1]
 
 
+
 # -- entry point ------------------------------------------------------------------------------
-def resync_model(
-    reference: onnx.ModelProto,
-    suspect: onnx.ModelProto,
-    *,
-    method: str = "hungarian",
-    refine: bool = False,
-    true_key: PermutationKey | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> ResyncResult:
-    """Re-order the suspect's neurons into the reference's order.
+def twin_leaves(analysis: ChannelAnalysis, suspect: onnx.ModelProto) -> list[list[str]]:
+    """The suspect's tensors behind each of the reference's planned tensors.
 
-    ``method``: ``"hungarian"`` (best bijection) or ``"argmax"`` (the paper's rule, conflicts
-    repaired greedily). ``refine``: after the first pass, re-solve every group with all its
-    slices aligned until no group changes (at most :data:`MAX_REFINE_ROUNDS` rounds).
-    ``true_key``: the key that made the suspect from the reference, to measure Psi. Neither
-    model is modified. Raises :class:`OnnxladyError` when the architectures differ, when a
-    compared weight holds NaN or Inf, or when the true key does not fit the reference.
+    Raises:
+        NotATwin: the suspect is no node-for-node copy of the analysed reference.
     """
-    if method not in METHODS:
-        raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
-    return _resync(reference, suspect, _Options(method=method, refine=refine), true_key, progress)
+    site_map = _SuspectMap(analysis.graph, suspect)
+    leaves = [site_map.plan_leaves(plan) for plan in analysis.tensors]
+    if site_map.suspect.opsets != analysis.graph.opsets:
+        raise NotATwin("suspect differs from reference: other opsets")
+    return leaves
 
 
-def _resync(
+def resync_twin(
     reference: onnx.ModelProto,
     suspect: onnx.ModelProto,
-    options: _Options,
+    analysis: ChannelAnalysis,
+    leaves: list[list[str]],
+    options: ResyncOptions,
     true_key: PermutationKey | None,
     progress: Callable[[str], None] | None,
 ) -> ResyncResult:
-    _say(progress, "resync: analysing the reference")
-    # analyze() does not modify its model and nothing here does either, so the reference is
-    # analysed as it is: a deep copy would cost as much as loading it again.
-    analysis = analyze(reference)
-    _say(progress, "resync: matching the suspect's tensors to the reference's")
-    try:
-        site_map = _SuspectMap(analysis.graph, suspect)
-        leaves = [site_map.plan_leaves(plan) for plan in analysis.tensors]
-        if site_map.suspect.opsets != analysis.graph.opsets:
-            raise _NotATwin("suspect differs from reference: other opsets")
-    except _NotATwin:
-        from onnxlady._resync._across import resync_across  # converted suspects: structural matching
+    """Resync a twin suspect whose tensors :func:`twin_leaves` found.
 
-        return resync_across(reference, suspect, options, true_key, progress)[0]
-    true_perms = _true_perms(analysis, true_key)
+    Raises:
+        OnnxladyError: a compared weight holds NaN or Inf, or the true key does not fit.
+    """
+    true_perms = true_permutations(analysis, true_key)
     ref_values, sus_values = _Values(reference, "reference"), _Values(suspect, "suspect")
     ref_values.check_finite(plan.source for plan in analysis.tensors)
     sus_values.check_finite(name for names in leaves for name in names)
     order = analysis.permutable_groups
-    slices, touched = _group_slices(analysis, {g.id for g in order})
-    state = _Resync(
+    slices, touched = group_slices(analysis, {g.id for g in order})
+    state = ResyncState(
         analysis=analysis,
         order=order,
         slices=slices,
@@ -1063,9 +358,9 @@ def _resync(
         options=options,
     )
     rounds = state.run(progress)
-    tally = _Tally()
-    groups = [_group_report(state, group, tally, true_perms.get(group.id)) for group in order]
-    _say(progress, "resync: writing the re-ordered suspect")
+    tally = PsiTally()
+    groups = [group_report(state, group, tally, true_perms.get(group.id)) for group in order]
+    say(progress, "resync: writing the re-ordered suspect")
     model, key = _write_output(state, suspect, leaves)
     return ResyncResult(
         model=model,
@@ -1073,6 +368,6 @@ def _resync(
         groups=groups,
         method=options.method,
         refined_rounds=rounds,
-        psi=_percent(tally.hits, tally.total) if true_perms else None,
-        psi_distinguishable=_percent(tally.hits_distinguishable, tally.total_distinguishable) if true_perms else None,
+        psi=percent(tally.hits, tally.total) if true_perms else None,
+        psi_distinguishable=percent(tally.hits_distinguishable, tally.total_distinguishable) if true_perms else None,
     )

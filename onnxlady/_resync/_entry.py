@@ -1,0 +1,62 @@
+"""The resync entry point: twin suspects are solved directly, converted ones through matching."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx
+
+from onnxlady._analysis._channels import analyze
+from onnxlady._errors import OnnxladyError
+from onnxlady._resync._across import resync_across
+from onnxlady._resync._solver import METHODS, ResyncOptions, ResyncResult, say
+from onnxlady._resync._twin import NotATwin, resync_twin, twin_leaves
+from onnxlady._transforms._key import PermutationKey
+
+__all__ = ["resync_model"]
+
+
+def resync_model(
+    reference: onnx.ModelProto,
+    suspect: onnx.ModelProto,
+    *,
+    method: str = "hungarian",
+    refine: bool = False,
+    true_key: PermutationKey | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ResyncResult:
+    """Re-order the suspect's neurons into the reference's order.
+
+    A suspect that is a node-for-node copy of the reference (a *twin*) is solved on its
+    tensors as stored; any other is paired with the reference by :mod:`onnxlady._resync._match`
+    and solved in a common form (see :mod:`onnxlady._resync._across`). Neither model is modified.
+
+    Args:
+        reference: the model whose neuron order is wanted.
+        suspect: a permuted (and possibly perturbed or converted) copy of it.
+        method: ``"hungarian"`` (best bijection) or ``"argmax"`` (the paper's rule, conflicts
+            repaired greedily).
+        refine: after the first pass, re-solve every group with all its slices aligned until
+            no group changes.
+        true_key: the key that made the suspect from the reference, to measure Psi.
+        progress: called with one line per step.
+
+    Returns:
+        The re-ordered suspect, the key that re-orders it and per-group statistics.
+
+    Raises:
+        OnnxladyError: the architectures differ, a compared weight holds NaN or Inf, or the
+            true key does not fit the reference.
+    """
+    if method not in METHODS:
+        raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
+    options = ResyncOptions(method=method, refine=refine)
+    say(progress, "resync: analysing the reference")
+    # analyze() does not modify its model, so the reference is analysed as it is.
+    analysis = analyze(reference)
+    say(progress, "resync: matching the suspect's tensors to the reference's")
+    try:
+        leaves = twin_leaves(analysis, suspect)
+    except NotATwin:
+        return resync_across(reference, suspect, options, true_key, progress)[0]
+    return resync_twin(reference, suspect, analysis, leaves, options, true_key, progress)
