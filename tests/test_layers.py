@@ -1,7 +1,7 @@
 """The package's layers import one way: each module imports only its own layer and those below.
 
 I/O -> graph -> rules -> analysis -> transforms and verify -> matching and resync -> audit ->
-testing -> public API -> CLI. Lazy imports inside functions count too: a cycle hidden in a
+provenance (fingerprints, index, find) -> testing -> public API -> CLI. Lazy imports inside functions count too: a cycle hidden in a
 function body is still a cycle.
 """
 
@@ -19,18 +19,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "onnxlady"
 LAYERS: dict[str, int] = {
     "_errors": 0,
     "_io": 0,
-    "_graph": 1,
-    "_rules": 2,
-    "_analysis": 3,
-    "_transforms": 4,
-    "_verify": 4,
-    "_resync": 5,
-    "_audit": 6,
-    "testing": 7,
-    "_api": 8,
-    "__init__": 9,
-    "cli": 10,
-    "__main__": 11,
+    "_graph": 10,
+    "_rules": 20,
+    "_analysis": 30,
+    "_transforms": 40,
+    "_verify": 40,
+    "_resync": 50,
+    "_audit": 60,
+    "_provenance": 65,
+    "testing": 70,
+    "_api": 80,
+    "__init__": 90,
+    "cli": 100,
+    "__main__": 110,
 }
 
 
