@@ -19,16 +19,16 @@ from onnx import numpy_helper
 from fixtures import FIXTURES
 from fixtures.conversions import CONVERSIONS
 from onnxlady import analyze, unpermute_model
-from onnxlady._resync._across import _half_ulp, read_constant, unit_bias, unit_weight
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._resync._across import _half_ulp, read_constant, unit_bias, unit_weight
+from onnxlady._resync._entry import resync_model
 from onnxlady._resync._match import find_units, match_models
 from onnxlady._transforms._perturb import perturb_model
-from onnxlady._resync._entry import resync_model
 from onnxlady._verify._compare import verify_models
 from onnxlady.cli import main
-from onnxlady.testing._helpers import constant_bytes, copy_model, permute_copy, permute_producer_only
+from onnxlady.testing import constant_bytes, copy_model, permute_copy, permute_producer_only
 
 #: What each conversion must be recognised as (on a fixture where it changes something).
 EXPECTED_FINDING = {
@@ -360,7 +360,7 @@ def test_a_group_held_only_by_integer_constants_is_matched_too() -> None:
 def _symbolic_attention() -> onnx.ModelProto:
     """An attention block whose batch and sequence sizes are symbolic (as exporters leave them)."""
     from fixtures.transformer import attention
-    from onnxlady.testing._builder import GraphBuilder
+    from onnxlady.testing import GraphBuilder
 
     b = GraphBuilder("attention", 0)
     x = b.input("x", [1, 6, 32])

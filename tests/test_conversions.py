@@ -36,7 +36,7 @@ from fixtures.conversions import (
     upgrade_opset,
 )
 from onnxlady._verify._compare import generate_inputs
-from onnxlady.testing._helpers import copy_model, permute_copy
+from onnxlady.testing import copy_model, permute_copy
 
 NAMES = ("vgg", "resnet", "mobilenet", "unfolded_bn", "concat", "matmul_mlp", "encoder_prenorm")
 #: Largest output error allowed, as a fraction of the largest reference output.

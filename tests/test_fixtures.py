@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 from fixtures import FIXTURES, RUNNABLE, build_large_model
 from fixtures.models import CUSTOM_DOMAIN
-from onnxlady.testing._builder import IR_VERSION, OPSET, GraphBuilder
 from onnxlady._api._demo_model import build_demo_model
+from onnxlady.testing import IR_VERSION, OPSET, GraphBuilder
 
 Builder = Callable[[int], onnx.ModelProto]
 

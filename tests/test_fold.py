@@ -13,7 +13,7 @@ import onnxlady._analysis._channels as analysis_module
 from onnxlady import analyze, draw_permutations, permute_model, verify_models
 from onnxlady._graph._fold import fold_node
 from onnxlady._graph._model_graph import ModelGraph
-from onnxlady.testing._helpers import copy_model
+from onnxlady.testing import copy_model
 
 RNG = np.random.default_rng(0)
 

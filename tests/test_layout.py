@@ -32,10 +32,14 @@ from onnxlady import (
     unpermute_model,
     verify_models,
 )
-from onnxlady.testing._builder import GraphBuilder
 from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
 from onnxlady._verify._compare import generate_inputs
-from onnxlady.testing._helpers import constant_bytes, copy_model, permute_producer_only
+from onnxlady.testing import (
+    GraphBuilder,
+    constant_bytes,
+    copy_model,
+    permute_producer_only,
+)
 
 LAYOUT_FIXTURES = sorted(layout_fixtures.FIXTURES)
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fixtures import FIXTURES, RUNNABLE
 from onnxlady import analyze, graph_fingerprint, unpermute_model, verify_models
-from onnxlady.testing._helpers import constant_bytes, copy_model, permute_copy, permute_producer_only
+from onnxlady.testing import constant_bytes, copy_model, permute_copy, permute_producer_only
 
 FIXTURE_NAMES = sorted(FIXTURES)
 _SOURCES = {name: FIXTURES[name](0) for name in FIXTURE_NAMES}

@@ -25,10 +25,9 @@ from onnxlady import (
     unpermute_model,
     verify_models,
 )
-from onnxlady.testing._builder import GraphBuilder
 from onnxlady._graph._expr import labels
 from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
-from onnxlady.testing._helpers import PRODUCER_ROLES, constant_bytes, copy_model, permute_copy
+from onnxlady.testing import PRODUCER_ROLES, GraphBuilder, constant_bytes, copy_model, permute_copy
 
 NAMES = sorted(quantized.FIXTURES)
 _SOURCES = {name: quantized.FIXTURES[name](0) for name in NAMES}

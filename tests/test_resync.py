@@ -25,10 +25,10 @@ from onnxlady import (
     verify_models,
 )
 from onnxlady._analysis._channels import COPY_SUFFIX
-from onnxlady.testing._builder import GraphBuilder
-from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
 from onnxlady._resync._entry import resync_model
 from onnxlady._resync._solver import AMBIGUITY_MARGIN, ResyncResult
+from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
+from onnxlady.testing import GraphBuilder
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 

@@ -32,9 +32,7 @@ from onnxlady import (
     unpermute_model,
     verify_models,
 )
-from onnxlady.testing._builder import GraphBuilder
 from onnxlady._graph._expr import STRUCTURE, DirectSum, Fixed, GroupSolver, Product
-from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
 from onnxlady._rules import (
     DuplicateRuleError,
     OpRule,
@@ -43,6 +41,8 @@ from onnxlady._rules import (
     registered_operators,
     rule_for,
 )
+from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
+from onnxlady.testing import GraphBuilder
 
 NEW_FIXTURES = ("grouped_conv", "bias_reshape", "split_concat", "reshape_digits", "flatten_gemm_nchw")
 PRODUCER_ROLES = {"conv weight", "conv-transpose weight", "gemm weight", "matmul weight"}
@@ -590,7 +590,7 @@ def test_bias_in_a_value_floats_constant() -> None:
 def test_constant_varying_along_a_broadcast_axis_starts_a_group() -> None:
     """LayerNorm over channels, exported as x - mean times (inverse std * gamma): gamma meets a
     tensor of size 1 on the channel axis and must follow the channels it is multiplied into."""
-    from onnxlady.testing._helpers import copy_model, permute_producer_only
+    from onnxlady.testing import copy_model, permute_producer_only
 
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "w1")
@@ -629,7 +629,7 @@ def test_constant_varying_along_a_broadcast_axis_starts_a_group() -> None:
 
 def test_matmul_with_the_weight_on_the_left() -> None:
     """Y = W1 @ X then Y2 = W2 @ relu(Y): W1's rows and W2's columns take one permutation."""
-    from onnxlady.testing._helpers import copy_model, permute_producer_only
+    from onnxlady.testing import copy_model, permute_producer_only
 
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array((rng.standard_normal((12, 6)) / np.sqrt(6)).astype(np.float32), "w1")

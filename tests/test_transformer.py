@@ -42,10 +42,9 @@ from onnxlady import (
     unpermute_model,
     verify_models,
 )
-from onnxlady.testing._builder import GraphBuilder
 from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
 from onnxlady._verify._compare import generate_inputs
-from onnxlady.testing._helpers import constant_bytes, copy_model
+from onnxlady.testing import GraphBuilder, constant_bytes, copy_model
 
 TRANSFORMERS = ("encoder_postnorm", "encoder_prenorm", "tied_lm_head")
 BLOCKS = {"encoder_postnorm": ("block0",), "encoder_prenorm": ("block0", "block1"), "tied_lm_head": ("block0",)}
