@@ -18,6 +18,8 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._tensors import require_loaded
+from onnxlady._io._tensors import tensor_holders as _tensor_holders  # the name callers of this module still import
 from onnxlady._transforms._key import PermutationKey, evaluate_tree, expr_to_tree, graph_fingerprint, tree_size
 
 #: Typed storage fields of TensorProto, by data type, for tensors not stored as raw bytes.
@@ -227,7 +229,6 @@ def _deferrable(tensor: onnx.TensorProto) -> bool:
         tensor.HasField("raw_data")
         and tensor.data_type not in _PACKED_TYPES
         and tensor.data_type != onnx.TensorProto.STRING
-        and _element_count(tensor) * 1 >= 1
         and _raw_size(tensor) >= _DEFER_BYTES
     )
 
@@ -306,17 +307,6 @@ def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
 
 
 # -- tensors ------------------------------------------------------------------------------
-def _tensor_holders(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Every constant tensor of the main graph by name: initializers and Constant node values."""
-    holders = {tensor.name: tensor for tensor in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    holders.setdefault(node.output[0], attribute.t)
-    return holders
-
-
 def _permute_tensor(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> tuple[bytes, bytes]:
     """Move whole elements of ``tensor`` (``new = take(old, idx, axis)`` per axis), in its own storage.
 
@@ -324,8 +314,7 @@ def _permute_tensor(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]
     """
     if tensor.data_type in _PACKED_TYPES:
         raise OnnxladyError(f"tensor '{tensor.name}' packs two values per byte and cannot be permuted")
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        raise OnnxladyError(f"tensor '{tensor.name}' still points to external data that was not loaded")
+    require_loaded(tensor, f"tensor '{tensor.name}'")
     dims = tuple(int(d) for d in tensor.dims)
     if tensor.HasField("raw_data"):
         raw = tensor.raw_data

@@ -1,0 +1,194 @@
+"""A model's constant tensors: where each one is stored, and its values as numpy arrays.
+
+Every part of onnxlady that reads or rewrites constants finds them here, so they all agree on
+what a constant is and refuse the same things:
+
+- :func:`tensor_holders` maps each constant of the main graph (initializers and the ``value``
+  tensors of ``Constant`` nodes) to the ``TensorProto`` that stores it; permuting, resync,
+  the audit and watermarking change those protos in place;
+- :func:`require_loaded` refuses a tensor whose bytes still live in an external file that was
+  never loaded (onnx would otherwise read it relative to the working directory, or write the
+  stale reference back); :func:`is_external` is the test alone;
+- :func:`read_array` gives the stored values as onnx reads them, a read-only view of the raw
+  bytes where onnx allows it (no copy); :func:`read_float` gives them as float32 where float32
+  holds every value exactly and as float64 otherwise (see :data:`EXACT_IN_FLOAT32`), which is
+  how resync compares weights; :class:`FloatConstants` caches those float views per model;
+- :func:`all_finite` tells whether an array holds no NaN or infinity, cheaply in the common
+  all-finite case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxlady._errors import OnnxladyError
+
+__all__ = [
+    "EXACT_IN_FLOAT32",
+    "FloatConstants",
+    "all_finite",
+    "float_dtype",
+    "is_external",
+    "read_array",
+    "read_float",
+    "require_loaded",
+    "tensor_holders",
+]
+
+#: Stored types whose every value a float32 holds exactly; anything else is read as float64.
+EXACT_IN_FLOAT32: frozenset[int] = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.BOOL,
+    }
+)
+
+
+def tensor_holders(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor of the main graph by name: initializers and Constant node values.
+
+    The protos returned are the model's own (not copies), so writing to one changes the model.
+    An initializer wins over a Constant node of the same name; a Constant stored as
+    ``value_float(s)``/``value_int(s)`` has no TensorProto and is not listed.
+
+    Args:
+        model: the model whose constants are wanted.
+
+    Returns:
+        Tensor name -> the ``TensorProto`` holding its values, initializers first, then
+        Constant nodes in graph order.
+    """
+    holders = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    holders.setdefault(node.output[0], attribute.t)
+    return holders
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor``'s bytes live in an external file rather than in the proto itself."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def require_loaded(tensor: onnx.TensorProto, label: str) -> None:
+    """Refuse a tensor whose external data was not loaded into the model.
+
+    Args:
+        tensor: the tensor about to be read or rewritten.
+        label: how the message names it, e.g. ``"tensor 'w' of the suspect"``.
+
+    Raises:
+        OnnxladyError: ``"<label> still points to external data that was not loaded"``.
+    """
+    if is_external(tensor):
+        raise OnnxladyError(f"{label} still points to external data that was not loaded")
+
+
+def read_array(tensor: onnx.TensorProto, label: str) -> np.ndarray:
+    """The tensor's values in their own dtype, as ``onnx.numpy_helper.to_array`` reads them.
+
+    Raw-stored tensors come back as a read-only view of the proto's bytes (no copy); bfloat16
+    and float8 as ml_dtypes arrays.
+
+    Args:
+        tensor: the tensor to read.
+        label: how an error message names it (see :func:`require_loaded`).
+
+    Returns:
+        The values, shaped like the tensor.
+
+    Raises:
+        OnnxladyError: the tensor's external data was not loaded.
+    """
+    require_loaded(tensor, label)
+    return numpy_helper.to_array(tensor)
+
+
+def float_dtype(data_type: int) -> type[np.floating]:
+    """float32 for the stored types in :data:`EXACT_IN_FLOAT32`, float64 for every other one."""
+    return np.float32 if data_type in EXACT_IN_FLOAT32 else np.float64
+
+
+def read_float(tensor: onnx.TensorProto, label: str) -> np.ndarray:
+    """The tensor's values as float32 (exact for 8- and 16-bit types) or float64.
+
+    A float32 tensor comes back without a copy (a read-only view of its bytes); any other type
+    is converted once.
+
+    Args:
+        tensor: the tensor to read.
+        label: how an error message names it (see :func:`require_loaded`).
+
+    Returns:
+        The values as floats, shaped like the tensor.
+
+    Raises:
+        OnnxladyError: the tensor's external data was not loaded, or its values are not
+            numbers (strings, an undefined type).
+    """
+    require_loaded(tensor, label)
+    try:
+        values = numpy_helper.to_array(tensor)
+        return np.asarray(values.astype(float_dtype(tensor.data_type), copy=False))
+    except (TypeError, ValueError) as exc:
+        raise OnnxladyError(f"{label} cannot be read as numbers ({exc})") from exc
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether ``values`` holds no NaN and no infinity.
+
+    A float64 sum is finite when every value is (float32 sums cannot overflow it), so the
+    element-wise test, which allocates a boolean array as large as ``values``, only runs when
+    the sum is not finite.
+    """
+    return bool(np.isfinite(np.sum(values, dtype=np.float64)) or np.all(np.isfinite(values)))
+
+
+class FloatConstants:
+    """Float views (:func:`read_float`) of one model's constants, each read once, on demand.
+
+    Attributes:
+        holders: the model's constants by name (:func:`tensor_holders`).
+        which: how messages name the model ("reference", "suspect").
+    """
+
+    def __init__(self, model: onnx.ModelProto, which: str) -> None:
+        self.holders = tensor_holders(model)
+        self.which = which
+        self._cache: dict[str, np.ndarray] = {}
+
+    def array(self, name: str) -> np.ndarray:
+        """Constant ``name`` as float32 or float64 (see :func:`read_float`).
+
+        Raises:
+            KeyError: the model has no constant ``name``.
+            OnnxladyError: its external data was not loaded, or it does not hold numbers.
+        """
+        if name not in self._cache:
+            self._cache[name] = read_float(self.holders[name], f"tensor '{name}' of the {self.which}")
+        return self._cache[name]
+
+    def check_finite(self, names: Iterable[str]) -> None:
+        """The named constants must be finite: NaN matches nothing, Inf swamps every sum.
+
+        Only the tensors a caller compares are checked; other constants may legitimately hold
+        infinities (the ``-inf`` start value of a running maximum, an attention mask).
+
+        Raises:
+            OnnxladyError: one of them holds NaN or Inf (the message names it).
+        """
+        for name in names:
+            if not all_finite(self.array(name)):
+                raise OnnxladyError(f"tensor '{name}' of the {self.which} holds NaN or Inf values")
