@@ -1,33 +1,37 @@
-"""Audit on the real models: a permuted copy must read "permuted", a copy with 5 neurons scaled
-by 1.5 (no compensation: the paper's integrity attack) must flag exactly those 5.
+"""Audit on the real models: a permuted copy reads "permuted", an attacked one "scaled".
 
-    python tools/audit_real_models.py     (models from tools/fetch_models.py)
+A permuted copy (every group, seed 1) must read "permuted"; a copy with 5 neurons of one conv
+scaled by 1.5 (no compensation: the paper's integrity attack), then permuted (seed 2), must
+read "scaled" and flag exactly those 5.
+
+    python3 -m tools.audit_real_models     (models from tools.fetch_models; prints a Markdown table)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+from onnx import numpy_helper
 
+from onnxlady import analyze, draw_permutations, load_model, permute_model
+from onnxlady._audit._verdicts import audit_models
+from onnxlady._io._tensors import tensor_holders
+from tools.fetch_models import DEFAULT_OUT, fetch_models
+
+#: The neurons the integrity attack scales by 1.5.
 SCALED = [0, 2, 3, 5, 7]
 
 
-def main() -> int:
-    from onnx import numpy_helper
-
-    from fetch_models import fetch_models
-    from onnxlady import analyze, draw_permutations, load_model, permute_model
-    from onnxlady._audit._verdicts import audit_models
-    from onnxlady._transforms._permute import _tensor_holders
-
+def main(argv: list[str] | None = None) -> int:
+    """Audit a permuted and an attacked copy of each real model; 0 when every verdict is right."""
+    parser = argparse.ArgumentParser(prog="python3 -m tools.audit_real_models", description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
     ok = True
     print("| model | permuted copy | 5 neurons x 1.5, then permuted | flagged (group, neuron, k) |")
     print("|---|---|---|---|")
-    for entry in fetch_models(REPO / ".cache" / "models"):
+    for entry in fetch_models(DEFAULT_OUT):
         path = Path(str(entry["path"]))
         reference = load_model(path).model
         permuted = load_model(path).model
@@ -41,7 +45,7 @@ def main() -> int:
             if g.size >= 8 and any(m.is_weight and m.axis == 0 and "conv weight" in m.role.split(", ") for m in g.members)
         )  # fmt: skip
         member = next(m for m in group.members if m.is_weight and m.axis == 0 and "conv weight" in m.role.split(", "))
-        tensor = _tensor_holders(attacked)[member.tensor]
+        tensor = tensor_holders(attacked)[member.tensor]
         weights = numpy_helper.to_array(tensor).copy()
         weights[SCALED] *= 1.5
         tensor.CopyFrom(numpy_helper.from_array(weights, tensor.name))

@@ -6,7 +6,7 @@ the same file. The figure reported is permute's wall time divided by that floor 
 size (goal: at most 2). Each measurement runs in a fresh subprocess so caches and allocator
 state from one run do not help the next; the median of ``--repeats`` runs is reported.
 
-    python tools/bench_permute.py [--megabytes 120] [--repeats 5] [--json]
+    python3 -m tools.bench_permute [--megabytes 120] [--repeats 5] [--json]
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-from _bench import run_fresh  # noqa: E402 - tools/ is not a package
+from tools._bench import REPO, run_fresh
 
 _BUILD = """
 import sys, onnx
@@ -59,7 +56,7 @@ def _run(script: str, path: Path, out: Path) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m tools.bench_permute", description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=120, help="size of the generated model (default 120)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")

@@ -10,7 +10,7 @@ child's baseline (after its imports) is reported against the reference model's s
 (fold-bn, float16...), so resync works across conversions (structural matching, common form,
 output in the suspect's form).
 
-    python tools/bench_resync.py [--megabytes 120] [--repeats 3] [--convert NAME] [--json]
+    python3 -m tools.bench_resync [--megabytes 120] [--repeats 3] [--convert NAME] [--json]
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-from _bench import run_fresh  # noqa: E402 - tools/ is not a package
+from tools._bench import REPO, run_fresh
 
 _BUILD = """
 import sys, onnx
@@ -73,7 +70,7 @@ def _run(script: str, *paths: Path) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m tools.bench_resync", description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--convert", default="", metavar="NAME", help="a conversion of fixtures/conversions.py")

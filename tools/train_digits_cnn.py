@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Train a small digits CNN and export fine-tuned copies: the fine-tuning rows of Table 1.
 
 The AAAI 2024 paper "Find the Lady" re-synchronizes a permuted model against a copy of the
@@ -44,12 +43,12 @@ family of ONNX models on data that ships inside scikit-learn (no download):
    the scale of the logits.
 
 Torch and scikit-learn are optional benchmark dependencies of onnxlady, never runtime ones;
-they are imported lazily inside the functions.  ``tools/`` is not a package: other tools load
-this file by path and call :func:`train_and_export`; importing it does no work.
+they are imported lazily inside the functions, so importing this module does no work
+(``tools.table1`` imports it and calls :func:`train_and_export`).
 
-Usage::
+Usage, from the repository root::
 
-    python tools/train_digits_cnn.py [--out DIR] [--seed N] [--epochs N] [--json]
+    python3 -m tools.train_digits_cnn [--out DIR] [--seed N] [--epochs N] [--json]
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ INPUT_NAME: str = "input"
 OUTPUT_NAME: str = "logits"
 
 _MISSING_MSG = (
-    "tools/train_digits_cnn.py needs the optional benchmark dependencies torch and "
+    "tools.train_digits_cnn needs the optional benchmark dependencies torch and "
     "scikit-learn (not runtime dependencies of onnxlady): pip install torch scikit-learn"
 )
 
@@ -450,11 +449,11 @@ def _train_and_export(
     import onnxruntime
 
     manifest: dict[str, Any] = {
-        "tool": "tools/train_digits_cnn.py",
+        "tool": "tools.train_digits_cnn",
         "dataset": "sklearn.datasets.load_digits (8x8, 10 classes), pixels / 16",
         "seed": seed,
-        "train_size": int(len(x_train_np)),
-        "test_size": int(len(x_test_np)),
+        "train_size": len(x_train_np),
+        "test_size": len(x_test_np),
         "base_epochs": epochs,
         "batch_size": BATCH_SIZE,
         "steps_per_epoch": steps_per_epoch,
@@ -514,6 +513,7 @@ def format_table(manifest: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(
+        prog="python3 -m tools.train_digits_cnn",
         description="Train a small digits CNN, export base + fine-tuned (theta = 2, 6, 8, 10 %) "
         "copies to ONNX and write manifest.json.",
     )

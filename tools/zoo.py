@@ -29,7 +29,9 @@ torch and torchvision are an optional *tools* dependency, never a runtime one of
 
     python3 -m venv /tmp/zoo-venv
     /tmp/zoo-venv/bin/pip install -r tools/zoo_requirements.txt -e .
-    /tmp/zoo-venv/bin/python tools/zoo.py [--models NAME ...] [--markdown | --json]
+    /tmp/zoo-venv/bin/python -m tools.zoo [--models NAME ...] [--markdown | --json]
+
+(from the repository root, as every tool).
 
 Exported models are cached under ``.cache/zoo/`` (``NAME.onnx`` and ``NAME.json`` with the
 export time and output statistics); ``--force`` re-exports. Models already cached do not need
@@ -47,17 +49,16 @@ import argparse
 import gc
 import json
 import math
-import re
 import sys
 import tempfile
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tools import _report
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 #: Bump when the export or the re-initialisation changes: cached exports are then redone.
 RECIPE = 1
@@ -86,11 +87,11 @@ TORCHVISION_MODELS = (
 MODELS = TORCHVISION_MODELS + ("bert_encoder",)
 
 MISSING_TORCH = (
-    "tools/zoo.py needs torch and torchvision to export the zoo (an optional tools dependency, "
+    "tools.zoo needs torch and torchvision to export the zoo (an optional tools dependency, "
     "not one of onnxlady):\n"
     "    python3 -m venv /tmp/zoo-venv\n"
     "    /tmp/zoo-venv/bin/pip install -r tools/zoo_requirements.txt -e .\n"
-    "    /tmp/zoo-venv/bin/python tools/zoo.py"
+    "    /tmp/zoo-venv/bin/python -m tools.zoo"
 )
 
 
@@ -343,208 +344,43 @@ def ensure_exported(name: str, cache: Path, force: bool) -> tuple[Path, dict[str
 
 
 # --------------------------------------------------------------------------------------------
-# The report (onnxlady only)
+# The report (onnxlady only; the pipeline is tools._report's)
 # --------------------------------------------------------------------------------------------
-_NODE_REASON = re.compile(r"^(?P<op>[\w.]+) '(?P<node>[^']*)': (?P<detail>.*)$", re.DOTALL)
-
-
-def reason_keys(kind: str, message: str) -> tuple[str, str, str]:
-    """(kind + op type, kind + op type + node, detail) for one freeze reason."""
-    match = _NODE_REASON.match(message)
-    if match is None:
-        return f"{kind}", f"{kind}: {message}", message
-    op, node, detail = match["op"], match["node"], match["detail"]
-    return f"{kind}: {op}", f"{kind}: {op} '{node}'", detail
-
-
-def frozen_producer_neurons(analysis: Any) -> dict[str, int]:
-    """For each frozen group, the producer neurons it governs that no permutable group moves."""
-    import numpy as np
-
-    counts: Counter[str] = Counter()
-    for _, _, expr in analysis.producers:
-        labels = analysis.neuron_labels(expr)
-        governed = np.zeros(expr.size, dtype=bool)
-        for gid, lab in labels.items():
-            if analysis.group(gid).permutable:
-                governed |= lab >= 0
-        for gid, lab in labels.items():
-            group = analysis.group(gid)
-            if group.frozen and group.size > 1:
-                counts[gid] += int(((lab >= 0) & ~governed).sum())
-    return dict(counts)
+#: How verify runs on every zoo model: CPU, 2 seeded random inputs.
+VERIFY_OPTIONS: dict[str, Any] = {"provider": "cpu", "iterations": 2, "seed": 0}
 
 
 def report_model(name: str, path: Path, meta: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Inspect, permute, verify and check a wrong permutation on one exported model."""
-    import onnx
-
-    from onnxlady import analyze, draw_permutations, load_model, permute_model, save_model, verify_models
-    from onnxlady.testing._helpers import permute_producer_only
-
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    loaded = load_model(path)
-    analysis = analyze(loaded.model)
-    summary = analysis.summary()
-    timings["analyze"] = time.perf_counter() - start
-
-    producer_frozen = frozen_producer_neurons(analysis)
-    by_op: Counter[str] = Counter()
-    by_node: Counter[str] = Counter()
-    neurons_by_op: Counter[str] = Counter()
-    neurons_by_node: Counter[str] = Counter()
-    frozen_groups = []
-    for group in analysis.groups:
-        if not group.frozen or group.size < 2:
-            continue
-        first = group.reasons[0] if group.reasons else None
-        kind, message = (first.kind, first.message) if first else ("unknown", "no reason recorded")
-        op_key, node_key, _ = reason_keys(kind, message)
-        by_op[op_key] += group.size
-        by_node[node_key] += group.size
-        neurons_by_op[op_key] += producer_frozen.get(group.id, 0)
-        neurons_by_node[node_key] += producer_frozen.get(group.id, 0)
-        frozen_groups.append({
-            "id": group.id,
-            "size": group.size,
-            "frozen_producer_neurons": producer_frozen.get(group.id, 0),
-            "reasons": [str(r) for r in group.reasons[:8]],
-            "more_reasons": max(0, len(group.reasons) - 8),
-            "members": len(group.members),
-        })  # fmt: skip
-
-    start = time.perf_counter()
-    perms = draw_permutations(analysis, 1)
-    permute_model(analysis, perms, source_sha256=loaded.sha256)
-    permuted = work / f"{name}.permuted.onnx"
-    save_model(loaded.model, permuted)
-    del loaded, analysis
-    gc.collect()
-    timings["permute"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    options: dict[str, Any] = {"provider": "cpu", "iterations": 2, "seed": 0}
-    report = verify_models(str(path), str(permuted), **options)
-    timings["verify"] = time.perf_counter() - start
-    permuted.unlink()
-
-    start = time.perf_counter()
-    wrong_model = onnx.load(str(path))
-    wrong_tensor = permute_producer_only(wrong_model, analyze(wrong_model))
-    wrong = work / f"{name}.wrong.onnx"
-    save_model(wrong_model, wrong)
-    del wrong_model
-    gc.collect()
-    wrong_report = verify_models(str(path), str(wrong), **options)
-    caught = not wrong_report.equivalent
-    wrong.unlink()
-    timings["wrong"] = time.perf_counter() - start
-
-    meaningful = [o for o in report.outputs if not o.degenerate] or list(report.outputs)
-    worst = max(meaningful, key=lambda o: o.max_abs_error / max(o.reference_max_abs, 1e-30))
-    total = summary["producer_neurons"]
-    pinned = summary["producer_neurons_pinned_by_outputs"]
+    """tools._report's row for one exported model, with its export time and output spread."""
+    row = _report.report_model(name, path, work, VERIFY_OPTIONS)
     low, high = OUTPUT_STD_RANGE
     std = meta.get("output_std", float("nan"))
-    return {
-        "model": name,
-        "size_mb": round(path.stat().st_size / 1e6, 1),
-        "export_seconds": meta.get("export_seconds"),
-        "output_std": std,
-        "output_std_ok": bool(math.isfinite(std) and low <= std <= high),
-        "groups": summary["groups"],
-        "permutable_groups": summary["permutable_groups"],
-        "permuted_groups": len(perms),
-        "producer_neurons": total,
-        "permutable_neurons": summary["permutable_producer_neurons"],
-        "permutable_fraction": round(summary["permutable_fraction"], 4),
-        "pinned_by_outputs": pinned,
-        "permutable_fraction_excluding_outputs": round(
-            summary["permutable_producer_neurons"] / max(1, total - pinned), 4
-        ),
-        "untied_constants": len(summary["untied_constants"]),
-        "freeze_reasons_by_kind": summary["freeze_reasons_by_kind"],
-        "frozen_group_sizes_by_op": dict(by_op.most_common()),
-        "frozen_group_sizes_by_node": dict(by_node.most_common()),
-        "frozen_producer_neurons_by_op": dict(neurons_by_op.most_common()),
-        "frozen_producer_neurons_by_node": dict(neurons_by_node.most_common()),
-        "frozen_groups": frozen_groups,
-        "provider": report.provider_used,
-        "equivalent": report.equivalent,
-        "outputs": [
-            {
-                "name": o.name,
-                "max_abs_error": o.max_abs_error,
-                "reference_max_abs": o.reference_max_abs,
-                "mismatched": o.mismatched_elements,
-                "total": o.total_elements,
-                "degenerate": o.degenerate,
-            }
-            for o in report.outputs
-        ],
-        "max_abs_error": worst.max_abs_error,
-        "reference_max_abs": worst.reference_max_abs,
-        "wrong_permutation_tensor": wrong_tensor,
-        "wrong_permutation_caught": caught,
-        "seconds": {k: round(v, 2) for k, v in timings.items()},
-    }
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f} %"
+    row.update(
+        export_seconds=meta.get("export_seconds"),
+        output_std=std,
+        output_std_ok=bool(math.isfinite(std) and low <= std <= high),
+    )
+    return row
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        (
-            "| model | MB | export s | groups (permutable) | producer neurons | permutable | pinned by outputs "
-            "| permutable excl. outputs | verify after permute: max abs err / max abs ref | wrong perm caught "
-            "| report s |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """The zoo table: tools._report's columns, with the export time and the report's own time."""
+    header = ["model", "MB", "export s", *_report.COLUMNS, "report s"]
+    lines = []
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | ERROR: {row['error']} |" + " |" * 9)
+            lines.append([row["model"], f"ERROR: {row['error']}", *[""] * (len(header) - 2)])
             continue
         std_flag = "" if row["output_std_ok"] else f" (output std {row['output_std']:.2g}!)"
-        verdict = "EQUIVALENT" if row["equivalent"] else "**NOT EQUIVALENT**"
-        lines.append(
-            f"| {row['model']}{std_flag} | {row['size_mb']} | {row['export_seconds']} "
-            f"| {row['groups']} ({row['permutable_groups']}) | {row['producer_neurons']} "
-            f"| {_pct(row['permutable_fraction'])} | {row['pinned_by_outputs']} "
-            f"| {_pct(row['permutable_fraction_excluding_outputs'])} "
-            f"| {verdict}: {row['max_abs_error']:.1e} / {row['reference_max_abs']:.3g} "
-            f"| {'yes' if row['wrong_permutation_caught'] else '**NO**'} | {sum(row['seconds'].values()):.0f} |"
-        )
-    return "\n".join(lines)
-
-
-def frozen_text(rows: list[dict[str, Any]], limit: int = 12) -> str:
-    """Per model: frozen group sizes (and the producer neurons they hold) by first reason, then by node."""
-    out = []
-    for row in rows:
-        if "error" in row:
-            continue
-        neurons_by_op, neurons_by_node = row["frozen_producer_neurons_by_op"], row["frozen_producer_neurons_by_node"]
-        ops = "; ".join(
-            f"{key} ({size}, {neurons_by_op.get(key, 0)} producer neurons)"
-            for key, size in row["frozen_group_sizes_by_op"].items()
-        )
-        out.append(f"- {row['model']}: frozen group sizes by first reason: {ops or 'none'}")
-        nodes = sorted(
-            row["frozen_group_sizes_by_node"].items(), key=lambda kv: (-neurons_by_node.get(kv[0], 0), -kv[1])
-        )
-        for key, size in nodes[:limit]:
-            out.append(f"    - {key}: {size} ({neurons_by_node.get(key, 0)} producer neurons)")
-        if len(nodes) > limit:
-            out.append(f"    - ... {len(nodes) - limit} more (see --json)")
-    return "\n".join(out)
+        lines.append([
+            f"{row['model']}{std_flag}", str(row["size_mb"]), str(row["export_seconds"]), *_report.cells(row),
+            f"{sum(row['seconds'].values()):.0f}",
+        ])  # fmt: skip
+    return _report.markdown(header, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m tools.zoo", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", metavar="NAME", choices=MODELS, help=f"a subset of: {' '.join(MODELS)}")
     parser.add_argument(
         "--cache", type=Path, default=REPO / ".cache" / "zoo", help="exported models (default .cache/zoo)"
@@ -586,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             row["wall_seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
             print(
-                f"{name}: {_pct(row['permutable_fraction_excluding_outputs'])} excl. outputs, "
+                f"{name}: {_report.percent(row['permutable_fraction_excluding_outputs'])} excl. outputs, "
                 f"{'EQUIVALENT' if row['equivalent'] else 'NOT EQUIVALENT'}, wrong caught: "
                 f"{row['wrong_permutation_caught']}, {row['wall_seconds']} s",
                 file=sys.stderr,
@@ -600,12 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(rows))
         if not args.markdown:
             print()
-            print(frozen_text(rows))
+            print(_report.frozen_text(rows))
             print(f"\nruntime: {runtime:.0f} s for {len(rows)} models")
-    ok = all(
-        "error" not in r and r["equivalent"] and r["wrong_permutation_caught"] and r["output_std_ok"] for r in rows
-    )
-    return 0 if ok else 1
+    return 0 if all(_report.passed(row) and row["output_std_ok"] for row in rows) else 1
 
 
 if __name__ == "__main__":

