@@ -19,15 +19,10 @@ from onnxlady import (
     verify_models,
 )
 from onnxlady._audit._verdicts import VERDICTS, AuditReport, audit_models, canonicalize
-from onnxlady._transforms._permute import _tensor_holders
+from onnxlady._io._tensors import tensor_holders
 from onnxlady._transforms._perturb import perturb_model
 from onnxlady._audit._render import render_html, render_markdown
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
+from onnxlady.testing import copy_model
 
 
 def _permute(model: onnx.ModelProto, seed: int = 1) -> onnx.ModelProto:
@@ -37,7 +32,7 @@ def _permute(model: onnx.ModelProto, seed: int = 1) -> onnx.ModelProto:
 
 
 def _edit(model: onnx.ModelProto, name: str, fn) -> None:
-    holder = _tensor_holders(model)[name]
+    holder = tensor_holders(model)[name]
     values = numpy_helper.to_array(holder).copy()
     holder.CopyFrom(numpy_helper.from_array(fn(values).astype(np.float32), name))
 
@@ -60,8 +55,8 @@ def _only(report: AuditReport, verdict: str) -> None:
 @pytest.mark.parametrize("name", ["vgg", "resnet"])
 def test_identical_and_permuted(name: str) -> None:
     reference = FIXTURES[name](0)
-    _only(audit_models(reference, _copy(reference)), "identical")
-    report = audit_models(reference, _permute(_copy(reference)))
+    _only(audit_models(reference, copy_model(reference)), "identical")
+    report = audit_models(reference, _permute(copy_model(reference)))
     _only(report, "permuted")
     assert "functionally equivalent" in report.summary
     assert all(min(t.cosine) > 0.999999 and not t.flagged for t in report.tensors)
@@ -69,7 +64,7 @@ def test_identical_and_permuted(name: str) -> None:
 
 def _rescaled_vgg() -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray]:
     reference = FIXTURES["vgg"](0)
-    suspect = _copy(reference)
+    suspect = copy_model(reference)
     scales = np.random.default_rng(0).uniform(0.5, 2.0, 32).astype(np.float32)
     _edit(
         suspect,
@@ -104,7 +99,7 @@ def test_function_preserving_rescale() -> None:
 
 def test_batchnorm_absorbed_rescale() -> None:
     reference = FIXTURES["resnet"](0)
-    suspect = _copy(reference)
+    suspect = copy_model(reference)
     scales = np.random.default_rng(1).uniform(0.5, 2.0, 16).astype(np.float32)
     _edit(
         suspect, "layer1.conv1.conv.weight", lambda v: v * scales[:, None, None, None]
@@ -119,7 +114,7 @@ def test_batchnorm_absorbed_rescale() -> None:
 
 def test_scaling_attack_lists_the_neurons() -> None:
     reference = FIXTURES["vgg"](0)
-    suspect = _copy(reference)
+    suspect = copy_model(reference)
     neurons = [2, 5, 11, 17, 30]
 
     def scale(v: np.ndarray) -> np.ndarray:
@@ -151,7 +146,7 @@ def test_scaling_attack_lists_the_neurons() -> None:
 )
 def test_perturbation_kind(name: str, kwargs: dict, kind: str) -> None:
     reference = FIXTURES[name](0)
-    suspect = _permute(_copy(reference))
+    suspect = _permute(copy_model(reference))
     perturb_model(suspect, seed=3, **kwargs)
     report = audit_models(reference, suspect)
     _only(report, "perturbed")
@@ -168,7 +163,7 @@ def test_perturbation_kind(name: str, kwargs: dict, kind: str) -> None:
 def test_fine_tuning_like_changes() -> None:
     """Weights changed in proportion to themselves and biases moved: structured, not noise."""
     reference = FIXTURES["vgg"](0)
-    suspect = _copy(reference)
+    suspect = copy_model(reference)
     rng = np.random.default_rng(0)
     for name in (
         "features.block1.conv.weight",
@@ -198,7 +193,7 @@ class _Collector(HTMLParser):
 
 def test_reports() -> None:
     reference = FIXTURES["vgg"](0)
-    suspect = _copy(reference)
+    suspect = copy_model(reference)
     _edit(
         suspect,
         "features.block2.conv.weight",

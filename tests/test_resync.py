@@ -25,25 +25,20 @@ from onnxlady import (
     verify_models,
 )
 from onnxlady._analysis._channels import COPY_SUFFIX
+from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync._entry import resync_model
 from onnxlady._resync._solver import AMBIGUITY_MARGIN, ResyncResult
-from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
-from onnxlady.testing import GraphBuilder
+from onnxlady._transforms._permute import _permute_tensor
+from onnxlady.testing import GraphBuilder, copy_model
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
-
-
 def _permuted(name: str, seed: int) -> tuple[onnx.ModelProto, onnx.ModelProto, PermutationKey]:
     """The fixture (seed 0), and a copy permuted with ``seed`` and its key."""
     reference = FIXTURES[name](0)
-    suspect = _copy(reference)
+    suspect = copy_model(reference)
     analysis = analyze(suspect)
     key = permute_model(analysis, draw_permutations(analysis, seed))
     return reference, suspect, key
@@ -53,7 +48,7 @@ def _add_noise(model: onnx.ModelProto, key: PermutationKey, omega: float, seed: 
     """Gaussian noise of ``omega * std`` on every permuted tensor (biases and BatchNorm too)."""
     rng = np.random.default_rng(seed)
     permuted = {entry["tensor"] for entry in key.tensors}
-    for name, tensor in sorted(_tensor_holders(model).items()):
+    for name, tensor in sorted(tensor_holders(model).items()):
         values = numpy_helper.to_array(tensor)
         if name not in permuted or tensor.data_type not in _FLOAT_TYPES or float(values.std()) == 0.0:
             continue
@@ -64,7 +59,7 @@ def _add_noise(model: onnx.ModelProto, key: PermutationKey, omega: float, seed: 
 def _values(model: onnx.ModelProto) -> dict[str, tuple[str, bytes]]:
     """Every constant's dtype and element bytes, by name."""
     result = {}
-    for name, tensor in _tensor_holders(model).items():
+    for name, tensor in tensor_holders(model).items():
         array = numpy_helper.to_array(tensor)
         result[name] = (str(array.dtype), np.ascontiguousarray(array).tobytes())
     return result
@@ -85,7 +80,7 @@ def _first_producer_row(analysis: ChannelAnalysis, model: onnx.ModelProto) -> tu
         for axis, expr in plan.axes:
             groups = analysis.neuron_labels(expr)
             if axis == 0 and any(analysis.group(g).permutable for g in groups):
-                return plan.tensor, axis, int(_tensor_holders(model)[plan.tensor].dims[axis])
+                return plan.tensor, axis, int(tensor_holders(model)[plan.tensor].dims[axis])
     raise AssertionError("no producer weight")
 
 
@@ -106,7 +101,7 @@ def test_noiseless_resync_restores_the_reference(name: str) -> None:
         assert result.groups == [] and result.psi is None
     _assert_restored(reference, result.model)
     # The recovered key applied to the suspect gives the same tensors, and says so.
-    again = _copy(suspect)
+    again = copy_model(suspect)
     assert unpermute_model(again, result.key) is True
     assert _values(again) == _values(result.model)
     assert graph_fingerprint(result.model) == graph_fingerprint(suspect)  # structure untouched
@@ -185,7 +180,7 @@ def test_statistics_are_consistent() -> None:
 
 def test_pruned_neuron_is_reported_not_nan() -> None:
     reference, suspect, key = _permuted("vgg", 6)
-    holders = _tensor_holders(suspect)
+    holders = tensor_holders(suspect)
     for name in ("features.block1.conv.weight", "features.block1.conv.bias"):
         values = numpy_helper.to_array(holders[name]).copy()
         values[3] = 0.0
@@ -200,7 +195,7 @@ def test_pruned_neuron_is_reported_not_nan() -> None:
 
 def test_duplicated_neurons_count_as_interchangeable() -> None:
     reference = FIXTURES["vgg"](0)
-    holders = _tensor_holders(reference)
+    holders = tensor_holders(reference)
     # Neuron 1 of block1 becomes an exact copy of neuron 0 (its weights, bias and next-layer columns).
     for name, axis in (
         ("features.block1.conv.weight", 0),
@@ -210,7 +205,7 @@ def test_duplicated_neurons_count_as_interchangeable() -> None:
         values = numpy_helper.to_array(holders[name]).copy()
         np.moveaxis(values, axis, 0)[1] = np.moveaxis(values, axis, 0)[0]
         holders[name].CopyFrom(numpy_helper.from_array(values, name))
-    suspect = _copy(reference)
+    suspect = copy_model(reference)
     analysis = analyze(suspect)
     key = permute_model(analysis, draw_permutations(analysis, 7))
     result = resync_model(reference, suspect, true_key=key)
@@ -226,11 +221,11 @@ def test_output_is_equivalent_and_a_wrong_permutation_is_caught(name: str) -> No
     _add_noise(suspect, key, 0.05, seed=8)
     result = resync_model(reference, suspect)
     assert verify_models(suspect, result.model, provider="cpu").equivalent
-    wrong = _copy(result.model)
-    tensor, axis, size = _first_producer_row(analyze(_copy(reference)), wrong)
+    wrong = copy_model(result.model)
+    tensor, axis, size = _first_producer_row(analyze(copy_model(reference)), wrong)
     swap = np.arange(size)
     swap[[0, size - 1]] = swap[[size - 1, 0]]
-    _permute_tensor(_tensor_holders(wrong)[tensor], [(axis, swap)])
+    _permute_tensor(tensor_holders(wrong)[tensor], [(axis, swap)])
     assert not verify_models(suspect, wrong, provider="cpu").equivalent
 
 
@@ -261,7 +256,7 @@ def test_a_changed_layer_width_is_refused() -> None:
 def test_nan_weights_are_refused(which: str) -> None:
     reference, suspect, _ = _permuted("vgg", 9)
     target = reference if which == "reference" else suspect
-    tensor = _tensor_holders(target)["features.block2.conv.weight"]
+    tensor = tensor_holders(target)["features.block2.conv.weight"]
     values = numpy_helper.to_array(tensor).copy()
     values[0, 0, 0, 0] = np.nan
     tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
@@ -291,21 +286,21 @@ def test_an_unpermuted_copy_comes_back_unchanged() -> None:
     # The suspect still shares one bias among three groups (nothing untied it): all three
     # groups come out as the identity, so that bias is left as it is.
     reference = FIXTURES["shared_initializer"](0)
-    result = resync_model(reference, _copy(reference))
+    result = resync_model(reference, copy_model(reference))
     assert all(group["perm"] == list(range(group["size"])) for group in result.key.groups)
     assert _values(result.model) == _values(reference)
 
 
 def test_a_shared_tensor_that_would_need_two_orders_is_refused() -> None:
     reference = FIXTURES["shared_initializer"](0)
-    holders = _tensor_holders(reference)
+    holders = tensor_holders(reference)
     bias = np.random.default_rng(0).normal(size=16).astype(np.float32)
     holders["shared.zero_bias"].CopyFrom(numpy_helper.from_array(bias, "shared.zero_bias"))
-    suspect = _copy(reference)
+    suspect = copy_model(reference)
     # Swap two neurons of conv1 (its rows and conv2's columns) but leave the shared bias alone.
     swap = np.arange(16)
     swap[[0, 5]] = swap[[5, 0]]
-    suspect_holders = _tensor_holders(suspect)
+    suspect_holders = tensor_holders(suspect)
     _permute_tensor(suspect_holders["conv1.weight"], [(0, swap)])
     _permute_tensor(suspect_holders["conv2.weight"], [(1, swap)])
     with pytest.raises(OnnxladyError, match="'shared.zero_bias' is shared by uses"):

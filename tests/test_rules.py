@@ -33,6 +33,7 @@ from onnxlady import (
     verify_models,
 )
 from onnxlady._graph._expr import STRUCTURE, DirectSum, Fixed, GroupSolver, Product
+from onnxlady._io._tensors import tensor_holders
 from onnxlady._rules import (
     DuplicateRuleError,
     OpRule,
@@ -41,8 +42,8 @@ from onnxlady._rules import (
     registered_operators,
     rule_for,
 )
-from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
-from onnxlady.testing import GraphBuilder
+from onnxlady._transforms._permute import _permute_tensor
+from onnxlady.testing import GraphBuilder, copy_model
 
 NEW_FIXTURES = ("grouped_conv", "bias_reshape", "split_concat", "reshape_digits", "flatten_gemm_nchw")
 PRODUCER_ROLES = {"conv weight", "conv-transpose weight", "gemm weight", "matmul weight"}
@@ -61,15 +62,9 @@ def _fixture(name: str) -> onnx.ModelProto:
     return onnx.load_from_string(_fixture_bytes(name))
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
-
-
 def _constants(model: onnx.ModelProto) -> dict[str, bytes]:
     """Every constant tensor (initializers and Constant node values), serialised."""
-    return {name: t.SerializeToString() for name, t in _tensor_holders(model).items()}
+    return {name: t.SerializeToString() for name, t in tensor_holders(model).items()}
 
 
 def _members(analysis: ChannelAnalysis, tensor: str, axis: int | None = None,
@@ -100,7 +95,7 @@ def _index_map(analysis: ChannelAnalysis, group: ChannelGroup, tensor: str, axis
 
 
 def _permute_all(source: onnx.ModelProto, seed: int):
-    model = _copy(source)
+    model = copy_model(source)
     analysis = analyze(model)
     perms = draw_permutations(analysis, seed)
     key = permute_model(analysis, perms, seed=seed)
@@ -127,7 +122,7 @@ def _permute_one_producer_only(model: onnx.ModelProto, analysis: ChannelAnalysis
     That is what a tool that forgot the consumers (or the bias) would do: the result must not
     be equivalent. Returns a description of what was changed.
     """
-    holders = _tensor_holders(model)
+    holders = tensor_holders(model)
     graph = analysis.graph
     for plan in analysis.tensors:
         if plan.copy or not PRODUCER_ROLES.intersection(plan.roles):
@@ -157,7 +152,7 @@ def _model(nodes, inputs, outputs, initializers=(), opsets=(("", 17),)) -> onnx.
 
 def _assert_permutations_are_safe(model: onnx.ModelProto, seed: int = 3, *, require: bool = True) -> None:
     """Every permutation the analysis allows keeps the model equivalent (``require``: and there is one)."""
-    source = _copy(model)
+    source = copy_model(model)
     permuted, _, perms, _ = _permute_all(source, seed)
     assert perms or not require, "nothing permutable: the check would prove nothing"
     report = verify_models(source, permuted, provider="cpu")
@@ -335,7 +330,7 @@ def test_custom_domain_operator_freezes_with_its_name() -> None:
 
 def test_shared_initializer_is_untied_and_retied() -> None:
     source = _fixture("shared_initializer")
-    model = _copy(source)
+    model = copy_model(source)
     analysis = analyze(model)
     untied = analysis.untied
     assert {t.source for t in untied} == {"shared.zero_bias"}
@@ -378,7 +373,7 @@ def test_new_fixture_round_trip(name: str) -> None:
 @pytest.mark.parametrize("name", NEW_FIXTURES)
 def test_new_fixture_wrong_permutation_is_caught(name: str) -> None:
     source = _fixture(name)
-    model = _copy(source)
+    model = copy_model(source)
     analysis = analyze(model)
     changed = _permute_one_producer_only(model, analysis)
     report = verify_models(source, model, provider="cpu")
@@ -532,13 +527,13 @@ def test_constant_read_by_an_unknown_operator_keeps_its_original() -> None:
     side = b.custom("Mystery", CUSTOM_DOMAIN, [bias], (8,), name="custom")
     x = b.conv(x, 4, 1, name="conv2")
     model = b.build([x, side])
-    original = numpy_helper.to_array(_tensor_holders(model)["shared_bias"]).copy()
+    original = numpy_helper.to_array(tensor_holders(model)["shared_bias"]).copy()
     analysis = analyze(model)
     assert _group(analysis, "conv1.weight", 0).permutable
     (copy,) = analysis.untied
     assert copy.source == "shared_bias"
     permute_model(analysis, draw_permutations(analysis, 2))
-    holders = _tensor_holders(model)
+    holders = tensor_holders(model)
     custom = next(n for n in model.graph.node if n.op_type == "Mystery")
     assert list(custom.input) == ["shared_bias"]
     np.testing.assert_array_equal(numpy_helper.to_array(holders["shared_bias"]), original)

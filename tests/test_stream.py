@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxlady._io._stream as stream
 from fixtures import FIXTURES, RUNNABLE
 from onnxlady._io._stream import Override, read_model, write_model
+from onnxlady.testing import copy_model
 
 Overrides = dict[str, bytes]
 
@@ -33,12 +34,6 @@ def parse(data: bytes) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.ParseFromString(data)
     return model
-
-
-def copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
 
 
 def written(model: onnx.ModelProto, overrides: Mapping[str, Override] | None = None) -> onnx.ModelProto:
@@ -77,7 +72,7 @@ def permuted(model: onnx.ModelProto, keep: Callable[[TensorProto], bool] = lambd
 
 def applied(model: onnx.ModelProto, overrides: Overrides) -> onnx.ModelProto:
     """What the overrides mean, done the plain protobuf way on a copy."""
-    expected = copy(model)
+    expected = copy_model(model)
     for name, tensor in raw_tensors(expected):
         if name in overrides:
             tensor.raw_data = overrides[name]

@@ -21,18 +21,13 @@ from onnxlady._transforms._watermark import (
     relative_output_change,
     save_key,
 )
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
+from onnxlady.testing import copy_model
 
 
 def _conv_groups(model: onnx.ModelProto, min_width: int) -> tuple[str, str, str]:
     """A Conv whose input and output groups are both permutable and whose kernel holds
     ``min_width`` values per filter: (layer, input group id, output group id)."""
-    analysis = analyze(_copy(model))
+    analysis = analyze(copy_model(model))
     for node in model.graph.node:
         if node.op_type != "Conv":
             continue
@@ -51,7 +46,7 @@ def _conv_groups(model: onnx.ModelProto, min_width: int) -> tuple[str, str, str]
 
 
 def _permuted(model: onnx.ModelProto, seed: int, group_ids: list[str] | None = None) -> onnx.ModelProto:
-    suspect = _copy(model)
+    suspect = copy_model(model)
     analysis = analyze(suspect)
     permute_model(analysis, draw_permutations(analysis, seed, group_ids))
     return suspect
@@ -61,7 +56,7 @@ def _permuted(model: onnx.ModelProto, seed: int, group_ids: list[str] | None = N
 def marked(request: pytest.FixtureRequest) -> dict:
     original = FIXTURES[request.param](0)
     layer, in_group, out_group = _conv_groups(original, 64)
-    model = _copy(original)
+    model = copy_model(original)
     key, report = embed_watermark(model, layer, 64, seed=11)
     report["relative_output_change"] = relative_output_change(original, model)
     print(f"\n{request.param} {layer}: {report}")

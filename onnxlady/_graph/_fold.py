@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxlady._graph._attributes import node_attribute
+
 #: Folded values (and the constants they are computed from) up to this many elements.
 FOLD_LIMIT = 4096
 
@@ -111,13 +113,6 @@ def fold_node(
 
 
 # -- helpers -------------------------------------------------------------------------------
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
-
-
 def _ints(value: np.ndarray | None) -> list[int] | None:
     if value is None:
         return None
@@ -144,17 +139,17 @@ def _broadcast_ok(arrays: Sequence[np.ndarray], limit: int) -> bool:
 
 def _axes_input(node: onnx.NodeProto, inputs: list, opset: int, since: int, slot: int = 1) -> list[int] | None:
     if opset < since:
-        axes = _attr(node, "axes")
-        return None if axes is None else [int(a) for a in axes]  # type: ignore[union-attr]
+        axes = node_attribute(node, "axes")
+        return None if axes is None else [int(a) for a in axes]
     return _ints(inputs[slot]) if len(inputs) > slot and inputs[slot] is not None else None
 
 
 def _shape(node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
     rank = len(shape)
-    start = int(_attr(node, "start", 0))  # type: ignore[arg-type]
-    end = _attr(node, "end")
+    start = int(node_attribute(node, "start", 0))
+    end = node_attribute(node, "end")
     start = min(max(start + rank if start < 0 else start, 0), rank)
-    stop = rank if end is None else int(end)  # type: ignore[arg-type]
+    stop = rank if end is None else int(end)
     stop = min(max(stop + rank if stop < 0 else stop, 0), rank)
     return np.asarray(shape[start:stop], dtype=np.int64)
 
@@ -171,7 +166,7 @@ def _gather(node, inputs, opset, limit):
     data, indices = inputs[0], inputs[1]
     if indices.dtype.kind not in _INT_KINDS:
         return None
-    axis = int(_attr(node, "axis", 0))
+    axis = int(node_attribute(node, "axis", 0))
     axis = axis + data.ndim if axis < 0 else axis
     dim = data.shape[axis]
     if indices.size and (indices.min() < -dim or indices.max() >= dim):
@@ -210,15 +205,15 @@ def _concat(node, inputs, opset, limit):
     arrays = [a for a in inputs if a is not None]
     if not arrays or any(a.dtype != arrays[0].dtype for a in arrays):
         return None
-    return np.concatenate(arrays, axis=int(_attr(node, "axis")))
+    return np.concatenate(arrays, axis=int(node_attribute(node, "axis")))
 
 
 def _slice(node, inputs, opset, limit):
     data = inputs[0]
     if opset < 10:
-        starts = [int(v) for v in _attr(node, "starts")]
-        ends = [int(v) for v in _attr(node, "ends")]
-        axes = _attr(node, "axes")
+        starts = [int(v) for v in node_attribute(node, "starts")]
+        ends = [int(v) for v in node_attribute(node, "ends")]
+        axes = node_attribute(node, "axes")
         axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
         steps = [1] * len(starts)
     else:
@@ -272,7 +267,7 @@ def _mod(node, inputs, opset, limit):
         return None  # float Mod: not needed for shapes
     if np.any(b == 0):
         return None
-    if int(_attr(node, "fmod", 0)):
+    if int(node_attribute(node, "fmod", 0)):
         return np.asarray(np.fmod(a, b), dtype=a.dtype)
     return np.asarray(np.mod(a, b), dtype=a.dtype)
 
@@ -312,7 +307,7 @@ def _constant_of_shape(node, inputs, opset, limit):
     shape = _ints(inputs[0])
     if shape is None or any(d < 0 for d in shape) or _count(shape) > limit:
         return None
-    value = _attr(node, "value")
+    value = node_attribute(node, "value")
     fill = numpy_helper.to_array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)
     if fill.size != 1:
         return None
@@ -322,7 +317,7 @@ def _constant_of_shape(node, inputs, opset, limit):
 def _cast(node, inputs, opset, limit):
     value = inputs[0]
     try:
-        target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(_attr(node, "to"))))
+        target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(node_attribute(node, "to"))))
     except Exception:  # noqa: BLE001
         return None
     if target.kind not in "iufb":
@@ -362,10 +357,10 @@ def _range(node, inputs, opset, limit):
 def _reshape(node, inputs, opset, limit):
     data = inputs[0]
     if opset < 5:
-        target = [int(d) for d in _attr(node, "shape")]
+        target = [int(d) for d in node_attribute(node, "shape")]
     else:
         target = _ints(inputs[1])
-    allowzero = int(_attr(node, "allowzero", 0))
+    allowzero = int(node_attribute(node, "allowzero", 0))
     if not allowzero:
         target = [data.shape[i] if d == 0 else d for i, d in enumerate(target)]
     return data.reshape(target)
@@ -384,10 +379,10 @@ def _reduce_prod(node, inputs, opset, limit):
     if value.dtype.kind not in _INT_KINDS:
         return None  # float products depend on the order of evaluation
     axes = _axes_input(node, inputs, opset, 18)
-    keepdims = bool(int(_attr(node, "keepdims", 1)))
+    keepdims = bool(int(node_attribute(node, "keepdims", 1)))
     if not axes:
-        if axes is not None or int(_attr(node, "noop_with_empty_axes", 0)):
-            return value if axes is not None and int(_attr(node, "noop_with_empty_axes", 0)) else None
+        if axes is not None or int(node_attribute(node, "noop_with_empty_axes", 0)):
+            return value if axes is not None and int(node_attribute(node, "noop_with_empty_axes", 0)) else None
         axes_tuple = None
     else:
         axes_tuple = tuple(a + value.ndim if a < 0 else a for a in axes)
@@ -422,7 +417,7 @@ def _extremum(function: Callable) -> Impl:
 
 
 def _transpose(node, inputs, opset, limit):
-    perm = _attr(node, "perm")
+    perm = node_attribute(node, "perm")
     return np.transpose(inputs[0], None if perm is None else [int(p) for p in perm])
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._stream import Override, read_model, write_model
+from onnxlady._io._tensors import is_external, tensor_holders
 
 _PROTOBUF_LIMIT = 2**31 - 1
 #: Leave room under protobuf's 2 GB limit for the graph itself.
@@ -95,17 +96,29 @@ def _check_opsets(model: onnx.ModelProto, path: Path) -> None:
     check(model.graph)
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of ``model``, so that a caller can change it and leave the original as it was.
+
+    Args:
+        model: the model to copy (not changed).
+
+    Returns:
+        A new ``ModelProto`` equal to ``model`` that shares nothing with it.
+    """
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)
-    )
+    return any(is_external(t) for t in onnx.external_data_helper._get_all_tensors(model))
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
     base = path.resolve().parent
     files: set[Path] = set()
     for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        if not is_external(tensor):
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
@@ -220,12 +233,7 @@ def _stream_atomically(model: onnx.ModelProto, path: Path, overrides: Mapping[st
 
 def _apply_overrides(model: onnx.ModelProto, overrides: Mapping[str, Override]) -> None:
     """Write deferred tensor bytes into the model (for the external-data path)."""
-    holders = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    holders.setdefault(node.output[0], attribute.t)
+    holders = tensor_holders(model)
     for name, value in overrides.items():
         data = value() if callable(value) else value
         holders[name].raw_data = bytes(memoryview(data).cast("B"))

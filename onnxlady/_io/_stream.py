@@ -41,6 +41,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from onnxlady._io._tensors import is_external
+
 __all__ = ["BytesLike", "Override", "read_model", "write_model"]
 
 #: Bytes for a tensor's ``raw_data``: anything exposing a C-contiguous buffer (bytes,
@@ -192,10 +194,6 @@ def _expected_raw_size(tensor: onnx.TensorProto) -> int | None:
     return (_element_count(tensor) * bits + 7) // 8
 
 
-def _is_external(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL
-
-
 # -- planning ---------------------------------------------------------------------------------
 @dataclass
 class _Deferred:
@@ -326,7 +324,7 @@ class _Planner:
         size = _expected_raw_size(tensor)
         return (
             size is not None and size >= _BIG_TENSOR and tensor.HasField("raw_data")
-            and not _is_external(tensor)
+            and not is_external(tensor)
         )  # fmt: skip
 
     def _tensor_body(self, tensor: onnx.TensorProto, name: str) -> _Pieces:
@@ -340,7 +338,7 @@ class _Planner:
             return out
         self.used.add(name)
         override = self.overrides[name]
-        if _is_external(tensor):
+        if is_external(tensor):
             raise ValueError(f"tensor {name!r} keeps its data in an external file: it cannot be overridden")
         if tensor.data_type == onnx.TensorProto.STRING:
             raise ValueError(f"tensor {name!r} holds strings: it has no raw_data to override")

@@ -12,7 +12,8 @@ what a constant is and refuse the same things:
 - :func:`read_array` gives the stored values as onnx reads them, a read-only view of the raw
   bytes where onnx allows it (no copy); :func:`read_float` gives them as float32 where float32
   holds every value exactly and as float64 otherwise (see :data:`EXACT_IN_FLOAT32`), which is
-  how resync compares weights; :class:`FloatConstants` caches those float views per model;
+  how resync compares weights; :class:`FloatConstants` caches those float views per model and
+  :func:`read_constants` reads every constant of a model at once;
 - :func:`all_finite` tells whether an array holds no NaN or infinity, cheaply in the common
   all-finite case.
 """
@@ -34,6 +35,7 @@ __all__ = [
     "float_dtype",
     "is_external",
     "read_array",
+    "read_constants",
     "read_float",
     "require_loaded",
     "tensor_holders",
@@ -54,27 +56,46 @@ EXACT_IN_FLOAT32: frozenset[int] = frozenset(
 )
 
 
-def tensor_holders(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Every constant tensor of the main graph by name: initializers and Constant node values.
+def tensor_holders(model: onnx.ModelProto, *, subgraphs: bool = True) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor of the model by name: initializers and Constant node values.
 
     The protos returned are the model's own (not copies), so writing to one changes the model.
     An initializer wins over a Constant node of the same name; a Constant stored as
-    ``value_float(s)``/``value_int(s)`` has no TensorProto and is not listed.
+    ``value_float(s)``/``value_int(s)`` has no TensorProto and is not listed. The constants of
+    subgraphs (If branches, Loop and Scan bodies, at any depth) follow the main graph's, where
+    their names are not taken already: the analysis permutes them where it opened the bodies.
 
     Args:
         model: the model whose constants are wanted.
+        subgraphs: also list the constants held inside subgraphs (False: the main graph's only,
+            for instance the tensors a streaming writer can override).
 
     Returns:
-        Tensor name -> the ``TensorProto`` holding its values, initializers first, then
-        Constant nodes in graph order.
+        Tensor name -> the ``TensorProto`` holding its values: the main graph's initializers,
+        its Constant nodes in graph order, then each subgraph's, depth first.
     """
-    holders = {tensor.name: tensor for tensor in model.graph.initializer}
-    for node in model.graph.node:
+    holders: dict[str, onnx.TensorProto] = {}
+    _add_holders(model.graph, holders, subgraphs)
+    return holders
+
+
+def _add_holders(graph: onnx.GraphProto, holders: dict[str, onnx.TensorProto], subgraphs: bool) -> None:
+    for tensor in graph.initializer:
+        holders.setdefault(tensor.name, tensor)
+    for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for attribute in node.attribute:
                 if attribute.name == "value":
                     holders.setdefault(node.output[0], attribute.t)
-    return holders
+    if not subgraphs:
+        return
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _add_holders(attribute.g, holders, subgraphs)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for nested in attribute.graphs:
+                    _add_holders(nested, holders, subgraphs)
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
@@ -116,6 +137,22 @@ def read_array(tensor: onnx.TensorProto, label: str) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
+def read_constants(model: onnx.ModelProto, which: str) -> dict[str, np.ndarray]:
+    """Every constant of the main graph (:func:`tensor_holders`) read by :func:`read_array`.
+
+    Args:
+        model: the model whose constants are read.
+        which: how error messages name the model ("reference", "suspect").
+
+    Returns:
+        Tensor name -> its values in their stored dtype.
+
+    Raises:
+        OnnxladyError: a constant's external data was not loaded.
+    """
+    return {name: read_array(tensor, f"tensor '{name}' of the {which}") for name, tensor in tensor_holders(model).items()}
+
+
 def float_dtype(data_type: int) -> type[np.floating]:
     """float32 for the stored types in :data:`EXACT_IN_FLOAT32`, float64 for every other one."""
     return np.float32 if data_type in EXACT_IN_FLOAT32 else np.float64
@@ -153,7 +190,9 @@ def all_finite(values: np.ndarray) -> bool:
     element-wise test, which allocates a boolean array as large as ``values``, only runs when
     the sum is not finite.
     """
-    return bool(np.isfinite(np.sum(values, dtype=np.float64)) or np.all(np.isfinite(values)))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing or NaN sum is an answer, not a fault
+        total = np.sum(values, dtype=np.float64)
+    return bool(np.isfinite(total) or np.all(np.isfinite(values)))
 
 
 class FloatConstants:

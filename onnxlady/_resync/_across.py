@@ -35,15 +35,17 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxlady._analysis._channels import analyze
 from onnxlady._errors import OnnxladyError
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
-from onnxlady._transforms._key import PermutationKey, graph_fingerprint
-from onnxlady._resync._match import ModelMatch, Unit, match_analyses
-from onnxlady._transforms._permute import _tensor_holders, permute_model
+from onnxlady._io._files import copy_model
+from onnxlady._io._tensors import read_array, tensor_holders
 from onnxlady._resync import _solver as solver
+from onnxlady._resync._match import ModelMatch, Unit, match_analyses
+from onnxlady._transforms._key import PermutationKey, graph_fingerprint
+from onnxlady._transforms._permute import permute_model
 
 __all__ = ["AcrossResync", "Approx", "read_constant", "resync_across"]
 
@@ -94,13 +96,8 @@ def _spread(parameter: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...])
     if parameter.size == 1:
         return np.broadcast_to(parameter.reshape(()), shape)
     rank = len(shape)
-    axis, block = 1, 0
-    for attribute in node.attribute:
-        if attribute.name == "axis":
-            axis = int(attribute.i)
-        elif attribute.name == "block_size":
-            block = int(attribute.i)
-    axis %= max(rank, 1)
+    axis = int(node_attribute(node, "axis", 1)) % max(rank, 1)
+    block = int(node_attribute(node, "block_size", 0))
     if block:
         return np.repeat(parameter, block, axis=axis).take(range(shape[axis]), axis=axis)
     view = [1] * rank
@@ -116,7 +113,7 @@ def read_constant(graph: ModelGraph, name: str) -> Approx | None:
     tensor = graph.leaf_tensor_or_none(leaf)
     if tensor is None:
         return None
-    raw = numpy_helper.to_array(tensor)
+    raw = read_array(tensor, f"tensor '{leaf.name}'")
     try:  # bfloat16 and float8 arrive as ml_dtypes arrays, which convert like the rest
         current = raw.astype(np.float64)
     except (TypeError, ValueError):
@@ -166,10 +163,7 @@ def _batchnorm(graph: ModelGraph, index: int) -> _BatchNorm | None:
     if any(part is None for part in parts):
         return None
     gamma, beta, mean, var = parts  # type: ignore[misc]
-    eps = 1e-5
-    for attribute in node.attribute:
-        if attribute.name == "epsilon":
-            eps = float(attribute.f)
+    eps = float(node_attribute(node, "epsilon", 1e-5))
     root = np.sqrt(var.value + eps)
     scale = gamma.value / root
     # d(g / sqrt(v + e)) = dg / sqrt(v + e) - g dv / (2 (v + e)^1.5)
@@ -293,7 +287,7 @@ def _both_keep_batchnorm(match: ModelMatch, reference_node: int, suspect_node: i
 def _pair_plans(match: ModelMatch) -> _Pairing:
     ref, sus = match.reference, match.suspect
     ref_roles = _roles(ref.graph, match.reference_units)
-    holders = _tensor_holders(ref.graph.model)
+    holders = tensor_holders(ref.graph.model)
     references: list[Approx | None] = []
     suspects: list[Approx | None] = []
     dropped: list[str] = []
@@ -593,20 +587,14 @@ def _settle_ties(state: _State, progress: Callable[[str], None] | None) -> int:
     return rounds
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
-
-
 def _reorder_suspect(
     suspect: onnx.ModelProto, perms: dict[str, np.ndarray], reference: onnx.ModelProto, options: solver.ResyncOptions
 ) -> tuple[onnx.ModelProto, PermutationKey]:
     """The suspect permuted by ``perms`` (its own group ids), and the key that
     ``unpermute_model`` applies to the suspect to give it (as for twin graphs)."""
-    output = _copy(suspect)
+    output = copy_model(suspect)
     permute_model(analyze(output), perms)
-    back = _copy(output)
+    back = copy_model(output)
     key = permute_model(analyze(back), {gid: np.argsort(perm) for gid, perm in perms.items()})
     key.extra["resync"] = {
         "reference_fingerprint": graph_fingerprint(reference),

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import Expr
 from onnxlady._graph._model_graph import ModelGraph, node_label
 
@@ -139,13 +140,6 @@ class ModelMatch:
 
 
 # -- sites ------------------------------------------------------------------------------------
-def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return int(onnx.helper.get_attribute_value(attribute))
-    return default
-
-
 #: Operators that only change an activation's type: a float16 converter runs a BatchNorm in
 #: float32 between two Casts, and the BatchNorm still follows its Conv.
 _TYPE_ONLY_OPS = frozenset({"Cast", "Identity"})
@@ -223,7 +217,7 @@ def _weight_slot(graph: ModelGraph, index: int) -> tuple[int, int] | None:
     if op == "Gemm":
         if not _float_constant(graph, node.input[1]) or _float_constant(graph, node.input[0]):
             return None
-        return (1, 0 if _attribute(node, "transB", 0) else 1)
+        return (1, 0 if int(node_attribute(node, "transB", 0)) else 1)
     if op == "MatMul":
         left, right = (_float_constant(graph, name) for name in node.input[:2])
         if left == right:
@@ -238,7 +232,7 @@ def _weight_slot(graph: ModelGraph, index: int) -> tuple[int, int] | None:
 def _foldable(graph: ModelGraph, node: onnx.NodeProto) -> bool:
     """BatchNorm folds into this layer along the weight's output axis."""
     if node.op_type == "ConvTranspose":
-        return _attribute(node, "group", 1) == 1
+        return int(node_attribute(node, "group", 1)) == 1
     if node.op_type == "Gemm":
         return graph.rank(node.output[0]) == 2
     return True
@@ -304,7 +298,7 @@ def _site_token(
     node = graph.nodes[index]
     if unit is not None:
         shape = graph.constant_shape(node.input[unit.weight_slot])
-        return ("unit", node.op_type, unit.weight_slot, shape, _attribute(node, "group", 1))
+        return ("unit", node.op_type, unit.weight_slot, shape, int(node_attribute(node, "group", 1)))
     if graph.is_chain_node(index) or (node.output and node.output[0] in computed):
         return None
     constants = tuple(

@@ -17,13 +17,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph, node_label
-from onnxlady._transforms._key import PermutationKey, expr_to_tree, graph_fingerprint
-from onnxlady._transforms._permute import SourceDigest, _permute_tensor, _tensor_holders
+from onnxlady._io._tensors import FloatConstants, tensor_holders
 from onnxlady._resync._solver import (
     PsiTally,
     ResyncOptions,
@@ -36,59 +34,10 @@ from onnxlady._resync._solver import (
     say,
     true_permutations,
 )
+from onnxlady._transforms._key import PermutationKey, expr_to_tree, graph_fingerprint
+from onnxlady._transforms._permute import SourceDigest, _permute_tensor
 
 __all__ = ["NotATwin", "resync_twin", "twin_leaves"]
-
-#: Stored types whose values a float32 holds exactly; anything else is compared in float64.
-_EXACT_IN_FLOAT32 = {
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
-    onnx.TensorProto.INT8,
-    onnx.TensorProto.UINT8,
-    onnx.TensorProto.INT16,
-    onnx.TensorProto.UINT16,
-    onnx.TensorProto.BOOL,
-}
-# -- reading both models ----------------------------------------------------------------------
-class _Values:
-    """Float views of a model's constants, read once each."""
-
-    def __init__(self, model: onnx.ModelProto, which: str) -> None:
-        self.holders = _tensor_holders(model)
-        self.which = which
-        self._cache: dict[str, np.ndarray] = {}
-
-    def array(self, name: str) -> np.ndarray:
-        if name not in self._cache:
-            self._cache[name] = _as_float(self.holders[name], self.which)
-        return self._cache[name]
-
-    def check_finite(self, names: Iterable[str]) -> None:
-        """The compared constants must be finite: NaN matches nothing, Inf swamps every sum.
-
-        Only tensors that resync reads are checked; other constants may legitimately hold
-        infinities (the ``-inf`` start value of a running maximum, an attention mask).
-        """
-        for name in names:
-            values = self.array(name)
-            # A float64 sum is finite when every value is (float32 sums cannot overflow it);
-            # only a non-finite sum needs the element-wise test.
-            if not np.isfinite(np.sum(values, dtype=np.float64)) and not np.all(np.isfinite(values)):
-                raise OnnxladyError(f"tensor '{name}' of the {self.which} holds NaN or Inf values")
-
-
-def _as_float(tensor: onnx.TensorProto, which: str) -> np.ndarray:
-    """The tensor's values as float32 (exact for 8- and 16-bit types) or float64."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        raise OnnxladyError(f"tensor '{tensor.name}' of the {which} still points to external data that was not loaded")
-    try:
-        values = numpy_helper.to_array(tensor)
-        dtype = np.float32 if tensor.data_type in _EXACT_IN_FLOAT32 else np.float64
-        return np.asarray(values.astype(dtype, copy=False))
-    except (TypeError, ValueError) as exc:
-        raise OnnxladyError(f"tensor '{tensor.name}' of the {which} cannot be read as numbers ({exc})") from exc
-
 
 def _shape_text(dims: Iterable[int]) -> str:
     return "[" + ",".join(str(int(d)) for d in dims) + "]"
@@ -190,7 +139,7 @@ def _write_output(
             by_leaf.setdefault(name, []).append(number)
     fresh = _fresh_initializers(state, suspect, by_leaf, leaves)
     output = _copy_model(suspect, fresh)
-    holders = _tensor_holders(output)
+    holders = tensor_holders(output)
     fingerprint = graph_fingerprint(suspect)
     group_ids = {g.root: g.id for g in state.order}
     digest = SourceDigest()  # what unpermute_model checks its result against
@@ -343,7 +292,8 @@ def resync_twin(
         OnnxladyError: a compared weight holds NaN or Inf, or the true key does not fit.
     """
     true_perms = true_permutations(analysis, true_key)
-    ref_values, sus_values = _Values(reference, "reference"), _Values(suspect, "suspect")
+    # Only the compared tensors are read, and checked finite (see FloatConstants.check_finite).
+    ref_values, sus_values = FloatConstants(reference, "reference"), FloatConstants(suspect, "suspect")
     ref_values.check_finite(plan.source for plan in analysis.tensors)
     sus_values.check_finite(name for names in leaves for name in names)
     order = analysis.permutable_groups

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, product
 from onnxlady._graph._model_graph import ChainAxisError, Companion, ModelGraph, Shape, node_label
 
@@ -105,10 +106,8 @@ class RuleContext:
 
     # -- reading -------------------------------------------------------------------------
     def attr(self, name: str, default: Any = None) -> Any:
-        for attribute in self.node.attribute:
-            if attribute.name == name:
-                return onnx.helper.get_attribute_value(attribute)
-        return default
+        """The node's attribute ``name`` (see :func:`~onnxlady._graph._attributes.node_attribute`)."""
+        return node_attribute(self.node, name, default)
 
     @property
     def num_inputs(self) -> int:

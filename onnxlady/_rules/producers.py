@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import onnx
 
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import DirectSum, Expr, product
 from onnxlady._rules._context import Binding, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
@@ -237,7 +238,7 @@ def _transposed_constant(ctx: RuleContext, slot: int) -> tuple[tuple[int, ...], 
     shape = graph.constant_shape(source)
     if shape is None or len(shape) != 2:
         return None
-    perm = next((list(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), [1, 0])
+    perm = list(node_attribute(node, "perm", [1, 0]))
     if [int(p) for p in perm] != [1, 0]:
         return None
     if graph.consumers.get(name, []) != [(ctx.index, slot)] or name in graph.graph_outputs:

@@ -104,17 +104,44 @@ class PermutationKey:
                     raise OnnxladyError(f"{origin}: group {group['id']} does not hold a permutation of {group['size']}")
             known = {str(g["id"]) for g in key.groups}
             for entry in key.tensors:
-                str(entry["tensor"]), str(entry["source"])
+                _require(entry, ("tensor", "source", "axes"), "a tensor entry", origin)
                 for item in entry["axes"]:
-                    int(item["axis"])
+                    _require(item, ("axis", "expr"), f"an axis of tensor {entry['tensor']!r}", origin)
+                    _require_int(item["axis"], f"the axis of tensor {entry['tensor']!r}", origin)
                     _check_tree(item["expr"], known, origin)
             for record in key.untied:
-                str(record["copy"]), list(record["nodes"])
+                _require(record, ("copy", "nodes", "rewired"), "an untied record", origin)
+                _require_iterable(record["nodes"], f"the nodes of untied copy {record['copy']!r}", origin)
                 for rewire in record["rewired"]:
-                    str(rewire["from"]), str(rewire["to"])
+                    _require(rewire, ("from", "to"), f"a rewiring of untied copy {record['copy']!r}", origin)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise OnnxladyError(f"{origin}: malformed key ({type(exc).__name__}: {exc})") from exc
         return key
+
+
+def _require(record: Any, fields: tuple[str, ...], what: str, origin: str) -> None:
+    """``record`` must be a JSON object holding every one of ``fields``."""
+    if not isinstance(record, Mapping):
+        raise OnnxladyError(f"{origin}: malformed key ({what} is {record!r}, not an object)")
+    missing = [name for name in fields if name not in record]
+    if missing:
+        raise OnnxladyError(f"{origin}: malformed key ({what} lacks {', '.join(repr(m) for m in missing)})")
+
+
+def _require_int(value: Any, what: str, origin: str) -> None:
+    """``value`` must read as an integer (``int(value)`` is how the key is applied)."""
+    try:
+        int(value)
+    except (TypeError, ValueError):
+        raise OnnxladyError(f"{origin}: malformed key ({what} is {value!r}, not an integer)") from None
+
+
+def _require_iterable(value: Any, what: str, origin: str) -> None:
+    """``value`` must be a list (the key is applied by iterating over it)."""
+    try:
+        iter(value)
+    except TypeError:
+        raise OnnxladyError(f"{origin}: malformed key ({what} is {value!r}, not a list)") from None
 
 
 def _check_tree(tree: Any, known: set[str], origin: str) -> None:

@@ -57,10 +57,10 @@ from numbers import Integral, Real
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._io._tensors import all_finite, read_array
 
 #: Operators whose weight operand (input 1) is perturbed.
 WEIGHT_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -410,12 +410,10 @@ class _Holder:
                 f"weight '{self.name}' of {self.op_type} is stored as {kind}: only float32, float64, "
                 "float16 and bfloat16 weights can be perturbed (integer, already quantized weights are out of scope)"
             )
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise OnnxladyError(f"weight '{self.name}' still points to external data that was not loaded")
-        return self._finite(np.asarray(numpy_helper.to_array(tensor)).astype(np.float64))
+        return self._finite(np.asarray(read_array(tensor, f"weight '{self.name}'")).astype(np.float64))
 
     def _finite(self, values: np.ndarray) -> np.ndarray:
-        if not np.all(np.isfinite(values)):
+        if not all_finite(values):
             raise OnnxladyError(f"weight '{self.name}' holds NaN or infinite values and cannot be perturbed")
         return values
 

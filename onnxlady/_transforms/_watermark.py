@@ -31,7 +31,7 @@ from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph
-from onnxlady._transforms._permute import _tensor_holders
+from onnxlady._io._tensors import require_loaded, tensor_holders
 
 #: Default margin on every projection ``|x_i . w|``. The rows of ``X`` have norm about
 #: ``sqrt(in*kh*kw)``, so float32 rounding of the kernel moves a projection by about
@@ -106,11 +106,10 @@ def _writable_leaf(graph: ModelGraph, node: onnx.NodeProto, layer: str) -> onnx.
     if any(graph.nodes[i].op_type != "Identity" for i in leaf.chain):
         ops = ", ".join(graph.nodes[i].op_type for i in leaf.chain)
         raise OnnxladyError(f"layer '{layer}': weight reaches the Conv through {ops}; only a plain float kernel can be marked")
-    tensor = _tensor_holders(graph.model).get(leaf.name)
+    tensor = tensor_holders(graph.model).get(leaf.name)
     if tensor is None:
         raise OnnxladyError(f"layer '{layer}': weight '{leaf.name}' is not a tensor that can be rewritten")
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        raise OnnxladyError(f"layer '{layer}': weight '{leaf.name}' still points to external data that was not loaded")
+    require_loaded(tensor, f"layer '{layer}': weight '{leaf.name}'")
     if tensor.data_type not in _FLOAT_TYPES:
         raise OnnxladyError(f"layer '{layer}': weight '{leaf.name}' is not float32/float16/float64")
     return tensor
@@ -228,8 +227,7 @@ def embed_watermark(
         used *= 2.0
     else:
         raise OnnxladyError(f"layer '{layer}': the kernel's precision cannot hold {n_bits} bits")
-    original = numpy_helper.to_array(tensor).astype(np.float64)
-    _write(tensor, stored.reshape(original.shape))
+    _write(tensor, stored.reshape(tuple(int(d) for d in tensor.dims)))
     key = WatermarkKey(
         layer=layer,
         weight=graph.constant_leaf(node.input[1]).name,  # type: ignore[union-attr]

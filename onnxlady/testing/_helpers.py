@@ -6,20 +6,18 @@ import numpy as np
 import onnx
 
 from onnxlady import ChannelAnalysis
-from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
+from onnxlady._io._files import copy_model
+from onnxlady._io._tensors import tensor_holders
+from onnxlady._transforms._permute import _permute_tensor
+
+__all__ = ["PRODUCER_ROLES", "constant_bytes", "copy_model", "permute_copy", "permute_producer_only"]
 
 PRODUCER_ROLES = ("conv weight", "conv-transpose weight", "gemm weight", "matmul weight", "embedding table")
 
 
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
-
-
 def constant_bytes(model: onnx.ModelProto) -> dict[str, bytes]:
     """Every constant tensor of the main graph, serialised (initializers and Constant nodes)."""
-    return {name: tensor.SerializeToString() for name, tensor in _tensor_holders(model).items()}
+    return {name: tensor.SerializeToString() for name, tensor in tensor_holders(model).items()}
 
 
 def permute_producer_only(model: onnx.ModelProto, analysis: ChannelAnalysis) -> str:
@@ -27,7 +25,7 @@ def permute_producer_only(model: onnx.ModelProto, analysis: ChannelAnalysis) -> 
 
     Returns the tensor it changed. The producer chosen is the first whose group is permutable.
     """
-    holders = _tensor_holders(model)
+    holders = tensor_holders(model)
     for plan in analysis.tensors:
         if not any(role in PRODUCER_ROLES for role in plan.roles):
             continue
