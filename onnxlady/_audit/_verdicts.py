@@ -66,10 +66,12 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
-from onnxlady._resync._match import ConversionFinding
-from onnxlady._transforms._permute import _tensor_holders
+from onnxlady._graph._attributes import node_attribute
+from onnxlady._io._files import copy_model
+from onnxlady._io._tensors import read_array, read_constants, tensor_holders
 from onnxlady._resync._across import AcrossResync
 from onnxlady._resync._entry import resync_model
+from onnxlady._resync._match import ConversionFinding
 from onnxlady._resync._solver import ResyncResult
 
 __all__ = [
@@ -175,12 +177,6 @@ class AuditReport:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {
-        name: numpy_helper.to_array(t) for name, t in _tensor_holders(model).items()
-    }
-
-
 def _close(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None = None) -> bool:
     """Equal up to ``rtol`` times the largest magnitude of ``a`` (plus, element by element,
     ``allowed``: the error a conversion's storage may add)."""
@@ -205,7 +201,7 @@ def _axes_of(node: onnx.NodeProto, slot: int, rank: int) -> tuple[int, int] | No
     if node.op_type == "Conv" and slot == 1:
         return 0, 1
     if node.op_type == "Gemm" and slot == 1 and rank == 2:
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        trans_b = int(node_attribute(node, "transB", 0))
         return (0, 1) if trans_b else (1, 0)
     if node.op_type == "MatMul" and slot == 1 and rank >= 2:
         return rank - 1, rank - 2
@@ -625,8 +621,16 @@ MAX_MATRIX = 64
 
 
 def _similarity(
-    analysis: ChannelAnalysis, ref, before, after
+    analysis: ChannelAnalysis,
+    ref: dict[str, np.ndarray],
+    before: dict[str, np.ndarray],
+    after: dict[str, np.ndarray],
 ) -> dict[str, dict[str, list[list[float]]]]:
+    """Per group, cosine similarity of reference rows against suspect rows, before and after resync.
+
+    At most :data:`MAX_MATRIX` neurons per side (every ``step``-th). Only the sampled rows are
+    converted to float64, never whole tensors.
+    """
     uses = _group_uses(analysis, set(after))
     out = {}
     for group in analysis.permutable_groups:
@@ -641,24 +645,13 @@ def _similarity(
             r_rows, s_rows = [], []
             for j in pick:
                 r_rows.append(
-                    np.concatenate(
-                        [
-                            _rows(
-                                ref[p.source].astype(np.float64), p.axis, p.positions[j]
-                            )
-                            for p in prods
-                        ]
-                    )
+                    np.concatenate([_rows(ref[p.source], p.axis, p.positions[j]).astype(np.float64) for p in prods])
                 )
                 s_rows.append(
                     np.concatenate(
                         [
-                            _rows(
-                                model[
-                                    p.tensor if p.tensor in model else p.source
-                                ].astype(np.float64),
-                                p.axis,
-                                p.positions[j],
+                            _rows(model[p.tensor if p.tensor in model else p.source], p.axis, p.positions[j]).astype(
+                                np.float64
                             )
                             for p in prods
                         ]
@@ -688,11 +681,10 @@ def canonicalize(
     """
     if isinstance(scales, AuditReport):
         scales = scales.scales
-    model = onnx.ModelProto()
-    model.CopyFrom(suspect_resynced)
+    model = copy_model(suspect_resynced)
     analysis = analyze(reference if reference is not None else model)
-    holders = _tensor_holders(model)
-    work = {n: numpy_helper.to_array(t).astype(np.float64) for n, t in holders.items()}
+    holders = tensor_holders(model)
+    work = {n: read_array(t, f"tensor '{n}'").astype(np.float64) for n, t in holders.items()}
     uses = _group_uses(analysis, set(work))
     touched: set[str] = set()
     for group in analysis.permutable_groups:
@@ -721,7 +713,7 @@ def canonicalize(
     for name in touched:
         old = holders[name]
         new = numpy_helper.from_array(
-            work[name].astype(numpy_helper.to_array(old).dtype), name
+            work[name].astype(read_array(old, f"tensor '{name}'").dtype), name
         )
         old.CopyFrom(new)
     return model
@@ -744,8 +736,8 @@ def audit_models(
     order; if it then finds differences, the pair is compared the other way round as well
     (``mirrored`` marks that inner audit) and a clean result there is the verdict.
     """
-    ref = _arrays(reference)
-    before = _arrays(suspect)
+    ref = read_constants(reference, "reference")
+    before = read_constants(suspect, "suspect")
     analysis = analyze(reference)
     if (
         set(ref) == set(before)
@@ -776,7 +768,7 @@ def audit_models(
     if result.across is not None:
         ref, before, after, aligned, allowed = _common_form(result.across, analysis, ref)
     else:
-        after = aligned = _arrays(result.model)
+        after = aligned = read_constants(result.model, "re-synchronized suspect")
     sim = _similarity(analysis, ref, before, after)
     conversions = list(result.across.match.conversions) if result.across is not None else []
     done = " and converted" if conversions else ""

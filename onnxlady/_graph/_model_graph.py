@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._graph import _fold as _fold
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._errors import OnnxladyError
 
 if TYPE_CHECKING:
@@ -523,9 +524,9 @@ class ModelGraph:
         if int(np.prod(scale_shape)) <= 1 and len(scale_shape) <= 1:
             return []  # per-tensor: one scale for every channel
         rank = len(data_shape)
-        quantized_axis = int(_attribute_or(node, "axis", 1))
+        quantized_axis = int(node_attribute(node, "axis", 1))
         quantized_axis += rank if quantized_axis < 0 else 0
-        block = int(_attribute_or(node, "block_size", 0))
+        block = int(node_attribute(node, "block_size", 0))
         slots = [(1, f"{what} scale"), (2, f"{what} zero point")]
         slots = [(slot, kind) for slot, kind in slots if slot < len(node.input) and node.input[slot]]
         if block:
@@ -603,7 +604,7 @@ class ModelGraph:
         if op == "Identity":
             return value
         if op == "Cast":
-            to = onnx.helper.get_attribute_value(_attribute(node, "to"))
+            to = node_attribute(node, "to")
             return value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
         if op in QUANTIZE_OPS:
             return self._quantization(node, value)
@@ -612,10 +613,10 @@ class ModelGraph:
             factor = self.constant_value(node.input[1 - data]) if data is not None else None
             return None if factor is None else np.multiply(value, factor)  # IEEE products commute
         if op == "Flatten":
-            axis = int(_attribute_or(node, "axis", 1))
+            axis = int(node_attribute(node, "axis", 1))
             axis = axis + value.ndim if axis < 0 else axis
             return value.reshape(int(np.prod(value.shape[:axis])), -1)
-        axes_value = _attribute_or(node, "axes", None)
+        axes_value = node_attribute(node, "axes", None)
         if axes_value is None and len(node.input) > 1 and node.input[1]:
             axes_value = self.constant_value(node.input[1])
         if op == "Expand":
@@ -627,7 +628,7 @@ class ModelGraph:
             if axes_value is None:
                 return None
             target = [int(d) for d in np.asarray(axes_value).reshape(-1)]
-            if not int(_attribute_or(node, "allowzero", 0)):
+            if not int(node_attribute(node, "allowzero", 0)):
                 target = [value.shape[i] if d == 0 else d for i, d in enumerate(target)]
             return value.reshape(target)
         if op == "Squeeze":
@@ -651,8 +652,8 @@ class ModelGraph:
         if scale is None:
             return None
         zero = self.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        axis = int(_attribute_or(node, "axis", 1)) % max(value.ndim, 1)
-        block = int(_attribute_or(node, "block_size", 0))
+        axis = int(node_attribute(node, "axis", 1)) % max(value.ndim, 1)
+        block = int(node_attribute(node, "block_size", 0))
 
         def spread(parameter: np.ndarray) -> np.ndarray:
             if parameter.size == 1 and parameter.ndim <= 1:
@@ -725,20 +726,6 @@ def _constant_attribute(node: onnx.NodeProto | None) -> onnx.TensorProto | list 
         if attribute.name in ("value_float", "value_int", "value_floats", "value_ints"):
             return onnx.helper.get_attribute_value(attribute)
     return None
-
-
-def _attribute_or(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
-
-
-def _attribute(node: onnx.NodeProto, name: str) -> onnx.AttributeProto:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return attribute
-    raise KeyError(name)
 
 
 def _outer_scope_names(node: onnx.NodeProto) -> set[str]:
