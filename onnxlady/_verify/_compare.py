@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._tensors import is_external
 
 
 class _LazyOnnxRuntime:
@@ -606,12 +607,11 @@ def _probe_cuda() -> tuple[bool, str | None]:
 def _model_source(model: ModelLike, name: str) -> str | bytes:
     """What to give InferenceSession: the path (so external data resolves), or serialized bytes."""
     if isinstance(model, onnx.ModelProto):
-        for init in model.graph.initializer:
-            if init.data_location == TensorProto.EXTERNAL:
-                raise OnnxladyError(
-                    f"{name} is an in-memory model whose weights live in external files; "
-                    "pass its path instead so they resolve against its folder"
-                )
+        if any(is_external(init) for init in model.graph.initializer):
+            raise OnnxladyError(
+                f"{name} is an in-memory model whose weights live in external files; "
+                "pass its path instead so they resolve against its folder"
+            )
         try:
             return model.SerializeToString()
         except ValueError as exc:  # protobuf refuses messages over 2 GiB
@@ -695,10 +695,11 @@ class _Accumulator:
         self.ref_nonfinite = False
         self.mismatched = 0
         self.total = 0
+        self.atol = 0.0  # the last comparison's: what "vanishing" reference outputs are measured by
 
     def add(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> None:
-        self.atol = atol
         """Compare candidate ``a`` with reference ``b`` and fold the result in."""
+        self.atol = atol
         if self.shape is None:
             self.shape, self.dtype = tuple(int(d) for d in b.shape), str(b.dtype)
         self.total += int(b.size)
@@ -740,7 +741,7 @@ class _Accumulator:
             self.max_abs = self.max_rel = math.inf
 
     def _vanishing(self) -> float:
-        return max(DEGENERATE_THRESHOLD, 10.0 * getattr(self, "atol", 0.0))
+        return max(DEGENERATE_THRESHOLD, 10.0 * self.atol)
 
     def result(self) -> OutputComparison:
         if self.total == 0:
