@@ -6,8 +6,9 @@
   (DCR and CRD swapped) that verification must reject, and a permuted spatial axis;
 - Reshape with several permuted axes (channel shuffle, GroupNorm decomposition), Flatten of
   two permuted axes, a dynamic batch;
-- If / Loop reading outer-scope activations and initializers: frozen groups, untied weights,
-  and branches that still see the original values (both branches executed).
+- If / Loop reading outer-scope activations and initializers: their bodies are analysed (the
+  groups they read stay permutable), a weight shared with the main graph is untied for the
+  main graph's use, both branches run equivalent (see tests/test_recurrent.py for the rest).
 """
 
 from __future__ import annotations
@@ -507,20 +508,22 @@ def test_reshape_with_a_dynamic_batch() -> None:
 
 
 # -- recurrent ops and control flow -----------------------------------------------------------
-def test_lstm_freezes_what_reaches_it_and_nothing_else() -> None:
+def test_lstm_reads_the_conv_channels_and_makes_hidden_units() -> None:
+    """The conv channels reach the LSTM's input weight through the reshape (``p (x) I_8``); the
+    hidden units are a group of their own (the recurrent rule, tests/test_recurrent.py)."""
     analysis = analyze(_fixture("lstm_head"))
-    frozen = _group(analysis, "conv2", 1)  # a frozen group lists activations, not weights
-    assert frozen.frozen and frozen.reasons[0].kind == "blocking"
-    assert "LSTM 'lstm'" in frozen.reasons[0].message
-    assert _group(analysis, "to_sequence", 1) is frozen and _group(analysis, "time_major", 2) is frozen
-    assert _map(analysis, "to_sequence", 1) == "p (x) I_8" and _map(analysis, "time_major", 2) == "p (x) I_8"
-    assert not _maps(analysis, "conv2.weight", 0) and not _maps(analysis, "lstm.W", 2)
+    channels = _group(analysis, "conv2.weight", 0)
+    assert channels.permutable and _group(analysis, "time_major", 2) is channels
+    assert _map(analysis, "to_sequence", 1) == "p (x) I_8" and _map(analysis, "lstm.W", 2) == "p (x) I_8"
+    units = _group(analysis, "lstm.R", 2)
+    assert units.permutable and units.size == 32 and _group(analysis, "fc1.weight", 0) is units
+    assert _map(analysis, "lstm.W", 1) == "I_4 (x) p"
     assert _group(analysis, "conv1.weight", 0).permutable
     head = _group(analysis, "fc1.weight", 1)
     assert head.permutable and head.size == 24 and _group(analysis, "logits.weight", 0) is head
 
 
-def test_if_and_loop_freeze_outer_scope_reads_and_nothing_else() -> None:
+def test_if_and_loop_bodies_read_outer_scope_tensors_permuted() -> None:
     analysis = analyze(_fixture("if_branch"))
     graph = analysis.graph
     select = next(i for i, n in enumerate(graph.nodes) if n.name == "select")
@@ -529,31 +532,36 @@ def test_if_and_loop_freeze_outer_scope_reads_and_nothing_else() -> None:
     assert list(graph.nodes[select].input) == ["cond.positive"]
     assert set(graph.implicit_inputs[select]) == {"relu2", "shared.weight", "branch.weight"}
     assert set(graph.implicit_inputs[refine]) == {"loop.weight"}
-    assert (select, -1) in graph.constant_uses("shared.weight")
-    branch_read = _group(analysis, "conv2", 1)
-    assert branch_read.frozen and branch_read.reasons[0].kind == "blocking"
-    assert "If 'select'" in branch_read.reasons[0].message
-    loop_read = _group(analysis, "conv3", 1)
-    assert loop_read.frozen and "Loop 'refine'" in loop_read.reasons[0].message
-    # The rest is permuted: conv1's group reaches the main use of the shared weight.
+    # The bodies are analysed: their convs are the uses of the outer weights.
+    then_conv = next(i for i, n in enumerate(graph.nodes) if n.name == "select.then.conv")
+    uses = graph.constant_uses("shared.weight")
+    assert (then_conv, 1) in uses and (select, -1) not in uses
+    branch_read = _group(analysis, "conv2.weight", 0)
+    assert branch_read.permutable and _maps(analysis, "shared.weight", 1) == {branch_read.id: "p"}
+    assert _maps(analysis, "branch.weight", 1) == {branch_read.id: "p"}
+    returned = _group(analysis, "branch.weight", 0)  # both branches' rows, through the If's output
+    assert returned.permutable and _maps(analysis, "shared.weight", 0) == {returned.id: "p"}
+    loop_read = _group(analysis, "conv3.weight", 0)  # loop-carried: the body's rows and columns
+    assert loop_read.permutable
+    assert _maps(analysis, "loop.weight", 0) == _maps(analysis, "loop.weight", 1) == {loop_read.id: "p"}
     first = _group(analysis, "conv1.weight", 0)
     assert first.permutable and _group(analysis, "conv2.weight", 1) is first
     copy = "shared.weight.onnxlady_copy1"
     assert _group(analysis, copy, 1) is first
     shared_rows = _group(analysis, copy, 0)
-    assert shared_rows.permutable and _maps(analysis, "logits.weight", 1) == {shared_rows.id: "[0:16] of 32: p"}
-    # The shared weight is untied: the main Conv gets a copy, the branch keeps the original.
+    assert _maps(analysis, "logits.weight", 1) == {shared_rows.id: "[0:16] of 32: p", returned.id: "[16:32] of 32: p"}
+    # The shared weight is untied: the main Conv gets a copy, the branch keeps the original
+    # (permuted for the branch: a copy inside a body cannot be made).
     shared_conv = next(i for i, n in enumerate(graph.nodes) if n.name == "shared_conv")
     (untied,) = analysis.untied
     assert (untied.source, untied.tensor, untied.uses) == ("shared.weight", copy, ((shared_conv, 1),))
-    assert not [t for t in analysis.tensors if t.tensor in ("shared.weight", "branch.weight", "loop.weight")]
 
 
-def test_if_branch_sees_the_original_weights_after_permutation() -> None:
+def test_if_branch_and_loop_run_equivalent_after_permutation() -> None:
     source = _fixture("if_branch")
     model, _, _, key = _permute(source, seed=4)
     for name in ("shared.weight", "branch.weight", "loop.weight"):
-        assert _tensor_holders(model)[name].SerializeToString() == _tensor_holders(source)[name].SerializeToString()
+        assert _tensor_holders(model)[name].SerializeToString() != _tensor_holders(source)[name].SerializeToString()
     shared_conv = next(n for n in model.graph.node if n.name == "shared_conv")
     assert shared_conv.input[1] == "shared.weight.onnxlady_copy1"
     assert not np.array_equal(_array(model, "shared.weight.onnxlady_copy1"), _array(source, "shared.weight"))
@@ -607,9 +615,10 @@ def test_outer_weight_read_by_a_branch_is_untied(kind: str) -> None:
     (untied,) = analysis.untied
     assert untied.source == "shared.weight"
     assert _group(analysis, "conv1.weight", 0).permutable
-    assert _group(analysis, "conv2", 1).frozen
+    read = _group(analysis, "conv2.weight", 0)  # the branch reads it through the shared weight
+    assert read.permutable and _maps(analysis, "shared.weight", 1) == {read.id: "p"}
     model, _, _, _ = _permute(source, seed=1)
-    assert _tensor_holders(model)["shared.weight"].SerializeToString() == \
+    assert _tensor_holders(model)["shared.weight"].SerializeToString() != \
         _tensor_holders(source)["shared.weight"].SerializeToString()
 
 
@@ -621,8 +630,8 @@ def _wrong_permutation_is_caught(source: onnx.ModelProto) -> None:
 
 def test_concat_with_a_loop_output_keeps_the_other_operand_permutable() -> None:
     """ONNX leaves the shape of a loop-carried value unknown; the body maps [1, 8, 8, 8] to
-    itself, so the Loop output has that shape, and the Concat gives it a frozen block of its
-    own: conv2's neurons stay permutable."""
+    itself, so the Loop output has that shape; its loop-carried channels (conv1's, which the body
+    maps to themselves) take their own block of the Concat next to conv2's."""
     b = GraphBuilder("loop_concat", 0)
     x = b.input("input", (1, 3, 8, 8))
     a = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
@@ -637,8 +646,9 @@ def test_concat_with_a_loop_output_keeps_the_other_operand_permutable() -> None:
     analysis = _roundtrip(source, seed=3)
     conv2 = _group(analysis, "conv2.weight", 0)
     assert conv2.permutable
-    assert _map(analysis, "logits.weight", 1) == "[0:8] of 16: p"
-    assert _group(analysis, "conv1", 1).frozen  # the Loop reads it
+    conv1 = _group(analysis, "conv1.weight", 0)  # the Loop carries it, through the body's conv
+    assert conv1.permutable and _maps(analysis, "loop.weight", 0) == {conv1.id: "p"}
+    assert _maps(analysis, "logits.weight", 1) == {conv2.id: "[0:8] of 16: p", conv1.id: "[8:16] of 16: p"}
     _wrong_permutation_is_caught(source)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from onnxlady import _rules  # noqa: F401 - importing registers every rule
+from onnxlady._analysis._control_flow import walk_control_flow
 from onnxlady._graph._expr import Expr, Fixed, FreezeReason, canonical, describe, evaluate, labels
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._rules._context import AnalysisState, Binding, RuleContext, RuleDoesNotApply, materialize_joint
@@ -26,8 +27,8 @@ from onnxlady._rules._registry import rule_for
 #: Operators whose output neurons are the "producer neurons" counted by ``inspect``.
 PRODUCER_OPS = (
     "Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
-    # ONNX Runtime's contrib forms of the same layers (com.microsoft; Attention: its packed QKV weight).
-    "FusedConv", "FusedGemm", "FusedMatMul", "MatMulNBits", "Attention",
+    # Recurrent layers: their hidden units.
+    "LSTM", "GRU", "RNN",
 )  # fmt: skip
 COPY_SUFFIX = ".onnxlady_copy"
 
@@ -144,6 +145,20 @@ class ChannelAnalysis:
         return found
 
     @property
+    def closed_subgraphs(self) -> list[str]:
+        """One line per If/Loop/Scan node whose bodies were not analysed, naming it and saying why.
+
+        Nothing inside such a body is permuted, and what the node reads or returns is frozen
+        (the groups' reasons name it); where a whole network sits in such a body, these lines
+        are the only reason there is for finding nothing to permute.
+        """
+        nodes = self.graph.nodes
+        return [
+            f"{nodes[index].op_type} '{node_label(nodes[index], index)}': {why}"
+            for index, why in sorted(self.graph.closed_subgraphs.items())
+        ]
+
+    @property
     def untied(self) -> list[TensorPermutation]:
         return [t for t in self.tensors if t.copy > 0]
 
@@ -175,6 +190,7 @@ class ChannelAnalysis:
             "producer_neurons_pinned_by_outputs": pinned_by_output,
             "freeze_reasons_by_kind": dict(sorted(kinds.items())),
             "untied_constants": sorted({t.source for t in self.untied}),
+            "subgraphs_not_analysed": self.closed_subgraphs,
         }
 
 
@@ -186,12 +202,36 @@ def analyze(model: onnx.ModelProto, *, progress: Callable[[str], None] | None = 
     for position, index in enumerate(graph.order):
         if progress is not None and position % step == 0:
             progress(f"analysing node {position + 1}/{len(graph.order)}")
-        _run_rule(state, index)
+        _visit(state, index)
     for name in graph.graph_outputs:
         spaces = [*state.tracked.get(name, {}).values(), *(space.expr for space in state.joint.get(name, []))]
         for expr in spaces:
             state.solver.freeze(expr, FreezeReason("graph-output", f"graph output '{name}'"))
     return _collect(state)
+
+
+def _visit(state: AnalysisState, index: int) -> None:
+    """Analyse one node: an opened If/Loop/Scan with its bodies, any other node by its rule."""
+    if index in state.graph.subgraphs:
+        walk_control_flow(state, index, lambda inner: _visit(state, inner))
+    else:
+        _run_rule(state, index)
+
+
+def walk_order(graph: ModelGraph) -> list[int]:
+    """Every analysed node in the order the analysis visits it: each opened body's nodes come
+    just before their control-flow node, so every node (main or body) has a position."""
+    ordered: list[int] = []
+
+    def add(index: int) -> None:
+        for body in graph.subgraphs.get(index, ()):
+            for inner in body.nodes:
+                add(inner)
+        ordered.append(index)
+
+    for index in graph.order:
+        add(index)
+    return ordered
 
 
 def _run_rule(state: AnalysisState, index: int) -> None:
@@ -220,6 +260,14 @@ def _run_rule(state: AnalysisState, index: int) -> None:
 def _collect(state: AnalysisState) -> ChannelAnalysis:
     graph, solver = state.graph, state.solver
     tensors = _plan_tensors(state)
+    position = {index: k for k, index in enumerate(walk_order(graph))}
+    # A body's formal inputs (Loop/Scan) have no producer: they sit where their body starts.
+    formal = {
+        name: body.nodes[0] if body.nodes else owner
+        for owner, bodies in graph.subgraphs.items()
+        for body in bodies
+        for name in body.inputs
+    }
     members: dict[int, list[tuple[tuple[int, int, int], GroupMember]]] = {}
 
     def add_members(expr: Expr, order: tuple[int, int, int], make: Callable[[str], GroupMember]) -> None:
@@ -234,10 +282,9 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
             role = ", ".join(plan.roles)
             add_members(
                 expr,
-                (graph.order.index(node_index) if node_index >= 0 else -1, 0, axis),
+                (position.get(node_index, -1), 0, axis),
                 lambda imap, t=plan.tensor, a=axis, r=role, n=label: GroupMember(t, a, r, n, imap, True),
             )
-    position = {index: k for k, index in enumerate(graph.order)}
     for name, spaces in state.tracked.items():
         produced = graph.producer.get(name)
         node_index = produced[0] if produced else -1
@@ -245,7 +292,7 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
         for axis, expr in spaces.items():
             add_members(
                 expr,
-                (position.get(node_index, -1), 1, axis),
+                (position.get(node_index, position.get(formal.get(name, -1), -1)), 1, axis),
                 lambda imap, t=name, a=axis, n=label: GroupMember(t, a, "activation", n, imap, False),
             )
     for name, joint in state.joint.items():
@@ -283,14 +330,59 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
 
 
 def _plan_tensors(state: AnalysisState) -> list[TensorPermutation]:
-    """Which physical tensors to permute, untying constants whose uses disagree."""
+    """Which physical tensors to permute, untying constants whose uses disagree.
+
+    Copies are made in the main graph, for main-graph uses of main-graph constants. Where a copy
+    would be needed anywhere else (a use inside an If/Loop/Scan body, a constant held by a body),
+    the permutation that copy would carry is frozen instead, and the plan made again.
+    """
+    graph = state.graph
+    position = {index: k for k, index in enumerate(walk_order(graph))}
+    main_initializers = {tensor.name for tensor in graph.model.graph.initializer}
+    while True:
+        plans = _plan_once(state, position, lambda leaf, uses: _copyable(graph, leaf, uses, main_initializers))
+        blocked = [plan for plan in plans if plan.copy > 0 and not _copyable(graph, plan.source, plan.uses, main_initializers)]
+        if not blocked:
+            return plans
+        for plan in blocked:
+            reason = FreezeReason(
+                "index-map",
+                f"constant '{plan.source}' is shared by uses that need different permutations, and the "
+                "copy one of them needs would have to live inside an If/Loop/Scan body",
+            )
+            for _, expr in plan.axes:
+                state.solver.freeze(expr, reason)
+
+
+def _copyable(graph: ModelGraph, source: str, uses: Iterable[tuple[int, int]], main_initializers: set[str]) -> bool:
+    """Whether ``uses`` of constant ``source`` can get a copy of their own: a main-graph constant
+    read through main-graph chain nodes by main-graph nodes (copies are inserted in the main graph)."""
+    leaf = graph.constant_leaf(source)
+    if leaf is None:
+        return False
+    if leaf.constant_node is None and source not in main_initializers:
+        return False
+    if leaf.constant_node is not None and leaf.constant_node >= graph.main_count:
+        return False
+    for node, slot in uses:
+        if not 0 <= node < graph.main_count or slot < 0:
+            return False
+        used = graph.constant_leaf(graph.nodes[node].input[slot])
+        if used is None or any(index >= graph.main_count for index in used.chain):
+            return False
+    return True
+
+
+def _plan_once(
+    state: AnalysisState, position: Mapping[int, int], copyable: Callable[[str, list[tuple[int, int]]], bool]
+) -> list[TensorPermutation]:
     graph, solver = state.graph, state.solver
     by_leaf: dict[str, dict[tuple[int, int], dict[int, Binding]]] = {}
     for (node, slot, axis), binding in state.bindings.items():
         by_leaf.setdefault(binding.leaf, {}).setdefault((node, slot), {})[axis] = binding
     existing = set(graph.initializers) | set(graph.producer)
     plans: list[TensorPermutation] = []
-    for leaf in sorted(by_leaf, key=lambda name: _first_use(graph, by_leaf[name])):
+    for leaf in sorted(by_leaf, key=lambda name: _first_use(position, by_leaf[name])):
         bound = by_leaf[leaf]
         rank = len(graph.shape(leaf) or ())
         classes: dict[tuple, list[tuple[int, int]]] = {}
@@ -301,8 +393,12 @@ def _plan_tensors(state: AnalysisState) -> list[TensorPermutation]:
             )
             requirement = tuple(None if _is_identity(r) else r for r in requirement)
             classes.setdefault(requirement, []).append(use)
-        # The uses that need no permutation keep the original tensor; the others get copies.
-        ordered = sorted(classes.items(), key=lambda item: (any(r is not None for r in item[0]), item[1][0]))
+        # The uses that need no permutation keep the original tensor; the others get copies,
+        # except that uses which cannot have a copy (inside a body) are served first.
+        ordered = sorted(
+            classes.items(),
+            key=lambda item: (any(r is not None for r in item[0]), copyable(leaf, item[1]), item[1][0]),
+        )
         original_taken = False
         copies = 0
         for requirement, uses in ordered:
@@ -327,6 +423,5 @@ def _is_identity(expr: Expr | None) -> bool:
     return expr is None or isinstance(expr, Fixed)
 
 
-def _first_use(graph: ModelGraph, uses: Mapping[tuple[int, int], object]) -> tuple[int, int]:
-    position = {index: k for k, index in enumerate(graph.order)}
+def _first_use(position: Mapping[int, int], uses: Mapping[tuple[int, int], object]) -> tuple[int, int]:
     return min((position.get(node, -1), slot) for node, slot in uses)

@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxlady._graph import _contrib_shapes as _contrib_shapes
 from onnxlady._graph import _fold as _fold
+from onnxlady._graph import _subgraphs as _subgraphs
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._errors import OnnxladyError
 
@@ -101,21 +101,13 @@ class ModelGraph:
         self.constant_nodes: dict[str, int] = {}
         self.implicit_inputs: dict[int, tuple[str, ...]] = {}
         for index, node in enumerate(self.nodes):
-            for slot, name in enumerate(node.output):
-                if name:
-                    self.producer[name] = (index, slot)
-            for slot, name in enumerate(node.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((index, slot))
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and _constant_attribute(node) is not None:
-                self.constant_nodes[node.output[0]] = index
-            outer = _outer_scope_names(node)
-            if outer:
-                self.implicit_inputs[index] = tuple(sorted(outer))
-                for name in outer:
-                    self.consumers.setdefault(name, []).append((index, -1))
+            self._register_node(index, node)
+        #: The main graph's nodes are ``nodes[:main_count]`` (``model.graph.node`` in its order);
+        #: the nodes of opened If/Loop/Scan bodies follow (see :meth:`_open_subgraphs`).
+        self.main_count = len(self.nodes)
         self._check_defined()
         self.order: list[int] = self._topological_order()
+        self._open_subgraphs()
         self.shapes: dict[str, Shape] = {}
         self.dtypes: dict[str, int] = {}
         #: Values of computed tensors that are constant for every input of the declared shapes
@@ -132,6 +124,52 @@ class ModelGraph:
         self._data_slots: dict[int, int | None] = {}
 
     # -- structure -----------------------------------------------------------------------
+    def _register_node(self, index: int, node: onnx.NodeProto) -> None:
+        """Record what ``node`` (at ``index``) produces and reads, and whether it is a Constant."""
+        for slot, name in enumerate(node.output):
+            if name:
+                self.producer[name] = (index, slot)
+        for slot, name in enumerate(node.input):
+            if name:
+                self.consumers.setdefault(name, []).append((index, slot))
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and _constant_attribute(node) is not None:
+            self.constant_nodes[node.output[0]] = index
+        outer = _outer_scope_names(node)
+        if outer:
+            self.implicit_inputs[index] = tuple(sorted(outer))
+            for name in outer:
+                self.consumers.setdefault(name, []).append((index, -1))
+
+    def _open_subgraphs(self) -> None:
+        """Add the nodes and initializers of every If/Loop/Scan body that can be analysed.
+
+        An opened node's outer-scope reads are then made by its body nodes themselves (their
+        ``(node, -1)`` entries go), and it reads its bodies' outputs instead (slot -1). Closed
+        nodes keep their outer-scope reads, with the reason in :attr:`closed_subgraphs`.
+        """
+        defined = set(self.initializers) | {v.name for v in self.model.graph.input} | set(self.producer)
+        opened = _subgraphs.open_subgraphs(self.nodes, self.order, defined, self.opsets.get("", 1))
+        #: Bodies of each opened control-flow node (see :class:`onnxlady._graph._subgraphs.Subgraph`).
+        self.subgraphs: dict[int, tuple[_subgraphs.Subgraph, ...]] = opened.subgraphs
+        #: Why each control-flow node whose bodies are not analysed stays closed.
+        self.closed_subgraphs: dict[int, str] = opened.closed
+        #: The control-flow node each body node belongs to.
+        self.subgraph_owner: dict[int, int] = opened.owner
+        self._subgraph_infos = opened.value_infos
+        self._subgraph_names = opened.names
+        self.initializers.update(opened.initializers)
+        for node in opened.nodes:
+            index = len(self.nodes)
+            self.nodes.append(node)
+            self._register_node(index, node)
+        for index, bodies in self.subgraphs.items():
+            for name in self.implicit_inputs.get(index, ()):
+                self.consumers[name].remove((index, -1))
+            for body in bodies:
+                for name in body.outputs:
+                    if name:
+                        self.consumers.setdefault(name, []).append((index, -1))
+
     def _check_defined(self) -> None:
         known = set(self.initializers) | {v.name for v in self.model.graph.input} | set(self.producer)
         for index, node in enumerate(self.nodes):
@@ -150,7 +188,7 @@ class ModelGraph:
         import networkx as nx  # imported when used: it costs 0.3 s at start-up
 
         dag = nx.MultiDiGraph()
-        for index, node in enumerate(self.nodes):
+        for index, node in enumerate(self.nodes[: self.main_count]):
             op = ("op", index)
             dag.add_node(op, op_type=node.op_type, domain=node.domain, label=node_label(node, index))
             for name in list(node.input) + list(self.implicit_inputs.get(index, ())):
@@ -194,6 +232,7 @@ class ModelGraph:
                 self.shapes[name] = tuple(int(d) for d in tensor.dims)
                 self.dtypes[name] = tensor.data_type
         self._merge_infos(list(graph.input) + list(graph.output) + list(graph.value_info))
+        self._merge_infos(self._subgraph_infos)
         if infer:
             self._merge_infos(self._inferred_infos(self._skeleton()))
             if self._fold:
@@ -248,9 +287,6 @@ class ModelGraph:
                 self.folded[name] = value
                 self.shapes[name] = tuple(int(d) for d in value.shape)
                 continue
-            if _contrib_shapes.knows(node):
-                refined |= self._infer_contrib(node)
-                continue
             if node.domain not in ("", "ai.onnx") or all(
                 _fold.static_shape(self.shapes.get(name)) is not None for name in node.output if name
             ):
@@ -259,18 +295,6 @@ class ModelGraph:
             if not any(name in self.folded or name in refined for name in feeds):
                 continue  # nothing new to tell shape inference about this node
             refined |= self._infer_node(node, values, protos, opset, opset_imports)
-
-    def _infer_contrib(self, node: onnx.NodeProto) -> set[str]:
-        """Shapes of a contrib operator's outputs (ONNX inference does not know it): the outputs it helped."""
-        helped: set[str] = set()
-        for name, (shape, dtype) in _contrib_shapes.contrib_output_shapes(node, self.shapes, self.dtypes).items():
-            old = self.shapes.get(name)
-            if old is None or _known_count(shape) > _known_count(old):
-                self.shapes[name] = shape
-                helped.add(name)
-            if dtype:
-                self.dtypes.setdefault(name, dtype)
-        return helped
 
     def _infer_node(
         self,
@@ -332,6 +356,7 @@ class ModelGraph:
                 skeleton.graph.value_info.extend(carried)
                 inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
             infos = list(inferred.graph.value_info) + list(inferred.graph.output)
+            infos += [v for v in _nested_infos(inferred.graph) if v.name in self._subgraph_names]
         except Exception:  # noqa: BLE001 - malformed or exotic graphs: go on without shapes
             pass
         if self.opsets.get("", 0) < 15 and self._has_unknown_outputs(infos):
@@ -371,7 +396,7 @@ class ModelGraph:
                     onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
                 )
         constant_indices = set(self.constant_nodes.values())
-        for index, node in enumerate(self.nodes):
+        for index, node in enumerate(self.nodes[: self.main_count]):
             outputs = [name for name in node.output if name]
             if outputs and all(name in self.folded for name in outputs):
                 for name in outputs:
@@ -756,6 +781,16 @@ def _outer_scope_names(node: onnx.NodeProto) -> set[str]:
         for subgraph in graphs:
             names |= _free_names(subgraph)
     return names
+
+
+def _nested_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    """The value infos (inputs, outputs, value_info) of every graph nested in ``graph``'s nodes."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            nested = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for subgraph in nested:
+                yield from (*subgraph.input, *subgraph.output, *subgraph.value_info)
+                yield from _nested_infos(subgraph)
 
 
 def _free_names(graph: onnx.GraphProto) -> set[str]:

@@ -2,13 +2,13 @@
 
 from onnxlady._rules import (  # noqa: F401 - each module registers its rules
     blocking,
-    contrib,
     elementwise,
     layout,
     normalization,
     pooling,
     producers,
     quantized,
+    recurrent,
     reductions,
     structural,
 )

@@ -7,12 +7,6 @@ from onnxlady._rules._registry import OpRule, register
 
 _WHY = {
     "LRN": "normalises across neighbouring channels",
-    "LSTM": "recurrent gates have no permutation rule",
-    "GRU": "recurrent gates have no permutation rule",
-    "RNN": "recurrent gates have no permutation rule",
-    "If": "control flow: branches are not analysed",
-    "Loop": "control flow: the loop body is not analysed",
-    "Scan": "control flow: the scan body is not analysed",
     "NonZero": "returns positions",
     "Compress": "selects positions",
     "Unique": "reorders values",
@@ -34,3 +28,18 @@ class BlockingRule(OpRule):
 
     def propagate(self, ctx: RuleContext) -> None:
         ctx.block("blocking", _WHY[ctx.op_type])
+
+
+@register
+class ClosedControlFlowRule(OpRule):
+    """If/Loop/Scan whose bodies stay closed: the reason comes from the graph.
+
+    Opened bodies never reach a rule (the analysis walks them, see
+    :mod:`onnxlady._analysis._control_flow`); a closed node freezes what it reads and returns.
+    """
+
+    op_types = ("If", "Loop", "Scan")
+
+    def propagate(self, ctx: RuleContext) -> None:
+        why = ctx.graph.closed_subgraphs.get(ctx.index, "its bodies are not analysed")
+        ctx.block("blocking", f"control flow: {why}")

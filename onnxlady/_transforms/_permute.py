@@ -167,6 +167,8 @@ def permute_model(
     source_fingerprint = graph_fingerprint(model)
     untied = _untie(analysis)
     holders = _tensor_holders(model)
+    # A streaming writer overrides main-graph tensors only: subgraphs' constants are permuted in place.
+    streamable = _tensor_holders(model, subgraphs=False)
     group_ids = {group.root: group.id for group in analysis.groups if group.id in perms}
     find = analysis.solver.find
     digest = deferred.digest if deferred is not None else SourceDigest()
@@ -178,7 +180,7 @@ def permute_model(
         tensor = holders[plan.tensor]
         axes = [(axis, analysis.index_array(expr, perms)) for axis, expr in plan.axes]
         first = digest.expect(plan.source)
-        if deferred is not None and _deferrable(tensor):
+        if deferred is not None and plan.tensor in streamable and _deferrable(tensor):
             work = _deferred_take(tensor, axes, digest, plan.source if first else None)
             deferred.add(plan.tensor, work, file_order)
         else:
