@@ -27,6 +27,8 @@ from onnxlady._rules._registry import rule_for
 #: Operators whose output neurons are the "producer neurons" counted by ``inspect``.
 PRODUCER_OPS = (
     "Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
+    # ONNX Runtime's contrib forms of the same layers (com.microsoft; Attention: its packed QKV weight).
+    "FusedConv", "FusedGemm", "FusedMatMul", "MatMulNBits", "Attention",
     # Recurrent layers: their hidden units.
     "LSTM", "GRU", "RNN",
 )  # fmt: skip

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxlady._graph import _contrib_shapes as _contrib_shapes
 from onnxlady._graph import _fold as _fold
 from onnxlady._graph import _subgraphs as _subgraphs
 from onnxlady._graph._attributes import node_attribute
@@ -287,6 +288,9 @@ class ModelGraph:
                 self.folded[name] = value
                 self.shapes[name] = tuple(int(d) for d in value.shape)
                 continue
+            if _contrib_shapes.knows(node):
+                refined |= self._infer_contrib(node)
+                continue
             if node.domain not in ("", "ai.onnx") or all(
                 _fold.static_shape(self.shapes.get(name)) is not None for name in node.output if name
             ):
@@ -295,6 +299,18 @@ class ModelGraph:
             if not any(name in self.folded or name in refined for name in feeds):
                 continue  # nothing new to tell shape inference about this node
             refined |= self._infer_node(node, values, protos, opset, opset_imports)
+
+    def _infer_contrib(self, node: onnx.NodeProto) -> set[str]:
+        """Shapes of a contrib operator's outputs (ONNX inference does not know it): the outputs it helped."""
+        helped: set[str] = set()
+        for name, (shape, dtype) in _contrib_shapes.contrib_output_shapes(node, self.shapes, self.dtypes).items():
+            old = self.shapes.get(name)
+            if old is None or _known_count(shape) > _known_count(old):
+                self.shapes[name] = shape
+                helped.add(name)
+            if dtype:
+                self.dtypes.setdefault(name, dtype)
+        return helped
 
     def _infer_node(
         self,

@@ -2,6 +2,7 @@
 
 from onnxlady._rules import (  # noqa: F401 - each module registers its rules
     blocking,
+    contrib,
     elementwise,
     layout,
     normalization,
