@@ -1,0 +1,450 @@
+"""Search an index for the models a suspect derives from, and find clusters of related models.
+
+:func:`find` ranks every indexed model by fingerprint distance to a suspect in two stages:
+
+1. *coarse*: the search vectors of all models (one float32 matrix, see
+   :func:`~onnxlady._provenance._fingerprint.search_vector`) are ranked by Euclidean distance
+   to the suspect's in numpy: one matrix-vector product, a few milliseconds for 100,000
+   models;
+2. *exact*: the first :data:`CANDIDATES` (or ``8 * top`` if more) are compared layer by layer
+   (:func:`~onnxlady._provenance._fingerprint.compare_fingerprints`) and ranked by that
+   distance.
+
+Each result carries a ``score`` in (0, 1], ``1 / (1 + (distance / threshold)^2)`` (1: the same
+neurons up to order; 0.5 at the threshold), and a call: ``"derived"`` when ``distance <=
+threshold``, else ``"unrelated"``.
+
+Calibration of :data:`DERIVED_THRESHOLD`: distances are in units of the gap between two
+unrelated layers of the same shape (see :mod:`onnxlady._provenance._fingerprint`), so an
+unrelated model of the same architecture sits near 1 and a model of another architecture at 1
+or more (its layers stay unpaired). In the registry experiment (``python3 -m
+tools.registry_experiment``: fixtures as references, each permuted, with noise OMEGA = 0.1,
+int8 QDQ, 30 % magnitude pruning, float16 and ORT's extended optimizer, against other seeds of
+the same architectures and the other fixtures) every derivative stayed below 0.33 and every
+unrelated model above 0.78; the threshold sits between them, at 0.5. Heavier changes (noise
+OMEGA >= 0.3, pruning far beyond 50 %, fine-tuning that moves weights by more than a tenth of
+their spread) leave the "derived" side; a confirmed resync (``confirm=True``) then decides.
+
+``confirm=True`` audits each returned candidate against the suspect
+(:func:`onnxlady._audit._verdicts.audit_models`, which runs
+:func:`onnxlady._resync._entry.resync_model` first): the verdict (``permuted``,
+``perturbed``...) and the resync's mean neuron similarity, or why they could not be paired.
+
+:func:`find_all_pairs` lists every cluster of related models in an index: pairs whose exact
+distance is within the threshold, joined into connected components.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxlady._audit._verdicts import audit_models
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._files import load_model
+from onnxlady._provenance._fingerprint import (
+    ModelFingerprint,
+    compare_fingerprints,
+    fingerprint_model,
+    search_vector,
+)
+from onnxlady._provenance._index import open_index, read_fingerprints, search_matrix
+from onnxlady._provenance._read import fingerprint_file, is_url, load_url
+
+__all__ = [
+    "CANDIDATES",
+    "DERIVED_THRESHOLD",
+    "Candidate",
+    "Cluster",
+    "ClusterReport",
+    "Confirmation",
+    "FindReport",
+    "find",
+    "find_all_pairs",
+    "score_of",
+]
+
+#: Largest distance called "derived" (see the module docstring for its calibration).
+DERIVED_THRESHOLD = 0.5
+#: Models compared exactly after the coarse ranking (at least; ``8 * top`` when larger).
+CANDIDATES = 64
+#: All pairs: the coarse neighbours per model compared exactly, beyond those within the cutoff.
+_NEIGHBOURS = 16
+#: All pairs: coarse (search-vector) distance below which a pair is always compared exactly.
+_COARSE_CUTOFF = 3.0
+_BLOCK = 2048
+
+
+def score_of(distance: float, threshold: float = DERIVED_THRESHOLD) -> float:
+    """``1 / (1 + (distance / threshold)^2)``: 1 for equal fingerprints, 0.5 at the threshold."""
+    return 1.0 / (1.0 + (distance / threshold) ** 2)
+
+
+# -- results ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Confirmation:
+    """The audit of one candidate (as reference) against the suspect.
+
+    Attributes:
+        verdict: the audit's verdict (``identical``, ``permuted``, ``permuted-rescaled``,
+            ``scaled``, ``perturbed``, ``converted``) or ``"unmatched"`` when the two models
+            could not be paired (another architecture).
+        summary: the audit's one-line summary, or why they could not be paired.
+        mean_similarity: mean similarity of the resync's matched neurons (None without resync).
+        seconds: time the confirmation took.
+    """
+
+    verdict: str
+    summary: str
+    mean_similarity: float | None
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One indexed model ranked against a suspect.
+
+    Attributes:
+        rank: 1 for the closest.
+        path: the indexed model's path or URL.
+        distance: exact fingerprint distance (0: same neurons up to order).
+        score: :func:`score_of` the distance.
+        call: ``"derived"`` or ``"unrelated"``.
+        paired_layers: producer layers paired between the two.
+        unpaired_layers: layers of (suspect, candidate) left without partner.
+        confirmation: the audit, when asked for.
+    """
+
+    rank: int
+    path: str
+    distance: float
+    score: float
+    call: str
+    paired_layers: int
+    unpaired_layers: tuple[int, int]
+    confirmation: Confirmation | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "path": self.path,
+            "distance": round(self.distance, 6),
+            "score": round(self.score, 6),
+            "call": self.call,
+            "paired_layers": self.paired_layers,
+            "unpaired_layers": list(self.unpaired_layers),
+            "confirmation": self.confirmation.to_json() if self.confirmation is not None else None,
+        }
+
+
+@dataclass
+class FindReport:
+    """The ranking of an index's models against one suspect.
+
+    Attributes:
+        suspect: the suspect's path (or ``"<model>"`` for an in-memory model).
+        index: the index searched.
+        models: models in the index.
+        threshold: the distance limit of a "derived" call.
+        candidates: the ranked candidates, closest first.
+        search_seconds: time of the search itself (coarse and exact stages, without
+            fingerprinting the suspect or confirming).
+        seconds: total time.
+    """
+
+    suspect: str
+    index: str
+    models: int
+    threshold: float
+    candidates: list[Candidate] = field(default_factory=list)
+    search_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def derived(self) -> list[Candidate]:
+        """The candidates called "derived"."""
+        return [c for c in self.candidates if c.call == "derived"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "suspect": self.suspect,
+            "index": self.index,
+            "models": self.models,
+            "threshold": self.threshold,
+            "derived": len(self.derived),
+            "candidates": [c.to_json() for c in self.candidates],
+            "search_seconds": round(self.search_seconds, 4),
+            "seconds": round(self.seconds, 4),
+        }
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Models related to each other (connected by "derived" pairs).
+
+    Attributes:
+        members: their paths, sorted.
+        pairs: (path, path, distance) of every "derived" pair inside the cluster.
+    """
+
+    members: tuple[str, ...]
+    pairs: tuple[tuple[str, str, float], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "members": list(self.members),
+            "pairs": [{"a": a, "b": b, "distance": round(d, 6)} for a, b, d in self.pairs],
+        }
+
+
+@dataclass
+class ClusterReport:
+    """Every cluster of related models in an index (models related to none are left out).
+
+    Attributes:
+        index: the index.
+        models: models in the index.
+        threshold: the distance limit of a "derived" pair.
+        clusters: the clusters, largest first.
+        compared_pairs: pairs compared exactly (the rest were far apart in the coarse stage).
+        seconds: time taken.
+    """
+
+    index: str
+    models: int
+    threshold: float
+    clusters: list[Cluster] = field(default_factory=list)
+    compared_pairs: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "models": self.models,
+            "threshold": self.threshold,
+            "clusters": [c.to_json() for c in self.clusters],
+            "compared_pairs": self.compared_pairs,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# -- the suspect ------------------------------------------------------------------------------
+def _suspect_fingerprint(
+    suspect: str | os.PathLike[str] | onnx.ModelProto | ModelFingerprint,
+) -> tuple[str, ModelFingerprint]:
+    if isinstance(suspect, ModelFingerprint):
+        return "<fingerprint>", suspect
+    if isinstance(suspect, onnx.ModelProto):
+        return "<model>", fingerprint_model(suspect)
+    text = os.fspath(suspect)
+    result = fingerprint_file(text)
+    if result.error:
+        raise OnnxladyError(result.error)
+    return result.path, ModelFingerprint.from_bytes(result.fingerprint)
+
+
+def _load(path: str) -> onnx.ModelProto:
+    return load_url(path) if is_url(path) else load_model(path).model
+
+
+def _confirm(reference_path: str, suspect: onnx.ModelProto) -> Confirmation:
+    start = time.perf_counter()
+    try:
+        reference = _load(reference_path)
+        report = audit_models(reference, suspect)
+    except OnnxladyError as exc:
+        return Confirmation("unmatched", str(exc), None, time.perf_counter() - start)
+    similarity = None
+    if report.resync is not None and report.resync.groups:
+        similarity = float(np.mean([group.mean_similarity for group in report.resync.groups]))
+    elif report.verdict == "identical":
+        similarity = 1.0
+    return Confirmation(report.verdict, report.summary, similarity, time.perf_counter() - start)
+
+
+# -- find -------------------------------------------------------------------------------------
+def find(
+    suspect: str | os.PathLike[str] | onnx.ModelProto | ModelFingerprint,
+    index_path: str | os.PathLike[str],
+    *,
+    top: int = 5,
+    confirm: bool = False,
+    threshold: float = DERIVED_THRESHOLD,
+    progress: Callable[[str], None] | None = None,
+) -> FindReport:
+    """Rank the indexed models by fingerprint distance to ``suspect`` (module docstring).
+
+    Args:
+        suspect: a model file or URL, a loaded model, or a fingerprint.
+        index_path: the index built by :func:`onnxlady._provenance._index.build_index`.
+        top: how many candidates to return.
+        confirm: audit each returned candidate against the suspect (needs the suspect as a
+            file or model, and the candidates' files).
+        threshold: the largest distance called "derived".
+        progress: called with one line per confirmation.
+
+    Returns:
+        The ranked candidates.
+
+    Raises:
+        OnnxladyError: the suspect cannot be read, the index is missing, not an index, of a
+            newer format, or ``top``/``threshold`` are not positive, or ``confirm`` with a
+            fingerprint as suspect.
+    """
+    if top < 1:
+        raise OnnxladyError(f"top must be at least 1, not {top}")
+    if not threshold > 0:
+        raise OnnxladyError(f"threshold must be positive, not {threshold}")
+    if confirm and isinstance(suspect, ModelFingerprint):
+        raise OnnxladyError("confirm needs the suspect model, not only its fingerprint")
+    start = time.perf_counter()
+    name, fingerprint = _suspect_fingerprint(suspect)
+    with open_index(index_path) as connection:
+        search_start = time.perf_counter()
+        ids, matrix = search_matrix(connection)
+        report = FindReport(name, str(index_path), int(ids.size), threshold)
+        if ids.size:
+            query = search_vector(fingerprint)
+            coarse = _coarse_distances(matrix, query)
+            keep = min(ids.size, max(CANDIDATES, 8 * top))
+            nearest = np.argpartition(coarse, keep - 1)[:keep] if keep < ids.size else np.arange(ids.size)
+            stored = read_fingerprints(connection, ids[nearest])
+            ranked = []
+            for model_id in ids[nearest]:
+                path, other = stored[int(model_id)]
+                match = compare_fingerprints(fingerprint, other)
+                ranked.append((match.distance, path, match))
+            ranked.sort(key=lambda item: (item[0], item[1]))
+            for rank, (distance, path, match) in enumerate(ranked[:top], start=1):
+                report.candidates.append(
+                    Candidate(
+                        rank, path, distance, score_of(distance, threshold),
+                        "derived" if distance <= threshold else "unrelated", len(match.pairs),
+                        (len(match.unmatched_a), len(match.unmatched_b)),
+                    )
+                )  # fmt: skip
+        report.search_seconds = time.perf_counter() - search_start
+    if confirm and report.candidates:
+        model = suspect if isinstance(suspect, onnx.ModelProto) else _load(os.fspath(suspect))  # type: ignore[arg-type]
+        confirmed = []
+        for candidate in report.candidates:
+            if progress is not None:
+                progress(f"find: auditing {candidate.path} against the suspect")
+            confirmed.append(_with_confirmation(candidate, _confirm(candidate.path, model)))
+        report.candidates = confirmed
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _with_confirmation(candidate: Candidate, confirmation: Confirmation) -> Candidate:
+    return Candidate(
+        candidate.rank, candidate.path, candidate.distance, candidate.score, candidate.call,
+        candidate.paired_layers, candidate.unpaired_layers, confirmation,
+    )  # fmt: skip
+
+
+def _coarse_distances(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distance of each row of ``matrix`` to ``query`` (float32 math)."""
+    norms = np.einsum("ij,ij->i", matrix, matrix)
+    return norms - 2.0 * (matrix @ query) + float(query @ query)
+
+
+# -- all pairs --------------------------------------------------------------------------------
+def find_all_pairs(
+    index_path: str | os.PathLike[str],
+    *,
+    threshold: float = DERIVED_THRESHOLD,
+) -> ClusterReport:
+    """Every cluster of related models in an index.
+
+    Pairs are compared exactly when they are among each other's :data:`_NEIGHBOURS` nearest
+    search vectors or closer than a coarse cutoff; pairs within ``threshold`` are joined into
+    clusters (connected components).
+
+    Args:
+        index_path: the index.
+        threshold: the largest distance of a "derived" pair.
+
+    Returns:
+        The clusters, largest first (members sorted by path).
+
+    Raises:
+        OnnxladyError: the index is missing, not an index, or of a newer format.
+    """
+    if not threshold > 0:
+        raise OnnxladyError(f"threshold must be positive, not {threshold}")
+    start = time.perf_counter()
+    with open_index(index_path) as connection:
+        ids, matrix = search_matrix(connection)
+        report = ClusterReport(str(index_path), int(ids.size), threshold)
+        candidates = _coarse_pairs(matrix)
+        stored = read_fingerprints(connection, ids[np.unique(np.array(list(candidates), dtype=np.int64).ravel())] if candidates else [])
+    parent = list(range(ids.size))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    related: list[tuple[int, int, float]] = []
+    for i, j in sorted(candidates):
+        distance = compare_fingerprints(stored[int(ids[i])][1], stored[int(ids[j])][1]).distance
+        if distance <= threshold:
+            related.append((i, j, distance))
+            parent[root(i)] = root(j)
+    report.compared_pairs = len(candidates)
+    groups: dict[int, list[int]] = {}
+    for i, j, _ in related:
+        groups.setdefault(root(i), [])
+    for i in range(ids.size):
+        if root(i) in groups:
+            groups[root(i)].append(i)
+    clusters = []
+    for members in groups.values():
+        inside = set(members)
+        pairs = tuple(
+            sorted(
+                (min(stored[int(ids[i])][0], stored[int(ids[j])][0]), max(stored[int(ids[i])][0], stored[int(ids[j])][0]), d)
+                for i, j, d in related
+                if i in inside
+            )
+        )
+        clusters.append(Cluster(tuple(sorted(stored[int(ids[i])][0] for i in members)), pairs))
+    clusters.sort(key=lambda c: (-len(c.members), c.members))
+    report.clusters = clusters
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _coarse_pairs(matrix: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs (i < j) worth an exact comparison, by blocks of rows (memory stays bounded)."""
+    count = matrix.shape[0]
+    pairs: set[tuple[int, int]] = set()
+    if count < 2:
+        return pairs
+    norms = np.einsum("ij,ij->i", matrix, matrix)
+    neighbours = min(_NEIGHBOURS, count - 1)
+    for begin in range(0, count, _BLOCK):
+        block = matrix[begin : begin + _BLOCK]
+        squared = norms[begin : begin + _BLOCK, None] - 2.0 * block @ matrix.T + norms[None, :]
+        rows = np.arange(block.shape[0])
+        squared[rows, begin + rows] = np.inf  # not with itself
+        nearest = np.argpartition(squared, neighbours - 1, axis=1)[:, :neighbours]
+        close_i, close_j = np.nonzero(squared < _COARSE_CUTOFF**2)
+        for i, j in zip(np.repeat(rows, neighbours), nearest.ravel()):
+            a, b = begin + int(i), int(j)
+            pairs.add((min(a, b), max(a, b)))
+        for i, j in zip(close_i, close_j):
+            a, b = begin + int(i), int(j)
+            pairs.add((min(a, b), max(a, b)))
+    return pairs

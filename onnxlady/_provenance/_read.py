@@ -1,0 +1,260 @@
+"""Reading one model for the index: a local file, or a URL through ``fsspec``; never raising.
+
+A registry holds anything: truncated downloads, files that are not ONNX, models whose external
+data went missing. :func:`fingerprint_file` turns each into a :class:`FileFingerprint`, with
+either a fingerprint or a one-line error, so a build lists the bad files and goes on.
+
+Local paths are read by :func:`onnxlady._io._files.load_model` (external data resolved against
+the model's own folder and refused outside it, tensor sizes checked, sha256 computed while the
+file is parsed). A URL (``scheme://...``: ``file://``, ``s3://`` with ``s3fs``, ``gs://`` with
+``gcsfs``, ``memory://``...) is read through ``fsspec`` (the ``scale`` extra): the file's bytes
+are hashed and parsed, and each external tensor is read from ``location`` relative to the
+model's folder URL (absolute locations and ``..`` are refused, as for local files).
+"""
+
+from __future__ import annotations
+
+import datetime as _datetime
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._files import load_model
+from onnxlady._io._tensors import is_external
+from onnxlady._provenance._fingerprint import (
+    ModelFingerprint,
+    fingerprint_model,
+    search_vector,
+)
+
+__all__ = ["FileFingerprint", "fingerprint_file", "is_url", "list_urls", "load_url", "sha256_url", "stat_url"]
+
+_READ_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class FileFingerprint:
+    """What a worker returns for one file: its identity and fingerprint, or its error.
+
+    Attributes:
+        path: the absolute path or URL read.
+        size: bytes of the model file.
+        mtime_ns: its modification time (0 for a URL whose store has none).
+        sha256: hex digest of the model file ("" on error).
+        data_files: (path or URL, size, mtime_ns) of each external data file read.
+        fingerprint: :meth:`ModelFingerprint.to_bytes` ("" on error).
+        vector: the float32 search vector's bytes.
+        layers: producer layers fingerprinted.
+        parameters: their weight elements.
+        error: one line saying why the file could not be fingerprinted ("" when it was).
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str = ""
+    data_files: tuple[tuple[str, int, int], ...] = ()
+    fingerprint: bytes = b""
+    vector: bytes = b""
+    layers: int = 0
+    parameters: int = 0
+    error: str = ""
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names a URL read through fsspec (``scheme://...``)."""
+    return "://" in path
+
+
+def _result(
+    path: str, size: int, mtime_ns: int, sha256: str, data_files: tuple[tuple[str, int, int], ...],
+    fingerprint: ModelFingerprint,
+) -> FileFingerprint:  # fmt: skip
+    return FileFingerprint(
+        path, size, mtime_ns, sha256, data_files, fingerprint.to_bytes(), search_vector(fingerprint).tobytes(),
+        fingerprint.layers, fingerprint.parameters,
+    )  # fmt: skip
+
+
+def fingerprint_file(path: str) -> FileFingerprint:
+    """Fingerprint one model file or URL (see the module docstring); never raises for a bad file.
+
+    Args:
+        path: a local path or a URL.
+
+    Returns:
+        The file's identity and fingerprint, or its identity and a one-line ``error``.
+    """
+    if is_url(path):
+        return _fingerprint_url(path)
+    local = Path(path)
+    try:
+        stat = local.stat()
+    except OSError as exc:
+        return FileFingerprint(str(local), 0, 0, error=f"{local}: cannot read ({exc.strerror or exc})")
+    try:
+        loaded = load_model(local)
+        data_files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in loaded.external_files)
+        fingerprint = fingerprint_model(loaded.model)
+    except OnnxladyError as exc:
+        return FileFingerprint(str(local), stat.st_size, stat.st_mtime_ns, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a registry holds anything: list it and go on
+        return FileFingerprint(
+            str(local), stat.st_size, stat.st_mtime_ns, error=" ".join(f"{local}: {type(exc).__name__}: {exc}".split())
+        )
+    return _result(str(local), stat.st_size, stat.st_mtime_ns, loaded.sha256, data_files, fingerprint)
+
+
+# -- URLs -------------------------------------------------------------------------------------
+def _filesystem(url: str) -> tuple[Any, str]:
+    try:
+        import fsspec
+    except ImportError as exc:
+        raise OnnxladyError(f"{url}: reading URLs needs fsspec: pip install 'onnxlady[scale]'") from exc
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:  # an unknown protocol, or its package missing
+        raise OnnxladyError(f"{url}: cannot open ({exc})") from exc
+
+
+def _mtime_ns(info: dict[str, Any]) -> int:
+    """A modification time from an fsspec ``info`` (each store names it its own way)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return int(value * 1e9)
+        if isinstance(value, _datetime.datetime):
+            return int(value.timestamp() * 1e9)
+        if isinstance(value, str):
+            try:
+                return int(_datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
+            except ValueError:
+                continue
+    return 0
+
+
+def list_urls(url: str) -> tuple[list[str], str]:
+    """The ``*.onnx`` files under a folder URL (recursively), or the URL itself when it names a
+    file; and the folder's URL ("" for a file).
+
+    Raises:
+        OnnxladyError: fsspec missing, an unknown protocol, or nothing there.
+    """
+    fs, root = _filesystem(url)
+    try:
+        if fs.isdir(root):
+            found = sorted(p for p in fs.find(root) if p.lower().endswith(".onnx"))
+            return [fs.unstrip_protocol(p) for p in found], fs.unstrip_protocol(root)
+        if fs.isfile(root):
+            return [fs.unstrip_protocol(root)], ""
+    except OSError as exc:
+        raise OnnxladyError(f"{url}: cannot list ({exc})") from exc
+    raise OnnxladyError(f"{url}: no such file or folder")
+
+
+def stat_url(url: str) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a URL, or None when it cannot be read."""
+    try:
+        fs, path = _filesystem(url)
+        info = fs.info(path)
+    except (OnnxladyError, OSError):
+        return None
+    return int(info.get("size") or 0), _mtime_ns(info)
+
+
+def sha256_url(url: str) -> str | None:
+    """The sha256 of a URL's bytes, streamed, or None when it cannot be read."""
+    try:
+        fs, path = _filesystem(url)
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as stream:
+            while chunk := stream.read(_READ_CHUNK):
+                digest.update(chunk)
+    except (OnnxladyError, OSError):
+        return None
+    return digest.hexdigest()
+
+
+def _load_url_external_data(model: onnx.ModelProto, fs: Any, folder: str, url: str) -> tuple[tuple[str, int, int], ...]:
+    """Read every external tensor from its file next to the model (refusing any path that
+    leaves the model's folder) into ``raw_data``."""
+    files: dict[str, tuple[str, int, int]] = {}
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not is_external(tensor):
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        relative = PurePosixPath(location)
+        if not location or relative.is_absolute() or ".." in relative.parts:
+            raise OnnxladyError(f"{url}: tensor '{tensor.name}' points outside the model folder ({location!r})")
+        target = f"{folder}/{relative}" if folder else str(relative)
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        try:
+            with fs.open(target, "rb") as stream:
+                stream.seek(offset)
+                data = stream.read(int(length)) if length is not None else stream.read()
+            if target not in files:
+                meta = fs.info(target)
+                files[target] = (fs.unstrip_protocol(target), int(meta.get("size") or 0), _mtime_ns(meta))
+        except (OSError, ValueError) as exc:
+            raise OnnxladyError(f"{url}: external data file '{location}' for tensor '{tensor.name}' unreadable ({exc})") from exc
+        tensor.raw_data = data
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return tuple(files.values())
+
+
+def _parse_url_model(data: bytes, fs: Any, path: str, name: str) -> tuple[onnx.ModelProto, tuple[tuple[str, int, int], ...]]:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise OnnxladyError(f"{name}: not an ONNX model (protobuf parse failed: {exc})") from exc
+    if not model.graph.node and not model.graph.output:
+        raise OnnxladyError(f"{name}: not an ONNX model (no graph)")
+    folder = path.rsplit("/", 1)[0] if "/" in path else ""
+    return model, _load_url_external_data(model, fs, folder, name)
+
+
+def load_url(url: str) -> onnx.ModelProto:
+    """A model read from a URL through fsspec, external data included.
+
+    Raises:
+        OnnxladyError: fsspec missing, the URL unreadable, or not an ONNX model.
+    """
+    fs, path = _filesystem(url)
+    name = fs.unstrip_protocol(path)
+    try:
+        with fs.open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as exc:
+        raise OnnxladyError(f"{name}: cannot read ({exc})") from exc
+    return _parse_url_model(data, fs, path, name)[0]
+
+
+def _fingerprint_url(url: str) -> FileFingerprint:
+    try:
+        fs, path = _filesystem(url)
+    except OnnxladyError as exc:
+        return FileFingerprint(url, 0, 0, error=str(exc))
+    name = fs.unstrip_protocol(path)
+    try:
+        info = fs.info(path)
+        with fs.open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as exc:
+        return FileFingerprint(name, 0, 0, error=f"{name}: cannot read ({exc})")
+    size, mtime_ns = len(data), _mtime_ns(info)
+    try:
+        model, data_files = _parse_url_model(data, fs, path, name)
+        fingerprint = fingerprint_model(model)
+    except OnnxladyError as exc:
+        return FileFingerprint(name, size, mtime_ns, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a registry holds anything: list it and go on
+        return FileFingerprint(name, size, mtime_ns, error=" ".join(f"{name}: {type(exc).__name__}: {exc}".split()))
+    return _result(name, size, mtime_ns, hashlib.sha256(data).hexdigest(), data_files, fingerprint)
