@@ -1,4 +1,7 @@
-"""Tests for onnxlady._verify._compare: running two models in ONNX Runtime and comparing their outputs."""
+"""Tests for onnxlady._verify: running two models in ONNX Runtime and comparing their outputs.
+
+tests/test_verify_inputs.py tests the inputs verify draws or loads, and the three-valued verdict.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +14,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._verify._compare import (
-    DEFAULT_ATOL,
-    DEFAULT_RTOL,
-    _probe_cuda,
+    VERIFY_ATOL,
+    VERIFY_RTOL,
     create_session,
     generate_inputs,
     parse_shape_overrides,
     verify_models,
 )
+from onnxlady._verify._session import probe_cuda
 
 OPSET = 17
 IR_VERSION = 8
@@ -76,7 +79,7 @@ def weights():
     return rng.standard_normal((16, 8)), rng.standard_normal(8)
 
 
-CUDA_LOADS, CUDA_REASON = _probe_cuda()
+CUDA_LOADS, CUDA_REASON = probe_cuda()
 
 
 # ---------------------------------------------------------------- equivalence and tolerances
@@ -94,7 +97,7 @@ def test_identical_models_pass(weights):
     assert out.total_elements == 3 * 8
     assert out.reference_max_abs > 0.1
     assert out.degenerate is None
-    assert report.atol == DEFAULT_ATOL and report.rtol == DEFAULT_RTOL
+    assert report.atol == VERIFY_ATOL and report.rtol == VERIFY_RTOL
     assert report.input_shapes == {"x": (1, 16)}
 
 
@@ -158,8 +161,12 @@ def test_custom_tolerances(weights):
     w, b = weights
     w2 = w + 1e-2
     assert not verify_models(linear_model(w, b), linear_model(w2, b), provider="cpu").equivalent
-    report = verify_models(linear_model(w, b), linear_model(w2, b), provider="cpu", atol=1.0, rtol=0.0)
-    assert report.equivalent and report.atol == 1.0 and report.rtol == 0.0
+    report = verify_models(linear_model(w, b), linear_model(w2, b), provider="cpu", atol=0.01, rtol=0.0)
+    assert report.equivalent and report.atol == 0.01 and report.rtol == 0.0
+    # A tolerance as large as the outputs themselves proves nothing: inconclusive, never equivalent.
+    loose = verify_models(linear_model(w, b), linear_model(w2, b), provider="cpu", atol=1.0, rtol=0.0)
+    assert loose.outputs[0].passed and loose.verdict == "inconclusive" and not loose.equivalent
+    assert loose.reason == "output 'y': all reference values below 10 in magnitude (10 x atol)"
 
 
 @pytest.mark.parametrize("kwargs", [{"atol": -1.0}, {"rtol": float("nan")}, {"iterations": 0}, {"seed": -1},
@@ -220,8 +227,10 @@ def test_same_non_finite_values_are_equal_but_degenerate():
     (out,) = report.outputs
     assert out.passed
     assert out.degenerate is not None and "non-finite" in out.degenerate
+    assert report.verdict == "inconclusive" and not report.equivalent
     nan = verify_models(div_model(0.0), div_model(0.0), provider="cpu", input_range=(0.0, 0.0))
-    assert nan.equivalent
+    assert nan.outputs[0].passed and nan.verdict == "inconclusive"
+    assert nan.reasons == ("output 'o': non-finite values (NaN or Inf) in the reference output",)
 
 
 def test_different_non_finite_values_fail():
@@ -237,8 +246,9 @@ def test_tiny_outputs_are_degenerate():
     (out,) = report.outputs
     assert out.passed and out.degenerate is not None and "10 x atol" in out.degenerate
     assert report.degenerate_outputs == (out,)
-    # Such outputs pass even when the models differ a lot, which is why they are flagged.
-    assert verify_models(scale_model(1e-9), scale_model(-1e-9), provider="cpu").equivalent
+    # Such outputs pass even when the models differ a lot: the verdict is inconclusive, not equivalent.
+    opposite = verify_models(scale_model(1e-9), scale_model(-1e-9), provider="cpu")
+    assert opposite.outputs[0].passed and opposite.verdict == "inconclusive" and not opposite.equivalent
     assert verify_models(scale_model(1.0), scale_model(1.0), provider="cpu").outputs[0].degenerate is None
     # The threshold follows atol: outputs of 1e-3 are meaningful at atol 1e-6, not at the default.
     assert verify_models(scale_model(1e-3), scale_model(1e-3), provider="cpu", atol=1e-6).outputs[0].degenerate is None
@@ -465,13 +475,17 @@ def test_ort_cannot_run_custom_op(weights, capfd):
 
 
 def test_out_of_range_gather_would_fail(monkeypatch, capfd):
-    """Without the Gather analysis ids come from [0, 16) and ORT rejects them: the analysis matters."""
-    import onnxlady._verify._compare as verify
+    """Without the Gather analysis ids come from [0, 16) and ORT rejects them: the analysis matters.
 
-    monkeypatch.setattr(verify, "_gather_bounds", lambda model, names: {})
+    The message says it is the reference that cannot run on the generated inputs, and how to fix it.
+    """
+    import onnxlady._verify._inputs as inputs
+
+    monkeypatch.setattr(inputs, "embedding_bounds", lambda index, names: {})
     model = embedding_model(5)
-    with pytest.raises(OnnxladyError, match="^ONNX Runtime cannot run the reference model: .*Gather"):
+    with pytest.raises(OnnxladyError, match="^ONNX Runtime cannot run the reference model on the generated inputs") as info:
         verify_models(model, model, provider="cpu", shapes={"ids": [2, 32]})
+    assert "Gather" in str(info.value) and "--val-range ids:[lo,hi]" in str(info.value)
     assert capfd.readouterr().err == ""
 
 
