@@ -1,48 +1,140 @@
 """onnxlady: permute, verify and re-synchronize the neurons of ONNX models at graph level.
 
-The public API re-exported here is what the command line uses:
+The public API mirrors the command line one to one: one function per command, the command's
+options as keyword arguments with the same defaults and the same checks, and a typed result
+whose ``to_json()`` is the document ``onnxlady COMMAND --json`` prints.
 
-- :func:`load_model` / :func:`save_model` — safe I/O (external data, atomic writes);
-- :func:`analyze` — the coupled channel groups of a model (:class:`ChannelAnalysis`);
-- :func:`draw_permutations`, :func:`permute_model`, :func:`unpermute_model` — permutation with a
-  :class:`PermutationKey` that restores the original bit for bit;
-- :func:`verify_models` — ONNX Runtime equivalence check (:class:`VerifyReport`);
-- :func:`match_models` — the pairing of two models' groups when a converter ran on one of them
-  (:class:`ModelMatch`), which resync and audit use for such suspects.
+- :func:`inspect` — the coupled channel groups of a model (:class:`InspectResult`);
+- :func:`permute` / :func:`unpermute` — shuffle every permutable group, with a
+  :class:`PermutationKey` that restores the original bit for bit (:class:`PermuteResult`,
+  :class:`UnpermuteResult`);
+- :func:`verify` — ONNX Runtime equivalence check (:class:`VerifyResult`);
+- :func:`perturb` — noise, quantization, pruning of the weights (:class:`PerturbResult`);
+- :func:`resync` — put a permuted, perturbed or converted copy back in a reference's order
+  (:class:`ResyncResult`);
+- :func:`match` — pair the groups of two models a converter made differ (:class:`MatchResult`);
+- :func:`audit` — is a suspect the reference up to permutation, and what was done to it
+  (:class:`AuditResult`);
+- :func:`embed_watermark` / :func:`extract_watermark` — a white-box mark in one Conv layer
+  (:class:`WatermarkResult`, :class:`WatermarkExtraction`);
+- :func:`demo` — all of it on a small model onnxlady builds (:class:`DemoResult`).
+
+Every model argument is a path or an ``onnx.ModelProto``, and no function changes a model it
+is given; results that carry a model have ``save(path)``. Bad input raises
+:class:`OnnxladyError`. :func:`load_model`, :func:`save_model`, :func:`read_key` and
+:func:`analyze` are the building blocks for the rest.
+
+Example::
+
+    import onnxlady
+
+    permuted = onnxlady.permute("model.onnx", output="shuffled.onnx", seed=7, verify=True)
+    print(permuted.permuted_neurons, permuted.equivalent)
+    restored = onnxlady.unpermute("shuffled.onnx", permuted.key)
+    assert restored.weights_identical_to_source
+
+The lower-level functions that work in place on an analysed model (``draw_permutations``,
+``permute_model``, ``unpermute_model``, ``verify_models``, ``match_models``,
+``graph_fingerprint``) stay importable from here for existing code, outside ``__all__``.
 """
 
 from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, GroupMember, TensorPermutation, analyze
+from onnxlady._api._audit import AuditResult, audit
+from onnxlady._api._demo import DemoResult, demo
+from onnxlady._api._inspect import InspectResult, inspect
+from onnxlady._api._match import MatchResult, match
+from onnxlady._api._permute import PermuteResult, UnpermuteResult, permute, unpermute
+from onnxlady._api._perturb import PerturbResult, perturb
+from onnxlady._api._resync import ResyncResult, resync
+from onnxlady._api._verify import VerifyResult, verify
+from onnxlady._api._watermark import (
+    WatermarkExtraction,
+    WatermarkResult,
+    embed_watermark,
+    extract_watermark,
+    read_watermark_key,
+)
+from onnxlady._audit._verdicts import AuditReport
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._expr import FreezeReason
 from onnxlady._io._files import LoadedModel, load_model, save_model
-from onnxlady._transforms._key import PermutationKey, graph_fingerprint, read_key
-from onnxlady._resync._match import ConversionFinding, GroupPair, ModelMatch, UnmatchedGroup, match_models
-from onnxlady._transforms._permute import draw_permutations, permute_model, unpermute_model
-from onnxlady._verify._compare import VerifyReport, verify_models
+from onnxlady._resync._match import ConversionFinding, GroupPair, ModelMatch, UnmatchedGroup
+from onnxlady._resync._solver import GroupResync
+from onnxlady._transforms._key import PermutationKey, read_key
+from onnxlady._transforms._perturb import PerturbReport, TensorChange
+from onnxlady._transforms._watermark import WatermarkKey
+from onnxlady._verify._compare import OutputComparison, VerifyReport
+
+# isort: split
+# Lower-level building blocks that work in place on an analysed model: kept importable for
+# existing code, not part of the public API (``__all__``).
+from onnxlady._resync._match import match_models as match_models
+from onnxlady._transforms._key import graph_fingerprint as graph_fingerprint
+from onnxlady._transforms._permute import draw_permutations as draw_permutations
+from onnxlady._transforms._permute import permute_model as permute_model
+from onnxlady._transforms._permute import unpermute_model as unpermute_model
+from onnxlady._verify._compare import verify_models as verify_models
 
 __all__ = [
+    "AuditReport",
+    "AuditResult",
     "ChannelAnalysis",
     "ChannelGroup",
     "ConversionFinding",
+    "DemoResult",
     "FreezeReason",
     "GroupMember",
     "GroupPair",
+    "GroupResync",
+    "InspectResult",
     "LoadedModel",
+    "MatchResult",
     "ModelMatch",
     "OnnxladyError",
+    "OutputComparison",
     "PermutationKey",
+    "PermuteResult",
+    "PerturbReport",
+    "PerturbResult",
+    "ResyncResult",
+    "TensorChange",
     "TensorPermutation",
     "UnmatchedGroup",
+    "UnpermuteResult",
     "VerifyReport",
+    "VerifyResult",
+    "WatermarkExtraction",
+    "WatermarkKey",
+    "WatermarkResult",
     "analyze",
-    "draw_permutations",
-    "graph_fingerprint",
+    "audit",
+    "demo",
+    "embed_watermark",
+    "extract_watermark",
+    "inspect",
     "load_model",
-    "match_models",
-    "permute_model",
+    "match",
+    "permute",
+    "perturb",
     "read_key",
+    "read_watermark_key",
+    "resync",
     "save_model",
-    "unpermute_model",
-    "verify_models",
+    "unpermute",
+    "verify",
 ]
 __version__ = "0.1.0"
+
+
+def _set_module() -> None:
+    """Name every public object after the package (``onnxlady.permute``), as onnx-ir does.
+
+    The private module an object lives in is an implementation detail; help() and tracebacks
+    show the name users import.
+    """
+    namespace = globals()
+    for name in __all__:
+        namespace[name].__module__ = __name__
+
+
+_set_module()

@@ -702,3 +702,100 @@ def test_module_entry_point_round_trip(model_file, out_dir: Path) -> None:
                          "-o", out_dir / "u.onnx", cwd=out_dir)
     assert result.returncode == 0, result.stderr
     assert (out_dir / "u.onnx").read_bytes() == before == source.read_bytes()
+
+
+# -- a thin layer over the public API -----------------------------------------------------
+def test_cli_imports_only_the_standard_library_and_the_public_api() -> None:
+    import ast
+
+    tree = ast.parse((REPO / "onnxlady" / "cli.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports"
+            imported.add(node.module or "")
+            if node.module == "onnxlady":
+                import onnxlady
+
+                public = set(onnxlady.__all__) | {"__version__"}
+                assert {alias.name for alias in node.names} <= public
+    foreign = {name for name in imported if name.split(".")[0] not in sys.stdlib_module_names and name != "onnxlady"}
+    assert not foreign, f"cli.py imports more than the standard library and onnxlady: {sorted(foreign)}"
+    assert "onnxlady" in imported
+
+
+def _subcommands() -> dict[str, object]:
+    import argparse
+
+    from onnxlady.cli import build_parser
+
+    def children(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    found = {}
+    for name, sub in children(build_parser()).items():
+        nested = children(sub)
+        found.update({f"{name} {n}": s for n, s in nested.items()} if nested else {name: sub})
+    return found
+
+
+def test_every_subcommand_mirrors_its_api_function() -> None:
+    """Each option is a keyword of the public function, with the same default, and the reverse."""
+    import inspect
+
+    import onnxlady
+
+    functions = {
+        "demo": onnxlady.demo, "inspect": onnxlady.inspect, "permute": onnxlady.permute,
+        "unpermute": onnxlady.unpermute, "resync": onnxlady.resync, "match": onnxlady.match,
+        "audit": onnxlady.audit, "perturb": onnxlady.perturb, "verify": onnxlady.verify,
+        "watermark embed": onnxlady.embed_watermark, "watermark extract": onnxlady.extract_watermark,
+    }  # fmt: skip
+    subcommands = _subcommands()
+    assert sorted(subcommands) == sorted(functions)
+    for name, parser in subcommands.items():
+        parameters = inspect.signature(functions[name]).parameters
+        options = {a.dest: a for a in parser._actions if a.dest not in ("help", "json", "quiet")}
+        assert set(options) == set(parameters) - {"progress"}, name
+        for dest, action in options.items():
+            default = parameters[dest].default
+            if default is inspect.Parameter.empty or action.default is None:
+                continue
+            assert (list(action.default) if isinstance(action.default, list) else action.default) == (
+                list(default) if isinstance(default, tuple) else default
+            ), (name, dest)
+
+
+def test_tolerance_defaults_are_named_constants() -> None:
+    from onnxlady._audit._verdicts import AUDIT_RTOL
+    from onnxlady._verify._compare import VERIFY_ATOL, VERIFY_RTOL
+
+    subcommands = _subcommands()
+    defaults = {
+        name: {a.dest: a.default for a in parser._actions}  # type: ignore[attr-defined]
+        for name, parser in subcommands.items()
+    }
+    assert defaults["audit"]["rtol"] == AUDIT_RTOL == 1e-5
+    assert defaults["verify"]["rtol"] == defaults["permute"]["rtol"] == VERIFY_RTOL == 1e-3
+    assert defaults["verify"]["atol"] == defaults["permute"]["atol"] == VERIFY_ATOL
+
+
+def test_json_documents_are_the_api_results(cli, model_file, out_dir: Path) -> None:
+    """``--json`` prints ``to_json()`` of the public function called with the same options."""
+    import onnxlady
+
+    source = model_file("vgg")
+    result = cli("inspect", source, "--json")
+    assert result.code == 0 and json.loads(result.out) == onnxlady.inspect(source).to_json()
+    result = cli("permute", source, "-o", out_dir / "p.onnx", "--seed", 2, "--json")
+    api = onnxlady.permute(source, seed=2).to_json()
+    cli_document = json.loads(result.out)
+    assert result.code == 0 and cli_document["output"] == str(out_dir / "p.onnx")
+    assert {k: v for k, v in cli_document.items() if k not in ("output", "key")} == {
+        k: v for k, v in api.items() if k not in ("output", "key")
+    }

@@ -1,127 +1,231 @@
-"""``onnxlady demo``: the main job end to end on a small model the package builds itself."""
+"""``onnxlady.demo``: the main job end to end on a small model the package builds itself.
+
+Every step goes through the public API, on one reference model held in memory: since no public
+function changes the models it is given, the reference is used as it is from the first step to
+the last.
+"""
 
 from __future__ import annotations
 
-import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
+from onnx import numpy_helper
 
-from onnxlady._analysis._channels import analyze
 from onnxlady._api._demo_model import build_demo_model
-from onnxlady._io._files import load_model, save_model
-from onnxlady._transforms._permute import draw_permutations, permute_model, unpermute_model
-from onnxlady._transforms._perturb import perturb_model
-from onnxlady._resync._entry import resync_model
-from onnxlady._verify._compare import verify_models
+from onnxlady._api._inspect import inspect
+from onnxlady._api._permute import permute, unpermute
+from onnxlady._api._perturb import perturb
+from onnxlady._api._results import Result
+from onnxlady._api._resync import resync
+from onnxlady._api._sources import jsonable
+from onnxlady._api._verify import VerifyResult, verify
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._files import copy_model, load_model, save_model
+from onnxlady._io._tensors import read_array
 
 #: The paper's noise level at which its classifiers still resynchronise fully (Omega = 1).
 DEMO_NOISE = 1.0
 
 
-def run_demo(folder: Path, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build, inspect, permute, verify, restore, perturb and resync the demo model.
+@dataclass
+class DemoResult(Result):
+    """The outcome of :func:`demo`: the figures of every step and the lines ``onnxlady demo`` prints.
 
-    Returns the figures and the lines ``onnxlady demo`` prints.
+    Attributes:
+        ok: every check came out as it should (equivalent, wrong permutation caught, bit-identical
+            restore, resynced copy equivalent to the suspect).
+        lines: one line per step, as printed.
+        groups: channel groups of the demo model.
+        permutable_groups: how many of them can move.
+        permutable_fraction: fraction of producer neurons that can move.
+        permuted_neurons: neurons the permutation moved.
+        verify: the equivalence check of the permuted model.
+        wrong_permutation_caught: the check failed a deliberately wrong permutation.
+        unpermute_bit_identical: the key restored the weights bit for bit.
+        noise: the noise level (Omega) of the perturbed copy.
+        psi_hungarian: % of permuted neurons put back in place by Hungarian matching.
+        psi_argmax: the same with the paper's argmax rule.
+        resynced_equivalent_to_suspect: the resynchronized copy computes what the suspect computes.
+        workdir: the folder holding the demo's files; ``None`` when a temporary one was used.
     """
+
+    ok: bool
+    lines: list[str]
+    groups: int
+    permutable_groups: int
+    permutable_fraction: float
+    permuted_neurons: int
+    verify: VerifyResult
+    wrong_permutation_caught: bool
+    unpermute_bit_identical: bool
+    noise: float
+    psi_hungarian: float
+    psi_argmax: float
+    resynced_equivalent_to_suspect: bool
+    workdir: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every check came out as it should, else 1."""
+        return 0 if self.ok else 1
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``onnxlady demo --json`` prints."""
+        return jsonable(
+            {
+                "ok": self.ok,
+                "lines": self.lines,
+                "groups": self.groups,
+                "permutable_groups": self.permutable_groups,
+                "permutable_fraction": self.permutable_fraction,
+                "permuted_neurons": self.permuted_neurons,
+                "verify": self.verify.report.to_dict(),
+                "wrong_permutation_caught": self.wrong_permutation_caught,
+                "unpermute_bit_identical": self.unpermute_bit_identical,
+                "noise": self.noise,
+                "psi_hungarian": self.psi_hungarian,
+                "psi_argmax": self.psi_argmax,
+                "resynced_equivalent_to_suspect": self.resynced_equivalent_to_suspect,
+            }
+        )
+
+    def to_text(self) -> str:
+        """The eight numbered lines ``onnxlady demo`` prints."""
+        return "\n".join(self.lines)
+
+
+def demo(
+    *,
+    seed: int = 0,
+    workdir: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DemoResult:
+    """Build a small CNN, then inspect, permute, verify, restore, perturb and resync it.
+
+    The model (BatchNorm, residual and downsampling blocks, a MobileNetV2 block, squeeze-and-
+    excitation, a channel Concat, Flatten into Gemm) is built from a seed in milliseconds, so the
+    demo needs no download.
+
+    Args:
+        seed: seed of the permutation and of the noise.
+        workdir: keep the demo's files (``demo.onnx``, ``demo.permuted.onnx``, its key, the
+            suspect, the resynced copy) in this folder, created if missing; ``None`` uses a
+            temporary folder removed afterwards.
+        progress: called with one line per verify iteration.
+
+    Returns:
+        The figures of every step and the lines ``onnxlady demo`` prints.
+
+    Raises:
+        OnnxladyError: ``workdir`` cannot be created, or a step failed.
+    """
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="onnxlady-demo-") as temporary:
+            return _run(Path(temporary), seed, progress, None)
+    folder = Path(workdir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OnnxladyError(f"{folder}: cannot create the demo folder ({exc.strerror or exc})") from exc
+    return _run(folder, seed, progress, folder)
+
+
+def _run(folder: Path, seed: int, progress: Callable[[str], None] | None, workdir: Path | None) -> DemoResult:
     lines: list[str] = []
+    reference = build_demo_model(0)
     reference_path = folder / "demo.onnx"
-    save_model(build_demo_model(0), reference_path)
-    reference = load_model(reference_path)
-    analysis = analyze(reference.model)
-    summary = analysis.summary()
+    save_model(reference, reference_path)
+    summary = inspect(reference).summary
     lines.append(
-        f"1. built {reference_path.name}: {summary['groups']} channel groups, {summary['permutable_groups']} permutable; "
+        f"1. built {reference_path.name}: {summary['groups']} channel groups, "
+        f"{summary['permutable_groups']} permutable; "
         f"{summary['permutable_producer_neurons']}/{summary['producer_neurons']} producer neurons "
         f"({100 * summary['permutable_fraction']:.1f} %) can move, the rest feed the graph output"
     )
 
-    permuted_path = folder / "demo.permuted.onnx"
-    perms = draw_permutations(analysis, seed)
-    key = permute_model(analysis, perms, source_sha256=reference.sha256, source_file=reference_path.name, seed=seed)
-    key.permuted_sha256 = save_model(analysis.graph.model, permuted_path, digest=True)
-    key_path = folder / "demo.key.json"
-    key_path.write_text(json.dumps(key.to_json(), indent=1))
-    moved = sum(analysis.group(gid).size for gid in perms)
-    lines.append(f"2. permuted {len(perms)} groups ({moved} neurons) with seed {seed} -> {permuted_path.name}, key {key_path.name}")
-
-    report = verify_models(str(reference_path), str(permuted_path), provider="auto", progress=progress)
-    worst = max(out.max_abs_error for out in report.outputs)
-    scale = max(out.reference_max_abs for out in report.outputs)
+    permuted_path, key_path = folder / "demo.permuted.onnx", folder / "demo.key.json"
+    permuted = permute(reference, output=permuted_path, key_out=key_path, seed=seed)
+    moved = permuted.permuted_neurons
     lines.append(
-        f"3. verify on {report.provider_used}: {'EQUIVALENT' if report.equivalent else 'NOT EQUIVALENT'} "
-        f"(max abs error {worst:.2e} on outputs up to {scale:.2f})"
+        f"2. permuted {len(permuted.permuted_groups)} groups ({moved} neurons) with seed {seed} -> "
+        f"{permuted_path.name}, key {key_path.name}"
     )
 
-    wrong = load_model(permuted_path).model
-    _swap_one_producer_row(wrong)
+    check = verify(reference, permuted_path, provider="auto", progress=progress)
+    scale = max(out.reference_max_abs for out in check.outputs)
+    lines.append(
+        f"3. verify on {check.provider_used}: {'EQUIVALENT' if check.equivalent else 'NOT EQUIVALENT'} "
+        f"(max abs error {check.max_abs_error:.2e} on outputs up to {scale:.2f})"
+    )
+
     wrong_path = folder / "demo.wrong.onnx"
-    save_model(wrong, wrong_path)
-    caught = verify_models(str(reference_path), str(wrong_path), provider="auto")
+    save_model(_swap_one_producer_row(load_model(permuted_path).model), wrong_path)
+    caught = not verify(reference, wrong_path, provider="auto").equivalent
     lines.append(
         "4. a wrong permutation (two rows of one conv swapped, consumers left alone) is "
-        + ("caught: NOT EQUIVALENT" if not caught.equivalent else "NOT caught")
+        + ("caught: NOT EQUIVALENT" if caught else "NOT caught")
     )
 
-    restored = load_model(permuted_path).model
-    identical = unpermute_model(restored, key)
+    identical = unpermute(permuted_path, key_path).weights_identical_to_source
     lines.append(f"5. unpermute with the key: weights bit-identical to the original: {identical}")
 
-    suspect = load_model(permuted_path).model
-    perturbation = perturb_model(suspect, noise=DEMO_NOISE, seed=seed)
     suspect_path = folder / "demo.suspect.onnx"
-    save_model(suspect, suspect_path)
-    changed = max(change.relative_l2_change for change in perturbation.changes)
+    perturbed = perturb(permuted_path, output=suspect_path, noise=DEMO_NOISE, seed=seed)
+    changed = max(change.relative_l2_change for change in perturbed.changes)
     lines.append(
         f"6. perturbed the permuted copy: Gaussian noise of {DEMO_NOISE:g} x std on all "
-        f"{len(perturbation.changes)} weight tensors (relative change up to {changed:.2f}) -> {suspect_path.name}"
+        f"{len(perturbed.changes)} weight tensors (relative change up to {changed:.2f}) -> {suspect_path.name}"
     )
-    original = load_model(reference_path).model  # reference.model was permuted in place above
-    psi = {}
-    for method in ("argmax", "hungarian"):
-        result = resync_model(original, suspect, method=method, true_key=key)
-        psi[method] = result.psi
-        if method == "hungarian":
-            resynced_path = folder / "demo.resynced.onnx"
-            save_model(result.model, resynced_path)
-            ambiguous = sum(g.ambiguous for g in result.groups)
-            margin = min(g.min_margin for g in result.groups) if result.groups else 1.0
+
+    resynced_path = folder / "demo.resynced.onnx"
+    argmax = resync(reference, perturbed.model, method="argmax", true_key=permuted.key)
+    hungarian = resync(reference, perturbed.model, method="hungarian", true_key=permuted.key, output=resynced_path)
+    margin = min(g.min_margin for g in hungarian.groups) if hungarian.groups else 1.0
     lines.append(
-        f"7. resync to the original order: Psi = {psi['hungarian']:.2f} % of the {moved} permuted neurons back in place "
-        f"with Hungarian matching ({psi['argmax']:.2f} % with the paper's argmax); {ambiguous} ambiguous, "
+        f"7. resync to the original order: Psi = {hungarian.psi:.2f} % of the {moved} permuted neurons back in place "
+        f"with Hungarian matching ({argmax.psi:.2f} % with the paper's argmax); {hungarian.ambiguous} ambiguous, "
         f"smallest margin {margin:.3f} -> {resynced_path.name}"
     )
-    resynced_check = verify_models(str(suspect_path), str(resynced_path), provider="auto")
+    resynced_equivalent = verify(suspect_path, resynced_path, provider="auto").equivalent
     lines.append(
         "8. verify resynced vs suspect: "
-        + ("EQUIVALENT (resync only reorders neurons)" if resynced_check.equivalent else "NOT EQUIVALENT")
+        + ("EQUIVALENT (resync only reorders neurons)" if resynced_equivalent else "NOT EQUIVALENT")
     )
-    ok = report.equivalent and not caught.equivalent and identical and resynced_check.equivalent
-    return {
-        "ok": ok,
-        "lines": lines,
-        "groups": summary["groups"],
-        "permutable_groups": summary["permutable_groups"],
-        "permutable_fraction": summary["permutable_fraction"],
-        "permuted_neurons": moved,
-        "verify": report.to_dict(),
-        "wrong_permutation_caught": not caught.equivalent,
-        "unpermute_bit_identical": identical,
-        "noise": DEMO_NOISE,
-        "psi_hungarian": psi["hungarian"],
-        "psi_argmax": psi["argmax"],
-        "resynced_equivalent_to_suspect": resynced_check.equivalent,
-    }
+    summary_fraction = float(summary["permutable_fraction"])
+    return DemoResult(
+        ok=check.equivalent and caught and identical and resynced_equivalent,
+        lines=lines,
+        groups=int(summary["groups"]),
+        permutable_groups=int(summary["permutable_groups"]),
+        permutable_fraction=summary_fraction,
+        permuted_neurons=moved,
+        verify=check,
+        wrong_permutation_caught=caught,
+        unpermute_bit_identical=identical,
+        noise=DEMO_NOISE,
+        psi_hungarian=float(hungarian.psi or 0.0),
+        psi_argmax=float(argmax.psi or 0.0),
+        resynced_equivalent_to_suspect=resynced_equivalent,
+        workdir=workdir,
+    )
 
 
-def _swap_one_producer_row(model: onnx.ModelProto) -> None:
-    """Swap two output rows of the first conv weight only: what a wrong permutation looks like."""
-    from onnx import numpy_helper
+def _swap_one_producer_row(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with two rows of its first conv weight swapped: a wrong permutation.
 
-    for tensor in model.graph.initializer:
+    The conv's consumers are left alone, so the copy computes something else.
+    """
+    wrong = copy_model(model)
+    for tensor in wrong.graph.initializer:
         if len(tensor.dims) == 4 and tensor.dims[0] > 1:
-            array = numpy_helper.to_array(tensor).copy()
+            array = read_array(tensor, f"tensor '{tensor.name}'").copy()
             array[[0, 1]] = array[[1, 0]]
             tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
-            return
+            return wrong
+    raise OnnxladyError("the demo model has no conv weight to swap rows of")

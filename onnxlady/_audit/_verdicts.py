@@ -84,7 +84,8 @@ __all__ = [
 ]
 
 VERDICTS = ("identical", "permuted", "permuted-rescaled", "scaled", "perturbed", "converted")
-DEFAULT_RTOL = 1e-5
+#: Relative tolerance of the audit's float comparisons (rounding, not change); verify's is VERIFY_RTOL.
+AUDIT_RTOL = 1e-5
 COS_EXACT = 1e-6
 SCALE_TOL = 1e-4
 SCALE_MATCH = 1e-3
@@ -723,7 +724,7 @@ def audit_models(
     reference: onnx.ModelProto,
     suspect: onnx.ModelProto,
     *,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float = AUDIT_RTOL,
     method: str = "hungarian",
     refine: bool = False,
     progress: Callable[[str], None] | None = None,

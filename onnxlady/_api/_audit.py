@@ -1,0 +1,196 @@
+"""``onnxlady.audit``: is the suspect the reference up to permutation, and if not, what was done to it?"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxlady._analysis._channels import analyze
+from onnxlady._api._results import Result
+from onnxlady._api._resync import METHODS
+from onnxlady._api._sources import (
+    ModelSource,
+    jsonable,
+    open_model,
+    output_path,
+    path_text,
+    source_path,
+    write_text,
+)
+from onnxlady._audit._render import render_html, render_markdown
+from onnxlady._audit._verdicts import AUDIT_RTOL, AuditReport, audit_models
+from onnxlady._audit._verdicts import canonicalize as _canonicalize
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._files import save_model
+from onnxlady._resync._match import ConversionFinding
+
+
+@dataclass
+class AuditResult(Result):
+    """The outcome of :func:`audit`: a verdict, the evidence per tensor and neuron, and reports.
+
+    Verdicts: ``identical``, ``permuted``, ``permuted-rescaled`` (function-preserving scales),
+    ``converted`` (a converter's change of form only): exit code 0; ``scaled`` (neurons scaled
+    without compensation) and ``perturbed`` (noise, quantization or pruning, with the kind
+    found): exit code 1.
+
+    Attributes:
+        report: everything the audit measured (per-tensor cosines and norm ratios, rescaled and
+            scaled neurons, the perturbation's statistics, the resync it used).
+        reference: the reference's path; ``None`` for a model given in memory.
+        suspect: the suspect's path; ``None`` for a model given in memory.
+    """
+
+    report: AuditReport = field(repr=False)
+    reference: Path | None = None
+    suspect: Path | None = None
+    _reference_model: onnx.ModelProto | None = field(default=None, repr=False)
+
+    @property
+    def verdict(self) -> str:
+        """One of ``identical``, ``permuted``, ``permuted-rescaled``, ``converted``, ``scaled``, ``perturbed``."""
+        return self.report.verdict
+
+    @property
+    def summary(self) -> str:
+        """One sentence saying what was found."""
+        return self.report.summary
+
+    @property
+    def conversions(self) -> list[ConversionFinding]:
+        """What a converter did to either model: differences of form, not of function."""
+        return self.report.conversions
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a function-preserving verdict, 1 for ``scaled`` or ``perturbed``."""
+        return self.report.exit_code
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``onnxlady audit --json`` prints."""
+        return jsonable(
+            {"reference": path_text(self.reference), "suspect": path_text(self.suspect), **self.report.to_dict()}
+        )
+
+    def to_text(self) -> str:
+        """What ``onnxlady audit`` prints: the Markdown report."""
+        return self.to_markdown()
+
+    def to_markdown(self) -> str:
+        """The report in Markdown: verdict, conversions, per-group and per-tensor tables."""
+        return render_markdown(self.report)
+
+    def to_html(self) -> str:
+        """A self-contained HTML report (similarity heat maps, norm-ratio plots, the group graph)."""
+        analysis = analyze(self._reference_model) if self._reference_model is not None else None
+        return render_html(self.report, analysis)
+
+    def write_markdown(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_markdown` to ``path`` atomically.
+
+        Raises:
+            OnnxladyError: the folder does not exist or the file cannot be written.
+        """
+        write_text(path, self.to_markdown())
+
+    def write_html(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_html` to ``path`` atomically.
+
+        Raises:
+            OnnxladyError: the folder does not exist or the file cannot be written.
+        """
+        write_text(path, self.to_html())
+
+    def canonical_model(self) -> onnx.ModelProto:
+        """The re-synchronized suspect with its function-preserving rescaling undone (a new model).
+
+        Raises:
+            OnnxladyError: the suspect is identical to the reference (nothing was re-synchronized).
+        """
+        if self.report.resync is None:
+            raise OnnxladyError("the suspect is identical to the reference: nothing to canonicalize")
+        return _canonicalize(self.report.resync.model, self.report, self._reference_model)
+
+    def save_canonical(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`canonical_model` to ``path`` atomically.
+
+        Raises:
+            OnnxladyError: nothing to canonicalize, or the file cannot be written.
+        """
+        save_model(self.canonical_model(), path)
+
+
+def audit(
+    reference: ModelSource,
+    suspect: ModelSource,
+    *,
+    rtol: float = AUDIT_RTOL,
+    method: str = "hungarian",
+    refine: bool = False,
+    html: str | os.PathLike[str] | None = None,
+    markdown: str | os.PathLike[str] | None = None,
+    canonicalize: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> AuditResult:
+    """Compare a suspect with a reference neuron by neuron, after putting it back in order.
+
+    Says whether the suspect is the reference up to permutation (and function-preserving
+    rescaling, or a converter's change of form), or was changed: neurons scaled, or weights
+    perturbed (noise, quantization, pruning, told apart). Neither model is modified.
+
+    Args:
+        reference: the original model: a path or an ``onnx.ModelProto``.
+        suspect: the model to audit.
+        rtol: relative tolerance for float rounding.
+        method: ``"hungarian"`` or ``"argmax"`` for the resync the audit runs first.
+        refine: refine that resync before comparing.
+        html: also write a self-contained HTML report here.
+        markdown: also write the Markdown report here.
+        canonicalize: also write the re-synchronized suspect with function-preserving
+            rescaling undone here.
+        progress: called with one line per step.
+
+    Returns:
+        The verdict and its evidence; :attr:`AuditResult.exit_code` is 1 for a suspect that was
+        changed.
+
+    Raises:
+        OnnxladyError: a model cannot be read, the architectures differ beyond a conversion, a
+            report path is an input or its folder does not exist, a negative ``rtol``, an
+            unknown method, or ``canonicalize`` for a suspect identical to the reference.
+    """
+    inputs = [path.resolve() for path in (source_path(reference), source_path(suspect)) if path is not None]
+    targets = [output_path(path) for path in (html, markdown, canonicalize)]
+    for target in targets:
+        if target is None:
+            continue
+        if target.resolve() in inputs:
+            raise OnnxladyError(f"{target}: refusing to overwrite an input file")
+        if not target.resolve().parent.is_dir():
+            raise OnnxladyError(f"{target}: output folder '{target.resolve().parent}' does not exist")
+    if not isinstance(rtol, Real) or isinstance(rtol, bool) or not rtol >= 0:
+        raise OnnxladyError("--rtol must be a number >= 0")
+    if method not in METHODS:
+        raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
+    opened_reference = open_model(reference, "reference")
+    opened_suspect = open_model(suspect, "suspect")
+    report = audit_models(
+        opened_reference.model, opened_suspect.model, rtol=rtol, method=method, refine=refine, progress=progress
+    )
+    result = AuditResult(report, opened_reference.path, opened_suspect.path, opened_reference.model)
+    html_path, markdown_path, canonical_path = targets
+    canonical = result.canonical_model() if canonical_path is not None else None  # fails before any file is written
+    if markdown_path is not None:
+        result.write_markdown(markdown_path)
+    if html_path is not None:
+        result.write_html(html_path)
+    if canonical is not None and canonical_path is not None:
+        save_model(canonical, canonical_path)
+    return result
+

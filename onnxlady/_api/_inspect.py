@@ -1,0 +1,176 @@
+"""``onnxlady.inspect``: the coupled channel groups of a model, and why some cannot move."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, analyze
+from onnxlady._api._results import Result
+from onnxlady._api._sources import (
+    ModelSource,
+    jsonable,
+    open_model,
+    output_path,
+    path_text,
+    write_text,
+)
+
+
+@dataclass
+class InspectResult(Result):
+    """The outcome of :func:`inspect`: the analysis of one model.
+
+    Attributes:
+        analysis: the coupled channel groups, the tensors each permutation touches and why
+            frozen groups cannot move.
+        source: the model's path; ``None`` for a model given in memory.
+        sha256: the model file's sha256; ``None`` for a model given in memory.
+        members: whether :meth:`to_text` lists every member of every group (``--members``).
+    """
+
+    analysis: ChannelAnalysis = field(repr=False)
+    source: Path | None = None
+    sha256: str | None = None
+    members: bool = False
+
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        """Every channel group, permutable or not."""
+        return self.analysis.groups
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Counts: groups, permutable and frozen groups, producer neurons, reasons by kind."""
+        return jsonable(self.analysis.summary())
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``onnxlady inspect --json`` prints: summary, groups with members, untied constants."""
+        return jsonable({"model": path_text(self.source), "sha256": self.sha256, **inspect_document(self.analysis)})
+
+    def to_text(self) -> str:
+        """The table ``onnxlady inspect`` prints: one row per group, reasons under frozen ones."""
+        return _inspect_text(self.analysis, self.source, self.members)
+
+    def write_dot(self, path: str | os.PathLike[str]) -> None:
+        """Write the group graph for Graphviz (a group points to the groups its neurons feed).
+
+        Args:
+            path: the ``.dot`` file to write (atomically).
+
+        Raises:
+            OnnxladyError: the folder does not exist or the file cannot be written.
+        """
+        write_text(path, group_dot(self.analysis))
+
+
+def inspect(
+    model: ModelSource,
+    *,
+    dot: str | os.PathLike[str] | None = None,
+    members: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> InspectResult:
+    """Find the coupled channel groups of a model: what one permutation must traverse.
+
+    The model is not modified.
+
+    Args:
+        model: a path to an ONNX file or an ``onnx.ModelProto``.
+        dot: also write the group graph for Graphviz to this file.
+        members: list every member of every group in :meth:`InspectResult.to_text` (the JSON
+            document always holds them all).
+        progress: called with one line per analysis step.
+
+    Returns:
+        The analysis, with the groups, the permutable fraction of producer neurons and a reason
+        for every frozen group.
+
+    Raises:
+        OnnxladyError: the model cannot be read, or the ``dot`` folder does not exist.
+    """
+    opened = open_model(model)
+    analysis = analyze(opened.model, progress=progress)
+    result = InspectResult(analysis, opened.path, opened.sha256, bool(members))
+    target = output_path(dot)
+    if target is not None:
+        result.write_dot(target)
+    return result
+
+
+def inspect_document(analysis: ChannelAnalysis, members: bool = True) -> dict[str, Any]:
+    """The JSON form of an analysis: summary, groups (with members and reasons), untied constants."""
+    return {
+        "summary": analysis.summary(),
+        "groups": [
+            {
+                "id": group.id,
+                "size": group.size,
+                "permutable": group.permutable,
+                "frozen": group.frozen,
+                "reasons": [{"kind": r.kind, "message": r.message} for r in group.reasons],
+                "members": [
+                    {
+                        "tensor": m.tensor,
+                        "axis": m.axis,
+                        "role": m.role,
+                        "node": m.node,
+                        "index_map": m.index_map,
+                        "weight": m.is_weight,
+                    }
+                    for m in group.members
+                    if members or m.is_weight
+                ],
+            }
+            for group in analysis.groups
+        ],
+        "untied": [
+            {"source": t.source, "copy": t.tensor, "uses": len(t.uses)} for t in analysis.tensors if t.copy > 0
+        ],
+    }
+
+
+def _inspect_text(analysis: ChannelAnalysis, path: Path | None, all_members: bool) -> str:
+    summary: dict[str, Any] = analysis.summary()
+    lines = [
+        f"{path if path is not None else '(model in memory)'}: {summary['groups']} groups, "
+        f"{summary['permutable_groups']} permutable, {summary['frozen_groups']} frozen",
+        f"producer neurons (Conv/ConvTranspose/Gemm/MatMul outputs): {summary['producer_neurons']}, "
+        f"permutable {summary['permutable_producer_neurons']} ({100 * summary['permutable_fraction']:.1f} %), "
+        f"pinned by graph outputs {summary['producer_neurons_pinned_by_outputs']}",
+    ]
+    for source in summary["untied_constants"]:
+        lines.append(
+            f"untied: constant '{source}' is shared by uses that need different permutations; each gets a copy"
+        )
+    lines.append("")
+    lines.append(f"{'group':>6} {'size':>6}  {'status':<10} members / reasons")
+    for group in analysis.groups:
+        status = "permutable" if group.permutable else ("frozen" if group.frozen else "trivial")
+        weights = [m for m in group.members if m.is_weight]
+        shown = group.members if all_members else weights
+        head = ", ".join(f"{m.tensor}[{m.axis}]" for m in shown[:4])
+        more = f" (+{len(shown) - 4} more)" if len(shown) > 4 else ""
+        lines.append(f"{group.id:>6} {group.size:>6}  {status:<10} {head}{more}")
+        if all_members:
+            for m in group.members:
+                lines.append(f"{'':>26}{m.tensor}[{m.axis}] {m.role} at {m.node}: {m.index_map}")
+        for reason in group.reasons:
+            lines.append(f"{'':>26}! {reason}")
+    return "\n".join(lines)
+
+
+def group_dot(analysis: ChannelAnalysis) -> str:
+    """The group graph in Graphviz's language: green permutable, pink frozen, grey trivial groups."""
+    lines = ["digraph groups {", "  rankdir=LR;", '  node [shape=box, style=filled, fontname="Helvetica"];']
+    for group in analysis.groups:
+        colour = "palegreen" if group.permutable else ("lightpink" if group.frozen else "lightgrey")
+        why = f"\\n{group.reasons[0].kind}" if group.reasons else ""
+        lines.append(f'  "{group.id}" [label="{group.id}\\n{group.size} neurons{why}", fillcolor={colour}];')
+    for (a, b), ops in sorted(analysis.group_edges().items()):
+        lines.append(f'  "{a}" -> "{b}" [label="{",".join(sorted(ops))}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,125 @@
+"""``onnxlady.match``: pair the groups of two models whose graphs differ because a converter ran on one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxlady._analysis._channels import analyze
+from onnxlady._api._results import Result
+from onnxlady._api._sources import ModelSource, jsonable, open_model, path_text
+from onnxlady._resync._match import (
+    ConversionFinding,
+    GroupPair,
+    ModelMatch,
+    UnmatchedGroup,
+    match_analyses,
+)
+
+
+@dataclass
+class MatchResult(Result):
+    """The outcome of :func:`match`: which reference group holds the same neurons as which suspect group.
+
+    Attributes:
+        details: the full pairing (paired sites, both analyses, units).
+        reference: the reference's path; ``None`` for a model given in memory.
+        suspect: the suspect's path; ``None`` for a model given in memory.
+    """
+
+    details: ModelMatch = field(repr=False)
+    reference: Path | None = None
+    suspect: Path | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every permutable group of either model has its counterpart and the structures agree."""
+        return self.details.complete
+
+    @property
+    def groups(self) -> list[GroupPair]:
+        """The paired groups."""
+        return self.details.groups
+
+    @property
+    def unmatched(self) -> list[UnmatchedGroup]:
+        """Groups with no counterpart, and why."""
+        return self.details.unmatched
+
+    @property
+    def conversions(self) -> list[ConversionFinding]:
+        """What a converter did, on which side (float16, folded BatchNorm, QDQ, renames...)."""
+        return self.details.conversions
+
+    @property
+    def divergences(self) -> list[str]:
+        """Where the two structures differ beyond a conversion."""
+        return self.details.divergences
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the pairing is complete, 1 when it is not."""
+        return 0 if self.details.complete else 1
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``onnxlady match --json`` prints."""
+        return jsonable(
+            {"reference": path_text(self.reference), "suspect": path_text(self.suspect), **self.details.to_dict()}
+        )
+
+    def to_text(self) -> str:
+        """What ``onnxlady match`` prints: sites paired, one row per group pair, what stayed apart."""
+        result = self.details
+        reference = self.reference if self.reference is not None else "reference"
+        suspect = self.suspect if self.suspect is not None else "suspect"
+        paired = sum(pair.permutable for pair in result.groups)
+        lines = [
+            f"{reference} <-> {suspect}: {len(result.sites)} of {result.site_counts[0]} reference sites "
+            f"and {result.site_counts[1]} suspect sites paired; {paired} permutable groups paired"
+        ]
+        lines.append(f"{'reference':>10} {'suspect':>8} {'size':>6}  permutable")
+        for pair in result.groups:
+            lines.append(f"{pair.reference:>10} {pair.suspect:>8} {pair.size:>6}  {'yes' if pair.permutable else 'no'}")
+        for item in result.unmatched:
+            lines.append(f"unmatched {item.model} group {item.group} ({item.size}): {item.reason}")
+        for where in result.divergences:
+            lines.append(f"structures diverge {where}")
+        for finding in result.conversions:
+            lines.append(f"conversion ({finding.kind}) in the {finding.model}: {finding.detail}")
+        if result.complete:
+            lines.append("every permutable group has its counterpart")
+        return "\n".join(lines)
+
+
+def match(
+    reference: ModelSource,
+    suspect: ModelSource,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> MatchResult:
+    """Pair the channel groups of two models, across the differences a converter makes.
+
+    Float16/bfloat16 weights, BatchNorm folded into the conv, a simplifier's renames and removed
+    nodes, QDQ int8 and opset upgrades are recognised and reported; :func:`resync` and
+    :func:`audit` use this pairing for converted suspects. Neither model is modified.
+
+    Args:
+        reference: a path to an ONNX file or an ``onnx.ModelProto``.
+        suspect: the other model.
+        progress: called before the models are analysed.
+
+    Returns:
+        The pairing; :attr:`MatchResult.complete` says whether every permutable group found its
+        counterpart.
+
+    Raises:
+        OnnxladyError: a model cannot be read.
+    """
+    opened_reference = open_model(reference, "reference")
+    opened_suspect = open_model(suspect, "suspect")
+    if progress is not None:
+        progress("match: analysing both models")
+    details = match_analyses(analyze(opened_reference.model), analyze(opened_suspect.model))
+    return MatchResult(details, opened_reference.path, opened_suspect.path)

@@ -1,0 +1,487 @@
+"""``onnxlady.permute`` and ``onnxlady.unpermute``: shuffle the neurons of every permutable group, and undo it.
+
+A model given as a path and written to an output path takes the streaming route the command
+line uses: the model is loaded once, small tensors are permuted in place in that private copy,
+large ones only as the writer streams them out, so peak memory stays near the model's size. A
+model given as an ``onnx.ModelProto`` is copied first and the copy is permuted, so the caller's
+model never changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import onnx
+
+from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._api._results import Result
+from onnxlady._api._sources import (
+    KeySource,
+    ModelSource,
+    OutputPath,
+    check_external_inputs,
+    check_outputs,
+    jsonable,
+    open_key,
+    open_model,
+    output_path,
+    path_text,
+    source_path,
+    write_text,
+)
+from onnxlady._api._verify import ShapeOverrides, VerifyResult, check_verify_options
+from onnxlady._api._verify import (
+    verify as _run_verify,  # ``verify`` is also permute's flag
+)
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._files import load_model, save_model
+from onnxlady._io._stream import Override
+from onnxlady._transforms._key import PermutationKey
+from onnxlady._transforms._permute import (
+    DeferredTensors,
+    draw_permutations,
+    permute_model,
+    unpermute_model,
+)
+from onnxlady._verify._compare import VERIFY_ATOL, VERIFY_RTOL
+
+#: Permutations given instead of random ones: a JSON file ({group id: [..]} or a key file), a
+#: mapping group id -> permutation, or a key.
+PermsSource = str | os.PathLike[str] | Mapping[str, Sequence[int]] | PermutationKey
+
+
+@dataclass
+class PermuteResult(Result):
+    """The outcome of :func:`permute`: the permuted model, its key and what moved.
+
+    Attributes:
+        key: restores the original bit for bit (:func:`unpermute`).
+        source: the input model's path; ``None`` for a model given in memory.
+        output: where the permuted model was written; ``None`` when it was kept in memory.
+        key_path: where the key was written; ``None`` when it was not.
+        permuted_groups: ids of the groups permuted.
+        permuted_neurons: neurons moved, over those groups.
+        permutable_groups: how many groups of the model could move.
+        untied_constants: shared constants given one copy per use that needs its own permutation.
+        verify: the equivalence check, when ``verify=True`` was given.
+    """
+
+    key: PermutationKey = field(repr=False)
+    source: Path | None
+    output: Path | None
+    key_path: Path | None
+    permuted_groups: list[str]
+    permuted_neurons: int
+    permutable_groups: int
+    untied_constants: list[str]
+    verify: VerifyResult | None = None
+    _model: onnx.ModelProto | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The permuted model.
+
+        When it was streamed to :attr:`output`, it is read back from there on first use (the
+        streaming route never holds it whole in memory).
+        """
+        if self._model is None:
+            if self.output is None:
+                raise OnnxladyError("the permuted model was neither kept nor written")
+            self._model = load_model(self.output).model
+        return self._model
+
+    @property
+    def equivalent(self) -> bool | None:
+        """The verdict of the equivalence check; ``None`` when none was asked for."""
+        return None if self.verify is None else self.verify.equivalent
+
+    @property
+    def exit_code(self) -> int:
+        """1 when the equivalence check failed, else 0."""
+        return 0 if self.verify is None or self.verify.equivalent else 1
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key_out: str | os.PathLike[str] | None = None,
+        external_data: bool = False,
+    ) -> PermutationKey:
+        """Write the permuted model and its key, each atomically.
+
+        Args:
+            path: the model file to write.
+            key_out: the key file (default: ``PATH.key.json``).
+            external_data: save the weights to ``PATH.data``.
+
+        Returns:
+            The key as written: :attr:`key` with the sha256 of the written model file.
+
+        Raises:
+            OnnxladyError: the key and the model would be the same file, a folder does not exist,
+                or a file cannot be written.
+        """
+        target = Path(path)
+        key_path = Path(key_out) if key_out is not None else target.with_name(target.name + ".key.json")
+        check_outputs(target, [], [key_path], overwrite_input=True)
+        key = dataclasses.replace(self.key)
+        key.permuted_sha256 = save_model(self.model, target, external_data=external_data, digest=True)
+        write_key(key, key_path)
+        return key
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``onnxlady permute --json`` prints."""
+        return jsonable(
+            {
+                "model": path_text(self.source),
+                "output": path_text(self.output),
+                "key": path_text(self.key_path),
+                "seed": self.key.seed,
+                "permuted_groups": len(self.permuted_groups),
+                "permuted_neurons": self.permuted_neurons,
+                "permutable_groups": self.permutable_groups,
+                "untied_constants": self.untied_constants,
+                "verify": self.verify.report.to_dict() if self.verify is not None else None,
+            }
+        )
+
+    def to_text(self) -> str:
+        """What ``onnxlady permute`` prints: groups moved, files written, the check's table."""
+        lines = [
+            f"permuted {len(self.permuted_groups)} of {self.permutable_groups} permutable groups "
+            f"({self.permuted_neurons} neurons) -> {_place(self.output)}",
+            f"key -> {_place(self.key_path)}",
+        ]
+        if self.untied_constants:
+            lines.append(f"untied shared constants: {', '.join(self.untied_constants)}")
+        if self.verify is not None:
+            lines.append(self.verify.to_text())
+        return "\n".join(lines)
+
+
+def permute(
+    model: ModelSource,
+    *,
+    output: OutputPath = None,
+    seed: int = 0,
+    key_out: OutputPath = None,
+    group: str | Sequence[str] | None = None,
+    perms: PermsSource | None = None,
+    verify: bool = False,
+    provider: str = "auto",
+    atol: float = VERIFY_ATOL,
+    rtol: float = VERIFY_RTOL,
+    iterations: int = 1,
+    input_seed: int = 0,
+    shape: ShapeOverrides = (),
+    add_output: str | Sequence[str] = (),
+    external_data: bool = False,
+    overwrite_input: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> PermuteResult:
+    """Permute the neurons of every permutable group (or of some), keeping the function.
+
+    The input model is never modified. With a path in and ``output`` given, large tensors are
+    permuted while the file is streamed out (peak memory about the model's size); otherwise the
+    permuted model is built in memory (a ``ModelProto`` input is copied first).
+
+    Args:
+        model: a path to an ONNX file or an ``onnx.ModelProto``.
+        output: write the permuted model here (atomically); ``None`` keeps it in memory only.
+        seed: seed of the random permutations (each group draws from its own stream).
+        key_out: where to write the key (default ``OUTPUT.key.json`` when ``output`` is given;
+            no key file when neither is given).
+        group: permute only this group or these groups (ids as :func:`inspect` reports them).
+        perms: the permutations to apply instead of random ones: a JSON file ({group id:
+            permutation} or a key file), a mapping, or a :class:`PermutationKey`.
+        verify: check the result with ONNX Runtime (the options below apply).
+        provider: ``"auto"``, ``"cuda"`` or ``"cpu"`` for the check.
+        atol: absolute tolerance of the check.
+        rtol: relative tolerance of the check.
+        iterations: random input batches of the check.
+        input_seed: seed of the check's inputs.
+        shape: input shapes for dynamic dimensions (see :func:`verify`).
+        add_output: intermediate tensors the check compares too.
+        external_data: save the weights to ``OUTPUT.data`` (always so for a model read that way).
+        overwrite_input: allow ``output`` to be the input file.
+        progress: called with one line per step.
+
+    Returns:
+        The permuted model (:attr:`PermuteResult.model`), its key and what moved.
+
+    Raises:
+        OnnxladyError: bad input or options (an unknown or frozen group, permutations that are
+            not permutations, an output that is an input...), or a failed write. Files are
+            checked before any work and nothing is left behind on failure.
+    """
+    source = source_path(model)
+    target = output_path(output)
+    key_path = output_path(key_out)
+    if key_path is None and target is not None:
+        key_path = target.with_name(target.name + ".key.json")
+    extra = [key_path] if key_path is not None else []
+    check_outputs(target, [source], extra, overwrite_input=overwrite_input)
+    _check_seed(seed)
+    if verify:
+        check_verify_options(atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider)
+    opened = open_model(model)
+    check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
+    # Our own load may be rewritten in place; a caller's ModelProto is copied first.
+    working = opened.writable()
+    analysis = analyze(working, progress=progress)
+    chosen = _choose_permutations(analysis, seed, _group_ids(group), perms)
+    # Large tensors are permuted as the writer streams them out: one copy of the weights at a time.
+    deferred = DeferredTensors() if target is not None and opened.owned else None
+    key = permute_model(
+        analysis, chosen, source_sha256=opened.content_sha256(), source_file=source.name if source else "",
+        seed=None if perms is not None else seed, progress=progress, deferred=deferred,
+    )  # fmt: skip
+    summary = analysis.summary()
+    result = PermuteResult(
+        key=key,
+        source=source,
+        output=target,
+        key_path=key_path,
+        permuted_groups=list(chosen),
+        permuted_neurons=sum(analysis.group(gid).size for gid in chosen),
+        permutable_groups=int(summary["permutable_groups"]),  # type: ignore[call-overload]
+        untied_constants=list(summary["untied_constants"]),  # type: ignore[call-overload]
+        _model=None if deferred is not None else working,
+    )
+    del analysis, summary
+    if target is not None:
+        if progress:
+            progress(f"saving {target}")
+        key.permuted_sha256 = save_model(
+            working, target, external_data=external_data or opened.external_data, digest=True,
+            overrides=cast("dict[str, Override]", deferred.overrides) if deferred is not None else None,
+        )  # fmt: skip
+    if deferred is not None:
+        deferred.finish(key)
+    del working, opened
+    if key_path is not None:
+        write_key(key, key_path)
+    if verify:
+        candidate = target if target is not None else result.model
+        try:
+            result.verify = _run_verify(
+                model, candidate, provider=provider, atol=atol, rtol=rtol, iterations=iterations,
+                input_seed=input_seed, shape=shape, add_output=add_output, progress=progress,
+            )  # fmt: skip
+        except OnnxladyError:
+            written = [target, target.with_name(target.name + ".data")] if target is not None else []
+            for path in written + extra:
+                if path.exists():
+                    path.unlink()  # a failed check leaves nothing behind
+            raise
+    return result
+
+
+@dataclass
+class UnpermuteResult(Result):
+    """The outcome of :func:`unpermute`: the model in its original neuron order.
+
+    Attributes:
+        model: the restored model.
+        key: the key that was undone.
+        weights_identical_to_source: True when every restored tensor is bit-identical to the
+            source the key was made from (False: the model was changed after it was permuted,
+            but the neuron order is restored all the same).
+        source: the permuted model's path; ``None`` for a model given in memory.
+        key_source: the key file's path; ``None`` for a key given in memory.
+        output: where the restored model was written; ``None`` when it was kept in memory.
+        output_sha256: sha256 of the written file; ``None`` when nothing was written.
+    """
+
+    model: onnx.ModelProto = field(repr=False)
+    key: PermutationKey = field(repr=False)
+    weights_identical_to_source: bool
+    source: Path | None = None
+    key_source: Path | None = None
+    output: Path | None = None
+    output_sha256: str | None = None
+
+    @property
+    def output_identical_to_source_file(self) -> bool | None:
+        """True when the written file is byte-identical to the file the key was made from."""
+        return None if self.output_sha256 is None else self.output_sha256 == self.key.source_sha256
+
+    def save(self, path: str | os.PathLike[str], *, external_data: bool = False) -> str:
+        """Write the restored model atomically.
+
+        Args:
+            path: the model file to write.
+            external_data: save the weights to ``PATH.data``.
+
+        Returns:
+            The sha256 of the written file (equal to the key's source sha256 when the file is
+            the original, byte for byte).
+
+        Raises:
+            OnnxladyError: the folder does not exist or the file cannot be written.
+        """
+        return save_model(self.model, path, external_data=external_data, digest=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``onnxlady unpermute --json`` prints."""
+        return jsonable(
+            {
+                "model": path_text(self.source),
+                "key": path_text(self.key_source),
+                "output": path_text(self.output),
+                "weights_identical_to_source": self.weights_identical_to_source,
+                "output_sha256": self.output_sha256,
+                "output_identical_to_source_file": self.output_identical_to_source_file,
+            }
+        )
+
+    def to_text(self) -> str:
+        """What ``onnxlady unpermute`` prints: where the model went and whether it is the source's."""
+        verdict = (
+            "the restored weights are bit-identical to the source"
+            if self.weights_identical_to_source
+            else "the weights differ from the source (the model was changed after it was permuted); "
+            "neuron order restored"
+        )
+        return f"unpermuted -> {_place(self.output)}: {verdict}"
+
+
+def unpermute(
+    model: ModelSource,
+    key: KeySource,
+    *,
+    output: OutputPath = None,
+    external_data: bool = False,
+    overwrite_input: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> UnpermuteResult:
+    """Undo a permutation with its key; the tensors come back bit for bit.
+
+    The input model is never modified (a ``ModelProto`` input is copied first).
+
+    Args:
+        model: the permuted model: a path or an ``onnx.ModelProto``.
+        key: the key :func:`permute` wrote: a path or a :class:`PermutationKey`.
+        output: write the restored model here (atomically); ``None`` keeps it in memory only.
+        external_data: save the weights to ``OUTPUT.data`` (always so for a model read that way).
+        overwrite_input: allow ``output`` to be an input file.
+        progress: called before the model is written.
+
+    Returns:
+        The restored model and whether its weights are the source's, bit for bit.
+
+    Raises:
+        OnnxladyError: the key is malformed or was made for another model, the output is an
+            input, or a file cannot be read or written.
+    """
+    source = source_path(model)
+    key_source = source_path(key)
+    target = output_path(output)
+    check_outputs(target, [source, key_source], overwrite_input=overwrite_input)
+    permutation_key = open_key(key)
+    opened = open_model(model)
+    check_external_inputs(target, [opened], overwrite_input=overwrite_input)
+    restored = opened.writable()
+    identical = unpermute_model(restored, permutation_key)
+    result = UnpermuteResult(restored, permutation_key, identical, source, key_source, target)
+    if target is not None:
+        if progress:
+            progress(f"saving {target}")
+        result.output_sha256 = save_model(
+            restored, target, external_data=external_data or opened.external_data, digest=True
+        )
+    return result
+
+
+# -- helpers ------------------------------------------------------------------------------
+def write_key(key: PermutationKey, path: str | os.PathLike[str]) -> None:
+    """Write a permutation key as JSON, atomically.
+
+    Raises:
+        OnnxladyError: the folder does not exist or the file cannot be written.
+    """
+    write_text(path, json.dumps(key.to_json(), indent=1) + "\n")
+
+
+def read_perms(perms: PermsSource) -> dict[str, np.ndarray]:
+    """Permutations by group id from a JSON file ({group id: [..]} or a key file), a mapping or a key.
+
+    Raises:
+        OnnxladyError: the file is missing or not JSON, or a permutation is not a list of integers.
+    """
+    if isinstance(perms, PermutationKey):
+        return perms.permutations()
+    if isinstance(perms, Mapping):
+        return _perm_arrays(perms, "perms")
+    if not isinstance(perms, (str, os.PathLike)):
+        raise OnnxladyError(f"perms: expected a path, a mapping or a PermutationKey, got {type(perms).__name__}")
+    path = Path(perms)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise OnnxladyError(f"{path}: no such file") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OnnxladyError(f"{path}: not JSON ({exc})") from exc
+    if isinstance(data, dict) and "groups" in data:
+        try:
+            data = {str(g["id"]): g["perm"] for g in data["groups"]}
+        except (KeyError, TypeError) as exc:
+            raise OnnxladyError(f"{path}: malformed key (each group needs 'id' and 'perm')") from exc
+    if not isinstance(data, dict):
+        raise OnnxladyError(f"{path}: expected a JSON object {{group id: permutation}}")
+    return _perm_arrays(data, str(path))
+
+
+def _perm_arrays(data: Mapping[Any, Any], origin: str) -> dict[str, np.ndarray]:
+    perms = {}
+    for gid, given in data.items():
+        values = given
+        if isinstance(given, np.ndarray) and given.ndim == 1 and np.issubdtype(given.dtype, np.integer):
+            values = given.tolist()
+        elif isinstance(given, tuple):
+            values = list(given)
+        if not isinstance(values, list) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values
+        ):
+            raise OnnxladyError(f"{origin}: the permutation of group {gid} must be a list of integers")
+        perms[str(gid)] = np.asarray(values, dtype=np.int64)
+    return perms
+
+
+def _choose_permutations(
+    analysis: ChannelAnalysis, seed: int, groups: list[str] | None, perms: PermsSource | None
+) -> dict[str, np.ndarray]:
+    """The permutations to apply: given ones (restricted to ``groups``) or random ones."""
+    if perms is None:
+        return draw_permutations(analysis, seed, groups)
+    chosen = read_perms(perms)
+    if groups:
+        draw_permutations(analysis, 0, groups)  # checks that the groups exist and can move
+        missing = [gid for gid in groups if gid not in chosen]
+        if missing:
+            origin = source_path(perms) or "perms"
+            raise OnnxladyError(f"{origin}: no permutation for group {missing[0]}")
+        chosen = {gid: p for gid, p in chosen.items() if gid in groups}
+    return chosen
+
+
+def _group_ids(group: str | Sequence[str] | None) -> list[str] | None:
+    if group is None:
+        return None
+    return [group] if isinstance(group, str) else [str(gid) for gid in group]
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise OnnxladyError(f"--seed must be a whole number >= 0, got {seed!r}")
+
+
+def _place(path: Path | None) -> str:
+    return str(path) if path is not None else "(kept in memory)"

@@ -1,0 +1,193 @@
+"""What every public function shares: opening a model or key argument, checking output paths.
+
+A model argument is a path or an ``onnx.ModelProto``; a key argument a path or a
+:class:`~onnxlady._transforms._key.PermutationKey`. A model the API loads itself from a path is
+its own and may be changed in place (that is how the file-to-file commands keep memory low); a
+``ModelProto`` the caller gives is never changed: a function that must change it works on a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._files import copy_model, load_model, write_atomically
+from onnxlady._transforms._key import PermutationKey, read_key
+
+#: A model argument: a path to an ONNX file or a model in memory.
+ModelSource = str | os.PathLike[str] | onnx.ModelProto
+#: A permutation key argument: a path to a key file or a key in memory.
+KeySource = str | os.PathLike[str] | PermutationKey
+#: An output path argument (``None``: keep the result in memory only).
+OutputPath = str | os.PathLike[str] | None
+
+
+@dataclass
+class OpenedModel:
+    """A model argument, opened: the model and what is known about where it came from."""
+
+    model: onnx.ModelProto
+    #: The file it was read from; ``None`` for a model given in memory.
+    path: Path | None
+    #: sha256 of that file; ``None`` for a model given in memory.
+    sha256: str | None
+    #: Whether its weights were read from external data files (then outputs are written that way too).
+    external_data: bool
+    #: The external data files its tensors were read from.
+    external_files: tuple[Path, ...]
+    #: True when the API loaded the model itself, so changing it in place harms no caller.
+    owned: bool
+
+    def writable(self) -> onnx.ModelProto:
+        """The model to change in place: the API's own load, or a copy of the caller's model."""
+        return self.model if self.owned else copy_model(self.model)
+
+    def content_sha256(self) -> str:
+        """The file's sha256, or for a model in memory the sha256 of its serialized bytes."""
+        if self.sha256 is not None:
+            return self.sha256
+        return hashlib.sha256(self.model.SerializeToString()).hexdigest()
+
+
+def open_model(source: ModelSource, what: str = "model") -> OpenedModel:
+    """Open a model argument: load a path (with its external data), take a ModelProto as it is.
+
+    Args:
+        source: a path to an ONNX file or an ``onnx.ModelProto``.
+        what: how messages name the argument (``"reference"``, ``"suspect"``...).
+
+    Returns:
+        The opened model; :attr:`OpenedModel.owned` says whether it may be changed in place.
+
+    Raises:
+        OnnxladyError: the argument is neither a path nor a ModelProto, or the file is missing
+            or not a readable ONNX model.
+    """
+    if isinstance(source, onnx.ModelProto):
+        return OpenedModel(source, None, None, False, (), owned=False)
+    if not isinstance(source, (str, os.PathLike)):
+        raise OnnxladyError(f"{what}: expected a path or an onnx.ModelProto, got {type(source).__name__}")
+    loaded = load_model(source)
+    return OpenedModel(
+        loaded.model, loaded.path, loaded.sha256, loaded.external_data, loaded.external_files, owned=True
+    )
+
+
+def source_path(source: object) -> Path | None:
+    """The path a model or key argument names, ``None`` for an object in memory."""
+    return Path(source) if isinstance(source, (str, os.PathLike)) else None
+
+
+def output_path(path: OutputPath) -> Path | None:
+    """An output argument as a Path (``None`` stays ``None``)."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise OnnxladyError(f"expected an output path, got {type(path).__name__}")
+    return Path(path)
+
+
+def open_key(key: KeySource) -> PermutationKey:
+    """A key argument: read a key file, or take a :class:`PermutationKey` as it is."""
+    if isinstance(key, PermutationKey):
+        return key
+    if not isinstance(key, (str, os.PathLike)):
+        raise OnnxladyError(f"key: expected a path or a PermutationKey, got {type(key).__name__}")
+    return read_key(key)
+
+
+# -- outputs ------------------------------------------------------------------------------
+def written_paths(output: Path | None, extra: Sequence[Path]) -> list[Path]:
+    """Every file a command writes: the model, its external data file, then ``extra`` (keys)."""
+    paths = []
+    if output is not None:
+        resolved = output.resolve()
+        paths += [resolved, resolved.with_name(resolved.name + ".data")]
+    return paths + [path.resolve() for path in extra]
+
+
+def check_outputs(
+    output: Path | None, inputs: Sequence[Path | None], extra: Sequence[Path] = (), *, overwrite_input: bool = False
+) -> None:
+    """Refuse outputs that would overwrite an input (model, key) or each other, before any work.
+
+    Args:
+        output: the model to write, if any.
+        inputs: the files read (``None`` entries, arguments given in memory, are skipped).
+        extra: other files written (keys).
+        overwrite_input: allow an output to be an input file.
+
+    Raises:
+        OnnxladyError: an output is an input, two outputs are the same file, or an output
+            folder does not exist.
+    """
+    written = written_paths(output, extra)
+    protected = {path.resolve() for path in inputs if path is not None}
+    for target in written:
+        if target in protected and not overwrite_input:
+            raise OnnxladyError(f"{target}: refusing to overwrite an input file (pass --overwrite-input)")
+    if len(set(written)) != len(written):
+        raise OnnxladyError(f"{output}: the key and the model would be written to the same file")
+    for target in written[:1] + [path.resolve() for path in extra]:
+        if not target.parent.is_dir():
+            raise OnnxladyError(f"{target}: output folder '{target.parent}' does not exist")
+
+
+def check_external_inputs(
+    output: Path | None, opened: Sequence[OpenedModel], extra: Sequence[Path] = (), *, overwrite_input: bool = False
+) -> None:
+    """Refuse outputs that would overwrite the external-data files the inputs were read from.
+
+    Raises:
+        OnnxladyError: an output is one of those files and ``overwrite_input`` is not set.
+    """
+    protected = {path.resolve() for model in opened for path in model.external_files}
+    for target in written_paths(output, extra):
+        if target in protected and not overwrite_input:
+            raise OnnxladyError(f"{target}: refusing to overwrite an input's external data (pass --overwrite-input)")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file atomically (temporary file beside it, then rename).
+
+    Raises:
+        OnnxladyError: the folder does not exist or the file cannot be written.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path()
+    if not folder.is_dir():
+        raise OnnxladyError(f"{path}: output folder '{folder}' does not exist")
+    write_atomically(path, text.encode())
+
+
+# -- JSON ---------------------------------------------------------------------------------
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays, paths and tuples turned into JSON types, recursively.
+
+    Floats are left as they are (``json.dumps`` writes a non-finite one as ``NaN``/``Infinity``,
+    as the CLI always did), so a document prints exactly as before.
+    """
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def path_text(path: Path | None) -> str | None:
+    """A path as the JSON documents show it (``None`` for a model in memory)."""
+    return None if path is None else str(path)

@@ -1,0 +1,190 @@
+"""``onnxlady.verify``: run two models in ONNX Runtime on the same inputs and compare their outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxlady._api._results import Result
+from onnxlady._api._sources import ModelSource, jsonable, path_text, source_path
+from onnxlady._errors import OnnxladyError
+from onnxlady._verify._compare import (
+    VERIFY_ATOL,
+    VERIFY_RTOL,
+    OutputComparison,
+    VerifyReport,
+    parse_shape_overrides,
+    verify_models,
+)
+
+#: Input shape overrides: ``["NAME:1x3x224x224", ...]`` as on the command line, or ``{NAME: dims}``.
+ShapeOverrides = Sequence[str] | Mapping[str, Sequence[int]]
+
+PROVIDERS = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class VerifyResult(Result):
+    """The outcome of :func:`verify`: one comparison per output, and the settings used.
+
+    Attributes:
+        report: the full comparison (provider used, tolerances, input shapes, per-output errors).
+        reference: the reference model's path; ``None`` for a model given in memory.
+        candidate: the candidate model's path; ``None`` for a model given in memory.
+    """
+
+    report: VerifyReport
+    reference: Path | None = None
+    candidate: Path | None = None
+
+    @property
+    def equivalent(self) -> bool:
+        """True when every output passed the element-wise check."""
+        return self.report.equivalent
+
+    @property
+    def outputs(self) -> tuple[OutputComparison, ...]:
+        """One comparison per graph output (and per ``add_output`` tensor), in output order."""
+        return self.report.outputs
+
+    @property
+    def provider_used(self) -> str:
+        """The ONNX Runtime execution provider that ran both models."""
+        return self.report.provider_used
+
+    @property
+    def max_abs_error(self) -> float:
+        """The largest absolute error over all outputs."""
+        return max((out.max_abs_error for out in self.report.outputs), default=0.0)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the models are equivalent, 1 when they are not."""
+        return 0 if self.equivalent else 1
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``onnxlady verify --json`` prints (non-finite errors as strings)."""
+        return jsonable(
+            {"reference": path_text(self.reference), "candidate": path_text(self.candidate), **self.report.to_dict()}
+        )
+
+    def to_text(self) -> str:
+        """The per-output table ``onnxlady verify`` prints, ending in EQUIVALENT or NOT EQUIVALENT."""
+        return verify_text(self.report)
+
+
+def verify(
+    reference: ModelSource,
+    candidate: ModelSource,
+    *,
+    provider: str = "auto",
+    atol: float = VERIFY_ATOL,
+    rtol: float = VERIFY_RTOL,
+    iterations: int = 1,
+    input_seed: int = 0,
+    shape: ShapeOverrides = (),
+    add_output: str | Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
+) -> VerifyResult:
+    """Run ``reference`` and ``candidate`` on the same seeded random inputs and compare every output.
+
+    An element fails only where its absolute error exceeds ``atol`` and its relative error
+    exceeds ``rtol`` (Polygraphy's rule); integer and boolean outputs must match exactly.
+    Neither model is modified.
+
+    Args:
+        reference: the model whose outputs are taken as right: a path or an ``onnx.ModelProto``.
+        candidate: the model checked against it (a permuted copy, say).
+        provider: ``"auto"`` (CUDA when it loads, CPU otherwise), ``"cuda"`` or ``"cpu"``.
+        atol: absolute tolerance.
+        rtol: relative tolerance.
+        iterations: number of random input batches.
+        input_seed: seed of the random inputs.
+        shape: input shapes for dynamic dimensions, ``["input:1x3x224x224"]`` or ``{"input": (1, 3, 224, 224)}``.
+        add_output: intermediate tensors to compare as well (logits before a saturating
+            activation, say).
+        progress: called with one line per iteration.
+
+    Returns:
+        The comparison; :attr:`VerifyResult.equivalent` is the verdict.
+
+    Raises:
+        OnnxladyError: a bad option, a model that cannot be read or run, models with different
+            inputs or outputs, or a CUDA provider that was asked for and does not load.
+    """
+    shapes = check_verify_options(atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider)
+    report = verify_models(
+        _model_argument(reference), _model_argument(candidate), provider=provider, atol=atol, rtol=rtol,
+        iterations=iterations, seed=input_seed, shapes=shapes, progress=progress,
+        extra_outputs=_names(add_output),
+    )  # fmt: skip
+    return VerifyResult(report, source_path(reference), source_path(candidate))
+
+
+def check_verify_options(
+    *, atol: float, rtol: float, iterations: int, shape: ShapeOverrides, provider: str = "auto"
+) -> dict[str, tuple[int, ...]]:
+    """Reject bad check options before any file is written; returns the parsed shape overrides.
+
+    Raises:
+        OnnxladyError: iterations below 1, a negative or non-numeric tolerance, an unknown
+            provider or a malformed shape override.
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
+        raise OnnxladyError("--iterations must be at least 1")
+    if not all(isinstance(v, Real) and not isinstance(v, bool) and v >= 0 for v in (atol, rtol)):
+        raise OnnxladyError("--atol and --rtol must be numbers >= 0")
+    if provider not in PROVIDERS:
+        raise OnnxladyError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+    return shape_overrides(shape)
+
+
+def shape_overrides(shape: ShapeOverrides) -> dict[str, tuple[int, ...]]:
+    """Parse shape overrides given as the command line's strings or as a mapping.
+
+    Raises:
+        OnnxladyError: a malformed override.
+    """
+    if isinstance(shape, Mapping):
+        specs = [f"{name}:{'x'.join(str(d) for d in dims)}" for name, dims in shape.items()]
+    elif isinstance(shape, str):
+        specs = [shape]
+    else:
+        specs = [str(spec) for spec in shape]
+    return parse_shape_overrides(specs)
+
+
+def _names(names: str | Sequence[str]) -> list[str]:
+    return [names] if isinstance(names, str) else [str(name) for name in names]
+
+
+def _model_argument(model: ModelSource) -> str | ModelSource:
+    """A path as the text the command line passes (so messages name it the same way), else as given."""
+    path = source_path(model)
+    return str(path) if path is not None else model
+
+
+def verify_text(report: VerifyReport) -> str:
+    """The text form of a comparison: settings, one row per output, then the verdict."""
+    lines = [
+        f"execution provider: {report.provider_used}"
+        + (f" (fell back: {report.fallback_reason})" if report.fallback_reason else ""),
+        f"inputs: {', '.join(f'{k}{list(v)}' for k, v in report.input_shapes.items())}; "
+        f"{report.iterations} iteration(s), seed {report.seed}; atol {report.atol:g}, rtol {report.rtol:g}",
+        f"{'output':<24} {'max abs err':>12} {'max rel err':>12} {'max |ref|':>10} {'mismatched':>14}  result",
+    ]
+    for out in report.outputs:
+        result = "PASS" if out.passed else "FAIL"
+        lines.append(
+            f"{out.name:<24} {out.max_abs_error:>12.3e} {out.max_rel_error:>12.3e} {out.reference_max_abs:>10.3g} "
+            f"{f'{out.mismatched_elements}/{out.total_elements}':>14}  {result}"
+        )
+        if out.degenerate:
+            lines.append(f"{'':<24} warning: {out.degenerate}: this comparison proves nothing")
+    lines.append("EQUIVALENT" if report.equivalent else "NOT EQUIVALENT")
+    return "\n".join(lines)
