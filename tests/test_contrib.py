@@ -27,6 +27,7 @@ from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._rules import registered_operators
 from onnxlady._transforms._permute import unpermute_model
 from onnxlady._verify._compare import verify_models
+from onnxlady.testing import GraphBuilder
 from onnxlady.testing._helpers import (
     constant_bytes,
     copy_model,
@@ -294,3 +295,42 @@ def test_partial_permutation_of_a_contrib_operator_is_caught(name: str, tensor: 
     model = copy_model(source)
     _swap(model, tensor, axis, i, j)
     assert not verify_models(source, model, provider="cpu").equivalent
+
+
+def _attention_model(*, past: bool = False, do_rotary: bool = False) -> onnx.ModelProto:
+    """Tokens -> MatMul -> Attention (optionally with a past state input and present output) -> MatMul head."""
+    b = GraphBuilder("attention_variant", 0)
+    x = b.input("input", (1, C.SEQ, C.WIDTH))
+    h = b.matmul(x, C.WIDTH, name="embed", gain=1.0)
+    head_size = C.WIDTH // C.HEADS
+    inputs = [h, b.param("qkv.weight", b.he_normal((C.WIDTH, 3 * C.WIDTH), C.WIDTH, 1.0)),
+              b.param("qkv.bias", b.small_normal((3 * C.WIDTH,)))]
+    outputs: list[C.OutputSpec] = [("y", (1, C.SEQ, C.WIDTH), TensorProto.FLOAT)]
+    if past:
+        inputs += ["", b.input("past", (2, 1, C.HEADS, 3, head_size))]
+        outputs.append(("present", (2, 1, C.HEADS, 3 + C.SEQ, head_size), TensorProto.FLOAT))
+    names = C.contrib_node(b, "Attention", inputs, outputs, name="attention", num_heads=C.HEADS,
+                           do_rotary=int(do_rotary))
+    return b.build([b.matmul(names[0], C.NUM_OUTPUTS, name="logits", gain=1.0), *names[1:]])
+
+
+def test_attention_with_a_past_state_freezes_what_the_state_holds() -> None:
+    source = _attention_model(past=True)
+    analysis = analyze(source)
+    # The state [2, B, N, P, H] holds the heads and K's and V's dims: a graph input pins them all.
+    assert _permutable_sizes(analysis, "qkv.weight", 1) == []
+    assert any("graph input 'past'" in str(r) for g in analysis.groups for r in g.reasons)
+    assert _permutable_sizes(analysis, "qkv.weight", 0) == [32]  # the rows still follow the input
+    model, _, perms, _ = permute_copy(source, 3)
+    assert perms and verify_models(source, model, provider="cpu").equivalent
+
+
+def test_attention_with_rotary_inside_pins_the_query_key_dims() -> None:
+    analysis = analyze(_attention_model(do_rotary=True))
+    # Heads (4) and V dims (8) move; the Q/K dims inside a head keep their order (the rotary
+    # frequencies are computed inside the operator and cannot follow).
+    assert _permutable_sizes(analysis, "qkv.weight", 1) == [4, 8]
+    dims = next(g for g in analysis.permutable_groups
+                if g.size == 8 and any(m.tensor == "qkv.weight" and m.axis == 1 for m in g.members))
+    (member,) = [m for m in dims.members if m.tensor == "qkv.weight" and m.axis == 1]
+    assert member.index_map == "[64:96] of 96: I_4 (x) p"  # V's columns only
