@@ -613,3 +613,49 @@ def test_reference_that_cannot_run_on_given_inputs(tmp_path):
     np.savez(path, x=np.ones((1, 8), np.float32))
     with pytest.raises(OnnxladyError, match=f"cannot run the reference model on the inputs given by input file {path}"):
         verify_models(model, model, provider="cpu", load_inputs=path)
+
+
+def test_placeholder_dim_names_are_not_shared():
+    """Exporters write "?" for any unknown dim: two "?" dims are not the same size (paddle2onnx's [?, 3, ?, ?])."""
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [value("x", TensorProto.FLOAT, ["?", 3, "?", "?"])],
+        [value("y", TensorProto.FLOAT, None)],
+    )
+    choice = resolve_shapes(model, {"x": [1, 3, 32, 48]})["x"]
+    assert choice.shape == (1, 3, 32, 48)
+    notes = resolve_shapes(model, None)["x"].notes
+    assert notes == (
+        "dim 0 = 1: default batch size (nothing in the graph pins it)",
+        "dim 2 = 64: default (nothing in the graph pins it)",
+        "dim 3 = 64: default (nothing in the graph pins it)",
+    )
+
+
+def test_report_lists_how_inputs_were_fed(weights):
+    """The JSON document carries, per input, what a README table needs: name, shape, dtype, rule, range, why."""
+    w1, w2 = weights
+    report = verify_models(text_model(w1, w2, types=True), text_model(*permuted(w1, w2), types=True), provider="cpu")
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    rows = {row["name"]: row for row in data["inputs"]}
+    assert list(rows) == ["input_ids", "token_type_ids", "attention_mask"]
+    assert rows["input_ids"] == {
+        "name": "input_ids",
+        "shape": [1, 64],
+        "dtype": "int64",
+        "rule": "embedding-index",
+        "low": 0.0,
+        "high": 9.0,
+        "detail": "indices of a Gather on 'E' (10 rows)",
+        "shape_notes": [
+            "dim 0 (batch) = 1: default batch size (nothing in the graph pins it)",
+            "dim 1 (seq) = 64: default (nothing in the graph pins it)",
+        ],
+        "shapes_vary": False,
+    }
+    assert [rows[n]["rule"] for n in rows] == ["embedding-index", "segment-zeros", "mask-ones"]
+    assert data["verdict"] == "equivalent" and data["reason"] is None and data["reasons"] == []
+    wrong = verify_models(
+        text_model(w1, w2, types=True), text_model(*permuted(w1, w2, wrong=True), types=True), provider="cpu"
+    )
+    assert wrong.to_dict()["verdict"] == "not-equivalent" and wrong.to_dict()["reason"].startswith("output 'out': ")

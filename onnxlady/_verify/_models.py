@@ -9,6 +9,7 @@ which tensors are constants, and what a small constant holds.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Union
 
@@ -113,7 +114,11 @@ def dim_symbols(vi: onnx.ValueInfoProto) -> list[str | None]:
     tensor_type = vi.type.tensor_type
     if not tensor_type.HasField("shape"):
         return []
-    return [d.dim_param if d.HasField("dim_param") and d.dim_param else None for d in tensor_type.shape.dim]
+    # Exporters write placeholders ("?", "-1") for "unknown": those name no shared dimension.
+    return [
+        d.dim_param if d.HasField("dim_param") and re.search(r"[A-Za-z]", d.dim_param) else None
+        for d in tensor_type.shape.dim
+    ]
 
 
 def check_interfaces(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_name: str, cand_name: str) -> None:
