@@ -67,6 +67,7 @@ EXPECTED_OPS: dict[str, set[str]] = {
     "ort_transformer.bert_like": {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"},
     "ort_transformer_fastgelu.bert_like": {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization",
                                            "FastGelu"},
+    "ort_transformer_mha.bert_like": {"MultiHeadAttention", "SkipLayerNormalization", "BiasGelu"},
     "nbits.matmul_mlp": {"MatMulNBits"},
     "nbits.encoder_prenorm": {"MatMulNBits"},
 }
