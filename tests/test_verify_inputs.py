@@ -659,3 +659,20 @@ def test_report_lists_how_inputs_were_fed(weights):
         text_model(w1, w2, types=True), text_model(*permuted(w1, w2, wrong=True), types=True), provider="cpu"
     )
     assert wrong.to_dict()["verdict"] == "not-equivalent" and wrong.to_dict()["reason"].startswith("output 'out': ")
+
+
+def test_parse_value_ranges():
+    from onnxlady._verify._compare import parse_value_ranges
+
+    assert parse_value_ranges(["input_ids:[0,99]", "x:0:[-1.5, 2e3]", "[0,1]"]) == (
+        {"input_ids": (0.0, 99.0), "x:0": (-1.5, 2000.0)},
+        (0.0, 1.0),
+    )
+    assert parse_value_ranges([]) == ({}, None)
+    for bad in ["x", "x:0,1", "x:[1]", "x:[a,b]", "x:[2,1]", "x:[0,inf]"]:
+        with pytest.raises(OnnxladyError):
+            parse_value_ranges([bad])
+    with pytest.raises(OnnxladyError, match="more than once"):
+        parse_value_ranges(["x:[0,1]", "x:[0,2]"])
+    with pytest.raises(OnnxladyError, match="more than once"):
+        parse_value_ranges(["[0,1]", "[0,2]"])

@@ -30,7 +30,7 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._verify._evidence import EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, find_squashes, judge, match_squashes
 from onnxlady._verify._feed_stream import FeedStream, reference_failure
 from onnxlady._verify._feeds import load_input_file, script_feeds
-from onnxlady._verify._inputs import check_range, generate_inputs, plan_inputs
+from onnxlady._verify._inputs import check_range, generate_inputs, parse_value_ranges, plan_inputs
 from onnxlady._verify._models import GraphIndex, ModelLike, check_interfaces, describe, load_graph
 from onnxlady._verify._report import InputRecord, OutputComparison, VerifyReport
 from onnxlady._verify._session import CPU, CUDA, PROVIDERS, create_session, first_line, run_session
@@ -51,6 +51,7 @@ __all__ = [
     "create_session",
     "generate_inputs",
     "parse_shape_overrides",
+    "parse_value_ranges",
     "verify_models",
 ]
 

@@ -97,6 +97,41 @@ def check_range(value_range: Sequence[float], what: str = "input range") -> tupl
     return low, high
 
 
+def parse_value_ranges(specs: Sequence[str]) -> tuple[dict[str, tuple[float, float]], tuple[float, float] | None]:
+    """Parse Polygraphy-style ``--val-range`` specs: ``NAME:[lo,hi]`` for one input, ``[lo,hi]`` for all.
+
+    The name is everything before the *last* colon (TensorFlow names like ``input:0`` work).
+
+    Returns:
+        ``({name: (lo, hi)}, the range for every other input or None)``: the ``value_ranges`` and
+        ``input_range`` arguments of verify.
+
+    Raises:
+        OnnxladyError: a malformed spec, a range with low > high, or a name given twice.
+    """
+    ranges: dict[str, tuple[float, float]] = {}
+    default: tuple[float, float] | None = None
+    for spec in specs:
+        text = str(spec).strip()
+        match = re.fullmatch(r"(?:(.+):)?\[\s*([^,\]]+?)\s*,\s*([^,\]]+?)\s*\]", text)
+        if match is None:
+            raise OnnxladyError(f"bad value range {spec!r}: expected NAME:[lo,hi] or [lo,hi], e.g. input_ids:[0,99]")
+        try:
+            low, high = float(match[2]), float(match[3])
+        except ValueError as exc:
+            raise OnnxladyError(f"bad value range {spec!r}: the bounds must be numbers") from exc
+        name, bounds = match[1], check_range((low, high), f"value range {spec!r}")
+        if name is None:
+            if default is not None:
+                raise OnnxladyError(f"value range for every input given more than once ({spec!r})")
+            default = bounds
+        elif name in ranges:
+            raise OnnxladyError(f"value range for input {name!r} given more than once")
+        else:
+            ranges[name] = bounds
+    return ranges, default
+
+
 def embedding_bounds(index: GraphIndex, input_names: Sequence[str]) -> dict[str, tuple[int, str]]:
     """For each input used as Gather indices into a constant table: ``(table size on the gather axis, table)``.
 
