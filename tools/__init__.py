@@ -7,7 +7,11 @@ root, so that ``fixtures`` and ``tools`` import as packages with no path editing
     python3 -m tools.real_models --markdown  # inspect, permute, verify them
     python3 -m tools.bench_permute --repeats 1
 
-``python3 -m tools.NAME --help`` describes each one. Modules starting with ``_`` are shared by
+``python3 -m tools.NAME --help`` describes each one. The tools call onnxlady's public API
+(``onnxlady.inspect``, ``permute``, ``verify``, ``perturb``, ``resync``, ``audit``) and
+``onnxlady.testing``; three private imports remain, each for a reason: ``bench_stream``
+measures the streamed I/O module itself, ``table1`` draws verify's own random inputs, and
+``_conversions`` folds a QDQ model's weights with the graph's constant folding. Modules starting with ``_`` are shared by
 the tools: ``_bench`` (a measurement in a fresh interpreter), ``_report`` (the permute-and-verify
 report of one model), ``_conversions`` (resync and audit across a conversion).
 """

@@ -17,11 +17,8 @@ import onnx
 from onnx import numpy_helper
 
 from fixtures.conversions import CONVERSIONS, upgrade_opset
-from onnxlady import PermutationKey, analyze
-from onnxlady._audit._verdicts import audit_models
-from onnxlady._graph._model_graph import ModelGraph
-from onnxlady._resync._entry import resync_model
-from onnxlady._verify._compare import verify_models
+from onnxlady import PermutationKey, analyze, audit, resync, verify
+from onnxlady._graph._model_graph import ModelGraph  # in_float's constant folding, a test-side rewrite
 from onnxlady.testing import copy_model, permute_producer_only
 
 #: Conversions that need opset 13 (Cast from bfloat16, per-axis DequantizeLinear).
@@ -107,31 +104,30 @@ def conversion_row(
     floor = None
     if suspect_converted and conversion in ORDER_SENSITIVE:
         # The same conversion of the reference, in the reference's own order.
-        floor_report = verify_models(
-            convert(reference, conversion)[0], suspect, provider="cpu", extra_outputs=logits, **tolerance
-        )
-        floor = max(o.max_abs_error for o in floor_report.outputs)
+        converted_reference = convert(reference, conversion)[0]
+        assert converted_reference is not None, f"{conversion} converted the suspect but not the reference"
+        floor = verify(converted_reference, suspect, provider="cpu", add_output=logits, **tolerance).max_abs_error
         tolerance["atol"] = max(tolerance.get("atol", 1e-4), FLOOR_FACTOR * floor)
     start = time.perf_counter()
-    result = resync_model(reference, suspect, true_key=key)
+    result = resync(reference, suspect, true_key=key)
     seconds = time.perf_counter() - start
-    psi, psi_distinguishable = result.psi, result.psi_distinguishable
+    psi, psi_distinguishable = result.psi, result.details.psi_distinguishable
     quantized = suspect_converted and conversion in ACTIVATIONS_QUANTIZED
     float_form: Callable[[onnx.ModelProto], onnx.ModelProto] = in_float if quantized else _as_is
     compared = float_form(suspect)
-    verify = verify_models(compared, float_form(result.model), provider="cpu", extra_outputs=logits, **tolerance)
+    check = verify(compared, float_form(result.model), provider="cpu", add_output=logits, **tolerance)
     wrong = copy_model(result.model)
     del result  # an across resync holds the compared values in float64: free them before the audit
     permute_producer_only(wrong, analyze(wrong))
-    caught = not verify_models(compared, float_form(wrong), provider="cpu", extra_outputs=logits, **tolerance).equivalent
+    caught = not verify(compared, float_form(wrong), provider="cpu", add_output=logits, **tolerance).equivalent
     del wrong, compared
-    report = audit_models(reference, suspect)
+    report = audit(reference, suspect).report
     found = sorted({c.kind for c in report.conversions})
     return {
         "psi": psi,
         "psi_distinguishable": psi_distinguishable,
-        "equivalent": verify.equivalent,
-        "max_error": max(o.max_abs_error for o in verify.outputs),
+        "equivalent": check.equivalent,
+        "max_error": check.max_abs_error,
         "floor": floor,
         "wrong_caught": caught,
         "verdict": report.verdict,

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
-from onnxlady import ChannelAnalysis, analyze, draw_permutations, load_model, permute_model, save_model, verify_models
+from onnxlady import ChannelAnalysis, analyze, inspect, load_model, permute, save_model, verify
 from onnxlady.testing import permute_producer_only
 
 #: The seed of the permutation every report draws.
@@ -47,8 +46,8 @@ def report_model(name: str, path: Path, work: Path, verify_options: Mapping[str,
         name: The model's short name: the row's ``model``, and the stem of the scratch files.
         path: The model file.
         work: A scratch folder for the permuted and the wrongly permuted copies (removed after use).
-        verify_options: Keyword arguments of ``verify_models`` (provider, iterations, seed, shapes,
-            extra_outputs), the same for the permuted copy and the wrong one.
+        verify_options: Keyword arguments of :func:`onnxlady.verify` (provider, iterations,
+            input_seed, shape, add_output), the same for the permuted copy and the wrong one.
 
     Returns:
         One row (JSON-ready): the analysis's counts, the frozen groups and why they froze (see
@@ -58,34 +57,34 @@ def report_model(name: str, path: Path, work: Path, verify_options: Mapping[str,
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = load_model(path)
-    analysis = analyze(loaded.model)
-    summary = analysis.summary()
-    frozen = frozen_accounting(analysis)
+    inspected = inspect(path)
+    summary = inspected.analysis.summary()
+    frozen = frozen_accounting(inspected.analysis)
+    del inspected  # the zoo's largest models: one copy in memory at a time
+    gc.collect()
     timings["analyze"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    perms = draw_permutations(analysis, PERMUTATION_SEED)
-    permute_model(analysis, perms, source_sha256=loaded.sha256)
     permuted = work / f"{name}.permuted.onnx"
-    save_model(loaded.model, permuted)
-    del loaded, analysis  # the zoo's largest models: one copy in memory at a time
+    # Streamed to the file: the permuted model is never held whole.
+    permuted_groups = len(permute(path, output=permuted, seed=PERMUTATION_SEED).permuted_groups)
     gc.collect()
     timings["permute"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    report = verify_models(str(path), str(permuted), **verify_options)
+    report = verify(path, permuted, **verify_options)
     timings["verify"] = time.perf_counter() - start
-    permuted.unlink()
+    for written in work.glob(permuted.name + "*"):  # the model and its key
+        written.unlink()
 
     start = time.perf_counter()
-    wrong_model = onnx.load(str(path))
+    wrong_model = load_model(path).model
     wrong_tensor = permute_producer_only(wrong_model, analyze(wrong_model))
     wrong = work / f"{name}.wrong.onnx"
     save_model(wrong_model, wrong)
     del wrong_model
     gc.collect()
-    caught = not verify_models(str(path), str(wrong), **verify_options).equivalent
+    caught = not verify(path, wrong, **verify_options).equivalent
     wrong.unlink()
     timings["wrong"] = time.perf_counter() - start
 
@@ -97,7 +96,7 @@ def report_model(name: str, path: Path, work: Path, verify_options: Mapping[str,
         "size_mb": round(path.stat().st_size / 1e6, 1),
         "groups": summary["groups"],
         "permutable_groups": summary["permutable_groups"],
-        "permuted_groups": len(perms),
+        "permuted_groups": permuted_groups,
         "producer_neurons": total,
         "permutable_neurons": summary["permutable_producer_neurons"],
         "permutable_fraction": round(summary["permutable_fraction"], 4),

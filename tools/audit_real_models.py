@@ -15,9 +15,8 @@ from pathlib import Path
 
 from onnx import numpy_helper
 
-from onnxlady import analyze, draw_permutations, load_model, permute_model
-from onnxlady._audit._verdicts import audit_models
-from onnxlady._io._tensors import tensor_holders
+from onnxlady import audit, inspect, load_model, permute
+from onnxlady.testing import tensor_holders
 from tools.fetch_models import DEFAULT_OUT, fetch_models
 
 #: The neurons the integrity attack scales by 1.5.
@@ -34,14 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     for entry in fetch_models(DEFAULT_OUT):
         path = Path(str(entry["path"]))
         reference = load_model(path).model
-        permuted = load_model(path).model
-        analysis = analyze(permuted)
-        permute_model(analysis, draw_permutations(analysis, 1))
-        first = audit_models(reference, permuted)
+        first = audit(reference, permute(reference, seed=1).model)
         attacked = load_model(path).model
-        analysis = analyze(attacked)
         group = next(
-            g for g in analysis.permutable_groups
+            g for g in inspect(attacked).analysis.permutable_groups
             if g.size >= 8 and any(m.is_weight and m.axis == 0 and "conv weight" in m.role.split(", ") for m in g.members)
         )  # fmt: skip
         member = next(m for m in group.members if m.is_weight and m.axis == 0 and "conv weight" in m.role.split(", "))
@@ -49,10 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = numpy_helper.to_array(tensor).copy()
         weights[SCALED] *= 1.5
         tensor.CopyFrom(numpy_helper.from_array(weights, tensor.name))
-        analysis = analyze(attacked)
-        permute_model(analysis, draw_permutations(analysis, 2))
-        second = audit_models(reference, attacked)
-        flagged = sorted((s.group, s.neuron, round(s.k, 3)) for s in second.scaled_neurons)
+        second = audit(reference, permute(attacked, seed=2).model)
+        flagged = sorted((s.group, s.neuron, round(s.k, 3)) for s in second.report.scaled_neurons)
         expected = [(group.id, n, 1.5) for n in SCALED]
         ok &= first.verdict == "permuted" and second.verdict == "scaled" and flagged == expected
         print(f"| {entry['name']} | {first.verdict} | {second.verdict} | {flagged} |")

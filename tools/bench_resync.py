@@ -28,17 +28,14 @@ from tools._bench import REPO, run_fresh
 _BUILD = """
 import sys, onnx
 from fixtures import build_large_model
-from onnxlady import analyze, draw_permutations, permute_model
-from onnxlady._transforms._perturb import perturb_model
+from onnxlady import permute, perturb
 model = build_large_model(int(sys.argv[3]))
 onnx.save(model, sys.argv[1])
-analysis = analyze(model)
-permute_model(analysis, draw_permutations(analysis, 1))
-perturb_model(model, noise=0.1, seed=1)
+suspect = perturb(permute(model, seed=1).model, noise=0.1, seed=1).model
 if sys.argv[4]:
     from fixtures.conversions import CONVERSIONS
-    model = CONVERSIONS[sys.argv[4]](model)
-onnx.save(model, sys.argv[2])
+    suspect = CONVERSIONS[sys.argv[4]](suspect)
+onnx.save(suspect, sys.argv[2])
 """
 
 _FLOOR = """

@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 
 from fixtures.conversions import CONVERSIONS
-from onnxlady import analyze, draw_permutations, load_model, permute_model
-from onnxlady._errors import OnnxladyError
+from onnxlady import OnnxladyError, load_model, permute
 from tools._conversions import clean, conversion_row, convert, output_cell
 from tools.fetch_models import DEFAULT_OUT, fetch_models
 
@@ -45,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         path = Path(str(entry["path"]))
         reference = load_model(path).model
-        permuted = load_model(path).model
-        analysis = analyze(permuted)
-        key = permute_model(analysis, draw_permutations(analysis, 1))
+        permutation = permute(reference, seed=1)
+        permuted, key = permutation.model, permutation.key
         for name in CONVERSIONS:
             sides = [("suspect", reference, permuted)] + ([("reference", permuted, reference)] if args.both else [])
             for side, keep, change in sides:

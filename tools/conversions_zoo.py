@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 
 from fixtures.conversions import CONVERSIONS
-from onnxlady import analyze, draw_permutations, load_model, permute_model
+from onnxlady import load_model, permute
 from tools._conversions import clean, conversion_row, convert, output_cell
 from tools.zoo import MODELS, REPO, ensure_exported
 
@@ -79,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         mb = path.stat().st_size / 1e6
         reference = load_model(path).model
-        permuted = load_model(path).model
-        analysis = analyze(permuted)
-        key = permute_model(analysis, draw_permutations(analysis, 1))
-        del analysis
+        permutation = permute(reference, seed=1)
+        permuted, key = permutation.model, permutation.key
+        del permutation
         for conversion in conversions:
             if mb > args.large_mb and conversion in args.large_skip:
                 print(_skipped(name, mb, conversion, f"skipped: {mb:.0f} MB > {args.large_mb:.0f} MB (run time)"), flush=True)

@@ -27,7 +27,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from onnxlady._verify._compare import parse_shape_overrides
 from tools import _report
 from tools.fetch_models import DEFAULT_OUT, fetch_models
 
@@ -51,9 +50,9 @@ def verify_options(name: str) -> dict[str, object]:
     return {
         "provider": "auto",
         "iterations": 3,
-        "seed": 0,
-        "shapes": parse_shape_overrides(SHAPES.get(name, [])),
-        "extra_outputs": EXTRA_OUTPUTS.get(name, ()),
+        "input_seed": 0,
+        "shape": SHAPES.get(name, []),
+        "add_output": EXTRA_OUTPUTS.get(name, []),
     }
 
 

@@ -36,10 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxlady import analyze, draw_permutations, load_model, permute_model
-from onnxlady._resync._entry import resync_model
-from onnxlady._transforms._perturb import perturb_model
-from onnxlady._verify._compare import generate_inputs, parse_shape_overrides
+from onnxlady import inspect, load_model, permute, perturb, resync
+from onnxlady._verify._compare import generate_inputs, parse_shape_overrides  # verify's own random inputs
 from onnxlady.testing import copy_model
 from tools.fetch_models import DEFAULT_OUT, fetch_models
 from tools.real_models import EXTRA_OUTPUTS, SHAPES
@@ -149,37 +147,35 @@ def _producer_weights(analysis: Any, gid: str) -> list[str]:
 
 def measure(name: str, info: dict[str, Any], protocol: str, seed: int, say: Callable[[str], None]) -> list[Cell]:
     reference = load_model(info["path"]).model
-    analysis = analyze(copy_model(reference))
-    all_perms = draw_permutations(analysis, seed)
+    analysis = inspect(reference).analysis
+    # Each group draws its permutation from its own stream (seed, group): permuting one group
+    # gives it the permutation it gets when every group is permuted.
     if protocol == "paper":
         gid = _deepest_group(analysis)
-        perms, only = {gid: all_perms[gid]}, _producer_weights(analysis, gid)
+        groups, only = [gid], _producer_weights(analysis, gid)
     else:
-        perms, only = all_perms, None
-    neurons = sum(analysis.group(g).size for g in perms)
+        groups, only = None, None
     feeds = _inputs(name, reference)
     extra = EXTRA_OUTPUTS.get(name, [])
     reference_out = _run(reference, feeds, extra)
-    rows: list[tuple[str, float, Callable[[Any], Any]]] = []
-    rows += [("noise", w, lambda m, w=w: perturb_model(m, noise=float(w), seed=seed, only=only)) for w in NOISE]
+    rows: list[tuple[str, float, Callable[[Any], Any] | None]] = []
+    rows += [("noise", w, lambda m, w=w: perturb(m, noise=float(w), seed=seed, only=only).model) for w in NOISE]
     if info["finetuned"]:
-        rows += [("finetune", t, None) for t in FINETUNE]  # type: ignore[misc]
-    rows += [("quantize", b, lambda m, b=b: perturb_model(m, quantize_bits=int(b), only=only)) for b in QUANTIZE]
-    rows += [("prune", t, lambda m, t=t: perturb_model(m, prune_percent=float(t), only=only)) for t in PRUNE]
+        rows += [("finetune", t, None) for t in FINETUNE]
+    rows += [("quantize", b, lambda m, b=b: perturb(m, quantize=int(b), only=only).model) for b in QUANTIZE]
+    rows += [("prune", t, lambda m, t=t: perturb(m, prune=float(t), only=only).model) for t in PRUNE]
     cells = []
-    for kind, strength, perturb in rows:
+    for kind, strength, perturbed in rows:
         start = time.perf_counter()
-        source = load_model(info["finetuned"][strength]).model if kind == "finetune" else copy_model(reference)
-        suspect_analysis = analyze(source)
-        key = permute_model(suspect_analysis, perms, seed=seed)
-        suspect = suspect_analysis.graph.model
-        if perturb is not None:
-            perturb(suspect)
+        source = load_model(info["finetuned"][strength]).model if kind == "finetune" else reference
+        permuted = permute(source, seed=seed, group=groups)
+        neurons, key = permuted.permuted_neurons, permuted.key
+        suspect = permuted.model if perturbed is None else perturbed(permuted.model)
         rel, top1 = _output_change(name, reference_out, _run(suspect, feeds, extra))
         psi = {}
         for method in ("argmax", "hungarian"):
-            result = resync_model(reference, suspect, method=method, true_key=key)
-            psi[method] = (result.psi, result.psi_distinguishable)
+            result = resync(reference, suspect, method=method, true_key=key)
+            psi[method] = (result.psi, result.details.psi_distinguishable)
         cells.append(Cell(
             name, protocol, kind, float(strength), neurons, psi["argmax"][0], psi["hungarian"][0],
             psi["hungarian"][1], rel, top1, round(time.perf_counter() - start, 2),

@@ -347,7 +347,7 @@ def ensure_exported(name: str, cache: Path, force: bool) -> tuple[Path, dict[str
 # The report (onnxlady only; the pipeline is tools._report's)
 # --------------------------------------------------------------------------------------------
 #: How verify runs on every zoo model: CPU, 2 seeded random inputs.
-VERIFY_OPTIONS: dict[str, Any] = {"provider": "cpu", "iterations": 2, "seed": 0}
+VERIFY_OPTIONS: dict[str, Any] = {"provider": "cpu", "iterations": 2, "input_seed": 0}
 
 
 def report_model(name: str, path: Path, meta: dict[str, Any], work: Path) -> dict[str, Any]:

@@ -12,7 +12,9 @@ Two parts:
   graph, serialised, to compare models bit for bit), :func:`permute_copy` (a permuted copy with
   its analysis, permutations and key) and :func:`permute_producer_only` (a *wrong* permutation:
   one producer's rows swapped, its consumers left alone, which an equivalence check must catch);
-  :data:`PRODUCER_ROLES` names the weight roles whose rows are neurons.
+  :data:`PRODUCER_ROLES` names the weight roles whose rows are neurons; :func:`tensor_holders`
+  gives every constant of a graph (initializer or ``Constant`` node) by name, to edit in place
+  (plant an attack, break a weight).
 
 Example::
 
@@ -25,6 +27,7 @@ Example::
     permuted, analysis, perms, key = permute_copy(model, seed=1)  # the stem's 8 channels move
 """
 
+from onnxlady._io._tensors import tensor_holders
 from onnxlady.testing._builder import (
     IR_VERSION,
     OPSET,
@@ -55,4 +58,5 @@ __all__ = [
     "permute_copy",
     "permute_producer_only",
     "se_gate",
+    "tensor_holders",
 ]
