@@ -136,11 +136,15 @@ def inspect_document(analysis: ChannelAnalysis, members: bool = True) -> dict[st
 def _inspect_text(analysis: ChannelAnalysis, path: Path | None, all_members: bool) -> str:
     summary: dict[str, Any] = analysis.summary()
     lines = [
-        f"{path if path is not None else '(model in memory)'}: {summary['groups']} groups, "
-        f"{summary['permutable_groups']} permutable, {summary['frozen_groups']} frozen",
-        f"producer neurons (Conv/ConvTranspose/Gemm/MatMul outputs): {summary['producer_neurons']}, "
-        f"permutable {summary['permutable_producer_neurons']} ({100 * summary['permutable_fraction']:.1f} %), "
-        f"pinned by graph outputs {summary['producer_neurons_pinned_by_outputs']}",
+        (
+            f"{path if path is not None else '(model in memory)'}: {summary['groups']} groups, "
+            f"{summary['permutable_groups']} permutable, {summary['frozen_groups']} frozen"
+        ),
+        (
+            f"producer neurons (Conv/ConvTranspose/Gemm/MatMul outputs): {summary['producer_neurons']}, "
+            f"permutable {summary['permutable_producer_neurons']} ({100 * summary['permutable_fraction']:.1f} %), "
+            f"pinned by graph outputs {summary['producer_neurons_pinned_by_outputs']}"
+        ),
     ]
     for source in summary["untied_constants"]:
         lines.append(

@@ -76,8 +76,10 @@ class MatchResult(Result):
         suspect = self.suspect if self.suspect is not None else "suspect"
         paired = sum(pair.permutable for pair in result.groups)
         lines = [
-            f"{reference} <-> {suspect}: {len(result.sites)} of {result.site_counts[0]} reference sites "
-            f"and {result.site_counts[1]} suspect sites paired; {paired} permutable groups paired"
+            (
+                f"{reference} <-> {suspect}: {len(result.sites)} of {result.site_counts[0]} reference sites "
+                f"and {result.site_counts[1]} suspect sites paired; {paired} permutable groups paired"
+            )
         ]
         lines.append(f"{'reference':>10} {'suspect':>8} {'size':>6}  permutable")
         for pair in result.groups:

@@ -155,8 +155,10 @@ class PermuteResult(Result):
     def to_text(self) -> str:
         """What ``onnxlady permute`` prints: groups moved, files written, the check's table."""
         lines = [
-            f"permuted {len(self.permuted_groups)} of {self.permutable_groups} permutable groups "
-            f"({self.permuted_neurons} neurons) -> {_place(self.output)}",
+            (
+                f"permuted {len(self.permuted_groups)} of {self.permutable_groups} permutable groups "
+                f"({self.permuted_neurons} neurons) -> {_place(self.output)}"
+            ),
             f"key -> {_place(self.key_path)}",
         ]
         if self.untied_constants:

@@ -63,8 +63,13 @@ class VerifyResult(Result):
         return max((out.max_abs_error for out in self.report.outputs), default=0.0)
 
     @property
+    def verdict(self) -> str:
+        """``"equivalent"``, ``"not-equivalent"`` or ``"inconclusive"`` (the outputs agree but prove nothing)."""
+        return self.report.verdict
+
+    @property
     def exit_code(self) -> int:
-        """0 when the models are equivalent, 1 when they are not."""
+        """0 when the models are equivalent, 1 when they are not (or the comparison is inconclusive)."""
         return 0 if self.equivalent else 1
 
     def to_json(self) -> dict[str, Any]:
@@ -74,7 +79,7 @@ class VerifyResult(Result):
         )
 
     def to_text(self) -> str:
-        """The per-output table ``onnxlady verify`` prints, ending in EQUIVALENT or NOT EQUIVALENT."""
+        """The per-output table ``onnxlady verify`` prints, ending in EQUIVALENT, NOT EQUIVALENT or INCONCLUSIVE."""
         return verify_text(self.report)
 
 
@@ -170,21 +175,31 @@ def _model_argument(model: ModelSource) -> str | ModelSource:
 
 
 def verify_text(report: VerifyReport) -> str:
-    """The text form of a comparison: settings, one row per output, then the verdict."""
+    """The text form of a comparison: settings, one row per compared tensor, why, then the verdict."""
     lines = [
         f"execution provider: {report.provider_used}"
         + (f" (fell back: {report.fallback_reason})" if report.fallback_reason else ""),
-        f"inputs: {', '.join(f'{k}{list(v)}' for k, v in report.input_shapes.items())}; "
-        f"{report.iterations} iteration(s), seed {report.seed}; atol {report.atol:g}, rtol {report.rtol:g}",
+        (
+            f"inputs: {', '.join(f'{k}{list(v)}' for k, v in report.input_shapes.items())}; "
+            f"{report.iterations} iteration(s), seed {report.seed}; atol {report.atol:g}, rtol {report.rtol:g}"
+        ),
         f"{'output':<24} {'max abs err':>12} {'max rel err':>12} {'max |ref|':>10} {'mismatched':>14}  result",
     ]
-    for out in report.outputs:
+    for out in (*report.outputs, *report.squash_inputs):
         result = "PASS" if out.passed else "FAIL"
         lines.append(
             f"{out.name:<24} {out.max_abs_error:>12.3e} {out.max_rel_error:>12.3e} {out.reference_max_abs:>10.3g} "
             f"{f'{out.mismatched_elements}/{out.total_elements}':>14}  {result}"
         )
+        if out.kind == "squash-input":
+            lines.append(f"{'':<24} the input of {out.op}, which makes output '{out.stands_for}'")
         if out.degenerate:
             lines.append(f"{'':<24} warning: {out.degenerate}: this comparison proves nothing")
-    lines.append("EQUIVALENT" if report.equivalent else "NOT EQUIVALENT")
+    lines.extend(f"note: {note}" for note in report.notes)
+    lines.extend(f"why: {reason}" for reason in report.reasons)
+    lines.append(_VERDICT_LINES.get(report.verdict, report.verdict.upper()))
     return "\n".join(lines)
+
+
+#: The last line of the text report, per verdict.
+_VERDICT_LINES = {"equivalent": "EQUIVALENT", "not-equivalent": "NOT EQUIVALENT", "inconclusive": "INCONCLUSIVE"}
