@@ -440,7 +440,7 @@ def test_add_fingerprints_and_coarse_stage(tmp_path: Path) -> None:
         entries.append((f"other{number}", ModelFingerprint(records, base.shapes, base.ops, base.names)))
     assert add_fingerprints(tmp_path / "f.idx", entries) == 301
     report = find(base, tmp_path / "f.idx", top=3)
-    assert report.models == 301 and report.candidates[0].path == "resnet" and report.candidates[0].distance == 0.0
+    assert report.models == 301 and report.candidates[0].path == "resnet" and report.candidates[0].distance < 1e-5
     assert base.records.shape[1] == LAYER_WIDTH
 
 

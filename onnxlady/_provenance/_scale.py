@@ -2,8 +2,8 @@
 
 Why Dask rather than Ray:
 
-- *weight*: ``dask[distributed]`` is pure Python (a few MB, wheels for every platform); Ray's
-  wheel is over 60 MB of native code and pins its own protobuf/grpc, which onnx also depends on;
+- *weight*: ``dask[distributed]`` is pure Python (a few MB, one wheel for every platform);
+  Ray's wheel is tens of megabytes of native code per platform and brings grpcio with it;
 - *start-up*: a Dask ``LocalCluster`` is a scheduler and worker processes started in about a
   second; ``ray.init`` starts a raylet, a GCS server, a dashboard and an object store (shared
   memory sized to a third of RAM) before the first task;
