@@ -137,6 +137,7 @@ def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "provider": args.provider, "atol": args.atol, "rtol": args.rtol, "iterations": args.iterations,
         "input_seed": args.input_seed, "shape": args.shape, "add_output": args.add_output,
+        "val_range": args.val_range, "load_inputs": args.load_inputs, "data_loader_script": args.data_loader_script,
     }  # fmt: skip
 
 
@@ -294,6 +295,18 @@ def _check_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--add-output", action="append", default=[], metavar="TENSOR",
         help="also compare this intermediate tensor (e.g. logits before a saturating activation)",
+    )  # fmt: skip
+    group.add_argument(
+        "--val-range", action="append", default=[], metavar="NAME:[lo,hi]",
+        help="range of an input's generated values ([lo,hi] alone: every other input)",
+    )  # fmt: skip
+    group.add_argument(
+        "--load-inputs", type=Path, metavar="FILE",
+        help="run these feeds instead of generated ones (Polygraphy JSON or .npz)",
+    )  # fmt: skip
+    group.add_argument(
+        "--data-loader-script", metavar="FILE.py[:FUNC]",
+        help="a script whose function (load_data by default) returns the feeds",
     )  # fmt: skip
 
 

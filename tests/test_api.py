@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 
@@ -250,6 +251,28 @@ def test_permute_verify_failure_leaves_nothing(model_file, out_dir: Path, monkey
     assert os.listdir(out_dir) == []
 
 
+def test_verify_inputs_ranges_files_and_scripts(vgg: onnx.ModelProto, permuted_vgg: onnxlady.PermuteResult,
+                                                tmp_path: Path) -> None:  # fmt: skip
+    """The check's feeds: value ranges (command-line strings or a mapping), a .npz file, a script."""
+    for val_range, rule in ((["input:[0,0.5]"], "value-range"), ({"input": (0, 0.5)}, "value-range"),
+                            ("[0,0.5]", "uniform")):  # fmt: skip
+        check = onnxlady.verify(vgg, permuted_vgg.model, provider="cpu", val_range=val_range)
+        (record,) = check.report.inputs
+        assert check.equivalent and (record.rule, record.low, record.high) == (rule, 0.0, 0.5), val_range
+    feeds = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "feeds.npz", input=feeds)
+    loaded = onnxlady.verify(vgg, permuted_vgg.model, provider="cpu", load_inputs=tmp_path / "feeds.npz")
+    assert loaded.equivalent and loaded.report.inputs[0].rule == "loaded"
+    assert loaded.report.inputs[0].high == float(feeds.max())
+    script = tmp_path / "feeds.py"
+    script.write_text("import numpy as np\n\ndef feeds():\n    return [{'input': np.ones((1, 3, 32, 32), np.float32)}]\n")
+    scripted = onnxlady.permute(vgg, seed=1, verify=True, provider="cpu", data_loader_script=f"{script}:feeds")
+    assert scripted.equivalent and scripted.verify.report.inputs[0].rule == "script"
+    wrong = copy_model(permuted_vgg.model)
+    permute_producer_only(wrong, onnxlady.analyze(wrong))
+    assert not onnxlady.verify(vgg, wrong, provider="cpu", load_inputs=tmp_path / "feeds.npz").equivalent
+
+
 # -- the other commands ----------------------------------------------------------------------
 def test_inspect(model_file, tmp_path: Path, vgg: onnx.ModelProto) -> None:
     path = model_file("resnet")
@@ -365,6 +388,8 @@ def _bad_calls(vgg: onnx.ModelProto, permuted: onnxlady.PermuteResult, tmp: Path
         "permute-bad-perms": lambda: onnxlady.permute(vgg, perms={permuted.permuted_groups[0]: [0, 0]}),
         "permute-bad-check": lambda: onnxlady.permute(vgg, output=tmp / "p.onnx", verify=True, iterations=0),
         "permute-bad-shape": lambda: onnxlady.permute(vgg, verify=True, shape=["input:1xbad"]),
+        "permute-bad-val-range": lambda: onnxlady.permute(vgg, output=tmp / "p.onnx", verify=True, val_range="[1,0]"),
+        "verify-missing-inputs": lambda: onnxlady.verify(vgg, vgg, load_inputs=tmp / "absent.npz"),
         "permute-output-missing-folder": lambda: onnxlady.permute(vgg, output=tmp / "missing" / "p.onnx"),
         "unpermute-other-model": lambda: onnxlady.unpermute(resnet, permuted.key),
         "unpermute-missing-key": lambda: onnxlady.unpermute(permuted.model, tmp / "absent.json"),
@@ -383,7 +408,8 @@ def _bad_calls(vgg: onnx.ModelProto, permuted: onnxlady.PermuteResult, tmp: Path
 
 BAD_CALLS = (
     "inspect-missing", "inspect-not-onnx", "inspect-wrong-type", "permute-unknown-group", "permute-negative-seed",
-    "permute-bad-perms", "permute-bad-check", "permute-bad-shape", "permute-output-missing-folder",
+    "permute-bad-perms", "permute-bad-check", "permute-bad-shape", "permute-bad-val-range", "verify-missing-inputs",
+    "permute-output-missing-folder",
     "unpermute-other-model", "unpermute-missing-key", "verify-different-models", "verify-negative-atol",
     "perturb-nothing", "perturb-bad-noise", "resync-other-architecture", "resync-unknown-method",
     "audit-negative-rtol", "audit-canonicalize-identical", "embed-unknown-layer", "extract-not-a-key",

@@ -36,7 +36,7 @@ from onnxlady._api._sources import (
     source_path,
     write_text,
 )
-from onnxlady._api._verify import ShapeOverrides, VerifyResult, check_verify_options
+from onnxlady._api._verify import ShapeOverrides, ValueRanges, VerifyResult, check_verify_options
 from onnxlady._api._verify import (
     verify as _run_verify,  # ``verify`` is also permute's flag
 )
@@ -184,6 +184,9 @@ def permute(
     input_seed: int = 0,
     shape: ShapeOverrides = (),
     add_output: str | Sequence[str] = (),
+    val_range: ValueRanges = (),
+    load_inputs: str | os.PathLike[str] | None = None,
+    data_loader_script: str | None = None,
     external_data: bool = False,
     overwrite_input: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -211,6 +214,9 @@ def permute(
         input_seed: seed of the check's inputs.
         shape: input shapes for dynamic dimensions (see :func:`verify`).
         add_output: intermediate tensors the check compares too.
+        val_range: value ranges of the check's generated inputs (see :func:`verify`).
+        load_inputs: feeds for the check instead of generated ones (see :func:`verify`).
+        data_loader_script: ``"file.py:function"`` returning the check's feeds (see :func:`verify`).
         external_data: save the weights to ``OUTPUT.data`` (always so for a model read that way).
         overwrite_input: allow ``output`` to be the input file.
         progress: called with one line per step.
@@ -232,7 +238,9 @@ def permute(
     check_outputs(target, [source], extra, overwrite_input=overwrite_input)
     _check_seed(seed)
     if verify:
-        check_verify_options(atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider)
+        check_verify_options(
+            atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range
+        )
     opened = open_model(model)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
     # Our own load may be rewritten in place; a caller's ModelProto is copied first.
@@ -275,7 +283,8 @@ def permute(
         try:
             result.verify = _run_verify(
                 model, candidate, provider=provider, atol=atol, rtol=rtol, iterations=iterations,
-                input_seed=input_seed, shape=shape, add_output=add_output, progress=progress,
+                input_seed=input_seed, shape=shape, add_output=add_output, val_range=val_range,
+                load_inputs=load_inputs, data_loader_script=data_loader_script, progress=progress,
             )  # fmt: skip
         except OnnxladyError:
             written = [target, target.with_name(target.name + ".data")] if target is not None else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
@@ -13,6 +14,7 @@ import numpy as np
 from onnxlady._api._results import Result
 from onnxlady._api._sources import ModelSource, jsonable, path_text, source_path
 from onnxlady._errors import OnnxladyError
+from onnxlady._verify._inputs import parse_value_ranges
 from onnxlady._verify._compare import (
     VERIFY_ATOL,
     VERIFY_RTOL,
@@ -24,6 +26,8 @@ from onnxlady._verify._compare import (
 
 #: Input shape overrides: ``["NAME:1x3x224x224", ...]`` as on the command line, or ``{NAME: dims}``.
 ShapeOverrides = Sequence[str] | Mapping[str, Sequence[int]]
+#: Value ranges of generated inputs: ``["NAME:[lo,hi]", "[lo,hi]"]`` as on the command line, or ``{NAME: (lo, hi)}``.
+ValueRanges = str | Sequence[str] | Mapping[str, Sequence[float]]
 
 PROVIDERS = ("auto", "cuda", "cpu")
 
@@ -94,13 +98,18 @@ def verify(
     input_seed: int = 0,
     shape: ShapeOverrides = (),
     add_output: str | Sequence[str] = (),
+    val_range: ValueRanges = (),
+    load_inputs: str | os.PathLike[str] | None = None,
+    data_loader_script: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> VerifyResult:
-    """Run ``reference`` and ``candidate`` on the same seeded random inputs and compare every output.
+    """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
 
     An element fails only where its absolute error exceeds ``atol`` and its relative error
-    exceeds ``rtol`` (Polygraphy's rule); integer and boolean outputs must match exactly.
-    Neither model is modified.
+    exceeds ``rtol`` (Polygraphy's rule); integer and boolean outputs must match exactly. The
+    verdict is ``equivalent`` only when every compared tensor also carries evidence (finite, not
+    vanishing, not constant, not saturated: the input of a Sigmoid or Softmax making an output is
+    compared too), ``inconclusive`` when agreement proves nothing. Neither model is modified.
 
     Args:
         reference: the model whose outputs are taken as right: a path or an ``onnx.ModelProto``.
@@ -113,32 +122,52 @@ def verify(
         shape: input shapes for dynamic dimensions, ``["input:1x3x224x224"]`` or ``{"input": (1, 3, 224, 224)}``.
         add_output: intermediate tensors to compare as well (logits before a saturating
             activation, say).
-        progress: called with one line per iteration.
+        val_range: value ranges of generated inputs, as Polygraphy writes them:
+            ``["input_ids:[0,99]"]`` for one input, ``["[0,1]"]`` for every other one; or
+            ``{"input_ids": (0, 99)}``.
+        load_inputs: feeds to run instead of generated ones: a Polygraphy JSON file
+            (``polygraphy run --save-inputs``) or an ``.npz`` archive with one array per input.
+        data_loader_script: ``"file.py:function"`` (``load_data`` when omitted), returning an
+            iterable of ``{input name: array}`` feeds.
+        progress: called with one line per feed.
 
     Returns:
-        The comparison; :attr:`VerifyResult.equivalent` is the verdict.
+        The comparison; :attr:`VerifyResult.verdict` is ``equivalent``, ``not-equivalent`` or
+        ``inconclusive``.
 
     Raises:
         OnnxladyError: a bad option, a model that cannot be read or run, models with different
             inputs or outputs, or a CUDA provider that was asked for and does not load.
     """
-    shapes = check_verify_options(atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider)
+    parsed = check_verify_options(
+        atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range
+    )
     report = verify_models(
         _model_argument(reference), _model_argument(candidate), provider=provider, atol=atol, rtol=rtol,
-        iterations=iterations, seed=input_seed, shapes=shapes, progress=progress,
-        extra_outputs=_names(add_output),
+        iterations=iterations, seed=input_seed, progress=progress, extra_outputs=_names(add_output),
+        load_inputs=load_inputs, data_loader_script=data_loader_script, **parsed,
     )  # fmt: skip
     return VerifyResult(report, source_path(reference), source_path(candidate))
 
 
 def check_verify_options(
-    *, atol: float, rtol: float, iterations: int, shape: ShapeOverrides, provider: str = "auto"
-) -> dict[str, tuple[int, ...]]:
-    """Reject bad check options before any file is written; returns the parsed shape overrides.
+    *,
+    atol: float,
+    rtol: float,
+    iterations: int,
+    shape: ShapeOverrides,
+    provider: str = "auto",
+    val_range: ValueRanges = (),
+) -> dict[str, Any]:
+    """Reject bad check options before any file is written.
+
+    Returns:
+        The parsed options as :func:`~onnxlady._verify._compare.verify_models` takes them
+        (``shapes``, ``value_ranges`` and, when ``[lo,hi]`` is given for every input, ``input_range``).
 
     Raises:
         OnnxladyError: iterations below 1, a negative or non-numeric tolerance, an unknown
-            provider or a malformed shape override.
+            provider, or a malformed shape override or value range.
     """
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
         raise OnnxladyError("--iterations must be at least 1")
@@ -146,7 +175,15 @@ def check_verify_options(
         raise OnnxladyError("--atol and --rtol must be numbers >= 0")
     if provider not in PROVIDERS:
         raise OnnxladyError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
-    return shape_overrides(shape)
+    parsed: dict[str, Any] = {"shapes": shape_overrides(shape)}
+    if isinstance(val_range, Mapping):
+        specs = [f"{name}:[{low},{high}]" for name, (low, high) in val_range.items()]
+    else:
+        specs = [val_range] if isinstance(val_range, str) else [str(spec) for spec in val_range]
+    parsed["value_ranges"], every_input = parse_value_ranges(specs)
+    if every_input is not None:
+        parsed["input_range"] = every_input
+    return parsed
 
 
 def shape_overrides(shape: ShapeOverrides) -> dict[str, tuple[int, ...]]:
