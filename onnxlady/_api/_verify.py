@@ -14,7 +14,6 @@ import numpy as np
 from onnxlady._api._results import Result
 from onnxlady._api._sources import ModelSource, jsonable, path_text, source_path
 from onnxlady._errors import OnnxladyError
-from onnxlady._verify._inputs import parse_value_ranges
 from onnxlady._verify._compare import (
     VERIFY_ATOL,
     VERIFY_RTOL,
@@ -23,6 +22,7 @@ from onnxlady._verify._compare import (
     parse_shape_overrides,
     verify_models,
 )
+from onnxlady._verify._inputs import parse_value_ranges
 
 #: Input shape overrides: ``["NAME:1x3x224x224", ...]`` as on the command line, or ``{NAME: dims}``.
 ShapeOverrides = Sequence[str] | Mapping[str, Sequence[int]]
