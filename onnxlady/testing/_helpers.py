@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxlady import ChannelAnalysis
+# Lower layers only: importing the package ``onnxlady`` from here would close a cycle
+# (onnxlady -> _api -> the demo model -> onnxlady.testing).
+from onnxlady._analysis._channels import ChannelAnalysis, analyze
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import tensor_holders
-from onnxlady._transforms._permute import _permute_tensor
+from onnxlady._transforms._key import PermutationKey
+from onnxlady._transforms._permute import _permute_tensor, draw_permutations, permute_model
 
 __all__ = ["PRODUCER_ROLES", "constant_bytes", "copy_model", "permute_copy", "permute_producer_only"]
 
@@ -40,10 +43,10 @@ def permute_producer_only(model: onnx.ModelProto, analysis: ChannelAnalysis) -> 
     raise AssertionError("no permutable producer weight found")
 
 
-def permute_copy(source: onnx.ModelProto, seed: int):  # noqa: ANN201 - test helper
+def permute_copy(
+    source: onnx.ModelProto, seed: int
+) -> tuple[onnx.ModelProto, ChannelAnalysis, dict[str, np.ndarray], PermutationKey]:
     """A copy of ``source`` with every permutable group permuted: (model, analysis, perms, key)."""
-    from onnxlady import analyze, draw_permutations, permute_model
-
     model = copy_model(source)
     analysis = analyze(model)
     perms = draw_permutations(analysis, seed)
