@@ -47,6 +47,11 @@ def _layer(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+def _is_module(name: str) -> bool:
+    path = PACKAGE.parent / name.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
 def _imports(path: Path) -> set[str]:
     """Every onnxlady module ``path`` imports, at any depth of its code."""
     found: set[str] = set()
@@ -54,11 +59,9 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("onnxlady"))
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("onnxlady"):
-            found.add(node.module)
             for alias in node.names:  # ``from onnxlady._x import _y`` may name a module
                 candidate = f"{node.module}.{alias.name}"
-                if (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists():
-                    found.add(candidate)
+                found.add(candidate if _is_module(candidate) else node.module)
     return found
 
 
@@ -68,7 +71,8 @@ def _import_graph() -> nx.DiGraph:
         source = _module_name(path)
         graph.add_node(source)
         for target in _imports(path):
-            if target != source and not source.startswith(target + "."):  # a package's own __init__
+            own_package = source.startswith(target + ".") and target != "onnxlady"  # a layer's own __init__
+            if target != source and not own_package:
                 graph.add_edge(source, target)
     return graph
 
