@@ -20,8 +20,8 @@ unrelated model of the same architecture sits near 1 and a model of another arch
 or more (its layers stay unpaired). In the registry experiment (``python3 -m
 tools.registry_experiment``: fixtures as references, each permuted, with noise OMEGA = 0.1,
 int8 QDQ, 30 % magnitude pruning, float16 and ORT's extended optimizer, against other seeds of
-the same architectures and the other fixtures) every derivative stayed below 0.33 and every
-unrelated model above 0.78; the threshold sits between them, at 0.5. Heavier changes (noise
+the same architectures and the other fixtures) every derivative stayed below 0.29 and every
+unrelated model above 0.68; the threshold sits between them, at 0.5. Heavier changes (noise
 OMEGA >= 0.3, pruning far beyond 50 %, fine-tuning that moves weights by more than a tenth of
 their spread) leave the "derived" side; a confirmed resync (``confirm=True``) then decides.
 
