@@ -197,7 +197,19 @@ class ChannelAnalysis:
 
 
 def analyze(model: onnx.ModelProto, *, progress: Callable[[str], None] | None = None) -> ChannelAnalysis:
-    """Find the coupled channel groups of ``model`` (which is not modified)."""
+    """Find the coupled channel groups of ``model``: the neurons one permutation must move together.
+
+    Args:
+        model: the model to analyse (not modified).
+        progress: called with one line per analysis step.
+
+    Returns:
+        The groups, the permutation each constant tensor takes, and a reason for every group
+        that cannot move.
+
+    Raises:
+        OnnxladyError: the graph is malformed (a tensor used but never defined, a cycle).
+    """
     graph = ModelGraph(model)
     state = AnalysisState(graph)
     step = max(1, len(graph.order) // 10)

@@ -46,7 +46,18 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load an ONNX file with its external data; bad input raises :class:`OnnxladyError`."""
+    """Load an ONNX file with its external data, resolved against the model's own folder.
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The model with the file's sha256 and size, and the external data files it was read from.
+
+    Raises:
+        OnnxladyError: the file is missing, a folder, not an ONNX model, truncated, or points
+            to external data outside its folder or missing.
+    """
     path = Path(path)
     if not path.exists():
         raise OnnxladyError(f"{path}: no such file")
@@ -166,12 +177,24 @@ def save_model(
     digest: bool = False,
     overrides: Mapping[str, Override] | None = None,
 ) -> str:
-    """Write ``model`` atomically to ``path``; returns the sha256 of the model file if ``digest``.
+    """Write ``model`` atomically to ``path`` (a temporary file beside it, then a rename).
 
-    ``overrides`` maps tensor names to their new ``raw_data`` (or to functions computing it,
-    called as each tensor is written): the model in memory is not changed, and the file is
-    streamed without ever holding its whole encoding. With ``external_data`` (or when the model
-    exceeds protobuf's 2 GB limit) the weights go to ``<name>.data`` beside the model.
+    Args:
+        model: the model to write (not changed).
+        path: the file to write.
+        external_data: write the weights to ``<name>.data`` beside the model (always so when
+            the model exceeds protobuf's 2 GB limit).
+        digest: compute the sha256 of the written model file.
+        overrides: tensor names mapped to their new ``raw_data`` (or to functions computing it,
+            called as each tensor is written): the file is streamed without ever holding its
+            whole encoding, and the model in memory is not changed.
+
+    Returns:
+        The sha256 of the model file when ``digest``, else ``""``.
+
+    Raises:
+        OnnxladyError: the folder does not exist, the path is a folder, or the file cannot be
+            written (nothing is left behind).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")

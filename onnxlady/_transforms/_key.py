@@ -167,6 +167,19 @@ _KNOWN_FIELDS = {"format", "version", "source", "permuted", "seed", "groups", "t
 
 
 def read_key(path: str | os.PathLike[str]) -> PermutationKey:
+    """Read a permutation key file written by ``onnxlady permute`` (or :func:`onnxlady.permute`).
+
+    Args:
+        path: the JSON key file.
+
+    Returns:
+        The key, checked: every group holds a permutation of its size, every tensor entry names
+        known groups.
+
+    Raises:
+        OnnxladyError: the file is missing, not JSON, not an onnxlady key, of another version,
+            or malformed.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
