@@ -1,1 +1,7 @@
-"""Layer 7, the public API: one function per command, typed results; the CLI is a thin shell over it."""
+"""The public API layer: one function per command, typed results; the CLI is a thin shell over it.
+
+Each module holds one command (``_inspect``, ``_permute`` with unpermute, ``_verify``,
+``_perturb``, ``_resync``, ``_match``, ``_audit``, ``_watermark``, ``_demo``) and its result
+class; ``_sources`` opens model and key arguments and checks output paths for all of them, and
+``_results`` is the base every result shares. ``onnxlady/__init__.py`` re-exports them.
+"""
