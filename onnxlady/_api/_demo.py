@@ -1,8 +1,8 @@
 """``onnxlady.demo``: the main job end to end on a small model the package builds itself.
 
-Every step goes through the public API, on one reference model held in memory: since no public
-function changes the models it is given, the reference is used as it is from the first step to
-the last.
+Every step goes through the public API. The reference is built once and held in memory: since
+no public function changes the models it is given, it is used as it is from the first step to
+the last (inspect, the equivalence checks, resync), beside its file (permute).
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def _run(folder: Path, seed: int, progress: Callable[[str], None] | None, workdi
     )
 
     permuted_path, key_path = folder / "demo.permuted.onnx", folder / "demo.key.json"
-    permuted = permute(reference, output=permuted_path, key_out=key_path, seed=seed)
+    # File to file (the streaming route), so the key names demo.onnx; the model in memory stays as built.
+    permuted = permute(reference_path, output=permuted_path, key_out=key_path, seed=seed)
     moved = permuted.permuted_neurons
     lines.append(
         f"2. permuted {len(permuted.permuted_groups)} groups ({moved} neurons) with seed {seed} -> "
