@@ -43,9 +43,10 @@ from onnxlady._api._audit import AuditResult, audit
 from onnxlady._api._demo import DemoResult, demo
 from onnxlady._api._inspect import InspectResult, inspect
 from onnxlady._api._match import MatchResult, match
-from onnxlady._api._permute import PermuteResult, UnpermuteResult, permute, unpermute
+from onnxlady._api._permute import PermuteResult, permute
 from onnxlady._api._perturb import PerturbResult, perturb
 from onnxlady._api._resync import ResyncResult, resync
+from onnxlady._api._unpermute import UnpermuteResult, unpermute
 from onnxlady._api._verify import VerifyResult, verify
 from onnxlady._api._watermark import (
     WatermarkExtraction,

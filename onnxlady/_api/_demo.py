@@ -19,11 +19,12 @@ from onnx import numpy_helper
 
 from onnxlady._api._demo_model import build_demo_model
 from onnxlady._api._inspect import inspect
-from onnxlady._api._permute import permute, unpermute
+from onnxlady._api._permute import permute
 from onnxlady._api._perturb import perturb
 from onnxlady._api._results import Result
 from onnxlady._api._resync import resync
 from onnxlady._api._sources import jsonable
+from onnxlady._api._unpermute import unpermute
 from onnxlady._api._verify import VerifyResult, verify
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import copy_model, load_model, save_model

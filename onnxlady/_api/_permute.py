@@ -1,4 +1,4 @@
-"""``onnxlady.permute`` and ``onnxlady.unpermute``: shuffle the neurons of every permutable group, and undo it.
+"""``onnxlady.permute``: shuffle the neurons of every permutable group, with a key that undoes it.
 
 A model given as a path and written to an output path takes the streaming route the command
 line uses: the model is loaded once, small tensors are permuted in place in that private copy,
@@ -23,18 +23,16 @@ import onnx
 from onnxlady._analysis._channels import ChannelAnalysis, analyze
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
-    KeySource,
     ModelSource,
     OutputPath,
     check_external_inputs,
     check_outputs,
     jsonable,
-    open_key,
     open_model,
     output_path,
     path_text,
     source_path,
-    write_text,
+    write_key,
 )
 from onnxlady._api._verify import ShapeOverrides, ValueRanges, VerifyResult, check_verify_options
 from onnxlady._api._verify import (
@@ -48,7 +46,6 @@ from onnxlady._transforms._permute import (
     DeferredTensors,
     draw_permutations,
     permute_model,
-    unpermute_model,
 )
 from onnxlady._verify._compare import VERIFY_ATOL, VERIFY_RTOL
 
@@ -295,132 +292,7 @@ def permute(
     return result
 
 
-@dataclass
-class UnpermuteResult(Result):
-    """The outcome of :func:`unpermute`: the model in its original neuron order.
-
-    Attributes:
-        model: the restored model.
-        key: the key that was undone.
-        weights_identical_to_source: True when every restored tensor is bit-identical to the
-            source the key was made from (False: the model was changed after it was permuted,
-            but the neuron order is restored all the same).
-        source: the permuted model's path; ``None`` for a model given in memory.
-        key_source: the key file's path; ``None`` for a key given in memory.
-        output: where the restored model was written; ``None`` when it was kept in memory.
-        output_sha256: sha256 of the written file; ``None`` when nothing was written.
-    """
-
-    model: onnx.ModelProto = field(repr=False)
-    key: PermutationKey = field(repr=False)
-    weights_identical_to_source: bool
-    source: Path | None = None
-    key_source: Path | None = None
-    output: Path | None = None
-    output_sha256: str | None = None
-
-    @property
-    def output_identical_to_source_file(self) -> bool | None:
-        """True when the written file is byte-identical to the file the key was made from."""
-        return None if self.output_sha256 is None else self.output_sha256 == self.key.source_sha256
-
-    def save(self, path: str | os.PathLike[str], *, external_data: bool = False) -> str:
-        """Write the restored model atomically.
-
-        Args:
-            path: the model file to write.
-            external_data: save the weights to ``PATH.data``.
-
-        Returns:
-            The sha256 of the written file (equal to the key's source sha256 when the file is
-            the original, byte for byte).
-
-        Raises:
-            OnnxladyError: the folder does not exist or the file cannot be written.
-        """
-        return save_model(self.model, path, external_data=external_data, digest=True)
-
-    def to_json(self) -> dict[str, Any]:
-        """The document ``onnxlady unpermute --json`` prints."""
-        return jsonable(
-            {
-                "model": path_text(self.source),
-                "key": path_text(self.key_source),
-                "output": path_text(self.output),
-                "weights_identical_to_source": self.weights_identical_to_source,
-                "output_sha256": self.output_sha256,
-                "output_identical_to_source_file": self.output_identical_to_source_file,
-            }
-        )
-
-    def to_text(self) -> str:
-        """What ``onnxlady unpermute`` prints: where the model went and whether it is the source's."""
-        verdict = (
-            "the restored weights are bit-identical to the source"
-            if self.weights_identical_to_source
-            else "the weights differ from the source (the model was changed after it was permuted); "
-            "neuron order restored"
-        )
-        return f"unpermuted -> {_place(self.output)}: {verdict}"
-
-
-def unpermute(
-    model: ModelSource,
-    key: KeySource,
-    *,
-    output: OutputPath = None,
-    external_data: bool = False,
-    overwrite_input: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> UnpermuteResult:
-    """Undo a permutation with its key; the tensors come back bit for bit.
-
-    The input model is never modified (a ``ModelProto`` input is copied first).
-
-    Args:
-        model: the permuted model: a path or an ``onnx.ModelProto``.
-        key: the key :func:`permute` wrote: a path or a :class:`PermutationKey`.
-        output: write the restored model here (atomically); ``None`` keeps it in memory only.
-        external_data: save the weights to ``OUTPUT.data`` (always so for a model read that way).
-        overwrite_input: allow ``output`` to be an input file.
-        progress: called before the model is written.
-
-    Returns:
-        The restored model and whether its weights are the source's, bit for bit.
-
-    Raises:
-        OnnxladyError: the key is malformed or was made for another model, the output is an
-            input, or a file cannot be read or written.
-    """
-    source = source_path(model)
-    key_source = source_path(key)
-    target = output_path(output)
-    check_outputs(target, [source, key_source], overwrite_input=overwrite_input)
-    permutation_key = open_key(key)
-    opened = open_model(model)
-    check_external_inputs(target, [opened], overwrite_input=overwrite_input)
-    restored = opened.writable()
-    identical = unpermute_model(restored, permutation_key)
-    result = UnpermuteResult(restored, permutation_key, identical, source, key_source, target)
-    if target is not None:
-        if progress:
-            progress(f"saving {target}")
-        result.output_sha256 = save_model(
-            restored, target, external_data=external_data or opened.external_data, digest=True
-        )
-    return result
-
-
 # -- helpers ------------------------------------------------------------------------------
-def write_key(key: PermutationKey, path: str | os.PathLike[str]) -> None:
-    """Write a permutation key as JSON, atomically.
-
-    Raises:
-        OnnxladyError: the folder does not exist or the file cannot be written.
-    """
-    write_text(path, json.dumps(key.to_json(), indent=1) + "\n")
-
-
 def read_perms(perms: PermsSource) -> dict[str, np.ndarray]:
     """Permutations by group id from a JSON file ({group id: [..]} or a key file), a mapping or a key.
 

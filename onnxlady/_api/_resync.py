@@ -10,7 +10,6 @@ from typing import Any
 
 import onnx
 
-from onnxlady._api._permute import write_key
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     KeySource,
@@ -24,6 +23,7 @@ from onnxlady._api._sources import (
     output_path,
     path_text,
     source_path,
+    write_key,
 )
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import save_model

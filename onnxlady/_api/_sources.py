@@ -9,6 +9,7 @@ its own and may be changed in place (that is how the file-to-file commands keep 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -166,6 +167,15 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     if not folder.is_dir():
         raise OnnxladyError(f"{path}: output folder '{folder}' does not exist")
     write_atomically(path, text.encode())
+
+
+def write_key(key: PermutationKey, path: str | os.PathLike[str]) -> None:
+    """Write a permutation key as JSON, atomically.
+
+    Raises:
+        OnnxladyError: the folder does not exist or the file cannot be written.
+    """
+    write_text(path, json.dumps(key.to_json(), indent=1) + "\n")
 
 
 # -- JSON ---------------------------------------------------------------------------------
