@@ -11,13 +11,13 @@ that need different permutations (each such use gets its own copy).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
 
-from onnxlady import _rules  # noqa: F401 - importing registers every rule
+from onnxlady import _rules  # ruff: ignore[unused-import] - importing registers every rule
 from onnxlady._analysis._control_flow import walk_control_flow
 from onnxlady._graph._expr import Expr, Fixed, FreezeReason, canonical, describe, evaluate, labels
 from onnxlady._graph._model_graph import ModelGraph, node_label
@@ -93,7 +93,7 @@ class ChannelAnalysis:
         self._by_root = {group.root: group for group in self.groups}
 
     @property
-    def solver(self):  # noqa: ANN201 - GroupSolver, kept private to the package
+    def solver(self):
         return self.state.solver
 
     def group(self, group_id: str) -> ChannelGroup:
@@ -122,7 +122,8 @@ class ChannelAnalysis:
 
     def group_edges(self) -> dict[tuple[str, str], set[str]]:
         """The group graph: (a, b) when an operator reads group a's neurons and writes group b's,
-        with the operator types that do (for ``inspect --dot`` and the audit report)."""
+        with the operator types that do (for ``inspect --dot`` and the audit report).
+        """
         edges: dict[tuple[str, str], set[str]] = {}
         for node in self.graph.nodes:
             ins = {g for name in node.input if name for g in self._groups_in(self._spaces_of(name))}
@@ -234,7 +235,8 @@ def _visit(state: AnalysisState, index: int) -> None:
 
 def walk_order(graph: ModelGraph) -> list[int]:
     """Every analysed node in the order the analysis visits it: each opened body's nodes come
-    just before their control-flow node, so every node (main or body) has a position."""
+    just before their control-flow node, so every node (main or body) has a position.
+    """
     ordered: list[int] = []
 
     def add(index: int) -> None:
@@ -265,7 +267,7 @@ def _run_rule(state: AnalysisState, index: int) -> None:
     except RuleDoesNotApply as stop:
         ctx.abandon(ctx.reason(stop.kind, stop.message))
         return
-    except Exception as exc:  # noqa: BLE001 - a failing rule must freeze, never half-permute
+    except Exception as exc:
         ctx.abandon(ctx.reason("rule-error", f"rule failed ({type(exc).__name__}: {exc})"))
         return
     ctx.commit()
@@ -370,7 +372,8 @@ def _plan_tensors(state: AnalysisState) -> list[TensorPermutation]:
 
 def _copyable(graph: ModelGraph, source: str, uses: Iterable[tuple[int, int]], main_initializers: set[str]) -> bool:
     """Whether ``uses`` of constant ``source`` can get a copy of their own: a main-graph constant
-    read through main-graph chain nodes by main-graph nodes (copies are inserted in the main graph)."""
+    read through main-graph chain nodes by main-graph nodes (copies are inserted in the main graph).
+    """
     leaf = graph.constant_leaf(source)
     if leaf is None:
         return False

@@ -139,7 +139,8 @@ class _Walker:
     def _enter(self, actual: str, formal: str, axes: dict[int, int] | None) -> None:
         """The body's formal input ``formal`` is ``actual``: the same spaces, axis ``a`` of
         ``actual`` at axis ``axes[a]`` of ``formal`` (all axes kept when ``axes`` is None; an
-        axis missing from ``axes``, a scan axis, is frozen)."""
+        axis missing from ``axes``, a scan axis, is frozen).
+        """
         if not formal:
             return
         for axis, expr in self._spaces(actual).items():

@@ -193,4 +193,3 @@ def audit(
     if canonical is not None and canonical_path is not None:
         save_model(canonical, canonical_path)
     return result
-

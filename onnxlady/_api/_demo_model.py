@@ -51,4 +51,3 @@ def _two_branch_concat(b: GraphBuilder, x: str, *, name: str) -> str:
         left = b.relu(b.conv(x, 32, 1, name="branch1x1"), name="branch1x1_relu")
         right = b.relu(b.conv(x, 32, 3, name="branch3x3"), name="branch3x3_relu")
         return b.concat([left, right], axis=1, name="concat")
-

@@ -208,7 +208,8 @@ def _group_graph(analysis: Any) -> str:
 
 def render_html(report: AuditReport, analysis: Any = None) -> str:
     """A self-contained HTML page (inline SVG, no external assets). ``analysis`` (optional, a
-    :class:`~onnxlady.ChannelAnalysis` of the reference) adds each group's members."""
+    :class:`~onnxlady.ChannelAnalysis` of the reference) adds each group's members.
+    """
     esc = html.escape
     body = [
         f"<h1>Audit verdict: <span class='verdict'>{esc(report.verdict)}</span> (exit {report.exit_code})</h1>",

@@ -180,7 +180,8 @@ class AuditReport:
 # -- helpers ----------------------------------------------------------------------------------
 def _close(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None = None) -> bool:
     """Equal up to ``rtol`` times the largest magnitude of ``a`` (plus, element by element,
-    ``allowed``: the error a conversion's storage may add)."""
+    ``allowed``: the error a conversion's storage may add).
+    """
     if a.shape != b.shape:
         return False
     if a.dtype.kind not in "fc" and b.dtype.kind not in "fc":
@@ -324,7 +325,8 @@ def _scale_analysis(
 ) -> tuple[list[NeuronScale], list[NeuronScale], list[TensorAudit]]:
     """Find rescaled neurons group by group, undoing compensated scales in ``work`` as it goes
     (so later groups see aligned, unscaled input columns; ``bounds``, across a conversion, are
-    widened to match). Returns (rescaled, attacked, tensors)."""
+    widened to match). Returns (rescaled, attacked, tensors).
+    """
     uses = _group_uses(analysis, set(work))
     rescaled: list[NeuronScale] = []
     attacked: list[NeuronScale] = []
@@ -392,7 +394,8 @@ def _ratio_of(
     bounds: _Bounds | None = None,
 ) -> list[tuple[float, float]]:
     """Per use: the scale of neuron ``j``'s slice against the reference and its relative
-    uncertainty; NaN where the slice is not an exact multiple (a zero slice reads as exact)."""
+    uncertainty; NaN where the slice is not an exact multiple (a zero slice reads as exact).
+    """
     out = []
     for use in uses:
         r = _rows(ref[use.source].astype(np.float64), use.axis, use.positions[j])

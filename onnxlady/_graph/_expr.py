@@ -22,8 +22,9 @@ restricts, so every permutation the solver allows is valid for every equation it
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Union
+from typing import Union
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class Fixed:
 class DirectSum:
     """Block-diagonal permutation: the parts occupy consecutive index ranges."""
 
-    parts: tuple["Expr", ...]
+    parts: tuple[Expr, ...]
 
     @property
     def size(self) -> int:
@@ -74,8 +75,8 @@ class DirectSum:
 class Product:
     """Mixed-radix permutation: index ``o * inner.size + i`` maps to ``p_o[o] * inner.size + p_i[i]``."""
 
-    outer: "Expr"
-    inner: "Expr"
+    outer: Expr
+    inner: Expr
 
     @property
     def size(self) -> int:
@@ -91,7 +92,7 @@ class Interleave:
     ``t * n + j`` goes to ``p_j[t] * n + j``. Build it with :func:`interleave` (normal form).
     """
 
-    parts: tuple["Expr", ...]
+    parts: tuple[Expr, ...]
 
     @property
     def size(self) -> int:

@@ -19,7 +19,7 @@ that inference finds with them.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -92,7 +92,7 @@ def fold_node(
         try:
             with np.errstate(all="ignore"):
                 result = _FOLDABLE[node.op_type](node, inputs, opset, limit)
-        except Exception:  # noqa: BLE001 - anything odd: not folded
+        except Exception:
             return None
         if result is None:
             return None
@@ -104,7 +104,7 @@ def fold_node(
         try:
             if np.dtype(onnx.helper.tensor_dtype_to_np_dtype(expected)) != result.dtype:
                 return None
-        except Exception:  # noqa: BLE001 - exotic element types
+        except Exception:
             return None
     known = static_shape(shapes.get(name))
     if known is not None and known != tuple(result.shape):
@@ -318,7 +318,7 @@ def _cast(node, inputs, opset, limit):
     value = inputs[0]
     try:
         target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(node_attribute(node, "to"))))
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     if target.kind not in "iufb":
         return None

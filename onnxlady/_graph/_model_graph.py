@@ -15,18 +15,19 @@ replaced by typed graph inputs, so inference never copies hundreds of megabytes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxlady._errors import OnnxladyError
 from onnxlady._graph import _contrib_shapes as _contrib_shapes
 from onnxlady._graph import _fold as _fold
 from onnxlady._graph import _subgraphs as _subgraphs
 from onnxlady._graph._attributes import node_attribute
-from onnxlady._errors import OnnxladyError
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -184,7 +185,7 @@ class ModelGraph:
             if name not in known:
                 raise OnnxladyError(f"graph output '{name}' is not produced by any node (malformed model)")
 
-    def dependency_graph(self) -> "nx.MultiDiGraph":
+    def dependency_graph(self) -> nx.MultiDiGraph:
         """Operators and tensors as a networkx graph: ``("op", index)`` and ``("tensor", name)`` nodes."""
         import networkx as nx  # imported when used: it costs 0.3 s at start-up
 
@@ -267,7 +268,7 @@ class ModelGraph:
             if name not in overridable and _element_count(tensor) <= _fold.FOLD_LIMIT:
                 try:
                     values[name] = numpy_helper.to_array(tensor)
-                except Exception:  # noqa: BLE001 - exotic element types: not folded
+                except Exception:
                     pass
         for name, index in self.constant_nodes.items():
             value = _fold.constant_attribute_value(self.nodes[index])
@@ -339,7 +340,7 @@ class ModelGraph:
             outputs = onnx.shape_inference.infer_node_outputs(
                 schema, node, types, data, opset_imports=opset_imports, ir_version=max(self.model.ir_version, 4)
             )
-        except Exception:  # noqa: BLE001 - inference is a best effort
+        except Exception:
             return set()
         helped: set[str] = set()
         for name, proto in outputs.items():
@@ -373,7 +374,7 @@ class ModelGraph:
                 inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
             infos = list(inferred.graph.value_info) + list(inferred.graph.output)
             infos += [v for v in _nested_infos(inferred.graph) if v.name in self._subgraph_names]
-        except Exception:  # noqa: BLE001 - malformed or exotic graphs: go on without shapes
+        except Exception:
             pass
         if self.opsets.get("", 0) < 15 and self._has_unknown_outputs(infos):
             try:
@@ -381,7 +382,7 @@ class ModelGraph:
                 inferred = onnx.shape_inference.infer_shapes(upgraded, check_type=False, strict_mode=False, data_prop=True)
                 produced = set(self.producer)
                 infos += [v for v in inferred.graph.value_info if v.name in produced]
-            except Exception:  # noqa: BLE001 - the converter does not know every model
+            except Exception:
                 pass
         return infos
 
@@ -460,7 +461,8 @@ class ModelGraph:
 
     def chain_data_slot(self, index: int) -> int | None:
         """The input slot a chain operator forwards: 0, or for ``Mul`` the operand with the
-        output's full shape (the other one is a broadcast factor); None when neither is."""
+        output's full shape (the other one is a broadcast factor); None when neither is.
+        """
         if index not in self._data_slots:
             self._data_slots[index] = self._find_data_slot(index)
         return self._data_slots[index]
@@ -704,7 +706,8 @@ class ModelGraph:
 
     def _quantization(self, node: onnx.NodeProto, value: np.ndarray) -> np.ndarray | None:
         """DequantizeLinear ``(x - zero_point) * scale`` or QuantizeLinear ``saturate(round(x /
-        scale) + zero_point)``, with per-tensor, per-axis or blocked parameters."""
+        scale) + zero_point)``, with per-tensor, per-axis or blocked parameters.
+        """
         scale = self.constant_value(node.input[1]) if len(node.input) > 1 else None
         if scale is None:
             return None

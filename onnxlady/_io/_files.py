@@ -15,10 +15,11 @@ import mmap
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -134,7 +135,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
         target = (base / location).resolve()
-        if not location or base not in target.parents and target != base:
+        if not location or (base not in target.parents and target != base):
             raise OnnxladyError(f"{path}: tensor '{tensor.name}' points outside the model folder ({location!r})")
         if not target.is_file():
             raise OnnxladyError(

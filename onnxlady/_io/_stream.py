@@ -272,7 +272,8 @@ class _Planner:
 
     def _container(self, message: Message, special: dict[int, Callable[[Any], _Pieces | None]]) -> _Pieces:
         """A shell of the scalar fields, then every message field item by item, in field order;
-        items of the ``special`` fields go through their handler (None: serialize normally)."""
+        items of the ``special`` fields go through their handler (None: serialize normally).
+        """
         fields = [f for f in message.DESCRIPTOR.fields if f.message_type is not None]
         out = _Pieces()
         out.add_bytes(_shell(message, frozenset(f.name for f in fields)))
@@ -469,7 +470,7 @@ def write_model(
         written = _write_pieces(iter(pieces.items), path.write)  # type: ignore[union-attr]
     else:
         target = os.fspath(path)  # type: ignore[arg-type]
-        raw = open(target, "wb", buffering=0)  # noqa: SIM115 - closed below, removed on failure
+        raw = open(target, "wb", buffering=0)  # ruff: ignore[open-file-with-context-handler] - closed below, removed on failure
         try:
             with raw:
                 written = _write_pieces(iter(pieces.items), _write_all(raw))
@@ -559,7 +560,8 @@ def _merge_range(model: onnx.ModelProto, reader: _Reader, start: int, end: int, 
 
 def _read_chunked(path: str | os.PathLike[str], chunk: int = _READ_CHUNK) -> onnx.ModelProto:
     """Parse the file field by field: top-level fields in runs, the graph in ``chunk``-sized
-    runs of its own fields, each run wrapped as a graph field of its own and merged."""
+    runs of its own fields, each run wrapped as a graph field of its own and merged.
+    """
     model = onnx.ModelProto()
     with open(path, "rb", buffering=0) as handle:
         reader = _Reader(handle, os.fstat(handle.fileno()).st_size)

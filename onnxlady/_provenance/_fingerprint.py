@@ -246,7 +246,8 @@ def _conv_rows(weight: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _conv_transpose_rows(weight: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
     """ConvTranspose weight ``(in, out/g, *k)``: output channel ``g * out/g + j`` reads the
-    inputs of group ``g`` only."""
+    inputs of group ``g`` only.
+    """
     cin, per_group = weight.shape[:2]
     kernel = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1
     grouped = weight.reshape(groups, cin // groups, per_group, kernel)
@@ -255,7 +256,8 @@ def _conv_transpose_rows(weight: np.ndarray, groups: int) -> tuple[np.ndarray, i
 
 def _axis_matrix(weight: np.ndarray, out_axis: int) -> tuple[np.ndarray, int]:
     """A Gemm/MatMul weight as (2-D matrix, neuron axis): a 2-D weight as it is, a batched
-    one with its output axis first and the rest flattened."""
+    one with its output axis first and the rest flattened.
+    """
     out_axis %= weight.ndim
     if weight.ndim == 2:
         return weight, out_axis
@@ -282,7 +284,8 @@ def _float_value(graph: ModelGraph, name: str) -> np.ndarray | None:
 
 def _transposed_constant(graph: ModelGraph, name: str) -> np.ndarray | None:
     """``Transpose(constant)``: a tied head reads the embedding table this way; an optimizer
-    folds it into a stored copy, so both forms must give the same weight."""
+    folds it into a stored copy, so both forms must give the same weight.
+    """
     produced = graph.producer.get(name)
     if produced is None:
         return None
@@ -299,7 +302,8 @@ def _transposed_constant(graph: ModelGraph, name: str) -> np.ndarray | None:
 def _quantized(graph: ModelGraph, node: onnx.NodeProto, slot: int, scale_slot: int | None, zero_slot: int,
                out_axis: int) -> np.ndarray | None:  # fmt: skip
     """An integer weight minus its zero point, times its scale (per tensor or per output
-    channel), as QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger read it."""
+    channel), as QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger read it.
+    """
     raw = graph.constant_value(node.input[slot]) if len(node.input) > slot else None
     if raw is None or raw.dtype.kind not in "iu":
         return None
@@ -321,7 +325,8 @@ def _quantized(graph: ModelGraph, node: onnx.NodeProto, slot: int, scale_slot: i
 
 def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Little-endian bit fields of ``bits`` bits from uint8 bytes, the first ``count`` of each
-    row (MatMulNBits packs its weights and zero points this way)."""
+    row (MatMulNBits packs its weights and zero points this way).
+    """
     per_byte = 8 // bits
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
     fields = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
@@ -331,7 +336,8 @@ def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 def _matmul_nbits(graph: ModelGraph, node: onnx.NodeProto) -> np.ndarray | None:
     """com.microsoft MatMulNBits: ``B`` uint8 ``[N, blocks, block_size * bits / 8]``, scales
     ``[N * blocks]``, optional zero points (packed uint8, or in the scales' type; default
-    ``2^(bits-1)``). Returns the dequantized weight as rows ``(N, K)``."""
+    ``2^(bits-1)``). Returns the dequantized weight as rows ``(N, K)``.
+    """
     k, n = int(node_attribute(node, "K", 0)), int(node_attribute(node, "N", 0))
     bits, block = int(node_attribute(node, "bits", 4)), int(node_attribute(node, "block_size", 0))
     packed = graph.constant_value(node.input[1]) if len(node.input) > 1 else None
@@ -356,7 +362,8 @@ def _matmul_nbits(graph: ModelGraph, node: onnx.NodeProto) -> np.ndarray | None:
 
 def _plain_matrix(graph: ModelGraph, node: onnx.NodeProto, transpose_a: int, transpose_b: int) -> tuple[np.ndarray, int] | None:
     """A Gemm-like ``A @ B`` with exactly one constant operand: its output neurons are B's
-    columns (rows when ``transB``) or A's rows (columns when ``transA``)."""
+    columns (rows when ``transB``) or A's rows (columns when ``transA``).
+    """
     if len(node.input) < 2:
         return None
     left, right = (_float_value(graph, name) for name in node.input[:2])
@@ -591,7 +598,8 @@ class ModelFingerprint:
     def to_bytes(self) -> bytes:
         """The fingerprint as bytes: :data:`_MAGIC`, a little-endian uint32 header length, a
         JSON header (version, layer count, record width, operators, names), then the records
-        (float32) and shapes (int64) as raw little-endian numpy arrays; no pickled objects."""
+        (float32) and shapes (int64) as raw little-endian numpy arrays; no pickled objects.
+        """
         header = json.dumps(
             {"version": self.version, "layers": self.layers, "width": LAYER_WIDTH, "ops": list(self.ops), "names": list(self.names)}
         ).encode()
@@ -672,7 +680,8 @@ SCALE_FIELDS = ("level", "norms")
 def _value_weights(names: tuple[str, ...]) -> np.ndarray:
     """Per value of a record: ``weight / (scale^2 * length * total weight)`` for the fields in
     ``names``, 0 elsewhere, so that summing weighted squared differences gives the weighted
-    mean over fields of each field's mean squared difference in scale units."""
+    mean over fields of each field's mean squared difference in scale units.
+    """
     total = sum(FIELD_WEIGHTS.values())
     return np.concatenate(
         [np.full(length, FIELD_WEIGHTS[name] / (FIELD_SCALES[name] ** 2 * length * total) if name in names else 0.0)
@@ -709,7 +718,8 @@ def unrelated_gap(shapes: np.ndarray) -> np.ndarray:
 
 def field_gaps(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """Per field, the RMS difference between paired records ``a[i]`` and ``b[i]``, in the
-    field's scale units (1: as far as a noisy copy; the calibration reads these)."""
+    field's scale units (1: as far as a noisy copy; the calibration reads these).
+    """
     diff = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).reshape(-1, LAYER_WIDTH)
     return {name: float(np.sqrt(np.mean(diff[:, SLICES[name]] ** 2)) / FIELD_SCALES[name]) if diff.size else 0.0 for name, _ in FIELDS}
 

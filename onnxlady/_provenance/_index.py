@@ -297,7 +297,8 @@ def list_models(index_path: str | os.PathLike[str]) -> list[IndexedModel]:
 # -- scanning ---------------------------------------------------------------------------------
 def _scan(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[str], list[UnreadableFile]]:
     """(model files, scanned folders, errors): ``*.onnx`` under each folder, recursively,
-    sorted; files named directly are taken whatever their suffix; URLs are listed by fsspec."""
+    sorted; files named directly are taken whatever their suffix; URLs are listed by fsspec.
+    """
     files: list[str] = []
     folders: list[str] = []
     errors: list[UnreadableFile] = []
@@ -428,7 +429,8 @@ def build_index(
 
 def _plan(connection: sqlite3.Connection, files: list[str], folders: list[str], report: IndexBuildReport) -> list[str]:
     """The files to fingerprint; skipped, touched, removed and still-failing files are
-    settled in ``report`` (and the index) here."""
+    settled in ``report`` (and the index) here.
+    """
     known = {
         row[0]: row[1:]
         for row in connection.execute("SELECT path, size, mtime_ns, sha256, data_files FROM models")
@@ -586,7 +588,8 @@ def _write_part(connection: sqlite3.Connection, part: int, generation: int, ids:
 
 def search_matrix(connection: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray]:
     """(model ids, float32 matrix of their search vectors), from the packed cache when it is
-    current, else from the rows themselves."""
+    current, else from the rows themselves.
+    """
     generation = _generation(connection)
     parts = connection.execute("SELECT generation, ids, vectors FROM search ORDER BY part").fetchall()
     if parts and all(part[0] == generation for part in parts):

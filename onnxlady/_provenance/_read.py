@@ -103,7 +103,7 @@ def fingerprint_file(path: str) -> FileFingerprint:
         fingerprint = fingerprint_model(loaded.model)
     except OnnxladyError as exc:
         return FileFingerprint(str(local), stat.st_size, stat.st_mtime_ns, error=str(exc))
-    except Exception as exc:  # noqa: BLE001 - a registry holds anything: list it and go on
+    except Exception as exc:
         return FileFingerprint(
             str(local), stat.st_size, stat.st_mtime_ns, error=" ".join(f"{local}: {type(exc).__name__}: {exc}".split())
         )
@@ -182,7 +182,8 @@ def sha256_url(url: str) -> str | None:
 
 def _load_url_external_data(model: onnx.ModelProto, fs: Any, folder: str, url: str) -> tuple[tuple[str, int, int], ...]:
     """Read every external tensor from its file next to the model (refusing any path that
-    leaves the model's folder) into ``raw_data``."""
+    leaves the model's folder) into ``raw_data``.
+    """
     files: dict[str, tuple[str, int, int]] = {}
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if not is_external(tensor):
@@ -255,6 +256,6 @@ def _fingerprint_url(url: str) -> FileFingerprint:
         fingerprint = fingerprint_model(model)
     except OnnxladyError as exc:
         return FileFingerprint(name, size, mtime_ns, error=str(exc))
-    except Exception as exc:  # noqa: BLE001 - a registry holds anything: list it and go on
+    except Exception as exc:
         return FileFingerprint(name, size, mtime_ns, error=" ".join(f"{name}: {type(exc).__name__}: {exc}".split()))
     return _result(name, size, mtime_ns, hashlib.sha256(data).hexdigest(), data_files, fingerprint)

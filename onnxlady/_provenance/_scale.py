@@ -37,7 +37,7 @@ __all__ = ["dask_available", "fingerprint_with_dask"]
 def dask_available() -> bool:
     """Whether ``dask.distributed`` can be imported (the ``scale`` extra is installed)."""
     try:
-        import dask.distributed  # noqa: F401
+        import dask.distributed  # ruff: ignore[unused-import]
     except ImportError:
         return False
     return True

@@ -68,7 +68,8 @@ def _half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
     (zeros for exact types): how far the number it was rounded from can be. With
     ``|v| = 2^k (1 + f)`` it is ``2^(k - bits)``, floored at half the subnormal step; ``2^k``
     is read off the exponent bits (``frexp`` or ``np.spacing`` cost ten times as much, and
-    ``np.spacing`` in float16 is wrong for negative numbers)."""
+    ``np.spacing`` in float16 is wrong for negative numbers).
+    """
     fmt = _FLOAT_FORMATS.get(np.dtype(stored).name)
     if fmt is None:
         return np.zeros(values.shape)
@@ -184,7 +185,8 @@ def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
 
 def unit_weight(graph: ModelGraph, unit: Unit, fold: bool = True) -> Approx | None:
     """The unit's weight as read, with its BatchNorm folded in along the output axis (unless
-    ``fold`` is false)."""
+    ``fold`` is false).
+    """
     weight = read_constant(graph, graph.nodes[unit.node].input[unit.weight_slot])
     if weight is None or unit.batchnorm is None or not fold:
         return weight
@@ -202,7 +204,8 @@ def unit_weight(graph: ModelGraph, unit: Unit, fold: bool = True) -> Approx | No
 
 def unit_bias(graph: ModelGraph, unit: Unit, size: int, fold: bool = True) -> Approx | None:
     """The unit's bias as a vector over its output neurons, with its BatchNorm folded in
-    (unless ``fold`` is false: then the bias as stored, zeros where the layer has none)."""
+    (unless ``fold`` is false: then the bias as stored, zeros where the layer has none).
+    """
     if unit.bias is not None:
         node, slot = unit.bias
         bias = read_constant(graph, graph.nodes[node].input[slot])
@@ -252,7 +255,8 @@ def _role_value(
     graph: ModelGraph, units: dict[int, Unit], role: _Role, size: int, fold: bool = True
 ) -> Approx | None:
     """The value of ``role`` in one model (``size``: the reference tensor's element count;
-    ``fold``: whether a unit's weight and bias are read with its BatchNorm folded in)."""
+    ``fold``: whether a unit's weight and bias are read with its BatchNorm folded in).
+    """
     if role.kind == "weight":
         return unit_weight(graph, units[role.node], fold)
     unit = units.get(role.node)
@@ -372,7 +376,8 @@ class _State(solver.ResyncState):
     ) -> np.ndarray | None:
         """Ties broken by storage error: the ambiguous reference neurons are matched among
         their suspect neurons so that every aligned value lies within both storage errors
-        (a conversion's bit equality); None if no such matching exists (a perturbed copy)."""
+        (a conversion's bit equality); None if no such matching exists (a perturbed copy).
+        """
         exact = super().exact_match(gid, solved)  # bit-equal twins: an opset upgrade, renames
         if exact is not None or step is None or margins is None:
             return exact
@@ -544,7 +549,8 @@ def _solve_mirrored(
 ) -> dict[str, tuple[str | None, np.ndarray, solver.GroupResync]]:
     """Suspect groups only the suspect's form can move, solved with the roles exchanged:
     suspect group id -> (reference group id if paired, permutation putting the suspect in the
-    reference's order, the mirrored solve's statistics)."""
+    reference's order, the mirrored solve's statistics).
+    """
     orphans = sorted(
         item.group for item in match.unmatched if item.model == "suspect" and match.suspect.group(item.group).permutable
     )
@@ -591,7 +597,8 @@ def _reorder_suspect(
     suspect: onnx.ModelProto, perms: dict[str, np.ndarray], reference: onnx.ModelProto, options: solver.ResyncOptions
 ) -> tuple[onnx.ModelProto, PermutationKey]:
     """The suspect permuted by ``perms`` (its own group ids), and the key that
-    ``unpermute_model`` applies to the suspect to give it (as for twin graphs)."""
+    ``unpermute_model`` applies to the suspect to give it (as for twin graphs).
+    """
     output = copy_model(suspect)
     permute_model(analyze(output), perms)
     back = copy_model(output)

@@ -147,7 +147,8 @@ _TYPE_ONLY_OPS = frozenset({"Cast", "Identity"})
 
 def _single_consumer(graph: ModelGraph, name: str, op_type: str) -> tuple[int, int] | None:
     """The only reader of ``name`` (through Casts) if it is an ``op_type`` node and nothing on
-    the way is a graph output."""
+    the way is a graph output.
+    """
     while True:
         readers = graph.consumers.get(name, [])
         if len(readers) != 1 or name in graph.graph_outputs:
@@ -261,7 +262,8 @@ def _is_channel_vector(graph: ModelGraph, name: str, node: onnx.NodeProto, slot:
 
 def _constant_computed(graph: ModelGraph) -> set[str]:
     """Tensors computed from constants only (a Gather of a constant table at constant indices):
-    a simplifier folds them into stored constants, so they count as constants on both sides."""
+    a simplifier folds them into stored constants, so they count as constants on both sides.
+    """
     known = {name for name in graph.initializers} | set(graph.constant_nodes) | set(graph.folded)
     computed: set[str] = set()
     for index in graph.order:
@@ -279,7 +281,8 @@ def _constant_operand_shape(
     """Shape of a constant operand of more than one element that holds numbers (a float, or
     any constant the analysis permutes: a one-hot's index table), stored or computed, else
     None. Integer shapes and axes are left out: an opset upgrade moves them between attributes
-    and inputs."""
+    and inputs.
+    """
     leaf = graph.constant_leaf(name)
     if _float_constant(graph, name) or (leaf is not None and leaf.name in planned):
         shape = graph.constant_shape(name)
@@ -311,7 +314,8 @@ def _site_token(
 
 def _sites(graph: ModelGraph, units: dict[int, Unit], planned: set[str]) -> list[tuple[int, tuple[Any, ...]]]:
     """Sites in topological order with their tokens; a unit's bias Add and BatchNorm are none.
-    ``planned``: the constants the analysis permutes."""
+    ``planned``: the constants the analysis permutes.
+    """
     absorbed = {u.batchnorm for u in units.values() if u.batchnorm is not None}
     absorbed |= {u.bias[0] for u in units.values() if u.bias is not None and u.bias[0] != u.node}
     computed = _constant_computed(graph)

@@ -285,7 +285,8 @@ class _Block:
 
     def cross(self, step: np.ndarray) -> float:
         """``sum_j <ref_j, sus_step[j]>`` (from the sketch when one is kept: summing ``n``
-        entries averages its error away)."""
+        entries averages its error away).
+        """
         if self.cached is not None:
             return float(self.cached[np.arange(step.size), step].sum(dtype=np.float64))
         return float(np.einsum("ij,ij->", self.ref, self.sus[step], dtype=np.float64))
@@ -320,7 +321,8 @@ class _Blocks:
 
     def residual_weights(self, step: np.ndarray) -> list[tuple[float, float]]:
         """Factors ``(1/sigma, a/sigma)``: ``sigma^2`` the block's residual noise per element
-        under the match ``step``, ``a`` the least-squares scale of the matched suspect block."""
+        under the match ``step``, ``a`` the least-squares scale of the matched suspect block.
+        """
         weights = []
         for block in self.blocks:
             e_ref, e_sus = float(block.ref_sq.sum()), float(block.sus_sq.sum())
@@ -348,7 +350,8 @@ class _Blocks:
 
     def rescore(self, weights: list[tuple[float, float]], decision: np.ndarray, step: np.ndarray) -> bool:
         """Exact products, in sketched blocks, for the neurons whose match the sketch error
-        could change: their best candidates and current match. False if there are none."""
+        could change: their best candidates and current match. False if there are none.
+        """
         n = step.size
         # Per reference neuron, a bound (5 standard deviations) on the sketch's error in ``decision``.
         variance = np.zeros(n)
@@ -665,7 +668,8 @@ DEAD_NEURON_SCALE = 1e-6
 def _duplicated(state: ResyncState, gid: str) -> np.ndarray:
     """Reference neurons that are interchangeable: their full signature (every slice, raw)
     equals another neuron's, or they are dead (every slice negligible, see DEAD_NEURON_SCALE)
-    while another neuron of the group is dead too."""
+    while another neuron of the group is dead too.
+    """
     blocks = [gather_block(state.reference[p.plan], p, ()) for p in state.slices[gid]]
     n = state.analysis.group(gid).size
     if not blocks:
@@ -732,5 +736,3 @@ def key_group(group: ChannelGroup, match: np.ndarray) -> dict[str, Any]:
         if m.is_weight
     ]
     return {"id": group.id, "size": group.size, "members": members, "perm": [int(i) for i in np.argsort(match)]}
-
-

@@ -58,7 +58,8 @@ class _SuspectMap:
     def _check_nodes(self) -> None:
         """Every reference node exists in the suspect (by output name) with the same operator,
         and every constant it reads has the same shape (a constant forwarded by an
-        Identity/Cast/Reshape chain is checked at its consumer)."""
+        Identity/Cast/Reshape chain is checked at its consumer).
+        """
         for index, node in enumerate(self.reference.nodes):
             if not node.output or not node.output[0]:
                 continue
@@ -208,7 +209,8 @@ def _fresh_initializers(
 
 def _copy_model(model: onnx.ModelProto, fresh: dict[str, bytes]) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers named in ``fresh`` hold those bytes instead
-    (their old bytes are never copied)."""
+    (their old bytes are never copied).
+    """
     output = onnx.ModelProto()
     _copy_fields(model, output, skip="graph")
     _copy_fields(model.graph, output.graph, skip="initializer")

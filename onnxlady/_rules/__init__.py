@@ -1,6 +1,6 @@
 """Per-operator permutation rules; importing this package fills the registry."""
 
-from onnxlady._rules import (  # noqa: F401 - each module registers its rules
+from onnxlady._rules import (  # ruff: ignore[unused-import] - each module registers its rules
     blocking,
     contrib,
     elementwise,

@@ -31,7 +31,6 @@ from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, product
 from onnxlady._graph._model_graph import ChainAxisError, Companion, ModelGraph, Shape, node_label
 
-
 _PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 

@@ -24,7 +24,7 @@ class OpRule:
     #: analysis splits joint spaces into one space per digit before the rule runs.
     joint_aware: ClassVar[bool] = False
 
-    def propagate(self, ctx: "RuleContext") -> None:
+    def propagate(self, ctx: RuleContext) -> None:
         """Couple the node's channel spaces through ``ctx``; raise ``RuleDoesNotApply`` to freeze."""
         raise NotImplementedError
 

@@ -167,12 +167,12 @@ def _align(in_shape: Shape, out_shape: Shape) -> tuple[list[_Digit], dict[int, t
         first_out += 1
     unknown = ("unknown-shape", "Reshape: axes reshaped together with this one have unknown sizes")
     if (first_in > lead) != (first_out > lead):
-        unaligned.update({a: unknown for a in range(lead, end_in)})
+        unaligned.update(dict.fromkeys(range(lead, end_in), unknown))
     else:
         if first_in - lead == 1 and first_out - lead == 1:
             digits.append(_Digit(lead, lead, None))
         else:
-            unaligned.update({a: unknown for a in range(lead, first_in)})
+            unaligned.update(dict.fromkeys(range(lead, first_in), unknown))
         dims_in, dims_out = list(in_shape[first_in:end_in]), list(out_shape[first_out:end_out])
         common = None
         if all(isinstance(d, int) for d in dims_in + dims_out):
@@ -180,7 +180,7 @@ def _align(in_shape: Shape, out_shape: Shape) -> tuple[list[_Digit], dict[int, t
             if common is None:
                 unknown = ("index-map", "Reshape regroups the permuted axis in a way with no index map")
         if common is None:
-            unaligned.update({a: unknown for a in range(first_in, end_in)})
+            unaligned.update(dict.fromkeys(range(first_in, end_in), unknown))
         else:
             for (i, size), (j, _) in zip(*common):
                 source, target = first_in + i, first_out + j

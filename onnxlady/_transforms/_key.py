@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -72,7 +73,7 @@ class PermutationKey:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], origin: str = "key") -> "PermutationKey":
+    def from_json(cls, data: Mapping[str, Any], origin: str = "key") -> PermutationKey:
         if not isinstance(data, Mapping) or data.get("format") != KEY_FORMAT:
             raise OnnxladyError(f"{origin}: not an onnxlady permutation key")
         if data.get("version") != KEY_VERSION:

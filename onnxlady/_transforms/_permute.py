@@ -10,8 +10,8 @@ field, so no value is ever converted.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx

@@ -352,7 +352,7 @@ def _quantize(t: np.ndarray, bits: int) -> tuple[np.ndarray, Detail]:
 
 
 def _add_noise(t: np.ndarray, omega: float, rng: np.random.Generator) -> tuple[np.ndarray, Detail]:
-    """t + N(0, (omega * std(t))^2); always draws t.size normals so the stream stays aligned."""
+    """T + N(0, (omega * std(t))^2); always draws t.size normals so the stream stays aligned."""
     std = float(np.std(t))
     sigma = omega * std
     draws = rng.standard_normal(t.shape)

@@ -267,7 +267,8 @@ def relative_output_change(
     reference: onnx.ModelProto, candidate: onnx.ModelProto, *, samples: int = 8, seed: int = 0
 ) -> float:
     """|y_cand - y_ref| / |y_ref| over all outputs, on ``samples`` random standard-normal
-    inputs (dynamic dimensions set to 1). Needs ONNX Runtime; float inputs only."""
+    inputs (dynamic dimensions set to 1). Needs ONNX Runtime; float inputs only.
+    """
     import onnxruntime as ort
 
     def session(model: onnx.ModelProto) -> ort.InferenceSession:

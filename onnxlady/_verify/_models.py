@@ -234,7 +234,7 @@ class GraphIndex:
             return None
         try:
             return numpy_helper.to_array(tensor)
-        except Exception:  # noqa: BLE001 - an unreadable constant is simply unknown here
+        except Exception:
             return None
 
     def attribute(self, node: onnx.NodeProto, name: str, default: float | None = None) -> float | None:

@@ -143,7 +143,7 @@ def probe_cuda() -> tuple[bool, str | None]:
             if loaded:
                 session.run(None, {"x": np.ones((1, 4), dtype=np.float32)})
             outcome = (loaded, None)
-        except Exception as exc:  # noqa: BLE001 - a broken CUDA install can raise instead of falling back
+        except Exception as exc:
             outcome = (False, first_line(exc))
     if not outcome[0]:
         reason = outcome[1] or _short_cuda_reason(captured.text, "the CUDA provider library failed to load")

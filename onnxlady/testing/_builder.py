@@ -311,7 +311,8 @@ class GraphBuilder:
         gain: float = 2.0,
     ) -> str:
         """Gemm ``x @ B (+ C)``; B is ``[N, K]`` with ``trans_b=1`` (as PyTorch's Linear exports),
-        else ``[K, N]``."""
+        else ``[K, N]``.
+        """
         m, k = self.shape(x)
         node = self._reserve(name, "Gemm")
         b_shape = (out_features, k) if trans_b else (k, out_features)
@@ -393,7 +394,8 @@ class GraphBuilder:
     def add(self, a: str, b: str | Array, *, name: str | None = None,
             const_name: str = "const") -> str:
         """Broadcasting Add; ``b`` is a tensor name, or an array stored as
-        ``<node>.<const_name>``."""
+        ``<node>.<const_name>``.
+        """
         return self._binary("Add", a, b, name, const_name)
 
     def sub(self, a: str, b: str | Array, *, name: str | None = None,
@@ -481,7 +483,8 @@ class GraphBuilder:
 
     def positions(self, x: str, axis: int = 1, *, name: str | None = None) -> str:
         """``arange(x.shape[axis])`` as PyTorch exports it with a dynamic sequence length:
-        ``Shape -> Gather(axis) -> Range(0, n, 1)``; the int64 ``[n]`` output is ``<name>``."""
+        ``Shape -> Gather(axis) -> Range(0, n, 1)``; the int64 ``[n]`` output is ``<name>``.
+        """
         n = self.shape(x)[axis]
         node = self._reserve(name, "Range")
         shape_t = self._emit(self._claim(f"{node}.shape"), "Shape", [x], (len(self.shape(x)),),
@@ -736,7 +739,8 @@ class GraphBuilder:
     def if_else(self, cond: str, then_branch: Callable[[GraphBuilder], str],
                 else_branch: Callable[[GraphBuilder], str], *, name: str | None = None) -> str:
         """``If(cond)``: each branch function builds its subgraph with the builder it is given
-        (reading outer tensors by name) and returns its output; both must have one shape."""
+        (reading outer tensors by name) and returns its output; both must have one shape.
+        """
         node = self._reserve(name, "If")
         graphs, shapes = {}, []
         for label, branch in (("then_branch", then_branch), ("else_branch", else_branch)):
@@ -752,7 +756,8 @@ class GraphBuilder:
     def loop(self, trip_count: int, initial: str, body_fn: Callable[[GraphBuilder, str], str], *,
              name: str | None = None) -> str:
         """``Loop`` run ``trip_count`` times over one loop-carried tensor starting at ``initial``:
-        ``body_fn(body_builder, x)`` returns the next value (same shape)."""
+        ``body_fn(body_builder, x)`` returns the next value (same shape).
+        """
         node = self._reserve(name, "Loop")
         body = self._body_builder(f"{node}.body")
         iteration = body._claim(f"{node}.body.iteration")
@@ -841,7 +846,8 @@ class GraphBuilder:
     def quantize(self, x: str, scale: str | Array, zero_point: str | Array, *,
                  axis: int | None = None, name: str | None = None) -> str:
         """QuantizeLinear; per-axis when ``scale`` is 1-D with ``axis``. Arrays are stored as
-        ``<node>.scale`` / ``<node>.zero_point``; the output has the zero point's type."""
+        ``<node>.scale`` / ``<node>.zero_point``; the output has the zero point's type.
+        """
         node = self._reserve(name, "QuantizeLinear")
         scale_t = self._operand(node, scale, "scale")
         zero_t = self._operand(node, zero_point, "zero_point")
@@ -853,7 +859,8 @@ class GraphBuilder:
                    axis: int | None = None, block_size: int = 0,
                    name: str | None = None) -> str:
         """DequantizeLinear to the scale's float type (see :meth:`quantize`); ``block_size``
-        (opset 21+) for blocked quantization along ``axis``."""
+        (opset 21+) for blocked quantization along ``axis``.
+        """
         node = self._reserve(name, "DequantizeLinear")
         inputs = [x, self._operand(node, scale, "scale")]
         if zero_point is not None:
@@ -896,7 +903,8 @@ class GraphBuilder:
                         dtype: Any = np.int8, zero_points: bool = True,
                         levels: int = 120) -> tuple[str, str, str]:
         """Store ``quantize_array(array)`` as ``<name>.quantized``, ``<name>.scale`` and
-        ``<name>.zero_point``; returns the three names."""
+        ``<name>.zero_point``; returns the three names.
+        """
         q, scale, zero = self.quantize_array(array, axis, dtype=dtype, zero_points=zero_points,
                                              levels=levels)
         return (self.param(f"{name}.quantized", q), self.param(f"{name}.scale", scale),
@@ -906,7 +914,8 @@ class GraphBuilder:
                           dtype: Any = np.int8, zero_points: bool = True,
                           levels: int = 120) -> str:
         """A QDQ weight: :meth:`quantized_param` read through ``DequantizeLinear`` (node
-        ``<name>.dequantize``); returns the float tensor."""
+        ``<name>.dequantize``); returns the float tensor.
+        """
         q, scale, zero = self.quantized_param(name, array, axis, dtype=dtype,
                                               zero_points=zero_points, levels=levels)
         attrs = {} if axis is None else {"axis": axis}
@@ -922,7 +931,8 @@ class GraphBuilder:
                      bias: str | None = None, *, stride: int = 1, pad: int | None = None,
                      group: int = 1, name: str | None = None) -> str:
         """QLinearConv (square kernel taken from ``weight``; ``pad`` defaults to "same");
-        the output has ``y_zero_point``'s type."""
+        the output has ``y_zero_point``'s type.
+        """
         node = self._reserve(name, "QLinearConv")
         kernel = self.shape(weight)[2]
         pad = kernel // 2 if pad is None else pad
@@ -983,7 +993,8 @@ class GraphBuilder:
 
     def typed_param(self, name: str, array: Array, data_type: int) -> str:
         """Store a 16-bit float initializer (``array`` of float16 or bfloat16) in the typed
-        ``int32_data`` field, one element per entry, instead of raw bytes."""
+        ``int32_data`` field, one element per entry, instead of raw bytes.
+        """
         full = self._scoped(name)
         tensor = onnx.TensorProto(name=full, data_type=data_type, dims=list(array.shape))
         tensor.int32_data.extend(np.ascontiguousarray(array).view(np.uint16).reshape(-1).tolist())
