@@ -10,6 +10,7 @@ that need different permutations (each such use gets its own copy).
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,9 +20,16 @@ import onnx
 
 from onnxlady import _rules  # ruff: ignore[unused-import] - importing registers every rule
 from onnxlady._analysis._control_flow import walk_control_flow
-from onnxlady._graph._expr import Expr, Fixed, FreezeReason, canonical, describe, evaluate, labels
+from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, canonical, describe, evaluate, labels
 from onnxlady._graph._model_graph import ModelGraph, node_label
-from onnxlady._rules._context import AnalysisState, Binding, RuleContext, RuleDoesNotApply, materialize_joint
+from onnxlady._rules._context import (
+    AnalysisState,
+    Binding,
+    JointSpace,
+    RuleContext,
+    RuleDoesNotApply,
+    materialize_joint,
+)
 from onnxlady._rules._registry import rule_for
 
 #: Operators whose output neurons are the "producer neurons" counted by ``inspect``.
@@ -121,8 +129,10 @@ class ChannelAnalysis:
         return result
 
     def group_edges(self) -> dict[tuple[str, str], set[str]]:
-        """The group graph: (a, b) when an operator reads group a's neurons and writes group b's,
-        with the operator types that do (for ``inspect --dot`` and the audit report).
+        """The group graph: which groups each operator type connects.
+
+        (a, b) when an operator reads group a's neurons and writes group b's, with the operator types
+        that do (for ``inspect --dot`` and the audit report).
         """
         edges: dict[tuple[str, str], set[str]] = {}
         for node in self.graph.nodes:
@@ -234,8 +244,10 @@ def _visit(state: AnalysisState, index: int) -> None:
 
 
 def walk_order(graph: ModelGraph) -> list[int]:
-    """Every analysed node in the order the analysis visits it: each opened body's nodes come
-    just before their control-flow node, so every node (main or body) has a position.
+    """Every analysed node in the order the analysis visits it.
+
+    Each opened body's nodes come just before their control-flow node, so every node (main or
+    body) has a position.
     """
     ordered: list[int] = []
 
@@ -273,6 +285,11 @@ def _run_rule(state: AnalysisState, index: int) -> None:
     ctx.commit()
 
 
+def _joint_member(tensor: str, space: JointSpace, node: str, index_map: str) -> GroupMember:
+    """The member for the joint space ``space`` of activation ``tensor`` (listed at its first axis)."""
+    return GroupMember(tensor, space.axes[0], "activation", node, f"axes {list(space.axes)} together: {index_map}", False)
+
+
 def _collect(state: AnalysisState) -> ChannelAnalysis:
     graph, solver = state.graph, state.solver
     tensors = _plan_tensors(state)
@@ -288,8 +305,12 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
 
     def add_members(expr: Expr, order: tuple[int, int, int], make: Callable[[str], GroupMember]) -> None:
         resolved = solver.resolve(expr)
-        for atom in set(solver.atoms(resolved)):
-            members.setdefault(atom.id, []).append((order, make(describe(resolved, atom.id))))
+        if isinstance(resolved, Fixed):
+            return
+        # Most spaces are one group: skip the second resolution solver.atoms would make.
+        roots = (resolved.id,) if isinstance(resolved, Atom) else {atom.id for atom in solver.atoms(resolved)}
+        for root in roots:
+            members.setdefault(root, []).append((order, make(describe(resolved, root))))
 
     for plan in tensors:
         for axis, expr in plan.axes:
@@ -299,7 +320,7 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
             add_members(
                 expr,
                 (position.get(node_index, -1), 0, axis),
-                lambda imap, t=plan.tensor, a=axis, r=role, n=label: GroupMember(t, a, r, n, imap, True),
+                functools.partial(GroupMember, plan.tensor, axis, role, label, is_weight=True),
             )
     for name, spaces in state.tracked.items():
         produced = graph.producer.get(name)
@@ -309,7 +330,7 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
             add_members(
                 expr,
                 (position.get(node_index, position.get(formal.get(name, -1), -1)), 1, axis),
-                lambda imap, t=name, a=axis, n=label: GroupMember(t, a, "activation", n, imap, False),
+                functools.partial(GroupMember, name, axis, "activation", label, is_weight=False),
             )
     for name, joint in state.joint.items():
         produced = graph.producer.get(name)
@@ -319,9 +340,7 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
             add_members(
                 space.expr,
                 (position.get(node_index, -1), 1, space.axes[0]),
-                lambda imap, t=name, s=space, n=label: GroupMember(
-                    t, s.axes[0], "activation", n, f"axes {list(s.axes)} together: {imap}", False
-                ),
+                functools.partial(_joint_member, name, space, label),
             )
     ordered_roots = sorted(members, key=lambda root: min(order for order, _ in members[root]))
     groups = []
@@ -371,8 +390,10 @@ def _plan_tensors(state: AnalysisState) -> list[TensorPermutation]:
 
 
 def _copyable(graph: ModelGraph, source: str, uses: Iterable[tuple[int, int]], main_initializers: set[str]) -> bool:
-    """Whether ``uses`` of constant ``source`` can get a copy of their own: a main-graph constant
-    read through main-graph chain nodes by main-graph nodes (copies are inserted in the main graph).
+    """Whether ``uses`` of constant ``source`` can get a copy of their own.
+
+    They can when it is a main-graph constant read through main-graph chain nodes by main-graph
+    nodes (copies are inserted in the main graph).
     """
     leaf = graph.constant_leaf(source)
     if leaf is None:
@@ -412,9 +433,14 @@ def _plan_once(
             classes.setdefault(requirement, []).append(use)
         # The uses that need no permutation keep the original tensor; the others get copies,
         # except that uses which cannot have a copy (inside a body) are served first.
-        ordered = sorted(
-            classes.items(),
-            key=lambda item: (any(r is not None for r in item[0]), copyable(leaf, item[1]), item[1][0]),
+        # (Sorted only when uses disagree: the copyability check walks constant chains.)
+        ordered = (
+            sorted(
+                classes.items(),
+                key=lambda item: (any(r is not None for r in item[0]), copyable(leaf, item[1]), item[1][0]),
+            )
+            if len(classes) > 1
+            else list(classes.items())
         )
         original_taken = False
         copies = 0
@@ -431,8 +457,8 @@ def _plan_once(
             else:
                 name, original_taken = leaf, True
             roles = sorted({bound[use][a].role for use in uses if use in bound for a in bound[use]})
-            axes = tuple((a, r) for a, r in enumerate(requirement) if r is not None)
-            plans.append(TensorPermutation(name, leaf, copies if name != leaf else 0, tuple(uses), axes, tuple(roles)))
+            permuted = tuple((a, r) for a, r in enumerate(requirement) if r is not None)
+            plans.append(TensorPermutation(name, leaf, copies if name != leaf else 0, tuple(uses), permuted, tuple(roles)))
     return plans
 
 

@@ -24,10 +24,10 @@ recursive: a body's own control-flow nodes are walked the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import onnx
 
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import Expr, FreezeReason
 from onnxlady._graph._model_graph import node_label
 from onnxlady._graph._subgraphs import Subgraph
@@ -92,10 +92,10 @@ class _Walker:
 
     def run_scan(self) -> None:
         (body,) = self.bodies
-        scans = int(self._attr("num_scan_inputs", 0))
+        scans = int(node_attribute(self.node, "num_scan_inputs", 0))
         states = len(self.node.input) - scans
-        input_axes = list(self._attr("scan_input_axes", [0] * scans))
-        output_axes = list(self._attr("scan_output_axes", [0] * (len(self.node.output) - states)))
+        input_axes = list(node_attribute(self.node, "scan_input_axes", [0] * scans))
+        output_axes = list(node_attribute(self.node, "scan_output_axes", [0] * (len(self.node.output) - states)))
         for k in range(states):
             self._enter(self.node.input[k], body.inputs[k], None)
         for i in range(scans):
@@ -119,12 +119,6 @@ class _Walker:
         self._finish()
 
     # -- pieces --------------------------------------------------------------------------
-    def _attr(self, name: str, default: Any) -> Any:
-        for attribute in self.node.attribute:
-            if attribute.name == name:
-                return onnx.helper.get_attribute_value(attribute)
-        return default
-
     def _walk(self, body: Subgraph) -> None:
         for position in body.nodes:
             self.visit(position)
@@ -137,9 +131,10 @@ class _Walker:
         return dict(self.state.tracked.get(name, {}))
 
     def _enter(self, actual: str, formal: str, axes: dict[int, int] | None) -> None:
-        """The body's formal input ``formal`` is ``actual``: the same spaces, axis ``a`` of
-        ``actual`` at axis ``axes[a]`` of ``formal`` (all axes kept when ``axes`` is None; an
-        axis missing from ``axes``, a scan axis, is frozen).
+        """The body's formal input ``formal`` is ``actual``.
+
+        The same spaces, axis ``a`` of ``actual`` at axis ``axes[a]`` of ``formal`` (all axes kept when
+        ``axes`` is None; an axis missing from ``axes``, a scan axis, is frozen).
         """
         if not formal:
             return

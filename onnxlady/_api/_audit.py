@@ -88,7 +88,9 @@ class AuditResult(Result):
 
     def to_html(self) -> str:
         """A self-contained HTML report (similarity heat maps, norm-ratio plots, the group graph)."""
-        analysis = analyze(self._reference_model) if self._reference_model is not None else None
+        analysis = self.report.analysis  # the audit's own: the reference is not analysed again
+        if analysis is None and self._reference_model is not None:
+            analysis = analyze(self._reference_model)
         return render_html(self.report, analysis)
 
     def write_markdown(self, path: str | os.PathLike[str]) -> None:

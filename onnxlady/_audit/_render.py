@@ -148,7 +148,7 @@ def _ratio_plot(
     height: int = 120,
 ) -> str:
     finite = [r for r in ratios if math.isfinite(r)]
-    top = max(finite + [1.0]) * 1.1 or 1.0
+    top = max([*finite, 1.0]) * 1.1 or 1.0
     n = max(1, len(ratios))
     step = width / n
     parts = [f'<text x="0" y="12" font-size="12">{html.escape(title)}</text>']
@@ -207,8 +207,10 @@ def _group_graph(analysis: Any) -> str:
 
 
 def render_html(report: AuditReport, analysis: Any = None) -> str:
-    """A self-contained HTML page (inline SVG, no external assets). ``analysis`` (optional, a
-    :class:`~onnxlady.ChannelAnalysis` of the reference) adds each group's members.
+    """A self-contained HTML page (inline SVG, no external assets).
+
+    ``analysis`` (optional, a :class:`~onnxlady.ChannelAnalysis` of the reference) adds each
+    group's members.
     """
     esc = html.escape
     body = [

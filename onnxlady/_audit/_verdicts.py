@@ -66,6 +66,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
+from onnxlady._audit._forensics import classify_change, find_scaled_under_noise, weight_infos
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import read_array, read_constants, tensor_holders
@@ -83,7 +84,7 @@ __all__ = [
     "canonicalize",
 ]
 
-VERDICTS = ("identical", "permuted", "permuted-rescaled", "scaled", "perturbed", "converted")
+VERDICTS = ("identical", "permuted", "permuted-rescaled", "scaled", "perturbed", "modified", "converted")
 #: Relative tolerance of the audit's float comparisons (rounding, not change); verify's is VERIFY_RTOL.
 AUDIT_RTOL = 1e-5
 COS_EXACT = 1e-6
@@ -140,10 +141,13 @@ class AuditReport:
     scaled_neurons: list[NeuronScale] = field(default_factory=list)
     perturbation: dict[str, Any] | None = None
     differing_tensors: list[str] = field(default_factory=list)
-    #: Per group: similarity matrices (reference x suspect neurons) before/after resync.
-    similarity: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    #: Per group: similarity matrices (reference x suspect neurons) before/after resync under
+    #: "before"/"after" (lists of rows), and "step", the sampling stride of their neurons (an int).
+    similarity: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: What a converter did to either model (float16, folded BatchNorm...): not an integrity change.
     conversions: list[ConversionFinding] = field(default_factory=list)
+    #: The reference's analysis, kept so that rendering and canonicalizing do not analyse it again.
+    analysis: ChannelAnalysis | None = field(default=None, repr=False, compare=False)
 
     @property
     def exit_code(self) -> int:
@@ -179,8 +183,9 @@ class AuditReport:
 
 # -- helpers ----------------------------------------------------------------------------------
 def _close(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None = None) -> bool:
-    """Equal up to ``rtol`` times the largest magnitude of ``a`` (plus, element by element,
-    ``allowed``: the error a conversion's storage may add).
+    """Equal up to ``rtol`` times the largest magnitude of ``a``, plus ``allowed``.
+
+    ``allowed``, added element by element, is the error a conversion's storage may add.
     """
     if a.shape != b.shape:
         return False
@@ -221,9 +226,9 @@ def _rows(array: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
 def _cos_ratio(r: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
     """Cosine, norm ratio |s|/|r| and least-squares scale <r,s>/<r,r> of two rows."""
     nr, ns = float(np.linalg.norm(r)), float(np.linalg.norm(s))
-    if nr == 0.0 and ns == 0.0:
+    if not nr and not ns:  # exact zeros: the divisions below need them excluded
         return 1.0, 1.0, 1.0
-    if nr == 0.0 or ns == 0.0:
+    if not nr or not ns:
         return 0.0, (ns / nr if nr else float("inf")), 0.0
     dot = float(np.dot(r, s))
     return dot / (nr * ns), ns / nr, dot / (nr * nr)
@@ -285,17 +290,15 @@ def _group_uses(
 def _homogeneous_path(analysis: ChannelAnalysis, node_index: int) -> bool:
     """Every op from the producer's output to the next producers is positively homogeneous."""
     graph = analysis.graph
-    consumers: dict[str, list[int]] = {}
-    for index, node in enumerate(graph.nodes):
-        for name in node.input:
-            consumers.setdefault(name, []).append(index)
-    outputs = {o.name for o in graph.model.graph.output}
+    outputs = set(graph.graph_outputs)
     todo, seen = list(graph.nodes[node_index].output), set()
     while todo:
         name = todo.pop()
         if name in outputs:
             return False
-        for index in consumers.get(name, []):
+        # The graph's consumer lists (slot -1: a body's outer-scope read, not an input): a scan
+        # of every node per producer would make the audit quadratic in the node count.
+        for index in (index for index, slot in graph.consumers.get(name, ()) if slot >= 0):
             if index in seen:
                 continue
             seen.add(index)
@@ -309,11 +312,10 @@ def _homogeneous_path(analysis: ChannelAnalysis, node_index: int) -> bool:
 
 
 def _bn_after(analysis: ChannelAnalysis, node_index: int) -> int | None:
-    out = analysis.graph.nodes[node_index].output[0]
-    for index, node in enumerate(analysis.graph.nodes):
-        if node.op_type == "BatchNormalization" and node.input and node.input[0] == out:
-            return index
-    return None
+    graph = analysis.graph
+    out = graph.nodes[node_index].output[0]
+    readers = [index for index, slot in graph.consumers.get(out, ()) if slot == 0]
+    return min((index for index in readers if graph.nodes[index].op_type == "BatchNormalization"), default=None)
 
 
 # -- the scale analysis -----------------------------------------------------------------------
@@ -323,9 +325,10 @@ def _scale_analysis(
     work: dict[str, np.ndarray],
     bounds: _Bounds | None = None,
 ) -> tuple[list[NeuronScale], list[NeuronScale], list[TensorAudit]]:
-    """Find rescaled neurons group by group, undoing compensated scales in ``work`` as it goes
-    (so later groups see aligned, unscaled input columns; ``bounds``, across a conversion, are
-    widened to match). Returns (rescaled, attacked, tensors).
+    """Find rescaled neurons group by group, undoing compensated scales in ``work`` as it goes.
+
+    So later groups see aligned, unscaled input columns; ``bounds``, across a conversion, are
+    widened to match. Returns (rescaled, attacked, tensors).
     """
     uses = _group_uses(analysis, set(work))
     rescaled: list[NeuronScale] = []
@@ -393,8 +396,10 @@ def _ratio_of(
     j: int,
     bounds: _Bounds | None = None,
 ) -> list[tuple[float, float]]:
-    """Per use: the scale of neuron ``j``'s slice against the reference and its relative
-    uncertainty; NaN where the slice is not an exact multiple (a zero slice reads as exact).
+    """Per use: the scale of neuron ``j``'s slice against the reference and its uncertainty.
+
+    The uncertainty is relative; the scale is NaN where the slice is not an exact multiple (a zero
+    slice reads as exact).
     """
     out = []
     for use in uses:
@@ -417,7 +422,7 @@ def _exact_multiple(r: np.ndarray, s: np.ndarray, k: float, bound: np.ndarray | 
     if bound is None:
         return _cos_ratio(r, s)[0] > 1 - COS_EXACT, 0.0
     norm = float(np.linalg.norm(r))
-    if norm == 0.0 or k == 0.0:
+    if not norm or not k:  # exact zeros: the division below needs them excluded
         return False, 0.0
     slack = float(np.linalg.norm(bound)) / (abs(k) * norm)
     limit = max(1.0, abs(k)) * bound + slack * abs(k) * np.abs(r) + 1e-30
@@ -475,7 +480,7 @@ def _scale(
     """Multiply neuron ``j``'s slices by ``factor``, widening the storage bounds to match."""
     for use in uses:
         array = work[use.tensor]
-        index = [slice(None)] * array.ndim
+        index: list[slice | np.ndarray] = [slice(None)] * array.ndim
         index[use.axis] = use.positions[j]
         array[tuple(index)] *= factor
         if bounds is not None:
@@ -484,8 +489,9 @@ def _scale(
 
 @dataclass
 class _Bounds:
-    """The storage error allowed per element across a conversion (see :func:`_common_form`),
-    kept valid while the scale analysis undoes per-neuron scales.
+    """The storage error allowed per element across a conversion (see :func:`_common_form`).
+
+    It is kept valid while the scale analysis undoes per-neuron scales.
 
     A stored value ``v`` within ``e`` of ``k x`` becomes ``v / k``, within ``e / k`` of ``x``
     once the exact ``k`` is used (bounds widen by ``max(1, 1/k)``, which covers both sides); the least-squares ``k`` of a row is itself off by at most
@@ -629,7 +635,7 @@ def _similarity(
     ref: dict[str, np.ndarray],
     before: dict[str, np.ndarray],
     after: dict[str, np.ndarray],
-) -> dict[str, dict[str, list[list[float]]]]:
+) -> dict[str, dict[str, Any]]:
     """Per group, cosine similarity of reference rows against suspect rows, before and after resync.
 
     At most :data:`MAX_MATRIX` neurons per side (every ``step``-th). Only the sampled rows are
@@ -644,7 +650,7 @@ def _similarity(
         n = group.size
         step = max(1, int(np.ceil(n / MAX_MATRIX)))
         pick = np.arange(0, n, step)
-        mats = {}
+        mats: dict[str, Any] = {}
         for label, model in (("before", before), ("after", after)):
             r_rows, s_rows = [], []
             for j in pick:
@@ -665,7 +671,7 @@ def _similarity(
             a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
             b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-300)
             mats[label] = np.round(a @ b.T, 4).tolist()
-        mats["step"] = step  # type: ignore[assignment]
+        mats["step"] = step
         out[group.id] = mats
     return out
 
@@ -683,10 +689,12 @@ def canonicalize(
     Producer rows and biases are divided by ``s``; consumer columns multiplied by ``s`` (or,
     when a BatchNorm follows the producer, its mean divided by ``s`` and variance by ``s^2``).
     """
+    known = scales.analysis if isinstance(scales, AuditReport) and reference is not None else None
     if isinstance(scales, AuditReport):
         scales = scales.scales
     model = copy_model(suspect_resynced)
-    analysis = analyze(reference if reference is not None else model)
+    # The audit's analysis of the same reference, when there is one: analysed once per command.
+    analysis = known if known is not None else analyze(reference if reference is not None else model)
     holders = tensor_holders(model)
     work = {n: read_array(t, f"tensor '{n}'").astype(np.float64) for n, t in holders.items()}
     uses = _group_uses(analysis, set(work))
@@ -762,9 +770,10 @@ def audit_models(
             None,
             audits,
             similarity=sim,
+            analysis=analysis,
         )
     result = resync_model(
-        reference, suspect, method=method, refine=refine, progress=progress
+        reference, suspect, method=method, refine=refine, progress=progress, analysis=analysis
     )
     if progress is not None:
         progress("audit: comparing neurons")
@@ -788,8 +797,9 @@ def audit_models(
     work = {n: a.astype(np.float64) for n, a in aligned.items()}
     rescaled, attacked, audits = _scale_analysis(analysis, ref, work, _Bounds(allowed, ref) if allowed else None)
     report = AuditReport(
-        "permuted", "", rtol, result, audits, rescaled, attacked, similarity=sim, conversions=conversions
-    )
+        "permuted", "", rtol, result, audits, rescaled, attacked, similarity=sim, conversions=conversions,
+        analysis=analysis,
+    )  # fmt: skip
     if not diff:
         report.rescaled, report.scaled_neurons = [], []
         if conversions and all(np.array_equal(m, np.arange(m.size)) for m in _matches(result)):
@@ -836,14 +846,88 @@ def audit_models(
                 f"equivalent ({_conversion_text(conversions)})"
             )
             return report
-    report.verdict = "perturbed"
-    report.rescaled, report.scaled_neurons = [], []
-    sus_for_kind = {_source(n): a for n, a in after.items()}
-    report.perturbation = _classify(ref, sus_for_kind, _weight_names(analysis), rtol)
-    report.summary = f"weights modified; likely {report.perturbation['kind']}: {report.perturbation['reason']}"
+    _forensics_verdict(report, analysis, ref, work, allowed, attacked, rtol)
     if conversions:
         report.summary += f"; besides, converted ({_conversion_text(conversions)})"
     return report
+
+
+def _forensics_verdict(
+    report: AuditReport,
+    analysis: ChannelAnalysis,
+    ref: dict[str, np.ndarray],
+    work: dict[str, np.ndarray],
+    allowed: dict[str, np.ndarray],
+    attacked: list[NeuronScale],
+    rtol: float,
+) -> None:
+    """Name what was done to a suspect that differs by more than a permutation and compensated scales.
+
+    ``work`` is the re-synchronized suspect with every scale the exact analysis found undone
+    (``attacked`` lists the uncompensated ones). Neurons scaled while the rest of their tensor
+    carries noise are found next and undone (:func:`find_scaled_under_noise`), then what remains
+    is classified (:func:`classify_change`). Verdict ``scaled`` when neurons are scaled with no
+    compensation (the rest of the change in ``report.perturbation``: both findings), else
+    ``perturbed`` when the kind is clear, ``modified`` (kind uncertain) otherwise.
+    """
+    sus: dict[str, np.ndarray] = {}
+    for name, value in work.items():
+        source = _source(name)
+        if source not in ref:
+            continue
+        bound = allowed.get(source)
+        if bound is not None and ref[source].shape == value.shape:
+            # Across a conversion, storage error is no change: read such values as the reference's.
+            value = np.where(np.abs(value - ref[source]) <= bound, ref[source], value)
+        sus[source] = value
+    noisy = _noisy_scales(analysis, ref, sus)
+    report.rescaled = []
+    report.scaled_neurons = list(attacked) + noisy
+    perturbation = classify_change(ref, sus, weight_infos(analysis), rtol, allowed)
+    report.perturbation = perturbation
+    kind, reason = perturbation["kind"], perturbation["reason"]
+    change = (
+        f"weights modified, {reason}" if kind == "uncertain" else f"weights modified; likely {kind}: {reason}"
+    )
+    if report.scaled_neurons:
+        report.verdict = "scaled"
+        listing = ", ".join(f"{s.group}[{s.neuron}] x{s.k:.4g}" for s in report.scaled_neurons[:20])
+        report.summary = (
+            f"{len(report.scaled_neurons)} neurons have their weights scaled with no compensation (the outputs "
+            f"change): {listing}; besides, {change}"
+        )
+        return
+    report.verdict = "modified" if kind == "uncertain" else "perturbed"
+    report.summary = change
+
+
+def _noisy_scales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: dict[str, np.ndarray]) -> list[NeuronScale]:
+    """Neurons scaled with no compensation while their tensor carries noise; undone in ``sus``
+    (the arrays it changes are replaced by copies), with their bias when it carries the same scale.
+    """
+    uses = _group_uses(analysis, set(sus))
+    found: list[NeuronScale] = []
+    copied: set[str] = set()
+    for group in analysis.permutable_groups:
+        kinds = uses.get(group.id)
+        if not kinds:
+            continue
+        for prod in kinds["producer"]:
+            r_arr, s_arr = ref.get(prod.source), sus.get(prod.tensor)
+            if r_arr is None or s_arr is None or r_arr.shape != s_arr.shape or np.array_equal(r_arr, s_arr):
+                continue
+            rows_r = [_rows(r_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions]
+            rows_s = [_rows(s_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions]
+            biases = [b for b in kinds["bias"] if b.node == prod.node]
+            for item in find_scaled_under_noise(rows_r, rows_s, prod.source):
+                found.append(NeuronScale(group.id, item.neuron, prod.source, item.k, None))
+                whole = _agree(_ratio_of(biases, ref, sus, item.neuron), item.k, SCALE_MATCH, 0.0) if biases else False
+                for use in [prod] + (biases if whole else []):
+                    if use.tensor not in copied:
+                        sus[use.tensor] = np.array(sus[use.tensor], dtype=np.float64)
+                        copied.add(use.tensor)
+                    _scale(sus, [use], item.neuron, 1 / item.k)
+    return found
 
 
 def _matches(result: ResyncResult) -> list[np.ndarray]:
@@ -862,9 +946,11 @@ def _common_form(
 ) -> tuple[
     dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]
 ]:
-    """Reference, suspect-before, suspect-after (cleaned) and suspect-after (as stored) arrays by
-    reference tensor name, in the form both models share (folded, dequantized, float64; see
-    :mod:`onnxlady._resync._across`), and the storage error allowed per element.
+    """The arrays the audit compares, by reference tensor name, and the storage error allowed.
+
+    Reference, suspect-before, suspect-after (cleaned) and suspect-after (as stored) arrays, in the
+    form both models share (folded, dequantized, float64; see :mod:`onnxlady._resync._across`), and
+    the storage error allowed per element.
 
     In the cleaned arrays, suspect values within the storage error of the reference's are
     replaced by the reference's, so what differs there is a real change; the scale analysis

@@ -13,9 +13,10 @@ inference pass so the shapes after them are found too. Anything not understood g
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import onnx
+
+from onnxlady._graph._attributes import node_attribute
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
@@ -25,13 +26,6 @@ Found = dict[str, tuple[Shape, int]]
 MICROSOFT = "com.microsoft"
 _FLOAT = onnx.TensorProto.FLOAT
 _INT32 = onnx.TensorProto.INT32
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
 
 
 def _input(node: onnx.NodeProto, slot: int) -> str:
@@ -54,11 +48,11 @@ def _conv(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     if x is None or w is None or len(x) != len(w) or len(x) < 3:
         return {}
     spatial = len(x) - 2
-    kernel = [int(k) for k in _attr(node, "kernel_shape", w[2:])]
-    strides = [int(s) for s in _attr(node, "strides", [1] * spatial)]
-    dilations = [int(d) for d in _attr(node, "dilations", [1] * spatial)]
-    pads = [int(p) for p in _attr(node, "pads", [0] * (2 * spatial))]
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    kernel = [int(k) for k in node_attribute(node, "kernel_shape", w[2:])]
+    strides = [int(s) for s in node_attribute(node, "strides", [1] * spatial)]
+    dilations = [int(d) for d in node_attribute(node, "dilations", [1] * spatial)]
+    pads = [int(p) for p in node_attribute(node, "pads", [0] * (2 * spatial))]
+    auto_pad = node_attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     out: list[Dim] = [x[0], w[0]]
     for axis in range(spatial):
@@ -81,8 +75,8 @@ def _gemm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     a, b = shapes.get(_input(node, 0)), shapes.get(_input(node, 1))
     if a is None or b is None or len(a) != 2 or len(b) != 2:
         return {}
-    m = a[1] if int(_attr(node, "transA", 0)) else a[0]
-    n = b[0] if int(_attr(node, "transB", 0)) else b[1]
+    m = a[1] if int(node_attribute(node, "transA", 0)) else a[0]
+    n = b[0] if int(node_attribute(node, "transB", 0)) else b[1]
     return {node.output[0]: ((m, n), 0)}
 
 
@@ -91,10 +85,10 @@ def _fused_matmul(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     a, b = shapes.get(_input(node, 0)), shapes.get(_input(node, 1))
     if a is None or b is None or len(a) < 2 or len(b) < 2:
         return {}
-    if int(_attr(node, "transBatchA", 0)) or int(_attr(node, "transBatchB", 0)):
+    if int(node_attribute(node, "transBatchA", 0)) or int(node_attribute(node, "transBatchB", 0)):
         return {}
-    m = a[-1] if int(_attr(node, "transA", 0)) else a[-2]
-    n = b[-2] if int(_attr(node, "transB", 0)) else b[-1]
+    m = a[-1] if int(node_attribute(node, "transA", 0)) else a[-2]
+    n = b[-2] if int(node_attribute(node, "transB", 0)) else b[-1]
     width = max(len(a), len(b)) - 2
     ones: tuple[Dim, ...] = (1,) * width
     batch_a = (ones + a[:-2])[-width:] if width else ()
@@ -128,7 +122,7 @@ def _simplified_layer_norm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) ->
     x = shapes.get(_input(node, 0))
     if x is None:
         return {}
-    axis = int(_attr(node, "axis", -1))
+    axis = int(node_attribute(node, "axis", -1))
     axis += len(x) if axis < 0 else 0
     found: Found = {node.output[0]: (x, 0)}
     if _output(node, 1):
@@ -141,7 +135,7 @@ def _attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     x, w = shapes.get(_input(node, 0)), shapes.get(_input(node, 1))
     if x is None or w is None or len(x) != 3 or len(w) != 2:
         return {}
-    sizes = [int(s) for s in _attr(node, "qkv_hidden_sizes", [])]
+    sizes = [int(s) for s in node_attribute(node, "qkv_hidden_sizes", [])]
     if sizes:
         v_hidden: Dim = sizes[2]
     elif isinstance(w[1], int) and w[1] % 3 == 0:
@@ -168,7 +162,7 @@ def _multi_head_attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> 
 def _group_query_attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """GroupQueryAttention (separate or packed QKV): ``[B, S, num_heads * head_size]``; present ``[B, kv, ?, H]``."""
     q = shapes.get(_input(node, 0))
-    heads, kv_heads = int(_attr(node, "num_heads", 0)), int(_attr(node, "kv_num_heads", 0))
+    heads, kv_heads = int(node_attribute(node, "num_heads", 0)), int(node_attribute(node, "kv_num_heads", 0))
     if q is None or len(q) != 3 or not heads or not kv_heads:
         return {}
     if _input(node, 1):
@@ -189,7 +183,7 @@ def _group_query_attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) ->
 def _matmul_nbits(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """MatMulNBits: ``[..., N]`` with ``N`` the attribute."""
     x = shapes.get(_input(node, 0))
-    n = int(_attr(node, "N", 0))
+    n = int(node_attribute(node, "N", 0))
     if x is None or not x or n <= 0:
         return {}
     return {node.output[0]: ((*x[:-1], n), 0)}

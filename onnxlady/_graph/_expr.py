@@ -22,9 +22,10 @@ restricts, so every permutation the solver allows is valid for every equation it
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 import numpy as np
 
@@ -99,7 +100,7 @@ class Interleave:
         return sum(part.size for part in self.parts)
 
 
-Expr = Union[Atom, Fixed, DirectSum, Product, Interleave]
+Expr: TypeAlias = Atom | Fixed | DirectSum | Product | Interleave
 
 STRUCTURE = FreezeReason("index-map", "positions that an index map keeps in place")
 
@@ -185,13 +186,17 @@ class GroupSolver:
             return
         if left == right:
             return
-        if isinstance(left, Atom) or isinstance(right, Atom):
-            atom, other = (left, right) if isinstance(left, Atom) else (right, left)
-            self._unify_atom(atom, other)
+        if isinstance(left, Atom):
+            self._unify_atom(left, right)
             return
-        if isinstance(left, Fixed) or isinstance(right, Fixed):
-            fixed, other = (left, right) if isinstance(left, Fixed) else (right, left)
-            self.freeze(other, fixed.reason)
+        if isinstance(right, Atom):
+            self._unify_atom(right, left)
+            return
+        if isinstance(left, Fixed):
+            self.freeze(right, left.reason)
+            return
+        if isinstance(right, Fixed):
+            self.freeze(left, right.reason)
             return
         if isinstance(left, DirectSum) or isinstance(right, DirectSum):
             self._unify_blocks(left, right, mismatch)
@@ -460,7 +465,7 @@ def interleave(parts: list[Expr]) -> Expr:
     if cuts:
         bounds = [0, *cuts, total]
         segments: list[Expr] = []
-        for start, stop in zip(bounds, bounds[1:]):
+        for start, stop in itertools.pairwise(bounds):
             pieces = []
             for residue in range(stride):
                 j = (residue + start) % stride  # the part whose residue lands on local residue

@@ -55,9 +55,10 @@ def constant_attribute_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 def static_shape(shape: Shape | None) -> tuple[int, ...] | None:
     """A shape whose every dimension is a known int (else None)."""
-    if shape is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if shape is None:
         return None
-    return tuple(int(d) for d in shape)  # type: ignore[arg-type]
+    dims = [d for d in shape if isinstance(d, int) and not isinstance(d, bool) and d >= 0]
+    return tuple(int(d) for d in dims) if len(dims) == len(shape) else None
 
 
 def fold_node(
@@ -91,12 +92,12 @@ def fold_node(
         inputs = [values[name] if name else None for name in node.input]
         try:
             with np.errstate(all="ignore"):
-                result = _FOLDABLE[node.op_type](node, inputs, opset, limit)
+                folded = _FOLDABLE[node.op_type](node, inputs, opset, limit)
         except Exception:
             return None
-        if result is None:
+        if folded is None:
             return None
-        result = np.asarray(result)
+        result = np.asarray(folded)
     if result.size > limit or result.dtype.kind not in "iufb":
         return None
     expected = dtypes.get(name)
@@ -113,9 +114,10 @@ def fold_node(
 
 
 # -- helpers -------------------------------------------------------------------------------
-def _ints(value: np.ndarray | None) -> list[int] | None:
+def _ints(value: np.ndarray | None) -> list[int]:
+    """The integers of an input; a missing or non-integer input fails the fold (fold_node catches it)."""
     if value is None:
-        return None
+        raise ValueError("input missing")
     if value.dtype.kind not in _INT_KINDS:
         raise ValueError("integer input expected")
     return [int(v) for v in value.reshape(-1)]
@@ -305,7 +307,7 @@ def _where(node, inputs, opset, limit):
 
 def _constant_of_shape(node, inputs, opset, limit):
     shape = _ints(inputs[0])
-    if shape is None or any(d < 0 for d in shape) or _count(shape) > limit:
+    if any(d < 0 for d in shape) or _count(shape) > limit:
         return None
     value = node_attribute(node, "value")
     fill = numpy_helper.to_array(value).reshape(-1) if value is not None else np.zeros(1, np.float32)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from onnxlady._graph._attributes import node_attribute
+
 __all__ = ["CONTROL_FLOW_BODIES", "OpenedSubgraphs", "Subgraph", "is_control_flow", "open_subgraphs"]
 
 #: The graph attributes of each control-flow operator, in the order the analysis walks them.
@@ -158,8 +160,7 @@ def _signature_problem(node: onnx.NodeProto, graphs: list[onnx.GraphProto]) -> s
         if carried < 0 or len(body.input) != 2 + carried or not 1 + carried <= len(body.output) == outputs + 1:
             return "its body's inputs and outputs do not match the Loop's"
         return None
-    found = [onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "num_scan_inputs"]
-    scan_inputs = int(found[0]) if found else -1
+    scan_inputs = int(node_attribute(node, "num_scan_inputs", -1))
     states = len(node.input) - scan_inputs
     if scan_inputs < 1 or states < 0 or len(body.input) != len(node.input) or len(body.output) != outputs:
         return "its body's inputs and outputs do not match the Scan's"
@@ -167,10 +168,8 @@ def _signature_problem(node: onnx.NodeProto, graphs: list[onnx.GraphProto]) -> s
 
 
 def _graph_attribute(node: onnx.NodeProto, name: str) -> onnx.GraphProto | None:
-    for attribute in node.attribute:
-        if attribute.name == name and attribute.type == onnx.AttributeProto.GRAPH:
-            return attribute.g
-    return None
+    value = node_attribute(node, name)
+    return value if isinstance(value, onnx.GraphProto) else None
 
 
 def _nested_graphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:

@@ -34,7 +34,7 @@ import io
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -52,6 +52,13 @@ BytesLike = bytes | bytearray | memoryview
 #: written (so at most one permuted tensor needs to exist at a time). A callable's result must
 #: be exactly as long as the tensor's shape and type say.
 Override = BytesLike | Callable[[], BytesLike]
+
+
+class BinaryWriter(Protocol):
+    """A binary file object whose ``write`` writes all it is given (a buffered file, ``BytesIO``)."""
+
+    def write(self, data: BytesLike, /) -> object: ...
+
 
 # -- wire format ----------------------------------------------------------------------------
 _VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
@@ -271,8 +278,9 @@ class _Planner:
         return self._container(graph, {_GRAPH_NODE: self.node, _GRAPH_INITIALIZER: self.tensor})
 
     def _container(self, message: Message, special: dict[int, Callable[[Any], _Pieces | None]]) -> _Pieces:
-        """A shell of the scalar fields, then every message field item by item, in field order;
-        items of the ``special`` fields go through their handler (None: serialize normally).
+        """A shell of the scalar fields, then every message field item by item, in field order.
+
+        Items of the ``special`` fields go through their handler (None: serialize normally).
         """
         fields = [f for f in message.DESCRIPTOR.fields if f.message_type is not None]
         out = _Pieces()
@@ -431,13 +439,15 @@ def _write_all(raw: io.FileIO) -> Callable[[BytesLike], None]:
 
 def write_model(
     model: onnx.ModelProto,
-    path: str | os.PathLike[str] | BinaryIO,
+    path: str | os.PathLike[str] | BinaryWriter,
     *,
     overrides: Mapping[str, Override] | None = None,
 ) -> None:
-    """Write ``model`` to ``path`` (a file name, or a binary file object whose ``write`` writes
-    all it is given, such as a buffered file or ``BytesIO``) without ever building its whole
-    encoding, with ``overrides[name]`` as the ``raw_data`` of tensor ``name``.
+    """Write ``model`` to ``path`` without ever building its whole encoding.
+
+    ``path`` is a file name, or a binary file object whose ``write`` writes all it is given, such
+    as a buffered file or ``BytesIO``; ``overrides[name]`` is written as the ``raw_data`` of tensor
+    ``name``.
 
     ``name`` is an initializer of the main graph, or the output of a main-graph ``Constant``
     node whose ``value`` tensor is replaced. An override is bytes-like (written as is) or a
@@ -489,7 +499,7 @@ _READ_CHUNK = 4 << 20
 _WINDOW = 64 << 10
 
 
-class _Unsupported(Exception):
+class _Unsupported(Exception):  # ruff: ignore[error-suffix-on-exception-name] - a signal to fall back to onnx.load, not an error
     """The chunked reader met something it does not split (groups, malformed data)."""
 
 
@@ -559,8 +569,10 @@ def _merge_range(model: onnx.ModelProto, reader: _Reader, start: int, end: int, 
 
 
 def _read_chunked(path: str | os.PathLike[str], chunk: int = _READ_CHUNK) -> onnx.ModelProto:
-    """Parse the file field by field: top-level fields in runs, the graph in ``chunk``-sized
-    runs of its own fields, each run wrapped as a graph field of its own and merged.
+    """Parse the file field by field.
+
+    Top-level fields in runs, the graph in ``chunk``-sized runs of its own fields, each run wrapped
+    as a graph field of its own and merged.
     """
     model = onnx.ModelProto()
     with open(path, "rb", buffering=0) as handle:
@@ -601,8 +613,10 @@ def _merge_graph(model: onnx.ModelProto, reader: _Reader, start: int, end: int, 
 
 
 def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file like :func:`onnx.load`, peaking near the parsed model's size instead of
-    the file's size plus the parsed model (the file's bytes are never all in memory at once).
+    """Load an ONNX file like :func:`onnx.load`, peaking near the parsed model's size.
+
+    The peak stays near the parsed model's size instead of the file's size plus the parsed model
+    (the file's bytes are never all in memory at once).
 
     Big files are read in chunks (a run of graph fields, or a single big tensor) and merged
     into the model; small files, and anything the chunked reader does not split (protobuf

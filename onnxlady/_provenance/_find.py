@@ -404,7 +404,7 @@ def find_all_pairs(
             parent[root(i)] = root(j)
     report.compared_pairs = len(candidates)
     groups: dict[int, list[int]] = {}
-    for i, j, _ in related:
+    for i, _, _ in related:
         groups.setdefault(root(i), [])
     for i in range(ids.size):
         if root(i) in groups:

@@ -245,8 +245,9 @@ def _conv_rows(weight: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _conv_transpose_rows(weight: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
-    """ConvTranspose weight ``(in, out/g, *k)``: output channel ``g * out/g + j`` reads the
-    inputs of group ``g`` only.
+    """ConvTranspose weight ``(in, out/g, *k)`` as rows over output channels.
+
+    Output channel ``g * out/g + j`` reads the inputs of group ``g`` only.
     """
     cin, per_group = weight.shape[:2]
     kernel = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1
@@ -255,8 +256,9 @@ def _conv_transpose_rows(weight: np.ndarray, groups: int) -> tuple[np.ndarray, i
 
 
 def _axis_matrix(weight: np.ndarray, out_axis: int) -> tuple[np.ndarray, int]:
-    """A Gemm/MatMul weight as (2-D matrix, neuron axis): a 2-D weight as it is, a batched
-    one with its output axis first and the rest flattened.
+    """A Gemm/MatMul weight as (2-D matrix, neuron axis).
+
+    A 2-D weight as it is, a batched one with its output axis first and the rest flattened.
     """
     out_axis %= weight.ndim
     if weight.ndim == 2:
@@ -283,8 +285,10 @@ def _float_value(graph: ModelGraph, name: str) -> np.ndarray | None:
 
 
 def _transposed_constant(graph: ModelGraph, name: str) -> np.ndarray | None:
-    """``Transpose(constant)``: a tied head reads the embedding table this way; an optimizer
-    folds it into a stored copy, so both forms must give the same weight.
+    """``Transpose(constant)``, read as the constant's transposed value.
+
+    A tied head reads the embedding table this way; an optimizer folds it into a stored copy, so
+    both forms must give the same weight.
     """
     produced = graph.producer.get(name)
     if produced is None:
@@ -301,8 +305,10 @@ def _transposed_constant(graph: ModelGraph, name: str) -> np.ndarray | None:
 
 def _quantized(graph: ModelGraph, node: onnx.NodeProto, slot: int, scale_slot: int | None, zero_slot: int,
                out_axis: int) -> np.ndarray | None:  # fmt: skip
-    """An integer weight minus its zero point, times its scale (per tensor or per output
-    channel), as QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger read it.
+    """An integer weight minus its zero point, times its scale.
+
+    The scale is per tensor or per output channel, as QLinearConv/QLinearMatMul/ConvInteger/
+    MatMulInteger read it.
     """
     raw = graph.constant_value(node.input[slot]) if len(node.input) > slot else None
     if raw is None or raw.dtype.kind not in "iu":
@@ -324,8 +330,9 @@ def _quantized(graph: ModelGraph, node: onnx.NodeProto, slot: int, scale_slot: i
 
 
 def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Little-endian bit fields of ``bits`` bits from uint8 bytes, the first ``count`` of each
-    row (MatMulNBits packs its weights and zero points this way).
+    """Little-endian bit fields of ``bits`` bits from uint8 bytes, the first ``count`` of each row.
+
+    MatMulNBits packs its weights and zero points this way.
     """
     per_byte = 8 // bits
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
@@ -334,9 +341,11 @@ def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def _matmul_nbits(graph: ModelGraph, node: onnx.NodeProto) -> np.ndarray | None:
-    """com.microsoft MatMulNBits: ``B`` uint8 ``[N, blocks, block_size * bits / 8]``, scales
-    ``[N * blocks]``, optional zero points (packed uint8, or in the scales' type; default
-    ``2^(bits-1)``). Returns the dequantized weight as rows ``(N, K)``.
+    """com.microsoft MatMulNBits, dequantized as rows ``(N, K)``.
+
+    ``B`` is uint8 ``[N, blocks, block_size * bits / 8]``, scales ``[N * blocks]``, optional zero
+    points (packed uint8, or in the scales' type; default ``2^(bits-1)``). Returns the dequantized
+    weight as rows ``(N, K)``.
     """
     k, n = int(node_attribute(node, "K", 0)), int(node_attribute(node, "N", 0))
     bits, block = int(node_attribute(node, "bits", 4)), int(node_attribute(node, "block_size", 0))
@@ -361,8 +370,10 @@ def _matmul_nbits(graph: ModelGraph, node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def _plain_matrix(graph: ModelGraph, node: onnx.NodeProto, transpose_a: int, transpose_b: int) -> tuple[np.ndarray, int] | None:
-    """A Gemm-like ``A @ B`` with exactly one constant operand: its output neurons are B's
-    columns (rows when ``transB``) or A's rows (columns when ``transA``).
+    """A Gemm-like ``A @ B`` with exactly one constant operand.
+
+    Its output neurons are B's columns (rows when ``transB``) or A's rows (columns when
+    ``transA``).
     """
     if len(node.input) < 2:
         return None
@@ -476,12 +487,12 @@ def resample(values: np.ndarray, size: int = RESAMPLE) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     n = array.shape[0]
     if n == 0:
-        return np.zeros((size,) + array.shape[1:])
+        return np.zeros((size, *array.shape[1:]))
     whole, fraction = _resample_grid(n, size)
     rest = array.shape[1:]
-    cumulative = np.zeros((n + 2,) + rest)  # [0, prefix sums..., total], then the step after the end
+    cumulative = np.zeros((n + 2, *rest))  # [0, prefix sums..., total], then the step after the end
     np.cumsum(array, axis=0, out=cumulative[1 : n + 1])
-    padded = np.zeros((n + 1,) + rest)
+    padded = np.zeros((n + 1, *rest))
     padded[:n] = array
     integral = cumulative[whole] + fraction.reshape((-1,) + (1,) * len(rest)) * padded[whole]
     return np.diff(integral, axis=0) * (size / n)
@@ -496,8 +507,9 @@ def _resample_grid(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def layer_record(matrix: np.ndarray, neuron_axis: int = 0, row_scale: np.ndarray | None = None) -> np.ndarray:
-    """The fields of one layer (see the module docstring) as a float64 vector of
-    :data:`LAYER_WIDTH` values.
+    """The fields of one layer as a float64 vector of :data:`LAYER_WIDTH` values.
+
+    The fields are described in the module docstring.
 
     Every statistic comes from a few ``einsum`` passes over the weight as stored (power sums
     per neuron, weighted sums per input), without a transposed or rescaled copy: the cost is
@@ -596,9 +608,11 @@ class ModelFingerprint:
         return int(np.sum(self.shapes[:, 0] * self.shapes[:, 1])) if self.layers else 0
 
     def to_bytes(self) -> bytes:
-        """The fingerprint as bytes: :data:`_MAGIC`, a little-endian uint32 header length, a
-        JSON header (version, layer count, record width, operators, names), then the records
-        (float32) and shapes (int64) as raw little-endian numpy arrays; no pickled objects.
+        """The fingerprint as bytes, with no pickled objects.
+
+        :data:`_MAGIC`, a little-endian uint32 header length, a JSON header (version, layer count,
+        record width, operators, names), then the records (float32) and shapes (int64) as raw
+        little-endian numpy arrays.
         """
         header = json.dumps(
             {"version": self.version, "layers": self.layers, "width": LAYER_WIDTH, "ops": list(self.ops), "names": list(self.names)}
@@ -620,9 +634,9 @@ class ModelFingerprint:
         Raises:
             OnnxladyError: the bytes are not a fingerprint, or one of a newer version.
         """
+        if not data.startswith(_MAGIC):
+            raise OnnxladyError("not a fingerprint (no fingerprint header)")
         try:
-            if not data.startswith(_MAGIC):
-                raise ValueError("no fingerprint header")
             start = len(_MAGIC) + 4
             length = int.from_bytes(data[len(_MAGIC) : start], "little")
             header = json.loads(data[start : start + length])
@@ -678,9 +692,11 @@ SCALE_FIELDS = ("level", "norms")
 
 
 def _value_weights(names: tuple[str, ...]) -> np.ndarray:
-    """Per value of a record: ``weight / (scale^2 * length * total weight)`` for the fields in
-    ``names``, 0 elsewhere, so that summing weighted squared differences gives the weighted
-    mean over fields of each field's mean squared difference in scale units.
+    """Per value of a record, the weight of its squared difference.
+
+    ``weight / (scale^2 * length * total weight)`` for the fields in ``names``, 0 elsewhere, so
+    that summing weighted squared differences gives the weighted mean over fields of each field's
+    mean squared difference in scale units.
     """
     total = sum(FIELD_WEIGHTS.values())
     return np.concatenate(
@@ -717,8 +733,9 @@ def unrelated_gap(shapes: np.ndarray) -> np.ndarray:
 
 
 def field_gaps(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Per field, the RMS difference between paired records ``a[i]`` and ``b[i]``, in the
-    field's scale units (1: as far as a noisy copy; the calibration reads these).
+    """Per field, the RMS difference between paired records ``a[i]`` and ``b[i]``.
+
+    In the field's scale units (1: as far as a noisy copy; the calibration reads these).
     """
     diff = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).reshape(-1, LAYER_WIDTH)
     return {name: float(np.sqrt(np.mean(diff[:, SLICES[name]] ** 2)) / FIELD_SCALES[name]) if diff.size else 0.0 for name, _ in FIELDS}

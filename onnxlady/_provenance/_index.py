@@ -44,7 +44,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -233,7 +233,7 @@ def _check_format(connection: sqlite3.Connection, path: Path, *, creating: bool)
 
 
 @contextmanager
-def open_index(path: str | os.PathLike[str], *, create: bool = False) -> Iterator[sqlite3.Connection]:
+def open_index(path: str | os.PathLike[str], *, create: bool = False) -> Generator[sqlite3.Connection, None, None]:
     """Open an index file (creating it when ``create``), checking its format.
 
     Args:
@@ -296,8 +296,10 @@ def list_models(index_path: str | os.PathLike[str]) -> list[IndexedModel]:
 
 # -- scanning ---------------------------------------------------------------------------------
 def _scan(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[str], list[UnreadableFile]]:
-    """(model files, scanned folders, errors): ``*.onnx`` under each folder, recursively,
-    sorted; files named directly are taken whatever their suffix; URLs are listed by fsspec.
+    """(model files, scanned folders, errors) for the given paths.
+
+    ``*.onnx`` under each folder, recursively, sorted; files named directly are taken whatever
+    their suffix; URLs are listed by fsspec.
     """
     files: list[str] = []
     folders: list[str] = []
@@ -428,8 +430,10 @@ def build_index(
 
 
 def _plan(connection: sqlite3.Connection, files: list[str], folders: list[str], report: IndexBuildReport) -> list[str]:
-    """The files to fingerprint; skipped, touched, removed and still-failing files are
-    settled in ``report`` (and the index) here.
+    """The files to fingerprint.
+
+    Skipped, touched, removed and still-failing files are settled in ``report`` (and the index)
+    here.
     """
     known = {
         row[0]: row[1:]
@@ -525,8 +529,10 @@ def _store(connection: sqlite3.Connection, results: list[FileFingerprint]) -> No
 def add_fingerprints(
     index_path: str | os.PathLike[str], entries: Iterable[tuple[str, ModelFingerprint]]
 ) -> int:
-    """Store fingerprints computed elsewhere under the given names (no file behind them: size,
-    time and sha256 are left empty, so a build never skips or removes them by file identity).
+    """Store fingerprints computed elsewhere under the given names.
+
+    There is no file behind them: size, time and sha256 are left empty, so a build never skips or
+    removes them by file identity.
 
     Args:
         index_path: the index, created when missing.
@@ -587,8 +593,9 @@ def _write_part(connection: sqlite3.Connection, part: int, generation: int, ids:
 
 
 def search_matrix(connection: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray]:
-    """(model ids, float32 matrix of their search vectors), from the packed cache when it is
-    current, else from the rows themselves.
+    """(model ids, float32 matrix of their search vectors).
+
+    From the packed cache when it is current, else from the rows themselves.
     """
     generation = _generation(connection)
     parts = connection.execute("SELECT generation, ids, vectors FROM search ORDER BY part").fetchall()
@@ -602,7 +609,7 @@ def search_matrix(connection: sqlite3.Connection) -> tuple[np.ndarray, np.ndarra
     return ids, matrix.reshape(-1, SEARCH_WIDTH)
 
 
-def read_fingerprints(connection: sqlite3.Connection, ids: Sequence[int]) -> dict[int, tuple[str, ModelFingerprint]]:
+def read_fingerprints(connection: sqlite3.Connection, ids: Iterable[int]) -> dict[int, tuple[str, ModelFingerprint]]:
     """(path, fingerprint) of each model id in ``ids``."""
     found: dict[int, tuple[str, ModelFingerprint]] = {}
     wanted = [int(i) for i in ids]

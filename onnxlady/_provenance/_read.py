@@ -139,8 +139,10 @@ def _mtime_ns(info: dict[str, Any]) -> int:
 
 
 def list_urls(url: str) -> tuple[list[str], str]:
-    """The ``*.onnx`` files under a folder URL (recursively), or the URL itself when it names a
-    file; and the folder's URL ("" for a file).
+    """The ``*.onnx`` files under a folder URL, and the folder's URL.
+
+    The files are listed recursively, or the URL itself when it names a file; the folder's URL is
+    "" for a file.
 
     Raises:
         OnnxladyError: fsspec missing, an unknown protocol, or nothing there.
@@ -181,8 +183,9 @@ def sha256_url(url: str) -> str | None:
 
 
 def _load_url_external_data(model: onnx.ModelProto, fs: Any, folder: str, url: str) -> tuple[tuple[str, int, int], ...]:
-    """Read every external tensor from its file next to the model (refusing any path that
-    leaves the model's folder) into ``raw_data``.
+    """Read every external tensor from its file next to the model into ``raw_data``.
+
+    Any path that leaves the model's folder is refused.
     """
     files: dict[str, tuple[str, int, int]] = {}
     for tensor in onnx.external_data_helper._get_all_tensors(model):

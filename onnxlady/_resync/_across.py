@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxlady._analysis._channels import analyze
+from onnxlady._analysis._channels import ChannelAnalysis, analyze
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
@@ -64,8 +64,9 @@ _EXPONENT_BITS = np.int64(0x7FF0000000000000)
 
 
 def _half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
-    """Half a unit in the last place of each of ``values`` (float64) as stored in ``stored``
-    (zeros for exact types): how far the number it was rounded from can be. With
+    """Half a unit in the last place of each of ``values`` (float64) as stored in ``stored``.
+
+    Zeros for exact types: how far the number it was rounded from can be. With
     ``|v| = 2^k (1 + f)`` it is ``2^(k - bits)``, floored at half the subnormal step; ``2^k``
     is read off the exponent bits (``frexp`` or ``np.spacing`` cost ten times as much, and
     ``np.spacing`` in float16 is wrong for negative numbers).
@@ -160,10 +161,11 @@ class _BatchNorm:
 
 def _batchnorm(graph: ModelGraph, index: int) -> _BatchNorm | None:
     node = graph.nodes[index]
-    parts = [read_constant(graph, name) for name in node.input[1:5]]
-    if any(part is None for part in parts):
+    read = [read_constant(graph, name) for name in node.input[1:5]]
+    parts = [part for part in read if part is not None]
+    if len(parts) != 4:
         return None
-    gamma, beta, mean, var = parts  # type: ignore[misc]
+    gamma, beta, mean, var = parts
     eps = float(node_attribute(node, "epsilon", 1e-5))
     root = np.sqrt(var.value + eps)
     scale = gamma.value / root
@@ -184,8 +186,9 @@ def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
 
 
 def unit_weight(graph: ModelGraph, unit: Unit, fold: bool = True) -> Approx | None:
-    """The unit's weight as read, with its BatchNorm folded in along the output axis (unless
-    ``fold`` is false).
+    """The unit's weight as read, with its BatchNorm folded in along the output axis.
+
+    The BatchNorm is not folded in when ``fold`` is false.
     """
     weight = read_constant(graph, graph.nodes[unit.node].input[unit.weight_slot])
     if weight is None or unit.batchnorm is None or not fold:
@@ -203,8 +206,9 @@ def unit_weight(graph: ModelGraph, unit: Unit, fold: bool = True) -> Approx | No
 
 
 def unit_bias(graph: ModelGraph, unit: Unit, size: int, fold: bool = True) -> Approx | None:
-    """The unit's bias as a vector over its output neurons, with its BatchNorm folded in
-    (unless ``fold`` is false: then the bias as stored, zeros where the layer has none).
+    """The unit's bias as a vector over its output neurons, with its BatchNorm folded in.
+
+    When ``fold`` is false: the bias as stored, zeros where the layer has none.
     """
     if unit.bias is not None:
         node, slot = unit.bias
@@ -254,8 +258,10 @@ def _roles(graph: ModelGraph, units: dict[int, Unit]) -> dict[tuple[int, int], _
 def _role_value(
     graph: ModelGraph, units: dict[int, Unit], role: _Role, size: int, fold: bool = True
 ) -> Approx | None:
-    """The value of ``role`` in one model (``size``: the reference tensor's element count;
-    ``fold``: whether a unit's weight and bias are read with its BatchNorm folded in).
+    """The value of ``role`` in one model.
+
+    ``size``: the reference tensor's element count; ``fold``: whether a unit's weight and bias are
+    read with its BatchNorm folded in.
     """
     if role.kind == "weight":
         return unit_weight(graph, units[role.node], fold)
@@ -374,9 +380,11 @@ class _State(solver.ResyncState):
     def exact_match(
         self, gid: str, solved: frozenset[str], step: np.ndarray | None = None, margins: np.ndarray | None = None
     ) -> np.ndarray | None:
-        """Ties broken by storage error: the ambiguous reference neurons are matched among
-        their suspect neurons so that every aligned value lies within both storage errors
-        (a conversion's bit equality); None if no such matching exists (a perturbed copy).
+        """Ties broken by storage error.
+
+        The ambiguous reference neurons are matched among their suspect neurons so that every aligned
+        value lies within both storage errors (a conversion's bit equality); None if no such matching
+        exists (a perturbed copy).
         """
         exact = super().exact_match(gid, solved)  # bit-equal twins: an opset upgrade, renames
         if exact is not None or step is None or margins is None:
@@ -439,15 +447,20 @@ def resync_across(
     progress: Callable[[str], None] | None,
     *,
     mirrored: bool = False,
+    ref_analysis: ChannelAnalysis | None = None,
+    sus_analysis: ChannelAnalysis | None = None,
 ) -> tuple[solver.ResyncResult, AcrossResync]:
     """Resync a converted suspect (see the module docstring): (ResyncResult, details).
 
     Groups that only the suspect's form can move (the reference's own analysis freezes them: an
     opset upgrade wrapped a Softmax in reshapes over dynamic sizes, say) are solved the other
     way round, with the suspect as the reference (``mirrored`` marks that inner run).
+    ``ref_analysis`` and ``sus_analysis`` are the models' analyses when the caller has them
+    (read only here: each model is analysed once per command).
     """
     solver.say(progress, "resync: the suspect is not a twin of the reference; matching across conversions")
-    ref_analysis, sus_analysis = analyze(reference), analyze(suspect)
+    ref_analysis = analyze(reference) if ref_analysis is None else ref_analysis
+    sus_analysis = analyze(suspect) if sus_analysis is None else sus_analysis
     match = match_analyses(ref_analysis, sus_analysis)
     # A converter keeps the computation's skeleton: any divergence means another architecture
     # (or an unknown rewrite), and resyncing part of it would be a guess.
@@ -547,8 +560,9 @@ def _solve_mirrored(
     options: solver.ResyncOptions,
     progress: Callable[[str], None] | None,
 ) -> dict[str, tuple[str | None, np.ndarray, solver.GroupResync]]:
-    """Suspect groups only the suspect's form can move, solved with the roles exchanged:
-    suspect group id -> (reference group id if paired, permutation putting the suspect in the
+    """Suspect groups only the suspect's form can move, solved with the roles exchanged.
+
+    Suspect group id -> (reference group id if paired, permutation putting the suspect in the
     reference's order, the mirrored solve's statistics).
     """
     orphans = sorted(
@@ -557,7 +571,9 @@ def _solve_mirrored(
     if not orphans:
         return {}
     solver.say(progress, f"resync: {len(orphans)} groups only the suspect's form can move: solving them mirrored")
-    back, details = resync_across(suspect, reference, options, None, progress, mirrored=True)
+    back, details = resync_across(
+        suspect, reference, options, None, progress, mirrored=True, ref_analysis=match.suspect, sus_analysis=match.reference
+    )
     reports = {report.id: report for report in back.groups}
     partner = {pair.suspect: pair.reference for pair in match.groups}
     # Mirrored, suspect neuron j holds reference neuron matches[j]: the reference's order is argsort.
@@ -588,7 +604,9 @@ def _settle_ties(state: _State, progress: Callable[[str], None] | None) -> int:
             break
         rounds += 1
         solver.say(progress, f"resync: settling ties in {len(tied)} groups (round {rounds})")
-        if not any([state.solve(gid, everything, aligned=True) for gid in tied]):
+        # A list, not a generator: every tied group is solved each round, whatever the first ones give.
+        changed = [state.solve(gid, everything, aligned=True) for gid in tied]
+        if not any(changed):
             break
     return rounds
 
@@ -596,8 +614,9 @@ def _settle_ties(state: _State, progress: Callable[[str], None] | None) -> int:
 def _reorder_suspect(
     suspect: onnx.ModelProto, perms: dict[str, np.ndarray], reference: onnx.ModelProto, options: solver.ResyncOptions
 ) -> tuple[onnx.ModelProto, PermutationKey]:
-    """The suspect permuted by ``perms`` (its own group ids), and the key that
-    ``unpermute_model`` applies to the suspect to give it (as for twin graphs).
+    """The suspect permuted by ``perms`` (its own group ids), and the key back.
+
+    The key is what ``unpermute_model`` applies to the suspect to give it (as for twin graphs).
     """
     output = copy_model(suspect)
     permute_model(analyze(output), perms)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import onnx
 
-from onnxlady._analysis._channels import analyze
+from onnxlady._analysis._channels import ChannelAnalysis, analyze
 from onnxlady._errors import OnnxladyError
 from onnxlady._resync._across import resync_across
 from onnxlady._resync._solver import METHODS, ResyncOptions, ResyncResult, say
@@ -24,6 +24,7 @@ def resync_model(
     refine: bool = False,
     true_key: PermutationKey | None = None,
     progress: Callable[[str], None] | None = None,
+    analysis: ChannelAnalysis | None = None,
 ) -> ResyncResult:
     """Re-order the suspect's neurons into the reference's order.
 
@@ -40,6 +41,8 @@ def resync_model(
             no group changes.
         true_key: the key that made the suspect from the reference, to measure Psi.
         progress: called with one line per step.
+        analysis: the reference's analysis when the caller already has it (it is then not
+            computed again).
 
     Returns:
         The re-ordered suspect, the key that re-orders it and per-group statistics.
@@ -51,12 +54,13 @@ def resync_model(
     if method not in METHODS:
         raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
     options = ResyncOptions(method=method, refine=refine)
-    say(progress, "resync: analysing the reference")
-    # analyze() does not modify its model, so the reference is analysed as it is.
-    analysis = analyze(reference)
+    if analysis is None:
+        say(progress, "resync: analysing the reference")
+        # analyze() does not modify its model, so the reference is analysed as it is.
+        analysis = analyze(reference)
     say(progress, "resync: matching the suspect's tensors to the reference's")
     try:
         leaves = twin_leaves(analysis, suspect)
     except NotATwin:
-        return resync_across(reference, suspect, options, true_key, progress)[0]
+        return resync_across(reference, suspect, options, true_key, progress, ref_analysis=analysis)[0]
     return resync_twin(reference, suspect, analysis, leaves, options, true_key, progress)

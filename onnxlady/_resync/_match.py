@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -146,8 +147,9 @@ _TYPE_ONLY_OPS = frozenset({"Cast", "Identity"})
 
 
 def _single_consumer(graph: ModelGraph, name: str, op_type: str) -> tuple[int, int] | None:
-    """The only reader of ``name`` (through Casts) if it is an ``op_type`` node and nothing on
-    the way is a graph output.
+    """The only reader of ``name`` (through Casts) if it is an ``op_type`` node.
+
+    None when anything on the way is a graph output.
     """
     while True:
         readers = graph.consumers.get(name, [])
@@ -200,8 +202,8 @@ def find_units(graph: ModelGraph) -> dict[int, Unit]:
         batchnorm = None
         if node.op_type in _FOLDABLE and _foldable(graph, node):
             reader = _single_consumer(graph, tail, "BatchNormalization")
-            bn = graph.nodes[reader[0]] if reader is not None else None
-            if bn is not None and reader[1] == 0 and all(_float_constant(graph, n) for n in bn.input[1:5]):
+            bn = graph.nodes[reader[0]] if reader is not None and reader[1] == 0 else None
+            if reader is not None and bn is not None and all(_float_constant(graph, n) for n in bn.input[1:5]):
                 batchnorm = reader[0]
         units[index] = Unit(index, slot, out_axis, bias, batchnorm)
     return units
@@ -261,10 +263,11 @@ def _is_channel_vector(graph: ModelGraph, name: str, node: onnx.NodeProto, slot:
 
 
 def _constant_computed(graph: ModelGraph) -> set[str]:
-    """Tensors computed from constants only (a Gather of a constant table at constant indices):
-    a simplifier folds them into stored constants, so they count as constants on both sides.
+    """Tensors computed from constants only (a Gather of a constant table at constant indices).
+
+    A simplifier folds them into stored constants, so they count as constants on both sides.
     """
-    known = {name for name in graph.initializers} | set(graph.constant_nodes) | set(graph.folded)
+    known = set(graph.initializers) | set(graph.constant_nodes) | set(graph.folded)
     computed: set[str] = set()
     for index in graph.order:
         node = graph.nodes[index]
@@ -278,10 +281,11 @@ def _constant_computed(graph: ModelGraph) -> set[str]:
 def _constant_operand_shape(
     graph: ModelGraph, name: str, computed: set[str], planned: set[str]
 ) -> tuple[int, ...] | None:
-    """Shape of a constant operand of more than one element that holds numbers (a float, or
-    any constant the analysis permutes: a one-hot's index table), stored or computed, else
-    None. Integer shapes and axes are left out: an opset upgrade moves them between attributes
-    and inputs.
+    """Shape of a constant operand of more than one element that holds numbers, else None.
+
+    A float, or any constant the analysis permutes (a one-hot's index table), stored or computed.
+    Integer shapes and axes are left out: an opset upgrade moves them between attributes and
+    inputs.
     """
     leaf = graph.constant_leaf(name)
     if _float_constant(graph, name) or (leaf is not None and leaf.name in planned):
@@ -313,8 +317,9 @@ def _site_token(
 
 
 def _sites(graph: ModelGraph, units: dict[int, Unit], planned: set[str]) -> list[tuple[int, tuple[Any, ...]]]:
-    """Sites in topological order with their tokens; a unit's bias Add and BatchNorm are none.
-    ``planned``: the constants the analysis permutes.
+    """Sites in topological order with their tokens.
+
+    A unit's bias Add and BatchNorm are none. ``planned``: the constants the analysis permutes.
     """
     absorbed = {u.batchnorm for u in units.values() if u.batchnorm is not None}
     absorbed |= {u.bias[0] for u in units.values() if u.bias is not None and u.bias[0] != u.node}
@@ -432,7 +437,7 @@ def _unmatched(model: str, group: Any, reason: str) -> UnmatchedGroup:
 
 
 # -- conversions ------------------------------------------------------------------------------
-_DTYPE_KIND = {
+_DTYPE_KIND: dict[int, str] = {
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.BFLOAT16: "bfloat16",
     onnx.TensorProto.DOUBLE: "float64",
@@ -558,7 +563,7 @@ def _divergences(
     suspect: ModelGraph,
     ref_sites: list[tuple[int, tuple[Any, ...]]],
     sus_sites: list[tuple[int, tuple[Any, ...]]],
-    opcodes: list[tuple[str, int, int, int, int]],
+    opcodes: Sequence[tuple[str, int, int, int, int]],
 ) -> list[str]:
     found = []
     for tag, a0, a1, b0, b1 in opcodes:

@@ -235,7 +235,7 @@ def gather_block(array: np.ndarray, piece: _Slice, sort_dims: Sequence[int]) -> 
     n, m = piece.index.shape
     taken = array if piece.identity else np.take(array, piece.index.ravel(), axis=piece.axis)
     moved = np.moveaxis(taken, piece.axis, 0)
-    moved = moved.reshape((n, m) + moved.shape[1:])
+    moved = moved.reshape((n, m, *moved.shape[1:]))
     for dim in sort_dims:
         moved = np.sort(moved, axis=dim)
     return moved.reshape(n, -1)
@@ -284,8 +284,9 @@ class _Block:
         return gram
 
     def cross(self, step: np.ndarray) -> float:
-        """``sum_j <ref_j, sus_step[j]>`` (from the sketch when one is kept: summing ``n``
-        entries averages its error away).
+        """``sum_j <ref_j, sus_step[j]>``.
+
+        From the sketch when one is kept: summing ``n`` entries averages its error away.
         """
         if self.cached is not None:
             return float(self.cached[np.arange(step.size), step].sum(dtype=np.float64))
@@ -320,8 +321,10 @@ class _Blocks:
         return [(_inverse_root(b.ref_sq.sum()), _inverse_root(b.sus_sq.sum())) for b in self.blocks]
 
     def residual_weights(self, step: np.ndarray) -> list[tuple[float, float]]:
-        """Factors ``(1/sigma, a/sigma)``: ``sigma^2`` the block's residual noise per element
-        under the match ``step``, ``a`` the least-squares scale of the matched suspect block.
+        """Factors ``(1/sigma, a/sigma)`` per block.
+
+        ``sigma^2`` is the block's residual noise per element under the match ``step``, ``a`` the
+        least-squares scale of the matched suspect block.
         """
         weights = []
         for block in self.blocks:
@@ -349,8 +352,9 @@ class _Blocks:
         return _Scores(gram, ref_sq, sus_sq, similarity, self.zero_ref, self.zero_sus)
 
     def rescore(self, weights: list[tuple[float, float]], decision: np.ndarray, step: np.ndarray) -> bool:
-        """Exact products, in sketched blocks, for the neurons whose match the sketch error
-        could change: their best candidates and current match. False if there are none.
+        """Exact products, in sketched blocks, for the neurons whose match the sketch error could change.
+
+        Their best candidates and current match are computed exactly. False if there are none.
         """
         n = step.size
         # Per reference neuron, a bound (5 standard deviations) on the sketch's error in ``decision``.
@@ -560,10 +564,10 @@ class ResyncState:
         lookup = {row.tobytes(): index for index, row in enumerate(np.ascontiguousarray(sus))}
         if len(set(ref_keys)) < n or len(lookup) < n:
             return None
-        step = [lookup.get(key) for key in ref_keys]
-        if any(index is None for index in step):
+        matched = [lookup.get(key) for key in ref_keys]
+        if any(index is None for index in matched):
             return None
-        return np.asarray(step, dtype=np.int64)
+        return np.asarray(matched, dtype=np.int64)
 
     def solve(self, gid: str, solved: frozenset[str], aligned: bool) -> bool:
         """Match one group and apply the correction to the working copies; True if it changed.
@@ -666,9 +670,10 @@ DEAD_NEURON_SCALE = 1e-6
 
 
 def _duplicated(state: ResyncState, gid: str) -> np.ndarray:
-    """Reference neurons that are interchangeable: their full signature (every slice, raw)
-    equals another neuron's, or they are dead (every slice negligible, see DEAD_NEURON_SCALE)
-    while another neuron of the group is dead too.
+    """Reference neurons that are interchangeable.
+
+    Their full signature (every slice, raw) equals another neuron's, or they are dead (every slice
+    negligible, see DEAD_NEURON_SCALE) while another neuron of the group is dead too.
     """
     blocks = [gather_block(state.reference[p.plan], p, ()) for p in state.slices[gid]]
     n = state.analysis.group(gid).size

@@ -43,7 +43,7 @@ def _shape_text(dims: Iterable[int]) -> str:
     return "[" + ",".join(str(int(d)) for d in dims) + "]"
 
 
-class NotATwin(OnnxladyError):
+class NotATwin(OnnxladyError):  # ruff: ignore[error-suffix-on-exception-name] - a verdict that selects the across-architecture path, named as docs/design.md names it
     """The suspect is no node-for-node copy of the reference (the message says where)."""
 
 
@@ -56,8 +56,9 @@ class _SuspectMap:
         self._check_nodes()
 
     def _check_nodes(self) -> None:
-        """Every reference node exists in the suspect (by output name) with the same operator,
-        and every constant it reads has the same shape (a constant forwarded by an
+        """Every reference node exists in the suspect (by output name) with the same operator.
+
+        And every constant it reads has the same shape (a constant forwarded by an
         Identity/Cast/Reshape chain is checked at its consumer).
         """
         for index, node in enumerate(self.reference.nodes):
@@ -208,8 +209,9 @@ def _fresh_initializers(
 
 
 def _copy_model(model: onnx.ModelProto, fresh: dict[str, bytes]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers named in ``fresh`` hold those bytes instead
-    (their old bytes are never copied).
+    """A copy of ``model`` whose initializers named in ``fresh`` hold those bytes instead.
+
+    Their old bytes are never copied.
     """
     output = onnx.ModelProto()
     _copy_fields(model, output, skip="graph")

@@ -29,12 +29,12 @@ import onnx
 
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, product
-from onnxlady._graph._model_graph import ChainAxisError, Companion, ModelGraph, Shape, node_label
+from onnxlady._graph._model_graph import ChainAxisError, Companion, ConstantLeaf, ModelGraph, Shape, node_label
 
 _PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
-class RuleDoesNotApply(Exception):
+class RuleDoesNotApply(Exception):  # ruff: ignore[error-suffix-on-exception-name] - a signal (like StopIteration) that a rule declines a node, not an error
     """Raised by a rule: this node cannot carry a permutation; freeze what it touches."""
 
     def __init__(self, kind: str, message: str) -> None:
@@ -345,8 +345,7 @@ class RuleContext:
             try:
                 axis = graph.use_axis(name, binding.axis)
                 if axis is None:
-                    if any(graph.nodes[i].op_type in ("DequantizeLinear", "QuantizeLinear", "Mul") for i in leaf.chain):
-                        raise ChainAxisError(f"cannot tell which axis of '{name}' reads axis {binding.axis} of '{leaf.name}'")
+                    _require_passive_chain(graph, name, binding.axis, leaf)
                     continue
                 for companion in graph.chain_companions(name, axis):
                     pending.append(self._companion_binding(binding, companion))
@@ -392,6 +391,16 @@ class RuleContext:
         for name in self.node.output:
             if name:
                 state.untracked_reason[name] = reason
+
+
+def _require_passive_chain(graph: ModelGraph, name: str, leaf_axis: int, leaf: ConstantLeaf) -> None:
+    """Raise :class:`ChainAxisError` when the unknown axis of ``name`` meets a chain node with companions.
+
+    A DequantizeLinear, QuantizeLinear or Mul on the chain may have a companion (scale, zero point,
+    factor) along the axis, which cannot follow a permutation whose axis is unknown.
+    """
+    if any(graph.nodes[i].op_type in ("DequantizeLinear", "QuantizeLinear", "Mul") for i in leaf.chain):
+        raise ChainAxisError(f"cannot tell which axis of '{name}' reads axis {leaf_axis} of '{leaf.name}'")
 
 
 def materialize_joint(state: AnalysisState, name: str) -> None:

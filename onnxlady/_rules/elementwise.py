@@ -104,10 +104,13 @@ class BroadcastRule(OpRule):
             if constants and not computed and not uncertain and len(constants) < len(slots):
                 # Constants vary along an axis every computed input broadcasts over: the axis is
                 # new here, like a producer's (a LayerNorm gamma times a broadcast inverse std).
-                expr = ctx.new_group(int((ctx.shape_in(constants[0][0]) or ())[constants[0][1]]))
+                size = (ctx.shape_in(constants[0][0]) or ())[constants[0][1]]
+                if not isinstance(size, int):
+                    raise RuleDoesNotApply("unknown-shape", f"the size of axis {constants[0][1]} of '{ctx.input(constants[0][0])}' is unknown")
+                group = ctx.new_group(size)
                 for slot, axis in constants:
-                    ctx.bind(slot, axis, expr, f"{ctx.op_type.lower()} operand")
-                ctx.emit(0, out_axis, expr)
+                    ctx.bind(slot, axis, group, f"{ctx.op_type.lower()} operand")
+                ctx.emit(0, out_axis, group)
             return
         expr = tracked[0]
         for other in tracked[1:]:

@@ -78,7 +78,10 @@ class UnsqueezeRule(OpRule):
         spaces = ctx.take_all(0)
         if not spaces:
             return
-        out_rank = ctx.rank_in(0) + len(ctx.attr("axes") or (ctx.const(1).reshape(-1) if ctx.input(1) else []))
+        listed = ctx.attr("axes")
+        if not listed and ctx.input(1):
+            listed = ctx.require_const(1, "axes").reshape(-1)
+        out_rank = ctx.rank_in(0) + (len(listed) if listed is not None else 0)
         inserted = _axes(ctx, 1, out_rank) or []
         kept = [a for a in range(out_rank) if a not in inserted]
         for axis, expr in spaces.items():

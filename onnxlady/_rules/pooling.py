@@ -59,7 +59,7 @@ class ResizeRule(OpRule):
         axes = ctx.attr("axes")
         if scales is not None and scales.size:
             dims = list(axes) if axes is not None else list(range(scales.size))
-            return axis not in dims or float(scales[dims.index(axis)]) == 1.0
+            return axis not in dims or float(scales[dims.index(axis)]) == 1.0  # ruff: ignore[float-equality-comparison] - exactly 1 is the identity resize; any other scale moves positions
         if sizes is not None and sizes.size:
             dims = list(axes) if axes is not None else list(range(sizes.size))
             in_shape = ctx.shape_in(0)

@@ -30,6 +30,7 @@ class ConvRule(OpRule):
         if out_channels % groups:
             raise RuleDoesNotApply("index-map", f"{out_channels} outputs do not split into {groups} groups")
         channels = ctx.take(0, 1, in_per_group * groups)
+        outputs: Expr
         if groups == 1:
             ctx.bind(1, 1, channels, "conv weight (input channels)")
             outputs = ctx.new_group(out_channels)
@@ -59,6 +60,8 @@ class ConvTransposeRule(OpRule):
         if in_channels % groups:
             raise RuleDoesNotApply("index-map", f"{in_channels} inputs do not split into {groups} groups")
         channels = ctx.take(0, 1, in_channels)
+        outputs: Expr
+        inner: Expr | None
         if groups == 1:
             ctx.bind(1, 0, channels, "conv-transpose weight (input channels)")
             inner = ctx.new_group(out_per_group)

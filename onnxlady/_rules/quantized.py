@@ -26,8 +26,17 @@ from __future__ import annotations
 import math
 
 from onnxlady._graph._expr import DirectSum, Expr, product
+from onnxlady._graph._model_graph import Shape
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
+
+
+def _int_dims(shape: Shape | None) -> tuple[int, ...] | None:
+    """``shape`` when every dimension is a known number, else None."""
+    if shape is None:
+        return None
+    dims = tuple(d for d in shape if isinstance(d, int))
+    return dims if len(dims) == len(shape) else None
 
 
 def _vector(ctx: RuleContext, slot: int, expr: Expr | None, role: str) -> None:
@@ -40,10 +49,9 @@ def _vector(ctx: RuleContext, slot: int, expr: Expr | None, role: str) -> None:
     name = ctx.input(slot)
     if not name:
         return
-    shape = ctx.shape_in(slot)
+    inferred = ctx.shape_in(slot)
+    shape = _int_dims(inferred if inferred is not None else ctx.graph.constant_shape(name))
     if shape is None:
-        shape = ctx.graph.constant_shape(name)
-    if shape is None or not all(isinstance(d, int) for d in shape):
         raise RuleDoesNotApply("unknown-shape", f"the shape of {role} '{name}' is unknown")
     if math.prod(shape) <= 1:
         return  # per tensor
@@ -68,10 +76,9 @@ class QuantizeLinearRule(OpRule):
         if not spaces:
             return  # a quantized constant: a chain node, its users bind through it
         rank = ctx.rank_in(0)
-        scale_shape = ctx.shape_in(1)
+        inferred = ctx.shape_in(1)
+        scale_shape = _int_dims(inferred if inferred is not None else ctx.graph.constant_shape(ctx.input(1)))
         if scale_shape is None:
-            scale_shape = ctx.graph.constant_shape(ctx.input(1))
-        if scale_shape is None or not all(isinstance(d, int) for d in scale_shape):
             raise RuleDoesNotApply("unknown-shape", f"the shape of scale '{ctx.input(1)}' is unknown")
         per_tensor = math.prod(scale_shape) <= 1 and len(scale_shape) <= 1
         axis = int(ctx.attr("axis", 1))
@@ -176,6 +183,8 @@ def _integer_matmul(ctx: RuleContext, a: int, b: int, a_params: Params, b_params
     if rank < 2:
         raise RuleDoesNotApply("index-map", f"{ctx.op_type} of a vector")
     spaces = ctx.take_all(data)
+    row_expr: Expr | None
+    col_expr: Expr | None
     if b_const:
         # Y[..., M, N] = A[..., M, K] @ B[K, N]: B's columns are new neurons.
         contracted, kept = rank - 1, rank - 2

@@ -94,8 +94,8 @@ def _operand_size(ctx: RuleContext, slot: int, axis: int) -> int | None:
     if axis in tracked:
         return tracked[axis].size
     if ctx.is_const(slot):
-        shape = ctx.const_shape(slot)
-        return shape[axis] if axis < len(shape) else None
+        const_shape = ctx.const_shape(slot)
+        return const_shape[axis] if axis < len(const_shape) else None
     shape = ctx.shape_in(slot)
     dim = shape[axis] if shape is not None and axis < len(shape) else None
     return dim if isinstance(dim, int) else None

@@ -11,11 +11,9 @@ for another model is refused.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +21,8 @@ import onnx
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._expr import Atom, DirectSum, Expr, Fixed, Interleave
+from onnxlady._io._inputs import load_json
+from onnxlady._io._tensors import tensor_holders
 
 KEY_FORMAT = "onnxlady-permutation-key"
 KEY_VERSION = 1
@@ -43,6 +43,8 @@ class PermutationKey:
     source_weights_sha256: str = ""
     permuted_weights_sha256: str = ""
     permuted_sha256: str = ""
+    #: sha256 of the permuted model's external data file, when it was written with one.
+    permuted_data_sha256: str = ""
     seed: int | None = None
     source_file: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -64,6 +66,7 @@ class PermutationKey:
                 "sha256": self.permuted_sha256,
                 "graph_fingerprint": self.permuted_fingerprint,
                 "weights_sha256": self.permuted_weights_sha256,
+                **({"data_sha256": self.permuted_data_sha256} if self.permuted_data_sha256 else {}),
             },
             "seed": self.seed,
             "groups": self.groups,
@@ -74,94 +77,217 @@ class PermutationKey:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], origin: str = "key") -> PermutationKey:
+        """A key from its JSON document, validated against the key schema before anything uses it.
+
+        Checked: the format and version; hex digests; each group once, with a size in
+        [1, 2**31) and a permutation of that size; each tensor once, each axis once, an axis
+        in [0, 64) and an index map whose nodes are the five known kinds, nested at most
+        32 deep, naming only the key's groups, with non-negative bounded integer sizes;
+        untied records naming their copies once. Sizes against a model are checked by
+        :func:`check_key_fits`.
+
+        Args:
+            data: the parsed JSON document.
+            origin: the key file's name, for messages.
+
+        Returns:
+            The key.
+
+        Raises:
+            OnnxladyError: the document breaks the schema (the message says where).
+        """
         if not isinstance(data, Mapping) or data.get("format") != KEY_FORMAT:
             raise OnnxladyError(f"{origin}: not an onnxlady permutation key")
-        if data.get("version") != KEY_VERSION:
-            raise OnnxladyError(f"{origin}: key version {data.get('version')} is not supported (expected {KEY_VERSION})")
-        try:
-            source, permuted = data["source"], data["permuted"]
-            key = cls(
-                source_sha256=source["sha256"],
-                source_fingerprint=source["graph_fingerprint"],
-                permuted_fingerprint=permuted["graph_fingerprint"],
-                groups=list(data["groups"]),
-                tensors=list(data["tensors"]),
-                untied=list(data.get("untied", [])),
-                source_weights_sha256=source.get("weights_sha256", ""),
-                permuted_weights_sha256=permuted.get("weights_sha256", ""),
-                permuted_sha256=permuted.get("sha256", ""),
-                seed=data.get("seed"),
-                source_file=source.get("file", ""),
-                extra={k: v for k, v in data.items() if k not in _KNOWN_FIELDS},
+        if data.get("version") != KEY_VERSION or isinstance(data.get("version"), bool):
+            raise OnnxladyError(
+                f"{origin}: key version {data.get('version')} is not supported (expected {KEY_VERSION})"
             )
-            for group in key.groups:
-                values = group["perm"]
-                if not isinstance(values, list) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in values
-                ):
-                    raise OnnxladyError(f"{origin}: group {group['id']} has a permutation that is not a list of integers")
-                perm = np.asarray(values, dtype=np.int64)
-                if perm.shape != (int(group["size"]),) or not np.array_equal(np.sort(perm), np.arange(perm.size)):
-                    raise OnnxladyError(f"{origin}: group {group['id']} does not hold a permutation of {group['size']}")
-            known = {str(g["id"]) for g in key.groups}
-            for entry in key.tensors:
-                _require(entry, ("tensor", "source", "axes"), "a tensor entry", origin)
-                for item in entry["axes"]:
-                    _require(item, ("axis", "expr"), f"an axis of tensor {entry['tensor']!r}", origin)
-                    _require_int(item["axis"], f"the axis of tensor {entry['tensor']!r}", origin)
-                    _check_tree(item["expr"], known, origin)
-            for record in key.untied:
-                _require(record, ("copy", "nodes", "rewired"), "an untied record", origin)
-                _require_iterable(record["nodes"], f"the nodes of untied copy {record['copy']!r}", origin)
-                for rewire in record["rewired"]:
-                    _require(rewire, ("from", "to"), f"a rewiring of untied copy {record['copy']!r}", origin)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise OnnxladyError(f"{origin}: malformed key ({type(exc).__name__}: {exc})") from exc
-        return key
+        schema = _Schema(origin)
+        source = schema.mapping(data.get("source"), "'source'")
+        permuted = schema.mapping(data.get("permuted"), "'permuted'")
+        groups = [
+            schema.group(group, number) for number, group in enumerate(schema.array(data.get("groups"), "'groups'"))
+        ]
+        ids = [group["id"] for group in groups]
+        if len(set(ids)) != len(ids):
+            raise OnnxladyError(f"{origin}: malformed key (group {_first_repeat(ids)!r} is listed twice)")
+        known = set(ids)
+        tensors = [schema.tensor(entry, known) for entry in schema.array(data.get("tensors"), "'tensors'")]
+        names = [entry["tensor"] for entry in tensors]
+        if len(set(names)) != len(names):
+            raise OnnxladyError(f"{origin}: malformed key (tensor {_first_repeat(names)!r} is listed twice)")
+        if groups and not tensors:
+            raise OnnxladyError(f"{origin}: malformed key (it permutes {len(groups)} groups but lists no tensor)")
+        untied = [schema.untied(record) for record in schema.array(data.get("untied", []), "'untied'")]
+        copies = [record["copy"] for record in untied]
+        if len(set(copies)) != len(copies):
+            raise OnnxladyError(f"{origin}: malformed key (untied copy {_first_repeat(copies)!r} is listed twice)")
+        seed = data.get("seed")
+        if seed is not None:
+            schema.integer(seed, "the seed", 0, 2**64)
+        return cls(
+            source_sha256=schema.digest(source.get("sha256"), "source sha256"),
+            source_fingerprint=schema.digest(source.get("graph_fingerprint"), "source graph_fingerprint", empty=False),
+            permuted_fingerprint=schema.digest(
+                permuted.get("graph_fingerprint"), "permuted graph_fingerprint", empty=False
+            ),
+            groups=groups,
+            tensors=tensors,
+            untied=untied,
+            source_weights_sha256=schema.digest(source.get("weights_sha256", ""), "source weights_sha256"),
+            permuted_weights_sha256=schema.digest(permuted.get("weights_sha256", ""), "permuted weights_sha256"),
+            permuted_sha256=schema.digest(permuted.get("sha256", ""), "permuted sha256"),
+            permuted_data_sha256=schema.digest(permuted.get("data_sha256", ""), "permuted data_sha256"),
+            seed=seed,
+            source_file=schema.text(source.get("file", ""), "source file"),
+            extra={k: v for k, v in data.items() if k not in _KNOWN_FIELDS},
+        )
 
 
-def _require(record: Any, fields: tuple[str, ...], what: str, origin: str) -> None:
-    """``record`` must be a JSON object holding every one of ``fields``."""
-    if not isinstance(record, Mapping):
-        raise OnnxladyError(f"{origin}: malformed key ({what} is {record!r}, not an object)")
-    missing = [name for name in fields if name not in record]
-    if missing:
-        raise OnnxladyError(f"{origin}: malformed key ({what} lacks {', '.join(repr(m) for m in missing)})")
+#: Largest group size, identity block or axis length a key may name.
+MAX_KEY_SIZE = 2**31 - 1
+#: Highest tensor rank a key may name an axis of.
+MAX_KEY_RANK = 64
+#: Deepest index-map expression accepted (real ones nest a handful of levels).
+MAX_TREE_DEPTH = 32
+_HEX = frozenset("0123456789abcdef")
+_TREE_KINDS = ("group", "identity", "sum", "product", "interleave")
 
 
-def _require_int(value: Any, what: str, origin: str) -> None:
-    """``value`` must read as an integer (``int(value)`` is how the key is applied)."""
-    try:
-        int(value)
-    except (TypeError, ValueError):
-        raise OnnxladyError(f"{origin}: malformed key ({what} is {value!r}, not an integer)") from None
+def _first_repeat(values: list[str]) -> str:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return ""
 
 
-def _require_iterable(value: Any, what: str, origin: str) -> None:
-    """``value`` must be a list (the key is applied by iterating over it)."""
-    try:
-        iter(value)
-    except TypeError:
-        raise OnnxladyError(f"{origin}: malformed key ({what} is {value!r}, not a list)") from None
+class _Schema:
+    """The key schema's checks, each raising one line that names the key file and the field."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def fail(self, message: str) -> OnnxladyError:
+        return OnnxladyError(f"{self.origin}: malformed key ({message})")
+
+    def mapping(self, value: Any, what: str) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.fail(f"{what} is {_shown(value)}, not an object")
+        return value
+
+    def array(self, value: Any, what: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(f"{what} is {_shown(value)}, not a list")
+        return value
+
+    def text(self, value: Any, what: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(f"{what} is {_shown(value)}, not a string")
+        return value
+
+    def integer(self, value: Any, what: str, low: int = 0, high: int = MAX_KEY_SIZE) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"{what} is {_shown(value)}, not a whole number")
+        if not low <= value <= high:
+            raise self.fail(f"{what} is {_shown(value)}, outside [{low}, {high}]")
+        return value
+
+    def digest(self, value: Any, what: str, *, empty: bool = True) -> str:
+        text = self.text(value, what)
+        if (text or not empty) and (len(text) != 64 or not set(text) <= _HEX):
+            raise self.fail(f"{what} is {_shown(text)}, not a sha256 in hex")
+        return text
+
+    def group(self, value: Any, number: int) -> dict[str, Any]:
+        group = dict(self.mapping(value, f"group #{number}"))
+        for name in ("id", "size", "perm"):
+            if name not in group:
+                raise self.fail(f"group #{number} lacks {name!r}")
+        gid = self.text(group["id"], f"the id of group #{number}")
+        size = self.integer(group["size"], f"the size of group {gid}", 1)
+        values = self.array(group["perm"], f"the permutation of group {gid}")
+        if len(values) != size:
+            raise OnnxladyError(f"{self.origin}: group {gid} does not hold a permutation of {size}")
+        for value in values:
+            self.integer(value, f"an entry of group {gid}'s permutation", 0, size - 1)
+        if len(set(values)) != size:
+            raise OnnxladyError(f"{self.origin}: group {gid} does not hold a permutation of {size}")
+        if "members" in group:
+            self.array(group["members"], f"the members of group {gid}")
+        return group
+
+    def tensor(self, value: Any, known: set[str]) -> dict[str, Any]:
+        entry = dict(self.mapping(value, "a tensor entry"))
+        for name in ("tensor", "source", "axes"):
+            if name not in entry:
+                raise self.fail(f"a tensor entry lacks {name!r}")
+        name = self.text(entry["tensor"], "a tensor name")
+        self.text(entry["source"], f"the source of tensor {name!r}")
+        axes = [
+            dict(self.mapping(item, f"an axis of tensor {name!r}"))
+            for item in self.array(entry["axes"], f"the axes of tensor {name!r}")
+        ]
+        seen = set()
+        for item in axes:
+            for field_name in ("axis", "expr"):
+                if field_name not in item:
+                    raise self.fail(f"an axis of tensor {name!r} lacks {field_name!r}")
+            axis = self.integer(item["axis"], f"the axis of tensor {name!r}", 0, MAX_KEY_RANK - 1)
+            if axis in seen:
+                raise self.fail(f"axis {axis} of tensor {name!r} is listed twice")
+            seen.add(axis)
+            self.tree(item["expr"], known, 0)
+        entry["axes"] = axes
+        return entry
+
+    def tree(self, tree: Any, known: set[str], depth: int) -> None:
+        """An index map: one of the five node kinds, known groups, bounded sizes and depth."""
+        if depth > MAX_TREE_DEPTH:
+            raise self.fail(f"an index map is nested more than {MAX_TREE_DEPTH} levels deep")
+        if not isinstance(tree, Mapping) or len(tree) != 1:
+            raise OnnxladyError(f"{self.origin}: malformed index map {_shown(tree)}")
+        ((kind, value),) = tree.items()
+        if kind == "group":
+            if not isinstance(value, str) or value not in known:
+                raise OnnxladyError(f"{self.origin}: index map names group {_shown(value)} that the key does not hold")
+        elif kind == "identity":
+            self.integer(value, "an identity block's size")
+        elif kind in ("sum", "product", "interleave"):
+            if (
+                not isinstance(value, list)
+                or (kind == "product" and len(value) != 2)
+                or (kind != "product" and not value)
+            ):
+                raise OnnxladyError(f"{self.origin}: malformed index map {_shown(tree)}")
+            for part in value:
+                self.tree(part, known, depth + 1)
+        else:
+            raise OnnxladyError(f"{self.origin}: malformed index map {_shown(tree)}")
+
+    def untied(self, value: Any) -> dict[str, Any]:
+        record = dict(self.mapping(value, "an untied record"))
+        for name in ("copy", "nodes", "rewired"):
+            if name not in record:
+                raise self.fail(f"an untied record lacks {name!r}")
+        copy = self.text(record["copy"], "an untied copy's name")
+        if "source" in record:
+            self.text(record["source"], f"the source of untied copy {copy!r}")
+        for node in self.array(record["nodes"], f"the nodes of untied copy {copy!r}"):
+            self.text(node, f"a node of untied copy {copy!r}")
+        for rewire in self.array(record["rewired"], f"the rewiring of untied copy {copy!r}"):
+            rewire = self.mapping(rewire, f"a rewiring of untied copy {copy!r}")
+            for name in ("from", "to"):
+                if name not in rewire:
+                    raise self.fail(f"a rewiring of untied copy {copy!r} lacks {name!r}")
+                self.text(rewire[name], f"a rewiring of untied copy {copy!r}")
+        return record
 
 
-def _check_tree(tree: Any, known: set[str], origin: str) -> None:
-    """An index-map expression must use only the key's groups and the five node kinds."""
-    if not isinstance(tree, dict) or len(tree) != 1:
-        raise OnnxladyError(f"{origin}: malformed index map {tree!r}")
-    ((kind, value),) = tree.items()
-    if kind == "group":
-        if value not in known:
-            raise OnnxladyError(f"{origin}: index map names group {value!r} that the key does not hold")
-    elif kind == "identity":
-        int(value)
-    elif kind in ("sum", "product", "interleave"):
-        if not isinstance(value, list) or (kind == "product" and len(value) != 2) or (kind == "interleave" and not value):
-            raise OnnxladyError(f"{origin}: malformed index map {tree!r}")
-        for part in value:
-            _check_tree(part, known, origin)
-    else:
-        raise OnnxladyError(f"{origin}: malformed index map {tree!r}")
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + "..." + text[-10:]
 
 
 _KNOWN_FIELDS = {"format", "version", "source", "permuted", "seed", "groups", "tensors", "untied"}
@@ -174,21 +300,81 @@ def read_key(path: str | os.PathLike[str]) -> PermutationKey:
         path: the JSON key file.
 
     Returns:
-        The key, checked: every group holds a permutation of its size, every tensor entry names
-        known groups.
+        The key, validated against the key schema (see :meth:`PermutationKey.from_json`).
 
     Raises:
-        OnnxladyError: the file is missing, not JSON, not an onnxlady key, of another version,
-            or malformed.
+        OnnxladyError: the file is missing, not a regular file, not JSON (or nested too deeply),
+            not an onnxlady key, of another version, or malformed.
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise OnnxladyError(f"{path}: no such key file") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OnnxladyError(f"{path}: not a JSON key ({exc})") from exc
+    data = load_json(path, "JSON key")
     return PermutationKey.from_json(data, str(path))
+
+
+def check_key_fits(key: PermutationKey, model: onnx.ModelProto) -> None:
+    """Check, before anything is applied, that ``key`` fits ``model``'s tensors exactly.
+
+    Every tensor the key names exists; every axis is within its rank; every index map's size
+    equals that axis's length and no part of it is longer (so evaluating it allocates no more
+    than the tensor holds); every untied copy and node the key removes exists.
+
+    Args:
+        key: a key validated by :meth:`PermutationKey.from_json` (or made by this package).
+        model: the model the key is to be applied to.
+
+    Raises:
+        OnnxladyError: the first mismatch found.
+    """
+    holders = tensor_holders(model)
+    sizes = {str(g["id"]): int(g["size"]) for g in key.groups}
+    for entry in key.tensors:
+        name = entry["tensor"]
+        tensor = holders.get(name)
+        if tensor is None:
+            raise OnnxladyError(f"the key names tensor '{name}' that this model lacks")
+        dims = [int(d) for d in tensor.dims]
+        for item in entry["axes"]:
+            axis = int(item["axis"])
+            if axis >= len(dims):
+                raise OnnxladyError(f"the key permutes axis {axis} of tensor '{name}', which has rank {len(dims)}")
+            try:
+                size = _fitted_size(item["expr"], sizes, dims[axis])
+            except _TooLong:
+                size = -1
+            if size != dims[axis]:
+                raise OnnxladyError(f"tensor '{name}' does not have the shape the key expects on axis {axis}")
+    outputs = {output for node in model.graph.node for output in node.output}
+    names = outputs | {t.name for t in model.graph.initializer}
+    for record in key.untied:
+        if record["copy"] not in names:
+            raise OnnxladyError(f"the key removes untied copy '{record['copy']}' that this model lacks")
+        for node in record["nodes"]:
+            if node not in outputs:
+                raise OnnxladyError(f"the key removes node output '{node}' that this model lacks")
+
+
+class _TooLong(Exception):  # ruff: ignore[error-suffix-on-exception-name] - a signal inside check_key_fits
+    """A part of an index map is longer than the axis it maps."""
+
+
+def _fitted_size(tree: ExprTree, sizes: Mapping[str, int], limit: int) -> int:
+    """The size of an index map, checking that no part of it exceeds ``limit``."""
+    if "group" in tree:
+        size = sizes[tree["group"]]
+    elif "identity" in tree:
+        size = int(tree["identity"])
+    elif "sum" in tree or "interleave" in tree:
+        parts = [_fitted_size(part, sizes, limit) for part in tree.get("sum", tree.get("interleave", []))]
+        size = sum(parts)
+        if "interleave" in tree:
+            stride = len(parts)
+            if parts != [max(0, -(-(size - j) // stride)) for j in range(stride)]:
+                raise _TooLong
+    else:
+        outer, inner = tree["product"]
+        size = _fitted_size(outer, sizes, limit) * _fitted_size(inner, sizes, limit)
+    if size > limit:
+        raise _TooLong
+    return size
 
 
 def expr_to_tree(expr: Expr, group_ids: Mapping[int, str], find: Any) -> ExprTree:
@@ -238,7 +424,9 @@ def evaluate_tree(tree: ExprTree, perms: Mapping[str, np.ndarray], sizes: Mappin
         parts = [evaluate_tree(part, perms, sizes) for part in tree["interleave"]]
         stride, total = len(parts), sum(part.size for part in parts)
         if [part.size for part in parts] != [max(0, -(-(total - j) // stride)) for j in range(stride)]:
-            raise OnnxladyError(f"interleave of parts {[part.size for part in parts]} does not deal out {total} positions")
+            raise OnnxladyError(
+                f"interleave of parts {[part.size for part in parts]} does not deal out {total} positions"
+            )
         result = np.empty(total, dtype=np.int64)
         for residue, part in enumerate(parts):
             result[residue::stride] = part * stride + residue

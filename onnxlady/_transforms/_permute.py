@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,7 +24,7 @@ from onnxlady._io._tensors import tensor_holders as _tensor_holders  # the name 
 from onnxlady._transforms._key import PermutationKey, evaluate_tree, expr_to_tree, graph_fingerprint, tree_size
 
 #: Typed storage fields of TensorProto, by data type, for tensors not stored as raw bytes.
-_TYPED_FIELDS = {
+_TYPED_FIELDS: dict[int, tuple[str, type]] = {
     onnx.TensorProto.FLOAT: ("float_data", np.float32),
     onnx.TensorProto.COMPLEX64: ("float_data", np.float32),
     onnx.TensorProto.DOUBLE: ("double_data", np.float64),
@@ -329,7 +330,7 @@ def _permute_tensor(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]
     if tensor.data_type == onnx.TensorProto.STRING:
         field_name, dtype = "string_data", object
     values = getattr(tensor, field_name)
-    flat = np.array(list(values), dtype=dtype)
+    flat: np.ndarray = np.array(list(values), dtype=dtype)
     per_element = flat.size // max(1, int(np.prod(dims))) if dims else 1
     array = flat.reshape(dims + ((per_element,) if per_element > 1 else ()))
     before = array.tobytes() if dtype is not object else repr(array.tolist()).encode()
@@ -363,14 +364,14 @@ def _take_axes(array: np.ndarray, axes: list[tuple[int, np.ndarray]]) -> np.ndar
     by_axis = dict(axes)
     index = np.zeros(1, dtype=np.int64)
     for axis, dim in enumerate(lead_shape):
-        idx = by_axis.get(axis)
-        digit = np.arange(dim, dtype=np.int64) if idx is None else np.asarray(idx, dtype=np.int64)
+        order = by_axis.get(axis)
+        digit = np.arange(dim, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
         index = (index[:, None] * dim + digit[None, :]).reshape(-1)
     return np.take(blocks, index).view(array.dtype).reshape(array.shape)
 
 
 # -- untying shared constants -------------------------------------------------------------
-def _untie(analysis: ChannelAnalysis) -> list[dict[str, object]]:
+def _untie(analysis: ChannelAnalysis) -> list[dict[str, Any]]:
     """Give each disagreeing use of a shared constant its own copy; returns the key's records."""
     graph = analysis.graph
     model = graph.model
@@ -430,15 +431,15 @@ def _clone_node(node: onnx.NodeProto, suffix: str, renamed: Mapping[str, str]) -
     return clone
 
 
-def _retie(model: onnx.ModelProto, records: list[dict[str, object]]) -> None:
+def _retie(model: onnx.ModelProto, records: list[dict[str, Any]]) -> None:
     """Remove the copies a key's untying made and point their uses back at the originals."""
     back = {}
     removed_nodes: set[str] = set()
     removed_tensors: set[str] = set()
     for record in records:
-        for rewire in record["rewired"]:  # type: ignore[union-attr]
+        for rewire in record["rewired"]:
             back[rewire["from"]] = rewire["to"]
-        removed_nodes.update(record["nodes"])  # type: ignore[arg-type]
+        removed_nodes.update(record["nodes"])
         removed_tensors.add(str(record["copy"]))
     kept = [node for node in model.graph.node if not (node.output and node.output[0] in removed_nodes)]
     for node in kept:

@@ -285,8 +285,10 @@ def perturb_model(
     only: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PerturbReport:
-    """Perturb the weight tensors of ``model`` in place (see the module docstring for the exact
-    definitions) and report every step applied to every tensor.
+    """Perturb the weight tensors of ``model`` in place and report every step applied.
+
+    The module docstring gives the exact definitions; every step applied to every tensor is
+    reported.
 
     ``only`` restricts the perturbation to the weights of some groups or tensors (see
     :func:`weight_tensors`). Bad parameters, an unsupported weight dtype or a model without

@@ -40,7 +40,7 @@ from onnxlady._io._tensors import require_loaded, tensor_holders
 #: flipped a bit.
 DEFAULT_MARGIN = 1e-3
 
-_FLOAT_TYPES = {
+_FLOAT_TYPES: dict[int, type[np.floating]] = {
     onnx.TensorProto.FLOAT: np.float32,
     onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16,
@@ -242,7 +242,7 @@ def embed_watermark(
         "bits": n_bits,
         "margin": used,
         "ber_before": ber_before,
-        "relative_weight_change": float(np.linalg.norm(stored - kernel) / max(np.linalg.norm(kernel), 1e-300)),
+        "relative_weight_change": float(np.linalg.norm(stored - kernel) / max(float(np.linalg.norm(kernel)), 1e-300)),
         "min_projection": float(achieved.min()),
         "relative_output_change": None,
     }
@@ -266,8 +266,10 @@ def extract_watermark(model: onnx.ModelProto, key: WatermarkKey) -> tuple[np.nda
 def relative_output_change(
     reference: onnx.ModelProto, candidate: onnx.ModelProto, *, samples: int = 8, seed: int = 0
 ) -> float:
-    """|y_cand - y_ref| / |y_ref| over all outputs, on ``samples`` random standard-normal
-    inputs (dynamic dimensions set to 1). Needs ONNX Runtime; float inputs only.
+    """|y_cand - y_ref| / |y_ref| over all outputs, on ``samples`` random inputs.
+
+    The inputs are standard-normal (dynamic dimensions set to 1). Needs ONNX Runtime; float inputs
+    only.
     """
     import onnxruntime as ort
 
@@ -323,22 +325,23 @@ def load_key(path: str | os.PathLike[str]) -> WatermarkKey:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            if str(data["format"]) != _KEY_FORMAT:
-                raise OnnxladyError(f"{path}: not an onnxlady watermark key (format {str(data['format'])!r})")
-            key = WatermarkKey(
-                layer=str(data["layer"]),
-                weight=str(data["weight"]),
-                bits=np.asarray(data["bits"], dtype=np.uint8),
-                projection=np.asarray(data["projection"], dtype=np.float64),
-                seed=int(data["seed"]),
-                margin=float(data["margin"]),
-            )
-    except OnnxladyError:
-        raise
+            key_format = str(data["format"])
+            key = None
+            if key_format == _KEY_FORMAT:
+                key = WatermarkKey(
+                    layer=str(data["layer"]),
+                    weight=str(data["weight"]),
+                    bits=np.asarray(data["bits"], dtype=np.uint8),
+                    projection=np.asarray(data["projection"], dtype=np.float64),
+                    seed=int(data["seed"]),
+                    margin=float(data["margin"]),
+                )
     except FileNotFoundError:
         raise OnnxladyError(f"{path}: no such watermark key file") from None
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise OnnxladyError(f"{path}: not a readable watermark key ({type(exc).__name__}: {exc})") from None
+    if key is None:
+        raise OnnxladyError(f"{path}: not an onnxlady watermark key (format {key_format!r})")
     if (
         key.bits.ndim != 1
         or key.projection.ndim != 2

@@ -92,10 +92,10 @@ def script_feeds(spec: str) -> tuple[str, Iterator[Any]]:
     if not path.is_file():
         raise OnnxladyError(f"{label}: no such file")
     module_name = f"_onnxlady_data_loader_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise OnnxladyError(f"{label} fails on import: not a Python file")
     try:
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ImportError("not a Python file")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
         try:

@@ -18,6 +18,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._graph._attributes import node_attribute
+from onnxlady._io._tensors import is_external
 
 ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
 
@@ -204,10 +206,10 @@ class GraphIndex:
             self.shapes[sparse.values.name] = tuple(sparse.dims)
         for node in self.nodes:
             if node.op_type == "Constant" and node.output:
-                for attr in node.attribute:
-                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        self._tensors[node.output[0]] = attr.t
-                        self.shapes[node.output[0]] = tuple(attr.t.dims)
+                value = node_attribute(node, "value")
+                if isinstance(value, onnx.TensorProto):
+                    self._tensors[node.output[0]] = value
+                    self.shapes[node.output[0]] = tuple(value.dims)
         self.graph_inputs = {vi.name for vi in graph.input}
         self.graph_outputs = [vi.name for vi in graph.output]
 
@@ -222,13 +224,13 @@ class GraphIndex:
             inner = self.value(node.input[0])
             if inner is None or node.op_type == "Identity":
                 return inner
-            to = next((a.i for a in node.attribute if a.name == "to"), TensorProto.FLOAT)
+            to = int(node_attribute(node, "to", TensorProto.FLOAT))
             try:
                 return inner.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
             except (TypeError, ValueError, KeyError):
                 return None
         tensor = self._tensors.get(name)
-        if tensor is None or tensor.data_location == TensorProto.EXTERNAL:
+        if tensor is None or is_external(tensor):  # unknown here, not an error: verify runs the model
             return None
         if int(np.prod(tensor.dims, dtype=np.int64)) > _SMALL_CONSTANT:
             return None
@@ -239,10 +241,5 @@ class GraphIndex:
 
     def attribute(self, node: onnx.NodeProto, name: str, default: float | None = None) -> float | None:
         """An int or float attribute of ``node``, or ``default``."""
-        for attr in node.attribute:
-            if attr.name == name:
-                if attr.type == onnx.AttributeProto.INT:
-                    return int(attr.i)
-                if attr.type == onnx.AttributeProto.FLOAT:
-                    return float(attr.f)
-        return default
+        value = node_attribute(node, name)
+        return value if isinstance(value, (int, float)) else default

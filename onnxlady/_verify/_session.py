@@ -15,13 +15,14 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import is_external
 from onnxlady._verify._models import ModelLike, describe
 
@@ -71,6 +72,7 @@ def _session_options(external_folder: str | None = None) -> Any:
     return options
 
 
+@final
 class _CapturedStderr:
     """Redirect file descriptor 2 to a temporary file while ORT probes CUDA.
 
@@ -164,8 +166,7 @@ def _serialize(model: onnx.ModelProto, name: str) -> bytes:
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model``'s proto that also outputs the intermediate tensors ``names`` (types left to ORT)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
+    proto = copy_model(model)
     present = {value.name for value in proto.graph.output}
     for name in names:
         if name not in present:

@@ -135,7 +135,7 @@ def resolve_shapes(
         declared = declared_dims(vi)
         if override is not None:
             dims[vi.name] = list(override)
-            for axis, size in enumerate(override):
+            for axis in range(len(override)):
                 if declared is None or declared[axis] is None:
                     notes[vi.name][axis] = "given"
         elif declared is None:
@@ -245,8 +245,7 @@ def _trace(index: GraphIndex, start: str, rank: int) -> Iterator[tuple[onnx.Node
                 axis = int(index.attribute(node, "axis", 0) or 0) % max(data_rank, 1)
                 out = ({a + axis: v for a, v in axes.items()}, data_rank - 1 + tensor_rank)
             elif node.op_type == "Transpose" and position == 0:
-                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-                perm = perm or list(reversed(range(tensor_rank)))
+                perm = [int(p) for p in node_attribute(node, "perm", [])] or list(reversed(range(tensor_rank)))
                 out = ({j: axes[p] for j, p in enumerate(perm) if p in axes}, tensor_rank)
             if out is not None and node.output and node.output[0] and node.output[0] not in seen:
                 seen.add(node.output[0])

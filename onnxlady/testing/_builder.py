@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -83,7 +83,7 @@ class GraphBuilder:
         return self.shape(tensor)[1]
 
     @contextlib.contextmanager
-    def scope(self, prefix: str) -> Iterator[None]:
+    def scope(self, prefix: str) -> Generator[None, None, None]:
         """Prefix the names of everything built inside the ``with`` block by ``prefix.``."""
         self._scope.append(prefix)
         try:
@@ -92,7 +92,7 @@ class GraphBuilder:
             self._scope.pop()
 
     @contextlib.contextmanager
-    def params_as(self, store: ParamStore) -> Iterator[None]:
+    def params_as(self, store: ParamStore) -> Generator[None, None, None]:
         """Store parameters created inside the ``with`` block as initializers or Constant nodes."""
         previous, self.param_store = self.param_store, store
         try:
@@ -310,8 +310,9 @@ class GraphBuilder:
         name: str | None = None,
         gain: float = 2.0,
     ) -> str:
-        """Gemm ``x @ B (+ C)``; B is ``[N, K]`` with ``trans_b=1`` (as PyTorch's Linear exports),
-        else ``[K, N]``.
+        """Gemm ``x @ B (+ C)``.
+
+        B is ``[N, K]`` with ``trans_b=1`` (as PyTorch's Linear exports), else ``[K, N]``.
         """
         m, k = self.shape(x)
         node = self._reserve(name, "Gemm")
@@ -393,8 +394,9 @@ class GraphBuilder:
 
     def add(self, a: str, b: str | Array, *, name: str | None = None,
             const_name: str = "const") -> str:
-        """Broadcasting Add; ``b`` is a tensor name, or an array stored as
-        ``<node>.<const_name>``.
+        """Broadcasting Add.
+
+        ``b`` is a tensor name, or an array stored as ``<node>.<const_name>``.
         """
         return self._binary("Add", a, b, name, const_name)
 
@@ -482,7 +484,8 @@ class GraphBuilder:
                           (*batch, sa[-2], sb[-1]))
 
     def positions(self, x: str, axis: int = 1, *, name: str | None = None) -> str:
-        """``arange(x.shape[axis])`` as PyTorch exports it with a dynamic sequence length:
+        """``arange(x.shape[axis])`` as PyTorch exports it with a dynamic sequence length.
+
         ``Shape -> Gather(axis) -> Range(0, n, 1)``; the int64 ``[n]`` output is ``<name>``.
         """
         n = self.shape(x)[axis]
@@ -738,8 +741,10 @@ class GraphBuilder:
 
     def if_else(self, cond: str, then_branch: Callable[[GraphBuilder], str],
                 else_branch: Callable[[GraphBuilder], str], *, name: str | None = None) -> str:
-        """``If(cond)``: each branch function builds its subgraph with the builder it is given
-        (reading outer tensors by name) and returns its output; both must have one shape.
+        """``If(cond)`` with a branch function per branch.
+
+        Each branch function builds its subgraph with the builder it is given (reading outer tensors
+        by name) and returns its output; both must have one shape.
         """
         node = self._reserve(name, "If")
         graphs, shapes = {}, []
@@ -755,7 +760,8 @@ class GraphBuilder:
 
     def loop(self, trip_count: int, initial: str, body_fn: Callable[[GraphBuilder, str], str], *,
              name: str | None = None) -> str:
-        """``Loop`` run ``trip_count`` times over one loop-carried tensor starting at ``initial``:
+        """``Loop`` run ``trip_count`` times over one loop-carried tensor starting at ``initial``.
+
         ``body_fn(body_builder, x)`` returns the next value (same shape).
         """
         node = self._reserve(name, "Loop")
@@ -845,27 +851,30 @@ class GraphBuilder:
 
     def quantize(self, x: str, scale: str | Array, zero_point: str | Array, *,
                  axis: int | None = None, name: str | None = None) -> str:
-        """QuantizeLinear; per-axis when ``scale`` is 1-D with ``axis``. Arrays are stored as
-        ``<node>.scale`` / ``<node>.zero_point``; the output has the zero point's type.
+        """QuantizeLinear; per-axis when ``scale`` is 1-D with ``axis``.
+
+        Arrays are stored as ``<node>.scale`` / ``<node>.zero_point``; the output has the zero point's
+        type.
         """
         node = self._reserve(name, "QuantizeLinear")
         scale_t = self._operand(node, scale, "scale")
         zero_t = self._operand(node, zero_point, "zero_point")
-        attrs = {} if axis is None else {"axis": axis}
+        attrs: dict[str, Any] = {} if axis is None else {"axis": axis}  # node attributes, not _emit's keywords
         return self._emit(node, "QuantizeLinear", [x, scale_t, zero_t], self.shape(x),
                           elem_type=self._dtypes[zero_t], **attrs)
 
     def dequantize(self, x: str, scale: str | Array, zero_point: str | Array | None = None, *,
                    axis: int | None = None, block_size: int = 0,
                    name: str | None = None) -> str:
-        """DequantizeLinear to the scale's float type (see :meth:`quantize`); ``block_size``
-        (opset 21+) for blocked quantization along ``axis``.
+        """DequantizeLinear to the scale's float type (see :meth:`quantize`).
+
+        ``block_size`` (opset 21+) for blocked quantization along ``axis``.
         """
         node = self._reserve(name, "DequantizeLinear")
         inputs = [x, self._operand(node, scale, "scale")]
         if zero_point is not None:
             inputs.append(self._operand(node, zero_point, "zero_point"))
-        attrs: dict[str, int] = {} if axis is None else {"axis": axis}
+        attrs: dict[str, Any] = {} if axis is None else {"axis": axis}  # node attributes, not _emit's keywords
         if block_size:
             attrs["block_size"] = block_size
         return self._emit(node, "DequantizeLinear", inputs, self.shape(x),
@@ -902,8 +911,9 @@ class GraphBuilder:
     def quantized_param(self, name: str, array: Array, axis: int | None = 0, *,
                         dtype: Any = np.int8, zero_points: bool = True,
                         levels: int = 120) -> tuple[str, str, str]:
-        """Store ``quantize_array(array)`` as ``<name>.quantized``, ``<name>.scale`` and
-        ``<name>.zero_point``; returns the three names.
+        """Store ``quantize_array(array)`` as three initializers and return their names.
+
+        The names are ``<name>.quantized``, ``<name>.scale`` and ``<name>.zero_point``.
         """
         q, scale, zero = self.quantize_array(array, axis, dtype=dtype, zero_points=zero_points,
                                              levels=levels)
@@ -913,8 +923,9 @@ class GraphBuilder:
     def dequantized_param(self, name: str, array: Array, axis: int | None = 0, *,
                           dtype: Any = np.int8, zero_points: bool = True,
                           levels: int = 120) -> str:
-        """A QDQ weight: :meth:`quantized_param` read through ``DequantizeLinear`` (node
-        ``<name>.dequantize``); returns the float tensor.
+        """A QDQ weight: :meth:`quantized_param` read through ``DequantizeLinear``.
+
+        The node is ``<name>.dequantize``; returns the float tensor.
         """
         q, scale, zero = self.quantized_param(name, array, axis, dtype=dtype,
                                               zero_points=zero_points, levels=levels)
@@ -930,8 +941,9 @@ class GraphBuilder:
                      w_zero_point: str, y_scale: str | Array, y_zero_point: str | Array,
                      bias: str | None = None, *, stride: int = 1, pad: int | None = None,
                      group: int = 1, name: str | None = None) -> str:
-        """QLinearConv (square kernel taken from ``weight``; ``pad`` defaults to "same");
-        the output has ``y_zero_point``'s type.
+        """QLinearConv (square kernel taken from ``weight``; ``pad`` defaults to "same").
+
+        The output has ``y_zero_point``'s type.
         """
         node = self._reserve(name, "QLinearConv")
         kernel = self.shape(weight)[2]
@@ -992,8 +1004,9 @@ class GraphBuilder:
         return tensor.name
 
     def typed_param(self, name: str, array: Array, data_type: int) -> str:
-        """Store a 16-bit float initializer (``array`` of float16 or bfloat16) in the typed
-        ``int32_data`` field, one element per entry, instead of raw bytes.
+        """Store a 16-bit float initializer in the typed ``int32_data`` field.
+
+        ``array`` is float16 or bfloat16, stored one element per entry instead of raw bytes.
         """
         full = self._scoped(name)
         tensor = onnx.TensorProto(name=full, data_type=data_type, dims=list(array.shape))

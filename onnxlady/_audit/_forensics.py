@@ -1,0 +1,491 @@
+"""What was done to a modified suspect: pruning, quantization, noise, fine-tuning, or uncertain.
+
+:func:`audit_models` calls :func:`classify_change` once the suspect is re-synchronized and found
+to differ from the reference by more than a permutation and function-preserving scales. It
+compares every weight (input 1 of Conv/ConvTranspose/Gemm, the constant operand of MatMul) with
+the reference's, measures the evidence below, and names one kind only when that evidence is
+clear; otherwise the kind is ``uncertain`` and the reason says what was seen.
+:func:`find_scaled_under_noise` finds the neurons of the *Find the Lady* scaling attack when
+the rest of the weights carry noise too (the exact-multiple test of the scale analysis then
+fails).
+
+The rules and their thresholds were chosen from a labelled set of real changes (noise at
+several Omega, per-tensor quantization at 2..8 bits and int8 QDQ, pruning at 10..99 %, real
+SGD fine-tuning of a digits CNN and of torchvision models, scaling attacks, compensated
+rescales, scaling attacks plus noise; each permuted and converted to float16):
+``python3 -m tools.forensics_calibration`` regenerates it and prints the confusion matrix
+(``docs/results.md``, "Audit forensics").
+
+Evidence, per weight tensor (``d = suspect - reference``, aligned by the resync):
+
+- *new zeros* counted without the alignment (zeros of the suspect minus zeros of the
+  reference), and whether the suspect's non-zero values are exactly the reference's largest
+  magnitudes (magnitude pruning leaves the other weights untouched);
+- *distinct values*: a tensor quantized to ``B`` bits holds at most ``2^B`` values;
+- *relative change*: robust std of ``d`` (1.4826 x median absolute deviation, so a few
+  neurons the resync mis-paired do not count) over the std of the reference; the noise of
+  ``perturb`` gives the same value (Omega) in every tensor;
+- *row and column dispersion*: how much the change's energy varies between output neurons
+  (rows) and between input channels (columns), as the log inter-quartile ratio of the per-row
+  mean squares over that ratio for i.i.d. Gaussian noise (chi-square quantiles): about 1 for
+  i.i.d. noise, far above for gradient steps (dead or saturated neurons get no gradient, BatchNorm
+  statistics rescale whole rows) -- quartiles, so that up to a quarter of mis-paired rows
+  do not count;
+- *spectral excess*: the squared top singular value of the change (rows x the rest) over its
+  expected value for an i.i.d. Gaussian matrix of the same shape and energy: about 1 for noise,
+  far above for the low-rank, correlated updates of SGD (a gradient is a sum of outer products
+  of activations and errors);
+- *correlation with the weight*, as a z-score (``rho sqrt(n)``): weight decay and rescaled
+  BatchNorm statistics correlate the change with the weight, noise does not;
+
+and, for the other constants (biases, normalisation parameters and statistics): whether they
+changed, compared as multisets (sorted values) as well, so a bias the resync mis-paired reads
+as unchanged: ``perturb`` never touches them, fine-tuning always moves them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from onnxlady._analysis._channels import ChannelAnalysis
+from onnxlady._graph._attributes import node_attribute
+
+__all__ = ["WeightInfo", "classify_change", "find_scaled_under_noise", "weight_infos"]
+
+#: Operators whose weight operand is classified (those ``perturb`` touches).
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Pruning: new exact zeros in at least this fraction of the changed tensors' elements.
+PRUNE_MIN_FRACTION = 0.05
+#: Pruning: at least this fraction of the kept weights equal the reference's largest magnitudes.
+PRUNE_KEPT_MATCH = 0.95
+#: Quantization: a tensor votes when it holds at most this fraction of the reference's distinct values.
+QUANT_RATIO = 0.25
+#: Quantization: a tensor needs this many reference distinct values to vote (a tiny tensor cannot tell).
+QUANT_MIN_DISTINCT = 64
+#: Quantization: fraction of the voting elements that must vote.
+QUANT_VOTE = 0.5
+#: Noise/fine-tuning: a weight tensor changed densely when at least this fraction of its elements did.
+DENSE = 0.9
+#: Relative tolerance when comparing values as multisets (float16 storage: half an ulp is 4.9e-4).
+MULTISET_RTOL = 1e-3
+#: Noise: the per-tensor robust relative change varies by at most this coefficient of variation.
+NOISE_CV = 0.25
+#: Noise: median row/column dispersion (1 for i.i.d.) at most this.
+NOISE_DISPERSION = 1.6
+#: Noise: median spectral excess (1 for i.i.d.) at most this.
+NOISE_SPECTRAL = 1.6
+#: Fine-tuning: median row/column dispersion at least this...
+TUNE_DISPERSION = 2.5
+#: ...or median spectral excess at least this, in the densely changed tensors.
+TUNE_SPECTRAL = 3.0
+#: Scaled neurons under noise: |k - 1| in noise standard errors.
+SCALE_Z = 8.0
+#: Scaled neurons under noise: smallest |k - 1| reported.
+SCALE_MIN = 0.05
+#: Scaled neurons under noise: the tensor's bulk must be unscaled (median |z| at most this)...
+SCALE_BULK_Z = 2.0
+#: ...and the scaled neurons fewer than half of the tensor's neurons.
+SCALE_MAX_FRACTION = 0.5
+_MIN_ROWS = 8
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """A weight tensor (reference name), its operator and its output (row) axis."""
+
+    tensor: str
+    op_type: str
+    row_axis: int
+
+
+def weight_infos(analysis: ChannelAnalysis) -> dict[str, WeightInfo]:
+    """The weight tensors of the reference: input 1 of Conv/ConvTranspose/Gemm, the constant
+    operand of MatMul, through Identity/Cast chains (what ``perturb`` touches), first use wins.
+    """
+    graph = analysis.graph
+    out: dict[str, WeightInfo] = {}
+    for node in graph.nodes:
+        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        for slot in (1, 0) if node.op_type == "MatMul" else (1,):
+            if slot >= len(node.input) or not node.input[slot]:
+                continue
+            leaf = graph.constant_leaf(node.input[slot])
+            if leaf is None:
+                continue
+            rank = len(graph.shape(leaf.name) or ())
+            if node.op_type == "Conv":
+                axis = 0
+            elif node.op_type == "ConvTranspose":
+                axis = 1
+            elif node.op_type == "Gemm":
+                axis = 0 if int(node_attribute(node, "transB", 0)) else 1
+            else:
+                axis = max(rank - 1, 0) if slot == 1 else max(rank - 2, 0)
+            out.setdefault(leaf.name, WeightInfo(leaf.name, node.op_type, axis))
+            break
+    return out
+
+
+# -- per-tensor measurements ------------------------------------------------------------------
+def _matrix(array: np.ndarray, axis: int) -> np.ndarray:
+    """``array`` as (size along ``axis``) x (everything else)."""
+    if array.ndim == 0:
+        return array.reshape(1, 1)
+    return np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+
+
+def _dispersion(matrix: np.ndarray) -> float | None:
+    """Log inter-quartile ratio of the rows' mean squares over that of i.i.d. Gaussian rows."""
+    rows, width = matrix.shape
+    if rows < _MIN_ROWS or width < 2:
+        return None
+    energy = np.mean(matrix * matrix, axis=1)
+    q25, q75 = np.percentile(energy, [25, 75])
+    if q25 <= 0:
+        return float("inf") if q75 > 0 else None
+    expected = math.log(stats.chi2.ppf(0.75, width) / stats.chi2.ppf(0.25, width))
+    return float(math.log(q75 / q25) / expected)
+
+
+def _spectral_excess(matrix: np.ndarray) -> float | None:
+    """Squared top singular value over its i.i.d. Gaussian expectation ``sigma^2 (sqrt m + sqrt n)^2``."""
+    m, n = matrix.shape
+    if min(m, n) < _MIN_ROWS:
+        return None
+    energy = float(np.mean(matrix * matrix))
+    if energy == 0.0:
+        return None
+    gram = matrix @ matrix.T if m <= n else matrix.T @ matrix
+    top = float(np.linalg.eigvalsh(gram)[-1]) if gram.shape[0] <= 2048 else _power(gram)
+    return top / (energy * (math.sqrt(m) + math.sqrt(n)) ** 2)
+
+
+def _power(gram: np.ndarray, iterations: int = 50) -> float:
+    vector = np.random.default_rng(0).standard_normal(gram.shape[0])
+    value = 0.0
+    for _ in range(iterations):
+        vector = gram @ vector
+        value = float(np.linalg.norm(vector))
+        if value == 0.0:
+            return 0.0
+        vector /= value
+    return value
+
+
+def _kept_match(r: np.ndarray, s: np.ndarray, rtol: float) -> float:
+    """Fraction of the suspect's non-zero values equal (as a multiset) to the reference's largest magnitudes."""
+    kept = np.sort(np.abs(s[s != 0]))
+    if kept.size == 0:
+        return 1.0
+    largest = np.sort(np.abs(r))[r.size - kept.size :]
+    return float(np.mean(np.abs(kept - largest) <= rtol * np.maximum(largest, 1e-30)))
+
+
+def _same_multiset(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
+    """Equal as multisets (sorted), each value within ``rtol`` of the largest magnitude."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind not in "fc" or b.dtype.kind not in "fc":
+        return bool(np.array_equal(np.sort(a, axis=None), np.sort(b, axis=None)))
+    x, y = np.sort(a.astype(np.float64), axis=None), np.sort(b.astype(np.float64), axis=None)
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        return bool(np.array_equal(x, y, equal_nan=True))
+    scale = float(np.abs(x).max()) if x.size else 0.0
+    return bool(np.all(np.abs(x - y) <= rtol * np.maximum(np.abs(x), scale * 1e-3) + 1e-30))
+
+
+def _measure(name: str, info: WeightInfo, ref: np.ndarray, sus: np.ndarray) -> dict[str, Any]:
+    r, s = ref.astype(np.float64), sus.astype(np.float64)
+    d = s - r
+    flat_r, flat_s, flat_d = r.ravel(), s.ravel(), d.ravel()
+    n = flat_r.size
+    changed = int(np.count_nonzero(flat_d))
+    ref_zeros, sus_zeros = int(np.count_nonzero(flat_r == 0)), int(np.count_nonzero(flat_s == 0))
+    std_r = float(flat_r.std())
+    entry: dict[str, Any] = {
+        "tensor": name,
+        "elements": n,
+        "changed": changed,
+        "new_zeros": max(0, sus_zeros - ref_zeros),
+        "reference_zeros": ref_zeros,
+        "distinct_values": int(np.unique(flat_s).size),
+        "reference_distinct_values": int(np.unique(flat_r).size),
+        "relative_change": float(flat_d.std() / std_r) if std_r else 0.0,
+    }
+    if not changed:
+        return entry
+    entry["kept_match"] = _kept_match(flat_r, flat_s, MULTISET_RTOL) if sus_zeros > ref_zeros else None
+    mad = float(np.median(np.abs(flat_d - np.median(flat_d))))
+    entry["robust_relative_change"] = 1.4826 * mad / std_r if std_r else 0.0
+    if n > 2 and flat_d.std() > 0 and std_r > 0:
+        rho = float(np.corrcoef(flat_r, flat_d)[0, 1])
+        entry["correlation"] = rho
+        entry["correlation_z"] = rho * math.sqrt(n)
+    axis = info.row_axis if 0 <= info.row_axis < d.ndim else 0
+    rows = _matrix(d, axis)
+    entry["row_dispersion"] = _dispersion(rows)
+    entry["spectral_excess"] = _spectral_excess(rows)
+    if d.ndim >= 2:
+        col_axis = 1 if axis == 0 else 0
+        entry["column_dispersion"] = _dispersion(_matrix(d, col_axis))
+    else:
+        entry["column_dispersion"] = None
+    return entry
+
+
+def _median(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return float(np.median(finite)) if finite else None
+
+
+# -- the decision -----------------------------------------------------------------------------
+def classify_change(
+    ref: dict[str, np.ndarray],
+    sus: dict[str, np.ndarray],
+    weights: dict[str, WeightInfo],
+    rtol: float,
+    allowed: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """The kind of change from ``ref`` to ``sus`` (arrays by reference tensor name, aligned).
+
+    Args:
+        ref: the reference's constants (in the compared form).
+        sus: the re-synchronized suspect's constants, same names and form.
+        weights: the weight tensors (:func:`weight_infos`).
+        rtol: the audit's relative tolerance for float rounding.
+        allowed: per tensor, the storage error a conversion may add (element by element).
+
+    Returns:
+        ``{"kind", "reason", "evidence"}``: kind one of ``pruning``, ``quantization``,
+        ``noise``, ``fine-tuning`` or ``uncertain`` (the audit's verdict is then ``modified``).
+    """
+    allowed = allowed or {}
+    per_tensor = [
+        _measure(name, weights[name], ref[name], sus[name])
+        for name in sorted(weights)
+        if name in ref and name in sus and ref[name].shape == sus[name].shape
+    ]
+    others = _other_changes(ref, sus, set(weights), rtol, allowed)
+    evidence = _summarize(per_tensor, others)
+    kind, reason = decide(evidence)
+    return {"kind": kind, "reason": reason, "evidence": evidence}
+
+
+def _other_changes(
+    ref: dict[str, np.ndarray],
+    sus: dict[str, np.ndarray],
+    weights: set[str],
+    rtol: float,
+    allowed: dict[str, np.ndarray],
+) -> dict[str, list[str]]:
+    """Non-weight constants that differ in place, and those that differ even as multisets."""
+    moved, changed = [], []
+    for name in sorted(ref):
+        if name in weights or name not in sus:
+            continue
+        a, b = ref[name], sus[name]
+        if a.shape != b.shape:
+            changed.append(name)
+            continue
+        if a.dtype.kind in "fc" and b.dtype.kind in "fc":
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            if np.all(np.isfinite(a64)) and np.all(np.isfinite(b64)):
+                scale = float(np.abs(a64).max()) if a64.size else 0.0
+                extra = allowed.get(name, 0.0)
+                if np.all(np.abs(a64 - b64) <= rtol * scale + extra + 1e-30):
+                    continue
+            elif np.array_equal(a64, b64, equal_nan=True):
+                continue
+        elif np.array_equal(a, b):
+            continue
+        moved.append(name)
+        if not _same_multiset(a, b, max(rtol, MULTISET_RTOL if name in allowed else rtol)):
+            changed.append(name)
+    return {"differ_in_place": moved, "changed": changed}
+
+
+def _summarize(per_tensor: list[dict[str, Any]], others: dict[str, list[str]]) -> dict[str, Any]:
+    """Aggregate the per-tensor measurements into the evidence the rules read."""
+    total = sum(t["elements"] for t in per_tensor)
+    changed = sum(t["changed"] for t in per_tensor)
+    touched = [t for t in per_tensor if t["changed"]]
+    touched_elements = sum(t["elements"] for t in touched)
+    dense = [t for t in touched if t["changed"] >= DENSE * t["elements"]]
+    new_zeros = sum(t["new_zeros"] for t in touched)
+    voters = [t for t in touched if t["reference_distinct_values"] >= QUANT_MIN_DISTINCT]
+    voting = sum(t["elements"] for t in voters)
+    quantized = sum(
+        t["elements"] for t in voters if t["distinct_values"] <= QUANT_RATIO * t["reference_distinct_values"]
+    )
+    pruned = [t for t in touched if t.get("kept_match") is not None]
+    kept_match = (
+        sum(t["kept_match"] * (t["elements"] - t["reference_zeros"] - t["new_zeros"]) for t in pruned)
+        / max(1, sum(t["elements"] - t["reference_zeros"] - t["new_zeros"] for t in pruned))
+        if pruned
+        else None
+    )
+    robust = np.array([t["robust_relative_change"] for t in dense]) if dense else np.zeros(0)
+    cv = float(robust.std() / robust.mean()) if robust.size > 1 and robust.mean() > 0 else 0.0
+    z = [abs(t["correlation_z"]) for t in dense if "correlation_z" in t]
+    return {
+        "weight_elements": total,
+        "weight_tensors": len(per_tensor),
+        "changed_tensors": len(touched),
+        "dense_tensors": len(dense),
+        "changed_fraction": changed / total if total else 0.0,
+        "changed_fraction_in_changed_tensors": changed / touched_elements if touched_elements else 0.0,
+        "new_zeros": new_zeros,
+        "new_zero_fraction": new_zeros / total if total else 0.0,
+        "new_zero_fraction_in_changed_tensors": new_zeros / touched_elements if touched_elements else 0.0,
+        "kept_match": kept_match,
+        "tensors_with_few_distinct_values": sum(
+            1 for t in voters if t["distinct_values"] <= QUANT_RATIO * t["reference_distinct_values"]
+        ),
+        "quantized_fraction": quantized / voting if voting else None,
+        "relative_change_median": float(np.median(robust)) if robust.size else 0.0,
+        "relative_change_cv": cv,
+        "row_dispersion_median": _median([t.get("row_dispersion") for t in dense]),
+        "column_dispersion_median": _median([t.get("column_dispersion") for t in dense]),
+        "spectral_excess_median": _median([t.get("spectral_excess") for t in dense]),
+        "correlation_z_median": float(np.median(z)) if z else None,
+        "max_abs_correlation_change_vs_weight": max((abs(t.get("correlation", 0.0)) for t in dense), default=0.0),
+        "non_weight_constants_changed": others["changed"],
+        "non_weight_constants_reordered": [n for n in others["differ_in_place"] if n not in others["changed"]],
+        "per_tensor": per_tensor,
+    }
+
+
+def decide(evidence: dict[str, Any]) -> tuple[str, str]:
+    """The kind and a one-line reason from :func:`classify_change`'s evidence (see the module docstring)."""
+    ev = evidence
+    others = ev["non_weight_constants_changed"]
+    structure = _structure(ev)
+    if not ev["changed_tensors"]:
+        if others:
+            return "uncertain", f"kind uncertain: the weights are unchanged but {len(others)} other constants changed ({', '.join(others[:3])})"
+        return "uncertain", "kind uncertain: constants differ but not the weights"
+    if (
+        ev["new_zero_fraction_in_changed_tensors"] >= PRUNE_MIN_FRACTION
+        and ev["kept_match"] is not None
+        and ev["kept_match"] >= PRUNE_KEPT_MATCH
+        and not others
+    ):
+        return "pruning", (
+            f"{ev['new_zeros']} weights ({100 * ev['new_zero_fraction']:.1f} %) became exact zeros the reference "
+            f"did not have; {100 * ev['kept_match']:.1f} % of the others are the reference's largest magnitudes, untouched"
+        )
+    if ev["quantized_fraction"] is not None and ev["quantized_fraction"] >= QUANT_VOTE and not others:
+        return "quantization", (
+            f"{ev['tensors_with_few_distinct_values']} weight tensors ({100 * ev['quantized_fraction']:.0f} % of the "
+            "weights that can tell) hold at most a quarter of the reference's distinct values: a quantization grid"
+        )
+    dense_all = ev["dense_tensors"] == ev["changed_tensors"]
+    if (
+        dense_all
+        and not others
+        and ev["relative_change_cv"] <= NOISE_CV
+        and structure["noise_like"]
+    ):
+        return "noise", (
+            f"{100 * ev['changed_fraction']:.1f} % of weights changed, i.i.d. like Gaussian noise: relative change "
+            f"{ev['relative_change_median']:.3g} x std in every tensor (CV {ev['relative_change_cv']:.2f}), "
+            f"{structure['text']}, biases and normalisation untouched"
+        )
+    if ev["dense_tensors"] and others and structure["gradient_like"]:
+        return "fine-tuning", (
+            f"{ev['dense_tensors']} weight tensors changed densely with the structure of gradient steps "
+            f"({structure['text']}; relative change CV {ev['relative_change_cv']:.2f} across tensors) and "
+            f"{len(others)} biases/normalisation constants changed too"
+        )
+    seen = [f"{ev['changed_tensors']}/{ev['weight_tensors']} weight tensors changed ({ev['dense_tensors']} densely)"]
+    if ev["new_zeros"]:
+        seen.append(f"{ev['new_zeros']} new zeros")
+    if ev["dense_tensors"]:
+        seen.append(f"relative change {ev['relative_change_median']:.3g} x std (CV {ev['relative_change_cv']:.2f})")
+        seen.append(structure["text"])
+    seen.append(f"{len(others)} biases/normalisation constants changed" if others else "biases and normalisation untouched")
+    return "uncertain", "kind uncertain: " + "; ".join(seen)
+
+
+def _structure(ev: dict[str, Any]) -> dict[str, Any]:
+    """Whether the dense change looks like i.i.d. noise or like gradient steps, and the figures."""
+    row, col, spec = ev["row_dispersion_median"], ev["column_dispersion_median"], ev["spectral_excess_median"]
+    dispersion = max((v for v in (row, col) if v is not None), default=None)
+    parts = []
+    if dispersion is not None:
+        parts.append(f"row/column dispersion {dispersion:.2f} (1 for i.i.d.)")
+    if spec is not None:
+        parts.append(f"spectral excess {spec:.2f} (1 for i.i.d.)")
+    noise_like = (dispersion is None or dispersion <= NOISE_DISPERSION) and (spec is None or spec <= NOISE_SPECTRAL)
+    gradient_like = (dispersion is not None and dispersion >= TUNE_DISPERSION) or (
+        spec is not None and spec >= TUNE_SPECTRAL
+    )
+    return {
+        "noise_like": noise_like and (dispersion is not None or spec is not None),
+        "gradient_like": gradient_like,
+        "text": ", ".join(parts) if parts else "no row structure measurable",
+    }
+
+
+# -- scaled neurons under noise ---------------------------------------------------------------
+@dataclass(frozen=True)
+class NoisyScale:
+    """A neuron whose row is ``k`` times the reference's, up to the noise the rest carries."""
+
+    tensor: str
+    neuron: int
+    k: float
+    z: float
+
+
+def find_scaled_under_noise(
+    ref_rows: list[np.ndarray], sus_rows: list[np.ndarray], tensor: str
+) -> list[NoisyScale]:
+    """Neurons of one producer tensor scaled by ``k`` while the others are only noisy.
+
+    ``ref_rows``/``sus_rows`` are the neurons' rows (flattened) in the reference's order. For
+    each, the least-squares ``k`` and its standard error ``sigma / |r|`` (``sigma`` the tensor's
+    median residual std, so mis-paired rows do not widen it); a neuron is scaled when ``|k - 1|``
+    exceeds :data:`SCALE_Z` standard errors and :data:`SCALE_MIN`, its own residual is that of
+    the noise (not a mis-paired row), the tensor's bulk is unscaled (median ``|z|`` at most
+    :data:`SCALE_BULK_Z`) and the scaled neurons are a minority (:data:`SCALE_MAX_FRACTION`).
+    """
+    count = len(ref_rows)
+    if count < 2:
+        return []
+    ks, norms, resid = np.zeros(count), np.zeros(count), np.zeros(count)
+    for j, (r, s) in enumerate(zip(ref_rows, sus_rows)):
+        r64, s64 = r.astype(np.float64), s.astype(np.float64)
+        norm2 = float(r64 @ r64)
+        if norm2 == 0.0 or r64.size < 2:
+            ks[j], norms[j], resid[j] = 1.0, 0.0, 0.0
+            continue
+        k = float(r64 @ s64) / norm2
+        ks[j], norms[j] = k, math.sqrt(norm2)
+        e = s64 - k * r64
+        resid[j] = float(np.sqrt(e @ e / (r64.size - 1)))
+    usable = norms > 0
+    if not np.any(usable):
+        return []
+    sigma = float(np.median(resid[usable]))
+    if sigma == 0.0:
+        return []  # exact rows: the exact scale analysis decides
+    z = np.where(usable, (ks - 1) * norms / sigma, 0.0)
+    if float(np.median(np.abs(z[usable]))) > SCALE_BULK_Z:
+        return []  # most neurons moved: not a few scaled ones
+    found = [
+        NoisyScale(tensor, j, float(ks[j]), float(z[j]))
+        for j in range(count)
+        if usable[j]
+        and abs(z[j]) > SCALE_Z
+        and abs(ks[j] - 1) > SCALE_MIN
+        and ks[j] > 0
+        and resid[j] <= 2.0 * sigma * max(1.0, ks[j])
+    ]
+    return found if len(found) < SCALE_MAX_FRACTION * count else []

@@ -1,0 +1,125 @@
+"""Opening input files that are not models: regular files only, JSON with bounded nesting.
+
+A FIFO or a device given as an input would block a reader forever (or stream without end), so
+every input is checked with ``os.stat`` before it is opened. JSON documents (keys, permutation
+files) are checked for nesting depth before they are parsed: Python's parser recurses once per
+level and a 100,000-deep document would end in ``RecursionError``. Non-finite numbers
+(``NaN``, ``Infinity``, ``1e400``) are refused while parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxlady._errors import OnnxladyError
+
+__all__ = ["MAX_JSON_DEPTH", "load_json", "require_regular_file"]
+
+#: Deepest nesting a key or permutation file may have (a key needs about ten levels).
+MAX_JSON_DEPTH = 64
+#: Largest JSON input read (a key of a model with millions of neurons stays far below).
+_MAX_JSON_BYTES = 1 << 30
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPEN = np.frombuffer(b"[{", dtype=np.uint8)
+_CLOSE = np.frombuffer(b"]}", dtype=np.uint8)
+
+
+def require_regular_file(path: str | os.PathLike[str], what: str = "file") -> os.stat_result:
+    """Check that ``path`` is a regular file without opening it (a FIFO would block ``open``).
+
+    Args:
+        path: the file (symlinks are followed).
+        what: how messages name it.
+
+    Returns:
+        Its ``os.stat`` result.
+
+    Raises:
+        OnnxladyError: it does not exist, is a folder, a FIFO, a device or a socket, or its
+            name cannot be looked up (too long, a NUL byte...).
+    """
+    shown = os.fspath(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise OnnxladyError(f"{shown}: no such file") from None
+    except ValueError as exc:  # an embedded NUL byte
+        raise OnnxladyError(f"{shown!r}: not a usable path ({exc})") from None
+    except OSError as exc:
+        raise OnnxladyError(f"{_short(shown)}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise OnnxladyError(f"{shown}: is a folder, not a {what}")
+    if not stat.S_ISREG(info.st_mode):
+        raise OnnxladyError(f"{shown}: not a regular file (a FIFO, device or socket cannot be a {what})")
+    return info
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 200 else text[:80] + "..." + text[-40:]
+
+
+def load_json(path: str | os.PathLike[str], what: str = "JSON file", max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse a JSON file whose nesting is at most ``max_depth`` and whose numbers are finite.
+
+    Args:
+        path: the file.
+        what: how messages name it (``"key file"``...).
+        max_depth: the deepest nesting of arrays and objects accepted.
+
+    Returns:
+        The parsed document.
+
+    Raises:
+        OnnxladyError: the file is missing, not a regular file, too big, not UTF-8 JSON, nested
+            too deeply, or holds a non-finite number.
+    """
+    info = require_regular_file(path, what)
+    if info.st_size > _MAX_JSON_BYTES:
+        raise OnnxladyError(f"{path}: {info.st_size} bytes is too big for a {what}")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return parse_json(raw, f"{path}", what, max_depth)
+
+
+def parse_json(raw: bytes, origin: str, what: str = "JSON file", max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse JSON bytes with the checks of :func:`load_json` (``origin`` names them in messages)."""
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise OnnxladyError(f"{origin}: not a {what} (JSON nested {depth} levels deep, at most {max_depth} allowed)")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_float=_finite_float, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise OnnxladyError(f"{origin}: not a {what} (not UTF-8 text: {exc.reason})") from None
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise OnnxladyError(f"{origin}: not a {what} ({exc})") from None
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text (brackets inside strings ignored)."""
+    stripped = _STRING.sub(b'""', raw)
+    codes = np.frombuffer(stripped, dtype=np.uint8)
+    if codes.size == 0:
+        return 0
+    steps = np.isin(codes, _OPEN).astype(np.int64) - np.isin(codes, _CLOSE).astype(np.int64)
+    return int(max(0, np.cumsum(steps).max()))
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not a number JSON allows")

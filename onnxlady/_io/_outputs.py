@@ -1,0 +1,643 @@
+"""Output sets: the files one command writes appear together, or none of them does.
+
+A command that writes several files (a model and its key, a model and its external data,
+reports and a canonicalized model) stages every file in a folder of its own beside the targets
+(``.onnxlady-tmp-<pid>-<random>``, short whatever the targets' names), under the target's own
+name, so a staged model finds its staged external data. Only when every file was written and
+synced does :meth:`OutputSet.commit` write a journal (the commit point) and rename the files
+into place; the staging folder is then removed.
+
+Every way out cleans up: an exception, ``KeyboardInterrupt`` or a ``SystemExit`` raised by a
+signal handler removes the staging folder. A run killed outright (SIGKILL, power loss) leaves
+it behind; the next output set writing into that folder finds it (the process that made it is
+gone) and completes it when its journal was written, or removes it when it was not. Between the
+kill and that next run, a set killed in the middle of its renames may show some new files and
+some old ones; keys record the sha256 of the model they belong to, so such a pair is refused.
+
+Outputs must not be inputs: :func:`check_output_paths` compares resolved paths and, for files
+that exist, device and inode numbers (so a symlink or a hard link to an input is caught too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import threading
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, final
+
+import numpy as np
+import onnx
+
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._stream import Override, write_model
+from onnxlady._io._tensors import tensor_holders
+
+__all__ = [
+    "TEMP_PREFIX",
+    "OutputSet",
+    "check_output_paths",
+    "external_data_path",
+    "recover_folder",
+    "same_file",
+]
+
+#: Every temporary file or folder onnxlady makes starts with this; nothing else does.
+TEMP_PREFIX = ".onnxlady-tmp-"
+_JOURNAL = "journal.json"
+_PRIMARY = "primary"  # in a staging folder on another device: where the journal will be
+#: Leave room under protobuf's 2 GB limit for the graph itself.
+_EXTERNAL_DATA_THRESHOLD = 1_900_000_000
+#: Longest file name most file systems take (NAME_MAX).
+_NAME_MAX = 255
+
+#: Staging folders of output sets open in this process (another thread's must not be cleaned).
+_ACTIVE: set[Path] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def external_data_path(model_path: Path) -> Path:
+    """The external data file written beside ``model_path`` (``<name>.data``)."""
+    return model_path.with_name(model_path.name + ".data")
+
+
+# -- paths ------------------------------------------------------------------------------------
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    """``path`` with its folder resolved (symlinks followed) and its last component kept as is."""
+    path = Path(os.path.abspath(os.fspath(path)))
+    try:
+        return path.parent.resolve() / path.name
+    except (OSError, RuntimeError):
+        return path
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` name one file: equal resolved paths, or equal device and inode.
+
+    A symlink and its target, and two hard links to one file, are the same file.
+    """
+    first, second = _absolute(a), _absolute(b)
+    if first == second:
+        return True
+    try:
+        if first.resolve() == second.resolve():
+            return True
+    except (OSError, RuntimeError):
+        pass
+    stat_a, stat_b = _stat(first), _stat(second)
+    return (
+        stat_a is not None and stat_b is not None and (stat_a.st_dev, stat_a.st_ino) == (stat_b.st_dev, stat_b.st_ino)
+    )
+
+
+def check_output_paths(
+    outputs: Iterable[Path],
+    inputs: Iterable[Path | None],
+    *,
+    replaceable: Iterable[Path] = (),
+) -> None:
+    """Refuse an output that is an input, two outputs that are one file, or an unwritable name.
+
+    Args:
+        outputs: every file the command would write (companions such as ``<model>.data``
+            included).
+        inputs: every file the command reads (``None`` entries, arguments in memory, skipped).
+        replaceable: outputs allowed to be inputs (``--overwrite-input``).
+
+    Raises:
+        OnnxladyError: an output is an input (by path, symlink or hard link), two outputs are
+            the same path, an output is a folder, its folder does not exist, or its name is
+            longer than the file system allows.
+    """
+    written = [Path(path) for path in outputs]
+    allowed = [_absolute(path) for path in replaceable]
+    protected = [Path(path) for path in inputs if path is not None]
+    seen: dict[Path, Path] = {}
+    for target in written:
+        absolute = _absolute(target)
+        if absolute in seen:
+            raise OnnxladyError(f"{target}: two outputs would be written to the same file")
+        seen[absolute] = target
+        _check_name(target)
+        if absolute not in allowed:
+            for source in protected:
+                if same_file(target, source):
+                    raise OnnxladyError(f"{target}: refusing to overwrite an input file ({source})")
+        folder = absolute.parent
+        if not folder.is_dir():
+            raise OnnxladyError(f"{target}: output folder '{folder}' does not exist")
+        if os.path.isdir(absolute):
+            raise OnnxladyError(f"{target}: is a folder")
+
+
+def _check_name(target: Path) -> None:
+    if "\0" in str(target):
+        raise OnnxladyError(f"{target!r}: a file name cannot hold a NUL byte")
+    if len(os.fsencode(target.name)) > _NAME_MAX:
+        raise OnnxladyError(f"{target.name[:40]}...: file name longer than {_NAME_MAX} bytes")
+
+
+# -- recovery ---------------------------------------------------------------------------------
+def _owner(name: str) -> int | None:
+    """The process id in a staging folder's name, ``None`` for a name onnxlady did not make."""
+    try:
+        return int(name[len(TEMP_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process: alive
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def recover_folder(folder: str | os.PathLike[str]) -> list[str]:
+    """Complete or remove what output sets killed in ``folder`` left behind.
+
+    A staging folder whose process is gone is completed (its files renamed into place) when
+    its journal was written, which means every file was ready, and removed otherwise. Staging
+    folders of running processes are left alone.
+
+    Args:
+        folder: the folder to clean.
+
+    Returns:
+        One line per thing done, for a report.
+    """
+    notes: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return notes
+    for entry in entries:
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        path = Path(entry.path)
+        pid = _owner(entry.name)
+        with _ACTIVE_LOCK:
+            active = _absolute(path) in _ACTIVE
+        if active or (pid is not None and pid != os.getpid() and _running(pid)):
+            continue
+        notes.extend(_recover(path))
+    return notes
+
+
+def _recover(staging: Path) -> list[str]:
+    notes = []
+    journal = _read_journal(staging)
+    primary = None
+    if journal is None and (staging / _PRIMARY).is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            primary = Path((staging / _PRIMARY).read_text())
+    if journal is None and primary is not None and _read_journal(primary) is not None:
+        return _recover(primary) + _remove(staging)
+    if journal is not None:
+        for staged, target in journal:
+            if os.path.lexists(staged):
+                try:
+                    os.replace(staged, target)
+                    notes.append(f"completed an interrupted write: {target}")
+                except OSError as exc:
+                    notes.append(f"could not complete an interrupted write of {target} ({exc.strerror or exc})")
+        for other in {Path(staged).parent.parent for staged, _ in journal} - {staging}:
+            if other.name.startswith(TEMP_PREFIX):
+                _remove(other)
+    return notes + _remove(staging)
+
+
+def _read_journal(staging: Path) -> list[tuple[str, str]] | None:
+    """The journal's (staged, target) pairs; ``None`` when absent or incomplete (not committed)."""
+    try:
+        document = json.loads((staging / _JOURNAL).read_text())
+        pairs = [(str(staged), str(target)) for staged, target in document["entries"]]
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    return pairs if document.get("complete") is True else None
+
+
+def _remove(path: Path) -> list[str]:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return [] if os.path.lexists(path) else [f"removed an interrupted write's temporary files: {path}"]
+
+
+# -- the output set ---------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    staged: Path
+    target: Path
+    shown: Path  # the target as the caller spelled it, for messages
+
+
+@final
+class OutputSet:
+    """Files written as one: staged beside their targets, renamed into place all together.
+
+    Use it as a context manager: leaving the block normally commits, leaving it by an
+    exception (``KeyboardInterrupt`` included) removes everything staged::
+
+        with OutputSet() as outputs:
+            digest = outputs.write_model(path, model, digest=True)
+            outputs.write_text(key_path, key_json(digest))
+    """
+
+    def __init__(self) -> None:
+        self._token = f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._staging: dict[int, Path] = {}  # device -> staging folder
+        self._primary: Path | None = None
+        self._folders: dict[Path, Path] = {}  # target folder -> its sub-folder in the staging folder
+        self._entries: list[_Entry] = []
+        self._closed = False
+        #: What cleaning the target folders did (interrupted writes completed or removed).
+        self.recovered: list[str] = []
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+    # -- staging ------------------------------------------------------------------------------
+    def stage(self, target: str | os.PathLike[str]) -> Path:
+        """Reserve ``target`` and return the staged path to write it at (same name, other folder).
+
+        Args:
+            target: the final path of the file.
+
+        Returns:
+            Where to write the file; it is renamed to ``target`` on commit.
+
+        Raises:
+            OnnxladyError: the set is closed, ``target`` is already in it, its folder does not
+                exist, it is a folder, or its name is too long.
+        """
+        if self._closed:
+            raise OnnxladyError("internal: output set already committed or aborted")
+        shown = Path(target)
+        absolute = _absolute(shown)
+        if any(entry.target == absolute for entry in self._entries):
+            raise OnnxladyError(f"{shown}: two outputs would be written to the same file")
+        _check_name(shown)
+        folder = absolute.parent
+        if not folder.is_dir():
+            raise OnnxladyError(f"{shown}: output folder '{folder}' does not exist")
+        if os.path.isdir(absolute):
+            raise OnnxladyError(f"{shown}: is a folder")
+        staged = self._folder_for(folder, shown) / absolute.name
+        self._entries.append(_Entry(staged, absolute, shown))
+        return staged
+
+    def _folder_for(self, folder: Path, shown: Path) -> Path:
+        if folder in self._folders:
+            return self._folders[folder]
+        self.recovered += recover_folder(folder)
+        device = os.stat(folder).st_dev
+        try:
+            staging = self._staging.get(device)
+            if staging is None:
+                staging = folder / self._token
+                os.mkdir(staging)
+                with _ACTIVE_LOCK:
+                    _ACTIVE.add(staging)
+                self._staging[device] = staging
+                if self._primary is None:
+                    self._primary = staging
+                else:  # another device: its recovery must look for the journal in the primary
+                    (staging / _PRIMARY).write_text(str(self._primary))
+            sub = staging / str(len(self._folders))
+            os.mkdir(sub)
+        except OSError as exc:
+            self.abort()
+            raise OnnxladyError(f"{shown}: cannot write ({exc.strerror or exc})") from exc
+        self._folders[folder] = sub
+        return sub
+
+    def staged(self, target: str | os.PathLike[str]) -> Path:
+        """Where ``target`` was staged (to read a staged model back before committing)."""
+        absolute = _absolute(target)
+        for entry in self._entries:
+            if entry.target == absolute:
+                return entry.staged
+        raise KeyError(str(target))
+
+    def write_bytes(self, target: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
+        """Stage ``data`` as the content of ``target``.
+
+        Raises:
+            OnnxladyError: see :meth:`stage`, or the file cannot be written (disk full...).
+        """
+        staged = self.stage(target)
+        self._guard(target, lambda: _write_file(staged, data))
+
+    def write_text(self, target: str | os.PathLike[str], text: str) -> None:
+        """Stage ``text`` (UTF-8) as the content of ``target``."""
+        self.write_bytes(target, text.encode())
+
+    def write_model(
+        self,
+        target: str | os.PathLike[str],
+        model: onnx.ModelProto,
+        *,
+        external_data: bool = False,
+        digest: bool = False,
+        overrides: Mapping[str, Override] | None = None,
+    ) -> str:
+        """Stage ``model`` as ``target`` (and its weights as ``<target>.data`` with external data).
+
+        Args:
+            target: the model file.
+            model: the model (not changed).
+            external_data: write the weights to ``<name>.data`` beside the model (always so when
+                the model exceeds protobuf's 2 GB limit).
+            digest: compute the sha256 of the model file.
+            overrides: tensor names mapped to their new ``raw_data`` (or to functions computing
+                it as each tensor is written): the model in memory is not changed.
+
+        Returns:
+            The sha256 of the model file when ``digest``, else ``""``.
+
+        Raises:
+            OnnxladyError: see :meth:`stage`, or a file cannot be written.
+        """
+        if not external_data and _estimated_size(model) > _EXTERNAL_DATA_THRESHOLD:
+            external_data = True
+        staged = self.stage(target)
+        if not external_data:
+            if overrides:
+                return self._guard(target, lambda: _stream(model, staged, overrides, digest))
+            data = model.SerializeToString()  # protobuf's encoding: a model that round-trips keeps its bytes
+            self._guard(target, lambda: _write_file(staged, data))
+            return hashlib.sha256(data).hexdigest() if digest else ""
+        data_target = external_data_path(Path(target))
+        data_staged = self.stage(data_target)
+        return self._guard(target, lambda: _save_external(model, staged, data_staged, overrides, digest))
+
+    def _guard(self, target: str | os.PathLike[str], work: Any) -> Any:
+        """Run ``work``; on any failure abort the whole set (an OS error becomes one clear line)."""
+        try:
+            return work()
+        except OSError as exc:
+            self.abort()
+            raise OnnxladyError(f"{target}: cannot write ({_reason(exc)})") from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- commit and abort --------------------------------------------------------------------
+    def commit(self) -> None:
+        """Rename every staged file into place, then remove the staging folders.
+
+        Raises:
+            OnnxladyError: a rename failed; the files already renamed are put back as they were
+                (nothing of this set stays).
+        """
+        if self._closed:
+            return
+        if not self._entries:
+            self.abort()
+            return
+        try:
+            self._write_journal()
+        except OSError as exc:
+            self.abort()
+            raise OnnxladyError(f"{self._entries[0].shown}: cannot write ({_reason(exc)})") from exc
+        except BaseException:
+            self.abort()
+            raise
+        done: list[tuple[_Entry, Path | None]] = []
+        try:
+            for number, entry in enumerate(self._entries):
+                done.append((entry, self._backup(entry, number)))
+                os.replace(entry.staged, entry.target)
+            for folder in {entry.target.parent for entry in self._entries}:
+                _fsync_folder(folder)
+        except OSError as exc:
+            self._roll_back(done)
+            self.abort()
+            raise OnnxladyError(f"{done[-1][0].shown}: cannot write ({_reason(exc)})") from exc
+        self.abort()  # removes the (now empty) staging folders and the journal
+
+    def _write_journal(self) -> None:
+        assert self._primary is not None
+        for entry in self._entries:
+            _fsync_path(entry.staged)
+        for staging in self._staging.values():
+            for sub in staging.iterdir():
+                if sub.is_dir():
+                    _fsync_folder(sub)
+        document = {"complete": True, "entries": [[str(e.staged), str(e.target)] for e in self._entries]}
+        _write_file(self._primary / _JOURNAL, json.dumps(document).encode())
+        _fsync_folder(self._primary)
+
+    def _backup(self, entry: _Entry, number: int) -> Path | None:
+        """A hard link to the file ``entry`` replaces, to put it back if a later rename fails."""
+        if not os.path.lexists(entry.target):
+            return None
+        assert self._primary is not None
+        backup = entry.staged.parent.parent / f"backup-{number}"
+        try:
+            os.link(entry.target, backup, follow_symlinks=False)
+        except OSError:
+            return None
+        return backup
+
+    def _roll_back(self, done: list[tuple[_Entry, Path | None]]) -> None:
+        # The journal goes first: a run killed while rolling back must not be completed later.
+        if self._primary is not None:
+            with contextlib.suppress(OSError):
+                (self._primary / _JOURNAL).unlink()
+        for entry, backup in reversed(done):
+            with contextlib.suppress(OSError):
+                if os.path.lexists(entry.staged):
+                    continue  # this rename never happened
+                if backup is not None:
+                    os.replace(backup, entry.target)
+                else:
+                    os.unlink(entry.target)
+
+    def abort(self) -> None:
+        """Remove everything staged; the targets stay as they were. Safe to call twice."""
+        self._closed = True
+        for staging in self._staging.values():
+            shutil.rmtree(staging, ignore_errors=True)
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(staging)
+        self._staging.clear()
+
+    @property
+    def targets(self) -> list[Path]:
+        """The files of this set, as their callers named them."""
+        return [entry.shown for entry in self._entries]
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno == errno.EFBIG:
+        return "file too large for this file system or limit"
+    return str(exc.strerror or exc)
+
+
+# -- writing ----------------------------------------------------------------------------------
+def _new_file(path: Path) -> int:
+    """A new file with the permissions a plain ``open`` would give."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+
+
+def _write_file(path: Path, data: bytes | bytearray | memoryview) -> None:
+    with os.fdopen(_new_file(path), "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make renames in ``folder`` durable (not every file system can sync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _HashingWriter:
+    """A file wrapper that hashes what passes through it."""
+
+    def __init__(self, handle: Any, digest: bool) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256() if digest else None
+        # Hash beside the writer: hashlib releases the GIL, and one worker keeps the order.
+        self._pool = ThreadPoolExecutor(max_workers=1) if digest else None
+
+    def write(self, data: Any) -> int:
+        if self._pool is not None and self._digest is not None:
+            self._pool.submit(self._digest.update, data)
+        return int(self._handle.write(data))
+
+    def hexdigest(self) -> str:
+        if self._pool is None or self._digest is None:
+            return ""
+        self._pool.shutdown(wait=True)
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _stream(model: onnx.ModelProto, staged: Path, overrides: Mapping[str, Override], digest: bool) -> str:
+    with os.fdopen(_new_file(staged), "wb") as handle:
+        writer = _HashingWriter(handle, digest)
+        try:
+            write_model(model, writer, overrides=overrides)  # type: ignore[arg-type]
+        finally:
+            writer.close()
+    return writer.hexdigest()
+
+
+def _save_external(
+    model: onnx.ModelProto, staged: Path, data_staged: Path, overrides: Mapping[str, Override] | None, digest: bool
+) -> str:
+    """Write the model with its weights in ``<name>.data``; the model in memory is left as it was."""
+    tensors = list(onnx.external_data_helper._get_all_tensors(model))
+    layout = [(t.HasField("data_location"), t.data_location, list(t.external_data)) for t in tensors]
+    saved = {}
+    if overrides:
+        holders = tensor_holders(model)
+        for name, value in overrides.items():
+            data = value() if callable(value) else value
+            saved[name] = holders[name].raw_data
+            holders[name].raw_data = bytes(memoryview(data).cast("B"))
+    try:
+        # The staged model names its data file by its final name: both sit in one staging folder.
+        onnx.save_model(
+            model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=data_staged.name, size_threshold=1024,
+        )  # fmt: skip
+        # save_model moved the weights out of the caller's model: read them back in, as they were.
+        onnx.external_data_helper.load_external_data_for_model(model, str(staged.parent))
+    finally:
+        for tensor, (had_location, location, entries) in zip(tensors, layout):
+            tensor.ClearField("data_location")
+            if had_location:
+                tensor.data_location = location
+            del tensor.external_data[:]
+            tensor.external_data.extend(entries)
+        if saved:
+            holders = tensor_holders(model)
+            for name, raw in saved.items():
+                holders[name].raw_data = raw
+    if not data_staged.exists():
+        _write_file(data_staged, b"")  # no tensor was big enough: an empty data file keeps the set whole
+    return file_digest(staged) if digest else ""
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _estimated_size(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data, from shapes alone (``ByteSize`` walks every byte and is slow)."""
+    total = 0
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 8
+        count = 1
+        for dim in tensor.dims:
+            count *= max(0, int(dim))
+        total += count * itemsize
+    return total

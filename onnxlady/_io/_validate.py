@@ -1,0 +1,318 @@
+"""A structural check of a model before any analysis touches it.
+
+Protobuf parses many files that are no usable model: a name defined twice, an input nobody
+defines, a tensor whose shape asks for more values than it holds (or for 2**64 of them), a
+data type that does not exist, a Conv with no output channel or a bias of the wrong length.
+Left unchecked they surface deep inside the analysis as an ``IndexError``, a ``MemoryError``
+or, worse, a wrong result. :func:`validate_model` refuses them with one line naming the file,
+the tensor or node and what is wrong. It reads shapes and counts only (never tensor bytes), so
+it costs little even on large models.
+
+:func:`external_data_target` checks where a tensor's external data lives: a relative location
+inside the model's folder, with no NUL byte, naming a regular file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import onnx
+
+from onnxlady._errors import OnnxladyError
+
+__all__ = ["external_data_target", "validate_model"]
+
+_T = onnx.TensorProto
+#: Every data type this onnx knows (0, UNDEFINED, is not a type).
+KNOWN_DATA_TYPES = frozenset(value for value in _T.DataType.values() if value != _T.UNDEFINED)
+#: The typed field holding a tensor's values when it has no ``raw_data``, and values per element.
+_TYPED_FIELD: dict[int, tuple[str, int]] = {
+    _T.FLOAT: ("float_data", 1),
+    _T.COMPLEX64: ("float_data", 2),
+    _T.DOUBLE: ("double_data", 1),
+    _T.COMPLEX128: ("double_data", 2),
+    _T.INT64: ("int64_data", 1),
+    _T.UINT32: ("uint64_data", 1),
+    _T.UINT64: ("uint64_data", 1),
+    _T.STRING: ("string_data", 1),
+}
+#: Types packing several values per byte: their typed storage is not counted element by element.
+_PACKED = frozenset(getattr(_T, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(_T, name))
+#: Bits per element, for the bytes a shape needs.
+_BITS: dict[int, int] = {
+    getattr(_T, name): bits
+    for name, bits in {
+        "FLOAT": 32, "UINT8": 8, "INT8": 8, "UINT16": 16, "INT16": 16, "INT32": 32, "INT64": 64,
+        "BOOL": 8, "FLOAT16": 16, "DOUBLE": 64, "UINT32": 32, "UINT64": 64, "COMPLEX64": 64,
+        "COMPLEX128": 128, "BFLOAT16": 16, "FLOAT8E4M3FN": 8, "FLOAT8E4M3FNUZ": 8, "FLOAT8E5M2": 8,
+        "FLOAT8E5M2FNUZ": 8, "FLOAT8E8M0": 8, "UINT4": 4, "INT4": 4, "FLOAT4E2M1": 4, "UINT2": 2, "INT2": 2,
+    }.items()
+    if hasattr(_T, name)
+}  # fmt: skip
+#: Operators whose constant operands must hold numbers (a string weight or bias is refused).
+_NUMERIC_OPERATORS = frozenset(
+    {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "BatchNormalization",
+     "InstanceNormalization", "LayerNormalization", "PRelu", "Pow", "Sqrt", "Relu", "Sigmoid", "Tanh"}
+)  # fmt: skip
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+#: Longest name accepted for a node, tensor or graph value (a hostile file may hold megabytes).
+MAX_NAME_BYTES = 1 << 16
+
+
+def validate_model(model: onnx.ModelProto, origin: str, *, capacity: int | None = None) -> None:
+    """Refuse a model that is not structurally sound, with one line saying why.
+
+    Checked: names defined once per graph (a graph input may share its name with an
+    initializer); every node input and graph output defined in its graph or an enclosing one;
+    initializers not shadowing node outputs; known data types; non-negative dims whose element
+    count fits in what the file can hold; typed values (``float_data``...) as many as the shape
+    says; Conv/ConvTranspose/Gemm/MatMul/BatchNormalization constants of consistent ranks and
+    lengths; no string constant where a number is needed.
+
+    Args:
+        model: the parsed model (external data may still be unloaded: their sizes are checked
+            when they are read).
+        origin: the file name for messages.
+        capacity: bytes the model's tensors can hold at most (the file's size plus its external
+            data's); ``None``: protobuf's 2 GiB limit.
+
+    Raises:
+        OnnxladyError: the first problem found.
+    """
+    limit = capacity if capacity is not None else 2**31
+    _check_graph(model.graph, frozenset(), origin, "the main graph", limit)
+
+
+def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, where: str, limit: int) -> None:
+    defined: dict[str, str] = {}
+
+    def define(name: str, what: str) -> None:
+        if len(name) > MAX_NAME_BYTES:
+            raise OnnxladyError(f"{origin}: {what} in {where} has a name of {len(name)} characters")
+        if not name:
+            return
+        previous = defined.get(name)
+        if previous is not None and {previous, what} != {"a graph input", "an initializer"}:
+            raise OnnxladyError(f"{origin}: name '{name}' is defined twice in {where} ({previous} and {what})")
+        defined[name] = what
+
+    for value in graph.input:
+        if not value.name:
+            raise OnnxladyError(f"{origin}: a graph input of {where} has no name")
+        define(value.name, "a graph input")
+    constants: dict[str, onnx.TensorProto] = {}
+    for tensor in graph.initializer:
+        if not tensor.name:
+            raise OnnxladyError(f"{origin}: an initializer of {where} has no name")
+        if tensor.name in defined and defined[tensor.name] == "an initializer":
+            raise OnnxladyError(f"{origin}: initializer '{tensor.name}' is defined twice in {where}")
+        define(tensor.name, "an initializer")
+        _check_tensor(tensor, f"initializer '{tensor.name}'", origin, limit)
+        constants[tensor.name] = tensor
+    for sparse in graph.sparse_initializer:
+        define(sparse.values.name, "an initializer")
+        _check_tensor(sparse.values, f"sparse initializer '{sparse.values.name}'", origin, limit)
+        _check_tensor(sparse.indices, f"indices of sparse initializer '{sparse.values.name}'", origin, limit)
+    for node in graph.node:
+        label = _node_label(node)
+        for name in node.output:
+            define(name, f"an output of node {label}")
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                _check_tensor(attribute.t, f"attribute '{attribute.name}' of node {label}", origin, limit)
+                if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.output:
+                    constants[node.output[0]] = attribute.t
+            elif attribute.type == onnx.AttributeProto.TENSORS:
+                for tensor in attribute.tensors:
+                    _check_tensor(tensor, f"attribute '{attribute.name}' of node {label}", origin, limit)
+    visible = outer | frozenset(defined)
+    for node in graph.node:
+        label = _node_label(node)
+        for name in node.input:
+            if name and name not in visible:
+                raise OnnxladyError(f"{origin}: node {label} in {where} reads '{name}', which nothing defines")
+        for attribute in node.attribute:
+            for subgraph in _subgraphs(attribute):
+                _check_graph(subgraph, visible, origin, f"subgraph '{attribute.name}' of node {label}", limit)
+        _check_operator(node, label, constants, origin)
+    for value in graph.output:
+        if not value.name or value.name not in visible:
+            raise OnnxladyError(f"{origin}: graph output '{value.name}' of {where} is not produced by anything")
+
+
+def _subgraphs(attribute: onnx.AttributeProto) -> Iterable[onnx.GraphProto]:
+    if attribute.type == onnx.AttributeProto.GRAPH:
+        return [attribute.g]
+    if attribute.type == onnx.AttributeProto.GRAPHS:
+        return list(attribute.graphs)
+    return []
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    name = node.name if len(node.name) <= 200 else node.name[:200] + "..."
+    return f"'{name}' ({node.op_type})" if name else f"{node.op_type} -> {list(node.output)[:1]}"
+
+
+# -- tensors ----------------------------------------------------------------------------------
+def element_count(dims: Iterable[int]) -> int:
+    """Elements of a shape, in exact integer arithmetic (numpy's product wraps around)."""
+    return math.prod(int(dim) for dim in dims)
+
+
+def _check_tensor(tensor: onnx.TensorProto, label: str, origin: str, limit: int) -> None:
+    if tensor.data_type not in KNOWN_DATA_TYPES:
+        raise OnnxladyError(f"{origin}: {label} has data type {tensor.data_type}, which ONNX does not define")
+    if any(dim < 0 for dim in tensor.dims):
+        raise OnnxladyError(f"{origin}: {label} has a negative dimension {list(tensor.dims)}")
+    count = element_count(tensor.dims)
+    bits = _BITS.get(tensor.data_type)
+    if bits is not None and (count * bits + 7) // 8 > limit:
+        raise OnnxladyError(
+            f"{origin}: {label} has shape {list(tensor.dims)} ({count} elements), more than the file can hold"
+        )
+    if tensor.data_type == _T.STRING and count > limit:
+        raise OnnxladyError(f"{origin}: {label} has shape {list(tensor.dims)}, more strings than the file can hold")
+    if tensor.HasField("raw_data") or tensor.data_location == _T.EXTERNAL or tensor.data_type in _PACKED:
+        return  # raw bytes are counted when read (external data once loaded)
+    field, per_element = _TYPED_FIELD.get(tensor.data_type, ("int32_data", 1))
+    held = len(getattr(tensor, field))
+    if held != count * per_element:
+        others = [
+            name
+            for name in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+            if name != field and len(getattr(tensor, name))
+        ]
+        detail = f"; it stores {others[0]} instead" if others else ""
+        raise OnnxladyError(
+            f"{origin}: {label} holds {held} values in {field}, its shape {list(tensor.dims)} needs "
+            f"{count * per_element}{detail}"
+        )
+
+
+# -- operators --------------------------------------------------------------------------------
+def _check_operator(node: onnx.NodeProto, label: str, constants: Mapping[str, onnx.TensorProto], origin: str) -> None:
+    if node.domain not in _DEFAULT_DOMAINS or node.op_type not in _NUMERIC_OPERATORS:
+        return
+
+    def constant(slot: int) -> onnx.TensorProto | None:
+        if slot >= len(node.input) or not node.input[slot]:
+            return None
+        return constants.get(node.input[slot])
+
+    for slot in range(len(node.input)):
+        tensor = constant(slot)
+        if tensor is not None and tensor.data_type == _T.STRING:
+            raise OnnxladyError(f"{origin}: node {label} needs numbers, but its input '{tensor.name}' holds strings")
+
+    def fail(message: str) -> None:
+        raise OnnxladyError(f"{origin}: node {label}: {message}")
+
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        weight, bias = constant(1), constant(2)
+        group = _int_attribute(node, "group", 1)
+        if group < 1:
+            fail(f"group {group} must be at least 1")
+        if weight is not None:
+            dims = list(weight.dims)
+            if len(dims) < 3:
+                fail(f"weight '{weight.name}' has shape {dims}; a {op} kernel has rank 3 or more")
+            if op == "Conv" and dims[0] == 0:
+                fail(f"weight '{weight.name}' has 0 output channels")
+            if op == "Conv" and dims[0] % group:
+                fail(f"weight '{weight.name}' has {dims[0]} output channels, not a multiple of group {group}")
+        if bias is not None:
+            if len(bias.dims) != 1:
+                fail(f"bias '{bias.name}' has shape {list(bias.dims)}; it must be one-dimensional")
+            if weight is not None and len(weight.dims) >= 3:
+                channels = weight.dims[0] if op == "Conv" else weight.dims[1] * group
+                if bias.dims[0] != channels:
+                    fail(f"bias '{bias.name}' has {bias.dims[0]} values for {channels} output channels")
+    elif op == "Gemm":
+        a, b, c = constant(0), constant(1), constant(2)
+        for tensor in (a, b):
+            if tensor is not None and len(tensor.dims) != 2:
+                fail(f"operand '{tensor.name}' has shape {list(tensor.dims)}; Gemm multiplies matrices")
+        if c is not None and b is not None and len(b.dims) == 2:
+            columns = b.dims[0] if _int_attribute(node, "transB", 0) else b.dims[1]
+            if len(c.dims) > 2 or (c.dims and c.dims[-1] not in (1, columns)):
+                fail(f"bias '{c.name}' has shape {list(c.dims)}, which does not broadcast to {columns} columns")
+    elif op == "MatMul":
+        a, b = constant(0), constant(1)
+        for tensor in (a, b):
+            if tensor is not None and not tensor.dims:
+                fail(f"operand '{tensor.name}' is a scalar; MatMul needs rank 1 or more")
+        if a is not None and b is not None and a.dims and b.dims:
+            inner_b = b.dims[-2] if len(b.dims) >= 2 else b.dims[0]
+            if a.dims[-1] != inner_b:
+                fail(f"operands '{a.name}' {list(a.dims)} and '{b.name}' {list(b.dims)} do not multiply")
+    elif op == "BatchNormalization":
+        vectors = [tensor for tensor in (constant(slot) for slot in range(1, 5)) if tensor is not None]
+        for tensor in vectors:
+            if len(tensor.dims) != 1:
+                fail(f"'{tensor.name}' has shape {list(tensor.dims)}; it must be one-dimensional")
+        if len({tensor.dims[0] for tensor in vectors}) > 1:
+            fail(f"scale, bias, mean and variance differ in length ({[t.dims[0] for t in vectors]})")
+
+
+def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attribute in node.attribute:
+        if attribute.name == name and attribute.type == onnx.AttributeProto.INT:
+            return int(attribute.i)
+    return default
+
+
+# -- external data ----------------------------------------------------------------------------
+def external_data_target(tensor: onnx.TensorProto, base: Path, origin: str) -> Path:
+    """The file holding ``tensor``'s external data, checked to be a regular file inside ``base``.
+
+    Args:
+        tensor: a tensor stored as external data.
+        base: the model's folder, resolved.
+        origin: the model file, for messages.
+
+    Returns:
+        The resolved data file.
+
+    Raises:
+        OnnxladyError: no location, a NUL byte, an absolute location or one leading outside the
+            model folder, a name the file system refuses, a missing file, or not a regular file;
+            a negative or non-integer offset or length.
+    """
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    name = tensor.name if len(tensor.name) <= 200 else tensor.name[:200] + "..."
+    shown = location if len(location) <= 200 else location[:200] + "..."
+    if not location:
+        raise OnnxladyError(f"{origin}: tensor '{name}' is stored as external data but names no file")
+    if "\0" in location:
+        raise OnnxladyError(f"{origin}: tensor '{name}' has a NUL byte in its external data location {shown!r}")
+    if os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise OnnxladyError(f"{origin}: tensor '{name}' points outside the model folder ({shown!r})")
+    for key in ("offset", "length"):
+        if key in info:
+            try:
+                number = int(info[key])
+            except ValueError:
+                raise OnnxladyError(f"{origin}: tensor '{name}' has external data {key} {info[key][:40]!r}") from None
+            if number < 0:
+                raise OnnxladyError(f"{origin}: tensor '{name}' has a negative external data {key}")
+    try:
+        target = (base / location).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise OnnxladyError(f"{origin}: tensor '{name}': unusable external data location {shown!r} ({exc})") from None
+    if base not in target.parents:
+        raise OnnxladyError(f"{origin}: tensor '{name}' points outside the model folder ({shown!r})")
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        raise OnnxladyError(f"{origin}: external data file '{shown}' for tensor '{name}' not found in {base}") from None
+    except OSError as exc:
+        raise OnnxladyError(f"{origin}: external data file '{shown}' cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise OnnxladyError(f"{origin}: external data '{shown}' of tensor '{name}' is not a regular file")
+    return target

@@ -1,0 +1,588 @@
+"""The producer layers of a model and their weights in common form, read for a fingerprint.
+
+Which layers count, and how their weights are read, is described in
+:mod:`onnxlady._provenance._fingerprint` (section "Which layers"). Two readers give the same
+layers and the same weights:
+
+- :func:`producer_weights` on a :class:`~onnxlady._graph._model_graph.ModelGraph`: the units of
+  :func:`onnxlady._resync._match.find_units`, whose constants are read through any chain the
+  graph layer understands (Reshape, Squeeze, weight-only ``Mul``, blocked quantization...);
+- :func:`model_producers`: the same walk on a :class:`WeightGraph`, which indexes only what the
+  fingerprint reads (producers, consumers, constants through ``Identity``, ``Cast`` and per-tensor
+  or per-axis ``DequantizeLinear``). Building a ModelGraph costs more than parsing a small model
+  (every node's attributes, subgraphs, shapes); a registry build reads thousands of files, so
+  :func:`model_producers` takes this path and falls back to the ModelGraph one whenever the
+  model holds anything else (another constant chain, If/Loop/Scan bodies, nodes out of
+  topological order). Both agree layer for layer and bit for bit (tests/test_provenance.py
+  checks it on every fixture and conversion).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._model_graph import CHAIN_OPS, ModelGraph, node_label
+from onnxlady._io._tensors import read_array
+from onnxlady._resync._across import _batchnorm
+from onnxlady._resync._match import UNIT_OPS, Unit, find_units
+
+__all__ = ["ProducerWeight", "WeightGraph", "model_producers", "producer_weights"]
+
+_MS_DOMAIN = "com.microsoft"
+_STANDARD = ("", "ai.onnx")
+#: Operators whose output is a unit's BatchNorm input after a Cast or Identity (as find_units).
+_TYPE_ONLY_OPS = frozenset({"Cast", "Identity"})
+#: Units a following BatchNorm folds into (as find_units).
+_FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
+_GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+# -- the common form ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProducerWeight:
+    """One producer layer's weight in common form (see :mod:`onnxlady._provenance._fingerprint`).
+
+    Attributes:
+        node: index of the layer's node in the graph.
+        name: the node's label (its name, or ``op_type#index``).
+        op_type: the operator, ``domain::op`` for operators outside the standard domain.
+        matrix: float32 2-D weight; its neurons run along ``neuron_axis``, their inputs along
+            the other axis (a view of the stored weight where its layout allows: a MatMul's
+            ``[K, N]`` weight is not transposed).
+        neuron_axis: 0 or 1.
+        kernel: spatial positions per input channel (1 for Gemm/MatMul).
+        groups: the convolution's ``group`` attribute (1 otherwise).
+        row_scale: per-neuron factor of a folded BatchNorm (``gamma / sqrt(var + eps)``),
+            applied by the layer records without writing the product; None without one.
+    """
+
+    node: int
+    name: str
+    op_type: str
+    matrix: np.ndarray
+    neuron_axis: int
+    kernel: int
+    groups: int
+    row_scale: np.ndarray | None = None
+
+    @property
+    def neurons(self) -> int:
+        return int(self.matrix.shape[self.neuron_axis])
+
+    @property
+    def fan_in(self) -> int:
+        return int(self.matrix.shape[1 - self.neuron_axis])
+
+    @property
+    def size(self) -> int:
+        return int(self.matrix.size)
+
+    def rows(self) -> np.ndarray:
+        """The weight as a ``(neurons, fan_in)`` float32 matrix, BatchNorm scale applied."""
+        rows = self.matrix if self.neuron_axis == 0 else self.matrix.T
+        if self.row_scale is not None:
+            rows = rows * self.row_scale.astype(np.float32)[:, None]
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+class ConstantSource(Protocol):
+    """What the weight readers need of a graph: its nodes, who produces a tensor, constants."""
+
+    nodes: list[onnx.NodeProto]
+    producer: dict[str, tuple[int, int]]
+
+    def constant_value(self, name: str) -> np.ndarray | None: ...
+
+
+def _conv_rows(weight: np.ndarray) -> tuple[np.ndarray, int]:
+    """Conv weight ``(out, in/g, *k)``: a row per output channel."""
+    kernel = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1
+    return weight.reshape(weight.shape[0], -1), kernel
+
+
+def _conv_transpose_rows(weight: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
+    """ConvTranspose weight ``(in, out/g, *k)``: output channel ``g * out/g + j`` reads the
+    inputs of group ``g`` only.
+    """
+    cin, per_group = weight.shape[:2]
+    kernel = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1
+    grouped = weight.reshape(groups, cin // groups, per_group, kernel)
+    return np.moveaxis(grouped, 2, 1).reshape(groups * per_group, -1), kernel
+
+
+def _axis_matrix(weight: np.ndarray, out_axis: int) -> tuple[np.ndarray, int]:
+    """A Gemm/MatMul weight as (2-D matrix, neuron axis): a 2-D weight as it is, a batched
+    one with its output axis first and the rest flattened.
+    """
+    out_axis %= weight.ndim
+    if weight.ndim == 2:
+        return weight, out_axis
+    return np.moveaxis(weight, out_axis, 0).reshape(weight.shape[out_axis], -1), 0
+
+
+def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    view = [1] * rank
+    view[axis % rank] = -1
+    return vector.reshape(view)
+
+
+def _is_float(value: np.ndarray) -> bool:
+    return value.dtype.kind == "f" or value.dtype.name == "bfloat16"
+
+
+def _float_value(graph: ConstantSource, name: str) -> np.ndarray | None:
+    """A constant operand as float32 (through its chain: Cast, DequantizeLinear...), or None."""
+    if not name:
+        return None
+    value = graph.constant_value(name)
+    if value is None:
+        return _transposed_constant(graph, name)
+    if not _is_float(value):
+        return None  # integers are indices or shapes here; quantized weights are read elsewhere
+    return np.asarray(value, dtype=np.float32)
+
+
+def _transposed_constant(graph: ConstantSource, name: str) -> np.ndarray | None:
+    """``Transpose(constant)``: a tied head reads the embedding table this way; an optimizer
+    folds it into a stored copy, so both forms must give the same weight.
+    """
+    produced = graph.producer.get(name)
+    if produced is None:
+        return None
+    node = graph.nodes[produced[0]]
+    if node.op_type != "Transpose" or node.domain not in _STANDARD:
+        return None
+    value = graph.constant_value(node.input[0])
+    if value is None or not _is_float(value):
+        return None
+    perm = node_attribute(node, "perm", None)
+    return np.transpose(np.asarray(value, dtype=np.float32), perm)
+
+
+def _quantized(graph: ConstantSource, node: onnx.NodeProto, slot: int, scale_slot: int | None, zero_slot: int,
+               out_axis: int) -> np.ndarray | None:  # fmt: skip
+    """An integer weight minus its zero point, times its scale (per tensor or per output
+    channel), as QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger read it.
+    """
+    raw = graph.constant_value(node.input[slot]) if len(node.input) > slot else None
+    if raw is None or raw.dtype.kind not in "iu":
+        return None
+    weight = raw.astype(np.float32)
+    rank = weight.ndim
+    zero_name = node.input[zero_slot] if len(node.input) > zero_slot else ""
+    zero = graph.constant_value(zero_name) if zero_name else None
+    if zero is not None:
+        zero32 = zero.astype(np.float32)
+        weight -= zero32.reshape(()) if zero32.size == 1 else _along(zero32, out_axis, rank)
+    if scale_slot is not None:
+        scale = graph.constant_value(node.input[scale_slot])
+        if scale is None:
+            return None
+        scale32 = np.asarray(scale, dtype=np.float32)
+        weight *= scale32.reshape(()) if scale32.size == 1 else _along(scale32, out_axis, rank)
+    return weight
+
+
+def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Little-endian bit fields of ``bits`` bits from uint8 bytes, the first ``count`` of each
+    row (MatMulNBits packs its weights and zero points this way).
+    """
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    fields = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return fields.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def _matmul_nbits(graph: ConstantSource, node: onnx.NodeProto) -> np.ndarray | None:
+    """com.microsoft MatMulNBits: ``B`` uint8 ``[N, blocks, block_size * bits / 8]``, scales
+    ``[N * blocks]``, optional zero points (packed uint8, or in the scales' type; default
+    ``2^(bits-1)``). Returns the dequantized weight as rows ``(N, K)``.
+    """
+    k, n = int(node_attribute(node, "K", 0)), int(node_attribute(node, "N", 0))
+    bits, block = int(node_attribute(node, "bits", 4)), int(node_attribute(node, "block_size", 0))
+    packed = graph.constant_value(node.input[1]) if len(node.input) > 1 else None
+    scales = graph.constant_value(node.input[2]) if len(node.input) > 2 else None
+    if packed is None or scales is None or bits not in (2, 4, 8) or k <= 0 or n <= 0 or block <= 0:
+        return None
+    blocks = -(-k // block)
+    packed = np.asarray(packed, dtype=np.uint8).reshape(n, blocks, -1)
+    quantized = _unpack_bits(packed, bits, block).astype(np.float32)  # (n, blocks, block)
+    zero_name = node.input[3] if len(node.input) > 3 else ""
+    zero_value = graph.constant_value(zero_name) if zero_name else None
+    if zero_value is None:
+        zero = np.full((n, blocks), float(1 << (bits - 1)), dtype=np.float32)
+    elif zero_value.dtype == np.uint8:
+        zero = _unpack_bits(zero_value.reshape(n, -1), bits, blocks).astype(np.float32)
+    else:
+        zero = np.asarray(zero_value, dtype=np.float32).reshape(n, blocks)
+    scale = np.asarray(scales, dtype=np.float32).reshape(n, blocks)
+    weight = (quantized - zero[..., None]) * scale[..., None]
+    return weight.reshape(n, blocks * block)[:, :k]
+
+
+def _plain_matrix(graph: ConstantSource, node: onnx.NodeProto, transpose_a: int, transpose_b: int) -> tuple[np.ndarray, int] | None:
+    """A Gemm-like ``A @ B`` with exactly one constant operand: its output neurons are B's
+    columns (rows when ``transB``) or A's rows (columns when ``transA``).
+    """
+    if len(node.input) < 2:
+        return None
+    left, right = (_float_value(graph, name) for name in node.input[:2])
+    if (left is None) == (right is None):
+        return None
+    if right is not None and right.ndim >= 2:
+        return _axis_matrix(right, -2 if transpose_b else -1)
+    if left is not None and left.ndim >= 2:
+        return _axis_matrix(left, -1 if transpose_a else -2)
+    return None
+
+
+def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int, int, int] | None:
+    """(matrix, neuron axis, kernel, groups) of a producer that is not a unit of find_units."""
+    node = graph.nodes[index]
+    domain, op = node.domain or "", node.op_type
+    groups = int(node_attribute(node, "group", 1))
+    weight: np.ndarray | None
+    if domain in _STANDARD:
+        if op in ("QLinearConv", "ConvInteger"):
+            weight = _quantized(graph, node, 3, 4, 5, 0) if op == "QLinearConv" else _quantized(graph, node, 1, None, 3, 0)
+            if weight is None:
+                return None
+            matrix, kernel = _conv_rows(weight)
+            return matrix, 0, kernel, groups
+        if op in ("QLinearMatMul", "MatMulInteger"):
+            weight = _quantized(graph, node, 3, 4, 5, -1) if op == "QLinearMatMul" else _quantized(graph, node, 1, None, 3, -1)
+            return None if weight is None or weight.ndim < 2 else (*_axis_matrix(weight, -1), 1, 1)
+        if op in ("Gemm", "MatMul"):  # a weight find_units does not see: Transpose(constant)
+            found = _plain_matrix(graph, node, 0, int(node_attribute(node, "transB", 0)))
+            return None if found is None else (*found, 1, 1)
+        return None
+    if domain != _MS_DOMAIN:
+        return None
+    if op == "FusedConv":
+        weight = _float_value(graph, node.input[1]) if len(node.input) > 1 else None
+        if weight is None or weight.ndim < 3:
+            return None
+        matrix, kernel = _conv_rows(weight)
+        return matrix, 0, kernel, groups
+    if op in ("FusedGemm", "FusedMatMul"):
+        found = _plain_matrix(graph, node, int(node_attribute(node, "transA", 0)), int(node_attribute(node, "transB", 0)))
+        return None if found is None else (*found, 1, 1)
+    if op == "MatMulNBits":
+        weight = _matmul_nbits(graph, node)
+        return None if weight is None else (weight, 0, 1, 1)
+    return None
+
+
+def _collect(
+    graph: ConstantSource,
+    order: list[int],
+    units: dict[int, Unit],
+    batchnorm_scale: Callable[[int], np.ndarray | None],
+) -> list[ProducerWeight]:
+    """The producer weights of ``graph`` in ``order``: units (with their BatchNorm's scale)
+    and the other producers (see the fingerprint's module docstring).
+    """
+    found: list[ProducerWeight] = []
+    for index in order:
+        node = graph.nodes[index]
+        unit = units.get(index)
+        groups = int(node_attribute(node, "group", 1))
+        row_scale = None
+        if unit is not None:
+            weight = _float_value(graph, node.input[unit.weight_slot])
+            if weight is None:
+                continue
+            if node.op_type == "Conv":
+                matrix, kernel = _conv_rows(weight)
+                axis = 0
+            elif node.op_type == "ConvTranspose":
+                (matrix, kernel), axis = _conv_transpose_rows(weight, groups), 0
+            else:
+                (matrix, axis), kernel, groups = _axis_matrix(weight, unit.out_axis), 1, 1
+            if unit.batchnorm is not None:
+                scale = batchnorm_scale(unit.batchnorm)
+                if scale is not None and scale.size == matrix.shape[axis]:
+                    row_scale = np.asarray(scale, dtype=np.float64).ravel()
+        else:
+            other = _other_producer(graph, index)
+            if other is None:
+                continue
+            matrix, axis, kernel, groups = other
+        if matrix.size == 0 or not np.all(np.isfinite(matrix)):
+            continue
+        op = node.op_type if (node.domain or "") in _STANDARD else f"{node.domain}::{node.op_type}"
+        found.append(ProducerWeight(index, node_label(node, index), op, matrix, axis, kernel, groups, row_scale))
+    return found
+
+
+def producer_weights(graph: ModelGraph) -> list[ProducerWeight]:
+    """Every producer layer of ``graph`` with its weight in common form, in topological order.
+
+    Args:
+        graph: the model's graph (shape inference is not needed).
+
+    Returns:
+        One :class:`ProducerWeight` per layer whose weight could be read (see
+        :mod:`onnxlady._provenance._fingerprint` for the operators read and the common form).
+    """
+
+    def scale(index: int) -> np.ndarray | None:
+        batchnorm = _batchnorm(graph, index)
+        return None if batchnorm is None else np.asarray(batchnorm.scale.value)
+
+    return _collect(graph, graph.order, find_units(graph), scale)
+
+
+# -- the fast walk ----------------------------------------------------------------------------
+class FullGraphNeeded(Exception):
+    """The model holds a form only :class:`ModelGraph` reads the same way (message: which)."""
+
+
+class WeightGraph:
+    """What a fingerprint reads of a model's main graph, indexed in one pass over its nodes.
+
+    Producers and consumers of every tensor; constants read lazily (only those a producer,
+    bias or BatchNorm asks for) from initializers and ``Constant`` nodes, through ``Identity``,
+    ``Cast`` and per-tensor or per-axis ``DequantizeLinear`` computed exactly as
+    :class:`ModelGraph` computes them. The answers are those of a ``ModelGraph`` built without
+    shape inference; where they might not be (any other chain of constants, a subgraph, a node
+    reading a tensor defined after it), :class:`FullGraphNeeded` is raised.
+
+    Raises:
+        FullGraphNeeded: from the constructor or any method, see above.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.graph = graph
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.initializers: dict[str, onnx.TensorProto] = {tensor.name: tensor for tensor in graph.initializer}
+        self.graph_outputs: set[str] = {value.name for value in graph.output}
+        self.producer: dict[str, tuple[int, int]] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = {}
+        defined = set(self.initializers)
+        defined.update(value.name for value in graph.input)
+        for index, node in enumerate(self.nodes):
+            for slot, name in enumerate(node.input):
+                if name:
+                    if name not in defined:
+                        raise FullGraphNeeded(f"node {index} reads '{name}' before it is defined")
+                    self.consumers.setdefault(name, []).append((index, slot))
+            for attribute in node.attribute:
+                if attribute.type in _GRAPH_ATTRIBUTES:
+                    raise FullGraphNeeded(f"node {index} holds a subgraph")
+            for slot, name in enumerate(node.output):
+                if name:
+                    self.producer[name] = (index, slot)
+                    defined.add(name)
+        if not self.graph_outputs <= defined:
+            raise FullGraphNeeded("a graph output is not produced")
+        self.order = list(range(len(self.nodes)))
+        self._values: dict[str, np.ndarray | None] = {}
+        self._ranks: dict[str, int] | None = None
+
+    # -- constants ---------------------------------------------------------------------------
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor as its user reads it, or None when it is not constant."""
+        if name not in self._values:
+            self._values[name] = self._resolve(name) if name else None
+        return self._values[name]
+
+    def _resolve(self, name: str) -> np.ndarray | None:
+        tensor = self.initializers.get(name)
+        if tensor is not None:
+            return read_array(tensor, f"tensor '{name}'")
+        produced = self.producer.get(name)
+        if produced is None:
+            return None
+        node = self.nodes[produced[0]]
+        if node.domain not in _STANDARD:
+            return None
+        op = node.op_type
+        if op == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    return read_array(attribute.t, f"tensor '{name}'")
+                if attribute.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                    raise FullGraphNeeded(f"Constant '{name}' holds a {attribute.name}")
+            return None
+        if op not in CHAIN_OPS:
+            return None
+        values = [self.constant_value(source) for source in node.input if source]
+        if not values or any(value is None for value in values):
+            return None  # a chain with any input computed at run time is no constant
+        if op == "Identity":
+            return values[0]
+        if op == "Cast":
+            try:
+                return values[0].astype(onnx.helper.tensor_dtype_to_np_dtype(node_attribute(node, "to")))  # type: ignore[union-attr]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise FullGraphNeeded(f"Cast '{name}': {exc}") from exc
+        if op == "DequantizeLinear":
+            return self._dequantized(node, name)
+        raise FullGraphNeeded(f"'{name}' is a {op} of constants")
+
+    def _dequantized(self, node: onnx.NodeProto, name: str) -> np.ndarray:
+        """``(x - zero_point) * scale`` per tensor or per axis, computed as ModelGraph does."""
+        value = self.constant_value(node.input[0])
+        scale = self.constant_value(node.input[1]) if len(node.input) > 1 else None
+        zero = self.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if value is None or scale is None or value.dtype.kind not in "iub" or int(node_attribute(node, "block_size", 0)):
+            raise FullGraphNeeded(f"DequantizeLinear '{name}' of blocks or float8")
+        axis = int(node_attribute(node, "axis", 1)) % max(value.ndim, 1)
+
+        def spread(parameter: np.ndarray) -> np.ndarray:
+            if parameter.size == 1 and parameter.ndim <= 1:
+                return parameter.reshape(())
+            shape = [1] * value.ndim
+            shape[axis] = -1
+            return parameter.reshape(shape)
+
+        shifted = value.astype(np.int64) - (0 if zero is None else spread(zero).astype(np.int64))
+        return (shifted.astype(np.float32) * spread(scale).astype(np.float32)).astype(scale.dtype)
+
+    def float_constant(self, name: str) -> bool:
+        """A constant whose values are real numbers (find_units' ``_float_constant``)."""
+        value = self.constant_value(name) if name else None
+        return value is not None and value.dtype.kind == "f"
+
+    def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of a constant (the chains read here keep shapes)."""
+        value = self.constant_value(name) if name else None
+        return None if value is None else tuple(int(d) for d in value.shape)
+
+    def rank(self, name: str) -> int | None:
+        """A tensor's rank from the graph's declared inputs, outputs and value_info."""
+        if self._ranks is None:
+            best: dict[str, tuple[int, int]] = {}  # name -> (known dims, rank), the best declared
+            for info in (*self.graph.input, *self.graph.output, *self.graph.value_info):
+                if info.name in self.initializers or not info.type.HasField("tensor_type"):
+                    continue
+                if info.type.tensor_type.HasField("shape"):
+                    dims = info.type.tensor_type.shape.dim
+                    known = sum(1 for d in dims if d.HasField("dim_value") or d.HasField("dim_param"))
+                    if info.name not in best or known > best[info.name][0]:
+                        best[info.name] = (known, len(dims))
+            self._ranks = {name: rank for name, (_, rank) in best.items()}
+        return self._ranks.get(name)
+
+    # -- units, as find_units finds them -----------------------------------------------------
+    def units(self) -> dict[int, Unit]:
+        """Every Conv/ConvTranspose/Gemm/MatMul with a constant weight, with its following
+        BatchNorm (bias left unset: the fingerprint does not read it).
+        """
+        units: dict[int, Unit] = {}
+        for index, node in enumerate(self.nodes):
+            if node.op_type not in UNIT_OPS or node.domain not in _STANDARD or len(node.input) < 2:
+                continue
+            slot_axis = self._weight_slot(node)
+            if slot_axis is None:
+                continue
+            slot, out_axis = slot_axis
+            tail = node.output[0]
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
+                pass  # the bias is the node's own input: the BatchNorm reads the node's output
+            else:
+                reader = self._single_consumer(tail, "Add")
+                if reader is not None:
+                    add = self.nodes[reader[0]]
+                    if self._is_channel_vector(add.input[1 - reader[1]], node, slot, out_axis):
+                        tail = add.output[0]
+            batchnorm = None
+            if node.op_type in _FOLDABLE and self._foldable(node):
+                reader = self._single_consumer(tail, "BatchNormalization")
+                bn = self.nodes[reader[0]] if reader is not None else None
+                if bn is not None and reader is not None and reader[1] == 0 and all(
+                    self.float_constant(name) for name in bn.input[1:5]
+                ):
+                    batchnorm = reader[0]
+            units[index] = Unit(index, slot, out_axis, None, batchnorm)
+        return units
+
+    def _weight_slot(self, node: onnx.NodeProto) -> tuple[int, int] | None:
+        op = node.op_type
+        if op == "Conv":
+            return (1, 0) if self.float_constant(node.input[1]) else None
+        if op == "ConvTranspose":
+            return (1, 1) if self.float_constant(node.input[1]) else None
+        if op == "Gemm":
+            if not self.float_constant(node.input[1]) or self.float_constant(node.input[0]):
+                return None
+            return (1, 0 if int(node_attribute(node, "transB", 0)) else 1)
+        left, right = (self.float_constant(name) for name in node.input[:2])
+        if left == right:
+            return None
+        shape = self.constant_shape(node.input[1 if right else 0])
+        if shape is None or len(shape) < 2:
+            return None
+        return (1, len(shape) - 1) if right else (0, len(shape) - 2)
+
+    def _single_consumer(self, name: str, op_type: str) -> tuple[int, int] | None:
+        while True:
+            readers = self.consumers.get(name, [])
+            if len(readers) != 1 or name in self.graph_outputs:
+                return None
+            index, slot = readers[0]
+            node = self.nodes[index]
+            if node.op_type == op_type:
+                return index, slot
+            if slot != 0 or node.op_type not in _TYPE_ONLY_OPS or len(node.output) != 1:
+                return None
+            name = node.output[0]
+
+    def _is_channel_vector(self, name: str, node: onnx.NodeProto, slot: int, out_axis: int) -> bool:
+        weight = self.constant_shape(node.input[slot])
+        shape = self.constant_shape(name) if self.float_constant(name) else None
+        if weight is None or shape is None:
+            return False
+        channels = weight[out_axis]
+        if node.op_type in ("MatMul", "Gemm"):
+            return shape[-1:] == (channels,) and all(d == 1 for d in shape[:-1])
+        rank = len(weight)
+        if len(shape) > rank:
+            return False
+        aligned = (1,) * (rank - len(shape)) + tuple(shape)
+        return aligned[1] == channels and all(d == 1 for axis, d in enumerate(aligned) if axis != 1)
+
+    def _foldable(self, node: onnx.NodeProto) -> bool:
+        if node.op_type == "ConvTranspose":
+            return int(node_attribute(node, "group", 1)) == 1
+        if node.op_type == "Gemm":
+            return self.rank(node.output[0]) == 2
+        return True
+
+    def batchnorm_scale(self, index: int) -> np.ndarray | None:
+        """``gamma / sqrt(var + eps)`` of a BatchNorm, in float64."""
+        node = self.nodes[index]
+        parts = [self.constant_value(name) for name in node.input[1:5]]
+        if len(parts) < 4 or any(part is None for part in parts):
+            return None
+        gamma, _, _, var = (np.asarray(part, dtype=np.float64) for part in parts)
+        eps = float(node_attribute(node, "epsilon", 1e-5))
+        return gamma / np.sqrt(var + eps)
+
+
+def model_producers(model: onnx.ModelProto) -> list[ProducerWeight]:
+    """:func:`producer_weights` of ``model``, read by a :class:`WeightGraph` where it can be
+    (the same answer, without building a ModelGraph), else by a ModelGraph.
+
+    Args:
+        model: a loaded model (external data loaded); not modified.
+
+    Returns:
+        The producer weights, in topological order.
+
+    Raises:
+        OnnxladyError: the model is malformed (a tensor nothing defines, a cycle...).
+    """
+    try:
+        graph = WeightGraph(model)
+        return _collect(graph, graph.order, graph.units(), graph.batchnorm_scale)
+    except FullGraphNeeded:
+        return producer_weights(ModelGraph(model, infer_shapes=False))

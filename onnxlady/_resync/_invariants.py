@@ -1,0 +1,82 @@
+"""Signatures of a weight that no permutation of its neurons changes, and how far two are apart.
+
+Where the structure of two graphs does not say which weight is which (a converter reordered
+three projections of the same shape, fused one of them, or moved a layer), their *content*
+does: a permuted copy of a weight has the same sorted row norms, the same sorted column norms
+and the same sorted values, up to its storage error. :func:`signature` computes those (on the
+weight in a layout both models share, see :mod:`onnxlady._resync._sites`) and
+:func:`distance` compares two: 0 for a permuted copy, up to 2 for unrelated weights; a
+float16 or int8 conversion moves it by about its relative rounding (1e-3, 1e-2).
+
+Pure numpy on arrays: any layer may use it (the provenance fingerprints compute richer
+statistics of the same kind on their own).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["QUANTILES", "distance", "signature"]
+
+#: Points of the quantile function kept per tensor (the sorted values, resampled).
+QUANTILES = 33
+
+
+def _resampled(sorted_values: np.ndarray, points: int = QUANTILES) -> np.ndarray:
+    """A sorted sequence at ``points`` evenly spaced ranks (interpolated), whatever its length."""
+    if sorted_values.size <= points:
+        return sorted_values
+    grid = np.linspace(0.0, sorted_values.size - 1.0, points)
+    return np.interp(grid, np.arange(sorted_values.size), sorted_values)
+
+
+def signature(value: np.ndarray) -> list[np.ndarray]:
+    """Permutation-invariant statistics of one weight in its canonical layout.
+
+    Args:
+        value: the weight, neurons on axis 0 (a matrix ``[out, in]``, a convolution kernel
+            ``[out, in, k...]``) or a vector over neurons (a bias, a normalisation's scale).
+
+    Returns:
+        Components compared one by one by :func:`distance`: the sorted values (resampled to
+        :data:`QUANTILES` points) and, for a matrix, the sorted norms of its rows (neurons)
+        and of its input columns (summed over kernel positions). Each is unchanged by any
+        permutation of the neurons and of the inputs.
+    """
+    flat = np.asarray(value, dtype=np.float64)
+    if flat.size == 0:
+        return []
+    if flat.size > 1 << 22:  # quantiles of a huge tensor cost a full sort: a selection suffices
+        ranks = np.linspace(0, flat.size - 1, QUANTILES).astype(np.int64)
+        values = np.partition(flat.ravel(), ranks)[ranks]
+    else:
+        values = _resampled(np.sort(flat.ravel()))
+    parts = [values]
+    if flat.ndim >= 2 and flat.shape[0] > 1:
+        squares = flat * flat
+        rows = np.sqrt(squares.reshape(flat.shape[0], -1).sum(axis=1))
+        columns = np.sqrt(np.moveaxis(squares, 1, 0).reshape(flat.shape[1], -1).sum(axis=1))
+        parts += [np.sort(rows), np.sort(columns)]
+    return parts
+
+
+def distance(first: list[np.ndarray], second: list[np.ndarray]) -> float:
+    """How far two signatures are: the mean, over components, of ``2 |a - b| / (|a| + |b|)``.
+
+    Args:
+        first: a :func:`signature`.
+        second: another, of a weight of the same shape.
+
+    Returns:
+        0 for permuted copies, about the relative storage error for converted ones, up to 2;
+        ``inf`` when the signatures cannot be compared (different shapes).
+    """
+    if len(first) != len(second) or not first:
+        return float("inf") if len(first) != len(second) else 0.0
+    total = 0.0
+    for a, b in zip(first, second):
+        if a.shape != b.shape:
+            return float("inf")
+        scale = float(np.linalg.norm(a) + np.linalg.norm(b))
+        total += 2.0 * float(np.linalg.norm(a - b)) / scale if scale > 0 else 0.0
+    return total / len(first)

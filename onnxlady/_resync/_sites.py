@@ -1,0 +1,633 @@
+"""Sites: the weights of a graph as its computation reads them, whichever operators hold them.
+
+Converters rewrite a graph without changing what it computes: ONNX Runtime's optimizer writes
+``MatMul`` + ``Add`` as one ``Gemm`` (or ``FusedGemm``, ``FusedMatMul`` with its scale), folds a
+BatchNorm into the ``Conv`` before it and a ``Relu`` into ``FusedConv``, a decomposed
+LayerNorm and the residual ``Add`` before it into ``SkipLayerNormalization`` (which then also
+holds the bias of the linear layer that feeds it), three Q/K/V projections into one packed
+``Attention`` weight; int4 quantizers write ``MatMulNBits``. A *site* is one such weight as the
+computation uses it, in a *canonical layout* shared by every operator family that computes it:
+
+==================  ===========================================================================
+family              canonical operands (token)
+==================  ===========================================================================
+``dense``           weight ``[out, in]`` (times ``alpha``), bias ``[out]`` (times ``beta``):
+                    MatMul with a constant weight and the Add after it, Gemm, FusedGemm,
+                    FusedMatMul, MatMulNBits (dequantized), one third of an Attention's packed
+                    QKV weight; a bias fused into the next SkipLayerNormalization, BiasGelu,
+                    FastGelu or MultiHeadAttention belongs to its layer
+``conv``            weight ``[out, in / group, k...]`` and bias: Conv, FusedConv
+``conv-transpose``  weight ``[out, in, k...]`` (ConvTranspose, one group) and bias
+``scale``           a per-channel factor ``[C]``: a LayerNorm's (Skip-, Simplified-, RMS-,
+                    EmbedLayer-) scale, a Mul by a channel vector
+``shift``           a per-channel offset ``[C]``: a LayerNorm's bias, an Add (or Sub) of a
+                    channel vector that is no layer's bias
+``table``           an embedding table ``[rows, C]``: Gather, EmbedLayerNormalization's tables
+``other``           any other node reading float constants: its operator and their shapes
+==================  ===========================================================================
+
+A linear layer followed by a BatchNormalization keeps it as part of its site
+(``Site.batchnorm``) so folded and unfolded copies have the same sites. Every operand knows
+where it is stored (node, input slot, a block of it) and how its stored layout maps to the
+canonical one (a transpose, a factor), both ways: :func:`read_operand` reads it in canonical
+layout, :func:`place_operand` writes a canonical value back into the stored layout (so the
+suspect's numbers can be compared in the reference's layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._resync._values import Approx, nbits_layout, read_constant, read_nbits
+
+__all__ = ["Operand", "Site", "find_sites", "place_operand", "read_operand", "site_operand_axis"]
+
+MICROSOFT = "com.microsoft"
+_STANDARD = ("", "ai.onnx")
+_FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+)
+#: Operators that only change an activation's type: a float16 converter runs a BatchNorm in
+#: float32 between two Casts, and the BatchNorm still follows its Conv.
+_TYPE_ONLY_OPS = frozenset({"Cast", "Identity"})
+#: Normalisations: (domain, op) -> (scale slot, shift slot or None).
+_NORMS: dict[tuple[str, str], tuple[int, int | None]] = {
+    ("", "LayerNormalization"): (1, 2),
+    ("", "SimplifiedLayerNormalization"): (1, None),  # ONNX Runtime registers it in the ONNX domain
+    ("", "RMSNormalization"): (1, None),
+    (MICROSOFT, "SkipLayerNormalization"): (2, 3),
+    (MICROSOFT, "SkipSimplifiedLayerNormalization"): (2, None),
+    (MICROSOFT, "SimplifiedLayerNormalization"): (1, None),
+}
+#: Operators that add a linear layer's bias to its output: (domain, op) -> (data slots, bias slot).
+_BIAS_HOSTS: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {
+    (MICROSOFT, "SkipLayerNormalization"): ((0, 1), 4),
+    (MICROSOFT, "SkipSimplifiedLayerNormalization"): ((0, 1), 4),
+    (MICROSOFT, "BiasGelu"): ((0,), 1),
+    (MICROSOFT, "FastGelu"): ((0,), 1),
+    (MICROSOFT, "BiasAdd"): ((0,), 1),
+}
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One constant a site reads, and how its stored layout maps to the canonical one.
+
+    The value as the node reads it (``read_shape``; for ``MatMulNBits`` the dequantized
+    ``[N, blocks, bytes, values per byte]``) is cut to ``block`` (axis, start, stop), its axes
+    reordered by ``axes`` (``np.transpose``), reshaped to ``shape`` and multiplied by
+    ``factor``.
+    """
+
+    role: str  # "weight", "bias", "scale", "shift", "table", "bn1".."bn4", "c0", "c1"...
+    node: int
+    slot: int
+    read_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    block: tuple[int, int, int] | None = None
+    axes: tuple[int, ...] | None = None
+    factor: float = 1.0
+    nbits: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    def _cut_shape(self) -> tuple[int, ...]:
+        shape = list(self.read_shape)
+        if self.block is not None:
+            axis, start, stop = self.block
+            shape[axis] = stop - start
+        return tuple(shape)
+
+    def read_axis(self, canonical_axis: int) -> int | None:
+        """The axis of the value as read that canonical axis ``canonical_axis`` is, if one is."""
+        if self.nbits:
+            return 0 if canonical_axis == 0 else None
+        cut = self._cut_shape()
+        moved = tuple(cut[a] for a in self.axes) if self.axes is not None else cut
+        if moved == self.shape:
+            return self.axes[canonical_axis] if self.axes is not None else canonical_axis
+        wide = [axis for axis, size in enumerate(cut) if size != 1]
+        if len(self.shape) == 1 and len(wide) == 1:  # a vector read as [1, C, 1, 1]
+            return wide[0]
+        return None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One weight-reading computation, in canonical form (see the module docstring)."""
+
+    node: int  # the node whose weight it is (for a unit: the linear node)
+    part: int  # which of the node's sites (an Attention's q, k, v; a LayerNorm's scale, shift)
+    family: str
+    token: tuple[object, ...]
+    operands: tuple[Operand, ...]
+    #: The operators that hold it, in order (``("MatMul", "Add")``, ``("Gemm",)``,
+    #: ``("Conv", "BatchNormalization")``, ``("MatMul", "SkipLayerNormalization")``).
+    ops: tuple[str, ...]
+    #: The node whose output is the site's result (the bias Add or BatchNorm of a unit).
+    tail: int
+    batchnorm: int | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.node, self.part)
+
+    @property
+    def size(self) -> int:
+        """Elements of its operands: how much of the model it holds."""
+        return sum(operand.size for operand in self.operands)
+
+    def operand(self, role: str) -> Operand | None:
+        return next((operand for operand in self.operands if operand.role == role), None)
+
+    @property
+    def form(self) -> str:
+        """How the model writes it: ``MatMul+Add``, ``FusedConv``, ``Attention[1]``..."""
+        text = "+".join(self.ops)
+        return f"{text}[{self.part}]" if self.part and self.family in ("dense", "table") else text
+
+
+# -- reading and writing operands -------------------------------------------------------------
+def read_operand(graph: ModelGraph, operand: Operand) -> Approx | None:
+    """An operand's value in canonical layout, with its storage error bound.
+
+    Args:
+        graph: the model holding it.
+        operand: one of a site's operands.
+
+    Returns:
+        The value, or None when it cannot be read as numbers (computed, packed otherwise).
+    """
+    if operand.nbits:
+        full = read_nbits(graph, operand.node)
+        if full is None or full.value.shape != operand.read_shape:
+            return None
+        n, k = operand.shape
+        return Approx(full.value.reshape(n, -1)[:, :k], full.error.reshape(n, -1)[:, :k])
+    name = graph.nodes[operand.node].input[operand.slot]
+    full = read_constant(graph, name)
+    if full is None or full.value.shape != operand.read_shape:
+        return None
+    value, error = full.value, np.broadcast_to(full.error, full.value.shape)
+    if operand.block is not None:
+        axis, start, stop = operand.block
+        value, error = np.take(value, range(start, stop), axis=axis), np.take(error, range(start, stop), axis=axis)
+    part = Approx(value, error)
+    if operand.axes is not None:
+        part = part.transposed(operand.axes)
+    part = part.reshaped(operand.shape)
+    return part.scaled(operand.factor) if operand.factor != 1.0 else part
+
+
+def place_operand(operand: Operand, canonical: Approx, value: np.ndarray, error: np.ndarray) -> None:
+    """Write a canonical value into ``value``/``error`` (shaped ``operand.read_shape``) where the
+    operand is stored: the inverse of :func:`read_operand`.
+    """
+    part = canonical.scaled(1.0 / operand.factor) if operand.factor != 1.0 else canonical
+    if operand.nbits:
+        n, blocks, width, per_byte = operand.read_shape
+        padded_value = np.zeros((n, blocks * width * per_byte))
+        padded_error = np.zeros_like(padded_value)
+        padded_value[:, : operand.shape[1]] = part.value
+        padded_error[:, : operand.shape[1]] = np.broadcast_to(part.error, part.value.shape)
+        value[...] = padded_value.reshape(operand.read_shape)
+        error[...] = padded_error.reshape(operand.read_shape)
+        return
+    cut = operand._cut_shape()
+    if operand.axes is not None:
+        part = part.reshaped(tuple(cut[a] for a in operand.axes)).transposed(tuple(np.argsort(operand.axes)))
+    else:
+        part = part.reshaped(cut)
+    index: list[slice] = [slice(None)] * len(operand.read_shape)
+    if operand.block is not None:
+        axis, start, stop = operand.block
+        index[axis] = slice(start, stop)
+    value[tuple(index)] = part.value
+    error[tuple(index)] = part.error
+
+
+def site_operand_axis(graph: ModelGraph, operand: Operand, canonical_axis: int) -> tuple[int, slice] | None:
+    """Where a canonical axis of an operand sits in its stored leaf: (leaf axis, range of it).
+
+    None when the axis is not one axis of the leaf (a MatMulNBits weight's packed input axis).
+    """
+    read = operand.read_axis(canonical_axis)
+    if read is None:
+        return None
+    name = graph.nodes[operand.node].input[operand.slot]
+    leaf_axis = graph.leaf_axis(name, read) if not operand.nbits else 0
+    if leaf_axis is None:
+        return None
+    if operand.block is not None and operand.block[0] == read:
+        return leaf_axis, slice(operand.block[1], operand.block[2])
+    return leaf_axis, slice(None)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _float_constant(graph: ModelGraph, name: str) -> bool:
+    """A constant operand whose values are real numbers (weights, scales), not indices or shapes."""
+    leaf = graph.constant_leaf(name) if name else None
+    if leaf is None or graph.leaf_tensor_or_none(leaf) is None:
+        return False
+    value = graph.constant_value(name)
+    return value is not None and value.dtype.kind == "f"
+
+
+def _shape(graph: ModelGraph, name: str) -> tuple[int, ...] | None:
+    return graph.constant_shape(name) if _float_constant(graph, name) else None
+
+
+def _single_consumer(graph: ModelGraph, name: str, accept: tuple[str, ...]) -> tuple[int, int] | None:
+    """The only reader of ``name`` (through Casts) if its operator is one of ``accept``, with
+    nothing on the way a graph output.
+    """
+    while True:
+        readers = graph.consumers.get(name, [])
+        if len(readers) != 1 or name in graph.graph_outputs:
+            return None
+        index, slot = readers[0]
+        node = graph.nodes[index]
+        if slot >= 0 and node.op_type in accept:
+            return index, slot
+        if slot != 0 or node.op_type not in _TYPE_ONLY_OPS or len(node.output) != 1:
+            return None
+        name = node.output[0]
+
+
+def _vector_operand(graph: ModelGraph, index: int, slot: int, size: int, role: str, factor: float = 1.0,
+                    block: tuple[int, int, int] | None = None) -> Operand | None:
+    """A float constant input read as a vector of ``size`` (or a block of one)."""
+    node = graph.nodes[index]
+    if slot >= len(node.input) or not node.input[slot]:
+        return None
+    shape = _shape(graph, node.input[slot])
+    if shape is None:
+        return None
+    if block is not None:
+        if len(shape) != 1 or block[2] > shape[0] or block[2] - block[1] != size:
+            return None
+    elif int(np.prod(shape)) != size or sum(d != 1 for d in shape) > 1:
+        return None
+    return Operand(role, index, slot, shape, (size,), block=block, factor=factor)
+
+
+def _channel_vector(graph: ModelGraph, name: str) -> int | None:
+    """The size of a float constant that varies along one axis only (a per-channel vector)."""
+    shape = _shape(graph, name)
+    if shape is None:
+        return None
+    wide = [d for d in shape if d != 1]
+    return wide[0] if len(wide) == 1 and wide[0] > 1 else None
+
+
+# -- linear layers ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Linear:
+    family: str
+    weight: Operand
+    extra: tuple[object, ...]  # token beyond the canonical weight shape (conv groups)
+
+
+def _linear(graph: ModelGraph, index: int) -> _Linear | None:
+    """A node computing a linear map of its input with a constant weight, in canonical form."""
+    node = graph.nodes[index]
+    op, domain = node.op_type, node.domain or ""
+    if len(node.input) < 2:
+        return None
+    weight_name = node.input[1]
+    if (op == "Conv" and domain in _STANDARD) or (op == "FusedConv" and domain == MICROSOFT):
+        shape = _shape(graph, weight_name)
+        if shape is None or len(shape) < 3:
+            return None
+        return _Linear("conv", Operand("weight", index, 1, shape, shape), (int(node_attribute(node, "group", 1)),))
+    if op == "ConvTranspose" and domain in _STANDARD:
+        shape = _shape(graph, weight_name)
+        if shape is None or len(shape) < 3 or int(node_attribute(node, "group", 1)) != 1:
+            return None
+        axes = (1, 0, *range(2, len(shape)))
+        return _Linear("conv-transpose", Operand("weight", index, 1, shape, tuple(shape[a] for a in axes), axes=axes), ())
+    if (op == "Gemm" and domain in _STANDARD) or (op == "FusedGemm" and domain == MICROSOFT):
+        shape = _shape(graph, weight_name)
+        if shape is None or len(shape) != 2 or _float_constant(graph, node.input[0]):
+            return None
+        alpha = float(node_attribute(node, "alpha", 1.0))
+        if int(node_attribute(node, "transB", 0)):
+            return _Linear("dense", Operand("weight", index, 1, shape, shape, factor=alpha), ())
+        return _Linear("dense", Operand("weight", index, 1, shape, (shape[1], shape[0]), axes=(1, 0), factor=alpha), ())
+    if op == "MatMul" and domain in _STANDARD:
+        left, right = (_float_constant(graph, name) for name in node.input[:2])
+        if left == right:
+            return None
+        if right:
+            shape = _shape(graph, weight_name)
+            if shape is None or len(shape) != 2:
+                return None
+            return _Linear("dense", Operand("weight", index, 1, shape, (shape[1], shape[0]), axes=(1, 0)), ())
+        shape = _shape(graph, node.input[0])
+        if shape is None or len(shape) != 2:
+            return None
+        return _Linear("dense", Operand("weight", index, 0, shape, shape), ())
+    if op == "FusedMatMul" and domain == MICROSOFT:
+        shape = _shape(graph, weight_name)
+        if (shape is None or len(shape) != 2 or _float_constant(graph, node.input[0])
+                or int(node_attribute(node, "transBatchB", 0))):  # fmt: skip
+            return None
+        alpha = float(node_attribute(node, "alpha", 1.0))
+        if int(node_attribute(node, "transB", 0)):
+            return _Linear("dense", Operand("weight", index, 1, shape, shape, factor=alpha), ())
+        return _Linear("dense", Operand("weight", index, 1, shape, (shape[1], shape[0]), axes=(1, 0), factor=alpha), ())
+    if op == "MatMulNBits" and domain == MICROSOFT:
+        layout = nbits_layout(node)
+        leaf = graph.constant_leaf(weight_name)
+        if layout is None or leaf is None or leaf.chain or len(node.input) < 3 or not graph.is_constant(node.input[2]):
+            return None
+        n, k, bits, block, blocks = layout
+        read_shape = (n, blocks, block * bits // 8, 8 // bits)
+        return _Linear("dense", Operand("weight", index, 1, read_shape, (n, k), nbits=True), ())
+    return None
+
+
+def _own_bias(graph: ModelGraph, index: int, size: int) -> Operand | None:
+    node = graph.nodes[index]
+    op = node.op_type
+    if op in ("Conv", "FusedConv", "ConvTranspose"):
+        return _vector_operand(graph, index, 2, size, "bias")
+    if op in ("Gemm", "FusedGemm"):
+        if len(node.input) > 2 and node.input[2]:
+            shape = _shape(graph, node.input[2])
+            if shape is None or shape[-1:] != (size,) or any(d != 1 for d in shape[:-1]):
+                return None
+            return _vector_operand(graph, index, 2, size, "bias", float(node_attribute(node, "beta", 1.0)))
+        return None
+    if op == "MatMulNBits":
+        return _vector_operand(graph, index, 5, size, "bias")
+    return None
+
+
+def _out_size(linear: _Linear) -> int:
+    return linear.weight.shape[0]
+
+
+def _is_bias_add(graph: ModelGraph, add: onnx.NodeProto, slot: int, linear: _Linear, rank_known: int | None) -> bool:
+    """The Add's other operand is a constant over the layer's output channels only."""
+    shape = _shape(graph, add.input[1 - slot])
+    if shape is None:
+        return False
+    channels = _out_size(linear)
+    if linear.family == "dense":
+        return shape[-1:] == (channels,) and all(d == 1 for d in shape[:-1])
+    rank = rank_known if rank_known is not None else len(linear.weight.read_shape)
+    if len(shape) > rank:
+        return False
+    aligned = (1,) * (rank - len(shape)) + tuple(shape)
+    return aligned[1] == channels and all(d == 1 for axis, d in enumerate(aligned) if axis != 1)
+
+
+@dataclass
+class _Unit:
+    linear: _Linear
+    bias: Operand | None
+    ops: list[str]
+    tail: int
+    batchnorm: int | None = None
+
+
+def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int, int]]]:
+    """Every linear layer with its bias and BatchNorm; the nodes absorbed into them (bias Adds,
+    BatchNorms) and the bias inputs of fused operators they claimed.
+    """
+    units: dict[int, _Unit] = {}
+    absorbed: set[int] = set()
+    claimed: set[tuple[int, int]] = set()
+    for index in graph.order:
+        linear = _linear(graph, index)
+        if linear is None:
+            continue
+        node = graph.nodes[index]
+        size = _out_size(linear)
+        unit = _Unit(linear, _own_bias(graph, index, size), [node.op_type], index)
+        tail = node.output[0]
+        if unit.bias is None:
+            reader = _single_consumer(graph, tail, ("Add", *(op for _, op in _BIAS_HOSTS), "MultiHeadAttention"))
+            if reader is not None:
+                host, slot = reader
+                host_node = graph.nodes[host]
+                key = (host_node.domain or "", host_node.op_type)
+                if host_node.op_type == "Add" and key[0] in _STANDARD and slot in (0, 1):
+                    if _is_bias_add(graph, host_node, slot, linear, graph.rank(tail)):
+                        unit.bias = _vector_operand(graph, host, 1 - slot, size, "bias") or Operand(
+                            "bias", host, 1 - slot, _shape(graph, host_node.input[1 - slot]) or (size,), (size,)
+                        )
+                        unit.ops.append("Add")
+                        unit.tail = host
+                        absorbed.add(host)
+                        tail = host_node.output[0]
+                elif key in _BIAS_HOSTS and slot in _BIAS_HOSTS[key][0]:
+                    bias_slot = _BIAS_HOSTS[key][1]
+                    operand = _vector_operand(graph, host, bias_slot, size, "bias")
+                    if operand is not None and (host, bias_slot) not in claimed:
+                        unit.bias = operand
+                        unit.ops.append(host_node.op_type)
+                        claimed.add((host, bias_slot))
+                elif host_node.op_type == "MultiHeadAttention" and key[0] == MICROSOFT and slot in (0, 1, 2):
+                    operand = _vector_operand(graph, host, 3, size, "bias", block=(0, slot * size, (slot + 1) * size))
+                    if operand is not None and _shape(graph, host_node.input[3]) == (3 * size,):
+                        unit.bias = operand
+                        unit.ops.append("MultiHeadAttention")
+                        claimed.add((host, 3))
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and (node.domain or "") in _STANDARD:
+            foldable = node.op_type != "Gemm" or graph.rank(node.output[0]) == 2
+            reader = _single_consumer(graph, tail, ("BatchNormalization",)) if foldable else None
+            if reader is not None and reader[1] == 0:
+                bn = graph.nodes[reader[0]]
+                if all(_vector_operand(graph, reader[0], slot, size, "bn") is not None for slot in range(1, 5)):
+                    unit.batchnorm = reader[0]
+                    unit.ops.append("BatchNormalization")
+                    unit.tail = reader[0]
+                    absorbed.add(reader[0])
+                    del bn
+        units[index] = unit
+    return units, absorbed, claimed
+
+
+def _unit_site(graph: ModelGraph, index: int, unit: _Unit) -> Site:
+    linear = unit.linear
+    operands = [linear.weight]
+    if unit.bias is not None:
+        operands.append(unit.bias)
+    if unit.batchnorm is not None:
+        size = _out_size(linear)
+        for slot in range(1, 5):
+            operand = _vector_operand(graph, unit.batchnorm, slot, size, f"bn{slot}")
+            assert operand is not None
+            operands.append(operand)
+    token = (linear.family, linear.weight.shape, *linear.extra)
+    return Site(index, 0, linear.family, token, tuple(operands), tuple(unit.ops), unit.tail, unit.batchnorm)
+
+
+# -- operators holding several sites ----------------------------------------------------------
+def _attention_sites(graph: ModelGraph, index: int) -> list[Site]:
+    """com.microsoft Attention: its packed weight ``[in, q + k + v]`` is three dense layers."""
+    node = graph.nodes[index]
+    if len(node.input) < 2:
+        return []
+    shape = _shape(graph, node.input[1])
+    if shape is None or len(shape) != 2:
+        return []
+    sizes = [int(s) for s in node_attribute(node, "qkv_hidden_sizes", [])] or [shape[1] // 3] * 3
+    if sum(sizes) != shape[1]:
+        return []
+    bias_shape = _shape(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sites = []
+    start = 0
+    for part, size in enumerate(sizes):
+        block = (1, start, start + size)
+        operands = [Operand("weight", index, 1, shape, (size, shape[0]), block=block, axes=(1, 0))]
+        if bias_shape == (shape[1],):
+            operands.append(Operand("bias", index, 2, bias_shape, (size,), block=(0, start, start + size)))
+        sites.append(Site(index, part, "dense", ("dense", (size, shape[0])), tuple(operands), ("Attention",), index))
+        start += size
+    return sites
+
+
+def _embed_sites(graph: ModelGraph, index: int) -> list[Site]:
+    """com.microsoft EmbedLayerNormalization: word, position, segment tables, then a LayerNorm."""
+    node = graph.nodes[index]
+    sites = []
+    for part, slot in enumerate((2, 3, 4)):
+        shape = _shape(graph, node.input[slot]) if len(node.input) > slot and node.input[slot] else None
+        if shape is not None and len(shape) == 2:
+            operand = Operand("table", index, slot, shape, shape)
+            sites.append(Site(index, part, "table", ("table", shape), (operand,), (node.op_type,), index))
+    for part, (slot, role) in ((3, (5, "scale")), (4, (6, "shift"))):
+        sites.extend(_vector_site(graph, index, slot, role, part))
+    return sites
+
+
+def _vector_site(graph: ModelGraph, index: int, slot: int, role: str, part: int, factor: float = 1.0) -> list[Site]:
+    node = graph.nodes[index]
+    if slot >= len(node.input) or not node.input[slot]:
+        return []
+    size = _channel_vector(graph, node.input[slot])
+    if size is None:
+        return []
+    operand = _vector_operand(graph, index, slot, size, role, factor)
+    if operand is None:
+        return []
+    return [Site(index, part, role, (role, size), (operand,), (node.op_type,), index)]
+
+
+# -- sites ------------------------------------------------------------------------------------
+def constant_computed(graph: ModelGraph) -> set[str]:
+    """Tensors computed from constants only (a Gather of a constant table at constant indices):
+    a simplifier folds them into stored constants, so they count as constants on both sides.
+    """
+    known = set(graph.initializers) | set(graph.constant_nodes) | set(graph.folded)
+    computed: set[str] = set()
+    for index in graph.order:
+        node = graph.nodes[index]
+        if index in graph.implicit_inputs or not node.input or node.op_type.startswith("Random"):
+            continue
+        if all(not name or name in known or name in computed or graph.is_constant(name) for name in node.input):
+            computed.update(name for name in node.output if name)
+    return computed
+
+
+def _generic_site(graph: ModelGraph, index: int, computed: set[str], planned: set[str]) -> list[Site]:
+    """Any other node reading numbers: its operator and the shapes of the constants it reads."""
+    node = graph.nodes[index]
+    operands = []
+    shapes = []
+    for slot, name in enumerate(node.input):
+        if not name:
+            continue
+        leaf = graph.constant_leaf(name)
+        shape: tuple[int, ...] | None = None
+        if _float_constant(graph, name) or (leaf is not None and leaf.name in planned):
+            shape = graph.constant_shape(name)
+        elif name in computed and graph.dtypes.get(name) in _FLOAT_TYPES:
+            found = graph.shape(name)
+            if found is not None and all(isinstance(d, int) for d in found):
+                shape = tuple(int(d) for d in found)  # type: ignore[arg-type]
+        if shape is None or int(np.prod(shape)) <= 1:
+            continue
+        operands.append(Operand(f"c{len(operands)}", index, slot, shape, shape))
+        shapes.append((slot, shape))
+    if not operands:
+        return []
+    token = ("other", node.domain or "", node.op_type, tuple(shapes))
+    return [Site(index, 0, "other", token, tuple(operands), (node.op_type,), index)]
+
+
+def _channel_op_site(graph: ModelGraph, index: int) -> list[Site] | None:
+    """Mul, Add or Sub of a computed tensor and a per-channel constant: a scale or a shift."""
+    node = graph.nodes[index]
+    if (node.domain or "") not in _STANDARD or node.op_type not in ("Mul", "Add", "Sub") or len(node.input) != 2:
+        return None
+    constant = [slot for slot, name in enumerate(node.input) if _float_constant(graph, name)]
+    if len(constant) != 1 or (node.op_type == "Sub" and constant[0] != 1):
+        return None
+    role = "scale" if node.op_type == "Mul" else "shift"
+    return _vector_site(graph, index, constant[0], role, 0, -1.0 if node.op_type == "Sub" else 1.0) or None
+
+
+def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
+    """Every site of a graph, in topological order (a node's parts in order).
+
+    Args:
+        graph: the model.
+        planned: the constants its analysis permutes (integer ones, like one-hot tables, are
+            sites too; other integer constants are shapes and axes, which converters move).
+
+    Returns:
+        The sites; chain nodes (that only carry a constant to its user), nodes computed from
+        constants alone, and the bias Adds and BatchNorms absorbed into linear layers are none.
+    """
+    units, absorbed, claimed = _units(graph)
+    computed = constant_computed(graph)
+    sites: list[Site] = []
+    for index in graph.order:
+        if index in absorbed:
+            continue
+        node = graph.nodes[index]
+        key = (node.domain or "", node.op_type)
+        if index in units:
+            sites.append(_unit_site(graph, index, units[index]))
+            continue
+        if graph.is_chain_node(index) or (node.output and node.output[0] in computed):
+            continue
+        if key == (MICROSOFT, "Attention"):
+            found = _attention_sites(graph, index)
+        elif key == (MICROSOFT, "EmbedLayerNormalization"):
+            found = _embed_sites(graph, index)
+        elif key in _NORMS or (key[0] == "ai.onnx" and ("", key[1]) in _NORMS):
+            scale, shift = _NORMS.get(key, _NORMS.get(("", key[1]), (1, None)))
+            found = _vector_site(graph, index, scale, "scale", 0)
+            if shift is not None:
+                found += _vector_site(graph, index, shift, "shift", 1)
+            bias_slot = _BIAS_HOSTS.get(key, ((), -1))[1]
+            if bias_slot >= 0 and (index, bias_slot) not in claimed:
+                found = _vector_site(graph, index, bias_slot, "shift", 2) + found
+        elif key == ("", "Gather") or key == ("ai.onnx", "Gather"):
+            shape = _shape(graph, node.input[0])
+            if shape is not None and len(shape) == 2 and int(node_attribute(node, "axis", 0)) == 0:
+                found = [Site(index, 0, "table", ("table", shape), (Operand("table", index, 0, shape, shape),),
+                              (node.op_type,), index)]  # fmt: skip
+            else:
+                found = _generic_site(graph, index, computed, planned)
+        else:
+            channel = _channel_op_site(graph, index)
+            found = channel if channel is not None else _generic_site(graph, index, computed, planned)
+        if key in _BIAS_HOSTS and key not in _NORMS:
+            bias_slot = _BIAS_HOSTS[key][1]
+            if (index, bias_slot) in claimed:
+                found = []
+        sites.extend(found)
+    return sites

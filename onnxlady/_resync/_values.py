@@ -1,0 +1,205 @@
+"""Constants as their users read them, in float64, with a bound on each value's storage error.
+
+Matching and resync across conversions compare numbers that two models store differently
+(float16, bfloat16, int8 behind ``DequantizeLinear``, ONNX Runtime's packed ``MatMulNBits``
+blocks). :func:`read_constant` reads a constant operand through its chain (the reshapes,
+casts and dequantizations between the stored leaf and its user) as the user reads it, and
+:class:`Approx` carries, beside every value, how far the exact number it stands for may be:
+half a unit in the last place of its float type, half a quantization step behind a
+dequantization. :func:`read_nbits` does the same for a ``MatMulNBits`` weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._io._tensors import read_array
+
+__all__ = ["Approx", "half_ulp", "nbits_layout", "read_constant", "read_nbits"]
+
+#: Per stored float type (numpy dtype name): significand bits, with the implicit one, and the
+#: smallest subnormal step.
+_FLOAT_FORMATS = {
+    "float16": (11, 2.0**-24),
+    "bfloat16": (8, 2.0**-133),  # ml_dtypes, as onnx reads it
+    "float32": (24, 2.0**-149),
+    "float64": (53, 0.0),
+}
+
+#: The exponent bits of a float64: masking the rest leaves 2^floor(log2 |v|) (0 for 0).
+_EXPONENT_BITS = np.int64(0x7FF0000000000000)
+
+
+def half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
+    """Half a unit in the last place of each of ``values`` (float64) as stored in ``stored``.
+
+    Zeros for exact types. With ``|v| = 2^k (1 + f)`` it is ``2^(k - bits)``, floored at half
+    the subnormal step; ``2^k`` is read off the exponent bits (``frexp`` or ``np.spacing`` cost
+    ten times as much, and ``np.spacing`` in float16 is wrong for negative numbers).
+
+    Args:
+        values: the numbers, any shape.
+        stored: the type they were stored in.
+
+    Returns:
+        An array of ``values``' shape: how far the number each was rounded from can be.
+    """
+    fmt = _FLOAT_FORMATS.get(np.dtype(stored).name)
+    if fmt is None:
+        return np.zeros(values.shape)
+    bits, step = fmt
+    # One new array, then in place: on large weights the page faults of each fresh array cost
+    # more than the arithmetic.
+    half = (np.ascontiguousarray(values, dtype=np.float64).view(np.int64) & _EXPONENT_BITS).view(np.float64)
+    half *= 2.0**-bits
+    return np.maximum(half, step * 0.5, out=half)
+
+
+@dataclass(frozen=True)
+class Approx:
+    """A constant as its user reads it, in float64, with a bound on its storage error."""
+
+    value: np.ndarray
+    error: np.ndarray
+
+    def reshaped(self, shape: tuple[int, ...]) -> Approx:
+        """The same numbers in another shape (the error bound follows)."""
+        return Approx(self.value.reshape(shape), np.broadcast_to(self.error, self.value.shape).reshape(shape))
+
+    def transposed(self, axes: tuple[int, ...]) -> Approx:
+        """The same numbers with their axes reordered (``np.transpose``)."""
+        return Approx(np.transpose(self.value, axes), np.transpose(np.broadcast_to(self.error, self.value.shape), axes))
+
+    def scaled(self, factor: float) -> Approx:
+        """Every value times ``factor`` (the bound times ``|factor|``)."""
+        return Approx(self.value * factor, np.broadcast_to(self.error, self.value.shape) * abs(factor))
+
+
+def _spread(parameter: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
+    """A (De)QuantizeLinear scale broadcast to its data's shape (per tensor, per axis or blocked)."""
+    if parameter.size == 1:
+        return np.broadcast_to(parameter.reshape(()), shape)
+    rank = len(shape)
+    axis = int(node_attribute(node, "axis", 1)) % max(rank, 1)
+    block = int(node_attribute(node, "block_size", 0))
+    if block:
+        return np.repeat(parameter, block, axis=axis).take(range(shape[axis]), axis=axis)
+    view = [1] * rank
+    view[axis] = -1
+    return np.broadcast_to(parameter.reshape(view), shape)
+
+
+def read_constant(graph: ModelGraph, name: str) -> Approx | None:
+    """The constant ``name`` as its user reads it, with the error bound of its storage.
+
+    Args:
+        graph: the model.
+        name: an input name of some node.
+
+    Returns:
+        The value through its chain (casts, reshapes, dequantization) in float64 and the bound,
+        or None when ``name`` is computed or its values cannot be read as numbers.
+    """
+    leaf = graph.constant_leaf(name) if name else None
+    if leaf is None:
+        return None
+    tensor = graph.leaf_tensor_or_none(leaf)
+    if tensor is None:
+        return None
+    raw = read_array(tensor, f"tensor '{leaf.name}'")
+    try:  # bfloat16 and float8 arrive as ml_dtypes arrays, which convert like the rest
+        current = raw.astype(np.float64)
+    except (TypeError, ValueError):
+        return None
+    error = half_ulp(current, raw.dtype)
+    for index in leaf.chain:
+        node = graph.nodes[index]
+        out = graph.constant_value(node.output[0])
+        if out is None:
+            return None
+        out64 = np.asarray(out, dtype=np.float64)
+        op = node.op_type
+        if op == "DequantizeLinear":
+            scale = graph.constant_value(node.input[1])
+            if scale is None:
+                return None
+            # The stored integers are exact; the number they stand for lies within half a step.
+            error = 0.5 * np.abs(_spread(np.asarray(scale, dtype=np.float64), node, out64.shape))
+        elif op == "QuantizeLinear":
+            error = np.zeros(out64.shape)
+        elif op == "Mul":
+            data = graph.chain_data_slot(index)
+            factor = graph.constant_value(node.input[1 - (data or 0)])
+            if factor is None:
+                return None
+            error = np.broadcast_to(error, out64.shape) * np.abs(np.asarray(factor, dtype=np.float64))
+        elif error.size == out64.size:
+            error = np.broadcast_to(error, current.shape).reshape(out64.shape)
+        else:  # Expand: every copy carries its source's error
+            error = np.broadcast_to(error.reshape(current.shape), out64.shape)
+        error = error + half_ulp(out64, np.asarray(out).dtype)
+        current = out64
+    return Approx(current, np.broadcast_to(error, current.shape))
+
+
+# -- MatMulNBits ------------------------------------------------------------------------------
+def nbits_layout(node: onnx.NodeProto) -> tuple[int, int, int, int, int] | None:
+    """``(N, K, bits, block_size, blocks)`` of a ``MatMulNBits`` node, or None if malformed."""
+    k, n = int(node_attribute(node, "K", 0)), int(node_attribute(node, "N", 0))
+    bits, block = int(node_attribute(node, "bits", 4)), int(node_attribute(node, "block_size", 0))
+    if bits not in (2, 4, 8) or k <= 0 or n <= 0 or block <= 0 or block * bits % 8:
+        return None
+    return n, k, bits, block, -(-k // block)
+
+
+def _unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Little-endian bit fields of ``bits`` bits from uint8 bytes, one new last axis."""
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    return (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+
+
+def read_nbits(graph: ModelGraph, index: int) -> Approx | None:
+    """A ``MatMulNBits`` weight dequantized, ``[N, blocks, bytes per block, values per byte]``.
+
+    That layout keeps B's stored axes (rows, blocks, bytes) where the analysis permutes them,
+    with the values sharing a byte on a last axis; ``value.reshape(N, -1)[:, :K]`` is the weight
+    as rows. Each value is within half a quantization step of the number it stands for.
+
+    Args:
+        graph: the model.
+        index: the ``MatMulNBits`` node.
+
+    Returns:
+        The dequantized weight, or None when an operand is computed, ``g_idx`` reorders the
+        input features, or the layout is not the one the operator documents.
+    """
+    node = graph.nodes[index]
+    layout = nbits_layout(node)
+    if layout is None or len(node.input) < 3 or (len(node.input) > 4 and node.input[4]):
+        return None
+    n, _, bits, block, blocks = layout
+    packed = graph.constant_value(node.input[1])
+    scales = graph.constant_value(node.input[2])
+    if packed is None or scales is None or packed.dtype != np.uint8 or packed.size != n * blocks * block * bits // 8:
+        return None
+    fields = _unpack_bits(packed.reshape(n, blocks, -1), bits).astype(np.float64)  # [N, blocks, bytes, per byte]
+    zero_name = node.input[3] if len(node.input) > 3 else ""
+    zero_value = graph.constant_value(zero_name) if zero_name else None
+    if zero_name and zero_value is None:
+        return None
+    if zero_value is None:
+        zero = np.full((n, blocks), float(1 << (bits - 1)))
+    elif zero_value.dtype == np.uint8:
+        zero = _unpack_bits(zero_value.reshape(n, -1), bits).reshape(n, -1)[:, :blocks].astype(np.float64)
+    else:
+        zero = np.asarray(zero_value, dtype=np.float64).reshape(n, blocks)
+    scale = np.asarray(scales, dtype=np.float64).reshape(n, blocks)
+    value = (fields - zero[:, :, None, None]) * scale[:, :, None, None]
+    error = np.broadcast_to(0.5 * np.abs(scale)[:, :, None, None], value.shape)
+    return Approx(value, error)

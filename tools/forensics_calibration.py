@@ -1,0 +1,405 @@
+"""Calibrate the audit's forensics on real changes: a labelled set and its confusion matrix.
+
+Every suspect below is made from a reference by one known change, then audited
+(:func:`onnxlady.audit`) in three forms: as made (``plain``), permuted (``permuted``, every
+group, seed 1) and permuted then converted to float16 (``float16``,
+:func:`fixtures.conversions.to_float16`). The audit's answer is mapped to a predicted kind and
+compared with the truth:
+
+==================  ============================================================  ==========================
+true kind           how the suspect is made                                        a right answer
+==================  ============================================================  ==========================
+noise               ``perturb(noise=Omega)``, Omega in 0.01, 0.1, 0.5, 1, 2          ``perturbed``, noise
+quantization        ``perturb(quantize_bits=B)``, B in 2, 4, 6, 8 (per-tensor       ``perturbed``, quantization
+                    min-max); int8 QDQ (:func:`fixtures.conversions.quantize_qdq`)  (QDQ: conversion
+                                                                                    ``quantized`` listed)
+pruning             ``perturb(prune_percent=T)``, T in 10, 50, 90, 99               ``perturbed``, pruning
+fine-tuning         real SGD steps (:mod:`tools.forensics_finetune`: the digits CNN  ``perturbed``, fine-tuning
+                    trained 2/6/10 % more, BatchNorm folded or kept; torchvision
+                    models fine-tuned 1/5/20 steps, BatchNorm frozen, head only)
+scaled              5 neurons of one layer x 1.5, no compensation (the attack)     ``scaled``, those 5
+rescaled            every neuron of a group x s in [0.5, 2], undone by the next     ``permuted-rescaled``
+                    layer's columns or absorbed by the BatchNorm after it
+scaled+noise        the attack, then ``perturb(noise=Omega)``, Omega in 0.05, 0.2   ``scaled``, those 5, and
+                                                                                    noise
+==================  ============================================================  ==========================
+
+Models: the real PyPI models of ``.cache/models`` (:mod:`tools.fetch_models`), the ``vgg``,
+``resnet`` and ``nhwc_convnet`` fixtures, and the bases of :mod:`tools.forensics_finetune`
+(``.cache/forensics/finetune``; made with ``--python`` (default ``/tmp/zoo-venv/bin/python``,
+torch and torchvision) when missing; without torch the fine-tuning rows are left out, said on
+stderr). Rescales need a group whose producer is followed by positively homogeneous
+operators (ReLU...) or by a BatchNorm: models without one have no ``rescaled`` row.
+
+Prints the confusion matrix (true kind x predicted kind, counts), the accuracy, the cases
+that went wrong and the machine load; ``--json FILE`` writes every case with the evidence the
+audit saw (the input of the decision rules, so that they can be chosen from it)::
+
+    python3 -m tools.forensics_calibration [--models NAME ...] [--json FILE] [--quick]
+
+Exit status: 0 when the goal holds (>= 95 % right, no noise/quantization/pruning suspect called
+fine-tuning), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+import onnxlady
+from fixtures import FIXTURES
+from fixtures.conversions import quantize_qdq, to_float16
+from onnxlady._analysis._channels import analyze
+from onnxlady._audit._verdicts import _bn_after, _group_uses, _homogeneous_path, _rows
+from onnxlady.testing import copy_model, tensor_holders
+from tools.forensics_finetune import DEFAULT_OUT as FINETUNE_OUT
+from tools.forensics_finetune import MODELS as FINETUNE_MODELS
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = ("ppocrv4_det", "ppocrv4_rec", "ppocr_cls", "nudenet_yolov8n", "magika")
+FIXTURE_MODELS = ("vgg", "resnet", "nhwc_convnet")
+#: Bases of tools.forensics_finetune audited for the non-fine-tuning kinds as well.
+FINETUNE_BASES = ("digits_cnn", "resnet18")
+NOISE = (0.01, 0.1, 0.5, 1.0, 2.0)
+BITS = (2, 4, 6, 8)
+PRUNE = (10.0, 50.0, 90.0, 99.0)
+MIXED_NOISE = (0.05, 0.2)
+SCALED = (0, 2, 3, 5, 7)
+SCALE_FACTOR = 1.5
+VARIANTS = ("plain", "permuted", "float16")
+KINDS = ("noise", "quantization", "pruning", "fine-tuning", "scaled", "rescaled", "scaled+noise")
+PREDICTIONS = KINDS + ("uncertain", "unchanged", "error")
+#: Kinds that must never be called fine-tuning.
+NEVER_TUNING = ("noise", "quantization", "pruning")
+
+
+@dataclass
+class Case:
+    """One labelled suspect."""
+
+    model: str
+    kind: str
+    parameter: str
+    variant: str
+    make: Callable[[], onnx.ModelProto] = field(repr=False)
+    reference: onnx.ModelProto = field(repr=False)
+    expected_neurons: list[tuple[str, int]] = field(default_factory=list)
+
+
+# -- references -------------------------------------------------------------------------------
+def _load(path: Path) -> onnx.ModelProto:
+    return onnxlady.load_model(path).model
+
+
+def references(names: list[str]) -> dict[str, onnx.ModelProto]:
+    """The reference models by name (those that can be had)."""
+    out: dict[str, onnx.ModelProto] = {}
+    for name in names:
+        if name in REAL:
+            path = REPO / ".cache" / "models" / f"{name}.onnx"
+            if path.exists():
+                out[name] = _load(path)
+            else:
+                print(f"{name}: missing, run python3 -m tools.fetch_models", file=sys.stderr)
+        elif name in FIXTURES:
+            out[name] = FIXTURES[name](0)
+        elif name in FINETUNE_MODELS:
+            path = FINETUNE_OUT / name / "base.onnx"
+            if path.exists():
+                out[name] = _load(path)
+    return out
+
+
+def ensure_finetuned(python: str) -> bool:
+    """Make the fine-tuned models with torch's interpreter when missing; whether they exist."""
+    if all((FINETUNE_OUT / name / "forensics.json").exists() for name in FINETUNE_MODELS):
+        return True
+    if not Path(python).exists():
+        print(f"no fine-tuned models and no torch interpreter at {python}: fine-tuning rows left out", file=sys.stderr)
+        return False
+    done = subprocess.run([python, "-m", "tools.forensics_finetune"], cwd=REPO, check=False)
+    return done.returncode == 0
+
+
+# -- the changes ------------------------------------------------------------------------------
+def _producers(model: onnx.ModelProto) -> list[tuple[str, Any, dict[str, list[Any]]]]:
+    """(group id, size, uses) of every permutable group with one producer weight (audit's view)."""
+    analysis = analyze(model)
+    uses = _group_uses(analysis, set(tensor_holders(model)))
+    out = []
+    for group in analysis.permutable_groups:
+        kinds = uses.get(group.id)
+        if kinds and len(kinds["producer"]) == 1 and group.size >= 8:
+            out.append((group.id, group, kinds))
+    return out
+
+
+def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    holder = tensor_holders(model)[name]
+    old = numpy_helper.to_array(holder)
+    holder.CopyFrom(numpy_helper.from_array(value.astype(old.dtype), name))
+
+
+def _array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(tensor_holders(model)[name]).astype(np.float64)
+
+
+def _scale_slices(model: onnx.ModelProto, use: Any, neurons: list[int], factors: np.ndarray) -> None:
+    array = _array(model, use.tensor)
+    for j, factor in zip(neurons, factors):
+        index = [slice(None)] * array.ndim
+        index[use.axis] = use.positions[j]
+        array[tuple(index)] *= factor
+    _set(model, use.tensor, array)
+
+
+def attack(reference: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, int]]] | None:
+    """5 neurons of the first suitable conv/gemm group scaled by 1.5, nothing compensated."""
+    for gid, _group, kinds in _producers(reference):
+        prod = kinds["producer"][0]
+        if prod.tensor not in tensor_holders(reference):
+            continue
+        model = copy_model(reference)
+        _scale_slices(model, prod, list(SCALED), np.full(len(SCALED), SCALE_FACTOR))
+        return model, [(gid, j) for j in SCALED]
+    return None
+
+
+def rescale(reference: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Every neuron of one group scaled by s in [0.5, 2] with the compensation the audit knows:
+    the next layer's input columns through positively homogeneous operators, or a BatchNorm."""
+    analysis = analyze(reference)
+    holders = tensor_holders(reference)
+    uses = _group_uses(analysis, set(holders))
+    for group in analysis.permutable_groups:
+        kinds = uses.get(group.id)
+        if not kinds or len(kinds["producer"]) != 1 or group.size < 8:
+            continue
+        prod = kinds["producer"][0]
+        scales = np.random.default_rng(7).uniform(0.5, 2.0, group.size)
+        neurons = list(range(group.size))
+        bn_node = _bn_after(analysis, prod.node)
+        bn = [b for b in kinds["bn"] if b.node == bn_node] if bn_node is not None else []
+        model = copy_model(reference)
+        if bn:
+            _scale_slices(model, prod, neurons, scales)
+            for b in bn:
+                _scale_slices(model, b, neurons, scales if b.slot == 3 else scales * scales)
+        elif kinds["consumer"] and _homogeneous_path(analysis, prod.node):
+            _scale_slices(model, prod, neurons, scales)
+            for b in kinds["bias"]:
+                if b.node == prod.node:
+                    _scale_slices(model, b, neurons, scales)
+            for c in kinds["consumer"]:
+                _scale_slices(model, c, neurons, 1 / scales)
+        else:
+            continue
+        return model
+    return None
+
+
+def _perturb(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
+    return onnxlady.perturb(model, seed=3, **kwargs).model
+
+
+def _variant(suspect: onnx.ModelProto, variant: str) -> onnx.ModelProto:
+    if variant == "plain":
+        return suspect
+    permuted = onnxlady.permute(suspect, seed=1).model
+    return permuted if variant == "permuted" else to_float16(permuted)
+
+
+def cases(models: dict[str, onnx.ModelProto], finetuned: bool) -> list[Case]:
+    """Every labelled suspect of the set (made lazily)."""
+    out: list[Case] = []
+
+    def add(model: str, kind: str, parameter: str, reference: onnx.ModelProto, make: Callable[[], onnx.ModelProto],
+            neurons: list[tuple[str, int]] | None = None) -> None:  # fmt: skip
+        for variant in VARIANTS:
+            out.append(
+                Case(model, kind, parameter, variant, lambda m=make, v=variant: _variant(m(), v), reference, neurons or [])
+            )
+
+    for name, ref in models.items():
+        if name in FINETUNE_MODELS and name not in FINETUNE_BASES:
+            continue
+        for omega in NOISE:
+            add(name, "noise", f"Omega {omega:g}", ref, lambda r=ref, o=omega: _perturb(r, noise=o))
+        for bits in BITS:
+            add(name, "quantization", f"{bits} bits", ref, lambda r=ref, b=bits: _perturb(r, quantize=b))
+        add(name, "quantization", "int8 QDQ", ref, lambda r=ref: quantize_qdq(r))
+        for percent in PRUNE:
+            add(name, "pruning", f"{percent:g} %", ref, lambda r=ref, p=percent: _perturb(r, prune=p))
+        attacked = attack(ref)
+        if attacked is not None:
+            model, neurons = attacked
+            add(name, "scaled", f"{len(SCALED)} x {SCALE_FACTOR}", ref, lambda m=model: copy_model(m), neurons)
+            for omega in MIXED_NOISE:
+                add(name, "scaled+noise", f"Omega {omega:g}", ref, lambda m=model, o=omega: _perturb(m, noise=o), neurons)
+        rescaled = rescale(ref)
+        if rescaled is not None:
+            add(name, "rescaled", "s in [0.5, 2]", ref, lambda m=rescaled: copy_model(m))
+    if finetuned:
+        for name in FINETUNE_MODELS:
+            folder = FINETUNE_OUT / name
+            manifest = json.loads((folder / "forensics.json").read_text())
+            ref = _load(folder / "base.onnx")
+            for regime in manifest["regimes"]:
+                path = folder / regime["file"]
+                add(name, "fine-tuning", regime["regime"], ref, lambda p=path: _load(p))
+    return out
+
+
+# -- judging ----------------------------------------------------------------------------------
+def predicted(result: onnxlady.AuditResult | None) -> str:
+    """The kind the audit's answer names (see the module docstring)."""
+    if result is None:
+        return "error"
+    report = result.report
+    verdict = report.verdict
+    if verdict in ("identical", "permuted", "converted"):
+        kinds = {c.kind for c in report.conversions}
+        return "quantization" if "quantized" in kinds else "unchanged"
+    if verdict == "permuted-rescaled":
+        return "rescaled"
+    kind = report.perturbation["kind"] if report.perturbation else None
+    if verdict == "scaled":
+        return "scaled+noise" if kind == "noise" else "scaled" if kind is None else f"scaled+{kind}"
+    if verdict == "modified" or kind == "uncertain":
+        return "uncertain"
+    return str(kind)
+
+
+def right(case: Case, result: onnxlady.AuditResult | None, guess: str) -> bool:
+    """Whether the answer is the right one (for scaled kinds: exactly the attacked neurons)."""
+    if guess != case.kind:
+        return False
+    if case.kind in ("scaled", "scaled+noise") and result is not None:
+        found = sorted((s.group, s.neuron) for s in result.report.scaled_neurons)
+        return found == sorted(case.expected_neurons) and all(
+            abs(s.k - SCALE_FACTOR) < 0.05 for s in result.report.scaled_neurons
+        )
+    return True
+
+
+def _evidence(result: onnxlady.AuditResult | None) -> dict[str, Any] | None:
+    if result is None or not result.report.perturbation:
+        return None
+    evidence = dict(result.report.perturbation["evidence"])
+    evidence["per_tensor"] = [
+        {k: v for k, v in t.items() if k != "tensor"} for t in evidence["per_tensor"]
+    ]
+    return evidence
+
+
+def run(all_cases: list[Case], progress: bool) -> list[dict[str, Any]]:
+    """Audit every case; one record per case."""
+    records = []
+    for number, case in enumerate(all_cases, 1):
+        start = time.perf_counter()
+        error = None
+        try:
+            suspect = case.make()
+        except Exception as exc:  # a converter that cannot handle the model: no case, said on stderr
+            print(f"skipped {case.model} {case.kind} {case.parameter} {case.variant}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        try:
+            result: onnxlady.AuditResult | None = onnxlady.audit(case.reference, suspect)
+        except onnxlady.OnnxladyError as exc:
+            result, error = None, str(exc)
+        guess = predicted(result)
+        ok = right(case, result, guess)
+        record = {
+            "model": case.model,
+            "kind": case.kind,
+            "parameter": case.parameter,
+            "variant": case.variant,
+            "verdict": result.verdict if result is not None else "error",
+            "predicted": guess,
+            "right": ok,
+            "summary": result.summary if result is not None else error,
+            "scaled_neurons": (
+                [[s.group, s.neuron, s.k] for s in result.report.scaled_neurons] if result is not None else []
+            ),
+            "evidence": _evidence(result),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        records.append(record)
+        if progress:
+            mark = "ok " if ok else "BAD"
+            print(
+                f"[{number}/{len(all_cases)}] {mark} {case.model} {case.kind} {case.parameter} {case.variant}: "
+                f"{guess} ({record['seconds']} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return records
+
+
+def confusion(records: list[dict[str, Any]]) -> str:
+    """The confusion matrix as a Markdown table (rows: true kind, columns: predicted kind)."""
+    counts = Counter((r["kind"], r["predicted"]) for r in records)
+    columns = [p for p in PREDICTIONS if any(counts[(k, p)] for k in KINDS)]
+    columns += sorted({r["predicted"] for r in records} - set(columns))
+    lines = ["| true \\ predicted | " + " | ".join(columns) + " | cases | right |", "|---" * (len(columns) + 3) + "|"]
+    for kind in KINDS:
+        rows = [r for r in records if r["kind"] == kind]
+        if not rows:
+            continue
+        cells = [str(counts[(kind, p)]) if counts[(kind, p)] else "." for p in columns]
+        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {len(rows)} | {sum(r['right'] for r in rows)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the labelled set, audit it, print the confusion matrix; 0 when the goal holds."""
+    parser = argparse.ArgumentParser(prog="python3 -m tools.forensics_calibration", description=__doc__.splitlines()[0])
+    default_models = list(REAL + FIXTURE_MODELS + FINETUNE_BASES)
+    parser.add_argument("--models", nargs="+", default=default_models, help="reference models (default: %(default)s)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--no-finetune", action="store_true", help="leave the fine-tuning rows out")
+    parser.add_argument("--python", default="/tmp/zoo-venv/bin/python", help="interpreter with torch (fine-tuning)")
+    parser.add_argument("--json", type=Path, help="write every case and its evidence to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    finetuned = False if args.no_finetune else ensure_finetuned(args.python)
+    models = references(args.models)
+    start = time.perf_counter()
+    chosen = [c for c in cases(models, finetuned) if c.kind in args.kinds and c.variant in args.variants]
+    records = run(chosen, not args.quiet)
+    seconds = time.perf_counter() - start
+    total = len(records)
+    good = sum(r["right"] for r in records)
+    wrong_tuning = [r for r in records if r["kind"] in NEVER_TUNING and r["predicted"] == "fine-tuning"]
+    print(confusion(records))
+    print()
+    print(f"right: {good}/{total} ({100 * good / max(total, 1):.1f} %); noise/quantization/pruning called fine-tuning: {len(wrong_tuning)}")
+    print(f"models: {', '.join(sorted({r['model'] for r in records}))}")
+    for r in records:
+        if not r["right"]:
+            print(f"- wrong: {r['model']} {r['kind']} {r['parameter']} {r['variant']}: {r['verdict']}: {r['summary'][:300]}")
+    load = os.getloadavg()
+    print(f"{total} audits in {seconds:.0f} s; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    return 0 if total and good >= 0.95 * total and not wrong_tuning else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
