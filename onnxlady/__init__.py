@@ -59,6 +59,7 @@ from onnxlady._audit._verdicts import AuditReport
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._expr import FreezeReason
 from onnxlady._io._files import LoadedModel, load_model, save_model
+from onnxlady._io._progress import ProgressReporter
 from onnxlady._resync._match import ConversionFinding, GroupPair, ModelMatch, UnmatchedGroup
 from onnxlady._resync._solver import GroupResync
 from onnxlady._transforms._key import PermutationKey, read_key
@@ -97,6 +98,7 @@ __all__ = [
     "PermuteResult",
     "PerturbReport",
     "PerturbResult",
+    "ProgressReporter",
     "ResyncResult",
     "TensorChange",
     "TensorPermutation",

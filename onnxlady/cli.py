@@ -16,8 +16,10 @@ import argparse
 import inspect as pyinspect
 import json
 import os
+import re
+import signal
 import sys
-import time
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -36,8 +38,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is so that every output set removes its temporaries."""
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    # SIGTERM unwinds like Ctrl-C (outputs staged so far are removed), then exits 143.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -45,11 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     progress = _progress_printer(args)
     try:
-        result = args.handler(args, progress)
+        try:
+            result = args.handler(args, progress)
+        finally:  # the bar goes (or the line printer stops) before anything else is printed
+            if progress is not None:
+                progress.close()
         _emit(args, result)
         return int(result.exit_code)
     except onnxlady.OnnxladyError as exc:
-        print(f"onnxlady: error: {exc}", file=sys.stderr)
+        print(f"onnxlady: error: {_printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # output piped into `head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -57,10 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxlady: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("onnxlady: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as exc:  # a bug must still end in one line unless debugging
         if os.environ.get("ONNXLADY_DEBUG"):
             raise
-        message = " ".join(str(exc).split())
+        message = _printable(" ".join(str(exc).split()))
         print(
             f"onnxlady: internal error: {type(exc).__name__}: {message} (set ONNXLADY_DEBUG=1 for the traceback)",
             file=sys.stderr,
@@ -88,7 +116,7 @@ def _permute(args: argparse.Namespace, progress: Progress) -> onnxlady.PermuteRe
 def _unpermute(args: argparse.Namespace, progress: Progress) -> onnxlady.UnpermuteResult:
     return onnxlady.unpermute(
         args.model, args.key, output=args.output, external_data=args.external_data,
-        overwrite_input=args.overwrite_input, progress=progress,
+        overwrite_input=args.overwrite_input, allow_changed_model=args.allow_changed_model, progress=progress,
     )  # fmt: skip
 
 
@@ -187,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     unpermute.add_argument("model", type=Path)
     unpermute.add_argument("--key", type=Path, required=True)
     _output_options(unpermute)
+    unpermute.add_argument(
+        "--allow-changed-model", action="store_true",
+        help="apply the key although the model's sha256 is not the one the key recorded (changed after permuting)",
+    )  # fmt: skip
     _common(unpermute, _unpermute)
 
     resync = commands.add_parser("resync", help="put a permuted (and perturbed) copy back in a reference's order")
@@ -311,22 +343,26 @@ def _check_options(parser: argparse.ArgumentParser) -> None:
 
 
 # -- rendering -------------------------------------------------------------------------------
-def _progress_printer(args: argparse.Namespace) -> Progress:
-    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+def _progress_printer(args: argparse.Namespace) -> onnxlady.ProgressReporter | None:
+    """A bar on a terminal, one line every few seconds elsewhere; nothing with ``--quiet``."""
+    if getattr(args, "quiet", False):
         return None
-    start = time.perf_counter()
-
-    def show(message: str) -> None:
-        print(f"\r[{time.perf_counter() - start:6.1f}s] {message}\033[K", end="", file=sys.stderr, flush=True)
-
-    return show
+    return onnxlady.ProgressReporter(sys.stderr)
 
 
 def _emit(args: argparse.Namespace, result: Any) -> None:
-    """Print the result: its JSON document with ``--json``, else its text."""
-    if sys.stderr.isatty() and not getattr(args, "quiet", False):
-        print("\r\033[K", end="", file=sys.stderr)
-    print(json.dumps(result.to_json(), indent=2) if args.json else result.to_text())
+    """Print the result: its JSON document with ``--json``, else its text (control characters shown, not sent)."""
+    print(json.dumps(result.to_json(), indent=2) if args.json else _printable(result.to_text()))
+
+
+#: Characters a terminal would act on (ESC sequences, carriage returns, bidirectional overrides):
+#: names in a model are data, so they are printed as escapes. Newlines and tabs are kept.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with every terminal control character replaced by its Python escape (ESC: backslash x1b)."""
+    return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
 if __name__ == "__main__":

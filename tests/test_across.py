@@ -148,7 +148,8 @@ def test_audit_finds_scaled_neurons_through_a_conversion(permuted, conversion: s
 def test_audit_finds_compensated_rescales_through_a_conversion(permuted, conversion: str) -> None:
     """Rows times k with the next layer's columns divided by k computes the same function: after
     a conversion it is still ``permuted-rescaled`` with every k found, not "modified" (coarse
-    storage rounds the rows below the twin-graph cosine test; the storage bounds decide)."""
+    storage rounds the rows below the twin-graph cosine test; the storage bounds decide).
+    """
     reference, model, _ = permuted["vgg"]
     rescaled = copy_model(model)
     scales = np.random.default_rng(5).uniform(0.5, 2.0, 32)
@@ -179,7 +180,8 @@ def test_audit_finds_compensated_rescales_through_a_conversion(permuted, convers
 def test_audit_finds_batchnorm_absorbed_rescales_through_a_conversion(permuted, conversion: str) -> None:
     """Rows times k with the BatchNorm's mean times k and variance times k^2 computes the same
     function up to eps: when both models keep the BatchNorm, the conversion compares it as
-    stored and audit names every k (folded on both sides, the rescale would be lost in eps)."""
+    stored and audit names every k (folded on both sides, the rescale would be lost in eps).
+    """
     reference, model, _ = permuted["resnet"]
     rescaled = copy_model(model)
     # Kept 10 % away from 1: the statistics are compared within BN_MATCH (1 %), so a scale of
@@ -224,7 +226,7 @@ def test_match_names_where_two_architectures_diverge() -> None:
     result = match_models(FIXTURES["vgg"](0), FIXTURES["resnet"](0))
     assert not result.complete
     assert result.divergences and "Conv 'layer1.conv1.conv'" in result.divergences[0]
-    with pytest.raises(OnnxladyError, match="beyond a conversion: after Conv 'features.block1.conv'"):
+    with pytest.raises(OnnxladyError, match=r"beyond a conversion: after Conv 'features.block1.conv'"):
         resync_model(FIXTURES["vgg"](0), FIXTURES["resnet"](0))
 
 
@@ -281,7 +283,8 @@ def test_folded_and_unfolded_units_read_the_same_numbers() -> None:
 def test_half_ulp_is_half_the_gap_to_the_next_stored_number(dtype: str, bits: int, step: float) -> None:
     """Read off the exponent bits, it equals frexp's definition (|v| = m 2^e, half a unit is
     2^(e - 1 - bits), at least half the subnormal step) on normals, subnormals, zeros and signs;
-    an integer type has no rounding error."""
+    an integer type has no rounding error.
+    """
     import ml_dtypes
 
     numpy_type = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
@@ -318,7 +321,8 @@ def test_error_bounds_hold_and_are_tight(conversion: str) -> None:
 
 def _one_hot_model() -> onnx.ModelProto:
     """Token ids -> one-hot (Equal against an int64 arange) -> MatMul -> Relu -> MatMul, as
-    magika's embedding is exported: the one-hot index is a group whose only constants are integers."""
+    magika's embedding is exported: the one-hot index is a group whose only constants are integers.
+    """
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -377,7 +381,8 @@ def _symbolic_attention() -> onnx.ModelProto:
 def _softmax_through_flatten(model: onnx.ModelProto) -> onnx.ModelProto:
     """What onnx's Softmax 12 -> 13 adapter writes: Flatten, Softmax on the last axis, Reshape
     back to the input's shape. Over symbolic sizes the analysis cannot carry the heads through
-    the Flatten and freezes them in this form."""
+    the Flatten and freezes them in this form.
+    """
     from onnx import helper
 
     converted = copy_model(model)

@@ -82,7 +82,7 @@ def test_commands_have_full_docstrings(name: str) -> None:
     doc = pyinspect.getdoc(getattr(onnxlady, name)) or ""
     for section in ("Args:", "Returns:", "Raises:"):
         assert section in doc, (name, section)
-    parameters = [p for p in pyinspect.signature(getattr(onnxlady, name)).parameters]
+    parameters = list(pyinspect.signature(getattr(onnxlady, name)).parameters)
     for parameter in parameters:
         assert f"{parameter}:" in doc, (name, parameter)
 

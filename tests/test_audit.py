@@ -18,10 +18,10 @@ from onnxlady import (
     permute_model,
     verify_models,
 )
+from onnxlady._audit._render import render_html, render_markdown
 from onnxlady._audit._verdicts import VERDICTS, AuditReport, audit_models, canonicalize
 from onnxlady._io._tensors import tensor_holders
 from onnxlady._transforms._perturb import perturb_model
-from onnxlady._audit._render import render_html, render_markdown
 from onnxlady.testing import copy_model
 
 
@@ -208,8 +208,9 @@ def test_reports() -> None:
     assert report.verdict in page
     groups = len(report.similarity)
     assert groups == len(analyze(reference).permutable_groups)
-    # two heatmaps per group, one norm-ratio plot per tensor
-    assert parser.tags.count("svg") == 2 * groups + len(report.tensors) + 1  # + the group graph
+    # two heatmaps (embedded PNG images) per group, one norm-ratio plot per tensor
+    assert parser.tags.count("img") == 2 * groups
+    assert parser.tags.count("svg") == len(report.tensors) + 1  # + the group graph
     text = render_markdown(report)
     assert report.verdict in text and "g1" in text and "| 0 |" in text
 

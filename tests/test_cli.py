@@ -99,7 +99,7 @@ def frozen_ids(document: dict) -> list[str]:
 
 @pytest.fixture
 def permuted(cli, model_file, out_dir: Path) -> tuple[Path, Path, Path]:
-    """vgg permuted with seed 7: (source, permuted model, key)."""
+    """Vgg permuted with seed 7: (source, permuted model, key)."""
     source = model_file("vgg")
     result = cli("permute", source, "-o", out_dir / "p.onnx", "--seed", 7)
     assert result.code == 0, result.err

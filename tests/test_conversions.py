@@ -86,7 +86,8 @@ def _constant(model: onnx.ModelProto, name: str) -> onnx.TensorProto | None:
 
 def _weight_source(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.TensorProto | None:
     """The initializer behind a node's weight, followed back through Cast, DequantizeLinear and
-    Identity (its stored form: float16, bfloat16 or int8)."""
+    Identity (its stored form: float16, bfloat16 or int8).
+    """
     producers = {o: n for n in model.graph.node for o in n.output}
     for position in ([1] if node.op_type != "MatMul" else [1, 0]):
         name = node.input[position]
@@ -109,7 +110,8 @@ def _broken(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
 
     The last layer, because global pooling averages a wrong channel early in the net down to
     below the float16 and QDQ tolerances; the two channels whose reference outputs differ most
-    (their mean over the other axes), so that the swap is not hidden by two near-equal logits."""
+    (their mean over the other axes), so that the swap is not hidden by two near-equal logits.
+    """
     broken = copy_model(model)
     reference = _reference(name)[0]
     for node in reversed(broken.graph.node):
@@ -209,7 +211,8 @@ def test_float16_keeps_float32_where_the_operator_needs_it() -> None:
 
 def test_float16_casts_around_an_operator_without_half_kernels() -> None:
     """Range has no float16 form: its constant bounds stay float32, its computed step is cast
-    to float32 before it, its output is cast back to float16 after it."""
+    to float32 before it, its output is cast back to float16 after it.
+    """
     scalar = helper.make_tensor_value_info
     graph = helper.make_graph(
         [helper.make_node("Abs", ["step_raw"], ["step"], name="abs"),
@@ -310,9 +313,10 @@ def test_fold_batchnorm_leaves_a_conv_output_read_elsewhere() -> None:
 
 # -- simplify ---------------------------------------------------------------------------------
 def _noisy_vgg() -> onnx.ModelProto:
-    """vgg as a careless exporter writes it: an Identity after a conv, an inference Dropout, a
+    """Vgg as a careless exporter writes it: an Identity after a conv, an inference Dropout, a
     no-op Reshape after the Flatten (shape from a Constant node), and the first Gemm's weight
-    stored transposed behind a Transpose."""
+    stored transposed behind a Transpose.
+    """
     model = copy_model(_source("vgg"))
     graph = model.graph
     nodes: list[onnx.NodeProto] = []

@@ -16,6 +16,7 @@ from onnxlady._graph._expr import (
     FreezeReason,
     GroupSolver,
     Interleave,
+    Transposed,
     canonical,
     describe,
     evaluate,
@@ -156,12 +157,63 @@ def test_a_shuffled_block_sum_is_an_interleave() -> None:
     assert not solver.is_frozen(a.id) and not solver.is_frozen(b.id)
 
 
-def test_a_shuffled_group_is_restricted_to_a_product_with_its_digits_swapped() -> None:
+def test_a_shuffled_group_stays_whole_and_reads_transposed() -> None:
     solver = GroupSolver()
     whole = solver.new_atom(6)
     shuffled = solver.transposed(whole, 2, 3)
-    high, low = solver.resolve(whole).outer, solver.resolve(whole).inner  # type: ignore[union-attr]
-    assert (high.size, low.size) == (2, 3) and shuffled == product(low, high)
+    assert solver.resolve(whole) == whole  # no restriction until an equation needs one
+    assert shuffled == Transposed(whole, 3, 2)
+    perms = _perms(solver, 6)
+    assert np.array_equal(evaluate(solver, shuffled, perms), _transposed_index(evaluate(solver, whole, perms), 2, 3))
+    assert labels(solver, shuffled)[whole.id].tolist() == [0, 3, 1, 4, 2, 5]
+    assert solver.transposed(shuffled, 3, 2) == whole  # read back: the group itself
+
+
+def test_a_grouped_conv_after_a_shuffle_restricts_the_group_exactly() -> None:
+    """ShuffleNet v1: 15 channels of one group, shuffled as [3, 5], read by a conv of 3 groups.
+
+    The conv takes the same permutation q inside each of its 3 input groups; before the shuffle
+    that is q conjugated by the transpose (no product or block form), and all 5! choices of q stay.
+    """
+    solver = GroupSolver()
+    whole = solver.new_atom(15)
+    shuffled = solver.transposed(whole, 3, 5)
+    q = solver.new_atom(5)
+    solver.unify(shuffled, product(Fixed(3, REASON), q))
+    assert not solver.is_frozen(q.id) and solver.find(q.id) == q.id
+    assert solver.resolve(whole) == Transposed(product(Fixed(3, REASON), q), 3, 5)
+    perms = {q.id: np.array([3, 0, 4, 2, 1])}
+    before = evaluate(solver, whole, perms)
+    after = evaluate(solver, shuffled, perms)
+    assert np.array_equal(after, _transposed_index(before, 3, 5))
+    assert np.array_equal(after, np.concatenate([perms[q.id] + 5 * k for k in range(3)]))
+    assert sorted(before.tolist()) == list(range(15))
+
+
+def test_a_transposed_group_coupled_to_blocks_takes_their_transposed_image() -> None:
+    solver = GroupSolver()
+    whole = solver.new_atom(8)
+    shuffled = solver.transposed(whole, 2, 4)  # [2, 4] read as [4, 2]
+    halves = DirectSum((solver.new_atom(4), solver.new_atom(4)))
+    solver.unify(shuffled, halves)
+    # Each half of the [4, 2] layout is channels {0, 1, 4, 5} and {2, 3, 6, 7} before the
+    # shuffle: no block form there, the exact map is the halves read transposed.
+    assert solver.resolve(whole) == Transposed(halves, 2, 4)
+    lab = labels(solver, whole)
+    assert [int(lab[halves.parts[0].id][k]) >= 0 for k in range(8)] == [True, True, False, False] * 2
+    perms = _perms(solver, 9)
+    assert np.array_equal(evaluate(solver, shuffled, perms), evaluate(solver, halves, perms))
+    assert np.array_equal(evaluate(solver, shuffled, perms), _transposed_index(evaluate(solver, whole, perms), 2, 4))
+
+
+def test_a_transposed_group_in_the_key_evaluates_as_in_the_solver() -> None:
+    solver = GroupSolver()
+    whole = solver.new_atom(6)
+    shuffled = solver.transposed(whole, 2, 3)
+    perms = _perms(solver, 7)
+    tree = expr_to_tree(solver.resolve(shuffled), {whole.id: "g0"}, solver.find)
+    assert tree == {"transposed": {"rows": 3, "cols": 2, "of": {"group": "g0"}}}
+    assert np.array_equal(evaluate_tree(tree, {"g0": perms[whole.id]}, {"g0": 6}), evaluate(solver, shuffled, perms))
 
 
 def test_cutting_an_interleave_cuts_every_part_where_its_residues_stop() -> None:

@@ -50,7 +50,7 @@ def _i64(name: str, values) -> TensorProto:
 
 
 def reshape_model() -> onnx.ModelProto:
-    """y [1,8,6,6] -> Reshape to [1, c/2, 2, h*w] computed by Shape->Gather->Div/Mul->Unsqueeze->Concat."""
+    """Y [1,8,6,6] -> Reshape to [1, c/2, 2, h*w] computed by Shape->Gather->Div/Mul->Unsqueeze->Concat."""
     inits: list = []
     nodes = _conv_head(inits)
     inits += [_i64("i0", 0), _i64("i1", 1), _i64("i2", 2), _i64("i3", 3), _i64("two", 2), _i64("ax0", [0]),
@@ -99,7 +99,8 @@ def chunk_model() -> onnx.ModelProto:
 
 def expand_model() -> onnx.ModelProto:
     """Expand of an activation and of a constant to shapes computed by
-    ConstantOfShape -> Mul -> Equal -> Where (the legacy export of ``expand``/``expand_as``)."""
+    ConstantOfShape -> Mul -> Equal -> Where (the legacy export of ``expand``/``expand_as``).
+    """
     inits: list = []
     nodes = _conv_head(inits)
     inits += [_i64("four", [4]), _i64("minus", -1), _i64("full", [1, 8, 6, 6]), _i64("plane", [1, 1, 6, 6]),

@@ -162,7 +162,7 @@ def test_truncation_dropping_an_opset_import_is_refused(model_file, tmp_path: Pa
 # -- external data ------------------------------------------------------------------------
 @pytest.fixture
 def external_model(saved_models, tmp_path: Path) -> tuple[Path, Path, onnx.ModelProto]:
-    """vgg saved as ext/m.onnx + ext/w.data; returns (model path, data path, original model)."""
+    """Vgg saved as ext/m.onnx + ext/w.data; returns (model path, data path, original model)."""
     original = onnx.load(str(saved_models["vgg"]))
     model_path = tmp_path / "ext" / "m.onnx"
     data_path = save_external(onnx.load(str(saved_models["vgg"])), model_path)
@@ -192,7 +192,7 @@ def test_external_data_resolved_against_model_folder(external_model, tmp_path: P
 def test_external_data_file_missing(external_model) -> None:
     model_path, data_path, _ = external_model
     data_path.unlink()
-    with pytest.raises(OnnxladyError, match="w.data"):
+    with pytest.raises(OnnxladyError, match=r"w.data"):
         load_model(model_path)
 
 

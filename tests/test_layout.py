@@ -202,9 +202,10 @@ def test_channel_shuffle_interleaves_the_concat_operands() -> None:
 
 
 def test_shufflenet_v2_moves_every_neuron_not_pinned_by_the_output() -> None:
-    """torchvision's export pattern: every producer neuron except the logits is permutable, the
+    """Torchvision's export pattern: every producer neuron except the logits is permutable, the
     only frozen group is the output's, and the branch outputs are cut where the half splits of
-    the following units cut them (odd places included), read interleaved after each shuffle."""
+    the following units cut them (odd places included), read interleaved after each shuffle.
+    """
     analysis = analyze(_fixture("shufflenet_v2"))
     summary = analysis.summary()
     assert summary["producer_neurons_pinned_by_outputs"] == 10
@@ -235,7 +236,8 @@ def test_shufflenet_v2_moves_every_neuron_not_pinned_by_the_output() -> None:
 
 def _concat_shuffle_model(seed: int) -> onnx.ModelProto:
     """conv_a (6) and conv_b (6) -> Concat -> channel shuffle (g = 2) -> Slice [0:6] -> conv_c,
-    Slice [6:12] -> conv_d; the two are added, pooled, and a Gemm makes ``logits``."""
+    Slice [6:12] -> conv_d; the two are added, pooled, and a Gemm makes ``logits``.
+    """
     b = GraphBuilder("concat_shuffle", seed)
     x = b.input("input", (1, 3, 8, 8))
     a = b.relu(b.conv(x, 6, 3, name="conv_a"), name="relu_a")
@@ -261,7 +263,8 @@ def _interleaved(*parts: np.ndarray) -> np.ndarray:
 def test_channel_shuffle_of_a_concat_is_read_interleaved() -> None:
     """The two concatenated convs keep permutations of their own (each cut in halves, 3 + 3, by
     the Slices after the shuffle); the convs after the shuffle read them interleaved. Reading
-    them as contiguous blocks (the shuffle ignored) is caught."""
+    them as contiguous blocks (the shuffle ignored) is caught.
+    """
     source = _concat_shuffle_model(0)
     analysis = _roundtrip(source, seed=4)
     rows_a, rows_b = _maps(analysis, "conv_a.weight", 0), _maps(analysis, "conv_b.weight", 0)
@@ -288,7 +291,8 @@ def test_channel_shuffle_of_a_concat_is_read_interleaved() -> None:
 def test_a_shuffle_read_half_way_falls_back_to_product_form() -> None:
     """Four convs concatenated and shuffled (g = 4) while a ReduceMean also reads the transposed
     5-D tensor: that reader sees each digit as an axis of its own, so the whole permutation is
-    restricted to a product (the four convs share one permutation, the blocks stay in place)."""
+    restricted to a product (the four convs share one permutation, the blocks stay in place).
+    """
     b = GraphBuilder("shuffle4", 0)
     x = b.input("input", (1, 3, 8, 8))
     parts = [b.relu(b.conv(x, 3, 3, name=f"conv{k}"), name=f"relu{k}") for k in range(4)]
@@ -307,7 +311,8 @@ def test_a_shuffle_read_half_way_falls_back_to_product_form() -> None:
 
 def test_split_digits_reaching_a_graph_output_freeze() -> None:
     """A Reshape splitting conv1's channels into (2, 4), transposed, is a graph output: the
-    permutation kept over both axes freezes (graph-output); the other branch still moves."""
+    permutation kept over both axes freezes (graph-output); the other branch still moves.
+    """
     b = GraphBuilder("split_output", 0)
     x = b.input("input", (1, 3, 8, 8))
     a = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
@@ -324,7 +329,8 @@ def test_split_digits_reaching_a_graph_output_freeze() -> None:
 
 def _shuffle_model(seed: int, groups: int, flatten: bool = False) -> onnx.ModelProto:
     """conv1 (8) -> Reshape [1, g, 8/g, 8, 8] -> Transpose (0, 2, 1, 3, 4) -> Reshape back ->
-    conv2; or with ``flatten``, Flatten(axis=1) of the transposed 5-D tensor -> Gemm."""
+    conv2; or with ``flatten``, Flatten(axis=1) of the transposed 5-D tensor -> Gemm.
+    """
     b = GraphBuilder("shuffle", seed)
     x = b.input("input", (1, 3, 8, 8))
     y = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
@@ -346,16 +352,17 @@ def test_inline_channel_shuffle_index_maps(groups: int) -> None:
     rows = _maps(analysis, "conv1.weight", 0)
     cols = _maps(analysis, "conv2.weight", 1)
     inner = 8 // groups
-    outer_id = next(g for g, m in rows.items() if m == f"p (x) I_{inner}")
-    inner_id = next(g for g, m in rows.items() if m == f"I_{groups} (x) p")
-    assert analysis.group(outer_id).size == groups and analysis.group(inner_id).size == inner
-    # After the shuffle the digits trade places: conv2 reads inner (x) outer.
-    assert cols == {outer_id: f"I_{inner} (x) p", inner_id: f"p (x) I_{groups}"}
+    # The shuffle restricts nothing: conv1's 8 neurons stay one group, which conv2 reads in
+    # the shuffled order (the [groups, inner] layout transposed).
+    ((group_id, index_map),) = rows.items()
+    assert index_map == "p" and analysis.group(group_id).size == 8
+    assert cols == {group_id: f"transposed [{groups}, {inner}] -> [{inner}, {groups}] of (p)"}
 
 
 def test_shuffle_read_as_plain_pass_through_is_caught() -> None:
     """A product-form permutation P of conv1's rows, given to conv2's input as is (ignoring the
-    shuffle), is wrong; the shuffled form (digits swapped) is right."""
+    shuffle), is wrong; the shuffled form (digits swapped) is right.
+    """
     source = _shuffle_model(0, 2)
     a, b = np.array([1, 0]), np.array([2, 0, 3, 1])
     rows = _kron(a, b)
@@ -408,7 +415,8 @@ def test_depth_to_space_modes_are_not_interchangeable(producer: str, consumer: s
 
 def _spatial_d2s_model(seed: int, op: str) -> onnx.ModelProto:
     """conv1's channels moved to axis 2 by a Transpose, through DepthToSpace (DCR) or
-    SpaceToDepth (where they are a spatial axis), and back to axis 1 for conv2."""
+    SpaceToDepth (where they are a spatial axis), and back to axis 1 for conv2.
+    """
     b = GraphBuilder(f"spatial_{op.lower()}", seed)
     x = b.input("input", (1, 3, 8, 8))
     y = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")                       # [1, 8, 8, 8]
@@ -510,7 +518,8 @@ def test_reshape_with_a_dynamic_batch() -> None:
 # -- recurrent ops and control flow -----------------------------------------------------------
 def test_lstm_reads_the_conv_channels_and_makes_hidden_units() -> None:
     """The conv channels reach the LSTM's input weight through the reshape (``p (x) I_8``); the
-    hidden units are a group of their own (the recurrent rule, tests/test_recurrent.py)."""
+    hidden units are a group of their own (the recurrent rule, tests/test_recurrent.py).
+    """
     analysis = analyze(_fixture("lstm_head"))
     channels = _group(analysis, "conv2.weight", 0)
     assert channels.permutable and _group(analysis, "time_major", 2) is channels
@@ -582,7 +591,8 @@ def test_if_branch_and_loop_run_equivalent_after_permutation() -> None:
 
 def _outer_weight_model(kind: str, seed: int = 0) -> onnx.ModelProto:
     """A weight used by a main-graph Conv and read inside an If branch: through an Identity the
-    branch reads, held in a Constant node, or read from a Loop nested in the branch."""
+    branch reads, held in a Constant node, or read from a Loop nested in the branch.
+    """
     b = GraphBuilder(f"outer_{kind}", seed)
     x = b.input("input", (1, 3, 16, 16))
     a = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
@@ -631,7 +641,8 @@ def _wrong_permutation_is_caught(source: onnx.ModelProto) -> None:
 def test_concat_with_a_loop_output_keeps_the_other_operand_permutable() -> None:
     """ONNX leaves the shape of a loop-carried value unknown; the body maps [1, 8, 8, 8] to
     itself, so the Loop output has that shape; its loop-carried channels (conv1's, which the body
-    maps to themselves) take their own block of the Concat next to conv2's."""
+    maps to themselves) take their own block of the Concat next to conv2's.
+    """
     b = GraphBuilder("loop_concat", 0)
     x = b.input("input", (1, 3, 8, 8))
     a = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
@@ -656,7 +667,8 @@ def _runtime_shaped_concat(seed: int, *, declare_output: bool, add: bool = False
     """conv2's output concatenated (or, with ``add``, added) to a tensor whose shape only the
     runtime knows: conv3's output reshaped to a target computed from the input's values
     (``0 * max(input) + [1, 8, 8, 8]``), which shape inference cannot follow. With
-    ``declare_output`` the graph states the Concat's output shape, as some exporters do."""
+    ``declare_output`` the graph states the Concat's output shape, as some exporters do.
+    """
     b = GraphBuilder("runtime_shape", seed)
     x = b.input("input", (1, 3, 8, 8))
     a = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
@@ -688,7 +700,8 @@ def test_concat_operand_of_unknown_size_gets_a_frozen_block_of_its_own() -> None
 
 def test_concat_of_unknown_total_size_freezes_only_along_its_axis() -> None:
     """Without the output's size no operand's place is known: conv2 keeps the identity (with
-    the reason), and nothing else is affected."""
+    the reason), and nothing else is affected.
+    """
     source = _runtime_shaped_concat(0, declare_output=False)
     analysis = _roundtrip(source, seed=2)
     conv2 = _group(analysis, "conv2", 1)
@@ -699,7 +712,8 @@ def test_concat_of_unknown_total_size_freezes_only_along_its_axis() -> None:
 
 def test_broadcast_with_an_operand_of_unknown_shape_freezes_only_that_axis() -> None:
     """Add(conv2, z) with z's dims unknown: z may or may not broadcast along the channels, so
-    that axis keeps the identity, said so; conv1 before it is unaffected."""
+    that axis keeps the identity, said so; conv1 before it is unaffected.
+    """
     source = _runtime_shaped_concat(0, declare_output=False, add=True)
     analysis = _roundtrip(source, seed=4)
     conv2 = _group(analysis, "conv2", 1)

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from fixtures import FIXTURES, RUNNABLE
+from fixtures.quantized import INTEGER_WEIGHTS
 from onnxlady._analysis._channels import analyze
 from onnxlady._errors import OnnxladyError
-from onnxlady._verify._compare import generate_inputs
-from fixtures.quantized import INTEGER_WEIGHTS
 from onnxlady._transforms._perturb import PerturbReport, TensorChange, perturb_model, weight_tensors
+from onnxlady._verify._compare import generate_inputs
 
 OPSET = 17
 IR_VERSION = 8
@@ -42,7 +42,7 @@ def arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def matmul_model(*weights: np.ndarray, raw: bool = True, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
-    """x [N, K0] -> MatMul(W0) -> MatMul(W1) ... with weights stored as initializers W0, W1..."""
+    """X [N, K0] -> MatMul(W0) -> MatMul(W1) ... with weights stored as initializers W0, W1..."""
     nodes, inits = [], []
     current = "x"
     for k, weight in enumerate(weights):
@@ -372,7 +372,7 @@ def test_integer_weights_are_refused_and_model_untouched() -> None:
     model.graph.node.insert(1, helper.make_node("Cast", ["W1"], ["W1.cast"], to=TensorProto.FLOAT))
     model.graph.node[2].input[1] = "W1.cast"
     before = model.SerializeToString()
-    with pytest.raises(OnnxladyError, match="'W1'.*INT8"):
+    with pytest.raises(OnnxladyError, match=r"'W1'.*INT8"):
         perturb_model(model, noise=1.0)
     assert model.SerializeToString() == before
 

@@ -109,7 +109,8 @@ def _reference_record(rows: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("neuron_axis", [0, 1])
 def test_layer_record_matches_the_plain_computation(neuron_axis: int) -> None:
     """The einsum passes (stored layout, BatchNorm scale applied on the fly, signs included)
-    give the fields computed the plain way on the explicitly folded rows."""
+    give the fields computed the plain way on the explicitly folded rows.
+    """
     rng = np.random.default_rng(0)
     rows = (rng.standard_normal((24, 40)) * rng.uniform(0.5, 2.0, (24, 1)) + 0.05).astype(np.float32)
     scale = rng.uniform(0.3, 2.0, 24) * np.where(rng.random(24) < 0.25, -1.0, 1.0)

@@ -105,7 +105,8 @@ def _group_of(analysis: ChannelAnalysis, tensor: str, axis: int) -> str | None:
 
 def _producer_fractions(analysis: ChannelAnalysis) -> tuple[int, int, int]:
     """(producer neurons, permutable ones, ones pinned by graph outputs) over every producer a
-    rule declared (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger included)."""
+    rule declared (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger included).
+    """
     total = permutable = pinned = 0
     for _index, expr in analysis.state.producers:
         for root, lab in labels(analysis.solver, expr).items():
@@ -311,7 +312,8 @@ def _reasons(analysis: ChannelAnalysis) -> str:
 def test_per_axis_activation_qdq_follows_the_channels() -> None:
     """QuantizeLinear -> DequantizeLinear with axis=1 on a conv output: the shared scale and zero
     point are bound to the channels; left in place, coarse scales and clipping zero points land
-    on the wrong channels."""
+    on the wrong channels.
+    """
     b, x = _image("qdq_per_axis")
     x = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
     scale = np.geomspace(0.02, 0.2, 8).astype(np.float32)
@@ -334,7 +336,8 @@ def test_per_axis_activation_qdq_follows_the_channels() -> None:
 
 def test_fake_quantized_float_weight() -> None:
     """Quantization-aware training exports: a float weight through QuantizeLinear ->
-    DequantizeLinear (per channel, one scale and zero point shared by both) into the conv."""
+    DequantizeLinear (per channel, one scale and zero point shared by both) into the conv.
+    """
     b, x = _image("qat_weight")
     weight = b.conv_weight(x, 8, 3)
     _, scale, zero = b.quantize_array(weight, 0)
@@ -353,7 +356,8 @@ def test_fake_quantized_float_weight() -> None:
 
 def test_dequantize_axis_other_than_the_permuted_one() -> None:
     """DQ(axis=1) on a conv weight: the scale runs along the input channels, so it follows the
-    previous conv's group, and the conv's own output rows move without it."""
+    previous conv's group, and the conv's own output rows move without it.
+    """
     b, x = _image("dq_axis1")
     x = b.relu(b.conv(x, 8, 3, name="conv1"), name="relu1")
     w = b.dequantized_param("conv2.weight", b.conv_weight(x, 12, 3), axis=1)
@@ -381,7 +385,8 @@ def test_per_tensor_weight_scale_is_not_a_member() -> None:
 
 def test_dequantized_weight_read_by_two_convs_freezes() -> None:
     """One DQ output shared by two convs: a copy of the weight for one of them would still read
-    the shared scale, so neither use may be permuted on its own."""
+    the shared scale, so neither use may be permuted on its own.
+    """
     b, x = _image("dq_shared")
     x = b.relu(b.conv(x, 8, 3, name="conv0"), name="relu0")
     w = b.dequantized_param("shared.weight", b.conv_weight(x, 8, 3), axis=0)
@@ -397,7 +402,8 @@ def test_dequantized_weight_read_by_two_convs_freezes() -> None:
 def test_blocked_quantization_along_the_permuted_axis_freezes() -> None:
     """Blocked DQ (opset 21) along the output channels: only whole blocks could move, so the
     output group freezes; the input channels are not blocked and the full-rank scale follows
-    them on its own axis 1."""
+    them on its own axis 1.
+    """
     b, x = _image("dq_blocked", opset=21)
     x = b.relu(b.conv(x, 8, 1, name="conv0"), name="relu0")
     weight = b.conv_weight(x, 8, 1)  # [8, 8, 1, 1], blocks of 4 output channels
@@ -434,7 +440,8 @@ def test_packed_int4_weight_freezes() -> None:
 
 def test_conv_integer_per_channel_zero_point() -> None:
     """ConvInteger with a per-output-channel weight zero point (ONNX Runtime's CPU kernel has
-    none, so the reference evaluator checks the function)."""
+    none, so the reference evaluator checks the function).
+    """
     b, x = _image("conv_integer")
     xq, x_scale, x_zero = b.dynamic_quantize(x, name="quantize")
     q, _, zero = b.quantized_param("conv1.weight", b.conv_weight(x, 8, 3), axis=0, levels=60)
@@ -467,7 +474,8 @@ def test_weight_times_a_full_size_mask_moves_both() -> None:
 
 def test_transposed_dequantized_matmul_weight_is_safe() -> None:
     """``MatMul(x, Transpose(DQ(W)))``: if the MatMul rule follows the weight through the
-    Transpose, the per-channel scale must follow too; otherwise the group must freeze."""
+    Transpose, the per-channel scale must follow too; otherwise the group must freeze.
+    """
     b = GraphBuilder("dq_transposed", 0)
     x = b.input("input", (1, 4, 16))
     x = b.relu(b.matmul(x, 24, name="fc1"), name="relu1")

@@ -160,7 +160,8 @@ def test_lstm_states_and_peepholes_take_the_units() -> None:
 
 def test_bidirectional_directions_share_one_permutation() -> None:
     """Both directions take the same ``p``: merging the directions into the features gives
-    ``I_2 (x) p`` on the consumer's rows."""
+    ``I_2 (x) p`` on the consumer's rows.
+    """
     analysis = analyze(_fixture("lstm_bidirectional"))
     units = _group(analysis, "bilstm.R", 2)
     assert _maps(analysis, "logits.weight", 0) == {units.id: "I_2 (x) p"}
@@ -384,7 +385,8 @@ def _big_body_model() -> onnx.ModelProto:
 
 def test_streamed_permute_writes_the_constants_of_subgraphs(tmp_path: Path) -> None:
     """Large tensors are permuted as the streaming writer writes them, which it does for the
-    main graph's only; a body's constants are permuted in place and written as they are."""
+    main graph's only; a body's constants are permuted in place and written as they are.
+    """
     source = _big_body_model()
     assert _array(source, "then.conv2.weight").nbytes >= 1 << 16 and _array(source, "head.weight").nbytes < 1 << 16
     model = copy_model(source)
@@ -560,7 +562,8 @@ def test_bodies_reusing_names_stay_closed_and_say_why() -> None:
 
 def test_body_constant_whose_uses_disagree_freezes_instead_of_copying() -> None:
     """A then-branch weight read by two convs whose inputs are different groups: a copy would
-    have to live in the body, so one input permutation freezes, with the reason."""
+    have to live in the body, so one input permutation freezes, with the reason.
+    """
     model = _fixture("if_body")
     select = next(n for n in model.graph.node if n.op_type == "If")
     then_branch = next(a.g for a in select.attribute if a.name == "then_branch")

@@ -303,5 +303,5 @@ def test_a_shared_tensor_that_would_need_two_orders_is_refused() -> None:
     suspect_holders = tensor_holders(suspect)
     _permute_tensor(suspect_holders["conv1.weight"], [(0, swap)])
     _permute_tensor(suspect_holders["conv2.weight"], [(1, swap)])
-    with pytest.raises(OnnxladyError, match="'shared.zero_bias' is shared by uses"):
+    with pytest.raises(OnnxladyError, match=r"'shared.zero_bias' is shared by uses"):
         resync_model(reference, suspect)

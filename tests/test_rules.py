@@ -584,7 +584,8 @@ def test_bias_in_a_value_floats_constant() -> None:
 
 def test_constant_varying_along_a_broadcast_axis_starts_a_group() -> None:
     """LayerNorm over channels, exported as x - mean times (inverse std * gamma): gamma meets a
-    tensor of size 1 on the channel axis and must follow the channels it is multiplied into."""
+    tensor of size 1 on the channel axis and must follow the channels it is multiplied into.
+    """
     from onnxlady.testing import copy_model, permute_producer_only
 
     rng = np.random.default_rng(0)

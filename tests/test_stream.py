@@ -92,7 +92,8 @@ def run(model: onnx.ModelProto | str) -> list[np.ndarray]:
 @pytest.fixture(params=["plain", "big-tensor path", "no keep budget"])
 def writer_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The writer's three ways to emit an item, forced on small models: serialized and kept;
-    every raw tensor as header + raw_data read at write time; serialized twice (deferred)."""
+    every raw tensor as header + raw_data read at write time; serialized twice (deferred).
+    """
     if request.param == "big-tensor path":
         monkeypatch.setattr(stream, "_BIG_TENSOR", 0)
     elif request.param == "no keep budget":
@@ -104,15 +105,19 @@ def writer_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 def model_with_everything() -> onnx.ModelProto:
     """An If with a Constant and an initializer in each branch, a main-graph Constant, model and
     graph metadata_props, a local function, training info, a sparse initializer and an
-    initializer in ``float_data`` (runnable by ONNX Runtime, valid for the checker)."""
+    initializer in ``float_data`` (runnable by ONNX Runtime, valid for the checker).
+    """
     w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
     typed = helper.make_tensor("typed", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0])  # float_data
-    branch = lambda name, value: helper.make_graph(
-        [helper.make_node("Constant", [], [f"{name}_c"], value=numpy_helper.from_array(np.full(4, value, np.float32))),
-         helper.make_node("Add", [f"{name}_c", f"{name}_i"], [f"{name}_out"])],
-        name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [4])],
-        initializer=[numpy_helper.from_array(np.full(4, -value, np.float32), f"{name}_i")],
-    )  # fmt: skip
+
+    def branch(name: str, value: float) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Constant", [], [f"{name}_c"], value=numpy_helper.from_array(np.full(4, value, np.float32))),
+             helper.make_node("Add", [f"{name}_c", f"{name}_i"], [f"{name}_out"])],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [4])],
+            initializer=[numpy_helper.from_array(np.full(4, -value, np.float32), f"{name}_i")],
+        )  # fmt: skip
+
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w"], ["y"]),
@@ -367,7 +372,8 @@ def test_read_model_damaged_file_raises_decode_error(monkeypatch: pytest.MonkeyP
 
 def test_parse_copies_the_buffer_it_is_given(tmp_path: Path) -> None:
     """Why read_model may reuse or free its chunk buffers: upb's parse never aliases them.
-    An mmap is refused outright; a memoryview of one is copied, so unmapping it is safe."""
+    An mmap is refused outright; a memoryview of one is copied, so unmapping it is safe.
+    """
     tensor = numpy_helper.from_array(np.arange(4096, dtype=np.float32), "t")
     data = tensor.SerializeToString()
     buffer = bytearray(data)

@@ -91,7 +91,8 @@ def test_read_float_is_exact_in_its_dtype(data_type: int, raw: bool) -> None:
 
 def test_float32_would_lose_the_types_read_as_float64() -> None:
     """The float64 rule is needed: float32 rounds these types' extreme values (the test would
-    pass vacuously if it did not)."""
+    pass vacuously if it did not).
+    """
     for data_type in set(_VALUES) - EXACT_IN_FLOAT32 - {TensorProto.FLOAT8E4M3FN}:
         exact = _VALUES[data_type].astype(np.float64)
         with np.errstate(over="ignore"):
@@ -186,7 +187,8 @@ def test_external_data_is_detected() -> None:
 
 def test_external_data_is_refused_by_every_reader(tmp_path, monkeypatch) -> None:
     """The file the tensor names exists in the working directory: a reader that did not refuse
-    would quietly read it (onnx resolves a relative location against the working directory)."""
+    would quietly read it (onnx resolves a relative location against the working directory).
+    """
     model = _vgg()
     tensor = _first_conv_weight(model)
     name = tensor.name

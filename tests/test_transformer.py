@@ -301,7 +301,8 @@ def test_every_producer_neuron_not_pinned_by_an_output_is_permutable(name: str) 
 # -- MatMul of two computed tensors on small graphs -----------------------------------------
 def test_multi_query_attention_heads_broadcast_against_a_single_key_head() -> None:
     """K and V with one head of D ([1, 1, S, D]) broadcast over Q's H heads: the heads stay
-    free and independent of K and V; Q and K still share the within-head permutation."""
+    free and independent of K and V; Q and K still share the within-head permutation.
+    """
     b = GraphBuilder("mqa", 0)
     x = b.matmul(b.input("input", (1, SEQ, WIDTH)), WIDTH, name="embed", gain=1.0)
     q = b.transpose(b.reshape(b.matmul(x, WIDTH, name="q_proj", gain=1.0), [1, SEQ, HEADS, HEAD_DIM],
@@ -338,7 +339,8 @@ def test_gram_matrix_contracts_a_free_group() -> None:
 
 def test_contraction_with_an_operand_that_cannot_follow_freezes() -> None:
     """A's features contracted with a graph input's rows: the input keeps its order, so A's
-    group must too; the rows of the result (tokens) carry nothing."""
+    group must too; the rows of the result (tokens) carry nothing.
+    """
     b = GraphBuilder("pinned_contraction", 0)
     x = b.relu(b.matmul(b.input("input", (1, SEQ, WIDTH)), WIDTH, name="proj"), name="relu")
     other = b.input("other", (1, WIDTH, 8))
@@ -383,7 +385,8 @@ def test_tied_table_is_permuted_once_through_the_transpose() -> None:
 def _tied_model(head: str) -> onnx.ModelProto:
     """Token embedding ``tokens.weight`` [V, C], a pre-norm MLP block, a final LayerNorm, then the
     table reused by the head: ``Gemm(x, table, transB=1)`` (``head="gemm"``) or two MatMuls that
-    read one ``Transpose(table)`` (``head="two_readers"``)."""
+    read one ``Transpose(table)`` (``head="two_readers"``).
+    """
     b = GraphBuilder(f"tied_{head}", 0)
     ids = b.input("input_ids", (1, SEQ), TensorProto.INT64)
     x = b.embedding(ids, VOCAB, WIDTH, name="tokens")
@@ -409,7 +412,8 @@ def test_tied_table_through_gemm_trans_b_is_permuted_once() -> None:
 def test_transposed_table_with_two_readers_is_not_looked_through() -> None:
     """The Transpose's output feeds two MatMuls: the table is not bound through it (a reader the
     rule does not see could get a permuted table), so the residual stream, contracted with the
-    transposed table in its original order, keeps its order too."""
+    transposed table in its original order, keeps its order too.
+    """
     source = _tied_model("two_readers")
     model, analysis, _, _ = _permute_all(source, 3)
     residual = [g for g in analysis.groups if g.size == WIDTH]
@@ -465,7 +469,8 @@ def _rope(b: GraphBuilder, t: str, cos: str, sin: str, *, name: str) -> str:
 def test_rotary_embeddings_are_never_permuted_wrongly(tables: str) -> None:
     """RoPE pairs dimension d with d + D/2. With constant cos/sin tables, permuting the tables
     along D keeps the function when both halves take the same permutation (what the analysis
-    finds); with cos/sin computed at run time the frequency constant they come from is permuted along."""
+    finds); with cos/sin computed at run time the frequency constant they come from is permuted along.
+    """
     b = GraphBuilder(f"rope_{tables}", 0)
     x = b.matmul(b.input("input", (1, SEQ, WIDTH)), WIDTH, name="embed", gain=1.0)
     angles = np.arange(SEQ, dtype=np.float32)[:, None] * (

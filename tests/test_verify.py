@@ -34,7 +34,7 @@ def make_model(nodes, inputs, outputs, initializers=(), ir_version=IR_VERSION, o
 
 
 def linear_model(weight: np.ndarray, bias: np.ndarray, *, out_name: str = "y", in_name: str = "x"):
-    """y = relu(x @ W + B) with x of shape [N, in]."""
+    """Y = relu(x @ W + B) with x of shape [N, in]."""
     n_in, n_out = weight.shape
     return make_model(
         [
@@ -52,7 +52,7 @@ def linear_model(weight: np.ndarray, bias: np.ndarray, *, out_name: str = "y", i
 
 
 def constant_output_model(value: float, shape=(2, 4)):
-    """y = x * 0 + C: every output element equals ``value`` whatever the input."""
+    """Y = x * 0 + C: every output element equals ``value`` whatever the input."""
     return make_model(
         [helper.make_node("Mul", ["x", "zero"], ["z"]), helper.make_node("Add", ["z", "C"], ["y"])],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
@@ -213,7 +213,7 @@ def test_bool_outputs_exact():
 
 
 def div_model(numerator: float):
-    """o = numerator / x with x drawn from [0, 0]: inf or nan everywhere."""
+    """O = numerator / x with x drawn from [0, 0]: inf or nan everywhere."""
     return make_model(
         [helper.make_node("Div", ["n", "x"], ["o"])],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -345,7 +345,7 @@ def test_gather_indices_stay_in_range(axis):
 
 def test_other_integer_inputs_use_small_range():
     feeds = generate_inputs(int_add_model(0), {"i": (8, 4)}, np.random.default_rng(3), (-1.0, 1.0))
-    assert feeds["i"].dtype == np.int64 and 0 <= feeds["i"].min() and feeds["i"].max() < 16
+    assert feeds["i"].dtype == np.int64 and feeds["i"].min() >= 0 and feeds["i"].max() < 16
 
 
 def test_inputs_are_seeded_and_fresh_per_draw():
@@ -376,12 +376,12 @@ def test_other_float_input_types(elem):
 def test_mismatched_outputs_raise(weights):
     w, b = weights
     ref = linear_model(w, b)
-    with pytest.raises(OnnxladyError, match="'y'.*'z'"):
+    with pytest.raises(OnnxladyError, match=r"'y'.*'z'"):
         verify_models(ref, linear_model(w, b, out_name="z"), provider="cpu")
 
     extra = linear_model(w, b)
     extra.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 8]))
-    with pytest.raises(OnnxladyError, match="1 outputs but .* has 2"):
+    with pytest.raises(OnnxladyError, match=r"1 outputs but .* has 2"):
         verify_models(ref, extra, provider="cpu")
     with pytest.raises(OnnxladyError, match="output 'h' is missing"):
         verify_models(extra, ref, provider="cpu")
@@ -390,7 +390,7 @@ def test_mismatched_outputs_raise(weights):
     as_double.graph.node.append(helper.make_node("Cast", ["y32"], ["y"], to=TensorProto.DOUBLE))
     del as_double.graph.output[:]
     as_double.graph.output.append(helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 8]))
-    with pytest.raises(OnnxladyError, match="float.*double"):
+    with pytest.raises(OnnxladyError, match=r"float.*double"):
         verify_models(ref, as_double, provider="cpu")
 
 
@@ -409,7 +409,7 @@ def test_output_shapes_compared_at_run_time():
 def test_mismatched_inputs_raise(weights):
     w, b = weights
     ref = linear_model(w, b)
-    with pytest.raises(OnnxladyError, match="input 'x'.*missing"):
+    with pytest.raises(OnnxladyError, match=r"input 'x'.*missing"):
         verify_models(ref, linear_model(w, b, in_name="x2"), provider="cpu")
     double_in = make_model(
         [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT), *linear_model(w, b, in_name="xf").graph.node],
@@ -417,9 +417,9 @@ def test_mismatched_inputs_raise(weights):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
         linear_model(w, b).graph.initializer,
     )
-    with pytest.raises(OnnxladyError, match="input 'x' is float .*double"):
+    with pytest.raises(OnnxladyError, match=r"input 'x' is float .*double"):
         verify_models(ref, double_in, provider="cpu")
-    with pytest.raises(OnnxladyError, match="dimension 1 = 16 .* 32"):
+    with pytest.raises(OnnxladyError, match=r"dimension 1 = 16 .* 32"):
         verify_models(ref, linear_model(np.ones((32, 8)), b), provider="cpu")
 
 
@@ -468,7 +468,7 @@ def test_ort_cannot_run_custom_op(weights, capfd):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
         opsets=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.example", 1)],
     )
-    with pytest.raises(OnnxladyError, match="^ONNX Runtime cannot run the candidate model: ") as info:
+    with pytest.raises(OnnxladyError, match=r"^ONNX Runtime cannot run the candidate model: ") as info:
         verify_models(linear_model(w, b), custom, provider="cpu")
     assert "\n" not in str(info.value) and "[ONNXRuntimeError]" not in str(info.value)
     assert capfd.readouterr().err == ""  # ORT's own log line stays silent: the message says it once
@@ -483,7 +483,7 @@ def test_out_of_range_gather_would_fail(monkeypatch, capfd):
 
     monkeypatch.setattr(inputs, "embedding_bounds", lambda index, names: {})
     model = embedding_model(5)
-    with pytest.raises(OnnxladyError, match="^ONNX Runtime cannot run the reference model on the generated inputs") as info:
+    with pytest.raises(OnnxladyError, match=r"^ONNX Runtime cannot run the reference model on the generated inputs") as info:
         verify_models(model, model, provider="cpu", shapes={"ids": [2, 32]})
     assert "Gather" in str(info.value) and "--val-range ids:[lo,hi]" in str(info.value)
     assert capfd.readouterr().err == ""
@@ -501,7 +501,7 @@ def test_cpu_session():
 def test_cuda_provider_raises_without_cuda():
     if CUDA_LOADS:
         pytest.skip("the CUDA execution provider loads on this machine, so 'cuda' legitimately succeeds")
-    with pytest.raises(OnnxladyError, match="^CUDA execution provider could not be loaded: "):
+    with pytest.raises(OnnxladyError, match=r"^CUDA execution provider could not be loaded: "):
         verify_models(scale_model(1.0), scale_model(1.0), provider="cuda")
 
 

@@ -50,7 +50,7 @@ def permuted(w1, w2, *, wrong=False, seed=3):
 
 
 def squash_model(w1, w2, b2, op="Sigmoid"):
-    """x [N, 16] -> MatMul W1 -> Relu -> MatMul W2 -> Add B2 (logits) -> op -> y."""
+    """X [N, 16] -> MatMul W1 -> Relu -> MatMul W2 -> Add B2 (logits) -> op -> y."""
     attrs = {"axis": -1} if op == "Softmax" else {}
     return make_model(
         [
@@ -109,7 +109,7 @@ def test_saturated_sigmoid_output_is_inconclusive_on_its_own(weights, bias, reas
 
 
 def test_constant_output_is_inconclusive():
-    """y = x * 0 + C: the same value whatever the input, and a model with the elements swapped passes too."""
+    """Y = x * 0 + C: the same value whatever the input, and a model with the elements swapped passes too."""
 
     def model(constant):
         return make_model(
@@ -359,7 +359,7 @@ def test_graph_pins_a_dynamic_dim(node, constant, shape, note):
 
 
 def test_conv_channels_pinned_and_wrong_permutation_caught(rng):
-    """x [N, C, H, W] with C dynamic: the Conv weight says C = 3 (the spatial dims stay defaults)."""
+    """X [N, C, H, W] with C dynamic: the Conv weight says C = 3 (the spatial dims stay defaults)."""
     w1, w2 = rng.standard_normal((8, 3, 3, 3)), rng.standard_normal((4, 8, 1, 1))
 
     def conv(w1, w2):
@@ -462,10 +462,10 @@ def test_bad_input_files(tmp_path, weights, monkeypatch):
     with pytest.raises(OnnxladyError, match="no such file"):
         verify_models(model, model, provider="cpu", load_inputs=tmp_path / "absent.json")
     (tmp_path / "inputs.txt").write_text("x")
-    with pytest.raises(OnnxladyError, match="expected a .json file in Polygraphy's format or a .npz archive"):
+    with pytest.raises(OnnxladyError, match=r"expected a .json file in Polygraphy's format or a .npz archive"):
         verify_models(model, model, provider="cpu", load_inputs=tmp_path / "inputs.txt")
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
-    with pytest.raises(OnnxladyError, match="not a readable .npz archive"):
+    with pytest.raises(OnnxladyError, match=r"not a readable .npz archive"):
         verify_models(model, model, provider="cpu", load_inputs=tmp_path / "broken.npz")
     (tmp_path / "broken.json").write_text('[{"x": ')
     if "polygraphy" in sys.modules or _has_polygraphy():
@@ -481,7 +481,7 @@ def test_bad_input_files(tmp_path, weights, monkeypatch):
 
 def _has_polygraphy() -> bool:
     try:
-        import polygraphy.json  # noqa: F401
+        import polygraphy.json  # ruff: ignore[unused-import]
     except ImportError:
         return False
     return True
@@ -585,7 +585,7 @@ def test_data_loader_script(tmp_path, weights):
 
 
 def test_reference_that_cannot_run_says_which_shape_to_give():
-    """x [1, 1, T] split in two halves of 16: T must be 32; the default 64 fails, and the message says so."""
+    """X [1, 1, T] split in two halves of 16: T must be 32; the default 64 fails, and the message says so."""
     model = make_model(
         [helper.make_node("Split", ["x", "halves"], ["a", "b"], axis=2), helper.make_node("Sub", ["a", "b"], ["y"])],
         [value("x", TensorProto.FLOAT, [1, 1, "T"])],

@@ -1,5 +1,6 @@
 """Uchida-style white-box watermark: embedded without retraining, scrambled by permuting the
-layer's input channels, restored by re-synchronization, untouched by permuting its own filters."""
+layer's input channels, restored by re-synchronization, untouched by permuting its own filters.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from onnxlady.testing import copy_model
 
 def _conv_groups(model: onnx.ModelProto, min_width: int) -> tuple[str, str, str]:
     """A Conv whose input and output groups are both permutable and whose kernel holds
-    ``min_width`` values per filter: (layer, input group id, output group id)."""
+    ``min_width`` values per filter: (layer, input group id, output group id).
+    """
     analysis = analyze(copy_model(model))
     for node in model.graph.node:
         if node.op_type != "Conv":

@@ -149,7 +149,8 @@ def logits_of(model: onnx.ModelProto) -> list[str]:
     """The inputs of the Sigmoid/Softmax nodes that make the graph outputs (through Identity,
     Cast, a Q/DQ pair or a reshape: an opset upgrade wraps Softmax in Flatten/Reshape). On
     random inputs those outputs saturate, and a wrong permutation is only seen on the logits
-    (tools.real_models names them by hand; a converter renames them)."""
+    (tools.real_models names them by hand; a converter renames them).
+    """
     producer = {name: node for node in model.graph.node for name in node.output}
     found = []
     for output in model.graph.output:
@@ -164,7 +165,8 @@ def logits_of(model: onnx.ModelProto) -> list[str]:
 def in_float(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float copy of a QDQ ``model``: every DequantizeLinear of a constant (a weight) becomes
     the float initializer it computes, and computed tensors skip their QuantizeLinear ->
-    DequantizeLinear pairs."""
+    DequantizeLinear pairs.
+    """
     out = copy_model(model)
     graph = ModelGraph(out)
     producer = {name: node for node in out.graph.node for name in node.output}

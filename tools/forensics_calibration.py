@@ -63,7 +63,7 @@ import onnxlady
 from fixtures import FIXTURES
 from fixtures.conversions import quantize_qdq, to_float16
 from onnxlady._analysis._channels import analyze
-from onnxlady._audit._verdicts import _bn_after, _group_uses, _homogeneous_path, _rows
+from onnxlady._audit._verdicts import _bn_after, _group_uses, _homogeneous_path
 from onnxlady.testing import copy_model, tensor_holders
 from tools.forensics_finetune import DEFAULT_OUT as FINETUNE_OUT
 from tools.forensics_finetune import MODELS as FINETUNE_MODELS
@@ -81,7 +81,7 @@ SCALED = (0, 2, 3, 5, 7)
 SCALE_FACTOR = 1.5
 VARIANTS = ("plain", "permuted", "float16")
 KINDS = ("noise", "quantization", "pruning", "fine-tuning", "scaled", "rescaled", "scaled+noise")
-PREDICTIONS = KINDS + ("uncertain", "unchanged", "error")
+PREDICTIONS = (*KINDS, "uncertain", "unchanged", "error")
 #: Kinds that must never be called fine-tuning.
 NEVER_TUNING = ("noise", "quantization", "pruning")
 
@@ -180,7 +180,8 @@ def attack(reference: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str,
 
 def rescale(reference: onnx.ModelProto) -> onnx.ModelProto | None:
     """Every neuron of one group scaled by s in [0.5, 2] with the compensation the audit knows:
-    the next layer's input columns through positively homogeneous operators, or a BatchNorm."""
+    the next layer's input columns through positively homogeneous operators, or a BatchNorm.
+    """
     analysis = analyze(reference)
     holders = tensor_holders(reference)
     uses = _group_uses(analysis, set(holders))
@@ -289,8 +290,10 @@ def right(case: Case, result: onnxlady.AuditResult | None, guess: str) -> bool:
         return False
     if case.kind in ("scaled", "scaled+noise") and result is not None:
         found = sorted((s.group, s.neuron) for s in result.report.scaled_neurons)
+        # Under noise k is an estimate: its error grows with Omega / sqrt(row length).
+        slack = 0.01 if case.kind == "scaled" else 0.2
         return found == sorted(case.expected_neurons) and all(
-            abs(s.k - SCALE_FACTOR) < 0.05 for s in result.report.scaled_neurons
+            abs(s.k - SCALE_FACTOR) < slack for s in result.report.scaled_neurons
         )
     return True
 

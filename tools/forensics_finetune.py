@@ -9,14 +9,16 @@ under ``OUT/<model>/``, a ``base.onnx`` and one ONNX file per fine-tuning regime
   base run, then theta = 2, 6, 10 % more SGD steps, resumed with the same optimizer state),
   exported with BatchNorm folded into the convolutions and with BatchNorm kept;
 - torchvision ``resnet18``, ``mobilenet_v2``, ``squeezenet1_1`` and ``shufflenet_v2_x0_5``
-  (10 classes, no pretrained weights: :func:`tools.zoo.reinitialise` gives every activation
-  an O(1) spread), fine-tuned on a synthetic 10-class task (each class a fixed random
-  3x64x64 prototype plus Gaussian noise, batch 16) with SGD (lr 0.01, momentum 0.9, weight
-  decay 1e-4, cross entropy), in four regimes: ``full1``, ``full5``, ``full20`` (every
-  parameter, BatchNorm in train mode so its running statistics follow the data, 1/5/20
-  steps), ``frozen_bn10`` (BatchNorm in eval mode, its statistics frozen, 10 steps) and
-  ``head10`` (only the classifier, the usual transfer-learning recipe, 10 steps). Each regime
-  starts from the same base.
+  (10 classes, no pretrained weights): :func:`tools.zoo.reinitialise` gives every activation
+  an O(1) spread, then the base is trained 40 SGD steps (lr 0.01) on a synthetic 10-class task
+  A (each class a fixed random 3x64x64 prototype plus Gaussian noise, batch 16) and its
+  BatchNorm statistics are re-estimated on 8 batches (so that the base is a trained model
+  whose eval-mode outputs are sane). Each regime then fine-tunes that base on a new task B
+  (other prototypes) with SGD (lr 0.003, momentum 0.9, weight decay 1e-4, cross entropy,
+  gradient norm clipped at 5): ``full1``, ``full5``, ``full20`` (every parameter, BatchNorm
+  in train mode so its running statistics follow the data, 1/5/20 steps), ``frozen_bn10``
+  (BatchNorm in eval mode, its statistics frozen, 10 steps) and ``head10`` (only the
+  classifier, the usual transfer-learning recipe, 10 steps).
 
 Every model is exported with the legacy exporter (``dynamo=False``, opset 17, eval mode,
 constant folding: BatchNorm folded into the preceding convolution), input ``[1, 3, 64, 64]``.
@@ -56,7 +58,9 @@ DIGITS_THETAS = (2, 6, 10)
 CLASSES = 10
 IMAGE = (3, 64, 64)
 BATCH = 16
-LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
+LR, MOMENTUM, WEIGHT_DECAY = 0.003, 0.9, 1e-4
+PRETRAIN_STEPS, PRETRAIN_LR = 40, 0.01
+CLIP = 5.0
 OPSET = 17
 
 
@@ -113,33 +117,69 @@ def finetune_torchvision(name: str, out: Path, seed: int = 0) -> dict[str, Any]:
     base = getattr(torchvision.models, name)(weights=None, num_classes=CLASSES)
     calibration = next(_synthetic_batches(seed + 100))[0][:4]
     reinitialise(base.eval(), calibration, seed=seed)
+    pretrain = _train(base, list(base.parameters()), PRETRAIN_STEPS, PRETRAIN_LR, True, _synthetic_batches(seed + 200))
+    _recalibrate(base, _synthetic_batches(seed + 300))
     out.mkdir(parents=True, exist_ok=True)
     _export(base, out / "base.onnx")
     entries = []
     for regime, steps, what, bn_mode in REGIMES:
         model = copy.deepcopy(base)
         params = _head(model) if what == "head" else list(model.parameters())
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        model.train(bn_mode == "train")
-        batches = _synthetic_batches(seed)
-        losses = []
-        for _ in range(steps):
-            images, labels = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        losses = _train(model, params, steps, LR, bn_mode == "train", _synthetic_batches(seed + 1))
         file = f"{regime}.onnx"
         _export(model, out / file)
         entries.append(
             {"file": file, "regime": regime, "steps": steps, "trains": what, "batchnorm": bn_mode, "losses": losses}
         )
-    return {"model": name, "source": "torchvision (weights=None, tools.zoo.reinitialise)", "regimes": entries}
+    return {
+        "model": name,
+        "source": "torchvision (weights=None, tools.zoo.reinitialise, 40 steps on task A)",
+        "pretrain_losses": pretrain,
+        "regimes": entries,
+    }
+
+
+def _train(model: Any, params: list[Any], steps: int, lr: float, bn_train: bool, batches: Any) -> list[float]:
+    """``steps`` SGD steps of cross entropy on ``params`` only; the losses."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    model.train(bn_train)
+    losses = []
+    for _ in range(steps):
+        images, labels = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return losses
+
+
+def _recalibrate(model: Any, batches: Any, count: int = 8) -> None:
+    """Re-estimate every BatchNorm's running statistics as the mean over ``count`` batches."""
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for _ in range(count):
+            model(next(batches)[0])
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
 
 
 def finetune_digits(name: str, out: Path, seed: int = 0) -> dict[str, Any]:
@@ -163,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="redo models already exported")
     args = parser.parse_args(argv)
     try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
+        import torch  # ruff: ignore[unused-import]
+        import torchvision  # ruff: ignore[unused-import]
     except ImportError as exc:
         print(f"tools.forensics_finetune needs torch and torchvision (see tools/zoo_requirements.txt): {exc}", file=sys.stderr)
         return 2

@@ -230,7 +230,8 @@ def build_speedup(paths: list[str], folder: Path) -> dict[str, float]:
 
 def synthetic_fingerprints(count: int, seed: int = 0) -> list[tuple[str, ModelFingerprint]]:
     """``count`` synthetic fingerprints: 500 random architectures (5 to 60 layers of random
-    shapes), each model a random draw of records around its architecture's."""
+    shapes), each model a random draw of records around its architecture's.
+    """
     rng = np.random.default_rng(seed)
     architectures = []
     for _ in range(500):
@@ -251,7 +252,8 @@ def synthetic_fingerprints(count: int, seed: int = 0) -> list[tuple[str, ModelFi
 
 def find_speed(count: int, folder: Path) -> dict[str, float]:
     """Median of 3 ``find`` runs (index opening, coarse and exact stages) against ``count``
-    synthetic fingerprints."""
+    synthetic fingerprints.
+    """
     index = folder / f"synthetic.{count}.idx"
     entries = synthetic_fingerprints(count)
     start = time.perf_counter()

@@ -69,7 +69,7 @@ class Cell:
 
 
 def _models(names: list[str] | None, out: Path) -> dict[str, dict[str, Any]]:
-    """name -> {"path", "finetuned": {theta: path}, "inputs": callable}."""
+    """Name -> {"path", "finetuned": {theta: path}, "inputs": callable}."""
     models: dict[str, dict[str, Any]] = {}
     for entry in fetch_models(DEFAULT_OUT):
         models[str(entry["name"])] = {"path": Path(str(entry["path"])), "finetuned": {}}

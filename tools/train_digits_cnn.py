@@ -339,7 +339,7 @@ def train_and_export(
     keep_batchnorm:
         Keep ``BatchNormalization`` nodes in the exported graphs instead of folding them.
 
-    Returns
+    Returns:
     -------
     The manifest (also written to ``out_dir / "manifest.json"``).
 

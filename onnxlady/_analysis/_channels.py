@@ -20,8 +20,19 @@ import onnx
 
 from onnxlady import _rules  # ruff: ignore[unused-import] - importing registers every rule
 from onnxlady._analysis._control_flow import walk_control_flow
-from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, canonical, describe, evaluate, labels
+from onnxlady._graph._expr import (
+    Atom,
+    Expr,
+    Fixed,
+    FreezeReason,
+    GroupSolver,
+    canonical,
+    describe,
+    evaluate,
+    labels,
+)
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._io._progress import advance, say
 from onnxlady._rules._context import (
     AnalysisState,
     Binding,
@@ -101,26 +112,62 @@ class ChannelAnalysis:
         self._by_root = {group.root: group for group in self.groups}
 
     @property
-    def solver(self):
+    def solver(self) -> GroupSolver:
+        """The union-find solver the analysis ran; expressions resolve against it."""
         return self.state.solver
 
     def group(self, group_id: str) -> ChannelGroup:
+        """The group with id ``group_id``.
+
+        Args:
+            group_id: a group id as the analysis names it (``"g0"``...).
+
+        Returns:
+            The group.
+
+        Raises:
+            KeyError: no group has that id.
+        """
         return self._by_id[group_id]
 
     def group_of_root(self, root: int) -> ChannelGroup | None:
+        """The group of an atom of the solver.
+
+        Args:
+            root: an atom id (resolved to its current root first).
+
+        Returns:
+            The group whose root the atom resolves to, or None when it belongs to no group.
+        """
         return self._by_root.get(self.solver.find(root))
 
     @property
     def permutable_groups(self) -> list[ChannelGroup]:
+        """The groups that can take a permutation other than the identity, in group order."""
         return [group for group in self.groups if group.permutable]
 
     def index_array(self, expr: Expr, perms: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Indices ``idx`` such that ``new = take(old, idx, axis)`` for group permutations by id."""
+        """Indices ``idx`` such that ``new = take(old, idx, axis)`` for group permutations by id.
+
+        Args:
+            expr: the index map of one tensor axis (a plan's or a member's expression).
+            perms: group id -> permutation; groups left out keep the identity.
+
+        Returns:
+            The int64 gather indices along that axis.
+        """
         by_root = {self._by_id[gid].root: np.asarray(p) for gid, p in perms.items() if gid in self._by_id}
         return evaluate(self.solver, expr, by_root)
 
     def neuron_labels(self, expr: Expr) -> dict[str, np.ndarray]:
-        """For each group in ``expr`` (by id): which of its neurons governs each index (-1: none)."""
+        """For each group in ``expr`` (by id): which of its neurons governs each index (-1: none).
+
+        Args:
+            expr: the index map of one tensor axis.
+
+        Returns:
+            Group id -> an array as long as the axis, holding the group's neuron at each index.
+        """
         result = {}
         for root, lab in labels(self.solver, expr).items():
             group = self.group_of_root(root)
@@ -173,6 +220,7 @@ class ChannelAnalysis:
 
     @property
     def untied(self) -> list[TensorPermutation]:
+        """The copies of shared constants that permuting creates (uses that need their own order)."""
         return [t for t in self.tensors if t.copy > 0]
 
     def summary(self) -> dict[str, object]:
@@ -221,13 +269,16 @@ def analyze(model: onnx.ModelProto, *, progress: Callable[[str], None] | None = 
     Raises:
         OnnxladyError: the graph is malformed (a tensor used but never defined, a cycle).
     """
+    say(progress, "analysing the graph")
     graph = ModelGraph(model)
     state = AnalysisState(graph)
-    step = max(1, len(graph.order) // 10)
+    total = len(graph.order)
+    step = max(1, total // 200)  # a bar moves smoothly without a call per node
     for position, index in enumerate(graph.order):
-        if progress is not None and position % step == 0:
-            progress(f"analysing node {position + 1}/{len(graph.order)}")
+        if position % step == 0:
+            advance(progress, "analysing nodes", position, total)
         _visit(state, index)
+    advance(progress, "analysing nodes", total, total)
     for name in graph.graph_outputs:
         spaces = [*state.tracked.get(name, {}).values(), *(space.expr for space in state.joint.get(name, []))]
         for expr in spaces:

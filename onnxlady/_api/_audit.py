@@ -28,6 +28,8 @@ from onnxlady._audit._verdicts import AUDIT_RTOL, AuditReport, audit_models
 from onnxlady._audit._verdicts import canonicalize as _canonicalize
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import save_model
+from onnxlady._io._outputs import OutputSet, check_output_paths, external_data_path
+from onnxlady._io._progress import say
 from onnxlady._resync._match import ConversionFinding
 
 
@@ -96,6 +98,9 @@ class AuditResult(Result):
     def write_markdown(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_markdown` to ``path`` atomically.
 
+        Args:
+            path: the Markdown file to write (replaced if it exists).
+
         Raises:
             OnnxladyError: the folder does not exist or the file cannot be written.
         """
@@ -103,6 +108,9 @@ class AuditResult(Result):
 
     def write_html(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_html` to ``path`` atomically.
+
+        Args:
+            path: the HTML file to write (replaced if it exists).
 
         Raises:
             OnnxladyError: the folder does not exist or the file cannot be written.
@@ -121,6 +129,9 @@ class AuditResult(Result):
 
     def save_canonical(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`canonical_model` to ``path`` atomically.
+
+        Args:
+            path: the model file to write.
 
         Raises:
             OnnxladyError: nothing to canonicalize, or the file cannot be written.
@@ -167,31 +178,34 @@ def audit(
             report path is an input or its folder does not exist, a negative ``rtol``, an
             unknown method, or ``canonicalize`` for a suspect identical to the reference.
     """
-    inputs = [path.resolve() for path in (source_path(reference), source_path(suspect)) if path is not None]
+    inputs = [source_path(reference), source_path(suspect)]
     targets = [output_path(path) for path in (html, markdown, canonicalize)]
-    for target in targets:
-        if target is None:
-            continue
-        if target.resolve() in inputs:
-            raise OnnxladyError(f"{target}: refusing to overwrite an input file")
-        if not target.resolve().parent.is_dir():
-            raise OnnxladyError(f"{target}: output folder '{target.resolve().parent}' does not exist")
+    canonical_target = targets[2]
+    check_output_paths(
+        [target for target in targets if target is not None], inputs,
+        companions=[external_data_path(canonical_target)] if canonical_target is not None else [],
+    )  # fmt: skip
     if not isinstance(rtol, Real) or isinstance(rtol, bool) or not rtol >= 0:
         raise OnnxladyError("--rtol must be a number >= 0")
     if method not in METHODS:
         raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
-    opened_reference = open_model(reference, "reference")
-    opened_suspect = open_model(suspect, "suspect")
+    opened_reference = open_model(reference, "reference", progress)
+    opened_suspect = open_model(suspect, "suspect", progress)
+    external_inputs = [path for opened in (opened_reference, opened_suspect) for path in opened.external_files]
+    check_output_paths([target for target in targets if target is not None], external_inputs)
     report = audit_models(
         opened_reference.model, opened_suspect.model, rtol=rtol, method=method, refine=refine, progress=progress
     )
     result = AuditResult(report, opened_reference.path, opened_suspect.path, opened_reference.model)
     html_path, markdown_path, canonical_path = targets
     canonical = result.canonical_model() if canonical_path is not None else None  # fails before any file is written
-    if markdown_path is not None:
-        result.write_markdown(markdown_path)
-    if html_path is not None:
-        result.write_html(html_path)
-    if canonical is not None and canonical_path is not None:
-        save_model(canonical, canonical_path)
+    # The reports and the canonical model are one output set: all are written, or none is.
+    with OutputSet() as outputs:
+        if markdown_path is not None:
+            outputs.write_text(markdown_path, result.to_markdown())
+        if html_path is not None:
+            say(progress, f"writing {html_path}")
+            outputs.write_text(html_path, result.to_html())
+        if canonical is not None and canonical_path is not None:
+            outputs.write_model(canonical_path, canonical)
     return result

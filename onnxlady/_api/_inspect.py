@@ -16,8 +16,10 @@ from onnxlady._api._sources import (
     open_model,
     output_path,
     path_text,
+    source_path,
     write_text,
 )
+from onnxlady._io._outputs import check_output_paths
 
 
 @dataclass
@@ -90,12 +92,17 @@ def inspect(
         for every frozen group.
 
     Raises:
-        OnnxladyError: the model cannot be read, or the ``dot`` folder does not exist.
+        OnnxladyError: the model cannot be read, or ``dot`` is the model (or its external data)
+            or its folder does not exist.
     """
-    opened = open_model(model)
+    target = output_path(dot)
+    if target is not None:  # before any work: the group graph must never replace the model
+        check_output_paths([target], [source_path(model)])
+    opened = open_model(model, progress=progress)
+    if target is not None:
+        check_output_paths([target], list(opened.external_files))
     analysis = analyze(opened.model, progress=progress)
     result = InspectResult(analysis, opened.path, opened.sha256, bool(members))
-    target = output_path(dot)
     if target is not None:
         result.write_dot(target)
     return result

@@ -119,8 +119,8 @@ def match(
     Raises:
         OnnxladyError: a model cannot be read.
     """
-    opened_reference = open_model(reference, "reference")
-    opened_suspect = open_model(suspect, "suspect")
+    opened_reference = open_model(reference, "reference", progress)
+    opened_suspect = open_model(suspect, "suspect", progress)
     if progress is not None:
         progress("match: analysing both models")
     details = match_analyses(analyze(opened_reference.model), analyze(opened_suspect.model))

@@ -10,7 +10,6 @@ model never changes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,18 +27,20 @@ from onnxlady._api._sources import (
     check_external_inputs,
     check_outputs,
     jsonable,
+    key_text,
     open_model,
     output_path,
     path_text,
     source_path,
-    write_key,
 )
 from onnxlady._api._verify import ShapeOverrides, ValueRanges, VerifyResult, check_verify_options
 from onnxlady._api._verify import (
     verify as _run_verify,  # ``verify`` is also permute's flag
 )
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._files import load_model, save_model
+from onnxlady._io._files import load_model
+from onnxlady._io._inputs import load_json
+from onnxlady._io._outputs import OutputSet, external_data_path
 from onnxlady._io._stream import Override
 from onnxlady._transforms._key import PermutationKey
 from onnxlady._transforms._permute import (
@@ -129,8 +130,10 @@ class PermuteResult(Result):
         key_path = Path(key_out) if key_out is not None else target.with_name(target.name + ".key.json")
         check_outputs(target, [], [key_path], overwrite_input=True)
         key = dataclasses.replace(self.key)
-        key.permuted_sha256 = save_model(self.model, target, external_data=external_data, digest=True)
-        write_key(key, key_path)
+        with OutputSet() as outputs:  # the model and its key: both or neither
+            key.permuted_sha256 = outputs.write_model(target, self.model, external_data=external_data, digest=True)
+            key.permuted_data_sha256 = outputs.digest_of(external_data_path(target)) if external_data else ""
+            outputs.write_text(key_path, key_text(key))
         return key
 
     def to_json(self) -> dict[str, Any]:
@@ -231,14 +234,20 @@ def permute(
     key_path = output_path(key_out)
     if key_path is None and target is not None:
         key_path = target.with_name(target.name + ".key.json")
+        if len(os.fsencode(key_path.name)) > 255:
+            raise OnnxladyError(f"{target.name[:40]}...: the key's default name would be too long (pass --key-out)")
     extra = [key_path] if key_path is not None else []
-    check_outputs(target, [source], extra, overwrite_input=overwrite_input)
+    # Every file read is an input no output may replace: the model, a perms file, the check's feeds.
+    read = [source, source_path(perms), source_path(load_inputs)]
+    if isinstance(data_loader_script, str) and data_loader_script:
+        read.append(Path(data_loader_script.rsplit(":", 1)[0] if ":" in data_loader_script else data_loader_script))
+    check_outputs(target, read, extra, overwrite_input=overwrite_input)
     _check_seed(seed)
     if verify:
         check_verify_options(
             atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range
         )
-    opened = open_model(model)
+    opened = open_model(model, progress=progress)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
     # Our own load may be rewritten in place; a caller's ModelProto is copied first.
     working = opened.writable()
@@ -263,32 +272,32 @@ def permute(
         _model=None if deferred is not None else working,
     )
     del analysis, summary
-    if target is not None:
-        if progress:
-            progress(f"saving {target}")
-        key.permuted_sha256 = save_model(
-            working, target, external_data=external_data or opened.external_data, digest=True,
-            overrides=cast("dict[str, Override]", deferred.overrides) if deferred is not None else None,
-        )  # fmt: skip
-    if deferred is not None:
-        deferred.finish(key)
-    del working, opened
-    if key_path is not None:
-        write_key(key, key_path)
-    if verify:
-        candidate = target if target is not None else result.model
-        try:
+    # The model, its data file and its key are one output set: all are written, or none is.
+    with OutputSet() as outputs:
+        if target is not None:
+            if progress:
+                progress(f"saving {target}")
+            written_external = external_data or opened.external_data
+            key.permuted_sha256 = outputs.write_model(
+                target, working, external_data=written_external, digest=True,
+                overrides=cast("dict[str, Override]", deferred.overrides) if deferred is not None else None,
+            )  # fmt: skip
+            key.permuted_data_sha256 = outputs.digest_of(external_data_path(target)) if written_external else ""
+        if deferred is not None:
+            deferred.finish(key)
+        del working, opened
+        if key_path is not None:
+            outputs.write_text(key_path, key_text(key))
+        if verify:
+            # The staged model is checked before it is committed: a failed check leaves nothing behind.
+            candidate = outputs.staged(target) if target is not None else result.model
             result.verify = _run_verify(
                 model, candidate, provider=provider, atol=atol, rtol=rtol, iterations=iterations,
                 input_seed=input_seed, shape=shape, add_output=add_output, val_range=val_range,
                 load_inputs=load_inputs, data_loader_script=data_loader_script, progress=progress,
             )  # fmt: skip
-        except OnnxladyError:
-            written = [target, target.with_name(target.name + ".data")] if target is not None else []
-            for path in written + extra:
-                if path.exists():
-                    path.unlink()  # a failed check leaves nothing behind
-            raise
+            if target is not None:  # the report names the file as committed, not as staged
+                result.verify = dataclasses.replace(result.verify, candidate=target)
     return result
 
 
@@ -306,12 +315,7 @@ def read_perms(perms: PermsSource) -> dict[str, np.ndarray]:
     if not isinstance(perms, (str, os.PathLike)):
         raise OnnxladyError(f"perms: expected a path, a mapping or a PermutationKey, got {type(perms).__name__}")
     path = Path(perms)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise OnnxladyError(f"{path}: no such file") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OnnxladyError(f"{path}: not JSON ({exc})") from exc
+    data = load_json(path, "JSON permutation file")  # a regular file, bounded nesting, finite numbers
     if isinstance(data, dict) and "groups" in data:
         try:
             data = {str(g["id"]): g["perm"] for g in data["groups"]}
@@ -334,6 +338,8 @@ def _perm_arrays(data: Mapping[Any, Any], origin: str) -> dict[str, np.ndarray]:
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values
         ):
             raise OnnxladyError(f"{origin}: the permutation of group {gid} must be a list of integers")
+        if any(not 0 <= int(v) < len(values) for v in values):  # also keeps 2**63 out of int64
+            raise OnnxladyError(f"{origin}: the permutation of group {gid} is not a permutation of {len(values)}")
         perms[str(gid)] = np.asarray(values, dtype=np.int64)
     return perms
 

@@ -23,6 +23,7 @@ from onnxlady._api._sources import (
     source_path,
 )
 from onnxlady._io._files import save_model
+from onnxlady._io._progress import say
 from onnxlady._transforms._perturb import PerturbReport, TensorChange, perturb_model
 
 
@@ -124,7 +125,7 @@ def perturb(
     source = source_path(model)
     target = output_path(output)
     check_outputs(target, [source], overwrite_input=overwrite_input)
-    opened = open_model(model)
+    opened = open_model(model, progress=progress)
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
     perturbed = opened.writable()
     report = perturb_model(
@@ -132,5 +133,6 @@ def perturb(
         only=[only] if isinstance(only, str) else only, progress=progress,
     )  # fmt: skip
     if target is not None:
+        say(progress, f"saving {target}")
         save_model(perturbed, target, external_data=external_data or opened.external_data)
     return PerturbResult(perturbed, report, source, target)

@@ -18,15 +18,16 @@ from onnxlady._api._sources import (
     check_external_inputs,
     check_outputs,
     jsonable,
+    key_text,
     open_key,
     open_model,
     output_path,
     path_text,
     source_path,
-    write_key,
 )
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._files import save_model
+from onnxlady._io._outputs import OutputSet
+from onnxlady._io._progress import say
 from onnxlady._resync._entry import resync_model
 from onnxlady._resync._solver import GroupResync
 from onnxlady._resync._solver import ResyncResult as _Resynced
@@ -105,9 +106,10 @@ class ResyncResult(Result):
         target = Path(path)
         extra = [Path(key_out)] if key_out is not None else []
         check_outputs(target, [], extra, overwrite_input=True)
-        save_model(self.details.model, target, external_data=external_data)
-        for key_path in extra:
-            write_key(self.details.key, key_path)
+        with OutputSet() as outputs:  # the model and its key: both or neither
+            outputs.write_model(target, self.details.model, external_data=external_data)
+            for key_path in extra:
+                outputs.write_text(key_path, key_text(self.details.key))
 
     def to_json(self) -> dict[str, Any]:
         """The document ``onnxlady resync --json`` prints."""
@@ -209,14 +211,23 @@ def resync(
     true_key_path = source_path(true_key) if true_key is not None else None
     check_outputs(target, [reference_path, suspect_path, true_key_path], extra, overwrite_input=overwrite_input)
     key = open_key(true_key) if true_key is not None else None
-    opened_reference = open_model(reference, "reference")
-    opened_suspect = open_model(suspect, "suspect")
+    opened_reference = open_model(reference, "reference", progress)
+    opened_suspect = open_model(suspect, "suspect", progress)
     check_external_inputs(target, [opened_reference, opened_suspect], extra, overwrite_input=overwrite_input)
     details = resync_model(
         opened_reference.model, opened_suspect.model, method=method, refine=refine, true_key=key, progress=progress
     )
     if target is not None:
-        save_model(details.model, target, external_data=external_data or opened_suspect.external_data)
-    if key_path is not None:
-        write_key(details.key, key_path)
+        say(progress, f"saving {target}")
+    # The re-ordered suspect and the recovered key are one output set: both are written, or neither.
+    with OutputSet() as outputs:
+        if target is not None:
+            written = outputs.write_model(
+                target, details.model, external_data=external_data or opened_suspect.external_data, digest=True
+            )
+            # unpermute(suspect, key) gives this output: the key names both files by their sha256.
+            details.key.source_sha256 = written
+        if key_path is not None:
+            details.key.permuted_sha256 = opened_suspect.sha256 or ""
+            outputs.write_text(key_path, key_text(details.key))
     return ResyncResult(details, reference_path, suspect_path, target, key_path)

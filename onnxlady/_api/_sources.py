@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ import onnx
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import copy_model, load_model, write_atomically
+from onnxlady._io._outputs import check_output_paths, external_data_path
+from onnxlady._io._progress import say
 from onnxlady._transforms._key import PermutationKey, read_key
 
 #: A model argument: a path to an ONNX file or a model in memory.
@@ -58,12 +60,15 @@ class OpenedModel:
         return hashlib.sha256(self.model.SerializeToString()).hexdigest()
 
 
-def open_model(source: ModelSource, what: str = "model") -> OpenedModel:
+def open_model(
+    source: ModelSource, what: str = "model", progress: Callable[[str], None] | None = None
+) -> OpenedModel:
     """Open a model argument: load a path (with its external data), take a ModelProto as it is.
 
     Args:
         source: a path to an ONNX file or an ``onnx.ModelProto``.
         what: how messages name the argument (``"reference"``, ``"suspect"``...).
+        progress: told when a file is being loaded (a large one takes a while).
 
     Returns:
         The opened model; :attr:`OpenedModel.owned` says whether it may be changed in place.
@@ -76,6 +81,7 @@ def open_model(source: ModelSource, what: str = "model") -> OpenedModel:
         return OpenedModel(source, None, None, False, (), owned=False)
     if not isinstance(source, (str, os.PathLike)):
         raise OnnxladyError(f"{what}: expected a path or an onnx.ModelProto, got {type(source).__name__}")
+    say(progress, f"loading the {what} {os.fspath(source)}")
     loaded = load_model(source)
     return OpenedModel(
         loaded.model, loaded.path, loaded.sha256, loaded.external_data, loaded.external_files, owned=True
@@ -107,39 +113,35 @@ def open_key(key: KeySource) -> PermutationKey:
 
 # -- outputs ------------------------------------------------------------------------------
 def written_paths(output: Path | None, extra: Sequence[Path]) -> list[Path]:
-    """Every file a command writes: the model, its external data file, then ``extra`` (keys)."""
-    paths = []
-    if output is not None:
-        resolved = output.resolve()
-        paths += [resolved, resolved.with_name(resolved.name + ".data")]
-    return paths + [path.resolve() for path in extra]
+    """Every file a command writes: the model, its external data file, then ``extra`` (keys, reports)."""
+    paths = [output, external_data_path(output)] if output is not None else []
+    return paths + list(extra)
 
 
 def check_outputs(
     output: Path | None, inputs: Sequence[Path | None], extra: Sequence[Path] = (), *, overwrite_input: bool = False
 ) -> None:
-    """Refuse outputs that would overwrite an input (model, key) or each other, before any work.
+    """Refuse outputs that would overwrite an input or each other, before any work.
+
+    An output is an input when the paths resolve to the same file or when both exist and are
+    one file (a symlink or a hard link to it). ``overwrite_input`` allows the model output
+    (and its external data file) to replace an input, never a key or a report.
 
     Args:
         output: the model to write, if any.
         inputs: the files read (``None`` entries, arguments given in memory, are skipped).
-        extra: other files written (keys).
-        overwrite_input: allow an output to be an input file.
+        extra: other files written (keys, reports).
+        overwrite_input: allow the model output to be an input file.
 
     Raises:
-        OnnxladyError: an output is an input, two outputs are the same file, or an output
-            folder does not exist.
+        OnnxladyError: an output is an input, two outputs are the same file, an output is a
+            folder or has too long a name, or an output folder does not exist.
     """
-    written = written_paths(output, extra)
-    protected = {path.resolve() for path in inputs if path is not None}
-    for target in written:
-        if target in protected and not overwrite_input:
-            raise OnnxladyError(f"{target}: refusing to overwrite an input file (pass --overwrite-input)")
-    if len(set(written)) != len(written):
-        raise OnnxladyError(f"{output}: the key and the model would be written to the same file")
-    for target in written[:1] + [path.resolve() for path in extra]:
-        if not target.parent.is_dir():
-            raise OnnxladyError(f"{target}: output folder '{target.parent}' does not exist")
+    replaceable = written_paths(output, []) if overwrite_input else []
+    check_output_paths(
+        [output, *extra] if output is not None else list(extra), inputs, replaceable=replaceable,
+        companions=[external_data_path(output)] if output is not None else [],
+    )  # fmt: skip
 
 
 def check_external_inputs(
@@ -148,12 +150,18 @@ def check_external_inputs(
     """Refuse outputs that would overwrite the external-data files the inputs were read from.
 
     Raises:
-        OnnxladyError: an output is one of those files and ``overwrite_input`` is not set.
+        OnnxladyError: an output is one of those files and ``overwrite_input`` does not allow it.
     """
-    protected = {path.resolve() for model in opened for path in model.external_files}
-    for target in written_paths(output, extra):
-        if target in protected and not overwrite_input:
-            raise OnnxladyError(f"{target}: refusing to overwrite an input's external data (pass --overwrite-input)")
+    protected = [path for model in opened for path in model.external_files]
+    if protected:
+        replaceable = written_paths(output, []) if overwrite_input else []
+        try:
+            check_output_paths(
+                [output, *extra] if output is not None else list(extra), protected, replaceable=replaceable,
+                companions=[external_data_path(output)] if output is not None else [],
+            )  # fmt: skip
+        except OnnxladyError as exc:
+            raise OnnxladyError(f"{exc} (an input's external data)") from None
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -175,7 +183,12 @@ def write_key(key: PermutationKey, path: str | os.PathLike[str]) -> None:
     Raises:
         OnnxladyError: the folder does not exist or the file cannot be written.
     """
-    write_text(path, json.dumps(key.to_json(), indent=1) + "\n")
+    write_text(path, key_text(key))
+
+
+def key_text(key: PermutationKey) -> str:
+    """A permutation key's file content (JSON)."""
+    return json.dumps(key.to_json(), indent=1) + "\n"
 
 
 # -- JSON ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     KeySource,
     ModelSource,
+    OpenedModel,
     OutputPath,
     check_external_inputs,
     check_outputs,
@@ -24,7 +25,8 @@ from onnxlady._api._sources import (
     path_text,
     source_path,
 )
-from onnxlady._io._files import save_model
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._files import file_sha256, save_model
 from onnxlady._transforms._key import PermutationKey
 from onnxlady._transforms._permute import unpermute_model
 
@@ -88,13 +90,23 @@ class UnpermuteResult(Result):
         )
 
     def to_text(self) -> str:
-        """What ``onnxlady unpermute`` prints: where the model went and whether it is the source's."""
-        verdict = (
-            "the restored weights are bit-identical to the source"
-            if self.weights_identical_to_source
-            else "the weights differ from the source (the model was changed after it was permuted); "
-            "neuron order restored"
-        )
+        """What ``onnxlady unpermute`` prints: where the model went and whether it is the source's.
+
+        "Bit-identical" is claimed only on evidence: the written file's sha256 equal to the one
+        the key recorded for the source file, or the restored weights' sha256 equal to the one it
+        recorded for the source's weights.
+        """
+        if self.output_identical_to_source_file:
+            verdict = "the written file is bit-identical to the source (sha256 recorded in the key)"
+        elif self.weights_identical_to_source:
+            verdict = "the restored weights are bit-identical to the source (sha256 recorded in the key)"
+            if self.output is not None:
+                verdict += "; the file's encoding differs from the source file"
+        else:
+            verdict = (
+                "the weights differ from the source (the model was changed after it was permuted); "
+                "neuron order restored"
+            )
         return f"unpermuted -> {_place(self.output)}: {verdict}"
 
 
@@ -105,6 +117,7 @@ def unpermute(
     output: OutputPath = None,
     external_data: bool = False,
     overwrite_input: bool = False,
+    allow_changed_model: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> UnpermuteResult:
     """Undo a permutation with its key; the tensors come back bit for bit.
@@ -117,22 +130,29 @@ def unpermute(
         output: write the restored model here (atomically); ``None`` keeps it in memory only.
         external_data: save the weights to ``OUTPUT.data`` (always so for a model read that way).
         overwrite_input: allow ``output`` to be an input file.
+        allow_changed_model: apply the key to a model file whose sha256 differs from the one the
+            key recorded for the permuted model (it was changed on purpose after permuting);
+            without it such a pair is refused, since a key beside a model it was not written
+            for (an interrupted write, a mix-up) would scramble the model silently.
         progress: called before the model is written.
 
     Returns:
         The restored model and whether its weights are the source's, bit for bit.
 
     Raises:
-        OnnxladyError: the key is malformed or was made for another model, the output is an
-            input, or a file cannot be read or written.
+        OnnxladyError: the key is malformed or was made for another model (or for another
+            version of this file, unless ``allow_changed_model``), the output is an input, or a
+            file cannot be read or written.
     """
     source = source_path(model)
     key_source = source_path(key)
     target = output_path(output)
     check_outputs(target, [source, key_source], overwrite_input=overwrite_input)
     permutation_key = open_key(key)
-    opened = open_model(model)
+    opened = open_model(model, progress=progress)
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
+    if not allow_changed_model:
+        _check_model_matches_key(opened, permutation_key)
     restored = opened.writable()
     identical = unpermute_model(restored, permutation_key)
     result = UnpermuteResult(restored, permutation_key, identical, source, key_source, target)
@@ -143,6 +163,30 @@ def unpermute(
             restored, target, external_data=external_data or opened.external_data, digest=True
         )
     return result
+
+
+def _check_model_matches_key(opened: OpenedModel, key: PermutationKey) -> None:
+    """Refuse a model file that is not the one the key was written beside (by its sha256).
+
+    A model in memory is not checked this way (its serialization need not be the file's bytes);
+    the graph fingerprint check still applies to it.
+    """
+    if opened.sha256 is None or not key.permuted_sha256:
+        return
+    if opened.sha256 != key.permuted_sha256:
+        raise OnnxladyError(
+            f"{opened.path}: this is not the model the key was written for (sha256 {opened.sha256[:12]}..., "
+            f"the key expects {key.permuted_sha256[:12]}...): pass --allow-changed-model if it was changed "
+            "on purpose after permuting"
+        )
+    if key.permuted_data_sha256 and len(opened.external_files) == 1:
+        data_sha = file_sha256(opened.external_files[0])
+        if data_sha != key.permuted_data_sha256:
+            raise OnnxladyError(
+                f"{opened.external_files[0]}: these are not the weights the key was written for (sha256 "
+                f"{data_sha[:12]}..., the key expects {key.permuted_data_sha256[:12]}...): pass "
+                "--allow-changed-model if they were changed on purpose after permuting"
+            )
 
 
 def _place(path: Path | None) -> str:

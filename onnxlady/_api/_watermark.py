@@ -29,7 +29,10 @@ from onnxlady._api._sources import (
     source_path,
 )
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._files import copy_model, save_model
+from onnxlady._io._files import copy_model
+from onnxlady._io._inputs import require_regular_file
+from onnxlady._io._outputs import OutputSet
+from onnxlady._io._progress import say
 from onnxlady._transforms._watermark import (
     WatermarkKey,
     load_key,
@@ -39,6 +42,8 @@ from onnxlady._transforms._watermark import (
 from onnxlady._transforms._watermark import embed_watermark as _embed
 from onnxlady._transforms._watermark import extract_watermark as _extract
 
+#: The name a key is staged under (``save_key`` makes temporaries from it: a long name would not fit).
+_STAGED_KEY = "watermark-key.npz"
 #: A watermark key argument: a path to a key file (``.npz``) or a key in memory.
 WatermarkKeySource = str | os.PathLike[str] | WatermarkKey
 
@@ -98,12 +103,16 @@ class WatermarkResult(Result):
         target = Path(path)
         extra = [Path(key_out)] if key_out is not None else []
         check_outputs(target, [], extra, overwrite_input=True)
-        save_model(self.model, target, external_data=external_data)
-        for key_path in extra:
-            save_key(self.key, key_path)
+        with OutputSet() as outputs:  # the model and its key: both or neither
+            outputs.write_model(target, self.model, external_data=external_data)
+            for key_path in extra:
+                save_key(self.key, outputs.stage(key_path, staged_name=_STAGED_KEY))
 
     def save_key(self, path: str | os.PathLike[str]) -> None:
         """Write the secret key (``.npz``) atomically.
+
+        Args:
+            path: the key file to write.
 
         Raises:
             OnnxladyError: the folder does not exist.
@@ -214,7 +223,7 @@ def embed_watermark(
     check_outputs(target, [source], extra, overwrite_input=overwrite_input)
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
         raise OnnxladyError(f"watermark length must be a whole number of bits, got {bits!r}")
-    opened = open_model(model)
+    opened = open_model(model, progress=progress)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
     marked = copy_model(opened.model)  # the original stays, to measure what the mark changes
     key, report = _embed(marked, layer, int(bits), seed)
@@ -236,10 +245,13 @@ def embed_watermark(
         output=target,
         key_path=key_path,
     )
-    if target is not None:
-        save_model(marked, target, external_data=external_data or opened.external_data)
-    if key_path is not None:
-        save_key(key, key_path)
+    # The marked model and its key are one output set: both are written, or neither.
+    with OutputSet() as outputs:
+        if target is not None:
+            say(progress, f"saving {target}")
+            outputs.write_model(target, marked, external_data=external_data or opened.external_data)
+        if key_path is not None:
+            save_key(key, outputs.stage(key_path, staged_name=_STAGED_KEY))
     return result
 
 
@@ -283,4 +295,5 @@ def read_watermark_key(path: str | os.PathLike[str]) -> WatermarkKey:
     Raises:
         OnnxladyError: the file is missing or is not a consistent watermark key.
     """
+    require_regular_file(path, "watermark key file")  # a FIFO would block np.load
     return load_key(path)

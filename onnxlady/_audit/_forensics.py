@@ -104,8 +104,10 @@ class WeightInfo:
 
 
 def weight_infos(analysis: ChannelAnalysis) -> dict[str, WeightInfo]:
-    """The weight tensors of the reference: input 1 of Conv/ConvTranspose/Gemm, the constant
-    operand of MatMul, through Identity/Cast chains (what ``perturb`` touches), first use wins.
+    """The weight tensors of the reference, as ``perturb`` touches them.
+
+    Input 1 of Conv/ConvTranspose/Gemm, the constant operand of MatMul, through Identity/Cast
+    chains; the first use wins.
     """
     graph = analysis.graph
     out: dict[str, WeightInfo] = {}
@@ -159,7 +161,7 @@ def _spectral_excess(matrix: np.ndarray) -> float | None:
     if min(m, n) < _MIN_ROWS:
         return None
     energy = float(np.mean(matrix * matrix))
-    if energy == 0.0:
+    if not energy:  # an all-zero matrix: nothing to normalise by
         return None
     gram = matrix @ matrix.T if m <= n else matrix.T @ matrix
     top = float(np.linalg.eigvalsh(gram)[-1]) if gram.shape[0] <= 2048 else _power(gram)
@@ -167,12 +169,12 @@ def _spectral_excess(matrix: np.ndarray) -> float | None:
 
 
 def _power(gram: np.ndarray, iterations: int = 50) -> float:
-    vector = np.random.default_rng(0).standard_normal(gram.shape[0])
+    vector = np.asarray(np.random.default_rng(0).standard_normal(gram.shape[0]))
     value = 0.0
     for _ in range(iterations):
         vector = gram @ vector
         value = float(np.linalg.norm(vector))
-        if value == 0.0:
+        if not value:  # exactly zero: the division below needs it excluded
             return 0.0
         vector /= value
     return value
@@ -239,7 +241,7 @@ def _measure(name: str, info: WeightInfo, ref: np.ndarray, sus: np.ndarray) -> d
     return entry
 
 
-def _median(values: list[float]) -> float | None:
+def _median(values: list[float | None]) -> float | None:
     finite = [v for v in values if v is not None]
     return float(np.median(finite)) if finite else None
 
@@ -463,7 +465,7 @@ def find_scaled_under_noise(
     for j, (r, s) in enumerate(zip(ref_rows, sus_rows)):
         r64, s64 = r.astype(np.float64), s.astype(np.float64)
         norm2 = float(r64 @ r64)
-        if norm2 == 0.0 or r64.size < 2:
+        if not norm2 or r64.size < 2:  # an all-zero row has no scale
             ks[j], norms[j], resid[j] = 1.0, 0.0, 0.0
             continue
         k = float(r64 @ s64) / norm2
@@ -474,7 +476,7 @@ def find_scaled_under_noise(
     if not np.any(usable):
         return []
     sigma = float(np.median(resid[usable]))
-    if sigma == 0.0:
+    if not sigma:
         return []  # exact rows: the exact scale analysis decides
     z = np.where(usable, (ks - 1) * norms / sigma, 0.0)
     if float(np.median(np.abs(z[usable]))) > SCALE_BULK_Z:

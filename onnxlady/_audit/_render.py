@@ -1,15 +1,21 @@
 """Human-readable renderings of an :class:`~onnxlady._audit.AuditReport`.
 
 :func:`render_markdown` and :func:`render_html` carry the same facts as ``report.to_dict()``;
-the HTML page adds pictures as inline SVG drawn by hand (no matplotlib, no external assets):
-per group a similarity heatmap before and after resync (groups above 64 neurons downsampled),
-and per producer tensor the L2-norm ratio of every neuron with flagged neurons marked.
+the HTML page adds pictures drawn by hand (no matplotlib, no external assets): per group a
+similarity heatmap before and after resync (groups above 64 neurons downsampled), each an
+embedded PNG image (one pixel per cell, encoded here with zlib: a few kB, where one SVG
+rectangle per cell made a YOLOv8n report 31 MB), and per producer tensor the L2-norm ratio of
+every neuron with flagged neurons marked, as inline SVG.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import math
+import re
+import struct
+import zlib
 from typing import Any
 
 from onnxlady._audit._verdicts import AuditReport
@@ -25,6 +31,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: Characters Markdown (or the HTML it may carry) would act on; each is shown escaped.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~#!])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _md(value: Any) -> str:
+    """A name (or a sentence holding names) as inert Markdown text: names are data.
+
+    HTML is escaped (``<script>`` shows as text), Markdown's active characters get a backslash
+    (``|`` cannot end a table cell, ``__init__`` is not bold), control characters and line
+    breaks are shown as escapes so a name cannot break a table row or drive a terminal.
+    """
+    text = html.escape(str(value), quote=False)
+    text = _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
 def _group_rows(report: AuditReport) -> list[dict[str, Any]]:
     return report.resync.to_dict()["groups"] if report.resync is not None else []
 
@@ -33,12 +56,12 @@ def render_markdown(report: AuditReport) -> str:
     lines = [
         f"# Audit verdict: **{report.verdict}** (exit {report.exit_code})",
         "",
-        report.summary,
+        _md(report.summary),
         "",
     ]
     if report.conversions:
         lines += ["## Conversions (not integrity changes)", "", "| kind | in the | what |", "|---|---|---|"]
-        lines += [f"| {c.kind} | {c.model} | {c.detail} |" for c in report.conversions]
+        lines += [f"| {_md(c.kind)} | {_md(c.model)} | {_md(c.detail)} |" for c in report.conversions]
         lines.append("")
     if report.rescaled:
         lines += [
@@ -48,7 +71,7 @@ def render_markdown(report: AuditReport) -> str:
             "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {s.group} | {s.neuron} | {s.tensor} | {s.k:.6g} | {s.compensated_by} |"
+            f"| {_md(s.group)} | {s.neuron} | {_md(s.tensor)} | {s.k:.6g} | {_md(s.compensated_by)} |"
             for s in report.rescaled
         ]
         lines.append("")
@@ -60,14 +83,14 @@ def render_markdown(report: AuditReport) -> str:
             "|---|---|---|---|",
         ]
         lines += [
-            f"| {s.group} | {s.neuron} | {s.tensor} | {s.k:.6g} |"
+            f"| {_md(s.group)} | {s.neuron} | {_md(s.tensor)} | {s.k:.6g} |"
             for s in report.scaled_neurons
         ]
         lines.append("")
     if report.perturbation:
         p = report.perturbation
         ev = p["evidence"]
-        lines += [f"## Perturbation: {p['kind']}", "", p["reason"], ""]
+        lines += [f"## Perturbation: {_md(p['kind'])}", "", _md(p["reason"]), ""]
         lines += [
             f"- changed weight fraction: {ev['changed_fraction']:.4f}",
             f"- new zeros: {ev['new_zeros']} ({ev['new_zero_fraction']:.4f})",
@@ -79,7 +102,7 @@ def render_markdown(report: AuditReport) -> str:
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {t['tensor']} | {t['elements']} | {t['changed']} | {t['new_zeros']} | "
+            f"| {_md(t['tensor'])} | {t['elements']} | {t['changed']} | {t['new_zeros']} | "
             f"{t['distinct_values']} / {t['reference_distinct_values']} | {t['relative_change']:.4g} |"
             for t in ev["per_tensor"]
         ]
@@ -93,7 +116,7 @@ def render_markdown(report: AuditReport) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {g['id']} | {g['size']} | {_fmt(g['mean_margin'])} | {_fmt(g['min_margin'])} | {g['ambiguous']} | "
+            f"| {_md(g['id'])} | {g['size']} | {_fmt(g['mean_margin'])} | {_fmt(g['min_margin'])} | {g['ambiguous']} | "
             f"{g['zero_neurons']} | {_fmt(g['psi'])} |"
             for g in groups
         ]
@@ -107,36 +130,46 @@ def render_markdown(report: AuditReport) -> str:
         ]
         for t in report.tensors:
             lines.append(
-                f"| {t.tensor} | {t.group} | {min(t.cosine):.6f} | {min(t.norm_ratio):.4g} / {max(t.norm_ratio):.4g} | "
+                f"| {_md(t.tensor)} | {_md(t.group)} | {min(t.cosine):.6f} | {min(t.norm_ratio):.4g} / {max(t.norm_ratio):.4g} | "
                 f"{', '.join(map(str, t.flagged)) or '-'} |"
             )
         lines.append("")
     return "\n".join(lines)
 
 
-# -- SVG --------------------------------------------------------------------------------------
-def _color(value: float) -> str:
-    """-1 blue, 0 white, 1 red."""
-    v = max(-1.0, min(1.0, float(value)))
+# -- pictures ----------------------------------------------------------------------------------
+def _rgb(value: float) -> tuple[int, int, int]:
+    """A cosine as a colour: -1 blue, 0 white, 1 red (NaN white)."""
+    v = max(-1.0, min(1.0, float(value))) if math.isfinite(value) else 0.0
     if v >= 0:
         c = int(255 * (1 - v))
-        return f"rgb(255,{c},{c})"
+        return 255, c, c
     c = int(255 * (1 + v))
-    return f"rgb({c},{c},255)"
+    return c, c, 255
+
+
+def _png(pixels: list[list[tuple[int, int, int]]]) -> bytes:
+    """An 8-bit RGB PNG of ``pixels`` (rows of (r, g, b)), with the standard library only."""
+    height = len(pixels)
+    width = len(pixels[0]) if height else 0
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    # Each scanline starts with its filter type (0: none).
+    raw = b"".join(b"\x00" + bytes(channel for pixel in row for channel in pixel) for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
 
 def _heatmap(matrix: list[list[float]], title: str, px: int = 200) -> str:
-    n = max(1, len(matrix))
-    m = max(1, len(matrix[0]) if matrix else 1)
-    cw, ch = px / m, px / n
-    cells = [
-        f'<rect x="{j * cw:.2f}" y="{20 + i * ch:.2f}" width="{cw + 0.05:.2f}" height="{ch + 0.05:.2f}" fill="{_color(v)}"/>'
-        for i, row in enumerate(matrix)
-        for j, v in enumerate(row)
-    ]
+    """A similarity matrix as an embedded PNG (one pixel per cell, scaled up without smoothing)."""
+    rows = matrix if matrix and matrix[0] else [[0.0]]
+    image = base64.b64encode(_png([[_rgb(v) for v in row] for row in rows])).decode("ascii")
+    label = html.escape(title)
     return (
-        f'<svg width="{px}" height="{px + 24}" role="img">'
-        f'<text x="0" y="14" font-size="12">{html.escape(title)}</text>{"".join(cells)}</svg>'
+        f"<figure class='heatmap'><figcaption>{label}</figcaption>"
+        f"<img src='data:image/png;base64,{image}' width='{px}' height='{px}' alt='{label}'></figure>"
     )
 
 
@@ -207,7 +240,7 @@ def _group_graph(analysis: Any) -> str:
 
 
 def render_html(report: AuditReport, analysis: Any = None) -> str:
-    """A self-contained HTML page (inline SVG, no external assets).
+    """A self-contained HTML page (inline SVG and PNG data URIs, no external assets).
 
     ``analysis`` (optional, a :class:`~onnxlady.ChannelAnalysis` of the reference) adds each
     group's members.
@@ -273,10 +306,10 @@ def render_html(report: AuditReport, analysis: Any = None) -> str:
         if members:
             body.append(f"<p class='members'>{esc(members)}</p>")
         body.append(
-            "<figure>"
+            "<div class='heatmaps'>"
             + _heatmap(mats["before"], "cosine before resync")
             + _heatmap(mats["after"], "cosine after resync")
-            + "</figure></div>"
+            + "</div></div>"
         )
     if report.tensors:
         body.append(
@@ -288,7 +321,8 @@ def render_html(report: AuditReport, analysis: Any = None) -> str:
             )
     style = (
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-        "padding:2px 6px}.verdict{color:#a00}figure{display:flex;gap:1em;margin:0}svg{margin:4px}"
+        "padding:2px 6px}.verdict{color:#a00}.heatmaps{display:flex;gap:1em}figure{margin:4px}"
+        "figcaption{font-size:12px}.heatmap img{image-rendering:pixelated;display:block}svg{margin:4px}"
     )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>onnxlady audit: "

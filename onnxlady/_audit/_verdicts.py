@@ -151,6 +151,7 @@ class AuditReport:
 
     @property
     def exit_code(self) -> int:
+        """0 when the suspect is the reference up to neuron order, scales or conversion; else 1."""
         return (
             0 if self.verdict in ("identical", "permuted", "permuted-rescaled", "converted") else 1
         )
@@ -164,6 +165,12 @@ class AuditReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (``onnxlady audit --json`` prints it beside the two paths).
+
+        Returns:
+            A dict of plain values: the verdict, its exit code, the summary, the findings and the
+            per-group resync details.
+        """
         groups = self.resync.to_dict()["groups"] if self.resync is not None else []
         return {
             "verdict": self.verdict,
@@ -902,8 +909,10 @@ def _forensics_verdict(
 
 
 def _noisy_scales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: dict[str, np.ndarray]) -> list[NeuronScale]:
-    """Neurons scaled with no compensation while their tensor carries noise; undone in ``sus``
-    (the arrays it changes are replaced by copies), with their bias when it carries the same scale.
+    """Neurons scaled with no compensation while their tensor carries noise, undone in ``sus``.
+
+    The arrays it changes are replaced by copies; their bias is undone with them when it carries
+    the same scale.
     """
     uses = _group_uses(analysis, set(sus))
     found: list[NeuronScale] = []

@@ -11,7 +11,10 @@ described by an expression over *groups* (free permutations the tool may choose)
   convolution, ``heads (x) head_dim`` for attention;
 - :class:`Interleave` — the parts dealt out with a stride: index ``t * n + j`` is element ``t``
   of part ``j`` (``n`` parts), which keeps its residue ``j``. A channel shuffle of a Concat
-  (``[a; b]`` viewed as ``[2, C/2]`` and transposed) interleaves ``a`` and ``b`` this way.
+  (``[a; b]`` viewed as ``[2, C/2]`` and transposed) interleaves ``a`` and ``b`` this way;
+- :class:`Transposed` — a permutation read in transposed order: the channel shuffle of a
+  permutation that has no product, block or interleave form there (an undivided group, which
+  a grouped convolution after the shuffle then restricts to ``I_g (x) q`` in its own order).
 
 Rules state equations between expressions (:meth:`GroupSolver.unify`). The solver keeps the
 most general solution: two atoms become one group (union-find); an atom equated with a
@@ -100,7 +103,26 @@ class Interleave:
         return sum(part.size for part in self.parts)
 
 
-Expr: TypeAlias = Atom | Fixed | DirectSum | Product | Interleave
+@dataclass(frozen=True)
+class Transposed:
+    """``inner`` read in transposed order: ``inner`` permutes a ``[cols, rows]`` layout of the elements.
+
+    Position ``i * cols + j`` here is position ``j * rows + i`` of ``inner``: the channels after
+    a channel shuffle (split into ``[g, C/g]``, transpose, merge) when their permutation before
+    it has no form that transposes (a product whose digits fall there, a block sum cut at every
+    row, an interleave of ``rows`` parts). Build it with :func:`transpose` (normal form).
+    """
+
+    inner: Expr
+    rows: int
+    cols: int
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+
+Expr: TypeAlias = Atom | Fixed | DirectSum | Product | Interleave | Transposed
 
 STRUCTURE = FreezeReason("index-map", "positions that an index map keeps in place")
 
@@ -157,6 +179,8 @@ class GroupSolver:
             return direct_sum([self.resolve(part) for part in expr.parts])
         if isinstance(expr, Interleave):
             return interleave([self.resolve(part) for part in expr.parts])
+        if isinstance(expr, Transposed):
+            return transpose(self.resolve(expr.inner), expr.rows, expr.cols)
         return product(self.resolve(expr.outer), self.resolve(expr.inner))
 
     def atoms(self, expr: Expr) -> Iterator[Atom]:
@@ -197,6 +221,9 @@ class GroupSolver:
             return
         if isinstance(right, Fixed):
             self.freeze(left, right.reason)
+            return
+        if isinstance(left, Transposed) or isinstance(right, Transposed):
+            self._unify_transposed(left, right, mismatch)
             return
         if isinstance(left, DirectSum) or isinstance(right, DirectSum):
             self._unify_blocks(left, right, mismatch)
@@ -274,17 +301,41 @@ class GroupSolver:
                 if 0 < local < part.size and not self._split_at(part, local):
                     return False
             return True
+        if isinstance(expr, Transposed):
+            inner = self.resolve(expr.inner)
+            if not isinstance(inner, Atom):
+                return False
+            # An undivided group read transposed: make it the transposed image of a cut one.
+            cut_here = DirectSum((self.new_atom(cut), self.new_atom(expr.size - cut)))
+            self._unify_atom(inner, transpose(cut_here, expr.cols, expr.rows))
+            return True
         inner_size = expr.inner.size
         if cut % inner_size == 0:
             return self._split_at(expr.outer, cut // inner_size)
         if isinstance(expr.outer, Fixed):
             # I_K (x) p equals K copies of p: cutting inside one copy cuts p itself.
             return self._split_at(expr.inner, cut % inner_size)
-        return False
+        # p (x) q cut inside row r of q's copies: p keeps r in place (its rows before and after
+        # move among themselves), and q is cut where the row is (heads x head_dim read as
+        # blocks: each head then takes the same permutation of its blocks).
+        row = cut // inner_size
+        return (
+            self._split_at(expr.outer, row)
+            and self._split_at(expr.outer, row + 1)
+            and self._split_at(expr.inner, cut % inner_size)
+        )
 
     def _unify_products(self, left: Expr, right: Expr, mismatch: FreezeReason | None) -> None:
-        """Equate two mixed-radix products by aligning their digit sizes."""
+        """Equate two mixed-radix products by aligning their digit sizes.
+
+        Where the digits cannot be aligned (a block sum in one, digits that do not divide in
+        the other) but one side is block-diagonal (``I_K (x) p``), the blocks are aligned
+        instead: heads laid side by side equal to ``heads (x) head_dim`` cut into q, k, v.
+        """
         left_factors, right_factors = _factors(left), _factors(right)
+        if not _alignable(left_factors, right_factors) and (len(_blocks(left)) > 1 or len(_blocks(right)) > 1):
+            self._unify_blocks(left, right, mismatch)
+            return
         i = j = 0
         pairs: list[tuple[Expr, Expr]] = []
         aligned = True
@@ -339,7 +390,45 @@ class GroupSolver:
         self.freeze(right, reason)
 
     def transposed(self, expr: Expr, rows: int, cols: int) -> Expr | None:
-        """The permutation of ``expr`` read in transposed order, or None if it has no form here.
+        """The permutation of ``expr`` read in transposed order, or None if the sizes disagree.
+
+        ``expr`` permutes positions ``i * cols + j`` (a ``[rows, cols]`` layout); the result
+        permutes the same elements laid out as ``[cols, rows]`` (position ``j * rows + i``),
+        the last step of a channel shuffle. Nothing is refined: a product whose digits fall
+        at ``rows`` swaps them, a block sum cut at every multiple of ``cols`` becomes the
+        interleave of its ``rows`` chunks, and anything else is a :class:`Transposed` node
+        that :meth:`unify` refines only when an equation needs it.
+        """
+        expr = self.resolve(expr)
+        if rows * cols != expr.size or rows < 1 or cols < 1:
+            return None
+        return transpose(expr, cols, rows)
+
+    def _unify_transposed(self, left: Expr, right: Expr, mismatch: FreezeReason | None) -> None:
+        """Equate two expressions at least one of which is a :class:`Transposed` node (neither an atom)."""
+        node, other = (left, right) if isinstance(left, Transposed) else (right, left)
+        assert isinstance(node, Transposed)
+        # Read ``other`` in the node's inner order: a Transposed node there unwraps.
+        moved = transpose(other, node.cols, node.rows)
+        inner = self.resolve(node.inner)
+        if not isinstance(moved, Transposed) or isinstance(inner, Atom):
+            self.unify(inner, moved, mismatch)
+            return
+        # Neither side reads transposed as it is: refine one of them into a form that does.
+        refined = self._transposable(other, node.rows, node.cols)
+        if refined is not None:
+            self.unify(inner, refined, mismatch)
+            return
+        refined = self._transposable(inner, node.cols, node.rows)
+        if refined is not None:
+            self.unify(refined, other, mismatch)
+            return
+        reason = mismatch or FreezeReason("index-map", "permutations read in different orders were coupled")
+        self.freeze(left, reason)
+        self.freeze(right, reason)
+
+    def _transposable(self, expr: Expr, rows: int, cols: int) -> Expr | None:
+        """``expr`` refined so that it reads transposed without a :class:`Transposed` node, or None.
 
         ``expr`` permutes positions ``i * cols + j`` (a ``[rows, cols]`` layout); the result
         permutes the same elements laid out as ``[cols, rows]`` (position ``j * rows + i``),
@@ -356,6 +445,9 @@ class GroupSolver:
             return expr
         if isinstance(expr, Fixed):
             return expr
+        moved = transpose(expr, cols, rows)
+        if not isinstance(moved, Transposed):
+            return moved
         if isinstance(expr, (Atom, Product)):
             digits = self._leading_digits(expr, rows)
             if digits is not None:
@@ -477,6 +569,43 @@ def interleave(parts: list[Expr]) -> Expr:
     return Interleave(tuple(parts))
 
 
+def transpose(inner: Expr, rows: int, cols: int) -> Expr:
+    """``inner`` (a permutation of a ``[cols, rows]`` layout) read in ``[rows, cols]`` order, in normal form.
+
+    Forms that transpose are rewritten without a :class:`Transposed` node: a product whose
+    leading digits make ``cols`` swaps its digits, a block sum cut at every multiple of ``rows``
+    becomes the interleave of its chunks, an interleave of ``rows`` parts becomes their block sum,
+    identities stay identities and a transposed node read back is its inner expression.
+    """
+    if rows == 1 or cols == 1:
+        return inner
+    if _is_identity(inner):
+        return inner if isinstance(inner, Fixed) else Fixed(inner.size, _first_reason([inner]))
+    if isinstance(inner, Transposed) and inner.rows == cols and inner.cols == rows:
+        return inner.inner
+    factors = _factors(inner)
+    taken, count = 1, 0
+    while count < len(factors) and taken < cols:
+        taken *= factors[count].size
+        count += 1
+    if taken == cols and count < len(factors):
+        return product(_chain_product(factors[count:]), _chain_product(factors[:count]))
+    if isinstance(inner, Interleave) and len(inner.parts) == rows:
+        return direct_sum(list(inner.parts))
+    if len(_blocks(inner)) > 1:
+        chunks = [_sub_range(inner, k * rows, (k + 1) * rows) for k in range(cols)]
+        if all(chunk is not None for chunk in chunks):
+            return interleave([chunk for chunk in chunks if chunk is not None])
+    return Transposed(inner, rows, cols)
+
+
+def _transpose_order(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(forward, back)``: position ``i * cols + j`` of ``[rows, cols]`` is ``forward[...] = j * rows + i``."""
+    forward = (np.arange(cols, dtype=np.int64)[None, :] * rows + np.arange(rows, dtype=np.int64)[:, None]).reshape(-1)
+    back = (np.arange(rows, dtype=np.int64)[None, :] * cols + np.arange(cols, dtype=np.int64)[:, None]).reshape(-1)
+    return forward, back
+
+
 def _part_cut(cut: int, residue: int, stride: int) -> int:
     """How many positions of residue ``residue`` lie in ``[0, cut)``: ``ceil((cut - residue) / stride)``."""
     return max(0, -(-(cut - residue) // stride))
@@ -492,7 +621,8 @@ def _first_reason(parts: list[Expr] | tuple[Expr, ...]) -> FreezeReason:
             return part.reason
         inner = (
             part.parts if isinstance(part, (DirectSum, Interleave))
-            else (part.outer, part.inner) if isinstance(part, Product) else ()
+            else (part.outer, part.inner) if isinstance(part, Product)
+            else (part.inner,) if isinstance(part, Transposed) else ()
         )
         if inner:
             return _first_reason(inner)
@@ -582,6 +712,8 @@ def _atoms_of(expr: Expr) -> Iterator[Atom]:
     elif isinstance(expr, Product):
         yield from _atoms_of(expr.outer)
         yield from _atoms_of(expr.inner)
+    elif isinstance(expr, Transposed):
+        yield from _atoms_of(expr.inner)
 
 
 def _blocks(expr: Expr) -> list[Expr]:
@@ -598,6 +730,24 @@ def _cuts(parts: list[Expr]) -> set[int]:
         offset += part.size
         cuts.add(offset)
     return cuts
+
+
+def _alignable(left: list[Expr], right: list[Expr]) -> bool:
+    """Whether two digit lists have a common mixed radix, splitting only atoms and identities."""
+    queue_left = [(factor.size, isinstance(factor, (Atom, Fixed))) for factor in left]
+    queue_right = [(factor.size, isinstance(factor, (Atom, Fixed))) for factor in right]
+    while queue_left and queue_right:
+        (a, a_splits), (b, b_splits) = queue_left[0], queue_right[0]
+        if a == b:
+            queue_left.pop(0)
+            queue_right.pop(0)
+            continue
+        big, small = (queue_left, queue_right) if a > b else (queue_right, queue_left)
+        (size, splits), low = big[0], small[0][0]
+        if not splits or size % low:
+            return False
+        big[0:1] = [(low, True), (size // low, True)]
+    return not queue_left and not queue_right
 
 
 def _factors(expr: Expr) -> list[Expr]:
@@ -631,6 +781,9 @@ def _evaluate(solver: GroupSolver, expr: Expr, perms: Mapping[int, np.ndarray]) 
         for residue, part in enumerate(expr.parts):
             result[residue::stride] = _evaluate(solver, part, perms) * stride + residue
         return result
+    if isinstance(expr, Transposed):
+        forward, back = _transpose_order(expr.rows, expr.cols)
+        return back[_evaluate(solver, expr.inner, perms)[forward]]
     outer = _evaluate(solver, expr.outer, perms)
     inner = _evaluate(solver, expr.inner, perms)
     return (outer[:, None] * expr.inner.size + inner[None, :]).reshape(-1)
@@ -664,6 +817,9 @@ def _labels(expr: Expr) -> dict[int, np.ndarray]:
                 arr = dealt.setdefault(root, np.full(total, -1, dtype=np.int64))
                 arr[residue::stride] = np.where(lab >= 0, lab, arr[residue::stride])
         return dealt
+    if isinstance(expr, Transposed):
+        forward, _ = _transpose_order(expr.rows, expr.cols)
+        return {root: lab[forward] for root, lab in _labels(expr.inner).items()}
     outer_size, inner_size = expr.outer.size, expr.inner.size
     result = {root: np.repeat(lab, inner_size) for root, lab in _labels(expr.outer).items()}
     for root, lab in _labels(expr.inner).items():
@@ -692,6 +848,8 @@ def describe(expr: Expr, root: int) -> str:
             for j, part in enumerate(expr.parts)
             if any(a.id == root for a in _atoms_of(part))
         )
+    if isinstance(expr, Transposed):
+        return f"transposed [{expr.cols}, {expr.rows}] -> [{expr.rows}, {expr.cols}] of ({describe(expr.inner, root)})"
     in_outer = any(a.id == root for a in _atoms_of(expr.outer))
     in_inner = any(a.id == root for a in _atoms_of(expr.inner))
     outer = describe(expr.outer, root) if in_outer else f"I_{expr.outer.size}"
@@ -717,4 +875,6 @@ def _canonical(solver: GroupSolver, expr: Expr) -> Expr:
         return direct_sum([_canonical(solver, part) for part in expr.parts])
     if isinstance(expr, Interleave):
         return interleave([_canonical(solver, part) for part in expr.parts])
+    if isinstance(expr, Transposed):
+        return transpose(_canonical(solver, expr.inner), expr.rows, expr.cols)
     return product(_canonical(solver, expr.outer), _canonical(solver, expr.inner))

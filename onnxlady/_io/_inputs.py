@@ -58,7 +58,7 @@ def require_regular_file(path: str | os.PathLike[str], what: str = "file") -> os
     if stat.S_ISDIR(info.st_mode):
         raise OnnxladyError(f"{shown}: is a folder, not a {what}")
     if not stat.S_ISREG(info.st_mode):
-        raise OnnxladyError(f"{shown}: not a regular file (a FIFO, device or socket cannot be a {what})")
+        raise OnnxladyError(f"{shown}: not a regular file (FIFOs, devices and sockets are refused as a {what})")
     return info
 
 

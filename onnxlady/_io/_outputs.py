@@ -111,14 +111,16 @@ def check_output_paths(
     inputs: Iterable[Path | None],
     *,
     replaceable: Iterable[Path] = (),
+    companions: Iterable[Path] = (),
 ) -> None:
     """Refuse an output that is an input, two outputs that are one file, or an unwritable name.
 
     Args:
-        outputs: every file the command would write (companions such as ``<model>.data``
-            included).
+        outputs: every file the command writes.
         inputs: every file the command reads (``None`` entries, arguments in memory, skipped).
         replaceable: outputs allowed to be inputs (``--overwrite-input``).
+        companions: files the command may write beside an output (``<model>.data``): they
+            must not be inputs either, but their names are checked only when written.
 
     Raises:
         OnnxladyError: an output is an input (by path, symlink or hard link), two outputs are
@@ -129,16 +131,18 @@ def check_output_paths(
     allowed = [_absolute(path) for path in replaceable]
     protected = [Path(path) for path in inputs if path is not None]
     seen: dict[Path, Path] = {}
-    for target in written:
+    for target in written + [Path(path) for path in companions]:
         absolute = _absolute(target)
         if absolute in seen:
             raise OnnxladyError(f"{target}: two outputs would be written to the same file")
         seen[absolute] = target
-        _check_name(target)
         if absolute not in allowed:
             for source in protected:
                 if same_file(target, source):
                     raise OnnxladyError(f"{target}: refusing to overwrite an input file ({source})")
+    for target in written:
+        absolute = _absolute(target)
+        _check_name(target)
         folder = absolute.parent
         if not folder.is_dir():
             raise OnnxladyError(f"{target}: output folder '{folder}' does not exist")
@@ -276,6 +280,7 @@ class OutputSet:
         self._primary: Path | None = None
         self._folders: dict[Path, Path] = {}  # target folder -> its sub-folder in the staging folder
         self._entries: list[_Entry] = []
+        self._digests: dict[Path, str] = {}
         self._closed = False
         #: What cleaning the target folders did (interrupted writes completed or removed).
         self.recovered: list[str] = []
@@ -288,15 +293,20 @@ class OutputSet:
     ) -> None:
         if kind is None:
             self.commit()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if isinstance(error, OSError):  # a writer of someone else's (np.savez...) ran out of space
+            shown = self._entries[-1].shown if self._entries else "output"
+            raise OnnxladyError(f"{shown}: cannot write ({_reason(error)})") from error
 
     # -- staging ------------------------------------------------------------------------------
-    def stage(self, target: str | os.PathLike[str]) -> Path:
+    def stage(self, target: str | os.PathLike[str], staged_name: str | None = None) -> Path:
         """Reserve ``target`` and return the staged path to write it at (same name, other folder).
 
         Args:
             target: the final path of the file.
+            staged_name: stage it under this name instead of the target's (for a writer that
+                makes temporaries of its own from the name, which a 255-byte name leaves no room for).
 
         Returns:
             Where to write the file; it is renamed to ``target`` on commit.
@@ -317,7 +327,9 @@ class OutputSet:
             raise OnnxladyError(f"{shown}: output folder '{folder}' does not exist")
         if os.path.isdir(absolute):
             raise OnnxladyError(f"{shown}: is a folder")
-        staged = self._folder_for(folder, shown) / absolute.name
+        staged = self._folder_for(folder, shown) / (staged_name or absolute.name)
+        if any(entry.staged == staged for entry in self._entries):
+            raise OnnxladyError(f"{shown}: staged twice under the name {staged.name!r}")
         self._entries.append(_Entry(staged, absolute, shown))
         return staged
 
@@ -398,13 +410,25 @@ class OutputSet:
         staged = self.stage(target)
         if not external_data:
             if overrides:
-                return self._guard(target, lambda: _stream(model, staged, overrides, digest))
-            data = model.SerializeToString()  # protobuf's encoding: a model that round-trips keeps its bytes
-            self._guard(target, lambda: _write_file(staged, data))
-            return hashlib.sha256(data).hexdigest() if digest else ""
-        data_target = external_data_path(Path(target))
-        data_staged = self.stage(data_target)
-        return self._guard(target, lambda: _save_external(model, staged, data_staged, overrides, digest))
+                sha = self._guard(target, lambda: _stream(model, staged, overrides, digest))
+            else:
+                data = model.SerializeToString()  # protobuf's encoding: a model that round-trips keeps its bytes
+                self._guard(target, lambda: _write_file(staged, data))
+                sha = hashlib.sha256(data).hexdigest() if digest else ""
+                del data
+        else:
+            data_target = external_data_path(Path(target))
+            data_staged = self.stage(data_target)
+            sha = self._guard(target, lambda: _save_external(model, staged, data_staged, overrides, digest))
+            if digest:
+                self._digests[_absolute(data_target)] = self._guard(data_target, lambda: file_digest(data_staged))
+        if digest:
+            self._digests[_absolute(target)] = sha
+        return str(sha)
+
+    def digest_of(self, target: str | os.PathLike[str]) -> str:
+        """The sha256 of a file :meth:`write_model` wrote with ``digest=True`` (its data file too)."""
+        return self._digests.get(_absolute(target), "")
 
     def _guard(self, target: str | os.PathLike[str], work: Any) -> Any:
         """Run ``work``; on any failure abort the whole set (an OS error becomes one clear line)."""

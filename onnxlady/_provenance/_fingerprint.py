@@ -94,7 +94,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -102,10 +103,7 @@ import onnx
 from scipy.optimize import linear_sum_assignment
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._graph._attributes import node_attribute
-from onnxlady._graph._model_graph import ModelGraph, node_label
-from onnxlady._resync._across import _batchnorm
-from onnxlady._resync._match import find_units
+from onnxlady._provenance._producers import ProducerWeight, model_producers, producer_weights
 
 __all__ = [
     "FIELDS",
@@ -117,9 +115,13 @@ __all__ = [
     "fingerprint_distance",
     "fingerprint_model",
     "layer_record",
+    "layer_records",
+    "model_producers",
     "producer_weights",
     "resample",
     "search_vector",
+    "segment_resample",
+    "segment_sort",
 ]
 
 #: Version of the fields and their layout; a fingerprint of another version is not compared.
@@ -191,281 +193,6 @@ SCALE_CAP = 1.5
 ALIGN_WINDOW = 3
 
 _TINY = 1e-30
-_MS_DOMAIN = "com.microsoft"
-
-
-# -- producer weights in common form --------------------------------------------------------
-@dataclass(frozen=True)
-class ProducerWeight:
-    """One producer layer's weight in common form (see the module docstring).
-
-    Attributes:
-        node: index of the layer's node in the graph.
-        name: the node's label (its name, or ``op_type#index``).
-        op_type: the operator, ``domain::op`` for operators outside the standard domain.
-        matrix: float32 2-D weight; its neurons run along ``neuron_axis``, their inputs along
-            the other axis (a view of the stored weight where its layout allows: a MatMul's
-            ``[K, N]`` weight is not transposed).
-        neuron_axis: 0 or 1.
-        kernel: spatial positions per input channel (1 for Gemm/MatMul).
-        groups: the convolution's ``group`` attribute (1 otherwise).
-        row_scale: per-neuron factor of a folded BatchNorm (``gamma / sqrt(var + eps)``),
-            applied by :func:`layer_record` without writing the product; None without one.
-    """
-
-    node: int
-    name: str
-    op_type: str
-    matrix: np.ndarray
-    neuron_axis: int
-    kernel: int
-    groups: int
-    row_scale: np.ndarray | None = None
-
-    @property
-    def neurons(self) -> int:
-        return int(self.matrix.shape[self.neuron_axis])
-
-    @property
-    def fan_in(self) -> int:
-        return int(self.matrix.shape[1 - self.neuron_axis])
-
-    def rows(self) -> np.ndarray:
-        """The weight as a ``(neurons, fan_in)`` float32 matrix, BatchNorm scale applied."""
-        rows = self.matrix if self.neuron_axis == 0 else self.matrix.T
-        if self.row_scale is not None:
-            rows = rows * self.row_scale.astype(np.float32)[:, None]
-        return np.ascontiguousarray(rows, dtype=np.float32)
-
-
-def _conv_rows(weight: np.ndarray) -> tuple[np.ndarray, int]:
-    """Conv weight ``(out, in/g, *k)``: a row per output channel."""
-    kernel = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1
-    return weight.reshape(weight.shape[0], -1), kernel
-
-
-def _conv_transpose_rows(weight: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
-    """ConvTranspose weight ``(in, out/g, *k)`` as rows over output channels.
-
-    Output channel ``g * out/g + j`` reads the inputs of group ``g`` only.
-    """
-    cin, per_group = weight.shape[:2]
-    kernel = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1
-    grouped = weight.reshape(groups, cin // groups, per_group, kernel)
-    return np.moveaxis(grouped, 2, 1).reshape(groups * per_group, -1), kernel
-
-
-def _axis_matrix(weight: np.ndarray, out_axis: int) -> tuple[np.ndarray, int]:
-    """A Gemm/MatMul weight as (2-D matrix, neuron axis).
-
-    A 2-D weight as it is, a batched one with its output axis first and the rest flattened.
-    """
-    out_axis %= weight.ndim
-    if weight.ndim == 2:
-        return weight, out_axis
-    return np.moveaxis(weight, out_axis, 0).reshape(weight.shape[out_axis], -1), 0
-
-
-def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
-    view = [1] * rank
-    view[axis % rank] = -1
-    return vector.reshape(view)
-
-
-def _float_value(graph: ModelGraph, name: str) -> np.ndarray | None:
-    """A constant operand as float32 (through its chain: Cast, DequantizeLinear...), or None."""
-    if not name:
-        return None
-    value = graph.constant_value(name)
-    if value is None:
-        return _transposed_constant(graph, name)
-    if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
-        return None  # integers are indices or shapes here; quantized weights are read elsewhere
-    return np.asarray(value, dtype=np.float32)
-
-
-def _transposed_constant(graph: ModelGraph, name: str) -> np.ndarray | None:
-    """``Transpose(constant)``, read as the constant's transposed value.
-
-    A tied head reads the embedding table this way; an optimizer folds it into a stored copy, so
-    both forms must give the same weight.
-    """
-    produced = graph.producer.get(name)
-    if produced is None:
-        return None
-    node = graph.nodes[produced[0]]
-    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
-        return None
-    value = graph.constant_value(node.input[0])
-    if value is None or (value.dtype.kind != "f" and value.dtype.name != "bfloat16"):
-        return None
-    perm = node_attribute(node, "perm", None)
-    return np.transpose(np.asarray(value, dtype=np.float32), perm)
-
-
-def _quantized(graph: ModelGraph, node: onnx.NodeProto, slot: int, scale_slot: int | None, zero_slot: int,
-               out_axis: int) -> np.ndarray | None:  # fmt: skip
-    """An integer weight minus its zero point, times its scale.
-
-    The scale is per tensor or per output channel, as QLinearConv/QLinearMatMul/ConvInteger/
-    MatMulInteger read it.
-    """
-    raw = graph.constant_value(node.input[slot]) if len(node.input) > slot else None
-    if raw is None or raw.dtype.kind not in "iu":
-        return None
-    weight = raw.astype(np.float32)
-    rank = weight.ndim
-    zero_name = node.input[zero_slot] if len(node.input) > zero_slot else ""
-    zero = graph.constant_value(zero_name) if zero_name else None
-    if zero is not None:
-        zero32 = zero.astype(np.float32)
-        weight -= zero32.reshape(()) if zero32.size == 1 else _along(zero32, out_axis, rank)
-    if scale_slot is not None:
-        scale = graph.constant_value(node.input[scale_slot])
-        if scale is None:
-            return None
-        scale32 = np.asarray(scale, dtype=np.float32)
-        weight *= scale32.reshape(()) if scale32.size == 1 else _along(scale32, out_axis, rank)
-    return weight
-
-
-def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Little-endian bit fields of ``bits`` bits from uint8 bytes, the first ``count`` of each row.
-
-    MatMulNBits packs its weights and zero points this way.
-    """
-    per_byte = 8 // bits
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    fields = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
-    return fields.reshape(*packed.shape[:-1], -1)[..., :count]
-
-
-def _matmul_nbits(graph: ModelGraph, node: onnx.NodeProto) -> np.ndarray | None:
-    """com.microsoft MatMulNBits, dequantized as rows ``(N, K)``.
-
-    ``B`` is uint8 ``[N, blocks, block_size * bits / 8]``, scales ``[N * blocks]``, optional zero
-    points (packed uint8, or in the scales' type; default ``2^(bits-1)``). Returns the dequantized
-    weight as rows ``(N, K)``.
-    """
-    k, n = int(node_attribute(node, "K", 0)), int(node_attribute(node, "N", 0))
-    bits, block = int(node_attribute(node, "bits", 4)), int(node_attribute(node, "block_size", 0))
-    packed = graph.constant_value(node.input[1]) if len(node.input) > 1 else None
-    scales = graph.constant_value(node.input[2]) if len(node.input) > 2 else None
-    if packed is None or scales is None or bits not in (2, 4, 8) or k <= 0 or n <= 0 or block <= 0:
-        return None
-    blocks = -(-k // block)
-    packed = np.asarray(packed, dtype=np.uint8).reshape(n, blocks, -1)
-    quantized = _unpack_bits(packed, bits, block).astype(np.float32)  # (n, blocks, block)
-    zero_name = node.input[3] if len(node.input) > 3 else ""
-    zero_value = graph.constant_value(zero_name) if zero_name else None
-    if zero_value is None:
-        zero = np.full((n, blocks), float(1 << (bits - 1)), dtype=np.float32)
-    elif zero_value.dtype == np.uint8:
-        zero = _unpack_bits(zero_value.reshape(n, -1), bits, blocks).astype(np.float32)
-    else:
-        zero = np.asarray(zero_value, dtype=np.float32).reshape(n, blocks)
-    scale = np.asarray(scales, dtype=np.float32).reshape(n, blocks)
-    weight = (quantized - zero[..., None]) * scale[..., None]
-    return weight.reshape(n, blocks * block)[:, :k]
-
-
-def _plain_matrix(graph: ModelGraph, node: onnx.NodeProto, transpose_a: int, transpose_b: int) -> tuple[np.ndarray, int] | None:
-    """A Gemm-like ``A @ B`` with exactly one constant operand.
-
-    Its output neurons are B's columns (rows when ``transB``) or A's rows (columns when
-    ``transA``).
-    """
-    if len(node.input) < 2:
-        return None
-    left, right = (_float_value(graph, name) for name in node.input[:2])
-    if (left is None) == (right is None):
-        return None
-    if right is not None and right.ndim >= 2:
-        return _axis_matrix(right, -2 if transpose_b else -1)
-    if left is not None and left.ndim >= 2:
-        return _axis_matrix(left, -1 if transpose_a else -2)
-    return None
-
-
-def _other_producer(graph: ModelGraph, index: int) -> tuple[np.ndarray, int, int, int] | None:
-    """(matrix, neuron axis, kernel, groups) of a producer :func:`find_units` does not list."""
-    node = graph.nodes[index]
-    domain, op = node.domain or "", node.op_type
-    groups = int(node_attribute(node, "group", 1))
-    weight: np.ndarray | None
-    if domain in ("", "ai.onnx"):
-        if op in ("QLinearConv", "ConvInteger"):
-            weight = _quantized(graph, node, 3, 4, 5, 0) if op == "QLinearConv" else _quantized(graph, node, 1, None, 3, 0)
-            if weight is None:
-                return None
-            matrix, kernel = _conv_rows(weight)
-            return matrix, 0, kernel, groups
-        if op in ("QLinearMatMul", "MatMulInteger"):
-            weight = _quantized(graph, node, 3, 4, 5, -1) if op == "QLinearMatMul" else _quantized(graph, node, 1, None, 3, -1)
-            return None if weight is None or weight.ndim < 2 else (*_axis_matrix(weight, -1), 1, 1)
-        if op in ("Gemm", "MatMul"):  # a weight find_units does not see: Transpose(constant)
-            found = _plain_matrix(graph, node, 0, int(node_attribute(node, "transB", 0)))
-            return None if found is None else (*found, 1, 1)
-        return None
-    if domain != _MS_DOMAIN:
-        return None
-    if op == "FusedConv":
-        weight = _float_value(graph, node.input[1]) if len(node.input) > 1 else None
-        if weight is None or weight.ndim < 3:
-            return None
-        matrix, kernel = _conv_rows(weight)
-        return matrix, 0, kernel, groups
-    if op in ("FusedGemm", "FusedMatMul"):
-        found = _plain_matrix(graph, node, int(node_attribute(node, "transA", 0)), int(node_attribute(node, "transB", 0)))
-        return None if found is None else (*found, 1, 1)
-    if op == "MatMulNBits":
-        weight = _matmul_nbits(graph, node)
-        return None if weight is None else (weight, 0, 1, 1)
-    return None
-
-
-def producer_weights(graph: ModelGraph) -> list[ProducerWeight]:
-    """Every producer layer of ``graph`` with its weight in common form, in topological order.
-
-    Args:
-        graph: the model's graph (shape inference is not needed).
-
-    Returns:
-        One :class:`ProducerWeight` per layer whose weight could be read (see the module
-        docstring for the operators read and the common form).
-    """
-    units = find_units(graph)
-    found: list[ProducerWeight] = []
-    for index in graph.order:
-        node = graph.nodes[index]
-        unit = units.get(index)
-        groups = int(node_attribute(node, "group", 1))
-        row_scale = None
-        if unit is not None:
-            weight = _float_value(graph, node.input[unit.weight_slot])
-            if weight is None:
-                continue
-            if node.op_type == "Conv":
-                matrix, kernel = _conv_rows(weight)
-                axis = 0
-            elif node.op_type == "ConvTranspose":
-                (matrix, kernel), axis = _conv_transpose_rows(weight, groups), 0
-            else:
-                (matrix, axis), kernel, groups = _axis_matrix(weight, unit.out_axis), 1, 1
-            if unit.batchnorm is not None:
-                batchnorm = _batchnorm(graph, unit.batchnorm)
-                if batchnorm is not None and batchnorm.scale.value.size == matrix.shape[axis]:
-                    row_scale = np.asarray(batchnorm.scale.value, dtype=np.float64).ravel()
-        else:
-            other = _other_producer(graph, index)
-            if other is None:
-                continue
-            matrix, axis, kernel, groups = other
-        if matrix.size == 0 or not np.all(np.isfinite(matrix)):
-            continue
-        op = node.op_type if (node.domain or "") in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        found.append(ProducerWeight(index, node_label(node, index), op, matrix, axis, kernel, groups, row_scale))
-    return found
 
 
 # -- layer records --------------------------------------------------------------------------
@@ -506,14 +233,254 @@ def _resample_grid(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return whole, edges - whole
 
 
+def segment_sort(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sort each column of ``values`` ``(m, p)`` within each segment: segment ``s`` is the next
+    ``lengths[s]`` rows. (One sort per segment: numpy sorts a slice faster than any single
+    call that sorts by (segment, value) pairs.)
+    """
+    out = np.empty_like(values)
+    start = 0
+    for length in lengths.tolist():
+        out[start : start + length] = np.sort(values[start : start + length], axis=0)
+        start += length
+    return out
+
+
+def segment_resample(values: np.ndarray, lengths: np.ndarray, size: int = RESAMPLE) -> np.ndarray:
+    """:func:`resample` of each segment of ``values`` ``(m, p)``, as ``(segments, size, p)``.
+
+    Segment ``s`` is the next ``lengths[s]`` rows (every length at least 1).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    total, columns = values.shape
+    cumulative = np.zeros((total + 1, columns))
+    np.cumsum(values, axis=0, out=cumulative[1:])
+    padded = np.zeros((total + 1, columns))  # the row after the last: read with weight 0
+    padded[:total] = values
+    # Edges j * n / size of each segment (as np.linspace(0, n, size + 1) computes them).
+    edges = np.arange(size + 1)[None, :] * (lengths / size)[:, None]
+    edges[:, -1] = lengths
+    whole = np.minimum(np.floor(edges).astype(np.int64), lengths[:, None])
+    fraction = (edges - whole)[:, :, None]
+    at = starts[:, None] + whole
+    integral = cumulative[at] - cumulative[starts][:, None, :] + fraction * padded[at]
+    return np.diff(integral, axis=1) * (size / lengths)[:, None, None]
+
+
+#: Layers of at most this many weights are reduced together, in float64 passes over their
+#: concatenated rows (the same few numpy calls for all of them: per-call overhead, not
+#: arithmetic, is what small layers cost); larger ones one at a time, in float32 ``einsum``
+#: passes over the weight as stored.
+SMALL_LAYER = 2048
+#: Most weights in one batch of small layers (bounds the batch's float64 copies).
+_BATCH_WEIGHTS = 1 << 18
+#: A neuron whose RMS is at most this fraction of the largest in its layer counts as dead (an
+#: all-zero row of structured pruning, or a channel a float16 or int8 copy rounds to zero):
+#: its normalized statistics carry no signal, and reading them would overflow float32.
+DEAD_NEURON = 1e-6
+
+
+@dataclass
+class _Sums:
+    """Per-neuron and per-input sums of some layers' weights.
+
+    One entry per neuron or input, layers concatenated in order.
+    """
+
+    s1: np.ndarray  # sum of w
+    s2: np.ndarray  # sum of w^2
+    s3: np.ndarray
+    s4: np.ndarray
+    peak: np.ndarray  # max |w|
+    inverse: np.ndarray  # sign / rms (0 for a dead neuron)
+    cosine: np.ndarray  # cosine of the unit row to the layer's mean unit row
+    direction: np.ndarray  # per input: mean over neurons of the unit rows
+    column_rms: np.ndarray  # per input: rms over neurons of the unit rows
+
+
+def _inverse(rms: np.ndarray, largest: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """``sign / rms`` of the live neurons (relative RMS above :data:`DEAD_NEURON`), else 0."""
+    alive = rms > DEAD_NEURON * largest
+    return np.where(alive, sign / np.where(alive, rms, 1.0), 0.0)
+
+
+def _signs(weights: Sequence[ProducerWeight], neuron_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per neuron (layers concatenated): the sign and magnitude of its BatchNorm scale."""
+    sign, magnitude = np.ones(int(neuron_start[-1])), np.ones(int(neuron_start[-1]))
+    for index, weight in enumerate(weights):
+        if weight.row_scale is not None:
+            scale = np.asarray(weight.row_scale, dtype=np.float64).ravel()
+            where = slice(int(neuron_start[index]), int(neuron_start[index + 1]))
+            sign[where] = np.where(scale < 0, -1.0, 1.0)
+            magnitude[where] = np.abs(scale)
+    return sign, magnitude
+
+
+def _large_layer_sums(weight: ProducerWeight, sign: np.ndarray) -> _Sums:
+    """Sums of one layer in float32 ``einsum`` passes over the weight as stored, combined in float64.
+
+    No transposed or rescaled copy of the weight is made.
+    """
+    matrix = np.asarray(weight.matrix, dtype=np.float32)
+    rows = "ij" if weight.neuron_axis == 0 else "ji"
+    n, k = weight.neurons, weight.fan_in
+    squares = np.multiply(matrix, matrix)
+    s1 = np.einsum(f"{rows}->i", matrix).astype(np.float64)
+    s2 = np.einsum(f"{rows}->i", squares).astype(np.float64)
+    s3 = np.einsum(f"{rows},{rows}->i", squares, matrix).astype(np.float64)
+    s4 = np.einsum(f"{rows},{rows}->i", squares, squares).astype(np.float64)
+    peak = np.sqrt(squares.max(axis=1 - weight.neuron_axis).astype(np.float64))
+    rms = np.sqrt(s2 / k)
+    inverse = _inverse(rms, rms.max(), sign)
+    # Weighted by inverse / largest inverse (<= 1 / DEAD_NEURON): float32 cannot overflow.
+    top = float(np.abs(inverse).max()) or 1.0
+    relative = (inverse / top).astype(np.float32)
+    direction = np.einsum(f"{rows},i->j", matrix, relative).astype(np.float64) * (top / n)
+    column_square = np.einsum(f"{rows},i->j", squares, relative * relative).astype(np.float64)
+    column_rms = np.sqrt(column_square / n) * top
+    length = math.sqrt(float(direction @ direction))
+    toward = (direction / length if length > 0 else direction).astype(np.float32)
+    cosine = np.einsum(f"{rows},j->i", matrix, toward).astype(np.float64) * inverse / math.sqrt(k)
+    return _Sums(s1, s2, s3, s4, peak, inverse, cosine, direction, column_rms)
+
+
+def _small_layer_sums(weights: Sequence[ProducerWeight], sign: np.ndarray) -> _Sums:
+    """Sums of several small layers at once.
+
+    Their rows (neuron-major) are concatenated into one float64 vector, reduced per row with
+    ``reduceat`` and per input with ``bincount``.
+    """
+    neurons = np.array([w.neurons for w in weights], dtype=np.int64)
+    fan_in = np.array([w.fan_in for w in weights], dtype=np.int64)
+    flat = np.concatenate(
+        [(w.matrix if w.neuron_axis == 0 else w.matrix.T).reshape(-1) for w in weights], dtype=np.float64
+    )
+    row_k = np.repeat(fan_in, neurons)
+    row_start = np.concatenate(([0], np.cumsum(row_k)[:-1]))
+    squares = flat * flat
+    s1 = np.add.reduceat(flat, row_start)
+    s2 = np.add.reduceat(squares, row_start)
+    s3 = np.add.reduceat(squares * flat, row_start)
+    s4 = np.add.reduceat(squares * squares, row_start)
+    peak = np.sqrt(np.maximum.reduceat(squares, row_start))
+    rms = np.sqrt(s2 / row_k)
+    layer_start = np.concatenate(([0], np.cumsum(neurons)[:-1]))
+    largest = np.repeat(np.maximum.reduceat(rms, layer_start), neurons)
+    inverse = _inverse(rms, largest, sign)
+    # Column of every weight, numbered across the batch: its position in its row plus the
+    # first column of its layer.
+    column_start = np.concatenate(([0], np.cumsum(fan_in)[:-1]))
+    offset = np.repeat(np.repeat(column_start, neurons) - row_start, row_k)
+    column = np.arange(flat.size) + offset
+    columns = int(fan_in.sum())
+    per_column_n = np.repeat(neurons, fan_in).astype(np.float64)
+    weight_inverse = np.repeat(inverse, row_k)
+    direction = np.bincount(column, weights=flat * weight_inverse, minlength=columns) / per_column_n
+    column_rms = np.sqrt(np.bincount(column, weights=squares * (weight_inverse * weight_inverse), minlength=columns) / per_column_n)
+    length = np.sqrt(np.add.reduceat(direction * direction, column_start))
+    safe = np.where(length > 0, length, 1.0)
+    toward = direction / np.repeat(safe, fan_in)
+    cosine = np.add.reduceat(flat * toward[column], row_start) * inverse / np.sqrt(row_k)
+    return _Sums(s1, s2, s3, s4, peak, inverse, cosine, direction, column_rms)
+
+
+def _concatenate(parts: list[_Sums]) -> _Sums:
+    return _Sums(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(_Sums)))
+
+
+def layer_records(weights: Sequence[ProducerWeight]) -> np.ndarray:
+    """The records of layers (see the module docstring), one row of :data:`LAYER_WIDTH` each.
+
+    Sums over each weight come from a few passes (small layers batched, see
+    :data:`SMALL_LAYER`); the statistics, sorting and resampling of every layer then run
+    together, segment by segment, so a model costs a fixed number of numpy calls plus a few
+    per large layer.
+
+    Args:
+        weights: the layers, in order (each with at least one weight).
+
+    Returns:
+        float64 ``(len(weights), LAYER_WIDTH)``, fields in :data:`FIELDS` order. Dead neurons
+        (see :data:`DEAD_NEURON`) read as mean 0, skew 0, kurtosis and peak at their minimum.
+    """
+    if not weights:
+        return np.zeros((0, LAYER_WIDTH))
+    # Small layers first (batched), then large ones; rows go back to the caller's order at the end.
+    order = [i for i, w in enumerate(weights) if w.size <= SMALL_LAYER]
+    order += [i for i, w in enumerate(weights) if w.size > SMALL_LAYER]
+    ordered = [weights[i] for i in order]
+    count = len(ordered)
+    neurons = np.array([w.neurons for w in ordered], dtype=np.int64)
+    fan_in = np.array([w.fan_in for w in ordered], dtype=np.int64)
+    neuron_start = np.concatenate(([0], np.cumsum(neurons)))
+    sign, magnitude = _signs(ordered, neuron_start)
+    parts: list[_Sums] = []
+    first = batch_size = 0
+    for index, weight in enumerate(ordered):
+        if weight.size > SMALL_LAYER or batch_size + weight.size > _BATCH_WEIGHTS:
+            if index > first:
+                parts.append(_small_layer_sums(ordered[first:index], sign[neuron_start[first] : neuron_start[index]]))
+            first, batch_size = index, 0
+        if weight.size > SMALL_LAYER:
+            parts.append(_large_layer_sums(weight, sign[neuron_start[index] : neuron_start[index + 1]]))
+            first = index + 1
+        else:
+            batch_size += weight.size
+    if count > first:
+        parts.append(_small_layer_sums(ordered[first:], sign[neuron_start[first] :]))
+    sums = parts[0] if len(parts) == 1 else _concatenate(parts)
+    # Per-neuron statistics, every layer at once.
+    k = np.repeat(fan_in, neurons).astype(np.float64)
+    # Products, not powers: libm's pow is a hundred times slower on the subnormal numbers that
+    # near-dead neurons give.
+    mean = sums.s1 / k
+    second = sums.s2 / k
+    rms = np.sqrt(second)
+    square = mean * mean
+    variance = np.maximum(second - square, 0.0)
+    third = sums.s3 / k - 3.0 * mean * second + 2.0 * square * mean
+    fourth = sums.s4 / k - 4.0 * mean * sums.s3 / k + 6.0 * square * second - 3.0 * square * square
+    spread = np.where((sums.inverse != 0) & (variance > _TINY), variance, np.inf)
+    # Kurtosis >= 1 and max|w|/rms >= 1 for every row; the clips only tame dead rows.
+    with np.errstate(over="ignore", invalid="ignore"):
+        per_neuron = np.stack(
+            [
+                rms * magnitude,
+                mean * sums.inverse,
+                sums.cosine,
+                sign * third / (spread * np.sqrt(spread)),
+                np.log(np.clip(fourth / (spread * spread), 1.0, 1e6)),
+                np.log(np.clip(sums.peak * np.abs(sums.inverse), 1.0, 1e6)),
+            ],
+            axis=1,
+        )
+    # Only weights beyond float32's range (|w| > 1e9: s4 overflows) give non-finite values.
+    per_neuron = segment_sort(np.nan_to_num(per_neuron, nan=0.0, posinf=0.0, neginf=0.0), neurons)
+    # The median neuron norm of each layer gives the level and normalizes the norms.
+    low, high = neuron_start[:-1] + (neurons - 1) // 2, neuron_start[:-1] + neurons // 2
+    median = 0.5 * (per_neuron[low, 0] + per_neuron[high, 0])
+    per_neuron[:, 0] /= np.repeat(np.where(median > 0, median, 1.0), neurons)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        column_mean = np.where(sums.column_rms > 0, sums.direction / np.where(sums.column_rms > 0, sums.column_rms, 1.0), 0.0)
+    per_input = segment_sort(np.stack([column_mean, sums.column_rms], axis=1), fan_in)
+    records = np.empty((count, LAYER_WIDTH))
+    records[:, SLICES["level"]] = np.log(np.where(median > 0, median, _TINY))[:, None]
+    for name, values in zip(_NEURON_FIELDS, np.moveaxis(segment_resample(per_neuron, neurons), 2, 0)):
+        records[:, SLICES[name]] = values
+    for name, values in zip(("colmean", "columns"), np.moveaxis(segment_resample(per_input, fan_in), 2, 0)):
+        records[:, SLICES[name]] = values
+    restored = np.empty_like(records)
+    restored[order] = records
+    return restored
+
+
+#: The sorted per-neuron fields, in the column order :func:`layer_records` computes them.
+_NEURON_FIELDS = ("norms", "mean", "cosine", "skew", "kurtosis", "peak")
+
+
 def layer_record(matrix: np.ndarray, neuron_axis: int = 0, row_scale: np.ndarray | None = None) -> np.ndarray:
-    """The fields of one layer as a float64 vector of :data:`LAYER_WIDTH` values.
-
-    The fields are described in the module docstring.
-
-    Every statistic comes from a few ``einsum`` passes over the weight as stored (power sums
-    per neuron, weighted sums per input), without a transposed or rescaled copy: the cost is
-    a handful of reads of the weight.
+    """The record of one layer (:func:`layer_records` of that layer alone).
 
     Args:
         matrix: the layer's 2-D weight; neurons along ``neuron_axis``.
@@ -522,61 +489,10 @@ def layer_record(matrix: np.ndarray, neuron_axis: int = 0, row_scale: np.ndarray
             statistics, its magnitude scales its norm.
 
     Returns:
-        The record, fields in :data:`FIELDS` order. Dead neurons (all-zero rows, as structured
-        pruning leaves them) read as mean 0, skew 0, kurtosis and peak at their minimum.
+        float64 vector of :data:`LAYER_WIDTH` values, fields in :data:`FIELDS` order.
     """
-    weight = np.asarray(matrix, dtype=np.float32)
-    rows = "ij" if neuron_axis == 0 else "ji"
-    n, k = weight.shape[neuron_axis], weight.shape[1 - neuron_axis]
-    squares = np.multiply(weight, weight)
-    # Power sums per neuron (float32 passes, combined in float64).
-    s1 = np.einsum(f"{rows}->i", weight).astype(np.float64)
-    s2 = np.einsum(f"{rows}->i", squares).astype(np.float64)
-    s3 = np.einsum(f"{rows},{rows}->i", squares, weight).astype(np.float64)
-    s4 = np.einsum(f"{rows},{rows}->i", squares, squares).astype(np.float64)
-    peak_abs = np.sqrt(squares.max(axis=1 - neuron_axis).astype(np.float64))
-    mean = s1 / k
-    second = s2 / k
-    rms = np.sqrt(second)
-    variance = np.maximum(second - mean * mean, 0.0)
-    third = s3 / k - 3.0 * mean * second + 2.0 * mean**3
-    fourth = s4 / k - 4.0 * mean * s3 / k + 6.0 * mean * mean * second - 3.0 * mean**4
-    sign = np.ones(n) if row_scale is None else np.where(np.asarray(row_scale).ravel() < 0, -1.0, 1.0)
-    magnitude = np.ones(n) if row_scale is None else np.abs(np.asarray(row_scale, dtype=np.float64).ravel())
-    alive = rms > 0
-    inverse = np.where(alive, sign / np.where(alive, rms, 1.0), 0.0)
-    spread = np.where(variance > _TINY, variance, np.inf)
-    skew = sign * third / spread**1.5
-    # Kurtosis >= 1 and max|w|/rms >= 1 for every row; the clips only tame dead rows.
-    kurtosis = np.log(np.clip(fourth / spread**2, 1.0, 1e6))
-    peak = np.log(np.clip(peak_abs * np.abs(inverse), 1.0, 1e6))
-    # Per input: sums over neurons of the unit rows u_i = sign_i w_i / rms_i and of their squares.
-    direction = np.einsum(f"{rows},i->j", weight, inverse.astype(np.float32)).astype(np.float64) / n
-    column_rms = np.sqrt(np.einsum(f"{rows},i->j", squares, (inverse * inverse).astype(np.float32)).astype(np.float64) / n)
-    length = math.sqrt(float(direction @ direction))
-    toward = (direction / length if length > 0 else direction).astype(np.float32)
-    cosine = np.einsum(f"{rows},j->i", weight, toward).astype(np.float64) * inverse / math.sqrt(k)
-    column_mean = np.where(column_rms > 0, direction / np.where(column_rms > 0, column_rms, 1.0), 0.0)
-    norms = np.sort(rms * magnitude)
-    median = float(0.5 * (norms[(n - 1) // 2] + norms[n // 2]))
-    # The sorted fields, one column each, resampled together (one call, not eight).
-    per_neuron = {
-        "norms": norms / median if median > 0 else norms,
-        "mean": mean * inverse,
-        "cosine": cosine,
-        "skew": skew,
-        "kurtosis": kurtosis,
-        "peak": peak,
-    }
-    record = np.empty(LAYER_WIDTH)
-    record[SLICES["level"]] = math.log(median) if median > 0 else math.log(_TINY)
-    neuron_fields = [name for name in _SORTED_FIELDS if name in per_neuron]
-    stacked = np.sort(np.stack([per_neuron[name] for name in neuron_fields], axis=1), axis=0)
-    for name, values in zip(neuron_fields, resample(stacked).T):
-        record[SLICES[name]] = values
-    stacked = np.sort(np.stack([column_mean, column_rms], axis=1), axis=0)
-    record[SLICES["colmean"]], record[SLICES["columns"]] = resample(stacked).T
-    return record
+    weight = ProducerWeight(0, "", "", np.asarray(matrix), neuron_axis, 1, 1, row_scale)
+    return layer_records([weight])[0]
 
 
 # -- model fingerprints ---------------------------------------------------------------------
@@ -676,12 +592,12 @@ def fingerprint_model(model: onnx.ModelProto) -> ModelFingerprint:
 
     Returns:
         Its fingerprint; a model with no readable producer layer gets an empty one.
+
+    Raises:
+        OnnxladyError: the model is malformed (a tensor nothing defines, a cycle...).
     """
-    graph = ModelGraph(model, infer_shapes=False)
-    weights = producer_weights(graph)
-    records = np.array(
-        [layer_record(w.matrix, w.neuron_axis, w.row_scale) for w in weights], dtype=np.float32
-    ).reshape(-1, LAYER_WIDTH)
+    weights = model_producers(model)
+    records = layer_records(weights).astype(np.float32)
     shapes = np.array([[w.neurons, w.fan_in, w.kernel, w.groups] for w in weights], dtype=np.int64)
     return ModelFingerprint(records, shapes.reshape(-1, 4), tuple(w.op_type for w in weights), tuple(w.name for w in weights))
 
@@ -851,21 +767,34 @@ def search_vector(fingerprint: ModelFingerprint) -> np.ndarray:
     vector = np.zeros(SEARCH_WIDTH, dtype=np.float32)
     layers = fingerprint.layers
     if layers:
-        records = fingerprint.records.astype(np.float64)
-        gap = unrelated_gap(fingerprint.shapes)[:, None]
-        total = sum(FIELD_WEIGHTS.values())
-        parts = []
-        for name, length in FIELDS:
-            values = records[:, SLICES[name]]
-            if length > 1:
-                values = values.reshape(layers, SEARCH_FIELD_VALUES, -1).mean(axis=2)
-            factor = math.sqrt(FIELD_WEIGHTS[name] / (FIELD_SCALES[name] ** 2 * total * values.shape[1]))
-            parts.append(values * factor / gap)
-        parts.append(np.log2(np.maximum(fingerprint.shapes, 1).astype(np.float64)) * SHAPE_WEIGHT)
-        chunks = resample(np.concatenate(parts, axis=1), SEARCH_CHUNKS)
+        values = fingerprint.records.astype(np.float64) @ _SEARCH_PROJECTION / unrelated_gap(fingerprint.shapes)[:, None]
+        shapes = np.log2(np.maximum(fingerprint.shapes, 1).astype(np.float64)) * SHAPE_WEIGHT
+        chunks = resample(np.concatenate([values, shapes], axis=1), SEARCH_CHUNKS)
         vector[:-2] = (chunks / math.sqrt(SEARCH_CHUNKS)).ravel()
     vector[-2:] = np.log2([layers + 1.0, fingerprint.parameters + 1.0]) * SHAPE_WEIGHT
     return vector
+
+
+def _search_projection() -> np.ndarray:
+    """``(LAYER_WIDTH, values)``: each field averaged in :data:`SEARCH_FIELD_VALUES` bins.
+
+    A field of one value is kept as it is; each is multiplied by the field's weight over its scale,
+    as the distance weighs it.
+    """
+    total = sum(FIELD_WEIGHTS.values())
+    columns = []
+    for name, length in FIELDS:
+        bins = 1 if length == 1 else SEARCH_FIELD_VALUES
+        factor = math.sqrt(FIELD_WEIGHTS[name] / (FIELD_SCALES[name] ** 2 * total * bins))
+        for part in range(bins):
+            column = np.zeros(LAYER_WIDTH)
+            start = SLICES[name].start + part * (length // bins)
+            column[start : start + length // bins] = factor / (length // bins)
+            columns.append(column)
+    return np.stack(columns, axis=1)
+
+
+_SEARCH_PROJECTION = _search_projection()
 
 
 def fingerprint_distance(a: ModelFingerprint, b: ModelFingerprint) -> float:

@@ -55,6 +55,7 @@ import numpy as np
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import file_sha256
+from onnxlady._io._progress import advance
 from onnxlady._provenance._fingerprint import (
     FINGERPRINT_VERSION,
     SEARCH_WIDTH,
@@ -411,7 +412,9 @@ def build_index(
                 report.errors.append(UnreadableFile(result.path, result.error))
             else:
                 report.indexed.append(result.path)
-            if progress is not None:
+            if progress is not None and callable(getattr(progress, "update", None)):
+                advance(progress, "indexing models", done, total)  # onnxlady.ProgressReporter: a bar
+            elif progress is not None:
                 progress(IndexProgress(done, total, result.path, "error" if result.error else "indexed"))
             if len(pending) >= _BATCH_FILES or time.monotonic() - last_commit > _BATCH_SECONDS:
                 _store(connection, pending)

@@ -36,11 +36,20 @@ __all__ = ["ProducerWeight", "WeightGraph", "model_producers", "producer_weights
 
 _MS_DOMAIN = "com.microsoft"
 _STANDARD = ("", "ai.onnx")
+#: Chain operators that move a constant's values without computing on them.
+_SHAPE_CHAIN_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Expand"})
 #: Operators whose output is a unit's BatchNorm input after a Cast or Identity (as find_units).
 _TYPE_ONLY_OPS = frozenset({"Cast", "Identity"})
 #: Units a following BatchNorm folds into (as find_units).
 _FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 _GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+#: Standard operators with graph attributes (any other domain's node is checked attribute by attribute).
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+#: Operators :func:`_other_producer` reads (their domain is checked there).
+_OTHER_PRODUCERS = frozenset(
+    {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "Gemm", "MatMul", "FusedConv", "FusedGemm",
+     "FusedMatMul", "MatMulNBits"}
+)  # fmt: skip
 
 
 # -- the common form ------------------------------------------------------------------------
@@ -107,8 +116,9 @@ def _conv_rows(weight: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _conv_transpose_rows(weight: np.ndarray, groups: int) -> tuple[np.ndarray, int]:
-    """ConvTranspose weight ``(in, out/g, *k)``: output channel ``g * out/g + j`` reads the
-    inputs of group ``g`` only.
+    """ConvTranspose weight ``(in, out/g, *k)`` as rows over output channels.
+
+    Output channel ``g * out/g + j`` reads the inputs of group ``g`` only.
     """
     cin, per_group = weight.shape[:2]
     kernel = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1
@@ -117,8 +127,9 @@ def _conv_transpose_rows(weight: np.ndarray, groups: int) -> tuple[np.ndarray, i
 
 
 def _axis_matrix(weight: np.ndarray, out_axis: int) -> tuple[np.ndarray, int]:
-    """A Gemm/MatMul weight as (2-D matrix, neuron axis): a 2-D weight as it is, a batched
-    one with its output axis first and the rest flattened.
+    """A Gemm/MatMul weight as (2-D matrix, neuron axis).
+
+    A 2-D weight as it is, a batched one with its output axis first and the rest flattened.
     """
     out_axis %= weight.ndim
     if weight.ndim == 2:
@@ -149,8 +160,10 @@ def _float_value(graph: ConstantSource, name: str) -> np.ndarray | None:
 
 
 def _transposed_constant(graph: ConstantSource, name: str) -> np.ndarray | None:
-    """``Transpose(constant)``: a tied head reads the embedding table this way; an optimizer
-    folds it into a stored copy, so both forms must give the same weight.
+    """``Transpose(constant)``, read as the constant's transposed value.
+
+    A tied head reads the embedding table this way; an optimizer folds it into a stored copy, so
+    both forms must give the same weight.
     """
     produced = graph.producer.get(name)
     if produced is None:
@@ -167,8 +180,10 @@ def _transposed_constant(graph: ConstantSource, name: str) -> np.ndarray | None:
 
 def _quantized(graph: ConstantSource, node: onnx.NodeProto, slot: int, scale_slot: int | None, zero_slot: int,
                out_axis: int) -> np.ndarray | None:  # fmt: skip
-    """An integer weight minus its zero point, times its scale (per tensor or per output
-    channel), as QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger read it.
+    """An integer weight minus its zero point, times its scale.
+
+    The scale is per tensor or per output channel, as QLinearConv/QLinearMatMul/ConvInteger/
+    MatMulInteger read it.
     """
     raw = graph.constant_value(node.input[slot]) if len(node.input) > slot else None
     if raw is None or raw.dtype.kind not in "iu":
@@ -190,8 +205,9 @@ def _quantized(graph: ConstantSource, node: onnx.NodeProto, slot: int, scale_slo
 
 
 def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Little-endian bit fields of ``bits`` bits from uint8 bytes, the first ``count`` of each
-    row (MatMulNBits packs its weights and zero points this way).
+    """Little-endian bit fields of ``bits`` bits from uint8 bytes, the first ``count`` of each row.
+
+    MatMulNBits packs its weights and zero points this way.
     """
     per_byte = 8 // bits
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
@@ -200,9 +216,11 @@ def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def _matmul_nbits(graph: ConstantSource, node: onnx.NodeProto) -> np.ndarray | None:
-    """com.microsoft MatMulNBits: ``B`` uint8 ``[N, blocks, block_size * bits / 8]``, scales
-    ``[N * blocks]``, optional zero points (packed uint8, or in the scales' type; default
-    ``2^(bits-1)``). Returns the dequantized weight as rows ``(N, K)``.
+    """com.microsoft MatMulNBits, dequantized as rows ``(N, K)``.
+
+    ``B`` is uint8 ``[N, blocks, block_size * bits / 8]``, scales ``[N * blocks]``, optional zero
+    points (packed uint8, or in the scales' type; default ``2^(bits-1)``). Returns the dequantized
+    weight as rows ``(N, K)``.
     """
     k, n = int(node_attribute(node, "K", 0)), int(node_attribute(node, "N", 0))
     bits, block = int(node_attribute(node, "bits", 4)), int(node_attribute(node, "block_size", 0))
@@ -227,8 +245,10 @@ def _matmul_nbits(graph: ConstantSource, node: onnx.NodeProto) -> np.ndarray | N
 
 
 def _plain_matrix(graph: ConstantSource, node: onnx.NodeProto, transpose_a: int, transpose_b: int) -> tuple[np.ndarray, int] | None:
-    """A Gemm-like ``A @ B`` with exactly one constant operand: its output neurons are B's
-    columns (rows when ``transB``) or A's rows (columns when ``transA``).
+    """A Gemm-like ``A @ B`` with exactly one constant operand.
+
+    Its output neurons are B's columns (rows when ``transB``) or A's rows (columns when
+    ``transA``).
     """
     if len(node.input) < 2:
         return None
@@ -285,13 +305,17 @@ def _collect(
     units: dict[int, Unit],
     batchnorm_scale: Callable[[int], np.ndarray | None],
 ) -> list[ProducerWeight]:
-    """The producer weights of ``graph`` in ``order``: units (with their BatchNorm's scale)
-    and the other producers (see the fingerprint's module docstring).
+    """The producer weights of ``graph`` in ``order``.
+
+    Units (with their BatchNorm's scale) and the other producers (see the fingerprint's module
+    docstring).
     """
     found: list[ProducerWeight] = []
     for index in order:
         node = graph.nodes[index]
         unit = units.get(index)
+        if unit is None and node.op_type not in _OTHER_PRODUCERS:
+            continue
         groups = int(node_attribute(node, "group", 1))
         row_scale = None
         if unit is not None:
@@ -314,7 +338,8 @@ def _collect(
             if other is None:
                 continue
             matrix, axis, kernel, groups = other
-        if matrix.size == 0 or not np.all(np.isfinite(matrix)):
+        # One float64 sum is finite exactly when every float32 weight is (it cannot overflow).
+        if matrix.size == 0 or not np.isfinite(np.sum(matrix, dtype=np.float64)):
             continue
         op = node.op_type if (node.domain or "") in _STANDARD else f"{node.domain}::{node.op_type}"
         found.append(ProducerWeight(index, node_label(node, index), op, matrix, axis, kernel, groups, row_scale))
@@ -340,7 +365,7 @@ def producer_weights(graph: ModelGraph) -> list[ProducerWeight]:
 
 
 # -- the fast walk ----------------------------------------------------------------------------
-class FullGraphNeeded(Exception):
+class FullGraphNeeded(Exception):  # ruff: ignore[error-suffix-on-exception-name] - a signal to fall back to ModelGraph, not an error
     """The model holds a form only :class:`ModelGraph` reads the same way (message: which)."""
 
 
@@ -374,9 +399,10 @@ class WeightGraph:
                     if name not in defined:
                         raise FullGraphNeeded(f"node {index} reads '{name}' before it is defined")
                     self.consumers.setdefault(name, []).append((index, slot))
-            for attribute in node.attribute:
-                if attribute.type in _GRAPH_ATTRIBUTES:
-                    raise FullGraphNeeded(f"node {index} holds a subgraph")
+            if node.op_type in _SUBGRAPH_OPS or node.domain not in _STANDARD:
+                for attribute in node.attribute:
+                    if attribute.type in _GRAPH_ATTRIBUTES:
+                        raise FullGraphNeeded(f"node {index} holds a subgraph")
             for slot, name in enumerate(node.output):
                 if name:
                     self.producer[name] = (index, slot)
@@ -385,7 +411,7 @@ class WeightGraph:
             raise FullGraphNeeded("a graph output is not produced")
         self.order = list(range(len(self.nodes)))
         self._values: dict[str, np.ndarray | None] = {}
-        self._ranks: dict[str, int] | None = None
+        self._declared: dict[str, tuple[int | str | None, ...]] | None = None
 
     # -- constants ---------------------------------------------------------------------------
     def constant_value(self, name: str) -> np.ndarray | None:
@@ -417,16 +443,81 @@ class WeightGraph:
         values = [self.constant_value(source) for source in node.input if source]
         if not values or any(value is None for value in values):
             return None  # a chain with any input computed at run time is no constant
+        value: np.ndarray = values[0]  # type: ignore[assignment]
         if op == "Identity":
-            return values[0]
+            return value
         if op == "Cast":
             try:
-                return values[0].astype(onnx.helper.tensor_dtype_to_np_dtype(node_attribute(node, "to")))  # type: ignore[union-attr]
+                return value.astype(onnx.helper.tensor_dtype_to_np_dtype(node_attribute(node, "to")))
             except (KeyError, TypeError, ValueError) as exc:
                 raise FullGraphNeeded(f"Cast '{name}': {exc}") from exc
         if op == "DequantizeLinear":
             return self._dequantized(node, name)
+        if op == "Mul":
+            return self._product(node)
+        if op in _SHAPE_CHAIN_OPS:
+            return self._reshaped(node, value)
         raise FullGraphNeeded(f"'{name}' is a {op} of constants")
+
+    def _product(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """``Mul`` of two constants: the operand of the output's full shape times the other
+        (a weight times its scale); None (no constant) when neither has the full shape.
+        """
+        if len(node.input) != 2 or not all(node.input):
+            return None
+        operands = [self.constant_value(name) for name in node.input]
+        shapes = [self._declared_shape(name, operand) for name, operand in zip(node.input, operands)]
+        try:
+            out = tuple(np.broadcast_shapes(*shapes))
+        except ValueError:
+            return None
+        for slot, shape in enumerate(shapes):
+            if shape == out:
+                return np.multiply(operands[slot], operands[1 - slot])  # IEEE products commute
+        return None
+
+    def _declared_shape(self, name: str, value: np.ndarray | None) -> tuple[int, ...]:
+        """A constant's shape as ModelGraph sees it: a fully known declared shape, else its value's."""
+        produced = self.producer.get(name)
+        stored = name in self.initializers or (produced is not None and self.nodes[produced[0]].op_type == "Constant")
+        declared = None if stored else self.declared_shapes().get(name)
+        if declared is not None and all(isinstance(d, int) for d in declared):
+            return tuple(int(d) for d in declared)  # type: ignore[arg-type]
+        assert value is not None
+        return tuple(int(d) for d in value.shape)
+
+    def _reshaped(self, node: onnx.NodeProto, value: np.ndarray) -> np.ndarray | None:
+        """Flatten, Reshape, Squeeze, Unsqueeze, Expand of a constant (as ModelGraph computes them)."""
+        op = node.op_type
+        if op == "Flatten":
+            axis = int(node_attribute(node, "axis", 1))
+            axis = axis + value.ndim if axis < 0 else axis
+            return value.reshape(int(np.prod(value.shape[:axis])), -1)
+        axes_value = node_attribute(node, "axes", None)
+        if axes_value is None and len(node.input) > 1 and node.input[1]:
+            axes_value = self.constant_value(node.input[1])
+        if op == "Expand":
+            if axes_value is None:
+                return None
+            target = tuple(int(d) for d in np.asarray(axes_value).reshape(-1))
+            return np.broadcast_to(value, np.broadcast_shapes(value.shape, target)).copy()
+        if op == "Reshape":
+            if axes_value is None:
+                return None
+            shape = [int(d) for d in np.asarray(axes_value).reshape(-1)]
+            if not int(node_attribute(node, "allowzero", 0)):
+                shape = [value.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+            return value.reshape(shape)
+        if op == "Squeeze":
+            if axes_value is None:
+                return np.squeeze(value)
+            return np.squeeze(value, axis=tuple(int(a) for a in np.asarray(axes_value).reshape(-1)))
+        if axes_value is None:  # Unsqueeze
+            return None
+        out_rank = value.ndim + np.asarray(axes_value).size
+        for axis in sorted(int(a) % out_rank for a in np.asarray(axes_value).reshape(-1)):
+            value = np.expand_dims(value, axis)
+        return value
 
     def _dequantized(self, node: onnx.NodeProto, name: str) -> np.ndarray:
         """``(x - zero_point) * scale`` per tensor or per axis, computed as ModelGraph does."""
@@ -457,25 +548,31 @@ class WeightGraph:
         value = self.constant_value(name) if name else None
         return None if value is None else tuple(int(d) for d in value.shape)
 
-    def rank(self, name: str) -> int | None:
-        """A tensor's rank from the graph's declared inputs, outputs and value_info."""
-        if self._ranks is None:
-            best: dict[str, tuple[int, int]] = {}  # name -> (known dims, rank), the best declared
+    def declared_shapes(self) -> dict[str, tuple[int | str | None, ...]]:
+        """Shapes the graph declares (inputs, outputs, value_info; the best known of each name),
+        as ModelGraph collects them without shape inference."""
+        if self._declared is None:
+            self._declared = {}
             for info in (*self.graph.input, *self.graph.output, *self.graph.value_info):
                 if info.name in self.initializers or not info.type.HasField("tensor_type"):
                     continue
                 if info.type.tensor_type.HasField("shape"):
-                    dims = info.type.tensor_type.shape.dim
-                    known = sum(1 for d in dims if d.HasField("dim_value") or d.HasField("dim_param"))
-                    if info.name not in best or known > best[info.name][0]:
-                        best[info.name] = (known, len(dims))
-            self._ranks = {name: rank for name, (_, rank) in best.items()}
-        return self._ranks.get(name)
+                    shape = tuple(_dim(d) for d in info.type.tensor_type.shape.dim)
+                    old = self._declared.get(info.name)
+                    if old is None or _known(shape) > _known(old):
+                        self._declared[info.name] = shape
+        return self._declared
+
+    def rank(self, name: str) -> int | None:
+        """A tensor's rank from the graph's declared shapes."""
+        shape = self.declared_shapes().get(name)
+        return None if shape is None else len(shape)
 
     # -- units, as find_units finds them -----------------------------------------------------
     def units(self) -> dict[int, Unit]:
-        """Every Conv/ConvTranspose/Gemm/MatMul with a constant weight, with its following
-        BatchNorm (bias left unset: the fingerprint does not read it).
+        """Every Conv/ConvTranspose/Gemm/MatMul with a constant weight, with its following BatchNorm.
+
+        The bias is left unset: the fingerprint does not read it.
         """
         units: dict[int, Unit] = {}
         for index, node in enumerate(self.nodes):
@@ -568,9 +665,23 @@ class WeightGraph:
         return gamma / np.sqrt(var + eps)
 
 
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return int(dim.dim_value)
+    if dim.HasField("dim_param") and dim.dim_param:
+        return dim.dim_param
+    return None
+
+
+def _known(shape: tuple[int | str | None, ...]) -> int:
+    return sum(1 for d in shape if isinstance(d, int))
+
+
 def model_producers(model: onnx.ModelProto) -> list[ProducerWeight]:
-    """:func:`producer_weights` of ``model``, read by a :class:`WeightGraph` where it can be
-    (the same answer, without building a ModelGraph), else by a ModelGraph.
+    """:func:`producer_weights` of ``model``, read by a :class:`WeightGraph` where it can be.
+
+    A WeightGraph gives the same answer without building a ModelGraph; other models are read by a
+    ModelGraph.
 
     Args:
         model: a loaded model (external data loaded); not modified.

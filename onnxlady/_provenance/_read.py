@@ -4,18 +4,31 @@ A registry holds anything: truncated downloads, files that are not ONNX, models 
 data went missing. :func:`fingerprint_file` turns each into a :class:`FileFingerprint`, with
 either a fingerprint or a one-line error, so a build lists the bad files and goes on.
 
-Local paths are read by :func:`onnxlady._io._files.load_model` (external data resolved against
-the model's own folder and refused outside it, tensor sizes checked, sha256 computed while the
-file is parsed). A URL (``scheme://...``: ``file://``, ``s3://`` with ``s3fs``, ``gs://`` with
-``gcsfs``, ``memory://``...) is read through ``fsspec`` (the ``scale`` extra): the file's bytes
-are hashed and parsed, and each external tensor is read from ``location`` relative to the
-model's folder URL (absolute locations and ``..`` are refused, as for local files).
+A local file is read once: its bytes (memory-mapped above :data:`MAP_BYTES`, so a large model is
+never held twice) are hashed and parsed from the same buffer; above :data:`HASH_THREAD_BYTES` the
+hash runs in a second thread while protobuf parses (hashlib releases the GIL). The checks of
+:func:`onnxlady._io._files.load_model` that a fingerprint needs are made (a parse failure, no
+graph, no opset import, a regular file); the structural validation of the whole graph is not
+(a fingerprint reads only the producer weights and their neighbours, and any inconsistency there
+ends as this file's error line, see :mod:`onnxlady._provenance._producers`). A model with
+external data is read by :func:`~onnxlady._io._files.load_model` itself: external data resolved
+against the model's own folder and refused outside it, tensor sizes checked.
+
+A URL (``scheme://...``: ``file://``, ``s3://`` with ``s3fs``, ``gs://`` with ``gcsfs``,
+``memory://``...) is read through ``fsspec`` (the ``scale`` extra): the file's bytes are hashed
+and parsed, and each external tensor is read from ``location`` relative to the model's folder
+URL (absolute locations and ``..`` are refused, as for local files).
 """
 
 from __future__ import annotations
 
 import datetime as _datetime
 import hashlib
+import mmap
+import os
+import stat as _stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,9 +45,17 @@ from onnxlady._provenance._fingerprint import (
     search_vector,
 )
 
-__all__ = ["FileFingerprint", "fingerprint_file", "is_url", "list_urls", "load_url", "sha256_url", "stat_url"]
+__all__ = [
+    "FileFingerprint", "fingerprint_file", "is_url", "list_urls", "load_url", "read_local", "sha256_url", "stat_url",
+]
 
 _READ_CHUNK = 1 << 22
+#: Files from this size on are memory-mapped rather than read into a bytes object.
+MAP_BYTES = 1 << 22
+#: Files from this size on are hashed in a second thread while they are parsed.
+HASH_THREAD_BYTES = 1 << 23
+_TENSOR_ATTRIBUTES = (onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS)
+_GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 @dataclass(frozen=True)
@@ -94,20 +115,104 @@ def fingerprint_file(path: str) -> FileFingerprint:
         return _fingerprint_url(path)
     local = Path(path)
     try:
-        stat = local.stat()
-    except OSError as exc:
-        return FileFingerprint(str(local), 0, 0, error=f"{local}: cannot read ({exc.strerror or exc})")
+        info = local.stat()
+    except (OSError, ValueError) as exc:
+        return FileFingerprint(str(local), 0, 0, error=f"{local}: cannot read ({getattr(exc, 'strerror', None) or exc})")
+    if not _stat.S_ISREG(info.st_mode):
+        kind = "a folder" if _stat.S_ISDIR(info.st_mode) else "not a regular file"
+        return FileFingerprint(str(local), info.st_size, info.st_mtime_ns, error=f"{local}: is {kind}, not an ONNX file")
     try:
-        loaded = load_model(local)
-        data_files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in loaded.external_files)
-        fingerprint = fingerprint_model(loaded.model)
+        model, sha256, data_files = read_local(local)
+        fingerprint = fingerprint_model(model)
     except OnnxladyError as exc:
-        return FileFingerprint(str(local), stat.st_size, stat.st_mtime_ns, error=str(exc))
+        return FileFingerprint(str(local), info.st_size, info.st_mtime_ns, error=str(exc))
     except Exception as exc:
         return FileFingerprint(
-            str(local), stat.st_size, stat.st_mtime_ns, error=" ".join(f"{local}: {type(exc).__name__}: {exc}".split())
+            str(local), info.st_size, info.st_mtime_ns, error=" ".join(f"{local}: {type(exc).__name__}: {exc}".split())
         )
-    return _result(str(local), stat.st_size, stat.st_mtime_ns, loaded.sha256, data_files, fingerprint)
+    return _result(str(local), info.st_size, info.st_mtime_ns, sha256, data_files, fingerprint)
+
+
+def read_local(path: Path) -> tuple[onnx.ModelProto, str, tuple[tuple[str, int, int], ...]]:
+    """A local model, its sha256 and its external data files (path, size, mtime).
+
+    The file is read once (see the module docstring).
+
+    Raises:
+        OnnxladyError: the file cannot be read, is not an ONNX model, or its external data is
+            missing or outside its folder.
+    """
+    model = onnx.ModelProto()
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < MAP_BYTES:
+                data = handle.read()
+                sha256 = hashlib.sha256(data).hexdigest()
+                _parse(model, data, path)
+            else:
+                with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    if size >= HASH_THREAD_BYTES:
+                        hashing = _hasher().submit(_sha256_of, mapped)
+                        try:
+                            with memoryview(mapped) as view:
+                                _parse(model, view, path)
+                        finally:
+                            sha256 = hashing.result()
+                    else:
+                        sha256 = hashlib.sha256(mapped).hexdigest()
+                        with memoryview(mapped) as view:
+                            _parse(model, view, path)
+    except OSError as exc:
+        raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if not model.graph.node and not model.graph.output:
+        raise OnnxladyError(f"{path}: not an ONNX model (no graph)")
+    if not model.opset_import:
+        raise OnnxladyError(f"{path}: not an ONNX model (no opset import)")
+    if _uses_external_data(model):
+        loaded = load_model(path)  # external data: resolved, confined and checked by the loader
+        files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in loaded.external_files)
+        return loaded.model, loaded.sha256, files
+    return model, sha256, ()
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of the model lives in an external file (the main graph's tensors
+    checked directly; a model with subgraphs by onnx's walk over every tensor)."""
+    graph = model.graph
+    if any(is_external(tensor) for tensor in graph.initializer):
+        return True
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type in _GRAPH_ATTRIBUTES:
+                return any(is_external(t) for t in onnx.external_data_helper._get_all_tensors(model))
+            if attribute.type in _TENSOR_ATTRIBUTES and any(is_external(t) for t in (attribute.t, *attribute.tensors)):
+                return True
+    return False
+
+
+def _parse(model: onnx.ModelProto, data: bytes | memoryview, path: Path) -> None:
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise OnnxladyError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
+
+
+def _sha256_of(data: mmap.mmap) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_HASHER: tuple[int, ThreadPoolExecutor] | None = None
+_HASHER_LOCK = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """This process's hashing thread (one per process: a forked pool worker starts its own)."""
+    global _HASHER
+    with _HASHER_LOCK:
+        if _HASHER is None or _HASHER[0] != os.getpid():
+            _HASHER = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxlady-sha256"))
+        return _HASHER[1]
 
 
 # -- URLs -------------------------------------------------------------------------------------

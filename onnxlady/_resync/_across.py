@@ -41,115 +41,19 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._io._files import copy_model
-from onnxlady._io._tensors import read_array, tensor_holders
+from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync import _solver as solver
-from onnxlady._resync._match import ModelMatch, Unit, match_analyses
+from onnxlady._resync._match import ModelMatch, Unit, check_same_model, match_analyses
+from onnxlady._resync._sites import Operand, Site, place_operand, read_operand
+from onnxlady._resync._values import Approx, read_constant
+from onnxlady._resync._values import half_ulp as _half_ulp
 from onnxlady._transforms._key import PermutationKey, graph_fingerprint
 from onnxlady._transforms._permute import permute_model
 
-__all__ = ["AcrossResync", "Approx", "read_constant", "resync_across"]
+__all__ = ["AcrossResync", "Approx", "read_constant", "resync_across", "unit_bias", "unit_weight"]
 
-#: Per stored float type (numpy dtype name): significand bits, with the implicit one, and the
-#: smallest subnormal step.
-_FLOAT_FORMATS = {
-    "float16": (11, 2.0**-24),
-    "bfloat16": (8, 2.0**-133),  # ml_dtypes, as onnx reads it
-    "float32": (24, 2.0**-149),
-    "float64": (53, 0.0),
-}
-
-
-#: The exponent bits of a float64: masking the rest leaves 2^floor(log2 |v|) (0 for 0).
-_EXPONENT_BITS = np.int64(0x7FF0000000000000)
-
-
-def _half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
-    """Half a unit in the last place of each of ``values`` (float64) as stored in ``stored``.
-
-    Zeros for exact types: how far the number it was rounded from can be. With
-    ``|v| = 2^k (1 + f)`` it is ``2^(k - bits)``, floored at half the subnormal step; ``2^k``
-    is read off the exponent bits (``frexp`` or ``np.spacing`` cost ten times as much, and
-    ``np.spacing`` in float16 is wrong for negative numbers).
-    """
-    fmt = _FLOAT_FORMATS.get(np.dtype(stored).name)
-    if fmt is None:
-        return np.zeros(values.shape)
-    bits, step = fmt
-    # One new array, then in place: on large weights the page faults of each fresh array cost
-    # more than the arithmetic.
-    half = (np.ascontiguousarray(values, dtype=np.float64).view(np.int64) & _EXPONENT_BITS).view(np.float64)
-    half *= 2.0**-bits
-    return np.maximum(half, step * 0.5, out=half)
-
-
-@dataclass(frozen=True)
-class Approx:
-    """A constant as its user reads it, in float64, with a bound on its storage error."""
-
-    value: np.ndarray
-    error: np.ndarray
-
-    def reshaped(self, shape: tuple[int, ...]) -> Approx:
-        return Approx(self.value.reshape(shape), np.broadcast_to(self.error, self.value.shape).reshape(shape))
-
-
-def _spread(parameter: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
-    """A (De)QuantizeLinear scale broadcast to its data's shape (per tensor, per axis or blocked)."""
-    if parameter.size == 1:
-        return np.broadcast_to(parameter.reshape(()), shape)
-    rank = len(shape)
-    axis = int(node_attribute(node, "axis", 1)) % max(rank, 1)
-    block = int(node_attribute(node, "block_size", 0))
-    if block:
-        return np.repeat(parameter, block, axis=axis).take(range(shape[axis]), axis=axis)
-    view = [1] * rank
-    view[axis] = -1
-    return np.broadcast_to(parameter.reshape(view), shape)
-
-
-def read_constant(graph: ModelGraph, name: str) -> Approx | None:
-    """The constant ``name`` as its user reads it, with the error bound of its storage."""
-    leaf = graph.constant_leaf(name) if name else None
-    if leaf is None:
-        return None
-    tensor = graph.leaf_tensor_or_none(leaf)
-    if tensor is None:
-        return None
-    raw = read_array(tensor, f"tensor '{leaf.name}'")
-    try:  # bfloat16 and float8 arrive as ml_dtypes arrays, which convert like the rest
-        current = raw.astype(np.float64)
-    except (TypeError, ValueError):
-        return None
-    error = _half_ulp(current, raw.dtype)
-    for index in leaf.chain:
-        node = graph.nodes[index]
-        out = graph.constant_value(node.output[0])
-        if out is None:
-            return None
-        out64 = np.asarray(out, dtype=np.float64)
-        op = node.op_type
-        if op == "DequantizeLinear":
-            scale = graph.constant_value(node.input[1])
-            if scale is None:
-                return None
-            # The stored integers are exact; the number they stand for lies within half a step.
-            error = 0.5 * np.abs(_spread(np.asarray(scale, dtype=np.float64), node, out64.shape))
-        elif op == "QuantizeLinear":
-            error = np.zeros(out64.shape)
-        elif op == "Mul":
-            data = graph.chain_data_slot(index)
-            factor = graph.constant_value(node.input[1 - (data or 0)])
-            if factor is None:
-                return None
-            error = np.broadcast_to(error, out64.shape) * np.abs(np.asarray(factor, dtype=np.float64))
-        elif error.size == out64.size:
-            error = np.broadcast_to(error, current.shape).reshape(out64.shape)
-        else:  # Expand: every copy carries its source's error
-            error = np.broadcast_to(error.reshape(current.shape), out64.shape)
-        error = error + _half_ulp(out64, np.asarray(out).dtype)
-        current = out64
-    return Approx(current, np.broadcast_to(error, current.shape))
-
+#: Re-exported: the storage bound of one value (tests and older callers import it from here).
+half_ulp = _half_ulp
 
 # -- units in folded form ---------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -232,51 +136,66 @@ def unit_bias(graph: ModelGraph, unit: Unit, size: int, fold: bool = True) -> Ap
     return Approx(value, error)
 
 
-# -- the roles of the reference's planned tensors --------------------------------------------
-@dataclass(frozen=True)
-class _Role:
-    """What a constant use is, in terms both models share."""
-
-    kind: str  # "weight", "bias", "batchnorm" (a raw BatchNorm parameter of a unit), "site"
-    node: int  # the unit's linear node, or the site node
-    slot: int  # input slot (of the BatchNorm node for "batchnorm")
-
-
-def _roles(graph: ModelGraph, units: dict[int, Unit]) -> dict[tuple[int, int], _Role]:
-    roles: dict[tuple[int, int], _Role] = {}
-    for unit in units.values():
-        roles[(unit.node, unit.weight_slot)] = _Role("weight", unit.node, unit.weight_slot)
-        if unit.bias is not None:
-            roles[unit.bias] = _Role("bias", unit.node, 0)
-        if unit.batchnorm is not None:
-            for slot in range(1, 5):
-                kind = "bias" if slot == 2 and unit.bias is None else "batchnorm"
-                roles[(unit.batchnorm, slot)] = _Role(kind, unit.node, slot)
-    return roles
+# -- the reference's planned tensors in the common form ---------------------------------------
+def _fold_weight(weight: Approx, bn: _BatchNorm) -> Approx:
+    """A canonical weight (neurons on axis 0) with its BatchNorm folded in."""
+    rank = weight.value.ndim
+    scale = _along(bn.scale.value, 0, rank)
+    scale_error = _along(bn.scale.error, 0, rank)
+    folded = weight.value * scale
+    # Plus what a converter folding in float32 may add to its stored product (one rounding).
+    error = weight.error * np.abs(scale) + np.abs(weight.value) * scale_error + _FOLD_ROUNDING * np.abs(folded)
+    return Approx(folded, error)
 
 
-def _role_value(
-    graph: ModelGraph, units: dict[int, Unit], role: _Role, size: int, fold: bool = True
-) -> Approx | None:
-    """The value of ``role`` in one model.
+def _fold_bias(bias: Approx, bn: _BatchNorm) -> Approx:
+    """A bias over neurons with its BatchNorm folded in: ``(b - mean) s + beta``."""
+    centred = bias.value - bn.mean.value
+    product = centred * bn.scale.value
+    value = product + bn.shift.value
+    error = (bias.error + bn.mean.error) * np.abs(bn.scale.value) + np.abs(centred) * bn.scale.error + bn.shift.error
+    # A float32 fold rounds each term; the result may cancel far below them.
+    error = error + _FOLD_ROUNDING * (np.abs(bias.value) + np.abs(bn.mean.value) + np.abs(product) + np.abs(bn.shift.value))
+    return Approx(value, error)
 
-    ``size``: the reference tensor's element count; ``fold``: whether a unit's weight and bias are
-    read with its BatchNorm folded in.
+
+def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool) -> Approx | None:
+    """One operand of a site in canonical layout, in the form both models share.
+
+    With ``fold``, a unit's weight and bias are read with its BatchNorm folded in (and its
+    BatchNorm's own parameters have no counterpart, except its beta standing for a missing
+    bias); without, everything as stored. A unit without a bias reads zeros.
     """
-    if role.kind == "weight":
-        return unit_weight(graph, units[role.node], fold)
-    unit = units.get(role.node)
-    if role.kind == "bias":
-        assert unit is not None
-        if not fold and role.slot == 2 and unit.batchnorm is not None:  # the BatchNorm's beta
-            return read_constant(graph, graph.nodes[unit.batchnorm].input[2])
-        return unit_bias(graph, unit, size, fold)
-    if role.kind == "batchnorm":
-        if unit is None or unit.batchnorm is None:
-            return None
-        return read_constant(graph, graph.nodes[unit.batchnorm].input[role.slot])
-    node = graph.nodes[role.node]
-    return read_constant(graph, node.input[role.slot]) if role.slot < len(node.input) else None
+    weight = site.operand("weight")
+    size = weight.shape[0] if weight is not None else 0
+    bn = _batchnorm(graph, site.batchnorm) if site.batchnorm is not None and fold else None
+    if site.batchnorm is not None and fold and bn is None:
+        return None
+    if role == "weight":
+        assert weight is not None
+        value = read_operand(graph, weight)
+        return _fold_weight(value, bn) if value is not None and bn is not None else value
+    operand = site.operand(role)
+    if role == "bias" and weight is not None:
+        if operand is None:
+            bias: Approx | None = Approx(np.zeros(size), np.zeros(size))
+        else:
+            bias = read_operand(graph, operand)
+        return _fold_bias(bias, bn) if bias is not None and bn is not None else bias
+    if role.startswith("bn"):
+        if bn is not None:  # folded: only beta, standing for a missing bias, has a counterpart
+            return _site_value(graph, site, "bias", fold) if role == "bn2" and site.operand("bias") is None else None
+    return read_operand(graph, operand) if operand is not None else None
+
+
+def _partner_role(site: Site, role: str, fold: bool) -> str:
+    """The role a reference operand's numbers have in a partner of another form.
+
+    A folded BatchNorm's beta standing for a missing bias is compared with the partner's bias.
+    """
+    if fold and role == "bn2" and site.operand("bias") is None:
+        return "bias"
+    return role
 
 
 @dataclass
@@ -288,16 +207,44 @@ class _Pairing:
     dropped: list[str]  # reference tensors with no counterpart (left out of the signatures)
 
 
-def _both_keep_batchnorm(match: ModelMatch, reference_node: int, suspect_node: int) -> bool:
-    """Whether a unit and its partner are both followed by their BatchNorm (nothing to fold)."""
-    mine, theirs = match.reference_units[reference_node], match.suspect_units[suspect_node]
-    return mine.batchnorm is not None and theirs.batchnorm is not None
+def _pair_use(match: ModelMatch, entries: list[tuple[Site, Operand]]) -> tuple[Approx, Approx] | None:
+    """Both models' values of one reference use, or None when a part has no counterpart.
+
+    All its operands, blocks assembled, in the layout the reference's node reads it.
+    """
+    ref, sus = match.reference.graph, match.suspect.graph
+    shape = entries[0][1].read_shape
+    # Reference value and error, suspect value and error, scratch; and what the parts cover.
+    arrays = [np.zeros(shape) for _ in range(5)]
+    covered = np.zeros(shape)
+    for site, operand in entries:
+        partner_key = match.sites.get(site.key)
+        if partner_key is None:
+            return None
+        partner = match.suspect_site(partner_key)
+        fold = not (site.batchnorm is not None and partner.batchnorm is not None)
+        role = _partner_role(site, operand.role, fold)
+        if role.startswith("bn") and partner.batchnorm is None:
+            return None
+        mine = _site_value(ref, site, operand.role, fold)
+        theirs = _site_value(sus, partner, role, fold)
+        if mine is None or theirs is None or mine.value.shape != theirs.value.shape:
+            return None
+        place_operand(operand, mine, arrays[0], arrays[1])
+        place_operand(operand, theirs, arrays[2], arrays[3])
+        place_operand(operand, Approx(np.ones(mine.value.shape), np.zeros(mine.value.shape)), covered, arrays[4])
+    if not covered.all():
+        return None
+    return Approx(arrays[0], arrays[1]), Approx(arrays[2], arrays[3])
 
 
 def _pair_plans(match: ModelMatch) -> _Pairing:
-    ref, sus = match.reference, match.suspect
-    ref_roles = _roles(ref.graph, match.reference_units)
+    ref = match.reference
     holders = tensor_holders(ref.graph.model)
+    by_use: dict[tuple[int, int], list[tuple[Site, Operand]]] = {}
+    for site in match.reference_sites:
+        for operand in site.operands:
+            by_use.setdefault((operand.node, operand.slot), []).append((site, operand))
     references: list[Approx | None] = []
     suspects: list[Approx | None] = []
     dropped: list[str] = []
@@ -305,24 +252,20 @@ def _pair_plans(match: ModelMatch) -> _Pairing:
         shape = tuple(int(d) for d in holders[plan.source].dims)
         size = int(np.prod(shape)) if shape else 1
         found: tuple[Approx, Approx] | None = None
-        for index, slot in plan.uses:
-            if index < 0 or slot < 0:
+        for use in plan.uses:
+            entries = by_use.get(use)
+            if not entries:
                 continue
-            role = ref_roles.get((index, slot), _Role("site", index, slot))
-            partner = match.sites.get(role.node)
-            if partner is None:
+            values = _pair_use(match, entries)
+            if values is None:
                 continue
-            theirs = _Role(role.kind, partner, role.slot)
-            if role.kind != "site" and partner not in match.suspect_units:
+            mine, theirs = values
+            if entries[0][1].nbits:  # dequantized: [N, blocks, bytes, values per byte], B's axes first
+                found = (mine, theirs)
+            elif mine.value.size == size:
+                found = (mine.reshaped(shape), theirs.reshaped(shape))
+            else:
                 continue
-            fold = role.kind == "site" or not _both_keep_batchnorm(match, role.node, partner)
-            mine_value = _role_value(ref.graph, match.reference_units, role, size, fold)
-            their_value = _role_value(sus.graph, match.suspect_units, theirs, size, fold)
-            if mine_value is None or their_value is None:
-                continue
-            if mine_value.value.size != size or their_value.value.size != size:
-                continue
-            found = (mine_value.reshaped(shape), their_value.reshaped(shape))
             break
         if found is None:
             dropped.append(plan.source)
@@ -462,14 +405,8 @@ def resync_across(
     ref_analysis = analyze(reference) if ref_analysis is None else ref_analysis
     sus_analysis = analyze(suspect) if sus_analysis is None else sus_analysis
     match = match_analyses(ref_analysis, sus_analysis)
-    # A converter keeps the computation's skeleton: any divergence means another architecture
-    # (or an unknown rewrite), and resyncing part of it would be a guess.
-    if match.divergences:
-        more = f" (and {len(match.divergences) - 1} more places)" if len(match.divergences) > 1 else ""
-        raise OnnxladyError(
-            f"suspect differs from reference beyond a conversion: {match.divergences[0]}{more}; "
-            "'onnxlady match' shows the pairing"
-        )
+    # A converter keeps every weight: where most do not pair, these are different models.
+    check_same_model(match)
     if not any(pair.permutable for pair in match.groups):
         raise OnnxladyError("suspect and reference structures cannot be matched: no permutable group pairs")
     true_perms = _true_perms(match, true_key)

@@ -1,37 +1,46 @@
 """Pair the channel groups of two models whose graphs are not node-for-node copies.
 
 A suspect has often been through a converter after it was permuted or watermarked: float16
-weights, BatchNorm folded into the preceding Conv, a simplifier that removes Identity nodes and
-renames every tensor, QDQ int8 quantization, an opset upgrade. Names and node counts then
-differ, but the *computation* keeps its skeleton: the same linear layers in the same order with
-weights of the same shapes, the same normalisations and per-channel constants. Matching works on
-that skeleton, never on names:
+weights, BatchNorm folded into the preceding Conv, ONNX Runtime's offline optimizer (MatMul and
+Add fused into Gemm, Conv and Relu into FusedConv, LayerNorm and the residual Add into
+SkipLayerNormalization, shape subgraphs folded and deduplicated, nodes reordered), its
+transformer optimizer (Attention, EmbedLayerNormalization, BiasGelu), onnxslim, int4
+``MatMulNBits``, QDQ int8, an opset upgrade. Names, node counts, operator types and node order
+then differ, but what the weights *compute* does not. Matching works on that, never on names:
 
-1. Each model is reduced to its *sites*: nodes that read a weight. A Conv/ConvTranspose/Gemm/
-   MatMul with a constant weight is a *unit* together with its bias (its own input, or an Add
-   of a constant right after it) and a BatchNormalization right after it (folding merges them
-   into one node, so they must count as one on both sides); other nodes that read a float
-   constant of more than one element (LayerNorm, PRelu, per-channel Mul/Add, unfused
-   BatchNorm, Gather tables...) are sites of their own. Chain nodes that only carry a weight
-   to its user (Identity, Cast, DequantizeLinear, Reshape...) are not sites.
-2. Each site becomes a token -- operator type and the shapes of the constants it reads as it
-   reads them (dequantized, after reshapes) -- and the two token sequences, in topological
-   order, are aligned (:class:`difflib.SequenceMatcher`, longest common blocks). What does
-   not align is reported as a divergence, naming the first operators on each side.
-3. Paired sites pair the groups of their outputs axis by axis (both analyses' channel
-   expressions, atom by atom). A group pairs with exactly one group of the same size, by every
-   vote, or it is unmatched with the reason.
+1. Each model is reduced to its *sites* (:mod:`onnxlady._resync._sites`): every weight as the
+   computation uses it, in a canonical layout shared by the operator families that compute
+   the same thing (MatMul+Add = Gemm = FusedGemm = FusedMatMul = MatMulNBits dequantized = a
+   third of a packed Attention weight; Conv = FusedConv = Conv+BatchNorm folded; a LayerNorm's
+   scale and shift = SkipLayerNorm's = the Mul and Add of a decomposed one). Shape
+   arithmetic and constants computed from constants are no sites, so folding, deduplicating
+   or moving them changes nothing.
+2. **Structure.** Each site is a token (family and canonical shapes); the two token sequences,
+   in topological order, are aligned (:class:`difflib.SequenceMatcher`, longest common blocks).
+3. **Content.** Among sites of the same token, signatures invariant to the permutations being
+   solved (:mod:`onnxlady._resync._invariants`: sorted values, sorted row and column norms)
+   say which weight is which. Where content is decisive (the best candidate at most half as
+   far as the second best) it decides, against the alignment if need be (a converter that
+   reordered three projections of one shape); otherwise the alignment decides, and sites left
+   over by both are paired in order. Every pair says how it was made (``structure``,
+   ``content`` or ``order``), with the content margin (1 - best / second best distance).
+4. Paired sites pair the groups of their operands axis by axis, position by position (both
+   analyses' bindings). A group pairs with exactly one group of the same size, by every vote,
+   or it is unmatched with the reason.
+5. **Confidence**: the smaller of the share of both models' weights (elements) held by paired
+   sites and the share of their sites paired. Below :data:`MATCH_THRESHOLD` the two are
+   *different models*: :func:`check_same_model` refuses, naming the first divergence;
+   ``match``, ``resync`` and ``audit`` all apply it.
 
-Conversions are recognised along the way (storage types of paired weights, BatchNorm present
-on one side only, DequantizeLinear on one side only, opset versions, renamed sites, operators
-removed or added) and reported as findings separate from integrity.
+Conversions are recognised along the way (storage types, BatchNorm folded, quantization,
+operators fused, ONNX Runtime's optimizers, opset, renames, reordering, removed operators) and
+reported as findings separate from integrity.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,11 +48,23 @@ import numpy as np
 import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
-from onnxlady._graph._expr import Expr
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._resync._invariants import distance, signature
+from onnxlady._resync._sites import Operand, Site, find_sites, read_operand, site_operand_axis
 
-__all__ = ["ConversionFinding", "GroupPair", "ModelMatch", "Unit", "UnmatchedGroup", "match_models"]
+__all__ = [
+    "MATCH_THRESHOLD",
+    "ConversionFinding",
+    "GroupPair",
+    "ModelMatch",
+    "SitePair",
+    "Unit",
+    "UnmatchedGroup",
+    "check_same_model",
+    "match_models",
+]
 
 #: Operators that make a unit with their constant weight (and, for the first three, a following
 #: BatchNormalization that folding would merge into them).
@@ -52,6 +73,14 @@ _FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 #: Operators a converter or simplifier adds or removes without changing the computation.
 _PASS_THROUGH_OPS = frozenset({"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
+#: Below this confidence two models are different models, not conversions of one another
+#: (:func:`check_same_model`). The confidence is the smaller of two shares: of both models'
+#: weight elements held by paired sites, and of their sites paired. A converter keeps every
+#: weight (a permuted, converted copy pairs 100 %); two different architectures share a few
+#: layers of common shapes at most.
+MATCH_THRESHOLD = 0.9
+#: Content decides between candidates when the best is at most this share of the second best.
+DECISIVE_RATIO = 0.5
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -61,7 +90,9 @@ class Unit:
 
     ``out_axis`` is the axis of the weight, as the node reads it, that indexes output neurons.
     ``bias`` is the (node, input slot) of the bias as it is stored: the layer's own input, or
-    the constant operand of an Add right after it.
+    the constant operand of an Add right after it. (The fingerprints of
+    :mod:`onnxlady._provenance` read standard layers this way; matching uses
+    :class:`~onnxlady._resync._sites.Site`, which covers the contrib forms too.)
     """
 
     node: int
@@ -73,12 +104,23 @@ class Unit:
 
 @dataclass(frozen=True)
 class GroupPair:
-    """A reference group and the suspect group holding the same neurons."""
+    """A reference group and the suspect group holding the same neurons, and how they were paired.
+
+    ``method``: ``structure`` when every site that paired them was paired by the aligned
+    structure, ``content`` when one was paired on its weights' invariant signatures against
+    (or without) the structure, ``order`` when one was left over by both and paired in order.
+    ``margin``: the smallest content margin of those sites (1 - best / second-best signature
+    distance; ``None`` when no site had a competitor); ``distance``: the largest signature
+    distance of those sites (0 for a permuted copy, the storage error for a conversion).
+    """
 
     reference: str
     suspect: str
     size: int
     permutable: bool  # in both models
+    method: str = "structure"
+    margin: float | None = None
+    distance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,9 +137,22 @@ class UnmatchedGroup:
 class ConversionFinding:
     """A difference of form, not of function: what a converter did and on which side."""
 
-    kind: str  # "float16", "bfloat16", "float64", "batchnorm-folded", "quantized", "opset", "renamed", "simplified"
+    #: "float16", "bfloat16", "float64", "batchnorm-folded", "quantized", "opset", "renamed",
+    #: "simplified", "fused", "reordered", "ort-optimized", "ort-transformer-optimized"
+    kind: str
     model: str  # the side that has the converted form: "reference" or "suspect"
     detail: str
+
+
+@dataclass(frozen=True)
+class SitePair:
+    """Two sites holding the same weights, and how they were paired (see :class:`GroupPair`)."""
+
+    reference: str
+    suspect: str
+    method: str
+    margin: float | None
+    distance: float | None
 
 
 @dataclass
@@ -106,38 +161,81 @@ class ModelMatch:
 
     reference: ChannelAnalysis
     suspect: ChannelAnalysis
-    #: Paired sites: reference node index -> suspect node index (units by their linear node).
-    sites: dict[int, int]
-    reference_units: dict[int, Unit]
-    suspect_units: dict[int, Unit]
+    #: Paired sites: reference site key (node, part) -> suspect site key.
+    sites: dict[tuple[int, int], tuple[int, int]]
+    reference_sites: list[Site]
+    suspect_sites: list[Site]
     groups: list[GroupPair]
     unmatched: list[UnmatchedGroup]
     divergences: list[str]
     conversions: list[ConversionFinding]
     #: Site counts on each side (what the alignment worked on).
     site_counts: tuple[int, int] = (0, 0)
+    #: How much of both models pairs, 0 to 1 (see :data:`MATCH_THRESHOLD`).
+    confidence: float = 0.0
+    site_pairs: list[SitePair] = field(default_factory=list)
     _by_reference: dict[str, GroupPair] = field(default_factory=dict)
+    _reference_by_key: dict[tuple[int, int], Site] = field(default_factory=dict)
+    _suspect_by_key: dict[tuple[int, int], Site] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_reference = {pair.reference: pair for pair in self.groups}
+        self._reference_by_key = {site.key: site for site in self.reference_sites}
+        self._suspect_by_key = {site.key: site for site in self.suspect_sites}
 
     def suspect_group(self, reference_group: str) -> GroupPair | None:
         return self._by_reference.get(reference_group)
 
+    def reference_site(self, key: tuple[int, int]) -> Site:
+        return self._reference_by_key[key]
+
+    def suspect_site(self, key: tuple[int, int]) -> Site:
+        return self._suspect_by_key[key]
+
+    @property
+    def same_model(self) -> bool:
+        """Enough of both models pairs for them to be one model in two forms."""
+        return self.confidence >= MATCH_THRESHOLD
+
     @property
     def complete(self) -> bool:
-        """Every permutable group of either model is paired."""
+        """Every permutable group of either model is paired and every site has its counterpart."""
         return not any(item.reason != "frozen in both models" for item in self.unmatched) and not self.divergences
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "complete": self.complete,
+            "confidence": round(self.confidence, 6),
+            "threshold": MATCH_THRESHOLD,
+            "same_model": self.same_model,
             "sites": {"reference": self.site_counts[0], "suspect": self.site_counts[1], "paired": len(self.sites)},
+            "site_pairs": [asdict(pair) for pair in self.site_pairs],
             "groups": [asdict(pair) for pair in self.groups],
             "unmatched": [asdict(item) for item in self.unmatched],
             "divergences": list(self.divergences),
             "conversions": [asdict(item) for item in self.conversions],
         }
+
+
+def check_same_model(match: ModelMatch) -> None:
+    """Refuse two models whose weights mostly do not pair: they are different models.
+
+    Args:
+        match: a pairing from :func:`match_analyses`.
+
+    Raises:
+        OnnxladyError: the paired share is below :data:`MATCH_THRESHOLD` ("different models",
+            with the share and the first divergence).
+    """
+    if match.same_model:
+        return
+    where = match.divergences[0] if match.divergences else "no weight of either model has a counterpart"
+    more = f" (and {len(match.divergences) - 1} more places)" if len(match.divergences) > 1 else ""
+    raise OnnxladyError(
+        f"different models: {100 * match.confidence:.1f} % of them pair (weights and operators), below the "
+        f"{100 * MATCH_THRESHOLD:.0f} % a conversion keeps; suspect differs from reference beyond a conversion: "
+        f"{where}{more}; 'onnxlady match' shows the pairing"
+    )
 
 
 # -- sites ------------------------------------------------------------------------------------
@@ -262,124 +360,251 @@ def _is_channel_vector(graph: ModelGraph, name: str, node: onnx.NodeProto, slot:
     return aligned[1] == channels and all(d == 1 for axis, d in enumerate(aligned) if axis != 1)
 
 
-def _constant_computed(graph: ModelGraph) -> set[str]:
-    """Tensors computed from constants only (a Gather of a constant table at constant indices).
+# -- pairing sites ----------------------------------------------------------------------------
+@dataclass
+class _Pairing:
+    """Site indices (into each model's site list) paired, and how."""
 
-    A simplifier folds them into stored constants, so they count as constants on both sides.
-    """
-    known = set(graph.initializers) | set(graph.constant_nodes) | set(graph.folded)
-    computed: set[str] = set()
-    for index in graph.order:
-        node = graph.nodes[index]
-        if index in graph.implicit_inputs or not node.input or node.op_type.startswith("Random"):
+    pairs: dict[int, int]
+    how: dict[int, tuple[str, float | None, float | None]]  # reference index -> (method, margin, distance)
+    opcodes: list[tuple[str, int, int, int, int]]
+
+
+class _Signatures:
+    """Content signatures of one model's sites, computed when first asked for."""
+
+    def __init__(self, graph: ModelGraph, sites: list[Site]) -> None:
+        self.graph = graph
+        self.sites = sites
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def __getitem__(self, number: int) -> list[np.ndarray]:
+        if number not in self._cache:
+            parts: list[np.ndarray] = []
+            site = self.sites[number]
+            for operand in site.operands:
+                if operand.role.startswith("bn"):
+                    continue
+                value = read_operand(self.graph, operand)
+                if value is None:
+                    continue
+                parts.extend(signature(_folded_for_signature(self.graph, site, operand, value.value)))
+            self._cache[number] = parts
+        return self._cache[number]
+
+
+def _folded_for_signature(graph: ModelGraph, site: Site, operand: Operand, value: np.ndarray) -> np.ndarray:
+    """A unit's weight and bias with its BatchNorm folded in: a folded copy signs the same."""
+    if site.batchnorm is None or operand.role not in ("weight", "bias"):
+        return value
+    gamma, beta, mean, var = (read_operand(graph, site.operand(f"bn{slot}")) for slot in range(1, 5))  # type: ignore[arg-type]
+    if gamma is None or beta is None or mean is None or var is None:
+        return value
+    eps = float(node_attribute(graph.nodes[site.batchnorm], "epsilon", 1e-5))
+    scale = gamma.value / np.sqrt(var.value + eps)
+    if operand.role == "weight":
+        return value * scale.reshape((-1,) + (1,) * (value.ndim - 1))
+    return (value - mean.value) * scale + beta.value
+
+
+def _pair_sites(
+    reference: ModelGraph, suspect: ModelGraph, ref_sites: list[Site], sus_sites: list[Site]
+) -> _Pairing:
+    """Structure first, content where it is decisive, order for what is left (module docstring)."""
+    ref_tokens, sus_tokens = [site.token for site in ref_sites], [site.token for site in sus_sites]
+    matcher = difflib.SequenceMatcher(None, ref_tokens, sus_tokens, autojunk=False)
+    structural: dict[int, int] = {}
+    for block in matcher.get_matching_blocks():
+        for offset in range(block.size):
+            structural[block.a + offset] = block.b + offset
+    classes: dict[tuple[object, ...], tuple[list[int], list[int]]] = {}
+    for number, token in enumerate(ref_tokens):
+        classes.setdefault(token, ([], []))[0].append(number)
+    for number, token in enumerate(sus_tokens):
+        if token in classes:
+            classes[token][1].append(number)
+    ref_sig, sus_sig = _Signatures(reference, ref_sites), _Signatures(suspect, sus_sites)
+    pairs: dict[int, int] = {}
+    how: dict[int, tuple[str, float | None, float | None]] = {}
+    for rows, cols in classes.values():
+        if not rows or not cols:
             continue
-        if all(not name or name in known or name in computed or graph.is_constant(name) for name in node.input):
-            computed.update(name for name in node.output if name)
-    return computed
-
-
-def _constant_operand_shape(
-    graph: ModelGraph, name: str, computed: set[str], planned: set[str]
-) -> tuple[int, ...] | None:
-    """Shape of a constant operand of more than one element that holds numbers, else None.
-
-    A float, or any constant the analysis permutes (a one-hot's index table), stored or computed.
-    Integer shapes and axes are left out: an opset upgrade moves them between attributes and
-    inputs.
-    """
-    leaf = graph.constant_leaf(name)
-    if _float_constant(graph, name) or (leaf is not None and leaf.name in planned):
-        shape = graph.constant_shape(name)
-    elif name in computed and graph.dtypes.get(name) in _FLOAT_TYPES:
-        found = graph.shape(name)
-        shape = tuple(found) if found is not None and all(isinstance(d, int) for d in found) else None  # type: ignore[arg-type]
-    else:
-        return None
-    return shape if shape is not None and int(np.prod(shape)) > 1 else None
-
-
-def _site_token(
-    graph: ModelGraph, index: int, unit: Unit | None, computed: set[str], planned: set[str]
-) -> tuple[Any, ...] | None:
-    """What must agree for two sites to pair: operator and the shapes of what it reads."""
-    node = graph.nodes[index]
-    if unit is not None:
-        shape = graph.constant_shape(node.input[unit.weight_slot])
-        return ("unit", node.op_type, unit.weight_slot, shape, int(node_attribute(node, "group", 1)))
-    if graph.is_chain_node(index) or (node.output and node.output[0] in computed):
-        return None
-    constants = tuple(
-        (slot, shape)
-        for slot, name in enumerate(node.input)
-        if name and (shape := _constant_operand_shape(graph, name, computed, planned)) is not None
-    )
-    return (node.domain or "", node.op_type, constants) if constants else None
-
-
-def _sites(graph: ModelGraph, units: dict[int, Unit], planned: set[str]) -> list[tuple[int, tuple[Any, ...]]]:
-    """Sites in topological order with their tokens.
-
-    A unit's bias Add and BatchNorm are none. ``planned``: the constants the analysis permutes.
-    """
-    absorbed = {u.batchnorm for u in units.values() if u.batchnorm is not None}
-    absorbed |= {u.bias[0] for u in units.values() if u.bias is not None and u.bias[0] != u.node}
-    computed = _constant_computed(graph)
-    sites = []
-    for index in graph.order:
-        if index in absorbed:
+        if len(rows) == 1 and len(cols) == 1:
+            pairs[rows[0]] = cols[0]
+            d = distance(ref_sig[rows[0]], sus_sig[cols[0]])
+            how[rows[0]] = ("structure", None, d if np.isfinite(d) else None)
             continue
-        token = _site_token(graph, index, units.get(index), computed, planned)
-        if token is not None:
-            sites.append((index, token))
-    return sites
+        _pair_class(rows, cols, structural, ref_sig, sus_sig, pairs, how)
+    return _Pairing(pairs, how, matcher.get_opcodes())
+
+
+def _pair_class(
+    rows: list[int],
+    cols: list[int],
+    structural: dict[int, int],
+    ref_sig: _Signatures,
+    sus_sig: _Signatures,
+    pairs: dict[int, int],
+    how: dict[int, tuple[str, float | None, float | None]],
+) -> None:
+    """Pair the sites of one token: decisive content, then the alignment, then order."""
+    from scipy.optimize import linear_sum_assignment
+
+    table = np.array([[distance(ref_sig[r], sus_sig[s]) for s in cols] for r in rows], dtype=np.float64)
+    table = np.where(np.isfinite(table), table, 4.0)
+    chosen_rows, chosen_cols = linear_sum_assignment(table)
+    content = {int(i): int(j) for i, j in zip(chosen_rows, chosen_cols)}
+    decisive: set[int] = set()
+    for i, j in content.items():
+        others = np.concatenate([np.delete(table[i], j), np.delete(table[:, j], i)])
+        second = float(others.min()) if others.size else float("inf")
+        if second > 1e-9 and table[i, j] <= DECISIVE_RATIO * second:
+            decisive.add(i)
+    position = {s: j for j, s in enumerate(cols)}
+    taken: set[int] = set()
+    decided: dict[int, tuple[int, str]] = {}
+    for i, j in content.items():
+        if i in decisive:
+            method = "structure" if structural.get(rows[i]) == cols[j] else "content"
+            decided[i] = (j, method)
+            taken.add(j)
+    for i, r in enumerate(rows):
+        if i in decided or r not in structural or structural[r] not in position:
+            continue
+        j = position[structural[r]]
+        if j not in taken:
+            decided[i] = (j, "structure")
+            taken.add(j)
+    left_rows = [i for i in range(len(rows)) if i not in decided]
+    left_cols = [j for j in range(len(cols)) if j not in taken]
+    for i, j in zip(left_rows, left_cols):  # both in graph order
+        decided[i] = (j, "order")
+    for i, (j, method) in decided.items():
+        pairs[rows[i]] = cols[j]
+        best = float(table[i, j])
+        # How much closer the chosen counterpart is than any other candidate of either site
+        # (negative: content preferred another, and the structure or the order decided).
+        others = np.concatenate([np.delete(table[i], j), np.delete(table[:, j], i)])
+        second = float(others.min()) if others.size else float("inf")
+        margin = 1.0 - best / second if 0 < second < 4.0 else None
+        how[rows[i]] = (method, margin, best if best < 4.0 else None)
+
+
+# -- connections ------------------------------------------------------------------------------
+#: Site families whose connections are compared: layers and tables (a normalisation's scale
+#: and shift move between fused and unfused forms; layers do not).
+_CONNECTED_FAMILIES = ("dense", "conv", "conv-transpose", "table")
+
+
+def _successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
+    """Pairs (a, b) of layer sites where b is the next layer on some path from a's output.
+
+    What a converter keeps: fusing MatMul and Add, packing Q/K/V into one Attention, folding
+    a BatchNorm or quantizing leave which layer feeds which layer unchanged; two architectures
+    that merely share layer shapes do not.
+    """
+    at_node: dict[int, list[int]] = {}
+    for number, site in enumerate(sites):
+        if site.family in _CONNECTED_FAMILIES:
+            at_node.setdefault(site.node, []).append(number)
+    edges: set[tuple[int, int]] = set()
+    reached_from: dict[int, set[int]] = {}
+    for number, site in enumerate(sites):
+        if site.family not in _CONNECTED_FAMILIES:
+            continue
+        if site.tail not in reached_from:
+            found: set[int] = set()
+            stack = [name for name in graph.nodes[site.tail].output if name]
+            seen: set[str] = set(stack)
+            while stack:
+                for index, _ in graph.consumers.get(stack.pop(), []):
+                    if index < 0:
+                        continue
+                    if index in at_node and index != site.node:
+                        found.update(at_node[index])
+                        continue
+                    for name in graph.nodes[index].output:
+                        if name and name not in seen:
+                            seen.add(name)
+                            stack.append(name)
+            reached_from[site.tail] = found
+        edges.update((number, other) for other in reached_from[site.tail])
+    return edges
+
+
+def _connection_agreement(
+    reference: ModelGraph, suspect: ModelGraph, ref_sites: list[Site], sus_sites: list[Site], pairs: dict[int, int]
+) -> float:
+    """Share of layer-to-layer connections among paired sites that both models have (Jaccard)."""
+    back = {b: a for a, b in pairs.items()}
+    mine = {(a, b) for a, b in _successors(reference, ref_sites) if a in pairs and b in pairs}
+    theirs = {(back[a], back[b]) for a, b in _successors(suspect, sus_sites) if a in back and b in back}
+    union = mine | theirs
+    return len(mine & theirs) / len(union) if union else 1.0
 
 
 # -- groups -----------------------------------------------------------------------------------
-def _output_atoms(analysis: ChannelAnalysis, name: str) -> list[tuple[int, list[tuple[str, int]]]]:
-    """Per tracked axis of a tensor: its groups (id, size) in expression order."""
-    tracked = analysis.state.tracked.get(name, {})
-    found = []
-    for axis in sorted(tracked):
-        expr: Expr = tracked[axis]
-        groups = []
-        for atom in analysis.solver.atoms(expr):
-            group = analysis.group_of_root(atom.id)
-            if group is not None:
-                groups.append((group.id, group.size))
-        found.append((axis, groups))
-    return found
+def _axis_labels(analysis: ChannelAnalysis, operand: Operand, axis: int) -> dict[str, np.ndarray]:
+    """Per group on one canonical axis of an operand: which of its neurons sits at each position."""
+    found = site_operand_axis(analysis.graph, operand, axis)
+    if found is None:
+        return {}
+    leaf_axis, positions = found
+    binding = analysis.state.bindings.get((operand.node, operand.slot, leaf_axis))
+    if binding is None:
+        return {}
+    return {gid: lab[positions] for gid, lab in analysis.neuron_labels(binding.expr).items()}
 
 
 def _vote_groups(
-    reference: ChannelAnalysis, suspect: ChannelAnalysis, sites: dict[int, int]
-) -> tuple[dict[str, Counter[str]], dict[str, Counter[str]]]:
-    """For every group, the groups of the other model seen at the same place of paired sites."""
+    match_sites: list[tuple[Site, Site]], reference: ChannelAnalysis, suspect: ChannelAnalysis
+) -> tuple[dict[str, Counter[str]], dict[str, Counter[str]], dict[tuple[str, str], list[int]]]:
+    """For every group, the groups of the other model at the same positions of paired operands.
+
+    Also which site pairs (by number) voted for each group pair.
+    """
     forward: dict[str, Counter[str]] = {}
     backward: dict[str, Counter[str]] = {}
-    for ref_index, sus_index in sites.items():
-        ref_node, sus_node = reference.graph.nodes[ref_index], suspect.graph.nodes[sus_index]
-        for ref_name, sus_name in zip(ref_node.output, sus_node.output):
-            if not ref_name or not sus_name:
+    voters: dict[tuple[str, str], list[int]] = {}
+    for number, (mine, theirs) in enumerate(match_sites):
+        for operand in mine.operands:
+            other = theirs.operand(operand.role)
+            if other is None or other.shape != operand.shape:
                 continue
-            ref_axes = dict(_output_atoms(reference, ref_name))
-            sus_axes = dict(_output_atoms(suspect, sus_name))
-            for axis in ref_axes.keys() & sus_axes.keys():
-                ref_groups, sus_groups = ref_axes[axis], sus_axes[axis]
-                if len(ref_groups) != len(sus_groups):
+            for axis in range(len(operand.shape)):
+                ref_labels = _axis_labels(reference, operand, axis)
+                if not ref_labels:
                     continue
-                for (a, _), (b, _) in zip(ref_groups, sus_groups):
-                    forward.setdefault(a, Counter())[b] += 1
-                    backward.setdefault(b, Counter())[a] += 1
-    return forward, backward
+                sus_labels = _axis_labels(suspect, other, axis)
+                for a, lab_a in ref_labels.items():
+                    for b, lab_b in sus_labels.items():
+                        if lab_a.shape == lab_b.shape and np.any(lab_a >= 0) and np.array_equal(lab_a, lab_b):
+                            forward.setdefault(a, Counter())[b] += 1
+                            backward.setdefault(b, Counter())[a] += 1
+                            voters.setdefault((a, b), []).append(number)
+    return forward, backward, voters
 
 
 def _pair_groups(
-    reference: ChannelAnalysis, suspect: ChannelAnalysis, sites: dict[int, int]
+    reference: ChannelAnalysis,
+    suspect: ChannelAnalysis,
+    match_sites: list[tuple[Site, Site]],
+    how: list[tuple[str, float | None, float | None]],
 ) -> tuple[list[GroupPair], list[UnmatchedGroup]]:
-    forward, backward = _vote_groups(reference, suspect, sites)
+    forward, backward, voters = _vote_groups(match_sites, reference, suspect)
     pairs: list[GroupPair] = []
     unmatched: list[UnmatchedGroup] = []
     paired_suspect: set[str] = set()
+
+    def made(a: str, bs: list[str]) -> tuple[str, float | None, float | None]:
+        """How the sites behind a pairing were paired (the weakest of them)."""
+        numbers = {n for b in bs for n in voters.get((a, b), [])}
+        methods = {how[n][0] for n in numbers}
+        method = next((m for m in ("order", "content") if m in methods), "structure")
+        margins = [how[n][1] for n in numbers if how[n][1] is not None]
+        distances = [how[n][2] for n in numbers if how[n][2] is not None]
+        return method, (min(margins) if margins else None), (max(distances) if distances else None)  # type: ignore[type-var]
+
     for group in reference.groups:
         seen = forward.get(group.id)
         if not seen:
@@ -393,7 +618,7 @@ def _pair_groups(
             if any(partner.size != group.size for partner in partners):
                 unmatched.append(_unmatched("reference", group, f"suspect groups {ids} have other sizes"))
                 continue
-            pairs.append(GroupPair(group.id, ids, group.size, False))
+            pairs.append(GroupPair(group.id, ids, group.size, False, *made(group.id, sorted(seen))))
             if group.permutable:
                 reasons = "; ".join(str(r) for partner in partners for r in partner.reasons) or "fewer than two neurons"
                 unmatched.append(_unmatched("reference", group, f"frozen in the suspect (as {ids}): {reasons}"))
@@ -415,7 +640,7 @@ def _pair_groups(
             continue
         paired_suspect.add(other_id)
         both = group.permutable and other.permutable
-        pairs.append(GroupPair(group.id, other_id, group.size, both))
+        pairs.append(GroupPair(group.id, other_id, group.size, both, *made(group.id, [other_id])))
         if other.permutable and not group.permutable:
             reasons = "; ".join(str(r) for r in group.reasons) or "fewer than two neurons"
             unmatched.append(_unmatched("suspect", other, f"frozen in the reference (as {group.id}): {reasons}"))
@@ -437,47 +662,54 @@ def _unmatched(model: str, group: Any, reason: str) -> UnmatchedGroup:
 
 
 # -- conversions ------------------------------------------------------------------------------
-_DTYPE_KIND: dict[int, str] = {
+_DTYPE_KIND = {
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.BFLOAT16: "bfloat16",
     onnx.TensorProto.DOUBLE: "float64",
 }
+_LINEAR_FAMILIES = ("dense", "conv", "conv-transpose")
+#: Opset domains only ONNX Runtime's offline optimizer writes into a saved model (it imports
+#: every domain it registers).
+_ORT_DOMAINS = frozenset({"com.microsoft.nchwc", "org.pytorch.aten", "ai.onnx.training"})
 
 
-def _stored_type(graph: ModelGraph, name: str) -> int | None:
-    leaf = graph.constant_leaf(name)
+def _stored_type(graph: ModelGraph, operand: Operand) -> int | None:
+    if operand.nbits:
+        return None
+    leaf = graph.constant_leaf(graph.nodes[operand.node].input[operand.slot])
     tensor = graph.leaf_tensor_or_none(leaf) if leaf is not None else None
     return None if tensor is None else tensor.data_type
 
 
-def _dequantized(graph: ModelGraph, name: str) -> bool:
-    leaf = graph.constant_leaf(name)
-    return leaf is not None and any(graph.nodes[i].op_type == "DequantizeLinear" for i in leaf.chain)
+def _quantized_form(graph: ModelGraph, operand: Operand) -> str | None:
+    if operand.nbits:
+        return f"{int(node_attribute(graph.nodes[operand.node], 'bits', 4))}-bit MatMulNBits"
+    leaf = graph.constant_leaf(graph.nodes[operand.node].input[operand.slot])
+    if leaf is not None and any(graph.nodes[i].op_type == "DequantizeLinear" for i in leaf.chain):
+        return "read through DequantizeLinear"
+    return None
 
 
 def _conversions(
-    reference: ModelGraph,
-    suspect: ModelGraph,
-    ref_units: dict[int, Unit],
-    sus_units: dict[int, Unit],
-    sites: dict[int, int],
+    reference: ModelGraph, suspect: ModelGraph, pairs: list[tuple[Site, Site]], methods: Counter[str]
 ) -> list[ConversionFinding]:
     findings: list[ConversionFinding] = []
     graphs = {"reference": reference, "suspect": suspect}
     # Storage types and quantization of paired weights.
     types: dict[str, Counter[int]] = {"reference": Counter(), "suspect": Counter()}
-    quantized: Counter[str] = Counter()
+    quantized: dict[str, Counter[str]] = {"reference": Counter(), "suspect": Counter()}
     weights = 0
-    for ref_index, sus_index in sites.items():
-        if ref_index not in ref_units or sus_index not in sus_units:
+    for mine, theirs in pairs:
+        if mine.family not in _LINEAR_FAMILIES:
             continue
         weights += 1
-        for side, index, units in (("reference", ref_index, ref_units), ("suspect", sus_index, sus_units)):
-            graph = graphs[side]
-            name = graph.nodes[index].input[units[index].weight_slot]
-            if _dequantized(graph, name):
-                quantized[side] += 1
-            stored = _stored_type(graph, name)
+        for side, site in (("reference", mine), ("suspect", theirs)):
+            weight = site.operand("weight")
+            assert weight is not None
+            form = _quantized_form(graphs[side], weight)
+            if form is not None:
+                quantized[side][form] += 1
+            stored = _stored_type(graphs[side], weight)
             if stored is not None and stored in _FLOAT_TYPES:
                 types[side][stored] += 1
     for side in ("reference", "suspect"):
@@ -489,24 +721,16 @@ def _conversions(
                         _DTYPE_KIND[dtype], side, f"{count} of {weights} paired weights stored as {_DTYPE_KIND[dtype]}"
                     )
                 )
-        if quantized[side] > quantized[other]:
-            findings.append(
-                ConversionFinding(
-                    "quantized",
-                    side,
-                    f"{quantized[side]} of {weights} paired weights quantized (read through DequantizeLinear)",
-                )
-            )
+        if sum(quantized[side].values()) > sum(quantized[other].values()):
+            forms = ", ".join(f"{count} {form}" for form, count in sorted(quantized[side].items()))
+            findings.append(ConversionFinding("quantized", side, f"of {weights} paired weights, quantized: {forms}"))
     # BatchNorm folded on one side.
     folded = {"reference": 0, "suspect": 0}
-    for ref_index, sus_index in sites.items():
-        if ref_index in ref_units and sus_index in sus_units:
-            has_ref = ref_units[ref_index].batchnorm is not None
-            has_sus = sus_units[sus_index].batchnorm is not None
-            if has_ref and not has_sus:
-                folded["suspect"] += 1
-            elif has_sus and not has_ref:
-                folded["reference"] += 1
+    for mine, theirs in pairs:
+        if mine.batchnorm is not None and theirs.batchnorm is None and theirs.family in _LINEAR_FAMILIES:
+            folded["suspect"] += 1
+        elif theirs.batchnorm is not None and mine.batchnorm is None and mine.family in _LINEAR_FAMILIES:
+            folded["reference"] += 1
     for side, count in folded.items():
         if count:
             findings.append(
@@ -514,69 +738,91 @@ def _conversions(
                     "batchnorm-folded", side, f"{count} BatchNormalization folded into the preceding layer's weights"
                 )
             )
+    # Operators fused: the same weights held by other operators.
+    fused: Counter[tuple[str, str]] = Counter()
+    for mine, theirs in pairs:
+        forms = tuple("+".join(op for op in site.ops if op != "BatchNormalization") for site in (mine, theirs))
+        if forms[0] != forms[1]:
+            fused[forms] += 1  # type: ignore[index]
+    if fused:
+        side = "suspect" if len(suspect.nodes) <= len(reference.nodes) else "reference"
+        listing = ", ".join(f"{count} {a} as {b}" for (a, b), count in sorted(fused.items(), key=lambda kv: -kv[1]))
+        findings.append(ConversionFinding("fused", side, f"weights held by other operators (reference as suspect): {listing}"))
+    # The tools that did it, where they sign their output.
+    for side, graph in graphs.items():
+        other = suspect if side == "reference" else reference
+        if _ORT_DOMAINS & set(graph.opsets) and not _ORT_DOMAINS & set(other.opsets):
+            findings.append(
+                ConversionFinding(
+                    "ort-optimized", side, "saved by ONNX Runtime's offline optimizer (optimized_model_filepath)"
+                )
+            )
+        if graph.model.producer_name == "onnxruntime.transformers" and other.model.producer_name != graph.model.producer_name:
+            findings.append(
+                ConversionFinding("ort-transformer-optimized", side, "written by onnxruntime.transformers.optimizer")
+            )
     # Opset.
     ref_opset, sus_opset = reference.opsets.get("", 0), suspect.opsets.get("", 0)
     if ref_opset != sus_opset:
         newer = "suspect" if sus_opset > ref_opset else "reference"
         findings.append(ConversionFinding("opset", newer, f"opset {ref_opset} in the reference, {sus_opset} in the suspect"))
-    # Renamed sites (a unit is named by what it finally writes: folding moves names around).
+    # Renamed sites (a site is named by what it finally writes: folding moves names around).
     renamed = sum(
         1
-        for ref_index, sus_index in sites.items()
-        if _site_outputs(reference, ref_units, ref_index) != _site_outputs(suspect, sus_units, sus_index)
+        for mine, theirs in pairs
+        if list(reference.nodes[mine.tail].output) != list(suspect.nodes[theirs.tail].output)
     )
     if renamed:
-        findings.append(ConversionFinding("renamed", "suspect", f"{renamed} of {len(sites)} paired operators renamed"))
+        findings.append(ConversionFinding("renamed", "suspect", f"{renamed} of {len(pairs)} paired operators renamed"))
+    moved = methods["content"] + methods["order"]
+    if moved:
+        findings.append(
+            ConversionFinding("reordered", "suspect", f"{moved} of {len(pairs)} paired operators in another order")
+        )
     # Operators added or removed that do not compute anything new.
     ref_ops = Counter(node.op_type for node in reference.nodes if node.op_type in _PASS_THROUGH_OPS)
     sus_ops = Counter(node.op_type for node in suspect.nodes if node.op_type in _PASS_THROUGH_OPS)
-    for side, mine, theirs in (("suspect", sus_ops, ref_ops), ("reference", ref_ops, sus_ops)):
-        removed = theirs - mine
+    for side, mine_ops, theirs_ops in (("suspect", sus_ops, ref_ops), ("reference", ref_ops, sus_ops)):
+        removed = theirs_ops - mine_ops
         if removed:
             listing = ", ".join(f"{count} {op}" for op, count in sorted(removed.items()))
             findings.append(ConversionFinding("simplified", side, f"fewer pass-through operators: {listing}"))
     return findings
 
 
-def _site_outputs(graph: ModelGraph, units: dict[int, Unit], index: int) -> list[str]:
-    unit = units.get(index)
-    if unit is not None and unit.batchnorm is not None:
-        index = unit.batchnorm
-    elif unit is not None and unit.bias is not None:
-        index = unit.bias[0]
-    return list(graph.nodes[index].output)
-
-
 # -- entry point ------------------------------------------------------------------------------
-def _describe_site(graph: ModelGraph, index: int, token: tuple[Any, ...] | None = None) -> str:
-    """``Conv 'name'``, with the shapes of the weights it reads when ``token`` is given."""
-    node = graph.nodes[index]
-    text = f"{node.op_type} '{node_label(node, index)}'"
-    if token is None:
+def _describe_site(graph: ModelGraph, site: Site, shapes: bool = True) -> str:
+    """``Conv 'name'``, with the shapes of the weights it reads."""
+    node = graph.nodes[site.node]
+    text = f"{node.op_type} '{node_label(node, site.node)}'"
+    if site.part:
+        text += f" (part {site.part})"
+    if not shapes:
         return text
-    shapes = [token[3]] if token[0] == "unit" else [shape for _, shape in token[2]]
-    return text + " " + " ".join("[" + ",".join(str(d) for d in shape) + "]" for shape in shapes if shape is not None)
+    return text + " " + " ".join("[" + ",".join(str(d) for d in o.shape) + "]" for o in site.operands if not o.role.startswith("bn"))
 
 
 def _divergences(
     reference: ModelGraph,
     suspect: ModelGraph,
-    ref_sites: list[tuple[int, tuple[Any, ...]]],
-    sus_sites: list[tuple[int, tuple[Any, ...]]],
-    opcodes: Sequence[tuple[str, int, int, int, int]],
+    ref_sites: list[Site],
+    sus_sites: list[Site],
+    pairing: _Pairing,
 ) -> list[str]:
+    """Where sites stayed without counterpart, by the alignment's unequal stretches."""
     found = []
-    for tag, a0, a1, b0, b1 in opcodes:
+    paired_suspect = set(pairing.pairs.values())
+    for tag, a0, a1, b0, b1 in pairing.opcodes:
         if tag == "equal":
             continue
-        ref_part = [_describe_site(reference, *ref_sites[i]) for i in range(a0, a1)]
-        sus_part = [_describe_site(suspect, *sus_sites[i]) for i in range(b0, b1)]
+        ref_part = [_describe_site(reference, ref_sites[i]) for i in range(a0, a1) if i not in pairing.pairs]
+        sus_part = [_describe_site(suspect, sus_sites[i]) for i in range(b0, b1) if i not in paired_suspect]
+        if not ref_part and not sus_part:
+            continue
         where = (
-            f"after {_describe_site(reference, ref_sites[a0 - 1][0])} of the reference" if a0 > 0 else "at the start"
+            f"after {_describe_site(reference, ref_sites[a0 - 1], shapes=False)} of the reference" if a0 > 0 else "at the start"
         )
-        found.append(
-            f"{where}: reference has {_listing(ref_part)}, suspect has {_listing(sus_part)}"
-        )
+        found.append(f"{where}: reference has {_listing(ref_part)}, suspect has {_listing(sus_part)}")
     return found
 
 
@@ -588,32 +834,50 @@ def _listing(items: list[str]) -> str:
 
 
 def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> ModelMatch:
-    """Pair the sites and groups of two analysed models (see the module docstring)."""
+    """Pair the sites and groups of two analysed models (see the module docstring).
+
+    Args:
+        reference: the reference's analysis.
+        suspect: the suspect's.
+
+    Returns:
+        The pairing, with its confidence; it does not refuse (see :func:`check_same_model`).
+    """
     ref_graph, sus_graph = reference.graph, suspect.graph
-    ref_units, sus_units = find_units(ref_graph), find_units(sus_graph)
-    ref_sites = _sites(ref_graph, ref_units, {plan.source for plan in reference.tensors})
-    sus_sites = _sites(sus_graph, sus_units, {plan.source for plan in suspect.tensors})
-    matcher = difflib.SequenceMatcher(
-        None, [token for _, token in ref_sites], [token for _, token in sus_sites], autojunk=False
-    )
-    sites: dict[int, int] = {}
-    for block in matcher.get_matching_blocks():
-        for offset in range(block.size):
-            sites[ref_sites[block.a + offset][0]] = sus_sites[block.b + offset][0]
-    divergences = _divergences(ref_graph, sus_graph, ref_sites, sus_sites, matcher.get_opcodes())
-    groups, unmatched = _pair_groups(reference, suspect, sites)
-    conversions = _conversions(ref_graph, sus_graph, ref_units, sus_units, sites)
+    ref_sites = find_sites(ref_graph, {plan.source for plan in reference.tensors})
+    sus_sites = find_sites(sus_graph, {plan.source for plan in suspect.tensors})
+    pairing = _pair_sites(ref_graph, sus_graph, ref_sites, sus_sites)
+    ordered = sorted(pairing.pairs.items())
+    pairs = [(ref_sites[a], sus_sites[b]) for a, b in ordered]
+    how = [pairing.how[a] for a, _ in ordered]
+    groups, unmatched = _pair_groups(reference, suspect, pairs, how)
+    methods = Counter(method for method, _, _ in how)
+    conversions = _conversions(ref_graph, sus_graph, pairs, methods)
+    total = sum(site.size for site in ref_sites) + sum(site.size for site in sus_sites)
+    held = sum(mine.size + theirs.size for mine, theirs in pairs)
+    # The smallest of three shares: of weights, of sites (a narrower first layer holds few
+    # weights but is a different model all the same) and of layer-to-layer connections (two
+    # encoders of one width pair every layer, but not how the layers connect).
+    sites = len(ref_sites) + len(sus_sites)
+    connections = _connection_agreement(ref_graph, sus_graph, ref_sites, sus_sites, pairing.pairs)
+    confidence = min(held / total if total else 0.0, 2 * len(pairs) / sites if sites else 0.0, connections)
+    site_pairs = [
+        SitePair(_describe_site(ref_graph, mine, False), _describe_site(sus_graph, theirs, False), *made)
+        for (mine, theirs), made in zip(pairs, how)
+    ]
     return ModelMatch(
         reference,
         suspect,
-        sites,
-        ref_units,
-        sus_units,
+        {mine.key: theirs.key for mine, theirs in pairs},
+        ref_sites,
+        sus_sites,
         groups,
         unmatched,
-        divergences,
+        _divergences(ref_graph, sus_graph, ref_sites, sus_sites, pairing),
         conversions,
         (len(ref_sites), len(sus_sites)),
+        confidence,
+        site_pairs,
     )
 
 

@@ -183,14 +183,15 @@ def read_operand(graph: ModelGraph, operand: Operand) -> Approx | None:
     if operand.axes is not None:
         part = part.transposed(operand.axes)
     part = part.reshaped(operand.shape)
-    return part.scaled(operand.factor) if operand.factor != 1.0 else part
+    return part.scaled(operand.factor) if operand.factor != 1.0 else part  # ruff: ignore[float-equality-comparison] - exactly 1: no scaling to do
 
 
 def place_operand(operand: Operand, canonical: Approx, value: np.ndarray, error: np.ndarray) -> None:
-    """Write a canonical value into ``value``/``error`` (shaped ``operand.read_shape``) where the
-    operand is stored: the inverse of :func:`read_operand`.
+    """Write a canonical value into ``value``/``error`` where the operand is stored.
+
+    ``value``/``error`` are shaped ``operand.read_shape``: the inverse of :func:`read_operand`.
     """
-    part = canonical.scaled(1.0 / operand.factor) if operand.factor != 1.0 else canonical
+    part = canonical.scaled(1.0 / operand.factor) if operand.factor != 1.0 else canonical  # ruff: ignore[float-equality-comparison] - exactly 1: no scaling to undo
     if operand.nbits:
         n, blocks, width, per_byte = operand.read_shape
         padded_value = np.zeros((n, blocks * width * per_byte))
@@ -245,8 +246,9 @@ def _shape(graph: ModelGraph, name: str) -> tuple[int, ...] | None:
 
 
 def _single_consumer(graph: ModelGraph, name: str, accept: tuple[str, ...]) -> tuple[int, int] | None:
-    """The only reader of ``name`` (through Casts) if its operator is one of ``accept``, with
-    nothing on the way a graph output.
+    """The only reader of ``name`` (through Casts) if its operator is one of ``accept``.
+
+    None when anything on the way is a graph output.
     """
     while True:
         readers = graph.consumers.get(name, [])
@@ -400,8 +402,10 @@ class _Unit:
 
 
 def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int, int]]]:
-    """Every linear layer with its bias and BatchNorm; the nodes absorbed into them (bias Adds,
-    BatchNorms) and the bias inputs of fused operators they claimed.
+    """Every linear layer with its bias and BatchNorm.
+
+    Also the nodes absorbed into them (bias Adds, BatchNorms) and the bias inputs of fused operators
+    they claimed.
     """
     units: dict[int, _Unit] = {}
     absorbed: set[int] = set()
@@ -421,10 +425,9 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                 host_node = graph.nodes[host]
                 key = (host_node.domain or "", host_node.op_type)
                 if host_node.op_type == "Add" and key[0] in _STANDARD and slot in (0, 1):
-                    if _is_bias_add(graph, host_node, slot, linear, graph.rank(tail)):
-                        unit.bias = _vector_operand(graph, host, 1 - slot, size, "bias") or Operand(
-                            "bias", host, 1 - slot, _shape(graph, host_node.input[1 - slot]) or (size,), (size,)
-                        )
+                    operand = _vector_operand(graph, host, 1 - slot, size, "bias")
+                    if operand is not None and _is_bias_add(graph, host_node, slot, linear, graph.rank(tail)):
+                        unit.bias = operand
                         unit.ops.append("Add")
                         unit.tail = host
                         absorbed.add(host)
@@ -446,13 +449,11 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
             foldable = node.op_type != "Gemm" or graph.rank(node.output[0]) == 2
             reader = _single_consumer(graph, tail, ("BatchNormalization",)) if foldable else None
             if reader is not None and reader[1] == 0:
-                bn = graph.nodes[reader[0]]
                 if all(_vector_operand(graph, reader[0], slot, size, "bn") is not None for slot in range(1, 5)):
                     unit.batchnorm = reader[0]
                     unit.ops.append("BatchNormalization")
                     unit.tail = reader[0]
                     absorbed.add(reader[0])
-                    del bn
         units[index] = unit
     return units, absorbed, claimed
 
@@ -526,8 +527,9 @@ def _vector_site(graph: ModelGraph, index: int, slot: int, role: str, part: int,
 
 # -- sites ------------------------------------------------------------------------------------
 def constant_computed(graph: ModelGraph) -> set[str]:
-    """Tensors computed from constants only (a Gather of a constant table at constant indices):
-    a simplifier folds them into stored constants, so they count as constants on both sides.
+    """Tensors computed from constants only (a Gather of a constant table at constant indices).
+
+    A simplifier folds them into stored constants, so they count as constants on both sides.
     """
     known = set(graph.initializers) | set(graph.constant_nodes) | set(graph.folded)
     computed: set[str] = set()
@@ -540,13 +542,15 @@ def constant_computed(graph: ModelGraph) -> set[str]:
     return computed
 
 
-def _generic_site(graph: ModelGraph, index: int, computed: set[str], planned: set[str]) -> list[Site]:
+def _generic_site(
+    graph: ModelGraph, index: int, computed: set[str], planned: set[str], claimed: set[tuple[int, int]]
+) -> list[Site]:
     """Any other node reading numbers: its operator and the shapes of the constants it reads."""
     node = graph.nodes[index]
-    operands = []
-    shapes = []
+    operands: list[Operand] = []
+    shapes: list[tuple[int, tuple[int, ...]]] = []
     for slot, name in enumerate(node.input):
-        if not name:
+        if not name or (index, slot) in claimed:  # a layer's bias held here belongs to that layer
             continue
         leaf = graph.constant_leaf(name)
         shape: tuple[int, ...] | None = None
@@ -621,13 +625,12 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
                 found = [Site(index, 0, "table", ("table", shape), (Operand("table", index, 0, shape, shape),),
                               (node.op_type,), index)]  # fmt: skip
             else:
-                found = _generic_site(graph, index, computed, planned)
+                found = _generic_site(graph, index, computed, planned, claimed)
         else:
             channel = _channel_op_site(graph, index)
-            found = channel if channel is not None else _generic_site(graph, index, computed, planned)
-        if key in _BIAS_HOSTS and key not in _NORMS:
+            found = channel if channel is not None else _generic_site(graph, index, computed, planned, claimed)
+        if key in _BIAS_HOSTS and key not in _NORMS:  # a bias no layer claimed is a shift of its own
             bias_slot = _BIAS_HOSTS[key][1]
-            if (index, bias_slot) in claimed:
-                found = []
+            found = [] if (index, bias_slot) in claimed else _vector_site(graph, index, bias_slot, "shift", 0)
         sites.extend(found)
     return sites

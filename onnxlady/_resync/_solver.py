@@ -58,6 +58,7 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._progress import advance
 from onnxlady._transforms._key import PermutationKey
 
 __all__ = [
@@ -625,9 +626,10 @@ class ResyncState:
         self.match = {g.id: np.arange(g.size, dtype=np.int64) for g in self.order}
         solved: set[str] = set()
         for number, gid in enumerate(ids):
-            say(progress, f"resync: matching group {gid} ({number + 1}/{len(ids)})")
+            advance(progress, "resync: matching groups", number, len(ids))
             self.solve(gid, frozenset(solved), aligned=False)
             solved.add(gid)
+        advance(progress, "resync: matching groups", len(ids), len(ids))
         rounds = 0
         everything = frozenset(ids)
         while self.options.refine and ids and rounds < MAX_REFINE_ROUNDS:

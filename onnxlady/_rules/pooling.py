@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxlady._graph._expr import direct_sum
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 
@@ -70,7 +71,8 @@ class ResizeRule(OpRule):
 
 @register
 class PadRule(OpRule):
-    """Pad: an axis padded by zero on both ends passes through; padding a channel axis freezes."""
+    """Pad: an axis not padded passes through; a permuted axis padded with a constant keeps the
+    padded positions in place around it (a block sum); edge, reflect and wrap padding freeze it."""
 
     op_types = ("Pad",)
 
@@ -84,11 +86,21 @@ class PadRule(OpRule):
         count = len(padded_axes)
         if ctx.input(2) and ctx.tracked(2):
             raise RuleDoesNotApply("blocking", "the pad value carries channels")
+        mode = ctx.attr("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
         for axis, expr in ctx.tracked(0).items():
             ctx.take(0, axis)
             if axis in padded_axes:
                 k = padded_axes.index(axis)
-                if int(pads[k]) != 0 or int(pads[k + count]) != 0:
-                    ctx.freeze(expr, "blocking", f"Pad adds positions on permuted axis {axis}")
+                before, after = int(pads[k]), int(pads[k + count])
+                if before == 0 and after == 0:
+                    pass
+                elif mode == "constant" and before >= 0 and after >= 0:
+                    # The padded positions hold one value whatever the order of the others:
+                    # they stay in place around the permuted ones (EfficientViT pads V with 1s).
+                    padding = "positions padded with a constant"
+                    expr = direct_sum([ctx.fixed(before, padding), expr, ctx.fixed(after, padding)])
+                else:
+                    ctx.freeze(expr, "blocking", f"Pad ({mode}, {before} and {after}) adds positions on permuted axis {axis}")
                     continue
             ctx.emit(0, axis, expr)

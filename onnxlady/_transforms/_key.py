@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._graph._expr import Atom, DirectSum, Expr, Fixed, Interleave
+from onnxlady._graph._expr import Atom, DirectSum, Expr, Fixed, Interleave, Transposed
 from onnxlady._io._inputs import load_json
 from onnxlady._io._tensors import tensor_holders
 
@@ -50,9 +50,20 @@ class PermutationKey:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def permutations(self) -> dict[str, np.ndarray]:
+        """The permutation of every group that records one.
+
+        Returns:
+            Group id -> int64 array ``perm`` (new position ``i`` holds old neuron ``perm[i]``).
+        """
         return {g["id"]: np.asarray(g["perm"], dtype=np.int64) for g in self.groups if "perm" in g}
 
     def to_json(self) -> dict[str, Any]:
+        """The key as the JSON document a key file holds (read back by :meth:`from_json`).
+
+        Returns:
+            A dict of plain values: format and version, the source and permuted models' hashes,
+            the seed, the groups with their permutations, the permuted tensors and the untied copies.
+        """
         return {
             "format": KEY_FORMAT,
             "version": KEY_VERSION,
@@ -151,7 +162,7 @@ MAX_KEY_RANK = 64
 #: Deepest index-map expression accepted (real ones nest a handful of levels).
 MAX_TREE_DEPTH = 32
 _HEX = frozenset("0123456789abcdef")
-_TREE_KINDS = ("group", "identity", "sum", "product", "interleave")
+_TREE_KINDS = ("group", "identity", "sum", "product", "interleave", "transposed")
 
 
 def _first_repeat(values: list[str]) -> str:
@@ -263,6 +274,13 @@ class _Schema:
                 raise OnnxladyError(f"{self.origin}: malformed index map {_shown(tree)}")
             for part in value:
                 self.tree(part, known, depth + 1)
+        elif kind == "transposed":
+            # A channel shuffle's index map: {"rows": R, "cols": C, "of": tree of R * C positions}.
+            if not isinstance(value, Mapping) or set(value) != {"rows", "cols", "of"}:
+                raise OnnxladyError(f"{self.origin}: malformed index map {_shown(tree)}")
+            self.integer(value["rows"], "a transposed map's rows", 1)
+            self.integer(value["cols"], "a transposed map's columns", 1)
+            self.tree(value["of"], known, depth + 1)
         else:
             raise OnnxladyError(f"{self.origin}: malformed index map {_shown(tree)}")
 
@@ -359,16 +377,25 @@ class _TooLong(Exception):  # ruff: ignore[error-suffix-on-exception-name] - a s
 def _fitted_size(tree: ExprTree, sizes: Mapping[str, int], limit: int) -> int:
     """The size of an index map, checking that no part of it exceeds ``limit``."""
     if "group" in tree:
+        if tree["group"] not in sizes:
+            raise OnnxladyError(f"index map names group {tree['group']!r} that the key does not hold")
         size = sizes[tree["group"]]
     elif "identity" in tree:
         size = int(tree["identity"])
+        if size < 0:
+            raise _TooLong
     elif "sum" in tree or "interleave" in tree:
-        parts = [_fitted_size(part, sizes, limit) for part in tree.get("sum", tree.get("interleave", []))]
+        parts = [_fitted_size(part, sizes, limit) for part in (tree["sum"] if "sum" in tree else tree["interleave"])]
         size = sum(parts)
         if "interleave" in tree:
             stride = len(parts)
             if parts != [max(0, -(-(size - j) // stride)) for j in range(stride)]:
                 raise _TooLong
+    elif "transposed" in tree:
+        spec = tree["transposed"]
+        size = _fitted_size(spec["of"], sizes, limit)
+        if size != int(spec["rows"]) * int(spec["cols"]):
+            raise _TooLong
     else:
         outer, inner = tree["product"]
         size = _fitted_size(outer, sizes, limit) * _fitted_size(inner, sizes, limit)
@@ -388,6 +415,8 @@ def expr_to_tree(expr: Expr, group_ids: Mapping[int, str], find: Any) -> ExprTre
         return {"sum": [expr_to_tree(part, group_ids, find) for part in expr.parts]}
     if isinstance(expr, Interleave):
         return {"interleave": [expr_to_tree(part, group_ids, find) for part in expr.parts]}
+    if isinstance(expr, Transposed):
+        return {"transposed": {"rows": expr.rows, "cols": expr.cols, "of": expr_to_tree(expr.inner, group_ids, find)}}
     return {"product": [expr_to_tree(expr.outer, group_ids, find), expr_to_tree(expr.inner, group_ids, find)]}
 
 
@@ -400,6 +429,8 @@ def tree_size(tree: ExprTree, sizes: Mapping[str, int]) -> int:
         return sum(tree_size(part, sizes) for part in tree["sum"])
     if "interleave" in tree:
         return sum(tree_size(part, sizes) for part in tree["interleave"])
+    if "transposed" in tree:
+        return tree_size(tree["transposed"]["of"], sizes)
     outer, inner = tree["product"]
     return tree_size(outer, sizes) * tree_size(inner, sizes)
 
@@ -431,6 +462,16 @@ def evaluate_tree(tree: ExprTree, perms: Mapping[str, np.ndarray], sizes: Mappin
         for residue, part in enumerate(parts):
             result[residue::stride] = part * stride + residue
         return result
+    if "transposed" in tree:
+        # Position i * cols + j is position j * rows + i of the inner map (a channel shuffle).
+        spec = tree["transposed"]
+        rows, cols = int(spec["rows"]), int(spec["cols"])
+        inner_index = evaluate_tree(spec["of"], perms, sizes)
+        if inner_index.size != rows * cols:
+            raise OnnxladyError(f"a transposed map of {rows} x {cols} holds {inner_index.size} positions")
+        forward = (np.arange(cols, dtype=np.int64)[None, :] * rows + np.arange(rows, dtype=np.int64)[:, None]).reshape(-1)
+        back = (np.arange(rows, dtype=np.int64)[None, :] * cols + np.arange(cols, dtype=np.int64)[:, None]).reshape(-1)
+        return back[inner_index[forward]]
     outer = evaluate_tree(tree["product"][0], perms, sizes)
     inner = evaluate_tree(tree["product"][1], perms, sizes)
     return (outer[:, None] * inner.size + inner[None, :]).reshape(-1)

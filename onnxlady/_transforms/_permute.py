@@ -19,9 +19,17 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._progress import advance
 from onnxlady._io._tensors import require_loaded
 from onnxlady._io._tensors import tensor_holders as _tensor_holders  # the name callers of this module still import
-from onnxlady._transforms._key import PermutationKey, evaluate_tree, expr_to_tree, graph_fingerprint, tree_size
+from onnxlady._transforms._key import (
+    PermutationKey,
+    check_key_fits,
+    evaluate_tree,
+    expr_to_tree,
+    graph_fingerprint,
+    tree_size,
+)
 
 #: Typed storage fields of TensorProto, by data type, for tensors not stored as raw bytes.
 _TYPED_FIELDS: dict[int, tuple[str, type]] = {
@@ -176,8 +184,7 @@ def permute_model(
     file_order = {name: position for position, name in enumerate(holders)}
     tensors: list[dict[str, object]] = []
     for number, plan in enumerate(analysis.tensors):
-        if progress is not None and number % 50 == 0:
-            progress(f"permuting tensor {number + 1}/{len(analysis.tensors)}")
+        advance(progress, "permuting tensors", number, len(analysis.tensors))
         tensor = holders[plan.tensor]
         axes = [(axis, analysis.index_array(expr, perms)) for axis, expr in plan.axes]
         first = digest.expect(plan.source)
@@ -287,6 +294,7 @@ def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
         if graph_fingerprint(model) == key.source_fingerprint and key.untied:
             raise OnnxladyError("this model has the source's graph, not the permuted one: the key does not apply")
         raise OnnxladyError("the key was made for a different model (graph fingerprints differ)")
+    check_key_fits(key, model)  # every size and name, before any tensor is touched
     holders = _tensor_holders(model)
     perms = key.permutations()
     sizes = {g["id"]: int(g["size"]) for g in key.groups}

@@ -60,6 +60,7 @@ import onnx
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._io._progress import advance
 from onnxlady._io._tensors import all_finite, read_array
 
 #: Operators whose weight operand (input 1) is perturbed.
@@ -75,7 +76,6 @@ _FLOAT_TYPES: dict[int, str] = {
     onnx.TensorProto.BFLOAT16: "bfloat16",
 }
 _GROUP_ID = re.compile(r"g\d+")
-_PROGRESS_EVERY = 50
 
 Detail = dict[str, float | int | bool | None]
 
@@ -311,8 +311,7 @@ def perturb_model(
         steps.append(("noise", functools.partial(_add_noise, omega=noise, rng=rng)))
     changes: list[TensorChange] = []
     for number, (holder, value) in enumerate(zip(holders, values)):
-        if progress is not None and number % _PROGRESS_EVERY == 0:
-            progress(f"perturbing tensor {number + 1}/{len(holders)}")
+        advance(progress, "perturbing tensors", number, len(holders))
         if value.size == 0:  # nothing to perturb, and min/max/std are undefined
             continue
         current = value

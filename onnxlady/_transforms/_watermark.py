@@ -62,6 +62,7 @@ class WatermarkKey:
 
     @property
     def length(self) -> int:
+        """The number of watermark bits."""
         return int(self.bits.size)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._progress import advance
 from onnxlady._verify._evidence import EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, find_squashes, judge, match_squashes
 from onnxlady._verify._feed_stream import FeedStream, reference_failure
 from onnxlady._verify._feeds import load_input_file, script_feeds
@@ -275,7 +276,9 @@ def verify_models(
                     f"output {accumulator.name!r} is {b.dtype} in {ref_name} but {a.dtype} in {cand_name}"
                 )
             accumulator.add(a, b, atol, rtol)
-        if progress is not None:
+        if progress is not None and feeds.given_by is None and callable(getattr(progress, "update", None)):
+            advance(progress, "verify: comparing outputs", count, iterations)  # a bar: the count is known
+        elif progress is not None:
             mismatched = sum(pair[0].mismatched for pair in fetch.pairs)
             total = f"/{iterations}" if feeds.given_by is None else ""
             progress(f"iteration {count}{total}: {mismatched} mismatched element(s) so far")

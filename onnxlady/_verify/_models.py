@@ -1,7 +1,8 @@
 """The models verify compares: loading their graphs, describing and checking their interfaces.
 
-Only the graph structure is read here (``load_external_data=False``): the weights stay on disk
-until ONNX Runtime opens the model. The small graph index (:class:`GraphIndex`) answers the
+Only the graph structure is read here (:func:`onnxlady._io._skim.read_graph`: neither external
+weights nor the large tensors stored inside the file are read): the weights stay on disk until
+ONNX Runtime opens the model. The small graph index (:class:`GraphIndex`) answers the
 questions the input rules and the output checks ask: who produces and who consumes a tensor,
 which tensors are constants, and what a small constant holds.
 """
@@ -19,6 +20,7 @@ from onnx import TensorProto, numpy_helper
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
+from onnxlady._io._skim import read_graph
 from onnxlady._io._tensors import is_external
 
 ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
@@ -49,7 +51,10 @@ def describe(model: ModelLike, fallback: str) -> str:
 
 
 def load_graph(model: ModelLike, name: str) -> onnx.ModelProto:
-    """The model's protobuf without its external weights (only the graph structure is needed).
+    """The model's protobuf without its weights (only the graph structure and small constants are needed).
+
+    A file's large tensors come without their data (see :func:`onnxlady._io._skim.read_graph`):
+    verify reads only the values of small constants, and ONNX Runtime reads the file itself.
 
     Raises:
         OnnxladyError: ``model`` is neither a path to a readable ONNX file nor a ModelProto.
@@ -62,8 +67,8 @@ def load_graph(model: ModelLike, name: str) -> onnx.ModelProto:
     if not path.is_file():
         raise OnnxladyError(f"{name}: no such file")
     try:
-        loaded = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError, OSError, ...: the file is not an ONNX model
+        loaded = read_graph(path).model
+    except Exception as exc:  # DecodeError, OSError, ValueError...: the file is not an ONNX model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise OnnxladyError(f"{name} is not a readable ONNX model: {first}") from exc
     if not loaded.HasField("graph"):

@@ -23,6 +23,7 @@ from onnx import TensorProto
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import copy_model
+from onnxlady._io._skim import with_graph_outputs
 from onnxlady._io._tensors import is_external
 from onnxlady._verify._models import ModelLike, describe
 
@@ -194,11 +195,12 @@ def _model_source(model: ModelLike, name: str, extra_outputs: Sequence[str] = ()
     if not extra_outputs:
         return str(path), None
     try:
-        graph = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # reported as bad input
-        raise OnnxladyError(f"{name} is not a readable ONNX model: {first_line(exc)}") from exc
-    # Only the graph is re-serialized; the weights stay where they are, found through the folder.
-    return _serialize(_with_outputs(graph, extra_outputs), name), str(path.resolve().parent)
+        stored = path.read_bytes()
+    except OSError as exc:  # reported as bad input
+        raise OnnxladyError(f"{name} cannot be read: {first_line(exc)}") from exc
+    # The file's bytes with the outputs appended (protobuf merges them in): nothing is parsed or
+    # re-serialized; external weights stay where they are, found through the folder.
+    return with_graph_outputs(stored, list(extra_outputs)), str(path.resolve().parent)
 
 
 def _new_session(source: str | bytes, providers: list[Any], name: str, external_folder: str | None) -> Any:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._verify._models import GraphIndex, declared_dims, dim_symbols, fed_inputs, op_set
 
 #: Default for an unknown (symbolic) dimension other than the first one.
