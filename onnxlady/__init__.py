@@ -17,7 +17,10 @@ whose ``to_json()`` is the document ``onnxlady COMMAND --json`` prints.
   (:class:`AuditResult`);
 - :func:`embed_watermark` / :func:`extract_watermark` — a white-box mark in one Conv layer
   (:class:`WatermarkResult`, :class:`WatermarkExtraction`);
-- :func:`demo` — all of it on a small model onnxlady builds (:class:`DemoResult`).
+- :func:`demo` — all of it on a small model onnxlady builds (:class:`DemoResult`);
+- :func:`build_index` / :func:`find` / :func:`find_all_pairs` — provenance at registry scale:
+  fingerprint a registry into one index file, rank its models against a suspect, list every
+  cluster of related models (:class:`IndexResult`, :class:`FindResult`, :class:`ClusterResult`).
 
 Every model argument is a path or an ``onnx.ModelProto``, and no function changes a model it
 is given; results that carry a model have ``save(path)``. Bad input raises
@@ -45,6 +48,18 @@ from onnxlady._api._inspect import InspectResult, inspect
 from onnxlady._api._match import MatchResult, match
 from onnxlady._api._permute import PermuteResult, permute
 from onnxlady._api._perturb import PerturbResult, perturb
+from onnxlady._api._provenance import (
+    Candidate,
+    Cluster,
+    ClusterResult,
+    Confirmation,
+    FindResult,
+    IndexResult,
+    UnreadableFile,
+    build_index,
+    find,
+    find_all_pairs,
+)
 from onnxlady._api._resync import ResyncResult, resync
 from onnxlady._api._unpermute import UnpermuteResult, unpermute
 from onnxlady._api._verify import VerifyResult, verify
@@ -80,14 +95,20 @@ from onnxlady._verify._compare import verify_models as verify_models
 __all__ = [
     "AuditReport",
     "AuditResult",
+    "Candidate",
     "ChannelAnalysis",
     "ChannelGroup",
+    "Cluster",
+    "ClusterResult",
+    "Confirmation",
     "ConversionFinding",
     "DemoResult",
+    "FindResult",
     "FreezeReason",
     "GroupMember",
     "GroupPair",
     "GroupResync",
+    "IndexResult",
     "InspectResult",
     "LoadedModel",
     "MatchResult",
@@ -104,6 +125,7 @@ __all__ = [
     "TensorPermutation",
     "UnmatchedGroup",
     "UnpermuteResult",
+    "UnreadableFile",
     "VerifyReport",
     "VerifyResult",
     "WatermarkExtraction",
@@ -111,9 +133,12 @@ __all__ = [
     "WatermarkResult",
     "analyze",
     "audit",
+    "build_index",
     "demo",
     "embed_watermark",
     "extract_watermark",
+    "find",
+    "find_all_pairs",
     "inspect",
     "load_model",
     "match",

@@ -142,7 +142,7 @@ def _audit(args: argparse.Namespace, progress: Progress) -> onnxlady.AuditResult
 def _embed(args: argparse.Namespace, progress: Progress) -> onnxlady.WatermarkResult:
     return onnxlady.embed_watermark(
         args.model, args.layer, output=args.output, key_out=args.key_out, bits=args.bits, seed=args.seed,
-        external_data=args.external_data, overwrite_input=args.overwrite_input, progress=progress,
+        shape=args.shape, external_data=args.external_data, overwrite_input=args.overwrite_input, progress=progress,
     )  # fmt: skip
 
 
@@ -159,6 +159,24 @@ def _perturb(args: argparse.Namespace, progress: Progress) -> onnxlady.PerturbRe
 
 def _verify(args: argparse.Namespace, progress: Progress) -> onnxlady.VerifyResult:
     return onnxlady.verify(args.reference, args.candidate, **_verify_options(args), progress=progress)
+
+
+def _index_build(args: argparse.Namespace, progress: Progress) -> onnxlady.IndexResult:
+    return onnxlady.build_index(
+        args.paths, args.index, workers=args.workers, engine=args.engine, scheduler=args.scheduler, progress=progress
+    )
+
+
+def _find(args: argparse.Namespace, progress: Progress) -> onnxlady.FindResult | onnxlady.ClusterResult:
+    if args.all_pairs and args.suspect is not None:
+        raise onnxlady.OnnxladyError("find: give either SUSPECT or --all-pairs, not both")
+    if args.all_pairs:
+        return onnxlady.find(None, args.index, threshold=args.threshold, all_pairs=True, progress=progress)
+    if args.suspect is None:
+        raise onnxlady.OnnxladyError("find: a SUSPECT model is needed (or --all-pairs to list related models)")
+    return onnxlady.find(
+        args.suspect, args.index, top=args.top, confirm=args.confirm, threshold=args.threshold, progress=progress
+    )
 
 
 def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -268,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the secret projection and the bits",
     )  # fmt: skip
     embed.add_argument("--key-out", type=Path, required=True, metavar="WM.npz", help="where to write the secret key")
+    embed.add_argument(
+        "--shape", action="append", default=[], metavar="NAME:1x3x224x224",
+        help="input shape for the output-change measurement, as for verify (repeatable)",
+    )  # fmt: skip
     _output_options(embed)
     _common(embed, _embed)
     extract = marks.add_parser("extract", help="read the bits back and report the bit error rate")
@@ -287,6 +309,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", action="append", metavar="GROUP_ID|TENSOR", help="perturb only these groups' or tensors' weights"
     )
     _common(perturb, _perturb)
+
+    index = commands.add_parser("index", help="fingerprint a registry of models into one index file")
+    index_actions = index.add_subparsers(title="actions", metavar="ACTION", parser_class=_Parser)
+    index_actions.required = True
+    build = index_actions.add_parser(
+        "build", help="fingerprint the models under PATHs into INDEX (only new or changed files)"
+    )
+    build.add_argument("paths", nargs="+", metavar="PATH", help="model files, folders (searched for *.onnx) or URLs")
+    build.add_argument("-o", "--index", dest="index", type=Path, required=True, metavar="INDEX", help="the index file")
+    build.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes (default: one per CPU; 1: this process)"
+    )
+    engine = _default(onnxlady.build_index, "engine")
+    build.add_argument(
+        "--engine", choices=("process", "dask"), default=engine,
+        help=f"a local process pool, or a Dask cluster (pip install 'onnxlady[scale]') (default {engine})",
+    )  # fmt: skip
+    build.add_argument(
+        "--scheduler", metavar="ADDR", help="with --engine dask: a running scheduler (tcp://host:8786); default: a local cluster"
+    )
+    _common(build, _index_build)
+
+    find = commands.add_parser(
+        "find", help="rank an index's models by how likely SUSPECT derives from them (or list related models)"
+    )
+    find.add_argument("suspect", type=Path, nargs="?", metavar="SUSPECT", help="the model to trace")
+    find.add_argument("--index", type=Path, required=True, metavar="INDEX", help="an index from 'onnxlady index build'")
+    top = _default(onnxlady.find, "top")
+    find.add_argument("--top", type=int, default=top, metavar="K", help=f"candidates to show (default {top})")
+    find.add_argument("--confirm", action="store_true", help="audit each candidate against the suspect (resync + verdict)")
+    threshold = _default(onnxlady.find, "threshold")
+    find.add_argument(
+        "--threshold", type=float, default=threshold, metavar="T",
+        help=f"largest fingerprint distance called 'derived' (default {threshold:g})",
+    )  # fmt: skip
+    find.add_argument("--all-pairs", action="store_true", help="list every cluster of related models in INDEX instead")
+    _common(find, _find)
 
     verify = commands.add_parser("verify", help="run two models in ONNX Runtime and compare their outputs")
     verify.add_argument("reference", type=Path)

@@ -239,9 +239,10 @@ def test_match_command(tmp_path, capsys, permuted) -> None:
     document = json.loads(capsys.readouterr().out)
     assert document["complete"] and document["groups"]
     assert any(c["kind"] == "batchnorm-folded" for c in document["conversions"])
-    assert main(["match", str(tmp_path / "ref.onnx"), str(tmp_path / "other.onnx"), "--quiet"]) == 1
-    out = capsys.readouterr().out
-    assert "structures diverge" in out and "unmatched" in out
+    # Another architecture is refused as a different model, naming where the structures diverge.
+    assert main(["match", str(tmp_path / "ref.onnx"), str(tmp_path / "other.onnx"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "different models" in err and "beyond a conversion: after Conv" in err
 
 
 def test_resync_and_audit_commands_across_a_conversion(tmp_path, capsys, permuted) -> None:

@@ -755,6 +755,7 @@ def test_every_subcommand_mirrors_its_api_function() -> None:
         "unpermute": onnxlady.unpermute, "resync": onnxlady.resync, "match": onnxlady.match,
         "audit": onnxlady.audit, "perturb": onnxlady.perturb, "verify": onnxlady.verify,
         "watermark embed": onnxlady.embed_watermark, "watermark extract": onnxlady.extract_watermark,
+        "index build": onnxlady.build_index, "find": onnxlady.find,
     }  # fmt: skip
     subcommands = _subcommands()
     assert sorted(subcommands) == sorted(functions)
@@ -799,3 +800,124 @@ def test_json_documents_are_the_api_results(cli, model_file, out_dir: Path) -> N
     assert {k: v for k, v in cli_document.items() if k not in ("output", "key")} == {
         k: v for k, v in api.items() if k not in ("output", "key")
     }
+
+
+# -- index build / find -------------------------------------------------------------------
+@pytest.fixture
+def registry_index(cli, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(registry folder with vgg, resnet, matmul_mlp and one corrupt file, its index, a permuted vgg)."""
+    from fixtures import FIXTURES
+    from onnxlady.testing import permute_copy
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    for name in ("vgg", "resnet", "matmul_mlp"):
+        onnx.save(FIXTURES[name](0), registry / f"{name}.onnx")
+    (registry / "broken.onnx").write_bytes(b"\x08\x07 not a model" * 10)
+    index = tmp_path / "registry.idx"
+    result = cli("index", "build", registry, "-o", index, "--workers", 1, "--quiet")
+    assert result.code == 0, result.err
+    suspect = tmp_path / "suspect.onnx"
+    onnx.save(permute_copy(FIXTURES["vgg"](0), 4)[0], suspect)
+    return registry, index, suspect
+
+
+def test_index_build_lists_unreadable_files_and_is_incremental(cli, registry_index) -> None:
+    registry, index, _ = registry_index
+    result = cli("index", "build", registry, "-o", index, "--json")
+    assert result.code == 0, result.err
+    document = json.loads(result.out)
+    assert document["models"] == 3 and document["indexed"] == [] and document["unchanged"] == 3
+    assert [e["path"] for e in document["errors"]] == [str(registry / "broken.onnx")]
+    text = cli("index", "build", registry, "-o", index)
+    assert text.code == 0 and "3 models" in text.out and "1 unreadable" in text.out
+    assert f"unreadable: {registry / 'broken.onnx'}: not an ONNX model" in text.out
+
+
+def test_find_ranks_the_reference_first_and_exit_codes(cli, registry_index) -> None:
+    registry, index, suspect = registry_index
+    result = cli("find", suspect, "--index", index, "--top", 3, "--json")
+    assert result.code == 0, result.err  # a derived candidate found: exit 0, like grep
+    document = json.loads(result.out)
+    assert document["derived"] == 1 and len(document["candidates"]) == 3
+    first, second = document["candidates"][:2]
+    assert first["path"] == str(registry / "vgg.onnx") and first["call"] == "derived" and first["rank"] == 1
+    assert second["call"] == "unrelated" and first["score"] > 0.5 > second["score"]
+    text = cli("find", suspect, "--index", index, "--top", 2, "--confirm")
+    assert text.code == 0, text.err
+    rows = [line for line in text.out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 2 and "derived" in rows[0] and "permuted" in rows[0] and str(registry / "vgg.onnx") in rows[0]
+    assert "unrelated" in rows[1] and "unmatched" in rows[1]
+    # A model of the registry's architectures but other weights: nothing derived, exit 1.
+    from fixtures import FIXTURES
+
+    other = registry.parent / "other.onnx"
+    onnx.save(FIXTURES["resnet"](3), other)
+    unrelated = cli("find", other, "--index", index, "--json")
+    assert unrelated.code == 1 and json.loads(unrelated.out)["derived"] == 0
+
+
+def test_find_all_pairs(cli, registry_index) -> None:
+    registry, index, suspect = registry_index
+    none = cli("find", "--index", index, "--all-pairs", "--json")
+    assert none.code == 1 and json.loads(none.out)["clusters"] == []  # nothing related: exit 1
+    import shutil
+
+    shutil.copyfile(suspect, registry / "vgg.permuted.onnx")
+    assert cli("index", "build", registry, "-o", index, "--quiet").code == 0
+    found = cli("find", "--index", index, "--all-pairs")
+    assert found.code == 0, found.err
+    assert "1 clusters" in found.out and str(registry / "vgg.permuted.onnx") in found.out
+
+
+@pytest.mark.parametrize(
+    "problem", ["corrupt index", "newer index", "missing suspect", "no suspect", "suspect and all-pairs", "bad top"]
+)
+def test_find_bad_input_is_one_line_exit_2(cli, registry_index, tmp_path: Path, problem: str) -> None:
+    import sqlite3
+
+    _, index, suspect = registry_index
+    argv: list[object] = ["find", suspect, "--index", index]
+    if problem == "corrupt index":
+        corrupt = tmp_path / "corrupt.idx"
+        corrupt.write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
+        argv = ["find", suspect, "--index", corrupt]
+    elif problem == "newer index":
+        with sqlite3.connect(index) as connection:
+            connection.execute("PRAGMA user_version=99")
+    elif problem == "missing suspect":
+        argv = ["find", tmp_path / "absent.onnx", "--index", index]
+    elif problem == "no suspect":
+        argv = ["find", "--index", index]
+    elif problem == "suspect and all-pairs":
+        argv.append("--all-pairs")
+    else:
+        argv += ["--top", 0]
+    result = cli(*argv)
+    assert_usage_error(result)
+    if problem == "newer index":
+        assert "newer" in result.err
+
+
+def test_index_build_bad_input_is_one_line_exit_2(cli, registry_index, tmp_path: Path) -> None:
+    registry, _, _ = registry_index
+    garbage = tmp_path / "garbage.idx"
+    garbage.write_bytes(b"not an index" * 50)
+    assert_usage_error(cli("index", "build", registry, "-o", garbage))
+    assert_usage_error(cli("index", "build", registry, "-o", tmp_path / "x.idx", "--workers", 0))
+    assert_usage_error(cli("index", "build", registry, "-o", tmp_path / "y.idx", "--engine", "spark"))
+
+
+def test_provenance_json_documents_are_the_api_results(cli, registry_index) -> None:
+    import onnxlady
+
+    _, index, suspect = registry_index
+    result = cli("find", suspect, "--index", index, "--top", 2, "--json")
+    api = onnxlady.find(str(suspect), index, top=2).to_json()
+    cli_document = json.loads(result.out)
+    for document in (api, cli_document):
+        document.pop("seconds")
+        document.pop("search_seconds")
+    assert cli_document == api
+    clusters = onnxlady.find(None, index, all_pairs=True)
+    assert isinstance(clusters, onnxlady.ClusterResult) and clusters.exit_code == 1

@@ -19,9 +19,9 @@ from onnxlady._transforms._watermark import (
     embed_watermark,
     extract_watermark,
     load_key,
-    relative_output_change,
     save_key,
 )
+from onnxlady._verify._output_change import relative_output_change
 from onnxlady.testing import copy_model
 
 

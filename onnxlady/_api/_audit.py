@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from onnxlady._analysis._channels import analyze
+from onnxlady._api._checks import check_number
 from onnxlady._api._results import Result
 from onnxlady._api._resync import METHODS
 from onnxlady._api._sources import (
@@ -185,8 +185,7 @@ def audit(
         [target for target in targets if target is not None], inputs,
         companions=[external_data_path(canonical_target)] if canonical_target is not None else [],
     )  # fmt: skip
-    if not isinstance(rtol, Real) or isinstance(rtol, bool) or not rtol >= 0:
-        raise OnnxladyError("--rtol must be a number >= 0")
+    check_number(rtol, "--rtol")
     if method not in METHODS:
         raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
     opened_reference = open_model(reference, "reference", progress)

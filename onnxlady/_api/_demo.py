@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 from onnx import numpy_helper
 
+from onnxlady._api._checks import check_seed
 from onnxlady._api._demo_model import build_demo_model
 from onnxlady._api._inspect import inspect
 from onnxlady._api._permute import permute
@@ -126,6 +127,7 @@ def demo(
     Raises:
         OnnxladyError: ``workdir`` cannot be created, or a step failed.
     """
+    check_seed(seed, "--seed")
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="onnxlady-demo-") as temporary:
             return _run(Path(temporary), seed, progress, None)

@@ -11,10 +11,12 @@ from onnxlady._analysis._channels import analyze
 from onnxlady._api._results import Result
 from onnxlady._api._sources import ModelSource, jsonable, open_model, path_text
 from onnxlady._resync._match import (
+    MATCH_THRESHOLD,
     ConversionFinding,
     GroupPair,
     ModelMatch,
     UnmatchedGroup,
+    check_same_model,
     match_analyses,
 )
 
@@ -59,8 +61,16 @@ class MatchResult(Result):
         return self.details.divergences
 
     @property
+    def confidence(self) -> float:
+        """How much of the two models pairs, 0 to 1: the smallest of the shares of weights, of
+        weight-reading operators and of layer-to-layer connections paired (at least
+        ``MATCH_THRESHOLD``, 0.9, or :func:`match` refuses them as different models).
+        """
+        return self.details.confidence
+
+    @property
     def exit_code(self) -> int:
-        """0 when the pairing is complete, 1 when it is not."""
+        """0 when the pairing is complete, 1 when it is not (different models raise instead)."""
         return 0 if self.details.complete else 1
 
     def to_json(self) -> dict[str, Any]:
@@ -78,12 +88,18 @@ class MatchResult(Result):
         lines = [
             (
                 f"{reference} <-> {suspect}: {len(result.sites)} of {result.site_counts[0]} reference sites "
-                f"and {result.site_counts[1]} suspect sites paired; {paired} permutable groups paired"
+                f"and {result.site_counts[1]} suspect sites paired; {paired} permutable groups paired; "
+                f"confidence {100 * result.confidence:.1f} % (threshold {100 * MATCH_THRESHOLD:.0f} %)"
             )
         ]
-        lines.append(f"{'reference':>10} {'suspect':>8} {'size':>6}  permutable")
+        lines.append(f"{'reference':>10} {'suspect':>8} {'size':>6}  permutable  paired by   margin  distance")
         for pair in result.groups:
-            lines.append(f"{pair.reference:>10} {pair.suspect:>8} {pair.size:>6}  {'yes' if pair.permutable else 'no'}")
+            margin = "" if pair.margin is None else f"{pair.margin:.3f}"
+            gap = "" if pair.distance is None else f"{pair.distance:.2e}"
+            lines.append(
+                f"{pair.reference:>10} {pair.suspect:>8} {pair.size:>6}  {'yes' if pair.permutable else 'no':>10}"
+                f"  {pair.method:<9} {margin:>7} {gap:>9}"
+            )
         for item in result.unmatched:
             lines.append(f"unmatched {item.model} group {item.group} ({item.size}): {item.reason}")
         for where in result.divergences:
@@ -103,9 +119,13 @@ def match(
 ) -> MatchResult:
     """Pair the channel groups of two models, across the differences a converter makes.
 
-    Float16/bfloat16 weights, BatchNorm folded into the conv, a simplifier's renames and removed
-    nodes, QDQ int8 and opset upgrades are recognised and reported; :func:`resync` and
-    :func:`audit` use this pairing for converted suspects. Neither model is modified.
+    Weights are paired by what they compute, never by name or operator: float16/bfloat16
+    weights, BatchNorm folded into the conv, a simplifier's renames and removed nodes, QDQ int8,
+    int4 ``MatMulNBits``, opset upgrades and ONNX Runtime's fusions (Gemm, FusedConv, FusedMatMul,
+    SkipLayerNormalization, Attention...) are recognised and reported; where the structure does
+    not say which weight is which, their permutation-invariant content does (each group says
+    how it was paired, and with what margin). :func:`resync` and :func:`audit` use this pairing
+    for converted suspects, with the same refusal of different models. Neither model is modified.
 
     Args:
         reference: a path to an ONNX file or an ``onnx.ModelProto``.
@@ -114,14 +134,16 @@ def match(
 
     Returns:
         The pairing; :attr:`MatchResult.complete` says whether every permutable group found its
-        counterpart.
+        counterpart, :attr:`MatchResult.confidence` how much of the two models pairs.
 
     Raises:
-        OnnxladyError: a model cannot be read.
+        OnnxladyError: a model cannot be read, or the two are different models (their
+            confidence is below ``MATCH_THRESHOLD``; the message names the first divergence).
     """
     opened_reference = open_model(reference, "reference", progress)
     opened_suspect = open_model(suspect, "suspect", progress)
     if progress is not None:
         progress("match: analysing both models")
     details = match_analyses(analyze(opened_reference.model), analyze(opened_suspect.model))
+    check_same_model(details, hint=False)
     return MatchResult(details, opened_reference.path, opened_suspect.path)

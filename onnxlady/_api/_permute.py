@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._api._checks import check_seed
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     ModelSource,
@@ -245,8 +246,9 @@ def permute(
     _check_seed(seed)
     if verify:
         check_verify_options(
-            atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range
-        )
+            atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range,
+            input_seed=input_seed,
+        )  # fmt: skip
     opened = open_model(model, progress=progress)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
     # Our own load may be rewritten in place; a caller's ModelProto is copied first.
@@ -368,8 +370,7 @@ def _group_ids(group: str | Sequence[str] | None) -> list[str] | None:
 
 
 def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise OnnxladyError(f"--seed must be a whole number >= 0, got {seed!r}")
+    check_seed(seed, "--seed")
 
 
 def _place(path: Path | None) -> str:

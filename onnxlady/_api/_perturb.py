@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx
 
+from onnxlady._api._checks import check_seed
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     ModelSource,
@@ -122,6 +123,7 @@ def perturb(
             weight dtype (integer weights), weights holding NaN or infinity, an unknown ``only``
             name, or an output that is an input.
     """
+    check_seed(seed, "--seed")
     source = source_path(model)
     target = output_path(output)
     check_outputs(target, [source], overwrite_input=overwrite_input)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from onnxlady._api._checks import check_number, check_seed, check_whole
 from onnxlady._api._results import Result
 from onnxlady._api._sources import ModelSource, jsonable, path_text, source_path
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._inputs import refuse_special_file
 from onnxlady._verify._compare import (
     VERIFY_ATOL,
     VERIFY_RTOL,
@@ -140,8 +139,10 @@ def verify(
             inputs or outputs, or a CUDA provider that was asked for and does not load.
     """
     parsed = check_verify_options(
-        atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range
-    )
+        atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range,
+        input_seed=input_seed,
+    )  # fmt: skip
+    _refuse_special_inputs(load_inputs, data_loader_script)
     report = verify_models(
         _model_argument(reference), _model_argument(candidate), provider=provider, atol=atol, rtol=rtol,
         iterations=iterations, seed=input_seed, progress=progress, extra_outputs=_names(add_output),
@@ -158,6 +159,7 @@ def check_verify_options(
     shape: ShapeOverrides,
     provider: str = "auto",
     val_range: ValueRanges = (),
+    input_seed: int = 0,
 ) -> dict[str, Any]:
     """Reject bad check options before any file is written.
 
@@ -166,18 +168,21 @@ def check_verify_options(
         (``shapes``, ``value_ranges`` and, when ``[lo,hi]`` is given for every input, ``input_range``).
 
     Raises:
-        OnnxladyError: iterations below 1, a negative or non-numeric tolerance, an unknown
-            provider, or a malformed shape override or value range.
+        OnnxladyError: iterations below 1, a negative, infinite or non-numeric tolerance, an
+            unknown provider, a seed out of range, or a malformed shape override or value range.
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
-        raise OnnxladyError("--iterations must be at least 1")
-    if not all(isinstance(v, Real) and not isinstance(v, bool) and v >= 0 for v in (atol, rtol)):
-        raise OnnxladyError("--atol and --rtol must be numbers >= 0")
+    check_whole(iterations, "--iterations", 1)
+    check_number(atol, "--atol")
+    check_number(rtol, "--rtol")
+    check_seed(input_seed, "--input-seed")
     if provider not in PROVIDERS:
         raise OnnxladyError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
     parsed: dict[str, Any] = {"shapes": shape_overrides(shape)}
     if isinstance(val_range, Mapping):
-        specs = [f"{name}:[{low},{high}]" for name, (low, high) in val_range.items()]
+        try:
+            specs = [f"{name}:[{low},{high}]" for name, (low, high) in val_range.items()]
+        except (TypeError, ValueError) as exc:
+            raise OnnxladyError(f"val_range: expected {{input name: (low, high)}}, got {val_range!r}") from exc
     else:
         specs = [val_range] if isinstance(val_range, str) else [str(spec) for spec in val_range]
     parsed["value_ranges"], every_input = parse_value_ranges(specs)
@@ -205,9 +210,20 @@ def _names(names: str | Sequence[str]) -> list[str]:
     return [names] if isinstance(names, str) else [str(name) for name in names]
 
 
+def _refuse_special_inputs(load_inputs: str | os.PathLike[str] | None, data_loader_script: str | None) -> None:
+    """A FIFO or a device given as feeds or as a loader script would block the reader: refuse it first."""
+    if isinstance(load_inputs, (str, os.PathLike)):
+        refuse_special_file(load_inputs, "input file")
+    if isinstance(data_loader_script, str) and data_loader_script:
+        script, separator, _ = data_loader_script.rpartition(":")
+        refuse_special_file(script if separator and script.endswith(".py") else data_loader_script, "script")
+
+
 def _model_argument(model: ModelSource) -> str | ModelSource:
     """A path as the text the command line passes (so messages name it the same way), else as given."""
     path = source_path(model)
+    if path is not None:
+        refuse_special_file(path, "ONNX file")  # a FIFO would block the session's reader
     return str(path) if path is not None else model
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxlady._api._checks import check_seed, check_whole
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     ModelSource,
@@ -30,17 +31,18 @@ from onnxlady._api._sources import (
 )
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import copy_model
-from onnxlady._io._inputs import require_regular_file
+from onnxlady._io._inputs import refuse_special_file
 from onnxlady._io._outputs import OutputSet
 from onnxlady._io._progress import say
+from onnxlady._api._verify import ShapeOverrides, shape_overrides
 from onnxlady._transforms._watermark import (
     WatermarkKey,
     load_key,
-    relative_output_change,
     save_key,
 )
 from onnxlady._transforms._watermark import embed_watermark as _embed
 from onnxlady._transforms._watermark import extract_watermark as _extract
+from onnxlady._verify._output_change import relative_output_change
 
 #: The name a key is staged under (``save_key`` makes temporaries from it: a long name would not fit).
 _STAGED_KEY = "watermark-key.npz"
@@ -191,6 +193,7 @@ def embed_watermark(
     key_out: OutputPath = None,
     bits: int = 64,
     seed: int = 0,
+    shape: ShapeOverrides = (),
     external_data: bool = False,
     overwrite_input: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -206,6 +209,8 @@ def embed_watermark(
         key_out: write the secret key (``.npz``) here.
         bits: number of bits to embed.
         seed: seed of the secret projection and of the bits.
+        shape: input shapes for dynamic dimensions, used to measure the output change on random
+            inputs (see :func:`~onnxlady.verify`): ``["images:1x3x320x320"]`` or ``{"images": (1, 3, 320, 320)}``.
         external_data: save the weights to ``OUTPUT.data`` (always so for a model read that way).
         overwrite_input: allow an output to be the input file.
         progress: called before the output change is measured.
@@ -215,21 +220,24 @@ def embed_watermark(
 
     Raises:
         OnnxladyError: no Conv node of that name, more bits than the kernel holds, a kernel
-            whose precision cannot hold them, or an output that is an input.
+            whose precision cannot hold them, a bad seed or shape override, a model ONNX Runtime
+            cannot run on the generated inputs (the message names the ``shape`` to give), or an
+            output that is an input.
     """
     source = source_path(model)
     target, key_path = output_path(output), output_path(key_out)
     extra = [key_path] if key_path is not None else []
     check_outputs(target, [source], extra, overwrite_input=overwrite_input)
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise OnnxladyError(f"watermark length must be a whole number of bits, got {bits!r}")
+    check_whole(bits, "--bits", 1)
+    check_seed(seed, "--seed")
+    shapes = shape_overrides(shape)
     opened = open_model(model, progress=progress)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
     marked = copy_model(opened.model)  # the original stays, to measure what the mark changes
     key, report = _embed(marked, layer, int(bits), seed)
     if progress is not None:
         progress("measuring the output change on random inputs")
-    change = relative_output_change(opened.model, marked)
+    change = relative_output_change(opened.model, marked, shapes=shapes)
     result = WatermarkResult(
         model=marked,
         key=key,
@@ -295,5 +303,5 @@ def read_watermark_key(path: str | os.PathLike[str]) -> WatermarkKey:
     Raises:
         OnnxladyError: the file is missing or is not a consistent watermark key.
     """
-    require_regular_file(path, "watermark key file")  # a FIFO would block np.load
+    refuse_special_file(path, "watermark key file")  # a FIFO would block np.load
     return load_key(path)

@@ -286,7 +286,12 @@ def _other_changes(
     rtol: float,
     allowed: dict[str, np.ndarray],
 ) -> dict[str, list[str]]:
-    """Non-weight constants that differ in place, and those that differ even as multisets."""
+    """Non-weight constants that differ in place, and those that differ even as multisets.
+
+    Across a conversion (``allowed`` not empty) a constant without its own storage bound may be
+    stored in float16: compared within :data:`MULTISET_RTOL` of the largest magnitude.
+    """
+    tolerance = max(rtol, MULTISET_RTOL) if allowed else rtol
     moved, changed = [], []
     for name in sorted(ref):
         if name in weights or name not in sus:
@@ -300,14 +305,14 @@ def _other_changes(
             if np.all(np.isfinite(a64)) and np.all(np.isfinite(b64)):
                 scale = float(np.abs(a64).max()) if a64.size else 0.0
                 extra = allowed.get(name, 0.0)
-                if np.all(np.abs(a64 - b64) <= rtol * scale + extra + 1e-30):
+                if np.all(np.abs(a64 - b64) <= tolerance * scale + extra + 1e-30):
                     continue
             elif np.array_equal(a64, b64, equal_nan=True):
                 continue
         elif np.array_equal(a, b):
             continue
         moved.append(name)
-        if not _same_multiset(a, b, max(rtol, MULTISET_RTOL if name in allowed else rtol)):
+        if not _same_multiset(a, b, tolerance):
             changed.append(name)
     return {"differ_in_place": moved, "changed": changed}
 

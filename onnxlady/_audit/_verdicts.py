@@ -223,7 +223,12 @@ def _axes_of(node: onnx.NodeProto, slot: int, rank: int) -> tuple[int, int] | No
 
 
 def _positions(lab: np.ndarray, size: int) -> list[np.ndarray]:
-    return [np.flatnonzero(lab == j) for j in range(size)]
+    """Per neuron ``j < size``, the indices where ``lab == j``, ascending (one sort, not one scan per neuron)."""
+    order = np.argsort(lab, kind="stable")
+    ordered = lab[order]
+    neurons = np.arange(size)
+    starts, ends = np.searchsorted(ordered, neurons, "left"), np.searchsorted(ordered, neurons, "right")
+    return [order[start:end] for start, end in zip(starts.tolist(), ends.tolist())]
 
 
 def _rows(array: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
@@ -659,28 +664,24 @@ def _similarity(
         pick = np.arange(0, n, step)
         mats: dict[str, Any] = {}
         for label, model in (("before", before), ("after", after)):
-            r_rows, s_rows = [], []
-            for j in pick:
-                r_rows.append(
-                    np.concatenate([_rows(ref[p.source], p.axis, p.positions[j]).astype(np.float64) for p in prods])
-                )
-                s_rows.append(
-                    np.concatenate(
-                        [
-                            _rows(model[p.tensor if p.tensor in model else p.source], p.axis, p.positions[j]).astype(
-                                np.float64
-                            )
-                            for p in prods
-                        ]
-                    )
-                )
-            a, b = np.array(r_rows), np.array(s_rows)
+            a = np.hstack([_picked_rows(ref[p.source], p, pick) for p in prods])
+            b = np.hstack([_picked_rows(model[p.tensor if p.tensor in model else p.source], p, pick) for p in prods])
             a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
             b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-300)
             mats[label] = np.round(a @ b.T, 4).tolist()
         mats["step"] = step
         out[group.id] = mats
     return out
+
+
+def _picked_rows(array: np.ndarray, use: _Use, pick: np.ndarray) -> np.ndarray:
+    """Row ``k`` is ``_rows(array, use.axis, use.positions[pick[k]])`` in float64: one gather for all."""
+    positions = [use.positions[j] for j in pick]
+    width = positions[0].size if positions else 0
+    if any(p.size != width for p in positions):  # neurons of unequal extent: one row at a time
+        return np.array([_rows(array, use.axis, p).astype(np.float64) for p in positions])
+    taken = np.moveaxis(np.take(array, np.concatenate(positions), axis=use.axis), use.axis, 0)
+    return taken.reshape(len(positions), -1).astype(np.float64)
 
 
 # -- entry points -----------------------------------------------------------------------------
@@ -785,6 +786,7 @@ def audit_models(
     if progress is not None:
         progress("audit: comparing neurons")
     allowed: dict[str, np.ndarray] = {}  # per tensor, the storage error a conversion may add
+    stored_suspect = before  # as stored: forensics compares the constants no plan moves from it
     if result.across is not None:
         ref, before, after, aligned, allowed = _common_form(result.across, analysis, ref)
     else:
@@ -853,7 +855,7 @@ def audit_models(
                 f"equivalent ({_conversion_text(conversions)})"
             )
             return report
-    _forensics_verdict(report, analysis, ref, work, allowed, attacked, rtol)
+    _forensics_verdict(report, analysis, ref, work, allowed, attacked, rtol, stored_suspect if conversions else None)
     if conversions:
         report.summary += f"; besides, converted ({_conversion_text(conversions)})"
     return report
@@ -867,6 +869,7 @@ def _forensics_verdict(
     allowed: dict[str, np.ndarray],
     attacked: list[NeuronScale],
     rtol: float,
+    stored_suspect: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Name what was done to a suspect that differs by more than a permutation and compensated scales.
 
@@ -876,6 +879,8 @@ def _forensics_verdict(
     is classified (:func:`classify_change`). Verdict ``scaled`` when neurons are scaled with no
     compensation (the rest of the change in ``report.perturbation``: both findings), else
     ``perturbed`` when the kind is clear, ``modified`` (kind uncertain) otherwise.
+    ``stored_suspect`` (across a conversion) supplies the float constants the compared form
+    leaves out (no plan moves them: output layers' biases...), by name and shape.
     """
     sus: dict[str, np.ndarray] = {}
     for name, value in work.items():
@@ -887,6 +892,9 @@ def _forensics_verdict(
             # Across a conversion, storage error is no change: read such values as the reference's.
             value = np.where(np.abs(value - ref[source]) <= bound, ref[source], value)
         sus[source] = value
+    for name, value in (stored_suspect or {}).items():
+        if name not in sus and name in ref and value.dtype.kind == "f" and value.shape == ref[name].shape:
+            sus[name] = value.astype(np.float64)
     noisy = _noisy_scales(analysis, ref, sus)
     report.rescaled = []
     report.scaled_neurons = list(attacked) + noisy

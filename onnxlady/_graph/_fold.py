@@ -460,3 +460,117 @@ _FOLDABLE: dict[str, Impl] = {
     "Min": _extremum(np.minimum),
     "Transpose": _transpose,
 }
+
+
+# -- symbolic shape values ------------------------------------------------------------------
+#: A shape value read symbolically: per element a known int, a dimension's symbolic name, or None.
+SymbolicValue = tuple[int | str | None, ...]
+
+
+def symbolic_value(
+    node: onnx.NodeProto,
+    symbolic: Mapping[str, SymbolicValue],
+    values: Mapping[str, Value],
+    shapes: Mapping[str, Shape],
+) -> SymbolicValue | None:
+    """The shape value ``node`` computes, element by element, where dims are symbolic.
+
+    A dynamic-axes export builds reshape targets from ``Shape`` (``x.view(b, s, h, d)`` reads
+    ``b`` and ``s`` from ``x``'s Shape); with symbolic ``b`` and ``s`` nothing folds, but each
+    element is still a known dim of a known tensor. Shape, Gather, Unsqueeze, Squeeze, Concat,
+    Slice, Cast and Identity of 1-D int64 shape values are read; anything else is None. A
+    0-D value is kept as one element.
+    """
+    if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        return None
+    op = node.op_type
+
+    def read(name: str) -> SymbolicValue | None:
+        if name in symbolic:
+            return symbolic[name]
+        value = values.get(name)
+        if value is None or value.dtype.kind not in _INT_KINDS or value.ndim > 1:
+            return None
+        return tuple(int(v) for v in value.reshape(-1))
+
+    try:
+        if op == "Shape":
+            shape = shapes.get(node.input[0])
+            if shape is None:
+                return None
+            rank = len(shape)
+            start = int(node_attribute(node, "start", 0))
+            end = node_attribute(node, "end")
+            start = min(max(start + rank if start < 0 else start, 0), rank)
+            stop = rank if end is None else int(end)
+            stop = min(max(stop + rank if stop < 0 else stop, 0), rank)
+            return tuple(shape[start:stop])
+        if op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
+            if op == "Cast" and int(node_attribute(node, "to", 0)) not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+                return None
+            return read(node.input[0])
+        if op == "Concat":
+            pieces = [read(name) for name in node.input if name]
+            if any(piece is None for piece in pieces):
+                return None
+            return tuple(d for piece in pieces if piece is not None for d in piece)
+        if op == "Gather":
+            data, index = read(node.input[0]), values.get(node.input[1])
+            if data is None or index is None or int(node_attribute(node, "axis", 0)) != 0:
+                return None
+            return tuple(data[int(i)] for i in index.reshape(-1))
+        if op == "Slice":
+            data = read(node.input[0])
+            arguments = [values.get(name) if name else None for name in node.input[1:5]]
+            if data is None or len(arguments) < 2 or arguments[0] is None or arguments[1] is None:
+                return None
+            if any(a is not None and int(v) != 0 for a in arguments[2:3] if a is not None for v in a.reshape(-1)):
+                return None  # a 1-D value has axis 0 only
+            step = int(arguments[3].reshape(-1)[0]) if len(arguments) > 3 and arguments[3] is not None else 1
+            begin, stop = int(arguments[0].reshape(-1)[0]), int(arguments[1].reshape(-1)[0])
+            return tuple(data[slice(begin, stop, step)])
+    except (IndexError, ValueError, TypeError):
+        return None
+    return None
+
+
+def symbolic_reshape(in_shape: Shape, target: SymbolicValue, allow_zero: bool) -> Shape | None:
+    """The output shape of ``Reshape(in_shape -> target)`` with symbolic dims, where it is determined.
+
+    ``0`` copies the input's dim (unless ``allow_zero``); one ``-1`` is what is left of the
+    input once the other dims are divided out, symbols cancelling symbols of the same name
+    (``[b, s, 4, 8]`` to ``[b, s, -1]`` is ``[b, s, 32]``). Unknown elements stay None.
+    """
+    dims: list[int | str | None] = []
+    for axis, d in enumerate(target):
+        if d == 0 and not allow_zero:
+            dims.append(in_shape[axis] if axis < len(in_shape) else None)
+        else:
+            dims.append(d)
+    if sum(1 for d in dims if d == -1) > 1 or any(isinstance(d, int) and d < -1 for d in dims):
+        return None
+    if -1 in dims:
+        if any(d is None for d in in_shape) or any(d is None for d in dims):
+            dims = [None if d == -1 else d for d in dims]
+        else:
+            numerator = [d for d in in_shape if isinstance(d, str)]
+            known = int(np.prod([d for d in in_shape if isinstance(d, int)], dtype=np.int64))
+            divisor = 1
+            for d in dims:
+                if isinstance(d, str):
+                    if d not in numerator:
+                        return tuple(None if x == -1 else x for x in dims)
+                    numerator.remove(d)
+                elif d != -1:
+                    divisor *= int(d)  # type: ignore[arg-type]
+            if divisor <= 0 or known % divisor:
+                return None
+            rest = known // divisor
+            if not numerator:
+                missing: int | str | None = rest
+            elif len(numerator) == 1 and rest == 1:
+                missing = numerator[0]
+            else:
+                missing = None
+            dims = [missing if d == -1 else d for d in dims]
+    return tuple(dims)

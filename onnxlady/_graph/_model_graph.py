@@ -126,6 +126,7 @@ class ModelGraph:
         # normalisations) without inferred shapes would be walked again and again.
         self._leaves: dict[str, ConstantLeaf | None] = {}
         self._data_slots: dict[int, int | None] = {}
+        self._derived: set[str] | None = None
 
     # -- structure -----------------------------------------------------------------------
     def _register_node(self, index: int, node: onnx.NodeProto) -> None:
@@ -238,11 +239,14 @@ class ModelGraph:
         self._merge_infos(list(graph.input) + list(graph.output) + list(graph.value_info))
         self._merge_infos(self._subgraph_infos)
         if infer:
-            self._merge_infos(self._inferred_infos(self._skeleton()))
+            # Inference on the skeleton names unknown dims consistently; value_info written by
+            # another tool (a quantizer's) may name the same dim differently at each tensor.
+            self._merge_infos(self._inferred_infos(self._skeleton()), prefer=True)
             if self._fold:
                 self._fold_shape_arithmetic()
 
-    def _merge_infos(self, infos: list[onnx.ValueInfoProto]) -> None:
+    def _merge_infos(self, infos: list[onnx.ValueInfoProto], *, prefer: bool = False) -> None:
+        """Record the shapes and types of ``infos`` where they know more (or, with ``prefer``, as much)."""
         for info in infos:
             if not info.type.HasField("tensor_type") or info.name in self.initializers:
                 continue
@@ -251,7 +255,16 @@ class ModelGraph:
             if tensor_type.HasField("shape"):
                 shape = tuple(_dim(d) for d in tensor_type.shape.dim)
                 old = self.shapes.get(info.name)
-                if old is None or _known_count(shape) > _known_count(old):
+                if (
+                    old is None
+                    or _known_count(shape) > _known_count(old)
+                    or (
+                        prefer
+                        and len(shape) == len(old)
+                        and _known_count(shape) == _known_count(old)
+                        and info.name not in self.graph_inputs
+                    )
+                ):
                     self.shapes[info.name] = shape
 
     def _fold_shape_arithmetic(self) -> None:
@@ -278,6 +291,7 @@ class ModelGraph:
         opset_imports = list(self.model.opset_import)
         protos: dict[str, onnx.TensorProto] = {}
         refined: set[str] = set()  # tensors whose shape became better known in this pass
+        symbolic: dict[str, _fold.SymbolicValue] = {}  # shape values with symbolic elements
         for index in self.order:
             node = self.nodes[index]
             if index in self.implicit_inputs or node.output[0:1] == [] or node.output[0] in values:
@@ -289,6 +303,11 @@ class ModelGraph:
                 self.folded[name] = value
                 self.shapes[name] = tuple(int(d) for d in value.shape)
                 continue
+            found = _fold.symbolic_value(node, symbolic, values, self.shapes)
+            if found is not None and any(isinstance(d, str) for d in found):
+                symbolic[node.output[0]] = found
+            if node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+                refined |= self._reshape_symbolic(node, symbolic, values)
             if _contrib_shapes.knows(node):
                 refined |= self._infer_contrib(node)
                 continue
@@ -300,6 +319,37 @@ class ModelGraph:
             if not any(name in self.folded or name in refined for name in feeds):
                 continue  # nothing new to tell shape inference about this node
             refined |= self._infer_node(node, values, protos, opset, opset_imports)
+
+    def _reshape_symbolic(
+        self, node: onnx.NodeProto, symbolic: dict[str, _fold.SymbolicValue], values: dict[str, np.ndarray]
+    ) -> set[str]:
+        """A Reshape's output shape from a target read symbolically (dims of other tensors): {output} if it helped.
+
+        ONNX's inference cannot resolve ``-1`` next to symbolic dims (``[b, s, 4, 8]`` to
+        ``[b, s, -1]``); the symbols cancel here.
+        """
+        if len(node.input) < 2 or not node.output or not node.output[0]:
+            return set()
+        in_shape = self.shapes.get(node.input[0])
+        target = symbolic.get(node.input[1])
+        if target is None and node.input[1] in values:
+            target = tuple(int(v) for v in values[node.input[1]].reshape(-1))
+        if in_shape is None or target is None:
+            return set()
+        found = _fold.symbolic_reshape(in_shape, target, bool(node_attribute(node, "allowzero", 0)))
+        if found is None:
+            return set()
+        name = node.output[0]
+        old = self.shapes.get(name)
+        unknown = sum(1 for d in found if d is None)
+        if old is not None and (
+            len(old) != len(found)
+            or _known_count(found) < _known_count(old)
+            or (_known_count(found) == _known_count(old) and unknown >= sum(1 for d in old if d is None))
+        ):
+            return set()
+        self.shapes[name] = found
+        return {name}
 
     def _infer_contrib(self, node: onnx.NodeProto) -> set[str]:
         """Shapes of a contrib operator's outputs (ONNX inference does not know it): the outputs it helped."""
@@ -620,6 +670,24 @@ class ModelGraph:
 
     def is_constant(self, name: str) -> bool:
         return bool(name) and self.constant_leaf(name) is not None
+
+    def constant_derived(self, name: str) -> bool:
+        """Whether ``name`` is computed, by main-graph nodes, from constants and folded values only.
+
+        Such a tensor (a position table sliced, reshaped and resized in the graph) is the same
+        for every input; it is no constant leaf, but permuting the constants it is made of can
+        permute it (see :mod:`onnxlady._rules._derived`).
+        """
+        if self._derived is None:
+            derived: set[str] = set()
+            for index in self.order:
+                node = self.nodes[index]
+                if index >= self.main_count or index in self.implicit_inputs or node.op_type == "Constant" or not node.input:
+                    continue
+                if all(not n or n in derived or n in self.folded or self.is_constant(n) for n in node.input):
+                    derived.update(out for out in node.output if out and not self.is_constant(out))
+            self._derived = derived
+        return name in self._derived
 
     def leaf_tensor(self, leaf: ConstantLeaf) -> onnx.TensorProto:
         """The TensorProto that holds a leaf's data (initializer or Constant node attribute)."""

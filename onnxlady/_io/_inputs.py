@@ -21,7 +21,7 @@ import numpy as np
 
 from onnxlady._errors import OnnxladyError
 
-__all__ = ["MAX_JSON_DEPTH", "load_json", "require_regular_file"]
+__all__ = ["MAX_JSON_DEPTH", "load_json", "refuse_special_file", "require_regular_file"]
 
 #: Deepest nesting a key or permutation file may have (a key needs about ten levels).
 MAX_JSON_DEPTH = 64
@@ -60,6 +60,24 @@ def require_regular_file(path: str | os.PathLike[str], what: str = "file") -> os
     if not stat.S_ISREG(info.st_mode):
         raise OnnxladyError(f"{shown}: not a regular file (FIFOs, devices and sockets are refused as a {what})")
     return info
+
+
+def refuse_special_file(path: str | os.PathLike[str], what: str = "file") -> None:
+    """Refuse a FIFO, device, folder or unusable name; a missing file is left to the caller's reader.
+
+    For readers that report a missing file in their own words but would block on a FIFO or fail
+    with an ``OSError`` on a name the file system refuses.
+
+    Raises:
+        OnnxladyError: ``path`` exists and is not a regular file, or cannot be looked up.
+    """
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        pass
+    require_regular_file(path, what)
 
 
 def _short(text: str) -> str:

@@ -234,9 +234,10 @@ def _resample_grid(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def segment_sort(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Sort each column of ``values`` ``(m, p)`` within each segment: segment ``s`` is the next
-    ``lengths[s]`` rows. (One sort per segment: numpy sorts a slice faster than any single
-    call that sorts by (segment, value) pairs.)
+    """Sort each column of ``values`` ``(m, p)`` within each segment.
+
+    Segment ``s`` is the next ``lengths[s]`` rows. One sort per segment: numpy sorts a slice
+    faster than any single call that sorts by (segment, value) pairs.
     """
     out = np.empty_like(values)
     start = 0

@@ -302,6 +302,7 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
 def _collect(
     graph: ConstantSource,
     order: list[int],
+    op_types: list[str],
     units: dict[int, Unit],
     batchnorm_scale: Callable[[int], np.ndarray | None],
 ) -> list[ProducerWeight]:
@@ -312,10 +313,10 @@ def _collect(
     """
     found: list[ProducerWeight] = []
     for index in order:
-        node = graph.nodes[index]
         unit = units.get(index)
-        if unit is None and node.op_type not in _OTHER_PRODUCERS:
+        if unit is None and op_types[index] not in _OTHER_PRODUCERS:
             continue
+        node = graph.nodes[index]
         groups = int(node_attribute(node, "group", 1))
         row_scale = None
         if unit is not None:
@@ -361,7 +362,7 @@ def producer_weights(graph: ModelGraph) -> list[ProducerWeight]:
         batchnorm = _batchnorm(graph, index)
         return None if batchnorm is None else np.asarray(batchnorm.scale.value)
 
-    return _collect(graph, graph.order, find_units(graph), scale)
+    return _collect(graph, graph.order, [node.op_type for node in graph.nodes], find_units(graph), scale)
 
 
 # -- the fast walk ----------------------------------------------------------------------------
@@ -391,6 +392,8 @@ class WeightGraph:
         self.graph_outputs: set[str] = {value.name for value in graph.output}
         self.producer: dict[str, tuple[int, int]] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = {}
+        #: Each node's operator (read once: a protobuf field costs more than a list item).
+        self.op_types: list[str] = [node.op_type for node in self.nodes]
         defined = set(self.initializers)
         defined.update(value.name for value in graph.input)
         for index, node in enumerate(self.nodes):
@@ -399,7 +402,7 @@ class WeightGraph:
                     if name not in defined:
                         raise FullGraphNeeded(f"node {index} reads '{name}' before it is defined")
                     self.consumers.setdefault(name, []).append((index, slot))
-            if node.op_type in _SUBGRAPH_OPS or node.domain not in _STANDARD:
+            if self.op_types[index] in _SUBGRAPH_OPS or node.domain not in _STANDARD:
                 for attribute in node.attribute:
                     if attribute.type in _GRAPH_ATTRIBUTES:
                         raise FullGraphNeeded(f"node {index} holds a subgraph")
@@ -460,12 +463,16 @@ class WeightGraph:
         raise FullGraphNeeded(f"'{name}' is a {op} of constants")
 
     def _product(self, node: onnx.NodeProto) -> np.ndarray | None:
-        """``Mul`` of two constants: the operand of the output's full shape times the other
-        (a weight times its scale); None (no constant) when neither has the full shape.
+        """``Mul`` of two constants: the operand of the output's full shape times the other.
+
+        A weight times its scale; None (no constant) when neither operand has the full shape.
         """
         if len(node.input) != 2 or not all(node.input):
             return None
-        operands = [self.constant_value(name) for name in node.input]
+        first, second = (self.constant_value(name) for name in node.input)
+        if first is None or second is None:
+            return None
+        operands = (first, second)
         shapes = [self._declared_shape(name, operand) for name, operand in zip(node.input, operands)]
         try:
             out = tuple(np.broadcast_shapes(*shapes))
@@ -549,8 +556,10 @@ class WeightGraph:
         return None if value is None else tuple(int(d) for d in value.shape)
 
     def declared_shapes(self) -> dict[str, tuple[int | str | None, ...]]:
-        """Shapes the graph declares (inputs, outputs, value_info; the best known of each name),
-        as ModelGraph collects them without shape inference."""
+        """Shapes the graph declares: inputs, outputs, value_info, the best known of each name.
+
+        ModelGraph collects the same without shape inference.
+        """
         if self._declared is None:
             self._declared = {}
             for info in (*self.graph.input, *self.graph.output, *self.graph.value_info):
@@ -575,8 +584,11 @@ class WeightGraph:
         The bias is left unset: the fingerprint does not read it.
         """
         units: dict[int, Unit] = {}
-        for index, node in enumerate(self.nodes):
-            if node.op_type not in UNIT_OPS or node.domain not in _STANDARD or len(node.input) < 2:
+        for index, op_type in enumerate(self.op_types):
+            if op_type not in UNIT_OPS:
+                continue
+            node = self.nodes[index]
+            if node.domain not in _STANDARD or len(node.input) < 2:
                 continue
             slot_axis = self._weight_slot(node)
             if slot_axis is None:
@@ -626,10 +638,10 @@ class WeightGraph:
             if len(readers) != 1 or name in self.graph_outputs:
                 return None
             index, slot = readers[0]
-            node = self.nodes[index]
-            if node.op_type == op_type:
+            if self.op_types[index] == op_type:
                 return index, slot
-            if slot != 0 or node.op_type not in _TYPE_ONLY_OPS or len(node.output) != 1:
+            node = self.nodes[index]
+            if slot != 0 or self.op_types[index] not in _TYPE_ONLY_OPS or len(node.output) != 1:
                 return None
             name = node.output[0]
 
@@ -694,6 +706,6 @@ def model_producers(model: onnx.ModelProto) -> list[ProducerWeight]:
     """
     try:
         graph = WeightGraph(model)
-        return _collect(graph, graph.order, graph.units(), graph.batchnorm_scale)
+        return _collect(graph, graph.order, graph.op_types, graph.units(), graph.batchnorm_scale)
     except FullGraphNeeded:
         return producer_weights(ModelGraph(model, infer_shapes=False))

@@ -4,9 +4,9 @@ A registry holds anything: truncated downloads, files that are not ONNX, models 
 data went missing. :func:`fingerprint_file` turns each into a :class:`FileFingerprint`, with
 either a fingerprint or a one-line error, so a build lists the bad files and goes on.
 
-A local file is read once: its bytes (memory-mapped above :data:`MAP_BYTES`, so a large model is
-never held twice) are hashed and parsed from the same buffer; above :data:`HASH_THREAD_BYTES` the
-hash runs in a second thread while protobuf parses (hashlib releases the GIL). The checks of
+A local file is read once: its bytes (memory-mapped from :data:`MAP_BYTES` on, so a large model
+is not held twice) are hashed and parsed from the same buffer (protobuf parses a file ten times
+faster than sha256 hashes it, so a hashing thread would gain nothing). The checks of
 :func:`onnxlady._io._files.load_model` that a fingerprint needs are made (a parse failure, no
 graph, no opset import, a regular file); the structural validation of the whole graph is not
 (a fingerprint reads only the producer weights and their neighbours, and any inconsistency there
@@ -27,8 +27,6 @@ import hashlib
 import mmap
 import os
 import stat as _stat
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -50,11 +48,13 @@ __all__ = [
 ]
 
 _READ_CHUNK = 1 << 22
-#: Files from this size on are memory-mapped rather than read into a bytes object.
-MAP_BYTES = 1 << 22
-#: Files from this size on are hashed in a second thread while they are parsed.
-HASH_THREAD_BYTES = 1 << 23
+#: Files from this size on are memory-mapped rather than read into a bytes object (their pages
+#: are the page cache's, not held a second time next to the parsed model).
+MAP_BYTES = 1 << 28
 _TENSOR_ATTRIBUTES = (onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS)
+#: Standard operators holding a tensor attribute, and those holding graphs.
+_TENSOR_HOLDERS = frozenset({"Constant", "ConstantOfShape"})
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
@@ -145,24 +145,15 @@ def read_local(path: Path) -> tuple[onnx.ModelProto, str, tuple[tuple[str, int, 
     model = onnx.ModelProto()
     try:
         with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size < MAP_BYTES:
+            if os.fstat(handle.fileno()).st_size < MAP_BYTES:
                 data = handle.read()
                 sha256 = hashlib.sha256(data).hexdigest()
                 _parse(model, data, path)
             else:
                 with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    if size >= HASH_THREAD_BYTES:
-                        hashing = _hasher().submit(_sha256_of, mapped)
-                        try:
-                            with memoryview(mapped) as view:
-                                _parse(model, view, path)
-                        finally:
-                            sha256 = hashing.result()
-                    else:
-                        sha256 = hashlib.sha256(mapped).hexdigest()
-                        with memoryview(mapped) as view:
-                            _parse(model, view, path)
+                    sha256 = hashlib.sha256(mapped).hexdigest()
+                    with memoryview(mapped) as view:
+                        _parse(model, view, path)
     except OSError as exc:
         raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if not model.graph.node and not model.graph.output:
@@ -177,12 +168,22 @@ def read_local(path: Path) -> tuple[onnx.ModelProto, str, tuple[tuple[str, int, 
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    """Whether any tensor of the model lives in an external file (the main graph's tensors
-    checked directly; a model with subgraphs by onnx's walk over every tensor)."""
+    """Whether any tensor of the model lives in an external file.
+
+    The main graph's initializers are checked, then the attributes of the nodes that can hold a
+    tensor (``Constant``, ``ConstantOfShape``, operators of other domains); a subgraph sends
+    the question to onnx's walk over every tensor. Other standard operators hold no tensor, and
+    skipping their attributes is what keeps this check cheap on large graphs.
+    """
     graph = model.graph
     if any(is_external(tensor) for tensor in graph.initializer):
         return True
     for node in graph.node:
+        op_type = node.op_type
+        if op_type in _SUBGRAPH_OPS:
+            return any(is_external(t) for t in onnx.external_data_helper._get_all_tensors(model))
+        if op_type not in _TENSOR_HOLDERS and node.domain in ("", "ai.onnx"):
+            continue
         for attribute in node.attribute:
             if attribute.type in _GRAPH_ATTRIBUTES:
                 return any(is_external(t) for t in onnx.external_data_helper._get_all_tensors(model))
@@ -196,23 +197,6 @@ def _parse(model: onnx.ModelProto, data: bytes | memoryview, path: Path) -> None
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise OnnxladyError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
-
-
-def _sha256_of(data: mmap.mmap) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-_HASHER: tuple[int, ThreadPoolExecutor] | None = None
-_HASHER_LOCK = threading.Lock()
-
-
-def _hasher() -> ThreadPoolExecutor:
-    """This process's hashing thread (one per process: a forked pool worker starts its own)."""
-    global _HASHER
-    with _HASHER_LOCK:
-        if _HASHER is None or _HASHER[0] != os.getpid():
-            _HASHER = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxlady-sha256"))
-        return _HASHER[1]
 
 
 # -- URLs -------------------------------------------------------------------------------------

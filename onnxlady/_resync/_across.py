@@ -378,7 +378,7 @@ def _true_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str,
         return solver.true_permutations(match.reference, true_key)
     if graph_fingerprint(sus_model) in (true_key.permuted_fingerprint, true_key.source_fingerprint):
         by_suspect = solver.true_permutations(match.suspect, true_key)
-        return {pair.reference: by_suspect[pair.suspect] for pair in match.groups if pair.suspect in by_suspect}
+        return {pair.reference: by_suspect[pair.suspect] for pair in match.groups if pair.alike and pair.suspect in by_suspect}
     raise OnnxladyError("the true key was made for neither the reference nor the suspect (graph fingerprints differ)")
 
 
@@ -407,7 +407,8 @@ def resync_across(
     match = match_analyses(ref_analysis, sus_analysis)
     # A converter keeps every weight: where most do not pair, these are different models.
     check_same_model(match)
-    if not any(pair.permutable for pair in match.groups):
+    # Solved wherever the reference can move a paired group (written where the suspect can too).
+    if not any(ref_analysis.group(pair.reference).permutable for pair in match.groups):
         raise OnnxladyError("suspect and reference structures cannot be matched: no permutable group pairs")
     true_perms = _true_perms(match, true_key)
     pairing = _pair_plans(match)
@@ -512,7 +513,7 @@ def _solve_mirrored(
         suspect, reference, options, None, progress, mirrored=True, ref_analysis=match.suspect, sus_analysis=match.reference
     )
     reports = {report.id: report for report in back.groups}
-    partner = {pair.suspect: pair.reference for pair in match.groups}
+    partner = {pair.suspect: pair.reference for pair in match.groups if pair.alike}
     # Mirrored, suspect neuron j holds reference neuron matches[j]: the reference's order is argsort.
     return {
         gid: (partner.get(gid), np.argsort(details.matches[gid]), reports[gid])

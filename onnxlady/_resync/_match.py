@@ -27,10 +27,13 @@ then differ, but what the weights *compute* does not. Matching works on that, ne
 4. Paired sites pair the groups of their operands axis by axis, position by position (both
    analyses' bindings). A group pairs with exactly one group of the same size, by every vote,
    or it is unmatched with the reason.
-5. **Confidence**: the smaller of the share of both models' weights (elements) held by paired
-   sites and the share of their sites paired. Below :data:`MATCH_THRESHOLD` the two are
-   *different models*: :func:`check_same_model` refuses, naming the first divergence;
-   ``match``, ``resync`` and ``audit`` all apply it.
+5. **Confidence**: the smallest of three shares: of both models' weights (elements) held by
+   paired sites, of their sites paired, and of the layer-to-layer connections among paired
+   layers that both models have (which layer's output reaches which next layer: fusing,
+   folding, packing and quantizing keep them; another architecture with layers of the same
+   shapes does not). Below :data:`MATCH_THRESHOLD` the two are *different models*:
+   :func:`check_same_model` refuses, naming the first divergence; ``match``, ``resync`` and
+   ``audit`` all apply it.
 
 Conversions are recognised along the way (storage types, BatchNorm folded, quantization,
 operators fused, ONNX Runtime's optimizers, opset, renames, reordering, removed operators) and
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,10 +78,10 @@ _FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 _PASS_THROUGH_OPS = frozenset({"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
 #: Below this confidence two models are different models, not conversions of one another
-#: (:func:`check_same_model`). The confidence is the smaller of two shares: of both models'
-#: weight elements held by paired sites, and of their sites paired. A converter keeps every
-#: weight (a permuted, converted copy pairs 100 %); two different architectures share a few
-#: layers of common shapes at most.
+#: (:func:`check_same_model`). The confidence is the smallest of three shares (module
+#: docstring, item 5): weights, sites and connections paired. A converter keeps all three (a
+#: permuted, converted copy pairs 100 %); two different architectures share a few layers of
+#: common shapes and fewer of their connections.
 MATCH_THRESHOLD = 0.9
 #: Content decides between candidates when the best is at most this share of the second best.
 DECISIVE_RATIO = 0.5
@@ -121,6 +125,10 @@ class GroupPair:
     method: str = "structure"
     margin: float | None = None
     distance: float | None = None
+    #: Both models hold the neurons alike (the same neuron at every paired position); False
+    #: where the suspect holds them in groups of another structure (then ``suspect`` may list
+    #: several ids, and the group is solved in the reference's form only).
+    alike: bool = True
 
 
 @dataclass(frozen=True)
@@ -184,12 +192,42 @@ class ModelMatch:
         self._suspect_by_key = {site.key: site for site in self.suspect_sites}
 
     def suspect_group(self, reference_group: str) -> GroupPair | None:
+        """The pairing of a reference group with its suspect group.
+
+        Args:
+            reference_group: a group id of the reference's analysis.
+
+        Returns:
+            The pair, or None when the reference group has no partner in the suspect.
+        """
         return self._by_reference.get(reference_group)
 
     def reference_site(self, key: tuple[int, int]) -> Site:
+        """The reference's site with key ``key``.
+
+        Args:
+            key: a site key, ``(node index, part)``, as :attr:`sites` holds them.
+
+        Returns:
+            The site.
+
+        Raises:
+            KeyError: the reference has no site with that key.
+        """
         return self._reference_by_key[key]
 
     def suspect_site(self, key: tuple[int, int]) -> Site:
+        """The suspect's site with key ``key``.
+
+        Args:
+            key: a site key, ``(node index, part)``, as :attr:`sites` holds them.
+
+        Returns:
+            The site.
+
+        Raises:
+            KeyError: the suspect has no site with that key.
+        """
         return self._suspect_by_key[key]
 
     @property
@@ -203,6 +241,12 @@ class ModelMatch:
         return not any(item.reason != "frozen in both models" for item in self.unmatched) and not self.divergences
 
     def to_dict(self) -> dict[str, Any]:
+        """The match as JSON-ready data (``onnxlady match --json`` prints it beside the two paths).
+
+        Returns:
+            A dict of plain values: completeness, confidence, site counts, paired sites and groups,
+            unmatched groups, divergences and conversion findings.
+        """
         return {
             "complete": self.complete,
             "confidence": round(self.confidence, 6),
@@ -217,11 +261,12 @@ class ModelMatch:
         }
 
 
-def check_same_model(match: ModelMatch) -> None:
+def check_same_model(match: ModelMatch, *, hint: bool = True) -> None:
     """Refuse two models whose weights mostly do not pair: they are different models.
 
     Args:
         match: a pairing from :func:`match_analyses`.
+        hint: end the message by pointing at ``onnxlady match`` (not from ``match`` itself).
 
     Raises:
         OnnxladyError: the paired share is below :data:`MATCH_THRESHOLD` ("different models",
@@ -232,9 +277,9 @@ def check_same_model(match: ModelMatch) -> None:
     where = match.divergences[0] if match.divergences else "no weight of either model has a counterpart"
     more = f" (and {len(match.divergences) - 1} more places)" if len(match.divergences) > 1 else ""
     raise OnnxladyError(
-        f"different models: {100 * match.confidence:.1f} % of them pair (weights and operators), below the "
-        f"{100 * MATCH_THRESHOLD:.0f} % a conversion keeps; suspect differs from reference beyond a conversion: "
-        f"{where}{more}; 'onnxlady match' shows the pairing"
+        f"different models: {100 * match.confidence:.1f} % of them pair (weights, operators and their "
+        f"connections), below the {100 * MATCH_THRESHOLD:.0f} % a conversion keeps; suspect differs from "
+        f"reference beyond a conversion: {where}{more}" + ("; 'onnxlady match' shows the pairing" if hint else "")
     )
 
 
@@ -367,7 +412,7 @@ class _Pairing:
 
     pairs: dict[int, int]
     how: dict[int, tuple[str, float | None, float | None]]  # reference index -> (method, margin, distance)
-    opcodes: list[tuple[str, int, int, int, int]]
+    opcodes: Sequence[tuple[str, int, int, int, int]]
 
 
 class _Signatures:
@@ -556,16 +601,9 @@ def _axis_labels(analysis: ChannelAnalysis, operand: Operand, axis: int) -> dict
     return {gid: lab[positions] for gid, lab in analysis.neuron_labels(binding.expr).items()}
 
 
-def _vote_groups(
-    match_sites: list[tuple[Site, Site]], reference: ChannelAnalysis, suspect: ChannelAnalysis
-) -> tuple[dict[str, Counter[str]], dict[str, Counter[str]], dict[tuple[str, str], list[int]]]:
-    """For every group, the groups of the other model at the same positions of paired operands.
-
-    Also which site pairs (by number) voted for each group pair.
-    """
-    forward: dict[str, Counter[str]] = {}
-    backward: dict[str, Counter[str]] = {}
-    voters: dict[tuple[str, str], list[int]] = {}
+def _vote_groups(match_sites: list[tuple[Site, Site]], reference: ChannelAnalysis, suspect: ChannelAnalysis) -> _Votes:
+    """Which groups of the two models sit at the same positions of paired operands."""
+    votes = _Votes()
     for number, (mine, theirs) in enumerate(match_sites):
         for operand in mine.operands:
             other = theirs.operand(operand.role)
@@ -578,11 +616,29 @@ def _vote_groups(
                 sus_labels = _axis_labels(suspect, other, axis)
                 for a, lab_a in ref_labels.items():
                     for b, lab_b in sus_labels.items():
-                        if lab_a.shape == lab_b.shape and np.any(lab_a >= 0) and np.array_equal(lab_a, lab_b):
-                            forward.setdefault(a, Counter())[b] += 1
-                            backward.setdefault(b, Counter())[a] += 1
-                            voters.setdefault((a, b), []).append(number)
-    return forward, backward, voters
+                        if lab_a.shape != lab_b.shape or not np.any((lab_a >= 0) & (lab_b >= 0)):
+                            continue
+                        votes.voters.setdefault((a, b), []).append(number)
+                        votes.overlap.setdefault(a, set()).add(b)
+                        votes.overlap_back.setdefault(b, set()).add(a)
+                        if np.array_equal(lab_a, lab_b):
+                            votes.exact.setdefault(a, Counter())[b] += 1
+                            votes.exact_back.setdefault(b, Counter())[a] += 1
+    return votes
+
+
+@dataclass
+class _Votes:
+    """Group pairs seen at the same positions: ``exact`` where both hold the positions alike
+    (same neuron at each), ``overlap`` wherever they share positions at all; ``voters``: the
+    site pairs (by number) behind each.
+    """
+
+    exact: dict[str, Counter[str]] = field(default_factory=dict)
+    exact_back: dict[str, Counter[str]] = field(default_factory=dict)
+    overlap: dict[str, set[str]] = field(default_factory=dict)
+    overlap_back: dict[str, set[str]] = field(default_factory=dict)
+    voters: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
 
 def _pair_groups(
@@ -591,59 +647,71 @@ def _pair_groups(
     match_sites: list[tuple[Site, Site]],
     how: list[tuple[str, float | None, float | None]],
 ) -> tuple[list[GroupPair], list[UnmatchedGroup]]:
-    forward, backward, voters = _vote_groups(match_sites, reference, suspect)
+    """Pair each reference group with the suspect group holding its neurons alike, or say why not.
+
+    Where the suspect holds a group's neurons in groups of another structure (frozen by its
+    form, restricted to whole quantization blocks by MatMulNBits, split or merged), the group
+    is paired as not permutable in both: resync solves it in the reference's form and leaves
+    it in place in the output.
+    """
+    votes = _vote_groups(match_sites, reference, suspect)
     pairs: list[GroupPair] = []
     unmatched: list[UnmatchedGroup] = []
     paired_suspect: set[str] = set()
 
     def made(a: str, bs: list[str]) -> tuple[str, float | None, float | None]:
         """How the sites behind a pairing were paired (the weakest of them)."""
-        numbers = {n for b in bs for n in voters.get((a, b), [])}
+        numbers = {n for b in bs for n in votes.voters.get((a, b), [])}
         methods = {how[n][0] for n in numbers}
         method = next((m for m in ("order", "content") if m in methods), "structure")
-        margins = [how[n][1] for n in numbers if how[n][1] is not None]
-        distances = [how[n][2] for n in numbers if how[n][2] is not None]
-        return method, (min(margins) if margins else None), (max(distances) if distances else None)  # type: ignore[type-var]
+        margins = [m for n in numbers if (m := how[n][1]) is not None]
+        distances = [d for n in numbers if (d := how[n][2]) is not None]
+        return method, (min(margins) if margins else None), (max(distances) if distances else None)
 
     for group in reference.groups:
-        seen = forward.get(group.id)
-        if not seen:
+        exact = votes.exact.get(group.id, Counter())
+        touching = votes.overlap.get(group.id, set())
+        if not touching:
             unmatched.append(_unmatched("reference", group, "no paired operator writes it"))
             continue
-        partners = [suspect.group(other) for other in sorted(seen)]
-        if all(partner.frozen for partner in partners):
-            # Nothing of the suspect moves here: the reference's group can still be solved (its
-            # values are paired tensor by tensor), whichever frozen groups hold the neurons.
-            ids = ", ".join(partner.id for partner in partners)
-            if any(partner.size != group.size for partner in partners):
-                unmatched.append(_unmatched("reference", group, f"suspect groups {ids} have other sizes"))
+        if len(exact) == 1 and set(exact) == touching:
+            (other_id,) = exact
+            other = suspect.group(other_id)
+            alike = set(votes.exact_back.get(other_id, ())) == {group.id} == votes.overlap_back.get(other_id, set())
+            if alike and other.size == group.size:
+                paired_suspect.add(other_id)
+                pairs.append(GroupPair(group.id, other_id, group.size, group.permutable and other.permutable,
+                                       *made(group.id, [other_id])))  # fmt: skip
+                if group.permutable and not other.permutable:
+                    reasons = "; ".join(str(r) for r in other.reasons) or "fewer than two neurons"
+                    unmatched.append(_unmatched("reference", group, f"frozen in the suspect (as {other_id}): {reasons}"))
+                elif other.permutable and not group.permutable:
+                    reasons = "; ".join(str(r) for r in group.reasons) or "fewer than two neurons"
+                    unmatched.append(_unmatched("suspect", other, f"frozen in the reference (as {group.id}): {reasons}"))
                 continue
-            pairs.append(GroupPair(group.id, ids, group.size, False, *made(group.id, sorted(seen))))
-            if group.permutable:
-                reasons = "; ".join(str(r) for partner in partners for r in partner.reasons) or "fewer than two neurons"
-                unmatched.append(_unmatched("reference", group, f"frozen in the suspect (as {ids}): {reasons}"))
-            continue
-        if len(seen) > 1:
-            others = ", ".join(sorted(seen))
-            unmatched.append(_unmatched("reference", group, f"its neurons are spread over suspect groups {others}"))
-            continue
-        (other_id,) = seen
-        other = suspect.group(other_id)
-        if len(backward[other_id]) > 1:
-            merged = ", ".join(sorted(backward[other_id]))
-            unmatched.append(_unmatched("reference", group, f"suspect group {other_id} merges reference groups {merged}"))
-            continue
-        if other.size != group.size:
-            unmatched.append(
-                _unmatched("reference", group, f"suspect group {other_id} has {other.size} neurons, not {group.size}")
-            )
-            continue
-        paired_suspect.add(other_id)
-        both = group.permutable and other.permutable
-        pairs.append(GroupPair(group.id, other_id, group.size, both, *made(group.id, [other_id])))
-        if other.permutable and not group.permutable:
+        # The suspect holds these neurons otherwise: solved in the reference's form (its values
+        # are paired tensor by tensor) and left in place in the output.
+        partners = sorted(touching)
+        ids = ", ".join(partners)
+        pairs.append(GroupPair(group.id, ids, group.size, False, *made(group.id, partners), alike=False))
+        others = [suspect.group(other) for other in partners]
+        if group.permutable:
+            paired_suspect.update(partners)
+            if all(other.frozen for other in others):
+                reasons = "; ".join(str(r) for other in others for r in other.reasons) or "fewer than two neurons"
+                why = f"frozen in the suspect (as {ids}): {reasons}"
+            else:
+                why = (
+                    f"the suspect holds its neurons in groups of another structure ({ids}): "
+                    "solved in the reference's form, left in place in the output"
+                )
+            unmatched.append(_unmatched("reference", group, why))
+        else:  # only the suspect's form can move them: left to be solved the other way round
             reasons = "; ".join(str(r) for r in group.reasons) or "fewer than two neurons"
-            unmatched.append(_unmatched("suspect", other, f"frozen in the reference (as {group.id}): {reasons}"))
+            for other in others:
+                if other.permutable and other.id not in paired_suspect:
+                    paired_suspect.add(other.id)
+                    unmatched.append(_unmatched("suspect", other, f"frozen in the reference (as {group.id}): {reasons}"))
     for group in suspect.groups:
         if group.id not in paired_suspect and group.permutable:
             unmatched.append(_unmatched("suspect", group, "no reference group holds its neurons"))
@@ -662,7 +730,7 @@ def _unmatched(model: str, group: Any, reason: str) -> UnmatchedGroup:
 
 
 # -- conversions ------------------------------------------------------------------------------
-_DTYPE_KIND = {
+_DTYPE_KIND: dict[int, str] = {
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.BFLOAT16: "bfloat16",
     onnx.TensorProto.DOUBLE: "float64",
@@ -722,8 +790,8 @@ def _conversions(
                     )
                 )
         if sum(quantized[side].values()) > sum(quantized[other].values()):
-            forms = ", ".join(f"{count} {form}" for form, count in sorted(quantized[side].items()))
-            findings.append(ConversionFinding("quantized", side, f"of {weights} paired weights, quantized: {forms}"))
+            listed = ", ".join(f"{count} {form}" for form, count in sorted(quantized[side].items()))
+            findings.append(ConversionFinding("quantized", side, f"of {weights} paired weights, quantized: {listed}"))
     # BatchNorm folded on one side.
     folded = {"reference": 0, "suspect": 0}
     for mine, theirs in pairs:
@@ -750,14 +818,14 @@ def _conversions(
         findings.append(ConversionFinding("fused", side, f"weights held by other operators (reference as suspect): {listing}"))
     # The tools that did it, where they sign their output.
     for side, graph in graphs.items():
-        other = suspect if side == "reference" else reference
-        if _ORT_DOMAINS & set(graph.opsets) and not _ORT_DOMAINS & set(other.opsets):
+        other_graph = suspect if side == "reference" else reference
+        if _ORT_DOMAINS & set(graph.opsets) and not _ORT_DOMAINS & set(other_graph.opsets):
             findings.append(
                 ConversionFinding(
                     "ort-optimized", side, "saved by ONNX Runtime's offline optimizer (optimized_model_filepath)"
                 )
             )
-        if graph.model.producer_name == "onnxruntime.transformers" and other.model.producer_name != graph.model.producer_name:
+        if graph.model.producer_name == "onnxruntime.transformers" and other_graph.model.producer_name != graph.model.producer_name:
             findings.append(
                 ConversionFinding("ort-transformer-optimized", side, "written by onnxruntime.transformers.optimizer")
             )

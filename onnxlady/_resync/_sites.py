@@ -605,7 +605,8 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
         if index in units:
             sites.append(_unit_site(graph, index, units[index]))
             continue
-        if graph.is_chain_node(index) or (node.output and node.output[0] in computed):
+        carries_constant = graph.is_chain_node(index) and graph.constant_leaf(node.output[0]) is not None
+        if carries_constant or (node.output and node.output[0] in computed):
             continue
         if key == (MICROSOFT, "Attention"):
             found = _attention_sites(graph, index)

@@ -30,6 +30,7 @@ import onnx
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, product
 from onnxlady._graph._model_graph import ChainAxisError, Companion, ConstantLeaf, ModelGraph, Shape, node_label
+from onnxlady._rules._derived import derived_uses
 
 _PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
@@ -184,7 +185,45 @@ class RuleContext:
             if not isinstance(dim, int):
                 raise RuleDoesNotApply("unknown-shape", f"the size of axis {axis} of '{name}' is unknown")
             size = dim
+        derived = self._derived(name, axis, size)
+        if derived is not None:
+            return derived
         return Fixed(size, self._untracked_reason(name, axis))
+
+    def _derived(self, name: str, axis: int, size: int) -> Atom | None:
+        """A new group for a tensor computed from constants only, bound to the constants it is made of.
+
+        None where the constants cannot follow (see :func:`~onnxlady._rules._derived.derived_uses`).
+        The bindings are buffered like any other, so a rule that gives up leaves nothing behind.
+        """
+        if not name or size < 2 or name in self._state.untracked_reason or axis < 0:
+            return None
+        uses = derived_uses(self.graph, name, axis, self.index)
+        if uses is None:
+            return None
+        group = self.new_group(size)
+        bindings = []
+        for node, slot, use_axis in uses:
+            binding = self._constant_binding(node, slot, use_axis, group, "constant computed into another")
+            if binding is None:
+                return None
+            bindings.append(binding)
+        self._bound.extend(bindings)
+        return group
+
+    def _constant_binding(self, node: int, slot: int, axis: int, expr: Expr, role: str) -> Binding | None:
+        """What :meth:`bind` would record for input ``slot`` of node ``node``, or None where it would refuse."""
+        name = self.graph.nodes[node].input[slot]
+        leaf = self.graph.constant_leaf(name)
+        shape = self.graph.constant_shape(name) or ()
+        if leaf is None or not 0 <= axis < len(shape) or shape[axis] != expr.size:
+            return None
+        leaf_axis = self.graph.leaf_axis(name, axis)
+        if leaf_axis is None or self.graph.dtypes.get(leaf.name) in _PACKED:
+            return None
+        if leaf.constant_node is not None and not isinstance(self.graph.leaf_tensor_or_none(leaf), onnx.TensorProto):
+            return None
+        return Binding(node, slot, leaf.name, leaf_axis, expr, role)
 
     def take_all(self, slot: int) -> dict[int, Expr]:
         """Take every tracked space of input ``slot``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from onnxlady._graph._expr import Atom, Expr, Fixed, product
@@ -104,7 +105,8 @@ class FlattenRule(OpRule):
             return
         shape = ctx.shape_in(0)
         if shape is None:
-            raise RuleDoesNotApply("unknown-shape", "input shape unknown")
+            _unknown_shape(ctx, spaces.values(), "input shape unknown")
+            return
         split = int(ctx.attr("axis", 1))
         split = split + len(shape) if split < 0 else split
         for out_axis, block in ((0, range(split)), (1, range(split, len(shape)))):
@@ -114,7 +116,7 @@ class FlattenRule(OpRule):
             unknown = [a for a in block if a not in mine and not isinstance(shape[a], int)]
             if unknown:
                 for expr in mine.values():
-                    ctx.freeze(expr, "unknown-shape", f"axes {unknown} merged with a permuted axis have unknown sizes")
+                    _unknown_shape(ctx, [expr], f"axes {unknown} merged with a permuted axis have unknown sizes")
                 continue
             parts = [
                 mine[a] if a in mine else _fixed_digit(ctx, int(shape[a]), a < min(mine))  # type: ignore[arg-type]
@@ -225,7 +227,9 @@ class ReshapeRule(OpRule):
         in_shape = ctx.shape_in(0)
         out_shape = ctx.shape_out(0)
         if in_shape is None or out_shape is None:
-            raise RuleDoesNotApply("unknown-shape", "input or output shape unknown")
+            exprs = [*spaces.values(), *(space.expr for space in joints)]
+            _unknown_shape(ctx, exprs, "input or output shape unknown")
+            return
         digits, unaligned = _align(in_shape, out_shape)
         for space in joints:
             if not _move_joint(ctx, space, digits, unaligned):
@@ -235,7 +239,10 @@ class ReshapeRule(OpRule):
             mine = [k for k, digit in enumerate(digits) if digit.source == axis]
             if axis in unaligned or not mine:
                 kind, message = unaligned.get(axis, ("index-map", f"Reshape: axis {axis} has no place in the output"))
-                ctx.freeze(expr, kind, message)
+                if kind == "unknown-shape":
+                    _unknown_shape(ctx, [expr], message)
+                else:
+                    ctx.freeze(expr, kind, message)
                 continue
             if len(mine) == 1:
                 size = digits[mine[0]].size
@@ -260,6 +267,47 @@ class ReshapeRule(OpRule):
             first = min(k for k in owned if k in pieces)
             parts = [pieces[k] if k in pieces else _fixed_digit(ctx, int(digits[k].size), k < first) for k in owned]  # type: ignore[arg-type]
             _emit_moving(ctx, target, _chain(parts))
+
+
+#: Operators after which every element of their input still sits at a position of its own in
+#: the output, or changes it (element-wise maps, Softmax over any axis, moves of axes).
+_POSITIONAL = frozenset({
+    "Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Softmax", "LogSoftmax",
+    "Sigmoid", "Relu", "Tanh", "Exp", "Log", "Neg", "Abs", "Clip", "HardSigmoid", "LeakyRelu",
+})  # fmt: skip
+
+
+def _unknown_shape(ctx: RuleContext, exprs: Iterable[Expr], message: str) -> None:
+    """Freeze spaces an unresolved reshape cannot carry: pinned by a graph output where one reads it.
+
+    A classifier's outputs reshaped with a computed target (a dynamic CRNN head) are the graph
+    output itself: whatever the reshape does, no permutation of them leaves the output alone.
+    That is the true reason they stay; elsewhere the unknown shape is.
+    """
+    output = _reached_output(ctx)
+    for expr in exprs:
+        if output is not None:
+            ctx.freeze(expr, "graph-output", f"graph output '{output}' (read through this {ctx.op_type} of unknown shape)")
+        else:
+            ctx.freeze(expr, "unknown-shape", message)
+
+
+def _reached_output(ctx: RuleContext) -> str | None:
+    """The graph output that this node's output reaches through positional operators only, if any."""
+    graph = ctx.graph
+    pending, seen = [ctx.output(0)], set()
+    while pending and len(seen) < 64:
+        name = pending.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        if name in graph.graph_outputs:
+            return name
+        for index, slot in graph.consumers.get(name, []):
+            node = graph.nodes[index]
+            if slot == 0 and node.op_type in _POSITIONAL and node.domain in ("", "ai.onnx"):
+                pending.extend(node.output[:1])
+    return None
 
 
 def _exclusive(digits: list[_Digit], targets: list[int]) -> bool:

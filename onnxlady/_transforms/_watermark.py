@@ -187,7 +187,8 @@ def embed_watermark(
     Returns the key and a report: ``relative_weight_change`` (|dW| / |W|),
     ``ber_before`` (bit error rate the unmarked kernel had), ``bits``, ``margin`` (the one
     finally used), ``min_projection`` (smallest ``s_i x_i.w`` after storing) and
-    ``relative_output_change`` (None here: measure it with :func:`relative_output_change`).
+    ``relative_output_change`` (None here: the public API measures it by running both models,
+    :func:`onnxlady._verify._output_change.relative_output_change`).
     """
     if not np.isfinite(margin) or margin <= 0:
         raise OnnxladyError(f"watermark margin must be a positive number, got {margin}")
@@ -262,37 +263,6 @@ def extract_watermark(model: onnx.ModelProto, key: WatermarkKey) -> tuple[np.nda
         )
     extracted = (key.projection @ w > 0).astype(np.uint8)
     return extracted, float(np.mean(extracted != key.bits))
-
-
-def relative_output_change(
-    reference: onnx.ModelProto, candidate: onnx.ModelProto, *, samples: int = 8, seed: int = 0
-) -> float:
-    """|y_cand - y_ref| / |y_ref| over all outputs, on ``samples`` random inputs.
-
-    The inputs are standard-normal (dynamic dimensions set to 1). Needs ONNX Runtime; float inputs
-    only.
-    """
-    import onnxruntime as ort
-
-    def session(model: onnx.ModelProto) -> ort.InferenceSession:
-        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    ref, cand = session(reference), session(candidate)
-    rng = np.random.default_rng(seed)
-    num = den = 0.0
-    for _ in range(samples):
-        feeds = {}
-        for vi in ref.get_inputs():
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in vi.shape]
-            if "float" not in vi.type:
-                raise OnnxladyError(f"input '{vi.name}' is {vi.type}: only float inputs are generated")
-            dtype = np.float16 if "float16" in vi.type else np.float64 if "double" in vi.type else np.float32
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        for a, b in zip(ref.run(None, feeds), cand.run(None, feeds)):
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            num += float(np.sum((a - b) ** 2))
-            den += float(np.sum(a**2))
-    return float(np.sqrt(num / max(den, 1e-300)))
 
 
 # -- key files -------------------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""Tensors computed from constants only: which stored constants a permutation of one of them moves.
+
+A Vision Transformer exported with its position table interpolated to the input's grid computes
+the table it adds to the tokens in the graph (Slice the class position off, Reshape the rest to
+its grid, Transpose, Resize, Transpose and Reshape back, Concat the class position again). No
+rule tracks a permutation through such a tensor (nothing permuted flows into it), so the residual
+stream it is added to would freeze. Yet every one of those operators treats the channel axis as
+an independent axis: permuting the stored table along its channel axis permutes the computed
+tensor the same way. :func:`derived_uses` walks back from the computed tensor to the constants
+it is made of and says which axis of which constant use to permute, or None where an operator on
+the way mixes or moves positions of that axis; nothing is ever permuted on a guess.
+
+Only an exclusive path is walked: every computed tensor on it has one reader (the next node
+toward the tensor asked about) and is no graph output, so no other operator sees the permuted
+values without the analysis knowing. Constant leaves themselves may have several readers: each
+use is bound on its own (and untied when the uses disagree), as for any constant operand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+
+from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._model_graph import ModelGraph
+
+#: (node index, input slot, axis as that node reads the input): one constant use to permute.
+DerivedUse = tuple[int, int, int]
+
+#: Element-wise operators of one input that commute with any permutation of the positions.
+_UNARY = frozenset({
+    "Identity", "Cast", "Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal",
+    "Erf", "Softplus", "Floor", "Ceil", "Round", "Sign",
+})  # fmt: skip
+#: Broadcasting element-wise operators.
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"})
+#: Longest walk (operators) from the tensor asked about back to its constants.
+_MAX_STEPS = 256
+
+
+def derived_uses(graph: ModelGraph, name: str, axis: int, reader: int) -> list[DerivedUse] | None:
+    """The constant uses whose permutation along an axis permutes ``name`` along ``axis``.
+
+    Args:
+        graph: the model's graph.
+        name: a tensor computed from constants only, read by node ``reader``.
+        axis: the axis of ``name`` to permute.
+        reader: the node that asks (every reader of ``name`` must be this node).
+
+    Returns:
+        The uses (node, slot, axis) of constants to permute, possibly none (the tensor is
+        constant along ``axis``), or None when the walk finds an operator that is not
+        equivariant along the axis, a computed tensor read elsewhere too, or anything that is
+        not computed from constants.
+    """
+    if not graph.constant_derived(name) or name in graph.graph_outputs:
+        return None
+    if any(node != reader for node, _ in graph.consumers.get(name, [])):
+        return None
+    uses: list[DerivedUse] = []
+    pending: list[tuple[str, int]] = [(name, axis)]
+    steps = 0
+    while pending:
+        tensor, tensor_axis = pending.pop()
+        steps += 1
+        if steps > _MAX_STEPS:
+            return None
+        produced = graph.producer.get(tensor)
+        if produced is None or produced[0] >= graph.main_count:
+            return None
+        index = produced[0]
+        node = graph.nodes[index]
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        sources = _sources(graph, index, tensor_axis)
+        if sources is None:
+            return None
+        for slot, source_axis in sources:
+            source = node.input[slot]
+            if graph.is_constant(source):
+                uses.append((index, slot, source_axis))
+                continue
+            if (
+                not graph.constant_derived(source)
+                or source in graph.graph_outputs
+                or graph.consumers.get(source, []) != [(index, slot)]
+            ):
+                return None
+            pending.append((source, source_axis))
+    return uses
+
+
+def _sources(graph: ModelGraph, index: int, axis: int) -> list[tuple[int, int]] | None:
+    """The data inputs (slot, axis) of node ``index`` that its output's ``axis`` reads, one to one.
+
+    An input broadcast along the axis (size 1, or no such axis) is left out: it is the same for
+    every position. None when the operator moves or mixes positions along the axis.
+    """
+    node = graph.nodes[index]
+    op = node.op_type
+    out_shape = graph.shape(node.output[0])
+    if out_shape is None or not 0 <= axis < len(out_shape):
+        return None
+    if op in _UNARY:
+        return [(0, axis)]
+    if op == "Transpose":
+        perm = node_attribute(node, "perm")
+        rank = len(out_shape)
+        order = [int(p) for p in perm] if perm is not None else list(reversed(range(rank)))
+        return [(0, order[axis])]
+    if op in ("Unsqueeze", "Squeeze"):
+        return _squeezed(graph, node, axis, len(out_shape))
+    if op in ("Reshape", "Flatten"):
+        source = _whole_axis(graph.shape(node.input[0]), out_shape, axis)
+        return None if source is None else [(0, source)]
+    if op == "Slice":
+        return [(0, axis)] if _slice_keeps(graph, node, axis) else None
+    if op == "Concat":
+        concat_axis = int(node_attribute(node, "axis", 0)) % len(out_shape)
+        if concat_axis == axis:
+            return None
+        return [(slot, axis) for slot, name in enumerate(node.input) if name]
+    if op in ("Resize", "Upsample"):
+        in_shape = graph.shape(node.input[0])
+        mode = node_attribute(node, "coordinate_transformation_mode", b"half_pixel")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        same = in_shape is not None and isinstance(in_shape[axis], int) and in_shape[axis] == out_shape[axis]
+        # A size-preserving axis reads position i at i in every coordinate mode but the crop.
+        return [(0, axis)] if same and mode != "tf_crop_and_resize" else None
+    if op == "Expand":
+        return _broadcast(graph, node, [0], axis, len(out_shape))
+    if op in _BINARY:
+        return _broadcast(graph, node, [slot for slot, name in enumerate(node.input) if name], axis, len(out_shape))
+    if op == "Gather":
+        if graph.constant_value(node.input[1]) is None:
+            return None
+        rank = len(graph.shape(node.input[0]) or ())
+        gathered = int(node_attribute(node, "axis", 0)) % max(rank, 1)
+        index_rank = len(graph.shape(node.input[1]) or ())
+        if axis < gathered:
+            return [(0, axis)]
+        if axis >= gathered + index_rank:
+            return [(0, axis - index_rank + 1)]
+        return None
+    return None
+
+
+def _squeezed(graph: ModelGraph, node: onnx.NodeProto, axis: int, out_rank: int) -> list[tuple[int, int]] | None:
+    in_shape = graph.shape(node.input[0])
+    if in_shape is None:
+        return None
+    value = node_attribute(node, "axes")
+    if value is None and len(node.input) > 1 and node.input[1]:
+        constant = graph.constant_value(node.input[1])
+        if constant is None:
+            return None
+        value = constant.reshape(-1).tolist()
+    if node.op_type == "Unsqueeze":
+        if value is None:
+            return None
+        inserted = {int(a) % out_rank for a in value}
+        if axis in inserted:
+            return []  # a new axis of size 1
+        return [(0, axis - sum(1 for a in inserted if a < axis))]
+    rank = len(in_shape)
+    removed = {int(a) % rank for a in value} if value is not None else {a for a, d in enumerate(in_shape) if d == 1}
+    kept = [a for a in range(rank) if a not in removed]
+    return [(0, kept[axis])] if axis < len(kept) else None
+
+
+def _whole_axis(in_shape: tuple | None, out_shape: tuple, axis: int) -> int | None:
+    """The input axis that output ``axis`` of a reshape is, whole and in place, or None.
+
+    Static shapes only: the axes in front of it hold as many positions on both sides and the
+    axis has the same size, so every position keeps its index along it.
+    """
+    if in_shape is None or not all(isinstance(d, int) for d in (*in_shape, *out_shape)):
+        return None
+    size = out_shape[axis]
+    if size == 1:
+        return None
+    before = math.prod(out_shape[:axis])
+    for source, dim in enumerate(in_shape):
+        if dim == size and math.prod(in_shape[:source]) == before:
+            return source
+    return None
+
+
+def _slice_keeps(graph: ModelGraph, node: onnx.NodeProto, axis: int) -> bool:
+    """Whether a Slice leaves ``axis`` whole (not sliced, or from 0 to the end with step 1)."""
+    in_shape = graph.shape(node.input[0])
+    if in_shape is None:
+        return False
+    rank = len(in_shape)
+    if len(node.input) > 1:
+        arguments = [graph.constant_value(name) if name else None for name in node.input[1:5]]
+        if arguments[0] is None or arguments[1] is None:
+            return False
+        starts, ends = arguments[0].reshape(-1).tolist(), arguments[1].reshape(-1).tolist()
+        axes = arguments[2].reshape(-1).tolist() if len(arguments) > 2 and arguments[2] is not None else list(range(len(starts)))
+        steps = arguments[3].reshape(-1).tolist() if len(arguments) > 3 and arguments[3] is not None else [1] * len(starts)
+    else:
+        starts, ends = list(node_attribute(node, "starts", [])), list(node_attribute(node, "ends", []))
+        axes = list(node_attribute(node, "axes", range(len(starts))))
+        steps = [1] * len(starts)
+    axes = [int(a) % rank for a in axes]
+    if axis not in axes:
+        return True
+    k = axes.index(axis)
+    dim = in_shape[axis]
+    return int(steps[k]) == 1 and int(starts[k]) in (0, -dim if isinstance(dim, int) else 0) and (
+        isinstance(dim, int) and int(ends[k]) >= dim
+    )
+
+
+def _broadcast(graph: ModelGraph, node: onnx.NodeProto, slots: list[int], axis: int, out_rank: int) -> list[tuple[int, int]] | None:
+    """Inputs aligned from the right: those with the full axis, leaving out broadcast ones."""
+    out_dim = (graph.shape(node.output[0]) or ())[axis]
+    found: list[tuple[int, int]] = []
+    for slot in slots:
+        shape = graph.shape(node.input[slot])
+        if shape is None:
+            return None
+        source = axis - (out_rank - len(shape))
+        if source < 0 or shape[source] == 1:
+            continue
+        if shape[source] != out_dim:
+            return None
+        found.append((slot, source))
+    return found
