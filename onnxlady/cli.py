@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -52,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        return _main(argv)
+        with warnings.catch_warnings():
+            # Library warnings (numpy's "invalid value in sqrt" on a hostile model...) are not the
+            # user's business: stderr carries progress and one error line; debugging shows them.
+            if not os.environ.get("ONNXLADY_DEBUG"):
+                warnings.simplefilter("ignore")
+            return _main(argv)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

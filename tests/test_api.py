@@ -319,8 +319,9 @@ def test_match_and_audit(vgg: onnx.ModelProto, permuted_vgg: onnxlady.PermuteRes
     paired = onnxlady.match(vgg, permuted_vgg.model)
     assert isinstance(paired, onnxlady.MatchResult) and isinstance(paired.details, onnxlady.ModelMatch)
     assert paired.complete and paired.exit_code == 0 and paired.groups
-    other = onnxlady.match(vgg, FIXTURES["resnet"](0))
-    assert not other.complete and other.exit_code == 1
+    assert paired.confidence == 1.0
+    with pytest.raises(onnxlady.OnnxladyError, match="different models"):  # another architecture
+        onnxlady.match(vgg, FIXTURES["resnet"](0))
 
     clean = onnxlady.audit(vgg, permuted_vgg.model)
     assert isinstance(clean, onnxlady.AuditResult) and clean.verdict == "permuted" and clean.exit_code == 0

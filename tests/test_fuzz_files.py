@@ -282,6 +282,8 @@ def _mutate_key(key: dict, data: st.DataObject) -> dict:
     key = copy.deepcopy(key)
     for _ in range(data.draw(st.integers(1, 3), label="edits")):
         places = _locations(key)[1:]
+        if not places:
+            break
         place = data.draw(st.sampled_from(places), label="where")
         parent = key
         for part in place[:-1]:

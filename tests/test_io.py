@@ -259,16 +259,18 @@ def test_atomic_write_failure_keeps_previous_output(model_file, out_dir: Path, r
 
 
 def test_external_save_failure_leaves_nothing(model_file, out_dir: Path, monkeypatch) -> None:
-    model = load_model(model_file("vgg")).model
-    real_save = onnx.save_model
+    import onnxlady._io._outputs as outputs_module  # the writer the output set calls
 
-    def save_then_fail(proto, path, *args, **kwargs):
-        real_save(proto, path, *args, **kwargs)
+    model = load_model(model_file("vgg")).model
+    real_write = outputs_module.write_external
+
+    def write_then_fail(proto, path, data_path, *args, **kwargs):
+        real_write(proto, path, data_path, *args, **kwargs)
         with open(path, "r+b") as handle:  # half a model file, and its data file, then the disk is full
             handle.truncate(os.path.getsize(path) // 2)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io_module.onnx, "save_model", save_then_fail)
+    monkeypatch.setattr(outputs_module, "write_external", write_then_fail)
     with pytest.raises((OSError, OnnxladyError)):
         save_model(model, out_dir / "out.onnx", external_data=True)
     assert listing(out_dir) == []

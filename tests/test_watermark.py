@@ -228,3 +228,80 @@ def test_watermark_commands_mark_scramble_and_recover(tmp_path) -> None:
     assert 0.25 <= ber(stolen) <= 0.75
     assert ber(fixed) == 0.0
     assert main(["watermark", "extract", str(marked), "--key", str(source)]) == 2
+
+
+# -- models with dynamic height and width (issue 13: nudenet failed with "Concat ... mismatched dimensions")
+def _run_cli(*argv: object) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from onnxlady.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_embed_on_dynamic_height_and_width(tmp_path: Path) -> None:
+    """Sizes come from verify's input plan (not 1x1, where the neck's Concat fails), or from --shape."""
+    import json
+
+    from fixtures.dynamic import build_dynamic_detector
+
+    source = tmp_path / "detector.onnx"
+    onnx.save(build_dynamic_detector(0), str(source))
+    before = source.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    code, stdout, err = _run_cli("watermark", "embed", source, "--layer", "down.conv", "--bits", "32",
+                                 "-o", out / "m.onnx", "--key-out", out / "wm.npz", "--json")  # fmt: skip
+    assert code == 0, err
+    document = json.loads(stdout)
+    assert 0.0 < document["relative_output_change"] < 0.5
+    code, stdout, err = _run_cli("watermark", "extract", out / "m.onnx", "--key", out / "wm.npz")
+    assert code == 0 and "bit error rate 0.0 %" in stdout, err
+    code, stdout, err = _run_cli("watermark", "embed", source, "--layer", "down.conv", "--bits", "32",
+                                 "--shape", "images:2x3x96x128", "-o", out / "m2.onnx", "--key-out", out / "wm2.npz")  # fmt: skip
+    assert code == 0, err
+    assert source.read_bytes() == before
+
+
+def test_embed_shape_the_model_cannot_run_is_one_line_naming_shape(tmp_path: Path) -> None:
+    from fixtures.dynamic import build_dynamic_detector
+
+    source = tmp_path / "detector.onnx"
+    onnx.save(build_dynamic_detector(0), str(source))
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = _run_cli("watermark", "embed", source, "--layer", "down.conv", "--shape", "images:1x3x6x6",
+                            "-o", out / "m.onnx", "--key-out", out / "wm.npz")  # fmt: skip
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "Concat" in err and "--shape" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []  # nothing written: the mark's cost could not be measured
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--seed", "-1", "--seed must be a whole number from 0"),
+        ("--seed", str(2**64), "--seed must be a whole number from 0"),
+        ("--bits", "0", "--bits must be a whole number >= 1"),
+        ("--bits", "-3", "--bits must be a whole number >= 1"),
+        ("--shape", "images:1x3", "input 'images'"),
+        ("--shape", "nosuch:1x3x32x32", "nosuch"),
+        ("--shape", "images:1xAx32x32", "bad shape override"),
+    ],
+)
+def test_embed_bad_options_are_one_line(tmp_path: Path, option: str, value: str, message: str) -> None:
+    """Issue 13: --seed -1 was an internal error (exit 3, numpy's ValueError)."""
+    from fixtures.dynamic import build_dynamic_detector
+
+    source = tmp_path / "detector.onnx"
+    onnx.save(build_dynamic_detector(0), str(source))
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = _run_cli("watermark", "embed", source, "--layer", "down.conv", option, value,
+                            "-o", out / "m.onnx", "--key-out", out / "wm.npz")  # fmt: skip
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert list(out.iterdir()) == []

@@ -61,7 +61,7 @@ from onnx import numpy_helper
 
 import onnxlady
 from fixtures import FIXTURES
-from fixtures.conversions import quantize_qdq, to_float16
+from fixtures.conversions import quantize_qdq, to_float16, upgrade_opset
 from onnxlady._analysis._channels import analyze
 from onnxlady._audit._verdicts import _bn_after, _group_uses, _homogeneous_path
 from onnxlady.testing import copy_model, tensor_holders
@@ -216,6 +216,12 @@ def _perturb(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
     return onnxlady.perturb(model, seed=3, **kwargs).model
 
 
+def _qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """int8 QDQ, after an opset upgrade to 13 where the model is older (QDQ per channel needs 13)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    return quantize_qdq(upgrade_opset(model, 13) if opset < 13 else model)
+
+
 def _variant(suspect: onnx.ModelProto, variant: str) -> onnx.ModelProto:
     if variant == "plain":
         return suspect
@@ -241,7 +247,7 @@ def cases(models: dict[str, onnx.ModelProto], finetuned: bool) -> list[Case]:
             add(name, "noise", f"Omega {omega:g}", ref, lambda r=ref, o=omega: _perturb(r, noise=o))
         for bits in BITS:
             add(name, "quantization", f"{bits} bits", ref, lambda r=ref, b=bits: _perturb(r, quantize=b))
-        add(name, "quantization", "int8 QDQ", ref, lambda r=ref: quantize_qdq(r))
+        add(name, "quantization", "int8 QDQ", ref, lambda r=ref: _qdq(r))
         for percent in PRUNE:
             add(name, "pruning", f"{percent:g} %", ref, lambda r=ref, p=percent: _perturb(r, prune=p))
         attacked = attack(ref)

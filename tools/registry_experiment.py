@@ -1,27 +1,39 @@
 """Registry experiment: find the reference of every derivative among unrelated models, at scale.
 
-Builds a registry from the fixtures and measures onnxlady's provenance search
-(:mod:`onnxlady._provenance`):
+Builds a registry and measures onnxlady's provenance search (:mod:`onnxlady._provenance`):
 
-- *references*: :data:`REFERENCES` (at least 10 fixtures, seed 0);
+- *references*: :data:`REFERENCES` (16 fixtures, seed 0); every real model the project fetches
+  (``python3 -m tools.fetch_models`` puts them in ``.cache/models``: trained PaddleOCR, YOLOv8,
+  Magika networks); and, when the torch virtualenv exists (``--zoo-python``, default
+  ``/tmp/zoo-venv/bin/python``), the *fine-tuning bases* of :data:`FINETUNE_MODELS`: the digits
+  CNN of :mod:`tools.train_digits_cnn` trained on scikit-learn's digits (BatchNorm folded and
+  kept), and torchvision networks (random weights given an O(1) activation spread by
+  :func:`tools.zoo.reinitialise`);
 - *derivatives*, 6 per reference, each made from a permuted copy (every permutable group
   moved): ``permuted``; ``noise`` (OMEGA = 0.1 on every weight); ``int8`` (QDQ, as ONNX
   Runtime's static quantizer writes it: ``fixtures.conversions.quantize_qdq``); ``pruned``
   (30 % magnitude pruning); ``float16`` (``fixtures.conversions.to_float16``); ``ort``
   (ONNX Runtime's offline optimizer at ``ORT_ENABLE_EXTENDED``: BatchNorm folding, FusedConv,
-  MatMul+Add -> Gemm, reordered nodes);
+  MatMul+Add -> Gemm, reordered nodes); plus, for the fine-tuning bases, ``finetuned``: every
+  copy :mod:`tools.forensics_finetune` trains from the base with real SGD steps (digits CNN:
+  2, 6 and 10 % more steps of its own training; torchvision: 1, 5 and 20 steps of every
+  parameter, 10 with BatchNorm frozen, 10 of the classifier only), then permuted;
 - *distractors*: every runnable fixture at seeds 1..``--seeds`` (independent models of the same
-  architectures: the hard case) and every fixture that is not a reference at seed 0.
+  architectures: the hard case), every fixture that is not a reference at seed 0, and the
+  fine-tuning bases trained or initialised from seed 1.
 
 The index holds references and distractors. Printed:
 
-- top-1 accuracy: derivatives whose closest indexed model is their reference, called derived;
+- top-1 accuracy: derivatives whose closest indexed model is their reference, called derived
+  (overall and per kind of derivative);
 - unrelated called derived: (suspect, indexed model) pairs called "derived" although the
   model is not the suspect's source, over every derivative's ranking and every distractor
   searched against an index of the references alone;
 - the distance margin: the largest derivative distance and the smallest unrelated one;
-- fingerprint throughput against ``onnx.load`` on one core, on the registry and on one large
-  generated model (weights dominate there);
+- fingerprint throughput against ``onnx.load`` on one core: per file, the fastest of
+  ``--repeats`` interleaved runs of each, summed over the fixture files, the real and
+  exported models, and one large generated model; with the share of that time sha256 takes
+  (the index needs each file's hash to skip files touched but not changed);
 - index build time with 1 and 2 workers and the speed-up;
 - ``find`` time against an index of ``--synthetic`` (100,000) synthetic fingerprints, the
   median of 3 runs.
@@ -31,14 +43,21 @@ The index holds references and distractors. Printed:
 the unrelated-gap law, the margin the threshold sits in).
 
     python3 -m tools.registry_experiment [--out DIR] [--seeds 3] [--synthetic 100000] [--calibrate] [--json]
+
+The fine-tuned models are exported once into ``.cache/registry/finetune`` by the torch
+virtualenv (``ZOO_PYTHON -m tools.registry_experiment --export-finetuned DIR``, about a minute)
+and reused afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +85,7 @@ from onnxlady._provenance._read import fingerprint_file
 from onnxlady._transforms._perturb import perturb_model
 from onnxlady.testing import copy_model, permute_copy
 
+REPO = Path(__file__).resolve().parents[1]
 #: The protected models: fixtures every derivative builds from (ORT runs them, QDQ and float16
 #: convert them).
 REFERENCES: tuple[str, ...] = (
@@ -73,9 +93,16 @@ REFERENCES: tuple[str, ...] = (
     "shufflenet_v2", "encoder_prenorm", "encoder_postnorm", "tied_lm_head", "lstm_head", "depth_to_space",
     "reshape_maps", "unfolded_bn",
 )  # fmt: skip
+#: Real models (``python3 -m tools.fetch_models``), each a reference when present.
+REAL_MODELS = REPO / ".cache" / "models"
+#: Models fine-tuned in the torch virtualenv (names of :mod:`tools.forensics_finetune`).
+FINETUNE_MODELS = ("digits_cnn", "digits_cnn_bn", "shufflenet_v2_x0_5", "mobilenet_v2")
+FINETUNE_CACHE = REPO / ".cache" / "registry" / "finetune"
+ZOO_PYTHON = Path("/tmp/zoo-venv/bin/python")
 NOISE_OMEGA = 0.1
 PRUNE_PERCENT = 30.0
 DERIVATIVES = ("permuted", "noise", "int8", "pruned", "float16", "ort")
+KINDS = (*DERIVATIVES, "finetuned")
 
 
 def _ort_optimized(model: onnx.ModelProto, folder: Path, name: str) -> onnx.ModelProto:
@@ -100,7 +127,13 @@ def _perturbed(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
     return copy
 
 
-def _derivatives(reference: onnx.ModelProto, seed: int, scratch: Path, name: str) -> dict[str, onnx.ModelProto]:
+def _derivatives(
+    reference: onnx.ModelProto, seed: int, scratch: Path, name: str
+) -> tuple[dict[str, onnx.ModelProto], dict[str, str]]:
+    """The 6 derivatives of a reference, and why any could not be made.
+
+    A converter may refuse a real model's operators: that is a line of the report, not a crash.
+    """
     permuted = permute_copy(reference, seed)[0]
     makers: dict[str, Callable[[], onnx.ModelProto]] = {
         "permuted": lambda: permuted,
@@ -110,28 +143,133 @@ def _derivatives(reference: onnx.ModelProto, seed: int, scratch: Path, name: str
         "float16": lambda: to_float16(permuted),
         "ort": lambda: _ort_optimized(permuted, scratch, name),
     }
-    return {kind: make() for kind, make in makers.items()}
+    made, failed = {}, {}
+    for kind, make in makers.items():
+        try:
+            made[kind] = make()
+        except Exception as exc:  # any converter failure is a line of the report
+            failed[kind] = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+    return made, failed
 
 
-def build_registry(root: Path, seeds: int) -> dict[str, Any]:
+# -- fine-tuned models (torch virtualenv) -----------------------------------------------------
+def export_finetuned(out: Path) -> None:
+    """Run in the torch virtualenv: every model of :data:`FINETUNE_MODELS`.
+
+    Seed 0: its base and fine-tuned copies (:mod:`tools.forensics_finetune`); seed 1: its base
+    only (a distractor). Each in ``out/<model>.seed<k>/`` with ``forensics.json``.
+    """
+    from tools.forensics_finetune import DIGITS, finetune_digits, finetune_torchvision
+
+    for name in FINETUNE_MODELS:
+        for seed in (0, 1):
+            folder = out / f"{name}.seed{seed}"
+            if (folder / "forensics.json").exists():
+                continue
+            start = time.perf_counter()
+            if seed == 0:
+                maker = finetune_digits if name in DIGITS else finetune_torchvision
+                manifest = maker(name, folder, seed=seed)
+            else:
+                manifest = _export_base(name, folder, seed)
+            manifest["seed"] = seed
+            manifest["seconds"] = round(time.perf_counter() - start, 1)
+            (folder / "forensics.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            print(f"{name} seed {seed}: {len(manifest['regimes'])} fine-tuned copies ({manifest['seconds']} s)", flush=True)
+
+
+def _export_base(name: str, folder: Path, seed: int) -> dict[str, Any]:
+    """The base of :mod:`tools.forensics_finetune` for ``seed``, without its fine-tuned copies."""
+    from tools.forensics_finetune import CLASSES, DIGITS, _export, _synthetic_batches
+
+    if name in DIGITS:
+        from tools.train_digits_cnn import train_and_export
+
+        train_and_export(folder, seed=seed, thetas=(2,), keep_batchnorm=name.endswith("_bn"))
+    else:
+        import torch
+        import torchvision
+
+        from tools.zoo import reinitialise
+
+        torch.manual_seed(seed)
+        base = getattr(torchvision.models, name)(weights=None, num_classes=CLASSES)
+        reinitialise(base.eval(), next(_synthetic_batches(seed + 100))[0][:4], seed=seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        _export(base, folder / "base.onnx")
+    return {"model": name, "regimes": []}
+
+
+def finetuned_models(cache: Path, zoo_python: Path) -> tuple[dict[str, Any], str]:
+    """The fine-tuned exports, made by ``zoo_python`` when missing.
+
+    Returns per model its seed-0 base, fine-tuned copies and seed-1 base; and a note when torch
+    is not available.
+    """
+    missing = [n for n in FINETUNE_MODELS for s in (0, 1) if not (cache / f"{n}.seed{s}" / "forensics.json").exists()]
+    if missing:
+        if not zoo_python.exists():
+            return {}, f"no fine-tuned derivatives: {zoo_python} (torch virtualenv) not found"
+        print(f"exporting fine-tuned models with {zoo_python}...", file=sys.stderr)
+        command = [str(zoo_python), "-m", "tools.registry_experiment", "--export-finetuned", str(cache)]
+        done = subprocess.run(command, cwd=REPO, check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            return {}, f"no fine-tuned derivatives: the export failed ({done.stderr.strip().splitlines()[-1:]})"
+    models = {}
+    for name in FINETUNE_MODELS:
+        base, other = cache / f"{name}.seed0", cache / f"{name}.seed1"
+        manifest = json.loads((base / "forensics.json").read_text())
+        models[name] = {
+            "base": base / "base.onnx",
+            "other": other / "base.onnx",
+            "regimes": [(entry["regime"], base / entry["file"], entry["steps"], entry.get("trains", "all")) for entry in manifest["regimes"]],
+        }
+    return models, ""
+
+
+# -- the registry -----------------------------------------------------------------------------
+def build_registry(root: Path, seeds: int, finetuned: dict[str, Any], real: list[Path]) -> dict[str, Any]:
     """Write references, derivatives and distractors under ``root``; return what is where."""
-    layout: dict[str, Any] = {"references": {}, "derivatives": [], "distractors": []}
+    layout: dict[str, Any] = {"references": {}, "derivatives": [], "distractors": [], "skipped": [], "sources": {}}
     for folder in ("registry/references", "registry/distractors", "suspects", "scratch"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    for number, name in enumerate(REFERENCES):
-        reference = FIXTURES[name](0)
+    references: list[tuple[str, str, Callable[[], onnx.ModelProto]]] = [
+        (name, "fixture", functools.partial(FIXTURES[name], 0)) for name in REFERENCES
+    ]
+    references += [(f"real.{path.stem}", "real", functools.partial(onnx.load, path)) for path in real]
+    references += [(f"torch.{name}", "torch", functools.partial(onnx.load, item["base"])) for name, item in finetuned.items()]
+    for number, (name, source, load) in enumerate(references):
+        reference = load()
         path = root / "registry/references" / f"{name}.onnx"
         onnx.save(reference, path)
         layout["references"][name] = str(path)
-        for kind, model in _derivatives(reference, 100 + number, root / "scratch", name).items():
+        layout["sources"][str(path)] = source
+        made, failed = _derivatives(reference, 100 + number, root / "scratch", name)
+        for kind, error in failed.items():
+            layout["skipped"].append({"reference": name, "kind": kind, "error": error})
+        for kind, model in made.items():
             suspect = root / "suspects" / f"{name}.{kind}.onnx"
             onnx.save(model, suspect)
             layout["derivatives"].append({"path": str(suspect), "reference": str(path), "kind": kind, "name": name})
+        short = name.removeprefix("torch.")
+        for regime, file, steps, trains in finetuned.get(short, {}).get("regimes", []) if source == "torch" else []:
+            suspect = root / "suspects" / f"{name}.finetuned-{regime}.onnx"
+            onnx.save(permute_copy(onnx.load(file), 200 + number)[0], suspect)
+            layout["derivatives"].append(
+                {"path": str(suspect), "reference": str(path), "kind": "finetuned", "name": name,
+                 "regime": regime, "steps": steps, "trains": trains}
+            )  # fmt: skip
     for name in sorted(RUNNABLE):
         for seed in range(0 if name not in REFERENCES else 1, seeds + 1):
             path = root / "registry/distractors" / f"{name}.seed{seed}.onnx"
             onnx.save(FIXTURES[name](seed), path)
             layout["distractors"].append(str(path))
+            layout["sources"][str(path)] = "fixture"
+    for name, item in finetuned.items():
+        path = root / "registry/distractors" / f"torch.{name}.seed1.onnx"
+        onnx.save(onnx.load(item["other"]), path)
+        layout["distractors"].append(str(path))
+        layout["sources"][str(path)] = "torch"
     return layout
 
 
@@ -142,18 +280,30 @@ def search_accuracy(layout: dict[str, Any], index: Path, references_index: Path)
     false_derived: list[dict[str, Any]] = []
     worst_derivative = 0.0
     closest_unrelated = float("inf")
-    per_kind: dict[str, list[float]] = {kind: [] for kind in DERIVATIVES}
+    per_kind: dict[str, dict[str, Any]] = {kind: {"count": 0, "top1": 0, "derived": 0, "distances": []} for kind in KINDS}
     misses: list[dict[str, Any]] = []
+    finetuned: list[dict[str, Any]] = []
     for item in layout["derivatives"]:
         report = find(item["path"], index, top=10)
         best = report.candidates[0]
-        per_kind[item["kind"]].append(_true_distance(report, item["reference"]))
-        if best.path == item["reference"]:
+        distance = _true_distance(report, item["reference"])
+        kind = per_kind[item["kind"]]
+        kind["count"] += 1
+        kind["distances"].append(distance)
+        hit = best.path == item["reference"]
+        if hit:
             top1 += 1
             called += best.call == "derived"
+            kind["top1"] += 1
+            kind["derived"] += best.call == "derived"
         else:
-            misses.append({"suspect": item["path"], "found": best.path, "distance": best.distance})
-        worst_derivative = max(worst_derivative, _true_distance(report, item["reference"]))
+            misses.append({"suspect": item["path"], "found": best.path, "distance": best.distance, "true": distance})
+        if item["kind"] == "finetuned":
+            finetuned.append(
+                {"reference": item["name"], "regime": item["regime"], "steps": item["steps"], "trains": item["trains"],
+                 "top1": hit, "call": best.call if hit else "missed", "distance": distance}
+            )  # fmt: skip
+        worst_derivative = max(worst_derivative, distance)
         for candidate in report.candidates:
             if candidate.path != item["reference"]:
                 closest_unrelated = min(closest_unrelated, candidate.distance)
@@ -176,7 +326,12 @@ def search_accuracy(layout: dict[str, Any], index: Path, references_index: Path)
         "misses": misses,
         "largest_derivative_distance": worst_derivative,
         "smallest_unrelated_distance": closest_unrelated,
-        "largest_distance_by_kind": {kind: max(values) for kind, values in per_kind.items() if values},
+        "by_kind": {
+            kind: {"count": v["count"], "top1": v["top1"], "derived": v["derived"], "largest_distance": max(v["distances"])}
+            for kind, v in per_kind.items()
+            if v["count"]
+        },
+        "finetuned": finetuned,
         "distractor_queries": len(layout["distractors"]),
     }
 
@@ -188,29 +343,37 @@ def _true_distance(report: Any, reference: str) -> float:
     return float("inf")
 
 
-def throughput(files: list[str]) -> dict[str, float]:
-    """Files per second and MB/s of ``onnx.load`` and of fingerprinting, on this core."""
+def throughput(files: list[str], repeats: int = 5) -> dict[str, float]:
+    """``onnx.load`` against fingerprinting, per file the fastest of ``repeats`` interleaved runs, summed.
+
+    A machine shared with other work slows single runs, rarely the fastest. The time sha256 of
+    the same bytes takes is reported too.
+    """
     size = sum(os.path.getsize(f) for f in files)
+    best: dict[str, list[float]] = {"load": [float("inf")] * len(files), "fingerprint": [float("inf")] * len(files),
+                                    "sha256": [float("inf")] * len(files)}  # fmt: skip
 
-    def timed(run: Callable[[str], Any]) -> float:
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            for path in files:
+    def sha256(path: str) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    runs: dict[str, Callable[[str], Any]] = {"load": onnx.load, "fingerprint": fingerprint_file, "sha256": sha256}
+    for _ in range(repeats):
+        for number, path in enumerate(files):
+            for name, run in runs.items():
+                start = time.perf_counter()
                 run(path)
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    load = timed(onnx.load)
-    fingerprint = timed(fingerprint_file)
+                best[name][number] = min(best[name][number], time.perf_counter() - start)
+    load, fingerprint, hashing = (sum(best[name]) for name in ("load", "fingerprint", "sha256"))
     return {
         "files": len(files),
         "megabytes": size / 1e6,
         "load_seconds": load,
         "fingerprint_seconds": fingerprint,
+        "sha256_seconds": hashing,
         "load_mb_per_s": size / 1e6 / load,
         "fingerprint_mb_per_s": size / 1e6 / fingerprint,
         "ratio": fingerprint / load,
+        "sha256_ratio": hashing / load,
     }
 
 
@@ -229,8 +392,10 @@ def build_speedup(paths: list[str], folder: Path) -> dict[str, float]:
 
 
 def synthetic_fingerprints(count: int, seed: int = 0) -> list[tuple[str, ModelFingerprint]]:
-    """``count`` synthetic fingerprints: 500 random architectures (5 to 60 layers of random
-    shapes), each model a random draw of records around its architecture's.
+    """``count`` synthetic fingerprints around 500 random architectures.
+
+    Each architecture has 5 to 60 layers of random shapes; each model is a random draw of
+    records around its architecture's.
     """
     rng = np.random.default_rng(seed)
     architectures = []
@@ -250,10 +415,8 @@ def synthetic_fingerprints(count: int, seed: int = 0) -> list[tuple[str, ModelFi
     return out
 
 
-def find_speed(count: int, folder: Path) -> dict[str, float]:
-    """Median of 3 ``find`` runs (index opening, coarse and exact stages) against ``count``
-    synthetic fingerprints.
-    """
+def find_speed(count: int, folder: Path) -> dict[str, Any]:
+    """Median of 3 ``find`` runs (index opening, coarse and exact stages) against ``count`` synthetic fingerprints."""
     index = folder / f"synthetic.{count}.idx"
     entries = synthetic_fingerprints(count)
     start = time.perf_counter()
@@ -281,6 +444,8 @@ def calibrate(layout: dict[str, Any]) -> dict[str, Any]:
 
     derivative_gaps: dict[str, dict[str, list[float]]] = {}
     for item in layout["derivatives"]:
+        if layout["sources"].get(item["reference"]) != "fixture":
+            continue  # the constants are fitted on the fixtures; the rest checks them
         reference, suspect = fingerprint(item["reference"]), fingerprint(item["path"])
         pairs = compare_fingerprints(reference, suspect).pairs
         gaps = field_gaps(reference.records[[i for i, _, _ in pairs]], suspect.records[[j for _, j, _ in pairs]])
@@ -306,7 +471,7 @@ def calibrate(layout: dict[str, Any]) -> dict[str, Any]:
         worst = [max(gaps[field]) for gaps in derivative_gaps.values()]
         scales[field] = float(np.median(worst)) * FIELD_SCALES[field]
         ratios[field] = float(
-            np.median([min(unrelated_gaps[p][field]) / max(derivative_gaps[p][field]) for p in unrelated_gaps])
+            np.median([min(unrelated_gaps[p][field]) / max(derivative_gaps[p][field]) for p in unrelated_gaps if p in derivative_gaps])
         )
     rows = np.array(layer_rows)
     design = np.stack([np.ones(len(rows)), np.log(rows[:, 0]), np.log(rows[:, 1])], axis=1)
@@ -319,22 +484,34 @@ def calibrate(layout: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- report -----------------------------------------------------------------------------------
+def _speed_row(label: str, speed: dict[str, float]) -> str:
+    return (
+        f"| fingerprint vs onnx.load, {label} ({speed['files']} files, {speed['megabytes']:.1f} MB), one core | "
+        f"{speed['ratio']:.2f}x the load time ({speed['fingerprint_mb_per_s']:.1f} vs {speed['load_mb_per_s']:.1f} MB/s; "
+        f"sha256 alone {speed['sha256_ratio']:.2f}x) | <= 2x |"
+    )
+
+
 def _table(results: dict[str, Any]) -> str:
-    accuracy, speed, large, build, search = (
-        results["accuracy"], results["throughput"], results["throughput_large"], results["build"], results["find"],
-    )  # fmt: skip
-    kinds = ", ".join(f"{k} {v:.3f}" for k, v in accuracy["largest_distance_by_kind"].items())
+    accuracy, build, search = results["accuracy"], results["build"], results["find"]
+    layout = results["layout"]
+    sources = [layout["sources"][p] for p in layout["references"].values()]
+    kinds = ", ".join(
+        f"{k} {v['top1']}/{v['count']} ({v['largest_distance']:.3f})" for k, v in accuracy["by_kind"].items()
+    )
     lines = [
         "| measure | result | goal |",
         "| --- | --- | --- |",
         (
-            f"| references / derivatives / distractors | {len(results['layout']['references'])} / "
-            f"{accuracy['derivatives']} / {len(results['layout']['distractors'])} | >= 10 references x 6 |"
+            f"| references (fixtures / real / torch) / derivatives / distractors | {len(sources)} "
+            f"({sources.count('fixture')} / {sources.count('real')} / {sources.count('torch')}) / "
+            f"{accuracy['derivatives']} / {len(layout['distractors'])} | >= 10 references x 6 |"
         ),
         (
             f"| top-1 = true reference (called derived) | {accuracy['top1']}/{accuracy['derivatives']} "
             f"({100 * accuracy['top1_accuracy']:.1f} %; {accuracy['top1_called_derived']} derived) | >= 99 % |"
         ),
+        f"| top-1 by derivative (largest distance to the reference) | {kinds} | |",
         (
             f"| unrelated called derived | {accuracy['unrelated_called_derived']} "
             f"(over every derivative's top 10 and {accuracy['distractor_queries']} distractor searches) | 0 |"
@@ -343,17 +520,12 @@ def _table(results: dict[str, Any]) -> str:
             f"| largest derivative distance / smallest unrelated | {accuracy['largest_derivative_distance']:.3f} / "
             f"{accuracy['smallest_unrelated_distance']:.3f} (threshold {DERIVED_THRESHOLD}) | separated |"
         ),
-        f"| largest distance by derivative | {kinds} | |",
-        (
-            f"| fingerprint vs onnx.load, registry ({speed['files']} files, {speed['megabytes']:.1f} MB), one core | "
-            f"{speed['ratio']:.1f}x the load time ({speed['fingerprint_mb_per_s']:.1f} vs "
-            f"{speed['load_mb_per_s']:.1f} MB/s) | <= 2x |"
-        ),
-        (
-            f"| fingerprint vs onnx.load, one {large['megabytes']:.0f} MB model, one core | "
-            f"{large['ratio']:.2f}x the load time ({large['fingerprint_mb_per_s']:.0f} vs "
-            f"{large['load_mb_per_s']:.0f} MB/s) | <= 2x |"
-        ),
+    ]
+    for label, key in (("fixture files", "throughput_fixtures"), ("real and exported models", "throughput_models"),
+                       ("one large generated model", "throughput_large")):  # fmt: skip
+        if results.get(key):
+            lines.append(_speed_row(label, results[key]))
+    lines += [
         (
             f"| index build, 1 -> 2 workers | {build['one_worker_seconds']:.2f} s -> "
             f"{build['two_workers_seconds']:.2f} s (speed-up {build['speedup']:.2f}) | near 2 |"
@@ -363,6 +535,14 @@ def _table(results: dict[str, Any]) -> str:
             f"{search['find_seconds_median']:.3f} s | < 1 s |"
         ),
     ]
+    if accuracy["finetuned"]:
+        lines += ["", "| fine-tuned derivative (permuted after training) | steps | trains | top-1 | call | distance |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for row in accuracy["finetuned"]:
+            lines.append(
+                f"| {row['reference']} {row['regime']} | {row['steps']} | {row['trains']} | "
+                f"{'yes' if row['top1'] else 'no'} | {row['call']} | {row['distance']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -372,14 +552,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="distractor seeds per architecture (default 3)")
     parser.add_argument("--synthetic", type=int, default=100_000, help="synthetic fingerprints for the find timing")
     parser.add_argument("--large-megabytes", type=int, default=64, help="size of the large model for throughput")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per file for the throughput")
+    parser.add_argument("--zoo-python", type=Path, default=ZOO_PYTHON, help="python of the torch virtualenv")
+    parser.add_argument("--finetune-cache", type=Path, default=FINETUNE_CACHE, help="where the fine-tuned exports are kept")
+    parser.add_argument("--no-finetune", action="store_true", help="leave the fine-tuned derivatives out")
+    parser.add_argument("--no-real", action="store_true", help="leave the real models of .cache/models out")
+    parser.add_argument("--export-finetuned", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--calibrate", action="store_true", help="also print the calibrated constants")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
+    if args.export_finetuned:  # the torch virtualenv's part
+        export_finetuned(args.export_finetuned)
+        return 0
+    finetuned, note = ({}, "fine-tuned derivatives left out (--no-finetune)") if args.no_finetune else finetuned_models(
+        args.finetune_cache, args.zoo_python
+    )
+    real = [] if args.no_real else sorted(REAL_MODELS.glob("*.onnx"))
     with tempfile.TemporaryDirectory(prefix="onnxlady-registry-") as temporary:
         root = args.out or Path(temporary)
         root.mkdir(parents=True, exist_ok=True)
         print("building the registry...", file=sys.stderr)
-        layout = build_registry(root, args.seeds)
+        layout = build_registry(root, args.seeds, finetuned, real)
         registry = [root / "registry"]
         index, references_index = root / "registry.idx", root / "references.idx"
         for stale in (index, references_index):
@@ -387,23 +580,30 @@ def main(argv: list[str] | None = None) -> int:
         build_index(registry, index, workers=2)
         build_index([root / "registry/references"], references_index, workers=2)
         print("searching...", file=sys.stderr)
-        results: dict[str, Any] = {"layout": layout}
+        results: dict[str, Any] = {"layout": layout, "notes": [note] if note else []}
         results["accuracy"] = search_accuracy(layout, index, references_index)
         print("measuring throughput...", file=sys.stderr)
         files = sorted(str(p) for p in (root / "registry").rglob("*.onnx"))
-        results["throughput"] = throughput(files)
+        results["throughput_fixtures"] = throughput([f for f in files if layout["sources"][f] == "fixture"], args.repeats)
+        models = [f for f in files if layout["sources"][f] != "fixture"]
+        results["throughput_models"] = throughput(models, args.repeats) if models else None
         large = root / "large.onnx"
         onnx.save(build_large_model(args.large_megabytes), large)
-        results["throughput_large"] = throughput([str(large)])
+        results["throughput_large"] = throughput([str(large)], args.repeats)
+        large.unlink()
         results["build"] = build_speedup([str(p) for p in registry], root)
         print("timing find on synthetic fingerprints...", file=sys.stderr)
         results["find"] = find_speed(args.synthetic, root)
         if args.calibrate:
             results["calibration"] = calibrate(layout)
     if args.json:
-        print(json.dumps({k: v for k, v in results.items() if k != "layout"}, indent=2, default=str))
+        print(json.dumps({k: v for k, v in results.items() if k != "layout"} | {"skipped": layout["skipped"]}, indent=2, default=str))
     else:
         print(_table(results))
+        for line in results["notes"]:
+            print(f"note: {line}")
+        for item in layout["skipped"]:
+            print(f"not made: {item['reference']} {item['kind']}: {item['error']}")
         if results["accuracy"]["misses"] or results["accuracy"]["false_derived"]:
             print(json.dumps({"misses": results["accuracy"]["misses"], "false_derived": results["accuracy"]["false_derived"]}, indent=1))
         if args.calibrate:

@@ -187,6 +187,25 @@ def report_model(name: str, path: Path, meta: dict[str, Any], work: Path) -> dic
     return row
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The timm table: tools._report's columns after the model's name, family and size.
+
+    No timings: the figures here are counts and errors, the same on every run.
+    """
+    header = ["model", "kind", "parameters (M)", *_report.COLUMNS]
+    lines = []
+    for row in rows:
+        kind = "attention" if row["model"] in ATTENTION_MODELS else "grouped conv"
+        if "error" in row:
+            lines.append([row["model"], kind, f"ERROR: {row['error']}", *[""] * (len(header) - 3)])
+            continue
+        std_flag = "" if row["output_std_ok"] else f" (output std {row['output_std']:.2g}!)"
+        parameters = row.get("parameters")
+        size = f"{parameters / 1e6:.1f}" if isinstance(parameters, int) else "?"
+        lines.append([f"{row['model']}{std_flag}", kind, size, *_report.cells(row)])
+    return _report.markdown(header, lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m tools.zoo_timm", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", metavar="NAME", help=f"a subset (default: {' '.join(MODELS)})")
@@ -236,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"runtime_seconds": round(runtime, 1), "models": rows}, indent=2))
     else:
-        print(zoo.markdown(rows))
+        print(markdown(rows))
         if not args.markdown:
             print()
             print(_report.frozen_text(rows))

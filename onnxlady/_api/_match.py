@@ -62,9 +62,11 @@ class MatchResult(Result):
 
     @property
     def confidence(self) -> float:
-        """How much of the two models pairs, 0 to 1: the smallest of the shares of weights, of
-        weight-reading operators and of layer-to-layer connections paired (at least
-        ``MATCH_THRESHOLD``, 0.9, or :func:`match` refuses them as different models).
+        """How much of the two models pairs, 0 to 1.
+
+        The smallest of the shares of weights, of weight-reading operators and of layer-to-layer
+        connections paired (at least ``MATCH_THRESHOLD``, 0.9, or :func:`match` refuses them as
+        different models).
         """
         return self.details.confidence
 

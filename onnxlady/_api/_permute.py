@@ -49,7 +49,7 @@ from onnxlady._transforms._permute import (
     draw_permutations,
     permute_model,
 )
-from onnxlady._verify._compare import VERIFY_ATOL, VERIFY_RTOL
+from onnxlady._verify._compare import VERIFY_ATOL, VERIFY_RTOL, CheckNotRunError
 
 #: Permutations given instead of random ones: a JSON file ({group id: [..]} or a key file), a
 #: mapping group id -> permutation, or a key.
@@ -249,7 +249,8 @@ def permute(
             atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range,
             input_seed=input_seed,
         )  # fmt: skip
-    opened = open_model(model, progress=progress)
+    # With an output file, external weights stay in their files: each is read as it is written.
+    opened = open_model(model, progress=progress, map_external=target is not None)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
     # Our own load may be rewritten in place; a caller's ModelProto is copied first.
     working = opened.writable()
@@ -274,6 +275,7 @@ def permute(
         _model=None if deferred is not None else working,
     )
     del analysis, summary
+    not_run: CheckNotRunError | None = None
     # The model, its data file and its key are one output set: all are written, or none is.
     with OutputSet() as outputs:
         if target is not None:
@@ -293,13 +295,23 @@ def permute(
         if verify:
             # The staged model is checked before it is committed: a failed check leaves nothing behind.
             candidate = outputs.staged(target) if target is not None else result.model
-            result.verify = _run_verify(
-                model, candidate, provider=provider, atol=atol, rtol=rtol, iterations=iterations,
-                input_seed=input_seed, shape=shape, add_output=add_output, val_range=val_range,
-                load_inputs=load_inputs, data_loader_script=data_loader_script, progress=progress,
-            )  # fmt: skip
-            if target is not None:  # the report names the file as committed, not as staged
-                result.verify = dataclasses.replace(result.verify, candidate=target)
+            try:
+                result.verify = _run_verify(
+                    model, candidate, provider=provider, atol=atol, rtol=rtol, iterations=iterations,
+                    input_seed=input_seed, shape=shape, add_output=add_output, val_range=val_range,
+                    load_inputs=load_inputs, data_loader_script=data_loader_script, progress=progress,
+                )  # fmt: skip
+            except CheckNotRunError as exc:
+                # The check says nothing about the permuted model (the reference itself does not
+                # run on these inputs): the permutation succeeded, so its files are kept.
+                not_run = exc
+            except OnnxladyError as exc:
+                raise OnnxladyError(f"{exc} (the permuted model failed its check: nothing was written)") from exc
+            else:
+                if target is not None:  # the report names the file as committed, not as staged
+                    result.verify = dataclasses.replace(result.verify, candidate=target)
+    if not_run is not None:
+        raise OnnxladyError(_unchecked(result, not_run)) from not_run
     return result
 
 
@@ -371,6 +383,20 @@ def _group_ids(group: str | Sequence[str] | None) -> list[str] | None:
 
 def _check_seed(seed: int) -> None:
     check_seed(seed, "--seed")
+
+
+def _unchecked(result: PermuteResult, exc: CheckNotRunError) -> str:
+    """The one line ``permute --verify`` ends with when the check could not run: what was kept, and why."""
+    if result.output is None:
+        kept = "the permutation succeeded (kept in memory)"
+        if result.key_path is not None:
+            kept += f", key -> {result.key_path}"
+        return f"{kept}, but the equivalence check could not run: {exc}"
+    return (
+        f"permuted {len(result.permuted_groups)} groups -> {result.output} and key -> {result.key_path} (both kept: "
+        f"the permutation succeeded), but the equivalence check could not run, so nothing was verified: {exc}; "
+        f"then check the kept model with 'onnxlady verify {result.source or 'MODEL'} {result.output}' and that option"
+    )
 
 
 def _place(path: Path | None) -> str:

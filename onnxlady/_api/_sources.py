@@ -61,7 +61,11 @@ class OpenedModel:
 
 
 def open_model(
-    source: ModelSource, what: str = "model", progress: Callable[[str], None] | None = None
+    source: ModelSource,
+    what: str = "model",
+    progress: Callable[[str], None] | None = None,
+    *,
+    map_external: bool = False,
 ) -> OpenedModel:
     """Open a model argument: load a path (with its external data), take a ModelProto as it is.
 
@@ -69,6 +73,9 @@ def open_model(
         source: a path to an ONNX file or an ``onnx.ModelProto``.
         what: how messages name the argument (``"reference"``, ``"suspect"``...).
         progress: told when a file is being loaded (a large one takes a while).
+        map_external: leave a file's large external tensors in their files, read as memory
+            maps (see :func:`onnxlady._io._files.load_model`); for commands that write every
+            tensor they change through the output set.
 
     Returns:
         The opened model; :attr:`OpenedModel.owned` says whether it may be changed in place.
@@ -82,7 +89,7 @@ def open_model(
     if not isinstance(source, (str, os.PathLike)):
         raise OnnxladyError(f"{what}: expected a path or an onnx.ModelProto, got {type(source).__name__}")
     say(progress, f"loading the {what} {os.fspath(source)}")
-    loaded = load_model(source)
+    loaded = load_model(source, map_external=map_external)
     return OpenedModel(
         loaded.model, loaded.path, loaded.sha256, loaded.external_data, loaded.external_files, owned=True
     )

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import onnx
 
@@ -26,9 +26,12 @@ from onnxlady._api._sources import (
     source_path,
 )
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._files import file_sha256, save_model
+from onnxlady._io._external import has_mapped
+from onnxlady._io._files import file_sha256, load_model, save_model
+from onnxlady._io._progress import say
+from onnxlady._io._stream import Override
 from onnxlady._transforms._key import PermutationKey
-from onnxlady._transforms._permute import unpermute_model
+from onnxlady._transforms._permute import DeferredTensors, unpermute_model, unpermute_model_streamed
 
 
 @dataclass
@@ -149,20 +152,29 @@ def unpermute(
     target = output_path(output)
     check_outputs(target, [source, key_source], overwrite_input=overwrite_input)
     permutation_key = open_key(key)
-    opened = open_model(model, progress=progress)
+    # With an output file, external weights stay in their files: each is restored as it is written.
+    opened = open_model(model, progress=progress, map_external=target is not None)
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
     if not allow_changed_model:
         _check_model_matches_key(opened, permutation_key)
     restored = opened.writable()
-    identical = unpermute_model(restored, permutation_key)
-    result = UnpermuteResult(restored, permutation_key, identical, source, key_source, target)
-    if target is not None:
-        if progress:
-            progress(f"saving {target}")
-        result.output_sha256 = save_model(
-            restored, target, external_data=external_data or opened.external_data, digest=True
-        )
-    return result
+    if target is None or not has_mapped(restored):
+        identical = unpermute_model(restored, permutation_key)
+        result = UnpermuteResult(restored, permutation_key, identical, source, key_source, target)
+        if target is not None:
+            say(progress, f"saving {target}")
+            result.output_sha256 = save_model(
+                restored, target, external_data=external_data or opened.external_data, digest=True
+            )
+        return result
+    deferred = DeferredTensors()
+    verdict = unpermute_model_streamed(restored, permutation_key, deferred)
+    say(progress, f"saving {target}")
+    overrides = cast("dict[str, Override]", deferred.overrides)  # arrays: the writer takes any buffer
+    sha256 = save_model(restored, target, external_data=True, digest=True, overrides=overrides)
+    # The restored model is the written one, its weights mapped from the new data file.
+    written = load_model(target, map_external=True).model
+    return UnpermuteResult(written, permutation_key, verdict(), source, key_source, target, sha256)
 
 
 def _check_model_matches_key(opened: OpenedModel, key: PermutationKey) -> None:

@@ -29,12 +29,12 @@ from onnxlady._api._sources import (
     path_text,
     source_path,
 )
+from onnxlady._api._verify import ShapeOverrides, shape_overrides
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import copy_model
 from onnxlady._io._inputs import refuse_special_file
 from onnxlady._io._outputs import OutputSet
 from onnxlady._io._progress import say
-from onnxlady._api._verify import ShapeOverrides, shape_overrides
 from onnxlady._transforms._watermark import (
     WatermarkKey,
     load_key,

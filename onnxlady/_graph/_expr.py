@@ -737,7 +737,7 @@ def _alignable(left: list[Expr], right: list[Expr]) -> bool:
     queue_left = [(factor.size, isinstance(factor, (Atom, Fixed))) for factor in left]
     queue_right = [(factor.size, isinstance(factor, (Atom, Fixed))) for factor in right]
     while queue_left and queue_right:
-        (a, a_splits), (b, b_splits) = queue_left[0], queue_right[0]
+        a, b = queue_left[0][0], queue_right[0][0]
         if a == b:
             queue_left.pop(0)
             queue_right.pop(0)

@@ -463,8 +463,10 @@ _FOLDABLE: dict[str, Impl] = {
 
 
 # -- symbolic shape values ------------------------------------------------------------------
-#: A shape value read symbolically: per element a known int, a dimension's symbolic name, or None.
-SymbolicValue = tuple[int | str | None, ...]
+#: One element of a shape value: a known int, a dimension's symbolic name, or None (unknown).
+SymbolicDim = int | str | None
+#: A shape value read symbolically, element by element.
+SymbolicValue = tuple[SymbolicDim, ...]
 
 
 def symbolic_value(
@@ -504,7 +506,7 @@ def symbolic_value(
             start = min(max(start + rank if start < 0 else start, 0), rank)
             stop = rank if end is None else int(end)
             stop = min(max(stop + rank if stop < 0 else stop, 0), rank)
-            return tuple(shape[start:stop])
+            return tuple(d if isinstance(d, (int, str)) else None for d in shape[start:stop])
         if op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
             if op == "Cast" and int(node_attribute(node, "to", 0)) not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
                 return None
@@ -534,14 +536,14 @@ def symbolic_value(
     return None
 
 
-def symbolic_reshape(in_shape: Shape, target: SymbolicValue, allow_zero: bool) -> Shape | None:
+def symbolic_reshape(in_shape: Sequence[SymbolicDim], target: SymbolicValue, allow_zero: bool) -> SymbolicValue | None:
     """The output shape of ``Reshape(in_shape -> target)`` with symbolic dims, where it is determined.
 
     ``0`` copies the input's dim (unless ``allow_zero``); one ``-1`` is what is left of the
     input once the other dims are divided out, symbols cancelling symbols of the same name
     (``[b, s, 4, 8]`` to ``[b, s, -1]`` is ``[b, s, 32]``). Unknown elements stay None.
     """
-    dims: list[int | str | None] = []
+    dims: list[SymbolicDim] = []
     for axis, d in enumerate(target):
         if d == 0 and not allow_zero:
             dims.append(in_shape[axis] if axis < len(in_shape) else None)
@@ -567,7 +569,7 @@ def symbolic_reshape(in_shape: Shape, target: SymbolicValue, allow_zero: bool) -
                 return None
             rest = known // divisor
             if not numerator:
-                missing: int | str | None = rest
+                missing: SymbolicDim = rest
             elif len(numerator) == 1 and rest == 1:
                 missing = numerator[0]
             else:

@@ -349,6 +349,9 @@ class ModelGraph:
         ):
             return set()
         self.shapes[name] = found
+        dtype = self.dtypes.get(node.input[0])
+        if dtype:
+            self.dtypes.setdefault(name, dtype)
         return {name}
 
     def _infer_contrib(self, node: onnx.NodeProto) -> set[str]:

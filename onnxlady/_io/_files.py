@@ -25,6 +25,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._external import map_external_data
 from onnxlady._io._inputs import require_regular_file
 from onnxlady._io._outputs import OutputSet
 from onnxlady._io._stream import Override, read_model
@@ -44,11 +45,15 @@ class LoadedModel:
     external_files: tuple[Path, ...] = ()  # the data files its tensors were read from
 
 
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], *, map_external: bool = False) -> LoadedModel:
     """Load an ONNX file with its external data, resolved against the model's own folder.
 
     Args:
         path: the ``.onnx`` file.
+        map_external: leave large external tensors in their files, read as memory maps when
+            used (:func:`onnxlady._io._external.map_external_data`): memory then does not grow
+            with the model. Only for callers that write such tensors through
+            :meth:`OutputSet.write_model` (they cannot be changed in place).
 
     Returns:
         The model with the file's sha256 and size, and the external data files it was read from.
@@ -83,7 +88,17 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     targets = _external_targets(model, path) if external else ()
     capacity = info.st_size + sum(os.stat(target).st_size for target in set(targets))
     validate_model(model, str(path), capacity=capacity)
-    files = _load_external_data(model, path) if external else ()
+    if external and map_external:
+        base = path.resolve().parent
+        located = {
+            tensor.name: external_data_target(tensor, base, str(path))
+            for tensor in onnx.external_data_helper._get_all_tensors(model)
+            if is_external(tensor)
+        }
+        map_external_data(model, path, located)
+        files: tuple[Path, ...] = tuple(sorted(set(located.values())))
+    else:
+        files = _load_external_data(model, path) if external else ()
     _check_tensor_sizes(model, path)
     return LoadedModel(model, path, digest, info.st_size, external, files)
 

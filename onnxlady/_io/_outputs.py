@@ -39,8 +39,8 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._external import has_mapped, write_external
 from onnxlady._io._stream import Override, write_model
-from onnxlady._io._tensors import tensor_holders
 
 __all__ = [
     "TEMP_PREFIX",
@@ -405,7 +405,8 @@ class OutputSet:
         Raises:
             OnnxladyError: see :meth:`stage`, or a file cannot be written.
         """
-        if not external_data and _estimated_size(model) > _EXTERNAL_DATA_THRESHOLD:
+        # A model whose weights are still in their files (mapped) is written with external data.
+        if not external_data and (_estimated_size(model) > _EXTERNAL_DATA_THRESHOLD or has_mapped(model)):
             external_data = True
         staged = self.stage(target)
         if not external_data:
@@ -419,7 +420,13 @@ class OutputSet:
         else:
             data_target = external_data_path(Path(target))
             data_staged = self.stage(data_target)
-            sha = self._guard(target, lambda: _save_external(model, staged, data_staged, overrides, digest))
+            # Streamed, one tensor at a time, with the data file named by its final name.
+            sha = self._guard(
+                target,
+                lambda: write_external(
+                    model, staged, data_staged, overrides, location=data_staged.name, digest=digest
+                ),
+            )
             if digest:
                 self._digests[_absolute(data_target)] = self._guard(data_target, lambda: file_digest(data_staged))
         if digest:
@@ -604,43 +611,6 @@ def _stream(model: onnx.ModelProto, staged: Path, overrides: Mapping[str, Overri
         finally:
             writer.close()
     return writer.hexdigest()
-
-
-def _save_external(
-    model: onnx.ModelProto, staged: Path, data_staged: Path, overrides: Mapping[str, Override] | None, digest: bool
-) -> str:
-    """Write the model with its weights in ``<name>.data``; the model in memory is left as it was."""
-    tensors = list(onnx.external_data_helper._get_all_tensors(model))
-    layout = [(t.HasField("data_location"), t.data_location, list(t.external_data)) for t in tensors]
-    saved = {}
-    if overrides:
-        holders = tensor_holders(model)
-        for name, value in overrides.items():
-            data = value() if callable(value) else value
-            saved[name] = holders[name].raw_data
-            holders[name].raw_data = bytes(memoryview(data).cast("B"))
-    try:
-        # The staged model names its data file by its final name: both sit in one staging folder.
-        onnx.save_model(
-            model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=data_staged.name, size_threshold=1024,
-        )  # fmt: skip
-        # save_model moved the weights out of the caller's model: read them back in, as they were.
-        onnx.external_data_helper.load_external_data_for_model(model, str(staged.parent))
-    finally:
-        for tensor, (had_location, location, entries) in zip(tensors, layout):
-            tensor.ClearField("data_location")
-            if had_location:
-                tensor.data_location = location
-            del tensor.external_data[:]
-            tensor.external_data.extend(entries)
-        if saved:
-            holders = tensor_holders(model)
-            for name, raw in saved.items():
-                holders[name].raw_data = raw
-    if not data_staged.exists():
-        _write_file(data_staged, b"")  # no tensor was big enough: an empty data file keeps the set whole
-    return file_digest(staged) if digest else ""
 
 
 def file_digest(path: Path) -> str:

@@ -27,6 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._external import is_mapped, mapped_array
 
 __all__ = [
     "EXACT_IN_FLOAT32",
@@ -110,10 +111,13 @@ def require_loaded(tensor: onnx.TensorProto, label: str) -> None:
         tensor: the tensor about to be read or rewritten.
         label: how the message names it, e.g. ``"tensor 'w' of the suspect"``.
 
+    A tensor left in its file on purpose (:func:`onnxlady._io._external.map_external_data`) is
+    readable: :func:`read_array` maps it.
+
     Raises:
         OnnxladyError: ``"<label> still points to external data that was not loaded"``.
     """
-    if is_external(tensor):
+    if is_external(tensor) and not is_mapped(tensor):
         raise OnnxladyError(f"{label} still points to external data that was not loaded")
 
 
@@ -134,6 +138,8 @@ def read_array(tensor: onnx.TensorProto, label: str) -> np.ndarray:
         OnnxladyError: the tensor's external data was not loaded.
     """
     require_loaded(tensor, label)
+    if is_mapped(tensor):  # left in its file: a read-only memory map, pages read as touched
+        return mapped_array(tensor)
     return numpy_helper.to_array(tensor)
 
 
@@ -177,7 +183,7 @@ def read_float(tensor: onnx.TensorProto, label: str) -> np.ndarray:
     """
     require_loaded(tensor, label)
     try:
-        values = numpy_helper.to_array(tensor)
+        values = mapped_array(tensor) if is_mapped(tensor) else numpy_helper.to_array(tensor)
         return np.asarray(values.astype(float_dtype(tensor.data_type), copy=False))
     except (TypeError, ValueError) as exc:
         raise OnnxladyError(f"{label} cannot be read as numbers ({exc})") from exc

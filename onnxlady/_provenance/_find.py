@@ -106,6 +106,7 @@ class Confirmation:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
+        """The confirmation as JSON-ready data (its fields by name)."""
         return asdict(self)
 
 
@@ -134,6 +135,7 @@ class Candidate:
     confirmation: Confirmation | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The candidate as JSON-ready data (its fields, the distance and score rounded)."""
         return {
             "rank": self.rank,
             "path": self.path,
@@ -200,6 +202,7 @@ class Cluster:
     pairs: tuple[tuple[str, str, float], ...]
 
     def to_json(self) -> dict[str, Any]:
+        """The cluster as JSON-ready data: its members and its related pairs with their distances."""
         return {
             "members": list(self.members),
             "pairs": [{"a": a, "b": b, "distance": round(d, 6)} for a, b, d in self.pairs],

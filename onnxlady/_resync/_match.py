@@ -539,6 +539,8 @@ def _pair_class(
 #: Site families whose connections are compared: layers and tables (a normalisation's scale
 #: and shift move between fused and unfused forms; layers do not).
 _CONNECTED_FAMILIES = ("dense", "conv", "conv-transpose", "table")
+#: Operators whose output depends on their input's shape only.
+_SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
 def _successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
@@ -563,7 +565,8 @@ def _successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
             seen: set[str] = set(stack)
             while stack:
                 for index, _ in graph.consumers.get(stack.pop(), []):
-                    if index < 0:
+                    # Shape arithmetic reads sizes, not values: a simplifier folds it away.
+                    if index < 0 or graph.nodes[index].op_type in _SHAPE_READERS:
                         continue
                     if index in at_node and index != site.node:
                         found.update(at_node[index])
@@ -614,24 +617,42 @@ def _vote_groups(match_sites: list[tuple[Site, Site]], reference: ChannelAnalysi
                 if not ref_labels:
                     continue
                 sus_labels = _axis_labels(suspect, other, axis)
+                if not sus_labels:  # the suspect's analysis gave up on the operator holding it
+                    for a in ref_labels:
+                        votes.unbound.setdefault(a, []).append(number)
+                alike = {
+                    (a, b)
+                    for a, lab_a in ref_labels.items()
+                    for b, lab_b in sus_labels.items()
+                    if lab_a.shape == lab_b.shape and np.any(lab_a >= 0) and np.array_equal(lab_a, lab_b)
+                }
+                for a, b in alike:
+                    votes.voters.setdefault((a, b), []).append(number)
+                    votes.overlap.setdefault(a, set()).add(b)
+                    votes.overlap_back.setdefault(b, set()).add(a)
+                    votes.exact.setdefault(a, Counter())[b] += 1
+                    votes.exact_back.setdefault(b, Counter())[a] += 1
+                # A group held alike by none here (the other side holds these positions in
+                # groups of another structure) touches every group it shares positions with.
+                lonely_ref = set(ref_labels) - {a for a, _ in alike}
+                lonely_sus = set(sus_labels) - {b for _, b in alike}
                 for a, lab_a in ref_labels.items():
                     for b, lab_b in sus_labels.items():
-                        if lab_a.shape != lab_b.shape or not np.any((lab_a >= 0) & (lab_b >= 0)):
-                            continue
-                        votes.voters.setdefault((a, b), []).append(number)
-                        votes.overlap.setdefault(a, set()).add(b)
-                        votes.overlap_back.setdefault(b, set()).add(a)
-                        if np.array_equal(lab_a, lab_b):
-                            votes.exact.setdefault(a, Counter())[b] += 1
-                            votes.exact_back.setdefault(b, Counter())[a] += 1
+                        if (a in lonely_ref or b in lonely_sus) and lab_a.shape == lab_b.shape and np.any(
+                            (lab_a >= 0) & (lab_b >= 0)
+                        ):
+                            votes.voters.setdefault((a, b), []).append(number)
+                            votes.overlap.setdefault(a, set()).add(b)
+                            votes.overlap_back.setdefault(b, set()).add(a)
     return votes
 
 
 @dataclass
 class _Votes:
-    """Group pairs seen at the same positions: ``exact`` where both hold the positions alike
-    (same neuron at each), ``overlap`` wherever they share positions at all; ``voters``: the
-    site pairs (by number) behind each.
+    """Group pairs seen at the same positions, and the site pairs behind each.
+
+    ``exact`` where both hold the positions alike (same neuron at each), ``overlap`` wherever they
+    share positions at all; ``voters``: the site pairs (by number) behind each.
     """
 
     exact: dict[str, Counter[str]] = field(default_factory=dict)
@@ -639,6 +660,8 @@ class _Votes:
     overlap: dict[str, set[str]] = field(default_factory=dict)
     overlap_back: dict[str, set[str]] = field(default_factory=dict)
     voters: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    #: Reference groups at positions where the suspect binds no permutation, and the site pairs.
+    unbound: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _pair_groups(
@@ -661,7 +684,7 @@ def _pair_groups(
 
     def made(a: str, bs: list[str]) -> tuple[str, float | None, float | None]:
         """How the sites behind a pairing were paired (the weakest of them)."""
-        numbers = {n for b in bs for n in votes.voters.get((a, b), [])}
+        numbers = {n for b in bs for n in votes.voters.get((a, b), [])} or set(votes.unbound.get(a, []))
         methods = {how[n][0] for n in numbers}
         method = next((m for m in ("order", "content") if m in methods), "structure")
         margins = [m for n in numbers if (m := how[n][1]) is not None]
@@ -672,7 +695,15 @@ def _pair_groups(
         exact = votes.exact.get(group.id, Counter())
         touching = votes.overlap.get(group.id, set())
         if not touching:
-            unmatched.append(_unmatched("reference", group, "no paired operator writes it"))
+            if group.id not in votes.unbound:
+                unmatched.append(_unmatched("reference", group, "no paired operator writes it"))
+                continue
+            # The suspect's analysis froze the operators holding these neurons (it binds nothing
+            # there): solved in the reference's form, its values are still paired.
+            pairs.append(GroupPair(group.id, "-", group.size, False, *made(group.id, []), alike=False))
+            if group.permutable:
+                why = "frozen in the suspect: its analysis binds no permutation where the paired operators hold it"
+                unmatched.append(_unmatched("reference", group, why))
             continue
         if len(exact) == 1 and set(exact) == touching:
             (other_id,) = exact

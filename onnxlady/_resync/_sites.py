@@ -36,7 +36,7 @@ suspect's numbers can be compared in the reference's layout).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -399,6 +399,82 @@ class _Unit:
     ops: list[str]
     tail: int
     batchnorm: int | None = None
+    #: A packed projection's parts (Q, K, V written as one MatMul and split afterwards).
+    parts: list[_Part] | None = None
+
+
+@dataclass
+class _Part:
+    """Output neurons ``start:stop`` of a packed layer, the bias added to them alone, its end."""
+
+    start: int
+    stop: int
+    bias: Operand | None
+    tail: int
+    ops: list[str]
+
+
+def _split_sizes(graph: ModelGraph, node: onnx.NodeProto, total: int) -> list[int] | None:
+    """The sizes a Split cuts, from its input, its attribute or its number of outputs."""
+    if len(node.input) > 1 and node.input[1]:
+        value = graph.constant_value(node.input[1])
+        sizes = None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+    else:
+        sizes = [int(v) for v in node_attribute(node, "split", [])] or None
+    if sizes is None:
+        count = len(node.output)
+        sizes = [total // count] * count if count and total % count == 0 else None
+    return sizes if sizes is not None and sum(sizes) == total and all(v > 0 for v in sizes) else None
+
+
+def _packed_parts(graph: ModelGraph, linear: _Linear, tail: str, absorbed: set[int]) -> list[_Part] | None:
+    """The parts of a layer whose output is split along its neurons right away.
+
+    A simplifier packs the Q, K and V projections that read one input into one MatMul and a
+    Split (onnx-simplifier does); ONNX Runtime GenAI's builder feeds one packed projection to
+    GroupQueryAttention. Each part is then a layer of its own, as in the unpacked graph, with
+    the bias an Add right after its Split output holds.
+    """
+    if linear.family != "dense" or linear.weight.nbits:
+        return None
+    reader = _single_consumer(graph, tail, ("Split", "GroupQueryAttention"))
+    if reader is None:
+        return None
+    host, slot = reader
+    node = graph.nodes[host]
+    size = _out_size(linear)
+    rank = graph.rank(tail)
+    if node.op_type == "Split" and (node.domain or "") in _STANDARD and slot == 0 and rank:
+        if int(node_attribute(node, "axis", 0)) % rank != rank - 1:
+            return None
+        sizes = _split_sizes(graph, node, size)
+        if sizes is None or len(sizes) != len(node.output):
+            return None
+        parts, start = [], 0
+        for width, name in zip(sizes, node.output):
+            part = _Part(start, start + width, None, host, ["Split"])
+            reader = _single_consumer(graph, name, ("Add",)) if name else None
+            if reader is not None and reader[1] in (0, 1):
+                add = graph.nodes[reader[0]]
+                operand = _vector_operand(graph, reader[0], 1 - reader[1], width, "bias")
+                constant = _shape(graph, add.input[1 - reader[1]])
+                if operand is not None and constant is not None and constant[-1:] == (width,):
+                    part.bias, part.tail = operand, reader[0]
+                    part.ops.append("Add")
+                    absorbed.add(reader[0])
+            parts.append(part)
+            start += width
+        return parts
+    if node.op_type == "GroupQueryAttention" and node.domain == MICROSOFT and slot == 0:
+        if len(node.input) > 1 and node.input[1]:
+            return None  # separate Q, K and V
+        heads, kv_heads = int(node_attribute(node, "num_heads", 0)), int(node_attribute(node, "kv_num_heads", 0))
+        if heads <= 0 or kv_heads <= 0 or size % (heads + 2 * kv_heads):
+            return None
+        head_size = size // (heads + 2 * kv_heads)
+        bounds = [0, heads * head_size, (heads + kv_heads) * head_size, size]
+        return [_Part(a, b, None, host, ["GroupQueryAttention"]) for a, b in zip(bounds, bounds[1:])]
+    return None
 
 
 def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int, int]]]:
@@ -445,7 +521,8 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                         unit.bias = operand
                         unit.ops.append("MultiHeadAttention")
                         claimed.add((host, 3))
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and (node.domain or "") in _STANDARD:
+        unit.parts = _packed_parts(graph, linear, tail, absorbed)
+        if unit.parts is None and node.op_type in ("Conv", "ConvTranspose", "Gemm") and (node.domain or "") in _STANDARD:
             foldable = node.op_type != "Gemm" or graph.rank(node.output[0]) == 2
             reader = _single_consumer(graph, tail, ("BatchNormalization",)) if foldable else None
             if reader is not None and reader[1] == 0:
@@ -456,6 +533,27 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                     absorbed.add(reader[0])
         units[index] = unit
     return units, absorbed, claimed
+
+
+def _unit_sites(graph: ModelGraph, index: int, unit: _Unit) -> list[Site]:
+    """A layer's site, or one per part of a packed layer."""
+    if not unit.parts:
+        return [_unit_site(graph, index, unit)]
+    weight = unit.linear.weight
+    axis = weight.read_axis(0)
+    assert axis is not None
+    sites = []
+    for number, part in enumerate(unit.parts):
+        width = part.stop - part.start
+        operands = [replace(weight, shape=(width, *weight.shape[1:]), block=(axis, part.start, part.stop))]
+        bias = part.bias
+        if bias is None and unit.bias is not None and len(unit.bias.read_shape) == 1 and unit.bias.block is None:
+            bias = replace(unit.bias, shape=(width,), block=(0, part.start, part.stop))
+        if bias is not None:
+            operands.append(bias)
+        token = ("dense", (width, *weight.shape[1:]))
+        sites.append(Site(index, number, "dense", token, tuple(operands), (*unit.ops, *part.ops), part.tail))
+    return sites
 
 
 def _unit_site(graph: ModelGraph, index: int, unit: _Unit) -> Site:
@@ -603,7 +701,7 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
         node = graph.nodes[index]
         key = (node.domain or "", node.op_type)
         if index in units:
-            sites.append(_unit_site(graph, index, units[index]))
+            sites.extend(_unit_sites(graph, index, units[index]))
             continue
         carries_constant = graph.is_chain_node(index) and graph.constant_leaf(node.output[0]) is not None
         if carries_constant or (node.output and node.output[0] in computed):

@@ -148,8 +148,9 @@ def _write_output(
     entries = []
     for name, plans in by_leaf.items():
         plan = analysis.tensors[plans[0]]
+        after: bytes | memoryview
         if name in fresh:
-            after = fresh[name]
+            after = fresh[name].data.cast("B")  # hashed as it is: no bytes copy
         else:
             axes = [(axis, analysis.index_array(expr, state.match)) for axis, expr in plan.axes]
             _check_shared(holders[name], axes, [analysis.tensors[p] for p in plans[1:]], state)
@@ -182,11 +183,12 @@ def _write_output(
 
 def _fresh_initializers(
     state: ResyncState, suspect: onnx.ModelProto, by_leaf: dict[str, list[int]], leaves: list[list[str]]
-) -> dict[str, bytes]:
-    """New bytes of the float32 raw initializers, straight from the aligned working arrays.
+) -> dict[str, np.ndarray]:
+    """New contents of the float32 raw initializers: the aligned working arrays themselves.
 
     The working arrays were read from those bytes and only ever moved (``np.take``), so they
     hold the re-ordered elements bit for bit; this saves permuting the stored tensor again.
+    They are turned into bytes one tensor at a time, as the output is built (never all at once).
     """
     if sys.byteorder != "little":
         return {}
@@ -204,14 +206,15 @@ def _fresh_initializers(
             and work.dtype == np.float32
             and work.shape == tuple(tensor.dims)
         ):
-            fresh[name] = np.ascontiguousarray(work).tobytes()
+            fresh[name] = np.ascontiguousarray(work)
     return fresh
 
 
-def _copy_model(model: onnx.ModelProto, fresh: dict[str, bytes]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers named in ``fresh`` hold those bytes instead.
+def _copy_model(model: onnx.ModelProto, fresh: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``fresh`` hold those arrays' bytes instead.
 
-    Their old bytes are never copied.
+    Their old bytes are never copied, and each new tensor's bytes exist twice only while it
+    is stored (protobuf copies what it is given).
     """
     output = onnx.ModelProto()
     _copy_fields(model, output, skip="graph")
@@ -220,7 +223,7 @@ def _copy_model(model: onnx.ModelProto, fresh: dict[str, bytes]) -> onnx.ModelPr
         target = output.graph.initializer.add()
         if tensor.name in fresh:
             _copy_fields(tensor, target, skip="raw_data")
-            target.raw_data = fresh[tensor.name]
+            target.raw_data = fresh[tensor.name].tobytes()
         else:
             target.CopyFrom(tensor)
     return output

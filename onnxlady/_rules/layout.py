@@ -295,7 +295,8 @@ def _unknown_shape(ctx: RuleContext, exprs: Iterable[Expr], message: str) -> Non
 def _reached_output(ctx: RuleContext) -> str | None:
     """The graph output that this node's output reaches through positional operators only, if any."""
     graph = ctx.graph
-    pending, seen = [ctx.output(0)], set()
+    pending: list[str] = [ctx.output(0)]
+    seen: set[str] = set()
     while pending and len(seen) < 64:
         name = pending.pop()
         if not name or name in seen:

@@ -71,8 +71,11 @@ class ResizeRule(OpRule):
 
 @register
 class PadRule(OpRule):
-    """Pad: an axis not padded passes through; a permuted axis padded with a constant keeps the
-    padded positions in place around it (a block sum); edge, reflect and wrap padding freeze it."""
+    """Pad: an axis not padded passes through; one padded with a constant keeps its positions.
+
+    The padded positions stay in place around the permuted ones (a block sum); edge, reflect and
+    wrap padding read the permuted values, so they freeze the axis.
+    """
 
     op_types = ("Pad",)
 

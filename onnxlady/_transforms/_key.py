@@ -2,7 +2,7 @@
 
 A key is JSON. Per group: id, size, members (for people) and the permutation ``perm`` with
 ``new[i] = old[perm[i]]``. Per permuted tensor: each axis's permutation as an expression over
-group ids (a block sum, a Kronecker product, an interleave, a group, or the identity), so
+group ids (a block sum, a Kronecker product, an interleave, a transposed map, a group, or the identity), so
 undoing needs no re-analysis. Untied constants list the copies made and the inputs rewired to them. The key
 names the source model (file sha256 and graph fingerprint) and the permuted one, so a key made
 for another model is refused.
@@ -254,7 +254,7 @@ class _Schema:
         return entry
 
     def tree(self, tree: Any, known: set[str], depth: int) -> None:
-        """An index map: one of the five node kinds, known groups, bounded sizes and depth."""
+        """An index map: one of the six node kinds, known groups, bounded sizes and depth."""
         if depth > MAX_TREE_DEPTH:
             raise self.fail(f"an index map is nested more than {MAX_TREE_DEPTH} levels deep")
         if not isinstance(tree, Mapping) or len(tree) != 1:

@@ -19,6 +19,7 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._external import is_mapped, mapped_bytes
 from onnxlady._io._progress import advance
 from onnxlady._io._tensors import require_loaded
 from onnxlady._io._tensors import tensor_holders as _tensor_holders  # the name callers of this module still import
@@ -96,8 +97,12 @@ class SourceDigest:
         self._order.append(source)
         return True
 
-    def add(self, source: str, data: bytes) -> None:
+    def add(self, source: str, data: bytes | memoryview) -> None:
         self._pending[source] = self._pool.submit(lambda: hashlib.sha256(data).digest())
+
+    def add_now(self, source: str, data: bytes | memoryview) -> None:
+        """Hash ``data`` in this thread: nothing waits in a queue holding its bytes."""
+        self._digests[source] = hashlib.sha256(data).digest()
 
     def hexdigest(self) -> str:
         for source, future in self._pending.items():
@@ -144,6 +149,10 @@ class DeferredTensors:
             if following not in self._ready:
                 self._ready[following] = self._pool.submit(self._work[following])
         return result
+
+    def close(self) -> None:
+        """Stop the worker that computes tensors ahead (after the writer is done)."""
+        self._pool.shutdown(wait=True)
 
     def finish(self, key: PermutationKey) -> PermutationKey:
         self._pool.shutdown(wait=True)
@@ -236,7 +245,7 @@ def permute_model(
 
 def _deferrable(tensor: onnx.TensorProto) -> bool:
     return (
-        tensor.HasField("raw_data")
+        (tensor.HasField("raw_data") or is_mapped(tensor))  # mapped: still in its external file
         and tensor.data_type not in _PACKED_TYPES
         and tensor.data_type != onnx.TensorProto.STRING
         and _raw_size(tensor) >= _DEFER_BYTES
@@ -247,7 +256,8 @@ def _deferred_take(
     tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], digest: SourceDigest, source: str | None
 ) -> Callable[[], np.ndarray]:
     def compute() -> np.ndarray:
-        raw = tensor.raw_data
+        # A mapped tensor is read from its file as the writer asks for it (never loaded whole).
+        raw = mapped_bytes(tensor) if is_mapped(tensor) else tensor.raw_data
         if source is not None:
             digest.add(source, raw)
         dims = tuple(int(d) for d in tensor.dims)
@@ -290,6 +300,31 @@ def _check_perms(analysis: ChannelAnalysis, perms: Mapping[str, np.ndarray]) -> 
 
 def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
     """Undo ``key`` on ``model`` in place; True when the weights match the source bit for bit."""
+    return _unpermute(model, key, None).hexdigest() == key.source_weights_sha256
+
+
+def unpermute_model_streamed(
+    model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTensors
+) -> Callable[[], bool]:
+    """Undo ``key`` on ``model``: tensors still in their external files are restored as they are written.
+
+    Those tensors (:func:`onnxlady._io._external.is_mapped`) become ``deferred.overrides``: pass
+    them to the writer. The others are restored in place.
+
+    Returns:
+        A function to call after writing: True when the weights matched the source bit for bit.
+    """
+    digest = _unpermute(model, key, deferred)
+
+    def verdict() -> bool:
+        deferred.close()
+        return digest.hexdigest() == key.source_weights_sha256
+
+    return verdict
+
+
+def _unpermute(model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTensors | None) -> SourceDigest:
+    """Undo ``key`` (mapped tensors through ``deferred``); the digest of the restored weights."""
     if graph_fingerprint(model) != key.permuted_fingerprint:
         if graph_fingerprint(model) == key.source_fingerprint and key.untied:
             raise OnnxladyError("this model has the source's graph, not the permuted one: the key does not apply")
@@ -298,7 +333,8 @@ def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
     holders = _tensor_holders(model)
     perms = key.permutations()
     sizes = {g["id"]: int(g["size"]) for g in key.groups}
-    digest = SourceDigest()
+    digest = deferred.digest if deferred is not None else SourceDigest()
+    file_order = {name: position for position, name in enumerate(holders)}
     for entry in key.tensors:
         name = entry["tensor"]
         if name not in holders:
@@ -310,11 +346,32 @@ def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
             if axis >= len(tensor.dims) or tree_size(tree, sizes) != tensor.dims[axis]:
                 raise OnnxladyError(f"tensor '{name}' does not have the shape the key expects on axis {axis}")
             axes.append((axis, np.argsort(evaluate_tree(tree, perms, sizes))))
+        first = digest.expect(entry["source"])
+        if deferred is not None and is_mapped(tensor):
+            deferred.add(name, _restored_take(tensor, axes, digest, entry["source"] if first else None), file_order)
+            continue
         _, after = _permute_tensor(tensor, axes)
-        if digest.expect(entry["source"]):
+        if first:
             digest.add(entry["source"], after)
     _retie(model, key.untied)
-    return digest.hexdigest() == key.source_weights_sha256
+    return digest
+
+
+def _restored_take(
+    tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], digest: SourceDigest, source: str | None
+) -> Callable[[], np.ndarray]:
+    """The restored elements of a mapped tensor, read from its file when the writer asks (hashed then)."""
+
+    def compute() -> np.ndarray:
+        raw = mapped_bytes(tensor)
+        dims = tuple(int(d) for d in tensor.dims)
+        itemsize = len(raw) // max(1, int(np.prod(dims)))
+        after = np.ascontiguousarray(_take_axes(np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims), axes))
+        if source is not None:
+            digest.add_now(source, after.reshape(-1).view(np.uint8).data)
+        return after
+
+    return compute
 
 
 # -- tensors ------------------------------------------------------------------------------

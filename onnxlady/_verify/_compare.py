@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ __all__ = [
     "NOT_EQUIVALENT",
     "VERIFY_ATOL",
     "VERIFY_RTOL",
+    "CheckNotRunError",
     "InputRecord",
     "OutputComparison",
     "VerifyReport",
@@ -60,6 +61,16 @@ __all__ = [
 VERIFY_ATOL: float = 1e-4
 #: Relative tolerance: an element passes when ``|a - b| <= rtol * |b|`` (or when the absolute test passes).
 VERIFY_RTOL: float = 1e-3
+
+
+class CheckNotRunError(OnnxladyError):
+    """The comparison could not run for a reason that says nothing about the candidate.
+
+    Raised when the inputs cannot be made (a shape override or value range that does not fit the
+    reference, an unusable input file or script) or the reference itself cannot be loaded or
+    run on them. ``permute --verify`` then keeps the permuted model: the permutation succeeded,
+    only its check is missing.
+    """
 
 
 def _model_source(model: ModelLike, name: str) -> str | bytes:
@@ -142,7 +153,12 @@ def _open_sessions(
     """Both sessions on the same execution provider: never compare a GPU run with a CPU run."""
     ref_name, cand_name = names
     ref_extra, cand_extra = fetch.ref[outputs:], fetch.cand[outputs:]
-    ref_session, provider_used, fallback = create_session(reference, provider, name=ref_name, extra_outputs=ref_extra)
+    try:
+        ref_session, provider_used, fallback = create_session(
+            reference, provider, name=ref_name, extra_outputs=ref_extra
+        )
+    except OnnxladyError as exc:  # the reference does not load (or CUDA asked for does not): nothing checked
+        raise CheckNotRunError(str(exc)) from exc
     if provider_used == CPU:
         cand_session, _, _ = create_session(candidate, "cpu", name=cand_name, extra_outputs=cand_extra)
     else:
@@ -151,6 +167,16 @@ def _open_sessions(
             ref_session, provider_used, _ = create_session(reference, "cpu", name=ref_name, extra_outputs=ref_extra)
             fallback = f"{CUDA} not available: it did not load for {cand_name}"
     return ref_session, cand_session, provider_used, fallback
+
+
+def _inputs_or_not_run(stream: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """The feeds, with a feed that cannot be made (a file's array that does not fit) as :class:`CheckNotRunError`."""
+    try:
+        yield from stream
+    except CheckNotRunError:
+        raise
+    except OnnxladyError as exc:
+        raise CheckNotRunError(str(exc)) from exc
 
 
 def verify_models(
@@ -212,7 +238,8 @@ def verify_models(
         OnnxladyError: bad settings, a model that cannot be read or run (for the reference on
             generated inputs, the message names the input or shape to give), models with
             different inputs or outputs, unusable user inputs, or a CUDA provider asked for and
-            not loading.
+            not loading. Those that say nothing about the candidate (the inputs cannot be made,
+            the reference cannot be loaded or run) are the subclass :class:`CheckNotRunError`.
     """
     atol = _check_tolerance(atol, "atol")
     rtol = _check_tolerance(rtol, "rtol")
@@ -232,7 +259,10 @@ def verify_models(
     cand_graph = load_graph(candidate, cand_name)
     check_interfaces(ref_graph, cand_graph, ref_name, cand_name)
     ref_index, cand_index = GraphIndex(ref_graph), GraphIndex(cand_graph)
-    plans = plan_inputs(ref_graph, shapes, input_range, value_ranges, ref_index)
+    try:
+        plans = plan_inputs(ref_graph, shapes, input_range, value_ranges, ref_index)
+    except OnnxladyError as exc:  # inputs that cannot be made say nothing about the candidate
+        raise CheckNotRunError(str(exc)) from exc
     fetch, outputs, squash_inputs, notes = _plan_compared(
         ref_graph, cand_graph, ref_index, cand_index, (ref_name, cand_name), extra_outputs, compare_squash_inputs
     )
@@ -243,23 +273,26 @@ def verify_models(
 
     rng = np.random.default_rng(seed)
     feeds = FeedStream(ref_graph, ref_index, plans, shapes, input_range, value_ranges)
-    if load_inputs is not None:
-        stream = feeds.given(iter(load_input_file(load_inputs)), f"input file {os.fspath(load_inputs)}", rng)
-    elif data_loader_script is not None:
-        label, raw = script_feeds(data_loader_script)
-        stream = feeds.given(raw, label, rng)
-    else:
-        stream = feeds.generated(rng, iterations)
+    try:
+        if load_inputs is not None:
+            stream = feeds.given(iter(load_input_file(load_inputs)), f"input file {os.fspath(load_inputs)}", rng)
+        elif data_loader_script is not None:
+            label, raw = script_feeds(data_loader_script)
+            stream = feeds.given(raw, label, rng)
+        else:
+            stream = feeds.generated(rng, iterations)
+    except OnnxladyError as exc:
+        raise CheckNotRunError(str(exc)) from exc
 
     count = 0
     first_shapes: dict[str, tuple[int, ...]] = {}
-    for feed in stream:
+    for feed in _inputs_or_not_run(stream):
         count += 1
         first_shapes = first_shapes or {name: tuple(int(d) for d in array.shape) for name, array in feed.items()}
         try:
             ref_out = run_session(ref_session, feed)
         except Exception as exc:  # ORT's own exception types: the inputs do not suit the reference
-            raise OnnxladyError(reference_failure(exc, ref_name, feeds, feed)) from exc
+            raise CheckNotRunError(reference_failure(exc, ref_name, feeds, feed)) from exc
         try:
             cand_out = run_session(cand_session, feed)
         except Exception as exc:
@@ -283,7 +316,7 @@ def verify_models(
             total = f"/{iterations}" if feeds.given_by is None else ""
             progress(f"iteration {count}{total}: {mismatched} mismatched element(s) so far")
     if count == 0:
-        raise OnnxladyError(f"{feeds.given_by} gives no feeds")
+        raise CheckNotRunError(f"{feeds.given_by} gives no feeds")
 
     compared = tuple(a.result() for a in outputs)
     squashed = tuple(a.result() for a in squash_inputs)

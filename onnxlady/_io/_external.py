@@ -1,0 +1,384 @@
+"""External data without loading it: weights read as memory maps, written streamed.
+
+``onnx.load`` with external data reads every weight into the model's protobuf (the whole model
+in memory), and ``onnx.save`` with external data writes them back from there. For a model of
+10 GB that is 10 GB of memory before anything is done. This module keeps the weights in their
+files instead:
+
+- :func:`map_external_data` leaves a loaded model's large external tensors where they are and
+  points each at its data file by absolute path (in memory only: such a location is never
+  written to a file). Small ones (below :data:`INLINE_BYTES`) and those inside subgraphs are
+  read into the model, so every reader of small constants (shape arithmetic, folding) and every
+  in-place edit of a subgraph works as with a loaded model;
+- :func:`is_mapped` tells such a tensor, :func:`mapped_array` gives its values as a read-only
+  ``numpy.memmap`` (no copy: pages are read when touched and dropped when the array goes) and
+  :func:`mapped_bytes` its raw bytes the same way;
+- :func:`write_external` writes a model with its weights in one data file, one tensor at a
+  time, from ``overrides`` (new bytes, or callables computing them as they are written), the
+  tensors' own bytes, or their mapped files; the model in memory is not changed, and only the
+  graph (without weights) is ever serialized as a whole.
+
+Memory is then bounded by the graph and the few tensors in flight, not by the model's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.external_data_helper
+from onnx import numpy_helper
+
+from onnxlady._errors import OnnxladyError
+
+__all__ = [
+    "INLINE_BYTES",
+    "has_mapped",
+    "is_mapped",
+    "map_external_data",
+    "mapped_array",
+    "mapped_bytes",
+    "write_external",
+]
+
+#: External tensors below this many bytes are read into the model when it is mapped.
+INLINE_BYTES = 1 << 16
+#: Tensors of at least this many bytes go to the data file (onnx.save's default threshold).
+EXTERNAL_THRESHOLD = 1024
+_WRITE_CHUNK = 16 << 20
+
+BytesLike = bytes | bytearray | memoryview
+Override = BytesLike | np.ndarray | Callable[[], Any]
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor``'s bytes live in an external file (as :func:`onnxlady._io._tensors.is_external`)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _dtype(tensor: onnx.TensorProto) -> np.dtype[Any]:
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        raise OnnxladyError(f"tensor '{tensor.name}' holds strings or no type: it cannot be mapped")
+    if tensor.data_type in _PACKED:
+        raise OnnxladyError(f"tensor '{tensor.name}' packs several values per byte: it cannot be mapped")
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+
+
+_PACKED = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+)
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of the tensor's data from its shape and type (None when unknown: strings, packed)."""
+    try:
+        itemsize = _dtype(tensor).itemsize
+    except (OnnxladyError, KeyError, TypeError, ValueError):
+        return None
+    return math.prod(int(d) for d in tensor.dims) * itemsize
+
+
+def is_mapped(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` is an external tensor :func:`map_external_data` left in its file."""
+    return is_external(tensor) and os.path.isabs(_info(tensor).get("location", ""))
+
+
+def has_mapped(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` is still in its file (see :func:`map_external_data`)."""
+    return any(is_mapped(tensor) for tensor in onnx.external_data_helper._get_all_tensors(model))
+
+
+def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of a mapped tensor as a read-only memory map of its file (no copy).
+
+    Raises:
+        OnnxladyError: the tensor is not mapped, holds strings or packed values, or its file is
+            shorter than its shape says.
+    """
+    if not is_mapped(tensor):
+        raise OnnxladyError(f"tensor '{tensor.name}' is not a mapped external tensor")
+    dtype = _dtype(tensor)
+    dims = tuple(int(d) for d in tensor.dims)
+    count = math.prod(dims)
+    if count == 0:
+        return np.zeros(dims, dtype=dtype)
+    info = _info(tensor)
+    offset = int(info.get("offset", "0"))
+    values = np.memmap(info["location"], dtype=dtype, mode="r", offset=offset, shape=(count,))
+    return values.reshape(dims)
+
+
+def mapped_bytes(tensor: onnx.TensorProto) -> memoryview:
+    """The raw bytes of a mapped tensor, as a read-only view of its file."""
+    return np.ascontiguousarray(mapped_array(tensor)).reshape(-1).view(np.uint8).data
+
+
+def map_external_data(model: onnx.ModelProto, path: str | os.PathLike[str], targets: Mapping[str, Path]) -> None:
+    """Leave ``model``'s large external tensors in their files (see the module docstring).
+
+    Args:
+        model: a model loaded without its external data (changed in place).
+        path: the model file (for messages).
+        targets: each external tensor's data file by tensor name, already checked to be a
+            regular file inside the model's folder.
+
+    Raises:
+        OnnxladyError: a tensor's data lies beyond the end of its file, or its length does not
+            match its shape.
+    """
+    main = {id(tensor) for tensor in _main_tensors(model)}
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not is_external(tensor):
+            continue
+        target = targets[tensor.name]
+        info = _info(tensor)
+        offset = int(info.get("offset", "0"))
+        size = os.stat(target).st_size
+        expected = _nbytes(tensor)
+        length = int(info["length"]) if "length" in info else (expected if expected is not None else size - offset)
+        if expected is not None and length != expected:
+            raise OnnxladyError(
+                f"{path}: tensor '{tensor.name}' has {length} bytes of external data, its shape needs {expected}"
+            )
+        if offset + length > size:
+            raise OnnxladyError(f"{path}: tensor '{tensor.name}' lies beyond the end of {target.name} (truncated file)")
+        if length < INLINE_BYTES or expected is None or id(tensor) not in main:
+            # Small, unmappable or inside a subgraph: read into the model like onnx.load does.
+            with open(target, "rb") as handle:
+                handle.seek(offset)
+                raw = handle.read(length)
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = raw
+            continue
+        _set_external(tensor, str(target), offset, length)
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _main_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """The main graph's initializers and Constant node values."""
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.HasField("t"):
+                    yield attribute.t
+
+
+# -- writing ----------------------------------------------------------------------------------
+class _DataFile:
+    """The data file being written: appends tensors' bytes and says where each one went."""
+
+    def __init__(self, handle: Any, location: str) -> None:
+        self.handle = handle
+        self.location = location
+        self.offset = 0
+
+    def append(self, data: Any) -> tuple[int, int]:
+        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else None
+        if view is None:
+            view = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
+        start = self.offset
+        # Written in chunks: a memory-mapped source is read (and its pages released) piece by piece.
+        for position in range(0, len(view), _WRITE_CHUNK):
+            self.handle.write(view[position : position + _WRITE_CHUNK])
+        self.offset += len(view)
+        return start, len(view)
+
+
+def _tensor_data(tensor: onnx.TensorProto, override: Override | None) -> Any:
+    """The bytes (or array) to store for ``tensor``: its override, its own data, or its mapped file."""
+    if override is not None:
+        return override() if callable(override) else override
+    if is_mapped(tensor):
+        return mapped_array(tensor)
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor)  # typed fields (float_data...): stored raw
+
+
+def _as_bytes(data: Any) -> bytes:
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).tobytes()
+    return bytes(memoryview(data).cast("B"))
+
+
+def _header(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A copy of ``tensor`` without its data (nor any external data reference)."""
+    header = onnx.TensorProto()
+    for descriptor in tensor.DESCRIPTOR.fields:
+        name = descriptor.name
+        if name in _DATA_FIELDS:
+            continue
+        if _repeated(descriptor):
+            values = getattr(tensor, name)
+            if len(values):
+                getattr(header, name).extend(values)
+        elif tensor.HasField(name):
+            if descriptor.message_type is not None:
+                getattr(header, name).CopyFrom(getattr(tensor, name))
+            else:
+                setattr(header, name, getattr(tensor, name))
+    return header
+
+
+_DATA_FIELDS = frozenset(
+    {"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data",
+     "external_data", "data_location"}
+)  # fmt: skip
+
+
+def _stored(tensor: onnx.TensorProto, override: Override | None, data: _DataFile) -> onnx.TensorProto:
+    """The tensor as the written model holds it: a header pointing into the data file, or inline."""
+    size = _nbytes(tensor)
+    if tensor.data_type == onnx.TensorProto.STRING or size is None:
+        if override is not None or is_mapped(tensor):
+            raise OnnxladyError(f"tensor '{tensor.name}' cannot be written with external data (strings or packed)")
+        return tensor  # kept as it is (onnx.save keeps strings inline too)
+    if size < EXTERNAL_THRESHOLD:
+        if override is None and not is_mapped(tensor):
+            return tensor
+        small = _header(tensor)
+        small.raw_data = _as_bytes(_tensor_data(tensor, override))
+        return small
+    header = _header(tensor)
+    offset, length = data.append(_tensor_data(tensor, override))
+    if length != size:
+        raise OnnxladyError(f"tensor '{tensor.name}': {length} bytes to write, its shape and type say {size}")
+    _set_external(header, data.location, offset, length)
+    return header
+
+
+def _inline_subgraph_tensors(node: onnx.NodeProto) -> onnx.NodeProto:
+    """``node``, or a copy whose subgraphs hold their mapped tensors' bytes inline."""
+    if not any(is_mapped(tensor) for tensor in _node_tensors(node)):
+        return node
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for tensor in _node_tensors(copy):
+        if is_mapped(tensor):
+            raw = bytes(mapped_bytes(tensor))
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = raw
+    return copy
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a node holds in its attributes, subgraphs included (the protos themselves)."""
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        graphs = [attribute.g] if attribute.HasField("g") else []
+        for graph in [*graphs, *attribute.graphs]:
+            yield from graph.initializer
+            for inner in graph.node:
+                yield from _node_tensors(inner)
+
+
+def write_external(
+    model: onnx.ModelProto,
+    path: Path,
+    data_path: Path,
+    overrides: Mapping[str, Override] | None = None,
+    *,
+    location: str | None = None,
+    digest: bool = False,
+) -> str:
+    """Write ``model`` to ``path`` with its weights in ``data_path``, one tensor at a time.
+
+    Args:
+        model: the model (not changed); its tensors may be mapped (:func:`map_external_data`).
+        path: the model file to write.
+        data_path: the data file to write.
+        overrides: main-graph tensor names mapped to their new data (bytes, a C-contiguous
+            array, or a callable returning either, called when that tensor is written).
+        location: the data file's name as the model names it (default ``data_path.name``).
+        digest: return the sha256 of the model file.
+
+    Returns:
+        The model file's sha256 when ``digest``, else ``""``.
+
+    Raises:
+        OnnxladyError: a tensor's data does not match its shape, or strings would have to be
+            stored externally.
+        OSError: a file cannot be written.
+    """
+    overrides = overrides or {}
+    shell = onnx.ModelProto()
+    for descriptor in model.DESCRIPTOR.fields:
+        if descriptor.name != "graph":
+            _copy_field(model, shell, descriptor)
+    graph = model.graph
+    for descriptor in graph.DESCRIPTOR.fields:
+        if descriptor.name not in ("initializer", "node"):
+            _copy_field(graph, shell.graph, descriptor)
+    with open(data_path, "wb") as handle:
+        data = _DataFile(handle, location or data_path.name)
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+                copy = onnx.NodeProto()
+                for descriptor in node.DESCRIPTOR.fields:
+                    if descriptor.name != "attribute":
+                        _copy_field(node, copy, descriptor)
+                for attribute in node.attribute:
+                    if attribute.name == "value" and attribute.HasField("t"):
+                        value = onnx.AttributeProto()
+                        for descriptor in attribute.DESCRIPTOR.fields:
+                            if descriptor.name != "t":
+                                _copy_field(attribute, value, descriptor)
+                        value.t.CopyFrom(_stored(attribute.t, overrides.get(node.output[0]), data))
+                        copy.attribute.append(value)
+                    else:
+                        copy.attribute.append(attribute)
+                shell.graph.node.append(copy)
+            else:
+                shell.graph.node.append(_inline_subgraph_tensors(node))
+        for tensor in graph.initializer:
+            shell.graph.initializer.append(_stored(tensor, overrides.get(tensor.name), data))
+        handle.flush()
+        os.fsync(handle.fileno())
+    encoded = shell.SerializeToString()
+    with open(path, "wb") as handle:
+        handle.write(encoded)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return hashlib.sha256(encoded).hexdigest() if digest else ""
+
+
+def _copy_field(source: Any, target: Any, descriptor: Any) -> None:
+    name = descriptor.name
+    if _repeated(descriptor):
+        values = getattr(source, name)
+        if len(values):
+            getattr(target, name).extend(values)
+    elif source.HasField(name):
+        if descriptor.message_type is not None:
+            getattr(target, name).CopyFrom(getattr(source, name))
+        else:
+            setattr(target, name, getattr(source, name))
+
+
+def _repeated(descriptor: Any) -> bool:
+    # protobuf 5+ has is_repeated; older versions only the label (3: LABEL_REPEATED).
+    return bool(descriptor.is_repeated) if hasattr(descriptor, "is_repeated") else descriptor.label == 3
