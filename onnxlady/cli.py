@@ -91,6 +91,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except _Terminated:
         print("onnxlady: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except MemoryError as exc:  # sizes the user chose (a --shape, a model) that do not fit in memory
+        message = _printable(" ".join(str(exc).split())) or "an allocation failed"
+        print(f"onnxlady: error: not enough memory: {message} (smaller --shape or inputs?)", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug must still end in one line unless debugging
         if os.environ.get("ONNXLADY_DEBUG"):
             raise

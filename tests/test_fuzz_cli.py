@@ -33,7 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,7 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def _captured() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+def _captured() -> Generator[tuple[io.StringIO, io.StringIO], None, None]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         yield out, err
@@ -215,6 +215,11 @@ WATERMARK_KEYS = ["@POOL@/wm.npz"] * 3 + ["@POOL@/cnn_p.onnx.key.json", "@POOL@/
 REPORTS = ["@OUT@/r.html", "@OUT@/r.md", "@OUT@/c.onnx", "@OUT@/missing/r.html", "@POOL@/cnn.onnx", "@OUT@"]
 TENSORS = ["c1", "c2", "fc", "m1", "input", "x", "stem.conv", "down.conv", "head", "nope", "", "c1.weight"]
 GROUPS = ["g0", "g1", "g2", "g3", "g9", "g-1", "", "0", "c1.weight", "fc.weight", "G0"]
+INPUT_FILES = ["@POOL@/feeds.npz", "@POOL@/wrong_feeds.npz", "@POOL@/notes.txt", "@POOL@/missing.npz", "@POOL@/cnn.onnx"]
+LOADER_SCRIPTS = [
+    "@POOL@/loader.py", "@POOL@/loader.py:broken", "@POOL@/loader.py:nothing", "@POOL@/loader.py:absent",
+    "@POOL@/missing.py", "@POOL@/notes.txt",
+]  # fmt: skip
 INPUT_NAMES = ["input", "x", "images", "audio", "nope", ""]
 
 
@@ -276,11 +281,8 @@ def check_options() -> list[st.SearchStrategy[list[str]]]:
         option("--shape", shape_specs(), repeat=2),
         option("--add-output", st.sampled_from(TENSORS), repeat=2),
         option("--val-range", value_ranges(), repeat=2),
-        option("--load-inputs", st.sampled_from(["@POOL@/feeds.npz", "@POOL@/wrong_feeds.npz", "@POOL@/notes.txt",
-                                                 "@POOL@/missing.npz", "@POOL@/cnn.onnx"])),  # fmt: skip
-        option("--data-loader-script", st.sampled_from(["@POOL@/loader.py", "@POOL@/loader.py:broken",
-                                                        "@POOL@/loader.py:nothing", "@POOL@/loader.py:absent",
-                                                        "@POOL@/missing.py", "@POOL@/notes.txt"])),  # fmt: skip
+        option("--load-inputs", st.sampled_from(INPUT_FILES)),
+        option("--data-loader-script", st.sampled_from(LOADER_SCRIPTS)),
     ]
 
 

@@ -60,7 +60,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fuzz_files")
     for name in MODELS:
         onnx.save(FIXTURES[name](0), str(root / f"{name}.onnx"))
-    code, _, err = cli("permute", root / "vgg.onnx", "-o", root / "perm.onnx", "--key-out", root / "k.json", "--seed", 5)
+    code, _, err = cli(
+        "permute", root / "vgg.onnx", "-o", root / "perm.onnx", "--key-out", root / "k.json", "--seed", 5
+    )
     assert code == 0, err
     return root
 
@@ -160,7 +162,9 @@ def _edit_field(model: onnx.ModelProto, data: st.DataObject) -> None:
                 st.sampled_from(["", "ghost", *(t.name for t in graph.initializer[:3])])
             )
         elif what == "output" and node.output:
-            node.output[0] = data.draw(st.sampled_from(["", graph.input[0].name, *(n.output[0] for n in graph.node[:3])]))
+            node.output[0] = data.draw(
+                st.sampled_from(["", graph.input[0].name, *(n.output[0] for n in graph.node[:3])])
+            )
         elif what == "domain":
             node.domain = data.draw(st.sampled_from(["", "com.microsoft", "x.y"]))
         elif node.input:
@@ -321,7 +325,8 @@ def test_hostile_keys(folder: Path, data: st.DataObject) -> None:
     restored = onnx.load(str(out / "u.onnx"))
     source = onnx.load(str(folder / "vgg.onnx"))
     same = all(
-        a.SerializeToString() == b.SerializeToString() for a, b in zip(source.graph.initializer, restored.graph.initializer)
+        a.SerializeToString() == b.SerializeToString()
+        for a, b in zip(source.graph.initializer, restored.graph.initializer)
     )
     if document["weights_identical_to_source"] or document["output_identical_to_source_file"]:
         assert same, "claimed bit-identical, but the weights differ from the source"

@@ -486,3 +486,158 @@ def test_dask_engine_on_a_local_cluster(registry: Path, tmp_path: Path) -> None:
             return {Path(p).name: b for p, b in connection.execute("SELECT path, fingerprint FROM models")}
 
     assert blobs(tmp_path / "dask.idx") == blobs(tmp_path / "pool.idx") == blobs(tmp_path / "urls.idx")
+
+
+# -- the fast reader and the batched records ----------------------------------------------------
+def _conversions(model: onnx.ModelProto, tmp_path: Path, kinds: tuple[str, ...]) -> dict[str, onnx.ModelProto]:
+    forms = {"plain": model}
+    for kind in kinds:
+        try:
+            forms[kind] = DERIVATIONS[kind](model, tmp_path)
+        except Exception:  # a converter that refuses this fixture: nothing to compare
+            continue
+    return forms
+
+
+def test_fast_walk_reads_what_model_graph_reads(tmp_path: Path) -> None:
+    """WeightGraph gives the ModelGraph path's layers bit for bit, on every fixture and form;
+    and it is the path taken for nearly all of them (else the test would prove nothing).
+    """
+    from onnxlady._provenance._producers import FullGraphNeeded, WeightGraph, model_producers
+
+    fast = slow = 0
+    for name in sorted(FIXTURES):
+        # Every fixture as built, quantized and in float16; the slower conversions on a few.
+        kinds = ("qdq-int8", "float16") + (
+            ("bfloat16", "fold-bn", "simplify", "opset21", "ort-extended") if name in ARCHITECTURES else ()
+        )
+        for kind, model in _conversions(FIXTURES[name](0), tmp_path, kinds).items():
+            expected = producer_weights(ModelGraph(model, infer_shapes=False))
+            try:
+                WeightGraph(model).units()
+                fast += 1
+            except FullGraphNeeded:
+                slow += 1
+            found = model_producers(model)
+            assert [(w.node, w.name, w.op_type, w.neuron_axis, w.kernel, w.groups) for w in found] == [
+                (w.node, w.name, w.op_type, w.neuron_axis, w.kernel, w.groups) for w in expected
+            ], (name, kind)
+            for a, b in zip(found, expected):
+                assert np.array_equal(a.matrix, b.matrix), (name, kind, a.name)
+                assert (a.row_scale is None) == (b.row_scale is None), (name, kind, a.name)
+                if a.row_scale is not None:
+                    assert np.array_equal(a.row_scale, b.row_scale), (name, kind, a.name)
+    assert fast > 10 * slow, (fast, slow)
+
+
+def test_fast_walk_falls_back_where_it_must() -> None:
+    from onnxlady._provenance._producers import FullGraphNeeded, WeightGraph
+
+    with pytest.raises(FullGraphNeeded, match="subgraph"):
+        WeightGraph(FIXTURES["if_branch"](0))
+    model = FIXTURES["vgg"](0)
+    reordered = copy_model(model)
+    nodes = list(reordered.graph.node)
+    del reordered.graph.node[:]
+    reordered.graph.node.extend(reversed(nodes))
+    with pytest.raises(FullGraphNeeded, match="before it is defined"):
+        WeightGraph(reordered)
+    # The fallback still fingerprints it as the sorted model.
+    assert fingerprint_distance(fingerprint_model(model), fingerprint_model(reordered)) < 1e-6
+
+
+def test_batched_small_layers_match_one_by_one(monkeypatch) -> None:
+    """Small layers reduced together (float64, reduceat/bincount) give the records of the
+    float32 einsum passes that large layers take, row for row and in the caller's order.
+    """
+    from onnxlady._provenance import _fingerprint
+    from onnxlady._provenance._producers import ProducerWeight
+
+    rng = np.random.default_rng(1)
+    layers = []
+    for index, (n, k, axis) in enumerate([(8, 27, 0), (40, 30, 1), (300, 64, 0), (16, 9, 0), (5, 200, 1), (64, 600, 0)]):
+        matrix = (rng.standard_normal((n, k)) * rng.uniform(0.2, 3.0, (n, 1)) + 0.1).astype(np.float32)
+        matrix[0] = 0.0  # a dead neuron
+        scale = rng.uniform(0.5, 2.0, n) * np.where(rng.random(n) < 0.3, -1.0, 1.0) if index % 2 else None
+        stored = matrix if axis == 0 else np.ascontiguousarray(matrix.T)
+        layers.append(ProducerWeight(index, f"l{index}", "Conv", stored, axis, 1, 1, scale))
+    together = _fingerprint.layer_records(layers)
+    monkeypatch.setattr(_fingerprint, "SMALL_LAYER", 0)  # every layer alone, einsum passes
+    alone = np.stack([_fingerprint.layer_records([w])[0] for w in layers])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+    assert np.abs(together[0] - together[3]).max() > 1e-2  # rows are not interchangeable
+
+
+def test_segment_helpers_match_their_one_segment_forms() -> None:
+    from onnxlady._provenance._fingerprint import segment_resample, segment_sort
+
+    rng = np.random.default_rng(2)
+    lengths = np.array([1, 3, 16, 17, 40])
+    values = rng.standard_normal((int(lengths.sum()), 2))
+    ordered = segment_sort(values, lengths)
+    resampled = segment_resample(ordered, lengths)
+    start = 0
+    for number, length in enumerate(lengths):
+        block = values[start : start + length]
+        np.testing.assert_array_equal(ordered[start : start + length], np.sort(block, axis=0))
+        np.testing.assert_allclose(resampled[number], resample(np.sort(block, axis=0)), rtol=1e-12, atol=1e-12)
+        start += length
+
+
+def test_near_dead_neurons_read_as_dead() -> None:
+    """A neuron a millionth of its layer's largest (a channel float16 or int8 rounds to zero)
+    reads like an all-zero row, and never overflows float32 (real PaddleOCR models hold rows of
+    RMS 1e-36).
+    """
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((12, 50)).astype(np.float32)
+    dead, tiny = rows.copy(), rows.copy()
+    dead[3] = 0.0
+    tiny[3] = rows[3] * np.float32(1e-36)
+    with np.errstate(all="raise"):
+        a, b = layer_record(dead), layer_record(tiny)
+    assert np.all(np.isfinite(b))
+    np.testing.assert_allclose(a[SLICES["mean"]], b[SLICES["mean"]], atol=1e-9)
+    np.testing.assert_allclose(a[SLICES["kurtosis"]], b[SLICES["kurtosis"]], atol=1e-9)
+
+
+def test_file_reader_checks(tmp_path: Path) -> None:
+    """The one-read path: hash of the same bytes, regular files only, external data through the loader."""
+    import hashlib
+
+    path = tmp_path / "vgg.onnx"
+    onnx.save(FIXTURES["vgg"](0), path)
+    result = fingerprint_file(str(path))
+    assert not result.error and result.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert result.fingerprint == fingerprint_model(onnx.load(path)).to_bytes()
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert "no graph" in fingerprint_file(str(tmp_path / "empty.onnx")).error
+    assert "is a folder" in fingerprint_file(str(tmp_path)).error
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    assert "not a regular file" in fingerprint_file(str(fifo)).error  # never opened: it would block
+
+
+# -- the public API ---------------------------------------------------------------------------------
+def test_public_api(registry: Path, tmp_path: Path) -> None:
+    import onnxlady
+
+    for name in ("build_index", "find", "find_all_pairs", "IndexResult", "FindResult", "ClusterResult", "Candidate"):
+        assert name in onnxlady.__all__ and getattr(onnxlady, name).__module__ == "onnxlady"
+    messages: list[str] = []
+    built = onnxlady.build_index([registry], tmp_path / "api.idx", workers=1, progress=messages.append)
+    assert built.models == 6 and len(built.errors) == 1 and built.exit_code == 0
+    assert any("fingerprinting" in m for m in messages)  # advance(): a line per tenth of the files
+    suspect = permute_copy(FIXTURES["resnet"](0), seed=9)[0]
+    found = onnxlady.find(suspect, tmp_path / "api.idx", top=3)
+    assert isinstance(found, onnxlady.FindResult) and found.exit_code == 0
+    assert found.candidates[0].path == str(registry / "resnet.onnx") and len(found.derived) == 1
+    assert "derived" in found.to_text() and json.loads(json.dumps(found.to_json()))["derived"] == 1
+    nothing = onnxlady.find(FIXTURES["resnet"](4), tmp_path / "api.idx")
+    assert nothing.exit_code == 1 and nothing.derived == []
+    clusters = onnxlady.find_all_pairs(tmp_path / "api.idx")
+    assert clusters.exit_code == 1 and clusters.clusters == []
+    with pytest.raises(OnnxladyError, match="either"):
+        onnxlady.find(suspect, tmp_path / "api.idx", all_pairs=True)  # type: ignore[call-overload]
+    with pytest.raises(OnnxladyError, match="suspect"):
+        onnxlady.find(None, tmp_path / "api.idx")  # type: ignore[call-overload]

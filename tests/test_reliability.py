@@ -343,7 +343,9 @@ def test_a_255_byte_output_name_works(work: Path) -> None:
     assert len(name.encode()) == 255
     assert cli("unpermute", work / "perm.onnx", "--key", work / "k.json", "-o", work / name).code == 0
     assert (work / name).read_bytes() == (work / "base.onnx").read_bytes()
-    assert cli("permute", work / "base.onnx", "-o", work / ("p" * 250 + ".onnx"), "--key-out", work / "k2.json").code == 0
+    assert (
+        cli("permute", work / "base.onnx", "-o", work / ("p" * 250 + ".onnx"), "--key-out", work / "k2.json").code == 0
+    )
     refused(cli("permute", work / "base.onnx", "-o", work / ("q" * 250 + ".onnx")), "--key-out")
     refused(cli("unpermute", work / "perm.onnx", "--key", work / "k.json", "-o", work / ("x" * 256)), "longer than 255")
     assert temporaries(work) == []
@@ -425,7 +427,9 @@ def test_unpermute_refuses_a_model_changed_after_permuting(work: Path) -> None:
     perturbed = work / "noisy.onnx"
     assert cli("perturb", work / "perm.onnx", "-o", perturbed, "--noise", "0.01").code == 0
     refused(cli("unpermute", perturbed, "--key", work / "k.json", "-o", work / "u.onnx"), "--allow-changed-model")
-    run = cli("unpermute", perturbed, "--key", work / "k.json", "-o", work / "u.onnx", "--allow-changed-model", "--json")
+    run = cli(
+        "unpermute", perturbed, "--key", work / "k.json", "-o", work / "u.onnx", "--allow-changed-model", "--json"
+    )
     document = json.loads(run.out)
     assert run.code == 0 and document["weights_identical_to_source"] is False
     assert document["output_identical_to_source_file"] is False

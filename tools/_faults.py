@@ -299,7 +299,10 @@ def permute_set_problems(model: Path, key: Path, *, previous: dict[str, str] | N
         return []
     if not all(present):
         return [f"partial output set: {'model' if present[0] else 'key'} without its companion"]
-    if previous is not None and {str(model): file_sha256(model), str(key): file_sha256(key)}.items() <= previous.items():
+    if (
+        previous is not None
+        and {str(model): file_sha256(model), str(key): file_sha256(key)}.items() <= previous.items()
+    ):
         return []  # the earlier, complete set, untouched
     try:
         document = json.loads(key.read_text())

@@ -259,7 +259,9 @@ def _break(model: onnx.ModelProto, kind: str, c: Campaign) -> None:
             [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, None)],
         )  # fmt: skip
         graph.initializer.append(numpy_helper.from_array(np.array(True), "campaign_cond"))
-        graph.node.append(helper.make_node("If", ["campaign_cond"], ["campaign_if"], then_branch=branch, else_branch=branch))
+        graph.node.append(
+            helper.make_node("If", ["campaign_cond"], ["campaign_if"], then_branch=branch, else_branch=branch)
+        )
     elif kind in ("weight rank", "bias length", "zero output channels"):
         layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
         layer = c.draw(layers)
@@ -576,7 +578,9 @@ def _watermark_check(model: Path, key: Path, layer: str) -> list[str]:
     if not problems and model.exists():
         extraction = onnxlady.extract_watermark(model, key)
         if extraction.bit_error_rate > 0 or extraction.layer != layer:
-            problems.append(f"partial output set: the watermark key does not read the model (BER {extraction.bit_error_rate})")
+            problems.append(
+                f"partial output set: the watermark key does not read the model (BER {extraction.bit_error_rate})"
+            )
     return problems
 
 
@@ -593,17 +597,20 @@ def _single_model_check(model: Path) -> list[str]:
 def jobs(reference: Path, permuted: Path, key: Path, layer: str) -> dict[str, Job]:
     return {
         "permute": Job(
-            "permute", lambda o: ["permute", reference, "-o", o / "p.onnx", "--seed", 3],
+            "permute",
+            lambda o: ["permute", reference, "-o", o / "p.onnx", "--seed", 3],
             lambda o, previous: permute_set_problems(o / "p.onnx", o / "p.onnx.key.json", previous=previous),
             lambda o: [o / "p.onnx", o / "p.onnx.key.json"],
         ),
         "permute external": Job(
-            "permute external", lambda o: ["permute", reference, "-o", o / "p.onnx", "--external-data", "--seed", 4],
+            "permute external",
+            lambda o: ["permute", reference, "-o", o / "p.onnx", "--external-data", "--seed", 4],
             lambda o, previous: permute_set_problems(o / "p.onnx", o / "p.onnx.key.json", previous=previous),
             lambda o: [o / "p.onnx", o / "p.onnx.data", o / "p.onnx.key.json"],
         ),
         "resync": Job(
-            "resync", lambda o: ["resync", reference, permuted, "-o", o / "r.onnx", "--key-out", o / "r.json"],
+            "resync",
+            lambda o: ["resync", reference, permuted, "-o", o / "r.onnx", "--key-out", o / "r.json"],
             lambda o, previous: resync_set_problems(o / "r.onnx", o / "r.json"),
             lambda o: [o / "r.onnx", o / "r.json"],
         ),
@@ -616,19 +623,30 @@ def jobs(reference: Path, permuted: Path, key: Path, layer: str) -> dict[str, Jo
         "audit": Job(
             "audit",
             lambda o: [
-                "audit", reference, permuted, "--markdown", o / "r.md", "--html", o / "r.html", "--canonicalize",
+                "audit",
+                reference,
+                permuted,
+                "--markdown",
+                o / "r.md",
+                "--html",
+                o / "r.html",
+                "--canonicalize",
                 o / "c.onnx",
             ],
             lambda o, previous: all_or_none([o / "r.md", o / "r.html", o / "c.onnx"]),
             lambda o: [o / "r.md", o / "r.html", o / "c.onnx"],
         ),
         "unpermute": Job(
-            "unpermute", lambda o: ["unpermute", permuted, "--key", key, "-o", o / "u.onnx"],
-            lambda o, previous: _single_model_check(o / "u.onnx"), lambda o: [o / "u.onnx"],
+            "unpermute",
+            lambda o: ["unpermute", permuted, "--key", key, "-o", o / "u.onnx"],
+            lambda o, previous: _single_model_check(o / "u.onnx"),
+            lambda o: [o / "u.onnx"],
         ),
         "perturb": Job(
-            "perturb", lambda o: ["perturb", reference, "-o", o / "n.onnx", "--noise", "0.5"],
-            lambda o, previous: _single_model_check(o / "n.onnx"), lambda o: [o / "n.onnx"],
+            "perturb",
+            lambda o: ["perturb", reference, "-o", o / "n.onnx", "--noise", "0.5"],
+            lambda o, previous: _single_model_check(o / "n.onnx"),
+            lambda o: [o / "n.onnx"],
         ),
     }
 

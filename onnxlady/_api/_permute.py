@@ -227,8 +227,10 @@ def permute(
 
     Raises:
         OnnxladyError: bad input or options (an unknown or frozen group, permutations that are
-            not permutations, an output that is an input...), or a failed write. Files are
-            checked before any work and nothing is left behind on failure.
+            not permutations, an output that is an input...), a model with nothing permutable
+            (the message says why: every group's freeze reasons by kind, bodies left closed),
+            or a failed write. Files are checked before any work and nothing is left behind on
+            failure.
     """
     source = source_path(model)
     target = output_path(output)
@@ -255,6 +257,8 @@ def permute(
     # Our own load may be rewritten in place; a caller's ModelProto is copied first.
     working = opened.writable()
     analysis = analyze(working, progress=progress)
+    if not analysis.permutable_groups:  # an unchanged copy would pass for a permuted one
+        raise OnnxladyError(nothing_permutable(analysis, source.name if source else "the model"))
     chosen = _choose_permutations(analysis, seed, _group_ids(group), perms)
     # Large tensors are permuted as the writer streams them out: one copy of the weights at a time.
     deferred = DeferredTensors() if target is not None and opened.owned else None
@@ -356,6 +360,40 @@ def _perm_arrays(data: Mapping[Any, Any], origin: str) -> dict[str, np.ndarray]:
             raise OnnxladyError(f"{origin}: the permutation of group {gid} is not a permutation of {len(values)}")
         perms[str(gid)] = np.asarray(values, dtype=np.int64)
     return perms
+
+
+def nothing_permutable(analysis: ChannelAnalysis, name: str = "the model") -> str:
+    """Why no group of ``analysis`` can move, in one line (for ``permute``'s refusal and ``inspect``).
+
+    Args:
+        analysis: a model's analysis with no permutable group.
+        name: how to call the model.
+
+    Returns:
+        ``nothing to permute in NAME: ...`` with the freeze reasons by kind (one example of
+        each, the most frequent first) and the If/Loop/Scan bodies left closed, or, where no
+        operator makes neurons at all, that.
+    """
+    frozen = [group for group in analysis.groups if group.frozen and group.size > 1]
+    parts = []
+    if frozen:
+        examples: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        for group in frozen:
+            for reason in group.reasons:
+                counts[reason.kind] = counts.get(reason.kind, 0) + 1
+                examples.setdefault(reason.kind, reason.message)
+        listing = "; ".join(
+            f"{kind} x{counts[kind]} (e.g. {examples[kind]})" for kind in sorted(counts, key=lambda k: -counts[k])
+        )
+        parts.append(f"all {len(frozen)} groups of two or more neurons are frozen: {listing}")
+    elif analysis.groups:
+        parts.append("no group has two or more neurons")
+    else:
+        parts.append("no operator makes neurons (no Conv, Gemm or MatMul with a constant weight, no embedding table)")
+    if analysis.closed_subgraphs:
+        parts.append("bodies not analysed: " + "; ".join(analysis.closed_subgraphs))
+    return f"nothing to permute in {name}: " + "; ".join(parts)
 
 
 def _choose_permutations(

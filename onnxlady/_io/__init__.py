@@ -1,1 +1,1 @@
-"""Layer 0, I/O: loading and saving models (external data, atomic and streamed writes), tensor bytes."""
+"""Layer 0, I/O: loading (checked: regular files, structure) and saving models (output sets: all or none), tensor bytes."""

@@ -138,32 +138,45 @@ def map_external_data(model: onnx.ModelProto, path: str | os.PathLike[str], targ
         OnnxladyError: a tensor's data lies beyond the end of its file, or its length does not
             match its shape.
     """
-    main = {id(tensor) for tensor in _main_tensors(model)}
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if not is_external(tensor):
-            continue
-        target = targets[tensor.name]
-        info = _info(tensor)
-        offset = int(info.get("offset", "0"))
-        size = os.stat(target).st_size
-        expected = _nbytes(tensor)
-        length = int(info["length"]) if "length" in info else (expected if expected is not None else size - offset)
-        if expected is not None and length != expected:
-            raise OnnxladyError(
-                f"{path}: tensor '{tensor.name}' has {length} bytes of external data, its shape needs {expected}"
-            )
-        if offset + length > size:
-            raise OnnxladyError(f"{path}: tensor '{tensor.name}' lies beyond the end of {target.name} (truncated file)")
-        if length < INLINE_BYTES or expected is None or id(tensor) not in main:
-            # Small, unmappable or inside a subgraph: read into the model like onnx.load does.
-            with open(target, "rb") as handle:
-                handle.seek(offset)
-                raw = handle.read(length)
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            tensor.raw_data = raw
-            continue
-        _set_external(tensor, str(target), offset, length)
+    for tensor in _main_tensors(model):
+        if is_external(tensor):
+            _map_or_read(tensor, path, targets[tensor.name], subgraph=False)
+    for node in model.graph.node:
+        for tensor in _subgraph_tensors(node):
+            if is_external(tensor):
+                _map_or_read(tensor, path, targets[tensor.name], subgraph=True)
+
+
+def _map_or_read(tensor: onnx.TensorProto, path: str | os.PathLike[str], target: Path, *, subgraph: bool) -> None:
+    """Point ``tensor`` at its data file by absolute path, or read it in (small, unmappable, in a subgraph)."""
+    info = _info(tensor)
+    offset = int(info.get("offset", "0"))
+    size = os.stat(target).st_size
+    expected = _nbytes(tensor)
+    length = int(info["length"]) if "length" in info else (expected if expected is not None else size - offset)
+    if expected is not None and length != expected:
+        raise OnnxladyError(f"{path}: tensor '{tensor.name}' has {length} bytes of external data, its shape needs {expected}")
+    if offset + length > size:
+        raise OnnxladyError(f"{path}: tensor '{tensor.name}' lies beyond the end of {target.name} (truncated file)")
+    if length < INLINE_BYTES or expected is None or subgraph:
+        with open(target, "rb") as handle:
+            handle.seek(offset)
+            raw = handle.read(length)
+        del tensor.external_data[:]
+        tensor.ClearField("data_location")
+        tensor.raw_data = raw
+        return
+    _set_external(tensor, str(target), offset, length)
+
+
+def _subgraph_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor inside the subgraphs a node holds (at any depth)."""
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.HasField("g") else []
+        for graph in [*graphs, *attribute.graphs]:
+            yield from graph.initializer
+            for inner in graph.node:
+                yield from _node_tensors(inner)
 
 
 def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

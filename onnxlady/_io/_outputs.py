@@ -423,9 +423,7 @@ class OutputSet:
             # Streamed, one tensor at a time, with the data file named by its final name.
             sha = self._guard(
                 target,
-                lambda: write_external(
-                    model, staged, data_staged, overrides, location=data_staged.name, digest=digest
-                ),
+                lambda: write_external(model, staged, data_staged, overrides, location=data_staged.name, digest=digest),
             )
             if digest:
                 self._digests[_absolute(data_target)] = self._guard(data_target, lambda: file_digest(data_staged))

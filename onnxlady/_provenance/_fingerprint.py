@@ -7,7 +7,7 @@ share. The paper's insight gives it: a model's neurons, up to order, are its ide
 statistics of its neurons that depend neither on their order nor on the order of its inputs,
 and the model to the sequence of those layer records.
 
-Which layers (:func:`producer_weights`)
+Which layers (:func:`~onnxlady._provenance._producers.model_producers`)
     The units of :func:`onnxlady._resync._match.find_units` (standard Conv, ConvTranspose, Gemm,
     MatMul; their weight read through Identity/Cast/DequantizeLinear/weight-only ``Mul`` chains,
     so float16, bfloat16 and QDQ int8 weights arrive as the real numbers their user reads),
@@ -17,7 +17,9 @@ Which layers (:func:`producer_weights`)
     (weight minus zero point: their scale is applied later, on the activations), and a
     Gemm/MatMul whose weight is a ``Transpose`` of a constant (tied language-model heads, which
     ORT's optimizer folds into a stored transposed copy). Layers come in the graph's
-    topological order.
+    topological order. They are read by a light index of the graph (producers, consumers,
+    constants) and, for forms it does not cover, by a ModelGraph; both give the same layers
+    (see :mod:`onnxlady._provenance._producers`).
 
 Common form
     Every weight becomes a 2-D matrix with one neuron per row (or per column: a MatMul's
@@ -26,7 +28,12 @@ Common form
     Where a BatchNormalization follows the layer (the unit's ``batchnorm``), its per-neuron
     scale ``gamma / sqrt(var + eps)`` is folded in, so a model and its BN-folded copy
     (``fold_batchnorm``, ORT's ConvBN fusion, FusedConv) give the same statistics. Statistics
-    come from a few float32 ``einsum`` passes over the weight as stored, combined in float64.
+    come from power sums per neuron and weighted sums per input (:func:`layer_records`): a few
+    float32 ``einsum`` passes over each large weight as stored, one float64 batch for all small
+    layers; sorting and resampling then run for all layers at once. A neuron whose RMS is at
+    most :data:`DEAD_NEURON` times its layer's largest counts as dead (all-zero rows of
+    structured pruning, channels float16 or int8 round away, and the RMS-1e-36 rows real
+    PaddleOCR models hold, which would otherwise overflow float32).
 
 Fields of a layer record (each sorted field resampled to :data:`RESAMPLE` values by
 area-preserving resampling of its quantile function, so layers of any width give records of

@@ -36,6 +36,7 @@ suspect's numbers can be compared in the reference's layout).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -473,7 +474,7 @@ def _packed_parts(graph: ModelGraph, linear: _Linear, tail: str, absorbed: set[i
             return None
         head_size = size // (heads + 2 * kv_heads)
         bounds = [0, heads * head_size, (heads + kv_heads) * head_size, size]
-        return [_Part(a, b, None, host, ["GroupQueryAttention"]) for a, b in zip(bounds, bounds[1:])]
+        return [_Part(a, b, None, host, ["GroupQueryAttention"]) for a, b in itertools.pairwise(bounds)]
     return None
 
 

@@ -469,7 +469,9 @@ def evaluate_tree(tree: ExprTree, perms: Mapping[str, np.ndarray], sizes: Mappin
         inner_index = evaluate_tree(spec["of"], perms, sizes)
         if inner_index.size != rows * cols:
             raise OnnxladyError(f"a transposed map of {rows} x {cols} holds {inner_index.size} positions")
-        forward = (np.arange(cols, dtype=np.int64)[None, :] * rows + np.arange(rows, dtype=np.int64)[:, None]).reshape(-1)
+        forward = (np.arange(cols, dtype=np.int64)[None, :] * rows + np.arange(rows, dtype=np.int64)[:, None]).reshape(
+            -1
+        )
         back = (np.arange(rows, dtype=np.int64)[None, :] * cols + np.arange(cols, dtype=np.int64)[:, None]).reshape(-1)
         return back[inner_index[forward]]
     outer = evaluate_tree(tree["product"][0], perms, sizes)

@@ -1,0 +1,158 @@
+"""Resync, audit and match across the converters deployment pipelines really run (issue 12).
+
+A permuted copy of a fixture goes through a real converter (:mod:`fixtures.deployment`: ONNX
+Runtime's offline optimizer at its basic and extended levels, its transformer optimizer,
+onnxslim, onnx-simplifier, int4 MatMulNBits); a converter that does not install here is skipped
+with the reason. Resync must put every neuron back (Psi 100) while the output keeps the
+suspect's converted form, computes what the suspect computes (and a wrong permutation of it
+does not), and is the suspect re-ordered by the recovered key, bit for bit; audit must call the
+pair ``permuted`` and name the conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+
+from fixtures import FIXTURES
+from fixtures.deployment import CASES, CONVERTERS, FINDINGS, unavailable
+from onnxlady import analyze, unpermute_model
+from onnxlady._audit._verdicts import audit_models
+from onnxlady._errors import OnnxladyError
+from onnxlady._resync._entry import resync_model
+from onnxlady._resync._match import match_models
+from onnxlady._verify._compare import verify_models
+from onnxlady.testing import constant_bytes, copy_model, permute_copy, permute_producer_only
+
+logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+PAIRS = [(converter, name) for converter, names in CASES.items() for name in names]
+_CACHE: dict[tuple[str, str], tuple[onnx.ModelProto, onnx.ModelProto, object, onnx.ModelProto]] = {}
+
+
+def _case(converter: str, name: str) -> tuple[onnx.ModelProto, onnx.ModelProto, object, onnx.ModelProto]:
+    """(reference, permuted copy, true key, the permuted copy through the converter), built once."""
+    reason = unavailable(converter)
+    if reason is not None:
+        pytest.skip(reason)
+    if (converter, name) not in _CACHE:
+        reference = FIXTURES[name](0)
+        model, _, _, key = permute_copy(reference, 7)
+        _CACHE[(converter, name)] = (reference, model, key, CONVERTERS[converter](model))
+    return _CACHE[(converter, name)]
+
+
+@pytest.mark.parametrize(("converter", "name"), PAIRS)
+def test_resync_across_a_real_converter(converter: str, name: str) -> None:
+    reference, model, key, suspect = _case(converter, name)
+    before = onnx.load_from_string(suspect.SerializeToString())
+    assert [n.op_type for n in suspect.graph.node] != [n.op_type for n in reference.graph.node]  # it converted
+    result = resync_model(reference, suspect, true_key=key)
+    assert result.psi == pytest.approx(100.0)
+    assert suspect == before  # the suspect was not modified
+    # The output keeps the suspect's form and computes what the suspect computes...
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in suspect.graph.node]
+    assert verify_models(suspect, result.model, provider="cpu").equivalent
+    # ...which a wrong permutation would not (the check above can fail).
+    wrong = copy_model(result.model)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(suspect, wrong, provider="cpu").equivalent
+    # The recovered key turns the suspect into the output, bit for bit.
+    restored = copy_model(suspect)
+    unpermute_model(restored, result.key)
+    assert constant_bytes(restored) == constant_bytes(result.model)
+    # Where the suspect's form can move every group, the output is the reference's order.
+    if converter != "nbits" and not result.across.unwritten:
+        plain = copy_model(model)
+        unpermute_model(plain, key)
+        assert verify_models(reference, plain, provider="cpu").equivalent
+
+
+@pytest.mark.parametrize(("converter", "name"), PAIRS)
+def test_audit_names_the_conversion(converter: str, name: str) -> None:
+    reference, _, _, suspect = _case(converter, name)
+    report = audit_models(reference, suspect)
+    assert report.verdict == "permuted" and report.exit_code == 0
+    kinds = {finding.kind for finding in report.conversions}
+    assert kinds & set(FINDINGS[converter]), kinds
+
+
+@pytest.mark.parametrize(("converter", "name"), [("ort-extended", "resnet"), ("ort-transformer", "bert_like")])
+def test_resync_against_a_converted_reference(converter: str, name: str) -> None:
+    """The reference went through the converter, the suspect is only permuted."""
+    reference, model, key, _ = _case(converter, name)
+    converted = CONVERTERS[converter](reference)
+    result = resync_model(converted, model, true_key=key)
+    assert result.psi == pytest.approx(100.0)
+    assert constant_bytes(result.model) == constant_bytes(reference)
+    assert audit_models(converted, model).verdict == "permuted"
+
+
+def test_audit_of_a_noisy_copy_through_a_converter_is_not_permuted() -> None:
+    reference, model, _, _ = _case("ort-extended", "resnet")
+    from onnxlady._transforms._perturb import perturb_model
+
+    noisy = copy_model(model)
+    perturb_model(noisy, noise=0.5, seed=3)
+    report = audit_models(reference, CONVERTERS["ort-extended"](noisy))
+    assert report.verdict not in ("permuted", "identical", "converted") and report.exit_code == 1
+
+
+def test_reordered_projections_are_paired_by_content() -> None:
+    """ONNX Runtime's optimizer writes k_proj before q_proj: content pairs them right.
+
+    The alignment pairs them crosswise; their weights' invariant signatures put them right, and
+    say so.
+    """
+    reference, _, _, suspect = _case("ort-extended", "encoder_postnorm")
+    match = match_models(reference, suspect)
+    assert match.confidence == pytest.approx(1.0) and not match.divergences
+    moved = [pair for pair in match.site_pairs if pair.method == "content"]
+    assert moved and all(pair.margin is not None and pair.margin > 0.5 for pair in moved)
+    for pair in moved:  # the same projection on both sides, whatever the node order
+        assert pair.reference.split("'")[1].split(".matmul")[0] == pair.suspect.split("'")[1].split(".matmul")[0]
+    assert {pair.method for pair in match.groups} >= {"content"}
+    assert "reordered" in {finding.kind for finding in match.conversions}
+    assert "fused" in {finding.kind for finding in match.conversions}
+
+
+def test_an_int4_suspect_is_solved_in_the_references_form() -> None:
+    """An int4 suspect's groups are solved in the common form, and left in place where it cannot move them.
+
+    MatMulNBits holds its input features in whole quantization blocks: the groups it cannot move
+    are solved in the common form (Psi 100) and left in place, and say why.
+    """
+    reference, _, key, suspect = _case("nbits", "matmul_mlp")
+    result = resync_model(reference, suspect, true_key=key)
+    assert result.psi == pytest.approx(100.0) and result.across.unwritten
+    reasons = [item.reason for item in result.across.match.unmatched]
+    assert reasons and all("another structure" in reason or "frozen in the suspect" in reason for reason in reasons)
+    # Distances stay within int4's error: the pairs are conversions, not different weights.
+    assert all(pair.distance is not None and pair.distance < 0.05 for pair in result.across.match.site_pairs)
+    assert np.isfinite([pair.distance for pair in result.across.match.site_pairs]).all()
+
+
+# -- nothing permutable ---------------------------------------------------------------------------
+def _conv_to_output() -> onnx.ModelProto:
+    """One Conv whose channels are the graph's output: its only group is frozen."""
+    from onnxlady.testing import GraphBuilder
+
+    b = GraphBuilder("conv_only", 0)
+    x = b.input("input", (1, 3, 8, 8))
+    return b.build(b.conv(x, 4, 3, name="conv"))
+
+
+def test_permute_refuses_a_model_with_nothing_permutable(tmp_path) -> None:
+    import onnxlady
+    from onnxlady.cli import main
+
+    model = _conv_to_output()
+    assert not analyze(model).permutable_groups
+    with pytest.raises(OnnxladyError, match=r"nothing to permute in the model: .*graph-output x1 \(e\.g\. graph output"):
+        onnxlady.permute(model)
+    onnx.save(model, tmp_path / "conv.onnx")
+    assert main(["permute", str(tmp_path / "conv.onnx"), "-o", str(tmp_path / "out.onnx"), "--quiet"]) == 2
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.key.json").exists()

@@ -1,0 +1,205 @@
+"""Audit forensics: each kind of change with clear evidence is named, a weak one is "kind uncertain",
+a scaling attack under noise gets both findings (onnxlady/_audit/_forensics.py).
+
+Fine-tuning here is real training: SGD steps of cross entropy, computed in numpy on a small
+Gemm/ReLU classifier (no torch), written back into the ONNX model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from fixtures import FIXTURES
+from onnxlady import analyze, draw_permutations, permute_model
+from onnxlady._audit._forensics import classify_change, weight_infos
+from onnxlady._audit._verdicts import VERDICTS, AuditReport, audit_models
+from onnxlady._transforms._perturb import perturb_model
+from onnxlady.testing import GraphBuilder, copy_model, tensor_holders
+
+LAYERS = ("fc1", "fc2", "head")
+
+
+def _permute(model: onnx.ModelProto, seed: int = 1) -> onnx.ModelProto:
+    analysis = analyze(model)
+    permute_model(analysis, draw_permutations(analysis, seed))
+    return model
+
+
+def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(tensor_holders(model)[name]).astype(np.float64)
+
+
+def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    tensor_holders(model)[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def _mlp() -> onnx.ModelProto:
+    """Input [32, 24] -> Gemm 96 + Relu -> Gemm 96 + Relu -> Gemm 10 (PyTorch Linear layout)."""
+    b = GraphBuilder("forensics_mlp", 3)
+    x = b.input("input", (32, 24))
+    x = b.relu(b.gemm(x, 96, name="fc1"), name="relu1")
+    x = b.relu(b.gemm(x, 96, name="fc2"), name="relu2")
+    return b.build(b.gemm(x, 10, name="head", gain=1.0))
+
+
+def _fine_tune(model: onnx.ModelProto, steps: int = 30, lr: float = 0.05, seed: int = 0) -> onnx.ModelProto:
+    """A copy of the MLP after ``steps`` SGD steps (momentum 0.9, weight decay 1e-4) of cross
+    entropy on a synthetic 10-class task (class prototypes plus noise), gradients by backprop.
+    """
+    rng = np.random.default_rng(seed)
+    params = {f"{n}.{p}": _get(model, f"{n}.{p}") for n in LAYERS for p in ("weight", "bias")}
+    velocity = {k: np.zeros_like(v) for k, v in params.items()}
+    prototypes = rng.standard_normal((10, 24))
+    for _ in range(steps):
+        labels = rng.integers(0, 10, 32)
+        x = prototypes[labels] + 0.5 * rng.standard_normal((32, 24))
+        acts, pre = [x], []
+        for i, n in enumerate(LAYERS):
+            z = acts[-1] @ params[f"{n}.weight"].T + params[f"{n}.bias"]
+            pre.append(z)
+            acts.append(np.maximum(z, 0) if i < 2 else z)
+        logits = acts[-1] - acts[-1].max(axis=1, keepdims=True)
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        grad = probs
+        grad[np.arange(32), labels] -= 1
+        grad /= 32
+        grads = {}
+        for i in reversed(range(3)):
+            n = LAYERS[i]
+            grads[f"{n}.weight"] = grad.T @ acts[i]
+            grads[f"{n}.bias"] = grad.sum(axis=0)
+            if i:
+                grad = (grad @ params[f"{n}.weight"]) * (pre[i - 1] > 0)
+        for k in params:
+            velocity[k] = 0.9 * velocity[k] + grads[k] + 1e-4 * params[k]
+            params[k] = params[k] - lr * velocity[k]
+    tuned = copy_model(model)
+    for k, v in params.items():
+        _set(tuned, k, v)
+    return tuned
+
+
+def _check(report: AuditReport, verdict: str, kind: str | None) -> None:
+    assert report.verdict == verdict, report.summary
+    assert verdict in VERDICTS
+    assert report.exit_code == 1
+    json.dumps(report.to_dict())
+    if kind is not None:
+        assert report.perturbation is not None and report.perturbation["kind"] == kind, report.summary
+
+
+@pytest.mark.parametrize("omega", [0.05, 1.0, 2.0])
+@pytest.mark.parametrize("name", ["vgg", "nhwc_convnet"])
+def test_noise_is_noise_never_fine_tuning(name: str, omega: float) -> None:
+    """The reported bug: perturb --noise 1 read as fine-tuning. i.i.d. noise of any level is noise."""
+    reference = FIXTURES[name](0)
+    suspect = _permute(copy_model(reference))
+    perturb_model(suspect, noise=omega, seed=5)
+    report = audit_models(reference, suspect)
+    _check(report, "perturbed", "noise")
+    assert "likely noise" in report.summary
+    evidence = report.perturbation["evidence"]
+    assert evidence["non_weight_constants_changed"] == []
+    assert evidence["relative_change_median"] == pytest.approx(omega, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind"),
+    [({"quantize_bits": 2}, "quantization"), ({"quantize_bits": 8}, "quantization"),
+     ({"prune_percent": 10}, "pruning"), ({"prune_percent": 99}, "pruning")],
+)  # fmt: skip
+def test_quantization_and_pruning_extremes(kwargs: dict, kind: str) -> None:
+    reference = FIXTURES["resnet"](0)
+    suspect = _permute(copy_model(reference))
+    perturb_model(suspect, seed=2, **kwargs)
+    _check(audit_models(reference, suspect), "perturbed", kind)
+
+
+def test_real_fine_tuning_is_fine_tuning() -> None:
+    reference = _mlp()
+    tuned = _fine_tune(reference)
+    report = audit_models(reference, _permute(copy_model(tuned)))
+    _check(report, "perturbed", "fine-tuning")
+    evidence = report.perturbation["evidence"]
+    assert set(evidence["non_weight_constants_changed"]) >= {"fc1.bias", "fc2.bias", "head.bias"}
+
+
+def test_noise_on_the_same_mlp_is_noise() -> None:
+    """The fine-tuning test's model is not fine-tuning whatever changes: noise there reads noise."""
+    reference = _mlp()
+    suspect = _permute(copy_model(reference))
+    perturb_model(suspect, noise=0.3, seed=1)
+    _check(audit_models(reference, suspect), "perturbed", "noise")
+
+
+def test_fine_tuning_needs_both_weights_and_biases() -> None:
+    """Only the biases of a fine-tuned copy (weights put back): no dense weight change, kind uncertain."""
+    reference = _mlp()
+    tuned = _fine_tune(reference)
+    for n in LAYERS:
+        _set(tuned, f"{n}.weight", _get(reference, f"{n}.weight"))
+    report = audit_models(reference, _permute(tuned))
+    _check(report, "modified", "uncertain")
+    assert report.summary.startswith("weights modified, kind uncertain")
+
+
+def test_weak_change_is_kind_uncertain() -> None:
+    """Three weights nudged: no kind has clear evidence; the verdict says what was seen."""
+    reference = FIXTURES["vgg"](0)
+    suspect = copy_model(reference)
+    weight = _get(suspect, "features.block2.conv.weight")
+    weight.reshape(-1)[[5, 200, 3000]] += 0.01
+    _set(suspect, "features.block2.conv.weight", weight)
+    report = audit_models(reference, _permute(suspect))
+    _check(report, "modified", "uncertain")
+    assert "kind uncertain" in report.perturbation["reason"]
+    assert "1/5 weight tensors changed" in report.perturbation["reason"]
+    assert not report.scaled_neurons
+
+
+@pytest.mark.parametrize("omega", [0.05, 0.2])
+def test_scaling_attack_under_noise_gets_both_findings(omega: float) -> None:
+    reference = FIXTURES["vgg"](0)
+    suspect = copy_model(reference)
+    neurons = [2, 5, 11, 17, 30]
+    weight = _get(suspect, "features.block2.conv.weight")
+    weight[neurons] *= 1.5
+    _set(suspect, "features.block2.conv.weight", weight)
+    perturb_model(suspect, noise=omega, seed=4)
+    report = audit_models(reference, _permute(suspect))
+    _check(report, "scaled", "noise")
+    assert sorted((s.group, s.neuron) for s in report.scaled_neurons) == [("g1", j) for j in neurons]
+    assert all(abs(s.k - 1.5) < 0.1 and s.compensated_by is None for s in report.scaled_neurons)
+    assert "scaled with no compensation" in report.summary and "likely noise" in report.summary
+
+
+def test_noise_alone_flags_no_neuron() -> None:
+    """The attack detector under noise must not fire on noise alone (z-scores of 1000s of rows)."""
+    reference = FIXTURES["resnet"](0)
+    suspect = _permute(copy_model(reference))
+    perturb_model(suspect, noise=0.5, seed=9)
+    report = audit_models(reference, suspect)
+    _check(report, "perturbed", "noise")
+    assert not report.scaled_neurons
+
+
+def test_classify_change_reads_biases_as_multisets() -> None:
+    """A bias the resync mis-paired (values swapped) is not a changed bias: noise stays noise."""
+    reference = FIXTURES["vgg"](0)
+    ref = {n: _get(reference, n) for n in tensor_holders(reference)}
+    sus = {n: v.copy() for n, v in ref.items()}
+    rng = np.random.default_rng(0)
+    infos = weight_infos(analyze(reference))
+    for name in infos:
+        sus[name] = ref[name] + 0.3 * ref[name].std() * rng.standard_normal(ref[name].shape)
+    sus["features.block2.conv.bias"] = ref["features.block2.conv.bias"][::-1].copy()
+    result = classify_change(ref, sus, infos, 1e-5)
+    assert result["kind"] == "noise", result["reason"]
+    assert result["evidence"]["non_weight_constants_reordered"] == ["features.block2.conv.bias"]
+    sus["features.block2.conv.bias"] = ref["features.block2.conv.bias"] + 0.01
+    assert classify_change(ref, sus, infos, 1e-5)["kind"] != "noise"
