@@ -119,7 +119,7 @@ def _permute(args: argparse.Namespace, progress: Progress) -> onnxlady.PermuteRe
     return onnxlady.permute(
         args.model, output=args.output, seed=args.seed, key_out=args.key_out, group=args.group, perms=args.perms,
         verify=args.verify, **_verify_options(args), external_data=args.external_data,
-        overwrite_input=args.overwrite_input, progress=progress,
+        overwrite_input=args.overwrite_input, progress=progress, max_memory=args.max_memory,
     )  # fmt: skip
 
 
@@ -127,6 +127,7 @@ def _unpermute(args: argparse.Namespace, progress: Progress) -> onnxlady.Unpermu
     return onnxlady.unpermute(
         args.model, args.key, output=args.output, external_data=args.external_data,
         overwrite_input=args.overwrite_input, allow_changed_model=args.allow_changed_model, progress=progress,
+        max_memory=args.max_memory,
     )  # fmt: skip
 
 
@@ -134,7 +135,7 @@ def _resync(args: argparse.Namespace, progress: Progress) -> onnxlady.ResyncResu
     return onnxlady.resync(
         args.reference, args.suspect, output=args.output, key_out=args.key_out, true_key=args.true_key,
         method=args.method, refine=args.refine, external_data=args.external_data,
-        overwrite_input=args.overwrite_input, progress=progress,
+        overwrite_input=args.overwrite_input, progress=progress, max_memory=args.max_memory,
     )  # fmt: skip
 
 
@@ -145,7 +146,7 @@ def _match(args: argparse.Namespace, progress: Progress) -> onnxlady.MatchResult
 def _audit(args: argparse.Namespace, progress: Progress) -> onnxlady.AuditResult:
     return onnxlady.audit(
         args.reference, args.suspect, rtol=args.rtol, method=args.method, refine=args.refine, html=args.html,
-        markdown=args.markdown, canonicalize=args.canonicalize, progress=progress,
+        markdown=args.markdown, canonicalize=args.canonicalize, progress=progress, max_memory=args.max_memory,
     )  # fmt: skip
 
 
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     permute.add_argument("--verify", action="store_true", help="check the result with ONNX Runtime")
     _check_options(permute)
+    _memory_option(permute)
     _common(permute, _permute)
 
     unpermute = commands.add_parser("unpermute", help="undo a permutation with its key")
@@ -247,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-changed-model", action="store_true",
         help="apply the key although the model's sha256 is not the one the key recorded (changed after permuting)",
     )  # fmt: skip
+    _memory_option(unpermute)
     _common(unpermute, _unpermute)
 
     resync = commands.add_parser("resync", help="put a permuted (and perturbed) copy back in a reference's order")
@@ -257,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     resync.add_argument("--true-key", type=Path, help="the key that made the suspect: report Psi")
     resync.add_argument("--method", choices=("hungarian", "argmax"), default=_default(onnxlady.resync, "method"))
     resync.add_argument("--refine", action="store_true", help="re-solve every group with all its slices aligned")
+    _memory_option(resync)
     _common(resync, _resync)
 
     match = commands.add_parser(
@@ -281,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--canonicalize", type=Path, metavar="OUT.onnx",
         help="write the resynchronized suspect with function-preserving rescaling undone",
     )  # fmt: skip
+    _memory_option(audit)
     _common(audit, _audit)
 
     watermark = commands.add_parser("watermark", help="embed or extract a white-box (Uchida) watermark in a Conv layer")
@@ -369,6 +374,13 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="the model to write")
     parser.add_argument("--external-data", action="store_true", help="save weights to OUTPUT.data")
     parser.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be an input file")
+
+
+def _memory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-memory", metavar="SIZE",
+        help="refuse to start (exit 2) when the estimated peak memory exceeds SIZE (e.g. 2G, 512M)",
+    )  # fmt: skip
 
 
 def _common(parser: argparse.ArgumentParser, handler: Handler) -> None:

@@ -181,8 +181,10 @@ def check_invariant(argv: list[str], outcome: Outcome, out_dir: Path, before: di
     if outcome.code == 2:
         stray = [path.name for path in left if str(path) not in outcome.err]
         assert not stray, f"exit 2 left outputs it does not name: {stray}" + context
+    models = {argv[i + 1] for i, token in enumerate(argv[:-1]) if token in MODEL_OUTPUT_FLAGS}
+    others = {argv[i + 1] for i, token in enumerate(argv[:-1]) if token in OUTPUT_FLAGS - MODEL_OUTPUT_FLAGS}
     for path in left:
-        if path.suffix == ".onnx":
+        if str(path) in models - others and path.suffix == ".onnx":
             onnx.load(str(path))  # written whole: it parses (with its external data, if any)
     assert after == before, "an input file was changed" + context
 
@@ -368,7 +370,8 @@ COMMANDS: dict[str, tuple[list[str], list[st.SearchStrategy[list[str]]]]] = {
         st.sampled_from(["@OUT@/r.idx"] * 3 + ["@POOL@/reg.idx", "@OUT@/missing/r.idx", "@POOL@/cnn.onnx"]).map(
             lambda path: ["-o", path]
         ),
-        st.just(["--workers", "1"]) | option("--workers", whole_numbers(1, 1)),
+        # More than one worker starts a process pool (seconds per case): 1, or values to refuse.
+        st.sampled_from(["1"] * 6 + ["0", "-1", "abc", "1.5", ""]).map(lambda n: ["--workers", n]),
         option("--engine", st.sampled_from(["process", "dask", "spark"])),
     ]),
     "find": (["find"], [
@@ -385,8 +388,9 @@ COMMANDS: dict[str, tuple[list[str], list[st.SearchStrategy[list[str]]]]] = {
         *check_options(),
     ]),
 }
-#: Options whose value is a file the command writes.
+#: Options whose value is a file the command writes, and those among them that write a model.
 OUTPUT_FLAGS = {"-o", "--key-out", "--dot", "--html", "--markdown", "--canonicalize", "--workdir"}
+MODEL_OUTPUT_FLAGS = {"-o", "--canonicalize"}
 ODD_TOKENS = ["--no-such-flag", "-x", "--seed", "extra.onnx", "--", "--json=1", "-o"]
 
 
@@ -396,9 +400,16 @@ def argument_vectors(draw: st.DrawFn, command: str) -> list[str]:
     argv = list(words)
     for part in parts:
         argv += draw(part)
+    # An output may name an input of the same command (it must be refused), never another file of
+    # the pool: that would be a legitimate overwrite, and the pool must stay as it is for later cases.
+    inputs = {token for i, token in enumerate(argv) if not (i and argv[i - 1] in OUTPUT_FLAGS)}
+    for i, token in enumerate(argv):
+        if i and argv[i - 1] in OUTPUT_FLAGS and token.startswith("@POOL@/") and token not in inputs:
+            argv[i] = "@OUT@/taken" + Path(token).suffix
     # --overwrite-input lets an output replace an input: allowed, but then the inputs may change.
-    writes_pool = any(token.startswith("@POOL@") and argv[i - 1] in OUTPUT_FLAGS for i, token in enumerate(argv))
-    if writes_pool and "--overwrite-input" in argv:
+    if "--overwrite-input" in argv and any(
+        token.startswith("@POOL@/") and argv[i - 1] in OUTPUT_FLAGS for i, token in enumerate(argv)
+    ):
         argv.remove("--overwrite-input")
     tail = draw(st.sampled_from(["none"] * 8 + ["odd", "drop", "shuffle"]))
     if tail == "odd":

@@ -22,10 +22,13 @@ from onnxlady import _rules  # ruff: ignore[unused-import] - importing registers
 from onnxlady._analysis._control_flow import walk_control_flow
 from onnxlady._graph._expr import (
     Atom,
+    DirectSum,
     Expr,
     Fixed,
     FreezeReason,
     GroupSolver,
+    Interleave,
+    Transposed,
     canonical,
     describe,
     evaluate,
@@ -219,6 +222,40 @@ class ChannelAnalysis:
         ]
 
     @property
+    def untie_reasons(self) -> list[str]:
+        """One line per constant untied into copies: why its uses could not share one permutation.
+
+        A shared constant takes one permutation (its uses' groups joined) wherever its uses bind
+        the same axes with maps of the same form; it is untied only where they cannot (one use
+        keeps the order, they bind other axes or maps of other forms), and each copy grows the
+        model by the constant's size.
+        """
+        by_source: dict[str, list[TensorPermutation]] = {}
+        for plan in self.tensors:
+            by_source.setdefault(plan.source, []).append(plan)
+        lines = []
+        for source, plans in by_source.items():
+            if not any(plan.copy for plan in plans):
+                continue
+            needs = []
+            for plan in plans:
+                where = ", ".join(sorted({node_label(self.graph.nodes[n], n) for n, _ in plan.uses if n >= 0}))
+                axes = ", ".join(
+                    f"axis {axis} takes {'+'.join(sorted(self.neuron_labels(expr))) or 'no group'}"
+                    for axis, expr in plan.axes
+                )
+                needs.append(f"{where}: {axes}")
+            moved = {use for plan in plans for use in plan.uses}
+            kept = [use for use in self.graph.constant_uses(source) if use not in moved]
+            if kept:
+                needs.append(f"{len(kept)} other uses keep its order")
+            lines.append(
+                f"constant '{source}' untied into {sum(1 for plan in plans if plan.copy)} copies: its uses need "
+                f"different permutations ({'; '.join(needs)})"
+            )
+        return lines
+
+    @property
     def untied(self) -> list[TensorPermutation]:
         """The copies of shared constants that permuting creates (uses that need their own order)."""
         return [t for t in self.tensors if t.copy > 0]
@@ -283,7 +320,90 @@ def analyze(model: onnx.ModelProto, *, progress: Callable[[str], None] | None = 
         spaces = [*state.tracked.get(name, {}).values(), *(space.expr for space in state.joint.get(name, []))]
         for expr in spaces:
             state.solver.freeze(expr, FreezeReason("graph-output", f"graph output '{name}'"))
+    _join_shared_constants(state)
     return _collect(state)
+
+
+# -- shared constants: joined where their uses agree, untied where they cannot ----------------
+def _structure(expr: Expr) -> tuple[object, ...]:
+    """An expression's shape with its groups left out: two uses agree when theirs are equal."""
+    if isinstance(expr, Atom):
+        return ("p", expr.size)
+    if isinstance(expr, Fixed):
+        return ("I", expr.size)
+    if isinstance(expr, DirectSum):
+        return ("+", tuple(_structure(part) for part in expr.parts))
+    if isinstance(expr, Interleave):
+        return ("~", tuple(_structure(part) for part in expr.parts))
+    if isinstance(expr, Transposed):
+        return ("T", expr.rows, expr.cols, _structure(expr.inner))
+    return ("x", _structure(expr.outer), _structure(expr.inner))
+
+
+def _invariant_axes(graph: ModelGraph, leaf: str, axes: Iterable[int]) -> set[int]:
+    """Axes along which every slice of a constant is the same (a zero bias): permuting them is a no-op."""
+    value = graph.constant_value(leaf)
+    if value is None:
+        return set()
+    found = set()
+    for axis in axes:
+        if 0 <= axis < value.ndim and value.shape[axis] > 1:
+            first = np.take(value, [0], axis=axis)
+            if np.array_equal(np.broadcast_to(first, value.shape), value):
+                found.add(axis)
+    return found
+
+
+def _requirements(
+    state: AnalysisState, leaf: str, bound: Mapping[tuple[int, int], Mapping[int, Binding]], uses: list[tuple[int, int]]
+) -> list[tuple[Expr | None, ...]]:
+    """Per use of a shared constant, the permutation each axis needs (None: its order kept).
+
+    Axes along which the constant is the same everywhere need nothing, whatever their uses say.
+    """
+    solver = state.solver
+    rank = len(state.graph.shape(leaf) or ())
+    raw = []
+    for use in uses:
+        axes = bound.get(use, {})
+        requirement = tuple(canonical(solver, axes[a].expr) if a in axes else None for a in range(rank))
+        raw.append(tuple(None if _is_identity(r) else r for r in requirement))
+    if len(set(raw)) < 2:
+        return raw
+    invariant = _invariant_axes(state.graph, leaf, {a for req in raw for a, r in enumerate(req) if r is not None})
+    return [tuple(None if a in invariant else r for a, r in enumerate(req)) for req in raw]
+
+
+def _join_shared_constants(state: AnalysisState) -> None:
+    """Join the groups of a constant's uses where they agree, so that it needs no copies.
+
+    A constant read by several operators that each bind it along the same axes, with index maps
+    of the same form (ALBERT-style layers sharing their weights, a tied embedding, a weight read
+    in the main graph and inside an If branch) takes one permutation: their groups become one.
+    Where the uses disagree (one keeps the order, or they bind other axes, or maps of other
+    forms) the constant is untied into copies instead (see :attr:`ChannelAnalysis.untie_reasons`).
+    """
+    graph, solver = state.graph, state.solver
+    by_leaf: dict[str, dict[tuple[int, int], dict[int, Binding]]] = {}
+    for (node, slot, axis), binding in state.bindings.items():
+        by_leaf.setdefault(binding.leaf, {}).setdefault((node, slot), {})[axis] = binding
+    for leaf, bound in by_leaf.items():
+        if len(bound) < 2:
+            continue
+        uses = graph.constant_uses(leaf)
+        distinct = list(dict.fromkeys(_requirements(state, leaf, bound, uses)))
+        if len(distinct) < 2 or any(all(r is None for r in req) for req in distinct):
+            continue
+        if len({tuple(r is None for r in req) for req in distinct}) != 1:
+            continue
+        if len({tuple(_structure(r) if r is not None else None for r in req) for req in distinct}) != 1:
+            continue
+        reason = FreezeReason("index-map", f"the uses of shared constant '{leaf}' were joined")
+        first = distinct[0]
+        for other in distinct[1:]:
+            for mine, theirs in zip(first, other):
+                if mine is not None and theirs is not None:
+                    solver.unify(mine, theirs, reason)
 
 
 def _visit(state: AnalysisState, index: int) -> None:
@@ -465,7 +585,7 @@ def _copyable(graph: ModelGraph, source: str, uses: Iterable[tuple[int, int]], m
 def _plan_once(
     state: AnalysisState, position: Mapping[int, int], copyable: Callable[[str, list[tuple[int, int]]], bool]
 ) -> list[TensorPermutation]:
-    graph, solver = state.graph, state.solver
+    graph = state.graph
     by_leaf: dict[str, dict[tuple[int, int], dict[int, Binding]]] = {}
     for (node, slot, axis), binding in state.bindings.items():
         by_leaf.setdefault(binding.leaf, {}).setdefault((node, slot), {})[axis] = binding
@@ -473,14 +593,9 @@ def _plan_once(
     plans: list[TensorPermutation] = []
     for leaf in sorted(by_leaf, key=lambda name: _first_use(position, by_leaf[name])):
         bound = by_leaf[leaf]
-        rank = len(graph.shape(leaf) or ())
         classes: dict[tuple, list[tuple[int, int]]] = {}
-        for use in graph.constant_uses(leaf):
-            axes = bound.get(use, {})
-            requirement = tuple(
-                canonical(solver, axes[a].expr) if a in axes else None for a in range(rank)
-            )
-            requirement = tuple(None if _is_identity(r) else r for r in requirement)
+        uses = graph.constant_uses(leaf)
+        for use, requirement in zip(uses, _requirements(state, leaf, bound, uses)):
             classes.setdefault(requirement, []).append(use)
         # The uses that need no permutation keep the original tensor; the others get copies,
         # except that uses which cannot have a copy (inside a body) are served first.

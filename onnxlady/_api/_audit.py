@@ -12,6 +12,7 @@ import onnx
 
 from onnxlady._analysis._channels import analyze
 from onnxlady._api._checks import check_number
+from onnxlady._api._memory import check_memory
 from onnxlady._api._results import Result
 from onnxlady._api._resync import METHODS
 from onnxlady._api._sources import (
@@ -150,6 +151,7 @@ def audit(
     markdown: str | os.PathLike[str] | None = None,
     canonicalize: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    max_memory: str | int | None = None,
 ) -> AuditResult:
     """Compare a suspect with a reference neuron by neuron, after putting it back in order.
 
@@ -168,6 +170,8 @@ def audit(
         canonicalize: also write the re-synchronized suspect with function-preserving
             rescaling undone here.
         progress: called with one line per step.
+        max_memory: refuse to start when the estimated peak memory exceeds this (bytes, or a
+            size such as ``"2G"``); see :mod:`onnxlady._api._memory`.
 
     Returns:
         The verdict and its evidence; :attr:`AuditResult.exit_code` is 1 for a suspect that was
@@ -186,6 +190,7 @@ def audit(
         companions=[external_data_path(canonical_target)] if canonical_target is not None else [],
     )  # fmt: skip
     check_number(rtol, "--rtol")
+    check_memory(max_memory, "audit", inputs)
     if method not in METHODS:
         raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
     opened_reference = open_model(reference, "reference", progress)

@@ -21,6 +21,7 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, analyze
 from onnxlady._api._checks import check_seed
+from onnxlady._api._memory import check_memory
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     ModelSource,
@@ -191,6 +192,7 @@ def permute(
     external_data: bool = False,
     overwrite_input: bool = False,
     progress: Callable[[str], None] | None = None,
+    max_memory: str | int | None = None,
 ) -> PermuteResult:
     """Permute the neurons of every permutable group (or of some), keeping the function.
 
@@ -221,6 +223,8 @@ def permute(
         external_data: save the weights to ``OUTPUT.data`` (always so for a model read that way).
         overwrite_input: allow ``output`` to be the input file.
         progress: called with one line per step.
+        max_memory: refuse to start when the estimated peak memory exceeds this (bytes, or a
+            size such as ``"2G"``); see :mod:`onnxlady._api._memory`.
 
     Returns:
         The permuted model (:attr:`PermuteResult.model`), its key and what moved.
@@ -245,6 +249,7 @@ def permute(
     if isinstance(data_loader_script, str) and data_loader_script:
         read.append(Path(data_loader_script.rsplit(":", 1)[0] if ":" in data_loader_script else data_loader_script))
     check_outputs(target, read, extra, overwrite_input=overwrite_input)
+    check_memory(max_memory, "permute", [source], mapped=target is not None)
     _check_seed(seed)
     if verify:
         check_verify_options(

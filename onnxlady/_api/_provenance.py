@@ -16,6 +16,7 @@ from typing import Any, Literal, overload
 
 import onnx
 
+from onnxlady._api._checks import check_whole
 from onnxlady._api._results import Result
 from onnxlady._api._sources import ModelSource, jsonable
 from onnxlady._errors import OnnxladyError
@@ -256,6 +257,8 @@ def build_index(
         OnnxladyError: the index is not an onnxlady index or is of a newer format, an unknown
             engine, fewer than one worker, or Dask asked for but not installed or unreachable.
     """
+    if workers is not None:
+        check_whole(workers, "--workers", 1)
     say(progress, f"index: scanning {len(paths)} path{'s' if len(paths) != 1 else ''}")
 
     def settled(step: IndexProgress) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx
 
+from onnxlady._api._memory import check_memory
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     KeySource,
@@ -176,6 +177,7 @@ def resync(
     external_data: bool = False,
     overwrite_input: bool = False,
     progress: Callable[[str], None] | None = None,
+    max_memory: str | int | None = None,
 ) -> ResyncResult:
     """Re-order a suspect's neurons into the reference's order by matching their weights.
 
@@ -194,6 +196,8 @@ def resync(
         external_data: save the weights to ``OUTPUT.data`` (always so for a suspect read that way).
         overwrite_input: allow an output to be an input file.
         progress: called with one line per step.
+        max_memory: refuse to start when the estimated peak memory exceeds this (bytes, or a
+            size such as ``"2G"``); see :mod:`onnxlady._api._memory`.
 
     Returns:
         The re-ordered suspect, the recovered key and per-group statistics.
@@ -210,6 +214,7 @@ def resync(
     extra = [key_path] if key_path is not None else []
     true_key_path = source_path(true_key) if true_key is not None else None
     check_outputs(target, [reference_path, suspect_path, true_key_path], extra, overwrite_input=overwrite_input)
+    check_memory(max_memory, "resync", [reference_path, suspect_path])
     key = open_key(true_key) if true_key is not None else None
     opened_reference = open_model(reference, "reference", progress)
     opened_suspect = open_model(suspect, "suspect", progress)

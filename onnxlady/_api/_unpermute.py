@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import onnx
 
+from onnxlady._api._memory import check_memory
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     KeySource,
@@ -122,6 +123,7 @@ def unpermute(
     overwrite_input: bool = False,
     allow_changed_model: bool = False,
     progress: Callable[[str], None] | None = None,
+    max_memory: str | int | None = None,
 ) -> UnpermuteResult:
     """Undo a permutation with its key; the tensors come back bit for bit.
 
@@ -138,6 +140,8 @@ def unpermute(
             without it such a pair is refused, since a key beside a model it was not written
             for (an interrupted write, a mix-up) would scramble the model silently.
         progress: called before the model is written.
+        max_memory: refuse to start when the estimated peak memory exceeds this (bytes, or a
+            size such as ``"2G"``); see :mod:`onnxlady._api._memory`.
 
     Returns:
         The restored model and whether its weights are the source's, bit for bit.
@@ -151,6 +155,7 @@ def unpermute(
     key_source = source_path(key)
     target = output_path(output)
     check_outputs(target, [source, key_source], overwrite_input=overwrite_input)
+    check_memory(max_memory, "unpermute", [source], mapped=target is not None)
     permutation_key = open_key(key)
     # With an output file, external weights stay in their files: each is restored as it is written.
     opened = open_model(model, progress=progress, map_external=target is not None)

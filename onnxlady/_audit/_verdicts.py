@@ -98,6 +98,8 @@ NOISE_CV = 0.5
 NOISE_CORR = 0.2
 
 PRODUCER_OPS = ("Conv", "Gemm", "MatMul")
+#: Kinds of change against which scaled neurons are reported as an attack (both findings).
+MIXED_BACKGROUNDS = ("noise", "quantization", "pruning")
 #: Ops through which a positive per-channel scale passes unchanged (f(s x) = s f(x), s > 0).
 HOMOGENEOUS_OPS = {
     "Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
@@ -895,10 +897,20 @@ def _forensics_verdict(
     for name, value in (stored_suspect or {}).items():
         if name not in sus and name in ref and value.dtype.kind == "f" and value.shape == ref[name].shape:
             sus[name] = value.astype(np.float64)
+    infos = weight_infos(analysis)
+    plain = dict(sus)  # _noisy_scales replaces the arrays it changes: these stay as they were
     noisy = _noisy_scales(analysis, ref, sus)
     report.rescaled = []
     report.scaled_neurons = list(attacked) + noisy
-    perturbation = classify_change(ref, sus, weight_infos(analysis), rtol, allowed)
+    perturbation = classify_change(ref, sus, infos, rtol, allowed)
+    if report.scaled_neurons and perturbation["kind"] not in MIXED_BACKGROUNDS:
+        # Scaled rows are an attack only against a background of a clear kind: fine-tuning
+        # scales whole rows too (BatchNorm statistics folded into the weights, weight decay).
+        unreported = len(report.scaled_neurons)
+        report.scaled_neurons = []
+        if noisy:
+            perturbation = classify_change(ref, plain, infos, rtol, allowed)
+        perturbation["evidence"]["scaled_rows_not_reported"] = unreported
     report.perturbation = perturbation
     kind, reason = perturbation["kind"], perturbation["reason"]
     change = (

@@ -198,6 +198,15 @@ UNMATCHED_COST = 1.0
 SCALE_CAP = 1.5
 #: Layers pair only within this many positions of each other (after scaling the two depths).
 ALIGN_WINDOW = 3
+#: ... or within this fraction of the deeper model's layers, if more: ONNX Runtime's optimizer
+#: writes the branches of a YOLO or a PaddleOCR detector in another order, moving layers by up
+#: to a third of the model.
+ALIGN_FRACTION = 0.35
+
+
+def align_window(m: int, n: int) -> int:
+    """How many positions apart two layers of models of ``m`` and ``n`` layers may pair."""
+    return max(ALIGN_WINDOW, math.ceil(ALIGN_FRACTION * max(m, n)))
 
 _TINY = 1e-30
 
@@ -711,7 +720,7 @@ def compare_fingerprints(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch
         return LayerMatch(UNMATCHED_COST if unpaired else 0.0, (), tuple(range(m)), tuple(range(n)))
     same = np.all(a.shapes[:, None, :] == b.shapes[None, :, :], axis=2)
     positions_a = np.arange(m)[:, None] * ((n - 1) / (m - 1) if m > 1 else 1.0)
-    near = np.abs(positions_a - np.arange(n)[None, :]) <= ALIGN_WINDOW
+    near = np.abs(positions_a - np.arange(n)[None, :]) <= align_window(m, n)
     allowed = same & near
     penalty = UNMATCHED_COST**2
     forbidden = 4.0 * penalty * (m + n) + 1.0

@@ -1,0 +1,137 @@
+"""``max_memory``: a command's peak memory, estimated before any work, against the caller's budget.
+
+The estimate comes from the files alone (their sizes, and for weights stored as external data
+the largest tensor, read from the graph without its weights), with the factors ``python3 -m
+tools.bench`` measures (peak resident memory above the interpreter over the model's size, the
+worst case seen, rounded up; see docs/results.md, Performance):
+
+- ``permute`` and ``unpermute`` hold about 2 to 3.5 x the model (the model, the tensor being
+  written, the restored model's encoding); with external data the weights stay in their files
+  and memory is a few of the largest tensors;
+- ``resync`` and ``audit`` hold both models, the suspect's moved copy, the output and, across a
+  conversion or in the audit, float64 work copies with error bounds: up to 10 x both models.
+
+A budget below the estimate is refused up front (exit 2), not discovered by the kernel halfway.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._skim import read_graph
+
+#: What the interpreter with onnxlady, numpy, onnx and scipy loaded holds before any model.
+BASELINE_BYTES = 200 << 20
+#: Peak over the models' total size, by command, for weights stored inside the model file.
+INLINE_FACTOR: dict[str, float] = {"permute": 2.5, "unpermute": 3.5, "resync": 10.0, "audit": 10.0}
+#: Peak over the largest tensor, for permute/unpermute of weights kept in external files.
+EXTERNAL_TENSORS = 6
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_memory(value: str | int | None) -> int | None:
+    """A memory size in bytes: an int, or a string such as ``"2G"``, ``"512M"``, ``"1.5GiB"``.
+
+    Raises:
+        OnnxladyError: the value is not a positive size.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise OnnxladyError(f"max_memory: expected bytes or a size such as '2G', got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+        if match is None:
+            raise OnnxladyError(f"max_memory: {value!r} is not a size (examples: 2G, 512M, 1.5GiB, 1000000)")
+        size = int(float(match[1]) * _UNITS[match[2].upper()])
+    if size <= 0:
+        raise OnnxladyError(f"max_memory: {value!r} is not a positive size")
+    return size
+
+
+def _files_size(path: Path) -> int:
+    """The model file's size plus every external data file it names (each once)."""
+    graph = read_graph(path).model
+    files = {path.resolve()}
+    for tensor in _tensors(graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if location:
+                files.add((path.parent / location).resolve())
+    return sum(os.stat(f).st_size for f in files if f.is_file())
+
+
+def _largest_external(path: Path) -> int | None:
+    """The largest tensor stored as external data (bytes), or None when none is."""
+    largest = None
+    for tensor in _tensors(read_graph(path).model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            except (KeyError, TypeError, ValueError):
+                itemsize = 8
+            size = math.prod(int(d) for d in tensor.dims) * itemsize
+            largest = size if largest is None else max(largest, size)
+    return largest
+
+
+def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return list(onnx.external_data_helper._get_all_tensors(model))
+
+
+def estimate_peak(command: str, paths: Sequence[Path], *, mapped: bool = False) -> tuple[int, bool]:
+    """The estimated peak resident memory of ``command`` on the model files ``paths``.
+
+    Args:
+        command: ``permute``, ``unpermute``, ``resync`` or ``audit``.
+        paths: the model files the command reads.
+        mapped: the command leaves external weights in their files (permute and unpermute
+            writing to a file): memory then follows the largest tensor, not the model.
+
+    Returns:
+        The estimate in bytes, and whether it is the external-data one (the weights stay in
+        their files).
+    """
+    if mapped and len(paths) == 1:
+        largest = _largest_external(paths[0])
+        if largest is not None:
+            graph = os.stat(paths[0]).st_size
+            return BASELINE_BYTES + 2 * graph + EXTERNAL_TENSORS * largest, True
+    total = sum(_files_size(path) for path in paths)
+    return BASELINE_BYTES + int(INLINE_FACTOR[command] * total), False
+
+
+def check_memory(
+    budget: str | int | None, command: str, paths: Sequence[Path | None], *, mapped: bool = False
+) -> None:
+    """Refuse to start ``command`` when its estimated peak exceeds ``budget``.
+
+    Models given in memory (``None`` paths) are already in memory: only files are counted.
+
+    Raises:
+        OnnxladyError: ``budget`` is not a size, or the estimate exceeds it.
+    """
+    limit = parse_memory(budget)
+    files = [path for path in paths if path is not None]
+    if limit is None or not files:
+        return
+    try:
+        estimate, streamed = estimate_peak(command, files, mapped=mapped)
+    except (OSError, ValueError):  # an unreadable file: the command itself reports it
+        return
+    if estimate > limit:
+        way = " (weights read from their external files one at a time)" if streamed else ""
+        raise OnnxladyError(
+            f"{command} needs about {estimate / 2**30:.2f} GiB of memory{way}, more than max_memory "
+            f"{limit / 2**30:.2f} GiB: nothing was done"
+        )

@@ -1,0 +1,146 @@
+"""Export the torch models of the deployment table (issue 12) to ONNX, with random weights.
+
+Run in the zoo virtualenv (torch, torchvision, transformers; never a dependency of onnxlady)::
+
+    /tmp/zoo-venv/bin/python -m tools.export_deployment_models [--out .cache/deployment]
+
+Writes, each with torch.onnx's TorchScript exporter (opset 17, static shapes, seeded weights):
+
+- ``resnet18.onnx``: torchvision's ResNet-18 (``weights=None``), input ``[1, 3, 64, 64]``;
+- ``bert.onnx``: a 2-layer BERT encoder from a ``transformers.BertConfig`` (hidden 64, 4 heads),
+  inputs ``input_ids`` and ``attention_mask`` ``[1, 16]``;
+- ``llama.onnx``: a 2-layer LLaMA-style decoder from a ``transformers.LlamaConfig`` (hidden 64,
+  4 query heads over 2 KV heads, RoPE, SiLU-gated MLP), ``input_ids [1, 16]`` to logits, no KV
+  cache;
+- ``torch_mha.onnx``: ``torch.nn.MultiheadAttention`` (embed 32, 4 heads) between two Linear
+  layers, the packed ``in_proj_weight`` as torch exports it (constant folding cuts it into three
+  weights); ``torch_mha_unfolded.onnx`` the same without constant folding (``Slice`` of
+  ``in_proj_weight`` in the graph).
+
+A model whose export fails is reported and skipped; the others are still written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path(".cache/deployment")
+SEQ = 16
+
+
+def _resnet18() -> tuple[Any, tuple[Any, ...], list[str]]:
+    import torch
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    return model, (torch.randn(1, 3, 64, 64),), ["input"]
+
+
+def _bert() -> tuple[Any, tuple[Any, ...], list[str]]:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=32, type_vocab_size=1)  # fmt: skip
+    model = BertModel(config, add_pooling_layer=False).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(0, 128, (1, SEQ))
+    return Hidden().eval(), (ids, torch.ones(1, SEQ, dtype=torch.int64)), ["input_ids", "attention_mask"]
+
+
+def _llama() -> tuple[Any, tuple[Any, ...], list[str]]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         use_cache=False, tie_word_embeddings=False, attn_implementation="eager")  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            # An explicit mask and positions keep the export to operators the exporter knows.
+            mask = torch.ones_like(input_ids)
+            positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+            return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+
+    return Logits().eval(), (torch.randint(0, 128, (1, SEQ)),), ["input_ids"]
+
+
+def _torch_mha() -> tuple[Any, tuple[Any, ...], list[str]]:
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Linear(32, 32)
+            self.attention = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+            self.head = torch.nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.embed(x))
+            attended, _ = self.attention(h, h, h, need_weights=False)
+            return self.head(attended + h)
+
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel has no ONNX export
+    return Block().eval(), (torch.randn(1, SEQ, 32),), ["input"]
+
+
+MODELS: dict[str, Callable[[], tuple[Any, tuple[Any, ...], list[str]]]] = {
+    "resnet18": _resnet18,
+    "bert": _bert,
+    "llama": _llama,
+    "torch_mha": _torch_mha,
+    "torch_mha_unfolded": _torch_mha,  # exported without constant folding: in_proj sliced in the graph
+}
+#: Models exported as torch.onnx writes them without constant folding.
+UNFOLDED = {"torch_mha_unfolded"}
+
+
+def export(name: str, out: Path) -> Path:
+    """Build model ``name`` with seeded random weights and export it to ``out/NAME.onnx``."""
+    import torch
+
+    torch.manual_seed(0)
+    model, args, inputs = MODELS[name]()
+    path = out / f"{name}.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, args, str(path), input_names=inputs, output_names=["output"], opset_version=17,
+                          dynamo=False, do_constant_folding=name not in UNFOLDED)  # fmt: skip
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--only", nargs="*", choices=sorted(MODELS), help="export only these")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for name in args.only or MODELS:
+        try:
+            print(f"{name}: {export(name, args.out)}")
+        except Exception as exc:  # report and go on: one model's exporter failure is no reason to stop
+            failed += 1
+            print(f"{name}: export failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
