@@ -108,8 +108,9 @@ def _reference_record(rows: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("neuron_axis", [0, 1])
 def test_layer_record_matches_the_plain_computation(neuron_axis: int) -> None:
-    """The einsum passes (stored layout, BatchNorm scale applied on the fly, signs included)
-    give the fields computed the plain way on the explicitly folded rows.
+    """The layer record equals the fields computed the plain way on the explicitly folded rows.
+
+    Stored layout, BatchNorm scale applied on the fly, signs included.
     """
     rng = np.random.default_rng(0)
     rows = (rng.standard_normal((24, 40)) * rng.uniform(0.5, 2.0, (24, 1)) + 0.05).astype(np.float32)
@@ -322,7 +323,9 @@ def test_external_data_is_read_and_watched(tmp_path: Path) -> None:
     folder = tmp_path / "ext" / "model"
     folder.mkdir(parents=True)
     model = FIXTURES["resnet"](0)
-    onnx.save(copy_model(model), folder / "resnet.onnx", save_as_external_data=True, location="resnet.data", size_threshold=0)
+    onnx.save(
+        copy_model(model), folder / "resnet.onnx", save_as_external_data=True, location="resnet.data", size_threshold=0
+    )
     index = tmp_path / "e.idx"
     report = build_index([tmp_path / "ext"], index, workers=1)
     assert report.indexed == [str(folder / "resnet.onnx")] and not report.errors
@@ -451,7 +454,9 @@ def test_fsspec_urls_with_external_data(tmp_path: Path) -> None:
     folder = tmp_path / "urls"
     folder.mkdir()
     model = FIXTURES["resnet"](0)
-    onnx.save(copy_model(model), folder / "resnet.onnx", save_as_external_data=True, location="resnet.data", size_threshold=0)
+    onnx.save(
+        copy_model(model), folder / "resnet.onnx", save_as_external_data=True, location="resnet.data", size_threshold=0
+    )
     onnx.save(FIXTURES["vgg"](0), folder / "vgg.onnx")
     url = f"file://{folder}"
     result = fingerprint_file(f"{url}/resnet.onnx")
@@ -500,8 +505,9 @@ def _conversions(model: onnx.ModelProto, tmp_path: Path, kinds: tuple[str, ...])
 
 
 def test_fast_walk_reads_what_model_graph_reads(tmp_path: Path) -> None:
-    """WeightGraph gives the ModelGraph path's layers bit for bit, on every fixture and form;
-    and it is the path taken for nearly all of them (else the test would prove nothing).
+    """WeightGraph gives the ModelGraph path's layers bit for bit, on every fixture and form.
+
+    And it is the path taken for nearly all of them (else the test would prove nothing).
     """
     from onnxlady._provenance._producers import FullGraphNeeded, WeightGraph, model_producers
 
@@ -547,15 +553,19 @@ def test_fast_walk_falls_back_where_it_must() -> None:
 
 
 def test_batched_small_layers_match_one_by_one(monkeypatch) -> None:
-    """Small layers reduced together (float64, reduceat/bincount) give the records of the
-    float32 einsum passes that large layers take, row for row and in the caller's order.
+    """Small layers reduced together give the records large layers get one by one.
+
+    The batch (float64, reduceat/bincount) matches the float32 einsum passes row for row, in
+    the caller's order.
     """
     from onnxlady._provenance import _fingerprint
     from onnxlady._provenance._producers import ProducerWeight
 
     rng = np.random.default_rng(1)
     layers = []
-    for index, (n, k, axis) in enumerate([(8, 27, 0), (40, 30, 1), (300, 64, 0), (16, 9, 0), (5, 200, 1), (64, 600, 0)]):
+    for index, (n, k, axis) in enumerate(
+        [(8, 27, 0), (40, 30, 1), (300, 64, 0), (16, 9, 0), (5, 200, 1), (64, 600, 0)]
+    ):
         matrix = (rng.standard_normal((n, k)) * rng.uniform(0.2, 3.0, (n, 1)) + 0.1).astype(np.float32)
         matrix[0] = 0.0  # a dead neuron
         scale = rng.uniform(0.5, 2.0, n) * np.where(rng.random(n) < 0.3, -1.0, 1.0) if index % 2 else None
@@ -585,9 +595,10 @@ def test_segment_helpers_match_their_one_segment_forms() -> None:
 
 
 def test_near_dead_neurons_read_as_dead() -> None:
-    """A neuron a millionth of its layer's largest (a channel float16 or int8 rounds to zero)
-    reads like an all-zero row, and never overflows float32 (real PaddleOCR models hold rows of
-    RMS 1e-36).
+    """A neuron a millionth of its layer's largest reads like an all-zero row.
+
+    Such a channel is one float16 or int8 rounds to zero; it never overflows float32 (real
+    PaddleOCR models hold rows of RMS 1e-36).
     """
     rng = np.random.default_rng(3)
     rows = rng.standard_normal((12, 50)).astype(np.float32)

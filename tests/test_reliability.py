@@ -541,6 +541,9 @@ INVALID_MODELS: dict[str, Callable[[onnx.ModelProto], None]] = {
     "a Conv weight of rank 2": _set_array(CONV_WEIGHT, lambda a: a.reshape(a.shape[0], -1)),
     "a Conv bias of the wrong length": _set_array(CONV_BIAS, lambda a: a[:8]),
     "a Gemm weight of rank 1": _set_array("classifier.fc1.weight", lambda a: a.reshape(-1)),
+    "a Flatten axis of 2**63 - 1 (a rule would count to it)": lambda m: next(
+        a for n in m.graph.node if n.op_type == "Flatten" for a in n.attribute if a.name == "axis"
+    ).__setattr__("i", 2**63 - 1),
     "a NUL byte in an external-data location": _external("w\0.bin"),
     "an external-data location escaping with ..": _external("../outside.bin"),
     "an absolute external-data location": _external("/etc/passwd"),
@@ -557,6 +560,22 @@ def test_invalid_models_are_refused_with_one_line(tmp_path: Path, case: str) -> 
     refused(cli("inspect", path), "bad.onnx")
     refused(cli("permute", path, "-o", tmp_path / "out.onnx"))
     assert listing(tmp_path) == ["bad.onnx"]
+
+
+def test_names_that_are_not_utf8_are_refused(tmp_path: Path) -> None:
+    """Protobuf hands back a string field holding invalid UTF-8 as bytes: refused, not a TypeError later."""
+    raw = FIXTURES["vgg"](0).SerializeToString()
+    assert b"Relu" in raw  # an op_type: the node names are lower case
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(raw.replace(b"Relu", b"\xffelu", 1))
+    refused(cli("inspect", path), "not UTF-8")
+    refused(cli("audit", _vgg_path(tmp_path), path))
+
+
+def _vgg_path(tmp_path: Path) -> Path:
+    path = tmp_path / "vgg.onnx"
+    onnx.save(FIXTURES["vgg"](0), str(path))
+    return path
 
 
 READERS = [

@@ -175,7 +175,10 @@ def export_finetuned(out: Path) -> None:
             manifest["seed"] = seed
             manifest["seconds"] = round(time.perf_counter() - start, 1)
             (folder / "forensics.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            print(f"{name} seed {seed}: {len(manifest['regimes'])} fine-tuned copies ({manifest['seconds']} s)", flush=True)
+            print(
+                f"{name} seed {seed}: {len(manifest['regimes'])} fine-tuned copies ({manifest['seconds']} s)",
+                flush=True,
+            )
 
 
 def _export_base(name: str, folder: Path, seed: int) -> dict[str, Any]:
@@ -222,7 +225,10 @@ def finetuned_models(cache: Path, zoo_python: Path) -> tuple[dict[str, Any], str
         models[name] = {
             "base": base / "base.onnx",
             "other": other / "base.onnx",
-            "regimes": [(entry["regime"], base / entry["file"], entry["steps"], entry.get("trains", "all")) for entry in manifest["regimes"]],
+            "regimes": [
+                (entry["regime"], base / entry["file"], entry["steps"], entry.get("trains", "all"))
+                for entry in manifest["regimes"]
+            ],
         }
     return models, ""
 
@@ -237,7 +243,9 @@ def build_registry(root: Path, seeds: int, finetuned: dict[str, Any], real: list
         (name, "fixture", functools.partial(FIXTURES[name], 0)) for name in REFERENCES
     ]
     references += [(f"real.{path.stem}", "real", functools.partial(onnx.load, path)) for path in real]
-    references += [(f"torch.{name}", "torch", functools.partial(onnx.load, item["base"])) for name, item in finetuned.items()]
+    references += [
+        (f"torch.{name}", "torch", functools.partial(onnx.load, item["base"])) for name, item in finetuned.items()
+    ]
     for number, (name, source, load) in enumerate(references):
         reference = load()
         path = root / "registry/references" / f"{name}.onnx"
@@ -280,7 +288,9 @@ def search_accuracy(layout: dict[str, Any], index: Path, references_index: Path)
     false_derived: list[dict[str, Any]] = []
     worst_derivative = 0.0
     closest_unrelated = float("inf")
-    per_kind: dict[str, dict[str, Any]] = {kind: {"count": 0, "top1": 0, "derived": 0, "distances": []} for kind in KINDS}
+    per_kind: dict[str, dict[str, Any]] = {
+        kind: {"count": 0, "top1": 0, "derived": 0, "distances": []} for kind in KINDS
+    }
     misses: list[dict[str, Any]] = []
     finetuned: list[dict[str, Any]] = []
     for item in layout["derivatives"]:
@@ -308,7 +318,9 @@ def search_accuracy(layout: dict[str, Any], index: Path, references_index: Path)
             if candidate.path != item["reference"]:
                 closest_unrelated = min(closest_unrelated, candidate.distance)
                 if candidate.call == "derived":
-                    false_derived.append({"suspect": item["path"], "model": candidate.path, "distance": candidate.distance})
+                    false_derived.append(
+                        {"suspect": item["path"], "model": candidate.path, "distance": candidate.distance}
+                    )
     for path in layout["distractors"]:
         report = find(path, references_index, top=5)
         for candidate in report.candidates:
@@ -327,7 +339,12 @@ def search_accuracy(layout: dict[str, Any], index: Path, references_index: Path)
         "largest_derivative_distance": worst_derivative,
         "smallest_unrelated_distance": closest_unrelated,
         "by_kind": {
-            kind: {"count": v["count"], "top1": v["top1"], "derived": v["derived"], "largest_distance": max(v["distances"])}
+            kind: {
+                "count": v["count"],
+                "top1": v["top1"],
+                "derived": v["derived"],
+                "largest_distance": max(v["distances"]),
+            }
             for kind, v in per_kind.items()
             if v["count"]
         },
@@ -402,7 +419,12 @@ def synthetic_fingerprints(count: int, seed: int = 0) -> list[tuple[str, ModelFi
     for _ in range(500):
         layers = int(rng.integers(5, 61))
         shapes = np.stack(
-            [2 ** rng.integers(3, 11, layers), 2 ** rng.integers(3, 13, layers), rng.choice([1, 9], layers), np.ones(layers, int)],
+            [
+                2 ** rng.integers(3, 11, layers),
+                2 ** rng.integers(3, 13, layers),
+                rng.choice([1, 9], layers),
+                np.ones(layers, int),
+            ],
             axis=1,
         )
         architectures.append((shapes.astype(np.int64), rng.normal(0.0, 0.5, (layers, LAYER_WIDTH))))
@@ -471,7 +493,13 @@ def calibrate(layout: dict[str, Any]) -> dict[str, Any]:
         worst = [max(gaps[field]) for gaps in derivative_gaps.values()]
         scales[field] = float(np.median(worst)) * FIELD_SCALES[field]
         ratios[field] = float(
-            np.median([min(unrelated_gaps[p][field]) / max(derivative_gaps[p][field]) for p in unrelated_gaps if p in derivative_gaps])
+            np.median(
+                [
+                    min(unrelated_gaps[p][field]) / max(derivative_gaps[p][field])
+                    for p in unrelated_gaps
+                    if p in derivative_gaps
+                ]
+            )
         )
     rows = np.array(layer_rows)
     design = np.stack([np.ones(len(rows)), np.log(rows[:, 0]), np.log(rows[:, 1])], axis=1)
@@ -554,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-megabytes", type=int, default=64, help="size of the large model for throughput")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per file for the throughput")
     parser.add_argument("--zoo-python", type=Path, default=ZOO_PYTHON, help="python of the torch virtualenv")
-    parser.add_argument("--finetune-cache", type=Path, default=FINETUNE_CACHE, help="where the fine-tuned exports are kept")
+    parser.add_argument(
+        "--finetune-cache", type=Path, default=FINETUNE_CACHE, help="where the fine-tuned exports are kept"
+    )
     parser.add_argument("--no-finetune", action="store_true", help="leave the fine-tuned derivatives out")
     parser.add_argument("--no-real", action="store_true", help="leave the real models of .cache/models out")
     parser.add_argument("--export-finetuned", type=Path, metavar="DIR", help=argparse.SUPPRESS)
@@ -564,8 +594,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_finetuned:  # the torch virtualenv's part
         export_finetuned(args.export_finetuned)
         return 0
-    finetuned, note = ({}, "fine-tuned derivatives left out (--no-finetune)") if args.no_finetune else finetuned_models(
-        args.finetune_cache, args.zoo_python
+    finetuned, note = (
+        ({}, "fine-tuned derivatives left out (--no-finetune)")
+        if args.no_finetune
+        else finetuned_models(args.finetune_cache, args.zoo_python)
     )
     real = [] if args.no_real else sorted(REAL_MODELS.glob("*.onnx"))
     with tempfile.TemporaryDirectory(prefix="onnxlady-registry-") as temporary:
@@ -584,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         results["accuracy"] = search_accuracy(layout, index, references_index)
         print("measuring throughput...", file=sys.stderr)
         files = sorted(str(p) for p in (root / "registry").rglob("*.onnx"))
-        results["throughput_fixtures"] = throughput([f for f in files if layout["sources"][f] == "fixture"], args.repeats)
+        results["throughput_fixtures"] = throughput(
+            [f for f in files if layout["sources"][f] == "fixture"], args.repeats
+        )
         models = [f for f in files if layout["sources"][f] != "fixture"]
         results["throughput_models"] = throughput(models, args.repeats) if models else None
         large = root / "large.onnx"
@@ -597,7 +631,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.calibrate:
             results["calibration"] = calibrate(layout)
     if args.json:
-        print(json.dumps({k: v for k, v in results.items() if k != "layout"} | {"skipped": layout["skipped"]}, indent=2, default=str))
+        print(
+            json.dumps(
+                {k: v for k, v in results.items() if k != "layout"} | {"skipped": layout["skipped"]},
+                indent=2,
+                default=str,
+            )
+        )
     else:
         print(_table(results))
         for line in results["notes"]:
@@ -605,7 +645,12 @@ def main(argv: list[str] | None = None) -> int:
         for item in layout["skipped"]:
             print(f"not made: {item['reference']} {item['kind']}: {item['error']}")
         if results["accuracy"]["misses"] or results["accuracy"]["false_derived"]:
-            print(json.dumps({"misses": results["accuracy"]["misses"], "false_derived": results["accuracy"]["false_derived"]}, indent=1))
+            print(
+                json.dumps(
+                    {"misses": results["accuracy"]["misses"], "false_derived": results["accuracy"]["false_derived"]},
+                    indent=1,
+                )
+            )
         if args.calibrate:
             print(json.dumps(results["calibration"], indent=1))
     return 0

@@ -84,13 +84,22 @@ def validate_model(model: onnx.ModelProto, origin: str, *, capacity: int | None 
         OnnxladyError: the first problem found.
     """
     limit = capacity if capacity is not None else 2**31
+    for opset in model.opset_import:
+        _check_text(opset.domain, "an opset domain", origin)
     _check_graph(model.graph, frozenset(), origin, "the main graph", limit)
+
+
+def _check_text(value: object, what: str, origin: str) -> None:
+    """A string field holding bytes that are not UTF-8 comes back from protobuf as ``bytes``."""
+    if not isinstance(value, str):
+        raise OnnxladyError(f"{origin}: {what} is not UTF-8 text ({bytes(value)[:40]!r}): damaged file")  # type: ignore[call-overload]
 
 
 def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, where: str, limit: int) -> None:
     defined: dict[str, str] = {}
 
     def define(name: str, what: str) -> None:
+        _check_text(name, f"the name of {what} in {where}", origin)
         if len(name) > MAX_NAME_BYTES:
             raise OnnxladyError(f"{origin}: {what} in {where} has a name of {len(name)} characters")
         if not name:
@@ -118,10 +127,20 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
         _check_tensor(sparse.values, f"sparse initializer '{sparse.values.name}'", origin, limit)
         _check_tensor(sparse.indices, f"indices of sparse initializer '{sparse.values.name}'", origin, limit)
     for node in graph.node:
+        for text, what in (
+            (node.op_type, "an operator type"),
+            (node.domain, "an operator domain"),
+            (node.name, "a node name"),
+        ):
+            _check_text(text, f"{what} in {where}", origin)
         label = _node_label(node)
         for name in node.output:
             define(name, f"an output of node {label}")
+        for name in node.input:
+            _check_text(name, f"an input name of node {label}", origin)
         for attribute in node.attribute:
+            _check_text(attribute.name, f"an attribute name of node {label}", origin)
+            _check_attribute(attribute, label, origin)
             if attribute.type == onnx.AttributeProto.TENSOR:
                 _check_tensor(attribute.t, f"attribute '{attribute.name}' of node {label}", origin, limit)
                 if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.output:
@@ -140,8 +159,24 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
                 _check_graph(subgraph, visible, origin, f"subgraph '{attribute.name}' of node {label}", limit)
         _check_operator(node, label, constants, origin)
     for value in graph.output:
+        _check_text(value.name, f"a graph output name of {where}", origin)
         if not value.name or value.name not in visible:
             raise OnnxladyError(f"{origin}: graph output '{value.name}' of {where} is not produced by anything")
+
+
+#: Attributes naming tensor axes: a rank is never this large, and a rule iterating up to an
+#: axis of 2**63 would never end.
+_AXIS_ATTRIBUTES = frozenset({"axis", "axes", "perm", "batch_axis", "time_axis"})
+MAX_AXIS = 1024
+
+
+def _check_attribute(attribute: onnx.AttributeProto, label: str, origin: str) -> None:
+    if attribute.name not in _AXIS_ATTRIBUTES:
+        return
+    values = [attribute.i] if attribute.type == onnx.AttributeProto.INT else list(attribute.ints)
+    for value in values:
+        if not -MAX_AXIS <= value <= MAX_AXIS:
+            raise OnnxladyError(f"{origin}: node {label}: attribute {attribute.name} = {value} is no tensor axis")
 
 
 def _subgraphs(attribute: onnx.AttributeProto) -> Iterable[onnx.GraphProto]:

@@ -81,8 +81,9 @@ Distance (:func:`compare_fingerprints`)
     squared, then divided by :func:`unrelated_gap` of the shape, so that 1 means "as far as two
     unrelated layers of this shape" whatever the shape (the raw gaps shrink with width and
     fan-in, those of derivatives and of unrelated layers alike). The two layer sequences are
-    paired by a minimum-cost assignment within :data:`ALIGN_WINDOW` positions (optimizers
-    reorder parallel branches: ORT emits ``k_proj`` before ``q_proj``); a layer left without
+    paired by a minimum-cost assignment within :func:`align_window` positions (optimizers
+    reorder parallel branches: ORT emits ``k_proj`` before ``q_proj``, and moves the heads of
+    a YOLO by a third of the model); a layer left without
     partner costs :data:`UNMATCHED_COST`. The model distance is the root mean square over pairs
     and unpaired layers.
 
@@ -207,6 +208,7 @@ ALIGN_FRACTION = 0.35
 def align_window(m: int, n: int) -> int:
     """How many positions apart two layers of models of ``m`` and ``n`` layers may pair."""
     return max(ALIGN_WINDOW, math.ceil(ALIGN_FRACTION * max(m, n)))
+
 
 _TINY = 1e-30
 
@@ -394,7 +396,9 @@ def _small_layer_sums(weights: Sequence[ProducerWeight], sign: np.ndarray) -> _S
     per_column_n = np.repeat(neurons, fan_in).astype(np.float64)
     weight_inverse = np.repeat(inverse, row_k)
     direction = np.bincount(column, weights=flat * weight_inverse, minlength=columns) / per_column_n
-    column_rms = np.sqrt(np.bincount(column, weights=squares * (weight_inverse * weight_inverse), minlength=columns) / per_column_n)
+    column_rms = np.sqrt(
+        np.bincount(column, weights=squares * (weight_inverse * weight_inverse), minlength=columns) / per_column_n
+    )
     length = np.sqrt(np.add.reduceat(direction * direction, column_start))
     safe = np.where(length > 0, length, 1.0)
     toward = direction / np.repeat(safe, fan_in)
@@ -479,7 +483,9 @@ def layer_records(weights: Sequence[ProducerWeight]) -> np.ndarray:
     median = 0.5 * (per_neuron[low, 0] + per_neuron[high, 0])
     per_neuron[:, 0] /= np.repeat(np.where(median > 0, median, 1.0), neurons)
     with np.errstate(divide="ignore", invalid="ignore"):
-        column_mean = np.where(sums.column_rms > 0, sums.direction / np.where(sums.column_rms > 0, sums.column_rms, 1.0), 0.0)
+        column_mean = np.where(
+            sums.column_rms > 0, sums.direction / np.where(sums.column_rms > 0, sums.column_rms, 1.0), 0.0
+        )
     per_input = segment_sort(np.stack([column_mean, sums.column_rms], axis=1), fan_in)
     records = np.empty((count, LAYER_WIDTH))
     records[:, SLICES["level"]] = np.log(np.where(median > 0, median, _TINY))[:, None]
@@ -548,7 +554,13 @@ class ModelFingerprint:
         little-endian numpy arrays.
         """
         header = json.dumps(
-            {"version": self.version, "layers": self.layers, "width": LAYER_WIDTH, "ops": list(self.ops), "names": list(self.names)}
+            {
+                "version": self.version,
+                "layers": self.layers,
+                "width": LAYER_WIDTH,
+                "ops": list(self.ops),
+                "names": list(self.names),
+            }
         ).encode()
         return b"".join(
             (
@@ -583,7 +595,9 @@ class ModelFingerprint:
         offset = start + length
         size = layers * width * 4
         if width != LAYER_WIDTH or len(data) != offset + size + layers * 32:
-            raise OnnxladyError(f"not a fingerprint of this layout ({layers} layers of {width} values, {len(data)} bytes)")
+            raise OnnxladyError(
+                f"not a fingerprint of this layout ({layers} layers of {width} values, {len(data)} bytes)"
+            )
         records = np.frombuffer(data, dtype="<f4", count=layers * width, offset=offset).reshape(layers, width)
         shapes = np.frombuffer(data, dtype="<i8", count=layers * 4, offset=offset + size).reshape(layers, 4)
         return cls(records, shapes, tuple(header["ops"]), tuple(header["names"]), version)
@@ -595,7 +609,14 @@ class ModelFingerprint:
             "layers": self.layers,
             "parameters": self.parameters,
             "producers": [
-                {"name": name, "op": op, "neurons": int(s[0]), "fan_in": int(s[1]), "kernel": int(s[2]), "groups": int(s[3])}
+                {
+                    "name": name,
+                    "op": op,
+                    "neurons": int(s[0]),
+                    "fan_in": int(s[1]),
+                    "kernel": int(s[2]),
+                    "groups": int(s[3]),
+                }
                 for name, op, s in zip(self.names, self.ops, self.shapes)
             ],
         }
@@ -616,7 +637,9 @@ def fingerprint_model(model: onnx.ModelProto) -> ModelFingerprint:
     weights = model_producers(model)
     records = layer_records(weights).astype(np.float32)
     shapes = np.array([[w.neurons, w.fan_in, w.kernel, w.groups] for w in weights], dtype=np.int64)
-    return ModelFingerprint(records, shapes.reshape(-1, 4), tuple(w.op_type for w in weights), tuple(w.name for w in weights))
+    return ModelFingerprint(
+        records, shapes.reshape(-1, 4), tuple(w.op_type for w in weights), tuple(w.name for w in weights)
+    )
 
 
 # -- distance -------------------------------------------------------------------------------
@@ -633,8 +656,10 @@ def _value_weights(names: tuple[str, ...]) -> np.ndarray:
     """
     total = sum(FIELD_WEIGHTS.values())
     return np.concatenate(
-        [np.full(length, FIELD_WEIGHTS[name] / (FIELD_SCALES[name] ** 2 * length * total) if name in names else 0.0)
-         for name, length in FIELDS]
+        [
+            np.full(length, FIELD_WEIGHTS[name] / (FIELD_SCALES[name] ** 2 * length * total) if name in names else 0.0)
+            for name, length in FIELDS
+        ]
     )
 
 
@@ -655,7 +680,9 @@ def layer_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a per-neuron rescale the common form cannot see (ORT folds a per-channel ``Mul`` after a
     Conv into its weight) moves them arbitrarily far while every other field stays put.
     """
-    return _weighted_squares(a, b, _INVARIANT_WEIGHTS) + np.minimum(_weighted_squares(a, b, _SCALE_WEIGHTS), SCALE_CAP**2)
+    return _weighted_squares(a, b, _INVARIANT_WEIGHTS) + np.minimum(
+        _weighted_squares(a, b, _SCALE_WEIGHTS), SCALE_CAP**2
+    )
 
 
 def unrelated_gap(shapes: np.ndarray) -> np.ndarray:
@@ -671,7 +698,10 @@ def field_gaps(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     In the field's scale units (1: as far as a noisy copy; the calibration reads these).
     """
     diff = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).reshape(-1, LAYER_WIDTH)
-    return {name: float(np.sqrt(np.mean(diff[:, SLICES[name]] ** 2)) / FIELD_SCALES[name]) if diff.size else 0.0 for name, _ in FIELDS}
+    return {
+        name: float(np.sqrt(np.mean(diff[:, SLICES[name]] ** 2)) / FIELD_SCALES[name]) if diff.size else 0.0
+        for name, _ in FIELDS
+    }
 
 
 @dataclass(frozen=True)
@@ -784,7 +814,9 @@ def search_vector(fingerprint: ModelFingerprint) -> np.ndarray:
     vector = np.zeros(SEARCH_WIDTH, dtype=np.float32)
     layers = fingerprint.layers
     if layers:
-        values = fingerprint.records.astype(np.float64) @ _SEARCH_PROJECTION / unrelated_gap(fingerprint.shapes)[:, None]
+        values = (
+            fingerprint.records.astype(np.float64) @ _SEARCH_PROJECTION / unrelated_gap(fingerprint.shapes)[:, None]
+        )
         shapes = np.log2(np.maximum(fingerprint.shapes, 1).astype(np.float64)) * SHAPE_WEIGHT
         chunks = resample(np.concatenate([values, shapes], axis=1), SEARCH_CHUNKS)
         vector[:-2] = (chunks / math.sqrt(SEARCH_CHUNKS)).ravel()

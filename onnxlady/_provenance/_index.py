@@ -21,16 +21,18 @@ refused rather than misread; ``PRAGMA application_id`` marks the file as an onnx
 
 - ``models``: per model: path (absolute, or the URL it was read from), size, modification
   time (ns), sha256, its external data files (JSON: path, size, modification time), the
-  fingerprint version, layer and parameter counts, the fingerprint (numpy ``.npz`` bytes of
-  :class:`~onnxlady._provenance._fingerprint.ModelFingerprint`) and its search vector;
+  fingerprint version, layer and parameter counts, the fingerprint
+  (:meth:`~onnxlady._provenance._fingerprint.ModelFingerprint.to_bytes`: a JSON header and raw
+  little-endian arrays, nothing pickled) and its search vector;
 - ``errors``: files that could not be fingerprinted, with size, modification time and error;
   they are listed again by every build and read again once they change;
 - ``search``: the packed search matrix, in parts, with the ``generation`` it was packed at;
 - ``meta``: ``generation`` (bumped by every build that changed a row) and creation details.
 
 Incremental rule per file: same size and modification time (and the same for each external
-data file) as indexed -> skipped; same size but another modification time -> its sha256 is
-compared and, when equal, only the time is updated; anything else -> fingerprinted again.
+data file) as indexed, and a fingerprint of this :data:`FINGERPRINT_VERSION` -> skipped; same
+size but another modification time -> its sha256 is compared and, when equal, only the time is
+updated; anything else -> fingerprinted again.
 Files under a scanned folder that disappeared are removed from the index.
 
 Scale-out: ``engine="process"`` (the default) fans the files over a local process pool;
@@ -55,7 +57,6 @@ import numpy as np
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import file_sha256
-from onnxlady._io._progress import advance
 from onnxlady._provenance._fingerprint import (
     FINGERPRINT_VERSION,
     SEARCH_WIDTH,
@@ -412,9 +413,7 @@ def build_index(
                 report.errors.append(UnreadableFile(result.path, result.error))
             else:
                 report.indexed.append(result.path)
-            if progress is not None and callable(getattr(progress, "update", None)):
-                advance(progress, "indexing models", done, total)  # onnxlady.ProgressReporter: a bar
-            elif progress is not None:
+            if progress is not None:
                 progress(IndexProgress(done, total, result.path, "error" if result.error else "indexed"))
             if len(pending) >= _BATCH_FILES or time.monotonic() - last_commit > _BATCH_SECONDS:
                 _store(connection, pending)
@@ -440,7 +439,7 @@ def _plan(connection: sqlite3.Connection, files: list[str], folders: list[str], 
     """
     known = {
         row[0]: row[1:]
-        for row in connection.execute("SELECT path, size, mtime_ns, sha256, data_files FROM models")
+        for row in connection.execute("SELECT path, size, mtime_ns, sha256, data_files, version FROM models")
     }
     failed = {row[0]: row[1:] for row in connection.execute("SELECT path, size, mtime_ns, error FROM errors")}
     todo: list[str] = []
@@ -455,8 +454,8 @@ def _plan(connection: sqlite3.Connection, files: list[str], folders: list[str], 
             report.errors.append(UnreadableFile(path, failed[path][2]))
             continue
         row = known.get(path)
-        if row is None or row[0] != size or not _data_files_unchanged(row[3]):
-            todo.append(path)
+        if row is None or row[0] != size or row[4] != FINGERPRINT_VERSION or not _data_files_unchanged(row[3]):
+            todo.append(path)  # new, changed, or fingerprinted by another version of the fields
         elif row[1] == mtime_ns:
             report.unchanged += 1
         elif _sha256(path) == row[2]:

@@ -244,7 +244,9 @@ def _matmul_nbits(graph: ConstantSource, node: onnx.NodeProto) -> np.ndarray | N
     return weight.reshape(n, blocks * block)[:, :k]
 
 
-def _plain_matrix(graph: ConstantSource, node: onnx.NodeProto, transpose_a: int, transpose_b: int) -> tuple[np.ndarray, int] | None:
+def _plain_matrix(
+    graph: ConstantSource, node: onnx.NodeProto, transpose_a: int, transpose_b: int
+) -> tuple[np.ndarray, int] | None:
     """A Gemm-like ``A @ B`` with exactly one constant operand.
 
     Its output neurons are B's columns (rows when ``transB``) or A's rows (columns when
@@ -270,13 +272,19 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
     weight: np.ndarray | None
     if domain in _STANDARD:
         if op in ("QLinearConv", "ConvInteger"):
-            weight = _quantized(graph, node, 3, 4, 5, 0) if op == "QLinearConv" else _quantized(graph, node, 1, None, 3, 0)
+            weight = (
+                _quantized(graph, node, 3, 4, 5, 0) if op == "QLinearConv" else _quantized(graph, node, 1, None, 3, 0)
+            )
             if weight is None:
                 return None
             matrix, kernel = _conv_rows(weight)
             return matrix, 0, kernel, groups
         if op in ("QLinearMatMul", "MatMulInteger"):
-            weight = _quantized(graph, node, 3, 4, 5, -1) if op == "QLinearMatMul" else _quantized(graph, node, 1, None, 3, -1)
+            weight = (
+                _quantized(graph, node, 3, 4, 5, -1)
+                if op == "QLinearMatMul"
+                else _quantized(graph, node, 1, None, 3, -1)
+            )
             return None if weight is None or weight.ndim < 2 else (*_axis_matrix(weight, -1), 1, 1)
         if op in ("Gemm", "MatMul"):  # a weight find_units does not see: Transpose(constant)
             found = _plain_matrix(graph, node, 0, int(node_attribute(node, "transB", 0)))
@@ -291,7 +299,9 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
         matrix, kernel = _conv_rows(weight)
         return matrix, 0, kernel, groups
     if op in ("FusedGemm", "FusedMatMul"):
-        found = _plain_matrix(graph, node, int(node_attribute(node, "transA", 0)), int(node_attribute(node, "transB", 0)))
+        found = _plain_matrix(
+            graph, node, int(node_attribute(node, "transA", 0)), int(node_attribute(node, "transB", 0))
+        )
         return None if found is None else (*found, 1, 1)
     if op == "MatMulNBits":
         weight = _matmul_nbits(graph, node)
@@ -531,7 +541,12 @@ class WeightGraph:
         value = self.constant_value(node.input[0])
         scale = self.constant_value(node.input[1]) if len(node.input) > 1 else None
         zero = self.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if value is None or scale is None or value.dtype.kind not in "iub" or int(node_attribute(node, "block_size", 0)):
+        if (
+            value is None
+            or scale is None
+            or value.dtype.kind not in "iub"
+            or int(node_attribute(node, "block_size", 0))
+        ):
             raise FullGraphNeeded(f"DequantizeLinear '{name}' of blocks or float8")
         axis = int(node_attribute(node, "axis", 1)) % max(value.ndim, 1)
 
@@ -607,8 +622,11 @@ class WeightGraph:
             if node.op_type in _FOLDABLE and self._foldable(node):
                 reader = self._single_consumer(tail, "BatchNormalization")
                 bn = self.nodes[reader[0]] if reader is not None else None
-                if bn is not None and reader is not None and reader[1] == 0 and all(
-                    self.float_constant(name) for name in bn.input[1:5]
+                if (
+                    bn is not None
+                    and reader is not None
+                    and reader[1] == 0
+                    and all(self.float_constant(name) for name in bn.input[1:5])
                 ):
                     batchnorm = reader[0]
             units[index] = Unit(index, slot, out_axis, None, batchnorm)

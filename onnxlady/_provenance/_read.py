@@ -44,7 +44,14 @@ from onnxlady._provenance._fingerprint import (
 )
 
 __all__ = [
-    "FileFingerprint", "fingerprint_file", "is_url", "list_urls", "load_url", "read_local", "sha256_url", "stat_url",
+    "FileFingerprint",
+    "fingerprint_file",
+    "is_url",
+    "list_urls",
+    "load_url",
+    "read_local",
+    "sha256_url",
+    "stat_url",
 ]
 
 _READ_CHUNK = 1 << 22
@@ -117,10 +124,14 @@ def fingerprint_file(path: str) -> FileFingerprint:
     try:
         info = local.stat()
     except (OSError, ValueError) as exc:
-        return FileFingerprint(str(local), 0, 0, error=f"{local}: cannot read ({getattr(exc, 'strerror', None) or exc})")
+        return FileFingerprint(
+            str(local), 0, 0, error=f"{local}: cannot read ({getattr(exc, 'strerror', None) or exc})"
+        )
     if not _stat.S_ISREG(info.st_mode):
         kind = "a folder" if _stat.S_ISDIR(info.st_mode) else "not a regular file"
-        return FileFingerprint(str(local), info.st_size, info.st_mtime_ns, error=f"{local}: is {kind}, not an ONNX file")
+        return FileFingerprint(
+            str(local), info.st_size, info.st_mtime_ns, error=f"{local}: is {kind}, not an ONNX file"
+        )
     try:
         model, sha256, data_files = read_local(local)
         fingerprint = fingerprint_model(model)
@@ -295,14 +306,18 @@ def _load_url_external_data(model: onnx.ModelProto, fs: Any, folder: str, url: s
                 meta = fs.info(target)
                 files[target] = (fs.unstrip_protocol(target), int(meta.get("size") or 0), _mtime_ns(meta))
         except (OSError, ValueError) as exc:
-            raise OnnxladyError(f"{url}: external data file '{location}' for tensor '{tensor.name}' unreadable ({exc})") from exc
+            raise OnnxladyError(
+                f"{url}: external data file '{location}' for tensor '{tensor.name}' unreadable ({exc})"
+            ) from exc
         tensor.raw_data = data
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
     return tuple(files.values())
 
 
-def _parse_url_model(data: bytes, fs: Any, path: str, name: str) -> tuple[onnx.ModelProto, tuple[tuple[str, int, int], ...]]:
+def _parse_url_model(
+    data: bytes, fs: Any, path: str, name: str
+) -> tuple[onnx.ModelProto, tuple[tuple[str, int, int], ...]]:
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
