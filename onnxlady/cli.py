@@ -195,6 +195,7 @@ def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
         "provider": args.provider, "atol": args.atol, "rtol": args.rtol, "iterations": args.iterations,
         "input_seed": args.input_seed, "shape": args.shape, "add_output": args.add_output,
         "val_range": args.val_range, "load_inputs": args.load_inputs, "data_loader_script": args.data_loader_script,
+        "squash_inputs": args.squash_inputs,
     }  # fmt: skip
 
 
@@ -420,6 +421,10 @@ def _check_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--data-loader-script", metavar="FILE.py[:FUNC]",
         help="a script whose function (load_data by default) returns the feeds",
+    )  # fmt: skip
+    group.add_argument(
+        "--no-squash-inputs", dest="squash_inputs", action="store_false",
+        help="compare the graph outputs only, not also the inputs of the Sigmoid/Softmax/Tanh/Clip making them",
     )  # fmt: skip
 
 

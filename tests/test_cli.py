@@ -921,3 +921,127 @@ def test_provenance_json_documents_are_the_api_results(cli, registry_index) -> N
     assert cli_document == api
     clusters = onnxlady.find(None, index, all_pairs=True)
     assert isinstance(clusters, onnxlady.ClusterResult) and clusters.exit_code == 1
+
+
+# -- issue 13: verdicts that prove something, and a check that could not run ------------------
+def _hollow_model(kind: str) -> onnx.ModelProto:
+    """A model whose output agreement proves nothing: NaN, vanishing, constant, or a saturated Sigmoid."""
+    from onnxlady.testing import GraphBuilder
+
+    b = GraphBuilder(f"hollow_{kind}", seed=0)
+    x = b.input("input", [1, 4])
+    h = b.gemm(b.relu(b.gemm(x, 8, name="fc1")), 4, name="fc2")  # fc1's 8 neurons can move
+    if kind == "nan":
+        return b.build(b.sqrt(b.mul(b.relu(h), np.full((1,), -1.0, np.float32), name="neg"), name="out"))
+    if kind == "zero":
+        return b.build(b.mul(h, np.zeros((1,), np.float32), name="out"))
+    if kind == "constant":
+        return b.build(b.add(b.mul(h, np.zeros((1,), np.float32), name="zero"), np.full((1,), 3.0, np.float32),
+                             name="out"))  # fmt: skip
+    return b.build(b.sigmoid(b.mul(h, np.full((1,), 1e4, np.float32), name="logits"), name="out"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("nan", "non-finite"), ("zero", "below"), ("constant", "constant"), ("saturated", "saturated")],
+)
+def test_verify_hollow_outputs_are_inconclusive_exit_1(cli, tmp_path: Path, kind: str, reason: str) -> None:
+    """`verify M M` on outputs that prove nothing: INCONCLUSIVE with the reason, exit 1, never 0."""
+    path = tmp_path / f"{kind}.onnx"
+    onnx.save(_hollow_model(kind), str(path))
+    extra = ["--no-squash-inputs"] if kind == "saturated" else []
+    result = cli("verify", path, path, "--provider", "cpu", *extra)
+    assert result.code == 1, result.err
+    lines = result.out.splitlines()
+    assert lines[-1] == "INCONCLUSIVE" and any(line.startswith("why: ") and reason in line for line in lines)
+    document = json.loads(cli("verify", path, path, "--provider", "cpu", "--json", *extra).out)
+    assert document["verdict"] == "inconclusive" and document["equivalent"] is False
+    assert reason in document["reason"] and document["reasons"] and isinstance(document["notes"], list)
+    assert [record["name"] for record in document["inputs"]] == ["input"]
+    assert isinstance(document["squash_inputs"], list)
+
+
+def test_saturated_sigmoid_is_judged_on_its_input_unless_told_not_to(cli, tmp_path: Path) -> None:
+    """The Sigmoid's input (the logits) is compared automatically; a wrong permutation is caught there."""
+    from onnxlady import analyze
+    from onnxlady.testing import copy_model, permute_producer_only
+
+    model = _hollow_model("saturated")
+    path, wrong_path = tmp_path / "sat.onnx", tmp_path / "wrong.onnx"
+    onnx.save(model, str(path))
+    result = cli("verify", path, path, "--provider", "cpu", "--json")
+    document = json.loads(result.out)
+    assert result.code == 0 and document["verdict"] == "equivalent"
+    assert [s["name"] for s in document["squash_inputs"]] == ["logits"] and document["notes"]
+    wrong = copy_model(model)
+    permute_producer_only(wrong, analyze(copy_model(wrong)))
+    onnx.save(wrong, str(wrong_path))
+    result = cli("verify", path, wrong_path, "--provider", "cpu")
+    assert result.code == 1 and result.out.splitlines()[-1] == "NOT EQUIVALENT", result.out
+    # Without the logits, the saturated output alone cannot tell the wrong model apart.
+    result = cli("verify", path, wrong_path, "--provider", "cpu", "--no-squash-inputs")
+    assert result.code == 1 and result.out.splitlines()[-1] == "INCONCLUSIVE", result.out
+
+
+def test_permute_verify_hollow_output_exits_1(cli, tmp_path: Path, out_dir: Path) -> None:
+    path = tmp_path / "nan.onnx"
+    onnx.save(_hollow_model("nan"), str(path))
+    result = cli("permute", path, "-o", out_dir / "p.onnx", "--verify", "--provider", "cpu")
+    assert result.code == 1 and result.out.splitlines()[-1] == "INCONCLUSIVE", result.err
+    assert any("non-finite" in line for line in result.out.splitlines() if line.startswith("why: "))
+    result = cli("permute", path, "-o", out_dir / "q.onnx", "--verify", "--provider", "cpu", "--json")
+    assert result.code == 1 and json.loads(result.out)["verify"]["verdict"] == "inconclusive"
+
+
+def test_api_verdicts_say_three_values() -> None:
+    import onnxlady
+
+    result = onnxlady.verify(_hollow_model("zero"), _hollow_model("zero"), provider="cpu")
+    assert result.verdict == "inconclusive" and result.exit_code == 1 and not result.equivalent
+    assert result.to_text().splitlines()[-1] == "INCONCLUSIVE"
+    for name in ("verdict", "exit_code", "to_text"):
+        doc = getattr(onnxlady.VerifyResult, name).__doc__ or ""
+        assert "inconclusive" in doc.lower(), name
+
+
+def test_permute_verify_reference_that_cannot_run_keeps_the_permutation(cli, tmp_path: Path, out_dir: Path) -> None:
+    """A VAD-like model ONNX Runtime cannot run at the default length: exit 2, files kept, --shape named."""
+    from fixtures.dynamic import VAD_FRAME, build_vad_like
+
+    source = tmp_path / "vad.onnx"
+    onnx.save(build_vad_like(0), str(source))
+    result = cli("permute", source, "-o", out_dir / "p.onnx", "--verify", "--provider", "cpu")
+    assert_usage_error(result, out_dir, allowed=("p.onnx", "p.onnx.key.json"))
+    message = result.err
+    assert "could not run" in message and "--shape audio:1xN" in message and "kept" in message
+    assert str(out_dir / "p.onnx") in message and str(out_dir / "p.onnx.key.json") in message
+    # The kept files are the permutation: unpermute restores the source, verify with --shape passes.
+    assert cli("unpermute", out_dir / "p.onnx", "--key", out_dir / "p.onnx.key.json", "-o", out_dir / "u.onnx").code == 0
+    assert (out_dir / "u.onnx").read_bytes() == source.read_bytes()
+    shape = f"audio:1x{2 * VAD_FRAME}"
+    result = cli("verify", source, out_dir / "p.onnx", "--provider", "cpu", "--shape", shape)
+    assert result.code == 0 and result.out.splitlines()[-1] == "EQUIVALENT", result.out
+    result = cli("permute", source, "-o", out_dir / "q.onnx", "--verify", "--provider", "cpu", "--shape", shape)
+    assert result.code == 0 and result.out.splitlines()[-1] == "EQUIVALENT", result.err
+
+
+def test_verify_catches_a_wrong_permutation_of_the_vad_like_model(cli, tmp_path: Path) -> None:
+    from fixtures.dynamic import build_vad_like
+    from onnxlady import analyze
+    from onnxlady.testing import copy_model, permute_producer_only
+
+    model = build_vad_like(0)
+    wrong = copy_model(model)
+    permute_producer_only(wrong, analyze(copy_model(wrong)))
+    source, suspect = tmp_path / "vad.onnx", tmp_path / "wrong.onnx"
+    onnx.save(model, str(source))
+    onnx.save(wrong, str(suspect))
+    result = cli("verify", source, suspect, "--provider", "cpu", "--shape", "audio:1x512")
+    assert result.code == 1 and result.out.splitlines()[-1] == "NOT EQUIVALENT", result.out
+
+
+def test_permute_verify_candidate_failure_says_nothing_was_written(cli, model_file, out_dir: Path) -> None:
+    """A check that fails on the permuted model itself (here: a tensor it lacks) leaves nothing, and says so."""
+    result = cli("permute", model_file("vgg"), "-o", out_dir / "p.onnx", "--verify", "--add-output", "nope")
+    assert_usage_error(result, out_dir)
+    assert "nope" in result.err

@@ -7,8 +7,8 @@
 - Reshape with several permuted axes (channel shuffle, GroupNorm decomposition), Flatten of
   two permuted axes, a dynamic batch;
 - If / Loop reading outer-scope activations and initializers: their bodies are analysed (the
-  groups they read stay permutable), a weight shared with the main graph is untied for the
-  main graph's use, both branches run equivalent (see tests/test_recurrent.py for the rest).
+  groups they read stay permutable), a weight shared with the main graph takes one permutation
+  for both (their groups joined, no copy), both branches run equivalent (see tests/test_recurrent.py for the rest).
 """
 
 from __future__ import annotations
@@ -555,15 +555,10 @@ def test_if_and_loop_bodies_read_outer_scope_tensors_permuted() -> None:
     assert _maps(analysis, "loop.weight", 0) == _maps(analysis, "loop.weight", 1) == {loop_read.id: "p"}
     first = _group(analysis, "conv1.weight", 0)
     assert first.permutable and _group(analysis, "conv2.weight", 1) is first
-    copy = "shared.weight.onnxlady_copy1"
-    assert _group(analysis, copy, 1) is first
-    shared_rows = _group(analysis, copy, 0)
-    assert _maps(analysis, "logits.weight", 1) == {shared_rows.id: "[0:16] of 32: p", returned.id: "[16:32] of 32: p"}
-    # The shared weight is untied: the main Conv gets a copy, the branch keeps the original
-    # (permuted for the branch: a copy inside a body cannot be made).
-    shared_conv = next(i for i, n in enumerate(graph.nodes) if n.name == "shared_conv")
-    (untied,) = analysis.untied
-    assert (untied.source, untied.tensor, untied.uses) == ("shared.weight", copy, ((shared_conv, 1),))
+    # The shared weight is read alike by the main graph's Conv and the branch's: one permutation
+    # for both uses (their groups joined), no copy (issue 12: untie only where uses cannot agree).
+    assert analysis.untied == [] and branch_read is first
+    assert _maps(analysis, "logits.weight", 1) == {returned.id: "[0:16] of 32: p; [16:32] of 32: p"}
 
 
 def test_if_branch_and_loop_run_equivalent_after_permutation() -> None:
@@ -572,8 +567,8 @@ def test_if_branch_and_loop_run_equivalent_after_permutation() -> None:
     for name in ("shared.weight", "branch.weight", "loop.weight"):
         assert _tensor_holders(model)[name].SerializeToString() != _tensor_holders(source)[name].SerializeToString()
     shared_conv = next(n for n in model.graph.node if n.name == "shared_conv")
-    assert shared_conv.input[1] == "shared.weight.onnxlady_copy1"
-    assert not np.array_equal(_array(model, "shared.weight.onnxlady_copy1"), _array(source, "shared.weight"))
+    assert shared_conv.input[1] == "shared.weight"  # joined with the branch's use: no copy
+    assert not any("onnxlady_copy" in t.name for t in model.graph.initializer)
     select = next(n for n in model.graph.node if n.name == "select")
     then_branch = next(a.g for a in select.attribute if a.name == "then_branch")
     assert [n.input[1] for n in then_branch.node if n.op_type == "Conv"] == ["shared.weight"]
@@ -618,15 +613,15 @@ def _outer_weight_model(kind: str, seed: int = 0) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("kind", ["identity", "constant", "nested"])
-def test_outer_weight_read_by_a_branch_is_untied(kind: str) -> None:
+def test_outer_weight_read_by_a_branch_is_joined(kind: str) -> None:
+    """The main Conv and the branch's read the weight alike: their groups are joined, no copy."""
     source = _outer_weight_model(kind)
     onnx.checker.check_model(source, full_check=True)
     analysis = _roundtrip(source, seed=1)
-    (untied,) = analysis.untied
-    assert untied.source == "shared.weight"
-    assert _group(analysis, "conv1.weight", 0).permutable
+    assert analysis.untied == []
     read = _group(analysis, "conv2.weight", 0)  # the branch reads it through the shared weight
-    assert read.permutable and _maps(analysis, "shared.weight", 1) == {read.id: "p"}
+    assert read.permutable and _group(analysis, "conv1.weight", 0) is read  # and so does the main Conv
+    assert _maps(analysis, "shared.weight", 1) == {read.id: "p"}
     model, _, _, _ = _permute(source, seed=1)
     assert _tensor_holders(model)["shared.weight"].SerializeToString() != \
         _tensor_holders(source)["shared.weight"].SerializeToString()

@@ -560,9 +560,10 @@ def test_bodies_reusing_names_stay_closed_and_say_why() -> None:
     assert not _maps(analysis, "then.conv1.weight", 0)
 
 
-def test_body_constant_whose_uses_disagree_freezes_instead_of_copying() -> None:
-    """A then-branch weight read by two convs whose inputs are different groups: a copy would
-    have to live in the body, so one input permutation freezes, with the reason.
+def test_body_constant_read_by_two_convs_joins_their_groups() -> None:
+    """A then-branch weight read by two convs whose inputs are different groups: the uses agree
+    (both bind the rows and the columns), so their groups are joined and no copy is needed
+    (issue 12; a copy would have had to live in the body, and one input would have frozen).
     """
     model = _fixture("if_body")
     select = next(n for n in model.graph.node if n.op_type == "If")
@@ -585,7 +586,7 @@ def test_body_constant_whose_uses_disagree_freezes_instead_of_copying() -> None:
     analysis = analyze(model)
     assert analysis.untied == []
     reasons = [r.message for g in analysis.groups for r in g.reasons]
-    assert any("would have to live inside an If/Loop/Scan body" in m for m in reasons)
+    assert not any("would have to live inside an If/Loop/Scan body" in m for m in reasons)
     assert analysis.permutable_groups
     source = copy_model(model)
     permuted, _, _, key = permute_copy(source, 1)

@@ -29,7 +29,7 @@ from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync._entry import resync_model
 from onnxlady._resync._solver import AMBIGUITY_MARGIN, ResyncResult
 from onnxlady._transforms._permute import _permute_tensor
-from onnxlady.testing import GraphBuilder, copy_model
+from onnxlady.testing import GraphBuilder, copy_model, permute_copy
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
@@ -291,17 +291,14 @@ def test_an_unpermuted_copy_comes_back_unchanged() -> None:
     assert _values(result.model) == _values(reference)
 
 
-def test_a_shared_tensor_that_would_need_two_orders_is_refused() -> None:
-    reference = FIXTURES["shared_initializer"](0)
-    holders = tensor_holders(reference)
-    bias = np.random.default_rng(0).normal(size=16).astype(np.float32)
-    holders["shared.zero_bias"].CopyFrom(numpy_helper.from_array(bias, "shared.zero_bias"))
-    suspect = copy_model(reference)
-    # Swap two neurons of conv1 (its rows and conv2's columns) but leave the shared bias alone.
-    swap = np.arange(16)
-    swap[[0, 5]] = swap[[5, 0]]
-    suspect_holders = tensor_holders(suspect)
-    _permute_tensor(suspect_holders["conv1.weight"], [(0, swap)])
-    _permute_tensor(suspect_holders["conv2.weight"], [(1, swap)])
-    with pytest.raises(OnnxladyError, match=r"'shared.zero_bias' is shared by uses"):
-        resync_model(reference, suspect)
+def test_layers_sharing_their_weights_are_resynced_as_one() -> None:
+    """ALBERT-style layers read one block's weights: one joined permutation, no copies, in the
+    permuted suspect and in the output (issue 12); resync puts every neuron back."""
+    from fixtures.deployment import build_shared_layers
+
+    reference = build_shared_layers(0)
+    suspect, _, _, key = permute_copy(reference, 6)
+    assert sorted(t.name for t in suspect.graph.initializer) == sorted(t.name for t in reference.graph.initializer)
+    result = resync_model(reference, suspect, true_key=key)
+    assert result.psi == pytest.approx(100.0)
+    assert _values(result.model) == _values(reference)

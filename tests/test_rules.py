@@ -43,7 +43,7 @@ from onnxlady._rules import (
     rule_for,
 )
 from onnxlady._transforms._permute import _permute_tensor
-from onnxlady.testing import GraphBuilder, copy_model
+from onnxlady.testing import GraphBuilder, copy_model, permute_producer_only
 
 NEW_FIXTURES = ("grouped_conv", "bias_reshape", "split_concat", "reshape_digits", "flatten_gemm_nchw")
 PRODUCER_ROLES = {"conv weight", "conv-transpose weight", "gemm weight", "matmul weight"}
@@ -328,30 +328,60 @@ def test_custom_domain_operator_freezes_with_its_name() -> None:
     assert group.id not in draw_permutations(analysis, 0)
 
 
-def test_shared_initializer_is_untied_and_retied() -> None:
+def test_a_shared_zero_bias_needs_no_copy() -> None:
+    """Three unrelated convs share one zero bias: permuting it is a no-op, so nothing is untied
+    and their groups stay apart (issue 12: untie only where uses cannot agree)."""
     source = _fixture("shared_initializer")
     model = copy_model(source)
     analysis = analyze(model)
-    untied = analysis.untied
-    assert {t.source for t in untied} == {"shared.zero_bias"}
-    assert len(untied) == 2  # three convs in three groups: the original and two copies
-    copies = {t.tensor for t in untied}
-    assert all(name.startswith("shared.zero_bias.") for name in copies)
-
-    perms = draw_permutations(analysis, 4)
-    key = permute_model(analysis, perms, seed=4)
-    assert {record["source"] for record in key.untied} == {"shared.zero_bias"}
-    assert {record["copy"] for record in key.untied} == copies
-    initializers = {t.name for t in model.graph.initializer}
-    assert copies <= initializers and "shared.zero_bias" in initializers
-    readers = {n.name: list(n.input) for n in model.graph.node if n.op_type == "Conv"}
-    bias_inputs = [inputs[2] for name, inputs in readers.items() if name in ("conv1", "conv2", "conv3")]
-    assert sorted(bias_inputs) == sorted(["shared.zero_bias", *copies])
+    assert analysis.untied == [] and analysis.untie_reasons == []
+    assert len({_group(analysis, f"conv{k}.weight", 0).id for k in (1, 2)}) == 2
+    key = permute_model(analysis, draw_permutations(analysis, 4), seed=4)
+    assert key.untied == [] and len(model.graph.initializer) == len(source.graph.initializer)
     assert verify_models(source, model, provider="cpu").equivalent
-
     assert unpermute_model(model, key) is True
-    assert not copies & {t.name for t in model.graph.initializer}
     assert model.SerializeToString() == source.SerializeToString()
+
+
+def test_a_constant_whose_uses_disagree_is_untied_and_retied() -> None:
+    """A bias read by a layer whose neurons move and by one whose neurons are the output."""
+    from fixtures.deployment import build_shared_bias_untied
+
+    source = build_shared_bias_untied(0)
+    model = copy_model(source)
+    analysis = analyze(model)
+    (untied,) = analysis.untied
+    assert untied.source == "shared.bias" and untied.tensor.startswith("shared.bias.")
+    (reason,) = analysis.untie_reasons
+    assert "'shared.bias' untied into 1 copy" in reason and "head: keeps its order" in reason
+    key = permute_model(analysis, draw_permutations(analysis, 4), seed=4)
+    assert [record["copy"] for record in key.untied] == [untied.tensor]
+    readers = {n.name: n.input[2] for n in model.graph.node if n.op_type == "Conv"}
+    assert (readers["conv1"], readers["head"]) == (untied.tensor, "shared.bias")
+    assert verify_models(source, model, provider="cpu").equivalent
+    assert unpermute_model(model, key) is True
+    assert untied.tensor not in {t.name for t in model.graph.initializer}
+    assert model.SerializeToString() == source.SerializeToString()
+
+
+def test_shared_layers_take_one_permutation_and_no_copy() -> None:
+    """ALBERT-style layers applying one block's weights three times: their groups are joined,
+    the permuted model is the same structure (no copies), and it computes the same."""
+    from fixtures.deployment import build_shared_layers
+
+    source = build_shared_layers(0)
+    model = copy_model(source)
+    analysis = analyze(model)
+    assert analysis.untied == [] and analysis.permutable_groups
+    hidden = _group(analysis, "block.fc1.weight", 1)
+    assert hidden.permutable and hidden.size == 64
+    key = permute_model(analysis, draw_permutations(analysis, 3), seed=3)
+    assert sorted(t.name for t in model.graph.initializer) == sorted(t.name for t in source.graph.initializer)
+    assert verify_models(source, model, provider="cpu").equivalent
+    wrong = copy_model(model)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(source, wrong, provider="cpu").equivalent
+    assert unpermute_model(model, key) is True and model.SerializeToString() == source.SerializeToString()
 
 
 # -- the new fixtures: permute, verify, catch a wrong permutation, unpermute ----------------

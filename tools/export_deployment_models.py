@@ -2,7 +2,7 @@
 
 Run in the zoo virtualenv (torch, torchvision, transformers; never a dependency of onnxlady)::
 
-    /tmp/zoo-venv/bin/python -m tools.export_deployment_models [--out .cache/deployment]
+    /tmp/zoo-venv/bin/python -m tools.export_deployment_models [--out .cache/deployment] [--genai]
 
 Writes, each with torch.onnx's TorchScript exporter (opset 17, static shapes, seeded weights):
 
@@ -18,6 +18,13 @@ Writes, each with torch.onnx's TorchScript exporter (opset 17, static shapes, se
   ``in_proj_weight`` in the graph).
 
 A model whose export fails is reported and skipped; the others are still written.
+
+``--genai`` also saves that LLaMA-style decoder (the same seeded weights) as a Hugging Face folder
+with a word-level tokenizer, and runs ONNX Runtime GenAI's model builder on it offline
+(``python -m onnxruntime_genai.models.builder -i FOLDER -p fp32|int4 -e cpu``): ``genai_fp32/``
+and ``genai_int4/`` (``model.onnx`` with GroupQueryAttention, SkipSimplifiedLayerNormalization,
+rotary embeddings and KV-cache inputs and outputs; int4 as MatMulNBits). Needs
+``onnxruntime-genai``, ``onnx_ir`` and ``onnxscript`` in the virtualenv.
 """
 
 from __future__ import annotations
@@ -126,19 +133,54 @@ def export(name: str, out: Path) -> Path:
     return path
 
 
+def genai(out: Path) -> list[Path]:
+    """The LLaMA decoder through ONNX Runtime GenAI's builder, fp32 and int4 (see the module docstring)."""
+    import os
+    import subprocess
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    wrapper, _, _ = _llama()
+    folder = out / "llama_hf"
+    wrapper.model.save_pretrained(folder)
+    words = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(folder)  # fmt: skip
+    written = []
+    for precision in ("fp32", "int4"):
+        target = out / f"genai_{precision}"
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", "llama-tiny", "-i", str(folder),
+                   "-o", str(target), "-p", precision, "-e", "cpu", "-c", str(out / "genai_cache")]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        written.append(target / "model.onnx")
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--only", nargs="*", choices=sorted(MODELS), help="export only these")
+    parser.add_argument("--genai", action="store_true", help="also build the decoder with onnxruntime-genai")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for name in args.only or MODELS:
+    for name in MODELS if args.only is None else args.only:
         try:
             print(f"{name}: {export(name, args.out)}")
         except Exception as exc:  # report and go on: one model's exporter failure is no reason to stop
             failed += 1
             print(f"{name}: export failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if args.genai:
+        try:
+            for path in genai(args.out):
+                print(f"genai: {path}")
+        except Exception as exc:  # the builder is optional: say why it did not run
+            failed += 1
+            print(f"genai: build failed ({type(exc).__name__}: {exc})", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -590,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-finetuned", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--calibrate", action="store_true", help="also print the calibrated constants")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--save", type=Path, metavar="FILE.json", help="also write every result (layout included) here")
     args = parser.parse_args(argv)
     if args.export_finetuned:  # the torch virtualenv's part
         export_finetuned(args.export_finetuned)
@@ -630,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         results["find"] = find_speed(args.synthetic, root)
         if args.calibrate:
             results["calibration"] = calibrate(layout)
+    if args.save:
+        args.save.write_text(json.dumps(results, indent=1, default=str))
     if args.json:
         print(
             json.dumps(

@@ -246,11 +246,13 @@ class ChannelAnalysis:
                 )
                 needs.append(f"{where}: {axes}")
             moved = {use for plan in plans for use in plan.uses}
-            kept = [use for use in self.graph.constant_uses(source) if use not in moved]
+            kept = sorted({node_label(self.graph.nodes[n], n) for n, _ in self.graph.constant_uses(source)
+                           if (n, _) not in moved and n >= 0})  # fmt: skip
             if kept:
-                needs.append(f"{len(kept)} other uses keep its order")
+                needs.append(f"{', '.join(kept)}: keeps its order")
+            copies = sum(1 for plan in plans if plan.copy)
             lines.append(
-                f"constant '{source}' untied into {sum(1 for plan in plans if plan.copy)} copies: its uses need "
+                f"constant '{source}' untied into {copies} {'copy' if copies == 1 else 'copies'}: its uses need "
                 f"different permutations ({'; '.join(needs)})"
             )
         return lines

@@ -99,12 +99,12 @@ class PermuteResult(Result):
 
     @property
     def equivalent(self) -> bool | None:
-        """The verdict of the equivalence check; ``None`` when none was asked for."""
+        """Whether the check's verdict is ``equivalent`` (False for ``inconclusive`` too); ``None`` without a check."""
         return None if self.verify is None else self.verify.equivalent
 
     @property
     def exit_code(self) -> int:
-        """1 when the equivalence check failed, else 0."""
+        """1 when the equivalence check's verdict is ``not-equivalent`` or ``inconclusive``, else 0."""
         return 0 if self.verify is None or self.verify.equivalent else 1
 
     def save(
@@ -189,6 +189,7 @@ def permute(
     val_range: ValueRanges = (),
     load_inputs: str | os.PathLike[str] | None = None,
     data_loader_script: str | None = None,
+    squash_inputs: bool = True,
     external_data: bool = False,
     overwrite_input: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -220,6 +221,7 @@ def permute(
         val_range: value ranges of the check's generated inputs (see :func:`verify`).
         load_inputs: feeds for the check instead of generated ones (see :func:`verify`).
         data_loader_script: ``"file.py:function"`` returning the check's feeds (see :func:`verify`).
+        squash_inputs: the check also compares the inputs of squashing ops making outputs (see :func:`verify`).
         external_data: save the weights to ``OUTPUT.data`` (always so for a model read that way).
         overwrite_input: allow ``output`` to be the input file.
         progress: called with one line per step.
@@ -308,7 +310,8 @@ def permute(
                 result.verify = _run_verify(
                     model, candidate, provider=provider, atol=atol, rtol=rtol, iterations=iterations,
                     input_seed=input_seed, shape=shape, add_output=add_output, val_range=val_range,
-                    load_inputs=load_inputs, data_loader_script=data_loader_script, progress=progress,
+                    load_inputs=load_inputs, data_loader_script=data_loader_script,
+                    squash_inputs=squash_inputs, progress=progress,
                 )  # fmt: skip
             except CheckNotRunError as exc:
                 # The check says nothing about the permuted model (the reference itself does not
@@ -436,7 +439,7 @@ def _unchecked(result: PermuteResult, exc: CheckNotRunError) -> str:
             kept += f", key -> {result.key_path}"
         return f"{kept}, but the equivalence check could not run: {exc}"
     return (
-        f"permuted {len(result.permuted_groups)} groups -> {result.output} and key -> {result.key_path} (both kept: "
+        f"permuted {len(result.permuted_groups)} group(s) -> {result.output} and key -> {result.key_path} (both kept: "
         f"the permutation succeeded), but the equivalence check could not run, so nothing was verified: {exc}; "
         f"then check the kept model with 'onnxlady verify {result.source or 'MODEL'} {result.output}' and that option"
     )

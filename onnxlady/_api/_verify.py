@@ -33,7 +33,13 @@ PROVIDERS = ("auto", "cuda", "cpu")
 
 @dataclass(frozen=True)
 class VerifyResult(Result):
-    """The outcome of :func:`verify`: one comparison per output, and the settings used.
+    """The outcome of :func:`verify`: one comparison per output, the settings used, and a three-valued verdict.
+
+    The verdict (:attr:`verdict`) is ``"equivalent"`` only when no compared element fails and
+    every compared tensor carries evidence (finite, not vanishing, not constant, not saturated);
+    ``"inconclusive"`` when the outputs agree but some agreement proves nothing (the reasons are
+    in ``report.reasons``); ``"not-equivalent"`` when an element fails. The exit code is 0 only
+    for ``"equivalent"``.
 
     Attributes:
         report: the full comparison (provider used, tolerances, input shapes, per-output errors).
@@ -47,7 +53,7 @@ class VerifyResult(Result):
 
     @property
     def equivalent(self) -> bool:
-        """True when every output passed the element-wise check."""
+        """True only for the ``"equivalent"`` verdict (False when ``"inconclusive"`` or ``"not-equivalent"``)."""
         return self.report.equivalent
 
     @property
@@ -72,7 +78,7 @@ class VerifyResult(Result):
 
     @property
     def exit_code(self) -> int:
-        """0 when the models are equivalent, 1 when they are not (or the comparison is inconclusive)."""
+        """0 for ``"equivalent"``; 1 for ``"not-equivalent"`` and for ``"inconclusive"`` (agreement that proves nothing)."""
         return 0 if self.equivalent else 1
 
     def to_json(self) -> dict[str, Any]:
@@ -100,6 +106,7 @@ def verify(
     val_range: ValueRanges = (),
     load_inputs: str | os.PathLike[str] | None = None,
     data_loader_script: str | None = None,
+    squash_inputs: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> VerifyResult:
     """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
@@ -128,6 +135,10 @@ def verify(
             (``polygraphy run --save-inputs``) or an ``.npz`` archive with one array per input.
         data_loader_script: ``"file.py:function"`` (``load_data`` when omitted), returning an
             iterable of ``{input name: array}`` feeds.
+        squash_inputs: also compare the input of each squashing op (Sigmoid, Softmax, Tanh,
+            Clip...) that makes an output, and judge a saturated output on it; ``False``
+            compares the graph outputs (and ``add_output``) only, so a saturated output is
+            inconclusive.
         progress: called with one line per feed.
 
     Returns:
@@ -146,7 +157,8 @@ def verify(
     report = verify_models(
         _model_argument(reference), _model_argument(candidate), provider=provider, atol=atol, rtol=rtol,
         iterations=iterations, seed=input_seed, progress=progress, extra_outputs=_names(add_output),
-        load_inputs=load_inputs, data_loader_script=data_loader_script, **parsed,
+        load_inputs=load_inputs, data_loader_script=data_loader_script,
+        compare_squash_inputs=bool(squash_inputs), **parsed,
     )  # fmt: skip
     return VerifyResult(report, source_path(reference), source_path(candidate))
 

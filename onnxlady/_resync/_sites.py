@@ -326,6 +326,9 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
         return _Linear("dense", Operand("weight", index, 1, shape, (shape[1], shape[0]), axes=(1, 0), factor=alpha), ())
     if op == "MatMul" and domain in _STANDARD:
         left, right = (_float_constant(graph, name) for name in node.input[:2])
+        transposed = _transposed_weight(graph, index) if not left and not right else None
+        if transposed is not None:  # a tied LM head, torch's in_proj: MatMul(x, Transpose(W [N, K]))
+            return _Linear("dense", transposed, ())
         if left == right:
             return None
         if right:
@@ -355,6 +358,25 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
         read_shape = (n, blocks, block * bits // 8, 8 // bits)
         return _Linear("dense", Operand("weight", index, 1, read_shape, (n, k), nbits=True), ())
     return None
+
+
+def _transposed_weight(graph: ModelGraph, index: int) -> Operand | None:
+    """The weight of ``MatMul(x, Transpose(W))``, W a 2-D float constant ``[N, K]`` read there alone.
+
+    The analysis binds such a weight at the Transpose (its input slot 0), as ``W`` is stored:
+    already the canonical ``[out, in]``.
+    """
+    produced = graph.producer.get(graph.nodes[index].input[1])
+    if produced is None:
+        return None
+    transpose = graph.nodes[produced[0]]
+    if transpose.op_type != "Transpose" or (transpose.domain or "") not in _STANDARD or not transpose.input:
+        return None
+    shape = _shape(graph, transpose.input[0])
+    perm = [int(p) for p in node_attribute(transpose, "perm", [1, 0])]
+    if shape is None or len(shape) != 2 or perm != [1, 0] or len(graph.consumers.get(transpose.output[0], [])) != 1:
+        return None
+    return Operand("weight", produced[0], 0, shape, shape)
 
 
 def _own_bias(graph: ModelGraph, index: int, size: int) -> Operand | None:

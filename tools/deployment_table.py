@@ -1,0 +1,214 @@
+"""The deployment table (issue 12): real models x the converters deployment pipelines run.
+
+Each model is permuted (every permutable group, seed 7), then converted by each real converter of
+:mod:`fixtures.deployment` (ONNX Runtime's offline optimizer at ``basic`` and ``extended``, its
+transformer optimizer for BERT encoders, onnxslim, onnx-simplifier, int4 ``MatMulNBits`` for
+models with MatMul weights). Per cell:
+
+- coverage: the permutable share of producer neurons (``inspect``) of the plain model and of the
+  same model through the converter (unpermuted), in %;
+- Psi: resync of the converted suspect against the plain reference, with the true key;
+- left: groups resync solved in the common form but left in place in the output (the converted
+  form freezes or restricts them);
+- verify: the output against the suspect (``verify``'s verdict; a decoder with a KV cache on one
+  step of 4 tokens after 3 cached ones), and whether a wrong permutation of the output (one
+  producer's rows moved alone) is caught;
+- audit: the verdict and the conversions it names;
+- s: resync time, the median of ``--repeat`` runs.
+
+Models: the PyPI models of ``tools.fetch_models`` in ``.cache/models``, the torch exports of
+``tools.export_deployment_models`` in ``.cache/deployment`` (ResNet-18, a BERT encoder, a
+LLaMA-style decoder, nn.MultiheadAttention; the genai builder's fp32 and int4 forms of that
+decoder, run as models of their own), and fixtures. A converter that fails on a model, or does
+not install, is reported in its row.
+
+    python3 -m tools.deployment_table [--only NAME] [--converter NAME] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from fixtures import FIXTURES
+from fixtures.deployment import SHARING, convert, unavailable
+from onnxlady import OnnxladyError, PermutationKey, analyze, audit, load_model, permute, resync, verify
+from onnxlady.testing import copy_model, permute_producer_only
+
+CACHE = Path(".cache")
+FIXTURE_ROWS = ("resnet", "mobilenet", "matmul_mlp", "encoder_postnorm", "bert_like")
+#: BERT encoders ONNX Runtime's transformer optimizer fuses: (heads, hidden size).
+BERT_LIKE = {"bert_like": (4, 32), "bert": (4, 64)}
+#: Models with MatMul weights, which MatMulNBits quantizes.
+MATMUL_MODELS = ("matmul_mlp", "encoder_postnorm", "bert_like", "bert", "llama", "magika")
+CONVERTERS = ("ort-basic", "ort-extended", "ort-transformer", "onnxslim", "onnxsim", "nbits")
+
+
+def _transformer(model: onnx.ModelProto, heads: int, hidden: int) -> onnx.ModelProto:
+    """``onnxruntime.transformers.optimizer`` with BERT fusions (Python passes only)."""
+    import tempfile
+
+    from onnxruntime.transformers import optimizer
+
+    fused = optimizer.optimize_model(copy_model(model), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                     opt_level=0)  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "optimized.onnx")
+        fused.save_model_to_file(path)
+        return onnx.load(path)
+
+
+def models(only: list[str] | None) -> list[tuple[str, Callable[[], onnx.ModelProto]]]:
+    """(name, loader) of every model of the table, in order."""
+    def from_file(path: Path) -> Callable[[], onnx.ModelProto]:
+        return lambda: load_model(path).model
+
+    def built(build: Callable[[int], onnx.ModelProto]) -> Callable[[], onnx.ModelProto]:
+        return lambda: build(0)
+
+    found: list[tuple[str, Callable[[], onnx.ModelProto]]] = []
+    for folder in (CACHE / "models", CACHE / "deployment"):
+        for path in sorted(folder.glob("*.onnx")) + sorted(folder.glob("*/model.onnx")):
+            found.append((path.parent.name if path.name == "model.onnx" else path.stem, from_file(path)))
+    found += [(name, built(FIXTURES[name])) for name in FIXTURE_ROWS]
+    found += [(name, built(SHARING[name])) for name in ("shared_layers",)]
+    return [(name, load) for name, load in found if not only or name in only]
+
+
+def applies(converter: str, name: str) -> bool:
+    if converter == "ort-transformer":
+        return name in BERT_LIKE
+    if converter == "nbits":
+        return name in MATMUL_MODELS
+    return True
+
+
+def _convert(model: onnx.ModelProto, converter: str, name: str) -> onnx.ModelProto:
+    if converter == "ort-transformer":
+        return _transformer(model, *BERT_LIKE[name])
+    return convert(model, converter)
+
+
+def _coverage(model: onnx.ModelProto) -> float:
+    return 100.0 * float(analyze(model).summary()["permutable_fraction"])  # type: ignore[arg-type]
+
+
+#: A decoder with a KV cache is verified on one step of 4 new tokens after 3 cached ones.
+NEW_TOKENS, PAST_TOKENS = 4, 3
+
+
+def decoder_shapes(model: onnx.ModelProto) -> dict[str, list[int]] | None:
+    """Input shapes for a decoder with ``past_key_values.*`` inputs (the genai builder's), else None.
+
+    The cache's head size is the hidden size (the token table's width) over the query heads of
+    its GroupQueryAttention.
+    """
+    names = [value.name for value in model.graph.input]
+    if not any(name.startswith("past_key_values.") for name in names):
+        return None
+    attention = next((n for n in model.graph.node if n.op_type == "GroupQueryAttention"), None)
+    table = next((n for n in model.graph.node if n.op_type == "Gather"), None)
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    if attention is None or table is None or table.input[0] not in tables:
+        return None
+    heads = next(a.i for a in attention.attribute if a.name == "num_heads")
+    kv_heads = next(a.i for a in attention.attribute if a.name == "kv_num_heads")
+    head_size = tables[table.input[0]][1] // heads
+    shapes = {"input_ids": [1, NEW_TOKENS], "attention_mask": [1, NEW_TOKENS + PAST_TOKENS]}
+    for name in names:
+        if name.startswith("past_key_values."):
+            shapes[name] = [1, kv_heads, PAST_TOKENS, head_size]
+    return shapes
+
+
+def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
+    try:
+        shapes = decoder_shapes(reference)
+        if shapes is None:
+            return verify(reference, candidate, provider="cpu").verdict
+        return verify(reference, candidate, provider="cpu", shape=shapes).verdict
+    except OnnxladyError as exc:
+        return f"not run ({str(exc)[:60]})"
+
+
+def row(name: str, plain: onnx.ModelProto, permuted: onnx.ModelProto, key: PermutationKey, converter: str,
+        repeat: int) -> list[str]:  # fmt: skip
+    """One table row: the cells of the module docstring."""
+    suspect = _convert(permuted, converter, name)
+    converted_coverage = _coverage(_convert(plain, converter, name))
+    times = []
+    result = None
+    for _ in range(repeat):
+        begin = time.perf_counter()
+        result = resync(plain, suspect, true_key=key)
+        times.append(time.perf_counter() - begin)
+    assert result is not None
+    across = result.details.across
+    left = len(across.unwritten) if across is not None else 0
+    checked = _verify(suspect, result.model)
+    wrong = copy_model(result.model)
+    try:
+        permute_producer_only(wrong, analyze(wrong))
+    except AssertionError:  # the converted form's own analysis moves no producer: nothing to swap
+        caught = "n/a (no producer moves in this form)"
+    else:
+        caught = "yes" if _verify(suspect, wrong) != "equivalent" else "**no**"
+    report = audit(plain, suspect)
+    kinds = ", ".join(sorted({c.kind for c in report.conversions})) or "-"
+    psi = "-" if result.psi is None else f"{result.psi:.2f}"
+    return [
+        f"{converted_coverage:.1f}", psi, str(left), checked, caught,
+        f"{report.verdict} ({kinds})", f"{statistics.median(times):.2f}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table; 0 when every cell has Psi >= 99, an equivalent output and ``permuted``."""
+    parser = argparse.ArgumentParser(prog="python3 -m tools.deployment_table", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", help="only this model (repeatable)")
+    parser.add_argument("--converter", action="append", choices=CONVERTERS, help="only this converter (repeatable)")
+    parser.add_argument("--repeat", type=int, default=3, help="resync runs timed per cell (median)")
+    args = parser.parse_args(argv)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    ok = True
+    print("| model | coverage % | converter | coverage % converted | Psi % | left in place | verify | "
+          "wrong perm caught | audit (conversions named) | resync s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, load in models(args.only):
+        plain = load()
+        coverage = f"{_coverage(plain):.1f}"
+        try:
+            permutation = permute(plain, seed=7)
+        except OnnxladyError as exc:
+            print(f"| {name} | {coverage} | - | - | - | - | - | - | permute refused: {exc} | - |", flush=True)
+            continue
+        for converter in args.converter or CONVERTERS:
+            if not applies(converter, name):
+                continue
+            reason = unavailable(converter)
+            cells: list[str]
+            if reason is not None:
+                cells = ["-"] * 5 + [f"not installed: {reason}", "-"]
+            else:
+                try:
+                    cells = row(name, plain, permutation.model, permutation.key, converter, args.repeat)
+                except Exception as exc:  # a converter's or a check's failure is a cell of the table
+                    cells = ["-"] * 5 + [f"failed: {type(exc).__name__}: {str(exc)[:160]}", "-"]
+                    ok = False
+                else:
+                    psi_ok = cells[1] != "-" and float(cells[1]) >= 99.0
+                    ok = ok and psi_ok and cells[3] == "equivalent" and cells[5].startswith("permuted")
+            text = " | ".join(cell.replace("|", "/").replace("\n", " ") for cell in cells)
+            print(f"| {name} | {coverage} | {converter} | {text} |", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
