@@ -12,6 +12,7 @@ pair ``permuted`` and name the conversion.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -156,3 +157,78 @@ def test_permute_refuses_a_model_with_nothing_permutable(tmp_path) -> None:
     onnx.save(model, tmp_path / "conv.onnx")
     assert main(["permute", str(tmp_path / "conv.onnx"), "-o", str(tmp_path / "out.onnx"), "--quiet"]) == 2
     assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.key.json").exists()
+
+
+# -- shared weights through a converter, int4 values, torch and genai exports -------------------
+def test_shared_layers_through_a_converter() -> None:
+    """ALBERT-style shared weights: one permutation, no copies, and resync across ORT's optimizer."""
+    from fixtures.deployment import build_shared_layers
+
+    reference = build_shared_layers(0)
+    model, _, _, key = permute_copy(reference, 4)
+    assert len(model.graph.initializer) == len(reference.graph.initializer)
+    suspect = CONVERTERS["ort-extended"](model)
+    result = resync_model(reference, suspect, true_key=key)
+    assert result.psi == pytest.approx(100.0)
+    assert verify_models(suspect, result.model, provider="cpu").equivalent
+
+
+def test_int4_values_are_read_within_their_bound() -> None:
+    """MatMulNBits dequantized by onnxlady: within one step of the float weight it was made from.
+
+    And most within half a step (the rounding).
+    """
+    from onnxlady._graph._model_graph import ModelGraph
+    from onnxlady._resync._values import read_nbits
+
+    reference = FIXTURES["matmul_mlp"](0)
+    quantized = CONVERTERS["nbits"](reference)
+    graph = ModelGraph(quantized)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    for index, node in enumerate(quantized.graph.node):
+        if node.op_type != "MatMulNBits":
+            continue
+        read = read_nbits(graph, index)
+        assert read is not None
+        original = weights[node.input[1].removesuffix("_Q4")].T.astype(np.float64)  # [N, K]
+        n, k = original.shape
+        rows = read.value.reshape(n, -1)[:, :k]
+        bound = read.error.reshape(n, -1)[:, :k]
+        assert np.all(np.abs(rows - original) <= bound)
+        assert np.mean(np.abs(rows - original) <= bound / 2) > 0.95
+
+
+DEPLOYMENT = Path(__file__).resolve().parents[1] / ".cache" / "deployment"
+
+
+@pytest.mark.skipif(not (DEPLOYMENT / "llama.onnx").exists(),
+                    reason="no torch exports (/tmp/zoo-venv/bin/python -m tools.export_deployment_models --genai)")
+def test_a_torch_exported_decoder_through_ort() -> None:
+    from onnxlady._io._files import load_model
+
+    reference = load_model(DEPLOYMENT / "llama.onnx").model
+    model, _, _, key = permute_copy(reference, 7)
+    suspect = CONVERTERS["ort-extended"](model)
+    result = resync_model(reference, suspect, true_key=key)
+    assert result.psi == pytest.approx(100.0)
+    assert verify_models(suspect, result.model, provider="cpu").equivalent
+    assert audit_models(reference, suspect).verdict == "permuted"
+
+
+@pytest.mark.skipif(not (DEPLOYMENT / "genai_int4" / "model.onnx").exists(),
+                    reason="no genai builds (/tmp/zoo-venv/bin/python -m tools.export_deployment_models --genai)")
+def test_one_decoder_written_by_torch_and_by_the_genai_builder_is_one_model() -> None:
+    """torch.onnx's export and ONNX Runtime GenAI's builds of the same weights are one model.
+
+    The fp32 and int4 builds (packed QKV into GroupQueryAttention, SkipSimplifiedLayerNorm, KV cache, MatMulNBits): the
+    builds are conversions of the export.
+    """
+    from onnxlady._io._files import load_model
+
+    torch_export = load_model(DEPLOYMENT / "llama.onnx").model
+    for form in ("genai_fp32", "genai_int4"):
+        build = load_model(DEPLOYMENT / form / "model.onnx").model
+        assert match_models(torch_export, build).same_model
+        report = audit_models(torch_export, build)
+        assert report.verdict == "converted", report.summary
+    assert {"quantized", "fused"} <= {c.kind for c in report.conversions}

@@ -70,8 +70,10 @@ def test_an_equivalent_verdict_on_a_hollow_output_is_flagged() -> None:
     assert verify_real_models._judged(hollow_logits)["hollow_equivalent"] is True
     nan = report([compared("y", "non-finite values (NaN or Inf) in the reference output")])
     assert verify_real_models._judged(nan)["hollow_equivalent"] is True
-    counts = verify_real_models.summary(
-        [{"itself": verify_real_models._judged(nan), "permuted": verify_real_models._judged(rescued),
-          "wrong": {"verdict": "not-equivalent"}}]  # fmt: skip
-    )
+    row = {
+        "itself": verify_real_models._judged(nan),
+        "permuted": verify_real_models._judged(rescued),
+        "wrong": {"verdict": "not-equivalent"},
+    }
+    counts = verify_real_models.summary([row])
     assert counts["hollow_equivalent"] == 1 and counts["equivalent"] == 2

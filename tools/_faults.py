@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from onnxlady._io._outputs import TEMP_PREFIX
 
@@ -139,7 +140,19 @@ class Outcome:
     seconds: float
 
 
-def _child(args: list[str], cwd: str, out: str, err: str, fsize: int | None) -> None:
+def _slow_renames(delay: float) -> None:
+    """Make every rename out of a staging folder wait ``delay`` seconds: kills then land in the commit."""
+    real_replace = os.replace
+
+    def replace(source: Any, target: Any, **kwargs: Any) -> None:
+        if TEMP_PREFIX in os.fspath(source):
+            time.sleep(delay)
+        real_replace(source, target, **kwargs)
+
+    os.replace = replace  # type: ignore[assignment]
+
+
+def _child(args: list[str], cwd: str, out: str, err: str, fsize: int | None, commit_delay: float = 0.0) -> None:
     """The forked child: redirect stdout and stderr, set the file size limit, run the CLI, exit with its code."""
     try:
         os.chdir(cwd)
@@ -151,6 +164,8 @@ def _child(args: list[str], cwd: str, out: str, err: str, fsize: int | None) -> 
             os.close(handle)
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        if commit_delay:
+            _slow_renames(commit_delay)
         from onnxlady.cli import main
 
         try:
@@ -173,7 +188,7 @@ def serve() -> None:
         job = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            _child(job["args"], job["cwd"], job["out"], job["err"], job["fsize"])
+            _child(job["args"], job["cwd"], job["out"], job["err"], job["fsize"], job.get("commit_delay", 0.0))
         os.write(1, json.dumps({"pid": pid}).encode() + b"\n")
         _, status = os.waitpid(pid, 0)
         os.write(1, json.dumps({"status": status}).encode() + b"\n")
@@ -186,6 +201,7 @@ def run_cli(
     kill_after: float | None = None,
     signal_after: tuple[int, float] | None = None,
     fsize: int | None = None,
+    commit_delay: float = 0.0,
     timeout: float = 120.0,
 ) -> Outcome:
     """Run ``onnxlady ARGS`` in a child forked from the zygote.
@@ -196,6 +212,7 @@ def run_cli(
         kill_after: send SIGKILL after this many seconds if the child still runs.
         signal_after: (signal, seconds): send that signal (SIGTERM, SIGINT) instead.
         fsize: the largest file the child may write (``RLIMIT_FSIZE``, bytes).
+        commit_delay: seconds each rename out of a staging folder waits (widens the commit window).
         timeout: kill the child and report a hang after this many seconds.
 
     Returns:
@@ -207,7 +224,7 @@ def run_cli(
     out, err = str(capture / "out"), str(capture / "err")
     readers = [_Drain(out), _Drain(err)]
     zygote = _zygote()
-    zygote.send({"args": argv, "cwd": str(cwd), "out": out, "err": err, "fsize": fsize})
+    zygote.send({"args": argv, "cwd": str(cwd), "out": out, "err": err, "fsize": fsize, "commit_delay": commit_delay})
     started = zygote.receive(120.0)  # the zygote's own start-up, the first time
     if started is None:
         raise RuntimeError("the fault-injection zygote does not answer")

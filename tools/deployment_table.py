@@ -20,7 +20,9 @@ Models: the PyPI models of ``tools.fetch_models`` in ``.cache/models``, the torc
 ``tools.export_deployment_models`` in ``.cache/deployment`` (ResNet-18, a BERT encoder, a
 LLaMA-style decoder, nn.MultiheadAttention; the genai builder's fp32 and int4 forms of that
 decoder, run as models of their own), and fixtures. A converter that fails on a model, or does
-not install, is reported in its row.
+not install, is reported in its row. A second table pairs the same weights written by different
+tools (the torch.onnx export of the decoder and the genai builder's fp32 and int4 forms): match
+confidence, audit as is (``converted``), and resync and audit with the suspect permuted.
 
     python3 -m tools.deployment_table [--only NAME] [--converter NAME] [--repeat 3]
 """
@@ -46,7 +48,7 @@ FIXTURE_ROWS = ("resnet", "mobilenet", "matmul_mlp", "encoder_postnorm", "bert_l
 #: BERT encoders ONNX Runtime's transformer optimizer fuses: (heads, hidden size).
 BERT_LIKE = {"bert_like": (4, 32), "bert": (4, 64)}
 #: Models with MatMul weights, which MatMulNBits quantizes.
-MATMUL_MODELS = ("matmul_mlp", "encoder_postnorm", "bert_like", "bert", "llama", "magika")
+MATMUL_MODELS = ("matmul_mlp", "encoder_postnorm", "bert_like", "bert", "llama", "genai_fp32", "magika")
 CONVERTERS = ("ort-basic", "ort-extended", "ort-transformer", "onnxslim", "onnxsim", "nbits")
 
 
@@ -112,10 +114,10 @@ def decoder_shapes(model: onnx.ModelProto) -> dict[str, list[int]] | None:
     names = [value.name for value in model.graph.input]
     if not any(name.startswith("past_key_values.") for name in names):
         return None
+    tables = {t.name: list(t.dims) for t in model.graph.initializer if len(t.dims) == 2}
     attention = next((n for n in model.graph.node if n.op_type == "GroupQueryAttention"), None)
-    table = next((n for n in model.graph.node if n.op_type == "Gather"), None)
-    tables = {t.name: list(t.dims) for t in model.graph.initializer}
-    if attention is None or table is None or table.input[0] not in tables:
+    table = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables), None)
+    if attention is None or table is None:
         return None
     heads = next(a.i for a in attention.attribute if a.name == "num_heads")
     kv_heads = next(a.i for a in attention.attribute if a.name == "kv_num_heads")
@@ -127,9 +129,8 @@ def decoder_shapes(model: onnx.ModelProto) -> dict[str, list[int]] | None:
     return shapes
 
 
-def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
+def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> str:
     try:
-        shapes = decoder_shapes(reference)
         if shapes is None:
             return verify(reference, candidate, provider="cpu").verdict
         return verify(reference, candidate, provider="cpu", shape=shapes).verdict
@@ -151,14 +152,15 @@ def row(name: str, plain: onnx.ModelProto, permuted: onnx.ModelProto, key: Permu
     assert result is not None
     across = result.details.across
     left = len(across.unwritten) if across is not None else 0
-    checked = _verify(suspect, result.model)
+    shapes = decoder_shapes(plain)
+    checked = _verify(suspect, result.model, shapes)
     wrong = copy_model(result.model)
     try:
         permute_producer_only(wrong, analyze(wrong))
     except AssertionError:  # the converted form's own analysis moves no producer: nothing to swap
         caught = "n/a (no producer moves in this form)"
     else:
-        caught = "yes" if _verify(suspect, wrong) != "equivalent" else "**no**"
+        caught = "yes" if _verify(suspect, wrong, shapes) != "equivalent" else "**no**"
     report = audit(plain, suspect)
     kinds = ", ".join(sorted({c.kind for c in report.conversions})) or "-"
     psi = "-" if result.psi is None else f"{result.psi:.2f}"
@@ -166,6 +168,42 @@ def row(name: str, plain: onnx.ModelProto, permuted: onnx.ModelProto, key: Permu
         f"{converted_coverage:.1f}", psi, str(left), checked, caught,
         f"{report.verdict} ({kinds})", f"{statistics.median(times):.2f}",
     ]
+
+
+#: One model in two forms made by different tools from the same weights: (reference, suspect).
+FORMS = (("llama", "genai_fp32"), ("llama", "genai_int4"), ("genai_fp32", "genai_int4"))
+
+
+def forms_table(found: dict[str, Callable[[], onnx.ModelProto]]) -> bool:
+    """The second table: one model's weights written by two tools, as is and with the suspect permuted.
+
+    The tools: torch.onnx, the genai builder in fp32 and int4. True when every row is clean.
+    """
+    from onnxlady import match
+
+    ok = True
+    print()
+    print("| reference | suspect | confidence % | audit as is | Psi % (suspect permuted) | audit (suspect permuted) |")
+    print("|---|---|---|---|---|---|")
+    for first, second in FORMS:
+        if first not in found or second not in found:
+            continue
+        reference, suspect = found[first](), found[second]()
+        try:
+            confidence = f"{100 * match(reference, suspect).confidence:.1f}"
+            plain = audit(reference, suspect)
+            permutation = permute(suspect, seed=7)
+            result = resync(reference, permutation.model, true_key=permutation.key)
+            moved = audit(reference, permutation.model)
+        except OnnxladyError as exc:
+            ok = False
+            print(f"| {first} | {second} | - | refused: {str(exc)[:160]} | - | - |", flush=True)
+            continue
+        psi = "-" if result.psi is None else f"{result.psi:.2f}"
+        kinds = ", ".join(sorted({c.kind for c in moved.conversions})) or "-"
+        ok = ok and plain.verdict == "converted" and moved.verdict == "permuted"
+        print(f"| {first} | {second} | {confidence} | {plain.verdict} | {psi} | {moved.verdict} ({kinds}) |", flush=True)
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     ok = ok and psi_ok and cells[3] == "equivalent" and cells[5].startswith("permuted")
             text = " | ".join(cell.replace("|", "/").replace("\n", " ") for cell in cells)
             print(f"| {name} | {coverage} | {converter} | {text} |", flush=True)
+    if not args.only:
+        ok = forms_table(dict(models(None))) and ok
     return 0 if ok else 1
 
 

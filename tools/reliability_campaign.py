@@ -67,10 +67,16 @@ class Tally:
     cases: int = 0
     failures: int = 0
     partial_sets: int = 0
+    killed: int = 0  # runs SIGKILL stopped (the others had ended before their kill came)
+    staged: int = 0  # of those, killed while files were staged, before the journal
+    committing: int = 0  # of those, killed after the commit point (completed by the next run)
     examples: list[str] = field(default_factory=list)
 
     def add(self, label: str, problems: list[str]) -> None:
         self.cases += 1
+        self.killed += "(killed" in label
+        self.staged += "staged" in label
+        self.committing += "journal" in label
         if problems:
             self.failures += 1
             self.partial_sets += any("partial output set" in p for p in problems)
@@ -112,12 +118,19 @@ class Campaign:
 
     def run(
         self, args: list[object], *, expect: tuple[int, ...] = (0, 1, 2), watch: list[Path] | None = None,
-        kill_after: float | None = None, fsize: int | None = None, timeout: float = 180.0,
+        kill_after: float | None = None, fsize: int | None = None, commit_delay: float = 0.0, timeout: float = 180.0,
     ) -> tuple[Outcome, list[str]]:  # fmt: skip
         """Run a case; the problems of how it ended and of its inputs (every file of ``watch`` folders)."""
         watched = [path for folder in (watch or [self.inputs]) for path in sorted(folder.iterdir()) if path.is_file()]
         before = snapshot(watched)
-        outcome = run_cli([*args, "--quiet"], self.root, kill_after=kill_after, fsize=fsize, timeout=timeout)
+        outcome = run_cli(
+            [*args, "--quiet"],
+            self.root,
+            kill_after=kill_after,
+            fsize=fsize,
+            commit_delay=commit_delay,
+            timeout=timeout,
+        )
         return outcome, outcome_problems(outcome, expect=expect) + changed_inputs(before)
 
     def draw(self, options: list[Any]) -> Any:
@@ -651,13 +664,19 @@ def jobs(reference: Path, permuted: Path, key: Path, layer: str) -> dict[str, Jo
     }
 
 
-def kills(c: Campaign, count: int, table: dict[str, Job], watch: Path) -> Iterator[tuple[str, list[str]]]:
-    """SIGKILL at a random moment (uniform over 1.1 x the run's length), half of the runs over an earlier set."""
+def kills(
+    c: Campaign, count: int, table: dict[str, Job], watch: Path, commit_delay: float = 0.0
+) -> Iterator[tuple[str, list[str]]]:
+    """SIGKILL at a random moment (uniform over 1.1 x the run's length), half of the runs over an earlier set.
+
+    With ``commit_delay``, every rename of the commit waits that long, so that many kills land
+    between the renames of one set (the window a real commit leaves is microseconds).
+    """
     names = sorted(table)
     durations = {}
     for name in names:  # one clean run each: how long it takes, and that it works at all
         folder = c.folder()
-        outcome, problems = c.run(table[name].args(folder), watch=[watch])
+        outcome, problems = c.run(table[name].args(folder), watch=[watch], commit_delay=commit_delay)
         if problems or outcome.code != 0:
             raise RuntimeError(f"{name} fails without faults: {problems} {outcome.stderr}")
         durations[name] = outcome.seconds
@@ -671,11 +690,15 @@ def kills(c: Campaign, count: int, table: dict[str, Job], watch: Path) -> Iterat
                 raise RuntimeError(earlier.stderr)
             previous = snapshot(job.outputs(folder))
         delay = float(c.rng.uniform(0.0, 1.1 * durations[job.name]))
-        outcome, problems = c.run(job.args(folder), kill_after=delay, watch=[watch])
+        outcome, problems = c.run(job.args(folder), kill_after=delay, watch=[watch], commit_delay=commit_delay)
+        left = [folder / name for name in temporaries(folder)]
+        phase = ""
+        if left:  # what the kill interrupted: staging, or the renames after the journal
+            phase = ", journal written" if any((path / "journal.json").exists() for path in left) else ", staged"
         c.next_run(folder)
         problems += [f"temporary left: {t}" for t in temporaries(folder)]
         problems += job.check(folder, previous)
-        state = "killed" if outcome.killed else f"exit {outcome.code}"
+        state = f"killed{phase}" if outcome.killed else f"exit {outcome.code}"
         yield f"{job.name} at {delay:.2f}s/{durations[job.name]:.2f}s ({state})", problems
 
 
@@ -730,6 +753,10 @@ def main(argv: list[str] | None = None) -> int:
         ("output paths", lambda: output_paths(c, int(300 * scale))),
         ("external-data paths", lambda: external_data(c, int(200 * scale))),
         ("kills (4 MiB model)", lambda: kills(c, int(154 * scale), small_jobs, medium_folder)),
+        (
+            "kills in the commit (4 MiB model, renames slowed 0.2 s)",
+            lambda: kills(c, int(70 * scale), small_jobs, medium_folder, commit_delay=0.2),
+        ),
         ("disk full", lambda: disk_full(c, int(105 * scale), small_jobs, medium_folder)),
     ]
     if args.large_kills:
@@ -758,9 +785,15 @@ def main(argv: list[str] | None = None) -> int:
     print("| category | cases | failures | partial output sets |\n|---|---:|---:|---:|")
     for name, tally in tallies.items():
         print(f"| {name} | {tally.cases} | {tally.failures} | {tally.partial_sets} |")
+    kill_rows = [(name, tally) for name, tally in tallies.items() if tally.killed]
     total = Tally(sum(t.cases for t in tallies.values()), sum(t.failures for t in tallies.values()),
                   sum(t.partial_sets for t in tallies.values()))  # fmt: skip
     print(f"| **all** | **{total.cases}** | **{total.failures}** | **{total.partial_sets}** |")
+    if kill_rows:
+        print("\n| kills | runs | killed | while staging | after the journal (completed by the next run) |")
+        print("|---|---:|---:|---:|---:|")
+        for name, tally in kill_rows:
+            print(f"| {name} | {tally.cases} | {tally.killed} | {tally.staged} | {tally.committing} |")
     for name, tally in tallies.items():
         for example in tally.examples:
             print(f"failure ({name}): {example}")

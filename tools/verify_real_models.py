@@ -1,8 +1,9 @@
 """Verify on real models, as a new user runs it: which inputs it draws, what it compares, its verdicts.
 
-For every model (the PyPI models ``tools.fetch_models`` takes out of wheels in ``.cache/models``,
-the torchvision/transformers zoo ``tools.zoo`` exports to ``.cache/zoo`` when present, any other
-folder given with ``--models``, and the runnable test fixtures), with verify's *default*
+For every model (the PyPI models ``tools.fetch_models`` takes out of wheels in ``.cache/models``;
+when present, the zoo ``tools.zoo`` exports to ``.cache/zoo`` and ``.cache/zoo_timm`` and the
+models ``tools.export_deployment_models`` writes to ``.cache/deployment``; or the folders given
+with ``--models``; and the runnable test fixtures), with verify's *default*
 options (no ``--shape``, no ``--add-output``, no ``--val-range``):
 
 - ``verify M M``: the model against itself;
@@ -41,8 +42,9 @@ from onnxlady import OnnxladyError, VerifyResult, analyze, load_model, permute, 
 from onnxlady.testing import permute_producer_only
 from tools._report import PERMUTATION_SEED, markdown
 
-#: Folders searched for ``*.onnx`` by default, when they exist (``tools.fetch_models``, ``tools.zoo``).
-DEFAULT_FOLDERS = (Path(".cache/models"), Path(".cache/zoo"))
+#: Folders searched for ``*.onnx`` by default, when they exist: ``tools.fetch_models`` (PyPI
+#: wheels), ``tools.zoo`` (torchvision/transformers, and timm) and ``tools.export_deployment_models``.
+DEFAULT_FOLDERS = (Path(".cache/models"), Path(".cache/zoo"), Path(".cache/zoo_timm"), Path(".cache/deployment"))
 
 
 def _models(folders: Sequence[Path], fixtures: bool, scratch: Path) -> Iterator[tuple[str, str, Path]]:
@@ -196,7 +198,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     """Verify every model, print the table (or JSON); 0 when no EQUIVALENT rests on a hollow comparison."""
     parser = argparse.ArgumentParser(prog="python3 -m tools.verify_real_models", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, action="append", help="folders of *.onnx (default: .cache/models, .cache/zoo)")
+    parser.add_argument("--models", type=Path, action="append", help="folders of *.onnx (default: those of DEFAULT_FOLDERS that exist)")
     parser.add_argument("--no-fixtures", action="store_true", help="leave out the runnable test fixtures")
     parser.add_argument("--markdown", action="store_true", help="print only the table")
     parser.add_argument("--json", action="store_true", help="print one JSON document")

@@ -5,8 +5,8 @@ data went missing. :func:`fingerprint_file` turns each into a :class:`FileFinger
 either a fingerprint or a one-line error, so a build lists the bad files and goes on.
 
 A local file is read once: its bytes (memory-mapped from :data:`MAP_BYTES` on, so a large model
-is not held twice) are hashed and parsed from the same buffer (protobuf parses a file ten times
-faster than sha256 hashes it, so a hashing thread would gain nothing). The checks of
+is not held twice) are hashed and parsed from the same buffer; from :data:`HASH_THREAD_BYTES` on,
+the hash runs in a second thread while the model is parsed and fingerprinted. The checks of
 :func:`onnxlady._io._files.load_model` that a fingerprint needs are made (a parse failure, no
 graph, no opset import, a regular file); the structural validation of the whole graph is not
 (a fingerprint reads only the producer weights and their neighbours, and any inconsistency there
@@ -23,10 +23,15 @@ URL (absolute locations and ``..`` are refused, as for local files).
 from __future__ import annotations
 
 import datetime as _datetime
+import functools
 import hashlib
 import mmap
 import os
 import stat as _stat
+import threading
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -49,7 +54,7 @@ __all__ = [
     "is_url",
     "list_urls",
     "load_url",
-    "read_local",
+    "open_local",
     "sha256_url",
     "stat_url",
 ]
@@ -58,6 +63,9 @@ _READ_CHUNK = 1 << 22
 #: Files from this size on are memory-mapped rather than read into a bytes object (their pages
 #: are the page cache's, not held a second time next to the parsed model).
 MAP_BYTES = 1 << 28
+#: Files from this size on are hashed in a second thread while the model is parsed and
+#: fingerprinted (hashlib releases the GIL): a single build worker then uses a second core.
+HASH_THREAD_BYTES = 1 << 24
 _TENSOR_ATTRIBUTES = (onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS)
 #: Standard operators holding a tensor attribute, and those holding graphs.
 _TENSOR_HOLDERS = frozenset({"Constant", "ConstantOfShape"})
@@ -133,8 +141,9 @@ def fingerprint_file(path: str) -> FileFingerprint:
             str(local), info.st_size, info.st_mtime_ns, error=f"{local}: is {kind}, not an ONNX file"
         )
     try:
-        model, sha256, data_files = read_local(local)
-        fingerprint = fingerprint_model(model)
+        with open_local(local) as (model, digest, data_files):
+            fingerprint = fingerprint_model(model)
+            sha256 = digest()
     except OnnxladyError as exc:
         return FileFingerprint(str(local), info.st_size, info.st_mtime_ns, error=str(exc))
     except Exception as exc:
@@ -144,38 +153,70 @@ def fingerprint_file(path: str) -> FileFingerprint:
     return _result(str(local), info.st_size, info.st_mtime_ns, sha256, data_files, fingerprint)
 
 
-def read_local(path: Path) -> tuple[onnx.ModelProto, str, tuple[tuple[str, int, int], ...]]:
+@contextmanager
+def open_local(
+    path: Path,
+) -> Generator[tuple[onnx.ModelProto, Callable[[], str], tuple[tuple[str, int, int], ...]], None, None]:
     """A local model, its sha256 and its external data files (path, size, mtime).
 
-    The file is read once (see the module docstring).
+    The sha256 comes as a callable: from :data:`HASH_THREAD_BYTES` on it is computed in a second
+    thread while the caller fingerprints. The file is read once (see the module docstring); its
+    buffer lives until the context exits.
 
     Raises:
         OnnxladyError: the file cannot be read, is not an ONNX model, or its external data is
             missing or outside its folder.
     """
-    model = onnx.ModelProto()
-    try:
-        with open(path, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size < MAP_BYTES:
-                data = handle.read()
-                sha256 = hashlib.sha256(data).hexdigest()
-                _parse(model, data, path)
+    with ExitStack() as stack:
+        model = onnx.ModelProto()
+        try:
+            handle = stack.enter_context(open(path, "rb"))
+            size = os.fstat(handle.fileno()).st_size
+            buffer: bytes | mmap.mmap
+            if size < MAP_BYTES:
+                buffer = handle.read()
             else:
-                with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    sha256 = hashlib.sha256(mapped).hexdigest()
-                    with memoryview(mapped) as view:
-                        _parse(model, view, path)
-    except OSError as exc:
-        raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if not model.graph.node and not model.graph.output:
-        raise OnnxladyError(f"{path}: not an ONNX model (no graph)")
-    if not model.opset_import:
-        raise OnnxladyError(f"{path}: not an ONNX model (no opset import)")
-    if _uses_external_data(model):
-        loaded = load_model(path)  # external data: resolved, confined and checked by the loader
-        files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in loaded.external_files)
-        return loaded.model, loaded.sha256, files
-    return model, sha256, ()
+                buffer = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+            if size >= HASH_THREAD_BYTES:
+                hashing = _hasher().submit(_sha256_of, buffer)
+                stack.callback(hashing.result)  # the buffer outlives the hash, whatever happens
+                digest: Callable[[], str] = hashing.result
+            else:
+                digest = functools.partial(str, _sha256_of(buffer))
+            if isinstance(buffer, mmap.mmap):
+                with memoryview(buffer) as view:
+                    _parse(model, view, path)
+            else:
+                _parse(model, buffer, path)
+        except OSError as exc:
+            raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        if not model.graph.node and not model.graph.output:
+            raise OnnxladyError(f"{path}: not an ONNX model (no graph)")
+        if not model.opset_import:
+            raise OnnxladyError(f"{path}: not an ONNX model (no opset import)")
+        if _uses_external_data(model):
+            loaded = load_model(path)  # external data: resolved, confined and checked by the loader
+            files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in loaded.external_files)
+            yield loaded.model, functools.partial(str, loaded.sha256), files
+            return
+        yield model, digest, ()
+
+
+def _sha256_of(buffer: bytes | mmap.mmap) -> str:
+    return hashlib.sha256(buffer).hexdigest()
+
+
+_HASHER: tuple[int, ThreadPoolExecutor] | None = None
+_HASHER_LOCK = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """This process's hashing thread (one per process: a forked pool worker starts its own)."""
+    global _HASHER
+    with _HASHER_LOCK:
+        if _HASHER is None or _HASHER[0] != os.getpid():
+            _HASHER = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxlady-sha256"))
+        return _HASHER[1]
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:

@@ -914,8 +914,12 @@ def _divergences(
     for tag, a0, a1, b0, b1 in pairing.opcodes:
         if tag == "equal":
             continue
-        ref_part = [_describe_site(reference, ref_sites[i]) for i in range(a0, a1) if i not in pairing.pairs]
-        sus_part = [_describe_site(suspect, sus_sites[i]) for i in range(b0, b1) if i not in paired_suspect]
+        ref_part = [
+            _describe_site(reference, ref_sites[i]) for i in range(a0, a1) if i not in pairing.pairs and ref_sites[i].weighs
+        ]
+        sus_part = [
+            _describe_site(suspect, sus_sites[i]) for i in range(b0, b1) if i not in paired_suspect and sus_sites[i].weighs
+        ]
         if not ref_part and not sus_part:
             continue
         where = (
@@ -952,14 +956,17 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
     groups, unmatched = _pair_groups(reference, suspect, pairs, how)
     methods = Counter(method for method, _, _ in how)
     conversions = _conversions(ref_graph, sus_graph, pairs, methods)
-    total = sum(site.size for site in ref_sites) + sum(site.size for site in sus_sites)
-    held = sum(mine.size + theirs.size for mine, theirs in pairs)
+    counted_ref = [site for site in ref_sites if site.weighs]
+    counted_sus = [site for site in sus_sites if site.weighs]
+    total = sum(site.size for site in counted_ref) + sum(site.size for site in counted_sus)
+    held = sum(mine.size * mine.weighs + theirs.size * theirs.weighs for mine, theirs in pairs)
+    counted_pairs = sum(mine.weighs + theirs.weighs for mine, theirs in pairs)
     # The smallest of three shares: of weights, of sites (a narrower first layer holds few
     # weights but is a different model all the same) and of layer-to-layer connections (two
     # encoders of one width pair every layer, but not how the layers connect).
-    sites = len(ref_sites) + len(sus_sites)
+    sites = len(counted_ref) + len(counted_sus)
     connections = _connection_agreement(ref_graph, sus_graph, ref_sites, sus_sites, pairing.pairs)
-    confidence = min(held / total if total else 0.0, 2 * len(pairs) / sites if sites else 0.0, connections)
+    confidence = min(held / total if total else 0.0, counted_pairs / sites if sites else 0.0, connections)
     site_pairs = [
         SitePair(_describe_site(ref_graph, mine, False), _describe_site(sus_graph, theirs, False), *made)
         for (mine, theirs), made in zip(pairs, how)

@@ -135,6 +135,11 @@ class Site:
     #: The node whose output is the site's result (the bias Add or BatchNorm of a unit).
     tail: int
     batchnorm: int | None = None
+    #: Whether it holds what a permutation moves: a layer, a norm, a table, or another operator
+    #: reading a constant the analysis permutes. Constant tables nothing permutes (a rotary
+    #: embedding's cos/sin, which exporters write in many forms) pair if they can, but do not
+    #: count for or against the confidence.
+    weighs: bool = True
 
     @property
     def key(self) -> tuple[int, int]:
@@ -170,8 +175,9 @@ def read_operand(graph: ModelGraph, operand: Operand) -> Approx | None:
         full = read_nbits(graph, operand.node)
         if full is None or full.value.shape != operand.read_shape:
             return None
-        n, k = operand.shape
-        return Approx(full.value.reshape(n, -1)[:, :k], full.error.reshape(n, -1)[:, :k])
+        rows = slice(operand.block[1], operand.block[2]) if operand.block is not None else slice(None)
+        n, k = operand.read_shape[0], operand.shape[1]
+        return Approx(full.value.reshape(n, -1)[rows, :k], full.error.reshape(n, -1)[rows, :k])
     name = graph.nodes[operand.node].input[operand.slot]
     full = read_constant(graph, name)
     if full is None or full.value.shape != operand.read_shape:
@@ -193,14 +199,16 @@ def place_operand(operand: Operand, canonical: Approx, value: np.ndarray, error:
     ``value``/``error`` are shaped ``operand.read_shape``: the inverse of :func:`read_operand`.
     """
     part = canonical.scaled(1.0 / operand.factor) if operand.factor != 1.0 else canonical  # ruff: ignore[float-equality-comparison] - exactly 1: no scaling to undo
-    if operand.nbits:
-        n, blocks, width, per_byte = operand.read_shape
-        padded_value = np.zeros((n, blocks * width * per_byte))
+    if operand.nbits:  # rows of [N, blocks, bytes, values per byte], K padded to whole blocks
+        rows = slice(operand.block[1], operand.block[2]) if operand.block is not None else slice(None)
+        _, blocks, width, per_byte = operand.read_shape
+        count = part.value.shape[0]
+        padded_value = np.zeros((count, blocks * width * per_byte))
         padded_error = np.zeros_like(padded_value)
         padded_value[:, : operand.shape[1]] = part.value
         padded_error[:, : operand.shape[1]] = np.broadcast_to(part.error, part.value.shape)
-        value[...] = padded_value.reshape(operand.read_shape)
-        error[...] = padded_error.reshape(operand.read_shape)
+        value[rows] = padded_value.reshape((count, *operand.read_shape[1:]))
+        error[rows] = padded_error.reshape((count, *operand.read_shape[1:]))
         return
     cut = operand._cut_shape()
     if operand.axes is not None:
@@ -458,7 +466,7 @@ def _packed_parts(graph: ModelGraph, linear: _Linear, tail: str, absorbed: set[i
     GroupQueryAttention. Each part is then a layer of its own, as in the unpacked graph, with
     the bias an Add right after its Split output holds.
     """
-    if linear.family != "dense" or linear.weight.nbits:
+    if linear.family != "dense":
         return None
     reader = _single_consumer(graph, tail, ("Split", "GroupQueryAttention"))
     if reader is None:
@@ -688,7 +696,10 @@ def _generic_site(
     if not operands:
         return []
     token = ("other", node.domain or "", node.op_type, tuple(shapes))
-    return [Site(index, 0, "other", token, tuple(operands), (node.op_type,), index)]
+    weighs = any(
+        (leaf := graph.constant_leaf(node.input[operand.slot])) is not None and leaf.name in planned for operand in operands
+    )
+    return [Site(index, 0, "other", token, tuple(operands), (node.op_type,), index, weighs=weighs)]
 
 
 def _channel_op_site(graph: ModelGraph, index: int) -> list[Site] | None:

@@ -169,7 +169,8 @@ def read_nbits(graph: ModelGraph, index: int) -> Approx | None:
 
     That layout keeps B's stored axes (rows, blocks, bytes) where the analysis permutes them,
     with the values sharing a byte on a last axis; ``value.reshape(N, -1)[:, :K]`` is the weight
-    as rows. Each value is within half a quantization step of the number it stands for.
+    as rows. Each value is within one quantization step of the number it stands for (half a step
+    of rounding, half a step more where a rounded zero point clamped the block's range).
 
     Args:
         graph: the model.
@@ -201,5 +202,7 @@ def read_nbits(graph: ModelGraph, index: int) -> Approx | None:
         zero = np.asarray(zero_value, dtype=np.float64).reshape(n, blocks)
     scale = np.asarray(scales, dtype=np.float64).reshape(n, blocks)
     value = (fields - zero[:, :, None, None]) * scale[:, :, None, None]
-    error = np.broadcast_to(0.5 * np.abs(scale)[:, :, None, None], value.shape)
+    # Half a step of rounding, and up to half a step more at the ends of a block's range, which
+    # an asymmetric quantizer's rounded zero point clamps (ONNX Runtime GenAI's builder does).
+    error = np.broadcast_to(np.abs(scale)[:, :, None, None], value.shape)
     return Approx(value, error)
