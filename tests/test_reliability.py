@@ -299,6 +299,27 @@ def test_random_sigkills_leave_whole_sets(tmp_path: Path) -> None:
         assert problems == [], (trial, outcome.killed, problems)
 
 
+def test_a_real_sigkill_inside_the_commit_is_completed_by_the_next_run(work: Path) -> None:
+    """Each rename of the commit slowed to 1 s (in the child only), SIGKILL lands between them."""
+    base = work / "base.onnx"
+    full = run_cli(["permute", base, "-o", work / "full.onnx", "--quiet"], work)
+    assert full.code == 0, full.stderr
+    landed = 0
+    for number, extra in enumerate((0.5, 1.5)):  # before the first rename, between the two
+        out = work / f"k{number}"
+        out.mkdir()
+        outcome = run_cli(["permute", base, "-o", out / "p.onnx", "--quiet"], work, commit_delay=1.0,
+                          kill_after=full.seconds + extra)  # fmt: skip
+        assert outcome_problems(outcome) == [], outcome
+        committed = any((out / name / "journal.json").exists() for name in temporaries(out))
+        landed += committed
+        assert cli("inspect", base, "--dot", out / "next.dot").code == 0  # the next run into the folder
+        assert temporaries(out) == []
+        assert permute_set_problems(out / "p.onnx", out / "p.onnx.key.json") == []
+        assert (out / "p.onnx").exists() or not committed, "a set past its commit point must be completed"
+    assert landed, "no kill landed inside the commit"
+
+
 def _small_model(tmp_path: Path) -> Path:
     """A small model to run "the next command" on."""
     path = tmp_path / "small.onnx"

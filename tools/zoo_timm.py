@@ -10,14 +10,15 @@ layer on a calibration batch, here of 16 images, to unit output spread, BatchNor
 near those of the batch, and here also
 the timm-only parameters: position embeddings, class and distillation tokens, layer scales,
 attention biases), exported with the legacy TorchScript exporter (``dynamo=False``, opset 17,
-input [1, 3, 224, 224], eval mode, ``TIMM_FUSED_ATTN=0`` so attention is written out as
-MatMul/Softmax as most exporters write it), then reported exactly like the torchvision zoo:
+input [1, 3, 224, 224], eval mode; timm's attention calls torch's scaled_dot_product_attention,
+which the exporter writes out as MatMul, Softmax and a scale computed from the shape), then
+reported exactly like the torchvision zoo:
 coverage of producer neurons, those pinned by graph outputs, permute with seed 1 -> verify
 (CPU, 2 inputs), and a wrong permutation that must be caught.
 
 timm, torch and torchvision are an optional *tools* dependency, never a runtime one::
 
-    /tmp/zoo-venv/bin/pip install -r tools/zoo_requirements.txt timm -e .
+    /tmp/zoo-venv/bin/pip install -r tools/zoo_requirements.txt -e .
     /tmp/zoo-venv/bin/python -m tools.zoo_timm [--models NAME ...] [--markdown | --json]
 
 Exports are cached under ``.cache/zoo_timm/`` (``NAME.onnx`` and ``NAME.json``); ``--force``
@@ -32,7 +33,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -88,7 +88,7 @@ MODELS = ATTENTION_MODELS + GROUPED_MODELS
 MISSING_TIMM = (
     "tools.zoo_timm needs torch, torchvision and timm (an optional tools dependency, not one of "
     "onnxlady):\n"
-    "    /tmp/zoo-venv/bin/pip install -r tools/zoo_requirements.txt timm -e .\n"
+    "    /tmp/zoo-venv/bin/pip install -r tools/zoo_requirements.txt -e .\n"
     "    /tmp/zoo-venv/bin/python -m tools.zoo_timm"
 )
 
@@ -111,7 +111,6 @@ def _timm_parameters(model: Any, seed: int) -> None:
 
 def build(name: str) -> tuple[Any, Any, Any]:
     """The eval-mode timm module, a calibration batch and the export input."""
-    os.environ.setdefault("TIMM_FUSED_ATTN", "0")
     import timm
     import torch
 

@@ -350,7 +350,7 @@ def _collect(
                 continue
             matrix, axis, kernel, groups = other
         # One float64 sum is finite exactly when every float32 weight is (it cannot overflow).
-        if matrix.size == 0 or not np.isfinite(np.sum(matrix, dtype=np.float64)):
+        if matrix.size == 0 or not np.all(np.isfinite(matrix)):
             continue
         op = node.op_type if (node.domain or "") in _STANDARD else f"{node.domain}::{node.op_type}"
         found.append(ProducerWeight(index, node_label(node, index), op, matrix, axis, kernel, groups, row_scale))

@@ -44,7 +44,7 @@ from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync import _solver as solver
 from onnxlady._resync._match import ModelMatch, Unit, check_same_model, match_analyses
-from onnxlady._resync._sites import Operand, Site, place_operand, read_operand
+from onnxlady._resync._sites import Operand, Site, place_operand, post_affine, read_operand
 from onnxlady._resync._values import Approx, read_constant
 from onnxlady._resync._values import half_ulp as _half_ulp
 from onnxlady._transforms._key import PermutationKey, graph_fingerprint
@@ -171,17 +171,32 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool) -> Approx 
     bn = _batchnorm(graph, site.batchnorm) if site.batchnorm is not None and fold else None
     if site.batchnorm is not None and fold and bn is None:
         return None
+    # Scalar steps after the layer fold into it wherever its BatchNorm does (or it has none).
+    post = post_affine(graph, site) if bn is not None or site.batchnorm is None else None
+    if site.post and (bn is not None or site.batchnorm is None) and post is None:
+        return None
     if role == "weight":
         assert weight is not None
         value = read_operand(graph, weight)
-        return _fold_weight(value, bn) if value is not None and bn is not None else value
+        value = _fold_weight(value, bn) if value is not None and bn is not None else value
+        if value is not None and post is not None:
+            scale = post[0]
+            value = Approx(value.value * scale.value[0], value.error * abs(scale.value[0]) + np.abs(value.value) * scale.error[0])
+        return value
     operand = site.operand(role)
     if role == "bias" and weight is not None:
         if operand is None:
             bias: Approx | None = Approx(np.zeros(size), np.zeros(size))
         else:
             bias = read_operand(graph, operand)
-        return _fold_bias(bias, bn) if bias is not None and bn is not None else bias
+        bias = _fold_bias(bias, bn) if bias is not None and bn is not None else bias
+        if bias is not None and post is not None:
+            scale, shift = post
+            bias = Approx(
+                bias.value * scale.value[0] + shift.value[0],
+                bias.error * abs(scale.value[0]) + np.abs(bias.value) * scale.error[0] + shift.error[0],
+            )
+        return bias
     if role.startswith("bn"):
         if bn is not None:  # folded: only beta, standing for a missing bias, has a counterpart
             return _site_value(graph, site, "bias", fold) if role == "bn2" and site.operand("bias") is None else None

@@ -56,7 +56,7 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._resync._invariants import distance, signature
-from onnxlady._resync._sites import Operand, Site, find_sites, read_operand, site_operand_axis
+from onnxlady._resync._sites import Operand, Site, find_sites, post_affine, read_operand, site_operand_axis
 
 __all__ = [
     "MATCH_THRESHOLD",
@@ -439,17 +439,25 @@ class _Signatures:
 
 
 def _folded_for_signature(graph: ModelGraph, site: Site, operand: Operand, value: np.ndarray) -> np.ndarray:
-    """A unit's weight and bias with its BatchNorm folded in: a folded copy signs the same."""
-    if site.batchnorm is None or operand.role not in ("weight", "bias"):
+    """A unit's weight and bias with its BatchNorm, then its scalar steps, folded in.
+
+    A folded copy then signs the same as the unfolded one.
+    """
+    if operand.role not in ("weight", "bias"):
         return value
-    gamma, beta, mean, var = (read_operand(graph, site.operand(f"bn{slot}")) for slot in range(1, 5))  # type: ignore[arg-type]
-    if gamma is None or beta is None or mean is None or var is None:
-        return value
-    eps = float(node_attribute(graph.nodes[site.batchnorm], "epsilon", 1e-5))
-    scale = gamma.value / np.sqrt(var.value + eps)
-    if operand.role == "weight":
-        return value * scale.reshape((-1,) + (1,) * (value.ndim - 1))
-    return (value - mean.value) * scale + beta.value
+    if site.batchnorm is not None:
+        gamma, beta, mean, var = (read_operand(graph, site.operand(f"bn{slot}")) for slot in range(1, 5))  # type: ignore[arg-type]
+        if gamma is not None and beta is not None and mean is not None and var is not None:
+            eps = float(node_attribute(graph.nodes[site.batchnorm], "epsilon", 1e-5))
+            scale = gamma.value / np.sqrt(var.value + eps)
+            if operand.role == "weight":
+                value = value * scale.reshape((-1,) + (1,) * (value.ndim - 1))
+            else:
+                value = (value - mean.value) * scale + beta.value
+    post = post_affine(graph, site)
+    if post is not None:
+        value = value * post[0].value[0] + (post[1].value[0] if operand.role == "bias" else 0.0)
+    return value
 
 
 def _pair_sites(

@@ -27,7 +27,8 @@ family              canonical operands (token)
 ==================  ===========================================================================
 
 A linear layer followed by a BatchNormalization keeps it as part of its site
-(``Site.batchnorm``) so folded and unfolded copies have the same sites. Every operand knows
+(``Site.batchnorm``), and so with a Mul and an Add of scalar constants right after it
+(``Site.post``), so folded and unfolded copies have the same sites. Every operand knows
 where it is stored (node, input slot, a block of it) and how its stored layout maps to the
 canonical one (a transpose, a factor), both ways: :func:`read_operand` reads it in canonical
 layout, :func:`place_operand` writes a canonical value back into the stored layout (so the
@@ -46,7 +47,7 @@ from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._resync._values import Approx, nbits_layout, read_constant, read_nbits
 
-__all__ = ["Operand", "Site", "find_sites", "place_operand", "read_operand", "site_operand_axis"]
+__all__ = ["Operand", "Site", "find_sites", "place_operand", "post_affine", "read_operand", "site_operand_axis"]
 
 MICROSOFT = "com.microsoft"
 _STANDARD = ("", "ai.onnx")
@@ -140,6 +141,9 @@ class Site:
     #: embedding's cos/sin, which exporters write in many forms) pair if they can, but do not
     #: count for or against the confidence.
     weighs: bool = True
+    #: Scalar affine steps after the layer (``("mul" | "add" | "sub", node, slot)``), folded into
+    #: its weight and bias wherever they are compared.
+    post: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def key(self) -> tuple[int, int]:
@@ -191,6 +195,28 @@ def read_operand(graph: ModelGraph, operand: Operand) -> Approx | None:
         part = part.transposed(operand.axes)
     part = part.reshaped(operand.shape)
     return part.scaled(operand.factor) if operand.factor != 1.0 else part  # ruff: ignore[float-equality-comparison] - exactly 1: no scaling to do
+
+
+def post_affine(graph: ModelGraph, site: Site) -> tuple[Approx, Approx] | None:
+    """The scalar affine steps after a layer combined: ``y -> scale * y + shift`` (1-element).
+
+    None when the site has none, or one cannot be read.
+    """
+    if not site.post:
+        return None
+    scale, shift = Approx(np.ones(1), np.zeros(1)), Approx(np.zeros(1), np.zeros(1))
+    for kind, node, slot in site.post:
+        read = read_constant(graph, graph.nodes[node].input[slot])
+        if read is None:
+            return None
+        value, error = read.value.reshape(1), np.broadcast_to(read.error, read.value.shape).reshape(1)
+        if kind == "mul":
+            scale = Approx(scale.value * value, scale.error * np.abs(value) + np.abs(scale.value) * error)
+            shift = Approx(shift.value * value, shift.error * np.abs(value) + np.abs(shift.value) * error)
+        else:
+            sign = -1.0 if kind == "sub" else 1.0
+            shift = Approx(shift.value + sign * value, shift.error + error)
+    return scale, shift
 
 
 def place_operand(operand: Operand, canonical: Approx, value: np.ndarray, error: np.ndarray) -> None:
@@ -432,6 +458,8 @@ class _Unit:
     batchnorm: int | None = None
     #: A packed projection's parts (Q, K, V written as one MatMul and split afterwards).
     parts: list[_Part] | None = None
+    #: Scalar Mul / Add / Sub right after the layer, which simplifiers fold into its weights.
+    post: list[tuple[str, int, int]] | None = None
 
 
 @dataclass
@@ -562,8 +590,34 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                     unit.ops.append("BatchNormalization")
                     unit.tail = reader[0]
                     absorbed.add(reader[0])
+        if unit.parts is None and linear.family in ("conv", "dense"):
+            unit.post = _scalar_affine(graph, graph.nodes[unit.tail].output[0], absorbed)
+            if unit.post:
+                unit.ops.extend(graph.nodes[node].op_type for _, node, _ in unit.post)
+                unit.tail = unit.post[-1][1]
         units[index] = unit
     return units, absorbed, claimed
+
+
+def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int]) -> list[tuple[str, int, int]]:
+    """A Mul by a scalar constant, then an Add (or Sub) of one, right after a layer: ``(kind,
+    node, constant's slot)`` each. onnx-simplifier folds them into the layer's weight and bias
+    (Paddle's exporter writes MobileOne's branch scales this way).
+    """
+    found: list[tuple[str, int, int]] = []
+    for kinds in (("Mul",), ("Add", "Sub")):
+        reader = _single_consumer(graph, name, kinds)
+        if reader is None or reader[1] not in (0, 1):
+            break
+        node = graph.nodes[reader[0]]
+        other = 1 - reader[1]
+        value = graph.constant_value(node.input[other]) if len(node.input) == 2 else None
+        if value is None or value.size != 1 or value.dtype.kind != "f" or (node.op_type == "Sub" and other != 1):
+            break
+        found.append((node.op_type.lower(), reader[0], other))
+        absorbed.add(reader[0])
+        name = node.output[0]
+    return found
 
 
 def _unit_sites(graph: ModelGraph, index: int, unit: _Unit) -> list[Site]:
@@ -599,7 +653,8 @@ def _unit_site(graph: ModelGraph, index: int, unit: _Unit) -> Site:
             assert operand is not None
             operands.append(operand)
     token = (linear.family, linear.weight.shape, *linear.extra)
-    return Site(index, 0, linear.family, token, tuple(operands), tuple(unit.ops), unit.tail, unit.batchnorm)
+    return Site(index, 0, linear.family, token, tuple(operands), tuple(unit.ops), unit.tail, unit.batchnorm,
+                post=tuple(unit.post or ()))  # fmt: skip
 
 
 # -- operators holding several sites ----------------------------------------------------------
