@@ -253,11 +253,11 @@ def permute(
     check_outputs(target, read, extra, overwrite_input=overwrite_input)
     check_memory(max_memory, "permute", [source], mapped=target is not None)
     _check_seed(seed)
-    if verify:
-        check_verify_options(
-            atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range,
-            input_seed=input_seed,
-        )  # fmt: skip
+    # The check's options are checked even without ``verify``: a bad value is refused, never ignored.
+    check_verify_options(
+        atol=atol, rtol=rtol, iterations=iterations, shape=shape, provider=provider, val_range=val_range,
+        input_seed=input_seed,
+    )  # fmt: skip
     # With an output file, external weights stay in their files: each is read as it is written.
     opened = open_model(model, progress=progress, map_external=target is not None)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)

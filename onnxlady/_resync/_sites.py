@@ -600,20 +600,21 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
 
 
 def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int]) -> list[tuple[str, int, int]]:
-    """A Mul by a scalar constant, then an Add (or Sub) of one, right after a layer: ``(kind,
-    node, constant's slot)`` each. onnx-simplifier folds them into the layer's weight and bias
-    (Paddle's exporter writes MobileOne's branch scales this way).
+    """A Mul by a scalar constant and an Add (or Sub) of one, each optional, right after a layer.
+
+    ``(kind, node, constant's slot)`` each. onnx-simplifier folds the Mul into the layer's
+    weight and bias (Paddle's exporter writes MobileOne's branch scales this way).
     """
     found: list[tuple[str, int, int]] = []
     for kinds in (("Mul",), ("Add", "Sub")):
         reader = _single_consumer(graph, name, kinds)
         if reader is None or reader[1] not in (0, 1):
-            break
+            continue
         node = graph.nodes[reader[0]]
         other = 1 - reader[1]
         value = graph.constant_value(node.input[other]) if len(node.input) == 2 else None
         if value is None or value.size != 1 or value.dtype.kind != "f" or (node.op_type == "Sub" and other != 1):
-            break
+            continue
         found.append((node.op_type.lower(), reader[0], other))
         absorbed.add(reader[0])
         name = node.output[0]
@@ -706,7 +707,11 @@ def _vector_site(graph: ModelGraph, index: int, slot: int, role: str, part: int,
     operand = _vector_operand(graph, index, slot, size, role, factor)
     if operand is None:
         return []
-    return [Site(index, part, role, (role, size), (operand,), (node.op_type,), index)]
+    # A scale of ones or a shift of zeros does nothing (an untrained norm's): a simplifier may
+    # remove it, so it pairs where both models keep it but does not count against them.
+    value = graph.constant_value(node.input[slot])
+    identity = value is not None and bool(np.all(value == (1.0 if role == "scale" else 0.0)))
+    return [Site(index, part, role, (role, size), (operand,), (node.op_type,), index, weighs=not identity)]
 
 
 # -- sites ------------------------------------------------------------------------------------
