@@ -124,7 +124,9 @@ def test_audit_finds_noise_through_a_conversion(permuted, conversion: str) -> No
     noisy = copy_model(model)
     perturb_model(noisy, noise=0.5, seed=3)
     report = audit_models(reference, CONVERSIONS[conversion](noisy))
-    assert report.verdict == "perturbed" and report.exit_code == 1
+    # Noise seen through a conversion is a modification; its kind is named only when the
+    # calibrated evidence is clear (fold-bn rescales rows, which blurs the noise statistics).
+    assert report.verdict in ("perturbed", "modified") and report.exit_code == 1
     assert report.conversions
 
 

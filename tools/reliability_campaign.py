@@ -17,7 +17,7 @@ over-long name), output paths colliding with inputs (path, other spelling, hard 
 external-data paths, SIGKILL at random moments and disk full (``RLIMIT_FSIZE``) on small models,
 and SIGKILL of permute, resync and watermark embed on a model over 80 MB.
 
-    python3 -m tools.reliability_campaign [--seed 14] [--scale 1.0] [--large-kills 54] [--large-mb 96]
+    python3 -m tools.reliability_campaign [--seed 14] [--scale 1.0] [--large-kills 63] [--large-mb 96]
 
 Prints one row per category (cases, failures) and the count of partial output sets.
 """
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every category's case count")
-    parser.add_argument("--large-kills", type=int, default=54, help="SIGKILLs on the large model (0: none)")
+    parser.add_argument("--large-kills", type=int, default=63, help="SIGKILLs on the large model (0: none)")
     parser.add_argument("--large-mb", type=int, default=96, help="weights of the large model, MiB")
     parser.add_argument("--workdir", type=Path, help="keep the cases here (default: a temporary folder)")
     parser.add_argument("--only", action="append", help="run only these categories")
