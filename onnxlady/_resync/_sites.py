@@ -710,7 +710,7 @@ def _vector_site(graph: ModelGraph, index: int, slot: int, role: str, part: int,
     # A scale of ones or a shift of zeros does nothing (an untrained norm's): a simplifier may
     # remove it, so it pairs where both models keep it but does not count against them.
     value = graph.constant_value(node.input[slot])
-    identity = value is not None and bool(np.all(value == (1.0 if role == "scale" else 0.0)))
+    identity = value is not None and bool(np.all(value == (1.0 if role == "scale" else 0.0)))  # ruff: ignore[float-equality-comparison] - exactly the identity (scale 1, bias 0) is what a converter removes
     return [Site(index, part, role, (role, size), (operand,), (node.op_type,), index, weighs=not identity)]
 
 
