@@ -217,18 +217,67 @@ def test_a_torch_exported_decoder_through_ort() -> None:
 
 @pytest.mark.skipif(not (DEPLOYMENT / "genai_int4" / "model.onnx").exists(),
                     reason="no genai builds (/tmp/zoo-venv/bin/python -m tools.export_deployment_models --genai)")
-def test_one_decoder_written_by_torch_and_by_the_genai_builder_is_one_model() -> None:
-    """torch.onnx's export and ONNX Runtime GenAI's builds of the same weights are one model.
+def test_one_decoder_written_by_torch_and_by_the_genai_builder() -> None:
+    """torch.onnx's export and ONNX Runtime GenAI's fp32 and int4 builds of the same weights.
 
-    The fp32 and int4 builds (packed QKV into GroupQueryAttention, SkipSimplifiedLayerNorm, KV cache, MatMulNBits): the
-    builds are conversions of the export.
+    The builds (packed QKV into GroupQueryAttention, SkipSimplifiedLayerNorm, KV cache, int4
+    MatMulNBits) pair with each other as a conversion. Against the torch export they are one
+    model where the build computes every layer; where it does not (GenAI 0.18's builder wires
+    the LM head of this 2-layer decoder to layer 0, leaving layer 1 dead), they are refused as
+    different models, naming the layers whose results no output reads.
     """
     from onnxlady._io._files import load_model
 
-    torch_export = load_model(DEPLOYMENT / "llama.onnx").model
-    for form in ("genai_fp32", "genai_int4"):
-        build = load_model(DEPLOYMENT / form / "model.onnx").model
-        assert match_models(torch_export, build).same_model
-        report = audit_models(torch_export, build)
-        assert report.verdict == "converted", report.summary
+    fp32 = load_model(DEPLOYMENT / "genai_fp32" / "model.onnx").model
+    int4 = load_model(DEPLOYMENT / "genai_int4" / "model.onnx").model
+    report = audit_models(fp32, int4)
+    assert report.verdict == "converted", report.summary
     assert {"quantized", "fused"} <= {c.kind for c in report.conversions}
+    torch_export = load_model(DEPLOYMENT / "llama.onnx").model
+    match = match_models(torch_export, fp32)
+    dead = [d for d in match.divergences if "computes nothing its outputs read" in d]
+    if dead:
+        assert not match.same_model
+        with pytest.raises(OnnxladyError, match="different models"):
+            audit_models(torch_export, fp32)
+    else:
+        assert match.same_model and audit_models(torch_export, fp32).verdict == "converted"
+
+
+def _scaled_convs(fold: bool) -> onnx.ModelProto:
+    """Conv -> Mul by a scalar -> Add of a scalar -> Relu, twice (Paddle's MobileOne branches).
+
+    With ``fold``, the scalars are folded into each conv's weight and bias (onnx-simplifier's form).
+    """
+    from onnxlady.testing import GraphBuilder
+
+    b = GraphBuilder("scaled_convs", 0)
+    x = b.input("input", (1, 3, 16, 16))
+    for k, (scale, shift) in enumerate(((0.75, 0.5), (1.5, -0.25)), start=1):
+        weight = b.conv_weight(x, 8, 3)
+        bias = b.small_normal((8,), 0.5)
+        if fold:
+            weight, bias = weight * np.float32(scale), bias * np.float32(scale) + np.float32(shift)
+        w, c = b.param(f"conv{k}.weight", weight), b.param(f"conv{k}.bias", bias)
+        x = b.conv(x, 8, 3, weight=w, bias=c, name=f"conv{k}")
+        if not fold:
+            x = b.add(b.mul(x, np.array(scale, np.float32), name=f"scale{k}"), np.array(shift, np.float32), name=f"shift{k}")
+        x = b.relu(x, name=f"relu{k}")
+    return b.build(b.gemm(b.flatten(b.global_avg_pool(x, name="pool"), name="flat"), 4, name="head", gain=1.0))
+
+
+def test_scalar_steps_folded_into_a_layer_are_a_conversion() -> None:
+    reference, folded = _scaled_convs(False), _scaled_convs(True)
+    assert verify_models(reference, folded, provider="cpu").equivalent
+    model, _, _, key = permute_copy(folded, 3)
+    result = resync_model(reference, model, true_key=key)
+    assert result.psi == pytest.approx(100.0)
+    report = audit_models(reference, model)
+    assert report.verdict == "permuted", report.summary
+    assert any("Conv+Mul+Add as Conv" in finding.detail for finding in report.conversions)
+    scaled = copy_model(model)  # the same, one neuron's weights scaled: now an integrity change
+    holders = {t.name: t for t in scaled.graph.initializer}
+    values = onnx.numpy_helper.to_array(holders["conv1.weight"]).copy()
+    values[2] *= 1.5
+    holders["conv1.weight"].CopyFrom(onnx.numpy_helper.from_array(values, "conv1.weight"))
+    assert audit_models(reference, scaled).verdict != "permuted"

@@ -108,3 +108,15 @@ def test_max_memory_refused_up_front(external_model: Path, tmp_path: Path, capsy
     assert main(["permute", str(external_model), "-o", str(tmp_path / "e.onnx"), "--max-memory", budget, "--quiet", "--json"]) == 0
     with pytest.raises(onnxlady.OnnxladyError, match="max_memory"):
         onnxlady.resync(external_model, tmp_path / "e.onnx", max_memory=1 << 20)
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "bert_like", "if_branch"])
+def test_streamed_write_is_onnx_save_byte_for_byte(name: str, tmp_path: Path) -> None:
+    """Same files as onnx.save with external data (so a round trip can give the source's bytes)."""
+    onnx.save(
+        FIXTURES[name](0), tmp_path / "a.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+        location="a.onnx.data", size_threshold=1024,
+    )  # fmt: skip
+    write_external(FIXTURES[name](0), tmp_path / "b.onnx", tmp_path / "b.onnx.data", location="a.onnx.data")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert (tmp_path / "a.onnx.data").read_bytes() == (tmp_path / "b.onnx.data").read_bytes()

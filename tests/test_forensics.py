@@ -1,5 +1,6 @@
-"""Audit forensics: each kind of change with clear evidence is named, a weak one is "kind uncertain",
-a scaling attack under noise gets both findings (onnxlady/_audit/_forensics.py).
+"""Audit forensics (onnxlady/_audit/_forensics.py): each kind of change is named on clear evidence.
+
+A weak change is "kind uncertain"; a scaling attack under noise gets both findings.
 
 Fine-tuning here is real training: SGD steps of cross entropy, computed in numpy on a small
 Gemm/ReLU classifier (no torch), written back into the ONNX model.
@@ -8,6 +9,7 @@ Gemm/ReLU classifier (no torch), written back into the ONNX model.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import onnx
@@ -48,8 +50,10 @@ def _mlp() -> onnx.ModelProto:
 
 
 def _fine_tune(model: onnx.ModelProto, steps: int = 30, lr: float = 0.05, seed: int = 0) -> onnx.ModelProto:
-    """A copy of the MLP after ``steps`` SGD steps (momentum 0.9, weight decay 1e-4) of cross
-    entropy on a synthetic 10-class task (class prototypes plus noise), gradients by backprop.
+    """A copy of the MLP after ``steps`` real SGD steps.
+
+    Momentum 0.9, weight decay 1e-4, cross entropy on a synthetic 10-class task (class
+    prototypes plus noise), gradients by backpropagation in numpy.
     """
     rng = np.random.default_rng(seed)
     params = {f"{n}.{p}": _get(model, f"{n}.{p}") for n in LAYERS for p in ("weight", "bias")}
@@ -84,6 +88,11 @@ def _fine_tune(model: onnx.ModelProto, steps: int = 30, lr: float = 0.05, seed: 
     return tuned
 
 
+def _evidence(report: AuditReport) -> dict[str, Any]:
+    assert report.perturbation is not None
+    return dict(report.perturbation["evidence"])
+
+
 def _check(report: AuditReport, verdict: str, kind: str | None) -> None:
     assert report.verdict == verdict, report.summary
     assert verdict in VERDICTS
@@ -103,7 +112,7 @@ def test_noise_is_noise_never_fine_tuning(name: str, omega: float) -> None:
     report = audit_models(reference, suspect)
     _check(report, "perturbed", "noise")
     assert "likely noise" in report.summary
-    evidence = report.perturbation["evidence"]
+    evidence = _evidence(report)
     assert evidence["non_weight_constants_changed"] == []
     assert evidence["relative_change_median"] == pytest.approx(omega, rel=0.1)
 
@@ -125,7 +134,7 @@ def test_real_fine_tuning_is_fine_tuning() -> None:
     tuned = _fine_tune(reference)
     report = audit_models(reference, _permute(copy_model(tuned)))
     _check(report, "perturbed", "fine-tuning")
-    evidence = report.perturbation["evidence"]
+    evidence = _evidence(report)
     assert set(evidence["non_weight_constants_changed"]) >= {"fc1.bias", "fc2.bias", "head.bias"}
 
 
@@ -157,6 +166,7 @@ def test_weak_change_is_kind_uncertain() -> None:
     _set(suspect, "features.block2.conv.weight", weight)
     report = audit_models(reference, _permute(suspect))
     _check(report, "modified", "uncertain")
+    assert report.perturbation is not None
     assert "kind uncertain" in report.perturbation["reason"]
     assert "1/5 weight tensors changed" in report.perturbation["reason"]
     assert not report.scaled_neurons

@@ -259,7 +259,10 @@ def test_sigterm_removes_what_was_staged(work: Path) -> None:
         (out / name).unlink()
     for fraction in (0.6, 0.4, 0.2):  # SIGTERM while it works (the first delay that lands in time)
         outcome = run_cli(args, work, signal_after=(signal.SIGTERM, fraction * full.seconds))
-        assert outcome.code in (0, 143), outcome
+        assert outcome.code in (0, 143, -signal.SIGTERM), outcome  # -15: before the handler was set
+        if outcome.code == -signal.SIGTERM:
+            assert listing(out) == []
+            return
         if outcome.code == 143:
             assert outcome.stderr.strip() == "onnxlady: terminated" and listing(out) == []
             return
@@ -300,15 +303,15 @@ def test_random_sigkills_leave_whole_sets(tmp_path: Path) -> None:
 
 
 def test_a_real_sigkill_inside_the_commit_is_completed_by_the_next_run(work: Path) -> None:
-    """Each rename of the commit slowed to 1 s (in the child only), SIGKILL lands between them."""
+    """Each rename of the commit slowed to 1.5 s (in the child only), SIGKILL lands between them."""
     base = work / "base.onnx"
     full = run_cli(["permute", base, "-o", work / "full.onnx", "--quiet"], work)
     assert full.code == 0, full.stderr
     landed = 0
-    for number, extra in enumerate((0.5, 1.5)):  # before the first rename, between the two
+    for number, extra in enumerate((0.75, 2.25)):  # before the first rename, between the two
         out = work / f"k{number}"
         out.mkdir()
-        outcome = run_cli(["permute", base, "-o", out / "p.onnx", "--quiet"], work, commit_delay=1.0,
+        outcome = run_cli(["permute", base, "-o", out / "p.onnx", "--quiet"], work, commit_delay=1.5,
                           kill_after=full.seconds + extra)  # fmt: skip
         assert outcome_problems(outcome) == [], outcome
         committed = any((out / name / "journal.json").exists() for name in temporaries(out))

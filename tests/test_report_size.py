@@ -33,7 +33,7 @@ def _decode(png: bytes) -> list[list[tuple[int, int, int]]]:
     for y in range(height):
         line = raw[y * (1 + 3 * width) : (y + 1) * (1 + 3 * width)]
         assert line[0] == 0
-        rows.append([tuple(line[1 + 3 * x : 4 + 3 * x]) for x in range(width)])
+        rows.append([(line[1 + 3 * x], line[2 + 3 * x], line[3 + 3 * x]) for x in range(width)])
     return rows
 
 

@@ -34,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -164,8 +165,10 @@ class Row:
 
 
 def _child(script: str, *arguments: object) -> None:
-    """Run a preparation script in a child (its memory is not this process's)."""
-    subprocess.run([sys.executable, "-c", script, *map(str, arguments)], check=True, cwd=REPO)
+    """Run a preparation script in a child (its memory is not this process's); its output is not the table's."""
+    subprocess.run(
+        [sys.executable, "-c", script, *map(str, arguments)], check=True, cwd=REPO, stdout=subprocess.DEVNULL
+    )
 
 
 def _measure(script: str, prelude: str, arguments: Sequence[object], output: Path | None) -> tuple[float, float]:
@@ -382,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([{**asdict(row), "ratios": row.ratios} for row in bench.rows], indent=2))
         return 0
-    command = "python3 -m tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"`{command.strip()}`, {started:%Y-%m-%d %H:%M} UTC, {args.repeats} runs each")
+    command = shlex.join(["python3", "-m", "tools.bench", *(argv if argv is not None else sys.argv[1:])])
+    print(f"`{command}`, {started:%Y-%m-%d %H:%M} UTC, {args.repeats} runs each")
     print()
     print(f"- machine: {_machine()}")
     print(f"- load before: `{load_before}`")

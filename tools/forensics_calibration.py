@@ -35,7 +35,7 @@ Prints the confusion matrix (true kind x predicted kind, counts), the accuracy, 
 that went wrong and the machine load; ``--json FILE`` writes every case with the evidence the
 audit saw (the input of the decision rules, so that they can be chosen from it)::
 
-    python3 -m tools.forensics_calibration [--models NAME ...] [--json FILE] [--quick]
+    python3 -m tools.forensics_calibration [--models NAME ...] [--kinds KIND ...] [--jobs N] [--json FILE]
 
 Exit status: 0 when the goal holds (>= 95 % right, no noise/quantization/pruning suspect called
 fine-tuning), 1 otherwise.
@@ -51,7 +51,9 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +144,7 @@ def _producers(model: onnx.ModelProto) -> list[tuple[str, Any, dict[str, list[An
     out = []
     for group in analysis.permutable_groups:
         kinds = uses.get(group.id)
-        if kinds and len(kinds["producer"]) == 1 and group.size >= 8:
+        if kinds and len(kinds["producer"]) == 1 and group.size >= 16:
             out.append((group.id, group, kinds))
     return out
 
@@ -167,7 +169,7 @@ def _scale_slices(model: onnx.ModelProto, use: Any, neurons: list[int], factors:
 
 
 def attack(reference: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, int]]] | None:
-    """5 neurons of the first suitable conv/gemm group scaled by 1.5, nothing compensated."""
+    """5 neurons of the first conv/gemm group of 16 neurons or more scaled by 1.5, nothing compensated."""
     for gid, _group, kinds in _producers(reference):
         prod = kinds["producer"][0]
         if prod.tensor not in tensor_holders(reference):
@@ -179,8 +181,10 @@ def attack(reference: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str,
 
 
 def rescale(reference: onnx.ModelProto) -> onnx.ModelProto | None:
-    """Every neuron of one group scaled by s in [0.5, 2] with the compensation the audit knows:
-    the next layer's input columns through positively homogeneous operators, or a BatchNorm.
+    """Every neuron of one group scaled by s in [0.5, 2], compensated.
+
+    The compensation is one the audit knows: the next layer's input columns through positively
+    homogeneous operators, or the BatchNorm right after the producer.
     """
     analysis = analyze(reference)
     holders = tensor_holders(reference)
@@ -212,14 +216,18 @@ def rescale(reference: onnx.ModelProto) -> onnx.ModelProto | None:
     return None
 
 
-def _perturb(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
-    return onnxlady.perturb(model, seed=3, **kwargs).model
+def _perturb(model: onnx.ModelProto, seed: int = 3, **kwargs: Any) -> onnx.ModelProto:
+    return onnxlady.perturb(model, seed=seed, **kwargs).model
 
 
 def _qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """int8 QDQ, after an opset upgrade to 13 where the model is older (QDQ per channel needs 13)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     return quantize_qdq(upgrade_opset(model, 13) if opset < 13 else model)
+
+
+def _made(make: Callable[[], onnx.ModelProto], variant: str) -> onnx.ModelProto:
+    return _variant(make(), variant)
 
 
 def _variant(suspect: onnx.ModelProto, variant: str) -> onnx.ModelProto:
@@ -229,45 +237,52 @@ def _variant(suspect: onnx.ModelProto, variant: str) -> onnx.ModelProto:
     return permuted if variant == "permuted" else to_float16(permuted)
 
 
-def cases(models: dict[str, onnx.ModelProto], finetuned: bool) -> list[Case]:
-    """Every labelled suspect of the set (made lazily)."""
+def cases(name: str, tuned: bool) -> list[Case]:
+    """The labelled suspects of one reference, made lazily.
+
+    The fine-tuned copies of a :mod:`tools.forensics_finetune` model when ``tuned``, else every
+    other kind.
+    """
     out: list[Case] = []
 
-    def add(model: str, kind: str, parameter: str, reference: onnx.ModelProto, make: Callable[[], onnx.ModelProto],
+    def add(kind: str, parameter: str, reference: onnx.ModelProto, make: Callable[[], onnx.ModelProto],
             neurons: list[tuple[str, int]] | None = None) -> None:  # fmt: skip
         for variant in VARIANTS:
             out.append(
-                Case(model, kind, parameter, variant, lambda m=make, v=variant: _variant(m(), v), reference, neurons or [])
+                Case(name, kind, parameter, variant, partial(_made, make, variant), reference, neurons or [])
             )
 
-    for name, ref in models.items():
-        if name in FINETUNE_MODELS and name not in FINETUNE_BASES:
-            continue
-        for omega in NOISE:
-            add(name, "noise", f"Omega {omega:g}", ref, lambda r=ref, o=omega: _perturb(r, noise=o))
+    if tuned:
+        folder = FINETUNE_OUT / name
+        manifest = json.loads((folder / "forensics.json").read_text())
+        ref = _load(folder / "base.onnx")
+        for regime in manifest["regimes"]:
+            add("fine-tuning", regime["regime"], ref, partial(_load, folder / regime["file"]))
+        return out
+    for ref in references([name]).values():
+        for number, omega in enumerate(NOISE):  # a fresh draw of the noise for each Omega
+            add("noise", f"Omega {omega:g}", ref, partial(_perturb, ref, 10 + number, noise=omega))
         for bits in BITS:
-            add(name, "quantization", f"{bits} bits", ref, lambda r=ref, b=bits: _perturb(r, quantize=b))
-        add(name, "quantization", "int8 QDQ", ref, lambda r=ref: _qdq(r))
+            add("quantization", f"{bits} bits", ref, partial(_perturb, ref, quantize=bits))
+        add("quantization", "int8 QDQ", ref, partial(_qdq, ref))
         for percent in PRUNE:
-            add(name, "pruning", f"{percent:g} %", ref, lambda r=ref, p=percent: _perturb(r, prune=p))
+            add("pruning", f"{percent:g} %", ref, partial(_perturb, ref, prune=percent))
         attacked = attack(ref)
         if attacked is not None:
             model, neurons = attacked
-            add(name, "scaled", f"{len(SCALED)} x {SCALE_FACTOR}", ref, lambda m=model: copy_model(m), neurons)
-            for omega in MIXED_NOISE:
-                add(name, "scaled+noise", f"Omega {omega:g}", ref, lambda m=model, o=omega: _perturb(m, noise=o), neurons)
+            add("scaled", f"{len(SCALED)} x {SCALE_FACTOR}", ref, partial(copy_model, model), neurons)
+            for number, omega in enumerate(MIXED_NOISE):
+                add("scaled+noise", f"Omega {omega:g}", ref, partial(_perturb, model, 20 + number, noise=omega), neurons)
         rescaled = rescale(ref)
         if rescaled is not None:
-            add(name, "rescaled", "s in [0.5, 2]", ref, lambda m=rescaled: copy_model(m))
-    if finetuned:
-        for name in FINETUNE_MODELS:
-            folder = FINETUNE_OUT / name
-            manifest = json.loads((folder / "forensics.json").read_text())
-            ref = _load(folder / "base.onnx")
-            for regime in manifest["regimes"]:
-                path = folder / regime["file"]
-                add(name, "fine-tuning", regime["regime"], ref, lambda p=path: _load(p))
+            add("rescaled", "s in [0.5, 2]", ref, partial(copy_model, rescaled))
     return out
+
+
+def job(spec: tuple[str, bool, tuple[str, ...], tuple[str, ...], bool]) -> list[dict[str, Any]]:
+    """Audit the cases of one reference (``spec``: name, fine-tuned, kinds, variants, progress)."""
+    name, tuned, kinds, variants, progress = spec
+    return run([c for c in cases(name, tuned) if c.kind in kinds and c.variant in variants], progress)
 
 
 # -- judging ----------------------------------------------------------------------------------
@@ -385,12 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default="/tmp/zoo-venv/bin/python", help="interpreter with torch (fine-tuning)")
     parser.add_argument("--json", type=Path, help="write every case and its evidence to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--jobs", type=int, default=1, help="references audited in parallel processes")
     args = parser.parse_args(argv)
-    finetuned = False if args.no_finetune else ensure_finetuned(args.python)
-    models = references(args.models)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    tuned = "fine-tuning" in args.kinds and not args.no_finetune and ensure_finetuned(args.python)
+    kinds, variants = tuple(args.kinds), tuple(args.variants)
+    specs = [(name, False, kinds, variants, not args.quiet) for name in args.models if set(kinds) - {"fine-tuning"}]
+    specs += [(name, True, kinds, variants, not args.quiet) for name in FINETUNE_MODELS if tuned]
     start = time.perf_counter()
-    chosen = [c for c in cases(models, finetuned) if c.kind in args.kinds and c.variant in args.variants]
-    records = run(chosen, not args.quiet)
+    if args.jobs == 1:
+        parts = [job(spec) for spec in specs]
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            parts = list(pool.map(job, specs))
+    records = [record for part in parts for record in part]
     seconds = time.perf_counter() - start
     total = len(records)
     good = sum(r["right"] for r in records)

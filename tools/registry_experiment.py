@@ -608,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-finetune", action="store_true", help="leave the fine-tuned derivatives out")
     parser.add_argument("--no-real", action="store_true", help="leave the real models of .cache/models out")
+    parser.add_argument(
+        "--throughput-only", action="store_true",
+        help="build the registry and measure only the fingerprint throughput (runs with any round's onnxlady)",
+    )  # fmt: skip
     parser.add_argument("--export-finetuned", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--calibrate", action="store_true", help="also print the calibrated constants")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -631,11 +635,12 @@ def main(argv: list[str] | None = None) -> int:
         index, references_index = root / "registry.idx", root / "references.idx"
         for stale in (index, references_index):
             stale.unlink(missing_ok=True)
-        build_index(registry, index, workers=2)
-        build_index([root / "registry/references"], references_index, workers=2)
-        print("searching...", file=sys.stderr)
         results: dict[str, Any] = {"layout": layout, "notes": [note] if note else []}
-        results["accuracy"] = search_accuracy(layout, index, references_index)
+        if not args.throughput_only:
+            build_index(registry, index, workers=2)
+            build_index([root / "registry/references"], references_index, workers=2)
+            print("searching...", file=sys.stderr)
+            results["accuracy"] = search_accuracy(layout, index, references_index)
         print("measuring throughput...", file=sys.stderr)
         files = sorted(str(p) for p in (root / "registry").rglob("*.onnx"))
         results["throughput_fixtures"] = throughput(
@@ -647,9 +652,10 @@ def main(argv: list[str] | None = None) -> int:
         onnx.save(build_large_model(args.large_megabytes), large)
         results["throughput_large"] = throughput([str(large)], args.repeats)
         large.unlink()
-        results["build"] = build_speedup([str(p) for p in registry], root)
-        print("timing find on synthetic fingerprints...", file=sys.stderr)
-        results["find"] = find_speed(args.synthetic, root)
+        if not args.throughput_only:
+            results["build"] = build_speedup([str(p) for p in registry], root)
+            print("timing find on synthetic fingerprints...", file=sys.stderr)
+            results["find"] = find_speed(args.synthetic, root)
         if args.calibrate:
             results["calibration"] = calibrate(layout)
     if args.save:
@@ -662,13 +668,18 @@ def main(argv: list[str] | None = None) -> int:
                 default=str,
             )
         )
+    elif args.throughput_only:
+        for label, key in (("fixture files", "throughput_fixtures"), ("real and exported models", "throughput_models"),
+                           ("one large generated model", "throughput_large")):  # fmt: skip
+            if results.get(key):
+                print(_speed_row(label, results[key]))
     else:
         print(_table(results))
         for line in results["notes"]:
             print(f"note: {line}")
         for item in layout["skipped"]:
             print(f"not made: {item['reference']} {item['kind']}: {item['error']}")
-        if results["accuracy"]["misses"] or results["accuracy"]["false_derived"]:
+        if not args.throughput_only and (results["accuracy"]["misses"] or results["accuracy"]["false_derived"]):
             print(
                 json.dumps(
                     {"misses": results["accuracy"]["misses"], "false_derived": results["accuracy"]["false_derived"]},

@@ -127,7 +127,10 @@ def report_model(source: str, name: str, path: Path, scratch: Path) -> dict[str,
     save_model(wrong_model, wrong)
     del wrong_model
     result, error = _verify(path, wrong)
-    row["wrong"] = {"tensor": tensor, **(_judged(result) if result is not None else {"verdict": "error", "reason": error})}
+    row["wrong"] = {
+        "tensor": tensor,
+        **(_judged(result) if result is not None else {"verdict": "error", "reason": error}),
+    }
     wrong.unlink()
     return row
 
@@ -161,18 +164,24 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             lines.append([row["source"], row["model"], "", "", f"error: {row['error'][:160]}", "", "", ""])
             continue
         inputs = "; ".join(
-            f"`{r['name']}` {'x'.join(map(str, r['shape']))} {r['dtype']}: {r['rule']}{_range(r)}" for r in row["inputs"]
+            f"`{r['name']}` {'x'.join(map(str, r['shape']))} {r['dtype']}: {r['rule']}{_range(r)}"
+            for r in row["inputs"]
         )
         itself = row["itself"]
         compared = ", ".join(f"`{n}`" for n in itself["compared"])
         if itself["squash_inputs"]:
             compared += " + " + ", ".join(f"`{s}`" for s in itself["squash_inputs"])
-        hollow = "; ".join(
-            f"`{h['name']}`: {h['why']}" + (" (judged on its input)" if h["rescued_by_input"] else "")
-            for h in itself["hollow"]
-        ) or "none"
+        hollow = (
+            "; ".join(
+                f"`{h['name']}`: {h['why']}" + (" (judged on its input)" if h["rescued_by_input"] else "")
+                for h in itself["hollow"]
+            )
+            or "none"
+        )
         wrong = row["wrong"]
-        caught = {"equivalent": "NOT caught"}.get(str(wrong["verdict"]), str(wrong["verdict"]).upper().replace("-", " "))
+        caught = {"equivalent": "NOT caught"}.get(
+            str(wrong["verdict"]), str(wrong["verdict"]).upper().replace("-", " ")
+        )
         lines.append([row["source"], row["model"], inputs, compared, _verdict_cell(itself),
                       _verdict_cell(row["permuted"]), hollow, caught])  # fmt: skip
     return markdown(header, [[cell.replace("|", "\\|") for cell in line] for line in lines])
@@ -198,7 +207,9 @@ def summary(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     """Verify every model, print the table (or JSON); 0 when no EQUIVALENT rests on a hollow comparison."""
     parser = argparse.ArgumentParser(prog="python3 -m tools.verify_real_models", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, action="append", help="folders of *.onnx (default: those of DEFAULT_FOLDERS that exist)")
+    parser.add_argument(
+        "--models", type=Path, action="append", help="folders of *.onnx (default: those of DEFAULT_FOLDERS that exist)"
+    )
     parser.add_argument("--no-fixtures", action="store_true", help="leave out the runnable test fixtures")
     parser.add_argument("--markdown", action="store_true", help="print only the table")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
@@ -209,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(folder)
         for source, name, path in _models(folders, not args.no_fixtures, scratch):
             rows.append(report_model(source, name, path, scratch))
-            print(f"{source}/{name}: {rows[-1].get('permuted', {}).get('verdict', rows[-1].get('error'))}", file=sys.stderr)
+            print(
+                f"{source}/{name}: {rows[-1].get('permuted', {}).get('verdict', rows[-1].get('error'))}",
+                file=sys.stderr,
+            )
     counts = summary(rows)
     if args.json:
         print(json.dumps({"summary": counts, "rows": rows}, indent=2))

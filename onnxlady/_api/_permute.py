@@ -438,9 +438,10 @@ def _unchecked(result: PermuteResult, exc: CheckNotRunError) -> str:
         if result.key_path is not None:
             kept += f", key -> {result.key_path}"
         return f"{kept}, but the equivalence check could not run: {exc}"
+    data = f" (weights in {external_data_path(result.output)})" if result.key.permuted_data_sha256 else ""
     return (
-        f"permuted {len(result.permuted_groups)} group(s) -> {result.output} and key -> {result.key_path} (both kept: "
-        f"the permutation succeeded), but the equivalence check could not run, so nothing was verified: {exc}; "
+        f"permuted {len(result.permuted_groups)} group(s) -> {result.output}{data} and key -> {result.key_path} "
+        f"(kept: the permutation succeeded), but the equivalence check could not run, so nothing was verified: {exc}; "
         f"then check the kept model with 'onnxlady verify {result.source or 'MODEL'} {result.output}' and that option"
     )
 

@@ -51,13 +51,26 @@ class UnpermuteResult(Result):
         output_sha256: sha256 of the written file; ``None`` when nothing was written.
     """
 
-    model: onnx.ModelProto = field(repr=False)
+    _model: onnx.ModelProto | None = field(repr=False)
     key: PermutationKey = field(repr=False)
     weights_identical_to_source: bool
     source: Path | None = None
     key_source: Path | None = None
     output: Path | None = None
     output_sha256: str | None = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The restored model.
+
+        When it was streamed to :attr:`output`, it is read back from there on first use (its
+        external weights, if any, mapped rather than loaded).
+        """
+        if self._model is None:
+            if self.output is None:
+                raise OnnxladyError("the restored model was neither kept nor written")
+            self._model = load_model(self.output, map_external=True).model
+        return self._model
 
     @property
     def output_identical_to_source_file(self) -> bool | None:
@@ -157,13 +170,17 @@ def unpermute(
     check_outputs(target, [source, key_source], overwrite_input=overwrite_input)
     check_memory(max_memory, "unpermute", [source], mapped=target is not None)
     permutation_key = open_key(key)
-    # With an output file, external weights stay in their files: each is restored as it is written.
-    opened = open_model(model, progress=progress, map_external=target is not None)
+    # With an output file, external weights stay in their files: each is restored as the writer
+    # writes it. Weights inside the file are restored in place, so that the file protobuf writes
+    # is the source's byte for byte (the streaming writer orders fields its own way); a key that
+    # untied constants is undone in place too (the copies it removes are never written).
+    streamed = target is not None and not permutation_key.untied
+    opened = open_model(model, progress=progress, map_external=streamed)
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
     if not allow_changed_model:
         _check_model_matches_key(opened, permutation_key)
     restored = opened.writable()
-    if target is None or not has_mapped(restored):
+    if not streamed or not opened.owned or not has_mapped(restored):
         identical = unpermute_model(restored, permutation_key)
         result = UnpermuteResult(restored, permutation_key, identical, source, key_source, target)
         if target is not None:
@@ -176,10 +193,10 @@ def unpermute(
     verdict = unpermute_model_streamed(restored, permutation_key, deferred)
     say(progress, f"saving {target}")
     overrides = cast("dict[str, Override]", deferred.overrides)  # arrays: the writer takes any buffer
+    assert target is not None  # streamed
     sha256 = save_model(restored, target, external_data=True, digest=True, overrides=overrides)
-    # The restored model is the written one, its weights mapped from the new data file.
-    written = load_model(target, map_external=True).model
-    return UnpermuteResult(written, permutation_key, verdict(), source, key_source, target, sha256)
+    del restored, opened  # the model in memory still holds the permuted bytes: the result reads the file
+    return UnpermuteResult(None, permutation_key, verdict(), source, key_source, target, sha256)
 
 
 def _check_model_matches_key(opened: OpenedModel, key: PermutationKey) -> None:

@@ -20,7 +20,7 @@ Evidence, per weight tensor (``d = suspect - reference``, aligned by the resync)
 
 - *new zeros* counted without the alignment (zeros of the suspect minus zeros of the
   reference), and whether the suspect's non-zero values are exactly the reference's largest
-  magnitudes (magnitude pruning leaves the other weights untouched);
+  magnitudes, or its values in place (magnitude pruning leaves the other weights untouched);
 - *distinct values*: a tensor quantized to ``B`` bits holds at most ``2^B`` values;
 - *relative change*: robust std of ``d`` (1.4826 x median absolute deviation, so a few
   neurons the resync mis-paired do not count) over the std of the reference; the noise of
@@ -76,21 +76,35 @@ MULTISET_RTOL = 1e-3
 #: Noise: the per-tensor robust relative change varies by at most this coefficient of variation.
 NOISE_CV = 0.25
 #: Noise: median row/column dispersion (1 for i.i.d.) at most this.
-NOISE_DISPERSION = 1.6
+NOISE_DISPERSION = 1.3
 #: Noise: median spectral excess (1 for i.i.d.) at most this.
-NOISE_SPECTRAL = 1.6
-#: Fine-tuning: median row/column dispersion at least this...
-TUNE_DISPERSION = 2.5
-#: ...or median spectral excess at least this, in the densely changed tensors.
-TUNE_SPECTRAL = 3.0
+NOISE_SPECTRAL = 1.3
+#: Noise: median |z| of the change's correlation with the weight (about 0.7 for i.i.d.) at most this.
+NOISE_CORRELATION_Z = 3.0
+#: Fine-tuning, with biases/normalisation changed too: the dense change has a median spectral
+#: excess at least this (low rank)...
+TUNE_SPECTRAL = 1.5
+#: ...and departs from i.i.d. noise by one more of: median row/column dispersion at least this...
+TUNE_DISPERSION = 1.5
+#: ...median |z| of the correlation with the weight at least this...
+TUNE_CORRELATION_Z = 4.0
+#: ...or a per-tensor relative change this uneven (coefficient of variation).
+TUNE_CV = 0.5
+#: Fine-tuning with no bias/normalisation change seen (below a conversion's storage precision):
+#: both the dispersion and the spectral excess at least this.
+TUNE_STRONG = 5.0
 #: Scaled neurons under noise: |k - 1| in noise standard errors.
 SCALE_Z = 8.0
 #: Scaled neurons under noise: smallest |k - 1| reported.
 SCALE_MIN = 0.05
-#: Scaled neurons under noise: the tensor's bulk must be unscaled (median |z| at most this)...
+#: Scaled neurons under noise: largest plausible k (a near-zero reference row gives any k).
+SCALE_MAX_K = 100.0
+#: Scaled neurons under noise: the model's bulk must be unscaled (median |z| at most this)...
 SCALE_BULK_Z = 2.0
-#: ...and the scaled neurons fewer than half of the tensor's neurons.
-SCALE_MAX_FRACTION = 0.5
+#: ...and the scaled neurons at most this fraction of all neurons.
+SCALE_MAX_FRACTION = 0.1
+#: Float16's smallest subnormal spacing: storage error of tiny constants (1e-6 epsilons).
+FLOAT16_TINY = 2.0**-24
 _MIN_ROWS = 8
 
 
@@ -213,8 +227,12 @@ def _kept_match(r: np.ndarray, s: np.ndarray, rtol: float) -> float:
     return float(np.mean(np.abs(kept - largest) <= rtol * np.maximum(largest, 1e-30)))
 
 
-def _same_multiset(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
-    """Equal as multisets (sorted), each value within ``rtol`` of the largest magnitude."""
+def _same_multiset(a: np.ndarray, b: np.ndarray, rtol: float, floor: float = 0.0) -> bool:
+    """Equal as multisets (sorted values), within tolerance.
+
+    Each value within ``rtol`` of itself (at least ``rtol`` times a thousandth of the largest
+    magnitude) plus ``floor``.
+    """
     if a.shape != b.shape:
         return False
     if a.dtype.kind not in "fc" or b.dtype.kind not in "fc":
@@ -223,10 +241,12 @@ def _same_multiset(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         return bool(np.array_equal(x, y, equal_nan=True))
     scale = float(np.abs(x).max()) if x.size else 0.0
-    return bool(np.all(np.abs(x - y) <= rtol * np.maximum(np.abs(x), scale * 1e-3) + 1e-30))
+    return bool(np.all(np.abs(x - y) <= rtol * np.maximum(np.abs(x), scale * 1e-3) + floor + 1e-30))
 
 
-def _measure(name: str, info: WeightInfo, ref: np.ndarray, sus: np.ndarray) -> dict[str, Any]:
+def _measure(
+    name: str, info: WeightInfo, ref: np.ndarray, sus: np.ndarray, storage: np.dtype[Any] | None = None
+) -> dict[str, Any]:
     r, s = ref.astype(np.float64), sus.astype(np.float64)
     d = s - r
     flat_r, flat_s, flat_d = r.ravel(), s.ravel(), d.ravel()
@@ -242,13 +262,21 @@ def _measure(name: str, info: WeightInfo, ref: np.ndarray, sus: np.ndarray) -> d
         "reference_zeros": ref_zeros,
         # Counted in the stored dtype (float64 is exact for every stored type, so the count is
         # the same): half the bytes to sort, no float64 copy.
-        "distinct_values": _distinct(sus),
-        "reference_distinct_values": _distinct(ref),
+        "distinct_values": _distinct(sus if storage is None else sus.astype(storage)),
+        "reference_distinct_values": _distinct(ref if storage is None else ref.astype(storage)),
         "relative_change": float(flat_d.std() / std_r) if std_r else 0.0,
     }
     if not changed:
         return entry
-    entry["kept_match"] = _kept_match(flat_r, flat_s, MULTISET_RTOL) if sus_zeros > ref_zeros else None
+    if sus_zeros > ref_zeros:
+        # The kept weights are the reference's largest magnitudes (alignment-free), or the
+        # reference's own values in place (a compared form that folds per-row factors into
+        # the weights, a BatchNorm's, reorders magnitudes between rows).
+        kept = flat_s != 0
+        in_place = np.abs(flat_s[kept] - flat_r[kept]) <= MULTISET_RTOL * np.abs(flat_r[kept]) + FLOAT16_TINY
+        entry["kept_match"] = max(_kept_match(flat_r, flat_s, MULTISET_RTOL), float(np.mean(in_place)) if kept.any() else 1.0)
+    else:
+        entry["kept_match"] = None
     mad = float(np.median(np.abs(flat_d - np.median(flat_d))))
     entry["robust_relative_change"] = 1.4826 * mad / std_r if std_r else 0.0
     if n > 2 and flat_d.std() > 0 and std_r > 0:
@@ -279,6 +307,7 @@ def classify_change(
     weights: dict[str, WeightInfo],
     rtol: float,
     allowed: dict[str, np.ndarray] | None = None,
+    storage: dict[str, np.dtype[Any]] | None = None,
 ) -> dict[str, Any]:
     """The kind of change from ``ref`` to ``sus`` (arrays by reference tensor name, aligned).
 
@@ -288,6 +317,9 @@ def classify_change(
         weights: the weight tensors (:func:`weight_infos`).
         rtol: the audit's relative tolerance for float rounding.
         allowed: per tensor, the storage error a conversion may add (element by element).
+        storage: per weight, the suspect's storage dtype when a conversion changed it: distinct
+            values are counted in it on both sides (float16 holds few distinct values; that is
+            not a quantization grid).
 
     Returns:
         ``{"kind", "reason", "evidence"}``: kind one of ``pruning``, ``quantization``,
@@ -295,7 +327,7 @@ def classify_change(
     """
     allowed = allowed or {}
     per_tensor = [
-        _measure(name, weights[name], ref[name], sus[name])
+        _measure(name, weights[name], ref[name], sus[name], (storage or {}).get(name))
         for name in sorted(weights)
         if name in ref and name in sus and ref[name].shape == sus[name].shape
     ]
@@ -318,6 +350,7 @@ def _other_changes(
     stored in float16: compared within :data:`MULTISET_RTOL` of the largest magnitude.
     """
     tolerance = max(rtol, MULTISET_RTOL) if allowed else rtol
+    floor = FLOAT16_TINY if allowed else 0.0
     moved, changed = [], []
     for name in sorted(ref):
         if name in weights or name not in sus:
@@ -331,14 +364,14 @@ def _other_changes(
             if np.all(np.isfinite(a64)) and np.all(np.isfinite(b64)):
                 scale = float(np.abs(a64).max()) if a64.size else 0.0
                 extra = allowed.get(name, 0.0)
-                if np.all(np.abs(a64 - b64) <= tolerance * scale + extra + 1e-30):
+                if np.all(np.abs(a64 - b64) <= tolerance * scale + extra + floor + 1e-30):
                     continue
             elif np.array_equal(a64, b64, equal_nan=True):
                 continue
         elif np.array_equal(a, b):
             continue
         moved.append(name)
-        if not _same_multiset(a, b, tolerance):
+        if not _same_multiset(a, b, tolerance, floor):
             changed.append(name)
     return {"differ_in_place": moved, "changed": changed}
 
@@ -407,62 +440,82 @@ def decide(evidence: dict[str, Any]) -> tuple[str, str]:
         ev["new_zero_fraction_in_changed_tensors"] >= PRUNE_MIN_FRACTION
         and ev["kept_match"] is not None
         and ev["kept_match"] >= PRUNE_KEPT_MATCH
-        and not others
     ):
         return "pruning", (
             f"{ev['new_zeros']} weights ({100 * ev['new_zero_fraction']:.1f} %) became exact zeros the reference "
-            f"did not have; {100 * ev['kept_match']:.1f} % of the others are the reference's largest magnitudes, untouched"
+            f"did not have; {100 * ev['kept_match']:.1f} % of the kept weights are the reference's own (its largest magnitudes), untouched"
+            + _besides(others)
         )
-    if ev["quantized_fraction"] is not None and ev["quantized_fraction"] >= QUANT_VOTE and not others:
+    if ev["quantized_fraction"] is not None and ev["quantized_fraction"] >= QUANT_VOTE:
         return "quantization", (
             f"{ev['tensors_with_few_distinct_values']} weight tensors ({100 * ev['quantized_fraction']:.0f} % of the "
             "weights that can tell) hold at most a quarter of the reference's distinct values: a quantization grid"
+            + _besides(others)
         )
     dense_all = ev["dense_tensors"] == ev["changed_tensors"]
-    if (
-        dense_all
-        and not others
-        and ev["relative_change_cv"] <= NOISE_CV
-        and structure["noise_like"]
-    ):
+    if dense_all and not others and structure["noise_like"]:
         return "noise", (
-            f"{100 * ev['changed_fraction']:.1f} % of weights changed, i.i.d. like Gaussian noise: relative change "
+            f"{100 * ev['changed_fraction']:.1f} % of weights changed, like i.i.d. Gaussian noise: relative change "
             f"{ev['relative_change_median']:.3g} x std in every tensor (CV {ev['relative_change_cv']:.2f}), "
             f"{structure['text']}, biases and normalisation untouched"
         )
     if ev["dense_tensors"] and others and structure["gradient_like"]:
         return "fine-tuning", (
             f"{ev['dense_tensors']} weight tensors changed densely with the structure of gradient steps "
-            f"({structure['text']}; relative change CV {ev['relative_change_cv']:.2f} across tensors) and "
-            f"{len(others)} biases/normalisation constants changed too"
+            f"({structure['text']}) and {len(others)} biases/normalisation constants changed too"
+        )
+    if ev["dense_tensors"] and structure["strongly_gradient_like"]:
+        return "fine-tuning", (
+            f"{ev['dense_tensors']} weight tensors changed densely with the strong structure of gradient steps "
+            f"({structure['text']}); no bias/normalisation change seen (below the storage precision)"
         )
     seen = [f"{ev['changed_tensors']}/{ev['weight_tensors']} weight tensors changed ({ev['dense_tensors']} densely)"]
     if ev["new_zeros"]:
         seen.append(f"{ev['new_zeros']} new zeros")
     if ev["dense_tensors"]:
-        seen.append(f"relative change {ev['relative_change_median']:.3g} x std (CV {ev['relative_change_cv']:.2f})")
+        seen.append(f"relative change {ev['relative_change_median']:.3g} x std")
         seen.append(structure["text"])
     seen.append(f"{len(others)} biases/normalisation constants changed" if others else "biases and normalisation untouched")
     return "uncertain", "kind uncertain: " + "; ".join(seen)
 
 
+def _besides(others: list[str]) -> str:
+    return f"; besides, {len(others)} biases/normalisation constants changed ({', '.join(others[:3])})" if others else ""
+
+
 def _structure(ev: dict[str, Any]) -> dict[str, Any]:
     """Whether the dense change looks like i.i.d. noise or like gradient steps, and the figures."""
     row, col, spec = ev["row_dispersion_median"], ev["column_dispersion_median"], ev["spectral_excess_median"]
+    corr, cv = ev["correlation_z_median"], ev["relative_change_cv"]
     dispersion = max((v for v in (row, col) if v is not None), default=None)
-    parts = []
+    parts = [f"relative change CV {cv:.2f} across tensors"]
     if dispersion is not None:
-        parts.append(f"row/column dispersion {dispersion:.2f} (1 for i.i.d.)")
+        parts.append(f"row/column dispersion {dispersion:.2f}")
     if spec is not None:
-        parts.append(f"spectral excess {spec:.2f} (1 for i.i.d.)")
-    noise_like = (dispersion is None or dispersion <= NOISE_DISPERSION) and (spec is None or spec <= NOISE_SPECTRAL)
-    gradient_like = (dispersion is not None and dispersion >= TUNE_DISPERSION) or (
-        spec is not None and spec >= TUNE_SPECTRAL
+        parts.append(f"spectral excess {spec:.2f}")
+    if corr is not None:
+        parts.append(f"correlation with the weight |z| {corr:.1f}")
+    measurable = dispersion is not None or spec is not None
+    noise_like = (
+        measurable
+        and cv <= NOISE_CV
+        and (dispersion is None or dispersion <= NOISE_DISPERSION)
+        and (spec is None or spec <= NOISE_SPECTRAL)
+        and (corr is None or corr <= NOISE_CORRELATION_Z)
     )
+    # SGD updates are sums of outer products (activations x errors): low rank, hence a top
+    # singular value above i.i.d. noise's; with one more departure from i.i.d. to be clear.
+    gradient_like = (spec is not None and spec >= TUNE_SPECTRAL) and (
+        (dispersion is not None and dispersion >= TUNE_DISPERSION)
+        or (corr is not None and corr >= TUNE_CORRELATION_Z)
+        or cv >= TUNE_CV
+    )
+    strongly = dispersion is not None and spec is not None and min(dispersion, spec) >= TUNE_STRONG
     return {
-        "noise_like": noise_like and (dispersion is not None or spec is not None),
+        "noise_like": noise_like,
         "gradient_like": gradient_like,
-        "text": ", ".join(parts) if parts else "no row structure measurable",
+        "strongly_gradient_like": strongly,
+        "text": ", ".join(parts) + " (i.i.d. noise: CV 0, dispersion 1, spectral excess 1, |z| under 1)",
     }
 
 
@@ -477,48 +530,53 @@ class NoisyScale:
     z: float
 
 
-def find_scaled_under_noise(
-    ref_rows: list[np.ndarray], sus_rows: list[np.ndarray], tensor: str
-) -> list[NoisyScale]:
-    """Neurons of one producer tensor scaled by ``k`` while the others are only noisy.
+def find_scaled_under_noise(tensors: list[tuple[str, list[np.ndarray], list[np.ndarray]]]) -> list[NoisyScale]:
+    """Neurons scaled by ``k`` while every other neuron of the model is only noisy.
 
-    ``ref_rows``/``sus_rows`` are the neurons' rows (flattened) in the reference's order. For
-    each, the least-squares ``k`` and its standard error ``sigma / |r|`` (``sigma`` the tensor's
-    median residual std, so mis-paired rows do not widen it); a neuron is scaled when ``|k - 1|``
-    exceeds :data:`SCALE_Z` standard errors and :data:`SCALE_MIN`, its own residual is that of
-    the noise (not a mis-paired row), the tensor's bulk is unscaled (median ``|z|`` at most
-    :data:`SCALE_BULK_Z`) and the scaled neurons are a minority (:data:`SCALE_MAX_FRACTION`).
+    ``tensors`` holds, per producer tensor, its name and its neurons' rows (flattened) in the
+    reference's order, reference and suspect. For each neuron: the least-squares ``k`` and its
+    standard error ``sigma / |r|`` (``sigma`` the tensor's median residual std, so mis-paired
+    rows do not widen it), as a z-score. A neuron is scaled when ``|k - 1|`` exceeds
+    :data:`SCALE_Z` standard errors and :data:`SCALE_MIN`, ``0 < k <= SCALE_MAX_K``, its row is
+    not negligible (at least a tenth of its tensor's median row norm: a near-zero row's ``k`` is
+    meaningless) and its residual is that of the noise (not a mis-paired row); and only when the
+    model's bulk is unscaled (median ``|z|`` over all neurons at most :data:`SCALE_BULK_Z`) and
+    the scaled neurons are few (at most :data:`SCALE_MAX_FRACTION` of all neurons).
     """
-    count = len(ref_rows)
-    if count < 2:
-        return []
-    ks, norms, resid = np.zeros(count), np.zeros(count), np.zeros(count)
-    for j, (r, s) in enumerate(zip(ref_rows, sus_rows)):
-        r64, s64 = r.astype(np.float64), s.astype(np.float64)
-        norm2 = float(r64 @ r64)
-        if not norm2 or r64.size < 2:  # an all-zero row has no scale
-            ks[j], norms[j], resid[j] = 1.0, 0.0, 0.0
+    candidates: list[NoisyScale] = []
+    bulk: list[np.ndarray] = []
+    total = 0
+    for tensor, ref_rows, sus_rows in tensors:
+        count = len(ref_rows)
+        if count < 2:
             continue
-        k = float(r64 @ s64) / norm2
-        ks[j], norms[j] = k, math.sqrt(norm2)
-        e = s64 - k * r64
-        resid[j] = float(np.sqrt(e @ e / (r64.size - 1)))
-    usable = norms > 0
-    if not np.any(usable):
-        return []
-    sigma = float(np.median(resid[usable]))
-    if not sigma:
-        return []  # exact rows: the exact scale analysis decides
-    z = np.where(usable, (ks - 1) * norms / sigma, 0.0)
-    if float(np.median(np.abs(z[usable]))) > SCALE_BULK_Z:
-        return []  # most neurons moved: not a few scaled ones
-    found = [
-        NoisyScale(tensor, j, float(ks[j]), float(z[j]))
-        for j in range(count)
-        if usable[j]
-        and abs(z[j]) > SCALE_Z
-        and abs(ks[j] - 1) > SCALE_MIN
-        and ks[j] > 0
-        and resid[j] <= 2.0 * sigma * max(1.0, ks[j])
-    ]
-    return found if len(found) < SCALE_MAX_FRACTION * count else []
+        ks, norms, resid = np.ones(count), np.zeros(count), np.zeros(count)
+        for j, (r, s) in enumerate(zip(ref_rows, sus_rows)):
+            r64, s64 = r.astype(np.float64), s.astype(np.float64)
+            norm2 = float(r64 @ r64)
+            if not norm2 or r64.size < 2:  # an all-zero row has no scale
+                continue
+            k = float(r64 @ s64) / norm2
+            ks[j], norms[j] = k, math.sqrt(norm2)
+            e = s64 - k * r64
+            resid[j] = float(np.sqrt(e @ e / (r64.size - 1)))
+        usable = norms > 0.1 * float(np.median(norms))
+        if not np.any(usable):
+            continue
+        sigma = float(np.median(resid[usable]))
+        if not sigma:
+            continue  # exact rows: the exact scale analysis decides
+        z = (ks - 1) * norms / sigma
+        bulk.append(np.abs(z[usable]))
+        total += count
+        candidates += [
+            NoisyScale(tensor, int(j), float(ks[j]), float(z[j]))
+            for j in np.flatnonzero(usable)
+            if abs(z[j]) > SCALE_Z
+            and abs(ks[j] - 1) > SCALE_MIN
+            and 0 < ks[j] <= SCALE_MAX_K
+            and resid[j] <= 2.0 * sigma * max(1.0, ks[j])
+        ]
+    if not candidates or float(np.median(np.concatenate(bulk))) > SCALE_BULK_Z:
+        return []  # none, or most neurons moved: not a few scaled ones
+    return candidates if len(candidates) <= SCALE_MAX_FRACTION * total else []

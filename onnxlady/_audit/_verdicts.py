@@ -66,7 +66,13 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
-from onnxlady._audit._forensics import classify_change, find_scaled_under_noise, weight_infos
+from onnxlady._audit._forensics import (
+    SCALE_MAX_K,
+    SCALE_MIN,
+    classify_change,
+    find_scaled_under_noise,
+    weight_infos,
+)
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import read_array, read_constants, tensor_holders
@@ -857,7 +863,7 @@ def audit_models(
                 f"equivalent ({_conversion_text(conversions)})"
             )
             return report
-    _forensics_verdict(report, analysis, ref, work, allowed, attacked, rtol, stored_suspect if conversions else None)
+    _forensics_verdict(report, analysis, ref, work, after, allowed, attacked, rtol, stored_suspect if conversions else None)
     if conversions:
         report.summary += f"; besides, converted ({_conversion_text(conversions)})"
     return report
@@ -868,6 +874,7 @@ def _forensics_verdict(
     analysis: ChannelAnalysis,
     ref: dict[str, np.ndarray],
     work: dict[str, np.ndarray],
+    after: dict[str, np.ndarray],
     allowed: dict[str, np.ndarray],
     attacked: list[NeuronScale],
     rtol: float,
@@ -876,7 +883,7 @@ def _forensics_verdict(
     """Name what was done to a suspect that differs by more than a permutation and compensated scales.
 
     ``work`` is the re-synchronized suspect with every scale the exact analysis found undone
-    (``attacked`` lists the uncompensated ones). Neurons scaled while the rest of their tensor
+    (``attacked`` lists the uncompensated ones), ``after`` the same before any undoing. Neurons scaled while the rest of their tensor
     carries noise are found next and undone (:func:`find_scaled_under_noise`), then what remains
     is classified (:func:`classify_change`). Verdict ``scaled`` when neurons are scaled with no
     compensation (the rest of the change in ``report.perturbation``: both findings), else
@@ -898,19 +905,36 @@ def _forensics_verdict(
         if name not in sus and name in ref and value.dtype.kind == "f" and value.shape == ref[name].shape:
             sus[name] = value.astype(np.float64)
     infos = weight_infos(analysis)
+    storage = {
+        name: stored_suspect[name].dtype
+        for name in infos
+        if stored_suspect and name in stored_suspect and stored_suspect[name].dtype.kind == "f"
+    }
+    # A row the exact analysis read as scaled by k within SCALE_MIN of 1 is what noise does to a
+    # row of large norm, and a k beyond SCALE_MAX_K (or below its inverse) that of a near-zero
+    # row within a conversion's storage error: put such rows back as they were, not an attack.
+    original = {_source(n): a for n, a in after.items()}
+    plausible = [a for a in attacked if abs(a.k - 1) > SCALE_MIN and 1 / SCALE_MAX_K <= a.k <= SCALE_MAX_K]
+    _restore(analysis, sus, original, [a for a in attacked if a not in plausible])
+    attacked = plausible
     plain = dict(sus)  # _noisy_scales replaces the arrays it changes: these stay as they were
     noisy = _noisy_scales(analysis, ref, sus)
     report.rescaled = []
-    report.scaled_neurons = list(attacked) + noisy
-    perturbation = classify_change(ref, sus, infos, rtol, allowed)
-    if report.scaled_neurons and perturbation["kind"] not in MIXED_BACKGROUNDS:
-        # Scaled rows are an attack only against a background of a clear kind: fine-tuning
-        # scales whole rows too (BatchNorm statistics folded into the weights, weight decay).
-        unreported = len(report.scaled_neurons)
-        report.scaled_neurons = []
-        if noisy:
-            perturbation = classify_change(ref, plain, infos, rtol, allowed)
-        perturbation["evidence"]["scaled_rows_not_reported"] = unreported
+    perturbation = classify_change(ref, sus, infos, rtol, allowed, storage)
+    kind = perturbation["kind"]
+    # Scaled rows are an attack only against a background of a clear kind (noisy ones against
+    # noise, the only background their test models): fine-tuning scales whole rows too
+    # (BatchNorm statistics folded into the weights, weight decay), pruning and quantization
+    # shrink or grow rows of small weights.
+    if noisy and kind != "noise":
+        perturbation = classify_change(ref, plain, infos, rtol, allowed, storage)
+        kind = perturbation["kind"]
+        perturbation["evidence"]["scaled_rows_not_reported"] = len(noisy)
+        noisy = []
+    if attacked and kind not in MIXED_BACKGROUNDS:
+        perturbation["evidence"]["scaled_rows_not_reported"] = len(attacked)
+        attacked = []
+    report.scaled_neurons = attacked + noisy
     report.perturbation = perturbation
     kind, reason = perturbation["kind"], perturbation["reason"]
     change = (
@@ -929,14 +953,14 @@ def _forensics_verdict(
 
 
 def _noisy_scales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: dict[str, np.ndarray]) -> list[NeuronScale]:
-    """Neurons scaled with no compensation while their tensor carries noise, undone in ``sus``.
+    """Neurons scaled with no compensation while the rest of the model carries noise, undone in ``sus``.
 
     The arrays it changes are replaced by copies; their bias is undone with them when it carries
     the same scale.
     """
     uses = _group_uses(analysis, set(sus))
-    found: list[NeuronScale] = []
-    copied: set[str] = set()
+    producers: list[tuple[str, _Use, list[_Use]]] = []
+    rows: list[tuple[str, list[np.ndarray], list[np.ndarray]]] = []
     for group in analysis.permutable_groups:
         kinds = uses.get(group.id)
         if not kinds:
@@ -945,18 +969,48 @@ def _noisy_scales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: di
             r_arr, s_arr = ref.get(prod.source), sus.get(prod.tensor)
             if r_arr is None or s_arr is None or r_arr.shape != s_arr.shape or np.array_equal(r_arr, s_arr):
                 continue
-            rows_r = [_rows(r_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions]
-            rows_s = [_rows(s_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions]
-            biases = [b for b in kinds["bias"] if b.node == prod.node]
-            for item in find_scaled_under_noise(rows_r, rows_s, prod.source):
-                found.append(NeuronScale(group.id, item.neuron, prod.source, item.k, None))
-                whole = _agree(_ratio_of(biases, ref, sus, item.neuron), item.k, SCALE_MATCH, 0.0) if biases else False
-                for use in [prod] + (biases if whole else []):
-                    if use.tensor not in copied:
-                        sus[use.tensor] = np.array(sus[use.tensor], dtype=np.float64)
-                        copied.add(use.tensor)
-                    _scale(sus, [use], item.neuron, 1 / item.k)
+            rows.append(
+                (
+                    str(len(producers)),
+                    [_rows(r_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions],
+                    [_rows(s_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions],
+                )
+            )
+            producers.append((group.id, prod, [b for b in kinds["bias"] if b.node == prod.node]))
+    found: list[NeuronScale] = []
+    copied: set[str] = set()
+    for item in find_scaled_under_noise(rows):
+        gid, prod, biases = producers[int(item.tensor)]
+        found.append(NeuronScale(gid, item.neuron, prod.source, item.k, None))
+        whole = _agree(_ratio_of(biases, ref, sus, item.neuron), item.k, SCALE_MATCH, 0.0) if biases else False
+        for use in [prod] + (biases if whole else []):
+            if use.tensor not in copied:
+                sus[use.tensor] = np.array(sus[use.tensor], dtype=np.float64)
+                copied.add(use.tensor)
+            _scale(sus, [use], item.neuron, 1 / item.k)
     return found
+
+
+def _restore(
+    analysis: ChannelAnalysis, sus: dict[str, np.ndarray], original: dict[str, np.ndarray], items: list[NeuronScale]
+) -> None:
+    """Put back, from ``original``, the rows (and biases) of neurons the exact analysis undid."""
+    uses = _group_uses(analysis, set(sus))
+    for item in items:
+        kinds = uses.get(item.group)
+        if not kinds:
+            continue
+        for prod in kinds["producer"]:
+            if prod.source != item.tensor:
+                continue
+            for use in [prod] + [b for b in kinds["bias"] if b.node == prod.node]:
+                source = original.get(use.source)
+                if use.tensor not in sus or source is None or source.shape != sus[use.tensor].shape:
+                    continue
+                array = sus[use.tensor] = np.array(sus[use.tensor], dtype=np.float64)
+                index: list[Any] = [slice(None)] * array.ndim
+                index[use.axis] = use.positions[item.neuron]
+                array[tuple(index)] = source[tuple(index)]
 
 
 def _matches(result: ResyncResult) -> list[np.ndarray]:

@@ -348,6 +348,9 @@ def write_external(
             _copy_field(graph, shell.graph, descriptor)
     with open(data_path, "wb") as handle:
         data = _DataFile(handle, location or data_path.name)
+        # Initializers first, then Constant values: the order onnx.save writes the data file in.
+        for tensor in graph.initializer:
+            shell.graph.initializer.append(_stored(tensor, overrides.get(tensor.name), data))
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
                 copy = onnx.NodeProto()
@@ -367,8 +370,6 @@ def write_external(
                 shell.graph.node.append(copy)
             else:
                 shell.graph.node.append(_inline_subgraph_tensors(node))
-        for tensor in graph.initializer:
-            shell.graph.initializer.append(_stored(tensor, overrides.get(tensor.name), data))
         handle.flush()
         os.fsync(handle.fileno())
     encoded = shell.SerializeToString()

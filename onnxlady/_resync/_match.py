@@ -923,10 +923,14 @@ def _divergences(
         if tag == "equal":
             continue
         ref_part = [
-            _describe_site(reference, ref_sites[i]) for i in range(a0, a1) if i not in pairing.pairs and ref_sites[i].weighs
+            _describe_site(reference, ref_sites[i])
+            for i in range(a0, a1)
+            if i not in pairing.pairs and ref_sites[i].weighs and ref_sites[i].live
         ]
         sus_part = [
-            _describe_site(suspect, sus_sites[i]) for i in range(b0, b1) if i not in paired_suspect and sus_sites[i].weighs
+            _describe_site(suspect, sus_sites[i])
+            for i in range(b0, b1)
+            if i not in paired_suspect and sus_sites[i].weighs and sus_sites[i].live
         ]
         if not ref_part and not sus_part:
             continue
@@ -934,6 +938,11 @@ def _divergences(
             f"after {_describe_site(reference, ref_sites[a0 - 1], shapes=False)} of the reference" if a0 > 0 else "at the start"
         )
         found.append(f"{where}: reference has {_listing(ref_part)}, suspect has {_listing(sus_part)}")
+    for mine, theirs in ((ref_sites[a], sus_sites[b]) for a, b in sorted(pairing.pairs.items())):
+        if mine.live != theirs.live and mine.weighs:
+            dead, side = (_describe_site(suspect, theirs, False), "suspect") if mine.live else (
+                _describe_site(reference, mine, False), "reference")  # fmt: skip
+            found.append(f"the {side}'s {dead} computes nothing its outputs read, unlike its counterpart")
     return found
 
 
@@ -964,11 +973,17 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
     groups, unmatched = _pair_groups(reference, suspect, pairs, how)
     methods = Counter(method for method, _, _ in how)
     conversions = _conversions(ref_graph, sus_graph, pairs, methods)
-    counted_ref = [site for site in ref_sites if site.weighs]
-    counted_sus = [site for site in sus_sites if site.weighs]
+    # What counts: live sites that weigh. A live site paired with dead code (no output reads it)
+    # is no conversion: a converter never makes a computation dead.
+    def counts(site: Site) -> bool:
+        return site.weighs and site.live
+
+    counted_ref = [site for site in ref_sites if counts(site)]
+    counted_sus = [site for site in sus_sites if counts(site)]
     total = sum(site.size for site in counted_ref) + sum(site.size for site in counted_sus)
-    held = sum(mine.size * mine.weighs + theirs.size * theirs.weighs for mine, theirs in pairs)
-    counted_pairs = sum(mine.weighs + theirs.weighs for mine, theirs in pairs)
+    alike = [(mine, theirs) for mine, theirs in pairs if mine.live == theirs.live]
+    held = sum(mine.size * counts(mine) + theirs.size * counts(theirs) for mine, theirs in alike)
+    counted_pairs = sum(counts(mine) + counts(theirs) for mine, theirs in alike)
     # The smallest of three shares: of weights, of sites (a narrower first layer holds few
     # weights but is a different model all the same) and of layer-to-layer connections (two
     # encoders of one width pair every layer, but not how the layers connect).

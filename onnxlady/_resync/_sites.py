@@ -144,6 +144,8 @@ class Site:
     #: Scalar affine steps after the layer (``("mul" | "add" | "sub", node, slot)``), folded into
     #: its weight and bias wherever they are compared.
     post: tuple[tuple[str, int, int], ...] = ()
+    #: Some graph output depends on it (dead code pairs with dead code; a simplifier removes it).
+    live: bool = True
 
     @property
     def key(self) -> tuple[int, int]:
@@ -774,6 +776,26 @@ def _channel_op_site(graph: ModelGraph, index: int) -> list[Site] | None:
     return _vector_site(graph, index, constant[0], role, 0, -1.0 if node.op_type == "Sub" else 1.0) or None
 
 
+def _live_nodes(graph: ModelGraph) -> set[int]:
+    """The nodes some graph output depends on: what a simplifier's dead-code removal keeps.
+
+    (ONNX Runtime GenAI's builder can leave a layer whose result no output reads.)
+    """
+    live: set[int] = set()
+    stack = [name for name in graph.graph_outputs if name]
+    seen = set(stack)
+    while stack:
+        produced = graph.producer.get(stack.pop())
+        if produced is None or produced[0] in live:
+            continue
+        live.add(produced[0])
+        for name in graph.inputs_of(produced[0]):
+            if name[1] and name[1] not in seen:
+                seen.add(name[1])
+                stack.append(name[1])
+    return live | {index for index in range(len(graph.nodes)) if index >= graph.main_count}
+
+
 def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
     """Every site of a graph, in topological order (a node's parts in order).
 
@@ -783,11 +805,13 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
             sites too; other integer constants are shapes and axes, which converters move).
 
     Returns:
-        The sites; chain nodes (that only carry a constant to its user), nodes computed from
-        constants alone, and the bias Adds and BatchNorms absorbed into linear layers are none.
+        The sites (those no graph output depends on marked ``live=False``); chain nodes (that
+        only carry a constant to its user), nodes computed from constants alone, and the bias
+        Adds and BatchNorms absorbed into linear layers are none.
     """
     units, absorbed, claimed = _units(graph)
     computed = constant_computed(graph)
+    live = _live_nodes(graph)
     sites: list[Site] = []
     for index in graph.order:
         if index in absorbed:
@@ -795,7 +819,8 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
         node = graph.nodes[index]
         key = (node.domain or "", node.op_type)
         if index in units:
-            sites.extend(_unit_sites(graph, index, units[index]))
+            found = _unit_sites(graph, index, units[index])
+            sites.extend(found if index in live else [replace(site, live=False) for site in found])
             continue
         carries_constant = graph.is_chain_node(index) and graph.constant_leaf(node.output[0]) is not None
         if carries_constant or (node.output and node.output[0] in computed):
@@ -825,5 +850,5 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
         if key in _BIAS_HOSTS and key not in _NORMS:  # a bias no layer claimed is a shift of its own
             bias_slot = _BIAS_HOSTS[key][1]
             found = [] if (index, bias_slot) in claimed else _vector_site(graph, index, bias_slot, "shift", 0)
-        sites.extend(found)
+        sites.extend(found if index in live else [replace(site, live=False) for site in found])
     return sites

@@ -57,7 +57,8 @@ def half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
     # more than the arithmetic.
     half = (np.ascontiguousarray(values, dtype=np.float64).view(np.int64) & _EXPONENT_BITS).view(np.float64)
     half *= 2.0**-bits
-    return np.maximum(half, step * 0.5, out=half)
+    # ascontiguousarray makes a 0-d scalar 1-d: give the bound its value's shape back.
+    return np.maximum(half, step * 0.5, out=half).reshape(np.shape(values))
 
 
 @dataclass(frozen=True)

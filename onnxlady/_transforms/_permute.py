@@ -306,14 +306,19 @@ def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
 def unpermute_model_streamed(
     model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTensors
 ) -> Callable[[], bool]:
-    """Undo ``key`` on ``model``: tensors still in their external files are restored as they are written.
+    """Undo ``key`` on ``model``, its large tensors restored only as the writer writes them.
 
-    Those tensors (:func:`onnxlady._io._external.is_mapped`) become ``deferred.overrides``: pass
-    them to the writer. The others are restored in place.
+    Those tensors (main-graph tensors of at least 64 KiB, or still in their external files: see
+    :func:`onnxlady._io._external.is_mapped`) become ``deferred.overrides``: pass them to the
+    writer. The model in memory keeps their permuted bytes; the small ones are restored in place.
+    Not for keys that untied constants (their copies are removed, not written): use
+    :func:`unpermute_model` for those.
 
     Returns:
         A function to call after writing: True when the weights matched the source bit for bit.
     """
+    if key.untied:
+        raise ValueError("a key that untied constants is undone in place (unpermute_model)")
     digest = _unpermute(model, key, deferred)
 
     def verdict() -> bool:
@@ -335,6 +340,7 @@ def _unpermute(model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTe
     sizes = {g["id"]: int(g["size"]) for g in key.groups}
     digest = deferred.digest if deferred is not None else SourceDigest()
     file_order = {name: position for position, name in enumerate(holders)}
+    streamable = _tensor_holders(model, subgraphs=False) if deferred is not None else {}
     for entry in key.tensors:
         name = entry["tensor"]
         if name not in holders:
@@ -347,7 +353,7 @@ def _unpermute(model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTe
                 raise OnnxladyError(f"tensor '{name}' does not have the shape the key expects on axis {axis}")
             axes.append((axis, np.argsort(evaluate_tree(tree, perms, sizes))))
         first = digest.expect(entry["source"])
-        if deferred is not None and is_mapped(tensor):
+        if deferred is not None and name in streamable and _deferrable(tensor):
             deferred.add(name, _restored_take(tensor, axes, digest, entry["source"] if first else None), file_order)
             continue
         _, after = _permute_tensor(tensor, axes)
@@ -360,10 +366,10 @@ def _unpermute(model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTe
 def _restored_take(
     tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], digest: SourceDigest, source: str | None
 ) -> Callable[[], np.ndarray]:
-    """The restored elements of a mapped tensor, read from its file when the writer asks (hashed then)."""
+    """The restored elements of a tensor, computed when the writer asks (and hashed then)."""
 
     def compute() -> np.ndarray:
-        raw = mapped_bytes(tensor)
+        raw = mapped_bytes(tensor) if is_mapped(tensor) else tensor.raw_data
         dims = tuple(int(d) for d in tensor.dims)
         itemsize = len(raw) // max(1, int(np.prod(dims)))
         after = np.ascontiguousarray(_take_axes(np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims), axes))
