@@ -696,3 +696,51 @@ def test_outputset_commit_is_atomic_per_set(tmp_path: Path, monkeypatch) -> None
         with pytest.raises(onnxlady.OnnxladyError, match="cannot write"):
             outputs.commit()
     assert calls[:2] == ["a", "b"] and listing(tmp_path) == ["a"] and (tmp_path / "a").read_text() == "old a"
+
+
+# -- models given in memory --------------------------------------------------------------------
+def _hostile_flatten_model(axis: int) -> onnx.ModelProto:
+    """Conv -> Flatten(axis) -> MatMul: a Flatten axis far outside the rank, built in memory."""
+    weight = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    head = helper.make_tensor("h", TensorProto.FLOAT, [16, 2], [1.0] * 32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("Flatten", ["c"], ["f"], axis=axis),
+            helper.make_node("MatMul", ["f", "h"], ["y"]),
+        ],
+        "hostile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [weight, head],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_flatten_axis_past_the_rank_freezes_with_its_reason() -> None:
+    with pytest.raises(onnxlady.OnnxladyError, match="no tensor axis"):
+        onnxlady.inspect(_hostile_flatten_model(10**12))
+    text = onnxlady.inspect(_hostile_flatten_model(6)).to_text()
+    assert "outside the input's rank" in text
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["zero_out_channels", "float_data_short", "unknown_dtype", "undefined_input"],
+)
+def test_models_in_memory_are_validated_like_files(damage: str) -> None:
+    model = _hostile_flatten_model(1)
+    before = model.SerializeToString()
+    if damage == "zero_out_channels":
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((0, 3, 1, 1), np.float32), "w"))
+    elif damage == "float_data_short":
+        del model.graph.initializer[1].float_data[5:]
+    elif damage == "unknown_dtype":
+        model.graph.initializer[1].data_type = 999
+    else:
+        model.graph.node[2].input[0] = "nowhere"
+    damaged = model.SerializeToString()
+    for call in (onnxlady.inspect, onnxlady.permute):
+        with pytest.raises(onnxlady.OnnxladyError, match=r"in memory"):
+            call(model)
+    assert model.SerializeToString() == damaged != before

@@ -23,6 +23,7 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import copy_model, load_model, write_atomically
 from onnxlady._io._outputs import check_output_paths, external_data_path
 from onnxlady._io._progress import say
+from onnxlady._io._validate import in_memory_capacity, validate_model
 from onnxlady._transforms._key import PermutationKey, read_key
 
 #: A model argument: a path to an ONNX file or a model in memory.
@@ -81,10 +82,12 @@ def open_model(
         The opened model; :attr:`OpenedModel.owned` says whether it may be changed in place.
 
     Raises:
-        OnnxladyError: the argument is neither a path nor a ModelProto, or the file is missing
-            or not a readable ONNX model.
+        OnnxladyError: the argument is neither a path nor a ModelProto, the file is missing or
+            not a readable ONNX model, or the model is not structurally sound.
     """
     if isinstance(source, onnx.ModelProto):
+        # The same structural check a file gets: a hostile graph built in memory must not reach the rules.
+        validate_model(source, f"the {what} (in memory)", capacity=in_memory_capacity(source))
         return OpenedModel(source, None, None, False, (), owned=False)
     if not isinstance(source, (str, os.PathLike)):
         raise OnnxladyError(f"{what}: expected a path or an onnx.ModelProto, got {type(source).__name__}")

@@ -24,7 +24,7 @@ import onnx
 
 from onnxlady._errors import OnnxladyError
 
-__all__ = ["external_data_target", "validate_model"]
+__all__ = ["external_data_target", "in_memory_capacity", "validate_model"]
 
 _T = onnx.TensorProto
 #: Every data type this onnx knows (0, UNDEFINED, is not a type).
@@ -87,6 +87,35 @@ def validate_model(model: onnx.ModelProto, origin: str, *, capacity: int | None 
     for opset in model.opset_import:
         _check_text(opset.domain, "an opset domain", origin)
     _check_graph(model.graph, frozenset(), origin, "the main graph", limit)
+
+
+def in_memory_capacity(model: onnx.ModelProto) -> int:
+    """Bytes a model held in memory can hold: what its tensors carry, at least protobuf's 2 GiB.
+
+    A model built in memory has no file size to bound its shapes by; its tensors' own bytes do
+    (a tensor still pointing to external data is checked when its data is read, so any model
+    holding one gets no bound here).
+    """
+    held = 0
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    tensors.append(attribute.t)
+                tensors.extend(attribute.tensors)
+                graphs.extend(_subgraphs(attribute))
+        for tensor in tensors:
+            if tensor.data_location == _T.EXTERNAL:
+                return 2**62
+            held += len(tensor.raw_data) + 8 * sum(
+                len(getattr(tensor, name))
+                for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+            )
+            held += sum(len(text) for text in tensor.string_data)
+    return max(held, 2**31)
 
 
 def _check_text(value: object, what: str, origin: str) -> None:

@@ -109,6 +109,10 @@ class FlattenRule(OpRule):
             return
         split = int(ctx.attr("axis", 1))
         split = split + len(shape) if split < 0 else split
+        if not 0 <= split <= len(shape):
+            # ONNX Runtime refuses such a node; bounded here so a hostile axis cannot make the loops below huge.
+            _unknown_shape(ctx, spaces.values(), f"axis {ctx.attr('axis', 1)} outside the input's rank {len(shape)}")
+            return
         for out_axis, block in ((0, range(split)), (1, range(split, len(shape)))):
             mine = {axis: spaces[axis] for axis in block if axis in spaces}
             if not mine:
