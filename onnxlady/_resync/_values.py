@@ -38,9 +38,10 @@ _EXPONENT_BITS = np.int64(0x7FF0000000000000)
 def half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
     """Half a unit in the last place of each of ``values`` (float64) as stored in ``stored``.
 
-    Zeros for exact types. With ``|v| = 2^k (1 + f)`` it is ``2^(k - bits)``, floored at half
-    the subnormal step; ``2^k`` is read off the exponent bits (``frexp`` or ``np.spacing`` cost
-    ten times as much, and ``np.spacing`` in float16 is wrong for negative numbers).
+    Zeros for exact types. With ``|v| = 2^k (1 + f)`` it is ``2^(k - bits)``, floored at the
+    subnormal step (a converter may clamp a tiny value up to it rather than round it to zero);
+    ``2^k`` is read off the exponent bits (``frexp`` or ``np.spacing`` cost ten times as much,
+    and ``np.spacing`` in float16 is wrong for negative numbers).
 
     Args:
         values: the numbers, any shape.
@@ -57,8 +58,11 @@ def half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
     # more than the arithmetic.
     half = (np.ascontiguousarray(values, dtype=np.float64).view(np.int64) & _EXPONENT_BITS).view(np.float64)
     half *= 2.0**-bits
-    # ascontiguousarray makes a 0-d scalar 1-d: give the bound its value's shape back.
-    return np.maximum(half, step * 0.5, out=half).reshape(np.shape(values))
+    # Floored at a whole subnormal step, not half: converters (onnxruntime.transformers.float16,
+    # onnxconverter-common) clamp tiny nonzero values up to the smallest subnormal instead of
+    # rounding them to zero. ascontiguousarray makes a 0-d scalar 1-d: give the bound its
+    # value's shape back.
+    return np.maximum(half, step, out=half).reshape(np.shape(values))
 
 
 @dataclass(frozen=True)
