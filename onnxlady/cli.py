@@ -112,14 +112,16 @@ def _demo(args: argparse.Namespace, progress: Progress) -> onnxlady.DemoResult:
 
 
 def _inspect(args: argparse.Namespace, progress: Progress) -> onnxlady.InspectResult:
-    return onnxlady.inspect(args.model, dot=args.dot, members=args.members, progress=progress)
+    return onnxlady.inspect(
+        args.model, dot=args.dot, members=args.members, kv_state=args.kv_state, progress=progress
+    )
 
 
 def _permute(args: argparse.Namespace, progress: Progress) -> onnxlady.PermuteResult:
     return onnxlady.permute(
         args.model, output=args.output, seed=args.seed, key_out=args.key_out, group=args.group, perms=args.perms,
         verify=args.verify, **_verify_options(args), external_data=args.external_data,
-        overwrite_input=args.overwrite_input, progress=progress, max_memory=args.max_memory,
+        overwrite_input=args.overwrite_input, progress=progress, max_memory=args.max_memory, kv_state=args.kv_state,
     )  # fmt: skip
 
 
@@ -225,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", type=Path)
     inspect.add_argument("--dot", type=Path, metavar="FILE", help="write the group graph for Graphviz")
     inspect.add_argument("--members", action="store_true", help="list every member of every group")
+    inspect.add_argument(
+        "--kv-state", action="store_true",
+        help="analyse each KV cache (past_key_values.* input, present.* output) as one state, as permute --kv-state does",
+    )  # fmt: skip
     _common(inspect, _inspect)
 
     permute = commands.add_parser("permute", help="permute the neurons of every permutable group")
@@ -238,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--perms", type=Path, metavar="FILE", help="JSON {group id: permutation} instead of random ones"
     )
     permute.add_argument("--verify", action="store_true", help="check the result with ONNX Runtime")
+    permute.add_argument(
+        "--kv-state", action="store_true",
+        help="permute each KV cache (past_key_values.* input, present.* output) as one state (see docs/cli.md)",
+    )  # fmt: skip
     _check_options(permute)
     _memory_option(permute)
     _common(permute, _permute)
@@ -355,10 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     top = _default(onnxlady.find, "top")
     find.add_argument("--top", type=int, default=top, metavar="K", help=f"candidates to show (default {top})")
     find.add_argument("--confirm", action="store_true", help="audit each candidate against the suspect (resync + verdict)")
-    threshold = _default(onnxlady.find, "threshold")
     find.add_argument(
-        "--threshold", type=float, default=threshold, metavar="T",
-        help=f"largest fingerprint distance called 'derived' (default {threshold:g})",
+        "--threshold", type=float, default=_default(onnxlady.find, "threshold"), metavar="T",
+        help="a fixed largest fingerprint distance called 'derived' (default: the limit the number of layers "
+        "compared sets, 0.40 at 3 layers to 0.90 at 60; see docs/provenance.md)",
     )  # fmt: skip
     find.add_argument("--all-pairs", action="store_true", help="list every cluster of related models in INDEX instead")
     _common(find, _find)
@@ -396,8 +406,14 @@ def _check_options(parser: argparse.ArgumentParser) -> None:
     atol, rtol = _default(onnxlady.verify, "atol"), _default(onnxlady.verify, "rtol")
     iterations, input_seed = _default(onnxlady.verify, "iterations"), _default(onnxlady.verify, "input_seed")
     group.add_argument("--provider", choices=("auto", "cuda", "cpu"), default=_default(onnxlady.verify, "provider"))
-    group.add_argument("--atol", type=float, default=atol, help=f"absolute tolerance (default {atol})")
-    group.add_argument("--rtol", type=float, default=rtol, help=f"relative tolerance (default {rtol})")
+    group.add_argument(
+        "--atol", type=float, default=atol,
+        help="absolute tolerance (default 1e-4; 4e-3 for models computing in float16, 3e-2 in bfloat16)",
+    )  # fmt: skip
+    group.add_argument(
+        "--rtol", type=float, default=rtol,
+        help="relative tolerance (default 1e-3; 1e-2 for models computing in float16, 8e-2 in bfloat16)",
+    )  # fmt: skip
     group.add_argument(
         "--iterations", type=int, default=iterations, help=f"number of random input batches (default {iterations})"
     )

@@ -112,6 +112,43 @@ def test_batchnorm_absorbed_rescale() -> None:
     assert np.allclose(sorted(s.k for s in report.rescaled), sorted(scales), rtol=1e-5)
 
 
+@pytest.mark.parametrize("omega", [0.05, 0.2])
+@pytest.mark.parametrize("how", ["consumer columns", "batchnorm"])
+def test_compensated_rescale_under_noise_gets_both_findings(how: str, omega: float) -> None:
+    """A compensated rescale, then noise: noise, and the rescaled neurons with their scales (no attack)."""
+    if how == "batchnorm":
+        reference = FIXTURES["resnet"](0)
+        suspect = copy_model(reference)
+        scales = np.random.default_rng(1).uniform(0.5, 2.0, 16).astype(np.float32)
+        _edit(suspect, "layer1.conv1.conv.weight", lambda v: v * scales[:, None, None, None])
+        _edit(suspect, "layer1.conv1.bn.mean", lambda v: v * scales)
+        _edit(suspect, "layer1.conv1.bn.var", lambda v: v * scales * scales)
+        suspect = _permute(suspect)
+    else:
+        reference, suspect, scales = _rescaled_vgg()
+    perturb_model(suspect, noise=omega, seed=3)
+    report = audit_models(reference, suspect)
+    assert report.verdict == "perturbed" and report.exit_code == 1, report.summary
+    json.dumps(report.to_dict())
+    assert report.perturbation is not None and report.perturbation["kind"] == "noise", report.summary
+    assert not report.scaled_neurons
+    assert report.rescaled and all(s.compensated_by == how for s in report.rescaled)
+    found = {s.neuron: s.k for s in report.rescaled}
+    assert len(found) >= 0.5 * scales.size  # those the noise does not hide (|k - 1| small)
+    assert all(abs(k / scales[j] - 1) < 0.1 for j, k in found.items())
+    assert "likely noise" in report.summary and "rescaled by positive factors" in report.summary
+
+
+def test_noise_alone_reads_no_rescale() -> None:
+    """The rescale reading under noise must not fire on noise alone."""
+    reference = FIXTURES["resnet"](0)
+    suspect = _permute(copy_model(reference))
+    perturb_model(suspect, noise=0.5, seed=9)
+    report = audit_models(reference, suspect)
+    _only(report, "perturbed")
+    assert not report.rescaled and not report.scaled_neurons
+
+
 def test_scaling_attack_lists_the_neurons() -> None:
     reference = FIXTURES["vgg"](0)
     suspect = copy_model(reference)

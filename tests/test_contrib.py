@@ -239,15 +239,16 @@ def test_rotary_embedding_moves_whole_pairs_with_their_frequencies() -> None:
 def test_matmul_nbits_rows_blocks_and_bytes() -> None:
     analysis = analyze(_model("contrib_matmul_nbits"))
     # fc1 (4-bit, K = 64 in 4 blocks of 8 bytes): its zero points pack two blocks a byte, so its
-    # blocks stay; the bytes inside a block (pairs of K) move: the embedding's 64 outputs move as
-    # I_4 (x) p_8 (x) I_2.
-    assert _permutable_sizes(analysis, "embed.weight", 1) == [8]
-    assert _permutable_sizes(analysis, "fc1.weight", 1) == []
+    # blocks move as whole zero-point bytes (pairs of blocks); the bytes inside a block (pairs of
+    # K) move: the embedding's 64 outputs move as p_2 (x) I_2 (x) p_8 (x) I_2.
+    assert _permutable_sizes(analysis, "embed.weight", 1) == [2, 8]
+    assert _permutable_sizes(analysis, "fc1.weight", 1) == [2]
     assert _permutable_sizes(analysis, "fc1.weight", 2) == [8]
     # fc1's rows move with their scales and packed zero points; fc2 (no zero points) reads them in
     # whole blocks (4) and bytes (8): the rows take those two groups.
-    for tensor in ("fc1.weight", "fc1.scales", "fc1.zero_points"):
-        assert _permutable_sizes(analysis, tensor, 0) == [4, 8], tensor
+    assert _permutable_sizes(analysis, "fc1.weight", 0) == [4, 8]
+    for tensor in ("fc1.scales", "fc1.zero_points"):  # flat [N * blocks] and [N * zero-point bytes]
+        assert _permutable_sizes(analysis, tensor, 0) == [2, 4, 8], tensor
     assert _permutable_sizes(analysis, "fc2.weight", 1) == [4]
     # fc2's rows and bias are read by the 8-bit fc3 (3 blocks of 16 bytes); fc3's rows are free.
     assert _permutable_sizes(analysis, "fc2.bias", 0) == [3, 16]

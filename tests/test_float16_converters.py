@@ -63,3 +63,50 @@ def test_clamped_subnormals_read_as_a_conversion(name: str) -> None:
             tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
             break
     assert onnxlady.audit(reference, changed).to_json()["verdict"] != "permuted"
+
+
+# -- verify on models that compute in float16 ----------------------------------------------------
+def _float16_model(keep_io_types: bool) -> onnx.ModelProto:
+    return float16.convert_float_to_float16(copy_model(FIXTURES["resnet"]()), keep_io_types=keep_io_types)
+
+
+@pytest.mark.parametrize("keep_io_types", [True, False])
+def test_verify_judges_float16_arithmetic_with_float16_tolerances(keep_io_types: bool) -> None:
+    """A correct permutation of a float16 model passes with the defaults; a wrong one still fails."""
+    from onnxlady._verify._compare import REDUCED_PRECISION_TOLERANCES, arithmetic_precision
+    from onnxlady.testing import permute_producer_only
+
+    model = _float16_model(keep_io_types)
+    assert arithmetic_precision(model) == "float16"
+    permuted, analysis, _, _ = permute_copy(model, seed=3)
+    report = onnxlady.verify(model, permuted, iterations=3)
+    document = report.to_json()
+    assert document["verdict"] == "equivalent", report.to_text()
+    assert (document["atol"], document["rtol"]) == REDUCED_PRECISION_TOLERANCES["float16"]
+    assert any("compute in float16" in note for note in document["notes"])
+    wrong = copy_model(model)
+    permute_producer_only(wrong, onnxlady.analyze(wrong))
+    assert onnxlady.verify(model, wrong).to_json()["verdict"] == "not-equivalent"
+
+
+def test_weights_stored_in_float16_behind_casts_keep_float32_tolerances() -> None:
+    """Weight-only compression (float16 storage, a Cast to float32 before use) computes in float32."""
+    from onnx import helper
+
+    from onnxlady._verify._compare import VERIFY_ATOL, VERIFY_RTOL, arithmetic_precision
+
+    stored = copy_model(FIXTURES["resnet"]())
+    casts = []
+    for tensor in stored.graph.initializer:
+        if tensor.name.endswith("conv.weight"):
+            values = numpy_helper.to_array(tensor).astype(np.float16)
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name + ".fp16"))
+            name = tensor.name[: -len(".fp16")]
+            casts.append(helper.make_node("Cast", [tensor.name], [name], to=onnx.TensorProto.FLOAT))
+    nodes = casts + list(stored.graph.node)
+    del stored.graph.node[:]
+    stored.graph.node.extend(nodes)
+    assert casts and arithmetic_precision(stored) == "float32"
+    document = onnxlady.verify(stored, stored).to_json()
+    assert (document["atol"], document["rtol"]) == (VERIFY_ATOL, VERIFY_RTOL)
+    assert arithmetic_precision(_float16_model(True)) == "float16"

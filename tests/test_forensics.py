@@ -213,3 +213,47 @@ def test_classify_change_reads_biases_as_multisets() -> None:
     assert result["evidence"]["non_weight_constants_reordered"] == ["features.block2.conv.bias"]
     sus["features.block2.conv.bias"] = ref["features.block2.conv.bias"] + 0.01
     assert classify_change(ref, sus, infos, 1e-5)["kind"] != "noise"
+
+
+def test_noise_across_a_conversion_tolerates_a_few_other_constants() -> None:
+    """Across a conversion one bias past its storage bound next to noisy weights is still noise; many are not."""
+    reference = FIXTURES["resnet"](0)  # 25 biases and BatchNorm constants
+    ref = {n: _get(reference, n) for n in tensor_holders(reference)}
+    sus = {n: v.copy() for n, v in ref.items()}
+    rng = np.random.default_rng(0)
+    infos = weight_infos(analyze(reference))
+    for name in infos:
+        sus[name] = ref[name] + 0.3 * ref[name].std() * rng.standard_normal(ref[name].shape)
+    allowed = {name: np.zeros_like(ref[name]) for name in ref}  # a conversion with exact storage
+    others = sorted(n for n in ref if n not in infos)
+    sus[others[0]] = ref[others[0]] + 0.01
+    result = classify_change(ref, sus, infos, 1e-5, allowed)
+    assert len(others) >= 10 and result["kind"] == "noise", result["reason"]
+    assert f"1 of {len(others)} other constants differ" in result["reason"]
+    assert classify_change(ref, sus, infos, 1e-5)["kind"] != "noise"  # no conversion: no tolerance
+    for name in others:
+        sus[name] = ref[name] + 0.01
+    assert classify_change(ref, sus, infos, 1e-5, allowed)["kind"] != "noise"
+
+
+def test_structured_change_of_few_tensors_is_not_fine_tuning() -> None:
+    """Low-rank, uneven changes with no bias change read fine-tuning only when most layers moved."""
+    reference = FIXTURES["vgg"](0)
+    ref = {n: _get(reference, n) for n in tensor_holders(reference)}
+    infos = weight_infos(analyze(reference))
+    rng = np.random.default_rng(0)
+
+    def structured(name: str) -> np.ndarray:
+        w = ref[name]
+        rows = w.shape[infos[name].row_axis]
+        matrix = np.outer(np.exp(2 * rng.standard_normal(rows)), rng.standard_normal(w.size // rows))
+        change = np.moveaxis(matrix.reshape((rows, *np.delete(w.shape, infos[name].row_axis))), 0, infos[name].row_axis)
+        return w + 0.05 * w.std() * change / change.std()
+
+    names = sorted(infos)
+    few = {n: v.copy() for n, v in ref.items()} | {names[0]: structured(names[0])}
+    result = classify_change(ref, few, infos, 1e-5)
+    assert result["kind"] == "uncertain", result["reason"]
+    assert result["evidence"]["spectral_excess_median"] >= 5 and result["evidence"]["row_dispersion_median"] >= 5
+    every = {n: v.copy() for n, v in ref.items()} | {n: structured(n) for n in names}
+    assert classify_change(ref, every, infos, 1e-5)["kind"] == "fine-tuning"

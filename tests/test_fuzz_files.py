@@ -6,6 +6,9 @@ with exit 0, 1 or 2, exactly one stderr line on exit 2, no traceback, its inputs
 output without its companions and no temporary left; an invalid graph is refused (exit 2); a
 "bit-identical" claim is true. Command-line arguments and random models are fuzzed in
 ``tests/test_fuzz_cli.py``.
+
+Cases per run (the ``max_examples`` below, all generated: none of the strategies runs out):
+120 + 120 + 80 + 160 + 60 + 80 = 620; with the 1,000 of ``tests/test_fuzz_cli.py``, 1,620.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def _fresh(folder: Path, name: str) -> Path:
 
 
 # -- mutated files -----------------------------------------------------------------------------
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=120)
 @given(data=st.data())
 def test_mutated_model_files(folder: Path, data: st.DataObject) -> None:
     name = data.draw(st.sampled_from(MODELS), label="model")
@@ -113,7 +116,7 @@ _FIELD_VALUES = st.one_of(
 )
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=120)
 @given(data=st.data())
 def test_random_protobuf_field_edits(folder: Path, data: st.DataObject) -> None:
     model = FIXTURES[data.draw(st.sampled_from(MODELS), label="model")](0)
@@ -125,13 +128,14 @@ def test_random_protobuf_field_edits(folder: Path, data: st.DataObject) -> None:
     except Exception:  # protobuf refuses to encode it: not a file anyone can hand us
         return
     out = _fresh(folder, "out_edited")
+    raw = path.read_bytes()
     code, stdout, err = cli("inspect", path)
     assert_clean_end(code, stdout, err, (0, 2))
     if code == 0:
         result = cli("permute", path, "-o", out / "p.onnx")
         assert_clean_end(*result, allowed=(0, 2))
         assert permute_set_problems(out / "p.onnx", out / "p.onnx.key.json") == []
-    assert temporaries(out) == []
+    assert temporaries(out) == [] and path.read_bytes() == raw
 
 
 def _edit_field(model: onnx.ModelProto, data: st.DataObject) -> None:
@@ -247,16 +251,18 @@ def _break_graph(model: onnx.ModelProto, data: st.DataObject) -> str:
     return kind
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=80)
 @given(data=st.data())
 def test_invalid_graphs_are_refused(folder: Path, data: st.DataObject) -> None:
     model = FIXTURES[data.draw(st.sampled_from(("vgg", "resnet", "matmul_mlp")), label="model")](0)
     kind = _break_graph(model, data)
     path = folder / "invalid.onnx"
     path.write_bytes(model.SerializeToString())
+    raw = path.read_bytes()
     code, stdout, err = cli("inspect", path)
     assert code == 2, f"{kind}: accepted with exit {code}"
     assert_clean_end(code, stdout, err)
+    assert path.read_bytes() == raw
 
 
 # -- hostile keys ------------------------------------------------------------------------------
@@ -306,7 +312,7 @@ def _mutate_key(key: dict, data: st.DataObject) -> dict:
     return key
 
 
-@settings(FUZZ, max_examples=80)
+@settings(FUZZ, max_examples=160)
 @given(data=st.data())
 def test_hostile_keys(folder: Path, data: st.DataObject) -> None:
     """A mutated key is refused (exit 2), or applied; a claim of bit-identity is then true."""
@@ -334,7 +340,7 @@ def test_hostile_keys(folder: Path, data: st.DataObject) -> None:
         assert (out / "u.onnx").read_bytes() == (folder / "vgg.onnx").read_bytes()
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_hostile_permutation_files(folder: Path, data: st.DataObject) -> None:
     """``permute --perms`` with a mutated {group: permutation} file: refused or applied, never a crash."""
@@ -346,9 +352,13 @@ def test_hostile_permutation_files(folder: Path, data: st.DataObject) -> None:
     bad = folder / "mutated_perms.json"
     bad.write_text(json.dumps(document))
     out = _fresh(folder, "out_perms")
+    inputs = snapshot([folder / "vgg.onnx", bad])
     result = cli("permute", folder / "vgg.onnx", "-o", out / "p.onnx", "--perms", bad)
     assert_clean_end(*result, allowed=(0, 2))
     assert permute_set_problems(out / "p.onnx", out / "p.onnx.key.json") == [] and temporaries(out) == []
+    assert snapshot(inputs) == inputs
+    if result[0] == 2:
+        assert os.listdir(out) == []  # refused: nothing written, not a model without its key
 
 
 # -- output paths ------------------------------------------------------------------------------
@@ -364,7 +374,7 @@ _COMMANDS = {
 }  # fmt: skip
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=80)
 @given(data=st.data())
 def test_outputs_colliding_with_inputs_are_refused(folder: Path, data: st.DataObject) -> None:
     """Any output option of any command, pointed at any of its inputs by any spelling: exit 2, nothing written."""

@@ -103,3 +103,22 @@ def test_match_command_refuses_different_models(tmp_path: Path, capsys: pytest.C
     assert main(["match", str(tmp_path / "vgg.onnx"), str(tmp_path / "permuted.onnx"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "confidence 100.0 %" in out and "structure" in out
+
+
+def test_the_nchwc_layout_is_named_when_it_makes_a_conversion_look_like_another_model(tmp_path) -> None:
+    """ORT_ENABLE_ALL on CPU writes com.microsoft.nchwc convolutions with blocked weights: the refusal says so."""
+    import onnxruntime as ort
+
+    import onnxlady
+
+    reference = tmp_path / "ref.onnx"
+    onnx.save(FIXTURES["resnet"](), reference)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "all.onnx")
+    ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "all.onnx"))
+    if not any(node.domain == "com.microsoft.nchwc" for node in optimized.graph.node):
+        pytest.skip("this ONNX Runtime build wrote no NCHWc nodes (no AVX2 or another CPU)")
+    with pytest.raises(onnxlady.OnnxladyError, match="NCHWc layout"):
+        onnxlady.match(str(reference), optimized)

@@ -676,3 +676,33 @@ def test_parse_value_ranges():
         parse_value_ranges(["x:[0,1]", "x:[0,2]"])
     with pytest.raises(OnnxladyError, match="more than once"):
         parse_value_ranges(["[0,1]", "[0,2]"])
+
+
+# -- KV caches whose head size only the attention knows ------------------------------------------
+def test_a_symbolic_cache_head_size_is_read_off_the_attention() -> None:
+    """The genai builder declares the caches' head dim as ``kv_cache_dim``: GroupQueryAttention's
+    packed query projection (width over heads + 2 KV heads) gives it, not the default guess."""
+    from fixtures.decoder import HEAD_DIM, KV_HEADS, build_decoder
+    from onnxlady._verify._shapes import resolve_shapes
+
+    model = build_decoder(symbolic_head=True)
+    choices = resolve_shapes(model, None)
+    cache = choices["past_key_values.0.key"]
+    assert cache.shape[1] == KV_HEADS and cache.shape[3] == HEAD_DIM
+    assert 3 not in cache.guessed and any("query projection" in line for line in cache.notes)
+    import onnxlady
+
+    report = onnxlady.verify(model, model)
+    assert report.to_json()["verdict"] == "equivalent"
+
+
+def test_the_genai_builders_int4_cache_is_sized_through_matmul_nbits() -> None:
+    from pathlib import Path
+
+    from onnxlady._verify._shapes import resolve_shapes
+
+    path = Path(__file__).resolve().parents[1] / ".cache" / "deployment" / "genai_int4" / "model.onnx"
+    if not path.exists():
+        pytest.skip("the genai builder's int4 export is made by tools.export_deployment_models --genai")
+    model = onnx.load(str(path), load_external_data=False)
+    assert resolve_shapes(model, None)["past_key_values.0.value"].shape[3] == 16

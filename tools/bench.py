@@ -25,6 +25,11 @@ Each measurement pairs one floor run with one command run, ``--repeats`` times, 
 median of the per-pair ratios, and the peak resident memory above the child's baseline (after
 its imports) divided by the model's size on disk. The header says the date, the machine and
 its load (``uptime``) before and after.
+
+``--blas-threads N`` runs every child (floors and commands alike) with ``OPENBLAS_NUM_THREADS``,
+``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` set to N. On a small machine shared with other jobs,
+BLAS worker threads that wait for a busy core make the matrix products of resync and audit
+several times slower than one thread does; the header says which setting a table was run with.
 """
 
 from __future__ import annotations
@@ -164,10 +169,15 @@ class Row:
         return [t / f for t, f in zip(self.seconds, self.floor_seconds) if f > 0]
 
 
+#: The children's environment (``--blas-threads`` adds to it).
+_ENV: dict[str, str] = dict(os.environ)
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _child(script: str, *arguments: object) -> None:
     """Run a preparation script in a child (its memory is not this process's); its output is not the table's."""
     subprocess.run(
-        [sys.executable, "-c", script, *map(str, arguments)], check=True, cwd=REPO, stdout=subprocess.DEVNULL
+        [sys.executable, "-c", script, *map(str, arguments)], check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=_ENV
     )
 
 
@@ -183,7 +193,7 @@ def _measure(script: str, prelude: str, arguments: Sequence[object], output: Pat
         arguments = [*arguments, output]
     result = subprocess.run(
         [sys.executable, "-c", prelude + _MEASURE.format(body=script), *map(str, arguments)],
-        check=False, capture_output=True, text=True, cwd=REPO,
+        check=False, capture_output=True, text=True, cwd=REPO, env=_ENV,
     )  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"measurement failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
@@ -293,7 +303,7 @@ class Bench:
     def verify(self, name: str, size: int, reference: Path, candidate: Path) -> None:
         shapes = subprocess.run(
             [sys.executable, "-c", _VERIFY_SHAPES, str(reference), str(candidate)],
-            check=True, capture_output=True, text=True, cwd=REPO,
+            check=True, capture_output=True, text=True, cwd=REPO, env=_ENV,
         ).stdout.strip().splitlines()[-1]  # fmt: skip
         floor = ("2 ORT sessions", _FLOOR_ORT, [reference, candidate, shapes], None)
         self.pair(name, "verify", size, floor, ["verify", reference, candidate, "--provider", "cpu", "--quiet", "--json"], None)
@@ -361,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated commands: permute,unpermute,resync,audit,inspect,verify")
     parser.add_argument("--workdir", type=Path, help="keep the generated models here (reused when present)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    parser.add_argument("--blas-threads", type=int, help="BLAS/OpenMP threads of every child (default: left as it is)")
     args = parser.parse_args(argv)
+    if args.blas_threads is not None:
+        _ENV.update(dict.fromkeys(_THREAD_VARIABLES, str(args.blas_threads)))
+    threads = ", ".join(f"{name}={_ENV[name]}" for name in _THREAD_VARIABLES if name in _ENV) or "BLAS threads not set"
     only = set(args.only.split(",")) if args.only else None
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = _uptime()
@@ -388,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python3", "-m", "tools.bench", *(argv if argv is not None else sys.argv[1:])])
     print(f"`{command}`, {started:%Y-%m-%d %H:%M} UTC, {args.repeats} runs each")
     print()
-    print(f"- machine: {_machine()}")
+    print(f"- machine: {_machine()}; {threads}")
     print(f"- load before: `{load_before}`")
     print(f"- load after: `{load_after}`")
     print()

@@ -1,18 +1,21 @@
 """The deployment table (issue 12): real models x the converters deployment pipelines run.
 
-Each model is permuted (every permutable group, seed 7), then converted by each real converter of
+Each model is permuted (every permutable group, seed 7; a decoder with a KV cache with its caches
+as state, ``permute --kv-state``), then converted by each real converter of
 :mod:`fixtures.deployment` (ONNX Runtime's offline optimizer at ``basic`` and ``extended``, its
 transformer optimizer for BERT encoders, onnxslim, onnx-simplifier, int4 ``MatMulNBits`` for
-models with MatMul weights). Per cell:
+models with MatMul weights); the decoders also go through no converter at all (``none``: permute
+-> verify -> resync as models of their own). Per cell:
 
-- coverage: the permutable share of producer neurons (``inspect``) of the plain model and of the
-  same model through the converter (unpermuted), in %;
+- coverage: the permutable share of producer neurons (``inspect``) of the plain model (for a
+  model with a KV cache: with the caches pinned / as state) and of the same model through the
+  converter (unpermuted; KV caches as state), in %;
 - Psi: resync of the converted suspect against the plain reference, with the true key;
 - left: groups resync solved in the common form but left in place in the output (the converted
   form freezes or restricts them);
-- verify: the output against the suspect (``verify``'s verdict; a decoder with a KV cache on one
-  step of 4 tokens after 3 cached ones), and whether a wrong permutation of the output (one
-  producer's rows moved alone) is caught;
+- verify: the output against the suspect (``verify``'s verdict; a decoder with a KV cache over
+  two decoding steps, each model fed its own cache), and whether a wrong permutation of the
+  output (one producer's rows moved alone) is caught (``n/a`` where the check did not pass);
 - audit: the verdict and the conversions it names;
 - s: resync time, the median of ``--repeat`` runs.
 
@@ -22,7 +25,8 @@ LLaMA-style decoder, nn.MultiheadAttention; the genai builder's fp32 and int4 fo
 decoder, run as models of their own), and fixtures. A converter that fails on a model, or does
 not install, is reported in its row. A second table pairs the same weights written by different
 tools (the torch.onnx export of the decoder and the genai builder's fp32 and int4 forms): match
-confidence, audit as is (``converted``), and resync and audit with the suspect permuted.
+coverage (KV caches as state), match confidence, audit as is (``converted``), and resync and
+audit with the suspect permuted.
 
     python3 -m tools.deployment_table [--only NAME] [--converter NAME] [--repeat 3]
 """
@@ -41,6 +45,7 @@ import onnx
 from fixtures import FIXTURES
 from fixtures.deployment import SHARING, convert, unavailable
 from onnxlady import OnnxladyError, PermutationKey, analyze, audit, load_model, permute, resync, verify
+from onnxlady._analysis._state import state_pairs
 from onnxlady.testing import copy_model, permute_producer_only
 
 CACHE = Path(".cache")
@@ -49,7 +54,9 @@ FIXTURE_ROWS = ("resnet", "mobilenet", "matmul_mlp", "encoder_postnorm", "bert_l
 BERT_LIKE = {"bert_like": (4, 32), "bert": (4, 64)}
 #: Models with MatMul weights, which MatMulNBits quantizes.
 MATMUL_MODELS = ("matmul_mlp", "encoder_postnorm", "bert_like", "bert", "llama", "genai_fp32", "magika")
-CONVERTERS = ("ort-basic", "ort-extended", "ort-transformer", "onnxslim", "onnxsim", "nbits")
+CONVERTERS = ("none", "ort-basic", "ort-extended", "ort-transformer", "onnxslim", "onnxsim", "nbits")
+#: Models also run as models of their own (converter ``none``: permute -> verify -> resync).
+DECODERS = ("llama", "genai_fp32", "genai_int4")
 
 
 def _transformer(model: onnx.ModelProto, heads: int, hidden: int) -> onnx.ModelProto:
@@ -84,6 +91,9 @@ def models(only: list[str] | None) -> list[tuple[str, Callable[[], onnx.ModelPro
 
 
 def applies(converter: str, name: str) -> bool:
+    """Whether ``converter`` is run on model ``name``."""
+    if converter == "none":
+        return name in DECODERS
     if converter == "ort-transformer":
         return name in BERT_LIKE
     if converter == "nbits":
@@ -92,16 +102,25 @@ def applies(converter: str, name: str) -> bool:
 
 
 def _convert(model: onnx.ModelProto, converter: str, name: str) -> onnx.ModelProto:
+    if converter == "none":
+        return copy_model(model)
     if converter == "ort-transformer":
         return _transformer(model, *BERT_LIKE[name])
     return convert(model, converter)
 
 
-def _coverage(model: onnx.ModelProto) -> float:
-    return 100.0 * float(analyze(model).summary()["permutable_fraction"])  # type: ignore[arg-type]
+def _coverage(model: onnx.ModelProto, kv_state: bool = False) -> float:
+    """The permutable share of producer neurons, in %; with ``kv_state``, KV caches taken as state."""
+    return 100.0 * float(analyze(model, kv_state=kv_state).summary()["permutable_fraction"])  # type: ignore[arg-type]
 
 
-#: A decoder with a KV cache is verified on one step of 4 new tokens after 3 cached ones.
+def has_state(model: onnx.ModelProto) -> bool:
+    """Whether the model has KV-cache state pairs (``past_key_values.*`` -> ``present.*``)."""
+    return bool(state_pairs(model))
+
+
+#: The input shapes given to verify for a decoder with a KV cache: 4 new tokens, 3 cached ones
+#: (``verify`` runs it as two decoding steps of 2 tokens, each model fed its own cache).
 NEW_TOKENS, PAST_TOKENS = 4, 3
 
 
@@ -142,7 +161,8 @@ def row(name: str, plain: onnx.ModelProto, permuted: onnx.ModelProto, key: Permu
         repeat: int) -> list[str]:  # fmt: skip
     """One table row: the cells of the module docstring."""
     suspect = _convert(permuted, converter, name)
-    converted_coverage = _coverage(_convert(plain, converter, name))
+    converted = _convert(plain, converter, name)
+    converted_coverage = _coverage(converted, kv_state=has_state(converted))
     times = []
     result = None
     for _ in range(repeat):
@@ -160,7 +180,10 @@ def row(name: str, plain: onnx.ModelProto, permuted: onnx.ModelProto, key: Permu
     except AssertionError:  # the converted form's own analysis moves no producer: nothing to swap
         caught = "n/a (no producer moves in this form)"
     else:
-        caught = "yes" if _verify(suspect, wrong, shapes) != "equivalent" else "**no**"
+        if checked != "equivalent":  # a check that did not run (or failed) catches nothing
+            caught = "n/a (the check above did not pass)"
+        else:
+            caught = "yes" if _verify(suspect, wrong, shapes) == "not-equivalent" else "**no**"
     report = audit(plain, suspect)
     kinds = ", ".join(sorted({c.kind for c in report.conversions})) or "-"
     psi = "-" if result.psi is None else f"{result.psi:.2f}"
@@ -177,32 +200,39 @@ FORMS = (("llama", "genai_fp32"), ("llama", "genai_int4"), ("genai_fp32", "genai
 def forms_table(found: dict[str, Callable[[], onnx.ModelProto]]) -> bool:
     """The second table: one model's weights written by two tools, as is and with the suspect permuted.
 
-    The tools: torch.onnx, the genai builder in fp32 and int4. True when every row is clean.
+    The tools: torch.onnx, the genai builder in fp32 and int4. Coverage is the suspect's and the
+    reference's with KV caches as state; a suspect with a KV cache is permuted with it. True
+    when every row is clean (audit ``converted`` as is, Psi >= 99 and ``permuted`` permuted).
     """
     from onnxlady import match
 
     ok = True
     print()
-    print("| reference | suspect | confidence % | audit as is | Psi % (suspect permuted) | audit (suspect permuted) |")
-    print("|---|---|---|---|---|---|")
+    print("| reference | suspect | coverage % (reference / suspect, KV state on) | confidence % | audit as is | "
+          "Psi % (suspect permuted) | audit (suspect permuted) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for first, second in FORMS:
         if first not in found or second not in found:
             continue
         reference, suspect = found[first](), found[second]()
+        coverage = (f"{_coverage(reference, kv_state=has_state(reference)):.1f} / "
+                    f"{_coverage(suspect, kv_state=has_state(suspect)):.1f}")  # fmt: skip
         try:
             confidence = f"{100 * match(reference, suspect).confidence:.1f}"
             plain = audit(reference, suspect)
-            permutation = permute(suspect, seed=7)
+            permutation = permute(suspect, seed=7, kv_state=has_state(suspect))
             result = resync(reference, permutation.model, true_key=permutation.key)
             moved = audit(reference, permutation.model)
         except OnnxladyError as exc:
             ok = False
-            print(f"| {first} | {second} | - | refused: {str(exc)[:160]} | - | - |", flush=True)
+            print(f"| {first} | {second} | {coverage} | - | refused: {str(exc)[:160]} | - | - |", flush=True)
             continue
         psi = "-" if result.psi is None else f"{result.psi:.2f}"
         kinds = ", ".join(sorted({c.kind for c in moved.conversions})) or "-"
         ok = ok and plain.verdict == "converted" and moved.verdict == "permuted"
-        print(f"| {first} | {second} | {confidence} | {plain.verdict} | {psi} | {moved.verdict} ({kinds}) |", flush=True)
+        ok = ok and result.psi is not None and result.psi >= 99.0
+        print(f"| {first} | {second} | {coverage} | {confidence} | {plain.verdict} | {psi} | {moved.verdict} ({kinds}) |",
+              flush=True)  # fmt: skip
     return ok
 
 
@@ -221,16 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, load in models(args.only):
         plain = load()
-        coverage = f"{_coverage(plain):.1f}"
+        # A decoder with a KV cache is permuted with its caches as state (``permute --kv-state``);
+        # its coverage cell shows the share with the caches pinned, then with them as state.
+        state = has_state(plain)
+        coverage = f"{_coverage(plain):.1f}" + (f" / {_coverage(plain, kv_state=True):.1f} KV" if state else "")
         try:
-            permutation = permute(plain, seed=7)
+            permutation = permute(plain, seed=7, kv_state=state)
         except OnnxladyError as exc:
             print(f"| {name} | {coverage} | - | - | - | - | - | - | permute refused: {exc} | - |", flush=True)
             continue
         for converter in args.converter or CONVERTERS:
             if not applies(converter, name):
                 continue
-            reason = unavailable(converter)
+            reason = None if converter == "none" else unavailable(converter)
             cells: list[str]
             if reason is not None:
                 cells = ["-"] * 5 + [f"not installed: {reason}", "-"]

@@ -7,11 +7,11 @@ Run in the zoo virtualenv (torch, torchvision, transformers; never a dependency 
 Writes, each with torch.onnx's TorchScript exporter (opset 17, static shapes, seeded weights):
 
 - ``resnet18.onnx``: torchvision's ResNet-18 (``weights=None``), input ``[1, 3, 64, 64]``;
-- ``bert.onnx``: a 2-layer BERT encoder from a ``transformers.BertConfig`` (hidden 64, 4 heads),
-  inputs ``input_ids`` and ``attention_mask`` ``[1, 16]``;
-- ``llama.onnx``: a 2-layer LLaMA-style decoder from a ``transformers.LlamaConfig`` (hidden 64,
-  4 query heads over 2 KV heads, RoPE, SiLU-gated MLP), ``input_ids [1, 16]`` to logits, no KV
-  cache;
+- ``bert.onnx``: a 2-layer BERT encoder from a ``transformers.BertConfig`` (hidden 64, 4 heads,
+  weights drawn with standard deviation 0.1), inputs ``input_ids`` and ``attention_mask`` ``[1, 16]``;
+- ``llama.onnx``: a 2-layer LLaMA-style decoder from a ``transformers.LlamaConfig`` (vocabulary
+  160, hidden 64, 4 query heads over 2 KV heads, RoPE, SiLU-gated MLP), ``input_ids [1, 16]`` to
+  logits, no KV cache;
 - ``torch_mha.onnx``: ``torch.nn.MultiheadAttention`` (embed 32, 4 heads) between two Linear
   layers, the packed ``in_proj_weight`` as torch exports it (constant folding cuts it into three
   weights); ``torch_mha_unfolded.onnx`` the same without constant folding (``Slice`` of
@@ -37,6 +37,8 @@ from typing import Any
 
 DEFAULT_OUT = Path(".cache/deployment")
 SEQ = 16
+#: The LLaMA decoder's vocabulary (not 128, its MLP width: see ``_llama``).
+VOCAB = 160
 
 
 def _resnet18() -> tuple[Any, tuple[Any, ...], list[str]]:
@@ -51,8 +53,12 @@ def _bert() -> tuple[Any, tuple[Any, ...], list[str]]:
     import torch
     from transformers import BertConfig, BertModel
 
+    # Weights drawn 5x wider than BERT's default (0.02): with the default, attention scores of a
+    # random model are so small that softmax is near uniform and a wrong permutation of a key
+    # projection hardly changes the output, which would make the table's check of it meaningless.
     config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=32, type_vocab_size=1)  # fmt: skip
+                        intermediate_size=128, max_position_embeddings=32, type_vocab_size=1,
+                        initializer_range=0.1)  # fmt: skip
     model = BertModel(config, add_pooling_layer=False).eval()
 
     class Hidden(torch.nn.Module):
@@ -71,7 +77,9 @@ def _llama() -> tuple[Any, tuple[Any, ...], list[str]]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # The vocabulary differs from the MLP's width: GenAI's builder takes any Linear with as many
+    # outputs as the vocabulary for the LM head (with both 128, layer 0's gate_proj became it).
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          use_cache=False, tie_word_embeddings=False, attn_implementation="eager")  # fmt: skip
     model = LlamaForCausalLM(config).eval()
@@ -87,7 +95,7 @@ def _llama() -> tuple[Any, tuple[Any, ...], list[str]]:
             positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
             return self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
 
-    return Logits().eval(), (torch.randint(0, 128, (1, SEQ)),), ["input_ids"]
+    return Logits().eval(), (torch.randint(0, VOCAB, (1, SEQ)),), ["input_ids"]
 
 
 def _torch_mha() -> tuple[Any, tuple[Any, ...], list[str]]:
@@ -146,7 +154,7 @@ def genai(out: Path) -> list[Path]:
     wrapper, _, _ = _llama()
     folder = out / "llama_hf"
     wrapper.model.save_pretrained(folder)
-    words = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
+    words = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2",
                             pad_token="t0").save_pretrained(folder)  # fmt: skip

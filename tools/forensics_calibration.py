@@ -9,6 +9,9 @@ compared with the truth:
 ==================  ============================================================  ==========================
 true kind           how the suspect is made                                        a right answer
 ==================  ============================================================  ==========================
+unchanged           a copy: only the variant's permutation (and conversion)        ``identical``,
+                                                                                    ``permuted`` or
+                                                                                    ``converted``
 noise               ``perturb(noise=Omega)``, Omega in 0.01, 0.1, 0.5, 1, 2          ``perturbed``, noise
 quantization        ``perturb(quantize_bits=B)``, B in 2, 4, 6, 8 (per-tensor       ``perturbed``, quantization
                     min-max); int8 QDQ (:func:`fixtures.conversions.quantize_qdq`)  (QDQ: conversion
@@ -22,9 +25,12 @@ rescaled            every neuron of a group x s in [0.5, 2], undone by the next 
                     layer's columns or absorbed by the BatchNorm after it
 scaled+noise        the attack, then ``perturb(noise=Omega)``, Omega in 0.05, 0.2   ``scaled``, those 5, and
                                                                                     noise
+rescaled+noise      the rescale, then ``perturb(noise=Omega)``, Omega in 0.05, 0.2  ``perturbed``, noise, and
+                                                                                    the rescaled neurons
 ==================  ============================================================  ==========================
 
-Models: the real PyPI models of ``.cache/models`` (:mod:`tools.fetch_models`), the ``vgg``,
+Models: the real PyPI models of ``.cache/models`` (:mod:`tools.fetch_models`), the zoo exports
+``regnet_y_400mf`` and ``shufflenet_v2_x1_0`` of ``.cache/zoo`` (:mod:`tools.zoo`), the ``vgg``,
 ``resnet`` and ``nhwc_convnet`` fixtures, and the bases of :mod:`tools.forensics_finetune`
 (``.cache/forensics/finetune``; made with ``--python`` (default ``/tmp/zoo-venv/bin/python``,
 torch and torchvision) when missing; without torch the fine-tuning rows are left out, said on
@@ -33,9 +39,12 @@ operators (ReLU...) or by a BatchNorm: models without one have no ``rescaled`` r
 
 Prints the confusion matrix (true kind x predicted kind, counts), the accuracy, the cases
 that went wrong and the machine load; ``--json FILE`` writes every case with the evidence the
-audit saw (the input of the decision rules, so that they can be chosen from it)::
+audit saw (the input of the decision rules, so that they can be chosen from it), and
+``FILE.partial.jsonl`` as the jobs end (one job per reference and kind; ``--jobs`` in
+parallel)::
 
     python3 -m tools.forensics_calibration [--models NAME ...] [--kinds KIND ...] [--jobs N] [--json FILE]
+    python3 -m tools.forensics_calibration --merge FILE ... [--json FILE]   # runs done in parts
 
 Exit status: 0 when the goal holds (>= 95 % right, no noise/quantization/pruning suspect called
 fine-tuning), 1 otherwise.
@@ -51,7 +60,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -72,6 +81,8 @@ from tools.forensics_finetune import MODELS as FINETUNE_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = ("ppocrv4_det", "ppocrv4_rec", "ppocr_cls", "nudenet_yolov8n", "magika")
+#: Zoo exports (:mod:`tools.zoo`, ``.cache/zoo``), audited when present.
+ZOO = ("regnet_y_400mf", "shufflenet_v2_x1_0")
 FIXTURE_MODELS = ("vgg", "resnet", "nhwc_convnet")
 #: Bases of tools.forensics_finetune audited for the non-fine-tuning kinds as well.
 FINETUNE_BASES = ("digits_cnn", "resnet18")
@@ -82,8 +93,11 @@ MIXED_NOISE = (0.05, 0.2)
 SCALED = (0, 2, 3, 5, 7)
 SCALE_FACTOR = 1.5
 VARIANTS = ("plain", "permuted", "float16")
-KINDS = ("noise", "quantization", "pruning", "fine-tuning", "scaled", "rescaled", "scaled+noise")
-PREDICTIONS = (*KINDS, "uncertain", "unchanged", "error")
+KINDS = (
+    "unchanged", "noise", "quantization", "pruning", "fine-tuning", "scaled", "rescaled", "scaled+noise",
+    "rescaled+noise",
+)  # fmt: skip
+PREDICTIONS = (*KINDS, "uncertain", "error")
 #: Kinds that must never be called fine-tuning.
 NEVER_TUNING = ("noise", "quantization", "pruning")
 
@@ -116,6 +130,12 @@ def references(names: list[str]) -> dict[str, onnx.ModelProto]:
                 out[name] = _load(path)
             else:
                 print(f"{name}: missing, run python3 -m tools.fetch_models", file=sys.stderr)
+        elif name in ZOO:
+            path = REPO / ".cache" / "zoo" / f"{name}.onnx"
+            if path.exists():
+                out[name] = _load(path)
+            else:
+                print(f"{name}: missing, run the zoo export (tools.zoo)", file=sys.stderr)
         elif name in FIXTURES:
             out[name] = FIXTURES[name](0)
         elif name in FINETUNE_MODELS:
@@ -169,14 +189,26 @@ def _scale_slices(model: onnx.ModelProto, use: Any, neurons: list[int], factors:
 
 
 def attack(reference: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, int]]] | None:
-    """5 neurons of the first conv/gemm group of 16 neurons or more scaled by 1.5, nothing compensated."""
-    for gid, _group, kinds in _producers(reference):
+    """5 neurons of the first conv/gemm group of 16 neurons or more scaled by 1.5, nothing compensated.
+
+    The 5 are taken among the neurons whose row norm is at least half the median: scaling an
+    all-zero row (a dead filter, as trained models have) changes nothing, and no audit can see
+    it; under noise Omega = 0.2 a scale of 1.5 on a weak row of 27 weights (a first conv) is
+    within the noise.
+    """
+    for gid, group, kinds in _producers(reference):
         prod = kinds["producer"][0]
         if prod.tensor not in tensor_holders(reference):
             continue
+        array = _array(reference, prod.tensor)
+        norms = np.array([np.linalg.norm(np.take(array, prod.positions[j], axis=prod.axis)) for j in range(group.size)])
+        live = [j for j in range(group.size) if norms[j] >= 0.5 * float(np.median(norms)) and norms[j] > 0]
+        if len(live) <= max(SCALED):
+            continue
+        neurons = [live[i] for i in SCALED]
         model = copy_model(reference)
-        _scale_slices(model, prod, list(SCALED), np.full(len(SCALED), SCALE_FACTOR))
-        return model, [(gid, j) for j in SCALED]
+        _scale_slices(model, prod, neurons, np.full(len(neurons), SCALE_FACTOR))
+        return model, [(gid, j) for j in neurons]
     return None
 
 
@@ -260,6 +292,7 @@ def cases(name: str, tuned: bool) -> list[Case]:
             add("fine-tuning", regime["regime"], ref, partial(_load, folder / regime["file"]))
         return out
     for ref in references([name]).values():
+        add("unchanged", "copy", ref, partial(copy_model, ref))
         for number, omega in enumerate(NOISE):  # a fresh draw of the noise for each Omega
             add("noise", f"Omega {omega:g}", ref, partial(_perturb, ref, 10 + number, noise=omega))
         for bits in BITS:
@@ -276,6 +309,8 @@ def cases(name: str, tuned: bool) -> list[Case]:
         rescaled = rescale(ref)
         if rescaled is not None:
             add("rescaled", "s in [0.5, 2]", ref, partial(copy_model, rescaled))
+            for number, omega in enumerate(MIXED_NOISE):
+                add("rescaled+noise", f"Omega {omega:g}", ref, partial(_perturb, rescaled, 30 + number, noise=omega))
     return out
 
 
@@ -302,6 +337,8 @@ def predicted(result: onnxlady.AuditResult | None) -> str:
         return "scaled+noise" if kind == "noise" else "scaled" if kind is None else f"scaled+{kind}"
     if verdict == "modified" or kind == "uncertain":
         return "uncertain"
+    if report.rescaled:  # compensated rescales read through the change: both findings
+        return f"rescaled+{kind}"
     return str(kind)
 
 
@@ -392,7 +429,7 @@ def confusion(records: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Build the labelled set, audit it, print the confusion matrix; 0 when the goal holds."""
     parser = argparse.ArgumentParser(prog="python3 -m tools.forensics_calibration", description=__doc__.splitlines()[0])
-    default_models = list(REAL + FIXTURE_MODELS + FINETUNE_BASES)
+    default_models = list(REAL + ZOO + FIXTURE_MODELS + FINETUNE_BASES)
     parser.add_argument("--models", nargs="+", default=default_models, help="reference models (default: %(default)s)")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -401,36 +438,81 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every case and its evidence to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--jobs", type=int, default=1, help="references audited in parallel processes")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="FILE",
+        help="audit nothing: the matrix of the cases recorded by earlier runs (--json files or their "
+        ".partial.jsonl); a case recorded twice keeps its last record",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    if args.merge:
+        merged: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        for path in args.merge:
+            text = path.read_text()
+            found = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line]
+            for record in found:
+                merged[(record["model"], record["kind"], record["parameter"], record["variant"])] = record
+        records = list(merged.values())
+        return summarize(records, sum(r["seconds"] for r in records), args.json)
     tuned = "fine-tuning" in args.kinds and not args.no_finetune and ensure_finetuned(args.python)
     kinds, variants = tuple(args.kinds), tuple(args.variants)
-    specs = [(name, False, kinds, variants, not args.quiet) for name in args.models if set(kinds) - {"fine-tuning"}]
-    specs += [(name, True, kinds, variants, not args.quiet) for name in FINETUNE_MODELS if tuned]
+    # One job per reference and kind: the references' sizes differ by 100x, kinds balance the pool.
+    specs = [
+        (name, False, (kind,), variants, not args.quiet)
+        for name in args.models
+        for kind in kinds
+        if kind != "fine-tuning"
+    ]
+    # The fine-tuned models first: the torchvision ones are the slowest audits.
+    specs = [(name, True, kinds, variants, not args.quiet) for name in FINETUNE_MODELS if tuned] + specs
     start = time.perf_counter()
+    # Every finished job is appended to FILE.partial.jsonl at once: a long run stopped early
+    # keeps what it measured.
+    partial = args.json.with_suffix(".partial.jsonl") if args.json else None
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text("")
+    parts: list[list[dict[str, Any]]] = []
+
+    def keep(part: list[dict[str, Any]]) -> None:
+        parts.append(part)
+        if partial is not None:
+            with partial.open("a") as stream:
+                stream.writelines(json.dumps(record) + "\n" for record in part)
+
     if args.jobs == 1:
-        parts = [job(spec) for spec in specs]
+        for spec in specs:
+            keep(job(spec))
     else:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            parts = list(pool.map(job, specs))
+            for future in as_completed([pool.submit(job, spec) for spec in specs]):
+                keep(future.result())
     records = [record for part in parts for record in part]
-    seconds = time.perf_counter() - start
+    return summarize(records, time.perf_counter() - start, args.json)
+
+
+def summarize(records: list[dict[str, Any]], seconds: float, path: Path | None) -> int:
+    """Print the matrix, the accuracy and the wrong cases; write ``path``; 0 when the goal holds."""
     total = len(records)
     good = sum(r["right"] for r in records)
     wrong_tuning = [r for r in records if r["kind"] in NEVER_TUNING and r["predicted"] == "fine-tuning"]
     print(confusion(records))
     print()
     print(f"right: {good}/{total} ({100 * good / max(total, 1):.1f} %); noise/quantization/pruning called fine-tuning: {len(wrong_tuning)}")
-    print(f"models: {', '.join(sorted({r['model'] for r in records}))}")
+    for label, key in (("variant", "variant"), ("model", "model")):
+        parts = sorted({r[key] for r in records}, key=lambda v: (VARIANTS.index(v) if v in VARIANTS else 9, v))
+        print(f"by {label}: " + ", ".join(
+            f"{v} {sum(r['right'] for r in records if r[key] == v)}/{sum(1 for r in records if r[key] == v)}" for v in parts
+        ))  # fmt: skip
     for r in records:
         if not r["right"]:
             print(f"- wrong: {r['model']} {r['kind']} {r['parameter']} {r['variant']}: {r['verdict']}: {r['summary'][:300]}")
     load = os.getloadavg()
     print(f"{total} audits in {seconds:.0f} s; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records, indent=1) + "\n")
     return 0 if total and good >= 0.95 * total and not wrong_tuning else 1
 
 

@@ -20,6 +20,8 @@ import onnx
 
 from onnxlady import _rules  # ruff: ignore[unused-import] - importing registers every rule
 from onnxlady._analysis._control_flow import walk_control_flow
+from onnxlady._analysis._state import StatePair, state_pairs
+from onnxlady._graph._collector import collector_paused
 from onnxlady._graph._expr import (
     Atom,
     DirectSum,
@@ -107,6 +109,8 @@ class ChannelAnalysis:
     groups: list[ChannelGroup]
     tensors: list[TensorPermutation]
     producers: list[tuple[str, str, Expr]]  # (node label, op type, output neurons)
+    #: KV-cache pairs treated as permutable state (``analyze(kv_state=True)``); empty otherwise.
+    states: list[StatePair] = field(default_factory=list)
     _by_id: dict[str, ChannelGroup] = field(default_factory=dict)
     _by_root: dict[int, ChannelGroup] = field(default_factory=dict)
 
@@ -207,6 +211,24 @@ class ChannelAnalysis:
                     found.add(group.id)
         return found
 
+    def state_spaces(self) -> list[tuple[StatePair, dict[int, Expr]]]:
+        """Each KV-cache state pair with the permutation of each axis it takes (moving axes only).
+
+        Returns:
+            (pair, axis -> expression) for every pair of :attr:`states`, in their order; the
+            expressions hold for the past input and the present output alike.
+        """
+        result = []
+        for pair in self.states:
+            axes = {}
+            for axis, expr in sorted(self.state.tracked.get(pair.input, {}).items()):
+                resolved = self.solver.resolve(expr)
+                groups = [self.group_of_root(atom.id) for atom in self.solver.atoms(resolved)]
+                if any(group is not None and group.permutable for group in groups):
+                    axes[axis] = resolved
+            result.append((pair, axes))
+        return result
+
     @property
     def closed_subgraphs(self) -> list[str]:
         """One line per If/Loop/Scan node whose bodies were not analysed, naming it and saying why.
@@ -294,12 +316,20 @@ class ChannelAnalysis:
         }
 
 
-def analyze(model: onnx.ModelProto, *, progress: Callable[[str], None] | None = None) -> ChannelAnalysis:
+@collector_paused  # a few hundred objects per node, none of them garbage until the end
+def analyze(
+    model: onnx.ModelProto, *, progress: Callable[[str], None] | None = None, kv_state: bool = False
+) -> ChannelAnalysis:
     """Find the coupled channel groups of ``model``: the neurons one permutation must move together.
 
     Args:
         model: the model to analyse (not modified).
         progress: called with one line per analysis step.
+        kv_state: treat each KV-cache pair (a ``past_key_values.*`` input and its ``present.*``
+            output, see :mod:`onnxlady._analysis._state`) as one recurrent state that may be
+            permuted, instead of pinning both as graph interface: the input takes, on every
+            axis but its sequence axis, the permutation the output carries there (heads and
+            the dims inside a head, as far as the attention's rules allow).
 
     Returns:
         The groups, the permutation each constant tensor takes, and a reason for every group
@@ -311,6 +341,7 @@ def analyze(model: onnx.ModelProto, *, progress: Callable[[str], None] | None = 
     say(progress, "analysing the graph")
     graph = ModelGraph(model)
     state = AnalysisState(graph)
+    pairs = _open_states(state, model) if kv_state else []
     total = len(graph.order)
     step = max(1, total // 200)  # a bar moves smoothly without a call per node
     for position, index in enumerate(graph.order):
@@ -318,12 +349,66 @@ def analyze(model: onnx.ModelProto, *, progress: Callable[[str], None] | None = 
             advance(progress, "analysing nodes", position, total)
         _visit(state, index)
     advance(progress, "analysing nodes", total, total)
+    _close_states(state, pairs)
+    state_outputs = {pair.output for pair in pairs}
     for name in graph.graph_outputs:
+        if name in state_outputs:
+            continue
         spaces = [*state.tracked.get(name, {}).values(), *(space.expr for space in state.joint.get(name, []))]
         for expr in spaces:
             state.solver.freeze(expr, FreezeReason("graph-output", f"graph output '{name}'"))
     _join_shared_constants(state)
-    return _collect(state)
+    analysis = _collect(state)
+    analysis.states = pairs
+    return analysis
+
+
+# -- KV-cache state: a past input and its present output take one permutation ---------------
+def _open_states(state: AnalysisState, model: onnx.ModelProto) -> list[StatePair]:
+    """Make the state inputs of ``model`` permutable; the pairs they belong to.
+
+    Every axis of a past input but its sequence axis may move: a static one becomes a group now
+    (every reader sees it), one of unknown size becomes a group when its reader takes it, which
+    is sound only where there is one reader (else the axis stays pinned). A pair whose sequence
+    axis the shapes do not tell is left as graph interface.
+    """
+    graph = state.graph
+    pairs = []
+    for pair in state_pairs(model):
+        shape = graph.shape(pair.input)
+        if pair.sequence_axis is None or shape is None or pair.input not in graph.graph_inputs:
+            continue
+        readers = {node for node, _ in graph.consumers.get(pair.input, ())}
+        single = len(readers) == 1 and pair.input not in graph.graph_outputs
+        for axis, dim in enumerate(shape):
+            if axis == pair.sequence_axis:
+                continue
+            if isinstance(dim, int):
+                if dim > 1:
+                    state.tracked.setdefault(pair.input, {})[axis] = state.solver.new_atom(dim)
+            elif single:
+                state.open_state_axes.setdefault(pair.input, set()).add(axis)
+        pairs.append(pair)
+    return pairs
+
+
+def _close_states(state: AnalysisState, pairs: list[StatePair]) -> None:
+    """Each state input takes its output's permutation on every axis; what only one side carries freezes."""
+    solver = state.solver
+    for pair in pairs:
+        state.open_state_axes.pop(pair.input, None)
+        past = state.tracked.get(pair.input, {})
+        present = state.tracked.get(pair.output, {})
+        link = f"state '{pair.input}' -> '{pair.output}'"
+        for space in state.joint.get(pair.output, []):
+            solver.freeze(space.expr, FreezeReason("graph-output", f"{link}: axes {list(space.axes)} move together"))
+        for axis in sorted(set(past) | set(present)):
+            if axis in past and axis in present:
+                solver.unify(past[axis], present[axis], FreezeReason("graph-output", f"{link}: axis {axis} differs"))
+            else:
+                side = past.get(axis, present.get(axis))
+                assert side is not None
+                solver.freeze(side, FreezeReason("graph-output", f"{link}: only one of them carries axis {axis}"))
 
 
 # -- shared constants: joined where their uses agree, untied where they cannot ----------------

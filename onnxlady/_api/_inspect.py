@@ -74,6 +74,7 @@ def inspect(
     *,
     dot: str | os.PathLike[str] | None = None,
     members: bool = False,
+    kv_state: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> InspectResult:
     """Find the coupled channel groups of a model: what one permutation must traverse.
@@ -85,6 +86,9 @@ def inspect(
         dot: also write the group graph for Graphviz to this file.
         members: list every member of every group in :meth:`InspectResult.to_text` (the JSON
             document always holds them all).
+        kv_state: analyse each KV cache (a ``past_key_values.*`` input and its ``present.*``
+            output) as one recurrent state, as ``permute(kv_state=True)`` permutes it, instead
+            of pinning both as graph input and output.
         progress: called with one line per analysis step.
 
     Returns:
@@ -101,7 +105,7 @@ def inspect(
     opened = open_model(model, progress=progress)
     if target is not None:
         check_output_paths([target], list(opened.external_files))
-    analysis = analyze(opened.model, progress=progress)
+    analysis = analyze(opened.model, progress=progress, kv_state=bool(kv_state))
     result = InspectResult(analysis, opened.path, opened.sha256, bool(members))
     if target is not None:
         result.write_dot(target)
@@ -153,10 +157,8 @@ def _inspect_text(analysis: ChannelAnalysis, path: Path | None, all_members: boo
             f"pinned by graph outputs {summary['producer_neurons_pinned_by_outputs']}"
         ),
     ]
-    for source in summary["untied_constants"]:
-        lines.append(
-            f"untied: constant '{source}' is shared by uses that need different permutations; each gets a copy"
-        )
+    # A shared constant is untied only where its uses cannot take one permutation: say why.
+    lines.extend(f"untied: {reason}" for reason in analysis.untie_reasons)
     lines.append("")
     lines.append(f"{'group':>6} {'size':>6}  {'status':<10} members / reasons")
     for group in analysis.groups:

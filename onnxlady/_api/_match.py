@@ -147,5 +147,5 @@ def match(
     if progress is not None:
         progress("match: analysing both models")
     details = match_analyses(analyze(opened_reference.model), analyze(opened_suspect.model))
-    check_same_model(details, hint=False)
+    check_same_model(details)
     return MatchResult(details, opened_reference.path, opened_suspect.path)

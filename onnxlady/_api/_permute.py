@@ -50,7 +50,7 @@ from onnxlady._transforms._permute import (
     draw_permutations,
     permute_model,
 )
-from onnxlady._verify._compare import VERIFY_ATOL, VERIFY_RTOL, CheckNotRunError
+from onnxlady._verify._compare import CheckNotRunError
 
 #: Permutations given instead of random ones: a JSON file ({group id: [..]} or a key file), a
 #: mapping group id -> permutation, or a key.
@@ -180,8 +180,8 @@ def permute(
     perms: PermsSource | None = None,
     verify: bool = False,
     provider: str = "auto",
-    atol: float = VERIFY_ATOL,
-    rtol: float = VERIFY_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     iterations: int = 1,
     input_seed: int = 0,
     shape: ShapeOverrides = (),
@@ -194,6 +194,7 @@ def permute(
     overwrite_input: bool = False,
     progress: Callable[[str], None] | None = None,
     max_memory: str | int | None = None,
+    kv_state: bool = False,
 ) -> PermuteResult:
     """Permute the neurons of every permutable group (or of some), keeping the function.
 
@@ -212,8 +213,8 @@ def permute(
             permutation} or a key file), a mapping, or a :class:`PermutationKey`.
         verify: check the result with ONNX Runtime (the options below apply).
         provider: ``"auto"``, ``"cuda"`` or ``"cpu"`` for the check.
-        atol: absolute tolerance of the check.
-        rtol: relative tolerance of the check.
+        atol: absolute tolerance of the check (``None``: as :func:`verify` chooses it).
+        rtol: relative tolerance of the check (``None``: as :func:`verify` chooses it).
         iterations: random input batches of the check.
         input_seed: seed of the check's inputs.
         shape: input shapes for dynamic dimensions (see :func:`verify`).
@@ -227,6 +228,11 @@ def permute(
         progress: called with one line per step.
         max_memory: refuse to start when the estimated peak memory exceeds this (bytes, or a
             size such as ``"2G"``); see :mod:`onnxlady._api._memory`.
+        kv_state: treat each KV cache (a ``past_key_values.*`` input and its ``present.*``
+            output) as one recurrent state and permute it with the attention's heads and head
+            dims, instead of pinning them as graph interface. The permuted model then expects its
+            own cache (decoding from an empty cache is unchanged); the key lists the moved states
+            under ``kv_state``, and the check runs two decoding steps.
 
     Returns:
         The permuted model (:attr:`PermuteResult.model`), its key and what moved.
@@ -263,7 +269,10 @@ def permute(
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
     # Our own load may be rewritten in place; a caller's ModelProto is copied first.
     working = opened.writable()
-    analysis = analyze(working, progress=progress)
+    if perms is not None and not kv_state and _made_with_kv_state(perms):
+        # Its group ids number the groups of an analysis with the caches as state.
+        raise OnnxladyError("the permutations come from a key made with the KV caches as state: pass kv_state too")
+    analysis = analyze(working, progress=progress, kv_state=bool(kv_state))
     if not analysis.permutable_groups:  # an unchanged copy would pass for a permuted one
         raise OnnxladyError(nothing_permutable(analysis, source.name if source else "the model"))
     chosen = _choose_permutations(analysis, seed, _group_ids(group), perms)
@@ -350,6 +359,16 @@ def read_perms(perms: PermsSource) -> dict[str, np.ndarray]:
     if not isinstance(data, dict):
         raise OnnxladyError(f"{path}: expected a JSON object {{group id: permutation}}")
     return _perm_arrays(data, str(path))
+
+
+def _made_with_kv_state(perms: PermsSource) -> bool:
+    """Whether ``perms`` is a key (in memory or a key file) that moved KV-cache states."""
+    if isinstance(perms, PermutationKey):
+        return bool(perms.extra.get("kv_state"))
+    if isinstance(perms, (str, os.PathLike)):
+        data = load_json(Path(perms), "JSON permutation file")
+        return isinstance(data, dict) and bool(data.get("kv_state"))
+    return False
 
 
 def _perm_arrays(data: Mapping[Any, Any], origin: str) -> dict[str, np.ndarray]:

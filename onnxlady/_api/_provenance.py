@@ -22,7 +22,6 @@ from onnxlady._api._sources import ModelSource, jsonable
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._progress import advance, say
 from onnxlady._provenance._find import (
-    DERIVED_THRESHOLD,
     Candidate,
     Cluster,
     ClusterReport,
@@ -151,22 +150,31 @@ class FindResult(Result):
         lines = [
             (
                 f"{report.suspect} against {report.index} ({report.models} models): "
-                f"{len(self.derived)} derived (distance <= {report.threshold:g})"
+                f"{len(self.derived)} derived ({_threshold_text(report.threshold)})"
             )
         ]
         if report.candidates:
             confirmed = any(c.confirmation is not None for c in report.candidates)
-            header = f"{'rank':>4}  {'score':>6}  {'distance':>8}  {'call':<9}  {'layers':>9}"
+            header = f"{'rank':>4}  {'score':>6}  {'distance':>8}  {'limit':>6}  {'call':<9}  {'layers':>9}"
             lines.append(header + ("  confirm" if confirmed else "") + "  model")
             for c in report.candidates:
                 layers = f"{c.paired_layers}/{c.unpaired_layers[0]}/{c.unpaired_layers[1]}"
-                row = f"{c.rank:>4}  {c.score:>6.3f}  {c.distance:>8.4f}  {c.call:<9}  {layers:>9}"
+                row = f"{c.rank:>4}  {c.score:>6.3f}  {c.distance:>8.4f}  {c.threshold:>6.3f}  {c.call:<9}  {layers:>9}"
                 if confirmed:
                     row += f"  {_confirmation_text(c.confirmation)}"
                 lines.append(f"{row}  {c.path}")
-            lines.append("layers: paired/unpaired in the suspect/unpaired in the candidate")
+            lines.append(
+                "limit: the largest distance called derived; layers: paired/unpaired in the suspect/unpaired in "
+                "the candidate"
+            )
         lines.append(f"search {report.search_seconds:.3f} s, total {report.seconds:.3f} s")
         return "\n".join(lines)
+
+
+def _threshold_text(threshold: float | None) -> str:
+    if threshold is None:
+        return "distance within each one's limit"
+    return f"distance <= {threshold:g}"
 
 
 def _confirmation_text(confirmation: Confirmation | None) -> str:
@@ -209,7 +217,7 @@ class ClusterResult(Result):
         lines = [
             (
                 f"{report.index}: {len(report.clusters)} clusters of related models among {report.models} "
-                f"(distance <= {report.threshold:g}; {report.compared_pairs} pairs compared, {report.seconds:.2f} s)"
+                f"({_threshold_text(report.threshold)}; {report.compared_pairs} pairs compared, {report.seconds:.2f} s)"
             )
         ]
         for number, cluster in enumerate(report.clusters, start=1):
@@ -278,7 +286,7 @@ def find(
     *,
     top: int = ...,
     confirm: bool = ...,
-    threshold: float = ...,
+    threshold: float | None = ...,
     all_pairs: Literal[False] = ...,
     progress: Callable[[str], None] | None = ...,
 ) -> FindResult: ...
@@ -291,7 +299,7 @@ def find(
     *,
     top: int = ...,
     confirm: bool = ...,
-    threshold: float = ...,
+    threshold: float | None = ...,
     all_pairs: Literal[True],
     progress: Callable[[str], None] | None = ...,
 ) -> ClusterResult: ...
@@ -303,7 +311,7 @@ def find(
     *,
     top: int = 5,
     confirm: bool = False,
-    threshold: float = DERIVED_THRESHOLD,
+    threshold: float | None = None,
     all_pairs: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> FindResult | ClusterResult:
@@ -312,7 +320,9 @@ def find(
     The suspect's fingerprint is compared with every indexed one (a coarse numpy pass over all
     of them, then the exact layer-by-layer distance for the closest); each candidate gets a
     distance (0: the same neurons up to order), a score ``1 / (1 + (distance / threshold)^2)``
-    and a call, ``derived`` (distance at most ``threshold``) or ``unrelated``. ``confirm``
+    and a call, ``derived`` (distance at most the threshold) or ``unrelated``; the threshold
+    grows with the number of layers compared (``sqrt(1 - 1.45 / sqrt(n))``: 0.40 at 3 layers,
+    0.90 at 60; see docs/provenance.md) unless a fixed ``threshold`` is given. ``confirm``
     audits every returned candidate against the suspect (resync, then the audit's verdict).
     With ``all_pairs``, the suspect must be None and every cluster of related models in the
     index is listed instead (:func:`find_all_pairs`).
@@ -322,8 +332,9 @@ def find(
         index: an index written by :func:`build_index`.
         top: how many candidates to return.
         confirm: audit each returned candidate against the suspect (needs the candidates' files).
-        threshold: the largest distance called ``derived`` (default calibrated by ``python3 -m
-            tools.registry_experiment``, see docs/provenance.md).
+        threshold: a fixed largest distance called ``derived``; None (the default): the limit
+            the number of layers compared sets, calibrated by ``python3 -m
+            tools.registry_experiment`` (see docs/provenance.md).
         all_pairs: list the clusters of related models instead of ranking a suspect.
         progress: called with one message per stage (and per confirmation).
 
@@ -353,7 +364,7 @@ def find(
 def find_all_pairs(
     index: IndexPath,
     *,
-    threshold: float = DERIVED_THRESHOLD,
+    threshold: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ClusterResult:
     """Every cluster of related models in an index: pairs within ``threshold``, joined.
@@ -364,7 +375,8 @@ def find_all_pairs(
 
     Args:
         index: an index written by :func:`build_index`.
-        threshold: the largest distance of a related ("derived") pair.
+        threshold: a fixed largest distance of a related ("derived") pair; None (the default):
+            the limit the number of layers compared sets (see :func:`find`).
         progress: called with one message when the search starts.
 
     Returns:

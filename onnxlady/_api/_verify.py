@@ -14,8 +14,6 @@ from onnxlady._api._sources import ModelSource, jsonable, path_text, source_path
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._inputs import refuse_special_file
 from onnxlady._verify._compare import (
-    VERIFY_ATOL,
-    VERIFY_RTOL,
     OutputComparison,
     VerifyReport,
     parse_shape_overrides,
@@ -97,8 +95,8 @@ def verify(
     candidate: ModelSource,
     *,
     provider: str = "auto",
-    atol: float = VERIFY_ATOL,
-    rtol: float = VERIFY_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     iterations: int = 1,
     input_seed: int = 0,
     shape: ShapeOverrides = (),
@@ -121,8 +119,9 @@ def verify(
         reference: the model whose outputs are taken as right: a path or an ``onnx.ModelProto``.
         candidate: the model checked against it (a permuted copy, say).
         provider: ``"auto"`` (CUDA when it loads, CPU otherwise), ``"cuda"`` or ``"cpu"``.
-        atol: absolute tolerance.
-        rtol: relative tolerance.
+        atol: absolute tolerance; ``None``: 1e-4, or wider for models that compute in float16
+            (4e-3) or bfloat16 (3e-2), said in a note.
+        rtol: relative tolerance; ``None``: 1e-3, or 1e-2 for float16 and 8e-2 for bfloat16.
         iterations: number of random input batches.
         input_seed: seed of the random inputs.
         shape: input shapes for dynamic dimensions, ``["input:1x3x224x224"]`` or ``{"input": (1, 3, 224, 224)}``.
@@ -165,8 +164,8 @@ def verify(
 
 def check_verify_options(
     *,
-    atol: float,
-    rtol: float,
+    atol: float | None,
+    rtol: float | None,
     iterations: int,
     shape: ShapeOverrides,
     provider: str = "auto",
@@ -184,8 +183,10 @@ def check_verify_options(
             unknown provider, a seed out of range, or a malformed shape override or value range.
     """
     check_whole(iterations, "--iterations", 1)
-    check_number(atol, "--atol")
-    check_number(rtol, "--rtol")
+    if atol is not None:
+        check_number(atol, "--atol")
+    if rtol is not None:
+        check_number(rtol, "--rtol")
     check_seed(input_seed, "--input-seed")
     if provider not in PROVIDERS:
         raise OnnxladyError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")

@@ -17,7 +17,9 @@ Verdicts (:attr:`AuditReport.verdict`), first that applies:
                       (``report.rescaled`` lists them; :func:`canonicalize` undoes them);
 ``scaled``            some neurons' rows are scaled by ``k`` with no compensation, everything
                       else is equal up to rounding (``report.scaled_neurons``);
-``perturbed``         anything else, with ``report.perturbation`` = the likely kind and evidence;
+``perturbed``         anything else, with ``report.perturbation`` = the likely kind and evidence
+                      (under noise, ``report.rescaled`` lists the compensated rescales read
+                      through it: both findings);
 ``converted``         (suspects that went through a converter only) every constant equals the
                       reference's within storage error, in the reference's order already.
 
@@ -57,6 +59,7 @@ Perturbation kinds, on the Conv/Gemm/MatMul weights (what ``perturb_model`` touc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -78,7 +81,7 @@ from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import read_array, read_constants, tensor_holders
 from onnxlady._resync._across import AcrossResync
 from onnxlady._resync._entry import resync_model
-from onnxlady._resync._match import ConversionFinding
+from onnxlady._resync._match import ConversionFinding, analyze_with_state
 from onnxlady._resync._solver import ResyncResult
 
 __all__ = [
@@ -423,7 +426,7 @@ def _ratio_of(
     """
     out = []
     for use in uses:
-        r = _rows(ref[use.source].astype(np.float64), use.axis, use.positions[j])
+        r = _rows(ref[use.source], use.axis, use.positions[j]).astype(np.float64)  # the slice, not the tensor
         s = _rows(work[use.tensor], use.axis, use.positions[j])
         k = _cos_ratio(r, s)[2]
         exact, slack = _exact_multiple(r, s, k, None if bounds is None else bounds.rows(use, j))
@@ -766,7 +769,7 @@ def audit_models(
     """
     ref = read_constants(reference, "reference")
     before = read_constants(suspect, "suspect")
-    analysis = analyze(reference)
+    analysis = analyze_with_state(reference)  # as resync analyses it: KV caches as state
     if (
         set(ref) == set(before)
         and all(
@@ -835,6 +838,10 @@ def audit_models(
         return report
     remaining = differing(work)
     report.differing_tensors = remaining or diff
+    # A k beyond SCALE_MAX_K (or below its inverse) is a near-zero row within a conversion's
+    # storage error, not a scaled neuron.
+    if not remaining:
+        attacked = report.scaled_neurons = [a for a in attacked if 1 / SCALE_MAX_K <= a.k <= SCALE_MAX_K]
     if not remaining and attacked:
         report.verdict = "scaled"
         listing = ", ".join(f"{s.group}[{s.neuron}] x{s.k:.4g}" for s in attacked[:20])
@@ -917,20 +924,22 @@ def _forensics_verdict(
     plausible = [a for a in attacked if abs(a.k - 1) > SCALE_MIN and 1 / SCALE_MAX_K <= a.k <= SCALE_MAX_K]
     _restore(analysis, sus, original, [a for a in attacked if a not in plausible])
     attacked = plausible
-    plain = dict(sus)  # _noisy_scales replaces the arrays it changes: these stay as they were
+    unscaled = dict(sus)  # as found, before any noisy scale is undone (the helpers copy what they change)
+    rescales = _noisy_rescales(analysis, ref, sus)
+    plain = dict(sus)
     noisy = _noisy_scales(analysis, ref, sus)
-    report.rescaled = []
     perturbation = classify_change(ref, sus, infos, rtol, allowed, storage)
     kind = perturbation["kind"]
     # Scaled rows are an attack only against a background of a clear kind (noisy ones against
     # noise, the only background their test models): fine-tuning scales whole rows too
     # (BatchNorm statistics folded into the weights, weight decay), pruning and quantization
-    # shrink or grow rows of small weights.
-    if noisy and kind != "noise":
-        perturbation = classify_change(ref, plain, infos, rtol, allowed, storage)
+    # shrink or grow rows of small weights. Compensated rescales under noise likewise.
+    if (noisy or rescales) and kind != "noise":
+        perturbation = classify_change(ref, unscaled if rescales else plain, infos, rtol, allowed, storage)
         kind = perturbation["kind"]
-        perturbation["evidence"]["scaled_rows_not_reported"] = len(noisy)
-        noisy = []
+        perturbation["evidence"]["scaled_rows_not_reported"] = len(noisy) + len(rescales)
+        noisy, rescales = [], []
+    report.rescaled = rescales
     if attacked and kind not in MIXED_BACKGROUNDS:
         perturbation["evidence"]["scaled_rows_not_reported"] = len(attacked)
         attacked = []
@@ -950,6 +959,12 @@ def _forensics_verdict(
         return
     report.verdict = "modified" if kind == "uncertain" else "perturbed"
     report.summary = change
+    if report.rescaled:
+        listing = ", ".join(f"{s.group}[{s.neuron}] x{s.k:.4g}" for s in report.rescaled[:20])
+        report.summary += (
+            f"; besides, {len(report.rescaled)} neurons rescaled by positive factors that the next layer or a "
+            f"BatchNorm undoes (function-preserving, read through the noise): {listing}"
+        )
 
 
 def _noisy_scales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: dict[str, np.ndarray]) -> list[NeuronScale]:
@@ -991,11 +1006,119 @@ def _noisy_scales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: di
     return found
 
 
+#: Compensated rescale under noise: a group reads rescaled when at least this fraction of its
+#: neurons moved by more than the noise explains (NOISY_RESCALE_Z standard errors: i.i.d. noise
+#: moves 0.3 % of them so far, the attack's few neurons are not half a group)...
+NOISY_RESCALE_MOVED = 0.5
+NOISY_RESCALE_Z = 3.0
+#: ...and at least this fraction of those carry the compensation (within NOISY_RESCALE_MATCH).
+NOISY_RESCALE_AGREE = 0.9
+#: Relative agreement of the producer's noisy scale with its compensation (plus 3 standard errors).
+NOISY_RESCALE_MATCH = 0.05
+
+
+def _row_scales(r_arr: np.ndarray, s_arr: np.ndarray, use: _Use, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per neuron: the least-squares scale of the suspect's slice against the reference's, and its standard error.
+
+    The error is the tensor's median residual std over the slice's norm (mis-paired rows do
+    not widen it); a negligible slice (under a tenth of the median norm: a dead filter, whose
+    scale is meaningless) has scale NaN.
+    """
+    ks, norms, resid = np.full(size, np.nan), np.zeros(size), np.zeros(size)
+    for j in range(size):
+        r = _rows(r_arr, use.axis, use.positions[j]).astype(np.float64)
+        s = _rows(s_arr, use.axis, use.positions[j]).astype(np.float64)
+        norm2 = float(r @ r)
+        if not norm2 or r.size < 2:  # no scale to read from a zero slice
+            continue
+        ks[j], norms[j] = float(r @ s) / norm2, math.sqrt(norm2)
+        e = s - ks[j] * r
+        resid[j] = math.sqrt(float(e @ e) / (r.size - 1))
+    usable = norms > 0
+    usable &= norms > 0.1 * (float(np.median(norms[usable])) if np.any(usable) else 0.0)
+    sigma = float(np.median(resid[usable])) if np.any(usable) else 0.0
+    return np.where(usable, ks, np.nan), np.where(usable, sigma / np.maximum(norms, 1e-300), np.inf)
+
+
+def _noisy_rescales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: dict[str, np.ndarray]) -> list[NeuronScale]:
+    """Groups rescaled by positive factors with compensation while the weights also carry noise; undone in ``sus``.
+
+    The exact analysis needs rows that are exact multiples; noise on top hides a compensated
+    rescale, and the change would read as uneven noise (kind uncertain). Per group with one
+    producer: the producer rows' noisy scales ``k``; most neurons moved beyond the noise
+    (:data:`NOISY_RESCALE_MOVED`) and nearly all of them (:data:`NOISY_RESCALE_AGREE`)
+    compensated: by the BatchNorm right after (mean ``k``, variance ``k^2``; statistics ``perturb``
+    never touches, so exact), or by the consumer columns (scale ``1/k``, noisy too) through
+    positively homogeneous ops. The scale undone is the exact one where there is one (the
+    BatchNorm mean's, the producer bias's), else the producer's estimate. The arrays it changes
+    are replaced by copies.
+    """
+    uses = _group_uses(analysis, set(sus))
+    found: list[NeuronScale] = []
+    copied: set[str] = set()
+    for group in analysis.permutable_groups:
+        kinds = uses.get(group.id)
+        if not kinds or len(kinds["producer"]) != 1 or group.size < 8:
+            continue
+        prod = kinds["producer"][0]
+        r_arr, s_arr = ref.get(prod.source), sus.get(prod.tensor)
+        if r_arr is None or s_arr is None or r_arr.shape != s_arr.shape:
+            continue
+        ks, errors = _row_scales(r_arr, s_arr, prod, group.size)
+        with np.errstate(invalid="ignore"):
+            moved = (np.abs(ks - 1) > NOISY_RESCALE_Z * errors) & (np.abs(ks - 1) > SCALE_MIN) & (ks > 0)
+        if not np.any(moved) or np.count_nonzero(moved) < NOISY_RESCALE_MOVED * np.count_nonzero(np.isfinite(ks)):
+            continue
+        biases = [b for b in kinds["bias"] if b.node == prod.node]
+        bn_node = _bn_after(analysis, prod.node)
+        bn = [b for b in kinds["bn"] if b.node == bn_node] if bn_node is not None else []
+        means = [b for b in bn if b.slot == 3]
+        exact = np.full(group.size, np.nan)
+        for use in (means or biases)[:1]:  # the statistics perturb never touches: exact ratios
+            exact = np.array([_ratio_of([use], ref, sus, j)[0][0] for j in range(group.size)])
+        if bn:
+            how, target = "batchnorm", exact
+        elif kinds["consumer"] and _homogeneous_path(analysis, prod.node):
+            how = "consumer columns"
+            c_arr = ref.get(kinds["consumer"][0].source)
+            c_sus = sus.get(kinds["consumer"][0].tensor)
+            if c_arr is None or c_sus is None or c_arr.shape != c_sus.shape:
+                continue
+            column, column_errors = _row_scales(c_arr, c_sus, kinds["consumer"][0], group.size)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                target = 1 / column
+                errors = np.hypot(errors, column_errors / np.abs(column) ** 2)
+        else:
+            continue
+        with np.errstate(invalid="ignore"):
+            agree = np.abs(ks / target - 1) <= NOISY_RESCALE_MATCH + 3 * errors / np.abs(target)
+        if np.count_nonzero(agree & moved) < NOISY_RESCALE_AGREE * np.count_nonzero(moved):
+            continue
+        scales = np.where(np.isfinite(exact) & (exact > 0), exact, ks)
+        for j in range(group.size):
+            k = float(scales[j])
+            if not (np.isfinite(k) and k > 0) or abs(k - 1) <= SCALE_TOL:
+                continue
+            if bn:
+                undo = [(prod, k), *[(b, k if b.slot == 3 else k * k) for b in bn]]
+            else:
+                undo = [(prod, k), *[(b, k) for b in biases], *[(c, 1 / k) for c in kinds["consumer"]]]
+            for use, factor in undo:
+                if use.tensor not in copied:
+                    sus[use.tensor] = np.array(sus[use.tensor], dtype=np.float64)
+                    copied.add(use.tensor)
+                _scale(sus, [use], j, 1 / factor)
+            if moved[j]:
+                found.append(NeuronScale(group.id, j, prod.source, k, how))
+    return found
+
+
 def _restore(
     analysis: ChannelAnalysis, sus: dict[str, np.ndarray], original: dict[str, np.ndarray], items: list[NeuronScale]
 ) -> None:
     """Put back, from ``original``, the rows (and biases) of neurons the exact analysis undid."""
     uses = _group_uses(analysis, set(sus))
+    copied: set[str] = set()  # each array copied once, not once per neuron (whole tensors)
     for item in items:
         kinds = uses.get(item.group)
         if not kinds:
@@ -1007,7 +1130,10 @@ def _restore(
                 source = original.get(use.source)
                 if use.tensor not in sus or source is None or source.shape != sus[use.tensor].shape:
                     continue
-                array = sus[use.tensor] = np.array(sus[use.tensor], dtype=np.float64)
+                if use.tensor not in copied:
+                    sus[use.tensor] = np.array(sus[use.tensor], dtype=np.float64)
+                    copied.add(use.tensor)
+                array = sus[use.tensor]
                 index: list[Any] = [slice(None)] * array.ndim
                 index[use.axis] = use.positions[item.neuron]
                 array[tuple(index)] = source[tuple(index)]

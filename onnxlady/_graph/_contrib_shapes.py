@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import onnx
 
 from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._quantized_shapes import QUANTIZED_SHAPES
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
@@ -81,12 +82,17 @@ def _gemm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
 
 
 def _fused_matmul(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
-    """FusedMatMul: numpy MatMul of ``op(A)`` and ``op(B)`` (batch transposition not handled)."""
+    """FusedMatMul: numpy MatMul of ``op(A)`` and ``op(B)``.
+
+    ``transBatchA`` / ``transBatchB`` first move the operand's first axis behind its batch axes.
+    """
     a, b = shapes.get(_input(node, 0)), shapes.get(_input(node, 1))
     if a is None or b is None or len(a) < 2 or len(b) < 2:
         return {}
-    if int(node_attribute(node, "transBatchA", 0)) or int(node_attribute(node, "transBatchB", 0)):
-        return {}
+    if int(node_attribute(node, "transBatchA", 0)):
+        a = (*a[1:-1], a[0], a[-1])
+    if int(node_attribute(node, "transBatchB", 0)):
+        b = (*b[1:-1], b[0], b[-1])
     m = a[-1] if int(node_attribute(node, "transA", 0)) else a[-2]
     n = b[-2] if int(node_attribute(node, "transB", 0)) else b[-1]
     width = max(len(a), len(b)) - 2
@@ -220,6 +226,7 @@ _SHAPES: dict[tuple[str, str], Callable[[onnx.NodeProto, Mapping[str, Shape]], F
     (MICROSOFT, "GroupQueryAttention"): _group_query_attention,
     (MICROSOFT, "MatMulNBits"): _matmul_nbits,
     (MICROSOFT, "EmbedLayerNormalization"): _embed_layer_norm,
+    **QUANTIZED_SHAPES,  # ONNX Runtime's QOperator activations
 }
 
 
@@ -255,5 +262,7 @@ def contrib_output_shapes(
     table = dtypes.get(_input(node, 2), 0)
     result: dict[str, tuple[Shape, int]] = {}
     for name, (shape, dtype) in found.items():
+        if dtype < -2:  # -(slot + 3): the type of input slot (see _quantized_shapes)
+            dtype = dtypes.get(_input(node, -dtype - 3), 0) or 0
         result[name] = (shape, first if dtype == 0 else table if dtype == -2 else dtype)
     return result

@@ -244,6 +244,29 @@ class ModelGraph:
             self._merge_infos(self._inferred_infos(self._skeleton()), prefer=True)
             if self._fold:
                 self._fold_shape_arithmetic()
+                self._infer_past_contrib()
+
+    def _infer_past_contrib(self) -> None:
+        """Whole-graph inference again, with the outputs of other domains' operators typed.
+
+        ONNX's inference stops at an operator it does not know (``MatMulNBits``...), and with
+        it the propagation of shape values (``Shape`` -> ``Concat`` -> ``Expand``) beyond; the
+        per-node pass types those outputs (:mod:`onnxlady._graph._contrib_shapes`) but folds
+        numbers only, so symbolic shape values are propagated by one more whole-graph run.
+        """
+        typed = []
+        for node in self.nodes[: self.main_count]:
+            if node.domain in ("", "ai.onnx"):
+                continue
+            for name in node.output:
+                shape, dtype = self.shapes.get(name), self.dtypes.get(name)
+                if name and shape is not None and dtype:
+                    dims = [d if isinstance(d, (int, str)) else None for d in shape]
+                    typed.append(onnx.helper.make_tensor_value_info(name, dtype, dims))
+        if typed:
+            skeleton = self._skeleton()
+            skeleton.graph.value_info.extend(typed)
+            self._merge_infos(self._inferred_infos(skeleton))
 
     def _merge_infos(self, infos: list[onnx.ValueInfoProto], *, prefer: bool = False) -> None:
         """Record the shapes and types of ``infos`` where they know more (or, with ``prefer``, as much)."""
@@ -316,7 +339,12 @@ class ModelGraph:
             ):
                 continue
             feeds = [name for name in node.input if name]
-            if not any(name in self.folded or name in refined for name in feeds):
+            # An output still unknown with every input known: inference on the skeleton stopped
+            # before it (at an unknown operator) while value_info told the inputs' shapes.
+            stalled = all(self.shapes.get(name) is not None for name in feeds) and any(
+                self.shapes.get(name) is None for name in node.output if name
+            )
+            if not stalled and not any(name in self.folded or name in refined for name in feeds):
                 continue  # nothing new to tell shape inference about this node
             refined |= self._infer_node(node, values, protos, opset, opset_imports)
 

@@ -56,7 +56,7 @@ def require_regular_file(path: str | os.PathLike[str], what: str = "file") -> os
     except OSError as exc:
         raise OnnxladyError(f"{_short(shown)}: cannot read ({exc.strerror or exc})") from None
     if stat.S_ISDIR(info.st_mode):
-        raise OnnxladyError(f"{shown}: is a folder, not a {what}")
+        raise OnnxladyError(f"{shown}: is a folder, not {_article(what)} {what}")
     if not stat.S_ISREG(info.st_mode):
         raise OnnxladyError(f"{shown}: not a regular file (FIFOs, devices and sockets are refused as a {what})")
     return info
@@ -141,3 +141,8 @@ def _finite_float(text: str) -> float:
 
 def _no_constant(text: str) -> float:
     raise ValueError(f"{text} is not a number JSON allows")
+
+
+def _article(noun: str) -> str:
+    """"a" or "an" before ``noun`` as it is read aloud ("an ONNX file", "a key")."""
+    return "an" if noun[:1].lower() in "aeio" or noun[:4] == "ONNX" else "a"

@@ -12,18 +12,26 @@
 
 Each result carries a ``score`` in (0, 1], ``1 / (1 + (distance / threshold)^2)`` (1: the same
 neurons up to order; 0.5 at the threshold), and a call: ``"derived"`` when ``distance <=
-threshold``, else ``"unrelated"``.
+threshold``, else ``"unrelated"``. A model that pairs no layer with the suspect ranks after
+every model that pairs one (it holds no evidence either way).
 
-Calibration of :data:`DERIVED_THRESHOLD`: distances are in units of the gap between two
-unrelated layers of the same shape (see :mod:`onnxlady._provenance._fingerprint`), so an
-unrelated model of the same architecture sits near 1 and a model of another architecture at 1
-or more (its layers stay unpaired). In the registry experiment (``python3 -m
-tools.registry_experiment``: fixtures as references, each permuted, with noise OMEGA = 0.1,
-int8 QDQ, 30 % magnitude pruning, float16 and ORT's extended optimizer, against other seeds of
-the same architectures and the other fixtures) every derivative stayed below 0.29 and every
-unrelated model above 0.68; the threshold sits between them, at 0.5. Heavier changes (noise
-OMEGA >= 0.3, pruning far beyond 50 %, fine-tuning that moves weights by more than a tenth of
-their spread) leave the "derived" side; a confirmed resync (``confirm=True``) then decides.
+The threshold grows with the evidence (:func:`derived_threshold`). Distances are in units of
+the gap between two unrelated layers of the same shape (see
+:mod:`onnxlady._provenance._fingerprint`): the squared distance is the mean over ``n`` layer
+slots (paired layers and unpaired ones) of values near 1 for an unrelated model, so an
+unrelated model's squared distance concentrates around 1 with a spread that shrinks as
+``1 / sqrt(n)``. The threshold is set that many spreads below: ``threshold(n)^2 = 1 -
+EVIDENCE / sqrt(n)`` (at least :data:`MIN_THRESHOLD`), a fixed false-alarm rate whatever the
+depth, like a z-test; a noisy copy of a 60-layer trained network 0.89 away is as clearly
+derived as a 3-layer one 0.3 away. Calibration of :data:`EVIDENCE` in the registry experiment
+(``python3 -m tools.registry_experiment``; fixtures, real PaddleOCR/YOLOv8/Magika models and
+torch-trained networks as references, each permuted, with noise OMEGA = 0.1, int8 QDQ, 30 %
+magnitude pruning, float16, ORT's extended optimizer and fine-tuning, against other seeds of
+the same architectures and every other model): ``(1 - distance^2) * sqrt(n)`` is at most 1.30
+for every unrelated pair and at least 1.62 for every derivative but Magika's noisy and pruned
+copies (3 layers); the constant sits between, at 1.45. Heavier changes (noise OMEGA >= 0.3,
+pruning far beyond 50 %, long fine-tuning) leave the "derived" side; a confirmed resync
+(``confirm=True``) then decides. A fixed ``threshold`` can be given instead.
 
 ``confirm=True`` audits each returned candidate against the suspect
 (:func:`onnxlady._audit._verdicts.audit_models`, which runs
@@ -36,6 +44,7 @@ distance is within the threshold, joined into connected components.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -49,6 +58,7 @@ from onnxlady._audit._verdicts import audit_models
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import load_model
 from onnxlady._provenance._fingerprint import (
+    LayerMatch,
     ModelFingerprint,
     compare_fingerprints,
     fingerprint_model,
@@ -60,6 +70,8 @@ from onnxlady._provenance._read import fingerprint_file, is_url, load_url
 __all__ = [
     "CANDIDATES",
     "DERIVED_THRESHOLD",
+    "EVIDENCE",
+    "MIN_THRESHOLD",
     "Candidate",
     "Cluster",
     "ClusterReport",
@@ -67,11 +79,17 @@ __all__ = [
     "FindReport",
     "find",
     "find_all_pairs",
+    "derived_threshold",
     "score_of",
 ]
 
-#: Largest distance called "derived" (see the module docstring for its calibration).
-DERIVED_THRESHOLD = 0.5
+#: How many spreads of an unrelated model's squared distance the threshold sits below 1 (see the
+#: module docstring for its calibration): ``threshold(n)^2 = 1 - EVIDENCE / sqrt(n)``.
+EVIDENCE = 1.45
+#: The threshold of a comparison of one or two layer slots (the rule would give none).
+MIN_THRESHOLD = 0.3
+#: The threshold at 4 layer slots (``derived_threshold(4)``, about 0.52), for a single figure.
+DERIVED_THRESHOLD = math.sqrt(1.0 - EVIDENCE / 2.0)
 #: Models compared exactly after the coarse ranking (at least; ``8 * top`` when larger).
 CANDIDATES = 64
 #: All pairs: the coarse neighbours per model compared exactly, beyond those within the cutoff.
@@ -81,9 +99,28 @@ _COARSE_CUTOFF = 3.0
 _BLOCK = 2048
 
 
+def derived_threshold(slots: int) -> float:
+    """The largest distance called "derived" for a comparison over ``slots`` layer slots.
+
+    ``sqrt(1 - EVIDENCE / sqrt(slots))``, at least :data:`MIN_THRESHOLD` (module docstring):
+    about 0.40 at 3 slots, 0.70 at 8, 0.80 at 16, 0.90 at 60, 0.96 at 500.
+
+    Args:
+        slots: paired layers plus the unpaired layers of both models.
+    """
+    squared = 1.0 - EVIDENCE / math.sqrt(max(slots, 1))
+    return max(math.sqrt(max(squared, 0.0)), MIN_THRESHOLD)
+
+
 def score_of(distance: float, threshold: float = DERIVED_THRESHOLD) -> float:
     """``1 / (1 + (distance / threshold)^2)``: 1 for equal fingerprints, 0.5 at the threshold."""
     return 1.0 / (1.0 + (distance / threshold) ** 2)
+
+
+def _threshold_of(match: LayerMatch, fixed: float | None) -> float:
+    if fixed is not None:
+        return fixed
+    return derived_threshold(len(match.pairs) + len(match.unmatched_a) + len(match.unmatched_b))
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -133,6 +170,7 @@ class Candidate:
     paired_layers: int
     unpaired_layers: tuple[int, int]
     confirmation: Confirmation | None = None
+    threshold: float = DERIVED_THRESHOLD
 
     def to_json(self) -> dict[str, Any]:
         """The candidate as JSON-ready data (its fields, the distance and score rounded)."""
@@ -142,6 +180,7 @@ class Candidate:
             "distance": round(self.distance, 6),
             "score": round(self.score, 6),
             "call": self.call,
+            "threshold": round(self.threshold, 6),
             "paired_layers": self.paired_layers,
             "unpaired_layers": list(self.unpaired_layers),
             "confirmation": self.confirmation.to_json() if self.confirmation is not None else None,
@@ -156,7 +195,8 @@ class FindReport:
         suspect: the suspect's path (or ``"<model>"`` for an in-memory model).
         index: the index searched.
         models: models in the index.
-        threshold: the distance limit of a "derived" call.
+        threshold: the fixed distance limit of a "derived" call, or None: each candidate's own
+            (:func:`derived_threshold` of its layer slots).
         candidates: the ranked candidates, closest first.
         search_seconds: time of the search itself (coarse and exact stages, without
             fingerprinting the suspect or confirming).
@@ -166,7 +206,7 @@ class FindReport:
     suspect: str
     index: str
     models: int
-    threshold: float
+    threshold: float | None
     candidates: list[Candidate] = field(default_factory=list)
     search_seconds: float = 0.0
     seconds: float = 0.0
@@ -216,7 +256,8 @@ class ClusterReport:
     Attributes:
         index: the index.
         models: models in the index.
-        threshold: the distance limit of a "derived" pair.
+        threshold: the fixed distance limit of a "derived" pair, or None: each pair's own
+            (:func:`derived_threshold` of its layer slots).
         clusters: the clusters, largest first.
         compared_pairs: pairs compared exactly (the rest were far apart in the coarse stage).
         seconds: time taken.
@@ -224,7 +265,7 @@ class ClusterReport:
 
     index: str
     models: int
-    threshold: float
+    threshold: float | None
     clusters: list[Cluster] = field(default_factory=list)
     compared_pairs: int = 0
     seconds: float = 0.0
@@ -249,7 +290,7 @@ def _suspect_fingerprint(
     if isinstance(suspect, onnx.ModelProto):
         return "<model>", fingerprint_model(suspect)
     text = os.fspath(suspect)
-    result = fingerprint_file(text)
+    result = fingerprint_file(text, digest=False)
     if result.error:
         raise OnnxladyError(result.error)
     return result.path, ModelFingerprint.from_bytes(result.fingerprint)
@@ -281,7 +322,7 @@ def find(
     *,
     top: int = 5,
     confirm: bool = False,
-    threshold: float = DERIVED_THRESHOLD,
+    threshold: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> FindReport:
     """Rank the indexed models by fingerprint distance to ``suspect`` (module docstring).
@@ -292,7 +333,8 @@ def find(
         top: how many candidates to return.
         confirm: audit each returned candidate against the suspect (needs the suspect as a
             file or model, and the candidates' files).
-        threshold: the largest distance called "derived".
+        threshold: the largest distance called "derived"; None (the default): each candidate's
+            :func:`derived_threshold` of the layer slots it was compared over.
         progress: called with one line per confirmation.
 
     Returns:
@@ -305,7 +347,7 @@ def find(
     """
     if top < 1:
         raise OnnxladyError(f"top must be at least 1, not {top}")
-    if not threshold > 0:
+    if threshold is not None and not threshold > 0:
         raise OnnxladyError(f"threshold must be positive, not {threshold}")
     if confirm and isinstance(suspect, ModelFingerprint):
         raise OnnxladyError("confirm needs the suspect model, not only its fingerprint")
@@ -326,13 +368,18 @@ def find(
                 path, other = stored[int(model_id)]
                 match = compare_fingerprints(fingerprint, other)
                 ranked.append((match.distance, path, match))
-            ranked.sort(key=lambda item: (item[0], item[1]))
+            # A model none of whose layers pairs with the suspect's (no shape in common within the
+            # window) holds no evidence either way: it ranks after every model that pairs at all,
+            # whatever the distance (a pruned or noisy copy of a large trained layer can sit past
+            # the 1.0 that a wholly unpaired model gets).
+            ranked.sort(key=lambda item: (not item[2].pairs, item[0], item[1]))
             for rank, (distance, path, match) in enumerate(ranked[:top], start=1):
+                limit = _threshold_of(match, threshold)
                 report.candidates.append(
                     Candidate(
-                        rank, path, distance, score_of(distance, threshold),
-                        "derived" if distance <= threshold else "unrelated", len(match.pairs),
-                        (len(match.unmatched_a), len(match.unmatched_b)),
+                        rank, path, distance, score_of(distance, limit),
+                        "derived" if distance <= limit and match.pairs else "unrelated", len(match.pairs),
+                        (len(match.unmatched_a), len(match.unmatched_b)), threshold=limit,
                     )
                 )  # fmt: skip
         report.search_seconds = time.perf_counter() - search_start
@@ -351,7 +398,7 @@ def find(
 def _with_confirmation(candidate: Candidate, confirmation: Confirmation) -> Candidate:
     return Candidate(
         candidate.rank, candidate.path, candidate.distance, candidate.score, candidate.call,
-        candidate.paired_layers, candidate.unpaired_layers, confirmation,
+        candidate.paired_layers, candidate.unpaired_layers, confirmation, candidate.threshold,
     )  # fmt: skip
 
 
@@ -365,17 +412,18 @@ def _coarse_distances(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
 def find_all_pairs(
     index_path: str | os.PathLike[str],
     *,
-    threshold: float = DERIVED_THRESHOLD,
+    threshold: float | None = None,
 ) -> ClusterReport:
     """Every cluster of related models in an index.
 
     Pairs are compared exactly when they are among each other's :data:`_NEIGHBOURS` nearest
-    search vectors or closer than a coarse cutoff; pairs within ``threshold`` are joined into
+    search vectors or closer than a coarse cutoff; pairs within their threshold are joined into
     clusters (connected components).
 
     Args:
         index_path: the index.
-        threshold: the largest distance of a "derived" pair.
+        threshold: the largest distance of a "derived" pair; None: :func:`derived_threshold`
+            of the pair's layer slots.
 
     Returns:
         The clusters, largest first (members sorted by path).
@@ -383,7 +431,7 @@ def find_all_pairs(
     Raises:
         OnnxladyError: the index is missing, not an index, or of a newer format.
     """
-    if not threshold > 0:
+    if threshold is not None and not threshold > 0:
         raise OnnxladyError(f"threshold must be positive, not {threshold}")
     start = time.perf_counter()
     with open_index(index_path) as connection:
@@ -401,8 +449,9 @@ def find_all_pairs(
 
     related: list[tuple[int, int, float]] = []
     for i, j in sorted(candidates):
-        distance = compare_fingerprints(stored[int(ids[i])][1], stored[int(ids[j])][1]).distance
-        if distance <= threshold:
+        match = compare_fingerprints(stored[int(ids[i])][1], stored[int(ids[j])][1])
+        distance = match.distance
+        if match.pairs and distance <= _threshold_of(match, threshold):
             related.append((i, j, distance))
             parent[root(i)] = root(j)
     report.compared_pairs = len(candidates)

@@ -29,8 +29,10 @@ Common form
     scale ``gamma / sqrt(var + eps)`` is folded in, so a model and its BN-folded copy
     (``fold_batchnorm``, ORT's ConvBN fusion, FusedConv) give the same statistics. Statistics
     come from power sums per neuron and weighted sums per input (:func:`layer_records`): a few
-    float32 ``einsum`` passes over each large weight as stored, one float64 batch for all small
-    layers; sorting and resampling then run for all layers at once. A neuron whose RMS is at
+    float32 ``einsum`` passes over each large weight as stored (large layers of one shape
+    stacked, one pass for all of them), one float64 batch for all small layers; sorting and
+    resampling then run for all layers at once, each layer summed on its own so that a model's
+    records are the same alone or batched with other models (:func:`fingerprints_of`). A neuron whose RMS is at
     most :data:`DEAD_NEURON` times its layer's largest counts as dead (all-zero rows of
     structured pruning, channels float16 or int8 round away, and the RMS-1e-36 rows real
     PaddleOCR models hold, which would otherwise overflow float32).
@@ -122,6 +124,7 @@ __all__ = [
     "compare_fingerprints",
     "fingerprint_distance",
     "fingerprint_model",
+    "fingerprints_of",
     "layer_record",
     "layer_records",
     "model_producers",
@@ -268,13 +271,14 @@ def segment_sort(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def segment_resample(values: np.ndarray, lengths: np.ndarray, size: int = RESAMPLE) -> np.ndarray:
     """:func:`resample` of each segment of ``values`` ``(m, p)``, as ``(segments, size, p)``.
 
-    Segment ``s`` is the next ``lengths[s]`` rows (every length at least 1).
+    Segment ``s`` is the next ``lengths[s]`` rows (every length at least 1). Each output bin is
+    the sum of the whole rows in it (``reduceat``) plus the fractions of the rows cut by its
+    edges, so a segment's result depends on its own rows only, bit for bit: the layers of one
+    model give the same records whether they are reduced alone or next to other models'.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     total, columns = values.shape
-    cumulative = np.zeros((total + 1, columns))
-    np.cumsum(values, axis=0, out=cumulative[1:])
     padded = np.zeros((total + 1, columns))  # the row after the last: read with weight 0
     padded[:total] = values
     # Edges j * n / size of each segment (as np.linspace(0, n, size + 1) computes them).
@@ -283,8 +287,13 @@ def segment_resample(values: np.ndarray, lengths: np.ndarray, size: int = RESAMP
     whole = np.minimum(np.floor(edges).astype(np.int64), lengths[:, None])
     fraction = (edges - whole)[:, :, None]
     at = starts[:, None] + whole
-    integral = cumulative[at] - cumulative[starts][:, None, :] + fraction * padded[at]
-    return np.diff(integral, axis=1) * (size / lengths)[:, None, None]
+    # Bin j sums rows at[j] .. at[j+1] - 1; the last bin of a segment ends where the next begins.
+    # The pad row's own index closes the last bin (reduceat sums a final slice another way).
+    bounds = np.append(at[:, :-1].ravel(), total)
+    sums = np.add.reduceat(padded, bounds, axis=0)[:-1].reshape(len(lengths), size, columns)
+    sums[at[:, 1:] == at[:, :-1]] = 0.0  # an empty bin (reduceat gives its first row instead)
+    cut = fraction * padded[at]
+    return (sums - cut[:, :-1] + cut[:, 1:]) * (size / lengths)[:, None, None]
 
 
 #: Layers of at most this many weights are reduced together, in float64 passes over their
@@ -294,6 +303,17 @@ def segment_resample(values: np.ndarray, lengths: np.ndarray, size: int = RESAMP
 SMALL_LAYER = 2048
 #: Most weights in one batch of small layers (bounds the batch's float64 copies).
 _BATCH_WEIGHTS = 1 << 18
+#: Large layers of at most this many weights are stacked with others of their shape and layout,
+#: at most :data:`_STACK_WEIGHTS` weights per stack (a larger layer gains nothing: its passes
+#: already cost far more than the calls).
+_STACK_LAYER = 1 << 18
+_STACK_WEIGHTS = 1 << 22
+
+
+def _stack_key(weight: ProducerWeight) -> tuple[int, ...]:
+    return (weight.neuron_axis, *weight.matrix.shape)
+
+
 #: A neuron whose RMS is at most this fraction of the largest in its layer counts as dead (an
 #: all-zero row of structured pruning, or a channel a float16 or int8 copy rounds to zero):
 #: its normalized statistics carry no signal, and reading them would overflow float32.
@@ -358,10 +378,50 @@ def _large_layer_sums(weight: ProducerWeight, sign: np.ndarray) -> _Sums:
     direction = np.einsum(f"{rows},i->j", matrix, relative).astype(np.float64) * (top / n)
     column_square = np.einsum(f"{rows},i->j", squares, relative * relative).astype(np.float64)
     column_rms = np.sqrt(column_square / n) * top
-    length = math.sqrt(float(direction @ direction))
+    length = _euclidean(direction)
     toward = (direction / length if length > 0 else direction).astype(np.float32)
     cosine = np.einsum(f"{rows},j->i", matrix, toward).astype(np.float64) * inverse / math.sqrt(k)
     return _Sums(s1, s2, s3, s4, peak, inverse, cosine, direction, column_rms)
+
+
+def _euclidean(vector: np.ndarray) -> float:
+    """Euclidean norm of a float64 vector, by einsum: not BLAS, whose threads spin on after a call."""
+    return math.sqrt(float(np.einsum("j,j->", vector, vector)))
+
+
+def _stacked_layer_sums(weights: Sequence[ProducerWeight], sign: np.ndarray) -> _Sums:
+    """:func:`_large_layer_sums` of layers of one shape and layout, stacked: the same numbers, bit for bit.
+
+    One ``einsum`` per pass for all of them instead of one per layer (a real network repeats a
+    few block shapes many times; the calls, not the arithmetic, are what mid-sized layers cost).
+    """
+    first = weights[0]
+    n, k, count = first.neurons, first.fan_in, len(weights)
+    stack = np.stack([np.asarray(w.matrix, dtype=np.float32) for w in weights])
+    rows = "bij" if first.neuron_axis == 0 else "bji"
+    squares = np.multiply(stack, stack)
+    s1 = np.einsum(f"{rows}->bi", stack).astype(np.float64)
+    s2 = np.einsum(f"{rows}->bi", squares).astype(np.float64)
+    s3 = np.einsum(f"{rows},{rows}->bi", squares, stack).astype(np.float64)
+    s4 = np.einsum(f"{rows},{rows}->bi", squares, squares).astype(np.float64)
+    peak = np.sqrt(squares.max(axis=2 - first.neuron_axis).astype(np.float64))
+    rms = np.sqrt(s2 / k)
+    inverse = _inverse(rms, rms.max(axis=1, keepdims=True), sign.reshape(count, n))
+    top = np.abs(inverse).max(axis=1)
+    top = np.where(top > 0, top, 1.0)
+    relative = (inverse / top[:, None]).astype(np.float32)
+    direction = np.einsum(f"{rows},bi->bj", stack, relative).astype(np.float64) * (top / n)[:, None]
+    column_square = np.einsum(f"{rows},bi->bj", squares, relative * relative).astype(np.float64)
+    column_rms = np.sqrt(column_square / n) * top[:, None]
+    length = np.array([_euclidean(row) for row in direction])
+    toward = np.where(
+        length[:, None] > 0, direction / np.where(length > 0, length, 1.0)[:, None], direction
+    ).astype(np.float32)
+    cosine = np.einsum(f"{rows},bj->bi", stack, toward).astype(np.float64) * inverse / math.sqrt(k)
+    return _Sums(
+        s1.ravel(), s2.ravel(), s3.ravel(), s4.ravel(), peak.ravel(), inverse.ravel(), cosine.ravel(),
+        direction.ravel(), column_rms.ravel(),
+    )  # fmt: skip
 
 
 def _small_layer_sums(weights: Sequence[ProducerWeight], sign: np.ndarray) -> _Sums:
@@ -429,7 +489,11 @@ def layer_records(weights: Sequence[ProducerWeight]) -> np.ndarray:
         return np.zeros((0, LAYER_WIDTH))
     # Small layers first (batched), then large ones; rows go back to the caller's order at the end.
     order = [i for i, w in enumerate(weights) if w.size <= SMALL_LAYER]
-    order += [i for i, w in enumerate(weights) if w.size > SMALL_LAYER]
+    small = len(order)
+    # Large layers of one shape and layout next to each other: their passes run stacked.
+    order += sorted(
+        (i for i, w in enumerate(weights) if w.size > SMALL_LAYER), key=lambda i: (*_stack_key(weights[i]), i)
+    )
     ordered = [weights[i] for i in order]
     count = len(ordered)
     neurons = np.array([w.neurons for w in ordered], dtype=np.int64)
@@ -438,18 +502,27 @@ def layer_records(weights: Sequence[ProducerWeight]) -> np.ndarray:
     sign, magnitude = _signs(ordered, neuron_start)
     parts: list[_Sums] = []
     first = batch_size = 0
-    for index, weight in enumerate(ordered):
-        if weight.size > SMALL_LAYER or batch_size + weight.size > _BATCH_WEIGHTS:
+    for index, weight in enumerate(ordered[:small]):
+        if batch_size + weight.size > _BATCH_WEIGHTS:
             if index > first:
                 parts.append(_small_layer_sums(ordered[first:index], sign[neuron_start[first] : neuron_start[index]]))
             first, batch_size = index, 0
-        if weight.size > SMALL_LAYER:
-            parts.append(_large_layer_sums(weight, sign[neuron_start[index] : neuron_start[index + 1]]))
-            first = index + 1
-        else:
-            batch_size += weight.size
-    if count > first:
-        parts.append(_small_layer_sums(ordered[first:], sign[neuron_start[first] :]))
+        batch_size += weight.size
+    if small > first:
+        parts.append(_small_layer_sums(ordered[first:small], sign[neuron_start[first] : neuron_start[small]]))
+    index = small
+    while index < count:
+        weight, end = ordered[index], index + 1
+        if weight.size <= _STACK_LAYER:
+            key, stacked = _stack_key(weight), weight.size
+            while end < count and _stack_key(ordered[end]) == key and stacked + ordered[end].size <= _STACK_WEIGHTS:
+                stacked += ordered[end].size
+                end += 1
+        where = sign[neuron_start[index] : neuron_start[end]]
+        parts.append(
+            _large_layer_sums(weight, where) if end == index + 1 else _stacked_layer_sums(ordered[index:end], where)
+        )
+        index = end
     sums = parts[0] if len(parts) == 1 else _concatenate(parts)
     # Per-neuron statistics, every layer at once.
     k = np.repeat(fan_in, neurons).astype(np.float64)
@@ -634,12 +707,37 @@ def fingerprint_model(model: onnx.ModelProto) -> ModelFingerprint:
     Raises:
         OnnxladyError: the model is malformed (a tensor nothing defines, a cycle...).
     """
-    weights = model_producers(model)
-    records = layer_records(weights).astype(np.float32)
-    shapes = np.array([[w.neurons, w.fan_in, w.kernel, w.groups] for w in weights], dtype=np.int64)
-    return ModelFingerprint(
-        records, shapes.reshape(-1, 4), tuple(w.op_type for w in weights), tuple(w.name for w in weights)
-    )
+    return fingerprints_of([model_producers(model)])[0]
+
+
+def fingerprints_of(models: Sequence[Sequence[ProducerWeight]]) -> list[ModelFingerprint]:
+    """The fingerprints of several models from their producer weights, their layers reduced together.
+
+    One :func:`layer_records` call for all of them: a small model costs a few hundred
+    microseconds of numpy calls on its own, a fraction of that in a batch. Each model's records
+    are those it gets alone, bit for bit (every statistic is computed per layer).
+
+    Args:
+        models: per model, its producer weights (:func:`model_producers`).
+
+    Returns:
+        One fingerprint per model, in order.
+    """
+    records = layer_records([weight for weights in models for weight in weights]).astype(np.float32)
+    fingerprints = []
+    start = 0
+    for weights in models:
+        shapes = np.array([[w.neurons, w.fan_in, w.kernel, w.groups] for w in weights], dtype=np.int64)
+        fingerprints.append(
+            ModelFingerprint(
+                records[start : start + len(weights)],
+                shapes.reshape(-1, 4),
+                tuple(w.op_type for w in weights),
+                tuple(w.name for w in weights),
+            )
+        )
+        start += len(weights)
+    return fingerprints
 
 
 # -- distance -------------------------------------------------------------------------------
@@ -815,7 +913,8 @@ def search_vector(fingerprint: ModelFingerprint) -> np.ndarray:
     layers = fingerprint.layers
     if layers:
         values = (
-            fingerprint.records.astype(np.float64) @ _SEARCH_PROJECTION / unrelated_gap(fingerprint.shapes)[:, None]
+            np.einsum("lw,wv->lv", fingerprint.records.astype(np.float64), _SEARCH_PROJECTION)
+            / unrelated_gap(fingerprint.shapes)[:, None]
         )
         shapes = np.log2(np.maximum(fingerprint.shapes, 1).astype(np.float64)) * SHAPE_WEIGHT
         chunks = resample(np.concatenate([values, shapes], axis=1), SEARCH_CHUNKS)

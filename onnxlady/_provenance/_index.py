@@ -32,7 +32,10 @@ refused rather than misread; ``PRAGMA application_id`` marks the file as an onnx
 Incremental rule per file: same size and modification time (and the same for each external
 data file) as indexed, and a fingerprint of this :data:`FINGERPRINT_VERSION` -> skipped; same
 size but another modification time -> its sha256 is compared and, when equal, only the time is
-updated; anything else -> fingerprinted again.
+updated; anything else -> fingerprinted again. A file is first indexed without its sha256 (the
+hash alone costs about as much as reading the model): the rule needs one only once a file's
+time changes, so that file is then fingerprinted again with its hash, called "touched" when
+its fingerprint is the one indexed, and compared by hash from then on.
 Files under a scanned folder that disappeared are removed from the index.
 
 Scale-out: ``engine="process"`` (the default) fans the files over a local process pool;
@@ -65,7 +68,7 @@ from onnxlady._provenance._fingerprint import (
 )
 from onnxlady._provenance._read import (
     FileFingerprint,
-    fingerprint_file,
+    fingerprint_files,
     is_url,
     list_urls,
     sha256_url,
@@ -165,7 +168,8 @@ class IndexBuildReport:
         scanned: model files found under the given paths.
         indexed: files fingerprinted (new or changed).
         unchanged: files skipped (same size and modification time).
-        touched: files whose time changed but whose sha256 did not (not fingerprinted again).
+        touched: files whose time changed but whose content did not: same sha256 (not
+            fingerprinted again), or, for a file indexed without one, the same fingerprint.
         removed: indexed files under a scanned folder that no longer exist.
         errors: files that could not be fingerprinted (this build's and still-unchanged
             earlier ones).
@@ -406,15 +410,20 @@ def build_index(
         changed = bool(report.removed or report.touched)
         pending: list[FileFingerprint] = []
         last_commit = time.monotonic()
-        for result in _run(todo, engine, count, scheduler):
+        for task, result in _run(todo, engine, count, scheduler):
             done += 1
             pending.append(result)
             if result.error:
+                action = "error"
                 report.errors.append(UnreadableFile(result.path, result.error))
+            elif task.same_as is not None and result.fingerprint == task.same_as:
+                action = "touched"  # stored again: its new time and its sha256
+                report.touched.append(result.path)
             else:
+                action = "indexed"
                 report.indexed.append(result.path)
             if progress is not None:
-                progress(IndexProgress(done, total, result.path, "error" if result.error else "indexed"))
+                progress(IndexProgress(done, total, result.path, action))
             if len(pending) >= _BATCH_FILES or time.monotonic() - last_commit > _BATCH_SECONDS:
                 _store(connection, pending)
                 changed, pending, last_commit = True, [], time.monotonic()
@@ -431,7 +440,27 @@ def build_index(
     return report
 
 
-def _plan(connection: sqlite3.Connection, files: list[str], folders: list[str], report: IndexBuildReport) -> list[str]:
+@dataclass(frozen=True)
+class _Task:
+    """One file to fingerprint.
+
+    Attributes:
+        path: the file or URL.
+        size: its size at planning (0 when unknown), for batching.
+        digest: compute its sha256 (a file whose time changed keeps one for the next time).
+        same_as: the fingerprint indexed for it when it was touched but indexed without a
+            sha256: equal fingerprints make it "touched", not "indexed".
+    """
+
+    path: str
+    size: int = 0
+    digest: bool = False
+    same_as: bytes | None = None
+
+
+def _plan(
+    connection: sqlite3.Connection, files: list[str], folders: list[str], report: IndexBuildReport
+) -> list[_Task]:
     """The files to fingerprint.
 
     Skipped, touched, removed and still-failing files are settled in ``report`` (and the index)
@@ -442,12 +471,12 @@ def _plan(connection: sqlite3.Connection, files: list[str], folders: list[str], 
         for row in connection.execute("SELECT path, size, mtime_ns, sha256, data_files, version FROM models")
     }
     failed = {row[0]: row[1:] for row in connection.execute("SELECT path, size, mtime_ns, error FROM errors")}
-    todo: list[str] = []
+    todo: list[_Task] = []
     touched: list[tuple[int, str]] = []
     for path in files:
         stat = _stat(path)
         if stat is None:
-            todo.append(path)  # the worker reports why it cannot be read
+            todo.append(_Task(path))  # the worker reports why it cannot be read
             continue
         size, mtime_ns = stat
         if path in failed and failed[path][:2] == (size, mtime_ns):
@@ -455,14 +484,17 @@ def _plan(connection: sqlite3.Connection, files: list[str], folders: list[str], 
             continue
         row = known.get(path)
         if row is None or row[0] != size or row[4] != FINGERPRINT_VERSION or not _data_files_unchanged(row[3]):
-            todo.append(path)  # new, changed, or fingerprinted by another version of the fields
+            todo.append(_Task(path, size))  # new, changed, or fingerprinted by another version of the fields
         elif row[1] == mtime_ns:
             report.unchanged += 1
+        elif not row[2]:  # indexed without a sha256: its fingerprint tells (and it gets one now)
+            stored = connection.execute("SELECT fingerprint FROM models WHERE path = ?", (path,)).fetchone()[0]
+            todo.append(_Task(path, size, digest=True, same_as=stored))
         elif _sha256(path) == row[2]:
             touched.append((mtime_ns, path))
             report.touched.append(path)
         else:
-            todo.append(path)
+            todo.append(_Task(path, size, digest=True))
     present = set(files)
     gone = [
         path
@@ -480,23 +512,66 @@ def _plan(connection: sqlite3.Connection, files: list[str], folders: list[str], 
     return todo
 
 
-def _run(todo: list[str], engine: str, workers: int, scheduler: Any) -> Iterator[FileFingerprint]:
-    """Fingerprint ``todo``, yielding results as they complete."""
+#: A worker's task holds at most this many files and this many bytes of them (a file larger
+#: than that goes alone): small files are fingerprinted together (see
+#: :func:`~onnxlady._provenance._read.fingerprint_files`), and a pool still gets several tasks
+#: per worker to balance.
+_TASK_FILES = 64
+_TASK_BYTES = 16 << 20
+#: Tasks per worker a build aims at (when there are files enough).
+_TASKS_PER_WORKER = 4
+
+
+def _batches(todo: list[_Task], workers: int) -> list[list[_Task]]:
+    """``todo`` in tasks for ``workers`` workers: consecutive files up to :data:`_TASK_FILES` / :data:`_TASK_BYTES`."""
+    per_task = max(1, min(_TASK_FILES, -(-len(todo) // (workers * _TASKS_PER_WORKER))))
+    batches: list[list[_Task]] = []
+    current: list[_Task] = []
+    size = 0
+    for task in todo:
+        if current and (len(current) >= per_task or size + task.size > _TASK_BYTES):
+            batches.append(current)
+            current, size = [], 0
+        current.append(task)
+        size += task.size
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _fingerprint_batch(paths: list[str], digests: list[bool]) -> list[FileFingerprint]:
+    """A worker's task (module-level: a process pool pickles it by name)."""
+    return fingerprint_files(paths, digest=digests)
+
+
+def _run(todo: list[_Task], engine: str, workers: int, scheduler: Any) -> Iterator[tuple[_Task, FileFingerprint]]:
+    """Fingerprint ``todo`` in batches, yielding (task, result) as batches complete."""
     if not todo:
         return
+    batches = _batches(todo, workers)
     if engine == "dask":
         from onnxlady._provenance._scale import fingerprint_with_dask
 
-        yield from fingerprint_with_dask(todo, workers=workers, scheduler=scheduler)
+        results = fingerprint_with_dask(
+            [[task.path for task in batch] for batch in batches],
+            [[task.digest for task in batch] for batch in batches],
+            workers=workers,
+            scheduler=scheduler,
+        )
+        for number, found in results:
+            yield from zip(batches[number], found)
         return
-    if workers == 1 or len(todo) == 1:
-        for path in todo:
-            yield fingerprint_file(path)
+    if workers == 1 or len(batches) == 1:  # no pool to start: this process does the work
+        for batch in batches:
+            yield from zip(batch, _fingerprint_batch([t.path for t in batch], [t.digest for t in batch]))
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-        futures: list[Future[FileFingerprint]] = [pool.submit(fingerprint_file, path) for path in todo]
+    with ProcessPoolExecutor(max_workers=min(workers, len(batches))) as pool:
+        futures: dict[Future[list[FileFingerprint]], list[_Task]] = {
+            pool.submit(_fingerprint_batch, [t.path for t in batch], [t.digest for t in batch]): batch
+            for batch in batches
+        }
         for future in as_completed(futures):
-            yield future.result()
+            yield from zip(futures[future], future.result())
 
 
 def _store(connection: sqlite3.Connection, results: list[FileFingerprint]) -> None:

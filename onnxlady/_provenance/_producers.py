@@ -19,6 +19,7 @@ layers and the same weights:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,6 +30,7 @@ import onnx
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import CHAIN_OPS, ModelGraph, node_label
 from onnxlady._io._tensors import read_array
+from onnxlady._provenance._wire import PLAIN_TYPES
 from onnxlady._resync._across import _batchnorm
 from onnxlady._resync._match import UNIT_OPS, Unit, find_units
 
@@ -111,7 +113,7 @@ class ConstantSource(Protocol):
 
 def _conv_rows(weight: np.ndarray) -> tuple[np.ndarray, int]:
     """Conv weight ``(out, in/g, *k)``: a row per output channel."""
-    kernel = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1
+    kernel = math.prod(weight.shape[2:]) if weight.ndim > 2 else 1
     return weight.reshape(weight.shape[0], -1), kernel
 
 
@@ -121,7 +123,7 @@ def _conv_transpose_rows(weight: np.ndarray, groups: int) -> tuple[np.ndarray, i
     Output channel ``g * out/g + j`` reads the inputs of group ``g`` only.
     """
     cin, per_group = weight.shape[:2]
-    kernel = int(np.prod(weight.shape[2:])) if weight.ndim > 2 else 1
+    kernel = math.prod(weight.shape[2:]) if weight.ndim > 2 else 1
     grouped = weight.reshape(groups, cin // groups, per_group, kernel)
     return np.moveaxis(grouped, 2, 1).reshape(groups * per_group, -1), kernel
 
@@ -394,9 +396,12 @@ class WeightGraph:
         FullGraphNeeded: from the constructor or any method, see above.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None) -> None:
         graph = model.graph
         self.graph = graph
+        #: Initializer values read already (:func:`onnxlady._provenance._wire.read_weights`'
+        #: views of the file): used instead of the initializer's own bytes, which are not there.
+        self.arrays: dict[str, np.ndarray] = arrays or {}
         self.nodes: list[onnx.NodeProto] = list(graph.node)
         self.initializers: dict[str, onnx.TensorProto] = {tensor.name: tensor for tensor in graph.initializer}
         self.graph_outputs: set[str] = {value.name for value in graph.output}
@@ -406,19 +411,24 @@ class WeightGraph:
         self.op_types: list[str] = [node.op_type for node in self.nodes]
         defined = set(self.initializers)
         defined.update(value.name for value in graph.input)
+        consumers, producer, op_types = self.consumers, self.producer, self.op_types
         for index, node in enumerate(self.nodes):
             for slot, name in enumerate(node.input):
                 if name:
                     if name not in defined:
                         raise FullGraphNeeded(f"node {index} reads '{name}' before it is defined")
-                    self.consumers.setdefault(name, []).append((index, slot))
-            if self.op_types[index] in _SUBGRAPH_OPS or node.domain not in _STANDARD:
+                    readers = consumers.get(name)
+                    if readers is None:
+                        consumers[name] = [(index, slot)]
+                    else:
+                        readers.append((index, slot))
+            if op_types[index] in _SUBGRAPH_OPS or node.domain not in _STANDARD:
                 for attribute in node.attribute:
                     if attribute.type in _GRAPH_ATTRIBUTES:
                         raise FullGraphNeeded(f"node {index} holds a subgraph")
             for slot, name in enumerate(node.output):
                 if name:
-                    self.producer[name] = (index, slot)
+                    producer[name] = (index, slot)
                     defined.add(name)
         if not self.graph_outputs <= defined:
             raise FullGraphNeeded("a graph output is not produced")
@@ -436,7 +446,8 @@ class WeightGraph:
     def _resolve(self, name: str) -> np.ndarray | None:
         tensor = self.initializers.get(name)
         if tensor is not None:
-            return read_array(tensor, f"tensor '{name}'")
+            array = self.arrays.get(name)
+            return array if array is not None else _initializer_array(tensor, name)
         produced = self.producer.get(name)
         if produced is None:
             return None
@@ -695,6 +706,25 @@ class WeightGraph:
         return gamma / np.sqrt(var + eps)
 
 
+def _initializer_array(tensor: onnx.TensorProto, name: str) -> np.ndarray:
+    """:func:`~onnxlady._io._tensors.read_array` of an initializer, the common case read directly.
+
+    A tensor of a plain numeric type whose values are all in ``raw_data`` is a view of those
+    bytes, as ``to_array`` gives it, without its dozen protobuf field reads per tensor (on a
+    small model they cost more than the parse). Anything else goes to ``read_array``.
+    """
+    dtype = PLAIN_TYPES.get(tensor.data_type)
+    if dtype is not None and tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.HasField("segment"):
+        raw = tensor.raw_data
+        dims = tuple(tensor.dims)
+        count = 1
+        for dim in dims:
+            count *= dim
+        if raw and len(raw) == count * dtype.itemsize:
+            return np.frombuffer(raw, dtype=dtype).reshape(dims)
+    return read_array(tensor, f"tensor '{name}'")
+
+
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
     if dim.HasField("dim_value") and dim.dim_value > 0:
         return int(dim.dim_value)
@@ -707,14 +737,21 @@ def _known(shape: tuple[int | str | None, ...]) -> int:
     return sum(1 for d in shape if isinstance(d, int))
 
 
-def model_producers(model: onnx.ModelProto) -> list[ProducerWeight]:
+def model_producers(
+    model: onnx.ModelProto,
+    arrays: dict[str, np.ndarray] | None = None,
+    full_model: Callable[[], onnx.ModelProto] | None = None,
+) -> list[ProducerWeight]:
     """:func:`producer_weights` of ``model``, read by a :class:`WeightGraph` where it can be.
 
     A WeightGraph gives the same answer without building a ModelGraph; other models are read by a
     ModelGraph.
 
     Args:
-        model: a loaded model (external data loaded); not modified.
+        model: a loaded model (external data loaded); not modified. With ``arrays``: the
+            skeleton of :func:`onnxlady._provenance._wire.read_weights`.
+        arrays: values of the initializers whose bytes ``model`` lacks.
+        full_model: for a skeleton, the whole model (called only when a ModelGraph must read it).
 
     Returns:
         The producer weights, in topological order.
@@ -723,7 +760,10 @@ def model_producers(model: onnx.ModelProto) -> list[ProducerWeight]:
         OnnxladyError: the model is malformed (a tensor nothing defines, a cycle...).
     """
     try:
-        graph = WeightGraph(model)
+        graph = WeightGraph(model, arrays)
         return _collect(graph, graph.order, graph.op_types, graph.units(), graph.batchnorm_scale)
     except FullGraphNeeded:
-        return producer_weights(ModelGraph(model, infer_shapes=False))
+        if arrays and full_model is None:
+            raise ValueError("a skeleton model needs full_model to be read by a ModelGraph") from None
+        whole = full_model() if arrays and full_model is not None else model
+        return producer_weights(ModelGraph(whole, infer_shapes=False))

@@ -5,14 +5,23 @@ data went missing. :func:`fingerprint_file` turns each into a :class:`FileFinger
 either a fingerprint or a one-line error, so a build lists the bad files and goes on.
 
 A local file is read once: its bytes (memory-mapped from :data:`MAP_BYTES` on, so a large model
-is not held twice) are hashed and parsed from the same buffer; from :data:`HASH_THREAD_BYTES` on,
-the hash runs in a second thread while the model is parsed and fingerprinted. The checks of
-:func:`onnxlady._io._files.load_model` that a fingerprint needs are made (a parse failure, no
-graph, no opset import, a regular file); the structural validation of the whole graph is not
-(a fingerprint reads only the producer weights and their neighbours, and any inconsistency there
-ends as this file's error line, see :mod:`onnxlady._provenance._producers`). A model with
-external data is read by :func:`~onnxlady._io._files.load_model` itself: external data resolved
-against the model's own folder and refused outside it, tensor sizes checked.
+is not held twice) are parsed and, when asked (``digest``: an index build asks only for a file
+whose time changed, see :mod:`onnxlady._provenance._index`), hashed from the same buffer; from
+:data:`HASH_THREAD_BYTES` on, the hash runs in a second thread while the model is parsed and
+fingerprinted. From :data:`SKIM_BYTES` on, the file is parsed by
+:func:`~onnxlady._provenance._wire.read_weights`: protobuf gets the model without its
+initializers' bytes and the weights are read as views of the file's own bytes, never copied.
+The checks of :func:`onnxlady._io._files.load_model` that a fingerprint needs are made (a parse
+failure, no graph, no opset import, a regular file); the structural validation of the whole
+graph is not (a fingerprint reads only the producer weights and their neighbours, and any
+inconsistency there ends as this file's error line, see :mod:`onnxlady._provenance._producers`).
+A model with external data is read by :func:`~onnxlady._io._files.load_model` itself: external
+data resolved against the model's own folder and refused outside it, tensor sizes checked.
+
+:func:`fingerprint_files` is what a build's worker runs on a batch of files: each is read on its
+own, then the statistics of all their layers are computed together (a small model's numpy
+calls cost more than its arithmetic); each fingerprint is the one its file gets alone, bit for
+bit.
 
 A URL (``scheme://...``: ``file://``, ``s3://`` with ``s3fs``, ``gs://`` with ``gcsfs``,
 ``memory://``...) is read through ``fsspec`` (the ``scale`` extra): the file's bytes are hashed
@@ -29,13 +38,14 @@ import mmap
 import os
 import stat as _stat
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -44,13 +54,19 @@ from onnxlady._io._files import load_model
 from onnxlady._io._tensors import is_external
 from onnxlady._provenance._fingerprint import (
     ModelFingerprint,
+    ProducerWeight,
     fingerprint_model,
+    fingerprints_of,
+    model_producers,
     search_vector,
 )
+from onnxlady._provenance._wire import SkimmedModel, read_weights
 
 __all__ = [
     "FileFingerprint",
+    "OpenedModel",
     "fingerprint_file",
+    "fingerprint_files",
     "is_url",
     "list_urls",
     "load_url",
@@ -64,6 +80,10 @@ _READ_CHUNK = 1 << 22
 #: are the page cache's, not copied once more and held next to the parsed model (protobuf parses
 #: a mapped 76 MB model in about half the time of reading it and parsing the bytes).
 MAP_BYTES = 1 << 22
+#: Files from this size on are read by :func:`~onnxlady._provenance._wire.read_weights` (weights
+#: as views of the file's bytes, never copied); smaller ones are parsed whole, which costs less
+#: than walking their wire format in Python.
+SKIM_BYTES = 1 << 20
 #: Files from this size on are hashed in a second thread while the model is parsed and
 #: fingerprinted (hashlib releases the GIL): a single build worker then uses a second core.
 HASH_THREAD_BYTES = 1 << 24
@@ -118,17 +138,78 @@ def _result(
     )  # fmt: skip
 
 
-def fingerprint_file(path: str) -> FileFingerprint:
+@dataclass
+class _Read:
+    """A local file read and its producer weights taken, before the arithmetic."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    data_files: tuple[tuple[str, int, int], ...]
+    weights: list[ProducerWeight]
+
+
+def fingerprint_file(path: str, *, digest: bool = True) -> FileFingerprint:
     """Fingerprint one model file or URL (see the module docstring); never raises for a bad file.
 
     Args:
         path: a local path or a URL.
+        digest: also compute the file's sha256 (an index build asks only when it needs one).
 
     Returns:
         The file's identity and fingerprint, or its identity and a one-line ``error``.
     """
-    if is_url(path):
-        return _fingerprint_url(path)
+    return fingerprint_files([path], digest=digest)[0]
+
+
+def fingerprint_files(paths: Sequence[str], *, digest: bool | Sequence[bool] = True) -> list[FileFingerprint]:
+    """Fingerprint several files or URLs, their layers reduced together; never raises for a bad file.
+
+    What an index build's worker runs on a batch of files: each file is read on its own (see the
+    module docstring), then the statistics of every file's layers are computed in one
+    :func:`~onnxlady._provenance._fingerprint.fingerprints_of` call, which costs a small model a
+    fraction of what it costs alone; each fingerprint is the one its file gets alone, bit for bit.
+
+    Args:
+        paths: local paths or URLs.
+        digest: compute each file's sha256 (one flag for all, or one per path); without it the
+            result's ``sha256`` is "".
+
+    Returns:
+        One result per path, in order: the file's identity and fingerprint, or its identity and
+        a one-line ``error``.
+    """
+    flags = [digest] * len(paths) if isinstance(digest, bool) else list(digest)
+    results: list[FileFingerprint | _Read] = [
+        _fingerprint_url(path, hashed) if is_url(path) else _read_local(path, hashed) for path, hashed in zip(paths, flags)
+    ]
+    read = [item for item in results if isinstance(item, _Read)]
+    try:
+        fingerprints = fingerprints_of([item.weights for item in read])
+    except Exception:  # one file's weights broke the batch: find which, file by file
+        return [_finish_alone(item) if isinstance(item, _Read) else item for item in results]
+    finished = iter(fingerprints)
+    return [
+        _result(item.path, item.size, item.mtime_ns, item.sha256, item.data_files, next(finished))
+        if isinstance(item, _Read)
+        else item
+        for item in results
+    ]
+
+
+def _finish_alone(item: _Read) -> FileFingerprint:
+    try:
+        fingerprint = fingerprints_of([item.weights])[0]
+    except Exception as exc:
+        return FileFingerprint(
+            item.path, item.size, item.mtime_ns, error=" ".join(f"{item.path}: {type(exc).__name__}: {exc}".split())
+        )
+    return _result(item.path, item.size, item.mtime_ns, item.sha256, item.data_files, fingerprint)
+
+
+def _read_local(path: str, digest: bool) -> _Read | FileFingerprint:
+    """A local file's identity and producer weights, or its error."""
     local = Path(path)
     try:
         info = local.stat()
@@ -142,55 +223,70 @@ def fingerprint_file(path: str) -> FileFingerprint:
             str(local), info.st_size, info.st_mtime_ns, error=f"{local}: is {kind}, not an ONNX file"
         )
     try:
-        with open_local(local) as (model, digest, data_files):
-            fingerprint = fingerprint_model(model)
-            sha256 = digest()
+        with open_local(local, digest=digest) as (opened, sha, data_files):
+            weights = model_producers(opened.model, opened.arrays, opened.full_model)
+            sha256 = sha()
     except OnnxladyError as exc:
         return FileFingerprint(str(local), info.st_size, info.st_mtime_ns, error=str(exc))
     except Exception as exc:
         return FileFingerprint(
             str(local), info.st_size, info.st_mtime_ns, error=" ".join(f"{local}: {type(exc).__name__}: {exc}".split())
         )
-    return _result(str(local), info.st_size, info.st_mtime_ns, sha256, data_files, fingerprint)
+    return _Read(str(local), info.st_size, info.st_mtime_ns, sha256, data_files, weights)
+
+
+@dataclass
+class OpenedModel:
+    """A model read by :func:`open_local`.
+
+    Attributes:
+        model: the model; without external data, the skeleton of
+            :func:`~onnxlady._provenance._wire.read_weights` (its initializers' bytes in ``arrays``).
+        arrays: initializer values read as views of the file's bytes.
+        full_model: parses the whole model (for readers that need every tensor's bytes).
+    """
+
+    model: onnx.ModelProto
+    arrays: dict[str, np.ndarray]
+    full_model: Callable[[], onnx.ModelProto]
 
 
 @contextmanager
 def open_local(
-    path: Path,
-) -> Generator[tuple[onnx.ModelProto, Callable[[], str], tuple[tuple[str, int, int], ...]], None, None]:
+    path: Path, *, digest: bool = True
+) -> Generator[tuple[OpenedModel, Callable[[], str], tuple[tuple[str, int, int], ...]], None, None]:
     """A local model, its sha256 and its external data files (path, size, mtime).
 
-    The sha256 comes as a callable: from :data:`HASH_THREAD_BYTES` on it is computed in a second
-    thread while the caller fingerprints. The file is read once (see the module docstring); its
-    buffer lives until the context exits.
+    The sha256 comes as a callable ("" without ``digest``): from :data:`HASH_THREAD_BYTES` on it
+    is computed in a second thread while the caller fingerprints. The file is read once (see the
+    module docstring); the weights are views of its bytes, which live as long as they do.
 
     Raises:
         OnnxladyError: the file cannot be read, is not an ONNX model, or its external data is
             missing or outside its folder.
     """
     with ExitStack() as stack:
-        model = onnx.ModelProto()
         try:
-            handle = stack.enter_context(open(path, "rb"))
-            size = os.fstat(handle.fileno()).st_size
-            buffer: bytes | mmap.mmap
-            if size < MAP_BYTES:
-                buffer = handle.read()
-            else:
-                buffer = stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
-            if size >= HASH_THREAD_BYTES:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                buffer: bytes | mmap.mmap
+                if size < MAP_BYTES:
+                    buffer = handle.read()
+                else:  # not closed here: the weights' views keep it alive, and it goes with them
+                    buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            digest_of: Callable[[], str]
+            if not digest:
+                digest_of = str
+            elif size >= HASH_THREAD_BYTES:
                 hashing = _hasher().submit(_sha256_of, buffer)
                 stack.callback(hashing.result)  # the buffer outlives the hash, whatever happens
-                digest: Callable[[], str] = hashing.result
+                digest_of = hashing.result
             else:
-                digest = functools.partial(str, _sha256_of(buffer))
-            if isinstance(buffer, mmap.mmap):
-                with memoryview(buffer) as view:
-                    _parse(model, view, path)
-            else:
-                _parse(model, buffer, path)
+                digest_of = functools.partial(str, _sha256_of(buffer))
+            skimmed = _skim(buffer, path) if size >= SKIM_BYTES else SkimmedModel(_parse_whole(buffer, path), {})
         except OSError as exc:
             raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        model = skimmed.model
         if not model.graph.node and not model.graph.output:
             raise OnnxladyError(f"{path}: not an ONNX model (no graph)")
         if not model.opset_import:
@@ -198,9 +294,27 @@ def open_local(
         if _uses_external_data(model):
             loaded = load_model(path)  # external data: resolved, confined and checked by the loader
             files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in loaded.external_files)
-            yield loaded.model, functools.partial(str, loaded.sha256), files
+            whole = loaded.model
+            yield OpenedModel(whole, {}, lambda: whole), functools.partial(str, loaded.sha256), files
             return
-        yield model, digest, ()
+        yield OpenedModel(model, skimmed.arrays, functools.partial(_parse_whole, buffer, path)), digest_of, ()
+
+
+def _skim(buffer: bytes | mmap.mmap, path: Path) -> SkimmedModel:
+    try:
+        return read_weights(buffer)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise OnnxladyError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
+
+
+def _parse_whole(buffer: bytes | mmap.mmap, path: Path) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    if isinstance(buffer, mmap.mmap):
+        with memoryview(buffer) as view:
+            _parse(model, view, path)
+    else:
+        _parse(model, buffer, path)
+    return model
 
 
 def _sha256_of(buffer: bytes | mmap.mmap) -> str:
@@ -387,7 +501,7 @@ def load_url(url: str) -> onnx.ModelProto:
     return _parse_url_model(data, fs, path, name)[0]
 
 
-def _fingerprint_url(url: str) -> FileFingerprint:
+def _fingerprint_url(url: str, digest: bool = True) -> FileFingerprint:
     try:
         fs, path = _filesystem(url)
     except OnnxladyError as exc:
@@ -407,4 +521,4 @@ def _fingerprint_url(url: str) -> FileFingerprint:
         return FileFingerprint(name, size, mtime_ns, error=str(exc))
     except Exception as exc:
         return FileFingerprint(name, size, mtime_ns, error=" ".join(f"{name}: {type(exc).__name__}: {exc}".split()))
-    return _result(name, size, mtime_ns, hashlib.sha256(data).hexdigest(), data_files, fingerprint)
+    return _result(name, size, mtime_ns, hashlib.sha256(data).hexdigest() if digest else "", data_files, fingerprint)

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._provenance._read import FileFingerprint, fingerprint_file
+from onnxlady._provenance._read import FileFingerprint, fingerprint_files
 
 __all__ = ["dask_available", "fingerprint_with_dask"]
 
@@ -43,18 +43,22 @@ def dask_available() -> bool:
     return True
 
 
-def fingerprint_with_dask(paths: list[str], *, workers: int, scheduler: Any = None) -> Iterator[FileFingerprint]:
-    """Fingerprint ``paths`` on a Dask cluster, yielding results as they complete.
+def fingerprint_with_dask(
+    batches: list[list[str]], digests: list[list[bool]], *, workers: int, scheduler: Any = None
+) -> Iterator[tuple[int, list[FileFingerprint]]]:
+    """Fingerprint batches of files on a Dask cluster, yielding results as batches complete.
 
     Args:
-        paths: local paths (visible to every worker) or fsspec URLs.
+        batches: lists of local paths (visible to every worker) or fsspec URLs; each list is one
+            task (:func:`~onnxlady._provenance._read.fingerprint_files`).
+        digests: per batch, per path: whether to compute its sha256.
         workers: worker processes of the LocalCluster started when ``scheduler`` is None.
         scheduler: a ``distributed.Client``, a scheduler address (``"tcp://host:8786"``), or
             None to start (and stop after the build) a LocalCluster of ``workers`` processes
             with one thread each.
 
     Yields:
-        One :class:`FileFingerprint` per path, in completion order.
+        (batch number, one :class:`FileFingerprint` per path of that batch), in completion order.
 
     Raises:
         OnnxladyError: dask.distributed is not installed, or the scheduler cannot be reached.
@@ -78,12 +82,17 @@ def fingerprint_with_dask(paths: list[str], *, workers: int, scheduler: Any = No
             cluster.close()
         raise OnnxladyError(f"cannot reach the Dask scheduler {scheduler!r} ({exc})") from exc
     try:
-        futures = client.map(fingerprint_file, paths, pure=False)
+        futures = client.map(_fingerprint_batch, batches, digests, pure=False)
+        numbers = {future.key: number for number, future in enumerate(futures)}
         for future in as_completed(futures):
-            yield future.result()
+            yield numbers[future.key], future.result()
             future.release()
     finally:
         if own_client:
             client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _fingerprint_batch(paths: list[str], digests: list[bool]) -> list[FileFingerprint]:
+    return fingerprint_files(paths, digest=digests)

@@ -43,14 +43,14 @@ from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync import _solver as solver
-from onnxlady._resync._match import ModelMatch, Unit, check_same_model, match_analyses
+from onnxlady._resync._match import ModelMatch, Unit, analyze_with_state, check_same_model, match_analyses
 from onnxlady._resync._sites import Operand, Site, place_operand, post_affine, read_operand
 from onnxlady._resync._values import Approx, read_constant
 from onnxlady._resync._values import half_ulp as _half_ulp
 from onnxlady._transforms._key import PermutationKey, graph_fingerprint
 from onnxlady._transforms._permute import permute_model
 
-__all__ = ["AcrossResync", "Approx", "read_constant", "resync_across", "unit_bias", "unit_weight"]
+__all__ = ["AcrossResync", "Approx", "analyze_with_state", "read_constant", "resync_across", "unit_bias", "unit_weight"]
 
 #: Re-exported: the storage bound of one value (tests and older callers import it from here).
 half_ulp = _half_ulp
@@ -397,6 +397,19 @@ def _true_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str,
     raise OnnxladyError("the true key was made for neither the reference nor the suspect (graph fingerprints differ)")
 
 
+def _true_suspect_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str, np.ndarray]:
+    """The true permutations by suspect group id when the key was made on the suspect, else none.
+
+    A group only the suspect's form holds (no reference group holds its neurons alike) is
+    scored against these.
+    """
+    if true_key is None:
+        return {}
+    if graph_fingerprint(match.suspect.graph.model) not in (true_key.permuted_fingerprint, true_key.source_fingerprint):
+        return {}
+    return solver.true_permutations(match.suspect, true_key)
+
+
 def resync_across(
     reference: onnx.ModelProto,
     suspect: onnx.ModelProto,
@@ -417,8 +430,8 @@ def resync_across(
     (read only here: each model is analysed once per command).
     """
     solver.say(progress, "resync: the suspect is not a twin of the reference; matching across conversions")
-    ref_analysis = analyze(reference) if ref_analysis is None else ref_analysis
-    sus_analysis = analyze(suspect) if sus_analysis is None else sus_analysis
+    ref_analysis = analyze_with_state(reference, true_key) if ref_analysis is None else ref_analysis
+    sus_analysis = analyze_with_state(suspect, true_key) if sus_analysis is None else sus_analysis
     match = match_analyses(ref_analysis, sus_analysis)
     # A converter keeps every weight: where most do not pair, these are different models.
     check_same_model(match)
@@ -473,6 +486,7 @@ def resync_across(
     perms = {pair.suspect: state.match[gid] for gid, pair in pairs.items() if pair is not None and pair.permutable}
     unwritten = sorted(gid for gid, pair in pairs.items() if pair is not None and not pair.permutable)
     mirrored_groups = {} if mirrored else _solve_mirrored(match, reference, suspect, options, progress)
+    suspect_truth = _true_suspect_perms(match, true_key) if mirrored_groups else {}
     for sus_gid, (ref_gid, perm, report) in mirrored_groups.items():
         perms[sus_gid] = perm
         true = true_perms.get(ref_gid) if ref_gid is not None else None
@@ -482,8 +496,16 @@ def resync_across(
             tally.hits += hits - fixed
             tally.hits_distinguishable += hits - fixed
             report = replace(report, psi=solver.percent(hits, perm.size), psi_distinguishable=solver.percent(hits, perm.size))
+        elif sus_gid in suspect_truth:  # a group of the suspect's form alone: counted here
+            true = suspect_truth[sus_gid]
+            hits = int(np.sum(true[perm] == np.arange(perm.size)))
+            tally.hits += hits
+            tally.hits_distinguishable += hits
+            tally.total += perm.size
+            tally.total_distinguishable += perm.size
+            report = replace(report, psi=solver.percent(hits, perm.size), psi_distinguishable=solver.percent(hits, perm.size))
         groups.append(replace(report, id=f"{ref_gid or sus_gid} (solved in the suspect's form)"))
-    model, key = _reorder_suspect(suspect, perms, reference, options)
+    model, key = _reorder_suspect(suspect, perms, reference, options, kv_state=bool(sus_analysis.states))
     aligned: list[Approx | None] = [
         Approx(state.work[n], state.errors[n]) if n in kept else None for n in range(len(pairing.suspect))
     ]
@@ -497,9 +519,9 @@ def resync_across(
         groups=groups,
         method=options.method,
         refined_rounds=rounds,
-        psi=solver.percent(tally.hits, tally.total) if true_perms else None,
+        psi=solver.percent(tally.hits, tally.total) if tally.total else None,
         psi_distinguishable=(
-            solver.percent(tally.hits_distinguishable, tally.total_distinguishable) if true_perms else None
+            solver.percent(tally.hits_distinguishable, tally.total_distinguishable) if tally.total_distinguishable else None
         ),
         across=details,
     )
@@ -565,16 +587,22 @@ def _settle_ties(state: _State, progress: Callable[[str], None] | None) -> int:
 
 
 def _reorder_suspect(
-    suspect: onnx.ModelProto, perms: dict[str, np.ndarray], reference: onnx.ModelProto, options: solver.ResyncOptions
+    suspect: onnx.ModelProto,
+    perms: dict[str, np.ndarray],
+    reference: onnx.ModelProto,
+    options: solver.ResyncOptions,
+    *,
+    kv_state: bool = False,
 ) -> tuple[onnx.ModelProto, PermutationKey]:
     """The suspect permuted by ``perms`` (its own group ids), and the key back.
 
     The key is what ``unpermute_model`` applies to the suspect to give it (as for twin graphs).
+    ``kv_state``: the suspect's group ids are those of its analysis with KV caches as state.
     """
     output = copy_model(suspect)
-    permute_model(analyze(output), perms)
+    permute_model(analyze(output, kv_state=kv_state), perms)
     back = copy_model(output)
-    key = permute_model(analyze(back), {gid: np.argsort(perm) for gid, perm in perms.items()})
+    key = permute_model(analyze(back, kv_state=kv_state), {gid: np.argsort(perm) for gid, perm in perms.items()})
     key.extra["resync"] = {
         "reference_fingerprint": graph_fingerprint(reference),
         "method": options.method,

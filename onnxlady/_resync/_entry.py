@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import onnx
 
-from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
 from onnxlady._resync._across import resync_across
+from onnxlady._resync._match import analyze_with_state
 from onnxlady._resync._solver import METHODS, ResyncOptions, ResyncResult, say
 from onnxlady._resync._twin import NotATwin, resync_twin, twin_leaves
 from onnxlady._transforms._key import PermutationKey
@@ -56,8 +57,9 @@ def resync_model(
     options = ResyncOptions(method=method, refine=refine)
     if analysis is None:
         say(progress, "resync: analysing the reference")
-        # analyze() does not modify its model, so the reference is analysed as it is.
-        analysis = analyze(reference)
+        # analyze() does not modify its model, so the reference is analysed as it is (a decoder's
+        # KV caches as permutable state: a suspect permuted with them is solved whole).
+        analysis = analyze_with_state(reference, true_key)
     say(progress, "resync: matching the suspect's tensors to the reference's")
     try:
         leaves = twin_leaves(analysis, suspect)

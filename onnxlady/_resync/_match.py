@@ -52,11 +52,22 @@ import numpy as np
 import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._analysis._state import state_pairs
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._resync._invariants import distance, signature
-from onnxlady._resync._sites import Operand, Site, find_sites, post_affine, read_operand, site_operand_axis
+from onnxlady._resync._quantized_forms import quantized_form
+from onnxlady._resync._sites import (
+    Operand,
+    Site,
+    activation_rounding,
+    find_sites,
+    post_affine,
+    read_operand,
+    site_operand_axis,
+)
+from onnxlady._transforms._key import PermutationKey, graph_fingerprint
 
 __all__ = [
     "MATCH_THRESHOLD",
@@ -261,16 +272,16 @@ class ModelMatch:
         }
 
 
-def check_same_model(match: ModelMatch, *, hint: bool = True) -> None:
+def check_same_model(match: ModelMatch) -> None:
     """Refuse two models whose weights mostly do not pair: they are different models.
 
     Args:
         match: a pairing from :func:`match_analyses`.
-        hint: end the message by pointing at ``onnxlady match`` (not from ``match`` itself).
 
     Raises:
         OnnxladyError: the paired share is below :data:`MATCH_THRESHOLD` ("different models",
-            with the share and the first divergence).
+            with the share and the first divergence; a layout onnxlady does not read is named
+            as the likely cause).
     """
     if match.same_model:
         return
@@ -279,8 +290,21 @@ def check_same_model(match: ModelMatch, *, hint: bool = True) -> None:
     raise OnnxladyError(
         f"different models: {100 * match.confidence:.1f} % of them pair (weights, operators and their "
         f"connections), below the {100 * MATCH_THRESHOLD:.0f} % a conversion keeps; suspect differs from "
-        f"reference beyond a conversion: {where}{more}" + ("; 'onnxlady match' shows the pairing" if hint else "")
+        f"reference beyond a conversion: {where}{more}" + _unread_layouts(match)
     )
+
+
+def _unread_layouts(match: ModelMatch) -> str:
+    """Why a conversion may look like another model: a weight layout onnxlady does not read."""
+    for side, analysis in (("reference", match.reference), ("suspect", match.suspect)):
+        blocked = sum(node.domain == "com.microsoft.nchwc" for node in analysis.graph.model.graph.node)
+        if blocked:
+            return (
+                f"; the {side} holds {blocked} nodes of ONNX Runtime's NCHWc layout (com.microsoft.nchwc, "
+                "written by the CPU optimizer at ORT_ENABLE_ALL), whose blocked weights onnxlady does not "
+                "read: compare a copy saved at ORT_ENABLE_EXTENDED"
+            )
+    return ""
 
 
 # -- sites ------------------------------------------------------------------------------------
@@ -302,6 +326,10 @@ def _single_consumer(graph: ModelGraph, name: str, op_type: str) -> tuple[int, i
         node = graph.nodes[index]
         if slot >= 0 and node.op_type == op_type:
             return index, slot
+        rounded = activation_rounding(graph, index) if slot == 0 else None
+        if rounded is not None:
+            name = rounded
+            continue
         if slot != 0 or node.op_type not in _TYPE_ONLY_OPS or len(node.output) != 1:
             return None
         name = node.output[0]
@@ -579,7 +607,10 @@ def _successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
                     if index in at_node and index != site.node:
                         found.update(at_node[index])
                         continue
-                    for name in graph.nodes[index].output:
+                    outputs = graph.nodes[index].output
+                    if graph.nodes[index].op_type == "DynamicQuantizeLinear":  # its scale reaches the next layer's Mul
+                        outputs = outputs[:1]
+                    for name in outputs:
                         if name and name not in seen:
                             seen.add(name)
                             stack.append(name)
@@ -689,6 +720,8 @@ def _pair_groups(
     pairs: list[GroupPair] = []
     unmatched: list[UnmatchedGroup] = []
     paired_suspect: set[str] = set()
+    other_way: set[str] = set()  # suspect groups listed as solved the other way round
+    alike_ids: set[str] = set()  # suspect groups paired alike (solved in the reference's form)
 
     def made(a: str, bs: list[str]) -> tuple[str, float | None, float | None]:
         """How the sites behind a pairing were paired (the weakest of them)."""
@@ -719,6 +752,7 @@ def _pair_groups(
             alike = set(votes.exact_back.get(other_id, ())) == {group.id} == votes.overlap_back.get(other_id, set())
             if alike and other.size == group.size:
                 paired_suspect.add(other_id)
+                alike_ids.add(other_id)
                 pairs.append(GroupPair(group.id, other_id, group.size, group.permutable and other.permutable,
                                        *made(group.id, [other_id])))  # fmt: skip
                 if group.permutable and not other.permutable:
@@ -745,22 +779,36 @@ def _pair_groups(
                     "solved in the reference's form, left in place in the output"
                 )
             unmatched.append(_unmatched("reference", group, why))
+            # A movable suspect group that is a factor of this one (the query heads within one
+            # key/value head of GroupQueryAttention, which the reference's form pins) moves
+            # neurons the reference's form cannot say: solved the other way round.
+            for other in others:
+                if other.permutable and other.id not in other_way:
+                    other_way.add(other.id)
+                    unmatched.append(_unmatched(
+                        "suspect", other,
+                        f"the reference holds its neurons in a group of another structure (as {group.id}): "
+                        "solved in the suspect's form",
+                    ))  # fmt: skip
         else:  # only the suspect's form can move them: left to be solved the other way round
             reasons = "; ".join(str(r) for r in group.reasons) or "fewer than two neurons"
             for other in others:
-                if other.permutable and other.id not in paired_suspect:
+                if other.permutable and other.id not in paired_suspect and other.id not in other_way:
                     paired_suspect.add(other.id)
+                    other_way.add(other.id)
                     unmatched.append(_unmatched("suspect", other, f"frozen in the reference (as {group.id}): {reasons}"))
     for group in suspect.groups:
         if group.id not in paired_suspect and group.permutable:
             unmatched.append(_unmatched("suspect", group, "no reference group holds its neurons"))
-    # Frozen groups with no counterpart matter to nobody: keep only permutable ones.
+    # Frozen groups with no counterpart matter to nobody: keep only permutable ones. A suspect
+    # group some reference group holds alike is solved in the reference's form, not mirrored.
     unmatched = [
         item
         for item in unmatched
-        if (reference if item.model == "reference" else suspect).group(item.group).permutable
-        or item.reason.startswith("frozen in")
-    ]
+        if ((reference if item.model == "reference" else suspect).group(item.group).permutable
+            or item.reason.startswith("frozen in"))
+        and not (item.model == "suspect" and item.group in alike_ids and item.reason.startswith("the reference holds"))
+    ]  # fmt: skip
     return pairs, unmatched
 
 
@@ -791,6 +839,8 @@ def _stored_type(graph: ModelGraph, operand: Operand) -> int | None:
 def _quantized_form(graph: ModelGraph, operand: Operand) -> str | None:
     if operand.nbits:
         return f"{int(node_attribute(graph.nodes[operand.node], 'bits', 4))}-bit MatMulNBits"
+    if operand.quantized:
+        return quantized_form(graph, operand.node)
     leaf = graph.constant_leaf(graph.nodes[operand.node].input[operand.slot])
     if leaf is not None and any(graph.nodes[i].op_type == "DequantizeLinear" for i in leaf.chain):
         return "read through DequantizeLinear"
@@ -1010,6 +1060,47 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
     )
 
 
+def analyze_with_state(model: onnx.ModelProto, true_key: PermutationKey | None = None) -> ChannelAnalysis:
+    """The analysis resync and audit work on: a decoder's KV caches taken as permutable state.
+
+    A suspect permuted with ``permute --kv-state`` moves the heads and head dims its caches
+    carry; analysed with the caches pinned, those groups would be frozen in both models, so
+    resync could neither solve nor write them back. Where the suspect's caches were not moved,
+    the state groups are solved like any other (in place). A model with no ``past``/``present``
+    pair is analysed as usual.
+
+    Args:
+        model: the model to analyse (not modified).
+        true_key: a key made for this model (or its permuted copy): group ids are those of the
+            analysis it was made on, so where it fits only the analysis with the caches pinned
+            (a plain ``permute``), that analysis is returned.
+
+    Returns:
+        The analysis; its ``states`` list the KV-cache pairs it took as state (none when pinned).
+    """
+    if not state_pairs(model):
+        return analyze(model)
+    with_state = analyze(model, kv_state=True)
+    if true_key is None or _fits(with_state, true_key):
+        return with_state
+    if graph_fingerprint(model) not in (true_key.source_fingerprint, true_key.permuted_fingerprint):
+        return with_state  # a key for the other model says nothing about this one's ids
+    pinned = analyze(model)
+    return pinned if _fits(pinned, true_key) else with_state
+
+
+def _fits(analysis: ChannelAnalysis, key: PermutationKey) -> bool:
+    """Whether every group ``key`` permutes is a permutable group of ``analysis`` of the same size."""
+    for gid, perm in key.permutations().items():
+        try:
+            group = analysis.group(gid)
+        except KeyError:
+            return False
+        if group.frozen or group.size != perm.size:
+            return False
+    return True
+
+
 def match_models(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> ModelMatch:
-    """Analyse both models and pair their groups. Neither model is modified."""
-    return match_analyses(analyze(reference), analyze(suspect))
+    """Analyse both models (as resync does) and pair their groups. Neither model is modified."""
+    return match_analyses(analyze_with_state(reference), analyze_with_state(suspect))

@@ -45,9 +45,17 @@ import onnx
 
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._resync._quantized_forms import (
+    quantized_bias,
+    quantized_channel_op,
+    quantized_linear,
+    quantized_table,
+    quantized_tail,
+    read_quantized,
+)
 from onnxlady._resync._values import Approx, nbits_layout, read_constant, read_nbits
 
-__all__ = ["Operand", "Site", "find_sites", "place_operand", "post_affine", "read_operand", "site_operand_axis"]
+__all__ = ["Operand", "Site", "activation_rounding", "find_sites", "place_operand", "post_affine", "read_operand", "site_operand_axis"]
 
 MICROSOFT = "com.microsoft"
 _STANDARD = ("", "ai.onnx")
@@ -95,6 +103,9 @@ class Operand:
     axes: tuple[int, ...] | None = None
     factor: float = 1.0
     nbits: bool = False
+    #: Integers of ONNX Runtime's QOperator or dynamic form, read dequantized by their node
+    #: (:func:`~onnxlady._resync._quantized_forms.read_quantized`).
+    quantized: bool = False
 
     @property
     def size(self) -> int:
@@ -185,7 +196,7 @@ def read_operand(graph: ModelGraph, operand: Operand) -> Approx | None:
         n, k = operand.read_shape[0], operand.shape[1]
         return Approx(full.value.reshape(n, -1)[rows, :k], full.error.reshape(n, -1)[rows, :k])
     name = graph.nodes[operand.node].input[operand.slot]
-    full = read_constant(graph, name)
+    full = read_quantized(graph, operand.node, operand.slot) if operand.quantized else read_constant(graph, name)
     if full is None or full.value.shape != operand.read_shape:
         return None
     value, error = full.value, np.broadcast_to(full.error, full.value.shape)
@@ -295,9 +306,35 @@ def _single_consumer(graph: ModelGraph, name: str, accept: tuple[str, ...]) -> t
         node = graph.nodes[index]
         if slot >= 0 and node.op_type in accept:
             return index, slot
+        rounded = activation_rounding(graph, index) if slot == 0 else None
+        if rounded is not None:
+            name = rounded
+            continue
         if slot != 0 or node.op_type not in _TYPE_ONLY_OPS or len(node.output) != 1:
             return None
         name = node.output[0]
+
+
+def activation_rounding(graph: ModelGraph, index: int) -> str | None:
+    """The DequantizeLinear output when node ``index`` is a per-tensor QuantizeLinear read only by it.
+
+    A QDQ quantizer rounds the activation between a layer and its bias Add (MatMul -> Q -> DQ
+    -> Add): with one scale for the whole tensor that rounding is element-wise and acts alike
+    on every neuron, so the bias still belongs to the layer.
+    """
+    node = graph.nodes[index]
+    if node.op_type != "QuantizeLinear" or len(node.output) != 1 or node.output[0] in graph.graph_outputs:
+        return None
+    scale = graph.constant_shape(node.input[1]) if len(node.input) > 1 else None
+    if scale is None or int(np.prod(scale, dtype=np.int64)) != 1:
+        return None
+    readers = graph.consumers.get(node.output[0], [])
+    if len(readers) != 1 or readers[0][1] != 0:
+        return None
+    dequantize = graph.nodes[readers[0][0]]
+    if dequantize.op_type != "DequantizeLinear" or len(dequantize.output) != 1:
+        return None
+    return dequantize.output[0]
 
 
 def _vector_operand(graph: ModelGraph, index: int, slot: int, size: int, role: str, factor: float = 1.0,
@@ -393,6 +430,11 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
         n, k, bits, block, blocks = layout
         read_shape = (n, blocks, block * bits // 8, 8 // bits)
         return _Linear("dense", Operand("weight", index, 1, read_shape, (n, k), nbits=True), ())
+    integer = quantized_linear(graph, index)  # ONNX Runtime's QOperator and dynamic forms
+    if integer is not None:
+        weight = Operand("weight", index, integer.slot, integer.shape, integer.canonical, axes=integer.axes,
+                         factor=integer.factor, quantized=True)  # fmt: skip
+        return _Linear(integer.family, weight, integer.extra)
     return None
 
 
@@ -555,6 +597,8 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
         size = _out_size(linear)
         unit = _Unit(linear, _own_bias(graph, index, size), [node.op_type], index)
         tail = node.output[0]
+        if linear.weight.quantized:
+            tail = _quantized_unit(graph, index, unit, absorbed)
         if unit.bias is None:
             reader = _single_consumer(graph, tail, ("Add", *(op for _, op in _BIAS_HOSTS), "MultiHeadAttention"))
             if reader is not None:
@@ -583,7 +627,8 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                         unit.ops.append("MultiHeadAttention")
                         claimed.add((host, 3))
         unit.parts = _packed_parts(graph, linear, tail, absorbed)
-        if unit.parts is None and node.op_type in ("Conv", "ConvTranspose", "Gemm") and (node.domain or "") in _STANDARD:
+        foldable_ops = ("Conv", "ConvTranspose", "Gemm", "QLinearConv", "ConvInteger")
+        if unit.parts is None and node.op_type in foldable_ops and (node.domain or "") in _STANDARD:
             foldable = node.op_type != "Gemm" or graph.rank(node.output[0]) == 2
             reader = _single_consumer(graph, tail, ("BatchNormalization",)) if foldable else None
             if reader is not None and reader[1] == 0:
@@ -599,6 +644,33 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                 unit.tail = unit.post[-1][1]
         units[index] = unit
     return units, absorbed, claimed
+
+
+def _quantized_unit(graph: ModelGraph, index: int, unit: _Unit, absorbed: set[int]) -> str:
+    """An integer layer of ONNX Runtime's quantizer: where its float result is, its bias.
+
+    The Cast and scale Mul after a MatMulInteger / ConvInteger (or the DequantizeLinear after a
+    QLinear layer) are part of the layer; the bias is the layer's own int32 input or the
+    constant operand of the QLinearAdd after it. Returns the name of the float result.
+    """
+    tail = graph.nodes[index].output[0]
+    after = quantized_tail(graph, index)
+    if after is not None:
+        nodes, ops = after
+        absorbed.update(nodes)
+        unit.ops.extend(ops)
+        unit.tail = nodes[-1]
+        tail = graph.nodes[nodes[-1]].output[0]
+    held = quantized_bias(graph, index, _out_size(unit.linear)) if unit.bias is None else None
+    if held is not None and (held[0] == index or after is None):
+        host, slot, shape = held
+        unit.bias = Operand("bias", host, slot, shape, (_out_size(unit.linear),), quantized=True)
+        if host != index:
+            unit.ops.append(graph.nodes[host].op_type)
+            unit.tail = host
+            absorbed.add(host)
+            tail = graph.nodes[host].output[0]
+    return tail
 
 
 def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int]) -> list[tuple[str, int, int]]:
@@ -839,13 +911,28 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
                 found = _vector_site(graph, index, bias_slot, "shift", 2) + found
         elif key == ("", "Gather") or key == ("ai.onnx", "Gather"):
             shape = _shape(graph, node.input[0])
-            if shape is not None and len(shape) == 2 and int(node_attribute(node, "axis", 0)) == 0:
+            table = quantized_table(graph, index) if shape is None else None
+            if table is not None:  # integers dequantized after the Gather (ONNX Runtime's dynamic form)
+                dequantize, dims = table
+                operand = Operand("table", index, 0, dims, dims, quantized=True)
+                ops: tuple[str, ...] = (node.op_type,)
+                tail = index
+                if dequantize is not None:
+                    absorbed.add(dequantize)
+                    ops, tail = (node.op_type, "DequantizeLinear"), dequantize
+                found = [Site(index, 0, "table", ("table", dims), (operand,), ops, tail)]
+            elif shape is not None and len(shape) == 2 and int(node_attribute(node, "axis", 0)) == 0:
                 found = [Site(index, 0, "table", ("table", shape), (Operand("table", index, 0, shape, shape),),
                               (node.op_type,), index)]  # fmt: skip
             else:
                 found = _generic_site(graph, index, computed, planned, claimed)
         else:
             channel = _channel_op_site(graph, index)
+            integer = quantized_channel_op(graph, index) if channel is None else None
+            if integer is not None:  # QOperator's QLinearMul / QLinearAdd of an integer channel vector
+                role, slot, shape, size = integer
+                operand = Operand(role, index, slot, shape, (size,), quantized=True)
+                channel = [Site(index, 0, role, (role, size), (operand,), (node.op_type,), index)]
             found = channel if channel is not None else _generic_site(graph, index, computed, planned, claimed)
         if key in _BIAS_HOSTS and key not in _NORMS:  # a bias no layer claimed is a shift of its own
             bias_slot = _BIAS_HOSTS[key][1]

@@ -9,6 +9,7 @@ from onnxlady._rules import (  # ruff: ignore[unused-import] - each module regis
     pooling,
     producers,
     quantized,
+    quantized_contrib,
     recurrent,
     reductions,
     structural,

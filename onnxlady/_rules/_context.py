@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 
 from onnxlady._graph._attributes import node_attribute
-from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, product
+from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, direct_sum, product
 from onnxlady._graph._model_graph import ChainAxisError, Companion, ConstantLeaf, ModelGraph, Shape, node_label
-from onnxlady._rules._derived import derived_uses
+from onnxlady._rules._derived import block_partition, derived_uses
 
 _PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
@@ -83,6 +83,12 @@ class AnalysisState:
     untracked_reason: dict[str, FreezeReason] = field(default_factory=dict)
     bindings: dict[tuple[int, int, int], Binding] = field(default_factory=dict)
     producers: list[tuple[int, Expr]] = field(default_factory=list)
+    #: Axes of state inputs (KV caches, see ``analyze(kv_state=True)``) whose size only their one
+    #: consumer knows: the first :meth:`RuleContext.take` of such an axis makes it a new group.
+    open_state_axes: dict[str, set[int]] = field(default_factory=dict)
+    #: Constant axes cut into blocks by Slice readers (see ``block_partition``): (name, axis) ->
+    #: one expression per segment, shared by every reader so the blocks make one permutation.
+    block_segments: dict[tuple[str, int], list[tuple[int, int, Expr]]] = field(default_factory=dict)
 
 
 class RuleContext:
@@ -185,6 +191,14 @@ class RuleContext:
             if not isinstance(dim, int):
                 raise RuleDoesNotApply("unknown-shape", f"the size of axis {axis} of '{name}' is unknown")
             size = dim
+        if axis in self._state.open_state_axes.get(name, ()):
+            # A state input's axis its one consumer reads: a group of its own, tracked at once
+            # (so a rule that gives up freezes it like any other input space).
+            self._state.open_state_axes[name].discard(axis)
+            group = self.new_group(size)
+            self._state.tracked.setdefault(name, {})[axis] = group
+            self._taken.add((name, axis))
+            return group
         derived = self._derived(name, axis, size)
         if derived is not None:
             return derived
@@ -203,13 +217,45 @@ class RuleContext:
             return None
         group = self.new_group(size)
         bindings = []
-        for node, slot, use_axis in uses:
-            binding = self._constant_binding(node, slot, use_axis, group, "constant computed into another")
+        for node, slot, use_axis, block in uses:
+            expr: Expr = group
+            if block is not None:
+                found = self._block_of(node, slot, use_axis, block, group)
+                if found is None:
+                    return None
+                expr = found
+            binding = self._constant_binding(node, slot, use_axis, expr, "constant computed into another")
             if binding is None:
                 return None
             bindings.append(binding)
         self._bound.extend(bindings)
         return group
+
+    def _block_of(self, node: int, slot: int, axis: int, block: tuple[int, int], group: Atom) -> Expr | None:
+        """The whole-axis permutation of a constant a Slice reads ``block`` of, with ``group`` as that block.
+
+        The axis is cut at every bound of its Slice readers; each read segment is a group of its
+        own, the same for every reader, so Q, K and V cut from one fused weight move it by one
+        permutation (a block sum) and it needs no copy.
+        """
+        name = self.graph.nodes[node].input[slot]
+        shape = self.graph.shape(name) or self.graph.constant_shape(name)
+        dim = shape[axis] if shape is not None and 0 <= axis < len(shape) else None
+        if not isinstance(dim, int):
+            return None
+        key = (name, axis)
+        if key not in self._state.block_segments:
+            reason = self.reason("index-map", f"positions of '{name}' no Slice reads")
+            self._state.block_segments[key] = [
+                (start, end, self.new_group(end - start) if read else Fixed(end - start, reason))
+                for start, end, read in block_partition(self.graph, name, axis, dim)
+            ]
+        segments = self._state.block_segments[key]
+        inside = [expr for start, end, expr in segments if block[0] <= start and end <= block[1]]
+        if sum(expr.size for expr in inside) != group.size:
+            return None
+        self.unify(group, direct_sum(inside))
+        return direct_sum([expr for _, _, expr in segments])
 
     def _constant_binding(self, node: int, slot: int, axis: int, expr: Expr, role: str) -> Binding | None:
         """What :meth:`bind` would record for input ``slot`` of node ``node``, or None where it would refuse."""

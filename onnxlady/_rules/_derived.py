@@ -18,6 +18,7 @@ use is bound on its own (and untied when the uses disagree), as for any constant
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import onnx
@@ -25,8 +26,10 @@ import onnx
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
 
-#: (node index, input slot, axis as that node reads the input): one constant use to permute.
-DerivedUse = tuple[int, int, int]
+#: (node index, input slot, axis as that node reads the input, block): one constant use to permute.
+#: ``block`` is ``(start, end)`` where the node is a ``Slice`` reading only those positions of the
+#: constant's axis (torch's fused ``in_proj_weight`` cut into Q, K and V), else None.
+DerivedUse = tuple[int, int, int, tuple[int, int] | None]
 
 #: Element-wise operators of one input that commute with any permutation of the positions.
 _UNARY = frozenset({
@@ -73,13 +76,17 @@ def derived_uses(graph: ModelGraph, name: str, axis: int, reader: int) -> list[D
         node = graph.nodes[index]
         if node.domain not in ("", "ai.onnx"):
             return None
+        block = slice_block(graph, node, tensor_axis) if node.op_type == "Slice" else None
+        if block is not None and graph.is_constant(node.input[0]):
+            uses.append((index, 0, tensor_axis, block))  # a block of the constant's axis
+            continue
         sources = _sources(graph, index, tensor_axis)
         if sources is None:
             return None
         for slot, source_axis in sources:
             source = node.input[slot]
             if graph.is_constant(source):
-                uses.append((index, slot, source_axis))
+                uses.append((index, slot, source_axis, None))
                 continue
             if (
                 not graph.constant_derived(source)
@@ -190,13 +197,27 @@ def _whole_axis(in_shape: tuple | None, out_shape: tuple, axis: int) -> int | No
 def _slice_keeps(graph: ModelGraph, node: onnx.NodeProto, axis: int) -> bool:
     """Whether a Slice leaves ``axis`` whole (not sliced, or from 0 to the end with step 1)."""
     in_shape = graph.shape(node.input[0])
-    if in_shape is None:
+    arguments = _slice_arguments(graph, node)
+    if in_shape is None or arguments is None:
         return False
     rank = len(in_shape)
+    starts, ends, given_axes, steps = arguments
+    axes = [a % rank for a in given_axes]
+    if axis not in axes:
+        return True
+    k = axes.index(axis)
+    dim = in_shape[axis]
+    return steps[k] == 1 and starts[k] in (0, -dim if isinstance(dim, int) else 0) and (
+        isinstance(dim, int) and ends[k] >= dim
+    )
+
+
+def _slice_arguments(graph: ModelGraph, node: onnx.NodeProto) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    """(starts, ends, axes, steps) of a Slice as given (constants or folded shape arithmetic), or None."""
     if len(node.input) > 1:
         arguments = [graph.constant_value(name) if name else None for name in node.input[1:5]]
         if arguments[0] is None or arguments[1] is None:
-            return False
+            return None
         starts, ends = arguments[0].reshape(-1).tolist(), arguments[1].reshape(-1).tolist()
         axes = arguments[2].reshape(-1).tolist() if len(arguments) > 2 and arguments[2] is not None else list(range(len(starts)))
         steps = arguments[3].reshape(-1).tolist() if len(arguments) > 3 and arguments[3] is not None else [1] * len(starts)
@@ -204,14 +225,55 @@ def _slice_keeps(graph: ModelGraph, node: onnx.NodeProto, axis: int) -> bool:
         starts, ends = list(node_attribute(node, "starts", [])), list(node_attribute(node, "ends", []))
         axes = list(node_attribute(node, "axes", range(len(starts))))
         steps = [1] * len(starts)
-    axes = [int(a) % rank for a in axes]
-    if axis not in axes:
-        return True
-    k = axes.index(axis)
+    return [int(v) for v in starts], [int(v) for v in ends], [int(v) for v in axes], [int(v) for v in steps]
+
+
+def slice_block(graph: ModelGraph, node: onnx.NodeProto, axis: int) -> tuple[int, int] | None:
+    """The positions ``[start, end)`` a step-1 Slice keeps of its input's ``axis``, where it cuts that axis.
+
+    None where the Slice leaves the axis whole, steps by other than 1, or its bounds or the
+    axis's size are not known (bounds computed from static shapes are folded, so they are).
+    """
+    in_shape = graph.shape(node.input[0])
+    arguments = _slice_arguments(graph, node)
+    if in_shape is None or arguments is None or not 0 <= axis < len(in_shape):
+        return None
     dim = in_shape[axis]
-    return int(steps[k]) == 1 and int(starts[k]) in (0, -dim if isinstance(dim, int) else 0) and (
-        isinstance(dim, int) and int(ends[k]) >= dim
-    )
+    starts, ends, axes, steps = arguments
+    axes = [a % len(in_shape) for a in axes]
+    if not isinstance(dim, int) or axis not in axes:
+        return None
+    k = axes.index(axis)
+    if steps[k] != 1:
+        return None
+    start = min(max(starts[k] + dim if starts[k] < 0 else starts[k], 0), dim)
+    end = min(max(ends[k] + dim if ends[k] < 0 else ends[k], 0), dim)
+    if end <= start or (start, end) == (0, dim):
+        return None
+    return start, end
+
+
+def block_partition(graph: ModelGraph, name: str, axis: int, size: int) -> list[tuple[int, int, bool]]:
+    """The segments of axis ``axis`` of constant ``name`` that its Slice readers cut it into.
+
+    Returns:
+        ``(start, end, read)`` segments covering ``[0, size)``, bounded by every start and end of
+        a step-1 Slice of ``name`` along ``axis``; ``read`` when some such Slice reads it. Each
+        read segment takes a permutation of its own, so the Slices' blocks together are one
+        permutation of the whole axis, however many readers cut it.
+    """
+    bounds = {0, size}
+    blocks = []
+    for node_index, slot in graph.consumers.get(name, []):
+        node = graph.nodes[node_index] if node_index >= 0 else None
+        if node is None or slot != 0 or node.op_type != "Slice":
+            continue
+        block = slice_block(graph, node, axis)
+        if block is not None:
+            bounds.update(block)
+            blocks.append(block)
+    edges = sorted(bounds)
+    return [(a, b, any(s <= a and b <= e for s, e in blocks)) for a, b in itertools.pairwise(edges)]
 
 
 def _broadcast(graph: ModelGraph, node: onnx.NodeProto, slots: list[int], axis: int, out_rank: int) -> list[tuple[int, int]] | None:

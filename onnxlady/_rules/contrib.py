@@ -92,23 +92,33 @@ class FusedMatMulRule(OpRule):
     into a ``MatMul`` (``transA`` / ``transB``: attention's ``Q @ K^T``). With a constant 2-D
     operand it is a linear layer (the weight's contracted axis reads the data, its other axis
     makes new neurons); with both computed, the contracted axes are coupled, the kept ones carried
-    and batch axes broadcast. ``transBatchA`` / ``transBatchB`` move batch axes: frozen.
+    and batch axes broadcast. ``transBatchA`` / ``transBatchB`` (ONNX Runtime's fusion of a
+    ``Transpose`` that moves the first axis behind the batch axes, as in torch's
+    ``nn.MultiheadAttention``) read the operand as ``transpose(X, [1, ..., r-2, 0, r-1])``: the
+    axes are mapped back to the stored ones, with both operands computed; with a constant
+    operand, frozen.
     """
 
     op_types = ("FusedMatMul",)
     domain = MICROSOFT
 
     def propagate(self, ctx: RuleContext) -> None:
-        if _int(ctx, "transBatchA") or _int(ctx, "transBatchB"):
-            raise RuleDoesNotApply("index-map", "transBatchA/transBatchB move batch axes: not supported")
         trans = (_int(ctx, "transA"), _int(ctx, "transB"))
+        moved = (_int(ctx, "transBatchA"), _int(ctx, "transBatchB"))
         a_const, b_const = ctx.is_const(0), ctx.is_const(1)
         if a_const and b_const:
             return
         if a_const or b_const:
+            if any(moved):
+                raise RuleDoesNotApply("index-map", "transBatchA/transBatchB with a constant operand: not supported")
             self._linear(ctx, weight=1 if b_const else 0, trans=trans)
         else:
-            self._contraction(ctx, trans)
+            self._contraction(ctx, trans, moved)
+
+    @staticmethod
+    def _stored(rank: int, moved: int) -> list[int]:
+        """The stored axis of each axis the product reads (``transBatch``: the first axis moved behind the batch)."""
+        return [*range(1, rank - 1), 0, rank - 1] if moved else list(range(rank))
 
     @staticmethod
     def _axes(rank: int, slot: int, transposed: int) -> tuple[int, int]:
@@ -143,20 +153,24 @@ class FusedMatMulRule(OpRule):
         ctx.declare_producer(outputs)
         ctx.emit(0, weight_out, outputs)
 
-    def _contraction(self, ctx: RuleContext, trans: tuple[int, int]) -> None:
-        a_spaces, b_spaces = ctx.tracked(0), ctx.tracked(1)
-        if not a_spaces and not b_spaces:
+    def _contraction(self, ctx: RuleContext, trans: tuple[int, int], moved: tuple[int, int] = (0, 0)) -> None:
+        stored_a, stored_b = ctx.tracked(0), ctx.tracked(1)
+        if not stored_a and not stored_b:
             return
         rank_a, rank_b = ctx.rank_in(0), ctx.rank_in(1)
         if rank_a < 2 or rank_b < 2:
             raise RuleDoesNotApply("index-map", "FusedMatMul of a vector")
         ctx.take_all(0)
         ctx.take_all(1)
+        # Below, axes are those the product reads; ``where`` maps them to the stored ones.
+        where = (self._stored(rank_a, moved[0]), self._stored(rank_b, moved[1]))
+        a_spaces = {logical: stored_a[axis] for logical, axis in enumerate(where[0]) if axis in stored_a}
+        b_spaces = {logical: stored_b[axis] for logical, axis in enumerate(where[1]) if axis in stored_b}
         k_a, m_a = self._axes(rank_a, 0, trans[0])
         k_b, n_b = self._axes(rank_b, 1, trans[1])
         if k_a in a_spaces or k_b in b_spaces:
             known = a_spaces[k_a] if k_a in a_spaces else b_spaces[k_b]
-            ctx.unify(ctx.take(0, k_a, known.size), ctx.take(1, k_b, known.size))
+            ctx.unify(ctx.take(0, where[0][k_a], known.size), ctx.take(1, where[1][k_b], known.size))
         batch = max(rank_a, rank_b) - 2
         if m_a in a_spaces:
             ctx.emit(0, batch, a_spaces[m_a])
@@ -164,7 +178,7 @@ class FusedMatMulRule(OpRule):
             ctx.emit(0, batch + 1, b_spaces[n_b])
         for out_axis in range(batch):
             operands = [
-                (slot, axis)
+                (slot, where[slot][axis])
                 for slot, rank in ((0, rank_a), (1, rank_b))
                 if (axis := out_axis - (batch - (rank - 2))) >= 0
             ]
@@ -614,8 +628,11 @@ class MatMulNBitsRule(OpRule):
     - Input axis ``K``: permuted only in whole quantization blocks and, inside every block, by
       one permutation of its bytes (the values sharing a byte stay together): ``blocks (x) bytes
       (x) I_{8/bits}``; blocks move B's axis 1 with their scales and zero points. Where zero
-      points pack several blocks per byte the blocks cannot move (bytes inside a block still can);
-      with ``g_idx`` (act-order) or ``K`` not a multiple of ``block_size``, ``K`` is frozen.
+      points pack several blocks per byte, blocks move only as whole zero-point bytes (runs of
+      ``8 / bits`` blocks; a trailing incomplete run stays). Where ``K`` is not a multiple of
+      ``block_size``, the whole blocks still move but the last, partial block stays in place, and
+      so do the bytes inside every block (B's axis 2 is shared with the padded partial block).
+      With ``g_idx`` (act-order) ``K`` is frozen.
     """
 
     op_types = ("MatMulNBits",)
@@ -634,34 +651,40 @@ class MatMulNBitsRule(OpRule):
         outputs = ctx.new_group(n)
         per_byte = 8 // bits
         zero_packed = bool(ctx.input(3)) and bits < 8 and self._is_bytes(ctx, 3)
+        zero_per_byte = 8 // bits if zero_packed else 1  # blocks sharing a zero-point byte
+        zero_row = -(-n_blocks // zero_per_byte)  # zero-point bytes of one row
+        zero_bytes: Expr = ctx.fixed(zero_row, "act-order g_idx maps K to blocks")
         if ctx.input(4):
             blocks: Expr = ctx.fixed(n_blocks, "act-order g_idx maps K to blocks")
             in_block: Expr = ctx.fixed(weight_shape[2], "act-order g_idx maps K to blocks")
             ctx.unify(features, ctx.fixed(k, "act-order g_idx maps K to blocks"))
-        elif k % block:
-            blocks = ctx.fixed(n_blocks, f"K = {k} is not a multiple of block_size {block}")
-            in_block = ctx.fixed(weight_shape[2], f"K = {k} is not a multiple of block_size {block}")
-            ctx.unify(features, ctx.fixed(k, f"K = {k} is not a multiple of block_size {block}"))
         else:
-            if zero_packed:
-                blocks = ctx.fixed(n_blocks, f"{bits}-bit zero points pack several blocks into a byte")
-            else:
-                blocks = ctx.new_group(n_blocks)
-            in_block = ctx.new_group(weight_shape[2])
+            whole = k // block  # the blocks holding block_size values of K; a partial one stays
+            partial = f"K = {k} is not a multiple of block_size {block}: the last, partial block stays"
+            packed = f"{bits}-bit zero points pack {8 // bits} blocks into a byte: blocks move as whole bytes"
+            runs = whole // zero_per_byte  # zero-point bytes whose blocks are all whole
+            zero_run: Expr = ctx.new_group(runs) if runs else ctx.fixed(0, packed)
+            moving = product(zero_run, ctx.fixed(zero_per_byte, packed)) if runs else zero_run
+            whole_blocks = direct_sum([moving, ctx.fixed(whole - moving.size, packed)])
+            blocks = direct_sum([whole_blocks, ctx.fixed(n_blocks - whole, partial)])
+            zero_bytes = direct_sum([zero_run, ctx.fixed(zero_row - runs, packed)])
+            in_block = ctx.fixed(weight_shape[2], partial) if k % block else ctx.new_group(weight_shape[2])
             values = product(in_block, ctx.fixed(per_byte, f"{per_byte} values share a byte"))
-            ctx.unify(features, product(blocks, values))
+            ctx.unify(features, direct_sum([product(whole_blocks, values), ctx.fixed(k - whole * block, partial)]))
         ctx.bind(1, 0, outputs, "matmul weight")
         ctx.bind(1, 1, blocks, "matmul weight (input feature blocks)")
         ctx.bind(1, 2, in_block, "matmul weight (input features inside a block)")
         self._per_block(ctx, 2, outputs, blocks, "scales")
         if ctx.input(3):
             if zero_packed:
-                per_row = -(-n_blocks * bits // 8)
                 shape = ctx.const_shape(3)
                 if len(shape) == 1:
-                    ctx.bind(3, 0, product(outputs, ctx.fixed(per_row, "packed zero points of one row")), "zero points")
-                else:
+                    ctx.bind(3, 0, product(outputs, zero_bytes), "zero points")
+                elif len(shape) == 2:
                     ctx.bind(3, 0, outputs, "zero points")
+                    ctx.bind(3, 1, zero_bytes, "zero points")
+                else:
+                    raise RuleDoesNotApply("index-map", f"MatMulNBits zero points of shape {list(shape)}")
             else:
                 self._per_block(ctx, 3, outputs, blocks, "zero points")
         if ctx.input(5):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -166,6 +167,16 @@ def _align(in_shape: Shape, out_shape: Shape) -> tuple[list[_Digit], dict[int, t
     trail = 0
     while trail < min(rank_in, rank_out) - lead and _same(in_shape[-1 - trail], out_shape[-1 - trail]):
         trail += 1
+    # Unknown last dims on both sides (a -1 that shape inference names afresh, as in ONNX Runtime's
+    # folded ``[0, 4, 16, -1]``) are one block when everything between the leading axes and them
+    # is known with equal products: the element count then makes them equal.
+    last_in, last_out = rank_in - 1 - trail, rank_out - 1 - trail
+    if last_in > lead and last_out > lead and not isinstance(in_shape[last_in], int) \
+            and not isinstance(out_shape[last_out], int):
+        middle_in, middle_out = in_shape[lead:last_in], out_shape[lead:last_out]
+        if all(isinstance(d, int) for d in (*middle_in, *middle_out)) and \
+                math.prod(middle_in) == math.prod(middle_out):  # type: ignore[arg-type]  # fmt: skip
+            trail += 1
     digits = [_Digit(a, a, _size(in_shape[a])) for a in range(lead)]
     unaligned: dict[int, tuple[str, str]] = {}
     end_in, end_out = rank_in - trail, rank_out - trail

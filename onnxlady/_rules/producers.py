@@ -132,6 +132,8 @@ class MatMulRule(OpRule):
             self._linear(ctx, *right, data_slot=0)
         elif (left := _transposed_constant(ctx, 0)) is not None:
             self._linear(ctx, *left, data_slot=1)
+        elif (shape := _derived_matrix(ctx, 1)) is not None and not ctx.graph.constant_derived(ctx.input(0)):
+            self._linear(ctx, shape, _derived_binder(ctx, 1), data_slot=0)
         else:
             self._contraction(ctx)
 
@@ -218,6 +220,27 @@ _Binder = Callable[[int, Expr, str], None]
 
 def _direct_binder(ctx: RuleContext, slot: int) -> _Binder:
     return lambda axis, expr, role: ctx.bind(slot, axis, expr, role)
+
+
+def _derived_matrix(ctx: RuleContext, slot: int) -> tuple[int, ...] | None:
+    """The static shape of a 2-D weight computed from constants only (a block Sliced from a fused one), if it is one.
+
+    torch's ``nn.MultiheadAttention`` cuts its fused ``in_proj_weight`` into Q, K and V with
+    ``Slice`` (bounds from shape arithmetic, folded) and a ``Transpose``: a linear layer whose
+    weight the analysis reaches through :func:`~onnxlady._rules._derived.derived_uses`.
+    """
+    name = ctx.input(slot)
+    if not name or not ctx.graph.constant_derived(name):
+        return None
+    shape = ctx.shape_in(slot)
+    if shape is None or len(shape) != 2 or not all(isinstance(d, int) for d in shape):
+        return None
+    return tuple(int(d) for d in shape)  # type: ignore[arg-type]
+
+
+def _derived_binder(ctx: RuleContext, slot: int) -> _Binder:
+    """Bind a computed weight's axis through the constants it is made of (frozen where they cannot follow)."""
+    return lambda axis, expr, role: ctx.unify(ctx.take(slot, axis, expr.size), expr)
 
 
 def _transposed_constant(ctx: RuleContext, slot: int) -> tuple[tuple[int, ...], _Binder] | None:

@@ -15,7 +15,9 @@ The rules here are for the other uses:
 - ``QLinearConv`` / ``ConvInteger``: ``Conv`` with the inputs at other slots; the weight scale and
   zero point, per output channel, follow the output neurons; the int32 bias too.
 - ``QLinearMatMul`` / ``MatMulInteger``: ``MatMul`` with one constant operand; ``b``'s per-column
-  and ``a``'s per-row scales and zero points follow the columns and rows they describe.
+  and ``a``'s per-row scales and zero points follow the columns and rows they describe. A
+  ``QLinearMatMul`` of two computed operands (attention in QOperator form) with per-tensor
+  scales is ``MatMul``'s contraction on its data inputs (:mod:`onnxlady._rules._slots`).
 
 Activation scales of the integer operators are per tensor by the standard; a per-axis one along a
 permuted axis is bound like the others, anything else freezes.
@@ -29,6 +31,8 @@ from onnxlady._graph._expr import DirectSum, Expr, product
 from onnxlady._graph._model_graph import Shape
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
+from onnxlady._rules._slots import data_slots, per_tensor
+from onnxlady._rules.producers import MatMulRule
 
 
 def _int_dims(shape: Shape | None) -> tuple[int, ...] | None:
@@ -223,6 +227,12 @@ class QLinearMatMulRule(OpRule):
     op_types = ("QLinearMatMul",)
 
     def propagate(self, ctx: RuleContext) -> None:
+        if not ctx.is_const(0) and not ctx.is_const(3):
+            # Two computed operands (attention's Q @ K^T, probabilities @ V in QOperator form):
+            # with per-tensor scales, MatMul's contraction on the data inputs.
+            per_tensor(ctx, [1, 2, 4, 5, 6, 7])
+            MatMulRule._contraction(data_slots(ctx, [0, 3]))
+            return
         _integer_matmul(ctx, a=0, b=3, a_params=((1, SCALE), (2, ZERO)), b_params=((4, SCALE), (5, ZERO)),
                         y_params=((6, SCALE), (7, ZERO)))
 

@@ -230,6 +230,7 @@ def permute_model(
                 "perm": [int(i) for i in perms[group.id]],
             }
         )
+    states = _state_records(analysis, perms, group_ids)
     return PermutationKey(
         source_sha256=source_sha256,
         source_fingerprint=source_fingerprint,
@@ -240,7 +241,37 @@ def permute_model(
         source_weights_sha256="" if deferred is not None else digest.hexdigest(),
         seed=seed,
         source_file=source_file,
+        extra={"kv_state": states} if states else {},
     )
+
+
+def _state_records(
+    analysis: ChannelAnalysis, perms: Mapping[str, np.ndarray], group_ids: Mapping[int, str]
+) -> list[dict[str, Any]]:
+    """The key's record of the KV-cache states that move: whoever feeds a cache must permute it alike.
+
+    One record per state pair (``analyze(kv_state=True)``) with an axis governed by a permuted
+    group: the past input and present output names, the sequence axis, and each moving axis's
+    index map (as the tensors' maps are written). A cache made by the source model becomes the
+    permuted model's by ``take(cache, evaluate(expr), axis)`` on each listed axis.
+    """
+    records = []
+    for pair, axes in analysis.state_spaces():
+        moving = {axis: expr for axis, expr in axes.items() if set(analysis.neuron_labels(expr)) & set(perms)}
+        if not moving:
+            continue
+        records.append(
+            {
+                "input": pair.input,
+                "output": pair.output,
+                "sequence_axis": pair.sequence_axis,
+                "axes": [
+                    {"axis": axis, "expr": expr_to_tree(expr, group_ids, analysis.solver.find)}
+                    for axis, expr in moving.items()
+                ],
+            }
+        )
+    return records
 
 
 def _deferrable(tensor: onnx.TensorProto) -> bool:

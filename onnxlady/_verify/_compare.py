@@ -28,6 +28,7 @@ import onnx
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._progress import advance
+from onnxlady._verify._decoding import DecodingPlan, first_step, next_step, plan_decoding, state_view, step_length
 from onnxlady._verify._evidence import EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, find_squashes, judge, match_squashes
 from onnxlady._verify._feed_stream import FeedStream, reference_failure
 from onnxlady._verify._feeds import load_input_file, script_feeds
@@ -44,8 +45,11 @@ __all__ = [
     "EQUIVALENT",
     "INCONCLUSIVE",
     "NOT_EQUIVALENT",
+    "REDUCED_PRECISION_TOLERANCES",
     "VERIFY_ATOL",
     "VERIFY_RTOL",
+    "arithmetic_precision",
+    "default_tolerances",
     "CheckNotRunError",
     "InputRecord",
     "OutputComparison",
@@ -61,6 +65,47 @@ __all__ = [
 VERIFY_ATOL: float = 1e-4
 #: Relative tolerance: an element passes when ``|a - b| <= rtol * |b|`` (or when the absolute test passes).
 VERIFY_RTOL: float = 1e-3
+#: Default (atol, rtol) for models that compute in a narrower float type: re-ordering the terms
+#: of a float16 sum may flip its last bit (a unit in the last place is 2e-3 at 4), and every
+#: later layer carries that on; a wrong permutation moves outputs by far more.
+REDUCED_PRECISION_TOLERANCES: dict[str, tuple[float, float]] = {"float16": (4e-3, 1e-2), "bfloat16": (3e-2, 8e-2)}
+_NARROW_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def arithmetic_precision(model: onnx.ModelProto) -> str:
+    """The narrowest float type ``model`` computes in: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+
+    A model computes in a narrow type when a graph input or output has it or an operator other
+    than a Cast reads a constant stored in it (weights behind a Cast to float32 are only stored
+    narrow: the arithmetic stays float32).
+    """
+    found: set[str] = set()
+    graph = model.graph
+    for value in [*graph.input, *graph.output]:
+        kind = _NARROW_TYPES.get(value.type.tensor_type.elem_type)
+        if kind is not None:
+            found.add(kind)
+    narrow = {t.name: _NARROW_TYPES[t.data_type] for t in graph.initializer if t.data_type in _NARROW_TYPES}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.t.data_type in _NARROW_TYPES:
+                    narrow[node.output[0]] = _NARROW_TYPES[attribute.t.data_type]
+    for node in graph.node:
+        if node.op_type not in ("Cast", "Constant"):
+            found.update(narrow[name] for name in node.input if name in narrow)
+    if "bfloat16" in found:
+        return "bfloat16"
+    return "float16" if "float16" in found else "float32"
+
+
+def default_tolerances(*models: onnx.ModelProto) -> tuple[float, float, str]:
+    """``(atol, rtol, precision)`` for comparing ``models``: the narrowest arithmetic among them decides."""
+    precisions = {arithmetic_precision(model) for model in models}
+    for precision in ("bfloat16", "float16"):
+        if precision in precisions:
+            return (*REDUCED_PRECISION_TOLERANCES[precision], precision)
+    return VERIFY_ATOL, VERIFY_RTOL, "float32"
 
 
 class CheckNotRunError(OnnxladyError):
@@ -179,13 +224,82 @@ def _inputs_or_not_run(stream: Iterator[dict[str, np.ndarray]]) -> Iterator[dict
         raise CheckNotRunError(str(exc)) from exc
 
 
+def _run_step(
+    sessions: tuple[tuple[Any, str], tuple[Any, str]],
+    fetch: _Fetch,
+    feeds: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+    stream: FeedStream,
+    state_outputs: Mapping[str, int],
+    tolerances: tuple[float, float],
+) -> tuple[list[Any], list[Any]]:
+    """Run both sessions on their feeds and add every compared pair to its accumulator.
+
+    ``state_outputs`` (present output -> sequence axis) are compared as :func:`state_view` sees
+    them. Returns both sessions' outputs (in ``fetch.ref`` / ``fetch.cand`` order).
+    """
+    (ref_session, ref_name), (cand_session, cand_name) = sessions
+    ref_feed, cand_feed = feeds
+    try:
+        ref_out = run_session(ref_session, ref_feed)
+    except Exception as exc:  # ORT's own exception types: the inputs do not suit the reference
+        raise CheckNotRunError(reference_failure(exc, ref_name, stream, ref_feed)) from exc
+    try:
+        cand_out = run_session(cand_session, cand_feed)
+    except Exception as exc:
+        raise OnnxladyError(f"ONNX Runtime cannot run {cand_name}: {first_line(exc)}") from exc
+    atol, rtol = tolerances
+    for accumulator, ref_position, cand_position in fetch.pairs:
+        a, b = (np.asarray(cand_out[cand_position]), np.asarray(ref_out[ref_position]))
+        if a.shape != b.shape:
+            raise OnnxladyError(
+                f"output {accumulator.name!r} has shape {tuple(b.shape)} in {ref_name} but {tuple(a.shape)} "
+                f"in {cand_name}"
+            )
+        if a.dtype != b.dtype:
+            raise OnnxladyError(f"output {accumulator.name!r} is {b.dtype} in {ref_name} but {a.dtype} in {cand_name}")
+        if accumulator.name in state_outputs and accumulator.kind != "added":
+            axis = state_outputs[accumulator.name]
+            a, b = state_view(a, axis), state_view(b, axis)
+        accumulator.add(a, b, atol, rtol)
+    return list(ref_out), list(cand_out)
+
+
+def _decode(
+    sessions: tuple[tuple[Any, str], tuple[Any, str]],
+    fetch: _Fetch,
+    feed: dict[str, np.ndarray],
+    stream: FeedStream,
+    plan: DecodingPlan,
+    tokens: int,
+    tolerances: tuple[float, float],
+) -> str | None:
+    """Run ``feed`` as two decoding steps of ``tokens`` tokens (see :mod:`onnxlady._verify._decoding`).
+
+    Returns:
+        None when both steps ran; why not when the reference cannot run the prefill from an
+        empty cache (nothing was compared then).
+    """
+    prefill = first_step(plan, feed, tokens)
+    try:
+        ref_out, cand_out = _run_step(sessions, fetch, (prefill, prefill), stream, plan.state_outputs, tolerances)
+    except CheckNotRunError as exc:
+        return str(exc)
+    # Each model reads the cache it wrote: a permuted cache is fed back in its own order.
+    following = (
+        next_step(plan, feed, tokens, dict(zip(fetch.ref, ref_out))),
+        next_step(plan, feed, tokens, dict(zip(fetch.cand, cand_out))),
+    )
+    _run_step(sessions, fetch, following, stream, plan.state_outputs, tolerances)
+    return None
+
+
 def verify_models(
     reference: ModelLike,
     candidate: ModelLike,
     *,
     provider: str = "auto",
-    atol: float = VERIFY_ATOL,
-    rtol: float = VERIFY_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     iterations: int = 1,
     seed: int = 0,
     shapes: Mapping[str, Sequence[int]] | None = None,
@@ -212,8 +326,9 @@ def verify_models(
             or an ``onnx.ModelProto``.
         candidate: The model checked against it.
         provider: ``"auto"`` (CUDA when it loads, else CPU), ``"cuda"`` or ``"cpu"``.
-        atol: Absolute tolerance.
-        rtol: Relative tolerance.
+        atol: Absolute tolerance; ``None``: :data:`VERIFY_ATOL`, or for models that compute in
+            float16/bfloat16 the wider :data:`REDUCED_PRECISION_TOLERANCES` (said in a note).
+        rtol: Relative tolerance; ``None``: :data:`VERIFY_RTOL`, or as ``atol`` for float16/bfloat16.
         iterations: Number of generated feeds (user-given feeds are all run, whatever this says).
         seed: Seed of the generated inputs: one ``np.random.default_rng(seed)``, drawn in graph order.
         shapes: Shapes of inputs with dynamic dimensions, by name; the graph pins the others
@@ -241,8 +356,8 @@ def verify_models(
             not loading. Those that say nothing about the candidate (the inputs cannot be made,
             the reference cannot be loaded or run) are the subclass :class:`CheckNotRunError`.
     """
-    atol = _check_tolerance(atol, "atol")
-    rtol = _check_tolerance(rtol, "rtol")
+    atol = None if atol is None else _check_tolerance(atol, "atol")
+    rtol = None if rtol is None else _check_tolerance(rtol, "rtol")
     iterations = _whole(iterations, "iterations", 1)
     seed = _whole(seed, "seed", 0)
     if provider not in PROVIDERS:
@@ -258,6 +373,16 @@ def verify_models(
     ref_graph = load_graph(reference, ref_name)
     cand_graph = load_graph(candidate, cand_name)
     check_interfaces(ref_graph, cand_graph, ref_name, cand_name)
+    default_atol, default_rtol, precision = default_tolerances(ref_graph, cand_graph)
+    precision_notes: tuple[str, ...] = ()
+    if precision != "float32" and (atol is None or rtol is None):
+        note = (
+            f"the models compute in {precision}: default tolerances atol {default_atol:g}, rtol {default_rtol:g} "
+            "(re-ordered sums may round differently there); give atol/rtol to choose others"
+        )
+        precision_notes = (note,)
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
     ref_index, cand_index = GraphIndex(ref_graph), GraphIndex(cand_graph)
     try:
         plans = plan_inputs(ref_graph, shapes, input_range, value_ranges, ref_index)
@@ -284,31 +409,27 @@ def verify_models(
     except OnnxladyError as exc:
         raise CheckNotRunError(str(exc)) from exc
 
+    # Generated feeds of a model with a KV cache run as two decoding steps (see _decoding).
+    generated = load_inputs is None and data_loader_script is None
+    decoding = plan_decoding(ref_graph, [plan.name for plan in plans]) if generated else None
+    decoding_notes: list[str] = []
+    sessions = ((ref_session, ref_name), (cand_session, cand_name))
+    tolerances = (atol, rtol)
     count = 0
     first_shapes: dict[str, tuple[int, ...]] = {}
     for feed in _inputs_or_not_run(stream):
         count += 1
         first_shapes = first_shapes or {name: tuple(int(d) for d in array.shape) for name, array in feed.items()}
-        try:
-            ref_out = run_session(ref_session, feed)
-        except Exception as exc:  # ORT's own exception types: the inputs do not suit the reference
-            raise CheckNotRunError(reference_failure(exc, ref_name, feeds, feed)) from exc
-        try:
-            cand_out = run_session(cand_session, feed)
-        except Exception as exc:
-            raise OnnxladyError(f"ONNX Runtime cannot run {cand_name}: {first_line(exc)}") from exc
-        for accumulator, ref_position, cand_position in fetch.pairs:
-            a, b = (np.asarray(cand_out[cand_position]), np.asarray(ref_out[ref_position]))
-            if a.shape != b.shape:
-                raise OnnxladyError(
-                    f"output {accumulator.name!r} has shape {tuple(b.shape)} in {ref_name} but {tuple(a.shape)} "
-                    f"in {cand_name}"
-                )
-            if a.dtype != b.dtype:
-                raise OnnxladyError(
-                    f"output {accumulator.name!r} is {b.dtype} in {ref_name} but {a.dtype} in {cand_name}"
-                )
-            accumulator.add(a, b, atol, rtol)
+        tokens = step_length(decoding, feed) if decoding is not None else None
+        if decoding is not None and tokens is not None:
+            failure = _decode(sessions, fetch, feed, feeds, decoding, tokens, tolerances)
+            decoding_notes = [decoding.describe(tokens)]
+            if failure is not None:  # the reference does not start from an empty cache: one step each
+                why = f"KV cache: the reference does not run from an empty cache ({failure})"
+                decoding_notes = [why + "; each feed ran as one step with the generated cache"]
+                decoding = None
+        if decoding is None or tokens is None:
+            _run_step(sessions, fetch, (feed, feed), feeds, {}, tolerances)
         if progress is not None and feeds.given_by is None and callable(getattr(progress, "update", None)):
             advance(progress, "verify: comparing outputs", count, iterations)  # a bar: the count is known
         elif progress is not None:
@@ -335,5 +456,5 @@ def verify_models(
         reasons=reasons,
         squash_inputs=squashed,
         inputs=feeds.records(),
-        notes=tuple(notes) + judged,
+        notes=precision_notes + tuple(notes) + tuple(decoding_notes) + judged,
     )

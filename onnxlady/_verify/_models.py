@@ -217,6 +217,11 @@ class GraphIndex:
                     self.shapes[node.output[0]] = tuple(value.dims)
         self.graph_inputs = {vi.name for vi in graph.input}
         self.graph_outputs = [vi.name for vi in graph.output]
+        # Producers of every domain, for reading widths through contrib ops (MatMulNBits...);
+        # ``producer`` keeps to the default domain, whose semantics the value reads rely on.
+        self.any_producer: dict[str, onnx.NodeProto] = {
+            name: node for node in graph.node for name in node.output if name
+        }
 
     def is_constant(self, name: str) -> bool:
         """Whether ``name`` is an initializer or a Constant node's value."""

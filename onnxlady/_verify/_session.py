@@ -207,7 +207,15 @@ def _new_session(source: str | bytes, providers: list[Any], name: str, external_
     try:
         return ort.InferenceSession(source, _session_options(external_folder), providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types (Fail, InvalidGraph, ...)
-        raise OnnxladyError(f"ONNX Runtime cannot run {name}: {first_line(exc)}") from exc
+        # ONNX Runtime (1.31) cannot re-optimize some models its own offline optimizer wrote ("Attempt
+        # to replace the existing tensor" at ORT_ENABLE_ALL): its optimizations keep the function,
+        # so the model is run with the basic ones only.
+        options = _session_options(external_folder)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        try:
+            return ort.InferenceSession(source, options, providers=providers)
+        except Exception:  # the model itself cannot run: the first failure says why
+            raise OnnxladyError(f"ONNX Runtime cannot run {name}: {first_line(exc)}") from exc
 
 
 def create_session(

@@ -320,6 +320,8 @@ def _node_pins(index: GraphIndex, node: onnx.NodeProto, position: int, rank: int
                 (axis + k, size, f"LayerNormalization with the constant scale {inputs[1]!r}")
                 for k, size in enumerate(scale)
             )
+    elif op in _CACHE_SLOTS and position in _CACHE_SLOTS[op] and rank == 4:
+        found.extend(_cache_pins(index, node))
     elif op in BROADCAST:
         for i, name in enumerate(inputs):
             other = const(i) if i != position else None
@@ -330,6 +332,51 @@ def _node_pins(index: GraphIndex, node: onnx.NodeProto, position: int, rank: int
                 if size > 1 and 0 <= tensor_axis < rank:
                     found.append((tensor_axis, size, f"{op} with the constant {name!r} {list(other)}"))
     return found
+
+
+#: Attention operators (com.microsoft) and the input slots of their past key and value caches,
+#: each ``[batch, kv heads, past length, head size]``.
+_CACHE_SLOTS = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7)}
+
+
+def _cache_pins(index: GraphIndex, node: onnx.NodeProto) -> list[tuple[int, int, str]]:
+    """Heads and head size of an attention node's KV cache, read off its attributes and projections.
+
+    The genai builder names the head size ``kv_cache_dim`` and nothing else in the graph pins
+    it: it is the width of the query projection over the heads it holds (Q alone, or Q, K and V
+    packed when the key input is empty).
+    """
+    op = node.op_type
+    heads = int(index.attribute(node, "num_heads", 0) or 0)
+    kv_heads = int(index.attribute(node, "kv_num_heads", 0) or 0) if op == "GroupQueryAttention" else heads
+    found: list[tuple[int, int, str]] = []
+    if kv_heads > 0:
+        found.append((1, kv_heads, f"{op} {node.name!r} with {kv_heads} KV heads"))
+    packed = len(node.input) < 2 or not node.input[1]
+    width = _projection_width(index, node.input[0]) if node.input else None
+    columns = heads + 2 * kv_heads if packed else heads
+    if width is not None and columns > 0 and width % columns == 0:
+        found.append((3, width // columns, f"{op} {node.name!r}: query projection of width {width} over {columns} heads"))
+    return found
+
+
+def _projection_width(index: GraphIndex, name: str, depth: int = 3) -> int | None:
+    """Output width of the linear layer making ``name`` (through a bias Add), or None."""
+    node = index.any_producer.get(name)
+    if node is None or depth == 0:
+        return None
+    weight = index.shapes.get(node.input[1]) if len(node.input) > 1 else None
+    if node.op_type == "MatMulNBits":
+        return int(index.attribute(node, "N", 0) or 0) or None
+    if node.op_type in ("MatMul", "FusedMatMul") and weight is not None and len(weight) >= 2:
+        return int(weight[-1])
+    if node.op_type == "Gemm" and weight is not None and len(weight) == 2:
+        return int(weight[0] if index.attribute(node, "transB", 0) else weight[1])
+    if node.op_type == "Add":
+        computed = [n for n in node.input if n and not index.is_constant(n)]
+        if len(computed) == 1:
+            return _projection_width(index, computed[0], depth - 1)
+    return None
 
 
 def _position_limit(index: GraphIndex, input_names: Sequence[str]) -> dict[str, tuple[int, str]]:

@@ -1,0 +1,400 @@
+"""Linear layers and tables as ONNX Runtime's quantizer writes them in integer operators.
+
+``onnxruntime.quantization`` writes a float model's weights in two forms besides QDQ (which
+:func:`~onnxlady._resync._values.read_constant` reads through its ``DequantizeLinear``):
+
+- ``quantize_dynamic``: ``MatMulInteger`` / ``ConvInteger`` on an int8 weight and its zero
+  point, the int32 result ``Cast`` to float and multiplied by the activation's dynamic scale
+  times the weight's scale (``Mul(x_scale, w_scale)``, computed at run time); the bias an
+  ``Add`` after that. An embedding table is stored as integers: ``Gather`` on them, then a
+  ``DequantizeLinear`` of the gathered rows.
+- ``quantize_static(..., quant_format=QuantFormat.QOperator)``: ``QLinearConv`` (weight, scale
+  and zero point per output channel at slots 3-5, the bias an int32 at slot 8 with scale
+  ``x_scale * w_scale``), ``QLinearMatMul`` (``b`` at slots 3-5, per column), ``QGemm``
+  (com.microsoft, ``C`` an int32 bias like QLinearConv's), a ``MatMul``'s bias a constant
+  operand of the ``QLinearAdd`` after it, dequantized by its own scale and zero point.
+
+Here each such weight is read as the float layer it stands for: the integers minus their zero
+point, times the weight's scale (read from the node's own inputs, or from the constant factor of
+the scale ``Mul`` for the dynamic form), with an error bound of half a quantization step (the
+quantizer rounds to nearest). Activation quantization (``DynamicQuantizeLinear``, the
+activation scales of the ``QLinear*`` operators) is no weight and is left out; it enters only
+where it scales an int32 bias. :mod:`onnxlady._resync._sites` asks this module, through small
+hooks, whether a node is such a layer (:func:`quantized_linear`), where its float result is
+(:func:`quantized_tail`), which operand holds its bias (:func:`quantized_bias`), whether a
+Gather reads an integer table (:func:`quantized_table`) or a QLinearMul/QLinearAdd an integer
+channel vector (:func:`quantized_channel_op`), and for the values (:func:`read_quantized`), so
+these forms pair with the float layers they came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._resync._values import Approx
+
+__all__ = [
+    "QuantizedLinear",
+    "quantized_bias",
+    "quantized_channel_op",
+    "quantized_form",
+    "quantized_linear",
+    "quantized_table",
+    "quantized_tail",
+    "read_quantized",
+]
+
+MICROSOFT = "com.microsoft"
+_STANDARD = ("", "ai.onnx")
+#: A quantizer rounds ``w / scale`` to nearest in float32: half a step, and a few units in the
+#: last place of the division on top.
+_HALF_STEP = 0.5 * (1.0 + 2.0**-20)
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """An integer linear layer's weight: where it is stored and its canonical layout.
+
+    ``family`` is ``dense`` (``[out, in]``) or ``conv`` (``[out, in / group, k...]``); ``axes``
+    reorders the stored axes into the canonical ones (``np.transpose``); ``extra`` is the
+    token beyond the weight's shape (a convolution's groups); ``factor`` multiplies it (QGemm's
+    ``alpha``; its ``beta`` the quantizer folds into the int32 bias).
+    """
+
+    family: str
+    slot: int
+    shape: tuple[int, ...]
+    canonical: tuple[int, ...]
+    axes: tuple[int, ...] | None
+    extra: tuple[object, ...]
+    factor: float = 1.0
+
+
+def _key(graph: ModelGraph, index: int) -> tuple[str, str]:
+    node = graph.nodes[index]
+    domain = node.domain or ""
+    return ("" if domain in _STANDARD else domain), node.op_type
+
+
+def _integer_constant(graph: ModelGraph, name: str) -> np.ndarray | None:
+    """A constant of integers (a quantized weight, an int32 bias), or None."""
+    value = graph.constant_value(name) if name else None
+    return value if value is not None and value.dtype.kind in "iu" else None
+
+
+def _float_value(graph: ModelGraph, name: str) -> np.ndarray | None:
+    value = graph.constant_value(name) if name else None
+    return np.asarray(value, dtype=np.float64) if value is not None and value.dtype.kind == "f" else None
+
+
+def _input(graph: ModelGraph, index: int, slot: int) -> str:
+    node = graph.nodes[index]
+    return node.input[slot] if slot < len(node.input) else ""
+
+
+# -- the dynamic form: MatMulInteger / ConvInteger, Cast, Mul by x_scale * w_scale ---------------
+@dataclass(frozen=True)
+class _IntegerScale:
+    cast: int
+    mul: int  # the Mul giving the float result
+    scale_mul: int | None  # Mul(x_scale, w_scale), computed at run time
+    scale: np.ndarray  # w_scale
+
+
+def _only_reader(graph: ModelGraph, name: str) -> tuple[int, int] | None:
+    readers = graph.consumers.get(name, [])
+    if len(readers) != 1 or name in graph.graph_outputs:
+        return None
+    return readers[0]
+
+
+def _integer_scale(graph: ModelGraph, index: int) -> _IntegerScale | None:
+    """The Cast and scale Mul after a MatMulInteger / ConvInteger, and the weight's scale.
+
+    The factor is ``Mul(x_scale, w_scale)`` with ``x_scale`` the scale of the
+    ``DynamicQuantizeLinear`` that quantized this node's input and ``w_scale`` a constant;
+    anything else is not the quantizer's form and is not read.
+    """
+    node = graph.nodes[index]
+    reader = _only_reader(graph, node.output[0]) if node.output else None
+    if reader is None or graph.nodes[reader[0]].op_type != "Cast":
+        return None
+    cast = reader[0]
+    reader = _only_reader(graph, graph.nodes[cast].output[0])
+    if reader is None or reader[1] not in (0, 1) or _key(graph, reader[0]) != ("", "Mul"):
+        return None
+    mul = reader[0]
+    factor = graph.nodes[mul].input[1 - reader[1]]
+    produced = graph.producer.get(factor)
+    if produced is None or _key(graph, produced[0]) != ("", "Mul"):
+        return None
+    scale_mul = graph.nodes[produced[0]]
+    for slot in (0, 1):
+        scale = _float_value(graph, scale_mul.input[slot])
+        source = graph.producer.get(scale_mul.input[1 - slot])
+        if scale is None or source is None:
+            continue
+        quantizer = graph.nodes[source[0]]
+        if (_key(graph, source[0]) == ("", "DynamicQuantizeLinear") and source[1] == 1
+                and quantizer.output[0] == node.input[0]):  # fmt: skip
+            return _IntegerScale(cast, mul, produced[0], scale)
+    return None
+
+
+# -- what the sites ask ------------------------------------------------------------------------
+def quantized_linear(graph: ModelGraph, index: int) -> QuantizedLinear | None:
+    """The weight of an integer linear layer with a constant integer weight, or None.
+
+    Args:
+        graph: the model.
+        index: any node.
+
+    Returns:
+        Where its weight is stored and how it maps to the canonical layout; None for any other
+        node, a weight not stored as integers, or a scale that cannot be read.
+    """
+    key = _key(graph, index)
+    node = graph.nodes[index]
+    if key in (("", "QLinearConv"), ("", "ConvInteger")):
+        slot = 3 if key[1] == "QLinearConv" else 1
+        weight = _integer_constant(graph, _input(graph, index, slot))
+        if weight is None or weight.ndim < 3:
+            return None
+        if key[1] == "ConvInteger" and _integer_scale(graph, index) is None:
+            return None
+        shape = tuple(int(d) for d in weight.shape)
+        return QuantizedLinear("conv", slot, shape, shape, None, (int(node_attribute(node, "group", 1)),))
+    if key in (("", "QLinearMatMul"), ("", "MatMulInteger")):
+        slot = 3 if key[1] == "QLinearMatMul" else 1
+        weight = _integer_constant(graph, _input(graph, index, slot))
+        activation = 0
+        if weight is None or weight.ndim != 2 or _integer_constant(graph, _input(graph, index, activation)) is not None:
+            return None
+        if key[1] == "MatMulInteger" and _integer_scale(graph, index) is None:
+            return None
+        k, n = (int(d) for d in weight.shape)
+        return QuantizedLinear("dense", slot, (k, n), (n, k), (1, 0), ())
+    if key == (MICROSOFT, "QGemm"):
+        weight = _integer_constant(graph, _input(graph, index, 3))
+        if weight is None or weight.ndim != 2 or int(node_attribute(node, "transA", 0)):
+            return None
+        if _integer_constant(graph, _input(graph, index, 0)) is not None:
+            return None
+        shape = tuple(int(d) for d in weight.shape)
+        alpha = float(node_attribute(node, "alpha", 1.0))
+        if int(node_attribute(node, "transB", 0)):
+            return QuantizedLinear("dense", 3, shape, shape, None, (), alpha)
+        return QuantizedLinear("dense", 3, shape, (shape[1], shape[0]), (1, 0), (), alpha)
+    return None
+
+
+def quantized_tail(graph: ModelGraph, index: int) -> tuple[list[int], list[str]] | None:
+    """The nodes after an integer layer that make its float result, and their operators.
+
+    For ``MatMulInteger`` / ``ConvInteger``: the Cast, the scale Mul and the Mul computing the
+    scale (``Mul(x_scale, w_scale)``, listed first so the last node is where the float result
+    is). For a ``QLinear*`` layer whose only reader is a ``DequantizeLinear``: that node. None
+    when the layer's own output is its result (a ``QLinear*`` feeding another one).
+    """
+    key = _key(graph, index)
+    if key in (("", "MatMulInteger"), ("", "ConvInteger")):
+        found = _integer_scale(graph, index)
+        if found is None:
+            return None
+        nodes = [found.scale_mul] if found.scale_mul is not None else []
+        return [*nodes, found.cast, found.mul], ["Cast", "Mul"]
+    if key in (("", "QLinearConv"), ("", "QLinearMatMul"), (MICROSOFT, "QGemm")):
+        reader = _only_reader(graph, graph.nodes[index].output[0])
+        if reader is not None and reader[1] == 0 and _key(graph, reader[0]) == ("", "DequantizeLinear"):
+            return [reader[0]], ["DequantizeLinear"]
+    return None
+
+
+def quantized_bias(graph: ModelGraph, index: int, size: int) -> tuple[int, int, tuple[int, ...]] | None:
+    """The bias an integer layer holds itself, or the ``QLinearAdd`` after it holds.
+
+    Args:
+        graph: the model.
+        index: an integer layer (see :func:`quantized_linear`).
+        size: its output neurons.
+
+    Returns:
+        (node, input slot, stored shape) of the bias, or None when it has none.
+    """
+    key = _key(graph, index)
+    own = {("", "QLinearConv"): 8, (MICROSOFT, "QGemm"): 6}.get(key)
+    if own is not None and _input(graph, index, own):
+        bias = _integer_constant(graph, _input(graph, index, own))
+        return (index, own, tuple(int(d) for d in bias.shape)) if bias is not None and bias.size == size else None
+    if key not in (("", "QLinearMatMul"), ("", "QLinearConv")):
+        return None
+    # A bias Add after the layer (Paddle writes a Conv's as one) becomes a QLinearAdd of a constant.
+    reader = _only_reader(graph, graph.nodes[index].output[0])
+    if reader is None or reader[1] not in (0, 3) or _key(graph, reader[0]) != (MICROSOFT, "QLinearAdd"):
+        return None
+    slot = 3 - reader[1]
+    bias = _integer_constant(graph, _input(graph, reader[0], slot))
+    if bias is None or bias.size != size or sum(d != 1 for d in bias.shape) > 1:
+        return None
+    shape = tuple(int(d) for d in bias.shape)
+    if key[1] == "QLinearMatMul" and shape[-1:] != (size,):
+        return None
+    if key[1] == "QLinearConv":  # over the channel axis of [N, C, spatial...] only
+        weight = _integer_constant(graph, _input(graph, index, 3))
+        rank = weight.ndim if weight is not None else 0
+        if rank < 2 or len(shape) > rank or ((1,) * (rank - len(shape)) + shape)[1] != size:
+            return None
+    return reader[0], slot, shape
+
+
+def quantized_table(graph: ModelGraph, index: int) -> tuple[int | None, tuple[int, int]] | None:
+    """A ``Gather`` of an integer table and the shape of the table.
+
+    Its rows are read by a ``DequantizeLinear`` (the dynamic form: that node, part of the
+    table's site, comes first) or by a ``QLinearAdd``/``QLinearMul`` with the table's scale and
+    zero point (the QOperator form: None, that node is an activation operator of its own).
+    """
+    if _key(graph, index) != ("", "Gather") or int(node_attribute(graph.nodes[index], "axis", 0)) != 0:
+        return None
+    table = _integer_constant(graph, _input(graph, index, 0))
+    reader = _only_reader(graph, graph.nodes[index].output[0])
+    if table is None or table.ndim != 2 or reader is None or _dequantize_table(graph, index, table) is None:
+        return None
+    dequantize = reader[0] if _key(graph, reader[0]) == ("", "DequantizeLinear") else None
+    return dequantize, (int(table.shape[0]), int(table.shape[1]))
+
+
+def quantized_channel_op(graph: ModelGraph, index: int) -> tuple[str, int, tuple[int, ...], int] | None:
+    """A ``QLinearMul`` / ``QLinearAdd`` of a computed tensor and an integer channel vector.
+
+    The QOperator form of a Mul or Add by a per-channel constant (a decomposed LayerNorm's scale
+    and shift): (``scale`` or ``shift``, the constant's slot, its stored shape, its channels).
+    """
+    key = _key(graph, index)
+    if key not in ((MICROSOFT, "QLinearMul"), (MICROSOFT, "QLinearAdd")):
+        return None
+    constant = [slot for slot in (0, 3) if _integer_constant(graph, _input(graph, index, slot)) is not None]
+    if len(constant) != 1:
+        return None
+    value = _integer_constant(graph, _input(graph, index, constant[0]))
+    assert value is not None
+    wide = [d for d in value.shape if d != 1]
+    if len(wide) != 1 or wide[0] < 2:
+        return None
+    role = "scale" if key[1] == "QLinearMul" else "shift"
+    return role, constant[0], tuple(int(d) for d in value.shape), int(wide[0])
+
+
+def quantized_form(graph: ModelGraph, index: int) -> str:
+    """How a quantized weight is held, for the conversion finding (``MatMulInteger``...)."""
+    return f"{graph.nodes[index].op_type} (ONNX Runtime's quantizer)"
+
+
+# -- reading -----------------------------------------------------------------------------------
+def _per_axis(parameter: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray | None:
+    """A scale or zero point per tensor or one per entry of ``axis``, broadcast to ``shape``."""
+    if parameter.size == 1:
+        return np.broadcast_to(parameter.reshape(()), shape)
+    if parameter.size != shape[axis]:
+        return None
+    view = [1] * len(shape)
+    view[axis] = -1
+    return np.broadcast_to(parameter.reshape(view), shape)
+
+
+def _dequantized(raw: np.ndarray, scale: np.ndarray | None, zero: np.ndarray | None, axis: int) -> Approx | None:
+    shape = tuple(raw.shape)
+    if scale is None:
+        return None
+    spread_scale = _per_axis(scale, shape, axis % len(shape))
+    spread_zero = _per_axis(zero, shape, axis % len(shape)) if zero is not None else np.zeros(shape)
+    if spread_scale is None or spread_zero is None:
+        return None
+    value = (raw.astype(np.float64) - spread_zero) * spread_scale
+    return Approx(value, _HALF_STEP * np.abs(spread_scale))
+
+
+def _zero(graph: ModelGraph, index: int, slot: int) -> np.ndarray | None:
+    name = _input(graph, index, slot)
+    value = graph.constant_value(name) if name else None
+    return None if value is None else np.asarray(value, dtype=np.float64)
+
+
+def _dequantize_table(graph: ModelGraph, gather: int, table: np.ndarray) -> Approx | None:
+    """A Gather's integer table read as the operator after it reads its rows.
+
+    That is a DequantizeLinear (scale and zero point at slots 1 and 2, per tensor or per column)
+    or a QLinearAdd/QLinearMul reading the rows at slot 0 or 3 (their parameters right after,
+    per tensor).
+    """
+    reader = _only_reader(graph, graph.nodes[gather].output[0])
+    if reader is None:
+        return None
+    dequantize, slot = reader
+    if _key(graph, dequantize) == ("", "DequantizeLinear") and slot == 0:
+        scale_slot = 1
+    elif _key(graph, dequantize) in ((MICROSOFT, "QLinearAdd"), (MICROSOFT, "QLinearMul")) and slot in (0, 3):
+        scale_slot = slot + 1
+    else:
+        return None
+    scale = _float_value(graph, _input(graph, dequantize, scale_slot))
+    zero = _zero(graph, dequantize, scale_slot + 1)
+    if scale is None or (_input(graph, dequantize, scale_slot + 1) and zero is None):
+        return None
+    if scale_slot != 1 and (scale.size > 1 or (zero is not None and zero.size > 1)):
+        return None
+    if scale.size > 1 or (zero is not None and zero.size > 1):  # per axis: only along the table's columns
+        rank = graph.rank(graph.nodes[gather].output[0])
+        axis = int(node_attribute(graph.nodes[dequantize], "axis", 1))
+        if not rank or axis % rank != rank - 1:
+            return None
+        return _dequantized(table, scale.reshape(-1), None if zero is None else zero.reshape(-1), 1)
+    return _dequantized(table, scale, zero, 0)
+
+
+def read_quantized(graph: ModelGraph, index: int, slot: int) -> Approx | None:
+    """An integer operand of a quantized layer as the float number it stands for.
+
+    Args:
+        graph: the model.
+        index: the node reading it (an integer layer, the ``QLinearAdd`` holding a bias, the
+            ``Gather`` of a quantized table).
+        slot: the input slot.
+
+    Returns:
+        The value in the stored layout, in float64, with half a quantization step as its
+        error bound; None when it is not one of the forms this module reads.
+    """
+    key = _key(graph, index)
+    raw = _integer_constant(graph, _input(graph, index, slot))
+    if raw is None or raw.ndim == 0:
+        return None
+    if key == ("", "QLinearConv") and slot == 3:
+        return _dequantized(raw, _float_value(graph, _input(graph, index, 4)), _zero(graph, index, 5), 0)
+    if key == ("", "QLinearMatMul") and slot == 3:
+        return _dequantized(raw, _float_value(graph, _input(graph, index, 4)), _zero(graph, index, 5), -1)
+    if key == (MICROSOFT, "QGemm") and slot == 3:
+        axis = 0 if int(node_attribute(graph.nodes[index], "transB", 0)) else -1
+        return _dequantized(raw, _float_value(graph, _input(graph, index, 4)), _zero(graph, index, 5), axis)
+    if key in (("", "MatMulInteger"), ("", "ConvInteger")) and slot == 1:
+        found = _integer_scale(graph, index)
+        if found is None:
+            return None
+        axis = -1 if key[1] == "MatMulInteger" else 0
+        return _dequantized(raw, found.scale.reshape(-1), _zero(graph, index, 3), axis)
+    if key in (("", "QLinearConv"), (MICROSOFT, "QGemm")) and slot == (8 if key[1] == "QLinearConv" else 6):
+        # An int32 bias, zero point 0, scale x_scale * w_scale (per output channel).
+        x_scale = _float_value(graph, _input(graph, index, 1))
+        w_scale = _float_value(graph, _input(graph, index, 4))
+        if x_scale is None or w_scale is None or x_scale.size != 1:
+            return None
+        return _dequantized(raw.reshape(-1), x_scale.reshape(()) * w_scale.reshape(-1), None, 0)
+    if key in ((MICROSOFT, "QLinearAdd"), (MICROSOFT, "QLinearMul")) and slot in (0, 3):
+        return _dequantized(raw, _float_value(graph, _input(graph, index, slot + 1)), _zero(graph, index, slot + 2), -1)
+    if key == ("", "Gather") and slot == 0 and raw.ndim == 2:
+        return _dequantize_table(graph, index, raw)
+    return None
