@@ -122,3 +122,27 @@ def test_the_nchwc_layout_is_named_when_it_makes_a_conversion_look_like_another_
         pytest.skip("this ONNX Runtime build wrote no NCHWc nodes (no AVX2 or another CPU)")
     with pytest.raises(onnxlady.OnnxladyError, match="NCHWc layout"):
         onnxlady.match(str(reference), optimized)
+
+
+def test_a_learned_layer_only_one_model_has_makes_different_models() -> None:
+    """DeiT distilled vs ViT: everything pairs but a second classifier. No converter adds a layer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxlady._resync._match import check_same_model
+
+    reference = FIXTURES["resnet"]()
+    suspect, _, _, _ = permute_copy(reference, 3)
+    features = next(t.dims[1] for t in reference.graph.initializer if t.name == "logits.weight")
+    head = np.random.default_rng(0).standard_normal((features, 16)).astype(np.float32)
+    suspect.graph.initializer.append(numpy_helper.from_array(head, "head_dist.weight"))
+    suspect.graph.node.append(helper.make_node("MatMul", ["head.flatten", "head_dist.weight"], ["dist"], name="head_dist"))
+    suspect.graph.output.append(helper.make_tensor_value_info("dist", TensorProto.FLOAT, None))
+    match = match_analyses(analyze(reference), analyze(suspect))
+    assert match.confidence >= MATCH_THRESHOLD  # the shares alone would accept it
+    assert len(match.unpaired_layers) == 1 and not match.same_model
+    assert match.unpaired_layers[0].startswith("suspect: MatMul 'head_dist'")
+    with pytest.raises(OnnxladyError, match="a learned layer is only in one of them"):
+        check_same_model(match)
+    # The permuted copy without the extra head is the same model.
+    twin, _, _, _ = permute_copy(reference, 3)
+    assert match_analyses(analyze(reference), analyze(twin)).same_model

@@ -94,6 +94,9 @@ _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx
 #: permuted, converted copy pairs 100 %); two different architectures share a few layers of
 #: common shapes and fewer of their connections.
 MATCH_THRESHOLD = 0.9
+#: Weights from which a layer only one model has makes them different models (smaller ones, a
+#: constant 1x16 DFL kernel say, may be folded away by a simplifier).
+LAYER_ELEMENTS = 256
 #: Content decides between candidates when the best is at most this share of the second best.
 DECISIVE_RATIO = 0.5
 
@@ -193,6 +196,10 @@ class ModelMatch:
     #: How much of both models pairs, 0 to 1 (see :data:`MATCH_THRESHOLD`).
     confidence: float = 0.0
     site_pairs: list[SitePair] = field(default_factory=list)
+    #: Learned layers (a Conv/Gemm/MatMul's own weights, :data:`LAYER_ELEMENTS` or more) that
+    #: only one model has: ``"reference: Gemm 'head' [100,192]"``. A converter fuses, folds,
+    #: packs and quantizes layers but never adds or removes one, so any makes two models.
+    unpaired_layers: list[str] = field(default_factory=list)
     _by_reference: dict[str, GroupPair] = field(default_factory=dict)
     _reference_by_key: dict[tuple[int, int], Site] = field(default_factory=dict)
     _suspect_by_key: dict[tuple[int, int], Site] = field(default_factory=dict)
@@ -243,8 +250,8 @@ class ModelMatch:
 
     @property
     def same_model(self) -> bool:
-        """Enough of both models pairs for them to be one model in two forms."""
-        return self.confidence >= MATCH_THRESHOLD
+        """Enough of both models pairs for them to be one model in two forms, and no learned layer is extra."""
+        return self.confidence >= MATCH_THRESHOLD and not self.unpaired_layers
 
     @property
     def complete(self) -> bool:
@@ -256,7 +263,7 @@ class ModelMatch:
 
         Returns:
             A dict of plain values: completeness, confidence, site counts, paired sites and groups,
-            unmatched groups, divergences and conversion findings.
+            unmatched groups, divergences, learned layers only one model has and conversion findings.
         """
         return {
             "complete": self.complete,
@@ -268,6 +275,7 @@ class ModelMatch:
             "groups": [asdict(pair) for pair in self.groups],
             "unmatched": [asdict(item) for item in self.unmatched],
             "divergences": list(self.divergences),
+            "unpaired_layers": list(self.unpaired_layers),
             "conversions": [asdict(item) for item in self.conversions],
         }
 
@@ -285,6 +293,13 @@ def check_same_model(match: ModelMatch) -> None:
     """
     if match.same_model:
         return
+    if match.confidence >= MATCH_THRESHOLD:  # they pair, but one has a learned layer the other lacks
+        extra = match.unpaired_layers
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise OnnxladyError(
+            f"different models: {100 * match.confidence:.1f} % of them pair, but a learned layer is only in one "
+            f"of them, which no conversion does: {extra[0]}{more}"
+        )
     where = match.divergences[0] if match.divergences else "no weight of either model has a counterpart"
     more = f" (and {len(match.divergences) - 1} more places)" if len(match.divergences) > 1 else ""
     raise OnnxladyError(
@@ -1044,6 +1059,16 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
         SitePair(_describe_site(ref_graph, mine, False), _describe_site(sus_graph, theirs, False), *made)
         for (mine, theirs), made in zip(pairs, how)
     ]
+    paired_suspect = set(pairing.pairs.values())
+    unpaired_layers = [
+        f"{side}: {_describe_site(graph, site)}"
+        for side, graph, sites, paired in (
+            ("reference", ref_graph, ref_sites, set(pairing.pairs)),
+            ("suspect", sus_graph, sus_sites, paired_suspect),
+        )
+        for number, site in enumerate(sites)
+        if site.family in _LINEAR_FAMILIES and counts(site) and site.size >= LAYER_ELEMENTS and number not in paired
+    ]
     return ModelMatch(
         reference,
         suspect,
@@ -1057,6 +1082,7 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
         (len(ref_sites), len(sus_sites)),
         confidence,
         site_pairs,
+        unpaired_layers,
     )
 
 
