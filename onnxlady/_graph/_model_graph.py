@@ -494,7 +494,10 @@ class ModelGraph:
                     onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
                 )
         constant_indices = set(self.constant_nodes.values())
-        for index, node in enumerate(self.nodes[: self.main_count]):
+        # In topological order: ONNX's inference visits nodes as listed, and a converter may
+        # list a node before its producer (ORT's float16 converter appends its Casts).
+        for index in self.order:
+            node = self.nodes[index]
             outputs = [name for name in node.output if name]
             if outputs and all(name in self.folded for name in outputs):
                 for name in outputs:

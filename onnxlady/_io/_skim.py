@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import onnx
 
-__all__ = ["GraphOnly", "read_graph", "with_graph_outputs"]
+__all__ = ["GraphOnly", "encode_varint", "read_graph", "read_varint", "with_graph_outputs"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
@@ -66,9 +66,13 @@ class GraphOnly:
         self.skimmed = skimmed
 
 
-def _varint(buffer: memoryview, position: int) -> tuple[int, int]:
-    """The varint at ``position`` and the position after it."""
-    result = shift = 0
+def read_varint(buffer: memoryview, position: int) -> tuple[int, int]:
+    """The protobuf varint at ``position`` and the position after it (the wire readers' one decoder)."""
+    byte = buffer[position]
+    if byte < 0x80:  # the common case: one byte
+        return byte, position + 1
+    result, shift = byte & 0x7F, 7
+    position += 1
     while True:
         byte = buffer[position]
         position += 1
@@ -80,16 +84,16 @@ def _varint(buffer: memoryview, position: int) -> tuple[int, int]:
             raise ValueError("malformed varint")
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """``value`` as a protobuf varint."""
     out = bytearray()
     while True:
         byte = value & 0x7F
         value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
+        if not value:
             out.append(byte)
             return bytes(out)
+        out.append(byte | 0x80)
 
 
 def _fields(buffer: memoryview, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
@@ -101,17 +105,17 @@ def _fields(buffer: memoryview, start: int, end: int) -> list[tuple[int, int, in
     position = start
     while position < end:
         field_start = position
-        key, position = _varint(buffer, position)
+        key, position = read_varint(buffer, position)
         number, wire = key >> 3, key & 7
         if wire == _VARINT:
-            _, position = _varint(buffer, position)
+            _, position = read_varint(buffer, position)
             payload = position
         elif wire == _I64:
             payload, position = position, position + 8
         elif wire == _I32:
             payload, position = position, position + 4
         elif wire == _LEN:
-            length, payload = _varint(buffer, position)
+            length, payload = read_varint(buffer, position)
             position = payload + length
         else:  # groups are deprecated and no ONNX message uses them
             raise ValueError(f"unsupported wire type {wire}")
@@ -140,7 +144,7 @@ class _Skimmer:
                 out += self.buffer[field_start:field_end]
                 continue
             inner = rule(payload, field_end)
-            out += _encode_varint((number << 3) | _LEN) + _encode_varint(len(inner)) + inner
+            out += encode_varint((number << 3) | _LEN) + encode_varint(len(inner)) + inner
         return bytes(out)
 
     def model(self, start: int, end: int) -> bytes:
@@ -218,4 +222,4 @@ def with_graph_outputs(model_bytes: bytes, names: Sequence[str]) -> bytes:
     for name in names:
         extra.output.add().name = name
     payload = extra.SerializeToString()
-    return model_bytes + _encode_varint((_MODEL_GRAPH << 3) | _LEN) + _encode_varint(len(payload)) + payload
+    return model_bytes + encode_varint((_MODEL_GRAPH << 3) | _LEN) + encode_varint(len(payload)) + payload

@@ -27,6 +27,9 @@ import sys
 import numpy as np
 import onnx
 
+from onnxlady._io._skim import encode_varint as _encode_varint
+from onnxlady._io._skim import read_varint as _varint
+
 __all__ = ["PLAIN_TYPES", "SkimmedModel", "read_weights"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -68,23 +71,6 @@ class SkimmedModel:
     def __init__(self, model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
         self.model = model
         self.arrays = arrays
-
-
-def _varint(view: memoryview, position: int) -> tuple[int, int]:
-    byte = view[position]
-    if byte < 0x80:  # the common case: one byte
-        return byte, position + 1
-    result, shift = byte & 0x7F, 7
-    position += 1
-    while True:
-        byte = view[position]
-        position += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, position
-        shift += 7
-        if shift > 63:
-            raise ValueError("malformed varint")
 
 
 def _skip(view: memoryview, wire: int, position: int) -> tuple[int, int]:
@@ -198,17 +184,6 @@ class _Reader:
 
 def _key_and_length(number: int, length: int) -> bytes:
     return _encode_varint((number << 3) | _LEN) + _encode_varint(length)
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if not value:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
 
 
 def read_weights(buffer: bytes | mmap.mmap) -> SkimmedModel:

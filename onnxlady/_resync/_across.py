@@ -180,8 +180,13 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool) -> Approx 
         value = read_operand(graph, weight)
         value = _fold_weight(value, bn) if value is not None and bn is not None else value
         if value is not None and post is not None:
-            scale = post[0]
-            value = Approx(value.value * scale.value[0], value.error * abs(scale.value[0]) + np.abs(value.value) * scale.error[0])
+            rank = value.value.ndim
+            factor, factor_error = _along(post[0].value, 0, rank), _along(post[0].error, 0, rank)
+            product = value.value * factor
+            error = value.error * np.abs(factor) + np.abs(value.value) * factor_error
+            if post[0].value.size > 1:  # folded per channel, like a BatchNorm: one float32 rounding
+                error = error + _FOLD_ROUNDING * np.abs(product)
+            value = Approx(product, error)
         return value
     operand = site.operand(role)
     if role == "bias" and weight is not None:
@@ -192,10 +197,11 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool) -> Approx 
         bias = _fold_bias(bias, bn) if bias is not None and bn is not None else bias
         if bias is not None and post is not None:
             scale, shift = post
-            bias = Approx(
-                bias.value * scale.value[0] + shift.value[0],
-                bias.error * abs(scale.value[0]) + np.abs(bias.value) * scale.error[0] + shift.error[0],
-            )
+            product = bias.value * scale.value
+            error = bias.error * np.abs(scale.value) + np.abs(bias.value) * scale.error + shift.error
+            if scale.value.size > 1:  # folded per channel, like a BatchNorm: float32 roundings
+                error = error + _FOLD_ROUNDING * (np.abs(product) + np.abs(shift.value))
+            bias = Approx(product + shift.value, error)
         return bias
     if role.startswith("bn"):
         if bn is not None:  # folded: only beta, standing for a missing bias, has a counterpart
@@ -240,6 +246,8 @@ def _pair_use(match: ModelMatch, entries: list[tuple[Site, Operand]]) -> tuple[A
         fold = not (site.batchnorm is not None and partner.batchnorm is not None)
         role = _partner_role(site, operand.role, fold)
         if role.startswith("bn") and partner.batchnorm is None:
+            return None
+        if role == "post" and partner.operand("post") is None:  # a per-channel scale folded away
             return None
         mine = _site_value(ref, site, operand.role, fold)
         theirs = _site_value(sus, partner, role, fold)

@@ -160,7 +160,7 @@ class ConversionFinding:
     """A difference of form, not of function: what a converter did and on which side."""
 
     #: "float16", "bfloat16", "float64", "batchnorm-folded", "quantized", "opset", "renamed",
-    #: "simplified", "fused", "reordered", "ort-optimized", "ort-transformer-optimized"
+    #: "simplified", "fused", "reordered", "ort-optimized", "ort-transformer-optimized", "scale-folded"
     kind: str
     model: str  # the side that has the converted form: "reference" or "suspect"
     detail: str
@@ -471,7 +471,7 @@ class _Signatures:
             parts: list[np.ndarray] = []
             site = self.sites[number]
             for operand in site.operands:
-                if operand.role.startswith("bn"):
+                if operand.role.startswith("bn") or operand.role == "post":
                     continue
                 value = read_operand(self.graph, operand)
                 if value is None:
@@ -499,7 +499,8 @@ def _folded_for_signature(graph: ModelGraph, site: Site, operand: Operand, value
                 value = (value - mean.value) * scale + beta.value
     post = post_affine(graph, site)
     if post is not None:
-        value = value * post[0].value[0] + (post[1].value[0] if operand.role == "bias" else 0.0)
+        scale = post[0].value.reshape((-1,) + (1,) * (value.ndim - 1)) if operand.role == "weight" else post[0].value
+        value = value * scale + (post[1].value if operand.role == "bias" else 0.0)
     return value
 
 
@@ -909,6 +910,19 @@ def _conversions(
                 ConversionFinding(
                     "batchnorm-folded", side, f"{count} BatchNormalization folded into the preceding layer's weights"
                 )
+            )
+    # A per-channel scale after a layer (timm's layer scale) folded on one side.
+    scaled = {"reference": 0, "suspect": 0}
+    for mine, theirs in pairs:
+        mine_scaled, theirs_scaled = mine.operand("post") is not None, theirs.operand("post") is not None
+        if mine_scaled and not theirs_scaled and theirs.family in _LINEAR_FAMILIES:
+            scaled["suspect"] += 1
+        elif theirs_scaled and not mine_scaled and mine.family in _LINEAR_FAMILIES:
+            scaled["reference"] += 1
+    for side, count in scaled.items():
+        if count:
+            findings.append(
+                ConversionFinding("scale-folded", side, f"{count} per-channel scales (Mul) folded into the preceding layer's weights")
             )
     # Operators fused: the same weights held by other operators.
     fused: Counter[tuple[str, str]] = Counter()

@@ -94,7 +94,7 @@ class Operand:
     ``factor``.
     """
 
-    role: str  # "weight", "bias", "scale", "shift", "table", "bn1".."bn4", "c0", "c1"...
+    role: str  # "weight", "bias", "scale", "shift", "table", "bn1".."bn4", "post", "c0", "c1"...
     node: int
     slot: int
     read_shape: tuple[int, ...]
@@ -152,8 +152,9 @@ class Site:
     #: embedding's cos/sin, which exporters write in many forms) pair if they can, but do not
     #: count for or against the confidence.
     weighs: bool = True
-    #: Scalar affine steps after the layer (``("mul" | "add" | "sub", node, slot)``), folded into
-    #: its weight and bias wherever they are compared.
+    #: Affine steps after the layer (``("mul" | "scale" | "add" | "sub", node, slot)``; ``"scale"``
+    #: is per output channel, its constant the operand ``"post"``), folded into its weight and
+    #: bias wherever they are compared.
     post: tuple[tuple[str, int, int], ...] = ()
     #: Some graph output depends on it (dead code pairs with dead code; a simplifier removes it).
     live: bool = True
@@ -211,9 +212,11 @@ def read_operand(graph: ModelGraph, operand: Operand) -> Approx | None:
 
 
 def post_affine(graph: ModelGraph, site: Site) -> tuple[Approx, Approx] | None:
-    """The scalar affine steps after a layer combined: ``y -> scale * y + shift`` (1-element).
+    """The affine steps after a layer combined: ``y -> scale * y + shift``.
 
-    None when the site has none, or one cannot be read.
+    1-element, or per output channel (``[C]``) when a step is a per-channel scale (kind
+    ``"scale"``: timm's layer scale ``gamma * (x @ W + b)``, which onnxslim folds into the
+    weight and bias). None when the site has none, or one cannot be read.
     """
     if not site.post:
         return None
@@ -222,8 +225,8 @@ def post_affine(graph: ModelGraph, site: Site) -> tuple[Approx, Approx] | None:
         read = read_constant(graph, graph.nodes[node].input[slot])
         if read is None:
             return None
-        value, error = read.value.reshape(1), np.broadcast_to(read.error, read.value.shape).reshape(1)
-        if kind == "mul":
+        value, error = read.value.reshape(-1), np.broadcast_to(read.error, read.value.shape).reshape(-1)
+        if kind in ("mul", "scale"):
             scale = Approx(scale.value * value, scale.error * np.abs(value) + np.abs(scale.value) * error)
             shift = Approx(shift.value * value, shift.error * np.abs(value) + np.abs(shift.value) * error)
         else:
@@ -638,7 +641,7 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                     unit.tail = reader[0]
                     absorbed.add(reader[0])
         if unit.parts is None and linear.family in ("conv", "dense"):
-            unit.post = _scalar_affine(graph, graph.nodes[unit.tail].output[0], absorbed)
+            unit.post = _scalar_affine(graph, graph.nodes[unit.tail].output[0], absorbed, linear)
             if unit.post:
                 unit.ops.extend(graph.nodes[node].op_type for _, node, _ in unit.post)
                 unit.tail = unit.post[-1][1]
@@ -673,11 +676,13 @@ def _quantized_unit(graph: ModelGraph, index: int, unit: _Unit, absorbed: set[in
     return tail
 
 
-def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int]) -> list[tuple[str, int, int]]:
+def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int], linear: _Linear) -> list[tuple[str, int, int]]:
     """A Mul by a scalar constant and an Add (or Sub) of one, each optional, right after a layer.
 
     ``(kind, node, constant's slot)`` each. onnx-simplifier folds the Mul into the layer's
-    weight and bias (Paddle's exporter writes MobileOne's branch scales this way).
+    weight and bias (Paddle's exporter writes MobileOne's branch scales this way). The Mul may
+    also be by a constant over the layer's output channels (kind ``"scale"``): timm's layer
+    scale, which onnxslim folds into the weight and bias as a BatchNorm is.
     """
     found: list[tuple[str, int, int]] = []
     for kinds in (("Mul",), ("Add", "Sub")):
@@ -687,9 +692,16 @@ def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int]) -> list[tup
         node = graph.nodes[reader[0]]
         other = 1 - reader[1]
         value = graph.constant_value(node.input[other]) if len(node.input) == 2 else None
-        if value is None or value.size != 1 or value.dtype.kind != "f" or (node.op_type == "Sub" and other != 1):
+        if value is None or value.dtype.kind != "f" or (node.op_type == "Sub" and other != 1):
             continue
-        found.append((node.op_type.lower(), reader[0], other))
+        kind = node.op_type.lower()
+        if value.size != 1:
+            size = _out_size(linear)
+            per_channel = node.op_type == "Mul" and size > 1 and value.size == size
+            if not per_channel or not _is_bias_add(graph, node, reader[1], linear, graph.rank(name)):
+                continue
+            kind = "scale"
+        found.append((kind, reader[0], other))
         absorbed.add(reader[0])
         name = node.output[0]
     return found
@@ -727,6 +739,11 @@ def _unit_site(graph: ModelGraph, index: int, unit: _Unit) -> Site:
             operand = _vector_operand(graph, unit.batchnorm, slot, size, f"bn{slot}")
             assert operand is not None
             operands.append(operand)
+    for kind, node, slot in unit.post or ():
+        if kind == "scale":  # a per-channel scale folds like a BatchNorm; compared as is where both keep it
+            scale = _vector_operand(graph, node, slot, _out_size(linear), "post")
+            assert scale is not None
+            operands.append(scale)
     token = (linear.family, linear.weight.shape, *linear.extra)
     return Site(index, 0, linear.family, token, tuple(operands), tuple(unit.ops), unit.tail, unit.batchnorm,
                 post=tuple(unit.post or ()))  # fmt: skip
@@ -892,6 +909,9 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
         key = (node.domain or "", node.op_type)
         if index in units:
             found = _unit_sites(graph, index, units[index])
+            if node.output and node.output[0] in computed:  # a layer of constants (a positional
+                # encoding's projection): a simplifier folds it away, so it does not weigh
+                found = [replace(site, weighs=False) for site in found]
             sites.extend(found if index in live else [replace(site, live=False) for site in found])
             continue
         carries_constant = graph.is_chain_node(index) and graph.constant_leaf(node.output[0]) is not None
