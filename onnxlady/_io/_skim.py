@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import onnx
 
-__all__ = ["GraphOnly", "encode_varint", "read_graph", "read_varint", "with_graph_outputs"]
+__all__ = ["GraphOnly", "encode_varint", "message_fields", "read_graph", "read_varint", "with_graph_outputs"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
@@ -96,10 +96,14 @@ def encode_varint(value: int) -> bytes:
         out.append(byte | 0x80)
 
 
-def _fields(buffer: memoryview, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
-    """Every field of the message in ``buffer[start:end]``.
+def message_fields(buffer: memoryview, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
+    """Every field of the protobuf message in ``buffer[start:end]`` (the wire readers' one walker).
 
-    Each as (number, wire type, field start, payload start, field end).
+    Each as (number, wire type, field start, payload start, field end); a varint's payload is
+    the varint itself.
+
+    Raises:
+        ValueError: a field runs past ``end``, or a wire type ONNX never uses.
     """
     found = []
     position = start
@@ -108,8 +112,8 @@ def _fields(buffer: memoryview, start: int, end: int) -> list[tuple[int, int, in
         key, position = read_varint(buffer, position)
         number, wire = key >> 3, key & 7
         if wire == _VARINT:
-            _, position = read_varint(buffer, position)
             payload = position
+            _, position = read_varint(buffer, position)
         elif wire == _I64:
             payload, position = position, position + 8
         elif wire == _I32:
@@ -138,7 +142,7 @@ class _Skimmer:
         if end - start <= self.keep_bytes:  # small: nothing inside can be worth skimming
             return bytes(self.buffer[start:end])
         out = bytearray()
-        for number, wire, field_start, payload, field_end in _fields(self.buffer, start, end):
+        for number, wire, field_start, payload, field_end in message_fields(self.buffer, start, end):
             rule = rules.get(number) if wire == _LEN else None
             if rule is None or field_end - payload <= self.keep_bytes:
                 out += self.buffer[field_start:field_end]
@@ -170,7 +174,7 @@ class _Skimmer:
     def tensor(self, start: int, end: int) -> bytes:
         """A large tensor without its data fields (its name recorded in :attr:`skimmed`)."""
         out = bytearray()
-        for number, wire, field_start, payload, field_end in _fields(self.buffer, start, end):
+        for number, wire, field_start, payload, field_end in message_fields(self.buffer, start, end):
             if number in _TENSOR_DATA:
                 continue
             if number == _TENSOR_NAME and wire == _LEN:

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from onnxlady._io._skim import encode_varint as _encode_varint
+from onnxlady._io._skim import message_fields
 from onnxlady._io._skim import read_varint as _varint
 
 __all__ = ["PLAIN_TYPES", "SkimmedModel", "read_weights"]
@@ -73,21 +74,6 @@ class SkimmedModel:
         self.arrays = arrays
 
 
-def _skip(view: memoryview, wire: int, position: int) -> tuple[int, int]:
-    """(payload start, field end) of a field whose key ends at ``position``."""
-    if wire == _VARINT:
-        _, end = _varint(view, position)
-        return position, end
-    if wire == _LEN:
-        length, payload = _varint(view, position)
-        return payload, payload + length
-    if wire == _I64:
-        return position, position + 8
-    if wire == _I32:
-        return position, position + 4
-    raise ValueError(f"unsupported wire type {wire}")
-
-
 class _Reader:
     def __init__(self, buffer: bytes | mmap.mmap) -> None:
         self.buffer = buffer
@@ -101,14 +87,9 @@ class _Reader:
         """The model's bytes with the graph's skimmable initializers' ``raw_data`` left out."""
         view = self.view
         parts: list[bytes | memoryview] = []
-        copied = position = 0
-        while position < end:
-            field_start = position
-            key, position = _varint(view, position)
-            payload, position = _skip(view, key & 7, position)
-            if position > end:
-                raise ValueError("truncated message")
-            if key == (_MODEL_GRAPH << 3) | _LEN:
+        copied = 0
+        for number, wire, field_start, payload, position in message_fields(view, 0, end):
+            if number == _MODEL_GRAPH and wire == _LEN:
                 graph = self.graph(payload, position)
                 if graph is not None:
                     parts += [view[copied:field_start], _key_and_length(_MODEL_GRAPH, len(graph)), graph]
@@ -120,15 +101,9 @@ class _Reader:
         """The graph's bytes without the skimmed ``raw_data``; None when nothing was skimmed."""
         view = self.view
         parts: list[bytes | memoryview] = []
-        copied = position = start
-        initializer = (_GRAPH_INITIALIZER << 3) | _LEN
-        while position < end:
-            field_start = position
-            key, position = _varint(view, position)
-            payload, position = _skip(view, key & 7, position)
-            if position > end:
-                raise ValueError("truncated message")
-            if key == initializer:
+        copied = start
+        for number, wire, field_start, payload, position in message_fields(view, start, end):
+            if number == _GRAPH_INITIALIZER and wire == _LEN:
                 tensor = self.tensor(payload, position)
                 if tensor is not None:
                     parts += [view[copied:field_start], _key_and_length(_GRAPH_INITIALIZER, len(tensor)), tensor]
@@ -143,12 +118,11 @@ class _Reader:
         view = self.view
         dims: list[int] = []
         data_type = name = raw = None
-        position = start
-        while position < end:
-            field_start = position
-            key, position = _varint(view, position)
-            number, wire = key >> 3, key & 7
-            payload, position = _skip(view, wire, position)
+        try:
+            fields = message_fields(view, start, end)
+        except ValueError:
+            return None  # damaged: protobuf's own parse says how
+        for number, wire, field_start, payload, position in fields:
             if number == _RAW_DATA and wire == _LEN and raw is None:
                 raw = (field_start, payload, position)
             elif number == _DIMS and wire == _VARINT:
@@ -164,7 +138,7 @@ class _Reader:
                 name = bytes(view[payload:position]).decode("utf-8")
             elif number in _KEEP_WHOLE or number in (_RAW_DATA, _DATA_TYPE, _NAME):
                 return None  # another storage, or a field repeated: protobuf's reading, not ours
-        if position != end or raw is None or name is None or data_type not in PLAIN_TYPES:
+        if raw is None or name is None or data_type not in PLAIN_TYPES:
             return None
         if name in self.arrays:  # a name given twice: the last tensor is the one readers take
             del self.arrays[name]
