@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import inspect as pyinspect
-import json
 import os
 import re
 import signal
@@ -454,7 +453,7 @@ def _progress_printer(args: argparse.Namespace) -> onnxlady.ProgressReporter | N
 
 def _emit(args: argparse.Namespace, result: Any) -> None:
     """Print the result: its JSON document with ``--json``, else its text (control characters shown, not sent)."""
-    print(json.dumps(result.to_json(), indent=2) if args.json else _printable(result.to_text()))
+    print(result.to_json_text() if args.json else _printable(result.to_text()))
 
 
 #: Characters a terminal would act on (ESC sequences, carriage returns, bidirectional overrides):

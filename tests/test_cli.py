@@ -282,6 +282,15 @@ def test_key_as_perms_reproduces_output(cli, permuted, out_dir: Path) -> None:
     assert (out_dir / "again.onnx").read_bytes() == first.read_bytes()
 
 
+def test_another_models_key_is_named_as_such(cli, permuted, model_file, tmp_path: Path) -> None:
+    _, _, key = permuted  # vgg's key, given to another model
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = cli("permute", model_file("resnet"), "-o", elsewhere / "p.onnx", "--perms", key)
+    assert_usage_error(result, elsewhere)
+    assert "was made for another model" in result.err
+
+
 @pytest.mark.parametrize(
     "content",
     [

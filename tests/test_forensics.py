@@ -257,3 +257,67 @@ def test_structured_change_of_few_tensors_is_not_fine_tuning() -> None:
     assert result["evidence"]["spectral_excess_median"] >= 5 and result["evidence"]["row_dispersion_median"] >= 5
     every = {n: v.copy() for n, v in ref.items()} | {n: structured(n) for n in names}
     assert classify_change(ref, every, infos, 1e-5)["kind"] == "fine-tuning"
+
+
+# -- the statistics' fast forms equal the plain ones ----------------------------------------------
+_DISTINCT_CASES = [
+    np.zeros(0, np.float32),
+    np.zeros(0),
+    np.array([np.nan]),
+    np.array([np.nan, np.nan, 1.0]),
+    np.array([np.nan, -np.nan, 2.0, 2.0], np.float32),
+    np.array([-0.0, 0.0], np.float32),
+    np.array([-0.0, 0.0, 0.0]),
+    np.array([np.inf, -np.inf, np.inf, np.nan, 0.0]),
+    np.array([1e300, 1.0]),  # float64 beyond float32's range
+    np.array([1.0, 1.0 + 2.0**-40]),  # float64 values float32 cannot tell apart
+    np.array([1, 2, 2, 3], np.int8),
+    np.array([True, False, True]),
+    np.array([1 + 1j, 1 + 1j, np.nan + 0j]),
+    np.random.default_rng(0).standard_normal(1000).astype(np.float32).astype(np.float64),  # widened float32
+    np.round(np.random.default_rng(1).standard_normal((30, 40)) * 4) / 4,  # a quantization grid
+    np.random.default_rng(2).standard_normal(500).astype(np.float16),
+    np.random.default_rng(3).standard_normal((7, 9))[:, ::2],  # not contiguous
+]
+
+
+@pytest.mark.parametrize("values", _DISTINCT_CASES, ids=range(len(_DISTINCT_CASES)))
+def test_distinct_counts_as_numpy_unique_and_leaves_the_array(values: np.ndarray) -> None:
+    from onnxlady._audit._forensics import _distinct
+
+    kept = values.copy()
+    assert _distinct(values) == np.unique(values).size
+    assert np.array_equal(values, kept, equal_nan=True) and values.dtype == kept.dtype
+
+
+def test_chi2_quartile_ratio_is_scipy_stats_bit_for_bit() -> None:
+    import math
+
+    from scipy import stats
+
+    from onnxlady._audit._forensics import _chi2_log_iqr
+
+    for width in (2, 3, 7, 16, 63, 64, 1000, 5760, 3686400):
+        assert _chi2_log_iqr(width) == math.log(stats.chi2.ppf(0.75, width) / stats.chi2.ppf(0.25, width))
+
+
+def test_correlation_is_numpy_corrcoef() -> None:
+    from onnxlady._audit._forensics import _correlation
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(10_000) + 3.0  # a mean to take out
+    for y in (rng.standard_normal(10_000), 0.3 * x + rng.standard_normal(10_000), -2 * x):
+        scratch = np.empty_like(y)
+        assert _correlation(x, y, scratch) == pytest.approx(float(np.corrcoef(x, y)[0, 1]), rel=1e-12, abs=1e-15)
+
+
+def test_rows_are_the_moveaxis_slices() -> None:
+    from onnxlady._audit._verdicts import _rows
+
+    rng = np.random.default_rng(5)
+    for shape in [(5,), (4, 3), (6, 3, 2, 2), (2, 3, 4)]:
+        array = rng.standard_normal(shape)
+        for axis in range(array.ndim):
+            for pos in (np.array([0]), np.arange(array.shape[axis])[::-1]):
+                expected = np.moveaxis(np.take(array, pos, axis=axis), axis, 0).reshape(-1)
+                assert np.array_equal(_rows(array, axis, pos), expected)

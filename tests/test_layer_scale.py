@@ -146,13 +146,6 @@ def test_same_form_permuted_copy_is_unchanged() -> None:
     assert "scale-folded" not in {finding.kind for finding in report.conversions}
 
 
-_UNCOMPARED = pytest.mark.xfail(
-    strict=True,
-    reason="known gap, not of the layer scale: across a conversion only tensors of permutable groups are "
-    "compared, and the residual stream (pinned by the graph input) is frozen; so too with gamma = 1",
-)
-
-
 @pytest.mark.parametrize(
     "tensor",
     [
@@ -160,7 +153,7 @@ _UNCOMPARED = pytest.mark.xfail(
         "block1_w2",
         "block1_b1",
         "block0_gamma1",
-        pytest.param("block1_b2", marks=_UNCOMPARED),
+        "block1_b2",  # on the frozen residual stream: compared through its paired site
         "block1_gamma2",  # on the frozen residual stream, but folded into a compared weight
     ],
 )

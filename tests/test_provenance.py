@@ -79,6 +79,18 @@ def _ort_optimized(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     return onnx.load(target)
 
 
+def _ort_dynamic(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """ONNX Runtime's ``quantize_dynamic``: ConvInteger/MatMulInteger, each weight's scale applied after it."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    source, target = folder / "dynamic-in.onnx", folder / "dynamic-out.onnx"
+    onnx.save(model, source)
+    quantize_dynamic(str(source), str(target))
+    quantized = onnx.load(target)
+    assert {"ConvInteger", "MatMulInteger"} & {n.op_type for n in quantized.graph.node}
+    return quantized
+
+
 # -- fingerprints -----------------------------------------------------------------------------
 def _reference_record(rows: np.ndarray) -> np.ndarray:
     """The fields computed the plain way, in float64, from explicit rows (for layer_record)."""
@@ -171,6 +183,7 @@ DERIVATIONS = {
     "simplify": lambda m, tmp: simplify(m),
     "opset21": lambda m, tmp: upgrade_opset(m, 21),
     "ort-extended": lambda m, tmp: _ort_optimized(m, tmp),
+    "ort-dynamic-int8": lambda m, tmp: _ort_dynamic(m, tmp),
 }
 
 
@@ -610,6 +623,73 @@ def test_near_dead_neurons_read_as_dead() -> None:
     assert np.all(np.isfinite(b))
     np.testing.assert_allclose(a[SLICES["mean"]], b[SLICES["mean"]], atol=1e-9)
     np.testing.assert_allclose(a[SLICES["kurtosis"]], b[SLICES["kurtosis"]], atol=1e-9)
+
+
+def test_non_finite_layers_are_left_out_without_a_pass_of_their_own() -> None:
+    """A layer holding NaN or infinity is no layer of the fingerprint; a huge finite one is kept.
+
+    The arithmetic sees them (the check no longer reads every weight once more): the other
+    layers' records are those they get without the bad layer, bit for bit.
+    """
+    from onnxlady._provenance._fingerprint import fingerprints_of
+    from onnxlady._provenance._producers import ProducerWeight
+
+    rng = np.random.default_rng(4)
+
+    def layer(index: int, n: int, k: int) -> ProducerWeight:
+        return ProducerWeight(index, f"l{index}", "Gemm", rng.standard_normal((n, k)).astype(np.float32), 0, 1, 1)
+
+    good = [layer(0, 8, 20), layer(1, 300, 40)]  # a small (batched) and a large (einsum) layer
+    clean = fingerprints_of([good])[0]
+    for bad_value in (np.nan, np.inf, -np.inf):
+        for bad in (layer(2, 8, 20), layer(3, 300, 40)):
+            bad.matrix[1, 2] = bad_value
+            mixed = fingerprints_of([[good[0], bad, good[1]]])[0]
+            assert mixed.layers == 2 and mixed.names == clean.names
+            np.testing.assert_array_equal(mixed.records, clean.records)
+    huge = layer(4, 300, 40)
+    huge.matrix[0, 0] = np.float32(1e30)  # finite; its float32 square is not
+    kept = fingerprints_of([[good[0], huge]])[0]
+    assert kept.layers == 2 and kept.names == ("l0", "l4")
+
+
+def test_the_unit_floor_needs_two_shaped_layers() -> None:
+    """Large trained-like layers get the floor; i.i.d. random ones keep the random-layer gap.
+
+    Two independent random layers of one law converge as they grow and only the random-layer
+    gap tells them apart; layers whose neurons have unequal norms (training, a folded
+    normalization) do not converge, and a noisy copy of one must still read as derived.
+    """
+    from onnxlady._provenance._fingerprint import (
+        LAYER_UNIT_FLOOR,
+        SHAPED_SPREAD,
+        layer_unit,
+        norm_spread,
+        unrelated_gap,
+    )
+
+    rng = np.random.default_rng(5)
+    n, k = 512, 1280
+
+    def fingerprint(matrix: np.ndarray) -> ModelFingerprint:
+        return ModelFingerprint(
+            layer_record(matrix)[None].astype(np.float32), np.array([[n, k, 1, 1]]), ("Gemm",), ("l",)
+        )
+
+    random_a, random_b = (rng.standard_normal((n, k)).astype(np.float32) for _ in range(2))
+    norms = np.exp(rng.normal(0.0, 0.5, (n, 1)))  # neurons of unequal norms
+    trained = (rng.standard_t(4, (n, k)) * norms).astype(np.float32)
+    noisy = trained + (rng.standard_normal((n, k)) * 0.1 * trained.std(axis=1, keepdims=True)).astype(np.float32)
+    spreads = [float(norm_spread(fingerprint(m).records, fingerprint(m).shapes)[0]) for m in (random_a, trained)]
+    assert spreads[0] < 1.2 < SHAPED_SPREAD < spreads[1]
+    gap = unrelated_gap(np.array([[n, k, 1, 1]]))
+    assert gap[0] < LAYER_UNIT_FLOOR  # a layer this large is where the floor matters
+    units = layer_unit(np.array([[n, k, 1, 1]]), np.array([True]), np.array([True, False]))
+    np.testing.assert_allclose(units, [[LAYER_UNIT_FLOOR, gap[0]]])
+    np.testing.assert_allclose(layer_unit(np.array([[n, k, 1, 1]])), gap)
+    # Random twins stay as far as the random-layer gap says; the noisy trained copy reads near.
+    assert fingerprint_distance(fingerprint(random_a), fingerprint(random_b)) > 0.5
+    assert fingerprint_distance(fingerprint(trained), fingerprint(noisy)) < 0.4
 
 
 def test_file_reader_checks(tmp_path: Path) -> None:

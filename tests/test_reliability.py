@@ -572,6 +572,9 @@ INVALID_MODELS: dict[str, Callable[[onnx.ModelProto], None]] = {
     "an external-data location escaping with ..": _external("../outside.bin"),
     "an absolute external-data location": _external("/etc/passwd"),
     "an external-data location of 300 bytes": _external("x" * 300),
+    "an ONNX opset no onnx knows": lambda m: setattr(
+        next(o for o in m.opset_import if o.domain in ("", "ai.onnx")), "version", 1000
+    ),
 }
 
 

@@ -48,7 +48,7 @@ from onnxlady.testing import GraphBuilder, copy_model, permute_producer_only
 NEW_FIXTURES = ("grouped_conv", "bias_reshape", "split_concat", "reshape_digits", "flatten_gemm_nchw")
 PRODUCER_ROLES = {"conv weight", "conv-transpose weight", "gemm weight", "matmul weight"}
 #: Non-default domains whose operators a rule may name (checked with ``onnx.defs.has``).
-KNOWN_DOMAINS = ("ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training")
+KNOWN_DOMAINS = ("ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview.training")
 
 
 # -- helpers ------------------------------------------------------------------------------

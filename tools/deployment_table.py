@@ -2,8 +2,9 @@
 
 Each model is permuted (every permutable group, seed 7; a decoder with a KV cache with its caches
 as state, ``permute --kv-state``), then converted by each real converter of
-:mod:`fixtures.deployment` (ONNX Runtime's offline optimizer at ``basic`` and ``extended``, its
-transformer optimizer for BERT encoders, onnxslim, onnx-simplifier, int4 ``MatMulNBits`` for
+:mod:`fixtures.deployment` (ONNX Runtime's offline optimizer at ``basic`` and ``extended``, and at
+``all`` for convolutional models (NCHWc layout on x86; its groups are frozen, so no wrong
+permutation of the output can be made: ``n/a``), its transformer optimizer for BERT encoders, onnxslim, onnx-simplifier, int4 ``MatMulNBits`` for
 models with MatMul weights); the decoders also go through no converter at all (``none``: permute
 -> verify -> resync as models of their own). Per cell:
 
@@ -54,7 +55,9 @@ FIXTURE_ROWS = ("resnet", "mobilenet", "matmul_mlp", "encoder_postnorm", "bert_l
 BERT_LIKE = {"bert_like": (4, 32), "bert": (4, 64)}
 #: Models with MatMul weights, which MatMulNBits quantizes.
 MATMUL_MODELS = ("matmul_mlp", "encoder_postnorm", "bert_like", "bert", "llama", "genai_fp32", "magika")
-CONVERTERS = ("none", "ort-basic", "ort-extended", "ort-transformer", "onnxslim", "onnxsim", "nbits")
+CONVERTERS = ("none", "ort-basic", "ort-extended", "ort-all", "ort-transformer", "onnxslim", "onnxsim", "nbits")
+#: Models with 2-D convolutions, which ``ORT_ENABLE_ALL`` writes in the NCHWc layout on x86.
+CONV_MODELS = ("ppocr_cls", "ppocrv4_det", "ppocrv4_rec", "nudenet_yolov8n", "resnet18", "resnet", "mobilenet")
 #: Models also run as models of their own (converter ``none``: permute -> verify -> resync).
 DECODERS = ("llama", "genai_fp32", "genai_int4")
 
@@ -98,6 +101,8 @@ def applies(converter: str, name: str) -> bool:
         return name in BERT_LIKE
     if converter == "nbits":
         return name in MATMUL_MODELS
+    if converter == "ort-all":
+        return name in CONV_MODELS
     return True
 
 

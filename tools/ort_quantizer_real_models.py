@@ -105,13 +105,17 @@ def row(path: Path, form: str, repeat: int) -> str:
     same_ops = [n.op_type for n in result.model.graph.node] == [n.op_type for n in suspect.graph.node]
     equivalent = verify_models(suspect, result.model, provider="cpu").equivalent
     wrong = copy_model(result.model)
-    permute_producer_only(wrong, analyze(wrong))
-    caught = not verify_models(suspect, wrong, provider="cpu").equivalent
+    try:
+        permute_producer_only(wrong, analyze(wrong))
+    except AssertionError:  # the quantized form's own analysis moves no producer (weights quantized at run time)
+        caught_cell = "n/a (no producer moves in this form)"
+    else:
+        caught_cell = "yes" if not verify_models(suspect, wrong, provider="cpu").equivalent else "NO"
     report = audit(reference, suspect)
     found = "; ".join(f"{c.kind}: {c.detail}" for c in report.conversions if c.kind == "quantized")
     return (
         f"| {path.stem} | {form} | {', '.join(ops)} | {result.psi:.2f} | {statistics.median(times):.1f} "
-        f"| {'yes' if same_ops and equivalent else 'NO'} | {'yes' if caught else 'NO'} | {report.verdict} | {found} |"
+        f"| {'yes' if same_ops and equivalent else 'NO'} | {caught_cell} | {report.verdict} | {found} |"
     )
 
 

@@ -49,7 +49,11 @@ The index holds references and distractors. Printed:
 :mod:`onnxlady._provenance._find` re-derived from this registry (field scales and weights,
 the unrelated-gap law, the margin the threshold sits in).
 
-    python3 -m tools.registry_experiment [--out DIR] [--seeds 3] [--synthetic 100000] [--calibrate] [--json]
+    python3 -m tools.registry_experiment [--out DIR] [--seeds 3] [--synthetic 100000] [--calibrate] [--real-pairs] [--json]
+
+``--real-pairs`` also compares every pair of different real models that ``python3 -m
+tools.match_real_models`` reads (:func:`real_pairs`): unrelated pairs the registry lacks (timm's
+random-initialised tiny transformers share their layer shapes).
 
 The fine-tuned models are exported once into ``.cache/registry/finetune`` by the torch
 virtualenv (``ZOO_PYTHON -m tools.registry_experiment --export-finetuned DIR``, about a minute)
@@ -78,7 +82,7 @@ import onnx
 
 from fixtures import FIXTURES, RUNNABLE, build_large_model
 from fixtures.conversions import quantize_qdq, to_float16
-from onnxlady._provenance._find import EVIDENCE, find
+from onnxlady._provenance._find import EVIDENCE, derived_threshold, find
 from onnxlady._provenance._fingerprint import (
     FIELDS,
     LAYER_WIDTH,
@@ -489,6 +493,8 @@ def build_speedup(paths: list[str], folder: Path, runs: int = 3) -> dict[str, An
     for attempt in range(runs):
         for workers in (1, 2):
             index = folder / f"speed.{workers}.{attempt}.idx"
+            for stale in (index, index.with_name(index.name + "-wal"), index.with_name(index.name + "-shm")):
+                stale.unlink(missing_ok=True)  # a reused --out folder holds the last run's: a build must start empty
             start, used = time.perf_counter(), _cpu_seconds()
             build_index(paths, index, workers=workers)
             times[workers].append(time.perf_counter() - start)
@@ -558,6 +564,45 @@ def find_speed(count: int, folder: Path) -> dict[str, Any]:
         runs.append(time.perf_counter() - start)
     assert report.candidates[0].path == entries[count // 2][0]
     return {"models": count, "index_seconds": added, "find_seconds_median": statistics.median(runs), "runs": runs}
+
+
+def real_pairs() -> dict[str, Any]:
+    """Every ordered pair of different real models of :mod:`tools.match_real_models` compared exactly.
+
+    Its models (PyPI models, torchvision and timm zoo exports, deployment builds) are another
+    source of unrelated pairs: many share layer shapes (timm's tiny transformers all hold
+    192-wide layers, random-initialised by one law), which the registry's distractors do not.
+    Pairs of one model in two forms (``same_model``) are left out. Returns the pairs called
+    derived and the closest pairs, as distance over threshold.
+    """
+    from tools.match_real_models import DEFAULT_FOLDERS, find_models, same_model
+
+    fingerprints: dict[str, ModelFingerprint] = {}
+    errors = []
+    for name, path in find_models(list(DEFAULT_FOLDERS)):
+        result = fingerprint_files([str(path)], digest=False)[0]
+        if result.error:
+            errors.append(result.error)
+        else:
+            fingerprints[name] = ModelFingerprint.from_bytes(result.fingerprint)
+    rows = []
+    for a, first in fingerprints.items():
+        for b, second in fingerprints.items():
+            if same_model(a, b):
+                continue
+            match = compare_fingerprints(first, second)
+            if not match.pairs:
+                continue
+            slots = len(match.pairs) + len(match.unmatched_a) + len(match.unmatched_b)
+            rows.append((match.distance / derived_threshold(slots), a, b, match.distance, len(match.pairs), slots))
+    rows.sort()
+    return {
+        "models": len(fingerprints),
+        "errors": errors,
+        "pairs_sharing_a_layer": len(rows),
+        "called_derived": [row[1:4] for row in rows if row[0] <= 1.0],
+        "closest": [(round(r[0], 3), r[1], r[2], round(r[3], 3), r[4], r[5]) for r in rows if r[0] > 1.0][:5],
+    }
 
 
 # -- calibration ------------------------------------------------------------------------------
@@ -716,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--export-finetuned", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--calibrate", action="store_true", help="also print the calibrated constants")
+    parser.add_argument(
+        "--real-pairs", action="store_true",
+        help="also compare every pair of different real models of tools.match_real_models (unrelated pairs)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--save", type=Path, metavar="FILE.json", help="also write every result (layout included) here")
     args = parser.parse_args(argv)
@@ -761,6 +810,9 @@ def main(argv: list[str] | None = None) -> int:
             results["find"] = find_speed(args.synthetic, root)
         if args.calibrate:
             results["calibration"] = calibrate(layout)
+        if args.real_pairs:
+            print("comparing the real models of tools.match_real_models pairwise...", file=sys.stderr)
+            results["real_pairs"] = real_pairs()
     if args.save:
         args.save.write_text(json.dumps(results, indent=1, default=str))
     if args.json:
@@ -791,6 +843,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.calibrate:
             print(json.dumps(results["calibration"], indent=1))
+        if args.real_pairs:
+            pairs = results["real_pairs"]
+            print(
+                f"real models of tools.match_real_models: {pairs['models']}, {pairs['pairs_sharing_a_layer']} ordered "
+                f"pairs of different models sharing a layer shape, called derived: {len(pairs['called_derived'])} "
+                f"{pairs['called_derived']}; closest others (distance / threshold): {pairs['closest']}"
+            )
     return 0
 
 

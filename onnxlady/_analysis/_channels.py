@@ -53,8 +53,8 @@ PRODUCER_OPS = (
     "Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
     # ONNX Runtime's contrib forms of the same layers (com.microsoft; Attention: its packed QKV weight).
     "FusedConv", "FusedGemm", "FusedMatMul", "MatMulNBits", "Attention",
-    # Recurrent layers: their hidden units.
-    "LSTM", "GRU", "RNN",
+    # Recurrent layers: their hidden units (DynamicQuantizeLSTM: quantize_dynamic's LSTM).
+    "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM",
 )  # fmt: skip
 COPY_SUFFIX = ".onnxlady_copy"
 
@@ -288,6 +288,18 @@ class ChannelAnalysis:
         """Counts for people and pipelines: groups, producer neurons, why things froze."""
         total = permutable = pinned_by_output = 0
         for _, _, expr in self.producers:
+            resolved = self.solver.resolve(expr)
+            if isinstance(resolved, (Atom, Fixed)):
+                # Most layers' neurons are one group (or none): counted without index arrays.
+                total += expr.size
+                group = self.group_of_root(resolved.id) if isinstance(resolved, Atom) else None
+                if group is None or group.size < 2:
+                    continue
+                if group.permutable:
+                    permutable += expr.size
+                elif all(r.kind == "graph-output" for r in group.reasons):
+                    pinned_by_output += expr.size
+                continue
             governed = np.zeros(expr.size, dtype=bool)
             only_output = np.zeros(expr.size, dtype=bool)
             for root, lab in labels(self.solver, expr).items():

@@ -51,7 +51,12 @@ class InspectResult(Result):
 
     def to_json(self) -> dict[str, Any]:
         """The document ``onnxlady inspect --json`` prints: summary, groups with members, untied constants."""
-        return jsonable({"model": path_text(self.source), "sha256": self.sha256, **inspect_document(self.analysis)})
+        document = inspect_document(self.analysis)
+        # The groups and untied lists are plain JSON already (inspect_document makes them so):
+        # jsonable's walk over every member would cost a fifth of the command at 50,000 nodes.
+        groups, untied = document.pop("groups"), document.pop("untied")
+        return {**jsonable({"model": path_text(self.source), "sha256": self.sha256, **document}), "groups": groups,
+                "untied": untied}  # fmt: skip
 
     def to_text(self) -> str:
         """The table ``onnxlady inspect`` prints: one row per group, reasons under frozen ones."""
@@ -113,24 +118,28 @@ def inspect(
 
 
 def inspect_document(analysis: ChannelAnalysis, members: bool = True) -> dict[str, Any]:
-    """The JSON form of an analysis: summary, groups (with members and reasons), untied constants."""
+    """The JSON form of an analysis: summary, groups (with members and reasons), untied constants.
+
+    The groups and the untied list hold JSON types only (numbers made ``int``/``bool`` here), so
+    that :meth:`InspectResult.to_json` need not walk them again; the summary may hold numpy values.
+    """
     return {
         "summary": analysis.summary(),
         "groups": [
             {
-                "id": group.id,
-                "size": group.size,
-                "permutable": group.permutable,
-                "frozen": group.frozen,
+                "id": str(group.id),
+                "size": int(group.size),
+                "permutable": bool(group.permutable),
+                "frozen": bool(group.frozen),
                 "reasons": [{"kind": r.kind, "message": r.message} for r in group.reasons],
                 "members": [
                     {
                         "tensor": m.tensor,
-                        "axis": m.axis,
+                        "axis": int(m.axis),
                         "role": m.role,
                         "node": m.node,
                         "index_map": m.index_map,
-                        "weight": m.is_weight,
+                        "weight": bool(m.is_weight),
                     }
                     for m in group.members
                     if members or m.is_weight

@@ -44,7 +44,7 @@ from onnxlady._io._files import load_model
 from onnxlady._io._inputs import load_json
 from onnxlady._io._outputs import OutputSet, external_data_path
 from onnxlady._io._stream import Override
-from onnxlady._transforms._key import PermutationKey
+from onnxlady._transforms._key import PermutationKey, graph_fingerprint
 from onnxlady._transforms._permute import (
     DeferredTensors,
     draw_permutations,
@@ -275,13 +275,20 @@ def permute(
     analysis = analyze(working, progress=progress, kv_state=bool(kv_state))
     if not analysis.permutable_groups:  # an unchanged copy would pass for a permuted one
         raise OnnxladyError(nothing_permutable(analysis, source.name if source else "the model"))
-    chosen = _choose_permutations(analysis, seed, _group_ids(group), perms)
     # Large tensors are permuted as the writer streams them out: one copy of the weights at a time.
     deferred = DeferredTensors() if target is not None and opened.owned else None
-    key = permute_model(
-        analysis, chosen, source_sha256=opened.content_sha256(), source_file=source.name if source else "",
-        seed=None if perms is not None else seed, progress=progress, deferred=deferred,
-    )  # fmt: skip
+    try:
+        chosen = _choose_permutations(analysis, seed, _group_ids(group), perms)
+        key = permute_model(
+            analysis, chosen, source_sha256=opened.content_sha256(), source_file=source.name if source else "",
+            seed=None if perms is not None else seed, progress=progress, deferred=deferred,
+        )  # fmt: skip
+    except OnnxladyError as exc:
+        made_for = _key_fingerprint(perms) if perms is not None else None
+        if made_for is not None and made_for != graph_fingerprint(working):
+            origin = source_path(perms) or "the key"
+            raise OnnxladyError(f"{origin} was made for another model (its graph fingerprint is not this model's): {exc}") from exc
+        raise
     summary = analysis.summary()
     result = PermuteResult(
         key=key,
@@ -369,6 +376,18 @@ def _made_with_kv_state(perms: PermsSource) -> bool:
         data = load_json(Path(perms), "JSON permutation file")
         return isinstance(data, dict) and bool(data.get("kv_state"))
     return False
+
+
+def _key_fingerprint(perms: PermsSource) -> str | None:
+    """The graph fingerprint of the model a key (in memory or a key file) was made with, if it is a key."""
+    if isinstance(perms, PermutationKey):
+        return perms.source_fingerprint
+    if isinstance(perms, (str, os.PathLike)):
+        data = load_json(Path(perms), "JSON permutation file")
+        source = data.get("source") if isinstance(data, dict) else None
+        fingerprint = source.get("graph_fingerprint") if isinstance(source, dict) else None
+        return fingerprint if isinstance(fingerprint, str) else None
+    return None
 
 
 def _perm_arrays(data: Mapping[Any, Any], origin: str) -> dict[str, np.ndarray]:

@@ -108,7 +108,7 @@ class ResyncResult(Result):
         extra = [Path(key_out)] if key_out is not None else []
         check_outputs(target, [], extra, overwrite_input=True)
         with OutputSet() as outputs:  # the model and its key: both or neither
-            outputs.write_model(target, self.details.model, external_data=external_data)
+            _write_output(outputs, target, self.details, external_data=external_data, digest=False)
             for key_path in extra:
                 outputs.write_text(key_path, key_text(self.details.key))
 
@@ -227,8 +227,8 @@ def resync(
     # The re-ordered suspect and the recovered key are one output set: both are written, or neither.
     with OutputSet() as outputs:
         if target is not None:
-            written = outputs.write_model(
-                target, details.model, external_data=external_data or opened_suspect.external_data, digest=True
+            written = _write_output(
+                outputs, target, details, external_data=external_data or opened_suspect.external_data, digest=True
             )
             # unpermute(suspect, key) gives this output: the key names both files by their sha256.
             details.key.source_sha256 = written
@@ -236,3 +236,20 @@ def resync(
             details.key.permuted_sha256 = opened_suspect.sha256 or ""
             outputs.write_text(key_path, key_text(details.key))
     return ResyncResult(details, reference_path, suspect_path, target, key_path)
+
+
+def _write_output(
+    outputs: OutputSet, target: Path, details: _Resynced, *, external_data: bool, digest: bool
+) -> str:
+    """Stage the re-ordered suspect; a twin's is streamed from the suspect and its moved tensors.
+
+    A twin's output is the suspect with new bytes for the tensors that move: the streaming
+    writer writes those in place of the old ones, so the output is never built in memory
+    (the same file as serializing the built model).
+    """
+    if details.unbuilt is not None:
+        suspect, overrides = details.unbuilt
+        return outputs.write_model(
+            target, suspect, external_data=external_data, digest=digest, overrides=dict(overrides)
+        )
+    return outputs.write_model(target, details.model, external_data=external_data, digest=digest)

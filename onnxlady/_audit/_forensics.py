@@ -46,11 +46,12 @@ as unchanged: ``perturb`` never touches them, fine-tuning always moves them.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._graph._attributes import node_attribute
@@ -175,8 +176,21 @@ def _dispersion(matrix: np.ndarray) -> float | None:
     q25, q75 = np.percentile(energy, [25, 75])
     if q25 <= 0:
         return float("inf") if q75 > 0 else None
-    expected = math.log(stats.chi2.ppf(0.75, width) / stats.chi2.ppf(0.25, width))
-    return float(math.log(q75 / q25) / expected)
+    return float(math.log(q75 / q25) / _chi2_log_iqr(width))
+
+
+@lru_cache(maxsize=1024)
+def _chi2_log_iqr(width: int) -> float:
+    """Log of the chi-square(``width``) upper over lower quartile.
+
+    ``2 gammaincinv(width / 2, q)`` is what ``scipy.stats.chi2.ppf`` computes (bit for bit),
+    without importing ``scipy.stats`` (over a second of every audit's start-up); imported here,
+    only when a suspect is modified.
+    """
+    from scipy.special import gammaincinv
+
+    half = width / 2
+    return math.log(float(gammaincinv(half, 0.75)) / float(gammaincinv(half, 0.25)))
 
 
 def _spectral_excess(matrix: np.ndarray) -> float | None:
@@ -213,8 +227,31 @@ def _top_eigenvalue(gram: np.ndarray) -> float:
 
 
 def _distinct(values: np.ndarray) -> int:
-    """How many distinct values an array holds (NaNs count once), in its own dtype."""
-    return int(np.unique(np.ravel(values)).size)
+    """How many distinct values an array holds (NaNs count once, -0 equals 0), in its own dtype.
+
+    What ``np.unique(values).size`` gives, with one sorted copy and no more: the sort is most
+    of an audit's forensics on large tensors. A float64 array whose values are all float32
+    (the suspect's weights, widened) is sorted as float32: the same count (the narrowing is
+    exact, hence one to one), half the bytes.
+    """
+    flat = np.ravel(values)
+    if flat.dtype.kind != "f":  # integers, bools, complex: as np.unique counts them
+        return int(np.unique(flat).size)
+    ordered = None
+    if flat.dtype == np.float64 and flat.size:
+        with np.errstate(over="ignore"):  # out of float32's range: not equal, counted in float64
+            narrow = flat.astype(np.float32)
+        if np.array_equal(narrow, flat):  # False with a NaN: counted in float64 then
+            narrow.sort()  # a copy of our own: sorted in place
+            ordered = narrow
+    if ordered is None:
+        ordered = np.sort(flat)  # NaNs last
+    finite = ordered.size
+    if finite and np.isnan(ordered[-1]):
+        finite = int(np.searchsorted(np.isnan(ordered), True))  # where the NaNs start
+    head = ordered[:finite]
+    count = 1 + int(np.count_nonzero(head[1:] != head[:-1])) if finite else 0
+    return count + (finite < ordered.size)
 
 
 def _power(gram: np.ndarray, iterations: int = 50) -> float:
@@ -258,13 +295,14 @@ def _same_multiset(a: np.ndarray, b: np.ndarray, rtol: float, floor: float = 0.0
 def _measure(
     name: str, info: WeightInfo, ref: np.ndarray, sus: np.ndarray, storage: np.dtype[Any] | None = None
 ) -> dict[str, Any]:
-    r, s = ref.astype(np.float64), sus.astype(np.float64)
+    # float64 views where the arrays already are (the suspect's working copy): no copies.
+    r, s = ref.astype(np.float64, copy=False), sus.astype(np.float64, copy=False)
     d = s - r
     flat_r, flat_s, flat_d = r.ravel(), s.ravel(), d.ravel()
     n = flat_r.size
     changed = int(np.count_nonzero(flat_d))
-    ref_zeros, sus_zeros = int(np.count_nonzero(flat_r == 0)), int(np.count_nonzero(flat_s == 0))
-    std_r = float(flat_r.std())
+    ref_zeros, sus_zeros = int(np.count_nonzero(ref == 0)), int(np.count_nonzero(sus == 0))
+    std_r, std_d = float(flat_r.std()), float(flat_d.std())
     entry: dict[str, Any] = {
         "tensor": name,
         "elements": n,
@@ -275,7 +313,7 @@ def _measure(
         # the same): half the bytes to sort, no float64 copy.
         "distinct_values": _distinct(sus if storage is None else sus.astype(storage)),
         "reference_distinct_values": _distinct(ref if storage is None else ref.astype(storage)),
-        "relative_change": float(flat_d.std() / std_r) if std_r else 0.0,
+        "relative_change": std_d / std_r if std_r else 0.0,
     }
     if not changed:
         return entry
@@ -288,12 +326,17 @@ def _measure(
         entry["kept_match"] = max(_kept_match(flat_r, flat_s, MULTISET_RTOL), float(np.mean(in_place)) if kept.any() else 1.0)
     else:
         entry["kept_match"] = None
-    mad = float(np.median(np.abs(flat_d - np.median(flat_d))))
+    # Both medians partition one scratch copy in place (np.median copies its input otherwise).
+    scratch = np.array(flat_d)
+    center = np.median(scratch, overwrite_input=True)
+    np.abs(np.subtract(flat_d, center, out=scratch), out=scratch)
+    mad = float(np.median(scratch, overwrite_input=True))
     entry["robust_relative_change"] = 1.4826 * mad / std_r if std_r else 0.0
-    if n > 2 and flat_d.std() > 0 and std_r > 0:
-        rho = float(np.corrcoef(flat_r, flat_d)[0, 1])
+    if n > 2 and std_d > 0 and std_r > 0:
+        rho = _correlation(flat_r, flat_d, scratch)
         entry["correlation"] = rho
         entry["correlation_z"] = rho * math.sqrt(n)
+    del scratch
     axis = info.row_axis if 0 <= info.row_axis < d.ndim else 0
     rows = _matrix(d, axis)
     entry["row_dispersion"] = _dispersion(rows)
@@ -304,6 +347,19 @@ def _measure(
     else:
         entry["column_dispersion"] = None
     return entry
+
+
+def _correlation(x: np.ndarray, y: np.ndarray, scratch: np.ndarray) -> float:
+    """Pearson's correlation of two flat float64 arrays, as ``np.corrcoef(x, y)[0, 1]``.
+
+    Without corrcoef's stacked 2 x n copy and its matrix product (the slowest step of the
+    forensics on large tensors): two centred arrays, one of them in ``scratch``, and three dot
+    products. The sums run in another order, so the value may differ in its last digits.
+    """
+    cx = x - x.mean()
+    cy = np.subtract(y, y.mean(), out=scratch)
+    xy, xx, yy = float(np.dot(cx, cy)), float(np.dot(cx, cx)), float(np.dot(cy, cy))
+    return max(-1.0, min(1.0, xy / math.sqrt(xx * yy))) if xx and yy else 0.0
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -373,7 +429,7 @@ def _other_changes(
             changed.append(name)
             continue
         if a.dtype.kind in "fc" and b.dtype.kind in "fc":
-            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            a64, b64 = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
             if np.all(np.isfinite(a64)) and np.all(np.isfinite(b64)):
                 scale = float(np.abs(a64).max()) if a64.size else 0.0
                 extra = allowed.get(name, 0.0)
@@ -555,11 +611,12 @@ class NoisyScale:
     z: float
 
 
-def find_scaled_under_noise(tensors: list[tuple[str, list[np.ndarray], list[np.ndarray]]]) -> list[NoisyScale]:
+def find_scaled_under_noise(tensors: Iterable[tuple[str, list[np.ndarray], list[np.ndarray]]]) -> list[NoisyScale]:
     """Neurons scaled by ``k`` while every other neuron of the model is only noisy.
 
     ``tensors`` holds, per producer tensor, its name and its neurons' rows (flattened) in the
-    reference's order, reference and suspect. For each neuron: the least-squares ``k`` and its
+    reference's order, reference and suspect; read once, so it may be a generator that builds
+    one tensor's rows at a time. For each neuron: the least-squares ``k`` and its
     standard error ``sigma / |r|`` (``sigma`` the tensor's median residual std, so mis-paired
     rows do not widen it), as a z-score. A neuron is scaled when ``|k - 1|`` exceeds
     :data:`SCALE_Z` standard errors and :data:`SCALE_MIN`, ``0 < k <= SCALE_MAX_K``, its row is
@@ -577,7 +634,7 @@ def find_scaled_under_noise(tensors: list[tuple[str, list[np.ndarray], list[np.n
             continue
         ks, norms, resid = np.ones(count), np.zeros(count), np.zeros(count)
         for j, (r, s) in enumerate(zip(ref_rows, sus_rows)):
-            r64, s64 = r.astype(np.float64), s.astype(np.float64)
+            r64, s64 = r.astype(np.float64, copy=False), s.astype(np.float64, copy=False)  # read only
             norm2 = float(r64 @ r64)
             if not norm2 or r64.size < 2:  # an all-zero row has no scale
                 continue

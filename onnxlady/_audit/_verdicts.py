@@ -60,7 +60,7 @@ Perturbation kinds, on the Conv/Gemm/MatMul weights (what ``perturb_model`` touc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,10 +79,11 @@ from onnxlady._audit._forensics import (
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import read_array, read_constants, tensor_holders
-from onnxlady._resync._across import AcrossResync
-from onnxlady._resync._entry import resync_model
+from onnxlady._resync._across import AcrossResync, Approx, pair_unplanned
+from onnxlady._resync._entry import check_related, resync_model
 from onnxlady._resync._match import ConversionFinding, analyze_with_state
 from onnxlady._resync._solver import ResyncResult
+from onnxlady._resync._values import half_ulp
 
 __all__ = [
     "VERDICTS",
@@ -209,7 +210,7 @@ def _close(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None
         return False
     if a.dtype.kind not in "fc" and b.dtype.kind not in "fc":
         return bool(np.array_equal(a, b))
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    a64, b64 = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)  # read only: no copies
     if not np.all(np.isfinite(a64)) or not np.all(np.isfinite(b64)):
         return bool(np.array_equal(a64, b64, equal_nan=True))
     scale = float(np.abs(a64).max()) if a64.size else 0.0
@@ -243,7 +244,15 @@ def _positions(lab: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _rows(array: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
-    return np.moveaxis(np.take(array, pos, axis=axis), axis, 0).reshape(-1)
+    """The slices ``pos`` along ``axis``, that axis first, flattened.
+
+    ``np.moveaxis`` spelled as a transpose: called once per neuron and use, its argument
+    checks cost more than the gather on small slices (same values, same order).
+    """
+    taken = np.take(array, pos, axis=axis)
+    if axis == 0 or taken.ndim < 2:
+        return taken.reshape(-1)
+    return taken.transpose((axis, *range(axis), *range(axis + 1, taken.ndim))).reshape(-1)
 
 
 def _cos_ratio(r: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
@@ -794,6 +803,7 @@ def audit_models(
     result = resync_model(
         reference, suspect, method=method, refine=refine, progress=progress, analysis=analysis
     )
+    check_related(result)  # structure pairs, weights unrelated: not a derivative to audit
     if progress is not None:
         progress("audit: comparing neurons")
     allowed: dict[str, np.ndarray] = {}  # per tensor, the storage error a conversion may add
@@ -910,7 +920,7 @@ def _forensics_verdict(
         sus[source] = value
     for name, value in (stored_suspect or {}).items():
         if name not in sus and name in ref and value.dtype.kind == "f" and value.shape == ref[name].shape:
-            sus[name] = value.astype(np.float64)
+            sus[name] = _as_stored(ref[name], value)
     infos = weight_infos(analysis)
     storage = {
         name: stored_suspect[name].dtype
@@ -967,6 +977,22 @@ def _forensics_verdict(
         )
 
 
+def _as_stored(reference: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """A suspect constant as stored (float64), where it is the reference's value in its storage, that value.
+
+    A float16 converter rounds every value and clamps those beyond the type's range to its
+    largest finite one (a causal mask's -3.4e38 becomes -65504): that is the conversion, not a
+    change of the constant.
+    """
+    value = stored.astype(np.float64)
+    try:
+        info = np.finfo(stored.dtype)
+    except ValueError:  # not a numpy float type: compared as stored
+        return value
+    expected = np.clip(reference.astype(np.float64), float(info.min), float(info.max))
+    return np.where(np.abs(value - expected) <= half_ulp(expected, stored.dtype), reference, value)
+
+
 def _noisy_scales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: dict[str, np.ndarray]) -> list[NeuronScale]:
     """Neurons scaled with no compensation while the rest of the model carries noise, undone in ``sus``.
 
@@ -975,26 +1001,28 @@ def _noisy_scales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: di
     """
     uses = _group_uses(analysis, set(sus))
     producers: list[tuple[str, _Use, list[_Use]]] = []
-    rows: list[tuple[str, list[np.ndarray], list[np.ndarray]]] = []
-    for group in analysis.permutable_groups:
-        kinds = uses.get(group.id)
-        if not kinds:
-            continue
-        for prod in kinds["producer"]:
-            r_arr, s_arr = ref.get(prod.source), sus.get(prod.tensor)
-            if r_arr is None or s_arr is None or r_arr.shape != s_arr.shape or np.array_equal(r_arr, s_arr):
+
+    def rows() -> Iterator[tuple[str, list[np.ndarray], list[np.ndarray]]]:
+        # One producer's rows at a time: float64 copies of every weight at once were the
+        # audit's peak memory (4x the model).
+        for group in analysis.permutable_groups:
+            kinds = uses.get(group.id)
+            if not kinds:
                 continue
-            rows.append(
-                (
-                    str(len(producers)),
+            for prod in kinds["producer"]:
+                r_arr, s_arr = ref.get(prod.source), sus.get(prod.tensor)
+                if r_arr is None or s_arr is None or r_arr.shape != s_arr.shape or np.array_equal(r_arr, s_arr):
+                    continue
+                producers.append((group.id, prod, [b for b in kinds["bias"] if b.node == prod.node]))
+                yield (
+                    str(len(producers) - 1),
                     [_rows(r_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions],
                     [_rows(s_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions],
                 )
-            )
-            producers.append((group.id, prod, [b for b in kinds["bias"] if b.node == prod.node]))
+
     found: list[NeuronScale] = []
     copied: set[str] = set()
-    for item in find_scaled_under_noise(rows):
+    for item in find_scaled_under_noise(rows()):
         gid, prod, biases = producers[int(item.tensor)]
         found.append(NeuronScale(gid, item.neuron, prod.source, item.k, None))
         whole = _agree(_ratio_of(biases, ref, sus, item.neuron), item.k, SCALE_MATCH, 0.0) if biases else False
@@ -1150,6 +1178,25 @@ def _conversion_text(conversions: list[ConversionFinding]) -> str:
     return "; ".join(f"{c.model}: {c.detail}" for c in conversions)
 
 
+#: The largest finite float16: a converter clamps every larger magnitude to it.
+_FLOAT16_MAX = 65504.0
+
+
+def _storage_bound(reference: Approx, suspect: Approx) -> np.ndarray:
+    """How far two values of one constant may differ by their storage alone, per element.
+
+    Both values' storage errors, one float32 rounding of the largest magnitude, and a float16
+    clamp: a suspect value at float16's largest magnitude stands for any reference value beyond
+    it of the same sign (a causal mask's -3.4e38 stored as -65504).
+    """
+    scale = float(np.abs(reference.value).max()) if reference.value.size else 0.0
+    bound = reference.error + suspect.error + 2.0**-24 * scale
+    clamped = (np.abs(suspect.value) == _FLOAT16_MAX) & (reference.value * np.sign(suspect.value) >= _FLOAT16_MAX)
+    if clamped.any():
+        bound = np.where(clamped, np.abs(reference.value - suspect.value), bound)
+    return bound
+
+
 def _common_form(
     details: AcrossResync, analysis: ChannelAnalysis, raw: dict[str, np.ndarray]
 ) -> tuple[
@@ -1180,12 +1227,18 @@ def _common_form(
             ref[plan.source] = before[plan.source] = after[plan.source] = stored[plan.source] = value
             continue
         ref[plan.source] = reference.value
-        scale = float(np.abs(reference.value).max()) if reference.value.size else 0.0
-        allowed[plan.source] = reference.error + aligned.error + 2.0**-24 * scale
+        allowed[plan.source] = _storage_bound(reference, aligned)
         within = np.abs(reference.value - aligned.value) <= allowed[plan.source]
         after[plan.source] = np.where(within, reference.value, aligned.value)
         stored[plan.source] = aligned.value
         before[plan.source] = original.value
-    for name, value in raw.items():  # constants no plan moves: as stored
+    # Constants no plan moves (frozen groups only): compared in place, through their paired sites.
+    for name, (reference, suspect) in pair_unplanned(details.match).items():
+        ref[name] = reference.value
+        allowed[name] = _storage_bound(reference, suspect)
+        within = np.abs(reference.value - suspect.value) <= allowed[name]
+        after[name] = np.where(within, reference.value, suspect.value)
+        stored[name] = before[name] = suspect.value
+    for name, value in raw.items():  # constants with no counterpart: as stored
         ref.setdefault(name, value)
     return ref, before, after, stored, allowed

@@ -209,6 +209,23 @@ def _embed_layer_norm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Foun
     return found
 
 
+def _dynamic_quantize_lstm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
+    """DynamicQuantizeLSTM (no ``layout``): Y ``[seq, dirs, batch, H]``, Y_h and Y_c ``[dirs, batch, H]``."""
+    x = shapes.get(_input(node, 0))
+    hidden = int(node_attribute(node, "hidden_size", 0))
+    if x is None or len(x) != 3 or hidden <= 0:
+        return {}
+    direction = node_attribute(node, "direction", b"forward")
+    dirs = 2 if direction in (b"bidirectional", "bidirectional") else 1
+    found: Found = {}
+    if _output(node, 0):
+        found[_output(node, 0)] = ((x[0], dirs, x[1], hidden), 0)
+    for slot in (1, 2):
+        if _output(node, slot):
+            found[_output(node, slot)] = ((dirs, x[1], hidden), 0)
+    return found
+
+
 _SHAPES: dict[tuple[str, str], Callable[[onnx.NodeProto, Mapping[str, Shape]], Found]] = {
     (MICROSOFT, "FusedConv"): _conv,
     (MICROSOFT, "FusedGemm"): _gemm,
@@ -226,6 +243,7 @@ _SHAPES: dict[tuple[str, str], Callable[[onnx.NodeProto, Mapping[str, Shape]], F
     (MICROSOFT, "GroupQueryAttention"): _group_query_attention,
     (MICROSOFT, "MatMulNBits"): _matmul_nbits,
     (MICROSOFT, "EmbedLayerNormalization"): _embed_layer_norm,
+    (MICROSOFT, "DynamicQuantizeLSTM"): _dynamic_quantize_lstm,
     **QUANTIZED_SHAPES,  # ONNX Runtime's QOperator activations
 }
 

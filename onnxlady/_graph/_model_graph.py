@@ -15,11 +15,10 @@ replaced by typed graph inputs, so inference never copies hundreds of megabytes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -87,6 +86,46 @@ def node_label(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}#{index}"
 
 
+#: A memo's "not computed yet" (None is a computed answer).
+_UNKNOWN: Any = object()
+
+
+class _InitializerValues(dict):  # type: ignore[type-arg]
+    """Small constant values by name: initializers converted to arrays on first use.
+
+    The same mapping as converting every initializer of at most ``FOLD_LIMIT`` elements up front
+    (one that cannot be converted is absent), without converting the weights no fold reads:
+    at 50,000 nodes those conversions were a fifth of the graph's construction.
+    """
+
+    def __init__(self, pending: dict[str, onnx.TensorProto]) -> None:
+        super().__init__()
+        self._pending = pending
+
+    def _load(self, name: object) -> bool:
+        tensor = self._pending.pop(name, None) if isinstance(name, str) else None
+        if tensor is None or _element_count(tensor) > _fold.FOLD_LIMIT:
+            return False
+        try:
+            self[name] = numpy_helper.to_array(tensor)
+        except Exception:
+            return False
+        return True
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or self._load(name)
+
+    def __missing__(self, name: str) -> np.ndarray:
+        if self._load(name):
+            return dict.__getitem__(self, name)
+        raise KeyError(name)
+
+    def get(self, name: str, default: np.ndarray | None = None) -> np.ndarray | None:  # type: ignore[override]
+        if name in self:  # loads it when pending
+            return dict.__getitem__(self, name)
+        return default
+
+
 class ModelGraph:
     """Producers, consumers, constants and static shapes of one model's main graph."""
 
@@ -104,6 +143,8 @@ class ModelGraph:
         self.consumers: dict[str, list[tuple[int, int]]] = {}
         self.constant_nodes: dict[str, int] = {}
         self.implicit_inputs: dict[int, tuple[str, ...]] = {}
+        #: Each node's input names, read from the protobuf once (:meth:`inputs_of`).
+        self._node_inputs: list[tuple[str, ...]] = []
         for index, node in enumerate(self.nodes):
             self._register_node(index, node)
         #: The main graph's nodes are ``nodes[:main_count]`` (``model.graph.node`` in its order);
@@ -127,6 +168,8 @@ class ModelGraph:
         self._leaves: dict[str, ConstantLeaf | None] = {}
         self._data_slots: dict[int, int | None] = {}
         self._derived: set[str] | None = None
+        self._constant_shapes: dict[str, tuple[int, ...] | None] = {}
+        self._output_positions: dict[str, int] | None = None
 
     # -- structure -----------------------------------------------------------------------
     def _register_node(self, index: int, node: onnx.NodeProto) -> None:
@@ -134,12 +177,14 @@ class ModelGraph:
         for slot, name in enumerate(node.output):
             if name:
                 self.producer[name] = (index, slot)
-        for slot, name in enumerate(node.input):
+        inputs = tuple(node.input)
+        self._node_inputs.append(inputs)  # nodes are registered in index order
+        for slot, name in enumerate(inputs):
             if name:
                 self.consumers.setdefault(name, []).append((index, slot))
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and _constant_attribute(node) is not None:
             self.constant_nodes[node.output[0]] = index
-        outer = _outer_scope_names(node)
+        outer = _outer_scope_names(node) if len(node.attribute) else None  # most nodes hold no subgraph
         if outer:
             self.implicit_inputs[index] = tuple(sorted(outer))
             for name in outer:
@@ -178,7 +223,7 @@ class ModelGraph:
     def _check_defined(self) -> None:
         known = set(self.initializers) | {v.name for v in self.model.graph.input} | set(self.producer)
         for index, node in enumerate(self.nodes):
-            for name in node.input:
+            for name in self._node_inputs[index]:
                 if name and name not in known:
                     raise OnnxladyError(
                         f"node '{node_label(node, index)}' reads tensor '{name}' that nothing defines "
@@ -209,7 +254,7 @@ class ModelGraph:
         seen = set(self.initializers) | {v.name for v in self.model.graph.input}
         in_order = True
         for index, node in enumerate(self.nodes):
-            needed = list(node.input) + list(self.implicit_inputs.get(index, ()))
+            needed = self._node_inputs[index] + self.implicit_inputs.get(index, ())
             if any(name and name not in seen for name in needed):
                 in_order = False
                 break
@@ -270,14 +315,17 @@ class ModelGraph:
 
     def _merge_infos(self, infos: list[onnx.ValueInfoProto], *, prefer: bool = False) -> None:
         """Record the shapes and types of ``infos`` where they know more (or, with ``prefer``, as much)."""
+        initializers, shapes = self.initializers, self.shapes
         for info in infos:
-            if not info.type.HasField("tensor_type") or info.name in self.initializers:
+            name = info.name  # each protobuf read makes a new string: read once
+            type_proto = info.type
+            if not type_proto.HasField("tensor_type") or name in initializers:
                 continue
-            tensor_type = info.type.tensor_type
-            self.dtypes.setdefault(info.name, tensor_type.elem_type)
+            tensor_type = type_proto.tensor_type
+            self.dtypes.setdefault(name, tensor_type.elem_type)
             if tensor_type.HasField("shape"):
                 shape = tuple(_dim(d) for d in tensor_type.shape.dim)
-                old = self.shapes.get(info.name)
+                old = shapes.get(name)
                 if (
                     old is None
                     or _known_count(shape) > _known_count(old)
@@ -285,10 +333,10 @@ class ModelGraph:
                         prefer
                         and len(shape) == len(old)
                         and _known_count(shape) == _known_count(old)
-                        and info.name not in self.graph_inputs
+                        and name not in self.graph_inputs
                     )
                 ):
-                    self.shapes[info.name] = shape
+                    shapes[name] = shape
 
     def _fold_shape_arithmetic(self) -> None:
         """Fold computed constants and infer the shapes they determine, in one topological pass.
@@ -300,12 +348,11 @@ class ModelGraph:
         its inputs (a ``Reshape`` to a computed target, a ``Slice`` with computed ends...), so
         that the ``Shape`` nodes further down can fold in turn. Linear in the graph's size.
         """
-        values: dict[str, np.ndarray] = {}
         overridable = {v.name for v in self.model.graph.input} if self.model.ir_version >= 4 else set()
-        for name, tensor in self.initializers.items():
-            if name not in overridable and _element_count(tensor) <= _fold.FOLD_LIMIT:
-                with contextlib.suppress(Exception):
-                    values[name] = numpy_helper.to_array(tensor)
+        # Initializers are read when a node asks for them: most are weights no fold ever reads.
+        values: dict[str, np.ndarray] = _InitializerValues(
+            {name: tensor for name, tensor in self.initializers.items() if name not in overridable}
+        )
         for name, index in self.constant_nodes.items():
             value = _fold.constant_attribute_value(self.nodes[index])
             if value is not None and value.size <= _fold.FOLD_LIMIT and value.dtype.kind in "iufb":
@@ -496,12 +543,13 @@ class ModelGraph:
         constant_indices = set(self.constant_nodes.values())
         # In topological order: ONNX's inference visits nodes as listed, and a converter may
         # list a node before its producer (ORT's float16 converter appends its Casts).
+        folded = self.folded
         for index in self.order:
             node = self.nodes[index]
-            outputs = [name for name in node.output if name]
-            if outputs and all(name in self.folded for name in outputs):
+            outputs = [name for name in node.output if name] if folded else None
+            if outputs and all(name in folded for name in outputs):
                 for name in outputs:
-                    sgraph.initializer.append(numpy_helper.from_array(self.folded[name], name))
+                    sgraph.initializer.append(numpy_helper.from_array(folded[name], name))
                 continue
             value = _constant_attribute(node) if index in constant_indices else None
             if isinstance(value, onnx.TensorProto) and _element_count(value) > _SKELETON_KEEP_ELEMENTS:
@@ -523,9 +571,10 @@ class ModelGraph:
     # -- constants -----------------------------------------------------------------------
     def constant_leaf(self, name: str) -> ConstantLeaf | None:
         """The initializer or Constant node behind ``name``, through chain nodes, if any."""
-        if name not in self._leaves:
-            self._leaves[name] = self._find_leaf(name)
-        return self._leaves[name]
+        leaf = self._leaves.get(name, _UNKNOWN)
+        if leaf is _UNKNOWN:
+            leaf = self._leaves[name] = self._find_leaf(name)
+        return leaf  # type: ignore[return-value]
 
     def _find_leaf(self, name: str) -> ConstantLeaf | None:
         chain: list[int] = []
@@ -846,6 +895,12 @@ class ModelGraph:
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """Shape of a constant operand as its user sees it (after its chain)."""
+        known = self._constant_shapes.get(name, _UNKNOWN)
+        if known is _UNKNOWN:  # rules ask for it several times per node
+            known = self._constant_shapes[name] = self._find_constant_shape(name)
+        return known  # type: ignore[return-value]
+
+    def _find_constant_shape(self, name: str) -> tuple[int, ...] | None:
         leaf = self.constant_leaf(name) if name else None
         if leaf is None:
             return None
@@ -862,7 +917,9 @@ class ModelGraph:
         """
         uses: list[tuple[int, int]] = []
         stack = [leaf_name]
-        outputs = {name: k for k, name in enumerate(self.graph_outputs)}
+        if self._output_positions is None:  # once, not per constant: a model may have thousands of outputs
+            self._output_positions = {name: k for k, name in enumerate(self.graph_outputs)}
+        outputs = self._output_positions
         while stack:
             name = stack.pop()
             if name in outputs:
@@ -876,7 +933,7 @@ class ModelGraph:
 
     def inputs_of(self, index: int) -> Iterator[tuple[int, str]]:
         """Explicit inputs (slot, name) of a node, then subgraph outer-scope reads (slot -1)."""
-        for slot, name in enumerate(self.nodes[index].input):
+        for slot, name in enumerate(self._node_inputs[index]):
             if name:
                 yield slot, name
         for name in self.implicit_inputs.get(index, ()):

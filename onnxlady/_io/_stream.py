@@ -83,6 +83,10 @@ _TYPED_DATA = frozenset(
     if name in _TENSOR.fields_by_name
 )
 
+#: A TensorProto's fields up to ``raw_data`` and after it: protobuf writes them in this order.
+_UP_TO_RAW_DATA = frozenset(f.name for f in _TENSOR.fields if f.number <= _TENSOR_RAW_DATA)
+_AFTER_RAW_DATA = frozenset(f.name for f in _TENSOR.fields if f.number > _TENSOR_RAW_DATA)
+
 #: Bits per element of the tensor types stored packed in ``raw_data`` (6-bit floats and future
 #: types are absent: their size is not checked, and they cannot take a callable override).
 _BITS: dict[int, int] = {
@@ -161,8 +165,10 @@ def _encode_unknown(fields: UnknownFieldSet, out: bytearray) -> None:
             raise ValueError(f"unknown field {number} has wire type {wire}")
 
 
-def _shell(message: Message, skip: frozenset[str]) -> bytes:
+def _shell(message: Message, skip: frozenset[str], *, unknown: bool = True) -> bytes:
     """``message`` serialized without the fields named in ``skip``, unknown fields included.
+
+    ``unknown=False`` leaves the unknown fields out (they are written after the last field).
 
     Built by copying the other fields one by one into a new message: the skipped fields (the
     big payloads) are never read, so never copied.
@@ -180,10 +186,21 @@ def _shell(message: Message, skip: frozenset[str]) -> bytes:
             else:
                 setattr(shell, field.name, getattr(message, field.name))
     out = bytearray(shell.SerializeToString())
-    unknown = UnknownFieldSet(message)
-    if len(unknown):
-        _encode_unknown(unknown, out)
+    unknown_fields = UnknownFieldSet(message) if unknown else ()
+    if len(unknown_fields):
+        _encode_unknown(unknown_fields, out)  # type: ignore[arg-type]
     return bytes(out)
+
+
+def _around(message: Message, number: int) -> tuple[bytes, bytes]:
+    """``message``'s fields before field ``number`` and those after it (unknown fields last).
+
+    What goes on either side of a field written by hand, in protobuf's own field order.
+    """
+    fields = message.DESCRIPTOR.fields
+    before = _shell(message, frozenset(f.name for f in fields if f.number >= number), unknown=False)
+    after = _shell(message, frozenset(f.name for f in fields if f.number <= number))
+    return before, after
 
 
 def _element_count(tensor: onnx.TensorProto) -> int:
@@ -278,14 +295,17 @@ class _Planner:
         return self._container(graph, {_GRAPH_NODE: self.node, _GRAPH_INITIALIZER: self.tensor})
 
     def _container(self, message: Message, special: dict[int, Callable[[Any], _Pieces | None]]) -> _Pieces:
-        """A shell of the scalar fields, then every message field item by item, in field order.
+        """Every field in field order (scalars as they are, messages item by item), then unknowns.
 
         Items of the ``special`` fields go through their handler (None: serialize normally).
+        The order is protobuf's own, so the file is byte for byte ``SerializeToString()``'s.
         """
-        fields = [f for f in message.DESCRIPTOR.fields if f.message_type is not None]
+        every = frozenset(f.name for f in message.DESCRIPTOR.fields)
         out = _Pieces()
-        out.add_bytes(_shell(message, frozenset(f.name for f in fields)))
-        for field in sorted(fields, key=lambda f: f.number):
+        for field in sorted(message.DESCRIPTOR.fields, key=lambda f: f.number):
+            if field.message_type is None:
+                out.add_bytes(_shell(message, every - {field.name}, unknown=False))
+                continue
             handler = special.get(field.number)
             if _is_repeated(field):
                 items = list(getattr(message, field.name))
@@ -297,6 +317,7 @@ class _Planner:
                     self.message(out, field.number, item)
                 else:
                     out.add_field(field.number, body)
+        out.add_bytes(_shell(message, every))  # the unknown fields alone
         return out
 
     def node(self, node: onnx.NodeProto) -> _Pieces | None:
@@ -311,15 +332,19 @@ class _Planner:
         if name not in self.overrides and not all(self._is_big(t) for t in values):
             return None
         out = _Pieces()
-        out.add_bytes(_shell(node, frozenset({"attribute"})))
+        before, after = _around(node, _NODE_ATTRIBUTE)
+        out.add_bytes(before)
         for attribute in attributes:
             if attribute.name == "value" and attribute.HasField("t"):
                 body = _Pieces()
-                body.add_bytes(_shell(attribute, frozenset({"t"})))
+                head, tail = _around(attribute, _ATTR_T)
+                body.add_bytes(head)
                 body.add_field(_ATTR_T, self._tensor_body(attribute.t, name))
+                body.add_bytes(tail)
                 out.add_field(_NODE_ATTRIBUTE, body)
             else:
                 self.message(out, _NODE_ATTRIBUTE, attribute)
+        out.add_bytes(after)
         return out
 
     def tensor(self, tensor: onnx.TensorProto) -> _Pieces | None:
@@ -340,10 +365,11 @@ class _Planner:
         """Header (every field but the payload) + ``raw_data`` from the override or the tensor."""
         out = _Pieces()
         if name not in self.overrides:
-            out.add_bytes(_shell(tensor, frozenset({"raw_data"})))
+            out.add_bytes(_shell(tensor, frozenset({"raw_data"}) | _AFTER_RAW_DATA, unknown=False))
             size = len(tensor.raw_data)  # a transient copy: upb has no cheaper way to measure
             out.add_bytes(_key(_TENSOR_RAW_DATA, _LEN) + _varint(size))
             out.add(_RawData(tensor, size), size)
+            out.add_bytes(_shell(tensor, _UP_TO_RAW_DATA))
             return out
         self.used.add(name)
         override = self.overrides[name]
@@ -362,9 +388,10 @@ class _Planner:
             size = piece.nbytes
             if expected is not None and size != expected:
                 raise ValueError(f"override for tensor {name!r} has {size} bytes, its shape and type say {expected}")
-        out.add_bytes(_shell(tensor, _TYPED_DATA | {"raw_data"}))
+        out.add_bytes(_shell(tensor, _TYPED_DATA | {"raw_data"} | _AFTER_RAW_DATA, unknown=False))
         out.add_bytes(_key(_TENSOR_RAW_DATA, _LEN) + _varint(size))
         out.add(piece, size)
+        out.add_bytes(_shell(tensor, _TYPED_DATA | _UP_TO_RAW_DATA))
         return out
 
 

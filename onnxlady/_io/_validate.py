@@ -71,7 +71,7 @@ def validate_model(model: onnx.ModelProto, origin: str, *, capacity: int | None 
     initializers not shadowing node outputs; known data types; non-negative dims whose element
     count fits in what the file can hold; typed values (``float_data``...) as many as the shape
     says; Conv/ConvTranspose/Gemm/MatMul/BatchNormalization constants of consistent ranks and
-    lengths; no string constant where a number is needed.
+    lengths; no string constant where a number is needed; an ONNX opset this onnx knows.
 
     Args:
         model: the parsed model (external data may still be unloaded: their sizes are checked
@@ -86,6 +86,12 @@ def validate_model(model: onnx.ModelProto, origin: str, *, capacity: int | None 
     limit = capacity if capacity is not None else 2**31
     for opset in model.opset_import:
         _check_text(opset.domain, "an opset domain", origin)
+        if opset.domain in _DEFAULT_DOMAINS and not 1 <= opset.version <= onnx.defs.onnx_opset_version():
+            # The operators' semantics are those of its opset: an unknown one leaves them a guess.
+            raise OnnxladyError(
+                f"{origin}: declares ONNX opset {opset.version}, which this onnx {onnx.__version__} does not know "
+                f"(opsets 1 to {onnx.defs.onnx_opset_version()})"
+            )
     _check_graph(model.graph, frozenset(), origin, "the main graph", limit)
 
 
@@ -125,17 +131,22 @@ def _check_text(value: object, what: str, origin: str) -> None:
 
 
 def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, where: str, limit: int) -> None:
-    defined: dict[str, str] = {}
+    # What defined each name: a phrase, or the node whose output it is (its phrase is made only
+    # for a message: formatting one per node output costs more than the checks themselves).
+    defined: dict[str, str | onnx.NodeProto] = {}
 
-    def define(name: str, what: str) -> None:
-        _check_text(name, f"the name of {what} in {where}", origin)
+    def define(name: str, what: str | onnx.NodeProto) -> None:
+        if type(name) is not str:
+            _check_text(name, f"the name of {_definer(what)} in {where}", origin)
         if len(name) > MAX_NAME_BYTES:
-            raise OnnxladyError(f"{origin}: {what} in {where} has a name of {len(name)} characters")
+            raise OnnxladyError(f"{origin}: {_definer(what)} in {where} has a name of {len(name)} characters")
         if not name:
             return
         previous = defined.get(name)
-        if previous is not None and {previous, what} != {"a graph input", "an initializer"}:
-            raise OnnxladyError(f"{origin}: name '{name}' is defined twice in {where} ({previous} and {what})")
+        if previous is not None and {_definer(previous), _definer(what)} != {"a graph input", "an initializer"}:
+            raise OnnxladyError(
+                f"{origin}: name '{name}' is defined twice in {where} ({_definer(previous)} and {_definer(what)})"
+            )
         defined[name] = what
 
     for value in graph.input:
@@ -144,49 +155,57 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
         define(value.name, "a graph input")
     constants: dict[str, onnx.TensorProto] = {}
     for tensor in graph.initializer:
-        if not tensor.name:
+        name = tensor.name
+        if not name:
             raise OnnxladyError(f"{origin}: an initializer of {where} has no name")
-        if tensor.name in defined and defined[tensor.name] == "an initializer":
-            raise OnnxladyError(f"{origin}: initializer '{tensor.name}' is defined twice in {where}")
-        define(tensor.name, "an initializer")
-        _check_tensor(tensor, f"initializer '{tensor.name}'", origin, limit)
-        constants[tensor.name] = tensor
+        if name in defined and defined[name] == "an initializer":
+            raise OnnxladyError(f"{origin}: initializer '{name}' is defined twice in {where}")
+        define(name, "an initializer")
+        _check_tensor(tensor, f"initializer '{name}'", origin, limit)
+        constants[name] = tensor
     for sparse in graph.sparse_initializer:
         define(sparse.values.name, "an initializer")
         _check_tensor(sparse.values, f"sparse initializer '{sparse.values.name}'", origin, limit)
         _check_tensor(sparse.indices, f"indices of sparse initializer '{sparse.values.name}'", origin, limit)
+    # Each node's fields are read once (every protobuf read makes new Python objects).
+    nodes = []
     for node in graph.node:
-        for text, what in (
-            (node.op_type, "an operator type"),
-            (node.domain, "an operator domain"),
-            (node.name, "a node name"),
-        ):
-            _check_text(text, f"{what} in {where}", origin)
-        label = _node_label(node)
+        op_type, domain = node.op_type, node.domain
+        for text, what in ((op_type, "an operator type"), (domain, "an operator domain"), (node.name, "a node name")):
+            if type(text) is not str:
+                _check_text(text, f"{what} in {where}", origin)
         for name in node.output:
-            define(name, f"an output of node {label}")
-        for name in node.input:
-            _check_text(name, f"an input name of node {label}", origin)
-        for attribute in node.attribute:
+            define(name, node)
+        inputs = list(node.input)
+        for name in inputs:
+            if type(name) is not str:
+                _check_text(name, f"an input name of node {_node_label(node)}", origin)
+        attributes = list(node.attribute)
+        nodes.append((node, inputs, attributes, domain in _DEFAULT_DOMAINS and op_type in _NUMERIC_OPERATORS))
+        for attribute in attributes:
+            label = _node_label(node)
             _check_text(attribute.name, f"an attribute name of node {label}", origin)
             _check_attribute(attribute, label, origin)
             if attribute.type == onnx.AttributeProto.TENSOR:
                 _check_tensor(attribute.t, f"attribute '{attribute.name}' of node {label}", origin, limit)
-                if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.output:
+                if op_type == "Constant" and domain in _DEFAULT_DOMAINS and node.output:
                     constants[node.output[0]] = attribute.t
             elif attribute.type == onnx.AttributeProto.TENSORS:
                 for tensor in attribute.tensors:
                     _check_tensor(tensor, f"attribute '{attribute.name}' of node {label}", origin, limit)
     visible = outer | frozenset(defined)
-    for node in graph.node:
-        label = _node_label(node)
-        for name in node.input:
+    for node, inputs, attributes, numeric in nodes:
+        for name in inputs:
             if name and name not in visible:
-                raise OnnxladyError(f"{origin}: node {label} in {where} reads '{name}', which nothing defines")
-        for attribute in node.attribute:
+                raise OnnxladyError(
+                    f"{origin}: node {_node_label(node)} in {where} reads '{name}', which nothing defines"
+                )
+        for attribute in attributes:
             for subgraph in _subgraphs(attribute):
+                label = _node_label(node)
                 _check_graph(subgraph, visible, origin, f"subgraph '{attribute.name}' of node {label}", limit)
-        _check_operator(node, label, constants, origin)
+        if numeric:
+            _check_operator(node, _node_label(node), constants, origin)
     for value in graph.output:
         _check_text(value.name, f"a graph output name of {where}", origin)
         if not value.name or value.name not in visible:
@@ -214,6 +233,11 @@ def _subgraphs(attribute: onnx.AttributeProto) -> Iterable[onnx.GraphProto]:
     if attribute.type == onnx.AttributeProto.GRAPHS:
         return list(attribute.graphs)
     return []
+
+
+def _definer(what: str | onnx.NodeProto) -> str:
+    """The phrase for what defined a name (a node: "an output of node ...")."""
+    return what if isinstance(what, str) else f"an output of node {_node_label(what)}"
 
 
 def _node_label(node: onnx.NodeProto) -> str:
@@ -262,12 +286,14 @@ def _check_operator(node: onnx.NodeProto, label: str, constants: Mapping[str, on
     if node.domain not in _DEFAULT_DOMAINS or node.op_type not in _NUMERIC_OPERATORS:
         return
 
-    def constant(slot: int) -> onnx.TensorProto | None:
-        if slot >= len(node.input) or not node.input[slot]:
-            return None
-        return constants.get(node.input[slot])
+    inputs = list(node.input)
 
-    for slot in range(len(node.input)):
+    def constant(slot: int) -> onnx.TensorProto | None:
+        if slot >= len(inputs) or not inputs[slot]:
+            return None
+        return constants.get(inputs[slot])
+
+    for slot in range(len(inputs)):
         tensor = constant(slot)
         if tensor is not None and tensor.data_type == _T.STRING:
             raise OnnxladyError(f"{origin}: node {label} needs numbers, but its input '{tensor.name}' holds strings")

@@ -28,8 +28,10 @@ derived as a 3-layer one 0.3 away. Calibration of :data:`EVIDENCE` in the regist
 torch-trained networks as references, each permuted, with noise OMEGA = 0.1, int8 QDQ, 30 %
 magnitude pruning, float16, ORT's extended optimizer and fine-tuning, against other seeds of
 the same architectures and every other model): ``(1 - distance^2) * sqrt(n)`` is at most 1.30
-for every unrelated pair and at least 1.62 for every derivative but Magika's noisy and pruned
-copies (3 layers); the constant sits between, at 1.45. Heavier changes (noise OMEGA >= 0.3,
+for every unrelated pair and at least 1.54 for every derivative (Magika's pruned copy, 3 large
+layers read in the floored unit of
+:func:`~onnxlady._provenance._fingerprint.layer_unit`; 1.62 for every other); the constant sits
+between, at 1.45. Heavier changes (noise OMEGA >= 0.3,
 pruning far beyond 50 %, long fine-tuning) leave the "derived" side; a confirmed resync
 (``confirm=True``) then decides. A fixed ``threshold`` can be given instead.
 

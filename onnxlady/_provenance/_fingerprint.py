@@ -80,9 +80,13 @@ unrelated model).
 Distance (:func:`compare_fingerprints`)
     Per pair of layers of the same shape (``neurons, fan_in, kernel, groups``): the root of the
     weighted mean over fields of each field's mean squared difference divided by its scale
-    squared, then divided by :func:`unrelated_gap` of the shape, so that 1 means "as far as two
-    unrelated layers of this shape" whatever the shape (the raw gaps shrink with width and
-    fan-in, those of derivatives and of unrelated layers alike). The two layer sequences are
+    squared, then divided by the unit of the shape (:func:`layer_unit`): :func:`unrelated_gap`,
+    so that 1 means "as far as two unrelated layers of this shape" whatever the shape (the raw
+    gaps shrink with width and fan-in, those of derivatives and of unrelated layers alike), but
+    never below :data:`LAYER_UNIT_FLOOR`: the gap of two unrelated *random* layers keeps
+    shrinking as they grow, while what noise or pruning does to a layer's statistics does not,
+    so without a floor a very large layer (Magika's 512 x 1280 convolution) reads a noisy copy
+    of itself as several unrelated gaps away. The two layer sequences are
     paired by a minimum-cost assignment within :func:`align_window` positions (optimizers
     reorder parallel branches: ORT emits ``k_proj`` before ``q_proj``, and moves the heads of
     a YOLO by a third of the model); a layer left without
@@ -127,6 +131,8 @@ __all__ = [
     "fingerprints_of",
     "layer_record",
     "layer_records",
+    "layer_unit",
+    "norm_spread",
     "model_producers",
     "producer_weights",
     "resample",
@@ -196,6 +202,20 @@ FIELD_WEIGHTS: dict[str, float] = {
 #: (independent random weights): ``G * neurons^-A * fan_in^-B`` for ``(G, A, B)`` here. Layer
 #: distances are divided by it, so 1 means "as far apart as two unrelated layers" for every shape.
 UNRELATED_GAP = (63.6, 0.449, 0.411)
+#: The smallest unit a layer distance is divided by (:func:`layer_unit`), in the raw units of
+#: :data:`FIELD_SCALES` (about a noisy copy's gap per field). :func:`unrelated_gap` goes below it
+#: from about 100 x 100 weights on. Calibrated on the registry experiment: the layers it
+#: applies to hold derivative layers up to 0.53 raw (G < 0.5: Magika pruned, YOLOv8 pruned,
+#: PP-OCRv4 noisy) and 0.91 (G < 1), and Magika's 3 layers need about 1.3 for its pruned copy to
+#: read within the threshold of 3 layer slots. Unrelated random networks with a BatchNorm folded
+#: in (shaped layers, so floored: the registry's torch shufflenet_v2 twin, timm's regnetx_002 and
+#: regnety_002) close in as the floor grows: the twin reads 1.12 times its threshold at 1.3, 1.09
+#: at 1.5 and 1.03 at 2.0, where the regnets are called derived.
+LAYER_UNIT_FLOOR = 1.3
+#: A layer whose :func:`norm_spread` is at least this was shaped by training or a folded
+#: normalization (independent random weights give about 1: 0.7 to 1.13 over the large layers
+#: of the zoo models ``tools.match_real_models`` reads); only pairs of such layers get the floor.
+SHAPED_SPREAD = 1.5
 #: Cost of a layer with no partner: as far as an unrelated layer.
 UNMATCHED_COST = 1.0
 #: Most the scale-dependent fields add to a layer's distance (about a noisy copy's gap).
@@ -485,8 +505,24 @@ def layer_records(weights: Sequence[ProducerWeight]) -> np.ndarray:
         float64 ``(len(weights), LAYER_WIDTH)``, fields in :data:`FIELDS` order. Dead neurons
         (see :data:`DEAD_NEURON`) read as mean 0, skew 0, kurtosis and peak at their minimum.
     """
+    return _layer_records(weights)[0]
+
+
+def _layer_records(weights: Sequence[ProducerWeight]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`layer_records`, and per layer whether every neuron's ``max |w|`` is finite.
+
+    A weight holding NaN or infinity gives a non-finite peak (the maximum propagates both);
+    so does a finite one beyond float32's square root of its range, which the caller tells
+    apart by reading that layer once more. Every layer's row depends on that layer alone, so
+    a non-finite layer changes no other row (its own is garbage, and dropped by the caller).
+    """
     if not weights:
-        return np.zeros((0, LAYER_WIDTH))
+        return np.zeros((0, LAYER_WIDTH)), np.zeros(0, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _records_of(weights)
+
+
+def _records_of(weights: Sequence[ProducerWeight]) -> tuple[np.ndarray, np.ndarray]:
     # Small layers first (batched), then large ones; rows go back to the caller's order at the end.
     order = [i for i, w in enumerate(weights) if w.size <= SMALL_LAYER]
     small = len(order)
@@ -568,7 +604,9 @@ def layer_records(weights: Sequence[ProducerWeight]) -> np.ndarray:
         records[:, SLICES[name]] = values
     restored = np.empty_like(records)
     restored[order] = records
-    return restored
+    finite = np.empty(count, dtype=bool)
+    finite[order] = np.minimum.reduceat(np.isfinite(sums.peak), neuron_start[:-1])
+    return restored, finite
 
 
 #: The sorted per-neuron fields, in the column order :func:`layer_records` computes them.
@@ -723,7 +761,17 @@ def fingerprints_of(models: Sequence[Sequence[ProducerWeight]]) -> list[ModelFin
     Returns:
         One fingerprint per model, in order.
     """
-    records = layer_records([weight for weights in models for weight in weights]).astype(np.float32)
+    every = [weight for weights in models for weight in weights]
+    rows, peaks_finite = _layer_records(every)
+    records = rows.astype(np.float32)
+    # A layer holding NaN or infinity is no layer of the fingerprint (it could not be compared).
+    kept = peaks_finite.copy()
+    for number in np.flatnonzero(~peaks_finite).tolist():
+        kept[number] = bool(np.all(np.isfinite(every[number].matrix)))
+    if not kept.all():
+        records = records[kept]
+        flags = iter(kept.tolist())
+        models = [[weight for weight in weights if next(flags)] for weights in models]
     fingerprints = []
     start = 0
     for weights in models:
@@ -788,6 +836,42 @@ def unrelated_gap(shapes: np.ndarray) -> np.ndarray:
     shapes = np.asarray(shapes, dtype=np.float64).reshape(-1, 4)
     scale, a, b = UNRELATED_GAP
     return scale * np.maximum(shapes[:, 0], 1.0) ** -a * np.maximum(shapes[:, 1], 1.0) ** -b
+
+
+def norm_spread(records: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Per layer, the spread of its neurons' norms in units of an i.i.d. random layer's.
+
+    The standard deviation of the ``norms`` field (each neuron's RMS over the median) times
+    ``sqrt(2 * fan_in)``: about 1 for independent Gaussian weights (less for uniform ones),
+    whatever the shape; trained layers and layers with a folded normalization read 1.5 to 10.
+    """
+    norms = np.asarray(records, dtype=np.float64).reshape(-1, LAYER_WIDTH)[:, SLICES["norms"]]
+    fan_in = np.asarray(shapes, dtype=np.float64).reshape(-1, 4)[:, 1]
+    return norms.std(axis=1) * np.sqrt(2.0 * np.maximum(fan_in, 1.0))
+
+
+def layer_unit(shapes: np.ndarray, shaped_a: np.ndarray | None = None, shaped_b: np.ndarray | None = None) -> np.ndarray:
+    """What a distance between layers of each shape is divided by (module docstring).
+
+    :func:`unrelated_gap`, or at least :data:`LAYER_UNIT_FLOOR` for a pair of layers both shaped
+    beyond random draws (``shaped_a[i] & shaped_b[j]``: :func:`norm_spread` at least
+    :data:`SHAPED_SPREAD`). Two independent random layers of one law converge as they grow, and
+    the random-layer gap is all that tells them apart; two trained layers do not converge, and
+    noise or pruning moves a large trained layer by more than that gap.
+
+    Args:
+        shapes: ``(m, 4)`` shapes of the rows.
+        shaped_a: ``(m,)`` whether each row's layer is shaped (None: no floor).
+        shaped_b: ``(n,)`` the same for the columns; the result is then ``(m, n)``.
+
+    Returns:
+        ``(m,)`` units, or ``(m, n)`` when both flags are given.
+    """
+    gap = unrelated_gap(shapes)
+    if shaped_a is None or shaped_b is None:
+        return gap
+    both = shaped_a[:, None] & shaped_b[None, :]
+    return np.where(both, np.maximum(gap, LAYER_UNIT_FLOOR)[:, None], gap[:, None])
 
 
 def field_gaps(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -856,7 +940,11 @@ def compare_fingerprints(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch
     rows_i, cols_j = np.nonzero(allowed)
     if rows_i.size:
         used_a, used_b = np.unique(rows_i), np.unique(cols_j)
-        full = layer_distances(a.records[used_a], b.records[used_b]) / unrelated_gap(a.shapes[used_a])[:, None] ** 2
+        full = layer_distances(a.records[used_a], b.records[used_b]) / layer_unit(
+            a.shapes[used_a],
+            norm_spread(a.records[used_a], a.shapes[used_a]) >= SHAPED_SPREAD,
+            norm_spread(b.records[used_b], b.shapes[used_b]) >= SHAPED_SPREAD,
+        ) ** 2
         squared[rows_i, cols_j] = full[np.searchsorted(used_a, rows_i), np.searchsorted(used_b, cols_j)]
     # Square assignment: layer i of a may pair with b's j or with its own "unpaired" slot.
     cost = np.full((m + n, n + m), forbidden)

@@ -267,6 +267,10 @@ def open_index(path: str | os.PathLike[str], *, create: bool = False) -> Generat
             _check_format(connection, path, creating=create)
             if create:
                 connection.execute("PRAGMA journal_mode=WAL")
+                # In WAL mode a commit stays atomic and consistent without its own fsync (only
+                # a power cut can lose the last batches, never corrupt the file); a build
+                # commits every few seconds and would otherwise wait on the disk each time.
+                connection.execute("PRAGMA synchronous=NORMAL")
                 with connection:
                     connection.executescript(_SCHEMA)
                     connection.execute(f"PRAGMA application_id={APPLICATION_ID}")
@@ -539,6 +543,16 @@ def _batches(todo: list[_Task], workers: int) -> list[list[_Task]]:
     return batches
 
 
+#: What fingerprinting a file costs besides its bytes, in bytes of arithmetic (reading, parsing
+#: and walking its graph: about 0.7 ms, the time of a quarter megabyte of weights).
+_FILE_COST_BYTES = 1 << 18
+
+
+def _task_cost(batch: list[_Task]) -> int:
+    """A task's expected work, in bytes: its files' sizes plus a fixed cost per file."""
+    return sum(task.size for task in batch) + _FILE_COST_BYTES * len(batch)
+
+
 def _fingerprint_batch(paths: list[str], digests: list[bool]) -> list[FileFingerprint]:
     """A worker's task (module-level: a process pool pickles it by name)."""
     return fingerprint_files(paths, digest=digests)
@@ -566,9 +580,11 @@ def _run(todo: list[_Task], engine: str, workers: int, scheduler: Any) -> Iterat
             yield from zip(batch, _fingerprint_batch([t.path for t in batch], [t.digest for t in batch]))
         return
     with ProcessPoolExecutor(max_workers=min(workers, len(batches))) as pool:
+        # Longest tasks first: the pool's last minutes are then small tasks that even out across
+        # workers, not one large model left to a single worker while the others idle.
         futures: dict[Future[list[FileFingerprint]], list[_Task]] = {
             pool.submit(_fingerprint_batch, [t.path for t in batch], [t.digest for t in batch]): batch
-            for batch in batches
+            for batch in sorted(batches, key=_task_cost, reverse=True)
         }
         for future in as_completed(futures):
             yield from zip(futures[future], future.result())

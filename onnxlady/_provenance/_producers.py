@@ -19,7 +19,10 @@ layers and the same weights:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -82,15 +85,17 @@ class ProducerWeight:
     groups: int
     row_scale: np.ndarray | None = None
 
-    @property
+    # Cached: the layer arithmetic asks each layer's dimensions a dozen times (the matrix's
+    # shape never changes after construction).
+    @functools.cached_property
     def neurons(self) -> int:
         return int(self.matrix.shape[self.neuron_axis])
 
-    @property
+    @functools.cached_property
     def fan_in(self) -> int:
         return int(self.matrix.shape[1 - self.neuron_axis])
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return int(self.matrix.size)
 
@@ -146,7 +151,9 @@ def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
 
 
 def _is_float(value: np.ndarray) -> bool:
-    return value.dtype.kind == "f" or value.dtype.name == "bfloat16"
+    kind = value.dtype.kind
+    # ``dtype.name`` is computed in Python on every read: asked only of what might be bfloat16.
+    return kind == "f" or (kind == "V" and value.dtype.name == "bfloat16")
 
 
 def _float_value(graph: ConstantSource, name: str) -> np.ndarray | None:
@@ -204,6 +211,65 @@ def _quantized(graph: ConstantSource, node: onnx.NodeProto, slot: int, scale_slo
         scale32 = np.asarray(scale, dtype=np.float32)
         weight *= scale32.reshape(()) if scale32.size == 1 else _along(scale32, out_axis, rank)
     return weight
+
+
+#: Integer layers whose scale (and BatchNorm) ONNX Runtime's dynamic form applies after them.
+_DYNAMIC_INTEGER = frozenset({"ConvInteger", "MatMulInteger"})
+
+
+def _consumer(graph: ConstantSource, name: str, op_type: str) -> int | None:
+    """The first node of ``op_type`` reading ``name`` (a scan: only the rare dynamic int8 form asks)."""
+    return next((i for i, n in enumerate(graph.nodes) if n.op_type == op_type and name in n.input), None)
+
+
+def _dynamic_scale_mul(graph: ConstantSource, index: int) -> int | None:
+    """The ``Mul`` that applies an integer layer's scales in ONNX Runtime's dynamic form, if it is that form.
+
+    ``quantize_dynamic`` writes ``ConvInteger``/``MatMulInteger -> Cast -> Mul(., a_scale * w_scale)``.
+    """
+    cast = _consumer(graph, graph.nodes[index].output[0], "Cast")
+    return None if cast is None else _consumer(graph, graph.nodes[cast].output[0], "Mul")
+
+
+def _times_output_scale(graph: ConstantSource, index: int, weight: np.ndarray, out_axis: int) -> np.ndarray:
+    """An integer layer's weight times its own scale, read where ONNX Runtime's dynamic form applies it.
+
+    The weight's scale (per tensor or per output channel) is a constant factor of the Mul that
+    makes the second operand of :func:`_dynamic_scale_mul`'s Mul. Without it, a layer's
+    ``level`` is off by ``log w_scale`` and an int8 copy reads as another model. The weight is
+    returned as it is where the form differs.
+    """
+    mul = _dynamic_scale_mul(graph, index)
+    if mul is None:
+        return weight
+    node = graph.nodes[mul]
+    produced = [graph.producer.get(name) for name in node.input[:2]]
+    for found in produced:
+        scales = graph.nodes[found[0]] if found is not None else None
+        if scales is None or scales.op_type != "Mul":
+            continue
+        for name in scales.input[:2]:
+            value = graph.constant_value(name)
+            if value is None or not _is_float(value):
+                continue
+            factor = np.asarray(value, dtype=np.float32)
+            if factor.size == 1:
+                return weight * factor.reshape(())
+            if factor.size == weight.shape[out_axis]:
+                return weight * _along(factor.reshape(-1), out_axis, weight.ndim)
+    return weight
+
+
+def _batchnorm_after_dynamic(graph: ConstantSource, index: int) -> int | None:
+    """A BatchNormalization right after an integer layer's dynamic form (its bias Add between), if any."""
+    mul = _dynamic_scale_mul(graph, index)
+    if mul is None:
+        return None
+    tail = graph.nodes[mul].output[0]
+    add = _consumer(graph, tail, "Add")
+    if add is not None and any(graph.constant_value(name) is not None for name in graph.nodes[add].input[:2]):
+        tail = graph.nodes[add].output[0]
+    return _consumer(graph, tail, "BatchNormalization")
 
 
 def _unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -279,6 +345,8 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
             )
             if weight is None:
                 return None
+            if op == "ConvInteger":
+                weight = _times_output_scale(graph, index, weight, 0)
             matrix, kernel = _conv_rows(weight)
             return matrix, 0, kernel, groups
         if op in ("QLinearMatMul", "MatMulInteger"):
@@ -287,6 +355,8 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
                 if op == "QLinearMatMul"
                 else _quantized(graph, node, 1, None, 3, -1)
             )
+            if weight is not None and op == "MatMulInteger":
+                weight = _times_output_scale(graph, index, weight, -1)
             return None if weight is None or weight.ndim < 2 else (*_axis_matrix(weight, -1), 1, 1)
         if op in ("Gemm", "MatMul"):  # a weight find_units does not see: Transpose(constant)
             found = _plain_matrix(graph, node, 0, int(node_attribute(node, "transB", 0)))
@@ -329,16 +399,18 @@ def _collect(
         if unit is None and op_types[index] not in _OTHER_PRODUCERS:
             continue
         node = graph.nodes[index]
-        groups = int(node_attribute(node, "group", 1))
         row_scale = None
         if unit is not None:
             weight = _float_value(graph, node.input[unit.weight_slot])
             if weight is None:
                 continue
-            if node.op_type == "Conv":
+            op = op_types[index]
+            # Only a convolution has groups (reading an attribute costs more than the test).
+            groups = int(node_attribute(node, "group", 1)) if op in ("Conv", "ConvTranspose") else 1
+            if op == "Conv":
                 matrix, kernel = _conv_rows(weight)
                 axis = 0
-            elif node.op_type == "ConvTranspose":
+            elif op == "ConvTranspose":
                 (matrix, kernel), axis = _conv_transpose_rows(weight, groups), 0
             else:
                 (matrix, axis), kernel, groups = _axis_matrix(weight, unit.out_axis), 1, 1
@@ -351,8 +423,13 @@ def _collect(
             if other is None:
                 continue
             matrix, axis, kernel, groups = other
-        # One float64 sum is finite exactly when every float32 weight is (it cannot overflow).
-        if matrix.size == 0 or not np.all(np.isfinite(matrix)):
+            batchnorm = _batchnorm_after_dynamic(graph, index) if op_types[index] in _DYNAMIC_INTEGER else None
+            scale = batchnorm_scale(batchnorm) if batchnorm is not None else None
+            if scale is not None and scale.size == matrix.shape[axis]:
+                row_scale = np.asarray(scale, dtype=np.float64).ravel()
+        # A weight holding NaN or infinity is left out by the fingerprint's arithmetic, which
+        # sees it in its own pass (a check here would read every weight once more).
+        if matrix.size == 0:
             continue
         op = node.op_type if (node.domain or "") in _STANDARD else f"{node.domain}::{node.op_type}"
         found.append(ProducerWeight(index, node_label(node, index), op, matrix, axis, kernel, groups, row_scale))
@@ -405,32 +482,44 @@ class WeightGraph:
         self.nodes: list[onnx.NodeProto] = list(graph.node)
         self.initializers: dict[str, onnx.TensorProto] = {tensor.name: tensor for tensor in graph.initializer}
         self.graph_outputs: set[str] = {value.name for value in graph.output}
-        self.producer: dict[str, tuple[int, int]] = {}
-        self.consumers: dict[str, list[tuple[int, int]]] = {}
         #: Each node's operator (read once: a protobuf field costs more than a list item).
         self.op_types: list[str] = [node.op_type for node in self.nodes]
-        defined = set(self.initializers)
-        defined.update(value.name for value in graph.input)
-        consumers, producer, op_types = self.consumers, self.producer, self.op_types
+        # Every input and output name in one flat list each, with the node owning each position:
+        # built by C-level list and dict constructors, not a Python loop per name (on a graph of
+        # a thousand nodes the loop cost more than parsing the file).
+        inputs = [node.input for node in self.nodes]
+        outputs = [node.output for node in self.nodes]
+        names = list(itertools.chain.from_iterable(inputs))
+        made = list(itertools.chain.from_iterable(outputs))
+        positions = np.arange(len(self.nodes))
+        self._reader_of = np.repeat(positions, [len(items) for items in inputs]).tolist()
+        self._input_start = list(itertools.accumulate(map(len, inputs), initial=0))
+        maker_of = np.repeat(positions, [len(items) for items in outputs]).tolist()
+        output_start = list(itertools.accumulate(map(len, outputs), initial=0))
+        #: Readers per tensor name, and the position (in the flat input list) of its first reader.
+        self._readers: Counter[str] = Counter(names)
+        self._first_read: dict[str, int] = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))
+        # The last node writing a name is its producer (as a ModelGraph reads it).
+        self.producer: dict[str, tuple[int, int]] = {
+            name: (owner, at - output_start[owner]) for at, (name, owner) in enumerate(zip(made, maker_of))
+        }
+        for table in (self._readers, self._first_read, self.producer):
+            table.pop("", None)  # an omitted optional input or output
+        first_made = dict(zip(reversed(made), range(len(made) - 1, -1, -1)))
+        given = set(self.initializers)
+        given.update(value.name for value in graph.input)
+        # Topological order: each tensor read is given, or first written by a node before its first reader.
+        for name, at in self._first_read.items():
+            if name not in given:
+                written = first_made.get(name)
+                if written is None or maker_of[written] >= self._reader_of[at]:
+                    raise FullGraphNeeded(f"node {self._reader_of[at]} reads '{name}' before it is defined")
         for index, node in enumerate(self.nodes):
-            for slot, name in enumerate(node.input):
-                if name:
-                    if name not in defined:
-                        raise FullGraphNeeded(f"node {index} reads '{name}' before it is defined")
-                    readers = consumers.get(name)
-                    if readers is None:
-                        consumers[name] = [(index, slot)]
-                    else:
-                        readers.append((index, slot))
-            if op_types[index] in _SUBGRAPH_OPS or node.domain not in _STANDARD:
+            if self.op_types[index] in _SUBGRAPH_OPS or node.domain not in _STANDARD:
                 for attribute in node.attribute:
                     if attribute.type in _GRAPH_ATTRIBUTES:
                         raise FullGraphNeeded(f"node {index} holds a subgraph")
-            for slot, name in enumerate(node.output):
-                if name:
-                    producer[name] = (index, slot)
-                    defined.add(name)
-        if not self.graph_outputs <= defined:
+        if not self.graph_outputs <= given.union(made):
             raise FullGraphNeeded("a graph output is not produced")
         self.order = list(range(len(self.nodes)))
         self._values: dict[str, np.ndarray | None] = {}
@@ -573,13 +662,27 @@ class WeightGraph:
 
     def float_constant(self, name: str) -> bool:
         """A constant whose values are real numbers (find_units' ``_float_constant``)."""
+        stored = self._stored_kind(name)
+        if stored is not None:
+            return stored == "f"
         value = self.constant_value(name) if name else None
         return value is not None and value.dtype.kind == "f"
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant (the chains read here keep shapes)."""
+        if self._stored_kind(name) is not None:
+            return tuple(int(d) for d in self.initializers[name].dims)
         value = self.constant_value(name) if name else None
         return None if value is None else tuple(int(d) for d in value.shape)
+
+    def _stored_kind(self, name: str) -> str | None:
+        """The numpy kind of an initializer not read yet, from its declared type (None otherwise).
+
+        Type and shape questions about a bias or a weight's operand are answered from the
+        tensor's header, so a bias the fingerprint never reads is never converted.
+        """
+        tensor = self.initializers.get(name) if name not in self._values else None
+        return None if tensor is None else _KINDS.get(tensor.data_type)
 
     def declared_shapes(self) -> dict[str, tuple[int | str | None, ...]]:
         """Shapes the graph declares: inputs, outputs, value_info, the best known of each name.
@@ -663,10 +766,11 @@ class WeightGraph:
 
     def _single_consumer(self, name: str, op_type: str) -> tuple[int, int] | None:
         while True:
-            readers = self.consumers.get(name, [])
-            if len(readers) != 1 or name in self.graph_outputs:
+            if self._readers.get(name, 0) != 1 or name in self.graph_outputs:
                 return None
-            index, slot = readers[0]
+            at = self._first_read[name]
+            index = self._reader_of[at]
+            slot = at - self._input_start[index]
             if self.op_types[index] == op_type:
                 return index, slot
             node = self.nodes[index]
@@ -704,6 +808,10 @@ class WeightGraph:
         gamma, _, _, var = (np.asarray(part, dtype=np.float64) for part in parts)
         eps = float(node_attribute(node, "epsilon", 1e-5))
         return gamma / np.sqrt(var + eps)
+
+
+#: numpy kind of each plain ONNX element type (read as that dtype); others are read to know.
+_KINDS: dict[int, str] = {data_type: dtype.kind for data_type, dtype in PLAIN_TYPES.items()}
 
 
 def _initializer_array(tensor: onnx.TensorProto, name: str) -> np.ndarray:

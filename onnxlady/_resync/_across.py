@@ -44,7 +44,7 @@ from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync import _solver as solver
 from onnxlady._resync._match import ModelMatch, Unit, analyze_with_state, check_same_model, match_analyses
-from onnxlady._resync._sites import Operand, Site, place_operand, post_affine, read_operand
+from onnxlady._resync._sites import Operand, Site, place_operand, post_affine, read_operand, stored_operand
 from onnxlady._resync._values import Approx, read_constant
 from onnxlady._resync._values import half_ulp as _half_ulp
 from onnxlady._transforms._key import PermutationKey, graph_fingerprint
@@ -235,9 +235,7 @@ def _pair_use(match: ModelMatch, entries: list[tuple[Site, Operand]]) -> tuple[A
     """
     ref, sus = match.reference.graph, match.suspect.graph
     shape = entries[0][1].read_shape
-    # Reference value and error, suspect value and error, scratch; and what the parts cover.
-    arrays = [np.zeros(shape) for _ in range(5)]
-    covered = np.zeros(shape)
+    values: list[tuple[Operand, Approx, Approx]] = []
     for site, operand in entries:
         partner_key = match.sites.get(site.key)
         if partner_key is None:
@@ -253,6 +251,16 @@ def _pair_use(match: ModelMatch, entries: list[tuple[Site, Operand]]) -> tuple[A
         theirs = _site_value(sus, partner, role, fold)
         if mine is None or theirs is None or mine.value.shape != theirs.value.shape:
             return None
+        values.append((operand, mine, theirs))
+    if len(values) == 1:  # one operand read whole (the usual case): no zeroed arrays to fill
+        operand, mine, theirs = values[0]
+        whole_mine, whole_theirs = stored_operand(operand, mine), stored_operand(operand, theirs)
+        if whole_mine is not None and whole_theirs is not None:
+            return whole_mine, whole_theirs
+    # Reference value and error, suspect value and error, scratch; and what the parts cover.
+    arrays = [np.zeros(shape) for _ in range(5)]
+    covered = np.zeros(shape)
+    for operand, mine, theirs in values:
         place_operand(operand, mine, arrays[0], arrays[1])
         place_operand(operand, theirs, arrays[2], arrays[3])
         place_operand(operand, Approx(np.ones(mine.value.shape), np.zeros(mine.value.shape)), covered, arrays[4])
@@ -298,6 +306,37 @@ def _pair_plans(match: ModelMatch) -> _Pairing:
             references.append(found[0])
             suspects.append(found[1])
     return _Pairing(references, suspects, dropped)
+
+
+def pair_unplanned(match: ModelMatch) -> dict[str, tuple[Approx, Approx]]:
+    """Both models' values of the reference constants no permutation moves, by constant name.
+
+    A constant on frozen groups only (a bias of the residual stream pinned by the graph input)
+    has no plan, so the resync never reads it; the audit must still compare it, or a change to
+    it made before a conversion would read ``converted``. Neither model moves it, so the
+    suspect's value as stored, read through its paired site in the reference's layout, is
+    compared as is. Constants whose site does not weigh (rotary tables, layers of constants a
+    simplifier folds) or does not pair, and values of another size, are left out.
+    """
+    graph = match.reference.graph
+    planned = {plan.source for plan in match.reference.tensors}
+    holders = tensor_holders(graph.model)
+    by_use: dict[tuple[int, int], list[tuple[Site, Operand]]] = {}
+    for site in match.reference_sites:
+        if site.weighs:
+            for operand in site.operands:
+                by_use.setdefault((operand.node, operand.slot), []).append((site, operand))
+    found: dict[str, tuple[Approx, Approx]] = {}
+    for (node, slot), entries in by_use.items():
+        leaf = graph.constant_leaf(graph.nodes[node].input[slot])
+        if leaf is None or leaf.name in planned or leaf.name in found or leaf.name not in holders:
+            continue
+        values = _pair_use(match, entries)
+        shape = tuple(int(d) for d in holders[leaf.name].dims)
+        if values is None or entries[0][1].nbits or values[0].value.size != (int(np.prod(shape)) if shape else 1):
+            continue
+        found[leaf.name] = (values[0].reshaped(shape), values[1].reshaped(shape))
+    return found
 
 
 # -- the resync -------------------------------------------------------------------------------
@@ -522,7 +561,7 @@ def resync_across(
         sorted(mirrored_groups),
     )
     result = solver.ResyncResult(
-        model=model,
+        built=model,
         key=key,
         groups=groups,
         method=options.method,

@@ -57,6 +57,7 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._resync._invariants import distance, signature
+from onnxlady._resync._nchwc_forms import NCHWC, is_fused_sum, nchwc_block
 from onnxlady._resync._quantized_forms import quantized_form
 from onnxlady._resync._sites import (
     Operand,
@@ -312,12 +313,14 @@ def check_same_model(match: ModelMatch) -> None:
 def _unread_layouts(match: ModelMatch) -> str:
     """Why a conversion may look like another model: a weight layout onnxlady does not read."""
     for side, analysis in (("reference", match.reference), ("suspect", match.suspect)):
-        blocked = sum(node.domain == "com.microsoft.nchwc" for node in analysis.graph.model.graph.node)
+        blocked = sum(node.domain == NCHWC for node in analysis.graph.model.graph.node)
         if blocked:
+            block = nchwc_block(analysis.graph)
+            how = f"read in blocks of {block} channels" if block else "that no block size fits"
             return (
                 f"; the {side} holds {blocked} nodes of ONNX Runtime's NCHWc layout (com.microsoft.nchwc, "
-                "written by the CPU optimizer at ORT_ENABLE_ALL), whose blocked weights onnxlady does not "
-                "read: compare a copy saved at ORT_ENABLE_EXTENDED"
+                f"written by the CPU optimizer at ORT_ENABLE_ALL), {how} (the model does not store the "
+                "block size, 8 with AVX2 or 16 with AVX-512): compare a copy saved at ORT_ENABLE_EXTENDED"
             )
     return ""
 
@@ -616,11 +619,12 @@ def _successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
             stack = [name for name in graph.nodes[site.tail].output if name]
             seen: set[str] = set(stack)
             while stack:
-                for index, _ in graph.consumers.get(stack.pop(), []):
+                for index, slot in graph.consumers.get(stack.pop(), []):
                     # Shape arithmetic reads sizes, not values: a simplifier folds it away.
                     if index < 0 or graph.nodes[index].op_type in _SHAPE_READERS:
                         continue
-                    if index in at_node and index != site.node:
+                    # An NCHWc Conv's fourth input is a residual Add fused after it: passed through.
+                    if index in at_node and index != site.node and not is_fused_sum(graph, index, slot):
                         found.update(at_node[index])
                         continue
                     outputs = graph.nodes[index].output
@@ -897,6 +901,15 @@ def _conversions(
         if sum(quantized[side].values()) > sum(quantized[other].values()):
             listed = ", ".join(f"{count} {form}" for form, count in sorted(quantized[side].items()))
             findings.append(ConversionFinding("quantized", side, f"of {weights} paired weights, quantized: {listed}"))
+    # Convolutions re-laid out in ONNX Runtime's NCHWc blocks on one side.
+    blocked = {side: sum(1 for pair in pairs if (w := pair[n].operand("weight")) is not None and w.blocked)
+               for n, side in enumerate(("reference", "suspect"))}  # fmt: skip
+    for side, count in blocked.items():
+        if count:
+            block = nchwc_block(graphs[side])
+            findings.append(ConversionFinding(
+                "nchwc", side, f"{count} paired convolutions in ONNX Runtime's NCHWc layout (weights in blocks of {block} channels)"
+            ))  # fmt: skip
     # BatchNorm folded on one side.
     folded = {"reference": 0, "suspect": 0}
     for mine, theirs in pairs:

@@ -35,7 +35,7 @@ import numpy as np
 
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
-from onnxlady._resync._values import Approx
+from onnxlady._resync._values import Approx, read_constant
 
 __all__ = [
     "QuantizedLinear",
@@ -96,6 +96,31 @@ def _input(graph: ModelGraph, index: int, slot: int) -> str:
     return node.input[slot] if slot < len(node.input) else ""
 
 
+def _runtime_weight(graph: ModelGraph, name: str) -> str | None:
+    """The float constant a weight is quantized from at run time, or None.
+
+    Where a model holds its weights in ``Constant`` nodes (Paddle's exporter), ``quantize_dynamic``
+    leaves them float and quantizes each at run time, like an activation: ``ConvInteger`` reads
+    output 0 of a ``DynamicQuantizeLinear`` of the float weight (its scale, output 1, enters the
+    scale ``Mul``). The weight is then that float constant.
+    """
+    produced = graph.producer.get(name) if name else None
+    if produced is None or produced[1] != 0 or _key(graph, produced[0]) != ("", "DynamicQuantizeLinear"):
+        return None
+    source = graph.nodes[produced[0]].input[0]
+    value = graph.constant_value(source) if graph.constant_leaf(source) is not None else None
+    return source if value is not None and value.dtype.kind == "f" else None
+
+
+def _weight_value(graph: ModelGraph, index: int, slot: int) -> np.ndarray | None:
+    """An integer layer's weight as stored: integers, or the float constant quantized at run time."""
+    name = _input(graph, index, slot)
+    weight = _integer_constant(graph, name)
+    if weight is None and (source := _runtime_weight(graph, name)) is not None:
+        weight = graph.constant_value(source)
+    return weight
+
+
 # -- the dynamic form: MatMulInteger / ConvInteger, Cast, Mul by x_scale * w_scale ---------------
 @dataclass(frozen=True)
 class _IntegerScale:
@@ -135,6 +160,8 @@ def _integer_scale(graph: ModelGraph, index: int) -> _IntegerScale | None:
     scale_mul = graph.nodes[produced[0]]
     for slot in (0, 1):
         scale = _float_value(graph, scale_mul.input[slot])
+        if scale is None:  # a weight quantized at run time: its scale comes from its own quantizer
+            scale = _runtime_scale(graph, index, scale_mul.input[slot])
         source = graph.producer.get(scale_mul.input[1 - slot])
         if scale is None or source is None:
             continue
@@ -143,6 +170,21 @@ def _integer_scale(graph: ModelGraph, index: int) -> _IntegerScale | None:
                 and quantizer.output[0] == node.input[0]):  # fmt: skip
             return _IntegerScale(cast, mul, produced[0], scale)
     return None
+
+
+def _runtime_scale(graph: ModelGraph, index: int, name: str) -> np.ndarray | None:
+    """The scale ``name`` when it is output 1 of the quantizer of this layer's run-time weight.
+
+    ``DynamicQuantizeLinear``'s scale: the range of the values and zero over 255 (uint8).
+    """
+    produced = graph.producer.get(name)
+    if produced is None or produced[1] != 1 or _key(graph, produced[0]) != ("", "DynamicQuantizeLinear"):
+        return None
+    quantizer = graph.nodes[produced[0]]
+    if quantizer.output[0] != _input(graph, index, 1) or _runtime_weight(graph, quantizer.output[0]) is None:
+        return None
+    weight = np.asarray(graph.constant_value(quantizer.input[0]), dtype=np.float64)
+    return np.array((max(float(weight.max()), 0.0) - min(float(weight.min()), 0.0)) / 255.0)
 
 
 # -- what the sites ask ------------------------------------------------------------------------
@@ -161,7 +203,7 @@ def quantized_linear(graph: ModelGraph, index: int) -> QuantizedLinear | None:
     node = graph.nodes[index]
     if key in (("", "QLinearConv"), ("", "ConvInteger")):
         slot = 3 if key[1] == "QLinearConv" else 1
-        weight = _integer_constant(graph, _input(graph, index, slot))
+        weight = _weight_value(graph, index, slot) if key[1] == "ConvInteger" else _integer_constant(graph, _input(graph, index, slot))
         if weight is None or weight.ndim < 3:
             return None
         if key[1] == "ConvInteger" and _integer_scale(graph, index) is None:
@@ -170,7 +212,7 @@ def quantized_linear(graph: ModelGraph, index: int) -> QuantizedLinear | None:
         return QuantizedLinear("conv", slot, shape, shape, None, (int(node_attribute(node, "group", 1)),))
     if key in (("", "QLinearMatMul"), ("", "MatMulInteger")):
         slot = 3 if key[1] == "QLinearMatMul" else 1
-        weight = _integer_constant(graph, _input(graph, index, slot))
+        weight = _weight_value(graph, index, slot) if key[1] == "MatMulInteger" else _integer_constant(graph, _input(graph, index, slot))
         activation = 0
         if weight is None or weight.ndim != 2 or _integer_constant(graph, _input(graph, index, activation)) is not None:
             return None
@@ -370,6 +412,10 @@ def read_quantized(graph: ModelGraph, index: int, slot: int) -> Approx | None:
         error bound; None when it is not one of the forms this module reads.
     """
     key = _key(graph, index)
+    if key in (("", "MatMulInteger"), ("", "ConvInteger")) and slot == 1:
+        source = _runtime_weight(graph, _input(graph, index, 1))
+        if source is not None:  # quantized at run time: the stored float weight is what it stands for
+            return read_constant(graph, source) if _integer_scale(graph, index) is not None else None
     raw = _integer_constant(graph, _input(graph, index, slot))
     if raw is None or raw.ndim == 0:
         return None

@@ -45,6 +45,7 @@ import onnx
 
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._resync._nchwc_forms import blocked_conv, is_reorder, read_blocked
 from onnxlady._resync._quantized_forms import (
     quantized_bias,
     quantized_channel_op,
@@ -55,7 +56,17 @@ from onnxlady._resync._quantized_forms import (
 )
 from onnxlady._resync._values import Approx, nbits_layout, read_constant, read_nbits
 
-__all__ = ["Operand", "Site", "activation_rounding", "find_sites", "place_operand", "post_affine", "read_operand", "site_operand_axis"]
+__all__ = [
+    "Operand",
+    "Site",
+    "activation_rounding",
+    "find_sites",
+    "place_operand",
+    "post_affine",
+    "read_operand",
+    "site_operand_axis",
+    "stored_operand",
+]
 
 MICROSOFT = "com.microsoft"
 _STANDARD = ("", "ai.onnx")
@@ -106,6 +117,10 @@ class Operand:
     #: Integers of ONNX Runtime's QOperator or dynamic form, read dequantized by their node
     #: (:func:`~onnxlady._resync._quantized_forms.read_quantized`).
     quantized: bool = False
+    #: A weight or bias of ONNX Runtime's NCHWc layout, read un-blocked and cut to the true
+    #: channels by its node (:func:`~onnxlady._resync._nchwc_forms.read_blocked`); no canonical
+    #: axis is one axis of what is stored.
+    blocked: bool = False
 
     @property
     def size(self) -> int:
@@ -122,6 +137,8 @@ class Operand:
         """The axis of the value as read that canonical axis ``canonical_axis`` is, if one is."""
         if self.nbits:
             return 0 if canonical_axis == 0 else None
+        if self.blocked:
+            return None
         cut = self._cut_shape()
         moved = tuple(cut[a] for a in self.axes) if self.axes is not None else cut
         if moved == self.shape:
@@ -197,7 +214,12 @@ def read_operand(graph: ModelGraph, operand: Operand) -> Approx | None:
         n, k = operand.read_shape[0], operand.shape[1]
         return Approx(full.value.reshape(n, -1)[rows, :k], full.error.reshape(n, -1)[rows, :k])
     name = graph.nodes[operand.node].input[operand.slot]
-    full = read_quantized(graph, operand.node, operand.slot) if operand.quantized else read_constant(graph, name)
+    if operand.quantized:
+        full = read_quantized(graph, operand.node, operand.slot)
+    elif operand.blocked:
+        full = read_blocked(graph, operand.node, operand.slot)
+    else:
+        full = read_constant(graph, name)
     if full is None or full.value.shape != operand.read_shape:
         return None
     value, error = full.value, np.broadcast_to(full.error, full.value.shape)
@@ -252,17 +274,50 @@ def place_operand(operand: Operand, canonical: Approx, value: np.ndarray, error:
         value[rows] = padded_value.reshape((count, *operand.read_shape[1:]))
         error[rows] = padded_error.reshape((count, *operand.read_shape[1:]))
         return
-    cut = operand._cut_shape()
-    if operand.axes is not None:
-        part = part.reshaped(tuple(cut[a] for a in operand.axes)).transposed(tuple(np.argsort(operand.axes)))
-    else:
-        part = part.reshaped(cut)
+    part = _stored_layout(operand, part)
     index: list[slice] = [slice(None)] * len(operand.read_shape)
     if operand.block is not None:
         axis, start, stop = operand.block
         index[axis] = slice(start, stop)
     value[tuple(index)] = part.value
     error[tuple(index)] = part.error
+
+
+def _stored_layout(operand: Operand, part: Approx) -> Approx:
+    """A canonical value (its factor already undone) in the operand's stored axes (its cut shape)."""
+    cut = operand._cut_shape()
+    if operand.axes is not None:
+        return part.reshaped(tuple(cut[a] for a in operand.axes)).transposed(tuple(np.argsort(operand.axes)))
+    return part.reshaped(cut)
+
+
+def stored_operand(operand: Operand, canonical: Approx) -> Approx | None:
+    """A canonical value as the operand stores it, when it fills all of what its node reads.
+
+    What :func:`place_operand` writes into zeroed arrays of ``operand.read_shape``, without
+    them: the same numbers, as writable C-contiguous float64 arrays (the zeroed arrays and
+    their filling cost seconds on a 100 MB model). ``canonical`` must be what
+    :func:`read_operand` read (or computed from it): its arrays are fresh, owned by no model
+    (see :func:`~onnxlady._resync._values.read_constant`), so where they already are in the
+    stored layout they are returned as they are, not copied. None for an operand that fills
+    only a block of what is read, or a packed ``MatMulNBits`` weight (use :func:`place_operand`).
+    """
+    if operand.nbits or operand.block is not None:
+        return None
+    part = canonical.scaled(1.0 / operand.factor) if operand.factor != 1.0 else canonical  # ruff: ignore[float-equality-comparison] - exactly 1: no scaling to undo
+    part = _stored_layout(operand, part)
+    if part.value.shape != operand.read_shape:
+        return None
+    if operand.quantized or operand.blocked:  # read by their own readers: copied, whatever those keep
+        return Approx(np.array(part.value, dtype=np.float64, order="C"), np.array(part.error, dtype=np.float64, order="C"))
+    return Approx(_writable(part.value), _writable(part.error))
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """``array`` as a writable C-contiguous float64 array: itself when it is one, else a copy."""
+    if array.dtype == np.float64 and array.flags.c_contiguous and array.flags.writeable:
+        return array
+    return np.array(array, dtype=np.float64, order="C")
 
 
 def site_operand_axis(graph: ModelGraph, operand: Operand, canonical_axis: int) -> tuple[int, slice] | None:
@@ -313,7 +368,7 @@ def _single_consumer(graph: ModelGraph, name: str, accept: tuple[str, ...]) -> t
         if rounded is not None:
             name = rounded
             continue
-        if slot != 0 or node.op_type not in _TYPE_ONLY_OPS or len(node.output) != 1:
+        if slot != 0 or not (node.op_type in _TYPE_ONLY_OPS or is_reorder(node)) or len(node.output) != 1:
             return None
         name = node.output[0]
 
@@ -386,6 +441,9 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
         if shape is None or len(shape) < 3:
             return None
         return _Linear("conv", Operand("weight", index, 1, shape, shape), (int(node_attribute(node, "group", 1)),))
+    blocked = blocked_conv(graph, index)  # ONNX Runtime's NCHWc layout (ORT_ENABLE_ALL on x86)
+    if blocked is not None:
+        return _Linear("conv", Operand("weight", index, 1, blocked.shape, blocked.shape, blocked=True), (blocked.group,))
     if op == "ConvTranspose" and domain in _STANDARD:
         shape = _shape(graph, weight_name)
         if shape is None or len(shape) < 3 or int(node_attribute(node, "group", 1)) != 1:
@@ -463,6 +521,9 @@ def _transposed_weight(graph: ModelGraph, index: int) -> Operand | None:
 def _own_bias(graph: ModelGraph, index: int, size: int) -> Operand | None:
     node = graph.nodes[index]
     op = node.op_type
+    if blocked_conv(graph, index) is not None:
+        present = len(node.input) > 2 and bool(node.input[2])
+        return Operand("bias", index, 2, (size,), (size,), blocked=True) if present else None
     if op in ("Conv", "FusedConv", "ConvTranspose"):
         return _vector_operand(graph, index, 2, size, "bias")
     if op in ("Gemm", "FusedGemm"):
@@ -853,16 +914,42 @@ def _generic_site(
     return [Site(index, 0, "other", token, tuple(operands), (node.op_type,), index, weighs=weighs)]
 
 
-def _channel_op_site(graph: ModelGraph, index: int) -> list[Site] | None:
+def _channel_op_site(graph: ModelGraph, index: int, computed: set[str] | None = None) -> list[Site] | None:
     """Mul, Add or Sub of a computed tensor and a per-channel constant: a scale or a shift."""
     node = graph.nodes[index]
     if (node.domain or "") not in _STANDARD or node.op_type not in ("Mul", "Add", "Sub") or len(node.input) != 2:
         return None
     constant = [slot for slot, name in enumerate(node.input) if _float_constant(graph, name)]
+    if not constant and computed:
+        return _folded_channel_site(graph, index, computed)
     if len(constant) != 1 or (node.op_type == "Sub" and constant[0] != 1):
         return None
     role = "scale" if node.op_type == "Mul" else "shift"
     return _vector_site(graph, index, constant[0], role, 0, -1.0 if node.op_type == "Sub" else 1.0) or None
+
+
+def _folded_channel_site(graph: ModelGraph, index: int, computed: set[str]) -> list[Site] | None:
+    """A Mul, Add or Sub by a channel vector computed from constants alone: a scale or shift that does not weigh.
+
+    ConViT's gating ``1 - sigmoid(gating_param)``: ONNX Runtime and the simplifiers fold it into
+    a stored vector, which the other model then reads as a scale. Here it is the same site, so
+    the two pair; its values are not read, and it counts neither for nor against the match
+    (like a layer computed from constants alone).
+    """
+    node = graph.nodes[index]
+    slots = [slot for slot, name in enumerate(node.input) if name in computed and graph.dtypes.get(name) in _FLOAT_TYPES]
+    if len(slots) != 1 or (node.op_type == "Sub" and slots[0] != 1):
+        return None
+    shape = graph.shape(node.input[slots[0]])
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    dims = tuple(int(d) for d in shape)  # type: ignore[arg-type]
+    wide = [d for d in dims if d != 1]
+    if len(wide) != 1 or wide[0] < 2:
+        return None
+    role = "scale" if node.op_type == "Mul" else "shift"
+    operand = Operand(role, index, slots[0], dims, (wide[0],), factor=-1.0 if node.op_type == "Sub" else 1.0)
+    return [Site(index, 0, role, (role, wide[0]), (operand,), (node.op_type,), index, weighs=False)]
 
 
 def _live_nodes(graph: ModelGraph) -> set[int]:
@@ -947,7 +1034,7 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
             else:
                 found = _generic_site(graph, index, computed, planned, claimed)
         else:
-            channel = _channel_op_site(graph, index)
+            channel = _channel_op_site(graph, index, computed)
             integer = quantized_channel_op(graph, index) if channel is None else None
             if integer is not None:  # QOperator's QLinearMul / QLinearAdd of an integer channel vector
                 role, slot, shape, size = integer

@@ -129,9 +129,13 @@ class GroupResync:
 
 @dataclass
 class ResyncResult:
-    """The re-synchronized suspect, the recovered key and per-group statistics."""
+    """The re-synchronized suspect, the recovered key and per-group statistics.
 
-    model: onnx.ModelProto
+    The suspect re-ordered is :attr:`model`. A twin's is not built until asked for: it is the
+    suspect with new bytes for the tensors that move (:attr:`unbuilt`), which a streaming
+    writer writes as they are (no copy of a large model is ever made just to be saved).
+    """
+
     key: PermutationKey
     groups: list[GroupResync]
     method: str
@@ -140,6 +144,25 @@ class ResyncResult:
     psi_distinguishable: float | None
     #: Set when the suspect was matched across conversions (see :mod:`onnxlady._resync._across`).
     across: Any = None
+    #: The re-ordered suspect, once built (see :attr:`model`).
+    built: onnx.ModelProto | None = field(default=None, repr=False)
+    #: Until it is built: the suspect (never changed) and the new ``raw_data`` of each
+    #: initializer that moves, by name.
+    unbuilt: tuple[onnx.ModelProto, dict[str, bytes | memoryview]] | None = field(default=None, repr=False)
+    #: Builds the model from :attr:`unbuilt` (a copy of the suspect with those bytes).
+    builder: Callable[[onnx.ModelProto, dict[str, bytes | memoryview]], onnx.ModelProto] | None = field(
+        default=None, repr=False
+    )
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The suspect with its neurons in the reference's order (built on first use)."""
+        if self.built is None:
+            if self.unbuilt is None or self.builder is None:
+                raise ValueError("a ResyncResult holds neither its model nor what builds it")
+            self.built = self.builder(*self.unbuilt)
+            self.unbuilt = None
+        return self.built
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (the model and the key are written separately)."""

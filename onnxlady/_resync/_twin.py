@@ -21,7 +21,7 @@ import onnx
 from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph, node_label
-from onnxlady._io._tensors import FloatConstants, tensor_holders
+from onnxlady._io._tensors import FloatConstants, is_external, tensor_holders
 from onnxlady._resync._solver import (
     PsiTally,
     ResyncOptions,
@@ -35,7 +35,7 @@ from onnxlady._resync._solver import (
     true_permutations,
 )
 from onnxlady._transforms._key import PermutationKey, expr_to_tree, graph_fingerprint
-from onnxlady._transforms._permute import SourceDigest, _permute_tensor
+from onnxlady._transforms._permute import _PACKED_TYPES, SourceDigest, _element_dtype, _permute_tensor, _take_axes
 
 __all__ = ["NotATwin", "resync_twin", "twin_leaves"]
 
@@ -132,16 +132,33 @@ class _SuspectMap:
 # -- output -----------------------------------------------------------------------------------
 def _write_output(
     state: ResyncState, suspect: onnx.ModelProto, leaves: list[list[str]]
-) -> tuple[onnx.ModelProto, PermutationKey]:
-    """The suspect with its elements moved into the reference's order, and the key that does it."""
+) -> tuple[onnx.ModelProto | None, dict[str, bytes | memoryview], PermutationKey]:
+    """The suspect with its elements moved into the reference's order, and the key that does it.
+
+    Returns ``(model, overrides, key)``. Where every moved tensor is an initializer whose
+    elements are stored in ``raw_data`` (nearly always), ``model`` is None and ``overrides``
+    maps each moved tensor to its new ``raw_data``: the output is the suspect with those bytes,
+    which a streaming writer writes without any copy of the model being built (see
+    :func:`build_output` for the model itself). Otherwise ``model`` is that copy, built here.
+    """
     analysis = state.analysis
     by_leaf: dict[str, list[int]] = {}
     for number, names in enumerate(leaves):
         for name in names:
             by_leaf.setdefault(name, []).append(number)
     fresh = _fresh_initializers(state, suspect, by_leaf, leaves)
-    output = _copy_model(suspect, fresh)
-    holders = tensor_holders(output)
+    initializers = {tensor.name for tensor in suspect.graph.initializer}
+    holders = tensor_holders(suspect)
+    streamed = all(
+        name in initializers
+        and holders[name].HasField("raw_data")
+        and not is_external(holders[name])
+        and holders[name].data_type not in _PACKED_TYPES  # refused by _permute_tensor, on the other path
+        for name in by_leaf
+    )
+    output = None if streamed else _copy_model(suspect, {name: array.data.cast("B") for name, array in fresh.items()})
+    output_holders = tensor_holders(output) if output is not None else holders
+    overrides: dict[str, bytes | memoryview] = {}
     fingerprint = graph_fingerprint(suspect)
     group_ids = {g.root: g.id for g in state.order}
     digest = SourceDigest()  # what unpermute_model checks its result against
@@ -153,8 +170,11 @@ def _write_output(
             after = fresh[name].data.cast("B")  # hashed as it is: no bytes copy
         else:
             axes = [(axis, analysis.index_array(expr, state.match)) for axis, expr in plan.axes]
-            _check_shared(holders[name], axes, [analysis.tensors[p] for p in plans[1:]], state)
-            _, after = _permute_tensor(holders[name], axes)
+            _check_shared(output_holders[name], axes, [analysis.tensors[p] for p in plans[1:]], state)
+            # Permuted in the copy when there is one; else into new bytes, the suspect untouched.
+            after = _permute_tensor(output_holders[name], axes)[1] if output is not None else _moved_bytes(holders[name], axes)
+        if output is None:
+            overrides[name] = after
         if digest.expect(name):
             digest.add(name, after)
         trees = [
@@ -178,7 +198,20 @@ def _write_output(
             }
         },
     )
-    return output, key
+    return output, overrides, key
+
+
+def _moved_bytes(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> bytes:
+    """The ``raw_data`` that :func:`_permute_tensor` would store in ``tensor``, which is left as it is."""
+    raw = tensor.raw_data
+    dims = tuple(int(d) for d in tensor.dims)
+    itemsize = len(raw) // max(1, int(np.prod(dims)))
+    return _take_axes(np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims), axes).tobytes()
+
+
+def build_output(suspect: onnx.ModelProto, overrides: dict[str, bytes | memoryview]) -> onnx.ModelProto:
+    """The output model itself: a copy of the suspect whose ``overrides`` tensors hold those bytes."""
+    return _copy_model(suspect, overrides)
 
 
 def _fresh_initializers(
@@ -210,8 +243,8 @@ def _fresh_initializers(
     return fresh
 
 
-def _copy_model(model: onnx.ModelProto, fresh: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers named in ``fresh`` hold those arrays' bytes instead.
+def _copy_model(model: onnx.ModelProto, fresh: dict[str, bytes | memoryview]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``fresh`` hold those bytes instead.
 
     Their old bytes are never copied, and each new tensor's bytes exist twice only while it
     is stored (protobuf copies what it is given).
@@ -223,7 +256,7 @@ def _copy_model(model: onnx.ModelProto, fresh: dict[str, np.ndarray]) -> onnx.Mo
         target = output.graph.initializer.add()
         if tensor.name in fresh:
             _copy_fields(tensor, target, skip="raw_data")
-            target.raw_data = fresh[tensor.name].tobytes()
+            target.raw_data = bytes(fresh[tensor.name])
         else:
             target.CopyFrom(tensor)
     return output
@@ -318,9 +351,11 @@ def resync_twin(
     tally = PsiTally()
     groups = [group_report(state, group, tally, true_perms.get(group.id)) for group in order]
     say(progress, "resync: writing the re-ordered suspect")
-    model, key = _write_output(state, suspect, leaves)
+    model, overrides, key = _write_output(state, suspect, leaves)
     return ResyncResult(
-        model=model,
+        built=model,
+        unbuilt=(suspect, overrides) if model is None else None,
+        builder=build_output,
         key=key,
         groups=groups,
         method=options.method,

@@ -108,7 +108,8 @@ def read_constant(graph: ModelGraph, name: str) -> Approx | None:
 
     Returns:
         The value through its chain (casts, reshapes, dequantization) in float64 and the bound,
-        or None when ``name`` is computed or its values cannot be read as numbers.
+        or None when ``name`` is computed or its values cannot be read as numbers. The value
+        is a fresh array, shared with nothing.
     """
     leaf = graph.constant_leaf(name) if name else None
     if leaf is None:
@@ -127,7 +128,9 @@ def read_constant(graph: ModelGraph, name: str) -> Approx | None:
         out = graph.constant_value(node.output[0])
         if out is None:
             return None
-        out64 = np.asarray(out, dtype=np.float64)
+        # A copy even where the value already is float64: what is returned is owned by no
+        # model's cache, so callers may hand it on without copying it (see stored_operand).
+        out64 = np.array(out, dtype=np.float64)
         op = node.op_type
         if op == "DequantizeLinear":
             scale = graph.constant_value(node.input[1])

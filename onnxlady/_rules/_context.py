@@ -100,6 +100,9 @@ class RuleContext:
         self.solver = state.solver
         self.index = index
         self.node: onnx.NodeProto = state.graph.nodes[index]
+        # Read once: a rule asks for its inputs a dozen times, and each protobuf read makes new strings.
+        self._inputs: tuple[str, ...] = tuple(self.node.input)
+        self._outputs: tuple[str, ...] = tuple(self.node.output)
         self.op_type = self.node.op_type
         self.label = node_label(self.node, index)
         self.opset = state.graph.opsets.get(self.node.domain or "", state.graph.opsets.get("", 1))
@@ -117,18 +120,18 @@ class RuleContext:
 
     @property
     def num_inputs(self) -> int:
-        return len(self.node.input)
+        return len(self._inputs)
 
     @property
     def num_outputs(self) -> int:
-        return len(self.node.output)
+        return len(self._outputs)
 
     def input(self, slot: int) -> str:
         """Name of input ``slot`` ('' when absent or optional and empty)."""
-        return self.node.input[slot] if slot < len(self.node.input) else ""
+        return self._inputs[slot] if slot < len(self._inputs) else ""
 
     def output(self, slot: int) -> str:
-        return self.node.output[slot] if slot < len(self.node.output) else ""
+        return self._outputs[slot] if slot < len(self._outputs) else ""
 
     def output_used(self, slot: int) -> bool:
         name = self.output(slot)

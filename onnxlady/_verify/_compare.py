@@ -34,10 +34,12 @@ from onnxlady._verify._feed_stream import FeedStream, reference_failure
 from onnxlady._verify._feeds import load_input_file, script_feeds
 from onnxlady._verify._inputs import check_range, generate_inputs, parse_value_ranges, plan_inputs
 from onnxlady._verify._models import GraphIndex, ModelLike, check_interfaces, describe, load_graph
+from onnxlady._verify._noise_floor import judge_with_noise, measure_reference_noise
 from onnxlady._verify._report import InputRecord, OutputComparison, VerifyReport
 from onnxlady._verify._session import CPU, CUDA, PROVIDERS, create_session, first_line, run_session
 from onnxlady._verify._session import _model_source as _session_source
 from onnxlady._verify._shapes import parse_shape_overrides
+from onnxlady._verify._state_loop import StateLoop, next_feed, plan_state_loop
 from onnxlady._verify._stats import DEGENERATE_THRESHOLD, Accumulator
 
 __all__ = [
@@ -293,6 +295,25 @@ def _decode(
     return None
 
 
+def _loop_state(
+    sessions: tuple[tuple[Any, str], tuple[Any, str]],
+    fetch: _Fetch,
+    feed: dict[str, np.ndarray],
+    stream: FeedStream,
+    loop: StateLoop,
+    first: tuple[list[Any], list[Any]],
+    tolerances: tuple[float, float],
+) -> None:
+    """The steps after the first of a state loop: each model reads back the state it wrote."""
+    ref_out, cand_out = first
+    for _ in range(loop.steps - 1):
+        ref_next = next_feed(loop, feed, dict(zip(fetch.ref, ref_out)))
+        cand_next = next_feed(loop, feed, dict(zip(fetch.cand, cand_out)))
+        if ref_next is None or cand_next is None:  # a state of another shape: nothing to feed back
+            return
+        ref_out, cand_out = _run_step(sessions, fetch, (ref_next, cand_next), stream, {}, tolerances)
+
+
 def verify_models(
     reference: ModelLike,
     candidate: ModelLike,
@@ -412,11 +433,15 @@ def verify_models(
     # Generated feeds of a model with a KV cache run as two decoding steps (see _decoding).
     generated = load_inputs is None and data_loader_script is None
     decoding = plan_decoding(ref_graph, [plan.name for plan in plans]) if generated else None
-    decoding_notes: list[str] = []
+    # Fixed-shape recurrent state (a streaming model's state -> stateN): a loop of steps (see _state_loop).
+    loop = plan_state_loop(ref_graph, [plan.name for plan in plans]) if generated and decoding is None else None
+    decoding_notes: list[str] = [loop.describe()] if loop is not None else []
     sessions = ((ref_session, ref_name), (cand_session, cand_name))
     tolerances = (atol, rtol)
     count = 0
     first_shapes: dict[str, tuple[int, ...]] = {}
+    first_feed: dict[str, np.ndarray] | None = None  # kept: the reference's noise floor is measured on it
+    first_outputs: dict[str, Any] = {}
     for feed in _inputs_or_not_run(stream):
         count += 1
         first_shapes = first_shapes or {name: tuple(int(d) for d in array.shape) for name, array in feed.items()}
@@ -429,7 +454,11 @@ def verify_models(
                 decoding_notes = [why + "; each feed ran as one step with the generated cache"]
                 decoding = None
         if decoding is None or tokens is None:
-            _run_step(sessions, fetch, (feed, feed), feeds, {}, tolerances)
+            ref_out, cand_out = _run_step(sessions, fetch, (feed, feed), feeds, {}, tolerances)
+            if first_feed is None:
+                first_feed, first_outputs = feed, dict(zip(fetch.ref, ref_out))
+            if loop is not None:
+                _loop_state(sessions, fetch, feed, feeds, loop, (ref_out, cand_out), tolerances)
         if progress is not None and feeds.given_by is None and callable(getattr(progress, "update", None)):
             advance(progress, "verify: comparing outputs", count, iterations)  # a bar: the count is known
         elif progress is not None:
@@ -442,6 +471,14 @@ def verify_models(
     compared = tuple(a.result() for a in outputs)
     squashed = tuple(a.result() for a in squash_inputs)
     verdict, reasons, judged = judge(compared, squashed)
+    if verdict == NOT_EQUIVALENT and first_feed is not None:
+        noise = measure_reference_noise(
+            reference, ref_session, provider_used, ref_name, fetch.ref, fetch.ref[output_count:], first_outputs, first_feed
+        )
+        rejudged = judge_with_noise(compared, squashed, noise) if noise is not None else None
+        if rejudged is not None:
+            verdict, reasons, noise_notes = rejudged
+            judged = tuple(judged) + noise_notes
     return VerifyReport(
         provider_requested=provider,
         provider_used=provider_used,

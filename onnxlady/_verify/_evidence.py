@@ -137,14 +137,14 @@ def judge(
                 f"judged on the input of its {stand_in.op}, {stand_in.name!r}, which carries signal"
             )
             continue
-        reasons.append(f"{_label(out)} {out.name!r}: {out.degenerate}")
+        reasons.append(f"{tensor_label(out)} {out.name!r}: {out.degenerate}")
     for tensor in squash_inputs:
         if tensor.degenerate is not None:
-            reasons.append(f"{_label(tensor)} {tensor.name!r}: {tensor.degenerate}")
+            reasons.append(f"{tensor_label(tensor)} {tensor.name!r}: {tensor.degenerate}")
     return (INCONCLUSIVE if reasons else EQUIVALENT), tuple(reasons), tuple(notes)
 
 
-def _label(comparison: OutputComparison) -> str:
+def tensor_label(comparison: OutputComparison) -> str:
     if comparison.kind == "squash-input":
         return f"input of the {comparison.op} making {comparison.stands_for!r},"
     return "added tensor" if comparison.kind == "added" else "output"
@@ -152,7 +152,7 @@ def _label(comparison: OutputComparison) -> str:
 
 def _failure(comparison: OutputComparison) -> str:
     return (
-        f"{_label(comparison)} {comparison.name!r}: {comparison.mismatched_elements} of "
+        f"{tensor_label(comparison)} {comparison.name!r}: {comparison.mismatched_elements} of "
         f"{comparison.total_elements} elements differ (max abs error {comparison.max_abs_error:.3g}, "
         f"max rel error {comparison.max_rel_error:.3g})"
     )

@@ -70,9 +70,9 @@ def load_graph(model: ModelLike, name: str) -> onnx.ModelProto:
         loaded = read_graph(path).model
     except Exception as exc:  # DecodeError, OSError, ValueError...: the file is not an ONNX model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise OnnxladyError(f"{name} is not a readable ONNX model: {first}") from exc
+        raise OnnxladyError(f"{name}: not an ONNX model (protobuf parse failed: {first})") from exc
     if not loaded.HasField("graph"):
-        raise OnnxladyError(f"{name} is not an ONNX model (it holds no graph)")
+        raise OnnxladyError(f"{name}: not an ONNX model (no graph)")
     return loaded
 
 

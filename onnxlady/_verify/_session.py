@@ -64,10 +64,12 @@ def first_line(exc: BaseException) -> str:
     return re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*", "", lines[0]) or lines[0]
 
 
-def _session_options(external_folder: str | None = None) -> Any:
+def _session_options(external_folder: str | None = None, optimize: bool = True) -> Any:
     options = ort.SessionOptions()
     options.log_severity_level = _SESSION_LOG_SEVERITY
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     if external_folder is not None:
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, external_folder)
     return options
@@ -203,10 +205,14 @@ def _model_source(model: ModelLike, name: str, extra_outputs: Sequence[str] = ()
     return with_graph_outputs(stored, list(extra_outputs)), str(path.resolve().parent)
 
 
-def _new_session(source: str | bytes, providers: list[Any], name: str, external_folder: str | None) -> Any:
+def _new_session(
+    source: str | bytes, providers: list[Any], name: str, external_folder: str | None, optimize: bool = True
+) -> Any:
     try:
-        return ort.InferenceSession(source, _session_options(external_folder), providers=providers)
+        return ort.InferenceSession(source, _session_options(external_folder, optimize), providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types (Fail, InvalidGraph, ...)
+        if not optimize:
+            raise OnnxladyError(f"ONNX Runtime cannot run {name}: {first_line(exc)}") from exc
         # ONNX Runtime (1.31) cannot re-optimize some models its own offline optimizer wrote ("Attempt
         # to replace the existing tensor" at ORT_ENABLE_ALL): its optimizations keep the function,
         # so the model is run with the basic ones only.
@@ -219,7 +225,12 @@ def _new_session(source: str | bytes, providers: list[Any], name: str, external_
 
 
 def create_session(
-    model: ModelLike, provider: str = "auto", *, name: str | None = None, extra_outputs: Sequence[str] = ()
+    model: ModelLike,
+    provider: str = "auto",
+    *,
+    name: str | None = None,
+    extra_outputs: Sequence[str] = (),
+    optimize: bool = True,
 ) -> tuple[Any, str, str | None]:
     """Open an ONNX Runtime session on ``model`` with the requested execution provider.
 
@@ -230,6 +241,8 @@ def create_session(
             loads here, else the CPU).
         name: Labels the model in messages.
         extra_outputs: Intermediate tensors the session also returns, after the graph outputs.
+        optimize: ONNX Runtime's graph optimizations on (all of them, the default) or off; off
+            gives the same function with other kernels and roundings (the reference's noise floor).
 
     Returns:
         ``(session, provider_used, fallback_reason)``; ``fallback_reason`` says why ``"auto"``
@@ -245,18 +258,18 @@ def create_session(
     source, folder = _model_source(model, label, extra_outputs)
     ort.set_default_logger_severity(_ORT_LOG_SEVERITY)
     if provider == "cpu":
-        return _new_session(source, [CPU], label, folder), CPU, None
+        return _new_session(source, [CPU], label, folder, optimize), CPU, None
 
     loaded, reason = probe_cuda()
     if loaded:
-        session = _new_session(source, [(CUDA, _CUDA_OPTIONS), CPU], label, folder)
+        session = _new_session(source, [(CUDA, _CUDA_OPTIONS), CPU], label, folder, optimize)
         if session.get_providers()[:1] == [CUDA]:
             return session, CUDA, None
         reason = f"it did not load for {label} (session providers: {', '.join(session.get_providers())})"
     if provider == "cuda":
         raise OnnxladyError(f"CUDA execution provider could not be loaded: {reason}")
     fallback = f"{CUDA} not available: {reason}"
-    return _new_session(source, [CPU], label, folder), CPU, fallback
+    return _new_session(source, [CPU], label, folder, optimize), CPU, fallback
 
 
 def to_ort_feed(array: np.ndarray) -> Any:

@@ -22,7 +22,7 @@ DEGENERATE_THRESHOLD: float = 1e-6
 _TINY: float = float(np.finfo(np.float32).tiny)
 
 
-def _within(diff: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> np.ndarray:
+def within_tolerance(diff: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> np.ndarray:
     """Where a difference passes the element check: within atol, or within rtol of the reference."""
     return (diff <= atol) | (diff <= rtol * np.abs(reference))
 
@@ -93,7 +93,7 @@ class Accumulator:
             if self.saturated:
                 near = np.zeros(finite_values.shape, dtype=bool)
                 for bound in self.bounds:
-                    near |= _within(np.abs(finite_values - bound), finite_values, atol, rtol)
+                    near |= within_tolerance(np.abs(finite_values - bound), finite_values, atol, rtol)
                 self.saturated = bool(near.all())
 
         # Non-finite values: equal only when the same non-finite value sits at the same place.
@@ -105,7 +105,7 @@ class Accumulator:
         if exact:
             failed = int(np.count_nonzero(a != b))
         else:
-            failed = int(np.count_nonzero(~_within(diff, b64[both_finite], atol, rtol))) + nonfinite_mismatch
+            failed = int(np.count_nonzero(~within_tolerance(diff, b64[both_finite], atol, rtol))) + nonfinite_mismatch
         self.mismatched += failed
         if diff.size:
             rel = diff / np.maximum(np.abs(b64[both_finite]), _TINY)

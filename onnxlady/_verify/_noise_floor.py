@@ -1,0 +1,157 @@
+"""The reference's own rounding noise: when a failed element is no evidence of a difference.
+
+A permutation re-orders sums, and re-ordered sums round differently. In a well-conditioned
+model that moves the outputs far below the tolerance; in an ill-conditioned one it does not:
+LeViT-128S (timm) moves its outputs (up to 36) by 0.07 when its input moves by one float32
+ulp, and by 0.11 between two of ONNX Runtime's optimisation levels, both above the default
+tolerance. A correctly permuted copy then "fails" by 0.1, a wrong one by 34.
+
+So before calling a pair not equivalent, verify measures how far the reference moves from
+itself when only its rounding changes, on the first feed: run with ONNX Runtime's graph
+optimizations off (other kernels and fusions, the same function), and run on its floating-point
+inputs moved by one unit in the last place (what one rounding upstream does; a chaotic model
+doubles it at every step). A failing tensor whose largest error is within that noise is
+rounding: judged as passed, with a note (torchvision's LR-ASPP: 1 of 81,920 elements 1.2e-4
+off, where the reference alone moves by 1.7e-4). Within :data:`NOISE_MARGIN` times it, the
+check cannot decide: ``inconclusive``, with the noise measured. A wrong permutation moves
+outputs by orders of magnitude more (LeViT: 34 against a noise of 0.12) and stays
+``not-equivalent``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from onnxlady._verify._evidence import INCONCLUSIVE, judge, tensor_label
+from onnxlady._verify._models import ModelLike
+from onnxlady._verify._report import OutputComparison
+from onnxlady._verify._session import create_session, run_session
+
+__all__ = ["NOISE_MARGIN", "ReferenceNoise", "judge_with_noise", "measure_reference_noise"]
+
+#: A failing tensor whose largest error is at most this many times the reference's own noise
+#: (the largest change of that tensor between two optimisation levels) is not evidence.
+NOISE_MARGIN: float = 4.0
+
+
+@dataclass(frozen=True)
+class ReferenceNoise:
+    """Per compared floating-point tensor: how far the reference moves from itself (largest absolute change)."""
+
+    max_abs: dict[str, float]
+
+
+def measure_reference_noise(
+    reference: ModelLike,
+    session: Any,
+    provider: str,
+    name: str,
+    fetched: Sequence[str],
+    extra: Sequence[str],
+    outputs: Mapping[str, Any],
+    feed: Mapping[str, np.ndarray],
+) -> ReferenceNoise | None:
+    """How far the reference moves from its ``outputs`` on ``feed`` when only its rounding changes.
+
+    Two runs: the reference with ONNX Runtime's graph optimizations off, and the optimised
+    session on the feed's floating-point inputs moved by one unit in the last place.
+
+    Args:
+        reference: The reference model, as verify was given it.
+        session: Verify's (optimised) session of the reference.
+        provider: The execution provider verify ran on (``"cpu"`` or ``"cuda"``).
+        name: Labels the model in messages.
+        fetched: The names of the tensors the optimised session returned, in order.
+        extra: The intermediate tensors among them (after the graph outputs).
+        outputs: The optimised session's values of ``fetched`` on ``feed``, by name.
+        feed: The feed both ran on.
+
+    Returns:
+        The noise per floating-point tensor (the larger of the two runs), or None when neither
+        run could be made (then nothing is known and the verdict stands).
+    """
+    runs: list[list[Any]] = []
+    with contextlib.suppress(Exception):  # OnnxladyError or ORT's own exception types: this run says nothing
+        unoptimised, _, _ = create_session(
+            reference, "cpu" if provider == "CPUExecutionProvider" else "cuda", name=name, extra_outputs=extra,
+            optimize=False,
+        )  # fmt: skip
+        runs.append(run_session(unoptimised, feed))
+    jittered = {
+        key: np.nextafter(value, np.inf).astype(value.dtype) if np.issubdtype(value.dtype, np.floating) else value
+        for key, value in feed.items()
+    }
+    if any(np.issubdtype(value.dtype, np.floating) and value.size for value in feed.values()):
+        with contextlib.suppress(Exception):  # ORT's own exception types: this run says nothing
+            runs.append(run_session(session, jittered))
+    if not runs:
+        return None
+    noise: dict[str, float] = {}
+    for values in runs:
+        for tensor, value in zip(fetched, values):
+            optimised = np.asarray(outputs[tensor])
+            other = np.asarray(value)
+            if optimised.shape != other.shape or not np.issubdtype(optimised.dtype, np.floating):
+                continue
+            a, b = optimised.astype(np.float64), other.astype(np.float64)
+            finite = np.isfinite(a) & np.isfinite(b)
+            if not finite.any():
+                continue
+            diff = np.abs(a[finite] - b[finite])
+            noise[tensor] = max(noise.get(tensor, 0.0), float(diff.max()))
+    return ReferenceNoise(noise)
+
+
+def judge_with_noise(
+    compared: Sequence[OutputComparison], squashed: Sequence[OutputComparison], noise: ReferenceNoise
+) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
+    """The verdict when every failure lies within the reference's own rounding noise, else None.
+
+    A failing tensor whose largest error is at most the reference's noise on it is rounding: it
+    is judged as passed (its evidence still judged), with a note naming the noise. One within
+    :data:`NOISE_MARGIN` times it makes the verdict ``inconclusive``. Any other failure, or a
+    failing tensor with no noise measured (an integer output), leaves ``not-equivalent``.
+
+    Returns:
+        ``(verdict, reasons, notes)`` as :func:`~onnxlady._verify._evidence.judge` gives them.
+    """
+    failed = [c for c in list(compared) + list(squashed) if not c.passed]
+    floors: dict[str, float] = {}
+    for comparison in failed:
+        floor = noise.max_abs.get(comparison.name)
+        if floor is None or floor <= 0.0 or not comparison.max_abs_error <= NOISE_MARGIN * floor:
+            return None
+        floors[comparison.name] = floor
+    if not failed:
+        return None
+    if all(c.max_abs_error <= floors[c.name] for c in failed):
+        def as_passed(c: OutputComparison) -> OutputComparison:
+            return replace(c, passed=True) if c.name in floors else c
+
+        verdict, reasons, notes = judge([as_passed(c) for c in compared], [as_passed(c) for c in squashed])
+        rounding = tuple(
+            f"{tensor_label(c)} {c.name!r}: {c.mismatched_elements} of {c.total_elements} elements beyond the "
+            f"tolerance, by at most {c.max_abs_error:.3g}, and {_moved(floors[c.name])}: judged as rounding"
+            for c in failed
+        )
+        return verdict, reasons, notes + rounding
+    reasons = tuple(
+        f"{tensor_label(c)} {c.name!r}: {c.mismatched_elements} of {c.total_elements} elements differ "
+        f"(max abs error {c.max_abs_error:.3g}), within {NOISE_MARGIN:g} times the rounding noise, and "
+        f"{_moved(floors[c.name])}: this model is too ill-conditioned on these inputs for the tolerances to tell "
+        "a re-ordered sum from a change; give wider atol/rtol or other inputs"
+        for c in failed
+    )
+    return INCONCLUSIVE, reasons, ()
+
+
+def _moved(floor: float) -> str:
+    return (
+        f"the reference alone moves by up to {floor:.3g} when only its rounding changes (graph optimizations off, "
+        "or its inputs moved by one ulp)"
+    )
