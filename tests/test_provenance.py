@@ -67,13 +67,13 @@ def _perturbed(model: onnx.ModelProto, **kwargs: object) -> onnx.ModelProto:
     return copy
 
 
-def _ort_optimized(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+def _ort_optimized(model: onnx.ModelProto, folder: Path, level: str = "ORT_ENABLE_EXTENDED") -> onnx.ModelProto:
     import onnxruntime as ort
 
     source, target = folder / "ort-in.onnx", folder / "ort-out.onnx"
     onnx.save(model, source)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.optimized_model_filepath = str(target)
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     return onnx.load(target)
@@ -184,7 +184,20 @@ DERIVATIONS = {
     "opset21": lambda m, tmp: upgrade_opset(m, 21),
     "ort-extended": lambda m, tmp: _ort_optimized(m, tmp),
     "ort-dynamic-int8": lambda m, tmp: _ort_dynamic(m, tmp),
+    "ort-all": lambda m, tmp: _ort_optimized(m, tmp, "ORT_ENABLE_ALL"),  # NCHWc convolutions on x86
 }
+
+
+def test_nchwc_convolutions_are_read(tmp_path: Path) -> None:
+    """ORT_ENABLE_ALL writes blocked com.microsoft.nchwc Convs (x86): read as the Convs they stand for."""
+    reference = FIXTURES["resnet"](0)
+    optimized = _ort_optimized(permute_copy(reference, seed=5)[0], tmp_path, "ORT_ENABLE_ALL")
+    if not any(node.domain == "com.microsoft.nchwc" for node in optimized.graph.node):
+        pytest.skip("this CPU's ONNX Runtime writes no NCHWc layout (it needs AVX2 or AVX-512)")
+    fingerprint = fingerprint_model(optimized)
+    assert "com.microsoft.nchwc::Conv" in fingerprint.ops
+    assert fingerprint.layers == fingerprint_model(reference).layers
+    assert fingerprint_distance(fingerprint_model(reference), fingerprint) < 0.05
 
 
 @pytest.mark.parametrize("name", ["resnet", "encoder_prenorm", "mobilenet"])

@@ -14,7 +14,9 @@ Which layers (:func:`~onnxlady._provenance._producers.model_producers`)
     plus the forms an optimizer or a quantizer writes: ``com.microsoft`` FusedConv, FusedGemm,
     FusedMatMul (``transA``/``transB``) and MatMulNBits (2-8 bit blocks, scales, zero points),
     QLinearConv/QLinearMatMul (weight minus zero point, times scale), ConvInteger/MatMulInteger
-    (weight minus zero point: their scale is applied later, on the activations), and a
+    (weight minus zero point, times the weight's own scale where ONNX Runtime's dynamic form
+    applies it after the layer, with a BatchNorm after that folded in), ``com.microsoft.nchwc``
+    Conv (ORT_ENABLE_ALL's blocked layout, read as the Conv it stands for), and a
     Gemm/MatMul whose weight is a ``Transpose`` of a constant (tied language-model heads, which
     ORT's optimizer folds into a stored transposed copy). Layers come in the graph's
     topological order. They are read by a light index of the graph (producers, consumers,

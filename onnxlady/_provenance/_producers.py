@@ -36,6 +36,7 @@ from onnxlady._io._tensors import read_array
 from onnxlady._provenance._wire import PLAIN_TYPES
 from onnxlady._resync._across import _batchnorm
 from onnxlady._resync._match import UNIT_OPS, Unit, find_units
+from onnxlady._resync._nchwc_forms import NCHWC, blocked_conv, read_blocked
 
 __all__ = ["ProducerWeight", "WeightGraph", "model_producers", "producer_weights"]
 
@@ -53,7 +54,7 @@ _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 #: Operators :func:`_other_producer` reads (their domain is checked there).
 _OTHER_PRODUCERS = frozenset(
     {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "Gemm", "MatMul", "FusedConv", "FusedGemm",
-     "FusedMatMul", "MatMulNBits"}
+     "FusedMatMul", "MatMulNBits", "Conv"}
 )  # fmt: skip
 
 
@@ -362,6 +363,14 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
             found = _plain_matrix(graph, node, 0, int(node_attribute(node, "transB", 0)))
             return None if found is None else (*found, 1, 1)
         return None
+    if domain == NCHWC and op == "Conv":  # ORT_ENABLE_ALL's blocked layout: read as the Conv it stands for
+        if not isinstance(graph, ModelGraph):
+            raise FullGraphNeeded("an NCHWc convolution (its layout is read off the whole graph)")
+        blocked, conv = read_blocked(graph, index, 1), blocked_conv(graph, index)
+        if blocked is None or conv is None:
+            return None
+        matrix, kernel = _conv_rows(np.asarray(blocked.value, dtype=np.float32))
+        return matrix, 0, kernel, conv.group
     if domain != _MS_DOMAIN:
         return None
     if op == "FusedConv":

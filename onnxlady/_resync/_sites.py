@@ -839,11 +839,17 @@ def _embed_sites(graph: ModelGraph, index: int) -> list[Site]:
     """com.microsoft EmbedLayerNormalization: word, position, segment tables, then a LayerNorm."""
     node = graph.nodes[index]
     sites = []
+    # Positions given by no input or by a constant (slot 8): the position rows read are fixed, as
+    # an unfused graph's Gather of the table by a constant range, which is computed from constants
+    # and no site. So the position table pairs where it can but does not weigh.
+    positions = node.input[8] if len(node.input) > 8 else ""
+    fixed_positions = not positions or graph.constant_leaf(positions) is not None
     for part, slot in enumerate((2, 3, 4)):
         shape = _shape(graph, node.input[slot]) if len(node.input) > slot and node.input[slot] else None
         if shape is not None and len(shape) == 2:
             operand = Operand("table", index, slot, shape, shape)
-            sites.append(Site(index, part, "table", ("table", shape), (operand,), (node.op_type,), index))
+            weighs = not (slot == 3 and fixed_positions)
+            sites.append(Site(index, part, "table", ("table", shape), (operand,), (node.op_type,), index, weighs=weighs))
     for part, (slot, role) in ((3, (5, "scale")), (4, (6, "shift"))):
         sites.extend(_vector_site(graph, index, slot, role, part))
     return sites
