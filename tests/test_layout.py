@@ -26,7 +26,6 @@ from fixtures import FIXTURES
 from fixtures import layout as layout_fixtures
 from onnxlady import (
     ChannelAnalysis,
-    ChannelGroup,
     analyze,
     draw_permutations,
     permute_model,
@@ -39,6 +38,8 @@ from onnxlady.testing import (
     GraphBuilder,
     constant_bytes,
     copy_model,
+    group_at,
+    index_maps,
     permute_producer_only,
 )
 
@@ -55,21 +56,7 @@ def _fixture(name: str) -> onnx.ModelProto:
     return onnx.load_from_string(_fixture_bytes(name))
 
 
-def _maps(analysis: ChannelAnalysis, tensor: str, axis: int) -> dict[str, str]:
-    """Group id -> index map of every member naming (tensor, axis)."""
-    return {
-        group.id: member.index_map
-        for group in analysis.groups
-        for member in group.members
-        if member.tensor == tensor and member.axis == axis
-    }
-
-
-def _group(analysis: ChannelAnalysis, tensor: str, axis: int) -> ChannelGroup:
-    """The one group a space belongs to."""
-    found = _maps(analysis, tensor, axis)
-    assert len(found) == 1, f"{tensor} axis {axis}: {found}"
-    return analysis.group(next(iter(found)))
+_maps, _group = index_maps, group_at
 
 
 def _map(analysis: ChannelAnalysis, tensor: str, axis: int) -> str:

@@ -28,11 +28,11 @@ import pytest
 from onnx import numpy_helper
 
 from fixtures import recurrent as recurrent_fixtures
-from onnxlady import ChannelAnalysis, ChannelGroup, analyze, unpermute_model, verify_models
+from onnxlady import analyze, unpermute_model, verify_models
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync._entry import resync_model
-from onnxlady.testing import constant_bytes, copy_model, permute_copy, permute_producer_only
+from onnxlady.testing import constant_bytes, copy_model, group_at, index_maps, permute_copy, permute_producer_only
 
 quantization = pytest.importorskip("onnxruntime.quantization", reason="onnxruntime.quantization is not installed")
 
@@ -65,20 +65,7 @@ def _lstm_node(model: onnx.ModelProto) -> onnx.NodeProto:
     return node
 
 
-def _maps(analysis: ChannelAnalysis, tensor: str, axis: int) -> dict[str, str]:
-    """Group id -> index map of every member naming (tensor, axis)."""
-    return {
-        group.id: member.index_map
-        for group in analysis.groups
-        for member in group.members
-        if member.tensor == tensor and member.axis == axis
-    }
-
-
-def _group(analysis: ChannelAnalysis, tensor: str, axis: int) -> ChannelGroup:
-    found = _maps(analysis, tensor, axis)
-    assert len(found) == 1, f"{tensor} axis {axis}: {found}"
-    return analysis.group(next(iter(found)))
+_maps, _group = index_maps, group_at
 
 
 def _array(model: onnx.ModelProto, name: str) -> np.ndarray:

@@ -26,7 +26,6 @@ from onnx.reference import ReferenceEvaluator
 from fixtures import recurrent as recurrent_fixtures
 from onnxlady import (
     ChannelAnalysis,
-    ChannelGroup,
     analyze,
     draw_permutations,
     permute_model,
@@ -38,7 +37,7 @@ from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync._entry import resync_model
 from onnxlady._transforms._permute import DeferredTensors
 from onnxlady._verify._compare import generate_inputs
-from onnxlady.testing import constant_bytes, copy_model, permute_copy, permute_producer_only
+from onnxlady.testing import constant_bytes, copy_model, group_at, index_maps, permute_copy, permute_producer_only
 
 FIXTURES = recurrent_fixtures.FIXTURES
 RECURRENT = ["lstm", "lstm_bidirectional", "gru", "rnn", "rnn_batch_first"]
@@ -56,20 +55,7 @@ def _fixture(name: str) -> onnx.ModelProto:
     return onnx.load_from_string(_fixture_bytes(name))
 
 
-def _maps(analysis: ChannelAnalysis, tensor: str, axis: int) -> dict[str, str]:
-    """Group id -> index map of every member naming (tensor, axis)."""
-    return {
-        group.id: member.index_map
-        for group in analysis.groups
-        for member in group.members
-        if member.tensor == tensor and member.axis == axis
-    }
-
-
-def _group(analysis: ChannelAnalysis, tensor: str, axis: int) -> ChannelGroup:
-    found = _maps(analysis, tensor, axis)
-    assert len(found) == 1, f"{tensor} axis {axis}: {found}"
-    return analysis.group(next(iter(found)))
+_maps, _group = index_maps, group_at
 
 
 def _array(model: onnx.ModelProto, name: str) -> np.ndarray:

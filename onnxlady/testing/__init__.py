@@ -12,6 +12,7 @@ Two parts:
   graph, serialised, to compare models bit for bit), :func:`permute_copy` (a permuted copy with
   its analysis, permutations and key) and :func:`permute_producer_only` (a *wrong* permutation:
   one producer's rows swapped, its consumers left alone, which an equivalence check must catch);
+  :func:`index_maps` and :func:`group_at` say which group moves an axis of a tensor, and how;
   :data:`PRODUCER_ROLES` names the weight roles whose rows are neurons; :func:`tensor_holders`
   gives every constant of a graph (initializer or ``Constant`` node) by name, to edit in place
   (plant an attack, break a weight).
@@ -41,6 +42,8 @@ from onnxlady.testing._helpers import (
     PRODUCER_ROLES,
     constant_bytes,
     copy_model,
+    group_at,
+    index_maps,
     permute_copy,
     permute_producer_only,
 )
@@ -54,6 +57,8 @@ __all__ = [
     "constant_bytes",
     "conv_bn_relu",
     "copy_model",
+    "group_at",
+    "index_maps",
     "inverted_residual",
     "permute_copy",
     "permute_producer_only",

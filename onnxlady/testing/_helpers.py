@@ -7,13 +7,21 @@ import onnx
 
 # Lower layers only: importing the package ``onnxlady`` from here would close a cycle
 # (onnxlady -> _api -> the demo model -> onnxlady.testing).
-from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, analyze
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import tensor_holders
 from onnxlady._transforms._key import PermutationKey
 from onnxlady._transforms._permute import _permute_tensor, draw_permutations, permute_model
 
-__all__ = ["PRODUCER_ROLES", "constant_bytes", "copy_model", "permute_copy", "permute_producer_only"]
+__all__ = [
+    "PRODUCER_ROLES",
+    "constant_bytes",
+    "copy_model",
+    "group_at",
+    "index_maps",
+    "permute_copy",
+    "permute_producer_only",
+]
 
 PRODUCER_ROLES = ("conv weight", "conv-transpose weight", "gemm weight", "matmul weight", "embedding table")
 
@@ -52,3 +60,23 @@ def permute_copy(
     perms = draw_permutations(analysis, seed)
     key = permute_model(analysis, perms, seed=seed)
     return model, analysis, perms, key
+
+
+def index_maps(analysis: ChannelAnalysis, tensor: str, axis: int) -> dict[str, str]:
+    """Group id -> index map of every group member naming axis ``axis`` of ``tensor``.
+
+    A test reads from it which group moves an axis, and how (``"p"``, ``"I_4 (x) p"``...).
+    """
+    return {
+        group.id: member.index_map
+        for group in analysis.groups
+        for member in group.members
+        if member.tensor == tensor and member.axis == axis
+    }
+
+
+def group_at(analysis: ChannelAnalysis, tensor: str, axis: int) -> ChannelGroup:
+    """The one group that moves axis ``axis`` of ``tensor`` (an assertion error names any other count)."""
+    found = index_maps(analysis, tensor, axis)
+    assert len(found) == 1, f"{tensor} axis {axis}: {found}"
+    return analysis.group(next(iter(found)))
