@@ -96,6 +96,10 @@ def test_rounding_noise_is_no_failure_and_a_wrong_permutation_still_fails(seed: 
     assert result["verdict"] in ("equivalent", "inconclusive"), result
     assert "only its rounding changes" in said
     assert report.exit_code == (0 if result["verdict"] == "equivalent" else 1)
+    failing = [o for o in result["outputs"] if not o["passed"]]
+    assert all(o["reference_noise"] is not None for o in failing)  # the report says what the reference moves
+    if result["verdict"] == "equivalent":
+        assert "ROUNDING" in report.to_text() and "FAIL" not in report.to_text()
     assert onnxlady.verify(model, model).to_json()["verdict"] == "equivalent"  # identical runs still pass
 
     wrong = onnxlady.verify(model, _wrong(permuted)).to_json()

@@ -252,7 +252,7 @@ def verify_text(report: VerifyReport) -> str:
         f"{'output':<24} {'max abs err':>12} {'max rel err':>12} {'max |ref|':>10} {'mismatched':>14}  result",
     ]
     for out in (*report.outputs, *report.squash_inputs):
-        result = "PASS" if out.passed else "FAIL"
+        result = "PASS" if out.passed else ("ROUNDING" if out.within_rounding else "FAIL")
         lines.append(
             f"{out.name:<24} {out.max_abs_error:>12.3e} {out.max_rel_error:>12.3e} {out.reference_max_abs:>10.3g} "
             f"{f'{out.mismatched_elements}/{out.total_elements}':>14}  {result}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -479,6 +480,11 @@ def verify_models(
         if rejudged is not None:
             verdict, reasons, noise_notes = rejudged
             judged = tuple(judged) + noise_notes
+        if noise is not None:  # the report says, per failing tensor, what the reference alone moves
+            compared, squashed = (
+                tuple(c if c.passed else replace(c, reference_noise=noise.max_abs.get(c.name)) for c in group)
+                for group in (compared, squashed)
+            )
     return VerifyReport(
         provider_requested=provider,
         provider_used=provider_used,

@@ -40,6 +40,14 @@ class OutputComparison:
     op: str | None = None
     #: For a ``"squash-input"``: the graph output it stands for.
     stands_for: str | None = None
+    #: For a tensor with failed elements: how far the reference alone moves on it when only its
+    #: rounding changes (see :mod:`onnxlady._verify._noise_floor`); None when not measured.
+    reference_noise: float | None = None
+
+    @property
+    def within_rounding(self) -> bool:
+        """Whether its failed elements are all within the reference's own rounding noise."""
+        return not self.passed and self.reference_noise is not None and self.max_abs_error <= self.reference_noise
 
     @property
     def carries_evidence(self) -> bool:
