@@ -116,7 +116,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from scipy.optimize import linear_sum_assignment
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._provenance._producers import ProducerWeight, model_producers, producer_weights
@@ -954,6 +953,8 @@ def compare_fingerprints(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch
     cost[:m, n:] = np.where(np.eye(m, dtype=bool), penalty, forbidden)
     cost[m:, :n] = np.where(np.eye(n, dtype=bool), penalty, forbidden)
     cost[m:, n:] = 0.0
+    from scipy.optimize import linear_sum_assignment  # imported here: every command imports this module
+
     chosen_rows, chosen_cols = linear_sum_assignment(cost)
     pairs: list[tuple[int, int, float]] = []
     paired_a: set[int] = set()
