@@ -27,7 +27,6 @@ from onnxlady._api._sources import (
     source_path,
 )
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._external import has_mapped
 from onnxlady._io._files import file_sha256, load_model, save_model
 from onnxlady._io._progress import say
 from onnxlady._io._stream import Override
@@ -170,17 +169,17 @@ def unpermute(
     check_outputs(target, [source, key_source], overwrite_input=overwrite_input)
     check_memory(max_memory, "unpermute", [source], mapped=target is not None)
     permutation_key = open_key(key)
-    # With an output file, external weights stay in their files: each is restored as the writer
-    # writes it. Weights inside the file are restored in place, so that the file protobuf writes
-    # is the source's byte for byte (the streaming writer orders fields its own way); a key that
-    # untied constants is undone in place too (the copies it removes are never written).
+    # With an output file, every weight is restored as the writer writes it (external ones stay in
+    # their files): one restored tensor in memory at a time. The streaming writer orders fields as
+    # protobuf does, so the file is the source's byte for byte. A key that untied constants is
+    # undone in place (the copies it removes are never written).
     streamed = target is not None and not permutation_key.untied
     opened = open_model(model, progress=progress, map_external=streamed)
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
     if not allow_changed_model:
         _check_model_matches_key(opened, permutation_key)
     restored = opened.writable()
-    if not streamed or not opened.owned or not has_mapped(restored):
+    if not streamed or not opened.owned:
         identical = unpermute_model(restored, permutation_key)
         result = UnpermuteResult(restored, permutation_key, identical, source, key_source, target)
         if target is not None:
@@ -194,7 +193,9 @@ def unpermute(
     say(progress, f"saving {target}")
     overrides = cast("dict[str, Override]", deferred.overrides)  # arrays: the writer takes any buffer
     assert target is not None  # streamed
-    sha256 = save_model(restored, target, external_data=True, digest=True, overrides=overrides)
+    sha256 = save_model(
+        restored, target, external_data=external_data or opened.external_data, digest=True, overrides=overrides
+    )
     del restored, opened  # the model in memory still holds the permuted bytes: the result reads the file
     return UnpermuteResult(None, permutation_key, verdict(), source, key_source, target, sha256)
 
