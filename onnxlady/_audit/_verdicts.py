@@ -76,11 +76,12 @@ from onnxlady._audit._forensics import (
     find_scaled_under_noise,
     weight_infos,
 )
+from onnxlady._audit._relatedness import check_related
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import read_array, read_constants, tensor_holders
 from onnxlady._resync._across import AcrossResync, Approx, pair_unplanned
-from onnxlady._resync._entry import check_related, resync_model
+from onnxlady._resync._entry import resync_model
 from onnxlady._resync._match import ConversionFinding, analyze_with_state
 from onnxlady._resync._solver import ResyncResult
 from onnxlady._resync._values import half_ulp

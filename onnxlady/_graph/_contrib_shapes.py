@@ -17,35 +17,27 @@ from collections.abc import Callable, Mapping
 import onnx
 
 from onnxlady._graph._attributes import node_attribute
-from onnxlady._graph._quantized_shapes import QUANTIZED_SHAPES
+from onnxlady._graph._quantized_shapes import (
+    MICROSOFT,
+    QUANTIZED_SHAPES,
+    Dim,
+    Found,
+    Shape,
+    input_name,
+    same_as_first_input,
+)
 
-Dim = int | str | None
-Shape = tuple[Dim, ...]
-#: Output name -> (shape, element type); element type 0 means "as the node's first input".
-Found = dict[str, tuple[Shape, int]]
-
-MICROSOFT = "com.microsoft"
 _FLOAT = onnx.TensorProto.FLOAT
 _INT32 = onnx.TensorProto.INT32
-
-
-def _input(node: onnx.NodeProto, slot: int) -> str:
-    return node.input[slot] if slot < len(node.input) else ""
 
 
 def _output(node: onnx.NodeProto, slot: int) -> str:
     return node.output[slot] if slot < len(node.output) else ""
 
 
-def _same_as_input(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
-    """Element-wise operators (Gelu family, RotaryEmbedding): the output has the data input's shape."""
-    shape = shapes.get(_input(node, 0))
-    return {} if shape is None or not node.output[0] else {node.output[0]: (shape, 0)}
-
-
 def _conv(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """FusedConv: Conv's output shape (explicit pads, or auto_pad)."""
-    x, w = shapes.get(_input(node, 0)), shapes.get(_input(node, 1))
+    x, w = shapes.get(input_name(node, 0)), shapes.get(input_name(node, 1))
     if x is None or w is None or len(x) != len(w) or len(x) < 3:
         return {}
     spatial = len(x) - 2
@@ -73,7 +65,7 @@ def _conv(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
 
 def _gemm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """FusedGemm: ``(M, N)`` from A and B with their transposition flags."""
-    a, b = shapes.get(_input(node, 0)), shapes.get(_input(node, 1))
+    a, b = shapes.get(input_name(node, 0)), shapes.get(input_name(node, 1))
     if a is None or b is None or len(a) != 2 or len(b) != 2:
         return {}
     m = a[1] if int(node_attribute(node, "transA", 0)) else a[0]
@@ -86,7 +78,7 @@ def _fused_matmul(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
 
     ``transBatchA`` / ``transBatchB`` first move the operand's first axis behind its batch axes.
     """
-    a, b = shapes.get(_input(node, 0)), shapes.get(_input(node, 1))
+    a, b = shapes.get(input_name(node, 0)), shapes.get(input_name(node, 1))
     if a is None or b is None or len(a) < 2 or len(b) < 2:
         return {}
     if int(node_attribute(node, "transBatchA", 0)):
@@ -112,7 +104,7 @@ def _fused_matmul(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
 
 def _skip_layer_norm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """Skip(Simplified)LayerNormalization: output and sum like the input; mean and inv_std [..., 1]."""
-    x = shapes.get(_input(node, 0))
+    x = shapes.get(input_name(node, 0))
     if x is None or not x:
         return {}
     stats = (*x[:-1], 1)
@@ -125,7 +117,7 @@ def _skip_layer_norm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found
 
 def _simplified_layer_norm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """SimplifiedLayerNormalization (ONNX domain in ONNX Runtime): Y like X, inv_std_var 1 on the normalised axes."""
-    x = shapes.get(_input(node, 0))
+    x = shapes.get(input_name(node, 0))
     if x is None:
         return {}
     axis = int(node_attribute(node, "axis", -1))
@@ -138,7 +130,7 @@ def _simplified_layer_norm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) ->
 
 def _attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """Attention (packed QKV weight): ``[B, S, v_hidden]``."""
-    x, w = shapes.get(_input(node, 0)), shapes.get(_input(node, 1))
+    x, w = shapes.get(input_name(node, 0)), shapes.get(input_name(node, 1))
     if x is None or w is None or len(x) != 3 or len(w) != 2:
         return {}
     sizes = [int(s) for s in node_attribute(node, "qkv_hidden_sizes", [])]
@@ -153,7 +145,7 @@ def _attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
 
 def _multi_head_attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """MultiHeadAttention with separate 3-D query and 3-D (or BNSH 4-D) value: ``[B, S, v_hidden]``."""
-    q, v = shapes.get(_input(node, 0)), shapes.get(_input(node, 2))
+    q, v = shapes.get(input_name(node, 0)), shapes.get(input_name(node, 2))
     if q is None or v is None or len(q) != 3:
         return {}
     if len(v) == 3:
@@ -167,12 +159,12 @@ def _multi_head_attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> 
 
 def _group_query_attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """GroupQueryAttention (separate or packed QKV): ``[B, S, num_heads * head_size]``; present ``[B, kv, ?, H]``."""
-    q = shapes.get(_input(node, 0))
+    q = shapes.get(input_name(node, 0))
     heads, kv_heads = int(node_attribute(node, "num_heads", 0)), int(node_attribute(node, "kv_num_heads", 0))
     if q is None or len(q) != 3 or not heads or not kv_heads:
         return {}
-    if _input(node, 1):
-        k = shapes.get(_input(node, 1))
+    if input_name(node, 1):
+        k = shapes.get(input_name(node, 1))
         width, parts = (k[2], kv_heads) if k is not None and len(k) == 3 else (None, 1)
     else:
         width, parts = q[2], heads + 2 * kv_heads  # packed QKV
@@ -188,7 +180,7 @@ def _group_query_attention(node: onnx.NodeProto, shapes: Mapping[str, Shape]) ->
 
 def _matmul_nbits(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """MatMulNBits: ``[..., N]`` with ``N`` the attribute."""
-    x = shapes.get(_input(node, 0))
+    x = shapes.get(input_name(node, 0))
     n = int(node_attribute(node, "N", 0))
     if x is None or not x or n <= 0:
         return {}
@@ -197,7 +189,7 @@ def _matmul_nbits(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
 
 def _embed_layer_norm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """EmbedLayerNormalization: ``[B, S, hidden]`` outputs (the embeddings' type), mask_index ``[B]`` int32."""
-    ids, table = shapes.get(_input(node, 0)), shapes.get(_input(node, 2))
+    ids, table = shapes.get(input_name(node, 0)), shapes.get(input_name(node, 2))
     if ids is None or table is None or len(ids) != 2 or len(table) != 2:
         return {}
     out: Shape = (ids[0], ids[1], table[1])
@@ -211,7 +203,7 @@ def _embed_layer_norm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Foun
 
 def _dynamic_quantize_lstm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """DynamicQuantizeLSTM (no ``layout``): Y ``[seq, dirs, batch, H]``, Y_h and Y_c ``[dirs, batch, H]``."""
-    x = shapes.get(_input(node, 0))
+    x = shapes.get(input_name(node, 0))
     hidden = int(node_attribute(node, "hidden_size", 0))
     if x is None or len(x) != 3 or hidden <= 0:
         return {}
@@ -230,11 +222,11 @@ _SHAPES: dict[tuple[str, str], Callable[[onnx.NodeProto, Mapping[str, Shape]], F
     (MICROSOFT, "FusedConv"): _conv,
     (MICROSOFT, "FusedGemm"): _gemm,
     (MICROSOFT, "FusedMatMul"): _fused_matmul,
-    (MICROSOFT, "Gelu"): _same_as_input,
-    (MICROSOFT, "FastGelu"): _same_as_input,
-    (MICROSOFT, "BiasGelu"): _same_as_input,
-    (MICROSOFT, "QuickGelu"): _same_as_input,
-    (MICROSOFT, "RotaryEmbedding"): _same_as_input,
+    (MICROSOFT, "Gelu"): same_as_first_input,
+    (MICROSOFT, "FastGelu"): same_as_first_input,
+    (MICROSOFT, "BiasGelu"): same_as_first_input,
+    (MICROSOFT, "QuickGelu"): same_as_first_input,
+    (MICROSOFT, "RotaryEmbedding"): same_as_first_input,
     (MICROSOFT, "SkipLayerNormalization"): _skip_layer_norm,
     (MICROSOFT, "SkipSimplifiedLayerNormalization"): _skip_layer_norm,
     ("", "SimplifiedLayerNormalization"): _simplified_layer_norm,
@@ -276,11 +268,11 @@ def contrib_output_shapes(
         found = function(node, shapes)
     except (TypeError, ValueError, IndexError):  # malformed attributes: no shape rather than a crash
         return {}
-    first = dtypes.get(_input(node, 0), 0)
-    table = dtypes.get(_input(node, 2), 0)
+    first = dtypes.get(input_name(node, 0), 0)
+    table = dtypes.get(input_name(node, 2), 0)
     result: dict[str, tuple[Shape, int]] = {}
     for name, (shape, dtype) in found.items():
         if dtype < -2:  # -(slot + 3): the type of input slot (see _quantized_shapes)
-            dtype = dtypes.get(_input(node, -dtype - 3), 0) or 0
+            dtype = dtypes.get(input_name(node, -dtype - 3), 0) or 0
         result[name] = (shape, first if dtype == 0 else table if dtype == -2 else dtype)
     return result

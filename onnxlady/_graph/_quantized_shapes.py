@@ -19,24 +19,26 @@ from onnxlady._graph._attributes import node_attribute
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
+#: Output name -> (shape, element type); element type 0 means "as the node's first input".
 Found = dict[str, tuple[Shape, int]]
 
 MICROSOFT = "com.microsoft"
 
 
-def _input(node: onnx.NodeProto, slot: int) -> str:
+def input_name(node: onnx.NodeProto, slot: int) -> str:
+    """The name at input ``slot``, empty when the node has fewer inputs (an optional one left out)."""
     return node.input[slot] if slot < len(node.input) else ""
 
 
-def _as_input(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
-    """Element-wise on one operand (QLinearSigmoid, QLinearLeakyRelu, QLinearSoftmax)."""
-    shape = shapes.get(_input(node, 0))
+def same_as_first_input(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
+    """Element-wise on one operand (QLinearSigmoid, Gelu, RotaryEmbedding...): the data input's shape."""
+    shape = shapes.get(input_name(node, 0))
     return {} if shape is None or not node.output[0] else {node.output[0]: (shape, 0)}
 
 
 def _broadcast(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """QLinearAdd / QLinearMul: numpy broadcasting of A (slot 0) and B (slot 3)."""
-    a, b = shapes.get(_input(node, 0)), shapes.get(_input(node, 3))
+    a, b = shapes.get(input_name(node, 0)), shapes.get(input_name(node, 3))
     if a is None or b is None or not node.output[0]:
         return {}
     rank = max(len(a), len(b))
@@ -56,7 +58,7 @@ def _broadcast(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
 
 def _concat(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """QLinearConcat(Y_scale, Y_zero_point, X0, X0_scale, X0_zp, X1...): Concat of the X's."""
-    operands = [shapes.get(_input(node, slot)) for slot in range(2, len(node.input), 3)]
+    operands = [shapes.get(input_name(node, slot)) for slot in range(2, len(node.input), 3)]
     if not operands or any(shape is None for shape in operands) or not node.output[0]:
         return {}
     known = [shape for shape in operands if shape is not None]
@@ -72,7 +74,7 @@ def _concat(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
 
 def _global_pool(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """QLinearGlobalAveragePool: every spatial axis reduced to 1 (channels first or last)."""
-    x = shapes.get(_input(node, 0))
+    x = shapes.get(input_name(node, 0))
     if x is None or len(x) < 3 or not node.output[0]:
         return {}
     if int(node_attribute(node, "channels_last", 0)):
@@ -84,21 +86,21 @@ def _global_pool(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
 
 def _qgemm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
     """QGemm(A, a_scale, a_zp, B, b_scale, b_zp, C, y_scale, y_zp): ``(M, N)``; float without y_scale."""
-    a, b = shapes.get(_input(node, 0)), shapes.get(_input(node, 3))
+    a, b = shapes.get(input_name(node, 0)), shapes.get(input_name(node, 3))
     if a is None or b is None or len(a) != 2 or len(b) != 2 or not node.output[0]:
         return {}
     m = a[1] if int(node_attribute(node, "transA", 0)) else a[0]
     n = b[0] if int(node_attribute(node, "transB", 0)) else b[1]
-    dtype = -(8 + 3) if _input(node, 7) else onnx.TensorProto.FLOAT
+    dtype = -(8 + 3) if input_name(node, 7) else onnx.TensorProto.FLOAT
     return {node.output[0]: ((m, n), dtype)}
 
 
 QUANTIZED_SHAPES: dict[tuple[str, str], Callable[[onnx.NodeProto, Mapping[str, Shape]], Found]] = {
     (MICROSOFT, "QLinearAdd"): _broadcast,
     (MICROSOFT, "QLinearMul"): _broadcast,
-    (MICROSOFT, "QLinearSigmoid"): _as_input,
-    (MICROSOFT, "QLinearLeakyRelu"): _as_input,
-    (MICROSOFT, "QLinearSoftmax"): _as_input,
+    (MICROSOFT, "QLinearSigmoid"): same_as_first_input,
+    (MICROSOFT, "QLinearLeakyRelu"): same_as_first_input,
+    (MICROSOFT, "QLinearSoftmax"): same_as_first_input,
     (MICROSOFT, "QLinearConcat"): _concat,
     (MICROSOFT, "QLinearGlobalAveragePool"): _global_pool,
     (MICROSOFT, "QGemm"): _qgemm,

@@ -29,7 +29,7 @@ analysis: it keeps its form (float16, folded, QDQ) and is equivalent to the susp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -269,13 +269,19 @@ def _pair_use(match: ModelMatch, entries: list[tuple[Site, Operand]]) -> tuple[A
     return Approx(arrays[0], arrays[1]), Approx(arrays[2], arrays[3])
 
 
+def _operands_by_use(sites: Iterable[Site]) -> dict[tuple[int, int], list[tuple[Site, Operand]]]:
+    """The sites' operands by the input they read, ``(node, slot)``: a packed weight has several."""
+    by_use: dict[tuple[int, int], list[tuple[Site, Operand]]] = {}
+    for site in sites:
+        for operand in site.operands:
+            by_use.setdefault((operand.node, operand.slot), []).append((site, operand))
+    return by_use
+
+
 def _pair_plans(match: ModelMatch) -> _Pairing:
     ref = match.reference
     holders = tensor_holders(ref.graph.model)
-    by_use: dict[tuple[int, int], list[tuple[Site, Operand]]] = {}
-    for site in match.reference_sites:
-        for operand in site.operands:
-            by_use.setdefault((operand.node, operand.slot), []).append((site, operand))
+    by_use = _operands_by_use(match.reference_sites)
     references: list[Approx | None] = []
     suspects: list[Approx | None] = []
     dropped: list[str] = []
@@ -321,11 +327,7 @@ def pair_unplanned(match: ModelMatch) -> dict[str, tuple[Approx, Approx]]:
     graph = match.reference.graph
     planned = {plan.source for plan in match.reference.tensors}
     holders = tensor_holders(graph.model)
-    by_use: dict[tuple[int, int], list[tuple[Site, Operand]]] = {}
-    for site in match.reference_sites:
-        if site.weighs:
-            for operand in site.operands:
-                by_use.setdefault((operand.node, operand.slot), []).append((site, operand))
+    by_use = _operands_by_use(site for site in match.reference_sites if site.weighs)
     found: dict[str, tuple[Approx, Approx]] = {}
     for (node, slot), entries in by_use.items():
         leaf = graph.constant_leaf(graph.nodes[node].input[slot])

@@ -26,7 +26,7 @@ __all__ = ["STATE_STEPS", "StateLoop", "next_feed", "plan_state_loop"]
 #: Steps each generated feed runs for a model with a recurrent state.
 STATE_STEPS = 8
 #: How an output names the state it writes for an input ``x``: ``x`` + suffix, prefix + ``x``.
-_SUFFIXES = ("N", "n", "_out", "_new", "_next", "out", "_n", "_1")
+_SUFFIXES = ("N", "n", "_out", "_new", "_next", "out", "_n")  # not "_1": exporters name duplicates so
 _PREFIXES = ("new_", "next_", "out_")
 
 
