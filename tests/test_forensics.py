@@ -321,3 +321,138 @@ def test_rows_are_the_moveaxis_slices() -> None:
             for pos in (np.array([0]), np.arange(array.shape[axis])[::-1]):
                 expected = np.moveaxis(np.take(array, pos, axis=axis), axis, 0).reshape(-1)
                 assert np.array_equal(_rows(array, axis, pos), expected)
+
+
+# -- distinct counts: capped, exact where the quantization vote needs them ----------------------
+def _exact_distinct(values: np.ndarray) -> int:
+    """Distinct values (NaNs once, -0 equal to 0) counted through Python floats: no numpy sort."""
+    flat = [float(v) for v in np.ravel(values)]
+    return len({v for v in flat if v == v}) + any(v != v for v in flat)
+
+
+def test_float16_distinct_counts_every_value_once() -> None:
+    from onnxlady._audit._forensics import _distinct
+
+    nan_payload = np.array([0x7E01], np.uint16).view(np.float16)  # a NaN of another payload
+    cases = [
+        np.array([-0.0, 0.0, 1.0, np.inf, -np.inf, np.nan], np.float16),
+        np.concatenate([np.array([np.nan], np.float16), nan_payload, np.array([2.0], np.float16)]),
+        np.zeros(0, np.float16),
+        np.array([-0.0], np.float16),
+        # A few million values: numpy's own float16 sort leaves some out of order here (numpy
+        # 2.4 on AVX-512), and np.unique over-counted them.
+        (np.random.default_rng(6).standard_normal(3_000_000) * 0.05).astype(np.float16),
+    ]
+    for values in cases:
+        assert _distinct(values) == _exact_distinct(values.astype(np.float32))
+
+
+def test_distinct_lower_bound_never_exceeds_the_count() -> None:
+    from onnxlady._audit._forensics import _distinct, _distinct_at_least
+
+    rng = np.random.default_rng(7)
+    cases = [
+        rng.standard_normal(100_000).astype(np.float32),
+        rng.standard_normal(100_000).astype(np.float32).astype(np.float64),
+        np.array([-0.0, 0.0, -0.0], np.float32),
+        np.array([-0.0, 0.0, 3.0]),
+        np.round(rng.standard_normal(50_000) * 8) / 8,
+        np.array([np.nan, 1.0, 2.0], np.float32),  # no bound: 0
+    ]
+    for values in cases:
+        bound = _distinct_at_least(values)
+        assert 0 <= bound <= _distinct(values)
+        assert _distinct_at_least(values, 1000) <= bound
+    assert _distinct_at_least(np.array([np.nan, 1.0])) == 0
+    noise = cases[0]
+    assert _distinct_at_least(noise) > 0.25 * noise.size  # the bound settles the vote for noise
+
+
+@pytest.mark.parametrize(
+    "sus_levels, ref_levels, size",
+    [
+        (16, None, 200_000),  # a quantized suspect of a float reference
+        (None, None, 200_000),  # noise: both beyond the cap
+        (20_000, 100_000, 400_000),  # 20000 <= 100000 / 4: few, both needed exactly
+        (20_000, 70_000, 400_000),  # 20000 > 70000 / 4: not few
+        (70_000, None, 1_000_000),  # 70000 <= 1000000 / 4 though both pass the cap
+        (100, 50, 10_000),  # both small
+        (None, 300, 200_000),  # the suspect beyond the cap, the reference not
+    ],
+)
+def test_capped_distinct_counts_decide_as_the_exact_ones(
+    sus_levels: int | None, ref_levels: int | None, size: int
+) -> None:
+    from onnxlady._audit._forensics import DISTINCT_CAP, QUANT_RATIO, _distinct, _distinct_counts
+
+    rng = np.random.default_rng(8)
+
+    def values(levels: int | None) -> np.ndarray:
+        if levels is None:
+            return rng.standard_normal(size).astype(np.float32)
+        grid = rng.standard_normal(levels).astype(np.float32)
+        return grid[np.concatenate([np.arange(levels), rng.integers(0, levels, size - levels)])]
+
+    sus, ref = values(sus_levels), values(ref_levels)
+    exact_sus, exact_ref = _distinct(sus), _distinct(ref)
+    sus_count, ref_count, few = _distinct_counts(ref, sus, same=False)
+    assert few == (exact_sus <= QUANT_RATIO * exact_ref)
+    for count, exact in ((sus_count, exact_sus), (ref_count, exact_ref)):
+        assert count == exact if count is not None else exact > DISTINCT_CAP
+        if exact <= DISTINCT_CAP:
+            assert count == exact
+    same_count, other_count, same_few = _distinct_counts(ref, ref, same=True)
+    assert same_count == other_count and not same_few
+    assert same_count == exact_ref if same_count is not None else exact_ref > DISTINCT_CAP
+
+
+def test_sorted_is_numpy_sort() -> None:
+    from onnxlady._audit._forensics import _sorted
+
+    rng = np.random.default_rng(9)
+    for values in (
+        rng.standard_normal(10_000).astype(np.float32).astype(np.float64),
+        rng.standard_normal(10_000),  # not float32 values: sorted in float64
+        np.array([1e300, -1e300, 0.0]),
+        np.array([np.nan, 1.0, -0.0, 0.0]),
+        np.zeros(0),
+    ):
+        assert np.array_equal(_sorted(values), np.sort(values), equal_nan=True)
+        assert _sorted(values).dtype == np.float64
+
+
+def test_chunked_close_is_the_whole_tensor_comparison() -> None:
+    from onnxlady._audit._verdicts import _CHUNK, _close
+
+    def whole(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None) -> bool:
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        if not np.all(np.isfinite(a64)) or not np.all(np.isfinite(b64)):
+            return bool(np.array_equal(a64, b64, equal_nan=True))
+        scale = float(np.abs(a64).max()) if a64.size else 0.0
+        return bool(np.all(np.abs(a64 - b64) <= rtol * scale + (0.0 if allowed is None else allowed) + 1e-30))
+
+    rng = np.random.default_rng(10)
+    a = rng.standard_normal((3, _CHUNK + 5)).astype(np.float32)
+    for b, allowed in [
+        (a.copy(), None),
+        (a + np.float32(1e-7), None),
+        (a + np.float32(1e-3), None),
+        (np.where(np.arange(a.size).reshape(a.shape) == a.size - 1, a + 1, a), None),  # last element only
+        (a.astype(np.float16), np.full(a.shape, 1e-3)),
+        (a.astype(np.float16), np.full(a.shape, 1e-6)),
+        (np.where(a > 2, np.inf, a), None),
+        (a.astype(np.float64) + 1e-12, None),
+    ]:
+        assert _close(a, b, 1e-5, allowed) == whole(a, b, 1e-5, allowed)
+    with_nan = np.where(a > 2, np.nan, a)
+    assert _close(with_nan, with_nan.copy(), 1e-5) and whole(with_nan, with_nan.copy(), 1e-5, None)
+
+
+def test_tensor_dict_is_asdict() -> None:
+    from dataclasses import asdict
+
+    from onnxlady._audit._verdicts import TensorAudit, _tensor_dict
+
+    audit = TensorAudit("w", "g0", 0, [1.0, 0.5], [1.0, 2.0], [1])
+    assert _tensor_dict(audit) == asdict(audit)
+    assert list(_tensor_dict(audit)) == list(asdict(audit))

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "onnxlady"
 #: Rank of each layer, by the module path's first component below ``onnxlady``.
 LAYERS: dict[str, int] = {
     "_errors": 0,
+    "_assignment": 0,
     "_io": 0,
     "_graph": 10,
     "_rules": 20,

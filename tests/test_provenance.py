@@ -439,6 +439,26 @@ def test_find_confirm_audits_the_candidates(registry: Path, tmp_path: Path) -> N
     assert json.loads(json.dumps(find(suspect, index, top=1).to_json()))["candidates"][0]["call"] == "derived"
 
 
+def test_find_confirm_makes_the_call(registry: Path, tmp_path: Path) -> None:
+    """With confirm, the audit decides: a copy the fingerprint misses (here: a limit too tight for
+    any noise) is derived when its audit pairs it; a model the audit cannot pair is unrelated."""
+    index = tmp_path / "r.idx"
+    build_index([registry / "vgg.onnx", registry / "matmul_mlp.onnx"], index, workers=1)
+    suspect = tmp_path / "suspect.onnx"
+    onnx.save(_perturbed(permute_copy(FIXTURES["vgg"](0), seed=2)[0], noise=0.5, seed=4), suspect)
+    by_fingerprint = find(suspect, index, top=2, threshold=1e-9)
+    assert [c.call for c in by_fingerprint.candidates] == ["unrelated", "unrelated"]
+    assert {c.called_by for c in by_fingerprint.candidates} == {"fingerprint"}
+    confirmed = find(suspect, index, top=2, threshold=1e-9, confirm=True)
+    first, second = confirmed.candidates
+    assert first.path == str(registry / "vgg.onnx") and first.confirmation is not None
+    assert first.confirmation.verdict == "perturbed" and (first.call, first.called_by) == ("derived", "audit")
+    assert second.confirmation is not None and second.confirmation.verdict == "unmatched"
+    assert (second.call, second.called_by) == ("unrelated", "audit")
+    assert [c.path for c in confirmed.derived] == [first.path]
+    assert json.loads(json.dumps(confirmed.to_json()))["candidates"][0]["called_by"] == "audit"
+
+
 def test_find_all_pairs_lists_clusters(tmp_path: Path) -> None:
     folder = tmp_path / "store"
     folder.mkdir()
@@ -618,6 +638,30 @@ def test_segment_helpers_match_their_one_segment_forms() -> None:
         np.testing.assert_array_equal(ordered[start : start + length], np.sort(block, axis=0))
         np.testing.assert_allclose(resampled[number], resample(np.sort(block, axis=0)), rtol=1e-12, atol=1e-12)
         start += length
+
+
+def test_segment_sort_of_equal_lengths_is_the_one_segment_sort_bit_for_bit() -> None:
+    """Segments of one length are sorted in one call: the same bits as a sort per segment.
+
+    Signed zeros included (a dead neuron's mean reads -0.0 or 0.0): they compare equal, so only
+    the same sort on the same values puts them in the same order.
+    """
+    from onnxlady._provenance._fingerprint import segment_sort
+
+    rng = np.random.default_rng(5)
+    lengths = np.array([16, 3, 16, 1, 40, 16, 3, 1, 17])
+    values = rng.standard_normal((int(lengths.sum()), 6))
+    values[rng.random(values.shape) < 0.3] = 0.0
+    values[rng.random(values.shape) < 0.3] = -0.0
+    ordered = segment_sort(values, lengths)
+    start = 0
+    for length in lengths.tolist():
+        expected = np.sort(values[start : start + length], axis=0)
+        assert ordered[start : start + length].tobytes() == expected.tobytes()
+        start += length
+    wrong = values.copy()
+    wrong[[0, 19]] = wrong[[19, 0]]  # rows traded between two segments of length 16
+    assert segment_sort(wrong, lengths).tobytes() != ordered.tobytes()
 
 
 def test_near_dead_neurons_read_as_dead() -> None:

@@ -66,3 +66,46 @@ def test_report_size_is_bounded_per_group() -> None:
     assert "<rect x=" not in page.split("<h2>Groups</h2>")[1]
     assert max(len(data) for data in images) < 4 * MAX_MATRIX * MAX_MATRIX
     assert np.mean([len(data) for data in images]) < 16_000
+
+
+def test_many_groups_and_wide_tensors_stay_small() -> None:
+    """Pictures for a bounded number of groups and tensors; the rest are table rows, capped too."""
+    from fixtures import build_deep_model
+    from onnxlady import perturb
+    from onnxlady._audit._render import FIGURE_GROUPS, FIGURE_TENSORS, GRAPH_GROUPS, TABLE_ROWS
+
+    reference = build_deep_model(3000)  # 500 residual blocks: 500 groups, 500 producer tensors
+    suspect = perturb(permute_model_copy(reference), noise=0.05, seed=3).model
+    report = audit_models(reference, suspect)
+    analysis = analyze(reference)
+    assert len(report.similarity) > FIGURE_GROUPS and len(report.tensors) > TABLE_ROWS + FIGURE_TENSORS
+    assert len(analysis.groups) > GRAPH_GROUPS
+    page = render_html(report, analysis)
+    assert page.count("data:image/png;base64,") == 2 * FIGURE_GROUPS
+    assert page.count("<svg") == FIGURE_TENSORS  # no group graph: too many groups to draw
+    assert "--dot" in page and "--json</code> lists them all" in page
+    assert page.count("<tr>") <= 3 * (TABLE_ROWS + 1) + 20
+    assert len(page) < 1_500_000
+
+
+def test_ratio_plot_of_a_wide_tensor_is_strokes_not_dots() -> None:
+    from onnxlady._audit._render import _ratio_plot
+
+    rng = np.random.default_rng(0)
+    ratios = list(1.0 + 0.01 * rng.normal(size=3072))
+    ratios[1000] = 3.0
+    plot = _ratio_plot(ratios, [1000], "wide")
+    assert "<circle" not in plot and plot.count("<path") == 2 and 'stroke="#d00"' in plot
+    assert len(plot) < 12_000  # one circle per neuron was about 150 kB
+    small = _ratio_plot(ratios[:100], [7], "narrow")
+    assert small.count("<circle") == 100 and small.count('fill="#d00"') == 1
+
+
+def permute_model_copy(model: object) -> object:
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # type: ignore[arg-type]
+    analysis = analyze(copy)
+    permute_model(analysis, draw_permutations(analysis, 1))
+    return copy

@@ -528,7 +528,37 @@ def test_progress_called_per_iteration(weights):
     w, b = weights
     messages: list[str] = []
     verify_models(linear_model(w, b), linear_model(w, b), provider="cpu", iterations=3, progress=messages.append)
-    assert len(messages) == 3 and messages[-1].startswith("iteration 3/3")
+    iterations = [m for m in messages if m.startswith("iteration")]
+    assert len(iterations) == 3 and iterations[-1].startswith("iteration 3/3")
+    # Each stage is announced, so a slow one (a large graph's sessions) shows on a non-terminal.
+    assert [m for m in messages if m.startswith("verify:")] == [
+        "verify: reading the models' graphs",
+        "verify: opening ONNX Runtime sessions",
+        "verify: running both models",
+    ]
+
+
+def test_progress_lines_on_a_non_terminal_while_sessions_open(weights, monkeypatch):
+    """The periodic line of a non-terminal names the stage even before the first feed has run."""
+    import io
+    import time
+
+    from onnxlady._io._progress import ProgressReporter
+    from onnxlady._verify import _compare
+
+    w, b = weights
+    opened = _compare._open_sessions
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.3)
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(_compare, "_open_sessions", slow_open)
+    stream = io.StringIO()
+    reporter = ProgressReporter(stream=stream, bar=False, interval=0.1)
+    verify_models(linear_model(w, b), linear_model(w, b), provider="cpu", progress=reporter)
+    reporter.close()
+    assert "verify: opening ONNX Runtime sessions" in stream.getvalue()
 
 
 def test_to_dict_is_json_serialisable(weights):

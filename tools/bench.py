@@ -6,19 +6,24 @@
 What it measures, each in a fresh Python process (``ru_maxrss`` survives fork and exec, so this
 parent uses the standard library only and builds every model in a child):
 
-- ``permute`` and ``unpermute`` of ``fixtures.build_large_model(SIZE)`` against the floor
-  ``onnx.load`` + ``onnx.save`` of the same file;
+- ``permute``, ``perturb --noise 0.1`` and ``unpermute`` of ``fixtures.build_large_model(SIZE)``
+  against the floor ``onnx.load`` + ``onnx.save`` of the same file;
 - ``resync`` of a twin suspect (the model permuted with seed 1, then ``perturb --noise 0.1``)
   and of that suspect converted to float16 and to QDQ int8 (``fixtures.conversions``), and
   ``audit`` of the twin suspect, against the floor ``onnx.load`` of both + ``onnx.save`` of one;
 - ``--external`` sizes: a model with its weights in an external data file
-  (``fixtures.save_large_external_model``, written tensor by tensor), permuted, unpermuted,
-  resynced and audited the same way (the floor saves with external data too; above
+  (``fixtures.save_large_external_model``, written tensor by tensor), permuted, perturbed,
+  unpermuted, resynced, audited and inspected the same way (the floor saves with external data too; above
   ``--floor-limit`` MB the floor is not run: it needs the whole model in memory);
 - ``inspect`` of ``fixtures.build_deep_model(NODES)`` (residual MLP blocks) against the floor of
   that file;
 - ``verify`` of the model against its permuted copy, against two plain ONNX Runtime sessions
-  (created from the files, one run each on the same inputs).
+  (created from the files, one run each on the same inputs);
+- ``--real DIR``: every ``*.onnx`` in DIR (the PyPI models ``tools.fetch_models`` puts in
+  ``.cache/models``), its twin suspect made the same way, ``resync`` and ``audit --html``
+  against the floor of loading both and saving one. Issue 15's goal for these is a time under
+  3 times the floor plus 1 s, and an HTML report under 2 MB: the lines after the table say which
+  rows meet it.
 
 Each measurement pairs one floor run with one command run, ``--repeats`` times, interleaved
 (the machine may be shared: pairing cancels slow spells); the table gives the min and the
@@ -115,6 +120,13 @@ onnx.save(model, reference)
 onnx.save(perturb(permute(model, seed=1).model, noise=0.1, seed=1).model, suspect)
 """
 
+_BUILD_TWIN = """
+import sys, onnx
+from onnxlady import permute, perturb
+model = onnx.load(sys.argv[1])
+onnx.save(perturb(permute(model, seed=1).model, noise=0.1, seed=1).model, sys.argv[2])
+"""
+
 _BUILD_CONVERTED = """
 import sys, onnx
 from fixtures.conversions import CONVERSIONS
@@ -163,6 +175,8 @@ class Row:
     seconds: list[float] = field(default_factory=list)
     peaks: list[float] = field(default_factory=list)
     floor_peaks: list[float] = field(default_factory=list)
+    #: Size of the HTML report the command wrote (``--real`` audits), else 0.
+    report_bytes: int = 0
 
     @property
     def ratios(self) -> list[float]:
@@ -281,6 +295,8 @@ class Bench:
         permuted = folder / f"perm{megabytes}.onnx"
         if self.wanted("permute"):
             self.pair(name, "permute", size, floor_one, ["permute", reference, "--seed", "1", "--quiet", "-o"], out)
+        if self.wanted("perturb"):
+            self.pair(name, "perturb", size, floor_one, ["perturb", reference, "--noise", "0.1", "--seed", "3", "--quiet", "-o"], out)
         if not permuted.exists():
             _child(_PERMUTE, reference, permuted)
         if self.wanted("unpermute"):
@@ -321,6 +337,10 @@ class Bench:
         floor_one = ("load+save", _FLOOR_ONE, [reference, "external"], folder / "floor.onnx") if with_floor else None
         if self.wanted("permute"):
             self.pair(name, "permute", size, floor_one, ["permute", reference, "--seed", "1", "--quiet", "--external-data", "-o"], out)
+        if self.wanted("perturb"):
+            self.pair(name, "perturb", size, floor_one, ["perturb", reference, "--noise", "0.1", "--seed", "3", "--quiet", "--external-data", "-o"], out)
+        if self.wanted("inspect"):
+            self.pair(name, "inspect", size, floor_one, ["inspect", reference, "--json", "--quiet", "--dot"], folder / "groups.dot")
         if not permuted.exists():  # the suspect (its data file is named after it)
             _child(_PERMUTE, reference, permuted, "--external-data")
         if self.wanted("unpermute"):
@@ -331,6 +351,22 @@ class Bench:
             self.pair(name, "resync twin", size, floor_two, ["resync", reference, permuted, "--external-data", "--quiet", "-o"], out)
         if self.wanted("audit"):
             self.pair(name, "audit", size, floor_two, ["audit", reference, permuted, "--quiet", "--json", "--markdown"], folder / "audit.md")
+
+    def real(self, path: Path) -> None:
+        """Resync and audit of a real model against its twin suspect (issue 15: 3x floor + 1 s)."""
+        folder = self.workdir
+        suspect = folder / f"real-{path.stem}.twin.onnx"
+        if not suspect.exists():
+            _child(_BUILD_TWIN, path, suspect)
+        size = _size(path)
+        name = f"{path.stem} ({size / 1e6:.1f} MB)"
+        floor_two = ("load 2+save 1", _FLOOR_TWO, [path, suspect, "inline"], folder / "floor.onnx")
+        if self.wanted("resync"):
+            self.pair(name, "resync twin", size, floor_two, ["resync", path, suspect, "--quiet", "-o"], folder / "out.onnx")
+        if self.wanted("audit"):
+            html = folder / "audit.html"
+            self.pair(name, "audit", size, floor_two, ["audit", path, suspect, "--quiet", "--json", "--html"], html)
+            self.rows[-1].report_bytes = html.stat().st_size
 
     def deep(self, nodes: int) -> None:
         path = self.workdir / f"deep{nodes}.onnx"
@@ -356,6 +392,24 @@ def _table(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _real_goals(rows: list[Row]) -> list[str]:
+    """Issue 15's goal for the real models: each run under 3 times its floor + 1 s; reports under 2 MB."""
+    lines = []
+    for row in rows:
+        if not row.model.endswith("MB)") or not row.floor_seconds:
+            continue
+        limits = [3 * floor + 1 for floor in row.floor_seconds]
+        met = sum(seconds <= limit for seconds, limit in zip(row.seconds, limits))
+        line = (
+            f"- {row.model} {row.command}: {met}/{len(limits)} runs under 3x floor + 1 s "
+            f"(median {statistics.median(row.seconds):.2f} s, limit {statistics.median(limits):.2f} s)"
+        )
+        if row.report_bytes:
+            line += f"; HTML report {row.report_bytes / 1e6:.2f} MB ({'under' if row.report_bytes < 2e6 else 'over'} 2 MB)"
+        lines.append(line)
+    return lines
+
+
 def _numbers(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
@@ -368,10 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", default="1000,5000,20000,50000", help="node counts for inspect (default 1000..50000)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (default 3)")
     parser.add_argument("--floor-limit", type=int, default=3000, help="no floor above this many MB (external data)")
-    parser.add_argument("--only", help="comma-separated commands: permute,unpermute,resync,audit,inspect,verify")
+    parser.add_argument("--only", help="comma-separated commands: permute,perturb,unpermute,resync,audit,inspect,verify")
     parser.add_argument("--workdir", type=Path, help="keep the generated models here (reused when present)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     parser.add_argument("--blas-threads", type=int, help="BLAS/OpenMP threads of every child (default: left as it is)")
+    parser.add_argument("--real", type=Path, help="also resync and audit every *.onnx in this folder (e.g. .cache/models)")
     args = parser.parse_args(argv)
     if args.blas_threads is not None:
         _ENV.update(dict.fromkeys(_THREAD_VARIABLES, str(args.blas_threads)))
@@ -392,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         if bench.wanted("inspect"):
             for nodes in _numbers(args.nodes):
                 bench.deep(nodes)
+        if args.real is not None:
+            for path in sorted(args.real.glob("*.onnx")):
+                bench.real(path)
     finally:
         if temporary is not None:
             temporary.cleanup()
@@ -407,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- load after: `{load_after}`")
     print()
     print("\n".join(_table(bench.rows)))
+    goals = _real_goals(bench.rows)
+    if goals:
+        print()
+        print("\n".join(goals))
     return 0
 
 

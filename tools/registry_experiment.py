@@ -55,6 +55,11 @@ the unrelated-gap law, the margin the threshold sits in).
 tools.match_real_models`` reads (:func:`real_pairs`): unrelated pairs the registry lacks (timm's
 random-initialised tiny transformers share their layer shapes).
 
+``--out DIR --reuse`` measures again on the registry an earlier ``--out DIR`` run built (its
+``layout.json``), without building it again; ``--throughput-only --build-speedup`` then times
+the fingerprint throughput and the 1 -> 2 worker build alone, with any round's onnxlady (to
+compare two trees: run the same command from each).
+
 The fine-tuned models are exported once into ``.cache/registry/finetune`` by the torch
 virtualenv (``ZOO_PYTHON -m tools.registry_experiment --export-finetuned DIR``, about a minute)
 and reused afterwards.
@@ -90,6 +95,7 @@ from onnxlady._provenance._fingerprint import (
     compare_fingerprints,
     field_gaps,
     fingerprint_model,
+    is_derived,
     layer_distances,
 )
 from onnxlady._provenance._index import _batches, _scan, _Task, add_fingerprints, build_index
@@ -313,6 +319,28 @@ def build_registry(root: Path, seeds: int, finetuned: dict[str, Any], real: list
         onnx.save(onnx.load(item["other"]), path)
         layout["distractors"].append(str(path))
         layout["sources"][str(path)] = "torch"
+    (root / LAYOUT_FILE).write_text(json.dumps(layout, indent=1))  # for --reuse
+    return layout
+
+
+#: Where :func:`build_registry` records its layout under ``--out`` (read back by ``--reuse``).
+LAYOUT_FILE = "layout.json"
+
+
+def reused_layout(root: Path) -> dict[str, Any]:
+    """The layout of the registry an earlier run built under ``root`` (``--reuse``).
+
+    Raises:
+        SystemExit: no registry there, or its files changed since (a file gone).
+    """
+    try:
+        layout: dict[str, Any] = json.loads((root / LAYOUT_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--reuse: no registry under {root} ({exc}); run once with --out {root} first") from exc
+    missing = [path for path in layout["sources"] if not Path(path).is_file()]
+    missing += [item["path"] for item in layout["derivatives"] if not Path(item["path"]).is_file()]
+    if missing:
+        raise SystemExit(f"--reuse: {len(missing)} registry files are gone (first: {missing[0]}); build it again")
     return layout
 
 
@@ -591,10 +619,15 @@ def real_pairs() -> dict[str, Any]:
             if same_model(a, b):
                 continue
             match = compare_fingerprints(first, second)
-            if not match.pairs:
+            if not match.weighed_pairs:
                 continue
-            slots = len(match.pairs) + len(match.unmatched_a) + len(match.unmatched_b)
-            rows.append((match.distance / derived_threshold(slots), a, b, match.distance, len(match.pairs), slots))
+            # The rule find applies: degenerate layers are no slots, the limit follows the pair's
+            # own unrelated gap where it can measure one.
+            slots = match.slots
+            limit = derived_threshold(slots) * match.unrelated_scale
+            if not is_derived(match, limit) and match.distance <= limit:
+                continue  # within the limit but not contrasted: find calls it unrelated
+            rows.append((match.distance / limit, a, b, match.distance, len(match.pairs), slots))
     rows.sort()
     return {
         "models": len(fingerprints),
@@ -672,6 +705,16 @@ def _speed_row(label: str, speed: dict[str, float]) -> str:
     )
 
 
+def _build_row(build: dict[str, Any]) -> str:
+    return (
+        f"| index build of {build['files']} files, 1 -> 2 workers (median of {len(build['runs'][1])}) | "
+        f"{build['one_worker_seconds']:.2f} s -> "
+        f"{build['two_workers_seconds']:.2f} s (speed-up {build['speedup']:.2f}; CPU time "
+        f"{build['one_worker_cpu_seconds']:.2f} s -> {build['two_workers_cpu_seconds']:.2f} s; load average "
+        f"{build['load_before'][0]:.1f} before, {build['load_after'][0]:.1f} after) | near 2 |"
+    )
+
+
 def _table(results: dict[str, Any]) -> str:
     accuracy, build, search = results["accuracy"], results["build"], results["find"]
     layout = results["layout"]
@@ -719,13 +762,7 @@ def _table(results: dict[str, Any]) -> str:
         if results.get(key):
             lines.append(_speed_row(label, results[key]))
     lines += [
-        (
-            f"| index build of {build['files']} files, 1 -> 2 workers (median of {len(build['runs'][1])}) | "
-            f"{build['one_worker_seconds']:.2f} s -> "
-            f"{build['two_workers_seconds']:.2f} s (speed-up {build['speedup']:.2f}; CPU time "
-            f"{build['one_worker_cpu_seconds']:.2f} s -> {build['two_workers_cpu_seconds']:.2f} s; load average "
-            f"{build['load_before'][0]:.1f} before, {build['load_after'][0]:.1f} after) | near 2 |"
-        ),
+        _build_row(build),
         (
             f"| find, {search['models']:,} synthetic fingerprints (median of 3) | "
             f"{search['find_seconds_median']:.3f} s | < 1 s |"
@@ -760,6 +797,15 @@ def main(argv: list[str] | None = None) -> int:
         help="build the registry and measure only the fingerprint throughput (runs with any round's onnxlady)",
     )  # fmt: skip
     parser.add_argument("--export-finetuned", type=Path, metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="with --out: reuse the registry an earlier run built there instead of building it again "
+        "(the fine-tuned exports are not needed then)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--build-speedup", action="store_true",
+        help="with --throughput-only: also time the index build with 1 and 2 workers (runs with any round's onnxlady)",
+    )  # fmt: skip
     parser.add_argument("--calibrate", action="store_true", help="also print the calibrated constants")
     parser.add_argument(
         "--real-pairs", action="store_true",
@@ -771,17 +817,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_finetuned:  # the torch virtualenv's part
         export_finetuned(args.export_finetuned)
         return 0
+    if args.reuse and not args.out:
+        parser.error("--reuse needs --out DIR (the folder of an earlier run)")
     finetuned, note = (
         ({}, "fine-tuned derivatives left out (--no-finetune)")
-        if args.no_finetune
+        if args.no_finetune or args.reuse
         else finetuned_models(args.finetune_cache, args.zoo_python)
     )
+    if args.reuse:
+        note = f"registry reused from {args.out} (--reuse)"
     real = [] if args.no_real else sorted(REAL_MODELS.glob("*.onnx"))
     with tempfile.TemporaryDirectory(prefix="onnxlady-registry-") as temporary:
         root = args.out or Path(temporary)
         root.mkdir(parents=True, exist_ok=True)
-        print("building the registry...", file=sys.stderr)
-        layout = build_registry(root, args.seeds, finetuned, real)
+        if args.reuse:
+            layout = reused_layout(root)
+        else:
+            print("building the registry...", file=sys.stderr)
+            layout = build_registry(root, args.seeds, finetuned, real)
         registry = [root / "registry"]
         index, references_index = root / "registry.idx", root / "references.idx"
         for stale in (index, references_index):
@@ -803,9 +856,10 @@ def main(argv: list[str] | None = None) -> int:
         onnx.save(build_large_model(args.large_megabytes), large)
         results["throughput_large"] = throughput([str(large)], args.repeats)
         large.unlink()
-        if not args.throughput_only:
+        if not args.throughput_only or args.build_speedup:
             # The registry and the suspects: a longer build than the registry alone.
             results["build"] = build_speedup([str(p) for p in registry] + [str(root / "suspects")], root)
+        if not args.throughput_only:
             print("timing find on synthetic fingerprints...", file=sys.stderr)
             results["find"] = find_speed(args.synthetic, root)
         if args.calibrate:
@@ -828,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
                            ("one large generated model", "throughput_large")):  # fmt: skip
             if results.get(key):
                 print(_speed_row(label, results[key]))
+        if results.get("build"):
+            print(_build_row(results["build"]))
     else:
         print(_table(results))
         for line in results["notes"]:

@@ -467,7 +467,7 @@ def _requirements(
         axes = bound.get(use, {})
         requirement = tuple(canonical(solver, axes[a].expr) if a in axes else None for a in range(rank))
         raw.append(tuple(None if _is_identity(r) else r for r in requirement))
-    if len(set(raw)) < 2:
+    if len(raw) < 2 or len(set(raw)) < 2:  # (one use, the common case: nothing to hash)
         return raw
     invariant = _invariant_axes(state.graph, leaf, {a for req in raw for a, r in enumerate(req) if r is not None})
     return [tuple(None if a in invariant else r for a, r in enumerate(req)) for req in raw]
@@ -534,15 +534,14 @@ def walk_order(graph: ModelGraph) -> list[int]:
 
 def _run_rule(state: AnalysisState, index: int) -> None:
     ctx = RuleContext(state, index)
-    node = ctx.node
-    rule = rule_for(node.domain, node.op_type)
-    if rule is not None and not rule.joint_aware:
+    op_type, domain = state.graph.op_of(index)
+    rule = rule_for(domain, op_type)
+    if rule is not None and not rule.joint_aware and state.joint:
         # Joint spaces reach only the rules that read them; the others see one axis per digit.
         for _, name in state.graph.inputs_of(index):
             materialize_joint(state, name)
     if rule is None:
-        domain = node.domain or "ai.onnx"
-        ctx.abandon(ctx.reason("no-rule", f"no rule for operator {domain}::{node.op_type}"))
+        ctx.abandon(ctx.reason("no-rule", f"no rule for operator {domain or 'ai.onnx'}::{op_type}"))
         return
     try:
         rule.propagate(ctx)
@@ -562,8 +561,8 @@ def _joint_member(tensor: str, space: JointSpace, node: str, index_map: str) -> 
 
 def _collect(state: AnalysisState) -> ChannelAnalysis:
     graph, solver = state.graph, state.solver
-    tensors = _plan_tensors(state)
     position = {index: k for k, index in enumerate(walk_order(graph))}
+    tensors = _plan_tensors(state, position)
     # A body's formal inputs (Loop/Scan) have no producer: they sit where their body starts.
     formal = {
         name: body.nodes[0] if body.nodes else owner
@@ -577,15 +576,20 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
         resolved = solver.resolve(expr)
         if isinstance(resolved, Fixed):
             return
-        # Most spaces are one group: skip the second resolution solver.atoms would make.
-        roots = (resolved.id,) if isinstance(resolved, Atom) else {atom.id for atom in solver.atoms(resolved)}
-        for root in roots:
+        if isinstance(resolved, Atom):
+            # Most spaces are one group: skip the second resolution solver.atoms would make.
+            found = members.get(resolved.id)
+            if found is None:
+                found = members[resolved.id] = []
+            found.append((order, make(describe(resolved, resolved.id))))
+            return
+        for root in {atom.id for atom in solver.atoms(resolved)}:
             members.setdefault(root, []).append((order, make(describe(resolved, root))))
 
     for plan in tensors:
         for axis, expr in plan.axes:
             node_index = plan.uses[0][0]
-            label = node_label(graph.nodes[node_index], node_index) if node_index >= 0 else ""
+            label = graph.label(node_index) if node_index >= 0 else ""
             role = ", ".join(plan.roles)
             add_members(
                 expr,
@@ -595,27 +599,29 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
     for name, spaces in state.tracked.items():
         produced = graph.producer.get(name)
         node_index = produced[0] if produced else -1
-        label = node_label(graph.nodes[node_index], node_index) if node_index >= 0 else ""
+        label = graph.label(node_index) if node_index >= 0 else ""
+        where = position[node_index] if node_index in position else position.get(formal.get(name, -1), -1)
         for axis, expr in spaces.items():
             add_members(
                 expr,
-                (position.get(node_index, position.get(formal.get(name, -1), -1)), 1, axis),
+                (where, 1, axis),
                 functools.partial(GroupMember, name, axis, "activation", label, is_weight=False),
             )
     for name, joint in state.joint.items():
         produced = graph.producer.get(name)
         node_index = produced[0] if produced else -1
-        label = node_label(graph.nodes[node_index], node_index) if node_index >= 0 else ""
+        label = graph.label(node_index) if node_index >= 0 else ""
         for space in joint:
             add_members(
                 space.expr,
                 (position.get(node_index, -1), 1, space.axes[0]),
                 functools.partial(_joint_member, name, space, label),
             )
-    ordered_roots = sorted(members, key=lambda root: min(order for order, _ in members[root]))
+    # Each group's members in order; the groups in the order of their first member.
+    by_order = {root: sorted(found, key=_first_item) for root, found in members.items()}
+    ordered_roots = sorted(by_order, key=lambda root: by_order[root][0][0])
     groups = []
     for number, root in enumerate(ordered_roots):
-        found = sorted(members[root], key=lambda item: item[0])
         groups.append(
             ChannelGroup(
                 id=f"g{number}",
@@ -623,26 +629,28 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
                 size=solver._size[root],
                 frozen=solver.is_frozen(root),
                 reasons=solver.reasons(root),
-                members=tuple(member for _, member in found),
+                members=tuple([member for _, member in by_order[root]]),
             )
         )
     producers = [
-        (node_label(graph.nodes[index], index), graph.nodes[index].op_type, expr)
+        (graph.label(index), graph.op_of(index)[0], expr)
         for index, expr in state.producers
-        if graph.nodes[index].op_type in PRODUCER_OPS
+        if graph.op_of(index)[0] in PRODUCER_OPS
     ]
     return ChannelAnalysis(graph, state, groups, tensors, producers)
 
 
-def _plan_tensors(state: AnalysisState) -> list[TensorPermutation]:
+def _plan_tensors(state: AnalysisState, position: Mapping[int, int] | None = None) -> list[TensorPermutation]:
     """Which physical tensors to permute, untying constants whose uses disagree.
 
     Copies are made in the main graph, for main-graph uses of main-graph constants. Where a copy
     would be needed anywhere else (a use inside an If/Loop/Scan body, a constant held by a body),
     the permutation that copy would carry is frozen instead, and the plan made again.
+    ``position`` is each node's place in :func:`walk_order` (made here when not given).
     """
     graph = state.graph
-    position = {index: k for k, index in enumerate(walk_order(graph))}
+    if position is None:
+        position = {index: k for k, index in enumerate(walk_order(graph))}
     main_initializers = {tensor.name for tensor in graph.model.graph.initializer}
     while True:
         plans = _plan_once(state, position, lambda leaf, uses: _copyable(graph, leaf, uses, main_initializers))
@@ -688,7 +696,7 @@ def _plan_once(
     by_leaf: dict[str, dict[tuple[int, int], dict[int, Binding]]] = {}
     for (node, slot, axis), binding in state.bindings.items():
         by_leaf.setdefault(binding.leaf, {}).setdefault((node, slot), {})[axis] = binding
-    existing = set(graph.initializers) | set(graph.producer)
+    existing: set[str] | None = None  # the names a copy must not take (made for the first copy)
     plans: list[TensorPermutation] = []
     for leaf in sorted(by_leaf, key=lambda name: _first_use(position, by_leaf[name])):
         bound = by_leaf[leaf]
@@ -716,6 +724,8 @@ def _plan_once(
             if original_taken:
                 copies += 1
                 name = f"{leaf}{COPY_SUFFIX}{copies}"
+                if existing is None:
+                    existing = set(graph.initializers) | set(graph.producer)
                 while name in existing:
                     name += "_"
                 existing.add(name)
@@ -725,6 +735,10 @@ def _plan_once(
             permuted = tuple((a, r) for a, r in enumerate(requirement) if r is not None)
             plans.append(TensorPermutation(name, leaf, copies if name != leaf else 0, tuple(uses), permuted, tuple(roles)))
     return plans
+
+
+def _first_item(item: tuple[tuple[int, int, int], GroupMember]) -> tuple[int, int, int]:
+    return item[0]
 
 
 def _is_identity(expr: Expr | None) -> bool:

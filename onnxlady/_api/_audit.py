@@ -28,6 +28,7 @@ from onnxlady._audit._render import render_html, render_markdown
 from onnxlady._audit._verdicts import AUDIT_RTOL, AuditReport, audit_models
 from onnxlady._audit._verdicts import canonicalize as _canonicalize
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._external import load_mapped
 from onnxlady._io._files import save_model
 from onnxlady._io._outputs import OutputSet, check_output_paths, external_data_path
 from onnxlady._io._progress import say
@@ -126,7 +127,8 @@ class AuditResult(Result):
         """
         if self.report.resync is None:
             raise OnnxladyError("the suspect is identical to the reference: nothing to canonicalize")
-        return _canonicalize(self.report.resync.model, self.report, self._reference_model)
+        # Weights still in their external files are read in: the model is the caller's to save.
+        return load_mapped(_canonicalize(self.report.resync.model, self.report, self._reference_model))
 
     def save_canonical(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`canonical_model` to ``path`` atomically.
@@ -193,8 +195,9 @@ def audit(
     check_memory(max_memory, "audit", inputs)
     if method not in METHODS:
         raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
-    opened_reference = open_model(reference, "reference", progress)
-    opened_suspect = open_model(suspect, "suspect", progress)
+    # External weights stay in their files, read as the audit needs them.
+    opened_reference = open_model(reference, "reference", progress, map_external=True)
+    opened_suspect = open_model(suspect, "suspect", progress, map_external=True)
     external_inputs = [path for opened in (opened_reference, opened_suspect) for path in opened.external_files]
     check_output_paths([target for target in targets if target is not None], external_inputs)
     report = audit_models(

@@ -9,7 +9,11 @@ worst case seen, rounded up; see docs/results.md, Performance):
   written, the restored model's encoding); with external data the weights stay in their files
   and memory is a few of the largest tensors;
 - ``resync`` and ``audit`` hold both models, the suspect's moved copy, the output and, across a
-  conversion or in the audit, float64 work copies with error bounds: up to 10 x both models.
+  conversion or in the audit, float64 work copies with error bounds: up to 10 x both models;
+- ``resync`` of a twin whose weights are all stored as external data reads them from their
+  files one channel group at a time (:mod:`onnxlady._resync._mapped`): memory is then a few
+  times the tensors the largest group touches (:func:`check_twin_memory`, once the reference
+  is analysed and the suspect known to be a twin; before any weight is read).
 
 A budget below the estimate is refused up front (exit 2), not discovered by the kernel halfway.
 """
@@ -24,8 +28,12 @@ from pathlib import Path
 
 import onnx
 
+from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._skim import read_graph
+from onnxlady._io._tensors import tensor_holders
+from onnxlady._resync._solver import group_slices
+from onnxlady._resync._twin import NotATwin, twin_leaves
 
 #: What the interpreter with onnxlady, numpy, onnx and scipy loaded holds before any model.
 BASELINE_BYTES = 200 << 20
@@ -33,6 +41,11 @@ BASELINE_BYTES = 200 << 20
 INLINE_FACTOR: dict[str, float] = {"permute": 2.5, "unpermute": 3.5, "resync": 10.0, "audit": 10.0}
 #: Peak over the largest tensor, for permute/unpermute of weights kept in external files.
 EXTERNAL_TENSORS = 6
+#: Peak over the bytes of the tensors one channel group touches (both models' copies, the
+#: moved copy, the centred blocks), for a twin resync of weights kept in external files;
+#: 3.7 measured on the generated 0.23 GB external model (``python3 -m tools.bench --external
+#: 200 --only resync``: 236 MB peak, its largest group 63 MB), rounded up.
+GROUP_FACTOR = 5
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -134,4 +147,65 @@ def check_memory(
         raise OnnxladyError(
             f"{command} needs about {estimate / 2**30:.2f} GiB of memory{way}, more than max_memory "
             f"{limit / 2**30:.2f} GiB: nothing was done"
+        )
+
+
+def has_external_weights(path: Path | None) -> bool:
+    """Whether the model file ``path`` stores some of its tensors as external data."""
+    if path is None:
+        return False
+    try:
+        return _largest_external(path) is not None
+    except (OSError, ValueError, OnnxladyError):  # an unreadable file: the command itself reports it
+        return False
+
+
+def twin_peak(analysis: ChannelAnalysis, paths: Sequence[Path]) -> int:
+    """The estimated peak of a twin resync whose weights stay in their external files.
+
+    Args:
+        analysis: the reference's analysis (as resync computes it).
+        paths: the two model files (their graphs' sizes count: the graphs are held whole).
+    """
+    holders = tensor_holders(analysis.graph.model)
+    permutable = {group.id for group in analysis.permutable_groups}
+    _, touched = group_slices(analysis, permutable)
+    sizes = [_tensor_bytes(holders[plan.source]) for plan in analysis.tensors]
+    group = max((sum(sizes[number] for number in plans) for plans in touched.values()), default=0)
+    graphs = sum(os.stat(path).st_size for path in paths)
+    return BASELINE_BYTES + 2 * graphs + GROUP_FACTOR * group + 2 * max(sizes, default=0)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 8
+    return math.prod(int(d) for d in tensor.dims) * itemsize
+
+
+def check_twin_memory(
+    budget: str | int | None, analysis: ChannelAnalysis, suspect: onnx.ModelProto, paths: Sequence[Path]
+) -> None:
+    """Refuse a resync of external-data models whose estimated peak exceeds ``budget``.
+
+    A twin suspect is estimated by :func:`twin_peak`; any other is matched across conversions
+    with its weights read in, and estimated as inline models are (:func:`estimate_peak`).
+
+    Raises:
+        OnnxladyError: ``budget`` is not a size, or the estimate exceeds it.
+    """
+    limit = parse_memory(budget)
+    if limit is None:
+        return
+    try:
+        twin_leaves(analysis, suspect)
+    except NotATwin:
+        check_memory(budget, "resync", list(paths))
+        return
+    estimate = twin_peak(analysis, paths)
+    if estimate > limit:
+        raise OnnxladyError(
+            f"resync needs about {estimate / 2**30:.2f} GiB of memory (weights read from their external files "
+            f"one channel group at a time), more than max_memory {limit / 2**30:.2f} GiB: nothing was done"
         )

@@ -22,7 +22,7 @@ import onnx
 from onnxlady._analysis._channels import ChannelAnalysis, analyze
 from onnxlady._api._checks import check_seed
 from onnxlady._api._memory import check_memory
-from onnxlady._api._results import Result
+from onnxlady._api._results import Result, read_back
 from onnxlady._api._sources import (
     ModelSource,
     OutputPath,
@@ -40,7 +40,6 @@ from onnxlady._api._verify import (
     verify as _run_verify,  # ``verify`` is also permute's flag
 )
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._files import load_model
 from onnxlady._io._inputs import load_json
 from onnxlady._io._outputs import OutputSet, external_data_path
 from onnxlady._io._stream import Override
@@ -92,9 +91,7 @@ class PermuteResult(Result):
         streaming route never holds it whole in memory).
         """
         if self._model is None:
-            if self.output is None:
-                raise OnnxladyError("the permuted model was neither kept nor written")
-            self._model = load_model(self.output).model
+            self._model = read_back(self.output, "permuted")
         return self._model
 
     @property

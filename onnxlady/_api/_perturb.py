@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 
 from onnxlady._api._checks import check_seed
-from onnxlady._api._results import Result
+from onnxlady._api._results import Result, read_back
 from onnxlady._api._sources import (
     ModelSource,
     OutputPath,
@@ -23,9 +23,11 @@ from onnxlady._api._sources import (
     path_text,
     source_path,
 )
+from onnxlady._io._external import load_mapped
 from onnxlady._io._files import save_model
+from onnxlady._io._outputs import OutputSet
 from onnxlady._io._progress import say
-from onnxlady._transforms._perturb import PerturbReport, TensorChange, perturb_model
+from onnxlady._transforms._perturb import PerturbReport, TensorChange, perturb_model, perturb_streamed
 
 
 @dataclass
@@ -40,10 +42,21 @@ class PerturbResult(Result):
         output: where the perturbed model was written; ``None`` when it was kept in memory.
     """
 
-    model: onnx.ModelProto = field(repr=False)
     report: PerturbReport
     source: Path | None = None
     output: Path | None = None
+    _model: onnx.ModelProto | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The perturbed model.
+
+        When it was streamed to :attr:`output`, it is read back from there on first use (the
+        streaming route never holds it whole in memory).
+        """
+        if self._model is None:
+            self._model = read_back(self.output, "perturbed")
+        return self._model
 
     @property
     def changes(self) -> list[TensorChange]:
@@ -127,14 +140,26 @@ def perturb(
     source = source_path(model)
     target = output_path(output)
     check_outputs(target, [source], overwrite_input=overwrite_input)
-    opened = open_model(model, progress=progress)
+    # With an output file, external weights stay in their files: each is read as it is written.
+    opened = open_model(model, progress=progress, map_external=target is not None, as_loaded=True)
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
-    perturbed = opened.writable()
-    report = perturb_model(
-        perturbed, noise=noise, quantize_bits=quantize, prune_percent=prune, seed=seed,
-        only=[only] if isinstance(only, str) else only, progress=progress,
-    )  # fmt: skip
+    options: dict[str, Any] = {
+        "noise": noise, "quantize_bits": quantize, "prune_percent": prune, "seed": seed,
+        "only": [only] if isinstance(only, str) else only, "progress": progress,
+    }  # fmt: skip
+    written_external = external_data or opened.external_data
+    # A file written from our own load is streamed: each weight perturbed as the writer reaches it.
+    stream = perturb_streamed(opened.model, **options) if target is not None and opened.owned else None
+    if stream is not None:
+        assert target is not None
+        with OutputSet() as outputs:
+            say(progress, f"saving {target}")
+            outputs.write_model(target, opened.model, external_data=written_external, overrides=stream.overrides)
+            report = stream.finish()
+        return PerturbResult(report, source, target)
+    perturbed = load_mapped(opened.writable())  # changed in place: every weight in the model
+    report = perturb_model(perturbed, **options)
     if target is not None:
         say(progress, f"saving {target}")
-        save_model(perturbed, target, external_data=external_data or opened.external_data)
-    return PerturbResult(perturbed, report, source, target)
+        save_model(perturbed, target, external_data=written_external)
+    return PerturbResult(report, source, target, perturbed)

@@ -130,7 +130,7 @@ class FindResult(Result):
 
     @property
     def derived(self) -> list[Candidate]:
-        """The candidates called ``derived`` (with ``confirm``: and paired by their audit)."""
+        """The candidates called ``derived`` (with ``confirm``: by their audit, see ``Candidate.called_by``)."""
         return [c for c in self.details.derived if c.confirmation is None or c.confirmation.verdict != "unmatched"]
 
     @property
@@ -150,7 +150,7 @@ class FindResult(Result):
         lines = [
             (
                 f"{report.suspect} against {report.index} ({report.models} models): "
-                f"{len(self.derived)} derived ({_threshold_text(report.threshold)})"
+                f"{len(self.derived)} derived ({_threshold_text(report.threshold, report.candidates)})"
             )
         ]
         if report.candidates:
@@ -159,19 +159,22 @@ class FindResult(Result):
             lines.append(header + ("  confirm" if confirmed else "") + "  model")
             for c in report.candidates:
                 layers = f"{c.paired_layers}/{c.unpaired_layers[0]}/{c.unpaired_layers[1]}"
-                row = f"{c.rank:>4}  {c.score:>6.3f}  {c.distance:>8.4f}  {c.threshold:>6.3f}  {c.call:<9}  {layers:>9}"
+                call = c.call + ("*" if c.called_by == "audit" else "")
+                row = f"{c.rank:>4}  {c.score:>6.3f}  {c.distance:>8.4f}  {c.threshold:>6.3f}  {call:<9}  {layers:>9}"
                 if confirmed:
                     row += f"  {_confirmation_text(c.confirmation)}"
                 lines.append(f"{row}  {c.path}")
             lines.append(
                 "limit: the largest distance called derived; layers: paired/unpaired in the suspect/unpaired in "
-                "the candidate"
+                "the candidate" + ("; *: called by the audit, not the distance" if confirmed else "")
             )
         lines.append(f"search {report.search_seconds:.3f} s, total {report.seconds:.3f} s")
         return "\n".join(lines)
 
 
-def _threshold_text(threshold: float | None) -> str:
+def _threshold_text(threshold: float | None, candidates: list[Candidate]) -> str:
+    if any(c.called_by == "audit" for c in candidates):
+        return "called by the audit of each candidate"
     if threshold is None:
         return "distance within each one's limit"
     return f"distance <= {threshold:g}"
@@ -217,7 +220,7 @@ class ClusterResult(Result):
         lines = [
             (
                 f"{report.index}: {len(report.clusters)} clusters of related models among {report.models} "
-                f"({_threshold_text(report.threshold)}; {report.compared_pairs} pairs compared, {report.seconds:.2f} s)"
+                f"({_threshold_text(report.threshold, [])}; {report.compared_pairs} pairs compared, {report.seconds:.2f} s)"
             )
         ]
         for number, cluster in enumerate(report.clusters, start=1):

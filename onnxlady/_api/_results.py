@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import onnx
+
 from onnxlady._api._json_text import dumps_indented
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._files import load_model
 
 
 class Result:
@@ -34,3 +39,21 @@ class Result:
     def exit_code(self) -> int:
         """0 for success; 1 for a negative verdict (outputs not equivalent, groups unmatched...)."""
         return 0
+
+
+def read_back(output: Path | None, what: str) -> onnx.ModelProto:
+    """The model a streamed command wrote to ``output``, read back (it never held it whole).
+
+    Args:
+        output: where the command wrote the model, or ``None`` when it wrote nothing.
+        what: the model's description for the error (``"permuted"``).
+
+    Returns:
+        The written model, its external data loaded.
+
+    Raises:
+        OnnxladyError: nothing was written.
+    """
+    if output is None:
+        raise OnnxladyError(f"the {what} model was neither kept nor written")
+    return load_model(output).model

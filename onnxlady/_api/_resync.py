@@ -6,11 +6,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import onnx
 
-from onnxlady._api._memory import check_memory
+from onnxlady._api._memory import check_memory, check_twin_memory, has_external_weights, parse_memory
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     KeySource,
@@ -27,9 +27,12 @@ from onnxlady._api._sources import (
     source_path,
 )
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._outputs import OutputSet
+from onnxlady._io._external import load_mapped, mapped_files
+from onnxlady._io._outputs import OutputSet, external_data_path
 from onnxlady._io._progress import say
+from onnxlady._io._stream import Override
 from onnxlady._resync._entry import resync_model
+from onnxlady._resync._match import analyze_with_state
 from onnxlady._resync._solver import GroupResync
 from onnxlady._resync._solver import ResyncResult as _Resynced
 from onnxlady._transforms._key import PermutationKey
@@ -59,7 +62,8 @@ class ResyncResult(Result):
     @property
     def model(self) -> onnx.ModelProto:
         """The suspect with its neurons in the reference's order (in its own form, if converted)."""
-        return self.details.model
+        # Weights read from external files on demand are read into the model handed out here.
+        return load_mapped(self.details.model)
 
     @property
     def key(self) -> PermutationKey:
@@ -214,13 +218,26 @@ def resync(
     extra = [key_path] if key_path is not None else []
     true_key_path = source_path(true_key) if true_key is not None else None
     check_outputs(target, [reference_path, suspect_path, true_key_path], extra, overwrite_input=overwrite_input)
-    check_memory(max_memory, "resync", [reference_path, suspect_path])
+    # Models with external weights are estimated once the reference is analysed (below).
+    paths = (reference_path, suspect_path)
+    external = [has_external_weights(path) for path in paths] if max_memory is not None else [False, False]
+    if not all(external):
+        check_memory(max_memory, "resync", [reference_path, suspect_path])
+    parse_memory(max_memory)  # a budget that is no size is refused before anything is read
     key = open_key(true_key) if true_key is not None else None
-    opened_reference = open_model(reference, "reference", progress)
-    opened_suspect = open_model(suspect, "suspect", progress)
+    # External weights stay in their files, read as the resync needs them: memory does not
+    # grow with the models (the output is written tensor by tensor from them).
+    opened_reference = open_model(reference, "reference", progress, map_external=True)
+    opened_suspect = open_model(suspect, "suspect", progress, map_external=True)
     check_external_inputs(target, [opened_reference, opened_suspect], extra, overwrite_input=overwrite_input)
+    analysis = None
+    if all(external) and max_memory is not None and reference_path is not None and suspect_path is not None:
+        say(progress, "resync: analysing the reference")
+        analysis = analyze_with_state(opened_reference.model, key)  # what resync_model would compute
+        check_twin_memory(max_memory, analysis, opened_suspect.model, [reference_path, suspect_path])
     details = resync_model(
-        opened_reference.model, opened_suspect.model, method=method, refine=refine, true_key=key, progress=progress
+        opened_reference.model, opened_suspect.model, method=method, refine=refine, true_key=key, progress=progress,
+        analysis=analysis,
     )
     if target is not None:
         say(progress, f"saving {target}")
@@ -249,7 +266,14 @@ def _write_output(
     """
     if details.unbuilt is not None:
         suspect, overrides = details.unbuilt
+        written = {path.resolve() for path in (target, external_data_path(target))}
+        if written & mapped_files(suspect):
+            # The output replaces the data file the suspect's weights are still read from: they
+            # are read in first (the result's model must not read the new file's bytes later).
+            load_mapped(suspect)
         return outputs.write_model(
-            target, suspect, external_data=external_data, digest=digest, overrides=dict(overrides)
+            # Functions return arrays, which the writer takes as it takes bytes.
+            target, suspect, external_data=external_data, digest=digest,
+            overrides=cast("dict[str, Override]", dict(overrides)),
         )
     return outputs.write_model(target, details.model, external_data=external_data, digest=digest)

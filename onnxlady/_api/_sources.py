@@ -67,6 +67,7 @@ def open_model(
     progress: Callable[[str], None] | None = None,
     *,
     map_external: bool = False,
+    as_loaded: bool = False,
 ) -> OpenedModel:
     """Open a model argument: load a path (with its external data), take a ModelProto as it is.
 
@@ -77,6 +78,9 @@ def open_model(
         map_external: leave a file's large external tensors in their files, read as memory
             maps (see :func:`onnxlady._io._files.load_model`); for commands that write every
             tensor they change through the output set.
+        as_loaded: with ``map_external``, the tensors read in keep the fields ``onnx.load``
+            gives them, so that a file written from the model is byte for byte what
+            ``onnx.load`` and a save give.
 
     Returns:
         The opened model; :attr:`OpenedModel.owned` says whether it may be changed in place.
@@ -92,7 +96,7 @@ def open_model(
     if not isinstance(source, (str, os.PathLike)):
         raise OnnxladyError(f"{what}: expected a path or an onnx.ModelProto, got {type(source).__name__}")
     say(progress, f"loading the {what} {os.fspath(source)}")
-    loaded = load_model(source, map_external=map_external)
+    loaded = load_model(source, map_external=map_external, as_loaded=as_loaded)
     return OpenedModel(
         loaded.model, loaded.path, loaded.sha256, loaded.external_data, loaded.external_files, owned=True
     )

@@ -21,7 +21,9 @@ Evidence, per weight tensor (``d = suspect - reference``, aligned by the resync)
 - *new zeros* counted without the alignment (zeros of the suspect minus zeros of the
   reference), and whether the suspect's non-zero values are exactly the reference's largest
   magnitudes, or its values in place (magnitude pruning leaves the other weights untouched);
-- *distinct values*: a tensor quantized to ``B`` bits holds at most ``2^B`` values;
+- *distinct values*: a tensor quantized to ``B`` bits holds at most ``2^B`` values (counted
+  exactly up to :data:`DISTINCT_CAP`, beyond it where the vote needs it; ``few_distinct_values``
+  is the vote's exact input);
 - *relative change*: robust std of ``d`` (1.4826 x median absolute deviation, so a few
   neurons the resync mis-paired do not count) over the std of the reference; the noise of
   ``perturb`` gives the same value (Omega) in every tensor;
@@ -46,7 +48,7 @@ as unchanged: ``perturb`` never touches them, fine-tuning always moves them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -70,6 +72,9 @@ QUANT_RATIO = 0.25
 QUANT_MIN_DISTINCT = 64
 #: Quantization: fraction of the voting elements that must vote.
 QUANT_VOTE = 0.5
+#: Distinct values are counted exactly up to this many (every 16-bit type's values); beyond it
+#: the evidence says ``"> 65536"``, unless the quantization vote needs the exact count.
+DISTINCT_CAP = 1 << 16
 #: Noise/fine-tuning: a weight tensor changed densely when at least this fraction of its elements did.
 DENSE = 0.9
 #: Relative tolerance when comparing values as multisets (float16 storage: half an ulp is 4.9e-4).
@@ -237,6 +242,8 @@ def _distinct(values: np.ndarray) -> int:
     flat = np.ravel(values)
     if flat.dtype.kind != "f":  # integers, bools, complex: as np.unique counts them
         return int(np.unique(flat).size)
+    if flat.dtype == np.float16:
+        return _distinct16(flat)
     ordered = None
     if flat.dtype == np.float64 and flat.size:
         with np.errstate(over="ignore"):  # out of float32's range: not equal, counted in float64
@@ -254,6 +261,79 @@ def _distinct(values: np.ndarray) -> int:
     return count + (finite < ordered.size)
 
 
+def _distinct16(flat: np.ndarray) -> int:
+    """:func:`_distinct` of float16 values without a sort: which of the 65536 bit patterns occur.
+
+    Patterns that compare equal count once: -0 with 0, and every NaN (exponent all ones, a
+    non-zero fraction) with every other.
+    """
+    present = np.bincount(flat.view(np.uint16), minlength=1 << 16).astype(bool)
+    patterns = np.arange(1 << 16)
+    nan = ((patterns & 0x7C00) == 0x7C00) & ((patterns & 0x03FF) != 0)
+    count = int(np.count_nonzero(present & ~nan)) + bool(np.any(present & nan))
+    return count - bool(present[0x0000] and present[0x8000])
+
+
+def _distinct_at_least(values: np.ndarray, prefix: int | None = None) -> int:
+    """A lower bound of :func:`_distinct` in one pass, no sort: how many low-bit patterns occur.
+
+    Equal values have equal bit patterns but for the sign of zero, which the bits read here
+    leave out (so do NaNs' payloads, but any NaN gives 0: no bound). The patterns are the low
+    bits of a float32's representation (the high bits of a float64's folded onto its low ones),
+    twice as many patterns as elements read: for weights of noise-like values a bound near the
+    exact count. Only the first ``prefix`` elements are read when given (a bound still).
+    """
+    flat = np.ravel(values)
+    if prefix is not None:
+        flat = flat[:prefix]
+    if flat.dtype not in (np.float32, np.float64) or not flat.size:
+        return 0
+    if not np.isfinite(np.sum(flat, dtype=np.float64)):  # NaN (or an infinity, or a huge sum): no bound
+        return 0
+    bits = min(31, max(8, int(flat.size).bit_length() + 1))
+    seen = np.zeros(1 << bits, dtype=bool)
+    mask = (1 << bits) - 1
+    for start in range(0, flat.size, 1 << 20):  # chunks: the index arrays stay small
+        chunk = flat[start : start + (1 << 20)]
+        if chunk.dtype == np.float32:
+            keys = chunk.view(np.uint32) & np.uint32(mask)
+        else:
+            wide = chunk.view(np.uint64)
+            keys = ((wide ^ (wide >> np.uint64(32))) & np.uint64(mask)).astype(np.uint32)
+        seen[keys] = True
+    return int(np.count_nonzero(seen))
+
+
+def _distinct_counts(ref: np.ndarray, sus: np.ndarray, same: bool) -> tuple[int | None, int | None, bool]:
+    """The suspect's and the reference's distinct values, and whether the suspect holds few.
+
+    Each count is exact up to :data:`DISTINCT_CAP`, None (more) beyond it; "few" is exactly
+    ``suspect <= QUANT_RATIO * reference`` (what the quantization vote reads): a count beyond
+    the cap is made exact where the bounds do not settle it. A full sort of every weight on both
+    sides was the largest cost of the forensics; a pass over the suspect's bit patterns
+    (:func:`_distinct_at_least`) settles most tensors without one. ``same``: the values are
+    equal element by element (one count serves both).
+    """
+    if same:
+        count = _distinct(ref) if _distinct_at_least(ref, 4 * DISTINCT_CAP) <= DISTINCT_CAP else None
+        return count, count, count == 0  # n <= n / 4 only for n = 0
+    sus_low = _distinct_at_least(sus)
+    sus_count = _distinct(sus) if sus_low <= DISTINCT_CAP else None
+    ref_count = _distinct(ref) if _distinct_at_least(ref, 4 * DISTINCT_CAP) <= DISTINCT_CAP else None
+    if ref_count is None and sus_count is not None and sus_count > QUANT_RATIO * DISTINCT_CAP:
+        ref_count = _distinct(ref)  # the vote needs the reference's count itself
+    if ref_count is None and sus_count is None and sus_low <= QUANT_RATIO * sus.size:
+        sus_count, ref_count = _distinct(sus), _distinct(ref)  # neither bound settles it
+    if sus_count is None:  # more than the cap, and more than a quarter of the reference's
+        return None, ref_count, False
+    return sus_count, ref_count, ref_count is None or sus_count <= QUANT_RATIO * ref_count
+
+
+def _count_text(count: int | None) -> int | str:
+    """A distinct-value count as the report shows it: the number, or ``"> 65536"`` beyond the cap."""
+    return count if count is not None else f"> {DISTINCT_CAP}"
+
+
 def _power(gram: np.ndarray, iterations: int = 50) -> float:
     vector = np.asarray(np.random.default_rng(0).standard_normal(gram.shape[0]))
     value = 0.0
@@ -268,11 +348,25 @@ def _power(gram: np.ndarray, iterations: int = 50) -> float:
 
 def _kept_match(r: np.ndarray, s: np.ndarray, rtol: float) -> float:
     """Fraction of the suspect's non-zero values equal (as a multiset) to the reference's largest magnitudes."""
-    kept = np.sort(np.abs(s[s != 0]))
+    kept = _sorted(np.abs(s[s != 0]))
     if kept.size == 0:
         return 1.0
-    largest = np.sort(np.abs(r))[r.size - kept.size :]
+    largest = _sorted(np.abs(r))[r.size - kept.size :]
     return float(np.mean(np.abs(kept - largest) <= rtol * np.maximum(largest, 1e-30)))
+
+
+def _sorted(values: np.ndarray) -> np.ndarray:
+    """``np.sort(values)`` of a flat float64 array, sorted as float32 where every value is one.
+
+    The narrowing is then exact and keeps the order, so the sorted values are the same; sorting
+    half the bytes is about twice as fast (a float16 or float32 suspect's weights, widened).
+    """
+    with np.errstate(over="ignore"):  # out of float32's range: not equal, sorted in float64
+        narrow = values.astype(np.float32)
+    if not np.array_equal(narrow, values):  # False with a NaN too
+        return np.sort(values)
+    narrow.sort()
+    return narrow.astype(np.float64)
 
 
 def _same_multiset(a: np.ndarray, b: np.ndarray, rtol: float, floor: float = 0.0) -> bool:
@@ -303,6 +397,9 @@ def _measure(
     changed = int(np.count_nonzero(flat_d))
     ref_zeros, sus_zeros = int(np.count_nonzero(ref == 0)), int(np.count_nonzero(sus == 0))
     std_r, std_d = float(flat_r.std()), float(flat_d.std())
+    sus_count, ref_count, few = _distinct_counts(
+        ref if storage is None else ref.astype(storage), sus if storage is None else sus.astype(storage), not changed
+    )
     entry: dict[str, Any] = {
         "tensor": name,
         "elements": n,
@@ -310,9 +407,10 @@ def _measure(
         "new_zeros": max(0, sus_zeros - ref_zeros),
         "reference_zeros": ref_zeros,
         # Counted in the stored dtype (float64 is exact for every stored type, so the count is
-        # the same): half the bytes to sort, no float64 copy.
-        "distinct_values": _distinct(sus if storage is None else sus.astype(storage)),
-        "reference_distinct_values": _distinct(ref if storage is None else ref.astype(storage)),
+        # the same), up to DISTINCT_CAP (see _distinct_counts).
+        "distinct_values": _count_text(sus_count),
+        "reference_distinct_values": _count_text(ref_count),
+        "few_distinct_values": few,
         "relative_change": std_d / std_r if std_r else 0.0,
     }
     if not changed:
@@ -326,6 +424,7 @@ def _measure(
         entry["kept_match"] = max(_kept_match(flat_r, flat_s, MULTISET_RTOL), float(np.mean(in_place)) if kept.any() else 1.0)
     else:
         entry["kept_match"] = None
+    del s, flat_s  # float64 copies of a large weight: let them go before the next ones are made
     # Both medians partition one scratch copy in place (np.median copies its input otherwise).
     scratch = np.array(flat_d)
     center = np.median(scratch, overwrite_input=True)
@@ -336,7 +435,7 @@ def _measure(
         rho = _correlation(flat_r, flat_d, scratch)
         entry["correlation"] = rho
         entry["correlation_z"] = rho * math.sqrt(n)
-    del scratch
+    del scratch, r, flat_r
     axis = info.row_axis if 0 <= info.row_axis < d.ndim else 0
     rows = _matrix(d, axis)
     entry["row_dispersion"] = _dispersion(rows)
@@ -369,8 +468,8 @@ def _median(values: list[float | None]) -> float | None:
 
 # -- the decision -----------------------------------------------------------------------------
 def classify_change(
-    ref: dict[str, np.ndarray],
-    sus: dict[str, np.ndarray],
+    ref: Mapping[str, np.ndarray],
+    sus: Mapping[str, np.ndarray],
     weights: dict[str, WeightInfo],
     rtol: float,
     allowed: dict[str, np.ndarray] | None = None,
@@ -407,8 +506,8 @@ def classify_change(
 
 
 def _other_changes(
-    ref: dict[str, np.ndarray],
-    sus: dict[str, np.ndarray],
+    ref: Mapping[str, np.ndarray],
+    sus: Mapping[str, np.ndarray],
     weights: set[str],
     rtol: float,
     allowed: dict[str, np.ndarray],
@@ -453,11 +552,13 @@ def _summarize(per_tensor: list[dict[str, Any]], others: dict[str, list[str]]) -
     touched_elements = sum(t["elements"] for t in touched)
     dense = [t for t in touched if t["changed"] >= DENSE * t["elements"]]
     new_zeros = sum(t["new_zeros"] for t in touched)
-    voters = [t for t in touched if t["reference_distinct_values"] >= QUANT_MIN_DISTINCT]
+    # A reference count beyond DISTINCT_CAP (a string) is beyond QUANT_MIN_DISTINCT too.
+    voters = [
+        t for t in touched
+        if isinstance(t["reference_distinct_values"], str) or t["reference_distinct_values"] >= QUANT_MIN_DISTINCT
+    ]  # fmt: skip
     voting = sum(t["elements"] for t in voters)
-    quantized = sum(
-        t["elements"] for t in voters if t["distinct_values"] <= QUANT_RATIO * t["reference_distinct_values"]
-    )
+    quantized = sum(t["elements"] for t in voters if t["few_distinct_values"])
     pruned = [t for t in touched if t.get("kept_match") is not None]
     kept_match = (
         sum(t["kept_match"] * (t["elements"] - t["reference_zeros"] - t["new_zeros"]) for t in pruned)
@@ -479,9 +580,7 @@ def _summarize(per_tensor: list[dict[str, Any]], others: dict[str, list[str]]) -
         "new_zero_fraction": new_zeros / total if total else 0.0,
         "new_zero_fraction_in_changed_tensors": new_zeros / touched_elements if touched_elements else 0.0,
         "kept_match": kept_match,
-        "tensors_with_few_distinct_values": sum(
-            1 for t in voters if t["distinct_values"] <= QUANT_RATIO * t["reference_distinct_values"]
-        ),
+        "tensors_with_few_distinct_values": sum(1 for t in voters if t["few_distinct_values"]),
         "quantized_fraction": quantized / voting if voting else None,
         "relative_change_median": float(np.median(robust)) if robust.size else 0.0,
         "relative_change_cv": cv,

@@ -5,7 +5,14 @@ the HTML page adds pictures drawn by hand (no matplotlib, no external assets): p
 similarity heatmap before and after resync (groups above 64 neurons downsampled), each an
 embedded PNG image (one pixel per cell, encoded here with zlib: a few kB, where one SVG
 rectangle per cell made a YOLOv8n report 31 MB), and per producer tensor the L2-norm ratio of
-every neuron with flagged neurons marked, as inline SVG.
+every neuron with flagged neurons marked, as inline SVG (above one point per two pixels, one
+vertical min-max stroke per pixel pair instead: a 3,072-neuron tensor drew 153 kB of circles).
+
+The page's size is bounded whatever the model: pictures are drawn for at most
+:data:`FIGURE_GROUPS` groups (those an auditor looks at first: ambiguous, then lowest margin,
+then largest) and :data:`FIGURE_TENSORS` tensors (flagged first), the others are one table row
+each, and the group graph is left out above :data:`GRAPH_GROUPS` groups (``onnxlady inspect
+--dot`` draws it). A 340-layer transformer's report was 10 MB with a picture for every group.
 """
 
 from __future__ import annotations
@@ -21,6 +28,13 @@ from typing import Any
 from onnxlady._audit._verdicts import AuditReport
 
 __all__ = ["render_html", "render_markdown"]
+
+#: Groups with heatmaps, tensors with norm-ratio plots, and groups up to which the graph is drawn.
+FIGURE_GROUPS = 32
+FIGURE_TENSORS = 48
+GRAPH_GROUPS = 300
+#: Rows of each per-tensor or per-group table; the JSON (``--json``) has them all.
+TABLE_ROWS = 400
 
 
 def _fmt(value: Any) -> str:
@@ -180,6 +194,7 @@ def _ratio_plot(
     width: int = 420,
     height: int = 120,
 ) -> str:
+    """The norm ratio of every neuron: a dot each, or a min-max stroke per two pixels when denser."""
     finite = [r for r in ratios if math.isfinite(r)]
     top = max([*finite, 1.0]) * 1.1 or 1.0
     n = max(1, len(ratios))
@@ -190,14 +205,28 @@ def _ratio_plot(
         f'<line x1="0" x2="{width}" y1="{y1:.1f}" y2="{y1:.1f}" stroke="#888" stroke-dasharray="3,3"/>'
     )
     flag = set(flagged)
-    for i, r in enumerate(ratios):
-        r = r if math.isfinite(r) else top
-        y = 16 + height * (1 - r / top)
-        color = "#d00" if i in flag else "#36c"
-        radius = 3 if i in flag else 1.6
-        parts.append(
-            f'<circle cx="{(i + 0.5) * step:.1f}" cy="{y:.1f}" r="{radius}" fill="{color}"/>'
-        )
+
+    def y_of(r: float) -> float:
+        return 16 + height * (1 - (r if math.isfinite(r) else top) / top)
+
+    if n <= width // 2:
+        for i, r in enumerate(ratios):
+            color = "#d00" if i in flag else "#36c"
+            radius = 3 if i in flag else 1.6
+            parts.append(f'<circle cx="{(i + 0.5) * step:.1f}" cy="{y_of(r):.1f}" r="{radius}" fill="{color}"/>')
+    else:
+        columns = width // 2
+        strokes: dict[bool, list[str]] = {False: [], True: []}
+        for column in range(columns):
+            members = range(column * n // columns, (column + 1) * n // columns)
+            for red in (False, True):
+                ys = [y_of(ratios[i]) for i in members if (i in flag) == red]
+                if ys:  # a stroke at least 1.5 px tall, so a single value stays visible
+                    low, high = min(ys), max(ys)
+                    strokes[red].append(f"M{2 * column + 1} {low - 0.75:.1f}V{max(high, low) + 0.75:.1f}")
+        for red, colour, stroke in ((False, "#36c", 2), (True, "#d00", 3)):
+            if strokes[red]:
+                parts.append(f'<path d="{"".join(strokes[red])}" stroke="{colour}" stroke-width="{stroke}" fill="none"/>')
     return (
         f'<svg width="{width}" height="{height + 20}" role="img">{"".join(parts)}</svg>'
     )
@@ -239,6 +268,27 @@ def _group_graph(analysis: Any) -> str:
     return "".join(parts)
 
 
+def _by_attention(report: AuditReport, stats: dict[str, dict[str, Any]]) -> list[str]:
+    """Groups in the order an auditor looks at them: ambiguous, then lowest min margin, then largest."""
+
+    def order(gid: str) -> tuple[float, float, float]:
+        g = stats.get(gid, {})
+        margin = g.get("min_margin")
+        margin = float(margin) if isinstance(margin, (int, float)) and math.isfinite(margin) else math.inf
+        return (-float(g.get("ambiguous") or 0), margin, -float(g.get("size") or 0))
+
+    return sorted(report.similarity, key=order)
+
+
+def _figure_groups(report: AuditReport, stats: dict[str, dict[str, Any]]) -> set[str]:
+    """The groups that get heatmaps: the first :data:`FIGURE_GROUPS` by :func:`_by_attention`."""
+    return set(_by_attention(report, stats)[:FIGURE_GROUPS])
+
+
+def _more_rows(shown: int, total: int, order: str) -> str:
+    return f"<p>{shown} of {total} rows ({order}); <code>--json</code> lists them all.</p>"
+
+
 def render_html(report: AuditReport, analysis: Any = None) -> str:
     """A self-contained HTML page (inline SVG and PNG data URIs, no external assets).
 
@@ -271,17 +321,34 @@ def render_html(report: AuditReport, analysis: Any = None) -> str:
         body.append(
             "<table><tr><th>tensor</th><th>elements</th><th>changed</th><th>new zeros</th><th>distinct (suspect / reference)</th><th>relative change</th></tr>"
         )
-        for t in p["evidence"]["per_tensor"]:
+        per_tensor = p["evidence"]["per_tensor"]
+        shown = sorted(per_tensor, key=lambda t: -float(t["relative_change"]))[:TABLE_ROWS]
+        if len(shown) < len(per_tensor):
+            body.append(_more_rows(len(shown), len(per_tensor), "largest relative change first"))
+        for t in (per_tensor if len(shown) == len(per_tensor) else shown):
             body.append(
                 f"<tr><td>{esc(t['tensor'])}</td><td>{t['elements']}</td><td>{t['changed']}</td><td>{t['new_zeros']}</td>"
                 f"<td>{t['distinct_values']} / {t['reference_distinct_values']}</td><td>{t['relative_change']:.4g}</td></tr>"
             )
         body.append("</table>")
     stats = {g["id"]: g for g in _group_rows(report)}
-    if analysis is not None:
+    if analysis is not None and len(analysis.groups) <= GRAPH_GROUPS:
         body.append("<h2>Group graph</h2>" + _group_graph(analysis))
+    elif analysis is not None:
+        body.append(
+            f"<h2>Group graph</h2><p>{len(analysis.groups)} groups: too many to draw here "
+            "(<code>onnxlady inspect MODEL --dot</code> writes the graph).</p>"
+        )
     body.append("<h2>Groups</h2>")
+    drawn = _figure_groups(report, stats)
+    if len(drawn) < len(report.similarity):
+        body.append(
+            f"<p>Heatmaps for {len(drawn)} of {len(report.similarity)} groups (ambiguous first, then the "
+            "lowest margins, then the largest); the others in the table below.</p>"
+        )
     for gid, mats in report.similarity.items():
+        if gid not in drawn:
+            continue
         g = stats.get(gid)
         facts = ""
         if g is not None:
@@ -311,14 +378,53 @@ def render_html(report: AuditReport, analysis: Any = None) -> str:
             + _heatmap(mats["after"], "cosine after resync")
             + "</div></div>"
         )
+    undrawn = [gid for gid in _by_attention(report, stats) if gid not in drawn]
+    if len(undrawn) > TABLE_ROWS:
+        body.append(_more_rows(TABLE_ROWS, len(undrawn), "ambiguous and lowest margins first"))
+        undrawn = undrawn[:TABLE_ROWS]
+    if undrawn:
+        body.append(
+            "<table><tr><th>group</th><th>size</th><th>mean margin</th><th>min margin</th>"
+            "<th>ambiguous</th><th>Psi</th></tr>"
+        )
+        for gid in undrawn:
+            g = stats.get(gid, {})
+            body.append(
+                f"<tr><td>{esc(gid)}</td><td>{g.get('size', '')}</td><td>{_fmt(g.get('mean_margin'))}</td>"
+                f"<td>{_fmt(g.get('min_margin'))}</td><td>{g.get('ambiguous', '')}</td><td>{_fmt(g.get('psi'))}</td></tr>"
+            )
+        body.append("</table>")
     if report.tensors:
         body.append(
             "<h2>Per-tensor L2-norm ratio (suspect / reference), flagged neurons in red</h2>"
         )
-        for t in report.tensors:
+        plotted = sorted(range(len(report.tensors)), key=lambda i: (not report.tensors[i].flagged, i))
+        plotted = sorted(plotted[:FIGURE_TENSORS])
+        if len(plotted) < len(report.tensors):
+            body.append(
+                f"<p>Plots for {len(plotted)} of {len(report.tensors)} tensors (those with flagged "
+                "neurons first); the others in the table below.</p>"
+            )
+        for i in plotted:
+            t = report.tensors[i]
             body.append(
                 f"<div>{_ratio_plot(t.norm_ratio, t.flagged, f'{t.tensor} ({t.group})')}</div>"
             )
+        rest = sorted(set(range(len(report.tensors))) - set(plotted), key=lambda i: (-len(report.tensors[i].flagged), i))
+        if len(rest) > TABLE_ROWS:
+            body.append(_more_rows(TABLE_ROWS, len(rest), "most flagged neurons first"))
+            rest = rest[:TABLE_ROWS]
+        if rest:
+            body.append("<table><tr><th>tensor</th><th>group</th><th>neurons</th><th>norm ratio min</th><th>max</th><th>flagged</th></tr>")
+            for i in rest:
+                t = report.tensors[i]
+                finite = [r for r in t.norm_ratio if math.isfinite(r)]
+                low, high = (min(finite), max(finite)) if finite else (float("nan"), float("nan"))
+                body.append(
+                    f"<tr><td>{esc(t.tensor)}</td><td>{esc(str(t.group or '-'))}</td><td>{len(t.norm_ratio)}</td>"
+                    f"<td>{_fmt(low)}</td><td>{_fmt(high)}</td><td>{len(t.flagged)}</td></tr>"
+                )
+            body.append("</table>")
     style = (
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
         "padding:2px 6px}.verdict{color:#a00}.heatmaps{display:flex;gap:1em}figure{margin:4px}"

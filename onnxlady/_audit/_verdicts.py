@@ -60,13 +60,14 @@ Perturbation kinds, on the Conv/Gemm/MatMul weights (what ``perturb_model`` touc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
 from onnxlady._audit._forensics import (
@@ -76,10 +77,12 @@ from onnxlady._audit._forensics import (
     find_scaled_under_noise,
     weight_infos,
 )
+from onnxlady._audit._lazy import LazyConstants, Overlay, constants_of, resynced_constants
 from onnxlady._audit._relatedness import check_related
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._files import copy_model
-from onnxlady._io._tensors import read_array, read_constants, tensor_holders
+from onnxlady._io._progress import say
+from onnxlady._io._tensors import all_finite, read_array, read_constants, tensor_holders
 from onnxlady._resync._across import AcrossResync, Approx, pair_unplanned
 from onnxlady._resync._entry import resync_model
 from onnxlady._resync._match import ConversionFinding, analyze_with_state
@@ -197,8 +200,20 @@ class AuditReport:
             "scaled_neurons": [asdict(s) for s in self.scaled_neurons],
             "perturbation": self.perturbation,
             "groups": groups,
-            "tensors": [asdict(t) for t in self.tensors],
+            "tensors": [_tensor_dict(t) for t in self.tensors],
         }
+
+
+def _tensor_dict(audit: TensorAudit) -> dict[str, Any]:
+    """``asdict(audit)`` without its deep copy of every float (a second per large model's report)."""
+    return {
+        "tensor": audit.tensor,
+        "group": audit.group,
+        "axis": audit.axis,
+        "cosine": list(audit.cosine),
+        "norm_ratio": list(audit.norm_ratio),
+        "flagged": list(audit.flagged),
+    }
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -211,12 +226,38 @@ def _close(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None
         return False
     if a.dtype.kind not in "fc" and b.dtype.kind not in "fc":
         return bool(np.array_equal(a, b))
+    if a.dtype in _NATIVE_FLOATS and b.dtype in _NATIVE_FLOATS and (allowed is None or allowed.shape == a.shape):
+        return _close_chunked(a, b, rtol, allowed)
     a64, b64 = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)  # read only: no copies
     if not np.all(np.isfinite(a64)) or not np.all(np.isfinite(b64)):
         return bool(np.array_equal(a64, b64, equal_nan=True))
     scale = float(np.abs(a64).max()) if a64.size else 0.0
     extra = 0.0 if allowed is None else allowed
     return bool(np.all(np.abs(a64 - b64) <= rtol * scale + extra + 1e-30))
+
+
+_NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_CHUNK = 1 << 18
+
+
+def _close_chunked(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None) -> bool:
+    """:func:`_close` of two float arrays, computed the same way (float64) a chunk at a time.
+
+    Without float64 copies of whole tensors, and it stops at the first chunk that differs (a
+    perturbed weight's first one).
+    """
+    if not all_finite(a) or not all_finite(b):
+        return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
+    scale = float(np.abs(a).max()) if a.size else 0.0  # a float16/32 maximum is the float64 one
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    flat_allowed = allowed.reshape(-1) if allowed is not None else None
+    for start in range(0, flat_a.size, _CHUNK):
+        part = slice(start, start + _CHUNK)
+        extra = 0.0 if flat_allowed is None else flat_allowed[part]
+        difference = np.abs(flat_a[part].astype(np.float64) - flat_b[part].astype(np.float64))
+        if not np.all(difference <= rtol * scale + extra + 1e-30):
+            return False
+    return True
 
 
 def _source(name: str) -> str:
@@ -254,6 +295,11 @@ def _rows(array: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
     if axis == 0 or taken.ndim < 2:
         return taken.reshape(-1)
     return taken.transpose((axis, *range(axis), *range(axis + 1, taken.ndim))).reshape(-1)
+
+
+def _row64(array: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
+    """:func:`_rows` in float64: the values of a float64 copy's slices, without copying the array."""
+    return _rows(array, axis, pos).astype(np.float64, copy=False)
 
 
 def _cos_ratio(r: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
@@ -354,30 +400,33 @@ def _bn_after(analysis: ChannelAnalysis, node_index: int) -> int | None:
 # -- the scale analysis -----------------------------------------------------------------------
 def _scale_analysis(
     analysis: ChannelAnalysis,
-    ref: dict[str, np.ndarray],
-    work: dict[str, np.ndarray],
+    ref: Mapping[str, np.ndarray],
+    work: MutableMapping[str, np.ndarray],
     bounds: _Bounds | None = None,
 ) -> tuple[list[NeuronScale], list[NeuronScale], list[TensorAudit]]:
     """Find rescaled neurons group by group, undoing compensated scales in ``work`` as it goes.
 
     So later groups see aligned, unscaled input columns; ``bounds``, across a conversion, are
     widened to match. Returns (rescaled, attacked, tensors).
+
+    ``work``'s arrays are read as they are (float32 for a twin): each slice is compared in
+    float64, and an array is replaced by a float64 copy of its own only when a scale is undone
+    in it (copies of every weight were the audit's largest memory).
     """
     uses = _group_uses(analysis, set(work))
     rescaled: list[NeuronScale] = []
     attacked: list[NeuronScale] = []
     audits: list[TensorAudit] = []
+    owned: set[str] = set()  # the arrays of work that are copies of our own, float64
     for group in analysis.permutable_groups:
         kinds = uses.get(group.id)
         if not kinds:
             continue
         for prod in kinds["producer"]:
-            r_arr, s_arr = ref[prod.source].astype(np.float64), work[prod.tensor]
+            r_arr, s_arr = ref[prod.source], work[prod.tensor]
             cos, ratio, ks = [], [], []
             for pos in prod.positions:
-                c, q, k = _cos_ratio(
-                    _rows(r_arr, prod.axis, pos), _rows(s_arr, prod.axis, pos)
-                )
+                c, q, k = _cos_ratio(_row64(r_arr, prod.axis, pos), _row64(s_arr, prod.axis, pos))
                 cos.append(c)
                 ratio.append(q)
                 ks.append(k)
@@ -390,12 +439,24 @@ def _scale_analysis(
                 if bn_node is not None
                 else []
             )
+            # Undoing neuron j's scale changes only row j of the producer, unless another use of
+            # the group lives in the same tensor: then each row is read again once it is its turn.
+            shared = any(
+                use.tensor == prod.tensor and use is not prod
+                for use in (*kinds["producer"], *kinds["bias"], *kinds["bn"], *kinds["consumer"])
+            )
             for j in range(group.size):
                 k = ks[j]
-                row = None if bounds is None else bounds.rows(prod, j)
-                exact, slack = _exact_multiple(
-                    _rows(r_arr, prod.axis, prod.positions[j]), _rows(s_arr, prod.axis, prod.positions[j]), k, row
-                )
+                if bounds is None and not shared:
+                    exact, slack = cos[j] > 1 - COS_EXACT, 0.0  # what _exact_multiple computes
+                else:
+                    row = None if bounds is None else bounds.rows(prod, j)
+                    exact, slack = _exact_multiple(
+                        _row64(r_arr, prod.axis, prod.positions[j]),
+                        _row64(work[prod.tensor], prod.axis, prod.positions[j]),
+                        k,
+                        row,
+                    )
                 if not (exact and k > 0 and abs(k - 1) > SCALE_TOL + slack):
                     continue
                 flagged.append(j)
@@ -403,19 +464,19 @@ def _scale_analysis(
                 item = NeuronScale(group.id, j, prod.source, float(k), how)
                 if how is None:
                     attacked.append(item)
-                    _scale(work, [prod], j, 1 / k, bounds, slack)  # judge the rest as if undone
+                    _scale(work, [prod], j, 1 / k, bounds, slack, owned)  # judge the rest as if undone
                     if _agree(_ratio_of(biases, ref, work, j, bounds), k, SCALE_MATCH, slack):
-                        _scale(work, biases, j, 1 / k, bounds, slack)  # the whole neuron scaled
+                        _scale(work, biases, j, 1 / k, bounds, slack, owned)  # the whole neuron scaled
                     continue
                 rescaled.append(item)
-                _scale(work, [prod], j, 1 / k, bounds, slack)
+                _scale(work, [prod], j, 1 / k, bounds, slack, owned)
                 if how == "batchnorm":
                     for b in bn:
                         slot_k = k if b.slot == 3 else k * k
-                        _scale(work, [b], j, 1 / slot_k, bounds, slack)
+                        _scale(work, [b], j, 1 / slot_k, bounds, slack, owned)
                 else:
-                    _scale(work, biases, j, 1 / k, bounds, slack)
-                    _scale(work, kinds["consumer"], j, k, bounds, slack)
+                    _scale(work, biases, j, 1 / k, bounds, slack, owned)
+                    _scale(work, kinds["consumer"], j, k, bounds, slack, owned)
             audits.append(
                 TensorAudit(prod.source, group.id, prod.axis, cos, ratio, flagged)
             )
@@ -424,8 +485,8 @@ def _scale_analysis(
 
 def _ratio_of(
     uses: list[_Use],
-    ref: dict[str, np.ndarray],
-    work: dict[str, np.ndarray],
+    ref: Mapping[str, np.ndarray],
+    work: Mapping[str, np.ndarray],
     j: int,
     bounds: _Bounds | None = None,
 ) -> list[tuple[float, float]]:
@@ -436,8 +497,8 @@ def _ratio_of(
     """
     out = []
     for use in uses:
-        r = _rows(ref[use.source], use.axis, use.positions[j]).astype(np.float64)  # the slice, not the tensor
-        s = _rows(work[use.tensor], use.axis, use.positions[j])
+        r = _row64(ref[use.source], use.axis, use.positions[j])  # the slice, not the tensor
+        s = _row64(work[use.tensor], use.axis, use.positions[j])
         k = _cos_ratio(r, s)[2]
         exact, slack = _exact_multiple(r, s, k, None if bounds is None else bounds.rows(use, j))
         out.append((k, slack) if exact or not np.any(r) else (float("nan"), 0.0))
@@ -473,8 +534,8 @@ def _compensation(
     prod: _Use,
     biases: list[_Use],
     bn: list[_Use],
-    ref: dict[str, np.ndarray],
-    work: dict[str, np.ndarray],
+    ref: Mapping[str, np.ndarray],
+    work: Mapping[str, np.ndarray],
     j: int,
     k: float,
     bounds: _Bounds | None = None,
@@ -503,15 +564,23 @@ def _compensation(
 
 
 def _scale(
-    work: dict[str, np.ndarray],
+    work: MutableMapping[str, np.ndarray],
     uses: list[_Use],
     j: int,
     factor: float,
     bounds: _Bounds | None = None,
     slack: float = 0.0,
+    owned: set[str] | None = None,
 ) -> None:
-    """Multiply neuron ``j``'s slices by ``factor``, widening the storage bounds to match."""
+    """Multiply neuron ``j``'s slices by ``factor``, widening the storage bounds to match.
+
+    With ``owned`` (the names of ``work``'s arrays that are float64 copies of the caller's own),
+    an array not in it is first replaced by such a copy: the caller's inputs are never changed.
+    """
     for use in uses:
+        if owned is not None and use.tensor not in owned:
+            work[use.tensor] = np.array(work[use.tensor], dtype=np.float64)
+            owned.add(use.tensor)
         array = work[use.tensor]
         index: list[slice | np.ndarray] = [slice(None)] * array.ndim
         index[use.axis] = use.positions[j]
@@ -532,7 +601,7 @@ class _Bounds:
     """
 
     allowed: dict[str, np.ndarray]
-    reference: dict[str, np.ndarray]
+    reference: Mapping[str, np.ndarray]
 
     def rows(self, use: _Use, j: int) -> np.ndarray | None:
         """The bounds of neuron ``j``'s slice of one use, flattened like :func:`_rows`."""
@@ -665,16 +734,27 @@ MAX_MATRIX = 64
 
 def _similarity(
     analysis: ChannelAnalysis,
-    ref: dict[str, np.ndarray],
-    before: dict[str, np.ndarray],
-    after: dict[str, np.ndarray],
+    ref: Mapping[str, np.ndarray],
+    before: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
 ) -> dict[str, dict[str, Any]]:
     """Per group, cosine similarity of reference rows against suspect rows, before and after resync.
 
     At most :data:`MAX_MATRIX` neurons per side (every ``step``-th). Only the sampled rows are
     converted to float64, never whole tensors.
     """
-    uses = _group_uses(analysis, set(after))
+    names = set(after)
+    return _joined(_similarity_side(analysis, ref, before, names), _similarity_side(analysis, ref, after, names))
+
+
+def _similarity_side(
+    analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray], names: set[str]
+) -> dict[str, tuple[list[list[float]], int]]:
+    """Per group, the sampled reference rows' cosines against ``model``'s and the sampling step.
+
+    ``names``: the suspect's constants (they name the tensors, see :func:`_group_uses`).
+    """
+    uses = _group_uses(analysis, names)
     out = {}
     for group in analysis.permutable_groups:
         prods = uses.get(group.id, {}).get("producer", [])
@@ -683,16 +763,19 @@ def _similarity(
         n = group.size
         step = max(1, int(np.ceil(n / MAX_MATRIX)))
         pick = np.arange(0, n, step)
-        mats: dict[str, Any] = {}
-        for label, model in (("before", before), ("after", after)):
-            a = np.hstack([_picked_rows(ref[p.source], p, pick) for p in prods])
-            b = np.hstack([_picked_rows(model[p.tensor if p.tensor in model else p.source], p, pick) for p in prods])
-            a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
-            b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-300)
-            mats[label] = np.round(a @ b.T, 4).tolist()
-        mats["step"] = step
-        out[group.id] = mats
+        a = np.hstack([_picked_rows(ref[p.source], p, pick) for p in prods])
+        b = np.hstack([_picked_rows(model[p.tensor if p.tensor in model else p.source], p, pick) for p in prods])
+        a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
+        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-300)
+        out[group.id] = (np.round(a @ b.T, 4).tolist(), step)
     return out
+
+
+def _joined(
+    before: dict[str, tuple[list[list[float]], int]], after: dict[str, tuple[list[list[float]], int]]
+) -> dict[str, dict[str, Any]]:
+    """The similarity matrices of :func:`_similarity`: per group ``before``, ``after`` and ``step``."""
+    return {gid: {"before": before[gid][0], "after": matrix, "step": step} for gid, (matrix, step) in after.items()}
 
 
 def _picked_rows(array: np.ndarray, use: _Use, pick: np.ndarray) -> np.ndarray:
@@ -777,8 +860,9 @@ def audit_models(
     order; if it then finds differences, the pair is compared the other way round as well
     (``mirrored`` marks that inner audit) and a clean result there is the verdict.
     """
-    ref = read_constants(reference, "reference")
-    before = read_constants(suspect, "suspect")
+    # Weights left in their files are read as each comparison asks, one tensor at a time.
+    ref = constants_of(reference, "reference")
+    before = constants_of(suspect, "suspect")
     analysis = analyze_with_state(reference)  # as resync analyses it: KV caches as state
     if (
         set(ref) == set(before)
@@ -789,9 +873,7 @@ def audit_models(
         and len(reference.graph.node) == len(suspect.graph.node)
     ):
         sim = _similarity(analysis, ref, before, before)
-        _, _, audits = _scale_analysis(
-            analysis, ref, {n: a.astype(np.float64) for n, a in before.items()}
-        )
+        _, _, audits = _scale_analysis(analysis, ref, Overlay(before))  # copies only what it changes
         return AuditReport(
             "identical",
             "every constant is bit-identical to the reference",
@@ -801,31 +883,51 @@ def audit_models(
             similarity=sim,
             analysis=analysis,
         )
+    # A twin's rows as stored are compared now (sampled): the suspect's arrays are not held
+    # through resync, which reads the suspect itself and lets each weight go as it moves it (the
+    # peak one model lower); a suspect matched across conversions is read again afterwards.
+    names = set(before)
+    try:
+        twin_before: dict[str, tuple[list[list[float]], int]] | None = _similarity_side(analysis, ref, before, names)
+    except (KeyError, IndexError, ValueError):  # tensors named or shaped otherwise: no twin, compared later
+        twin_before = None
+    del before
     result = resync_model(
-        reference, suspect, method=method, refine=refine, progress=progress, analysis=analysis
+        reference, suspect, method=method, refine=refine, progress=progress, analysis=analysis,
+        constants=(ref if isinstance(ref, dict) else {}, {}),
     )
     check_related(result)  # structure pairs, weights unrelated: not a derivative to audit
-    if progress is not None:
-        progress("audit: comparing neurons")
+    say(progress, "audit: comparing neurons (similarity before and after resync)")
     allowed: dict[str, np.ndarray] = {}  # per tensor, the storage error a conversion may add
-    stored_suspect = before  # as stored: forensics compares the constants no plan moves from it
+    stored_suspect: dict[str, np.ndarray] = {}  # as stored: forensics compares the constants no plan moves from it
+    after: Mapping[str, np.ndarray]
+    aligned: Mapping[str, np.ndarray]
     if result.across is not None:
+        stored_suspect = read_constants(suspect, "suspect")
         ref, before, after, aligned, allowed = _common_form(result.across, analysis, ref)
+        sim = _similarity(analysis, ref, before, after)
+        del before
     else:
-        after = aligned = read_constants(result.model, "re-synchronized suspect")
-    sim = _similarity(analysis, ref, before, after)
+        # Weights left in their files: each moved tensor computed from the suspect's file when asked.
+        lazy = resynced_constants(result)
+        after = aligned = lazy if lazy is not None else _resynced_constants(result)
+        if twin_before is None:  # as the comparison of the suspect as stored fails, once more
+            twin_before = _similarity_side(analysis, ref, constants_of(suspect, "suspect"), names)
+        sim = _joined(twin_before, _similarity_side(analysis, ref, after, names))
     conversions = list(result.across.match.conversions) if result.across is not None else []
     done = " and converted" if conversions else ""
 
-    def differing(values: dict[str, np.ndarray]) -> list[str]:
+    def differing(values: Mapping[str, np.ndarray]) -> list[str]:
         return sorted(
             n
             for n, a in values.items()
             if _source(n) in ref and not _close(ref[_source(n)], a, rtol, allowed.get(_source(n)))
         )
 
+    say(progress, "audit: comparing constants with the reference's")
     diff = differing(after)
-    work = {n: a.astype(np.float64) for n, a in aligned.items()}
+    say(progress, "audit: looking for scaled neurons")
+    work = Overlay(aligned)  # the scale analysis copies (float64) only the arrays it changes
     rescaled, attacked, audits = _scale_analysis(analysis, ref, work, _Bounds(allowed, ref) if allowed else None)
     report = AuditReport(
         "permuted", "", rtol, result, audits, rescaled, attacked, similarity=sim, conversions=conversions,
@@ -881,18 +983,47 @@ def audit_models(
                 f"equivalent ({_conversion_text(conversions)})"
             )
             return report
+    say(progress, "audit: naming the change (noise, quantization, pruning, fine-tuning)")
     _forensics_verdict(report, analysis, ref, work, after, allowed, attacked, rtol, stored_suspect if conversions else None)
     if conversions:
         report.summary += f"; besides, converted ({_conversion_text(conversions)})"
     return report
 
 
+def _resynced_constants(result: ResyncResult) -> dict[str, np.ndarray]:
+    """The re-synchronized twin suspect's constants (``read_constants`` of ``result.model``).
+
+    A twin's result is the suspect with new ``raw_data`` bytes for the tensors that move
+    (:attr:`ResyncResult.unbuilt`): those bytes are read as they are, every other constant from
+    the suspect, so the model itself is never built (a copy of the whole suspect, its constants
+    read once more).
+    """
+    unbuilt = result.unbuilt if result.built is None else None
+    if unbuilt is None or sys.byteorder != "little" or any(callable(raw) for raw in unbuilt[1].values()):
+        return read_constants(result.model, "re-synchronized suspect")
+    suspect, overrides = unbuilt
+    out: dict[str, np.ndarray] = {}
+    for name, holder in tensor_holders(suspect).items():
+        raw = overrides.get(name)
+        if raw is None:
+            out[name] = read_array(holder, f"tensor '{name}' of the re-synchronized suspect")
+            continue
+        assert not callable(raw)  # tells mypy what the test above made sure of
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(holder.data_type))
+        shape = tuple(int(d) for d in holder.dims)
+        if dtype.itemsize * math.prod(shape) != memoryview(raw).nbytes:  # packed sub-byte types: onnx unpacks them
+            return read_constants(result.model, "re-synchronized suspect")
+        # raw_data is little-endian, as onnx's own reader reads it on this machine.
+        out[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return out
+
+
 def _forensics_verdict(
     report: AuditReport,
     analysis: ChannelAnalysis,
-    ref: dict[str, np.ndarray],
-    work: dict[str, np.ndarray],
-    after: dict[str, np.ndarray],
+    ref: Mapping[str, np.ndarray],
+    work: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
     allowed: dict[str, np.ndarray],
     attacked: list[NeuronScale],
     rtol: float,
@@ -909,19 +1040,25 @@ def _forensics_verdict(
     ``stored_suspect`` (across a conversion) supplies the float constants the compared form
     leaves out (no plan moves them: output layers' biases...), by name and shape.
     """
-    sus: dict[str, np.ndarray] = {}
-    for name, value in work.items():
-        source = _source(name)
-        if source not in ref:
-            continue
-        bound = allowed.get(source)
-        if bound is not None and ref[source].shape == value.shape:
-            # Across a conversion, storage error is no change: read such values as the reference's.
-            value = np.where(np.abs(value - ref[source]) <= bound, ref[source], value)
-        sus[source] = value
-    for name, value in (stored_suspect or {}).items():
-        if name not in sus and name in ref and value.dtype.kind == "f" and value.shape == ref[name].shape:
-            sus[name] = _as_stored(ref[name], value)
+    if allowed or stored_suspect:
+        found: dict[str, np.ndarray] = {}
+        for name, value in work.items():
+            source = _source(name)
+            if source not in ref:
+                continue
+            bound = allowed.get(source)
+            if bound is not None and ref[source].shape == value.shape:
+                # Across a conversion, storage error is no change: read such values as the reference's.
+                value = np.where(np.abs(value - ref[source]) <= bound, ref[source], value)
+            found[source] = value
+        for name, value in (stored_suspect or {}).items():
+            if name not in found and name in ref and value.dtype.kind == "f" and value.shape == ref[name].shape:
+                found[name] = _as_stored(ref[name], value)
+        sus = Overlay(found)
+    else:
+        # A twin: work's arrays by reference name, read as asked (weights left in their files
+        # are then computed one at a time, never all held).
+        sus = Overlay(_renamed(work, [name for name in work if _source(name) in ref]))
     infos = weight_infos(analysis)
     storage = {
         name: stored_suspect[name].dtype
@@ -931,13 +1068,13 @@ def _forensics_verdict(
     # A row the exact analysis read as scaled by k within SCALE_MIN of 1 is what noise does to a
     # row of large norm, and a k beyond SCALE_MAX_K (or below its inverse) that of a near-zero
     # row within a conversion's storage error: put such rows back as they were, not an attack.
-    original = {_source(n): a for n, a in after.items()}
+    original = _renamed(after, list(after))
     plausible = [a for a in attacked if abs(a.k - 1) > SCALE_MIN and 1 / SCALE_MAX_K <= a.k <= SCALE_MAX_K]
     _restore(analysis, sus, original, [a for a in attacked if a not in plausible])
     attacked = plausible
-    unscaled = dict(sus)  # as found, before any noisy scale is undone (the helpers copy what they change)
+    unscaled = sus.copy()  # as found, before any noisy scale is undone (the helpers copy what they change)
     rescales = _noisy_rescales(analysis, ref, sus)
-    plain = dict(sus)
+    plain = sus.copy()
     noisy = _noisy_scales(analysis, ref, sus)
     perturbation = classify_change(ref, sus, infos, rtol, allowed, storage)
     kind = perturbation["kind"]
@@ -978,6 +1115,15 @@ def _forensics_verdict(
         )
 
 
+def _renamed(arrays: Mapping[str, np.ndarray], names: list[str]) -> LazyConstants:
+    """``{_source(n): arrays[n] for n in names}``, each array read from ``arrays`` when indexed."""
+
+    def getter(name: str) -> Callable[[], np.ndarray]:
+        return lambda: arrays[name]
+
+    return LazyConstants({_source(name): getter(name) for name in names})
+
+
 def _as_stored(reference: np.ndarray, stored: np.ndarray) -> np.ndarray:
     """A suspect constant as stored (float64), where it is the reference's value in its storage, that value.
 
@@ -994,7 +1140,7 @@ def _as_stored(reference: np.ndarray, stored: np.ndarray) -> np.ndarray:
     return np.where(np.abs(value - expected) <= half_ulp(expected, stored.dtype), reference, value)
 
 
-def _noisy_scales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: dict[str, np.ndarray]) -> list[NeuronScale]:
+def _noisy_scales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus: MutableMapping[str, np.ndarray]) -> list[NeuronScale]:
     """Neurons scaled with no compensation while the rest of the model carries noise, undone in ``sus``.
 
     The arrays it changes are replaced by copies; their bias is undone with them when it carries
@@ -1069,7 +1215,7 @@ def _row_scales(r_arr: np.ndarray, s_arr: np.ndarray, use: _Use, size: int) -> t
     return np.where(usable, ks, np.nan), np.where(usable, sigma / np.maximum(norms, 1e-300), np.inf)
 
 
-def _noisy_rescales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: dict[str, np.ndarray]) -> list[NeuronScale]:
+def _noisy_rescales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus: MutableMapping[str, np.ndarray]) -> list[NeuronScale]:
     """Groups rescaled by positive factors with compensation while the weights also carry noise; undone in ``sus``.
 
     The exact analysis needs rows that are exact multiples; noise on top hides a compensated
@@ -1143,7 +1289,7 @@ def _noisy_rescales(analysis: ChannelAnalysis, ref: dict[str, np.ndarray], sus: 
 
 
 def _restore(
-    analysis: ChannelAnalysis, sus: dict[str, np.ndarray], original: dict[str, np.ndarray], items: list[NeuronScale]
+    analysis: ChannelAnalysis, sus: MutableMapping[str, np.ndarray], original: Mapping[str, np.ndarray], items: list[NeuronScale]
 ) -> None:
     """Put back, from ``original``, the rows (and biases) of neurons the exact analysis undid."""
     uses = _group_uses(analysis, set(sus))
@@ -1199,7 +1345,7 @@ def _storage_bound(reference: Approx, suspect: Approx) -> np.ndarray:
 
 
 def _common_form(
-    details: AcrossResync, analysis: ChannelAnalysis, raw: dict[str, np.ndarray]
+    details: AcrossResync, analysis: ChannelAnalysis, raw: Mapping[str, np.ndarray]
 ) -> tuple[
     dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]
 ]:

@@ -242,8 +242,12 @@ _SHAPES: dict[tuple[str, str], Callable[[onnx.NodeProto, Mapping[str, Shape]], F
 
 def knows(node: onnx.NodeProto) -> bool:
     """Whether :func:`contrib_output_shapes` has a shape function for ``node``'s operator."""
-    domain = "" if node.domain in ("", "ai.onnx") else node.domain
-    return (domain, node.op_type) in _SHAPES
+    return knows_operator(node.domain, node.op_type)
+
+
+def knows_operator(domain: str, op_type: str) -> bool:
+    """Whether :func:`contrib_output_shapes` has a shape function for operator ``domain::op_type``."""
+    return ("" if domain in ("", "ai.onnx") else domain, op_type) in _SHAPES
 
 
 def contrib_output_shapes(

@@ -26,6 +26,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._graph._attributes import node_attribute
+from onnxlady._io._external import is_mapped
+from onnxlady._io._tensors import read_array
 
 #: Folded values (and the constants they are computed from) up to this many elements.
 FOLD_LIMIT = 4096
@@ -41,6 +43,8 @@ def constant_attribute_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a ``Constant`` node as numpy (tensor, int(s) or float(s) attributes)."""
     for attribute in node.attribute:
         if attribute.name == "value":
+            if is_mapped(attribute.t):  # left in its external file (onnxlady._io._external)
+                return read_array(attribute.t, f"Constant '{node.name}'")
             return numpy_helper.to_array(attribute.t)
         if attribute.name == "value_int":
             return np.asarray(attribute.i, dtype=np.int64)
@@ -460,6 +464,10 @@ _FOLDABLE: dict[str, Impl] = {
     "Min": _extremum(np.minimum),
     "Transpose": _transpose,
 }
+#: The operators :func:`fold_node` may fold (it answers None for any other without reading the node).
+FOLDABLE_OPS = frozenset(_FOLDABLE)
+#: The operators :func:`symbolic_value` reads (it answers None for any other).
+SYMBOLIC_OPS = frozenset({"Shape", "Identity", "Cast", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice"})
 
 
 # -- symbolic shape values ------------------------------------------------------------------

@@ -29,6 +29,8 @@ from onnxlady._graph import _contrib_shapes as _contrib_shapes
 from onnxlady._graph import _fold as _fold
 from onnxlady._graph import _subgraphs as _subgraphs
 from onnxlady._graph._attributes import node_attribute
+from onnxlady._io._external import is_mapped
+from onnxlady._io._tensors import read_array
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -46,6 +48,8 @@ CHAIN_OPS = frozenset(
 SHAPE_ARGUMENT_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Expand"})
 #: Chain operators whose output has the shape of their data input: axis k stays axis k.
 SHAPE_KEEPING_CHAIN_OPS = frozenset({"Identity", "Cast", "Mul"} | QUANTIZE_OPS)
+#: Foldable operators that read their input's shape, not its value.
+_SHAPE_READERS = frozenset({"Shape", "Size"})
 #: Initializers up to this many elements stay in the shape-inference skeleton (shape tensors).
 _SKELETON_KEEP_ELEMENTS = 4096
 
@@ -106,8 +110,8 @@ class _InitializerValues(dict):  # type: ignore[type-arg]
         tensor = self._pending.pop(name, None) if isinstance(name, str) else None
         if tensor is None or _element_count(tensor) > _fold.FOLD_LIMIT:
             return False
-        try:
-            self[name] = numpy_helper.to_array(tensor)
+        try:  # a tensor left in its external file is read from there (onnxlady._io._external)
+            self[name] = read_array(tensor, f"tensor '{name}'") if is_mapped(tensor) else numpy_helper.to_array(tensor)
         except Exception:
             return False
         return True
@@ -143,10 +147,14 @@ class ModelGraph:
         self.consumers: dict[str, list[tuple[int, int]]] = {}
         self.constant_nodes: dict[str, int] = {}
         self.implicit_inputs: dict[int, tuple[str, ...]] = {}
-        #: Each node's input names, read from the protobuf once (:meth:`inputs_of`).
+        #: Each node's input names, output names and (op_type, domain), read from the protobuf
+        #: once (:meth:`input_names`, :meth:`output_names`, :meth:`op_of`): every read of a
+        #: protobuf field makes new Python objects, and the passes over the graph read them often.
         self._node_inputs: list[tuple[str, ...]] = []
-        for index, node in enumerate(self.nodes):
-            self._register_node(index, node)
+        self._node_outputs: list[tuple[str, ...]] = []
+        self._node_ops: list[tuple[str, str]] = []
+        self._labels: list[str | None] = []
+        self._register_nodes(self.nodes)
         #: The main graph's nodes are ``nodes[:main_count]`` (``model.graph.node`` in its order);
         #: the nodes of opened If/Loop/Scan bodies follow (see :meth:`_open_subgraphs`).
         self.main_count = len(self.nodes)
@@ -172,23 +180,36 @@ class ModelGraph:
         self._output_positions: dict[str, int] | None = None
 
     # -- structure -----------------------------------------------------------------------
-    def _register_node(self, index: int, node: onnx.NodeProto) -> None:
-        """Record what ``node`` (at ``index``) produces and reads, and whether it is a Constant."""
-        for slot, name in enumerate(node.output):
-            if name:
-                self.producer[name] = (index, slot)
-        inputs = tuple(node.input)
-        self._node_inputs.append(inputs)  # nodes are registered in index order
-        for slot, name in enumerate(inputs):
-            if name:
-                self.consumers.setdefault(name, []).append((index, slot))
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and _constant_attribute(node) is not None:
-            self.constant_nodes[node.output[0]] = index
-        outer = _outer_scope_names(node) if len(node.attribute) else None  # most nodes hold no subgraph
-        if outer:
-            self.implicit_inputs[index] = tuple(sorted(outer))
-            for name in outer:
-                self.consumers.setdefault(name, []).append((index, -1))
+    def _register_nodes(self, nodes: list[onnx.NodeProto]) -> None:
+        """Record what ``nodes`` produce and read, and which are Constants.
+
+        They are the nodes at indices ``len(self._node_inputs)`` on (registered in index order).
+        """
+        producer, consumers, constant_nodes = self.producer, self.consumers, self.constant_nodes
+        node_inputs, node_outputs, node_ops = self._node_inputs, self._node_outputs, self._node_ops
+        for index, node in enumerate(nodes, len(node_inputs)):
+            outputs, inputs, op_type, domain = tuple(node.output), tuple(node.input), node.op_type, node.domain
+            node_inputs.append(inputs)
+            node_outputs.append(outputs)
+            node_ops.append((op_type, domain))
+            for slot, name in enumerate(outputs):
+                if name:
+                    producer[name] = (index, slot)
+            for slot, name in enumerate(inputs):
+                if name:
+                    readers = consumers.get(name)
+                    if readers is None:
+                        consumers[name] = [(index, slot)]
+                    else:
+                        readers.append((index, slot))
+            if op_type == "Constant" and domain in ("", "ai.onnx") and _constant_attribute(node) is not None:
+                constant_nodes[outputs[0]] = index
+            outer = _outer_scope_names(node) if len(node.attribute) else None  # most nodes hold no subgraph
+            if outer:
+                self.implicit_inputs[index] = tuple(sorted(outer))
+                for name in outer:
+                    consumers.setdefault(name, []).append((index, -1))
+        self._labels.extend([None] * len(nodes))
 
     def _open_subgraphs(self) -> None:
         """Add the nodes and initializers of every If/Loop/Scan body that can be analysed.
@@ -197,8 +218,11 @@ class ModelGraph:
         ``(node, -1)`` entries go), and it reads its bodies' outputs instead (slot -1). Closed
         nodes keep their outer-scope reads, with the reason in :attr:`closed_subgraphs`.
         """
-        defined = set(self.initializers) | {v.name for v in self.model.graph.input} | set(self.producer)
-        opened = _subgraphs.open_subgraphs(self.nodes, self.order, defined, self.opsets.get("", 1))
+        if any(op in _subgraphs.CONTROL_FLOW_BODIES and domain in ("", "ai.onnx") for op, domain in self._node_ops):
+            defined = set(self.initializers) | {v.name for v in self.model.graph.input} | set(self.producer)
+            opened = _subgraphs.open_subgraphs(self.nodes, self.order, defined, self.opsets.get("", 1))
+        else:  # no If, Loop or Scan: nothing to open (and no set of every name to make)
+            opened = _subgraphs.OpenedSubgraphs()
         #: Bodies of each opened control-flow node (see :class:`onnxlady._graph._subgraphs.Subgraph`).
         self.subgraphs: dict[int, tuple[_subgraphs.Subgraph, ...]] = opened.subgraphs
         #: Why each control-flow node whose bodies are not analysed stays closed.
@@ -208,10 +232,8 @@ class ModelGraph:
         self._subgraph_infos = opened.value_infos
         self._subgraph_names = opened.names
         self.initializers.update(opened.initializers)
-        for node in opened.nodes:
-            index = len(self.nodes)
-            self.nodes.append(node)
-            self._register_node(index, node)
+        self.nodes.extend(opened.nodes)
+        self._register_nodes(opened.nodes)
         for index, bodies in self.subgraphs.items():
             for name in self.implicit_inputs.get(index, ()):
                 self.consumers[name].remove((index, -1))
@@ -253,12 +275,12 @@ class ModelGraph:
         # Exporters emit sorted graphs; check cheaply and only sort with networkx when needed.
         seen = set(self.initializers) | {v.name for v in self.model.graph.input}
         in_order = True
-        for index, node in enumerate(self.nodes):
+        for index in range(len(self.nodes)):
             needed = self._node_inputs[index] + self.implicit_inputs.get(index, ())
             if any(name and name not in seen for name in needed):
                 in_order = False
                 break
-            seen.update(name for name in node.output if name)
+            seen.update(name for name in self._node_outputs[index] if name)
         if in_order:
             return list(range(len(self.nodes)))
         import networkx as nx
@@ -274,7 +296,7 @@ class ModelGraph:
     def _collect_shapes(self, infer: bool) -> None:
         graph = self.model.graph
         for name, tensor in self.initializers.items():
-            self.shapes[name] = tuple(int(d) for d in tensor.dims)
+            self.shapes[name] = tuple(tensor.dims)  # protobuf's int64 dims are Python ints
             self.dtypes[name] = tensor.data_type
         for name, index in self.constant_nodes.items():
             constant = _constant_attribute(self.nodes[index])
@@ -324,7 +346,7 @@ class ModelGraph:
             tensor_type = type_proto.tensor_type
             self.dtypes.setdefault(name, tensor_type.elem_type)
             if tensor_type.HasField("shape"):
-                shape = tuple(_dim(d) for d in tensor_type.shape.dim)
+                shape = tuple([_dim(d) for d in tensor_type.shape.dim])
                 old = shapes.get(name)
                 if (
                     old is None
@@ -362,34 +384,45 @@ class ModelGraph:
         protos: dict[str, onnx.TensorProto] = {}
         refined: set[str] = set()  # tensors whose shape became better known in this pass
         symbolic: dict[str, _fold.SymbolicValue] = {}  # shape values with symbolic elements
+        shapes, implicit = self.shapes, self.implicit_inputs
         for index in self.order:
-            node = self.nodes[index]
-            if index in self.implicit_inputs or node.output[0:1] == [] or node.output[0] in values:
+            outputs = self._node_outputs[index]
+            if index in implicit or not outputs or outputs[0] in values:
                 continue
-            value = _fold.fold_node(node, values, self.shapes, self.dtypes, opset)
+            node = self.nodes[index]
+            op_type, domain = self._node_ops[index]
+            default = domain in ("", "ai.onnx")
+            # fold_node answers None for any other operator, and for one with an unknown input
+            # (but Shape/Size, which read shapes): not called then (nor symbolic_value).
+            value = (
+                _fold.fold_node(node, values, shapes, self.dtypes, opset)
+                if default
+                and op_type in _fold.FOLDABLE_OPS
+                and (op_type in _SHAPE_READERS or not any(n and n not in values for n in self._node_inputs[index]))
+                else None
+            )
             if value is not None:
-                name = node.output[0]
+                name = outputs[0]
                 values[name] = value
                 self.folded[name] = value
-                self.shapes[name] = tuple(int(d) for d in value.shape)
+                shapes[name] = tuple(int(d) for d in value.shape)
                 continue
-            found = _fold.symbolic_value(node, symbolic, values, self.shapes)
-            if found is not None and any(isinstance(d, str) for d in found):
-                symbolic[node.output[0]] = found
-            if node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+            if default and op_type in _fold.SYMBOLIC_OPS:
+                found = _fold.symbolic_value(node, symbolic, values, shapes)
+                if found is not None and any(isinstance(d, str) for d in found):
+                    symbolic[outputs[0]] = found
+            if op_type == "Reshape" and default:
                 refined |= self._reshape_symbolic(node, symbolic, values)
-            if _contrib_shapes.knows(node):
+            if _contrib_shapes.knows_operator(domain, op_type):
                 refined |= self._infer_contrib(node)
                 continue
-            if node.domain not in ("", "ai.onnx") or all(
-                _fold.static_shape(self.shapes.get(name)) is not None for name in node.output if name
-            ):
+            if not default or all(_fully_static(shapes.get(name)) for name in outputs if name):
                 continue
-            feeds = [name for name in node.input if name]
+            feeds = [name for name in self._node_inputs[index] if name]
             # An output still unknown with every input known: inference on the skeleton stopped
             # before it (at an unknown operator) while value_info told the inputs' shapes.
-            stalled = all(self.shapes.get(name) is not None for name in feeds) and any(
-                self.shapes.get(name) is None for name in node.output if name
+            stalled = all(shapes.get(name) is not None for name in feeds) and any(
+                shapes.get(name) is None for name in outputs if name
             )
             if not stalled and not any(name in self.folded or name in refined for name in feeds):
                 continue  # nothing new to tell shape inference about this node
@@ -501,7 +534,8 @@ class ModelGraph:
                 skeleton.graph.value_info.extend(carried)
                 inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
             infos = list(inferred.graph.value_info) + list(inferred.graph.output)
-            infos += [v for v in _nested_infos(inferred.graph) if v.name in self._subgraph_names]
+            if self._subgraph_names:  # (a walk over every node's attributes)
+                infos += [v for v in _nested_infos(inferred.graph) if v.name in self._subgraph_names]
         except Exception:
             pass
         if self.opsets.get("", 0) < 15 and self._has_unknown_outputs(infos):
@@ -533,20 +567,25 @@ class ModelGraph:
         input_names = {v.name for v in graph.input}
         sgraph.input.extend(graph.input)
         sgraph.output.extend(graph.output)
+        small: list[onnx.TensorProto] = []  # added in one call, like the nodes below
         for tensor in graph.initializer:
             if _element_count(tensor) <= _SKELETON_KEEP_ELEMENTS:
-                sgraph.initializer.append(tensor)
+                # ONNX's inference cannot read a tensor left in its file: it gets the values inline.
+                small.append(numpy_helper.from_array(np.array(read_array(tensor, tensor.name)), tensor.name)
+                             if is_mapped(tensor) else tensor)  # fmt: skip
             elif tensor.name not in input_names:
                 sgraph.input.append(
                     onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
                 )
+        sgraph.initializer.extend(small)
         constant_indices = set(self.constant_nodes.values())
         # In topological order: ONNX's inference visits nodes as listed, and a converter may
         # list a node before its producer (ORT's float16 converter appends its Casts).
         folded = self.folded
+        kept: list[onnx.NodeProto] = []  # added in one call: appending one by one costs more
         for index in self.order:
             node = self.nodes[index]
-            outputs = [name for name in node.output if name] if folded else None
+            outputs = [name for name in self._node_outputs[index] if name] if folded else None
             if outputs and all(name in folded for name in outputs):
                 for name in outputs:
                     sgraph.initializer.append(numpy_helper.from_array(folded[name], name))
@@ -557,7 +596,8 @@ class ModelGraph:
                     onnx.helper.make_tensor_value_info(node.output[0], value.data_type, list(value.dims))
                 )
                 continue
-            sgraph.node.append(node)
+            kept.append(node)
+        sgraph.node.extend(kept)
         return skeleton
 
     def shape(self, name: str) -> Shape | None:
@@ -590,7 +630,7 @@ class ModelGraph:
             if data is None or not self.is_chain_node(produced[0]):
                 return None
             chain.append(produced[0])
-            name = self.nodes[produced[0]].input[data]
+            name = self._node_inputs[produced[0]][data]
 
     def chain_data_slot(self, index: int) -> int | None:
         """The input slot a chain operator forwards, or None when there is none.
@@ -603,12 +643,12 @@ class ModelGraph:
         return self._data_slots[index]
 
     def _find_data_slot(self, index: int) -> int | None:
-        node = self.nodes[index]
-        if node.op_type != "Mul":
+        if self._node_ops[index][0] != "Mul":
             return 0
-        if len(node.input) != 2 or not all(node.input):
+        inputs = self._node_inputs[index]
+        if len(inputs) != 2 or not all(inputs):
             return None
-        shapes = [self._static_shape(name) for name in node.input]
+        shapes = [self._static_shape(name) for name in inputs]
         if any(shape is None for shape in shapes):
             return None
         try:
@@ -629,8 +669,9 @@ class ModelGraph:
 
     def is_chain_node(self, index: int) -> bool:
         """A node that forwards a constant (its data input) when all its other inputs are constants."""
-        node = self.nodes[index]
-        if node.op_type not in CHAIN_OPS or node.domain not in ("", "ai.onnx") or not node.input:
+        op_type, domain = self._node_ops[index]
+        inputs = self._node_inputs[index]
+        if op_type not in CHAIN_OPS or domain not in ("", "ai.onnx") or not inputs:
             return False
         data = self.chain_data_slot(index)
         if data is None:
@@ -638,8 +679,8 @@ class ModelGraph:
         return all(
             not name
             or self.constant_leaf(name) is not None
-            or (node.op_type in SHAPE_ARGUMENT_OPS and name in self.folded)
-            for slot, name in enumerate(node.input)
+            or (op_type in SHAPE_ARGUMENT_OPS and name in self.folded)
+            for slot, name in enumerate(inputs)
             if slot != data
         )
 
@@ -763,12 +804,13 @@ class ModelGraph:
         """
         if self._derived is None:
             derived: set[str] = set()
+            folded, main_count, implicit = self.folded, self.main_count, self.implicit_inputs
             for index in self.order:
-                node = self.nodes[index]
-                if index >= self.main_count or index in self.implicit_inputs or node.op_type == "Constant" or not node.input:
+                inputs = self._node_inputs[index]
+                if index >= main_count or index in implicit or self._node_ops[index][0] == "Constant" or not inputs:
                     continue
-                if all(not n or n in derived or n in self.folded or self.is_constant(n) for n in node.input):
-                    derived.update(out for out in node.output if out and not self.is_constant(out))
+                if all(not n or n in derived or n in folded or self.is_constant(n) for n in inputs):
+                    derived.update(out for out in self._node_outputs[index] if out and not self.is_constant(out))
             self._derived = derived
         return name in self._derived
 
@@ -797,7 +839,8 @@ class ModelGraph:
             node = self.nodes[leaf.constant_node] if leaf.constant_node is not None else None
             raw = _constant_attribute(node) if node is not None else self.initializers[leaf.name]
             if isinstance(raw, onnx.TensorProto):
-                value = numpy_helper.to_array(raw)
+                # One left in its external file (onnxlady._io._external) is read from there.
+                value = read_array(raw, f"tensor '{leaf.name}'") if is_mapped(raw) else numpy_helper.to_array(raw)
             elif raw is not None:
                 value = np.asarray(raw)
             if value is not None:
@@ -926,10 +969,29 @@ class ModelGraph:
                 uses.append((-1, outputs[name]))
             for index, slot in self.consumers.get(name, []):
                 if slot == self.chain_data_slot(index) and self.is_chain_node(index):
-                    stack.append(self.nodes[index].output[0])
+                    stack.append(self._node_outputs[index][0])
                 else:
                     uses.append((index, slot))
         return uses
+
+    def input_names(self, index: int) -> tuple[str, ...]:
+        """A node's explicit input names, in slot order ('' for an absent optional input)."""
+        return self._node_inputs[index]
+
+    def output_names(self, index: int) -> tuple[str, ...]:
+        """A node's output names, in slot order ('' for an unused optional output)."""
+        return self._node_outputs[index]
+
+    def op_of(self, index: int) -> tuple[str, str]:
+        """A node's ``(op_type, domain)``."""
+        return self._node_ops[index]
+
+    def label(self, index: int) -> str:
+        """:func:`node_label` of node ``index``, made once."""
+        label = self._labels[index]
+        if label is None:
+            label = self._labels[index] = node_label(self.nodes[index], index)
+        return label
 
     def inputs_of(self, index: int) -> Iterator[tuple[int, str]]:
         """Explicit inputs (slot, name) of a node, then subgraph outer-scope reads (slot -1)."""
@@ -1036,11 +1098,26 @@ def _element_count(tensor: onnx.TensorProto) -> int:
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
-    if dim.HasField("dim_value") and dim.dim_value > 0:
-        return int(dim.dim_value)
-    if dim.HasField("dim_param") and dim.dim_param:
-        return dim.dim_param
+    # dim_value and dim_param are one oneof: one question tells which is set.
+    kind = dim.WhichOneof("value")
+    if kind == "dim_value":
+        value = dim.dim_value
+        return int(value) if value > 0 else None
+    if kind == "dim_param":
+        return dim.dim_param or None
     return None
+
+
+def _fully_static(shape: Shape | None) -> bool:
+    """``_fold.static_shape(shape) is not None``, without making the tuple: every dim a known int."""
+    if shape is None:
+        return False
+    for d in shape:
+        if type(d) is not int and (not isinstance(d, int) or isinstance(d, bool)):
+            return False
+        if d < 0:  # type: ignore[operator]
+            return False
+    return True
 
 
 def _known_count(shape: Shape) -> int:

@@ -41,7 +41,9 @@ __all__ = [
     "INLINE_BYTES",
     "has_mapped",
     "is_mapped",
+    "load_mapped",
     "map_external_data",
+    "mapped_files",
     "mapped_array",
     "mapped_bytes",
     "write_external",
@@ -125,7 +127,36 @@ def mapped_bytes(tensor: onnx.TensorProto) -> memoryview:
     return np.ascontiguousarray(mapped_array(tensor)).reshape(-1).view(np.uint8).data
 
 
-def map_external_data(model: onnx.ModelProto, path: str | os.PathLike[str], targets: Mapping[str, Path]) -> None:
+def mapped_files(model: onnx.ModelProto) -> set[Path]:
+    """The data files (resolved) that ``model``'s mapped tensors are read from."""
+    return {
+        Path(_info(tensor)["location"]).resolve()
+        for tensor in onnx.external_data_helper._get_all_tensors(model)
+        if is_mapped(tensor)
+    }
+
+
+def load_mapped(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Read every tensor of ``model`` still in its file (:func:`is_mapped`) into the model, in place.
+
+    For a model about to be handed to code that changes tensors in place or to a caller (an
+    absolute ``location`` must never reach a file written by ``onnx.save``).
+
+    Returns:
+        ``model`` itself.
+    """
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if is_mapped(tensor):
+            raw = bytes(mapped_bytes(tensor))
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = raw
+    return model
+
+
+def map_external_data(
+    model: onnx.ModelProto, path: str | os.PathLike[str], targets: Mapping[str, Path], *, as_loaded: bool = False
+) -> None:
     """Leave ``model``'s large external tensors in their files (see the module docstring).
 
     Args:
@@ -133,6 +164,9 @@ def map_external_data(model: onnx.ModelProto, path: str | os.PathLike[str], targ
         path: the model file (for messages).
         targets: each external tensor's data file by tensor name, already checked to be a
             regular file inside the model's folder.
+        as_loaded: a tensor read in keeps ``data_location`` set to ``DEFAULT``, as
+            ``onnx.load`` leaves it (a model written from it is then byte for byte what the
+            loaded one gives); otherwise the field is cleared.
 
     Raises:
         OnnxladyError: a tensor's data lies beyond the end of its file, or its length does not
@@ -140,14 +174,16 @@ def map_external_data(model: onnx.ModelProto, path: str | os.PathLike[str], targ
     """
     for tensor in _main_tensors(model):
         if is_external(tensor):
-            _map_or_read(tensor, path, targets[tensor.name], subgraph=False)
+            _map_or_read(tensor, path, targets[tensor.name], subgraph=False, as_loaded=as_loaded)
     for node in model.graph.node:
         for tensor in _subgraph_tensors(node):
             if is_external(tensor):
-                _map_or_read(tensor, path, targets[tensor.name], subgraph=True)
+                _map_or_read(tensor, path, targets[tensor.name], subgraph=True, as_loaded=as_loaded)
 
 
-def _map_or_read(tensor: onnx.TensorProto, path: str | os.PathLike[str], target: Path, *, subgraph: bool) -> None:
+def _map_or_read(
+    tensor: onnx.TensorProto, path: str | os.PathLike[str], target: Path, *, subgraph: bool, as_loaded: bool = False
+) -> None:
     """Point ``tensor`` at its data file by absolute path, or read it in (small, unmappable, in a subgraph)."""
     info = _info(tensor)
     offset = int(info.get("offset", "0"))
@@ -163,7 +199,10 @@ def _map_or_read(tensor: onnx.TensorProto, path: str | os.PathLike[str], target:
             handle.seek(offset)
             raw = handle.read(length)
         del tensor.external_data[:]
-        tensor.ClearField("data_location")
+        if as_loaded:
+            tensor.data_location = onnx.TensorProto.DEFAULT
+        else:
+            tensor.ClearField("data_location")
         tensor.raw_data = raw
         return
     _set_external(tensor, str(target), offset, length)
@@ -272,6 +311,8 @@ def _stored(tensor: onnx.TensorProto, override: Override | None, data: _DataFile
             return tensor
         small = _header(tensor)
         small.raw_data = _as_bytes(_tensor_data(tensor, override))
+        if tensor.HasField("data_location") and not is_mapped(tensor):  # DEFAULT, as onnx.load marks it: kept
+            small.data_location = tensor.data_location
         return small
     header = _header(tensor)
     offset, length = data.append(_tensor_data(tensor, override))

@@ -44,7 +44,7 @@ class LoadedModel:
     external_files: tuple[Path, ...] = ()  # the data files its tensors were read from
 
 
-def load_model(path: str | os.PathLike[str], *, map_external: bool = False) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], *, map_external: bool = False, as_loaded: bool = False) -> LoadedModel:
     """Load an ONNX file with its external data, resolved against the model's own folder.
 
     Args:
@@ -53,6 +53,8 @@ def load_model(path: str | os.PathLike[str], *, map_external: bool = False) -> L
             used (:func:`onnxlady._io._external.map_external_data`): memory then does not grow
             with the model. Only for callers that write such tensors through
             :meth:`OutputSet.write_model` (they cannot be changed in place).
+        as_loaded: with ``map_external``, the tensors read in keep the fields ``onnx.load``
+            gives them (see :func:`onnxlady._io._external.map_external_data`).
 
     Returns:
         The model with the file's sha256 and size, and the external data files it was read from.
@@ -94,7 +96,7 @@ def load_model(path: str | os.PathLike[str], *, map_external: bool = False) -> L
             for tensor in onnx.external_data_helper._get_all_tensors(model)
             if is_external(tensor)
         }
-        map_external_data(model, path, located)
+        map_external_data(model, path, located, as_loaded=as_loaded)
         files: tuple[Path, ...] = tuple(sorted(set(located.values())))
     else:
         files = _load_external_data(model, path) if external else ()

@@ -204,15 +204,31 @@ def all_finite(values: np.ndarray) -> bool:
 class FloatConstants:
     """Float views (:func:`read_float`) of one model's constants, each read once, on demand.
 
+    A tensor left in its external file (:func:`onnxlady._io._external.is_mapped`) is read
+    anew each time instead: memory then holds only the tensors in use.
+
     Attributes:
         holders: the model's constants by name (:func:`tensor_holders`).
         which: how messages name the model ("reference", "suspect").
     """
 
-    def __init__(self, model: onnx.ModelProto, which: str) -> None:
+    def __init__(self, model: onnx.ModelProto, which: str, known: dict[str, np.ndarray] | None = None) -> None:
+        """Read nothing yet.
+
+        Args:
+            model: the model whose constants are read.
+            which: how messages name the model.
+            known: constants a caller has read already (:func:`read_constants`), reused where
+                they are what :func:`read_float` gives (float32 or float64 as stored, not mapped):
+                a second copy of every weight is not read.
+        """
         self.holders = tensor_holders(model)
         self.which = which
         self._cache: dict[str, np.ndarray] = {}
+        for name, values in (known or {}).items():
+            holder = self.holders.get(name)
+            if holder is not None and not is_mapped(holder) and values.dtype == float_dtype(holder.data_type):
+                self._cache[name] = values
 
     def array(self, name: str) -> np.ndarray:
         """Constant ``name`` as float32 or float64 (see :func:`read_float`).
@@ -222,7 +238,10 @@ class FloatConstants:
             OnnxladyError: its external data was not loaded, or it does not hold numbers.
         """
         if name not in self._cache:
-            self._cache[name] = read_float(self.holders[name], f"tensor '{name}' of the {self.which}")
+            values = read_float(self.holders[name], f"tensor '{name}' of the {self.which}")
+            if is_mapped(self.holders[name]):
+                return values  # not kept: a kept map holds its pages in memory (read again instead)
+            self._cache[name] = values
         return self._cache[name]
 
     def check_finite(self, names: Iterable[str]) -> None:

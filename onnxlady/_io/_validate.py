@@ -58,7 +58,12 @@ _NUMERIC_OPERATORS = frozenset(
     {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "BatchNormalization",
      "InstanceNormalization", "LayerNormalization", "PRelu", "Pow", "Sqrt", "Relu", "Sigmoid", "Tanh"}
 )  # fmt: skip
+#: The operators whose constants' ranks and lengths are checked (the others': their types only).
+_GRAPH_TYPES = frozenset({onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS})
+_SHAPE_CHECKED_OPERATORS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+#: A node without attributes (most): no list made for it.
+_NO_ATTRIBUTES: list[onnx.AttributeProto] = []
 #: Longest name accepted for a node, tensor or graph value (a hostile file may hold megabytes).
 MAX_NAME_BYTES = 1 << 16
 
@@ -167,34 +172,47 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
         define(sparse.values.name, "an initializer")
         _check_tensor(sparse.values, f"sparse initializer '{sparse.values.name}'", origin, limit)
         _check_tensor(sparse.indices, f"indices of sparse initializer '{sparse.values.name}'", origin, limit)
-    # Each node's fields are read once (every protobuf read makes new Python objects).
+    # Each node's fields are read once (every protobuf read makes new Python objects); a
+    # node's label is made only for a message (formatting one per node costs more than the checks).
     nodes = []
+    tensor_type, tensors_type = onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS
     for node in graph.node:
-        op_type, domain = node.op_type, node.domain
-        for text, what in ((op_type, "an operator type"), (domain, "an operator domain"), (node.name, "a node name")):
-            if type(text) is not str:
+        op_type, domain, node_name = node.op_type, node.domain, node.name
+        if type(op_type) is not str or type(domain) is not str or type(node_name) is not str:
+            for text, what in ((op_type, "an operator type"), (domain, "an operator domain"), (node_name, "a node name")):
                 _check_text(text, f"{what} in {where}", origin)
         for name in node.output:
-            define(name, node)
+            if type(name) is str and name and len(name) <= MAX_NAME_BYTES and name not in defined:
+                defined[name] = node  # the common case of define(), without its call
+            else:
+                define(name, node)
         inputs = list(node.input)
         for name in inputs:
             if type(name) is not str:
                 _check_text(name, f"an input name of node {_node_label(node)}", origin)
-        attributes = list(node.attribute)
-        nodes.append((node, inputs, attributes, domain in _DEFAULT_DOMAINS and op_type in _NUMERIC_OPERATORS))
+        attributes = list(node.attribute) if len(node.attribute) else _NO_ATTRIBUTES
+        subgraph_attributes = _NO_ATTRIBUTES  # the attributes visited again: those holding subgraphs
         for attribute in attributes:
-            label = _node_label(node)
-            _check_text(attribute.name, f"an attribute name of node {label}", origin)
-            _check_attribute(attribute, label, origin)
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                _check_tensor(attribute.t, f"attribute '{attribute.name}' of node {label}", origin, limit)
+            attribute_name, attribute_type = attribute.name, attribute.type
+            if type(attribute_name) is not str:
+                _check_text(attribute_name, f"an attribute name of node {_node_label(node)}", origin)
+            if attribute_name in _AXIS_ATTRIBUTES:
+                _check_attribute(attribute, _node_label(node), origin)
+            if attribute_type == tensor_type:
+                _check_tensor(attribute.t, f"attribute '{attribute_name}' of node {_node_label(node)}", origin, limit)
                 if op_type == "Constant" and domain in _DEFAULT_DOMAINS and node.output:
                     constants[node.output[0]] = attribute.t
-            elif attribute.type == onnx.AttributeProto.TENSORS:
+            elif attribute_type == tensors_type:
                 for tensor in attribute.tensors:
-                    _check_tensor(tensor, f"attribute '{attribute.name}' of node {label}", origin, limit)
+                    _check_tensor(tensor, f"attribute '{attribute_name}' of node {_node_label(node)}", origin, limit)
+            elif attribute_type in _GRAPH_TYPES:
+                if subgraph_attributes is _NO_ATTRIBUTES:
+                    subgraph_attributes = []
+                subgraph_attributes.append(attribute)
+        numeric = domain in _DEFAULT_DOMAINS and op_type in _NUMERIC_OPERATORS
+        nodes.append((node, inputs, subgraph_attributes, op_type if numeric else None))
     visible = outer | frozenset(defined)
-    for node, inputs, attributes, numeric in nodes:
+    for node, inputs, attributes, numeric_op in nodes:
         for name in inputs:
             if name and name not in visible:
                 raise OnnxladyError(
@@ -204,8 +222,8 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
             for subgraph in _subgraphs(attribute):
                 label = _node_label(node)
                 _check_graph(subgraph, visible, origin, f"subgraph '{attribute.name}' of node {label}", limit)
-        if numeric:
-            _check_operator(node, _node_label(node), constants, origin)
+        if numeric_op is not None:
+            _check_operator(node, numeric_op, inputs, constants, origin)
     for value in graph.output:
         _check_text(value.name, f"a graph output name of {where}", origin)
         if not value.name or value.name not in visible:
@@ -252,21 +270,21 @@ def element_count(dims: Iterable[int]) -> int:
 
 
 def _check_tensor(tensor: onnx.TensorProto, label: str, origin: str, limit: int) -> None:
-    if tensor.data_type not in KNOWN_DATA_TYPES:
-        raise OnnxladyError(f"{origin}: {label} has data type {tensor.data_type}, which ONNX does not define")
-    if any(dim < 0 for dim in tensor.dims):
-        raise OnnxladyError(f"{origin}: {label} has a negative dimension {list(tensor.dims)}")
-    count = element_count(tensor.dims)
-    bits = _BITS.get(tensor.data_type)
+    data_type = tensor.data_type  # each protobuf read makes a new object: read once
+    if data_type not in KNOWN_DATA_TYPES:
+        raise OnnxladyError(f"{origin}: {label} has data type {data_type}, which ONNX does not define")
+    dims = list(tensor.dims)
+    if dims and min(dims) < 0:
+        raise OnnxladyError(f"{origin}: {label} has a negative dimension {dims}")
+    count = math.prod(dims)  # exact integers (numpy's product wraps around)
+    bits = _BITS.get(data_type)
     if bits is not None and (count * bits + 7) // 8 > limit:
-        raise OnnxladyError(
-            f"{origin}: {label} has shape {list(tensor.dims)} ({count} elements), more than the file can hold"
-        )
-    if tensor.data_type == _T.STRING and count > limit:
-        raise OnnxladyError(f"{origin}: {label} has shape {list(tensor.dims)}, more strings than the file can hold")
-    if tensor.HasField("raw_data") or tensor.data_location == _T.EXTERNAL or tensor.data_type in _PACKED:
+        raise OnnxladyError(f"{origin}: {label} has shape {dims} ({count} elements), more than the file can hold")
+    if data_type == _T.STRING and count > limit:
+        raise OnnxladyError(f"{origin}: {label} has shape {dims}, more strings than the file can hold")
+    if tensor.HasField("raw_data") or tensor.data_location == _T.EXTERNAL or data_type in _PACKED:
         return  # raw bytes are counted when read (external data once loaded)
-    field, per_element = _TYPED_FIELD.get(tensor.data_type, ("int32_data", 1))
+    field, per_element = _TYPED_FIELD.get(data_type, ("int32_data", 1))
     held = len(getattr(tensor, field))
     if held != count * per_element:
         others = [
@@ -282,26 +300,29 @@ def _check_tensor(tensor: onnx.TensorProto, label: str, origin: str, limit: int)
 
 
 # -- operators --------------------------------------------------------------------------------
-def _check_operator(node: onnx.NodeProto, label: str, constants: Mapping[str, onnx.TensorProto], origin: str) -> None:
-    if node.domain not in _DEFAULT_DOMAINS or node.op_type not in _NUMERIC_OPERATORS:
-        return
+def _check_operator(
+    node: onnx.NodeProto, op: str, inputs: list[str], constants: Mapping[str, onnx.TensorProto], origin: str
+) -> None:
+    """Refuse constants of the wrong type, rank or length at a numeric operator.
 
-    inputs = list(node.input)
+    ``op`` is the node's ONNX operator (one of ``_NUMERIC_OPERATORS``), ``inputs`` its input names.
+    """
+    for name in inputs:
+        tensor = constants.get(name) if name else None
+        if tensor is not None and tensor.data_type == _T.STRING:
+            label = _node_label(node)
+            raise OnnxladyError(f"{origin}: node {label} needs numbers, but its input '{tensor.name}' holds strings")
+    if op not in _SHAPE_CHECKED_OPERATORS:
+        return  # its constants' types are all there is to check
 
     def constant(slot: int) -> onnx.TensorProto | None:
         if slot >= len(inputs) or not inputs[slot]:
             return None
         return constants.get(inputs[slot])
 
-    for slot in range(len(inputs)):
-        tensor = constant(slot)
-        if tensor is not None and tensor.data_type == _T.STRING:
-            raise OnnxladyError(f"{origin}: node {label} needs numbers, but its input '{tensor.name}' holds strings")
-
     def fail(message: str) -> None:
-        raise OnnxladyError(f"{origin}: node {label}: {message}")
+        raise OnnxladyError(f"{origin}: node {_node_label(node)}: {message}")
 
-    op = node.op_type
     if op in ("Conv", "ConvTranspose"):
         weight, bias = constant(1), constant(2)
         group = _int_attribute(node, "group", 1)

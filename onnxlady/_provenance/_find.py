@@ -27,18 +27,32 @@ derived as a 3-layer one 0.3 away. Calibration of :data:`EVIDENCE` in the regist
 (``python3 -m tools.registry_experiment``; fixtures, real PaddleOCR/YOLOv8/Magika models and
 torch-trained networks as references, each permuted, with noise OMEGA = 0.1, int8 QDQ, 30 %
 magnitude pruning, float16, ORT's extended optimizer and fine-tuning, against other seeds of
-the same architectures and every other model): ``(1 - distance^2) * sqrt(n)`` is at most 1.30
-for every unrelated pair and at least 1.54 for every derivative (Magika's pruned copy, 3 large
+the same architectures and every other model): ``(1 - distance^2) * sqrt(n)`` is at most 1.32
+for every unrelated pair and at least 1.58 for every derivative (Magika's pruned copy, 3 large
 layers read in the floored unit of
-:func:`~onnxlady._provenance._fingerprint.layer_unit`; 1.62 for every other); the constant sits
+:func:`~onnxlady._provenance._fingerprint.layer_unit`; 1.63 for every other); the constant sits
 between, at 1.45. Heavier changes (noise OMEGA >= 0.3,
 pruning far beyond 50 %, long fine-tuning) leave the "derived" side; a confirmed resync
 (``confirm=True``) then decides. A fixed ``threshold`` can be given instead.
+
+Two corrections keep independently initialised models of one architecture apart (held-out
+finding of issue 17): degenerate layers (all-zero or constant, the same in every seed) are no
+slots (:attr:`~onnxlady._provenance._fingerprint.LayerMatch.slots`), and the limit is scaled
+by the pair's own unrelated gap where it can be measured
+(:attr:`~onnxlady._provenance._fingerprint.LayerMatch.unrelated_scale`, at most 1). A pair
+with no weighed layer is never derived, nor one whose paired layers are no closer to each
+other than to their other same-shape candidates (the ratio test of
+:attr:`~onnxlady._provenance._fingerprint.LayerMatch.contrast`: ViT-B/16 of two seeds).
 
 ``confirm=True`` audits each returned candidate against the suspect
 (:func:`onnxlady._audit._verdicts.audit_models`, which runs
 :func:`onnxlady._resync._entry.resync_model` first): the verdict (``permuted``,
 ``perturbed``...) and the resync's mean neuron similarity, or why they could not be paired.
+The audit then decides the call (``called_by: "audit"``): it refuses models whose structures
+pair but whose weights do not (:func:`onnxlady._audit._relatedness.check_related`), so any
+verdict means derived, and ``unmatched`` unrelated; a fingerprint that a heavier change moved
+past the limit is overruled by the neurons themselves (held-out finding: Magika with noise
+OMEGA 0.5 audited ``perturbed`` while the call stayed ``unrelated``).
 
 :func:`find_all_pairs` lists every cluster of related models in an index: pairs whose exact
 distance is within the threshold, joined into connected components.
@@ -64,6 +78,7 @@ from onnxlady._provenance._fingerprint import (
     ModelFingerprint,
     compare_fingerprints,
     fingerprint_model,
+    is_derived,
     search_vector,
 )
 from onnxlady._provenance._index import open_index, read_fingerprints, search_matrix
@@ -122,10 +137,15 @@ def score_of(distance: float, threshold: float = DERIVED_THRESHOLD) -> float:
 def _threshold_of(match: LayerMatch, fixed: float | None) -> float:
     if fixed is not None:
         return fixed
-    return derived_threshold(len(match.pairs) + len(match.unmatched_a) + len(match.unmatched_b))
+    # Degenerate layers (all-zero, constant) pair but are no evidence: they are no slots either.
+    # Scaled by the comparison's own unrelated gap where it can measure one (at most 1).
+    return derived_threshold(match.slots) * match.unrelated_scale
 
 
 # -- results ----------------------------------------------------------------------------------
+#: A confirmation's verdict when the audit could not pair the two models (or refused them as unrelated).
+UNMATCHED = "unmatched"
+
 @dataclass(frozen=True)
 class Confirmation:
     """The audit of one candidate (as reference) against the suspect.
@@ -162,6 +182,9 @@ class Candidate:
         paired_layers: producer layers paired between the two.
         unpaired_layers: layers of (suspect, candidate) left without partner.
         confirmation: the audit, when asked for.
+        threshold: the distance limit of a "derived" call for this candidate.
+        called_by: what made the call: ``"fingerprint"`` (distance against the limit) or
+            ``"audit"`` (the confirmation's verdict: any verdict is derived, ``unmatched`` not).
     """
 
     rank: int
@@ -173,6 +196,7 @@ class Candidate:
     unpaired_layers: tuple[int, int]
     confirmation: Confirmation | None = None
     threshold: float = DERIVED_THRESHOLD
+    called_by: str = "fingerprint"
 
     def to_json(self) -> dict[str, Any]:
         """The candidate as JSON-ready data (its fields, the distance and score rounded)."""
@@ -182,6 +206,7 @@ class Candidate:
             "distance": round(self.distance, 6),
             "score": round(self.score, 6),
             "call": self.call,
+            "called_by": self.called_by,
             "threshold": round(self.threshold, 6),
             "paired_layers": self.paired_layers,
             "unpaired_layers": list(self.unpaired_layers),
@@ -308,7 +333,7 @@ def _confirm(reference_path: str, suspect: onnx.ModelProto) -> Confirmation:
         reference = _load(reference_path)
         report = audit_models(reference, suspect)
     except OnnxladyError as exc:
-        return Confirmation("unmatched", str(exc), None, time.perf_counter() - start)
+        return Confirmation(UNMATCHED, str(exc), None, time.perf_counter() - start)
     similarity = None
     if report.resync is not None and report.resync.groups:
         similarity = float(np.mean([group.mean_similarity for group in report.resync.groups]))
@@ -374,13 +399,13 @@ def find(
             # window) holds no evidence either way: it ranks after every model that pairs at all,
             # whatever the distance (a pruned or noisy copy of a large trained layer can sit past
             # the 1.0 that a wholly unpaired model gets).
-            ranked.sort(key=lambda item: (not item[2].pairs, item[0], item[1]))
+            ranked.sort(key=lambda item: (not item[2].weighed_pairs, item[0], item[1]))
             for rank, (distance, path, match) in enumerate(ranked[:top], start=1):
                 limit = _threshold_of(match, threshold)
                 report.candidates.append(
                     Candidate(
                         rank, path, distance, score_of(distance, limit),
-                        "derived" if distance <= limit and match.pairs else "unrelated", len(match.pairs),
+                        "derived" if is_derived(match, limit) else "unrelated", len(match.pairs),
                         (len(match.unmatched_a), len(match.unmatched_b)), threshold=limit,
                     )
                 )  # fmt: skip
@@ -398,9 +423,11 @@ def find(
 
 
 def _with_confirmation(candidate: Candidate, confirmation: Confirmation) -> Candidate:
+    """The candidate with its audit, which now makes the call (see the module docstring)."""
+    call = "unrelated" if confirmation.verdict == UNMATCHED else "derived"
     return Candidate(
-        candidate.rank, candidate.path, candidate.distance, candidate.score, candidate.call,
-        candidate.paired_layers, candidate.unpaired_layers, confirmation, candidate.threshold,
+        candidate.rank, candidate.path, candidate.distance, candidate.score, call,
+        candidate.paired_layers, candidate.unpaired_layers, confirmation, candidate.threshold, "audit",
     )  # fmt: skip
 
 
@@ -453,7 +480,7 @@ def find_all_pairs(
     for i, j in sorted(candidates):
         match = compare_fingerprints(stored[int(ids[i])][1], stored[int(ids[j])][1])
         distance = match.distance
-        if match.pairs and distance <= _threshold_of(match, threshold):
+        if is_derived(match, _threshold_of(match, threshold)):
             related.append((i, j, distance))
             parent[root(i)] = root(j)
     report.compared_pairs = len(candidates)

@@ -15,8 +15,10 @@ Which layers (:func:`~onnxlady._provenance._producers.model_producers`)
     FusedMatMul (``transA``/``transB``) and MatMulNBits (2-8 bit blocks, scales, zero points),
     QLinearConv/QLinearMatMul (weight minus zero point, times scale), ConvInteger/MatMulInteger
     (weight minus zero point, times the weight's own scale where ONNX Runtime's dynamic form
-    applies it after the layer, with a BatchNorm after that folded in), ``com.microsoft.nchwc``
-    Conv (ORT_ENABLE_ALL's blocked layout, read as the Conv it stands for), and a
+    applies it after the layer, with a BatchNorm after that folded in; a float weight the
+    dynamic form quantizes at run time by a DynamicQuantizeLinear is read as that float),
+    ``com.microsoft.nchwc`` Conv (ORT_ENABLE_ALL's blocked layout, read as the Conv it stands
+    for; all-zero channels a following convolution weighs are true ones, not padding), and a
     Gemm/MatMul whose weight is a ``Transpose`` of a constant (tied language-model heads, which
     ORT's optimizer folds into a stored transposed copy). Layers come in the graph's
     topological order. They are read by a light index of the graph (producers, consumers,
@@ -93,7 +95,8 @@ Distance (:func:`compare_fingerprints`)
     reorder parallel branches: ORT emits ``k_proj`` before ``q_proj``, and moves the heads of
     a YOLO by a third of the model); a layer left without
     partner costs :data:`UNMATCHED_COST`. The model distance is the root mean square over pairs
-    and unpaired layers.
+    and unpaired layers, degenerate layers (:func:`degenerate_layers`: all-zero or constant,
+    the same whatever the seed) left out.
 
 What breaks the fingerprint as a whole: retraining from scratch (by design: that is another
 model), structural edits that change most layer shapes (distillation, removing neurons), and
@@ -108,15 +111,17 @@ than random ones.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 import onnx
 
+from onnxlady._assignment import linear_sum_assignment
 from onnxlady._errors import OnnxladyError
 from onnxlady._provenance._producers import ProducerWeight, model_producers, producer_weights
 
@@ -127,6 +132,7 @@ __all__ = [
     "ModelFingerprint",
     "ProducerWeight",
     "compare_fingerprints",
+    "degenerate_layers",
     "fingerprint_distance",
     "fingerprint_model",
     "fingerprints_of",
@@ -219,6 +225,16 @@ LAYER_UNIT_FLOOR = 1.3
 SHAPED_SPREAD = 1.5
 #: Cost of a layer with no partner: as far as an unrelated layer.
 UNMATCHED_COST = 1.0
+#: A layer every sorted field of which spans at most this much (raw record units, about a
+#: hundredth of a noisy copy's gap, :data:`FIELD_SCALES`) has indistinguishable neurons: all
+#: dead (timm's ResNet zero-initialises the last BatchNorm scale of each block, so its folded
+#: convolution is all zeros whatever the seed) or all one constant (an init constant). Such a
+#: layer reads the same in every model of its architecture: it pairs, but weighs nothing
+#: (:func:`degenerate_layers`).
+DEGENERATE_SPAN = 1e-4
+#: Fewest same-shape alternatives (layers within the window that could pair but did not) a
+#: comparison needs to measure its own unrelated gap (:attr:`LayerMatch.unrelated_scale`).
+NULL_ALTERNATIVES = 16
 #: Most the scale-dependent fields add to a layer's distance (about a noisy copy's gap).
 SCALE_CAP = 1.5
 #: Layers pair only within this many positions of each other (after scaling the two depths).
@@ -227,6 +243,22 @@ ALIGN_WINDOW = 3
 #: writes the branches of a YOLO or a PaddleOCR detector in another order, moving layers by up
 #: to a third of the model.
 ALIGN_FRACTION = 0.35
+
+
+#: A pair is *contrasted* when its layers have other same-shape candidates within the window;
+#: at least this many contrasted pairs make :attr:`LayerMatch.contrast` measurable.
+CONTRAST_PAIRS = 3
+#: Largest median contrast of a derived model: a derived layer sits far closer to its own copy
+#: than to any other candidate (held-out: at most 0.71 over 52 derivatives of 5 architectures,
+#: noise OMEGA 0.5 and 50 % pruning included), while the best of several unrelated candidates
+#: sits about as far as the next (0.99 to 1.28 for other seeds of ViT-B, ConvNeXt, BERT,
+#: MobileNetV3, ResNet-18).
+CONTRAST_LIMIT = 0.85
+
+
+#: Assignment cost of leaving a degenerate layer unpaired: not 0, so that two of them pair
+#: rather than tie with staying alone; the distance counts it as 0.
+_WEIGHTLESS_ALONE = 1e-9
 
 
 def align_window(m: int, n: int) -> int:
@@ -278,14 +310,25 @@ def _resample_grid(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 def segment_sort(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Sort each column of ``values`` ``(m, p)`` within each segment.
 
-    Segment ``s`` is the next ``lengths[s]`` rows. One sort per segment: numpy sorts a slice
-    faster than any single call that sorts by (segment, value) pairs.
+    Segment ``s`` is the next ``lengths[s]`` rows. Segments of one length are sorted in one call
+    (as a ``(segments, length, p)`` block sorted along its middle axis: numpy runs the same sort
+    on each column of each segment, so the result is the one a call per segment gives, bit for
+    bit); numpy sorts a slice faster than any single call that sorts by (segment, value) pairs.
     """
     out = np.empty_like(values)
-    start = 0
-    for length in lengths.tolist():
-        out[start : start + length] = np.sort(values[start : start + length], axis=0)
-        start += length
+    sizes = lengths.tolist()
+    starts = itertools.accumulate(sizes, initial=0)
+    by_length: dict[int, list[int]] = {}
+    for start, length in zip(starts, sizes):
+        by_length.setdefault(length, []).append(start)
+    columns = values.shape[1]
+    for length, group in by_length.items():
+        if len(group) == 1:
+            start = group[0]
+            out[start : start + length] = np.sort(values[start : start + length], axis=0)
+            continue
+        rows = (np.array(group)[:, None] + np.arange(length)).ravel()
+        out[rows] = np.sort(values[rows].reshape(len(group), length, columns), axis=1).reshape(-1, columns)
     return out
 
 
@@ -322,8 +365,10 @@ def segment_resample(values: np.ndarray, lengths: np.ndarray, size: int = RESAMP
 #: arithmetic, is what small layers cost); larger ones one at a time, in float32 ``einsum``
 #: passes over the weight as stored.
 SMALL_LAYER = 2048
-#: Most weights in one batch of small layers (bounds the batch's float64 copies).
-_BATCH_WEIGHTS = 1 << 18
+#: Most weights in one batch of small layers: its float64 passes (a dozen arrays of this many
+#: values) then stay within a core's cache, where a batch 8 times larger ran them a quarter
+#: slower from memory; each layer's sums are its own whatever batch it falls in.
+_BATCH_WEIGHTS = 1 << 15
 #: Large layers of at most this many weights are stacked with others of their shape and layout,
 #: at most :data:`_STACK_WEIGHTS` weights per stack (a larger layer gains nothing: its passes
 #: already cost far more than the calls).
@@ -434,7 +479,7 @@ def _stacked_layer_sums(weights: Sequence[ProducerWeight], sign: np.ndarray) -> 
     direction = np.einsum(f"{rows},bi->bj", stack, relative).astype(np.float64) * (top / n)[:, None]
     column_square = np.einsum(f"{rows},bi->bj", squares, relative * relative).astype(np.float64)
     column_rms = np.sqrt(column_square / n) * top[:, None]
-    length = np.array([_euclidean(row) for row in direction])
+    length = np.sqrt(np.einsum("bj,bj->b", direction, direction))  # each row as _euclidean sums it, bit for bit
     toward = np.where(
         length[:, None] > 0, direction / np.where(length > 0, length, 1.0)[:, None], direction
     ).astype(np.float32)
@@ -897,12 +942,43 @@ class LayerMatch:
         pairs: (layer of a, layer of b, distance) for each paired layer.
         unmatched_a: layers of ``a`` left without partner.
         unmatched_b: layers of ``b`` left without partner.
+        weightless_pairs: pairs of two degenerate layers (:func:`degenerate_layers`), left out
+            of the distance: they read the same in any two models of one architecture.
+        weightless_unpaired: degenerate layers left without partner, left out of the distance.
+        unrelated_scale: how far apart unrelated layers of *these* models read, at most 1: the
+            RMS distance of each layer to the same-shape layers of the other model within the
+            window that it did not pair with (different layers: as unrelated as another seed's),
+            where there are at least :data:`NULL_ALTERNATIVES` of them; else 1. The unit
+            (:func:`layer_unit`) is fitted on Gaussian random layers; timm's ConvNeXt layers
+            of two seeds read 0.93 of it, which the threshold must follow.
+        contrast: the median, over pairs whose layers have other same-shape candidates within
+            the window, of the pair's distance over its best alternative's (the ratio test of
+            feature matching), when at least :data:`CONTRAST_PAIRS` pairs have one; else None.
+            With many interchangeable layers (a ViT's 12 blocks) the assignment picks, among
+            unrelated candidates, the closest of several: a distance biased low (ViT-B/16 of
+            two seeds: 0.71, under its limit), but no closer than the next candidate (contrast
+            1.08); a derived layer is far closer to its copy than to anything else (0.19 for
+            noise OMEGA 0.1). :func:`is_derived` requires it below :data:`CONTRAST_LIMIT`.
     """
 
     distance: float
     pairs: tuple[tuple[int, int, float], ...]
     unmatched_a: tuple[int, ...]
     unmatched_b: tuple[int, ...]
+    weightless_pairs: int = 0
+    weightless_unpaired: int = 0
+    unrelated_scale: float = 1.0
+    contrast: float | None = None
+
+    @property
+    def slots(self) -> int:
+        """Layer slots the distance is the mean over: weighed pairs and weighed unpaired layers."""
+        return len(self.pairs) + len(self.unmatched_a) + len(self.unmatched_b) - self.weightless_pairs - self.weightless_unpaired
+
+    @property
+    def weighed_pairs(self) -> int:
+        """Pairs that carry evidence (not both layers degenerate)."""
+        return len(self.pairs) - self.weightless_pairs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -912,8 +988,44 @@ class LayerMatch:
         }
 
 
+def degenerate_layers(records: np.ndarray) -> np.ndarray:
+    """Per layer, whether its neurons are indistinguishable: it carries no identity evidence.
+
+    True when every sorted field spans at most :data:`DEGENERATE_SPAN`: all neurons dead (an
+    all-zero layer, e.g. a convolution folded with a zero-initialised BatchNorm scale) or all
+    alike with alike inputs (a constant layer). Such a layer reads the same in every model of
+    its architecture, whatever the seed, so two of them pair at distance 0 whether the models
+    are related or not; :func:`compare_fingerprints` pairs them but leaves them out of the
+    distance, as resync lets constant neurons pair without weighing.
+
+    Args:
+        records: ``(layers, LAYER_WIDTH)`` layer records.
+
+    Returns:
+        ``(layers,)`` bool.
+    """
+    records = np.asarray(records, dtype=np.float64).reshape(-1, LAYER_WIDTH)
+    flat = np.ones(records.shape[0], dtype=bool)
+    for name in _SORTED_FIELDS:
+        values = records[:, SLICES[name]]
+        flat &= (values.max(axis=1) - values.min(axis=1)) <= DEGENERATE_SPAN
+    return flat
+
+
 def compare_fingerprints(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch:
     """Pair the layers of two fingerprints and measure their distance (module docstring).
+
+    Degenerate layers (:func:`degenerate_layers`) pair like any other, but a pair of two of
+    them, or one left without partner, weighs nothing: the distance is the mean over the other
+    slots. Where no slot is left (every layer of both models degenerate) the distance is
+    :data:`UNMATCHED_COST`: no evidence either way.
+
+    The comparison is also made once more with ``b``'s levels moved by the median level
+    difference of the weighed pairs (:func:`_level_offset`), and the closer of the two kept:
+    noise raises every layer's level by about ``log(1 + OMEGA^2) / 2`` and magnitude pruning
+    lowers it, one shift for the whole model, which alone put Magika's and BERT's noisy copies
+    (OMEGA = 0.2) past their limit; two unrelated models of one architecture differ by no such
+    common shift (their offsets read 0.001), so they gain nothing from it.
 
     Args:
         a: one fingerprint.
@@ -927,6 +1039,38 @@ def compare_fingerprints(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch
     """
     if a.version != b.version:
         raise OnnxladyError(f"cannot compare fingerprints of versions {a.version} and {b.version}")
+    match = _compare(a, b)
+    offset = _level_offset(a, b, match)
+    if not offset:  # too few weighed pairs, or no shift
+        return match
+    records = b.records.copy()
+    records[:, SLICES["level"]] -= np.float32(offset)
+    shifted = _compare(a, replace(b, records=records))
+    return shifted if shifted.distance < match.distance else match
+
+
+#: Fewest weighed pairs from which a model-wide level shift is estimated (:func:`_level_offset`).
+LEVEL_OFFSET_PAIRS = 3
+
+
+def _level_offset(a: ModelFingerprint, b: ModelFingerprint, match: LayerMatch) -> float:
+    """The median level difference (``b`` minus ``a``) over the weighed pairs of ``match``.
+
+    0 with fewer than :data:`LEVEL_OFFSET_PAIRS` of them (too little to tell a common shift
+    from the layers' own levels).
+    """
+    level = SLICES["level"].start
+    degenerate_a, degenerate_b = degenerate_layers(a.records), degenerate_layers(b.records)
+    gaps = [
+        float(b.records[j, level]) - float(a.records[i, level])
+        for i, j, _ in match.pairs
+        if not degenerate_a[i] and not degenerate_b[j]
+    ]
+    return float(np.median(gaps)) if len(gaps) >= LEVEL_OFFSET_PAIRS else 0.0
+
+
+def _compare(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch:
+    """:func:`compare_fingerprints` for the records as they are (no level shift)."""
     m, n = a.layers, b.layers
     if m == 0 or n == 0:
         unpaired = m + n
@@ -947,14 +1091,18 @@ def compare_fingerprints(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch
             norm_spread(b.records[used_b], b.shapes[used_b]) >= SHAPED_SPREAD,
         ) ** 2
         squared[rows_i, cols_j] = full[np.searchsorted(used_a, rows_i), np.searchsorted(used_b, cols_j)]
+    degenerate_a, degenerate_b = degenerate_layers(a.records), degenerate_layers(b.records)
+    both = allowed & degenerate_a[:, None] & degenerate_b[None, :]
+    squared[both] = 0.0
+    # A degenerate layer left alone weighs nothing; the assignment still prefers to pair it.
+    alone_a = np.where(degenerate_a, _WEIGHTLESS_ALONE, penalty)
+    alone_b = np.where(degenerate_b, _WEIGHTLESS_ALONE, penalty)
     # Square assignment: layer i of a may pair with b's j or with its own "unpaired" slot.
     cost = np.full((m + n, n + m), forbidden)
     cost[:m, :n] = np.minimum(squared, forbidden)
-    cost[:m, n:] = np.where(np.eye(m, dtype=bool), penalty, forbidden)
-    cost[m:, :n] = np.where(np.eye(n, dtype=bool), penalty, forbidden)
+    cost[:m, n:] = np.where(np.eye(m, dtype=bool), alone_a[:, None], forbidden)
+    cost[m:, :n] = np.where(np.eye(n, dtype=bool), alone_b[None, :], forbidden)
     cost[m:, n:] = 0.0
-    from scipy.optimize import linear_sum_assignment  # imported here: every command imports this module
-
     chosen_rows, chosen_cols = linear_sum_assignment(cost)
     pairs: list[tuple[int, int, float]] = []
     paired_a: set[int] = set()
@@ -966,9 +1114,46 @@ def compare_fingerprints(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch
             paired_b.add(int(j))
     unmatched_a = tuple(i for i in range(m) if i not in paired_a)
     unmatched_b = tuple(j for j in range(n) if j not in paired_b)
-    total = sum(d * d for _, _, d in pairs) + penalty * (len(unmatched_a) + len(unmatched_b))
-    count = len(pairs) + len(unmatched_a) + len(unmatched_b)
-    return LayerMatch(float(np.sqrt(total / count)), tuple(sorted(pairs)), unmatched_a, unmatched_b)
+    weightless_pairs = sum(1 for i, j, _ in pairs if degenerate_a[i] and degenerate_b[j])
+    weightless_unpaired = int(degenerate_a[list(unmatched_a)].sum() + degenerate_b[list(unmatched_b)].sum())
+    total = sum(d * d for _, _, d in pairs) + penalty * (
+        len(unmatched_a) + len(unmatched_b) - weightless_unpaired
+    )
+    count = len(pairs) + len(unmatched_a) + len(unmatched_b) - weightless_pairs - weightless_unpaired
+    distance = float(np.sqrt(total / count)) if count else UNMATCHED_COST
+    alternatives = allowed & ~degenerate_a[:, None] & ~degenerate_b[None, :]
+    alternatives[[i for i, _, _ in pairs], [j for _, j, _ in pairs]] = False
+    unrelated_scale = 1.0
+    if np.count_nonzero(alternatives) >= NULL_ALTERNATIVES:
+        unrelated_scale = min(1.0, float(np.sqrt(np.mean(squared[alternatives]))))
+    return LayerMatch(
+        distance, tuple(sorted(pairs)), unmatched_a, unmatched_b, weightless_pairs, weightless_unpaired,
+        unrelated_scale, _contrast(pairs, alternatives, squared),
+    )
+
+
+def _contrast(pairs: list[tuple[int, int, float]], alternatives: np.ndarray, squared: np.ndarray) -> float | None:
+    """:attr:`LayerMatch.contrast`: median of each pair's distance over its best alternative's."""
+    ratios = []
+    for i, j, d in pairs:
+        others = np.concatenate([squared[i][alternatives[i]], squared[:, j][alternatives[:, j]]])
+        if others.size:
+            ratios.append(d / max(float(np.sqrt(others.min())), _TINY))
+    return float(np.median(ratios)) if len(ratios) >= CONTRAST_PAIRS else None
+
+
+def is_derived(match: LayerMatch, limit: float) -> bool:
+    """The call: within ``limit``, with evidence (a weighed pair), and contrasted (or unmeasured).
+
+    Args:
+        match: the comparison of two fingerprints.
+        limit: the largest distance called derived.
+
+    Returns:
+        Whether the two models are called derived.
+    """
+    contrasted = match.contrast is None or match.contrast < CONTRAST_LIMIT
+    return bool(match.weighed_pairs) and match.distance <= limit and contrasted
 
 
 # -- search vectors -------------------------------------------------------------------------

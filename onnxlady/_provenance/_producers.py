@@ -19,12 +19,12 @@ layers and the same weights:
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
+import weakref
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -36,7 +36,8 @@ from onnxlady._io._tensors import read_array
 from onnxlady._provenance._wire import PLAIN_TYPES
 from onnxlady._resync._across import _batchnorm
 from onnxlady._resync._match import UNIT_OPS, Unit, find_units
-from onnxlady._resync._nchwc_forms import NCHWC, blocked_conv, read_blocked
+from onnxlady._resync._nchwc_forms import _SAME_CHANNELS, NCHWC, BlockedConv, _unblock, blocked_conv, read_blocked
+from onnxlady._resync._values import read_constant
 
 __all__ = ["ProducerWeight", "WeightGraph", "model_producers", "producer_weights"]
 
@@ -86,19 +87,18 @@ class ProducerWeight:
     groups: int
     row_scale: np.ndarray | None = None
 
-    # Cached: the layer arithmetic asks each layer's dimensions a dozen times (the matrix's
-    # shape never changes after construction).
-    @functools.cached_property
-    def neurons(self) -> int:
-        return int(self.matrix.shape[self.neuron_axis])
+    #: Rows (neurons), their inputs and weight elements of ``matrix``: set once at construction
+    #: (the layer arithmetic asks each a dozen times; a plain attribute costs the least to read).
+    neurons: int = field(init=False, repr=False, compare=False)
+    fan_in: int = field(init=False, repr=False, compare=False)
+    size: int = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def fan_in(self) -> int:
-        return int(self.matrix.shape[1 - self.neuron_axis])
-
-    @functools.cached_property
-    def size(self) -> int:
-        return int(self.matrix.size)
+    def __post_init__(self) -> None:
+        shape = self.matrix.shape
+        # Frozen: set through the instance dict (the matrix's shape never changes afterwards).
+        self.__dict__.update(
+            neurons=int(shape[self.neuron_axis]), fan_in=int(shape[1 - self.neuron_axis]), size=int(self.matrix.size)
+        )
 
     def rows(self) -> np.ndarray:
         """The weight as a ``(neurons, fan_in)`` float32 matrix, BatchNorm scale applied."""
@@ -195,7 +195,10 @@ def _quantized(graph: ConstantSource, node: onnx.NodeProto, slot: int, scale_slo
     The scale is per tensor or per output channel, as QLinearConv/QLinearMatMul/ConvInteger/
     MatMulInteger read it.
     """
-    raw = graph.constant_value(node.input[slot]) if len(node.input) > slot else None
+    name = node.input[slot] if len(node.input) > slot else ""
+    raw = graph.constant_value(name) if name else None
+    if raw is None and scale_slot is None:
+        return _runtime_weight(graph, name)
     if raw is None or raw.dtype.kind not in "iu":
         return None
     weight = raw.astype(np.float32)
@@ -212,6 +215,26 @@ def _quantized(graph: ConstantSource, node: onnx.NodeProto, slot: int, scale_slo
         scale32 = np.asarray(scale, dtype=np.float32)
         weight *= scale32.reshape(()) if scale32.size == 1 else _along(scale32, out_axis, rank)
     return weight
+
+
+def _runtime_weight(graph: ConstantSource, name: str) -> np.ndarray | None:
+    """The float constant an integer layer's weight is quantized from at run time, or None.
+
+    Where a model holds its weights in ``Constant`` nodes (Paddle's exporter), ONNX Runtime's
+    ``quantize_dynamic`` leaves them float and quantizes each at run time like an activation:
+    ``ConvInteger``/``MatMulInteger`` read output 0 of a ``DynamicQuantizeLinear`` of the float
+    weight, whose scale (output 1) enters the scale ``Mul`` after the layer with the input's. The
+    layer computes with that float weight rounded to 8 bits (uint8, per tensor), so the float
+    constant is its weight, scale included (as :mod:`onnxlady._resync._quantized_forms` reads it).
+    """
+    produced = graph.producer.get(name) if name else None
+    if produced is None or produced[1] != 0:
+        return None
+    quantizer = graph.nodes[produced[0]]
+    if quantizer.op_type != "DynamicQuantizeLinear" or quantizer.domain not in _STANDARD:
+        return None
+    value = graph.constant_value(quantizer.input[0])
+    return None if value is None or not _is_float(value) else np.asarray(value, dtype=np.float32)
 
 
 #: Integer layers whose scale (and BatchNorm) ONNX Runtime's dynamic form applies after them.
@@ -369,7 +392,12 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
         blocked, conv = read_blocked(graph, index, 1), blocked_conv(graph, index)
         if blocked is None or conv is None:
             return None
-        matrix, kernel = _conv_rows(np.asarray(blocked.value, dtype=np.float32))
+        value = blocked.value
+        counts = _nchwc_channels(graph).get(index)
+        stored = read_constant(graph, node.input[1]) if counts is not None else None
+        if counts is not None and stored is not None:  # channels the layout took for padding are true ones
+            value = _unblock(stored.value, conv.form, conv.block)[: counts[0], : counts[1]]
+        matrix, kernel = _conv_rows(np.asarray(value, dtype=np.float32))
         return matrix, 0, kernel, conv.group
     if domain != _MS_DOMAIN:
         return None
@@ -388,6 +416,88 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
         weight = _matmul_nbits(graph, node)
         return None if weight is None else (weight, 0, 1, 1)
     return None
+
+
+_NCHWC_CHANNELS: weakref.WeakKeyDictionary[ModelGraph, dict[int, tuple[int, int]]] = weakref.WeakKeyDictionary()
+
+
+def _nchwc_channels(graph: ModelGraph) -> dict[int, tuple[int, int]]:
+    """(outputs, inputs) of the NCHWc convolutions whose true channel counts the layout reads short.
+
+    Where the graph does not tell a blocked tensor's channel count, the layout takes trailing
+    all-zero output channels for padding. A layer can hold true zero channels: timm's ResNet
+    initialises each block's last BatchNorm to zero, and folded into the convolution its rows
+    are zeros, so layer1.0.conv2 (64 channels) read as 49, and the convolution after it as
+    reading 49 inputs. Padding is zero in every layer reading it too: a channel that a
+    following convolution weighs with a non-zero column is a true one. Only the convolutions
+    whose counts change this way are listed (the others read as the layout reads them).
+    """
+    found = _NCHWC_CHANNELS.get(graph)
+    if found is not None:
+        return found
+    convs = {index: conv for index in graph.order if (conv := blocked_conv(graph, index)) is not None}
+    outputs = {index: conv.shape[0] for index, conv in convs.items()}
+    for index, conv in convs.items():
+        if conv.shape[0] < conv.stored[0]:
+            used = _channels_read(graph, graph.nodes[index].output[0], convs)
+            outputs[index] = max(outputs[index], min(used, conv.stored[0]))
+    found = {}
+    for index, conv in convs.items():
+        inputs = conv.shape[1]
+        if conv.form == "OIHWBiBo" and conv.group == 1:
+            source = _blocked_source(graph, graph.nodes[index].input[0], convs)
+            if source is not None and outputs[source] > convs[source].shape[0]:
+                inputs = max(inputs, min(outputs[source], conv.stored[1]))
+        if (outputs[index], inputs) != conv.shape[:2]:
+            found[index] = (outputs[index], inputs)
+    _NCHWC_CHANNELS[graph] = found
+    return found
+
+
+def _channels_read(graph: ModelGraph, name: str, convs: dict[int, BlockedConv]) -> int:
+    """One past the last channel of blocked tensor ``name`` that a following convolution weighs.
+
+    Followed through operators that keep channels and through the residual a convolution adds
+    (its output holds the same channels); 0 where no ungrouped blocked convolution reads it.
+    """
+    used, stack, seen = 0, [name], {name}
+    while stack:
+        for index, slot in graph.consumers.get(stack.pop(), []):
+            if index < 0:
+                continue
+            node = graph.nodes[index]
+            conv = convs.get(index)
+            follow = (slot == 3 and conv is not None) or (
+                conv is None and (node.domain == NCHWC or node.op_type in _SAME_CHANNELS)
+            )
+            if follow:
+                for out in node.output[:1]:
+                    if out and out not in seen:
+                        seen.add(out)
+                        stack.append(out)
+            elif conv is not None and slot == 0 and conv.form == "OIHWBiBo" and conv.group == 1:
+                read = read_constant(graph, node.input[1])
+                if read is None or read.value.shape != conv.stored:
+                    continue
+                weighed = np.flatnonzero(np.any(_unblock(read.value, conv.form, conv.block) != 0, axis=(0, 2, 3)))
+                if weighed.size:
+                    used = max(used, int(weighed[-1]) + 1)
+    return used
+
+
+def _blocked_source(graph: ModelGraph, name: str, convs: dict[int, BlockedConv]) -> int | None:
+    """The NCHWc convolution whose output ``name`` is, through operators that keep channels."""
+    while True:
+        produced = graph.producer.get(name)
+        if produced is None:
+            return None
+        index = produced[0]
+        if index in convs:
+            return index
+        node = graph.nodes[index]
+        if not node.input or not ((node.domain == NCHWC and node.op_type != "Conv") or node.op_type in _SAME_CHANNELS):
+            return None
+        name = node.input[0]
 
 
 def _collect(
@@ -556,7 +666,7 @@ class WeightGraph:
         if op == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value":
-                    return read_array(attribute.t, f"tensor '{name}'")
+                    return _initializer_array(attribute.t, name)
                 if attribute.name in ("value_float", "value_int", "value_floats", "value_ints"):
                     raise FullGraphNeeded(f"Constant '{name}' holds a {attribute.name}")
             return None
@@ -828,9 +938,12 @@ def _initializer_array(tensor: onnx.TensorProto, name: str) -> np.ndarray:
 
     A tensor of a plain numeric type whose values are all in ``raw_data`` is a view of those
     bytes, as ``to_array`` gives it, without its dozen protobuf field reads per tensor (on a
-    small model they cost more than the parse). Anything else goes to ``read_array``.
+    small model they cost more than the parse); a float32 tensor stored in ``float_data`` (as
+    PaddleOCR's exports store theirs) is copied out of it, the values ``to_array`` gives.
+    Anything else goes to ``read_array``. Constant nodes' tensors are read here too.
     """
-    dtype = PLAIN_TYPES.get(tensor.data_type)
+    data_type = tensor.data_type
+    dtype = PLAIN_TYPES.get(data_type)
     if dtype is not None and tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.HasField("segment"):
         raw = tensor.raw_data
         dims = tuple(tensor.dims)
@@ -839,6 +952,10 @@ def _initializer_array(tensor: onnx.TensorProto, name: str) -> np.ndarray:
             count *= dim
         if raw and len(raw) == count * dtype.itemsize:
             return np.frombuffer(raw, dtype=dtype).reshape(dims)
+        if data_type == onnx.TensorProto.FLOAT and not raw and not tensor.HasField("raw_data"):
+            values = tensor.float_data
+            if len(values) == count:
+                return np.array(values, dtype=np.float32).reshape(dims)
     return read_array(tensor, f"tensor '{name}'")
 
 

@@ -29,14 +29,15 @@ analysis: it keeps its form (float16, folded, QDQ) and is equivalent to the susp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._assignment import linear_sum_assignment
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
@@ -349,8 +350,8 @@ class AcrossResync:
     match: ModelMatch
     compared: list[int]  # reference plans compared (the others had no counterpart)
     reference: list[Approx | None]
-    suspect_aligned: list[Approx | None]  # the suspect's values in the reference's order
-    suspect_before: list[Approx | None]  # the suspect's values in its own order
+    suspect_aligned: Sequence[Approx | None]  # the suspect's values in the reference's order
+    suspect_before: Sequence[Approx | None]  # the suspect's values in its own order
     dropped: list[str] = field(default_factory=list)
     unresolved: list[str] = field(default_factory=list)  # paired groups with nothing to compare
     #: Groups solved in the common form but left in place in the output: the suspect's own
@@ -375,14 +376,41 @@ class AcrossResync:
 
 @dataclass
 class _State(solver.ResyncState):
-    """The solver's state, moving the suspect's error bounds with its values."""
+    """The solver's state, with the suspect's error bounds moved along with its values.
 
-    errors: list[np.ndarray] = field(default_factory=list)
+    Each solve's re-ordering of a plan is composed into one index per axis (``moves``): the
+    bounds stay in the suspect's order and are moved only when read (:meth:`aligned_error`: ties,
+    the audit), and the suspect's values in its own order are the aligned ones moved back
+    (:meth:`original_value`), so a resync alone copies neither.
+    """
+
+    errors: list[np.ndarray] = field(default_factory=list)  # in the suspect's order
     reference_errors: list[np.ndarray] = field(default_factory=list)
+    #: Per plan, per axis: the index taking the suspect's order to the current one.
+    moves: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
 
     def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
         super()._apply(plan_index, gid, step)
-        self.errors[plan_index] = self._moved(self.errors[plan_index], plan_index, gid, step)
+        moves = self.moves.setdefault(plan_index, {})
+        for axis, expr in self.analysis.tensors[plan_index].axes:
+            idx = self.analysis.index_array(expr, {gid: step})
+            if not np.array_equal(idx, np.arange(idx.size)):
+                # take(take(a, first), then) == take(a, first[then]) along one axis
+                moves[axis] = moves[axis][idx] if axis in moves else idx
+
+    def aligned_error(self, plan_index: int) -> np.ndarray:
+        """The suspect's bound of a plan in the current order (what moving it with the values gives)."""
+        array = self.errors[plan_index]
+        for axis, idx in self.moves.get(plan_index, {}).items():  # takes along distinct axes commute
+            array = np.take(array, idx, axis=axis)
+        return array
+
+    def original_value(self, plan_index: int) -> np.ndarray:
+        """The suspect's values of a plan in its own order: the current ones moved back."""
+        array = self.work[plan_index]
+        for axis, idx in self.moves.get(plan_index, {}).items():
+            array = np.take(array, np.argsort(idx), axis=axis)
+        return array
 
     def exact_match(
         self, gid: str, solved: frozenset[str], step: np.ndarray | None = None, margins: np.ndarray | None = None
@@ -406,7 +434,10 @@ class _State(solver.ResyncState):
             return np.concatenate([solver.gather_block(arrays[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
 
         ref, ref_error = rows(self.reference), rows(self.reference_errors)
-        sus, sus_error = rows(self.work), rows(self.errors)
+        errors = list(self.errors)
+        for plan in {piece.plan for piece in pieces}:
+            errors[plan] = self.aligned_error(plan)
+        sus, sus_error = rows(self.work), rows(errors)
         candidates = step[ambiguous]  # the others keep the neurons the similarity gave them
         fits = np.stack(
             [
@@ -419,14 +450,45 @@ class _State(solver.ResyncState):
         cost = np.where(fits, 1.0, float(ambiguous.size + 1))
         current = candidates[None, :] == step[ambiguous][:, None]
         cost[current & fits] = 0.0
-        from scipy.optimize import linear_sum_assignment
-
         rows_taken, cols = linear_sum_assignment(cost)
         if not np.all(fits[rows_taken, cols]):
             return None
         chosen = step.copy()
         chosen[ambiguous[rows_taken]] = candidates[cols]
         return chosen
+
+
+class _Suspect(Sequence[Approx | None]):
+    """The suspect's values per reference plan (None where not compared), aligned or not.
+
+    ``aligned``: in the reference's order, else in the suspect's own. Each is made when read
+    (see :class:`_State`): a resync alone never needs them.
+    """
+
+    def __init__(self, state: _State, kept: set[int], count: int, aligned: bool) -> None:
+        self._state = state
+        self._kept = kept
+        self._count = count
+        self._aligned = aligned
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> Approx | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Approx | None]: ...
+
+    def __getitem__(self, index: int | slice) -> Approx | list[Approx | None] | None:
+        if isinstance(index, slice):
+            return [self[number] for number in range(self._count)[index]]
+        number = range(self._count)[index]  # IndexError past the end, as a list
+        if number not in self._kept:
+            return None
+        if self._aligned:
+            return Approx(self._state.work[number], self._state.aligned_error(number))
+        return Approx(self._state.original_value(number), self._state.errors[number])
 
 
 #: Ties broken by storage error in one group, at most (each costs a pass over their signatures).
@@ -511,14 +573,18 @@ def resync_across(
         order=order,
         slices=slices,
         touched=touched,
-        # No copies: the solver only ever moves the suspect's arrays (np.take makes new ones),
-        # so the pairing's arrays stay as read (they are the report's "before").
+        # No copies: the solver only ever moves the suspect's values (np.take makes new ones).
         reference=[value.value if value is not None else empty for value in pairing.reference],
         work=[value.value if value is not None else empty for value in pairing.suspect],
         options=options,
         errors=[value.error if value is not None else empty for value in pairing.suspect],
         reference_errors=[value.error if value is not None else empty for value in pairing.reference],
     )
+    # The state holds the suspect's arrays now: each value read is freed once moved (the report's
+    # "before" is the moved one moved back, see _Suspect).
+    count = len(pairing.suspect)
+    pairing.suspect.clear()
+    approx = None
     rounds = state.run(progress)
     rounds += _settle_ties(state, progress)
     tally = solver.PsiTally()
@@ -555,11 +621,9 @@ def resync_across(
             report = replace(report, psi=solver.percent(hits, perm.size), psi_distinguishable=solver.percent(hits, perm.size))
         groups.append(replace(report, id=f"{ref_gid or sus_gid} (solved in the suspect's form)"))
     model, key = _reorder_suspect(suspect, perms, reference, options, kv_state=bool(sus_analysis.states))
-    aligned: list[Approx | None] = [
-        Approx(state.work[n], state.errors[n]) if n in kept else None for n in range(len(pairing.suspect))
-    ]
+    aligned, before = _Suspect(state, kept, count, aligned=True), _Suspect(state, kept, count, aligned=False)
     details = AcrossResync(
-        match, sorted(kept), pairing.reference, aligned, pairing.suspect, pairing.dropped, unresolved, unwritten, dict(state.match),
+        match, sorted(kept), pairing.reference, aligned, before, pairing.dropped, unresolved, unwritten, dict(state.match),
         sorted(mirrored_groups),
     )
     result = solver.ResyncResult(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._external import has_mapped, load_mapped
+from onnxlady._io._files import copy_model
 from onnxlady._resync._across import resync_across
 from onnxlady._resync._match import analyze_with_state
 from onnxlady._resync._solver import METHODS, ResyncOptions, ResyncResult, say
@@ -26,6 +29,7 @@ def resync_model(
     true_key: PermutationKey | None = None,
     progress: Callable[[str], None] | None = None,
     analysis: ChannelAnalysis | None = None,
+    constants: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> ResyncResult:
     """Re-order the suspect's neurons into the reference's order.
 
@@ -44,6 +48,8 @@ def resync_model(
         progress: called with one line per step.
         analysis: the reference's analysis when the caller already has it (it is then not
             computed again).
+        constants: the reference's and the suspect's constants when the caller has read them
+            (:func:`~onnxlady._io._tensors.read_constants`): a twin's are not read again.
 
     Returns:
         The re-ordered suspect, the key that re-orders it and per-group statistics.
@@ -64,5 +70,13 @@ def resync_model(
     try:
         leaves = twin_leaves(analysis, suspect)
     except NotATwin:
+        # Matching across conversions permutes copies of the tensors in place: weights left in
+        # their external files (onnxlady._io._external) are read in first.
+        reference, suspect = _loaded(reference), _loaded(suspect)
         return resync_across(reference, suspect, options, true_key, progress, ref_analysis=analysis)[0]
-    return resync_twin(reference, suspect, analysis, leaves, options, true_key, progress)
+    return resync_twin(reference, suspect, analysis, leaves, options, true_key, progress, constants)
+
+
+def _loaded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or where some weights are still in their files, a copy holding them all."""
+    return load_mapped(copy_model(model)) if has_mapped(model) else model

@@ -21,24 +21,89 @@ __all__ = ["QUANTILES", "distance", "signature"]
 #: Points of the quantile function kept per tensor (the sorted values, resampled).
 QUANTILES = 33
 
+#: Below this many values, ``np.partition`` selects the ranks faster than bucketing them.
+_BUCKETED_FROM = 1 << 16
+
+#: Buckets of :func:`_order_statistics`: the top bits of each value's order-preserving key.
+_BUCKET_BITS = 20
+
+#: The 63 magnitude bits of a float64 seen as an int64: flipping them for negative values makes
+#: the integers sort as the floats do.
+_MAGNITUDE_BITS = np.int64(0x7FFFFFFFFFFFFFFF)
+
+#: Buckets at either end that hold only infinities and NaNs (whose exponent bits are all ones).
+_NOT_FINITE_BUCKETS = 1 << (_BUCKET_BITS - 12)
+
+
+def _order_keys(bits: np.ndarray) -> np.ndarray:
+    """Int64 keys ordered as the float64 whose bits are ``bits`` (``-0.0`` just before ``0.0``).
+
+    The map is its own inverse.
+    """
+    return bits ^ ((bits >> 63) & _MAGNITUDE_BITS)
+
+
+def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """The values of the given ranks in ``flat`` sorted (what ``np.partition(flat, ranks)[ranks]`` gives).
+
+    ``np.partition`` costs about a pass per rank asked for. Here one pass counts the values in
+    buckets (the top bits of an order-preserving integer key); only the few buckets holding an
+    asked rank are then sorted. The statistics are the same values (a zero may come back as
+    ``-0.0`` where partition gave ``0.0``, or the reverse: they compare equal, and only norms and
+    differences of them are used). Values with NaN or infinities, few values, or values crowded
+    into a few buckets are partitioned as before.
+
+    Args:
+        flat: a 1-D array.
+        ranks: ascending ranks in ``0..flat.size - 1``.
+
+    Returns:
+        The order statistics, in ``flat``'s dtype.
+    """
+    if flat.size < _BUCKETED_FROM or flat.dtype != np.float64:
+        return np.partition(flat, ranks)[ranks]
+    bits = np.ascontiguousarray(flat).view(np.int64)
+    # The keys' top bits, made in place on one new array: a negative value's magnitude bits
+    # flipped, as _order_keys flips them, then shifted to count from 0.
+    buckets = bits >> (64 - _BUCKET_BITS)
+    np.bitwise_xor(buckets, (1 << (_BUCKET_BITS - 1)) - 1, out=buckets, where=buckets < 0)
+    buckets += 1 << (_BUCKET_BITS - 1)
+    counts = np.bincount(buckets, minlength=1 << _BUCKET_BITS)
+    if counts[:_NOT_FINITE_BUCKETS].any() or counts[-_NOT_FINITE_BUCKETS:].any():
+        return np.partition(flat, ranks)[ranks]
+    ends = np.cumsum(counts)
+    holding = np.searchsorted(ends, ranks, side="right")  # the bucket of each rank
+    wanted = np.unique(holding)
+    if counts[wanted].sum() > flat.size // 8:  # crowded (a narrow range): sorting them would not pay
+        return np.partition(flat, ranks)[ranks]
+    chosen = np.zeros(counts.size, dtype=bool)
+    chosen[wanted] = True
+    inside = np.sort(_order_keys(bits[chosen[buckets]]))  # the wanted buckets' values, in order
+    # Where each wanted bucket starts in ``inside``, and each rank's place in its bucket.
+    starts = np.cumsum(counts[wanted]) - counts[wanted]
+    place = starts[np.searchsorted(wanted, holding)] + (ranks - (ends[holding] - counts[holding]))
+    return _order_keys(inside[place]).view(np.float64)
+
 
 def _resampled(values: np.ndarray, points: int = QUANTILES) -> np.ndarray:
     """The sorted values at ``points`` evenly spaced ranks (interpolated), whatever their count.
 
-    Only the order statistics on either side of each rank are selected (``np.partition``), not
-    the whole array sorted; the interpolation is ``np.interp``'s over the ranks ``0..n-1``, term
-    for term, so the result is the same to the bit.
+    Only the order statistics on either side of each rank are selected, not the whole array
+    sorted; the interpolation is ``np.interp``'s over the ranks ``0..n-1``, term for term, so the
+    result is the same to the bit.
     """
     flat = values.ravel()
     if flat.size <= points:
         return np.sort(flat)
     grid = np.linspace(0.0, flat.size - 1.0, points)
-    low = grid.astype(np.int64)  # floor: the ranks are not negative
+    low = grid.astype(np.int64)  # floor: the ranks are not negative (and, as size > points, increasing)
     high = np.minimum(low + 1, flat.size - 1)
-    selected = np.partition(flat, np.union1d(low, high))
-    below, above = selected[low].astype(np.float64), selected[high].astype(np.float64)  # as np.interp
+    ranks = np.union1d(low, high)
+    found = _order_statistics(flat, ranks)
+    below = found[np.searchsorted(ranks, low)].astype(np.float64)  # as np.interp
+    above = found[np.searchsorted(ranks, high)].astype(np.float64)
     resampled = (above - below) * (grid - low) + below
-    resampled[-1] = selected[-1]  # np.interp returns the last point itself
+    resampled[-1] = found[-1]  # np.interp returns the last point itself (the largest value)
     return resampled
 
 
@@ -60,7 +125,7 @@ def signature(value: np.ndarray) -> list[np.ndarray]:
         return []
     if flat.size > 1 << 22:  # quantiles of a huge tensor cost a full sort: a selection suffices
         ranks = np.linspace(0, flat.size - 1, QUANTILES).astype(np.int64)
-        values = np.partition(flat.ravel(), ranks)[ranks]
+        values = _order_statistics(flat.ravel(), ranks)
     else:
         values = _resampled(flat)
     parts = [values]

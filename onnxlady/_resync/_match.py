@@ -53,6 +53,7 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, analyze
 from onnxlady._analysis._state import state_pairs
+from onnxlady._assignment import linear_sum_assignment
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph, node_label
@@ -476,7 +477,7 @@ class _Signatures:
             for operand in site.operands:
                 if operand.role.startswith("bn") or operand.role == "post":
                     continue
-                value = read_operand(self.graph, operand)
+                value = read_operand(self.graph, operand, bounds=False)  # the value alone is signed
                 if value is None:
                     continue
                 parts.extend(signature(_folded_for_signature(self.graph, site, operand, value.value)))
@@ -548,8 +549,6 @@ def _pair_class(
     how: dict[int, tuple[str, float | None, float | None]],
 ) -> None:
     """Pair the sites of one token: decisive content, then the alignment, then order."""
-    from scipy.optimize import linear_sum_assignment
-
     table = np.array([[distance(ref_sig[r], sus_sig[s]) for s in cols] for r in rows], dtype=np.float64)
     table = np.where(np.isfinite(table), table, 4.0)
     chosen_rows, chosen_cols = linear_sum_assignment(table)

@@ -196,12 +196,14 @@ class Site:
 
 
 # -- reading and writing operands -------------------------------------------------------------
-def read_operand(graph: ModelGraph, operand: Operand) -> Approx | None:
+def read_operand(graph: ModelGraph, operand: Operand, bounds: bool = True) -> Approx | None:
     """An operand's value in canonical layout, with its storage error bound.
 
     Args:
         graph: the model holding it.
         operand: one of a site's operands.
+        bounds: compute the bound of a plain constant (see
+            :func:`~onnxlady._resync._values.read_constant`); without, it may read zeros.
 
     Returns:
         The value, or None when it cannot be read as numbers (computed, packed otherwise).
@@ -219,10 +221,10 @@ def read_operand(graph: ModelGraph, operand: Operand) -> Approx | None:
     elif operand.blocked:
         full = read_blocked(graph, operand.node, operand.slot)
     else:
-        full = read_constant(graph, name)
+        full = read_constant(graph, name, bounds)
     if full is None or full.value.shape != operand.read_shape:
         return None
-    value, error = full.value, np.broadcast_to(full.error, full.value.shape)
+    value, error = full.value, full.full_error()  # the bound itself where it is whole: writable like the value
     if operand.block is not None:
         axis, start, stop = operand.block
         value, error = np.take(value, range(start, stop), axis=axis), np.take(error, range(start, stop), axis=axis)

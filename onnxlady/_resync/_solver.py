@@ -57,6 +57,7 @@ import numpy as np
 import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup
+from onnxlady._assignment import linear_sum_assignment
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._progress import advance
 from onnxlady._transforms._key import PermutationKey
@@ -103,6 +104,10 @@ _SKETCH_DIM = 512
 _CANDIDATES = 8
 
 
+#: New bytes of a tensor, or a function computing them when the output is written.
+Override = bytes | memoryview | Callable[[], np.ndarray]
+
+
 # -- results ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GroupResync:
@@ -147,10 +152,11 @@ class ResyncResult:
     #: The re-ordered suspect, once built (see :attr:`model`).
     built: onnx.ModelProto | None = field(default=None, repr=False)
     #: Until it is built: the suspect (never changed) and the new ``raw_data`` of each
-    #: initializer that moves, by name.
-    unbuilt: tuple[onnx.ModelProto, dict[str, bytes | memoryview]] | None = field(default=None, repr=False)
+    #: initializer that moves, by name (or a function computing it, for weights still in
+    #: their external files).
+    unbuilt: tuple[onnx.ModelProto, dict[str, Override]] | None = field(default=None, repr=False)
     #: Builds the model from :attr:`unbuilt` (a copy of the suspect with those bytes).
-    builder: Callable[[onnx.ModelProto, dict[str, bytes | memoryview]], onnx.ModelProto] | None = field(
+    builder: Callable[[onnx.ModelProto, dict[str, Override]], onnx.ModelProto] | None = field(
         default=None, repr=False
     )
 
@@ -478,8 +484,6 @@ def _hungarian(decision: np.ndarray, zero_ref: np.ndarray, zero_sus: np.ndarray)
     best = decision.argmax(axis=1)
     if np.unique(best).size == best.size:
         return best.astype(np.int64), 0  # every row at its maximum: nothing can beat it
-    from scipy.optimize import linear_sum_assignment  # 0.6 s to import: only when a tie needs it
-
     _, cols = linear_sum_assignment(decision, maximize=True)
     return cols.astype(np.int64), 0
 

@@ -21,7 +21,9 @@ import onnx
 from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._io._external import has_mapped, is_mapped, load_mapped, mapped_bytes
 from onnxlady._io._tensors import FloatConstants, is_external, tensor_holders
+from onnxlady._resync._mapped import AlignedArrays, MappedState, StoredArrays
 from onnxlady._resync._solver import (
     PsiTally,
     ResyncOptions,
@@ -132,7 +134,7 @@ class _SuspectMap:
 # -- output -----------------------------------------------------------------------------------
 def _write_output(
     state: ResyncState, suspect: onnx.ModelProto, leaves: list[list[str]]
-) -> tuple[onnx.ModelProto | None, dict[str, bytes | memoryview], PermutationKey]:
+) -> tuple[onnx.ModelProto | None, dict[str, bytes | memoryview | Callable[[], np.ndarray]], PermutationKey]:
     """The suspect with its elements moved into the reference's order, and the key that does it.
 
     Returns ``(model, overrides, key)``. Where every moved tensor is an initializer whose
@@ -146,19 +148,24 @@ def _write_output(
     for number, names in enumerate(leaves):
         for name in names:
             by_leaf.setdefault(name, []).append(number)
-    fresh = _fresh_initializers(state, suspect, by_leaf, leaves)
+    # Work arrays computed on demand (weights left in their files): the moved tensors are
+    # computed from the stored ones, one at a time, when the writer asks for them.
+    deferred = isinstance(state.work, AlignedArrays)
+    fresh = {} if deferred else _fresh_initializers(state, suspect, by_leaf, leaves)
     initializers = {tensor.name for tensor in suspect.graph.initializer}
     holders = tensor_holders(suspect)
     streamed = all(
         name in initializers
-        and holders[name].HasField("raw_data")
-        and not is_external(holders[name])
+        and (holders[name].HasField("raw_data") or (deferred and is_mapped(holders[name])))
+        and (not is_external(holders[name]) or deferred)
         and holders[name].data_type not in _PACKED_TYPES  # refused by _permute_tensor, on the other path
         for name in by_leaf
     )
     output = None if streamed else _copy_model(suspect, {name: array.data.cast("B") for name, array in fresh.items()})
+    if output is not None and has_mapped(output):
+        load_mapped(output)  # _permute_tensor moves bytes in place: they must be in the model
     output_holders = tensor_holders(output) if output is not None else holders
-    overrides: dict[str, bytes | memoryview] = {}
+    overrides: dict[str, bytes | memoryview | Callable[[], np.ndarray]] = {}
     fingerprint = graph_fingerprint(suspect)
     group_ids = {g.root: g.id for g in state.order}
     digest = SourceDigest()  # what unpermute_model checks its result against
@@ -166,17 +173,24 @@ def _write_output(
     for name, plans in by_leaf.items():
         plan = analysis.tensors[plans[0]]
         after: bytes | memoryview
-        if name in fresh:
+        if deferred and output is None:
+            axes = [(axis, analysis.index_array(expr, state.match)) for axis, expr in plan.axes]
+            _check_shared(holders[name], axes, [analysis.tensors[p] for p in plans[1:]], state)
+            overrides[name] = _moved_later(holders[name], axes)
+            if digest.expect(name):
+                digest.add_now(name, _moved_bytes(holders[name], axes))  # hashed now, then dropped
+        elif name in fresh:
             after = fresh[name].data.cast("B")  # hashed as it is: no bytes copy
         else:
             axes = [(axis, analysis.index_array(expr, state.match)) for axis, expr in plan.axes]
             _check_shared(output_holders[name], axes, [analysis.tensors[p] for p in plans[1:]], state)
             # Permuted in the copy when there is one; else into new bytes, the suspect untouched.
             after = _permute_tensor(output_holders[name], axes)[1] if output is not None else _moved_bytes(holders[name], axes)
-        if output is None:
-            overrides[name] = after
-        if digest.expect(name):
-            digest.add(name, after)
+        if not (deferred and output is None):
+            if output is None:
+                overrides[name] = after
+            if digest.expect(name):
+                digest.add(name, after)
         trees = [
             {"axis": axis, "expr": expr_to_tree(analysis.solver.resolve(expr), group_ids, analysis.solver.find)}
             for axis, expr in plan.axes
@@ -203,15 +217,30 @@ def _write_output(
 
 def _moved_bytes(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> bytes:
     """The ``raw_data`` that :func:`_permute_tensor` would store in ``tensor``, which is left as it is."""
-    raw = tensor.raw_data
+    return _moved_array(tensor, axes).tobytes()
+
+
+def _moved_array(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """:func:`_moved_bytes` as an array of opaque elements (read from its file when mapped)."""
+    raw = mapped_bytes(tensor) if is_mapped(tensor) else tensor.raw_data
     dims = tuple(int(d) for d in tensor.dims)
     itemsize = len(raw) // max(1, int(np.prod(dims)))
-    return _take_axes(np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims), axes).tobytes()
+    return np.ascontiguousarray(_take_axes(np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims), axes))
 
 
-def build_output(suspect: onnx.ModelProto, overrides: dict[str, bytes | memoryview]) -> onnx.ModelProto:
-    """The output model itself: a copy of the suspect whose ``overrides`` tensors hold those bytes."""
-    return _copy_model(suspect, overrides)
+def _moved_later(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> Callable[[], np.ndarray]:
+    """The moved elements of ``tensor``, computed when a streaming writer asks for them."""
+    return lambda: _moved_array(tensor, axes)
+
+
+def build_output(
+    suspect: onnx.ModelProto, overrides: dict[str, bytes | memoryview | Callable[[], np.ndarray]]
+) -> onnx.ModelProto:
+    """The output model itself: a copy of the suspect whose ``overrides`` tensors hold those bytes.
+
+    Tensors still in their external files stay there (see :func:`onnxlady._io._external.load_mapped`).
+    """
+    return _copy_model(suspect, {name: value() if callable(value) else value for name, value in overrides.items()})
 
 
 def _fresh_initializers(
@@ -243,7 +272,7 @@ def _fresh_initializers(
     return fresh
 
 
-def _copy_model(model: onnx.ModelProto, fresh: dict[str, bytes | memoryview]) -> onnx.ModelProto:
+def _copy_model(model: onnx.ModelProto, fresh: dict[str, bytes | memoryview | np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers named in ``fresh`` hold those bytes instead.
 
     Their old bytes are never copied, and each new tensor's bytes exist twice only while it
@@ -257,6 +286,9 @@ def _copy_model(model: onnx.ModelProto, fresh: dict[str, bytes | memoryview]) ->
         if tensor.name in fresh:
             _copy_fields(tensor, target, skip="raw_data")
             target.raw_data = bytes(fresh[tensor.name])
+            if is_mapped(target):  # its new bytes are in the model now, not in the file
+                del target.external_data[:]
+                target.ClearField("data_location")
         else:
             target.CopyFrom(tensor)
     return output
@@ -297,6 +329,8 @@ def _check_shared(
 
 
 def _moved_copy(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> bytes:
+    if is_mapped(tensor):
+        return _moved_bytes(tensor, axes)
     clone = onnx.TensorProto()
     clone.CopyFrom(tensor)
     return _permute_tensor(clone, axes)[1]
@@ -325,28 +359,50 @@ def resync_twin(
     options: ResyncOptions,
     true_key: PermutationKey | None,
     progress: Callable[[str], None] | None,
+    constants: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> ResyncResult:
     """Resync a twin suspect whose tensors :func:`twin_leaves` found.
+
+    ``constants``: the reference's and the suspect's constants as the caller read them
+    (:func:`~onnxlady._io._tensors.read_constants`, the audit's), reused instead of read again.
 
     Raises:
         OnnxladyError: a compared weight holds NaN or Inf, or the true key does not fit.
     """
     true_perms = true_permutations(analysis, true_key)
     # Only the compared tensors are read, and checked finite (see FloatConstants.check_finite).
-    ref_values, sus_values = FloatConstants(reference, "reference"), FloatConstants(suspect, "suspect")
+    known_reference, known_suspect = constants if constants is not None else (None, None)
+    ref_values = FloatConstants(reference, "reference", known_reference)
+    sus_values = FloatConstants(suspect, "suspect", known_suspect)
     ref_values.check_finite(plan.source for plan in analysis.tensors)
     sus_values.check_finite(name for names in leaves for name in names)
     order = analysis.permutable_groups
     slices, touched = group_slices(analysis, {g.id for g in order})
-    state = ResyncState(
-        analysis=analysis,
-        order=order,
-        slices=slices,
-        touched=touched,
-        reference=[ref_values.array(plan.source) for plan in analysis.tensors],
-        work=[sus_values.array(names[0]) for names in leaves],
-        options=options,
-    )
+    if has_mapped(reference) or has_mapped(suspect):
+        # Weights left in their files: read per group as the solver asks, never all at once.
+        plans = analysis.tensors
+        state: ResyncState = MappedState(
+            analysis=analysis,
+            order=order,
+            slices=slices,
+            touched=touched,
+            reference=StoredArrays(len(plans), lambda number: ref_values.array(plans[number].source)),
+            work=AlignedArrays(len(leaves), lambda number: sus_values.array(leaves[number][0]), analysis),
+            options=options,
+        )
+    else:
+        state = ResyncState(
+            analysis=analysis,
+            order=order,
+            slices=slices,
+            touched=touched,
+            reference=[ref_values.array(plan.source) for plan in analysis.tensors],
+            work=[sus_values.array(names[0]) for names in leaves],
+            options=options,
+        )
+        # From here state.work alone holds the suspect's arrays as read: each one goes as the
+        # solver moves its tensor, instead of the cache keeping every weight twice to the end.
+        del sus_values
     rounds = state.run(progress)
     tally = PsiTally()
     groups = [group_report(state, group, tally, true_perms.get(group.id)) for group in order]

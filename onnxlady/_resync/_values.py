@@ -74,15 +74,23 @@ class Approx:
 
     def reshaped(self, shape: tuple[int, ...]) -> Approx:
         """The same numbers in another shape (the error bound follows)."""
-        return Approx(self.value.reshape(shape), np.broadcast_to(self.error, self.value.shape).reshape(shape))
+        return Approx(self.value.reshape(shape), self.full_error().reshape(shape))
 
     def transposed(self, axes: tuple[int, ...]) -> Approx:
         """The same numbers with their axes reordered (``np.transpose``)."""
-        return Approx(np.transpose(self.value, axes), np.transpose(np.broadcast_to(self.error, self.value.shape), axes))
+        return Approx(np.transpose(self.value, axes), np.transpose(self.full_error(), axes))
 
     def scaled(self, factor: float) -> Approx:
         """Every value times ``factor`` (the bound times ``|factor|``)."""
-        return Approx(self.value * factor, np.broadcast_to(self.error, self.value.shape) * abs(factor))
+        return Approx(self.value * factor, self.full_error() * abs(factor))
+
+    def full_error(self) -> np.ndarray:
+        """The bound in the value's shape: itself where it has it.
+
+        A view of it then stays writable wherever the value's view does, so the two are copied,
+        or not, alike (see stored_operand).
+        """
+        return self.error if self.error.shape == self.value.shape else np.broadcast_to(self.error, self.value.shape)
 
 
 def _spread(parameter: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
@@ -99,12 +107,14 @@ def _spread(parameter: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...])
     return np.broadcast_to(parameter.reshape(view), shape)
 
 
-def read_constant(graph: ModelGraph, name: str) -> Approx | None:
+def read_constant(graph: ModelGraph, name: str, bounds: bool = True) -> Approx | None:
     """The constant ``name`` as its user reads it, with the error bound of its storage.
 
     Args:
         graph: the model.
         name: an input name of some node.
+        bounds: compute the bound; without, it reads zeros (a read-only view: for callers that
+            use the value alone, such as the matching's signatures).
 
     Returns:
         The value through its chain (casts, reshapes, dequantization) in float64 and the bound,
@@ -118,11 +128,18 @@ def read_constant(graph: ModelGraph, name: str) -> Approx | None:
     if tensor is None:
         return None
     raw = read_array(tensor, f"tensor '{leaf.name}'")
-    try:  # bfloat16 and float8 arrive as ml_dtypes arrays, which convert like the rest
-        current = raw.astype(np.float64)
-    except (TypeError, ValueError):
-        return None
-    error = half_ulp(current, raw.dtype)
+    shape = raw.shape
+    if leaf.chain and raw.dtype.kind in "iub":
+        # Integers (quantized weights) are exact and their chain gives the value: neither is
+        # made whole here (each whole float64 array costs its page faults on large weights).
+        current = None
+        error: np.ndarray = np.broadcast_to(np.zeros(()), shape)
+    else:
+        try:  # bfloat16 and float8 arrive as ml_dtypes arrays, which convert like the rest
+            current = raw.astype(np.float64)
+        except (TypeError, ValueError):
+            return None
+        error = half_ulp(current, raw.dtype) if bounds else np.broadcast_to(np.zeros(()), shape)
     for index in leaf.chain:
         node = graph.nodes[index]
         out = graph.constant_value(node.output[0])
@@ -136,23 +153,34 @@ def read_constant(graph: ModelGraph, name: str) -> Approx | None:
             scale = graph.constant_value(node.input[1])
             if scale is None:
                 return None
-            # The stored integers are exact; the number they stand for lies within half a step.
-            error = 0.5 * np.abs(_spread(np.asarray(scale, dtype=np.float64), node, out64.shape))
+            # The stored integers are exact; the number they stand for lies within half a step
+            # (of each scale, then spread over the data: the same numbers, not made whole).
+            if bounds:
+                error = _spread(0.5 * np.abs(np.asarray(scale, dtype=np.float64)), node, out64.shape)
         elif op == "QuantizeLinear":
-            error = np.zeros(out64.shape)
+            if bounds:
+                error = np.zeros(out64.shape)
         elif op == "Mul":
             data = graph.chain_data_slot(index)
             factor = graph.constant_value(node.input[1 - (data or 0)])
             if factor is None:
                 return None
-            error = np.broadcast_to(error, out64.shape) * np.abs(np.asarray(factor, dtype=np.float64))
-        elif error.size == out64.size:
-            error = np.broadcast_to(error, current.shape).reshape(out64.shape)
-        else:  # Expand: every copy carries its source's error
-            error = np.broadcast_to(error.reshape(current.shape), out64.shape)
-        error = error + half_ulp(out64, np.asarray(out).dtype)
-        current = out64
-    return Approx(current, np.broadcast_to(error, current.shape))
+            if bounds:
+                error = np.broadcast_to(error, out64.shape) * np.abs(np.asarray(factor, dtype=np.float64))
+        elif bounds and error.size == out64.size:
+            error = np.broadcast_to(error, shape).reshape(out64.shape)
+        elif bounds:  # Expand: every copy carries its source's error
+            error = np.broadcast_to(error.reshape(shape), out64.shape)
+        if bounds:
+            bound = half_ulp(out64, np.asarray(out).dtype)  # a fresh array of out64's shape
+            error = np.add(bound, error, out=bound)  # error + bound, in place (a sum commutes)
+        else:
+            error = np.broadcast_to(np.zeros(()), out64.shape)
+        current, shape = out64, out64.shape
+    assert current is not None  # a chain made it, or it was read
+    # A full bound is a fresh array here, like the value: returned as it is, not as a read-only
+    # view (which its readers would copy again, see stored_operand).
+    return Approx(current, error if error.shape == current.shape else np.broadcast_to(error, current.shape))
 
 
 # -- MatMulNBits ------------------------------------------------------------------------------

@@ -96,22 +96,28 @@ class RuleContext:
 
     def __init__(self, state: AnalysisState, index: int) -> None:
         self._state = state
-        self.graph = state.graph
+        graph = self.graph = state.graph
         self.solver = state.solver
         self.index = index
-        self.node: onnx.NodeProto = state.graph.nodes[index]
-        # Read once: a rule asks for its inputs a dozen times, and each protobuf read makes new strings.
-        self._inputs: tuple[str, ...] = tuple(self.node.input)
-        self._outputs: tuple[str, ...] = tuple(self.node.output)
-        self.op_type = self.node.op_type
-        self.label = node_label(self.node, index)
-        self.opset = state.graph.opsets.get(self.node.domain or "", state.graph.opsets.get("", 1))
+        self.node: onnx.NodeProto = graph.nodes[index]
+        # Read once (by the graph): a rule asks for its inputs a dozen times, and each protobuf
+        # read makes new strings.
+        self._inputs: tuple[str, ...] = graph.input_names(index)
+        self._outputs: tuple[str, ...] = graph.output_names(index)
+        self.op_type, domain = graph.op_of(index)
+        opsets = graph.opsets
+        self.opset = opsets.get(domain or "", opsets.get("", 1))
         self._taken: set[tuple[str, int]] = set()
         self._emitted: dict[tuple[int, int], Expr] = {}
         self._joint_taken: set[tuple[str, tuple[int, ...]]] = set()
         self._joint_emitted: dict[int, list[JointSpace]] = {}
         self._bound: list[Binding] = []
         self._producers: list[Expr] = []
+
+    @property
+    def label(self) -> str:
+        """The node's label (:func:`~onnxlady._graph._model_graph.node_label`), for messages."""
+        return self.graph.label(self.index)
 
     # -- reading -------------------------------------------------------------------------
     def attr(self, name: str, default: Any = None) -> Any:
@@ -138,10 +144,12 @@ class RuleContext:
         return bool(name) and (name in self.graph.consumers or name in self.graph.graph_outputs)
 
     def shape_in(self, slot: int) -> Shape | None:
-        return self.graph.shape(self.input(slot)) if self.input(slot) else None
+        name = self.input(slot)
+        return self.graph.shapes.get(name) if name else None
 
     def shape_out(self, slot: int) -> Shape | None:
-        return self.graph.shape(self.output(slot)) if self.output(slot) else None
+        name = self.output(slot)
+        return self.graph.shapes.get(name) if name else None
 
     def rank_in(self, slot: int) -> int:
         """Rank of input ``slot``; a rule that needs it and cannot know it does not apply."""
@@ -399,14 +407,17 @@ class RuleContext:
                 state.bindings[key] = binding
         for expr in self._producers:
             state.producers.append((self.index, expr))
+        tracked, joint, taken = state.tracked, state.joint, self._taken
         for slot, name in self.graph.inputs_of(self.index):
-            for axis, expr in state.tracked.get(name, {}).items():
-                if (name, axis) not in self._taken:
-                    where = "a subgraph" if slot < 0 else f"input {slot}"
-                    self.solver.freeze(
-                        expr, self.reason("no-rule", f"no rule for axis {axis} of '{name}' ({where})")
-                    )
-            for space in state.joint.get(name, []):
+            carried = tracked.get(name)
+            if carried:
+                for axis, expr in carried.items():
+                    if (name, axis) not in taken:
+                        where = "a subgraph" if slot < 0 else f"input {slot}"
+                        self.solver.freeze(
+                            expr, self.reason("no-rule", f"no rule for axis {axis} of '{name}' ({where})")
+                        )
+            for space in joint.get(name, ()) if joint else ():
                 if (name, space.axes) not in self._joint_taken:
                     self.solver.freeze(
                         space.expr, self.reason("no-rule", f"no rule for axes {list(space.axes)} of '{name}' taken together")
@@ -426,10 +437,10 @@ class RuleContext:
         while pending:
             binding = pending.pop(0)
             result.append(binding)
-            name = graph.nodes[binding.node].input[binding.slot]
+            name = graph.input_names(binding.node)[binding.slot]
             leaf = graph.constant_leaf(name)
-            if leaf is None or binding.expr.size <= 1:
-                continue
+            if leaf is None or binding.expr.size <= 1 or not leaf.chain:
+                continue  # a leaf read directly has no chain node, so no companion
             try:
                 axis = graph.use_axis(name, binding.axis)
                 if axis is None:
@@ -476,7 +487,7 @@ class RuleContext:
                 self.solver.freeze(expr, reason)
             for space in state.joint.get(name, []):
                 self.solver.freeze(space.expr, reason)
-        for name in self.node.output:
+        for name in self._outputs:
             if name:
                 state.untracked_reason[name] = reason
 

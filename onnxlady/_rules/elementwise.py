@@ -54,9 +54,10 @@ class BroadcastRule(OpRule):
     def propagate(self, ctx: RuleContext) -> None:
         slots = [slot for slot in range(ctx.num_inputs) if ctx.input(slot)]
         constant_slots = [slot for slot in slots if ctx.is_const(slot)]
-        if not any(ctx.tracked(slot) for slot in slots) and not (constant_slots and len(constant_slots) < len(slots)):
+        carried = any(ctx.tracked(slot) for slot in slots)
+        if not carried and not (constant_slots and len(constant_slots) < len(slots)):
             return
-        if not any(ctx.tracked(slot) for slot in slots) and any(ctx.shape_in(slot) is None for slot in slots):
+        if not carried and any(ctx.shape_in(slot) is None for slot in slots):
             return  # nothing to carry, and no shapes to find a new axis with
         ranks: dict[int, int | None] = {slot: _rank(ctx, slot) for slot in slots}
         if any(rank is None for rank in ranks.values()):

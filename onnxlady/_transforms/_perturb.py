@@ -43,6 +43,13 @@ Storage
     other weights are refused with :class:`OnnxladyError` naming the tensor, as are weights
     whose external data was not loaded and weights holding NaN or infinity. Every check runs
     before anything is modified, so a refused call leaves the model untouched.
+
+Streaming
+    :func:`perturb_streamed` gives the same perturbation as overrides a writer calls as it
+    writes each weight (``raw_data`` or a tensor left in its external file), so a model written
+    to a file is never perturbed whole in memory: tensors are still perturbed in graph order
+    (one noise stream), one at a time when the writer goes in that order. Values are then
+    checked as they are reached; a refused weight aborts the write (nothing is written).
 """
 
 from __future__ import annotations
@@ -54,12 +61,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._io._external import is_mapped, mapped_array
 from onnxlady._io._progress import advance
 from onnxlady._io._tensors import all_finite, read_array
 
@@ -295,36 +304,144 @@ def perturb_model(
     weights raise :class:`OnnxladyError` before the model is touched.
     """
     noise, quantize_bits, prune_percent, seed = _check_parameters(noise, quantize_bits, prune_percent, seed)
+    holders = _holders(model, only)
+    values = [holder.read() for holder in holders]  # every check before any change
+    steps = _steps(noise, quantize_bits, prune_percent, seed)
+    changes: list[TensorChange] = []
+    for number, (holder, value) in enumerate(zip(holders, values)):
+        advance(progress, "perturbing tensors", number, len(holders))
+        new = _perturb_tensor(holder, value, steps, changes)
+        if new is not None:
+            holder.write(new)
+    if progress is not None:
+        progress(f"perturbed {len(holders)} weight tensors")
+    return PerturbReport(changes, seed, noise, quantize_bits, prune_percent)
+
+
+def perturb_streamed(
+    model: onnx.ModelProto,
+    *,
+    noise: float | None = None,
+    quantize_bits: int | None = None,
+    prune_percent: float | None = None,
+    seed: int = 0,
+    only: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PerturbStream | None:
+    """:func:`perturb_model` as overrides a streaming writer computes as it writes each tensor.
+
+    ``model`` is not changed. The result's :attr:`PerturbStream.overrides` give each weight's
+    new ``raw_data`` when called; the writer calls them as it writes (see
+    :func:`onnxlady._io._stream.write_model` and :func:`onnxlady._io._external.write_external`),
+    so only the tensors in flight are held, not a float64 copy of every weight. The file written
+    is byte for byte what :func:`perturb_model` and a save give: tensors are still perturbed in
+    graph order (the noise stream is drawn in that order), a tensor the writer asks for early
+    being computed after those before it, whose results wait for their turn to be written.
+
+    Returns:
+        The stream, or ``None`` when a weight is stored where no override reaches it (typed
+        fields such as ``float_data``, a Constant's ``value_floats``): then use
+        :func:`perturb_model`.
+
+    Raises:
+        OnnxladyError: as :func:`perturb_model`, for everything checkable without the values
+            (parameters, no weight, a weight dtype); a weight holding NaN or infinity raises
+            when the writer reaches it (nothing is then written).
+    """
+    noise, quantize_bits, prune_percent, seed = _check_parameters(noise, quantize_bits, prune_percent, seed)
+    holders = _holders(model, only)
+    if not all(holder.streamable() for holder in holders):
+        return None
+    for number, holder in enumerate(holders):
+        if holder.dtype not in _FLOAT_TYPES:
+            for earlier in holders[:number]:  # the error perturb_model gives: the first in graph order
+                earlier.read()
+            holder.read()
+    report = PerturbReport([], seed, noise, quantize_bits, prune_percent)
+    return PerturbStream(holders, _steps(noise, quantize_bits, prune_percent, seed), report, progress)
+
+
+class PerturbStream:
+    """Weights perturbed one at a time, as a writer asks for them (see :func:`perturb_streamed`)."""
+
+    def __init__(
+        self, holders: list[_Holder], steps: list[_Step], report: PerturbReport, progress: Callable[[str], None] | None
+    ) -> None:
+        self._holders = holders
+        self._steps = steps
+        self._report = report
+        self._progress = progress
+        self._next = 0  # the next holder to perturb, in graph order
+        self._ready: dict[int, Any] = {}  # stored bytes perturbed but not yet written
+        #: Tensor (initializer or Constant output) name -> callable giving its new raw bytes.
+        self.overrides: dict[str, Callable[[], Any]] = {
+            holder.name: functools.partial(self._stored, number)
+            for number, holder in enumerate(holders)
+            if holder.element_count() > 0
+        }
+
+    def _stored(self, number: int) -> Any:
+        self._perturb_through(number)
+        return self._ready.pop(number)
+
+    def _perturb_through(self, number: int) -> None:
+        while self._next <= number:
+            index = self._next
+            holder = self._holders[index]
+            advance(self._progress, "perturbing tensors", index, len(self._holders))
+            value = holder.read()
+            new = _perturb_tensor(holder, value, self._steps, self._report.changes)
+            if value.size:
+                self._ready[index] = holder.original() if new is None else holder.stored(new)
+            del value, new
+            self._next += 1
+
+    def finish(self) -> PerturbReport:
+        """The report, once the writer has written every tensor (any it skipped is perturbed now)."""
+        self._perturb_through(len(self._holders) - 1)
+        self._ready.clear()
+        if self._progress is not None:
+            self._progress(f"perturbed {len(self._holders)} weight tensors")
+        return self._report
+
+
+_Step = tuple[str, Callable[[np.ndarray], tuple[np.ndarray, Detail]]]
+
+
+def _holders(model: onnx.ModelProto, only: Sequence[str] | None) -> list[_Holder]:
     graph = ModelGraph(model, infer_shapes=False)
     weights = _weights(graph, model, only)
     if not weights:
         raise OnnxladyError("the model has no Conv/ConvTranspose/Gemm/MatMul weight tensor to perturb")
-    holders = [_Holder(graph, name, op_type) for name, op_type in weights]
-    values = [holder.read() for holder in holders]  # every check before any change
+    return [_Holder(graph, name, op_type) for name, op_type in weights]
+
+
+def _steps(noise: float | None, quantize_bits: int | None, prune_percent: float | None, seed: int) -> list[_Step]:
+    """The requested steps in :data:`STEP_ORDER`; the noise draws from one generator for all tensors."""
     rng = np.random.default_rng(seed)
-    steps: list[tuple[str, Callable[[np.ndarray], tuple[np.ndarray, Detail]]]] = []
+    steps: list[_Step] = []
     if prune_percent is not None:
         steps.append(("prune", functools.partial(_prune, percent=prune_percent)))
     if quantize_bits is not None:
         steps.append(("quantize", functools.partial(_quantize, bits=quantize_bits)))
     if noise is not None:
         steps.append(("noise", functools.partial(_add_noise, omega=noise, rng=rng)))
-    changes: list[TensorChange] = []
-    for number, (holder, value) in enumerate(zip(holders, values)):
-        advance(progress, "perturbing tensors", number, len(holders))
-        if value.size == 0:  # nothing to perturb, and min/max/std are undefined
-            continue
-        current = value
-        for kind, step in steps:
-            new, detail = step(current)
-            new = holder.round(new)  # each step's result is a tensor of the stored dtype
-            changes.append(_change(holder.name, holder.op_type, kind, current, new, detail))
-            current = new
-        if not np.array_equal(current, value):
-            holder.write(current)
-    if progress is not None:
-        progress(f"perturbed {len(holders)} weight tensors")
-    return PerturbReport(changes, seed, noise, quantize_bits, prune_percent)
+    return steps
+
+
+def _perturb_tensor(
+    holder: _Holder, value: np.ndarray, steps: list[_Step], changes: list[TensorChange]
+) -> np.ndarray | None:
+    """Apply every step to one tensor, recording each in ``changes``; the new values, None when unchanged."""
+    if value.size == 0:  # nothing to perturb, and min/max/std are undefined
+        return None
+    current = value
+    for kind, step in steps:
+        new, detail = step(current)
+        new = holder.round(new)  # each step's result is a tensor of the stored dtype
+        changes.append(_change(holder.name, holder.op_type, kind, current, new, detail))
+        current = new
+    return None if np.array_equal(current, value) else current
 
 
 def _prune(t: np.ndarray, percent: float) -> tuple[np.ndarray, Detail]:
@@ -357,8 +474,13 @@ def _add_noise(t: np.ndarray, omega: float, rng: np.random.Generator) -> tuple[n
     std = float(np.std(t))
     sigma = omega * std
     draws = rng.standard_normal(t.shape)
-    new = t + draws * sigma if sigma > 0 else t
-    return new, {"std": std, "sigma": sigma}
+    if not sigma > 0:
+        return t, {"std": std, "sigma": sigma}
+    # In place, t + draws * sigma without a third tensor-sized array (the same values: the
+    # product is rounded first either way, and addition commutes).
+    draws *= sigma
+    draws += t
+    return draws, {"std": std, "sigma": sigma}
 
 
 def _change(tensor: str, op_type: str, kind: str, old: np.ndarray, new: np.ndarray, detail: Detail) -> TensorChange:
@@ -418,6 +540,35 @@ class _Holder:
             raise OnnxladyError(f"weight '{self.name}' holds NaN or infinite values and cannot be perturbed")
         return values
 
+    def streamable(self) -> bool:
+        """Whether new values can be written as ``raw_data`` overrides (see :func:`perturb_streamed`).
+
+        So for a tensor in ``raw_data`` or left in its external file; not for typed fields or a
+        Constant's float attributes (an override would change how they are stored).
+        """
+        tensor = self.tensor
+        if tensor is None:
+            return False
+        return self.element_count() == 0 or tensor.HasField("raw_data") or is_mapped(tensor)
+
+    def element_count(self) -> int:
+        """Elements of the tensor, from its shape (1 for ``value_float``)."""
+        if self.tensor is None:
+            assert self.attribute is not None
+            return 1 if self.attribute.name == "value_float" else len(self.attribute.floats)
+        return math.prod(int(d) for d in self.tensor.dims)
+
+    def original(self) -> Any:
+        """The tensor's stored bytes as they are (a streamable tensor that no step changed)."""
+        tensor = self.tensor
+        assert tensor is not None
+        return mapped_array(tensor) if is_mapped(tensor) else tensor.raw_data
+
+    def stored(self, values: np.ndarray) -> np.ndarray:
+        """``values`` as the tensor stores them: its dtype, little-endian (C-contiguous)."""
+        stored = _to_bits(values, self.dtype)
+        return np.ascontiguousarray(stored.astype(stored.dtype.newbyteorder("<"), copy=False))
+
     def round(self, values: np.ndarray) -> np.ndarray:
         """``values`` rounded to the tensor's dtype, back as float64."""
         return _from_bits(_to_bits(values, self.dtype), self.dtype)
@@ -434,10 +585,11 @@ class _Holder:
             return
         tensor = self.tensor
         assert tensor is not None
-        stored = _to_bits(values, self.dtype)
         if tensor.HasField("raw_data"):
-            tensor.raw_data = stored.astype(stored.dtype.newbyteorder("<"), copy=False).tobytes()
-        elif self.dtype == onnx.TensorProto.FLOAT:
+            tensor.raw_data = self.stored(values).tobytes()
+            return
+        stored = _to_bits(values, self.dtype)
+        if self.dtype == onnx.TensorProto.FLOAT:
             del tensor.float_data[:]
             tensor.float_data.extend(stored.reshape(-1).tolist())
         elif self.dtype == onnx.TensorProto.DOUBLE:

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._progress import advance
+from onnxlady._io._progress import advance, say
 from onnxlady._verify._decoding import DecodingPlan, first_step, next_step, plan_decoding, state_view, step_length
 from onnxlady._verify._evidence import EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, find_squashes, judge, match_squashes
 from onnxlady._verify._feed_stream import FeedStream, reference_failure
@@ -392,6 +392,7 @@ def verify_models(
     cand_name = describe(candidate, "the candidate model")
     if ref_name == cand_name and not isinstance(reference, onnx.ModelProto):
         ref_name, cand_name = f"reference {ref_name}", f"candidate {cand_name}"
+    say(progress, "verify: reading the models' graphs")
     ref_graph = load_graph(reference, ref_name)
     cand_graph = load_graph(candidate, cand_name)
     check_interfaces(ref_graph, cand_graph, ref_name, cand_name)
@@ -414,6 +415,7 @@ def verify_models(
         ref_graph, cand_graph, ref_index, cand_index, (ref_name, cand_name), extra_outputs, compare_squash_inputs
     )
     output_count = len(ref_graph.graph.output)
+    say(progress, "verify: opening ONNX Runtime sessions")
     ref_session, cand_session, provider_used, fallback = _open_sessions(
         reference, candidate, provider, (ref_name, cand_name), fetch, output_count
     )
@@ -440,6 +442,7 @@ def verify_models(
     sessions = ((ref_session, ref_name), (cand_session, cand_name))
     tolerances = (atol, rtol)
     count = 0
+    say(progress, "verify: running both models")
     first_shapes: dict[str, tuple[int, ...]] = {}
     first_feed: dict[str, np.ndarray] | None = None  # kept: the reference's noise floor is measured on it
     first_outputs: dict[str, Any] = {}
@@ -473,6 +476,7 @@ def verify_models(
     squashed = tuple(a.result() for a in squash_inputs)
     verdict, reasons, judged = judge(compared, squashed)
     if verdict == NOT_EQUIVALENT and first_feed is not None:
+        say(progress, "verify: measuring the reference's own rounding noise")
         noise = measure_reference_noise(
             reference, ref_session, provider_used, ref_name, fetch.ref, fetch.ref[output_count:], first_outputs, first_feed
         )

@@ -1,0 +1,169 @@
+"""Constants read when the audit asks for them: bounded memory for weights left in their files.
+
+A model loaded with ``map_external=True`` keeps its large tensors in their data files
+(:mod:`onnxlady._io._external`). The audit reads its constants by name, one tensor (or one
+group) at a time; holding every array of the reference, the suspect and the re-synchronized
+suspect at once was its peak memory (2.1-2.4x such a model). For such models:
+
+- :class:`LazyConstants` maps names to arrays computed when indexed (a memory map of the file,
+  or the re-synchronized suspect's tensor moved from the suspect's file) and not kept, except
+  the last one read where asked (a tensor is often indexed several times in a row);
+- :class:`Overlay` is a mapping's values with some replaced by arrays of the caller's own (the
+  float64 copies the scale analysis undoes scales in), the mapping itself never changed.
+
+Inline models keep plain dicts (:func:`constants_of`): their arrays are views of the model's
+bytes, already in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxlady._io._external import has_mapped, is_mapped, mapped_bytes
+from onnxlady._io._tensors import read_array, read_constants, require_loaded, tensor_holders
+from onnxlady._resync._solver import ResyncResult
+
+__all__ = ["LazyConstants", "Overlay", "constants_of", "resynced_constants"]
+
+
+class LazyConstants(Mapping[str, np.ndarray]):
+    """Arrays by name, each computed by its loader when indexed; none kept but (optionally) the last.
+
+    ``in``, ``len`` and iteration read no array.
+    """
+
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]], *, keep_last: bool = False) -> None:
+        """Read nothing yet.
+
+        Args:
+            loaders: per name, in iteration order, what computes its array.
+            keep_last: keep the last array read until another name is read (for arrays costly to
+                compute, indexed several times in a row).
+        """
+        self._loaders = loaders
+        self._keep_last = keep_last
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        self._last = None  # the previous array goes before the next one is computed
+        value = self._loaders[name]()
+        if self._keep_last:
+            self._last = (name, value)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
+class Overlay(MutableMapping[str, np.ndarray]):
+    """``base``'s arrays, with those set on the overlay replacing them (``base`` is never changed).
+
+    Iteration follows ``base``'s order, then names only the overlay holds: what ``dict(base)``
+    updated in place gives.
+    """
+
+    def __init__(self, base: Mapping[str, np.ndarray], own: dict[str, np.ndarray] | None = None) -> None:
+        self._base = base
+        self._own: dict[str, np.ndarray] = {} if own is None else own
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._own:
+            return self._own[name]
+        return self._base[name]
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self._own[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name in self._base:
+            raise KeyError(f"{name} belongs to the underlying mapping")
+        del self._own[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._own or name in self._base
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._base
+        yield from (name for name in self._own if name not in self._base)
+
+    def __len__(self) -> int:
+        return len(self._base) + sum(1 for name in self._own if name not in self._base)
+
+    def copy(self) -> Overlay:
+        """The same arrays; names set on the copy later do not reach this overlay (``dict.copy``)."""
+        return Overlay(self._base, dict(self._own))
+
+
+def _reader(holder: onnx.TensorProto, label: str) -> Callable[[], np.ndarray]:
+    return lambda: read_array(holder, label)
+
+
+def constants_of(model: onnx.ModelProto, which: str) -> Mapping[str, np.ndarray]:
+    """Every constant of the main graph, as :func:`read_constants` reads them.
+
+    For a model with tensors left in their files, a :class:`LazyConstants` that reads each one
+    (a memory map) when indexed; a plain dict otherwise.
+
+    Raises:
+        OnnxladyError: a constant's external data was not loaded.
+    """
+    if not has_mapped(model):
+        return read_constants(model, which)
+    loaders = {}
+    for name, holder in tensor_holders(model).items():
+        label = f"tensor '{name}' of the {which}"
+        require_loaded(holder, label)  # refused up front, as read_constants does
+        loaders[name] = _reader(holder, label)
+    return LazyConstants(loaders)
+
+
+def _moved(compute: Callable[[], np.ndarray], dtype: np.dtype, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+    # The moved elements are opaque (bytes of the stored type): read as the stored type.
+    return lambda: compute().view(dtype).reshape(shape)
+
+
+def resynced_constants(result: ResyncResult) -> Mapping[str, np.ndarray] | None:
+    """The re-synchronized twin suspect's constants computed on demand, or None where it cannot.
+
+    A twin of a model whose weights stay in their files comes back unbuilt with a function per
+    moved tensor (see :attr:`ResyncResult.unbuilt`): each tensor is computed from the suspect's
+    file and the match when indexed, the last one kept; every other constant is read from the
+    suspect. None for any other result (built, bytes overrides, packed sub-byte types, a
+    big-endian machine).
+    """
+    unbuilt = result.unbuilt if result.built is None else None
+    if unbuilt is None or sys.byteorder != "little":
+        return None
+    suspect, overrides = unbuilt
+    if not any(callable(value) for value in overrides.values()):
+        return None
+    loaders: dict[str, Callable[[], np.ndarray]] = {}
+    for name, holder in tensor_holders(suspect).items():
+        value = overrides.get(name)
+        label = f"tensor '{name}' of the re-synchronized suspect"
+        if value is None:
+            loaders[name] = _reader(holder, label)
+            continue
+        if not callable(value):
+            return None
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(holder.data_type))
+        shape = tuple(int(d) for d in holder.dims)
+        stored = mapped_bytes(holder).nbytes if is_mapped(holder) else len(holder.raw_data)
+        if dtype.itemsize * math.prod(shape) != stored:  # packed sub-byte types: onnx unpacks them
+            return None
+        loaders[name] = _moved(value, dtype, shape)
+    return LazyConstants(loaders, keep_last=True)
