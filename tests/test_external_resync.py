@@ -234,3 +234,26 @@ def test_resync_with_one_model_stored_externally(models: dict[str, Path], extern
     assert _without_paths(mapped.to_json()) == _without_paths(loaded.to_json())
     assert mapped.key.source_weights_sha256 == loaded.key.source_weights_sha256
     assert _values(onnx.load(tmp_path / "out.onnx")) == _values(loaded.model)
+
+
+def test_max_memory_of_an_external_twin_audit_follows_its_largest_tensors(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The audit of an external-data twin reads its constants from their files (held-out F11:
+    it was estimated at 10 times both models, refusing budgets it fits in)."""
+    from onnxlady._api._memory import FORENSICS_TENSORS, estimate_peak, twin_peak
+    from onnxlady.cli import main
+
+    reference, suspect = models["reference"], models["permuted"]
+    analysis = analyze_with_state(load_model(reference, map_external=True).model)
+    audit = twin_peak(analysis, [reference, suspect], "audit")
+    assert twin_peak(analysis, [reference, suspect]) < audit and FORENSICS_TENSORS > 0
+    inline, _ = estimate_peak("audit", [reference, suspect])
+    assert audit < inline
+    budget = (audit + inline) // 2  # refused before: the inline estimate is above it
+    assert onnxlady.audit(reference, suspect, max_memory=budget).verdict == "permuted"
+    with pytest.raises(onnxlady.OnnxladyError, match=r"audit needs about .* nothing was done"):
+        onnxlady.audit(reference, suspect, max_memory=audit - 1)
+    html = tmp_path / "report.html"
+    assert main(["audit", str(reference), str(suspect), "--html", str(html), "--max-memory", "1M", "--quiet"]) == 2
+    assert "max_memory" in capsys.readouterr().err and not html.exists()

@@ -13,7 +13,9 @@ worst case seen, rounded up; see docs/results.md, Performance):
 - ``resync`` of a twin whose weights are all stored as external data reads them from their
   files one channel group at a time (:mod:`onnxlady._resync._mapped`): memory is then a few
   times the tensors the largest group touches (:func:`check_twin_memory`, once the reference
-  is analysed and the suspect known to be a twin; before any weight is read).
+  is analysed and the suspect known to be a twin; before any weight is read); the ``audit`` of
+  such a twin reads its constants the same way (:mod:`onnxlady._audit._lazy`) and adds the
+  forensics' float64 temporaries of one tensor (:data:`FORENSICS_TENSORS`).
 
 A budget below the estimate is refused up front (exit 2), not discovered by the kernel halfway.
 """
@@ -46,6 +48,10 @@ EXTERNAL_TENSORS = 6
 #: 3.7 measured on the generated 0.23 GB external model (``python3 -m tools.bench --external
 #: 200 --only resync``: 236 MB peak, its largest group 63 MB), rounded up.
 GROUP_FACTOR = 5
+#: Peak over the largest tensor's bytes that the audit's forensics add (about nine float64
+#: temporaries of one float32 tensor: 18 times its bytes; the 0.23 GB external model's noised
+#: twin peaks at 472 MB, its largest tensor 31.6 MB, the twin resync alone at 240 MB).
+FORENSICS_TENSORS = 18
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -160,12 +166,13 @@ def has_external_weights(path: Path | None) -> bool:
         return False
 
 
-def twin_peak(analysis: ChannelAnalysis, paths: Sequence[Path]) -> int:
-    """The estimated peak of a twin resync whose weights stay in their external files.
+def twin_peak(analysis: ChannelAnalysis, paths: Sequence[Path], command: str = "resync") -> int:
+    """The estimated peak of a twin resync (or audit) whose weights stay in their external files.
 
     Args:
         analysis: the reference's analysis (as resync computes it).
         paths: the two model files (their graphs' sizes count: the graphs are held whole).
+        command: ``resync``, or ``audit`` (which adds :data:`FORENSICS_TENSORS` of the largest).
     """
     holders = tensor_holders(analysis.graph.model)
     permutable = {group.id for group in analysis.permutable_groups}
@@ -173,7 +180,9 @@ def twin_peak(analysis: ChannelAnalysis, paths: Sequence[Path]) -> int:
     sizes = [_tensor_bytes(holders[plan.source]) for plan in analysis.tensors]
     group = max((sum(sizes[number] for number in plans) for plans in touched.values()), default=0)
     graphs = sum(os.stat(path).st_size for path in paths)
-    return BASELINE_BYTES + 2 * graphs + GROUP_FACTOR * group + 2 * max(sizes, default=0)
+    largest = max(sizes, default=0)
+    forensics = FORENSICS_TENSORS * largest if command == "audit" else 0
+    return BASELINE_BYTES + 2 * graphs + GROUP_FACTOR * group + 2 * largest + forensics
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -185,9 +194,13 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def check_twin_memory(
-    budget: str | int | None, analysis: ChannelAnalysis, suspect: onnx.ModelProto, paths: Sequence[Path]
+    budget: str | int | None,
+    analysis: ChannelAnalysis,
+    suspect: onnx.ModelProto,
+    paths: Sequence[Path],
+    command: str = "resync",
 ) -> None:
-    """Refuse a resync of external-data models whose estimated peak exceeds ``budget``.
+    """Refuse a resync (or audit) of external-data models whose estimated peak exceeds ``budget``.
 
     A twin suspect is estimated by :func:`twin_peak`; any other is matched across conversions
     with its weights read in, and estimated as inline models are (:func:`estimate_peak`).
@@ -201,11 +214,11 @@ def check_twin_memory(
     try:
         twin_leaves(analysis, suspect)
     except NotATwin:
-        check_memory(budget, "resync", list(paths))
+        check_memory(budget, command, list(paths))
         return
-    estimate = twin_peak(analysis, paths)
+    estimate = twin_peak(analysis, paths, command)
     if estimate > limit:
         raise OnnxladyError(
-            f"resync needs about {estimate / 2**30:.2f} GiB of memory (weights read from their external files "
+            f"{command} needs about {estimate / 2**30:.2f} GiB of memory (weights read from their external files "
             f"one channel group at a time), more than max_memory {limit / 2**30:.2f} GiB: nothing was done"
         )
