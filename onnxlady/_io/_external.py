@@ -146,12 +146,17 @@ def load_mapped(model: onnx.ModelProto) -> onnx.ModelProto:
         ``model`` itself.
     """
     for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if is_mapped(tensor):
-            raw = bytes(mapped_bytes(tensor))
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            tensor.raw_data = raw
+        _read_in(tensor)
     return model
+
+
+def _read_in(tensor: onnx.TensorProto) -> None:
+    """A mapped tensor's bytes copied into its ``raw_data``, its file reference dropped."""
+    if is_mapped(tensor):
+        raw = bytes(mapped_bytes(tensor))
+        del tensor.external_data[:]
+        tensor.ClearField("data_location")
+        tensor.raw_data = raw
 
 
 def map_external_data(
@@ -329,11 +334,7 @@ def _inline_subgraph_tensors(node: onnx.NodeProto) -> onnx.NodeProto:
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
     for tensor in _node_tensors(copy):
-        if is_mapped(tensor):
-            raw = bytes(mapped_bytes(tensor))
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            tensor.raw_data = raw
+        _read_in(tensor)
     return copy
 
 
