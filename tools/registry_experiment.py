@@ -89,6 +89,7 @@ from fixtures import FIXTURES, RUNNABLE, build_large_model
 from fixtures.conversions import quantize_qdq, to_float16
 from onnxlady._provenance._find import EVIDENCE, derived_threshold, find
 from onnxlady._provenance._fingerprint import (
+    CONTRAST_LIMIT,
     FIELDS,
     LAYER_WIDTH,
     ModelFingerprint,
@@ -417,6 +418,7 @@ def search_accuracy(layout: dict[str, Any], index: Path, references_index: Path)
                 false_derived.append({"suspect": path, "model": candidate.path, "distance": candidate.distance})
     total = len(layout["derivatives"])
     return {
+        "contrast": contrast_ranges(layout),
         "derivatives": total,
         "top1": top1,
         "top1_called_derived": called,
@@ -441,6 +443,51 @@ def search_accuracy(layout: dict[str, Any], index: Path, references_index: Path)
         "evidence": evidence,
         "not_derived": not_derived,
     }
+
+
+def contrast_ranges(layout: dict[str, Any]) -> dict[str, Any]:
+    """The ratio test's margins (``LayerMatch.contrast``, see ``_fingerprint.CONTRAST_LIMIT``).
+
+    Every derivative against its reference, and every distractor against the reference of its
+    own architecture (``NAME.seedK.onnx`` against ``NAME``: the hardest unrelated pair), where
+    the contrast is measurable (enough pairs with same-shape alternatives).
+    """
+    cache: dict[str, ModelFingerprint] = {}
+
+    def fingerprint(path: str) -> ModelFingerprint:
+        if path not in cache:
+            cache[path] = fingerprint_model(onnx.load(path))
+        return cache[path]
+
+    derived = [
+        compare_fingerprints(fingerprint(item["path"]), fingerprint(item["reference"])).contrast
+        for item in layout["derivatives"]
+    ]
+    unrelated = []
+    for path in layout["distractors"]:
+        reference = layout["references"].get(Path(path).name.split(".seed")[0])
+        if reference is not None:
+            unrelated.append(compare_fingerprints(fingerprint(path), fingerprint(reference)).contrast)
+    measured = [c for c in derived if c is not None]
+    others = [c for c in unrelated if c is not None]
+    return {
+        "derivatives_measured": len(measured), "derivatives": len(derived),
+        "derivative_highest": max(measured, default=None),
+        "same_architecture_measured": len(others), "same_architecture": len(unrelated),
+        "same_architecture_lowest": min(others, default=None),
+    }  # fmt: skip
+
+
+def _contrast_row(contrast: dict[str, Any]) -> str:
+    def value(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    return (
+        f"| contrast (ratio test, limit {CONTRAST_LIMIT}): highest derivative / lowest same-architecture distractor | "
+        f"{value(contrast['derivative_highest'])} ({contrast['derivatives_measured']} of {contrast['derivatives']} "
+        f"measurable) / {value(contrast['same_architecture_lowest'])} ({contrast['same_architecture_measured']} of "
+        f"{contrast['same_architecture']}) | between |"
+    )
 
 
 def _true_distance(report: Any, reference: str) -> float:
@@ -625,16 +672,15 @@ def real_pairs() -> dict[str, Any]:
             # own unrelated gap where it can measure one.
             slots = match.slots
             limit = derived_threshold(slots) * match.unrelated_scale
-            if not is_derived(match, limit) and match.distance <= limit:
-                continue  # within the limit but not contrasted: find calls it unrelated
-            rows.append((match.distance / limit, a, b, match.distance, len(match.pairs), slots))
+            rows.append((match.distance / limit, a, b, match.distance, len(match.pairs), slots, is_derived(match, limit)))
     rows.sort()
     return {
         "models": len(fingerprints),
         "errors": errors,
         "pairs_sharing_a_layer": len(rows),
-        "called_derived": [row[1:4] for row in rows if row[0] <= 1.0],
-        "closest": [(round(r[0], 3), r[1], r[2], round(r[3], 3), r[4], r[5]) for r in rows if r[0] > 1.0][:5],
+        "called_derived": [row[1:4] for row in rows if row[6]],
+        # Closest of the rest: a ratio under 1 is a pair within the limit that the contrast test refused.
+        "closest": [(round(r[0], 3), r[1], r[2], round(r[3], 3), r[4], r[5]) for r in rows if not r[6]][:5],
     }
 
 
@@ -751,6 +797,7 @@ def _table(results: dict[str, Any]) -> str:
             + ", ".join(f"{v:.2f} ({label})" for v, label in sorted(accuracy["evidence"]["derivatives"])[:4])
             + " | between |"
         ),
+        _contrast_row(accuracy["contrast"]),
         (
             "| top-1 derivatives called unrelated | "
             + (", ".join(f"{row['suspect']} ({row['distance']:.3f})" for row in accuracy["not_derived"]) or "none")

@@ -280,11 +280,6 @@ def _by_attention(report: AuditReport, stats: dict[str, dict[str, Any]]) -> list
     return sorted(report.similarity, key=order)
 
 
-def _figure_groups(report: AuditReport, stats: dict[str, dict[str, Any]]) -> set[str]:
-    """The groups that get heatmaps: the first :data:`FIGURE_GROUPS` by :func:`_by_attention`."""
-    return set(_by_attention(report, stats)[:FIGURE_GROUPS])
-
-
 def _more_rows(shown: int, total: int, order: str) -> str:
     return f"<p>{shown} of {total} rows ({order}); <code>--json</code> lists them all.</p>"
 
@@ -340,7 +335,8 @@ def render_html(report: AuditReport, analysis: Any = None) -> str:
             "(<code>onnxlady inspect MODEL --dot</code> writes the graph).</p>"
         )
     body.append("<h2>Groups</h2>")
-    drawn = _figure_groups(report, stats)
+    ordered = _by_attention(report, stats)
+    drawn = set(ordered[:FIGURE_GROUPS])  # heatmaps for the groups to look at first
     if len(drawn) < len(report.similarity):
         body.append(
             f"<p>Heatmaps for {len(drawn)} of {len(report.similarity)} groups (ambiguous first, then the "
@@ -378,7 +374,7 @@ def render_html(report: AuditReport, analysis: Any = None) -> str:
             + _heatmap(mats["after"], "cosine after resync")
             + "</div></div>"
         )
-    undrawn = [gid for gid in _by_attention(report, stats) if gid not in drawn]
+    undrawn = ordered[FIGURE_GROUPS:]
     if len(undrawn) > TABLE_ROWS:
         body.append(_more_rows(TABLE_ROWS, len(undrawn), "ambiguous and lowest margins first"))
         undrawn = undrawn[:TABLE_ROWS]
