@@ -41,6 +41,39 @@ The lower-level functions that work in place on an analysed model (``draw_permut
 ``graph_fingerprint``) stay importable from here for existing code, outside ``__all__``.
 """
 
+# ruff: file-ignore[module-import-not-at-top-of-file]
+# (the public API's imports come after the start-up handler below, which must precede them)
+
+# Ctrl-C while the command line is still importing (numpy, onnx: seconds on a loaded machine)
+# ends as it does later on: one line, exit 130, never a traceback. The handler goes in before
+# any heavy import, only when this process is the ``onnxlady`` command; ``cli.main`` takes over.
+import contextlib as _contextlib
+import os as _os
+import signal as _signal
+import sys as _sys
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """SIGINT before the command line's own handling: nothing was written yet, so exit at once."""
+    _os.write(2, b"onnxlady: interrupted\n")
+    _os._exit(130)
+
+
+def _started_as_command() -> bool:
+    """Whether this process is the ``onnxlady`` console script or ``python -m onnxlady``."""
+    if _sys.argv[:1] == ["-m"]:  # runpy imports the package before it names the module in argv
+        argv = list(getattr(_sys, "orig_argv", ()))
+        return any(argv[i : i + 2] == ["-m", "onnxlady"] for i in range(len(argv) - 1))
+    name = _os.path.basename(_sys.argv[0]) if _sys.argv else ""
+    return name.removesuffix(".exe").removesuffix("-script.py") == "onnxlady"
+
+
+if _started_as_command() and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    with _contextlib.suppress(ValueError):  # imported outside the main thread: signals are not ours to set
+        _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+
+# isort: split
+
 from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, GroupMember, TensorPermutation, analyze
 from onnxlady._api._audit import AuditResult, audit
 from onnxlady._api._demo import DemoResult, demo

@@ -51,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C (outputs staged so far are removed), then exits 143.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    # Ctrl-C during the imports exited at once (see onnxlady/__init__.py); from here on it unwinds,
+    # removing what was staged, and after the command it exits at once again.
+    starting = getattr(onnxlady, "_interrupted_while_starting", None)
+    took_over = in_main_thread and starting is not None and signal.getsignal(signal.SIGINT) is starting
+    if took_over:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with warnings.catch_warnings():
             # Library warnings (numpy's "invalid value in sqrt" on a hostile model...) are not the
@@ -58,9 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not os.environ.get("ONNXLADY_DEBUG"):
                 warnings.simplefilter("ignore")
             return _main(argv)
+    except KeyboardInterrupt:  # while the arguments were parsed, before any command ran
+        print("onnxlady: interrupted", file=sys.stderr)
+        return 130
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if took_over:
+            signal.signal(signal.SIGINT, starting)
 
 
 def _main(argv: Sequence[str] | None) -> int:

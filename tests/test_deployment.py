@@ -246,6 +246,53 @@ def test_one_decoder_written_by_torch_and_by_the_genai_builder() -> None:
         assert audit_models(torch_export, permutation.model).verdict == "permuted"
 
 
+def _gpt2_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` through ``onnxruntime.transformers.optimizer`` with ``model_type="gpt2"``, saved and read back."""
+    import tempfile
+
+    from onnxruntime.transformers import optimizer
+
+    fused = optimizer.optimize_model(copy_model(model), model_type="gpt2", num_heads=4, hidden_size=64,
+                                     opt_level=0)  # it rewrites the proto it is given
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "optimized.onnx")
+        fused.save_model_to_file(path)
+        return onnx.load(path)
+
+
+@pytest.mark.parametrize(("name", "converter"), [("gpt2", "gpt2"), ("whisper_encoder", "ort-extended"),
+                                                 ("whisper_encoder", "onnxsim")])
+def test_torch_exports_through_their_deployment_optimizer(name: str, converter: str) -> None:
+    """Torch exports through the optimizer their deployments run are resynced and audited ``permuted``.
+
+    Held-out: GPT-2 through the gpt2 transformer optimizer was called different models (its packed
+    c_attn Gemm is split after a Reshape, the optimizer writes three MatMuls), and an untouched Whisper
+    encoder through the extended optimizer was audited modified (the query's scale Mul follows the
+    fused Gemm's output Reshape), and through onnx-simplifier modified too (it folds GELU's trailing
+    ``Mul 0.5`` into the next conv's weight).
+    """
+    reason = unavailable(converter) if converter in CONVERTERS else None
+    if reason is not None:
+        pytest.skip(reason)
+    path = DEPLOYMENT / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"no torch export of {name} (/tmp/zoo-venv/bin/python -m tools.export_deployment_models)")
+    from onnxlady._io._files import load_model
+
+    convert = _gpt2_optimized if converter == "gpt2" else CONVERTERS[converter]
+    reference = load_model(path).model
+    assert audit_models(reference, convert(reference)).verdict == "converted"
+    model, _, _, key = permute_copy(reference, 7)
+    suspect = convert(model)
+    result = resync_model(reference, suspect, true_key=key)
+    assert result.psi == pytest.approx(100.0)
+    assert verify_models(suspect, result.model, provider="cpu").equivalent
+    wrong = copy_model(result.model)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(suspect, wrong, provider="cpu").equivalent
+    assert audit_models(reference, suspect).verdict == "permuted"
+
+
 def _scaled_convs(fold: bool) -> onnx.ModelProto:
     """Conv -> Mul by a scalar -> Add of a scalar -> Relu, twice (Paddle's MobileOne branches).
 
@@ -386,3 +433,27 @@ def test_fused_matmul_moving_batch_axes_keeps_attention_permutable() -> None:
     permute_producer_only(wrong, analyze(wrong))
     assert not verify_models(model, wrong, provider="cpu").equivalent
     assert resync_model(model, permuted, true_key=key).psi == pytest.approx(100.0)
+
+
+def test_a_scalar_step_behind_the_reshape_of_a_fused_gemm_stays_with_its_layer() -> None:
+    """ORT writes ``MatMul + Add + Mul`` of a 3-D input as ``Reshape, Gemm, Reshape, Mul``."""
+    from fixtures.contrib import ort_optimized
+    from fixtures.deployment import build_scaled_query
+
+    reference = build_scaled_query(0)
+    converted = ort_optimized(reference, "extended")
+    gemm = next(node for node in converted.graph.node if node.op_type == "Gemm" and "q_proj" in node.name)
+    reader = next(node for node in converted.graph.node if gemm.output[0] in node.input)
+    assert reader.op_type == "Reshape"  # the form the held-out Whisper encoder had
+    assert verify_models(reference, converted, provider="cpu").equivalent
+    assert audit_models(reference, converted).verdict == "converted"
+    model, _, _, key = permute_copy(reference, 5)
+    suspect = ort_optimized(model, "extended")
+    assert resync_model(reference, suspect, true_key=key).psi == pytest.approx(100.0)
+    assert audit_models(reference, suspect).verdict == "permuted"
+    changed = copy_model(suspect)  # the query's bias really changed: still caught
+    holders = {t.name: t for t in changed.graph.initializer}
+    bias = onnx.numpy_helper.to_array(holders["q_proj.bias"]).copy()
+    bias[3] += 0.5
+    holders["q_proj.bias"].CopyFrom(onnx.numpy_helper.from_array(bias, "q_proj.bias"))
+    assert audit_models(reference, changed).verdict not in ("permuted", "converted")

@@ -21,6 +21,7 @@ EXPECTED_FIXTURES = {
     "vgg", "resnet", "mobilenet", "concat", "unfolded_bn", "constant_weights",
     "shared_initializer", "custom_op", "unruled_op", "matmul_mlp", "conv_transpose",
     "grouped_conv", "bias_reshape", "split_concat", "reshape_digits", "flatten_gemm_nchw",
+    "std_conv",
 }
 # Outputs must neither vanish nor explode, so equivalence checks built on them mean something.
 STD_RANGE = (0.05, 20.0)

@@ -467,9 +467,14 @@ def test_bit_identical_only_when_the_recorded_sha256_matches(work: Path) -> None
     key["source"]["weights_sha256"] = "0" * 64
     edited = work / "edited.json"
     edited.write_text(json.dumps(key))
-    run = cli("unpermute", work / "perm.onnx", "--key", edited, "-o", work / "u.onnx")
+    # The model is the file the key recorded, so a result that is not the recorded source means the
+    # key itself was edited: refused, nothing written.
+    refused(cli("unpermute", work / "perm.onnx", "--key", edited, "-o", work / "u.onnx"), "edited or is corrupt")
+    assert not (work / "u.onnx").exists()
+    # Applied anyway on request: restored, but not claimed bit-identical.
+    run = cli("unpermute", work / "perm.onnx", "--key", edited, "-o", work / "u.onnx", "--allow-changed-model")
     assert run.code == 0 and "bit-identical" not in run.out
-    assert (work / "u.onnx").read_bytes() == (work / "base.onnx").read_bytes()  # restored, but not claimed
+    assert (work / "u.onnx").read_bytes() == (work / "base.onnx").read_bytes()
 
 
 def test_external_data_is_named_in_the_key(work: Path) -> None:

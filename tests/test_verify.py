@@ -579,3 +579,47 @@ def test_report_is_frozen(weights):
         report.atol = 1.0  # type: ignore[misc]
     with pytest.raises(AttributeError):
         report.outputs[0].passed = False  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- index outputs
+
+
+def _argmax_classifier(first: np.ndarray, second: np.ndarray, op: str = "ArgMax") -> onnx.ModelProto:
+    """x [1, 8] -> MatMul [8, 16] -> Relu -> MatMul [16, 10] -> ArgMax (keepdims 0): one class index."""
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["scores"]),
+            helper.make_node(op, ["scores"], ["cls"], axis=1, keepdims=0),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("cls", TensorProto.INT64, [1])],
+        [numpy_helper.from_array(first, "w1"), numpy_helper.from_array(second, "w2")],
+    )
+
+
+@pytest.mark.parametrize("op", ["ArgMax", "ArgMin"])
+def test_an_index_output_is_judged_on_the_scores_it_reduces(op: str) -> None:
+    """Held-out: one agreeing class index was EQUIVALENT on a wrong permutation (it kept the class)."""
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=(16, 10)).astype(np.float32)
+    order = rng.permutation(16)
+    reference = _argmax_classifier(first, second, op)
+    permuted = _argmax_classifier(first[:, order], second[order], op)
+    report = verify_models(reference, permuted, provider="cpu")
+    assert report.verdict == "equivalent", report.reasons
+    assert any("judged on the input of its" in note for note in report.notes)
+    # Hidden units moved in the first layer only: the scores change, while one index may not.
+    wrong = _argmax_classifier(first[:, order], second, op)
+    report = verify_models(reference, wrong, provider="cpu")
+    assert report.verdict == "not-equivalent"
+    assert any("scores" in reason for reason in report.reasons)
+
+
+def test_a_single_integer_proves_little_by_itself() -> None:
+    rng = np.random.default_rng(1)
+    first, second = rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=(16, 10)).astype(np.float32)
+    model = _argmax_classifier(first, second)
+    (cls,) = [c for c in verify_models(model, model, provider="cpu").outputs if c.name == "cls"]
+    assert cls.passed and cls.degenerate is not None and "single value" in cls.degenerate

@@ -4,7 +4,7 @@ Each model is permuted (every permutable group, seed 7; a decoder with a KV cach
 as state, ``permute --kv-state``), then converted by each real converter of
 :mod:`fixtures.deployment` (ONNX Runtime's offline optimizer at ``basic`` and ``extended``, and at
 ``all`` for convolutional models (NCHWc layout on x86; its groups are frozen, so no wrong
-permutation of the output can be made: ``n/a``), its transformer optimizer for BERT encoders, onnxslim, onnx-simplifier, int4 ``MatMulNBits`` for
+permutation of the output can be made: ``n/a``), its transformer optimizer for BERT encoders and GPT-2, onnxslim, onnx-simplifier, int4 ``MatMulNBits`` for
 models with MatMul weights); the decoders also go through no converter at all (``none``: permute
 -> verify -> resync as models of their own). Per cell:
 
@@ -22,7 +22,7 @@ models with MatMul weights); the decoders also go through no converter at all (`
 
 Models: the PyPI models of ``tools.fetch_models`` in ``.cache/models``, the torch exports of
 ``tools.export_deployment_models`` in ``.cache/deployment`` (ResNet-18, a BERT encoder, a
-LLaMA-style decoder, nn.MultiheadAttention; the genai builder's fp32 and int4 forms of that
+LLaMA-style decoder, nn.MultiheadAttention, GPT-2, a Whisper encoder; the genai builder's fp32 and int4 forms of that
 decoder, run as models of their own), and fixtures. A converter that fails on a model, or does
 not install, is reported in its row. A second table pairs the same weights written by different
 tools (the torch.onnx export of the decoder and the genai builder's fp32 and int4 forms): match
@@ -51,10 +51,11 @@ from onnxlady.testing import copy_model, permute_producer_only
 
 CACHE = Path(".cache")
 FIXTURE_ROWS = ("resnet", "mobilenet", "matmul_mlp", "encoder_postnorm", "bert_like")
-#: BERT encoders ONNX Runtime's transformer optimizer fuses: (heads, hidden size).
-BERT_LIKE = {"bert_like": (4, 32), "bert": (4, 64)}
+#: Models ONNX Runtime's transformer optimizer fuses: (its model type, heads, hidden size).
+TRANSFORMERS = {"bert_like": ("bert", 4, 32), "bert": ("bert", 4, 64), "gpt2": ("gpt2", 4, 64)}
 #: Models with MatMul weights, which MatMulNBits quantizes.
-MATMUL_MODELS = ("matmul_mlp", "encoder_postnorm", "bert_like", "bert", "llama", "genai_fp32", "magika")
+MATMUL_MODELS = ("matmul_mlp", "encoder_postnorm", "bert_like", "bert", "llama", "genai_fp32", "magika",
+                 "whisper_encoder")
 CONVERTERS = ("none", "ort-basic", "ort-extended", "ort-all", "ort-transformer", "onnxslim", "onnxsim", "nbits")
 #: Models with 2-D convolutions, which ``ORT_ENABLE_ALL`` writes in the NCHWc layout on x86.
 CONV_MODELS = ("ppocr_cls", "ppocrv4_det", "ppocrv4_rec", "nudenet_yolov8n", "resnet18", "resnet", "mobilenet")
@@ -62,13 +63,13 @@ CONV_MODELS = ("ppocr_cls", "ppocrv4_det", "ppocrv4_rec", "nudenet_yolov8n", "re
 DECODERS = ("llama", "genai_fp32", "genai_int4")
 
 
-def _transformer(model: onnx.ModelProto, heads: int, hidden: int) -> onnx.ModelProto:
-    """``onnxruntime.transformers.optimizer`` with BERT fusions (Python passes only)."""
+def _transformer(model: onnx.ModelProto, model_type: str, heads: int, hidden: int) -> onnx.ModelProto:
+    """``onnxruntime.transformers.optimizer``'s fusions for ``model_type`` (Python passes only)."""
     import tempfile
 
     from onnxruntime.transformers import optimizer
 
-    fused = optimizer.optimize_model(copy_model(model), model_type="bert", num_heads=heads, hidden_size=hidden,
+    fused = optimizer.optimize_model(copy_model(model), model_type=model_type, num_heads=heads, hidden_size=hidden,
                                      opt_level=0)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         path = str(Path(folder) / "optimized.onnx")
@@ -98,7 +99,7 @@ def applies(converter: str, name: str) -> bool:
     if converter == "none":
         return name in DECODERS
     if converter == "ort-transformer":
-        return name in BERT_LIKE
+        return name in TRANSFORMERS
     if converter == "nbits":
         return name in MATMUL_MODELS
     if converter == "ort-all":
@@ -110,7 +111,7 @@ def _convert(model: onnx.ModelProto, converter: str, name: str) -> onnx.ModelPro
     if converter == "none":
         return copy_model(model)
     if converter == "ort-transformer":
-        return _transformer(model, *BERT_LIKE[name])
+        return _transformer(model, *TRANSFORMERS[name])
     return convert(model, converter)
 
 

@@ -12,6 +12,12 @@ Writes, each with torch.onnx's TorchScript exporter (opset 17, static shapes, se
 - ``llama.onnx``: a 2-layer LLaMA-style decoder from a ``transformers.LlamaConfig`` (vocabulary
   160, hidden 64, 4 query heads over 2 KV heads, RoPE, SiLU-gated MLP), ``input_ids [1, 16]`` to
   logits, no KV cache;
+- ``gpt2.onnx``: a 2-layer GPT-2 from a ``transformers.GPT2Config`` (hidden 64, 4 heads, weights
+  with standard deviation 0.1), ``input_ids`` and ``attention_mask`` ``[1, 16]``: its Conv1D
+  layers are Gemms between Reshapes, the packed ``c_attn`` split after its Reshape;
+- ``whisper_encoder.onnx``: a 2-layer Whisper encoder (d_model 64, 20 mel bins, 100 frames,
+  weights with standard deviation 0.1): two Conv1d, then attention whose query is scaled after
+  its bias;
 - ``torch_mha.onnx``: ``torch.nn.MultiheadAttention`` (embed 32, 4 heads) between two Linear
   layers, the packed ``in_proj_weight`` as torch exports it (constant folding cuts it into three
   weights); ``torch_mha_unfolded.onnx`` the same without constant folding (``Slice`` of
@@ -117,12 +123,57 @@ def _torch_mha() -> tuple[Any, tuple[Any, ...], list[str]]:
     return Block().eval(), (torch.randn(1, SEQ, 32),), ["input"]
 
 
+def _gpt2() -> tuple[Any, tuple[Any, ...], list[str]]:
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    # GPT-2's Conv1D layers export as Gemm between Reshapes; c_attn's packed Q, K, V is Split after it.
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, use_cache=False,
+                        initializer_range=0.1, attn_implementation="eager")  # fmt: skip
+    model = GPT2Model(config).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+
+    ids = torch.randint(0, VOCAB, (1, SEQ))
+    return Hidden().eval(), (ids, torch.ones(1, SEQ, dtype=torch.int64)), ["input_ids", "attention_mask"]
+
+
+def _whisper_encoder() -> tuple[Any, tuple[Any, ...], list[str]]:
+    import torch
+    from transformers import WhisperConfig, WhisperModel
+
+    # The query projection is scaled by head_dim ** -0.5 after its bias (MatMul, Add, Mul).
+    config = WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=20,
+                           max_source_positions=50, init_std=0.1, attn_implementation="eager")  # fmt: skip
+    encoder = WhisperModel(config).get_encoder().eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+            return self.encoder(input_features).last_hidden_state
+
+    return Hidden().eval(), (torch.randn(1, 20, 100),), ["input_features"]
+
+
 MODELS: dict[str, Callable[[], tuple[Any, tuple[Any, ...], list[str]]]] = {
     "resnet18": _resnet18,
     "bert": _bert,
     "llama": _llama,
     "torch_mha": _torch_mha,
     "torch_mha_unfolded": _torch_mha,  # exported without constant folding: in_proj sliced in the graph
+    "gpt2": _gpt2,
+    "whisper_encoder": _whisper_encoder,
 }
 #: Models exported as torch.onnx writes them without constant folding.
 UNFOLDED = {"torch_mha_unfolded"}

@@ -59,7 +59,7 @@ PRODUCER_OPS = (
 COPY_SUFFIX = ".onnxlady_copy"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class GroupMember:
     """One channel space in a group: a weight slice or an activation."""
 
@@ -69,6 +69,10 @@ class GroupMember:
     node: str
     index_map: str
     is_weight: bool
+
+    # Several per node: filled directly, at half the cost of the generated frozen __init__.
+    def __init__(self, tensor: str, axis: int, role: str, node: str, index_map: str, is_weight: bool) -> None:
+        self.__dict__.update(tensor=tensor, axis=axis, role=role, node=node, index_map=index_map, is_weight=is_weight)
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class ChannelGroup:
         return not self.frozen and self.size > 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TensorPermutation:
     """One constant tensor (after untying) and the permutation of each of its axes."""
 
@@ -98,6 +102,18 @@ class TensorPermutation:
     uses: tuple[tuple[int, int], ...]  # (node index, input slot) in the source model
     axes: tuple[tuple[int, Expr], ...]  # axis -> permutation, non-identity ones only
     roles: tuple[str, ...]
+
+    # One per weight: filled directly, at half the cost of the generated frozen __init__.
+    def __init__(
+        self,
+        tensor: str,
+        source: str,
+        copy: int,
+        uses: tuple[tuple[int, int], ...],
+        axes: tuple[tuple[int, Expr], ...],
+        roles: tuple[str, ...],
+    ) -> None:
+        self.__dict__.update(tensor=tensor, source=source, copy=copy, uses=uses, axes=axes, roles=roles)
 
 
 @dataclass
@@ -182,6 +198,7 @@ class ChannelAnalysis:
                 result[group.id] = lab
         return result
 
+    @collector_paused  # its per-tensor table lives until it returns: no collections over it
     def group_edges(self) -> dict[tuple[str, str], set[str]]:
         """The group graph: which groups each operator type connects.
 
@@ -189,12 +206,48 @@ class ChannelAnalysis:
         that do (for ``inspect --dot`` and the audit report).
         """
         edges: dict[tuple[str, str], set[str]] = {}
-        for node in self.graph.nodes:
-            ins = {g for name in node.input if name for g in self._groups_in(self._spaces_of(name))}
-            outs = {g for name in node.output if name for g in self._groups_in(self._spaces_of(name))}
+        graph, state = self.graph, self.state
+        # Each tensor's groups, found once: a tensor is one node's output and others' input.
+        # Only tensors carrying a space have any (weights and untracked activations: none).
+        groups_of: dict[str, tuple[str, ...]] = {}
+        solver, by_root = self.solver, self._by_root
+        for name in (*state.tracked, *state.joint):
+            if name in groups_of:
+                continue
+            spaces = state.tracked.get(name)
+            if spaces and len(spaces) == 1 and name not in state.joint:
+                # One space (most activations): its group found without _groups_in's set.
+                resolved = solver.resolve(next(iter(spaces.values())))
+                if type(resolved) is Atom:
+                    group = by_root.get(resolved.id)  # (resolved: a root already)
+                    if group is not None:
+                        groups_of[name] = (group.id,)
+                    continue
+            found = tuple(self._groups_in(self._spaces_of(name)))
+            if found:
+                groups_of[name] = found
+        # Only a node writing some group can start an edge: those nodes, in the graph's order.
+        producer = graph.producer
+        writers = sorted({produced[0] for name in groups_of if (produced := producer.get(name)) is not None})
+        for index in writers:
+            ins: set[str] = set()
+            for name in graph.input_names(index):
+                carried = groups_of.get(name)
+                if carried:
+                    ins.update(carried)
+            if not ins:
+                continue
+            outs: set[str] = set()
+            for name in graph.output_names(index):
+                carried = groups_of.get(name)
+                if carried:
+                    outs.update(carried)
+            if not outs:
+                continue
+            op_type = graph.op_of(index)[0]
             for a in ins:
                 for b in outs - {a}:
-                    edges.setdefault((a, b), set()).add(node.op_type)
+                    edges.setdefault((a, b), set()).add(op_type)
         return edges
 
     def _spaces_of(self, name: str) -> list[Expr]:
@@ -356,10 +409,14 @@ def analyze(
     pairs = _open_states(state, model) if kv_state else []
     total = len(graph.order)
     step = max(1, total // 200)  # a bar moves smoothly without a call per node
+    subgraphs = graph.subgraphs
     for position, index in enumerate(graph.order):
         if position % step == 0:
             advance(progress, "analysing nodes", position, total)
-        _visit(state, index)
+        if index in subgraphs:  # (_visit, without its call for the nodes that hold no body)
+            _visit(state, index)
+        else:
+            _run_rule(state, index)
     advance(progress, "analysing nodes", total, total)
     _close_states(state, pairs)
     state_outputs = {pair.output for pair in pairs}
@@ -370,6 +427,7 @@ def analyze(
         for expr in spaces:
             state.solver.freeze(expr, FreezeReason("graph-output", f"graph output '{name}'"))
     _join_shared_constants(state)
+    _freeze_constant_only(state)
     analysis = _collect(state)
     analysis.states = pairs
     return analysis
@@ -462,11 +520,20 @@ def _requirements(
     """
     solver = state.solver
     rank = len(state.graph.shape(leaf) or ())
-    raw = []
+    raw: list[tuple[Expr | None, ...]] = []
     for use in uses:
-        axes = bound.get(use, {})
-        requirement = tuple(canonical(solver, axes[a].expr) if a in axes else None for a in range(rank))
-        raw.append(tuple(None if _is_identity(r) else r for r in requirement))
+        axes = bound.get(use)
+        if not axes:
+            raw.append((None,) * rank)
+            continue
+        requirement: list[Expr | None] = [None] * rank
+        for a in range(rank):
+            binding = axes.get(a)
+            if binding is not None:
+                found = canonical(solver, binding.expr)
+                if type(found) is not Fixed:  # the identity needs nothing
+                    requirement[a] = found
+        raw.append(tuple(requirement))
     if len(raw) < 2 or len(set(raw)) < 2:  # (one use, the common case: nothing to hash)
         return raw
     invariant = _invariant_axes(state.graph, leaf, {a for req in raw for a, r in enumerate(req) if r is not None})
@@ -503,6 +570,42 @@ def _join_shared_constants(state: AnalysisState) -> None:
             for mine, theirs in zip(first, other):
                 if mine is not None and theirs is not None:
                     solver.unify(mine, theirs, reason)
+
+
+def _freeze_constant_only(state: AnalysisState) -> None:
+    """Freeze the groups that only constants and tensors computed from constants carry.
+
+    Such a group, made by no producer (Conv, Gemm, MatMul...), moves no neuron: every tensor on
+    it is the same for every input (weight statistics that a ReduceMean averages away, as
+    weight-standardized convolutions export). Permuting it would copy and shuffle constants and
+    claim neurons moved while every activation stays as it was, so it keeps the identity, with
+    the reason.
+    """
+    graph, solver = state.graph, state.solver
+    derived = [name for name in (*state.tracked, *state.joint) if graph.constant_derived(name)]
+    if not derived:
+        return  # (most models: no tracked tensor is computed from constants only)
+    candidates: dict[int, str] = {}  # group -> a tensor computed from constants that carries it
+    carried: set[int] = set()
+    exprs = [
+        *((name, expr) for name, spaces in state.tracked.items() for expr in spaces.values()),
+        *((name, space.expr) for name, joint in state.joint.items() for space in joint),
+    ]
+    for name, expr in exprs:
+        if graph.constant_derived(name):
+            for atom in solver.atoms(expr):
+                candidates.setdefault(atom.id, name)
+        else:
+            carried.update(atom.id for atom in solver.atoms(expr))
+    for _, expr in state.producers:  # a layer's neurons are neurons, even on a constant input
+        carried.update(atom.id for atom in solver.atoms(expr))
+    for root in sorted(set(candidates) - carried):
+        if not solver.is_frozen(root):
+            message = (
+                f"only constants and '{candidates[root]}' (computed from constants) carry this axis; "
+                "permuting it moves no neuron"
+            )
+            solver.freeze(Atom(root, solver._size[root]), FreezeReason("constant-only", message))
 
 
 def _visit(state: AnalysisState, index: int) -> None:
@@ -577,38 +680,42 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
         if isinstance(resolved, Fixed):
             return
         if isinstance(resolved, Atom):
-            # Most spaces are one group: skip the second resolution solver.atoms would make.
-            found = members.get(resolved.id)
-            if found is None:
-                found = members[resolved.id] = []
-            found.append((order, make(describe(resolved, resolved.id))))
+            members.setdefault(resolved.id, []).append((order, make(describe(resolved, resolved.id))))
             return
         for root in {atom.id for atom in solver.atoms(resolved)}:
             members.setdefault(root, []).append((order, make(describe(resolved, root))))
+
+    def add_plain(expr: Expr, order: tuple[int, int, int], tensor: str, axis: int, role: str, label: str, weight: bool) -> None:
+        """``add_members`` for a space of one axis, without a member factory per space."""
+        resolved = solver.resolve(expr)
+        kind = type(resolved)
+        if kind is Fixed:
+            return
+        if kind is Atom:
+            # Most spaces are one group, described as "p": no second resolution (solver.atoms).
+            found = members.get(resolved.id)  # type: ignore[union-attr]
+            if found is None:
+                found = members[resolved.id] = []  # type: ignore[union-attr]
+            found.append((order, GroupMember(tensor, axis, role, label, "p", weight)))
+            return
+        add_members(resolved, order, functools.partial(GroupMember, tensor, axis, role, label, is_weight=weight))
 
     for plan in tensors:
         for axis, expr in plan.axes:
             node_index = plan.uses[0][0]
             label = graph.label(node_index) if node_index >= 0 else ""
             role = ", ".join(plan.roles)
-            add_members(
-                expr,
-                (position.get(node_index, -1), 0, axis),
-                functools.partial(GroupMember, plan.tensor, axis, role, label, is_weight=True),
-            )
+            add_plain(expr, (position.get(node_index, -1), 0, axis), plan.tensor, axis, role, label, True)
+    producer = graph.producer
     for name, spaces in state.tracked.items():
-        produced = graph.producer.get(name)
+        produced = producer.get(name)
         node_index = produced[0] if produced else -1
         label = graph.label(node_index) if node_index >= 0 else ""
         where = position[node_index] if node_index in position else position.get(formal.get(name, -1), -1)
         for axis, expr in spaces.items():
-            add_members(
-                expr,
-                (where, 1, axis),
-                functools.partial(GroupMember, name, axis, "activation", label, is_weight=False),
-            )
+            add_plain(expr, (where, 1, axis), name, axis, "activation", label, False)
     for name, joint in state.joint.items():
-        produced = graph.producer.get(name)
+        produced = producer.get(name)
         node_index = produced[0] if produced else -1
         label = graph.label(node_index) if node_index >= 0 else ""
         for space in joint:
@@ -702,7 +809,15 @@ def _plan_once(
         bound = by_leaf[leaf]
         classes: dict[tuple, list[tuple[int, int]]] = {}
         uses = graph.constant_uses(leaf)
-        for use, requirement in zip(uses, _requirements(state, leaf, bound, uses)):
+        requirements = _requirements(state, leaf, bound, uses)
+        if len(uses) == 1:  # one use (most weights): the tensor itself, if it moves at all
+            requirement, use = requirements[0], uses[0]
+            permuted = tuple([(a, r) for a, r in enumerate(requirement) if r is not None])
+            if permuted:
+                roles = sorted({binding.role for binding in bound[use].values()}) if use in bound else []
+                plans.append(TensorPermutation(leaf, leaf, 0, (use,), permuted, tuple(roles)))
+            continue
+        for use, requirement in zip(uses, requirements):
             classes.setdefault(requirement, []).append(use)
         # The uses that need no permutation keep the original tensor; the others get copies,
         # except that uses which cannot have a copy (inside a body) are served first.
@@ -741,9 +856,8 @@ def _first_item(item: tuple[tuple[int, int, int], GroupMember]) -> tuple[int, in
     return item[0]
 
 
-def _is_identity(expr: Expr | None) -> bool:
-    return expr is None or isinstance(expr, Fixed)
-
-
 def _first_use(position: Mapping[int, int], uses: Mapping[tuple[int, int], object]) -> tuple[int, int]:
+    if len(uses) == 1:  # (most constants: no generator for min)
+        ((node, slot),) = uses
+        return (position.get(node, -1), slot)
     return min((position.get(node, -1), slot) for node, slot in uses)

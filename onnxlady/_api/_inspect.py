@@ -207,11 +207,6 @@ def _groups_text(groups: list[ChannelGroup]) -> str | None:
         reasons, members = group.reasons, group.members
         if any(type(r.kind) is not str or type(r.message) is not str for r in reasons):
             return None
-        if any(
-            type(m.tensor) is not str or type(m.role) is not str or type(m.node) is not str or type(m.index_map) is not str
-            for m in members
-        ):
-            return None
         reason_text = (
             "[\n"
             + ",\n".join(
@@ -222,19 +217,18 @@ def _groups_text(groups: list[ChannelGroup]) -> str | None:
             if reasons
             else "[]"
         )
-        member_text = (
-            "[\n"
-            + ",\n".join(
-                f'{_ITEM}{{\n          "tensor": {_QUOTE(m.tensor)}{_ITEM_FIELD}"axis": {int(m.axis)}'
-                f'{_ITEM_FIELD}"role": {_QUOTE(m.role)}{_ITEM_FIELD}"node": {_QUOTE(m.node)}'
-                f'{_ITEM_FIELD}"index_map": {_QUOTE(m.index_map)}'
+        member_texts = []
+        for m in members:  # each field's type checked as it is written (one pass over the members)
+            tensor, role, node, index_map = m.tensor, m.role, m.node, m.index_map
+            if type(tensor) is not str or type(role) is not str or type(node) is not str or type(index_map) is not str:
+                return None
+            member_texts.append(
+                f'{_ITEM}{{\n          "tensor": {_QUOTE(tensor)}{_ITEM_FIELD}"axis": {int(m.axis)}'
+                f'{_ITEM_FIELD}"role": {_QUOTE(role)}{_ITEM_FIELD}"node": {_QUOTE(node)}'
+                f'{_ITEM_FIELD}"index_map": {_QUOTE(index_map)}'
                 f'{_ITEM_FIELD}"weight": {"true" if m.is_weight else "false"}\n{_ITEM}}}'
-                for m in members
             )
-            + "\n      ]"
-            if members
-            else "[]"
-        )
+        member_text = "[\n" + ",\n".join(member_texts) + "\n      ]" if members else "[]"
         written.append(
             f'    {{\n      "id": {_QUOTE(str(group.id))}{_FIELD}"size": {int(group.size)}'
             f'{_FIELD}"permutable": {"true" if group.permutable else "false"}'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,8 +121,8 @@ class UnpermuteResult(Result):
                 verdict += "; the file's encoding differs from the source file"
         else:
             verdict = (
-                "the weights differ from the source (the model was changed after it was permuted); "
-                "neuron order restored"
+                "the weights differ from the source (the model was changed after it was permuted, "
+                "--allow-changed-model); neuron order restored"
             )
         return f"unpermuted -> {_place(self.output)}: {verdict}"
 
@@ -176,11 +177,16 @@ def unpermute(
     streamed = target is not None and not permutation_key.untied
     opened = open_model(model, progress=progress, map_external=streamed)
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
+    # The file is the one the key was written beside: restored weights that are not the source's
+    # can then only come from a key that was edited or corrupted.
+    checked = not allow_changed_model and opened.sha256 is not None and bool(permutation_key.permuted_sha256)
     if not allow_changed_model:
         _check_model_matches_key(opened, permutation_key)
     restored = opened.writable()
     if not streamed or not opened.owned:
         identical = unpermute_model(restored, permutation_key)
+        if checked and not identical:
+            raise OnnxladyError(_BROKEN_KEY.format(model=opened.path))
         result = UnpermuteResult(restored, permutation_key, identical, source, key_source, target)
         if target is not None:
             say(progress, f"saving {target}")
@@ -196,8 +202,25 @@ def unpermute(
     sha256 = save_model(
         restored, target, external_data=external_data or opened.external_data, digest=True, overrides=overrides
     )
+    identical = verdict()
+    if checked and not identical:
+        _remove_written(target, external_data or opened.external_data)
+        raise OnnxladyError(_BROKEN_KEY.format(model=opened.path))
     del restored, opened  # the model in memory still holds the permuted bytes: the result reads the file
-    return UnpermuteResult(None, permutation_key, verdict(), source, key_source, target, sha256)
+    return UnpermuteResult(None, permutation_key, identical, source, key_source, target, sha256)
+
+
+_BROKEN_KEY = (
+    "{model}: the key does not restore this model although it is the file the key was written for "
+    "(its sha256 matches): the key was edited or is corrupt; nothing written"
+)
+
+
+def _remove_written(target: Path, external: bool) -> None:
+    """Remove what a refused unpermute wrote (the model and its weights file)."""
+    for path in (target, Path(f"{target}.data")) if external else (target,):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _check_model_matches_key(opened: OpenedModel, key: PermutationKey) -> None:

@@ -56,6 +56,9 @@ from typing import Any
 import numpy as np
 
 from onnxlady._analysis._channels import ChannelAnalysis
+from onnxlady._audit._rowwise import least_squares_rows
+from onnxlady._audit._scipy import gammaincinv, top_eigenvalue
+from onnxlady._audit._select import median
 from onnxlady._graph._attributes import node_attribute
 
 __all__ = ["WeightInfo", "classify_change", "find_scaled_under_noise", "weight_infos"]
@@ -172,12 +175,16 @@ def _matrix(array: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
 
 
-def _dispersion(matrix: np.ndarray) -> float | None:
-    """Log inter-quartile ratio of the rows' mean squares over that of i.i.d. Gaussian rows."""
+def _dispersion(matrix: np.ndarray, squares: np.ndarray | None = None) -> float | None:
+    """Log inter-quartile ratio of the rows' mean squares over that of i.i.d. Gaussian rows.
+
+    ``squares``: ``matrix * matrix`` where the caller has it already (C-contiguous, so its
+    row means are the same sums).
+    """
     rows, width = matrix.shape
     if rows < _MIN_ROWS or width < 2:
         return None
-    energy = np.mean(matrix * matrix, axis=1)
+    energy = np.mean(matrix * matrix if squares is None else squares, axis=1)
     q25, q75 = np.percentile(energy, [25, 75])
     if q25 <= 0:
         return float("inf") if q75 > 0 else None
@@ -189,21 +196,22 @@ def _chi2_log_iqr(width: int) -> float:
     """Log of the chi-square(``width``) upper over lower quartile.
 
     ``2 gammaincinv(width / 2, q)`` is what ``scipy.stats.chi2.ppf`` computes (bit for bit),
-    without importing ``scipy.stats`` (over a second of every audit's start-up); imported here,
-    only when a suspect is modified.
+    without importing ``scipy.stats`` (over a second of every audit's start-up), nor
+    ``scipy.special`` (see :mod:`onnxlady._audit._scipy`).
     """
-    from scipy.special import gammaincinv
-
     half = width / 2
-    return math.log(float(gammaincinv(half, 0.75)) / float(gammaincinv(half, 0.25)))
+    return math.log(gammaincinv(half, 0.75) / gammaincinv(half, 0.25))
 
 
-def _spectral_excess(matrix: np.ndarray) -> float | None:
-    """Squared top singular value over its i.i.d. Gaussian expectation ``sigma^2 (sqrt m + sqrt n)^2``."""
+def _spectral_excess(matrix: np.ndarray, squares: np.ndarray | None = None) -> float | None:
+    """Squared top singular value over its i.i.d. Gaussian expectation ``sigma^2 (sqrt m + sqrt n)^2``.
+
+    ``squares`` as for :func:`_dispersion`.
+    """
     m, n = matrix.shape
     if min(m, n) < _MIN_ROWS:
         return None
-    energy = float(np.mean(matrix * matrix))
+    energy = float(np.mean(matrix * matrix if squares is None else squares))
     if not energy:  # an all-zero matrix: nothing to normalise by
         return None
     gram = matrix @ matrix.T if m <= n else matrix.T @ matrix
@@ -219,15 +227,10 @@ def _top_eigenvalue(gram: np.ndarray) -> float:
     on a loaded machine). Small matrices, and the rare matrix on which it does not converge,
     get the full decomposition.
     """
-    size = gram.shape[0]
-    if size > 64:
-        from scipy.sparse.linalg import ArpackNoConvergence, eigsh
-
-        try:
-            top = eigsh(gram, k=1, which="LA", v0=np.ones(size), tol=1e-12, return_eigenvectors=False)
-            return float(top[0])
-        except ArpackNoConvergence:
-            pass
+    if gram.shape[0] > 64:
+        top = top_eigenvalue(gram, 1e-12)  # scipy's eigsh, without importing scipy.sparse.linalg
+        if top is not None:
+            return top
     return float(np.linalg.eigvalsh(gram)[-1])
 
 
@@ -389,17 +392,24 @@ def _same_multiset(a: np.ndarray, b: np.ndarray, rtol: float, floor: float = 0.0
 def _measure(
     name: str, info: WeightInfo, ref: np.ndarray, sus: np.ndarray, storage: np.dtype[Any] | None = None
 ) -> dict[str, Any]:
-    # float64 views where the arrays already are (the suspect's working copy): no copies.
-    r, s = ref.astype(np.float64, copy=False), sus.astype(np.float64, copy=False)
-    d = s - r
-    flat_r, flat_s, flat_d = r.ravel(), s.ravel(), d.ravel()
+    # Whole float64 arrays only for the reference and the change (the suspect is read in its own
+    # dtype), and one scratch array that every step below reuses: temporaries the size of a
+    # large weight were most of the forensics' time (page faults) and of the audit's peak.
+    # Every figure is computed as before (same operations on the same contiguous arrays: the
+    # same sums), only into buffers of our own.
+    r = ref.astype(np.float64, copy=False)  # a view where the array already is float64
+    # numpy's own floats are widened as the subtraction reads them (exactly: the same values).
+    native = sus.dtype in (np.float16, np.float32, np.float64)
+    d = np.subtract(sus if native else sus.astype(np.float64), r, dtype=np.float64)
+    flat_r, flat_d = r.reshape(-1), d.reshape(-1)
     n = flat_r.size
     changed = int(np.count_nonzero(flat_d))
     ref_zeros, sus_zeros = int(np.count_nonzero(ref == 0)), int(np.count_nonzero(sus == 0))
-    std_r, std_d = float(flat_r.std()), float(flat_d.std())
-    sus_count, ref_count, few = _distinct_counts(
+    sus_count, ref_count, few = _distinct_counts(  # before the scratch array: their sorted copies go first
         ref if storage is None else ref.astype(storage), sus if storage is None else sus.astype(storage), not changed
     )
+    scratch = np.empty(n)
+    std_r, std_d = _std(flat_r, scratch), _std(flat_d, scratch)
     entry: dict[str, Any] = {
         "tensor": name,
         "elements": n,
@@ -419,43 +429,75 @@ def _measure(
         # The kept weights are the reference's largest magnitudes (alignment-free), or the
         # reference's own values in place (a compared form that folds per-row factors into
         # the weights, a BatchNorm's, reorders magnitudes between rows).
+        flat_s = sus.astype(np.float64, copy=False).reshape(-1)
         kept = flat_s != 0
         in_place = np.abs(flat_s[kept] - flat_r[kept]) <= MULTISET_RTOL * np.abs(flat_r[kept]) + FLOAT16_TINY
         entry["kept_match"] = max(_kept_match(flat_r, flat_s, MULTISET_RTOL), float(np.mean(in_place)) if kept.any() else 1.0)
+        del flat_s, kept, in_place
     else:
         entry["kept_match"] = None
-    del s, flat_s  # float64 copies of a large weight: let them go before the next ones are made
-    # Both medians partition one scratch copy in place (np.median copies its input otherwise).
-    scratch = np.array(flat_d)
-    center = np.median(scratch, overwrite_input=True)
+    # The median and the median absolute deviation, each selected without partitioning all of
+    # the array (the same values as np.median).
+    center = median(flat_d)
     np.abs(np.subtract(flat_d, center, out=scratch), out=scratch)
-    mad = float(np.median(scratch, overwrite_input=True))
+    mad = float(median(scratch))
     entry["robust_relative_change"] = 1.4826 * mad / std_r if std_r else 0.0
     if n > 2 and std_d > 0 and std_r > 0:
-        rho = _correlation(flat_r, flat_d, scratch)
+        # The reference's float64 copy is ours when the reference was not float64: centred in place.
+        rho = _correlation(flat_r, flat_d, scratch, own_x=r is not ref)
         entry["correlation"] = rho
         entry["correlation_z"] = rho * math.sqrt(n)
-    del scratch, r, flat_r
+    del r, flat_r
     axis = info.row_axis if 0 <= info.row_axis < d.ndim else 0
     rows = _matrix(d, axis)
-    entry["row_dispersion"] = _dispersion(rows)
-    entry["spectral_excess"] = _spectral_excess(rows)
+    squares = _squares(rows, scratch)
+    entry["row_dispersion"] = _dispersion(rows, squares)
+    entry["spectral_excess"] = _spectral_excess(rows, squares)
     if d.ndim >= 2:
-        col_axis = 1 if axis == 0 else 0
-        entry["column_dispersion"] = _dispersion(_matrix(d, col_axis))
+        columns = _matrix(d, 1 if axis == 0 else 0)
+        entry["column_dispersion"] = _dispersion(columns, _squares(columns, scratch))
     else:
         entry["column_dispersion"] = None
     return entry
 
 
-def _correlation(x: np.ndarray, y: np.ndarray, scratch: np.ndarray) -> float:
+def _squares(matrix: np.ndarray, scratch: np.ndarray) -> np.ndarray | None:
+    """``matrix * matrix`` in ``scratch``, or None (the caller squares as before).
+
+    Only where ``matrix`` is C-contiguous: so is its product, and numpy's reductions over the
+    scratch copy then sum in the same order.
+    """
+    if not matrix.flags.c_contiguous or matrix.size != scratch.size:
+        return None
+    return np.multiply(matrix, matrix, out=scratch.reshape(matrix.shape))
+
+
+def _std(flat: np.ndarray, scratch: np.ndarray) -> float:
+    """``float(flat.std())`` of a contiguous float64 array, its temporary in ``scratch``.
+
+    numpy's ``_var`` step by step: the mean (one pairwise sum over the array), the squared
+    deviations (elementwise), their pairwise sum over a contiguous array of the same length,
+    over ``n``, the square root: the same operations in the same order, hence the same value.
+    """
+    count = np.intp(flat.size)
+    mean = np.add.reduce(flat, axis=None, keepdims=True)
+    np.true_divide(mean, count, out=mean, casting="unsafe")
+    np.subtract(flat, mean, out=scratch)
+    np.square(scratch, out=scratch)
+    total = np.add.reduce(scratch, axis=None)
+    variance = total.dtype.type(total / count)
+    return float(variance.dtype.type(np.sqrt(variance)))
+
+
+def _correlation(x: np.ndarray, y: np.ndarray, scratch: np.ndarray, own_x: bool = False) -> float:
     """Pearson's correlation of two flat float64 arrays, as ``np.corrcoef(x, y)[0, 1]``.
 
     Without corrcoef's stacked 2 x n copy and its matrix product (the slowest step of the
-    forensics on large tensors): two centred arrays, one of them in ``scratch``, and three dot
+    forensics on large tensors): two centred arrays, one of them in ``scratch`` (and ``x``
+    itself centred in place when ``own_x``: the caller's copy, no longer needed), and three dot
     products. The sums run in another order, so the value may differ in its last digits.
     """
-    cx = x - x.mean()
+    cx = np.subtract(x, x.mean(), out=x if own_x else None)
     cy = np.subtract(y, y.mean(), out=scratch)
     xy, xx, yy = float(np.dot(cx, cy)), float(np.dot(cx, cx)), float(np.dot(cy, cy))
     return max(-1.0, min(1.0, xy / math.sqrt(xx * yy))) if xx and yy else 0.0
@@ -710,12 +752,15 @@ class NoisyScale:
     z: float
 
 
-def find_scaled_under_noise(tensors: Iterable[tuple[str, list[np.ndarray], list[np.ndarray]]]) -> list[NoisyScale]:
+def find_scaled_under_noise(
+    tensors: Iterable[tuple[str, list[np.ndarray] | np.ndarray, list[np.ndarray] | np.ndarray]],
+) -> list[NoisyScale]:
     """Neurons scaled by ``k`` while every other neuron of the model is only noisy.
 
     ``tensors`` holds, per producer tensor, its name and its neurons' rows (flattened) in the
-    reference's order, reference and suspect; read once, so it may be a generator that builds
-    one tensor's rows at a time. For each neuron: the least-squares ``k`` and its
+    reference's order, reference and suspect: lists of rows, or float64 matrices with a row
+    per neuron when the rows have one width (read at once); read once, so it may be a
+    generator that builds one tensor's rows at a time. For each neuron: the least-squares ``k`` and its
     standard error ``sigma / |r|`` (``sigma`` the tensor's median residual std, so mis-paired
     rows do not widen it), as a z-score. A neuron is scaled when ``|k - 1|`` exceeds
     :data:`SCALE_Z` standard errors and :data:`SCALE_MIN`, ``0 < k <= SCALE_MAX_K``, its row is
@@ -731,16 +776,20 @@ def find_scaled_under_noise(tensors: Iterable[tuple[str, list[np.ndarray], list[
         count = len(ref_rows)
         if count < 2:
             continue
-        ks, norms, resid = np.ones(count), np.zeros(count), np.zeros(count)
-        for j, (r, s) in enumerate(zip(ref_rows, sus_rows)):
-            r64, s64 = r.astype(np.float64, copy=False), s.astype(np.float64, copy=False)  # read only
-            norm2 = float(r64 @ r64)
-            if not norm2 or r64.size < 2:  # an all-zero row has no scale
-                continue
-            k = float(r64 @ s64) / norm2
-            ks[j], norms[j] = k, math.sqrt(norm2)
-            e = s64 - k * r64
-            resid[j] = float(np.sqrt(e @ e / (r64.size - 1)))
+        if isinstance(ref_rows, np.ndarray) and isinstance(sus_rows, np.ndarray):  # rows of one width: at once
+            found_k, norms, resid, scaled = least_squares_rows(ref_rows, sus_rows)
+            ks = np.where(scaled, found_k, 1.0)  # an all-zero row has no scale
+        else:
+            ks, norms, resid = np.ones(count), np.zeros(count), np.zeros(count)
+            for j, (r, s) in enumerate(zip(ref_rows, sus_rows)):
+                r64, s64 = r.astype(np.float64, copy=False), s.astype(np.float64, copy=False)  # read only
+                norm2 = float(r64 @ r64)
+                if not norm2 or r64.size < 2:  # an all-zero row has no scale
+                    continue
+                k = float(r64 @ s64) / norm2
+                ks[j], norms[j] = k, math.sqrt(norm2)
+                e = s64 - k * r64
+                resid[j] = float(np.sqrt(e @ e / (r64.size - 1)))
         usable = norms > 0.1 * float(np.median(norms))
         if not np.any(usable):
             continue

@@ -25,6 +25,8 @@ import struct
 import zlib
 from typing import Any
 
+import numpy as np
+
 from onnxlady._audit._verdicts import AuditReport
 
 __all__ = ["render_html", "render_markdown"]
@@ -176,10 +178,44 @@ def _png(pixels: list[list[tuple[int, int, int]]]) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
 
+def _heatmap_png(rows: list[list[float]]) -> bytes:
+    """``_png([[_rgb(v) for v in row] for row in rows])``, the colours computed for all cells at once.
+
+    The same arithmetic as :func:`_rgb` elementwise (its ``int`` of a non-negative value is the
+    floor), hence the same bytes; a fifth of a small model's audit was that loop per pixel.
+    """
+    width = len(rows[0])
+    if any(len(row) != width for row in rows):
+        return _png([[_rgb(v) for v in row] for row in rows])
+    values = np.array(rows, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        v = np.where(np.isfinite(values), np.clip(values, -1.0, 1.0), 0.0)
+        positive = v >= 0
+        fade = np.floor(255 * np.where(positive, 1 - v, 1 + v)).astype(np.uint8)
+    pixels = np.empty((len(rows), width, 3), dtype=np.uint8)
+    pixels[..., 0] = np.where(positive, 255, fade)
+    pixels[..., 1] = fade
+    pixels[..., 2] = np.where(positive, fade, 255)
+    return _png_bytes(pixels)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    """:func:`_png` of an (height, width, 3) uint8 array."""
+    height, width = pixels.shape[:2]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    lines = np.zeros((height, 1 + 3 * width), dtype=np.uint8)  # each scanline starts with filter type 0
+    lines[:, 1:] = pixels.reshape(height, 3 * width)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(lines.tobytes(), 9)) + chunk(b"IEND", b"")
+
+
 def _heatmap(matrix: list[list[float]], title: str, px: int = 200) -> str:
     """A similarity matrix as an embedded PNG (one pixel per cell, scaled up without smoothing)."""
     rows = matrix if matrix and matrix[0] else [[0.0]]
-    image = base64.b64encode(_png([[_rgb(v) for v in row] for row in rows])).decode("ascii")
+    image = base64.b64encode(_heatmap_png(rows)).decode("ascii")
     label = html.escape(title)
     return (
         f"<figure class='heatmap'><figcaption>{label}</figcaption>"

@@ -79,6 +79,7 @@ from onnxlady._audit._forensics import (
 )
 from onnxlady._audit._lazy import LazyConstants, Overlay, constants_of, resynced_constants
 from onnxlady._audit._relatedness import check_related
+from onnxlady._audit._rowwise import cos_ratio_of, least_squares_rows, row_dots
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._files import copy_model
 from onnxlady._io._progress import say
@@ -305,12 +306,74 @@ def _row64(array: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
 def _cos_ratio(r: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
     """Cosine, norm ratio |s|/|r| and least-squares scale <r,s>/<r,r> of two rows."""
     nr, ns = float(np.linalg.norm(r)), float(np.linalg.norm(s))
-    if not nr and not ns:  # exact zeros: the divisions below need them excluded
-        return 1.0, 1.0, 1.0
-    if not nr or not ns:
-        return 0.0, (ns / nr if nr else float("inf")), 0.0
-    dot = float(np.dot(r, s))
-    return dot / (nr * ns), ns / nr, dot / (nr * nr)
+    return cos_ratio_of(nr, ns, float(np.dot(r, s)) if nr and ns else 0.0)
+
+
+#: Rows gathered into one matrix at a time: at most this many values (float64: 512 KiB).
+_BLOCK_VALUES = 1 << 16
+#: Rows of at least this many values are read one at a time: the per-row calls cost little
+#: beside the row's own work there, and the matrices of whole tensors would cost more.
+_WIDE_ROW = 1024
+
+
+def _row_width(use: _Use, array: np.ndarray) -> int | None:
+    """How many slices each neuron of ``use`` has, where its rows are read a block at a time.
+
+    That is where every neuron has the same number and their rows in ``array`` are narrow
+    (under :data:`_WIDE_ROW` values); None otherwise.
+    """
+    if not use.positions or not array.ndim or not array.shape[use.axis]:
+        return None
+    width = use.positions[0].size
+    if not width or any(pos.size != width for pos in use.positions):
+        return None
+    # Rows of one value stay per row too: np.dot of one-element vectors multiplies (a zero
+    # product keeps its sign), where BLAS's dot of longer rows sums from +0.
+    return width if 2 <= width * (array.size // array.shape[use.axis]) < _WIDE_ROW else None
+
+
+def _row_blocks(array: np.ndarray, use: _Use, width: int) -> Iterator[np.ndarray]:
+    """The neurons' rows of ``use`` in float64, a block of neurons at a time (a matrix, a row per neuron).
+
+    Row ``j`` of the blocks, in order, holds the values of ``_row64(array, use.axis,
+    use.positions[j])``, in the same order (see :func:`_picked_rows`); ``width`` from :func:`_row_width`.
+    """
+    step = max(1, _BLOCK_VALUES // (width * (array.size // array.shape[use.axis])))
+    for start in range(0, len(use.positions), step):
+        positions = use.positions[start : start + step]
+        taken = np.take(array, np.concatenate(positions), axis=use.axis)
+        # C order: each row contiguous, as the per-row copies were (BLAS's dot of strided
+        # vectors sums in another order).
+        yield np.moveaxis(taken, use.axis, 0).reshape(len(positions), -1).astype(np.float64, order="C")
+
+
+def _all_rows(array: np.ndarray, use: _Use, width: int) -> np.ndarray:
+    """Every neuron's row of ``use`` as one float64 matrix (:func:`_row_blocks` joined)."""
+    blocks = list(_row_blocks(array, use, width))
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
+def _cos_ratios(r_arr: np.ndarray, s_arr: np.ndarray, use: _Use) -> tuple[list[float], list[float], list[float]]:
+    """Per neuron of ``use``: :func:`_cos_ratio` of its rows in the two arrays, as three lists.
+
+    A block of rows at a time (the same dot products, see :mod:`onnxlady._audit._rowwise`).
+    """
+    width = _row_width(use, r_arr) if r_arr.shape == s_arr.shape else None
+    if width is None:
+        triples = [_cos_ratio(_row64(r_arr, use.axis, pos), _row64(s_arr, use.axis, pos)) for pos in use.positions]
+    else:
+        norms_r, norms_s, dots = [], [], []
+        for r, s in zip(_row_blocks(r_arr, use, width), _row_blocks(s_arr, use, width)):
+            norms_r.append(np.sqrt(row_dots(r, r)))
+            norms_s.append(np.sqrt(row_dots(s, s)))
+            dots.append(row_dots(r, s))
+        triples = [
+            cos_ratio_of(nr, ns, dot)
+            for nr, ns, dot in zip(
+                np.concatenate(norms_r).tolist(), np.concatenate(norms_s).tolist(), np.concatenate(dots).tolist()
+            )
+        ]
+    return [t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]
 
 
 @dataclass
@@ -424,12 +487,7 @@ def _scale_analysis(
             continue
         for prod in kinds["producer"]:
             r_arr, s_arr = ref[prod.source], work[prod.tensor]
-            cos, ratio, ks = [], [], []
-            for pos in prod.positions:
-                c, q, k = _cos_ratio(_row64(r_arr, prod.axis, pos), _row64(s_arr, prod.axis, pos))
-                cos.append(c)
-                ratio.append(q)
-                ks.append(k)
+            cos, ratio, ks = _cos_ratios(r_arr, s_arr, prod)
             flagged = []
             node = prod.node
             biases = [b for b in kinds["bias"] if b.node == node]
@@ -1149,7 +1207,7 @@ def _noisy_scales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus:
     uses = _group_uses(analysis, set(sus))
     producers: list[tuple[str, _Use, list[_Use]]] = []
 
-    def rows() -> Iterator[tuple[str, list[np.ndarray], list[np.ndarray]]]:
+    def rows() -> Iterator[tuple[str, list[np.ndarray] | np.ndarray, list[np.ndarray] | np.ndarray]]:
         # One producer's rows at a time: float64 copies of every weight at once were the
         # audit's peak memory (4x the model).
         for group in analysis.permutable_groups:
@@ -1161,6 +1219,10 @@ def _noisy_scales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus:
                 if r_arr is None or s_arr is None or r_arr.shape != s_arr.shape or np.array_equal(r_arr, s_arr):
                     continue
                 producers.append((group.id, prod, [b for b in kinds["bias"] if b.node == prod.node]))
+                width = _row_width(prod, r_arr)
+                if width is not None:  # one matrix per side, a row per neuron (read at once)
+                    yield str(len(producers) - 1), _all_rows(r_arr, prod, width), _all_rows(s_arr, prod, width)
+                    continue
                 yield (
                     str(len(producers) - 1),
                     [_rows(r_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions],
@@ -1199,16 +1261,24 @@ def _row_scales(r_arr: np.ndarray, s_arr: np.ndarray, use: _Use, size: int) -> t
     not widen it); a negligible slice (under a tenth of the median norm: a dead filter, whose
     scale is meaningless) has scale NaN.
     """
-    ks, norms, resid = np.full(size, np.nan), np.zeros(size), np.zeros(size)
-    for j in range(size):
-        r = _rows(r_arr, use.axis, use.positions[j]).astype(np.float64)
-        s = _rows(s_arr, use.axis, use.positions[j]).astype(np.float64)
-        norm2 = float(r @ r)
-        if not norm2 or r.size < 2:  # no scale to read from a zero slice
-            continue
-        ks[j], norms[j] = float(r @ s) / norm2, math.sqrt(norm2)
-        e = s - ks[j] * r
-        resid[j] = math.sqrt(float(e @ e) / (r.size - 1))
+    width = _row_width(use, r_arr) if len(use.positions) == size and r_arr.shape == s_arr.shape else None
+    if width is not None:  # a block of rows at a time: the same figures (see _rowwise)
+        parts = [least_squares_rows(r, s) for r, s in zip(_row_blocks(r_arr, use, width), _row_blocks(s_arr, use, width))]
+        usable_rows = np.concatenate([part[3] for part in parts])
+        ks = np.where(usable_rows, np.concatenate([part[0] for part in parts]), np.nan)  # no scale from a zero slice
+        norms = np.concatenate([part[1] for part in parts])
+        resid = np.concatenate([part[2] for part in parts])
+    else:
+        ks, norms, resid = np.full(size, np.nan), np.zeros(size), np.zeros(size)
+        for j in range(size):
+            r = _rows(r_arr, use.axis, use.positions[j]).astype(np.float64)
+            s = _rows(s_arr, use.axis, use.positions[j]).astype(np.float64)
+            norm2 = float(r @ r)
+            if not norm2 or r.size < 2:  # no scale to read from a zero slice
+                continue
+            ks[j], norms[j] = float(r @ s) / norm2, math.sqrt(norm2)
+            e = s - ks[j] * r
+            resid[j] = math.sqrt(float(e @ e) / (r.size - 1))
     usable = norms > 0
     usable &= norms > 0.1 * (float(np.median(norms[usable])) if np.any(usable) else 0.0)
     sigma = float(np.median(resid[usable])) if np.any(usable) else 0.0

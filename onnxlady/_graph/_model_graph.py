@@ -117,7 +117,8 @@ class _InitializerValues(dict):  # type: ignore[type-arg]
         return True
 
     def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name) or self._load(name)
+        # (asked for every node's output: _load is called only for a pending initializer)
+        return dict.__contains__(self, name) or (name in self._pending and self._load(name))
 
     def __missing__(self, name: str) -> np.ndarray:
         if self._load(name):
@@ -275,12 +276,17 @@ class ModelGraph:
         # Exporters emit sorted graphs; check cheaply and only sort with networkx when needed.
         seen = set(self.initializers) | {v.name for v in self.model.graph.input}
         in_order = True
-        for index in range(len(self.nodes)):
-            needed = self._node_inputs[index] + self.implicit_inputs.get(index, ())
-            if any(name and name not in seen for name in needed):
-                in_order = False
+        node_inputs, node_outputs, implicit = self._node_inputs, self._node_outputs, self.implicit_inputs
+        for index in range(len(self.nodes)):  # (plain loops: no generator per node)
+            for name in node_inputs[index] + implicit[index] if index in implicit else node_inputs[index]:
+                if name and name not in seen:
+                    in_order = False
+                    break
+            if not in_order:
                 break
-            seen.update(name for name in self._node_outputs[index] if name)
+            for name in node_outputs[index]:
+                if name:
+                    seen.add(name)
         if in_order:
             return list(range(len(self.nodes)))
         import networkx as nx
@@ -308,7 +314,8 @@ class ModelGraph:
         if infer:
             # Inference on the skeleton names unknown dims consistently; value_info written by
             # another tool (a quantizer's) may name the same dim differently at each tensor.
-            self._merge_infos(self._inferred_infos(self._skeleton()), prefer=True)
+            skeleton = self.model if self._is_own_skeleton() else self._skeleton()
+            self._merge_infos(self._inferred_infos(skeleton), prefer=True)
             if self._fold:
                 self._fold_shape_arithmetic()
                 self._infer_past_contrib()
@@ -337,16 +344,19 @@ class ModelGraph:
 
     def _merge_infos(self, infos: list[onnx.ValueInfoProto], *, prefer: bool = False) -> None:
         """Record the shapes and types of ``infos`` where they know more (or, with ``prefer``, as much)."""
-        initializers, shapes = self.initializers, self.shapes
+        initializers, shapes, dtypes, graph_inputs = self.initializers, self.shapes, self.dtypes, self.graph_inputs
         for info in infos:
             name = info.name  # each protobuf read makes a new string: read once
             type_proto = info.type
             if not type_proto.HasField("tensor_type") or name in initializers:
                 continue
             tensor_type = type_proto.tensor_type
-            self.dtypes.setdefault(name, tensor_type.elem_type)
+            if name not in dtypes:
+                dtypes[name] = tensor_type.elem_type
             if tensor_type.HasField("shape"):
-                shape = tuple([_dim(d) for d in tensor_type.shape.dim])
+                # _dim inlined (one call per dim of every tensor): a positive dim_value, else the
+                # dim_param (empty when unset), else unknown.
+                shape = tuple([v if (v := d.dim_value) > 0 else (d.dim_param or None) for d in tensor_type.shape.dim])
                 old = shapes.get(name)
                 if (
                     old is None
@@ -355,7 +365,7 @@ class ModelGraph:
                         prefer
                         and len(shape) == len(old)
                         and _known_count(shape) == _known_count(old)
-                        and name not in self.graph_inputs
+                        and name not in graph_inputs
                     )
                 ):
                     shapes[name] = shape
@@ -416,8 +426,13 @@ class ModelGraph:
             if _contrib_shapes.knows_operator(domain, op_type):
                 refined |= self._infer_contrib(node)
                 continue
-            if not default or all(_fully_static(shapes.get(name)) for name in outputs if name):
+            if not default:
                 continue
+            for name in outputs:  # (a loop, not all(): no generator per node)
+                if name and not _fully_static(shapes.get(name)):
+                    break
+            else:
+                continue  # every output's shape fully known
             feeds = [name for name in self._node_inputs[index] if name]
             # An output still unknown with every input known: inference on the skeleton stopped
             # before it (at an unknown operator) while value_info told the inputs' shapes.
@@ -555,6 +570,33 @@ class ModelGraph:
             name not in known for name in self.producer if name not in self.constant_nodes and name not in self.folded
         )
 
+    def _is_own_skeleton(self) -> bool:
+        """Whether the model is already what :meth:`_skeleton` would make of it, for inference.
+
+        So when it holds no large weight (nor one in an external file), no value_info, no
+        sparse initializer or training info, lists its nodes in order and has nothing folded
+        yet; and when :meth:`_inferred_infos` will not change it (no Loop to infer again with its
+        carried shapes) nor convert it (opset 15 or later). Inference then reads the model
+        itself, without copying every node and weight into a skeleton first.
+        """
+        model, graph = self.model, self.model.graph
+        if self.folded or model.ir_version < 4 or self.opsets.get("", 0) < 15:
+            return False
+        if len(graph.value_info) or len(graph.sparse_initializer) or len(model.training_info):
+            return False
+        if self.order != list(range(self.main_count)):
+            return False
+        if any(op == "Loop" for op, _ in self._node_ops):
+            return False
+        for tensor in graph.initializer:
+            if _element_count(tensor) > _SKELETON_KEEP_ELEMENTS or is_mapped(tensor):
+                return False
+        for index in self.constant_nodes.values():
+            value = _constant_attribute(self.nodes[index])
+            if isinstance(value, onnx.TensorProto) and _element_count(value) > _SKELETON_KEEP_ELEMENTS:
+                return False
+        return True
+
     def _skeleton(self) -> onnx.ModelProto:
         """The model without its large weights (they become typed inputs) for shape inference."""
         graph = self.model.graph
@@ -624,8 +666,8 @@ class ModelGraph:
             if name in self.constant_nodes:
                 return ConstantLeaf(name, tuple(reversed(chain)), self.constant_nodes[name])
             produced = self.producer.get(name)
-            if produced is None:
-                return None
+            if produced is None or self._node_ops[produced[0]][0] not in CHAIN_OPS:
+                return None  # (most tensors: computed by an operator that forwards no constant)
             data = self.chain_data_slot(produced[0])
             if data is None or not self.is_chain_node(produced[0]):
                 return None
@@ -716,6 +758,11 @@ class ModelGraph:
         Reshapes in a chain may only add or remove size-1 axes; anything else has no single
         leaf axis and the caller must not permute through it.
         """
+        leaf = self.constant_leaf(name)
+        if leaf is None:
+            return None
+        if not leaf.chain:  # a leaf read directly (most weights): its own axis
+            return axis
         walked = self._chain_axes(name, axis)
         return None if walked is None else walked[1]
 
@@ -793,7 +840,12 @@ class ModelGraph:
         return [Companion(index, other, node.input[other], other_axis, "mul factor")]
 
     def is_constant(self, name: str) -> bool:
-        return bool(name) and self.constant_leaf(name) is not None
+        if not name:
+            return False
+        leaf = self._leaves.get(name, _UNKNOWN)  # constant_leaf's memo, read here: rules ask for every input
+        if leaf is _UNKNOWN:
+            leaf = self.constant_leaf(name)
+        return leaf is not None
 
     def constant_derived(self, name: str) -> bool:
         """Whether ``name`` is computed, by main-graph nodes, from constants and folded values only.
@@ -805,12 +857,16 @@ class ModelGraph:
         if self._derived is None:
             derived: set[str] = set()
             folded, main_count, implicit = self.folded, self.main_count, self.implicit_inputs
+            is_constant, node_inputs, node_ops = self.is_constant, self._node_inputs, self._node_ops
             for index in self.order:
-                inputs = self._node_inputs[index]
-                if index >= main_count or index in implicit or self._node_ops[index][0] == "Constant" or not inputs:
+                inputs = node_inputs[index]
+                if index >= main_count or index in implicit or node_ops[index][0] == "Constant" or not inputs:
                     continue
-                if all(not n or n in derived or n in folded or self.is_constant(n) for n in inputs):
-                    derived.update(out for out in self._node_outputs[index] if out and not self.is_constant(out))
+                for n in inputs:  # (a loop, not all(): most nodes stop at their first input)
+                    if n and n not in derived and n not in folded and not is_constant(n):
+                        break
+                else:
+                    derived.update(out for out in self._node_outputs[index] if out and not is_constant(out))
             self._derived = derived
         return name in self._derived
 

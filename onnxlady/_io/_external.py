@@ -173,23 +173,48 @@ def map_external_data(
             ``onnx.load`` leaves it (a model written from it is then byte for byte what the
             loaded one gives); otherwise the field is cleared.
 
+    The names of the tensors read in are remembered by data file, so that
+    :func:`write_external` puts them back in the data file whatever their size.
+
     Raises:
         OnnxladyError: a tensor's data lies beyond the end of its file, or its length does not
             match its shape.
     """
+    read_in: dict[str, set[str]] = {_file_key(target): set() for target in targets.values()}
     for tensor in _main_tensors(model):
         if is_external(tensor):
-            _map_or_read(tensor, path, targets[tensor.name], subgraph=False, as_loaded=as_loaded)
+            target = targets[tensor.name]
+            if not _map_or_read(tensor, path, target, subgraph=False, as_loaded=as_loaded) and tensor.name:
+                read_in[_file_key(target)].add(tensor.name)
     for node in model.graph.node:
         for tensor in _subgraph_tensors(node):
             if is_external(tensor):
                 _map_or_read(tensor, path, targets[tensor.name], subgraph=True, as_loaded=as_loaded)
+    _READ_IN.update(read_in)
+
+
+#: By data file (resolved path): the names of the main-graph tensors :func:`map_external_data`
+#: read in from it (external in their file, though no longer mapped). A few names per file read.
+_READ_IN: dict[str, set[str]] = {}
+
+
+def _file_key(target: str | os.PathLike[str]) -> str:
+    return str(Path(target).resolve())
+
+
+def _read_in_names(model: onnx.ModelProto) -> set[str]:
+    """The tensors of ``model`` read in from the data files it still maps (external in the file it came from)."""
+    return set().union(*(_READ_IN.get(str(file), set()) for file in mapped_files(model)))
 
 
 def _map_or_read(
     tensor: onnx.TensorProto, path: str | os.PathLike[str], target: Path, *, subgraph: bool, as_loaded: bool = False
-) -> None:
-    """Point ``tensor`` at its data file by absolute path, or read it in (small, unmappable, in a subgraph)."""
+) -> bool:
+    """Point ``tensor`` at its data file by absolute path, or read it in (small, unmappable, in a subgraph).
+
+    Returns:
+        True when the tensor was mapped, False when it was read in.
+    """
     info = _info(tensor)
     offset = int(info.get("offset", "0"))
     size = os.stat(target).st_size
@@ -209,8 +234,9 @@ def _map_or_read(
         else:
             tensor.ClearField("data_location")
         tensor.raw_data = raw
-        return
+        return False
     _set_external(tensor, str(target), offset, length)
+    return True
 
 
 def _subgraph_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
@@ -304,14 +330,33 @@ _DATA_FIELDS = frozenset(
 )  # fmt: skip
 
 
-def _stored(tensor: onnx.TensorProto, override: Override | None, data: _DataFile) -> onnx.TensorProto:
-    """The tensor as the written model holds it: a header pointing into the data file, or inline."""
+def _stored(
+    tensor: onnx.TensorProto, override: Override | None, data: _DataFile, read_in: set[str] | None = None
+) -> onnx.TensorProto:
+    """The tensor as the written model holds it: a header pointing into the data file, or inline.
+
+    ``read_in`` is given for a model read from a file with external data (its large tensors
+    left mapped): each tensor goes back where that file kept it. Mapped ones and those read in
+    (named in ``read_in``) go to the data file whatever their size; the others, inline in that
+    file, stay inline (a Constant's value ``onnx.save`` never moves out, an initializer below the
+    threshold the file was saved with). Otherwise tensors from :data:`EXTERNAL_THRESHOLD` bytes
+    go to the data file.
+    """
     size = _nbytes(tensor)
     if tensor.data_type == onnx.TensorProto.STRING or size is None:
         if override is not None or is_mapped(tensor):
             raise OnnxladyError(f"tensor '{tensor.name}' cannot be written with external data (strings or packed)")
         return tensor  # kept as it is (onnx.save keeps strings inline too)
-    if size < EXTERNAL_THRESHOLD:
+    external = (is_mapped(tensor) or tensor.name in read_in) if read_in is not None else size >= EXTERNAL_THRESHOLD
+    if not external and read_in is not None:  # inline in the file the model was read from
+        if override is None:
+            return tensor
+        inline = _header(tensor)
+        inline.raw_data = _as_bytes(_tensor_data(tensor, override))
+        if tensor.HasField("data_location"):
+            inline.data_location = tensor.data_location
+        return inline
+    if not external:
         if override is None and not is_mapped(tensor):
             return tensor
         small = _header(tensor)
@@ -380,6 +425,8 @@ def write_external(
         OSError: a file cannot be written.
     """
     overrides = overrides or {}
+    # Read from a file with external data: each tensor goes back where that file kept it.
+    read_in = _read_in_names(model) if has_mapped(model) else None
     shell = onnx.ModelProto()
     for descriptor in model.DESCRIPTOR.fields:
         if descriptor.name != "graph":
@@ -392,7 +439,7 @@ def write_external(
         data = _DataFile(handle, location or data_path.name)
         # Initializers first, then Constant values: the order onnx.save writes the data file in.
         for tensor in graph.initializer:
-            shell.graph.initializer.append(_stored(tensor, overrides.get(tensor.name), data))
+            shell.graph.initializer.append(_stored(tensor, overrides.get(tensor.name), data, read_in))
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
                 copy = onnx.NodeProto()
@@ -405,7 +452,7 @@ def write_external(
                         for descriptor in attribute.DESCRIPTOR.fields:
                             if descriptor.name != "t":
                                 _copy_field(attribute, value, descriptor)
-                        value.t.CopyFrom(_stored(attribute.t, overrides.get(node.output[0]), data))
+                        value.t.CopyFrom(_stored(attribute.t, overrides.get(node.output[0]), data, read_in))
                         copy.attribute.append(value)
                     else:
                         copy.attribute.append(attribute)

@@ -5,7 +5,8 @@ reports and a canonicalized model) stages every file in a folder of its own besi
 (``.onnxlady-tmp-<pid>-<random>``, short whatever the targets' names), under the target's own
 name, so a staged model finds its staged external data. Only when every file was written and
 synced does :meth:`OutputSet.commit` write a journal (the commit point) and rename the files
-into place; the staging folder is then removed.
+into place; the staging folder is then removed. A set of one file needs no journal: its one
+rename is atomic, and is the commit point (two fsyncs: the file, then its folder).
 
 Every way out cleans up: an exception, ``KeyboardInterrupt`` or a ``SystemExit`` raised by a
 signal handler removes the staging folder. A run killed outright (SIGKILL, power loss) leaves
@@ -281,6 +282,7 @@ class OutputSet:
         self._folders: dict[Path, Path] = {}  # target folder -> its sub-folder in the staging folder
         self._entries: list[_Entry] = []
         self._digests: dict[Path, str] = {}
+        self._synced: set[Path] = set()  # staged files already synced when written (_write_file)
         self._closed = False
         #: What cleaning the target folders did (interrupted writes completed or removed).
         self.recovered: list[str] = []
@@ -374,6 +376,7 @@ class OutputSet:
         """
         staged = self.stage(target)
         self._guard(target, lambda: _write_file(staged, data))
+        self._synced.add(staged)
 
     def write_text(self, target: str | os.PathLike[str], text: str) -> None:
         """Stage ``text`` (UTF-8) as the content of ``target``."""
@@ -415,6 +418,7 @@ class OutputSet:
             else:
                 data = model.SerializeToString()  # protobuf's encoding: a model that round-trips keeps its bytes
                 self._guard(target, lambda: _write_file(staged, data))
+                self._synced.add(staged)
                 sha = hashlib.sha256(data).hexdigest() if digest else ""
                 del data
         else:
@@ -459,6 +463,9 @@ class OutputSet:
         if not self._entries:
             self.abort()
             return
+        if len(self._entries) == 1:
+            self._commit_one(self._entries[0])
+            return
         try:
             self._write_journal()
         except OSError as exc:
@@ -480,10 +487,31 @@ class OutputSet:
             raise OnnxladyError(f"{done[-1][0].shown}: cannot write ({_reason(exc)})") from exc
         self.abort()  # removes the (now empty) staging folders and the journal
 
+    def _commit_one(self, entry: _Entry) -> None:
+        """Commit a set of one file: synced, renamed into place, its folder synced (two fsyncs).
+
+        One rename is atomic by itself: no journal is needed (nor the staging folders synced
+        for it). A run killed before the rename leaves a staging folder without a journal, which
+        the next run into the folder removes; the target keeps its old content.
+        """
+        try:
+            if entry.staged not in self._synced:
+                _fsync_path(entry.staged)
+            os.replace(entry.staged, entry.target)
+            _fsync_folder(entry.target.parent)
+        except OSError as exc:
+            self.abort()
+            raise OnnxladyError(f"{entry.shown}: cannot write ({_reason(exc)})") from exc
+        except BaseException:
+            self.abort()
+            raise
+        self.abort()  # removes the (now empty) staging folder
+
     def _write_journal(self) -> None:
         assert self._primary is not None
         for entry in self._entries:
-            _fsync_path(entry.staged)
+            if entry.staged not in self._synced:  # (a file _write_file wrote is synced already)
+                _fsync_path(entry.staged)
         for staging in self._staging.values():
             for sub in staging.iterdir():
                 if sub.is_dir():

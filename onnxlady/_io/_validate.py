@@ -163,9 +163,12 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
         name = tensor.name
         if not name:
             raise OnnxladyError(f"{origin}: an initializer of {where} has no name")
-        if name in defined and defined[name] == "an initializer":
-            raise OnnxladyError(f"{origin}: initializer '{name}' is defined twice in {where}")
-        define(name, "an initializer")
+        if type(name) is str and len(name) <= MAX_NAME_BYTES and name not in defined:
+            defined[name] = "an initializer"  # the common case of define(), without its call
+        else:
+            if name in defined and defined[name] == "an initializer":
+                raise OnnxladyError(f"{origin}: initializer '{name}' is defined twice in {where}")
+            define(name, "an initializer")
         _check_tensor(tensor, f"initializer '{name}'", origin, limit)
         constants[name] = tensor
     for sparse in graph.sparse_initializer:
@@ -211,7 +214,12 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
                 subgraph_attributes.append(attribute)
         numeric = domain in _DEFAULT_DOMAINS and op_type in _NUMERIC_OPERATORS
         nodes.append((node, inputs, subgraph_attributes, op_type if numeric else None))
-    visible = outer | frozenset(defined)
+    # The main graph sees only its own names: they are looked up in ``defined`` itself, and the
+    # set of every visible name is made only for a subgraph (or where an enclosing scope adds some).
+    visible: Mapping[str, object] | frozenset[str] = outer | frozenset(defined) if outer else defined
+    nested: frozenset[str] | None = None
+    # Without a string constant, an operator outside the shape-checked ones has nothing to check.
+    strings = any(tensor.data_type == _T.STRING for tensor in constants.values())
     for node, inputs, attributes, numeric_op in nodes:
         for name in inputs:
             if name and name not in visible:
@@ -221,8 +229,10 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
         for attribute in attributes:
             for subgraph in _subgraphs(attribute):
                 label = _node_label(node)
-                _check_graph(subgraph, visible, origin, f"subgraph '{attribute.name}' of node {label}", limit)
-        if numeric_op is not None:
+                if nested is None:
+                    nested = visible if isinstance(visible, frozenset) else frozenset(visible)
+                _check_graph(subgraph, nested, origin, f"subgraph '{attribute.name}' of node {label}", limit)
+        if numeric_op is not None and (strings or numeric_op in _SHAPE_CHECKED_OPERATORS):
             _check_operator(node, numeric_op, inputs, constants, origin)
     for value in graph.output:
         _check_text(value.name, f"a graph output name of {where}", origin)
@@ -314,6 +324,15 @@ def _check_operator(
             raise OnnxladyError(f"{origin}: node {label} needs numbers, but its input '{tensor.name}' holds strings")
     if op not in _SHAPE_CHECKED_OPERATORS:
         return  # its constants' types are all there is to check
+    if op not in ("Conv", "ConvTranspose") and not any(name in constants for name in inputs if name):
+        return  # no constant operand: nothing of its shapes to check (Conv's group is checked anyway)
+    _check_operator_shapes(node, op, inputs, constants, origin)
+
+
+def _check_operator_shapes(
+    node: onnx.NodeProto, op: str, inputs: list[str], constants: Mapping[str, onnx.TensorProto], origin: str
+) -> None:
+    """The rank and length checks of :func:`_check_operator`, for an operator with a constant operand."""
 
     def constant(slot: int) -> onnx.TensorProto | None:
         if slot >= len(inputs) or not inputs[slot]:

@@ -435,7 +435,7 @@ def _large_layer_sums(weight: ProducerWeight, sign: np.ndarray) -> _Sums:
     s2 = np.einsum(f"{rows}->i", squares).astype(np.float64)
     s3 = np.einsum(f"{rows},{rows}->i", squares, matrix).astype(np.float64)
     s4 = np.einsum(f"{rows},{rows}->i", squares, squares).astype(np.float64)
-    peak = np.sqrt(squares.max(axis=1 - weight.neuron_axis).astype(np.float64))
+    peak = np.sqrt(_row_max(squares, weight.neuron_axis).astype(np.float64))
     rms = np.sqrt(s2 / k)
     inverse = _inverse(rms, rms.max(), sign)
     # Weighted by inverse / largest inverse (<= 1 / DEAD_NEURON): float32 cannot overflow.
@@ -448,6 +448,27 @@ def _large_layer_sums(weight: ProducerWeight, sign: np.ndarray) -> _Sums:
     toward = (direction / length if length > 0 else direction).astype(np.float32)
     cosine = np.einsum(f"{rows},j->i", matrix, toward).astype(np.float64) * inverse / math.sqrt(k)
     return _Sums(s1, s2, s3, s4, peak, inverse, cosine, direction, column_rms)
+
+
+#: Rows of at most this many inputs have their maximum taken input by input (:func:`_row_max`).
+_SHORT_ROW = 16
+
+
+def _row_max(squares: np.ndarray, neuron_axis: int) -> np.ndarray:
+    """Each neuron's largest value of ``squares`` (``([layers,] rows, inputs)``, neurons along ``neuron_axis``).
+
+    A maximum is exact whatever the order it is taken in, so short rows (a depthwise 3 x 3
+    convolution's 9 inputs) are reduced input by input, one vectorised ``np.maximum`` over every
+    neuron per input: numpy's reduction along a short last axis costs several times more. NaN
+    propagates either way.
+    """
+    axis = squares.ndim - 1 - neuron_axis
+    if neuron_axis == 0 and 0 < squares.shape[-1] <= _SHORT_ROW:
+        largest = squares[..., 0].copy()
+        for column in range(1, squares.shape[-1]):
+            np.maximum(largest, squares[..., column], out=largest)
+        return largest
+    return squares.max(axis=axis)
 
 
 def _euclidean(vector: np.ndarray) -> float:
@@ -470,7 +491,7 @@ def _stacked_layer_sums(weights: Sequence[ProducerWeight], sign: np.ndarray) -> 
     s2 = np.einsum(f"{rows}->bi", squares).astype(np.float64)
     s3 = np.einsum(f"{rows},{rows}->bi", squares, stack).astype(np.float64)
     s4 = np.einsum(f"{rows},{rows}->bi", squares, squares).astype(np.float64)
-    peak = np.sqrt(squares.max(axis=2 - first.neuron_axis).astype(np.float64))
+    peak = np.sqrt(_row_max(squares, first.neuron_axis).astype(np.float64))
     rms = np.sqrt(s2 / k)
     inverse = _inverse(rms, rms.max(axis=1, keepdims=True), sign.reshape(count, n))
     top = np.abs(inverse).max(axis=1)

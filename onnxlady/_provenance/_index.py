@@ -518,17 +518,19 @@ def _plan(
 
 #: A worker's task holds at most this many files and this many bytes of them (a file larger
 #: than that goes alone): small files are fingerprinted together (see
-#: :func:`~onnxlady._provenance._read.fingerprint_files`), and a pool still gets several tasks
-#: per worker to balance.
-_TASK_FILES = 64
+#: :func:`~onnxlady._provenance._read.fingerprint_files`: the more files a task holds, the
+#: fewer numpy calls each costs), and a pool still gets several tasks per worker to balance.
+_TASK_FILES = 256
 _TASK_BYTES = 16 << 20
-#: Tasks per worker a build aims at (when there are files enough).
+#: Tasks per worker a pool aims at (when there are files enough); a build without a pool
+#: (one worker) has nothing to balance and makes its tasks as large as the limits allow.
 _TASKS_PER_WORKER = 4
 
 
 def _batches(todo: list[_Task], workers: int) -> list[list[_Task]]:
     """``todo`` in tasks for ``workers`` workers: consecutive files up to :data:`_TASK_FILES` / :data:`_TASK_BYTES`."""
-    per_task = max(1, min(_TASK_FILES, -(-len(todo) // (workers * _TASKS_PER_WORKER))))
+    wanted = 1 if workers == 1 else workers * _TASKS_PER_WORKER
+    per_task = max(1, min(_TASK_FILES, -(-len(todo) // wanted)))
     batches: list[list[_Task]] = []
     current: list[_Task] = []
     size = 0

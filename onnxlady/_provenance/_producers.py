@@ -643,6 +643,8 @@ class WeightGraph:
         self.order = list(range(len(self.nodes)))
         self._values: dict[str, np.ndarray | None] = {}
         self._declared: dict[str, tuple[int | str | None, ...]] | None = None
+        self._infos: dict[str, list[onnx.ValueInfoProto]] | None = None
+        self._headers: dict[str, tuple[str, tuple[int, ...]] | None] = {}
 
     # -- constants ---------------------------------------------------------------------------
     def constant_value(self, name: str) -> np.ndarray | None:
@@ -781,27 +783,35 @@ class WeightGraph:
 
     def float_constant(self, name: str) -> bool:
         """A constant whose values are real numbers (find_units' ``_float_constant``)."""
-        stored = self._stored_kind(name)
+        stored = self._stored(name)
         if stored is not None:
-            return stored == "f"
+            return stored[0] == "f"
         value = self.constant_value(name) if name else None
         return value is not None and value.dtype.kind == "f"
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant (the chains read here keep shapes)."""
-        if self._stored_kind(name) is not None:
-            return tuple(int(d) for d in self.initializers[name].dims)
+        stored = self._stored(name)
+        if stored is not None:
+            return stored[1]
         value = self.constant_value(name) if name else None
         return None if value is None else tuple(int(d) for d in value.shape)
 
-    def _stored_kind(self, name: str) -> str | None:
-        """The numpy kind of an initializer not read yet, from its declared type (None otherwise).
+    def _stored(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        """The numpy kind and shape of a plain-typed initializer, from its header (None otherwise).
 
         Type and shape questions about a bias or a weight's operand are answered from the
-        tensor's header, so a bias the fingerprint never reads is never converted.
+        tensor's header, so a bias the fingerprint never reads is never converted; its value,
+        once read, has that kind and shape (:func:`_initializer_array`). Each header is read once:
+        units ask about a tensor several times.
         """
-        tensor = self.initializers.get(name) if name not in self._values else None
-        return None if tensor is None else _KINDS.get(tensor.data_type)
+        if name in self._headers:
+            return self._headers[name]
+        tensor = self.initializers.get(name)
+        kind = None if tensor is None else _KINDS.get(tensor.data_type)
+        header = None if tensor is None or kind is None else (kind, tuple(int(d) for d in tensor.dims))
+        self._headers[name] = header
+        return header
 
     def declared_shapes(self) -> dict[str, tuple[int | str | None, ...]]:
         """Shapes the graph declares: inputs, outputs, value_info, the best known of each name.
@@ -821,9 +831,28 @@ class WeightGraph:
         return self._declared
 
     def rank(self, name: str) -> int | None:
-        """A tensor's rank from the graph's declared shapes."""
-        shape = self.declared_shapes().get(name)
-        return None if shape is None else len(shape)
+        """A tensor's rank from the graph's declared shapes (the shape :meth:`declared_shapes` keeps).
+
+        Only the declarations of ``name`` are read: a Gemm asks for its output's rank, and
+        converting every declared shape of a graph (a transformer declares one per tensor) cost
+        more than the rest of its producers.
+        """
+        if self._declared is not None:
+            shape = self._declared.get(name)
+            return None if shape is None else len(shape)
+        if name in self.initializers:
+            return None  # declared_shapes leaves initializers out
+        if self._infos is None:
+            self._infos = {}
+            for info in (*self.graph.input, *self.graph.output, *self.graph.value_info):
+                self._infos.setdefault(info.name, []).append(info)
+        best: tuple[int | str | None, ...] | None = None
+        for info in self._infos.get(name, ()):
+            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+                shape = tuple(_dim(d) for d in info.type.tensor_type.shape.dim)
+                if best is None or _known(shape) > _known(best):
+                    best = shape
+        return None if best is None else len(best)
 
     # -- units, as find_units finds them -----------------------------------------------------
     def units(self) -> dict[int, Unit]:
@@ -924,7 +953,7 @@ class WeightGraph:
         parts = [self.constant_value(name) for name in node.input[1:5]]
         if len(parts) < 4 or any(part is None for part in parts):
             return None
-        gamma, _, _, var = (np.asarray(part, dtype=np.float64) for part in parts)
+        gamma, var = np.asarray(parts[0], dtype=np.float64), np.asarray(parts[3], dtype=np.float64)
         eps = float(node_attribute(node, "epsilon", 1e-5))
         return gamma / np.sqrt(var + eps)
 

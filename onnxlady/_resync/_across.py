@@ -44,8 +44,18 @@ from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync import _solver as solver
+from onnxlady._resync._invariants import sharing_scratch
 from onnxlady._resync._match import ModelMatch, Unit, analyze_with_state, check_same_model, match_analyses
-from onnxlady._resync._sites import Operand, Site, place_operand, post_affine, read_operand, stored_operand
+from onnxlady._resync._sites import (
+    Operand,
+    Site,
+    input_scalar,
+    place_operand,
+    post_affine,
+    read_operand,
+    reading_once,
+    stored_operand,
+)
 from onnxlady._resync._values import Approx, read_constant
 from onnxlady._resync._values import half_ulp as _half_ulp
 from onnxlady._transforms._key import PermutationKey, graph_fingerprint
@@ -139,11 +149,13 @@ def unit_bias(graph: ModelGraph, unit: Unit, size: int, fold: bool = True) -> Ap
 
 # -- the reference's planned tensors in the common form ---------------------------------------
 def _fold_weight(weight: Approx, bn: _BatchNorm) -> Approx:
-    """A canonical weight (neurons on axis 0) with its BatchNorm folded in."""
+    """A canonical weight (neurons on axis 0) with its BatchNorm folded in (a bound if it has one)."""
     rank = weight.value.ndim
     scale = _along(bn.scale.value, 0, rank)
-    scale_error = _along(bn.scale.error, 0, rank)
     folded = weight.value * scale
+    if not weight.bounded:
+        return Approx(folded)
+    scale_error = _along(bn.scale.error, 0, rank)
     # Plus what a converter folding in float32 may add to its stored product (one rounding).
     error = weight.error * np.abs(scale) + np.abs(weight.value) * scale_error + _FOLD_ROUNDING * np.abs(folded)
     return Approx(folded, error)
@@ -160,12 +172,13 @@ def _fold_bias(bias: Approx, bn: _BatchNorm) -> Approx:
     return Approx(value, error)
 
 
-def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool) -> Approx | None:
+def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool, bounds: bool = True) -> Approx | None:
     """One operand of a site in canonical layout, in the form both models share.
 
     With ``fold``, a unit's weight and bias are read with its BatchNorm folded in (and its
     BatchNorm's own parameters have no counterpart, except its beta standing for a missing
-    bias); without, everything as stored. A unit without a bias reads zeros.
+    bias); without, everything as stored. A unit without a bias reads zeros. Without
+    ``bounds`` the value carries no bound (the same numbers, a whole array less per weight).
     """
     weight = site.operand("weight")
     size = weight.shape[0] if weight is not None else 0
@@ -178,23 +191,26 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool) -> Approx 
         return None
     if role == "weight":
         assert weight is not None
-        value = read_operand(graph, weight)
+        value = read_operand(graph, weight, bounds)
         value = _fold_weight(value, bn) if value is not None and bn is not None else value
         if value is not None and post is not None:
             rank = value.value.ndim
             factor, factor_error = _along(post[0].value, 0, rank), _along(post[0].error, 0, rank)
             product = value.value * factor
-            error = value.error * np.abs(factor) + np.abs(value.value) * factor_error
-            if post[0].value.size > 1:  # folded per channel, like a BatchNorm: one float32 rounding
-                error = error + _FOLD_ROUNDING * np.abs(product)
-            value = Approx(product, error)
+            if not value.bounded:
+                value = Approx(product)
+            else:
+                error = value.error * np.abs(factor) + np.abs(value.value) * factor_error
+                if post[0].value.size > 1:  # folded per channel, like a BatchNorm: one float32 rounding
+                    error = error + _FOLD_ROUNDING * np.abs(product)
+                value = Approx(product, error)
         return value
     operand = site.operand(role)
     if role == "bias" and weight is not None:
         if operand is None:
             bias: Approx | None = Approx(np.zeros(size), np.zeros(size))
         else:
-            bias = read_operand(graph, operand)
+            bias = read_operand(graph, operand, bounds)
         bias = _fold_bias(bias, bn) if bias is not None and bn is not None else bias
         if bias is not None and post is not None:
             scale, shift = post
@@ -206,8 +222,8 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool) -> Approx 
         return bias
     if role.startswith("bn"):
         if bn is not None:  # folded: only beta, standing for a missing bias, has a counterpart
-            return _site_value(graph, site, "bias", fold) if role == "bn2" and site.operand("bias") is None else None
-    return read_operand(graph, operand) if operand is not None else None
+            return _site_value(graph, site, "bias", fold, bounds) if role == "bn2" and site.operand("bias") is None else None
+    return read_operand(graph, operand, bounds) if operand is not None else None
 
 
 def _partner_role(site: Site, role: str, fold: bool) -> str:
@@ -227,12 +243,18 @@ class _Pairing:
     reference: list[Approx | None]
     suspect: list[Approx | None]
     dropped: list[str]  # reference tensors with no counterpart (left out of the signatures)
+    #: Per plan, its use read again for bounds and reports (None where not compared): kept apart
+    #: from the values, which are freed once the solver is done with them.
+    readers: list[_PlanReader | None] = field(default_factory=list)
 
 
-def _pair_use(match: ModelMatch, entries: list[tuple[Site, Operand]]) -> tuple[Approx, Approx] | None:
+def _pair_use(
+    match: ModelMatch, entries: list[tuple[Site, Operand]], bounds: bool = True
+) -> tuple[Approx, Approx] | None:
     """Both models' values of one reference use, or None when a part has no counterpart.
 
-    All its operands, blocks assembled, in the layout the reference's node reads it.
+    All its operands, blocks assembled, in the layout the reference's node reads it; without
+    ``bounds``, the values alone (the same numbers: whether a use pairs never depends on them).
     """
     ref, sus = match.reference.graph, match.suspect.graph
     shape = entries[0][1].read_shape
@@ -248,10 +270,12 @@ def _pair_use(match: ModelMatch, entries: list[tuple[Site, Operand]]) -> tuple[A
             return None
         if role == "post" and partner.operand("post") is None:  # a per-channel scale folded away
             return None
-        mine = _site_value(ref, site, operand.role, fold)
-        theirs = _site_value(sus, partner, role, fold)
+        mine = _site_value(ref, site, operand.role, fold, bounds)
+        theirs = _site_value(sus, partner, role, fold, bounds)
         if mine is None or theirs is None or mine.value.shape != theirs.value.shape:
             return None
+        if operand.role == "weight":
+            mine, theirs = _scalar_moved_in(ref, site, mine, sus, partner, theirs)
         values.append((operand, mine, theirs))
     if len(values) == 1:  # one operand read whole (the usual case): no zeroed arrays to fill
         operand, mine, theirs = values[0]
@@ -259,7 +283,9 @@ def _pair_use(match: ModelMatch, entries: list[tuple[Site, Operand]]) -> tuple[A
         if whole_mine is not None and whole_theirs is not None:
             return whole_mine, whole_theirs
     # Reference value and error, suspect value and error, scratch; and what the parts cover.
-    arrays = [np.zeros(shape) for _ in range(5)]
+    # Without bounds, the errors go to the scratch array (they read zeros).
+    scratch = np.zeros(shape)
+    arrays = [np.zeros(shape) if bounds or number % 2 == 0 else scratch for number in range(4)] + [scratch]
     covered = np.zeros(shape)
     for operand, mine, theirs in values:
         place_operand(operand, mine, arrays[0], arrays[1])
@@ -267,7 +293,44 @@ def _pair_use(match: ModelMatch, entries: list[tuple[Site, Operand]]) -> tuple[A
         place_operand(operand, Approx(np.ones(mine.value.shape), np.zeros(mine.value.shape)), covered, arrays[4])
     if not covered.all():
         return None
+    if not bounds:
+        return Approx(arrays[0]), Approx(arrays[2])
     return Approx(arrays[0], arrays[1]), Approx(arrays[2], arrays[3])
+
+
+#: A scalar before one model's layer counts as folded into the other's weight when the weights'
+#: norms differ by it within this relative tolerance (and are farther from equal).
+_FOLDED_SCALAR_TOLERANCE = 1e-2
+
+
+def _scalar_moved_in(
+    ref: ModelGraph, site: Site, mine: Approx, sus: ModelGraph, partner: Site, theirs: Approx
+) -> tuple[Approx, Approx]:
+    """Both weights as the layers compute, where one model folded the scalar before its layer into it.
+
+    onnx-simplifier removes GELU's trailing ``Mul 0.5`` and multiplies the next layer's weight by
+    it; ONNX Runtime's Gelu fusion removes the Mul and keeps the weight. Which one happened is read
+    from the weights' norms (order-free: the suspect may be permuted): the side that kept the Mul
+    has its weight scaled by it only when the other's norm is that much apart.
+    """
+    mine_factor, theirs_factor = input_scalar(ref, site), input_scalar(sus, partner)
+    if (mine_factor is None) == (theirs_factor is None):
+        return mine, theirs
+    mine_norm, theirs_norm = float(np.linalg.norm(mine.value)), float(np.linalg.norm(theirs.value))
+    if not (mine_norm > 0.0 and theirs_norm > 0.0):
+        return mine, theirs
+    if mine_factor is not None:
+        expected = abs(mine_factor)
+    else:
+        assert theirs_factor is not None
+        expected = 1.0 / abs(theirs_factor)
+    ratio = theirs_norm / mine_norm
+    if abs(ratio / expected - 1.0) > _FOLDED_SCALAR_TOLERANCE or abs(ratio - 1.0) <= abs(ratio / expected - 1.0):
+        return mine, theirs
+    if mine_factor is not None:
+        return mine.scaled(mine_factor), theirs
+    assert theirs_factor is not None
+    return mine, theirs.scaled(theirs_factor)
 
 
 def _operands_by_use(sites: Iterable[Site]) -> dict[tuple[int, int], list[tuple[Site, Operand]]]:
@@ -279,40 +342,86 @@ def _operands_by_use(sites: Iterable[Site]) -> dict[tuple[int, int], list[tuple[
     return by_use
 
 
+class _PlanReader:
+    """One plan's use, read again when asked for: both models' values with their bounds.
+
+    The resync reads values alone; a bound is needed only where ties are broken by storage
+    error, and by the audit, which also reads the values again once the resync has let its
+    arrays go. Reading the plan's use again gives what an eager read would have: the same code
+    on the same constants (whether a use pairs never depends on its bounds).
+    """
+
+    def __init__(self, match: ModelMatch, entries: list[tuple[Site, Operand]], shape: tuple[int, ...] | None) -> None:
+        self._match = match
+        self._entries = entries
+        self._shape = shape  # the plan's shape, None to keep the read one (MatMulNBits)
+        self._made: dict[str, np.ndarray] = {}
+
+    def read(self) -> tuple[Approx, Approx]:
+        """Both models' values and bounds, in the plan's layout (the suspect in its own order)."""
+        values = _pair_use(self._match, self._entries)
+        assert values is not None, "a use that paired without its bounds pairs with them"
+        mine, theirs = values
+        if self._shape is not None:
+            mine, theirs = mine.reshaped(self._shape), theirs.reshaped(self._shape)
+        return mine, theirs
+
+    def _take(self, which: str) -> np.ndarray:
+        if which not in self._made:
+            mine, theirs = self.read()
+            self._made = {"reference": mine.error, "suspect": theirs.error}
+        return self._made.pop(which)
+
+    def reference(self) -> np.ndarray:
+        """The reference's bound, in the plan's layout."""
+        return self._take("reference")
+
+    def suspect(self) -> np.ndarray:
+        """The suspect's bound, in the plan's layout (the suspect's own order)."""
+        return self._take("suspect")
+
+
 def _pair_plans(match: ModelMatch) -> _Pairing:
+    """Both models' values per reference plan, their bounds made when first read (:class:`_PlanReader`)."""
     ref = match.reference
     holders = tensor_holders(ref.graph.model)
     by_use = _operands_by_use(match.reference_sites)
     references: list[Approx | None] = []
     suspects: list[Approx | None] = []
     dropped: list[str] = []
+    plan_bounds: list[_PlanReader | None] = []
     for plan in ref.tensors:
         shape = tuple(int(d) for d in holders[plan.source].dims)
         size = int(np.prod(shape)) if shape else 1
         found: tuple[Approx, Approx] | None = None
+        bounds: _PlanReader | None = None
         for use in plan.uses:
             entries = by_use.get(use)
             if not entries:
                 continue
-            values = _pair_use(match, entries)
+            values = _pair_use(match, entries, bounds=False)
             if values is None:
                 continue
             mine, theirs = values
             if entries[0][1].nbits:  # dequantized: [N, blocks, bytes, values per byte], B's axes first
-                found = (mine, theirs)
+                bounds = _PlanReader(match, entries, None)
             elif mine.value.size == size:
-                found = (mine.reshaped(shape), theirs.reshaped(shape))
+                mine, theirs = mine.reshaped(shape), theirs.reshaped(shape)
+                bounds = _PlanReader(match, entries, shape)
             else:
                 continue
+            found = (Approx(mine.value, bound=bounds.reference), Approx(theirs.value, bound=bounds.suspect))
             break
         if found is None:
             dropped.append(plan.source)
             references.append(None)
             suspects.append(None)
+            plan_bounds.append(None)
         else:
             references.append(found[0])
             suspects.append(found[1])
-    return _Pairing(references, suspects, dropped)
+            plan_bounds.append(bounds)
+    return _Pairing(references, suspects, dropped, plan_bounds)
 
 
 def pair_unplanned(match: ModelMatch) -> dict[str, tuple[Approx, Approx]]:
@@ -349,7 +458,7 @@ class AcrossResync:
 
     match: ModelMatch
     compared: list[int]  # reference plans compared (the others had no counterpart)
-    reference: list[Approx | None]
+    reference: Sequence[Approx | None]
     suspect_aligned: Sequence[Approx | None]  # the suspect's values in the reference's order
     suspect_before: Sequence[Approx | None]  # the suspect's values in its own order
     dropped: list[str] = field(default_factory=list)
@@ -379,13 +488,13 @@ class _State(solver.ResyncState):
     """The solver's state, with the suspect's error bounds moved along with its values.
 
     Each solve's re-ordering of a plan is composed into one index per axis (``moves``): the
-    bounds stay in the suspect's order and are moved only when read (:meth:`aligned_error`: ties,
-    the audit), and the suspect's values in its own order are the aligned ones moved back
-    (:meth:`original_value`), so a resync alone copies neither.
+    bounds stay in the suspect's order and are moved only when read (:meth:`aligned_error`:
+    ties), and what the resync reports is read again and moved by them (:class:`_Readings`), so
+    a resync alone copies neither and keeps no array once solved.
     """
 
-    errors: list[np.ndarray] = field(default_factory=list)  # in the suspect's order
-    reference_errors: list[np.ndarray] = field(default_factory=list)
+    errors: Sequence[np.ndarray] = field(default_factory=list)  # in the suspect's order
+    reference_errors: Sequence[np.ndarray] = field(default_factory=list)
     #: Per plan, per axis: the index taking the suspect's order to the current one.
     moves: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
 
@@ -403,13 +512,6 @@ class _State(solver.ResyncState):
         array = self.errors[plan_index]
         for axis, idx in self.moves.get(plan_index, {}).items():  # takes along distinct axes commute
             array = np.take(array, idx, axis=axis)
-        return array
-
-    def original_value(self, plan_index: int) -> np.ndarray:
-        """The suspect's values of a plan in its own order: the current ones moved back."""
-        array = self.work[plan_index]
-        for axis, idx in self.moves.get(plan_index, {}).items():
-            array = np.take(array, np.argsort(idx), axis=axis)
         return array
 
     def exact_match(
@@ -430,21 +532,15 @@ class _State(solver.ResyncState):
             return None
         n = self.analysis.group(gid).size
 
-        def rows(arrays: list[np.ndarray]) -> np.ndarray:
+        def rows(arrays: Sequence[np.ndarray] | dict[int, np.ndarray]) -> np.ndarray:
             return np.concatenate([solver.gather_block(arrays[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
 
         ref, ref_error = rows(self.reference), rows(self.reference_errors)
-        errors = list(self.errors)
-        for plan in {piece.plan for piece in pieces}:
-            errors[plan] = self.aligned_error(plan)
+        errors = {plan: self.aligned_error(plan) for plan in {piece.plan for piece in pieces}}
         sus, sus_error = rows(self.work), rows(errors)
         candidates = step[ambiguous]  # the others keep the neurons the similarity gave them
-        fits = np.stack(
-            [
-                np.all(np.abs(sus[candidates] - ref[j]) <= sus_error[candidates] + ref_error[j], axis=1)
-                for j in ambiguous
-            ]
-        )
+        sus, sus_error = sus[candidates], sus_error[candidates]  # gathered once, not per neuron
+        fits = np.stack([np.all(np.abs(sus - ref[j]) <= sus_error + ref_error[j], axis=1) for j in ambiguous])
         # A bijection inside the fits, keeping the similarity's choice where it fits: neurons
         # fitting each other both ways are the same within storage error, interchangeable.
         cost = np.where(fits, 1.0, float(ambiguous.size + 1))
@@ -458,21 +554,78 @@ class _State(solver.ResyncState):
         return chosen
 
 
-class _Suspect(Sequence[Approx | None]):
-    """The suspect's values per reference plan (None where not compared), aligned or not.
+class _Bounds(Sequence[np.ndarray]):
+    """Per plan, a bound made by its function when first read, then kept; empty where none."""
 
-    ``aligned``: in the reference's order, else in the suspect's own. Each is made when read
-    (see :class:`_State`): a resync alone never needs them.
-    """
-
-    def __init__(self, state: _State, kept: set[int], count: int, aligned: bool) -> None:
-        self._state = state
-        self._kept = kept
-        self._count = count
-        self._aligned = aligned
+    def __init__(self, makers: list[Callable[[], np.ndarray] | None]) -> None:
+        self._makers = makers
+        self._made: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._makers)
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, index: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(index, slice):
+            return [self[number] for number in range(len(self._makers))[index]]
+        number = range(len(self._makers))[index]  # IndexError past the end, as a list
+        if number not in self._made:
+            maker = self._makers[number]
+            self._made[number] = maker() if maker is not None else np.zeros(0)
+        return self._made[number]
+
+
+def _moved(array: np.ndarray, moves: dict[int, np.ndarray]) -> np.ndarray:
+    """``array`` (a plan in the suspect's order) in the aligned order: the composed takes."""
+    for axis, idx in moves.items():  # takes along distinct axes commute
+        array = np.take(array, idx, axis=axis)
+    return array
+
+
+class _Readings:
+    """What the resync compared, per reference plan, read again when asked for.
+
+    The reference's values, the suspect's in its own order ("before") and in the reference's
+    ("aligned": moved by the solver's composed re-orderings), each with its bound. Nothing is
+    kept but the last plan read (the audit asks for the three of one plan in a row): the resync
+    lets its arrays go before it writes its output.
+    """
+
+    def __init__(self, readers: list[_PlanReader | None], moves: dict[int, dict[int, np.ndarray]]) -> None:
+        self.readers = readers
+        self.moves = moves
+        self._last: tuple[int, Approx, Approx] | None = None
+
+    def get(self, number: int, which: str) -> Approx | None:
+        """``which`` (``reference``, ``before`` or ``aligned``) of plan ``number``; None where not compared."""
+        reader = self.readers[number]
+        if reader is None:
+            return None
+        if self._last is None or self._last[0] != number:
+            self._last = (number, *reader.read())
+        _, mine, theirs = self._last
+        if which == "reference":
+            return mine
+        if which == "before":
+            return theirs
+        moves = self.moves.get(number, {})
+        return Approx(_moved(theirs.value, moves), _moved(theirs.full_error(), moves))
+
+
+class _Plans(Sequence[Approx | None]):
+    """One of :class:`_Readings`' lists (None where a plan is not compared), read when indexed."""
+
+    def __init__(self, readings: _Readings, which: str) -> None:
+        self._readings = readings
+        self._which = which
+
+    def __len__(self) -> int:
+        return len(self._readings.readers)
 
     @overload
     def __getitem__(self, index: int) -> Approx | None: ...
@@ -482,13 +635,9 @@ class _Suspect(Sequence[Approx | None]):
 
     def __getitem__(self, index: int | slice) -> Approx | list[Approx | None] | None:
         if isinstance(index, slice):
-            return [self[number] for number in range(self._count)[index]]
-        number = range(self._count)[index]  # IndexError past the end, as a list
-        if number not in self._kept:
-            return None
-        if self._aligned:
-            return Approx(self._state.work[number], self._state.aligned_error(number))
-        return Approx(self._state.original_value(number), self._state.errors[number])
+            return [self[number] for number in range(len(self))[index]]
+        number = range(len(self))[index]  # IndexError past the end, as a list
+        return self._readings.get(number, self._which)
 
 
 #: Ties broken by storage error in one group, at most (each costs a pass over their signatures).
@@ -543,14 +692,15 @@ def resync_across(
     solver.say(progress, "resync: the suspect is not a twin of the reference; matching across conversions")
     ref_analysis = analyze_with_state(reference, true_key) if ref_analysis is None else ref_analysis
     sus_analysis = analyze_with_state(suspect, true_key) if sus_analysis is None else sus_analysis
-    match = match_analyses(ref_analysis, sus_analysis)
-    # A converter keeps every weight: where most do not pair, these are different models.
-    check_same_model(match)
-    # Solved wherever the reference can move a paired group (written where the suspect can too).
-    if not any(ref_analysis.group(pair.reference).permutable for pair in match.groups):
-        raise OnnxladyError("suspect and reference structures cannot be matched: no permutable group pairs")
-    true_perms = _true_perms(match, true_key)
-    pairing = _pair_plans(match)
+    with reading_once(), sharing_scratch():  # the signatures' reads are the solver's
+        match = match_analyses(ref_analysis, sus_analysis)
+        # A converter keeps every weight: where most do not pair, these are different models.
+        check_same_model(match)
+        # Solved wherever the reference can move a paired group (written where the suspect can too).
+        if not any(ref_analysis.group(pair.reference).permutable for pair in match.groups):
+            raise OnnxladyError("suspect and reference structures cannot be matched: no permutable group pairs")
+        true_perms = _true_perms(match, true_key)
+        pairing = _pair_plans(match)
     kept = {number for number, value in enumerate(pairing.reference) if value is not None}
     for values, which in ((pairing.reference, "reference"), (pairing.suspect, "suspect")):
         for number in kept:
@@ -577,14 +727,17 @@ def resync_across(
         reference=[value.value if value is not None else empty for value in pairing.reference],
         work=[value.value if value is not None else empty for value in pairing.suspect],
         options=options,
-        errors=[value.error if value is not None else empty for value in pairing.suspect],
-        reference_errors=[value.error if value is not None else empty for value in pairing.reference],
+        # Made when first read (ties, the audit): a resync alone reads none.
+        errors=_Bounds([reader.suspect if reader is not None else None for reader in pairing.readers]),
+        reference_errors=_Bounds([reader.reference if reader is not None else None for reader in pairing.readers]),
     )
-    # The state holds the suspect's arrays now: each value read is freed once moved (the report's
-    # "before" is the moved one moved back, see _Suspect).
-    count = len(pairing.suspect)
+    # The state holds both models' arrays now: each suspect value read is freed once moved, and
+    # all once solved (what is reported is read again, see _Readings).
+    readers, dropped = pairing.readers, pairing.dropped
+    pairing.reference.clear()  # in place: the lists checked above are the same
     pairing.suspect.clear()
-    approx = None
+    del pairing
+    approx = None  # the last value checked: freed with the rest once moved
     rounds = state.run(progress)
     rounds += _settle_ties(state, progress)
     tally = solver.PsiTally()
@@ -597,8 +750,10 @@ def resync_across(
             tally.hits_distinguishable += fixed
             tally.total_distinguishable += perm.size
     solver.say(progress, "resync: re-ordering the suspect in its own form")
-    pairs = {gid: match.suspect_group(gid) for gid in state.match}
-    perms = {pair.suspect: state.match[gid] for gid, pair in pairs.items() if pair is not None and pair.permutable}
+    matches, readings = dict(state.match), _Readings(readers, state.moves)
+    del state  # its arrays go before the output is made (what is reported is read again)
+    pairs = {gid: match.suspect_group(gid) for gid in matches}
+    perms = {pair.suspect: matches[gid] for gid, pair in pairs.items() if pair is not None and pair.permutable}
     unwritten = sorted(gid for gid, pair in pairs.items() if pair is not None and not pair.permutable)
     mirrored_groups = {} if mirrored else _solve_mirrored(match, reference, suspect, options, progress)
     suspect_truth = _true_suspect_perms(match, true_key) if mirrored_groups else {}
@@ -621,10 +776,9 @@ def resync_across(
             report = replace(report, psi=solver.percent(hits, perm.size), psi_distinguishable=solver.percent(hits, perm.size))
         groups.append(replace(report, id=f"{ref_gid or sus_gid} (solved in the suspect's form)"))
     model, key = _reorder_suspect(suspect, perms, reference, options, kv_state=bool(sus_analysis.states))
-    aligned, before = _Suspect(state, kept, count, aligned=True), _Suspect(state, kept, count, aligned=False)
     details = AcrossResync(
-        match, sorted(kept), pairing.reference, aligned, before, pairing.dropped, unresolved, unwritten, dict(state.match),
-        sorted(mirrored_groups),
+        match, sorted(kept), _Plans(readings, "reference"), _Plans(readings, "aligned"), _Plans(readings, "before"),
+        dropped, unresolved, unwritten, matches, sorted(mirrored_groups),
     )
     result = solver.ResyncResult(
         built=model,
@@ -679,7 +833,7 @@ def _settle_ties(state: _State, progress: Callable[[str], None] | None) -> int:
     slices the first pass can use; their consumer columns still tell them apart once the next
     group is aligned. Only those groups are re-solved (``refine`` re-solves all of them).
     """
-    if state.options.refine:
+    if state.options.refine or not state.options.settle_ties:
         return 0
     everything = frozenset(group.id for group in state.order)
     rounds = 0

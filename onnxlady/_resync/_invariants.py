@@ -14,9 +14,13 @@ statistics of the same kind on their own).
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Generator
+from contextlib import contextmanager
+
 import numpy as np
 
-__all__ = ["QUANTILES", "distance", "signature"]
+__all__ = ["QUANTILES", "distance", "signature", "sharing_scratch"]
 
 #: Points of the quantile function kept per tensor (the sorted values, resampled).
 QUANTILES = 33
@@ -33,6 +37,34 @@ _MAGNITUDE_BITS = np.int64(0x7FFFFFFFFFFFFFFF)
 
 #: Buckets at either end that hold only infinities and NaNs (whose exponent bits are all ones).
 _NOT_FINITE_BUCKETS = 1 << (_BUCKET_BITS - 12)
+
+
+#: Within :func:`sharing_scratch`: the int64 array :func:`_order_statistics` computes its buckets in.
+_SCRATCH: contextvars.ContextVar[list[np.ndarray] | None] = contextvars.ContextVar("onnxlady_scratch", default=None)
+
+
+@contextmanager
+def sharing_scratch() -> Generator[None, None, None]:
+    """Within it, the signatures of many weights compute their buckets in one reused array.
+
+    A fresh array per weight costs its page faults (half the time of a signature of a large
+    weight); the shared one, as large as the largest weight signed, is let go when the block ends.
+    """
+    token = _SCRATCH.set([])
+    try:
+        yield
+    finally:
+        _SCRATCH.reset(token)
+
+
+def _scratch(size: int) -> np.ndarray:
+    """An int64 array of ``size`` elements: a view of the shared one within :func:`sharing_scratch`."""
+    shared = _SCRATCH.get()
+    if shared is None:
+        return np.empty(size, dtype=np.int64)
+    if not shared or shared[0].size < size:
+        shared[:] = [np.empty(size, dtype=np.int64)]
+    return shared[0][:size]
 
 
 def _order_keys(bits: np.ndarray) -> np.ndarray:
@@ -63,12 +95,16 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     if flat.size < _BUCKETED_FROM or flat.dtype != np.float64:
         return np.partition(flat, ranks)[ranks]
     bits = np.ascontiguousarray(flat).view(np.int64)
-    # The keys' top bits, made in place on one new array: a negative value's magnitude bits
-    # flipped, as _order_keys flips them, then shifted to count from 0.
-    buckets = bits >> (64 - _BUCKET_BITS)
-    np.bitwise_xor(buckets, (1 << (_BUCKET_BITS - 1)) - 1, out=buckets, where=buckets < 0)
-    buckets += 1 << (_BUCKET_BITS - 1)
-    counts = np.bincount(buckets, minlength=1 << _BUCKET_BITS)
+    # The raw top bits (sign, exponent, leading mantissa bits), made in place on one new array:
+    # ``raw`` counts up with the value for positive values (0 .. half - 1) and down for negative
+    # ones (half .. 2 * half - 1). The counts are then put in the keys' order (ordered bucket
+    # ``half + r`` for a positive ``r``, ``2 * half - 1 - r`` for a negative one), which costs a
+    # pass over the buckets instead of one more over the values.
+    raw = np.right_shift(bits, 64 - _BUCKET_BITS, out=_scratch(bits.size))
+    raw &= (1 << _BUCKET_BITS) - 1
+    half = 1 << (_BUCKET_BITS - 1)
+    raw_counts = np.bincount(raw, minlength=1 << _BUCKET_BITS)
+    counts = np.concatenate([raw_counts[: half - 1 : -1], raw_counts[:half]])
     if counts[:_NOT_FINITE_BUCKETS].any() or counts[-_NOT_FINITE_BUCKETS:].any():
         return np.partition(flat, ranks)[ranks]
     ends = np.cumsum(counts)
@@ -78,7 +114,8 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
         return np.partition(flat, ranks)[ranks]
     chosen = np.zeros(counts.size, dtype=bool)
     chosen[wanted] = True
-    inside = np.sort(_order_keys(bits[chosen[buckets]]))  # the wanted buckets' values, in order
+    raw_chosen = np.concatenate([chosen[half:], chosen[half - 1 :: -1]])  # back in the raw order
+    inside = np.sort(_order_keys(bits[raw_chosen[raw]]))  # the wanted buckets' values, in order
     # Where each wanted bucket starts in ``inside``, and each rank's place in its bucket.
     starts = np.cumsum(counts[wanted]) - counts[wanted]
     place = starts[np.searchsorted(wanted, holding)] + (ranks - (ends[holding] - counts[holding]))
@@ -130,11 +167,42 @@ def signature(value: np.ndarray) -> list[np.ndarray]:
         values = _resampled(flat)
     parts = [values]
     if flat.ndim >= 2 and flat.shape[0] > 1:
-        squares = flat * flat
-        rows = np.sqrt(squares.reshape(flat.shape[0], -1).sum(axis=1))
-        columns = np.sqrt(np.moveaxis(squares, 1, 0).reshape(flat.shape[1], -1).sum(axis=1))
+        rows, columns = _norms(flat)
         parts += [np.sort(rows), np.sort(columns)]
     return parts
+
+
+#: Elements per piece of :func:`_norms` (2 MB of float64): small arrays reused by the allocator.
+_NORM_PIECE = 1 << 18
+
+
+def _norms(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The norms of a weight's rows (axis 0) and of its input columns (axis 1, over the rest).
+
+    The squares summed along each row of ``squares.reshape(rows, -1)`` and of the columns moved
+    first (``np.moveaxis(squares, 1, 0).reshape(columns, -1)``, a C-contiguous copy for a kernel).
+    A C-contiguous kernel (three axes or more) is done a few rows, then a few columns, at a time:
+    each sum runs over the same numbers in the same order (numpy sums each contiguous row on its
+    own), so the norms are the same to the bit, without two whole arrays of squares (whose page
+    faults cost more than the sums). Nothing is written into ``flat``.
+    """
+    out, inputs = flat.shape[0], flat.shape[1]
+    if not flat.flags.c_contiguous or flat.ndim < 3:  # a matrix's columns are summed strided, as before
+        squares = flat * flat
+        rows = np.sqrt(squares.reshape(out, -1).sum(axis=1))
+        return rows, np.sqrt(np.moveaxis(squares, 1, 0).reshape(inputs, -1).sum(axis=1))
+    row_sums = np.empty(out)
+    step = max(1, _NORM_PIECE // max(flat[0].size, 1))
+    for start in range(0, out, step):
+        piece = flat[start : start + step]
+        row_sums[start : start + step] = np.square(piece).reshape(piece.shape[0], -1).sum(axis=1)
+    column_sums = np.empty(inputs)
+    step = max(1, _NORM_PIECE // max(flat.size // inputs, 1))
+    for start in range(0, inputs, step):
+        # Squared into a new C-contiguous piece (the moved view may be the weight itself).
+        moved = np.square(np.moveaxis(flat[:, start : start + step], 1, 0).reshape(min(step, inputs - start), -1))
+        column_sums[start : start + step] = moved.sum(axis=1)
+    return np.sqrt(row_sums), np.sqrt(column_sums)
 
 
 def distance(first: list[np.ndarray], second: list[np.ndarray]) -> float:

@@ -14,6 +14,11 @@ for such models these lists hold no arrays at all:
   applies nothing when a group is solved.
 
 Memory is then the graph and the tensors of the group being solved, not both models.
+
+An inline reference gets the same treatment in part (:class:`ReleasedArrays`,
+:class:`ReleasingState`): each of its tensors is read when a group first needs it and dropped
+once the last group permuting it is solved, so the reference's weights are not held whole
+beside the suspect's working copies (a model's size less, of the peak).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._resync._solver import ResyncState
 from onnxlady._transforms._permute import _take_axes
 
-__all__ = ["AlignedArrays", "MappedState", "StoredArrays", "final_axes"]
+__all__ = ["AlignedArrays", "MappedState", "ReleasedArrays", "ReleasingState", "StoredArrays", "final_axes"]
 
 _NOTHING = np.zeros(0)
 
@@ -109,3 +114,55 @@ class MappedState(ResyncState):
         if isinstance(self.work, AlignedArrays):
             return  # solve() updated self.match first: the work arrays follow it
         super()._apply(plan_index, gid, step)
+
+
+class ReleasedArrays(StoredArrays):
+    """Per plan, a tensor's values read when first asked for, kept until :meth:`release`.
+
+    A released plan asked for again is read again (the Psi report reads every group's slices
+    once more after the solve).
+    """
+
+    def __init__(self, count: int, read: Callable[[int], np.ndarray]) -> None:
+        super().__init__(count, self._kept)
+        self._source = read
+        self._cache: dict[int, np.ndarray] = {}
+        self._released: set[int] = set()
+
+    def _kept(self, plan: int) -> np.ndarray:
+        cached = self._cache.get(plan)
+        if cached is not None:
+            return cached
+        values = self._source(plan)
+        if plan not in self._released:
+            self._cache[plan] = values
+        return values
+
+    def release(self, plan: int) -> None:
+        """Drop plan ``plan``'s values (read anew, and not kept, if asked for later)."""
+        self._cache.pop(plan, None)
+        self._released.add(plan)
+
+
+@dataclass
+class ReleasingState(ResyncState):
+    """A :class:`ResyncState` whose ``reference`` is a :class:`ReleasedArrays`.
+
+    Each plan's values are dropped once every group permuting it is solved; never with
+    ``refine`` (its rounds solve every group again).
+    """
+
+    def __post_init__(self) -> None:
+        self._left: dict[int, int] = {}  # per plan: groups still to solve that permute it
+        for group in self.order:
+            for plan in self.touched[group.id]:
+                self._left[plan] = self._left.get(plan, 0) + 1
+
+    def solve(self, gid: str, solved: frozenset[str], aligned: bool) -> bool:
+        changed = super().solve(gid, solved, aligned)
+        if not self.options.refine and isinstance(self.reference, ReleasedArrays):
+            for plan in self.touched[gid]:
+                self._left[plan] -= 1
+                if self._left[plan] == 0:
+                    self.reference.release(plan)
+        return changed

@@ -37,7 +37,10 @@ suspect's numbers can be compared in the reference's layout).
 
 from __future__ import annotations
 
+import contextvars
 import itertools
+from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -62,8 +65,10 @@ __all__ = [
     "activation_rounding",
     "find_sites",
     "place_operand",
+    "input_scalar",
     "post_affine",
     "read_operand",
+    "reading_once",
     "site_operand_axis",
     "stored_operand",
 ]
@@ -76,6 +81,8 @@ _FLOAT_TYPES = frozenset(
 #: Operators that only change an activation's type: a float16 converter runs a BatchNorm in
 #: float32 between two Casts, and the BatchNorm still follows its Conv.
 _TYPE_ONLY_OPS = frozenset({"Cast", "Identity"})
+#: Operators that only reshape an activation; a scalar Mul or Add commutes with them.
+_RESHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 #: Normalisations: (domain, op) -> (scale slot, shift slot or None).
 _NORMS: dict[tuple[str, str], tuple[int, int | None]] = {
     ("", "LayerNormalization"): (1, 2),
@@ -196,24 +203,59 @@ class Site:
 
 
 # -- reading and writing operands -------------------------------------------------------------
+#: Within :func:`reading_once`: values read without bounds, by (graph id, operand), with their graph.
+_SHARED_READS: contextvars.ContextVar[dict[tuple[int, Operand], tuple[ModelGraph, Approx | None]] | None] = (
+    contextvars.ContextVar("onnxlady_shared_reads", default=None)
+)
+
+
+@contextmanager
+def reading_once() -> Generator[None, None, None]:
+    """Within it, each operand read without bounds is read once, and every reader gets that read.
+
+    Resync across conversions reads every weight for the matching's signatures, then again for
+    the solver: converting a model's weights to float64 twice costs as much as the rest of the
+    pairing. Readers must treat what they get as read-only (they all do: signatures, folding
+    and the solver make new arrays). What was read is let go when the block ends.
+    """
+    token = _SHARED_READS.set({} if _SHARED_READS.get() is None else _SHARED_READS.get())
+    try:
+        yield
+    finally:
+        _SHARED_READS.reset(token)
+
+
 def read_operand(graph: ModelGraph, operand: Operand, bounds: bool = True) -> Approx | None:
     """An operand's value in canonical layout, with its storage error bound.
 
     Args:
         graph: the model holding it.
         operand: one of a site's operands.
-        bounds: compute the bound of a plain constant (see
-            :func:`~onnxlady._resync._values.read_constant`); without, it may read zeros.
+        bounds: compute the bound (see :func:`~onnxlady._resync._values.read_constant`);
+            without, the value carries none (its ``error`` reads zeros), and within
+            :func:`reading_once` it is read once for all its readers.
 
     Returns:
         The value, or None when it cannot be read as numbers (computed, packed otherwise).
     """
+    shared = _SHARED_READS.get() if not bounds else None
+    if shared is None:
+        return _read_operand(graph, operand, bounds)
+    key = (id(graph), operand)
+    if key not in shared:  # the graph is kept with its value: its id is not reused meanwhile
+        shared[key] = (graph, _read_operand(graph, operand, bounds))
+    return shared[key][1]
+
+
+def _read_operand(graph: ModelGraph, operand: Operand, bounds: bool) -> Approx | None:
     if operand.nbits:
         full = read_nbits(graph, operand.node)
         if full is None or full.value.shape != operand.read_shape:
             return None
         rows = slice(operand.block[1], operand.block[2]) if operand.block is not None else slice(None)
         n, k = operand.read_shape[0], operand.shape[1]
+        if not bounds:
+            return Approx(full.value.reshape(n, -1)[rows, :k])
         return Approx(full.value.reshape(n, -1)[rows, :k], full.error.reshape(n, -1)[rows, :k])
     name = graph.nodes[operand.node].input[operand.slot]
     if operand.quantized:
@@ -224,11 +266,18 @@ def read_operand(graph: ModelGraph, operand: Operand, bounds: bool = True) -> Ap
         full = read_constant(graph, name, bounds)
     if full is None or full.value.shape != operand.read_shape:
         return None
-    value, error = full.value, full.full_error()  # the bound itself where it is whole: writable like the value
-    if operand.block is not None:
-        axis, start, stop = operand.block
-        value, error = np.take(value, range(start, stop), axis=axis), np.take(error, range(start, stop), axis=axis)
-    part = Approx(value, error)
+    if not bounds:  # what the forms' own readers computed is left behind, as no bound is wanted
+        value = full.value
+        if operand.block is not None:
+            axis, start, stop = operand.block
+            value = np.take(value, range(start, stop), axis=axis)
+        part = Approx(value)
+    else:
+        value, error = full.value, full.full_error()  # the bound itself where it is whole: writable like the value
+        if operand.block is not None:
+            axis, start, stop = operand.block
+            value, error = np.take(value, range(start, stop), axis=axis), np.take(error, range(start, stop), axis=axis)
+        part = Approx(value, error)
     if operand.axes is not None:
         part = part.transposed(operand.axes)
     part = part.reshaped(operand.shape)
@@ -311,8 +360,9 @@ def stored_operand(operand: Operand, canonical: Approx) -> Approx | None:
     if part.value.shape != operand.read_shape:
         return None
     if operand.quantized or operand.blocked:  # read by their own readers: copied, whatever those keep
-        return Approx(np.array(part.value, dtype=np.float64, order="C"), np.array(part.error, dtype=np.float64, order="C"))
-    return Approx(_writable(part.value), _writable(part.error))
+        value = np.array(part.value, dtype=np.float64, order="C")
+        return Approx(value, np.array(part.error, dtype=np.float64, order="C")) if part.bounded else Approx(value)
+    return Approx(_writable(part.value), _writable(part.error)) if part.bounded else Approx(_writable(part.value))
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
@@ -340,11 +390,28 @@ def site_operand_axis(graph: ModelGraph, operand: Operand, canonical_axis: int) 
 
 
 # -- helpers ----------------------------------------------------------------------------------
+#: Stored types an initializer read as it is (no chain) holds real numbers in (numpy kind "f"),
+#: and types it holds integers in: told from the type, without reading (and keeping) the values.
+_REAL_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
+_INTEGER_TYPES = frozenset({
+    onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+})  # fmt: skip
+
+
 def _float_constant(graph: ModelGraph, name: str) -> bool:
     """A constant operand whose values are real numbers (weights, scales), not indices or shapes."""
     leaf = graph.constant_leaf(name) if name else None
-    if leaf is None or graph.leaf_tensor_or_none(leaf) is None:
+    tensor = graph.leaf_tensor_or_none(leaf) if leaf is not None else None
+    if leaf is None or tensor is None:
         return False
+    if not leaf.chain and leaf.constant_node is None:
+        # Read whole, a weight would stay in the graph's cache of values for the whole command.
+        if tensor.data_type in _REAL_TYPES:
+            return True
+        if tensor.data_type in _INTEGER_TYPES:
+            return False
     value = graph.constant_value(name)
     return value is not None and value.dtype.kind == "f"
 
@@ -581,6 +648,8 @@ class _Part:
     bias: Operand | None
     tail: int
     ops: list[str]
+    #: Scalar Mul / Add / Sub after the part (onnx-simplifier packs Whisper's scaled query so).
+    post: tuple[tuple[str, int, int], ...] = ()
 
 
 def _split_sizes(graph: ModelGraph, node: onnx.NodeProto, total: int) -> list[int] | None:
@@ -606,12 +675,16 @@ def _packed_parts(graph: ModelGraph, linear: _Linear, tail: str, absorbed: set[i
     """
     if linear.family != "dense":
         return None
+    size = _out_size(linear)
     reader = _single_consumer(graph, tail, ("Split", "GroupQueryAttention"))
+    if reader is None:  # GPT-2's Gemm reshapes [tokens, 3 x width] back to [batch, length, 3 x width] first
+        beyond = _reshaped_keeping_last(graph, tail, size)
+        if beyond != tail:
+            reader, tail = _single_consumer(graph, beyond, ("Split",)), beyond
     if reader is None:
         return None
     host, slot = reader
     node = graph.nodes[host]
-    size = _out_size(linear)
     rank = graph.rank(tail)
     if node.op_type == "Split" and (node.domain or "") in _STANDARD and slot == 0 and rank:
         if int(node_attribute(node, "axis", 0)) % rank != rank - 1:
@@ -631,6 +704,14 @@ def _packed_parts(graph: ModelGraph, linear: _Linear, tail: str, absorbed: set[i
                     part.bias, part.tail = operand, reader[0]
                     part.ops.append("Add")
                     absorbed.add(reader[0])
+            if name:
+                end = graph.nodes[part.tail].output[0] if part.tail != host else name
+                steps = _scalar_affine(graph, end, set(), linear)
+                if steps and all(kind != "scale" for kind, _, _ in steps):  # scalars only: a part has its own width
+                    part.post = tuple(steps)
+                    part.ops.extend(graph.nodes[node].op_type for _, node, _ in steps)
+                    part.tail = steps[-1][1]
+                    absorbed.update(node for _, node, _ in steps)
             parts.append(part)
             start += width
         return parts
@@ -750,6 +831,11 @@ def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int], linear: _Li
     found: list[tuple[str, int, int]] = []
     for kinds in (("Mul",), ("Add", "Sub")):
         reader = _single_consumer(graph, name, kinds)
+        reshaped = False
+        if reader is None:  # a scalar commutes with a reshape: ORT's MatMulAddFusion puts one before the Mul
+            beyond = _past_reshapes(graph, name)
+            reader = _single_consumer(graph, beyond, kinds) if beyond != name else None
+            reshaped = True
         if reader is None or reader[1] not in (0, 1):
             continue
         node = graph.nodes[reader[0]]
@@ -758,6 +844,8 @@ def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int], linear: _Li
         if value is None or value.dtype.kind != "f" or (node.op_type == "Sub" and other != 1):
             continue
         kind = node.op_type.lower()
+        if value.size != 1 and reshaped:
+            continue
         if value.size != 1:
             size = _out_size(linear)
             per_channel = node.op_type == "Mul" and size > 1 and value.size == size
@@ -768,6 +856,68 @@ def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int], linear: _Li
         absorbed.add(reader[0])
         name = node.output[0]
     return found
+
+
+#: Operators whose output a scalar Mul right after belongs to (a layer's scalar step, see ``post``).
+_LAYER_ENDS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul",
+                         "BatchNormalization", "Add"})  # fmt: skip
+
+
+def input_scalar(graph: ModelGraph, site: Site) -> float | None:
+    """The scalar constant a layer's input is multiplied by right before it, or None.
+
+    GELU's trailing ``0.5`` before the next layer is one, which onnx-simplifier folds into that
+    layer's weight. Only a Mul whose product nothing else reads (through reshapes), and that
+    does not directly follow another layer (then it is that layer's scalar step).
+    """
+    if site.family not in ("conv", "dense") or site.part != 0:
+        return None
+    name = graph.nodes[site.node].input[0]
+    while True:
+        produced = graph.producer.get(name)
+        if produced is None or name in graph.graph_outputs or len(graph.consumers.get(name, [])) != 1:
+            return None
+        node = graph.nodes[produced[0]]
+        if node.op_type not in _RESHAPE_OPS or (node.domain or "") not in _STANDARD:
+            break
+        name = node.input[0]
+    if node.op_type != "Mul" or (node.domain or "") not in _STANDARD or len(node.input) != 2:
+        return None
+    for slot in (0, 1):
+        value = graph.constant_value(node.input[slot])
+        if value is not None and value.dtype.kind == "f" and value.size == 1:
+            data = graph.producer.get(node.input[1 - slot])
+            if data is None or graph.nodes[data[0]].op_type in _LAYER_ENDS:
+                return None
+            factor = float(value.reshape(-1)[0])
+            return factor if np.isfinite(factor) and abs(factor) > 0.0 else None
+    return None
+
+
+def _past_reshapes(graph: ModelGraph, name: str) -> str:
+    """The tensor after a chain of reshapes that alone read ``name`` (or ``name`` itself)."""
+    while True:
+        reader = _single_consumer(graph, name, _RESHAPE_OPS)
+        if reader is None or reader[1] != 0 or len(graph.nodes[reader[0]].output) != 1:
+            return name
+        name = graph.nodes[reader[0]].output[0]
+
+
+def _reshaped_keeping_last(graph: ModelGraph, name: str, size: int) -> str:
+    """The tensor after Reshapes of ``name`` (last axis ``size``) whose constant targets end in ``size``.
+
+    Row-major order keeps an element's index along a last axis of the same length on both sides,
+    so each neuron stays where it was.
+    """
+    while True:
+        reader = _single_consumer(graph, name, ("Reshape",))
+        if reader is None or reader[1] != 0:
+            return name
+        node = graph.nodes[reader[0]]
+        target = graph.constant_value(node.input[1]) if len(node.input) > 1 else None
+        if target is None or target.size == 0 or int(np.asarray(target).reshape(-1)[-1]) != size:
+            return name
+        name = node.output[0]
 
 
 def _unit_sites(graph: ModelGraph, index: int, unit: _Unit) -> list[Site]:
@@ -787,7 +937,8 @@ def _unit_sites(graph: ModelGraph, index: int, unit: _Unit) -> list[Site]:
         if bias is not None:
             operands.append(bias)
         token = ("dense", (width, *weight.shape[1:]))
-        sites.append(Site(index, number, "dense", token, tuple(operands), (*unit.ops, *part.ops), part.tail))
+        sites.append(Site(index, number, "dense", token, tuple(operands), (*unit.ops, *part.ops), part.tail,
+                          post=part.post))  # fmt: skip
     return sites
 
 

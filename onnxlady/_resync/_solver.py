@@ -101,6 +101,8 @@ _KEPT_PRODUCTS = 1 << 26
 #: best candidates are then scored exactly: a 100 MB conv net resyncs ~10x faster.
 _EXACT_PRODUCT = 1 << 28
 _SKETCH_DIM = 512
+#: Elements of a score matrix handled at once: a band of rows whose float64 temporaries stay in cache.
+_BAND = 1 << 16
 _CANDIDATES = 8
 
 
@@ -197,6 +199,9 @@ class ResyncOptions:
     helped some fixtures a little and cost up to 80 points on a trained text detector).
     ``weighting``: ``"residual"`` (see the module docstring) or plain ``"unit"`` norms.
     ``similarity``: ``"distance"`` or ``"cosine"``.
+    ``settle_ties``: across conversions, re-solve the groups the first pass leaves with ties
+    (off: the first pass alone, which ``find --confirm`` reads to refuse an unrelated candidate
+    before the minutes an unrelated pair's ties take to settle).
     """
 
     method: str = "hungarian"
@@ -204,6 +209,7 @@ class ResyncOptions:
     misaligned: str = "skip"
     weighting: str = "residual"
     similarity: str = "distance"
+    settle_ties: bool = True
 
 
 # -- slices -----------------------------------------------------------------------------------
@@ -262,13 +268,27 @@ def group_slices(
 
 def gather_block(array: np.ndarray, piece: _Slice, sort_dims: Sequence[int]) -> np.ndarray:
     """The slice as an ``[n, D]`` matrix (one gather), sorted along ``sort_dims``."""
+    return _gathered(array, piece, sort_dims)[0]
+
+
+def _gathered(array: np.ndarray, piece: _Slice, sort_dims: Sequence[int]) -> tuple[np.ndarray, bool]:
+    """:func:`gather_block`, and whether the block is a new array (False: it may view ``array``).
+
+    The slice's axis is moved first and gathered as the leading one: the result comes out
+    already laid out ``[n, D]`` (gathering along the axis and then reshaping the moved view
+    copied a consumer's weight twice).
+    """
     n, m = piece.index.shape
-    taken = array if piece.identity else np.take(array, piece.index.ravel(), axis=piece.axis)
-    moved = np.moveaxis(taken, piece.axis, 0)
+    moved = np.moveaxis(array, piece.axis, 0)
+    fresh = not piece.identity
+    if fresh:
+        moved = np.take(moved, piece.index.ravel(), axis=0)
     moved = moved.reshape((n, m, *moved.shape[1:]))
     for dim in sort_dims:
         moved = np.sort(moved, axis=dim)
-    return moved.reshape(n, -1)
+        fresh = True
+    block = moved.reshape(n, -1)
+    return block, fresh or not np.may_share_memory(block, array)
 
 
 # -- block weights and scores -----------------------------------------------------------------
@@ -291,9 +311,10 @@ class _Block:
     cached: np.ndarray | None = None
 
     @classmethod
-    def build(cls, ref: np.ndarray, sus: np.ndarray, rng: np.random.Generator) -> _Block:
+    def build(cls, ref: np.ndarray, sus: np.ndarray, rng: np.random.Generator, owned: tuple[bool, bool] = (False, False)) -> _Block:
+        """The block of one slice; ``owned``: whether ``ref`` / ``sus`` may be centred in place."""
         if ref.shape[0] > 1:  # centring removes what all neurons share (BatchNorm variances near 1)
-            ref, sus = ref - ref.mean(axis=0, keepdims=True), sus - sus.mean(axis=0, keepdims=True)
+            ref, sus = _centred(ref, owned[0]), _centred(sus, owned[1])
         n, width = ref.shape
         sketch = None
         if n * n * width > _EXACT_PRODUCT and width > 2 * _SKETCH_DIM:
@@ -333,13 +354,17 @@ class _Blocks:
     keep: bool  # whether every block's product fits in memory at once
 
     @classmethod
-    def build(cls, pairs: list[tuple[np.ndarray, np.ndarray]], n: int, seed: int) -> _Blocks:
+    def build(
+        cls, pairs: list[tuple[np.ndarray, np.ndarray]], n: int, seed: int, owned: Sequence[tuple[bool, bool]] = ()
+    ) -> _Blocks:
+        """The blocks of ``pairs``; ``owned[i]``: whether pair ``i``'s arrays may be overwritten."""
         rng = np.random.default_rng(seed)
         zero_ref, zero_sus = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
         for r, s in pairs:
             zero_ref &= ~np.any(r != 0, axis=1)
             zero_sus &= ~np.any(s != 0, axis=1)
-        blocks = [_Block.build(r, s, rng) for r, s in pairs]
+        owned = list(owned) or [(False, False)] * len(pairs)
+        blocks = [_Block.build(r, s, rng, mine) for (r, s), mine in zip(pairs, owned)]
         return cls(blocks, zero_ref, zero_sus, len(pairs) * n * n <= _KEPT_PRODUCTS)
 
     @property
@@ -369,17 +394,45 @@ class _Blocks:
         return weights
 
     def scores(self, weights: list[tuple[float, float]], similarity: str) -> _Scores:
-        """The scores of every (reference, suspect) pair for these block weights."""
+        """The scores of every (reference, suspect) pair for these block weights.
+
+        ``gram`` is ``0 + w_1 P_1 + w_2 P_2 + ...`` in float32, block by block in this order,
+        whatever the path: the sums are the same bit for bit. Kept products are summed a band
+        of rows at a time, all blocks per band, and the band's decision computed while it is
+        in cache: no ``n x n`` temporary (one per block and round, before) is ever allocated.
+        """
         n = self.zero_ref.size
         gram = np.zeros((n, n), dtype=np.float32)
         ref_sq, sus_sq = np.zeros(n), np.zeros(n)
+        active: list[tuple[np.float32, _Block]] = []
         for (u, v), block in zip(weights, self.blocks):
             if u == 0 and v == 0:
                 continue
-            gram += np.float32(u * v) * block.product(self.keep)
+            active.append((np.float32(u * v), block))
             ref_sq += (u * u) * block.ref_sq
             sus_sq += (v * v) * block.sus_sq
-        return _Scores(gram, ref_sq, sus_sq, similarity, self.zero_ref, self.zero_sus)
+        scores = _Scores(gram, ref_sq, sus_sq, similarity, self.zero_ref, self.zero_sus)
+        if not self.keep:
+            for weight, block in active:
+                product = block.product(False)  # a fresh array: weighted in place
+                np.multiply(product, weight, out=product)
+                np.add(gram, product, out=gram)
+                del product
+            return scores
+        products = [(weight, block.product(True)) for weight, block in active]
+        band = _band_rows(n)
+        spare = np.empty((min(band, n), n), dtype=np.float32)
+        decision = np.empty((n, n), dtype=np.float32) if similarity == "distance" else None
+        for start in range(0, n, band):
+            stop = min(start + band, n)
+            rows, scratch = gram[start:stop], spare[: stop - start]
+            for weight, product in products:
+                np.multiply(product[start:stop], weight, out=scratch)
+                np.add(rows, scratch, out=rows)
+            if decision is not None:
+                scores.decide(start, stop, decision)
+        scores.decided = decision
+        return scores
 
     def rescore(self, weights: list[tuple[float, float]], decision: np.ndarray, step: np.ndarray) -> bool:
         """Exact products, in sketched blocks, for the neurons whose match the sketch error could change.
@@ -413,6 +466,14 @@ class _Blocks:
         return True
 
 
+def _centred(rows: np.ndarray, in_place: bool) -> np.ndarray:
+    """``rows - rows.mean(axis=0, keepdims=True)``, written over ``rows`` when ``in_place``."""
+    mean = rows.mean(axis=0, keepdims=True)
+    if in_place and rows.flags.writeable and np.issubdtype(rows.dtype, np.floating):
+        return np.subtract(rows, mean, out=rows)
+    return rows - mean
+
+
 def _count_sketch(rows: np.ndarray, sign: np.ndarray) -> np.ndarray:
     """Column ``c`` of ``rows``, times ``sign[c]``, summed into bucket ``c % _SKETCH_DIM``.
 
@@ -442,12 +503,44 @@ class _Scores:
     zero_ref: np.ndarray
     zero_sus: np.ndarray
 
+    #: The decision, when :meth:`_Blocks.scores` computed it along with ``gram`` (never changed).
+    decided: np.ndarray | None = None
+    _sus32: np.ndarray | None = field(default=None, repr=False)
+    _zero_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+    _zero_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+
     @property
     def decision(self) -> np.ndarray:
+        """What assignment maximises; not to be changed (it may be kept)."""
+        if self.decided is not None:
+            return self.decided
         if self.kind == "cosine":
             return self._masked(self._cosine())
-        # The largest 2<a,b> - |b|^2 is the nearest suspect neuron (|a|^2 is the same in a row).
-        return self._masked(2.0 * self.gram - self.sus_sq[None, :].astype(np.float32))
+        n = self.gram.shape[0]
+        decision = np.empty_like(self.gram)
+        band = _band_rows(n)
+        for start in range(0, n, band):
+            self.decide(start, min(start + band, n), decision)
+        self.decided = decision
+        return decision
+
+    def decide(self, start: int, stop: int, decision: np.ndarray) -> None:
+        """Rows ``start:stop`` of the (distance) decision, from those of ``gram``.
+
+        The largest ``2<a,b> - |b|^2`` is the nearest suspect neuron (``|a|^2`` is the same in a
+        row); float32, as ``2.0 * gram - sus_sq.astype(float32)`` over the whole matrix gives.
+        """
+        if self._sus32 is None:  # once per matrix, not per band
+            self._sus32 = self.sus_sq.astype(np.float32)
+            self._zero_rows = np.flatnonzero(self.zero_ref)
+            self._zero_cols = np.flatnonzero(self.zero_sus)
+        rows = decision[start:stop]
+        np.multiply(self.gram[start:stop], 2.0, out=rows)
+        np.subtract(rows, self._sus32, out=rows)
+        if self._zero_rows.size:
+            rows[self._zero_rows[(self._zero_rows >= start) & (self._zero_rows < stop)] - start, :] = 0.0
+        if self._zero_cols.size:
+            rows[:, self._zero_cols] = 0.0
 
     def similarity(self) -> np.ndarray:
         """Cosine, or ``1 - d^2 / (|a|^2 + mean |b|^2)``: 1 for an exact copy, ~0 for a stranger."""
@@ -457,6 +550,48 @@ class _Scores:
         scale = self.ref_sq[:, None] + self.sus_sq.mean()
         return self._masked(1.0 - distance / np.where(scale > 0, scale, 1.0))
 
+    def margins(self) -> np.ndarray:
+        """:func:`_margins` of :meth:`similarity`, one band of rows at a time.
+
+        Each band is computed with the same float64 operations, element for element, as
+        :meth:`similarity`: the same values, without its ``n x n`` float64 matrix and the
+        temporaries of its expression (75 MB each for a 3072-neuron MLP group).
+        """
+        n = self.gram.shape[0]
+        if self.kind == "cosine" or n < 2:
+            return _margins(self.similarity())
+        scale = self._scale()
+        margins = np.empty(n)
+        band = _band_rows(n)
+        any_zero_sus = bool(self.zero_sus.any())
+        for start in range(0, n, band):
+            stop = min(start + band, n)
+            rows = np.add(self.ref_sq[start:stop, None], self.sus_sq[None, :])
+            np.subtract(rows, 2.0 * self.gram[start:stop], out=rows)
+            np.maximum(rows, 0.0, out=rows)
+            np.divide(rows, scale[start:stop], out=rows)
+            np.subtract(1.0, rows, out=rows)
+            rows[self.zero_ref[start:stop], :] = 0.0
+            if any_zero_sus:
+                rows[:, self.zero_sus] = 0.0
+            margins[start:stop] = _margins_in_place(rows)
+        return margins
+
+    def chosen(self, step: np.ndarray) -> np.ndarray:
+        """``similarity()[j, step[j]]`` for every ``j``, computed for those entries only (same operations)."""
+        n = self.gram.shape[0]
+        if self.kind == "cosine":
+            return self.similarity()[np.arange(n), step]
+        distance = self.ref_sq + self.sus_sq[step] - 2.0 * self.gram[np.arange(n), step]
+        values = 1.0 - np.maximum(distance, 0.0) / self._scale()[:, 0]
+        values[self.zero_ref | self.zero_sus[step]] = 0.0
+        return values
+
+    def _scale(self) -> np.ndarray:
+        """``[n, 1]``: the denominator of every row's similarity."""
+        scale = self.ref_sq[:, None] + self.sus_sq.mean()
+        return np.where(scale > 0, scale, 1.0)
+
     def _cosine(self) -> np.ndarray:
         norms = np.sqrt(np.outer(self.ref_sq, self.sus_sq))
         return self.gram / np.where(norms > 0, norms, 1.0)
@@ -465,6 +600,11 @@ class _Scores:
         matrix[self.zero_ref, :] = 0.0
         matrix[:, self.zero_sus] = 0.0
         return matrix
+
+
+def _band_rows(n: int) -> int:
+    """Rows of an ``n``-column score matrix processed together: about :data:`_BAND` elements."""
+    return max(1, _BAND // max(n, 1))
 
 
 def _row_energy(block: np.ndarray) -> np.ndarray:
@@ -482,7 +622,8 @@ def _inverse_root(energy: float) -> float:
 def _hungarian(decision: np.ndarray, zero_ref: np.ndarray, zero_sus: np.ndarray) -> tuple[np.ndarray, int]:
     """Best bijection: ``match[j]`` is the suspect neuron for reference neuron ``j``."""
     best = decision.argmax(axis=1)
-    if np.unique(best).size == best.size:
+    # Distinct maxima (counted by bincount: np.unique imports numpy.ma, 80 ms, on first use).
+    if best.size == 0 or np.bincount(best).max() == 1:
         return best.astype(np.int64), 0  # every row at its maximum: nothing can beat it
     _, cols = linear_sum_assignment(decision, maximize=True)
     return cols.astype(np.int64), 0
@@ -533,6 +674,23 @@ def _margins(similarity: np.ndarray) -> np.ndarray:
     return (top.max(axis=1) - top.min(axis=1)).astype(np.float64)
 
 
+def _margins_in_place(similarity: np.ndarray) -> np.ndarray:
+    """:func:`_margins`, by two row maxima instead of a partition; ``similarity`` is overwritten.
+
+    The second maximum is taken with one occurrence of the first set to -inf: the same two
+    largest values (as a multiset) as the partition's, so the same differences, at a quarter
+    of the cost. A row holding NaN or +inf (nothing finite weights give) goes to :func:`_margins`.
+    """
+    rows, n = similarity.shape
+    if n < 2:
+        return np.ones(rows)
+    best = similarity.max(axis=1)
+    if not np.all(np.isfinite(best)):
+        return _margins(similarity)
+    similarity[np.arange(rows), similarity.argmax(axis=1)] = -np.inf
+    return (best - similarity.max(axis=1)).astype(np.float64)
+
+
 # -- the solver -------------------------------------------------------------------------------
 @dataclass
 class _Solve:
@@ -568,11 +726,15 @@ class ResyncState:
         pieces = [(piece, piece.misaligned_dims(solved)) for piece in self.slices[gid]]
         if self.options.misaligned == "skip" and any(not dims for _, dims in pieces):
             pieces = [(piece, dims) for piece, dims in pieces if not dims]
-        pairs = [
-            (gather_block(self.reference[piece.plan], piece, dims), gather_block(self.work[piece.plan], piece, dims))
-            for piece, dims in pieces
-        ]
-        return _Blocks.build(pairs, self.analysis.group(gid).size, seed=zlib.crc32(gid.encode()))
+        pairs, owned = [], []
+        for piece, dims in pieces:
+            (ref, ref_fresh), (sus, sus_fresh) = (
+                _gathered(self.reference[piece.plan], piece, dims),
+                _gathered(self.work[piece.plan], piece, dims),
+            )
+            pairs.append((ref, sus))
+            owned.append((ref_fresh, sus_fresh))
+        return _Blocks.build(pairs, self.analysis.group(gid).size, seed=zlib.crc32(gid.encode()), owned=owned)
 
     def exact_match(
         self, gid: str, solved: frozenset[str], step: np.ndarray | None = None, margins: np.ndarray | None = None
@@ -621,13 +783,12 @@ class ResyncState:
         if blocks.sketched and blocks.rescore(weights, scores.decision, step):
             scores = blocks.scores(weights, self.options.similarity)
             step, duplicates = assign(scores.decision, blocks.zero_ref, blocks.zero_sus)
-        similarity = scores.similarity()
-        margins = _margins(similarity)
+        margins = scores.margins()
         if margins.size and margins.min() < AMBIGUITY_MARGIN:  # only ties need the (costly) exact test
             exact = self.exact_match(gid, solved, step, margins)
             if exact is not None:
                 step, duplicates = exact, 0  # bit-equal signatures: no similarity can do better
-        chosen = similarity[identity, step]
+        chosen = scores.chosen(step)
         self.stats[gid] = _Solve(margins, int(blocks.zero_sus.sum()), duplicates, float(chosen.mean()))
         if np.array_equal(step, identity):
             return False

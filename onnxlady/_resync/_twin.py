@@ -22,8 +22,8 @@ from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._io._external import has_mapped, is_mapped, load_mapped, mapped_bytes
-from onnxlady._io._tensors import FloatConstants, is_external, tensor_holders
-from onnxlady._resync._mapped import AlignedArrays, MappedState, StoredArrays
+from onnxlady._io._tensors import FloatConstants, all_finite, is_external, read_float, tensor_holders
+from onnxlady._resync._mapped import AlignedArrays, MappedState, ReleasedArrays, ReleasingState, StoredArrays
 from onnxlady._resync._solver import (
     PsiTally,
     ResyncOptions,
@@ -337,6 +337,23 @@ def _moved_copy(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) ->
 
 
 
+# -- reading the reference without keeping it -------------------------------------------------
+def _read_unkept(values: FloatConstants, name: str) -> np.ndarray:
+    """``values.array(name)`` read anew and not kept in ``values``'s cache."""
+    return read_float(values.holders[name], f"tensor '{name}' of the {values.which}")
+
+
+def _check_finite_unkept(values: FloatConstants, names: Iterable[str]) -> None:
+    """:meth:`FloatConstants.check_finite`, keeping none of the arrays it reads.
+
+    Raises:
+        OnnxladyError: one of them holds NaN or Inf (the message names it), or cannot be read.
+    """
+    for name in names:
+        if not all_finite(_read_unkept(values, name)):
+            raise OnnxladyError(f"tensor '{name}' of the {values.which} holds NaN or Inf values")
+
+
 # -- entry point ------------------------------------------------------------------------------
 def twin_leaves(analysis: ChannelAnalysis, suspect: onnx.ModelProto) -> list[list[str]]:
     """The suspect's tensors behind each of the reference's planned tensors.
@@ -374,11 +391,18 @@ def resync_twin(
     known_reference, known_suspect = constants if constants is not None else (None, None)
     ref_values = FloatConstants(reference, "reference", known_reference)
     sus_values = FloatConstants(suspect, "suspect", known_suspect)
-    ref_values.check_finite(plan.source for plan in analysis.tensors)
+    mapped = has_mapped(reference) or has_mapped(suspect)
+    # An inline reference the caller did not read is read group by group and released
+    # (ReleasingState); its check here keeps nothing.
+    released = not mapped and constants is None
+    if released:
+        _check_finite_unkept(ref_values, (plan.source for plan in analysis.tensors))
+    else:
+        ref_values.check_finite(plan.source for plan in analysis.tensors)
     sus_values.check_finite(name for names in leaves for name in names)
     order = analysis.permutable_groups
     slices, touched = group_slices(analysis, {g.id for g in order})
-    if has_mapped(reference) or has_mapped(suspect):
+    if mapped:
         # Weights left in their files: read per group as the solver asks, never all at once.
         plans = analysis.tensors
         state: ResyncState = MappedState(
@@ -390,6 +414,18 @@ def resync_twin(
             work=AlignedArrays(len(leaves), lambda number: sus_values.array(leaves[number][0]), analysis),
             options=options,
         )
+    elif released:
+        plans = analysis.tensors
+        state = ReleasingState(
+            analysis=analysis,
+            order=order,
+            slices=slices,
+            touched=touched,
+            reference=ReleasedArrays(len(plans), lambda number: _read_unkept(ref_values, plans[number].source)),
+            work=[sus_values.array(names[0]) for names in leaves],
+            options=options,
+        )
+        del sus_values  # as below
     else:
         state = ResyncState(
             analysis=analysis,

@@ -11,7 +11,7 @@ dequantization. :func:`read_nbits` does the same for a ``MatMulNBits`` weight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -65,23 +65,62 @@ def half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
     return np.maximum(half, step, out=half).reshape(np.shape(values))
 
 
-@dataclass(frozen=True)
-class Approx:
-    """A constant as its user reads it, in float64, with a bound on its storage error."""
+#: The bound of a value read without one (see :class:`Approx`): zeros, broadcast, never written.
+_NO_BOUND = np.zeros(())
+_NO_BOUND.flags.writeable = False
 
-    value: np.ndarray
-    error: np.ndarray
+
+class Approx:
+    """A constant as its user reads it, in float64, with a bound on its storage error.
+
+    The bound is given (``error``), made when first read (``bound``: a function computing it,
+    called at most once; a resync alone never reads most bounds, and each whole float64 array
+    costs its page faults and its memory on large weights), or absent (neither: the value was
+    read without it and ``error`` reads zeros). Treat both arrays as read-only values.
+    """
+
+    __slots__ = ("_bound", "_error", "value")
+
+    def __init__(
+        self, value: np.ndarray, error: np.ndarray | None = None, *, bound: Callable[[], np.ndarray] | None = None
+    ) -> None:
+        self.value = value
+        self._error = error
+        self._bound = bound
+
+    @property
+    def error(self) -> np.ndarray:
+        """The bound: as given, made now (once) if it is made when read, zeros if absent."""
+        if self._error is None:
+            if self._bound is None:
+                return np.broadcast_to(_NO_BOUND, self.value.shape)
+            self._error, self._bound = self._bound(), None
+        return self._error
+
+    @property
+    def bounded(self) -> bool:
+        """Whether it carries a bound (given or made when read), not zeros for want of one."""
+        return self._error is not None or self._bound is not None
+
+    def __repr__(self) -> str:
+        return f"Approx(value={self.value!r}, error={self.error!r})"
 
     def reshaped(self, shape: tuple[int, ...]) -> Approx:
         """The same numbers in another shape (the error bound follows)."""
+        if not self.bounded:
+            return Approx(self.value.reshape(shape))
         return Approx(self.value.reshape(shape), self.full_error().reshape(shape))
 
     def transposed(self, axes: tuple[int, ...]) -> Approx:
         """The same numbers with their axes reordered (``np.transpose``)."""
+        if not self.bounded:
+            return Approx(np.transpose(self.value, axes))
         return Approx(np.transpose(self.value, axes), np.transpose(self.full_error(), axes))
 
     def scaled(self, factor: float) -> Approx:
         """Every value times ``factor`` (the bound times ``|factor|``)."""
+        if not self.bounded:
+            return Approx(self.value * factor)
         return Approx(self.value * factor, self.full_error() * abs(factor))
 
     def full_error(self) -> np.ndarray:
@@ -90,7 +129,8 @@ class Approx:
         A view of it then stays writable wherever the value's view does, so the two are copied,
         or not, alike (see stored_operand).
         """
-        return self.error if self.error.shape == self.value.shape else np.broadcast_to(self.error, self.value.shape)
+        error = self.error
+        return error if error.shape == self.value.shape else np.broadcast_to(error, self.value.shape)
 
 
 def _spread(parameter: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
@@ -113,8 +153,9 @@ def read_constant(graph: ModelGraph, name: str, bounds: bool = True) -> Approx |
     Args:
         graph: the model.
         name: an input name of some node.
-        bounds: compute the bound; without, it reads zeros (a read-only view: for callers that
-            use the value alone, such as the matching's signatures).
+        bounds: compute the bound; without, the value carries none (its ``error`` reads zeros:
+            for callers that use the value alone, such as the matching's signatures and the
+            resync, whose bounds are made only when read).
 
     Returns:
         The value through its chain (casts, reshapes, dequantization) in float64 and the bound,
@@ -178,6 +219,8 @@ def read_constant(graph: ModelGraph, name: str, bounds: bool = True) -> Approx |
             error = np.broadcast_to(np.zeros(()), out64.shape)
         current, shape = out64, out64.shape
     assert current is not None  # a chain made it, or it was read
+    if not bounds:
+        return Approx(current)
     # A full bound is a fresh array here, like the value: returned as it is, not as a read-only
     # view (which its readers would copy again, see stored_operand).
     return Approx(current, error if error.shape == current.shape else np.broadcast_to(error, current.shape))

@@ -33,6 +33,8 @@ from onnxlady._graph._model_graph import ChainAxisError, Companion, ConstantLeaf
 from onnxlady._rules._derived import block_partition, derived_uses
 
 _PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+#: What an input without spaces carries (never changed).
+_NOTHING: dict[int, Expr] = {}
 
 
 class RuleDoesNotApply(Exception):  # ruff: ignore[error-suffix-on-exception-name] - a signal (like StopIteration) that a rule declines a node, not an error
@@ -44,7 +46,7 @@ class RuleDoesNotApply(Exception):  # ruff: ignore[error-suffix-on-exception-nam
         self.message = message
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Binding:
     """A constant operand's axis must take the permutation ``expr`` at one use."""
 
@@ -54,6 +56,10 @@ class Binding:
     axis: int
     expr: Expr
     role: str
+
+    # One per weight axis: filled directly, at half the cost of the generated frozen __init__.
+    def __init__(self, node: int, slot: int, leaf: str, axis: int, expr: Expr, role: str) -> None:
+        self.__dict__.update(node=node, slot=slot, leaf=leaf, axis=axis, expr=expr, role=role)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,12 @@ class AnalysisState:
 
 class RuleContext:
     """The view of one node that its rule works through."""
+
+    # One per node: slots make it and its attribute reads cheaper.
+    __slots__ = (
+        "_bound", "_emitted", "_inputs", "_joint_emitted", "_joint_taken", "_outputs", "_producers", "_state",
+        "_taken", "graph", "index", "node", "op_type", "opset", "solver",
+    )  # fmt: skip
 
     def __init__(self, state: AnalysisState, index: int) -> None:
         self._state = state
@@ -144,7 +156,8 @@ class RuleContext:
         return bool(name) and (name in self.graph.consumers or name in self.graph.graph_outputs)
 
     def shape_in(self, slot: int) -> Shape | None:
-        name = self.input(slot)
+        inputs = self._inputs  # (input(slot), inlined: rules ask for every input's shape)
+        name = inputs[slot] if slot < len(inputs) else ""
         return self.graph.shapes.get(name) if name else None
 
     def shape_out(self, slot: int) -> Shape | None:
@@ -165,7 +178,8 @@ class RuleContext:
         return len(shape)
 
     def is_const(self, slot: int) -> bool:
-        return self.graph.is_constant(self.input(slot))
+        inputs = self._inputs
+        return self.graph.is_constant(inputs[slot] if slot < len(inputs) else "")
 
     def const(self, slot: int) -> np.ndarray | None:
         """Value of a constant input (after its Cast chain), or None."""
@@ -185,14 +199,16 @@ class RuleContext:
 
     def tracked(self, slot: int) -> dict[int, Expr]:
         """Channel spaces carried by input ``slot`` (axis -> expression), without taking them."""
-        name = self.input(slot)
-        return dict(self._state.tracked.get(name, {})) if name else {}
+        inputs = self._inputs
+        name = inputs[slot] if slot < len(inputs) else ""
+        return dict(self._state.tracked.get(name, _NOTHING)) if name else {}
 
     # -- taking and emitting -------------------------------------------------------------
     def take(self, slot: int, axis: int, size: int | None = None) -> Expr:
         """The permutation of input ``slot`` on ``axis``: tracked, or the identity with its reason."""
-        name = self.input(slot)
-        tracked = self._state.tracked.get(name, {}) if name else {}
+        inputs = self._inputs
+        name = inputs[slot] if slot < len(inputs) else ""
+        tracked = self._state.tracked.get(name, _NOTHING) if name else _NOTHING
         if axis in tracked:
             self._taken.add((name, axis))
             return tracked[axis]
@@ -313,7 +329,8 @@ class RuleContext:
 
     def emit(self, slot: int, axis: int, expr: Expr) -> None:
         """Output ``slot`` carries ``expr`` on ``axis``."""
-        if not self.output(slot) or expr.size <= 1:
+        outputs = self._outputs
+        if expr.size <= 1 or slot >= len(outputs) or not outputs[slot]:
             return
         key = (slot, axis)
         if key in self._emitted:
@@ -323,23 +340,24 @@ class RuleContext:
 
     def bind(self, slot: int, axis: int, expr: Expr, role: str) -> None:
         """Constant input ``slot`` must be permuted by ``expr`` along ``axis`` at this use."""
-        name = self.input(slot)
-        leaf = self.graph.constant_leaf(name) if name else None
+        inputs, graph = self._inputs, self.graph
+        name = inputs[slot] if slot < len(inputs) else ""
+        leaf = graph.constant_leaf(name) if name else None
         if leaf is None:
             raise RuleDoesNotApply("not-constant", f"'{name}' ({role}) is computed, not a constant")
-        shape = self.graph.constant_shape(name) or ()
+        shape = graph.constant_shape(name) or ()
         if axis < 0:
             axis += len(shape)
         if not 0 <= axis < len(shape) or shape[axis] != expr.size:
             raise RuleDoesNotApply(
                 "index-map", f"constant '{name}' has shape {list(shape)}, not {expr.size} along axis {axis}"
             )
-        leaf_axis = self.graph.leaf_axis(name, axis)
+        leaf_axis = graph.leaf_axis(name, axis) if leaf.chain else axis  # (a leaf read directly: its own axis)
         if leaf_axis is None:
             raise RuleDoesNotApply("index-map", f"constant '{name}' is reshaped so that axis {axis} mixes with others")
-        if leaf.constant_node is not None and not isinstance(self.graph.leaf_tensor_or_none(leaf), onnx.TensorProto):
+        if leaf.constant_node is not None and not isinstance(graph.leaf_tensor_or_none(leaf), onnx.TensorProto):
             raise RuleDoesNotApply("not-constant", f"constant '{leaf.name}' is a list attribute, not a tensor")
-        if self.graph.dtypes.get(leaf.name) in _PACKED:
+        if graph.dtypes.get(leaf.name) in _PACKED:
             raise RuleDoesNotApply("blocking", f"constant '{leaf.name}' packs two values per byte")
         self._bound.append(Binding(self.index, slot, leaf.name, leaf_axis, expr, role))
 
@@ -363,6 +381,14 @@ class RuleContext:
         return self.solver.new_atom(size)
 
     def unify(self, left: Expr, right: Expr) -> None:
+        if type(left) is Atom and type(right) is Atom and left.size == right.size:
+            # Two undivided groups of one size (residual connections, most equations): joined
+            # without making the mismatch reason, which only structured maps can need.
+            solver = self.solver
+            left, right = solver.resolve(left), solver.resolve(right)
+            if type(left) is Atom and type(right) is Atom:
+                solver.unify(left, right)
+                return
         self.solver.unify(left, right, self.reason("index-map", "incompatible index maps meet here"))
 
     def reason(self, kind: str, message: str) -> FreezeReason:
@@ -408,20 +434,32 @@ class RuleContext:
         for expr in self._producers:
             state.producers.append((self.index, expr))
         tracked, joint, taken = state.tracked, state.joint, self._taken
-        for slot, name in self.graph.inputs_of(self.index):
-            carried = tracked.get(name)
-            if carried:
-                for axis, expr in carried.items():
-                    if (name, axis) not in taken:
-                        where = "a subgraph" if slot < 0 else f"input {slot}"
-                        self.solver.freeze(
-                            expr, self.reason("no-rule", f"no rule for axis {axis} of '{name}' ({where})")
-                        )
-            for space in joint.get(name, ()) if joint else ():
-                if (name, space.axes) not in self._joint_taken:
-                    self.solver.freeze(
-                        space.expr, self.reason("no-rule", f"no rule for axes {list(space.axes)} of '{name}' taken together")
-                    )
+        for slot, name in enumerate(self._inputs):  # (inputs_of's order, without its generator)
+            if name and (name in tracked or (joint and name in joint)):  # (most inputs carry nothing)
+                self._freeze_untaken(slot, name, tracked, joint, taken)
+        for name in self.graph.implicit_inputs.get(self.index, ()):
+            self._freeze_untaken(-1, name, tracked, joint, taken)
+
+    def _freeze_untaken(
+        self,
+        slot: int,
+        name: str,
+        tracked: dict[str, dict[int, Expr]],
+        joint: dict[str, list[JointSpace]],
+        taken: set[tuple[str, int]],
+    ) -> None:
+        """Freeze the spaces of input ``name`` (at ``slot``, -1: a subgraph's read) the rule did not take."""
+        carried = tracked.get(name)
+        if carried:
+            for axis, expr in carried.items():
+                if (name, axis) not in taken:
+                    where = "a subgraph" if slot < 0 else f"input {slot}"
+                    self.solver.freeze(expr, self.reason("no-rule", f"no rule for axis {axis} of '{name}' ({where})"))
+        for space in joint.get(name, ()) if joint else ():
+            if (name, space.axes) not in self._joint_taken:
+                self.solver.freeze(
+                    space.expr, self.reason("no-rule", f"no rule for axes {list(space.axes)} of '{name}' taken together")
+                )
 
     def _with_companions(self) -> list[Binding]:
         """The buffered bindings, each followed by the bindings of its companions (recursively).
@@ -431,6 +469,8 @@ class RuleContext:
         copies the weight and its chain for one use, but the copy would still read the shared
         scale, so the uses could not get different permutations).
         """
+        if not self._bound:
+            return []
         graph = self.graph
         result: list[Binding] = []
         pending = list(self._bound)

@@ -53,13 +53,16 @@ class BroadcastRule(OpRule):
 
     def propagate(self, ctx: RuleContext) -> None:
         slots = [slot for slot in range(ctx.num_inputs) if ctx.input(slot)]
-        constant_slots = [slot for slot in slots if ctx.is_const(slot)]
-        carried = any(ctx.tracked(slot) for slot in slots)
+        # Each operand read once (every node of a deep network goes through here): its shape,
+        # whether it is a constant and the spaces it carries.
+        operands = {slot: _Operand(ctx, slot) for slot in slots}
+        constant_slots = [slot for slot in slots if operands[slot].const]
+        carried = any(operands[slot].spaces for slot in slots)
         if not carried and not (constant_slots and len(constant_slots) < len(slots)):
             return
-        if not carried and any(ctx.shape_in(slot) is None for slot in slots):
+        if not carried and any(operands[slot].shape is None for slot in slots):
             return  # nothing to carry, and no shapes to find a new axis with
-        ranks: dict[int, int | None] = {slot: _rank(ctx, slot) for slot in slots}
+        ranks: dict[int, int | None] = {slot: operands[slot].rank for slot in slots}
         if any(rank is None for rank in ranks.values()):
             out_rank = ctx.rank_out(0)  # raises when the output's rank is unknown too
             for slot, rank in ranks.items():
@@ -69,43 +72,47 @@ class BroadcastRule(OpRule):
                         ctx.freeze(expr, "unknown-shape", f"the rank of '{ctx.input(slot)}' is unknown")
         else:
             out_rank = max(rank for rank in ranks.values() if rank is not None)
+        # A take may start a state input's space (KV caches): one operand read twice (x * x)
+        # must then see it at its other slot, so its spaces are read again at each axis.
+        again = len({operand.name for operand in operands.values()}) < len(slots)
         for out_axis in range(out_rank):
-            self._couple_axis(ctx, slots, ranks, out_rank, out_axis)
+            self._couple_axis(ctx, slots, operands, out_rank, out_axis, again)
 
     @staticmethod
     def _couple_axis(
-        ctx: RuleContext, slots: list[int], ranks: dict[int, int | None], out_rank: int, out_axis: int
+        ctx: RuleContext, slots: list[int], operands: dict[int, _Operand], out_rank: int, out_axis: int, again: bool
     ) -> None:
         tracked: list[Expr] = []
         constants: list[tuple[int, int]] = []
         computed: list[tuple[int, int]] = []
         uncertain: list[str] = []  # computed operands that may or may not broadcast here
         for slot in slots:
-            rank = ranks[slot]
+            operand = operands[slot]
+            rank = operand.rank
             if rank is None:
-                uncertain.append(ctx.input(slot))
+                uncertain.append(operand.name)
                 continue
             axis = out_axis - (out_rank - rank)
             if axis < 0:
                 continue
-            spaces = ctx.tracked(slot)
+            spaces = ctx.tracked(slot) if again else operand.spaces
             if axis in spaces:
                 tracked.append(ctx.take(slot, axis))
                 continue
-            dim = (ctx.shape_in(slot) or ())[axis]
+            dim = operand.shape[axis]  # type: ignore[index]  # (known: its rank is)
             if dim == 1:
                 continue  # broadcast along this axis: unaffected by its permutation
-            if ctx.is_const(slot):
+            if operand.const:
                 constants.append((slot, axis))
             elif isinstance(dim, int):
                 computed.append((slot, axis))
             else:
-                uncertain.append(ctx.input(slot))
+                uncertain.append(operand.name)
         if not tracked:
             if constants and not computed and not uncertain and len(constants) < len(slots):
                 # Constants vary along an axis every computed input broadcasts over: the axis is
                 # new here, like a producer's (a LayerNorm gamma times a broadcast inverse std).
-                size = (ctx.shape_in(constants[0][0]) or ())[constants[0][1]]
+                size = operands[constants[0][0]].shape[constants[0][1]]  # type: ignore[index]
                 if not isinstance(size, int):
                     raise RuleDoesNotApply("unknown-shape", f"the size of axis {constants[0][1]} of '{ctx.input(constants[0][0])}' is unknown")
                 group = ctx.new_group(size)
@@ -126,6 +133,14 @@ class BroadcastRule(OpRule):
         ctx.emit(0, out_axis, expr)
 
 
-def _rank(ctx: RuleContext, slot: int) -> int | None:
-    shape = ctx.shape_in(slot)
-    return None if shape is None else len(shape)
+class _Operand:
+    """What :class:`BroadcastRule` reads of one input: its name, shape, rank, constness and spaces."""
+
+    __slots__ = ("const", "name", "rank", "shape", "spaces")
+
+    def __init__(self, ctx: RuleContext, slot: int) -> None:
+        self.name = ctx.input(slot)
+        self.shape = ctx.shape_in(slot)
+        self.rank = None if self.shape is None else len(self.shape)
+        self.const = ctx.is_const(slot)
+        self.spaces = ctx.tracked(slot)

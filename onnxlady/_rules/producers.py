@@ -10,6 +10,7 @@ from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import DirectSum, Expr, product
 from onnxlady._rules._context import Binding, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
+from onnxlady._rules.standardized import standardized_weight
 
 
 @register
@@ -24,7 +25,10 @@ class ConvRule(OpRule):
     op_types = ("Conv",)
 
     def propagate(self, ctx: RuleContext) -> None:
-        weight_shape = ctx.const_shape(1)
+        bind = _direct_binder(ctx, 1)
+        weight_shape = ctx.graph.constant_shape(ctx.input(1))
+        if weight_shape is None:
+            weight_shape, bind = _computed_conv_weight(ctx)
         groups = int(ctx.attr("group", 1))
         out_channels, in_per_group = weight_shape[0], weight_shape[1]
         if out_channels % groups:
@@ -32,16 +36,16 @@ class ConvRule(OpRule):
         channels = ctx.take(0, 1, in_per_group * groups)
         outputs: Expr
         if groups == 1:
-            ctx.bind(1, 1, channels, "conv weight (input channels)")
+            bind(1, channels, "conv weight (input channels)")
             outputs = ctx.new_group(out_channels)
         elif in_per_group == 1:
             outputs = product(channels, ctx.fixed(out_channels // groups, "depth multiplier"))
         else:
             inner = ctx.new_group(in_per_group)
             ctx.unify(channels, product(ctx.fixed(groups, "order of conv groups"), inner))
-            ctx.bind(1, 1, inner, "conv weight (input channels)")
+            bind(1, inner, "conv weight (input channels)")
             outputs = DirectSum(tuple(ctx.new_group(out_channels // groups) for _ in range(groups)))
-        ctx.bind(1, 0, outputs, "conv weight")
+        bind(0, outputs, "conv weight")
         ctx.attach(2, 0, outputs, "conv bias")
         ctx.declare_producer(outputs)
         ctx.emit(0, 1, outputs)
@@ -220,6 +224,34 @@ _Binder = Callable[[int, Expr, str], None]
 
 def _direct_binder(ctx: RuleContext, slot: int) -> _Binder:
     return lambda axis, expr, role: ctx.bind(slot, axis, expr, role)
+
+
+def _computed_conv_weight(ctx: RuleContext) -> tuple[tuple[int, ...], _Binder]:
+    """The shape of a Conv weight computed in the graph, and how its axes take a permutation.
+
+    A weight standardized in the graph (:mod:`onnxlady._rules.standardized`) binds the constants
+    it is made of. Any other weight computed from constants only keeps its convolution's
+    channels at the identity, with the reason: its output channels are still a group (so
+    ``inspect`` says why they cannot move), never permuted on a guess. A weight computed from
+    the inputs is no weight: the rule does not apply.
+    """
+    found = standardized_weight(ctx, 1)
+    if found is not None:
+        return found
+    name = ctx.input(1)
+    shape = ctx.shape_in(1)
+    if not name or not ctx.graph.constant_derived(name) or shape is None or len(shape) < 2:
+        return ctx.const_shape(1), _direct_binder(ctx, 1)  # (raises: not a constant)
+    if not all(isinstance(d, int) for d in shape):
+        raise RuleDoesNotApply("unknown-shape", f"the shape of conv weight '{name}' is unknown")
+
+    def freeze(axis: int, expr: Expr, role: str) -> None:
+        message = f"'{name}' ({role}) is computed in the graph by operators no rule maps back to its constants"
+        ctx.freeze(expr, "not-constant", message)
+
+    for axis, expr in ctx.take_all(1).items():  # what the computation carries into the weight stays too
+        freeze(axis, expr, f"axis {axis} of the conv weight")
+    return tuple(int(d) for d in shape), freeze  # type: ignore[arg-type]
 
 
 def _derived_matrix(ctx: RuleContext, slot: int) -> tuple[int, ...] | None:

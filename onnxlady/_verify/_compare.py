@@ -18,10 +18,11 @@ provider that does not load when it was asked for, a model ONNX Runtime cannot r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,12 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._io._progress import advance, say
 from onnxlady._verify._decoding import DecodingPlan, first_step, next_step, plan_decoding, state_view, step_length
 from onnxlady._verify._evidence import EQUIVALENT, INCONCLUSIVE, NOT_EQUIVALENT, find_squashes, judge, match_squashes
-from onnxlady._verify._feed_stream import FeedStream, reference_failure
+from onnxlady._verify._feed_stream import FeedStream
 from onnxlady._verify._feeds import load_input_file, script_feeds
 from onnxlady._verify._inputs import check_range, generate_inputs, parse_value_ranges, plan_inputs
 from onnxlady._verify._models import GraphIndex, ModelLike, check_interfaces, describe, load_graph
-from onnxlady._verify._noise_floor import judge_with_noise, measure_reference_noise
+from onnxlady._verify._noise_floor import ReferenceNoise, judge_with_noise, measure_reference_noise
+from onnxlady._verify._reference_runs import CheckNotRunError, ReferenceRuns
 from onnxlady._verify._report import InputRecord, OutputComparison, VerifyReport
 from onnxlady._verify._session import CPU, CUDA, PROVIDERS, create_session, first_line, run_session
 from onnxlady._verify._session import _model_source as _session_source
@@ -109,16 +111,6 @@ def default_tolerances(*models: onnx.ModelProto) -> tuple[float, float, str]:
         if precision in precisions:
             return (*REDUCED_PRECISION_TOLERANCES[precision], precision)
     return VERIFY_ATOL, VERIFY_RTOL, "float32"
-
-
-class CheckNotRunError(OnnxladyError):
-    """The comparison could not run for a reason that says nothing about the candidate.
-
-    Raised when the inputs cannot be made (a shape override or value range that does not fit the
-    reference, an unusable input file or script) or the reference itself cannot be loaded or
-    run on them. ``permute --verify`` then keeps the permuted model: the permutation succeeded,
-    only its check is missing.
-    """
 
 
 def _model_source(model: ModelLike, name: str) -> str | bytes:
@@ -198,7 +190,11 @@ def _plan_compared(
 def _open_sessions(
     reference: ModelLike, candidate: ModelLike, provider: str, names: tuple[str, str], fetch: _Fetch, outputs: int
 ) -> tuple[Any, Any, str, str | None]:
-    """Both sessions on the same execution provider: never compare a GPU run with a CPU run."""
+    """Both sessions on the same execution provider: never compare a GPU run with a CPU run.
+
+    On the CPU the candidate's session is not opened here (it is None): verify opens it once the
+    reference's session has run and been freed (see :mod:`onnxlady._verify._reference_runs`).
+    """
     ref_name, cand_name = names
     ref_extra, cand_extra = fetch.ref[outputs:], fetch.cand[outputs:]
     try:
@@ -208,7 +204,7 @@ def _open_sessions(
     except OnnxladyError as exc:  # the reference does not load (or CUDA asked for does not): nothing checked
         raise CheckNotRunError(str(exc)) from exc
     if provider_used == CPU:
-        cand_session, _, _ = create_session(candidate, "cpu", name=cand_name, extra_outputs=cand_extra)
+        cand_session = None
     else:
         cand_session, cand_provider, _ = create_session(candidate, provider, name=cand_name, extra_outputs=cand_extra)
         if cand_provider != provider_used:
@@ -227,25 +223,31 @@ def _inputs_or_not_run(stream: Iterator[dict[str, np.ndarray]]) -> Iterator[dict
         raise CheckNotRunError(str(exc)) from exc
 
 
+#: Both models' runs: the reference's (recorded or replayed) and the candidate's session
+#: (None in the first pass, which runs the reference alone), each with its label.
+Sessions = tuple[tuple[ReferenceRuns, str], tuple[Any, str]]
+
+
 def _run_step(
-    sessions: tuple[tuple[Any, str], tuple[Any, str]],
+    sessions: Sessions,
     fetch: _Fetch,
     feeds: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
-    stream: FeedStream,
+    key: tuple[Any, ...],
     state_outputs: Mapping[str, int],
     tolerances: tuple[float, float],
-) -> tuple[list[Any], list[Any]]:
+) -> tuple[list[Any], list[Any] | None]:
     """Run both sessions on their feeds and add every compared pair to its accumulator.
 
-    ``state_outputs`` (present output -> sequence axis) are compared as :func:`state_view` sees
-    them. Returns both sessions' outputs (in ``fetch.ref`` / ``fetch.cand`` order).
+    ``key`` names the run (feed number and step) in the reference's record. ``state_outputs``
+    (present output -> sequence axis) are compared as :func:`state_view` sees them. Returns
+    both sessions' outputs (in ``fetch.ref`` / ``fetch.cand`` order); the candidate's are None
+    in the first pass, which runs the reference alone.
     """
-    (ref_session, ref_name), (cand_session, cand_name) = sessions
+    (ref_runs, ref_name), (cand_session, cand_name) = sessions
     ref_feed, cand_feed = feeds
-    try:
-        ref_out = run_session(ref_session, ref_feed)
-    except Exception as exc:  # ORT's own exception types: the inputs do not suit the reference
-        raise CheckNotRunError(reference_failure(exc, ref_name, stream, ref_feed)) from exc
+    ref_out = ref_runs.run(key, ref_feed)
+    if cand_session is None:
+        return ref_out, None
     try:
         cand_out = run_session(cand_session, cand_feed)
     except Exception as exc:
@@ -268,15 +270,19 @@ def _run_step(
 
 
 def _decode(
-    sessions: tuple[tuple[Any, str], tuple[Any, str]],
+    sessions: Sessions,
     fetch: _Fetch,
     feed: dict[str, np.ndarray],
-    stream: FeedStream,
+    number: int,
     plan: DecodingPlan,
     tokens: int,
     tolerances: tuple[float, float],
+    record: list[tuple[dict[str, np.ndarray], dict[str, Any]]] | None = None,
 ) -> str | None:
     """Run ``feed`` as two decoding steps of ``tokens`` tokens (see :mod:`onnxlady._verify._decoding`).
+
+    With ``record``, each step's reference feed and outputs are appended to it (the reference's
+    noise floor is measured on them).
 
     Returns:
         None when both steps ran; why not when the reference cannot run the prefill from an
@@ -284,35 +290,126 @@ def _decode(
     """
     prefill = first_step(plan, feed, tokens)
     try:
-        ref_out, cand_out = _run_step(sessions, fetch, (prefill, prefill), stream, plan.state_outputs, tolerances)
+        ref_out, cand_out = _run_step(
+            sessions, fetch, (prefill, prefill), (number, "prefill"), plan.state_outputs, tolerances
+        )
     except CheckNotRunError as exc:
         return str(exc)
     # Each model reads the cache it wrote: a permuted cache is fed back in its own order.
-    following = (
-        next_step(plan, feed, tokens, dict(zip(fetch.ref, ref_out))),
-        next_step(plan, feed, tokens, dict(zip(fetch.cand, cand_out))),
-    )
-    _run_step(sessions, fetch, following, stream, plan.state_outputs, tolerances)
+    ref_next = next_step(plan, feed, tokens, dict(zip(fetch.ref, ref_out)))
+    cand_next = next_step(plan, feed, tokens, dict(zip(fetch.cand, cand_out))) if cand_out is not None else ref_next
+    next_out, _ = _run_step(sessions, fetch, (ref_next, cand_next), (number, "next"), plan.state_outputs, tolerances)
+    if record is not None:
+        record.extend([(prefill, dict(zip(fetch.ref, ref_out))), (ref_next, dict(zip(fetch.ref, next_out)))])
     return None
 
 
 def _loop_state(
-    sessions: tuple[tuple[Any, str], tuple[Any, str]],
+    sessions: Sessions,
     fetch: _Fetch,
     feed: dict[str, np.ndarray],
-    stream: FeedStream,
+    number: int,
     loop: StateLoop,
-    first: tuple[list[Any], list[Any]],
+    first: tuple[list[Any], list[Any] | None],
     tolerances: tuple[float, float],
 ) -> None:
     """The steps after the first of a state loop: each model reads back the state it wrote."""
     ref_out, cand_out = first
-    for _ in range(loop.steps - 1):
+    for step in range(1, loop.steps):
         ref_next = next_feed(loop, feed, dict(zip(fetch.ref, ref_out)))
-        cand_next = next_feed(loop, feed, dict(zip(fetch.cand, cand_out)))
+        # The first pass (no candidate) runs the reference's steps: those the candidate ends sooner go unused.
+        cand_next = next_feed(loop, feed, dict(zip(fetch.cand, cand_out))) if cand_out is not None else ref_next
         if ref_next is None or cand_next is None:  # a state of another shape: nothing to feed back
             return
-        ref_out, cand_out = _run_step(sessions, fetch, (ref_next, cand_next), stream, {}, tolerances)
+        ref_out, cand_out = _run_step(sessions, fetch, (ref_next, cand_next), (number, "loop", step), {}, tolerances)
+
+
+#: The reference's first pass holds up to this many bytes of outputs and feeds (or the model's
+#: size, when larger: holding them then costs no more than the session it frees).
+_RECORD_BUDGET = 64 << 20
+
+
+def _stored_size(model: ModelLike) -> int:
+    """The model file's size in bytes (0 for a model in memory or a file that cannot be read)."""
+    if isinstance(model, (str, os.PathLike)):
+        with contextlib.suppress(OSError):
+            return os.stat(model).st_size
+    return 0
+
+
+@dataclass(frozen=True)
+class _FeedPlan:
+    """How each feed runs: what is compared, as decoding steps or a state loop, and the tolerances."""
+
+    fetch: _Fetch
+    decoding: DecodingPlan | None
+    loop: StateLoop | None
+    tolerances: tuple[float, float]
+
+
+def _run_feeds(
+    sessions: Sessions,
+    plan: _FeedPlan,
+    stream: Iterator[dict[str, np.ndarray]],
+    progress: Callable[[str], None] | None,
+    feeds: FeedStream,
+    iterations: int,
+) -> tuple[
+    int,
+    dict[str, tuple[int, ...]],
+    dict[str, np.ndarray] | None,
+    dict[str, Any],
+    list[str],
+    list[tuple[dict[str, np.ndarray], dict[str, Any]]],
+]:
+    """Run every feed of ``stream`` on both models (the reference alone in the first pass).
+
+    Returns:
+        The number of feeds, the first feed's shapes, the first feed run as one step (or the
+        first decoding step) and the reference's outputs on it (its noise floor is measured
+        there), the notes on how the feeds ran (decoding steps, state loop), and the first
+        decoded feed's later steps with the reference's outputs (measured there too).
+    """
+    fetch, decoding, loop, tolerances = plan.fetch, plan.decoding, plan.loop, plan.tolerances
+    first_pass = sessions[1][0] is None
+    runs = sessions[0][0]
+    decoding_notes: list[str] = [loop.describe()] if loop is not None else []
+    count = 0
+    first_shapes: dict[str, tuple[int, ...]] = {}
+    first_feed: dict[str, np.ndarray] | None = None  # kept: the reference's noise floor is measured on it
+    first_outputs: dict[str, Any] = {}
+    decoded: list[tuple[dict[str, np.ndarray], dict[str, Any]]] = []  # the first decoded feed's steps, likewise
+    for feed in stream:
+        count += 1
+        first_shapes = first_shapes or {name: tuple(int(d) for d in array.shape) for name, array in feed.items()}
+        tokens = step_length(decoding, feed) if decoding is not None else None
+        if decoding is not None and tokens is not None:
+            record = decoded if not decoded and not first_pass else None
+            failure = _decode(sessions, fetch, feed, count, decoding, tokens, tolerances, record)
+            decoding_notes = [decoding.describe(tokens)]
+            if failure is not None:  # the reference does not start from an empty cache: one step each
+                why = f"KV cache: the reference does not run from an empty cache ({failure})"
+                decoding_notes = [why + "; each feed ran as one step with the generated cache"]
+                decoding = None
+        if decoding is None or tokens is None:
+            ref_out, cand_out = _run_step(sessions, fetch, (feed, feed), (count, "one"), {}, tolerances)
+            if first_feed is None:
+                first_feed, first_outputs = feed, dict(zip(fetch.ref, ref_out))
+            if loop is not None:
+                _loop_state(sessions, fetch, feed, count, loop, (ref_out, cand_out), tolerances)
+        if first_pass:
+            if runs.over_budget:  # the rest runs with both sessions alive
+                break
+            continue
+        if progress is not None and feeds.given_by is None and callable(getattr(progress, "update", None)):
+            advance(progress, "verify: comparing outputs", count, iterations)  # a bar: the count is known
+        elif progress is not None:
+            mismatched = sum(pair[0].mismatched for pair in fetch.pairs)
+            total = f"/{iterations}" if feeds.given_by is None else ""
+            progress(f"iteration {count}{total}: {mismatched} mismatched element(s) so far")
+    if first_feed is None and decoded:
+        first_feed, first_outputs = decoded[0]
+    return count, first_shapes, first_feed, first_outputs, decoding_notes, decoded[1:]
 
 
 def verify_models(
@@ -420,6 +517,13 @@ def verify_models(
         reference, candidate, provider, (ref_name, cand_name), fetch, output_count
     )
 
+    def open_candidate() -> Any:
+        return create_session(candidate, "cpu", name=cand_name, extra_outputs=fetch.cand[output_count:])[0]
+
+    def reopen_reference() -> Any:
+        again = "cpu" if provider_used == CPU else provider
+        return create_session(reference, again, name=ref_name, extra_outputs=fetch.ref[output_count:])[0]
+
     rng = np.random.default_rng(seed)
     feeds = FeedStream(ref_graph, ref_index, plans, shapes, input_range, value_ranges)
     try:
@@ -431,6 +535,8 @@ def verify_models(
         else:
             stream = feeds.generated(rng, iterations)
     except OnnxladyError as exc:
+        if cand_session is None:  # the candidate's own failure to load is said first, as it always was
+            cand_session = open_candidate()
         raise CheckNotRunError(str(exc)) from exc
 
     # Generated feeds of a model with a KV cache run as two decoding steps (see _decoding).
@@ -438,37 +544,26 @@ def verify_models(
     decoding = plan_decoding(ref_graph, [plan.name for plan in plans]) if generated else None
     # Fixed-shape recurrent state (a streaming model's state -> stateN): a loop of steps (see _state_loop).
     loop = plan_state_loop(ref_graph, [plan.name for plan in plans]) if generated and decoding is None else None
-    decoding_notes: list[str] = [loop.describe()] if loop is not None else []
-    sessions = ((ref_session, ref_name), (cand_session, cand_name))
-    tolerances = (atol, rtol)
-    count = 0
     say(progress, "verify: running both models")
-    first_shapes: dict[str, tuple[int, ...]] = {}
-    first_feed: dict[str, np.ndarray] | None = None  # kept: the reference's noise floor is measured on it
-    first_outputs: dict[str, Any] = {}
-    for feed in _inputs_or_not_run(stream):
-        count += 1
-        first_shapes = first_shapes or {name: tuple(int(d) for d in array.shape) for name, array in feed.items()}
-        tokens = step_length(decoding, feed) if decoding is not None else None
-        if decoding is not None and tokens is not None:
-            failure = _decode(sessions, fetch, feed, feeds, decoding, tokens, tolerances)
-            decoding_notes = [decoding.describe(tokens)]
-            if failure is not None:  # the reference does not start from an empty cache: one step each
-                why = f"KV cache: the reference does not run from an empty cache ({failure})"
-                decoding_notes = [why + "; each feed ran as one step with the generated cache"]
-                decoding = None
-        if decoding is None or tokens is None:
-            ref_out, cand_out = _run_step(sessions, fetch, (feed, feed), feeds, {}, tolerances)
-            if first_feed is None:
-                first_feed, first_outputs = feed, dict(zip(fetch.ref, ref_out))
-            if loop is not None:
-                _loop_state(sessions, fetch, feed, feeds, loop, (ref_out, cand_out), tolerances)
-        if progress is not None and feeds.given_by is None and callable(getattr(progress, "update", None)):
-            advance(progress, "verify: comparing outputs", count, iterations)  # a bar: the count is known
-        elif progress is not None:
-            mismatched = sum(pair[0].mismatched for pair in fetch.pairs)
-            total = f"/{iterations}" if feeds.given_by is None else ""
-            progress(f"iteration {count}{total}: {mismatched} mismatched element(s) so far")
+    # On the CPU the reference runs alone first and its session is freed before the candidate's
+    # opens: one session at a time (see _reference_runs).
+    budget = max(_RECORD_BUDGET, _stored_size(reference)) if cand_session is None else 0
+    runs = ReferenceRuns(ref_session, reopen_reference, ref_name, feeds, budget)
+    del ref_session  # the runs hold the only reference to it: releasing them frees it
+    wrapped = _inputs_or_not_run(stream)
+    plan = _FeedPlan(fetch, decoding, loop, (atol, rtol))
+    if cand_session is None:
+        runs.recording = True
+        with contextlib.suppress(Exception):  # whatever stopped the first pass, the second meets it again
+            _run_feeds(((runs, ref_name), (None, cand_name)), plan, runs.feeds(wrapped), None, feeds, iterations)
+        runs.recording = False
+        if not runs.over_budget:
+            runs.release()
+        cand_session = open_candidate()
+    sessions: Sessions = ((runs, ref_name), (cand_session, cand_name))
+    count, first_shapes, first_feed, first_outputs, decoding_notes, later_steps = _run_feeds(
+        sessions, plan, runs.feeds(wrapped), progress, feeds, iterations
+    )
     if count == 0:
         raise CheckNotRunError(f"{feeds.given_by} gives no feeds")
 
@@ -478,8 +573,19 @@ def verify_models(
     if verdict == NOT_EQUIVALENT and first_feed is not None:
         say(progress, "verify: measuring the reference's own rounding noise")
         noise = measure_reference_noise(
-            reference, ref_session, provider_used, ref_name, fetch.ref, fetch.ref[output_count:], first_outputs, first_feed
-        )
+            reference, runs.live_session(), provider_used, ref_name, fetch.ref, fetch.ref[output_count:],
+            first_outputs, first_feed,
+        )  # fmt: skip
+        for step_feed, step_outputs in later_steps:  # a decoding step after the prefill: its own rounding
+            more = measure_reference_noise(
+                reference, runs.live_session(), provider_used, ref_name, fetch.ref, fetch.ref[output_count:],
+                step_outputs, step_feed,
+            )  # fmt: skip
+            if more is not None:
+                merged = dict(noise.max_abs) if noise is not None else {}
+                for tensor, value in more.max_abs.items():
+                    merged[tensor] = max(merged.get(tensor, 0.0), value)
+                noise = ReferenceNoise(merged, more.sources)
         rejudged = judge_with_noise(compared, squashed, noise) if noise is not None else None
         if rejudged is not None:
             verdict, reasons, noise_notes = rejudged

@@ -5,7 +5,9 @@ an output that is empty, non-finite, vanishing (every value within a few ``atol`
 constant (every value within the tolerance of one another) or saturated (every value of a
 Sigmoid/Softmax/Tanh/Clip within the tolerance of the op's bounds, where a change of its input no
 longer shows). So verify also compares the *input* of a squashing op that makes a graph output
-(the logits) and judges that output's evidence on it.
+(the logits) and judges that output's evidence on it; likewise the scores an ArgMax, ArgMin or
+TopK reduces to indices (one agreeing class index is next to no evidence: a wrong permutation
+often keeps it).
 
 The verdict is three-valued: ``not-equivalent`` when any compared element fails;
 ``equivalent`` when none fails and every compared tensor carries evidence (a squashing output
@@ -37,6 +39,9 @@ _SQUASH_BOUNDS: dict[str, tuple[float, ...]] = {
     "Tanh": (-1.0, 1.0),
     "Clip": (),
 }
+#: Ops that reduce their input to indices (a class, the top k): one agreeing index proves little,
+#: so their input (the scores) is compared too.
+_INDEX_OPS = frozenset({"ArgMax", "ArgMin", "TopK"})
 #: Ops that only move values between a squashing op and the graph output.
 _LAYOUT_OPS = frozenset({"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 
@@ -63,11 +68,14 @@ def find_squashes(index: GraphIndex) -> dict[str, Squash]:
         node = index.producer.get(tensor)
         while node is not None and node.op_type in _LAYOUT_OPS and node.input:
             node = index.producer.get(node.input[0])
-        if node is None or node.op_type not in _SQUASH_BOUNDS or not node.input:
+        if node is None or (node.op_type not in _SQUASH_BOUNDS and node.op_type not in _INDEX_OPS) or not node.input:
             continue
         source = node.input[0]
         if source in index.graph_inputs or index.is_constant(source):
             continue  # nothing to learn from comparing a fed input or a constant
+        if node.op_type in _INDEX_OPS:
+            found[output] = Squash(output, node.op_type, source, ())
+            continue
         bounds = _clip_bounds(index, node) if node.op_type == "Clip" else _SQUASH_BOUNDS[node.op_type]
         if bounds:
             found[output] = Squash(output, node.op_type, source, bounds)

@@ -21,12 +21,15 @@ outputs by orders of magnitude more (LeViT: 34 against a noise of 0.12) and stay
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import onnx
 
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._verify._evidence import INCONCLUSIVE, judge, tensor_label
 from onnxlady._verify._models import ModelLike
 from onnxlady._verify._report import OutputComparison
@@ -44,6 +47,8 @@ class ReferenceNoise:
     """Per compared floating-point tensor: how far the reference moves from itself (largest absolute change)."""
 
     max_abs: dict[str, float]
+    #: How the reference's rounding was changed, for the report.
+    sources: tuple[str, ...] = ("graph optimizations off", "its inputs moved by one ulp")
 
 
 def measure_reference_noise(
@@ -89,6 +94,16 @@ def measure_reference_noise(
     if any(np.issubdtype(value.dtype, np.floating) and value.size for value in feed.values()):
         with contextlib.suppress(Exception):  # ORT's own exception types: this run says nothing
             runs.append(run_session(session, jittered))
+    sources = ["graph optimizations off", "its inputs moved by one ulp"]
+    variant = _float_activations(reference)
+    if variant is not None:
+        sources.append("MatMulNBits reading float inputs instead of int8-rounded ones")  # the int8 rounding of MatMulNBits' inputs depends on their order within a block
+        with contextlib.suppress(Exception):  # OnnxladyError or ORT's own exception types: this run says nothing
+            floated, _, _ = create_session(
+                variant, "cpu" if provider == "CPUExecutionProvider" else "cuda", name=name, extra_outputs=extra
+            )
+            runs.append(run_session(floated, feed))
+        del variant
     if not runs:
         return None
     noise: dict[str, float] = {}
@@ -104,7 +119,40 @@ def measure_reference_noise(
                 continue
             diff = np.abs(a[finite] - b[finite])
             noise[tensor] = max(noise.get(tensor, 0.0), float(diff.max()))
-    return ReferenceNoise(noise)
+    return ReferenceNoise(noise, tuple(sources))
+
+
+def _float_activations(reference: ModelLike) -> onnx.ModelProto | None:
+    """The reference with every ``MatMulNBits`` reading its input in float (``accuracy_level`` 0).
+
+    At ``accuracy_level`` 4 (ONNX Runtime GenAI's int4 CPU builds) the kernel rounds its input to
+    int8 per block of the reduced axis, so a permutation of that axis changes which values share a
+    scale: a correct permutation moves the outputs by this rounding, which the one-ulp and
+    unoptimised runs do not show. The same function without it measures how large it is. None
+    when no node rounds its input this way.
+    """
+    def rounds_input(graph: onnx.GraphProto) -> bool:
+        return any(
+            node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+            and int(node_attribute(node, "accuracy_level", 0)) > 0
+            for node in graph.node
+        )  # fmt: skip
+
+    if isinstance(reference, onnx.ModelProto):
+        if not rounds_input(reference.graph):
+            return None
+        model = onnx.ModelProto()
+        model.CopyFrom(reference)
+    else:
+        if not rounds_input(onnx.load(os.fspath(reference), load_external_data=False).graph):
+            return None
+        model = onnx.load(os.fspath(reference))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level":
+                    attribute.i = 0
+    return model
 
 
 def judge_with_noise(
@@ -136,22 +184,20 @@ def judge_with_noise(
         verdict, reasons, notes = judge([as_passed(c) for c in compared], [as_passed(c) for c in squashed])
         rounding = tuple(
             f"{tensor_label(c)} {c.name!r}: {c.mismatched_elements} of {c.total_elements} elements beyond the "
-            f"tolerance, by at most {c.max_abs_error:.3g}, and {_moved(floors[c.name])}: judged as rounding"
+            f"tolerance, by at most {c.max_abs_error:.3g}, and {_moved(floors[c.name], noise.sources)}: judged as rounding"
             for c in failed
         )
         return verdict, reasons, notes + rounding
     reasons = tuple(
         f"{tensor_label(c)} {c.name!r}: {c.mismatched_elements} of {c.total_elements} elements differ "
         f"(max abs error {c.max_abs_error:.3g}), within {NOISE_MARGIN:g} times the rounding noise, and "
-        f"{_moved(floors[c.name])}: this model is too ill-conditioned on these inputs for the tolerances to tell "
+        f"{_moved(floors[c.name], noise.sources)}: this model is too ill-conditioned on these inputs for the tolerances to tell "
         "a re-ordered sum from a change; give wider atol/rtol or other inputs"
         for c in failed
     )
     return INCONCLUSIVE, reasons, ()
 
 
-def _moved(floor: float) -> str:
-    return (
-        f"the reference alone moves by up to {floor:.3g} when only its rounding changes (graph optimizations off, "
-        "or its inputs moved by one ulp)"
-    )
+def _moved(floor: float, sources: Sequence[str]) -> str:
+    how = ", ".join(sources[:-1]) + f", or {sources[-1]}" if len(sources) > 1 else "".join(sources)
+    return f"the reference alone moves by up to {floor:.3g} when only its rounding changes ({how})"

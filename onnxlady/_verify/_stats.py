@@ -108,7 +108,8 @@ class Accumulator:
             failed = int(np.count_nonzero(~within_tolerance(diff, b64[both_finite], atol, rtol))) + nonfinite_mismatch
         self.mismatched += failed
         if diff.size:
-            rel = diff / np.maximum(np.abs(b64[both_finite]), _TINY)
+            # A boolean's relative error says nothing (a flipped False reads 1 / tiny).
+            rel = diff / np.maximum(np.abs(b64[both_finite]), _TINY) if b.dtype.kind != "b" else diff
             self.max_abs = max(self.max_abs, float(diff.max()))
             self.max_rel = max(self.max_rel, float(rel.max()))
             self.sum_abs += float(diff.sum())
@@ -133,8 +134,10 @@ class Accumulator:
             return f"all reference values below {self._vanishing():g} in magnitude (10 x atol)"
         spread = self.ref_max - self.ref_min
         exact = kind in "biu"
-        if self.total > 1 and (spread == 0 or (not exact and spread <= max(self.atol, self.rtol * self.ref_max_abs))):
+        if (self.total > 1 or exact) and (spread == 0 or (not exact and spread <= max(self.atol, self.rtol * self.ref_max_abs))):
             # One value for every element: a candidate that mixes the elements up still passes.
+            if spread == 0 and self.total == 1:
+                return f"a single value ({self.ref_min:g}): one agreeing element proves next to nothing"
             if spread == 0:
                 return f"constant: every reference value is {self.ref_min:g}"
             return (
