@@ -229,19 +229,18 @@ class ChannelAnalysis:
         # Only a node writing some group can start an edge: those nodes, in the graph's order.
         producer = graph.producer
         writers = sorted({produced[0] for name in groups_of if (produced := producer.get(name)) is not None})
+
+        def carried(names: Iterable[str]) -> set[str]:
+            found: set[str] = set()
+            for name in names:
+                groups = groups_of.get(name)
+                if groups:
+                    found.update(groups)
+            return found
+
         for index in writers:
-            ins: set[str] = set()
-            for name in graph.input_names(index):
-                carried = groups_of.get(name)
-                if carried:
-                    ins.update(carried)
-            if not ins:
-                continue
-            outs: set[str] = set()
-            for name in graph.output_names(index):
-                carried = groups_of.get(name)
-                if carried:
-                    outs.update(carried)
+            ins = carried(graph.input_names(index))
+            outs = carried(graph.output_names(index)) if ins else None
             if not outs:
                 continue
             op_type = graph.op_of(index)[0]

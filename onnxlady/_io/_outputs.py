@@ -494,17 +494,13 @@ class OutputSet:
         for it). A run killed before the rename leaves a staging folder without a journal, which
         the next run into the folder removes; the target keeps its old content.
         """
-        try:
+        def rename() -> None:
             if entry.staged not in self._synced:
                 _fsync_path(entry.staged)
             os.replace(entry.staged, entry.target)
             _fsync_folder(entry.target.parent)
-        except OSError as exc:
-            self.abort()
-            raise OnnxladyError(f"{entry.shown}: cannot write ({_reason(exc)})") from exc
-        except BaseException:
-            self.abort()
-            raise
+
+        self._guard(entry.shown, rename)
         self.abort()  # removes the (now empty) staging folder
 
     def _write_journal(self) -> None:
