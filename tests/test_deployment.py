@@ -446,6 +446,9 @@ def test_a_scalar_step_behind_the_reshape_of_a_fused_gemm_stays_with_its_layer()
     reader = next(node for node in converted.graph.node if gemm.output[0] in node.input)
     assert reader.op_type == "Reshape"  # the form the held-out Whisper encoder had
     assert verify_models(reference, converted, provider="cpu").equivalent
+    wrong = copy_model(converted)  # the check above can fail
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(reference, wrong, provider="cpu").equivalent
     assert audit_models(reference, converted).verdict == "converted"
     model, _, _, key = permute_copy(reference, 5)
     suspect = ort_optimized(model, "extended")

@@ -29,6 +29,7 @@ from onnxlady._api._sources import (
 )
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import file_sha256, load_model, save_model
+from onnxlady._io._outputs import external_data_path
 from onnxlady._io._progress import say
 from onnxlady._io._stream import Override
 from onnxlady._transforms._key import PermutationKey
@@ -218,7 +219,7 @@ _BROKEN_KEY = (
 
 def _remove_written(target: Path, external: bool) -> None:
     """Remove what a refused unpermute wrote (the model and its weights file)."""
-    for path in (target, Path(f"{target}.data")) if external else (target,):
+    for path in (target, external_data_path(target)) if external else (target,):
         with contextlib.suppress(OSError):
             path.unlink()
 
