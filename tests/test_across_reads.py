@@ -77,8 +77,8 @@ def test_reads_are_shared_read_only_and_give_what_separate_reads_give(monkeypatc
     reads: list[int] = []
     original = _sites._read_operand
 
-    def frozen(graph, operand, bounds):  # type: ignore[no-untyped-def]
-        value = original(graph, operand, bounds)
+    def frozen(graph, operand, bounds, compact=False):  # type: ignore[no-untyped-def]
+        value = original(graph, operand, bounds, compact)
         if value is not None and not bounds:
             reads.append(1)
             value.value.flags.writeable = False  # a reader writing to a shared read fails here
@@ -99,10 +99,10 @@ def test_each_operand_is_read_once_within_reading_once(monkeypatch) -> None:
     counts: dict[tuple[int, object], int] = {}
     original = _sites._read_operand
 
-    def counted(graph, operand, bounds):  # type: ignore[no-untyped-def]
+    def counted(graph, operand, bounds, compact=False):  # type: ignore[no-untyped-def]
         if not bounds:
             counts[(id(graph), operand)] = counts.get((id(graph), operand), 0) + 1
-        return original(graph, operand, bounds)
+        return original(graph, operand, bounds, compact)
 
     monkeypatch.setattr(_sites, "_read_operand", counted)
     result = resync_model(reference, CONVERSIONS["float16"](permuted), true_key=key)

@@ -20,10 +20,14 @@ import pytest
 from fixtures import FIXTURES, build_large_model
 from fixtures.conversions import quantize_qdq, to_float16
 from onnxlady._provenance._fingerprint import (
+    LAYER_WIDTH,
+    ModelFingerprint,
     fingerprint_model,
     fingerprints_of,
     model_producers,
     resample,
+    search_vector,
+    search_vectors,
     segment_resample,
 )
 from onnxlady._provenance._index import _batches, _Task, build_index, list_models
@@ -156,6 +160,22 @@ def test_models_reduced_together_keep_their_own_records() -> None:
     together = fingerprints_of([model_producers(model) for model in models])
     for model, fingerprint in zip(models, together):
         assert fingerprint.to_bytes() == fingerprint_model(model).to_bytes()
+
+
+def test_search_vectors_of_a_batch_are_those_of_each_alone() -> None:
+    """An index stores batched search vectors; a suspect's is computed alone: they must be equal, bit for bit."""
+    models = [FIXTURES[name](seed) for name in ("vgg", "resnet", "matmul_mlp", "encoder_prenorm") for seed in (0, 1)]
+    fingerprints = fingerprints_of([model_producers(model) for model in models])
+    fingerprints.insert(3, ModelFingerprint(np.zeros((0, LAYER_WIDTH), np.float32), np.zeros((0, 4), np.int64), (), ()))
+    alone = np.stack([search_vector(fingerprint) for fingerprint in fingerprints])
+    for size in (1, 3, len(fingerprints)):
+        together = np.concatenate(
+            [search_vectors(fingerprints[start : start + size]) for start in range(0, len(fingerprints), size)]
+        )
+        assert together.dtype == np.float32 and together.view(np.uint32).tolist() == alone.view(np.uint32).tolist()
+    # The comparison can fail: the vectors of other models are not these.
+    assert not np.array_equal(search_vectors(fingerprints[::-1]), alone)
+    assert search_vectors([]).shape == (0, alone.shape[1])
 
 
 def test_tasks_are_batched_by_count_and_size() -> None:

@@ -44,7 +44,7 @@ from onnxlady import (
 )
 from onnxlady._transforms._permute import _permute_tensor, _tensor_holders
 from onnxlady._verify._compare import generate_inputs
-from onnxlady.testing import GraphBuilder, constant_bytes, copy_model
+from onnxlady.testing import GraphBuilder, constant_bytes, copy_model, permute_producer_only
 
 TRANSFORMERS = ("encoder_postnorm", "encoder_prenorm", "tied_lm_head")
 BLOCKS = {"encoder_postnorm": ("block0",), "encoder_prenorm": ("block0", "block1"), "tied_lm_head": ("block0",)}
@@ -409,18 +409,22 @@ def test_tied_table_through_gemm_trans_b_is_permuted_once() -> None:
     assert analysis.untied == []
 
 
-def test_transposed_table_with_two_readers_is_not_looked_through() -> None:
-    """The Transpose's output feeds two MatMuls: the table is not bound through it (a reader the
-    rule does not see could get a permuted table), so the residual stream, contracted with the
-    transposed table in its original order, keeps its order too.
+def test_transposed_table_with_two_readers_is_looked_through_by_both() -> None:
+    """The Transpose's output feeds two MatMuls, and each takes its contracted axis.
+
+    The table is bound through it once, with the residual stream (a reader that did not take
+    the axis would freeze it instead: tests/test_derived_readers.py).
     """
     source = _tied_model("two_readers")
     model, analysis, _, _ = _permute_all(source, 3)
-    residual = [g for g in analysis.groups if g.size == WIDTH]
-    assert residual and all(g.frozen for g in residual)
-    assert any("table_t" in r.message for g in residual for r in g.reasons)
+    residual = _group(analysis, "mlp.fc2.weight", 1)
+    assert residual.permutable and ("tokens.weight", 1) in _weight_members(residual)
+    assert analysis.untied == []
     assert _group(analysis, "mlp.fc1.weight", 1).permutable  # the MLP's own units stay free
     _assert_equivalent(source, model)
+    wrong = copy_model(source)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(source, wrong, provider="cpu").equivalent
 
 
 def test_position_table_gathered_at_constant_positions_joins_the_residual_stream() -> None:

@@ -51,6 +51,11 @@ the unrelated-gap law, the margin the threshold sits in).
 
     python3 -m tools.registry_experiment [--out DIR] [--seeds 3] [--synthetic 100000] [--calibrate] [--real-pairs] [--json]
 
+``--stages`` also measures where fingerprinting's CPU time goes (:func:`stage_costs`): the
+protobuf parse alone, then reading, walking the graph for the producer weights, the layer
+arithmetic and the search vectors, each against ``onnx.load``; with ``--throughput-only`` it
+replaces the throughput.
+
 ``--real-pairs`` also compares every pair of different real models that ``python3 -m
 tools.match_real_models`` reads (:func:`real_pairs`): unrelated pairs the registry lacks (timm's
 random-initialised tiny transformers share their layer shapes).
@@ -556,6 +561,88 @@ def throughput(files: list[str], repeats: int = 5) -> dict[str, float]:
     }
 
 
+def stage_costs(files: list[str], repeats: int = 5) -> dict[str, Any]:
+    """Where fingerprinting's CPU time goes, stage by stage, against ``onnx.load`` (``--stages``).
+
+    Per stage, the CPU time (``time.process_time``) of one pass over ``files``, the fastest of
+    ``repeats`` interleaved rounds: ``onnx.load``; the protobuf parse alone (the file's bytes
+    read and ``ParseFromString``: what any reader pays); then the stages of
+    :func:`~onnxlady._provenance._read.fingerprint_files`, each on the previous stage's output:
+    ``open`` (read, parse or skim, the checks), ``graph walk`` (the producer weights,
+    :func:`~onnxlady._provenance._producers.model_producers`), ``layer arithmetic``
+    (:func:`~onnxlady._provenance._fingerprint.fingerprints_of` over the tasks of a one-worker
+    build) and ``vectors and bytes`` (search vectors and serialization); ``whole`` is
+    ``fingerprint_files`` itself. Runs with any round's onnxlady (the search vectors one by one
+    where it has no batched form).
+    """
+    from onnxlady._provenance import _fingerprint as fingerprint_module
+    from onnxlady._provenance._producers import model_producers
+    from onnxlady._provenance._read import open_local
+
+    tasks = [[t.path for t in batch] for batch in _batches([_Task(f, os.path.getsize(f)) for f in files], 1)]
+    batched = getattr(fingerprint_module, "search_vectors", None)
+
+    def parse() -> None:
+        for path in files:
+            onnx.ModelProto().ParseFromString(Path(path).read_bytes())
+
+    def opened() -> list[list[Any]]:
+        models = []
+        for batch in tasks:
+            group = []
+            for path in batch:
+                with open_local(Path(path), digest=False) as (model, _, _):
+                    group.append(model)
+            models.append(group)
+        return models
+
+    state: dict[str, Any] = {}
+
+    def vectors_and_bytes() -> list[Any]:
+        done = []
+        for group in state["layer arithmetic"]:
+            vectors = batched(group) if batched else [fingerprint_module.search_vector(f) for f in group]
+            done.append((vectors, [f.to_bytes() for f in group]))
+        return done
+
+    stages: dict[str, Callable[[], Any]] = {
+        "onnx.load": lambda: [onnx.load(path) for path in files],
+        "parse": parse,
+        "open": opened,
+        "graph walk": lambda: [
+            [model_producers(m.model, m.arrays, m.full_model) for m in group] for group in state["open"]
+        ],
+        "layer arithmetic": lambda: [fingerprint_module.fingerprints_of(group) for group in state["graph walk"]],
+        "vectors and bytes": vectors_and_bytes,
+        "whole": lambda: [fingerprint_files(batch, digest=False) for batch in tasks],
+    }
+    best = dict.fromkeys(stages, float("inf"))
+    for _ in range(repeats):
+        for name, run in stages.items():
+            cpu = time.process_time()
+            state[name] = run()
+            best[name] = min(best[name], time.process_time() - cpu)
+    state.clear()
+    return {"files": len(files), "seconds": best, "per_file_us": {k: v / len(files) * 1e6 for k, v in best.items()}}
+
+
+def _stages_table(results: dict[str, Any]) -> str:
+    groups = [(label, results[key]) for label, key in (("fixture files", "stages_fixtures"),
+              ("real and exported models", "stages_models")) if results.get(key)]  # fmt: skip
+    lines = [
+        "| stage (CPU time of a pass, fastest of the rounds) | "
+        + " | ".join(f"{label} ({group['files']} files)" for label, group in groups) + " |",
+        "| --- |" + " --- |" * len(groups),
+    ]
+    for stage in groups[0][1]["seconds"]:
+        cells = []
+        for _, group in groups:
+            seconds, load = group["seconds"][stage], group["seconds"]["onnx.load"]
+            cells.append(f"{seconds * 1e3:.1f} ms ({group['per_file_us'][stage]:.0f} us/file, {seconds / load:.2f}x load)")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def build_speedup(paths: list[str], folder: Path, runs: int = 3) -> dict[str, Any]:
     """Index build time with 1 and 2 workers on fresh indexes: ``runs`` alternating runs each, medians.
 
@@ -853,6 +940,11 @@ def main(argv: list[str] | None = None) -> int:
         "--build-speedup", action="store_true",
         help="with --throughput-only: also time the index build with 1 and 2 workers (runs with any round's onnxlady)",
     )  # fmt: skip
+    parser.add_argument(
+        "--stages", action="store_true",
+        help="also measure where fingerprinting's CPU time goes, stage by stage, against onnx.load "
+        "(with --throughput-only: instead of the throughput; runs with any round's onnxlady)",
+    )  # fmt: skip
     parser.add_argument("--calibrate", action="store_true", help="also print the calibrated constants")
     parser.add_argument(
         "--real-pairs", action="store_true",
@@ -892,17 +984,21 @@ def main(argv: list[str] | None = None) -> int:
             build_index([root / "registry/references"], references_index, workers=2)
             print("searching...", file=sys.stderr)
             results["accuracy"] = search_accuracy(layout, index, references_index)
-        print("measuring throughput...", file=sys.stderr)
         files = sorted(str(p) for p in (root / "registry").rglob("*.onnx"))
-        results["throughput_fixtures"] = throughput(
-            [f for f in files if layout["sources"][f] == "fixture"], args.repeats
-        )
+        fixture_files = [f for f in files if layout["sources"][f] == "fixture"]
         models = [f for f in files if layout["sources"][f] != "fixture"]
-        results["throughput_models"] = throughput(models, args.repeats) if models else None
-        large = root / "large.onnx"
-        onnx.save(build_large_model(args.large_megabytes), large)
-        results["throughput_large"] = throughput([str(large)], args.repeats)
-        large.unlink()
+        if args.stages:
+            print("measuring the stages...", file=sys.stderr)
+            results["stages_fixtures"] = stage_costs(fixture_files, args.repeats)
+            results["stages_models"] = stage_costs(models, args.repeats) if models else None
+        if not (args.stages and args.throughput_only):
+            print("measuring throughput...", file=sys.stderr)
+            results["throughput_fixtures"] = throughput(fixture_files, args.repeats)
+            results["throughput_models"] = throughput(models, args.repeats) if models else None
+            large = root / "large.onnx"
+            onnx.save(build_large_model(args.large_megabytes), large)
+            results["throughput_large"] = throughput([str(large)], args.repeats)
+            large.unlink()
         if not args.throughput_only or args.build_speedup:
             # The registry and the suspects: a longer build than the registry alone.
             results["build"] = build_speedup([str(p) for p in registry] + [str(root / "suspects")], root)
@@ -931,8 +1027,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(_speed_row(label, results[key]))
         if results.get("build"):
             print(_build_row(results["build"]))
+        if args.stages:
+            print(_stages_table(results))
     else:
         print(_table(results))
+        if args.stages:
+            print(_stages_table(results))
         for line in results["notes"]:
             print(f"note: {line}")
         for item in layout["skipped"]:

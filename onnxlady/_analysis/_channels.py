@@ -44,6 +44,7 @@ from onnxlady._rules._context import (
     JointSpace,
     RuleContext,
     RuleDoesNotApply,
+    freeze_partial_derived,
     materialize_joint,
 )
 from onnxlady._rules._registry import rule_for
@@ -425,6 +426,7 @@ def analyze(
         spaces = [*state.tracked.get(name, {}).values(), *(space.expr for space in state.joint.get(name, []))]
         for expr in spaces:
             state.solver.freeze(expr, FreezeReason("graph-output", f"graph output '{name}'"))
+    freeze_partial_derived(state)
     _join_shared_constants(state)
     _freeze_constant_only(state)
     analysis = _collect(state)

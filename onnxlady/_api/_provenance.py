@@ -265,11 +265,18 @@ def build_index(
         What the build did: counts, the files fingerprinted, touched, removed and unreadable.
 
     Raises:
-        OnnxladyError: the index is not an onnxlady index or is of a newer format, an unknown
-            engine, fewer than one worker, or Dask asked for but not installed or unreachable.
+        OnnxladyError: a path given does not exist, the index is not an onnxlady index or is of
+            a newer format, an unknown engine, fewer than one worker, or Dask asked for but not
+            installed or unreachable.
     """
     if workers is not None:
         check_whole(workers, "--workers", 1)
+    # A registry path that is not there is a typo, not an empty registry: an index of nothing
+    # would make every later ``find`` answer "nothing derived". (Files that vanish or fail to
+    # read inside a folder are listed as unreadable and the build goes on.)
+    for path in paths:
+        if "://" not in str(path) and not os.path.lexists(path):
+            raise OnnxladyError(f"{path}: no such file or folder (nothing indexed)")
     say(progress, f"index: scanning {len(paths)} path{'s' if len(paths) != 1 else ''}")
 
     def settled(step: IndexProgress) -> None:

@@ -70,7 +70,9 @@ class UnpermuteResult(Result):
         if self._model is None:
             if self.output is None:
                 raise OnnxladyError("the restored model was neither kept nor written")
-            self._model = load_model(self.output, map_external=True).model
+            # The caller's model: external weights mapped, inline ones in memory (never views of
+            # the file, which onnx.save could not write).
+            self._model = load_model(self.output, map_external=True, map_inline=False).model
         return self._model
 
     @property

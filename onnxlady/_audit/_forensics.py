@@ -277,7 +277,7 @@ def _distinct16(flat: np.ndarray) -> int:
     return count - bool(present[0x0000] and present[0x8000])
 
 
-def _distinct_at_least(values: np.ndarray, prefix: int | None = None) -> int:
+def _distinct_at_least(values: np.ndarray, prefix: int | None = None, enough: float | None = None) -> int:
     """A lower bound of :func:`_distinct` in one pass, no sort: how many low-bit patterns occur.
 
     Equal values have equal bit patterns but for the sign of zero, which the bits read here
@@ -285,6 +285,12 @@ def _distinct_at_least(values: np.ndarray, prefix: int | None = None) -> int:
     bits of a float32's representation (the high bits of a float64's folded onto its low ones),
     twice as many patterns as elements read: for weights of noise-like values a bound near the
     exact count. Only the first ``prefix`` elements are read when given (a bound still).
+
+    With ``enough``, the pass stops once more than ``enough`` patterns occurred (the count of
+    those read so far, above ``enough``, is returned: a bound still): a caller that compares
+    the bound with thresholds up to ``enough`` gets the answers the whole pass gives. The
+    scatter into the pattern table was the largest cost of the forensics after the change's
+    top singular value; a noise-like tensor passes its thresholds in its first quarter.
     """
     flat = np.ravel(values)
     if prefix is not None:
@@ -296,14 +302,21 @@ def _distinct_at_least(values: np.ndarray, prefix: int | None = None) -> int:
     bits = min(31, max(8, int(flat.size).bit_length() + 1))
     seen = np.zeros(1 << bits, dtype=bool)
     mask = (1 << bits) - 1
-    for start in range(0, flat.size, 1 << 20):  # chunks: the index arrays stay small
-        chunk = flat[start : start + (1 << 20)]
+    start, step = 0, 1 << 20 if enough is None else 1 << 17
+    while start < flat.size:  # chunks: the index arrays stay small
+        chunk = flat[start : start + step]
         if chunk.dtype == np.float32:
             keys = chunk.view(np.uint32) & np.uint32(mask)
         else:
             wide = chunk.view(np.uint64)
             keys = ((wide ^ (wide >> np.uint64(32))) & np.uint64(mask)).astype(np.uint32)
         seen[keys] = True
+        start += step
+        if enough is not None and start < flat.size:
+            count = int(np.count_nonzero(seen))  # the patterns of the elements read so far: a bound
+            if count > enough:
+                return count
+            step = min(2 * step, 1 << 20)  # counted after chunks that double: a few counts in all
     return int(np.count_nonzero(seen))
 
 
@@ -318,11 +331,14 @@ def _distinct_counts(ref: np.ndarray, sus: np.ndarray, same: bool) -> tuple[int 
     equal element by element (one count serves both).
     """
     if same:
-        count = _distinct(ref) if _distinct_at_least(ref, 4 * DISTINCT_CAP) <= DISTINCT_CAP else None
+        count = _distinct(ref) if _distinct_at_least(ref, 4 * DISTINCT_CAP, DISTINCT_CAP) <= DISTINCT_CAP else None
         return count, count, count == 0  # n <= n / 4 only for n = 0
-    sus_low = _distinct_at_least(sus)
+    # The bound is compared with the cap and with a quarter of the suspect's size below: counting
+    # beyond both changes no answer.
+    sus_low = _distinct_at_least(sus, enough=max(DISTINCT_CAP, QUANT_RATIO * sus.size))
     sus_count = _distinct(sus) if sus_low <= DISTINCT_CAP else None
-    ref_count = _distinct(ref) if _distinct_at_least(ref, 4 * DISTINCT_CAP) <= DISTINCT_CAP else None
+    ref_low = _distinct_at_least(ref, 4 * DISTINCT_CAP, DISTINCT_CAP)
+    ref_count = _distinct(ref) if ref_low <= DISTINCT_CAP else None
     if ref_count is None and sus_count is not None and sus_count > QUANT_RATIO * DISTINCT_CAP:
         ref_count = _distinct(ref)  # the vote needs the reference's count itself
     if ref_count is None and sus_count is None and sus_low <= QUANT_RATIO * sus.size:
@@ -505,7 +521,7 @@ def _correlation(x: np.ndarray, y: np.ndarray, scratch: np.ndarray, own_x: bool 
 
 def _median(values: list[float | None]) -> float | None:
     finite = [v for v in values if v is not None]
-    return float(np.median(finite)) if finite else None
+    return float(median(finite)) if finite else None
 
 
 # -- the decision -----------------------------------------------------------------------------
@@ -624,12 +640,12 @@ def _summarize(per_tensor: list[dict[str, Any]], others: dict[str, list[str]]) -
         "kept_match": kept_match,
         "tensors_with_few_distinct_values": sum(1 for t in voters if t["few_distinct_values"]),
         "quantized_fraction": quantized / voting if voting else None,
-        "relative_change_median": float(np.median(robust)) if robust.size else 0.0,
+        "relative_change_median": float(median(robust)) if robust.size else 0.0,
         "relative_change_cv": cv,
         "row_dispersion_median": _median([t.get("row_dispersion") for t in dense]),
         "column_dispersion_median": _median([t.get("column_dispersion") for t in dense]),
         "spectral_excess_median": _median([t.get("spectral_excess") for t in dense]),
-        "correlation_z_median": float(np.median(z)) if z else None,
+        "correlation_z_median": float(median(z)) if z else None,
         "max_abs_correlation_change_vs_weight": max((abs(t.get("correlation", 0.0)) for t in dense), default=0.0),
         "non_weight_constants_changed": others["changed"],
         "non_weight_constants_reordered": [n for n in others["differ_in_place"] if n not in others["changed"]],
@@ -790,10 +806,10 @@ def find_scaled_under_noise(
                 ks[j], norms[j] = k, math.sqrt(norm2)
                 e = s64 - k * r64
                 resid[j] = float(np.sqrt(e @ e / (r64.size - 1)))
-        usable = norms > 0.1 * float(np.median(norms))
+        usable = norms > 0.1 * float(median(norms))
         if not np.any(usable):
             continue
-        sigma = float(np.median(resid[usable]))
+        sigma = float(median(resid[usable]))
         if not sigma:
             continue  # exact rows: the exact scale analysis decides
         z = (ks - 1) * norms / sigma
@@ -807,6 +823,6 @@ def find_scaled_under_noise(
             and 0 < ks[j] <= SCALE_MAX_K
             and resid[j] <= 2.0 * sigma * max(1.0, ks[j])
         ]
-    if not candidates or float(np.median(np.concatenate(bulk))) > SCALE_BULK_Z:
+    if not candidates or float(median(np.concatenate(bulk))) > SCALE_BULK_Z:
         return []  # none, or most neurons moved: not a few scaled ones
     return candidates if len(candidates) <= SCALE_MAX_FRACTION * total else []

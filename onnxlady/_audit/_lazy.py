@@ -12,7 +12,8 @@ suspect at once was its peak memory (2.1-2.4x such a model). For such models:
   float64 copies the scale analysis undoes scales in), the mapping itself never changed.
 
 Inline models keep plain dicts (:func:`constants_of`): their arrays are views of the model's
-bytes, already in memory.
+bytes, in memory or mapped from the ``.onnx`` file (:func:`onnxlady._io._external.map_inline_payloads`),
+each read once; the re-synchronized suspect of such a model keeps each moved tensor once computed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxlady._io._external import has_mapped, is_mapped, mapped_bytes
+from onnxlady._io._external import has_mapped, has_mapped_external, is_mapped, mapped_bytes
 from onnxlady._io._tensors import read_array, read_constants, require_loaded, tensor_holders
 from onnxlady._resync._solver import ResyncResult
 
@@ -38,19 +39,29 @@ class LazyConstants(Mapping[str, np.ndarray]):
     ``in``, ``len`` and iteration read no array.
     """
 
-    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]], *, keep_last: bool = False) -> None:
+    def __init__(
+        self, loaders: dict[str, Callable[[], np.ndarray]], *, keep_last: bool = False, keep_all: bool = False
+    ) -> None:
         """Read nothing yet.
 
         Args:
             loaders: per name, in iteration order, what computes its array.
             keep_last: keep the last array read until another name is read (for arrays costly to
                 compute, indexed several times in a row).
+            keep_all: keep every array once read (arrays costly to compute, read in no
+                particular order, where holding them all is no more than the model itself).
         """
         self._loaders = loaders
         self._keep_last = keep_last
+        self._kept: dict[str, np.ndarray] | None = {} if keep_all else None
         self._last: tuple[str, np.ndarray] | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if self._kept is not None:
+            kept = self._kept.get(name)
+            if kept is None:
+                kept = self._kept[name] = self._loaders[name]()
+            return kept
         if self._last is not None and self._last[0] == name:
             return self._last[1]
         self._last = None  # the previous array goes before the next one is computed
@@ -108,8 +119,24 @@ class Overlay(MutableMapping[str, np.ndarray]):
         return Overlay(self._base, dict(self._own))
 
 
-def _reader(holder: onnx.TensorProto, label: str) -> Callable[[], np.ndarray]:
-    return lambda: read_array(holder, label)
+def _reader(holder: onnx.TensorProto, label: str, aligned: bool = False) -> Callable[[], np.ndarray]:
+    """What reads ``holder``: as a plain array, an aligned copy of it with ``aligned`` (see :func:`_plain`)."""
+    if aligned:
+        return lambda: _plain(read_array(holder, label))
+    return lambda: np.asarray(read_array(holder, label))  # read anew at each index: never copied
+
+
+def _plain(values: np.ndarray) -> np.ndarray:
+    """``values`` as a plain, aligned array: a view where it is one, else a copy.
+
+    numpy's memmap subclass wraps the result of every operation on it (a gather per neuron row)
+    at a cost beyond the gather's own. A tensor mapped from an inline ``.onnx`` file starts
+    wherever protobuf put its bytes, often at an address its item size does not divide: numpy
+    reads such an array element by element (one neuron row's gather took milliseconds, the
+    audit of a 118 MB model a minute), so it is copied once instead.
+    """
+    plain = np.asarray(values)
+    return plain if plain.flags.aligned else np.array(plain)
 
 
 def constants_of(model: onnx.ModelProto, which: str) -> Mapping[str, np.ndarray]:
@@ -123,6 +150,16 @@ def constants_of(model: onnx.ModelProto, which: str) -> Mapping[str, np.ndarray]
     """
     if not has_mapped(model):
         return read_constants(model, which)
+    if not has_mapped_external(model):
+        # Views of the inline file itself: each one mapped once and kept, as plain aligned arrays
+        # (see _plain). Mapped again at every index, gathers per neuron row cost more than the
+        # rest of the audit.
+        # One tensor at a time: a copied view's mapping (its pages count as the process's
+        # memory once read) goes before the next one is read.
+        return {
+            name: _plain(read_array(holder, f"tensor '{name}' of the {which}"))
+            for name, holder in tensor_holders(model).items()
+        }
     loaders = {}
     for name, holder in tensor_holders(model).items():
         label = f"tensor '{name}' of the {which}"
@@ -141,8 +178,8 @@ def resynced_constants(result: ResyncResult) -> Mapping[str, np.ndarray] | None:
 
     A twin of a model whose weights stay in their files comes back unbuilt with a function per
     moved tensor (see :attr:`ResyncResult.unbuilt`): each tensor is computed from the suspect's
-    file and the match when indexed, the last one kept; every other constant is read from the
-    suspect. None for any other result (built, bytes overrides, packed sub-byte types, a
+    file and the match when indexed, the last one kept (every one, for views of an inline
+    file); every other constant is read from the suspect. None for any other result (built, bytes overrides, packed sub-byte types, a
     big-endian machine).
     """
     unbuilt = result.unbuilt if result.built is None else None
@@ -151,12 +188,16 @@ def resynced_constants(result: ResyncResult) -> Mapping[str, np.ndarray] | None:
     suspect, overrides = unbuilt
     if not any(callable(value) for value in overrides.values()):
         return None
+    # Views of an inline suspect (no external data file): every array computed once and kept,
+    # the moved tensors as the moved bytes of a suspect read whole would be. Computed anew
+    # whenever another tensor was read in between, they were moved once per neuron row.
+    inline = not has_mapped_external(suspect)
     loaders: dict[str, Callable[[], np.ndarray]] = {}
     for name, holder in tensor_holders(suspect).items():
         value = overrides.get(name)
         label = f"tensor '{name}' of the re-synchronized suspect"
         if value is None:
-            loaders[name] = _reader(holder, label)
+            loaders[name] = _reader(holder, label, aligned=inline)
             continue
         if not callable(value):
             return None
@@ -166,4 +207,4 @@ def resynced_constants(result: ResyncResult) -> Mapping[str, np.ndarray] | None:
         if dtype.itemsize * math.prod(shape) != stored:  # packed sub-byte types: onnx unpacks them
             return None
         loaders[name] = _moved(value, dtype, shape)
-    return LazyConstants(loaders, keep_last=True)
+    return LazyConstants(loaders, keep_last=True, keep_all=inline)

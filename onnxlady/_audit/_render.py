@@ -274,7 +274,10 @@ def _group_graph(analysis: Any) -> str:
 
     graph = nx.DiGraph()
     graph.add_nodes_from(g.id for g in analysis.groups)
-    graph.add_edges_from(analysis.group_edges())
+    # Edges in the groups' order: group_edges() gathers them from sets of group ids, whose order
+    # follows Python's string hashing, and the spanning tree a cycle keeps follows edge order.
+    rank = {g.id: number for number, g in enumerate(analysis.groups)}
+    graph.add_edges_from(sorted(analysis.group_edges(), key=lambda edge: (rank[edge[0]], rank[edge[1]])))
     if not nx.is_directed_acyclic_graph(graph):
         graph = nx.DiGraph(nx.dfs_tree(graph))  # a cycle cannot be layered: keep a spanning tree
     depth: dict[str, int] = {}

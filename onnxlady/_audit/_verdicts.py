@@ -20,8 +20,10 @@ Verdicts (:attr:`AuditReport.verdict`), first that applies:
 ``perturbed``         anything else, with ``report.perturbation`` = the likely kind and evidence
                       (under noise, ``report.rescaled`` lists the compensated rescales read
                       through it: both findings);
-``converted``         (suspects that went through a converter only) every constant equals the
-                      reference's within storage error, in the reference's order already.
+``converted``         every constant equals the reference's within storage error, in the
+                      reference's order already (no neuron moved): a converter's output, or a
+                      rewrite that leaves no converter's signature (a simplifier's folded
+                      Constant nodes, dropped zero inputs, float rounding).
 
 A suspect that went through a converter (float16, folded BatchNorm, QDQ, simplifier, opset; see
 :mod:`onnxlady._resync._across`) is compared in a form both models share, each value within the error
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -70,6 +73,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
+from onnxlady._audit._activation_quantization import mismatched_activation_quantization
 from onnxlady._audit._forensics import (
     SCALE_MAX_K,
     SCALE_MIN,
@@ -77,9 +81,11 @@ from onnxlady._audit._forensics import (
     find_scaled_under_noise,
     weight_infos,
 )
+from onnxlady._audit._graph_edits import graph_edits
 from onnxlady._audit._lazy import LazyConstants, Overlay, constants_of, resynced_constants
 from onnxlady._audit._relatedness import check_related
 from onnxlady._audit._rowwise import cos_ratio_of, least_squares_rows, row_dots
+from onnxlady._audit._select import median
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._files import copy_model
 from onnxlady._io._progress import say
@@ -163,6 +169,8 @@ class AuditReport:
     similarity: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: What a converter did to either model (float16, folded BatchNorm...): not an integrity change.
     conversions: list[ConversionFinding] = field(default_factory=list)
+    #: Operators changed, inserted or removed in a node-for-node copy (:mod:`onnxlady._audit._graph_edits`).
+    graph_edits: list[str] = field(default_factory=list)
     #: The reference's analysis, kept so that rendering and canonicalizing do not analyse it again.
     analysis: ChannelAnalysis | None = field(default=None, repr=False, compare=False)
 
@@ -197,6 +205,7 @@ class AuditReport:
             "functionally_equivalent": self.exit_code == 0,
             "conversions": [asdict(c) for c in self.conversions],
             "differing_tensors": list(self.differing_tensors),
+            "graph_edits": list(self.graph_edits),
             "rescaled": [asdict(s) for s in self.rescaled],
             "scaled_neurons": [asdict(s) for s in self.scaled_neurons],
             "perturbation": self.perturbation,
@@ -387,10 +396,30 @@ class _Use:
     positions: list[np.ndarray]
 
 
+#: The last :func:`_group_uses` computed: (its analysis, held weakly, the names, the uses).
+_LAST_USES: list[tuple[weakref.ref[ChannelAnalysis], frozenset[str], dict[str, dict[str, list[_Use]]]]] = []
+
+
 def _group_uses(
     analysis: ChannelAnalysis, names: set[str]
 ) -> dict[str, dict[str, list[_Use]]]:
-    """Per group: its producer rows, biases, BN statistics and consumer columns."""
+    """Per group: its producer rows, biases, BN statistics and consumer columns (read only).
+
+    The same for the same analysis and names: one audit asks five times (similarity before and
+    after, the scale analysis, noisy scales and rescales), and each answer sorts every
+    tensor's neuron labels, so the last one is kept.
+    """
+    key = frozenset(names)
+    for known, known_names, uses in _LAST_USES:
+        if known() is analysis and known_names == key:
+            return uses
+    uses = _find_group_uses(analysis, names)
+    _LAST_USES[:] = [(weakref.ref(analysis), key, uses)]
+    return uses
+
+
+def _find_group_uses(analysis: ChannelAnalysis, names: set[str]) -> dict[str, dict[str, list[_Use]]]:
+    """:func:`_group_uses`, computed."""
     nodes = analysis.graph.nodes
     out: dict[str, dict[str, list[_Use]]] = {}
     for number, plan in enumerate(analysis.tensors):
@@ -917,7 +946,53 @@ def audit_models(
     :mod:`onnxlady._resync._across`), the comparison in the reference's form cannot hold them in
     order; if it then finds differences, the pair is compared the other way round as well
     (``mirrored`` marks that inner audit) and a clean result there is the verdict.
+
+    A verdict that the suspect computes what the reference does (exit 0) also needs the
+    suspect's activation quantization to be a converter's: a DequantizeLinear undoing its
+    QuantizeLinear with other constants (:mod:`onnxlady._audit._activation_quantization`) makes
+    it ``modified``.
     """
+    report = _audit_weights(reference, suspect, rtol=rtol, method=method, refine=refine, progress=progress, mirrored=mirrored)
+    if report.exit_code != 0:
+        return report
+    # A node-for-node copy, or a suspect matched across forms with no converter's signature at
+    # all (an edited graph is no twin): the same operators are expected.
+    node_for_node = report.resync is None or report.resync.across is None
+    if node_for_node or not report.conversions:
+        edits = graph_edits(reference, suspect, node_for_node=node_for_node)
+        if edits:
+            report.verdict = "modified"
+            report.graph_edits = edits
+            listing = "; ".join(edits[:5]) + ("; ..." if len(edits) > 5 else "")
+            report.summary = (
+                f"graph edited with the weights kept: {len(edits)} operator{'s differ' if len(edits) != 1 else ' differs'} "
+                f"({listing}): the suspect computes something else; the weights: {report.summary}"
+            )
+            return report
+    known = set(mismatched_activation_quantization(reference))
+    changed = [name for name in mismatched_activation_quantization(suspect) if name not in known]
+    if changed:
+        report.verdict = "modified"
+        report.differing_tensors = sorted(set(report.differing_tensors) | set(changed))
+        report.summary = (
+            f"activation quantization changed: {len(changed)} DequantizeLinear read a QuantizeLinear's output "
+            f"with another scale or zero point ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}), "
+            f"which no converter writes and which changes the outputs; the weights: {report.summary}"
+        )
+    return report
+
+
+def _audit_weights(
+    reference: onnx.ModelProto,
+    suspect: onnx.ModelProto,
+    *,
+    rtol: float,
+    method: str,
+    refine: bool,
+    progress: Callable[[str], None] | None,
+    mirrored: bool,
+) -> AuditReport:
+    """:func:`audit_models` on the constants the analysis and the sites hold."""
     # Weights left in their files are read as each comparison asks, one tensor at a time.
     ref = constants_of(reference, "reference")
     before = constants_of(suspect, "suspect")
@@ -975,12 +1050,23 @@ def audit_models(
     conversions = list(result.across.match.conversions) if result.across is not None else []
     done = " and converted" if conversions else ""
 
+    # Without a conversion's bounds (which the scale analysis widens) an array compared once
+    # compares the same again: the second pass, over the arrays the scale analysis left as
+    # they were, is answered from the first (the array itself, not its name, is the key).
+    compared: dict[str, tuple[weakref.ref[np.ndarray], bool]] = {}
+
+    def close(name: str, values: np.ndarray) -> bool:
+        source = _source(name)
+        known = compared.get(name)
+        if known is not None and known[0]() is values:
+            return known[1]
+        result = _close(ref[source], values, rtol, allowed.get(source))
+        if not allowed:
+            compared[name] = (weakref.ref(values), result)
+        return result
+
     def differing(values: Mapping[str, np.ndarray]) -> list[str]:
-        return sorted(
-            n
-            for n, a in values.items()
-            if _source(n) in ref and not _close(ref[_source(n)], a, rtol, allowed.get(_source(n)))
-        )
+        return sorted(n for n, a in values.items() if _source(n) in ref and not close(n, a))
 
     say(progress, "audit: comparing constants with the reference's")
     diff = differing(after)
@@ -993,11 +1079,18 @@ def audit_models(
     )  # fmt: skip
     if not diff:
         report.rescaled, report.scaled_neurons = [], []
-        if conversions and all(np.array_equal(m, np.arange(m.size)) for m in _matches(result)):
+        # In the reference's order everywhere: no neuron moved, so only the form changed (a
+        # simplifier that folds or drops what computes nothing new leaves no other trace).
+        if all(np.array_equal(m, np.arange(m.size)) for m in _matches(result)):
             report.verdict = "converted"
+            how = (
+                _conversion_text(conversions)
+                if conversions
+                else "no converter's signature found: its graph or its float rounding differs, no neuron moved"
+            )
             report.summary = (
                 "every compared constant equals the reference's within the error its storage allows, in the "
-                f"reference's order: the suspect is the reference converted ({_conversion_text(conversions)})"
+                f"reference's order: the suspect is the reference converted ({how})"
             )
             return report
         rounding = "within the error its storage allows" if conversions else "up to float rounding"
@@ -1155,6 +1248,15 @@ def _forensics_verdict(
     change = (
         f"weights modified, {reason}" if kind == "uncertain" else f"weights modified; likely {kind}: {reason}"
     )
+    if kind == "quantization" and any(c.kind == "quantized" and c.model == "suspect" for c in report.conversions):
+        # The converter itself stores the suspect's weights on an integer grid: the grid is its
+        # signature and says nothing of the change beyond its rounding (noise 0.1 then int8 looks so).
+        perturbation["evidence"]["grid_of_the_conversion"] = True
+        change = (
+            "weights modified beyond the rounding of the conversion, which quantizes them itself: "
+            f"{reason}, the converter's own, so the kind of the change underneath is not named (noise, "
+            "fine-tuning or a coarser quantization look alike through it)"
+        )
     if report.scaled_neurons:
         report.verdict = "scaled"
         listing = ", ".join(f"{s.group}[{s.neuron}] x{s.k:.4g}" for s in report.scaled_neurons[:20])
@@ -1280,8 +1382,8 @@ def _row_scales(r_arr: np.ndarray, s_arr: np.ndarray, use: _Use, size: int) -> t
             e = s - ks[j] * r
             resid[j] = math.sqrt(float(e @ e) / (r.size - 1))
     usable = norms > 0
-    usable &= norms > 0.1 * (float(np.median(norms[usable])) if np.any(usable) else 0.0)
-    sigma = float(np.median(resid[usable])) if np.any(usable) else 0.0
+    usable &= norms > 0.1 * (float(median(norms[usable])) if np.any(usable) else 0.0)
+    sigma = float(median(resid[usable])) if np.any(usable) else 0.0
     return np.where(usable, ks, np.nan), np.where(usable, sigma / np.maximum(norms, 1e-300), np.inf)
 
 

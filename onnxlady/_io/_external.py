@@ -19,14 +19,27 @@ files instead:
   graph (without weights) is ever serialized as a whole.
 
 Memory is then bounded by the graph and the few tensors in flight, not by the model's size.
+
+Inline models get the same treatment (:func:`map_inline_payloads`): the large ``raw_data`` of
+a main-graph initializer, left unread by :func:`onnxlady._io._skim.read_without_payloads`, is
+mapped from the ``.onnx`` file itself at the payload's offset (a *view*). A view reads through
+the file handle opened when the model was loaded, so the old content stays readable after the
+file is replaced (an output written over its input is staged and renamed: the old inode
+lives on); it remembers the tensor's own ``data_location`` so that a model written from it, or
+read in, is the one a full load gives. A model holding views is written inline, streamed
+(:func:`onnxlady._io._stream.write_model`), unless it is written with external data.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +49,19 @@ import onnx.external_data_helper
 from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._skim import Payload
 
 __all__ = [
     "INLINE_BYTES",
+    "drop_file_reference",
     "has_mapped",
+    "has_mapped_external",
     "is_mapped",
+    "is_view",
     "load_mapped",
     "map_external_data",
+    "map_inline_payloads",
+    "view_header",
     "mapped_files",
     "mapped_array",
     "mapped_bytes",
@@ -102,6 +121,18 @@ def has_mapped(model: onnx.ModelProto) -> bool:
     return any(is_mapped(tensor) for tensor in onnx.external_data_helper._get_all_tensors(model))
 
 
+def is_view(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` is mapped from the ``.onnx`` file it was inline in (:func:`map_inline_payloads`)."""
+    return is_external(tensor) and any(entry.key == _VIEW_KEY for entry in tensor.external_data)
+
+
+def has_mapped_external(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` is still in an external data file (mapped, not a view)."""
+    return any(
+        is_mapped(tensor) and not is_view(tensor) for tensor in onnx.external_data_helper._get_all_tensors(model)
+    )
+
+
 def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The values of a mapped tensor as a read-only memory map of its file (no copy).
 
@@ -118,13 +149,40 @@ def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
         return np.zeros(dims, dtype=dtype)
     info = _info(tensor)
     offset = int(info.get("offset", "0"))
-    values = np.memmap(info["location"], dtype=dtype, mode="r", offset=offset, shape=(count,))
+    view = info.get(_VIEW_KEY)
+    source: Any = _view_handle(view) if view is not None else info["location"]
+    values = np.memmap(source, dtype=dtype, mode="r", offset=offset, shape=(count,))
     return values.reshape(dims)
 
 
 def mapped_bytes(tensor: onnx.TensorProto) -> memoryview:
     """The raw bytes of a mapped tensor, as a read-only view of its file."""
     return np.ascontiguousarray(mapped_array(tensor)).reshape(-1).view(np.uint8).data
+
+
+def view_header(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A copy of a view (:func:`is_view`) as the file holds it, without its ``raw_data``.
+
+    Every field but the data, unknown fields included, with the file reference dropped and the
+    tensor's own ``data_location`` back: what goes around the bytes when it is written inline.
+    """
+    header = onnx.TensorProto()
+    header.CopyFrom(tensor)  # no raw_data to copy: a view's bytes are in the file
+    drop_file_reference(header)
+    return header
+
+
+def drop_file_reference(tensor: onnx.TensorProto) -> None:
+    """Forget where a mapped tensor's bytes are (its new bytes are being put in the model).
+
+    A view gets its own ``data_location`` back (set or absent, as in its file); any other
+    tensor has the field cleared.
+    """
+    original = _info(tensor).get(_LOCATION_KEY) if is_view(tensor) else None
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
+    if original:  # a view is made only of an inline tensor: DEFAULT is all it can have had
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def mapped_files(model: onnx.ModelProto) -> set[Path]:
@@ -154,8 +212,7 @@ def _read_in(tensor: onnx.TensorProto) -> None:
     """A mapped tensor's bytes copied into its ``raw_data``, its file reference dropped."""
     if is_mapped(tensor):
         raw = bytes(mapped_bytes(tensor))
-        del tensor.external_data[:]
-        tensor.ClearField("data_location")
+        drop_file_reference(tensor)
         tensor.raw_data = raw
 
 
@@ -204,7 +261,127 @@ def _file_key(target: str | os.PathLike[str]) -> str:
 
 def _read_in_names(model: onnx.ModelProto) -> set[str]:
     """The tensors of ``model`` read in from the data files it still maps (external in the file it came from)."""
-    return set().union(*(_READ_IN.get(str(file), set()) for file in mapped_files(model)))
+    files = {
+        _file_key(_info(tensor)["location"])
+        for tensor in onnx.external_data_helper._get_all_tensors(model)
+        if is_mapped(tensor) and not is_view(tensor)
+    }
+    return set().union(*(_READ_IN.get(file, set()) for file in files))
+
+
+# -- views of inline files --------------------------------------------------------------------
+#: external_data keys of a view: the load it comes from, and its own data_location ("" if unset).
+_VIEW_KEY = "onnxlady-view"
+_LOCATION_KEY = "onnxlady-data-location"
+#: Views keep at most this many files open; an older one is reopened by path when used, and
+#: refused if the file there is no longer the one it was read from.
+_OPEN_VIEWS = 64
+
+
+@dataclass
+class _ViewSource:
+    """The file a load's views read: its path, identity, and the handle opened when loading."""
+
+    path: str
+    identity: tuple[int, int, int, int]  # device, inode, size, modification time (ns)
+    handle: Any | None
+
+
+_VIEWS: OrderedDict[str, _ViewSource] = OrderedDict()
+_VIEWS_LOCK = threading.Lock()
+_VIEW_IDS = itertools.count()
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _view_handle(view: str) -> Any:
+    """The open file a view reads (reopened by path when it was closed, if the file is unchanged)."""
+    with _VIEWS_LOCK:
+        source = _VIEWS.get(view)
+        if source is None:
+            raise OnnxladyError(f"internal: no file is known for view {view!r}")
+        _VIEWS.move_to_end(view)
+        if source.handle is None:
+            handle = open(source.path, "rb")  # ruff: ignore[open-file-with-context-handler] - kept open for the views
+            if _identity(os.fstat(handle.fileno())) != source.identity:
+                handle.close()
+                raise OnnxladyError(
+                    f"{source.path}: the file changed since the model was read from it; its weights "
+                    "cannot be read any more (load the model again)"
+                )
+            source.handle = handle
+            _close_old_views()
+        return source.handle
+
+
+def _close_old_views() -> None:
+    """Close the least recently used handles beyond :data:`_OPEN_VIEWS` (under the lock)."""
+    open_views = [source for source in _VIEWS.values() if source.handle is not None]
+    for source in open_views[: max(0, len(open_views) - _OPEN_VIEWS)]:
+        if source.handle is not None:
+            source.handle.close()
+            source.handle = None
+
+
+def map_inline_payloads(
+    model: onnx.ModelProto, path: str | os.PathLike[str], handle: Any, payloads: Sequence[Payload]
+) -> bool:
+    """Make the initializers whose ``raw_data`` was left in the file views of it (see the module docstring).
+
+    Args:
+        model: the model :func:`onnxlady._io._skim.read_without_payloads` read (changed in place).
+        path: the ``.onnx`` file.
+        handle: a binary file object open on it, the one the model was read from: kept open
+            for the views (closed here when none is made).
+        payloads: where each left-out ``raw_data`` is.
+
+    A tensor that cannot be mapped (strings, packed values, bytes that do not match its shape)
+    gets its bytes read in, as a full load would hold it (a size mismatch is then reported by
+    the loader's own check).
+
+    Returns:
+        True when at least one view was made.
+    """
+    stat = os.fstat(handle.fileno())
+    location = str(Path(path).resolve())
+    view = f"{next(_VIEW_IDS)}"
+    made = False
+    for payload in payloads:
+        tensor = _payload_tensor(model, payload)
+        if _nbytes(tensor) != payload.length or payload.offset + payload.length > stat.st_size:
+            tensor.raw_data = os.pread(handle.fileno(), payload.length, payload.offset)
+            continue
+        original = str(tensor.data_location) if tensor.HasField("data_location") else ""
+        _set_external(tensor, location, payload.offset, payload.length)
+        for key, value in ((_VIEW_KEY, view), (_LOCATION_KEY, original)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        made = True
+    if not made:
+        handle.close()
+        return False
+    with _VIEWS_LOCK:
+        _VIEWS[view] = _ViewSource(location, _identity(stat), handle)
+        _close_old_views()
+    return True
+
+
+def read_payloads_in(model: onnx.ModelProto, handle: Any, payloads: Sequence[Payload]) -> None:
+    """Read the left-out ``raw_data`` into the model (a full load's model), then close ``handle``."""
+    try:
+        for payload in payloads:
+            _payload_tensor(model, payload).raw_data = os.pread(handle.fileno(), payload.length, payload.offset)
+    finally:
+        handle.close()
+
+
+def _payload_tensor(model: onnx.ModelProto, payload: Payload) -> onnx.TensorProto:
+    """The main-graph tensor (initializer or Constant value) whose bytes ``payload`` locates."""
+    if payload.initializer >= 0:
+        return model.graph.initializer[payload.initializer]
+    return model.graph.node[payload.node].attribute[payload.attribute].t
 
 
 def _map_or_read(
@@ -426,7 +603,7 @@ def write_external(
     """
     overrides = overrides or {}
     # Read from a file with external data: each tensor goes back where that file kept it.
-    read_in = _read_in_names(model) if has_mapped(model) else None
+    read_in = _read_in_names(model) if has_mapped_external(model) else None
     shell = onnx.ModelProto()
     for descriptor in model.DESCRIPTOR.fields:
         if descriptor.name != "graph":

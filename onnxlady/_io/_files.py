@@ -18,15 +18,17 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._external import map_external_data
+from onnxlady._io._external import INLINE_BYTES, map_external_data, map_inline_payloads, read_payloads_in
 from onnxlady._io._inputs import require_regular_file
 from onnxlady._io._outputs import OutputSet
+from onnxlady._io._skim import Payload, read_without_payloads
 from onnxlady._io._stream import Override, read_model
 from onnxlady._io._tensors import is_external
 from onnxlady._io._validate import element_count, external_data_target, validate_model
@@ -44,7 +46,9 @@ class LoadedModel:
     external_files: tuple[Path, ...] = ()  # the data files its tensors were read from
 
 
-def load_model(path: str | os.PathLike[str], *, map_external: bool = False, as_loaded: bool = False) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike[str], *, map_external: bool = False, as_loaded: bool = False, map_inline: bool = True
+) -> LoadedModel:
     """Load an ONNX file with its external data, resolved against the model's own folder.
 
     Args:
@@ -55,6 +59,9 @@ def load_model(path: str | os.PathLike[str], *, map_external: bool = False, as_l
             :meth:`OutputSet.write_model` (they cannot be changed in place).
         as_loaded: with ``map_external``, the tensors read in keep the fields ``onnx.load``
             gives them (see :func:`onnxlady._io._external.map_external_data`).
+        map_inline: with ``map_external``, the large weights of a model without external data
+            are left in the ``.onnx`` file the same way, as views of it
+            (:func:`onnxlady._io._external.map_inline_payloads`): neither parsed nor copied.
 
     Returns:
         The model with the file's sha256 and size, and the external data files it was read from.
@@ -70,8 +77,11 @@ def load_model(path: str | os.PathLike[str], *, map_external: bool = False, as_l
     # the file: hashlib releases the GIL on large buffers.
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashing = pool.submit(file_sha256, path)
+        viewed: _Viewed | None = None
         try:
-            model = read_model(path, load_external_data=False)
+            if map_external and map_inline and info.st_size >= INLINE_BYTES:
+                viewed = _read_views(path)
+            model = viewed.model if viewed is not None else read_model(path, load_external_data=False)
         except (DecodeError, RuntimeError, ValueError) as exc:
             raise OnnxladyError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
         except OSError as exc:
@@ -79,13 +89,21 @@ def load_model(path: str | os.PathLike[str], *, map_external: bool = False, as_l
         try:
             digest = hashing.result()
         except OSError as exc:
+            if viewed is not None:
+                viewed.handle.close()
             raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if not model.graph.node and not model.graph.output:
-        raise OnnxladyError(f"{path}: not an ONNX model (no graph)")
-    if not model.opset_import:
-        raise OnnxladyError(f"{path}: not an ONNX model (no opset import)")
-    _check_opsets(model, path)
-    external = _uses_external_data(model)
+    try:
+        _check_model(model, path)
+        external = _uses_external_data(model)
+    except BaseException:
+        if viewed is not None:
+            viewed.handle.close()
+        raise
+    if viewed is not None:
+        if external:  # its weights are mapped from their data files: the inline ones read in, as before
+            read_payloads_in(model, viewed.handle, viewed.payloads)
+        else:
+            map_inline_payloads(model, path, viewed.handle, viewed.payloads)
     targets = _external_targets(model, path) if external else ()
     capacity = info.st_size + sum(os.stat(target).st_size for target in set(targets))
     validate_model(model, str(path), capacity=capacity)
@@ -102,6 +120,45 @@ def load_model(path: str | os.PathLike[str], *, map_external: bool = False, as_l
         files = _load_external_data(model, path) if external else ()
     _check_tensor_sizes(model, path)
     return LoadedModel(model, path, digest, info.st_size, external, files)
+
+
+@dataclass
+class _Viewed:
+    """A model read with its large inline payloads left in the file, and the file it was read from."""
+
+    model: onnx.ModelProto
+    handle: Any  # the open file (kept by the views, closed otherwise)
+    payloads: list[Payload]
+
+
+def _read_views(path: Path) -> _Viewed | None:
+    """``path`` read by :func:`onnxlady._io._skim.read_without_payloads`; None when its walker gives up.
+
+    A file the walker cannot read (truncated, damaged) is read again by :func:`read_model`,
+    so that what is refused, and the message, are what a full load gives.
+
+    Raises:
+        OSError: the file cannot be opened or mapped.
+    """
+    handle = open(path, "rb")  # ruff: ignore[open-file-with-context-handler] - kept open by the views, or closed below
+    try:
+        model, payloads = read_without_payloads(handle.fileno(), INLINE_BYTES)
+    except (DecodeError, ValueError, IndexError):
+        handle.close()
+        return None
+    except BaseException:
+        handle.close()
+        raise
+    return _Viewed(model, handle, payloads)
+
+
+def _check_model(model: onnx.ModelProto, path: Path) -> None:
+    """A parsed file with no graph, no opset import or an operator of no imported domain is not a model."""
+    if not model.graph.node and not model.graph.output:
+        raise OnnxladyError(f"{path}: not an ONNX model (no graph)")
+    if not model.opset_import:
+        raise OnnxladyError(f"{path}: not an ONNX model (no opset import)")
+    _check_opsets(model, path)
 
 
 def _check_opsets(model: onnx.ModelProto, path: Path) -> None:

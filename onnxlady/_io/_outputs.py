@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._external import has_mapped, write_external
+from onnxlady._io._external import has_mapped, has_mapped_external, write_external
 from onnxlady._io._stream import Override, write_model
 
 __all__ = [
@@ -408,13 +408,15 @@ class OutputSet:
         Raises:
             OnnxladyError: see :meth:`stage`, or a file cannot be written.
         """
-        # A model whose weights are still in their files (mapped) is written with external data.
-        if not external_data and (_estimated_size(model) > _EXTERNAL_DATA_THRESHOLD or has_mapped(model)):
+        # A model whose weights are still in their external data files (mapped) is written with
+        # external data; one whose weights are views of the inline file it came from is written
+        # inline as that file held them, streamed from the views.
+        if not external_data and (_estimated_size(model) > _EXTERNAL_DATA_THRESHOLD or has_mapped_external(model)):
             external_data = True
         staged = self.stage(target)
         if not external_data:
-            if overrides:
-                sha = self._guard(target, lambda: _stream(model, staged, overrides, digest))
+            if overrides or has_mapped(model):
+                sha = self._guard(target, lambda: _stream(model, staged, overrides or {}, digest))
             else:
                 data = model.SerializeToString()  # protobuf's encoding: a model that round-trips keeps its bytes
                 self._guard(target, lambda: _write_file(staged, data))

@@ -41,6 +41,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from onnxlady._io._external import is_view, mapped_bytes, view_header
 from onnxlady._io._tensors import is_external
 
 __all__ = ["BytesLike", "Override", "read_model", "write_model"]
@@ -236,6 +237,14 @@ class _RawData:
 
 
 @dataclass
+class _ViewData:
+    """A view's bytes (:func:`onnxlady._io._external.is_view`), read from its file when written."""
+
+    tensor: onnx.TensorProto
+    size: int
+
+
+@dataclass
 class _Computed:
     """A callable override, called when written."""
 
@@ -244,7 +253,7 @@ class _Computed:
     name: str
 
 
-_Piece = bytes | memoryview | _Deferred | _RawData | _Computed
+_Piece = bytes | memoryview | _Deferred | _RawData | _ViewData | _Computed
 
 
 class _Pieces:
@@ -329,7 +338,8 @@ class _Planner:
             return None
         values = [a.t for a in attributes if a.name == "value" and a.HasField("t")]
         name = node.output[0]
-        if name not in self.overrides and not all(self._is_big(t) for t in values):
+        views = any(is_view(t) for t in values)
+        if name not in self.overrides and not views and not all(self._is_big(t) for t in values):
             return None
         out = _Pieces()
         before, after = _around(node, _NODE_ATTRIBUTE)
@@ -339,7 +349,8 @@ class _Planner:
                 body = _Pieces()
                 head, tail = _around(attribute, _ATTR_T)
                 body.add_bytes(head)
-                body.add_field(_ATTR_T, self._tensor_body(attribute.t, name))
+                tensor = attribute.t
+                body.add_field(_ATTR_T, self._view_body(tensor, name) if is_view(tensor) else self._tensor_body(tensor, name))
                 body.add_bytes(tail)
                 out.add_field(_NODE_ATTRIBUTE, body)
             else:
@@ -348,10 +359,25 @@ class _Planner:
         return out
 
     def tensor(self, tensor: onnx.TensorProto) -> _Pieces | None:
-        """An initializer that is overridden or big is encoded by hand, else None."""
+        """An initializer that is overridden, big or a view of its file is encoded by hand, else None."""
+        if is_view(tensor):
+            return self._view_body(tensor, tensor.name)
         if tensor.name not in self.overrides and not self._is_big(tensor):
             return None
         return self._tensor_body(tensor, tensor.name)
+
+    def _view_body(self, tensor: onnx.TensorProto, name: str) -> _Pieces:
+        """A view written inline as the file held it: its header around its (overridden) bytes."""
+        header = view_header(tensor)
+        if name in self.overrides:
+            return self._tensor_body(header, name)
+        size = sum(int(entry.value) for entry in tensor.external_data if entry.key == "length")
+        out = _Pieces()
+        out.add_bytes(_shell(header, frozenset({"raw_data"}) | _AFTER_RAW_DATA, unknown=False))
+        out.add_bytes(_key(_TENSOR_RAW_DATA, _LEN) + _varint(size))
+        out.add(_ViewData(tensor, size), size)
+        out.add_bytes(_shell(header, _UP_TO_RAW_DATA))
+        return out
 
     @staticmethod
     def _is_big(tensor: onnx.TensorProto) -> bool:
@@ -416,6 +442,9 @@ def _materialise(piece: _Piece) -> BytesLike:
         what = "a message"
     elif isinstance(piece, _RawData):
         data = piece.tensor.raw_data
+        what = f"tensor {piece.tensor.name!r}"
+    elif isinstance(piece, _ViewData):
+        data = mapped_bytes(piece.tensor)  # pages read as written, dropped with the view
         what = f"tensor {piece.tensor.name!r}"
     else:
         data = _as_bytes(piece.produce(), piece.name)
@@ -485,7 +514,9 @@ def write_model(
     never modified; ``onnx.load`` of the file gives ``model`` with the overrides applied.
 
     Subgraphs, functions, training info and every tensor not overridden are serialized by
-    protobuf as they are (external-data tensors stay external). Protobuf may order fields
+    protobuf as they are (external-data tensors stay external), except views of an inline file
+    (:func:`onnxlady._io._external.is_view`): written inline as that file held them, their
+    bytes read from it as they are written. Protobuf may order fields
     differently from ``SerializeToString``; the parsed message is the same.
 
     Raises ``KeyError`` for an override naming no such tensor, ``ValueError`` for one that

@@ -809,7 +809,8 @@ class WeightGraph:
             return self._headers[name]
         tensor = self.initializers.get(name)
         kind = None if tensor is None else _KINDS.get(tensor.data_type)
-        header = None if tensor is None or kind is None else (kind, tuple(int(d) for d in tensor.dims))
+        # A repeated int64 field gives Python ints already: no conversion per dimension.
+        header = None if tensor is None or kind is None else (kind, tuple(tensor.dims))
         self._headers[name] = header
         return header
 

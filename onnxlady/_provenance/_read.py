@@ -59,6 +59,7 @@ from onnxlady._provenance._fingerprint import (
     fingerprints_of,
     model_producers,
     search_vector,
+    search_vectors,
 )
 from onnxlady._provenance._wire import SkimmedModel, read_weights
 
@@ -131,10 +132,13 @@ def is_url(path: str) -> bool:
 
 def _result(
     path: str, size: int, mtime_ns: int, sha256: str, data_files: tuple[tuple[str, int, int], ...],
-    fingerprint: ModelFingerprint,
+    fingerprint: ModelFingerprint, vector: np.ndarray | None = None,
 ) -> FileFingerprint:  # fmt: skip
+    """The result of a file read; ``vector``: its search vector when computed already (in a batch)."""
+    if vector is None:
+        vector = search_vector(fingerprint)
     return FileFingerprint(
-        path, size, mtime_ns, sha256, data_files, fingerprint.to_bytes(), search_vector(fingerprint).tobytes(),
+        path, size, mtime_ns, sha256, data_files, fingerprint.to_bytes(), vector.tobytes(),
         fingerprint.layers, fingerprint.parameters,
     )  # fmt: skip
 
@@ -170,7 +174,9 @@ def fingerprint_files(paths: Sequence[str], *, digest: bool | Sequence[bool] = T
     What an index build's worker runs on a batch of files: each file is read on its own (see the
     module docstring), then the statistics of every file's layers are computed in one
     :func:`~onnxlady._provenance._fingerprint.fingerprints_of` call, which costs a small model a
-    fraction of what it costs alone; each fingerprint is the one its file gets alone, bit for bit.
+    fraction of what it costs alone, and their search vectors in one
+    :func:`~onnxlady._provenance._fingerprint.search_vectors` call; each fingerprint and vector is
+    the one its file gets alone, bit for bit.
 
     Args:
         paths: local paths or URLs.
@@ -191,9 +197,9 @@ def fingerprint_files(paths: Sequence[str], *, digest: bool | Sequence[bool] = T
         fingerprints = fingerprints_of([item.weights for item in read])
     except Exception:  # one file's weights broke the batch: find which, file by file
         return [_finish_alone(item) if isinstance(item, _Read) else item for item in results]
-    finished = iter(fingerprints)
+    finished = iter(zip(fingerprints, search_vectors(fingerprints)))
     return [
-        _result(item.path, item.size, item.mtime_ns, item.sha256, item.data_files, next(finished))
+        _result(item.path, item.size, item.mtime_ns, item.sha256, item.data_files, *next(finished))
         if isinstance(item, _Read)
         else item
         for item in results

@@ -56,7 +56,7 @@ from onnxlady._resync._sites import (
     reading_once,
     stored_operand,
 )
-from onnxlady._resync._values import Approx, read_constant
+from onnxlady._resync._values import Approx, read_constant, widened
 from onnxlady._resync._values import half_ulp as _half_ulp
 from onnxlady._transforms._key import PermutationKey, graph_fingerprint
 from onnxlady._transforms._permute import permute_model
@@ -191,7 +191,7 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool, bounds: bo
         return None
     if role == "weight":
         assert weight is not None
-        value = read_operand(graph, weight, bounds)
+        value = read_operand(graph, weight, bounds, compact=not bounds)
         value = _fold_weight(value, bn) if value is not None and bn is not None else value
         if value is not None and post is not None:
             rank = value.value.ndim
@@ -210,7 +210,7 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool, bounds: bo
         if operand is None:
             bias: Approx | None = Approx(np.zeros(size), np.zeros(size))
         else:
-            bias = read_operand(graph, operand, bounds)
+            bias = read_operand(graph, operand, bounds, compact=not bounds)
         bias = _fold_bias(bias, bn) if bias is not None and bn is not None else bias
         if bias is not None and post is not None:
             scale, shift = post
@@ -223,7 +223,7 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool, bounds: bo
     if role.startswith("bn"):
         if bn is not None:  # folded: only beta, standing for a missing bias, has a counterpart
             return _site_value(graph, site, "bias", fold, bounds) if role == "bn2" and site.operand("bias") is None else None
-    return read_operand(graph, operand, bounds) if operand is not None else None
+    return read_operand(graph, operand, bounds, compact=not bounds) if operand is not None else None
 
 
 def _partner_role(site: Site, role: str, fold: bool) -> str:
@@ -316,6 +316,7 @@ def _scalar_moved_in(
     mine_factor, theirs_factor = input_scalar(ref, site), input_scalar(sus, partner)
     if (mine_factor is None) == (theirs_factor is None):
         return mine, theirs
+    mine, theirs = widened(mine), widened(theirs)  # norms and scaling in float64, as read
     mine_norm, theirs_norm = float(np.linalg.norm(mine.value)), float(np.linalg.norm(theirs.value))
     if not (mine_norm > 0.0 and theirs_norm > 0.0):
         return mine, theirs
@@ -533,7 +534,8 @@ class _State(solver.ResyncState):
         n = self.analysis.group(gid).size
 
         def rows(arrays: Sequence[np.ndarray] | dict[int, np.ndarray]) -> np.ndarray:
-            return np.concatenate([solver.gather_block(arrays[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
+            blocks = [solver.gather_block(arrays[p.plan], p, (), widen=self.widen) for p in pieces]
+            return np.concatenate([block.reshape(n, -1) for block in blocks], axis=1)
 
         ref, ref_error = rows(self.reference), rows(self.reference_errors)
         errors = {plan: self.aligned_error(plan) for plan in {piece.plan for piece in pieces}}
@@ -727,6 +729,9 @@ def resync_across(
         reference=[value.value if value is not None else empty for value in pairing.reference],
         work=[value.value if value is not None else empty for value in pairing.suspect],
         options=options,
+        # The values are compact reads (float32, float16 as stored; see read_operand): each
+        # slice is converted to float64 when gathered, as the float64 reads were before.
+        widen=True,
         # Made when first read (ties, the audit): a resync alone reads none.
         errors=_Bounds([reader.suspect if reader is not None else None for reader in pairing.readers]),
         reference_errors=_Bounds([reader.reference if reader is not None else None for reader in pairing.readers]),

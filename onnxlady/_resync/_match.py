@@ -101,6 +101,9 @@ MATCH_THRESHOLD = 0.9
 LAYER_ELEMENTS = 256
 #: Content decides between candidates when the best is at most this share of the second best.
 DECISIVE_RATIO = 0.5
+#: A signature distance at most this is an equal counterpart within storage rounding (float16
+#: tables: about 1e-4; noise of 0.1 x std: above 1e-2).
+_NEAR_EXACT = 1e-3
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -465,10 +468,12 @@ class _Pairing:
 class _Signatures:
     """Content signatures of one model's sites, computed when first asked for."""
 
-    def __init__(self, graph: ModelGraph, sites: list[Site]) -> None:
+    def __init__(self, graph: ModelGraph, sites: list[Site], scratch: list[np.ndarray] | None = None) -> None:
         self.graph = graph
         self.sites = sites
         self._cache: dict[int, list[np.ndarray]] = {}
+        # Where folded weights are written (see _folded_for_signature): shared by both models' signatures.
+        self._scratch: list[np.ndarray] = [] if scratch is None else scratch
 
     def __getitem__(self, number: int) -> list[np.ndarray]:
         if number not in self._cache:
@@ -477,18 +482,24 @@ class _Signatures:
             for operand in site.operands:
                 if operand.role.startswith("bn") or operand.role == "post":
                     continue
-                value = read_operand(self.graph, operand, bounds=False)  # the value alone is signed
+                value = read_operand(self.graph, operand, bounds=False, compact=True)  # the value alone is signed
                 if value is None:
                     continue
-                parts.extend(signature(_folded_for_signature(self.graph, site, operand, value.value)))
+                parts.extend(signature(_folded_for_signature(self.graph, site, operand, value.value, self._scratch)))
             self._cache[number] = parts
         return self._cache[number]
 
 
-def _folded_for_signature(graph: ModelGraph, site: Site, operand: Operand, value: np.ndarray) -> np.ndarray:
+def _folded_for_signature(
+    graph: ModelGraph, site: Site, operand: Operand, value: np.ndarray, scratch: list[np.ndarray] | None = None
+) -> np.ndarray:
     """A unit's weight and bias with its BatchNorm, then its scalar steps, folded in.
 
-    A folded copy then signs the same as the unfolded one.
+    A folded copy then signs the same as the unfolded one. With ``scratch`` (a list holding at
+    most one float64 array, grown as needed), a folded weight is written into that array, reused
+    from weight to weight: the result is then only valid until the next call with the same
+    scratch (a signature is computed from it at once). A fresh array per weight cost its page
+    faults, more than the products themselves.
     """
     if operand.role not in ("weight", "bias"):
         return value
@@ -498,14 +509,42 @@ def _folded_for_signature(graph: ModelGraph, site: Site, operand: Operand, value
             eps = float(node_attribute(graph.nodes[site.batchnorm], "epsilon", 1e-5))
             scale = gamma.value / np.sqrt(var.value + eps)
             if operand.role == "weight":
-                value = value * scale.reshape((-1,) + (1,) * (value.ndim - 1))
+                value = _product(value, scale.reshape((-1,) + (1,) * (value.ndim - 1)), scratch)
             else:
                 value = (value - mean.value) * scale + beta.value
     post = post_affine(graph, site)
     if post is not None:
-        scale = post[0].value.reshape((-1,) + (1,) * (value.ndim - 1)) if operand.role == "weight" else post[0].value
-        value = value * scale + (post[1].value if operand.role == "bias" else 0.0)
+        if operand.role == "weight":
+            value = _product(value, post[0].value.reshape((-1,) + (1,) * (value.ndim - 1)), scratch)
+            value = np.add(value, 0.0, out=value) if scratch is not None and _in_scratch(value, scratch) else value + 0.0
+        else:
+            value = value * post[0].value + post[1].value
     return value
+
+
+def _in_scratch(array: np.ndarray, scratch: list[np.ndarray]) -> bool:
+    """Whether ``array`` is written in the scratch array (and so may be overwritten in place)."""
+    return bool(scratch) and np.shares_memory(array, scratch[0])
+
+
+def _product(value: np.ndarray, factor: np.ndarray, scratch: list[np.ndarray] | None) -> np.ndarray:
+    """``value * factor``, written into ``scratch`` (see :func:`_folded_for_signature`) when it may be.
+
+    Only where the plain product would be a C-contiguous float64 array of ``value``'s shape: the
+    same numbers in the same layout, so the signature sums them in the same order.
+    """
+    if (
+        scratch is None
+        or not value.flags.c_contiguous
+        or np.result_type(value, factor) != np.float64
+        or np.broadcast_shapes(value.shape, factor.shape) != value.shape
+    ):
+        return value * factor
+    if _in_scratch(value, scratch):  # already folded once: the second step is done in place
+        return np.multiply(value, factor, out=value)
+    if not scratch or scratch[0].size < value.size:
+        scratch[:] = [np.empty(value.size)]
+    return np.multiply(value, factor, out=scratch[0][: value.size].reshape(value.shape))
 
 
 def _pair_sites(
@@ -524,7 +563,8 @@ def _pair_sites(
     for number, token in enumerate(sus_tokens):
         if token in classes:
             classes[token][1].append(number)
-    ref_sig, sus_sig = _Signatures(reference, ref_sites), _Signatures(suspect, sus_sites)
+    scratch: list[np.ndarray] = []  # folded weights of both models, one at a time
+    ref_sig, sus_sig = _Signatures(reference, ref_sites, scratch), _Signatures(suspect, sus_sites, scratch)
     pairs: dict[int, int] = {}
     how: dict[int, tuple[str, float | None, float | None]] = {}
     for rows, cols in classes.values():
@@ -567,17 +607,28 @@ def _pair_class(
             method = "structure" if structural.get(rows[i]) == cols[j] else "content"
             decided[i] = (j, method)
             taken.add(j)
+    # A counterpart content rules out: the site has a counterpart equal within storage rounding
+    # and this one is decisively farther. Identical copies (a rotary table read by the queries
+    # and by the keys) leave content undecided between them, yet still rule out the other table
+    # of the same shape, whatever the order says. Under noise no counterpart is that close, and
+    # content, unreliable there, rules nothing out.
+    nearest = table.min(axis=1)
+    ruled_out = (table > 1e-9) & (nearest[:, None] <= _NEAR_EXACT) & (nearest[:, None] <= DECISIVE_RATIO * table)
     for i, r in enumerate(rows):
         if i in decided or r not in structural or structural[r] not in position:
             continue
         j = position[structural[r]]
-        if j not in taken:
+        if j not in taken and not ruled_out[i, j]:
             decided[i] = (j, "structure")
             taken.add(j)
     left_rows = [i for i in range(len(rows)) if i not in decided]
     left_cols = [j for j in range(len(cols)) if j not in taken]
-    for i, j in zip(left_rows, left_cols):  # both in graph order
-        decided[i] = (j, "order")
+    for i in left_rows:  # in graph order: the first counterpart left that content allows
+        if not left_cols:
+            break
+        allowed = next((j for j in left_cols if not ruled_out[i, j]), left_cols[0])
+        decided[i] = (allowed, "order")
+        left_cols.remove(allowed)
     for i, (j, method) in decided.items():
         pairs[rows[i]] = cols[j]
         best = float(table[i, j])
@@ -609,13 +660,18 @@ def _successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
         if site.family in _CONNECTED_FAMILIES:
             at_node.setdefault(site.node, []).append(number)
     edges: set[tuple[int, int]] = set()
-    reached_from: dict[int, set[int]] = {}
+    reached_from: dict[tuple[int, int], set[int]] = {}
     for number, site in enumerate(sites):
         if site.family not in _CONNECTED_FAMILIES:
             continue
-        if site.tail not in reached_from:
+        tail_outputs = graph.nodes[site.tail].output
+        # A part of a layer packed behind a Split starts at its own output: the other parts'
+        # readers are not its successors (the same layer cut by Slices has one tail per part).
+        own = graph.nodes[site.tail].op_type == "Split" and site.node != site.tail and site.part < len(tail_outputs)
+        tail = (site.tail, site.part if own else -1)
+        if tail not in reached_from:
             found: set[int] = set()
-            stack = [name for name in graph.nodes[site.tail].output if name]
+            stack = [tail_outputs[site.part]] if own else [name for name in tail_outputs if name]
             seen: set[str] = set(stack)
             while stack:
                 for index, slot in graph.consumers.get(stack.pop(), []):
@@ -633,8 +689,8 @@ def _successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
                         if name and name not in seen:
                             seen.add(name)
                             stack.append(name)
-            reached_from[site.tail] = found
-        edges.update((number, other) for other in reached_from[site.tail])
+            reached_from[tail] = found
+        edges.update((number, other) for other in reached_from[tail])
     return edges
 
 

@@ -7,7 +7,9 @@
   point, the int32 result ``Cast`` to float and multiplied by the activation's dynamic scale
   times the weight's scale (``Mul(x_scale, w_scale)``, computed at run time); the bias an
   ``Add`` after that. An embedding table is stored as integers: ``Gather`` on them, then a
-  ``DequantizeLinear`` of the gathered rows.
+  ``DequantizeLinear`` of the gathered rows (after a ``Transpose`` or reshape of the integers,
+  when the float model moved the rows so). An ``LSTM`` becomes ``DynamicQuantizeLSTM``: int8 W
+  and R transposed, their scales and zero points per direction or per gate column.
 - ``quantize_static(..., quant_format=QuantFormat.QOperator)``: ``QLinearConv`` (weight, scale
   and zero point per output channel at slots 3-5, the bias an int32 at slot 8 with scale
   ``x_scale * w_scale``), ``QLinearMatMul`` (``b`` at slots 3-5, per column), ``QGemm``
@@ -303,7 +305,7 @@ def quantized_table(graph: ModelGraph, index: int) -> tuple[int | None, tuple[in
     if _key(graph, index) != ("", "Gather") or int(node_attribute(graph.nodes[index], "axis", 0)) != 0:
         return None
     table = _integer_constant(graph, _input(graph, index, 0))
-    reader = _only_reader(graph, graph.nodes[index].output[0])
+    reader = _table_reader(graph, index)
     if table is None or table.ndim != 2 or reader is None or _dequantize_table(graph, index, table) is None:
         return None
     dequantize = reader[0] if _key(graph, reader[0]) == ("", "DequantizeLinear") else None
@@ -366,6 +368,27 @@ def _zero(graph: ModelGraph, index: int, slot: int) -> np.ndarray | None:
     return None if value is None else np.asarray(value, dtype=np.float64)
 
 
+#: Operators that only move a quantized tensor's integers: ``quantize_dynamic`` runs a Transpose
+#: or Reshape after an integer table's Gather on the integers and dequantizes after it.
+_MOVING_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def _table_reader(graph: ModelGraph, gather: int) -> tuple[int, int, bool] | None:
+    """The node that reads a Gather's integer rows as numbers: (node, slot, whether they were moved first).
+
+    Transposes and reshapes on the way are passed (a per-tensor scale and zero point commute with them).
+    """
+    name, moved = graph.nodes[gather].output[0], False
+    while True:
+        reader = _only_reader(graph, name)
+        if reader is None:
+            return None
+        node = graph.nodes[reader[0]]
+        if reader[1] != 0 or node.op_type not in _MOVING_OPS or (node.domain or "") not in _STANDARD:
+            return reader[0], reader[1], moved
+        name, moved = node.output[0], True
+
+
 def _dequantize_table(graph: ModelGraph, gather: int, table: np.ndarray) -> Approx | None:
     """A Gather's integer table read as the operator after it reads its rows.
 
@@ -373,10 +396,10 @@ def _dequantize_table(graph: ModelGraph, gather: int, table: np.ndarray) -> Appr
     or a QLinearAdd/QLinearMul reading the rows at slot 0 or 3 (their parameters right after,
     per tensor).
     """
-    reader = _only_reader(graph, graph.nodes[gather].output[0])
+    reader = _table_reader(graph, gather)
     if reader is None:
         return None
-    dequantize, slot = reader
+    dequantize, slot, moved = reader
     if _key(graph, dequantize) == ("", "DequantizeLinear") and slot == 0:
         scale_slot = 1
     elif _key(graph, dequantize) in ((MICROSOFT, "QLinearAdd"), (MICROSOFT, "QLinearMul")) and slot in (0, 3):
@@ -390,6 +413,8 @@ def _dequantize_table(graph: ModelGraph, gather: int, table: np.ndarray) -> Appr
     if scale_slot != 1 and (scale.size > 1 or (zero is not None and zero.size > 1)):
         return None
     if scale.size > 1 or (zero is not None and zero.size > 1):  # per axis: only along the table's columns
+        if moved:  # which axis the columns became is not followed
+            return None
         rank = graph.rank(graph.nodes[gather].output[0])
         axis = int(node_attribute(graph.nodes[dequantize], "axis", 1))
         if not rank or axis % rank != rank - 1:
@@ -443,4 +468,33 @@ def read_quantized(graph: ModelGraph, index: int, slot: int) -> Approx | None:
         return _dequantized(raw, _float_value(graph, _input(graph, index, slot + 1)), _zero(graph, index, slot + 2), -1)
     if key == ("", "Gather") and slot == 0 and raw.ndim == 2:
         return _dequantize_table(graph, index, raw)
+    if key == (MICROSOFT, "DynamicQuantizeLSTM") and slot in (1, 2) and raw.ndim == 3:
+        scale_slot = 8 if slot == 1 else 10
+        return _dequantized_recurrent(raw, _float_value(graph, _input(graph, index, scale_slot)), _zero(graph, index, scale_slot + 1))
     return None
+
+
+def _dequantized_recurrent(raw: np.ndarray, scale: np.ndarray | None, zero: np.ndarray | None) -> Approx | None:
+    """A ``DynamicQuantizeLSTM``'s W or R ``[dirs, rows, 4*H]`` with its scale and zero point.
+
+    Each is per tensor (one value, or one per direction: ``[dirs]``) or per gate column
+    (``[dirs, 4*H]``), as ONNX Runtime's kernel reads them; any other layout is not read.
+    """
+    directions, _, columns = raw.shape
+
+    def spread(parameter: np.ndarray) -> np.ndarray | None:
+        if parameter.size == 1:
+            return np.broadcast_to(parameter.reshape(()), raw.shape)
+        if parameter.size == directions:
+            return np.broadcast_to(parameter.reshape(directions, 1, 1), raw.shape)
+        if parameter.size == directions * columns:
+            return np.broadcast_to(parameter.reshape(directions, 1, columns), raw.shape)
+        return None
+
+    if scale is None:
+        return None
+    spread_scale = spread(scale)
+    spread_zero = spread(zero) if zero is not None else np.zeros(raw.shape)
+    if spread_scale is None or spread_zero is None:
+        return None
+    return Approx((raw.astype(np.float64) - spread_zero) * spread_scale, _HALF_STEP * np.abs(spread_scale))

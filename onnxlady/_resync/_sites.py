@@ -24,6 +24,8 @@ family              canonical operands (token)
                     channel vector that is no layer's bias
 ``table``           an embedding table ``[rows, C]``: Gather, EmbedLayerNormalization's tables
 ``other``           any other node reading float constants: its operator and their shapes
+                    (a recurrent layer's W, R, B and P in the float layout, all-zero optional
+                    inputs left out: ``DynamicQuantizeLSTM`` reads as the ``LSTM`` it came from)
 ==================  ===========================================================================
 
 A linear layer followed by a BatchNormalization keeps it as part of its site
@@ -57,7 +59,8 @@ from onnxlady._resync._quantized_forms import (
     quantized_tail,
     read_quantized,
 )
-from onnxlady._resync._values import Approx, nbits_layout, read_constant, read_nbits
+from onnxlady._resync._values import COMPACT_TYPES, Approx, nbits_layout, read_constant, read_nbits, widened
+from onnxlady._rules._derived import slice_cut
 
 __all__ = [
     "Operand",
@@ -225,7 +228,7 @@ def reading_once() -> Generator[None, None, None]:
         _SHARED_READS.reset(token)
 
 
-def read_operand(graph: ModelGraph, operand: Operand, bounds: bool = True) -> Approx | None:
+def read_operand(graph: ModelGraph, operand: Operand, bounds: bool = True, compact: bool = False) -> Approx | None:
     """An operand's value in canonical layout, with its storage error bound.
 
     Args:
@@ -234,20 +237,26 @@ def read_operand(graph: ModelGraph, operand: Operand, bounds: bool = True) -> Ap
         bounds: compute the bound (see :func:`~onnxlady._resync._values.read_constant`);
             without, the value carries none (its ``error`` reads zeros), and within
             :func:`reading_once` it is read once for all its readers.
+        compact: without bounds, the value may come in a narrower type that float64 holds
+            exactly (``read_constant``'s ``compact``: float32, float16), a read-only array: for
+            readers that convert what they compute with
+            (:func:`~onnxlady._resync._values.widened`). Otherwise it is float64.
 
     Returns:
         The value, or None when it cannot be read as numbers (computed, packed otherwise).
     """
     shared = _SHARED_READS.get() if not bounds else None
     if shared is None:
-        return _read_operand(graph, operand, bounds)
+        return _read_operand(graph, operand, bounds, compact and not bounds)
     key = (id(graph), operand)
     if key not in shared:  # the graph is kept with its value: its id is not reused meanwhile
-        shared[key] = (graph, _read_operand(graph, operand, bounds))
-    return shared[key][1]
+        # Kept compact: whole float64 copies of both models' weights were most of a resync's memory.
+        shared[key] = (graph, _read_operand(graph, operand, bounds, compact=True))
+    value = shared[key][1]
+    return value if compact or value is None else widened(value)
 
 
-def _read_operand(graph: ModelGraph, operand: Operand, bounds: bool) -> Approx | None:
+def _read_operand(graph: ModelGraph, operand: Operand, bounds: bool, compact: bool = False) -> Approx | None:
     if operand.nbits:
         full = read_nbits(graph, operand.node)
         if full is None or full.value.shape != operand.read_shape:
@@ -263,7 +272,8 @@ def _read_operand(graph: ModelGraph, operand: Operand, bounds: bool) -> Approx |
     elif operand.blocked:
         full = read_blocked(graph, operand.node, operand.slot)
     else:
-        full = read_constant(graph, name, bounds)
+        # Compact only where nothing computes on it here (a factor scales in float64, as read).
+        full = read_constant(graph, name, bounds, compact=compact and operand.factor == 1.0)  # ruff: ignore[float-equality-comparison] - exactly 1: no scaling to do
     if full is None or full.value.shape != operand.read_shape:
         return None
     if not bounds:  # what the forms' own readers computed is left behind, as no bound is wanted
@@ -355,10 +365,16 @@ def stored_operand(operand: Operand, canonical: Approx) -> Approx | None:
     """
     if operand.nbits or operand.block is not None:
         return None
-    part = canonical.scaled(1.0 / operand.factor) if operand.factor != 1.0 else canonical  # ruff: ignore[float-equality-comparison] - exactly 1: no scaling to undo
-    part = _stored_layout(operand, part)
+    if operand.factor != 1.0:  # ruff: ignore[float-equality-comparison] - exactly 1: no scaling to undo
+        # Undone in float64, as on the float64 read (a compact partner read is converted first).
+        canonical = widened(canonical).scaled(1.0 / operand.factor)
+    part = _stored_layout(operand, canonical)
     if part.value.shape != operand.read_shape:
         return None
+    if not part.bounded and part.value.dtype in COMPACT_TYPES and not (operand.quantized or operand.blocked):
+        # A compact read (read_operand's ``compact``) stays compact, C-contiguous as the float64
+        # one would be made; its readers convert what they compute with and never write it.
+        return Approx(np.ascontiguousarray(part.value))
     if operand.quantized or operand.blocked:  # read by their own readers: copied, whatever those keep
         value = np.array(part.value, dtype=np.float64, order="C")
         return Approx(value, np.array(part.error, dtype=np.float64, order="C")) if part.bounded else Approx(value)
@@ -665,6 +681,58 @@ def _split_sizes(graph: ModelGraph, node: onnx.NodeProto, total: int) -> list[in
     return sizes if sizes is not None and sum(sizes) == total and all(v > 0 for v in sizes) else None
 
 
+def _slice_blocks(graph: ModelGraph, name: str, size: int) -> list[tuple[int, int, int]] | None:
+    """The Slices that cut ``name``'s last axis (``size`` neurons) into blocks covering it once, as (start, stop, node).
+
+    Every reader of ``name`` must be such a Slice (step 1, constant or folded bounds, no other axis
+    cut) or a Shape; None otherwise, or where the blocks overlap, leave a gap or are fewer than two.
+    """
+    rank = graph.rank(name)
+    if not rank or name in graph.graph_outputs:
+        return None
+    blocks = []
+    for index, slot in graph.consumers.get(name, []):
+        node = graph.nodes[index] if index >= 0 else None
+        if node is None or slot != 0 or (node.domain or "") not in _STANDARD:
+            return None
+        if node.op_type == "Shape":
+            continue
+        block = slice_cut(graph, node, rank - 1) if node.op_type == "Slice" else None
+        if block is None:
+            return None
+        blocks.append((*block, index))
+    blocks.sort()
+    edges = [0, *(stop for _, stop, _ in blocks)]
+    if len(blocks) < 2 or edges[-1] != size or any(start != edge for (start, _, _), edge in zip(blocks, edges)):
+        return None
+    return blocks
+
+
+def _part(graph: ModelGraph, linear: _Linear, start: int, stop: int, host: int, name: str, absorbed: set[int]) -> _Part:
+    """Neurons ``start:stop`` of a packed layer, cut by node ``host`` into ``name``, with its own bias and scalars."""
+    width = stop - start
+    node = graph.nodes[host]
+    part = _Part(start, stop, None, host, [node.op_type])
+    reader = _single_consumer(graph, name, ("Add",)) if name else None
+    if reader is not None and reader[1] in (0, 1):
+        add = graph.nodes[reader[0]]
+        operand = _vector_operand(graph, reader[0], 1 - reader[1], width, "bias")
+        constant = _shape(graph, add.input[1 - reader[1]])
+        if operand is not None and constant is not None and constant[-1:] == (width,):
+            part.bias, part.tail = operand, reader[0]
+            part.ops.append("Add")
+            absorbed.add(reader[0])
+    if name:
+        end = graph.nodes[part.tail].output[0] if part.tail != host else name
+        steps = _scalar_affine(graph, end, set(), linear)
+        if steps and all(kind != "scale" for kind, _, _ in steps):  # scalars only: a part has its own width
+            part.post = tuple(steps)
+            part.ops.extend(graph.nodes[step].op_type for _, step, _ in steps)
+            part.tail = steps[-1][1]
+            absorbed.update(step for _, step, _ in steps)
+    return part
+
+
 def _packed_parts(graph: ModelGraph, linear: _Linear, tail: str, absorbed: set[int]) -> list[_Part] | None:
     """The parts of a layer whose output is split along its neurons right away.
 
@@ -682,7 +750,12 @@ def _packed_parts(graph: ModelGraph, linear: _Linear, tail: str, absorbed: set[i
         if beyond != tail:
             reader, tail = _single_consumer(graph, beyond, ("Split",)), beyond
     if reader is None:
-        return None
+        sliced = _slice_blocks(graph, tail, size)
+        if sliced is None:
+            return None
+        # The legacy torch exporter chunks in_proj's output with Slices (bounds from folded Shape
+        # arithmetic) where the dynamo exporter writes a Split: the same parts.
+        return [_part(graph, linear, start, stop, index, graph.nodes[index].output[0], absorbed) for start, stop, index in sliced]
     host, slot = reader
     node = graph.nodes[host]
     rank = graph.rank(tail)
@@ -694,25 +767,7 @@ def _packed_parts(graph: ModelGraph, linear: _Linear, tail: str, absorbed: set[i
             return None
         parts, start = [], 0
         for width, name in zip(sizes, node.output):
-            part = _Part(start, start + width, None, host, ["Split"])
-            reader = _single_consumer(graph, name, ("Add",)) if name else None
-            if reader is not None and reader[1] in (0, 1):
-                add = graph.nodes[reader[0]]
-                operand = _vector_operand(graph, reader[0], 1 - reader[1], width, "bias")
-                constant = _shape(graph, add.input[1 - reader[1]])
-                if operand is not None and constant is not None and constant[-1:] == (width,):
-                    part.bias, part.tail = operand, reader[0]
-                    part.ops.append("Add")
-                    absorbed.add(reader[0])
-            if name:
-                end = graph.nodes[part.tail].output[0] if part.tail != host else name
-                steps = _scalar_affine(graph, end, set(), linear)
-                if steps and all(kind != "scale" for kind, _, _ in steps):  # scalars only: a part has its own width
-                    part.post = tuple(steps)
-                    part.ops.extend(graph.nodes[node].op_type for _, node, _ in steps)
-                    part.tail = steps[-1][1]
-                    absorbed.update(node for _, node, _ in steps)
-            parts.append(part)
+            parts.append(_part(graph, linear, start, start + width, host, name, absorbed))
             start += width
         return parts
     if node.op_type == "GroupQueryAttention" and node.domain == MICROSOFT and slot == 0:
@@ -1026,6 +1081,65 @@ def _vector_site(graph: ModelGraph, index: int, slot: int, role: str, part: int,
 
 
 # -- sites ------------------------------------------------------------------------------------
+#: Recurrent layers: (domain, op) -> whether W and R are ONNX Runtime's 8-bit transposed form
+#: (``DynamicQuantizeLSTM``: ``[dirs, in, 4*H]`` and ``[dirs, H, 4*H]``, dequantized by the
+#: scales and zero points at slots 8 to 11), which reads as the float LSTM it came from.
+_RECURRENT: dict[tuple[str, str], bool] = {
+    ("", "LSTM"): False, ("", "GRU"): False, ("", "RNN"): False, (MICROSOFT, "DynamicQuantizeLSTM"): True,
+}  # fmt: skip
+#: Optional inputs of a recurrent layer whose absence means zeros: B, initial_h, initial_c, P.
+_ZERO_WHEN_ABSENT = (3, 5, 6, 7)
+
+
+def _recurrent_site(graph: ModelGraph, index: int, computed: set[str], planned: set[str]) -> list[Site]:
+    """An LSTM, GRU, RNN or DynamicQuantizeLSTM: its W, R, B and P in the float LSTM's layout.
+
+    An optional input that is all zeros is left out, as an absent one means zeros: onnx-simplifier
+    drops the zero initial states an exporter writes, and the layer computes the same. A
+    ``DynamicQuantizeLSTM``'s W and R are read dequantized and transposed back to ``[dirs, 4*H,
+    in]``, so the quantized layer is the same site as the float LSTM (token ``LSTM``).
+    """
+    node = graph.nodes[index]
+    quantized = _RECURRENT[(MICROSOFT if node.domain == MICROSOFT else "", node.op_type)]
+    operands: list[Operand] = []
+    shapes: list[tuple[int, tuple[int, ...]]] = []
+    for slot, name in enumerate(node.input[:8]):
+        if not name or slot in (0, 4):  # the sequence and its lengths are activations
+            continue
+        shape: tuple[int, ...] | None = None
+        if quantized and slot in (1, 2):
+            stored = graph.constant_shape(name)
+            if stored is None or len(stored) != 3:
+                return []
+            operand = Operand(f"c{len(operands)}", index, slot, stored, (stored[0], stored[2], stored[1]),
+                              axes=(0, 2, 1), quantized=True)  # fmt: skip
+            operands.append(operand)
+            shapes.append((slot, operand.shape))
+            continue
+        if _float_constant(graph, name):
+            shape = graph.constant_shape(name)
+        elif name in computed and graph.dtypes.get(name) in _FLOAT_TYPES:
+            found = graph.shape(name)
+            if found is not None and all(isinstance(d, int) for d in found):
+                shape = tuple(int(d) for d in found)  # type: ignore[arg-type]
+        if shape is None or int(np.prod(shape)) <= 1:
+            continue
+        if slot in _ZERO_WHEN_ABSENT:
+            value = graph.constant_value(name)
+            if value is not None and not np.any(value):
+                continue
+        operands.append(Operand(f"c{len(operands)}", index, slot, shape, shape))
+        shapes.append((slot, shape))
+    if not operands:
+        return []
+    op_type = "LSTM" if quantized else node.op_type
+    token = ("other", "", op_type, tuple(shapes))
+    weighs = any(
+        (leaf := graph.constant_leaf(node.input[operand.slot])) is not None and leaf.name in planned for operand in operands
+    )
+    return [Site(index, 0, "other", token, tuple(operands), (node.op_type,), index, weighs=weighs)]
+
+
 def constant_computed(graph: ModelGraph) -> set[str]:
     """Tensors computed from constants only (a Gather of a constant table at constant indices).
 
@@ -1175,6 +1289,8 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
             bias_slot = _BIAS_HOSTS.get(key, ((), -1))[1]
             if bias_slot >= 0 and (index, bias_slot) not in claimed:
                 found = _vector_site(graph, index, bias_slot, "shift", 2) + found
+        elif key in _RECURRENT or (key[0] == "ai.onnx" and ("", key[1]) in _RECURRENT):
+            found = _recurrent_site(graph, index, computed, planned)
         elif key == ("", "Gather") or key == ("ai.onnx", "Gather"):
             shape = _shape(graph, node.input[0])
             table = quantized_table(graph, index) if shape is None else None

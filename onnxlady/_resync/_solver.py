@@ -266,24 +266,39 @@ def group_slices(
     return slices, touched
 
 
-def gather_block(array: np.ndarray, piece: _Slice, sort_dims: Sequence[int]) -> np.ndarray:
-    """The slice as an ``[n, D]`` matrix (one gather), sorted along ``sort_dims``."""
-    return _gathered(array, piece, sort_dims)[0]
+def gather_block(array: np.ndarray, piece: _Slice, sort_dims: Sequence[int], widen: bool = False) -> np.ndarray:
+    """The slice as an ``[n, D]`` matrix (one gather), sorted along ``sort_dims`` (float64 with ``widen``)."""
+    return _gathered(array, piece, sort_dims, widen)[0]
 
 
-def _gathered(array: np.ndarray, piece: _Slice, sort_dims: Sequence[int]) -> tuple[np.ndarray, bool]:
+def _gathered(array: np.ndarray, piece: _Slice, sort_dims: Sequence[int], widen: bool = False) -> tuple[np.ndarray, bool]:
     """:func:`gather_block`, and whether the block is a new array (False: it may view ``array``).
 
     The slice's axis is moved first and gathered as the leading one: the result comes out
     already laid out ``[n, D]`` (gathering along the axis and then reshaping the moved view
-    copied a consumer's weight twice).
+    copied a consumer's weight twice). With ``widen``, a block of another float type is
+    converted to float64 before it is sorted or returned, keeping its layout (``order="K"``):
+    the block a float64 ``array`` gives, number for number and stride for stride.
     """
     n, m = piece.index.shape
-    moved = np.moveaxis(array, piece.axis, 0)
+    axis = piece.axis
+    lead, tail = int(np.prod(array.shape[:axis], dtype=np.int64)), int(np.prod(array.shape[axis + 1 :], dtype=np.int64))
+    if not sort_dims and lead > 1 and tail > 1 and array.flags.c_contiguous:
+        # The axes after the slice's as one opaque element (a kernel's taps): the same C-contiguous
+        # block as moving and copying below gives, copied a kernel at a time, not a value at a time.
+        cells = array.reshape(lead, array.shape[axis] * tail).view(np.dtype((np.void, array.itemsize * tail))).T
+        cells = np.take(cells, piece.index.ravel(), axis=0) if not piece.identity else np.ascontiguousarray(cells)
+        block = cells.view(array.dtype).reshape(n, -1)
+        if widen and block.dtype != np.float64:
+            return block.astype(np.float64), True
+        return block, not np.may_share_memory(block, array)  # one neuron: a view of ``array``
+    moved = np.moveaxis(array, axis, 0)
     fresh = not piece.identity
     if fresh:
         moved = np.take(moved, piece.index.ravel(), axis=0)
     moved = moved.reshape((n, m, *moved.shape[1:]))
+    if widen and moved.dtype != np.float64:
+        moved, fresh = moved.astype(np.float64), True
     for dim in sort_dims:
         moved = np.sort(moved, axis=dim)
         fresh = True
@@ -715,6 +730,11 @@ class ResyncState:
     options: ResyncOptions
     match: dict[str, np.ndarray] = field(default_factory=dict)  # aligned[j] = suspect[match[j]]
     stats: dict[str, _Solve] = field(default_factory=dict)
+    #: Whether ``reference`` and ``work`` may hold values in a narrower float type than float64
+    #: holds exactly (resync across conversions keeps them as stored): every slice is then
+    #: converted to float64 when gathered, and computed with as before. A twin's float32 arrays
+    #: are computed with as they are.
+    widen: bool = False
 
     def blocks(self, gid: str, solved: frozenset[str]) -> _Blocks:
         """The blocks of the slices usable once the groups in ``solved`` are aligned.
@@ -724,17 +744,35 @@ class ResyncState:
         head dimension's group, and vice versa) gets the sorted forms of all of them.
         """
         pieces = [(piece, piece.misaligned_dims(solved)) for piece in self.slices[gid]]
-        if self.options.misaligned == "skip" and any(not dims for _, dims in pieces):
+        if self.options.misaligned == "skip" and self._aligned_tell_apart(gid, [p for p, dims in pieces if not dims]):
             pieces = [(piece, dims) for piece, dims in pieces if not dims]
         pairs, owned = [], []
         for piece, dims in pieces:
             (ref, ref_fresh), (sus, sus_fresh) = (
-                _gathered(self.reference[piece.plan], piece, dims),
-                _gathered(self.work[piece.plan], piece, dims),
+                _gathered(self.reference[piece.plan], piece, dims, self.widen),
+                _gathered(self.work[piece.plan], piece, dims, self.widen),
             )
             pairs.append((ref, sus))
             owned.append((ref_fresh, sus_fresh))
         return _Blocks.build(pairs, self.analysis.group(gid).size, seed=zlib.crc32(gid.encode()), owned=owned)
+
+    def _aligned_tell_apart(self, gid: str, aligned: list[_Slice]) -> bool:
+        """Whether the aligned slices alone can tell the group's neurons apart.
+
+        A group-level factor ``p (x) I_k`` (GroupNorm's G groups of k channels) may have no
+        aligned slice but the normalisation's per-group scale and shift, which a legacy export
+        stores as constant ones and zeros: every neuron alike there, the match would be a tie.
+        Its weights' rows then wait for the channels-within-a-group factor; they are used,
+        sorted along it, instead of nothing.
+        """
+        if not aligned:
+            return False
+        n = self.analysis.group(gid).size
+        for piece in aligned:
+            block = gather_block(self.reference[piece.plan], piece, ())
+            if block.shape[0] == n and np.any(block != block[:1]):
+                return True
+        return False
 
     def exact_match(
         self, gid: str, solved: frozenset[str], step: np.ndarray | None = None, margins: np.ndarray | None = None
@@ -748,8 +786,8 @@ class ResyncState:
         pieces = [piece for piece in self.slices[gid] if not piece.misaligned_dims(solved)]
         if not pieces:
             return None
-        ref = np.concatenate([gather_block(self.reference[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
-        sus = np.concatenate([gather_block(self.work[p.plan], p, ()).reshape(n, -1) for p in pieces], axis=1)
+        ref = np.concatenate([gather_block(self.reference[p.plan], p, (), self.widen).reshape(n, -1) for p in pieces], axis=1)
+        sus = np.concatenate([gather_block(self.work[p.plan], p, (), self.widen).reshape(n, -1) for p in pieces], axis=1)
         ref_keys = [row.tobytes() for row in np.ascontiguousarray(ref)]
         lookup = {row.tobytes(): index for index, row in enumerate(np.ascontiguousarray(sus))}
         if len(set(ref_keys)) < n or len(lookup) < n:

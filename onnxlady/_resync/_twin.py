@@ -21,7 +21,7 @@ import onnx
 from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._model_graph import ModelGraph, node_label
-from onnxlady._io._external import has_mapped, is_mapped, load_mapped, mapped_bytes
+from onnxlady._io._external import drop_file_reference, has_mapped, is_mapped, load_mapped, mapped_bytes
 from onnxlady._io._tensors import FloatConstants, all_finite, is_external, read_float, tensor_holders
 from onnxlady._resync._mapped import AlignedArrays, MappedState, ReleasedArrays, ReleasingState, StoredArrays
 from onnxlady._resync._solver import (
@@ -287,8 +287,7 @@ def _copy_model(model: onnx.ModelProto, fresh: dict[str, bytes | memoryview | np
             _copy_fields(tensor, target, skip="raw_data")
             target.raw_data = bytes(fresh[tensor.name])
             if is_mapped(target):  # its new bytes are in the model now, not in the file
-                del target.external_data[:]
-                target.ClearField("data_location")
+                drop_file_reference(target)
         else:
             target.CopyFrom(tensor)
     return output

@@ -20,7 +20,7 @@ from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._io._tensors import read_array
 
-__all__ = ["Approx", "half_ulp", "nbits_layout", "read_constant", "read_nbits"]
+__all__ = ["COMPACT_TYPES", "Approx", "half_ulp", "nbits_layout", "read_constant", "read_nbits", "widened"]
 
 #: Per stored float type (numpy dtype name): significand bits, with the implicit one, and the
 #: smallest subnormal step.
@@ -64,6 +64,11 @@ def half_ulp(values: np.ndarray, stored: np.dtype) -> np.ndarray:
     # value's shape back.
     return np.maximum(half, step, out=half).reshape(np.shape(values))
 
+
+#: Float types that float64 holds exactly and numpy computes in natively: a value read compact
+#: in one of them (:func:`read_constant`'s ``compact``) is the same numbers as its float64 read,
+#: in a half or a quarter of the memory.
+COMPACT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 #: The bound of a value read without one (see :class:`Approx`): zeros, broadcast, never written.
 _NO_BOUND = np.zeros(())
@@ -147,7 +152,7 @@ def _spread(parameter: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...])
     return np.broadcast_to(parameter.reshape(view), shape)
 
 
-def read_constant(graph: ModelGraph, name: str, bounds: bool = True) -> Approx | None:
+def read_constant(graph: ModelGraph, name: str, bounds: bool = True, compact: bool = False) -> Approx | None:
     """The constant ``name`` as its user reads it, with the error bound of its storage.
 
     Args:
@@ -156,11 +161,19 @@ def read_constant(graph: ModelGraph, name: str, bounds: bool = True) -> Approx |
         bounds: compute the bound; without, the value carries none (its ``error`` reads zeros:
             for callers that use the value alone, such as the matching's signatures and the
             resync, whose bounds are made only when read).
+        compact: without bounds, where the float64 value would be a conversion of an array in
+            one of :data:`COMPACT_TYPES` (the stored tensor, or what its chain gives, such as a
+            dequantized weight), return that array instead: ``value.astype(np.float64)`` is
+            the float64 read, bit for bit and in the same layout. Resync across conversions
+            keeps the weights it compares so and converts only the slices it computes with
+            (:func:`widened`): whole float64 copies of both models were most of its memory.
+            The array is read-only: a view of the model's bytes or the graph's own cached
+            value, never to be written.
 
     Returns:
-        The value through its chain (casts, reshapes, dequantization) in float64 and the bound,
-        or None when ``name`` is computed or its values cannot be read as numbers. The value
-        is a fresh array, shared with nothing.
+        The value through its chain (casts, reshapes, dequantization) in float64 (or compact)
+        and the bound, or None when ``name`` is computed or its values cannot be read as
+        numbers. A float64 value is a fresh array, shared with nothing.
     """
     leaf = graph.constant_leaf(name) if name else None
     if leaf is None:
@@ -170,6 +183,9 @@ def read_constant(graph: ModelGraph, name: str, bounds: bool = True) -> Approx |
         return None
     raw = read_array(tensor, f"tensor '{leaf.name}'")
     shape = raw.shape
+    compact = compact and not bounds
+    if compact and not leaf.chain and raw.dtype in COMPACT_TYPES:
+        return Approx(raw)
     if leaf.chain and raw.dtype.kind in "iub":
         # Integers (quantized weights) are exact and their chain gives the value: neither is
         # made whole here (each whole float64 array costs its page faults on large weights).
@@ -188,7 +204,7 @@ def read_constant(graph: ModelGraph, name: str, bounds: bool = True) -> Approx |
             return None
         # A copy even where the value already is float64: what is returned is owned by no
         # model's cache, so callers may hand it on without copying it (see stored_operand).
-        out64 = np.array(out, dtype=np.float64)
+        out64 = out if compact else np.array(out, dtype=np.float64)  # compact: only its shape is read here
         op = node.op_type
         if op == "DequantizeLinear":
             scale = graph.constant_value(node.input[1])
@@ -219,11 +235,25 @@ def read_constant(graph: ModelGraph, name: str, bounds: bool = True) -> Approx |
             error = np.broadcast_to(np.zeros(()), out64.shape)
         current, shape = out64, out64.shape
     assert current is not None  # a chain made it, or it was read
+    if compact and current.dtype not in COMPACT_TYPES:
+        current = np.array(current, dtype=np.float64)  # what the float64 read gives
     if not bounds:
         return Approx(current)
     # A full bound is a fresh array here, like the value: returned as it is, not as a read-only
     # view (which its readers would copy again, see stored_operand).
     return Approx(current, error if error.shape == current.shape else np.broadcast_to(error, current.shape))
+
+
+def widened(value: Approx) -> Approx:
+    """``value`` with its numbers in float64 (itself when they are; a compact read converted, bound kept).
+
+    The conversion keeps the array's layout (``order="K"``), as the float64 read it stands for
+    has it: sums over it then run in the same order.
+    """
+    if value.value.dtype == np.float64:
+        return value
+    wide = value.value.astype(np.float64)
+    return Approx(wide, value.full_error()) if value.bounded else Approx(wide)
 
 
 # -- MatMulNBits ------------------------------------------------------------------------------

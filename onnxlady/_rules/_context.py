@@ -30,7 +30,7 @@ import onnx
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, direct_sum, product
 from onnxlady._graph._model_graph import ChainAxisError, Companion, ConstantLeaf, ModelGraph, Shape, node_label
-from onnxlady._rules._derived import block_partition, derived_uses
+from onnxlady._rules._derived import DerivedRead, block_partition, derived_uses
 
 _PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 #: What an input without spaces carries (never changed).
@@ -95,6 +95,9 @@ class AnalysisState:
     #: Constant axes cut into blocks by Slice readers (see ``block_partition``): (name, axis) ->
     #: one expression per segment, shared by every reader so the blocks make one permutation.
     block_segments: dict[tuple[str, int], list[tuple[int, int, Expr]]] = field(default_factory=dict)
+    #: The committed walks back from computed tensors to their constants (see ``derived_uses``):
+    #: the group each made, the reads it accounts for, and why it freezes if another read is not.
+    derived_walks: list[tuple[Atom, list[DerivedRead], FreezeReason]] = field(default_factory=list)
 
 
 class RuleContext:
@@ -103,7 +106,7 @@ class RuleContext:
     # One per node: slots make it and its attribute reads cheaper.
     __slots__ = (
         "_bound", "_emitted", "_inputs", "_joint_emitted", "_joint_taken", "_outputs", "_producers", "_state",
-        "_taken", "graph", "index", "node", "op_type", "opset", "solver",
+        "_taken", "_walks", "graph", "index", "node", "op_type", "opset", "solver",
     )  # fmt: skip
 
     def __init__(self, state: AnalysisState, index: int) -> None:
@@ -125,6 +128,7 @@ class RuleContext:
         self._joint_emitted: dict[int, list[JointSpace]] = {}
         self._bound: list[Binding] = []
         self._producers: list[Expr] = []
+        self._walks: list[tuple[Atom, list[DerivedRead], FreezeReason]] = []
 
     @property
     def label(self) -> str:
@@ -226,22 +230,24 @@ class RuleContext:
             self._state.tracked.setdefault(name, {})[axis] = group
             self._taken.add((name, axis))
             return group
-        derived = self._derived(name, axis, size)
+        derived = self._derived(name, slot, axis, size)
         if derived is not None:
             return derived
         return Fixed(size, self._untracked_reason(name, axis))
 
-    def _derived(self, name: str, axis: int, size: int) -> Atom | None:
+    def _derived(self, name: str, slot: int, axis: int, size: int) -> Atom | None:
         """A new group for a tensor computed from constants only, bound to the constants it is made of.
 
         None where the constants cannot follow (see :func:`~onnxlady._rules._derived.derived_uses`).
-        The bindings are buffered like any other, so a rule that gives up leaves nothing behind.
+        The bindings and the walk's reads are buffered like any other, so a rule that gives up
+        leaves nothing behind (and a walk that shares a computed tensor with it then freezes).
         """
         if not name or size < 2 or name in self._state.untracked_reason or axis < 0:
             return None
-        uses = derived_uses(self.graph, name, axis, self.index)
-        if uses is None:
+        walk = derived_uses(self.graph, name, axis, self.index, slot)
+        if walk is None:
             return None
+        uses, reads = walk
         group = self.new_group(size)
         bindings = []
         for node, slot, use_axis, block in uses:
@@ -256,6 +262,7 @@ class RuleContext:
                 return None
             bindings.append(binding)
         self._bound.extend(bindings)
+        self._walks.append((group, reads, self._untracked_reason(name, axis)))
         return group
 
     def _block_of(self, node: int, slot: int, axis: int, block: tuple[int, int], group: Atom) -> Expr | None:
@@ -433,6 +440,8 @@ class RuleContext:
                 state.bindings[key] = binding
         for expr in self._producers:
             state.producers.append((self.index, expr))
+        if self._walks:
+            state.derived_walks.extend(self._walks)
         tracked, joint, taken = state.tracked, state.joint, self._taken
         for slot, name in enumerate(self._inputs):  # (inputs_of's order, without its generator)
             if name and (name in tracked or (joint and name in joint)):  # (most inputs carry nothing)
@@ -530,6 +539,34 @@ class RuleContext:
         for name in self._outputs:
             if name:
                 state.untracked_reason[name] = reason
+
+
+def freeze_partial_derived(state: AnalysisState) -> None:
+    """Freeze the walks through a computed tensor some reader of which does not take the permuted axis.
+
+    A walk (see :func:`~onnxlady._rules._derived.derived_uses`) permutes the constants a
+    computed tensor is made of, so every reader of every computed tensor on its way sees that
+    tensor permuted along the walked axis. That is sound only where each of those readers took
+    the axis through a walk of its own (its rule then handles the permutation); a reader that
+    gave up, took another axis only, or reads inside a subgraph would see moved values without
+    knowing, so every walk through that tensor and axis keeps the identity, with the reason
+    its reader would have given without the walk.
+    """
+    if not state.derived_walks:
+        return
+    graph, solver = state.graph, state.solver
+    accounted: dict[tuple[str, int], set[tuple[int, int]]] = {}
+    for _, reads, _ in state.derived_walks:
+        for tensor, axis, node, slot in reads:
+            accounted.setdefault((tensor, axis), set()).add((node, slot))
+    partial = {
+        key for key, readers in accounted.items() if any(read not in readers for read in graph.consumers.get(key[0], []))
+    }
+    if not partial:
+        return
+    for group, reads, reason in state.derived_walks:
+        if any((tensor, axis) in partial for tensor, axis, _, _ in reads):
+            solver.freeze(group, reason)
 
 
 def _require_passive_chain(graph: ModelGraph, name: str, leaf_axis: int, leaf: ConstantLeaf) -> None:

@@ -10,10 +10,16 @@ tensor the same way. :func:`derived_uses` walks back from the computed tensor to
 it is made of and says which axis of which constant use to permute, or None where an operator on
 the way mixes or moves positions of that axis; nothing is ever permuted on a guess.
 
-Only an exclusive path is walked: every computed tensor on it has one reader (the next node
-toward the tensor asked about) and is no graph output, so no other operator sees the permuted
-values without the analysis knowing. Constant leaves themselves may have several readers: each
-use is bound on its own (and untied when the uses disagree), as for any constant operand.
+A computed tensor on the way may have several readers (Mamba's ``A = -exp(A_log)`` is read by
+one Mul per unrolled scan step): each walk lists the reads it accounts for (tensor, axis,
+reader, slot), and the analysis keeps the permutation only where, for every computed tensor
+and axis some walk permutes, every reader of that tensor took that axis through such a walk
+(:func:`~onnxlady._rules._context.freeze_partial_derived`); otherwise some operator would see
+permuted values without the analysis knowing, so the group keeps the identity. The walks of
+one tensor bind the same constant uses, which joins their groups into one permutation. No
+computed tensor on the way may be a graph output. Constant leaves themselves may have several
+readers: each use is bound on its own (and untied when the uses disagree), as for any constant
+operand.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from onnxlady._graph._model_graph import ModelGraph
 #: ``block`` is ``(start, end)`` where the node is a ``Slice`` reading only those positions of the
 #: constant's axis (torch's fused ``in_proj_weight`` cut into Q, K and V), else None.
 DerivedUse = tuple[int, int, int, tuple[int, int] | None]
+#: (tensor, axis, reader node, input slot): one read of a computed tensor along a permuted axis
+#: that a walk accounts for (the reader handles the permutation it takes there).
+DerivedRead = tuple[str, int, int, int]
 
 #: Element-wise operators of one input that commute with any permutation of the positions.
 _UNARY = frozenset({
@@ -42,26 +51,30 @@ _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Me
 _MAX_STEPS = 256
 
 
-def derived_uses(graph: ModelGraph, name: str, axis: int, reader: int) -> list[DerivedUse] | None:
+def derived_uses(
+    graph: ModelGraph, name: str, axis: int, reader: int, slot: int
+) -> tuple[list[DerivedUse], list[DerivedRead]] | None:
     """The constant uses whose permutation along an axis permutes ``name`` along ``axis``.
 
     Args:
         graph: the model's graph.
         name: a tensor computed from constants only, read by node ``reader``.
         axis: the axis of ``name`` to permute.
-        reader: the node that asks (every reader of ``name`` must be this node).
+        reader: the node that asks.
+        slot: the input slot at which ``reader`` reads ``name``.
 
     Returns:
-        The uses (node, slot, axis) of constants to permute, possibly none (the tensor is
-        constant along ``axis``), or None when the walk finds an operator that is not
-        equivariant along the axis, a computed tensor read elsewhere too, or anything that is
-        not computed from constants.
+        The uses (node, slot, axis, block) of constants to permute, possibly none (the tensor
+        is constant along ``axis``), and the reads of computed tensors the walk accounts for
+        (starting with ``reader``'s own); None when the walk finds an operator that is not
+        equivariant along the axis, a computed tensor that is a graph output, or anything that
+        is not computed from constants. Other readers of a computed tensor on the way are the
+        caller's to check (they must take the same axis through a walk of their own).
     """
     if not graph.constant_derived(name) or name in graph.graph_outputs:
         return None
-    if any(node != reader for node, _ in graph.consumers.get(name, [])):
-        return None
     uses: list[DerivedUse] = []
+    reads: list[DerivedRead] = [(name, axis, reader, slot)]
     pending: list[tuple[str, int]] = [(name, axis)]
     steps = 0
     while pending:
@@ -83,19 +96,16 @@ def derived_uses(graph: ModelGraph, name: str, axis: int, reader: int) -> list[D
         sources = _sources(graph, index, tensor_axis)
         if sources is None:
             return None
-        for slot, source_axis in sources:
-            source = node.input[slot]
+        for source_slot, source_axis in sources:
+            source = node.input[source_slot]
             if graph.is_constant(source):
-                uses.append((index, slot, source_axis, None))
+                uses.append((index, source_slot, source_axis, None))
                 continue
-            if (
-                not graph.constant_derived(source)
-                or source in graph.graph_outputs
-                or graph.consumers.get(source, []) != [(index, slot)]
-            ):
+            if not graph.constant_derived(source) or source in graph.graph_outputs:
                 return None
+            reads.append((source, source_axis, index, source_slot))
             pending.append((source, source_axis))
-    return uses
+    return uses, reads
 
 
 def _sources(graph: ModelGraph, index: int, axis: int) -> list[tuple[int, int]] | None:
@@ -251,6 +261,21 @@ def slice_block(graph: ModelGraph, node: onnx.NodeProto, axis: int) -> tuple[int
     if end <= start or (start, end) == (0, dim):
         return None
     return start, end
+
+
+def slice_cut(graph: ModelGraph, node: onnx.NodeProto, axis: int) -> tuple[int, int] | None:
+    """The block ``[start, end)`` a step-1 Slice keeps of its input's ``axis``, where it cuts that axis alone.
+
+    None where :func:`slice_block` is, or where the Slice also cuts another axis (its output is
+    then not the block of whole positions along ``axis``).
+    """
+    block = slice_block(graph, node, axis)
+    arguments = _slice_arguments(graph, node)
+    rank = len(graph.shape(node.input[0]) or ())
+    if block is None or arguments is None:
+        return None
+    others = {a % rank for a in arguments[2]} - {axis}
+    return block if all(_slice_keeps(graph, node, other) for other in others) else None
 
 
 def block_partition(graph: ModelGraph, name: str, axis: int, size: int) -> list[tuple[int, int, bool]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from onnxlady._graph._expr import Expr
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
+from onnxlady._rules._derived import derived_uses
 from onnxlady._rules._registry import OpRule, register
 
 
@@ -109,13 +110,26 @@ class BroadcastRule(OpRule):
             else:
                 uncertain.append(operand.name)
         if not tracked:
-            if constants and not computed and not uncertain and len(constants) < len(slots):
+            # Tensors computed from constants only (Mamba's A = -exp(A_log)) count as constants
+            # here where their constants can follow (see RuleContext.take).
+            derived = [(slot, axis) for slot, axis in computed if _follows_constants(ctx, operands[slot].name, slot, axis)]
+            # (A computed operand that is no such tensor must be there, broadcast: else the
+            # result is computed from constants too, and nothing it reaches is a neuron.)
+            activations = (
+                any(not operands[slot].const and not ctx.graph.constant_derived(operands[slot].name) for slot in slots)
+                if derived
+                else len(constants) < len(slots)
+            )
+            if (constants or derived) and len(derived) == len(computed) and not uncertain and activations:
                 # Constants vary along an axis every computed input broadcasts over: the axis is
                 # new here, like a producer's (a LayerNorm gamma times a broadcast inverse std).
-                size = operands[constants[0][0]].shape[constants[0][1]]  # type: ignore[index]
+                first_slot, first_axis = (constants or derived)[0]
+                size = operands[first_slot].shape[first_axis]  # type: ignore[index]
                 if not isinstance(size, int):
-                    raise RuleDoesNotApply("unknown-shape", f"the size of axis {constants[0][1]} of '{ctx.input(constants[0][0])}' is unknown")
+                    raise RuleDoesNotApply("unknown-shape", f"the size of axis {first_axis} of '{ctx.input(first_slot)}' is unknown")
                 group = ctx.new_group(size)
+                for slot, axis in derived:
+                    ctx.unify(group, ctx.take(slot, axis, size))
                 for slot, axis in constants:
                     ctx.bind(slot, axis, group, f"{ctx.op_type.lower()} operand")
                 ctx.emit(0, out_axis, group)
@@ -131,6 +145,12 @@ class BroadcastRule(OpRule):
         for slot, axis in constants:
             ctx.bind(slot, axis, expr, f"{ctx.op_type.lower()} operand")
         ctx.emit(0, out_axis, expr)
+
+
+def _follows_constants(ctx: RuleContext, name: str, slot: int, axis: int) -> bool:
+    """Whether computed operand ``name`` is made of constants that a permutation of ``axis`` can reach."""
+    graph = ctx.graph
+    return graph.constant_derived(name) and derived_uses(graph, name, axis, ctx.index, slot) is not None
 
 
 class _Operand:

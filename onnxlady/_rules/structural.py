@@ -217,7 +217,29 @@ class GatherRule(OpRule):
         gather_axis %= rank
         index_rank = ctx.rank_in(1)
         for axis, expr in spaces.items():
-            if axis == gather_axis:
+            if axis != gather_axis:
+                ctx.emit(0, axis if axis < gather_axis else axis + index_rank - 1, expr)
+                continue
+            at = _identity_gather_axis(ctx.const(1), expr.size)
+            if at is None:
                 ctx.freeze(expr, "blocking", f"Gather selects positions along permuted axis {axis}")
             else:
-                ctx.emit(0, axis if axis < gather_axis else axis + index_rank - 1, expr)
+                ctx.emit(0, axis + at, expr)
+
+
+def _identity_gather_axis(indices: np.ndarray | None, size: int) -> int | None:
+    """The axis of ``indices`` that lists every position of an axis of ``size`` in order, or None.
+
+    Exporters lower a view (torch's ``as_strided``) to a Gather of ``arange(size)`` shaped like
+    ``[1, size, 1, 1]``: that Gather copies the axis in order to the indices' one long axis, so
+    the permutation travels with it unchanged. Any other index vector (a subset, a reordering)
+    selects positions and is not followed.
+    """
+    if indices is None or indices.size != size or size < 2:
+        return None
+    long_axes = [axis for axis, extent in enumerate(indices.shape) if extent != 1]
+    if len(long_axes) != 1:
+        return None
+    flat = indices.reshape(-1).astype(np.int64)
+    flat = np.where(flat < 0, flat + size, flat)
+    return long_axes[0] if np.array_equal(flat, np.arange(size)) else None

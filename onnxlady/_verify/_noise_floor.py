@@ -162,8 +162,10 @@ def judge_with_noise(
 
     A failing tensor whose largest error is at most the reference's noise on it is rounding: it
     is judged as passed (its evidence still judged), with a note naming the noise. One within
-    :data:`NOISE_MARGIN` times it makes the verdict ``inconclusive``. Any other failure, or a
-    failing tensor with no noise measured (an integer output), leaves ``not-equivalent``.
+    :data:`NOISE_MARGIN` times it makes the verdict ``inconclusive``, unless it is a squashing
+    op's input whose output passes and carries evidence of its own: that output judges, with a
+    note. Any other failure, or a failing tensor with no noise measured (an integer output),
+    leaves ``not-equivalent``.
 
     Returns:
         ``(verdict, reasons, notes)`` as :func:`~onnxlady._verify._evidence.judge` gives them.
@@ -177,14 +179,26 @@ def judge_with_noise(
         floors[comparison.name] = floor
     if not failed:
         return None
-    if all(c.max_abs_error <= floors[c.name] for c in failed):
+    # A squashing op's input is compared to lend evidence to an output that has none of its own.
+    # Where that output passes and carries evidence by itself, its input failing within the
+    # margin of the noise decides nothing: the output judges (a x1000 Softmax's logits are
+    # thousands, one near zero is then off by a few rounding steps of its neighbours).
+    evident = {c.name for c in compared if c.passed and c.degenerate is None}
+    lent = {c.name for c in failed if c.kind == "squash-input" and c.stands_for in evident}
+    if all(c.max_abs_error <= floors[c.name] or c.name in lent for c in failed):
         def as_passed(c: OutputComparison) -> OutputComparison:
             return replace(c, passed=True) if c.name in floors else c
 
         verdict, reasons, notes = judge([as_passed(c) for c in compared], [as_passed(c) for c in squashed])
         rounding = tuple(
             f"{tensor_label(c)} {c.name!r}: {c.mismatched_elements} of {c.total_elements} elements beyond the "
-            f"tolerance, by at most {c.max_abs_error:.3g}, and {_moved(floors[c.name], noise.sources)}: judged as rounding"
+            f"tolerance, by at most {c.max_abs_error:.3g}, and {_moved(floors[c.name], noise.sources)}: "
+            + (
+                "judged as rounding"
+                if c.max_abs_error <= floors[c.name]
+                else f"within {NOISE_MARGIN:g} times that, and output {c.stands_for!r} passes and carries evidence "
+                "by itself: judged on that output"
+            )
             for c in failed
         )
         return verdict, reasons, notes + rounding

@@ -1,9 +1,10 @@
 """The reference's runs, recorded in a first pass so that only one ONNX Runtime session is alive at a time.
 
-Opening an ONNX Runtime session on a model costs about three times the model in memory while
-ORT parses, optimizes and packs the weights, and keeps about one copy afterwards. Opening the
-candidate's session next to the reference's, as verify used to, peaked at the sum (six times a
-118 MB model). On the CPU verify now runs in two passes:
+Opening an ONNX Runtime session on a model costs about twice the model in memory while ORT
+parses, optimizes and packs the weights (each optimization pass holds the old and the new
+copy), and keeps one copy or more afterwards (glibc keeps freed blocks under its mmap threshold
+for reuse). Opening the candidate's session next to the
+reference's, as verify used to, peaked at the sum. On the CPU verify now runs in two passes:
 
 1. the reference's session runs every feed (the same control flow as the comparison, the
    candidate left out) and :class:`ReferenceRuns` records its outputs, or the failure one run

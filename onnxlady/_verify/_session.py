@@ -4,12 +4,14 @@
 reason otherwise; CUDA always runs with TF32 off (TF32 rounds float32 matmul inputs to 10
 mantissa bits, which would make a permuted model look different). A model given by path is
 opened by path, so its external data resolves against its own folder; when intermediate
-tensors must be compared too, only its graph is re-serialized and ONNX Runtime is told where
-the weights live.
+tensors must be compared too, the outputs are appended to the file's bytes and ONNX Runtime is
+told where the weights live (a CPU session gets the bytes without the inline weights, which ORT
+reads from the file: :mod:`onnxlady._verify._weightless`); CUDA sessions are built as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -26,6 +28,7 @@ from onnxlady._io._files import copy_model
 from onnxlady._io._skim import with_graph_outputs
 from onnxlady._io._tensors import is_external
 from onnxlady._verify._models import ModelLike, describe
+from onnxlady._verify._weightless import weightless_bytes
 
 
 class _LazyOnnxRuntime:
@@ -180,8 +183,15 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return proto
 
 
-def _model_source(model: ModelLike, name: str, extra_outputs: Sequence[str] = ()) -> tuple[str | bytes, str | None]:
-    """What to give InferenceSession, and the folder its external data lives in when given as bytes."""
+def _model_source(
+    model: ModelLike, name: str, extra_outputs: Sequence[str] = (), weightless: bool = False
+) -> tuple[str | bytes, str | None]:
+    """What to give InferenceSession, and the folder its external data lives in when given as bytes.
+
+    ``weightless``: a file whose weights are all inside it is given as its bytes without its
+    large weights, ORT reading them from the file (see :mod:`onnxlady._verify._weightless`): it
+    copies them once less, and keeps no copy of the bytes.
+    """
     if isinstance(model, onnx.ModelProto):
         if any(is_external(init) for init in model.graph.initializer):
             raise OnnxladyError(
@@ -194,6 +204,13 @@ def _model_source(model: ModelLike, name: str, extra_outputs: Sequence[str] = ()
     path = Path(model)
     if not path.is_file():
         raise OnnxladyError(f"{name}: no such file")
+    if weightless:
+        with contextlib.suppress(ValueError, OSError):  # unreadable or not protobuf: handled below, as before
+            moved = weightless_bytes(path)
+            if moved.moved and extra_outputs:
+                return with_graph_outputs(moved.data, list(extra_outputs)), moved.folder
+            if moved.moved and not moved.had_external:  # data files stay found from the path, as before
+                return moved.data, moved.folder
     if not extra_outputs:
         return str(path), None
     try:
@@ -207,6 +224,12 @@ def _model_source(model: ModelLike, name: str, extra_outputs: Sequence[str] = ()
 
 def _new_session(
     source: str | bytes, providers: list[Any], name: str, external_folder: str | None, optimize: bool = True
+) -> Any:
+    return _build_session(source, providers, name, external_folder, optimize)
+
+
+def _build_session(
+    source: str | bytes, providers: list[Any], name: str, external_folder: str | None, optimize: bool
 ) -> Any:
     try:
         return ort.InferenceSession(source, _session_options(external_folder, optimize), providers=providers)
@@ -255,20 +278,23 @@ def create_session(
     if provider not in PROVIDERS:
         raise OnnxladyError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
     label = name or describe(model, "the model")
-    source, folder = _model_source(model, label, extra_outputs)
     ort.set_default_logger_severity(_ORT_LOG_SEVERITY)
     if provider == "cpu":
+        source, folder = _model_source(model, label, extra_outputs, weightless=True)
         return _new_session(source, [CPU], label, folder, optimize), CPU, None
 
     loaded, reason = probe_cuda()
-    if loaded:
+    if loaded:  # CUDA sessions get the file's bytes as they always did
+        source, folder = _model_source(model, label, extra_outputs)
         session = _new_session(source, [(CUDA, _CUDA_OPTIONS), CPU], label, folder, optimize)
         if session.get_providers()[:1] == [CUDA]:
             return session, CUDA, None
         reason = f"it did not load for {label} (session providers: {', '.join(session.get_providers())})"
+        del session, source  # freed before the CPU session is built
     if provider == "cuda":
         raise OnnxladyError(f"CUDA execution provider could not be loaded: {reason}")
     fallback = f"{CUDA} not available: {reason}"
+    source, folder = _model_source(model, label, extra_outputs, weightless=True)
     return _new_session(source, [CPU], label, folder, optimize), CPU, fallback
 
 

@@ -34,11 +34,13 @@ def constant_bytes(model: onnx.ModelProto) -> dict[str, bytes]:
 def permute_producer_only(model: onnx.ModelProto, analysis: ChannelAnalysis) -> str:
     """Permute the output rows of one producer weight and nothing else: a wrong permutation.
 
-    Returns the tensor it changed. The producer chosen is the first whose group is permutable.
+    Returns the tensor it changed. The producer chosen is the first whose group is permutable
+    and that the model holds: a copy that permuting would untie from a shared constant does not
+    exist in the model yet, so it is passed over.
     """
     holders = tensor_holders(model)
     for plan in analysis.tensors:
-        if not any(role in PRODUCER_ROLES for role in plan.roles):
+        if not any(role in PRODUCER_ROLES for role in plan.roles) or plan.tensor not in holders:
             continue
         for axis, expr in plan.axes:
             groups = analysis.neuron_labels(expr)

@@ -1,0 +1,185 @@
+"""Graph edits that keep every weight: an operator changed, inserted or removed.
+
+The audit compares weights; a suspect whose weights are all the reference's (bit for bit, or
+up to the neuron order) can still compute something else when its graph was edited: one
+``Relu`` made an ``Abs``, a ``Sigmoid`` a ``HardSigmoid``, a residual ``Add`` a ``Sub``, a ``Neg``
+inserted, a ``Gemm``'s ``alpha`` doubled (held-out round 10, finding F9: each was audited
+``identical`` or ``permuted``, "functionally equivalent", while verify said NOT EQUIVALENT). It is
+the cheapest tampering there is: a backdoor needs no weight changed.
+
+For a node-for-node copy (the audit's ``identical`` and twin paths: permute, perturb, resync and
+unpermute change constants only), every operator is compared with the reference's operator of
+the same output name: its type, domain, attributes, and what it reads (constants count as
+"a constant": untying renames them, and their values are the weights the audit compares). A
+copy converted to another form (fused, renamed, another opset) is matched across conversions
+instead, where operators legitimately change; it is not compared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxlady._errors import OnnxladyError
+from onnxlady._io._external import is_mapped, mapped_array
+
+__all__ = ["graph_edits"]
+
+#: Below this share of operators found by output name in both graphs, the suspect is no
+#: node-for-node copy and is not compared operator by operator.
+_SAME_NAMES = 0.9
+_CONSTANT = "<constant>"
+
+
+#: Optional inputs that mean zeros when absent (slots by operator): a simplifier drops an
+#: all-zero one (LSTM's initial states, a zero bias). Absent elsewhere means something else
+#: (Clip without a bound, Resize without scales).
+_ZERO_WHEN_ABSENT = {
+    "Conv": (2,), "ConvTranspose": (2,), "Gemm": (2,),
+    "LSTM": (3, 5, 6, 7), "GRU": (3, 5), "RNN": (3, 5),
+}  # fmt: skip
+_ZEROS = "<zeros>"
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | None]:
+    """The graph's constants by name, with their tensors where stored (None: a Constant of another kind)."""
+    found: dict[str, onnx.TensorProto | None] = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            found[node.output[0]] = value
+    return found
+
+
+def _all_zeros(tensor: onnx.TensorProto | None) -> bool:
+    if tensor is None:
+        return False
+    try:
+        values = np.asarray(mapped_array(tensor)) if is_mapped(tensor) else numpy_helper.to_array(tensor)
+    except (OnnxladyError, ValueError, TypeError):
+        return False
+    return values.dtype.kind in "fiub" and not np.any(values)
+
+
+def _inputs(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto | None]) -> tuple[str, ...]:
+    """What a node reads: activations by name, constants as one word, all-zero defaults as absent."""
+    zero_slots = _ZERO_WHEN_ABSENT.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
+    read: list[str] = []
+    for slot, name in enumerate(node.input):
+        if slot in zero_slots and (not name or (name in constants and _all_zeros(constants[name]))):
+            read.append(_ZEROS)
+        elif name in constants:
+            read.append(_CONSTANT)
+        else:
+            read.append(name)
+    while read and read[-1] in ("", _ZEROS):  # trailing absent inputs: written or not, the same
+        read.pop()
+    return tuple(read)
+
+
+def _attribute(attribute: onnx.AttributeProto) -> str:
+    if attribute.type == onnx.AttributeProto.TENSOR:
+        # A tensor attribute's values are a constant's (ConstantOfShape's fill is compared whole).
+        return f"{attribute.name}:tensor:{attribute.t.SerializeToString().hex()}"
+    if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        ops = ",".join(node.op_type for graph in graphs for node in graph.node)
+        return f"{attribute.name}:graph:{ops}"
+    return f"{attribute.name}:{attribute.SerializeToString().hex()}"
+
+
+#: Operators whose output depends on their input's shape only: a constant folder with static
+#: shapes replaces them (and what they feed) by stored constants.
+_SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
+def _folded(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto | None]) -> set[str]:
+    """Tensors a constant folder may store: computed from constants and shapes only."""
+    known = set(constants)
+    computed: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "Constant" or node.op_type.startswith("Random") or any(a.type in (
+            onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        if node.op_type in _SHAPE_READERS or all(not name or name in known for name in node.input):
+            computed.update(name for name in node.output if name)
+            known.update(name for name in node.output if name)
+    return computed
+
+
+def _operators(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, tuple[object, ...]]]:
+    """Each operator on computed tensors by its first output name, with what identifies its computation.
+
+    Constants, and what is computed from constants and shapes only (which onnx-simplifier, ONNX
+    Runtime and onnxslim fold into stored constants), are read as "a constant": folding is no edit.
+    """
+    constants = _constants(graph)
+    folded = _folded(graph, constants)
+    for name in folded:
+        constants.setdefault(name, None)
+    found: dict[str, tuple[onnx.NodeProto, tuple[object, ...]]] = {}
+    for node in graph.node:
+        if node.op_type == "Constant" or not node.output or node.output[0] in folded:
+            continue
+        inputs = _inputs(node, constants)
+        attributes = tuple(sorted(_attribute(a) for a in node.attribute))
+        found[node.output[0]] = (node, (node.domain or "", node.op_type, inputs, tuple(node.output), attributes))
+    return found
+
+
+def _label(node: onnx.NodeProto, key: str) -> str:
+    return f"{node.op_type} '{node.name or key}'"
+
+
+def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_for_node: bool = True) -> list[str]:
+    """What differs between two node-for-node copies besides their constants, one line per operator.
+
+    Args:
+        reference: the reference model.
+        suspect: the suspect.
+        node_for_node: the suspect is a node-for-node copy (the audit's identical and twin
+            paths): every operator is compared, inserted and removed ones included. Otherwise
+            (matched across forms with no converter's signature) only operators found under the
+            same output name in both with another type or other attributes count: a simplifier
+            removes and rewires operators (a Mul by ones, a folded chain) but does not change
+            what an operator it keeps computes.
+
+    Returns:
+        Empty when the graphs compute the same thing from their constants, or when the suspect is
+        no node-for-node copy (other opsets, or fewer than 90 % of the operators found by output
+        name): a conversion, compared across forms by the audit instead.
+    """
+    if sorted((o.domain, o.version) for o in reference.opset_import) != sorted(
+        (o.domain, o.version) for o in suspect.opset_import
+    ):
+        return []
+    ours, theirs = _operators(reference.graph), _operators(suspect.graph)
+    common = ours.keys() & theirs.keys()
+    if not ours or len(common) < _SAME_NAMES * max(len(ours), len(theirs)):
+        return []
+    edits: list[str] = []
+    for key, (node, described) in ours.items():
+        if key not in theirs:
+            if node_for_node:
+                edits.append(f"{_label(node, key)} removed")
+            continue
+        other, other_described = theirs[key]
+        if described == other_described:
+            continue
+        if described[:2] != other_described[:2]:
+            edits.append(f"{_label(node, key)} is {other.op_type} in the suspect")
+        elif described[4] != other_described[4]:
+            edits.append(f"{_label(node, key)} has other attributes in the suspect")
+        elif node_for_node:
+            edits.append(f"{_label(node, key)} reads or writes other tensors in the suspect")
+    if not node_for_node:
+        return edits
+    edits.extend(f"{_label(node, key)} inserted" for key, (node, _) in theirs.items() if key not in ours)
+    ref_io = ([v.name for v in reference.graph.input], [v.name for v in reference.graph.output])
+    sus_io = ([v.name for v in suspect.graph.input], [v.name for v in suspect.graph.output])
+    if ref_io != sus_io:
+        edits.append("the graph's inputs or outputs differ")
+    return edits
