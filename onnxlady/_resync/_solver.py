@@ -879,14 +879,18 @@ def true_permutations(analysis: ChannelAnalysis, true_key: PermutationKey | None
         return {}
     perms: dict[str, np.ndarray] = {}
     known = {g.id for g in analysis.groups}
+    # A key written for another model fails one of these checks: say which model it was written for.
+    written_for = f" (is it this reference's key? it was written for '{true_key.source_file}')" if true_key.source_file else ""
     for gid, perm in true_key.permutations().items():
         if gid not in known:
-            raise OnnxladyError(f"the true key names group '{gid}', which the reference does not have")
+            raise OnnxladyError(f"the true key names group '{gid}', which the reference does not have{written_for}")
         group = analysis.group(gid)
         if group.frozen:
-            raise OnnxladyError(f"the true key permutes group {gid}, which is frozen in the reference")
+            raise OnnxladyError(f"the true key permutes group {gid}, which is frozen in the reference{written_for}")
         if perm.size != group.size:
-            raise OnnxladyError(f"the true key's group {gid} has {perm.size} neurons, the reference's {group.size}")
+            raise OnnxladyError(
+                f"the true key's group {gid} has {perm.size} neurons, the reference's {group.size}{written_for}"
+            )
         if group.permutable:
             perms[gid] = perm
     return perms
