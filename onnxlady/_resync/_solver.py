@@ -735,6 +735,9 @@ class ResyncState:
     #: converted to float64 when gathered, and computed with as before. A twin's float32 arrays
     #: are computed with as they are.
     widen: bool = False
+    #: Per (group, plan, axis): whether that reference slice varies between the group's neurons
+    #: (the reference never changes: asked once, not on every solve of the group).
+    _varies: dict[tuple[str, int, int], bool] = field(default_factory=dict, repr=False)
 
     def blocks(self, gid: str, solved: frozenset[str]) -> _Blocks:
         """The blocks of the slices usable once the groups in ``solved`` are aligned.
@@ -765,12 +768,14 @@ class ResyncState:
         Its weights' rows then wait for the channels-within-a-group factor; they are used,
         sorted along it, instead of nothing.
         """
-        if not aligned:
-            return False
         n = self.analysis.group(gid).size
-        for piece in aligned:
-            block = gather_block(self.reference[piece.plan], piece, ())
-            if block.shape[0] == n and np.any(block != block[:1]):
+        # Smallest first (a bias or a scale usually answers), each slice asked once per resync.
+        for piece in sorted(aligned, key=lambda piece: self.reference[piece.plan].size):
+            key = (gid, piece.plan, piece.axis)
+            if key not in self._varies:
+                block = gather_block(self.reference[piece.plan], piece, ())
+                self._varies[key] = bool(block.shape[0] == n and np.any(block != block[:1]))
+            if self._varies[key]:
                 return True
         return False
 

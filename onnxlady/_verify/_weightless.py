@@ -4,14 +4,17 @@ When verify must compare intermediate tensors it hands ONNX Runtime bytes (the f
 appended), not a path. ORT's Python binding keeps those bytes for the session's whole life and
 copies them once more while it parses them: on a model of N bytes, three copies of the weights
 before ORT even starts optimizing. :func:`weightless_bytes` walks the file's protobuf wire format
-over a memory map and rewrites every large top-level initializer stored inline (``raw_data``) as
+over a memory map and rewrites every large weight stored inline (``raw_data``) as
 an external-data reference to the very bytes it occupies in the file (``location`` the file's
 name, ``offset`` and ``length`` of its ``raw_data`` payload). ORT then reads each weight from the
 file, the bytes it gets are the same, so the session and its results are the same; the buffer
 handed over holds only the graph.
 
-Only top-level initializers with a ``raw_data`` payload are rewritten; every other field (small
-tensors, Constant attributes, subgraphs, tensors already external) is copied byte for byte.
+Only main-graph initializers and ONNX-domain ``Constant`` values with a ``raw_data`` payload of at
+least :data:`WEIGHTLESS_MIN_BYTES` are rewritten; every other field (small tensors, subgraphs,
+tensors already external) is copied byte for byte. The walk reads fields with
+:mod:`onnxlady._io._skim`'s reader; it writes bytes for ORT, where ``_skim`` parses a model for
+onnxlady, so the two keep their own small field tables.
 """
 
 from __future__ import annotations
