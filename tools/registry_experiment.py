@@ -56,6 +56,10 @@ protobuf parse alone, then reading, walking the graph for the producer weights, 
 arithmetic and the search vectors, each against ``onnx.load``; with ``--throughput-only`` it
 replaces the throughput.
 
+``--fresh`` also times one pass of ``onnx.load`` and one of fingerprinting over the same files,
+each in a fresh process (:func:`fresh_pass`): what a build's pool worker pays on its first batch,
+before its allocator has settled (with ``--throughput-only`` it replaces the throughput).
+
 ``--real-pairs`` also compares every pair of different real models that ``python3 -m
 tools.match_real_models`` reads (:func:`real_pairs`): unrelated pairs the registry lacks (timm's
 random-initialised tiny transformers share their layer shapes).
@@ -561,6 +565,82 @@ def throughput(files: list[str], repeats: int = 5) -> dict[str, float]:
     }
 
 
+#: One pass in a fresh interpreter (:func:`fresh_pass`): argv[1] the method, argv[2] a JSON file of
+#: the tasks; prints the CPU time (every thread) and the page faults of the pass alone.
+_FRESH_PASS = """
+import json, resource, sys, time
+import onnx
+from onnxlady._provenance._read import fingerprint_files
+method, tasks = sys.argv[1], json.load(open(sys.argv[2]))
+before, cpu = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+for task in tasks:
+    if method == "load":
+        for path in task:
+            onnx.load(path)
+    else:
+        for result in fingerprint_files(task, digest=False):
+            assert not result.error, result.error
+print(json.dumps([time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before]))
+"""
+
+
+def fresh_pass(files: list[str], repeats: int = 5) -> dict[str, Any]:
+    """One pass of ``onnx.load`` and one of fingerprinting, each in a fresh process (``--fresh``).
+
+    What a build's pool worker pays: it starts fresh and reads each file once, so its allocator
+    has not settled yet (the in-process :func:`throughput` takes the fastest of several rounds in
+    one long-lived process, where earlier passes, ``onnx.load``'s included, have raised glibc's
+    mmap and trim thresholds for every later one). Per method, the CPU time and page faults of
+    the pass alone (imports excluded), ``repeats`` alternating runs, medians. The child imports
+    the onnxlady this process imported, so the command compares trees like ``--throughput-only``.
+    """
+    import onnxlady
+
+    tasks = [[t.path for t in batch] for batch in _batches([_Task(f, os.path.getsize(f)) for f in files], 1)]
+    env = dict(os.environ, PYTHONPATH=str(Path(onnxlady.__file__).resolve().parents[1]))
+    runs: dict[str, list[tuple[float, int]]] = {"load": [], "fingerprint": []}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as listing:
+        json.dump(tasks, listing)
+        listing.flush()
+        for _ in range(repeats):
+            for method, done in runs.items():
+                child = subprocess.run(
+                    [sys.executable, "-c", _FRESH_PASS, method, listing.name],
+                    env=env, capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                cpu, faults = json.loads(child.stdout)
+                done.append((float(cpu), int(faults)))
+    load = statistics.median(cpu for cpu, _ in runs["load"])
+    fingerprint = statistics.median(cpu for cpu, _ in runs["fingerprint"])
+    return {
+        "files": len(files),
+        "megabytes": sum(os.path.getsize(f) for f in files) / 1e6,
+        "runs": repeats,
+        "load_seconds": load,
+        "fingerprint_seconds": fingerprint,
+        "ratio": fingerprint / load,
+        "load_faults": statistics.median(faults for _, faults in runs["load"]),
+        "fingerprint_faults": statistics.median(faults for _, faults in runs["fingerprint"]),
+        "ratios": sorted(mine / theirs for (mine, _), (theirs, _) in zip(runs["fingerprint"], runs["load"])),
+    }
+
+
+def _print_fresh(results: dict[str, Any]) -> None:
+    for label, key in (("fixture files", "fresh_fixtures"), ("real and exported models", "fresh_models")):
+        if results.get(key):
+            print(_fresh_row(label, results[key]))
+
+
+def _fresh_row(label: str, fresh: dict[str, Any]) -> str:
+    return (
+        f"| fingerprint vs onnx.load, {label} ({fresh['files']} files, {fresh['megabytes']:.1f} MB), one pass in a "
+        f"fresh process, CPU time (median of {fresh['runs']}) | {fresh['ratio']:.2f}x ("
+        f"{fresh['fingerprint_seconds'] * 1e3:.1f} vs {fresh['load_seconds'] * 1e3:.1f} ms; runs "
+        f"{fresh['ratios'][0]:.2f}x to {fresh['ratios'][-1]:.2f}x; page faults {fresh['fingerprint_faults']:.0f} vs "
+        f"{fresh['load_faults']:.0f}) | <= 2x |"
+    )
+
+
 def stage_costs(files: list[str], repeats: int = 5) -> dict[str, Any]:
     """Where fingerprinting's CPU time goes, stage by stage, against ``onnx.load`` (``--stages``).
 
@@ -945,6 +1025,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure where fingerprinting's CPU time goes, stage by stage, against onnx.load "
         "(with --throughput-only: instead of the throughput; runs with any round's onnxlady)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fresh", action="store_true",
+        help="also time one pass of onnx.load and of fingerprinting, each in a fresh process (a build worker's "
+        "first batch), median of --repeats alternating runs (runs with any round's onnxlady)",
+    )  # fmt: skip
     parser.add_argument("--calibrate", action="store_true", help="also print the calibrated constants")
     parser.add_argument(
         "--real-pairs", action="store_true",
@@ -991,7 +1076,11 @@ def main(argv: list[str] | None = None) -> int:
             print("measuring the stages...", file=sys.stderr)
             results["stages_fixtures"] = stage_costs(fixture_files, args.repeats)
             results["stages_models"] = stage_costs(models, args.repeats) if models else None
-        if not (args.stages and args.throughput_only):
+        if args.fresh:
+            print("measuring one pass in fresh processes...", file=sys.stderr)
+            results["fresh_fixtures"] = fresh_pass(fixture_files, args.repeats)
+            results["fresh_models"] = fresh_pass(models, args.repeats) if models else None
+        if not ((args.stages or args.fresh) and args.throughput_only):
             print("measuring throughput...", file=sys.stderr)
             results["throughput_fixtures"] = throughput(fixture_files, args.repeats)
             results["throughput_models"] = throughput(models, args.repeats) if models else None
@@ -1029,8 +1118,10 @@ def main(argv: list[str] | None = None) -> int:
             print(_build_row(results["build"]))
         if args.stages:
             print(_stages_table(results))
+        _print_fresh(results)
     else:
         print(_table(results))
+        _print_fresh(results)
         if args.stages:
             print(_stages_table(results))
         for line in results["notes"]:

@@ -53,7 +53,7 @@ from onnxlady._rules._registry import rule_for
 PRODUCER_OPS = (
     "Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
     # ONNX Runtime's contrib forms of the same layers (com.microsoft; Attention: its packed QKV weight).
-    "FusedConv", "FusedGemm", "FusedMatMul", "MatMulNBits", "Attention",
+    "FusedConv", "FusedGemm", "FusedMatMul", "MatMulNBits", "Attention", "NhwcConv",
     # Recurrent layers: their hidden units (DynamicQuantizeLSTM: quantize_dynamic's LSTM).
     "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM",
 )  # fmt: skip

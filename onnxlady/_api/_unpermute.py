@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from onnxlady._api._sources import (
 )
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._files import file_sha256, load_model, save_model
-from onnxlady._io._outputs import external_data_path
+from onnxlady._io._outputs import OutputSet
 from onnxlady._io._progress import say
 from onnxlady._io._stream import Override
 from onnxlady._transforms._key import PermutationKey
@@ -197,18 +196,11 @@ def unpermute(
                 restored, target, external_data=external_data or opened.external_data, digest=True
             )
         return result
-    deferred = DeferredTensors()
-    verdict = unpermute_model_streamed(restored, permutation_key, deferred)
-    say(progress, f"saving {target}")
-    overrides = cast("dict[str, Override]", deferred.overrides)  # arrays: the writer takes any buffer
     assert target is not None  # streamed
-    sha256 = save_model(
-        restored, target, external_data=external_data or opened.external_data, digest=True, overrides=overrides
-    )
-    identical = verdict()
-    if checked and not identical:
-        _remove_written(target, external_data or opened.external_data)
-        raise OnnxladyError(_BROKEN_KEY.format(model=opened.path))
+    sha256, identical = _write_restored(
+        restored, permutation_key, target, external_data or opened.external_data, checked=checked,
+        shown=opened.path, progress=progress,
+    )  # fmt: skip
     del restored, opened  # the model in memory still holds the permuted bytes: the result reads the file
     return UnpermuteResult(None, permutation_key, identical, source, key_source, target, sha256)
 
@@ -219,11 +211,39 @@ _BROKEN_KEY = (
 )
 
 
-def _remove_written(target: Path, external: bool) -> None:
-    """Remove what a refused unpermute wrote (the model and its weights file)."""
-    for path in (target, external_data_path(target)) if external else (target,):
-        with contextlib.suppress(OSError):
-            path.unlink()
+def _write_restored(
+    restored: onnx.ModelProto,
+    key: PermutationKey,
+    target: Path,
+    external: bool,
+    *,
+    checked: bool,
+    shown: Path | None,
+    progress: Callable[[str], None] | None,
+) -> tuple[str, bool]:
+    """Write ``restored``, its large weights restored as they are written; refused before commit.
+
+    With ``checked`` (the model is the file the key was written for), restored weights that are
+    not the source's refuse the key while the file is still staged: the target stays as it was.
+
+    Returns:
+        The written model file's sha256, and whether the weights are the source's bit for bit.
+
+    Raises:
+        OnnxladyError: the key is broken, or the file cannot be written.
+    """
+    deferred = DeferredTensors()
+    verdict = unpermute_model_streamed(restored, key, deferred)
+    say(progress, f"saving {target}")
+    overrides = cast("dict[str, Override]", deferred.overrides)  # arrays: the writer takes any buffer
+    with OutputSet() as outputs:  # committed only when the check below passes
+        sha256 = outputs.write_model(target, restored, external_data=external, digest=True, overrides=overrides)
+        # A file that is the source's byte for byte needs no hashing of its weights; with external
+        # data the model file's sha256 does not cover the weights.
+        identical = verdict("" if external else sha256)
+        if checked and not identical:
+            raise OnnxladyError(_BROKEN_KEY.format(model=shown))
+    return sha256, identical
 
 
 def _check_model_matches_key(opened: OpenedModel, key: PermutationKey) -> None:

@@ -48,7 +48,7 @@ as unchanged: ``perturb`` never touches them, fine-tuning always moves them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -168,11 +168,58 @@ def weight_infos(analysis: ChannelAnalysis) -> dict[str, WeightInfo]:
 
 
 # -- per-tensor measurements ------------------------------------------------------------------
-def _matrix(array: np.ndarray, axis: int) -> np.ndarray:
-    """``array`` as (size along ``axis``) x (everything else)."""
+def _matrix(array: np.ndarray, axis: int, into: np.ndarray | None = None) -> np.ndarray:
+    """``array`` as (size along ``axis``) x (everything else).
+
+    Where that takes a copy, ``into`` (a flat float64 array of ``array``'s size, when given)
+    holds it: the same values in the same C order as the copy ``reshape`` makes.
+    """
     if array.ndim == 0:
         return array.reshape(1, 1)
-    return np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+    moved = np.moveaxis(array, axis, 0)
+    shape = (array.shape[axis], -1)
+    if into is None or array.dtype != into.dtype:
+        return moved.reshape(shape)
+    try:
+        return moved.reshape(shape, copy=False)  # a view: as before, no copy
+    except ValueError:  # reshape would copy: copied into ``into`` instead
+        target = into.reshape(moved.shape)
+        np.copyto(target, moved)
+        return target.reshape(shape)
+
+
+class _Scratch:
+    """Flat float64 work arrays that :func:`classify_change` reuses from one weight tensor to the next.
+
+    An array the size of a large weight, allocated anew for every tensor, costs its page faults
+    at first touch (numpy's large arrays come from fresh ``mmap`` memory): on the benchmark
+    machine 0.3 s for 75 MB, thirty times the arithmetic done in it, and three such arrays per
+    tensor. Reused, each role's memory is faulted in once per audit. A role's array only ever
+    grows (the smaller one goes before the larger is allocated), so the peak is that of the
+    largest tensor, as before.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, role: str, size: int) -> np.ndarray:
+        """A flat float64 array of ``size`` elements (contents undefined): ``role``'s memory, reused."""
+        array = self._arrays.get(role)
+        if array is None or array.size < size:
+            self._arrays.pop(role, None)
+            array = self._arrays[role] = np.empty(size)
+        return array[:size]
+
+    def cleared(self, size: int) -> np.ndarray:
+        """A flat bool array of ``size`` elements, all False (the pattern table of :func:`_distinct_at_least`).
+
+        It is the scratch array's memory: :func:`_measure` counts distinct values before it
+        uses the scratch array, and a table (at most four bytes per element counted, see
+        :func:`_distinct_at_least`) fits in it, so the table adds nothing to the peak either.
+        """
+        table = self.get("scratch", -(-size // 8)).view(np.bool_)[:size]
+        table.fill(False)
+        return table
 
 
 def _dispersion(matrix: np.ndarray, squares: np.ndarray | None = None) -> float | None:
@@ -185,10 +232,36 @@ def _dispersion(matrix: np.ndarray, squares: np.ndarray | None = None) -> float 
     if rows < _MIN_ROWS or width < 2:
         return None
     energy = np.mean(matrix * matrix if squares is None else squares, axis=1)
-    q25, q75 = np.percentile(energy, [25, 75])
+    q25, q75 = _quartiles(energy)
     if q25 <= 0:
         return float("inf") if q75 > 0 else None
     return float(math.log(q75 / q25) / _chi2_log_iqr(width))
+
+
+def _quartiles(values: np.ndarray) -> tuple[np.float64, np.float64]:
+    """``np.percentile(values, [25, 75])`` of a 1-D float64 array, computed as numpy computes it.
+
+    numpy's "linear" method step by step: virtual indexes ``(n - 1) q``, the order statistics
+    either side (the values ``np.partition`` puts there), and its two-sided interpolation
+    (``a + (b - a) g``, or ``b - (b - a)(1 - g)`` from ``g = 0.5`` up): the same operations,
+    hence the same values. ``np.percentile`` itself sorts its indexes with ``np.unique``, which
+    imports ``numpy.ma`` the first time it runs: a tenth of a small model's audit. NaNs and
+    infinities (and other dtypes) are left to numpy.
+    """
+    if values.dtype != np.float64 or values.ndim != 1 or values.size < 2 or not np.isfinite(np.sum(values)):
+        q25, q75 = np.percentile(values, [25, 75])
+        return q25, q75
+    virtual = (values.size - 1) * np.array([0.25, 0.75])
+    previous = np.floor(virtual)
+    gamma = virtual - previous
+    below = previous.astype(np.intp)
+    above = below + 1
+    ordered = np.partition(values, sorted({int(i) for i in (*below, *above)}))
+    low, high = ordered[below], ordered[above]
+    step = high - low
+    found = low + step * gamma
+    np.subtract(high, step * (1 - gamma), out=found, where=gamma >= 0.5)
+    return found[0], found[1]
 
 
 @lru_cache(maxsize=1024)
@@ -277,7 +350,9 @@ def _distinct16(flat: np.ndarray) -> int:
     return count - bool(present[0x0000] and present[0x8000])
 
 
-def _distinct_at_least(values: np.ndarray, prefix: int | None = None, enough: float | None = None) -> int:
+def _distinct_at_least(
+    values: np.ndarray, prefix: int | None = None, enough: float | None = None, buffers: _Scratch | None = None
+) -> int:
     """A lower bound of :func:`_distinct` in one pass, no sort: how many low-bit patterns occur.
 
     Equal values have equal bit patterns but for the sign of zero, which the bits read here
@@ -290,7 +365,9 @@ def _distinct_at_least(values: np.ndarray, prefix: int | None = None, enough: fl
     those read so far, above ``enough``, is returned: a bound still): a caller that compares
     the bound with thresholds up to ``enough`` gets the answers the whole pass gives. The
     scatter into the pattern table was the largest cost of the forensics after the change's
-    top singular value; a noise-like tensor passes its thresholds in its first quarter.
+    top singular value; a noise-like tensor passes its thresholds in its first quarter. The
+    table is ``buffers``' (cleared) where given: the same answer, without the page faults of a
+    fresh table of up to 2 GiB per call.
     """
     flat = np.ravel(values)
     if prefix is not None:
@@ -300,7 +377,7 @@ def _distinct_at_least(values: np.ndarray, prefix: int | None = None, enough: fl
     if not np.isfinite(np.sum(flat, dtype=np.float64)):  # NaN (or an infinity, or a huge sum): no bound
         return 0
     bits = min(31, max(8, int(flat.size).bit_length() + 1))
-    seen = np.zeros(1 << bits, dtype=bool)
+    seen = np.zeros(1 << bits, dtype=bool) if buffers is None else buffers.cleared(1 << bits)
     mask = (1 << bits) - 1
     start, step = 0, 1 << 20 if enough is None else 1 << 17
     while start < flat.size:  # chunks: the index arrays stay small
@@ -320,7 +397,9 @@ def _distinct_at_least(values: np.ndarray, prefix: int | None = None, enough: fl
     return int(np.count_nonzero(seen))
 
 
-def _distinct_counts(ref: np.ndarray, sus: np.ndarray, same: bool) -> tuple[int | None, int | None, bool]:
+def _distinct_counts(
+    ref: np.ndarray, sus: np.ndarray, same: bool, buffers: _Scratch | None = None
+) -> tuple[int | None, int | None, bool]:
     """The suspect's and the reference's distinct values, and whether the suspect holds few.
 
     Each count is exact up to :data:`DISTINCT_CAP`, None (more) beyond it; "few" is exactly
@@ -328,16 +407,17 @@ def _distinct_counts(ref: np.ndarray, sus: np.ndarray, same: bool) -> tuple[int 
     the cap is made exact where the bounds do not settle it. A full sort of every weight on both
     sides was the largest cost of the forensics; a pass over the suspect's bit patterns
     (:func:`_distinct_at_least`) settles most tensors without one. ``same``: the values are
-    equal element by element (one count serves both).
+    equal element by element (one count serves both). ``buffers``: the pattern tables' memory.
     """
     if same:
-        count = _distinct(ref) if _distinct_at_least(ref, 4 * DISTINCT_CAP, DISTINCT_CAP) <= DISTINCT_CAP else None
+        low = _distinct_at_least(ref, 4 * DISTINCT_CAP, DISTINCT_CAP, buffers)
+        count = _distinct(ref) if low <= DISTINCT_CAP else None
         return count, count, count == 0  # n <= n / 4 only for n = 0
     # The bound is compared with the cap and with a quarter of the suspect's size below: counting
     # beyond both changes no answer.
-    sus_low = _distinct_at_least(sus, enough=max(DISTINCT_CAP, QUANT_RATIO * sus.size))
+    sus_low = _distinct_at_least(sus, enough=max(DISTINCT_CAP, QUANT_RATIO * sus.size), buffers=buffers)
     sus_count = _distinct(sus) if sus_low <= DISTINCT_CAP else None
-    ref_low = _distinct_at_least(ref, 4 * DISTINCT_CAP, DISTINCT_CAP)
+    ref_low = _distinct_at_least(ref, 4 * DISTINCT_CAP, DISTINCT_CAP, buffers)
     ref_count = _distinct(ref) if ref_low <= DISTINCT_CAP else None
     if ref_count is None and sus_count is not None and sus_count > QUANT_RATIO * DISTINCT_CAP:
         ref_count = _distinct(ref)  # the vote needs the reference's count itself
@@ -406,26 +486,125 @@ def _same_multiset(a: np.ndarray, b: np.ndarray, rtol: float, floor: float = 0.0
 
 
 def _measure(
-    name: str, info: WeightInfo, ref: np.ndarray, sus: np.ndarray, storage: np.dtype[Any] | None = None
+    name: str,
+    info: WeightInfo,
+    ref: np.ndarray,
+    sus: np.ndarray,
+    storage: np.dtype[Any] | None = None,
+    buffers: _Scratch | None = None,
 ) -> dict[str, Any]:
     # Whole float64 arrays only for the reference and the change (the suspect is read in its own
     # dtype), and one scratch array that every step below reuses: temporaries the size of a
     # large weight were most of the forensics' time (page faults) and of the audit's peak.
     # Every figure is computed as before (same operations on the same contiguous arrays: the
-    # same sums), only into buffers of our own.
-    r = ref.astype(np.float64, copy=False)  # a view where the array already is float64
-    # numpy's own floats are widened as the subtraction reads them (exactly: the same values).
-    native = sus.dtype in (np.float16, np.float32, np.float64)
-    d = np.subtract(sus if native else sus.astype(np.float64), r, dtype=np.float64)
-    flat_r, flat_d = r.reshape(-1), d.reshape(-1)
-    n = flat_r.size
+    # same sums), only into buffers of our own, reused from tensor to tensor (see _Scratch).
+    buffers = buffers if buffers is not None else _Scratch()
+    n = ref.size
+    native = sus.dtype in _NATIVE and ref.dtype in _NATIVE
+    if not native:  # types numpy does not widen in a subtraction: both float64 copies at once, as before
+        return _measure_widened(name, info, ref, sus, storage, buffers)
+    # Two work arrays, the change and a scratch array; the reference's float64 copy takes the
+    # change's place while it is needed, and the change (one subtraction) is computed again.
+    # numpy widens either float exactly as the subtraction reads it: the values of
+    # sus.astype(np.float64) - ref.astype(np.float64), computed the same way each time.
+    d = buffers.get("change", n).reshape(ref.shape)
+    flat_d = d.reshape(-1)
+    scratch = buffers.get("scratch", n)  # sized first: the pattern tables below are its memory
+
+    def change() -> None:
+        np.subtract(sus, ref, out=d, dtype=np.float64)
+
+    change()
     changed = int(np.count_nonzero(flat_d))
     ref_zeros, sus_zeros = int(np.count_nonzero(ref == 0)), int(np.count_nonzero(sus == 0))
-    sus_count, ref_count, few = _distinct_counts(  # before the scratch array: their sorted copies go first
-        ref if storage is None else ref.astype(storage), sus if storage is None else sus.astype(storage), not changed
+    sus_count, ref_count, few = _distinct_counts(
+        ref if storage is None else ref.astype(storage), sus if storage is None else sus.astype(storage), not changed,
+        buffers,
     )
-    scratch = np.empty(n)
-    std_r, std_d = _std(flat_r, scratch), _std(flat_d, scratch)
+    std_d, mean_d = _std_mean(flat_d, scratch)
+    center = median(flat_d)  # (the median absolute deviation below: the same values as np.median's)
+    np.abs(np.subtract(flat_d, center, out=scratch), out=scratch)
+    mad = float(median(scratch))
+    flat_r = flat_d  # the reference's float64 copy, in the change's place
+    np.copyto(flat_r, ref.reshape(-1), casting="unsafe")  # what astype(np.float64) computes: the exact widening
+    std_r, mean_r = _std_mean(flat_r, scratch)
+    entry: dict[str, Any] = {
+        "tensor": name,
+        "elements": n,
+        "changed": changed,
+        "new_zeros": max(0, sus_zeros - ref_zeros),
+        "reference_zeros": ref_zeros,
+        # Counted in the stored dtype (float64 is exact for every stored type, so the count is
+        # the same), up to DISTINCT_CAP (see _distinct_counts).
+        "distinct_values": _count_text(sus_count),
+        "reference_distinct_values": _count_text(ref_count),
+        "few_distinct_values": few,
+        "relative_change": std_d / std_r if std_r else 0.0,
+    }
+    if not changed:
+        return entry
+    if sus_zeros > ref_zeros:
+        # The kept weights are the reference's largest magnitudes (alignment-free), or the
+        # reference's own values in place (a compared form that folds per-row factors into
+        # the weights, a BatchNorm's, reorders magnitudes between rows).
+        flat_s = sus.astype(np.float64, copy=False).reshape(-1)
+        kept = flat_s != 0
+        in_place = np.abs(flat_s[kept] - flat_r[kept]) <= MULTISET_RTOL * np.abs(flat_r[kept]) + FLOAT16_TINY
+        entry["kept_match"] = max(_kept_match(flat_r, flat_s, MULTISET_RTOL), float(np.mean(in_place)) if kept.any() else 1.0)
+        del flat_s, kept, in_place
+    else:
+        entry["kept_match"] = None
+    entry["robust_relative_change"] = 1.4826 * mad / std_r if std_r else 0.0
+    if n > 2 and std_d > 0 and std_r > 0:
+        # The change, centred, in the scratch array; the reference's copy centred in place.
+        np.subtract(sus, ref, out=scratch.reshape(ref.shape), dtype=np.float64)
+        rho = _correlation(flat_r, scratch, scratch, own_x=True, means=(mean_r, mean_d))
+        entry["correlation"] = rho
+        entry["correlation_z"] = rho * math.sqrt(n)
+    del flat_r
+    change()
+    axis = info.row_axis if 0 <= info.row_axis < d.ndim else 0
+    entry.update(_shape_figures(d, axis, scratch, change))
+    return entry
+
+
+_NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _measure_widened(
+    name: str,
+    info: WeightInfo,
+    ref: np.ndarray,
+    sus: np.ndarray,
+    storage: np.dtype[Any] | None = None,
+    buffers: _Scratch | None = None,
+) -> dict[str, Any]:
+    """:func:`_measure` where a dtype is not numpy's own float: three work arrays (see _measure)."""
+    # Whole float64 arrays only for the reference and the change (the suspect is read in its own
+    # dtype), and one scratch array that every step below reuses: temporaries the size of a
+    # large weight were most of the forensics' time (page faults) and of the audit's peak.
+    # Every figure is computed as before (same operations on the same contiguous arrays: the
+    # same sums), only into buffers of our own, reused from tensor to tensor (see _Scratch).
+    buffers = buffers if buffers is not None else _Scratch()
+    n = ref.size
+    if ref.dtype == np.float64:
+        r = ref  # read only: the array itself, as astype(copy=False) gave it
+    else:
+        r = buffers.get("reference", n).reshape(ref.shape)
+        np.copyto(r, ref, casting="unsafe")  # what astype(np.float64) computes: the exact widening
+    # numpy's own floats are widened as the subtraction reads them (exactly: the same values).
+    native = sus.dtype in (np.float16, np.float32, np.float64)
+    d = buffers.get("change", n).reshape(ref.shape)
+    np.subtract(sus if native else sus.astype(np.float64), r, out=d, dtype=np.float64)
+    flat_r, flat_d = r.reshape(-1), d.reshape(-1)
+    changed = int(np.count_nonzero(flat_d))
+    ref_zeros, sus_zeros = int(np.count_nonzero(ref == 0)), int(np.count_nonzero(sus == 0))
+    scratch = buffers.get("scratch", n)  # sized first: the pattern tables below are its memory
+    sus_count, ref_count, few = _distinct_counts(
+        ref if storage is None else ref.astype(storage), sus if storage is None else sus.astype(storage), not changed,
+        buffers,
+    )
+    (std_r, mean_r), (std_d, mean_d) = _std_mean(flat_r, scratch), _std_mean(flat_d, scratch)
     entry: dict[str, Any] = {
         "tensor": name,
         "elements": n,
@@ -460,21 +639,67 @@ def _measure(
     entry["robust_relative_change"] = 1.4826 * mad / std_r if std_r else 0.0
     if n > 2 and std_d > 0 and std_r > 0:
         # The reference's float64 copy is ours when the reference was not float64: centred in place.
-        rho = _correlation(flat_r, flat_d, scratch, own_x=r is not ref)
+        rho = _correlation(flat_r, flat_d, scratch, own_x=r is not ref, means=(mean_r, mean_d))
         entry["correlation"] = rho
         entry["correlation_z"] = rho * math.sqrt(n)
     del r, flat_r
+    # The reference's array is free from here: the row or column matrix a transpose copies is
+    # written into it (one of the two at a time, the rows done before the columns are read).
+    spare = buffers.get("reference", n)
     axis = info.row_axis if 0 <= info.row_axis < d.ndim else 0
-    rows = _matrix(d, axis)
+    rows = _matrix(d, axis, spare)
     squares = _squares(rows, scratch)
     entry["row_dispersion"] = _dispersion(rows, squares)
     entry["spectral_excess"] = _spectral_excess(rows, squares)
+    del rows, squares
     if d.ndim >= 2:
-        columns = _matrix(d, 1 if axis == 0 else 0)
+        columns = _matrix(d, 1 if axis == 0 else 0, spare)
         entry["column_dispersion"] = _dispersion(columns, _squares(columns, scratch))
     else:
         entry["column_dispersion"] = None
     return entry
+
+
+def _shape_figures(d: np.ndarray, axis: int, scratch: np.ndarray, change: Callable[[], None]) -> dict[str, Any]:
+    """Row dispersion, spectral excess and column dispersion of the change ``d``, temporaries in ``scratch``.
+
+    A row or column matrix that a transpose copies goes into ``scratch`` and its squares into
+    ``d``'s memory, ``change`` computing ``d`` again where it is still needed: the values the
+    copies of :func:`_matrix` and the squares in a scratch array give.
+    """
+    out: dict[str, Any] = {}
+    flat_d = d.reshape(-1)
+    rows = _matrix_view(d, axis)
+    if rows is not None:
+        squares = _squares(rows, scratch)
+    else:
+        rows = _matrix(d, axis, scratch)
+        squares = _squares(rows, flat_d)
+    out["row_dispersion"] = _dispersion(rows, squares)
+    out["spectral_excess"] = _spectral_excess(rows, squares)
+    if not np.may_share_memory(rows, d):
+        change()  # d held the squares
+    del rows, squares
+    if d.ndim < 2:
+        out["column_dispersion"] = None
+        return out
+    columns = _matrix_view(d, 1 if axis == 0 else 0)
+    if columns is not None:
+        out["column_dispersion"] = _dispersion(columns, _squares(columns, scratch))
+    else:
+        columns = _matrix(d, 1 if axis == 0 else 0, scratch)
+        out["column_dispersion"] = _dispersion(columns, _squares(columns, flat_d))
+    return out
+
+
+def _matrix_view(array: np.ndarray, axis: int) -> np.ndarray | None:
+    """:func:`_matrix` where it is a view of ``array``, else None (nothing copied)."""
+    if array.ndim == 0:
+        return array.reshape(1, 1)
+    try:
+        return np.moveaxis(array, axis, 0).reshape((array.shape[axis], -1), copy=False)
+    except ValueError:
+        return None
 
 
 def _squares(matrix: np.ndarray, scratch: np.ndarray) -> np.ndarray | None:
@@ -489,11 +714,18 @@ def _squares(matrix: np.ndarray, scratch: np.ndarray) -> np.ndarray | None:
 
 
 def _std(flat: np.ndarray, scratch: np.ndarray) -> float:
-    """``float(flat.std())`` of a contiguous float64 array, its temporary in ``scratch``.
+    """``float(flat.std())`` of a contiguous float64 array, its temporary in ``scratch`` (see :func:`_std_mean`)."""
+    return _std_mean(flat, scratch)[0]
+
+
+def _std_mean(flat: np.ndarray, scratch: np.ndarray) -> tuple[float, float]:
+    """``float(flat.std())`` and ``float(flat.mean())`` of a contiguous float64 array, the temporary in ``scratch``.
 
     numpy's ``_var`` step by step: the mean (one pairwise sum over the array), the squared
     deviations (elementwise), their pairwise sum over a contiguous array of the same length,
     over ``n``, the square root: the same operations in the same order, hence the same value.
+    ``flat.mean()`` is that same sum over ``n`` (one IEEE division): the mean computed on the
+    way is returned, so :func:`_correlation` need not sum the array again.
     """
     count = np.intp(flat.size)
     mean = np.add.reduce(flat, axis=None, keepdims=True)
@@ -502,19 +734,23 @@ def _std(flat: np.ndarray, scratch: np.ndarray) -> float:
     np.square(scratch, out=scratch)
     total = np.add.reduce(scratch, axis=None)
     variance = total.dtype.type(total / count)
-    return float(variance.dtype.type(np.sqrt(variance)))
+    return float(variance.dtype.type(np.sqrt(variance))), float(mean[0])
 
 
-def _correlation(x: np.ndarray, y: np.ndarray, scratch: np.ndarray, own_x: bool = False) -> float:
+def _correlation(
+    x: np.ndarray, y: np.ndarray, scratch: np.ndarray, own_x: bool = False, means: tuple[float, float] | None = None
+) -> float:
     """Pearson's correlation of two flat float64 arrays, as ``np.corrcoef(x, y)[0, 1]``.
 
     Without corrcoef's stacked 2 x n copy and its matrix product (the slowest step of the
     forensics on large tensors): two centred arrays, one of them in ``scratch`` (and ``x``
     itself centred in place when ``own_x``: the caller's copy, no longer needed), and three dot
     products. The sums run in another order, so the value may differ in its last digits.
+    ``means``: ``x.mean()`` and ``y.mean()`` where the caller has them (:func:`_std_mean`).
     """
-    cx = np.subtract(x, x.mean(), out=x if own_x else None)
-    cy = np.subtract(y, y.mean(), out=scratch)
+    mean_x, mean_y = means if means is not None else (x.mean(), y.mean())
+    cx = np.subtract(x, mean_x, out=x if own_x else None)
+    cy = np.subtract(y, mean_y, out=scratch)
     xy, xx, yy = float(np.dot(cx, cy)), float(np.dot(cx, cx)), float(np.dot(cy, cy))
     return max(-1.0, min(1.0, xy / math.sqrt(xx * yy))) if xx and yy else 0.0
 
@@ -550,11 +786,13 @@ def classify_change(
         ``noise``, ``fine-tuning`` or ``uncertain`` (the audit's verdict is then ``modified``).
     """
     allowed = allowed or {}
+    buffers = _Scratch()  # the work arrays of every tensor's measurements, allocated once
     per_tensor = [
-        _measure(name, weights[name], ref[name], sus[name], (storage or {}).get(name))
+        _measure(name, weights[name], ref[name], sus[name], (storage or {}).get(name), buffers)
         for name in sorted(weights)
         if name in ref and name in sus and ref[name].shape == sus[name].shape
     ]
+    del buffers
     others = _other_changes(ref, sus, set(weights), rtol, allowed)
     evidence = _summarize(per_tensor, others)
     evidence["converted"] = bool(allowed)
@@ -769,12 +1007,13 @@ class NoisyScale:
 
 
 def find_scaled_under_noise(
-    tensors: Iterable[tuple[str, list[np.ndarray] | np.ndarray, list[np.ndarray] | np.ndarray]],
+    tensors: Iterable[tuple[str, Collection[np.ndarray] | np.ndarray, Collection[np.ndarray] | np.ndarray]],
 ) -> list[NoisyScale]:
     """Neurons scaled by ``k`` while every other neuron of the model is only noisy.
 
     ``tensors`` holds, per producer tensor, its name and its neurons' rows (flattened) in the
-    reference's order, reference and suspect: lists of rows, or float64 matrices with a row
+    reference's order, reference and suspect: collections of rows (lists, or rows computed as
+    they are iterated, each once), or float64 matrices with a row
     per neuron when the rows have one width (read at once); read once, so it may be a
     generator that builds one tensor's rows at a time. For each neuron: the least-squares ``k`` and its
     standard error ``sigma / |r|`` (``sigma`` the tensor's median residual std, so mis-paired

@@ -17,13 +17,14 @@ instead, where operators legitimately change; it is not compared here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._graph._fold import EVALUATE_LIMIT, constant_attribute_value, evaluate_node
 from onnxlady._io._external import is_mapped, mapped_array
 
 __all__ = ["graph_edits"]
@@ -96,18 +97,78 @@ def _attribute(attribute: onnx.AttributeProto) -> str:
 _SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
-def _folded(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto | None]) -> set[str]:
-    """Tensors a constant folder may store: computed from constants and shapes only."""
+def _folded(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto | None]) -> tuple[set[str], set[str]]:
+    """Tensors a constant folder may store: computed from constants and shapes only; and of those, from constants alone.
+
+    The second set (no ``Shape`` or ``Size`` among what they are computed from) holds values
+    that are the same for every input: they can be computed here and compared.
+    """
     known = set(constants)
     computed: set[str] = set()
+    pure: set[str] = set()
     for node in graph.node:
         if node.op_type == "Constant" or node.op_type.startswith("Random") or any(a.type in (
             onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             continue
+        outputs = [name for name in node.output if name]
         if node.op_type in _SHAPE_READERS or all(not name or name in known for name in node.input):
-            computed.update(name for name in node.output if name)
-            known.update(name for name in node.output if name)
-    return computed
+            computed.update(outputs)
+            known.update(outputs)
+            if node.op_type not in _SHAPE_READERS and all(not name or name not in computed or name in pure for name in node.input):
+                pure.update(outputs)
+    return computed, pure
+
+
+class _Values:
+    """Values of tensors computed from a graph's constants alone (:func:`~onnxlady._graph._fold.evaluate_node`)."""
+
+    def __init__(self, model: onnx.ModelProto, constants: Mapping[str, onnx.TensorProto | None]) -> None:
+        self.constants = constants
+        self.producers = {name: node for node in model.graph.node for name in node.output if name}
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.memo: dict[str, np.ndarray | None] = {}
+
+    def __call__(self, name: str, depth: int = 0) -> np.ndarray | None:
+        if name in self.memo:
+            return self.memo[name]
+        value: np.ndarray | None = None
+        node = self.producers.get(name)
+        tensor = self.constants.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = constant_attribute_value(node) if _element_count(tensor) <= EVALUATE_LIMIT else None
+        elif tensor is not None:
+            if _element_count(tensor) <= EVALUATE_LIMIT:
+                value = np.asarray(mapped_array(tensor)) if is_mapped(tensor) else numpy_helper.to_array(tensor)
+        elif node is not None and depth < 64:
+            value = evaluate_node(node, [self(item, depth + 1) if item else None for item in node.input], self.opset)
+        if value is not None:
+            value = value.astype(np.float64) if value.dtype.kind == "f" else value
+        self.memo[name] = value
+        return value
+
+
+def _element_count(tensor: onnx.TensorProto | None) -> int:
+    return int(np.prod(tensor.dims)) if tensor is not None else 0
+
+
+#: Relative difference of a sorted value beyond which a computed float constant differs (storage
+#: rounding of the constants it is computed from, up to float16's).
+_VALUE_RTOL = 1e-2
+
+
+def _same_value(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether two computed constants agree.
+
+    Integers (shapes, indices, axes) exactly; real numbers up to their order (a permuted copy
+    moves the weights they are computed from) and :data:`_VALUE_RTOL`.
+    """
+    if first.shape != second.shape or (first.dtype.kind == "f") != (second.dtype.kind == "f"):
+        return False
+    if first.dtype.kind != "f":
+        return bool(np.array_equal(first, second))
+    a, b = np.sort(first.ravel()), np.sort(second.ravel())
+    scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))
+    return bool(np.all(np.abs(a - b) <= _VALUE_RTOL * np.maximum(np.abs(a), np.abs(b)) + 1e-6 * scale))
 
 
 def _operators(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, tuple[object, ...]]]:
@@ -117,7 +178,7 @@ def _operators(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, tuple[
     Runtime and onnxslim fold into stored constants), are read as "a constant": folding is no edit.
     """
     constants = _constants(graph)
-    folded = _folded(graph, constants)
+    folded, _ = _folded(graph, constants)
     for name in folded:
         constants.setdefault(name, None)
     found: dict[str, tuple[onnx.NodeProto, tuple[object, ...]]] = {}
@@ -128,6 +189,75 @@ def _operators(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, tuple[
         attributes = tuple(sorted(_attribute(a) for a in node.attribute))
         found[node.output[0]] = (node, (node.domain or "", node.op_type, inputs, tuple(node.output), attributes))
     return found
+
+
+def _computed_reads(
+    reference: onnx.ModelProto, suspect: onnx.ModelProto
+) -> Callable[[onnx.NodeProto, onnx.NodeProto], list[str]]:
+    """A check of two operators of one output name: the inputs both compute from constants alone that differ in value.
+
+    Folding reads what is computed from constants as "a constant" (:func:`_operators`), so a
+    changed Reshape target computed by a ``Concat`` or ``Mul`` of constants, or the arithmetic
+    itself edited, would pass. Where both models compute an input from constants alone, both
+    values are computed and compared (:func:`_same_value`); what one model stores (folded) or
+    computes from ``Shape`` (which depends on the input) is left as "a constant".
+    """
+    sides = []
+    for model in (reference, suspect):
+        constants = _constants(model.graph)
+        _, pure = _folded(model.graph, constants)
+        sides.append((pure, _Values(model, constants)))
+    (ref_pure, ref_values), (sus_pure, sus_values) = sides
+
+    def check(mine: onnx.NodeProto, theirs: onnx.NodeProto) -> list[str]:
+        differing = []
+        for slot, (first, second) in enumerate(zip(mine.input, theirs.input)):
+            if first not in ref_pure or second not in sus_pure:
+                continue
+            ours, yours = ref_values(first), sus_values(second)
+            if ours is not None and yours is not None and not _same_value(ours, yours):
+                differing.append(f"input {slot} '{first}'")
+        return differing
+
+    return check
+
+
+def _rewired_reads(
+    reference: onnx.ModelProto, suspect: onnx.ModelProto
+) -> Callable[[onnx.NodeProto, onnx.NodeProto], list[str]]:
+    """A check of two operators of one output name: the suspect's reads another of the reference's constants.
+
+    Constants are read as "a constant" (:func:`_inputs`), since untying and converters rename
+    them; but an operator that reads, under its name, a *different* constant of the reference
+    (two layers swapping the weights they read: every constant still bit-identical, held-out
+    round 11, F2) computes something else. A name the reference does not hold (an untied or
+    renamed copy) is left to the weight comparison; two names of equal bytes (a simplifier's
+    deduplication) are no edit.
+    """
+    ref_constants = _constants(reference.graph)
+    sus_constants = _constants(suspect.graph)
+
+    def same_bytes(first: str, second: str) -> bool:
+        a, b = ref_constants[first], ref_constants[second]
+        if a is None or b is None:
+            return False
+        try:
+            ours = np.asarray(mapped_array(a)) if is_mapped(a) else numpy_helper.to_array(a)
+            theirs = np.asarray(mapped_array(b)) if is_mapped(b) else numpy_helper.to_array(b)
+        except (OnnxladyError, ValueError, TypeError):
+            return False
+        return ours.dtype == theirs.dtype and ours.shape == theirs.shape and bool(np.array_equal(ours, theirs))
+
+    def check(mine: onnx.NodeProto, theirs: onnx.NodeProto) -> list[str]:
+        differing = []
+        for slot, (first, second) in enumerate(zip(mine.input, theirs.input)):
+            if first == second or first not in ref_constants or second not in sus_constants:
+                continue
+            if second in ref_constants and not same_bytes(first, second):
+                differing.append(f"input {slot} reads '{second}' instead of '{first}'")
+        return differing
+
+    return check
 
 
 def _label(node: onnx.NodeProto, key: str) -> str:
@@ -160,6 +290,8 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
     common = ours.keys() & theirs.keys()
     if not ours or len(common) < _SAME_NAMES * max(len(ours), len(theirs)):
         return []
+    computed = _computed_reads(reference, suspect)
+    rewired = _rewired_reads(reference, suspect)
     edits: list[str] = []
     for key, (node, described) in ours.items():
         if key not in theirs:
@@ -168,6 +300,12 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
             continue
         other, other_described = theirs[key]
         if described == other_described:
+            differing = computed(node, other)
+            if differing:
+                edits.append(f"{_label(node, key)} reads other values computed from constants in the suspect ({', '.join(differing)})")
+            swapped = rewired(node, other)
+            if swapped:
+                edits.append(f"{_label(node, key)} reads another of the reference's constants in the suspect ({', '.join(swapped)})")
             continue
         if described[:2] != other_described[:2]:
             edits.append(f"{_label(node, key)} is {other.op_type} in the suspect")

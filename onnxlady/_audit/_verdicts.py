@@ -64,7 +64,7 @@ from __future__ import annotations
 import math
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,6 +74,7 @@ from onnx import helper, numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
 from onnxlady._audit._activation_quantization import mismatched_activation_quantization
+from onnxlady._audit._derived_values import changed_derived_constants
 from onnxlady._audit._forensics import (
     SCALE_MAX_K,
     SCALE_MIN,
@@ -969,6 +970,17 @@ def audit_models(
                 f"({listing}): the suspect computes something else; the weights: {report.summary}"
             )
             return report
+    # Across forms, constants one model computes from constants and the other stores (folded)
+    # have no stored counterpart for the resync to compare: compared here by value.
+    across = report.resync.across if report.resync is not None else None
+    derived = changed_derived_constants(across.match, across.matches) if across is not None else []
+    if derived:
+        report.verdict = "modified"
+        report.summary = (
+            f"constants computed from constants changed: {'; '.join(derived[:3])}{'; ...' if len(derived) > 3 else ''}: "
+            f"the suspect computes something else; the weights: {report.summary}"
+        )
+        return report
     known = set(mismatched_activation_quantization(reference))
     changed = [name for name in mismatched_activation_quantization(suspect) if name not in known]
     if changed:
@@ -1300,6 +1312,27 @@ def _as_stored(reference: np.ndarray, stored: np.ndarray) -> np.ndarray:
     return np.where(np.abs(value - expected) <= half_ulp(expected, stored.dtype), reference, value)
 
 
+class _Rows(Collection[np.ndarray]):
+    """The float64 rows ``_rows(array, use.axis, pos).astype(np.float64)`` of ``use``'s neurons, in order.
+
+    Each row is computed when iteration reaches it and not kept: the values a list of them
+    holds, without holding them all.
+    """
+
+    def __init__(self, array: np.ndarray, use: _Use) -> None:
+        self._array, self._use = array, use
+
+    def __len__(self) -> int:
+        return len(self._use.positions)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for pos in self._use.positions:
+            yield _rows(self._array, self._use.axis, pos).astype(np.float64)
+
+    def __contains__(self, value: object) -> bool:
+        return any(row is value for row in self)
+
+
 def _noisy_scales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus: MutableMapping[str, np.ndarray]) -> list[NeuronScale]:
     """Neurons scaled with no compensation while the rest of the model carries noise, undone in ``sus``.
 
@@ -1309,7 +1342,7 @@ def _noisy_scales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus:
     uses = _group_uses(analysis, set(sus))
     producers: list[tuple[str, _Use, list[_Use]]] = []
 
-    def rows() -> Iterator[tuple[str, list[np.ndarray] | np.ndarray, list[np.ndarray] | np.ndarray]]:
+    def rows() -> Iterator[tuple[str, Collection[np.ndarray] | np.ndarray, Collection[np.ndarray] | np.ndarray]]:
         # One producer's rows at a time: float64 copies of every weight at once were the
         # audit's peak memory (4x the model).
         for group in analysis.permutable_groups:
@@ -1325,11 +1358,9 @@ def _noisy_scales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus:
                 if width is not None:  # one matrix per side, a row per neuron (read at once)
                     yield str(len(producers) - 1), _all_rows(r_arr, prod, width), _all_rows(s_arr, prod, width)
                     continue
-                yield (
-                    str(len(producers) - 1),
-                    [_rows(r_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions],
-                    [_rows(s_arr, prod.axis, pos).astype(np.float64) for pos in prod.positions],
-                )
+                # Each row read as the search reaches it: float64 copies of a whole tensor's
+                # rows, both sides, were the largest transient of the forensics.
+                yield str(len(producers) - 1), _Rows(r_arr, prod), _Rows(s_arr, prod)
 
     found: list[NeuronScale] = []
     copied: set[str] = set()

@@ -218,6 +218,36 @@ def _dynamic_quantize_lstm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) ->
     return found
 
 
+def _nhwc_conv(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
+    """NhwcConv: Conv's output shape with the channels last (X ``[N, H, W, C]``, W ``[M, kh, kw, C/g]``)."""
+    x, w = shapes.get(input_name(node, 0)), shapes.get(input_name(node, 1))
+    if x is None or w is None or len(x) != len(w) or len(x) < 3:
+        return {}
+    as_nchw = {input_name(node, 0): (x[0], x[-1], *x[1:-1]), input_name(node, 1): (w[0], w[-1], *w[1:-1])}
+    found = _conv(node, as_nchw)
+    if not found:
+        return {}
+    out = found[node.output[0]][0]
+    return {node.output[0]: ((out[0], *out[2:], out[1]), 0)}
+
+
+def _skip_group_norm(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
+    """SkipGroupNorm: the output and the sum ``S`` like the input."""
+    x = shapes.get(input_name(node, 0))
+    if x is None:
+        return {}
+    return {name: (x, 0) for name in node.output[:2] if name}
+
+
+def _bias_split_gelu(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
+    """BiasSplitGelu: ``[N, S, D]`` -> ``[N, S, D / 2]``."""
+    x = shapes.get(input_name(node, 0))
+    if x is None or not x or not node.output[0]:
+        return {}
+    last = x[-1]
+    return {node.output[0]: ((*x[:-1], last // 2 if isinstance(last, int) else None), 0)}
+
+
 _SHAPES: dict[tuple[str, str], Callable[[onnx.NodeProto, Mapping[str, Shape]], Found]] = {
     (MICROSOFT, "FusedConv"): _conv,
     (MICROSOFT, "FusedGemm"): _gemm,
@@ -236,6 +266,14 @@ _SHAPES: dict[tuple[str, str], Callable[[onnx.NodeProto, Mapping[str, Shape]], F
     (MICROSOFT, "MatMulNBits"): _matmul_nbits,
     (MICROSOFT, "EmbedLayerNormalization"): _embed_layer_norm,
     (MICROSOFT, "DynamicQuantizeLSTM"): _dynamic_quantize_lstm,
+    # Diffusion (ORT's transformer optimizer, model_type="unet") and ONNX's GroupNormalization,
+    # which ONNX's inference leaves without a shape.
+    (MICROSOFT, "NhwcConv"): _nhwc_conv,
+    (MICROSOFT, "GroupNorm"): same_as_first_input,
+    (MICROSOFT, "SkipGroupNorm"): _skip_group_norm,
+    (MICROSOFT, "BiasAdd"): same_as_first_input,
+    (MICROSOFT, "BiasSplitGelu"): _bias_split_gelu,
+    ("", "GroupNormalization"): same_as_first_input,
     **QUANTIZED_SHAPES,  # ONNX Runtime's QOperator activations
 }
 

@@ -466,6 +466,74 @@ _FOLDABLE: dict[str, Impl] = {
 }
 #: The operators :func:`fold_node` may fold (it answers None for any other without reading the node).
 FOLDABLE_OPS = frozenset(_FOLDABLE)
+
+
+# -- evaluation for comparisons ---------------------------------------------------------------
+#: Elements up to which :func:`evaluate_node` computes a value (a derived table, not a layer's weights).
+EVALUATE_LIMIT = 1 << 20
+#: Float operators :func:`evaluate_node` computes but :func:`fold_node` never folds: their results
+#: are not correctly rounded, so two runtimes (or a converter's folder) may differ in the last bits.
+_APPROXIMATE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "Exp": np.exp,
+    "Log": np.log,
+    "Sqrt": np.sqrt,
+    "Reciprocal": np.reciprocal,
+    "Tanh": np.tanh,
+    "Sigmoid": lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),
+    "Softplus": lambda x: np.logaddexp(0.0, x),
+    "Sin": np.sin,
+    "Cos": np.cos,
+    "Relu": lambda x: np.maximum(x, 0.0),
+}
+
+
+def evaluate_node(node: onnx.NodeProto, inputs: Sequence[Value | None], opset: int, limit: int = EVALUATE_LIMIT) -> Value | None:
+    """The value of ``node``'s single output from known inputs, real numbers in float64: for comparisons only.
+
+    Two models that hold one constant in two forms (``A_log -> Exp -> Neg`` kept by one exporter,
+    folded into a stored ``-exp(A_log)`` by another) are compared by value within a tolerance;
+    the analysis never reads these values (:func:`fold_node` folds what is exact). Float inputs
+    must be float64 (the caller widens the stored constants); a Cast between float types keeps
+    float64, as the tolerance covers its rounding.
+
+    Args:
+        node: a node of the standard domain with one output.
+        inputs: the value of each input (None for an absent optional one).
+        opset: the model's standard opset.
+        limit: the most elements the result may have.
+
+    Returns:
+        The value, or None when it cannot be computed here (another operator or domain, an
+        input missing, a result not finite or over ``limit`` elements).
+    """
+    if node.domain not in ("", "ai.onnx") or len(node.output) != 1 or not node.output[0]:
+        return None
+    if any(name and value is None for name, value in zip(node.input, inputs)) or not inputs or inputs[0] is None:
+        return None
+    op, first = node.op_type, inputs[0]
+    try:
+        with np.errstate(all="ignore"):
+            if op in _APPROXIMATE:
+                result = _APPROXIMATE[op](first) if first.dtype == np.float64 else None
+            elif op == "Pow":
+                exponent = inputs[1] if len(inputs) > 1 else None
+                result = None if exponent is None or first.dtype != np.float64 else np.power(first, exponent.astype(np.float64))
+            elif op == "Cast" and first.dtype.kind in "fiu" and np.dtype(
+                onnx.helper.tensor_dtype_to_np_dtype(int(node_attribute(node, "to")))
+            ).kind == "f":
+                result = first.astype(np.float64)
+            elif op in _FOLDABLE and op not in ("Shape", "Size"):
+                result = _FOLDABLE[op](node, list(inputs), opset, limit)
+            else:
+                result = None
+    except Exception:
+        return None
+    if result is None:
+        return None
+    result = np.asarray(result)
+    if result.size > limit or result.dtype.kind not in "iufb" or (result.dtype.kind == "f" and not np.all(np.isfinite(result))):
+        return None
+    return result
 #: The operators :func:`symbolic_value` reads (it answers None for any other).
 SYMBOLIC_OPS = frozenset({"Shape", "Identity", "Cast", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice"})
 

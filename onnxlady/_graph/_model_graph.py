@@ -885,6 +885,14 @@ class ModelGraph:
         value = _constant_attribute(self.nodes[leaf.constant_node])
         return value if isinstance(value, onnx.TensorProto) else None
 
+    def forget_values(self) -> None:
+        """Let go of the constant values read so far (:meth:`constant_value` reads them again).
+
+        Resync across conversions holds a QDQ suspect's dequantized weights itself while it
+        moves them: kept here too, each would stay alive beside its moved copy.
+        """
+        self._values.clear()
+
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of a constant tensor (after its Cast chain), or None if not constant."""
         if name in self._values:

@@ -30,7 +30,7 @@ import secrets
 import shutil
 import threading
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -610,10 +610,15 @@ class _HashingWriter:
         self._digest = hashlib.sha256() if digest else None
         # Hash beside the writer: hashlib releases the GIL, and one worker keeps the order.
         self._pool = ThreadPoolExecutor(max_workers=1) if digest else None
+        self._hashing: Future[None] | None = None
 
     def write(self, data: Any) -> int:
         if self._pool is not None and self._digest is not None:
-            self._pool.submit(self._digest.update, data)
+            # At most one buffer waits for the hasher: a writer faster than it (a loaded machine)
+            # would otherwise queue every tensor it wrote, and memory would grow with the model.
+            if self._hashing is not None:
+                self._hashing.result()
+            self._hashing = self._pool.submit(self._digest.update, data)
         return int(self._handle.write(data))
 
     def hexdigest(self) -> str:

@@ -206,8 +206,11 @@ def fingerprint_files(paths: Sequence[str], *, digest: bool | Sequence[bool] = T
     ]
 
 
-#: Size of the block :func:`_warm_allocator` allocates and frees once per process.
-WARM_BYTES = 4 << 20
+#: Size of the block :func:`_warm_allocator` allocates and frees once per process: above the
+#: largest temporary the layer arithmetic makes (a stack of :data:`~onnxlady._provenance.
+#: _fingerprint._STACK_WEIGHTS` float32 weights, 16 MiB), under glibc's largest dynamic mmap
+#: threshold (32 MiB on 64-bit), past which glibc leaves its thresholds as they are.
+WARM_BYTES = 20 << 20
 _WARMED: int | None = None
 
 
@@ -215,15 +218,18 @@ def _warm_allocator() -> None:
     """Allocate and free one :data:`WARM_BYTES` block, once per process.
 
     The arithmetic of a batch allocates and frees a few hundred numpy temporaries of up to a
-    few hundred kilobytes. glibc's allocator serves blocks above its mmap threshold (128 KB at
-    start) from fresh mappings and returns the top of its heap to the system once more than
-    twice that is free, so in a fresh process (a pool worker) every batch faulted the same pages
-    in again, zero-filled by the kernel: about 40 % of the layer arithmetic's CPU time on the
-    registry experiment's fixture files in tasks of 39 files. Freeing one mapped 4 MB block
-    raises both thresholds as glibc itself does after any such block (to 4 and 8 MB): the
-    temporaries then stay on the heap. No allocator setting is changed, and the process keeps at
-    most 8 MB of free heap more; elsewhere than glibc this is one allocation more. Results do
-    not change (only where memory comes from).
+    few megabytes (the squares of a stack of large layers: 16 MiB). glibc's allocator serves
+    blocks above its mmap threshold (128 KB at start) from fresh mappings and returns the top of
+    its heap to the system once more than twice that is free, so in a fresh process (a pool
+    worker) every batch faulted the same pages in again, zero-filled by the kernel. Freeing one
+    mapped 20 MiB block raises both thresholds as glibc itself does after any such block (to 20
+    and 40 MiB): the temporaries then stay on the heap. The 4 MiB block of the first form left
+    a batch's temporaries above the trim threshold (``tests/test_provenance_allocator.py``):
+    ``python3 -m tools.registry_experiment --throughput-only --fresh``, one pass over the 12 real
+    and exported models in a fresh process, took 141 ms of CPU and 12,100 page faults with it,
+    122 ms and 7,000 with this one (medians of 3 runs at load 15 to 18). No allocator setting
+    is changed, and the process keeps at most 40 MiB of free heap more; elsewhere than glibc this
+    is one allocation more. Results do not change (only where memory comes from).
     """
     global _WARMED
     if os.getpid() == _WARMED:

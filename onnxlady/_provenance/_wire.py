@@ -15,8 +15,10 @@ Only what a view gives exactly as :func:`onnx.numpy_helper.to_array` would is sk
 main-graph initializer with one ``raw_data`` field of the right length, of a type numpy stores
 one element per item (not the 2-, 4- or 6-bit packed types, not strings), not external, not a
 segment, on a little-endian machine. Everything else (tensors in ``float_data``, ``Constant``
-nodes, subgraphs) stays in the skeleton and is read the usual way. Field numbers come from the
-message descriptors, never from literals.
+nodes, subgraphs) stays in the skeleton and is read the usual way. The walk is
+:mod:`onnxlady._io._wire`'s (:func:`~onnxlady._io._wire.tensor_spans`,
+:func:`~onnxlady._io._wire.describe_tensor`, :func:`~onnxlady._io._wire.splice`); this module says
+which initializers become views.
 """
 
 from __future__ import annotations
@@ -27,26 +29,10 @@ import sys
 import numpy as np
 import onnx
 
-from onnxlady._io._skim import encode_varint as _encode_varint
-from onnxlady._io._skim import message_fields
-from onnxlady._io._skim import read_varint as _varint
+from onnxlady._io._wire import INITIALIZER, Field, describe_tensor, splice, tensor_spans
 
 __all__ = ["PLAIN_TYPES", "SkimmedModel", "read_weights"]
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_TENSOR_FIELDS = onnx.TensorProto.DESCRIPTOR.fields_by_name
-_DIMS = _TENSOR_FIELDS["dims"].number
-_DATA_TYPE = _TENSOR_FIELDS["data_type"].number
-_NAME = _TENSOR_FIELDS["name"].number
-_RAW_DATA = _TENSOR_FIELDS["raw_data"].number
-#: Fields that make a tensor something other than "values in raw_data": it is kept whole.
-_KEEP_WHOLE = frozenset(
-    _TENSOR_FIELDS[name].number
-    for name in ("segment", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data",
-                 "external_data", "data_location")
-)  # fmt: skip
 #: Element types whose raw bytes numpy reads one item per element, as ``to_array`` does (none on
 #: a big-endian machine: raw_data is little-endian, a view would read it wrong).
 PLAIN_TYPES: dict[int, np.dtype] = {
@@ -74,130 +60,34 @@ class SkimmedModel:
         self.arrays = arrays
 
 
-class _Reader:
-    def __init__(self, buffer: bytes | mmap.mmap) -> None:
-        self.buffer = buffer
-        self.view = memoryview(buffer)
-        self.arrays: dict[str, np.ndarray] = {}
+def _view(buffer: bytes | mmap.mmap, view: memoryview, tensor: Field, arrays: dict[str, np.ndarray]) -> Field | None:
+    """The ``raw_data`` field of the initializer ``tensor`` when it becomes a view (kept in ``arrays``), or None.
 
-    def close(self) -> None:
-        self.view.release()
-
-    def model(self, end: int) -> bytes:
-        """The model's bytes with the graph's skimmable initializers' ``raw_data`` left out."""
-        view = self.view
-        parts: list[bytes | memoryview] = []
-        copied = 0
-        for number, wire, field_start, payload, position in message_fields(view, 0, end):
-            if number == _MODEL_GRAPH and wire == _LEN:
-                graph = self.graph(payload, position)
-                if graph is not None:
-                    parts += [view[copied:field_start], _key_and_length(_MODEL_GRAPH, len(graph)), graph]
-                    copied = position
-        parts.append(view[copied:end])
-        return b"".join(parts)
-
-    def graph(self, start: int, end: int) -> bytes | None:
-        """The graph's bytes without the skimmed ``raw_data``; None when nothing was skimmed.
-
-        The walk of :func:`~onnxlady._io._skim.message_fields` (same fields, same errors), inlined
-        for one-byte keys and lengths: a graph holds a field per node, and a real network's
-        thousands of nodes made the generic walk a fifth of its fingerprint's time.
-        """
-        view = self.view
-        parts: list[bytes | memoryview] = []
-        copied = start
-        position = start
-        while position < end:
-            field_start = position
-            key = view[position]
-            position += 1
-            if key >= 0x80:
-                key, position = _varint(view, field_start)
-            wire = key & 7
-            if wire == _LEN:
-                length = view[position]
-                if length < 0x80:
-                    position += 1
-                else:
-                    length, position = _varint(view, position)
-                payload = position
-                position += length
-            elif wire == _VARINT:
-                payload = position
-                position = _varint(view, position)[1]
-            elif wire == _I64:
-                payload, position = position, position + 8
-            elif wire == _I32:
-                payload, position = position, position + 4
-            else:  # groups are deprecated and no ONNX message uses them
-                raise ValueError(f"unsupported wire type {wire}")
-            if position > end:
-                raise ValueError("truncated message")
-            if key >> 3 == _GRAPH_INITIALIZER and wire == _LEN:
-                tensor = self.tensor(payload, position)
-                if tensor is not None:
-                    before, after = tensor
-                    parts += [
-                        view[copied:field_start],
-                        _key_and_length(_GRAPH_INITIALIZER, len(before) + len(after)),
-                        before,
-                        after,
-                    ]
-                    copied = position
-        if copied == start:
-            return None
-        parts.append(view[copied:end])
-        return b"".join(parts)
-
-    def tensor(self, start: int, end: int) -> tuple[memoryview, memoryview] | None:
-        """The tensor's bytes before and after its ``raw_data`` (its values kept in :attr:`arrays`), or None.
-
-        Two views, not joined: the graph's one join copies them.
-        """
-        view = self.view
-        dims: list[int] = []
-        data_type = name = raw = None
-        try:
-            fields = message_fields(view, start, end)
-        except ValueError:
-            return None  # damaged: protobuf's own parse says how
-        for number, wire, field_start, payload, position in fields:
-            if number == _RAW_DATA and wire == _LEN and raw is None:
-                raw = (field_start, payload, position)
-            elif number == _DIMS and wire == _VARINT:
-                dims.append(_varint(view, payload)[0])
-            elif number == _DIMS and wire == _LEN:
-                at = payload
-                while at < position:
-                    dim, at = _varint(view, at)
-                    dims.append(dim)
-            elif number == _DATA_TYPE and wire == _VARINT and data_type is None:
-                data_type = _varint(view, payload)[0]
-            elif number == _NAME and wire == _LEN and name is None:
-                name = bytes(view[payload:position]).decode("utf-8")
-            elif number in _KEEP_WHOLE or number in (_RAW_DATA, _DATA_TYPE, _NAME):
-                return None  # another storage, or a field repeated: protobuf's reading, not ours
-        if raw is None or name is None or data_type not in PLAIN_TYPES:
-            return None
-        if name in self.arrays:  # a name given twice: the last tensor is the one readers take
-            del self.arrays[name]
-            return None
-        if any(dim >= 1 << 62 for dim in dims):
-            return None
-        dtype = PLAIN_TYPES[data_type]
-        count = 1
-        for dim in dims:
-            count *= dim
-        field_start, payload, field_end = raw
-        if count * dtype.itemsize != field_end - payload:
-            return None  # to_array's own error (or reading) is the one to give
-        self.arrays[name] = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=payload).reshape(dims)
-        return view[start:field_start], view[field_end:end]
-
-
-def _key_and_length(number: int, length: int) -> bytes:
-    return _encode_varint((number << 3) | _LEN) + _encode_varint(length)
+    Raises:
+        UnicodeDecodeError: the tensor's name is not UTF-8.
+    """
+    try:
+        layout = describe_tensor(view, tensor.payload, tensor.end)
+    except ValueError:
+        return None  # damaged: protobuf's own parse says how
+    raw, span = layout.raw, layout.name
+    if not layout.plain or raw is None or span is None or layout.data_type not in PLAIN_TYPES:
+        return None
+    name = bytes(view[span[0] : span[1]]).decode("utf-8")
+    if name in arrays:  # a name given twice: the last tensor is the one readers take
+        del arrays[name]
+        return None
+    dims = layout.dims
+    if any(dim >= 1 << 62 for dim in dims):
+        return None
+    dtype = PLAIN_TYPES[layout.data_type]
+    count = 1
+    for dim in dims:
+        count *= dim
+    if count * dtype.itemsize != raw.end - raw.payload:
+        return None  # to_array's own error (or reading) is the one to give
+    arrays[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=raw.payload).reshape(dims)
+    return raw
 
 
 def read_weights(buffer: bytes | mmap.mmap) -> SkimmedModel:
@@ -217,12 +107,17 @@ def read_weights(buffer: bytes | mmap.mmap) -> SkimmedModel:
         google.protobuf.message.DecodeError: protobuf rejects the skeleton.
     """
     model = onnx.ModelProto()
-    reader = _Reader(buffer)
+    arrays: dict[str, np.ndarray] = {}
+    view = memoryview(buffer)
     try:
-        skeleton = reader.model(len(buffer))
-    except IndexError as exc:
-        raise ValueError("truncated message") from exc
+        edits: list[tuple[tuple[Field, ...], bytes | None]] = []
+        for span in tensor_spans(view, 0, len(buffer), constants=False):
+            if span.where == INITIALIZER:
+                raw = _view(buffer, view, span.tensor, arrays)
+                if raw is not None:
+                    edits.append(((*span.path, raw), None))
+        skeleton = b"".join(splice(view, 0, len(buffer), edits))
     finally:
-        reader.close()
+        view.release()
     model.ParseFromString(skeleton)
-    return SkimmedModel(model, reader.arrays)
+    return SkimmedModel(model, arrays)

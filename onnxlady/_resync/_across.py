@@ -41,6 +41,7 @@ from onnxlady._assignment import linear_sum_assignment
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._io._external import has_mapped, is_mapped, load_mapped, mapped_bytes
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync import _solver as solver
@@ -56,10 +57,12 @@ from onnxlady._resync._sites import (
     reading_once,
     stored_operand,
 )
+from onnxlady._resync._solver import Override
+from onnxlady._resync._twin import _moved_bytes, _moved_later, build_output
 from onnxlady._resync._values import Approx, read_constant, widened
 from onnxlady._resync._values import half_ulp as _half_ulp
-from onnxlady._transforms._key import PermutationKey, graph_fingerprint
-from onnxlady._transforms._permute import permute_model
+from onnxlady._transforms._key import PermutationKey, expr_to_tree, graph_fingerprint
+from onnxlady._transforms._permute import _PACKED_TYPES, SourceDigest, _check_perms, _state_records, permute_model
 
 __all__ = ["AcrossResync", "Approx", "analyze_with_state", "read_constant", "resync_across", "unit_bias", "unit_weight"]
 
@@ -742,6 +745,9 @@ def resync_across(
     pairing.reference.clear()  # in place: the lists checked above are the same
     pairing.suspect.clear()
     del pairing
+    # A chain's values (a QDQ suspect's dequantized weights) are the graph's cached arrays: let
+    # go there, each is freed once the solver has moved it (they are read again when reported).
+    match.suspect.graph.forget_values()
     approx = None  # the last value checked: freed with the rest once moved
     rounds = state.run(progress)
     rounds += _settle_ties(state, progress)
@@ -780,13 +786,15 @@ def resync_across(
             tally.total_distinguishable += perm.size
             report = replace(report, psi=solver.percent(hits, perm.size), psi_distinguishable=solver.percent(hits, perm.size))
         groups.append(replace(report, id=f"{ref_gid or sus_gid} (solved in the suspect's form)"))
-    model, key = _reorder_suspect(suspect, perms, reference, options, kv_state=bool(sus_analysis.states))
+    output, key = _reorder_suspect(suspect, perms, reference, options, kv_state=bool(sus_analysis.states))
     details = AcrossResync(
         match, sorted(kept), _Plans(readings, "reference"), _Plans(readings, "aligned"), _Plans(readings, "before"),
         dropped, unresolved, unwritten, matches, sorted(mirrored_groups),
     )
     result = solver.ResyncResult(
-        built=model,
+        built=output if isinstance(output, onnx.ModelProto) else None,
+        unbuilt=None if isinstance(output, onnx.ModelProto) else output,
+        builder=build_output,
         key=key,
         groups=groups,
         method=options.method,
@@ -865,20 +873,123 @@ def _reorder_suspect(
     options: solver.ResyncOptions,
     *,
     kv_state: bool = False,
-) -> tuple[onnx.ModelProto, PermutationKey]:
+) -> tuple[onnx.ModelProto | tuple[onnx.ModelProto, dict[str, Override]], PermutationKey]:
     """The suspect permuted by ``perms`` (its own group ids), and the key back.
 
     The key is what ``unpermute_model`` applies to the suspect to give it (as for twin graphs).
     ``kv_state``: the suspect's group ids are those of its analysis with KV caches as state.
+    The suspect is returned unbuilt where it can be (see :func:`_streamed_reorder`).
     """
+    streamed = _streamed_reorder(suspect, perms, reference, options, kv_state=kv_state)
+    if streamed is not None:
+        return streamed
     output = copy_model(suspect)
+    if has_mapped(output):  # permuted in place below: its weights are read in from their files
+        load_mapped(output)
     permute_model(analyze(output, kv_state=kv_state), perms)
     back = copy_model(output)
     key = permute_model(analyze(back, kv_state=kv_state), {gid: np.argsort(perm) for gid, perm in perms.items()})
-    key.extra["resync"] = {
+    key.extra["resync"] = _resync_record(reference, options)
+    return output, key
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> bytes | memoryview:
+    """A tensor's bytes as stored (read from its file when it was left there)."""
+    return mapped_bytes(tensor) if is_mapped(tensor) else tensor.raw_data
+
+
+def _resync_record(reference: onnx.ModelProto, options: solver.ResyncOptions) -> dict[str, Any]:
+    """What the key records of the resync that made it."""
+    return {
         "reference_fingerprint": graph_fingerprint(reference),
         "method": options.method,
         "refine": options.refine,
         "across_conversions": True,
     }
-    return output, key
+
+
+def _streamed_reorder(
+    suspect: onnx.ModelProto,
+    perms: dict[str, np.ndarray],
+    reference: onnx.ModelProto,
+    options: solver.ResyncOptions,
+    *,
+    kv_state: bool,
+) -> tuple[tuple[onnx.ModelProto, dict[str, Override]], PermutationKey] | None:
+    """:func:`_reorder_suspect`'s output and key, without the suspect copied or permuted twice.
+
+    Where the suspect shares no constant that its uses move apart (nothing is untied) and every
+    tensor that moves is a main-graph initializer stored as raw bytes (or left in its file), the
+    output is the suspect with new bytes for those tensors, computed when a streaming writer
+    asks for them (``(suspect, overrides)``, as a twin's ``ResyncResult.unbuilt``); the key back is the one
+    ``permute_model`` gives on the permuted copy (the same analysis, the inverse permutations,
+    the digest of the output's bytes), made here without that copy. None where this does not
+    apply: the suspect is then copied and permuted as before.
+    """
+    analysis = analyze(suspect, kv_state=kv_state)
+    plans = analysis.tensors
+    initializers = {tensor.name: tensor for tensor in suspect.graph.initializer}
+    names = [plan.tensor for plan in plans]
+    if len(set(names)) != len(names) or any(
+        plan.copy > 0
+        or plan.tensor != plan.source
+        or (tensor := initializers.get(plan.tensor)) is None
+        or not (tensor.HasField("raw_data") or is_mapped(tensor))
+        or tensor.data_type in _PACKED_TYPES
+        or tensor.data_type == onnx.TensorProto.STRING
+        for plan in plans
+    ):
+        return None
+    _check_perms(analysis, perms)
+    back = {gid: np.argsort(perm) for gid, perm in perms.items()}
+    fingerprint = graph_fingerprint(suspect)
+    group_ids = {group.root: group.id for group in analysis.groups if group.id in back}
+    find = analysis.solver.find
+    digest = SourceDigest()
+    overrides: dict[str, Override] = {}
+    tensors: list[dict[str, object]] = []
+    for plan in plans:
+        tensor = initializers[plan.tensor]
+        axes = [(axis, analysis.index_array(expr, perms)) for axis, expr in plan.axes]
+        moving = [(axis, index) for axis, index in axes if not np.array_equal(index, np.arange(index.size))]
+        if digest.expect(plan.source):  # the output's bytes: what permuting it back starts from
+            digest.add_now(plan.source, _moved_bytes(tensor, moving) if moving else _stored_bytes(tensor))
+        if moving:
+            overrides[plan.tensor] = _moved_later(tensor, moving)
+        tensors.append(
+            {
+                "tensor": plan.tensor,
+                "source": plan.source,
+                "axes": [
+                    {"axis": axis, "expr": expr_to_tree(analysis.solver.resolve(expr), group_ids, find)}
+                    for axis, expr in plan.axes
+                ],
+            }
+        )
+    groups = [
+        {
+            "id": group.id,
+            "size": group.size,
+            "members": [
+                {"tensor": m.tensor, "axis": m.axis, "role": m.role, "index_map": m.index_map}
+                for m in group.members
+                if m.is_weight
+            ],
+            "perm": [int(i) for i in back[group.id]],
+        }
+        for group in analysis.groups
+        if group.id in back
+    ]
+    states = _state_records(analysis, back, group_ids)
+    key = PermutationKey(
+        source_sha256="",
+        source_fingerprint=fingerprint,
+        permuted_fingerprint=fingerprint,
+        groups=groups,
+        tensors=tensors,
+        untied=[],
+        source_weights_sha256=digest.hexdigest(),
+        extra={"kv_state": states} if states else {},
+    )
+    key.extra["resync"] = _resync_record(reference, options)
+    return (suspect, overrides), key

@@ -9,8 +9,6 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._external import has_mapped, load_mapped
-from onnxlady._io._files import copy_model
 from onnxlady._resync._across import resync_across
 from onnxlady._resync._match import analyze_with_state
 from onnxlady._resync._solver import METHODS, ResyncOptions, ResyncResult, say
@@ -70,13 +68,8 @@ def resync_model(
     try:
         leaves = twin_leaves(analysis, suspect)
     except NotATwin:
-        # Matching across conversions permutes copies of the tensors in place: weights left in
-        # their external files (onnxlady._io._external) are read in first.
-        reference, suspect = _loaded(reference), _loaded(suspect)
+        # Weights left in their files (onnxlady._io._external) are read from them as memory maps
+        # (read_array): no copy of either model's weights is made to compare them, only of the
+        # suspect's to re-order them (_across._reorder_suspect).
         return resync_across(reference, suspect, options, true_key, progress, ref_analysis=analysis)[0]
     return resync_twin(reference, suspect, analysis, leaves, options, true_key, progress, constants)
-
-
-def _loaded(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model``, or where some weights are still in their files, a copy holding them all."""
-    return load_mapped(copy_model(model)) if has_mapped(model) else model

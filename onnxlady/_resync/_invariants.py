@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Generator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -30,13 +31,6 @@ _BUCKETED_FROM = 1 << 16
 
 #: Buckets of :func:`_order_statistics`: the top bits of each value's order-preserving key.
 _BUCKET_BITS = 20
-
-#: The 63 magnitude bits of a float64 seen as an int64: flipping them for negative values makes
-#: the integers sort as the floats do.
-_MAGNITUDE_BITS = np.int64(0x7FFFFFFFFFFFFFFF)
-
-#: Buckets at either end that hold only infinities and NaNs (whose exponent bits are all ones).
-_NOT_FINITE_BUCKETS = 1 << (_BUCKET_BITS - 12)
 
 
 #: Within :func:`sharing_scratch`: the int64 array :func:`_order_statistics` computes its buckets in.
@@ -67,12 +61,25 @@ def _scratch(size: int) -> np.ndarray:
     return shared[0][:size]
 
 
-def _order_keys(bits: np.ndarray) -> np.ndarray:
-    """Int64 keys ordered as the float64 whose bits are ``bits`` (``-0.0`` just before ``0.0``).
+#: Per float type signed natively: the signed integer of its width and its exponent bits.
+#: Widening to float64 keeps every value and its order, so the order statistics of the stored
+#: values, widened, are those of the widened values (half or a quarter of the bytes to scan).
+_NATIVE: dict[np.dtype[Any], tuple[np.dtype[Any], int]] = {
+    np.dtype(np.float64): (np.dtype(np.int64), 11),
+    np.dtype(np.float32): (np.dtype(np.int32), 8),
+    np.dtype(np.float16): (np.dtype(np.int16), 5),
+}
 
-    The map is its own inverse.
+
+def _order_keys(bits: np.ndarray) -> np.ndarray:
+    """Integer keys ordered as the floats whose bits are ``bits`` (``-0.0`` just before ``0.0``).
+
+    ``bits`` is a signed integer view of float64, float32 or float16 values; the map is its own
+    inverse.
     """
-    return bits ^ ((bits >> 63) & _MAGNITUDE_BITS)
+    width = bits.dtype.itemsize * 8
+    magnitude = bits.dtype.type((1 << (width - 1)) - 1)
+    return bits ^ ((bits >> (width - 1)) & magnitude)
 
 
 def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
@@ -86,15 +93,22 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     into a few buckets are partitioned as before.
 
     Args:
-        flat: a 1-D array.
+        flat: a 1-D array (float64, float32 or float16 are bucketed, any other is partitioned).
         ranks: ascending ranks in ``0..flat.size - 1``.
 
     Returns:
         The order statistics, in ``flat``'s dtype.
     """
-    if flat.size < _BUCKETED_FROM or flat.dtype != np.float64:
+    native = _NATIVE.get(flat.dtype)
+    if flat.size < _BUCKETED_FROM or native is None:
         return np.partition(flat, ranks)[ranks]
-    bits = np.ascontiguousarray(flat).view(np.int64)
+    integer, exponent_bits = native
+    width = integer.itemsize * 8
+    bucket_bits = min(_BUCKET_BITS, width)
+    # Buckets at either end holding only infinities and NaNs (sign and exponent bits all ones).
+    not_finite = 1 << (bucket_bits - 1 - exponent_bits)
+    bits = np.ascontiguousarray(flat).view(integer)
+    unsigned = bits.view(np.dtype(f"u{integer.itemsize}"))
     # The raw top bits (sign, exponent, leading mantissa bits), made in place on one new array:
     # ``raw`` counts up with the value for positive values (0 .. half - 1) and down for negative
     # ones (half .. 2 * half - 1). The counts are then put in the keys' order (ordered bucket
@@ -102,12 +116,13 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     # pass over the buckets instead of one more over the values.
     # Shifted as unsigned (no sign bits shifted in, so no mask to apply: one pass less), into
     # the int64 scratch that bincount counts.
+    # A narrower type is shifted into the int64 scratch as well (its bits widened with no sign).
     raw = _scratch(bits.size)
-    np.right_shift(bits.view(np.uint64), np.uint64(64 - _BUCKET_BITS), out=raw.view(np.uint64))
-    half = 1 << (_BUCKET_BITS - 1)
-    raw_counts = np.bincount(raw, minlength=1 << _BUCKET_BITS)
+    np.right_shift(unsigned, unsigned.dtype.type(width - bucket_bits), out=raw.view(np.uint64), casting="unsafe")
+    half = 1 << (bucket_bits - 1)
+    raw_counts = np.bincount(raw, minlength=1 << bucket_bits)
     counts = np.concatenate([raw_counts[: half - 1 : -1], raw_counts[:half]])
-    if counts[:_NOT_FINITE_BUCKETS].any() or counts[-_NOT_FINITE_BUCKETS:].any():
+    if counts[:not_finite].any() or counts[-not_finite:].any():
         return np.partition(flat, ranks)[ranks]
     ends = np.cumsum(counts)
     holding = np.searchsorted(ends, ranks, side="right")  # the bucket of each rank
@@ -121,7 +136,7 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     # Where each wanted bucket starts in ``inside``, and each rank's place in its bucket.
     starts = np.cumsum(counts[wanted]) - counts[wanted]
     place = starts[np.searchsorted(wanted, holding)] + (ranks - (ends[holding] - counts[holding]))
-    return _order_keys(inside[place]).view(np.float64)
+    return _order_keys(inside[place]).view(flat.dtype)
 
 
 def _resampled(values: np.ndarray, points: int = QUANTILES) -> np.ndarray:
@@ -133,7 +148,7 @@ def _resampled(values: np.ndarray, points: int = QUANTILES) -> np.ndarray:
     """
     flat = values.ravel()
     if flat.size <= points:
-        return np.sort(flat)
+        return np.sort(flat).astype(np.float64)
     grid = np.linspace(0.0, flat.size - 1.0, points)
     low = grid.astype(np.int64)  # floor: the ranks are not negative (and, as size > points, increasing)
     high = np.minimum(low + 1, flat.size - 1)
@@ -159,12 +174,16 @@ def signature(value: np.ndarray) -> list[np.ndarray]:
         and of its input columns (summed over kernel positions). Each is unchanged by any
         permutation of the neurons and of the inputs.
     """
-    flat = np.asarray(value, dtype=np.float64)
+    flat = np.asarray(value)
+    # float32 and float16 are signed as stored, each value widened only where a float64 result
+    # is computed from it: the same numbers as a float64 copy would give, without the copy.
+    if flat.dtype not in _NATIVE:
+        flat = np.asarray(value, dtype=np.float64)
     if flat.size == 0:
         return []
     if flat.size > 1 << 22:  # quantiles of a huge tensor cost a full sort: a selection suffices
         ranks = np.linspace(0, flat.size - 1, QUANTILES).astype(np.int64)
-        values = _order_statistics(flat.ravel(), ranks)
+        values = _order_statistics(flat.ravel(), ranks).astype(np.float64)
     else:
         values = _resampled(flat)
     parts = [values]
@@ -186,18 +205,19 @@ def _norms(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     A C-contiguous kernel (three axes or more) is done a few rows, then a few columns, at a time:
     each sum runs over the same numbers in the same order (numpy sums each contiguous row on its
     own), so the norms are the same to the bit, without two whole arrays of squares (whose page
-    faults cost more than the sums). Nothing is written into ``flat``.
+    faults cost more than the sums). Nothing is written into ``flat``. A float32 or float16
+    weight is squared in float64 (each value widened, then squared: what a float64 copy gives).
     """
     out, inputs = flat.shape[0], flat.shape[1]
     if not flat.flags.c_contiguous or flat.ndim < 3:  # a matrix's columns are summed strided, as before
-        squares = flat * flat
+        squares = np.multiply(flat, flat, dtype=np.float64)
         rows = np.sqrt(squares.reshape(out, -1).sum(axis=1))
         return rows, np.sqrt(np.moveaxis(squares, 1, 0).reshape(inputs, -1).sum(axis=1))
     row_sums = np.empty(out)
     step = max(1, _NORM_PIECE // max(flat[0].size, 1))
     for start in range(0, out, step):
         piece = flat[start : start + step]
-        row_sums[start : start + step] = np.square(piece).reshape(piece.shape[0], -1).sum(axis=1)
+        row_sums[start : start + step] = np.square(piece, dtype=np.float64).reshape(piece.shape[0], -1).sum(axis=1)
     column_sums = np.empty(inputs)
     step = max(1, _NORM_PIECE // max(flat.size // inputs, 1))
     tail = flat[0, 0].size  # the values of one (output, input) pair: a kernel's taps
@@ -210,10 +230,12 @@ def _norms(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if kernels is not None:
             # Always a copy (a single output or input would otherwise view the weight itself).
             moved = np.array(kernels[:, start:stop].T, order="C").view(flat.dtype).reshape(stop - start, -1)
-            column_sums[start:stop] = np.square(moved, out=moved).sum(axis=1)  # the copy, squared in place
+            # The copy squared in place (a narrower one into a new float64 piece).
+            squared = np.square(moved, out=moved) if moved.dtype == np.float64 else np.square(moved, dtype=np.float64)
+            column_sums[start:stop] = squared.sum(axis=1)
             continue
         # Squared into a new C-contiguous piece (the moved view may be the weight itself).
-        moved = np.square(np.moveaxis(flat[:, start:stop], 1, 0).reshape(stop - start, -1))
+        moved = np.square(np.moveaxis(flat[:, start:stop], 1, 0).reshape(stop - start, -1), dtype=np.float64)
         column_sums[start:stop] = moved.sum(axis=1)
     return np.sqrt(row_sums), np.sqrt(column_sums)
 

@@ -22,8 +22,10 @@ then differ, but what the weights *compute* does not. Matching works on that, ne
    say which weight is which. Where content is decisive (the best candidate at most half as
    far as the second best) it decides, against the alignment if need be (a converter that
    reordered three projections of one shape); otherwise the alignment decides, and sites left
-   over by both are paired in order. Every pair says how it was made (``structure``,
-   ``content`` or ``order``), with the content margin (1 - best / second best distance).
+   over by both are paired in order; sites of one token that content leaves interchangeable
+   (one table read by two branches) are then re-paired by the layers they connect to. Every
+   pair says how it was made (``structure``, ``content`` or ``order``), with the content
+   margin (1 - best / second best distance).
 4. Paired sites pair the groups of their operands axis by axis, position by position (both
    analyses' bindings). A group pairs with exactly one group of the same size, by every vote,
    or it is unmatched with the reason.
@@ -45,7 +47,7 @@ from __future__ import annotations
 import difflib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -205,6 +207,9 @@ class ModelMatch:
     #: only one model has: ``"reference: Gemm 'head' [100,192]"``. A converter fuses, folds,
     #: packs and quantizes layers but never adds or removes one, so any makes two models.
     unpaired_layers: list[str] = field(default_factory=list)
+    #: The three shares the confidence is the smallest of: weights (elements) held by paired
+    #: sites, sites paired, layer-to-layer connections both models have.
+    shares: tuple[float, float, float] = (0.0, 0.0, 0.0)
     _by_reference: dict[str, GroupPair] = field(default_factory=dict)
     _reference_by_key: dict[tuple[int, int], Site] = field(default_factory=dict)
     _suspect_by_key: dict[tuple[int, int], Site] = field(default_factory=dict)
@@ -305,13 +310,27 @@ def check_same_model(match: ModelMatch) -> None:
             f"different models: {100 * match.confidence:.1f} % of them pair, but a learned layer is only in one "
             f"of them, which no conversion does: {extra[0]}{more}"
         )
-    where = match.divergences[0] if match.divergences else "no weight of either model has a counterpart"
+    where = match.divergences[0] if match.divergences else _no_divergence(match)
     more = f" (and {len(match.divergences) - 1} more places)" if len(match.divergences) > 1 else ""
     raise OnnxladyError(
         f"different models: {100 * match.confidence:.1f} % of them pair (weights, operators and their "
         f"connections), below the {100 * MATCH_THRESHOLD:.0f} % a conversion keeps; suspect differs from "
         f"reference beyond a conversion: {where}{more}" + _unread_layouts(match)
     )
+
+
+def _no_divergence(match: ModelMatch) -> str:
+    """What fell short where every weighing site found a counterpart: the smallest share, said plainly."""
+    weights, sites, connections = match.shares
+    if not match.sites:
+        return "no weight of either model has a counterpart"
+    if connections <= min(weights, sites):
+        return (
+            f"{len(match.sites)} of {max(match.site_counts)} weights pair, but only {100 * connections:.1f} % of "
+            "the connections between paired layers (which layer feeds which) agree"
+        )
+    what = "weights (elements)" if weights <= sites else "weighing sites"
+    return f"{len(match.sites)} weights pair, but they hold only {100 * min(weights, sites):.1f} % of both models' {what}"
 
 
 def _unread_layouts(match: ModelMatch) -> str:
@@ -576,15 +595,113 @@ def _pair_sites(
             how[rows[0]] = ("structure", None, d if np.isfinite(d) else None)
             continue
         _pair_class(rows, cols, structural, ref_sig, sus_sig, pairs, how)
+    _pair_across_unit_axes(reference, suspect, ref_sites, sus_sites, pairs, how)
+    _settle_by_connections(reference, suspect, ref_sites, sus_sites, ref_sig, sus_sig, pairs, how)
     return _Pairing(pairs, how, matcher.get_opcodes())
+
+
+def _squeezed_token(site: Site) -> tuple[object, ...]:
+    """A generic site's token with the unit axes of its operands' shapes left out."""
+    return ("other", site.token[1], site.token[2], tuple((o.slot, tuple(d for d in o.shape if d != 1)) for o in site.operands))
+
+
+def _telling_signature(graph: ModelGraph, site: Site) -> list[np.ndarray] | None:
+    """The signature of a generic site's operands without their unit axes; None where they cannot tell sites apart.
+
+    An operand that cannot be read, or holds one value throughout (a zero initial state, a
+    tensor of ones), says nothing about which site is which: such sites are left unpaired.
+    """
+    parts: list[np.ndarray] = []
+    for operand in site.operands:
+        if operand.axes is not None or operand.block is not None or operand.nbits or operand.quantized or operand.blocked:
+            return None  # laid out by its own reader: its canonical shape is not the stored one's
+        read = read_operand(graph, operand, bounds=False)
+        if read is None or read.value.size < 2:
+            return None
+        value = np.asarray(read.value, dtype=np.float64)
+        first = value.flat[0]
+        if not np.all(np.isfinite(value)) or bool(np.all(value == first)):
+            return None
+        parts.extend(signature(value.reshape(tuple(d for d in value.shape if d != 1))))
+    return parts
+
+
+def _pair_across_unit_axes(
+    reference: ModelGraph,
+    suspect: ModelGraph,
+    ref_sites: list[Site],
+    sus_sites: list[Site],
+    pairs: dict[int, int],
+    how: dict[int, tuple[str, float | None, float | None]],
+) -> None:
+    """Pair generic sites left over by both models whose constants differ only by unit axes.
+
+    ONNX Runtime's transpose optimizer stores a rotary table ``[1, 1, S, D]`` as ``[1, S, 1, D]``
+    (the Transpose moved past the Mul folded into the table): the same numbers, another token.
+    Only sites left unpaired by the tokens as stored are considered, only those whose every
+    operand varies (:func:`_telling_signature`: a constant tensor, a zero initial state, of the
+    same non-unit shape as another would pair with it on shape alone, which decides nothing),
+    and only pairs equal within storage rounding (:data:`_NEAR_EXACT`): a layout is all that
+    tells them apart, so anything more is left to the divergences, as before. Paired sites are rewritten in place with the unit axes left out of their operands'
+    canonical shapes, so both sides compare in one layout.
+    """
+    paired_suspect = set(pairs.values())
+    left_over = [
+        {n: _squeezed_token(site) for n, site in enumerate(sites) if n not in taken and site.family == "other"}
+        for sites, taken in ((ref_sites, set(pairs)), (sus_sites, paired_suspect))
+    ]
+    both = set(left_over[0].values()) & set(left_over[1].values())  # read values only where a counterpart may be
+    sides: list[dict[int, list[np.ndarray]]] = [{}, {}]
+    ref_left: list[int] = []
+    sus_left: list[int] = []
+    for graph, sites, tokens, signatures, left in (
+        (reference, ref_sites, left_over[0], sides[0], ref_left),
+        (suspect, sus_sites, left_over[1], sides[1], sus_left),
+    ):
+        for number, token in tokens.items():
+            if token not in both:
+                continue
+            found = _telling_signature(graph, sites[number])
+            if found is not None:
+                signatures[number] = found
+                left.append(number)
+    if not ref_left or not sus_left:
+        return
+    ref_tokens = [_squeezed_token(ref_sites[n]) for n in ref_left]
+    sus_tokens = [_squeezed_token(sus_sites[n]) for n in sus_left]
+    matcher = difflib.SequenceMatcher(None, ref_tokens, sus_tokens, autojunk=False)
+    structural = {ref_left[b.a + k]: sus_left[b.b + k] for b in matcher.get_matching_blocks() for k in range(b.size)}
+    classes: dict[tuple[object, ...], tuple[list[int], list[int]]] = {}
+    for number, token in zip(ref_left, ref_tokens):
+        classes.setdefault(token, ([], []))[0].append(number)
+    for number, token in zip(sus_left, sus_tokens):
+        if token in classes:
+            classes[token][1].append(number)
+    found_pairs: dict[int, int] = {}
+    for rows, cols in classes.values():
+        if rows and cols:
+            _pair_class(rows, cols, structural, sides[0], sides[1], found_pairs, how)
+    for mine, theirs in found_pairs.items():
+        made = how[mine][2]
+        if made is None or made > _NEAR_EXACT:  # the same numbers or none: a changed table stays unpaired
+            del how[mine]
+            continue
+        pairs[mine] = theirs
+        ref_sites[mine], sus_sites[theirs] = _without_unit_axes(ref_sites[mine]), _without_unit_axes(sus_sites[theirs])
+
+
+def _without_unit_axes(site: Site) -> Site:
+    """A generic site with its operands' canonical shapes (and its token) free of unit axes."""
+    operands = tuple(replace(o, shape=tuple(d for d in o.shape if d != 1)) for o in site.operands)
+    return replace(site, operands=operands, token=_squeezed_token(site))
 
 
 def _pair_class(
     rows: list[int],
     cols: list[int],
     structural: dict[int, int],
-    ref_sig: _Signatures,
-    sus_sig: _Signatures,
+    ref_sig: _Signatures | dict[int, list[np.ndarray]],
+    sus_sig: _Signatures | dict[int, list[np.ndarray]],
     pairs: dict[int, int],
     how: dict[int, tuple[str, float | None, float | None]],
 ) -> None:
@@ -612,8 +729,14 @@ def _pair_class(
     # and by the keys) leave content undecided between them, yet still rule out the other table
     # of the same shape, whatever the order says. Under noise no counterpart is that close, and
     # content, unreliable there, rules nothing out.
-    nearest = table.min(axis=1)
-    ruled_out = (table > 1e-9) & (nearest[:, None] <= _NEAR_EXACT) & (nearest[:, None] <= DECISIVE_RATIO * table)
+    # The same holds from the other side: a counterpart with an equal site among these rules
+    # out the sites decisively farther (one table stored again in another layout leaves one
+    # suspect site of the reference's shape, which the reference's other table must not take).
+    nearest, nearest_col = table.min(axis=1), table.min(axis=0)
+    ruled_out = (table > 1e-9) & (
+        ((nearest[:, None] <= _NEAR_EXACT) & (nearest[:, None] <= DECISIVE_RATIO * table))
+        | ((nearest_col[None, :] <= _NEAR_EXACT) & (nearest_col[None, :] <= DECISIVE_RATIO * table))
+    )
     for i, r in enumerate(rows):
         if i in decided or r not in structural or structural[r] not in position:
             continue
@@ -624,11 +747,15 @@ def _pair_class(
     left_rows = [i for i in range(len(rows)) if i not in decided]
     left_cols = [j for j in range(len(cols)) if j not in taken]
     for i in left_rows:  # in graph order: the first counterpart left that content allows
-        if not left_cols:
-            break
-        allowed = next((j for j in left_cols if not ruled_out[i, j]), left_cols[0])
-        decided[i] = (allowed, "order")
-        left_cols.remove(allowed)
+        allowed = next((j for j in left_cols if not ruled_out[i, j]), None)
+        if allowed is not None:
+            decided[i] = (allowed, "order")
+            left_cols.remove(allowed)
+    # Then what content rules out, in order: only where no other site left could take it (a
+    # site whose every counterpart is ruled out must not take the one another site equals).
+    for i in left_rows:
+        if i not in decided and left_cols:
+            decided[i] = (left_cols.pop(0), "order")
     for i, (j, method) in decided.items():
         pairs[rows[i]] = cols[j]
         best = float(table[i, j])
@@ -692,6 +819,80 @@ def _successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
             reached_from[tail] = found
         edges.update((number, other) for other in reached_from[tail])
     return edges
+
+
+def _settle_by_connections(
+    reference: ModelGraph,
+    suspect: ModelGraph,
+    ref_sites: list[Site],
+    sus_sites: list[Site],
+    ref_sig: _Signatures,
+    sus_sig: _Signatures,
+    pairs: dict[int, int],
+    how: dict[int, tuple[str, float | None, float | None]],
+) -> None:
+    """Re-pair layer sites that content cannot tell apart by the layers they connect to.
+
+    One table read twice (BART's token embedding, shared by its encoder and decoder) gives two
+    sites of equal content; where a converter reorders the graph (ONNX Runtime puts the decoder's
+    Gather first) the alignment and the order pair them crosswise, and every layer each feeds
+    then counts as a lost connection. Among the sites of one token whose counterparts content
+    leaves interchangeable (none decisively farther than the site's own), the assignment that
+    keeps the most connections to the other paired layers (both ways) is taken, only where it
+    keeps strictly more than the pairing made so far.
+    """
+    classes: dict[tuple[object, ...], list[int]] = {}
+    for mine in sorted(pairs):
+        margin = how[mine][1] if mine in how else None
+        if margin is not None and margin >= 1.0 - DECISIVE_RATIO:  # content decided it
+            continue
+        if ref_sites[mine].family in _CONNECTED_FAMILIES and sus_sites[pairs[mine]].token == ref_sites[mine].token:
+            classes.setdefault(ref_sites[mine].token, []).append(mine)
+    candidates: list[tuple[list[int], np.ndarray]] = []
+    for rows in classes.values():
+        if len(rows) < 2:
+            continue
+        table = np.array([[distance(ref_sig[r], sus_sig[pairs[c]]) for c in rows] for r in rows], dtype=np.float64)
+        table = np.where(np.isfinite(table), table, 4.0)
+        own = np.diag(table)[:, None]
+        allowed = (table * DECISIVE_RATIO <= own) | (table <= _NEAR_EXACT)
+        if np.count_nonzero(allowed) > len(rows):  # some site has an interchangeable counterpart
+            candidates.append((rows, np.where(allowed, table, np.inf)))
+    if not candidates:
+        return
+    ref_edges, sus_edges = _successors(reference, ref_sites), _successors(suspect, sus_sites)
+    back = {b: a for a, b in pairs.items()}
+    ref_next: dict[int, set[int]] = {}
+    ref_prev: dict[int, set[int]] = {}
+    sus_next: dict[int, set[int]] = {}
+    sus_prev: dict[int, set[int]] = {}
+    for a, b in ref_edges:
+        ref_next.setdefault(a, set()).add(b)
+        ref_prev.setdefault(b, set()).add(a)
+    for a, b in sus_edges:  # keyed by the suspect's site, its neighbours in the reference's numbering
+        if a in back and b in back:
+            sus_next.setdefault(a, set()).add(back[b])
+            sus_prev.setdefault(b, set()).add(back[a])
+    for rows, table in candidates:
+        cols = [pairs[r] for r in rows]
+        score = np.array(
+            [
+                [len(ref_next.get(r, set()) & sus_next.get(c, set())) + len(ref_prev.get(r, set()) & sus_prev.get(c, set()))
+                 for c in cols]
+                for r in rows
+            ],
+            dtype=np.float64,
+        )  # fmt: skip
+        cost = np.where(np.isfinite(table), -score, 1e9)
+        chosen_rows, chosen_cols = linear_sum_assignment(cost)
+        if float(score[chosen_rows, chosen_cols].sum()) <= float(np.trace(score)):
+            continue
+        if any(not np.isfinite(table[i, j]) for i, j in zip(chosen_rows, chosen_cols)):
+            continue
+        for i, j in zip(chosen_rows, chosen_cols):
+            if i != j:
+                pairs[rows[int(i)]] = cols[int(j)]
+                how[rows[int(i)]] = ("structure", None, float(table[i, j]) if table[i, j] < 4.0 else None)
 
 
 def _connection_agreement(
@@ -1136,7 +1337,8 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
     # encoders of one width pair every layer, but not how the layers connect).
     sites = len(counted_ref) + len(counted_sus)
     connections = _connection_agreement(ref_graph, sus_graph, ref_sites, sus_sites, pairing.pairs)
-    confidence = min(held / total if total else 0.0, counted_pairs / sites if sites else 0.0, connections)
+    shares = (held / total if total else 0.0, counted_pairs / sites if sites else 0.0, connections)
+    confidence = min(shares)
     site_pairs = [
         SitePair(_describe_site(ref_graph, mine, False), _describe_site(sus_graph, theirs, False), *made)
         for (mine, theirs), made in zip(pairs, how)
@@ -1165,6 +1367,7 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
         confidence,
         site_pairs,
         unpaired_layers,
+        shares,
     )
 
 

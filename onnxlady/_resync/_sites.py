@@ -15,8 +15,10 @@ family              canonical operands (token)
                     MatMul with a constant weight and the Add after it, Gemm, FusedGemm,
                     FusedMatMul, MatMulNBits (dequantized), one third of an Attention's packed
                     QKV weight; a bias fused into the next SkipLayerNormalization, BiasGelu,
-                    FastGelu or MultiHeadAttention belongs to its layer
-``conv``            weight ``[out, in / group, k...]`` and bias: Conv, FusedConv
+                    FastGelu or MultiHeadAttention (or, past a Reshape, SkipGroupNorm)
+                    belongs to its layer
+``conv``            weight ``[out, in / group, k...]`` and bias: Conv, FusedConv, NhwcConv
+                    (its weight ``[out, k..., in / group]`` transposed)
 ``conv-transpose``  weight ``[out, in, k...]`` (ConvTranspose, one group) and bias
 ``scale``           a per-channel factor ``[C]``: a LayerNorm's (Skip-, Simplified-, RMS-,
                     EmbedLayer-) scale, a Mul by a channel vector
@@ -94,6 +96,9 @@ _NORMS: dict[tuple[str, str], tuple[int, int | None]] = {
     (MICROSOFT, "SkipLayerNormalization"): (2, 3),
     (MICROSOFT, "SkipSimplifiedLayerNormalization"): (2, None),
     (MICROSOFT, "SimplifiedLayerNormalization"): (1, None),
+    ("", "GroupNormalization"): (1, 2),  # (opset 18: one scale and shift per group)
+    (MICROSOFT, "GroupNorm"): (1, 2),  # ORT's diffusion fusions: gamma and beta per channel
+    (MICROSOFT, "SkipGroupNorm"): (1, 2),
 }
 #: Operators that add a linear layer's bias to its output: (domain, op) -> (data slots, bias slot).
 _BIAS_HOSTS: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {
@@ -102,6 +107,7 @@ _BIAS_HOSTS: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {
     (MICROSOFT, "BiasGelu"): ((0,), 1),
     (MICROSOFT, "FastGelu"): ((0,), 1),
     (MICROSOFT, "BiasAdd"): ((0,), 1),
+    (MICROSOFT, "SkipGroupNorm"): ((0, 3), 4),
 }
 
 
@@ -156,6 +162,8 @@ class Operand:
         wide = [axis for axis, size in enumerate(cut) if size != 1]
         if len(self.shape) == 1 and len(wide) == 1:  # a vector read as [1, C, 1, 1]
             return wide[0]
+        if self.axes is None and tuple(cut[axis] for axis in wide) == self.shape:  # unit axes left out
+            return wide[canonical_axis]
         return None
 
 
@@ -526,6 +534,13 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
         if shape is None or len(shape) < 3:
             return None
         return _Linear("conv", Operand("weight", index, 1, shape, shape), (int(node_attribute(node, "group", 1)),))
+    if op == "NhwcConv" and domain == MICROSOFT:  # ORT's diffusion optimizer: W [out, k..., in / group]
+        shape = _shape(graph, weight_name)
+        if shape is None or len(shape) < 3:
+            return None
+        axes = (0, len(shape) - 1, *range(1, len(shape) - 1))
+        canonical = tuple(shape[a] for a in axes)
+        return _Linear("conv", Operand("weight", index, 1, shape, canonical, axes=axes), (int(node_attribute(node, "group", 1)),))
     blocked = blocked_conv(graph, index)  # ONNX Runtime's NCHWc layout (ORT_ENABLE_ALL on x86)
     if blocked is not None:
         return _Linear("conv", Operand("weight", index, 1, blocked.shape, blocked.shape, blocked=True), (blocked.group,))
@@ -609,7 +624,7 @@ def _own_bias(graph: ModelGraph, index: int, size: int) -> Operand | None:
     if blocked_conv(graph, index) is not None:
         present = len(node.input) > 2 and bool(node.input[2])
         return Operand("bias", index, 2, (size,), (size,), blocked=True) if present else None
-    if op in ("Conv", "FusedConv", "ConvTranspose"):
+    if op in ("Conv", "FusedConv", "ConvTranspose", "NhwcConv"):
         return _vector_operand(graph, index, 2, size, "bias")
     if op in ("Gemm", "FusedGemm"):
         if len(node.input) > 2 and node.input[2]:
@@ -803,6 +818,10 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
             tail = _quantized_unit(graph, index, unit, absorbed)
         if unit.bias is None:
             reader = _single_consumer(graph, tail, ("Add", *(op for _, op in _BIAS_HOSTS), "MultiHeadAttention"))
+            if reader is None and linear.family == "dense":
+                # ORT's SkipGroupNorm fusion moves a projection's bias past its Reshape to [N, H, W, C].
+                beyond = _reshaped_keeping_last(graph, tail, size)
+                reader = _single_consumer(graph, beyond, ("SkipGroupNorm",)) if beyond != tail else None
             if reader is not None:
                 host, slot = reader
                 host_node = graph.nodes[host]
@@ -1106,7 +1125,6 @@ def _recurrent_site(graph: ModelGraph, index: int, computed: set[str], planned: 
     for slot, name in enumerate(node.input[:8]):
         if not name or slot in (0, 4):  # the sequence and its lengths are activations
             continue
-        shape: tuple[int, ...] | None = None
         if quantized and slot in (1, 2):
             stored = graph.constant_shape(name)
             if stored is None or len(stored) != 3:
@@ -1116,13 +1134,8 @@ def _recurrent_site(graph: ModelGraph, index: int, computed: set[str], planned: 
             operands.append(operand)
             shapes.append((slot, operand.shape))
             continue
-        if _float_constant(graph, name):
-            shape = graph.constant_shape(name)
-        elif name in computed and graph.dtypes.get(name) in _FLOAT_TYPES:
-            found = graph.shape(name)
-            if found is not None and all(isinstance(d, int) for d in found):
-                shape = tuple(int(d) for d in found)  # type: ignore[arg-type]
-        if shape is None or int(np.prod(shape)) <= 1:
+        shape = _operand_shape(graph, name, computed)
+        if shape is None:
             continue
         if slot in _ZERO_WHEN_ABSENT:
             value = graph.constant_value(name)
@@ -1130,14 +1143,44 @@ def _recurrent_site(graph: ModelGraph, index: int, computed: set[str], planned: 
                 continue
         operands.append(Operand(f"c{len(operands)}", index, slot, shape, shape))
         shapes.append((slot, shape))
+    return _other_site(graph, index, "", "LSTM" if quantized else node.op_type, operands, shapes, planned)
+
+
+def _operand_shape(graph: ModelGraph, name: str, computed: set[str], planned: set[str] | None = None) -> tuple[int, ...] | None:
+    """The shape of a constant operand a generic or recurrent site reads, if it is one and holds more than one number.
+
+    A float constant, one the analysis permutes (``planned``: integer one-hot tables too), or a
+    float tensor computed from constants alone (``computed``, its shape statically known).
+    """
+    leaf = graph.constant_leaf(name) if planned is not None else None
+    shape: tuple[int, ...] | None = None
+    if _float_constant(graph, name) or (leaf is not None and planned is not None and leaf.name in planned):
+        shape = graph.constant_shape(name)
+    elif name in computed and graph.dtypes.get(name) in _FLOAT_TYPES:
+        found = graph.shape(name)
+        if found is not None and all(isinstance(d, int) for d in found):
+            shape = tuple(int(d) for d in found)  # type: ignore[arg-type]
+    return None if shape is None or int(np.prod(shape)) <= 1 else shape
+
+
+def _other_site(
+    graph: ModelGraph,
+    index: int,
+    domain: str,
+    op_type: str,
+    operands: list[Operand],
+    shapes: list[tuple[int, tuple[int, ...]]],
+    planned: set[str],
+) -> list[Site]:
+    """The ``other`` site of a node reading ``operands`` (none without), weighing where the analysis permutes one."""
     if not operands:
         return []
-    op_type = "LSTM" if quantized else node.op_type
-    token = ("other", "", op_type, tuple(shapes))
+    token = ("other", domain, op_type, tuple(shapes))
     weighs = any(
-        (leaf := graph.constant_leaf(node.input[operand.slot])) is not None and leaf.name in planned for operand in operands
+        (leaf := graph.constant_leaf(graph.nodes[index].input[operand.slot])) is not None and leaf.name in planned
+        for operand in operands
     )
-    return [Site(index, 0, "other", token, tuple(operands), (node.op_type,), index, weighs=weighs)]
+    return [Site(index, 0, "other", token, tuple(operands), (graph.nodes[index].op_type,), index, weighs=weighs)]
 
 
 def constant_computed(graph: ModelGraph) -> set[str]:
@@ -1166,25 +1209,45 @@ def _generic_site(
     for slot, name in enumerate(node.input):
         if not name or (index, slot) in claimed:  # a layer's bias held here belongs to that layer
             continue
-        leaf = graph.constant_leaf(name)
-        shape: tuple[int, ...] | None = None
-        if _float_constant(graph, name) or (leaf is not None and leaf.name in planned):
-            shape = graph.constant_shape(name)
-        elif name in computed and graph.dtypes.get(name) in _FLOAT_TYPES:
-            found = graph.shape(name)
-            if found is not None and all(isinstance(d, int) for d in found):
-                shape = tuple(int(d) for d in found)  # type: ignore[arg-type]
-        if shape is None or int(np.prod(shape)) <= 1:
+        shape = _operand_shape(graph, name, computed, planned)
+        if shape is None:
             continue
         operands.append(Operand(f"c{len(operands)}", index, slot, shape, shape))
         shapes.append((slot, shape))
-    if not operands:
+    return _other_site(graph, index, node.domain or "", node.op_type, operands, shapes, planned)
+
+
+def _constant_summand_site(graph: ModelGraph, index: int, computed: set[str], planned: set[str]) -> list[Site]:
+    """A SkipLayerNormalization summand that is a constant: the ``Add`` site it was fused from.
+
+    BART's learned positions, ``Gather(table, constant positions)``, are a constant computed from
+    constants; ONNX Runtime (EXTENDED) folds them and fuses ``Add`` + LayerNorm into
+    SkipLayerNormalization with the folded table as its ``skip``. The reference's ``Add`` is a
+    generic site reading that constant; here the same site, so the two pair and their values
+    are compared (a changed table would otherwise pass unseen).
+    """
+    key = (graph.nodes[index].domain or "", graph.nodes[index].op_type)
+    data = _BIAS_HOSTS.get(key, ((), -1))[0]
+    if key not in _NORMS or len(data) != 2:
         return []
-    token = ("other", node.domain or "", node.op_type, tuple(shapes))
-    weighs = any(
-        (leaf := graph.constant_leaf(node.input[operand.slot])) is not None and leaf.name in planned for operand in operands
-    )
-    return [Site(index, 0, "other", token, tuple(operands), (node.op_type,), index, weighs=weighs)]
+    node = graph.nodes[index]
+    shapes = {slot: _operand_shape(graph, node.input[slot], computed, planned) for slot in data if slot < len(node.input)}
+    constant = [slot for slot, shape in shapes.items() if shape is not None]
+    if len(constant) != 1 or len(shapes) != 2:  # one constant summand and one computed
+        return []
+    slot = constant[0]
+    shape = shapes[slot] or ()
+    found = _other_site(graph, index, "", "Add", [Operand("c0", index, slot, shape, shape)], [(slot, shape)], planned)
+    return [replace(site, part=3) for site in found]  # parts 0 to 2: the scale, shift and bias
+
+
+def _identity_affine(graph: ModelGraph, index: int) -> bool:
+    """Whether a normalisation's scale (slot 1) is all ones and its bias (slot 2) all zeros."""
+    node = graph.nodes[index]
+    if len(node.input) < 3:
+        return False
+    scale, bias = graph.constant_value(node.input[1]), graph.constant_value(node.input[2])
+    return scale is not None and bias is not None and bool(np.all(scale == 1.0)) and bool(np.all(bias == 0.0))  # ruff: ignore[float-equality-comparison] - exactly the identity
 
 
 def _channel_op_site(graph: ModelGraph, index: int, computed: set[str] | None = None) -> list[Site] | None:
@@ -1281,6 +1344,10 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
             found = _attention_sites(graph, index)
         elif key == (MICROSOFT, "EmbedLayerNormalization"):
             found = _embed_sites(graph, index)
+        elif node.op_type == "InstanceNormalization" and key[0] in _STANDARD and _identity_affine(graph, index):
+            # The legacy export's GroupNorm (scale ones, bias zeros per group): nothing learned
+            # here, and a fused GroupNorm has no such constants: pairs where both keep it.
+            found = _vector_site(graph, index, 1, "scale", 0) + _vector_site(graph, index, 2, "shift", 1)
         elif key in _NORMS or (key[0] == "ai.onnx" and ("", key[1]) in _NORMS):
             scale, shift = _NORMS.get(key, _NORMS.get(("", key[1]), (1, None)))
             found = _vector_site(graph, index, scale, "scale", 0)
@@ -1289,6 +1356,7 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
             bias_slot = _BIAS_HOSTS.get(key, ((), -1))[1]
             if bias_slot >= 0 and (index, bias_slot) not in claimed:
                 found = _vector_site(graph, index, bias_slot, "shift", 2) + found
+            found = _constant_summand_site(graph, index, computed, planned) + found
         elif key in _RECURRENT or (key[0] == "ai.onnx" and ("", key[1]) in _RECURRENT):
             found = _recurrent_site(graph, index, computed, planned)
         elif key == ("", "Gather") or key == ("ai.onnx", "Gather"):

@@ -3,10 +3,12 @@
 from onnxlady._rules import (  # ruff: ignore[unused-import] - each module registers its rules
     blocking,
     contrib,
+    contrib_unet,
     elementwise,
     layout,
     nchwc,
     normalization,
+    normalization_groups,
     pooling,
     producers,
     quantized,

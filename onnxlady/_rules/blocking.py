@@ -16,7 +16,6 @@ _WHY = {
     "ScatterElements": "scatters by computed positions",
     "ScatterND": "scatters by computed positions",
     "Einsum": "contracts axes given by an equation that has no rule yet",
-    "GroupNormalization": "normalises groups of channels (no rule yet)",
 }
 
 

@@ -296,14 +296,15 @@ class SkipLayerNormRule(OpRule):
 
 @register
 class SimplifiedLayerNormRule(OpRule):
-    """SimplifiedLayerNormalization (RMSNorm, ONNX domain in ONNX Runtime): scale follows the normalised axes.
+    """RMSNorm: ONNX Runtime's SimplifiedLayerNormalization (ONNX domain) and ONNX's RMSNormalization (opset 23).
 
     ``Y = X / sqrt(mean(X^2) + eps) * scale`` over the axes from ``axis`` on: a permutation of a
     normalised axis leaves the mean alone if ``scale`` follows it; the optional ``inv_std_var``
-    output (size 1 on the normalised axes) carries only the other axes.
+    output of ONNX Runtime's operator (size 1 on the normalised axes) carries only the other
+    axes. ONNX's operator has the same inputs and attributes and no second output.
     """
 
-    op_types = ("SimplifiedLayerNormalization",)
+    op_types = ("SimplifiedLayerNormalization", "RMSNormalization")
 
     def propagate(self, ctx: RuleContext) -> None:
         spaces = ctx.take_all(0)
@@ -317,7 +318,7 @@ class SimplifiedLayerNormRule(OpRule):
             if axis >= first:
                 param_axis = axis - (rank - len(scale_shape))
                 if param_axis >= 0 and scale_shape[param_axis] != 1:
-                    ctx.attach(1, param_axis, expr, "SimplifiedLayerNormalization scale")
+                    ctx.attach(1, param_axis, expr, f"{ctx.op_type} scale")
             else:
                 ctx.emit(1, axis, expr)
             ctx.emit(0, axis, expr)

@@ -104,6 +104,10 @@ class SourceDigest:
         """Hash ``data`` in this thread: nothing waits in a queue holding its bytes."""
         self._digests[source] = hashlib.sha256(data).digest()
 
+    def close(self) -> None:
+        """Stop the hashing worker without combining the digests (they are not needed)."""
+        self._pool.shutdown(wait=True)
+
     def hexdigest(self) -> str:
         for source, future in self._pending.items():
             self._digests[source] = future.result()
@@ -336,7 +340,7 @@ def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
 
 def unpermute_model_streamed(
     model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTensors
-) -> Callable[[], bool]:
+) -> Callable[[str], bool]:
     """Undo ``key`` on ``model``, its large tensors restored only as the writer writes them.
 
     Those tensors (main-graph tensors of at least 64 KiB, or still in their external files: see
@@ -346,21 +350,43 @@ def unpermute_model_streamed(
     :func:`unpermute_model` for those.
 
     Returns:
-        A function to call after writing: True when the weights matched the source bit for bit.
+        A function to call after writing, given the sha256 of the file written when it holds
+        every weight (``""`` otherwise: external data, or unknown): True when the weights matched
+        the source bit for bit. A file whose sha256 is the one the key recorded for the source
+        file holds the source's weights, byte for byte: the restored tensors are then not hashed
+        (a pass over every weight saved). Otherwise they are restored again from the model in
+        memory and hashed, and their digest decides, as for :func:`unpermute_model`.
     """
     if key.untied:
         raise ValueError("a key that untied constants is undone in place (unpermute_model)")
-    digest = _unpermute(model, key, deferred)
+    later: list[tuple[str, Callable[[], np.ndarray]]] = []
+    digest = _unpermute(model, key, deferred, later)
 
-    def verdict() -> bool:
+    def verdict(written_sha256: str = "") -> bool:
         deferred.close()
+        if written_sha256 and key.source_weights_sha256 and written_sha256 == key.source_sha256:
+            digest.close()
+            return True
+        for source, restore in later:
+            digest.add_now(source, restore().reshape(-1).view(np.uint8).data)
         return digest.hexdigest() == key.source_weights_sha256
 
     return verdict
 
 
-def _unpermute(model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTensors | None) -> SourceDigest:
-    """Undo ``key`` (mapped tensors through ``deferred``); the digest of the restored weights."""
+def _unpermute(
+    model: onnx.ModelProto,
+    key: PermutationKey,
+    deferred: DeferredTensors | None,
+    later: list[tuple[str, Callable[[], np.ndarray]]] | None = None,
+) -> SourceDigest:
+    """Undo ``key`` (mapped tensors through ``deferred``); the digest of the restored weights.
+
+    The deferred tensors are not hashed as they are written: each source among them is listed in
+    ``later`` with the function that restores it, for the caller to hash when it needs to.
+    """
+    if deferred is not None and later is None:
+        raise ValueError("deferred tensors need a list to record their restoring functions in")
     if graph_fingerprint(model) != key.permuted_fingerprint:
         if graph_fingerprint(model) == key.source_fingerprint and key.untied:
             raise OnnxladyError("this model has the source's graph, not the permuted one: the key does not apply")
@@ -385,7 +411,10 @@ def _unpermute(model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTe
             axes.append((axis, np.argsort(evaluate_tree(tree, perms, sizes))))
         first = digest.expect(entry["source"])
         if deferred is not None and name in streamable and _deferrable(tensor):
-            deferred.add(name, _restored_take(tensor, axes, digest, entry["source"] if first else None), file_order)
+            restore = _restored_take(tensor, axes)
+            deferred.add(name, restore, file_order)
+            if first and later is not None:
+                later.append((entry["source"], restore))
             continue
         _, after = _permute_tensor(tensor, axes)
         if first:
@@ -394,19 +423,14 @@ def _unpermute(model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTe
     return digest
 
 
-def _restored_take(
-    tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], digest: SourceDigest, source: str | None
-) -> Callable[[], np.ndarray]:
-    """The restored elements of a tensor, computed when the writer asks (and hashed then)."""
+def _restored_take(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> Callable[[], np.ndarray]:
+    """The restored elements of a tensor, computed when called (by the writer; again to hash them)."""
 
     def compute() -> np.ndarray:
         raw = mapped_bytes(tensor) if is_mapped(tensor) else tensor.raw_data
         dims = tuple(int(d) for d in tensor.dims)
         itemsize = len(raw) // max(1, int(np.prod(dims)))
-        after = np.ascontiguousarray(_take_axes(np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims), axes))
-        if source is not None:
-            digest.add_now(source, after.reshape(-1).view(np.uint8).data)
-        return after
+        return np.ascontiguousarray(_take_axes(np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims), axes))
 
     return compute
 

@@ -10,11 +10,12 @@ name, ``offset`` and ``length`` of its ``raw_data`` payload). ORT then reads eac
 file, the bytes it gets are the same, so the session and its results are the same; the buffer
 handed over holds only the graph.
 
-Only main-graph initializers and ONNX-domain ``Constant`` values with a ``raw_data`` payload of at
-least :data:`WEIGHTLESS_MIN_BYTES` are rewritten; every other field (small tensors, subgraphs,
-tensors already external) is copied byte for byte. The walk reads fields with
-:mod:`onnxlady._io._skim`'s reader; it writes bytes for ORT, where ``_skim`` parses a model for
-onnxlady, so the two keep their own small field tables.
+Only main-graph initializers and ONNX-domain ``Constant`` values whose values are one ``raw_data``
+payload (:func:`~onnxlady._io._wire.describe_tensor`'s *plain*) of at least
+:data:`WEIGHTLESS_MIN_BYTES` are rewritten; every other field (small tensors, subgraphs, tensors
+already external, typed values) is copied byte for byte. The walk is :mod:`onnxlady._io._wire`'s (the
+tensors :func:`~onnxlady._io._wire.tensor_spans` finds, the bytes :func:`~onnxlady._io._wire.splice`
+gives); this module only says how a moved tensor points into the file.
 """
 
 from __future__ import annotations
@@ -26,28 +27,22 @@ from typing import NamedTuple
 
 import onnx
 
-from onnxlady._io._skim import encode_varint, message_fields
+from onnxlady._io._wire import (
+    ENTRY_KEY,
+    ENTRY_VALUE,
+    TENSOR_DATA_LOCATION,
+    TENSOR_EXTERNAL_DATA,
+    Field,
+    describe_tensor,
+    encode_varint,
+    length_field,
+    message_fields,
+    splice,
+    tensor_spans,
+)
 
 __all__ = ["WEIGHTLESS_MIN_BYTES", "Weightless", "weightless_bytes"]
 
-_LEN = 2
-_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_GRAPH_NODE = onnx.GraphProto.DESCRIPTOR.fields_by_name["node"].number
-_NODE = onnx.NodeProto.DESCRIPTOR
-_NODE_OP_TYPE = _NODE.fields_by_name["op_type"].number
-_NODE_DOMAIN = _NODE.fields_by_name["domain"].number
-_NODE_ATTRIBUTE = _NODE.fields_by_name["attribute"].number
-_ATTR = onnx.AttributeProto.DESCRIPTOR
-_ATTR_NAME = _ATTR.fields_by_name["name"].number
-_ATTR_T = _ATTR.fields_by_name["t"].number
-_TENSOR = onnx.TensorProto.DESCRIPTOR
-_TENSOR_RAW_DATA = _TENSOR.fields_by_name["raw_data"].number
-_TENSOR_EXTERNAL_DATA = _TENSOR.fields_by_name["external_data"].number
-_TENSOR_DATA_LOCATION = _TENSOR.fields_by_name["data_location"].number
-_ENTRY = onnx.StringStringEntryProto.DESCRIPTOR
-_ENTRY_KEY = _ENTRY.fields_by_name["key"].number
-_ENTRY_VALUE = _ENTRY.fields_by_name["value"].number
 #: Weights smaller than this stay inline: ORT reads each external tensor with its own file
 #: access, and small ones cost nothing to copy.
 WEIGHTLESS_MIN_BYTES = 64 << 10
@@ -66,96 +61,22 @@ class Weightless(NamedTuple):
     had_external: bool
 
 
-class _Walk:
-    """What the walk over one file found: tensors moved, tensors already external."""
-
-    def __init__(self) -> None:
-        self.moved = 0
-        self.had_external = False
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return encode_varint((number << 3) | _LEN) + encode_varint(len(payload)) + payload
-
-
 def _entry(key: str, value: str) -> bytes:
     """One ``external_data`` entry (a StringStringEntryProto field of a TensorProto)."""
-    return _field(_TENSOR_EXTERNAL_DATA, _field(_ENTRY_KEY, key.encode()) + _field(_ENTRY_VALUE, value.encode()))
+    return length_field(
+        TENSOR_EXTERNAL_DATA, length_field(ENTRY_KEY, key.encode()) + length_field(ENTRY_VALUE, value.encode())
+    )
 
 
-def _tensor(buffer: memoryview, start: int, end: int, location: str, min_bytes: int, walk: _Walk) -> bytes | None:
-    """The TensorProto in ``buffer[start:end]`` pointing at its own ``raw_data`` in the file, or None to keep it."""
-    kept = bytearray()
-    payload: tuple[int, int] | None = None
-    for number, wire, field_start, data_start, field_end in message_fields(buffer, start, end):
-        if number == _TENSOR_EXTERNAL_DATA:  # already external (or malformed): left as it is
-            walk.had_external = True
-            return None
-        if number == _TENSOR_RAW_DATA and wire == _LEN:
-            payload = (data_start, field_end - data_start)  # protobuf keeps the last one: so do we
-            continue
-        kept += buffer[field_start:field_end]
-    if payload is None or payload[1] < min_bytes:
-        return None
-    offset, length = payload
+def _pointing_into_file(buffer: memoryview, tensor: Field, raw: Field, location: str) -> bytes:
+    """The TensorProto ``tensor`` less its ``raw_data`` field ``raw``, pointing at that field's payload in the file."""
+    kept = bytearray(buffer[tensor.payload : raw.start])
+    kept += buffer[raw.end : tensor.end]
+    offset, length = raw.payload, raw.end - raw.payload
     kept += _entry("location", location) + _entry("offset", str(offset)) + _entry("length", str(length))
     # Appended last, so that it wins over a data_location the tensor may already state (protobuf's rule).
-    kept += encode_varint(_TENSOR_DATA_LOCATION << 3) + encode_varint(onnx.TensorProto.EXTERNAL)
-    walk.moved += 1
+    kept += encode_varint(TENSOR_DATA_LOCATION << 3) + encode_varint(onnx.TensorProto.EXTERNAL)
     return bytes(kept)
-
-
-def _constant(buffer: memoryview, start: int, end: int, location: str, min_bytes: int, walk: _Walk) -> bytes | None:
-    """The NodeProto in ``buffer[start:end]`` with its tensor pointing into the file when it is a Constant, or None."""
-    fields = message_fields(buffer, start, end)
-    texts = {number: bytes(buffer[data:field_end]) for number, wire, _, data, field_end in fields if wire == _LEN}
-    if texts.get(_NODE_OP_TYPE) != b"Constant" or texts.get(_NODE_DOMAIN, b"") not in (b"", b"ai.onnx"):
-        return None
-    out = bytearray()
-    changed = False
-    for number, wire, field_start, data_start, field_end in fields:
-        attribute = None
-        if number == _NODE_ATTRIBUTE and wire == _LEN:
-            attribute = _value_attribute(buffer, data_start, field_end, location, min_bytes, walk)
-        changed = changed or attribute is not None
-        out += buffer[field_start:field_end] if attribute is None else _field(number, attribute)
-    return bytes(out) if changed else None
-
-
-def _value_attribute(
-    buffer: memoryview, start: int, end: int, location: str, min_bytes: int, walk: _Walk
-) -> bytes | None:
-    """A Constant's ``value`` AttributeProto with its tensor pointing into the file, or None to keep it."""
-    fields = message_fields(buffer, start, end)
-    names = [bytes(buffer[data:field_end]) for number, wire, _, data, field_end in fields if number == _ATTR_NAME]
-    if names != [b"value"]:
-        return None
-    out = bytearray()
-    changed = False
-    for number, wire, field_start, data_start, field_end in fields:
-        tensor = None
-        if number == _ATTR_T and wire == _LEN:
-            tensor = _tensor(buffer, data_start, field_end, location, min_bytes, walk)
-        changed = changed or tensor is not None
-        out += buffer[field_start:field_end] if tensor is None else _field(number, tensor)
-    return bytes(out) if changed else None
-
-
-def _graph_rewrites(
-    buffer: memoryview, start: int, end: int, location: str, min_bytes: int, walk: _Walk
-) -> list[tuple[int, int, bytes]]:
-    """The fields of the GraphProto in ``buffer[start:end]`` to rewrite: (field start, field end, new field)."""
-    rewrites = []
-    for number, wire, field_start, data_start, field_end in message_fields(buffer, start, end):
-        rewritten = None
-        if number == _GRAPH_INITIALIZER and wire == _LEN:
-            rewritten = _tensor(buffer, data_start, field_end, location, min_bytes, walk)
-        elif number == _GRAPH_NODE and wire == _LEN and field_end - data_start > min_bytes:
-            rewritten = _constant(buffer, data_start, field_end, location, min_bytes, walk)
-        if rewritten is not None:
-            rewrites.append((field_start, field_end, _field(number, rewritten)))
-    return rewrites
 
 
 def weightless_bytes(path: str | os.PathLike[str], *, min_bytes: int = WEIGHTLESS_MIN_BYTES) -> Weightless:
@@ -177,7 +98,8 @@ def weightless_bytes(path: str | os.PathLike[str], *, min_bytes: int = WEIGHTLES
     """
     resolved = Path(path).resolve()
     location = resolved.name
-    walk = _Walk()
+    moved = 0
+    had_external = False
     with open(resolved, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         if size == 0:
@@ -186,27 +108,22 @@ def weightless_bytes(path: str | os.PathLike[str], *, min_bytes: int = WEIGHTLES
             buffer = memoryview(mapped)
             try:
                 # First the rewritten tensors alone (small): the model's bytes are copied only when some moved.
-                fields = message_fields(buffer, 0, size)
-                rewrites = {index: _graph_rewrites(buffer, start, end, location, min_bytes, walk)
-                            for index, (number, wire, _, start, end) in enumerate(fields)
-                            if number == _MODEL_GRAPH and wire == _LEN}  # fmt: skip
-                if not walk.moved:
-                    return Weightless(b"", str(resolved.parent), 0, walk.had_external)
-                out = bytearray()
-                for index, (number, _, field_start, start, end) in enumerate(fields):
-                    if index not in rewrites:
-                        out += buffer[field_start:end]
+                edits: list[tuple[tuple[Field, ...], bytes | None]] = []
+                for span in tensor_spans(buffer, 0, size, min_bytes=min_bytes):
+                    tensor = span.tensor
+                    if tensor.end - tensor.payload < min_bytes:  # stays: only whether it names external data
+                        fields = message_fields(buffer, tensor.payload, tensor.end)
+                        had_external = had_external or any(field[0] == TENSOR_EXTERNAL_DATA for field in fields)
                         continue
-                    graph = bytearray()
-                    position = start
-                    for inner_start, inner_end, rewritten in rewrites[index]:
-                        graph += buffer[position:inner_start]
-                        graph += rewritten
-                        position = inner_end
-                    graph += buffer[position:end]
-                    out += _field(number, bytes(graph))
+                    layout = describe_tensor(buffer, tensor.payload, tensor.end)
+                    had_external = had_external or layout.external
+                    raw = layout.raw
+                    if layout.plain and raw is not None and raw.end - raw.payload >= min_bytes:
+                        edits.append((span.path, _pointing_into_file(buffer, tensor, raw, location)))
+                        moved += 1
+                if not moved:
+                    return Weightless(b"", str(resolved.parent), 0, had_external)
+                data = b"".join(splice(buffer, 0, size, edits))  # the views of the map gone before it closes
             finally:
                 buffer.release()
-    data = bytes(out)
-    del out
-    return Weightless(data, str(resolved.parent), walk.moved, walk.had_external)
+    return Weightless(data, str(resolved.parent), moved, had_external)
