@@ -528,32 +528,10 @@ def _measure(
     flat_r = flat_d  # the reference's float64 copy, in the change's place
     np.copyto(flat_r, ref.reshape(-1), casting="unsafe")  # what astype(np.float64) computes: the exact widening
     std_r, mean_r = _std_mean(flat_r, scratch)
-    entry: dict[str, Any] = {
-        "tensor": name,
-        "elements": n,
-        "changed": changed,
-        "new_zeros": max(0, sus_zeros - ref_zeros),
-        "reference_zeros": ref_zeros,
-        # Counted in the stored dtype (float64 is exact for every stored type, so the count is
-        # the same), up to DISTINCT_CAP (see _distinct_counts).
-        "distinct_values": _count_text(sus_count),
-        "reference_distinct_values": _count_text(ref_count),
-        "few_distinct_values": few,
-        "relative_change": std_d / std_r if std_r else 0.0,
-    }
+    entry = _entry_head(name, n, changed, (ref_zeros, sus_zeros), (sus_count, ref_count, few), std_d / std_r if std_r else 0.0)
     if not changed:
         return entry
-    if sus_zeros > ref_zeros:
-        # The kept weights are the reference's largest magnitudes (alignment-free), or the
-        # reference's own values in place (a compared form that folds per-row factors into
-        # the weights, a BatchNorm's, reorders magnitudes between rows).
-        flat_s = sus.astype(np.float64, copy=False).reshape(-1)
-        kept = flat_s != 0
-        in_place = np.abs(flat_s[kept] - flat_r[kept]) <= MULTISET_RTOL * np.abs(flat_r[kept]) + FLOAT16_TINY
-        entry["kept_match"] = max(_kept_match(flat_r, flat_s, MULTISET_RTOL), float(np.mean(in_place)) if kept.any() else 1.0)
-        del flat_s, kept, in_place
-    else:
-        entry["kept_match"] = None
+    entry["kept_match"] = _kept_share(flat_r, sus) if sus_zeros > ref_zeros else None
     entry["robust_relative_change"] = 1.4826 * mad / std_r if std_r else 0.0
     if n > 2 and std_d > 0 and std_r > 0:
         # The change, centred, in the scratch array; the reference's copy centred in place.
@@ -566,6 +544,41 @@ def _measure(
     axis = info.row_axis if 0 <= info.row_axis < d.ndim else 0
     entry.update(_shape_figures(d, axis, scratch, change))
     return entry
+
+
+def _entry_head(
+    name: str, n: int, changed: int, zeros: tuple[int, int], distinct: tuple[int | None, int | None, bool],
+    relative_change: float,
+) -> dict[str, Any]:
+    """The figures of one tensor's entry every measurement path gives first (see _measure)."""
+    ref_zeros, sus_zeros = zeros
+    sus_count, ref_count, few = distinct
+    return {
+        "tensor": name,
+        "elements": n,
+        "changed": changed,
+        "new_zeros": max(0, sus_zeros - ref_zeros),
+        "reference_zeros": ref_zeros,
+        # Counted in the stored dtype (float64 is exact for every stored type, so the count is
+        # the same), up to DISTINCT_CAP (see _distinct_counts).
+        "distinct_values": _count_text(sus_count),
+        "reference_distinct_values": _count_text(ref_count),
+        "few_distinct_values": few,
+        "relative_change": relative_change,
+    }
+
+
+def _kept_share(flat_r: np.ndarray, sus: np.ndarray) -> float:
+    """Of a pruned suspect's kept weights, the share that are the reference's.
+
+    The kept weights are the reference's largest magnitudes (alignment-free), or the
+    reference's own values in place (a compared form that folds per-row factors into the
+    weights, a BatchNorm's, reorders magnitudes between rows).
+    """
+    flat_s = sus.astype(np.float64, copy=False).reshape(-1)
+    kept = flat_s != 0
+    in_place = np.abs(flat_s[kept] - flat_r[kept]) <= MULTISET_RTOL * np.abs(flat_r[kept]) + FLOAT16_TINY
+    return max(_kept_match(flat_r, flat_s, MULTISET_RTOL), float(np.mean(in_place)) if kept.any() else 1.0)
 
 
 _NATIVE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -605,32 +618,10 @@ def _measure_widened(
         buffers,
     )
     (std_r, mean_r), (std_d, mean_d) = _std_mean(flat_r, scratch), _std_mean(flat_d, scratch)
-    entry: dict[str, Any] = {
-        "tensor": name,
-        "elements": n,
-        "changed": changed,
-        "new_zeros": max(0, sus_zeros - ref_zeros),
-        "reference_zeros": ref_zeros,
-        # Counted in the stored dtype (float64 is exact for every stored type, so the count is
-        # the same), up to DISTINCT_CAP (see _distinct_counts).
-        "distinct_values": _count_text(sus_count),
-        "reference_distinct_values": _count_text(ref_count),
-        "few_distinct_values": few,
-        "relative_change": std_d / std_r if std_r else 0.0,
-    }
+    entry = _entry_head(name, n, changed, (ref_zeros, sus_zeros), (sus_count, ref_count, few), std_d / std_r if std_r else 0.0)
     if not changed:
         return entry
-    if sus_zeros > ref_zeros:
-        # The kept weights are the reference's largest magnitudes (alignment-free), or the
-        # reference's own values in place (a compared form that folds per-row factors into
-        # the weights, a BatchNorm's, reorders magnitudes between rows).
-        flat_s = sus.astype(np.float64, copy=False).reshape(-1)
-        kept = flat_s != 0
-        in_place = np.abs(flat_s[kept] - flat_r[kept]) <= MULTISET_RTOL * np.abs(flat_r[kept]) + FLOAT16_TINY
-        entry["kept_match"] = max(_kept_match(flat_r, flat_s, MULTISET_RTOL), float(np.mean(in_place)) if kept.any() else 1.0)
-        del flat_s, kept, in_place
-    else:
-        entry["kept_match"] = None
+    entry["kept_match"] = _kept_share(flat_r, sus) if sus_zeros > ref_zeros else None
     # The median and the median absolute deviation, each selected without partitioning all of
     # the array (the same values as np.median).
     center = median(flat_d)

@@ -61,8 +61,16 @@ from onnxlady._resync._solver import Override
 from onnxlady._resync._twin import _moved_bytes, _moved_later, build_output
 from onnxlady._resync._values import Approx, read_constant, widened
 from onnxlady._resync._values import half_ulp as _half_ulp
-from onnxlady._transforms._key import PermutationKey, expr_to_tree, graph_fingerprint
-from onnxlady._transforms._permute import _PACKED_TYPES, SourceDigest, _check_perms, _state_records, permute_model
+from onnxlady._transforms._key import PermutationKey, graph_fingerprint
+from onnxlady._transforms._permute import (
+    _PACKED_TYPES,
+    SourceDigest,
+    _check_perms,
+    _group_records,
+    _state_records,
+    _tensor_record,
+    permute_model,
+)
 
 __all__ = ["AcrossResync", "Approx", "analyze_with_state", "read_constant", "resync_across", "unit_bias", "unit_weight"]
 
@@ -944,7 +952,6 @@ def _streamed_reorder(
     back = {gid: np.argsort(perm) for gid, perm in perms.items()}
     fingerprint = graph_fingerprint(suspect)
     group_ids = {group.root: group.id for group in analysis.groups if group.id in back}
-    find = analysis.solver.find
     digest = SourceDigest()
     overrides: dict[str, Override] = {}
     tensors: list[dict[str, object]] = []
@@ -956,30 +963,8 @@ def _streamed_reorder(
             digest.add_now(plan.source, _moved_bytes(tensor, moving) if moving else _stored_bytes(tensor))
         if moving:
             overrides[plan.tensor] = _moved_later(tensor, moving)
-        tensors.append(
-            {
-                "tensor": plan.tensor,
-                "source": plan.source,
-                "axes": [
-                    {"axis": axis, "expr": expr_to_tree(analysis.solver.resolve(expr), group_ids, find)}
-                    for axis, expr in plan.axes
-                ],
-            }
-        )
-    groups = [
-        {
-            "id": group.id,
-            "size": group.size,
-            "members": [
-                {"tensor": m.tensor, "axis": m.axis, "role": m.role, "index_map": m.index_map}
-                for m in group.members
-                if m.is_weight
-            ],
-            "perm": [int(i) for i in back[group.id]],
-        }
-        for group in analysis.groups
-        if group.id in back
-    ]
+        tensors.append(_tensor_record(analysis, plan, group_ids))
+    groups = _group_records(analysis, back)
     states = _state_records(analysis, back, group_ids)
     key = PermutationKey(
         source_sha256="",

@@ -613,7 +613,8 @@ def _telling_signature(graph: ModelGraph, site: Site) -> list[np.ndarray] | None
     """
     parts: list[np.ndarray] = []
     for operand in site.operands:
-        if operand.axes is not None or operand.block is not None or operand.nbits or operand.quantized or operand.blocked:
+        if (operand.axes is not None or operand.split is not None or operand.block is not None or operand.nbits
+                or operand.quantized or operand.blocked):  # fmt: skip
             return None  # laid out by its own reader: its canonical shape is not the stored one's
         read = read_operand(graph, operand, bounds=False)
         if read is None or read.value.size < 2:

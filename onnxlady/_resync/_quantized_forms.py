@@ -8,8 +8,11 @@
   times the weight's scale (``Mul(x_scale, w_scale)``, computed at run time); the bias an
   ``Add`` after that. An embedding table is stored as integers: ``Gather`` on them, then a
   ``DequantizeLinear`` of the gathered rows (after a ``Transpose`` or reshape of the integers,
-  when the float model moved the rows so). An ``LSTM`` becomes ``DynamicQuantizeLSTM``: int8 W
-  and R transposed, their scales and zero points per direction or per gate column.
+  when the float model moved the rows so); where the gathered rows feed a MatMul, the integer
+  rows go straight into ``MatMulInteger`` (the table's zero point at slot 2, its scale first in
+  the scale ``Mul``), besides that ``DequantizeLinear`` if a float path reads them too. An
+  ``LSTM`` becomes ``DynamicQuantizeLSTM``: int8 W and R transposed, their scales and zero
+  points per direction or per gate column.
 - ``quantize_static(..., quant_format=QuantFormat.QOperator)``: ``QLinearConv`` (weight, scale
   and zero point per output channel at slots 3-5, the bias an int32 at slot 8 with scale
   ``x_scale * w_scale``), ``QLinearMatMul`` (``b`` at slots 3-5, per column), ``QGemm``
@@ -171,7 +174,36 @@ def _integer_scale(graph: ModelGraph, index: int) -> _IntegerScale | None:
         if (_key(graph, source[0]) == ("", "DynamicQuantizeLinear") and source[1] == 1
                 and quantizer.output[0] == node.input[0]):  # fmt: skip
             return _IntegerScale(cast, mul, produced[0], scale)
+    # Rows of an integer table gathered straight into the layer: their scale is the table's
+    # constant one, first in the scale Mul (the quantizer's order: input scale, weight scale).
+    rows_scale = _float_value(graph, scale_mul.input[0]) if len(scale_mul.input) == 2 else None
+    weight_scale = _float_value(graph, scale_mul.input[1]) if len(scale_mul.input) == 2 else None
+    if (rows_scale is not None and rows_scale.size == 1 and weight_scale is not None
+            and _gathered_rows(graph, index) is not None):  # fmt: skip
+        return _IntegerScale(cast, mul, produced[0], weight_scale)
     return None
+
+
+def _gathered_rows(graph: ModelGraph, index: int) -> int | None:
+    """The Gather whose integer rows a ``MatMulInteger`` reads as its input, or None.
+
+    ``quantize_dynamic`` quantizes an embedding table and, where the gathered rows feed a
+    MatMul, passes them to ``MatMulInteger`` as they are: the table's zero point at slot 2
+    (a constant, per tensor) and no ``DynamicQuantizeLinear``.
+    """
+    if _key(graph, index) != ("", "MatMulInteger"):
+        return None
+    produced = graph.producer.get(_input(graph, index, 0))
+    if produced is None or produced[1] != 0 or _key(graph, produced[0]) != ("", "Gather"):
+        return None
+    gather = graph.nodes[produced[0]]
+    if int(node_attribute(gather, "axis", 0)) != 0:
+        return None
+    table = _integer_constant(graph, gather.input[0] if gather.input else "")
+    zero = _integer_constant(graph, _input(graph, index, 2))
+    if table is None or table.ndim != 2 or zero is None or zero.size != 1:
+        return None
+    return produced[0]
 
 
 def _runtime_scale(graph: ModelGraph, index: int, name: str) -> np.ndarray | None:
@@ -378,6 +410,10 @@ def _table_reader(graph: ModelGraph, gather: int) -> tuple[int, int, bool] | Non
 
     Transposes and reshapes on the way are passed (a per-tensor scale and zero point commute with them).
     """
+    direct = _rows_readers(graph, gather)
+    if direct is not None:  # integer layers read the rows as they are (and a DequantizeLinear, maybe)
+        dequantize, layers = direct
+        return (dequantize if dequantize is not None else layers[0]), 0, False
     name, moved = graph.nodes[gather].output[0], False
     while True:
         reader = _only_reader(graph, name)
@@ -387,6 +423,57 @@ def _table_reader(graph: ModelGraph, gather: int) -> tuple[int, int, bool] | Non
         if reader[1] != 0 or node.op_type not in _MOVING_OPS or (node.domain or "") not in _STANDARD:
             return reader[0], reader[1], moved
         name, moved = node.output[0], True
+
+
+def _rows_readers(graph: ModelGraph, gather: int) -> tuple[int | None, list[int]] | None:
+    """The ``MatMulInteger`` layers reading a Gather's integer rows directly, and a ``DequantizeLinear``.
+
+    The ``DequantizeLinear`` (None when there is none) reads the rows for the float paths; any
+    other reader, or no such layer, gives None.
+    """
+    name = graph.nodes[gather].output[0]
+    if name in graph.graph_outputs:
+        return None
+    dequantize: int | None = None
+    layers: list[int] = []
+    for node, slot in graph.consumers.get(name, []):
+        if node < 0 or slot != 0:
+            return None
+        if _key(graph, node) == ("", "MatMulInteger") and _gathered_rows(graph, node) == gather:
+            layers.append(node)
+        elif _key(graph, node) == ("", "DequantizeLinear") and dequantize is None:
+            dequantize = node
+        else:
+            return None
+    return (dequantize, layers) if layers else None
+
+
+def _rows_parameters(graph: ModelGraph, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The scale and zero point a ``MatMulInteger`` reads gathered integer rows with."""
+    found = _integer_scale(graph, layer)
+    if found is None or found.scale_mul is None:
+        return None
+    scale = _float_value(graph, graph.nodes[found.scale_mul].input[0])
+    zero = _zero(graph, layer, 2)
+    return None if scale is None or zero is None else (scale, zero)
+
+
+def _same_rows_reading(graph: ModelGraph, gather: int, scale: np.ndarray, zero: np.ndarray | None) -> bool:
+    """Whether every integer layer reading the rows directly reads them as (scale, zero) does.
+
+    Such a layer takes one scale and zero point for all rows, so the table's must be per tensor.
+    """
+    direct = _rows_readers(graph, gather)
+    if direct is None:
+        return True
+    if scale.size != 1 or (zero is not None and zero.size != 1):
+        return False
+    expected = (float(scale.reshape(-1)[0]), 0.0 if zero is None else float(zero.reshape(-1)[0]))
+    for layer in direct[1]:
+        read = _rows_parameters(graph, layer)
+        if read is None or read[0].size != 1 or (float(read[0].reshape(-1)[0]), float(read[1].reshape(-1)[0])) != expected:
+            return False
+    return True
 
 
 def _dequantize_table(graph: ModelGraph, gather: int, table: np.ndarray) -> Approx | None:
@@ -400,6 +487,11 @@ def _dequantize_table(graph: ModelGraph, gather: int, table: np.ndarray) -> Appr
     if reader is None:
         return None
     dequantize, slot, moved = reader
+    if _key(graph, dequantize) == ("", "MatMulInteger"):  # no DequantizeLinear: the layer's own reading
+        read = _rows_parameters(graph, dequantize)
+        if read is None or read[0].size != 1 or not _same_rows_reading(graph, gather, *read):
+            return None
+        return _dequantized(table, read[0], read[1], 0)
     if _key(graph, dequantize) == ("", "DequantizeLinear") and slot == 0:
         scale_slot = 1
     elif _key(graph, dequantize) in ((MICROSOFT, "QLinearAdd"), (MICROSOFT, "QLinearMul")) and slot in (0, 3):
@@ -409,6 +501,8 @@ def _dequantize_table(graph: ModelGraph, gather: int, table: np.ndarray) -> Appr
     scale = _float_value(graph, _input(graph, dequantize, scale_slot))
     zero = _zero(graph, dequantize, scale_slot + 1)
     if scale is None or (_input(graph, dequantize, scale_slot + 1) and zero is None):
+        return None
+    if not _same_rows_reading(graph, gather, scale, zero):  # the layers reading the integers agree
         return None
     if scale_slot != 1 and (scale.size > 1 or (zero is not None and zero.size > 1)):
         return None

@@ -19,7 +19,8 @@ family              canonical operands (token)
                     belongs to its layer
 ``conv``            weight ``[out, in / group, k...]`` and bias: Conv, FusedConv, NhwcConv
                     (its weight ``[out, k..., in / group]`` transposed)
-``conv-transpose``  weight ``[out, in, k...]`` (ConvTranspose, one group) and bias
+``conv-transpose``  weight ``[out, in / group, k...]`` and bias: ConvTranspose (its weight
+                    ``[in, out / group, k...]`` transposed per group)
 ``scale``           a per-channel factor ``[C]``: a LayerNorm's (Skip-, Simplified-, RMS-,
                     EmbedLayer-) scale, a Mul by a channel vector
 ``shift``           a per-channel offset ``[C]``: a LayerNorm's bias, an Add (or Sub) of a
@@ -137,6 +138,11 @@ class Operand:
     #: channels by its node (:func:`~onnxlady._resync._nchwc_forms.read_blocked`); no canonical
     #: axis is one axis of what is stored.
     blocked: bool = False
+    #: The shape the cut value is reshaped to before ``axes`` reorders it: a grouped
+    #: ConvTranspose weight ``[in, out / group, k...]`` read as ``[group, in / group, out /
+    #: group, k...]``, so that its output channels become one canonical axis. No canonical
+    #: axis is then one axis of what is stored.
+    split: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
@@ -153,7 +159,7 @@ class Operand:
         """The axis of the value as read that canonical axis ``canonical_axis`` is, if one is."""
         if self.nbits:
             return 0 if canonical_axis == 0 else None
-        if self.blocked:
+        if self.blocked or self.split is not None:
             return None
         cut = self._cut_shape()
         moved = tuple(cut[a] for a in self.axes) if self.axes is not None else cut
@@ -296,6 +302,8 @@ def _read_operand(graph: ModelGraph, operand: Operand, bounds: bool, compact: bo
             axis, start, stop = operand.block
             value, error = np.take(value, range(start, stop), axis=axis), np.take(error, range(start, stop), axis=axis)
         part = Approx(value, error)
+    if operand.split is not None:
+        part = part.reshaped(operand.split)
     if operand.axes is not None:
         part = part.transposed(operand.axes)
     part = part.reshaped(operand.shape)
@@ -356,7 +364,9 @@ def _stored_layout(operand: Operand, part: Approx) -> Approx:
     """A canonical value (its factor already undone) in the operand's stored axes (its cut shape)."""
     cut = operand._cut_shape()
     if operand.axes is not None:
-        return part.reshaped(tuple(cut[a] for a in operand.axes)).transposed(tuple(np.argsort(operand.axes)))
+        moved = operand.split if operand.split is not None else cut
+        stored = part.reshaped(tuple(moved[a] for a in operand.axes)).transposed(tuple(np.argsort(operand.axes)))
+        return stored.reshaped(cut) if operand.split is not None else stored
     return part.reshaped(cut)
 
 
@@ -546,10 +556,13 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
         return _Linear("conv", Operand("weight", index, 1, blocked.shape, blocked.shape, blocked=True), (blocked.group,))
     if op == "ConvTranspose" and domain in _STANDARD:
         shape = _shape(graph, weight_name)
-        if shape is None or len(shape) < 3 or int(node_attribute(node, "group", 1)) != 1:
+        group = int(node_attribute(node, "group", 1))
+        if shape is None or len(shape) < 3 or group < 1 or shape[0] % group:
             return None
-        axes = (1, 0, *range(2, len(shape)))
-        return _Linear("conv-transpose", Operand("weight", index, 1, shape, tuple(shape[a] for a in axes), axes=axes), ())
+        if group == 1:
+            axes = (1, 0, *range(2, len(shape)))
+            return _Linear("conv-transpose", Operand("weight", index, 1, shape, tuple(shape[a] for a in axes), axes=axes), ())
+        return _Linear("conv-transpose", _grouped_transpose_weight(index, shape, group), (group,))
     if (op == "Gemm" and domain in _STANDARD) or (op == "FusedGemm" and domain == MICROSOFT):
         shape = _shape(graph, weight_name)
         if shape is None or len(shape) != 2 or _float_constant(graph, node.input[0]):
@@ -597,6 +610,22 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
                          factor=integer.factor, quantized=True)  # fmt: skip
         return _Linear(integer.family, weight, integer.extra)
     return None
+
+
+def _grouped_transpose_weight(index: int, shape: tuple[int, ...], group: int) -> Operand:
+    """A grouped ConvTranspose's weight ``[in, out / group, k...]`` as ``[out, in / group, k...]``.
+
+    Output channel ``g * (out / group) + j`` reads ``W[g * (in / group) : (g + 1) * (in / group), j]``:
+    in that canonical form its weight is a row, as a grouped Conv's, and a BatchNorm after it
+    folds along canonical axis 0 (as ONNX Runtime's ConvBnFusion folds it).
+    """
+    per_in, per_out, kernel = shape[0] // group, shape[1], tuple(shape[2:])
+    canonical = (group * per_out, per_in, *kernel)
+    if canonical == shape:  # depthwise, one output per input channel: stored as it reads
+        return Operand("weight", index, 1, shape, canonical)
+    split = (group, per_in, per_out, *kernel)
+    axes = (0, 2, 1, *range(3, len(split)))
+    return Operand("weight", index, 1, shape, canonical, axes=axes, split=split)
 
 
 def _transposed_weight(graph: ModelGraph, index: int) -> Operand | None:
@@ -1370,6 +1399,8 @@ def find_sites(graph: ModelGraph, planned: set[str]) -> list[Site]:
                 if dequantize is not None:
                     absorbed.add(dequantize)
                     ops, tail = (node.op_type, "DequantizeLinear"), dequantize
+                    if len(graph.consumers.get(node.output[0], [])) > 1:  # integer layers read the rows too:
+                        tail = index  # the site ends at the Gather, so its connections reach them
                 found = [Site(index, 0, "table", ("table", dims), (operand,), ops, tail)]
             elif shape is not None and len(shape) == 2 and int(node_attribute(node, "axis", 0)) == 0:
                 found = [Site(index, 0, "table", ("table", shape), (Operand("table", index, 0, shape, shape),),

@@ -11,6 +11,7 @@ then matches it across conversions instead.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -169,6 +170,7 @@ def _write_output(
     fingerprint = graph_fingerprint(suspect)
     group_ids = {g.root: g.id for g in state.order}
     digest = SourceDigest()  # what unpermute_model checks its result against
+    moved = _MovedTensors(digest)
     entries = []
     for name, plans in by_leaf.items():
         plan = analysis.tensors[plans[0]]
@@ -176,9 +178,8 @@ def _write_output(
         if deferred and output is None:
             axes = [(axis, analysis.index_array(expr, state.match)) for axis, expr in plan.axes]
             _check_shared(holders[name], axes, [analysis.tensors[p] for p in plans[1:]], state)
-            overrides[name] = _moved_later(holders[name], axes)
-            if digest.expect(name):
-                digest.add_now(name, _moved_bytes(holders[name], axes))  # hashed now, then dropped
+            # Hashed when first computed (by the writer or the audit), not computed once more here.
+            overrides[name] = moved.later(name, holders[name], axes, hashed=digest.expect(name))
         elif name in fresh:
             after = fresh[name].data.cast("B")  # hashed as it is: no bytes copy
         else:
@@ -196,14 +197,14 @@ def _write_output(
             for axis, expr in plan.axes
         ]
         entries.append({"tensor": name, "source": name, "axes": trees})
-    key = PermutationKey(
+    key = (_PendingDigestKey if moved.pending else PermutationKey)(
         source_sha256="",
         source_fingerprint=fingerprint,  # unpermuting gives the suspect's graph, re-ordered
         permuted_fingerprint=fingerprint,
         groups=[key_group(group, state.match[group.id]) for group in state.order],
         tensors=entries,
         untied=[],  # the output keeps the suspect's structure, copies included
-        source_weights_sha256=digest.hexdigest(),
+        source_weights_sha256="" if moved.pending else digest.hexdigest(),
         extra={
             "resync": {
                 "reference_fingerprint": graph_fingerprint(analysis.graph.model),
@@ -212,7 +213,64 @@ def _write_output(
             }
         },
     )
+    if isinstance(key, _PendingDigestKey):
+        key.pending_digest = moved.hexdigest
     return output, overrides, key
+
+
+class _MovedTensors:
+    """The deferred output's moved tensors, each hashed for the key's digest when first computed.
+
+    Computing a moved tensor (a gather of a whole weight) only to hash it, then again when the
+    writer or the audit reads it, moved every weight twice; the digest is now taken from the
+    first computation, and :meth:`hexdigest` computes only those never asked for.
+    """
+
+    def __init__(self, digest: SourceDigest) -> None:
+        self._digest = digest
+        self.pending: dict[str, Callable[[], np.ndarray]] = {}  # tensors still to hash, by name
+
+    def later(
+        self, name: str, tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], *, hashed: bool
+    ) -> Callable[[], np.ndarray]:
+        """The moved elements of ``tensor`` computed when asked for; hashed the first time if ``hashed``."""
+
+        def compute() -> np.ndarray:
+            array = _moved_array(tensor, axes)
+            if self.pending.pop(name, None) is not None:
+                self._digest.add_now(name, array.data)  # hashes as tobytes() would: contiguous
+            return array
+
+        if hashed:
+            self.pending[name] = compute
+        return compute
+
+    def hexdigest(self) -> str:
+        """The digest of every moved tensor, computing (hashed, then dropped) those never asked for."""
+        for compute in list(self.pending.values()):
+            compute()
+        return self._digest.hexdigest()
+
+
+class _PendingDigestKey(PermutationKey):
+    """A key whose ``source_weights_sha256`` is computed when first read (see :class:`_MovedTensors`)."""
+
+    pending_digest: Callable[[], str] | None = None
+
+    @property  # type: ignore[override]
+    def source_weights_sha256(self) -> str:
+        if self.pending_digest is not None:
+            self._source_weights_sha256 = self.pending_digest()
+            self.pending_digest = None
+        return self._source_weights_sha256
+
+    @source_weights_sha256.setter
+    def source_weights_sha256(self, value: str) -> None:
+        self._source_weights_sha256 = value
+        self.pending_digest = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PermutationKey) and dataclasses.asdict(self) == dataclasses.asdict(other)
 
 
 def _moved_bytes(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxlady._analysis._channels import ChannelAnalysis
+from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._external import is_mapped, mapped_bytes
 from onnxlady._io._progress import advance
@@ -192,7 +192,6 @@ def permute_model(
     # A streaming writer overrides main-graph tensors only: subgraphs' constants are permuted in place.
     streamable = _tensor_holders(model, subgraphs=False)
     group_ids = {group.root: group.id for group in analysis.groups if group.id in perms}
-    find = analysis.solver.find
     digest = deferred.digest if deferred is not None else SourceDigest()
     file_order = {name: position for position, name in enumerate(holders)}
     tensors: list[dict[str, object]] = []
@@ -208,32 +207,8 @@ def permute_model(
             before, _ = _permute_tensor(tensor, axes)
             if first:
                 digest.add(plan.source, before)
-        tensors.append(
-            {
-                "tensor": plan.tensor,
-                "source": plan.source,
-                "axes": [
-                    {"axis": axis, "expr": expr_to_tree(analysis.solver.resolve(expr), group_ids, find)}
-                    for axis, expr in plan.axes
-                ],
-            }
-        )
-    groups = []
-    for group in analysis.groups:
-        if group.id not in perms:
-            continue
-        groups.append(
-            {
-                "id": group.id,
-                "size": group.size,
-                "members": [
-                    {"tensor": m.tensor, "axis": m.axis, "role": m.role, "index_map": m.index_map}
-                    for m in group.members
-                    if m.is_weight
-                ],
-                "perm": [int(i) for i in perms[group.id]],
-            }
-        )
+        tensors.append(_tensor_record(analysis, plan, group_ids))
+    groups = _group_records(analysis, perms)
     states = _state_records(analysis, perms, group_ids)
     return PermutationKey(
         source_sha256=source_sha256,
@@ -247,6 +222,37 @@ def permute_model(
         source_file=source_file,
         extra={"kv_state": states} if states else {},
     )
+
+
+def _tensor_record(analysis: ChannelAnalysis, plan: TensorPermutation, group_ids: Mapping[int, str]) -> dict[str, object]:
+    """The key's record of one permuted tensor: its name, source, and each axis's index map."""
+    find = analysis.solver.find
+    return {
+        "tensor": plan.tensor,
+        "source": plan.source,
+        "axes": [
+            {"axis": axis, "expr": expr_to_tree(analysis.solver.resolve(expr), group_ids, find)}
+            for axis, expr in plan.axes
+        ],
+    }
+
+
+def _group_records(analysis: ChannelAnalysis, perms: Mapping[str, np.ndarray]) -> list[dict[str, object]]:
+    """The key's record of each permuted group: its weight members and its permutation."""
+    return [
+        {
+            "id": group.id,
+            "size": group.size,
+            "members": [
+                {"tensor": m.tensor, "axis": m.axis, "role": m.role, "index_map": m.index_map}
+                for m in group.members
+                if m.is_weight
+            ],
+            "perm": [int(i) for i in perms[group.id]],
+        }
+        for group in analysis.groups
+        if group.id in perms
+    ]
 
 
 def _state_records(

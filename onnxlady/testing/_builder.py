@@ -260,21 +260,23 @@ class GraphBuilder:
         *,
         name: str | None = None,
         gain: float = 2.0,
+        group: int = 1,
     ) -> str:
-        """ConvTranspose (upsampling); its weight is ``[Cin, Cout, k, k]``, unlike Conv's."""
+        """ConvTranspose (upsampling); its weight is ``[Cin, Cout / group, k, k]``, unlike Conv's."""
         n, cin, h, w = self.shape(x)
         node = self._reserve(name, "ConvTranspose")
-        # Each output pixel sums about Cin * (k / stride)^2 taps.
-        fan_in = cin * max(1, (kernel * kernel) // (stride * stride))
+        # Each output pixel sums about Cin / group * (k / stride)^2 taps.
+        fan_in = cin // group * max(1, (kernel * kernel) // (stride * stride))
         inputs = [x, self._store(f"{node}.weight",
-                                 self.he_normal((cin, out_channels, kernel, kernel), fan_in, gain))]
+                                 self.he_normal((cin, out_channels // group, kernel, kernel), fan_in, gain))]
         if bias:
             inputs.append(self._store(f"{node}.bias", self.small_normal((out_channels,))))
         ho = (h - 1) * stride - 2 * pad + kernel
         wo = (w - 1) * stride - 2 * pad + kernel
+        grouped: dict[str, Any] = {"group": group} if group != 1 else {}  # one group: written as before
         return self._emit(node, "ConvTranspose", inputs, (n, out_channels, ho, wo),
                           kernel_shape=[kernel, kernel], strides=[stride, stride],
-                          pads=[pad] * 4)
+                          pads=[pad] * 4, **grouped)
 
     def batchnorm(self, x: str, *, name: str | None = None, eps: float = 1e-5) -> str:
         """Inference BatchNormalization with non-trivial scale, bias, running mean and variance."""
