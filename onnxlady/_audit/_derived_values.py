@@ -19,7 +19,7 @@ import numpy as np
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._graph._fold import EVALUATE_LIMIT, evaluate_node
 from onnxlady._graph._model_graph import ModelGraph, node_label
-from onnxlady._resync._match import ModelMatch, _axis_labels
+from onnxlady._resync._match import ModelMatch, axis_labels
 from onnxlady._resync._sites import Operand, Site
 
 __all__ = ["changed_derived_constants"]
@@ -143,7 +143,7 @@ def _differs_in_place(first: np.ndarray, second: np.ndarray) -> bool:
 
 def _labels(analysis: ChannelAnalysis, operand: Operand, axis: int) -> dict[str, np.ndarray]:
     """Per group: the neuron at each position of an operand's axis (a computed one: its tensor's)."""
-    found = _axis_labels(analysis, operand, axis)
+    found = axis_labels(analysis, operand, axis)
     if found or operand.axes is not None:
         return found
     expr = analysis.state.tracked.get(analysis.graph.nodes[operand.node].input[operand.slot], {}).get(axis)

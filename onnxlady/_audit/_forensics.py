@@ -593,11 +593,6 @@ def _measure_widened(
     buffers: _Scratch | None = None,
 ) -> dict[str, Any]:
     """:func:`_measure` where a dtype is not numpy's own float: three work arrays (see _measure)."""
-    # Whole float64 arrays only for the reference and the change (the suspect is read in its own
-    # dtype), and one scratch array that every step below reuses: temporaries the size of a
-    # large weight were most of the forensics' time (page faults) and of the audit's peak.
-    # Every figure is computed as before (same operations on the same contiguous arrays: the
-    # same sums), only into buffers of our own, reused from tensor to tensor (see _Scratch).
     buffers = buffers if buffers is not None else _Scratch()
     n = ref.size
     if ref.dtype == np.float64:

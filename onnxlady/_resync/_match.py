@@ -81,6 +81,7 @@ __all__ = [
     "SitePair",
     "Unit",
     "UnmatchedGroup",
+    "axis_labels",
     "check_same_model",
     "match_models",
 ]
@@ -908,7 +909,7 @@ def _connection_agreement(
 
 
 # -- groups -----------------------------------------------------------------------------------
-def _axis_labels(analysis: ChannelAnalysis, operand: Operand, axis: int) -> dict[str, np.ndarray]:
+def axis_labels(analysis: ChannelAnalysis, operand: Operand, axis: int) -> dict[str, np.ndarray]:
     """Per group on one canonical axis of an operand: which of its neurons sits at each position."""
     found = site_operand_axis(analysis.graph, operand, axis)
     if found is None:
@@ -929,10 +930,10 @@ def _vote_groups(match_sites: list[tuple[Site, Site]], reference: ChannelAnalysi
             if other is None or other.shape != operand.shape:
                 continue
             for axis in range(len(operand.shape)):
-                ref_labels = _axis_labels(reference, operand, axis)
+                ref_labels = axis_labels(reference, operand, axis)
                 if not ref_labels:
                     continue
-                sus_labels = _axis_labels(suspect, other, axis)
+                sus_labels = axis_labels(suspect, other, axis)
                 if not sus_labels:  # the suspect's analysis gave up on the operator holding it
                     for a in ref_labels:
                         votes.unbound.setdefault(a, []).append(number)

@@ -24,11 +24,12 @@ skip of another shape, a weight that is not a constant) makes the rule not apply
 
 from __future__ import annotations
 
-from onnxlady._graph._expr import DirectSum, Expr, direct_sum, product
+from onnxlady._graph._expr import Expr, direct_sum
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 from onnxlady._rules.elementwise import BroadcastRule
 from onnxlady._rules.normalization_groups import group_channels
+from onnxlady._rules.producers import grouped_conv_outputs
 
 MICROSOFT = "com.microsoft"
 
@@ -55,17 +56,10 @@ class NhwcConvRule(OpRule):
             raise RuleDoesNotApply("index-map", f"{out_channels} outputs do not split into {groups} groups")
         channels = ctx.take(0, rank - 1, in_per_group * groups)
         weight_in = len(weight_shape) - 1
-        outputs: Expr
-        if groups == 1:
-            ctx.bind(1, weight_in, channels, "NhwcConv weight (input channels)")
-            outputs = ctx.new_group(out_channels)
-        elif in_per_group == 1:
-            outputs = product(channels, ctx.fixed(out_channels // groups, "depth multiplier"))
-        else:
-            inner = ctx.new_group(in_per_group)
-            ctx.unify(channels, product(ctx.fixed(groups, "order of conv groups"), inner))
-            ctx.bind(1, weight_in, inner, "NhwcConv weight (input channels)")
-            outputs = DirectSum(tuple(ctx.new_group(out_channels // groups) for _ in range(groups)))
+        outputs = grouped_conv_outputs(
+            ctx, channels, groups, out_channels, in_per_group,
+            lambda expr: ctx.bind(1, weight_in, expr, "NhwcConv weight (input channels)"),
+        )  # fmt: skip
         ctx.bind(1, 0, outputs, "NhwcConv weight")
         ctx.attach(2, 0, outputs, "NhwcConv bias")
         ctx.declare_producer(outputs)

@@ -13,6 +13,29 @@ from onnxlady._rules._registry import OpRule, register
 from onnxlady._rules.standardized import standardized_weight
 
 
+def grouped_conv_outputs(
+    ctx: RuleContext, channels: Expr, groups: int, out_channels: int, in_per_group: int,
+    bind_inputs: Callable[[Expr], None],
+) -> Expr:
+    """A convolution's output neurons from the permutation of its ``groups * in_per_group`` input channels.
+
+    Plain (one group): the weight's input axis follows ``channels`` (``bind_inputs``) and the
+    outputs are a new group. Depthwise (one input per group): each output follows the input
+    channel it reads, times the depth multiplier. Grouped: the groups keep their order, one
+    permutation inside every input group (bound to the weight's input axis), and the outputs of
+    each group permute on their own. Shared by Conv and ONNX Runtime's channels-last NhwcConv.
+    """
+    if groups == 1:
+        bind_inputs(channels)
+        return ctx.new_group(out_channels)
+    if in_per_group == 1:
+        return product(channels, ctx.fixed(out_channels // groups, "depth multiplier"))
+    inner = ctx.new_group(in_per_group)
+    ctx.unify(channels, product(ctx.fixed(groups, "order of conv groups"), inner))
+    bind_inputs(inner)
+    return DirectSum(tuple(ctx.new_group(out_channels // groups) for _ in range(groups)))
+
+
 @register
 class ConvRule(OpRule):
     """Conv: W[M, C/g, k...] — rows are output neurons, columns read input channels.
@@ -34,17 +57,10 @@ class ConvRule(OpRule):
         if out_channels % groups:
             raise RuleDoesNotApply("index-map", f"{out_channels} outputs do not split into {groups} groups")
         channels = ctx.take(0, 1, in_per_group * groups)
-        outputs: Expr
-        if groups == 1:
-            bind(1, channels, "conv weight (input channels)")
-            outputs = ctx.new_group(out_channels)
-        elif in_per_group == 1:
-            outputs = product(channels, ctx.fixed(out_channels // groups, "depth multiplier"))
-        else:
-            inner = ctx.new_group(in_per_group)
-            ctx.unify(channels, product(ctx.fixed(groups, "order of conv groups"), inner))
-            bind(1, inner, "conv weight (input channels)")
-            outputs = DirectSum(tuple(ctx.new_group(out_channels // groups) for _ in range(groups)))
+        outputs = grouped_conv_outputs(
+            ctx, channels, groups, out_channels, in_per_group,
+            lambda expr: bind(1, expr, "conv weight (input channels)"),
+        )  # fmt: skip
         bind(0, outputs, "conv weight")
         ctx.attach(2, 0, outputs, "conv bias")
         ctx.declare_producer(outputs)
