@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fixtures.decoder import build_decoder
 from onnxlady import analyze
 from onnxlady._errors import OnnxladyError
-from onnxlady._verify import _compare
+from onnxlady._verify import _compare, _noise_floor
 from onnxlady._verify._compare import CheckNotRunError, verify_models
 from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 
@@ -111,7 +111,7 @@ def _both_alive(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _track_sessions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the sessions alive each time verify opens one (the list of counts, after opening)."""
+    """Counts the sessions alive each time verify (or its noise floor) opens one (the counts, after opening)."""
     alive: list[weakref.ref[Any]] = []
     counts: list[int] = []
     opened = _compare.create_session
@@ -123,6 +123,7 @@ def _track_sessions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return result
 
     monkeypatch.setattr(_compare, "create_session", tracked)
+    monkeypatch.setattr(_noise_floor, "create_session", tracked)
     return counts
 
 
@@ -136,15 +137,22 @@ def test_one_session_alive_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert counts == [1, 1]  # the reference's, then the candidate's once the first was freed
 
 
-def test_a_failing_pair_reopens_the_reference_for_its_noise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _mlp()
+@pytest.mark.parametrize("decoding", [False, True])
+def test_a_failing_pair_reopens_the_reference_for_its_noise(
+    decoding: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = build_decoder(0) if decoding else _mlp()
     reference = _saved(tmp_path, "reference.onnx", model)
     candidate = _saved(tmp_path, "wrong.onnx", _wrong(model))
     counts = _track_sessions(monkeypatch)
     report = verify_models(reference, candidate, provider="cpu")
     assert report.verdict == "not-equivalent"
-    # reference, candidate, the reference again and its unoptimised twin (the noise floor)
-    assert counts[:3] == [1, 1, 2]
+    assert any("decoding" in note for note in report.notes) == decoding  # two steps, each with its noise
+    assert any(c.reference_noise is not None for c in report.outputs)  # the noise was measured
+    # reference, candidate, then the noise floor's: the unoptimised reference (once for every
+    # decoding step), the reference again; each freed before the next is built (the candidate's
+    # too, once everything is compared)
+    assert counts == [1, 1, 1, 1]
 
 
 def _pairs() -> dict[str, tuple[onnx.ModelProto, onnx.ModelProto, dict[str, Any]]]:

@@ -9,7 +9,10 @@ still held), and the minor page faults and CPU seconds (user, system) the build 
 - ``ort-path-no-opt``: the same at ``ORT_DISABLE_ALL`` (what the graph optimizations cost; they
   change results, verify keeps them);
 - ``verify``: ``onnxlady._verify._session.create_session(path, "cpu")``, as verify opens it now
-  (weights read by ORT from the file, glibc's mmap threshold lowered while it builds).
+  (weights read by ORT from the file);
+- ``verify-mapped``: the same with glibc's mmap threshold pinned at 1 MiB first (``mallopt``:
+  every larger block its own mapping, returned to the system when freed), which verify does
+  not do: its build peak is what ORT holds at once, its faults and CPU seconds what that costs.
 
 Usage: ``python3 -m tools.verify_memory MODEL.onnx [MODEL.onnx ...] [--repeats 3]``; prints one
 Markdown row per model and way (medians over the repeats).
@@ -44,7 +47,9 @@ path, way = sys.argv[1], sys.argv[2]
 sampler = threading.Thread(target=sample)
 before = resource.getrusage(resource.RUSAGE_SELF)
 sampler.start()
-if way == "verify":
+if way == "verify-mapped":
+    ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+if way.startswith("verify"):
     session = create_session(path, "cpu")[0]
 else:
     options = ort.SessionOptions()
@@ -64,7 +69,7 @@ print(json.dumps({
 }))
 """
 
-WAYS = ("ort-path", "ort-path-no-opt", "verify")
+WAYS = ("ort-path", "ort-path-no-opt", "verify", "verify-mapped")
 
 
 def _measure(model: Path, way: str) -> dict[str, float]:

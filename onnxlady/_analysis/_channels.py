@@ -36,6 +36,7 @@ from onnxlady._graph._expr import (
     evaluate,
     labels,
 )
+from onnxlady._graph._functions import FunctionView, inlined_view
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._io._progress import advance, say
 from onnxlady._rules._context import (
@@ -128,12 +129,19 @@ class ChannelAnalysis:
     producers: list[tuple[str, str, Expr]]  # (node label, op type, output neurons)
     #: KV-cache pairs treated as permutable state (``analyze(kv_state=True)``); empty otherwise.
     states: list[StatePair] = field(default_factory=list)
+    #: The model as given when the graph is an inlined view of its local functions (else None).
+    source_model: onnx.ModelProto | None = None
     _by_id: dict[str, ChannelGroup] = field(default_factory=dict)
     _by_root: dict[int, ChannelGroup] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_id = {group.id: group for group in self.groups}
         self._by_root = {group.root: group for group in self.groups}
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The model the permutations are written into: the one analysed, never an inlined view of it."""
+        return self.source_model if self.source_model is not None else self.graph.model
 
     @property
     def solver(self) -> GroupSolver:
@@ -212,13 +220,21 @@ class ChannelAnalysis:
         # Only tensors carrying a space have any (weights and untracked activations: none).
         groups_of: dict[str, tuple[str, ...]] = {}
         solver, by_root = self.solver, self._by_root
+        find, definitions = solver.find, solver._definition
         for name in (*state.tracked, *state.joint):
             if name in groups_of:
                 continue
             spaces = state.tracked.get(name)
             if spaces and len(spaces) == 1 and name not in state.joint:
                 # One space (most activations): its group found without _groups_in's set.
-                resolved = solver.resolve(next(iter(spaces.values())))
+                (expr,) = spaces.values()
+                if type(expr) is Atom and (root := find(expr.id)) not in definitions:
+                    # An undivided group: its root is what resolve would give, without the Atom it makes.
+                    group = by_root.get(root)
+                    if group is not None:
+                        groups_of[name] = (group.id,)
+                    continue
+                resolved = solver.resolve(expr)
                 if type(resolved) is Atom:
                     group = by_root.get(resolved.id)  # (resolved: a root already)
                     if group is not None:
@@ -239,9 +255,22 @@ class ChannelAnalysis:
                     found.update(groups)
             return found
 
+        input_names, output_names = graph.input_names, graph.output_names
         for index in writers:
-            ins = carried(graph.input_names(index))
-            outs = carried(graph.output_names(index)) if ins else None
+            names = output_names(index)
+            if len(names) == 1:  # (most nodes: one output, one group, read from one input)
+                outs_of = groups_of.get(names[0])
+                if outs_of is None:
+                    continue
+                if len(outs_of) == 1:
+                    ins_of = [read for name in input_names(index) if (read := groups_of.get(name))]
+                    for read in ins_of:
+                        if read != outs_of:
+                            break
+                    else:  # nothing read, or only the written group: no edge (a group to itself is none)
+                        continue
+            ins = carried(input_names(index))
+            outs = carried(names) if ins else None
             if not outs:
                 continue
             op_type = graph.op_of(index)[0]
@@ -404,9 +433,12 @@ def analyze(
         OnnxladyError: the graph is malformed (a tensor used but never defined, a cycle).
     """
     say(progress, "analysing the graph")
-    graph = ModelGraph(model)
+    # Layers inside ONNX local functions are analysed through an inlined copy (the rules see
+    # operators, not calls); what the commands write stays the model as given.
+    view = inlined_view(model)
+    graph = ModelGraph(view.model if view is not None else model)
     state = AnalysisState(graph)
-    pairs = _open_states(state, model) if kv_state else []
+    pairs = _open_states(state, graph.model) if kv_state else []
     total = len(graph.order)
     step = max(1, total // 200)  # a bar moves smoothly without a call per node
     subgraphs = graph.subgraphs
@@ -429,8 +461,10 @@ def analyze(
     freeze_partial_derived(state)
     _join_shared_constants(state)
     _freeze_constant_only(state)
-    analysis = _collect(state)
+    analysis = _collect(state, view)
     analysis.states = pairs
+    if view is not None:
+        analysis.source_model = model
     return analysis
 
 
@@ -623,6 +657,8 @@ def walk_order(graph: ModelGraph) -> list[int]:
     Each opened body's nodes come just before their control-flow node, so every node (main or
     body) has a position.
     """
+    if not graph.subgraphs:  # (most graphs: no body to place)
+        return list(graph.order)
     ordered: list[int] = []
 
     def add(index: int) -> None:
@@ -663,10 +699,10 @@ def _joint_member(tensor: str, space: JointSpace, node: str, index_map: str) -> 
     return GroupMember(tensor, space.axes[0], "activation", node, f"axes {list(space.axes)} together: {index_map}", False)
 
 
-def _collect(state: AnalysisState) -> ChannelAnalysis:
+def _collect(state: AnalysisState, view: FunctionView | None = None) -> ChannelAnalysis:
     graph, solver = state.graph, state.solver
     position = {index: k for k, index in enumerate(walk_order(graph))}
-    tensors = _plan_tensors(state, position)
+    tensors = _plan_tensors(state, position, view)
     # A body's formal inputs (Loop/Scan) have no producer: they sit where their body starts.
     formal = {
         name: body.nodes[0] if body.nodes else owner
@@ -686,8 +722,17 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
         for root in {atom.id for atom in solver.atoms(resolved)}:
             members.setdefault(root, []).append((order, make(describe(resolved, root))))
 
+    find, definitions = solver.find, solver._definition
+
     def add_plain(expr: Expr, order: tuple[int, int, int], tensor: str, axis: int, role: str, label: str, weight: bool) -> None:
         """``add_members`` for a space of one axis, without a member factory per space."""
+        if type(expr) is Atom and (root := find(expr.id)) not in definitions:
+            # An undivided group (most spaces): its root is the atom resolve would make.
+            found = members.get(root)
+            if found is None:
+                found = members[root] = []
+            found.append((order, GroupMember(tensor, axis, role, label, "p", weight)))
+            return
         resolved = solver.resolve(expr)
         kind = type(resolved)
         if kind is Fixed:
@@ -748,13 +793,18 @@ def _collect(state: AnalysisState) -> ChannelAnalysis:
     return ChannelAnalysis(graph, state, groups, tensors, producers)
 
 
-def _plan_tensors(state: AnalysisState, position: Mapping[int, int] | None = None) -> list[TensorPermutation]:
+def _plan_tensors(
+    state: AnalysisState, position: Mapping[int, int] | None = None, view: FunctionView | None = None
+) -> list[TensorPermutation]:
     """Which physical tensors to permute, untying constants whose uses disagree.
 
     Copies are made in the main graph, for main-graph uses of main-graph constants. Where a copy
     would be needed anywhere else (a use inside an If/Loop/Scan body, a constant held by a body),
     the permutation that copy would carry is frozen instead, and the plan made again.
     ``position`` is each node's place in :func:`walk_order` (made here when not given).
+    With ``view`` (the graph is a model's local functions inlined), only tensors the original
+    model holds under the same name can move, and no copy is made (its uses are inlined nodes,
+    which the original does not have): the permutations they would need are frozen.
     """
     graph = state.graph
     if position is None:
@@ -763,6 +813,8 @@ def _plan_tensors(state: AnalysisState, position: Mapping[int, int] | None = Non
     while True:
         plans = _plan_once(state, position, lambda leaf, uses: _copyable(graph, leaf, uses, main_initializers))
         blocked = [plan for plan in plans if plan.copy > 0 and not _copyable(graph, plan.source, plan.uses, main_initializers)]
+        if view is not None and _freeze_unwritable(state, plans, view):
+            continue
         if not blocked:
             return plans
         for plan in blocked:
@@ -773,6 +825,31 @@ def _plan_tensors(state: AnalysisState, position: Mapping[int, int] | None = Non
             )
             for _, expr in plan.axes:
                 state.solver.freeze(expr, reason)
+
+
+def _freeze_unwritable(state: AnalysisState, plans: list[TensorPermutation], view: FunctionView) -> bool:
+    """Freeze what the plans would write that the original model (with its functions) cannot hold.
+
+    A constant living in a function body is one tensor shared by every call site, and a copy
+    would rewire inlined nodes the original does not have: either would be a guess. Returns
+    whether anything was frozen (the plan must then be made again).
+    """
+    frozen = False
+    for plan in plans:
+        origin = view.internal_origin(plan.source)
+        if origin is not None:
+            why = f"constant '{plan.source}' lives inside local function {origin}, shared by its call sites"
+        elif plan.copy > 0:
+            why = (
+                f"constant '{plan.source}' is shared by uses that need different permutations, and the copy "
+                "one of them needs would rewire a local function's call"
+            )
+        else:
+            continue
+        for _, expr in plan.axes:
+            state.solver.freeze(expr, FreezeReason("index-map", why))
+        frozen = True
+    return frozen
 
 
 def _copyable(graph: ModelGraph, source: str, uses: Iterable[tuple[int, int]], main_initializers: set[str]) -> bool:

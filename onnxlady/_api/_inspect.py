@@ -75,10 +75,13 @@ class InspectResult(Result):
         # Top-level keys are the only lines starting with two spaces and a quote (string values
         # never hold a raw newline): the marker's line is found exactly once.
         marker = f'\n  "groups": {json.dumps(_GROUPS_MARK)},\n  "untied": '
-        groups = _groups_text(analysis.groups)
+        groups = _groups_parts(analysis.groups)
         if groups is None or text.count(marker) != 1:
             return dumps_indented(self.to_json())  # a value of an unusual type: the general writer
-        return text.replace(marker, f'\n  "groups": {groups},\n  "untied": ')
+        # One join of the pieces: the groups' text (most of the document) is copied once, into
+        # the document, not into a list's text, then a replacement's, then the document.
+        head_text, _, tail_text = text.partition(marker)
+        return "".join([head_text, '\n  "groups": ', *groups, ',\n  "untied": ', tail_text])
 
     def to_text(self) -> str:
         """The table ``onnxlady inspect`` prints: one row per group, reasons under frozen ones."""
@@ -200,9 +203,15 @@ def _groups_text(groups: list[ChannelGroup]) -> str | None:
     None when a value is not of the type the document holds (a name that is no ``str``): the
     caller then writes the document the general way, so the text is always the standard one.
     """
+    parts = _groups_parts(groups)
+    return None if parts is None else "".join(parts)
+
+
+def _groups_parts(groups: list[ChannelGroup]) -> list[str] | None:
+    """:func:`_groups_text`'s text in pieces (one per group, and the brackets and commas between)."""
     if not groups:
-        return "[]"
-    written = []
+        return ["[]"]
+    written = ["[\n"]
     for group in groups:
         reasons, members = group.reasons, group.members
         if any(type(r.kind) is not str or type(r.message) is not str for r in reasons):
@@ -235,7 +244,9 @@ def _groups_text(groups: list[ChannelGroup]) -> str | None:
             f'{_FIELD}"frozen": {"true" if group.frozen else "false"}'
             f'{_FIELD}"reasons": {reason_text}{_FIELD}"members": {member_text}\n    }}'
         )
-    return "[\n" + ",\n".join(written) + "\n  ]"
+        written.append(",\n")
+    written[-1] = "\n  ]"  # (the last group's comma)
+    return written
 
 
 def _inspect_text(analysis: ChannelAnalysis, path: Path | None, all_members: bool) -> str:

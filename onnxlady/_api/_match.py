@@ -142,8 +142,9 @@ def match(
         OnnxladyError: a model cannot be read, or the two are different models (their
             confidence is below ``MATCH_THRESHOLD``; the message names the first divergence).
     """
-    opened_reference = open_model(reference, "reference", progress)
-    opened_suspect = open_model(suspect, "suspect", progress)
+    # (No sha256 of either input is recorded: their files are not read once more to be hashed.)
+    opened_reference = open_model(reference, "reference", progress, digest=False)
+    opened_suspect = open_model(suspect, "suspect", progress, digest=False)
     if progress is not None:
         progress("match: analysing both models")
     details = match_analyses(analyze(opened_reference.model), analyze(opened_suspect.model))

@@ -141,7 +141,8 @@ def perturb(
     target = output_path(output)
     check_outputs(target, [source], overwrite_input=overwrite_input)
     # With an output file, external weights stay in their files: each is read as it is written.
-    opened = open_model(model, progress=progress, map_external=target is not None, as_loaded=True)
+    # (No sha256 of the input is recorded: its file is not read once more to be hashed.)
+    opened = open_model(model, progress=progress, map_external=target is not None, as_loaded=True, digest=False)
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
     options: dict[str, Any] = {
         "noise": noise, "quantize_bits": quantize, "prune_percent": prune, "seed": seed,

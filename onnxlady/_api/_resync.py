@@ -227,8 +227,10 @@ def resync(
     key = open_key(true_key) if true_key is not None else None
     # External weights stay in their files, read as the resync needs them: memory does not
     # grow with the models (the output is written tensor by tensor from them).
-    opened_reference = open_model(reference, "reference", progress, map_external=True)
-    opened_suspect = open_model(suspect, "suspect", progress, map_external=True)
+    # Only the suspect's sha256 is recorded (in the key, when one is written): the reference's
+    # file, and the suspect's without a key, are not read once more to be hashed.
+    opened_reference = open_model(reference, "reference", progress, map_external=True, digest=False)
+    opened_suspect = open_model(suspect, "suspect", progress, map_external=True, digest=key_path is not None)
     check_external_inputs(target, [opened_reference, opened_suspect], extra, overwrite_input=overwrite_input)
     analysis = None
     if all(external) and max_memory is not None and reference_path is not None and suspect_path is not None:

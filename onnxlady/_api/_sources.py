@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._files import copy_model, load_model, write_atomically
+from onnxlady._io._files import copy_model, file_sha256, load_model, write_atomically
 from onnxlady._io._outputs import check_output_paths, external_data_path
 from onnxlady._io._progress import say
 from onnxlady._io._validate import in_memory_capacity, validate_model
@@ -41,7 +41,7 @@ class OpenedModel:
     model: onnx.ModelProto
     #: The file it was read from; ``None`` for a model given in memory.
     path: Path | None
-    #: sha256 of that file; ``None`` for a model given in memory.
+    #: sha256 of that file; ``None`` for a model given in memory, or opened without its digest.
     sha256: str | None
     #: Whether its weights were read from external data files (then outputs are written that way too).
     external_data: bool
@@ -58,6 +58,9 @@ class OpenedModel:
         """The file's sha256, or for a model in memory the sha256 of its serialized bytes."""
         if self.sha256 is not None:
             return self.sha256
+        if self.path is not None:  # opened without its digest (see open_model)
+            self.sha256 = file_sha256(self.path)
+            return self.sha256
         return hashlib.sha256(self.model.SerializeToString()).hexdigest()
 
 
@@ -68,6 +71,7 @@ def open_model(
     *,
     map_external: bool = False,
     as_loaded: bool = False,
+    digest: bool = True,
 ) -> OpenedModel:
     """Open a model argument: load a path (with its external data), take a ModelProto as it is.
 
@@ -81,6 +85,8 @@ def open_model(
         as_loaded: with ``map_external``, the tensors read in keep the fields ``onnx.load``
             gives them, so that a file written from the model is byte for byte what
             ``onnx.load`` and a save give.
+        digest: hash the file (:attr:`OpenedModel.sha256`); a command that records no sha256
+            of this input passes False, sparing a read of every byte.
 
     Returns:
         The opened model; :attr:`OpenedModel.owned` says whether it may be changed in place.
@@ -96,7 +102,7 @@ def open_model(
     if not isinstance(source, (str, os.PathLike)):
         raise OnnxladyError(f"{what}: expected a path or an onnx.ModelProto, got {type(source).__name__}")
     say(progress, f"loading the {what} {os.fspath(source)}")
-    loaded = load_model(source, map_external=map_external, as_loaded=as_loaded)
+    loaded = load_model(source, map_external=map_external, as_loaded=as_loaded, digest=digest)
     return OpenedModel(
         loaded.model, loaded.path, loaded.sha256, loaded.external_data, loaded.external_files, owned=True
     )

@@ -160,6 +160,12 @@ class WatermarkExtraction(Result):
         layer: the Conv node read.
         source: the model's path; ``None`` for a model given in memory.
         key_source: the key file's path; ``None`` for a key given in memory.
+        located_by: how the layer was found: ``"name"`` (the key's node name), ``"weight"``
+            (the kernel tensor it read at embedding: the node was renamed) or ``"search"`` (every
+            Conv of the key's kernel width read, the best read kept).
+        candidates: the Conv layers read (more than 1 only when searched).
+        chance: the probability that an unmarked layer, or the best of the ``candidates``
+            unmarked ones, reads with this few wrong bits: how far the read is from luck.
     """
 
     bits: np.ndarray = field(repr=False)
@@ -167,6 +173,9 @@ class WatermarkExtraction(Result):
     layer: str
     source: Path | None = None
     key_source: Path | None = None
+    located_by: str = "name"
+    candidates: int = 1
+    chance: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         """The document ``onnxlady watermark extract --json`` prints."""
@@ -175,14 +184,25 @@ class WatermarkExtraction(Result):
                 "model": path_text(self.source),
                 "key": path_text(self.key_source),
                 "layer": self.layer,
+                "located_by": self.located_by,
+                "candidates": self.candidates,
                 "bits": int(self.bits.size),
                 "bit_error_rate": self.bit_error_rate,
+                "chance": self.chance,
             }
         )
 
     def to_text(self) -> str:
-        """What ``onnxlady watermark extract`` prints: the layer, the bits and the bit error rate."""
-        return f"{self.layer}: {self.bits.size} bits, bit error rate {100 * self.bit_error_rate:.1f} %"
+        """What ``onnxlady watermark extract`` prints: the layer, the bits, the bit error rate and its chance."""
+        where = {
+            "name": "",
+            "weight": " (found by its kernel tensor: the node was renamed)",
+            "search": f" (no layer of the key's name or kernel tensor: best of {self.candidates} Conv layers of the key's kernel width)",
+        }[self.located_by]
+        return (
+            f"{self.layer}{where}: {self.bits.size} bits, bit error rate {100 * self.bit_error_rate:.1f} %, "
+            f"chance of so few errors without the mark {self.chance:.2g}"
+        )
 
 
 def embed_watermark(
@@ -277,8 +297,9 @@ def extract_watermark(model: ModelSource, key: WatermarkKeySource) -> WatermarkE
         The bits read and their bit error rate (about 0.5 means no mark, or a scrambled one).
 
     Raises:
-        OnnxladyError: the key file is not a watermark key, the layer is missing, or its kernel
-            does not have the key's shape.
+        OnnxladyError: the key file is not a watermark key, or no Conv is found by the key's
+            node name, by its kernel tensor, or by its kernel width; or the found kernel does not
+            have the key's shape.
     """
     if isinstance(key, WatermarkKey):
         watermark_key = key
@@ -287,8 +308,11 @@ def extract_watermark(model: ModelSource, key: WatermarkKeySource) -> WatermarkE
     else:
         raise OnnxladyError(f"key: expected a path or a WatermarkKey, got {type(key).__name__}")
     opened = open_model(model)
-    bits, ber = _extract(opened.model, watermark_key)
-    return WatermarkExtraction(bits, ber, watermark_key.layer, opened.path, source_path(key))
+    read = _extract(opened.model, watermark_key)
+    return WatermarkExtraction(
+        read.bits, read.bit_error_rate, read.layer, opened.path, source_path(key),
+        located_by=read.located_by, candidates=read.candidates, chance=read.chance,
+    )  # fmt: skip
 
 
 def read_watermark_key(path: str | os.PathLike[str]) -> WatermarkKey:

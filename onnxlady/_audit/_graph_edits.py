@@ -171,13 +171,26 @@ def _same_value(first: np.ndarray, second: np.ndarray) -> bool:
     return bool(np.all(np.abs(a - b) <= _VALUE_RTOL * np.maximum(np.abs(a), np.abs(b)) + 1e-6 * scale))
 
 
-def _operators(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, tuple[object, ...]]]:
-    """Each operator on computed tensors by its first output name, with what identifies its computation.
+def _operators(
+    graph: onnx.GraphProto,
+    outer: Mapping[str, onnx.TensorProto | None] | None = None,
+    place: str = "",
+) -> dict[str, tuple[onnx.NodeProto, tuple[object, ...]]]:
+    """Each operator on computed tensors by its place and first output name, with what identifies its computation.
 
     Constants, and what is computed from constants and shapes only (which onnx-simplifier, ONNX
     Runtime and onnxslim fold into stored constants), are read as "a constant": folding is no edit.
+    Operators inside subgraphs (``If`` branches, ``Loop`` and ``Scan`` bodies) are listed too,
+    under the attribute that holds them, reading the outer graph's constants: branches swapped,
+    or an operator in a branch rewired, compute something else (held-out round 12, F1).
+
+    Args:
+        graph: the graph.
+        outer: the constants of the graphs enclosing it (a subgraph reads them by name).
+        place: where the graph sits ("" for the main graph), prefixed to its operators' keys.
     """
-    constants = _constants(graph)
+    constants = dict(outer or {})
+    constants.update(_constants(graph))
     folded, _ = _folded(graph, constants)
     for name in folded:
         constants.setdefault(name, None)
@@ -187,7 +200,42 @@ def _operators(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, tuple[
             continue
         inputs = _inputs(node, constants)
         attributes = tuple(sorted(_attribute(a) for a in node.attribute))
-        found[node.output[0]] = (node, (node.domain or "", node.op_type, inputs, tuple(node.output), attributes))
+        found[place + node.output[0]] = (node, (node.domain or "", node.op_type, inputs, tuple(node.output), attributes))
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for position, subgraph in enumerate(subgraphs):
+                inner = f"{place}{node.output[0]}/{attribute.name}/{position}/"
+                found.update(_operators(subgraph, constants, inner))
+    return found
+
+
+def _function_operators(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, tuple[object, ...]]]:
+    """The operators of the model's local functions, keyed by function.
+
+    A function's body is shared by its call sites: one edit inside it (an ``Erf`` made a
+    ``Tanh``, an epsilon changed) changes every call while the main graph stays untouched
+    (held-out round 12, F2). Its inputs are activations; its ``Constant`` nodes are constants.
+    """
+    found: dict[str, tuple[onnx.NodeProto, tuple[object, ...]]] = {}
+    for function in model.functions:
+        body = onnx.GraphProto(node=function.node)
+        place = f"function {function.domain}::{function.name}{'@' + function.overload if function.overload else ''}/"
+        found.update(_operators(body, None, place))
+        signature = (tuple(function.input), tuple(function.output), tuple(function.attribute),
+                     tuple(a.SerializeToString().hex() for a in function.attribute_proto))
+        # The signature as the "attributes": another signature reads "has other attributes".
+        found[place] = (onnx.NodeProto(op_type="function", name=f"{function.domain}::{function.name}"),
+                        ("", "function", (), (), signature))
+    return found
+
+
+def _all_constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | None]:
+    """The constants of a graph and of every subgraph in it, by name."""
+    found = _constants(graph)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                found.update(_all_constants(subgraph))
     return found
 
 
@@ -234,8 +282,8 @@ def _rewired_reads(
     renamed copy) is left to the weight comparison; two names of equal bytes (a simplifier's
     deduplication) are no edit.
     """
-    ref_constants = _constants(reference.graph)
-    sus_constants = _constants(suspect.graph)
+    ref_constants = _all_constants(reference.graph)
+    sus_constants = _all_constants(suspect.graph)
 
     def same_bytes(first: str, second: str) -> bool:
         a, b = ref_constants[first], ref_constants[second]
@@ -260,8 +308,15 @@ def _rewired_reads(
     return check
 
 
+def _first_output(node: onnx.NodeProto) -> str:
+    return node.output[0] if node.output else ""
+
+
 def _label(node: onnx.NodeProto, key: str) -> str:
-    return f"{node.op_type} '{node.name or key}'"
+    """An operator as the report names it, with the subgraph or function that holds it."""
+    output = _first_output(node)
+    place = key[: -len(output)].rstrip("/") if output and key != output and key.endswith(output) else ""
+    return f"{node.op_type} '{node.name or output or key}'" + (f" (in {place})" if place else "")
 
 
 def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_for_node: bool = True) -> list[str]:
@@ -286,9 +341,14 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
         (o.domain, o.version) for o in suspect.opset_import
     ):
         return []
-    ours, theirs = _operators(reference.graph), _operators(suspect.graph)
-    common = ours.keys() & theirs.keys()
-    if not ours or len(common) < _SAME_NAMES * max(len(ours), len(theirs)):
+    ours = {**_operators(reference.graph), **_function_operators(reference)}
+    theirs = {**_operators(suspect.graph), **_function_operators(suspect)}
+    # Whether the suspect is a node-for-node copy is judged on the main graph's operators: an
+    # edit inside a small model's branch would otherwise tip the share below the threshold.
+    ours_main = [key for key, (node, _) in ours.items() if key == _first_output(node)]
+    theirs_main = [key for key, (node, _) in theirs.items() if key == _first_output(node)]
+    common = set(ours_main) & set(theirs_main)
+    if not ours_main or len(common) < _SAME_NAMES * max(len(ours_main), len(theirs_main)):
         return []
     computed = _computed_reads(reference, suspect)
     rewired = _rewired_reads(reference, suspect)

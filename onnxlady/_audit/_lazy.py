@@ -29,8 +29,9 @@ from onnx import helper
 from onnxlady._io._external import has_mapped, has_mapped_external, is_mapped, mapped_bytes
 from onnxlady._io._tensors import read_array, read_constants, require_loaded, tensor_holders
 from onnxlady._resync._solver import ResyncResult
+from onnxlady._resync._twin import MovedTensor
 
-__all__ = ["LazyConstants", "Overlay", "constants_of", "resynced_constants"]
+__all__ = ["LazyConstants", "Overlay", "constants_of", "gather", "resynced_constants"]
 
 
 class LazyConstants(Mapping[str, np.ndarray]):
@@ -139,17 +140,30 @@ def _plain(values: np.ndarray) -> np.ndarray:
     return plain if plain.flags.aligned else np.array(plain)
 
 
-def constants_of(model: onnx.ModelProto, which: str) -> Mapping[str, np.ndarray]:
+def constants_of(model: onnx.ModelProto, which: str, *, aligned: bool = True) -> Mapping[str, np.ndarray]:
     """Every constant of the main graph, as :func:`read_constants` reads them.
 
     For a model with tensors left in their files, a :class:`LazyConstants` that reads each one
     (a memory map) when indexed; a plain dict otherwise.
+
+    Args:
+        model: the model (views of its file, weights left in their files, or loaded).
+        which: the model's role, for messages.
+        aligned: copy the views of an inline file that are not aligned (see :func:`_plain`).
+            False leaves them as views, for a caller that compares whole arrays or gathers a
+            few rows through :func:`gather` only: copies of most of a model cost their page
+            faults (fresh memory: a large audit's system time is mostly those) and the memory.
 
     Raises:
         OnnxladyError: a constant's external data was not loaded.
     """
     if not has_mapped(model):
         return read_constants(model, which)
+    if not has_mapped_external(model) and not aligned:
+        return {
+            name: np.asarray(read_array(holder, f"tensor '{name}' of the {which}"))
+            for name, holder in tensor_holders(model).items()
+        }
     if not has_mapped_external(model):
         # Views of the inline file itself: each one mapped once and kept, as plain aligned arrays
         # (see _plain). Mapped again at every index, gathers per neuron row cost more than the
@@ -166,6 +180,22 @@ def constants_of(model: onnx.ModelProto, which: str) -> Mapping[str, np.ndarray]
         require_loaded(holder, label)  # refused up front, as read_constants does
         loaders[name] = _reader(holder, label)
     return LazyConstants(loaders)
+
+
+def gather(array: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
+    """``np.take(array, indices, axis=axis)``, the same elements, also fast where ``array`` is not aligned.
+
+    numpy copies the elements of an array its item size does not align one at a time (a view of
+    an inline file, see :func:`_plain`): the bytes are gathered instead, as an array of single
+    bytes with the element's bytes as a last axis, then read as the element type again (a new
+    array, aligned). The same bits, hence the same values.
+    """
+    if array.flags.aligned or not array.flags.c_contiguous or array.dtype.hasobject or not array.ndim:
+        return np.take(array, indices, axis=axis)
+    size = array.dtype.itemsize
+    raw = array.reshape(-1).view(np.uint8).reshape((*array.shape, size))
+    taken = np.take(raw, indices, axis=axis if axis >= 0 else axis + array.ndim)
+    return taken.view(array.dtype).reshape(taken.shape[:-1])
 
 
 def _moved(compute: Callable[[], np.ndarray], dtype: np.dtype, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
@@ -206,5 +236,7 @@ def resynced_constants(result: ResyncResult) -> Mapping[str, np.ndarray] | None:
         stored = mapped_bytes(holder).nbytes if is_mapped(holder) else len(holder.raw_data)
         if dtype.itemsize * math.prod(shape) != stored:  # packed sub-byte types: onnx unpacks them
             return None
-        loaders[name] = _moved(value, dtype, shape)
+        # The audit never writes the key: the moved tensor is not hashed for its digest (the
+        # digest stays pending, computed if ever read): sha256 of every moved weight, 5 % of a twin's audit.
+        loaders[name] = _moved(value.unhashed if isinstance(value, MovedTensor) else value, dtype, shape)
     return LazyConstants(loaders, keep_last=True, keep_all=inline)

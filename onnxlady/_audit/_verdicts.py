@@ -74,6 +74,7 @@ from onnx import helper, numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
 from onnxlady._audit._activation_quantization import mismatched_activation_quantization
+from onnxlady._audit._added_operators import added_operators
 from onnxlady._audit._derived_values import changed_derived_constants
 from onnxlady._audit._forensics import (
     SCALE_MAX_K,
@@ -83,12 +84,14 @@ from onnxlady._audit._forensics import (
     weight_infos,
 )
 from onnxlady._audit._graph_edits import graph_edits
-from onnxlady._audit._lazy import LazyConstants, Overlay, constants_of, resynced_constants
+from onnxlady._audit._lazy import LazyConstants, Overlay, constants_of, gather, resynced_constants
 from onnxlady._audit._relatedness import check_related
 from onnxlady._audit._rowwise import cos_ratio_of, least_squares_rows, row_dots
 from onnxlady._audit._select import median
 from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._functions import inlined_view
 from onnxlady._io._files import copy_model
+from onnxlady._io._pages import ordinary_pages
 from onnxlady._io._progress import say
 from onnxlady._io._tensors import all_finite, read_array, read_constants, tensor_holders
 from onnxlady._resync._across import AcrossResync, Approx, pair_unplanned
@@ -259,7 +262,9 @@ def _close_chunked(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarra
     """
     if not all_finite(a) or not all_finite(b):
         return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
-    scale = float(np.abs(a).max()) if a.size else 0.0  # a float16/32 maximum is the float64 one
+    # max |a| as the largest of max(a) and -min(a) (finite: the same value), without an array of
+    # |a| (fresh memory the size of a weight, per tensor compared).
+    scale = float(max(a.max(), -a.min())) if a.size else 0.0  # a float16/32 maximum is the float64 one
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     flat_allowed = allowed.reshape(-1) if allowed is not None else None
     for start in range(0, flat_a.size, _CHUNK):
@@ -302,7 +307,8 @@ def _rows(array: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
     ``np.moveaxis`` spelled as a transpose: called once per neuron and use, its argument
     checks cost more than the gather on small slices (same values, same order).
     """
-    taken = np.take(array, pos, axis=axis)
+    # A view that is not aligned (the suspect as stored) is gathered as bytes: the same values.
+    taken = np.take(array, pos, axis=axis) if array.flags.aligned else gather(array, pos, axis)
     if axis == 0 or taken.ndim < 2:
         return taken.reshape(-1)
     return taken.transpose((axis, *range(axis), *range(axis + 1, taken.ndim))).reshape(-1)
@@ -872,7 +878,7 @@ def _picked_rows(array: np.ndarray, use: _Use, pick: np.ndarray) -> np.ndarray:
     width = positions[0].size if positions else 0
     if any(p.size != width for p in positions):  # neurons of unequal extent: one row at a time
         return np.array([_rows(array, use.axis, p).astype(np.float64) for p in positions])
-    taken = np.moveaxis(np.take(array, np.concatenate(positions), axis=use.axis), use.axis, 0)
+    taken = np.moveaxis(gather(array, np.concatenate(positions), use.axis), use.axis, 0)
     return taken.reshape(len(positions), -1).astype(np.float64)
 
 
@@ -931,6 +937,23 @@ def canonicalize(
     return model
 
 
+def _edit_forms(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The two models as their operators are compared: both inlined where only one calls local functions.
+
+    A model and its inlined form (onnx's inliner, ONNX Runtime) hold the same operators, one side
+    inside function bodies: compared as they are, no operator would pair and an edit made in a
+    function body before inlining would pass unseen. Where both (or neither) call local
+    functions, the models are compared as they are (function bodies with function bodies).
+    """
+    reference_view, suspect_view = inlined_view(reference), inlined_view(suspect)
+    if (reference_view is None) == (suspect_view is None):
+        return reference, suspect
+    return (
+        reference_view.model if reference_view is not None else reference,
+        suspect_view.model if suspect_view is not None else suspect,
+    )
+
+
 def audit_models(
     reference: onnx.ModelProto,
     suspect: onnx.ModelProto,
@@ -953,14 +976,19 @@ def audit_models(
     QuantizeLinear with other constants (:mod:`onnxlady._audit._activation_quantization`) makes
     it ``modified``.
     """
-    report = _audit_weights(reference, suspect, rtol=rtol, method=method, refine=refine, progress=progress, mirrored=mirrored)
+    # A model's worth of fresh arrays, on ordinary pages: half a large audit's system time (see _pages).
+    with ordinary_pages():
+        report = _audit_weights(
+            reference, suspect, rtol=rtol, method=method, refine=refine, progress=progress, mirrored=mirrored
+        )
     if report.exit_code != 0:
         return report
     # A node-for-node copy, or a suspect matched across forms with no converter's signature at
     # all (an edited graph is no twin): the same operators are expected.
     node_for_node = report.resync is None or report.resync.across is None
+    edited_reference, edited_suspect = _edit_forms(reference, suspect)
     if node_for_node or not report.conversions:
-        edits = graph_edits(reference, suspect, node_for_node=node_for_node)
+        edits = graph_edits(edited_reference, edited_suspect, node_for_node=node_for_node)
         if edits:
             report.verdict = "modified"
             report.graph_edits = edits
@@ -968,6 +996,18 @@ def audit_models(
             report.summary = (
                 f"graph edited with the weights kept: {len(edits)} operator{'s differ' if len(edits) != 1 else ' differs'} "
                 f"({listing}): the suspect computes something else; the weights: {report.summary}"
+            )
+            return report
+    if not node_for_node:
+        # Matched across forms: operators are a converter's to rewrite, but a converter does
+        # not add nonlinear ones.
+        added = added_operators(edited_reference, edited_suspect)
+        if added:
+            report.verdict = "modified"
+            report.graph_edits = added
+            report.summary = (
+                f"operators added with the weights kept: {'; '.join(added[:3])}{'; ...' if len(added) > 3 else ''}: "
+                f"no converter adds them, the suspect computes something else; the weights: {report.summary}"
             )
             return report
     # Across forms, constants one model computes from constants and the other stores (folded)
@@ -1007,7 +1047,10 @@ def _audit_weights(
     """:func:`audit_models` on the constants the analysis and the sites hold."""
     # Weights left in their files are read as each comparison asks, one tensor at a time.
     ref = constants_of(reference, "reference")
-    before = constants_of(suspect, "suspect")
+    # The suspect as stored is compared whole (identical?) and sampled (similarity before the
+    # resync), then let go: its views of an inline file are read as they are, not copied
+    # (aligned copies of three quarters of a model, in fresh memory: its page faults).
+    before = constants_of(suspect, "suspect", aligned=False)
     analysis = analyze_with_state(reference)  # as resync analyses it: KV caches as state
     if (
         set(ref) == set(before)
@@ -1017,6 +1060,7 @@ def _audit_weights(
         )
         and len(reference.graph.node) == len(suspect.graph.node)
     ):
+        before = constants_of(suspect, "suspect")  # read row by row below: aligned
         sim = _similarity(analysis, ref, before, before)
         _, _, audits = _scale_analysis(analysis, ref, Overlay(before))  # copies only what it changes
         return AuditReport(
@@ -1057,7 +1101,7 @@ def _audit_weights(
         lazy = resynced_constants(result)
         after = aligned = lazy if lazy is not None else _resynced_constants(result)
         if twin_before is None:  # as the comparison of the suspect as stored fails, once more
-            twin_before = _similarity_side(analysis, ref, constants_of(suspect, "suspect"), names)
+            twin_before = _similarity_side(analysis, ref, constants_of(suspect, "suspect", aligned=False), names)
         sim = _joined(twin_before, _similarity_side(analysis, ref, after, names))
     conversions = list(result.across.match.conversions) if result.across is not None else []
     done = " and converted" if conversions else ""

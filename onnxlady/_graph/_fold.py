@@ -535,7 +535,9 @@ def evaluate_node(node: onnx.NodeProto, inputs: Sequence[Value | None], opset: i
         return None
     return result
 #: The operators :func:`symbolic_value` reads (it answers None for any other).
-SYMBOLIC_OPS = frozenset({"Shape", "Identity", "Cast", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice"})
+SYMBOLIC_OPS = frozenset({
+    "Shape", "Identity", "Cast", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Reshape", "Equal", "Where",
+})  # fmt: skip
 
 
 # -- symbolic shape values ------------------------------------------------------------------
@@ -556,8 +558,9 @@ def symbolic_value(
     A dynamic-axes export builds reshape targets from ``Shape`` (``x.view(b, s, h, d)`` reads
     ``b`` and ``s`` from ``x``'s Shape); with symbolic ``b`` and ``s`` nothing folds, but each
     element is still a known dim of a known tensor. Shape, Gather, Unsqueeze, Squeeze, Concat,
-    Slice, Cast and Identity of 1-D int64 shape values are read; anything else is None. A
-    0-D value is kept as one element.
+    Slice, Cast, Identity and a 1-D Reshape of 1-D int64 shape values are read, and Equal and
+    Where as torch's ``expand`` uses them (``Where(Equal(sizes, -1), 1, sizes)``, see
+    :func:`symbolic_expand`); anything else is None. A 0-D value is kept as one element.
     """
     if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
         return None
@@ -607,9 +610,79 @@ def symbolic_value(
             step = int(arguments[3].reshape(-1)[0]) if len(arguments) > 3 and arguments[3] is not None else 1
             begin, stop = int(arguments[0].reshape(-1)[0]), int(arguments[1].reshape(-1)[0])
             return tuple(data[slice(begin, stop, step)])
+        if op == "Reshape":
+            # A 1-D value reshaped to one axis (``view(-1)`` of a shape list) keeps its elements.
+            data, target = read(node.input[0]), values.get(node.input[1])
+            if data is None or target is None or target.size != 1 or int(target.reshape(-1)[0]) not in (-1, len(data)):
+                return None
+            return data
+        if op == "Equal":
+            return _symbolic_equal(read(node.input[0]), read(node.input[1]))
+        if op == "Where":
+            condition, chosen, other = (read(name) for name in node.input[:3])
+            if condition is None or chosen is None or other is None:
+                return None
+            size = max(len(condition), len(chosen), len(other))
+            if any(len(piece) not in (1, size) for piece in (condition, chosen, other)):
+                return None
+            pick = [condition[k % len(condition)] for k in range(size)]
+            return tuple(
+                None if c is None or isinstance(c, str) else chosen[k % len(chosen)] if c else other[k % len(other)]
+                for k, c in enumerate(pick)
+            )
     except (IndexError, ValueError, TypeError):
         return None
     return None
+
+
+def _symbolic_equal(left: SymbolicValue | None, right: SymbolicValue | None) -> SymbolicValue | None:
+    """``Equal`` of two shape values, 1 or 0 per element where it is decided, else None.
+
+    A dimension's symbolic name stands for a size, never negative: it differs from a negative
+    int (torch's ``expand`` compares its sizes with ``-1``); two equal names are equal.
+    """
+    if left is None or right is None:
+        return None
+    size = max(len(left), len(right))
+    if any(len(piece) not in (1, size) for piece in (left, right)):
+        return None
+    result: list[SymbolicDim] = []
+    for k in range(size):
+        a, b = left[k % len(left)], right[k % len(right)]
+        if isinstance(a, int) and isinstance(b, int):
+            result.append(int(a == b))
+        elif isinstance(a, str) and isinstance(b, str) and a == b:
+            result.append(1)
+        elif (isinstance(a, str) and isinstance(b, int) and b < 0) or (isinstance(b, str) and isinstance(a, int) and a < 0):
+            result.append(0)
+        else:
+            result.append(None)
+    return tuple(result)
+
+
+def symbolic_expand(in_shape: Sequence[SymbolicDim], target: SymbolicValue) -> SymbolicValue | None:
+    """The output shape of ``Expand(in_shape, target)`` with symbolic dims, where it is determined.
+
+    Broadcasting, right-aligned: a dim of 1 on one side takes the other's; equal dims stay; an
+    input dim known to be more than 1 is the output's (the target must then be 1 or the same);
+    anything else stays None.
+    """
+    rank = max(len(in_shape), len(target))
+    padded_in = [1] * (rank - len(in_shape)) + list(in_shape)
+    padded_target = [1] * (rank - len(target)) + list(target)
+    dims: list[SymbolicDim] = []
+    for a, b in zip(padded_in, padded_target):
+        if a == 1:
+            dims.append(b if b is None or isinstance(b, str) or b >= 0 else None)
+        elif b == 1 or a == b:
+            dims.append(a)
+        elif isinstance(a, int) and a > 1:
+            dims.append(a)
+        elif isinstance(b, int) and b > 1:
+            dims.append(b)
+        else:
+            dims.append(None)
+    return tuple(dims)
 
 
 def symbolic_reshape(in_shape: Sequence[SymbolicDim], target: SymbolicValue, allow_zero: bool) -> SymbolicValue | None:

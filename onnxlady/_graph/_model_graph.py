@@ -10,7 +10,9 @@ training exports them) or ``Mul`` by another constant (weight-only quantization,
 leaf's *companions* (:meth:`ModelGraph.chain_companions`), which must be permuted with it.
 
 Shapes come from ONNX shape inference run on a *skeleton* of the model: large weights are
-replaced by typed graph inputs, so inference never copies hundreds of megabytes.
+replaced by typed graph inputs, so inference never copies hundreds of megabytes. A plain graph
+of fully static shapes (element-wise operators and MatMuls only) gets the same shapes from
+:mod:`onnxlady._graph._static_shapes` without running it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from onnx import numpy_helper
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph import _contrib_shapes as _contrib_shapes
 from onnxlady._graph import _fold as _fold
+from onnxlady._graph import _static_shapes as _static_shapes
 from onnxlady._graph import _subgraphs as _subgraphs
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._external import is_mapped
@@ -314,11 +317,44 @@ class ModelGraph:
         if infer:
             # Inference on the skeleton names unknown dims consistently; value_info written by
             # another tool (a quantizer's) may name the same dim differently at each tensor.
-            skeleton = self.model if self._is_own_skeleton() else self._skeleton()
-            self._merge_infos(self._inferred_infos(skeleton), prefer=True)
+            own = self._is_own_skeleton()
+            if not (own and self._static_shapes()):
+                skeleton = self.model if own else self._skeleton()
+                self._merge_infos(self._inferred_infos(skeleton), prefer=True)
             if self._fold:
                 self._fold_shape_arithmetic()
                 self._infer_past_contrib()
+
+    def _static_shapes(self) -> bool:
+        """Record what ONNX's inference would merge for a plain, fully static graph; whether it could.
+
+        Only for a model :meth:`_is_own_skeleton` accepts, without local functions, whose graph
+        inputs are no initializers and whose node outputs nothing has typed yet (no value_info):
+        :func:`~onnxlady._graph._static_shapes.static_output_shapes` then gives every node
+        output the shape and type inference gives it, and ``_merge_infos(..., prefer=True)`` of
+        inference's answer would record exactly those. A graph output must be declared as
+        computed (inference would merge a different declaration into it). False, with nothing
+        recorded, otherwise: inference runs.
+        """
+        model, count = self.model, self.main_count
+        if len(model.functions) or len(self.graph_inputs) != len(model.graph.input) or count != len(self.nodes):
+            return False
+        found = _static_shapes.static_output_shapes(
+            self._node_ops, self._node_inputs, self._node_outputs,
+            [len(node.attribute) > 0 for node in self.nodes], self.shapes, self.dtypes,
+        )  # fmt: skip
+        if found is None:
+            return False
+        shapes, dtypes, outputs = self.shapes, self.dtypes, set(self.graph_outputs)
+        # Only graph outputs may be typed already (as declared); the others get their first type.
+        if not ((shapes.keys() | dtypes.keys()) & found.keys()) <= outputs:
+            return False
+        for name in outputs:
+            if name not in found or (shapes.get(name), dtypes.get(name)) != found[name]:
+                return False
+        shapes.update({name: shape for name, (shape, _) in found.items() if name not in outputs})
+        dtypes.update({name: dtype for name, (_, dtype) in found.items() if name not in outputs})
+        return True
 
     def _infer_past_contrib(self) -> None:
         """Whole-graph inference again, with the outputs of other domains' operators typed.
@@ -419,10 +455,14 @@ class ModelGraph:
                 continue
             if default and op_type in _fold.SYMBOLIC_OPS:
                 found = _fold.symbolic_value(node, symbolic, values, shapes)
-                if found is not None and any(isinstance(d, str) for d in found):
+                # Kept though it names no dim: an int picked out of a symbolic shape (``Gather`` of
+                # a known dim) or an Equal's 0/1 answers build the next value (torch's ``expand``).
+                if found is not None:
                     symbolic[outputs[0]] = found
             if op_type == "Reshape" and default:
                 refined |= self._reshape_symbolic(node, symbolic, values)
+            if op_type == "Expand" and default:
+                refined |= self._expand_symbolic(node, symbolic, values)
             if _contrib_shapes.knows_operator(domain, op_type):
                 refined |= self._infer_contrib(node)
                 continue
@@ -442,6 +482,34 @@ class ModelGraph:
             if not stalled and not any(name in self.folded or name in refined for name in feeds):
                 continue  # nothing new to tell shape inference about this node
             refined |= self._infer_node(node, values, protos, opset, opset_imports)
+
+    def _expand_symbolic(
+        self, node: onnx.NodeProto, symbolic: dict[str, _fold.SymbolicValue], values: dict[str, np.ndarray]
+    ) -> set[str]:
+        """An Expand's output shape from a target read symbolically: {output} if it knows more.
+
+        torch's legacy exporter writes ``x.expand(b, kv, n, s, d)`` with dynamic ``b`` and ``s``
+        as ``Expand(x, Where(Equal(shape, -1), 1, shape))``: ONNX's inference leaves every dim of
+        the output unknown that is not the input's, the copies' count too (``repeat_kv``).
+        """
+        if len(node.input) < 2 or not node.output or not node.output[0]:
+            return set()
+        in_shape = self.shapes.get(node.input[0])
+        target = symbolic.get(node.input[1])
+        if target is None and node.input[1] in values:
+            target = tuple(int(v) for v in values[node.input[1]].reshape(-1))
+        if in_shape is None or target is None:
+            return set()
+        found = _fold.symbolic_expand(in_shape, target)
+        name = node.output[0]
+        old = self.shapes.get(name)
+        if found is None or (old is not None and (len(old) != len(found) or _known_count(found) <= _known_count(old))):
+            return set()
+        self.shapes[name] = found
+        dtype = self.dtypes.get(node.input[0])
+        if dtype:
+            self.dtypes.setdefault(name, dtype)
+        return {name}
 
     def _reshape_symbolic(
         self, node: onnx.NodeProto, symbolic: dict[str, _fold.SymbolicValue], values: dict[str, np.ndarray]
@@ -993,12 +1061,21 @@ class ModelGraph:
             shifted = np.rint(value.astype(np.float32) / spread(scale).astype(np.float32))
             shifted += 0 if zero is None else spread(zero).astype(np.float32)
             return np.clip(shifted, np.iinfo(out).min, np.iinfo(out).max).astype(out)
-        if value.dtype.kind in "iub":
+        narrow = value.dtype.itemsize <= 2 and (zero is None or zero.dtype.itemsize <= 2)
+        if value.dtype.kind in "iub" and narrow and value.ndim > 0:
+            # 8/16-bit integers and their difference are exact in float32 (below 2**24): the
+            # int64 path's numbers, in one pass and one array instead of three (a QDQ weight).
+            real = np.subtract(value, 0 if zero is None else spread(zero), dtype=np.float32)
+        elif value.dtype.kind in "iub":
             shifted = value.astype(np.int64) - (0 if zero is None else spread(zero).astype(np.int64))
             real = shifted.astype(np.float32)
         else:  # float8 and friends: zero point is 0 by definition
             real = value.astype(np.float32)
-        return (real * spread(scale).astype(np.float32)).astype(scale.dtype)
+        factor = spread(scale).astype(np.float32)
+        if not isinstance(real, np.ndarray) or real.ndim == 0 or np.broadcast_shapes(real.shape, factor.shape) != real.shape:
+            return (real * factor).astype(scale.dtype)  # (a scalar stays one, as before)
+        # In place: ``real`` is a new array (the product rounds as ``real * factor`` does).
+        return np.multiply(real, factor, out=real).astype(scale.dtype, copy=False)
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """Shape of a constant operand as its user sees it (after its chain)."""

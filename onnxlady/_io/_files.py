@@ -13,6 +13,7 @@ external data next to the model.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from onnxlady._io._outputs import OutputSet
 from onnxlady._io._skim import Payload, read_without_payloads
 from onnxlady._io._stream import Override, read_model
 from onnxlady._io._tensors import is_external
-from onnxlady._io._validate import element_count, external_data_target, validate_model
+from onnxlady._io._validate import external_data_target, validate_model
 
 
 @dataclass
@@ -40,14 +41,19 @@ class LoadedModel:
 
     model: onnx.ModelProto
     path: Path
-    sha256: str
+    sha256: str | None  # None when loaded without its digest
     size_bytes: int
     external_data: bool
     external_files: tuple[Path, ...] = ()  # the data files its tensors were read from
 
 
 def load_model(
-    path: str | os.PathLike[str], *, map_external: bool = False, as_loaded: bool = False, map_inline: bool = True
+    path: str | os.PathLike[str],
+    *,
+    map_external: bool = False,
+    as_loaded: bool = False,
+    map_inline: bool = True,
+    digest: bool = True,
 ) -> LoadedModel:
     """Load an ONNX file with its external data, resolved against the model's own folder.
 
@@ -62,9 +68,12 @@ def load_model(
         map_inline: with ``map_external``, the large weights of a model without external data
             are left in the ``.onnx`` file the same way, as views of it
             (:func:`onnxlady._io._external.map_inline_payloads`): neither parsed nor copied.
+        digest: hash the file (its sha256). A caller that records no sha256 (a resync writing
+            no key, a match) passes False: hashing reads every byte of the file once more.
 
     Returns:
-        The model with the file's sha256 and size, and the external data files it was read from.
+        The model with the file's sha256 (``None`` without ``digest``) and size, and the
+        external data files it was read from.
 
     Raises:
         OnnxladyError: the file is missing, a folder, not an ONNX model, truncated, or points
@@ -75,8 +84,8 @@ def load_model(
     info = require_regular_file(path, "ONNX file")
     # Parse in pieces (never the whole file and the model at once) while a second thread hashes
     # the file: hashlib releases the GIL on large buffers.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        hashing = pool.submit(file_sha256, path)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # (no thread starts without a digest)
+        hashing = pool.submit(file_sha256, path) if digest else None
         viewed: _Viewed | None = None
         try:
             if map_external and map_inline and info.st_size >= INLINE_BYTES:
@@ -87,7 +96,7 @@ def load_model(
         except OSError as exc:
             raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
         try:
-            digest = hashing.result()
+            sha256 = hashing.result() if hashing is not None else None
         except OSError as exc:
             if viewed is not None:
                 viewed.handle.close()
@@ -119,7 +128,7 @@ def load_model(
     else:
         files = _load_external_data(model, path) if external else ()
     _check_tensor_sizes(model, path)
-    return LoadedModel(model, path, digest, info.st_size, external, files)
+    return LoadedModel(model, path, sha256, info.st_size, external, files)
 
 
 @dataclass
@@ -195,7 +204,46 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(is_external(t) for t in onnx.external_data_helper._get_all_tensors(model))
+    external = onnx.TensorProto.EXTERNAL  # (is_external, inlined: asked of every tensor)
+    return any(tensor.data_location == external for tensor in model_tensors(model))
+
+
+def model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor of ``model``, in the order of ``onnx.external_data_helper._get_all_tensors``.
+
+    The same walk as a list: onnx's nested generators resume once per tensor and visit every
+    node's attributes twice (a tenth of a second at 50,000 nodes); here a graph's nodes are
+    read once and only those with attributes are visited.
+    """
+    graph_type, graphs_type = onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS
+
+    def attributed(graph: onnx.GraphProto | onnx.FunctionProto) -> list[onnx.AttributeProto]:
+        return [attribute for node in graph.node if len(node.attribute) for attribute in node.attribute]
+
+    def subgraphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
+        kind = attribute.type
+        return [attribute.g] if kind == graph_type else list(attribute.graphs) if kind == graphs_type else []
+
+    def initializers(graph: onnx.GraphProto, found: list[onnx.TensorProto]) -> None:
+        found.extend(graph.initializer)
+        for attribute in attributed(graph):
+            for subgraph in subgraphs(attribute):
+                initializers(subgraph, found)
+
+    def attribute_tensors(graph: onnx.GraphProto | onnx.FunctionProto, found: list[onnx.TensorProto]) -> None:
+        for attribute in attributed(graph):
+            if attribute.HasField("t"):
+                found.append(attribute.t)
+            found.extend(attribute.tensors)
+            for subgraph in subgraphs(attribute):
+                attribute_tensors(subgraph, found)
+
+    found: list[onnx.TensorProto] = []
+    initializers(model.graph, found)
+    attribute_tensors(model.graph, found)
+    for function in model.functions:
+        attribute_tensors(function, found)
+    return found
 
 
 def _external_targets(model: onnx.ModelProto, path: Path) -> list[Path]:
@@ -220,19 +268,26 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
 
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
     """A tensor whose raw bytes disagree with its shape means a truncated or corrupt file."""
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    itemsizes: dict[int, int | None] = {}  # by data type: numpy's dtype is asked once per type
+    for tensor in model_tensors(model):
         if not tensor.HasField("raw_data"):
             continue
-        try:
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-        except (KeyError, TypeError, ValueError):
+        data_type = tensor.data_type
+        itemsize = itemsizes.get(data_type, -1)
+        if itemsize == -1:
+            try:
+                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                itemsize = None
+            itemsizes[data_type] = itemsize
+        if itemsize is None:
             continue
-        count = element_count(tensor.dims)  # exact: numpy's product wraps around on huge shapes
-        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        count = math.prod(tensor.dims)  # exact (Python ints): numpy's product wraps around on huge shapes
+        if data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
             expected = (count + 1) // 2
         else:
             expected = count * itemsize
-        if tensor.data_type != onnx.TensorProto.STRING and len(tensor.raw_data) != expected:
+        if data_type != onnx.TensorProto.STRING and len(tensor.raw_data) != expected:
             raise OnnxladyError(
                 f"{path}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape "
                 f"{list(tensor.dims)} needs {expected} (truncated or corrupt file)"

@@ -8,6 +8,12 @@ synced does :meth:`OutputSet.commit` write a journal (the commit point) and rena
 into place; the staging folder is then removed. A set of one file needs no journal: its one
 rename is atomic, and is the commit point (two fsyncs: the file, then its folder).
 
+In a set of several files, syncs that need not follow each other run at once, each in a
+thread (``fsync`` releases the GIL, and a journaling file system commits concurrent syncs
+together): the staged files and the staging folders together, then the journal and its folder
+together, then, after the renames, the target folders together. Every file is synced before
+the journal is written, and the journal before the first rename.
+
 Every way out cleans up: an exception, ``KeyboardInterrupt`` or a ``SystemExit`` raised by a
 signal handler removes the staging folder. A run killed outright (SIGKILL, power loss) leaves
 it behind; the next output set writing into that folder finds it (the process that made it is
@@ -29,9 +35,10 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, final
@@ -282,7 +289,6 @@ class OutputSet:
         self._folders: dict[Path, Path] = {}  # target folder -> its sub-folder in the staging folder
         self._entries: list[_Entry] = []
         self._digests: dict[Path, str] = {}
-        self._synced: set[Path] = set()  # staged files already synced when written (_write_file)
         self._closed = False
         #: What cleaning the target folders did (interrupted writes completed or removed).
         self.recovered: list[str] = []
@@ -375,8 +381,7 @@ class OutputSet:
             OnnxladyError: see :meth:`stage`, or the file cannot be written (disk full...).
         """
         staged = self.stage(target)
-        self._guard(target, lambda: _write_file(staged, data))
-        self._synced.add(staged)
+        self._guard(target, lambda: _write_file(staged, data))  # (synced by the commit)
 
     def write_text(self, target: str | os.PathLike[str], text: str) -> None:
         """Stage ``text`` (UTF-8) as the content of ``target``."""
@@ -420,7 +425,6 @@ class OutputSet:
             else:
                 data = model.SerializeToString()  # protobuf's encoding: a model that round-trips keeps its bytes
                 self._guard(target, lambda: _write_file(staged, data))
-                self._synced.add(staged)
                 sha = hashlib.sha256(data).hexdigest() if digest else ""
                 del data
         else:
@@ -469,7 +473,7 @@ class OutputSet:
             self._commit_one(self._entries[0])
             return
         try:
-            self._write_journal()
+            self._write_journal()  # (syncs the staged files)
         except OSError as exc:
             self.abort()
             raise OnnxladyError(f"{self._entries[0].shown}: cannot write ({_reason(exc)})") from exc
@@ -481,8 +485,7 @@ class OutputSet:
             for number, entry in enumerate(self._entries):
                 done.append((entry, self._backup(entry, number)))
                 os.replace(entry.staged, entry.target)
-            for folder in {entry.target.parent for entry in self._entries}:
-                _fsync_folder(folder)
+            _sync_all([partial(_fsync_folder, folder) for folder in {entry.target.parent for entry in self._entries}])
         except OSError as exc:
             self._roll_back(done)
             self.abort()
@@ -497,8 +500,7 @@ class OutputSet:
         the next run into the folder removes; the target keeps its old content.
         """
         def rename() -> None:
-            if entry.staged not in self._synced:
-                _fsync_path(entry.staged)
+            _fsync_path(entry.staged)
             os.replace(entry.staged, entry.target)
             _fsync_folder(entry.target.parent)
 
@@ -507,16 +509,16 @@ class OutputSet:
 
     def _write_journal(self) -> None:
         assert self._primary is not None
-        for entry in self._entries:
-            if entry.staged not in self._synced:  # (a file _write_file wrote is synced already)
-                _fsync_path(entry.staged)
+        # Every staged file and every staging sub-folder synced, all at once.
+        syncs: list[Callable[[], None]] = [partial(_fsync_path, entry.staged) for entry in self._entries]
         for staging in self._staging.values():
-            for sub in staging.iterdir():
-                if sub.is_dir():
-                    _fsync_folder(sub)
+            syncs += [partial(_fsync_folder, sub) for sub in staging.iterdir() if sub.is_dir()]
+        _sync_all(syncs)
+        # Then the journal, the commit point: its content and its name in the folder, together.
         document = {"complete": True, "entries": [[str(e.staged), str(e.target)] for e in self._entries]}
-        _write_file(self._primary / _JOURNAL, json.dumps(document).encode())
-        _fsync_folder(self._primary)
+        journal = self._primary / _JOURNAL
+        _write_file(journal, json.dumps(document).encode())
+        _sync_all([partial(_fsync_path, journal), partial(_fsync_folder, self._primary)])
 
     def _backup(self, entry: _Entry, number: int) -> Path | None:
         """A hard link to the file ``entry`` replaces, to put it back if a later rename fails."""
@@ -574,10 +576,35 @@ def _new_file(path: Path) -> int:
 
 
 def _write_file(path: Path, data: bytes | bytearray | memoryview) -> None:
+    """A new file holding ``data``; its caller syncs it (with others, at once: see the commit)."""
     with os.fdopen(_new_file(path), "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+
+
+def _sync_all(syncs: Sequence[Callable[[], object]]) -> None:
+    """Run ``syncs`` at once: the first in this thread, each other one in a thread of its own.
+
+    Raises:
+        OSError: one of them failed (the first failure, once all have ended).
+    """
+    if len(syncs) <= 1:
+        for sync in syncs:
+            sync()
+        return
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=len(syncs) - 1, thread_name_prefix="onnxlady-sync") as threads:
+        started = [threads.submit(sync) for sync in syncs[1:]]
+        try:
+            syncs[0]()
+        except BaseException as exc:  # the others are waited for all the same
+            failure = exc
+        for future in started:
+            try:
+                future.result()
+            except BaseException as exc:
+                failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def _fsync_path(path: Path) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._functions import calls_local_functions, inlined_view
 from onnxlady._graph._model_graph import CHAIN_OPS, ModelGraph, node_label
 from onnxlady._io._tensors import read_array
 from onnxlady._provenance._wire import PLAIN_TYPES
@@ -1023,6 +1024,14 @@ def model_producers(
     Raises:
         OnnxladyError: the model is malformed (a tensor nothing defines, a cycle...).
     """
+    if calls_local_functions(model):
+        # Layers inside local functions are read on the model with its calls inlined (the
+        # weights a call reads are the model's own): a model and its inlined form read alike.
+        if arrays and full_model is None:
+            raise ValueError("a skeleton model needs full_model to be read by a ModelGraph")
+        whole = full_model() if arrays and full_model is not None else model
+        view = inlined_view(whole)
+        return producer_weights(ModelGraph(view.model if view is not None else whole, infer_shapes=False))
     try:
         graph = WeightGraph(model, arrays)
         return _collect(graph, graph.order, graph.op_types, graph.units(), graph.batchnorm_scale)

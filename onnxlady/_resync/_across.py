@@ -58,7 +58,7 @@ from onnxlady._resync._sites import (
     stored_operand,
 )
 from onnxlady._resync._solver import Override
-from onnxlady._resync._twin import _moved_bytes, _moved_later, build_output
+from onnxlady._resync._twin import _MovedTensors, _PendingDigestKey, build_output
 from onnxlady._resync._values import Approx, read_constant, widened
 from onnxlady._resync._values import half_ulp as _half_ulp
 from onnxlady._transforms._key import PermutationKey, graph_fingerprint
@@ -661,7 +661,7 @@ def _true_perms(match: ModelMatch, true_key: PermutationKey | None) -> dict[str,
     """The true permutations by reference group id, whichever model's groups the key names."""
     if true_key is None:
         return {}
-    ref_model, sus_model = match.reference.graph.model, match.suspect.graph.model
+    ref_model, sus_model = match.reference.model, match.suspect.model  # as given, not inlined views
     if true_key.source_fingerprint == graph_fingerprint(ref_model):
         return solver.true_permutations(match.reference, true_key)
     if graph_fingerprint(sus_model) in (true_key.permuted_fingerprint, true_key.source_fingerprint):
@@ -678,7 +678,7 @@ def _true_suspect_perms(match: ModelMatch, true_key: PermutationKey | None) -> d
     """
     if true_key is None:
         return {}
-    if graph_fingerprint(match.suspect.graph.model) not in (true_key.permuted_fingerprint, true_key.source_fingerprint):
+    if graph_fingerprint(match.suspect.model) not in (true_key.permuted_fingerprint, true_key.source_fingerprint):
         return {}
     return solver.true_permutations(match.suspect, true_key)
 
@@ -931,8 +931,10 @@ def _streamed_reorder(
     output is the suspect with new bytes for those tensors, computed when a streaming writer
     asks for them (``(suspect, overrides)``, as a twin's ``ResyncResult.unbuilt``); the key back is the one
     ``permute_model`` gives on the permuted copy (the same analysis, the inverse permutations,
-    the digest of the output's bytes), made here without that copy. None where this does not
-    apply: the suspect is then copied and permuted as before.
+    the digest of the output's bytes), made here without that copy. Each moved tensor is
+    computed once: its digest is taken when the writer first computes it, and the key's
+    ``source_weights_sha256`` computes only those never asked for when it is read. None where
+    this does not apply: the suspect is then copied and permuted as before.
     """
     analysis = analyze(suspect, kv_state=kv_state)
     plans = analysis.tensors
@@ -953,28 +955,35 @@ def _streamed_reorder(
     fingerprint = graph_fingerprint(suspect)
     group_ids = {group.root: group.id for group in analysis.groups if group.id in back}
     digest = SourceDigest()
+    # The digest covers the output's bytes (what permuting it back starts from): a moved
+    # tensor is hashed when the writer (or the audit) first computes it, not computed here once
+    # more only to be hashed (see _twin._MovedTensors).
+    moved = _MovedTensors(digest)
     overrides: dict[str, Override] = {}
     tensors: list[dict[str, object]] = []
     for plan in plans:
         tensor = initializers[plan.tensor]
         axes = [(axis, analysis.index_array(expr, perms)) for axis, expr in plan.axes]
         moving = [(axis, index) for axis, index in axes if not np.array_equal(index, np.arange(index.size))]
-        if digest.expect(plan.source):  # the output's bytes: what permuting it back starts from
-            digest.add_now(plan.source, _moved_bytes(tensor, moving) if moving else _stored_bytes(tensor))
+        hashed = digest.expect(plan.source)  # in plan order, as the digest combines them
         if moving:
-            overrides[plan.tensor] = _moved_later(tensor, moving)
+            overrides[plan.tensor] = moved.later(plan.tensor, tensor, moving, hashed=hashed)
+        elif hashed:
+            digest.add_now(plan.source, _stored_bytes(tensor))
         tensors.append(_tensor_record(analysis, plan, group_ids))
     groups = _group_records(analysis, back)
     states = _state_records(analysis, back, group_ids)
-    key = PermutationKey(
+    key = (_PendingDigestKey if moved.pending else PermutationKey)(
         source_sha256="",
         source_fingerprint=fingerprint,
         permuted_fingerprint=fingerprint,
         groups=groups,
         tensors=tensors,
         untied=[],
-        source_weights_sha256=digest.hexdigest(),
+        source_weights_sha256="" if moved.pending else digest.hexdigest(),
         extra={"kv_state": states} if states else {},
     )
+    if isinstance(key, _PendingDigestKey):
+        key.pending_digest = moved.hexdigest
     key.extra["resync"] = _resync_record(reference, options)
     return (suspect, overrides), key

@@ -107,6 +107,9 @@ DECISIVE_RATIO = 0.5
 #: A signature distance at most this is an equal counterpart within storage rounding (float16
 #: tables: about 1e-4; noise of 0.1 x std: above 1e-2).
 _NEAR_EXACT = 1e-3
+#: The same for a table stored in 8 bits (a static quantizer's uint8 sin table: about 4e-3),
+#: still below noise's; used only to rule out a counterpart decisively farther.
+_NEAR_QUANTIZED = 6e-3
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -734,10 +737,12 @@ def _pair_class(
     # The same holds from the other side: a counterpart with an equal site among these rules
     # out the sites decisively farther (one table stored again in another layout leaves one
     # suspect site of the reference's shape, which the reference's other table must not take).
+    # Equal here means within an 8-bit quantizer's rounding too (a rotary table put through
+    # QuantizeLinear/DequantizeLinear by a static quantizer: held-out round 12, F8).
     nearest, nearest_col = table.min(axis=1), table.min(axis=0)
     ruled_out = (table > 1e-9) & (
-        ((nearest[:, None] <= _NEAR_EXACT) & (nearest[:, None] <= DECISIVE_RATIO * table))
-        | ((nearest_col[None, :] <= _NEAR_EXACT) & (nearest_col[None, :] <= DECISIVE_RATIO * table))
+        ((nearest[:, None] <= _NEAR_QUANTIZED) & (nearest[:, None] <= DECISIVE_RATIO * table))
+        | ((nearest_col[None, :] <= _NEAR_QUANTIZED) & (nearest_col[None, :] <= DECISIVE_RATIO * table))
     )
     for i, r in enumerate(rows):
         if i in decided or r not in structural or structural[r] not in position:

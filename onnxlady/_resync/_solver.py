@@ -101,6 +101,8 @@ _KEPT_PRODUCTS = 1 << 26
 #: best candidates are then scored exactly: a 100 MB conv net resyncs ~10x faster.
 _EXACT_PRODUCT = 1 << 28
 _SKETCH_DIM = 512
+#: Bytes of one band of :func:`_count_sketch`'s signed rows (reused while in cache).
+_SKETCH_BAND_BYTES = 1 << 20
 #: Elements of a score matrix handled at once: a band of rows whose float64 temporaries stay in cache.
 _BAND = 1 << 16
 _CANDIDATES = 8
@@ -317,8 +319,8 @@ class _Block:
     :meth:`_Blocks.rescore` computed them.
     """
 
-    ref: np.ndarray
-    sus: np.ndarray
+    ref: np.ndarray | _CentredRows
+    sus: np.ndarray | _CentredRows
     ref_sq: np.ndarray  # squared norm of each neuron's row
     sus_sq: np.ndarray
     sketch: tuple[np.ndarray, np.ndarray] | None = None
@@ -326,8 +328,26 @@ class _Block:
     cached: np.ndarray | None = None
 
     @classmethod
-    def build(cls, ref: np.ndarray, sus: np.ndarray, rng: np.random.Generator, owned: tuple[bool, bool] = (False, False)) -> _Block:
-        """The block of one slice; ``owned``: whether ``ref`` / ``sus`` may be centred in place."""
+    def build(
+        cls,
+        ref: np.ndarray,
+        sus: np.ndarray,
+        rng: np.random.Generator,
+        owned: tuple[bool, bool] = (False, False),
+        stored: bool = False,
+    ) -> _Block:
+        """The block of one slice; ``owned``: whether ``ref`` / ``sus`` may be centred in place.
+
+        ``stored``: ``ref`` and ``sus`` are float32 or float16 blocks as gathered (see
+        :func:`_keeps_stored`), a sketched one's: it is centred, sketched and measured a band
+        of rows at a time in float64 (the numbers its float64 copy gives), and its rows are kept
+        as gathered (:class:`_CentredRows`), not as a float64 copy.
+        """
+        if stored:
+            sign = rng.choice(np.array([-1.0, 1.0]), ref.shape[1])  # float64, as the widened block's
+            ref_rows, ref_sketch, ref_sq = _centred_sketch(ref, sign)
+            sus_rows, sus_sketch, sus_sq = _centred_sketch(sus, sign)
+            return cls(ref_rows, sus_rows, ref_sq, sus_sq, (ref_sketch, sus_sketch))
         if ref.shape[0] > 1:  # centring removes what all neurons share (BatchNorm variances near 1)
             ref, sus = _centred(ref, owned[0]), _centred(sus, owned[1])
         n, width = ref.shape
@@ -341,7 +361,11 @@ class _Block:
         """``ref @ sus.T`` (see the class docstring); kept for the next call when ``keep``."""
         if self.cached is not None:
             return self.cached
-        left, right = self.sketch if self.sketch is not None else (self.ref, self.sus)
+        if self.sketch is not None:
+            left, right = self.sketch
+        else:  # (only a sketched block keeps its rows as gathered)
+            assert isinstance(self.ref, np.ndarray) and isinstance(self.sus, np.ndarray)
+            left, right = self.ref, self.sus
         gram = left @ right.T
         for rows, cols, values in self.exact:
             gram[rows, cols] = values
@@ -356,7 +380,90 @@ class _Block:
         """
         if self.cached is not None:
             return float(self.cached[np.arange(step.size), step].sum(dtype=np.float64))
-        return float(np.einsum("ij,ij->", self.ref, self.sus[step], dtype=np.float64))
+        ref = self.ref.whole() if isinstance(self.ref, _CentredRows) else self.ref
+        return float(np.einsum("ij,ij->", ref, self.sus[step], dtype=np.float64))
+
+
+class _CentredRows:
+    """A sketched block's centred rows (float64), kept as gathered: each read is widened then centred.
+
+    Its rows are read again only for a few neurons (:meth:`_Blocks.rescore`), or all of them
+    where the products are not kept (:meth:`_Block.cross`): kept in their stored type, they take
+    a half or a quarter of a float64 copy's memory, and every read gives the numbers of the
+    float64 copy centred in place (``float64(x) - mean``, element by element).
+    """
+
+    def __init__(self, stored: np.ndarray, mean: np.ndarray) -> None:
+        self.stored = stored  # [n, D], float32 or float16
+        self.mean = mean  # [1, D], float64
+        self.shape: tuple[int, ...] = stored.shape
+        self.size = stored.size
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        rows = self.stored[index].astype(np.float64)
+        return np.subtract(rows, self.mean, out=rows)
+
+    def whole(self) -> np.ndarray:
+        """Every row, centred: the float64 block itself."""
+        return self[np.arange(self.shape[0])]
+
+
+def _keeps_stored(array: np.ndarray, piece: _Slice) -> bool:
+    """Whether a slice of ``array`` (float32 or float16) may be gathered unwidened for a sketched block.
+
+    Where :func:`_gathered`'s widened block is C-contiguous (its layout decides the order of
+    the sums made over it): gathered kernel by kernel, taken along the moved axis, or a moved
+    axis that is already the leading one.
+    """
+    if array.dtype not in (np.float32, np.float16):
+        return False
+    n, m = piece.index.shape
+    axis = piece.axis
+    width = m * (array.size // max(array.shape[axis], 1))
+    if not (n > 1 and n * n * width > _EXACT_PRODUCT and width > 2 * _SKETCH_DIM):
+        return False  # not sketched: widened and kept whole, as before
+    lead, tail = int(np.prod(array.shape[:axis], dtype=np.int64)), int(np.prod(array.shape[axis + 1 :], dtype=np.int64))
+    if lead > 1 and tail > 1 and array.flags.c_contiguous:
+        return True
+    return not piece.identity or np.moveaxis(array, axis, 0).flags.c_contiguous
+
+
+def _centred_sketch(stored: np.ndarray, sign: np.ndarray) -> tuple[_CentredRows, np.ndarray, np.ndarray]:
+    """What :func:`_centred`, :func:`_count_sketch` and :func:`_row_energy` give on ``stored`` widened.
+
+    A band of rows at a time, widened into one small float64 buffer: the column sums run row
+    after row as ``sum(axis=0)`` runs them (each band's sums continue from the previous total,
+    the buffer's first row), and each row is centred, measured and sketched as the whole block
+    would be. Returns the rows (kept as gathered), the sketch and the squared norms.
+    """
+    n, width = stored.shape
+    band = max(1, _SKETCH_BAND_BYTES // (width * 8))
+    buffer = np.empty((band + 1, width))
+    total: np.ndarray | None = None
+    for start in range(0, n, band):
+        count = min(band, n - start)
+        np.copyto(buffer[1 : count + 1], stored[start : start + count])
+        if total is None:
+            total = buffer[1 : count + 1].sum(axis=0)
+        else:
+            buffer[0] = total
+            total = buffer[: count + 1].sum(axis=0)
+    assert total is not None
+    mean = np.true_divide(total, n).reshape(1, width)  # as ``mean(axis=0, keepdims=True)``
+    sketch = np.empty((n, _SKETCH_DIM))
+    energy = np.empty(n)
+    whole = width // _SKETCH_DIM * _SKETCH_DIM
+    for start in range(0, n, band):
+        count = min(band, n - start)
+        rows = buffer[:count]
+        np.copyto(rows, stored[start : start + count])
+        np.subtract(rows, mean, out=rows)
+        energy[start : start + count] = _row_energy(rows)
+        np.multiply(rows, sign, out=rows)
+        piece = sketch[start : start + count]
+        np.sum(rows[:, :whole].reshape(count, -1, _SKETCH_DIM), axis=1, out=piece)
+        piece[:, : width - whole] += rows[:, whole:]
+    return _CentredRows(stored, mean), sketch, energy
 
 
 @dataclass
@@ -370,16 +477,25 @@ class _Blocks:
 
     @classmethod
     def build(
-        cls, pairs: list[tuple[np.ndarray, np.ndarray]], n: int, seed: int, owned: Sequence[tuple[bool, bool]] = ()
+        cls,
+        pairs: list[tuple[np.ndarray, np.ndarray]],
+        n: int,
+        seed: int,
+        owned: Sequence[tuple[bool, bool]] = (),
+        stored: Sequence[bool] = (),
     ) -> _Blocks:
-        """The blocks of ``pairs``; ``owned[i]``: whether pair ``i``'s arrays may be overwritten."""
+        """The blocks of ``pairs``; ``owned[i]``: whether pair ``i``'s arrays may be overwritten.
+
+        ``stored[i]``: pair ``i`` is a sketched block as gathered (see :meth:`_Block.build`).
+        """
         rng = np.random.default_rng(seed)
         zero_ref, zero_sus = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
-        for r, s in pairs:
+        for r, s in pairs:  # (widening keeps every zero a zero and every other value not)
             zero_ref &= ~np.any(r != 0, axis=1)
             zero_sus &= ~np.any(s != 0, axis=1)
         owned = list(owned) or [(False, False)] * len(pairs)
-        blocks = [_Block.build(r, s, rng, mine) for (r, s), mine in zip(pairs, owned)]
+        kinds = list(stored) or [False] * len(pairs)
+        blocks = [_Block.build(r, s, rng, mine, kind) for (r, s), mine, kind in zip(pairs, owned, kinds)]
         return cls(blocks, zero_ref, zero_sus, len(pairs) * n * n <= _KEPT_PRODUCTS)
 
     @property
@@ -493,13 +609,19 @@ def _count_sketch(rows: np.ndarray, sign: np.ndarray) -> np.ndarray:
     """Column ``c`` of ``rows``, times ``sign[c]``, summed into bucket ``c % _SKETCH_DIM``.
 
     Columns sharing a bucket lie ``_SKETCH_DIM`` apart (other input channels, not neighbouring
-    kernel taps), and the sums run over contiguous memory.
+    kernel taps), and the sums run over contiguous memory. A band of rows at a time: each row's
+    sums are the whole block's (the same additions in the same order), without a signed copy
+    of the whole block (its page faults cost more than the sums).
     """
-    signed = rows * sign
-    n, width = signed.shape
+    n, width = rows.shape
     whole = width // _SKETCH_DIM * _SKETCH_DIM
-    sketch = signed[:, :whole].reshape(n, -1, _SKETCH_DIM).sum(axis=1)
-    sketch[:, : width - whole] += signed[:, whole:]
+    sketch = np.empty((n, _SKETCH_DIM), dtype=np.result_type(rows, sign))
+    band = max(1, _SKETCH_BAND_BYTES // max(width * sketch.itemsize, 1))
+    for start in range(0, n, band):
+        signed = rows[start : start + band] * sign
+        piece = sketch[start : start + band]
+        np.sum(signed[:, :whole].reshape(signed.shape[0], -1, _SKETCH_DIM), axis=1, out=piece)
+        piece[:, : width - whole] += signed[:, whole:]
     return sketch
 
 
@@ -749,15 +871,19 @@ class ResyncState:
         pieces = [(piece, piece.misaligned_dims(solved)) for piece in self.slices[gid]]
         if self.options.misaligned == "skip" and self._aligned_tell_apart(gid, [p for p, dims in pieces if not dims]):
             pieces = [(piece, dims) for piece, dims in pieces if not dims]
-        pairs, owned = [], []
+        pairs, owned, stored = [], [], []
         for piece, dims in pieces:
+            reference, work = self.reference[piece.plan], self.work[piece.plan]
+            # A sketched block of narrower floats is widened a band at a time, not copied whole.
+            keep = self.widen and not dims and _keeps_stored(reference, piece) and _keeps_stored(work, piece)
             (ref, ref_fresh), (sus, sus_fresh) = (
-                _gathered(self.reference[piece.plan], piece, dims, self.widen),
-                _gathered(self.work[piece.plan], piece, dims, self.widen),
+                _gathered(reference, piece, dims, self.widen and not keep),
+                _gathered(work, piece, dims, self.widen and not keep),
             )
             pairs.append((ref, sus))
             owned.append((ref_fresh, sus_fresh))
-        return _Blocks.build(pairs, self.analysis.group(gid).size, seed=zlib.crc32(gid.encode()), owned=owned)
+            stored.append(keep)
+        return _Blocks.build(pairs, self.analysis.group(gid).size, seed=zlib.crc32(gid.encode()), owned=owned, stored=stored)
 
     def _aligned_tell_apart(self, gid: str, aligned: list[_Slice]) -> bool:
         """Whether the aligned slices alone can tell the group's neurons apart.

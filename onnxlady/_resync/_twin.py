@@ -21,6 +21,7 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
+from onnxlady._graph._functions import inlined_view
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._io._external import drop_file_reference, has_mapped, is_mapped, load_mapped, mapped_bytes
 from onnxlady._io._tensors import FloatConstants, all_finite, is_external, read_float, tensor_holders
@@ -55,7 +56,10 @@ class _SuspectMap:
 
     def __init__(self, reference: ModelGraph, suspect: onnx.ModelProto) -> None:
         self.reference = reference
-        self.suspect = ModelGraph(suspect)  # shapes: a Mul chain needs them to find its data input
+        # Local functions inlined as the reference's analysis sees them (a function model and
+        # its inlined form are twins: onnx's inliner names the inlined nodes alike).
+        view = inlined_view(suspect)
+        self.suspect = ModelGraph(view.model if view is not None else suspect)  # shapes: a Mul chain needs them
         self._check_nodes()
 
     def _check_nodes(self) -> None:
@@ -207,7 +211,7 @@ def _write_output(
         source_weights_sha256="" if moved.pending else digest.hexdigest(),
         extra={
             "resync": {
-                "reference_fingerprint": graph_fingerprint(analysis.graph.model),
+                "reference_fingerprint": graph_fingerprint(analysis.model),
                 "method": state.options.method,
                 "refine": state.options.refine,
             }
@@ -232,15 +236,9 @@ class _MovedTensors:
 
     def later(
         self, name: str, tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], *, hashed: bool
-    ) -> Callable[[], np.ndarray]:
+    ) -> MovedTensor:
         """The moved elements of ``tensor`` computed when asked for; hashed the first time if ``hashed``."""
-
-        def compute() -> np.ndarray:
-            array = _moved_array(tensor, axes)
-            if self.pending.pop(name, None) is not None:
-                self._digest.add_now(name, array.data)  # hashes as tobytes() would: contiguous
-            return array
-
+        compute = MovedTensor(self, name, tensor, axes)
         if hashed:
             self.pending[name] = compute
         return compute
@@ -250,6 +248,28 @@ class _MovedTensors:
         for compute in list(self.pending.values()):
             compute()
         return self._digest.hexdigest()
+
+
+class MovedTensor:
+    """One moved tensor of the deferred output, computed when called (see :class:`_MovedTensors`)."""
+
+    def __init__(self, owner: _MovedTensors, name: str, tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> None:
+        self._owner, self._name, self._tensor, self._axes = owner, name, tensor, axes
+
+    def __call__(self) -> np.ndarray:
+        """The moved elements, hashed for the key's digest the first time they are computed."""
+        array = self.unhashed()
+        if self._owner.pending.pop(self._name, None) is not None:
+            self._owner._digest.add_now(self._name, array.data)  # hashes as tobytes() would: contiguous
+        return array
+
+    def unhashed(self) -> np.ndarray:
+        """The moved elements, not hashed: for a reader that never writes the key (the audit).
+
+        The tensor stays pending: a key's digest read later hashes it then (computed again), so
+        the digest is the same either way.
+        """
+        return _moved_array(self._tensor, self._axes)
 
 
 class _PendingDigestKey(PermutationKey):
@@ -422,6 +442,11 @@ def twin_leaves(analysis: ChannelAnalysis, suspect: onnx.ModelProto) -> list[lis
     leaves = [site_map.plan_leaves(plan) for plan in analysis.tensors]
     if site_map.suspect.opsets != analysis.graph.opsets:
         raise NotATwin("suspect differs from reference: other opsets")
+    if site_map.suspect.model is not suspect:  # an inlined view: only the suspect's own tensors can be written
+        held = tensor_holders(suspect)
+        inside = next((name for names in leaves for name in names if name not in held), None)
+        if inside is not None:
+            raise NotATwin(f"suspect's tensor '{inside}' lives inside a local function")
     return leaves
 
 

@@ -30,6 +30,7 @@ import onnx
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._expr import Atom, Expr, Fixed, FreezeReason, GroupSolver, direct_sum, product
 from onnxlady._graph._model_graph import ChainAxisError, Companion, ConstantLeaf, ModelGraph, Shape, node_label
+from onnxlady._graph._uniform import uniform_axes
 from onnxlady._rules._derived import DerivedRead, block_partition, derived_uses
 
 _PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
@@ -98,6 +99,8 @@ class AnalysisState:
     #: The committed walks back from computed tensors to their constants (see ``derived_uses``):
     #: the group each made, the reads it accounts for, and why it freezes if another read is not.
     derived_walks: list[tuple[Atom, list[DerivedRead], FreezeReason]] = field(default_factory=list)
+    #: Axes along which computed tensors hold equal slices (see :func:`uniform_axes`), by tensor.
+    uniform: dict[str, frozenset[int]] = field(default_factory=dict)
 
 
 class RuleContext:
@@ -233,7 +236,30 @@ class RuleContext:
         derived = self._derived(name, slot, axis, size)
         if derived is not None:
             return derived
+        if self.is_uniform(slot, axis, size):
+            # Equal slices (a broadcast copy): any permutation leaves the tensor as it is, so
+            # the rule may couple this axis with anything; nothing here needs to move.
+            return self.new_group(size)
         return Fixed(size, self._untracked_reason(name, axis))
+
+    def is_uniform(self, slot: int, axis: int, size: int) -> bool:
+        """Whether untracked axis ``axis`` of input ``slot`` holds equal slices, so that any permutation fixes it.
+
+        Only an axis no permutation is tracked on (alone or in a joint space) qualifies: the
+        tensor is then the one the original model computes up to its tracked axes, and a
+        broadcast copy stays one under permutations of other axes.
+        """
+        name = self.input(slot)
+        if not name or size < 2:
+            return False
+        shape = self.shape_in(slot)
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return False
+        axis %= len(shape)
+        state = self._state
+        if axis in state.tracked.get(name, _NOTHING) or any(axis in space.axes for space in state.joint.get(name, ())):
+            return False
+        return axis in uniform_axes(self.graph, name, state.uniform)
 
     def _derived(self, name: str, slot: int, axis: int, size: int) -> Atom | None:
         """A new group for a tensor computed from constants only, bound to the constants it is made of.

@@ -53,26 +53,33 @@ class BroadcastRule(OpRule):
     )  # fmt: skip
 
     def propagate(self, ctx: RuleContext) -> None:
-        slots = [slot for slot in range(ctx.num_inputs) if ctx.input(slot)]
         # Each operand read once (every node of a deep network goes through here): its shape,
-        # whether it is a constant and the spaces it carries.
-        operands = {slot: _Operand(ctx, slot) for slot in slots}
-        constant_slots = [slot for slot in slots if operands[slot].const]
-        carried = any(operands[slot].spaces for slot in slots)
-        if not carried and not (constant_slots and len(constant_slots) < len(slots)):
+        # whether it is a constant and the spaces it carries; what the checks below need is
+        # counted in the same pass (no comprehension per question).
+        slots: list[int] = []
+        operands: dict[int, _Operand] = {}
+        constants = 0
+        carried = unknown_rank = False
+        for slot in range(ctx.num_inputs):
+            if ctx.input(slot):
+                operand = operands[slot] = _Operand(ctx, slot)
+                slots.append(slot)
+                constants += operand.const
+                carried = carried or bool(operand.spaces)
+                unknown_rank = unknown_rank or operand.rank is None  # (rank None: shape None)
+        if not carried and not (constants and constants < len(slots)):
             return
-        if not carried and any(operands[slot].shape is None for slot in slots):
+        if not carried and unknown_rank:
             return  # nothing to carry, and no shapes to find a new axis with
-        ranks: dict[int, int | None] = {slot: operands[slot].rank for slot in slots}
-        if any(rank is None for rank in ranks.values()):
+        if unknown_rank:
             out_rank = ctx.rank_out(0)  # raises when the output's rank is unknown too
-            for slot, rank in ranks.items():
-                if rank is None:
+            for slot in slots:
+                if operands[slot].rank is None:
                     # Its axes cannot be placed: what it carries cannot move.
                     for expr in ctx.take_all(slot).values():
                         ctx.freeze(expr, "unknown-shape", f"the rank of '{ctx.input(slot)}' is unknown")
         else:
-            out_rank = max(rank for rank in ranks.values() if rank is not None)
+            out_rank = max(operand.rank or 0 for operand in operands.values())  # (every rank known here)
         # A take may start a state input's space (KV caches): one operand read twice (x * x)
         # must then see it at its other slot, so its spaces are read again at each axis.
         again = len({operand.name for operand in operands.values()}) < len(slots)
@@ -159,8 +166,10 @@ class _Operand:
     __slots__ = ("const", "name", "rank", "shape", "spaces")
 
     def __init__(self, ctx: RuleContext, slot: int) -> None:
-        self.name = ctx.input(slot)
-        self.shape = ctx.shape_in(slot)
-        self.rank = None if self.shape is None else len(self.shape)
-        self.const = ctx.is_const(slot)
+        # (ctx.shape_in and ctx.is_const, read from the name once: a named input's)
+        name = self.name = ctx.input(slot)
+        graph = ctx.graph
+        shape = self.shape = graph.shapes.get(name) if name else None
+        self.rank = None if shape is None else len(shape)
+        self.const = graph.is_constant(name)
         self.spaces = ctx.tracked(slot)

@@ -143,6 +143,19 @@ def _fixed_digit(ctx: RuleContext, size: int, in_front: bool) -> Expr:
     return ctx.fixed(size, f"positions merged {where} the channels")
 
 
+def _still_digit(ctx: RuleContext, digit: _Digit, in_front: bool) -> Expr:
+    """The permutation of a digit merged with permuted ones that carries none itself.
+
+    A digit of an input axis holding equal slices (the copies of ``repeat_kv``: key/value
+    heads expanded for the query heads of their group) is a free group of its own: any
+    permutation leaves those copies as they are. Any other digit keeps its positions.
+    """
+    size = int(digit.size)  # type: ignore[arg-type]  # (digits merged with others have known sizes)
+    if ctx.is_uniform(0, digit.source, size):
+        return ctx.new_group(size)
+    return _fixed_digit(ctx, size, in_front)
+
+
 @dataclass(frozen=True)
 class _Digit:
     """A run of elements that is one digit of input axis ``source`` and of output axis ``target``."""
@@ -280,7 +293,7 @@ class ReshapeRule(OpRule):
         for target in sorted({digits[k].target for k in pieces}):
             owned = [k for k, digit in enumerate(digits) if digit.target == target]
             first = min(k for k in owned if k in pieces)
-            parts = [pieces[k] if k in pieces else _fixed_digit(ctx, int(digits[k].size), k < first) for k in owned]  # type: ignore[arg-type]
+            parts = [pieces[k] if k in pieces else _still_digit(ctx, digits[k], k < first) for k in owned]
             _emit_moving(ctx, target, _chain(parts))
 
 

@@ -184,7 +184,7 @@ def permute_model(
     they are and their permuted bytes are produced when ``save_model(overrides=
     deferred.overrides)`` writes them; call ``deferred.finish(key)`` after saving.
     """
-    model = analysis.graph.model
+    model = analysis.model  # the model as given (its local functions too), not an inlined view
     _check_perms(analysis, perms)
     source_fingerprint = graph_fingerprint(model)
     untied = _untie(analysis)

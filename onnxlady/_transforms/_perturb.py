@@ -67,10 +67,11 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._graph._functions import inlined_view
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._io._external import is_mapped, mapped_array
 from onnxlady._io._progress import advance
-from onnxlady._io._tensors import all_finite, read_array
+from onnxlady._io._tensors import all_finite, read_array, tensor_holders
 
 #: Operators whose weight operand (input 1) is perturbed.
 WEIGHT_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -156,12 +157,28 @@ def weight_tensors(model: onnx.ModelProto, only: Sequence[str] | None = None) ->
     ``g1``... from :func:`onnxlady.analyze`) and to the named tensors (a leaf name or any name
     that leads to one through Identity/Cast); a name that is neither raises OnnxladyError.
     """
-    return _weights(ModelGraph(model, infer_shapes=False), model, only)
+    return _model_weights(model, only)
+
+
+def _model_weights(model: onnx.ModelProto, only: Sequence[str] | None) -> list[tuple[str, str]]:
+    """:func:`_weights` of ``model``, looked for through its local functions' calls.
+
+    The weights of layers inside local functions come in as call inputs: they are found on the
+    model with its calls inlined, and only those the model itself holds are kept (a weight
+    living inside a function body is one tensor shared by every call site: not perturbed).
+    """
+    view = inlined_view(model)
+    if view is None:
+        return _weights(ModelGraph(model, infer_shapes=False), model, only)
+    found = _weights(ModelGraph(view.model, infer_shapes=False), model, only)
+    return [(name, op_type) for name, op_type in found if name in view.writable]
 
 
 def _weights(graph: ModelGraph, model: onnx.ModelProto, only: Sequence[str] | None) -> list[tuple[str, str]]:
     found: dict[str, str] = {}
-    for index in graph.order:
+    # The main graph in order, then the operators of opened If/Loop/Scan bodies: a weight read
+    # inside a branch is a weight too.
+    for index in [*graph.order, *range(graph.main_count, len(graph.nodes))]:
         node = graph.nodes[index]
         if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
             continue
@@ -409,11 +426,15 @@ _Step = tuple[str, Callable[[np.ndarray], tuple[np.ndarray, Detail]]]
 
 
 def _holders(model: onnx.ModelProto, only: Sequence[str] | None) -> list[_Holder]:
-    graph = ModelGraph(model, infer_shapes=False)
-    weights = _weights(graph, model, only)
+    graph = ModelGraph(model, infer_shapes=False)  # the holders are the model's own tensors
+    weights = _model_weights(model, only)
     if not weights:
         raise OnnxladyError("the model has no Conv/ConvTranspose/Gemm/MatMul weight tensor to perturb")
-    return [_Holder(graph, name, op_type) for name, op_type in weights]
+    holders = [_Holder(graph, name, op_type) for name, op_type in weights]
+    main_graph = tensor_holders(model, subgraphs=False)
+    for holder in holders:
+        holder.in_main_graph = holder.name in main_graph
+    return holders
 
 
 def _steps(noise: float | None, quantize_bits: int | None, prune_percent: float | None, seed: int) -> list[_Step]:
@@ -516,6 +537,8 @@ class _Holder:
                     )
         self.op_type = op_type
         self.dtype = onnx.TensorProto.FLOAT if self.tensor is None else self.tensor.data_type
+        #: Held by the main graph (a streaming writer's overrides reach only those).
+        self.in_main_graph = True
 
     def read(self) -> np.ndarray:
         """The values as float64, after checking they can be perturbed and written back."""
@@ -547,7 +570,7 @@ class _Holder:
         Constant's float attributes (an override would change how they are stored).
         """
         tensor = self.tensor
-        if tensor is None:
+        if tensor is None or not self.in_main_graph:
             return False
         return self.element_count() == 0 or tensor.HasField("raw_data") or is_mapped(tensor)
 

@@ -18,6 +18,7 @@ scrambles ``w`` and with it about half the bits; re-synchronization restores the
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import zipfile
@@ -251,18 +252,87 @@ def embed_watermark(
     return key, report
 
 
-def extract_watermark(model: onnx.ModelProto, key: WatermarkKey) -> tuple[np.ndarray, float]:
-    """The bits read from ``key.layer``'s kernel and their bit error rate against the key."""
+@dataclass(frozen=True)
+class Extraction:
+    """The bits read from the marked kernel, where it was found, and how likely such a read is by chance."""
+
+    bits: np.ndarray  # uint8 0/1, [N]
+    bit_error_rate: float
+    layer: str  # the Conv node read
+    located_by: str  # "name", "weight" or "search" (see :func:`extract_watermark`)
+    candidates: int  # Conv layers read (1 unless searched)
+    chance: float  # probability that an unmarked layer (any of the candidates) reads this well
+
+
+def _read_bits(kernel: np.ndarray, key: WatermarkKey) -> np.ndarray:
+    return (key.projection @ _flat_mean(kernel) > 0).astype(np.uint8)
+
+
+def _chance(errors: int, n_bits: int, candidates: int) -> float:
+    """P(some of ``candidates`` unmarked layers reads at most ``errors`` wrong bits of ``n_bits``).
+
+    An unmarked kernel's projections fall on either side of zero like coin flips, so its
+    error count is Binomial(n, 1/2); the search keeps the best of ``candidates`` such reads.
+    """
+    tail = math.fsum(math.comb(n_bits, k) for k in range(errors + 1)) / 2.0**n_bits
+    if tail >= 1.0:
+        return 1.0
+    return float(min(1.0, -math.expm1(candidates * math.log1p(-tail))))  # exact for tiny tails
+
+
+def _standard_convs(graph: ModelGraph) -> list[onnx.NodeProto]:
+    return [node for node in graph.nodes if node.op_type == "Conv" and node.domain in ("", "ai.onnx") and len(node.input) > 1]
+
+
+def extract_watermark(model: onnx.ModelProto, key: WatermarkKey) -> Extraction:
+    """Read the mark back and measure its bit error rate against the key.
+
+    The layer is found by the key's node name; failing that, by the kernel tensor it read at
+    embedding (node names change freely: ``onnx.compose.add_prefix``, optimisers); failing that,
+    every Conv whose kernel has the key's width per filter is read and the best read kept: a
+    search, so :attr:`Extraction.chance` counts every candidate (the chance that the best of
+    that many unmarked layers reads as well).
+
+    Raises:
+        OnnxladyError: the node of the key's name is no Conv, or no Conv has the key's kernel width.
+    """
     graph = ModelGraph(model, infer_shapes=False, fold=False)
-    _, node = _find_conv(graph, key.layer)
-    kernel = _kernel(graph, node, key.layer)
-    w = _flat_mean(kernel)
-    if key.projection.ndim != 2 or key.projection.shape[1] != w.size:
+    n_bits = key.length
+    named = [node for node in graph.nodes if node.name == key.layer]
+    if named:
+        _, node = _find_conv(graph, key.layer)
+        located = [(node, "name")]
+    else:
+        located = [(node, "weight") for node in _standard_convs(graph) if node.input[1] == key.weight][:1]
+    if located:
+        node, how = located[0]
+        label = node.name or node.output[0]
+        kernel = _kernel(graph, node, label)
+        if key.projection.shape[1] != _flat_mean(kernel).size:
+            raise OnnxladyError(
+                f"layer '{label}': the key projects {key.projection.shape[-1]} values, the kernel has {_flat_mean(kernel).size} per filter"
+            )
+        bits = _read_bits(kernel, key)
+        errors = int(np.sum(bits != key.bits))
+        return Extraction(bits, errors / n_bits, label, how, 1, _chance(errors, n_bits, 1))
+    reads = []
+    for node in _standard_convs(graph):
+        value = graph.constant_value(node.input[1])
+        if value is None or value.ndim < 3 or not np.issubdtype(value.dtype, np.floating):
+            continue
+        kernel = value.astype(np.float64)
+        if _flat_mean(kernel).size == key.projection.shape[1]:
+            bits = _read_bits(kernel, key)
+            reads.append((int(np.sum(bits != key.bits)), node.name or node.output[0], bits))
+    if not reads:
+        convs = [node.name for node in _standard_convs(graph) if node.name]
+        hint = f" (Conv layers: {', '.join(convs[:8])}{', ...' if len(convs) > 8 else ''})" if convs else ""
         raise OnnxladyError(
-            f"layer '{key.layer}': the key projects {key.projection.shape[-1]} values, the kernel has {w.size} per filter"
+            f"no node named '{key.layer}' and no Conv reading '{key.weight}' or with {key.projection.shape[1]} "
+            f"kernel values per filter in this model{hint}"
         )
-    extracted = (key.projection @ w > 0).astype(np.uint8)
-    return extracted, float(np.mean(extracted != key.bits))
+    errors, label, bits = min(reads, key=lambda read: read[0])
+    return Extraction(bits, errors / n_bits, label, "search", len(reads), _chance(errors, n_bits, len(reads)))
 
 
 # -- key files -------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from onnxlady._verify._feed_stream import FeedStream
 from onnxlady._verify._feeds import load_input_file, script_feeds
 from onnxlady._verify._inputs import check_range, generate_inputs, parse_value_ranges, plan_inputs
 from onnxlady._verify._models import GraphIndex, ModelLike, check_interfaces, describe, load_graph
-from onnxlady._verify._noise_floor import ReferenceNoise, judge_with_noise, measure_reference_noise
+from onnxlady._verify._noise_floor import judge_with_noise, measure_reference_noise
 from onnxlady._verify._reference_runs import CheckNotRunError, ReferenceRuns
 from onnxlady._verify._report import InputRecord, OutputComparison, VerifyReport
 from onnxlady._verify._session import CPU, CUDA, PROVIDERS, create_session, first_line, run_session
@@ -570,22 +570,16 @@ def verify_models(
     compared = tuple(a.result() for a in outputs)
     squashed = tuple(a.result() for a in squash_inputs)
     verdict, reasons, judged = judge(compared, squashed)
+    # Everything compared: the candidate's session is freed before the reference's noise sessions
+    # are built in the memory it held (building them beside it peaked at twice the comparison's).
+    del sessions, cand_session
     if verdict == NOT_EQUIVALENT and first_feed is not None:
         say(progress, "verify: measuring the reference's own rounding noise")
+        # A decoding step after the prefill has its own rounding: measured too, with the same sessions.
+        steps = [(first_outputs, first_feed)] + [(step_outputs, step_feed) for step_feed, step_outputs in later_steps]
         noise = measure_reference_noise(
-            reference, runs.live_session(), provider_used, ref_name, fetch.ref, fetch.ref[output_count:],
-            first_outputs, first_feed,
-        )  # fmt: skip
-        for step_feed, step_outputs in later_steps:  # a decoding step after the prefill: its own rounding
-            more = measure_reference_noise(
-                reference, runs.live_session(), provider_used, ref_name, fetch.ref, fetch.ref[output_count:],
-                step_outputs, step_feed,
-            )  # fmt: skip
-            if more is not None:
-                merged = dict(noise.max_abs) if noise is not None else {}
-                for tensor, value in more.max_abs.items():
-                    merged[tensor] = max(merged.get(tensor, 0.0), value)
-                noise = ReferenceNoise(merged, more.sources)
+            reference, runs.live_session, provider_used, ref_name, fetch.ref, fetch.ref[output_count:], steps
+        )
         rejudged = judge_with_noise(compared, squashed, noise) if noise is not None else None
         if rejudged is not None:
             verdict, reasons, noise_notes = rejudged

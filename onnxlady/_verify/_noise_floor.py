@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,67 +53,76 @@ class ReferenceNoise:
 
 def measure_reference_noise(
     reference: ModelLike,
-    session: Any,
+    session: Callable[[], Any],
     provider: str,
     name: str,
     fetched: Sequence[str],
     extra: Sequence[str],
-    outputs: Mapping[str, Any],
-    feed: Mapping[str, np.ndarray],
+    steps: Sequence[tuple[Mapping[str, Any], Mapping[str, np.ndarray]]],
 ) -> ReferenceNoise | None:
-    """How far the reference moves from its ``outputs`` on ``feed`` when only its rounding changes.
+    """How far the reference moves from its outputs on each step's feed when only its rounding changes.
 
-    Two runs: the reference with ONNX Runtime's graph optimizations off, and the optimised
-    session on the feed's floating-point inputs moved by one unit in the last place.
+    Two runs per step: the reference with ONNX Runtime's graph optimizations off, and the
+    optimised session on the feed's floating-point inputs moved by one unit in the last place.
 
     Args:
         reference: The reference model, as verify was given it.
-        session: Verify's (optimised) session of the reference.
+        session: Gives verify's (optimised) session of the reference, opening it again if it
+            was freed; called after the other sessions here have run and been freed, so that
+            ONNX Runtime never builds one beside another (each build peaks at several times the
+            model, see :mod:`onnxlady._verify._reference_runs`).
         provider: The execution provider verify ran on (``"cpu"`` or ``"cuda"``).
         name: Labels the model in messages.
         fetched: The names of the tensors the optimised session returned, in order.
         extra: The intermediate tensors among them (after the graph outputs).
-        outputs: The optimised session's values of ``fetched`` on ``feed``, by name.
-        feed: The feed both ran on.
+        steps: ``(outputs, feed)`` per run measured: the optimised session's values of
+            ``fetched`` on ``feed``, by name (the first feed; a decoding step after it too).
 
     Returns:
-        The noise per floating-point tensor (the larger of the two runs), or None when neither
-        run could be made (then nothing is known and the verdict stands).
+        The noise per floating-point tensor (the largest over the runs and steps), or None when
+        no run could be made (then nothing is known and the verdict stands).
     """
-    runs: list[list[Any]] = []
-    with contextlib.suppress(Exception):  # OnnxladyError or ORT's own exception types: this run says nothing
-        unoptimised, _, _ = create_session(
-            reference, "cpu" if provider == "CPUExecutionProvider" else "cuda", name=name, extra_outputs=extra,
-            optimize=False,
-        )  # fmt: skip
-        runs.append(run_session(unoptimised, feed))
-    jittered = {
-        key: np.nextafter(value, np.inf).astype(value.dtype) if np.issubdtype(value.dtype, np.floating) else value
-        for key, value in feed.items()
-    }
-    if any(np.issubdtype(value.dtype, np.floating) and value.size for value in feed.values()):
-        with contextlib.suppress(Exception):  # ORT's own exception types: this run says nothing
-            runs.append(run_session(session, jittered))
+    # The noise is the largest change over the runs, whatever their order: each session built
+    # here runs every step and is freed before the next is built; verify's own comes last.
+    runs: list[tuple[list[Any], Mapping[str, Any]]] = []
+    on = "cpu" if provider == "CPUExecutionProvider" else "cuda"
+
+    def run_steps(model: ModelLike, optimize: bool) -> None:
+        """Every step's feed through a session of ``model`` (freed on return), each run in ``runs``."""
+        try:
+            other = create_session(model, on, name=name, extra_outputs=extra, optimize=optimize)[0]
+        except Exception:  # OnnxladyError or ORT's own exception types: these runs say nothing
+            return
+        for outputs, feed in steps:
+            with contextlib.suppress(Exception):  # ORT's own exception types: this run says nothing
+                runs.append((run_session(other, feed), outputs))
+
+    run_steps(reference, False)
     sources = ["graph optimizations off", "its inputs moved by one ulp"]
-    variant = _float_activations(reference)
+    variant = _float_activations(reference)  # read once the unoptimised session is gone
     if variant is not None:
         sources.append("MatMulNBits reading float inputs instead of int8-rounded ones")  # the int8 rounding of MatMulNBits' inputs depends on their order within a block
-        with contextlib.suppress(Exception):  # OnnxladyError or ORT's own exception types: this run says nothing
-            floated, _, _ = create_session(
-                variant, "cpu" if provider == "CPUExecutionProvider" else "cuda", name=name, extra_outputs=extra
-            )
-            runs.append(run_session(floated, feed))
+        run_steps(variant, True)
         del variant
+    for outputs, feed in steps:
+        if any(np.issubdtype(value.dtype, np.floating) and value.size for value in feed.values()):
+            jittered = {
+                key: np.nextafter(value, np.inf).astype(value.dtype) if np.issubdtype(value.dtype, np.floating) else value
+                for key, value in feed.items()
+            }
+            optimised = session()  # outside the suppression: a reference that no longer opens is said
+            with contextlib.suppress(Exception):  # ORT's own exception types: this run says nothing
+                runs.append((run_session(optimised, jittered), outputs))
     if not runs:
         return None
     noise: dict[str, float] = {}
-    for values in runs:
+    for values, outputs in runs:
         for tensor, value in zip(fetched, values):
-            optimised = np.asarray(outputs[tensor])
-            other = np.asarray(value)
-            if optimised.shape != other.shape or not np.issubdtype(optimised.dtype, np.floating):
+            optimised_value = np.asarray(outputs[tensor])
+            changed = np.asarray(value)
+            if optimised_value.shape != changed.shape or not np.issubdtype(optimised_value.dtype, np.floating):
                 continue
-            a, b = optimised.astype(np.float64), other.astype(np.float64)
+            a, b = optimised_value.astype(np.float64), changed.astype(np.float64)
             finite = np.isfinite(a) & np.isfinite(b)
             if not finite.any():
                 continue
