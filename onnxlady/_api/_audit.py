@@ -201,8 +201,8 @@ def audit(
     if method not in METHODS:
         raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
     # External weights stay in their files, read as the audit needs them.
-    opened_reference = open_model(reference, "reference", progress, map_external=True)
-    opened_suspect = open_model(suspect, "suspect", progress, map_external=True)
+    opened_reference = open_model(reference, "reference", progress, map_external=True, digest=False)
+    opened_suspect = open_model(suspect, "suspect", progress, map_external=True, digest=False)
     external_inputs = [path for opened in (opened_reference, opened_suspect) for path in opened.external_files]
     check_output_paths([target for target in targets if target is not None], external_inputs)
     if all(external) and inputs[0] is not None and inputs[1] is not None:

@@ -251,7 +251,7 @@ def embed_watermark(
     check_whole(bits, "--bits", 1)
     check_seed(seed, "--seed")
     shapes = shape_overrides(shape)
-    opened = open_model(model, progress=progress)
+    opened = open_model(model, progress=progress, digest=False)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
     marked = copy_model(opened.model)  # the original stays, to measure what the mark changes
     key, report = _embed(marked, layer, int(bits), seed)
@@ -307,7 +307,7 @@ def extract_watermark(model: ModelSource, key: WatermarkKeySource) -> WatermarkE
         watermark_key = read_watermark_key(key)
     else:
         raise OnnxladyError(f"key: expected a path or a WatermarkKey, got {type(key).__name__}")
-    opened = open_model(model)
+    opened = open_model(model, digest=False)
     read = _extract(opened.model, watermark_key)
     return WatermarkExtraction(
         read.bits, read.bit_error_rate, read.layer, opened.path, source_path(key),

@@ -492,14 +492,10 @@ class ModelGraph:
         as ``Expand(x, Where(Equal(shape, -1), 1, shape))``: ONNX's inference leaves every dim of
         the output unknown that is not the input's, the copies' count too (``repeat_kv``).
         """
-        if len(node.input) < 2 or not node.output or not node.output[0]:
+        read = self._shape_and_target(node, symbolic, values)
+        if read is None:
             return set()
-        in_shape = self.shapes.get(node.input[0])
-        target = symbolic.get(node.input[1])
-        if target is None and node.input[1] in values:
-            target = tuple(int(v) for v in values[node.input[1]].reshape(-1))
-        if in_shape is None or target is None:
-            return set()
+        in_shape, target = read
         found = _fold.symbolic_expand(in_shape, target)
         name = node.output[0]
         old = self.shapes.get(name)
@@ -511,6 +507,20 @@ class ModelGraph:
             self.dtypes.setdefault(name, dtype)
         return {name}
 
+    def _shape_and_target(
+        self, node: onnx.NodeProto, symbolic: dict[str, _fold.SymbolicValue], values: dict[str, np.ndarray]
+    ) -> tuple[Shape, _fold.SymbolicValue] | None:
+        """An Expand's or Reshape's input shape and its shape operand, read symbolically or as values."""
+        if len(node.input) < 2 or not node.output or not node.output[0]:
+            return None
+        in_shape = self.shapes.get(node.input[0])
+        target = symbolic.get(node.input[1])
+        if target is None and node.input[1] in values:
+            target = tuple(int(v) for v in values[node.input[1]].reshape(-1))
+        if in_shape is None or target is None:
+            return None
+        return in_shape, target
+
     def _reshape_symbolic(
         self, node: onnx.NodeProto, symbolic: dict[str, _fold.SymbolicValue], values: dict[str, np.ndarray]
     ) -> set[str]:
@@ -519,14 +529,10 @@ class ModelGraph:
         ONNX's inference cannot resolve ``-1`` next to symbolic dims (``[b, s, 4, 8]`` to
         ``[b, s, -1]``); the symbols cancel here.
         """
-        if len(node.input) < 2 or not node.output or not node.output[0]:
+        read = self._shape_and_target(node, symbolic, values)
+        if read is None:
             return set()
-        in_shape = self.shapes.get(node.input[0])
-        target = symbolic.get(node.input[1])
-        if target is None and node.input[1] in values:
-            target = tuple(int(v) for v in values[node.input[1]].reshape(-1))
-        if in_shape is None or target is None:
-            return set()
+        in_shape, target = read
         found = _fold.symbolic_reshape(in_shape, target, bool(node_attribute(node, "allowzero", 0)))
         if found is None:
             return set()

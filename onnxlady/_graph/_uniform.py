@@ -152,12 +152,7 @@ def _reshape(in_shape: Shape, out_shape: Shape, before: frozenset[int]) -> froze
     output axis is uniform when each of its digits lies in a uniform input axis.
     """
     rank_in, rank_out = len(in_shape), len(out_shape)
-    lead = 0
-    while lead < min(rank_in, rank_out) and _same(in_shape[lead], out_shape[lead]):
-        lead += 1
-    trail = 0
-    while trail < min(rank_in, rank_out) - lead and _same(in_shape[-1 - trail], out_shape[-1 - trail]):
-        trail += 1
+    lead, trail = agreeing_ends(in_shape, out_shape)
     result = {a for a in range(lead) if a in before}
     result |= {rank_out - 1 - k for k in range(trail) if rank_in - 1 - k in before}
     middle_in = list(in_shape[lead : rank_in - trail])
@@ -203,3 +198,19 @@ def _digit_owners(dims_in: list[int], dims_out: list[int]) -> dict[int, set[int]
 
 def _same(a: int | str | None, b: int | str | None) -> bool:
     return a is not None and a == b
+
+
+def agreeing_ends(in_shape: Shape, out_shape: Shape) -> tuple[int, int]:
+    """How many leading and trailing axes of a Reshape agree (an int or the same symbolic name).
+
+    Those map one to one; only the axes between them are regrouped (the trailing count never
+    overlaps the leading one).
+    """
+    rank_in, rank_out = len(in_shape), len(out_shape)
+    lead = 0
+    while lead < min(rank_in, rank_out) and _same(in_shape[lead], out_shape[lead]):
+        lead += 1
+    trail = 0
+    while trail < min(rank_in, rank_out) - lead and _same(in_shape[-1 - trail], out_shape[-1 - trail]):
+        trail += 1
+    return lead, trail

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from onnxlady._graph._expr import Atom, Expr, Fixed, product
 from onnxlady._graph._model_graph import Shape
+from onnxlady._graph._uniform import agreeing_ends
 from onnxlady._rules._context import JointSpace, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 
@@ -174,12 +175,7 @@ def _align(in_shape: Shape, out_shape: Shape) -> tuple[list[_Digit], dict[int, t
     that land in one output axis are kept as one digit.
     """
     rank_in, rank_out = len(in_shape), len(out_shape)
-    lead = 0
-    while lead < min(rank_in, rank_out) and _same(in_shape[lead], out_shape[lead]):
-        lead += 1
-    trail = 0
-    while trail < min(rank_in, rank_out) - lead and _same(in_shape[-1 - trail], out_shape[-1 - trail]):
-        trail += 1
+    lead, trail = agreeing_ends(in_shape, out_shape)
     # Unknown last dims on both sides (a -1 that shape inference names afresh, as in ONNX Runtime's
     # folded ``[0, 4, 16, -1]``) are one block when everything between the leading axes and them
     # is known with equal products: the element count then makes them equal.
@@ -430,10 +426,6 @@ def _common_digits(
     if queue_in or queue_out:
         return None
     return digits_in, digits_out
-
-
-def _same(a: int | str | None, b: int | str | None) -> bool:
-    return a is not None and a == b
 
 
 @register
