@@ -116,11 +116,11 @@ def test_an_untouched_copy_a_permuted_copy_and_a_folded_copy_are_not_accused(tmp
 
 def test_a_value_computed_from_shape_stays_a_constant() -> None:
     """What depends on the input's shape is not computed here: the check leaves it alone."""
-    from onnxlady._audit._graph_edits import _constants, _folded
+    from onnxlady._audit._graph_edits import folded_tensors, graph_constants
 
     model = _computed_target_model()
     shape = helper.make_node("Shape", ["input"], ["input_shape"], name="input.shape")
     model.graph.node.insert(0, shape)
-    computed, pure = _folded(model.graph, _constants(model.graph))
+    computed, pure = folded_tensors(model.graph, graph_constants(model.graph))
     assert "input_shape" in computed and "input_shape" not in pure
     assert {"target", "scale"} <= pure

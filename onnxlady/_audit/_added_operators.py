@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import onnx
 
-from onnxlady._audit._graph_edits import _constants, _folded
+from onnxlady._audit._graph_edits import folded_tensors, graph_constants
 
 __all__ = ["added_operators"]
 
@@ -117,8 +117,8 @@ def _kinds(model: onnx.ModelProto) -> tuple[Counter[str], dict[str, list[str]]]:
     counts: Counter[str] = Counter()
     names: dict[str, list[str]] = {}
     functions = {(function.domain, function.name): function for function in model.functions}
-    constants = _constants(model.graph)
-    folded, _ = _folded(model.graph, constants)
+    constants = graph_constants(model.graph)
+    folded, _ = folded_tensors(model.graph, constants)
     computing = [node for node in model.graph.node if not node.output or not all(name in folded for name in node.output if name)]
     _count(computing, functions, counts, names)
     return counts, names

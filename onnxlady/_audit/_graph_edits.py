@@ -27,7 +27,7 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._graph._fold import EVALUATE_LIMIT, constant_attribute_value, evaluate_node
 from onnxlady._io._external import is_mapped, mapped_array
 
-__all__ = ["graph_edits"]
+__all__ = ["folded_tensors", "graph_constants", "graph_edits"]
 
 #: Below this share of operators found by output name in both graphs, the suspect is no
 #: node-for-node copy and is not compared operator by operator.
@@ -45,7 +45,7 @@ _ZERO_WHEN_ABSENT = {
 _ZEROS = "<zeros>"
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | None]:
+def graph_constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | None]:
     """The graph's constants by name, with their tensors where stored (None: a Constant of another kind)."""
     found: dict[str, onnx.TensorProto | None] = {tensor.name: tensor for tensor in graph.initializer}
     for node in graph.node:
@@ -97,7 +97,7 @@ def _attribute(attribute: onnx.AttributeProto) -> str:
 _SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
-def _folded(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto | None]) -> tuple[set[str], set[str]]:
+def folded_tensors(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto | None]) -> tuple[set[str], set[str]]:
     """Tensors a constant folder may store: computed from constants and shapes only; and of those, from constants alone.
 
     The second set (no ``Shape`` or ``Size`` among what they are computed from) holds values
@@ -190,8 +190,8 @@ def _operators(
         place: where the graph sits ("" for the main graph), prefixed to its operators' keys.
     """
     constants = dict(outer or {})
-    constants.update(_constants(graph))
-    folded, _ = _folded(graph, constants)
+    constants.update(graph_constants(graph))
+    folded, _ = folded_tensors(graph, constants)
     for name in folded:
         constants.setdefault(name, None)
     found: dict[str, tuple[onnx.NodeProto, tuple[object, ...]]] = {}
@@ -231,7 +231,7 @@ def _function_operators(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProt
 
 def _all_constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | None]:
     """The constants of a graph and of every subgraph in it, by name."""
-    found = _constants(graph)
+    found = graph_constants(graph)
     for node in graph.node:
         for attribute in node.attribute:
             for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
@@ -252,8 +252,8 @@ def _computed_reads(
     """
     sides = []
     for model in (reference, suspect):
-        constants = _constants(model.graph)
-        _, pure = _folded(model.graph, constants)
+        constants = graph_constants(model.graph)
+        _, pure = folded_tensors(model.graph, constants)
         sides.append((pure, _Values(model, constants)))
     (ref_pure, ref_values), (sus_pure, sus_values) = sides
 

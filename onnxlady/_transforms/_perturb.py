@@ -430,11 +430,8 @@ def _holders(model: onnx.ModelProto, only: Sequence[str] | None) -> list[_Holder
     weights = _model_weights(model, only)
     if not weights:
         raise OnnxladyError("the model has no Conv/ConvTranspose/Gemm/MatMul weight tensor to perturb")
-    holders = [_Holder(graph, name, op_type) for name, op_type in weights]
     main_graph = tensor_holders(model, subgraphs=False)
-    for holder in holders:
-        holder.in_main_graph = holder.name in main_graph
-    return holders
+    return [_Holder(graph, name, op_type, in_main_graph=name in main_graph) for name, op_type in weights]
 
 
 def _steps(noise: float | None, quantize_bits: int | None, prune_percent: float | None, seed: int) -> list[_Step]:
@@ -515,7 +512,7 @@ def _change(tensor: str, op_type: str, kind: str, old: np.ndarray, new: np.ndarr
 class _Holder:
     """One weight leaf's storage: an initializer, a Constant's ``value`` or ``value_float(s)``."""
 
-    def __init__(self, graph: ModelGraph, name: str, op_type: str) -> None:
+    def __init__(self, graph: ModelGraph, name: str, op_type: str, *, in_main_graph: bool = True) -> None:
         leaf = graph.constant_leaf(name)
         assert leaf is not None
         self.name = name
@@ -538,7 +535,7 @@ class _Holder:
         self.op_type = op_type
         self.dtype = onnx.TensorProto.FLOAT if self.tensor is None else self.tensor.data_type
         #: Held by the main graph (a streaming writer's overrides reach only those).
-        self.in_main_graph = True
+        self.in_main_graph = in_main_graph
 
     def read(self) -> np.ndarray:
         """The values as float64, after checking they can be perturbed and written back."""
