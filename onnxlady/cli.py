@@ -88,6 +88,11 @@ def _main(argv: Sequence[str] | None) -> int:
             if progress is not None:
                 progress.close()
         _emit(args, result)
+        # A result that printed what it did and still failed (an index build that read no file)
+        # says why in one line on stderr, as bad input does.
+        failure = getattr(result, "failure", None)
+        if failure:
+            print(f"onnxlady: error: {_printable(failure)}", file=sys.stderr)
         return int(result.exit_code)
     except onnxlady.OnnxladyError as exc:
         print(f"onnxlady: error: {_printable(str(exc))}", file=sys.stderr)

@@ -91,3 +91,45 @@ def test_fused_and_quantized_forms_count_as_their_activation() -> None:
         [conv, helper.make_node("QLinearSigmoid", ["c", "s", "z", "ys", "yz"], ["y"], name="qs", domain="com.microsoft")],
         "qs", [], []))  # fmt: skip
     assert added_operators(plain, sigmoid) == ["1 more sigmoid operator in the suspect than in the reference ('qs')"]
+
+
+def _softmax_to(op_type: str):  # type: ignore[no-untyped-def]
+    def edit(model: onnx.ModelProto) -> None:
+        node = [node for node in model.graph.node if node.op_type == "Softmax"][-1]
+        node.op_type = op_type
+
+    return edit
+
+
+@pytest.mark.parametrize("op_type", ["LogSoftmax", "Hardmax"])
+@pytest.mark.parametrize("level", ["basic", "extended"])
+def test_a_softmax_made_another_of_its_family_in_a_converted_copy_is_modified(
+    tmp_path: Path, op_type: str, level: str
+) -> None:
+    """Held-out round 13, F3: ``Softmax`` -> ``LogSoftmax``/``Hardmax`` kept one "softmax" kind count.
+
+    No converter makes a ``Softmax`` either (a ``LogSoftmax`` only fuses ``Log(Softmax)``): each is
+    its own kind now, the reference's ``Log`` of a ``Softmax`` counting as a log-softmax.
+    """
+    source = FIXTURES["encoder_prenorm"](0)
+    suspect = ort_optimized(source, level)
+    _softmax_to(op_type)(suspect)
+    assert not verify_models(source, suspect).equivalent
+    result = audit(_saved(source, tmp_path / "reference.onnx"), _saved(suspect, tmp_path / "suspect.onnx"))
+    assert result.verdict == "modified" and result.exit_code == 1, result.summary
+    assert f"more {op_type.lower()} operator" in result.summary
+
+
+def test_log_of_a_softmax_fused_into_log_softmax_adds_nothing() -> None:
+    softmax = helper.make_node("Softmax", ["x"], ["s"], name="softmax", axis=-1)
+    log = helper.make_node("Log", ["s"], ["y"], name="log")
+    fused = helper.make_node("LogSoftmax", ["x"], ["y"], name="log_softmax", axis=-1)
+    plain = helper.make_model(helper.make_graph([softmax, log], "plain", [], []))
+    fusion = helper.make_model(helper.make_graph([fused], "fused", [], []))
+    assert added_operators(plain, fusion) == [] and added_operators(fusion, plain) == []
+    swapped = helper.make_model(helper.make_graph([helper.make_node("LogSoftmax", ["x"], ["y"], name="ls", axis=-1)], "s", [], []))
+    only_softmax = helper.make_model(helper.make_graph([softmax], "o", [], []))
+    assert added_operators(only_softmax, swapped) == ["1 more logsoftmax operator in the suspect than in the reference ('ls')"]
+    argmin = helper.make_model(helper.make_graph([helper.make_node("ArgMin", ["x"], ["y"], name="am")], "a", [], []))
+    argmax = helper.make_model(helper.make_graph([helper.make_node("ArgMax", ["x"], ["y"], name="aM")], "b", [], []))
+    assert added_operators(argmax, argmin) == ["1 more argmin operator in the suspect than in the reference ('am')"]

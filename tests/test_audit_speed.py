@@ -156,30 +156,83 @@ def test_scaled_under_noise_same_from_matrices_and_lists() -> None:
     assert [(item.tensor, item.neuron) for item in from_matrices] == [("a", 3)]
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((257, 64), 1), ((64, 257), 0), ((32, 16, 3, 3), 0), ((16, 32, 3, 3), 1), ((3, 40, 7), 2)])
-def test_scale_analysis_rows_are_the_per_row_ones(shape: tuple[int, ...], axis: int) -> None:
-    """The blocks of rows (any axis: rows strided in the tensor) give the per-row figures."""
+def _unaligned(array: np.ndarray) -> np.ndarray:
+    """``array``'s values in a buffer one byte off its item size (a tensor mapped from an inline ``.onnx`` file)."""
+    data = np.frombuffer(b"\0" + array.tobytes(), dtype=array.dtype, offset=1).reshape(array.shape)
+    assert not data.flags.aligned
+    return data
+
+
+#: Narrow rows (a matrix a block) and wide ones (1500 to 70000 values: a few rows a block, one
+#: row a block past _BLOCK_VALUES), rows strided in the tensor (any axis), neurons of two slices.
+_ROW_CASES = [
+    ((257, 64), 1, 1), ((64, 257), 0, 1), ((32, 16, 3, 3), 0, 1), ((16, 32, 3, 3), 1, 1), ((3, 40, 7), 2, 1),
+    ((40, 1500), 0, 1), ((24, 64, 5, 5), 0, 1), ((64, 24, 5, 5), 1, 1), ((3000, 40), 1, 1), ((4, 70000), 0, 1),
+    ((48, 16, 5, 5), 0, 2), ((20, 2100), 1, 2),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "axis", "slices"), _ROW_CASES)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_scale_analysis_rows_are_the_per_row_ones(shape: tuple[int, ...], axis: int, slices: int, aligned: bool) -> None:
+    """The blocks of rows (any axis: rows strided in the tensor; wide rows too) give the per-row figures, bit for bit."""
     from onnxlady._audit import _verdicts as verdicts
 
     rng = np.random.default_rng(4)
     ref = rng.standard_normal(shape).astype(np.float32)
     sus = (ref + 0.05 * rng.standard_normal(shape)).astype(np.float32)
-    size = shape[axis]
-    use = verdicts._Use(0, "w", "w", 0, 1, axis, verdicts._positions(rng.permutation(size), size))
-    assert verdicts._row_width(use, ref) == 1  # the block path is the one compared
+    ref[tuple(slice(0, 1) if d == axis else slice(None) for d in range(ref.ndim))] = 0  # a dead neuron
+    if not aligned:
+        ref, sus = _unaligned(ref), _unaligned(sus)
+    size = shape[axis] // slices
+    use = verdicts._Use(0, "w", "w", 0, 1, axis, verdicts._positions(rng.permutation(np.arange(shape[axis]) % size), size))
+    assert verdicts._block_width(use, ref) == slices  # the block path is the one compared
     per_row = [verdicts._cos_ratio(verdicts._row64(ref, axis, p), verdicts._row64(sus, axis, p)) for p in use.positions]
-    cos, ratio, ks = verdicts._cos_ratios(ref, sus, use)
+    rows_read = verdicts._rows
+    try:
+        verdicts._rows = None  # type: ignore[assignment]  # the block path reads no row alone
+        cos, ratio, ks = verdicts._cos_ratios(ref, sus, use)
+        blocks = verdicts._row_scales(ref, sus, use, size)
+        fitted = verdicts._Fits().fit(use, ref, sus)
+    finally:
+        verdicts._rows = rows_read
     assert [_bits(v) for v in cos] == [_bits(t[0]) for t in per_row]
     assert [_bits(v) for v in ratio] == [_bits(t[1]) for t in per_row]
     assert [_bits(v) for v in ks] == [_bits(t[2]) for t in per_row]
-    blocks, rows = verdicts._row_scales(ref, sus, use, size), None
-    original = verdicts._row_width
+    original = verdicts._block_width
     try:
-        verdicts._row_width = lambda use, array: None  # type: ignore[assignment]
+        verdicts._block_width = lambda use, array: None  # type: ignore[assignment]
         rows = verdicts._row_scales(ref, sus, use, size)
     finally:
-        verdicts._row_width = original
-    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(blocks, rows))
+        verdicts._block_width = original
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(blocks, rows))
+    # The search for scaled neurons: the fitted rows find what the rows read one at a time find.
+    sus_scaled = np.array(sus)
+    sus_scaled[tuple(use.positions[3] if d == axis else slice(None) for d in range(sus.ndim))] *= 1.6
+    fitted = verdicts._Fits().fit(use, ref, sus_scaled)
+    found = find_scaled_under_noise([("t", fitted, fitted)])
+    expected = find_scaled_under_noise([("t", verdicts._Rows(ref, use), verdicts._Rows(sus_scaled, use))])
+    assert [(f.neuron, _bits(f.k), _bits(f.z)) for f in found] == [(f.neuron, _bits(f.k), _bits(f.z)) for f in expected]
+    if size >= 16:  # enough neurons for the bulk to read as unscaled
+        assert [f.neuron for f in found] == [3]
+
+
+def test_fits_are_shared_while_the_arrays_are_the_same() -> None:
+    """The rescale search's fits serve the scaled-neuron search; an array replaced (a scale undone) is fitted anew."""
+    from onnxlady._audit import _verdicts as verdicts
+
+    rng = np.random.default_rng(5)
+    ref = rng.standard_normal((32, 1200)).astype(np.float32)
+    sus = ref + np.float32(0.05) * rng.standard_normal(ref.shape).astype(np.float32)
+    use = verdicts._Use(0, "w", "w", 0, 1, 0, verdicts._positions(rng.permutation(32), 32))
+    fits = verdicts._Fits()
+    first = fits.fit(use, ref, sus)
+    assert fits.fit(use, ref, sus) is first
+    copy = np.array(sus, dtype=np.float64)
+    again = fits.fit(use, ref, copy)
+    assert again is not first and all(a.tobytes() == b.tobytes() for a, b in zip(vars(again).values(), vars(first).values()))
+    other = verdicts._Use(0, "w", "w", 0, 1, 0, use.positions)
+    assert fits.fit(other, ref, copy) is not again
 
 
 def test_heatmap_png_is_the_per_pixel_one() -> None:
@@ -192,3 +245,27 @@ def test_heatmap_png_is_the_per_pixel_one() -> None:
     for matrix in matrices:
         expected = _render._png([[_render._rgb(v) for v in row] for row in matrix])
         assert _render._heatmap_png(matrix) == expected
+
+
+def test_unscaled_rows_of_a_converted_model_are_not_read_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across a conversion the scale analysis tests a row's exactness only where its k could be a scale."""
+    import onnxlady
+    from fixtures.conversions import CONVERSIONS
+    from fixtures.models import build_vgg
+    from onnxlady._audit import _verdicts as verdicts
+
+    reference = build_vgg()
+    suspect = CONVERSIONS["float16"](onnxlady.permute(reference, seed=1).model)
+    calls: list[float] = []
+    exact_multiple = verdicts._exact_multiple
+
+    def counted(r: np.ndarray, s: np.ndarray, k: float, bound: np.ndarray | None) -> tuple[bool, float]:
+        calls.append(k)
+        return exact_multiple(r, s, k, bound)
+
+    monkeypatch.setattr(verdicts, "_exact_multiple", counted)
+    report = verdicts.audit_models(reference, suspect)
+    assert report.verdict == "permuted" and report.conversions
+    rows = sum(len(a.cosine) for a in report.tensors)
+    assert rows > 100 and all(k > 0 and abs(k - 1) > verdicts.SCALE_TOL for k in calls)
+    assert len(calls) < rows / 4  # float16 rounding leaves k within SCALE_TOL of 1 in most rows

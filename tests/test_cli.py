@@ -1055,3 +1055,24 @@ def test_permute_verify_candidate_failure_says_nothing_was_written(cli, model_fi
     result = cli("permute", model_file("vgg"), "-o", out_dir / "p.onnx", "--verify", "--add-output", "nope")
     assert_usage_error(result, out_dir)
     assert "nope" in result.err
+
+
+@pytest.mark.parametrize("command", ["inspect", "audit"])
+def test_a_sparse_initializer_is_refused_naming_it(cli, model_file, tmp_path: Path, command: str) -> None:
+    """Held-out round 13, F5: a weight stored as a ``sparse_initializer`` was "a tensor nothing defines"."""
+    model_file = model_file("vgg")
+    model = onnx.load(model_file)
+    dense = next(t for t in model.graph.initializer if len(t.dims) >= 2)
+    values = numpy_helper.to_array(dense)
+    indices = np.flatnonzero(values).astype(np.int64)
+    sparse = onnx.helper.make_sparse_tensor(
+        numpy_helper.from_array(values.reshape(-1)[indices], dense.name), numpy_helper.from_array(indices), list(values.shape)
+    )
+    model.graph.initializer.remove(dense)
+    model.graph.sparse_initializer.append(sparse)
+    path = tmp_path / "sparse.onnx"
+    onnx.save(model, path)
+    args = [path] if command == "inspect" else [model_file, path]
+    result = cli(command, *args)
+    assert result.code == 2
+    assert f"'{dense.name}', a sparse_initializer" in result.err and len(result.err.strip().splitlines()) == 1

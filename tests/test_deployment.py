@@ -25,6 +25,7 @@ from onnxlady._audit._verdicts import audit_models
 from onnxlady._errors import OnnxladyError
 from onnxlady._resync._entry import resync_model
 from onnxlady._resync._match import match_models
+from onnxlady._resync._solver import ResyncResult
 from onnxlady._verify._compare import verify_models
 from onnxlady.testing import constant_bytes, copy_model, permute_copy, permute_producer_only
 
@@ -46,25 +47,33 @@ def _case(converter: str, name: str) -> tuple[onnx.ModelProto, onnx.ModelProto, 
     return _CACHE[(converter, name)]
 
 
+def check_resync_across(reference: onnx.ModelProto, suspect: onnx.ModelProto, key: object) -> ResyncResult:
+    """Resync of a converted permuted copy: Psi 100, and its output is the suspect re-ordered.
+
+    The output keeps the suspect's form, computes what the suspect computes (and a wrong
+    permutation of it does not: the check can fail), and is the suspect re-ordered by the
+    recovered key, bit for bit.
+    """
+    result = resync_model(reference, suspect, true_key=key)
+    assert result.psi == pytest.approx(100.0)
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in suspect.graph.node]
+    assert verify_models(suspect, result.model, provider="cpu").equivalent
+    wrong = copy_model(result.model)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(suspect, wrong, provider="cpu").equivalent
+    restored = copy_model(suspect)
+    unpermute_model(restored, result.key)
+    assert constant_bytes(restored) == constant_bytes(result.model)
+    return result
+
+
 @pytest.mark.parametrize(("converter", "name"), PAIRS)
 def test_resync_across_a_real_converter(converter: str, name: str) -> None:
     reference, model, key, suspect = _case(converter, name)
     before = onnx.load_from_string(suspect.SerializeToString())
     assert [n.op_type for n in suspect.graph.node] != [n.op_type for n in reference.graph.node]  # it converted
-    result = resync_model(reference, suspect, true_key=key)
-    assert result.psi == pytest.approx(100.0)
+    result = check_resync_across(reference, suspect, key)
     assert suspect == before  # the suspect was not modified
-    # The output keeps the suspect's form and computes what the suspect computes...
-    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in suspect.graph.node]
-    assert verify_models(suspect, result.model, provider="cpu").equivalent
-    # ...which a wrong permutation would not (the check above can fail).
-    wrong = copy_model(result.model)
-    permute_producer_only(wrong, analyze(wrong))
-    assert not verify_models(suspect, wrong, provider="cpu").equivalent
-    # The recovered key turns the suspect into the output, bit for bit.
-    restored = copy_model(suspect)
-    unpermute_model(restored, result.key)
-    assert constant_bytes(restored) == constant_bytes(result.model)
     # Where the suspect's form can move every group, the output is the reference's order.
     if converter != "nbits" and not result.across.unwritten:
         plain = copy_model(model)

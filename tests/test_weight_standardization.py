@@ -180,20 +180,53 @@ def test_a_standardization_read_elsewhere_freezes_its_conv_with_a_reason(tensor:
     assert summary["permutable_producer_neurons"] < sum(CONVS.values())
 
 
-def test_any_other_weight_computed_from_constants_freezes_with_a_reason() -> None:
-    """A weight made from constants by operators no rule maps back (an Add of two constants)."""
+def _conv2_weight_computed(op_type: str, extra: list[onnx.TensorProto], attributes: dict | None = None) -> onnx.ModelProto:
+    """The fixture with ``block.conv2``'s weight computed by ``op_type`` from random constants."""
     model = copy_model(_source())
     conv = _node(model, "block.conv2.conv")
-    weight = numpy_helper.from_array(np.full((16, 16, 3, 3), 0.01, dtype=np.float32), "block.conv2.w_a")
-    delta = numpy_helper.from_array(np.full((16, 16, 3, 3), 0.02, dtype=np.float32), "block.conv2.w_b")
-    model.graph.initializer.extend([weight, delta])
+    rng = np.random.default_rng(5)
+    weight = numpy_helper.from_array(rng.normal(0, 0.1, (16, 16, 3, 3)).astype(np.float32), "block.conv2.w_a")
+    model.graph.initializer.extend([weight, *extra])
+    inputs = ["block.conv2.w_a", *(t.name for t in extra)]
     model.graph.node.insert(
         list(model.graph.node).index(conv),
-        helper.make_node(
-            "Add", ["block.conv2.w_a", "block.conv2.w_b"], ["block.conv2.w_sum"], name="block.conv2.w_add"
-        ),
+        helper.make_node(op_type, inputs, ["block.conv2.w_sum"], name="block.conv2.w_op", **(attributes or {})),
     )
     conv.input[1] = "block.conv2.w_sum"
+    return model
+
+
+def test_a_weight_summed_from_two_constants_moves_both() -> None:
+    """``Add`` of two constants commutes with a permutation: both move with the convolution's channels.
+
+    onnxoptimizer's BatchNorm fold computes a Conv's weight as such arithmetic on constants
+    (``W * Unsqueeze(scale / Sqrt(var + eps))``); it was frozen before.
+    """
+    rng = np.random.default_rng(6)
+    delta = numpy_helper.from_array(rng.normal(0, 0.1, (16, 16, 3, 3)).astype(np.float32), "block.conv2.w_b")
+    source = _conv2_weight_computed("Add", [delta])
+    analysis = analyze(source)
+    groups = _conv_groups(analysis, "block.conv2")
+    assert len(groups) == 1 and groups[0].permutable
+    assert {"block.conv2.w_a", "block.conv2.w_b"} <= {m.tensor for m in groups[0].members}
+    assert analysis.summary()["permutable_producer_neurons"] == sum(CONVS.values())
+    permuted, _, _, key = permute_copy(source, 3)
+    assert verify_models(source, permuted, provider="cpu").equivalent
+    wrong = copy_model(permuted)  # one of the two constants' output rows swapped back
+    tensor = next(t for t in wrong.graph.initializer if t.name == "block.conv2.w_b")
+    rows = numpy_helper.to_array(tensor).copy()
+    assert not np.array_equal(rows, numpy_helper.to_array(delta))  # it was moved
+    rows[[0, 1]] = rows[[1, 0]]
+    tensor.CopyFrom(numpy_helper.from_array(rows, "block.conv2.w_b"))
+    assert not verify_models(source, wrong, provider="cpu").equivalent
+    assert unpermute_model(permuted, key) is True
+    assert permuted.SerializeToString() == source.SerializeToString()
+
+
+def test_a_weight_computed_by_mixing_its_channels_freezes_with_a_reason() -> None:
+    """``CumSum`` along the output axis mixes the channels: no permutation of its constant follows."""
+    axis = numpy_helper.from_array(np.array(0, dtype=np.int64), "block.conv2.w_axis")
+    model = _conv2_weight_computed("CumSum", [axis])
     analysis = analyze(model)
     groups = _conv_groups(analysis, "block.conv2")
     assert len(groups) == 1 and groups[0].frozen
@@ -232,7 +265,8 @@ def test_an_unfolded_standardization_freezes_its_convs_with_the_reason() -> None
     summary = analysis.summary()
     assert summary["producer_neurons"] == 8 + 8 + 4  # the convs are counted, as frozen
     assert summary["permutable_producer_neurons"] == 0
-    assert set(summary["freeze_reasons_by_kind"]) == {"not-constant", "graph-output"}
+    # (the input's channels and the computed weights' kernel axes are groups of their own, frozen)
+    assert set(summary["freeze_reasons_by_kind"]) == {"not-constant", "graph-output", "graph-input", "index-map"}
     for conv in ("c1", "c2"):
         groups = [g for g in analysis.groups if any(m.tensor == f"{conv}.conv" for m in g.members)]
         assert len(groups) == 1

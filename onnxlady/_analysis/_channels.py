@@ -877,7 +877,7 @@ def _copyable(graph: ModelGraph, source: str, uses: Iterable[tuple[int, int]], m
 def _plan_once(
     state: AnalysisState, position: Mapping[int, int], copyable: Callable[[str, list[tuple[int, int]]], bool]
 ) -> list[TensorPermutation]:
-    graph = state.graph
+    graph, solver = state.graph, state.solver
     by_leaf: dict[str, dict[tuple[int, int], dict[int, Binding]]] = {}
     for (node, slot, axis), binding in state.bindings.items():
         by_leaf.setdefault(binding.leaf, {}).setdefault((node, slot), {})[axis] = binding
@@ -887,14 +887,24 @@ def _plan_once(
         bound = by_leaf[leaf]
         classes: dict[tuple, list[tuple[int, int]]] = {}
         uses = graph.constant_uses(leaf)
-        requirements = _requirements(state, leaf, bound, uses)
         if len(uses) == 1:  # one use (most weights): the tensor itself, if it moves at all
-            requirement, use = requirements[0], uses[0]
-            permuted = tuple([(a, r) for a, r in enumerate(requirement) if r is not None])
-            if permuted:
-                roles = sorted({binding.role for binding in bound[use].values()}) if use in bound else []
-                plans.append(TensorPermutation(leaf, leaf, 0, (use,), permuted, tuple(roles)))
+            # (_requirements of one use, without its list of one requirement per use)
+            use = uses[0]
+            axes = bound.get(use)
+            if not axes:
+                continue
+            permuted_axes = []
+            for a in range(len(graph.shape(leaf) or ())):
+                axis_binding = axes.get(a)
+                if axis_binding is not None:
+                    found = canonical(solver, axis_binding.expr)
+                    if type(found) is not Fixed:  # the identity needs nothing
+                        permuted_axes.append((a, found))
+            if permuted_axes:
+                roles = sorted({axis_binding.role for axis_binding in axes.values()})
+                plans.append(TensorPermutation(leaf, leaf, 0, (use,), tuple(permuted_axes), tuple(roles)))
             continue
+        requirements = _requirements(state, leaf, bound, uses)
         for use, requirement in zip(uses, requirements):
             classes.setdefault(requirement, []).append(use)
         # The uses that need no permutation keep the original tensor; the others get copies,

@@ -405,6 +405,23 @@ def _perm_arrays(data: Mapping[Any, Any], origin: str) -> dict[str, np.ndarray]:
     return perms
 
 
+def _packed_weights(analysis: ChannelAnalysis) -> list[str]:
+    """The Conv/Gemm/MatMul weights stored as int4 or uint4 (a QDQ int4 quantizer's), as ``Op 'node' reads 'leaf'``.
+
+    Their producers make no neurons (the rules refuse to move half bytes): without this, a model
+    whose every weight is int4 read "no Conv, Gemm or MatMul with a constant weight".
+    """
+    graph = analysis.graph
+    found = []
+    for index, node in enumerate(graph.nodes[: graph.main_count]):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        leaf = graph.constant_leaf(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        if leaf is not None and graph.dtypes.get(leaf.name) in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            found.append(f"{node.op_type} '{node.name or index}' reads '{leaf.name}'")
+    return found
+
+
 def nothing_permutable(analysis: ChannelAnalysis, name: str = "the model") -> str:
     """Why no group of ``analysis`` can move, in one line (for ``permute``'s refusal and ``inspect``).
 
@@ -432,6 +449,9 @@ def nothing_permutable(analysis: ChannelAnalysis, name: str = "the model") -> st
         parts.append(f"all {len(frozen)} groups of two or more neurons are frozen: {listing}")
     elif analysis.groups:
         parts.append("no group has two or more neurons")
+    elif packed := _packed_weights(analysis):
+        parts.append(f"no operator makes neurons that can move: {len(packed)} weights pack two values per byte "
+                     f"(int4/uint4, moving them would split bytes and blocks; e.g. {packed[0]})")
     else:
         parts.append("no operator makes neurons (no Conv, Gemm or MatMul with a constant weight, no embedding table)")
     if analysis.closed_subgraphs:

@@ -8,6 +8,7 @@ from: every model is reduced to a permutation-invariant fingerprint of its neuro
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ class IndexResult(Result):
 
     Exit code 0: the index was written. Files that could not be read are listed in
     :attr:`errors` (and the JSON's ``errors``) and do not fail the build: a registry always
-    holds some.
+    holds some. Exit code 2 when nothing given could be indexed (every file found unreadable,
+    none fingerprinted, unchanged or touched): :attr:`failure` says so in one line.
 
     Attributes:
         details: the build's counts and lists (see :class:`onnxlady._provenance._index.IndexBuildReport`).
@@ -84,6 +86,26 @@ class IndexResult(Result):
     def errors(self) -> list[UnreadableFile]:
         """Files that could not be fingerprinted, each with its one-line error."""
         return self.details.errors
+
+    @property
+    def failure(self) -> str | None:
+        """Why the build indexed nothing, or None when some file given is in the index.
+
+        A build whose every file failed (a wrong folder, a registry of truncated downloads) wrote
+        no model: an index of nothing would make every later ``find`` answer "nothing derived".
+        An empty folder (no file, no error) is no failure: nothing was there to read.
+        """
+        report = self.details
+        if not report.errors or report.indexed or report.unchanged or report.touched:
+            return None
+        count = len(report.errors)
+        files = "the only file" if count == 1 else f"all {count} files"
+        return f"nothing indexed: {files} given could not be read (listed as unreadable)"
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the index holds what was given; 2 when nothing given could be indexed (:attr:`failure`)."""
+        return 2 if self.failure is not None else 0
 
     def to_json(self) -> dict[str, Any]:
         """The document ``onnxlady index build --json`` prints."""
@@ -253,8 +275,8 @@ def build_index(
     Args:
         paths: files and folders; with ``engine="dask"`` also fsspec URLs (``s3://bucket/models``).
         index: the index file, created when missing.
-        workers: processes of the local pool (default: the machine's CPU count; 1 runs in this
-            process), or the workers of the Dask LocalCluster started when no ``scheduler`` is given.
+        workers: processes fingerprinting, this one included (default: the machine's CPU count;
+            1 runs in this process alone, N starts a local pool of N - 1), or the workers of the Dask LocalCluster started when no ``scheduler`` is given.
         engine: ``"process"`` (a local process pool) or ``"dask"`` (a Dask cluster; needs the
             ``scale`` extra: ``pip install 'onnxlady[scale]'``).
         scheduler: with ``engine="dask"``: the address of a running scheduler
@@ -282,11 +304,18 @@ def build_index(
     def settled(step: IndexProgress) -> None:
         advance(progress, "index: fingerprinting models", step.done, step.total)
 
+    created = not os.path.lexists(index)
     details = _build_index(
         list(paths), index, workers=workers, engine=engine, scheduler=scheduler,
         progress=settled if progress is not None else None,
     )  # fmt: skip
-    return IndexResult(details)
+    result = IndexResult(details)
+    if result.failure is not None and created:
+        # A build that failed leaves no file behind: the index it created holds nothing.
+        for leftover in (str(index), f"{index}-journal", f"{index}-wal", f"{index}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+    return result
 
 
 @overload

@@ -10,18 +10,26 @@ of both models are counted by kind, with what fusions carry (an ``activation`` a
 ``Gelu`` for the ``Erf`` form it replaces, ``FastGelu`` for the ``Tanh`` one), and a kind of which the suspect has more is an
 edit. Fewer is no edit: fusion into attention, and quantization absorbing a ``Relu`` into its
 range, remove them.
+
+Within one kind, what the operator computes is compared too (:func:`changed_operators`): a
+``Relu`` made a ``Clip(0, 6)`` or back, a ``LeakyRelu``'s slope, a ``Clip``'s bounds, a
+normalization's epsilon, a ``Softmax``'s axis. Each is read as what it computes, not how it is
+spelled: ``Relu`` is a clip to ``[0, inf)``, a ``FusedConv``'s ``activation_params`` are the
+fused activation's, a bound stored in float16 is the same bound.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
 
-from onnxlady._audit._graph_edits import folded_tensors, graph_constants
+from onnxlady._audit._graph_edits import _Values, folded_tensors, graph_constants
 
-__all__ = ["added_operators"]
+__all__ = ["added_operators", "changed_operators"]
 
 #: Each nonlinear operator's kind. Operators converters rewrite into one another (a ``Gelu`` for
 #: the ``Erf`` form it fuses, ``FastGelu`` for the ``Tanh`` one, ``Relu`` for a ``Clip`` at zero,
@@ -36,8 +44,8 @@ _KINDS: dict[str, str] = {
     "tanh": "tanh", "fastgelu": "tanh", "gemmfastgelu": "tanh",
     "softplus": "softplus", "softsign": "softsign", "mish": "softplus",
     "neg": "neg", "abs": "abs", "sign": "sign",
-    "softmax": "softmax", "logsoftmax": "softmax", "hardmax": "softmax",
-    "argmax": "argmax", "argmin": "argmax", "topk": "topk",
+    "softmax": "softmax", "logsoftmax": "logsoftmax", "hardmax": "hardmax",
+    "argmax": "argmax", "argmin": "argmin", "topk": "topk",
     "not": "not",
 }  # fmt: skip
 
@@ -96,8 +104,14 @@ def _count(
     nodes: Iterable[onnx.NodeProto], functions: dict[tuple[str, str], onnx.FunctionProto], counts: Counter[str],
     names: dict[str, list[str]], depth: int = 0,
 ) -> None:
+    nodes = list(nodes)
+    # ``Log(Softmax(x))`` is the log-softmax a converter may fuse into one ``LogSoftmax``: counted as one.
+    logged = {node.input[0] for node in nodes if node.op_type == "Log" and node.domain in ("", "ai.onnx") and node.input}
     for node in nodes:
-        for kind in _node_kinds(node):
+        kinds = list(_node_kinds(node))
+        if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and node.output and node.output[0] in logged:
+            kinds = ["logsoftmax"]
+        for kind in kinds:
             counts[kind] += 1
             names.setdefault(kind, []).append(node.name or (node.output[0] if node.output else node.op_type))
         function = functions.get((node.domain, node.op_type))
@@ -148,4 +162,227 @@ def added_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> lis
             continue
         shown = ", ".join(f"'{name}'" for name in sus_names[kind][-3:])
         lines.append(f"{extra} more {kind} operator{'s' if extra != 1 else ''} in the suspect than in the reference ({shown})")
+    return lines
+
+
+#: What an operator computes within its kind: its numbers in a fixed order (a clip's bounds, a
+#: slope, an epsilon), or None where they are not known here (a bound computed at run time),
+#: which matches any.
+Parameters = tuple[float, ...] | None
+
+_INF = math.inf
+#: Attributes that set what an activation computes, with their defaults (ONNX's and ONNX
+#: Runtime's schemas), by operator without its quantized or fused prefix.
+_ATTRIBUTES: dict[str, tuple[tuple[str, float], ...]] = {
+    "leakyrelu": (("alpha", 0.01),), "hardsigmoid": (("alpha", 0.2), ("beta", 0.5)),
+    "elu": (("alpha", 1.0),), "celu": (("alpha", 1.0),), "thresholdedrelu": (("alpha", 1.0),),
+    "selu": (("alpha", 1.67326319217681884765625), ("gamma", 1.05070102214813232421875)),
+}  # fmt: skip
+#: Normalizations by family, with their epsilon's default: a fusion turns one into another of
+#: its family (``Add`` + ``LayerNormalization`` into ``SkipLayerNormalization``).
+_NORMALIZATIONS: dict[str, tuple[str, float]] = {
+    "layernormalization": ("layer normalization", 1e-5), "simplifiedlayernormalization": ("layer normalization", 1e-5),
+    "rmsnormalization": ("layer normalization", 1e-5), "skiplayernormalization": ("layer normalization", 1e-12),
+    "skipsimplifiedlayernormalization": ("layer normalization", 1e-12),
+    "embedlayernormalization": ("layer normalization", 1e-12),
+    "batchnormalization": ("batch normalization", 1e-5), "instancenormalization": ("instance normalization", 1e-5),
+    "groupnormalization": ("group normalization", 1e-5), "groupnorm": ("group normalization", 1e-5),
+    "skipgroupnorm": ("group normalization", 1e-5),
+}  # fmt: skip
+#: ``HardSwish`` is ``x * HardSigmoid(x)`` with these alpha and beta (what ONNX Runtime fuses).
+_HARD_SWISH = (1.0 / 6.0, 0.5)
+#: Relative difference within which two parameters are one (a bound stored in float16).
+_RTOL = 2e-3
+
+
+def _float(attribute: onnx.AttributeProto) -> float:
+    return float(attribute.f) if attribute.type == onnx.AttributeProto.FLOAT else float(attribute.i)
+
+
+def _bound(value: float) -> float:
+    """A clip bound, float32's largest magnitude read as infinite (``Clip``'s old default)."""
+    return math.copysign(_INF, value) if abs(value) >= 3.4e38 else value
+
+
+def _bare(op_type: str) -> str:
+    name = op_type.lower()
+    for prefix in _PREFIXES:
+        if name.startswith(prefix) and (name[len(prefix):] in _KINDS or name[len(prefix):] in _NORMALIZATIONS):
+            return name[len(prefix):]
+    return name
+
+
+def _fused_parameters(activation: str, node: onnx.NodeProto) -> Parameters:
+    """A fused activation's parameters: ``activation_params`` (FusedConv) or ``activation_alpha``/``_beta`` (FusedGemm)."""
+    attributes = {a.name: a for a in node.attribute}
+    given = list(attributes["activation_params"].floats) if "activation_params" in attributes else [
+        attributes[name].f for name in ("activation_alpha", "activation_beta") if name in attributes]
+    if activation == "relu":
+        return (0.0, _INF)
+    if activation == "clip":
+        return (_bound(given[0]), _bound(given[1])) if len(given) >= 2 else (-_INF, _INF)
+    if activation == "hardswish":
+        return _HARD_SWISH
+    defaults = _ATTRIBUTES.get(activation)
+    if defaults is None:
+        return ()
+    return tuple(given[i] if i < len(given) else default for i, (_, default) in enumerate(defaults))
+
+
+class _Reader:
+    """Reads what each operator of a model computes (:data:`Parameters`), by kind."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.values = _Values(model, graph_constants(model.graph))
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        graph = model.graph
+        self.ranks = {value.name: len(value.type.tensor_type.shape.dim)
+                      for value in [*graph.input, *graph.output, *graph.value_info]
+                      if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")}
+
+    def _scalar(self, name: str, outer: bool) -> float | None:
+        value = self.values(name) if outer and name else None
+        if value is None or value.size != 1 or value.dtype.kind not in "fiu":
+            return None
+        return float(np.asarray(value).ravel()[0])
+
+    def _clip(self, node: onnx.NodeProto, outer: bool) -> Parameters:
+        attributes = {a.name: a for a in node.attribute}
+        if "min" in attributes or "max" in attributes or self.opset < 11:  # Clip-6: bounds as attributes
+            low = attributes["min"].f if "min" in attributes else -_INF
+            high = attributes["max"].f if "max" in attributes else _INF
+            return (_bound(low), _bound(high))
+        bounds = []
+        for slot, default in ((1, -_INF), (2, _INF)):
+            name = node.input[slot] if len(node.input) > slot else ""
+            value = self._scalar(name, outer) if name else default
+            if value is None:
+                return None
+            bounds.append(_bound(value))
+        return (bounds[0], bounds[1])
+
+    def _softmax(self, node: onnx.NodeProto, outer: bool) -> Parameters:
+        legacy = self.opset < 13  # a 2-D coercion at the axis: the same as opset 13's where the axis is the last
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1 if legacy else -1)
+        rank = self.ranks.get(node.input[0]) if outer and node.input else None
+        if axis >= 0:
+            if rank is None:
+                return None
+            axis -= rank
+        return (float(axis), float(legacy and axis != -1))
+
+    def parameters(self, node: onnx.NodeProto, outer: bool) -> Iterable[tuple[str, Parameters]]:
+        """(kind, parameters) of what ``node`` computes; ``outer``: it sits where the main graph's constants are read."""
+        name = _bare(node.op_type)
+        if name == "relu":
+            yield "relu", (0.0, _INF)
+        elif name == "clip":
+            yield "relu", self._clip(node, outer)
+        elif name == "hardswish":
+            yield "hardsigmoid", _HARD_SWISH
+        elif name in _ATTRIBUTES:
+            attributes = {a.name: a for a in node.attribute}
+            yield _KINDS[name], tuple(_float(attributes[key]) if key in attributes else default
+                                      for key, default in _ATTRIBUTES[name])
+        elif name in ("softmax", "logsoftmax", "hardmax"):
+            yield name, self._softmax(node, outer)
+        elif name in _NORMALIZATIONS:
+            family, default = _NORMALIZATIONS[name]
+            yield family, (next((a.f for a in node.attribute if a.name == "epsilon"), default),)
+        activation = next((a.s.decode("utf-8", "replace").lower() for a in node.attribute
+                           if a.name == "activation" and a.type == onnx.AttributeProto.STRING), None)
+        if activation is not None and activation in _KINDS:
+            yield _KINDS[activation], _fused_parameters(activation, node)
+
+
+def _same(first: tuple[float, ...], second: tuple[float, ...]) -> bool:
+    return len(first) == len(second) and all(
+        a == b or (math.isfinite(a - b) and abs(a - b) <= _RTOL * max(abs(a), abs(b))) for a, b in zip(first, second))
+
+
+def _collect(
+    nodes: Iterable[onnx.NodeProto], reader: _Reader, functions: dict[tuple[str, str], onnx.FunctionProto],
+    found: dict[str, list[tuple[Parameters, str]]], outer: bool = True, depth: int = 0,
+) -> None:
+    for node in nodes:
+        for kind, parameters in reader.parameters(node, outer):
+            found.setdefault(kind, []).append((parameters, f"{node.op_type} '{node.name or (node.output[0] if node.output else '')}'"))
+        function = functions.get((node.domain, node.op_type))
+        if function is not None and depth < 16:  # a body reads its own constants: bounds there are not known
+            _collect(function.node, reader, functions, found, False, depth + 1)
+        for attribute in node.attribute:
+            for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                _collect(graph.node, reader, functions, found, outer, depth + 1)
+
+
+def _parameters(model: onnx.ModelProto) -> dict[str, list[tuple[Parameters, str]]]:
+    """What each nonlinear operator and normalization computes, by kind, with its label; folded arithmetic left out."""
+    constants = graph_constants(model.graph)
+    folded, _ = folded_tensors(model.graph, constants)
+    computing = [node for node in model.graph.node if not node.output or not all(name in folded for name in node.output if name)]
+    found: dict[str, list[tuple[Parameters, str]]] = {}
+    _collect(computing, _Reader(model), {(f.domain, f.name): f for f in model.functions}, found)
+    return found
+
+
+def _unmatched(mine: list[Parameters], theirs: list[Parameters]) -> tuple[list[int], list[Parameters]]:
+    """Which of ``theirs`` (the suspect's, by index) no operator of ``mine`` computes, and ``mine`` left over.
+
+    Equal parameters pair first; unknown ones (None) on either side pair with anything left.
+    """
+    left = list(mine)
+    unmatched = []
+    for index, parameters in enumerate(theirs):
+        if parameters is None:
+            continue
+        partner = next((i for i, other in enumerate(left) if other is not None and _same(other, parameters)), None)
+        if partner is not None:
+            left.pop(partner)
+        else:
+            unmatched.append(index)
+    wildcards = sum(1 for other in left if other is None)
+    left = [other for other in left if other is not None]
+    return unmatched[wildcards:], left
+
+
+def _composed_clip(parameters: tuple[float, ...], left: list[Parameters]) -> bool:
+    """Whether a clip is a ``Relu`` and a ``Clip`` of the reference fused into one (ONNX Runtime's ReluClipFusion)."""
+    if (0.0, _INF) not in left:
+        return False
+    return any(other is not None and other[1] == parameters[1] and max(other[0], 0.0) == parameters[0] for other in left)
+
+
+def changed_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> list[str]:
+    """The suspect's operators that compute, within their kind, what none of the reference's does; one line each.
+
+    A ``Relu`` made a ``Clip(0, 6)``, a ``LeakyRelu``'s slope or a normalization's epsilon
+    changed keep every weight and every count of operators (:func:`added_operators`). Each of
+    the suspect's operators must find one of the reference's of its kind computing the same
+    (:data:`Parameters`, within float16's rounding), each of the reference's used once. Only a
+    suspect's operator left over while one of the reference's is too is an edit: fewer is a
+    fusion's, and more of a kind where every one of the reference's is found is either
+    :func:`added_operators`' or a converter's (a ``BatchNormalization`` the reference, optimized,
+    folded into its ``Conv``; a ``LayerNormalization`` fused from the arithmetic the reference
+    keeps, whose epsilon is a constant there).
+
+    Returns:
+        Empty when every operator is found; else lines such as ``"Clip 'c' computes relu (0, 6)
+        in the suspect, which no relu operator of the reference computes"``.
+    """
+    ours, theirs = _parameters(reference), _parameters(suspect)
+    skipped = {"relu"} if _quantized(reference) and not _quantized(suspect) else set()
+    lines = []
+    for kind in sorted(theirs):
+        if kind in skipped:
+            continue
+        unmatched, left = _unmatched([parameters for parameters, _ in ours.get(kind, [])],
+                                     [parameters for parameters, _ in theirs[kind]])
+        if not left:
+            continue  # every operator of the reference's found: more of the kind is added_operators'
+        for index in unmatched:
+            parameters, label = theirs[kind][index]
+            if parameters is None or (kind == "relu" and _composed_clip(parameters, left)):
+                continue
+            shown = ", ".join(f"{value:g}" for value in parameters)
+            lines.append(f"{label} computes {kind} ({shown}) in the suspect, which no {kind} operator of the reference computes")
     return lines

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from onnxlady._analysis._channels import ChannelAnalysis
-from onnxlady._audit._rowwise import least_squares_rows
+from onnxlady._audit._rowwise import FittedRows, least_squares_rows
 from onnxlady._audit._scipy import gammaincinv, top_eigenvalue
 from onnxlady._audit._select import median
 from onnxlady._graph._attributes import node_attribute
@@ -65,6 +65,8 @@ __all__ = ["WeightInfo", "classify_change", "find_scaled_under_noise", "weight_i
 
 #: Operators whose weight operand is classified (those ``perturb`` touches).
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Recurrent operators, whose input and recurrence weights (inputs 1 and 2) are weights too.
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 #: Pruning: new exact zeros in at least this fraction of the changed tensors' elements.
 PRUNE_MIN_FRACTION = 0.05
 #: Pruning: at least this fraction of the kept weights equal the reference's largest magnitudes.
@@ -137,14 +139,23 @@ class WeightInfo:
 
 
 def weight_infos(analysis: ChannelAnalysis) -> dict[str, WeightInfo]:
-    """The weight tensors of the reference, as ``perturb`` touches them.
+    """The weight tensors of the reference: those ``perturb`` touches, and a recurrent layer's.
 
     Input 1 of Conv/ConvTranspose/Gemm, the constant operand of MatMul, through Identity/Cast
-    chains; the first use wins.
+    chains (in If/Loop bodies too); the first use wins. An LSTM/GRU/RNN's ``W`` and ``R``
+    (``[directions, gates x hidden, ...]``, rows on axis 1) are its weights as well: read as
+    "other constants", noise on every weight of a recurrent model was called "biases changed"
+    and the kind uncertain.
     """
     graph = analysis.graph
     out: dict[str, WeightInfo] = {}
     for node in graph.nodes:
+        if node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+            for slot in (1, 2):
+                leaf = graph.constant_leaf(node.input[slot]) if slot < len(node.input) and node.input[slot] else None
+                if leaf is not None and len(graph.shape(leaf.name) or ()) == 3:
+                    out.setdefault(leaf.name, WeightInfo(leaf.name, node.op_type, 1))
+            continue
         if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
             continue
         for slot in (1, 0) if node.op_type == "MatMul" else (1,):
@@ -993,14 +1004,15 @@ class NoisyScale:
 
 
 def find_scaled_under_noise(
-    tensors: Iterable[tuple[str, Collection[np.ndarray] | np.ndarray, Collection[np.ndarray] | np.ndarray]],
+    tensors: Iterable[tuple[str, Collection[np.ndarray] | np.ndarray | FittedRows, Collection[np.ndarray] | np.ndarray | FittedRows]],
 ) -> list[NoisyScale]:
     """Neurons scaled by ``k`` while every other neuron of the model is only noisy.
 
     ``tensors`` holds, per producer tensor, its name and its neurons' rows (flattened) in the
     reference's order, reference and suspect: collections of rows (lists, or rows computed as
-    they are iterated, each once), or float64 matrices with a row
-    per neuron when the rows have one width (read at once); read once, so it may be a
+    they are iterated, each once), float64 matrices with a row per neuron when the rows have
+    one width (read at once), or the rows' least-squares figures (:class:`FittedRows`, the
+    same object on both sides: the figures those matrices give); read once, so it may be a
     generator that builds one tensor's rows at a time. For each neuron: the least-squares ``k`` and its
     standard error ``sigma / |r|`` (``sigma`` the tensor's median residual std, so mis-paired
     rows do not widen it), as a z-score. A neuron is scaled when ``|k - 1|`` exceeds
@@ -1020,7 +1032,12 @@ def find_scaled_under_noise(
         if isinstance(ref_rows, np.ndarray) and isinstance(sus_rows, np.ndarray):  # rows of one width: at once
             found_k, norms, resid, scaled = least_squares_rows(ref_rows, sus_rows)
             ks = np.where(scaled, found_k, 1.0)  # an all-zero row has no scale
+        elif isinstance(ref_rows, FittedRows):  # fitted already (a block of rows at a time)
+            assert sus_rows is ref_rows  # the figures are of both sides
+            norms, resid = ref_rows.norms, ref_rows.residuals
+            ks = np.where(ref_rows.usable, ref_rows.k, 1.0)
         else:
+            assert not isinstance(sus_rows, FittedRows)
             ks, norms, resid = np.ones(count), np.zeros(count), np.zeros(count)
             for j, (r, s) in enumerate(zip(ref_rows, sus_rows)):
                 r64, s64 = r.astype(np.float64, copy=False), s.astype(np.float64, copy=False)  # read only

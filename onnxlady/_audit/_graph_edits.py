@@ -12,7 +12,9 @@ unpermute change constants only), every operator is compared with the reference'
 the same output name: its type, domain, attributes, and what it reads (constants count as
 "a constant": untying renames them, and their values are the weights the audit compares). A
 copy converted to another form (fused, renamed, another opset) is matched across conversions
-instead, where operators legitimately change; it is not compared here.
+instead, where operators legitimately change; it is not compared operator by operator, but the
+operators a converter keeps keep their node names, and what they read is compared
+(:func:`rewired_operators`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._graph._fold import EVALUATE_LIMIT, constant_attribute_value, evaluate_node
 from onnxlady._io._external import is_mapped, mapped_array
 
-__all__ = ["folded_tensors", "graph_constants", "graph_edits"]
+__all__ = ["folded_tensors", "graph_constants", "graph_edits", "rewired_operators"]
 
 #: Below this share of operators found by output name in both graphs, the suspect is no
 #: node-for-node copy and is not compared operator by operator.
@@ -87,7 +89,8 @@ def _attribute(attribute: onnx.AttributeProto) -> str:
         return f"{attribute.name}:tensor:{attribute.t.SerializeToString().hex()}"
     if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
         graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        ops = ",".join(node.op_type for graph in graphs for node in graph.node)
+        # In any order: a simplifier sorts a body again (onnxslim); its operators are compared one by one.
+        ops = ",".join(sorted(node.op_type for graph in graphs for node in graph.node))
         return f"{attribute.name}:graph:{ops}"
     return f"{attribute.name}:{attribute.SerializeToString().hex()}"
 
@@ -319,6 +322,41 @@ def _label(node: onnx.NodeProto, key: str) -> str:
     return f"{node.op_type} '{node.name or output or key}'" + (f" (in {place})" if place else "")
 
 
+#: Attributes a simplifier rewrites when it fuses a ``Pad`` into the operator that reads it.
+_PAD_ATTRIBUTES = ("pads:", "auto_pad:")
+
+
+def _simplified(
+    mine: onnx.NodeProto, theirs: onnx.NodeProto, described: tuple[object, ...], other_described: tuple[object, ...],
+    producers: tuple[dict[str, onnx.NodeProto], ...],
+) -> bool:
+    """Whether two operators of one output name differ as a simplifier leaves them (across forms only).
+
+    onnx-simplifier and onnxslim drop an operator that computes nothing (a Slice of the whole
+    tensor) and give its output name to the operator before it: another type under another
+    node name. They fold a ``Pad`` into the Conv that reads it (its ``pads`` then differ), and
+    simplify inside a ``Loop`` body (whose operators are compared on their own). Each was
+    audited ``modified`` on the simplifier's own output.
+    """
+    if described[:2] != other_described[:2]:  # the suspect's is the operator before the one dropped
+        before = [producers[0].get(name) for name in mine.input if name]
+        return bool(theirs.name) and any(
+            item is not None and (item.name, item.op_type, item.domain) == (theirs.name, theirs.op_type, theirs.domain)
+            for item in before)
+    ours, yours = set(described[4]), set(other_described[4])  # type: ignore[call-overload]
+    changed = {item.split(":", 1)[0] + ":" for item in ours ^ yours}
+    graphs = {f"{a.name}:" for a in [*mine.attribute, *theirs.attribute]
+              if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)}
+    if changed <= graphs:
+        return True
+    padded = [
+        item is not None and item.op_type == "Pad"
+        for item in (producers[0].get(mine.input[0]) if mine.input else None,
+                     producers[1].get(theirs.input[0]) if theirs.input else None)
+    ]
+    return padded[0] != padded[1] and changed <= set(_PAD_ATTRIBUTES)  # one side reads the Pad the other folded
+
+
 def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_for_node: bool = True) -> list[str]:
     """What differs between two node-for-node copies besides their constants, one line per operator.
 
@@ -352,6 +390,7 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
         return []
     computed = _computed_reads(reference, suspect)
     rewired = _rewired_reads(reference, suspect)
+    producers = tuple({name: item for item in model.graph.node for name in item.output if name} for model in (reference, suspect))
     edits: list[str] = []
     for key, (node, described) in ours.items():
         if key not in theirs:
@@ -367,6 +406,8 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
             if swapped:
                 edits.append(f"{_label(node, key)} reads another of the reference's constants in the suspect ({', '.join(swapped)})")
             continue
+        if not node_for_node and _simplified(node, other, described, other_described, producers):
+            continue
         if described[:2] != other_described[:2]:
             edits.append(f"{_label(node, key)} is {other.op_type} in the suspect")
         elif described[4] != other_described[4]:
@@ -381,3 +422,224 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
     if ref_io != sus_io:
         edits.append("the graph's inputs or outputs differ")
     return edits
+
+
+#: Below this share of the reference's operators found under their node name (with their type)
+#: in a converted suspect, its wiring is said to be compared in part only (fused or renamed operators).
+_WIRING_SHARE = 0.9
+#: Beyond this many inputs read from other sources (and this share of those compared), node
+#: names do not identify operators across the two models (a converter that renumbers them).
+_RENAMED_EDGES = 8
+_RENAMED_SHARE = 0.1
+#: Operators a converter inserts to change a tensor's form, not what it holds (float16 with
+#: ``keep_io_types``, a blocked operator kept in float32; an activation's QDQ pair): read
+#: through where only one model has them.
+_FORM_ONLY = frozenset({"Cast", "CastLike", "QuantizeLinear", "DequantizeLinear"})
+
+
+#: Operators that only move data: ONNX Runtime's transpose optimizer pushes a ``Transpose`` (and
+#: what reshapes around it) past the operators that read it, which then read its input.
+_LAYOUT = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Dropout"})
+
+
+def _named_nodes(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """The graph's operators by node name, names given once only."""
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    return {node.name: node for node in graph.node if node.name and counts[node.name] == 1 and node.op_type != "Constant"}
+
+
+class _Sources:
+    """Where a model's tensors come from: ``(node name, output slot)``, a graph input, or a constant."""
+
+    def __init__(self, model: onnx.ModelProto, matched: set[str]) -> None:
+        graph = model.graph
+        self.producers = {name: (node, slot) for node in graph.node for slot, name in enumerate(node.output) if name}
+        self.inputs = {value.name for value in graph.input}
+        self.constants = set(graph_constants(graph))
+        self.matched = matched
+
+    def __call__(self, name: str) -> tuple[str, ...] | None:
+        """The source of ``name`` through the Casts only this model has; None for constants and the unknown."""
+        for _ in range(64):
+            if name in self.constants or not name:
+                return None
+            produced = self.producers.get(name)
+            if produced is None:
+                return ("input", name) if name in self.inputs else None
+            node, slot = produced
+            if node.op_type in _FORM_ONLY and node.name not in self.matched and node.input:
+                name = node.input[0]
+                continue
+            return ("node", node.name, str(slot), name)
+        return None
+
+
+def _upstream(
+    producers: Mapping[str, onnx.NodeProto], start: str, removed: Callable[[onnx.NodeProto], bool]
+) -> set[str]:
+    """The operators (by name) and graph inputs reached from tensor ``start`` upstream through operators a converter removed."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    stack = [producers[start]] if start in producers else []
+    while stack and len(seen) < 100_000:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name in node.input:
+            before = producers.get(name)
+            if before is None:
+                found.add(name)
+            else:
+                found.add(before.name)
+                if removed(before):
+                    stack.append(before)
+    return found
+
+
+def _value_numbers(model: onnx.ModelProto) -> dict[str, int]:
+    """A number per tensor, equal for tensors computed alike (same operator, attributes and inputs' numbers).
+
+    Converters merge operators that compute the same (ONNX Runtime's and the simplifiers'
+    common subexpression elimination: two ``Shape`` of one tensor become one), so an operator
+    may read another of the reference's operators that computes what its own did. Small
+    constants are numbered by their bytes (a simplifier deduplicates them), others by name.
+    """
+    numbers: dict[object, int] = {}
+    found: dict[str, int] = {}
+
+    def number(key: object) -> int:
+        return numbers.setdefault(key, len(numbers))
+
+    for tensor in model.graph.initializer:
+        if _element_count(tensor) <= EVALUATE_LIMIT and not tensor.external_data:
+            unnamed = onnx.TensorProto()
+            unnamed.CopyFrom(tensor)
+            unnamed.ClearField("name")
+            found[tensor.name] = number(("tensor", unnamed.SerializeToString()))
+        else:
+            found[tensor.name] = number(("tensor", tensor.name))
+    for value in model.graph.input:
+        found.setdefault(value.name, number(("input", value.name)))
+    for node in model.graph.node:
+        attributes = tuple(sorted(_attribute(a) for a in node.attribute))
+        inputs = tuple(found.setdefault(name, number(("unknown", name))) if name else -1 for name in node.input)
+        for slot, name in enumerate(node.output):
+            if name:
+                found[name] = number((node.domain or "", node.op_type, attributes, inputs, slot))
+    return found
+
+
+def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> tuple[list[str], str | None]:
+    """The operators of a converted suspect that read another operator's output than the reference's, one line each.
+
+    Converters fuse, fold and drop operators, and cast tensors; the operators they keep keep
+    their node names (ONNX Runtime's optimizer, onnxslim, onnx-simplifier, float16 conversion),
+    and each still reads what it read, or what an operator the converter removed read. An
+    operator made to read another tensor (a residual ``Add`` reading the tensor before the
+    previous residual, held-out round 13, F4) keeps every weight and every operator. Here each
+    operator found under its node name and type in both models has each input traced to its
+    source, through Casts only one model has: an operator found in both, or a graph input. A
+    source the reference reads, or one it reaches upstream through operators the suspect no
+    longer has, is no edit; another one found in both is. A source only the suspect has (a
+    fused operator) is not compared.
+
+    Tensors computed from constants and shapes only are left out (a folder rewrites a shape's
+    arithmetic), and so is a source whose own inputs disagree (its name given to another
+    operator, as ONNX Runtime's transpose optimizer does).
+
+    Returns:
+        The lines, such as ``"Add 'Add_1' input 0 reads 'Gather_0' in the suspect, where the
+        reference reads 'Add_0'"``; and a note where the wiring was compared in part or not at
+        all (fewer than 90 % of the reference's computing operators found under their names, or
+        names that do not follow the reference's), None where it was compared whole.
+    """
+    ours, theirs = _named_nodes(reference.graph), _named_nodes(suspect.graph)
+    common = {name for name in set(ours) & set(theirs)
+              if (ours[name].op_type, ours[name].domain or "") == (theirs[name].op_type, theirs[name].domain or "")}
+    if not common:
+        return [], "its wiring was not compared: no operator of the reference is found under its name in the suspect"
+    ref_sources, sus_sources = _Sources(reference, common), _Sources(suspect, common)
+    suspect_inputs = {value.name for value in suspect.graph.input}
+    reference_inputs = {value.name for value in reference.graph.input}
+
+    def known(source: tuple[str, ...]) -> bool:
+        return source[1] in common if source[0] == "node" else source[1] in suspect_inputs and source[1] in reference_inputs
+
+    numbers = _value_numbers(reference)
+
+    def computed(source: tuple[str, ...], suspects: bool) -> int | None:
+        """The reference's number for a source (the suspect's: its operator's output in the reference)."""
+        if source[0] == "input":
+            return numbers.get(source[1])
+        if not suspects:
+            return numbers.get(source[3])
+        outputs = ours[source[1]].output if source[1] in ours else []
+        slot = int(source[2])
+        return numbers.get(outputs[slot]) if slot < len(outputs) else None
+
+    def removed(node: onnx.NodeProto) -> bool:
+        return node.name not in common or node.op_type in _FORM_ONLY or node.op_type in _LAYOUT
+
+    def same(ref_source: tuple[str, ...], sus_source: tuple[str, ...]) -> bool:
+        reached = computed(sus_source, True)
+        return ref_source[:3] == sus_source[:3] or (reached is not None and reached == computed(ref_source, False))
+
+    # Tensors computed from constants and shapes only (a shape's arithmetic) are a folder's to rewrite.
+    shaped, _ = folded_tensors(reference.graph, graph_constants(reference.graph))
+    ref_producers = {name: node for node in reference.graph.node for name in node.output if name}
+    order = {name: index for index, name in enumerate(ours)}
+    def moved(ref_source: tuple[str, ...], sus_source: tuple[str, ...]) -> bool:
+        """Whether one source is upstream of the other through operators removed or that only move data.
+
+        The reference's source gone from the suspect (a converter removed it, and maybe more), or
+        a ``Transpose`` that ONNX Runtime's transpose optimizer pushed past its reader (which then
+        reads the ``Transpose``'s input), either way round.
+        """
+        if removed(ref_producers[ref_source[3]]) and sus_source[1] in _upstream(ref_producers, ref_source[3], removed):
+            return True
+        if sus_source[0] != "node":
+            return False
+        later = ours[sus_source[1]]
+        slot = int(sus_source[2])
+        output = later.output[slot] if slot < len(later.output) else ""
+        return (later.op_type in _LAYOUT or later.op_type in _FORM_ONLY) and ref_source[1] in _upstream(ref_producers, output, removed)
+
+    def consistent(source: tuple[str, ...]) -> bool:
+        """Whether a source found in both reads what it read: else its name was given to another operator."""
+        if source[0] != "node":
+            return True
+        pairs = zip(ours[source[1]].input, theirs[source[1]].input)
+        return all(first is None or second is None or not known(second) or same(first, second)
+                   or (first[0] == "node" and moved(first, second))
+                   for first, second in ((ref_sources(a), sus_sources(b)) for a, b in pairs))
+
+    lines: list[str] = []
+    compared = 0
+    for name in sorted(common, key=order.__getitem__):
+        mine, theirs_node = ours[name], theirs[name]
+        for slot, (first, second) in enumerate(zip(mine.input, theirs_node.input)):
+            ref_source, sus_source = ref_sources(first), sus_sources(second)
+            if ref_source is None or sus_source is None or not known(sus_source) or first in shaped:
+                continue
+            compared += 1
+            if same(ref_source, sus_source) or not consistent(sus_source):
+                continue  # the same, or one of two operators computing the same merged by the converter
+            if ref_source[0] == "node" and moved(ref_source, sus_source):
+                continue
+            shown = sus_source[1] if sus_source[0] == "node" else f"the graph input {sus_source[1]}"
+            was = ref_source[1] if ref_source[0] == "node" else f"the graph input {ref_source[1]}"
+            slot_text = f" output {sus_source[2]}" if sus_source[0] == "node" and sus_source[2] != "0" else ""
+            lines.append(f"{mine.op_type} '{name}' input {slot} reads '{shown}'{slot_text} in the suspect, where the reference reads '{was}'")
+    if len(lines) > max(_RENAMED_EDGES, _RENAMED_SHARE * compared):
+        # Edits are a few edges; this many is names reused for other operators (a converter renumbering them).
+        return [], f"its wiring was not compared: the suspect's operator names do not follow the reference's ({len(lines)} of {compared} inputs differ)"
+    # Shared by the operators that compute from activations: a folder stores the rest.
+    folded, _ = folded_tensors(reference.graph, graph_constants(reference.graph))
+    computing = {name for name, node in ours.items()
+                 if node.op_type not in _FORM_ONLY and not all(output in folded for output in node.output if output)}
+    share = len(common & computing) / max(len(computing), 1)
+    return lines, None if share >= _WIRING_SHARE else (
+        f"its wiring was compared only for the {share:.0%} of the reference's operators found under their names in the suspect")

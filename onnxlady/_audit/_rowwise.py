@@ -12,9 +12,12 @@ operations elementwise.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["cos_ratio_of", "least_squares_rows", "row_dots"]
+__all__ = ["FittedRows", "cos_ratio_of", "least_squares_blocks", "least_squares_rows", "row_dots"]
 
 #: The residuals of at most this many values are held at once (float64: 256 KiB, in cache).
 _RESIDUAL_VALUES = 1 << 15
@@ -72,3 +75,23 @@ def least_squares_rows(r: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.nda
     norms[usable] = np.sqrt(norm2[usable])
     resid[usable] = np.sqrt(error[usable])
     return ks, norms, resid, usable
+
+
+@dataclass(frozen=True)
+class FittedRows:
+    """Rows fitted already: :func:`least_squares_rows`'s figures, one entry per row (``len``: the rows)."""
+
+    k: np.ndarray
+    norms: np.ndarray
+    residuals: np.ndarray
+    usable: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.k.size)
+
+
+def least_squares_blocks(r_blocks: Iterable[np.ndarray], s_blocks: Iterable[np.ndarray]) -> FittedRows:
+    """:func:`least_squares_rows` of rows given a block at a time, joined (each row's figures depend on it alone)."""
+    parts = [least_squares_rows(r, s) for r, s in zip(r_blocks, s_blocks)]
+    k, norms, resid, usable = (np.concatenate([part[i] for part in parts]) for i in range(4))
+    return FittedRows(k, norms, resid, usable)

@@ -74,8 +74,8 @@ from onnx import helper, numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
 from onnxlady._audit._activation_quantization import mismatched_activation_quantization
-from onnxlady._audit._added_operators import added_operators
-from onnxlady._audit._derived_values import changed_derived_constants
+from onnxlady._audit._added_operators import added_operators, changed_operators
+from onnxlady._audit._derived_values import changed_copies, changed_derived_constants
 from onnxlady._audit._forensics import (
     SCALE_MAX_K,
     SCALE_MIN,
@@ -83,10 +83,10 @@ from onnxlady._audit._forensics import (
     find_scaled_under_noise,
     weight_infos,
 )
-from onnxlady._audit._graph_edits import graph_edits
+from onnxlady._audit._graph_edits import graph_edits, rewired_operators
 from onnxlady._audit._lazy import LazyConstants, Overlay, constants_of, gather, resynced_constants
 from onnxlady._audit._relatedness import check_related
-from onnxlady._audit._rowwise import cos_ratio_of, least_squares_rows, row_dots
+from onnxlady._audit._rowwise import FittedRows, cos_ratio_of, least_squares_blocks, row_dots
 from onnxlady._audit._select import median
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._functions import inlined_view
@@ -325,48 +325,47 @@ def _cos_ratio(r: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
     return cos_ratio_of(nr, ns, float(np.dot(r, s)) if nr and ns else 0.0)
 
 
-#: Rows gathered into one matrix at a time: at most this many values (float64: 512 KiB).
-_BLOCK_VALUES = 1 << 16
-#: Rows of at least this many values are read one at a time: the per-row calls cost little
-#: beside the row's own work there, and the matrices of whole tensors would cost more.
-_WIDE_ROW = 1024
+#: Rows gathered into one matrix at a time: at most this many values (float64: 256 KiB). Twice
+#: as many added 1.6 MB to the peak of an 11 MB model's audit (the heap keeps what such blocks
+#: leave); half as many cost a tenth more time on wide rows (a row per block).
+_BLOCK_VALUES = 1 << 15
 
 
-def _row_width(use: _Use, array: np.ndarray) -> int | None:
+def _block_width(use: _Use, array: np.ndarray) -> int | None:
     """How many slices each neuron of ``use`` has, where its rows are read a block at a time.
 
-    That is where every neuron has the same number and their rows in ``array`` are narrow
-    (under :data:`_WIDE_ROW` values); None otherwise.
+    That is where every neuron has the same number; None otherwise. Wide rows too (a few
+    numpy calls per neuron were most of the scale analysis and of the searches for scaled
+    neurons on models of wide layers): a block holds at most :data:`_BLOCK_VALUES` values, so a
+    whole tensor's rows are never held at once.
     """
     if not use.positions or not array.ndim or not array.shape[use.axis]:
         return None
     width = use.positions[0].size
     if not width or any(pos.size != width for pos in use.positions):
         return None
-    # Rows of one value stay per row too: np.dot of one-element vectors multiplies (a zero
+    # Rows of one value stay per row: np.dot of one-element vectors multiplies (a zero
     # product keeps its sign), where BLAS's dot of longer rows sums from +0.
-    return width if 2 <= width * (array.size // array.shape[use.axis]) < _WIDE_ROW else None
+    return width if width * (array.size // array.shape[use.axis]) >= 2 else None
 
 
 def _row_blocks(array: np.ndarray, use: _Use, width: int) -> Iterator[np.ndarray]:
     """The neurons' rows of ``use`` in float64, a block of neurons at a time (a matrix, a row per neuron).
 
     Row ``j`` of the blocks, in order, holds the values of ``_row64(array, use.axis,
-    use.positions[j])``, in the same order (see :func:`_picked_rows`); ``width`` from :func:`_row_width`.
+    use.positions[j])``, in the same order (see :func:`_picked_rows`); ``width`` from
+    :func:`_block_width`. Each row of a block is C-contiguous, as each per-row copy was: BLAS's
+    dot reads it in the same order (its sums depend on the length, not on where the row starts).
     """
     step = max(1, _BLOCK_VALUES // (width * (array.size // array.shape[use.axis])))
     for start in range(0, len(use.positions), step):
         positions = use.positions[start : start + step]
-        taken = np.take(array, np.concatenate(positions), axis=use.axis)
+        # A view that is not aligned (the suspect as stored) is gathered as bytes, as in _rows.
+        indices = np.concatenate(positions)
+        taken = np.take(array, indices, axis=use.axis) if array.flags.aligned else gather(array, indices, use.axis)
         # C order: each row contiguous, as the per-row copies were (BLAS's dot of strided
         # vectors sums in another order).
         yield np.moveaxis(taken, use.axis, 0).reshape(len(positions), -1).astype(np.float64, order="C")
-
-
-def _all_rows(array: np.ndarray, use: _Use, width: int) -> np.ndarray:
-    """Every neuron's row of ``use`` as one float64 matrix (:func:`_row_blocks` joined)."""
-    blocks = list(_row_blocks(array, use, width))
-    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def _cos_ratios(r_arr: np.ndarray, s_arr: np.ndarray, use: _Use) -> tuple[list[float], list[float], list[float]]:
@@ -374,7 +373,7 @@ def _cos_ratios(r_arr: np.ndarray, s_arr: np.ndarray, use: _Use) -> tuple[list[f
 
     A block of rows at a time (the same dot products, see :mod:`onnxlady._audit._rowwise`).
     """
-    width = _row_width(use, r_arr) if r_arr.shape == s_arr.shape else None
+    width = _block_width(use, r_arr) if r_arr.shape == s_arr.shape else None
     if width is None:
         triples = [_cos_ratio(_row64(r_arr, use.axis, pos), _row64(s_arr, use.axis, pos)) for pos in use.positions]
     else:
@@ -541,6 +540,10 @@ def _scale_analysis(
             )
             for j in range(group.size):
                 k = ks[j]
+                if not (k > 0 and abs(k - 1) > SCALE_TOL):
+                    # Not scaled whatever the row's exactness and slack (slack >= 0; a NaN one fails
+                    # the test below too): a converted model's rows, read one at a time, are not read.
+                    continue
                 if bounds is None and not shared:
                     exact, slack = cos[j] > 1 - COS_EXACT, 0.0  # what _exact_multiple computes
                 else:
@@ -998,18 +1001,25 @@ def audit_models(
                 f"({listing}): the suspect computes something else; the weights: {report.summary}"
             )
             return report
+    unwired: str | None = None
     if not node_for_node:
-        # Matched across forms: operators are a converter's to rewrite, but a converter does
-        # not add nonlinear ones.
-        added = added_operators(edited_reference, edited_suspect)
-        if added:
-            report.verdict = "modified"
-            report.graph_edits = added
-            report.summary = (
-                f"operators added with the weights kept: {'; '.join(added[:3])}{'; ...' if len(added) > 3 else ''}: "
-                f"no converter adds them, the suspect computes something else; the weights: {report.summary}"
-            )
-            return report
+        # Matched across forms: operators are a converter's to rewrite, but a converter does not
+        # add nonlinear ones, nor change what one computes (a Relu made a Clip(0, 6), a slope or
+        # an epsilon edited).
+        # Nor make an operator it keeps read another operator's output (a residual rewired).
+        rewired, unwired = rewired_operators(edited_reference, edited_suspect)
+        checks = ((added_operators, "added", "adds"), (changed_operators, "changed", "changes"),
+                  (lambda *_: rewired, "rewired", "rewires"))
+        for check, done, does in checks:
+            found = check(edited_reference, edited_suspect)
+            if found:
+                report.verdict = "modified"
+                report.graph_edits = found
+                report.summary = (
+                    f"operators {done} with the weights kept: {'; '.join(found[:3])}{'; ...' if len(found) > 3 else ''}: "
+                    f"no converter {does} them, the suspect computes something else; the weights: {report.summary}"
+                )
+                return report
     # Across forms, constants one model computes from constants and the other stores (folded)
     # have no stored counterpart for the resync to compare: compared here by value.
     across = report.resync.across if report.resync is not None else None
@@ -1021,6 +1031,20 @@ def audit_models(
             f"the suspect computes something else; the weights: {report.summary}"
         )
         return report
+    # A constant the suspect stores twice (a tied output layer folded, a table in two layouts)
+    # is compared by the resync through one copy: the others are compared here.
+    copies = changed_copies(across.match) if across is not None else []
+    if copies:
+        report.verdict = "modified"
+        report.summary = (
+            f"a stored copy of a constant changed: {'; '.join(copies[:3])}{'; ...' if len(copies) > 3 else ''}: "
+            f"the suspect computes something else; the weights: {report.summary}"
+        )
+        return report
+    if not node_for_node and unwired and report.verdict in ("converted", "permuted"):
+        # The weights hold, the wiring was compared in part or not at all: no claim beyond the evidence.
+        report.summary = report.summary.replace("the suspect is the reference", "the suspect's weights are the reference's")
+        report.summary = report.summary.replace(", functionally equivalent", "") + f"; {unwired}"
     known = set(mismatched_activation_quantization(reference))
     changed = [name for name in mismatched_activation_quantization(suspect) if name not in known]
     if changed:
@@ -1280,9 +1304,11 @@ def _forensics_verdict(
     _restore(analysis, sus, original, [a for a in attacked if a not in plausible])
     attacked = plausible
     unscaled = sus.copy()  # as found, before any noisy scale is undone (the helpers copy what they change)
-    rescales = _noisy_rescales(analysis, ref, sus)
+    fits = _Fits()  # the producers' rows fitted once for both searches (where neither undid a scale)
+    rescales = _noisy_rescales(analysis, ref, sus, fits)
     plain = sus.copy()
-    noisy = _noisy_scales(analysis, ref, sus)
+    noisy = _noisy_scales(analysis, ref, sus, fits)
+    del fits
     perturbation = classify_change(ref, sus, infos, rtol, allowed, storage)
     kind = perturbation["kind"]
     # Scaled rows are an attack only against a background of a clear kind (noisy ones against
@@ -1377,16 +1403,19 @@ class _Rows(Collection[np.ndarray]):
         return any(row is value for row in self)
 
 
-def _noisy_scales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus: MutableMapping[str, np.ndarray]) -> list[NeuronScale]:
+def _noisy_scales(
+    analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus: MutableMapping[str, np.ndarray], fits: _Fits | None = None
+) -> list[NeuronScale]:
     """Neurons scaled with no compensation while the rest of the model carries noise, undone in ``sus``.
 
     The arrays it changes are replaced by copies; their bias is undone with them when it carries
-    the same scale.
+    the same scale. ``fits``: the rows' least-squares figures known already (:class:`_Fits`).
     """
+    fits = fits if fits is not None else _Fits()
     uses = _group_uses(analysis, set(sus))
     producers: list[tuple[str, _Use, list[_Use]]] = []
 
-    def rows() -> Iterator[tuple[str, Collection[np.ndarray] | np.ndarray, Collection[np.ndarray] | np.ndarray]]:
+    def rows() -> Iterator[tuple[str, Collection[np.ndarray] | FittedRows, Collection[np.ndarray] | FittedRows]]:
         # One producer's rows at a time: float64 copies of every weight at once were the
         # audit's peak memory (4x the model).
         for group in analysis.permutable_groups:
@@ -1398,12 +1427,13 @@ def _noisy_scales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus:
                 if r_arr is None or s_arr is None or r_arr.shape != s_arr.shape or np.array_equal(r_arr, s_arr):
                     continue
                 producers.append((group.id, prod, [b for b in kinds["bias"] if b.node == prod.node]))
-                width = _row_width(prod, r_arr)
-                if width is not None:  # one matrix per side, a row per neuron (read at once)
-                    yield str(len(producers) - 1), _all_rows(r_arr, prod, width), _all_rows(s_arr, prod, width)
+                if _block_width(prod, r_arr) is not None:  # fitted a block of rows at a time, or known
+                    fitted = fits.fit(prod, r_arr, s_arr)
+                    yield str(len(producers) - 1), fitted, fitted
                     continue
-                # Each row read as the search reaches it: float64 copies of a whole tensor's
-                # rows, both sides, were the largest transient of the forensics.
+                # Neurons of unequal extent: each row read as the search reaches it (float64
+                # copies of a whole tensor's rows, both sides, were the largest transient of the
+                # forensics).
                 yield str(len(producers) - 1), _Rows(r_arr, prod), _Rows(s_arr, prod)
 
     found: list[NeuronScale] = []
@@ -1431,20 +1461,45 @@ NOISY_RESCALE_AGREE = 0.9
 NOISY_RESCALE_MATCH = 0.05
 
 
-def _row_scales(r_arr: np.ndarray, s_arr: np.ndarray, use: _Use, size: int) -> tuple[np.ndarray, np.ndarray]:
+class _Fits:
+    """Per use, the least-squares figures of its rows in two arrays (:class:`FittedRows`), kept for one audit.
+
+    The search for compensated rescales under noise and the one for scaled neurons fit the same
+    producers' rows in the same arrays (where the first undid a scale, the array is a copy:
+    another object, fitted anew); the second reads the first's figures. The arrays are held
+    weakly: one computed anew at each read (weights left in their files) is fitted again, as
+    before, and none is kept alive.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[_Use, weakref.ref[np.ndarray], weakref.ref[np.ndarray], FittedRows]] = {}
+
+    def fit(self, use: _Use, r_arr: np.ndarray, s_arr: np.ndarray) -> FittedRows:
+        """The figures of ``use``'s rows, ``s_arr``'s against ``r_arr``'s (read a block at a time; see :func:`_block_width`)."""
+        known = self._known.get(id(use))
+        if known is not None and known[0] is use and known[1]() is r_arr and known[2]() is s_arr:
+            return known[3]
+        width = _block_width(use, r_arr)
+        assert width is not None and r_arr.shape == s_arr.shape
+        fitted = least_squares_blocks(_row_blocks(r_arr, use, width), _row_blocks(s_arr, use, width))
+        self._known[id(use)] = (use, weakref.ref(r_arr), weakref.ref(s_arr), fitted)
+        return fitted
+
+
+def _row_scales(
+    r_arr: np.ndarray, s_arr: np.ndarray, use: _Use, size: int, fits: _Fits | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per neuron: the least-squares scale of the suspect's slice against the reference's, and its standard error.
 
     The error is the tensor's median residual std over the slice's norm (mis-paired rows do
     not widen it); a negligible slice (under a tenth of the median norm: a dead filter, whose
-    scale is meaningless) has scale NaN.
+    scale is meaningless) has scale NaN. ``fits``: where the figures are kept (:class:`_Fits`).
     """
-    width = _row_width(use, r_arr) if len(use.positions) == size and r_arr.shape == s_arr.shape else None
+    width = _block_width(use, r_arr) if len(use.positions) == size and r_arr.shape == s_arr.shape else None
     if width is not None:  # a block of rows at a time: the same figures (see _rowwise)
-        parts = [least_squares_rows(r, s) for r, s in zip(_row_blocks(r_arr, use, width), _row_blocks(s_arr, use, width))]
-        usable_rows = np.concatenate([part[3] for part in parts])
-        ks = np.where(usable_rows, np.concatenate([part[0] for part in parts]), np.nan)  # no scale from a zero slice
-        norms = np.concatenate([part[1] for part in parts])
-        resid = np.concatenate([part[2] for part in parts])
+        fitted = (fits if fits is not None else _Fits()).fit(use, r_arr, s_arr)
+        norms, resid = fitted.norms, fitted.residuals
+        ks = np.where(fitted.usable, fitted.k, np.nan)  # no scale from a zero slice
     else:
         ks, norms, resid = np.full(size, np.nan), np.zeros(size), np.zeros(size)
         for j in range(size):
@@ -1462,7 +1517,9 @@ def _row_scales(r_arr: np.ndarray, s_arr: np.ndarray, use: _Use, size: int) -> t
     return np.where(usable, ks, np.nan), np.where(usable, sigma / np.maximum(norms, 1e-300), np.inf)
 
 
-def _noisy_rescales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus: MutableMapping[str, np.ndarray]) -> list[NeuronScale]:
+def _noisy_rescales(
+    analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], sus: MutableMapping[str, np.ndarray], fits: _Fits | None = None
+) -> list[NeuronScale]:
     """Groups rescaled by positive factors with compensation while the weights also carry noise; undone in ``sus``.
 
     The exact analysis needs rows that are exact multiples; noise on top hides a compensated
@@ -1473,7 +1530,7 @@ def _noisy_rescales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], su
     never touches, so exact), or by the consumer columns (scale ``1/k``, noisy too) through
     positively homogeneous ops. The scale undone is the exact one where there is one (the
     BatchNorm mean's, the producer bias's), else the producer's estimate. The arrays it changes
-    are replaced by copies.
+    are replaced by copies. ``fits``: the rows' least-squares figures, kept (:class:`_Fits`).
     """
     uses = _group_uses(analysis, set(sus))
     found: list[NeuronScale] = []
@@ -1486,7 +1543,7 @@ def _noisy_rescales(analysis: ChannelAnalysis, ref: Mapping[str, np.ndarray], su
         r_arr, s_arr = ref.get(prod.source), sus.get(prod.tensor)
         if r_arr is None or s_arr is None or r_arr.shape != s_arr.shape:
             continue
-        ks, errors = _row_scales(r_arr, s_arr, prod, group.size)
+        ks, errors = _row_scales(r_arr, s_arr, prod, group.size, fits)
         with np.errstate(invalid="ignore"):
             moved = (np.abs(ks - 1) > NOISY_RESCALE_Z * errors) & (np.abs(ks - 1) > SCALE_MIN) & (ks > 0)
         if not np.any(moved) or np.count_nonzero(moved) < NOISY_RESCALE_MOVED * np.count_nonzero(np.isfinite(ks)):

@@ -33,7 +33,7 @@ from onnxlady._graph import _static_shapes as _static_shapes
 from onnxlady._graph import _subgraphs as _subgraphs
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._external import is_mapped
-from onnxlady._io._tensors import read_array
+from onnxlady._io._tensors import integer_range, read_array
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -251,6 +251,11 @@ class ModelGraph:
         for index, node in enumerate(self.nodes):
             for name in self._node_inputs[index]:
                 if name and name not in known:
+                    if any(sparse.values.name == name for sparse in self.model.graph.sparse_initializer):
+                        raise OnnxladyError(
+                            f"node '{node_label(node, index)}' reads '{name}', a sparse_initializer: onnxlady reads "
+                            "dense initializers only (store it as a dense initializer to permute, resync or audit it)"
+                        )
                     raise OnnxladyError(
                         f"node '{node_label(node, index)}' reads tensor '{name}' that nothing defines "
                         "(truncated or malformed model)"
@@ -1062,17 +1067,21 @@ class ModelGraph:
 
         if node.op_type == "QuantizeLinear":
             out = np.dtype(np.uint8) if zero is None else zero.dtype
-            if out.kind not in "iu":
+            limits = integer_range(out)
+            if limits is None or out.kind == "b":
                 return None  # float8 targets: not needed for shapes
             shifted = np.rint(value.astype(np.float32) / spread(scale).astype(np.float32))
             shifted += 0 if zero is None else spread(zero).astype(np.float32)
-            return np.clip(shifted, np.iinfo(out).min, np.iinfo(out).max).astype(out)
+            return np.clip(shifted, *limits).astype(out)
+        # int4/uint4 (kind "V", see integer_range) are integers too: read as floats, their zero
+        # point was dropped (held-out round 13, F1).
+        integers = integer_range(value.dtype) is not None
         narrow = value.dtype.itemsize <= 2 and (zero is None or zero.dtype.itemsize <= 2)
-        if value.dtype.kind in "iub" and narrow and value.ndim > 0:
-            # 8/16-bit integers and their difference are exact in float32 (below 2**24): the
+        if integers and narrow and value.ndim > 0:
+            # 4/8/16-bit integers and their difference are exact in float32 (below 2**24): the
             # int64 path's numbers, in one pass and one array instead of three (a QDQ weight).
             real = np.subtract(value, 0 if zero is None else spread(zero), dtype=np.float32)
-        elif value.dtype.kind in "iub":
+        elif integers:
             shifted = value.astype(np.int64) - (0 if zero is None else spread(zero).astype(np.int64))
             real = shifted.astype(np.float32)
         else:  # float8 and friends: zero point is 0 by definition

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -65,6 +66,7 @@ __all__ = [
     "mapped_files",
     "mapped_array",
     "mapped_bytes",
+    "release_pages",
     "write_external",
 ]
 
@@ -153,6 +155,26 @@ def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
     source: Any = _view_handle(view) if view is not None else info["location"]
     values = np.memmap(source, dtype=dtype, mode="r", offset=offset, shape=(count,))
     return values.reshape(dims)
+
+
+def release_pages(array: object) -> None:
+    """Take the pages of the file map under ``array`` (if any) out of this process's memory.
+
+    A read-only map keeps every page it touched resident until it is unmapped: a reader that
+    holds a map for later (resync across conversions reads each weight for the signatures, then
+    for the solver) would otherwise hold each model's whole file. ``MADV_DONTNEED`` on a shared,
+    read-only file map only unmaps its pages: the next touch maps them again from the page cache,
+    with the same bytes. Anything that is not a view of a read-only file map is left alone (a
+    copy-on-write map would lose what was written into it).
+    """
+    while array is not None and not isinstance(array, mmap.mmap):
+        array = getattr(array, "base", None)
+    if not isinstance(array, mmap.mmap) or array.closed or not hasattr(mmap, "MADV_DONTNEED"):  # (not on Windows)
+        return
+    with memoryview(array) as view:
+        if not view.readonly:
+            return
+    array.madvise(mmap.MADV_DONTNEED)
 
 
 def mapped_bytes(tensor: onnx.TensorProto) -> memoryview:

@@ -103,7 +103,10 @@ def load_model(
             raise OnnxladyError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
         _check_model(model, path)
-        external = _uses_external_data(model)
+        # Every tensor, listed once: the size check below walks the same list for a model
+        # without external data (inline views fill its tensors in place, never replace them).
+        tensors = model_tensors(model)
+        external = _uses_external_data(model, tensors)
     except BaseException:
         if viewed is not None:
             viewed.handle.close()
@@ -127,7 +130,7 @@ def load_model(
         files: tuple[Path, ...] = tuple(sorted(set(located.values())))
     else:
         files = _load_external_data(model, path) if external else ()
-    _check_tensor_sizes(model, path)
+    _check_tensor_sizes(model, path, None if external else tensors)
     return LoadedModel(model, path, sha256, info.st_size, external, files)
 
 
@@ -203,9 +206,10 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return clone
 
 
-def _uses_external_data(model: onnx.ModelProto) -> bool:
+def _uses_external_data(model: onnx.ModelProto, tensors: list[onnx.TensorProto] | None = None) -> bool:
+    """Whether a tensor of ``model`` (``tensors``: its :func:`model_tensors`, when listed already) is external."""
     external = onnx.TensorProto.EXTERNAL  # (is_external, inlined: asked of every tensor)
-    return any(tensor.data_location == external for tensor in model_tensors(model))
+    return any(tensor.data_location == external for tensor in (model_tensors(model) if tensors is None else tensors))
 
 
 def model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -224,14 +228,20 @@ def model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
         kind = attribute.type
         return [attribute.g] if kind == graph_type else list(attribute.graphs) if kind == graphs_type else []
 
-    def initializers(graph: onnx.GraphProto, found: list[onnx.TensorProto]) -> None:
+    def initializers(
+        graph: onnx.GraphProto, found: list[onnx.TensorProto], attributes: list[onnx.AttributeProto] | None = None
+    ) -> None:
         found.extend(graph.initializer)
-        for attribute in attributed(graph):
+        for attribute in attributed(graph) if attributes is None else attributes:
             for subgraph in subgraphs(attribute):
                 initializers(subgraph, found)
 
-    def attribute_tensors(graph: onnx.GraphProto | onnx.FunctionProto, found: list[onnx.TensorProto]) -> None:
-        for attribute in attributed(graph):
+    def attribute_tensors(
+        graph: onnx.GraphProto | onnx.FunctionProto,
+        found: list[onnx.TensorProto],
+        attributes: list[onnx.AttributeProto] | None = None,
+    ) -> None:
+        for attribute in attributed(graph) if attributes is None else attributes:
             if attribute.HasField("t"):
                 found.append(attribute.t)
             found.extend(attribute.tensors)
@@ -239,8 +249,9 @@ def model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
                 attribute_tensors(subgraph, found)
 
     found: list[onnx.TensorProto] = []
-    initializers(model.graph, found)
-    attribute_tensors(model.graph, found)
+    main = attributed(model.graph)  # the main graph's nodes read once, for both walks
+    initializers(model.graph, found, main)
+    attribute_tensors(model.graph, found, main)
     for function in model.functions:
         attribute_tensors(function, found)
     return found
@@ -266,10 +277,13 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
     return tuple(sorted(files))
 
 
-def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
-    """A tensor whose raw bytes disagree with its shape means a truncated or corrupt file."""
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path, tensors: list[onnx.TensorProto] | None = None) -> None:
+    """A tensor whose raw bytes disagree with its shape means a truncated or corrupt file.
+
+    ``tensors``: the model's :func:`model_tensors`, when listed already.
+    """
     itemsizes: dict[int, int | None] = {}  # by data type: numpy's dtype is asked once per type
-    for tensor in model_tensors(model):
+    for tensor in model_tensors(model) if tensors is None else tensors:
         if not tensor.HasField("raw_data"):
             continue
         data_type = tensor.data_type

@@ -42,7 +42,10 @@ by the pair's own unrelated gap where it can be measured
 (:attr:`~onnxlady._provenance._fingerprint.LayerMatch.unrelated_scale`, at most 1). A pair
 with no weighed layer is never derived, nor one whose paired layers are no closer to each
 other than to their other same-shape candidates (the ratio test of
-:attr:`~onnxlady._provenance._fingerprint.LayerMatch.contrast`: ViT-B/16 of two seeds).
+:attr:`~onnxlady._provenance._fingerprint.LayerMatch.contrast`: ViT-B/16 of two seeds), nor
+one within the limit only thanks to its closest pair
+(:attr:`~onnxlady._provenance._fingerprint.LayerMatch.without_closest`: an OPT and an SBERT
+sharing one token table, held-out finding of session 12; not with a fixed ``threshold``).
 
 ``confirm=True`` audits each returned candidate against the suspect
 (:func:`onnxlady._audit._verdicts.audit_models`, which runs
@@ -434,7 +437,7 @@ def find(
                 report.candidates.append(
                     Candidate(
                         rank, path, distance, score_of(distance, limit),
-                        "derived" if is_derived(match, limit) else "unrelated", len(match.pairs),
+                        "derived" if is_derived(match, limit, support=threshold is None) else "unrelated", len(match.pairs),
                         (len(match.unmatched_a), len(match.unmatched_b)), threshold=limit,
                     )
                 )  # fmt: skip
@@ -512,7 +515,7 @@ def find_all_pairs(
     for i, j in sorted(candidates):
         match = compare_fingerprints(stored[int(ids[i])][1], stored[int(ids[j])][1])
         distance = match.distance
-        if is_derived(match, _threshold_of(match, threshold)):
+        if is_derived(match, _threshold_of(match, threshold), support=threshold is None):
             related.append((i, j, distance))
             parent[root(i)] = root(j)
     report.compared_pairs = len(candidates)

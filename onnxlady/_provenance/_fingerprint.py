@@ -140,6 +140,9 @@ __all__ = [
     "layer_records",
     "layer_unit",
     "norm_spread",
+    "input_spread",
+    "kurtosis_spread",
+    "shaped_layers",
     "model_producers",
     "producer_weights",
     "resample",
@@ -222,7 +225,8 @@ UNRELATED_GAP = (63.6, 0.449, 0.411)
 LAYER_UNIT_FLOOR = 1.3
 #: A layer whose :func:`norm_spread` is at least this was shaped by training or a folded
 #: normalization (independent random weights give about 1: 0.7 to 1.13 over the large layers
-#: of the zoo models ``tools.match_real_models`` reads); only pairs of such layers get the floor.
+#: of the zoo models ``tools.match_real_models`` reads); only pairs of layers shaped so, and
+#: beyond per-neuron scales as far (:func:`shaped_layers`), get the floor.
 SHAPED_SPREAD = 1.5
 #: Cost of a layer with no partner: as far as an unrelated layer.
 UNMATCHED_COST = 1.0
@@ -255,6 +259,19 @@ CONTRAST_PAIRS = 3
 #: 0.34, other seeds of the same architecture at least 0.99; held-out models: derivatives at most
 #: 0.71, other seeds of ViT-B, ConvNeXt, BERT, MobileNetV3, ResNet-18 0.99 to 1.28).
 CONTRAST_LIMIT = 0.85
+
+
+#: From this many weighed pairs on, a derived call must hold without its closest pair
+#: (:attr:`LayerMatch.without_closest`): one table two unrelated models share (a token
+#: embedding read by a tied head, held-out finding of session 12: an OPT and an SBERT sharing
+#: only it and their LayerNorm vectors read 0.757 under a limit of 0.773) is no derivation of
+#: the rest of the model.
+SUPPORT_PAIRS = 2
+#: A weighed pair at most this far apart is a copy of one layer (int8 and float16 conversions
+#: read at most 0.09 over a whole model). Two or more copied layers are no single shared table:
+#: a model that kept several layers of another and replaced the rest (a new classifier head on
+#: a copied backbone) is derived, and needs no support beyond its closest pair.
+COPIED_LAYER = 0.1
 
 
 #: Assignment cost of leaving a degenerate layer unpaired: not 0, so that two of them pair
@@ -934,6 +951,53 @@ def norm_spread(records: np.ndarray, shapes: np.ndarray) -> np.ndarray:
     return norms.std(axis=1) * np.sqrt(2.0 * np.maximum(fan_in, 1.0))
 
 
+def input_spread(records: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Per layer, the spread of its inputs' weights over neurons in units of an i.i.d. random layer's.
+
+    The relative standard deviation of the ``columns`` field (each input's RMS over the unit
+    rows) times ``sqrt(2 * neurons)``: about 1 for independent random weights, whatever their
+    per-neuron scales (the rows are unit rows), as for :func:`norm_spread`; training makes some
+    inputs matter more than others (the registry's real models: 1.3 to 24 on their large
+    shaped layers, median 3 to 5).
+    """
+    records = np.asarray(records, dtype=np.float64).reshape(-1, LAYER_WIDTH)
+    columns = records[:, SLICES["columns"]]
+    neurons = np.asarray(shapes, dtype=np.float64).reshape(-1, 4)[:, 0]
+    mean = columns.mean(axis=1)
+    relative = columns.std(axis=1) / np.where(mean > 0, mean, 1.0)
+    return np.where(mean > 0, relative, 0.0) * np.sqrt(2.0 * np.maximum(neurons, 1.0))
+
+
+def kurtosis_spread(records: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Per layer, the spread of its neurons' log kurtosis in units of an i.i.d. Gaussian layer's.
+
+    The standard deviation of the ``kurtosis`` field over ``sqrt(24 / fan_in) / 3`` (the
+    sampling spread of a Gaussian row's log kurtosis): about 1 for independent Gaussian weights
+    (less for uniform ones), whatever their per-neuron scales; training gives its neurons
+    different tails (the registry's real models: 1.1 to 21 on their large shaped layers).
+    """
+    records = np.asarray(records, dtype=np.float64).reshape(-1, LAYER_WIDTH)
+    fan_in = np.asarray(shapes, dtype=np.float64).reshape(-1, 4)[:, 1]
+    return records[:, SLICES["kurtosis"]].std(axis=1) / (np.sqrt(24.0 / np.maximum(fan_in, 1.0)) / 3.0)
+
+
+def shaped_layers(records: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Per layer, whether it is shaped beyond random draws: the layers the unit floor is for.
+
+    Its neurons' norms spread (:func:`norm_spread` at least :data:`SHAPED_SPREAD`), *and* so does
+    something a per-neuron scale cannot make: its inputs (:func:`input_spread`) or its neurons'
+    tails (:func:`kurtosis_spread`), at least :data:`SHAPED_SPREAD` too. Random weights with
+    per-neuron scales (a folded normalization, a scaled init) spread their norms only, and two
+    draws of one such law converge as they grow, like plain random layers: without the second
+    condition two unrelated random models of one architecture with 128-448 wide layers and a
+    0.1 log-normal spread of their neuron scales read 0.5-0.63 apart under a limit of 0.67
+    (``derived``); their layers read 0.9-1.06 and 0.8-0.98 on the two other spreads.
+    """
+    return (norm_spread(records, shapes) >= SHAPED_SPREAD) & (
+        (input_spread(records, shapes) >= SHAPED_SPREAD) | (kurtosis_spread(records, shapes) >= SHAPED_SPREAD)
+    )
+
+
 def layer_unit(shapes: np.ndarray, shaped_a: np.ndarray | None = None, shaped_b: np.ndarray | None = None) -> np.ndarray:
     """What a distance between layers of each shape is divided by (module docstring).
 
@@ -997,6 +1061,13 @@ class LayerMatch:
             two seeds: 0.71, under its limit), but no closer than the next candidate (contrast
             1.08); a derived layer is far closer to its copy than to anything else (0.19 for
             noise OMEGA 0.1). :func:`is_derived` requires it below :data:`CONTRAST_LIMIT`.
+        without_closest: the distance over the same slots but the closest weighed pair's, from
+            :data:`SUPPORT_PAIRS` weighed pairs on and where at most one of them is a copy
+            (:data:`COPIED_LAYER`), else None: :func:`is_derived` requires it within the limit
+            too, so that no call rests on one layer alone. A derivative's layers are all close
+            to their copies, and leaving one out moves its distance little; a model that shares
+            one table with an unrelated one (a token embedding behind a tied head) is close in
+            that layer only, and past the limit without it.
     """
 
     distance: float
@@ -1007,6 +1078,7 @@ class LayerMatch:
     weightless_unpaired: int = 0
     unrelated_scale: float = 1.0
     contrast: float | None = None
+    without_closest: float | None = None
 
     @property
     def slots(self) -> int:
@@ -1080,11 +1152,21 @@ def compare_fingerprints(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch
     match = _compare(a, b)
     offset = _level_offset(a, b, match)
     if not offset:  # too few weighed pairs, or no shift
-        return match
+        tails = _tail_offsets(a, b, match)
+        if tails is None:
+            return match
+        pruned = _compare(a, replace(b, records=b.records - tails.astype(np.float32)))
+        return pruned if pruned.distance < match.distance else match
     records = b.records.copy()
     records[:, SLICES["level"]] -= np.float32(offset)
     shifted = _compare(a, replace(b, records=records))
-    return shifted if shifted.distance < match.distance else match
+    best = shifted if shifted.distance < match.distance else match
+    tails = _tail_offsets(a, b, match)
+    if tails is None:
+        return best
+    records = b.records - tails.astype(np.float32)
+    pruned = _compare(a, replace(b, records=records))
+    return pruned if pruned.distance < best.distance else best
 
 
 #: Fewest weighed pairs from which a model-wide level shift is estimated (:func:`_level_offset`).
@@ -1107,6 +1189,53 @@ def _level_offset(a: ModelFingerprint, b: ModelFingerprint, match: LayerMatch) -
     return float(np.median(gaps)) if len(gaps) >= LEVEL_OFFSET_PAIRS else 0.0
 
 
+#: Fields magnitude pruning shifts by one amount in every layer (besides ``level``): zeroing the
+#: smallest weights raises each neuron's kurtosis and its peak over RMS alike.
+TAIL_FIELDS = ("level", "kurtosis", "peak")
+#: Smallest model-wide ``kurtosis`` or ``peak`` shift (scale units) worth a third comparison:
+#: unrelated models read up to about 0.25, a 30 % pruned copy of random layers 0.86.
+TAIL_SHIFT = 0.5
+
+
+def _tail_offsets(a: ModelFingerprint, b: ModelFingerprint, match: LayerMatch) -> np.ndarray | None:
+    """Per record value, the model-wide shift of :data:`TAIL_FIELDS` (``b`` minus ``a``), or None.
+
+    Per field, the median over layer pairs of the field's mean difference. The pairs are the
+    weighed pairs of ``match``, or, with fewer than :data:`LEVEL_OFFSET_PAIRS` of them, every
+    same-shape pair within the window paired by raw distance: a 30 % pruned copy of a large
+    random layer sits past the unrelated gap on these fields alone (kurtosis 0.86 and peak 0.32
+    scale units in every layer of a 512 x 2048 chain, every other field under 0.06), so the
+    first pass leaves its layers unpaired. Two unrelated models show no common shift (their
+    medians read 0.07 scale units or less), so they gain nothing from it.
+    """
+    degenerate_a, degenerate_b = degenerate_layers(a.records), degenerate_layers(b.records)
+    pairs = [(i, j) for i, j, _ in match.pairs if not degenerate_a[i] and not degenerate_b[j]]
+    if len(pairs) < LEVEL_OFFSET_PAIRS:
+        m, n = a.layers, b.layers
+        if min(m, n) < LEVEL_OFFSET_PAIRS:
+            return None
+        same = np.all(a.shapes[:, None, :] == b.shapes[None, :, :], axis=2)
+        positions_a = np.arange(m)[:, None] * ((n - 1) / (m - 1) if m > 1 else 1.0)
+        allowed = same & (np.abs(positions_a - np.arange(n)[None, :]) <= align_window(m, n))
+        allowed &= ~degenerate_a[:, None] & ~degenerate_b[None, :]
+        if not allowed.any():
+            return None
+        raw = np.where(allowed, layer_distances(a.records, b.records), np.inf)
+        cost = np.where(allowed, raw, raw[allowed].max() * (m + n) + 1.0)
+        rows, cols = linear_sum_assignment(cost)
+        pairs = [(int(i), int(j)) for i, j in zip(rows, cols) if allowed[i, j]]
+        if len(pairs) < LEVEL_OFFSET_PAIRS:
+            return None
+    first, second = [i for i, _ in pairs], [j for _, j in pairs]
+    difference = b.records[second].astype(np.float64) - a.records[first].astype(np.float64)
+    offsets = np.zeros(LAYER_WIDTH)
+    for name in TAIL_FIELDS:
+        offsets[SLICES[name]] = float(np.median(difference[:, SLICES[name]].mean(axis=1)))
+    # A shift under half a scale unit moves no call; skipping it spares find a third pass.
+    moved = max(abs(offsets[SLICES[name]][0]) / FIELD_SCALES[name] for name in TAIL_FIELDS[1:])
+    return offsets if moved >= TAIL_SHIFT else None
+
+
 def _compare(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch:
     """:func:`compare_fingerprints` for the records as they are (no level shift)."""
     m, n = a.layers, b.layers
@@ -1125,8 +1254,8 @@ def _compare(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch:
         used_a, used_b = np.unique(rows_i), np.unique(cols_j)
         full = layer_distances(a.records[used_a], b.records[used_b]) / layer_unit(
             a.shapes[used_a],
-            norm_spread(a.records[used_a], a.shapes[used_a]) >= SHAPED_SPREAD,
-            norm_spread(b.records[used_b], b.shapes[used_b]) >= SHAPED_SPREAD,
+            shaped_layers(a.records[used_a], a.shapes[used_a]),
+            shaped_layers(b.records[used_b], b.shapes[used_b]),
         ) ** 2
         squared[rows_i, cols_j] = full[np.searchsorted(used_a, rows_i), np.searchsorted(used_b, cols_j)]
     degenerate_a, degenerate_b = degenerate_layers(a.records), degenerate_layers(b.records)
@@ -1159,15 +1288,35 @@ def _compare(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch:
     )
     count = len(pairs) + len(unmatched_a) + len(unmatched_b) - weightless_pairs - weightless_unpaired
     distance = float(np.sqrt(total / count)) if count else UNMATCHED_COST
+    weighed = sorted(d for i, j, d in pairs if not (degenerate_a[i] and degenerate_b[j]))
+    without_closest = None
+    if len(weighed) >= SUPPORT_PAIRS and sum(d <= COPIED_LAYER for d in weighed) <= 1:
+        without_closest = float(np.sqrt(max(total - weighed[0] ** 2, 0.0) / (count - 1)))
     alternatives = allowed & ~degenerate_a[:, None] & ~degenerate_b[None, :]
     alternatives[[i for i, _, _ in pairs], [j for _, j, _ in pairs]] = False
+    # A layer whose model reads the same weights elsewhere (ALBERT's one layer read in every
+    # layer) has those readings as alternatives exactly as close as its own partner: they are
+    # the same layer again, no unrelated candidate (held-out round 13, F10: a permuted ALBERT
+    # called unrelated at distance 0).
+    if pairs:
+        copies_a, copies_b = _copy_classes(a), _copy_classes(b)
+        rows, columns = np.array([i for i, _, _ in pairs]), np.array([j for _, j, _ in pairs])
+        alternatives[rows] &= copies_b[None, :] != copies_b[columns][:, None]
+        alternatives[:, columns] &= copies_a[:, None] != copies_a[rows][None, :]
     unrelated_scale = 1.0
     if np.count_nonzero(alternatives) >= NULL_ALTERNATIVES:
         unrelated_scale = min(1.0, float(np.sqrt(np.mean(squared[alternatives]))))
     return LayerMatch(
         distance, tuple(sorted(pairs)), unmatched_a, unmatched_b, weightless_pairs, weightless_unpaired,
-        unrelated_scale, _contrast(pairs, alternatives, squared),
+        unrelated_scale, _contrast(pairs, alternatives, squared), without_closest,
     )
+
+
+def _copy_classes(fingerprint: ModelFingerprint) -> np.ndarray:
+    """Per layer, a class shared by the layers of the model whose shape and record are identical (one weight read twice)."""
+    rows = np.concatenate([fingerprint.shapes.astype(np.float64), fingerprint.records.astype(np.float64)], axis=1)
+    _, classes = np.unique(np.ascontiguousarray(rows).view([("", rows.dtype)] * rows.shape[1]), return_inverse=True)
+    return classes.reshape(-1)
 
 
 def _contrast(pairs: list[tuple[int, int, float]], alternatives: np.ndarray, squared: np.ndarray) -> float | None:
@@ -1180,18 +1329,25 @@ def _contrast(pairs: list[tuple[int, int, float]], alternatives: np.ndarray, squ
     return float(np.median(ratios)) if len(ratios) >= CONTRAST_PAIRS else None
 
 
-def is_derived(match: LayerMatch, limit: float) -> bool:
-    """The call: within ``limit``, with evidence (a weighed pair), and contrasted (or unmeasured).
+def is_derived(match: LayerMatch, limit: float, *, support: bool = True) -> bool:
+    """The call: within ``limit``, with evidence, contrasted, and supported beyond one layer.
+
+    Evidence: a weighed pair; contrasted: :attr:`LayerMatch.contrast` below
+    :data:`CONTRAST_LIMIT` (or unmeasured); supported: within ``limit`` without the closest
+    pair too (:attr:`LayerMatch.without_closest`, or unmeasured).
 
     Args:
         match: the comparison of two fingerprints.
         limit: the largest distance called derived.
+        support: ask for support; a fixed limit the user chose (``find --threshold``) is a
+            limit on the distance alone, and calls without it.
 
     Returns:
         Whether the two models are called derived.
     """
     contrasted = match.contrast is None or match.contrast < CONTRAST_LIMIT
-    return bool(match.weighed_pairs) and match.distance <= limit and contrasted
+    supported = not support or match.without_closest is None or match.without_closest <= limit
+    return bool(match.weighed_pairs) and match.distance <= limit and contrasted and supported
 
 
 # -- search vectors -------------------------------------------------------------------------

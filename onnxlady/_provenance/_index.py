@@ -38,7 +38,8 @@ time changes, so that file is then fingerprinted again with its hash, called "to
 its fingerprint is the one indexed, and compared by hash from then on.
 Files under a scanned folder that disappeared are removed from the index.
 
-Scale-out: ``engine="process"`` (the default) fans the files over a local process pool;
+Scale-out: ``engine="process"`` (the default) fans the files over a local process pool, of
+which this process is one worker (:func:`_run_pool`);
 ``engine="dask"`` submits them to a Dask cluster (see :mod:`onnxlady._provenance._scale`), which
 also reads ``fsspec`` URLs (``s3://``, ``gs://``, ``memory://``...).
 """
@@ -381,8 +382,8 @@ def build_index(
     Args:
         paths: files, folders or (``engine="dask"``) fsspec URLs.
         index_path: the index file, created when missing.
-        workers: processes for the local pool (default: the machine's CPU count; 1 runs in
-            this process); for Dask, the workers of the LocalCluster started when no
+        workers: processes fingerprinting, this one included (default: the machine's CPU
+            count; 1 runs in this process alone, N starts a pool of N - 1); for Dask, the workers of the LocalCluster started when no
             ``scheduler`` is given.
         engine: ``"process"`` (local process pool) or ``"dask"`` (see
             :mod:`onnxlady._provenance._scale`).
@@ -579,17 +580,64 @@ def _run(todo: list[_Task], engine: str, workers: int, scheduler: Any) -> Iterat
         return
     if workers == 1 or len(batches) == 1:  # no pool to start: this process does the work
         for batch in batches:
-            yield from zip(batch, _fingerprint_batch([t.path for t in batch], [t.digest for t in batch]))
+            yield from zip(batch, _fingerprint_here(batch))
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(batches))) as pool:
-        # Longest tasks first: the pool's last minutes are then small tasks that even out across
-        # workers, not one large model left to a single worker while the others idle.
-        futures: dict[Future[list[FileFingerprint]], list[_Task]] = {
-            pool.submit(_fingerprint_batch, [t.path for t in batch], [t.digest for t in batch]): batch
-            for batch in sorted(batches, key=_task_cost, reverse=True)
-        }
-        for future in as_completed(futures):
-            yield from zip(futures[future], future.result())
+    yield from _run_pool(batches, min(workers, len(batches)))
+
+
+#: Tasks queued per pool process beyond the one it works on: enough that it never waits for
+#: this process (busy with a task of its own) to hand it the next, and no more: a task handed to
+#: the pool cannot be taken back once its process has it, and at the end of a build this
+#: process would wait for every task queued there instead of sharing them.
+_QUEUED_PER_WORKER = 1
+
+
+def _run_pool(batches: list[list[_Task]], workers: int) -> Iterator[tuple[_Task, FileFingerprint]]:
+    """``batches`` over ``workers`` processes: this one and ``workers - 1`` pool processes.
+
+    This process works too instead of waiting on a pool of ``workers``: it would otherwise sit
+    idle while the pool worked (its own share of a build is the index writes, a few per cent),
+    and every pool process costs a fork and a cold start. Tasks are handed out longest first: to
+    the pool while it holds fewer than :data:`_QUEUED_PER_WORKER` beyond the one each of its
+    processes works on, else to this process; once none is left to hand out, this process takes
+    back those the pool has not started, so that neither waits long for the other at the end.
+    """
+    # Longest tasks first: the last minutes are then small tasks that even out across workers,
+    # not one large model left to a single worker while the others idle.
+    waiting = sorted(batches, key=_task_cost, reverse=True)
+    waiting.reverse()  # popped from the end: longest first
+    queued = (workers - 1) * (1 + _QUEUED_PER_WORKER)
+    with ProcessPoolExecutor(max_workers=workers - 1) as pool:
+        futures: dict[Future[list[FileFingerprint]], list[_Task]] = {}
+        while waiting or futures:
+            while waiting and len(futures) < queued:
+                batch = waiting.pop()
+                futures[pool.submit(_fingerprint_batch, *_arguments(batch))] = batch
+            for future in [future for future in futures if future.done()]:
+                yield from zip(futures.pop(future), future.result())
+            if waiting and len(futures) >= queued:  # the pool has work enough: this process takes the next
+                batch = waiting.pop()
+                yield from zip(batch, _fingerprint_here(batch))
+            elif futures and not waiting:
+                # The last tasks: take back one the pool has not started (the latest, the
+                # smallest), else wait for the pool.
+                unstarted = next((f for f in reversed(list(futures)) if f.cancel()), None)
+                if unstarted is not None:
+                    batch = futures.pop(unstarted)
+                    yield from zip(batch, _fingerprint_here(batch))
+                    continue
+                future = next(as_completed(futures))
+                yield from zip(futures.pop(future), future.result())
+
+
+def _arguments(batch: list[_Task]) -> tuple[list[str], list[bool]]:
+    """The arguments of :func:`_fingerprint_batch` for a task."""
+    return [task.path for task in batch], [task.digest for task in batch]
+
+
+def _fingerprint_here(batch: list[_Task]) -> list[FileFingerprint]:
+    """A task fingerprinted in this process."""
+    return _fingerprint_batch(*_arguments(batch))
 
 
 def _store(connection: sqlite3.Connection, results: list[FileFingerprint]) -> None:

@@ -13,7 +13,12 @@ signatures, Hungarian), on arrays that both models hold in one common form:
   per-neuron scales, signs included. Where both kept it, weight, bias and statistics are
   compared as stored, as between twin graphs: folding would merge a rescale that the
   statistics absorb (weight times ``k``, mean times ``k``, variance times ``k^2``) into
-  numbers that differ only through ``eps``, which the audit could then not name;
+  numbers that differ only through ``eps``, which the audit could then not name; a BatchNorm
+  of its own that the other model holds as an NCHWc depthwise 1x1 Conv is that convolution's
+  weight ones and bias zeros with the BatchNorm folded in (``s`` and ``beta - mean s``); a
+  fold written as arithmetic in the graph (onnxoptimizer) is read evaluated
+  (:mod:`onnxlady._resync._computed`), and the constants that make such a weight in the
+  reference are solved through its value;
 - a reference constant with no counterpart (the statistics of a BatchNorm the suspect folded,
   a quantization scale) is left out of the signatures.
 
@@ -41,10 +46,11 @@ from onnxlady._assignment import linear_sum_assignment
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
-from onnxlady._io._external import has_mapped, is_mapped, load_mapped, mapped_bytes
+from onnxlady._io._external import has_mapped, is_mapped, load_mapped, mapped_bytes, release_pages
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import tensor_holders
 from onnxlady._resync import _solver as solver
+from onnxlady._resync._computed import aligned_uses
 from onnxlady._resync._invariants import sharing_scratch
 from onnxlady._resync._match import ModelMatch, Unit, analyze_with_state, check_same_model, match_analyses
 from onnxlady._resync._sites import (
@@ -200,6 +206,15 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool, bounds: bo
     post = post_affine(graph, site) if bn is not None or site.batchnorm is None else None
     if site.post and (bn is not None or site.batchnorm is None) and post is None:
         return None
+    if site.lone_batchnorm and role in ("weight", "bias"):
+        # A BatchNorm of its own as a 1x1 convolution: weight ones and bias zeros, the BatchNorm
+        # folded in (its gamma and beta are what they store; folded only, never read as is).
+        shape = weight.shape if role == "weight" and weight is not None else (size,)
+        if bn is None:
+            return None
+        if role == "weight":
+            return _fold_weight(Approx(np.ones(shape), np.zeros(shape)) if bounds else Approx(np.ones(shape)), bn)
+        return _fold_bias(Approx(np.zeros(shape), np.zeros(shape)), bn)
     if role == "weight":
         assert weight is not None
         value = read_operand(graph, weight, bounds, compact=not bounds)
@@ -345,12 +360,24 @@ def _scalar_moved_in(
     return mine, theirs.scaled(theirs_factor)
 
 
-def _operands_by_use(sites: Iterable[Site]) -> dict[tuple[int, int], list[tuple[Site, Operand]]]:
-    """The sites' operands by the input they read, ``(node, slot)``: a packed weight has several."""
+def _operands_by_use(
+    sites: Iterable[Site], graph: ModelGraph | None = None
+) -> dict[tuple[int, int], list[tuple[Site, Operand]]]:
+    """The sites' operands by the input they read, ``(node, slot)``: a packed weight has several.
+
+    With ``graph``, a computed operand (a BatchNorm folded in by graph arithmetic) also stands
+    for each constant that holds it element for element (:func:`aligned_uses`), by their uses:
+    a permutation moves them as it moves the operand, so their plans are solved through its
+    value. (Not for constants no permutation moves: the operand's value moves with the others.)
+    """
     by_use: dict[tuple[int, int], list[tuple[Site, Operand]]] = {}
     for site in sites:
         for operand in site.operands:
             by_use.setdefault((operand.node, operand.slot), []).append((site, operand))
+            if operand.computed and graph is not None:
+                name = graph.nodes[operand.node].input[operand.slot]
+                for use in aligned_uses(graph, name, operand.node, operand.slot):
+                    by_use.setdefault(use, []).append((site, operand))
     return by_use
 
 
@@ -397,7 +424,7 @@ def _pair_plans(match: ModelMatch) -> _Pairing:
     """Both models' values per reference plan, their bounds made when first read (:class:`_PlanReader`)."""
     ref = match.reference
     holders = tensor_holders(ref.graph.model)
-    by_use = _operands_by_use(match.reference_sites)
+    by_use = _operands_by_use(match.reference_sites, ref.graph)
     references: list[Approx | None] = []
     suspects: list[Approx | None] = []
     dropped: list[str] = []
@@ -509,6 +536,18 @@ class _State(solver.ResyncState):
     reference_errors: Sequence[np.ndarray] = field(default_factory=list)
     #: Per plan, per axis: the index taking the suspect's order to the current one.
     moves: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+
+    def solve(self, gid: str, solved: frozenset[str], aligned: bool) -> bool:
+        """The solver's step, then the file pages the group read let go (the next group maps its own).
+
+        Both models' weights are memory maps or views of their files (compact reads): each
+        page touched would otherwise stay resident until the solver ends, both models whole.
+        """
+        changed = super().solve(gid, solved, aligned)
+        for plan in {piece.plan for piece in self.slices[gid]} | set(self.touched[gid]):
+            release_pages(self.reference[plan])
+            release_pages(self.work[plan])
+        return changed
 
     def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
         super()._apply(plan_index, gid, step)
@@ -723,6 +762,7 @@ def resync_across(
                 raise OnnxladyError(
                     f"tensor '{ref_analysis.tensors[number].source}' of the {which} holds NaN or Inf values"
                 )
+            release_pages(approx.value)  # read again by the solver, a group at a time
     # Solved wherever the reference can move the group; written where the suspect can too.
     permutable = {pair.reference for pair in match.groups if ref_analysis.group(pair.reference).permutable}
     slices, touched = solver.group_slices(ref_analysis, permutable)

@@ -14,7 +14,9 @@ then differ, but what the weights *compute* does not. Matching works on that, ne
    third of a packed Attention weight; Conv = FusedConv = Conv+BatchNorm folded; a LayerNorm's
    scale and shift = SkipLayerNorm's = the Mul and Add of a decomposed one). Shape
    arithmetic and constants computed from constants are no sites, so folding, deduplicating
-   or moving them changes nothing.
+   or moving them changes nothing. A BatchNorm no layer absorbs is a generic site, except
+   where the other model wrote it as an NCHWc depthwise 1x1 Conv (ONNX Runtime at
+   ``ORT_ENABLE_ALL``): there it is read as that convolution (:func:`_pair_batchnorms_as_convs`).
 2. **Structure.** Each site is a token (family and canonical shapes); the two token sequences,
    in topological order, are aligned (:class:`difflib.SequenceMatcher`, longest common blocks).
 3. **Content.** Among sites of the same token, signatures invariant to the permutations being
@@ -59,6 +61,8 @@ from onnxlady._assignment import linear_sum_assignment
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._io._external import release_pages
+from onnxlady._resync._computed import computed_use
 from onnxlady._resync._invariants import distance, signature
 from onnxlady._resync._nchwc_forms import NCHWC, is_fused_sum, nchwc_block
 from onnxlady._resync._quantized_forms import quantized_form
@@ -71,6 +75,7 @@ from onnxlady._resync._sites import (
     read_operand,
     site_operand_axis,
 )
+from onnxlady._resync._values import read_constant
 from onnxlady._transforms._key import PermutationKey, graph_fingerprint
 
 __all__ = [
@@ -509,8 +514,14 @@ class _Signatures:
                 if value is None:
                     continue
                 parts.extend(signature(_folded_for_signature(self.graph, site, operand, value.value, self._scratch)))
+                # The solver reads it again (reading_once) in a while: its file pages need not stay meanwhile.
+                release_pages(value.value)
             self._cache[number] = parts
         return self._cache[number]
+
+    def forget(self, number: int) -> None:
+        """Drop a site's signature (its site was rewritten in place)."""
+        self._cache.pop(number, None)
 
 
 def _folded_for_signature(
@@ -527,7 +538,12 @@ def _folded_for_signature(
     if operand.role not in ("weight", "bias"):
         return value
     if site.batchnorm is not None:
-        gamma, beta, mean, var = (read_operand(graph, site.operand(f"bn{slot}")) for slot in range(1, 5))  # type: ignore[arg-type]
+        if site.lone_batchnorm:  # a BatchNorm of its own: a layer of weight ones and bias zeros, folded
+            value = np.ones(value.shape) if operand.role == "weight" else np.zeros(value.shape)
+            node = graph.nodes[site.node]
+            gamma, beta, mean, var = (read_constant(graph, name) for name in node.input[1:5])
+        else:
+            gamma, beta, mean, var = (read_operand(graph, site.operand(f"bn{slot}")) for slot in range(1, 5))  # type: ignore[arg-type]
         if gamma is not None and beta is not None and mean is not None and var is not None:
             eps = float(node_attribute(graph.nodes[site.batchnorm], "epsilon", 1e-5))
             scale = gamma.value / np.sqrt(var.value + eps)
@@ -599,9 +615,109 @@ def _pair_sites(
             how[rows[0]] = ("structure", None, d if np.isfinite(d) else None)
             continue
         _pair_class(rows, cols, structural, ref_sig, sus_sig, pairs, how)
+    _pair_batchnorms_as_convs(reference, suspect, ref_sites, sus_sites, (ref_sig, sus_sig), pairs, how)
     _pair_across_unit_axes(reference, suspect, ref_sites, sus_sites, pairs, how)
     _settle_by_connections(reference, suspect, ref_sites, sus_sites, ref_sig, sus_sig, pairs, how)
     return _Pairing(pairs, how, matcher.get_opcodes())
+
+
+def _lone_batchnorm(graph: ModelGraph, site: Site) -> int | None:
+    """The channels of a BatchNormalization no layer absorbs (a generic site of four vectors), else None."""
+    if site.family != "other" or site.token[1] not in ("", "ai.onnx") or site.token[2] != "BatchNormalization":
+        return None
+    node = graph.nodes[site.node]
+    if [o.slot for o in site.operands] != [1, 2, 3, 4] or sum(1 for name in node.output if name) != 1 or int(
+        node_attribute(node, "training_mode", 0)
+    ):
+        return None
+    sizes = {operand.size for operand in site.operands}
+    if len(sizes) != 1 or any(sum(d != 1 for d in operand.shape) != 1 for operand in site.operands):
+        return None
+    return sizes.pop()
+
+
+def _channel_conv(site: Site) -> int | None:
+    """The channels of an NCHWc depthwise 1x1 convolution with no BatchNorm or scalar step of its own, else None.
+
+    ONNX Runtime's NCHWc transformer writes a BatchNormalization no Conv absorbs so (ConvMixer's
+    BatchNorm after the activation): weight ``gamma / sqrt(var + eps)`` ``[C, 1, 1, 1]``, bias
+    ``beta - mean * that``, ``group`` C (with a residual Add after it as its fourth input).
+    """
+    weight = site.operand("weight")
+    if site.family != "conv" or weight is None or not weight.blocked or site.batchnorm is not None or site.post or site.part:
+        return None
+    channels = weight.shape[0]
+    if channels < 2 or any(d != 1 for d in weight.shape[1:]) or tuple(site.token[2:]) != (channels,):
+        return None
+    return channels
+
+
+def _batchnorm_as_conv(site: Site, token: tuple[object, ...], channels: int) -> Site:
+    """A lone BatchNorm's generic site as the per-channel 1x1 convolution it computes (:attr:`Site.lone_batchnorm`)."""
+    gamma, beta, mean, var = site.operands
+    weight_shape = token[1]
+    assert isinstance(weight_shape, tuple)
+    operands = (replace(gamma, role="weight", shape=weight_shape), replace(beta, role="bias", shape=(channels,)),
+                replace(mean, role="bn3", shape=(channels,)), replace(var, role="bn4", shape=(channels,)))  # fmt: skip
+    return Site(site.node, 0, "conv", token, operands, site.ops, site.tail, site.node, weighs=site.weighs, live=site.live)
+
+
+def _pair_batchnorms_as_convs(
+    reference: ModelGraph,
+    suspect: ModelGraph,
+    ref_sites: list[Site],
+    sus_sites: list[Site],
+    signatures: tuple[_Signatures, _Signatures],
+    pairs: dict[int, int],
+    how: dict[int, tuple[str, float | None, float | None]],
+) -> None:
+    """Pair a BatchNormalization no layer absorbs with the NCHWc depthwise 1x1 Conv it was written as.
+
+    ``ORT_ENABLE_ALL`` on an x86 CPU turns such a BatchNorm (one after an activation, which no
+    Conv folds) into a ``com.microsoft.nchwc`` Conv of weight ``gamma / sqrt(var + eps)`` and
+    bias ``beta - mean * gamma / sqrt(var + eps)``: the BatchNorm folded into a 1x1 convolution
+    of weight ones and bias zeros. Among the sites both models left unpaired, each such BatchNorm
+    (either model's) is read as that convolution (:attr:`Site.lone_batchnorm`, token the
+    convolution's) and paired as sites of one token are: content where decisive, else the
+    alignment of these sites in graph order, else order. Its weight and bias are then compared
+    folded, as a folded BatchNorm's are (its mean and variance have no counterpart). Sites that
+    stay unpaired keep their own form.
+    """
+    graphs, lists = (reference, suspect), (ref_sites, sus_sites)
+    for norm_side in (0, 1):
+        conv_side = 1 - norm_side
+        taken = (set(pairs), set(pairs.values()))
+        convs = {n: c for n, site in enumerate(lists[conv_side]) if n not in taken[conv_side] and (c := _channel_conv(site)) is not None}
+        if not convs:  # (no model without the NCHWc layout has one)
+            continue
+        norms = {n: c for n, site in enumerate(lists[norm_side])
+                 if n not in taken[norm_side] and (c := _lone_batchnorm(graphs[norm_side], site)) is not None}  # fmt: skip
+        tokens = {c: lists[conv_side][n].token for n, c in convs.items()}
+        rewritten = {n: _batchnorm_as_conv(lists[norm_side][n], tokens[c], c) for n, c in norms.items() if c in tokens}
+        if not rewritten:
+            continue
+        trial = list(lists[norm_side])
+        for number, site in rewritten.items():
+            trial[number] = site
+        trial_sig = _Signatures(graphs[norm_side], trial)
+        sides = [sorted(rewritten), sorted(convs)] if norm_side == 0 else [sorted(convs), sorted(rewritten)]
+        channels = [[(norms if side == norm_side else convs)[n] for n in sides[side]] for side in (0, 1)]
+        matcher = difflib.SequenceMatcher(None, channels[0], channels[1], autojunk=False)
+        structural = {sides[0][b.a + k]: sides[1][b.b + k] for b in matcher.get_matching_blocks() for k in range(b.size)}
+        classes: dict[int, tuple[list[int], list[int]]] = {}
+        for side in (0, 1):
+            for number, count in zip(sides[side], channels[side]):
+                classes.setdefault(count, ([], []))[side].append(number)
+        sigs = (trial_sig, signatures[1]) if norm_side == 0 else (signatures[0], trial_sig)
+        found: dict[int, int] = {}
+        for rows, cols in classes.values():
+            if rows and cols:
+                _pair_class(rows, cols, structural, sigs[0], sigs[1], found, how)
+        for mine, theirs in found.items():
+            pairs[mine] = theirs
+            number = mine if norm_side == 0 else theirs
+            lists[norm_side][number] = rewritten[number]
+            signatures[norm_side].forget(number)
 
 
 def _squeezed_token(site: Site) -> tuple[object, ...]:
@@ -647,8 +763,13 @@ def _pair_across_unit_axes(
     operand varies (:func:`_telling_signature`: a constant tensor, a zero initial state, of the
     same non-unit shape as another would pair with it on shape alone, which decides nothing),
     and only pairs equal within storage rounding (:data:`_NEAR_EXACT`): a layout is all that
-    tells them apart, so anything more is left to the divergences, as before. Paired sites are rewritten in place with the unit axes left out of their operands'
-    canonical shapes, so both sides compare in one layout.
+    tells them apart, so anything more is left to the divergences, as before. Except where
+    another table of the same token pairs so (the layout did move): a table there that differs
+    beyond any storage's rounding (:data:`_NEAR_QUANTIZED`) and that the graph order pairs is
+    kept, so the audit compares it and says ``modified`` rather than "different models" (a
+    scaled rotary table under ORT's optimizer, held-out round 11). Paired sites are rewritten in
+    place with the unit axes left out of their operands' canonical shapes, so both sides
+    compare in one layout.
     """
     paired_suspect = set(pairs.values())
     left_over = [
@@ -683,12 +804,21 @@ def _pair_across_unit_axes(
         if token in classes:
             classes[token][1].append(number)
     found_pairs: dict[int, int] = {}
+    moved: set[int] = set()  # rows of a class in which a table is the same numbers in another layout
     for rows, cols in classes.values():
         if rows and cols:
             _pair_class(rows, cols, structural, sides[0], sides[1], found_pairs, how)
+            made_here = [how[row][2] for row in rows if row in found_pairs]
+            if any(made is not None and made <= _NEAR_EXACT for made in made_here):
+                moved.update(rows)
     for mine, theirs in found_pairs.items():
-        made = how[mine][2]
-        if made is None or made > _NEAR_EXACT:  # the same numbers or none: a changed table stays unpaired
+        method, _, made = how[mine]
+        # The same numbers; or, in a class where a table is (so the layout moved), a table
+        # changed beyond any storage's rounding that the graph order puts there: compared, and
+        # found changed (a scaled rotary table), rather than left unpaired and the models
+        # refused as different. One within a quantizer's rounding stays unpaired, as before.
+        changed = made is not None and made > _NEAR_QUANTIZED and method in ("structure", "order") and mine in moved
+        if made is None or (made > _NEAR_EXACT and not changed):
             del how[mine]
             continue
         pairs[mine] = theirs
@@ -916,11 +1046,18 @@ def _connection_agreement(
 # -- groups -----------------------------------------------------------------------------------
 def axis_labels(analysis: ChannelAnalysis, operand: Operand, axis: int) -> dict[str, np.ndarray]:
     """Per group on one canonical axis of an operand: which of its neurons sits at each position."""
-    found = site_operand_axis(analysis.graph, operand, axis)
-    if found is None:
-        return {}
-    leaf_axis, positions = found
-    binding = analysis.state.bindings.get((operand.node, operand.slot, leaf_axis))
+    if operand.computed:  # bound where the constants it is computed from are
+        read = operand.read_axis(axis)
+        name = analysis.graph.nodes[operand.node].input[operand.slot]
+        use = computed_use(analysis.graph, name, read, operand.node, operand.slot) if read is not None else None
+        binding = analysis.state.bindings.get(use) if use is not None else None
+        positions = slice(None)
+    else:
+        found = site_operand_axis(analysis.graph, operand, axis)
+        if found is None:
+            return {}
+        leaf_axis, positions = found
+        binding = analysis.state.bindings.get((operand.node, operand.slot, leaf_axis))
     if binding is None:
         return {}
     return {gid: lab[positions] for gid, lab in analysis.neuron_labels(binding.expr).items()}
@@ -1175,11 +1312,12 @@ def _conversions(
             ))  # fmt: skip
     # BatchNorm folded on one side.
     folded = {"reference": 0, "suspect": 0}
+    as_conv = {"reference": 0, "suspect": 0}  # a BatchNorm of its own written as a 1x1 convolution
     for mine, theirs in pairs:
         if mine.batchnorm is not None and theirs.batchnorm is None and theirs.family in _LINEAR_FAMILIES:
-            folded["suspect"] += 1
+            (as_conv if mine.lone_batchnorm else folded)["suspect"] += 1
         elif theirs.batchnorm is not None and mine.batchnorm is None and mine.family in _LINEAR_FAMILIES:
-            folded["reference"] += 1
+            (as_conv if theirs.lone_batchnorm else folded)["reference"] += 1
     for side, count in folded.items():
         if count:
             findings.append(
@@ -1187,6 +1325,11 @@ def _conversions(
                     "batchnorm-folded", side, f"{count} BatchNormalization folded into the preceding layer's weights"
                 )
             )
+    for side, count in as_conv.items():
+        if count:
+            findings.append(ConversionFinding(
+                "batchnorm-folded", side, f"{count} BatchNormalization written as a per-channel 1x1 convolution"
+            ))  # fmt: skip
     # A per-channel scale after a layer (timm's layer scale) folded on one side.
     scaled = {"reference": 0, "suspect": 0}
     for mine, theirs in pairs:
@@ -1204,7 +1347,7 @@ def _conversions(
     fused: Counter[tuple[str, str]] = Counter()
     for mine, theirs in pairs:
         forms = tuple("+".join(op for op in site.ops if op != "BatchNormalization") for site in (mine, theirs))
-        if forms[0] != forms[1]:
+        if forms[0] != forms[1] and all(forms):  # (a BatchNorm written as a convolution: named above)
             fused[forms] += 1  # type: ignore[index]
     if fused:
         side = "suspect" if len(suspect.nodes) <= len(reference.nodes) else "reference"

@@ -14,11 +14,14 @@ family              canonical operands (token)
 ``dense``           weight ``[out, in]`` (times ``alpha``), bias ``[out]`` (times ``beta``):
                     MatMul with a constant weight and the Add after it, Gemm, FusedGemm,
                     FusedMatMul, MatMulNBits (dequantized), one third of an Attention's packed
-                    QKV weight; a bias fused into the next SkipLayerNormalization, BiasGelu,
-                    FastGelu or MultiHeadAttention (or, past a Reshape, SkipGroupNorm)
-                    belongs to its layer
+                    QKV weight, one piece of a weight concatenated in the graph (onnxoptimizer's
+                    ``Concat(Wq, Wk, Wv)``, its product Split); a bias fused into the next
+                    SkipLayerNormalization, BiasGelu, FastGelu or MultiHeadAttention (or, past
+                    a Reshape, SkipGroupNorm) belongs to its layer
 ``conv``            weight ``[out, in / group, k...]`` and bias: Conv, FusedConv, NhwcConv
-                    (its weight ``[out, k..., in / group]`` transposed)
+                    (its weight ``[out, k..., in / group]`` transposed); a Conv's weight and
+                    bias computed from constants (onnxoptimizer's BatchNorm fold written as
+                    arithmetic in the graph) are read evaluated (``Operand.computed``)
 ``conv-transpose``  weight ``[out, in / group, k...]`` and bias: ConvTranspose (its weight
                     ``[in, out / group, k...]`` transposed per group)
 ``scale``           a per-channel factor ``[C]``: a LayerNorm's (Skip-, Simplified-, RMS-,
@@ -53,6 +56,7 @@ import onnx
 
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._resync._computed import computed_shape, read_computed
 from onnxlady._resync._nchwc_forms import blocked_conv, is_reorder, read_blocked
 from onnxlady._resync._quantized_forms import (
     quantized_bias,
@@ -143,6 +147,11 @@ class Operand:
     #: group, k...]``, so that its output channels become one canonical axis. No canonical
     #: axis is then one axis of what is stored.
     split: tuple[int, ...] | None = None
+    #: A float tensor the graph computes from constants alone (onnxoptimizer's BatchNorm fold
+    #: written as arithmetic on the Conv's weight and bias), read by evaluating that computation
+    #: (:func:`~onnxlady._resync._computed.read_computed`); its axes move with the constants
+    #: it is made of (:func:`~onnxlady._resync._computed.computed_use`).
+    computed: bool = False
 
     @property
     def size(self) -> int:
@@ -211,6 +220,17 @@ class Site:
 
     def operand(self, role: str) -> Operand | None:
         return next((operand for operand in self.operands if operand.role == role), None)
+
+    @property
+    def lone_batchnorm(self) -> bool:
+        """A BatchNormalization of its own, read as the per-channel 1x1 convolution it computes.
+
+        Made by the matching where the other model holds it so (ONNX Runtime's NCHWc layout
+        writes such a BatchNorm as a depthwise 1x1 Conv): its ``weight`` and ``bias`` operands
+        store gamma and beta, but the layer it stands for has weight ones and bias zeros, and
+        the BatchNorm folds into them (``Site.batchnorm`` is the site's own node).
+        """
+        return self.batchnorm is not None and self.batchnorm == self.node
 
     @property
     def form(self) -> str:
@@ -283,6 +303,8 @@ def _read_operand(graph: ModelGraph, operand: Operand, bounds: bool, compact: bo
     name = graph.nodes[operand.node].input[operand.slot]
     if operand.quantized:
         full = read_quantized(graph, operand.node, operand.slot)
+    elif operand.computed:
+        full = read_computed(graph, name, bounds)
     elif operand.blocked:
         full = read_blocked(graph, operand.node, operand.slot)
     else:
@@ -412,7 +434,7 @@ def site_operand_axis(graph: ModelGraph, operand: Operand, canonical_axis: int) 
     None when the axis is not one axis of the leaf (a MatMulNBits weight's packed input axis).
     """
     read = operand.read_axis(canonical_axis)
-    if read is None:
+    if read is None or operand.computed:  # no leaf: see computed_use
         return None
     name = graph.nodes[operand.node].input[operand.slot]
     leaf_axis = graph.leaf_axis(name, read) if not operand.nbits else 0
@@ -530,6 +552,10 @@ class _Linear:
     family: str
     weight: Operand
     extra: tuple[object, ...]  # token beyond the canonical weight shape (conv groups)
+    #: A weight concatenated in the graph from constants along its output neurons (see
+    #: :func:`_concatenated_weight`): each piece's own weight, in order. ``weight`` itself is
+    #: then no constant, and the layer is a site only where its parts are these pieces.
+    pieces: tuple[Operand, ...] | None = None
 
 
 def _linear(graph: ModelGraph, index: int) -> _Linear | None:
@@ -541,9 +567,12 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
     weight_name = node.input[1]
     if (op == "Conv" and domain in _STANDARD) or (op == "FusedConv" and domain == MICROSOFT):
         shape = _shape(graph, weight_name)
+        computed = shape is None and op == "Conv"  # onnxoptimizer's BatchNorm fold: computed in the graph
+        shape = computed_shape(graph, weight_name) if computed else shape
         if shape is None or len(shape) < 3:
             return None
-        return _Linear("conv", Operand("weight", index, 1, shape, shape), (int(node_attribute(node, "group", 1)),))
+        weight = Operand("weight", index, 1, shape, shape, computed=computed)
+        return _Linear("conv", weight, (int(node_attribute(node, "group", 1)),))
     if op == "NhwcConv" and domain == MICROSOFT:  # ORT's diffusion optimizer: W [out, k..., in / group]
         shape = _shape(graph, weight_name)
         if shape is None or len(shape) < 3:
@@ -576,6 +605,8 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
         transposed = _transposed_weight(graph, index) if not left and not right else None
         if transposed is not None:  # a tied LM head, torch's in_proj: MatMul(x, Transpose(W [N, K]))
             return _Linear("dense", transposed, ())
+        if not left and not right:  # onnxoptimizer's fuse_qkv: MatMul(x, Concat(Wq, Wk, Wv))
+            return _concatenated_weight(graph, index)
         if left == right:
             return None
         if right:
@@ -647,12 +678,82 @@ def _transposed_weight(graph: ModelGraph, index: int) -> Operand | None:
     return Operand("weight", produced[0], 0, shape, shape)
 
 
+def _concatenated_weight(graph: ModelGraph, index: int) -> _Linear | None:
+    """``MatMul(x, Concat(W1 .. Wn, axis=1))``, each ``Wi`` a 2-D float constant ``[K, Ni]``, read there alone.
+
+    onnxoptimizer's ``fuse_qkv`` packs the Q, K and V projections that read one input so, and
+    Splits the product: each piece is a layer of its own, as in the unpacked graph, its weight
+    stored where it was (the analysis binds each at the Concat, see
+    :func:`~onnxlady._rules._derived.derived_uses`).
+    """
+    node = graph.nodes[index]
+    name = node.input[1]
+    produced = graph.producer.get(name)
+    if produced is None or name in graph.graph_outputs or len(graph.consumers.get(name, [])) != 1:
+        return None
+    concat = graph.nodes[produced[0]]
+    if concat.op_type != "Concat" or (concat.domain or "") not in _STANDARD or len(concat.input) < 2:
+        return None
+    shapes = [_shape(graph, piece) if piece else None for piece in concat.input]
+    if any(shape is None or len(shape) != 2 for shape in shapes) or int(node_attribute(concat, "axis", 0)) % 2 != 1:
+        return None
+    rows = {shape[0] for shape in shapes if shape is not None}
+    if len(rows) != 1:
+        return None
+    pieces = tuple(Operand("weight", produced[0], slot, shape, (shape[1], shape[0]), axes=(1, 0))
+                   for slot, shape in enumerate(shapes) if shape is not None)  # fmt: skip
+    total, inner = sum(piece.shape[0] for piece in pieces), rows.pop()
+    return _Linear("dense", Operand("weight", index, 1, (inner, total), (total, inner), axes=(1, 0)), (), pieces)
+
+
+def _concatenated_bias(graph: ModelGraph, add: int, slot: int, linear: _Linear) -> list[Operand] | None:
+    """The biases of a concatenated weight's pieces, where its Add adds a ``Concat`` of one per piece.
+
+    ``Add(MatMul(x, Concat(Wq, Wk, Wv)), Concat(bq, bk, bv))``: each bias a 1-D float constant as
+    wide as its piece, the Concat read by that Add alone.
+    """
+    name = graph.nodes[add].input[slot]
+    produced = graph.producer.get(name)
+    if linear.pieces is None or produced is None or name in graph.graph_outputs or len(graph.consumers.get(name, [])) != 1:
+        return None
+    concat = graph.nodes[produced[0]]
+    if concat.op_type != "Concat" or (concat.domain or "") not in _STANDARD or len(concat.input) != len(linear.pieces):
+        return None
+    found = []
+    for position, (piece, weight) in enumerate(zip(concat.input, linear.pieces)):
+        shape = _shape(graph, piece) if piece else None
+        if shape is None or shape != (weight.shape[0],):
+            return None
+        found.append(Operand("bias", produced[0], position, shape, shape))
+    return found
+
+
+def _piece_weights(linear: _Linear, parts: list[_Part] | None) -> list[Operand] | None:
+    """The pieces of a concatenated weight (:func:`_concatenated_weight`) that its parts are, one each.
+
+    None where a part spans more or less than one piece (the product is then cut elsewhere).
+    """
+    if linear.pieces is None or not parts or len(parts) != len(linear.pieces):
+        return None
+    start = 0
+    for part, piece in zip(parts, linear.pieces):
+        if (part.start, part.stop) != (start, start + piece.shape[0]):
+            return None
+        start = part.stop
+    return list(linear.pieces)
+
+
 def _own_bias(graph: ModelGraph, index: int, size: int) -> Operand | None:
     node = graph.nodes[index]
     op = node.op_type
     if blocked_conv(graph, index) is not None:
         present = len(node.input) > 2 and bool(node.input[2])
         return Operand("bias", index, 2, (size,), (size,), blocked=True) if present else None
+    computed = computed_shape(graph, node.input[2]) if op == "Conv" and len(node.input) > 2 else None
+    if computed is not None:  # a BatchNorm folded in by graph arithmetic (see _linear)
+        if int(np.prod(computed)) != size or sum(d != 1 for d in computed) > 1:
+            return None
+        return Operand("bias", index, 2, computed, (size,), computed=True)
     if op in ("Conv", "FusedConv", "ConvTranspose", "NhwcConv"):
         return _vector_operand(graph, index, 2, size, "bias")
     if op in ("Gemm", "FusedGemm"):
@@ -697,6 +798,8 @@ class _Unit:
     parts: list[_Part] | None = None
     #: Scalar Mul / Add / Sub right after the layer, which simplifiers fold into its weights.
     post: list[tuple[str, int, int]] | None = None
+    #: A concatenated weight's biases, one per piece, added as a Concat (:func:`_concatenated_bias`).
+    bias_pieces: list[Operand] | None = None
 
 
 @dataclass
@@ -842,6 +945,9 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
         node = graph.nodes[index]
         size = _out_size(linear)
         unit = _Unit(linear, _own_bias(graph, index, size), [node.op_type], index)
+        if linear.pieces is not None:  # (so a conversion finding names the form: Concat+MatMul+Split)
+            unit.ops.insert(0, "Concat")
+            kept = (set(absorbed), set(claimed))  # restored where the parts are not the pieces
         tail = node.output[0]
         if linear.weight.quantized:
             tail = _quantized_unit(graph, index, unit, absorbed)
@@ -859,6 +965,9 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                     operand = _vector_operand(graph, host, 1 - slot, size, "bias")
                     if operand is not None and _is_bias_add(graph, host_node, slot, linear, graph.rank(tail)):
                         unit.bias = operand
+                    elif operand is None:
+                        unit.bias_pieces = _concatenated_bias(graph, host, 1 - slot, linear)
+                    if unit.bias is not None or unit.bias_pieces is not None:
                         unit.ops.append("Add")
                         unit.tail = host
                         absorbed.add(host)
@@ -877,6 +986,10 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                         unit.ops.append("MultiHeadAttention")
                         claimed.add((host, 3))
         unit.parts = _packed_parts(graph, linear, tail, absorbed)
+        if linear.pieces is not None and _piece_weights(linear, unit.parts) is None:
+            # A concatenated weight is no constant: a site only where each part is one piece.
+            absorbed, claimed = kept
+            continue
         foldable_ops = ("Conv", "ConvTranspose", "Gemm", "QLinearConv", "ConvInteger")
         if unit.parts is None and node.op_type in foldable_ops and (node.domain or "") in _STANDARD:
             foldable = node.op_type != "Gemm" or graph.rank(node.output[0]) == 2
@@ -947,7 +1060,11 @@ def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int], linear: _Li
         if value is None or value.dtype.kind != "f" or (node.op_type == "Sub" and other != 1):
             continue
         kind = node.op_type.lower()
-        if value.size != 1 and reshaped:
+        if value.size != 1 and reshaped and not (
+            # A per-channel scale past Reshapes that keep the channels last (ORT's MatMulAddFusion
+            # writes a 3-D MatMul + Add as Reshape, Gemm, Reshape): each channel stays where it was.
+            linear.family == "dense" and _reshaped_keeping_last(graph, name, _out_size(linear)) == node.input[reader[1]]
+        ):
             continue
         if value.size != 1:
             size = _out_size(linear)
@@ -1030,11 +1147,15 @@ def _unit_sites(graph: ModelGraph, index: int, unit: _Unit) -> list[Site]:
     weight = unit.linear.weight
     axis = weight.read_axis(0)
     assert axis is not None
+    pieces = _piece_weights(unit.linear, unit.parts)
     sites = []
     for number, part in enumerate(unit.parts):
         width = part.stop - part.start
-        operands = [replace(weight, shape=(width, *weight.shape[1:]), block=(axis, part.start, part.stop))]
-        bias = part.bias
+        if pieces is not None:
+            operands = [pieces[number]]
+        else:
+            operands = [replace(weight, shape=(width, *weight.shape[1:]), block=(axis, part.start, part.stop))]
+        bias = part.bias if unit.bias_pieces is None else unit.bias_pieces[number]
         if bias is None and unit.bias is not None and len(unit.bias.read_shape) == 1 and unit.bias.block is None:
             bias = replace(unit.bias, shape=(width,), block=(0, part.start, part.stop))
         if bias is not None:

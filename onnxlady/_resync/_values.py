@@ -18,7 +18,7 @@ import onnx
 
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
-from onnxlady._io._tensors import read_array
+from onnxlady._io._tensors import integer_range, read_array
 
 __all__ = ["COMPACT_TYPES", "Approx", "half_ulp", "nbits_layout", "read_constant", "read_nbits", "widened"]
 
@@ -152,6 +152,33 @@ def _spread(parameter: np.ndarray, node: onnx.NodeProto, shape: tuple[int, ...])
     return np.broadcast_to(parameter.reshape(view), shape)
 
 
+def _clipped(graph: ModelGraph, node: onnx.NodeProto) -> np.ndarray | None:
+    """Where a DequantizeLinear's stored integers may stand for a number one whole step away.
+
+    A symmetric quantizer of a signed type with ``2^b`` levels (``-2^(b-1) .. 2^(b-1) - 1``, zero
+    point 0) may map the block's largest magnitude to ``-2^(b-1)``: ONNX Runtime's int4 block
+    quantizer (``MatMulNBitsQuantizer``, MatMulNBits and QDQ forms) takes ``scale = w / -8`` for
+    the value ``w`` of largest magnitude. A value of the other sign and up to the same magnitude
+    then stands ``8`` steps from zero and is clipped to ``7``: up to one step away, where every
+    other stored integer lies within half a step (held-out round 13, F1). So the integers at the
+    type's largest value, with no zero point or a zero one, get a bound of one step; None when
+    no integer is there (an unsigned type, a nonzero zero point, no value at the maximum), and
+    outside that quantizer's forms (blocks, or int4): per-tensor and per-axis int8 quantizers
+    (ONNX Runtime's static one quantizes int8 symmetrically to -127..127) round within half a step.
+    """
+    if not int(node_attribute(node, "block_size", 0)) and graph.dtypes.get(node.input[0]) != onnx.TensorProto.INT4:
+        return None  # (before reading the integers: an int8 weight's stay unread and uncached)
+    data = graph.constant_value(node.input[0])
+    limits = integer_range(data.dtype) if data is not None else None
+    if data is None or limits is None or limits[0] >= 0:
+        return None
+    zero = graph.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if zero is not None and np.any(zero.astype(np.int64) != 0):
+        return None
+    at_top = data.astype(np.int8 if data.dtype.itemsize == 1 else np.int64) == limits[1]
+    return at_top if at_top.any() else None
+
+
 def read_constant(graph: ModelGraph, name: str, bounds: bool = True, compact: bool = False) -> Approx | None:
     """The constant ``name`` as its user reads it, with the error bound of its storage.
 
@@ -211,9 +238,13 @@ def read_constant(graph: ModelGraph, name: str, bounds: bool = True, compact: bo
             if scale is None:
                 return None
             # The stored integers are exact; the number they stand for lies within half a step
-            # (of each scale, then spread over the data: the same numbers, not made whole).
+            # (of each scale, then spread over the data: the same numbers, not made whole),
+            # or one step where a symmetric quantizer clipped it (see _clipped).
             if bounds:
                 error = _spread(0.5 * np.abs(np.asarray(scale, dtype=np.float64)), node, out64.shape)
+                clipped = _clipped(graph, node)
+                if clipped is not None:
+                    error = np.where(clipped, 2.0 * error, error)
         elif op == "QuantizeLinear":
             if bounds:
                 error = np.zeros(out64.shape)

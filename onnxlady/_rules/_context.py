@@ -21,6 +21,7 @@ input slot) and their own leaf axis; where one cannot follow, the binding's grou
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,16 @@ class RuleContext:
     @property
     def num_inputs(self) -> int:
         return len(self._inputs)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Every input's name, in slot order ('' for an absent optional input)."""
+        return self._inputs
+
+    @property
+    def state_tracked(self) -> dict[str, dict[int, Expr]]:
+        """The spaces every tensor carries so far (read only: a rule takes them with :meth:`take`)."""
+        return self._state.tracked
 
     @property
     def num_outputs(self) -> int:
@@ -275,11 +286,12 @@ class RuleContext:
             return None
         uses, reads = walk
         group = self.new_group(size)
+        pieces = self._pieces(group, [use[4] for use in uses])
         bindings = []
-        for node, slot, use_axis, block in uses:
-            expr: Expr = group
+        for node, slot, use_axis, block, piece in uses:
+            expr: Expr = group if piece is None else pieces[piece]
             if block is not None:
-                found = self._block_of(node, slot, use_axis, block, group)
+                found = self._block_of(node, slot, use_axis, block, expr)
                 if found is None:
                     return None
                 expr = found
@@ -291,7 +303,25 @@ class RuleContext:
         self._walks.append((group, reads, self._untracked_reason(name, axis)))
         return group
 
-    def _block_of(self, node: int, slot: int, axis: int, block: tuple[int, int], group: Atom) -> Expr | None:
+    def _pieces(self, group: Atom, pieces: list[tuple[int, int] | None]) -> dict[tuple[int, int], Expr]:
+        """``group`` cut at every bound of the pieces a walk's Concats make (one group per segment), by piece.
+
+        Q, K and V weights concatenated into one then each move by a permutation of their own
+        neurons, which together are ``group``'s (a block sum).
+        """
+        bounds = {0, group.size} | {bound for piece in pieces if piece is not None for bound in piece}
+        if len(bounds) == 2:
+            return {(0, group.size): group}
+        edges = sorted(bounds)
+        segments = [(start, end, self.new_group(end - start)) for start, end in itertools.pairwise(edges)]
+        self.unify(group, direct_sum([expr for _, _, expr in segments]))
+        return {
+            piece: direct_sum([expr for start, end, expr in segments if piece[0] <= start and end <= piece[1]])
+            for piece in pieces
+            if piece is not None
+        }
+
+    def _block_of(self, node: int, slot: int, axis: int, block: tuple[int, int], group: Expr) -> Expr | None:
         """The whole-axis permutation of a constant a Slice reads ``block`` of, with ``group`` as that block.
 
         The axis is cut at every bound of its Slice readers; each read segment is a group of its
@@ -452,25 +482,44 @@ class RuleContext:
     def commit(self) -> None:
         """Record what the rule produced and freeze every input space it did not take."""
         state = self._state
-        for (slot, axis), expr in self._emitted.items():
-            name = self.output(slot)
-            state.tracked.setdefault(name, {})[axis] = expr
-        for slot, spaces in self._joint_emitted.items():
-            state.joint.setdefault(self.output(slot), []).extend(spaces)
-        for binding in self._with_companions():
-            key = (binding.node, binding.slot, binding.axis)
-            previous = state.bindings.get(key)
-            if previous is not None:
-                self.unify(previous.expr, binding.expr)
-            else:
-                state.bindings[key] = binding
+        tracked, joint, taken = state.tracked, state.joint, self._taken
+        if self._emitted:
+            outputs = self._outputs  # (emit keeps only named outputs' slots: output(slot), inlined)
+            for (slot, axis), expr in self._emitted.items():
+                spaces = tracked.get(outputs[slot])
+                if spaces is None:
+                    tracked[outputs[slot]] = {axis: expr}
+                else:
+                    spaces[axis] = expr
+        for slot, joint_spaces in self._joint_emitted.items():
+            joint.setdefault(self.output(slot), []).extend(joint_spaces)
+        if self._bound:  # (_with_companions: nothing without a binding)
+            bindings = state.bindings
+            for binding in self._with_companions():
+                key = (binding.node, binding.slot, binding.axis)
+                previous = bindings.get(key)
+                if previous is not None:
+                    self.unify(previous.expr, binding.expr)
+                else:
+                    bindings[key] = binding
         for expr in self._producers:
             state.producers.append((self.index, expr))
         if self._walks:
             state.derived_walks.extend(self._walks)
-        tracked, joint, taken = state.tracked, state.joint, self._taken
         for slot, name in enumerate(self._inputs):  # (inputs_of's order, without its generator)
-            if name and (name in tracked or (joint and name in joint)):  # (most inputs carry nothing)
+            if not name:
+                continue
+            carried = tracked.get(name)
+            if carried:
+                # (Most carried inputs were taken whole: nothing to freeze, no call made.)
+                for axis in carried:
+                    if (name, axis) not in taken:
+                        self._freeze_untaken(slot, name, tracked, joint, taken)
+                        break
+                else:
+                    if joint and name in joint:
+                        self._freeze_untaken(slot, name, tracked, joint, taken)
+            elif joint and name in joint:
                 self._freeze_untaken(slot, name, tracked, joint, taken)
         for name in self.graph.implicit_inputs.get(self.index, ()):
             self._freeze_untaken(-1, name, tracked, joint, taken)

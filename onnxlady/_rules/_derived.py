@@ -8,7 +8,9 @@ stream it is added to would freeze. Yet every one of those operators treats the 
 an independent axis: permuting the stored table along its channel axis permutes the computed
 tensor the same way. :func:`derived_uses` walks back from the computed tensor to the constants
 it is made of and says which axis of which constant use to permute, or None where an operator on
-the way mixes or moves positions of that axis; nothing is ever permuted on a guess.
+the way mixes or moves positions of that axis; nothing is ever permuted on a guess. A
+``Concat`` along the axis (onnxoptimizer's ``Concat(Wq, Wk, Wv)``) hands each input the piece of
+the positions it fills, which then moves by a permutation of its own (the group is their block sum).
 
 A computed tensor on the way may have several readers (Mamba's ``A = -exp(A_log)`` is read by
 one Mul per unrolled scan step): each walk lists the reads it accounts for (tensor, axis,
@@ -32,10 +34,13 @@ import onnx
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
 
-#: (node index, input slot, axis as that node reads the input, block): one constant use to permute.
-#: ``block`` is ``(start, end)`` where the node is a ``Slice`` reading only those positions of the
-#: constant's axis (torch's fused ``in_proj_weight`` cut into Q, K and V), else None.
-DerivedUse = tuple[int, int, int, tuple[int, int] | None]
+#: (node index, input slot, axis as that node reads the input, block, piece): one constant use to
+#: permute. ``block`` is ``(start, end)`` where the node is a ``Slice`` reading only those positions
+#: of the constant's axis (torch's fused ``in_proj_weight`` cut into Q, K and V), else None.
+#: ``piece`` is ``(start, end)`` where a ``Concat`` along the axis on the way makes the use only
+#: those positions of the tensor asked about (onnxoptimizer's ``fuse_qkv`` packs Q, K and V weights
+#: as a ``Concat`` of the three), else None (all of them).
+DerivedUse = tuple[int, int, int, tuple[int, int] | None, tuple[int, int] | None]
 #: (tensor, axis, reader node, input slot): one read of a computed tensor along a permuted axis
 #: that a walk accounts for (the reader handles the permutation it takes there).
 DerivedRead = tuple[str, int, int, int]
@@ -75,10 +80,12 @@ def derived_uses(
         return None
     uses: list[DerivedUse] = []
     reads: list[DerivedRead] = [(name, axis, reader, slot)]
-    pending: list[tuple[str, int]] = [(name, axis)]
+    # (tensor, axis, piece): every operator walked keeps each position's index along the axis,
+    # but a Concat along it, whose inputs each make one piece of the positions asked about.
+    pending: list[tuple[str, int, tuple[int, int] | None]] = [(name, axis, None)]
     steps = 0
     while pending:
-        tensor, tensor_axis = pending.pop()
+        tensor, tensor_axis, piece = pending.pop()
         steps += 1
         if steps > _MAX_STEPS:
             return None
@@ -91,21 +98,54 @@ def derived_uses(
             return None
         block = slice_block(graph, node, tensor_axis) if node.op_type == "Slice" else None
         if block is not None and graph.is_constant(node.input[0]):
-            uses.append((index, 0, tensor_axis, block))  # a block of the constant's axis
+            uses.append((index, 0, tensor_axis, block, piece))  # a block of the constant's axis
             continue
-        sources = _sources(graph, index, tensor_axis)
+        if node.op_type == "Concat":
+            pieces = _concat_pieces(graph, node, tensor_axis, piece)
+            sources = None if pieces is None else [(slot, tensor_axis) for slot, _ in pieces]
+        else:
+            pieces = None
+            sources = _sources(graph, index, tensor_axis)
         if sources is None:
             return None
-        for source_slot, source_axis in sources:
+        for number, (source_slot, source_axis) in enumerate(sources):
             source = node.input[source_slot]
+            source_piece = pieces[number][1] if pieces is not None else piece
             if graph.is_constant(source):
-                uses.append((index, source_slot, source_axis, None))
+                uses.append((index, source_slot, source_axis, None, source_piece))
                 continue
             if not graph.constant_derived(source) or source in graph.graph_outputs:
                 return None
             reads.append((source, source_axis, index, source_slot))
-            pending.append((source, source_axis))
+            pending.append((source, source_axis, source_piece))
     return uses, reads
+
+
+def _concat_pieces(
+    graph: ModelGraph, node: onnx.NodeProto, axis: int, piece: tuple[int, int] | None
+) -> list[tuple[int, tuple[int, int] | None]] | None:
+    """The inputs (slot, piece of the positions asked about) of a Concat walked along ``axis``.
+
+    Along another axis every input reads the walked positions as they are (its piece is the
+    Concat's own); along the Concat's axis each input is the block of positions it fills, in
+    order. Empty inputs are left out; None where an input's size along the axis is unknown.
+    """
+    out_shape = graph.shape(node.output[0])
+    if out_shape is None or not 0 <= axis < len(out_shape):
+        return None
+    if int(node_attribute(node, "axis", 0)) % len(out_shape) != axis:
+        return [(slot, piece) for slot, name in enumerate(node.input) if name]
+    start = piece[0] if piece is not None else 0
+    found: list[tuple[int, tuple[int, int] | None]] = []
+    for slot, name in enumerate(node.input):
+        shape = (graph.shape(name) or graph.constant_shape(name)) if name else None
+        dim = shape[axis] if shape is not None and axis < len(shape) else None
+        if not isinstance(dim, int):
+            return None
+        if dim:
+            found.append((slot, (start, start + dim)))
+        start += dim
+    return found
 
 
 def _sources(graph: ModelGraph, index: int, axis: int) -> list[tuple[int, int]] | None:
@@ -133,11 +173,6 @@ def _sources(graph: ModelGraph, index: int, axis: int) -> list[tuple[int, int]] 
         return None if source is None else [(0, source)]
     if op == "Slice":
         return [(0, axis)] if _slice_keeps(graph, node, axis) else None
-    if op == "Concat":
-        concat_axis = int(node_attribute(node, "axis", 0)) % len(out_shape)
-        if concat_axis == axis:
-            return None
-        return [(slot, axis) for slot, name in enumerate(node.input) if name]
     if op in ("Resize", "Upsample"):
         in_shape = graph.shape(node.input[0])
         mode = node_attribute(node, "coordinate_transformation_mode", b"half_pixel")

@@ -35,6 +35,11 @@ class _DataSlots:
     def num_inputs(self) -> int:
         return len(self._slots)
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The data inputs' names, in the float operator's slot order."""
+        return tuple(self._ctx.input(slot) for slot in self._slots)
+
     def _real(self, slot: int) -> int:
         return self._slots[slot] if 0 <= slot < len(self._slots) else len(self._ctx.node.input) + slot
 

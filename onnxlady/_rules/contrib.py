@@ -16,7 +16,8 @@ Each rule states exactly which permutations the operator carries (definitions fr
 - ``SimplifiedLayerNormalization`` (RMSNorm): ONNX Runtime registers it in the *ONNX* domain
   (``com.microsoft::SimplifiedLayerNormalization`` is no operator there), so the rule is in ``""``.
 - ``Attention`` (packed ``[hidden, q + k + v]`` weight), ``MultiHeadAttention`` (separate Q, K, V)
-  and ``GroupQueryAttention``: see :func:`_attention_spaces`.
+  and ``GroupQueryAttention``: see :func:`_attention_spaces`. ONNX's own ``Attention`` (opset 23,
+  what torch's dynamo exporter writes at that opset) shares GroupQueryAttention's head algebra.
 - ``RotaryEmbedding`` and the rotary inside ``GroupQueryAttention``: see :func:`_rotary_head`.
 - ``MatMulNBits``: see :class:`MatMulNBitsRule`.
 - ``EmbedLayerNormalization``: a new hidden axis made by the word, position and segment tables,
@@ -614,6 +615,78 @@ class GroupQueryAttentionRule(OpRule):
         _emit_cache(ctx, 1, kv, qk)
         _emit_cache(ctx, 2, kv, v)
         ctx.emit(3, 1, query_heads)
+
+
+@register
+class OnnxAttentionRule(OpRule):
+    """ONNX's ``Attention`` (opset 23): ``softmax(Q K^T * scale + mask) V`` over ``q_num_heads`` query heads.
+
+    Q ``[B, Hq, S, D]``, K ``[B, Hkv, L, D]``, V ``[B, Hkv, L, Dv]`` (or all three ``[B, S, heads * size]``
+    with ``q_num_heads`` / ``kv_num_heads``): query head ``h`` reads KV head ``h // (Hq / Hkv)``, as in
+    GroupQueryAttention, so the same permutations hold: the KV heads with their groups of query
+    heads, the query heads inside a group (one permutation for all groups), one permutation of the
+    Q/K dims shared by Q and K, another of the V dims shared with the output. The mask broadcasts
+    to ``[B, Hq, S, T]`` from the right: an axis of it that meets the query heads follows them. Past
+    and present key/value ``[B, Hkv, P, H]`` follow the KV heads and their dims; the optional
+    ``qk_matmul_output`` ``[B, Hq, S, T]`` the query heads. Scale, softcap and causality act on
+    scores, position by position: no channel is involved.
+    """
+
+    op_types = ("Attention",)
+
+    def propagate(self, ctx: RuleContext) -> None:
+        rank = ctx.rank_in(0)
+        if rank not in (3, 4) or ctx.rank_in(1) != rank or ctx.rank_in(2) != rank:
+            raise RuleDoesNotApply("index-map", "Attention's Q, K and V are not all [B, S, hidden] or all [B, N, S, H]")
+        q_shape, k_shape, v_shape = (ctx.shape_in(slot) or () for slot in range(3))
+        if rank == 4:
+            heads, kv_heads, head_size, v_head_size = q_shape[1], k_shape[1], q_shape[3], v_shape[3]
+        else:
+            heads, kv_heads = _int(ctx, "q_num_heads"), _int(ctx, "kv_num_heads")
+            q_hidden, v_hidden = q_shape[2], v_shape[2]
+            head_size = q_hidden // heads if isinstance(q_hidden, int) and heads > 0 and q_hidden % heads == 0 else None
+            v_head_size = v_hidden // kv_heads if isinstance(v_hidden, int) and kv_heads > 0 and v_hidden % kv_heads == 0 else None
+        sizes = (heads, kv_heads, head_size, v_head_size)
+        if not all(isinstance(size, int) and size > 0 for size in sizes):
+            raise RuleDoesNotApply("unknown-shape", "the number of heads or the head sizes are unknown")
+        heads, kv_heads, head_size, v_head_size = (int(size) for size in sizes)  # type: ignore[arg-type]
+        if heads % kv_heads:
+            raise RuleDoesNotApply("index-map", f"{heads} query heads do not group over {kv_heads} KV heads")
+        kv = ctx.new_group(kv_heads)
+        query_heads = product(kv, ctx.new_group(heads // kv_heads))
+        qk, v = ctx.new_group(head_size), ctx.new_group(v_head_size)
+        if rank == 4:
+            for slot, slot_heads, inner in ((0, query_heads, qk), (1, kv, qk), (2, kv, v)):
+                ctx.unify(ctx.take(slot, 1, slot_heads.size), slot_heads)
+                ctx.unify(ctx.take(slot, 3, inner.size), inner)
+        else:
+            for slot, layout in ((0, product(query_heads, qk)), (1, product(kv, qk)), (2, product(kv, v))):
+                ctx.unify(ctx.take(slot, 2, layout.size), layout)
+        self._mask(ctx, query_heads)
+        _cache(ctx, 4, kv, qk, "past key")
+        _cache(ctx, 5, kv, v, "past value")
+        if rank == 4:
+            ctx.emit(0, 1, query_heads)
+            ctx.emit(0, 3, v)
+        else:
+            ctx.emit(0, 2, product(query_heads, v))
+        _emit_cache(ctx, 1, kv, qk)
+        _emit_cache(ctx, 2, kv, v)
+        ctx.emit(3, 1, query_heads)
+
+    @staticmethod
+    def _mask(ctx: RuleContext, query_heads: Expr) -> None:
+        """The mask's axis that broadcasts against the query heads (the third from the right) follows them."""
+        if not ctx.input(3):
+            return
+        shape = ctx.shape_in(3) or ctx.graph.constant_shape(ctx.input(3))
+        if shape is None:
+            raise RuleDoesNotApply("unknown-shape", f"the shape of attention mask '{ctx.input(3)}' is unknown")
+        if len(shape) < 3 or shape[-3] == 1:
+            return  # the same mask for every head
+        if shape[-3] != query_heads.size:
+            raise RuleDoesNotApply("unknown-shape", f"attention mask '{ctx.input(3)}' has {shape[-3]} heads")
+        ctx.attach(3, len(shape) - 3, query_heads, "attention mask (heads)")
 
 
 @register

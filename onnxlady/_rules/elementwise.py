@@ -60,9 +60,10 @@ class BroadcastRule(OpRule):
         operands: dict[int, _Operand] = {}
         constants = 0
         carried = unknown_rank = False
-        for slot in range(ctx.num_inputs):
-            if ctx.input(slot):
-                operand = operands[slot] = _Operand(ctx, slot)
+        tracked = ctx.state_tracked
+        for slot, name in enumerate(ctx.input_names):
+            if name:
+                operand = operands[slot] = _Operand(ctx, name, tracked)
                 slots.append(slot)
                 constants += operand.const
                 carried = carried or bool(operand.spaces)
@@ -165,11 +166,12 @@ class _Operand:
 
     __slots__ = ("const", "name", "rank", "shape", "spaces")
 
-    def __init__(self, ctx: RuleContext, slot: int) -> None:
-        # (ctx.shape_in and ctx.is_const, read from the name once: a named input's)
-        name = self.name = ctx.input(slot)
+    def __init__(self, ctx: RuleContext, name: str, tracked: dict[str, dict[int, Expr]]) -> None:
+        # (ctx.shape_in, ctx.is_const and ctx.tracked, read from the name once: a named input's)
+        self.name = name
         graph = ctx.graph
-        shape = self.shape = graph.shapes.get(name) if name else None
+        shape = self.shape = graph.shapes.get(name)
         self.rank = None if shape is None else len(shape)
         self.const = graph.is_constant(name)
-        self.spaces = ctx.tracked(slot)
+        spaces = tracked.get(name)
+        self.spaces = dict(spaces) if spaces else {}  # (a copy, as ctx.tracked gives)

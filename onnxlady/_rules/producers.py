@@ -7,7 +7,7 @@ from collections.abc import Callable
 import onnx
 
 from onnxlady._graph._attributes import node_attribute
-from onnxlady._graph._expr import DirectSum, Expr, product
+from onnxlady._graph._expr import DirectSum, Expr, Fixed, product
 from onnxlady._rules._context import Binding, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 from onnxlady._rules.standardized import standardized_weight
@@ -265,9 +265,19 @@ def _computed_conv_weight(ctx: RuleContext) -> tuple[tuple[int, ...], _Binder]:
         message = f"'{name}' ({role}) is computed in the graph by operators no rule maps back to its constants"
         ctx.freeze(expr, "not-constant", message)
 
-    for axis, expr in ctx.take_all(1).items():  # what the computation carries into the weight stays too
-        freeze(axis, expr, f"axis {axis} of the conv weight")
-    return tuple(int(d) for d in shape), freeze  # type: ignore[arg-type]
+    def bind(axis: int, expr: Expr, role: str) -> None:
+        # A channel axis reached through the constants it is computed from (onnxoptimizer's
+        # BatchNorm fold: W * Unsqueeze(scale / Sqrt(var + eps))) moves them; else it stays.
+        taken = ctx.take(1, axis, expr.size)
+        if isinstance(taken, Fixed):
+            freeze(axis, expr, role)
+        else:
+            ctx.unify(taken, expr)
+
+    for axis, expr in ctx.take_all(1).items():
+        if axis >= 2:  # a kernel axis the computation carries (a product's own group): it never moves
+            ctx.freeze(expr, "index-map", f"axis {axis} of conv weight '{name}' (computed in the graph) is a kernel axis")
+    return tuple(int(d) for d in shape), bind  # type: ignore[arg-type]
 
 
 def _derived_matrix(ctx: RuleContext, slot: int) -> tuple[int, ...] | None:
