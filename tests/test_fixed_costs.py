@@ -125,10 +125,8 @@ def test_a_failed_sync_aborts_the_whole_set(
     assert sorted(os.listdir(tmp_path)) == before
 
 
-def test_resync_hashes_only_the_suspect_and_only_for_its_key(
-    models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    base, suspect = models
+def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files hashed from now on (``file_sha256`` wherever the commands call it)."""
     hashed: list[str] = []
     real = _files.file_sha256
 
@@ -138,6 +136,14 @@ def test_resync_hashes_only_the_suspect_and_only_for_its_key(
 
     monkeypatch.setattr(_files, "file_sha256", counting)
     monkeypatch.setattr(_sources, "file_sha256", counting)
+    return hashed
+
+
+def test_resync_hashes_only_the_suspect_and_only_for_its_key(
+    models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, suspect = models
+    hashed = _count_hashes(monkeypatch)
     onnxlady.resync(base, suspect, output=tmp_path / "a.onnx")
     assert hashed == []  # the bytes of neither input are recorded: neither is read to be hashed
     onnxlady.resync(base, suspect, output=tmp_path / "b.onnx", key_out=tmp_path / "b.json")
@@ -175,14 +181,7 @@ def test_perturb_and_match_read_no_input_to_hash_it(
 ) -> None:
     """Neither records a sha256 of its inputs: their files are parsed, never hashed."""
     base, suspect = models
-    hashed: list[str] = []
-    real = _files.file_sha256
-
-    def counting(path: str | os.PathLike[str]) -> str:
-        hashed.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(_files, "file_sha256", counting)
+    hashed = _count_hashes(monkeypatch)
     perturbed = onnxlady.perturb(base, output=tmp_path / "noisy.onnx", noise=0.1, seed=3)
     assert perturbed.exit_code == 0 and (tmp_path / "noisy.onnx").read_bytes() != base.read_bytes()
     matched = onnxlady.match(base, suspect)

@@ -506,6 +506,11 @@ class ModelGraph:
         old = self.shapes.get(name)
         if found is None or (old is not None and (len(old) != len(found) or _known_count(found) <= _known_count(old))):
             return set()
+        return self._record_shape(node, found)
+
+    def _record_shape(self, node: onnx.NodeProto, found: Shape) -> set[str]:
+        """A shape found for ``node``'s output, its type that of its data input: {output}."""
+        name = node.output[0]
         self.shapes[name] = found
         dtype = self.dtypes.get(node.input[0])
         if dtype:
@@ -550,11 +555,7 @@ class ModelGraph:
             or (_known_count(found) == _known_count(old) and unknown >= sum(1 for d in old if d is None))
         ):
             return set()
-        self.shapes[name] = found
-        dtype = self.dtypes.get(node.input[0])
-        if dtype:
-            self.dtypes.setdefault(name, dtype)
-        return {name}
+        return self._record_shape(node, found)
 
     def _infer_contrib(self, node: onnx.NodeProto) -> set[str]:
         """Shapes of a contrib operator's outputs (ONNX inference does not know it): the outputs it helped."""

@@ -174,26 +174,49 @@ def _reshape(in_shape: Shape, out_shape: Shape, before: frozenset[int]) -> froze
 
 def _digit_owners(dims_in: list[int], dims_out: list[int]) -> dict[int, set[int]] | None:
     """For each output axis, the input axes its row-major digits come from; None if no common radix."""
+    common = common_digits(dims_in, dims_out)
+    if common is None:
+        return None
+    owners: dict[int, set[int]] = {}
+    for (i, _), (j, _) in zip(*common):
+        owners.setdefault(j, set()).add(i)
+    return owners
+
+
+def common_digits(
+    dims_in: list[int], dims_out: list[int]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+    """Split both shapes into a common sequence of digits (mixed radix), or None.
+
+    Returns, for each digit, (owning axis position, size) on the input side and the output
+    side; digit k is the same elements on both sides. Size-1 axes own no digit.
+    """
     queue_in = [(i, d) for i, d in enumerate(dims_in) if d != 1]
     queue_out = [(j, d) for j, d in enumerate(dims_out) if d != 1]
-    owners: dict[int, set[int]] = {}
+    digits_in: list[tuple[int, int]] = []
+    digits_out: list[tuple[int, int]] = []
     while queue_in and queue_out:
         (i, a), (j, b) = queue_in[0], queue_out[0]
-        owners.setdefault(j, set()).add(i)
         if a == b:
+            digits_in.append((i, a))
+            digits_out.append((j, b))
             queue_in.pop(0)
             queue_out.pop(0)
         elif a % b == 0:
+            digits_in.append((i, b))
+            digits_out.append((j, b))
             queue_in[0] = (i, a // b)
             queue_out.pop(0)
         elif b % a == 0:
+            digits_in.append((i, a))
+            digits_out.append((j, a))
             queue_out[0] = (j, b // a)
             queue_in.pop(0)
         else:
             return None
     if queue_in or queue_out:
         return None
-    return owners
+    return digits_in, digits_out
 
 
 def _same(a: int | str | None, b: int | str | None) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from onnxlady._graph._expr import Atom, Expr, Fixed, product
 from onnxlady._graph._model_graph import Shape
-from onnxlady._graph._uniform import agreeing_ends
+from onnxlady._graph._uniform import agreeing_ends, common_digits
 from onnxlady._rules._context import JointSpace, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 
@@ -205,7 +205,7 @@ def _align(in_shape: Shape, out_shape: Shape) -> tuple[list[_Digit], dict[int, t
         dims_in, dims_out = list(in_shape[first_in:end_in]), list(out_shape[first_out:end_out])
         common = None
         if all(isinstance(d, int) for d in dims_in + dims_out):
-            common = _common_digits([int(d) for d in dims_in], [int(d) for d in dims_out])  # type: ignore[arg-type]
+            common = common_digits([int(d) for d in dims_in], [int(d) for d in dims_out])  # type: ignore[arg-type]
             if common is None:
                 unknown = ("index-map", "Reshape regroups the permuted axis in a way with no index map")
         if common is None:
@@ -390,42 +390,6 @@ def _emit_moving(ctx: RuleContext, axis: int, expr: Expr) -> None:
     """Emit ``expr`` on output 0 unless it is the identity everywhere (a frozen digit)."""
     if any(True for _ in ctx.solver.atoms(expr)):
         ctx.emit(0, axis, expr)
-
-
-def _common_digits(
-    dims_in: list[int], dims_out: list[int]
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
-    """Split both shapes into a common sequence of digits (mixed radix), or None.
-
-    Returns, for each digit, (owning axis position, size) on the input side and the output
-    side; digit k is the same elements on both sides. Size-1 axes own no digit.
-    """
-    queue_in = [(i, d) for i, d in enumerate(dims_in) if d != 1]
-    queue_out = [(j, d) for j, d in enumerate(dims_out) if d != 1]
-    digits_in: list[tuple[int, int]] = []
-    digits_out: list[tuple[int, int]] = []
-    while queue_in and queue_out:
-        (i, a), (j, b) = queue_in[0], queue_out[0]
-        if a == b:
-            digits_in.append((i, a))
-            digits_out.append((j, b))
-            queue_in.pop(0)
-            queue_out.pop(0)
-        elif a % b == 0:
-            digits_in.append((i, b))
-            digits_out.append((j, b))
-            queue_in[0] = (i, a // b)
-            queue_out.pop(0)
-        elif b % a == 0:
-            digits_in.append((i, a))
-            digits_out.append((j, a))
-            queue_out[0] = (j, b // a)
-            queue_in.pop(0)
-        else:
-            return None
-    if queue_in or queue_out:
-        return None
-    return digits_in, digits_out
 
 
 @register
