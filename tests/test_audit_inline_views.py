@@ -113,7 +113,9 @@ def test_audit_reads_each_tensor_a_few_times_not_per_row(pair: tuple[Path, Path]
     report = audit_models(reference, suspect)
     assert report.verdict == "perturbed" and report.perturbation is not None
     assert report.perturbation["kind"] == "noise"
-    assert counts and max(counts.values()) <= 3  # reference, suspect, re-synchronized suspect
+    # Reference, suspect, re-synchronized suspect, and that once more for the classification of
+    # the change, which reads it after its kept arrays are let go (the audit's peak memory).
+    assert counts and max(counts.values()) <= 4
 
 
 def test_audit_of_views_reports_what_a_full_load_does(pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:

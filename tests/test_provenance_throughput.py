@@ -14,10 +14,11 @@ import onnx
 import pytest
 
 from fixtures import FIXTURES
+from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._provenance import _fingerprint
 from onnxlady._provenance._fingerprint import _SHORT_ROW, _row_max, fingerprint_model, layer_records
 from onnxlady._provenance._index import _TASK_BYTES, _TASK_FILES, _batches, _Task
-from onnxlady._provenance._producers import ProducerWeight, WeightGraph
+from onnxlady._provenance._producers import ProducerWeight, WeightGraph, _collect, producer_weights
 from onnxlady._provenance._read import fingerprint_files
 
 
@@ -98,3 +99,36 @@ def test_fresh_processes_and_batches_give_the_same_fingerprints(tmp_path: Path) 
         remote = pool.submit(fingerprint_files, paths, digest=False).result()
     for result, path in zip(remote, paths):
         assert result.fingerprint == fingerprint_model(onnx.load(path)).to_bytes()
+
+
+def test_an_activation_chain_is_no_constant_whatever_its_other_inputs_hold() -> None:
+    """A MatMul reading ``Reshape(activation, shape)`` is read by the light WeightGraph.
+
+    The chain is no constant as soon as its activation input is not one, so its shape operand is
+    never read: a ``Constant`` holding ``value_ints`` there (a form only a ModelGraph reads, exported
+    models write it for their Reshape shapes) no longer sends the whole model to a ModelGraph, and
+    the layers read are the ModelGraph's.
+    """
+    helper, tensor = onnx.helper, onnx.TensorProto
+    weight = np.random.default_rng(4).standard_normal((8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["shape"], value_ints=[2, 8]),
+            helper.make_node("Reshape", ["x", "shape"], ["rows"]),
+            helper.make_node("MatMul", ["rows", "w"], ["y"]),
+        ],
+        "activation_chain",
+        [helper.make_tensor_value_info("x", tensor.FLOAT, [16])],
+        [helper.make_tensor_value_info("y", tensor.FLOAT, [2, 4])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    light = WeightGraph(model)
+    found = _collect(light, light.order, light.op_types, light.units(), light.batchnorm_scale)
+    assert "shape" not in light._values  # never read
+    expected = producer_weights(ModelGraph(model, infer_shapes=False))
+    assert [(w.node, w.neuron_axis, w.kernel, w.groups) for w in found] == [(2, 1, 1, 1)]
+    assert [(w.node, w.neuron_axis, w.kernel, w.groups) for w in found] == [
+        (w.node, w.neuron_axis, w.kernel, w.groups) for w in expected
+    ]
+    assert all(np.array_equal(a.matrix, b.matrix) for a, b in zip(found, expected))

@@ -602,6 +602,32 @@ def test_reference_that_cannot_run_says_which_shape_to_give():
     assert verify_models(model, model, provider="cpu", shapes={"x": [1, 1, 32]}).equivalent
 
 
+def test_reference_that_cannot_run_names_the_input_the_failing_operator_reads():
+    """ORT names the failing operator and its own input, not the graph input feeding it (round 14 F5).
+
+    ``ids`` [1, S] comes first and runs at any S; ``cache`` [1, 1, D] is split in two halves of
+    16, so D must be 32. The message must point at ``cache`` (read by the Split ORT names), not
+    at the first input with a guessed dimension.
+    """
+    model = make_model(
+        [
+            helper.make_node("ReduceSum", ["ids"], ["total"], keepdims=0),
+            helper.make_node("Split", ["cache", "halves"], ["a", "b"], axis=2, name="cache_halves"),
+            helper.make_node("Sub", ["a", "b"], ["d"]),
+            helper.make_node("Add", ["d", "total"], ["y"]),
+        ],
+        [value("ids", TensorProto.FLOAT, [1, "S"]), value("cache", TensorProto.FLOAT, [1, 1, "D"])],
+        [value("y", TensorProto.FLOAT, [1, 1, 16])],
+        [tensor("halves", np.array([16, 16], np.int64))],
+    )
+    with pytest.raises(OnnxladyError) as info:
+        verify_models(model, model, provider="cpu")
+    message = str(info.value)
+    assert "Name:'cache_halves'" in message
+    assert "input 'cache' of shape [1, 1, 64] has guessed dimension(s) 2: give its real shape with --shape cache:1x1xN" in message
+    assert verify_models(model, model, provider="cpu", shapes={"cache": [1, 1, 32]}).equivalent
+
+
 def test_reference_that_cannot_run_on_given_inputs(tmp_path):
     model = make_model(
         [helper.make_node("Split", ["x", "halves"], ["a", "b"], axis=1), helper.make_node("Sub", ["a", "b"], ["y"])],

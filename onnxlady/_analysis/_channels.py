@@ -575,6 +575,27 @@ def _requirements(
     return [tuple(None if a in invariant else r for a, r in enumerate(req)) for req in raw]
 
 
+#: The bindings of each constant leaf, by use and axis (see :func:`_bindings_by_leaf`).
+_ByLeaf = dict[str, dict[tuple[int, int], dict[int, Binding]]]
+
+
+def _bindings_by_leaf(state: AnalysisState) -> _ByLeaf:
+    """The bindings of ``state`` grouped by leaf, then by use ``(node, slot)``, then by axis.
+
+    Made once per number of bindings (joining shared constants and planning the tensors read
+    the same grouping, and nothing adds a binding after the rules have run; a new binding
+    makes it again). In the order of the bindings, as each reader expects.
+    """
+    cached = state.bindings_by_leaf
+    if cached is not None and cached[0] == len(state.bindings):
+        return cached[1]
+    by_leaf: _ByLeaf = {}
+    for (node, slot, axis), binding in state.bindings.items():
+        by_leaf.setdefault(binding.leaf, {}).setdefault((node, slot), {})[axis] = binding
+    state.bindings_by_leaf = (len(state.bindings), by_leaf)
+    return by_leaf
+
+
 def _join_shared_constants(state: AnalysisState) -> None:
     """Join the groups of a constant's uses where they agree, so that it needs no copies.
 
@@ -585,10 +606,7 @@ def _join_shared_constants(state: AnalysisState) -> None:
     forms) the constant is untied into copies instead (see :attr:`ChannelAnalysis.untie_reasons`).
     """
     graph, solver = state.graph, state.solver
-    by_leaf: dict[str, dict[tuple[int, int], dict[int, Binding]]] = {}
-    for (node, slot, axis), binding in state.bindings.items():
-        by_leaf.setdefault(binding.leaf, {}).setdefault((node, slot), {})[axis] = binding
-    for leaf, bound in by_leaf.items():
+    for leaf, bound in _bindings_by_leaf(state).items():
         if len(bound) < 2:
             continue
         uses = graph.constant_uses(leaf)
@@ -617,8 +635,8 @@ def _freeze_constant_only(state: AnalysisState) -> None:
     the reason.
     """
     graph, solver = state.graph, state.solver
-    derived = [name for name in (*state.tracked, *state.joint) if graph.constant_derived(name)]
-    if not derived:
+    derived = graph.constant_derived_names()
+    if derived.isdisjoint(state.tracked) and derived.isdisjoint(state.joint):
         return  # (most models: no tracked tensor is computed from constants only)
     candidates: dict[int, str] = {}  # group -> a tensor computed from constants that carries it
     carried: set[int] = set()
@@ -747,11 +765,13 @@ def _collect(state: AnalysisState, view: FunctionView | None = None) -> ChannelA
         add_members(resolved, order, functools.partial(GroupMember, tensor, axis, role, label, is_weight=weight))
 
     for plan in tensors:
+        # (One node, label and role per tensor, whatever the number of its permuted axes.)
+        node_index = plan.uses[0][0]
+        label = graph.label(node_index) if node_index >= 0 else ""
+        role = ", ".join(plan.roles)
+        where = position.get(node_index, -1)
         for axis, expr in plan.axes:
-            node_index = plan.uses[0][0]
-            label = graph.label(node_index) if node_index >= 0 else ""
-            role = ", ".join(plan.roles)
-            add_plain(expr, (position.get(node_index, -1), 0, axis), plan.tensor, axis, role, label, True)
+            add_plain(expr, (where, 0, axis), plan.tensor, axis, role, label, True)
     producer = graph.producer
     for name, spaces in state.tracked.items():
         produced = producer.get(name)
@@ -878,12 +898,12 @@ def _plan_once(
     state: AnalysisState, position: Mapping[int, int], copyable: Callable[[str, list[tuple[int, int]]], bool]
 ) -> list[TensorPermutation]:
     graph, solver = state.graph, state.solver
-    by_leaf: dict[str, dict[tuple[int, int], dict[int, Binding]]] = {}
-    for (node, slot, axis), binding in state.bindings.items():
-        by_leaf.setdefault(binding.leaf, {}).setdefault((node, slot), {})[axis] = binding
+    find, definitions, frozen, sizes = solver.find, solver._definition, solver._reasons, solver._size
+    by_leaf = _bindings_by_leaf(state)
     existing: set[str] | None = None  # the names a copy must not take (made for the first copy)
     plans: list[TensorPermutation] = []
-    for leaf in sorted(by_leaf, key=lambda name: _first_use(position, by_leaf[name])):
+    first_uses = {leaf: _first_use(position, uses) for leaf, uses in by_leaf.items()}
+    for leaf in sorted(by_leaf, key=first_uses.__getitem__):
         bound = by_leaf[leaf]
         classes: dict[tuple, list[tuple[int, int]]] = {}
         uses = graph.constant_uses(leaf)
@@ -897,12 +917,24 @@ def _plan_once(
             for a in range(len(graph.shape(leaf) or ())):
                 axis_binding = axes.get(a)
                 if axis_binding is not None:
-                    found = canonical(solver, axis_binding.expr)
-                    if type(found) is not Fixed:  # the identity needs nothing
-                        permuted_axes.append((a, found))
+                    expr = axis_binding.expr
+                    if type(expr) is Atom and (root := find(expr.id)) not in definitions:
+                        # (canonical of an undivided group, most weights' axes, without its calls:
+                        # the identity when frozen, else the group's root atom)
+                        if root in frozen:
+                            continue
+                        found: Expr = expr if root == expr.id else Atom(root, sizes[root])
+                    else:
+                        found = canonical(solver, expr)
+                        if type(found) is Fixed:  # the identity needs nothing
+                            continue
+                    permuted_axes.append((a, found))
             if permuted_axes:
-                roles = sorted({axis_binding.role for axis_binding in axes.values()})
-                plans.append(TensorPermutation(leaf, leaf, 0, (use,), tuple(permuted_axes), tuple(roles)))
+                if len(axes) == 1:  # (one bound axis, most biases: its role, without a set to sort)
+                    leaf_roles: tuple[str, ...] = (next(iter(axes.values())).role,)
+                else:
+                    leaf_roles = tuple(sorted({axis_binding.role for axis_binding in axes.values()}))
+                plans.append(TensorPermutation(leaf, leaf, 0, (use,), tuple(permuted_axes), leaf_roles))
             continue
         requirements = _requirements(state, leaf, bound, uses)
         for use, requirement in zip(uses, requirements):

@@ -6,10 +6,16 @@ check (:mod:`onnxlady._audit._graph_edits`) does not apply. But converters fuse,
 operators; they do not add nonlinear ones. A ``Neg`` or ``Softmax`` appended behind the output
 (``onnx.compose.merge_models``), or a ``Relu`` made an ``Abs`` inside an optimised graph, kept
 every weight and was audited ``converted`` (held-out round 12, F5). Here the nonlinear operators
-of both models are counted by kind, with what fusions carry (an ``activation`` attribute, a
-``Gelu`` for the ``Erf`` form it replaces, ``FastGelu`` for the ``Tanh`` one), and a kind of which the suspect has more is an
-edit. Fewer is no edit: fusion into attention, and quantization absorbing a ``Relu`` into its
-range, remove them.
+of both models are counted by kind, with what fusions carry (an ``activation`` attribute,
+attention's softmax), and a kind of which the suspect has more is an edit. Fewer is no edit:
+fusion into attention, and quantization absorbing a ``Relu`` into its range, remove them.
+
+A fused activation counts as the pattern it replaces, not as that pattern's core: an ``Erf``
+inside ``x * 0.5 * (1 + erf(x / sqrt 2))`` is a ``Gelu``, alone it is an ``Erf`` (likewise
+``Tanh`` and ``FastGelu``, ``Sigmoid`` times its input and ``QuickGelu``, ``HardSigmoid`` times
+its input and ``HardSwish``), and a ``Gelu`` left inside that arithmetic in the ``Erf``'s place is
+neither. An ``Erf`` made a ``com.microsoft.Gelu`` kept the count of one "erf" kind and was
+audited ``converted`` (held-out round 13, F3).
 
 Within one kind, what the operator computes is compared too (:func:`changed_operators`): a
 ``Relu`` made a ``Clip(0, 6)`` or back, a ``LeakyRelu``'s slope, a ``Clip``'s bounds, a
@@ -22,26 +28,28 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
 
 from onnxlady._audit._graph_edits import _Values, folded_tensors, graph_constants
+from onnxlady._graph._fold import constant_attribute_value
 
 __all__ = ["added_operators", "changed_operators"]
 
-#: Each nonlinear operator's kind. Operators converters rewrite into one another (a ``Gelu`` for
-#: the ``Erf`` form it fuses, ``FastGelu`` for the ``Tanh`` one, ``Relu`` for a ``Clip`` at zero,
-#: ``HardSwish`` for ``HardSigmoid`` times x) are one kind. Arithmetic is left out: decompositions add it.
+#: Each nonlinear operator's kind. Operators converters rewrite into one another (``Relu`` for a
+#: ``Clip`` at zero, ``BiasGelu`` for a ``Gelu`` after an ``Add``) are one kind. A fused activation
+#: is the kind of its decomposed form (:data:`_DECOMPOSED`), not of the core that form applies: an
+#: ``Erf`` alone made a ``Gelu`` computes something else. Arithmetic is left out: decompositions add it.
 _KINDS: dict[str, str] = {
     "relu": "relu", "clip": "relu",
     "leakyrelu": "leakyrelu", "prelu": "prelu", "elu": "elu", "selu": "selu", "celu": "celu",
     "thresholdedrelu": "thresholdedrelu",
-    "sigmoid": "sigmoid", "quickgelu": "sigmoid",
-    "hardsigmoid": "hardsigmoid", "hardswish": "hardsigmoid",
-    "erf": "erf", "gelu": "erf", "biasgelu": "erf",
-    "tanh": "tanh", "fastgelu": "tanh", "gemmfastgelu": "tanh",
+    "sigmoid": "sigmoid", "quickgelu": "swish",
+    "hardsigmoid": "hardsigmoid", "hardswish": "hardswish",
+    "erf": "erf", "gelu": "gelu", "biasgelu": "gelu",
+    "tanh": "tanh", "fastgelu": "fastgelu", "gemmfastgelu": "fastgelu",
     "softplus": "softplus", "softsign": "softsign", "mish": "softplus",
     "neg": "neg", "abs": "abs", "sign": "sign",
     "softmax": "softmax", "logsoftmax": "logsoftmax", "hardmax": "hardmax",
@@ -60,8 +68,23 @@ _FUSED_KINDS: dict[str, tuple[str, ...]] = {
     "qattention": ("softmax",), "sparseattention": ("softmax",), "pagedattention": ("softmax",),
     "longformerattention": ("softmax",), "groupqueryattention": ("softmax",), "biassoftmax": ("softmax",),
     "rotaryembedding": ("rotary",), "gemmarotaryembedding": ("rotary",),
-    "biassplitgelu": ("erf",), "swish": ("sigmoid",), "silu": ("sigmoid",),
+    "biassplitgelu": ("gelu",), "swish": ("swish",), "silu": ("swish",),
 }  # fmt: skip
+
+#: Nonlinear cores of decomposed activations: the kind the core makes with the arithmetic around
+#: it, and whether that arithmetic multiplies the core's output by the core's input (else it adds
+#: one to it). ``x * 0.5 * (1 + erf(x / sqrt 2))`` is a ``Gelu``, ``0.5 x (1 + tanh(...))`` a
+#: ``FastGelu``, ``x * sigmoid(a x)`` a ``QuickGelu`` (a SiLU at a = 1), ``x * hardsigmoid(x)`` a
+#: ``HardSwish``: what ONNX Runtime fuses. The core alone is its own kind.
+_DECOMPOSED: dict[str, tuple[str, bool]] = {
+    "erf": ("gelu", False), "tanh": ("fastgelu", False), "sigmoid": ("swish", True), "hardsigmoid": ("hardswish", True),
+}  # fmt: skip
+#: Relative difference within which a pattern's constant is its ``1`` or ``0.5`` (stored quantized).
+_PATTERN_RTOL = 2e-2
+#: Each fused activation's core.
+_CORES = {fused: core for core, (fused, _) in _DECOMPOSED.items()}
+#: Operators that change how a value is stored, not what it is: patterns are read through them.
+_STORAGE = frozenset({"Cast", "Identity", "QuantizeLinear", "DequantizeLinear"})
 
 #: Quantized operators that make ``Relu``/``Clip`` part of an activation's range.
 _QUANTIZING = frozenset({
@@ -81,11 +104,128 @@ def _kind(op_type: str) -> str | None:
     return _KINDS.get(name)
 
 
-def _node_kinds(node: onnx.NodeProto) -> Iterable[str]:
+def _near(value: float | None, target: float) -> bool:
+    return value is not None and abs(value - target) <= _PATTERN_RTOL * abs(target)
+
+
+class _Arithmetic:
+    """The arithmetic around one graph's nonlinear operators: which are the core of a decomposed activation.
+
+    Read liberally (a ``1`` added to the output, the input multiplied back in), so that every
+    form ONNX Runtime fuses counts as the fused activation; a core used otherwise is its own kind.
+    """
+
+    def __init__(self, nodes: list[onnx.NodeProto], value: Callable[[str], np.ndarray | None]) -> None:
+        self.value = value
+        self.producers = {name: node for node in nodes for name in node.output if name}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in nodes:
+            for name in dict.fromkeys(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+
+    def _source(self, name: str) -> str:
+        """The tensor ``name`` stores anew (a ``Cast``, a quantize-dequantize pair)."""
+        for _ in range(16):
+            node = self.producers.get(name)
+            if node is None or node.op_type not in _STORAGE or not node.input:
+                break
+            name = node.input[0]
+        return name
+
+    def _uses(self, name: str, depth: int = 0) -> Iterator[tuple[str, onnx.NodeProto]]:
+        """(tensor read, operator) for each operator reading ``name``, past storage changes."""
+        for node in self.consumers.get(name, []):
+            if node.op_type in _STORAGE and node.output and depth < 16:
+                yield from self._uses(node.output[0], depth + 1)
+            else:
+                yield name, node
+
+    def _read(self, name: str, depth: int = 0) -> float | None:
+        """The scalar constant ``name`` holds, read through casts and a quantized constant's dequantization."""
+        value = self.value(name)
+        if value is not None:
+            return float(np.asarray(value).ravel()[0]) if value.size == 1 and value.dtype.kind in "fiu" else None
+        node = self.producers.get(name)
+        if node is None or depth >= 16 or not node.input or node.op_type not in _STORAGE:
+            return None
+        if node.op_type == "DequantizeLinear":
+            return self._dequantized(node.input, 0, depth + 1)
+        return self._read(node.input[0], depth + 1)
+
+    def _dequantized(self, inputs: Sequence[str], slot: int, depth: int = 0) -> float | None:
+        """The real value of the quantized scalar at ``inputs[slot]``, its scale and zero point following it."""
+        stored = self._read(inputs[slot], depth)
+        scale = self._read(inputs[slot + 1], depth) if len(inputs) > slot + 1 and inputs[slot + 1] else None
+        zero = self._read(inputs[slot + 2], depth) if len(inputs) > slot + 2 and inputs[slot + 2] else 0.0
+        return None if stored is None or scale is None or zero is None else (stored - zero) * scale
+
+    def _operands(self, node: onnx.NodeProto) -> list[tuple[str, float | None]] | None:
+        """A binary ``Add``, ``Mul`` or ``Div``'s operands (their ``QLinear`` forms' too), each with its scalar value if constant."""
+        if node.op_type in ("Add", "Mul", "Div") and len(node.input) == 2:
+            return [(name, self._read(name)) for name in node.input]
+        if node.op_type in ("QLinearAdd", "QLinearMul") and len(node.input) >= 6:
+            return [(node.input[slot], self._dequantized(node.input, slot)) for slot in (0, 3)]
+        return None
+
+    def _other(self, node: onnx.NodeProto, read: str) -> tuple[str, str, float | None] | None:
+        """(operation, the other operand, its constant value) of a binary ``node`` reading ``read`` once."""
+        operands = self._operands(node)
+        if operands is None or [name for name, _ in operands].count(read) != 1:
+            return None
+        name, value = next(operand for operand in operands if operand[0] != read)
+        return node.op_type.removeprefix("QLinear"), name, value
+
+    def _adds(self, name: str, target: float) -> Iterator[onnx.NodeProto]:
+        """The operators using ``name`` as ``target + name``."""
+        for read, node in self._uses(name):
+            other = self._other(node, read)
+            if other is not None and other[0] == "Add" and _near(other[2], target):
+                yield node
+
+    def _adds_one(self, name: str) -> bool:
+        """Whether ``name`` is used as ``1 + name`` (or ``0.5 + 0.5 name``)."""
+        if any(True for _ in self._adds(name, 1.0)):
+            return True
+        for read, node in self._uses(name):
+            other = self._other(node, read)
+            if other is not None and other[0] == "Mul" and _near(other[2], 0.5) and node.output and any(
+                    True for _ in self._adds(node.output[0], 0.5)):
+                return True
+        return False
+
+    def _multiplies_input(self, node: onnx.NodeProto) -> bool:
+        """Whether ``node``'s output is multiplied by its input (or by ``x`` where its input is ``a x``)."""
+        source = self._source(node.input[0])
+        inputs = {source}
+        scaled = self.producers.get(source)
+        operands = self._operands(scaled) if scaled is not None else None
+        if scaled is not None and operands is not None and scaled.op_type.removeprefix("QLinear") in ("Mul", "Div"):
+            variable = [name for name, value in operands if value is None]
+            if len(variable) == 1 and (scaled.op_type != "Div" or operands[0][1] is None):
+                inputs.add(self._source(variable[0]))
+        for read, use in self._uses(node.output[0]):
+            other = self._other(use, read)
+            if other is not None and other[0] == "Mul" and self._source(other[1]) in inputs:
+                return True
+        return False
+
+    def decomposed(self, node: onnx.NodeProto, core: str) -> bool:
+        """Whether ``node`` sits where the decomposed form of ``core``'s activation has ``core``."""
+        if not node.input or not node.output or not node.input[0] or not node.output[0]:
+            return False
+        return self._multiplies_input(node) if _DECOMPOSED[core][1] else self._adds_one(node.output[0])
+
+
+def _node_kinds(node: onnx.NodeProto, arithmetic: _Arithmetic) -> Iterable[str]:
     kind = _kind(node.op_type)
     name = node.op_type.lower()
-    if kind == "erf" and name == "gelu" and any(a.name == "approximate" and a.s == b"tanh" for a in node.attribute):
-        kind = "tanh"  # Gelu(approximate="tanh") is the tanh form FastGelu fuses
+    if kind == "gelu" and name == "gelu" and any(a.name == "approximate" and a.s == b"tanh" for a in node.attribute):
+        kind = "fastgelu"  # Gelu(approximate="tanh") is the tanh form FastGelu fuses
+    if kind in _DECOMPOSED and arithmetic.decomposed(node, kind):
+        kind = _DECOMPOSED[kind][0]  # the core of a decomposed activation: the activation a converter fuses
+    elif kind in _CORES and arithmetic.decomposed(node, _CORES[kind]):
+        kind = f"{kind} in place of {_CORES[kind]}"  # a fused activation inside a decomposed one's arithmetic
     if kind is not None:
         yield kind
     yield from _FUSED_KINDS.get(name, ())
@@ -95,20 +235,28 @@ def _node_kinds(node: onnx.NodeProto) -> Iterable[str]:
             if fused is not None:
                 yield fused
         elif attribute.name == "activation" and attribute.type == onnx.AttributeProto.INT and attribute.i == 1:
-            yield "sigmoid"  # GroupNorm / SkipGroupNorm's SiLU
+            yield "swish"  # GroupNorm / SkipGroupNorm's SiLU
         elif name == "groupqueryattention" and attribute.name == "do_rotary" and attribute.i:
             yield "rotary"
 
 
 def _count(
     nodes: Iterable[onnx.NodeProto], functions: dict[tuple[str, str], onnx.FunctionProto], counts: Counter[str],
-    names: dict[str, list[str]], depth: int = 0,
+    names: dict[str, list[str]], value: Callable[[str], np.ndarray | None], depth: int = 0,
+    around: list[onnx.NodeProto] | None = None,
 ) -> None:
+    """Count ``nodes``' kinds into ``counts``; ``around``: all of their graph's nodes, folded ones too."""
     nodes = list(nodes)
+    local = {node.output[0]: node for node in nodes if node.op_type == "Constant" and node.output}
+
+    def scoped(name: str) -> np.ndarray | None:  # a body's own Constant nodes, else the main graph's constants
+        return constant_attribute_value(local[name]) if name in local else value(name)
+
+    arithmetic = _Arithmetic(nodes if around is None else around, scoped if depth else value)
     # ``Log(Softmax(x))`` is the log-softmax a converter may fuse into one ``LogSoftmax``: counted as one.
     logged = {node.input[0] for node in nodes if node.op_type == "Log" and node.domain in ("", "ai.onnx") and node.input}
     for node in nodes:
-        kinds = list(_node_kinds(node))
+        kinds = list(_node_kinds(node, arithmetic))
         if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and node.output and node.output[0] in logged:
             kinds = ["logsoftmax"]
         for kind in kinds:
@@ -116,10 +264,10 @@ def _count(
             names.setdefault(kind, []).append(node.name or (node.output[0] if node.output else node.op_type))
         function = functions.get((node.domain, node.op_type))
         if function is not None and depth < 16:  # a call counts its body's operators
-            _count(function.node, functions, counts, names, depth + 1)
+            _count(function.node, functions, counts, names, scoped, depth + 1)
         for attribute in node.attribute:
             for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                _count(graph.node, functions, counts, names, depth + 1)
+                _count(graph.node, functions, counts, names, scoped, depth + 1)
 
 
 def _kinds(model: onnx.ModelProto) -> tuple[Counter[str], dict[str, list[str]]]:
@@ -134,7 +282,7 @@ def _kinds(model: onnx.ModelProto) -> tuple[Counter[str], dict[str, list[str]]]:
     constants = graph_constants(model.graph)
     folded, _ = folded_tensors(model.graph, constants)
     computing = [node for node in model.graph.node if not node.output or not all(name in folded for name in node.output if name)]
-    _count(computing, functions, counts, names)
+    _count(computing, functions, counts, names, _Values(model, constants), around=list(model.graph.node))
     return counts, names
 
 
@@ -292,7 +440,7 @@ class _Reader:
         activation = next((a.s.decode("utf-8", "replace").lower() for a in node.attribute
                            if a.name == "activation" and a.type == onnx.AttributeProto.STRING), None)
         if activation is not None and activation in _KINDS:
-            yield _KINDS[activation], _fused_parameters(activation, node)
+            yield "hardsigmoid" if activation == "hardswish" else _KINDS[activation], _fused_parameters(activation, node)
 
 
 def _same(first: tuple[float, ...], second: tuple[float, ...]) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._graph._fold import EVALUATE_LIMIT, evaluate_node
@@ -30,6 +31,10 @@ __all__ = ["changed_copies", "changed_derived_constants", "changed_norm_paramete
 #: stores the folded value in float16 at worst (bfloat16: 2^-8 = 0.4 %); the computation itself,
 #: in another precision, differs by far less.
 DERIVED_RTOL = 1e-2
+
+#: The largest finite float16: a float32 value beyond it is stored in float16 as +-65504 (ONNX
+#: Runtime's float16 converter clamps) or +-inf (a plain cast), that storage's rounding.
+_HALF_MAX = float(np.finfo(np.float16).max)
 
 
 def _value(graph: ModelGraph, name: str, memo: dict[str, np.ndarray | None], depth: int = 0) -> np.ndarray | None:
@@ -131,6 +136,11 @@ def changed_derived_constants(match: ModelMatch, matches: dict[str, np.ndarray] 
         ours, yours = values[0](names[0]), values[1](names[1])
         if ours is None or yours is None or ours.size != yours.size or ours.dtype.kind != "f" or yours.dtype.kind != "f":
             continue  # another layout (a broadcast copy) or integers: not this check's to read
+        if _stored_in_half(sus_graph, names[1]):
+            # HF's causal mask fills with finfo(float32).min: its float16 copy holds -65504.
+            # Both sides are compared as float16 would store them; a value moved within
+            # float16's range (-100 made -200, -3.4e38 made 0) still differs.
+            ours, yours = np.clip(ours, -_HALF_MAX, _HALF_MAX), np.clip(yours, -_HALF_MAX, _HALF_MAX)
         aligned = _in_reference_order(match, operand, other, yours, matches) if matches else None
         slack = max(_dequantized_step(ref_graph, names[0]), _dequantized_step(sus_graph, names[1]))
         if not (
@@ -159,13 +169,31 @@ def changed_derived_constants(match: ModelMatch, matches: dict[str, np.ndarray] 
     return found
 
 
-def _paired_operands(match: ModelMatch) -> Iterator[tuple[Site, Operand, Site, Operand]]:
-    """Each paired site's operands read whole on both sides: (reference site, its operand, suspect site, its operand)."""
+def _stored_in_half(graph: ModelGraph, name: str, depth: int = 0) -> bool:
+    """Whether ``name``'s value is held in float16: its own type, or a cast or reshape of a float16 value.
+
+    ONNX Runtime's float16 converter with an ``op_block_list`` casts a float16 value back to
+    float32 for the operators it keeps: the value read still passed float16 storage.
+    """
+    if graph.dtypes.get(name) == onnx.TensorProto.FLOAT16:
+        return True
+    produced = graph.producer.get(name) if name else None
+    if produced is None or not 0 <= produced[0] < graph.main_count or depth >= 16:
+        return False
+    node = graph.nodes[produced[0]]
+    return node.op_type in _PLAIN_CHAIN and bool(node.input) and _stored_in_half(graph, node.input[0], depth + 1)
+
+
+def _paired_operands(match: ModelMatch, *, plain: bool = True) -> Iterator[tuple[Site, Operand, Site, Operand]]:
+    """Each paired site's operands: (reference site, its operand, suspect site, its operand).
+
+    ``plain``: only those read whole on both sides (:func:`_plainly_read`).
+    """
     for ref_key, sus_key in sorted(match.sites.items()):
         mine, theirs = match.reference_site(ref_key), match.suspect_site(sus_key)
         for operand in mine.operands:
             other = theirs.operand(operand.role)
-            if other is not None and _plainly_read(operand) and _plainly_read(other):
+            if other is not None and (not plain or (_plainly_read(operand) and _plainly_read(other))):
                 yield mine, operand, theirs, other
 
 
@@ -271,8 +299,11 @@ def changed_copies(match: ModelMatch) -> list[str]:
     which no site reads, are compared by :func:`changed_norm_parameters` and reported here too.
     """
     ref_graph, sus_graph = match.reference.graph, match.suspect.graph
-    copies: dict[str, dict[str, tuple[Site, Operand, Site, Operand]]] = {}
-    for mine, operand, theirs, other in _paired_operands(match):
+    # Every stored copy counts, quantized ones too: a quantizer that rounds the copy one site
+    # reads and leaves another site a float copy (ORT's dynamic and MatMulNBits quantizers on
+    # DeBERTa's relative-position projections) has the resync compare the rounded one only.
+    copies: dict[str, dict[str, tuple[Site, Operand, Site, Operand] | None]] = {}
+    for mine, operand, theirs, other in _paired_operands(match, plain=False):
         if _folds(mine) != _folds(theirs):
             # One side folds steps after the layer (a BatchNorm, a per-channel Mul or Add) into
             # its weight and bias, the other keeps them: the stored tensors are not copies of one
@@ -281,14 +312,20 @@ def changed_copies(match: ModelMatch) -> list[str]:
         ref_leaf = ref_graph.constant_leaf(ref_graph.nodes[operand.node].input[operand.slot])
         sus_leaf = sus_graph.constant_leaf(sus_graph.nodes[other.node].input[other.slot])
         if ref_leaf is not None and sus_leaf is not None:
-            copies.setdefault(ref_leaf.name, {}).setdefault(sus_leaf.name, (mine, operand, theirs, other))
+            plainly = _plainly_read(operand) and _plainly_read(other)
+            by_copy = copies.setdefault(ref_leaf.name, {})
+            if by_copy.get(sus_leaf.name) is None:
+                by_copy[sus_leaf.name] = (mine, operand, theirs, other) if plainly else None
     readers = (_Reader(ref_graph), _Reader(sus_graph))
     classes = _classes(match)
     found = []
     for ref_name, by_copy in copies.items():
         if len(by_copy) < 2:
             continue  # one copy: the resync's comparison reads it
-        for sus_name, (mine, operand, theirs, other) in by_copy.items():
+        for sus_name, paired in by_copy.items():
+            if paired is None:
+                continue  # read through its rounding: the resync's comparison
+            mine, operand, theirs, other = paired
             ours_read, yours_read = read_operand(ref_graph, operand, bounds=True), read_operand(sus_graph, other, bounds=True)
             if ours_read is None or yours_read is None:
                 continue

@@ -390,7 +390,7 @@ def _distinct_at_least(
     bits = min(31, max(8, int(flat.size).bit_length() + 1))
     seen = np.zeros(1 << bits, dtype=bool) if buffers is None else buffers.cleared(1 << bits)
     mask = (1 << bits) - 1
-    start, step = 0, 1 << 20 if enough is None else 1 << 17
+    start, step = 0, 1 << 20 if enough is None else _next_step(enough, 0)
     while start < flat.size:  # chunks: the index arrays stay small
         chunk = flat[start : start + step]
         if chunk.dtype == np.float32:
@@ -404,8 +404,21 @@ def _distinct_at_least(
             count = int(np.count_nonzero(seen))  # the patterns of the elements read so far: a bound
             if count > enough:
                 return count
-            step = min(2 * step, 1 << 20)  # counted after chunks that double: a few counts in all
+            step = _next_step(enough, count)
     return int(np.count_nonzero(seen))
+
+
+def _next_step(enough: float, count: int) -> int:
+    """How many elements :func:`_distinct_at_least` reads before it counts its patterns again.
+
+    Each element adds at most one pattern: with ``count`` seen, the count cannot pass
+    ``enough`` before ``enough - count + 1`` more are read, so none is counted sooner (a
+    noise-like weight then stops just past ``enough``, where chunks that doubled read up to
+    twice as far). At least 2^16 (a count reads the whole table), at most 2^20 (the index
+    arrays stay small). Where the bound passes ``enough`` only the callers' comparisons with
+    thresholds up to ``enough`` read it, and those answer alike wherever the pass stops.
+    """
+    return min(max(math.floor(enough) - count + 1, 1 << 16), 1 << 20)
 
 
 def _distinct_counts(
@@ -527,7 +540,9 @@ def _measure(
 
     change()
     changed = int(np.count_nonzero(flat_d))
-    ref_zeros, sus_zeros = int(np.count_nonzero(ref == 0)), int(np.count_nonzero(sus == 0))
+    # A float is zero where it equals 0 (either sign; NaN is not): what ``x == 0`` counts,
+    # without its mask the size of the tensor.
+    ref_zeros, sus_zeros = n - int(np.count_nonzero(ref)), n - int(np.count_nonzero(sus))
     sus_count, ref_count, few = _distinct_counts(
         ref if storage is None else ref.astype(storage), sus if storage is None else sus.astype(storage), not changed,
         buffers,
@@ -684,8 +699,12 @@ def _shape_figures(d: np.ndarray, axis: int, scratch: np.ndarray, change: Callab
     if columns is not None:
         out["column_dispersion"] = _dispersion(columns, _squares(columns, scratch))
     else:
-        columns = _matrix(d, 1 if axis == 0 else 0, scratch)
-        out["column_dispersion"] = _dispersion(columns, _squares(columns, flat_d))
+        # The dispersion reads only the squares: squared straight from the transposed view into
+        # ``scratch``, in the C order the copy of :func:`_matrix` has (the same products, the
+        # same row sums), one pass instead of a copy and a square.
+        moved = np.moveaxis(d, 1 if axis == 0 else 0, 0)
+        squares = np.multiply(moved, moved, out=scratch.reshape(moved.shape)).reshape((moved.shape[0], -1))
+        out["column_dispersion"] = _dispersion(squares, squares)
     return out
 
 

@@ -357,6 +357,95 @@ def _simplified(
     return padded[0] != padded[1] and changed <= set(_PAD_ATTRIBUTES)  # one side reads the Pad the other folded
 
 
+#: Arithmetic by a constant, and the constant that makes it do nothing.
+_NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
+
+
+def _bypassed_arithmetic(
+    graph: onnx.GraphProto,
+    ours: Mapping[str, tuple[onnx.NodeProto, tuple[object, ...]]],
+    theirs: Mapping[str, tuple[onnx.NodeProto, tuple[object, ...]]],
+) -> set[str]:
+    """The reference's arithmetic by a constant the suspect dropped, its readers reading its input instead.
+
+    A simplifier drops a ``Mul`` by ones or an ``Add`` of zeros, or folds a scale into a
+    neighbour (the weights or another constant then differ, which the audit compares). A
+    ``Mul`` by 0.5 gone while the operators after it, kept under their names, read its input
+    directly computes something else (held-out round 14: SegFormer's query scale deleted read
+    ``converted``). Main-graph operators only.
+    """
+    constants = graph_constants(graph)
+    _, computed = folded_tensors(graph, dict(constants))
+    held = set(constants) | computed  # a weight read through DequantizeLinear, a Transpose of one
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for key, (node, _) in ours.items():
+        for slot, name in enumerate(node.input):
+            readers.setdefault(name, []).append((key, slot))
+    found: set[str] = set()
+    for key, (node, _) in ours.items():
+        if key in theirs or node.domain not in ("", "ai.onnx") or node.op_type not in _NEUTRAL or len(node.input) != 2:
+            continue
+        data = [name for name in node.input if name not in constants]
+        constant = [name for name in node.input if name in constants]
+        if len(data) != 1 or len(constant) != 1 or (node.op_type in ("Div", "Sub") and node.input[1] != constant[0]):
+            continue
+        tensor = constants[constant[0]]
+        if tensor is None:
+            continue
+        try:
+            values = np.asarray(mapped_array(tensor)) if is_mapped(tensor) else numpy_helper.to_array(tensor)
+        except (OnnxladyError, ValueError, TypeError):
+            continue
+        if values.dtype.kind != "f" or np.all(values == _NEUTRAL[node.op_type]):
+            continue
+        after = [(reader, slot) for reader, slot in readers.get(node.output[0], []) if reader in theirs]
+        if not after or _absorbs(node.output[0], ours, readers, held):
+            continue
+        if all(slot < len(theirs[reader][0].input) and theirs[reader][0].input[slot] == data[0] for reader, slot in after):
+            found.add(key)
+    return found
+
+
+#: Operators a constant factor on their input can move into (a weight, an attribute, a norm that cancels it).
+_ABSORBING = frozenset({
+    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMul", "Gemm", "MatMulInteger", "QLinearMatMul",
+    "MatMulNBits", "FusedMatMul", "Einsum", "BatchNormalization", "LayerNormalization", "InstanceNormalization",
+    "GroupNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+    "RMSNormalization", "Attention", "MultiHeadAttention", "GroupQueryAttention",
+})  # fmt: skip
+#: Operators that move or relabel values without computing with them.
+_SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast"})
+
+
+def _absorbs(
+    name: str,
+    ours: Mapping[str, tuple[onnx.NodeProto, tuple[object, ...]]],
+    readers: Mapping[str, list[tuple[str, int]]],
+    constants: set[str],
+) -> bool:
+    """Whether a reader of ``name``, past shape-only operators, could hold a factor on it.
+
+    A weighing operator reading a constant (onnx-simplifier folds ``x * 0.5`` into the next
+    Conv's weight), a normalization, an attention operator. A product of two activations holds none.
+    """
+    pending, seen = [name], set()
+    while pending:
+        tensor = pending.pop()
+        for reader, _ in readers.get(tensor, []):
+            node = ours[reader][0]
+            if reader in seen:
+                continue
+            seen.add(reader)
+            if node.op_type in _SHAPE_ONLY and node.output:
+                pending.append(node.output[0])
+            elif node.op_type in _ABSORBING:
+                if node.op_type not in ("MatMul", "Gemm", "Einsum", "FusedMatMul") or any(
+                    other in constants for other in node.input if other != tensor
+                ):
+                    return True
+    return False
+
+
 def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_for_node: bool = True) -> list[str]:
     """What differs between two node-for-node copies besides their constants, one line per operator.
 
@@ -392,10 +481,13 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
     rewired = _rewired_reads(reference, suspect)
     producers = tuple({name: item for item in model.graph.node for name in item.output if name} for model in (reference, suspect))
     edits: list[str] = []
+    bypassed = _bypassed_arithmetic(reference.graph, ours, theirs) if not node_for_node else set()
     for key, (node, described) in ours.items():
         if key not in theirs:
             if node_for_node:
                 edits.append(f"{_label(node, key)} removed")
+            elif key in bypassed:
+                edits.append(f"{_label(node, key)} removed: its readers read its input in the suspect")
             continue
         other, other_described = theirs[key]
         if described == other_described:

@@ -13,7 +13,8 @@ suspect at once was its peak memory (2.1-2.4x such a model). For such models:
 
 Inline models keep plain dicts (:func:`constants_of`): their arrays are views of the model's
 bytes, in memory or mapped from the ``.onnx`` file (:func:`onnxlady._io._external.map_inline_payloads`),
-each read once; the re-synchronized suspect of such a model keeps each moved tensor once computed.
+each read once; the re-synchronized suspect of such a model keeps each moved tensor once computed,
+until its last reader (the classification of the change) has it let go (:meth:`LazyConstants.release`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ class LazyConstants(Mapping[str, np.ndarray]):
         if self._keep_last:
             self._last = (name, value)
         return value
+
+    def release(self) -> None:
+        """Let go of every array kept: from here each is computed when indexed, only the last one kept.
+
+        For a caller whose remaining reads take each array once (or a few times in a row).
+        """
+        self._kept, self._keep_last = None, True
 
     def __contains__(self, name: object) -> bool:
         return name in self._loaders

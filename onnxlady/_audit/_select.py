@@ -54,7 +54,9 @@ def order_statistics(values: np.ndarray, ranks: list[int]) -> list[np.float64]:
         if below <= min(ranks) and max(ranks) < up_to:
             np.logical_xor(within_mask, below_mask, out=within_mask)  # low <= value <= high (low <= high)
             del below_mask
-            inside = values[within_mask]
+            # The same elements in the same order as ``values[within_mask]``, which reads a
+            # sparse mask about half again as slowly.
+            inside = np.compress(within_mask, values)
             del within_mask
             shifted = [rank - below for rank in ranks]
             inside.partition(shifted)

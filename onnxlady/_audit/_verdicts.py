@@ -85,6 +85,7 @@ from onnxlady._audit._forensics import (
 )
 from onnxlady._audit._graph_edits import graph_edits, rewired_operators
 from onnxlady._audit._lazy import LazyConstants, Overlay, constants_of, gather, resynced_constants
+from onnxlady._audit._operator_constants import changed_operator_constants
 from onnxlady._audit._relatedness import check_related
 from onnxlady._audit._rowwise import FittedRows, cos_ratio_of, least_squares_blocks, row_dots
 from onnxlady._audit._select import median
@@ -260,11 +261,15 @@ def _close_chunked(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarra
     Without float64 copies of whole tensors, and it stops at the first chunk that differs (a
     perturbed weight's first one).
     """
-    if not all_finite(a) or not all_finite(b):
-        return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
+    if not a.size:
+        return True
     # max |a| as the largest of max(a) and -min(a) (finite: the same value), without an array of
-    # |a| (fresh memory the size of a weight, per tensor compared).
-    scale = float(max(a.max(), -a.min())) if a.size else 0.0  # a float16/32 maximum is the float64 one
+    # |a| (fresh memory the size of a weight, per tensor compared). Both are finite exactly when
+    # every value is (a NaN or an infinity reaches one of them): a's test on the way.
+    high, low = a.max(), a.min()
+    if not (np.isfinite(high) and np.isfinite(low)):
+        return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
+    scale = float(max(high, -low))  # a float16/32 maximum is the float64 one
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     flat_allowed = allowed.reshape(-1) if allowed is not None else None
     for start in range(0, flat_a.size, _CHUNK):
@@ -272,8 +277,10 @@ def _close_chunked(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarra
         extra = 0.0 if flat_allowed is None else flat_allowed[part]
         difference = np.abs(flat_a[part].astype(np.float64) - flat_b[part].astype(np.float64))
         if not np.all(difference <= rtol * scale + extra + 1e-30):
+            # With a finite, a NaN or an infinity of b is no equal value either: not close.
             return False
-    return True
+    # Close where b is finite; where it is not, a (finite) does not equal it value for value.
+    return all_finite(b)
 
 
 def _source(name: str) -> str:
@@ -1041,6 +1048,16 @@ def audit_models(
             f"the suspect computes something else; the weights: {report.summary}"
         )
         return report
+    # Arithmetic constants outside the weights (a scale, an exponent, an epsilon, a folded mask)
+    # are read by no site: compared here by value, by the kind of operation that reads them.
+    replaced = changed_operator_constants(across.match) if across is not None else []
+    if replaced:
+        report.verdict = "modified"
+        report.summary = (
+            f"a constant outside the weights changed: {'; '.join(replaced[:3])}{'; ...' if len(replaced) > 3 else ''}: "
+            f"the suspect computes something else; the weights: {report.summary}"
+        )
+        return report
     if not node_for_node and unwired and report.verdict in ("converted", "permuted"):
         # The weights hold, the wiring was compared in part or not at all: no claim beyond the evidence.
         report.summary = report.summary.replace("the suspect is the reference", "the suspect's weights are the reference's")
@@ -1309,6 +1326,12 @@ def _forensics_verdict(
     plain = sus.copy()
     noisy = _noisy_scales(analysis, ref, sus, fits)
     del fits
+    if not (noisy or rescales) and isinstance(after, LazyConstants):
+        # No second classification follows: the next one reads each weight of the twin's
+        # re-synchronized suspect once, the last reader. Computed again as it reads them, not
+        # kept all: the work arrays of its measurements then take the place of a model's worth
+        # of kept arrays, not come on top of them (the audit's peak memory).
+        after.release()
     perturbation = classify_change(ref, sus, infos, rtol, allowed, storage)
     kind = perturbation["kind"]
     # Scaled rows are an attack only against a background of a clear kind (noisy ones against

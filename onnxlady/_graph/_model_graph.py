@@ -157,6 +157,8 @@ class ModelGraph:
         self._node_inputs: list[tuple[str, ...]] = []
         self._node_outputs: list[tuple[str, ...]] = []
         self._node_ops: list[tuple[str, str]] = []
+        #: Whether each node has any attribute (read with the fields above).
+        self._node_attributed: list[bool] = []
         self._labels: list[str | None] = []
         self._register_nodes(self.nodes)
         #: The main graph's nodes are ``nodes[:main_count]`` (``model.graph.node`` in its order);
@@ -191,11 +193,16 @@ class ModelGraph:
         """
         producer, consumers, constant_nodes = self.producer, self.consumers, self.constant_nodes
         node_inputs, node_outputs, node_ops = self._node_inputs, self._node_outputs, self._node_ops
+        attributed = self._node_attributed
         for index, node in enumerate(nodes, len(node_inputs)):
-            outputs, inputs, op_type, domain = tuple(node.output), tuple(node.input), node.op_type, node.domain
+            # (A repeated field's slice is a list made in C: a tuple of it costs less than a
+            # tuple read through the field's iterator.)
+            outputs, inputs, op_type, domain = tuple(node.output[:]), tuple(node.input[:]), node.op_type, node.domain
+            has_attributes = len(node.attribute) > 0
             node_inputs.append(inputs)
             node_outputs.append(outputs)
             node_ops.append((op_type, domain))
+            attributed.append(has_attributes)
             for slot, name in enumerate(outputs):
                 if name:
                     producer[name] = (index, slot)
@@ -208,7 +215,7 @@ class ModelGraph:
                         readers.append((index, slot))
             if op_type == "Constant" and domain in ("", "ai.onnx") and _constant_attribute(node) is not None:
                 constant_nodes[outputs[0]] = index
-            outer = _outer_scope_names(node) if len(node.attribute) else None  # most nodes hold no subgraph
+            outer = _outer_scope_names(node) if has_attributes else None  # most nodes hold no subgraph
             if outer:
                 self.implicit_inputs[index] = tuple(sorted(outer))
                 for name in outer:
@@ -248,9 +255,10 @@ class ModelGraph:
 
     def _check_defined(self) -> None:
         known = set(self.initializers) | {v.name for v in self.model.graph.input} | set(self.producer)
-        for index, node in enumerate(self.nodes):
-            for name in self._node_inputs[index]:
+        for index, inputs in enumerate(self._node_inputs):  # (one per node: self.nodes in its order)
+            for name in inputs:
                 if name and name not in known:
+                    node = self.nodes[index]
                     if any(sparse.values.name == name for sparse in self.model.graph.sparse_initializer):
                         raise OnnxladyError(
                             f"node '{node_label(node, index)}' reads '{name}', a sparse_initializer: onnxlady reads "
@@ -309,9 +317,10 @@ class ModelGraph:
     # -- shapes --------------------------------------------------------------------------
     def _collect_shapes(self, infer: bool) -> None:
         graph = self.model.graph
+        shapes, dtypes = self.shapes, self.dtypes
         for name, tensor in self.initializers.items():
-            self.shapes[name] = tuple(tensor.dims)  # protobuf's int64 dims are Python ints
-            self.dtypes[name] = tensor.data_type
+            shapes[name] = tuple(tensor.dims[:])  # protobuf's int64 dims are Python ints
+            dtypes[name] = tensor.data_type
         for name, index in self.constant_nodes.items():
             constant = _constant_attribute(self.nodes[index])
             if isinstance(constant, onnx.TensorProto):
@@ -346,7 +355,7 @@ class ModelGraph:
             return False
         found = _static_shapes.static_output_shapes(
             self._node_ops, self._node_inputs, self._node_outputs,
-            [len(node.attribute) > 0 for node in self.nodes], self.shapes, self.dtypes,
+            self._node_attributed, self.shapes, self.dtypes,
         )  # fmt: skip
         if found is None:
             return False
@@ -668,8 +677,12 @@ class ModelGraph:
             return False
         if any(op == "Loop" for op, _ in self._node_ops):
             return False
+        external = onnx.TensorProto.EXTERNAL
         for tensor in graph.initializer:
-            if _element_count(tensor) > _SKELETON_KEEP_ELEMENTS or is_mapped(tensor):
+            # (is_mapped asked only of an external tensor: its first question, inlined)
+            if math.prod(tensor.dims[:]) > _SKELETON_KEEP_ELEMENTS or (
+                tensor.data_location == external and is_mapped(tensor)
+            ):
                 return False
         for index in self.constant_nodes.values():
             value = _constant_attribute(self.nodes[index])
@@ -934,6 +947,11 @@ class ModelGraph:
         for every input; it is no constant leaf, but permuting the constants it is made of can
         permute it (see :mod:`onnxlady._rules._derived`).
         """
+        derived = self._derived
+        return name in (derived if derived is not None else self.constant_derived_names())
+
+    def constant_derived_names(self) -> set[str]:
+        """Every tensor :meth:`constant_derived` accepts (read only; made on first use)."""
         if self._derived is None:
             derived: set[str] = set()
             folded, main_count, implicit = self.folded, self.main_count, self.implicit_inputs
@@ -948,7 +966,7 @@ class ModelGraph:
                 else:
                     derived.update(out for out in self._node_outputs[index] if out and not is_constant(out))
             self._derived = derived
-        return name in self._derived
+        return self._derived
 
     def leaf_tensor(self, leaf: ConstantLeaf) -> onnx.TensorProto:
         """The TensorProto that holds a leaf's data (initializer or Constant node attribute)."""
@@ -1119,13 +1137,14 @@ class ModelGraph:
         stack = [leaf_name]
         if self._output_positions is None:  # once, not per constant: a model may have thousands of outputs
             self._output_positions = {name: k for k, name in enumerate(self.graph_outputs)}
-        outputs = self._output_positions
+        outputs, node_ops = self._output_positions, self._node_ops
         while stack:
             name = stack.pop()
             if name in outputs:
                 uses.append((-1, outputs[name]))
             for index, slot in self.consumers.get(name, []):
-                if slot == self.chain_data_slot(index) and self.is_chain_node(index):
+                # (is_chain_node's first question asked first: most readers are no chain operator)
+                if node_ops[index][0] in CHAIN_OPS and slot == self.chain_data_slot(index) and self.is_chain_node(index):
                     stack.append(self._node_outputs[index][0])
                 else:
                     uses.append((index, slot))

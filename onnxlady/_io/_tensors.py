@@ -210,16 +210,46 @@ def read_float(tensor: onnx.TensorProto, label: str) -> np.ndarray:
         raise OnnxladyError(f"{label} cannot be read as numbers ({exc})") from exc
 
 
+#: Elements per piece of :func:`all_finite`: its scratch buffer stays in the cache.
+_FINITE_PIECE = 1 << 16
+
+#: A float16's magnitude bits (all but the sign), and their value for infinity (exponent bits
+#: all ones, mantissa zero): every magnitude from it on is infinite or NaN.
+_HALF_MAGNITUDE, _HALF_INFINITY = np.uint16(0x7FFF), 0x7C00
+
+
 def all_finite(values: np.ndarray) -> bool:
     """Whether ``values`` holds no NaN and no infinity.
 
-    A float64 sum is finite when every value is (float32 sums cannot overflow it), so the
-    element-wise test, which allocates a boolean array as large as ``values``, only runs when
-    the sum is not finite.
+    A contiguous float32 array is tested a piece at a time into one small buffer (no array as
+    large as ``values`` is allocated; its float64 sum took three times as long as the test).
+    Float16, which numpy tests value by value in software, is tested on its bits instead: a
+    value is finite when its magnitude bits are below those of infinity. Other arrays (float64,
+    whose sum is faster than the test) sum in float64 first, finite when every value is (a
+    float32 sum cannot overflow it), and test each value only when the sum is not finite.
     """
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing or NaN sum is an answer, not a fault
-        total = np.sum(values, dtype=np.float64)
-    return bool(np.isfinite(total) or np.all(np.isfinite(values)))
+    narrow = values.dtype in (np.float16, np.float32) and values.flags.c_contiguous
+    flat = values.reshape(-1) if narrow else None
+    if flat is None:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing or NaN sum is an answer, not a fault
+            total = np.sum(values, dtype=np.float64)
+        return bool(np.isfinite(total) or np.all(np.isfinite(values)))
+    if flat.dtype == np.float16:
+        words = flat.view(np.uint16)
+        magnitudes = np.empty(min(words.size, _FINITE_PIECE), dtype=np.uint16)
+        for start in range(0, words.size, _FINITE_PIECE):
+            piece = magnitudes[: min(_FINITE_PIECE, words.size - start)]
+            np.bitwise_and(words[start : start + _FINITE_PIECE], _HALF_MAGNITUDE, out=piece)
+            if piece.max() >= _HALF_INFINITY:
+                return False
+        return True
+    finite = np.empty(min(flat.size, _FINITE_PIECE), dtype=bool)
+    for start in range(0, flat.size, _FINITE_PIECE):
+        piece = finite[: min(_FINITE_PIECE, flat.size - start)]
+        np.isfinite(flat[start : start + _FINITE_PIECE], out=piece)
+        if not piece.all():
+            return False
+    return True
 
 
 class FloatConstants:

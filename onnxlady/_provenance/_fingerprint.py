@@ -21,7 +21,9 @@ Which layers (:func:`~onnxlady._provenance._producers.model_producers`)
     for; all-zero channels a following convolution weighs are true ones, not padding), and a
     Gemm/MatMul whose weight is a ``Transpose`` of a constant (tied language-model heads, which
     ORT's optimizer folds into a stored transposed copy). Layers come in the graph's
-    topological order. They are read by a light index of the graph (producers, consumers,
+    topological order closest to its node list (a node listed after its readers, as the
+    float16 converter's input ``Cast``, is pulled before them, not the readers held back:
+    ``_pulled_order`` in :mod:`~onnxlady._provenance._producers`). They are read by a light index of the graph (producers, consumers,
     constants) and, for forms it does not cover, by a ModelGraph; both give the same layers
     (see :mod:`onnxlady._provenance._producers`).
 
@@ -152,8 +154,11 @@ __all__ = [
     "shaped_layers",
 ]
 
-#: Version of the fields and their layout; a fingerprint of another version is not compared.
-FINGERPRINT_VERSION = 1
+#: Version of the fields, their layout and the layer order; a fingerprint of another version is
+#: not compared (an index of an older one is refused by find until ``index build`` reads it
+#: again). 2: the layers of a graph whose node list is not topologically sorted come in its
+#: pulled order (float16 copies through ORT's converter read like their reference).
+FINGERPRINT_VERSION = 2
 #: Values per sorted field.
 RESAMPLE = 16
 #: First bytes of a serialized fingerprint.
@@ -179,6 +184,8 @@ for _name, _length in FIELDS:
 #: Length of a layer record.
 LAYER_WIDTH = _offset
 _SORTED_FIELDS = tuple(name for name, length in FIELDS if length == RESAMPLE)
+#: Where the sorted fields lie in a record: one block (FIELDS lists them one after another).
+_SORTED_SPAN = slice(SLICES[_SORTED_FIELDS[0]].start, SLICES[_SORTED_FIELDS[-1]].stop)
 
 #: Per field, the typical RMS gap between a model's layers and those of its farthest derivative
 #: in the registry experiment (noise OMEGA = 0.1 or 30 % pruning; median over references):
@@ -758,6 +765,18 @@ class ModelFingerprint:
         """Weight elements over all producer layers (kernel included)."""
         return int(np.sum(self.shapes[:, 0] * self.shapes[:, 1])) if self.layers else 0
 
+    # Per-layer facts every comparison of this fingerprint reads (find compares one suspect with
+    # dozens of candidates, two to four times each): computed once, never written to.
+    @functools.cached_property
+    def degenerate(self) -> np.ndarray:
+        """:func:`degenerate_layers` of the records."""
+        return degenerate_layers(self.records)
+
+    @functools.cached_property
+    def copies(self) -> np.ndarray:
+        """Per layer, a class shared by the layers with the same shape and record (:func:`_copy_classes`)."""
+        return _copy_classes(self)
+
     def to_bytes(self) -> bytes:
         """The fingerprint as bytes, with no pickled objects.
 
@@ -1115,11 +1134,9 @@ def degenerate_layers(records: np.ndarray) -> np.ndarray:
         ``(layers,)`` bool.
     """
     records = np.asarray(records, dtype=np.float64).reshape(-1, LAYER_WIDTH)
-    flat = np.ones(records.shape[0], dtype=bool)
-    for name in _SORTED_FIELDS:
-        values = records[:, SLICES[name]]
-        flat &= (values.max(axis=1) - values.min(axis=1)) <= DEGENERATE_SPAN
-    return flat
+    # The sorted fields lie one after another (FIELDS): one reduction over all of them.
+    values = records[:, _SORTED_SPAN].reshape(records.shape[0], len(_SORTED_FIELDS), RESAMPLE)
+    return ((values.max(axis=2) - values.min(axis=2)) <= DEGENERATE_SPAN).all(axis=1)
 
 
 def compare_fingerprints(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch:
@@ -1180,7 +1197,7 @@ def _level_offset(a: ModelFingerprint, b: ModelFingerprint, match: LayerMatch) -
     from the layers' own levels).
     """
     level = SLICES["level"].start
-    degenerate_a, degenerate_b = degenerate_layers(a.records), degenerate_layers(b.records)
+    degenerate_a, degenerate_b = a.degenerate, b.degenerate
     gaps = [
         float(b.records[j, level]) - float(a.records[i, level])
         for i, j, _ in match.pairs
@@ -1208,7 +1225,7 @@ def _tail_offsets(a: ModelFingerprint, b: ModelFingerprint, match: LayerMatch) -
     first pass leaves its layers unpaired. Two unrelated models show no common shift (their
     medians read 0.07 scale units or less), so they gain nothing from it.
     """
-    degenerate_a, degenerate_b = degenerate_layers(a.records), degenerate_layers(b.records)
+    degenerate_a, degenerate_b = a.degenerate, b.degenerate
     pairs = [(i, j) for i, j, _ in match.pairs if not degenerate_a[i] and not degenerate_b[j]]
     if len(pairs) < LEVEL_OFFSET_PAIRS:
         m, n = a.layers, b.layers
@@ -1258,7 +1275,7 @@ def _compare(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch:
             shaped_layers(b.records[used_b], b.shapes[used_b]),
         ) ** 2
         squared[rows_i, cols_j] = full[np.searchsorted(used_a, rows_i), np.searchsorted(used_b, cols_j)]
-    degenerate_a, degenerate_b = degenerate_layers(a.records), degenerate_layers(b.records)
+    degenerate_a, degenerate_b = a.degenerate, b.degenerate
     both = allowed & degenerate_a[:, None] & degenerate_b[None, :]
     squared[both] = 0.0
     # A degenerate layer left alone weighs nothing; the assignment still prefers to pair it.
@@ -1299,7 +1316,7 @@ def _compare(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch:
     # the same layer again, no unrelated candidate (held-out round 13, F10: a permuted ALBERT
     # called unrelated at distance 0).
     if pairs:
-        copies_a, copies_b = _copy_classes(a), _copy_classes(b)
+        copies_a, copies_b = a.copies, b.copies
         rows, columns = np.array([i for i, _, _ in pairs]), np.array([j for _, j, _ in pairs])
         alternatives[rows] &= copies_b[None, :] != copies_b[columns][:, None]
         alternatives[:, columns] &= copies_a[:, None] != copies_a[rows][None, :]
@@ -1313,10 +1330,19 @@ def _compare(a: ModelFingerprint, b: ModelFingerprint) -> LayerMatch:
 
 
 def _copy_classes(fingerprint: ModelFingerprint) -> np.ndarray:
-    """Per layer, a class shared by the layers of the model whose shape and record are identical (one weight read twice)."""
+    """Per layer, a class shared by the layers of the model whose shape and record are identical (one weight read twice).
+
+    Rows are grouped by their bytes, with ``-0.0`` made ``0.0`` (equal values, as ``np.unique``
+    compares them); ``np.unique`` over the rows as structured items cost a search more than its
+    comparisons (two to four calls per candidate), so it is left to rows holding NaN, which
+    equals nothing, not even itself.
+    """
     rows = np.concatenate([fingerprint.shapes.astype(np.float64), fingerprint.records.astype(np.float64)], axis=1)
-    _, classes = np.unique(np.ascontiguousarray(rows).view([("", rows.dtype)] * rows.shape[1]), return_inverse=True)
-    return classes.reshape(-1)
+    if not np.isfinite(rows).all():
+        _, classes = np.unique(np.ascontiguousarray(rows).view([("", rows.dtype)] * rows.shape[1]), return_inverse=True)
+        return classes.reshape(-1)
+    seen: dict[bytes, int] = {}
+    return np.array([seen.setdefault(row.tobytes(), len(seen)) for row in rows + 0.0], dtype=np.intp)
 
 
 def _contrast(pairs: list[tuple[int, int, float]], alternatives: np.ndarray, squared: np.ndarray) -> float | None:

@@ -48,7 +48,7 @@ from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._io._external import has_mapped, is_mapped, load_mapped, mapped_bytes, release_pages
 from onnxlady._io._files import copy_model
-from onnxlady._io._tensors import tensor_holders
+from onnxlady._io._tensors import all_finite, tensor_holders
 from onnxlady._resync import _solver as solver
 from onnxlady._resync._computed import aligned_uses
 from onnxlady._resync._invariants import sharing_scratch
@@ -189,13 +189,18 @@ def _fold_bias(bias: Approx, bn: _BatchNorm) -> Approx:
     return Approx(value, error)
 
 
-def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool, bounds: bool = True) -> Approx | None:
+def _site_value(
+    graph: ModelGraph, site: Site, role: str, fold: bool, bounds: bool = True, shifts: bool = True
+) -> Approx | None:
     """One operand of a site in canonical layout, in the form both models share.
 
     With ``fold``, a unit's weight and bias are read with its BatchNorm folded in (and its
     BatchNorm's own parameters have no counterpart, except its beta standing for a missing
     bias); without, everything as stored. A unit without a bias reads zeros. Without
     ``bounds`` the value carries no bound (the same numbers, a whole array less per weight).
+    Without ``shifts``, per-channel shifts after the layer are not folded into its bias: where
+    both models keep them they are compared as stored (folded, a bias several layers share, a
+    zero vector through Identity nodes, would read another value per layer).
     """
     weight = site.operand("weight")
     size = weight.shape[0] if weight is not None else 0
@@ -203,8 +208,9 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool, bounds: bo
     if site.batchnorm is not None and fold and bn is None:
         return None
     # Scalar steps after the layer fold into it wherever its BatchNorm does (or it has none).
-    post = post_affine(graph, site) if bn is not None or site.batchnorm is None else None
-    if site.post and (bn is not None or site.batchnorm is None) and post is None:
+    folds = bn is not None or site.batchnorm is None
+    post = post_affine(graph, site, shifts) if folds else None
+    if folds and post is None and any(shifts or kind != "shift" for kind, _, _ in site.post):
         return None
     if site.lone_batchnorm and role in ("weight", "bias"):
         # A BatchNorm of its own as a 1x1 convolution: weight ones and bias zeros, the BatchNorm
@@ -248,7 +254,7 @@ def _site_value(graph: ModelGraph, site: Site, role: str, fold: bool, bounds: bo
         return bias
     if role.startswith("bn"):
         if bn is not None:  # folded: only beta, standing for a missing bias, has a counterpart
-            return _site_value(graph, site, "bias", fold, bounds) if role == "bn2" and site.operand("bias") is None else None
+            return _site_value(graph, site, "bias", fold, bounds, shifts) if role == "bn2" and site.operand("bias") is None else None
     return read_operand(graph, operand, bounds, compact=not bounds) if operand is not None else None
 
 
@@ -294,10 +300,12 @@ def _pair_use(
         role = _partner_role(site, operand.role, fold)
         if role.startswith("bn") and partner.batchnorm is None:
             return None
-        if role == "post" and partner.operand("post") is None:  # a per-channel scale folded away
+        if role.startswith("post") and partner.operand(role) is None:  # a per-channel scale (or shift) folded away
             return None
-        mine = _site_value(ref, site, operand.role, fold, bounds)
-        theirs = _site_value(sus, partner, role, fold, bounds)
+        # A per-channel shift both keep is compared as stored; one folded away, folded into both biases.
+        shifts = site.operand("post_shift") is None or partner.operand("post_shift") is None
+        mine = _site_value(ref, site, operand.role, fold, bounds, shifts)
+        theirs = _site_value(sus, partner, role, fold, bounds, shifts)
         if mine is None or theirs is None or mine.value.shape != theirs.value.shape:
             return None
         if operand.role == "weight":
@@ -758,7 +766,7 @@ def resync_across(
         for number in kept:
             approx = values[number]
             assert approx is not None
-            if not np.all(np.isfinite(approx.value)):
+            if not all_finite(approx.value):
                 raise OnnxladyError(
                     f"tensor '{ref_analysis.tensors[number].source}' of the {which} holds NaN or Inf values"
                 )

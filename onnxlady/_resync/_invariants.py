@@ -27,10 +27,14 @@ __all__ = ["QUANTILES", "distance", "signature", "sharing_scratch"]
 QUANTILES = 33
 
 #: Below this many values, ``np.partition`` selects the ranks faster than bucketing them.
-_BUCKETED_FROM = 1 << 16
+_BUCKETED_FROM = 1 << 14
 
-#: Buckets of :func:`_order_statistics`: the top bits of each value's order-preserving key.
-_BUCKET_BITS = 20
+#: Buckets of :func:`_order_statistics`: the sign, exponent and this many leading mantissa bits
+#: of each value, fewer below :data:`_FINER_FROM` values (the table of counts spans every
+#: exponent: for a mid-sized weight, it cost more than its values), more from there on (fewer
+#: values to sort per bucket). Float16 is bucketed on all its bits (a bucket per value).
+_MANTISSA_BITS = (7, 9)
+_FINER_FROM = 1 << 20
 
 
 #: Within :func:`sharing_scratch`: the int64 array :func:`_order_statistics` computes its buckets in.
@@ -104,16 +108,16 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
         return np.partition(flat, ranks)[ranks]
     integer, exponent_bits = native
     width = integer.itemsize * 8
-    bucket_bits = min(_BUCKET_BITS, width)
+    mantissa = _MANTISSA_BITS[flat.size >= _FINER_FROM]
+    bucket_bits = width if width == 16 else 1 + exponent_bits + mantissa
     # Buckets at either end holding only infinities and NaNs (sign and exponent bits all ones).
     not_finite = 1 << (bucket_bits - 1 - exponent_bits)
     bits = np.ascontiguousarray(flat).view(integer)
     unsigned = bits.view(np.dtype(f"u{integer.itemsize}"))
     # The raw top bits (sign, exponent, leading mantissa bits), made in place on one new array:
     # ``raw`` counts up with the value for positive values (0 .. half - 1) and down for negative
-    # ones (half .. 2 * half - 1). The counts are then put in the keys' order (ordered bucket
-    # ``half + r`` for a positive ``r``, ``2 * half - 1 - r`` for a negative one), which costs a
-    # pass over the buckets instead of one more over the values.
+    # ones (half .. 2 * half - 1); the ordered bucket is ``half + r`` for a positive ``r`` and
+    # ``2 * half - 1 - r`` for a negative one.
     # Shifted as unsigned (no sign bits shifted in, so no mask to apply: one pass less), into
     # the int64 scratch that bincount counts.
     # A narrower type is shifted into the int64 scratch as well (its bits widened with no sign).
@@ -121,22 +125,35 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     np.right_shift(unsigned, unsigned.dtype.type(width - bucket_bits), out=raw.view(np.uint64), casting="unsafe")
     half = 1 << (bucket_bits - 1)
     raw_counts = np.bincount(raw, minlength=1 << bucket_bits)
-    counts = np.concatenate([raw_counts[: half - 1 : -1], raw_counts[:half]])
-    if counts[:not_finite].any() or counts[-not_finite:].any():
+    # Only the buckets holding values are put in order and summed up: a few thousand (the whole
+    # table, 2**20 buckets reordered and summed per weight, cost more than a mid-sized weight's
+    # values). Sorted raw buckets in the keys' order: the negative ones reversed, then the positive.
+    occupied = np.flatnonzero(raw_counts != 0)  # (a boolean array's nonzero is several times faster)
+    split = int(np.searchsorted(occupied, half))
+    buckets = np.concatenate([occupied[split:][::-1], occupied[:split]])
+    counts = raw_counts[buckets]
+    first, last = _ordered_bucket(int(buckets[0]), half), _ordered_bucket(int(buckets[-1]), half)
+    if first < not_finite or last >= 2 * half - not_finite:
         return np.partition(flat, ranks)[ranks]
     ends = np.cumsum(counts)
-    holding = np.searchsorted(ends, ranks, side="right")  # the bucket of each rank
+    holding = np.searchsorted(ends, ranks, side="right")  # the (occupied) bucket of each rank
     wanted = np.unique(holding)
     if counts[wanted].sum() > flat.size // 8:  # crowded (a narrow range): sorting them would not pay
         return np.partition(flat, ranks)[ranks]
-    chosen = np.zeros(counts.size, dtype=bool)
-    chosen[wanted] = True
-    raw_chosen = np.concatenate([chosen[half:], chosen[half - 1 :: -1]])  # back in the raw order
+    if bucket_bits == width:  # a bucket per value (float16): its raw bits are the statistic
+        return buckets[holding].astype(unsigned.dtype).view(flat.dtype)
+    raw_chosen = np.zeros(raw_counts.size, dtype=bool)
+    raw_chosen[buckets[wanted]] = True
     inside = np.sort(_order_keys(bits[raw_chosen[raw]]))  # the wanted buckets' values, in order
     # Where each wanted bucket starts in ``inside``, and each rank's place in its bucket.
     starts = np.cumsum(counts[wanted]) - counts[wanted]
     place = starts[np.searchsorted(wanted, holding)] + (ranks - (ends[holding] - counts[holding]))
     return _order_keys(inside[place]).view(flat.dtype)
+
+
+def _ordered_bucket(raw: int, half: int) -> int:
+    """The place in value order of raw bucket ``raw`` (see :func:`_order_statistics`)."""
+    return half + raw if raw < half else 2 * half - 1 - raw
 
 
 def _resampled(values: np.ndarray, points: int = QUANTILES) -> np.ndarray:

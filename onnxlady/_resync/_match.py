@@ -25,7 +25,11 @@ then differ, but what the weights *compute* does not. Matching works on that, ne
    far as the second best) it decides, against the alignment if need be (a converter that
    reordered three projections of one shape); otherwise the alignment decides, and sites left
    over by both are paired in order; sites of one token that content leaves interchangeable
-   (one table read by two branches) are then re-paired by the layers they connect to. Every
+   (one table read by two branches) are then re-paired by the layers they connect to. *Twins*
+   (one model's sites with bitwise equal signatures: one weight read by two MatMuls) compete
+   for counterparts together: content confines them to a block, the alignment and order pair
+   within it, and a layer on activations takes the counterpart on activations
+   (:func:`_pair_weighing_twins`). Every
    pair says how it was made (``structure``, ``content`` or ``order``), with the content
    margin (1 - best / second best distance).
 4. Paired sites pair the groups of their operands axis by axis, position by position (both
@@ -508,7 +512,7 @@ class _Signatures:
             parts: list[np.ndarray] = []
             site = self.sites[number]
             for operand in site.operands:
-                if operand.role.startswith("bn") or operand.role == "post":
+                if operand.role.startswith(("bn", "post")):
                     continue
                 value = read_operand(self.graph, operand, bounds=False, compact=True)  # the value alone is signed
                 if value is None:
@@ -617,6 +621,7 @@ def _pair_sites(
         _pair_class(rows, cols, structural, ref_sig, sus_sig, pairs, how)
     _pair_batchnorms_as_convs(reference, suspect, ref_sites, sus_sites, (ref_sig, sus_sig), pairs, how)
     _pair_across_unit_axes(reference, suspect, ref_sites, sus_sites, pairs, how)
+    _pair_weighing_twins(ref_sites, sus_sites, ref_sig, sus_sig, pairs, how)
     _settle_by_connections(reference, suspect, ref_sites, sus_sites, ref_sig, sus_sig, pairs, how)
     return _Pairing(pairs, how, matcher.get_opcodes())
 
@@ -846,11 +851,30 @@ def _pair_class(
     chosen_rows, chosen_cols = linear_sum_assignment(table)
     content = {int(i): int(j) for i, j in zip(chosen_rows, chosen_cols)}
     decisive: set[int] = set()
+    # Twins (sites of one model reading equal weights: ALBERT's layers, DeBERTa's query read by
+    # two MatMuls) compete for the same counterparts: a site's second best is looked for outside
+    # its twins and theirs (without twins: the row and column less the pair itself). Content
+    # then only confines the site to that block; which twin takes which is the alignment's and
+    # the order's to say, content being blind to it.
+    confined: dict[int, np.ndarray] = {}
+    row_twins, col_twins = _twins([ref_sig[r] for r in rows]), _twins([sus_sig[c] for c in cols])
+    assigned_col = np.full(len(rows), -1)
+    assigned_row = np.full(len(cols), -1)
     for i, j in content.items():
-        others = np.concatenate([np.delete(table[i], j), np.delete(table[:, j], i)])
+        assigned_col[i], assigned_row[j] = j, i
+    for i, j in content.items():
+        same_rows, same_cols = row_twins == row_twins[i], col_twins == col_twins[j]
+        block_cols = same_cols.copy()
+        block_cols[assigned_col[same_rows & (assigned_col >= 0)]] = True
+        block_rows = same_rows.copy()
+        block_rows[assigned_row[same_cols & (assigned_row >= 0)]] = True
+        others = np.concatenate([table[i, ~block_cols], table[~block_rows, j]])
         second = float(others.min()) if others.size else float("inf")
         if second > 1e-9 and table[i, j] <= DECISIVE_RATIO * second:
-            decisive.add(i)
+            if np.count_nonzero(same_rows) > 1 or np.count_nonzero(same_cols) > 1:
+                confined[i] = block_cols
+            else:
+                decisive.add(i)
     position = {s: j for j, s in enumerate(cols)}
     taken: set[int] = set()
     decided: dict[int, tuple[int, str]] = {}
@@ -874,6 +898,8 @@ def _pair_class(
         ((nearest[:, None] <= _NEAR_QUANTIZED) & (nearest[:, None] <= DECISIVE_RATIO * table))
         | ((nearest_col[None, :] <= _NEAR_QUANTIZED) & (nearest_col[None, :] <= DECISIVE_RATIO * table))
     )
+    for i, block in confined.items():  # within its block a twin rules nothing out: one float, one quantized
+        ruled_out[i] = ~block
     for i, r in enumerate(rows):
         if i in decided or r not in structural or structural[r] not in position:
             continue
@@ -902,6 +928,86 @@ def _pair_class(
         second = float(others.min()) if others.size else float("inf")
         margin = 1.0 - best / second if 0 < second < 4.0 else None
         how[rows[i]] = (method, margin, best if best < 4.0 else None)
+
+
+def _signature_key(signature: list[np.ndarray]) -> tuple[tuple[tuple[int, ...], bytes], ...]:
+    """A signature as a hashable value: bitwise equal ones are the same weight (or an equal copy) read twice."""
+    return tuple((part.shape, part.tobytes()) for part in signature)
+
+
+def _twins(signatures: list[list[np.ndarray]]) -> np.ndarray:
+    """Per site, the first site of the list whose signature is bitwise equal to its own."""
+    first: dict[tuple[tuple[tuple[int, ...], bytes], ...], int] = {}
+    return np.array([first.setdefault(_signature_key(sig), n) for n, sig in enumerate(signatures)], dtype=np.int64)
+
+
+def _pair_weighing_twins(
+    ref_sites: list[Site],
+    sus_sites: list[Site],
+    ref_sig: _Signatures,
+    sus_sig: _Signatures,
+    pairs: dict[int, int],
+    how: dict[int, tuple[str, float | None, float | None]],
+) -> None:
+    """Give a layer that reads activations the counterpart that reads activations, among twins.
+
+    DeBERTa-v2 projects its relative-position table through each layer's query and key
+    weights: two MatMuls of one weight, one on the hidden states, one on constants (a layer of
+    constants, which does not weigh). Content cannot tell the two apart, and a quantizer
+    reorders or folds the constant one (``quantize_dynamic`` leaves it in float after the
+    quantized ones; ``quant_pre_process`` folds it away), so the order may pair the hidden
+    states' layer with the constants' one, and every connection of both then counts as lost.
+    Where a pair joins a weighing site to a non-weighing one and the side's twin (same token,
+    same content) matches the other's kind, the twin takes the counterpart: swapped with the
+    twin's own, or moved where the twin had none. Twins read equal weights, so no weight is
+    paired with another value than before.
+    """
+    back = {b: a for a, b in pairs.items()}
+    for mine in sorted(pairs):
+        theirs = pairs.get(mine)
+        if theirs is None or ref_sites[mine].weighs == sus_sites[theirs].weighs:
+            continue
+        twin = _hand_to_twin(ref_sites, ref_sig, sus_sites, pairs, back, mine, theirs)
+        if twin is not None:  # the distances stay with the pairs: the twins' contents are equal
+            made, other = how.pop(mine), how.pop(twin, None)
+            how[twin] = made
+            if other is not None:
+                how[mine] = other
+            continue
+        _hand_to_twin(sus_sites, sus_sig, ref_sites, back, pairs, theirs, mine)
+
+
+def _hand_to_twin(
+    sites: list[Site],
+    signatures: _Signatures,
+    counterparts: list[Site],
+    forward: dict[int, int],
+    backward: dict[int, int],
+    mine: int,
+    theirs: int,
+) -> int | None:
+    """Give ``mine``'s counterpart ``theirs`` to a twin of ``mine`` of its kind (see :func:`_pair_weighing_twins`).
+
+    ``forward`` pairs ``sites`` with ``counterparts`` (``backward`` the other way). The twin's
+    own counterpart, if of ``mine``'s kind, goes to ``mine``; without one, ``mine`` is left
+    unpaired. Returns the twin, or None where there is none.
+    """
+    key = _signature_key(signatures[mine])
+    for twin, site in enumerate(sites):
+        if twin == mine or site.token != sites[mine].token or site.weighs != counterparts[theirs].weighs:
+            continue
+        partner = forward.get(twin)
+        if partner is not None and counterparts[partner].weighs != sites[mine].weighs:
+            continue
+        if _signature_key(signatures[twin]) != key:
+            continue
+        if partner is None:
+            del forward[mine]
+        else:
+            forward[mine], backward[partner] = partner, mine
+        forward[twin], backward[theirs] = theirs, twin
+        return twin
+    return None
 
 
 # -- connections ------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ class Operand:
     ``factor``.
     """
 
-    role: str  # "weight", "bias", "scale", "shift", "table", "bn1".."bn4", "post", "c0", "c1"...
+    role: str  # "weight", "bias", "scale", "shift", "table", "bn1".."bn4", "post", "post_shift", "c0"...
     node: int
     slot: int
     read_shape: tuple[int, ...]
@@ -202,9 +202,9 @@ class Site:
     #: embedding's cos/sin, which exporters write in many forms) pair if they can, but do not
     #: count for or against the confidence.
     weighs: bool = True
-    #: Affine steps after the layer (``("mul" | "scale" | "add" | "sub", node, slot)``; ``"scale"``
-    #: is per output channel, its constant the operand ``"post"``), folded into its weight and
-    #: bias wherever they are compared.
+    #: Affine steps after the layer (``("mul" | "scale" | "add" | "sub" | "shift", node, slot)``;
+    #: ``"scale"`` and ``"shift"`` are per output channel, their constants the operands ``"post"``
+    #: and ``"post_shift"``), folded into its weight and bias wherever they are compared.
     post: tuple[tuple[str, int, int], ...] = ()
     #: Some graph output depends on it (dead code pairs with dead code; a simplifier removes it).
     live: bool = True
@@ -332,17 +332,19 @@ def _read_operand(graph: ModelGraph, operand: Operand, bounds: bool, compact: bo
     return part.scaled(operand.factor) if operand.factor != 1.0 else part  # ruff: ignore[float-equality-comparison] - exactly 1: no scaling to do
 
 
-def post_affine(graph: ModelGraph, site: Site) -> tuple[Approx, Approx] | None:
+def post_affine(graph: ModelGraph, site: Site, shifts: bool = True) -> tuple[Approx, Approx] | None:
     """The affine steps after a layer combined: ``y -> scale * y + shift``.
 
     1-element, or per output channel (``[C]``) when a step is a per-channel scale (kind
     ``"scale"``: timm's layer scale ``gamma * (x @ W + b)``, which onnxslim folds into the
-    weight and bias). None when the site has none, or one cannot be read.
+    weight and bias) or shift (kind ``"shift"``: NoNorm's ``b``). Without ``shifts``, per-channel
+    shifts are left out. None when the site has no step (left in), or one cannot be read.
     """
-    if not site.post:
+    steps = [step for step in site.post if shifts or step[0] != "shift"]
+    if not steps:
         return None
     scale, shift = Approx(np.ones(1), np.zeros(1)), Approx(np.zeros(1), np.zeros(1))
-    for kind, node, slot in site.post:
+    for kind, node, slot in steps:
         read = read_constant(graph, graph.nodes[node].input[slot])
         if read is None:
             return None
@@ -1001,7 +1003,7 @@ def _units(graph: ModelGraph) -> tuple[dict[int, _Unit], set[int], set[tuple[int
                     unit.tail = reader[0]
                     absorbed.add(reader[0])
         if unit.parts is None and linear.family in ("conv", "dense"):
-            unit.post = _scalar_affine(graph, graph.nodes[unit.tail].output[0], absorbed, linear)
+            unit.post = _scalar_affine(graph, graph.nodes[unit.tail].output[0], absorbed, linear, unit.bias is not None)
             if unit.post:
                 unit.ops.extend(graph.nodes[node].op_type for _, node, _ in unit.post)
                 unit.tail = unit.post[-1][1]
@@ -1036,13 +1038,18 @@ def _quantized_unit(graph: ModelGraph, index: int, unit: _Unit, absorbed: set[in
     return tail
 
 
-def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int], linear: _Linear) -> list[tuple[str, int, int]]:
+def _scalar_affine(
+    graph: ModelGraph, name: str, absorbed: set[int], linear: _Linear, biased: bool = False
+) -> list[tuple[str, int, int]]:
     """A Mul by a scalar constant and an Add (or Sub) of one, each optional, right after a layer.
 
     ``(kind, node, constant's slot)`` each. onnx-simplifier folds the Mul into the layer's
     weight and bias (Paddle's exporter writes MobileOne's branch scales this way). The Mul may
     also be by a constant over the layer's output channels (kind ``"scale"``): timm's layer
-    scale, which onnxslim folds into the weight and bias as a BatchNorm is.
+    scale, which onnxslim folds into the weight and bias as a BatchNorm is. The Add may be of
+    one too (kind ``"shift"``, only where the layer has a bias, ``biased``): MobileBERT's NoNorm
+    ``y * w + b``, whose Mul and Add onnxslim folds into the weight and that bias (or the Mul
+    alone, the Add kept: both forms then have the same sites).
     """
     found: list[tuple[str, int, int]] = []
     for kinds in (("Mul",), ("Add", "Sub")):
@@ -1063,15 +1070,20 @@ def _scalar_affine(graph: ModelGraph, name: str, absorbed: set[int], linear: _Li
         if value.size != 1 and reshaped and not (
             # A per-channel scale past Reshapes that keep the channels last (ORT's MatMulAddFusion
             # writes a 3-D MatMul + Add as Reshape, Gemm, Reshape): each channel stays where it was.
-            linear.family == "dense" and _reshaped_keeping_last(graph, name, _out_size(linear)) == node.input[reader[1]]
+            # A QDQ quantizer rounds the activation on the way (Reshape -> Q -> DQ -> Mul): per tensor, alike
+            # on every channel.
+            linear.family == "dense"
+            and _past_rounding(graph, _reshaped_keeping_last(graph, name, _out_size(linear))) == node.input[reader[1]]
         ):
             continue
         if value.size != 1:
             size = _out_size(linear)
-            per_channel = node.op_type == "Mul" and size > 1 and value.size == size
+            # A per-channel shift folds into the bias: only a layer with one has a counterpart for it.
+            shift = node.op_type == "Add" and biased
+            per_channel = (node.op_type == "Mul" or shift) and size > 1 and value.size == size
             if not per_channel or not _is_bias_add(graph, node, reader[1], linear, graph.rank(name)):
                 continue
-            kind = "scale"
+            kind = "scale" if node.op_type == "Mul" else "shift"
         found.append((kind, reader[0], other))
         absorbed.add(reader[0])
         name = node.output[0]
@@ -1121,6 +1133,18 @@ def _past_reshapes(graph: ModelGraph, name: str) -> str:
         if reader is None or reader[1] != 0 or len(graph.nodes[reader[0]].output) != 1:
             return name
         name = graph.nodes[reader[0]].output[0]
+
+
+def _past_rounding(graph: ModelGraph, name: str) -> str:
+    """The tensor after the per-tensor activation roundings (Q -> DQ) that alone read ``name``."""
+    while True:
+        readers = graph.consumers.get(name, [])
+        if len(readers) != 1 or readers[0][1] != 0 or name in graph.graph_outputs:
+            return name
+        rounded = activation_rounding(graph, readers[0][0])
+        if rounded is None:
+            return name
+        name = rounded
 
 
 def _reshaped_keeping_last(graph: ModelGraph, name: str, size: int) -> str:
@@ -1178,10 +1202,10 @@ def _unit_site(graph: ModelGraph, index: int, unit: _Unit) -> Site:
             assert operand is not None
             operands.append(operand)
     for kind, node, slot in unit.post or ():
-        if kind == "scale":  # a per-channel scale folds like a BatchNorm; compared as is where both keep it
-            scale = _vector_operand(graph, node, slot, _out_size(linear), "post")
-            assert scale is not None
-            operands.append(scale)
+        if kind in ("scale", "shift"):  # per channel: folds like a BatchNorm; compared as is where both keep it
+            step = _vector_operand(graph, node, slot, _out_size(linear), "post" if kind == "scale" else "post_shift")
+            assert step is not None
+            operands.append(step)
     token = (linear.family, linear.weight.shape, *linear.extra)
     return Site(index, 0, linear.family, token, tuple(operands), tuple(unit.ops), unit.tail, unit.batchnorm,
                 post=tuple(unit.post or ()))  # fmt: skip

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from numpy.random import default_rng  # with the module: numpy loads it lazily, on a command's first draw
 
 from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup
 from onnxlady._assignment import linear_sum_assignment
@@ -428,6 +429,18 @@ def _keeps_stored(array: np.ndarray, piece: _Slice) -> bool:
     return not piece.identity or np.moveaxis(array, axis, 0).flags.c_contiguous
 
 
+def _nonzero_rows(block: np.ndarray) -> np.ndarray:
+    """Per row of ``block``, whether it holds a value that is not zero: ``np.any(block != 0, axis=1)``.
+
+    A float16 block is compared on its bits (numpy compares half floats value by value in
+    software, ten times slower): a value is zero, ``0.0`` or ``-0.0``, exactly when its bits
+    but the sign are all zeros (a NaN is not zero either way).
+    """
+    if block.dtype == np.float16 and block.flags.c_contiguous:
+        return np.any(block.view(np.uint16) & np.uint16(0x7FFF), axis=1)
+    return np.any(block != 0, axis=1)
+
+
 def _centred_sketch(stored: np.ndarray, sign: np.ndarray) -> tuple[_CentredRows, np.ndarray, np.ndarray]:
     """What :func:`_centred`, :func:`_count_sketch` and :func:`_row_energy` give on ``stored`` widened.
 
@@ -488,11 +501,11 @@ class _Blocks:
 
         ``stored[i]``: pair ``i`` is a sketched block as gathered (see :meth:`_Block.build`).
         """
-        rng = np.random.default_rng(seed)
+        rng = default_rng(seed)
         zero_ref, zero_sus = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
         for r, s in pairs:  # (widening keeps every zero a zero and every other value not)
-            zero_ref &= ~np.any(r != 0, axis=1)
-            zero_sus &= ~np.any(s != 0, axis=1)
+            zero_ref &= ~_nonzero_rows(r)
+            zero_sus &= ~_nonzero_rows(s)
         owned = list(owned) or [(False, False)] * len(pairs)
         kinds = list(stored) or [False] * len(pairs)
         blocks = [_Block.build(r, s, rng, mine, kind) for (r, s), mine, kind in zip(pairs, owned, kinds)]

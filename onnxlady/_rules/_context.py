@@ -102,6 +102,9 @@ class AnalysisState:
     derived_walks: list[tuple[Atom, list[DerivedRead], FreezeReason]] = field(default_factory=list)
     #: Axes along which computed tensors hold equal slices (see :func:`uniform_axes`), by tensor.
     uniform: dict[str, frozenset[int]] = field(default_factory=dict)
+    #: The bindings grouped by constant leaf, with the number of bindings they were made from
+    #: (a memo of the analysis, see ``onnxlady._analysis._channels._bindings_by_leaf``).
+    bindings_by_leaf: tuple[int, dict[str, dict[tuple[int, int], dict[int, Binding]]]] | None = None
 
 
 class RuleContext:

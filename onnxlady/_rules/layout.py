@@ -211,15 +211,56 @@ def _align(in_shape: Shape, out_shape: Shape) -> tuple[list[_Digit], dict[int, t
         if common is None:
             unaligned.update(dict.fromkeys(range(first_in, end_in), unknown))
         else:
-            for (i, size), (j, _) in zip(*common):
-                source, target = first_in + i, first_out + j
-                last = digits[-1] if digits else None
-                if last is not None and last.source == source and last.target == target and last.size is not None:
-                    digits[-1] = _Digit(source, target, last.size * size)
-                else:
-                    digits.append(_Digit(source, target, size))
+            _add_digits(digits, common, first_in, first_out)
+    block = _known_block(in_shape, out_shape, lead, end_in, end_out)
+    if block is not None and all(axis in unaligned for axis in range(block[0], end_in)):
+        # The known dims ending both middles hold blocks of one size: they align whatever the unknown dims before them.
+        start, common, start_out = block
+        for axis in range(start, end_in):
+            del unaligned[axis]
+        _add_digits(digits, common, start, start_out)
     digits += [_Digit(end_in + k, end_out + k, _size(in_shape[end_in + k])) for k in range(trail)]
     return digits, unaligned
+
+
+def _add_digits(digits: list[_Digit], common: tuple[list[tuple[int, int]], list[tuple[int, int]]],
+                first_in: int, first_out: int) -> None:
+    """Append :func:`common_digits`' digits (positions from ``first_in``/``first_out``), a run of one axis into one kept whole."""
+    for (i, size), (j, _) in zip(*common):
+        source, target = first_in + i, first_out + j
+        last = digits[-1] if digits else None
+        if last is not None and last.source == source and last.target == target and last.size is not None:
+            digits[-1] = _Digit(source, target, last.size * size)
+        else:
+            digits.append(_Digit(source, target, size))
+
+
+def _known_block(
+    in_shape: Shape, out_shape: Shape, lead: int, end_in: int, end_out: int
+) -> tuple[int, tuple[list[tuple[int, int]], list[tuple[int, int]]], int] | None:
+    """The longest runs of known dims ending both middles with one product, split into common digits.
+
+    Row-major, the last ``Q`` elements' positions within each block of ``Q`` are the same on both
+    sides when ``Q`` is a product of known trailing dims on both: the dims before them, known or
+    not, only count the blocks (the context layer ``[B, S, H, D] -> [B', S', H * D]`` of an export
+    whose ``B``, ``S`` shape inference lost). Returns (first input axis, digits, first output axis).
+    """
+    start_in, start_out = end_in, end_out
+    while start_in > lead and isinstance(in_shape[start_in - 1], int):
+        start_in -= 1
+    while start_out > lead and isinstance(out_shape[start_out - 1], int):
+        start_out -= 1
+    if start_in == lead and start_out == lead:
+        return None  # all known: the common digits above have decided
+    products_out = {math.prod(out_shape[j:end_out]): j for j in range(end_out - 1, start_out - 1, -1)}  # type: ignore[arg-type]
+    for i in range(start_in, end_in):
+        j = products_out.get(math.prod(in_shape[i:end_in]))  # type: ignore[arg-type]
+        if j is None:
+            continue
+        common = common_digits([int(d) for d in in_shape[i:end_in]], [int(d) for d in out_shape[j:end_out]])  # type: ignore[arg-type]
+        if common is not None:
+            return i, common, j
+    return None
 
 
 def _size(dim: int | str | None) -> int | None:
@@ -249,7 +290,7 @@ class ReshapeRule(OpRule):
         if not spaces and not joints:
             return
         in_shape = ctx.shape_in(0)
-        out_shape = ctx.shape_out(0)
+        out_shape = _contracted(ctx, ctx.shape_out(0))
         if in_shape is None or out_shape is None:
             exprs = [*spaces.values(), *(space.expr for space in joints)]
             _unknown_shape(ctx, exprs, "input or output shape unknown")
@@ -291,6 +332,50 @@ class ReshapeRule(OpRule):
             first = min(k for k in owned if k in pieces)
             parts = [pieces[k] if k in pieces else _still_digit(ctx, digits[k], k < first) for k in owned]
             _emit_moving(ctx, target, _chain(parts))
+
+
+#: Operators that pass a tensor on in its shape, stored anew: a product after them contracts it all the same.
+_RESTORED = frozenset({"Identity", "Cast", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+#: Matrix products by (domain, op type): the input slot of their second factor, whose dim -2 they
+#: contract the first factor's last dim with.
+_CONTRACTING: dict[tuple[str, str], int] = {
+    ("", "MatMul"): 1, ("", "MatMulInteger"): 1, ("", "QLinearMatMul"): 3,
+    ("com.microsoft", "MatMulIntegerToFloat"): 1, ("com.microsoft", "DynamicQuantizeMatMul"): 1,
+}  # fmt: skip
+
+
+def _contracted(ctx: RuleContext, shape: Shape | None) -> Shape | None:
+    """``shape`` with an unknown last dim read from a matrix product that contracts it with rows of known count.
+
+    A target computed at run time (``[B, S, -1]`` from ``Shape`` ops, the context layer of a
+    Hugging Face attention) leaves the merged dim unknown to shape inference; the projection
+    after it (``MatMul``, its quantized forms, ``MatMulNBits``' ``K``) fixes it: any other size
+    fails there, so every run has this one.
+    """
+    if shape is None or not shape or isinstance(shape[-1], int):
+        return shape
+    graph = ctx.graph
+    pending: list[str] = [ctx.output(0)]
+    seen: set[str] = set()
+    while pending and len(seen) < 16:
+        name = pending.pop()
+        seen.add(name)
+        for index, slot in graph.consumers.get(name, []):
+            node = graph.nodes[index]
+            domain = "" if node.domain == "ai.onnx" else node.domain
+            if slot != 0:
+                continue
+            if node.op_type in _RESTORED and domain == "" and node.output and node.output[0] not in seen:
+                pending.append(node.output[0])
+            elif (domain, node.op_type) == ("com.microsoft", "MatMulNBits"):
+                rows = next((a.i for a in node.attribute if a.name == "K"), 0)
+                if rows > 0:
+                    return (*shape[:-1], int(rows))
+            elif (domain, node.op_type) in _CONTRACTING and len(node.input) > _CONTRACTING[domain, node.op_type]:
+                other = graph.shapes.get(node.input[_CONTRACTING[domain, node.op_type]])
+                if other is not None and len(other) >= 2 and isinstance(other[-2], int):
+                    return (*shape[:-1], other[-2])
+    return shape
 
 
 #: Operators after which every element of their input still sits at a position of its own in

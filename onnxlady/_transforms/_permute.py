@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from numpy.random import default_rng  # with the module: numpy loads it lazily, on a command's first draw
 
 from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
@@ -68,7 +69,7 @@ def draw_permutations(
     for group in analysis.permutable_groups:
         if wanted is not None and group.id not in wanted:
             continue
-        rng = np.random.default_rng([seed, int(group.id[1:])])
+        rng = default_rng([seed, int(group.id[1:])])
         perm = rng.permutation(group.size)
         while np.array_equal(perm, np.arange(group.size)):
             perm = rng.permutation(group.size)

@@ -65,6 +65,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from numpy.random import default_rng  # with the module: numpy loads it lazily, on a command's first draw
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._graph._functions import inlined_view
@@ -436,7 +437,7 @@ def _holders(model: onnx.ModelProto, only: Sequence[str] | None) -> list[_Holder
 
 def _steps(noise: float | None, quantize_bits: int | None, prune_percent: float | None, seed: int) -> list[_Step]:
     """The requested steps in :data:`STEP_ORDER`; the noise draws from one generator for all tensors."""
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     steps: list[_Step] = []
     if prune_percent is not None:
         steps.append(("prune", functools.partial(_prune, percent=prune_percent)))

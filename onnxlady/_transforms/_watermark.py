@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from numpy.random import default_rng  # with the module: numpy loads it lazily, on a command's first draw
 from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
@@ -70,12 +71,12 @@ class WatermarkKey:
 # -- secrets ---------------------------------------------------------------------------------
 def projection_matrix(seed: int, n_bits: int, width: int) -> np.ndarray:
     """The secret matrix X [n_bits, width], standard normal from ``seed``."""
-    return np.random.default_rng([int(seed), 0]).standard_normal((n_bits, width))
+    return default_rng([int(seed), 0]).standard_normal((n_bits, width))
 
 
 def message_bits(seed: int, n_bits: int) -> np.ndarray:
     """A random message of ``n_bits`` bits from ``seed`` (another stream than the matrix)."""
-    return np.random.default_rng([int(seed), 1]).integers(0, 2, n_bits).astype(np.uint8)
+    return default_rng([int(seed), 1]).integers(0, 2, n_bits).astype(np.uint8)
 
 
 # -- locating the kernel ---------------------------------------------------------------------

@@ -110,6 +110,10 @@ class FeedStream:
                     tally.low = min(tally.low, float(np.min(array)))
                     tally.high = max(tally.high, float(np.max(array)))
 
+    def nodes_named(self, name: str) -> list[onnx.NodeProto]:
+        """The reference's top-level operators of that name (ORT names the one that failed)."""
+        return [node for node in self._graph.graph.node if node.name == name]
+
     def records(self) -> tuple[InputRecord, ...]:
         """One record per input, in graph order: its rule (or source), range and shape."""
         records = []
@@ -130,6 +134,28 @@ class FeedStream:
             drawn = InputRecord(plan.name, tally.shape, plan.dtype, plan.rule, plan.low, plan.high, plan.detail)
             records.append(dataclasses.replace(drawn, shape_notes=notes, shapes_vary=tally.shapes_vary))
         return tuple(records)
+
+
+#: The operator ONNX Runtime names in a failed run: "... running GroupQueryAttention node. Name:'X' ...".
+_FAILED_NODE = re.compile(r"Name:'([^']*)'")
+
+
+def culprit_inputs(error: str, feeds: FeedStream) -> list[InputPlan]:
+    """The inputs ONNX Runtime's message points at, most likely first.
+
+    The inputs it names; else the guessed inputs the failing operator reads itself (ORT names
+    an operator's own input, ``past_key``, not the graph input feeding it); else every input
+    with a guessed dimension.
+    """
+    named = [plan for plan in feeds.plans if _mentions(error, plan.name)]
+    if named:
+        return named
+    guessed = [plan for plan in feeds.plans if plan.guessed]
+    failed = _FAILED_NODE.search(error)
+    if failed is not None:
+        read = {name for node in feeds.nodes_named(failed.group(1)) for name in node.input}
+        return [plan for plan in guessed if plan.name in read] or guessed
+    return guessed
 
 
 def _mentions(error: str, name: str) -> bool:
@@ -156,8 +182,7 @@ def reference_failure(exc: BaseException, ref_name: str, feeds: FeedStream, feed
         also = f" (drawn for the inputs it lacks: {', '.join(repr(n) for n in drawn_names)})" if drawn_names else ""
         return f"ONNX Runtime cannot run {ref_name} on the inputs given by {feeds.given_by}{also}: {error}"
     named = [plan for plan in feeds.plans if _mentions(error, plan.name)]
-    guessed = [plan for plan in feeds.plans if plan.guessed]
-    suspects = named or guessed
+    suspects = culprit_inputs(error, feeds)
     suspect = suspects[0] if suspects else None
     if suspect is not None and suspect.guessed:
         shape = list(feed[suspect.name].shape)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._verify._feed_stream import FeedStream
+from onnxlady._verify._feed_stream import FeedStream, culprit_inputs
 from onnxlady._verify._inputs import plan_inputs
 from onnxlady._verify._models import GraphIndex
 from onnxlady._verify._session import create_session, first_line, run_session
@@ -85,7 +85,7 @@ def _reference_failure(exc: BaseException, feeds: FeedStream, feed: Mapping[str,
         f"ONNX Runtime cannot run the model on random inputs ({drawn}) to measure the output change: "
         f"{first_line(exc)}; give the input shapes it accepts with --shape NAME:DIMS (shape= in Python)"
     )
-    guessed = [plan for plan in feeds.plans if plan.guessed]
+    guessed = [plan for plan in culprit_inputs(first_line(exc), feeds) if plan.guessed]
     if guessed:
         plan = guessed[0]
         # The batch size is rarely the culprit: name it only when nothing else was guessed.

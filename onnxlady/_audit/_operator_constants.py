@@ -1,0 +1,212 @@
+"""Constant operands of arithmetic operators outside the weights, compared by value across two forms of one model.
+
+The resync compares the constants that weighing operators read; the scalars and small tables
+that plain arithmetic reads (CLIP's ``exp(logit_scale)``, QuickGELU's 1.702, an attention scale,
+a ``Pow`` exponent, a normalization's epsilon, a folded shifted-window mask added to the scores)
+are read by no site. In an unconverted copy the graph comparison finds such a constant changed
+under its name; a converter renames, folds (``Exp(logit_scale)`` stored as one value) and
+deduplicates them, so in its copy a changed one read ``converted`` (held-out round 14, F1).
+
+Here each model's arithmetic constants are gathered by the kind of operation that reads them
+(``Div`` by a constant as ``Mul`` by its reciprocal, ``Sub`` as ``Add`` of its negation, so a
+converter that rewrites one as the other keeps the value), each computed from the graph's
+constants (:func:`~onnxlady._audit._derived_values._value`, as exporters fold them). A value is
+changed when the suspect reads one that no operator of its kind reads in the reference *and* the
+reference reads one that the suspect no longer does: a value replaced by another. A converter
+removes arithmetic (a fusion into a ``Gelu`` or ``LayerNormalization`` keeps the value as an
+attribute) and folds it into weights, but does not put a new value in place of an old one; a
+value that is only new (a scale the reference computes from a shape) or only gone (a fused
+operator) is no evidence either way. Values are compared sorted (a permuted copy moves a
+per-channel table) within :data:`~onnxlady._audit._derived_values.DERIVED_RTOL` and the step of a
+quantizer that stores them (and float16's subnormal step); beyond float16's range, values saturate by
+design and compare equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from onnxlady._audit._derived_values import DERIVED_RTOL, _dequantized_step, _value
+from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._resync._match import ModelMatch
+from onnxlady._resync._sites import Site
+
+__all__ = ["changed_operator_constants"]
+
+#: The most elements of a compared constant: masks and per-channel tables, not weights.
+_MOST = 1 << 16
+#: Float16's largest finite value: a larger magnitude saturates to it (or to inf) in a float16 copy.
+_HALF_MAX = 65504.0
+#: Float16's smallest step (between its subnormals): an epsilon of 1e-6 is stored 1.3 % off.
+_HALF_STEP = 2.0**-24
+
+
+#: ONNX Runtime's fused operators that add some of their inputs (slots) before the rest of their
+#: computation: an ``Add`` ORT fuses into one keeps its constant there (BERT's position embedding
+#: as the skip input of a SkipLayerNormalization).
+_FUSED_ADDS: dict[str, tuple[int, ...]] = {
+    "SkipLayerNormalization": (1, 4),
+    "SkipSimplifiedLayerNormalization": (1, 4),
+    "BiasGelu": (1,),
+    "FastGelu": (1,),
+    "BiasAdd": (1, 2),
+}
+
+
+class _Item:
+    """One constant operand: its value (float64, saturated), the step that bounds its storage, and its readers."""
+
+    def __init__(self, value: np.ndarray, step: float, name: str) -> None:
+        self.value = value
+        self.sorted = np.sort(value.ravel())  # compared up to the order of the elements, sorted once
+        self.step = step
+        self.name = name
+        self.readers: list[str] = []
+
+
+def _kind(op_type: str, slot: int) -> tuple[str, bool]:
+    """The operation a constant at ``slot`` of ``op_type`` takes part in, and whether it is read inverted."""
+    if op_type == "Div":
+        return ("Mul", True) if slot == 1 else ("Div", False)
+    if op_type == "Sub":
+        return ("Add", True) if slot == 1 else ("Sub", False)
+    return (op_type if op_type != "Pow" or slot == 1 else "Pow base"), False
+
+
+def _from_constants(
+    graph: ModelGraph, name: str, known: dict[str, bool], depth: int = 0, *, shapes: bool = False
+) -> bool:
+    """Whether ``name`` is a constant or computed from constants alone (no graph input upstream).
+
+    ``shapes``: the shapes of activations count as constants too (a ``Shape`` or ``Size`` is a
+    leaf): what a converter that knows the input's shape folds.
+    """
+    if name not in known:
+        produced = graph.producer.get(name)
+        if graph.constant_leaf(name) is not None:
+            known[name] = True
+        elif produced is None or not 0 <= produced[0] < graph.main_count or depth >= 64:
+            known[name] = False
+        elif shapes and graph.nodes[produced[0]].op_type in ("Shape", "Size"):
+            known[name] = True
+        else:
+            known[name] = False  # until shown otherwise (a cycle reads as not constant)
+            node = graph.nodes[produced[0]]
+            known[name] = all(
+                not item or _from_constants(graph, item, known, depth + 1, shapes=shapes) for item in node.input
+            )
+    return known[name]
+
+
+def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str, _Item]], dict[str, set[int | None]]]:
+    """The float constants the graph's arithmetic reads outside the weighing sites' operands, by kind and by name.
+
+    And per kind, the sizes (None: not known statically) of the tables its operators also read
+    computed from an activation's shape (BERT's token-type embedding of zeros shaped like the
+    input): a converter that knows the shape folds such a table, and may add it to another
+    constant of the kind (ORT sums BERT's token-type and position embeddings), so a table of
+    that size new in that kind is no evidence.
+    """
+    shaped: dict[str, set[int | None]] = {}
+    with_shapes: dict[str, bool] = {}
+    # A site that does not weigh (a mask or a table added to the scores) pairs its constants, but
+    # the resync compares only the weighing sites' operands: the others are compared here.
+    weighed = {(operand.node, operand.slot) for site in sites if site.weighs for operand in site.operands}
+    memo: dict[str, np.ndarray | None] = {}
+    known: dict[str, bool] = {}
+    found: dict[str, dict[str, _Item]] = {}
+    for index in range(graph.main_count):
+        node = graph.nodes[index]
+        fused = _FUSED_ADDS.get(node.op_type, ()) if node.domain == "com.microsoft" else ()
+        if not fused and (node.op_type not in ("Mul", "Add", "Sub", "Div", "Pow") or node.domain not in ("", "ai.onnx")):
+            continue
+        for slot, name in enumerate(node.input):
+            if not name or (index, slot) in weighed or slot >= (2 if not fused else len(node.input)):
+                continue
+            if fused and slot not in fused:
+                continue
+            if not _from_constants(graph, name, known):
+                if _from_constants(graph, name, with_shapes, shapes=True):
+                    dims = graph.shape(name)
+                    ints = [d for d in dims if isinstance(d, int)] if dims is not None else []
+                    size = math.prod(ints) if dims is not None and len(ints) == len(dims) else None
+                    if size != 1:
+                        shaped.setdefault("Add" if fused else _kind(node.op_type, slot)[0], set()).add(size)
+                continue  # an activation: not read (its producers' weights would be, in float64)
+            value = _value(graph, name, memo)
+            if value is None or value.dtype.kind != "f" or not 0 < value.size <= _MOST:
+                continue
+            kind, inverted = ("Add", False) if fused else _kind(node.op_type, slot)
+            items = found.setdefault(kind, {})
+            if name not in items:
+                with np.errstate(all="ignore"):
+                    shown = (1.0 / value if kind == "Mul" else -value) if inverted else value
+                if np.any(np.isnan(shown)):
+                    continue  # an infinity saturates below (a mask's fill value); a NaN compares with nothing
+                items[name] = _Item(np.clip(shown, -_HALF_MAX, _HALF_MAX), _dequantized_step(graph, name), name)
+            items[name].readers.append(node_label(node, index))
+    return found, shaped
+
+
+def _agree(item: _Item, other: _Item) -> bool:
+    """Whether two constants hold the same values up to their order (as ``_derived_values._differs``, sorted once)."""
+    a, b = item.sorted, other.sorted
+    if a.size != b.size:
+        return False
+    slack = item.step + other.step + _HALF_STEP
+    scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))
+    return not np.any(np.abs(a - b) > DERIVED_RTOL * np.maximum(np.abs(a), np.abs(b)) + 1e-6 * scale + slack)
+
+
+def _unheld(items: dict[str, _Item], others: dict[str, _Item]) -> list[_Item]:
+    """The ``items`` whose values no constant of ``others`` holds; equal values are compared once."""
+    verdicts: dict[tuple[int, float, bytes], bool] = {}
+    found = []
+    for item in items.values():
+        key = (item.sorted.size, item.step, item.sorted.tobytes())
+        if key not in verdicts:
+            verdicts[key] = any(_agree(item, other) for other in others.values())
+        if not verdicts[key]:
+            found.append(item)
+    return found
+
+
+def changed_operator_constants(match: ModelMatch) -> list[str]:
+    """Arithmetic constants outside the weights that the suspect holds in place of the reference's; one line per kind.
+
+    Args:
+        match: the pairing of the two models' sites (resync across conversions made it): the
+            sites' operands are the weights, compared by the resync, and left out here.
+
+    Returns:
+        One line per kind of operation (``Mul``, ``Add``, ``Pow`` ...) where the suspect reads a
+        value the reference's operators of that kind never read while a value of the reference's,
+        of the same size, is read by none of the suspect's; empty otherwise.
+    """
+    ref, sus = match.reference.graph, match.suspect.graph
+    (mine, shaped), (theirs, _) = _constants(ref, match.reference_sites), _constants(sus, match.suspect_sites)
+    found = []
+    for kind in sorted(set(mine) & set(theirs)):
+        new, gone = _unheld(theirs[kind], mine[kind]), _unheld(mine[kind], theirs[kind])
+        sizes = {item.value.size for item in gone}
+        folds = shaped.get(kind, set())
+        new = [item for item in new if item.value.size in sizes
+               and not (item.value.size > 1 and (None in folds or item.value.size in folds))]
+        if not new:
+            continue
+        item = new[0]
+        was = next(other for other in gone if other.value.size == item.value.size)
+        more = f" and {len(item.readers) - 1} more" if len(item.readers) > 1 else ""
+        others = f" (and {len(new) - 1} more such constants)" if len(new) > 1 else ""
+        found.append(
+            f"the suspect's {kind} constant '{item.name}' ({_shown(item.value)}, read by '{item.readers[0]}'{more}) is read by no "
+            f"{kind} of the reference, whose '{was.name}' ({_shown(was.value)}) the suspect no longer reads{others}"
+        )
+    return found
+
+
+def _shown(value: np.ndarray) -> str:
+    """A short description of a value: the number itself for a scalar, else its size."""
+    return f"{float(value.ravel()[0]):.6g}" if value.size == 1 else f"{value.size} values"
