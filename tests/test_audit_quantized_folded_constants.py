@@ -17,6 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fixtures.deployment import calibration_inputs
 from onnxlady import audit
 
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -46,15 +47,6 @@ def _model() -> onnx.ModelProto:
     return model
 
 
-class _Inputs(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
-    def __init__(self) -> None:
-        rng = np.random.default_rng(1)
-        self.feeds = iter([{"x": rng.standard_normal((1, SEQ, WIDTH)).astype(np.float32)} for _ in range(8)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.feeds, None)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("folded-quantized")
@@ -63,7 +55,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(reference), str(prepared))
-    quantization.quantize_static(str(prepared), str(quantized), _Inputs(), quant_format=quantization.QuantFormat.QDQ)
+    quantization.quantize_static(str(prepared), str(quantized), calibration_inputs("x", (1, SEQ, WIDTH), 8), quant_format=quantization.QuantFormat.QDQ)
     return reference, quantized
 
 

@@ -31,6 +31,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fixtures.deployment import calibration_inputs
 from onnxlady._audit._verdicts import audit_models
 from onnxlady.testing import copy_model, permute_copy
 from tests.test_deployment import check_resync_across
@@ -142,15 +143,6 @@ def _model(relative_first: bool) -> onnx.ModelProto:
     return model
 
 
-class _Inputs(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
-    def __init__(self) -> None:
-        rng = np.random.default_rng(1)
-        self.feeds = iter([{"x": rng.standard_normal((1, _SEQ, _WIDTH)).astype(np.float32)} for _ in range(4)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.feeds, None)
-
-
 def _quantized(model: onnx.ModelProto, converter: str, folder: Path) -> onnx.ModelProto:
     """``model`` through one of ONNX Runtime's quantizers, as round 13 ran them."""
     source, quantized = folder / f"{converter}.source.onnx", folder / f"{converter}.onnx"
@@ -163,7 +155,7 @@ def _quantized(model: onnx.ModelProto, converter: str, folder: Path) -> onnx.Mod
         prepared = folder / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantization.quantize_static(
-            str(prepared), str(quantized), _Inputs(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+            str(prepared), str(quantized), calibration_inputs("x", (1, _SEQ, _WIDTH), 4), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
             weight_type=quantization.QuantType.QInt8, activation_type=quantization.QuantType.QUInt8,
         )  # fmt: skip
     else:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
 from fixtures.contrib import ort_optimized
+from fixtures.deployment import calibration_inputs
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._verify._compare import verify_models
 from onnxlady.testing import copy_model, permute_copy
@@ -39,15 +39,6 @@ quantization = pytest.importorskip("onnxruntime.quantization")
 onnxslim = pytest.importorskip("onnxslim")
 
 
-class _Inputs(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
-    def __init__(self) -> None:
-        rng = np.random.default_rng(1)
-        self.feeds = iter([{"x": rng.standard_normal((1, _TOKENS, _DIM)).astype(np.float32)} for _ in range(8)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.feeds, None)
-
-
 def _qdq(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     """The model through ``quant_pre_process`` and per-channel int8 ``quantize_static`` (QDQ), as round 13 made it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -56,7 +47,7 @@ def _qdq(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     onnx.save(model, source)
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     quantization.quantize_static(
-        str(prepared), str(quantized), _Inputs(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+        str(prepared), str(quantized), calibration_inputs("x", (1, _TOKENS, _DIM), 8), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
         weight_type=quantization.QuantType.QInt8, activation_type=quantization.QuantType.QUInt8,
     )  # fmt: skip
     return onnx.load(quantized)

@@ -1027,37 +1027,27 @@ def audit_models(
                     f"no converter {does} them, the suspect computes something else; the weights: {report.summary}"
                 )
                 return report
-    # Across forms, constants one model computes from constants and the other stores (folded)
-    # have no stored counterpart for the resync to compare: compared here by value.
     across = report.resync.across if report.resync is not None else None
-    derived = changed_derived_constants(across.match, across.matches) if across is not None else []
-    if derived:
-        report.verdict = "modified"
-        report.summary = (
-            f"constants computed from constants changed: {'; '.join(derived[:3])}{'; ...' if len(derived) > 3 else ''}: "
-            f"the suspect computes something else; the weights: {report.summary}"
+    if across is not None:
+        # Constants no site of the resync compares, compared here by value: those one model
+        # computes from constants and the other stores (folded); a constant the suspect stores
+        # twice (a tied output layer folded, a table in two layouts), which the resync reads
+        # through one copy; the arithmetic's constants outside the weights (a scale, an
+        # exponent, an epsilon, a folded mask), by the kind of operation that reads them.
+        comparisons: tuple[tuple[str, Callable[[], list[str]]], ...] = (
+            ("constants computed from constants changed", lambda: changed_derived_constants(across.match, across.matches)),
+            ("a stored copy of a constant changed", lambda: changed_copies(across.match)),
+            ("a constant outside the weights changed", lambda: changed_operator_constants(across.match)),
         )
-        return report
-    # A constant the suspect stores twice (a tied output layer folded, a table in two layouts)
-    # is compared by the resync through one copy: the others are compared here.
-    copies = changed_copies(across.match) if across is not None else []
-    if copies:
-        report.verdict = "modified"
-        report.summary = (
-            f"a stored copy of a constant changed: {'; '.join(copies[:3])}{'; ...' if len(copies) > 3 else ''}: "
-            f"the suspect computes something else; the weights: {report.summary}"
-        )
-        return report
-    # Arithmetic constants outside the weights (a scale, an exponent, an epsilon, a folded mask)
-    # are read by no site: compared here by value, by the kind of operation that reads them.
-    replaced = changed_operator_constants(across.match) if across is not None else []
-    if replaced:
-        report.verdict = "modified"
-        report.summary = (
-            f"a constant outside the weights changed: {'; '.join(replaced[:3])}{'; ...' if len(replaced) > 3 else ''}: "
-            f"the suspect computes something else; the weights: {report.summary}"
-        )
-        return report
+        for what, compare in comparisons:
+            found = compare()
+            if found:
+                report.verdict = "modified"
+                report.summary = (
+                    f"{what}: {'; '.join(found[:3])}{'; ...' if len(found) > 3 else ''}: "
+                    f"the suspect computes something else; the weights: {report.summary}"
+                )
+                return report
     if not node_for_node and unwired and report.verdict in ("converted", "permuted"):
         # The weights hold, the wiring was compared in part or not at all: no claim beyond the evidence.
         report.summary = report.summary.replace("the suspect is the reference", "the suspect's weights are the reference's")
