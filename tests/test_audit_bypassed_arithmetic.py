@@ -127,11 +127,15 @@ def _conv(folder: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
 
 
 def test_a_scale_onnxsim_moves_into_the_next_conv_stays_converted(tmp_path: Path) -> None:
+    """onnx-simplifier's own fold: the Mul is gone and its reader reads its input, yet nothing changed.
+
+    Here the resync names the fold (the factor moved into the Conv's weight), so the audit does
+    not reach the check above; the check's own guard (a reader that could hold the factor) was
+    shown on held-out round 14's audio model through onnx-simplifier, whose fold leaves no such
+    trace: `_absorbs` off, it read ``modified``.
+    """
     reference, simplified = _conv(tmp_path)
-    if any(n.op_type == "Mul" for n in simplified.graph.node):  # fold it as onnx-simplifier does on audio models
-        simplified = _without(simplified, "half.mul")
-        weight = next(t for t in simplified.graph.initializer if t.name == "w1")
-        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(0.5), "w1"))
+    assert [n.op_type for n in simplified.graph.node] == ["Conv", "Relu", "Conv", "Relu"]  # the factor moved
     assert verify_models(reference, simplified, provider="cpu").equivalent
     report = audit_models(reference, simplified)
     assert report.exit_code == 0, report.summary
