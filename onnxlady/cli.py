@@ -22,7 +22,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 import onnxlady
 
@@ -75,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # A first word naming a subcommand is parsed by its parser alone (see build_parser).
+    parser = build_parser(arguments[0] if arguments and arguments[0] in _BUILDERS else None)
+    args = parser.parse_args(arguments)
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return 2
@@ -222,8 +224,19 @@ def _default(function: Callable[..., Any], name: str) -> Any:
     return pyinspect.signature(function).parameters[name].default
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``onnxlady`` argument parser: one subcommand per public function."""
+#: The subcommands' parsers are added to this (``add_subparsers``'s action).
+Commands: TypeAlias = "argparse._SubParsersAction[_Parser]"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``onnxlady`` argument parser: one subcommand per public function.
+
+    Args:
+        command: build only this subcommand (default: all of them). A command line whose
+            first word is a subcommand's name is parsed by that subcommand's parser alone (the
+            others are never asked), so :func:`main` builds only that one: argparse spends
+            milliseconds on each option of the other ones (gettext looks up every message).
+    """
     parser = _Parser(
         prog="onnxlady",
         description="Permute, verify and re-synchronize the neurons of ONNX models at graph level.",
@@ -231,13 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"onnxlady {onnxlady.__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
+    for name, add in _BUILDERS.items():
+        if command is None or name == command:
+            add(commands)
+    return parser
 
+
+def _add_demo(commands: Commands) -> None:
+    """The ``demo`` subcommand."""
     demo = commands.add_parser("demo", help="run the whole job end to end on a model onnxlady builds")
     seed = _default(onnxlady.demo, "seed")
     demo.add_argument("--seed", type=int, default=seed, help=f"seed of the permutation (default {seed})")
     demo.add_argument("--workdir", type=Path, help="keep the demo's files in this folder (default: a temporary one)")
     _common(demo, _demo)
 
+
+def _add_inspect(commands: Commands) -> None:
+    """The ``inspect`` subcommand."""
     inspect = commands.add_parser("inspect", help="show the coupled channel groups and why some are frozen")
     inspect.add_argument("model", type=Path)
     inspect.add_argument("--dot", type=Path, metavar="FILE", help="write the group graph for Graphviz")
@@ -248,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _common(inspect, _inspect)
 
+
+def _add_permute(commands: Commands) -> None:
+    """The ``permute`` subcommand."""
     permute = commands.add_parser("permute", help="permute the neurons of every permutable group")
     permute.add_argument("model", type=Path)
     _output_options(permute)
@@ -267,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_option(permute)
     _common(permute, _permute)
 
+
+def _add_unpermute(commands: Commands) -> None:
+    """The ``unpermute`` subcommand."""
     unpermute = commands.add_parser("unpermute", help="undo a permutation with its key")
     unpermute.add_argument("model", type=Path)
     unpermute.add_argument("--key", type=Path, required=True)
@@ -278,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_option(unpermute)
     _common(unpermute, _unpermute)
 
+
+def _add_resync(commands: Commands) -> None:
+    """The ``resync`` subcommand."""
     resync = commands.add_parser("resync", help="put a permuted (and perturbed) copy back in a reference's order")
     resync.add_argument("reference", type=Path)
     resync.add_argument("suspect", type=Path)
@@ -289,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_option(resync)
     _common(resync, _resync)
 
+
+def _add_match(commands: Commands) -> None:
+    """The ``match`` subcommand."""
     match = commands.add_parser(
         "match", help="pair the groups of two models whose graphs differ (a converter ran on one of them)"
     )
@@ -296,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("suspect", type=Path)
     _common(match, _match)
 
+
+def _add_audit(commands: Commands) -> None:
+    """The ``audit`` subcommand."""
     audit = commands.add_parser("audit", help="is the suspect the reference, up to permutation? what was done to it?")
     audit.add_argument("reference", type=Path)
     audit.add_argument("suspect", type=Path)
@@ -314,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_option(audit)
     _common(audit, _audit)
 
+
+def _add_watermark(commands: Commands) -> None:
+    """The ``watermark`` subcommand."""
     watermark = commands.add_parser("watermark", help="embed or extract a white-box (Uchida) watermark in a Conv layer")
     marks = watermark.add_subparsers(title="actions", metavar="ACTION", parser_class=_Parser)
     marks.required = True
@@ -338,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--key", type=Path, required=True, metavar="WM.npz")
     _common(extract, _extract)
 
+
+def _add_perturb(commands: Commands) -> None:
+    """The ``perturb`` subcommand."""
     perturb = commands.add_parser("perturb", help="add noise, quantize or prune the weight tensors")
     perturb.add_argument("model", type=Path)
     _output_options(perturb)
@@ -351,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(perturb, _perturb)
 
+
+def _add_index(commands: Commands) -> None:
+    """The ``index`` subcommand."""
     index = commands.add_parser("index", help="fingerprint a registry of models into one index file")
     index_actions = index.add_subparsers(title="actions", metavar="ACTION", parser_class=_Parser)
     index_actions.required = True
@@ -372,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(build, _index_build)
 
+
+def _add_find(commands: Commands) -> None:
+    """The ``find`` subcommand."""
     find = commands.add_parser(
         "find", help="rank an index's models by how likely SUSPECT derives from them (or list related models)"
     )
@@ -388,12 +438,31 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--all-pairs", action="store_true", help="list every cluster of related models in INDEX instead")
     _common(find, _find)
 
+
+def _add_verify(commands: Commands) -> None:
+    """The ``verify`` subcommand."""
     verify = commands.add_parser("verify", help="run two models in ONNX Runtime and compare their outputs")
     verify.add_argument("reference", type=Path)
     verify.add_argument("candidate", type=Path)
     _check_options(verify)
     _common(verify, _verify)
-    return parser
+
+
+#: Each subcommand's builder, in the order ``onnxlady --help`` lists them.
+_BUILDERS: dict[str, Callable[[Commands], None]] = {
+    "demo": _add_demo,
+    "inspect": _add_inspect,
+    "permute": _add_permute,
+    "unpermute": _add_unpermute,
+    "resync": _add_resync,
+    "match": _add_match,
+    "audit": _add_audit,
+    "watermark": _add_watermark,
+    "perturb": _add_perturb,
+    "index": _add_index,
+    "find": _add_find,
+    "verify": _add_verify,
+}
 
 
 def _output_options(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,9 @@ as it was; the suspect no longer matched node for node, the audit compared it ac
 found no converter's signature, and read ``converted`` although the outputs change. A
 simplifier does drop a ``Mul`` by ones, and onnx-simplifier moves ``x * 0.5`` into the next
 ``Conv``'s weight (the weights then differ by that factor, which the resync reads as a
-conversion): those stay ``converted``.
+conversion): those stay ``converted``. A reader that weighs with a constant holds the factor
+only where its constant carries it: the Mul deleted in front of a MatMul whose weight was
+kept as it was is an edit (it read ``converted``: the MatMul *could* have held it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._verify._compare import verify_models
-from onnxlady.testing import copy_model
+from onnxlady.testing import copy_model, permute_copy
 
 _SEQ, _WIDTH = 6, 16
 
@@ -130,12 +132,76 @@ def test_a_scale_onnxsim_moves_into_the_next_conv_stays_converted(tmp_path: Path
     """onnx-simplifier's own fold: the Mul is gone and its reader reads its input, yet nothing changed.
 
     Here the resync names the fold (the factor moved into the Conv's weight), so the audit does
-    not reach the check above; the check's own guard (a reader that could hold the factor) was
-    shown on held-out round 14's audio model through onnx-simplifier, whose fold leaves no such
-    trace: `_absorbs` off, it read ``modified``.
+    not reach the check above; the check's own reading of a fold (the reader's constant carries
+    the factor) is shown by the hand-made folds below, which leave no such trace.
     """
     reference, simplified = _conv(tmp_path)
     assert [n.op_type for n in simplified.graph.node] == ["Conv", "Relu", "Conv", "Relu"]  # the factor moved
     assert verify_models(reference, simplified, provider="cpu").equivalent
     report = audit_models(reference, simplified)
     assert report.exit_code == 0, report.summary
+
+
+def _layers(per_channel: bool) -> onnx.ModelProto:
+    """Four MatMul + Add + Relu layers, the last one's output scaled (a scalar or a vector), one more layer."""
+    rng = np.random.default_rng(2)
+    inits, nodes, last = [], [], "x"
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(value.astype(np.float32), name))
+        return name
+
+    for layer in range(5):
+        weight, bias = const(f"w{layer}", rng.standard_normal((_WIDTH, _WIDTH)) / 3), const(f"b{layer}", rng.standard_normal(_WIDTH) / 4)
+        nodes += [helper.make_node("MatMul", [last, weight], [f"m{layer}"], name=f"mm{layer}"),
+                  helper.make_node("Add", [f"m{layer}", bias], [f"a{layer}"], name=f"add{layer}")]  # fmt: skip
+        if layer < 4:
+            nodes.append(helper.make_node("Relu", [f"a{layer}"], [f"r{layer}"], name=f"relu{layer}"))
+            last = f"r{layer}"
+        if layer == 3:
+            scale = rng.uniform(0.3, 0.8, _WIDTH) if per_channel else np.array(0.5)
+            nodes.append(helper.make_node("Mul", [last, const("scale", scale)], ["scaled"], name="scale.mul"))
+            last = "scaled"
+    graph = helper.make_graph(
+        nodes, "layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [_SEQ, _WIDTH])],
+        [helper.make_tensor_value_info("a4", TensorProto.FLOAT, [_SEQ, _WIDTH])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _folded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with ``scale.mul`` deleted and its factor folded into the next layer's weight (rows: its inputs)."""
+    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    folded = _without(model, "scale.mul")
+    weight = values["w4"] * values["scale"].reshape(-1, 1).astype(np.float32)
+    index = next(number for number, tensor in enumerate(folded.graph.initializer) if tensor.name == "w4")
+    folded.graph.initializer[index].CopyFrom(numpy_helper.from_array(weight, "w4"))
+    return folded
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_scale_deleted_before_a_weight_kept_as_it_was_is_modified(per_channel: bool) -> None:
+    reference = _layers(per_channel)
+    suspect = _without(reference, "scale.mul")
+    assert not verify_models(reference, suspect, provider="cpu").equivalent
+    report = audit_models(reference, suspect)
+    assert report.verdict == "modified" and report.exit_code == 1, report.summary
+    assert "Mul 'scale.mul' removed: its readers read its input in the suspect" in report.summary
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_a_scale_folded_into_the_next_weight_is_no_edit(permuted: bool) -> None:
+    """The factor folded into the next MatMul's weight by hand (no converter's trace): the reader holds it.
+
+    The permuted copy folds its own (permuted) scale: the weight is compared in any order. (With
+    the reader's evidence ignored, each read ``modified``. A vector folded so is a weight change
+    the resync reports.)
+    """
+    reference = _layers(per_channel=False)
+    source = permute_copy(reference, 5)[0] if permuted else reference
+    suspect = _folded(source)
+    assert verify_models(reference, suspect, provider="cpu").equivalent
+    report = audit_models(reference, suspect)
+    assert report.verdict == ("permuted" if permuted else "converted") and report.exit_code == 0, report.summary

@@ -127,5 +127,6 @@ def test_a_changed_scalar_in_a_converted_copy_is_caught(converter: str) -> None:
         assert not verify_models(reference, changed, provider="cpu").equivalent, name
         report = audit_models(reference, changed)
         assert report.verdict == "modified", (name, report.summary)
-        assert "a constant outside the weights changed" in report.summary
+        # QuickGELU's 1.702 is also the alpha of the swish its Sigmoid computes: named as either.
+        assert "a constant outside the weights changed" in report.summary or "computes swish (3.053)" in report.summary
         assert audit_models(changed, reference).verdict == "modified", name

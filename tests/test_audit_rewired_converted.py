@@ -17,8 +17,10 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from fixtures import FIXTURES
 from fixtures.contrib import ort_optimized
@@ -162,3 +164,50 @@ def test_a_partly_compared_wiring_is_said_so(tmp_path: Path) -> None:
     assert result.verdict == "converted"
     assert "the suspect is the reference" not in result.summary
     assert "its wiring was compared only" in result.summary
+
+
+def _swish_times_one(seed: int = 0) -> onnx.ModelProto:
+    """Conv, BatchNorm, then Paddle2ONNX's swish ``x * sigmoid(x * 1)`` (PP-OCRv4's form), then a Conv head."""
+    rng = np.random.default_rng(seed)
+
+    def constant(name: str, value: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    initializers: list[onnx.TensorProto] = []
+    nodes = [
+        helper.make_node("Conv", ["x", constant("w1", rng.normal(0, 0.3, (8, 3, 3, 3)))], ["c1"], name="conv1", pads=[1] * 4),
+        helper.make_node("BatchNormalization", ["c1", constant("g", rng.uniform(0.5, 1.5, 8)), constant("b", rng.normal(0, 0.1, 8)),
+                                                 constant("m", rng.normal(0, 0.1, 8)), constant("v", rng.uniform(0.5, 1.5, 8))],
+                         ["bn"], name="bn1"),
+        helper.make_node("Mul", ["bn", constant("one", np.array(1.0))], ["scaled"], name="times_one"),
+        helper.make_node("Sigmoid", ["scaled"], ["gate"], name="sigmoid"),
+        helper.make_node("Mul", ["bn", "gate"], ["swish"], name="swish"),
+        helper.make_node("Conv", ["swish", constant("w2", rng.normal(0, 0.3, (4, 8, 1, 1)))], ["y"], name="head"),
+    ]  # fmt: skip
+    graph = helper.make_graph(nodes, "swish_times_one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], initializers)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_dropped_neutral_operator_lending_its_name_is_no_rewiring(tmp_path: Path) -> None:
+    """onnxslim drops swish's ``x * 1`` and names the BatchNorm-folded Conv's output after it (the PP-OCRv4 rec row).
+
+    The swish ``Mul`` then reads a tensor named as the dropped ``Mul``'s output: that name stands
+    for the Conv's output, which is what the reference's swish reads (session 15 read it as rewired:
+    a false ``modified``). The same swish made to read the gate's input for real is still caught.
+    """
+    reference = _swish_times_one()
+    slimmed = convert(reference, "onnxslim")
+    swish = next(node for node in slimmed.graph.node if node.name == "swish")
+    assert "times_one" not in {node.name for node in slimmed.graph.node} and swish.input[0] == "scaled"  # the test of the test
+    assert rewired_operators(reference, slimmed)[0] == []
+    permuted = convert(permute_copy(reference, seed=3)[0], "onnxslim")
+    assert verify_models(reference, permuted).equivalent
+    report = audit(_saved(reference, tmp_path / "r.onnx"), _saved(permuted, tmp_path / "s.onnx"))
+    assert report.verdict == "permuted", report.summary
+    swish.input[1] = swish.input[0]  # x * sigmoid(x) -> x * x: the gate no longer read
+    lines, _ = rewired_operators(reference, slimmed)
+    assert any("'swish' input 1" in line for line in lines), lines

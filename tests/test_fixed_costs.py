@@ -5,6 +5,8 @@ thread; these tests check that the order durability needs is kept (every staged 
 staging folder synced before the journal is written, the journal and its folder before the
 first rename, the target folder after the renames) and that a failed sync, in whichever
 thread, still aborts the whole set. Resync hashes only the input whose sha256 it records (the suspect, for its key).
+Permute and unpermute hash their input in a thread of their own, beside the work that does not
+need its sha256 (the analysis; the reading of the key), and wait for it only where it is used.
 """
 
 from __future__ import annotations
@@ -12,16 +14,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
 
 import onnxlady
 from fixtures import FIXTURES
+from onnxlady._api import _permute as _permute_api
+from onnxlady._api import _resync as _resync_api
 from onnxlady._api import _sources
+from onnxlady._api import _unpermute as _unpermute_api
 from onnxlady._errors import OnnxladyError
-from onnxlady._io import _files, _outputs
+from onnxlady._io import _digest, _files, _outputs
 from onnxlady._io._files import load_model
 from onnxlady._io._outputs import TEMP_PREFIX, OutputSet
 from onnxlady.testing import permute_producer_only
@@ -134,9 +142,14 @@ def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         hashed.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(_files, "file_sha256", counting)
-    monkeypatch.setattr(_sources, "file_sha256", counting)
+    _hash_with(monkeypatch, counting)
     return hashed
+
+
+def _hash_with(monkeypatch: pytest.MonkeyPatch, function: Callable[[str | os.PathLike[str]], str]) -> None:
+    """``function`` as ``file_sha256`` wherever the commands call it."""
+    for module in (_files, _sources, _digest):
+        monkeypatch.setattr(module, "file_sha256", function)
 
 
 def test_resync_hashes_only_the_suspect_and_only_for_its_key(
@@ -190,3 +203,91 @@ def test_perturb_and_match_read_no_input_to_hash_it(
     # The loader still hashes when asked (the default): the counter counts.
     load_model(base)
     assert hashed == ["base.onnx"]
+
+
+def _hash_waiting_for(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[bool]:
+    """Make every hash wait (10 s at most) until ``module.name`` is called: whether it was, per hash."""
+    called, waited = threading.Event(), []
+    real_function, real_hash = getattr(module, name), _files.file_sha256
+
+    def calling(*args: Any, **kwargs: Any) -> Any:
+        called.set()
+        return real_function(*args, **kwargs)
+
+    def hashing(path: str | os.PathLike[str]) -> str:
+        waited.append(called.wait(timeout=10))
+        return real_hash(path)
+
+    monkeypatch.setattr(module, name, calling)
+    _hash_with(monkeypatch, hashing)
+    return waited
+
+
+def test_permute_hashes_its_input_while_the_model_is_analysed(
+    models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load does not wait for the input's hash: the analysis starts while it runs; the key records it."""
+    base, _ = models
+    waited = _hash_waiting_for(monkeypatch, _permute_api, "analyze")
+    result = onnxlady.permute(base, output=tmp_path / "p.onnx", seed=1)
+    # (a load that waits for the hash never lets the analysis start first: the hash waits in vain)
+    assert waited == [True]
+    assert result.key.source_sha256 == hashlib.sha256(base.read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "p.onnx.key.json").read_text())["source"]["sha256"] == result.key.source_sha256
+
+
+def test_resync_hashes_the_suspect_while_it_resyncs(
+    models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The suspect's sha256 (for the key) is awaited only when the key is written."""
+    base, suspect = models
+    waited = _hash_waiting_for(monkeypatch, _resync_api, "resync_model")
+    onnxlady.resync(base, suspect, output=tmp_path / "r.onnx", key_out=tmp_path / "r.json")
+    assert waited == [True]
+    key = json.loads((tmp_path / "r.json").read_text())
+    assert key["permuted"]["sha256"] == hashlib.sha256(suspect.read_bytes()).hexdigest()
+
+
+def test_unpermute_hashes_its_model_while_the_key_is_read(
+    models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model's hash starts before the key is read; a model that is not the key's is still refused."""
+    _, suspect = models
+    key = suspect.with_name(suspect.name + ".key.json")
+    hashing, began = threading.Event(), []
+    real_hash, real_open_key = _files.file_sha256, _unpermute_api.open_key
+
+    def hash_file(path: str | os.PathLike[str]) -> str:
+        hashing.set()
+        return real_hash(path)
+
+    def open_key(*args: Any, **kwargs: Any) -> Any:
+        began.append(hashing.wait(timeout=10))
+        return real_open_key(*args, **kwargs)
+
+    _hash_with(monkeypatch, hash_file)
+    monkeypatch.setattr(_unpermute_api, "open_key", open_key)
+    restored = onnxlady.unpermute(suspect, key, output=tmp_path / "u.onnx")
+    assert began == [True]
+    assert restored.weights_identical_to_source and restored.output_identical_to_source_file is True
+    changed = onnx.load(str(suspect))
+    changed.doc_string = "changed after permuting"
+    onnx.save(changed, str(tmp_path / "changed.onnx"))
+    with pytest.raises(OnnxladyError, match="not the model the key was written for"):
+        onnxlady.unpermute(tmp_path / "changed.onnx", key, output=tmp_path / "c.onnx")
+    assert not (tmp_path / "c.onnx").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_path_that_is_no_regular_file_is_not_hashed_beside_its_load(
+    models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A FIFO would block its reader: no hash starts, and the load refuses it as before."""
+    key = models[1].with_name(models[1].name + ".key.json")
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    assert _digest.PendingDigest.start(fifo) is None
+    with pytest.raises(OnnxladyError, match="not a regular file"):
+        onnxlady.permute(fifo, output=tmp_path / "p.onnx")
+    with pytest.raises(OnnxladyError, match="not a regular file"):
+        onnxlady.unpermute(fifo, key, output=tmp_path / "u.onnx")

@@ -21,7 +21,7 @@ from fixtures import FIXTURES, build_deep_model
 from onnxlady import inspect
 from onnxlady._api._inspect import _groups_text
 from onnxlady._errors import OnnxladyError
-from onnxlady._graph._collector import collector_paused
+from onnxlady._io._collector import collector_paused
 
 #: Fixtures with frozen groups and reasons, shared and untied constants, a subgraph, contrib ops.
 _MODELS = ["resnet", "shared_initializer", "unruled_op", "if_branch", "tied_lm_head", "qdq_convnet",

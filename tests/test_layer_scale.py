@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
+from fixtures.residual import Constant, residual_mlp
 from onnxlady import analyze
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._resync._entry import resync_model
@@ -25,50 +26,31 @@ from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 _DIM, _HIDDEN, _TOKENS = 16, 32, 8
 
 
+def _layer_scale_block(
+    x: str, p: str, constant: Constant, rng: np.random.Generator
+) -> tuple[list[onnx.NodeProto], str]:
+    """``g2 * (relu(g1 * (x W1 + b1)) W2 + b2)``."""
+    w1 = constant(p + "w1", rng.normal(0.0, 0.3, (_DIM, _HIDDEN)))
+    b1 = constant(p + "b1", rng.normal(0.0, 0.1, _HIDDEN))
+    g1 = constant(p + "gamma1", rng.uniform(0.5, 1.5, _HIDDEN))
+    w2 = constant(p + "w2", rng.normal(0.0, 0.3, (_HIDDEN, _DIM)))
+    b2 = constant(p + "b2", rng.normal(0.0, 0.1, _DIM))
+    g2 = constant(p + "gamma2", rng.uniform(0.5, 1.5, _DIM))
+    nodes = [
+        helper.make_node("MatMul", [x, w1], [p + "mm1"]),
+        helper.make_node("Add", [p + "mm1", b1], [p + "add1"]),
+        helper.make_node("Mul", [p + "add1", g1], [p + "scaled1"]),
+        helper.make_node("Relu", [p + "scaled1"], [p + "relu"]),
+        helper.make_node("MatMul", [p + "relu", w2], [p + "mm2"]),
+        helper.make_node("Add", [p + "mm2", b2], [p + "add2"]),
+        helper.make_node("Mul", [g2, p + "add2"], [p + "scaled2"]),  # the constant first, too
+    ]
+    return nodes, p + "scaled2"
+
+
 def _layer_scale_model(seed: int = 0) -> onnx.ModelProto:
     """Two residual blocks ``x + g2 * (relu(g1 * (x W1 + b1)) W2 + b2)``, then a head."""
-    rng = np.random.default_rng(seed)
-    initializers: list[onnx.TensorProto] = []
-    nodes: list[onnx.NodeProto] = []
-
-    def constant(name: str, value: np.ndarray) -> str:
-        initializers.append(numpy_helper.from_array(value.astype(np.float32), name))
-        return name
-
-    x = "x"
-    for block in range(2):
-        p = f"block{block}_"
-        w1 = constant(p + "w1", rng.normal(0.0, 0.3, (_DIM, _HIDDEN)))
-        b1 = constant(p + "b1", rng.normal(0.0, 0.1, _HIDDEN))
-        g1 = constant(p + "gamma1", rng.uniform(0.5, 1.5, _HIDDEN))
-        w2 = constant(p + "w2", rng.normal(0.0, 0.3, (_HIDDEN, _DIM)))
-        b2 = constant(p + "b2", rng.normal(0.0, 0.1, _DIM))
-        g2 = constant(p + "gamma2", rng.uniform(0.5, 1.5, _DIM))
-        nodes += [
-            helper.make_node("MatMul", [x, w1], [p + "mm1"]),
-            helper.make_node("Add", [p + "mm1", b1], [p + "add1"]),
-            helper.make_node("Mul", [p + "add1", g1], [p + "scaled1"]),
-            helper.make_node("Relu", [p + "scaled1"], [p + "relu"]),
-            helper.make_node("MatMul", [p + "relu", w2], [p + "mm2"]),
-            helper.make_node("Add", [p + "mm2", b2], [p + "add2"]),
-            helper.make_node("Mul", [g2, p + "add2"], [p + "scaled2"]),  # the constant first, too
-            helper.make_node("Add", [x, p + "scaled2"], [p + "out"]),
-        ]
-        x = p + "out"
-    head_w = constant("head_w", rng.normal(0.0, 0.3, (_DIM, 4)))
-    head_b = constant("head_b", rng.normal(0.0, 0.1, 4))
-    nodes += [helper.make_node("MatMul", [x, head_w], ["head_mm"]), helper.make_node("Add", ["head_mm", head_b], ["y"])]
-    graph = helper.make_graph(
-        nodes,
-        "layer_scale",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, _TOKENS, _DIM])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, _TOKENS, 4])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return residual_mlp("layer_scale", _layer_scale_block, dim=_DIM, tokens=_TOKENS, seed=seed)
 
 
 def _slim(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -21,7 +21,7 @@ import pytest
 import onnxlady
 from fixtures import build_deep_model
 from onnxlady._analysis._channels import analyze
-from onnxlady._graph._collector import collector_paused
+from onnxlady._io._collector import collector_paused
 from onnxlady.testing import GraphBuilder
 
 SMALL, LARGE = 300, 1200

@@ -6,7 +6,8 @@ and the ModelGraph's order (smallest ready index first) ran every node that does
 that input first: CLIP's text layers, then the vision layers, 14 positions from where the
 reference has them and outside the alignment window. ``find`` called CLIP's float16 copy
 `unrelated` to clip.onnx (0.93) and ranked BART first. The fingerprint now reads the layers in
-the node list's order with each node's producers pulled before it, the reference's order.
+the order the graph's outputs pull them in, whatever the node list's order (version 3; see
+``tests/test_provenance_list_order.py`` for lists re-sorted by ORT's quantizer).
 """
 
 from __future__ import annotations

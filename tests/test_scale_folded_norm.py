@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from fixtures.contrib import ort_optimized
+from fixtures.residual import Constant, residual_mlp
 from onnxlady import analyze
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._resync._entry import resync_model
@@ -25,47 +26,25 @@ from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 _DIM, _HIDDEN, _TOKENS = 16, 32, 8
 
 
+def _nonorm_block(
+    x: str, p: str, constant: Constant, rng: np.random.Generator
+) -> tuple[list[onnx.NodeProto], str]:
+    """``relu(nonorm(x W1 + b1)) W2 + b2`` with ``nonorm(y) = y * w + b``."""
+    nodes = [
+        helper.make_node("MatMul", [x, constant(p + "w1", rng.normal(0.0, 0.3, (_DIM, _HIDDEN)))], [p + "mm1"]),
+        helper.make_node("Add", [constant(p + "b1", rng.normal(0.0, 0.1, _HIDDEN)), p + "mm1"], [p + "add1"]),
+        helper.make_node("Mul", [p + "add1", constant(p + "nn_w", rng.uniform(0.5, 1.5, _HIDDEN))], [p + "mul"]),
+        helper.make_node("Add", [p + "mul", constant(p + "nn_b", rng.normal(0.0, 0.1, _HIDDEN))], [p + "nn"]),
+        helper.make_node("Relu", [p + "nn"], [p + "relu"]),
+        helper.make_node("MatMul", [p + "relu", constant(p + "w2", rng.normal(0.0, 0.3, (_HIDDEN, _DIM)))], [p + "mm2"]),
+        helper.make_node("Add", [p + "mm2", constant(p + "b2", rng.normal(0.0, 0.1, _DIM))], [p + "add2"]),
+    ]
+    return nodes, p + "add2"
+
+
 def _nonorm_model(seed: int = 0) -> onnx.ModelProto:
     """Two residual blocks ``x + relu(nonorm(x W1 + b1)) W2 + b2``, ``nonorm(y) = y * w + b``, then a head."""
-    rng = np.random.default_rng(seed)
-    initializers: list[onnx.TensorProto] = []
-    nodes: list[onnx.NodeProto] = []
-
-    def constant(name: str, value: np.ndarray) -> str:
-        initializers.append(numpy_helper.from_array(value.astype(np.float32), name))
-        return name
-
-    x = "x"
-    for block in range(2):
-        p = f"block{block}_"
-        nodes += [
-            helper.make_node("MatMul", [x, constant(p + "w1", rng.normal(0.0, 0.3, (_DIM, _HIDDEN)))], [p + "mm1"]),
-            helper.make_node("Add", [constant(p + "b1", rng.normal(0.0, 0.1, _HIDDEN)), p + "mm1"], [p + "add1"]),
-            helper.make_node("Mul", [p + "add1", constant(p + "nn_w", rng.uniform(0.5, 1.5, _HIDDEN))], [p + "mul"]),
-            helper.make_node("Add", [p + "mul", constant(p + "nn_b", rng.normal(0.0, 0.1, _HIDDEN))], [p + "nn"]),
-            helper.make_node("Relu", [p + "nn"], [p + "relu"]),
-            helper.make_node(
-                "MatMul", [p + "relu", constant(p + "w2", rng.normal(0.0, 0.3, (_HIDDEN, _DIM)))], [p + "mm2"]
-            ),
-            helper.make_node("Add", [p + "mm2", constant(p + "b2", rng.normal(0.0, 0.1, _DIM))], [p + "add2"]),
-            helper.make_node("Add", [x, p + "add2"], [p + "out"]),
-        ]
-        x = p + "out"
-    nodes += [
-        helper.make_node("MatMul", [x, constant("head_w", rng.normal(0.0, 0.3, (_DIM, 4)))], ["head_mm"]),
-        helper.make_node("Add", ["head_mm", constant("head_b", rng.normal(0.0, 0.1, 4))], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "nonorm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, _TOKENS, _DIM])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, _TOKENS, 4])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return residual_mlp("nonorm", _nonorm_block, dim=_DIM, tokens=_TOKENS, seed=seed)
 
 
 def _optimized(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from fixtures import FIXTURES
+from fixtures.contrib import ort_optimized
 from onnxlady import OnnxladyError, analyze, draw_permutations, permute_model
 from onnxlady._resync._entry import resync_model
 from onnxlady._transforms._watermark import (
@@ -54,16 +55,16 @@ def _permuted(model: onnx.ModelProto, seed: int, group_ids: list[str] | None = N
     return suspect
 
 
-@pytest.fixture(scope="module", params=["vgg", "resnet"])
-def marked(request: pytest.FixtureRequest) -> dict:
-    original = FIXTURES[request.param](0)
+def _mark(name: str) -> dict:
+    """Fixture ``name`` with 64 bits embedded in its first Conv whose input and output groups move."""
+    original = FIXTURES[name](0)
     layer, in_group, out_group = _conv_groups(original, 64)
     model = copy_model(original)
     key, report = embed_watermark(model, layer, 64, seed=11)
     report["relative_output_change"] = relative_output_change(original, model)
-    print(f"\n{request.param} {layer}: {report}")
+    print(f"\n{name} {layer}: {report}")
     return {
-        "name": request.param,
+        "name": name,
         "original": original,
         "model": model,
         "key": key,
@@ -71,6 +72,17 @@ def marked(request: pytest.FixtureRequest) -> dict:
         "in_group": in_group,
         "out_group": out_group,
     }
+
+
+@pytest.fixture(scope="module", params=["vgg", "resnet"])
+def marked(request: pytest.FixtureRequest) -> dict:
+    return _mark(request.param)
+
+
+@pytest.fixture(scope="module")
+def marked_before_relu() -> dict:
+    """vgg's marked Conv feeds a Relu, which ONNX Runtime fuses into it (resnet's is folded with a BatchNorm first)."""
+    return _mark("vgg")
 
 
 # -- embedding ----------------------------------------------------------------------------------
@@ -223,6 +235,35 @@ def test_a_renamed_and_stolen_layer_is_found_by_search_after_resync(marked: dict
     # The same search on the unmarked model finds nothing better than chance (the test of the test).
     unmarked = extract_watermark(_renamed(marked["original"], weights=True), marked["key"])
     assert unmarked.located_by == "search" and unmarked.bit_error_rate >= 0.15 and unmarked.chance > 1e-6
+
+
+# -- ONNX Runtime's fused Conv (held-out round 15, F1: Conv + Relu as FusedConv refused extraction) --
+def _fused(model: onnx.ModelProto, layer_weight: str) -> onnx.ModelProto:
+    """The model through ONNX Runtime's extended optimizer, whose FusedConv must now hold the marked kernel."""
+    optimized = ort_optimized(model)
+    holders = [node.op_type for node in optimized.graph.node if len(node.input) > 1 and node.input[1] == layer_weight]
+    if holders != ["FusedConv"]:
+        pytest.skip(f"the marked kernel is not held by one FusedConv in this optimized copy (held by {holders})")
+    return optimized
+
+
+def test_a_stolen_copy_through_ort_fusion_reads_its_mark_after_resync(marked_before_relu: dict) -> None:
+    key = marked_before_relu["key"]
+    stolen = _fused(_permuted(marked_before_relu["model"], seed=3), key.weight)
+    fixed = resync_model(reference=marked_before_relu["model"], suspect=stolen).model
+    read = extract_watermark(fixed, key)
+    holder = next(node for node in fixed.graph.node if node.name == read.layer)
+    assert holder.op_type == "FusedConv" and holder.domain == "com.microsoft"
+    assert read.bit_error_rate == 0.0 and read.chance < 1e-15
+    # The unmarked model through the same fusion reads as chance (the test of the test).
+    assert 0.2 <= extract_watermark(_fused(marked_before_relu["original"], key.weight), key).bit_error_rate <= 0.8
+
+
+def test_a_fused_conv_is_read_but_not_marked(marked_before_relu: dict) -> None:
+    fused = _fused(marked_before_relu["original"], marked_before_relu["key"].weight)
+    layer = next(node.name for node in fused.graph.node if node.op_type == "FusedConv")
+    with pytest.raises(OnnxladyError, match="not a Conv: cannot hold"):
+        embed_watermark(fused, layer, 8, 0)
 
 
 def test_chance_of_a_read_counts_every_candidate() -> None:

@@ -21,7 +21,6 @@ import onnx
 from onnxlady import _rules  # ruff: ignore[unused-import] - importing registers every rule
 from onnxlady._analysis._control_flow import walk_control_flow
 from onnxlady._analysis._state import StatePair, state_pairs
-from onnxlady._graph._collector import collector_paused
 from onnxlady._graph._expr import (
     Atom,
     DirectSum,
@@ -38,6 +37,7 @@ from onnxlady._graph._expr import (
 )
 from onnxlady._graph._functions import FunctionView, inlined_view
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._io._collector import collector_paused
 from onnxlady._io._progress import advance, say
 from onnxlady._rules._context import (
     AnalysisState,
@@ -55,6 +55,8 @@ PRODUCER_OPS = (
     "Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger",
     # ONNX Runtime's contrib forms of the same layers (com.microsoft; Attention: its packed QKV weight).
     "FusedConv", "FusedGemm", "FusedMatMul", "MatMulNBits", "Attention", "NhwcConv",
+    # Einsum: the neurons its constant operands make (letters only they and the output have).
+    "Einsum",
     # Recurrent layers: their hidden units (DynamicQuantizeLSTM: quantize_dynamic's LSTM).
     "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM",
 )  # fmt: skip

@@ -22,7 +22,7 @@ from onnxlady._api._sources import (
     source_path,
     write_text,
 )
-from onnxlady._graph._collector import collector_paused
+from onnxlady._io._collector import collector_paused
 from onnxlady._io._outputs import check_output_paths
 
 

@@ -262,7 +262,8 @@ def permute(
         input_seed=input_seed,
     )  # fmt: skip
     # With an output file, external weights stay in their files: each is read as it is written.
-    opened = open_model(model, progress=progress, map_external=target is not None)
+    # The key records the file's sha256: hashed beside the load and the analysis, awaited below.
+    opened = open_model(model, progress=progress, map_external=target is not None, hash_later=True)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
     # Our own load may be rewritten in place; a caller's ModelProto is copied first.
     working = opened.writable()

@@ -110,7 +110,7 @@ def perturb(
     overwrite_input: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> PerturbResult:
-    """Perturb the weight tensors (Conv, ConvTranspose, Gemm, MatMul) the way *Find the Lady* does.
+    """Perturb the weight tensors (Conv, ConvTranspose, Gemm, MatMul, Einsum) the way *Find the Lady* does.
 
     Each tensor goes through pruning, then quantization, then noise (those requested), each
     rounded back to the tensor's dtype. The input model is never modified (a ``ModelProto`` input

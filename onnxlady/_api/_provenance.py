@@ -127,6 +127,8 @@ class IndexResult(Result):
             lines.append(f"unreadable: {item.error}")
         for path in report.removed:
             lines.append(f"removed: {path}")
+        for path in report.unfingerprinted:
+            lines.append(f"no fingerprinted layer (find cannot call it derived or unrelated): {path}")
         return "\n".join(lines)
 
 
@@ -137,7 +139,8 @@ class FindResult(Result):
     Exit code 0 when at least one candidate is called ``derived`` (with ``confirm``: and its
     audit paired the two models, i.e. its verdict is not ``unmatched``); 1 when none is: like
     ``grep``, a search that finds something succeeds, so a pipeline can write ``if onnxlady
-    find ...; then alert``. Bad input is exit 2.
+    find ...; then alert``. A candidate the fingerprint cannot call (``unknown``: no fingerprinted
+    layer on a side) is not derived: exit 1 when no other is. Bad input is exit 2.
 
     Attributes:
         details: the ranking (see :class:`onnxlady._provenance._find.FindReport`).
@@ -169,10 +172,12 @@ class FindResult(Result):
     def to_text(self) -> str:
         """What ``onnxlady find`` prints: a summary line and a ranked table."""
         report = self.details
+        unknown = report.unknown
         lines = [
             (
                 f"{report.suspect} against {report.index} ({report.models} models): "
                 f"{len(self.derived)} derived ({_threshold_text(report.threshold, report.candidates)})"
+                + (f", {len(unknown)} unknown (no evidence either way)" if unknown else "")
             )
         ]
         if report.candidates:
@@ -182,7 +187,8 @@ class FindResult(Result):
             for c in report.candidates:
                 layers = f"{c.paired_layers}/{c.unpaired_layers[0]}/{c.unpaired_layers[1]}"
                 call = c.call + ("*" if c.called_by == "audit" else "")
-                row = f"{c.rank:>4}  {c.score:>6.3f}  {c.distance:>8.4f}  {c.threshold:>6.3f}  {call:<9}  {layers:>9}"
+                score, distance = (f"{c.score:>6.3f}", f"{c.distance:>8.4f}") if c.reason is None else ("-", "-")
+                row = f"{c.rank:>4}  {score:>6}  {distance:>8}  {c.threshold:>6.3f}  {call:<9}  {layers:>9}"
                 if confirmed:
                     row += f"  {_confirmation_text(c.confirmation)}"
                 lines.append(f"{row}  {c.path}")
@@ -190,6 +196,8 @@ class FindResult(Result):
                 "limit: the largest distance called derived; layers: paired/unpaired in the suspect/unpaired in "
                 "the candidate" + ("; *: called by the audit, not the distance" if confirmed else "")
             )
+            for reason in dict.fromkeys(c.reason for c in report.candidates if c.reason is not None):
+                lines.append(f"no fingerprint evidence (distance measures nothing): {reason}")
         lines.append(f"search {report.search_seconds:.3f} s, total {report.seconds:.3f} s")
         return "\n".join(lines)
 
@@ -250,6 +258,10 @@ class ClusterResult(Result):
             lines.extend(f"  {member}" for member in cluster.members)
             for a, b, distance in cluster.pairs:
                 lines.append(f"    {distance:.4f}  {a} <-> {b}")
+        if report.unfingerprinted:
+            count = len(report.unfingerprinted)
+            lines.append(f"no fingerprinted layer, so no evidence and in no cluster ({count} models):")
+            lines.extend(f"  {path}" for path in report.unfingerprinted)
         return "\n".join(lines)
 
 

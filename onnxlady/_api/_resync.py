@@ -228,9 +228,12 @@ def resync(
     # External weights stay in their files, read as the resync needs them: memory does not
     # grow with the models (the output is written tensor by tensor from them).
     # Only the suspect's sha256 is recorded (in the key, when one is written): the reference's
-    # file, and the suspect's without a key, are not read once more to be hashed.
+    # file, and the suspect's without a key, are not read once more to be hashed. The suspect's is
+    # hashed beside the resync, awaited only when the key is written.
     opened_reference = open_model(reference, "reference", progress, map_external=True, digest=False)
-    opened_suspect = open_model(suspect, "suspect", progress, map_external=True, digest=key_path is not None)
+    opened_suspect = open_model(
+        suspect, "suspect", progress, map_external=True, digest=key_path is not None, hash_later=True
+    )
     check_external_inputs(target, [opened_reference, opened_suspect], extra, overwrite_input=overwrite_input)
     analysis = None
     if all(external) and max_memory is not None and reference_path is not None and suspect_path is not None:
@@ -252,7 +255,7 @@ def resync(
             # unpermute(suspect, key) gives this output: the key names both files by their sha256.
             details.key.source_sha256 = written
         if key_path is not None:
-            details.key.permuted_sha256 = opened_suspect.sha256 or ""
+            details.key.permuted_sha256 = opened_suspect.content_sha256() if opened_suspect.path is not None else ""
             outputs.write_text(key_path, key_text(details.key))
     return ResyncResult(details, reference_path, suspect_path, target, key_path)
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._digest import PendingDigest
 from onnxlady._io._files import copy_model, file_sha256, load_model, write_atomically
 from onnxlady._io._outputs import check_output_paths, external_data_path
 from onnxlady._io._progress import say
@@ -49,6 +50,8 @@ class OpenedModel:
     external_files: tuple[Path, ...]
     #: True when the API loaded the model itself, so changing it in place harms no caller.
     owned: bool
+    #: The file's sha256 while it is being computed (opened with ``hash_later``).
+    pending: PendingDigest | None = None
 
     def writable(self) -> onnx.ModelProto:
         """The model to change in place: the API's own load, or a copy of the caller's model."""
@@ -56,6 +59,8 @@ class OpenedModel:
 
     def content_sha256(self) -> str:
         """The file's sha256, or for a model in memory the sha256 of its serialized bytes."""
+        if self.sha256 is None and self.pending is not None:
+            self.sha256, self.pending = self.pending.result(), None
         if self.sha256 is not None:
             return self.sha256
         if self.path is not None:  # opened without its digest (see open_model)
@@ -72,6 +77,7 @@ def open_model(
     map_external: bool = False,
     as_loaded: bool = False,
     digest: bool = True,
+    hash_later: bool = False,
 ) -> OpenedModel:
     """Open a model argument: load a path (with its external data), take a ModelProto as it is.
 
@@ -87,6 +93,9 @@ def open_model(
             ``onnx.load`` and a save give.
         digest: hash the file (:attr:`OpenedModel.sha256`); a command that records no sha256
             of this input passes False, sparing a read of every byte.
+        hash_later: with ``digest``, hash the file in a thread of its own and return without
+            waiting for it: :meth:`OpenedModel.content_sha256` waits (the hash then runs beside
+            the load and whatever the caller does next; see :mod:`onnxlady._io._digest`).
 
     Returns:
         The opened model; :attr:`OpenedModel.owned` says whether it may be changed in place.
@@ -102,10 +111,13 @@ def open_model(
     if not isinstance(source, (str, os.PathLike)):
         raise OnnxladyError(f"{what}: expected a path or an onnx.ModelProto, got {type(source).__name__}")
     say(progress, f"loading the {what} {os.fspath(source)}")
-    loaded = load_model(source, map_external=map_external, as_loaded=as_loaded, digest=digest)
+    # (None for a path that is not a regular file: the load refuses it, or hashes it as before)
+    pending = PendingDigest.start(source) if digest and hash_later else None
+    loaded = load_model(source, map_external=map_external, as_loaded=as_loaded, digest=digest and pending is None)
     return OpenedModel(
-        loaded.model, loaded.path, loaded.sha256, loaded.external_data, loaded.external_files, owned=True
-    )
+        loaded.model, loaded.path, loaded.sha256, loaded.external_data, loaded.external_files, owned=True,
+        pending=pending,
+    )  # fmt: skip
 
 
 def source_path(source: object) -> Path | None:

@@ -27,6 +27,7 @@ from onnxlady._api._sources import (
     source_path,
 )
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._digest import PendingDigest
 from onnxlady._io._files import file_sha256, load_model, save_model
 from onnxlady._io._outputs import OutputSet
 from onnxlady._io._progress import say
@@ -171,13 +172,18 @@ def unpermute(
     target = output_path(output)
     check_outputs(target, [source, key_source], overwrite_input=overwrite_input)
     check_memory(max_memory, "unpermute", [source], mapped=target is not None)
+    # The model file's sha256, checked against the key's below, is hashed beside the reading of
+    # the key and the load (None for a path that is not a regular file: the load refuses it).
+    hashing = PendingDigest.start(source) if source is not None else None
     permutation_key = open_key(key)
     # With an output file, every weight is restored as the writer writes it (external ones stay in
     # their files): one restored tensor in memory at a time. The streaming writer orders fields as
     # protobuf does, so the file is the source's byte for byte. A key that untied constants is
     # undone in place (the copies it removes are never written).
     streamed = target is not None and not permutation_key.untied
-    opened = open_model(model, progress=progress, map_external=streamed)
+    opened = open_model(model, progress=progress, map_external=streamed, digest=hashing is None)
+    if hashing is not None:
+        opened.sha256 = hashing.result()
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
     # The file is the one the key was written beside: restored weights that are not the source's
     # can then only come from a key that was edited or corrupted.

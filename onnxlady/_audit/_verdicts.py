@@ -73,8 +73,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
-from onnxlady._audit._activation_quantization import mismatched_activation_quantization
-from onnxlady._audit._added_operators import added_operators, changed_operators
+from onnxlady._audit._activation_quantization import activation_scales, mismatched_activation_quantization
+from onnxlady._audit._added_operators import added_operators, approximated_gelus, changed_operators
 from onnxlady._audit._derived_values import changed_copies, changed_derived_constants
 from onnxlady._audit._forensics import (
     SCALE_MAX_K,
@@ -91,6 +91,7 @@ from onnxlady._audit._rowwise import FittedRows, cos_ratio_of, least_squares_blo
 from onnxlady._audit._select import median
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._functions import inlined_view
+from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._io._files import copy_model
 from onnxlady._io._pages import ordinary_pages
 from onnxlady._io._progress import say
@@ -100,6 +101,7 @@ from onnxlady._resync._entry import resync_model
 from onnxlady._resync._match import ConversionFinding, analyze_with_state
 from onnxlady._resync._solver import ResyncResult
 from onnxlady._resync._values import half_ulp
+from onnxlady._rules.einsum import einsum_equation, einsum_weight_axes
 
 __all__ = [
     "VERDICTS",
@@ -176,6 +178,9 @@ class AuditReport:
     conversions: list[ConversionFinding] = field(default_factory=list)
     #: Operators changed, inserted or removed in a node-for-node copy (:mod:`onnxlady._audit._graph_edits`).
     graph_edits: list[str] = field(default_factory=list)
+    #: The suspect's activation scales of a static quantization the float reference has no
+    #: counterpart for and no relation checks (:mod:`onnxlady._audit._activation_quantization`).
+    unchecked_activation_scales: list[str] = field(default_factory=list)
     #: The reference's analysis, kept so that rendering and canonicalizing do not analyse it again.
     analysis: ChannelAnalysis | None = field(default=None, repr=False, compare=False)
 
@@ -202,6 +207,8 @@ class AuditReport:
             per-group resync details.
         """
         groups = self.resync.to_dict()["groups"] if self.resync is not None else []
+        # Only where a static quantization left activation scales uncompared (the key is new).
+        unchecked = {"unchecked_activation_scales": list(self.unchecked_activation_scales)} if self.unchecked_activation_scales else {}
         return {
             "verdict": self.verdict,
             "exit_code": self.exit_code,
@@ -216,6 +223,7 @@ class AuditReport:
             "perturbation": self.perturbation,
             "groups": groups,
             "tensors": [_tensor_dict(t) for t in self.tensors],
+            **unchecked,
         }
 
 
@@ -287,7 +295,7 @@ def _source(name: str) -> str:
     return name.split(COPY_SUFFIX)[0]
 
 
-def _axes_of(node: onnx.NodeProto, slot: int, rank: int) -> tuple[int, int] | None:
+def _axes_of(node: onnx.NodeProto, slot: int, rank: int, graph: ModelGraph | None = None) -> tuple[int, int] | None:
     """(producer axis, consumer axis) of a weight operand, or None."""
     if node.op_type == "Conv" and slot == 1:
         return 0, 1
@@ -296,6 +304,10 @@ def _axes_of(node: onnx.NodeProto, slot: int, rank: int) -> tuple[int, int] | No
         return (0, 1) if trans_b else (1, 0)
     if node.op_type == "MatMul" and slot == 1 and rank >= 2:
         return rank - 1, rank - 2
+    if node.op_type == "Einsum" and graph is not None:
+        found = einsum_weight_axes(einsum_equation(node), len(node.input), slot, rank, lambda i: graph.is_constant(node.input[i]))
+        if found is not None and len(found[0]) == 1 and len(found[1]) == 1:
+            return found[0][0], found[1][0]  # a matrix-like weight: one neuron axis, one input axis
     return None
 
 
@@ -442,7 +454,7 @@ def _find_group_uses(analysis: ChannelAnalysis, names: set[str]) -> dict[str, di
             continue
         node = nodes[node_index]
         rank = len(analysis.graph.shape(plan.source) or ())
-        axes = _axes_of(node, slot, rank)
+        axes = _axes_of(node, slot, rank, analysis.graph)
         for axis, expr in plan.axes:
             for gid, lab in analysis.neuron_labels(expr).items():
                 group = analysis.group(gid)
@@ -1027,6 +1039,11 @@ def audit_models(
                     f"no converter {does} them, the suspect computes something else; the weights: {report.summary}"
                 )
                 return report
+        approximated = approximated_gelus(edited_reference, edited_suspect)
+        if approximated:  # ONNX Runtime's gelu approximation: a converter's (held-out round 15, F2)
+            detail = f"gelu approximated (tanh form, FastGelu) at {approximated} operator{'s' if approximated != 1 else ''}"
+            report.conversions.append(ConversionFinding("gelu-approximated", "suspect", detail))
+            report.summary += f"; the suspect's {detail}"
     across = report.resync.across if report.resync is not None else None
     if across is not None:
         # Constants no site of the resync compares, compared here by value: those one model
@@ -1061,6 +1078,41 @@ def audit_models(
             f"activation quantization changed: {len(changed)} DequantizeLinear read a QuantizeLinear's output "
             f"with another scale or zero point ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}), "
             f"which no converter writes and which changes the outputs; the weights: {report.summary}"
+        )
+        return report
+    return _checked_activation_scales(reference, suspect, report)
+
+
+def _checked_activation_scales(reference: onnx.ModelProto, suspect: onnx.ModelProto, report: AuditReport) -> AuditReport:
+    """A float reference's static-quantized copy: its activation scales checked where a relation holds, else said unchecked.
+
+    A layer's bias scale ties the scale of its input (:func:`activation_scales`): a broken tie
+    is an activation scale no converter wrote (``modified``). The others were calibrated on
+    data the reference does not hold; a verdict of equivalence says that it did not compare them.
+    """
+    if activation_scales(reference).scales:
+        return report  # both quantized: not a float reference's calibration
+    found = activation_scales(suspect)
+    if not found.scales:
+        return report
+    if found.broken:
+        report.verdict = "modified"
+        report.differing_tensors = sorted(set(report.differing_tensors) | {scale for scale, _ in found.broken})
+        lines = [line for _, line in found.broken]
+        report.summary = (
+            f"activation quantization changed: {'; '.join(lines[:3])}{'; ...' if len(lines) > 3 else ''} "
+            f"(a static quantizer scales a layer's int32 bias by its input's scale times its weight's): the suspect "
+            f"computes something else; the weights: {report.summary}"
+        )
+        return report
+    report.unchecked_activation_scales = found.unchecked
+    if report.exit_code == 0 and found.unchecked:
+        what = (f"the suspect's {len(found.scales)} activation scales (static quantization, calibrated on data the "
+                "reference does not hold)")
+        report.summary += (
+            f"; of {what}, {len(found.tied)} agree with their layers' bias scales (input scale x weight scale); "
+            f"the other {len(found.unchecked)}, and the zero points, were not compared"
+            if found.tied else f"; {what} and its zero points were not compared"
         )
     return report
 

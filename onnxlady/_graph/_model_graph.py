@@ -164,8 +164,11 @@ class ModelGraph:
         #: The main graph's nodes are ``nodes[:main_count]`` (``model.graph.node`` in its order);
         #: the nodes of opened If/Loop/Scan bodies follow (see :meth:`_open_subgraphs`).
         self.main_count = len(self.nodes)
-        self._check_defined()
-        self.order: list[int] = self._topological_order()
+        # A graph listed in order reads only names defined before (all defined): its inputs need
+        # no second check (exporters emit sorted graphs; the others are checked, then sorted).
+        listed_in_order = self._listed_in_order()
+        self._check_defined(check_inputs=not listed_in_order)
+        self.order: list[int] = list(range(len(self.nodes))) if listed_in_order else self._topological_order()
         self._open_subgraphs()
         self.shapes: dict[str, Shape] = {}
         self.dtypes: dict[str, int] = {}
@@ -253,9 +256,10 @@ class ModelGraph:
                     if name:
                         self.consumers.setdefault(name, []).append((index, -1))
 
-    def _check_defined(self) -> None:
+    def _check_defined(self, *, check_inputs: bool = True) -> None:
+        """Refuse a node input or graph output nothing defines (``check_inputs=False``: graph outputs only)."""
         known = set(self.initializers) | {v.name for v in self.model.graph.input} | set(self.producer)
-        for index, inputs in enumerate(self._node_inputs):  # (one per node: self.nodes in its order)
+        for index, inputs in enumerate(self._node_inputs if check_inputs else ()):  # (one per node: self.nodes in its order)
             for name in inputs:
                 if name and name not in known:
                     node = self.nodes[index]
@@ -288,23 +292,21 @@ class ModelGraph:
                     dag.add_edge(op, ("tensor", name))
         return dag
 
-    def _topological_order(self) -> list[int]:
-        # Exporters emit sorted graphs; check cheaply and only sort with networkx when needed.
+    def _listed_in_order(self) -> bool:
+        """Whether every node reads only graph inputs, initializers and outputs of nodes listed before it."""
         seen = set(self.initializers) | {v.name for v in self.model.graph.input}
-        in_order = True
         node_inputs, node_outputs, implicit = self._node_inputs, self._node_outputs, self.implicit_inputs
         for index in range(len(self.nodes)):  # (plain loops: no generator per node)
             for name in node_inputs[index] + implicit[index] if index in implicit else node_inputs[index]:
                 if name and name not in seen:
-                    in_order = False
-                    break
-            if not in_order:
-                break
+                    return False
             for name in node_outputs[index]:
                 if name:
                     seen.add(name)
-        if in_order:
-            return list(range(len(self.nodes)))
+        return True
+
+    def _topological_order(self) -> list[int]:
+        """The nodes sorted (networkx's lexicographical order), for a graph not listed in order."""
         import networkx as nx
 
         dag = self.dependency_graph()
@@ -366,8 +368,10 @@ class ModelGraph:
         for name in outputs:
             if name not in found or (shapes.get(name), dtypes.get(name)) != found[name]:
                 return False
-        shapes.update({name: shape for name, (shape, _) in found.items() if name not in outputs})
-        dtypes.update({name: dtype for name, (_, dtype) in found.items() if name not in outputs})
+        for name, (shape, dtype) in found.items():  # (one pass, in found's order, as two updates would)
+            if name not in outputs:
+                shapes[name] = shape
+                dtypes[name] = dtype
         return True
 
     def _infer_past_contrib(self) -> None:

@@ -26,6 +26,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._collector import collector_paused
 from onnxlady._io._external import INLINE_BYTES, map_external_data, map_inline_payloads, read_payloads_in
 from onnxlady._io._inputs import require_regular_file
 from onnxlady._io._outputs import OutputSet
@@ -47,6 +48,7 @@ class LoadedModel:
     external_files: tuple[Path, ...] = ()  # the data files its tensors were read from
 
 
+@collector_paused  # a few containers per node, none of them garbage until it is read
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -181,10 +183,13 @@ def _check_opsets(model: onnx.ModelProto, path: Path) -> None:
 
     def check(graph: onnx.GraphProto) -> None:
         for node in graph.node:
-            if (node.domain or "") not in imported and (node.domain, node.op_type) not in local:
+            domain = node.domain  # (each protobuf read makes a new string: read once)
+            if (domain or "") not in imported and (domain, node.op_type) not in local:
                 raise OnnxladyError(
-                    f"{path}: operator {node.domain}::{node.op_type} has no opset import (truncated or corrupt file)"
+                    f"{path}: operator {domain}::{node.op_type} has no opset import (truncated or corrupt file)"
                 )
+            if not len(node.attribute):
+                continue  # (most nodes: no iterator made over no attributes)
             for attribute in node.attribute:
                 for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs):
                     check(subgraph)
@@ -296,7 +301,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path, tensors: list[onnx.T
             itemsizes[data_type] = itemsize
         if itemsize is None:
             continue
-        count = math.prod(tensor.dims)  # exact (Python ints): numpy's product wraps around on huge shapes
+        count = math.prod(tensor.dims[:])  # exact (Python ints): numpy's product wraps around on huge shapes
         if data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
             expected = (count + 1) // 2
         else:

@@ -57,8 +57,15 @@ verdict means derived, and ``unmatched`` unrelated; a fingerprint that a heavier
 past the limit is overruled by the neurons themselves (held-out finding: Magika with noise
 OMEGA 0.5 audited ``perturbed`` while the call stayed ``unrelated``).
 
+A call needs evidence: where the suspect or a candidate has no fingerprinted layer (no
+operator the walk reads, :mod:`onnxlady._provenance._producers`), the distance between them
+measures nothing (two such models are 0 apart, one against any other model 1), so the call is
+``"unknown"`` with the reason, never ``derived`` or ``unrelated`` (held-out finding of session
+15: an Einsum model, unread then, was called ``unrelated`` to its own reference at distance 0).
+
 :func:`find_all_pairs` lists every cluster of related models in an index: pairs whose exact
-distance is within the threshold, joined into connected components.
+distance is within the threshold, joined into connected components; models with no
+fingerprinted layer are listed apart (never compared).
 """
 
 from __future__ import annotations
@@ -85,7 +92,7 @@ from onnxlady._provenance._fingerprint import (
     is_derived,
     search_vector,
 )
-from onnxlady._provenance._index import open_index, read_fingerprints, search_matrix
+from onnxlady._provenance._index import open_index, read_fingerprints, search_matrix, unfingerprinted_models
 from onnxlady._provenance._read import fingerprint_file, is_url, load_url
 from onnxlady._resync._across import resync_across
 from onnxlady._resync._solver import ResyncOptions
@@ -95,6 +102,7 @@ __all__ = [
     "DERIVED_THRESHOLD",
     "EVIDENCE",
     "MIN_THRESHOLD",
+    "UNKNOWN",
     "Candidate",
     "Cluster",
     "ClusterReport",
@@ -103,6 +111,7 @@ __all__ = [
     "find",
     "find_all_pairs",
     "derived_threshold",
+    "no_evidence",
     "score_of",
 ]
 
@@ -152,6 +161,10 @@ def _threshold_of(match: LayerMatch, fixed: float | None) -> float:
 #: A confirmation's verdict when the audit could not pair the two models (or refused them as unrelated).
 UNMATCHED = "unmatched"
 
+#: A candidate's call when the fingerprint holds no evidence either way (see the module docstring).
+UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True)
 class Confirmation:
     """The audit of one candidate (as reference) against the suspect.
@@ -184,13 +197,16 @@ class Candidate:
         path: the indexed model's path or URL.
         distance: exact fingerprint distance (0: same neurons up to order).
         score: :func:`score_of` the distance.
-        call: ``"derived"`` or ``"unrelated"``.
+        call: ``"derived"``, ``"unrelated"``, or ``"unknown"`` when either model has no
+            fingerprinted layer (:attr:`reason` says which).
         paired_layers: producer layers paired between the two.
         unpaired_layers: layers of (suspect, candidate) left without partner.
         confirmation: the audit, when asked for.
         threshold: the distance limit of a "derived" call for this candidate.
         called_by: what made the call: ``"fingerprint"`` (distance against the limit) or
             ``"audit"`` (the confirmation's verdict: any verdict is derived, ``unmatched`` not).
+        reason: why the fingerprint could not call the candidate (its distance and score then
+            measure nothing: null in JSON), or None.
     """
 
     rank: int
@@ -203,14 +219,19 @@ class Candidate:
     confirmation: Confirmation | None = None
     threshold: float = DERIVED_THRESHOLD
     called_by: str = "fingerprint"
+    reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The candidate as JSON-ready data (its fields, the distance and score rounded)."""
-        return {
+        """The candidate as JSON-ready data (its fields, the distance and score rounded).
+
+        Without evidence (:attr:`reason`), distance and score are null and ``reason`` is added.
+        """
+        measured = self.reason is None
+        document = {
             "rank": self.rank,
             "path": self.path,
-            "distance": round(self.distance, 6),
-            "score": round(self.score, 6),
+            "distance": round(self.distance, 6) if measured else None,
+            "score": round(self.score, 6) if measured else None,
             "call": self.call,
             "called_by": self.called_by,
             "threshold": round(self.threshold, 6),
@@ -218,6 +239,9 @@ class Candidate:
             "unpaired_layers": list(self.unpaired_layers),
             "confirmation": self.confirmation.to_json() if self.confirmation is not None else None,
         }
+        if not measured:
+            document["reason"] = self.reason
+        return document
 
 
 @dataclass
@@ -230,7 +254,7 @@ class FindReport:
         models: models in the index.
         threshold: the fixed distance limit of a "derived" call, or None: each candidate's own
             (:func:`derived_threshold` of its layer slots).
-        candidates: the ranked candidates, closest first.
+        candidates: the ranked candidates, closest first (those without evidence last).
         search_seconds: time of the search itself (coarse and exact stages, without
             fingerprinting the suspect or confirming).
         seconds: total time.
@@ -248,6 +272,11 @@ class FindReport:
     def derived(self) -> list[Candidate]:
         """The candidates called "derived"."""
         return [c for c in self.candidates if c.call == "derived"]
+
+    @property
+    def unknown(self) -> list[Candidate]:
+        """The candidates the fingerprint could not call (no fingerprinted layer on a side)."""
+        return [c for c in self.candidates if c.call == UNKNOWN]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -292,6 +321,8 @@ class ClusterReport:
         threshold: the fixed distance limit of a "derived" pair, or None: each pair's own
             (:func:`derived_threshold` of its layer slots).
         clusters: the clusters, largest first.
+        unfingerprinted: models with no fingerprinted layer, sorted: never compared (no
+            evidence either way), so in no cluster whatever they are.
         compared_pairs: pairs compared exactly (the rest were far apart in the coarse stage).
         seconds: time taken.
     """
@@ -302,9 +333,11 @@ class ClusterReport:
     clusters: list[Cluster] = field(default_factory=list)
     compared_pairs: int = 0
     seconds: float = 0.0
+    unfingerprinted: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The report as JSON-ready data (``unfingerprinted`` only when there are some)."""
+        document: dict[str, Any] = {
             "index": self.index,
             "models": self.models,
             "threshold": self.threshold,
@@ -312,6 +345,9 @@ class ClusterReport:
             "compared_pairs": self.compared_pairs,
             "seconds": round(self.seconds, 3),
         }
+        if self.unfingerprinted:
+            document["unfingerprinted"] = list(self.unfingerprinted)
+        return document
 
 
 # -- the suspect ------------------------------------------------------------------------------
@@ -423,10 +459,12 @@ def find(
             nearest = np.argpartition(coarse, keep - 1)[:keep] if keep < ids.size else np.arange(ids.size)
             stored = read_fingerprints(connection, ids[nearest])
             ranked = []
+            stored_layers: dict[str, int] = {}
             for model_id in ids[nearest]:
                 path, other = stored[int(model_id)]
                 match = compare_fingerprints(fingerprint, other)
                 ranked.append((match.distance, path, match))
+                stored_layers[path] = other.layers
             # A model none of whose layers pairs with the suspect's (no shape in common within the
             # window) holds no evidence either way: it ranks after every model that pairs at all,
             # whatever the distance (a pruned or noisy copy of a large trained layer can sit past
@@ -434,11 +472,13 @@ def find(
             ranked.sort(key=lambda item: (not item[2].weighed_pairs, item[0], item[1]))
             for rank, (distance, path, match) in enumerate(ranked[:top], start=1):
                 limit = _threshold_of(match, threshold)
+                reason = no_evidence(fingerprint.layers, stored_layers[path])
+                call = "derived" if is_derived(match, limit, support=threshold is None) else "unrelated"
                 report.candidates.append(
                     Candidate(
-                        rank, path, distance, score_of(distance, limit),
-                        "derived" if is_derived(match, limit, support=threshold is None) else "unrelated", len(match.pairs),
-                        (len(match.unmatched_a), len(match.unmatched_b)), threshold=limit,
+                        rank, path, distance, score_of(distance, limit), call if reason is None else UNKNOWN,
+                        len(match.pairs), (len(match.unmatched_a), len(match.unmatched_b)), threshold=limit,
+                        reason=reason,
                     )
                 )  # fmt: skip
         report.search_seconds = time.perf_counter() - search_start
@@ -448,9 +488,9 @@ def find(
         for candidate in report.candidates:
             if progress is not None:
                 progress(f"find: auditing {candidate.path} against the suspect")
-            # A candidate the fingerprint calls unrelated is refused at resync's first pass when
-            # its weights are (the audit would only refuse it minutes later); the others are audited.
-            precheck = candidate.call == "unrelated"
+            # A candidate the fingerprint does not call derived is refused at resync's first pass
+            # when its weights are unrelated (the audit would only refuse it minutes later).
+            precheck = candidate.call != "derived"
             confirmed.append(_with_confirmation(candidate, _confirm(candidate.path, model, precheck)))
         report.candidates = confirmed
     report.seconds = time.perf_counter() - start
@@ -463,7 +503,21 @@ def _with_confirmation(candidate: Candidate, confirmation: Confirmation) -> Cand
     return Candidate(
         candidate.rank, candidate.path, candidate.distance, candidate.score, call,
         candidate.paired_layers, candidate.unpaired_layers, confirmation, candidate.threshold, "audit",
+        candidate.reason,
     )  # fmt: skip
+
+
+def no_evidence(suspect_layers: int, candidate_layers: int) -> str | None:
+    """Why two fingerprints can be called neither derived nor unrelated, or None when they can.
+
+    A model with no fingerprinted layer is 0 away from another such model and 1 from any
+    other: no distance to it measures anything.
+    """
+    if suspect_layers and candidate_layers:
+        return None
+    if not suspect_layers and not candidate_layers:
+        return "neither model has a fingerprinted layer"
+    return f"the {'suspect' if not suspect_layers else 'candidate'} has no fingerprinted layer"
 
 
 def _coarse_distances(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -502,6 +556,7 @@ def find_all_pairs(
         ids, matrix = search_matrix(connection)
         report = ClusterReport(str(index_path), int(ids.size), threshold)
         candidates = _coarse_pairs(matrix)
+        report.unfingerprinted = unfingerprinted_models(connection)
         stored = read_fingerprints(connection, ids[np.unique(np.array(list(candidates), dtype=np.int64).ravel())] if candidates else [])
     parent = list(range(ids.size))
 

@@ -11,8 +11,8 @@ Which layers (:func:`~onnxlady._provenance._producers.model_producers`)
     The units of :func:`onnxlady._resync._match.find_units` (standard Conv, ConvTranspose, Gemm,
     MatMul; their weight read through Identity/Cast/DequantizeLinear/weight-only ``Mul`` chains,
     so float16, bfloat16 and QDQ int8 weights arrive as the real numbers their user reads),
-    plus the forms an optimizer or a quantizer writes: ``com.microsoft`` FusedConv, FusedGemm,
-    FusedMatMul (``transA``/``transB``) and MatMulNBits (2-8 bit blocks, scales, zero points),
+    plus the forms an optimizer or a quantizer writes: ``com.microsoft`` FusedConv, NhwcConv
+    (channels-last weight), FusedGemm, FusedMatMul (``transA``/``transB``) and MatMulNBits (2-8 bit blocks, scales, zero points),
     QLinearConv/QLinearMatMul (weight minus zero point, times scale), ConvInteger/MatMulInteger
     (weight minus zero point, times the weight's own scale where ONNX Runtime's dynamic form
     applies it after the layer, with a BatchNorm after that folded in; a float weight the
@@ -20,10 +20,13 @@ Which layers (:func:`~onnxlady._provenance._producers.model_producers`)
     ``com.microsoft.nchwc`` Conv (ORT_ENABLE_ALL's blocked layout, read as the Conv it stands
     for; all-zero channels a following convolution weighs are true ones, not padding), and a
     Gemm/MatMul whose weight is a ``Transpose`` of a constant (tied language-model heads, which
-    ORT's optimizer folds into a stored transposed copy). Layers come in the graph's
-    topological order closest to its node list (a node listed after its readers, as the
-    float16 converter's input ``Cast``, is pulled before them, not the readers held back:
-    ``_pulled_order`` in :mod:`~onnxlady._provenance._producers`). They are read by a light index of the graph (producers, consumers,
+    ORT's optimizer folds into a stored transposed copy), and an ``Einsum`` whose letters prove one
+    constant operand a layer (neuron letters on the weight and the output, input letters on the
+    weight and the data: :mod:`~onnxlady._provenance._einsum`). Layers come in the order the graph's
+    outputs pull them in (depth first, inputs in slot order: ``pulled_order`` in
+    :mod:`~onnxlady._provenance._producers`), which depends on the graph alone, not on the
+    order its node list was written in (ORT's quantizer re-sorts it breadth first, its float16
+    converter appends an input's ``Cast``). They are read by a light index of the graph (producers, consumers,
     constants) and, for forms it does not cover, by a ModelGraph; both give the same layers
     (see :mod:`onnxlady._provenance._producers`).
 
@@ -157,8 +160,10 @@ __all__ = [
 #: Version of the fields, their layout and the layer order; a fingerprint of another version is
 #: not compared (an index of an older one is refused by find until ``index build`` reads it
 #: again). 2: the layers of a graph whose node list is not topologically sorted come in its
-#: pulled order (float16 copies through ORT's converter read like their reference).
-FINGERPRINT_VERSION = 2
+#: pulled order (float16 copies through ORT's converter read like their reference). 3: every
+#: graph's layers come in the order its outputs pull them in, whatever its node list's order
+#: (ORT's quantizer re-sorts the list and interleaved CLIP's two towers).
+FINGERPRINT_VERSION = 3
 #: Values per sorted field.
 RESAMPLE = 16
 #: First bytes of a serialized fingerprint.

@@ -86,6 +86,7 @@ __all__ = [
     "build_index",
     "list_models",
     "open_index",
+    "unfingerprinted_models",
 ]
 
 #: Format of the index file; a file of a newer format is refused.
@@ -176,6 +177,8 @@ class IndexBuildReport:
             earlier ones).
         models: models in the index after the build.
         seconds: wall time of the build.
+        unfingerprinted: models in the index with no fingerprinted layer (no operator the
+            fingerprint reads): kept, but ``find`` can call them neither derived nor unrelated.
     """
 
     index: str
@@ -189,9 +192,11 @@ class IndexBuildReport:
     errors: list[UnreadableFile] = field(default_factory=list)
     models: int = 0
     seconds: float = 0.0
+    unfingerprinted: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The report as JSON-ready data (``unfingerprinted`` only when there are some)."""
+        document: dict[str, Any] = {
             "index": self.index,
             "engine": self.engine,
             "workers": self.workers,
@@ -204,6 +209,9 @@ class IndexBuildReport:
             "models": self.models,
             "seconds": round(self.seconds, 3),
         }
+        if self.unfingerprinted:
+            document["unfingerprinted"] = list(self.unfingerprinted)
+        return document
 
 
 @dataclass(frozen=True)
@@ -303,6 +311,11 @@ def list_models(index_path: str | os.PathLike[str]) -> list[IndexedModel]:
             "SELECT id, path, size, mtime_ns, sha256, layers, parameters FROM models ORDER BY id"
         ).fetchall()
     return [IndexedModel(*row) for row in rows]
+
+
+def unfingerprinted_models(connection: sqlite3.Connection) -> list[str]:
+    """The paths of the indexed models with no fingerprinted layer, sorted."""
+    return [row[0] for row in connection.execute("SELECT path FROM models WHERE layers = 0 ORDER BY path")]
 
 
 # -- scanning ---------------------------------------------------------------------------------
@@ -440,6 +453,7 @@ def build_index(
                 connection.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
             _pack_search(connection)
         report.models = connection.execute("SELECT count(*) FROM models").fetchone()[0]
+        report.unfingerprinted = unfingerprinted_models(connection)
     report.errors.sort(key=lambda item: item.path)
     report.seconds = time.perf_counter() - start
     return report

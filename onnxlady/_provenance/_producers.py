@@ -23,7 +23,7 @@ import itertools
 import math
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +34,7 @@ from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._functions import calls_local_functions, inlined_view
 from onnxlady._graph._model_graph import CHAIN_OPS, ModelGraph, node_label
 from onnxlady._io._tensors import read_array
+from onnxlady._provenance._einsum import einsum_rows
 from onnxlady._provenance._wire import PLAIN_TYPES
 from onnxlady._resync._across import _batchnorm
 from onnxlady._resync._match import UNIT_OPS, Unit, find_units
@@ -56,7 +57,7 @@ _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 #: Operators :func:`_other_producer` reads (their domain is checked there).
 _OTHER_PRODUCERS = frozenset(
     {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "Gemm", "MatMul", "FusedConv", "FusedGemm",
-     "FusedMatMul", "MatMulNBits", "Conv"}
+     "FusedMatMul", "MatMulNBits", "Conv", "NhwcConv", "Einsum"}
 )  # fmt: skip
 
 
@@ -386,6 +387,9 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
         if op in ("Gemm", "MatMul"):  # a weight find_units does not see: Transpose(constant)
             found = _plain_matrix(graph, node, 0, int(node_attribute(node, "transB", 0)))
             return None if found is None else (*found, 1, 1)
+        if op == "Einsum":  # the letters the Einsum rule reads as neurons and inputs (_einsum.py)
+            rows = einsum_rows(node, [_float_value(graph, name) if name else None for name in node.input])
+            return None if rows is None else (rows, 0, 1, 1)
         return None
     if domain == NCHWC and op == "Conv":  # ORT_ENABLE_ALL's blocked layout: read as the Conv it stands for
         if not isinstance(graph, ModelGraph):
@@ -408,6 +412,8 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
             return None
         matrix, kernel = _conv_rows(weight)
         return matrix, 0, kernel, groups
+    if op == "NhwcConv":
+        return _nhwc_conv(graph, node, groups)
     if op in ("FusedGemm", "FusedMatMul"):
         found = _plain_matrix(
             graph, node, int(node_attribute(node, "transA", 0)), int(node_attribute(node, "transB", 0))
@@ -417,6 +423,23 @@ def _other_producer(graph: ConstantSource, index: int) -> tuple[np.ndarray, int,
         weight = _matmul_nbits(graph, node)
         return None if weight is None else (weight, 0, 1, 1)
     return None
+
+
+def _nhwc_conv(graph: ConstantSource, node: onnx.NodeProto, groups: int) -> tuple[np.ndarray, int, int, int] | None:
+    """ORT's channels-last ``NhwcConv``: its weight is stored ``(out, *k, in/g)``.
+
+    A neuron's row is the same values as the Conv's ``(in/g, *k)`` row in another order, which
+    no field depends on (per-neuron statistics are symmetric, per-input ones sorted); only the
+    kernel size is read off the middle axes. The layout is taken from ``kernel_shape``: a weight
+    whose middle axes are not the kernel is not read (no guess).
+    """
+    weight = _float_value(graph, node.input[1]) if len(node.input) > 1 else None
+    kernel_shape = node_attribute(node, "kernel_shape", None)
+    if weight is None or weight.ndim < 3 or kernel_shape is None:
+        return None
+    if tuple(weight.shape[1:-1]) != tuple(int(k) for k in kernel_shape):
+        return None
+    return weight.reshape(weight.shape[0], -1), 0, math.prod(weight.shape[1:-1]), groups
 
 
 _NCHWC_CHANNELS: weakref.WeakKeyDictionary[ModelGraph, dict[int, tuple[int, int]]] = weakref.WeakKeyDictionary()
@@ -576,47 +599,78 @@ def producer_weights(graph: ModelGraph) -> list[ProducerWeight]:
 
 
 def _pulled_order(graph: ModelGraph) -> list[int]:
-    """A topological order of ``graph``'s main nodes as close to their listed order as can be.
-
-    Each node in list order, the nodes it reads from pulled in before it (depth first). A
-    sorted node list is its own order (every exporter's: their fingerprints are unchanged).
-    :attr:`ModelGraph.order` sorts an unsorted list by smallest ready index instead, which
-    lets a node placed late hold back everything after it: ORT's float16 converter
-    (keep_io_types) appends the ``Cast`` of a float input at the end of the list, so CLIP's
-    vision layers, which read ``pixel_values`` through it, came after the text layers, 14
-    positions from where the reference has them and outside the alignment window (held-out
-    finding: clip.onnx and its float16 copy 0.93 apart, `unrelated`; 0.002 with this order).
-    """
+    """:func:`pulled_order` of a ModelGraph's main nodes (a subgraph's reads count as its node's)."""
     count = graph.main_count
-    if graph.order == list(range(count)):
-        return graph.order
-    writers: dict[str, list[int]] = {}
+    return pulled_order(
+        [graph.input_names(index) + graph.implicit_inputs.get(index, ()) for index in range(count)],
+        [graph.output_names(index) for index in range(count)],
+        graph.graph_outputs,
+    )
+
+
+def pulled_order(
+    inputs: Sequence[Sequence[str]], outputs: Sequence[Sequence[str]], graph_outputs: Sequence[str]
+) -> list[int]:
+    """A topological order of nodes that depends on the graph, not on how its node list is sorted.
+
+    Each graph output in turn (then each node in list order, for nodes no output reads) pulls in
+    the nodes it reads from, depth first, inputs in slot order: a node comes right after the
+    last node it needs. Two lists of the same graph give the same order, whichever valid order
+    the writer chose. Exporters list independent branches one after the other (CLIP's vision
+    tower, then its text tower); ONNX Runtime's quantizer re-sorts the list breadth first,
+    interleaving them, and its float16 converter appends the ``Cast`` of an input at the end
+    of the list. Read in list order, both moved CLIP's layers by up to 11 positions against the
+    reference's, beyond the alignment window (held-out round 14: the dynamic-int8 copy 0.57 from
+    clip.onnx, four layers each side unpaired; 0.024 in this order).
+
+    Args:
+        inputs: per node, the names it reads (in slot order; '' for an absent input).
+        outputs: per node, the names it writes.
+        graph_outputs: the graph's outputs, in order.
+
+    Returns:
+        Every node index once.
+    """
+    count = len(inputs)
+    writer: dict[str, int] = {}
+    # Names written more than once (a malformed model): every writer, in list order. Rare, so
+    # the walk reads one writer per name and looks here only when this holds any.
+    several: dict[str, list[int]] = {}
     for index in range(count):
-        for name in graph.output_names(index):
+        for name in outputs[index]:
             if name:
-                writers.setdefault(name, []).append(index)
+                if name in writer:
+                    several.setdefault(name, [writer[name]]).append(index)
+                writer[name] = index
+    roots = [w for name in graph_outputs for w in several.get(name, [writer[name]] if name in writer else [])]
     order: list[int] = []
-    placed = [False] * count
-    for root in range(count):
-        if placed[root]:
+    # 0: not reached; 1: entered (the walk over what it reads is under way); 2: placed. A name
+    # written twice can close a loop: a node entered already is not pulled again, so the walk ends.
+    state = bytearray(count)
+    get = writer.get
+    for root in itertools.chain(roots, range(count)):
+        if state[root]:
             continue
-        # Iterative depth-first walk (a deep chain would pass Python's recursion limit): a
-        # node is placed once every writer of what it reads is.
-        stack: list[tuple[int, bool]] = [(root, False)]
+        # Iterative depth-first walk (a deep chain would pass Python's recursion limit): a node
+        # is placed (its complement popped) once every writer of what it reads is.
+        stack = [root]
         while stack:
-            index, expanded = stack.pop()
-            if placed[index]:
+            index = stack.pop()
+            if index < 0:
+                state[~index] = 2
+                order.append(~index)
                 continue
-            if expanded:
-                placed[index] = True
-                order.append(index)
+            if state[index]:
                 continue
-            stack.append((index, True))
-            reads = graph.input_names(index) + graph.implicit_inputs.get(index, ())
-            for name in reversed(reads):
-                for writer in reversed(writers.get(name, ())):
-                    if not placed[writer]:
-                        stack.append((writer, False))
+            state[index] = 1
+            stack.append(~index)
+            for name in reversed(inputs[index]):
+                if several and name in several:
+                    stack.extend(w for w in reversed(several[name]) if not state[w])
+                    continue
+                w = get(name)
+                if w is not None and not state[w]:
+                    stack.append(w)
     return order
 
 
@@ -687,7 +741,14 @@ class WeightGraph:
                         raise FullGraphNeeded(f"node {index} holds a subgraph")
         if not self.graph_outputs <= given.union(made):
             raise FullGraphNeeded("a graph output is not produced")
-        self.order = list(range(len(self.nodes)))
+        #: The order the layers come in (:func:`pulled_order`; slices of the flat lists: each
+        #: protobuf name read once).
+        starts = self._input_start
+        self.order = pulled_order(
+            [names[starts[index] : starts[index + 1]] for index in range(len(self.nodes))],
+            [made[output_start[index] : output_start[index + 1]] for index in range(len(self.nodes))],
+            [value.name for value in graph.output],
+        )
         self._values: dict[str, np.ndarray | None] = {}
         self._declared: dict[str, tuple[int | str | None, ...]] | None = None
         self._infos: dict[str, list[onnx.ValueInfoProto]] | None = None

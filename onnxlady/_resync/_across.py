@@ -56,6 +56,7 @@ from onnxlady._resync._match import ModelMatch, Unit, analyze_with_state, check_
 from onnxlady._resync._sites import (
     Operand,
     Site,
+    beyond_factor,
     input_scalar,
     place_operand,
     post_affine,
@@ -310,6 +311,8 @@ def _pair_use(
             return None
         if operand.role == "weight":
             mine, theirs = _scalar_moved_in(ref, site, mine, sus, partner, theirs)
+        if role in ("weight", "bias") and (site.beyond is not None or partner.beyond is not None):
+            mine, theirs = _scalar_folded_beyond(ref, site, mine, sus, partner, theirs, fold, shifts)
         values.append((operand, mine, theirs))
     if len(values) == 1:  # one operand read whole (the usual case): no zeroed arrays to fill
         operand, mine, theirs = values[0]
@@ -366,6 +369,52 @@ def _scalar_moved_in(
         return mine.scaled(mine_factor), theirs
     assert theirs_factor is not None
     return mine, theirs.scaled(theirs_factor)
+
+
+def _scalar_folded_beyond(
+    ref: ModelGraph, site: Site, mine: Approx, sus: ModelGraph, partner: Site, theirs: Approx, fold: bool, shifts: bool
+) -> tuple[Approx, Approx]:
+    """A weight or bias as the layer computes, where one model folded the scalar past its moves into it.
+
+    ``Site.beyond``: onnxslim folds an attention's query scale (past the heads' Reshape and
+    Transpose) into q's weight and bias; ONNX Runtime moves it into the scores' FusedMatMul
+    (``alpha``: a step held there, so no fold). The scalar counts as folded only where the other
+    model holds no step there and its weight *and* bias both differ from this model's by that
+    factor (:func:`_typical_ratio`); the values are then compared with it applied, so a weight
+    or a bias changed alone, or a neuron of them, is still caught.
+    """
+    kinds = tuple(step[0] if step is not None else None for step in (site.beyond, partner.beyond))
+    if kinds not in (("mul", None), (None, "mul")):
+        return mine, theirs
+    mine_side = kinds[0] == "mul"
+    factor = beyond_factor(ref, site) if mine_side else beyond_factor(sus, partner)
+    if factor is None or not (np.isfinite(factor) and abs(factor) > 0.0):
+        return mine, theirs
+    expected = abs(factor) if mine_side else 1.0 / abs(factor)
+    for role in ("weight", "bias"):
+        ours, yours = _site_value(ref, site, role, fold, False, shifts), _site_value(sus, partner, role, fold, False, shifts)
+        if ours is None or yours is None or ours.value.shape != yours.value.shape:
+            return mine, theirs
+        if role == "bias" and not (np.any(ours.value) or np.any(yours.value)):  # no bias: the weight decides
+            continue
+        ratio = _typical_ratio(widened(ours).value, widened(yours).value)
+        if ratio is None or abs(ratio / expected - 1.0) > _FOLDED_SCALAR_TOLERANCE or abs(ratio - 1.0) <= abs(ratio / expected - 1.0):
+            return mine, theirs
+    if mine_side:
+        return widened(mine).scaled(factor), theirs
+    return mine, widened(theirs).scaled(factor)
+
+
+def _typical_ratio(ours: np.ndarray, yours: np.ndarray) -> float | None:
+    """The median ratio of two canonical values' neuron norms (axis 0), each sorted.
+
+    Order-free (the suspect may be permuted), and one neuron changed does not move it: the
+    fold is then still read, and that neuron is caught when the values are compared.
+    """
+    mine_norms = np.sort(np.linalg.norm(ours.reshape(ours.shape[0], -1), axis=1)) if ours.ndim else np.abs(ours.reshape(1))
+    your_norms = np.sort(np.linalg.norm(yours.reshape(yours.shape[0], -1), axis=1)) if yours.ndim else np.abs(yours.reshape(1))
+    kept = (mine_norms > 0.0) & (your_norms > 0.0)
+    return float(np.median(your_norms[kept] / mine_norms[kept])) if kept.any() else None
 
 
 def _operands_by_use(

@@ -37,13 +37,16 @@ _MAX_NODES = 64
 _LIMIT = 1 << 28
 
 
-def _subgraph(graph: ModelGraph, name: str) -> list[int] | None:
-    """The nodes computing ``name`` from stored constants, if every one has a bound rule here."""
+def _subgraph(graph: ModelGraph, name: str, shapes: bool = False) -> list[int] | None:
+    """The nodes computing ``name`` from stored constants, if every one has a bound rule here.
+
+    With ``shapes``, values the graph folded from static shapes (:attr:`ModelGraph.folded`) count as stored.
+    """
     found: list[int] = []
     pending, seen = [name], {name}
     while pending:
         tensor = pending.pop()
-        if graph.constant_leaf(tensor) is not None:
+        if graph.constant_leaf(tensor) is not None or (shapes and tensor in graph.folded):
             continue
         produced = graph.producer.get(tensor)
         if produced is None or not 0 <= produced[0] < graph.main_count or len(found) >= _MAX_NODES:
@@ -60,8 +63,11 @@ def _subgraph(graph: ModelGraph, name: str) -> list[int] | None:
     return found
 
 
-def computed_shape(graph: ModelGraph, name: str) -> tuple[int, ...] | None:
-    """The static shape of a float tensor computed from constants alone that :func:`read_computed` reads, else None."""
+def computed_shape(graph: ModelGraph, name: str, shapes: bool = False) -> tuple[int, ...] | None:
+    """The static shape of a float tensor computed from constants alone that :func:`read_computed` reads, else None.
+
+    With ``shapes``, also from values folded from static shapes (see :func:`read_computed`).
+    """
     if not name or graph.constant_leaf(name) is not None or not graph.constant_derived(name):
         return None
     if name in graph.graph_outputs or graph.dtypes.get(name) not in _FLOAT_TYPES:
@@ -69,27 +75,33 @@ def computed_shape(graph: ModelGraph, name: str) -> tuple[int, ...] | None:
     shape = graph.shape(name)
     if shape is None or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         return None
-    found = _subgraph(graph, name)
+    found = _subgraph(graph, name, shapes)
     return tuple(int(d) for d in shape) if found else None  # type: ignore[arg-type]
 
 
-def read_computed(graph: ModelGraph, name: str, bounds: bool = True) -> Approx | None:
+def read_computed(graph: ModelGraph, name: str, bounds: bool = True, shapes: bool = False) -> Approx | None:
     """The value of a tensor :func:`computed_shape` accepts, in float64, with its bound (zeros without ``bounds``).
 
     None where a step cannot be evaluated (a value not finite, a stored constant unreadable).
+    With ``shapes``, values the graph folded from static shapes are read as exact stored numbers:
+    torch's MultiheadAttention computes its q/k scale from the head size at run time (``Shape ->
+    Slice -> Cast -> Sqrt -> Div -> Sqrt``), which a converter that knows the shapes folds.
     """
-    if computed_shape(graph, name) is None:
+    if computed_shape(graph, name, shapes) is None:
         return None
     # Read with its bound either way: whether a value reads must not depend on ``bounds``.
-    value = _read(graph, name, {})
+    value = _read(graph, name, {}, shapes)
     return value if value is None or bounds else Approx(value.value)
 
 
-def _read(graph: ModelGraph, name: str, memo: dict[str, Approx | None]) -> Approx | None:
+def _read(graph: ModelGraph, name: str, memo: dict[str, Approx | None], shapes: bool = False) -> Approx | None:
     if name in memo:
         return memo[name]
     value: Approx | None = None
-    if graph.constant_leaf(name) is not None:
+    if shapes and graph.constant_leaf(name) is None and name in graph.folded:
+        folded = graph.folded[name]  # shape arithmetic, computed in its type as the runtime does
+        value = Approx(folded.astype(np.float64) if folded.dtype.kind == "f" else folded, np.zeros(folded.shape))
+    elif graph.constant_leaf(name) is not None:
         stored = graph.constant_value(name)
         if stored is not None and stored.dtype.kind in "iub":  # axes and shapes: exact
             value = Approx(stored, np.zeros(stored.shape))
@@ -99,7 +111,7 @@ def _read(graph: ModelGraph, name: str, memo: dict[str, Approx | None]) -> Appro
         index = graph.producer[name][0]
         node = graph.nodes[index]
         data = node.input[:1] if node.op_type in _SHAPE_OPS else node.input
-        inputs: list[Approx | None] = [_read(graph, item, memo) if item in data else None for item in node.input]
+        inputs: list[Approx | None] = [_read(graph, item, memo, shapes) if item in data else None for item in node.input]
         for item, read in zip(node.input, inputs):
             if item and read is None and item in data:
                 memo[name] = None

@@ -180,7 +180,8 @@ class ConversionFinding:
     """A difference of form, not of function: what a converter did and on which side."""
 
     #: "float16", "bfloat16", "float64", "batchnorm-folded", "quantized", "opset", "renamed",
-    #: "simplified", "fused", "reordered", "ort-optimized", "ort-transformer-optimized", "scale-folded"
+    #: "simplified", "fused", "reordered", "ort-optimized", "ort-transformer-optimized", "scale-folded",
+    #: "gelu-approximated"
     kind: str
     model: str  # the side that has the converted form: "reference" or "suspect"
     detail: str
@@ -497,6 +498,12 @@ class _Pairing:
     opcodes: Sequence[tuple[str, int, int, int, int]]
 
 
+#: Operand roles a converter may store once for several sites (ONNX Runtime and onnxslim
+#: deduplicate equal zero biases and shifts): a change to one then moves the signature of
+#: every reader alike (:func:`_decided_by_own_weights`).
+_SHAREABLE_ROLES = frozenset({"bias", "shift"})
+
+
 class _Signatures:
     """Content signatures of one model's sites, computed when first asked for."""
 
@@ -504,12 +511,14 @@ class _Signatures:
         self.graph = graph
         self.sites = sites
         self._cache: dict[int, list[np.ndarray]] = {}
+        self._own: dict[int, list[np.ndarray]] = {}  # the same without the shareable operands' parts
         # Where folded weights are written (see _folded_for_signature): shared by both models' signatures.
         self._scratch: list[np.ndarray] = [] if scratch is None else scratch
 
     def __getitem__(self, number: int) -> list[np.ndarray]:
         if number not in self._cache:
             parts: list[np.ndarray] = []
+            own: list[np.ndarray] = []
             site = self.sites[number]
             for operand in site.operands:
                 if operand.role.startswith(("bn", "post")):
@@ -517,15 +526,25 @@ class _Signatures:
                 value = read_operand(self.graph, operand, bounds=False, compact=True)  # the value alone is signed
                 if value is None:
                     continue
-                parts.extend(signature(_folded_for_signature(self.graph, site, operand, value.value, self._scratch)))
+                signed = signature(_folded_for_signature(self.graph, site, operand, value.value, self._scratch))
+                parts.extend(signed)
+                if operand.role not in _SHAREABLE_ROLES:
+                    own.extend(signed)
                 # The solver reads it again (reading_once) in a while: its file pages need not stay meanwhile.
                 release_pages(value.value)
             self._cache[number] = parts
+            self._own[number] = own
         return self._cache[number]
+
+    def own(self, number: int) -> list[np.ndarray]:
+        """A site's signature without the parts of its bias and shift (see :func:`_decided_by_own_weights`)."""
+        self[number]
+        return self._own[number]
 
     def forget(self, number: int) -> None:
         """Drop a site's signature (its site was rewritten in place)."""
         self._cache.pop(number, None)
+        self._own.pop(number, None)
 
 
 def _folded_for_signature(
@@ -848,33 +867,8 @@ def _pair_class(
     """Pair the sites of one token: decisive content, then the alignment, then order."""
     table = np.array([[distance(ref_sig[r], sus_sig[s]) for s in cols] for r in rows], dtype=np.float64)
     table = np.where(np.isfinite(table), table, 4.0)
-    chosen_rows, chosen_cols = linear_sum_assignment(table)
-    content = {int(i): int(j) for i, j in zip(chosen_rows, chosen_cols)}
-    decisive: set[int] = set()
-    # Twins (sites of one model reading equal weights: ALBERT's layers, DeBERTa's query read by
-    # two MatMuls) compete for the same counterparts: a site's second best is looked for outside
-    # its twins and theirs (without twins: the row and column less the pair itself). Content
-    # then only confines the site to that block; which twin takes which is the alignment's and
-    # the order's to say, content being blind to it.
-    confined: dict[int, np.ndarray] = {}
     row_twins, col_twins = _twins([ref_sig[r] for r in rows]), _twins([sus_sig[c] for c in cols])
-    assigned_col = np.full(len(rows), -1)
-    assigned_row = np.full(len(cols), -1)
-    for i, j in content.items():
-        assigned_col[i], assigned_row[j] = j, i
-    for i, j in content.items():
-        same_rows, same_cols = row_twins == row_twins[i], col_twins == col_twins[j]
-        block_cols = same_cols.copy()
-        block_cols[assigned_col[same_rows & (assigned_col >= 0)]] = True
-        block_rows = same_rows.copy()
-        block_rows[assigned_row[same_cols & (assigned_row >= 0)]] = True
-        others = np.concatenate([table[i, ~block_cols], table[~block_rows, j]])
-        second = float(others.min()) if others.size else float("inf")
-        if second > 1e-9 and table[i, j] <= DECISIVE_RATIO * second:
-            if np.count_nonzero(same_rows) > 1 or np.count_nonzero(same_cols) > 1:
-                confined[i] = block_cols
-            else:
-                decisive.add(i)
+    content, decisive, confined = _content_decisions(table, row_twins, col_twins)
     position = {s: j for j, s in enumerate(cols)}
     taken: set[int] = set()
     decided: dict[int, tuple[int, str]] = {}
@@ -883,6 +877,11 @@ def _pair_class(
             method = "structure" if structural.get(rows[i]) == cols[j] else "content"
             decided[i] = (j, method)
             taken.add(j)
+    own_table, by_own, own_confined = _decided_by_own_weights(rows, cols, ref_sig, sus_sig, decisive | set(confined), taken)
+    for i, j in by_own.items():
+        decided[i] = (j, "structure" if structural.get(rows[i]) == cols[j] else "content")
+        taken.add(j)
+    confined.update(own_confined)
     # A counterpart content rules out: the site has a counterpart equal within storage rounding
     # and this one is decisively farther. Identical copies (a rotary table read by the queries
     # and by the keys) leave content undecided between them, yet still rule out the other table
@@ -923,11 +922,94 @@ def _pair_class(
         pairs[rows[i]] = cols[j]
         best = float(table[i, j])
         # How much closer the chosen counterpart is than any other candidate of either site
-        # (negative: content preferred another, and the structure or the order decided).
-        others = np.concatenate([np.delete(table[i], j), np.delete(table[:, j], i)])
+        # (negative: content preferred another, and the structure or the order decided); for
+        # a pair its own weights decided, by those (the distance stays the whole signature's).
+        margins = own_table if i in by_own and own_table is not None else table
+        others = np.concatenate([np.delete(margins[i], j), np.delete(margins[:, j], i)])
         second = float(others.min()) if others.size else float("inf")
-        margin = 1.0 - best / second if 0 < second < 4.0 else None
+        margin = 1.0 - float(margins[i, j]) / second if 0 < second < 4.0 else None
         how[rows[i]] = (method, margin, best if best < 4.0 else None)
+
+
+def _content_decisions(
+    table: np.ndarray, row_twins: np.ndarray, col_twins: np.ndarray
+) -> tuple[dict[int, int], set[int], dict[int, np.ndarray]]:
+    """What content decides in a table of signature distances (rows: reference sites, columns: suspect's).
+
+    Returns the least-distance assignment, the rows it pairs decisively (the best at most
+    :data:`DECISIVE_RATIO` of the second best) and the twin rows it confines to a block of
+    counterparts (by their columns).
+    """
+    chosen_rows, chosen_cols = linear_sum_assignment(table)
+    content = {int(i): int(j) for i, j in zip(chosen_rows, chosen_cols)}
+    decisive: set[int] = set()
+    # Twins (sites of one model reading equal weights: ALBERT's layers, DeBERTa's query read by
+    # two MatMuls) compete for the same counterparts: a site's second best is looked for outside
+    # its twins and theirs (without twins: the row and column less the pair itself). Content
+    # then only confines the site to that block; which twin takes which is the alignment's and
+    # the order's to say, content being blind to it.
+    confined: dict[int, np.ndarray] = {}
+    assigned_col = np.full(table.shape[0], -1)
+    assigned_row = np.full(table.shape[1], -1)
+    for i, j in content.items():
+        assigned_col[i], assigned_row[j] = j, i
+    for i, j in content.items():
+        same_rows, same_cols = row_twins == row_twins[i], col_twins == col_twins[j]
+        block_cols = same_cols.copy()
+        block_cols[assigned_col[same_rows & (assigned_col >= 0)]] = True
+        block_rows = same_rows.copy()
+        block_rows[assigned_row[same_cols & (assigned_row >= 0)]] = True
+        others = np.concatenate([table[i, ~block_cols], table[~block_rows, j]])
+        second = float(others.min()) if others.size else float("inf")
+        if second > 1e-9 and table[i, j] <= DECISIVE_RATIO * second:
+            if np.count_nonzero(same_rows) > 1 or np.count_nonzero(same_cols) > 1:
+                confined[i] = block_cols
+            else:
+                decisive.add(i)
+    return content, decisive, confined
+
+
+def _decided_by_own_weights(
+    rows: list[int],
+    cols: list[int],
+    ref_sig: _Signatures | dict[int, list[np.ndarray]],
+    sus_sig: _Signatures | dict[int, list[np.ndarray]],
+    settled: set[int],
+    taken: set[int],
+) -> tuple[np.ndarray | None, dict[int, int], dict[int, np.ndarray]]:
+    """Sites whose own weights, their bias and shift left out, decide a counterpart the whole signature did not.
+
+    A converter stores equal biases once (ONNX Runtime's extended level and onnxslim
+    deduplicate BART's and CLIP's zero biases, read by a dozen layers); one element changed
+    there moves every reader's signature by the same large amount (a zero bias made nonzero
+    is as far as two signatures get), so no reader's counterpart is decisively nearer than
+    the others, the structure and the order pair a reordered graph crosswise, and the two
+    models are refused as different (held-out round 14, F7). A layer's own weight still tells
+    it apart: where it decides (:func:`_content_decisions`) it decides, or confines twins to
+    their block (DeBERTa's query and key, each read by two MatMuls), and the audit then
+    compares the changed bias. Only rows not ``settled`` (decided or confined by the whole
+    signature) and counterparts not ``taken``; the whole signature's decisions are kept.
+
+    Returns:
+        The table of the own weights' distances (None where none was needed), the rows it
+        decides and the twin rows it confines (by position in ``rows`` and ``cols``).
+    """
+    if not isinstance(ref_sig, _Signatures) or not isinstance(sus_sig, _Signatures) or len(rows) + len(cols) < 3:
+        return None, {}, {}
+    open_rows = [i for i in range(len(rows)) if i not in settled]
+    if not any(len(ref_sig.own(rows[i])) < len(ref_sig[rows[i]]) for i in open_rows):
+        return None, {}, {}  # no site left open reads a bias or shift: its own weights are its whole signature
+    ref_own, sus_own = [ref_sig.own(r) for r in rows], [sus_sig.own(c) for c in cols]
+    if not all(ref_own) or not all(sus_own):
+        return None, {}, {}
+    table = np.array([[distance(a, b) for b in sus_own] for a in ref_own], dtype=np.float64)
+    table = np.where(np.isfinite(table), table, 4.0)
+    row_twins = _twins(ref_own)
+    content, decisive, confined = _content_decisions(table, row_twins, _twins(sus_own))
+    decided = {i: j for i, j in content.items() if i in decisive and i not in settled and j not in taken}
+    # A twin the assignment left out (more twins than counterparts) is confined with its twin.
+    blocks = {int(row_twins[i]): block for i, block in confined.items()}
+    return table, decided, {i: blocks[int(t)] for i, t in enumerate(row_twins) if int(t) in blocks and i not in settled}
 
 
 def _signature_key(signature: list[np.ndarray]) -> tuple[tuple[tuple[int, ...], bytes], ...]:
@@ -1141,7 +1223,14 @@ def _settle_by_connections(
 def _connection_agreement(
     reference: ModelGraph, suspect: ModelGraph, ref_sites: list[Site], sus_sites: list[Site], pairs: dict[int, int]
 ) -> float:
-    """Share of layer-to-layer connections among paired sites that both models have (Jaccard)."""
+    """Share of layer-to-layer connections among paired sites that both models have (Jaccard).
+
+    A pair of a live site and a dead one (an edge rewired around a layer: held-out round 14,
+    F7) is left out: the site and weight shares already count it lost, and its connections
+    would count the same edit a second time, refusing as another model one that is mostly the
+    same (the audit names the dead layer).
+    """
+    pairs = {a: b for a, b in pairs.items() if ref_sites[a].live == sus_sites[b].live}
     back = {b: a for a, b in pairs.items()}
     mine = {(a, b) for a, b in _successors(reference, ref_sites) if a in pairs and b in pairs}
     theirs = {(back[a], back[b]) for a, b in _successors(suspect, sus_sites) if a in back and b in back}

@@ -73,6 +73,7 @@ __all__ = [
     "Operand",
     "Site",
     "activation_rounding",
+    "beyond_factor",
     "find_sites",
     "place_operand",
     "input_scalar",
@@ -208,6 +209,10 @@ class Site:
     post: tuple[tuple[str, int, int], ...] = ()
     #: Some graph output depends on it (dead code pairs with dead code; a simplifier removes it).
     live: bool = True
+    #: A scalar step past the Reshapes and Transposes that alone read its result, which
+    #: converters treat differently (see :func:`_scalar_beyond`): ``("mul", node, constant's
+    #: slot)`` or ``("alpha", node, -1)``. Not folded in: compared per pair, on the evidence.
+    beyond: tuple[str, int, int] | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -345,7 +350,7 @@ def post_affine(graph: ModelGraph, site: Site, shifts: bool = True) -> tuple[App
         return None
     scale, shift = Approx(np.ones(1), np.zeros(1)), Approx(np.zeros(1), np.zeros(1))
     for kind, node, slot in steps:
-        read = read_constant(graph, graph.nodes[node].input[slot])
+        read = _step_read(graph, graph.nodes[node].input[slot])
         if read is None:
             return None
         value, error = read.value.reshape(-1), np.broadcast_to(read.error, read.value.shape).reshape(-1)
@@ -481,10 +486,13 @@ def _shape(graph: ModelGraph, name: str) -> tuple[int, ...] | None:
 def _single_consumer(graph: ModelGraph, name: str, accept: tuple[str, ...]) -> tuple[int, int] | None:
     """The only reader of ``name`` (through Casts) if its operator is one of ``accept``.
 
-    None when anything on the way is a graph output.
+    None when anything on the way is a graph output. A ``Shape`` or ``Size`` the graph folds
+    (a static shape) reads no value: a converter removes it, so it is no reader here.
     """
     while True:
         readers = graph.consumers.get(name, [])
+        if len(readers) > 1:
+            readers = [reader for reader in readers if not _folded_shape_reader(graph, reader[0])]
         if len(readers) != 1 or name in graph.graph_outputs:
             return None
         index, slot = readers[0]
@@ -498,6 +506,12 @@ def _single_consumer(graph: ModelGraph, name: str, accept: tuple[str, ...]) -> t
         if slot != 0 or not (node.op_type in _TYPE_ONLY_OPS or is_reorder(node)) or len(node.output) != 1:
             return None
         name = node.output[0]
+
+
+def _folded_shape_reader(graph: ModelGraph, index: int) -> bool:
+    """Whether node ``index`` is a ``Shape`` or ``Size`` whose value the graph folded (its input's shape is static)."""
+    node = graph.nodes[index]
+    return node.op_type in ("Shape", "Size") and (node.domain or "") in _STANDARD and node.output[0] in graph.folded
 
 
 def activation_rounding(graph: ModelGraph, index: int) -> str | None:
@@ -1063,7 +1077,7 @@ def _scalar_affine(
             continue
         node = graph.nodes[reader[0]]
         other = 1 - reader[1]
-        value = graph.constant_value(node.input[other]) if len(node.input) == 2 else None
+        value = _step_value(graph, node.input[other]) if len(node.input) == 2 else None
         if value is None or value.dtype.kind != "f" or (node.op_type == "Sub" and other != 1):
             continue
         kind = node.op_type.lower()
@@ -1126,6 +1140,32 @@ def input_scalar(graph: ModelGraph, site: Site) -> float | None:
     return None
 
 
+def _step_read(graph: ModelGraph, name: str) -> Approx | None:
+    """A scalar step's constant as read, with its bound: stored, or computed from static shapes (:func:`_step_value`)."""
+    read = read_constant(graph, name)
+    if read is None and name:
+        shape = computed_shape(graph, name, shapes=True)
+        if shape is not None and int(np.prod(shape)) == 1:  # a scalar; computed weights are read as operands
+            read = read_computed(graph, name, shapes=True)
+    return read
+
+
+def _step_value(graph: ModelGraph, name: str) -> np.ndarray | None:
+    """The constant of a step after a layer: stored, or one float the graph computes from constants and static shapes.
+
+    torch's MultiheadAttention scales q and k^T by a scalar computed at run time from the head
+    size (``Shape -> Slice -> Cast -> Sqrt -> Div -> Sqrt``); a converter that knows the shapes
+    folds it into a stored constant, kept in a Mul or folded into a projection's weight
+    (onnxslim). Read as the constant it folds to, the step is the same on both sides. Where a
+    shape is not static, the graph folds nothing and there is no step (no guess).
+    """
+    value = graph.constant_value(name)
+    if value is not None or not name:
+        return value
+    read = _step_read(graph, name)
+    return read.value if read is not None and read.value.size == 1 and read.value.dtype.kind == "f" else None
+
+
 def _past_reshapes(graph: ModelGraph, name: str) -> str:
     """The tensor after a chain of reshapes that alone read ``name`` (or ``name`` itself)."""
     while True:
@@ -1133,6 +1173,70 @@ def _past_reshapes(graph: ModelGraph, name: str) -> str:
         if reader is None or reader[1] != 0 or len(graph.nodes[reader[0]].output) != 1:
             return name
         name = graph.nodes[reader[0]].output[0]
+
+
+def _past_moves(graph: ModelGraph, name: str) -> str:
+    """The tensor after a chain of reshapes and Transposes that alone read ``name`` (or ``name`` itself).
+
+    They only move elements: a scalar step after them acts on every element as right after the layer.
+    """
+    while True:
+        reader = _single_consumer(graph, name, (*_RESHAPE_OPS, "Transpose"))
+        if reader is None or reader[1] != 0 or len(graph.nodes[reader[0]].output) != 1:
+            return name
+        if (graph.nodes[reader[0]].domain or "") not in _STANDARD:
+            return name
+        name = graph.nodes[reader[0]].output[0]
+
+
+def _scalar_beyond(graph: ModelGraph, name: str) -> tuple[str, int, int] | None:
+    """A scalar step past the moves that alone read a layer's result ``name`` (``Site.beyond``).
+
+    HF's eager attention scales q after splitting its heads (Reshape, Transpose, Mul by
+    ``d ** -0.25``). A scalar commutes with moves: onnxslim folds it into q's weight and bias
+    (SegFormer's one-head stage, held-out round 14 F2), ONNX Runtime moves it into the scores'
+    ``FusedMatMul`` (its ``alpha``), others keep it. So it is not read as the layer's step on
+    both sides (ONNX Runtime's copy would then differ): the resync decides per pair, from the
+    values, and a ``FusedMatMul`` with an ``alpha`` past the moves counts as a step held there
+    (``("alpha", node, -1)``). A Mul past reshapes alone is the layer's ``post`` step already;
+    one the next layer reads is that layer's input scalar (:func:`input_scalar`).
+    """
+    beyond = _past_moves(graph, name)
+    reader = _single_consumer(graph, beyond, ("Mul", "FusedMatMul"))
+    if reader is None or reader[1] not in (0, 1):
+        return None
+    node = graph.nodes[reader[0]]
+    if node.op_type == "FusedMatMul":
+        alpha = float(node_attribute(node, "alpha", 1.0))
+        return ("alpha", reader[0], -1) if node.domain == MICROSOFT and alpha != 1.0 else None  # ruff: ignore[float-equality-comparison] - exactly 1: no step
+    if (node.domain or "") not in _STANDARD or len(node.input) != 2 or beyond == _past_reshapes(graph, name):
+        return None
+    value = _step_value(graph, node.input[1 - reader[1]])
+    if value is None or value.dtype.kind != "f" or value.size != 1 or not np.all(np.isfinite(value)):
+        return None
+    if _reads_as_input(graph, node.output[0]):
+        return None  # the next layer's input scalar
+    return ("mul", reader[0], 1 - reader[1])
+
+
+def _reads_as_input(graph: ModelGraph, name: str) -> bool:
+    """Whether a layer reads ``name`` (through reshapes that alone read it) as its input: see :func:`input_scalar`."""
+    while True:
+        readers = graph.consumers.get(name, [])
+        if len(readers) != 1 or name in graph.graph_outputs or readers[0][1] != 0:
+            return False
+        node = graph.nodes[readers[0][0]]
+        if node.op_type not in _RESHAPE_OPS or (node.domain or "") not in _STANDARD:
+            return _linear(graph, readers[0][0]) is not None
+        name = node.output[0]
+
+
+def beyond_factor(graph: ModelGraph, site: Site) -> float | None:
+    """The factor of a site's Mul past the moves (its ``beyond`` step of kind ``"mul"``), or None."""
+    if site.beyond is None or site.beyond[0] != "mul":
+        return None
+    value = _step_value(graph, graph.nodes[site.beyond[1]].input[site.beyond[2]])
+    return float(np.asarray(value).reshape(-1)[0]) if value is not None else None
 
 
 def _past_rounding(graph: ModelGraph, name: str) -> str:
@@ -1207,8 +1311,9 @@ def _unit_site(graph: ModelGraph, index: int, unit: _Unit) -> Site:
             assert step is not None
             operands.append(step)
     token = (linear.family, linear.weight.shape, *linear.extra)
+    beyond = _scalar_beyond(graph, graph.nodes[unit.tail].output[0]) if linear.family in ("conv", "dense") else None
     return Site(index, 0, linear.family, token, tuple(operands), tuple(unit.ops), unit.tail, unit.batchnorm,
-                post=tuple(unit.post or ()))  # fmt: skip
+                post=tuple(unit.post or ()), beyond=beyond)  # fmt: skip
 
 
 # -- operators holding several sites ----------------------------------------------------------

@@ -4,6 +4,7 @@ from onnxlady._rules import (  # ruff: ignore[unused-import] - each module regis
     blocking,
     contrib,
     contrib_unet,
+    einsum,
     elementwise,
     layout,
     nchwc,

@@ -124,9 +124,10 @@ class RuleContext:
         self.node: onnx.NodeProto = graph.nodes[index]
         # Read once (by the graph): a rule asks for its inputs a dozen times, and each protobuf
         # read makes new strings.
-        self._inputs: tuple[str, ...] = graph.input_names(index)
-        self._outputs: tuple[str, ...] = graph.output_names(index)
-        self.op_type, domain = graph.op_of(index)
+        # (input_names, output_names and op_of, without their calls: one context per node)
+        self._inputs: tuple[str, ...] = graph._node_inputs[index]
+        self._outputs: tuple[str, ...] = graph._node_outputs[index]
+        self.op_type, domain = graph._node_ops[index]
         opsets = graph.opsets
         self.opset = opsets.get(domain or "", opsets.get("", 1))
         self._taken: set[tuple[str, int]] = set()
@@ -559,13 +560,13 @@ class RuleContext:
         if not self._bound:
             return []
         graph = self.graph
-        result: list[Binding] = []
-        pending = list(self._bound)
-        while pending:
-            binding = pending.pop(0)
-            result.append(binding)
-            name = graph.input_names(binding.node)[binding.slot]
-            leaf = graph.constant_leaf(name)
+        node_inputs, constant_leaf = graph._node_inputs, graph.constant_leaf
+        # A queue read in place: companions are appended behind the bindings still to visit,
+        # and the list, once read through, is every binding in the order visited.
+        result = list(self._bound)
+        for binding in result:  # (the loop reads what is appended while it runs)
+            name = node_inputs[binding.node][binding.slot]
+            leaf = constant_leaf(name)
             if leaf is None or binding.expr.size <= 1 or not leaf.chain:
                 continue  # a leaf read directly has no chain node, so no companion
             try:
@@ -574,7 +575,7 @@ class RuleContext:
                     _require_passive_chain(graph, name, binding.axis, leaf)
                     continue
                 for companion in graph.chain_companions(name, axis):
-                    pending.append(self._companion_binding(binding, companion))
+                    result.append(self._companion_binding(binding, companion))
             except ChainAxisError as exc:
                 self.solver.freeze(binding.expr, self.reason("index-map", str(exc)))
         return result

@@ -15,7 +15,6 @@ _WHY = {
     "GatherND": "indexes by computed positions",
     "ScatterElements": "scatters by computed positions",
     "ScatterND": "scatters by computed positions",
-    "Einsum": "contracts axes given by an equation that has no rule yet",
 }
 
 

@@ -74,8 +74,8 @@ from onnxlady._io._external import is_mapped, mapped_array
 from onnxlady._io._progress import advance
 from onnxlady._io._tensors import all_finite, read_array, tensor_holders
 
-#: Operators whose weight operand (input 1) is perturbed.
-WEIGHT_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Operators whose weight operand (input 1; MatMul's and Einsum's constant one) is perturbed.
+WEIGHT_OPS: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 #: Order in which combined perturbations are applied to each tensor.
 STEP_ORDER: tuple[str, ...] = ("prune", "quantize", "noise")
 MAX_BITS: int = 32
@@ -183,7 +183,10 @@ def _weights(graph: ModelGraph, model: onnx.ModelProto, only: Sequence[str] | No
         node = graph.nodes[index]
         if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        slots = (1, 0) if node.op_type == "MatMul" else (1,)
+        slots: Sequence[int] = (1, 0) if node.op_type == "MatMul" else (1,)
+        if node.op_type == "Einsum":  # its constant operands, where it reads a computed one
+            constant = [bool(name) and graph.is_constant(name) for name in node.input]
+            slots = [slot for slot, is_const in enumerate(constant) if is_const] if not all(constant) else []
         for slot in slots:
             if slot < len(node.input) and node.input[slot]:
                 leaf = _weight_leaf(graph, node.input[slot])

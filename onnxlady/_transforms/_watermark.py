@@ -80,15 +80,31 @@ def message_bits(seed: int, n_bits: int) -> np.ndarray:
 
 
 # -- locating the kernel ---------------------------------------------------------------------
-def _find_conv(graph: ModelGraph, layer: str) -> tuple[int, onnx.NodeProto]:
+#: Operators that hold a kernel as their input 1 in Conv's layout ``[out, in/group, kh, kw]``.
+#: Embedding marks a plain Conv; extraction also reads ONNX Runtime's FusedConv (its extended
+#: optimizer writes Conv + activation as one), which keeps that layout. A channels-last or
+#: quantized kernel (NhwcConv, QLinearConv) is not read: its values are not the marked ones.
+_PLAIN_CONV: frozenset[tuple[str, str]] = frozenset({("", "Conv"), ("ai.onnx", "Conv")})
+_CONV_LAYOUT: frozenset[tuple[str, str]] = _PLAIN_CONV | {("com.microsoft", "FusedConv")}
+
+
+def _find_conv(
+    graph: ModelGraph, layer: str, kinds: frozenset[tuple[str, str]] = _PLAIN_CONV
+) -> tuple[int, onnx.NodeProto]:
     for index, node in enumerate(graph.nodes):
         if node.name == layer:
-            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
-                raise OnnxladyError(f"layer '{layer}' is a {node.op_type}, not a Conv: cannot hold a watermark")
+            if (node.domain, node.op_type) not in kinds:
+                held_by = "a Conv" if kinds == _PLAIN_CONV else "a Conv or FusedConv"
+                raise OnnxladyError(f"layer '{layer}' is a {node.op_type}, not {held_by}: cannot hold a watermark")
             return index, node
-    convs = [n.name for n in graph.nodes if n.op_type == "Conv" and n.name]
+    convs = [n.name for n in _conv_layout_nodes(graph, kinds) if n.name]
     hint = f" (Conv layers: {', '.join(convs[:8])}{', ...' if len(convs) > 8 else ''})" if convs else ""
     raise OnnxladyError(f"no node named '{layer}' in this model{hint}")
+
+
+def _conv_layout_nodes(graph: ModelGraph, kinds: frozenset[tuple[str, str]] = _CONV_LAYOUT) -> list[onnx.NodeProto]:
+    """The nodes of ``kinds`` that read a kernel, in graph order."""
+    return [node for node in graph.nodes if (node.domain, node.op_type) in kinds and len(node.input) > 1]
 
 
 def _kernel(graph: ModelGraph, node: onnx.NodeProto, layer: str) -> np.ndarray:
@@ -281,30 +297,26 @@ def _chance(errors: int, n_bits: int, candidates: int) -> float:
     return float(min(1.0, -math.expm1(candidates * math.log1p(-tail))))  # exact for tiny tails
 
 
-def _standard_convs(graph: ModelGraph) -> list[onnx.NodeProto]:
-    return [node for node in graph.nodes if node.op_type == "Conv" and node.domain in ("", "ai.onnx") and len(node.input) > 1]
-
-
 def extract_watermark(model: onnx.ModelProto, key: WatermarkKey) -> Extraction:
     """Read the mark back and measure its bit error rate against the key.
 
     The layer is found by the key's node name; failing that, by the kernel tensor it read at
     embedding (node names change freely: ``onnx.compose.add_prefix``, optimisers); failing that,
-    every Conv whose kernel has the key's width per filter is read and the best read kept: a
+    every Conv (or FusedConv) whose kernel has the key's width per filter is read and the best read kept: a
     search, so :attr:`Extraction.chance` counts every candidate (the chance that the best of
     that many unmarked layers reads as well).
 
     Raises:
-        OnnxladyError: the node of the key's name is no Conv, or no Conv has the key's kernel width.
+        OnnxladyError: the node of the key's name is no Conv or FusedConv, or none has the key's kernel width.
     """
     graph = ModelGraph(model, infer_shapes=False, fold=False)
     n_bits = key.length
     named = [node for node in graph.nodes if node.name == key.layer]
     if named:
-        _, node = _find_conv(graph, key.layer)
+        _, node = _find_conv(graph, key.layer, _CONV_LAYOUT)
         located = [(node, "name")]
     else:
-        located = [(node, "weight") for node in _standard_convs(graph) if node.input[1] == key.weight][:1]
+        located = [(node, "weight") for node in _conv_layout_nodes(graph) if node.input[1] == key.weight][:1]
     if located:
         node, how = located[0]
         label = node.name or node.output[0]
@@ -317,7 +329,7 @@ def extract_watermark(model: onnx.ModelProto, key: WatermarkKey) -> Extraction:
         errors = int(np.sum(bits != key.bits))
         return Extraction(bits, errors / n_bits, label, how, 1, _chance(errors, n_bits, 1))
     reads = []
-    for node in _standard_convs(graph):
+    for node in _conv_layout_nodes(graph):
         value = graph.constant_value(node.input[1])
         if value is None or value.ndim < 3 or not np.issubdtype(value.dtype, np.floating):
             continue
@@ -326,7 +338,7 @@ def extract_watermark(model: onnx.ModelProto, key: WatermarkKey) -> Extraction:
             bits = _read_bits(kernel, key)
             reads.append((int(np.sum(bits != key.bits)), node.name or node.output[0], bits))
     if not reads:
-        convs = [node.name for node in _standard_convs(graph) if node.name]
+        convs = [node.name for node in _conv_layout_nodes(graph) if node.name]
         hint = f" (Conv layers: {', '.join(convs[:8])}{', ...' if len(convs) > 8 else ''})" if convs else ""
         raise OnnxladyError(
             f"no node named '{key.layer}' and no Conv reading '{key.weight}' or with {key.projection.shape[1]} "

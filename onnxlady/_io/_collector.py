@@ -1,4 +1,4 @@
-"""Python's cyclic garbage collector paused while a graph's bookkeeping is built.
+"""Python's cyclic garbage collector paused while a model is read and its graph's bookkeeping is built.
 
 Analysing a graph allocates a few hundred container objects per node (index maps, rule
 contexts, member records) and frees almost none of them until it ends. Each time enough
@@ -9,6 +9,9 @@ analysis creates no reference cycles that must be freed while it runs, so it run
 collector paused; plain reference counting still frees everything else, and the collector
 resumes when the analysis ends, with or without an error, and what the analysis made waits in
 its oldest generation (see :func:`_age_survivors`) instead of being walked again at once.
+Loading and validating a model is the same (a few containers per node, kept until it is read):
+a tenth of ``load_model``'s time at 50,000 nodes went to the collector's walks.
+(In ``_io``, the lowest layer, so that loading can use it.)
 """
 
 from __future__ import annotations
