@@ -363,30 +363,41 @@ def _simplified(
 _NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
 
 
-def _neutral_input(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto | None]) -> str | None:
-    """The data input of an operator that returns it unchanged (``Identity``, ``x * 1``, ``x + 0``), else None.
+def _by_constant(
+    node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto | None]
+) -> tuple[str, np.ndarray] | None:
+    """A standard ``Mul``/``Div``/``Add``/``Sub`` of one data input by one stored constant: (data input, constant's value).
 
-    Only a one-element constant counts: a larger one could broadcast the output to another shape.
+    ``Div`` and ``Sub`` count only with the constant second (``x / c``, not ``c / x``).
     """
-    if node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type in ("Identity", "Dropout"):
-        return node.input[0] if node.input and node.input[0] else None
-    if node.op_type not in _NEUTRAL or len(node.input) != 2:
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _NEUTRAL or len(node.input) != 2:
         return None
     data = [name for name in node.input if name not in constants]
     constant = [name for name in node.input if name in constants]
     if len(data) != 1 or len(constant) != 1 or (node.op_type in ("Div", "Sub") and node.input[1] != constant[0]):
         return None
     tensor = constants[constant[0]]
-    if tensor is None or is_mapped(tensor):
+    if tensor is None:
         return None
     try:
-        value = numpy_helper.to_array(tensor)
+        return data[0], np.asarray(mapped_array(tensor)) if is_mapped(tensor) else numpy_helper.to_array(tensor)
     except (OnnxladyError, ValueError, TypeError):
         return None
+
+
+def _neutral_input(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto | None]) -> str | None:
+    """The data input of an operator that returns it unchanged (``Identity``, ``x * 1``, ``x + 0``), else None.
+
+    Only a one-element constant counts: a larger one could broadcast the output to another shape.
+    """
+    if node.op_type in ("Identity", "Dropout") and node.domain in ("", "ai.onnx"):
+        return node.input[0] if node.input and node.input[0] else None
+    read = _by_constant(node, constants)
+    if read is None:
+        return None
+    data, value = read
     neutral = value.size == 1 and value.dtype.kind == "f" and bool(np.all(value == _NEUTRAL[node.op_type]))
-    return data[0] if neutral else None
+    return data if neutral else None
 
 
 def _bypassed_arithmetic(
@@ -415,23 +426,14 @@ def _bypassed_arithmetic(
     values = (_Values(reference, constants), _Values(suspect, graph_constants(suspect.graph)))
     found: set[str] = set()
     for key, (node, _) in ours.items():
-        if key in theirs or node.domain not in ("", "ai.onnx") or node.op_type not in _NEUTRAL or len(node.input) != 2:
+        read = None if key in theirs else _by_constant(node, constants)
+        if read is None:
             continue
-        data = [name for name in node.input if name not in constants]
-        constant = [name for name in node.input if name in constants]
-        if len(data) != 1 or len(constant) != 1 or (node.op_type in ("Div", "Sub") and node.input[1] != constant[0]):
-            continue
-        tensor = constants[constant[0]]
-        if tensor is None:
-            continue
-        try:
-            factor = np.asarray(mapped_array(tensor)) if is_mapped(tensor) else numpy_helper.to_array(tensor)
-        except (OnnxladyError, ValueError, TypeError):
-            continue
+        data, factor = read
         if factor.dtype.kind != "f" or np.all(factor == _NEUTRAL[node.op_type]):
             continue
         after = [(reader, slot) for reader, slot in readers.get(node.output[0], []) if reader in theirs]
-        if not after or not all(slot < len(theirs[reader][0].input) and theirs[reader][0].input[slot] == data[0] for reader, slot in after):
+        if not after or not all(slot < len(theirs[reader][0].input) and theirs[reader][0].input[slot] == data for reader, slot in after):
             continue
         step = (node.op_type, factor.astype(np.float64))
         if not _holds(node.output[0], step, ours, theirs, readers, held, values):
