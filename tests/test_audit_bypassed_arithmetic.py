@@ -19,9 +19,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxlady import analyze
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._verify._compare import verify_models
-from onnxlady.testing import copy_model, permute_copy
+from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 
 _SEQ, _WIDTH = 6, 16
 
@@ -203,5 +204,8 @@ def test_a_scale_folded_into_the_next_weight_is_no_edit(permuted: bool) -> None:
     source = permute_copy(reference, 5)[0] if permuted else reference
     suspect = _folded(source)
     assert verify_models(reference, suspect, provider="cpu").equivalent
+    wrong = copy_model(suspect)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(reference, wrong, provider="cpu").equivalent  # a wrong permutation is caught
     report = audit_models(reference, suspect)
     assert report.verdict == ("permuted" if permuted else "converted") and report.exit_code == 0, report.summary

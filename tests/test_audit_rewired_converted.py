@@ -26,9 +26,9 @@ from fixtures import FIXTURES
 from fixtures.contrib import ort_optimized
 from fixtures.conversions import to_float16
 from fixtures.deployment import convert
-from onnxlady import audit, verify_models
+from onnxlady import analyze, audit, verify_models
 from onnxlady._audit._graph_edits import rewired_operators
-from onnxlady.testing import permute_copy
+from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 
 logging.getLogger("onnxruntime").setLevel(logging.ERROR)
 
@@ -206,6 +206,9 @@ def test_a_dropped_neutral_operator_lending_its_name_is_no_rewiring(tmp_path: Pa
     assert rewired_operators(reference, slimmed)[0] == []
     permuted = convert(permute_copy(reference, seed=3)[0], "onnxslim")
     assert verify_models(reference, permuted).equivalent
+    wrong = copy_model(reference)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(reference, wrong).equivalent  # a wrong permutation is caught
     report = audit(_saved(reference, tmp_path / "r.onnx"), _saved(permuted, tmp_path / "s.onnx"))
     assert report.verdict == "permuted", report.summary
     swish.input[1] = swish.input[0]  # x * sigmoid(x) -> x * x: the gate no longer read

@@ -171,3 +171,5 @@ def test_an_outer_product_with_a_constant_vector_moves_but_makes_no_neurons() ->
     model, _, _, _ = permute_copy(source, 2)
     assert not np.array_equal(_array(model, "c"), _array(source, "c"))
     assert verify_models(source, model, provider="cpu").equivalent
+    partial = _edit(model, "w2", lambda _: _array(source, "w2"))  # the head's weight left in the old order
+    assert not verify_models(source, partial, provider="cpu").equivalent  # a wrong permutation is caught

@@ -8,7 +8,7 @@ the inputs), ``bsd,dhe->bhse`` a projection to ``h * e`` neurons, ``bhse,hed->bs
 ``h * e`` inputs. The weight is read as rows ``(neurons, inputs)``, the neuron letters in the
 weight's own order, so the layer is the same one a MatMul with the weight reshaped would give.
 
-The equation is parsed by the rule's own :func:`~onnxlady._rules.einsum.parse_equation`. Any
+The weight's axes are the rule's own reading (:func:`~onnxlady._rules.einsum.einsum_weight_axes`). Any
 weight letter of another kind (on data and output too: a per-head weight, a batch of
 weights; on the weight alone: a sum over it), an ellipsis or repeated letter on the weight, or
 more than one constant operand: not read (the fingerprint takes no layer on a guess).
@@ -22,8 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from onnxlady._rules._context import RuleDoesNotApply
-from onnxlady._rules.einsum import einsum_equation, parse_equation
+from onnxlady._rules.einsum import einsum_equation, einsum_weight_axes
 
 
 def einsum_rows(node: onnx.NodeProto, operands: Sequence[np.ndarray | None]) -> np.ndarray | None:
@@ -41,18 +40,15 @@ def einsum_rows(node: onnx.NodeProto, operands: Sequence[np.ndarray | None]) -> 
     constants = [slot for slot, value in enumerate(operands) if value is not None]
     if len(constants) != 1 or len(operands) < 2:
         return None
-    try:
-        inputs, (out_letters, _) = parse_equation(einsum_equation(node), len(operands))
-    except RuleDoesNotApply:
-        return None
     slot = constants[0]
     weight = operands[slot]
-    letters, ellipsis = inputs[slot]
-    if weight is None or ellipsis is not None or len(set(letters)) != len(letters) or weight.ndim != len(letters):
+    if weight is None:
         return None
-    data = {letter for other, (term, _) in enumerate(inputs) if other != slot for letter in term}
-    neurons = [axis for axis, letter in enumerate(letters) if letter in out_letters and letter not in data]
-    features = [axis for axis, letter in enumerate(letters) if letter in data and letter not in out_letters]
+    # The rule's own reading of which weight letters are neurons and which are inputs.
+    axes = einsum_weight_axes(einsum_equation(node), len(operands), slot, weight.ndim, lambda i: operands[i] is not None)
+    if axes is None:
+        return None
+    neurons, features = axes
     if not neurons or not features or len(neurons) + len(features) != weight.ndim:
         return None
     rows = math.prod(weight.shape[axis] for axis in neurons)
