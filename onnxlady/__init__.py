@@ -74,56 +74,62 @@ if _started_as_command() and _signal.getsignal(_signal.SIGINT) is _signal.defaul
 
 # isort: split
 
-from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, GroupMember, TensorPermutation, analyze
-from onnxlady._api._audit import AuditResult, audit
-from onnxlady._api._demo import DemoResult, demo
-from onnxlady._api._inspect import InspectResult, inspect
-from onnxlady._api._match import MatchResult, match
-from onnxlady._api._permute import PermuteResult, permute
-from onnxlady._api._perturb import PerturbResult, perturb
-from onnxlady._api._provenance import (
-    Candidate,
-    Cluster,
-    ClusterResult,
-    Confirmation,
-    FindResult,
-    IndexResult,
-    UnreadableFile,
-    build_index,
-    find,
-    find_all_pairs,
-)
-from onnxlady._api._resync import ResyncResult, resync
-from onnxlady._api._unpermute import UnpermuteResult, unpermute
-from onnxlady._api._verify import VerifyResult, verify
-from onnxlady._api._watermark import (
-    WatermarkExtraction,
-    WatermarkResult,
-    embed_watermark,
-    extract_watermark,
-    read_watermark_key,
-)
-from onnxlady._audit._verdicts import AuditReport
-from onnxlady._errors import OnnxladyError
-from onnxlady._graph._expr import FreezeReason
-from onnxlady._io._files import LoadedModel, load_model, save_model
-from onnxlady._io._progress import ProgressReporter
-from onnxlady._resync._match import ConversionFinding, GroupPair, ModelMatch, UnmatchedGroup
-from onnxlady._resync._solver import GroupResync
-from onnxlady._transforms._key import PermutationKey, read_key
-from onnxlady._transforms._perturb import PerturbReport, TensorChange
-from onnxlady._transforms._watermark import WatermarkKey
-from onnxlady._verify._compare import OutputComparison, VerifyReport
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
-# isort: split
-# Lower-level building blocks that work in place on an analysed model: kept importable for
-# existing code, not part of the public API (``__all__``).
-from onnxlady._resync._match import match_models as match_models
-from onnxlady._transforms._key import graph_fingerprint as graph_fingerprint
-from onnxlady._transforms._permute import draw_permutations as draw_permutations
-from onnxlady._transforms._permute import permute_model as permute_model
-from onnxlady._transforms._permute import unpermute_model as unpermute_model
-from onnxlady._verify._compare import verify_models as verify_models
+from onnxlady._errors import OnnxladyError
+
+if _TYPE_CHECKING:  # what each name is, for type checkers and readers; imported on first use (__getattr__)
+    from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, GroupMember, TensorPermutation, analyze
+    from onnxlady._api._audit import AuditResult, audit
+    from onnxlady._api._demo import DemoResult, demo
+    from onnxlady._api._inspect import InspectResult, inspect
+    from onnxlady._api._match import MatchResult, match
+    from onnxlady._api._permute import PermuteResult, permute
+    from onnxlady._api._perturb import PerturbResult, perturb
+    from onnxlady._api._provenance import (
+        Candidate,
+        Cluster,
+        ClusterResult,
+        Confirmation,
+        FindResult,
+        IndexResult,
+        UnreadableFile,
+        build_index,
+        find,
+        find_all_pairs,
+    )
+    from onnxlady._api._resync import ResyncResult, resync
+    from onnxlady._api._unpermute import UnpermuteResult, unpermute
+    from onnxlady._api._verify import VerifyResult, verify
+    from onnxlady._api._watermark import (
+        WatermarkExtraction,
+        WatermarkResult,
+        embed_watermark,
+        extract_watermark,
+        read_watermark_key,
+    )
+    from onnxlady._audit._verdicts import AuditReport
+    from onnxlady._graph._expr import FreezeReason
+    from onnxlady._io._files import LoadedModel, load_model, save_model
+    from onnxlady._io._progress import ProgressReporter
+    from onnxlady._resync._match import ConversionFinding, GroupPair, ModelMatch, UnmatchedGroup
+    from onnxlady._resync._solver import GroupResync
+    from onnxlady._transforms._key import PermutationKey, read_key
+    from onnxlady._transforms._perturb import PerturbReport, TensorChange
+    from onnxlady._transforms._watermark import WatermarkKey
+    from onnxlady._verify._compare import OutputComparison, VerifyReport
+
+    # isort: split
+    # Lower-level building blocks that work in place on an analysed model: kept importable for
+    # existing code, not part of the public API (``__all__``).
+    from onnxlady._resync._match import match_models as match_models
+    from onnxlady._transforms._key import graph_fingerprint as graph_fingerprint
+    from onnxlady._transforms._permute import draw_permutations as draw_permutations
+    from onnxlady._transforms._permute import permute_model as permute_model
+    from onnxlady._transforms._permute import unpermute_model as unpermute_model
+    from onnxlady._verify._compare import verify_models as verify_models
 
 __all__ = [
     "AuditReport",
@@ -187,15 +193,65 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def _set_module() -> None:
-    """Name every public object after the package (``onnxlady.permute``), as onnx-ir does.
+#: Where each name of the package lives (the ``_TYPE_CHECKING`` imports above, which
+#: tests/test_lazy_package.py holds equal). A name is imported on first use
+#: (:func:`__getattr__`): ``onnxlady permute`` then imports what permuting needs, not the
+#: audit, the provenance index or the resync of converted copies (a fifth of its CPU time on a
+#: small model).
+_MODULES: dict[str, str] = {  # module: its names, separated by spaces
+    "onnxlady._analysis._channels": "ChannelAnalysis ChannelGroup GroupMember TensorPermutation analyze",
+    "onnxlady._api._audit": "AuditResult audit",
+    "onnxlady._api._demo": "DemoResult demo",
+    "onnxlady._api._inspect": "InspectResult inspect",
+    "onnxlady._api._match": "MatchResult match",
+    "onnxlady._api._permute": "PermuteResult permute",
+    "onnxlady._api._perturb": "PerturbResult perturb",
+    "onnxlady._api._provenance": (
+        "Candidate Cluster ClusterResult Confirmation FindResult IndexResult "
+        "UnreadableFile build_index find find_all_pairs"
+    ),
+    "onnxlady._api._resync": "ResyncResult resync",
+    "onnxlady._api._unpermute": "UnpermuteResult unpermute",
+    "onnxlady._api._verify": "VerifyResult verify",
+    "onnxlady._api._watermark": (
+        "WatermarkExtraction WatermarkResult embed_watermark extract_watermark "
+        "read_watermark_key"
+    ),
+    "onnxlady._audit._verdicts": "AuditReport",
+    "onnxlady._graph._expr": "FreezeReason",
+    "onnxlady._io._files": "LoadedModel load_model save_model",
+    "onnxlady._io._progress": "ProgressReporter",
+    "onnxlady._resync._match": "ConversionFinding GroupPair ModelMatch UnmatchedGroup match_models",
+    "onnxlady._resync._solver": "GroupResync",
+    "onnxlady._transforms._key": "PermutationKey read_key graph_fingerprint",
+    "onnxlady._transforms._perturb": "PerturbReport TensorChange",
+    "onnxlady._transforms._watermark": "WatermarkKey",
+    "onnxlady._verify._compare": "OutputComparison VerifyReport verify_models",
+    "onnxlady._transforms._permute": "draw_permutations permute_model unpermute_model",
+}
+_WHERE = {name: module for module, names in _MODULES.items() for name in names.split()}
 
-    The private module an object lives in is an implementation detail; help() and tracebacks
-    show the name users import.
+
+def __getattr__(name: str) -> _Any:
+    """Import a name of the package on first use; a public one is named after the package.
+
+    As onnx-ir does (``onnxlady.permute``, not ``onnxlady._api._permute.permute``): the private
+    module an object lives in is an implementation detail; help() and tracebacks show the name
+    users import.
     """
-    namespace = globals()
-    for name in __all__:
-        namespace[name].__module__ = __name__
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    if name in __all__:
+        value.__module__ = __name__
+    globals()[name] = value
+    return value
 
 
-_set_module()
+def __dir__() -> list[str]:
+    """The package's names, those not imported yet included."""
+    return sorted(set(globals()) | set(_WHERE))
+
+
+OnnxladyError.__module__ = __name__

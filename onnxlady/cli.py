@@ -48,6 +48,7 @@ def _terminate(signum: int, frame: object) -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    _import_command(sys.argv[1:] if argv is None else argv)
     # SIGTERM unwinds like Ctrl-C (outputs staged so far are removed), then exits 143.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
@@ -222,6 +223,38 @@ def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
 def _default(function: Callable[..., Any], name: str) -> Any:
     """The default of ``function``'s keyword ``name``: the command line shows and uses the API's."""
     return pyinspect.signature(function).parameters[name].default
+
+
+#: The package's names each subcommand runs and reads its defaults from (:func:`_import_command`).
+_COMMAND_NAMES: dict[str, tuple[str, ...]] = {
+    "demo": ("demo",),
+    "inspect": ("inspect",),
+    "permute": ("permute",),
+    "unpermute": ("unpermute",),
+    "resync": ("resync",),
+    "match": ("match",),
+    "audit": ("audit",),
+    "watermark": ("embed_watermark", "extract_watermark"),
+    "perturb": ("perturb",),
+    "index": ("build_index",),
+    "find": ("find",),
+    "verify": ("verify",),
+}
+
+
+def _import_command(arguments: Sequence[str]) -> None:
+    """Import what the command line will run while Ctrl-C still ends the process at once.
+
+    The package imports each of its names on first use (``onnxlady/__init__.py``), so the
+    command's modules, numpy's and onnx's extensions among them, are imported here, before
+    :func:`main` takes Ctrl-C (and SIGTERM) over: an extension interrupted while it imports
+    raises an ImportError, not the KeyboardInterrupt, and nothing unwinds cleanly from there.
+    Any first word that names no subcommand (``--help``, a typo) builds every subcommand's
+    parser, which reads every command's defaults: all are imported.
+    """
+    named = _COMMAND_NAMES.get(arguments[0]) if arguments else None
+    for name in (*(named or (name for names in _COMMAND_NAMES.values() for name in names)), "ProgressReporter"):
+        getattr(onnxlady, name)
 
 
 #: The subcommands' parsers are added to this (``add_subparsers``'s action).

@@ -65,7 +65,11 @@ def test_release_pages_lets_a_maps_pages_go_and_keeps_its_bytes(tmp_path: Path) 
 
 _PEAK = """
 import io, contextlib, json, re, sys
+import onnxlady
 from onnxlady.cli import main
+
+for name in onnxlady.__all__:  # imported before the baseline: the package's modules load on first use
+    getattr(onnxlady, name)
 
 def kilobytes(field):  # VmHWM is this process's own (ru_maxrss would carry the pytest parent's)
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))

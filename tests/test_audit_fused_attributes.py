@@ -20,10 +20,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fixtures.contrib import HEAD_DIM, build_bert_like, ort_optimized, ort_transformer_optimized
+from fixtures.contrib import HEAD_DIM, NUM_OUTPUTS, build_bert_like, ort_optimized, ort_transformer_optimized
+from onnxlady import analyze
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._verify._compare import verify_models
-from onnxlady.testing import copy_model, permute_copy
+from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 
 pytest.importorskip("onnxruntime")
 
@@ -144,3 +145,88 @@ def test_a_factor_deleted_before_an_attention_that_kept_its_scale_is_modified() 
     moved = _unscaled(reference, 0.5 / math.sqrt(_WIDTH // _HEADS))  # the factor taken into the scale
     assert verify_models(reference, moved, provider="cpu").equivalent
     assert "q.scale" not in audit_models(reference, moved).summary  # held: not named as deleted
+
+
+def test_a_factor_moved_into_an_attentions_scale_is_converted() -> None:
+    """Session 15 left it ``modified``: the attention's ``scale`` changed on a kept operator counted as an edit.
+
+    Where the factor dropped before it accounts exactly for the change, the attention computes
+    what the reference's ``Mul`` and attention did; a scale off by more (x1.1) is still an edit.
+    """
+    reference = _scaled_attention()
+    default = 1.0 / math.sqrt(_WIDTH // _HEADS)
+    moved = _unscaled(reference, 0.5 * default)
+    assert verify_models(reference, moved, provider="cpu").equivalent
+    report = audit_models(reference, moved)
+    assert report.verdict == "converted", report.summary
+    off = _unscaled(reference, 0.55 * default)
+    assert not verify_models(reference, off, provider="cpu").equivalent
+    report = audit_models(reference, off)
+    assert report.verdict == "modified", report.summary
+    assert "MultiHeadAttention 'mha' has other attributes" in report.summary
+    # The scale changed on its own (no factor dropped before it) is an edit too.
+    assert audit_models(reference, _with_attribute(reference, "MultiHeadAttention", "scale", 0.5 * default)).verdict == "modified"
+    permuted, analysis = permute_copy(reference, seed=3)[:2]
+    assert audit_models(reference, _unscaled(permuted, 0.5 * default)).verdict == "permuted"
+    wrong = copy_model(permuted)
+    permute_producer_only(wrong, analysis)  # a wrong permutation under the same move
+    assert audit_models(reference, _unscaled(wrong, 0.5 * default)).verdict == "modified"
+
+
+def _dynamic_bert_like() -> onnx.ModelProto:
+    """``build_bert_like`` with a dynamic batch and each sequence's last token pooled, as HF's heads index it.
+
+    The pooled row of sequence ``i`` is ``i * seq + seq - 1`` of the flattened logits: an integer
+    ``Mul`` of a ``Range`` over the batch by a dim read from ``Shape`` (ALBERT, MobileBERT,
+    SqueezeBERT and CLIP compute such indices).
+    """
+    model = build_bert_like(layers=2)
+    graph = model.graph
+    for value in graph.input:
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    logits = graph.output[0].name
+    del graph.output[:]
+    del graph.value_info[:]
+    graph.initializer.extend([numpy_helper.from_array(np.array(value, np.int64), name) for name, value in
+                              (("pool.zero", 0), ("pool.one", 1), ("pool.flat", [-1, NUM_OUTPUTS]))])  # fmt: skip
+    graph.node.extend([
+        helper.make_node("Shape", ["input_ids"], ["pool.shape"], name="pool.shape"),
+        helper.make_node("Gather", ["pool.shape", "pool.zero"], ["pool.batch"], name="pool.batch", axis=0),
+        helper.make_node("Gather", ["pool.shape", "pool.one"], ["pool.seq"], name="pool.seq", axis=0),
+        helper.make_node("Range", ["pool.zero", "pool.batch", "pool.one"], ["pool.rows"], name="pool.rows"),
+        helper.make_node("Mul", ["pool.rows", "pool.seq"], ["pool.starts"], name="pool.starts"),
+        helper.make_node("Sub", ["pool.seq", "pool.one"], ["pool.last"], name="pool.last"),
+        helper.make_node("Add", ["pool.starts", "pool.last"], ["pool.index"], name="pool.index"),
+        helper.make_node("Reshape", [logits, "pool.flat"], ["pool.flat_logits"], name="pool.reshape"),
+        helper.make_node("Gather", ["pool.flat_logits", "pool.index"], ["pooled"], name="pool.gather", axis=0),
+    ])  # fmt: skip
+    graph.output.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", NUM_OUTPUTS]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_changed_alpha_is_caught_where_the_reference_computes_integers_from_a_dynamic_shape() -> None:
+    """Session 16: an integer ``Mul`` computed from a shape (an index, no factor) turned the alpha check off.
+
+    Any ``Mul`` operand the reference computes from shapes without a known value read as a scale
+    a converter may fold into an attribute, so no attribute was compared: ALBERT, MobileBERT,
+    SqueezeBERT and CLIP's ORT copies with an alpha changed x1.5 read ``converted``.
+    """
+    reference = _dynamic_bert_like()
+    extended = ort_optimized(reference)
+    assert sum(node.op_type == "FusedMatMul" for node in extended.graph.node) == 2
+    assert any(node.op_type == "Range" for node in extended.graph.node)  # the index is still computed at run time
+    assert audit_models(reference, extended).verdict == "converted"
+    value = _alpha(extended) * 1.5
+    changed = _with_attribute(extended, "FusedMatMul", "alpha", value)
+    assert not verify_models(extended, changed, provider="cpu").equivalent
+    report = audit_models(reference, changed)
+    assert report.verdict == "modified", report.summary
+    assert f"alpha {value:.6g}" in report.summary
+    # A permuted copy through the same optimizer is still recognized, and a wrong permutation is caught.
+    permuted = ort_optimized(permute_copy(reference, seed=3)[0])
+    assert audit_models(reference, permuted).verdict == "permuted"
+    wrong = copy_model(extended)
+    permute_producer_only(wrong, analyze(wrong))
+    assert not verify_models(extended, wrong, provider="cpu").equivalent
+    assert audit_models(reference, wrong).verdict not in ("converted", "permuted", "identical")

@@ -63,3 +63,36 @@ def test_a_fast_gelu_where_no_gelu_was_is_an_edit() -> None:
     report = audit_models(reference, moved)
     assert report.verdict == "modified", report.summary
     assert "1 more fastgelu operator" in report.summary
+
+
+def test_the_approximated_copy_given_as_the_reference_reads_converted() -> None:
+    """Roles swapped (session 15 left it ``modified``: "2 more gelu operators"): the same two models."""
+    original = build_bert_like(layers=2)
+    reference = _approximated(original)
+    report = audit_models(reference, original)
+    assert report.verdict == "converted", report.summary
+    assert [(c.model, c.detail) for c in report.conversions if c.kind == "gelu-approximated"] == [
+        ("reference", "gelu approximated (tanh form, FastGelu) at 2 operators")]
+    assert "the reference's gelu approximated (tanh form, FastGelu)" in report.summary
+    permuted, analysis = permute_copy(original, seed=3)[:2]
+    assert audit_models(reference, permuted).verdict == "permuted"
+    wrong = copy_model(permuted)
+    permute_producer_only(wrong, analysis)
+    assert audit_models(reference, wrong).verdict == "modified"
+
+
+def test_an_exact_gelu_added_next_to_the_swapped_approximation_is_an_edit() -> None:
+    """The original as the suspect with a Gelu appended behind the logits: one more exact Gelu than FastGelus."""
+    original = build_bert_like(layers=2)
+    reference = _approximated(original)
+    appended = copy_model(original)
+    output = appended.graph.output[0].name
+    for node in appended.graph.node:
+        node.output[:] = [f"{output}_exact" if name == output else name for name in node.output]
+    appended.graph.node.append(helper.make_node("Gelu", [f"{output}_exact"], [output], domain="com.microsoft"))
+    if not any(opset.domain == "com.microsoft" for opset in appended.opset_import):
+        appended.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    assert not verify_models(original, appended, provider="cpu").equivalent
+    report = audit_models(reference, appended)
+    assert report.verdict == "modified", report.summary
+    assert "1 more gelu operator" in report.summary

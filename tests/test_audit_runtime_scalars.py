@@ -17,9 +17,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlady._audit._operator_constants import _shape_scalar
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._graph._shape_scalars import shape_values
 from onnxlady._verify._compare import verify_models
 from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 
@@ -125,8 +125,8 @@ def test_a_changed_folded_scale_is_caught(factor: float) -> None:
 
 def test_a_scale_read_from_a_dynamic_shape_is_evaluated_where_its_dim_is_known() -> None:
     """A dynamic batch leaves the head size known: the scale is evaluated; one read from the batch is not."""
-    scale = _shape_scalar(ModelGraph(_model("batch")), "scale", {}, set())
+    scale = shape_values(ModelGraph(_model("batch"))).scalar("scale")
     assert scale is not None and float(scale.ravel()[0]) == pytest.approx(_DIM**-0.25)
-    assert _shape_scalar(ModelGraph(_model("batch", picked=0)), "scale", {}, set()) is None
-    batch = _shape_scalar(ModelGraph(_model(1, picked=0)), "scale", {}, set())  # static: 1 ** -0.25
+    assert shape_values(ModelGraph(_model("batch", picked=0))).scalar("scale") is None
+    batch = shape_values(ModelGraph(_model(1, picked=0))).scalar("scale")  # static: 1 ** -0.25
     assert batch is not None and float(batch.ravel()[0]) == pytest.approx(1.0)

@@ -151,7 +151,7 @@ def test_rows_read_as_iterated_find_what_listed_rows_find() -> None:
 
 
 def test_two_work_arrays_measure_what_three_do() -> None:
-    """_measure's two work arrays (the reference's copy in the change's place, the change computed again) give the three-array figures."""
+    """_measure's two work arrays (the reference's copy in the scratch array, the change computed again) give the three-array figures."""
     buffers = _Scratch()
     for info, ref, sus in _tensors():
         expected = _measure_widened(info.tensor, info, ref, sus)

@@ -6,7 +6,7 @@ every layer. One element of that shared tensor changed moved every reader's cont
 alike, as far as two signatures get (a zero bias made nonzero), so no layer's counterpart was
 decisively nearer; the graph order then paired a converter's reordered towers crosswise and
 the pair was refused as different models (CLIP 57 %, BART 38.9 %). A layer's own weight still
-tells it apart, and now decides (:func:`onnxlady._resync._match._decided_by_own_weights`).
+tells it apart, and now decides (:func:`onnxlady._resync._content._decided_by_own_weights`).
 And an attention block rewired out of a converted copy (its layers computing nothing read)
 counted its lost layers twice, in the site share and again in the connection share, and fell
 below the threshold (BART 89.4 %): a live layer paired with a dead one now counts in the site

@@ -2,8 +2,9 @@
 
 numpy loads ``numpy.random`` lazily, on first use: permute, perturb and resync drew from it
 inside their run, whose first call then paid the import (15 ms, a fifth of permuting an 11 MB
-model). The modules that draw import it with themselves, so ``from onnxlady.cli import main``
-has it loaded. Checked in a fresh interpreter (this one has imported everything already).
+model). The modules that draw import it with themselves, so once the package's modules are
+loaded (they load on first use; ``tools.bench`` loads them all before its clock) numpy's are
+too. Checked in a fresh interpreter (this one has imported everything already).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from fixtures import FIXTURES
 
 _SCRIPT = """
 import io, contextlib, json, os, sys
+import onnxlady
 from onnxlady.cli import main
+for name in onnxlady.__all__:
+    getattr(onnxlady, name)
 commands = json.loads(sys.argv[1])
 for arguments in commands:  # each in a forked copy of this interpreter, as it stands after the import
     reader, writer = os.pipe()

@@ -23,7 +23,7 @@ from fixtures.conversions import simplify, to_float16
 from fixtures.einsum import HEAD, HEADS, HIDDEN, build_einsum_block
 from onnxlady import analyze, unpermute_model, verify_models
 from onnxlady._rules._context import RuleDoesNotApply
-from onnxlady.testing import copy_model, permute_copy
+from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 
 FORMS = ("explicit", "weight_first", "implicit", "ellipsis")
 
@@ -93,6 +93,16 @@ def test_each_operand_the_rule_moves_must_move() -> None:
         assert not np.array_equal(_array(model, name), _array(source, name)), name
         partial = _edit(model, name, lambda _, name=name: _array(source, name))
         assert not verify_models(source, partial, provider="cpu").equivalent, name
+
+
+@pytest.mark.parametrize("mlp", FORMS)
+def test_one_einsum_weight_permuted_alone_is_caught(mlp: str) -> None:
+    """``permute_producer_only`` finds Einsum weights (their role names the letter) and verify catches it."""
+    source = build_einsum_block(0, mlp=mlp)
+    wrong = copy_model(source)
+    changed = permute_producer_only(wrong, analyze(wrong))
+    assert not np.array_equal(_array(wrong, changed), _array(source, changed))
+    assert not verify_models(source, wrong, provider="cpu").equivalent
 
 
 def test_a_repeated_letter_freezes_the_groups_it_touches() -> None:
@@ -171,5 +181,6 @@ def test_an_outer_product_with_a_constant_vector_moves_but_makes_no_neurons() ->
     model, _, _, _ = permute_copy(source, 2)
     assert not np.array_equal(_array(model, "c"), _array(source, "c"))
     assert verify_models(source, model, provider="cpu").equivalent
-    partial = _edit(model, "w2", lambda _: _array(source, "w2"))  # the head's weight left in the old order
-    assert not verify_models(source, partial, provider="cpu").equivalent  # a wrong permutation is caught
+    wrong = copy_model(source)
+    assert permute_producer_only(wrong, analyze(wrong)) == "w1"  # the first layer's rows alone
+    assert not verify_models(source, wrong, provider="cpu").equivalent  # a wrong permutation is caught

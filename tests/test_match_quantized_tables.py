@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxlady._resync import _match
+from onnxlady._resync import _content
 
 
 @pytest.mark.parametrize(("near", "paired_by_content"), [(0.0036, True), (0.02, False)])
@@ -25,12 +25,12 @@ def test_a_quantized_table_rules_out_the_other_table(monkeypatch: pytest.MonkeyP
     def fake_distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
         return near if ref_kind[int(a[0][0])] == sus_kind[int(b[0][0])] else 0.86
 
-    monkeypatch.setattr(_match, "distance", fake_distance)
+    monkeypatch.setattr(_content, "distance", fake_distance)
     signatures = {number: [np.array([number])] for number in range(4)}
     structural = {number: number for number in range(4)}  # the alignment pairs them in order
     pairs: dict[int, int] = {}
     how: dict[int, tuple[str, float | None, float | None]] = {}
-    _match._pair_class([0, 1, 2, 3], [0, 1, 2, 3], structural, signatures, signatures, pairs, how)
+    _content.pair_class([0, 1, 2, 3], [0, 1, 2, 3], structural, signatures, signatures, pairs, how)
     crosswise = [r for r, c in pairs.items() if ref_kind[r] != sus_kind[c]]
     if paired_by_content:  # within 8-bit rounding: each table takes a counterpart of its own kind
         assert not crosswise, pairs

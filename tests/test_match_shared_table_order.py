@@ -20,7 +20,7 @@ import pytest
 from fixtures.contrib import ort_optimized
 from fixtures.conversions import to_float16
 from onnxlady import OnnxladyError, analyze, audit, match, verify_models
-from onnxlady._resync import _match
+from onnxlady._resync import _site_pairing
 from onnxlady.testing import GraphBuilder, copy_model, permute_copy, permute_producer_only
 
 SEQ, VOCAB, WIDTH, HIDDEN = 5, 24, 16, 32
@@ -145,7 +145,7 @@ def test_a_wrong_permutation_reordered_is_caught(tmp_path: Path) -> None:
 
 def test_the_refusal_names_the_share_that_fell_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the re-pairing the readers cross: the refusal says connections, not "no counterpart"."""
-    monkeypatch.setattr(_match, "_settle_by_connections", lambda *args, **kwargs: None)
+    monkeypatch.setattr(_site_pairing, "_settle_by_connections", lambda *args, **kwargs: None)
     source = _two_branches()
     with pytest.raises(OnnxladyError) as refused:
         audit(*_saved(tmp_path, source, _decoder_first(source)))

@@ -90,7 +90,7 @@ def test_the_weight_rows_follow_the_rule_letters() -> None:
     # Not a layer, or not one the letters prove: no guess.
     square = rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32)
     assert rows("bsf,ff->bsf", None, square) is None  # a diagonal (repeated letter)
-    assert rows("bhsd,hdf->bhsf", None, qkv) is None  # a per-head weight (h on data and output)
+    assert rows("bsd,kdf->bsf", None, qkv) is None  # a letter on the weight alone (summed over)
     assert rows("df,fe->de", w, square) is None  # two constants
     assert rows("bsd,d->bs", None, w[:, 0]) is None  # a contraction with no neurons
     assert rows("bhse,bhte->bhst", None, None) is None  # attention: no constant

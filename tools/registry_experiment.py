@@ -652,8 +652,10 @@ def stage_costs(files: list[str], repeats: int = 5) -> dict[str, Any]:
     :func:`~onnxlady._provenance._producers.model_producers`), ``layer arithmetic``
     (:func:`~onnxlady._provenance._fingerprint.fingerprints_of` over the tasks of a one-worker
     build) and ``vectors and bytes`` (search vectors and serialization); ``whole`` is
-    ``fingerprint_files`` itself. Runs with any round's onnxlady (the search vectors one by one
-    where it has no batched form).
+    ``fingerprint_files`` itself. ``node names`` is no stage but a floor under the graph walk:
+    every node's operator, input and output names read off the opened models, the least any walk
+    of the graph in Python pays (protobuf makes a new object per field read). Runs with any
+    round's onnxlady (the search vectors one by one where it has no batched form).
     """
     from onnxlady._provenance import _fingerprint as fingerprint_module
     from onnxlady._provenance._producers import model_producers
@@ -689,6 +691,12 @@ def stage_costs(files: list[str], repeats: int = 5) -> dict[str, Any]:
         "onnx.load": lambda: [onnx.load(path) for path in files],
         "parse": parse,
         "open": opened,
+        # The least any reader of the graph in Python pays (every node's operator, input and
+        # output names from the parsed protobuf): a floor under the graph walk.
+        "node names": lambda: [
+            [[(n.op_type, list(n.input), list(n.output)) for n in m.model.graph.node] for m in group]
+            for group in state["open"]
+        ],
         "graph walk": lambda: [
             [model_producers(m.model, m.arrays, m.full_model) for m in group] for group in state["open"]
         ],

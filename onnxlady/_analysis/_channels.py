@@ -38,6 +38,7 @@ from onnxlady._graph._expr import (
 from onnxlady._graph._functions import FunctionView, inlined_view
 from onnxlady._graph._model_graph import ModelGraph, node_label
 from onnxlady._io._collector import collector_paused
+from onnxlady._io._node_table import NodeTable
 from onnxlady._io._progress import advance, say
 from onnxlady._rules._context import (
     AnalysisState,
@@ -414,7 +415,11 @@ class ChannelAnalysis:
 
 @collector_paused  # a few hundred objects per node, none of them garbage until the end
 def analyze(
-    model: onnx.ModelProto, *, progress: Callable[[str], None] | None = None, kv_state: bool = False
+    model: onnx.ModelProto,
+    *,
+    progress: Callable[[str], None] | None = None,
+    kv_state: bool = False,
+    nodes: NodeTable | None = None,
 ) -> ChannelAnalysis:
     """Find the coupled channel groups of ``model``: the neurons one permutation must move together.
 
@@ -426,6 +431,8 @@ def analyze(
             permuted, instead of pinning both as graph interface: the input takes, on every
             axis but its sequence axis, the permutation the output carries there (heads and
             the dims inside a head, as far as the attention's rules allow).
+        nodes: the main graph's nodes as the model's check just read them (see
+            :mod:`onnxlady._io._node_table`), so that the graph does not read them again.
 
     Returns:
         The groups, the permutation each constant tensor takes, and a reason for every group
@@ -438,7 +445,7 @@ def analyze(
     # Layers inside ONNX local functions are analysed through an inlined copy (the rules see
     # operators, not calls); what the commands write stays the model as given.
     view = inlined_view(model)
-    graph = ModelGraph(view.model if view is not None else model)
+    graph = ModelGraph(view.model) if view is not None else ModelGraph(model, nodes=nodes)
     state = AnalysisState(graph)
     pairs = _open_states(state, graph.model) if kv_state else []
     total = len(graph.order)

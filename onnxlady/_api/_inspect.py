@@ -145,10 +145,12 @@ def _open_and_analyze(
 ) -> tuple[OpenedModel, ChannelAnalysis]:
     # External weights stay in their files, read as memory maps only where a rule needs a value:
     # the analysis reads shapes and small constants, so memory does not grow with the weights.
-    opened = open_model(model, progress=progress, map_external=True)
+    # (The nodes as the check read them go straight to the analysis's graph: read once.)
+    opened = open_model(model, progress=progress, map_external=True, node_table=True)
     if target is not None:
         check_output_paths([target], list(opened.external_files))
-    return opened, analyze(opened.model, progress=progress, kv_state=kv_state)
+    nodes, opened.nodes = opened.nodes, None
+    return opened, analyze(opened.model, progress=progress, kv_state=kv_state, nodes=nodes)
 
 
 def inspect_document(analysis: ChannelAnalysis, members: bool = True) -> dict[str, Any]:

@@ -27,15 +27,16 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
-from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._skim import read_graph
 from onnxlady._io._tensors import tensor_holders
-from onnxlady._resync._solver import group_slices
-from onnxlady._resync._twin import NotATwin, twin_leaves
+
+if TYPE_CHECKING:  # annotations only: unpermute runs without the analysis (and its rules) imported
+    from onnxlady._analysis._channels import ChannelAnalysis
 
 #: What the interpreter with onnxlady, numpy, onnx and scipy loaded holds before any model.
 BASELINE_BYTES = 200 << 20
@@ -174,6 +175,8 @@ def twin_peak(analysis: ChannelAnalysis, paths: Sequence[Path], command: str = "
         paths: the two model files (their graphs' sizes count: the graphs are held whole).
         command: ``resync``, or ``audit`` (which adds :data:`FORENSICS_TENSORS` of the largest).
     """
+    from onnxlady._resync._solver import group_slices  # (here: permute and unpermute run without the solver)
+
     holders = tensor_holders(analysis.graph.model)
     permutable = {group.id for group in analysis.permutable_groups}
     _, touched = group_slices(analysis, permutable)
@@ -208,6 +211,8 @@ def check_twin_memory(
     Raises:
         OnnxladyError: ``budget`` is not a size, or the estimate exceeds it.
     """
+    from onnxlady._resync._twin import NotATwin, twin_leaves  # (here: permute and unpermute run without it)
+
     limit = parse_memory(budget)
     if limit is None:
         return

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx
@@ -49,7 +49,9 @@ from onnxlady._transforms._permute import (
     draw_permutations,
     permute_model,
 )
-from onnxlady._verify._compare import CheckNotRunError
+
+if TYPE_CHECKING:
+    from onnxlady._verify._reference_runs import CheckNotRunError
 
 #: Permutations given instead of random ones: a JSON file ({group id: [..]} or a key file), a
 #: mapping group id -> permutation, or a key.
@@ -318,6 +320,8 @@ def permute(
         if key_path is not None:
             outputs.write_text(key_path, key_text(key))
         if verify:
+            from onnxlady._verify._reference_runs import CheckNotRunError  # (here: only a check imports it)
+
             # The staged model is checked before it is committed: a failed check leaves nothing behind.
             candidate = outputs.staged(target) if target is not None else result.model
             try:

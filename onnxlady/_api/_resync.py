@@ -32,9 +32,9 @@ from onnxlady._io._outputs import OutputSet, external_data_path
 from onnxlady._io._progress import say
 from onnxlady._io._stream import Override
 from onnxlady._resync._entry import resync_model
-from onnxlady._resync._match import analyze_with_state
 from onnxlady._resync._solver import GroupResync
 from onnxlady._resync._solver import ResyncResult as _Resynced
+from onnxlady._resync._state_analysis import analyze_with_state
 from onnxlady._transforms._key import PermutationKey
 
 METHODS = ("hungarian", "argmax")

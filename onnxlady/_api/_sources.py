@@ -22,6 +22,7 @@ import onnx
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._digest import PendingDigest
 from onnxlady._io._files import copy_model, file_sha256, load_model, write_atomically
+from onnxlady._io._node_table import NodeTable
 from onnxlady._io._outputs import check_output_paths, external_data_path
 from onnxlady._io._progress import say
 from onnxlady._io._validate import in_memory_capacity, validate_model
@@ -52,6 +53,9 @@ class OpenedModel:
     owned: bool
     #: The file's sha256 while it is being computed (opened with ``hash_later``).
     pending: PendingDigest | None = None
+    #: A file's main-graph nodes as its check read them (opened with ``node_table``), for the
+    #: analysis that follows (see :mod:`onnxlady._io._node_table`).
+    nodes: NodeTable | None = None
 
     def writable(self) -> onnx.ModelProto:
         """The model to change in place: the API's own load, or a copy of the caller's model."""
@@ -78,6 +82,7 @@ def open_model(
     as_loaded: bool = False,
     digest: bool = True,
     hash_later: bool = False,
+    node_table: bool = False,
 ) -> OpenedModel:
     """Open a model argument: load a path (with its external data), take a ModelProto as it is.
 
@@ -96,6 +101,8 @@ def open_model(
         hash_later: with ``digest``, hash the file in a thread of its own and return without
             waiting for it: :meth:`OpenedModel.content_sha256` waits (the hash then runs beside
             the load and whatever the caller does next; see :mod:`onnxlady._io._digest`).
+        node_table: keep a file's main-graph nodes as its check read them
+            (:attr:`OpenedModel.nodes`), for a caller that analyses it next.
 
     Returns:
         The opened model; :attr:`OpenedModel.owned` says whether it may be changed in place.
@@ -113,10 +120,12 @@ def open_model(
     say(progress, f"loading the {what} {os.fspath(source)}")
     # (None for a path that is not a regular file: the load refuses it, or hashes it as before)
     pending = PendingDigest.start(source) if digest and hash_later else None
-    loaded = load_model(source, map_external=map_external, as_loaded=as_loaded, digest=digest and pending is None)
+    loaded = load_model(
+        source, map_external=map_external, as_loaded=as_loaded, digest=digest and pending is None, node_table=node_table
+    )
     return OpenedModel(
         loaded.model, loaded.path, loaded.sha256, loaded.external_data, loaded.external_files, owned=True,
-        pending=pending,
+        pending=pending, nodes=loaded.nodes,
     )  # fmt: skip
 
 

@@ -13,13 +13,9 @@ from onnxlady._api._results import Result
 from onnxlady._api._sources import ModelSource, jsonable, path_text, source_path
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._inputs import refuse_special_file
-from onnxlady._verify._compare import (
-    OutputComparison,
-    VerifyReport,
-    parse_shape_overrides,
-    verify_models,
-)
 from onnxlady._verify._inputs import parse_value_ranges
+from onnxlady._verify._report import OutputComparison, VerifyReport
+from onnxlady._verify._shapes import parse_shape_overrides
 
 #: Input shape overrides: ``["NAME:1x3x224x224", ...]`` as on the command line, or ``{NAME: dims}``.
 ShapeOverrides = Sequence[str] | Mapping[str, Sequence[int]]
@@ -153,6 +149,9 @@ def verify(
         input_seed=input_seed,
     )  # fmt: skip
     _refuse_special_inputs(load_inputs, data_loader_script)
+    # Imported here: permute checks these options without running the check (nor importing it).
+    from onnxlady._verify._compare import verify_models
+
     report = verify_models(
         _model_argument(reference), _model_argument(candidate), provider=provider, atol=atol, rtol=rtol,
         iterations=iterations, seed=input_seed, progress=progress, extra_outputs=_names(add_output),

@@ -354,6 +354,9 @@ def _gelus(model: onnx.ModelProto, kind: str) -> list[np.ndarray | None]:
 def approximated_gelus(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> int:
     """How many of the suspect's ``FastGelu`` operators stand where the reference computes an exact Gelu.
 
+    Called with the models swapped, how many of the reference's stand where the suspect does:
+    the approximated copy given as the reference is the same pair of models.
+
     ONNX Runtime's transformer optimizer with gelu approximation (Optimum's O3 and O4 levels)
     writes each ``Gelu`` (erf form or operator, its bias fused in) as a ``FastGelu``: the tanh
     approximation, a converter's, not an edit (held-out round 15, F2). One counts where it adds
@@ -389,10 +392,16 @@ def added_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> lis
     skipped = {"relu"} if _quantized(reference) and not _quantized(suspect) else set()
     if ref_counts.get("rotary") or sus_counts.get("rotary"):
         skipped |= {"neg", "rotary"}
-    approximated = approximated_gelus(reference, suspect) if sus_counts.get("fastgelu", 0) > ref_counts.get("fastgelu", 0) else 0
+    # The approximation either way: the approximated copy may be given as the reference, the
+    # original as the suspect (its exact Gelus then stand where the reference's FastGelus are).
+    approximated = {
+        "fastgelu": approximated_gelus(reference, suspect)
+        if sus_counts.get("fastgelu", 0) > ref_counts.get("fastgelu", 0) else 0,
+        "gelu": approximated_gelus(suspect, reference) if sus_counts.get("gelu", 0) > ref_counts.get("gelu", 0) else 0,
+    }
     lines = []
     for kind in sorted(sus_counts):
-        extra = sus_counts[kind] - ref_counts.get(kind, 0) - (approximated if kind == "fastgelu" else 0)
+        extra = sus_counts[kind] - ref_counts.get(kind, 0) - approximated.get(kind, 0)
         if extra <= 0 or kind in skipped:
             continue
         shown = ", ".join(f"'{name}'" for name in sus_names[kind][-3:])

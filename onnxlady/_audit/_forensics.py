@@ -42,13 +42,18 @@ Evidence, per weight tensor (``d = suspect - reference``, aligned by the resync)
 
 and, for the other constants (biases, normalisation parameters and statistics): whether they
 changed, compared as multisets (sorted values) as well, so a bias the resync mis-paired reads
-as unchanged: ``perturb`` never touches them, fine-tuning always moves them.
+as unchanged: ``perturb`` never touches them, fine-tuning always moves them. One that only
+moved (same multiset, other places) is said to be re-ordered, never untouched; where the kind
+stays uncertain and no constant changed, each changed weight is checked the same way: a
+re-ordering outside the permutations the rules model (two channels swapped inside one
+GroupNorm group) is said as such -- whether it keeps the function is ``verify``'s to tell.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -316,15 +321,49 @@ def _spectral_excess(matrix: np.ndarray, squares: np.ndarray | None = None) -> f
 
     ``squares`` as for :func:`_dispersion`.
     """
+    return _spectral_excess_later(matrix, squares)()
+
+
+def _spectral_excess_later(
+    matrix: np.ndarray, squares: np.ndarray | None = None, product: Future[np.ndarray] | None = None
+) -> Callable[[], float | None]:
+    """What returns :func:`_spectral_excess` of ``matrix``, given its Gram product started already.
+
+    The energy is read now (``squares`` may be overwritten once this returns). ``product``:
+    :func:`_gram_later`'s, waited for by the returned function in every case (``matrix`` is
+    free once it returns); without it the product is computed when the function is called.
+    """
     m, n = matrix.shape
-    if min(m, n) < _MIN_ROWS:
+    energy = float(np.mean(matrix * matrix if squares is None else squares)) if min(m, n) >= _MIN_ROWS else 0.0
+
+    def excess() -> float | None:
+        square = product.result() if product is not None else None
+        if not energy:  # too few rows or columns, or an all-zero matrix: nothing to normalise by
+            return None
+        if square is None:
+            square = _gram(matrix)
+        top = _top_eigenvalue(square) if square.shape[0] <= 2048 else _power(square)
+        return top / (energy * (math.sqrt(m) + math.sqrt(n)) ** 2)
+
+    return excess
+
+
+def _gram(matrix: np.ndarray) -> np.ndarray:
+    """The smaller Gram matrix of ``matrix`` (rows by rows, or columns by columns)."""
+    m, n = matrix.shape
+    return matrix @ matrix.T if m <= n else matrix.T @ matrix
+
+
+def _gram_later(matrix: np.ndarray, pool: Executor | None) -> Future[np.ndarray] | None:
+    """:func:`_gram` of ``matrix`` started in ``pool``'s thread (numpy lets go of the GIL in it).
+
+    None without a pool, or where :func:`_spectral_excess` reads no product (too few rows or
+    columns). ``matrix`` must stay as it is until the future is done. The product is the same
+    call in either thread (the same BLAS routine on the same array: the same bits).
+    """
+    if pool is None or min(matrix.shape) < _MIN_ROWS:
         return None
-    energy = float(np.mean(matrix * matrix if squares is None else squares))
-    if not energy:  # an all-zero matrix: nothing to normalise by
-        return None
-    gram = matrix @ matrix.T if m <= n else matrix.T @ matrix
-    top = _top_eigenvalue(gram) if gram.shape[0] <= 2048 else _power(gram)
-    return top / (energy * (math.sqrt(m) + math.sqrt(n)) ** 2)
+    return pool.submit(_gram, matrix)
 
 
 def _top_eigenvalue(gram: np.ndarray) -> float:
@@ -540,6 +579,7 @@ def _measure(
     sus: np.ndarray,
     storage: np.dtype[Any] | None = None,
     buffers: _Scratch | None = None,
+    pool: Executor | None = None,
 ) -> dict[str, Any]:
     # Whole float64 arrays only for the reference and the change (the suspect is read in its own
     # dtype), and one scratch array that every step below reuses: temporaries the size of a
@@ -551,8 +591,11 @@ def _measure(
     native = sus.dtype in _NATIVE and ref.dtype in _NATIVE
     if not native:  # types numpy does not widen in a subtraction: both float64 copies at once, as before
         return _measure_widened(name, info, ref, sus, storage, buffers)
-    # Two work arrays, the change and a scratch array; the reference's float64 copy takes the
-    # change's place while it is needed, and the change (one subtraction) is computed again.
+    # Two work arrays, the change and a scratch array. The Gram product of the spectral excess
+    # (the largest single cost of the forensics) reads the change in ``pool``'s thread while this
+    # one computes every figure of the change alone (their temporaries in the scratch array);
+    # then the reference's float64 copy goes into the scratch array, the change's memory is the
+    # temporary, and the change (one subtraction) is computed again for the correlation.
     # numpy widens either float exactly as the subtraction reads it: the values of
     # sus.astype(np.float64) - ref.astype(np.float64), computed the same way each time.
     d = buffers.get("change", n).reshape(ref.shape)
@@ -564,6 +607,9 @@ def _measure(
 
     change()
     changed = int(np.count_nonzero(flat_d))
+    axis = info.row_axis if 0 <= info.row_axis < d.ndim else 0
+    rows = _matrix_view(d, axis) if changed else None  # a view of the change: its Gram product starts now
+    product = _gram_later(rows, pool) if rows is not None else None
     # A float is zero where it equals 0 (either sign; NaN is not): what ``x == 0`` counts,
     # without its mask the size of the tensor.
     ref_zeros, sus_zeros = n - int(np.count_nonzero(ref)), n - int(np.count_nonzero(sus))
@@ -572,27 +618,39 @@ def _measure(
         buffers,
     )
     std_d, mean_d = _std_mean(flat_d, scratch)
-    center = median(flat_d)  # (the median absolute deviation below: the same values as np.median's)
-    np.abs(np.subtract(flat_d, center, out=scratch), out=scratch)
-    mad = float(median(scratch))
-    flat_r = flat_d  # the reference's float64 copy, in the change's place
+    shape: dict[str, Any] = {}
+    if rows is not None:
+        row_dispersion, spectral_excess = _row_figures(rows, scratch, product)
+        column_dispersion = _column_dispersion(d, axis, scratch)
+    if changed:
+        center = median(flat_d)  # (the median absolute deviation below: the same values as np.median's)
+        np.abs(np.subtract(flat_d, center, out=scratch), out=scratch)
+        mad = float(median(scratch))
+    if rows is not None:  # the product done (waited for here): the change's memory is free
+        shape = {
+            "row_dispersion": row_dispersion,
+            "spectral_excess": spectral_excess(),
+            "column_dispersion": column_dispersion,
+        }
+    flat_r = scratch  # the reference's float64 copy, in the scratch array
     np.copyto(flat_r, ref.reshape(-1), casting="unsafe")  # what astype(np.float64) computes: the exact widening
-    std_r, mean_r = _std_mean(flat_r, scratch)
+    std_r, mean_r = _std_mean(flat_r, flat_d)
     entry = _entry_head(name, n, changed, (ref_zeros, sus_zeros), (sus_count, ref_count, few), std_d / std_r if std_r else 0.0)
     if not changed:
         return entry
     entry["kept_match"] = _kept_share(flat_r, sus) if sus_zeros > ref_zeros else None
     entry["robust_relative_change"] = 1.4826 * mad / std_r if std_r else 0.0
     if n > 2 and std_d > 0 and std_r > 0:
-        # The change, centred, in the scratch array; the reference's copy centred in place.
-        np.subtract(sus, ref, out=scratch.reshape(ref.shape), dtype=np.float64)
-        rho = _correlation(flat_r, scratch, scratch, own_x=True, means=(mean_r, mean_d))
+        # The change, computed again and centred in place; the reference's copy centred in place.
+        change()
+        rho = _correlation(flat_r, flat_d, flat_d, own_x=True, means=(mean_r, mean_d))
         entry["correlation"] = rho
         entry["correlation_z"] = rho * math.sqrt(n)
     del flat_r
-    change()
-    axis = info.row_axis if 0 <= info.row_axis < d.ndim else 0
-    entry.update(_shape_figures(d, axis, scratch, change))
+    if not shape:  # rows that a transpose copies: measured now, one after the other
+        change()
+        shape = _shape_figures(d, axis, scratch, change)
+    entry.update(shape)
     return entry
 
 
@@ -703,7 +761,6 @@ def _shape_figures(d: np.ndarray, axis: int, scratch: np.ndarray, change: Callab
     ``d``'s memory, ``change`` computing ``d`` again where it is still needed: the values the
     copies of :func:`_matrix` and the squares in a scratch array give.
     """
-    out: dict[str, Any] = {}
     flat_d = d.reshape(-1)
     rows = _matrix_view(d, axis)
     if rows is not None:
@@ -711,25 +768,39 @@ def _shape_figures(d: np.ndarray, axis: int, scratch: np.ndarray, change: Callab
     else:
         rows = _matrix(d, axis, scratch)
         squares = _squares(rows, flat_d)
-    out["row_dispersion"] = _dispersion(rows, squares)
-    out["spectral_excess"] = _spectral_excess(rows, squares)
+    out = {"row_dispersion": _dispersion(rows, squares), "spectral_excess": _spectral_excess(rows, squares)}
     if not np.may_share_memory(rows, d):
         change()  # d held the squares
     del rows, squares
+    out["column_dispersion"] = _column_dispersion(d, axis, scratch)
+    return out
+
+
+def _row_figures(
+    rows: np.ndarray, work: np.ndarray, product: Future[np.ndarray] | None
+) -> tuple[float | None, Callable[[], float | None]]:
+    """The row dispersion of ``rows``, and what returns their spectral excess (see :func:`_spectral_excess_later`).
+
+    ``rows``' squares go into ``work`` (free once this returns); ``product``: their Gram
+    product started already (:func:`_gram_later`), or None.
+    """
+    squares = _squares(rows, work)
+    return _dispersion(rows, squares), _spectral_excess_later(rows, squares, product)
+
+
+def _column_dispersion(d: np.ndarray, axis: int, work: np.ndarray) -> float | None:
+    """The column dispersion of the change ``d`` (read only), temporaries in ``work``."""
     if d.ndim < 2:
-        out["column_dispersion"] = None
-        return out
+        return None
     columns = _matrix_view(d, 1 if axis == 0 else 0)
     if columns is not None:
-        out["column_dispersion"] = _dispersion(columns, _squares(columns, scratch))
-    else:
-        # The dispersion reads only the squares: squared straight from the transposed view into
-        # ``scratch``, in the C order the copy of :func:`_matrix` has (the same products, the
-        # same row sums), one pass instead of a copy and a square.
-        moved = np.moveaxis(d, 1 if axis == 0 else 0, 0)
-        squares = np.multiply(moved, moved, out=scratch.reshape(moved.shape)).reshape((moved.shape[0], -1))
-        out["column_dispersion"] = _dispersion(squares, squares)
-    return out
+        return _dispersion(columns, _squares(columns, work))
+    # The dispersion reads only the squares: squared straight from the transposed view into
+    # ``work``, in the C order the copy of :func:`_matrix` has (the same products, the same row
+    # sums), one pass instead of a copy and a square.
+    moved = np.moveaxis(d, 1 if axis == 0 else 0, 0)
+    squares = np.multiply(moved, moved, out=work.reshape(moved.shape)).reshape((moved.shape[0], -1))
+    return _dispersion(squares, squares)
 
 
 def _matrix_view(array: np.ndarray, axis: int) -> np.ndarray | None:
@@ -827,18 +898,81 @@ def classify_change(
     """
     allowed = allowed or {}
     buffers = _Scratch()  # the work arrays of every tensor's measurements, allocated once
-    per_tensor = [
-        _measure(name, weights[name], ref[name], sus[name], (storage or {}).get(name), buffers)
-        for name in sorted(weights)
-        if name in ref and name in sus and ref[name].shape == sus[name].shape
-    ]
+    # One worker thread: each tensor's Gram product beside its other figures (see _measure).
+    with ThreadPoolExecutor(1, thread_name_prefix="onnxlady-forensics") as pool:
+        per_tensor = [
+            _measure(name, weights[name], ref[name], sus[name], (storage or {}).get(name), buffers, pool)
+            for name in sorted(weights)
+            if name in ref and name in sus and ref[name].shape == sus[name].shape
+        ]
     del buffers
     others = _other_changes(ref, sus, set(weights), rtol, allowed)
     evidence = _summarize(per_tensor, others)
     evidence["converted"] = bool(allowed)
     evidence["non_weight_constants"] = sum(1 for name in ref if name not in weights and name in sus)
     kind, reason = decide(evidence)
+    if kind == "uncertain" and evidence["changed_tensors"] and not others["changed"]:
+        # Only here (an uncommon path): whether the changed weights hold the reference's own
+        # values in other places, as a re-ordering outside the modelled permutations leaves them
+        # (channels swapped inside one GroupNorm group): said, never claimed as equivalent.
+        reordered = _reordered_weights(ref, sus, per_tensor, rtol)
+        if reordered:  # (the evidence of every other audit stays as it was)
+            evidence["weights_reordered"] = reordered
+            kind, reason = decide(evidence)
     return {"kind": kind, "reason": reason, "evidence": evidence}
+
+
+def _reordered_weights(
+    ref: Mapping[str, np.ndarray], sus: Mapping[str, np.ndarray], per_tensor: list[dict[str, Any]], rtol: float
+) -> list[str]:
+    """The changed weights whose changed elements are the reference's own values, re-ordered.
+
+    Compared on the changed elements only (the others are equal in place, so the whole tensors
+    are equal multisets exactly when those are), after a check of the first two moments that
+    every re-ordering passes (their sums are order-free): a dense change, noise, is told apart
+    without sorting its values.
+    """
+    names = []
+    for entry in per_tensor:
+        if not entry["changed"]:
+            continue
+        name = entry["tensor"]
+        a, b = ref[name].reshape(-1), sus[name].reshape(-1)
+        if not _moments_agree(a, b, rtol):
+            continue
+        moved = a != b
+        x = a[moved].astype(np.float64)  # every stored type widens exactly
+        if _same_multiset(x, b[moved].astype(np.float64), rtol):
+            names.append(name)
+    return names
+
+
+#: Elements per step of :func:`_moments_agree` (its float64 temporaries stay in the cache).
+_MOMENT_CHUNK = 1 << 16
+
+
+def _moments_agree(a: np.ndarray, b: np.ndarray, rtol: float) -> bool:
+    """Whether the sums and sums of squares of flat ``a`` and ``b`` allow equal multisets within ``rtol``.
+
+    :func:`_same_multiset` lets each sorted pair differ by ``t_i = rtol * max(|x_i|, scale / 1000)``:
+    the sums then differ by at most ``sum t_i`` and the sums of squares by ``sum t_i (2 |x_i| + t_i)``,
+    both independent of the order (a necessary condition; slack for the float sums' rounding).
+    False where a value is not finite (no claim then).
+    """
+    if not a.size:
+        return True
+    floor = max(float(a.max()), -float(a.min())) * 1e-3
+    totals = np.zeros(7)  # sum a, sum b, sum a^2, sum b^2, sum t, sum t (2|a| + t), sum |a|
+    for start in range(0, a.size, _MOMENT_CHUNK):
+        x = a[start : start + _MOMENT_CHUNK].astype(np.float64)
+        y = b[start : start + _MOMENT_CHUNK].astype(np.float64)
+        size = np.abs(x)
+        t = rtol * np.maximum(size, floor) + 1e-30
+        totals += (x.sum(), y.sum(), x @ x, y @ y, t.sum(), t @ (2 * size + t), size.sum())
+    if not np.all(np.isfinite(totals)):
+        return False
+    slack = 1e-9 * (totals[6] + totals[2] + totals[3]) + 1e-30
+    return bool(abs(totals[0] - totals[1]) <= totals[4] + slack and abs(totals[2] - totals[3]) <= totals[5] + slack)
 
 
 def _other_changes(
@@ -961,7 +1095,7 @@ def decide(evidence: dict[str, Any]) -> tuple[str, str]:
     stored_only = bool(ev.get("converted")) and len(others) <= NOISE_CONVERTED_OTHERS * ev.get("non_weight_constants", 0)
     if dense_all and (not others or stored_only) and structure["noise_like"]:
         untouched = (
-            "biases and normalisation untouched"
+            _constants_text(ev)
             if not others
             else f"{len(others)} of {ev['non_weight_constants']} other constants differ beyond their storage error "
             f"({', '.join(others[:3])}), too few to be a fine-tuning"
@@ -991,8 +1125,34 @@ def decide(evidence: dict[str, Any]) -> tuple[str, str]:
     if ev["dense_tensors"]:
         seen.append(f"relative change {ev['relative_change_median']:.3g} x std")
         seen.append(structure["text"])
-    seen.append(f"{len(others)} biases/normalisation constants changed" if others else "biases and normalisation untouched")
+    seen.append(_constants_text(ev))
+    reordered = ev.get("weights_reordered") or []
+    if reordered and len(reordered) == ev["changed_tensors"]:
+        seen.append(
+            "every changed weight holds the reference's own values in other places: a re-ordering outside "
+            "the permutations onnxlady models (verify tells whether it keeps the function)"
+        )
+    elif reordered:
+        seen.append(f"{len(reordered)} of the changed weight tensors hold the reference's own values in other places")
     return "uncertain", "kind uncertain: " + "; ".join(seen)
+
+
+def _constants_text(ev: dict[str, Any]) -> str:
+    """What the biases and normalisation constants did: changed, only moved, or nothing.
+
+    A constant whose values moved to other places (the multiset kept) is not untouched: the
+    resync's permutation does not explain it (a re-ordering the rules do not model).
+    """
+    others = ev["non_weight_constants_changed"]
+    if others:
+        return f"{len(others)} biases/normalisation constants changed"
+    moved = ev.get("non_weight_constants_reordered") or []
+    if moved:
+        return (
+            f"{len(moved)} biases/normalisation constants re-ordered ({', '.join(moved[:3])}), "
+            "holding the reference's values in other places"
+        )
+    return "biases and normalisation untouched"
 
 
 def _besides(others: list[str]) -> str:

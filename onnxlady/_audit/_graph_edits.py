@@ -328,6 +328,12 @@ def _label(node: onnx.NodeProto, key: str) -> str:
 _PAD_ATTRIBUTES = ("pads:", "auto_pad:")
 
 
+def _changed_attributes(described: tuple[object, ...], other_described: tuple[object, ...]) -> set[str]:
+    """The names of the attributes two operators' descriptions (:func:`_operators`) set differently."""
+    ours, yours = set(described[4]), set(other_described[4])  # type: ignore[call-overload]
+    return {item.split(":", 1)[0] for item in ours ^ yours}
+
+
 def _simplified(
     mine: onnx.NodeProto, theirs: onnx.NodeProto, described: tuple[object, ...], other_described: tuple[object, ...],
     producers: tuple[dict[str, onnx.NodeProto], ...],
@@ -405,7 +411,7 @@ def _bypassed_arithmetic(
     suspect: onnx.ModelProto,
     ours: Mapping[str, tuple[onnx.NodeProto, tuple[object, ...]]],
     theirs: Mapping[str, tuple[onnx.NodeProto, tuple[object, ...]]],
-) -> set[str]:
+) -> tuple[set[str], set[str]]:
     """The reference's arithmetic by a constant the suspect dropped, its readers reading its input instead.
 
     A simplifier drops a ``Mul`` by ones or an ``Add`` of zeros, or folds a scale into a
@@ -414,6 +420,10 @@ def _bypassed_arithmetic(
     nothing of it computes something else (held-out round 14: SegFormer's query scale deleted
     read ``converted``; so did a scale deleted before a MatMul whose weight was kept).
     Main-graph operators only.
+
+    Returns:
+        Those dropped with nothing holding them, and the attention operators whose ``scale``
+        took one that was dropped (their changed ``scale`` is that factor's, no edit).
     """
     graph = reference.graph
     constants = graph_constants(graph)
@@ -425,6 +435,7 @@ def _bypassed_arithmetic(
             readers.setdefault(name, []).append((key, slot))
     values = (_Values(reference, constants), _Values(suspect, graph_constants(suspect.graph)))
     found: set[str] = set()
+    scaled: set[str] = set()
     for key, (node, _) in ours.items():
         read = None if key in theirs else _by_constant(node, constants)
         if read is None:
@@ -436,9 +447,12 @@ def _bypassed_arithmetic(
         if not after or not all(slot < len(theirs[reader][0].input) and theirs[reader][0].input[slot] == data for reader, slot in after):
             continue
         step = (node.op_type, factor.astype(np.float64))
-        if not _holds(node.output[0], step, ours, theirs, readers, held, values):
+        holder = _holds(node.output[0], step, ours, theirs, readers, held, values)
+        if holder is None:
             found.add(key)
-    return found
+        elif ours[holder][0].op_type in _ATTENDING:
+            scaled.add(holder)
+    return found, scaled
 
 
 #: Operators that weigh their input with a constant: a factor on the input folds into it.
@@ -472,8 +486,8 @@ def _holds(
     readers: Mapping[str, list[tuple[str, int]]],
     constants: set[str],
     values: tuple[_Values, _Values],
-) -> bool:
-    """Whether a reader of ``name``, past shape-only operators, holds the dropped ``step`` (operator, constant).
+) -> str | None:
+    """The reader of ``name``, past shape-only operators, that holds the dropped ``step`` (operator, constant), if any.
 
     On the evidence: a weighing operator (or a BatchNormalization) reading a constant holds it
     where the suspect's constant is the reference's times that factor (onnx-simplifier folds
@@ -495,10 +509,10 @@ def _holds(
                 pending.append(node.output[0])
             elif node.op_type in _ATTENDING:
                 if reader in theirs and factor.size == 1 and _scale_holds(node, theirs[reader][0], op, factor):
-                    return True
+                    return reader
             elif node.op_type in _NORMALIZING and factor.size == 1:
                 if float(factor.reshape(-1)[0]) > 0.0 if op in ("Mul", "Div") else node.op_type in _CENTRING:
-                    return True
+                    return reader
             elif (node.op_type in _WEIGHING or node.op_type == "BatchNormalization") and reader in theirs:
                 other = theirs[reader][0]
                 for slot, first in enumerate(node.input):
@@ -506,8 +520,8 @@ def _holds(
                         continue
                     mine, yours = _whole(values[0], first), _whole(values[1], other.input[slot])
                     if mine is not None and yours is not None and _carries(mine, yours, op, factor):
-                        return True
-    return False
+                        return reader
+    return None
 
 
 def _scale_holds(mine: onnx.NodeProto, yours: onnx.NodeProto, op: str, factor: np.ndarray) -> bool:
@@ -598,7 +612,7 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
     rewired = _rewired_reads(reference, suspect)
     producers = tuple({name: item for item in model.graph.node for name in item.output if name} for model in (reference, suspect))
     edits: list[str] = []
-    bypassed = _bypassed_arithmetic(reference, suspect, ours, theirs) if not node_for_node else set()
+    bypassed, scaled = _bypassed_arithmetic(reference, suspect, ours, theirs) if not node_for_node else (set(), set())
     for key, (node, described) in ours.items():
         if key not in theirs:
             if node_for_node:
@@ -617,6 +631,8 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
             continue
         if not node_for_node and _simplified(node, other, described, other_described, producers):
             continue
+        if key in scaled and _changed_attributes(described, other_described) == {"scale"}:
+            continue  # the factor dropped before it, taken into its scale (checked by _scale_holds)
         if described[:2] != other_described[:2]:
             edits.append(f"{_label(node, key)} is {other.op_type} in the suspect")
         elif described[4] != other_described[4]:
@@ -741,6 +757,40 @@ def _value_numbers(model: onnx.ModelProto) -> dict[str, int]:
     return found
 
 
+def _fused_sums(
+    reference: onnx.ModelProto, ours: Mapping[str, onnx.NodeProto], theirs: Mapping[str, onnx.NodeProto]
+) -> list[tuple[str, list[tuple[int, str, str]]]]:
+    """Convolutions the suspect fused with the residual Add after them, with the inputs to compare.
+
+    ONNX Runtime's ``ConvAddActivationFusion`` (``ORT_ENABLE_ALL``: the ORT-mobile converter)
+    writes ``Add(Conv(x), z)`` as ``com.microsoft`` ``FusedConv(x, W, B, z)`` under the Conv's
+    name. Its type differs, so it is not among the operators found in both; yet its data input
+    reads what the Conv read and its sum input ``z`` what the Add's other input read (a BatchNorm
+    between is folded). Returns ``(name, [(suspect slot, reference input, suspect input)])``.
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in reference.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    found = []
+    for name, fused in theirs.items():
+        conv = ours.get(name)
+        if (fused.op_type, fused.domain) != ("FusedConv", "com.microsoft") or len(fused.input) < 4 or not fused.input[3]:
+            continue
+        if conv is None or conv.op_type != "Conv" or (conv.domain or "") not in ("", "ai.onnx") or not conv.input:
+            continue
+        output = conv.output[0]
+        after = readers.get(output, [])
+        if len(after) == 1 and after[0].op_type == "BatchNormalization":
+            output = after[0].output[0]
+            after = readers.get(output, [])
+        if len(after) != 1 or after[0].op_type != "Add" or list(after[0].input).count(output) != 1:
+            continue
+        other = next(tensor for tensor in after[0].input if tensor != output)
+        found.append((name, [(0, conv.input[0], fused.input[0]), (3, other, fused.input[3])]))
+    return found
+
+
 def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> tuple[list[str], str | None]:
     """The operators of a converted suspect that read another operator's output than the reference's, one line each.
 
@@ -849,10 +899,19 @@ def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
 
     lines: list[str] = []
     compared = 0
-    for name in sorted(common, key=order.__getitem__):
-        mine, theirs_node = ours[name], theirs[name]
-        for slot, (first, second) in enumerate(zip(mine.input, theirs_node.input)):
+
+    def compare(op_type: str, name: str, inputs: list[tuple[int, str, str]], kept: set[str] | None = None) -> None:
+        """Each ``(slot, reference input, suspect input)`` of operator ``name`` traced to its source.
+
+        ``kept``: the suspect's tensors. Where the suspect still writes the reference's source
+        tensor under its name but reads another one, the source is no operator a converter
+        removed (what a fused convolution reads is compared strictly).
+        """
+        nonlocal compared
+        for slot, first, second in inputs:
             ref_source, sus_source = ref_sources(first), sus_sources(second)
+            strict = kept is not None and ref_source is not None and sus_source is not None and (
+                ref_source[-1] in kept and ref_source[-1] != sus_source[-1])
             read = by_tensor(sus_source)
             fused, sus_source = read is not sus_source, read
             if ref_source is None or sus_source is None or not (fused or known(sus_source)) or first in shaped:
@@ -860,12 +919,20 @@ def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
             compared += 1
             if same(ref_source, sus_source) or (not fused and not consistent(sus_source)):
                 continue  # the same, or one of two operators computing the same merged by the converter
-            if ref_source[0] == "node" and moved(ref_source, sus_source):
+            if ref_source[0] == "node" and not strict and moved(ref_source, sus_source):
                 continue
             shown = sus_source[1] if sus_source[0] == "node" else f"the graph input {sus_source[1]}"
             was = ref_source[1] if ref_source[0] == "node" else f"the graph input {ref_source[1]}"
             slot_text = f" output {sus_source[2]}" if sus_source[0] == "node" and sus_source[2] != "0" else ""
-            lines.append(f"{mine.op_type} '{name}' input {slot} reads '{shown}'{slot_text} in the suspect, where the reference reads '{was}'")
+            lines.append(f"{op_type} '{name}' input {slot} reads '{shown}'{slot_text} in the suspect, where the reference reads '{was}'")
+    for name in sorted(common, key=order.__getitem__):
+        mine, theirs_node = ours[name], theirs[name]
+        compare(mine.op_type, name, [(slot, *pair) for slot, pair in enumerate(zip(mine.input, theirs_node.input))])
+    # The Add and activation fused with a convolution are gone, but what the reference's residual
+    # read usually is not: a sum input reading a tensor upstream of it is an edit.
+    written = {output for node in suspect.graph.node for output in node.output if output}
+    for name, inputs in _fused_sums(reference, ours, theirs):
+        compare("FusedConv", name, inputs, written | suspect_inputs)
     if len(lines) > max(_RENAMED_EDGES, _RENAMED_SHARE * compared):
         # Edits are a few edges; this many is names reused for other operators (a converter renumbering them).
         return [], f"its wiring was not compared: the suspect's operator names do not follow the reference's ({len(lines)} of {compared} inputs differ)"

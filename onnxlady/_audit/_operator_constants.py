@@ -37,8 +37,8 @@ import onnx
 
 from onnxlady._audit._derived_values import DERIVED_RTOL, _dequantized_step, _value
 from onnxlady._graph._attributes import node_attribute
-from onnxlady._graph._fold import _shape, evaluate_node, static_shape
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._graph._shape_scalars import shape_values
 from onnxlady._resync._match import ModelMatch
 from onnxlady._resync._sites import Site
 
@@ -76,9 +76,14 @@ _FACTOR_ATTRIBUTES: dict[tuple[str, str], tuple[tuple[str, float], ...]] = {
     ("com.microsoft", "GroupQueryAttention"): (("scale", 0.0),),
     ("com.microsoft", "PackedAttention"): (("scale", 0.0),),
     ("com.microsoft", "PackedMultiHeadAttention"): (("scale", 0.0),),
+    ("", "Attention"): (("scale", 0.0),),  # ONNX's (opset 23): no ``scale`` is 1/sqrt(head size) too
 }
-#: Operators that pick elements out of a shape value: what they pick is known where no unknown dim is picked.
-_PICKING = frozenset({"Slice", "Gather", "Squeeze", "Unsqueeze", "Identity"})
+#: ONNX integer and boolean element types: a tensor of one computed from shapes is an index, not a factor.
+_INTEGER_TYPES = frozenset({
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+})  # fmt: skip
 #: Float16's relative step: a factor a converter computed from a float16 constant is that far off.
 _HALF_RTOL = 2.0**-10
 
@@ -103,28 +108,18 @@ def _kind(op_type: str, slot: int) -> tuple[str, bool]:
     return (op_type if op_type != "Pow" or slot == 1 else "Pow base"), False
 
 
-def _from_constants(
-    graph: ModelGraph, name: str, known: dict[str, bool], depth: int = 0, *, shapes: bool = False
-) -> bool:
-    """Whether ``name`` is a constant or computed from constants alone (no graph input upstream).
-
-    ``shapes``: the shapes of activations count as constants too (a ``Shape`` or ``Size`` is a
-    leaf): what a converter that knows the input's shape folds.
-    """
+def _from_constants(graph: ModelGraph, name: str, known: dict[str, bool], depth: int = 0) -> bool:
+    """Whether ``name`` is a constant or computed from constants alone (no graph input upstream, no shape)."""
     if name not in known:
         produced = graph.producer.get(name)
         if graph.constant_leaf(name) is not None:
             known[name] = True
         elif produced is None or not 0 <= produced[0] < graph.main_count or depth >= 64:
             known[name] = False
-        elif shapes and graph.nodes[produced[0]].op_type in ("Shape", "Size"):
-            known[name] = True
         else:
             known[name] = False  # until shown otherwise (a cycle reads as not constant)
             node = graph.nodes[produced[0]]
-            known[name] = all(
-                not item or _from_constants(graph, item, known, depth + 1, shapes=shapes) for item in node.input
-            )
+            known[name] = all(not item or _from_constants(graph, item, known, depth + 1) for item in node.input)
     return known[name]
 
 
@@ -138,13 +133,11 @@ def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str
     that size new in that kind is no evidence.
     """
     shaped: dict[str, set[int | None]] = {}
-    with_shapes: dict[str, bool] = {}
     # A site that does not weigh (a mask or a table added to the scores) pairs its constants, but
     # the resync compares only the weighing sites' operands: the others are compared here.
     weighed = {(operand.node, operand.slot) for site in sites if site.weighs for operand in site.operands}
     memo: dict[str, np.ndarray | None] = {}
-    by_shapes: dict[str, np.ndarray | None] = {}
-    partial: set[str] = set()  # shape values with unknown (symbolic) dims, held as -1
+    by_shapes = shape_values(graph)  # scalars computed from static or partial shapes
     known: dict[str, bool] = {}
     found: dict[str, dict[str, _Item]] = {}
     for index in range(graph.main_count):
@@ -159,16 +152,18 @@ def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str
                 continue
             value: np.ndarray | None = None
             if not _from_constants(graph, name, known):
-                if _from_constants(graph, name, with_shapes, shapes=True):
+                if by_shapes.from_shapes(name):  # a Shape or Size upstream: what a converter knowing it folds
                     dims = graph.shape(name)
                     ints = [d for d in dims if isinstance(d, int)] if dims is not None else []
                     size = math.prod(ints) if dims is not None and len(ints) == len(dims) else None
-                    if size != 1 or _shape_scalar(graph, name, by_shapes, partial) is None:
-                        # a scalar too, where the static shapes do not give its value: a converter that
-                        # knows the input's shape folds it, into an attribute too (``_changed_factors``)
+                    # a scalar too, where the shapes do not give its value: a converter that knows the
+                    # input's shape folds it, into an attribute too (``_changed_factors``); an integer
+                    # (an index computed from a dim) is no factor and no table of this arithmetic
+                    floating = graph.dtypes.get(name) not in _INTEGER_TYPES
+                    if floating and (size != 1 or by_shapes.scalar(name) is None):
                         shaped.setdefault("Add" if fused else _kind(node.op_type, slot)[0], set()).add(size)
-                # a scalar computed from static shapes is compared as the constant a converter folds it to
-                value = _shape_scalar(graph, name, by_shapes, partial) if with_shapes.get(name) else None
+                # a scalar computed from shapes is compared as the constant a converter folds it to
+                value = by_shapes.scalar(name)
                 if value is None:
                     continue  # an activation: not read (its producers' weights would be, in float64)
             value = _value(graph, name, memo) if value is None else value
@@ -186,63 +181,10 @@ def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str
     return found, shaped
 
 
-def _shape_scalar(
-    graph: ModelGraph, name: str, memo: dict[str, np.ndarray | None], partial: set[str]
-) -> np.ndarray | None:
-    """``name``'s value where it is one float computed from constants and static shapes, else None.
-
-    torch's MultiheadAttention computes its q/k scale at run time (``Shape -> Cast -> Sqrt -> Div
-    -> Sqrt`` of the head size); a converter that knows the shapes folds that chain into one stored
-    scalar (onnxslim, onnxsim). Evaluated here as the converter does, the reference's scalar is
-    compared with the suspect's stored one by value (held-out round 15, F3). A shape with symbolic
-    dims (a dynamic batch) counts where only its known dims are picked out (``Slice``, ``Gather``).
-    """
-    value = _shaped(graph, name, memo, partial, 0)
-    return value if value is not None and value.dtype.kind == "f" and value.size == 1 else None
-
-
-def _shaped(
-    graph: ModelGraph, name: str, memo: dict[str, np.ndarray | None], partial: set[str], depth: int
-) -> np.ndarray | None:
-    """``name``'s value from the graph's constants, a ``Shape`` or ``Size`` of a tensor with a static shape a leaf.
-
-    A ``Shape`` with symbolic dims holds -1 for them and is named in ``partial``: only the
-    operators that pick elements out (:data:`_PICKING`) read it, and their value is known where it
-    holds no -1.
-    """
-    if name in memo:
-        return memo[name]
-    memo[name] = None  # until computed (a cycle reads as unknown)
-    value: np.ndarray | None = None
-    produced = graph.producer.get(name)
-    if graph.constant_leaf(name) is not None:
-        value = _value(graph, name, {})
-    elif produced is not None and 0 <= produced[0] < graph.main_count and depth < 64:
-        node = graph.nodes[produced[0]]
-        if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
-            shape = graph.shape(node.input[0]) if node.input and node.input[0] else None
-            dims = static_shape(shape)
-            if dims is None and shape is not None and node.op_type == "Shape":
-                dims = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else -1 for d in shape)
-                partial.add(name)
-            if dims is not None and node.op_type == "Size":
-                value = np.asarray(math.prod(dims), dtype=np.int64)
-            elif dims is not None:
-                value = _shape(node, dims)  # its start and end read as the fold does
-        else:
-            inputs = [_shaped(graph, item, memo, partial, depth + 1) if item else None for item in node.input]
-            unknown = any(item in partial for item in node.input)
-            if not unknown or (node.op_type in _PICKING and node.input[0] in partial and not any(
-                    item in partial for item in node.input[1:])):
-                value = evaluate_node(node, inputs, graph.opsets.get("", 0))
-            if unknown and value is not None and bool(np.any(value == -1)):
-                partial.add(name)  # still holds an unknown dim
-    memo[name] = value
-    return value
-
-
 def _head_size(graph: ModelGraph, node: onnx.NodeProto) -> int | None:
     """The head size of an attention operator from its inputs' static shapes (None when they do not tell)."""
+    if node.domain in ("", "ai.onnx"):
+        return _standard_head_size(graph, node)
     heads = node_attribute(node, "num_heads", 0)
     if not isinstance(heads, int) or heads <= 0 or not node.input:
         return None
@@ -265,6 +207,22 @@ def _head_size(graph: ModelGraph, node: onnx.NodeProto) -> int | None:
     if not isinstance(width, int) or width <= 0 or width % heads:
         return None
     return width // heads
+
+
+def _standard_head_size(graph: ModelGraph, node: onnx.NodeProto) -> int | None:
+    """The head size of ONNX's ``Attention`` (opset 23): the query's last dim, per head where its heads are merged.
+
+    Its query is ``[B, heads, S, head size]``, or ``[B, S, hidden]`` with ``q_num_heads`` heads.
+    """
+    query = graph.shape(node.input[0]) if node.input and node.input[0] else None
+    if not query or not isinstance(query[-1], int) or isinstance(query[-1], bool) or query[-1] <= 0:
+        return None
+    if len(query) == 4:
+        return query[-1]
+    heads = node_attribute(node, "q_num_heads", 0)
+    if len(query) != 3 or not isinstance(heads, int) or heads <= 0 or query[-1] % heads:
+        return None
+    return query[-1] // heads
 
 
 def _factors(graph: ModelGraph) -> list[tuple[float, str, str, float | None]]:

@@ -25,6 +25,8 @@ _SMALL = 1 << 15
 _SAMPLE = 1 << 14
 #: The bracket reaches this many standard deviations of a sample rank beyond the wanted rank.
 _MARGIN = 6.0
+#: Elements per chunk of :func:`_bracketed` (1 MiB of float64; its two masks, 256 KiB).
+_CHUNK = 1 << 17
 
 
 def order_statistics(values: np.ndarray, ranks: list[int]) -> list[np.float64]:
@@ -47,22 +49,39 @@ def order_statistics(values: np.ndarray, ranks: list[int]) -> list[np.float64]:
         high_index = math.ceil((max(ranks) + 1) / size * count + spread)
         low = sample[min(max(low_index, 0), count - 1)]
         high = sample[min(max(high_index, 0), count - 1)]
-        below_mask = values < low
-        below = int(np.count_nonzero(below_mask))
-        within_mask = values <= high
-        up_to = int(np.count_nonzero(within_mask))
+        below, up_to, inside = _bracketed(values, low, high)
         if below <= min(ranks) and max(ranks) < up_to:
-            np.logical_xor(within_mask, below_mask, out=within_mask)  # low <= value <= high (low <= high)
-            del below_mask
-            # The same elements in the same order as ``values[within_mask]``, which reads a
-            # sparse mask about half again as slowly.
-            inside = np.compress(within_mask, values)
-            del within_mask
             shifted = [rank - below for rank in ranks]
             inside.partition(shifted)
             return [inside[rank] for rank in shifted]
     part = np.partition(values, ranks)
     return [part[rank] for rank in ranks]
+
+
+def _bracketed(values: np.ndarray, low: np.float64, high: np.float64) -> tuple[int, int, np.ndarray]:
+    """How many of ``values`` are below ``low``, how many up to ``high``, and those within, in order.
+
+    A chunk at a time (:data:`_CHUNK` elements): the masks of ``value < low`` and ``value <= high``
+    stay in the cache, where masks the size of the array cost four passes over memory (and
+    their bytes). The elements within ``[low, high]`` are those ``values[(low <= values) &
+    (values <= high)]`` gives, in the same order (``low <= high``).
+    """
+    size = values.size
+    lower = np.empty(min(_CHUNK, size), dtype=bool)
+    within = np.empty_like(lower)
+    below = up_to = 0
+    pieces = []
+    for start in range(0, size, _CHUNK):
+        chunk = values[start : start + _CHUNK]
+        low_mask, high_mask = lower[: chunk.size], within[: chunk.size]
+        np.less(chunk, low, out=low_mask)
+        below += int(np.count_nonzero(low_mask))
+        np.less_equal(chunk, high, out=high_mask)
+        up_to += int(np.count_nonzero(high_mask))
+        np.logical_xor(high_mask, low_mask, out=high_mask)  # low <= value <= high
+        # (np.compress reads the mask faster than boolean indexing: the same elements, in order)
+        pieces.append(np.compress(high_mask, chunk))
+    return below, up_to, np.concatenate(pieces)
 
 
 def median(values: np.ndarray | Sequence[float]) -> np.float64:

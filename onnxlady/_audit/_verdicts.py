@@ -87,6 +87,7 @@ from onnxlady._audit._graph_edits import graph_edits, rewired_operators
 from onnxlady._audit._lazy import LazyConstants, Overlay, constants_of, gather, resynced_constants
 from onnxlady._audit._operator_constants import changed_operator_constants
 from onnxlady._audit._relatedness import check_related
+from onnxlady._audit._renamed_constants import renamed_constants
 from onnxlady._audit._rowwise import FittedRows, cos_ratio_of, least_squares_blocks, row_dots
 from onnxlady._audit._select import median
 from onnxlady._graph._attributes import node_attribute
@@ -455,6 +456,7 @@ def _find_group_uses(analysis: ChannelAnalysis, names: set[str]) -> dict[str, di
         node = nodes[node_index]
         rank = len(analysis.graph.shape(plan.source) or ())
         axes = _axes_of(node, slot, rank, analysis.graph)
+        biased = _biased_producer(analysis, node, slot)
         for axis, expr in plan.axes:
             for gid, lab in analysis.neuron_labels(expr).items():
                 group = analysis.group(gid)
@@ -478,9 +480,29 @@ def _find_group_uses(analysis: ChannelAnalysis, names: set[str]) -> dict[str, di
                     kinds["consumer"].append(use)
                 elif node.op_type in ("Conv", "Gemm") and slot == 2:
                     kinds["bias"].append(use)
+                elif biased is not None:  # read as the producer's bias: its node the producer's
+                    kinds["bias"].append(_Use(number, tensor, plan.source, biased, slot, axis, use.positions))
                 elif node.op_type == "BatchNormalization" and slot in (3, 4):
                     kinds["bn"].append(use)
     return out
+
+
+def _biased_producer(analysis: ChannelAnalysis, node: onnx.NodeProto, slot: int) -> int | None:
+    """The producer (Conv, Gemm, MatMul) whose output an ``Add`` adds its constant at ``slot`` to, if any.
+
+    An exporter writes a MatMul's bias as an ``Add`` after it: a compensated rescale scales it
+    with the row, and a rescale that leaves it as it was is no longer undone by the next layer
+    (the bias is then added before the scale). Read as the producer's bias, it is checked and
+    undone as a Conv's or Gemm's is (session 16: with it left out, the first read ``modified``
+    and the second ``permuted-rescaled``).
+    """
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or slot not in (0, 1) or len(node.input) != 2:
+        return None
+    produced = analysis.graph.producer.get(node.input[1 - slot])
+    if produced is None or not 0 <= produced[0] < len(analysis.graph.nodes):
+        return None
+    producer = analysis.graph.nodes[produced[0]]
+    return produced[0] if producer.op_type in PRODUCER_OPS and producer.domain in ("", "ai.onnx") else None
 
 
 def _homogeneous_path(analysis: ChannelAnalysis, node_index: int) -> bool:
@@ -998,6 +1020,8 @@ def audit_models(
     QuantizeLinear with other constants (:mod:`onnxlady._audit._activation_quantization`) makes
     it ``modified``.
     """
+    # Constants read under a name the reference lacks: renamed back to be compared, or compared here.
+    suspect, renamed_reads = renamed_constants(reference, suspect)
     # A model's worth of fresh arrays, on ordinary pages: half a large audit's system time (see _pages).
     with ordinary_pages():
         report = _audit_weights(
@@ -1039,11 +1063,21 @@ def audit_models(
                     f"no converter {does} them, the suspect computes something else; the weights: {report.summary}"
                 )
                 return report
-        approximated = approximated_gelus(edited_reference, edited_suspect)
-        if approximated:  # ONNX Runtime's gelu approximation: a converter's (held-out round 15, F2)
-            detail = f"gelu approximated (tanh form, FastGelu) at {approximated} operator{'s' if approximated != 1 else ''}"
-            report.conversions.append(ConversionFinding("gelu-approximated", "suspect", detail))
-            report.summary += f"; the suspect's {detail}"
+        # ONNX Runtime's gelu approximation: a converter's (held-out round 15, F2), in either model.
+        for model, pair in (("suspect", (edited_reference, edited_suspect)), ("reference", (edited_suspect, edited_reference))):
+            approximated = approximated_gelus(*pair)
+            if approximated:
+                detail = f"gelu approximated (tanh form, FastGelu) at {approximated} operator{'s' if approximated != 1 else ''}"
+                report.conversions.append(ConversionFinding("gelu-approximated", model, detail))
+                report.summary += f"; the {model}'s {detail}"
+    if renamed_reads and node_for_node:  # a twin: a conversion is compared across forms
+        report.verdict = "modified"
+        listing = "; ".join(renamed_reads[:3]) + ("; ..." if len(renamed_reads) > 3 else "")
+        report.summary = (
+            f"constants read under new names changed: {listing}: the suspect computes something else; "
+            f"the weights: {report.summary}"
+        )
+        return report
     across = report.resync.across if report.resync is not None else None
     if across is not None:
         # Constants no site of the resync compares, compared here by value: those one model

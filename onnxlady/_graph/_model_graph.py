@@ -33,6 +33,7 @@ from onnxlady._graph import _static_shapes as _static_shapes
 from onnxlady._graph import _subgraphs as _subgraphs
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._external import is_mapped
+from onnxlady._io._node_table import NodeTable
 from onnxlady._io._tensors import integer_range, read_array
 
 if TYPE_CHECKING:
@@ -137,7 +138,14 @@ class _InitializerValues(dict):  # type: ignore[type-arg]
 class ModelGraph:
     """Producers, consumers, constants and static shapes of one model's main graph."""
 
-    def __init__(self, model: onnx.ModelProto, *, infer_shapes: bool = True, fold: bool = True) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, *, infer_shapes: bool = True, fold: bool = True, nodes: NodeTable | None = None
+    ) -> None:
+        """Read ``model``'s main graph.
+
+        ``nodes``: its nodes as the model's check just read them (see :mod:`onnxlady._io._node_table`),
+        taken if they are this graph's; else the protobuf is read.
+        """
         self.model = model
         graph = model.graph
         self.nodes: list[onnx.NodeProto] = list(graph.node)
@@ -160,13 +168,14 @@ class ModelGraph:
         #: Whether each node has any attribute (read with the fields above).
         self._node_attributed: list[bool] = []
         self._labels: list[str | None] = []
-        self._register_nodes(self.nodes)
+        table = nodes.take(graph) if nodes is not None else None
+        self._register_nodes(self.nodes, table)
         #: The main graph's nodes are ``nodes[:main_count]`` (``model.graph.node`` in its order);
         #: the nodes of opened If/Loop/Scan bodies follow (see :meth:`_open_subgraphs`).
         self.main_count = len(self.nodes)
         # A graph listed in order reads only names defined before (all defined): its inputs need
         # no second check (exporters emit sorted graphs; the others are checked, then sorted).
-        listed_in_order = self._listed_in_order()
+        listed_in_order = table.listed_in_order if table is not None else self._listed_in_order()
         self._check_defined(check_inputs=not listed_in_order)
         self.order: list[int] = list(range(len(self.nodes))) if listed_in_order else self._topological_order()
         self._open_subgraphs()
@@ -189,23 +198,31 @@ class ModelGraph:
         self._output_positions: dict[str, int] | None = None
 
     # -- structure -----------------------------------------------------------------------
-    def _register_nodes(self, nodes: list[onnx.NodeProto]) -> None:
+    def _register_nodes(self, nodes: list[onnx.NodeProto], table: NodeTable | None = None) -> None:
         """Record what ``nodes`` produce and read, and which are Constants.
 
         They are the nodes at indices ``len(self._node_inputs)`` on (registered in index order).
+        ``table``: their names and operators as the model's check read them (the whole main
+        graph), instead of reading them from the protobuf again.
         """
         producer, consumers, constant_nodes = self.producer, self.consumers, self.constant_nodes
-        node_inputs, node_outputs, node_ops = self._node_inputs, self._node_outputs, self._node_ops
-        attributed = self._node_attributed
-        for index, node in enumerate(nodes, len(node_inputs)):
+        start = len(self._node_inputs)
+        if table is None:
             # (A repeated field's slice is a list made in C: a tuple of it costs less than a
             # tuple read through the field's iterator.)
-            outputs, inputs, op_type, domain = tuple(node.output[:]), tuple(node.input[:]), node.op_type, node.domain
-            has_attributes = len(node.attribute) > 0
-            node_inputs.append(inputs)
-            node_outputs.append(outputs)
-            node_ops.append((op_type, domain))
-            attributed.append(has_attributes)
+            inputs_of = [tuple(node.input[:]) for node in nodes]
+            outputs_of = [tuple(node.output[:]) for node in nodes]
+            ops_of = [(node.op_type, node.domain) for node in nodes]
+            attributed_of = [len(node.attribute) > 0 for node in nodes]
+        else:
+            inputs_of, outputs_of, ops_of, attributed_of = table.inputs, table.outputs, table.ops, table.attributed
+        self._node_inputs.extend(inputs_of)
+        self._node_outputs.extend(outputs_of)
+        self._node_ops.extend(ops_of)
+        self._node_attributed.extend(attributed_of)
+        for index, outputs, inputs, (op_type, domain), has_attributes in zip(
+            range(start, start + len(nodes)), outputs_of, inputs_of, ops_of, attributed_of
+        ):
             for slot, name in enumerate(outputs):
                 if name:
                     producer[name] = (index, slot)
@@ -216,6 +233,7 @@ class ModelGraph:
                         consumers[name] = [(index, slot)]
                     else:
                         readers.append((index, slot))
+            node = nodes[index - start]
             if op_type == "Constant" and domain in ("", "ai.onnx") and _constant_attribute(node) is not None:
                 constant_nodes[outputs[0]] = index
             outer = _outer_scope_names(node) if has_attributes else None  # most nodes hold no subgraph

@@ -29,6 +29,7 @@ from onnxlady._errors import OnnxladyError
 from onnxlady._io._collector import collector_paused
 from onnxlady._io._external import INLINE_BYTES, map_external_data, map_inline_payloads, read_payloads_in
 from onnxlady._io._inputs import require_regular_file
+from onnxlady._io._node_table import NodeTable
 from onnxlady._io._outputs import OutputSet
 from onnxlady._io._skim import Payload, read_without_payloads
 from onnxlady._io._stream import Override, read_model
@@ -46,6 +47,9 @@ class LoadedModel:
     size_bytes: int
     external_data: bool
     external_files: tuple[Path, ...] = ()  # the data files its tensors were read from
+    #: The main graph's nodes as the check read them (asked for with ``node_table``), for the
+    #: graph built next (see :mod:`onnxlady._io._node_table`).
+    nodes: NodeTable | None = None
 
 
 @collector_paused  # a few containers per node, none of them garbage until it is read
@@ -56,6 +60,7 @@ def load_model(
     as_loaded: bool = False,
     map_inline: bool = True,
     digest: bool = True,
+    node_table: bool = False,
 ) -> LoadedModel:
     """Load an ONNX file with its external data, resolved against the model's own folder.
 
@@ -72,6 +77,8 @@ def load_model(
             (:func:`onnxlady._io._external.map_inline_payloads`): neither parsed nor copied.
         digest: hash the file (its sha256). A caller that records no sha256 (a resync writing
             no key, a match) passes False: hashing reads every byte of the file once more.
+        node_table: keep the main graph's nodes as the check read them
+            (:attr:`LoadedModel.nodes`), for a caller that builds its graph next.
 
     Returns:
         The model with the file's sha256 (``None`` without ``digest``) and size, and the
@@ -120,7 +127,7 @@ def load_model(
             map_inline_payloads(model, path, viewed.handle, viewed.payloads)
     targets = _external_targets(model, path) if external else ()
     capacity = info.st_size + sum(os.stat(target).st_size for target in set(targets))
-    validate_model(model, str(path), capacity=capacity)
+    nodes = validate_model(model, str(path), capacity=capacity, node_table=node_table)
     if external and map_external:
         base = path.resolve().parent
         located = {
@@ -133,7 +140,7 @@ def load_model(
     else:
         files = _load_external_data(model, path) if external else ()
     _check_tensor_sizes(model, path, None if external else tensors)
-    return LoadedModel(model, path, sha256, info.st_size, external, files)
+    return LoadedModel(model, path, sha256, info.st_size, external, files, nodes)
 
 
 @dataclass

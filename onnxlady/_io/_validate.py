@@ -23,6 +23,7 @@ from pathlib import Path
 import onnx
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._node_table import NodeTable
 
 __all__ = ["external_data_target", "in_memory_capacity", "validate_model"]
 
@@ -68,7 +69,9 @@ _NO_ATTRIBUTES: list[onnx.AttributeProto] = []
 MAX_NAME_BYTES = 1 << 16
 
 
-def validate_model(model: onnx.ModelProto, origin: str, *, capacity: int | None = None) -> None:
+def validate_model(
+    model: onnx.ModelProto, origin: str, *, capacity: int | None = None, node_table: bool = False
+) -> NodeTable | None:
     """Refuse a model that is not structurally sound, with one line saying why.
 
     Checked: names defined once per graph (a graph input may share its name with an
@@ -84,6 +87,12 @@ def validate_model(model: onnx.ModelProto, origin: str, *, capacity: int | None 
         origin: the file name for messages.
         capacity: bytes the model's tensors can hold at most (the file's size plus its external
             data's); ``None``: protobuf's 2 GiB limit.
+        node_table: also return the main graph's nodes as read (see
+            :mod:`onnxlady._io._node_table`), for the graph the caller builds next.
+
+    Returns:
+        With ``node_table``, the main graph's table, or None for a graph with a node holding a
+        subgraph or with a sparse initializer (the graph reads those itself); else None.
 
     Raises:
         OnnxladyError: the first problem found.
@@ -97,7 +106,10 @@ def validate_model(model: onnx.ModelProto, origin: str, *, capacity: int | None 
                 f"{origin}: declares ONNX opset {opset.version}, which this onnx {onnx.__version__} does not know "
                 f"(opsets 1 to {onnx.defs.onnx_opset_version()})"
             )
-    _check_graph(model.graph, frozenset(), origin, "the main graph", limit)
+    graph = model.graph
+    table = NodeTable(graph) if node_table else None
+    filled = _check_graph(graph, frozenset(), origin, "the main graph", limit, table)
+    return table if filled else None
 
 
 def in_memory_capacity(model: onnx.ModelProto) -> int:
@@ -135,7 +147,10 @@ def _check_text(value: object, what: str, origin: str) -> None:
         raise OnnxladyError(f"{origin}: {what} is not UTF-8 text ({bytes(value)[:40]!r}): damaged file")  # type: ignore[call-overload]
 
 
-def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, where: str, limit: int) -> None:
+def _check_graph(
+    graph: onnx.GraphProto, outer: frozenset[str], origin: str, where: str, limit: int, table: NodeTable | None = None
+) -> bool:
+    """Check one graph (and those nested in it); whether ``table`` was filled with its nodes."""
     # What defined each name: a phrase, or the node whose output it is (its phrase is made only
     # for a message: formatting one per node output costs more than the checks themselves).
     defined: dict[str, str | onnx.NodeProto] = {}
@@ -179,22 +194,45 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
     # node's label is made only for a message (formatting one per node costs more than the checks).
     nodes = []
     tensor_type, tensors_type = onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS
+    # The table's lists, filled as the nodes are read (see onnxlady._io._node_table).
+    table_inputs, table_outputs, table_ops, table_attributed = (
+        (table.inputs, table.outputs, table.ops, table.attributed) if table is not None else ([], [], [], [])
+    )
+    in_order = True  # every node read only names defined before it (so far)
     for node in graph.node:
         op_type, domain, node_name = node.op_type, node.domain, node.name
         if type(op_type) is not str or type(domain) is not str or type(node_name) is not str:
             for text, what in ((op_type, "an operator type"), (domain, "an operator domain"), (node_name, "a node name")):
                 _check_text(text, f"{what} in {where}", origin)
         # (A repeated field's slice is a list made in C: cheaper than reading it through its iterator.)
-        for name in node.output[:]:
+        inputs = node.input[:]
+        # An input defined already (most) needs no second look: the others (read before their
+        # producer, from an enclosing graph, from nowhere, or no text) are checked after the
+        # whole graph is read. Looked up before this node's outputs are defined: a node reading
+        # its own output is not listed in order.
+        late = False
+        for name in inputs:
+            if name and name not in defined:
+                late = True
+                break
+        outputs = node.output[:]
+        for name in outputs:
             if type(name) is str and name and len(name) <= MAX_NAME_BYTES and name not in defined:
                 defined[name] = node  # the common case of define(), without its call
             else:
                 define(name, node)
-        inputs = node.input[:]
-        for name in inputs:
-            if type(name) is not str:
-                _check_text(name, f"an input name of node {_node_label(node)}", origin)
-        attributes = list(node.attribute) if len(node.attribute) else _NO_ATTRIBUTES
+        if late:
+            in_order = False
+            for name in inputs:  # (a name that is no text is never defined: only a late node can hold one)
+                if type(name) is not str:
+                    _check_text(name, f"an input name of node {_node_label(node)}", origin)
+        attribute_count = len(node.attribute)
+        if table is not None:
+            table_inputs.append(tuple(inputs))
+            table_outputs.append(tuple(outputs))
+            table_ops.append((op_type, domain))
+            table_attributed.append(attribute_count > 0)
+        attributes = list(node.attribute) if attribute_count else _NO_ATTRIBUTES
         subgraph_attributes = _NO_ATTRIBUTES  # the attributes visited again: those holding subgraphs
         for attribute in attributes:
             attribute_name, attribute_type = attribute.name, attribute.type
@@ -214,15 +252,15 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
                     subgraph_attributes = []
                 subgraph_attributes.append(attribute)
         numeric = domain in _DEFAULT_DOMAINS and op_type in _NUMERIC_OPERATORS
-        nodes.append((node, inputs, subgraph_attributes, op_type if numeric else None))
+        nodes.append((node, inputs, late, subgraph_attributes, op_type if numeric else None))
     # The main graph sees only its own names: they are looked up in ``defined`` itself, and the
     # set of every visible name is made only for a subgraph (or where an enclosing scope adds some).
     visible: Mapping[str, object] | frozenset[str] = outer | frozenset(defined) if outer else defined
     nested: frozenset[str] | None = None
     # Without a string constant, an operator outside the shape-checked ones has nothing to check.
     strings = any(tensor.data_type == _T.STRING for tensor in constants.values())
-    for node, inputs, attributes, numeric_op in nodes:
-        for name in inputs:
+    for node, inputs, late, attributes, numeric_op in nodes:
+        for name in inputs if late else ():
             if name and name not in visible:
                 raise OnnxladyError(
                     f"{origin}: node {_node_label(node)} in {where} reads '{name}', which nothing defines"
@@ -239,6 +277,10 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], origin: str, whe
         _check_text(value.name, f"a graph output name of {where}", origin)
         if not value.name or value.name not in visible:
             raise OnnxladyError(f"{origin}: graph output '{value.name}' of {where} is not produced by anything")
+    if table is None or len(graph.sparse_initializer) or any(attributes for _, _, _, attributes, _ in nodes):
+        return False  # (the graph reads sparse initializers and subgraphs' outer names itself)
+    table.listed_in_order = in_order
+    return True
 
 
 #: Attributes naming tensor axes: a rank is never this large, and a rule iterating up to an

@@ -8,10 +8,19 @@ the inputs), ``bsd,dhe->bhse`` a projection to ``h * e`` neurons, ``bhse,hed->bs
 ``h * e`` inputs. The weight is read as rows ``(neurons, inputs)``, the neuron letters in the
 weight's own order, so the layer is the same one a MatMul with the weight reshaped would give.
 
-The weight's axes are the rule's own reading (:func:`~onnxlady._rules.einsum.einsum_weight_axes`). Any
-weight letter of another kind (on data and output too: a per-head weight, a batch of
-weights; on the weight alone: a sum over it), an ellipsis or repeated letter on the weight, or
-more than one constant operand: not read (the fingerprint takes no layer on a guess).
+A weight letter on a data operand and the output too is a batch of weights: ``bhsd,hdf->bhsf``
+holds one ``[d, f]`` weight per head ``h``, the batched MatMul ``x[b,h,s,d] @ W[h,d,f]``. Its
+rows are read as a MatMul's batched weight is (``_axis_matrix`` in
+:mod:`~onnxlady._provenance._producers`): the neuron letters' axes flattened into rows, every other
+axis (batch and input letters) into columns, in the weight's order, so the Einsum and the
+batched MatMul give one layer (each neuron ``f`` reads its ``d`` inputs of every head); any
+permutation of heads, neurons or inputs moves rows or columns only.
+
+The weight's axes are the rule's own reading (:func:`~onnxlady._rules.einsum.einsum_weight_axes`,
+:func:`~onnxlady._rules.einsum.einsum_batch_axes`). Any weight letter of another kind (on the
+weight alone: a sum over it; on constants only), an ellipsis or repeated letter on the weight,
+no neuron or no input letter, or more than one constant operand: not read (the fingerprint takes
+no layer on a guess).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from onnxlady._rules.einsum import einsum_equation, einsum_weight_axes
+from onnxlady._rules.einsum import einsum_batch_axes, einsum_equation, einsum_weight_axes
 
 
 def einsum_rows(node: onnx.NodeProto, operands: Sequence[np.ndarray | None]) -> np.ndarray | None:
@@ -34,8 +43,8 @@ def einsum_rows(node: onnx.NodeProto, operands: Sequence[np.ndarray | None]) -> 
             at run time).
 
     Returns:
-        The weight's neuron letters' axes flattened into rows and its input letters' into
-        columns (see the module docstring), or None.
+        The weight's neuron letters' axes flattened into rows and its other axes (input and
+        batch letters) into columns (see the module docstring), or None.
     """
     constants = [slot for slot, value in enumerate(operands) if value is not None]
     if len(constants) != 1 or len(operands) < 2:
@@ -44,12 +53,15 @@ def einsum_rows(node: onnx.NodeProto, operands: Sequence[np.ndarray | None]) -> 
     weight = operands[slot]
     if weight is None:
         return None
-    # The rule's own reading of which weight letters are neurons and which are inputs.
-    axes = einsum_weight_axes(einsum_equation(node), len(operands), slot, weight.ndim, lambda i: operands[i] is not None)
-    if axes is None:
+    # The rule's own reading of which weight letters are neurons, inputs and batches.
+    equation, constant = einsum_equation(node), lambda i: operands[i] is not None
+    axes = einsum_weight_axes(equation, len(operands), slot, weight.ndim, constant)
+    batch = einsum_batch_axes(equation, len(operands), slot, weight.ndim, constant)
+    if axes is None or batch is None:
         return None
     neurons, features = axes
-    if not neurons or not features or len(neurons) + len(features) != weight.ndim:
+    if not neurons or not features or len(neurons) + len(features) + len(batch) != weight.ndim:
         return None
+    columns = [axis for axis in range(weight.ndim) if axis not in neurons]  # batch and inputs, in order
     rows = math.prod(weight.shape[axis] for axis in neurons)
-    return np.transpose(weight, neurons + features).reshape(rows, -1)
+    return np.transpose(weight, neurons + columns).reshape(rows, -1)

@@ -22,7 +22,8 @@ Which layers (:func:`~onnxlady._provenance._producers.model_producers`)
     Gemm/MatMul whose weight is a ``Transpose`` of a constant (tied language-model heads, which
     ORT's optimizer folds into a stored transposed copy), and an ``Einsum`` whose letters prove one
     constant operand a layer (neuron letters on the weight and the output, input letters on the
-    weight and the data: :mod:`~onnxlady._provenance._einsum`). Layers come in the order the graph's
+    weight and the data, per-head letters on all three read as a batched MatMul's:
+    :mod:`~onnxlady._provenance._einsum`). Layers come in the order the graph's
     outputs pull them in (depth first, inputs in slot order: ``pulled_order`` in
     :mod:`~onnxlady._provenance._producers`), which depends on the graph alone, not on the
     order its node list was written in (ORT's quantizer re-sorts it breadth first, its float16
@@ -162,8 +163,9 @@ __all__ = [
 #: again). 2: the layers of a graph whose node list is not topologically sorted come in its
 #: pulled order (float16 copies through ORT's converter read like their reference). 3: every
 #: graph's layers come in the order its outputs pull them in, whatever its node list's order
-#: (ORT's quantizer re-sorts the list and interleaved CLIP's two towers).
-FINGERPRINT_VERSION = 3
+#: (ORT's quantizer re-sorts the list and interleaved CLIP's two towers). 4: per-head Einsum
+#: weights (``bhsd,hdf->bhsf``) are read as layers (a model holding one had none before).
+FINGERPRINT_VERSION = 4
 #: Values per sorted field.
 RESAMPLE = 16
 #: First bytes of a serialized fingerprint.

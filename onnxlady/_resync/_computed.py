@@ -21,6 +21,7 @@ import onnx
 
 from onnxlady._graph._fold import evaluate_node
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._graph._shape_scalars import shape_values
 from onnxlady._resync._values import Approx, half_ulp, read_constant
 from onnxlady._rules._derived import derived_uses
 
@@ -40,13 +41,14 @@ _LIMIT = 1 << 28
 def _subgraph(graph: ModelGraph, name: str, shapes: bool = False) -> list[int] | None:
     """The nodes computing ``name`` from stored constants, if every one has a bound rule here.
 
-    With ``shapes``, values the graph folded from static shapes (:attr:`ModelGraph.folded`) count as stored.
+    With ``shapes``, values computed exactly from static or partial shapes count as stored
+    (:meth:`~onnxlady._graph._shape_scalars.ShapeValues.exact`: shape arithmetic has no rounding).
     """
     found: list[int] = []
     pending, seen = [name], {name}
     while pending:
         tensor = pending.pop()
-        if graph.constant_leaf(tensor) is not None or (shapes and tensor in graph.folded):
+        if graph.constant_leaf(tensor) is not None or (shapes and _exact_from_shapes(graph, tensor) is not None):
             continue
         produced = graph.producer.get(tensor)
         if produced is None or not 0 <= produced[0] < graph.main_count or len(found) >= _MAX_NODES:
@@ -63,12 +65,19 @@ def _subgraph(graph: ModelGraph, name: str, shapes: bool = False) -> list[int] |
     return found
 
 
+def _exact_from_shapes(graph: ModelGraph, name: str) -> np.ndarray | None:
+    """``name``'s value where the graph computes it exactly from constants and shapes, static or partial, else None."""
+    folded = graph.folded.get(name)  # folded from static shapes, in its type as the runtime does
+    return folded if folded is not None else shape_values(graph).exact(name)
+
+
 def computed_shape(graph: ModelGraph, name: str, shapes: bool = False) -> tuple[int, ...] | None:
     """The static shape of a float tensor computed from constants alone that :func:`read_computed` reads, else None.
 
-    With ``shapes``, also from values folded from static shapes (see :func:`read_computed`).
+    With ``shapes``, also from values computed exactly from shapes (see :func:`read_computed`):
+    the walk of :func:`_subgraph` then shows what it is computed from.
     """
-    if not name or graph.constant_leaf(name) is not None or not graph.constant_derived(name):
+    if not name or graph.constant_leaf(name) is not None or not (shapes or graph.constant_derived(name)):
         return None
     if name in graph.graph_outputs or graph.dtypes.get(name) not in _FLOAT_TYPES:
         return None
@@ -83,9 +92,10 @@ def read_computed(graph: ModelGraph, name: str, bounds: bool = True, shapes: boo
     """The value of a tensor :func:`computed_shape` accepts, in float64, with its bound (zeros without ``bounds``).
 
     None where a step cannot be evaluated (a value not finite, a stored constant unreadable).
-    With ``shapes``, values the graph folded from static shapes are read as exact stored numbers:
-    torch's MultiheadAttention computes its q/k scale from the head size at run time (``Shape ->
-    Slice -> Cast -> Sqrt -> Div -> Sqrt``), which a converter that knows the shapes folds.
+    With ``shapes``, values computed exactly from shapes, static or partial (a dynamic batch), are
+    read as exact stored numbers: torch's MultiheadAttention computes its q/k scale from the head
+    size at run time (``Shape -> Slice -> Cast -> Sqrt -> Div -> Sqrt``), which a converter that
+    knows the shapes folds.
     """
     if computed_shape(graph, name, shapes) is None:
         return None
@@ -98,8 +108,8 @@ def _read(graph: ModelGraph, name: str, memo: dict[str, Approx | None], shapes: 
     if name in memo:
         return memo[name]
     value: Approx | None = None
-    if shapes and graph.constant_leaf(name) is None and name in graph.folded:
-        folded = graph.folded[name]  # shape arithmetic, computed in its type as the runtime does
+    folded = _exact_from_shapes(graph, name) if shapes and graph.constant_leaf(name) is None else None
+    if folded is not None:  # shape arithmetic, computed in its type as the runtime does
         value = Approx(folded.astype(np.float64) if folded.dtype.kind == "f" else folded, np.zeros(folded.shape))
     elif graph.constant_leaf(name) is not None:
         stored = graph.constant_value(name)

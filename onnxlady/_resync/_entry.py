@@ -9,9 +9,8 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._errors import OnnxladyError
-from onnxlady._resync._across import resync_across
-from onnxlady._resync._match import analyze_with_state
 from onnxlady._resync._solver import METHODS, ResyncOptions, ResyncResult, say
+from onnxlady._resync._state_analysis import analyze_with_state
 from onnxlady._resync._twin import NotATwin, resync_twin, twin_leaves
 from onnxlady._transforms._key import PermutationKey
 
@@ -68,6 +67,8 @@ def resync_model(
     try:
         leaves = twin_leaves(analysis, suspect)
     except NotATwin:
+        from onnxlady._resync._across import resync_across  # (here: a twin resync runs without matching)
+
         # Weights left in their files (onnxlady._io._external) are read from them as memory maps
         # (read_array): no copy of either model's weights is made to compare them, only of the
         # suspect's to re-order them (_across._reorder_suspect).

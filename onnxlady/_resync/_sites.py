@@ -56,6 +56,7 @@ import onnx
 
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._graph._shape_scalars import shape_values
 from onnxlady._resync._computed import computed_shape, read_computed
 from onnxlady._resync._nchwc_forms import blocked_conv, is_reorder, read_blocked
 from onnxlady._resync._quantized_forms import (
@@ -509,9 +510,15 @@ def _single_consumer(graph: ModelGraph, name: str, accept: tuple[str, ...]) -> t
 
 
 def _folded_shape_reader(graph: ModelGraph, index: int) -> bool:
-    """Whether node ``index`` is a ``Shape`` or ``Size`` whose value the graph folded (its input's shape is static)."""
+    """Whether node ``index`` is a ``Shape`` or ``Size`` that a converter knowing the shapes folds.
+
+    Its input's shape is static (the graph folded it), or its readers pick known dims out of it
+    (the head size, the last axis of q, with a dynamic batch): see :mod:`onnxlady._graph._shape_scalars`.
+    """
     node = graph.nodes[index]
-    return node.op_type in ("Shape", "Size") and (node.domain or "") in _STANDARD and node.output[0] in graph.folded
+    if node.op_type not in ("Shape", "Size") or (node.domain or "") not in _STANDARD:
+        return False
+    return node.output[0] in graph.folded or shape_values(graph).known_shape_read(index)
 
 
 def activation_rounding(graph: ModelGraph, index: int) -> str | None:
@@ -1141,7 +1148,7 @@ def input_scalar(graph: ModelGraph, site: Site) -> float | None:
 
 
 def _step_read(graph: ModelGraph, name: str) -> Approx | None:
-    """A scalar step's constant as read, with its bound: stored, or computed from static shapes (:func:`_step_value`)."""
+    """A scalar step's constant as read, with its bound: stored, or computed from shapes (:func:`_step_value`)."""
     read = read_constant(graph, name)
     if read is None and name:
         shape = computed_shape(graph, name, shapes=True)
@@ -1151,13 +1158,14 @@ def _step_read(graph: ModelGraph, name: str) -> Approx | None:
 
 
 def _step_value(graph: ModelGraph, name: str) -> np.ndarray | None:
-    """The constant of a step after a layer: stored, or one float the graph computes from constants and static shapes.
+    """The constant of a step after a layer: stored, or one float the graph computes from constants and shapes.
 
     torch's MultiheadAttention scales q and k^T by a scalar computed at run time from the head
     size (``Shape -> Slice -> Cast -> Sqrt -> Div -> Sqrt``); a converter that knows the shapes
     folds it into a stored constant, kept in a Mul or folded into a projection's weight
-    (onnxslim). Read as the constant it folds to, the step is the same on both sides. Where a
-    shape is not static, the graph folds nothing and there is no step (no guess).
+    (onnxslim). Read as the constant it folds to, the step is the same on both sides. The head
+    size is known with a dynamic batch too (:mod:`onnxlady._graph._shape_scalars`); where a dim
+    the scalar needs is not known, nothing is evaluated and there is no step (no guess).
     """
     value = graph.constant_value(name)
     if value is not None or not name:

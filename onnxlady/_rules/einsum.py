@@ -223,6 +223,21 @@ def einsum_weight_axes(
     return producer, consumer
 
 
+def einsum_batch_axes(
+    equation: str, num_inputs: int, slot: int, rank: int, constant: Callable[[int], bool]
+) -> list[int] | None:
+    """The batch axes of constant operand ``slot`` of an Einsum: letters also on a data operand and the output.
+
+    A per-head weight's ``h`` of ``bhsd,hdf->bhsf`` is one: one weight per head, as a batched
+    MatMul's ``[heads, in, out]`` weight holds. None where :func:`einsum_weight_axes` reads no weight.
+    """
+    if einsum_weight_axes(equation, num_inputs, slot, rank, constant) is None:
+        return None
+    inputs, (out_letters, _) = parse_equation(equation, num_inputs)  # readable: einsum_weight_axes read it
+    data = set("".join(letters for index, (letters, _) in enumerate(inputs) if not constant(index)))
+    return [axis for axis, letter in enumerate(inputs[slot][0]) if letter in data and letter in out_letters]
+
+
 def einsum_equation(node: onnx.NodeProto) -> str:
     """An Einsum node's equation as text ('' when it has none)."""
     equation = node_attribute(node, "equation", b"")

@@ -10,6 +10,11 @@ fused operator and its decomposition carry the same permutations. The affine par
 opset 18's ``scale`` / ``bias`` hold one value per *group* (``p``), opset 21's one per *channel*
 (``p (x) q``). Batch and spatial axes pass through: the statistics do not depend on their order.
 
+A different in-group order per group (``q_g``) keeps the function too, but is no permutation
+of the axes of the decomposition's ``[N, G, k * H * W]`` tensor (the order of its last axis would
+depend on the group), so the permutation family here leaves it out: such a copy audits
+``modified``, its reason naming the constants and weights that only moved (round 16, F2).
+
 :func:`group_channels` is shared with ONNX Runtime's fused ``GroupNorm`` / ``SkipGroupNorm``
 (:mod:`onnxlady._rules.contrib_unet`).
 """

@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from numpy.random import default_rng  # with the module: numpy loads it lazily, on a command's first draw
 
-from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._external import is_mapped, mapped_bytes
 from onnxlady._io._progress import advance
@@ -32,6 +31,9 @@ from onnxlady._transforms._key import (
     graph_fingerprint,
     tree_size,
 )
+
+if TYPE_CHECKING:  # annotations only: unpermute runs without the analysis (and its rules) imported
+    from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
 
 #: Typed storage fields of TensorProto, by data type, for tensors not stored as raw bytes.
 _TYPED_FIELDS: dict[int, tuple[str, type]] = {

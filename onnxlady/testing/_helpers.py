@@ -24,6 +24,13 @@ __all__ = [
 ]
 
 PRODUCER_ROLES = ("conv weight", "conv-transpose weight", "gemm weight", "matmul weight", "embedding table")
+#: How the Einsum rule names a weight axis it binds to the neurons the Einsum makes (the role
+#: carries the letter: ``"einsum weight, letter 'f'"``; an input axis is ``"einsum weight (input features), ..."``).
+_EINSUM_PRODUCER_ROLE = "einsum weight, letter "
+
+
+def _is_producer_role(role: str) -> bool:
+    return role in PRODUCER_ROLES or role.startswith(_EINSUM_PRODUCER_ROLE)
 
 
 def constant_bytes(model: onnx.ModelProto) -> dict[str, bytes]:
@@ -36,11 +43,12 @@ def permute_producer_only(model: onnx.ModelProto, analysis: ChannelAnalysis) -> 
 
     Returns the tensor it changed. The producer chosen is the first whose group is permutable
     and that the model holds: a copy that permuting would untie from a shared constant does not
-    exist in the model yet, so it is passed over.
+    exist in the model yet, so it is passed over. An Einsum weight with a neuron letter counts
+    (its role names the letter: ``"einsum weight, letter 'f'"``).
     """
     holders = tensor_holders(model)
     for plan in analysis.tensors:
-        if not any(role in PRODUCER_ROLES for role in plan.roles) or plan.tensor not in holders:
+        if not any(_is_producer_role(role) for role in plan.roles) or plan.tensor not in holders:
             continue
         for axis, expr in plan.axes:
             groups = analysis.neuron_labels(expr)

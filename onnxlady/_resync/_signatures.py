@@ -1,0 +1,141 @@
+"""Content signatures of sites: what matching compares to tell which weight is which.
+
+A site's signature (:mod:`onnxlady._resync._invariants`) is invariant to the permutations being
+solved, and is taken of its weights as the computation uses them: a BatchNorm and the scalar
+steps after the layer folded in, so a folded copy signs like the unfolded one. Sites whose
+signatures are bitwise equal are *twins* (one weight read twice, or an equal copy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxlady._graph._attributes import node_attribute
+from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._io._external import release_pages
+from onnxlady._resync._invariants import signature
+from onnxlady._resync._sites import Operand, Site, post_affine, read_operand
+from onnxlady._resync._values import read_constant
+
+__all__ = ["Signatures", "signature_key", "twins"]
+
+#: Operand roles a converter may store once for several sites (ONNX Runtime and onnxslim
+#: deduplicate equal zero biases and shifts): a change to one then moves the signature of
+#: every reader alike (:func:`onnxlady._resync._content._decided_by_own_weights`).
+_SHAREABLE_ROLES = frozenset({"bias", "shift"})
+
+
+class Signatures:
+    """Content signatures of one model's sites, computed when first asked for."""
+
+    def __init__(self, graph: ModelGraph, sites: list[Site], scratch: list[np.ndarray] | None = None) -> None:
+        self.graph = graph
+        self.sites = sites
+        self._cache: dict[int, list[np.ndarray]] = {}
+        self._own: dict[int, list[np.ndarray]] = {}  # the same without the shareable operands' parts
+        # Where folded weights are written (see _folded_for_signature): shared by both models' signatures.
+        self._scratch: list[np.ndarray] = [] if scratch is None else scratch
+
+    def __getitem__(self, number: int) -> list[np.ndarray]:
+        if number not in self._cache:
+            parts: list[np.ndarray] = []
+            own: list[np.ndarray] = []
+            site = self.sites[number]
+            for operand in site.operands:
+                if operand.role.startswith(("bn", "post")):
+                    continue
+                value = read_operand(self.graph, operand, bounds=False, compact=True)  # the value alone is signed
+                if value is None:
+                    continue
+                signed = signature(_folded_for_signature(self.graph, site, operand, value.value, self._scratch))
+                parts.extend(signed)
+                if operand.role not in _SHAREABLE_ROLES:
+                    own.extend(signed)
+                # The solver reads it again (reading_once) in a while: its file pages need not stay meanwhile.
+                release_pages(value.value)
+            self._cache[number] = parts
+            self._own[number] = own
+        return self._cache[number]
+
+    def own(self, number: int) -> list[np.ndarray]:
+        """A site's signature without the parts of its bias and shift (see :mod:`onnxlady._resync._content`)."""
+        self[number]
+        return self._own[number]
+
+    def forget(self, number: int) -> None:
+        """Drop a site's signature (its site was rewritten in place)."""
+        self._cache.pop(number, None)
+        self._own.pop(number, None)
+
+
+def _folded_for_signature(
+    graph: ModelGraph, site: Site, operand: Operand, value: np.ndarray, scratch: list[np.ndarray] | None = None
+) -> np.ndarray:
+    """A unit's weight and bias with its BatchNorm, then its scalar steps, folded in.
+
+    A folded copy then signs the same as the unfolded one. With ``scratch`` (a list holding at
+    most one float64 array, grown as needed), a folded weight is written into that array, reused
+    from weight to weight: the result is then only valid until the next call with the same
+    scratch (a signature is computed from it at once). A fresh array per weight cost its page
+    faults, more than the products themselves.
+    """
+    if operand.role not in ("weight", "bias"):
+        return value
+    if site.batchnorm is not None:
+        if site.lone_batchnorm:  # a BatchNorm of its own: a layer of weight ones and bias zeros, folded
+            value = np.ones(value.shape) if operand.role == "weight" else np.zeros(value.shape)
+            node = graph.nodes[site.node]
+            gamma, beta, mean, var = (read_constant(graph, name) for name in node.input[1:5])
+        else:
+            gamma, beta, mean, var = (read_operand(graph, site.operand(f"bn{slot}")) for slot in range(1, 5))  # type: ignore[arg-type]
+        if gamma is not None and beta is not None and mean is not None and var is not None:
+            eps = float(node_attribute(graph.nodes[site.batchnorm], "epsilon", 1e-5))
+            scale = gamma.value / np.sqrt(var.value + eps)
+            if operand.role == "weight":
+                value = _product(value, scale.reshape((-1,) + (1,) * (value.ndim - 1)), scratch)
+            else:
+                value = (value - mean.value) * scale + beta.value
+    post = post_affine(graph, site)
+    if post is not None:
+        if operand.role == "weight":
+            value = _product(value, post[0].value.reshape((-1,) + (1,) * (value.ndim - 1)), scratch)
+            value = np.add(value, 0.0, out=value) if scratch is not None and _in_scratch(value, scratch) else value + 0.0
+        else:
+            value = value * post[0].value + post[1].value
+    return value
+
+
+def _in_scratch(array: np.ndarray, scratch: list[np.ndarray]) -> bool:
+    """Whether ``array`` is written in the scratch array (and so may be overwritten in place)."""
+    return bool(scratch) and np.shares_memory(array, scratch[0])
+
+
+def _product(value: np.ndarray, factor: np.ndarray, scratch: list[np.ndarray] | None) -> np.ndarray:
+    """``value * factor``, written into ``scratch`` (see :func:`_folded_for_signature`) when it may be.
+
+    Only where the plain product would be a C-contiguous float64 array of ``value``'s shape: the
+    same numbers in the same layout, so the signature sums them in the same order.
+    """
+    if (
+        scratch is None
+        or not value.flags.c_contiguous
+        or np.result_type(value, factor) != np.float64
+        or np.broadcast_shapes(value.shape, factor.shape) != value.shape
+    ):
+        return value * factor
+    if _in_scratch(value, scratch):  # already folded once: the second step is done in place
+        return np.multiply(value, factor, out=value)
+    if not scratch or scratch[0].size < value.size:
+        scratch[:] = [np.empty(value.size)]
+    return np.multiply(value, factor, out=scratch[0][: value.size].reshape(value.shape))
+
+
+def signature_key(signature: list[np.ndarray]) -> tuple[tuple[tuple[int, ...], bytes], ...]:
+    """A signature as a hashable value: bitwise equal ones are the same weight (or an equal copy) read twice."""
+    return tuple((part.shape, part.tobytes()) for part in signature)
+
+
+def twins(signatures: list[list[np.ndarray]]) -> np.ndarray:
+    """Per site, the first site of the list whose signature is bitwise equal to its own."""
+    first: dict[tuple[tuple[tuple[int, ...], bytes], ...], int] = {}
+    return np.array([first.setdefault(signature_key(sig), n) for n, sig in enumerate(signatures)], dtype=np.int64)
