@@ -39,6 +39,7 @@ from onnxlady._provenance._wire import PLAIN_TYPES
 from onnxlady._resync._across import _batchnorm
 from onnxlady._resync._match import UNIT_OPS, Unit, find_units
 from onnxlady._resync._nchwc_forms import _SAME_CHANNELS, NCHWC, BlockedConv, _unblock, blocked_conv, read_blocked
+from onnxlady._resync._units import foldable, is_channel_vector, weight_slot
 from onnxlady._resync._values import read_constant
 
 __all__ = ["ProducerWeight", "WeightGraph", "model_producers", "producer_weights"]
@@ -985,7 +986,7 @@ class WeightGraph:
             node = self.nodes[index]
             if node.domain not in _STANDARD or len(node.input) < 2:
                 continue
-            slot_axis = self._weight_slot(node)
+            slot_axis = weight_slot(self, node)
             if slot_axis is None:
                 continue
             slot, out_axis = slot_axis
@@ -996,10 +997,10 @@ class WeightGraph:
                 reader = self._single_consumer(tail, "Add")
                 if reader is not None:
                     add = self.nodes[reader[0]]
-                    if self._is_channel_vector(add.input[1 - reader[1]], node, slot, out_axis):
+                    if is_channel_vector(self, add.input[1 - reader[1]], node, slot, out_axis):
                         tail = add.output[0]
             batchnorm = None
-            if node.op_type in _FOLDABLE and self._foldable(node):
+            if node.op_type in _FOLDABLE and foldable(self, node):
                 reader = self._single_consumer(tail, "BatchNormalization")
                 bn = self.nodes[reader[0]] if reader is not None else None
                 if (
@@ -1012,23 +1013,6 @@ class WeightGraph:
             units[index] = Unit(index, slot, out_axis, None, batchnorm)
         return units
 
-    def _weight_slot(self, node: onnx.NodeProto) -> tuple[int, int] | None:
-        op = node.op_type
-        if op == "Conv":
-            return (1, 0) if self.float_constant(node.input[1]) else None
-        if op == "ConvTranspose":
-            return (1, 1) if self.float_constant(node.input[1]) else None
-        if op == "Gemm":
-            if not self.float_constant(node.input[1]) or self.float_constant(node.input[0]):
-                return None
-            return (1, 0 if int(node_attribute(node, "transB", 0)) else 1)
-        left, right = (self.float_constant(name) for name in node.input[:2])
-        if left == right:
-            return None
-        shape = self.constant_shape(node.input[1 if right else 0])
-        if shape is None or len(shape) < 2:
-            return None
-        return (1, len(shape) - 1) if right else (0, len(shape) - 2)
 
     def _single_consumer(self, name: str, op_type: str) -> tuple[int, int] | None:
         while True:
@@ -1043,27 +1027,6 @@ class WeightGraph:
             if slot != 0 or self.op_types[index] not in _TYPE_ONLY_OPS or len(node.output) != 1:
                 return None
             name = node.output[0]
-
-    def _is_channel_vector(self, name: str, node: onnx.NodeProto, slot: int, out_axis: int) -> bool:
-        weight = self.constant_shape(node.input[slot])
-        shape = self.constant_shape(name) if self.float_constant(name) else None
-        if weight is None or shape is None:
-            return False
-        channels = weight[out_axis]
-        if node.op_type in ("MatMul", "Gemm"):
-            return shape[-1:] == (channels,) and all(d == 1 for d in shape[:-1])
-        rank = len(weight)
-        if len(shape) > rank:
-            return False
-        aligned = (1,) * (rank - len(shape)) + tuple(shape)
-        return aligned[1] == channels and all(d == 1 for axis, d in enumerate(aligned) if axis != 1)
-
-    def _foldable(self, node: onnx.NodeProto) -> bool:
-        if node.op_type == "ConvTranspose":
-            return int(node_attribute(node, "group", 1)) == 1
-        if node.op_type == "Gemm":
-            return self.rank(node.output[0]) == 2
-        return True
 
     def batchnorm_scale(self, index: int) -> np.ndarray | None:
         """``gamma / sqrt(var + eps)`` of a BatchNorm, in float64."""

@@ -10,6 +10,7 @@ around it). :mod:`onnxlady._provenance` reads layers this way; matching reads
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import onnx
 
@@ -17,7 +18,7 @@ from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._resync._sites import activation_rounding
 
-__all__ = ["UNIT_OPS", "Unit", "find_units"]
+__all__ = ["UNIT_OPS", "LayerReader", "Unit", "find_units", "foldable", "is_channel_vector", "weight_slot"]
 
 #: Operators that make a unit with their constant weight (and, for the first three, a following
 #: BatchNormalization that folding would merge into them).
@@ -82,14 +83,45 @@ def _float_constant(graph: ModelGraph, name: str) -> bool:
     return value is not None and value.dtype.kind == "f"
 
 
+class LayerReader(Protocol):
+    """What finding a unit asks of a graph.
+
+    Answered by a :class:`ModelGraph` (:class:`_GraphReader`) or by the fingerprint's own protobuf
+    reader (:mod:`onnxlady._provenance`), so both find the same layers.
+    """
+
+    def float_constant(self, name: str) -> bool: ...
+
+    def constant_shape(self, name: str) -> tuple[int, ...] | None: ...
+
+    def rank(self, name: str) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class _GraphReader:
+    """:class:`LayerReader` over a :class:`ModelGraph`."""
+
+    graph: ModelGraph
+
+    def float_constant(self, name: str) -> bool:
+        return _float_constant(self.graph, name)
+
+    def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        return self.graph.constant_shape(name)
+
+    def rank(self, name: str) -> int | None:
+        return self.graph.rank(name)
+
+
 def find_units(graph: ModelGraph) -> dict[int, Unit]:
     """Every linear layer with a constant weight, with its bias and following BatchNorm."""
     units: dict[int, Unit] = {}
+    layers = _GraphReader(graph)
     for index in graph.order:
         node = graph.nodes[index]
         if node.op_type not in UNIT_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
-        slot_axis = _weight_slot(graph, index)
+        slot_axis = weight_slot(layers, node)
         if slot_axis is None:
             continue
         slot, out_axis = slot_axis
@@ -103,10 +135,10 @@ def find_units(graph: ModelGraph) -> dict[int, Unit]:
             if reader is not None:
                 add = graph.nodes[reader[0]]
                 other = 1 - reader[1]
-                if _is_channel_vector(graph, add.input[other], node, slot, out_axis):
+                if is_channel_vector(layers, add.input[other], node, slot, out_axis):
                     bias, tail = (reader[0], other), add.output[0]
         batchnorm = None
-        if node.op_type in _FOLDABLE and _foldable(graph, node):
+        if node.op_type in _FOLDABLE and foldable(layers, node):
             reader = _single_consumer(graph, tail, "BatchNormalization")
             bn = graph.nodes[reader[0]] if reader is not None and reader[1] == 0 else None
             if reader is not None and bn is not None and all(_float_constant(graph, n) for n in bn.input[1:5]):
@@ -115,47 +147,47 @@ def find_units(graph: ModelGraph) -> dict[int, Unit]:
     return units
 
 
-def _weight_slot(graph: ModelGraph, index: int) -> tuple[int, int] | None:
-    """(input slot of the constant weight, its output-neuron axis as read), or None."""
-    node = graph.nodes[index]
+def weight_slot(reader: LayerReader, node: onnx.NodeProto) -> tuple[int, int] | None:
+    """(input slot of a unit operator's constant weight, its output-neuron axis as read), or None."""
+    float_constant, constant_shape = reader.float_constant, reader.constant_shape
     op = node.op_type
     if op == "Conv":
-        return (1, 0) if _float_constant(graph, node.input[1]) else None
+        return (1, 0) if float_constant(node.input[1]) else None
     if op == "ConvTranspose":
-        return (1, 1) if _float_constant(graph, node.input[1]) else None
+        return (1, 1) if float_constant(node.input[1]) else None
     if op == "Gemm":
-        if not _float_constant(graph, node.input[1]) or _float_constant(graph, node.input[0]):
+        if not float_constant(node.input[1]) or float_constant(node.input[0]):
             return None
         return (1, 0 if int(node_attribute(node, "transB", 0)) else 1)
     if op == "MatMul":
-        left, right = (_float_constant(graph, name) for name in node.input[:2])
+        left, right = (float_constant(name) for name in node.input[:2])
         if left == right:
             return None
-        shape = graph.constant_shape(node.input[1 if right else 0])
+        shape = constant_shape(node.input[1 if right else 0])
         if shape is None or len(shape) < 2:
             return None
         return (1, len(shape) - 1) if right else (0, len(shape) - 2)
     return None
 
 
-def _foldable(graph: ModelGraph, node: onnx.NodeProto) -> bool:
+def foldable(reader: LayerReader, node: onnx.NodeProto) -> bool:
     """BatchNorm folds into this layer along the weight's output axis."""
     if node.op_type == "ConvTranspose":
         return int(node_attribute(node, "group", 1)) == 1
     if node.op_type == "Gemm":
-        return graph.rank(node.output[0]) == 2
+        return reader.rank(node.output[0]) == 2
     return True
 
 
-def _is_channel_vector(graph: ModelGraph, name: str, node: onnx.NodeProto, slot: int, out_axis: int) -> bool:
+def is_channel_vector(reader: LayerReader, name: str, node: onnx.NodeProto, slot: int, out_axis: int) -> bool:
     """A constant added to the layer's output along its channel axis only: a bias.
 
     The output's rank is the weight's for convolutions (channels on axis 1, counted from the
     left) and unknown for MatMul (channels last, counted from the right), so neither needs
     shape inference.
     """
-    weight = graph.constant_shape(node.input[slot])
-    shape = graph.constant_shape(name) if _float_constant(graph, name) else None
+    weight = reader.constant_shape(node.input[slot])
+    shape = reader.constant_shape(name) if reader.float_constant(name) else None
     if weight is None or shape is None:
         return False
     channels = weight[out_axis]
