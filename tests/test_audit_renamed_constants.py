@@ -5,7 +5,8 @@ copy, ``transB`` kept (the operator now computes ``r @ W`` instead of ``r @ W.T`
 ``converted``, exit 0, the new constant compared with nothing (F3). A square ``MatMul`` weight
 replaced by its transpose under a new name crashed the audit with a ``KeyError`` (F4). Now a
 renamed constant is compared under the name it replaces, and an untied one with the suspect's
-own constant it copies: a copy that holds other values is ``modified``.
+own constant it copies: a copy that holds other values is ``modified``, one that holds them
+transposed and is read with ``transA``/``transB`` flipped is the same operand (F5).
 """
 
 from __future__ import annotations
@@ -111,14 +112,26 @@ def test_an_untied_copy_as_it_is_is_no_edit() -> None:
     assert audit_models(reference, _untied(wrong, transposed=False, trans_b=1)).exit_code == 1
 
 
-def test_the_transposed_untie_with_trans_b_flipped_is_no_false_sentence() -> None:
+def test_the_transposed_untie_with_trans_b_flipped_is_a_conversion() -> None:
+    """``Gemm(A, W.T, transB=0)`` computes ``Gemm(A, W, transB=1)``: a re-layout, not an edit (round 16, F5)."""
     reference = _tied_gemms()
     relaid = _untied(reference, transposed=True, trans_b=0)
     assert _equivalent(reference, relaid)
-    report = audit_models(reference, relaid)
-    # Today modified for the attribute it changes (held-out round 16, F5): never a claim that the values are the reference's.
-    assert report.verdict == "modified", report.summary
-    assert "Gemm 'g3' has other attributes" in report.summary
+    assert audit_models(reference, relaid).verdict == "converted"
+    permuted, analysis = permute_copy(reference, 2)[:2]
+    assert _equivalent(reference, _untied(permuted, transposed=True, trans_b=0))
+    assert audit_models(reference, _untied(permuted, transposed=True, trans_b=0)).verdict == "permuted"
+    wrong = copy_model(permuted)
+    permute_producer_only(wrong, analysis)  # a wrong permutation: still caught
+    assert not _equivalent(reference, _untied(wrong, transposed=True, trans_b=0))
+    assert audit_models(reference, _untied(wrong, transposed=True, trans_b=0)).exit_code == 1
+    nudged = _untied(reference, transposed=True, trans_b=0)  # the re-laid copy with one value changed
+    tensor = next(t for t in nudged.graph.initializer if t.name == "Wshared_T")
+    values = numpy_helper.to_array(tensor).copy()
+    values[3, 5] *= 1.5
+    tensor.CopyFrom(numpy_helper.from_array(values, "Wshared_T"))
+    assert not _equivalent(reference, nudged)
+    assert audit_models(reference, nudged).verdict == "modified"
 
 
 def test_a_weight_transposed_under_a_new_name_is_modified() -> None:

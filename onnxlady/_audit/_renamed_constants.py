@@ -20,10 +20,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX
 from onnxlady._audit._graph_edits import graph_constants
 from onnxlady._errors import OnnxladyError
+from onnxlady._graph._attributes import node_attribute
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import read_array
 
@@ -43,6 +45,29 @@ def _value(constants: Mapping[str, onnx.TensorProto | None], name: str) -> np.nd
 def _comparable(first: np.ndarray | None, second: np.ndarray | None) -> bool:
     """Both read, of one dtype and shape: a converter's re-layout or cast under a new name is left to the resync."""
     return first is not None and second is not None and first.dtype == second.dtype and first.shape == second.shape
+
+
+#: The flag of a ``Gemm`` input slot that says it is read transposed.
+_TRANS_FLAGS = {0: "transA", 1: "transB"}
+
+
+def _transposed_read(
+    value: np.ndarray | None, replaced: np.ndarray | None, reads: list[tuple[onnx.NodeProto, onnx.NodeProto, int]]
+) -> bool:
+    """Whether every read of ``value`` is a Gemm reading the replaced matrix transposed, its flag flipped.
+
+    ``Gemm(A, W.T, transB=0)`` computes ``Gemm(A, W, transB=1)``: a converter's re-layout of an
+    untied copy (held-out round 16, F5), equivalent bit for bit, not an edit.
+    """
+    if value is None or replaced is None or value.ndim != 2 or value.dtype != replaced.dtype:
+        return False
+    if value.shape != replaced.shape[::-1] or value.tobytes() != np.ascontiguousarray(replaced.T).tobytes():
+        return False
+    return all(
+        (mine.op_type, yours.op_type) == ("Gemm", "Gemm") and slot in _TRANS_FLAGS
+        and int(node_attribute(yours, _TRANS_FLAGS[slot], 0)) == 1 - int(node_attribute(mine, _TRANS_FLAGS[slot], 0))
+        for mine, yours, slot in reads
+    )  # fmt: skip
 
 
 def renamed_constants(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -66,6 +91,7 @@ def renamed_constants(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
         return suspect, []  # no node-for-node copy: a conversion, which the resync matches across forms
     reads: dict[str, set[str]] = {}  # a new name -> the reference names read in its place
     readers: dict[str, list[str]] = {}
+    uses: dict[str, list[tuple[onnx.NodeProto, onnx.NodeProto, int]]] = {}  # (reference's node, suspect's, slot)
     for key in sorted(common):
         mine, yours = ref_nodes[key], sus_nodes[key]
         if (mine.domain, mine.op_type) != (yours.domain, yours.op_type):
@@ -78,6 +104,7 @@ def renamed_constants(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
             if old != new and old in ref_constants and new in sus_constants and new not in ref_constants:
                 reads.setdefault(new, set()).add(old)
                 readers.setdefault(new, []).append(f"{yours.op_type} '{yours.name or key}'")
+                uses.setdefault(new, []).append((mine, yours, list(yours.input).index(new)))
     if not reads:
         return suspect, []
     # A subgraph reads the outer graph's constants by name: renamed in the main graph only, it would dangle.
@@ -85,7 +112,9 @@ def renamed_constants(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in theirs.node for a in n.attribute
     )
     initializers = set() if nested else {t.name for t in theirs.initializer}
+    graph_inputs = {value_info.name for value_info in theirs.input}
     renames: dict[str, str] = {}  # a new name -> the reference name it is given back
+    relaid: dict[str, list[tuple[onnx.NodeProto, onnx.NodeProto, int]]] = {}
     found: list[str] = []
     for new, olds in sorted(reads.items()):
         value = _value(sus_constants, new)
@@ -104,6 +133,11 @@ def renamed_constants(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
             _value(sus_constants, given[o]) if o in given else _value(ref_constants, o)
             for o in olds
         ]  # fmt: skip
+        if new in initializers and new not in graph_inputs and len(replaced) == 1 and _transposed_read(
+            value, replaced[0], uses[new]
+        ):
+            relaid[new] = uses[new]  # the same operand, stored transposed and read with the flag flipped
+            continue
         if not all(_comparable(value, r) for r in replaced):
             continue  # another form (a cast, a reshape): no claim
         if all(np.asarray(value).tobytes() == np.asarray(r).tobytes() for r in replaced):
@@ -113,9 +147,21 @@ def renamed_constants(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
             f"{readers[new][0]} reads '{new}' where the reference reads {listing}, with other values"
             + (f" (and {len(readers[new]) - 1} more)" if len(readers[new]) > 1 else "")
         )
-    if not renames:
+    if not renames and not relaid:
         return suspect, found
     copied = copy_model(suspect)
+    for tensor in copied.graph.initializer:
+        if tensor.name in relaid:  # back in the layout the reference's operator reads
+            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(read_array(tensor, tensor.name).T), tensor.name))
+    stale = [info for info in copied.graph.value_info if info.name in relaid]  # its shape is transposed now
+    for info in stale:
+        copied.graph.value_info.remove(info)
+    by_output = {node.output[0]: node for node in copied.graph.node if node.output}
+    for mine, yours, slot in (read for reads_of in relaid.values() for read in reads_of):
+        node, flag = by_output[yours.output[0]], _TRANS_FLAGS[slot]
+        kept = [a for a in node.attribute if a.name != flag]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute(flag, int(node_attribute(mine, flag, 0)))])
     for tensor in copied.graph.initializer:
         if tensor.name in renames:
             tensor.name = renames[tensor.name]
