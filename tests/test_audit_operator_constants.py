@@ -18,11 +18,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fixtures.contrib import ort_optimized
+from fixtures.deployment import CONVERTERS
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._verify._compare import verify_models
 from onnxlady.testing import copy_model, permute_copy
 
-onnxslim = pytest.importorskip("onnxslim")
+pytest.importorskip("onnxslim")
 
 _TOKENS, _DIM, _HIDDEN = 4, 16, 32
 
@@ -76,8 +77,7 @@ def _model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnxslim.slim(copy_model(model))
+_slim = CONVERTERS["onnxslim"]  # the real onnxslim, on a copy
 
 
 _CONVERTERS = {"onnxslim": _slim, "ort-extended": ort_optimized}

@@ -17,13 +17,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fixtures.deployment import CONVERTERS
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._graph._shape_scalars import shape_values
 from onnxlady._verify._compare import verify_models
 from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 
-onnxslim = pytest.importorskip("onnxslim")
+pytest.importorskip("onnxslim")
 
 _TOKENS, _DIM, _HIDDEN = 6, 8, 16
 
@@ -72,8 +73,7 @@ def _model(batch: int | str = 1, picked: int = -1) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnxslim.slim(copy_model(model))
+_slim = CONVERTERS["onnxslim"]  # the real onnxslim, on a copy
 
 
 def _folded_scale(model: onnx.ModelProto) -> str:

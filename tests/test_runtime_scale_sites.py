@@ -19,13 +19,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fixtures.deployment import CONVERTERS
 from onnxlady import analyze
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._verify._compare import verify_models
 from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 from tests.test_deployment import check_resync_across
 
-onnxslim = pytest.importorskip("onnxslim")
+pytest.importorskip("onnxslim")
 
 _TOKENS, _DIM, _HIDDEN = 6, 8, 16
 
@@ -76,8 +77,7 @@ def _attention_model(biased: bool, batch: int | str = 1) -> onnx.ModelProto:
     return model
 
 
-def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnxslim.slim(copy_model(model))
+_slim = CONVERTERS["onnxslim"]  # the real onnxslim, on a copy
 
 
 def _changed(model: onnx.ModelProto, name: str, change: str) -> onnx.ModelProto:

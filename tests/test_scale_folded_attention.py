@@ -24,13 +24,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fixtures.contrib import ort_optimized
+from fixtures.deployment import CONVERTERS
 from onnxlady._audit._verdicts import audit_models
 from onnxlady._verify._compare import verify_models
 from onnxlady.testing import copy_model, permute_copy
 from tests.test_deployment import check_resync_across
 from tests.test_scale_folded_norm_converters import _changed
 
-onnxslim = pytest.importorskip("onnxslim")
+pytest.importorskip("onnxslim")
 
 _DIM, _TOKENS = 16, 8
 
@@ -86,8 +87,7 @@ def _attention_model(heads: int = 1, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnxslim.slim(copy_model(model))
+_slim = CONVERTERS["onnxslim"]  # the real onnxslim, on a copy
 
 
 def _scaled_initializers(model: onnx.ModelProto, factors: dict[str, float]) -> onnx.ModelProto:
