@@ -210,19 +210,20 @@ def test_attention_heads_and_dims() -> None:
 
 def test_group_query_attention_moves_kv_heads_with_their_query_groups() -> None:
     analysis = analyze(_model("contrib_gqa"))
-    # Q: kv heads (2) x query heads in a group (2) x rotary frequencies (8); K: kv heads x frequencies.
-    assert _permutable_sizes(analysis, "layers.0.q_proj.weight", 1) == [2, 2, 8]
+    # Q: kv heads (2) x query heads in a group (2, an order per group: two groups) x rotary
+    # frequencies (8); K: kv heads x frequencies.
+    assert _permutable_sizes(analysis, "layers.0.q_proj.weight", 1) == [2, 2, 2, 8]
     assert _permutable_sizes(analysis, "layers.0.k_proj.weight", 1) == [2, 8]
     assert _permutable_sizes(analysis, "layers.0.v_proj.weight", 1) == [2, 16]
-    assert _permutable_sizes(analysis, "layers.0.o_proj.weight", 0) == [2, 2, 16]
+    assert _permutable_sizes(analysis, "layers.0.o_proj.weight", 0) == [2, 2, 2, 16]
     assert _permutable_sizes(analysis, "rope.cos_cache", 1) == [8]  # frequencies move with their pairs
-    assert _permutable_sizes(analysis, "layers.1.qkv_proj.weight", 1) == [2, 2, 8, 16]  # packed
+    assert _permutable_sizes(analysis, "layers.1.qkv_proj.weight", 1) == [2, 2, 2, 8, 16]  # packed
 
 
 def test_group_query_attention_with_a_kv_cache_freezes_what_the_cache_holds() -> None:
     analysis = analyze(_model("contrib_gqa_kv_cache"))
-    # The query heads inside a group are not in the cache: they still move.
-    assert _permutable_sizes(analysis, "layers.0.q_proj.weight", 1) == [2]
+    # The query heads inside a group are not in the cache: they still move, each group its own way.
+    assert _permutable_sizes(analysis, "layers.0.q_proj.weight", 1) == [2, 2]
     held = [g for g in analysis.groups if any("past_key_values.layers.0.key" in r.message for r in g.reasons)]
     assert held and all(g.frozen for g in held)
 

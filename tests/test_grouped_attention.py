@@ -106,16 +106,22 @@ def test_grouped_query_heads_move_with_their_key_value_head_and_inside_their_gro
     repeats = HEADS // KV_HEADS["gqa_attention"]
     maps = index_maps(analysis, f"{ATTN}.q_proj.weight", 1)
     by_map = {imap: gid for gid, imap in maps.items()}
-    kv = analysis.group(by_map[f"p (x) I_{repeats * HEAD_DIM}"])
-    within = analysis.group(by_map[f"I_2 (x) p (x) I_{HEAD_DIM}"])
-    assert kv.permutable and kv.size == 2 and within.permutable and within.size == repeats
+    kv = analysis.group(by_map[f"p (x) {{q_g}}: 2 blocks of {repeats}, each its own order (x) I_{HEAD_DIM}"])
+    # Each key/value head's query heads take their own order (round 16, F2): one group per KV head.
+    inside = [
+        analysis.group(by_map[f"block {k} of 2 ([{k * repeats}:{(k + 1) * repeats}] as the source holds it): p (x) I_{HEAD_DIM}"])
+        for k in range(2)
+    ]
+    assert kv.permutable and kv.size == 2
+    assert all(within.permutable and within.size == repeats for within in inside)
     # The key/value heads are the same group on K, V, Q and the output projection.
     for proj in ("k_proj", "v_proj"):
         assert index_maps(analysis, f"{ATTN}.{proj}.weight", 1)[kv.id] == f"p (x) I_{HEAD_DIM}"
-    assert index_maps(analysis, f"{ATTN}.o_proj.weight", 0)[within.id] == f"I_2 (x) p (x) I_{HEAD_DIM}"
-    # The query heads inside a group touch neither K nor V.
-    for proj in ("k_proj", "v_proj"):
-        assert within.id not in index_maps(analysis, f"{ATTN}.{proj}.weight", 1)
+    for within in inside:
+        assert index_maps(analysis, f"{ATTN}.o_proj.weight", 0)[within.id] == maps[within.id]
+        # The query heads inside a group touch neither K nor V.
+        for proj in ("k_proj", "v_proj"):
+            assert within.id not in index_maps(analysis, f"{ATTN}.{proj}.weight", 1)
 
 
 # -- permute, verify, unpermute ---------------------------------------------------------------
@@ -242,7 +248,9 @@ def test_legacy_dynamic_repeat_kv_has_known_copies_and_moves_the_heads() -> None
     model = copy_model(source)
     analysis = analyze(model)
     maps = {imap: gid for gid, imap in index_maps(analysis, "q_proj.weight", 1).items()}
-    kv, within = analysis.group(maps[f"p (x) I_{HEADS // 2 * HEAD_DIM}"]), analysis.group(maps[f"I_2 (x) p (x) I_{HEAD_DIM}"])
+    repeats = HEADS // 2
+    kv = analysis.group(maps[f"p (x) {{q_g}}: 2 blocks of {repeats}, each its own order (x) I_{HEAD_DIM}"])
+    within = analysis.group(maps[f"block 1 of 2 ([{repeats}:{2 * repeats}] as the source holds it): p (x) I_{HEAD_DIM}"])
     assert kv.permutable and within.permutable, (kv.reasons, within.reasons)
     perms = draw_permutations(analysis, 4)
     key = permute_model(analysis, perms, seed=4)

@@ -15,8 +15,8 @@ parent uses the standard library only and builds every model in a child):
   (``fixtures.save_large_external_model``, written tensor by tensor), permuted, perturbed,
   unpermuted, resynced, audited and inspected the same way (the floor saves with external data too; above
   ``--floor-limit`` MB the floor is not run: it needs the whole model in memory);
-- ``inspect`` of ``fixtures.build_deep_model(NODES)`` (residual MLP blocks) against the floor of
-  that file;
+- ``inspect``, ``permute`` and ``unpermute`` of ``fixtures.build_deep_model(NODES)`` (residual MLP
+  blocks: many small tensors) against the floor of that file (of the permuted file for unpermute);
 - ``verify`` of the model against its permuted copy, against two plain ONNX Runtime sessions
   (created from the files, one run each on the same inputs);
 - ``--real DIR``: every ``*.onnx`` in DIR (the PyPI models ``tools.fetch_models`` puts in
@@ -461,8 +461,18 @@ class Bench:
         path = self.workdir / f"deep{nodes}.onnx"
         if not path.exists():
             _child(_BUILD_DEEP, path, nodes)
+        name, size, out = f"{nodes} nodes", _size(path), self.workdir / "out.onnx"
         floor = ("load+save", _FLOOR_ONE, [path, "inline"], self.workdir / "floor.onnx")
-        self.pair(f"{nodes} nodes", "inspect", _size(path), floor, ["inspect", path, "--json", "--quiet", "--dot"], self.workdir / "groups.dot")
+        if self.wanted("inspect"):
+            self.pair(name, "inspect", size, floor, ["inspect", path, "--json", "--quiet", "--dot"], self.workdir / "groups.dot")
+        if self.wanted("permute"):  # thousands of small tensors: the per-tensor costs, where the sizes show the per-byte ones
+            self.pair(name, "permute", size, floor, ["permute", path, "--seed", "1", "--quiet", "-o"], out)
+        if self.wanted("unpermute"):
+            permuted = self.workdir / f"deepperm{nodes}.onnx"
+            if not permuted.exists():
+                _child(_PERMUTE, path, permuted)
+            floor = ("load+save", _FLOOR_ONE, [permuted, "inline"], self.workdir / "floor.onnx")
+            self.pair(name, "unpermute", size, floor, ["unpermute", permuted, "--key", f"{permuted}.key.json", "--quiet", "-o"], out)
 
 
 def _table(rows: list[Row]) -> list[str]:
@@ -512,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10,100,500", help="inline model sizes in MiB of weights (default 10,100,500)")
     parser.add_argument("--across", default="100", help="sizes at which resync across float16 and QDQ runs (default 100)")
     parser.add_argument("--external", default="2300", help="external-data model sizes in MiB (default 2300)")
-    parser.add_argument("--nodes", default="1000,5000,20000,50000", help="node counts for inspect (default 1000..50000)")
+    parser.add_argument("--nodes", default="1000,5000,20000,50000", help="node counts for inspect, permute and unpermute (default 1000..50000)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (default 3)")
     parser.add_argument("--floor-limit", type=int, default=3000, help="no floor above this many MB (external data)")
     parser.add_argument("--only", help="comma-separated commands: permute,perturb,unpermute,resync,audit,inspect,verify")
@@ -538,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.inline(megabytes, megabytes in across)
         for megabytes in _numbers(args.external):
             bench.external(megabytes)
-        if bench.wanted("inspect"):
+        if any(bench.wanted(command) for command in ("inspect", "permute", "unpermute")):
             for nodes in _numbers(args.nodes):
                 bench.deep(nodes)
         if args.real is not None:

@@ -9,15 +9,30 @@ the floor (``onnx.load`` + ``onnx.save``), ``load_model`` (parse, validate, hash
 (``ModelGraph``: shapes, folding), the whole analysis (``analyze``, graph included), the JSON
 document (``to_json``) and its text (``to_json_text``). Medians over the runs, with ms per node:
 CPU time tells the work's growth apart from a loaded machine's waiting (wall time).
+
+    python3 -m tools.inspect_phases --floor-parts --nodes 1000,20000,50000 --repeats 3 --workdir DIR
+
+measures instead the parts any ``inspect`` built on a networkx dependency graph (the project
+brief's requirement) pays, whatever its analysis: Python's start with ``import onnx, networkx,
+numpy`` (a child of its own, timed from outside), then in one child with those imports done
+before the clock (as ``tools.bench`` times a command): ``onnx.load``, ``onnx.save`` (with the
+load, the floor issue 15's ratios divide by), one pass over the nodes in Python (each node's
+inputs, outputs and operator read into tuples, the least any rule needs), and the
+``nx.DiGraph`` of operators and tensors built from those tuples with ``add_edges_from`` (and the
+smaller one of operators only, an edge per tensor one reads from another). The last lines say
+what load + pass + the cheaper graph alone make of the floor: the least ratio an inspect
+with such a graph can reach, before it analyses anything or prints a line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tools._bench import REPO
@@ -48,11 +63,71 @@ clock("to_json_text", getattr(result, "to_json_text", lambda: json.dumps(result.
 print(json.dumps(phases))
 """
 
+_PARTS = """
+import json, sys, time, os, tempfile
+import onnx, networkx as nx, numpy
+path = sys.argv[1]
+phases = {}
+def clock(name, work):
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = work()
+    phases[name] = (time.perf_counter() - wall, time.process_time() - cpu)
+    return value
+model = clock("onnx.load", lambda: onnx.load(path))
+with tempfile.TemporaryDirectory() as folder:
+    clock("onnx.save", lambda: onnx.save(model, os.path.join(folder, "floor.onnx")))
+def one_pass():
+    return [(tuple(node.input[:]), tuple(node.output[:]), (node.op_type, node.domain)) for node in model.graph.node]
+table = clock("node pass", one_pass)
+def dependency_graph():
+    edges = []
+    for index, (inputs, outputs, _) in enumerate(table):
+        op = ("op", index)
+        edges.extend([(("tensor", name), op) for name in inputs if name])
+        edges.extend([(op, ("tensor", name)) for name in outputs if name])
+    dag = nx.DiGraph()
+    dag.add_edges_from(edges)
+    return dag
+dag = clock("nx.DiGraph", dependency_graph)
+assert dag.number_of_nodes() >= len(table)
+def operator_graph():
+    # (the smallest such graph: operators only, an edge per tensor read from another operator)
+    producer = {name: index for index, (_, outputs, _) in enumerate(table) for name in outputs if name}
+    edges = [(producer[name], index) for index, (inputs, _, _) in enumerate(table) for name in inputs if name in producer]
+    dag = nx.DiGraph()
+    dag.add_nodes_from(range(len(table)))
+    dag.add_edges_from(edges)
+    return dag
+clock("nx.DiGraph (operators only)", operator_graph)
+print(json.dumps(phases))
+"""
+
+#: Python's start and the imports an inspect with a networkx graph cannot do without.
+_START = "import onnx, networkx, numpy"
+
 _BUILD = """
 import sys, onnx
 from fixtures import build_deep_model
 onnx.save(build_deep_model(int(sys.argv[2])), sys.argv[1])
 """
+
+
+def _child(script: str, path: Path) -> dict[str, tuple[float, float]]:
+    """The phases ``script`` printed, run in a fresh interpreter on ``path``."""
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(path)], check=True, capture_output=True, text=True, cwd=REPO
+    )
+    return {name: (wall, cpu) for name, (wall, cpu) in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def _started() -> tuple[float, float]:
+    """Wall and CPU seconds of a fresh interpreter that imports onnx, networkx and numpy, then exits."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _START], check=True, cwd=REPO)
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", default="1000,5000,20000,50000", help="node counts (comma-separated)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per node count")
     parser.add_argument("--workdir", type=Path, required=True, help="where the deep models are (built when missing)")
+    parser.add_argument(
+        "--floor-parts", action="store_true", help="time the parts an inspect with a networkx graph cannot avoid"
+    )
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
@@ -73,15 +151,27 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-c", _BUILD, str(path), str(nodes)], check=True, cwd=REPO)
         runs = []
         for _ in range(args.repeats):
-            out = subprocess.run(
-                [sys.executable, "-c", _CHILD, str(path)], check=True, capture_output=True, text=True, cwd=REPO
-            )
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if args.floor_parts:
+                runs.append({"python start + imports": _started(), **_child(_PARTS, path)})
+            else:
+                runs.append(_child(_CHILD, path))
+        if args.floor_parts:
+            for run in runs:
+                run["floor"] = tuple(a + b for a, b in zip(run["onnx.load"], run["onnx.save"]))
+                graph = min(run["nx.DiGraph"], run["nx.DiGraph (operators only)"], key=lambda part: part[1])
+                run["load + pass + graph"] = tuple(
+                    a + b + c for a, b, c in zip(run["onnx.load"], run["node pass"], graph)
+                )
         floor = statistics.median(run["floor"][0] for run in runs)
         for phase in runs[0]:
             wall = statistics.median(run[phase][0] for run in runs)
             cpu = statistics.median(run[phase][1] for run in runs)
             print(f"| {nodes} | {phase} | {wall:.3f} | {cpu:.3f} | {1000 * cpu / nodes:.4f} | {wall / floor:.2f} |")
+        if args.floor_parts:
+            least = [run["load + pass + graph"][1] / run["floor"][1] for run in runs]
+            print(
+                f"| {nodes} | least ratio (CPU, min / median) | | | | {min(least):.2f} / {statistics.median(least):.2f} |"
+            )
     uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     print(f"\nload after: `{uptime}`")
     return 0

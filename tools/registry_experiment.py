@@ -52,9 +52,10 @@ the unrelated-gap law, the margin the threshold sits in).
     python3 -m tools.registry_experiment [--out DIR] [--seeds 3] [--synthetic 100000] [--calibrate] [--real-pairs] [--json]
 
 ``--stages`` also measures where fingerprinting's CPU time goes (:func:`stage_costs`): the
-protobuf parse alone, then reading, walking the graph for the producer weights, the layer
-arithmetic and the search vectors, each against ``onnx.load``; with ``--throughput-only`` it
-replaces the throughput.
+file read and the protobuf parse alone, then reading, walking the graph for the producer
+weights, the layer arithmetic and the search vectors, each against ``onnx.load``, and the
+floor of a fingerprint in Python (parse, every node's names, the arithmetic, the vectors);
+with ``--throughput-only`` it replaces the throughput.
 
 ``--fresh`` also times one pass of ``onnx.load`` and one of fingerprinting over the same files,
 each in a fresh process (:func:`fresh_pass`): what a build's pool worker pays on its first batch,
@@ -645,24 +646,34 @@ def stage_costs(files: list[str], repeats: int = 5) -> dict[str, Any]:
     """Where fingerprinting's CPU time goes, stage by stage, against ``onnx.load`` (``--stages``).
 
     Per stage, the CPU time (``time.process_time``) of one pass over ``files``, the fastest of
-    ``repeats`` interleaved rounds: ``onnx.load``; the protobuf parse alone (the file's bytes
-    read and ``ParseFromString``: what any reader pays); then the stages of
-    :func:`~onnxlady._provenance._read.fingerprint_files`, each on the previous stage's output:
-    ``open`` (read, parse or skim, the checks), ``graph walk`` (the producer weights,
-    :func:`~onnxlady._provenance._producers.model_producers`), ``layer arithmetic``
+    ``repeats`` interleaved rounds: ``onnx.load``; ``read`` (each file's bytes read, nothing
+    else); ``parse`` (the bytes read and ``ParseFromString``: what any reader pays); then the
+    stages of :func:`~onnxlady._provenance._read.fingerprint_files`, each on the previous
+    stage's output: ``open`` (read, parse or skim, the checks), ``graph walk`` (the producer
+    weights, :func:`~onnxlady._provenance._producers.model_producers`), ``layer arithmetic``
     (:func:`~onnxlady._provenance._fingerprint.fingerprints_of` over the tasks of a one-worker
     build) and ``vectors and bytes`` (search vectors and serialization); ``whole`` is
-    ``fingerprint_files`` itself. ``node names`` is no stage but a floor under the graph walk:
-    every node's operator, input and output names read off the opened models, the least any walk
-    of the graph in Python pays (protobuf makes a new object per field read). Runs with any
-    round's onnxlady (the search vectors one by one where it has no batched form).
+    ``fingerprint_files`` itself, called as an index build calls it. ``node names`` is no stage
+    but a floor under the graph walk: every node's operator, input and output names read off
+    the opened models, the least any walk of the graph in Python pays (protobuf makes a new
+    object per field read). ``floor`` adds up the least a fingerprint of these bits pays in
+    Python: ``parse`` + ``node names`` + ``layer arithmetic`` (its numpy passes are fixed by the
+    bits the index holds) + ``vectors and bytes``. Each stage starts after a full garbage
+    collection. Runs with any round's onnxlady (the search vectors one by one where it has no
+    batched form).
     """
+    import gc
+
     from onnxlady._provenance import _fingerprint as fingerprint_module
     from onnxlady._provenance._producers import model_producers
     from onnxlady._provenance._read import open_local
 
     tasks = [[t.path for t in batch] for batch in _batches([_Task(f, os.path.getsize(f)) for f in files], 1)]
     batched = getattr(fingerprint_module, "search_vectors", None)
+
+    def read() -> None:
+        for path in files:
+            Path(path).read_bytes()
 
     def parse() -> None:
         for path in files:
@@ -687,14 +698,18 @@ def stage_costs(files: list[str], repeats: int = 5) -> dict[str, Any]:
             done.append((vectors, [f.to_bytes() for f in group]))
         return done
 
+    def whole() -> list[Any]:
+        return [fingerprint_files(batch, digest=False) for batch in tasks]
+
     stages: dict[str, Callable[[], Any]] = {
         "onnx.load": lambda: [onnx.load(path) for path in files],
+        "read": read,
         "parse": parse,
         "open": opened,
         # The least any reader of the graph in Python pays (every node's operator, input and
         # output names from the parsed protobuf): a floor under the graph walk.
         "node names": lambda: [
-            [[(n.op_type, list(n.input), list(n.output)) for n in m.model.graph.node] for m in group]
+            [[(n.op_type, n.input[:], n.output[:]) for n in m.model.graph.node] for m in group]
             for group in state["open"]
         ],
         "graph walk": lambda: [
@@ -702,15 +717,17 @@ def stage_costs(files: list[str], repeats: int = 5) -> dict[str, Any]:
         ],
         "layer arithmetic": lambda: [fingerprint_module.fingerprints_of(group) for group in state["graph walk"]],
         "vectors and bytes": vectors_and_bytes,
-        "whole": lambda: [fingerprint_files(batch, digest=False) for batch in tasks],
+        "whole": whole,
     }
     best = dict.fromkeys(stages, float("inf"))
     for _ in range(repeats):
         for name, run in stages.items():
+            gc.collect()  # each stage starts without the garbage of the one before
             cpu = time.process_time()
             state[name] = run()
             best[name] = min(best[name], time.process_time() - cpu)
     state.clear()
+    best["floor"] = best["parse"] + best["node names"] + best["layer arithmetic"] + best["vectors and bytes"]
     return {"files": len(files), "seconds": best, "per_file_us": {k: v / len(files) * 1e6 for k, v in best.items()}}
 
 
@@ -722,12 +739,16 @@ def _stages_table(results: dict[str, Any]) -> str:
         + " | ".join(f"{label} ({group['files']} files)" for label, group in groups) + " |",
         "| --- |" + " --- |" * len(groups),
     ]
+    labels = {"floor": "floor: parse + node names + layer arithmetic + vectors and bytes"}
     for stage in groups[0][1]["seconds"]:
         cells = []
         for _, group in groups:
-            seconds, load = group["seconds"][stage], group["seconds"]["onnx.load"]
+            seconds, load = group["seconds"].get(stage), group["seconds"]["onnx.load"]
+            if seconds is None:
+                cells.append("-")
+                continue
             cells.append(f"{seconds * 1e3:.1f} ms ({group['per_file_us'][stage]:.0f} us/file, {seconds / load:.2f}x load)")
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels.get(stage, stage)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

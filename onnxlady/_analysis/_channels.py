@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,8 +27,10 @@ from onnxlady._graph._expr import (
     Expr,
     Fixed,
     FreezeReason,
+    Grouped,
     GroupSolver,
     Interleave,
+    Product,
     Transposed,
     canonical,
     describe,
@@ -121,6 +123,39 @@ class TensorPermutation:
         self.__dict__.update(tensor=tensor, source=source, copy=copy, uses=uses, axes=axes, roles=roles)
 
 
+class _PermsByRoot(Mapping[int, np.ndarray]):
+    """Group permutations given by group id, read by group root (as ``evaluate`` reads them).
+
+    The mapping ``{group.root: np.asarray(perms[group.id])}`` over the groups ``perms`` names,
+    with each entry made when it is looked up.
+    """
+
+    __slots__ = ("_by_root", "_perms")
+
+    def __init__(self, by_root: Mapping[int, ChannelGroup], perms: Mapping[str, np.ndarray]) -> None:
+        self._by_root = by_root
+        self._perms = perms
+
+    def __getitem__(self, root: int) -> np.ndarray:
+        group = self._by_root.get(root)
+        if group is None or group.id not in self._perms:
+            raise KeyError(root)
+        return np.asarray(self._perms[group.id])
+
+    def get(self, root: int, default: np.ndarray | None = None) -> np.ndarray | None:  # type: ignore[override]
+        # (Mapping's get raises and catches a KeyError per miss: most atoms of a plan have no entry)
+        group = self._by_root.get(root)
+        if group is None or group.id not in self._perms:
+            return default
+        return np.asarray(self._perms[group.id])
+
+    def __iter__(self) -> Iterator[int]:
+        return (root for root, group in self._by_root.items() if group.id in self._perms)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @dataclass
 class ChannelAnalysis:
     """Everything ``inspect`` reports and ``permute`` needs."""
@@ -136,6 +171,7 @@ class ChannelAnalysis:
     source_model: onnx.ModelProto | None = None
     _by_id: dict[str, ChannelGroup] = field(default_factory=dict)
     _by_root: dict[int, ChannelGroup] = field(default_factory=dict)
+    _block_orders: dict[str, tuple[str, ...]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._by_id = {group.id: group for group in self.groups}
@@ -191,8 +227,65 @@ class ChannelAnalysis:
         Returns:
             The int64 gather indices along that axis.
         """
-        by_root = {self._by_id[gid].root: np.asarray(p) for gid, p in perms.items() if gid in self._by_id}
-        return evaluate(self.solver, expr, by_root)
+        # Only the groups ``expr`` holds are looked up: a dict of every group's permutation per
+        # call made permuting a model quadratic in its size (a tensor per layer, a group per layer).
+        return evaluate(self.solver, expr, _PermsByRoot(self._by_root, perms))
+
+    def block_orders(self) -> dict[str, tuple[str, ...]]:
+        """Groups that move whole blocks each holding its own order (``p (x) {q_g}``: GroupNorm's groups).
+
+        Returns:
+            Outer group id -> the group id of each source block's own order, block by block:
+            the inner orders sit where the source holds its blocks, so they are matched after
+            the outer group (and swapped with the blocks when the outer group changes).
+        """
+        if self._block_orders is not None:
+            return self._block_orders
+        found: dict[str, tuple[str, ...]] = {}
+        for plan in self.tensors:
+            for _, expr in plan.axes:
+                for node in _grouped_nodes(self.solver.resolve(expr)):
+                    outer = self.group_of_root(node.outer.id) if isinstance(node.outer, Atom) else None
+                    inners = [self.group_of_root(i.id) if isinstance(i, Atom) else None for i in node.inners]
+                    if outer is not None and all(inner is not None for inner in inners):
+                        found[outer.id] = tuple(inner.id for inner in inners if inner is not None)
+        self._block_orders = found
+        return found
+
+    def perms_from_match(self, match: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The group permutations (as :meth:`index_array` and ``permute_model`` take them) a resync's matches make.
+
+        A match re-orders each group where the suspect holds it, one group at a time; a block's own
+        order of ``p (x) {q_g}`` is matched where the block sits once ``p`` is aligned, whereas a
+        permutation names each block's order by the block it orders: the order matched at
+        position ``g`` belongs to the block ``p`` brings there.
+        """
+        perms = dict(match)
+        for outer, inners in self.block_orders().items():
+            step = match.get(outer)
+            if step is not None:
+                orders = [self._order_of(match, inner) for inner in inners]
+                for position, order in enumerate(orders):
+                    perms[inners[int(step[position])]] = order
+        return perms
+
+    def inverse_perms(self, perms: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Group permutations whose index maps undo those of ``perms`` (``argsort`` of each, blocks' orders re-named).
+
+        Block ``b`` of the undone order is block ``p[b]`` of the permuted one: its order is the
+        inverse of the order of that block.
+        """
+        inverse = {gid: np.argsort(np.asarray(perm)) for gid, perm in perms.items()}
+        for outer, inners in self.block_orders().items():
+            outer_perm = perms.get(outer)
+            if outer_perm is not None:
+                for block, inner in enumerate(inners):
+                    inverse[inner] = np.argsort(self._order_of(perms, inners[int(outer_perm[block])]))
+        return inverse
+
+    def _order_of(self, perms: Mapping[str, np.ndarray], gid: str) -> np.ndarray:
+        found = perms.get(gid)
+        return np.asarray(found) if found is not None else np.arange(self.group(gid).size, dtype=np.int64)
 
     def neuron_labels(self, expr: Expr) -> dict[str, np.ndarray]:
         """For each group in ``expr`` (by id): which of its neurons governs each index (-1: none).
@@ -224,24 +317,29 @@ class ChannelAnalysis:
         groups_of: dict[str, tuple[str, ...]] = {}
         solver, by_root = self.solver, self._by_root
         find, definitions = solver.find, solver._definition
-        for name in (*state.tracked, *state.joint):
+        tracked, joint = state.tracked, state.joint
+        # One tuple per group, shared by every tensor of that group alone (most): not one per tensor.
+        alone: dict[int, tuple[str, ...]] = {}
+        for name in (*tracked, *joint) if joint else tracked:
             if name in groups_of:
                 continue
-            spaces = state.tracked.get(name)
-            if spaces and len(spaces) == 1 and name not in state.joint:
+            spaces = tracked.get(name)
+            if spaces and len(spaces) == 1 and name not in joint:
                 # One space (most activations): its group found without _groups_in's set.
                 (expr,) = spaces.values()
-                if type(expr) is Atom and (root := find(expr.id)) not in definitions:
-                    # An undivided group: its root is what resolve would give, without the Atom it makes.
-                    group = by_root.get(root)
-                    if group is not None:
-                        groups_of[name] = (group.id,)
-                    continue
-                resolved = solver.resolve(expr)
-                if type(resolved) is Atom:
-                    group = by_root.get(resolved.id)  # (resolved: a root already)
-                    if group is not None:
-                        groups_of[name] = (group.id,)
+                root: int | None
+                if type(expr) is not Atom or (root := find(expr.id)) in definitions:
+                    # (Else an undivided group: its root is what resolve would give, without the Atom it makes.)
+                    resolved = solver.resolve(expr)
+                    root = resolved.id if type(resolved) is Atom else None  # type: ignore[union-attr]  # (a root already)
+                if root is not None:
+                    found_one = alone.get(root)
+                    if found_one is None:
+                        group = by_root.get(root)
+                        if group is None:
+                            continue
+                        found_one = alone[root] = (group.id,)
+                    groups_of[name] = found_one
                     continue
             found = tuple(self._groups_in(self._spaces_of(name)))
             if found:
@@ -258,25 +356,25 @@ class ChannelAnalysis:
                     found.update(groups)
             return found
 
-        input_names, output_names = graph.input_names, graph.output_names
+        node_inputs, node_outputs, node_ops = graph._node_inputs, graph._node_outputs, graph._node_ops
         for index in writers:
-            names = output_names(index)
+            names = node_outputs[index]  # (output_names and input_names, without their calls)
             if len(names) == 1:  # (most nodes: one output, one group, read from one input)
                 outs_of = groups_of.get(names[0])
                 if outs_of is None:
                     continue
                 if len(outs_of) == 1:
-                    ins_of = [read for name in input_names(index) if (read := groups_of.get(name))]
-                    for read in ins_of:
-                        if read != outs_of:
+                    for name in node_inputs[index]:
+                        read = groups_of.get(name)
+                        if read and read != outs_of:
                             break
                     else:  # nothing read, or only the written group: no edge (a group to itself is none)
                         continue
-            ins = carried(input_names(index))
+            ins = carried(node_inputs[index])
             outs = carried(names) if ins else None
             if not outs:
                 continue
-            op_type = graph.op_of(index)[0]
+            op_type = node_ops[index][0]
             for a in ins:
                 for b in outs - {a}:
                     edges.setdefault((a, b), set()).add(op_type)
@@ -525,6 +623,20 @@ def _close_states(state: AnalysisState, pairs: list[StatePair]) -> None:
                 solver.freeze(side, FreezeReason("graph-output", f"{link}: only one of them carries axis {axis}"))
 
 
+def _grouped_nodes(expr: Expr) -> Iterator[Grouped]:
+    """The ``p (x) {q_g}`` nodes of a resolved expression."""
+    if isinstance(expr, Grouped):
+        yield expr
+    elif isinstance(expr, (DirectSum, Interleave)):
+        for part in expr.parts:
+            yield from _grouped_nodes(part)
+    elif isinstance(expr, Transposed):
+        yield from _grouped_nodes(expr.inner)
+    elif isinstance(expr, Product):
+        yield from _grouped_nodes(expr.outer)
+        yield from _grouped_nodes(expr.inner)
+
+
 # -- shared constants: joined where their uses agree, untied where they cannot ----------------
 def _structure(expr: Expr) -> tuple[object, ...]:
     """An expression's shape with its groups left out: two uses agree when theirs are equal."""
@@ -538,6 +650,8 @@ def _structure(expr: Expr) -> tuple[object, ...]:
         return ("~", tuple(_structure(part) for part in expr.parts))
     if isinstance(expr, Transposed):
         return ("T", expr.rows, expr.cols, _structure(expr.inner))
+    if isinstance(expr, Grouped):
+        return ("xg", _structure(expr.outer), tuple(_structure(inner) for inner in expr.inners))
     return ("x", _structure(expr.outer), _structure(expr.inner))
 
 
@@ -780,7 +894,14 @@ def _collect(state: AnalysisState, view: FunctionView | None = None) -> ChannelA
         role = ", ".join(plan.roles)
         where = position.get(node_index, -1)
         for axis, expr in plan.axes:
-            add_plain(expr, (where, 0, axis), plan.tensor, axis, role, label, True)
+            if type(expr) is Atom and (root := find(expr.id)) not in definitions:
+                # (add_plain's undivided group, without its call: most weights' axes)
+                found = members.get(root)
+                if found is None:
+                    found = members[root] = []
+                found.append(((where, 0, axis), GroupMember(plan.tensor, axis, role, label, "p", True)))
+            else:
+                add_plain(expr, (where, 0, axis), plan.tensor, axis, role, label, True)
     producer = graph.producer
     for name, spaces in state.tracked.items():
         produced = producer.get(name)
@@ -788,7 +909,14 @@ def _collect(state: AnalysisState, view: FunctionView | None = None) -> ChannelA
         label = graph.label(node_index) if node_index >= 0 else ""
         where = position[node_index] if node_index in position else position.get(formal.get(name, -1), -1)
         for axis, expr in spaces.items():
-            add_plain(expr, (where, 1, axis), name, axis, "activation", label, False)
+            if type(expr) is Atom and (root := find(expr.id)) not in definitions:
+                # (add_plain's undivided group, without its call: most activations)
+                found = members.get(root)
+                if found is None:
+                    found = members[root] = []
+                found.append(((where, 1, axis), GroupMember(name, axis, "activation", label, "p", False)))
+            else:
+                add_plain(expr, (where, 1, axis), name, axis, "activation", label, False)
     for name, joint in state.joint.items():
         produced = producer.get(name)
         node_index = produced[0] if produced else -1

@@ -265,14 +265,17 @@ def permute(
     )  # fmt: skip
     # With an output file, external weights stay in their files: each is read as it is written.
     # The key records the file's sha256: hashed beside the load and the analysis, awaited below.
-    opened = open_model(model, progress=progress, map_external=target is not None, hash_later=True)
+    # (The nodes as the check read them go to the analysis's graph: read once, as inspect does.)
+    opened = open_model(model, progress=progress, map_external=target is not None, hash_later=True, node_table=True)
     check_external_inputs(target, [opened], extra, overwrite_input=overwrite_input)
-    # Our own load may be rewritten in place; a caller's ModelProto is copied first.
+    # Our own load may be rewritten in place; a caller's ModelProto is copied first (a copy's
+    # graph is another: the graph then reads the copy's nodes itself, see NodeTable.take).
     working = opened.writable()
+    nodes, opened.nodes = opened.nodes, None
     if perms is not None and not kv_state and _made_with_kv_state(perms):
         # Its group ids number the groups of an analysis with the caches as state.
         raise OnnxladyError("the permutations come from a key made with the KV caches as state: pass kv_state too")
-    analysis = analyze(working, progress=progress, kv_state=bool(kv_state))
+    analysis = analyze(working, progress=progress, kv_state=bool(kv_state), nodes=nodes)
     if not analysis.permutable_groups:  # an unchanged copy would pass for a permuted one
         raise OnnxladyError(nothing_permutable(analysis, source.name if source else "the model"))
     # Large tensors are permuted as the writer streams them out: one copy of the weights at a time.

@@ -64,9 +64,10 @@ import onnx
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._audit._rowwise import FittedRows, least_squares_rows
 from onnxlady._audit._scipy import gammaincinv, top_eigenvalue
-from onnxlady._audit._select import median
+from onnxlady._audit._select import median, median_deviation
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._resync._computed import aligned_uses, standardized_values
 from onnxlady._rules.einsum import einsum_equation, einsum_weight_axes
 
 __all__ = ["WeightInfo", "classify_change", "find_scaled_under_noise", "weight_infos"]
@@ -157,7 +158,7 @@ def weight_infos(analysis: ChannelAnalysis) -> dict[str, WeightInfo]:
     """
     graph = analysis.graph
     out: dict[str, WeightInfo] = {}
-    for node in graph.nodes:
+    for index, node in enumerate(graph.nodes):
         if node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
             for slot in (1, 2):
                 leaf = graph.constant_leaf(node.input[slot]) if slot < len(node.input) and node.input[slot] else None
@@ -174,6 +175,7 @@ def weight_infos(analysis: ChannelAnalysis) -> dict[str, WeightInfo]:
                 continue
             leaf = graph.constant_leaf(node.input[slot])
             if leaf is None:
+                _computed_weights(graph, index, slot, out)
                 continue
             rank = len(graph.shape(leaf.name) or ())
             if node.op_type == "Conv":
@@ -187,6 +189,25 @@ def weight_infos(analysis: ChannelAnalysis) -> dict[str, WeightInfo]:
             out.setdefault(leaf.name, WeightInfo(leaf.name, node.op_type, axis))
             break
     return out
+
+
+def _computed_weights(graph: ModelGraph, index: int, slot: int, out: dict[str, WeightInfo]) -> None:
+    """The constants that hold a Conv or Gemm weight computed in the graph element for element: its weights.
+
+    A weight standardized (NFNet's ``ScaledStdConv2d``) or normalized (weight norm) in the graph,
+    or a BatchNorm folded in by arithmetic (:func:`~onnxlady._resync._computed.aligned_uses`):
+    a row of the stored values edited was called "other constants" (held-out round 17, F1).
+    Rows on the output channels: axis 1 of standardized ``[1, M, F]`` values, else the weight's own.
+    """
+    node = graph.nodes[index]
+    if node.op_type not in ("Conv", "Gemm") or slot != 1:
+        return
+    axis = 0 if node.op_type == "Conv" or int(node_attribute(node, "transB", 0)) else 1
+    standardized = standardized_values(graph, node.input[1])
+    for use_node, use_slot in aligned_uses(graph, node.input[1], index, 1):
+        leaf = graph.constant_leaf(graph.nodes[use_node].input[use_slot])
+        if leaf is not None:
+            out.setdefault(leaf.name, WeightInfo(leaf.name, node.op_type, 1 if standardized is not None else axis))
 
 
 def _einsum_weights(graph: ModelGraph, node: onnx.NodeProto, out: dict[str, WeightInfo]) -> None:
@@ -223,9 +244,28 @@ def _matrix(array: np.ndarray, axis: int, into: np.ndarray | None = None) -> np.
     try:
         return moved.reshape(shape, copy=False)  # a view: as before, no copy
     except ValueError:  # reshape would copy: copied into ``into`` instead
-        target = into.reshape(moved.shape)
-        np.copyto(target, moved)
-        return target.reshape(shape)
+        return _moved_copy(array, axis, into).reshape(shape)
+
+
+def _moved_copy(array: np.ndarray, axis: int, into: np.ndarray) -> np.ndarray:
+    """``np.moveaxis(array, axis, 0)`` copied into ``into`` (flat, ``array``'s size and dtype), C order.
+
+    A C-contiguous ``array`` is a matrix (the axes before ``axis``) x (``axis``) of records
+    (the axes after it, contiguous in both layouts): the copy is that matrix's transpose, one
+    record (a conv kernel's ``kh * kw`` values) moved at a time. numpy's own copy of the moved
+    view moves one element at a time in inner loops of a kernel's length, two to four times
+    slower on a wide conv. The same bytes land in the same places either way.
+    """
+    moved_shape = (array.shape[axis], *array.shape[:axis], *array.shape[axis + 1 :])
+    target = into.reshape(moved_shape)
+    outer, width = math.prod(array.shape[:axis]), array.shape[axis]
+    record = math.prod(array.shape[axis + 1 :]) * array.itemsize
+    if not array.flags.c_contiguous or not array.size or record <= array.itemsize:
+        np.copyto(target, np.moveaxis(array, axis, 0))
+        return target
+    kind = np.dtype((np.void, record))
+    np.copyto(into.reshape(width, -1).view(kind), array.reshape(outer, -1).view(kind).T)
+    return target
 
 
 class _Scratch:
@@ -454,14 +494,20 @@ def _distinct_at_least(
     seen = np.zeros(1 << bits, dtype=bool) if buffers is None else buffers.cleared(1 << bits)
     mask = (1 << bits) - 1
     start, step = 0, 1 << 20 if enough is None else _next_step(enough, 0)
+    # The keys as numpy's own index type, in a small buffer reused: an index array of another
+    # integer type is converted before the scatter (half of the scatter's time).
+    keys_buffer = np.empty(min(_KEYS, flat.size), dtype=np.intp)
     while start < flat.size:  # chunks: the index arrays stay small
-        chunk = flat[start : start + step]
-        if chunk.dtype == np.float32:
-            keys = chunk.view(np.uint32) & np.uint32(mask)
-        else:
-            wide = chunk.view(np.uint64)
-            keys = ((wide ^ (wide >> np.uint64(32))) & np.uint64(mask)).astype(np.uint32)
-        seen[keys] = True
+        for low in range(start, min(start + step, flat.size), _KEYS):  # the same patterns, a part at a time
+            chunk = flat[low : min(low + _KEYS, start + step)]
+            keys = keys_buffer[: chunk.size]
+            if chunk.dtype == np.float32:
+                np.copyto(keys, chunk.view(np.uint32))
+            else:
+                wide = chunk.view(np.uint64)
+                np.copyto(keys, (wide ^ (wide >> np.uint64(32))) & np.uint64(mask), casting="unsafe")  # below 2^31
+            np.bitwise_and(keys, mask, out=keys)
+            seen[keys] = True
         start += step
         if enough is not None and start < flat.size:
             count = int(np.count_nonzero(seen))  # the patterns of the elements read so far: a bound
@@ -469,6 +515,10 @@ def _distinct_at_least(
                 return count
             step = _next_step(enough, count)
     return int(np.count_nonzero(seen))
+
+
+#: Keys scattered at once by :func:`_distinct_at_least` (512 KiB of indices, in cache).
+_KEYS = 1 << 16
 
 
 def _next_step(enough: float, count: int) -> int:
@@ -594,8 +644,9 @@ def _measure(
     # Two work arrays, the change and a scratch array. The Gram product of the spectral excess
     # (the largest single cost of the forensics) reads the change in ``pool``'s thread while this
     # one computes every figure of the change alone (their temporaries in the scratch array);
-    # then the reference's float64 copy goes into the scratch array, the change's memory is the
-    # temporary, and the change (one subtraction) is computed again for the correlation.
+    # then the reference's float64 copy goes into the scratch array, and both are centred in
+    # place for the correlation's dot products, the reference's centred copy then squared for
+    # its std (see _std_mean_dots).
     # numpy widens either float exactly as the subtraction reads it: the values of
     # sus.astype(np.float64) - ref.astype(np.float64), computed the same way each time.
     d = buffers.get("change", n).reshape(ref.shape)
@@ -624,8 +675,11 @@ def _measure(
         column_dispersion = _column_dispersion(d, axis, scratch)
     if changed:
         center = median(flat_d)  # (the median absolute deviation below: the same values as np.median's)
-        np.abs(np.subtract(flat_d, center, out=scratch), out=scratch)
-        mad = float(median(scratch))
+        if math.isfinite(mean_d):  # every value finite: the deviations selected as they are computed
+            mad = float(median_deviation(flat_d, center))
+        else:
+            np.abs(np.subtract(flat_d, center, out=scratch), out=scratch)
+            mad = float(median(scratch))
     if rows is not None:  # the product done (waited for here): the change's memory is free
         shape = {
             "row_dispersion": row_dispersion,
@@ -634,16 +688,24 @@ def _measure(
         }
     flat_r = scratch  # the reference's float64 copy, in the scratch array
     np.copyto(flat_r, ref.reshape(-1), casting="unsafe")  # what astype(np.float64) computes: the exact widening
-    std_r, mean_r = _std_mean(flat_r, flat_d)
+    kept_match = _kept_share(flat_r, sus) if changed and sus_zeros > ref_zeros else None
+    dots = None
+    if changed and n > 2 and std_d > 0:
+        # The reference's copy and the change centred in place, their dot products taken, then the
+        # reference's centred values squared in place for its std: what _std_mean (its centred
+        # temporary is the same subtraction) and _correlation compute, without a third array
+        # or computing the change again.
+        std_r, _, dots = _std_mean_dots(flat_r, flat_d, mean_d)
+    else:
+        std_r = _std(flat_r, flat_d)
     entry = _entry_head(name, n, changed, (ref_zeros, sus_zeros), (sus_count, ref_count, few), std_d / std_r if std_r else 0.0)
     if not changed:
         return entry
-    entry["kept_match"] = _kept_share(flat_r, sus) if sus_zeros > ref_zeros else None
+    entry["kept_match"] = kept_match
     entry["robust_relative_change"] = 1.4826 * mad / std_r if std_r else 0.0
-    if n > 2 and std_d > 0 and std_r > 0:
-        # The change, computed again and centred in place; the reference's copy centred in place.
-        change()
-        rho = _correlation(flat_r, flat_d, flat_d, own_x=True, means=(mean_r, mean_d))
+    if dots is not None and std_r > 0:
+        xy, xx, yy = dots
+        rho = max(-1.0, min(1.0, xy / math.sqrt(xx * yy))) if xx and yy else 0.0  # as _correlation
         entry["correlation"] = rho
         entry["correlation_z"] = rho * math.sqrt(n)
     del flat_r
@@ -795,11 +857,12 @@ def _column_dispersion(d: np.ndarray, axis: int, work: np.ndarray) -> float | No
     columns = _matrix_view(d, 1 if axis == 0 else 0)
     if columns is not None:
         return _dispersion(columns, _squares(columns, work))
-    # The dispersion reads only the squares: squared straight from the transposed view into
-    # ``work``, in the C order the copy of :func:`_matrix` has (the same products, the same row
-    # sums), one pass instead of a copy and a square.
-    moved = np.moveaxis(d, 1 if axis == 0 else 0, 0)
-    squares = np.multiply(moved, moved, out=work.reshape(moved.shape)).reshape((moved.shape[0], -1))
+    # The dispersion reads only the squares: the columns copied into ``work`` a kernel at a time
+    # (see _moved_copy) and squared in place, in the C order the copy of :func:`_matrix` has
+    # (the same products, the same row sums).
+    moved = _moved_copy(d, 1 if axis == 0 else 0, work[: d.size])
+    squares = moved.reshape((moved.shape[0], -1))
+    np.multiply(squares, squares, out=squares)
     return _dispersion(squares, squares)
 
 
@@ -846,6 +909,32 @@ def _std_mean(flat: np.ndarray, scratch: np.ndarray) -> tuple[float, float]:
     total = np.add.reduce(scratch, axis=None)
     variance = total.dtype.type(total / count)
     return float(variance.dtype.type(np.sqrt(variance))), float(mean[0])
+
+
+def _std_mean_dots(
+    flat_r: np.ndarray, flat_d: np.ndarray, mean_d: float
+) -> tuple[float, float, tuple[float, float, float]]:
+    """:func:`_std_mean` of ``flat_r`` and :func:`_correlation`'s dot products of it with ``flat_d``.
+
+    Both arrays are the caller's own and are overwritten: ``flat_d`` centred (``mean_d``: its
+    mean), ``flat_r`` centred then squared. The centred reference is the temporary that
+    :func:`_std_mean` computes (the same subtraction of the same mean), and the centred arrays
+    are those :func:`_correlation` takes its three dot products of: every figure is the same value.
+
+    Returns:
+        ``(std_r, mean_r, (xy, xx, yy))``.
+    """
+    count = np.intp(flat_r.size)
+    mean = np.add.reduce(flat_r, axis=None, keepdims=True)
+    np.true_divide(mean, count, out=mean, casting="unsafe")
+    mean_r = float(mean[0])
+    cx = np.subtract(flat_r, mean_r, out=flat_r)
+    cy = np.subtract(flat_d, mean_d, out=flat_d)
+    dots = float(np.dot(cx, cy)), float(np.dot(cx, cx)), float(np.dot(cy, cy))
+    np.square(cx, out=cx)
+    total = np.add.reduce(cx, axis=None)
+    variance = total.dtype.type(total / count)
+    return float(variance.dtype.type(np.sqrt(variance))), mean_r, dots
 
 
 def _correlation(

@@ -152,6 +152,33 @@ class _Values:
         return value
 
 
+class _Recipes:
+    """How a tensor is computed from constants: operators, attributes and constant shapes, nested (not values)."""
+
+    def __init__(self, model: onnx.ModelProto, constants: Mapping[str, onnx.TensorProto | None]) -> None:
+        self.constants = constants
+        self.producers = {name: node for node in model.graph.node for name in node.output if name}
+        self.memo: dict[str, tuple[object, ...]] = {}
+
+    def __call__(self, name: str, depth: int = 0) -> tuple[object, ...]:
+        if name in self.memo:
+            return self.memo[name]
+        node = self.producers.get(name)
+        tensor = self.constants.get(name)
+        recipe: tuple[object, ...]
+        if name in self.constants:
+            # Values are the weight comparison's; a permuted copy moves them, its shapes stay.
+            recipe = ("constant", tensor.data_type, tuple(tensor.dims)) if tensor is not None else ("constant",)
+        elif node is None or depth >= 64:
+            recipe = ("unknown", name)
+        else:
+            attributes = tuple(sorted(_attribute(a) for a in node.attribute))
+            inputs = tuple(self(item, depth + 1) if item else () for item in node.input)
+            recipe = (node.domain or "", node.op_type, attributes, list(node.output).index(name), inputs)
+        self.memo[name] = recipe
+        return recipe
+
+
 def _element_count(tensor: onnx.TensorProto | None) -> int:
     return int(np.prod(tensor.dims)) if tensor is not None else 0
 
@@ -245,7 +272,7 @@ def _all_constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | None]
 
 
 def _computed_reads(
-    reference: onnx.ModelProto, suspect: onnx.ModelProto
+    reference: onnx.ModelProto, suspect: onnx.ModelProto, *, by_recipe: bool = False
 ) -> Callable[[onnx.NodeProto, onnx.NodeProto], list[str]]:
     """A check of two operators of one output name: the inputs both compute from constants alone that differ in value.
 
@@ -254,13 +281,19 @@ def _computed_reads(
     itself edited, would pass. Where both models compute an input from constants alone, both
     values are computed and compared (:func:`_same_value`); what one model stores (folded) or
     computes from ``Shape`` (which depends on the input) is left as "a constant".
+
+    A value too large to compute here, or computed by operators the evaluator lacks (a
+    weight standardised in the graph by ``ReduceL2`` or a training-mode ``BatchNormalization``),
+    is compared by its recipe instead when ``by_recipe`` (node-for-node copies, which fold
+    nothing): the operators, attributes and constant shapes it is computed by (held-out round
+    17, F4: a ``ReduceL2`` made ``ReduceL1`` in a weight-norm read ``identical``).
     """
     sides = []
     for model in (reference, suspect):
         constants = graph_constants(model.graph)
         _, pure = folded_tensors(model.graph, constants)
-        sides.append((pure, _Values(model, constants)))
-    (ref_pure, ref_values), (sus_pure, sus_values) = sides
+        sides.append((pure, _Values(model, constants), _Recipes(model, constants)))
+    (ref_pure, ref_values, ref_recipes), (sus_pure, sus_values, sus_recipes) = sides
 
     def check(mine: onnx.NodeProto, theirs: onnx.NodeProto) -> list[str]:
         differing = []
@@ -268,8 +301,11 @@ def _computed_reads(
             if first not in ref_pure or second not in sus_pure:
                 continue
             ours, yours = ref_values(first), sus_values(second)
-            if ours is not None and yours is not None and not _same_value(ours, yours):
-                differing.append(f"input {slot} '{first}'")
+            if ours is not None and yours is not None:
+                if not _same_value(ours, yours):
+                    differing.append(f"input {slot} '{first}'")
+            elif by_recipe and ref_recipes(first) != sus_recipes(second):
+                differing.append(f"input {slot} '{first}', computed by other operators or attributes")
         return differing
 
     return check
@@ -344,7 +380,9 @@ def _simplified(
     tensor) and give its output name to the operator before it: another type under another
     node name. They fold a ``Pad`` into the Conv that reads it (its ``pads`` then differ), and
     simplify inside a ``Loop`` body (whose operators are compared on their own). Each was
-    audited ``modified`` on the simplifier's own output.
+    audited ``modified`` on the simplifier's own output. onnxoptimizer fuses two consecutive
+    ``Transpose``s into the second, reading the first's input with the two ``perm`` composed
+    (:func:`_fused_transposes`).
     """
     if described[:2] != other_described[:2]:  # the suspect's is the operator before the one dropped
         before = [producers[0].get(name) for name in mine.input if name]
@@ -362,7 +400,26 @@ def _simplified(
         for item in (producers[0].get(mine.input[0]) if mine.input else None,
                      producers[1].get(theirs.input[0]) if theirs.input else None)
     ]
+    if changed == {"perm:"} and _fused_transposes(mine, theirs, producers[0]):
+        return True
     return padded[0] != padded[1] and changed <= set(_PAD_ATTRIBUTES)  # one side reads the Pad the other folded
+
+
+def _fused_transposes(mine: onnx.NodeProto, theirs: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto]) -> bool:
+    """Whether the suspect's ``Transpose`` is the reference's fused with the ``Transpose`` before it.
+
+    ``Transpose(Transpose(x, p1), p2)`` is ``Transpose(x, q)`` with ``q[i] = p1[p2[i]]``: the
+    suspect's reads the first one's input and its ``perm`` is that composition, the same function.
+    """
+    if (mine.op_type, theirs.op_type) != ("Transpose", "Transpose") or not mine.input or not theirs.input:
+        return False
+    first = producers.get(mine.input[0])
+    if first is None or first.op_type != "Transpose" or not first.input or first.input[0] != theirs.input[0]:
+        return False
+    p1, p2, q = (list(node_attribute(node, "perm", []) or []) for node in (first, mine, theirs))
+    if not p1 or len(p1) != len(p2) or len(q) != len(p2) or sorted(p2) != list(range(len(p2))):
+        return False  # a default perm (reversed axes) needs the rank: not read here
+    return q == [p1[axis] for axis in p2]
 
 
 #: Arithmetic by a constant, and the constant that makes it do nothing.
@@ -608,7 +665,7 @@ def graph_edits(reference: onnx.ModelProto, suspect: onnx.ModelProto, *, node_fo
     common = set(ours_main) & set(theirs_main)
     if not ours_main or len(common) < _SAME_NAMES * max(len(ours_main), len(theirs_main)):
         return []
-    computed = _computed_reads(reference, suspect)
+    computed = _computed_reads(reference, suspect, by_recipe=node_for_node)
     rewired = _rewired_reads(reference, suspect)
     producers = tuple({name: item for item in model.graph.node for name in item.output if name} for model in (reference, suspect))
     edits: list[str] = []
@@ -791,35 +848,20 @@ def _fused_sums(
     return found
 
 
-def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> tuple[list[str], str | None]:
-    """The operators of a converted suspect that read another operator's output than the reference's, one line each.
+def _wiring(
+    reference: onnx.ModelProto,
+    suspect: onnx.ModelProto,
+    ours: Mapping[str, onnx.NodeProto],
+    theirs: Mapping[str, onnx.NodeProto],
+    common: set[str],
+) -> Callable[[list[tuple[int, str, str]], set[str] | None, bool], tuple[int, list[tuple[int, str, str]]]]:
+    """A check of what an operator reads in two models, each input traced to its source (:func:`rewired_operators`).
 
-    Converters fuse, fold and drop operators, and cast tensors; the operators they keep keep
-    their node names (ONNX Runtime's optimizer, onnxslim, onnx-simplifier, float16 conversion),
-    and each still reads what it read, or what an operator the converter removed read. An
-    operator made to read another tensor (a residual ``Add`` reading the tensor before the
-    previous residual, held-out round 13, F4) keeps every weight and every operator. Here each
-    operator found under its node name and type in both models has each input traced to its
-    source, through Casts only one model has: an operator found in both, or a graph input. A
-    source the reference reads, or one it reaches upstream through operators the suspect no
-    longer has, is no edit; another one found in both is. A source only the suspect has (a
-    fused operator) is not compared.
-
-    Tensors computed from constants and shapes only are left out (a folder rewrites a shape's
-    arithmetic), and so is a source whose own inputs disagree (its name given to another
-    operator, as ONNX Runtime's transpose optimizer does).
-
-    Returns:
-        The lines, such as ``"Add 'Add_1' input 0 reads 'Gather_0' in the suspect, where the
-        reference reads 'Add_0'"``; and a note where the wiring was compared in part or not at
-        all (fewer than 90 % of the reference's computing operators found under their names, or
-        names that do not follow the reference's), None where it was compared whole.
+    ``ours`` and ``theirs``: each model's operators by node name; ``common``: the names found in
+    both with one type. The reference's seat is the model with more operators (the converter
+    removed some from the other): a fused model's sum input is compared in the plain model's
+    terms, whichever of the two is audited.
     """
-    ours, theirs = _named_nodes(reference.graph), _named_nodes(suspect.graph)
-    common = {name for name in set(ours) & set(theirs)
-              if (ours[name].op_type, ours[name].domain or "") == (theirs[name].op_type, theirs[name].domain or "")}
-    if not common:
-        return [], "its wiring was not compared: no operator of the reference is found under its name in the suspect"
     ref_sources, sus_sources = _Sources(reference, common), _Sources(suspect, common)
     suspect_inputs = {value.name for value in suspect.graph.input}
     reference_inputs = {value.name for value in reference.graph.input}
@@ -849,7 +891,7 @@ def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
     # Tensors computed from constants and shapes only (a shape's arithmetic) are a folder's to rewrite.
     shaped, _ = folded_tensors(reference.graph, graph_constants(reference.graph))
     ref_producers = {name: node for node in reference.graph.node for name in node.output if name}
-    order = {name: index for index, name in enumerate(ours)}
+    sus_producers = {name: node for node in suspect.graph.node for name in node.output if name}
     def moved(ref_source: tuple[str, ...], sus_source: tuple[str, ...]) -> bool:
         """Whether one source is upstream of the other through operators removed or that only move data.
 
@@ -897,21 +939,34 @@ def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
             tensor, produced = data, ref_producers[data]
         return ("node", produced.name, str(list(produced.output).index(tensor)), tensor)
 
-    lines: list[str] = []
-    compared = 0
+    def layout(source: tuple[str, ...], producers: Mapping[str, onnx.NodeProto]) -> bool:
+        """Whether a source is an operator that only moves data or changes its form (a converter pushes those past readers)."""
+        node = producers.get(source[-1]) if source[0] == "node" else None
+        return node is not None and (node.op_type in _LAYOUT or node.op_type in _FORM_ONLY)
 
-    def compare(op_type: str, name: str, inputs: list[tuple[int, str, str]], kept: set[str] | None = None) -> None:
-        """Each ``(slot, reference input, suspect input)`` of operator ``name`` traced to its source.
+    def compare(
+        inputs: list[tuple[int, str, str]], kept: set[str] | None, fused_sum: bool = False
+    ) -> tuple[int, list[tuple[int, str, str]]]:
+        """Each ``(slot, reference input, suspect input)`` of one operator traced to its source.
 
         ``kept``: the suspect's tensors. Where the suspect still writes the reference's source
         tensor under its name but reads another one, the source is no operator a converter
-        removed (what a fused convolution reads is compared strictly).
+        removed: the converter that fused it gave the fused operator its output's name (ONNX
+        Runtime's FusedConv the residual Add's), and a reader of another tensor upstream was
+        rewired (a residual made to skip a shortcut). What a fused convolution reads
+        (``fused_sum``) is compared strictly; other readers unless either source only moves
+        data or changes its form (a transpose optimizer pushes those past their readers).
+
+        Returns:
+            How many inputs were compared, and those read from another source:
+            ``(slot, the suspect's source, the reference's source)``, quoted as the report names them.
         """
-        nonlocal compared
+        compared, found = 0, []
         for slot, first, second in inputs:
             ref_source, sus_source = ref_sources(first), sus_sources(second)
             strict = kept is not None and ref_source is not None and sus_source is not None and (
-                ref_source[-1] in kept and ref_source[-1] != sus_source[-1])
+                ref_source[-1] in kept and ref_source[-1] != sus_source[-1]) and (
+                fused_sum or not (layout(ref_source, ref_producers) or layout(sus_source, sus_producers)))
             read = by_tensor(sus_source)
             fused, sus_source = read is not sus_source, read
             if ref_source is None or sus_source is None or not (fused or known(sus_source)) or first in shaped:
@@ -924,15 +979,78 @@ def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> t
             shown = sus_source[1] if sus_source[0] == "node" else f"the graph input {sus_source[1]}"
             was = ref_source[1] if ref_source[0] == "node" else f"the graph input {ref_source[1]}"
             slot_text = f" output {sus_source[2]}" if sus_source[0] == "node" and sus_source[2] != "0" else ""
-            lines.append(f"{op_type} '{name}' input {slot} reads '{shown}'{slot_text} in the suspect, where the reference reads '{was}'")
+            found.append((slot, f"'{shown}'{slot_text}", f"'{was}'"))
+        return compared, found
+
+    return compare
+
+
+def rewired_operators(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> tuple[list[str], str | None]:
+    """The operators of a converted suspect that read another operator's output than the reference's, one line each.
+
+    Converters fuse, fold and drop operators, and cast tensors; the operators they keep keep
+    their node names (ONNX Runtime's optimizer, onnxslim, onnx-simplifier, float16 conversion),
+    and each still reads what it read, or what an operator the converter removed read. An
+    operator made to read another tensor (a residual ``Add`` reading the tensor before the
+    previous residual, held-out round 13, F4) keeps every weight and every operator. Here each
+    operator found under its node name and type in both models has each input traced to its
+    source, through Casts only one model has: an operator found in both, or a graph input. A
+    source the reference reads, or one it reaches upstream through operators the suspect no
+    longer has, is no edit; another one found in both is. An upstream source while the suspect
+    still writes the reference's source tensor under its name is an edit too: a converter that
+    fuses gives the fused operator that output's name (a residual made to read a FusedConv's sum
+    input rather than its output read ``converted``, both ways round). A source only the
+    suspect has (a fused operator) is not compared. A FusedConv's inputs are compared with the
+    plain Conv and residual Add they replace, whichever model is the fused one.
+
+    Tensors computed from constants and shapes only are left out (a folder rewrites a shape's
+    arithmetic), and so is a source whose own inputs disagree (its name given to another
+    operator, as ONNX Runtime's transpose optimizer does).
+
+    Returns:
+        The lines, such as ``"Add 'Add_1' input 0 reads 'Gather_0' in the suspect, where the
+        reference reads 'Add_0'"``; and a note where the wiring was compared in part or not at
+        all (fewer than 90 % of the reference's computing operators found under their names, or
+        names that do not follow the reference's), None where it was compared whole.
+    """
+    ours, theirs = _named_nodes(reference.graph), _named_nodes(suspect.graph)
+    common = {name for name in set(ours) & set(theirs)
+              if (ours[name].op_type, ours[name].domain or "") == (theirs[name].op_type, theirs[name].domain or "")}
+    if not common:
+        return [], "its wiring was not compared: no operator of the reference is found under its name in the suspect"
+    compare = _wiring(reference, suspect, ours, theirs, common)
+    lines: list[str] = []
+    compared = 0
+    order = {name: index for index, name in enumerate(ours)}
+    # The suspect's tensors: a reference's source it still writes was no operator a converter removed.
+    written = {output for node in suspect.graph.node for output in node.output if output}
+    written |= {value.name for value in suspect.graph.input}
     for name in sorted(common, key=order.__getitem__):
-        mine, theirs_node = ours[name], theirs[name]
-        compare(mine.op_type, name, [(slot, *pair) for slot, pair in enumerate(zip(mine.input, theirs_node.input))])
+        mine, other = ours[name], theirs[name]
+        count, found = compare([(slot, *pair) for slot, pair in enumerate(zip(mine.input, other.input))], written, False)
+        compared += count
+        lines.extend(f"{mine.op_type} '{name}' input {slot} reads {shown} in the suspect, where the reference reads {was}"
+                     for slot, shown, was in found)
     # The Add and activation fused with a convolution are gone, but what the reference's residual
     # read usually is not: a sum input reading a tensor upstream of it is an edit.
-    written = {output for node in suspect.graph.node for output in node.output if output}
     for name, inputs in _fused_sums(reference, ours, theirs):
-        compare("FusedConv", name, inputs, written | suspect_inputs)
+        count, found = compare(inputs, written, True)
+        compared += count
+        lines.extend(f"FusedConv '{name}' input {slot} reads {shown} in the suspect, where the reference reads {was}"
+                     for slot, shown, was in found)
+    # The other way round (the reference fused, the suspect plain): compared in the plain model's terms.
+    unfused = _fused_sums(suspect, theirs, ours)
+    if unfused:
+        backward = _wiring(suspect, reference, theirs, ours, common)
+        kept = {output for node in reference.graph.node for output in node.output if output}
+        kept |= {value.name for value in reference.graph.input}
+        for name, inputs in unfused:
+            count, found = backward(inputs, kept, True)
+            compared += count
+            lines.extend(
+                f"FusedConv '{name}' input {slot} reads {shown} in the reference, where the suspect's "
+                f"{'residual Add after its Conv' if slot == 3 else 'Conv'} reads {was}"
+                for slot, shown, was in found)
     if len(lines) > max(_RENAMED_EDGES, _RENAMED_SHARE * compared):
         # Edits are a few edges; this many is names reused for other operators (a converter renumbering them).
         return [], f"its wiring was not compared: the suspect's operator names do not follow the reference's ({len(lines)} of {compared} inputs differ)"

@@ -31,6 +31,7 @@ or one times the attention's default 1/sqrt(head size) (session 15).
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -123,23 +124,33 @@ def _from_constants(graph: ModelGraph, name: str, known: dict[str, bool], depth:
     return known[name]
 
 
-def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str, _Item]], dict[str, set[int | None]]]:
+def _constants(
+    graph: ModelGraph, sites: list[Site], uncompared: set[tuple[int, int]]
+) -> tuple[dict[str, dict[str, _Item]], dict[str, set[int | None]]]:
     """The float constants the graph's arithmetic reads outside the weighing sites' operands, by kind and by name.
 
     And per kind, the sizes (None: not known statically) of the tables its operators also read
     computed from an activation's shape (BERT's token-type embedding of zeros shaped like the
     input): a converter that knows the shape folds such a table, and may add it to another
     constant of the kind (ORT sums BERT's token-type and position embeddings), so a table of
-    that size new in that kind is no evidence.
+    that size new in that kind is no evidence. Where every dim such a table reads is static, its
+    value is known (a position table gathered by a range up to the sequence length): it is
+    compared as the constant a converter folds it to, a table changed in the folded copy is
+    evidence (it read ``converted`` before), unless another table of its kind and size could
+    have been summed with it.
     """
     shaped: dict[str, set[int | None]] = {}
     # A site that does not weigh (a mask or a table added to the scores) pairs its constants, but
-    # the resync compares only the weighing sites' operands: the others are compared here.
-    weighed = {(operand.node, operand.slot) for site in sites if site.weighs for operand in site.operands}
+    # the resync compares only the weighing sites' operands: the others are compared here, and so
+    # are those of a weighing site paired with one that does not (``uncompared``: a table one
+    # model stores and the other computes, a position table folded).
+    weighed = {(operand.node, operand.slot) for site in sites if site.weighs and site.key not in uncompared
+               for operand in site.operands}
     memo: dict[str, np.ndarray | None] = {}
     by_shapes = shape_values(graph)  # scalars computed from static or partial shapes
     known: dict[str, bool] = {}
     found: dict[str, dict[str, _Item]] = {}
+    tables: dict[str, dict[str, int]] = {}  # by kind: the tables computed from static shapes, their sizes
     for index in range(graph.main_count):
         node = graph.nodes[index]
         fused = _FUSED_ADDS.get(node.op_type, ()) if node.domain == "com.microsoft" else ()
@@ -152,7 +163,14 @@ def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str
                 continue
             value: np.ndarray | None = None
             if not _from_constants(graph, name, known):
-                if by_shapes.from_shapes(name):  # a Shape or Size upstream: what a converter knowing it folds
+                table = by_shapes.value(name) if by_shapes.from_shapes(name) else None
+                if table is not None and table.dtype.kind == "f" and 1 < table.size <= _MOST:
+                    # every dim it reads is static: the table a converter folds it to, compared as such
+                    kind = "Add" if fused else _kind(node.op_type, slot)[0]
+                    if name not in tables.setdefault(kind, {}):
+                        tables[kind][name] = table.size
+                    value = table
+                elif by_shapes.from_shapes(name):  # a Shape or Size upstream: what a converter knowing it folds
                     dims = graph.shape(name)
                     ints = [d for d in dims if isinstance(d, int)] if dims is not None else []
                     size = math.prod(ints) if dims is not None and len(ints) == len(dims) else None
@@ -163,7 +181,7 @@ def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str
                     if floating and (size != 1 or by_shapes.scalar(name) is None):
                         shaped.setdefault("Add" if fused else _kind(node.op_type, slot)[0], set()).add(size)
                 # a scalar computed from shapes is compared as the constant a converter folds it to
-                value = by_shapes.scalar(name)
+                value = by_shapes.scalar(name) if value is None else value
                 if value is None:
                     continue  # an activation: not read (its producers' weights would be, in float64)
             value = _value(graph, name, memo) if value is None else value
@@ -178,6 +196,11 @@ def _constants(graph: ModelGraph, sites: list[Site]) -> tuple[dict[str, dict[str
                     continue  # an infinity saturates below (a mask's fill value); a NaN compares with nothing
                 items[name] = _Item(np.clip(shown, -_HALF_MAX, _HALF_MAX), _dequantized_step(graph, name), name)
             items[name].readers.append(node_label(node, index))
+    for kind, sizes in tables.items():
+        # Beside another table of its kind and size it may be summed with it by a converter (ORT
+        # sums BERT's token-type and position embeddings): a new table of that size tells nothing.
+        counts = Counter(item.value.size for item in found.get(kind, {}).values())
+        shaped.setdefault(kind, set()).update(size for size in sizes.values() if counts[size] > 1)
     return found, shaped
 
 
@@ -329,7 +352,10 @@ def changed_operator_constants(match: ModelMatch) -> list[str]:
         of the same size, is read by none of the suspect's; empty otherwise.
     """
     ref, sus = match.reference.graph, match.suspect.graph
-    (mine, shaped), (theirs, _) = _constants(ref, match.reference_sites), _constants(sus, match.suspect_sites)
+    # Paired sites of which one weighs and the other does not: the resync compares neither's operands.
+    odd = [(a, b) for a, b in match.sites.items() if match.reference_site(a).weighs != match.suspect_site(b).weighs]
+    (mine, shaped), (theirs, _) = (_constants(ref, match.reference_sites, {a for a, _ in odd}),
+                                   _constants(sus, match.suspect_sites, {b for _, b in odd}))
     folded = shaped.get("Mul", set())
     found = _changed_factors(ref, sus, mine.get("Mul", {}), 1 in folded or None in folded)
     for kind in sorted(set(mine) & set(theirs)):

@@ -80,7 +80,8 @@ def top_eigenvalue(gram: np.ndarray, tol: float) -> float | None:
     """``eigsh(gram, k=1, which="LA", v0=np.ones(n), tol=tol, return_eigenvectors=False)[0]``.
 
     ``gram`` is a C-contiguous symmetric float64 matrix larger than :data:`_NCV`. None where
-    ARPACK did not converge (scipy raises ``ArpackNoConvergence`` there).
+    ARPACK did not converge (scipy raises ``ArpackNoConvergence`` there) or could not start
+    (``ArpackError`` -9, see :func:`_public`).
     """
     n = gram.shape[0]
     arpack = _compiled("sparse.linalg._eigen.arpack", "_arpacklib")
@@ -143,11 +144,17 @@ def _arpack(gram: np.ndarray, tol: float, solver: Any, extract: Any) -> float | 
 
 
 def _public(gram: np.ndarray, tol: float) -> float | None:
-    """The top eigenvalue by scipy's own ``eigsh``: None where it does not converge."""
-    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+    """The top eigenvalue by scipy's own ``eigsh``: None where it does not converge or cannot start.
+
+    ARPACK refuses a start vector the matrix sends to zero (error -9, "starting vector is
+    zero": the all-ones start where every row of the matrix sums to exactly zero, as in the
+    Gram matrix of a change whose columns each sum to zero): the caller's full decomposition
+    answers then, as where it does not converge (it was an internal error).
+    """
+    from scipy.sparse.linalg import ArpackError, eigsh
 
     try:
         top = eigsh(gram, k=1, which="LA", v0=np.ones(gram.shape[0]), tol=tol, return_eigenvectors=False)
-    except ArpackNoConvergence:
+    except ArpackError:  # ArpackNoConvergence is one too
         return None
     return float(top[0])

@@ -75,6 +75,7 @@ from onnx import helper, numpy_helper
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
 from onnxlady._audit._activation_quantization import activation_scales, mismatched_activation_quantization
 from onnxlady._audit._added_operators import added_operators, approximated_gelus, changed_operators
+from onnxlady._audit._bypassed_branches import bypassed_branches
 from onnxlady._audit._derived_values import changed_copies, changed_derived_constants
 from onnxlady._audit._forensics import (
     SCALE_MAX_K,
@@ -1051,8 +1052,9 @@ def audit_models(
         # an epsilon edited).
         # Nor make an operator it keeps read another operator's output (a residual rewired).
         rewired, unwired = rewired_operators(edited_reference, edited_suspect)
+        # Nor skip an operator that joins two branches (a residual Add, a gate's Mul), losing one.
         checks = ((added_operators, "added", "adds"), (changed_operators, "changed", "changes"),
-                  (lambda *_: rewired, "rewired", "rewires"))
+                  (lambda *_: rewired, "rewired", "rewires"), (bypassed_branches, "removed", "removes"))
         for check, done, does in checks:
             found = check(edited_reference, edited_suspect)
             if found:

@@ -15,6 +15,10 @@ described by an expression over *groups* (free permutations the tool may choose)
 - :class:`Transposed` — a permutation read in transposed order: the channel shuffle of a
   permutation that has no product, block or interleave form there (an undivided group, which
   a grouped convolution after the shuffle then restricts to ``I_g (x) q`` in its own order).
+- :class:`Grouped` — ``p (x) {q_g}``: whole blocks move (``p``) and each block carries its own
+  order (``q_g``, one per block of the source): GroupNorm's groups of channels, whose in-group
+  orders are independent symmetries. Equated with anything but another such form of the same
+  shape it is tied back to ``p (x) q`` (every ``q_g`` one group), the product it generalises.
 
 Rules state equations between expressions (:meth:`GroupSolver.unify`). The solver keeps the
 most general solution: two atoms become one group (union-find); an atom equated with a
@@ -140,7 +144,24 @@ class Transposed:
         return self.inner.size
 
 
-Expr: TypeAlias = Atom | Fixed | DirectSum | Product | Interleave | Transposed
+@dataclass(frozen=True)
+class Grouped:
+    """``p (x) {q_g}``: index ``o * k + i`` maps to ``p[o] * k + q_{p[o]}[i]`` (``k`` the inner size).
+
+    ``outer`` (``p``) moves whole blocks of ``k`` positions; block ``g`` of the source keeps its
+    own inner order ``inners[g]`` wherever it goes. With every inner the same this is
+    :class:`Product` (``p (x) q``); build it with :func:`grouped` (normal form).
+    """
+
+    outer: Expr
+    inners: tuple[Expr, ...]
+
+    @property
+    def size(self) -> int:
+        return self.outer.size * self.inners[0].size
+
+
+Expr: TypeAlias = Atom | Fixed | DirectSum | Product | Interleave | Transposed | Grouped
 
 STRUCTURE = FreezeReason("index-map", "positions that an index map keeps in place")
 
@@ -199,6 +220,8 @@ class GroupSolver:
             return interleave([self.resolve(part) for part in expr.parts])
         if isinstance(expr, Transposed):
             return transpose(self.resolve(expr.inner), expr.rows, expr.cols)
+        if isinstance(expr, Grouped):
+            return grouped(self.resolve(expr.outer), [self.resolve(inner) for inner in expr.inners])
         return product(self.resolve(expr.outer), self.resolve(expr.inner))
 
     def atoms(self, expr: Expr) -> Iterator[Atom]:
@@ -240,6 +263,9 @@ class GroupSolver:
         if isinstance(right, Fixed):
             self.freeze(left, right.reason)
             return
+        if isinstance(left, Grouped) or isinstance(right, Grouped):
+            self._unify_grouped(left, right, mismatch)
+            return
         if isinstance(left, Transposed) or isinstance(right, Transposed):
             self._unify_transposed(left, right, mismatch)
             return
@@ -274,6 +300,35 @@ class GroupSolver:
         if inherited:
             for inner in _atoms_of(other):
                 self._add_reasons(self.find(inner.id), inherited)
+
+    def _unify_grouped(self, left: Expr, right: Expr, mismatch: FreezeReason | None) -> None:
+        """Equate two expressions at least one of which is ``p (x) {q_g}`` (neither an atom nor fixed).
+
+        Two such forms of the same shape equate part by part. Anything else ties every ``q_g``
+        of each to one group, which makes it ``p (x) q`` (a restriction: always valid), and the
+        equation is solved between the products as before.
+        """
+        if (
+            isinstance(left, Grouped)
+            and isinstance(right, Grouped)
+            and left.outer.size == right.outer.size
+            and left.inners[0].size == right.inners[0].size
+        ):
+            self.unify(left.outer, right.outer, mismatch)
+            for a, b in zip(left.inners, right.inners):
+                self.unify(a, b, mismatch)
+            return
+        for side in (left, right):
+            if isinstance(side, Grouped):
+                for inner in side.inners[1:]:
+                    self.unify(side.inners[0], inner, mismatch)
+        left, right = self.resolve(left), self.resolve(right)
+        if isinstance(left, Grouped) or isinstance(right, Grouped):  # inners that could not be tied
+            reason = mismatch or FreezeReason("index-map", "per-block orders that cannot be tied were coupled")
+            self.freeze(left, reason)
+            self.freeze(right, reason)
+            return
+        self.unify(left, right, mismatch)
 
     def _unify_blocks(self, left: Expr, right: Expr, mismatch: FreezeReason | None) -> None:
         """Equate two expressions at least one of which is block-diagonal."""
@@ -327,6 +382,15 @@ class GroupSolver:
             cut_here = DirectSum((self.new_atom(cut), self.new_atom(expr.size - cut)))
             self._unify_atom(inner, transpose(cut_here, expr.cols, expr.rows))
             return True
+        if isinstance(expr, Grouped):
+            inner_size = expr.inners[0].size
+            row = cut // inner_size
+            if cut % inner_size == 0:
+                return self._split_at(expr.outer, row)
+            # Cut inside block ``row``: p keeps it in place, and its own order is cut there.
+            if not (self._split_at(expr.outer, row) and self._split_at(expr.outer, row + 1)):
+                return False
+            return self._split_at(expr.inners[row], cut % inner_size)
         inner_size = expr.inner.size
         if cut % inner_size == 0:
             return self._split_at(expr.outer, cut // inner_size)
@@ -349,8 +413,13 @@ class GroupSolver:
         Where the digits cannot be aligned (a block sum in one, digits that do not divide in
         the other) but one side is block-diagonal (``I_K (x) p``), the blocks are aligned
         instead: heads laid side by side equal to ``heads (x) head_dim`` cut into q, k, v.
+        A digit ``p (x) {q_g}`` that meets no digit of its place and size on the other side
+        cannot be split: its blocks' orders are tied into one first (``p (x) q``).
         """
         left_factors, right_factors = _factors(left), _factors(right)
+        if self._tie_unmatched_digits(left_factors, right_factors):
+            self.unify(left, right, mismatch)
+            return
         if not _alignable(left_factors, right_factors) and (len(_blocks(left)) > 1 or len(_blocks(right)) > 1):
             self._unify_blocks(left, right, mismatch)
             return
@@ -380,6 +449,18 @@ class GroupSolver:
         reason = mismatch or FreezeReason("index-map", "index maps of different radices were coupled")
         self.freeze(left, reason)
         self.freeze(right, reason)
+
+    def _tie_unmatched_digits(self, left: list[Expr], right: list[Expr]) -> bool:
+        """Tie the blocks' orders of each ``p (x) {q_g}`` digit with no digit of its place and size opposite; True if any."""
+        tied = False
+        for mine, theirs in ((left, right), (right, left)):
+            places = set(_places(theirs))
+            for (below, size), factor in zip(_places(mine), mine):
+                if isinstance(factor, Grouped) and (below, size) not in places:
+                    for inner in factor.inners[1:]:
+                        self.unify(factor.inners[0], inner)
+                    tied = tied or not isinstance(self.resolve(factor), Grouped)
+        return tied
 
     def _unify_interleaved(self, left: Expr, right: Expr, mismatch: FreezeReason | None) -> None:
         """Equate two expressions at least one of which is interleaved (and neither a block sum)."""
@@ -553,6 +634,50 @@ def product(outer: Expr, inner: Expr) -> Expr:
     return Product(outer, inner)
 
 
+def grouped(outer: Expr, inners: list[Expr]) -> Expr:
+    """``outer (x) {inners[g]}`` in normal form.
+
+    Every inner has the same size, one per position of ``outer``. Equal inners make the
+    product ``outer (x) q``; an outer that keeps its blocks in place (identity) makes the block
+    sum of the inners; a block-sum outer distributes (block ``g`` keeps ``inners[g]`` wherever it
+    goes, so each block of the outer takes its own inners).
+    """
+    if len(inners) != outer.size or len({inner.size for inner in inners}) > 1:
+        raise ValueError(f"{len(inners)} inner orders of sizes {sorted({i.size for i in inners})} for {outer.size} blocks")
+    if len(inners) == 1:
+        return inners[0]
+    if inners[0].size == 1:
+        return outer
+    if all(inner == inners[0] for inner in inners[1:]):
+        return product(outer, inners[0])
+    if all(_is_identity(inner) for inner in inners):
+        return product(outer, Fixed(inners[0].size, _first_reason(inners)))
+    if _is_identity(outer):
+        return direct_sum(list(inners))
+    if isinstance(outer, DirectSum):
+        pieces, offset = [], 0
+        for part in outer.parts:
+            pieces.append(grouped(part, inners[offset : offset + part.size]))
+            offset += part.size
+        return direct_sum(pieces)
+    return Grouped(outer, tuple(inners))
+
+
+def leading(expr: Expr, size: int) -> Expr | None:
+    """``q`` where ``expr`` is ``q (x) I`` with ``q`` of ``size`` positions (the rest kept in place), else None."""
+    if expr.size % size:
+        return None
+    if _is_identity(expr):
+        return Fixed(size, _first_reason([expr]))
+    factors, taken, count = _factors(expr), 1, 0
+    while count < len(factors) and taken < size:
+        taken *= factors[count].size
+        count += 1
+    if taken != size or not all(_is_identity(factor) for factor in factors[count:]):
+        return None
+    return _chain_product(factors[:count])
+
+
 def interleave(parts: list[Expr]) -> Expr:
     """Interleaved expression in normal form.
 
@@ -639,6 +764,7 @@ def _first_reason(parts: list[Expr] | tuple[Expr, ...]) -> FreezeReason:
             return part.reason
         inner = (
             part.parts if isinstance(part, (DirectSum, Interleave))
+            else (part.outer, *part.inners) if isinstance(part, Grouped)
             else (part.outer, part.inner) if isinstance(part, Product)
             else (part.inner,) if isinstance(part, Transposed) else ()
         )
@@ -732,6 +858,10 @@ def _atoms_of(expr: Expr) -> Iterator[Atom]:
         yield from _atoms_of(expr.inner)
     elif isinstance(expr, Transposed):
         yield from _atoms_of(expr.inner)
+    elif isinstance(expr, Grouped):
+        yield from _atoms_of(expr.outer)
+        for inner in expr.inners:
+            yield from _atoms_of(inner)
 
 
 def _blocks(expr: Expr) -> list[Expr]:
@@ -768,6 +898,15 @@ def _alignable(left: list[Expr], right: list[Expr]) -> bool:
     return not queue_left and not queue_right
 
 
+def _places(factors: list[Expr]) -> list[tuple[int, int]]:
+    """Each digit's ``(positions below it, size)`` in a row-major digit list."""
+    below, found = 1, []
+    for factor in reversed(factors):
+        found.append((below, factor.size))
+        below *= factor.size
+    return found[::-1]
+
+
 def _factors(expr: Expr) -> list[Expr]:
     if isinstance(expr, Product):
         return _factors(expr.outer) + _factors(expr.inner)
@@ -802,6 +941,11 @@ def _evaluate(solver: GroupSolver, expr: Expr, perms: Mapping[int, np.ndarray]) 
     if isinstance(expr, Transposed):
         forward, back = _transpose_order(expr.rows, expr.cols)
         return back[_evaluate(solver, expr.inner, perms)[forward]]
+    if isinstance(expr, Grouped):
+        # Block o of the result is block outer[o] of the source, in that block's own order.
+        blocks = _evaluate(solver, expr.outer, perms)
+        orders = np.stack([_evaluate(solver, inner, perms) for inner in expr.inners])
+        return (blocks[:, None] * orders.shape[1] + orders[blocks]).reshape(-1)
     outer = _evaluate(solver, expr.outer, perms)
     inner = _evaluate(solver, expr.inner, perms)
     return (outer[:, None] * expr.inner.size + inner[None, :]).reshape(-1)
@@ -838,6 +982,18 @@ def _labels(expr: Expr) -> dict[int, np.ndarray]:
     if isinstance(expr, Transposed):
         forward, _ = _transpose_order(expr.rows, expr.cols)
         return {root: lab[forward] for root, lab in _labels(expr.inner).items()}
+    if isinstance(expr, Grouped):
+        # As the source lays them out: block g's positions carry its own order's neurons.
+        inner_size = expr.inners[0].size
+        found = {root: np.repeat(lab, inner_size) for root, lab in _labels(expr.outer).items()}
+        for block, inner in enumerate(expr.inners):
+            for root, lab in _labels(inner).items():
+                if root not in found:
+                    found[root] = np.full(expr.size, -1, dtype=np.int64)
+                arr = found[root]
+                span = arr[block * inner_size : (block + 1) * inner_size]
+                arr[block * inner_size : (block + 1) * inner_size] = np.where(lab >= 0, lab, span)
+        return found
     outer_size, inner_size = expr.outer.size, expr.inner.size
     result = {root: np.repeat(lab, inner_size) for root, lab in _labels(expr.outer).items()}
     for root, lab in _labels(expr.inner).items():
@@ -868,6 +1024,16 @@ def describe(expr: Expr, root: int) -> str:
         )
     if isinstance(expr, Transposed):
         return f"transposed [{expr.cols}, {expr.rows}] -> [{expr.rows}, {expr.cols}] of ({describe(expr.inner, root)})"
+    if isinstance(expr, Grouped):
+        inner_size = expr.inners[0].size
+        if any(a.id == root for a in _atoms_of(expr.outer)):
+            return f"{describe(expr.outer, root)} (x) {{q_g}}: {expr.outer.size} blocks of {inner_size}, each its own order"
+        return "; ".join(
+            f"block {g} of {expr.outer.size} ([{g * inner_size}:{(g + 1) * inner_size}] as the source holds it): "
+            + describe(inner, root)
+            for g, inner in enumerate(expr.inners)
+            if any(a.id == root for a in _atoms_of(inner))
+        )
     in_outer = any(a.id == root for a in _atoms_of(expr.outer))
     in_inner = any(a.id == root for a in _atoms_of(expr.inner))
     outer = describe(expr.outer, root) if in_outer else f"I_{expr.outer.size}"
@@ -895,4 +1061,6 @@ def _canonical(solver: GroupSolver, expr: Expr) -> Expr:
         return interleave([_canonical(solver, part) for part in expr.parts])
     if isinstance(expr, Transposed):
         return transpose(_canonical(solver, expr.inner), expr.rows, expr.cols)
+    if isinstance(expr, Grouped):
+        return grouped(_canonical(solver, expr.outer), [_canonical(solver, inner) for inner in expr.inners])
     return product(_canonical(solver, expr.outer), _canonical(solver, expr.inner))

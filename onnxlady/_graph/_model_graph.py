@@ -352,7 +352,8 @@ class ModelGraph:
             # Inference on the skeleton names unknown dims consistently; value_info written by
             # another tool (a quantizer's) may name the same dim differently at each tensor.
             own = self._is_own_skeleton()
-            if not (own and self._static_shapes()):
+            # Large weights only change what inference would read (inputs of their shapes).
+            if not ((own or self._is_own_skeleton(weights=True)) and self._static_shapes()):
                 skeleton = self.model if own else self._skeleton()
                 self._merge_infos(self._inferred_infos(skeleton), prefer=True)
             if self._fold:
@@ -375,7 +376,7 @@ class ModelGraph:
             return False
         found = _static_shapes.static_output_shapes(
             self._node_ops, self._node_inputs, self._node_outputs,
-            self._node_attributed, self.shapes, self.dtypes,
+            self._node_attributed, self.shapes, self.dtypes, self.nodes,
         )  # fmt: skip
         if found is None:
             return False
@@ -681,7 +682,7 @@ class ModelGraph:
             name not in known for name in self.producer if name not in self.constant_nodes and name not in self.folded
         )
 
-    def _is_own_skeleton(self) -> bool:
+    def _is_own_skeleton(self, weights: bool = False) -> bool:
         """Whether the model is already what :meth:`_skeleton` would make of it, for inference.
 
         So when it holds no large weight (nor one in an external file), no value_info, no
@@ -689,6 +690,9 @@ class ModelGraph:
         yet; and when :meth:`_inferred_infos` will not change it (no Loop to infer again with its
         carried shapes) nor convert it (opset 15 or later). Inference then reads the model
         itself, without copying every node and weight into a skeleton first.
+
+        With ``weights``, large weights (inline or in their files) are let be: the skeleton
+        would make each an input of its shape, which is all :meth:`_static_shapes` reads.
         """
         model, graph = self.model, self.model.graph
         if self.folded or model.ir_version < 4 or self.opsets.get("", 0) < 15:
@@ -699,6 +703,8 @@ class ModelGraph:
             return False
         if any(op == "Loop" for op, _ in self._node_ops):
             return False
+        if weights:
+            return True
         external = onnx.TensorProto.EXTERNAL
         for tensor in graph.initializer:
             # (is_mapped asked only of an external tensor: its first question, inlined)

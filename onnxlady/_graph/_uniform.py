@@ -1,7 +1,7 @@
 """Axes along which a computed tensor is the same everywhere: broadcast copies.
 
 ``repeat_kv`` of multi-query and grouped-query attention (``x[:, :, None].expand(...)
-.reshape(...)``) and a broadcast mask made explicit by ``Expand`` give tensors whose slices
+.reshape(...)``, or ``Tile`` of the new axis: ``repeat_interleave``) and a broadcast mask made explicit by ``Expand`` give tensors whose slices
 along an axis are all equal: every position of that axis holds a copy of one slice. Permuting
 such an axis changes nothing, so a rule may couple it with any permutation (the query heads
 that share one key/value head) without permuting anything there. The facts come from the graph
@@ -90,6 +90,12 @@ def _find(graph: ModelGraph, name: str, cache: dict[str, frozenset[int]], depth:
             return frozenset()
         before = _uniform(graph, source, cache, depth + 1)
         return frozenset(j for j, a in enumerate(order) if a in before)
+    if op_type == "Tile":
+        # An axis of size 1 tiled is copies of its one slice; a uniform axis tiled stays uniform.
+        if rank_in != rank_out:
+            return frozenset()
+        before = _uniform(graph, source, cache, depth + 1)
+        return frozenset(a for a in range(rank_out) if out_shape[a] != 1 and (in_shape[a] == 1 or a in before))
     if op_type in ("Unsqueeze", "Squeeze"):
         return _unsqueeze(graph, index, in_shape, out_shape, _uniform(graph, source, cache, depth + 1))
     if op_type == "Reshape":

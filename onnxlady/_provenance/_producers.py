@@ -633,45 +633,57 @@ def pulled_order(
         Every node index once.
     """
     count = len(inputs)
-    writer: dict[str, int] = {}
-    # Names written more than once (a malformed model): every writer, in list order. Rare, so
-    # the walk reads one writer per name and looks here only when this holds any.
+    # The last writer of each name (one comprehension, no branch per name).
+    writer = {name: index for index, names in enumerate(outputs) for name in names}
+    writer.pop("", None)
+    # Names written more than once (a malformed model): every writer, in list order. Rare: the
+    # walk reads one writer per name and looks here only when this holds any; it is built only
+    # when the outputs hold more names than ``writer`` (a name given twice, or an empty one).
     several: dict[str, list[int]] = {}
-    for index in range(count):
-        for name in outputs[index]:
-            if name:
-                if name in writer:
-                    several.setdefault(name, [writer[name]]).append(index)
-                writer[name] = index
+    if sum(map(len, outputs)) != len(writer):
+        seen: dict[str, int] = {}
+        for index in range(count):
+            for name in outputs[index]:
+                if name:
+                    if name in seen:
+                        several.setdefault(name, [seen[name]]).append(index)
+                    seen[name] = index
     roots = [w for name in graph_outputs for w in several.get(name, [writer[name]] if name in writer else [])]
     order: list[int] = []
-    # 0: not reached; 1: entered (the walk over what it reads is under way); 2: placed. A name
-    # written twice can close a loop: a node entered already is not pulled again, so the walk ends.
+    # 0: not reached; 1: entered or placed (a node entered already is not pulled again: a name
+    # written twice can close a loop, and the walk still ends).
     state = bytearray(count)
     get = writer.get
+    append = order.append
     for root in itertools.chain(roots, range(count)):
         if state[root]:
             continue
         # Iterative depth-first walk (a deep chain would pass Python's recursion limit): a node
         # is placed (its complement popped) once every writer of what it reads is.
         stack = [root]
+        push, pop = stack.append, stack.pop
         while stack:
-            index = stack.pop()
+            index = pop()
             if index < 0:
-                state[~index] = 2
-                order.append(~index)
+                append(~index)
                 continue
             if state[index]:
                 continue
             state[index] = 1
-            stack.append(~index)
-            for name in reversed(inputs[index]):
-                if several and name in several:
-                    stack.extend(w for w in reversed(several[name]) if not state[w])
-                    continue
-                w = get(name)
-                if w is not None and not state[w]:
-                    stack.append(w)
+            push(~index)
+            if several:
+                for name in reversed(inputs[index]):
+                    if name in several:
+                        stack.extend(w for w in reversed(several[name]) if not state[w])
+                        continue
+                    w = get(name)
+                    if w is not None and not state[w]:
+                        push(w)
+            else:
+                for name in reversed(inputs[index]):
+                    w = get(name)
+                    if w is not None and not state[w]:
+                        push(w)
     return order
 
 
@@ -701,55 +713,55 @@ class WeightGraph:
         #: views of the file): used instead of the initializer's own bytes, which are not there.
         self.arrays: dict[str, np.ndarray] = arrays or {}
         self.nodes: list[onnx.NodeProto] = list(graph.node)
+        nodes = self.nodes
         self.initializers: dict[str, onnx.TensorProto] = {tensor.name: tensor for tensor in graph.initializer}
-        self.graph_outputs: set[str] = {value.name for value in graph.output}
-        #: Each node's operator (read once: a protobuf field costs more than a list item).
-        self.op_types: list[str] = [node.op_type for node in self.nodes]
-        # Every input and output name in one flat list each, with the node owning each position:
-        # built by C-level list and dict constructors, not a Python loop per name (on a graph of
-        # a thousand nodes the loop cost more than parsing the file).
-        inputs = [node.input for node in self.nodes]
-        outputs = [node.output for node in self.nodes]
+        declared_outputs = [value.name for value in graph.output]
+        self.graph_outputs: set[str] = set(declared_outputs)
+        #: Each node's operator and domain (read once: a protobuf field costs more than a list item).
+        self.op_types: list[str] = [node.op_type for node in nodes]
+        self.domains: list[str] = [node.domain for node in nodes]
+        # Each node's input and output names as Python lists (each protobuf name read once), and
+        # every name in one flat list each with the node owning each position, built by C-level
+        # constructors, not a Python loop per name (on a graph of a thousand nodes the loop cost
+        # more than parsing the file).
+        inputs = [node.input[:] for node in nodes]  # a slice: a list, faster than list()
+        outputs = [node.output[:] for node in nodes]
+        self._inputs: list[list[str]] = inputs
+        self._outputs: list[list[str]] = outputs
         names = list(itertools.chain.from_iterable(inputs))
-        made = list(itertools.chain.from_iterable(outputs))
-        positions = np.arange(len(self.nodes))
-        self._reader_of = np.repeat(positions, [len(items) for items in inputs]).tolist()
-        self._input_start = list(itertools.accumulate(map(len, inputs), initial=0))
-        maker_of = np.repeat(positions, [len(items) for items in outputs]).tolist()
-        output_start = list(itertools.accumulate(map(len, outputs), initial=0))
+        sizes = list(map(len, inputs))
+        self._reader_of: list[int] = list(itertools.chain.from_iterable(map(itertools.repeat, range(len(nodes)), sizes)))
+        self._input_start: list[int] = list(itertools.accumulate(sizes, initial=0))
         #: Readers per tensor name, and the position (in the flat input list) of its first reader.
         self._readers: Counter[str] = Counter(names)
         self._first_read: dict[str, int] = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))
         # The last node writing a name is its producer (as a ModelGraph reads it).
         self.producer: dict[str, tuple[int, int]] = {
-            name: (owner, at - output_start[owner]) for at, (name, owner) in enumerate(zip(made, maker_of))
+            name: (index, slot) for index, made in enumerate(outputs) for slot, name in enumerate(made)
         }
+        writes_empty = "" in self.producer
         for table in (self._readers, self._first_read, self.producer):
             table.pop("", None)  # an omitted optional input or output
-        first_made = dict(zip(reversed(made), range(len(made) - 1, -1, -1)))
         given = set(self.initializers)
         given.update(value.name for value in graph.input)
-        # Topological order: each tensor read is given, or first written by a node before its first reader.
-        for name, at in self._first_read.items():
-            if name not in given:
-                written = first_made.get(name)
-                if written is None or maker_of[written] >= self._reader_of[at]:
-                    raise FullGraphNeeded(f"node {self._reader_of[at]} reads '{name}' before it is defined")
-        for index, node in enumerate(self.nodes):
-            if self.op_types[index] in _SUBGRAPH_OPS or node.domain not in _STANDARD:
-                for attribute in node.attribute:
-                    if attribute.type in _GRAPH_ATTRIBUTES:
-                        raise FullGraphNeeded(f"node {index} holds a subgraph")
-        if not self.graph_outputs <= given.union(made):
+        # Topological order: each tensor read is given, or written by a node before its reader
+        # (an omitted input, '', is no read).
+        defined = given | {""}
+        for index, read in enumerate(inputs):
+            if not defined.issuperset(read):
+                name = next(name for name in read if name not in defined)
+                raise FullGraphNeeded(f"node {index} reads '{name}' before it is defined")
+            defined.update(outputs[index])
+        for index in [i for i, (op, domain) in enumerate(zip(self.op_types, self.domains))
+                      if op in _SUBGRAPH_OPS or domain not in _STANDARD]:  # fmt: skip
+            for attribute in nodes[index].attribute:
+                if attribute.type in _GRAPH_ATTRIBUTES:
+                    raise FullGraphNeeded(f"node {index} holds a subgraph")
+        # Every graph output given or made ('' only where a name '' is).
+        if not self.graph_outputs <= defined or ("" in self.graph_outputs and not writes_empty and "" not in given):
             raise FullGraphNeeded("a graph output is not produced")
-        #: The order the layers come in (:func:`pulled_order`; slices of the flat lists: each
-        #: protobuf name read once).
-        starts = self._input_start
-        self.order = pulled_order(
-            [names[starts[index] : starts[index + 1]] for index in range(len(self.nodes))],
-            [made[output_start[index] : output_start[index + 1]] for index in range(len(self.nodes))],
-            [value.name for value in graph.output],
-        )
+        #: The order the layers come in (:func:`pulled_order`).
+        self.order = pulled_order(inputs, outputs, declared_outputs)
         self._values: dict[str, np.ndarray | None] = {}
         self._declared: dict[str, tuple[int | str | None, ...]] | None = None
         self._infos: dict[str, list[onnx.ValueInfoProto]] | None = None
@@ -784,7 +796,7 @@ class WeightGraph:
         if op not in CHAIN_OPS:
             return None
         values: list[np.ndarray] = []
-        for source in node.input:
+        for source in self._inputs[produced[0]]:
             if source:
                 operand = self.constant_value(source)
                 if operand is None:
@@ -928,7 +940,7 @@ class WeightGraph:
         tensor = self.initializers.get(name)
         kind = None if tensor is None else _KINDS.get(tensor.data_type)
         # A repeated int64 field gives Python ints already: no conversion per dimension.
-        header = None if tensor is None or kind is None else (kind, tuple(tensor.dims))
+        header = None if tensor is None or kind is None else (kind, tuple(tensor.dims[:]))
         self._headers[name] = header
         return header
 
@@ -980,34 +992,34 @@ class WeightGraph:
         The bias is left unset: the fingerprint does not read it.
         """
         units: dict[int, Unit] = {}
+        # Names come from the lists read once (:attr:`_inputs`, :attr:`_outputs`), not the protobuf.
+        inputs, outputs = self._inputs, self._outputs
         for index, op_type in enumerate(self.op_types):
             if op_type not in UNIT_OPS:
                 continue
             node = self.nodes[index]
-            if node.domain not in _STANDARD or len(node.input) < 2:
+            read = inputs[index]
+            if self.domains[index] not in _STANDARD or len(read) < 2:
                 continue
             slot_axis = weight_slot(self, node)
             if slot_axis is None:
                 continue
             slot, out_axis = slot_axis
-            tail = node.output[0]
-            if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
+            tail = outputs[index][0]
+            if op_type in ("Conv", "ConvTranspose", "Gemm") and len(read) > 2 and read[2]:
                 pass  # the bias is the node's own input: the BatchNorm reads the node's output
             else:
                 reader = self._single_consumer(tail, "Add")
                 if reader is not None:
-                    add = self.nodes[reader[0]]
-                    if is_channel_vector(self, add.input[1 - reader[1]], node, slot, out_axis):
-                        tail = add.output[0]
+                    if is_channel_vector(self, inputs[reader[0]][1 - reader[1]], node, slot, out_axis):
+                        tail = outputs[reader[0]][0]
             batchnorm = None
-            if node.op_type in _FOLDABLE and foldable(self, node):
+            if op_type in _FOLDABLE and foldable(self, node):
                 reader = self._single_consumer(tail, "BatchNormalization")
-                bn = self.nodes[reader[0]] if reader is not None else None
                 if (
-                    bn is not None
-                    and reader is not None
+                    reader is not None
                     and reader[1] == 0
-                    and all(self.float_constant(name) for name in bn.input[1:5])
+                    and all(self.float_constant(name) for name in inputs[reader[0]][1:5])
                 ):
                     batchnorm = reader[0]
             units[index] = Unit(index, slot, out_axis, None, batchnorm)
@@ -1023,15 +1035,15 @@ class WeightGraph:
             slot = at - self._input_start[index]
             if self.op_types[index] == op_type:
                 return index, slot
-            node = self.nodes[index]
-            if slot != 0 or self.op_types[index] not in _TYPE_ONLY_OPS or len(node.output) != 1:
+            made = self._outputs[index]
+            if slot != 0 or self.op_types[index] not in _TYPE_ONLY_OPS or len(made) != 1:
                 return None
-            name = node.output[0]
+            name = made[0]
 
     def batchnorm_scale(self, index: int) -> np.ndarray | None:
         """``gamma / sqrt(var + eps)`` of a BatchNorm, in float64."""
         node = self.nodes[index]
-        parts = [self.constant_value(name) for name in node.input[1:5]]
+        parts = [self.constant_value(name) for name in self._inputs[index][1:5]]
         if len(parts) < 4 or any(part is None for part in parts):
             return None
         gamma, var = np.asarray(parts[0], dtype=np.float64), np.asarray(parts[3], dtype=np.float64)
@@ -1056,12 +1068,14 @@ def _initializer_array(tensor: onnx.TensorProto, name: str) -> np.ndarray:
     dtype = PLAIN_TYPES.get(data_type)
     if dtype is not None and tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.HasField("segment"):
         raw = tensor.raw_data
-        dims = tuple(tensor.dims)
+        dims = tuple(tensor.dims[:])  # a slice: a list, read faster than the field itself
         count = 1
         for dim in dims:
             count *= dim
         if raw and len(raw) == count * dtype.itemsize:
-            return np.frombuffer(raw, dtype=dtype).reshape(dims)
+            if min(dims, default=0) >= 0:  # the same read-only view of raw, in one call
+                return np.ndarray(dims, dtype, raw)
+            return np.frombuffer(raw, dtype=dtype).reshape(dims)  # reshape's own error
         if data_type == onnx.TensorProto.FLOAT and not raw and not tensor.HasField("raw_data"):
             values = tensor.float_data
             if len(values) == count:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, overload
 
 import numpy as np
@@ -869,7 +870,8 @@ def resync_across(
     matches, readings = dict(state.match), _Readings(readers, state.moves)
     del state  # its arrays go before the output is made (what is reported is read again)
     pairs = {gid: match.suspect_group(gid) for gid in matches}
-    perms = {pair.suspect: matches[gid] for gid, pair in pairs.items() if pair is not None and pair.permutable}
+    aligned = match.reference.perms_from_match(matches)  # (the blocks' own orders named by their blocks)
+    perms = {pair.suspect: aligned[gid] for gid, pair in pairs.items() if pair is not None and pair.permutable}
     unwritten = sorted(gid for gid, pair in pairs.items() if pair is not None and not pair.permutable)
     mirrored_groups = {} if mirrored else _solve_mirrored(match, reference, suspect, options, progress)
     suspect_truth = _true_suspect_perms(match, true_key) if mirrored_groups else {}
@@ -937,8 +939,9 @@ def _solve_mirrored(
     reports = {report.id: report for report in back.groups}
     partner = {pair.suspect: pair.reference for pair in match.groups if pair.alike}
     # Mirrored, suspect neuron j holds reference neuron matches[j]: the reference's order is argsort.
+    putting = match.suspect.inverse_perms(match.suspect.perms_from_match(details.matches))
     return {
-        gid: (partner.get(gid), np.argsort(details.matches[gid]), reports[gid])
+        gid: (partner.get(gid), putting[gid], reports[gid])
         for gid in orphans
         if gid in details.matches
     }
@@ -993,7 +996,8 @@ def _reorder_suspect(
         load_mapped(output)
     permute_model(analyze(output, kv_state=kv_state), perms)
     back = copy_model(output)
-    key = permute_model(analyze(back, kv_state=kv_state), {gid: np.argsort(perm) for gid, perm in perms.items()})
+    back_analysis = analyze(back, kv_state=kv_state)
+    key = permute_model(back_analysis, back_analysis.inverse_perms(perms))
     key.extra["resync"] = _resync_record(reference, options)
     return output, key
 
@@ -1001,6 +1005,11 @@ def _reorder_suspect(
 def _stored_bytes(tensor: onnx.TensorProto) -> bytes | memoryview:
     """A tensor's bytes as stored (read from its file when it was left there)."""
     return mapped_bytes(tensor) if is_mapped(tensor) else tensor.raw_data
+
+
+def _hash_stored(digest: SourceDigest, source: str, tensor: onnx.TensorProto) -> None:
+    """Add a tensor that does not move to the key's digest, as it is stored."""
+    digest.add_now(source, _stored_bytes(tensor))
 
 
 def _resync_record(reference: onnx.ModelProto, options: solver.ResyncOptions) -> dict[str, Any]:
@@ -1048,7 +1057,7 @@ def _streamed_reorder(
     ):
         return None
     _check_perms(analysis, perms)
-    back = {gid: np.argsort(perm) for gid, perm in perms.items()}
+    back = analysis.inverse_perms(perms)
     fingerprint = graph_fingerprint(suspect)
     group_ids = {group.root: group.id for group in analysis.groups if group.id in back}
     digest = SourceDigest()
@@ -1065,8 +1074,8 @@ def _streamed_reorder(
         hashed = digest.expect(plan.source)  # in plan order, as the digest combines them
         if moving:
             overrides[plan.tensor] = moved.later(plan.tensor, tensor, moving, hashed=hashed)
-        elif hashed:
-            digest.add_now(plan.source, _stored_bytes(tensor))
+        elif hashed:  # hashed when the digest is read (a key written), as it is stored
+            moved.pending[plan.source] = partial(_hash_stored, digest, plan.source, tensor)
         tensors.append(_tensor_record(analysis, plan, group_ids))
     groups = _group_records(analysis, back)
     states = _state_records(analysis, back, group_ids)

@@ -22,6 +22,7 @@ import onnx
 from onnxlady._graph._fold import evaluate_node
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._graph._shape_scalars import shape_values
+from onnxlady._resync._statistics import STATISTICS_OPS, evaluate_statistics, statistics_inputs
 from onnxlady._resync._values import Approx, half_ulp, read_constant
 from onnxlady._rules._derived import derived_uses
 
@@ -54,15 +55,33 @@ def _subgraph(graph: ModelGraph, name: str, shapes: bool = False) -> list[int] |
         if produced is None or not 0 <= produced[0] < graph.main_count or len(found) >= _MAX_NODES:
             return None
         node = graph.nodes[produced[0]]
-        if (node.domain or "") not in ("", "ai.onnx") or node.op_type not in _SHAPE_OPS | _ARITHMETIC_OPS:
+        data = _data_inputs(graph, node, produced[1])
+        if data is None:
             return None
         found.append(produced[0])
-        data = node.input[:1] if node.op_type in _SHAPE_OPS else node.input
         for item in data:
             if item and item not in seen:
                 seen.add(item)
                 pending.append(item)
     return found
+
+
+def _data_inputs(graph: ModelGraph, node: onnx.NodeProto, output: int) -> list[str] | None:
+    """The inputs whose values output ``output`` of ``node`` is computed from, if it is evaluated here, else None.
+
+    A reshape's shape and a reduction's axes are integer constants, read as stored: not listed.
+    """
+    if (node.domain or "") not in ("", "ai.onnx"):
+        return None
+    if node.op_type in STATISTICS_OPS:  # a normalization's statistics (see _statistics)
+        slots = statistics_inputs(node, graph.opsets.get("", 0), output)
+        axes = node.input[1] if node.op_type != "BatchNormalization" and len(node.input) > 1 else ""
+        if slots is None or (axes and graph.constant_value(axes) is None):
+            return None
+        return [node.input[slot] for slot in slots if node.input[slot]]
+    if output != 0 or node.op_type not in _SHAPE_OPS | _ARITHMETIC_OPS:
+        return None
+    return list(node.input[:1] if node.op_type in _SHAPE_OPS else node.input)
 
 
 def _exact_from_shapes(graph: ModelGraph, name: str) -> np.ndarray | None:
@@ -118,14 +137,17 @@ def _read(graph: ModelGraph, name: str, memo: dict[str, Approx | None], shapes: 
         elif stored is not None:
             value = read_constant(graph, name)
     else:
-        index = graph.producer[name][0]
+        index, output = graph.producer[name]
         node = graph.nodes[index]
-        data = node.input[:1] if node.op_type in _SHAPE_OPS else node.input
+        data = _data_inputs(graph, node, output) or []
         inputs: list[Approx | None] = [_read(graph, item, memo, shapes) if item in data else None for item in node.input]
         for item, read in zip(node.input, inputs):
             if item and read is None and item in data:
                 memo[name] = None
                 return None
+        if node.op_type in STATISTICS_OPS:
+            memo[name] = value = _statistics(graph, node, inputs)
+            return value
         arrays = [
             read.value if read is not None else graph.constant_value(item) if item else None
             for item, read in zip(node.input, inputs)
@@ -138,6 +160,19 @@ def _read(graph: ModelGraph, name: str, memo: dict[str, Approx | None], shapes: 
             value = Approx(result, error) if np.all(np.isfinite(error)) else None
     memo[name] = value
     return value
+
+
+def _statistics(graph: ModelGraph, node: onnx.NodeProto, inputs: list[Approx | None]) -> Approx | None:
+    """A reduction's or a normalization's output 0 (:mod:`onnxlady._resync._statistics`), rounded to its type."""
+    axes = graph.constant_value(node.input[1]) if node.op_type != "BatchNormalization" and len(node.input) > 1 and node.input[1] else None
+    read = evaluate_statistics(node, inputs, axes, graph.opsets.get("", 0), graph.dtypes.get(node.input[0]))
+    if read is None or read.value.size > _LIMIT:
+        return None
+    stored = graph.dtypes.get(node.output[0])
+    if stored not in _FLOAT_TYPES:
+        return None
+    rounding = half_ulp(read.value, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(stored)))
+    return Approx(read.value, read.error + rounding)
 
 
 def _bound(graph: ModelGraph, node: onnx.NodeProto, inputs: list[Approx | None], result: np.ndarray) -> np.ndarray:
@@ -174,6 +209,9 @@ def computed_use(graph: ModelGraph, name: str, axis: int, reader: int, slot: int
     so any is as good; one read whole (no block or piece of it) is taken. None where no walk
     reaches one.
     """
+    standardized = standardized_values(graph, name)
+    if standardized is not None:  # its output channels are the normalized constant's axis 1
+        return (*standardized, graph.leaf_axis(graph.nodes[standardized[0]].input[0], 1)) if axis == 0 else None  # type: ignore[return-value]
     walk = derived_uses(graph, name, axis, reader, slot)
     for node, use_slot, use_axis, block, piece in walk[0] if walk is not None else []:
         if block is not None or piece is not None:
@@ -195,6 +233,9 @@ def aligned_uses(graph: ModelGraph, name: str, reader: int, slot: int) -> list[t
     shape = computed_shape(graph, name)
     if shape is None:
         return []
+    standardized = standardized_values(graph, name)
+    if standardized is not None:
+        return [standardized]
     found: set[tuple[int, int]] | None = None
     for axis, size in enumerate(shape):
         if size < 2:
@@ -210,3 +251,38 @@ def aligned_uses(graph: ModelGraph, name: str, reader: int, slot: int) -> list[t
         }  # fmt: skip
         found = here if found is None else found & here
     return sorted(found or ())
+
+
+#: Operators a constant may reach its user through and keep its elements in their order.
+_ORDER_KEEPING = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def standardized_values(graph: ModelGraph, name: str) -> tuple[int, int] | None:
+    """Where computed ``name`` is a weight standardized in the graph: the use ``(node, slot)`` of the values it normalizes.
+
+    ``W = Reshape(BatchNormalization(V [1, M, F], gain, shift, ...))`` (see
+    :mod:`onnxlady._rules.standardized`): ``V``, read in its stored order, holds ``W``'s elements
+    row-major, each normalized within its output channel, so a permutation of ``W`` (output
+    channels on ``V``'s axis 1, input channels on blocks of its axis 2) is the same permutation
+    of ``V`` reshaped. ``V``'s plan is then solved and compared through ``W``'s value, as a
+    constant that holds a computed weight element for element (:func:`aligned_uses`). None for
+    any other form, or where the stored constant reaches the BatchNormalization through
+    anything but reshapes (a transpose would reorder its elements).
+    """
+    produced = graph.producer.get(name)
+    if produced is None or graph.nodes[produced[0]].op_type not in ("Reshape", "Flatten"):
+        return None
+    shape = computed_shape(graph, name)
+    source = graph.producer.get(graph.nodes[produced[0]].input[0])
+    if shape is None or source is None or source[1] != 0 or not 0 <= source[0] < graph.main_count:
+        return None
+    norm = graph.nodes[source[0]]
+    if norm.op_type != "BatchNormalization" or statistics_inputs(norm, graph.opsets.get("", 0), 0) is None:
+        return None
+    leaf = graph.constant_leaf(norm.input[0])
+    values = graph.constant_shape(norm.input[0])
+    if leaf is None or values is None or any(graph.nodes[index].op_type not in _ORDER_KEEPING for index in leaf.chain):
+        return None
+    if len(values) != 3 or values[0] != 1 or values[1] != shape[0] or values[1] * values[2] != int(np.prod(shape)):
+        return None
+    return source[0], 0

@@ -91,11 +91,41 @@ def connection_agreement(
     A pair of a live site and a dead one (an edge rewired around a layer: held-out round 14,
     F7) is left out: the site and weight shares already count it lost, and its connections
     would count the same edit a second time, refusing as another model one that is mostly the
-    same (the audit names the dead layer).
+    same (the audit names the dead layer). So are the connections that go around such a layer
+    in the model where it is dead: a reader made to read what fed the layer (a residual sum
+    rewired to the block's input, leaving a branch unused) is that same edit once more.
     """
-    pairs = {a: b for a, b in pairs.items() if ref_sites[a].live == sus_sites[b].live}
-    back = {b: a for a, b in pairs.items()}
-    mine = {(a, b) for a, b in successors(reference, ref_sites) if a in pairs and b in pairs}
-    theirs = {(back[a], back[b]) for a, b in successors(suspect, sus_sites) if a in back and b in back}
-    union = mine | theirs
+    alike = {a: b for a, b in pairs.items() if ref_sites[a].live == sus_sites[b].live}
+    back = {b: a for a, b in alike.items()}
+    ref_edges, sus_edges = successors(reference, ref_sites), successors(suspect, sus_sites)
+    mine = {(a, b) for a, b in ref_edges if a in alike and b in alike}
+    theirs = {(back[a], back[b]) for a, b in sus_edges if a in back and b in back}
+    # Sites dead in one model only, and the connections that go around them in the other's terms.
+    dead_in_suspect = {a for a, b in pairs.items() if ref_sites[a].live and not sus_sites[b].live}
+    dead_in_reference = {b for a, b in pairs.items() if sus_sites[b].live and not ref_sites[a].live}
+    around_mine = _around(ref_edges, dead_in_suspect)
+    around_theirs = {(back[a], back[b]) for a, b in _around(sus_edges, dead_in_reference) if a in back and b in back}
+    excused = ((theirs - mine) & around_mine) | ((mine - theirs) & around_theirs)
+    union = (mine | theirs) - excused
     return len(mine & theirs) / len(union) if union else 1.0
+
+
+def _around(edges: set[tuple[int, int]], bypassed: set[int]) -> set[tuple[int, int]]:
+    """Connections (a, c) from a site outside ``bypassed`` to one through a chain of ``bypassed`` sites only."""
+    if not bypassed:
+        return set()
+    after: dict[int, set[int]] = {}
+    for a, b in edges:
+        after.setdefault(a, set()).add(b)
+    found: set[tuple[int, int]] = set()
+    for start in {a for a, b in edges if a not in bypassed and b in bypassed}:
+        stack = [b for b in after[start] if b in bypassed]
+        seen = set(stack)
+        while stack:
+            for c in after.get(stack.pop(), ()):
+                if c not in bypassed:
+                    found.add((start, c))
+                elif c not in seen:
+                    seen.add(c)
+                    stack.append(c)
+    return found

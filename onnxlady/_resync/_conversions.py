@@ -132,6 +132,21 @@ def find_conversions(
             findings.append(ConversionFinding(
                 "batchnorm-folded", side, f"{count} BatchNormalization written as a per-channel 1x1 convolution"
             ))  # fmt: skip
+    # Weights computed in the graph (standardized, normalized, a BatchNorm folded by arithmetic)
+    # on one side, stored as the constants they compute on the other: a constant-folding pass.
+    computed = {"reference": 0, "suspect": 0}
+    for mine, theirs in pairs:
+        mine_weight, theirs_weight = mine.operand("weight"), theirs.operand("weight")
+        if mine_weight is None or theirs_weight is None or mine_weight.computed == theirs_weight.computed:
+            continue
+        if mine.batchnorm is not None or theirs.batchnorm is not None:  # onnxoptimizer's fold: named above
+            continue
+        computed["suspect" if mine_weight.computed else "reference"] += 1
+    for side, count in computed.items():
+        if count:
+            findings.append(ConversionFinding(
+                "constants-folded", side, f"{count} weights computed in the graph from constants stored as the values they compute"
+            ))  # fmt: skip
     # A per-channel scale after a layer (timm's layer scale) folded on one side.
     scaled = {"reference": 0, "suspect": 0}
     for mine, theirs in pairs:

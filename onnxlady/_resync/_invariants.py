@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Generator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,6 +40,10 @@ _FINER_FROM = 1 << 20
 
 #: Within :func:`sharing_scratch`: the int64 array :func:`_order_statistics` computes its buckets in.
 _SCRATCH: contextvars.ContextVar[list[np.ndarray] | None] = contextvars.ContextVar("onnxlady_scratch", default=None)
+#: Within :func:`sharing_scratch`: the thread a large weight's norms are computed in (see :func:`signature`).
+_WORKER: contextvars.ContextVar[Executor | None] = contextvars.ContextVar("onnxlady_signature_worker", default=None)
+#: From this many values, a matrix's norms are computed in that thread beside its quantiles.
+_NORMS_BESIDE_FROM = 1 << 20
 
 
 @contextmanager
@@ -47,10 +52,19 @@ def sharing_scratch() -> Generator[None, None, None]:
 
     A fresh array per weight costs its page faults (half the time of a signature of a large
     weight); the shared one, as large as the largest weight signed, is let go when the block ends.
+    A large weight's norms are computed meanwhile in a worker thread (started at the first such
+    weight, ended with the block): numpy's passes release the GIL, so on a second core the
+    norms (a third of a signature) cost no time beside the quantiles (a kernel's in pieces of
+    2 MB; a matrix's squares whole, as before).
     """
     token = _SCRATCH.set([])
     try:
-        yield
+        with ThreadPoolExecutor(1, thread_name_prefix="onnxlady-signature") as worker:
+            worker_token = _WORKER.set(worker)
+            try:
+                yield
+            finally:
+                _WORKER.reset(worker_token)
     finally:
         _SCRATCH.reset(token)
 
@@ -198,14 +212,18 @@ def signature(value: np.ndarray) -> list[np.ndarray]:
         flat = np.asarray(value, dtype=np.float64)
     if flat.size == 0:
         return []
+    matrix = flat.ndim >= 2 and flat.shape[0] > 1
+    worker = _WORKER.get() if matrix and flat.size >= _NORMS_BESIDE_FROM else None
+    # The same function on the same array: the same norms, only computed in the other thread.
+    beside: Future[tuple[np.ndarray, np.ndarray]] | None = worker.submit(_norms, flat) if worker is not None else None
     if flat.size > 1 << 22:  # quantiles of a huge tensor cost a full sort: a selection suffices
         ranks = np.linspace(0, flat.size - 1, QUANTILES).astype(np.int64)
         values = _order_statistics(flat.ravel(), ranks).astype(np.float64)
     else:
         values = _resampled(flat)
     parts = [values]
-    if flat.ndim >= 2 and flat.shape[0] > 1:
-        rows, columns = _norms(flat)
+    if matrix:
+        rows, columns = beside.result() if beside is not None else _norms(flat)
         parts += [np.sort(rows), np.sort(columns)]
     return parts
 

@@ -72,8 +72,9 @@ class StoredArrays(list[np.ndarray]):
 def final_axes(analysis: ChannelAnalysis, plan: int, match: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
     """The gathers that put plan ``plan``'s stored tensor in the order ``match`` gives (identity axes left out)."""
     axes = []
+    perms = analysis.perms_from_match(match)  # (the blocks' own orders named by their blocks)
     for axis, expr in analysis.tensors[plan].axes:
-        index = analysis.index_array(expr, match)
+        index = analysis.index_array(expr, perms)
         if not np.array_equal(index, np.arange(index.size)):
             axes.append((axis, index))
     return axes

@@ -78,7 +78,7 @@ class ConversionFinding:
 
     #: "float16", "bfloat16", "float64", "batchnorm-folded", "quantized", "opset", "renamed",
     #: "simplified", "fused", "reordered", "ort-optimized", "ort-transformer-optimized", "scale-folded",
-    #: "gelu-approximated"
+    #: "gelu-approximated", "constants-folded"
     kind: str
     model: str  # the side that has the converted form: "reference" or "suspect"
     detail: str

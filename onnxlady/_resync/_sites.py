@@ -21,7 +21,8 @@ family              canonical operands (token)
 ``conv``            weight ``[out, in / group, k...]`` and bias: Conv, FusedConv, NhwcConv
                     (its weight ``[out, k..., in / group]`` transposed); a Conv's weight and
                     bias computed from constants (onnxoptimizer's BatchNorm fold written as
-                    arithmetic in the graph) are read evaluated (``Operand.computed``)
+                    arithmetic in the graph, a weight standardized or normalized in the graph;
+                    a Gemm's weight likewise) are read evaluated (``Operand.computed``)
 ``conv-transpose``  weight ``[out, in / group, k...]`` and bias: ConvTranspose (its weight
                     ``[in, out / group, k...]`` transposed per group)
 ``scale``           a per-channel factor ``[C]``: a LayerNorm's (Skip-, Simplified-, RMS-,
@@ -617,12 +618,15 @@ def _linear(graph: ModelGraph, index: int) -> _Linear | None:
         return _Linear("conv-transpose", _grouped_transpose_weight(index, shape, group), (group,))
     if (op == "Gemm" and domain in _STANDARD) or (op == "FusedGemm" and domain == MICROSOFT):
         shape = _shape(graph, weight_name)
+        computed = shape is None and op == "Gemm"  # normalized in the graph (weight norm), like a Conv's
+        shape = computed_shape(graph, weight_name) if computed else shape
         if shape is None or len(shape) != 2 or _float_constant(graph, node.input[0]):
             return None
         alpha = float(node_attribute(node, "alpha", 1.0))
         if int(node_attribute(node, "transB", 0)):
-            return _Linear("dense", Operand("weight", index, 1, shape, shape, factor=alpha), ())
-        return _Linear("dense", Operand("weight", index, 1, shape, (shape[1], shape[0]), axes=(1, 0), factor=alpha), ())
+            return _Linear("dense", Operand("weight", index, 1, shape, shape, factor=alpha, computed=computed), ())
+        canonical = (shape[1], shape[0])
+        return _Linear("dense", Operand("weight", index, 1, shape, canonical, axes=(1, 0), factor=alpha, computed=computed), ())
     if op == "MatMul" and domain in _STANDARD:
         left, right = (_float_constant(graph, name) for name in node.input[:2])
         transposed = _transposed_weight(graph, index) if not left and not right else None

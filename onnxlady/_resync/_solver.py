@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -918,6 +918,8 @@ class ResyncState:
     #: centred rows: reused by the next solve of :meth:`run`, let go when it returns (a solve
     #: outside it allocates its own, as before).
     _centred: list[tuple[_CentredBuffer, _CentredBuffer]] | None = field(default=None, repr=False)
+    #: Outer group -> the groups of its blocks' own orders (``p (x) {q_g}``), set by :meth:`run`.
+    _block_orders: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     def blocks(self, gid: str, solved: frozenset[str]) -> _Blocks:
         """The blocks of the slices usable once the groups in ``solved`` are aligned.
@@ -1029,6 +1031,14 @@ class ResyncState:
         self.match[gid] = self.match[gid][step]
         for plan_index in self.touched[gid]:
             self._apply(plan_index, gid, step)
+        inners = self._block_orders.get(gid)
+        if inners is not None:
+            # Whole blocks moved with the orders already matched inside them: block g now holds
+            # what block step[g] held, so its order's match is that block's.
+            held = [self.match[inner] for inner in inners if inner in self.match]
+            if len(held) == len(inners):
+                for block, inner in enumerate(inners):
+                    self.match[inner] = held[int(step[block])]
         return True
 
     def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
@@ -1051,7 +1061,8 @@ class ResyncState:
             self._centred = None
 
     def _run(self, progress: Callable[[str], None] | None) -> int:
-        ids = [g.id for g in self.order]
+        self._block_orders = self.analysis.block_orders()
+        ids = _outer_first([g.id for g in self.order], self._block_orders)
         self.match = {g.id: np.arange(g.size, dtype=np.int64) for g in self.order}
         solved: set[str] = set()
         for number, gid in enumerate(ids):
@@ -1068,6 +1079,33 @@ class ResyncState:
             if not any(changed):
                 break
         return rounds
+
+
+def _outer_first(ids: list[str], block_orders: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """``ids`` with each block-moving group before its blocks' own orders (the order otherwise kept).
+
+    A block's own order is read where the source holds the block: its slices are meaningless
+    until the group moving whole blocks has put them back there.
+    """
+    owner = {inner: outer for outer, inners in block_orders.items() for inner in inners}
+    if not owner:
+        return ids
+    result: list[str] = []
+    placed: set[str] = set()
+
+    def place(gid: str, depth: int = 0) -> None:
+        if gid in placed:
+            return
+        outer = owner.get(gid)
+        if outer is not None and outer in ids_set and depth < len(ids):
+            place(outer, depth + 1)
+        placed.add(gid)
+        result.append(gid)
+
+    ids_set = set(ids)
+    for gid in ids:
+        place(gid)
+    return result
 
 
 def say(progress: Callable[[str], None] | None, message: str) -> None:

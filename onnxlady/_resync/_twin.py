@@ -173,6 +173,7 @@ def _write_output(
     overrides: dict[str, bytes | memoryview | Callable[[], np.ndarray]] = {}
     fingerprint = graph_fingerprint(suspect)
     group_ids = {g.root: g.id for g in state.order}
+    aligned = analysis.perms_from_match(state.match)
     digest = SourceDigest()  # what unpermute_model checks its result against
     moved = _MovedTensors(digest)
     entries = []
@@ -180,14 +181,14 @@ def _write_output(
         plan = analysis.tensors[plans[0]]
         after: bytes | memoryview
         if deferred and output is None:
-            axes = [(axis, analysis.index_array(expr, state.match)) for axis, expr in plan.axes]
+            axes = [(axis, analysis.index_array(expr, aligned)) for axis, expr in plan.axes]
             _check_shared(holders[name], axes, [analysis.tensors[p] for p in plans[1:]], state)
             # Hashed when first computed (by the writer or the audit), not computed once more here.
             overrides[name] = moved.later(name, holders[name], axes, hashed=digest.expect(name))
         elif name in fresh:
             after = fresh[name].data.cast("B")  # hashed as it is: no bytes copy
         else:
-            axes = [(axis, analysis.index_array(expr, state.match)) for axis, expr in plan.axes]
+            axes = [(axis, analysis.index_array(expr, aligned)) for axis, expr in plan.axes]
             _check_shared(output_holders[name], axes, [analysis.tensors[p] for p in plans[1:]], state)
             # Permuted in the copy when there is one; else into new bytes, the suspect untouched.
             after = _permute_tensor(output_holders[name], axes)[1] if output is not None else _moved_bytes(holders[name], axes)
@@ -232,7 +233,7 @@ class _MovedTensors:
 
     def __init__(self, digest: SourceDigest) -> None:
         self._digest = digest
-        self.pending: dict[str, Callable[[], np.ndarray]] = {}  # tensors still to hash, by name
+        self.pending: dict[str, Callable[[], object]] = {}  # tensors still to hash, by name
 
     def later(
         self, name: str, tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], *, hashed: bool
@@ -397,7 +398,7 @@ def _check_shared(
         return
     wanted = _moved_copy(tensor, axes)
     for plan in others:
-        other_axes = [(axis, state.analysis.index_array(expr, state.match)) for axis, expr in plan.axes]
+        other_axes = [(axis, state.analysis.index_array(expr, state.analysis.perms_from_match(state.match))) for axis, expr in plan.axes]
         if _moved_copy(tensor, other_axes) != wanted:
             raise OnnxladyError(
                 f"suspect tensor '{tensor.name}' is shared by uses that were matched with different "

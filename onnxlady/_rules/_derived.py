@@ -52,6 +52,13 @@ _UNARY = frozenset({
 })  # fmt: skip
 #: Broadcasting element-wise operators.
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"})
+#: Reductions: equivariant along the axes they keep, unchanged by any permutation of those they reduce.
+_REDUCE = frozenset({
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+    "ReduceProd", "ReduceSum", "ReduceSumSquare",
+})  # fmt: skip
+#: The opset from which each reduction takes its axes as an input rather than an attribute.
+_AXES_INPUT_SINCE = 18
 #: Longest walk (operators) from the tensor asked about back to its constants.
 _MAX_STEPS = 256
 
@@ -184,6 +191,8 @@ def _sources(graph: ModelGraph, index: int, axis: int) -> list[tuple[int, int]] 
         return _broadcast(graph, node, [0], axis, len(out_shape))
     if op in _BINARY:
         return _broadcast(graph, node, [slot for slot, name in enumerate(node.input) if name], axis, len(out_shape))
+    if op in _REDUCE:
+        return _reduced(graph, node, axis)
     if op == "Gather":
         if graph.constant_value(node.input[1]) is None:
             return None
@@ -196,6 +205,75 @@ def _sources(graph: ModelGraph, index: int, axis: int) -> list[tuple[int, int]] 
             return [(0, axis - index_rank + 1)]
         return None
     return None
+
+
+def _reduction_axes(graph: ModelGraph, node: onnx.NodeProto, rank: int) -> set[int] | None:
+    """The axes a reduction of a rank-``rank`` input reduces (None where unknown, or it reduces none)."""
+    opset = graph.opsets.get("", graph.opsets.get("ai.onnx", 1))
+    if (node.op_type == "ReduceSum" and opset >= 13) or opset >= _AXES_INPUT_SINCE:
+        given = graph.constant_value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        if len(node.input) > 1 and node.input[1] and given is None:
+            return None
+        axes = [] if given is None else [int(a) for a in given.reshape(-1)]
+        if not axes and int(node_attribute(node, "noop_with_empty_axes", 0)):
+            return None  # the identity: not read as a reduction
+    else:
+        attribute = node_attribute(node, "axes")
+        axes = [int(a) for a in attribute] if attribute is not None else []
+    if any(not -rank <= a < rank for a in axes):
+        return None
+    return {a % rank for a in axes} if axes else set(range(rank))
+
+
+def _reduced(graph: ModelGraph, node: onnx.NodeProto, axis: int) -> list[tuple[int, int]] | None:
+    """The input axis that output ``axis`` of a reduction reads.
+
+    A kept axis is read position for position. A reduced axis kept as size 1 (``keepdims``) is
+    the same whatever permutation its input takes along it (a sum, a norm, a maximum of the
+    same values): the input may take the walked permutation there, so that every use of a
+    constant a weight is normalized by (weight norm's ``v / ReduceL2(v)``) moves alike and
+    none is left in its stored order.
+    """
+    in_shape = graph.shape(node.input[0]) if node.input else None
+    if in_shape is None:
+        return None
+    reduced = _reduction_axes(graph, node, len(in_shape))
+    if reduced is None:
+        return None
+    if int(node_attribute(node, "keepdims", 1)):
+        return [(0, axis)] if axis < len(in_shape) else None
+    kept = [a for a in range(len(in_shape)) if a not in reduced]
+    return [(0, kept[axis])] if axis < len(kept) else None
+
+
+def reduced_along(graph: ModelGraph, name: str, axis: int) -> bool:
+    """Whether computed ``name`` is a reduction over ``axis`` kept as size 1 (through element-wise operators of one input)."""
+    produced = graph.producer.get(name)
+    while produced is not None and 0 <= produced[0] < graph.main_count:
+        node = graph.nodes[produced[0]]
+        if node.domain not in ("", "ai.onnx") or not node.input:
+            return False
+        if node.op_type in _REDUCE:
+            shape = graph.shape(node.input[0])
+            reduced = _reduction_axes(graph, node, len(shape)) if shape is not None else None
+            return reduced is not None and axis in reduced and bool(int(node_attribute(node, "keepdims", 1)))
+        if node.op_type not in _UNARY:
+            return False
+        produced = graph.producer.get(node.input[0])
+    return False
+
+
+def _walks_reduced(graph: ModelGraph, node: onnx.NodeProto, slot: int, axis: int) -> bool:
+    """Whether input ``slot`` of ``node``, broadcast along ``axis``, is a reduction over it whose constants a walk reaches.
+
+    Optional: where no walk reaches them the input is left out as any broadcast one is (it is
+    the same for every position), so a walk that went through before still does.
+    """
+    name = node.input[slot]
+    if not graph.constant_derived(name) or not reduced_along(graph, name, axis):
+        return False
+    produced = graph.producer.get(node.output[0])
+    return produced is not None and derived_uses(graph, name, axis, produced[0], slot) is not None
 
 
 def _squeezed(graph: ModelGraph, node: onnx.NodeProto, axis: int, out_rank: int) -> list[tuple[int, int]] | None:
@@ -345,6 +423,11 @@ def _broadcast(graph: ModelGraph, node: onnx.NodeProto, slots: list[int], axis: 
         if shape is None:
             return None
         source = axis - (out_rank - len(shape))
+        if source >= 0 and shape[source] == 1 and out_dim != 1 and _walks_reduced(graph, node, slot, source):
+            # A norm over the axis (weight norm's ReduceL2(v)) broadcast back: the constants it
+            # reduces take the permutation too, which leaves it unchanged (see _reduced).
+            found.append((slot, source))
+            continue
         if source < 0 or shape[source] == 1:
             continue
         if shape[source] != out_dim:

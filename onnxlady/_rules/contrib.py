@@ -30,7 +30,7 @@ import math
 
 import onnx
 
-from onnxlady._graph._expr import Expr, direct_sum, product
+from onnxlady._graph._expr import Expr, direct_sum, grouped, product
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 from onnxlady._rules.elementwise import BroadcastRule, UnaryRule
@@ -553,6 +553,16 @@ class MultiHeadAttentionRule(OpRule):
         return math.prod(sizes)
 
 
+def _query_heads(ctx: RuleContext, kv: Expr, group: int) -> Expr:
+    """The query heads ``kv (x) {g_k}``: KV head ``k``'s group of ``group`` query heads in its own order.
+
+    Query head ``k * group + g`` reads KV head ``k`` only, so the heads of one group may be
+    re-ordered among themselves independently of the other groups' (the groups move whole with
+    their KV heads).
+    """
+    return grouped(kv, [ctx.new_group(group) for _ in range(kv.size)])
+
+
 @register
 class GroupQueryAttentionRule(OpRule):
     """GroupQueryAttention: ``num_heads`` query heads over ``kv_num_heads`` key/value heads.
@@ -560,7 +570,7 @@ class GroupQueryAttentionRule(OpRule):
     Query head ``h`` reads KV head ``h // G`` (``G = num_heads / kv_num_heads``), so query head
     ``k * G + g`` is member ``g`` of KV head ``k``'s group. Allowed, exactly: a permutation of the
     KV heads, moving each KV head's K, V and its whole group of query heads together; a
-    permutation of the query heads inside the groups (the same for every group here); one
+    permutation of the query heads inside each group (its own for every group: :func:`_query_heads`); one
     permutation of the Q/K dims inside a head (shared by Q and K) and another of the V dims
     (shared with the output). Layouts: Q ``kv (x) group (x) qk``, K ``kv (x) qk``, V
     ``kv (x) v``, output ``kv (x) group (x) v``; packed QKV is their block sum. With
@@ -590,7 +600,7 @@ class GroupQueryAttentionRule(OpRule):
         if head_size is None:
             raise RuleDoesNotApply("unknown-shape", "the head size is unknown")
         kv = ctx.new_group(kv_heads)
-        group = ctx.new_group(heads // kv_heads)
+        query_heads = _query_heads(ctx, kv, heads // kv_heads)
         if _int(ctx, "do_rotary"):
             if not ctx.input(7) or not ctx.input(8):
                 raise RuleDoesNotApply("index-map", "do_rotary without cos/sin caches")
@@ -598,7 +608,6 @@ class GroupQueryAttentionRule(OpRule):
         else:
             qk = ctx.new_group(head_size)
         v = ctx.new_group(head_size)
-        query_heads = product(kv, group)
         q_layout, k_layout, v_layout = product(query_heads, qk), product(kv, qk), product(kv, v)
         if packed:
             ctx.unify(ctx.take(0, 2, head_size * (heads + 2 * kv_heads)), direct_sum([q_layout, k_layout, v_layout]))
@@ -624,7 +633,7 @@ class OnnxAttentionRule(OpRule):
     Q ``[B, Hq, S, D]``, K ``[B, Hkv, L, D]``, V ``[B, Hkv, L, Dv]`` (or all three ``[B, S, heads * size]``
     with ``q_num_heads`` / ``kv_num_heads``): query head ``h`` reads KV head ``h // (Hq / Hkv)``, as in
     GroupQueryAttention, so the same permutations hold: the KV heads with their groups of query
-    heads, the query heads inside a group (one permutation for all groups), one permutation of the
+    heads, the query heads inside each group (its own order per group), one permutation of the
     Q/K dims shared by Q and K, another of the V dims shared with the output. The mask broadcasts
     to ``[B, Hq, S, T]`` from the right: an axis of it that meets the query heads follows them. Past
     and present key/value ``[B, Hkv, P, H]`` follow the KV heads and their dims; the optional
@@ -653,7 +662,7 @@ class OnnxAttentionRule(OpRule):
         if heads % kv_heads:
             raise RuleDoesNotApply("index-map", f"{heads} query heads do not group over {kv_heads} KV heads")
         kv = ctx.new_group(kv_heads)
-        query_heads = product(kv, ctx.new_group(heads // kv_heads))
+        query_heads = _query_heads(ctx, kv, heads // kv_heads)
         qk, v = ctx.new_group(head_size), ctx.new_group(v_head_size)
         if rank == 4:
             for slot, slot_heads, inner in ((0, query_heads, qk), (1, kv, qk), (2, kv, v)):

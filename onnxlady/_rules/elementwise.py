@@ -8,9 +8,9 @@ inputs of size 1 there are broadcast and unaffected.
 
 from __future__ import annotations
 
-from onnxlady._graph._expr import Expr
+from onnxlady._graph._expr import Expr, Fixed
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
-from onnxlady._rules._derived import derived_uses
+from onnxlady._rules._derived import derived_uses, reduced_along
 from onnxlady._rules._registry import OpRule, register
 
 
@@ -94,6 +94,7 @@ class BroadcastRule(OpRule):
         tracked: list[Expr] = []
         constants: list[tuple[int, int]] = []
         computed: list[tuple[int, int]] = []
+        reduced: list[tuple[int, int]] = []  # constants reduced over this axis, broadcast back
         uncertain: list[str] = []  # computed operands that may or may not broadcast here
         for slot in slots:
             operand = operands[slot]
@@ -110,6 +111,8 @@ class BroadcastRule(OpRule):
                 continue
             dim = operand.shape[axis]  # type: ignore[index]  # (known: its rank is)
             if dim == 1:
+                if not operand.const and ctx.graph.constant_derived(operand.name) and reduced_along(ctx.graph, operand.name, axis):
+                    reduced.append((slot, axis))
                 continue  # broadcast along this axis: unaffected by its permutation
             if operand.const:
                 constants.append((slot, axis))
@@ -140,6 +143,7 @@ class BroadcastRule(OpRule):
                     ctx.unify(group, ctx.take(slot, axis, size))
                 for slot, axis in constants:
                     ctx.bind(slot, axis, group, f"{ctx.op_type.lower()} operand")
+                _reduced_alike(ctx, reduced, group)
                 ctx.emit(0, out_axis, group)
             return
         expr = tracked[0]
@@ -152,7 +156,22 @@ class BroadcastRule(OpRule):
             ctx.freeze(expr, "unknown-shape", f"cannot tell whether {names} broadcasts on output axis {out_axis}")
         for slot, axis in constants:
             ctx.bind(slot, axis, expr, f"{ctx.op_type.lower()} operand")
+        _reduced_alike(ctx, reduced, expr)
         ctx.emit(0, out_axis, expr)
+
+
+def _reduced_alike(ctx: RuleContext, reduced: list[tuple[int, int]], expr: Expr) -> None:
+    """Move the constants a broadcast operand reduces over the axis (weight norm's ``v`` in ``v / ReduceL2(v)``) with it.
+
+    The reduction is the same whatever their order along the axis, so the operand stays
+    unchanged; their use there then takes the permutation the other uses of the same constant
+    take, and no copy of it is left in its stored order. Where the walk cannot reach them it
+    stays as it is (the operand is broadcast: nothing it computes moves).
+    """
+    for slot, axis in reduced:
+        taken = ctx.take(slot, axis, expr.size)
+        if not isinstance(taken, Fixed):
+            ctx.unify(expr, taken)
 
 
 def _follows_constants(ctx: RuleContext, name: str, slot: int, axis: int) -> bool:

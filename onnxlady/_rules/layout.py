@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from onnxlady._graph._expr import Atom, Expr, Fixed, product
+from onnxlady._graph._expr import Atom, Expr, Fixed, Grouped, grouped, leading, product
 from onnxlady._graph._model_graph import Shape
 from onnxlady._graph._uniform import agreeing_ends, common_digits
 from onnxlady._rules._context import JointSpace, RuleContext, RuleDoesNotApply
@@ -297,6 +297,8 @@ class ReshapeRule(OpRule):
             return
         digits, unaligned = _align(in_shape, out_shape)
         for space in joints:
+            if not spaces and _ungroup(ctx, space, digits):
+                continue
             if not _move_joint(ctx, space, digits, unaligned):
                 spaces.update(ctx.materialize(space))  # the digits one by one, as below
         pieces: dict[int, Expr] = {}
@@ -322,6 +324,8 @@ class ReshapeRule(OpRule):
                 # Each digit has an output axis to itself: keep the permutation whole.
                 ctx.emit_joint(0, JointSpace(tuple(targets), sizes, expr))
                 continue
+            if len(spaces) == 1 and _group_rows(ctx, expr, mine, digits):
+                continue
             # The axis is split across output axes: one permutation per digit.
             split = [ctx.new_group(int(digits[k].size)) for k in mine]  # type: ignore[arg-type]
             ctx.unify(expr, _chain(list(split)))
@@ -330,7 +334,15 @@ class ReshapeRule(OpRule):
         for target in sorted({digits[k].target for k in pieces}):
             owned = [k for k, digit in enumerate(digits) if digit.target == target]
             first = min(k for k in owned if k in pieces)
-            parts = [pieces[k] if k in pieces else _still_digit(ctx, digits[k], k < first) for k in owned]
+            parts: list[Expr] = []
+            for k in owned:
+                part = pieces[k] if k in pieces else _still_digit(ctx, digits[k], k < first)
+                if k > first and k not in pieces and isinstance(part, Atom) and parts:
+                    # Copies (repeat_kv) behind a digit: each of its positions holds its own copies,
+                    # which may take their own order (the query heads of one key/value head).
+                    ahead = parts.pop()
+                    part = grouped(ahead, [part, *(ctx.new_group(part.size) for _ in range(ahead.size - 1))])
+                parts.append(part)
             _emit_moving(ctx, target, _chain(parts))
 
 
@@ -460,6 +472,71 @@ def _move_joint(ctx: RuleContext, space: JointSpace, digits: list[_Digit], unali
     if merged is None:
         return False
     _emit_moving(ctx, target, merged)
+    return True
+
+
+def _group_rows(ctx: RuleContext, expr: Expr, mine: list[int], digits: list[_Digit]) -> bool:
+    """A legacy GroupNorm's ``[N, C, H, W] -> [N, G, k * H * W]`` before its InstanceNormalization: per-group orders.
+
+    The channels split into ``G`` rows of ``k``, each row merged with the positions behind it;
+    the InstanceNormalization reading it (its only reader) normalises each row over itself, so
+    each row may keep its own order: axes 1 and 2 leave as one joint space ``p (x) {q_g (x) I}``,
+    and the channels take ``p (x) {q_g}``. Anything else is split digit by digit (False).
+    """
+    if len(mine) != 2 or ctx.rank_out(0) != 3:
+        return False
+    rows, row = digits[mine[0]], digits[mine[1]]
+    owned = [k for k, digit in enumerate(digits) if digit.target == row.target]
+    if (rows.target, row.target) != (1, 2) or owned[0] != mine[1] or rows.size is None or row.size is None:
+        return False
+    if sum(1 for digit in digits if digit.target == 1) != 1 or any(digits[k].size is None for k in owned):
+        return False
+    readers = ctx.graph.consumers.get(ctx.output(0), [])
+    if len(readers) != 1 or ctx.output(0) in ctx.graph.graph_outputs:
+        return False
+    reader = ctx.graph.nodes[readers[0][0]]
+    if reader.op_type != "InstanceNormalization" or reader.domain not in ("", "ai.onnx") or readers[0][1] != 0:
+        return False
+    behind = math.prod([digits[k].size or 1 for k in owned[1:]])  # (every size known: checked above)
+    outer = ctx.new_group(int(rows.size))
+    inners: list[Expr] = [ctx.new_group(int(row.size)) for _ in range(int(rows.size))]
+    ctx.unify(expr, grouped(outer, inners))
+    resolved = ctx.solver.resolve(grouped(outer, inners))
+    if not isinstance(resolved, Grouped):
+        ctx.unify(resolved, product(outer, inners[0]))  # (tied elsewhere: the digits as before)
+        _emit_moving(ctx, 1, _settled(ctx, outer))
+        _emit_moving(ctx, 2, product(_settled(ctx, inners[0]), _fixed_digit(ctx, behind, False)))
+        return True
+    rest = _fixed_digit(ctx, behind, False)
+    joint = grouped(resolved.outer, [product(inner, rest) for inner in resolved.inners])
+    ctx.emit_joint(0, JointSpace((1, 2), (resolved.outer.size, joint.size // resolved.outer.size), joint))
+    return True
+
+
+def _ungroup(ctx: RuleContext, space: JointSpace, digits: list[_Digit]) -> bool:
+    """The Reshape after a legacy GroupNorm's InstanceNormalization: ``p (x) {q_g (x) I}`` back to the channels.
+
+    Axis 1 (``G`` rows) and the first digit of axis 2 (``k``) make output axis 1 and nothing else;
+    the rest of axis 2 lands elsewhere in place. The channels take ``p (x) {q_g}``. Anything else
+    is read as every joint space is (False).
+    """
+    expr = ctx.solver.resolve(space.expr)
+    if not isinstance(expr, Grouped) or len(space.axes) != 2 or expr.outer.size != space.sizes[0]:
+        return False
+    first, second = space.axes
+    rows = [k for k, digit in enumerate(digits) if digit.source == first]
+    row = [k for k, digit in enumerate(digits) if digit.source == second]
+    if len(rows) != 1 or not row or digits[rows[0]].size != space.sizes[0]:
+        return False
+    target = digits[rows[0]].target
+    owned = [k for k, digit in enumerate(digits) if digit.target == target]
+    width = digits[row[0]].size
+    if owned != [rows[0], row[0]] or width is None or any(digits[k].target == target for k in row[1:]):
+        return False
+    inners = [leading(inner, int(width)) for inner in expr.inners]
+    if any(inner is None for inner in inners):
+        return False
+    _emit_moving(ctx, target, grouped(expr.outer, [inner for inner in inners if inner is not None]))
     return True
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from onnxlady._graph._expr import Expr
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 
@@ -10,10 +11,17 @@ from onnxlady._rules._registry import OpRule, register
 class BatchNormRule(OpRule):
     """BatchNormalization: scale, B, mean, var follow axis 1; other axes pass through."""
 
-    op_types = ("BatchNormalization", "InstanceNormalization")
+    op_types = ("BatchNormalization",)
 
     def propagate(self, ctx: RuleContext) -> None:
-        spaces = ctx.take_all(0)
+        self.channels(ctx, ctx.take_all(0))
+
+    @staticmethod
+    def channels(ctx: RuleContext, spaces: dict[int, Expr]) -> None:
+        """Pass ``spaces`` (input 0's, taken) through; the parameters follow axis 1.
+
+        Shared with InstanceNormalization (:mod:`onnxlady._rules.normalization_groups`).
+        """
         for axis, expr in spaces.items():
             ctx.emit(0, axis, expr)  # element-wise on every axis but the statistics' one
         if 1 not in spaces:

@@ -111,12 +111,19 @@ class GemmRule(OpRule):
 
     def propagate(self, ctx: RuleContext) -> None:
         trans_a, trans_b = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
-        weight_shape = ctx.const_shape(1)
+        bind = _direct_binder(ctx, 1)
+        derived = None if ctx.is_const(1) else _derived_matrix(ctx, 1)
+        if derived is not None and not ctx.graph.constant_derived(ctx.input(0)):
+            # A weight computed from constants (weight norm's g * v / ReduceL2(v)): bound
+            # through the constants it is made of, frozen where they cannot follow.
+            weight_shape, bind = derived, _derived_binder(ctx, 1)
+        else:
+            weight_shape = ctx.const_shape(1)
         k_axis, n_axis = (1, 0) if trans_b else (0, 1)
         features = ctx.take(0, 0 if trans_a else 1, weight_shape[k_axis])
-        ctx.bind(1, k_axis, features, "gemm weight (input features)")
+        bind(k_axis, features, "gemm weight (input features)")
         outputs = ctx.new_group(weight_shape[n_axis])
-        ctx.bind(1, n_axis, outputs, "gemm weight")
+        bind(n_axis, outputs, "gemm weight")
         if ctx.input(2):
             bias_shape = ctx.shape_in(2) or ()
             if len(bias_shape) >= 1 and bias_shape[-1] == outputs.size:

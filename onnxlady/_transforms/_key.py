@@ -2,8 +2,11 @@
 
 A key is JSON. Per group: id, size, members (for people) and the permutation ``perm`` with
 ``new[i] = old[perm[i]]``. Per permuted tensor: each axis's permutation as an expression over
-group ids (a block sum, a Kronecker product, an interleave, a transposed map, a group, or the identity), so
-undoing needs no re-analysis. Untied constants list the copies made and the inputs rewired to them. The key
+group ids (a block sum, a Kronecker product, an interleave, a transposed map, a group, or the identity;
+since version 2 also a product whose blocks each keep their own order, ``grouped``), so
+undoing needs no re-analysis. A key is written as version 1 unless it holds a ``grouped`` map
+(GroupNorm's per-group channel orders): keys without one stay readable by older releases, which
+refuse a version-2 key by its version. Untied constants list the copies made and the inputs rewired to them. The key
 names the source model (file sha256 and graph fingerprint) and the permuted one, so a key made
 for another model is refused.
 """
@@ -20,12 +23,14 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._graph._expr import Atom, DirectSum, Expr, Fixed, Interleave, Transposed
+from onnxlady._graph._expr import Atom, DirectSum, Expr, Fixed, Grouped, Interleave, Transposed
 from onnxlady._io._inputs import load_json
 from onnxlady._io._tensors import tensor_holders
 
 KEY_FORMAT = "onnxlady-permutation-key"
-KEY_VERSION = 1
+KEY_VERSION = 2
+#: The versions read: 1 (no ``grouped`` map) and 2.
+KEY_VERSIONS = (1, 2)
 
 ExprTree = dict[str, Any]
 
@@ -66,7 +71,7 @@ class PermutationKey:
         """
         return {
             "format": KEY_FORMAT,
-            "version": KEY_VERSION,
+            "version": KEY_VERSION if _holds_grouped([self.tensors, self.extra]) else 1,
             "source": {
                 "file": self.source_file,
                 "sha256": self.source_sha256,
@@ -92,7 +97,7 @@ class PermutationKey:
 
         Checked: the format and version; hex digests; each group once, with a size in
         [1, 2**31) and a permutation of that size; each tensor once, each axis once, an axis
-        in [0, 64) and an index map whose nodes are the five known kinds, nested at most
+        in [0, 64) and an index map whose nodes are the known kinds, nested at most
         32 deep, naming only the key's groups, with non-negative bounded integer sizes;
         untied records naming their copies once. Sizes against a model are checked by
         :func:`check_key_fits`.
@@ -109,11 +114,12 @@ class PermutationKey:
         """
         if not isinstance(data, Mapping) or data.get("format") != KEY_FORMAT:
             raise OnnxladyError(f"{origin}: not an onnxlady permutation key")
-        if data.get("version") != KEY_VERSION or isinstance(data.get("version"), bool):
+        version = data.get("version")
+        if version not in KEY_VERSIONS or isinstance(version, bool):
             raise OnnxladyError(
-                f"{origin}: key version {data.get('version')} is not supported (expected {KEY_VERSION})"
+                f"{origin}: key version {version} is not supported (expected {' or '.join(map(str, KEY_VERSIONS))})"
             )
-        schema = _Schema(origin)
+        schema = _Schema(origin, int(version))
         source = schema.mapping(data.get("source"), "'source'")
         permuted = schema.mapping(data.get("permuted"), "'permuted'")
         groups = [
@@ -162,7 +168,7 @@ MAX_KEY_RANK = 64
 #: Deepest index-map expression accepted (real ones nest a handful of levels).
 MAX_TREE_DEPTH = 32
 _HEX = frozenset("0123456789abcdef")
-_TREE_KINDS = ("group", "identity", "sum", "product", "interleave", "transposed")
+_TREE_KINDS = ("group", "identity", "sum", "product", "interleave", "transposed", "grouped")
 
 
 def _first_repeat(values: list[str]) -> str:
@@ -177,8 +183,9 @@ def _first_repeat(values: list[str]) -> str:
 class _Schema:
     """The key schema's checks, each raising one line that names the key file and the field."""
 
-    def __init__(self, origin: str) -> None:
+    def __init__(self, origin: str, version: int = KEY_VERSION) -> None:
         self.origin = origin
+        self.version = version
 
     def fail(self, message: str) -> OnnxladyError:
         return OnnxladyError(f"{self.origin}: malformed key ({message})")
@@ -254,7 +261,7 @@ class _Schema:
         return entry
 
     def tree(self, tree: Any, known: set[str], depth: int) -> None:
-        """An index map: one of the six node kinds, known groups, bounded sizes and depth."""
+        """An index map: one of the known node kinds, known groups, bounded sizes and depth."""
         if depth > MAX_TREE_DEPTH:
             raise self.fail(f"an index map is nested more than {MAX_TREE_DEPTH} levels deep")
         if not isinstance(tree, Mapping) or len(tree) != 1:
@@ -273,6 +280,15 @@ class _Schema:
             ):
                 raise OnnxladyError(f"{self.origin}: malformed index map {_shown(tree)}")
             for part in value:
+                self.tree(part, known, depth + 1)
+        elif kind == "grouped" and self.version >= 2:
+            # Blocks moved by "of", each block of the source in its own order: {"of": tree, "blocks": [trees]}.
+            if not isinstance(value, Mapping) or set(value) != {"of", "blocks"} or not isinstance(value["blocks"], list):
+                raise OnnxladyError(f"{self.origin}: malformed index map {_shown(tree)}")
+            if not value["blocks"]:
+                raise OnnxladyError(f"{self.origin}: malformed index map {_shown(tree)}")
+            self.tree(value["of"], known, depth + 1)
+            for part in value["blocks"]:
                 self.tree(part, known, depth + 1)
         elif kind == "transposed":
             # A channel shuffle's index map: {"rows": R, "cols": C, "of": tree of R * C positions}.
@@ -396,6 +412,13 @@ def _fitted_size(tree: ExprTree, sizes: Mapping[str, int], limit: int) -> int:
         size = _fitted_size(spec["of"], sizes, limit)
         if size != int(spec["rows"]) * int(spec["cols"]):
             raise _TooLong
+    elif "grouped" in tree:
+        spec = tree["grouped"]
+        blocks = _fitted_size(spec["of"], sizes, limit)
+        inner = {_fitted_size(part, sizes, limit) for part in spec["blocks"]}
+        if blocks != len(spec["blocks"]) or len(inner) != 1:
+            raise _TooLong  # (not a fit: refused like one)
+        size = blocks * inner.pop()
     else:
         outer, inner = tree["product"]
         size = _fitted_size(outer, sizes, limit) * _fitted_size(inner, sizes, limit)
@@ -417,6 +440,13 @@ def expr_to_tree(expr: Expr, group_ids: Mapping[int, str], find: Any) -> ExprTre
         return {"interleave": [expr_to_tree(part, group_ids, find) for part in expr.parts]}
     if isinstance(expr, Transposed):
         return {"transposed": {"rows": expr.rows, "cols": expr.cols, "of": expr_to_tree(expr.inner, group_ids, find)}}
+    if isinstance(expr, Grouped):
+        return {
+            "grouped": {
+                "of": expr_to_tree(expr.outer, group_ids, find),
+                "blocks": [expr_to_tree(inner, group_ids, find) for inner in expr.inners],
+            }
+        }
     return {"product": [expr_to_tree(expr.outer, group_ids, find), expr_to_tree(expr.inner, group_ids, find)]}
 
 
@@ -431,6 +461,8 @@ def tree_size(tree: ExprTree, sizes: Mapping[str, int]) -> int:
         return sum(tree_size(part, sizes) for part in tree["interleave"])
     if "transposed" in tree:
         return tree_size(tree["transposed"]["of"], sizes)
+    if "grouped" in tree:
+        return tree_size(tree["grouped"]["of"], sizes) * tree_size(tree["grouped"]["blocks"][0], sizes)
     outer, inner = tree["product"]
     return tree_size(outer, sizes) * tree_size(inner, sizes)
 
@@ -474,37 +506,58 @@ def evaluate_tree(tree: ExprTree, perms: Mapping[str, np.ndarray], sizes: Mappin
         )
         back = (np.arange(rows, dtype=np.int64)[None, :] * cols + np.arange(cols, dtype=np.int64)[:, None]).reshape(-1)
         return back[inner_index[forward]]
+    if "grouped" in tree:
+        # Block o holds block blocks[o] of the source, in that block's own order.
+        spec = tree["grouped"]
+        blocks = evaluate_tree(spec["of"], perms, sizes)
+        orders = [evaluate_tree(part, perms, sizes) for part in spec["blocks"]]
+        if len(orders) != blocks.size or len({order.size for order in orders}) != 1:
+            raise OnnxladyError(f"a grouped map of {blocks.size} blocks lists {len(orders)} orders of unequal sizes")
+        stacked = np.stack(orders)
+        return (blocks[:, None] * stacked.shape[1] + stacked[blocks]).reshape(-1)
     outer = evaluate_tree(tree["product"][0], perms, sizes)
     inner = evaluate_tree(tree["product"][1], perms, sizes)
     return (outer[:, None] * inner.size + inner[None, :]).reshape(-1)
 
 
+def _holds_grouped(value: Any) -> bool:
+    """Whether a key's records hold a ``grouped`` index map anywhere (the key is then version 2)."""
+    if isinstance(value, Mapping):
+        return "grouped" in value or any(_holds_grouped(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_holds_grouped(item) for item in value)
+    return False
+
+
 def graph_fingerprint(model: onnx.ModelProto) -> str:
     """sha256 of a graph's structure (operators, wiring, attributes, tensor shapes), not its weights."""
-    digest = hashlib.sha256()
-    for opset in sorted((op.domain, op.version) for op in model.opset_import):
-        digest.update(f"opset:{opset}\n".encode())
-    _fingerprint_graph(model.graph, digest)
-    return digest.hexdigest()
+    lines: list[bytes] = [f"opset:{opset}\n".encode() for opset in sorted((op.domain, op.version) for op in model.opset_import)]
+    _fingerprint_graph(model.graph, lines)
+    # One hash of the joined lines (as hashing them one by one would give): no call per line.
+    return hashlib.sha256(b"".join(lines)).hexdigest()
 
 
-def _fingerprint_graph(graph: onnx.GraphProto, digest: Any) -> None:
+def _fingerprint_graph(graph: onnx.GraphProto, lines: list[bytes]) -> None:
+    """Append the fingerprint's lines of ``graph`` (and its subgraphs, depth first) to ``lines``."""
+    add = lines.append
     for value in graph.input:
-        digest.update(f"in:{value.name}\n".encode())
+        add(f"in:{value.name}\n".encode())
     for value in graph.output:
-        digest.update(f"out:{value.name}\n".encode())
+        add(f"out:{value.name}\n".encode())
     for tensor in graph.initializer:
-        digest.update(f"init:{tensor.name}:{tensor.data_type}:{list(tensor.dims)}\n".encode())
+        add(f"init:{tensor.name}:{tensor.data_type}:{list(tensor.dims)}\n".encode())
+    tensor_type, graph_type, graphs_type = onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS
     for node in graph.node:
-        digest.update(f"node:{node.domain}:{node.op_type}:{list(node.input)}:{list(node.output)}\n".encode())
+        add(f"node:{node.domain}:{node.op_type}:{list(node.input)}:{list(node.output)}\n".encode())
         for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                digest.update(f"attr:{attribute.name}:{attribute.t.data_type}:{list(attribute.t.dims)}\n".encode())
-            elif attribute.type == onnx.AttributeProto.GRAPH:
-                digest.update(f"attr:{attribute.name}:graph\n".encode())
-                _fingerprint_graph(attribute.g, digest)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
+            kind = attribute.type
+            if kind == tensor_type:
+                add(f"attr:{attribute.name}:{attribute.t.data_type}:{list(attribute.t.dims)}\n".encode())
+            elif kind == graph_type:
+                add(f"attr:{attribute.name}:graph\n".encode())
+                _fingerprint_graph(attribute.g, lines)
+            elif kind == graphs_type:
                 for subgraph in attribute.graphs:
-                    _fingerprint_graph(subgraph, digest)
+                    _fingerprint_graph(subgraph, lines)
             else:
-                digest.update(b"attr:" + attribute.SerializeToString() + b"\n")
+                add(b"attr:" + attribute.SerializeToString() + b"\n")

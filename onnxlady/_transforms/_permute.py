@@ -10,6 +10,8 @@ field, so no value is ever converted.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,7 @@ import onnx
 from numpy.random import default_rng  # with the module: numpy loads it lazily, on a command's first draw
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._io._collector import collector_paused
 from onnxlady._io._external import is_mapped, mapped_bytes
 from onnxlady._io._progress import advance
 from onnxlady._io._tensors import require_loaded
@@ -79,6 +82,10 @@ def draw_permutations(
     return perms
 
 
+#: Tensors below this many bytes are hashed in the thread that hands them over.
+_HASH_INLINE_BYTES = 1 << 18
+
+
 class SourceDigest:
     """sha256 of the permuted tensors as they were before permutation, in plan order.
 
@@ -89,18 +96,29 @@ class SourceDigest:
 
     def __init__(self) -> None:
         self._order: list[str] = []
+        self._expected: set[str] = set()  # beside the list: a membership test per tensor stays O(1)
         self._digests: dict[str, bytes] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1)  # hashlib releases the GIL: runs beside numpy
+        self._pool = ThreadPoolExecutor(max_workers=1)  # its thread starts with the first large tensor
         self._pending: dict[str, Future[bytes]] = {}
 
     def expect(self, source: str) -> bool:
         """Register ``source``; True the first time (that tensor's bytes must then be hashed)."""
-        if source in self._digests or source in self._pending or source in self._order:
+        if source in self._expected or source in self._digests or source in self._pending:
             return False
+        self._expected.add(source)
         self._order.append(source)
         return True
 
     def add(self, source: str, data: bytes | memoryview) -> None:
+        """Hash ``data``: a large tensor on the worker thread, a small one in this thread.
+
+        hashlib releases the GIL on large buffers, so their hashing runs beside numpy; for a small
+        one the hand-off costs more than its hash (and the two threads' GIL hand-overs more still
+        on a graph of thousands of small tensors).
+        """
+        if (data.nbytes if isinstance(data, memoryview) else len(data)) < _HASH_INLINE_BYTES:
+            self._digests[source] = hashlib.sha256(data).digest()
+            return
         self._pending[source] = self._pool.submit(lambda: hashlib.sha256(data).digest())
 
     def add_now(self, source: str, data: bytes | memoryview) -> None:
@@ -119,9 +137,8 @@ class SourceDigest:
         missing = [source for source in self._order if source not in self._digests]
         if missing:
             raise RuntimeError(f"tensor '{missing[0]}' was never computed (deferred tensors not written)")
-        combined = hashlib.sha256()
-        for source in self._order:
-            combined.update(source.encode() + b"\0" + self._digests[source])
+        digests = self._digests
+        combined = hashlib.sha256(b"".join(source.encode() + b"\0" + digests[source] for source in self._order))
         return combined.hexdigest()
 
 
@@ -137,22 +154,27 @@ class DeferredTensors:
         self.overrides: dict[str, Callable[[], np.ndarray]] = {}
         self.digest = SourceDigest()
         self._work: dict[str, Callable[[], np.ndarray]] = {}
-        self._order: list[str] = []
+        self._file_order: Mapping[str, int] = {}
+        self._next: dict[str, str] | None = None  # each tensor's follower in file order, once asked
         self._ready: dict[str, Future[np.ndarray]] = {}
         # One tensor is computed ahead while the writer writes the previous one.
         self._pool = ThreadPoolExecutor(max_workers=1)
 
     def add(self, name: str, work: Callable[[], np.ndarray], file_order: Mapping[str, int]) -> None:
         self._work[name] = work
-        self._order = sorted(self._work, key=lambda n: file_order.get(n, len(file_order)))
+        self._file_order = file_order
+        self._next = None  # sorted once, when the writer first asks (not per tensor added)
         self.overrides[name] = lambda: self._take(name)
 
     def _take(self, name: str) -> np.ndarray:
         future = self._ready.pop(name, None)
         result = future.result() if future is not None else self._work[name]()
-        position = self._order.index(name) + 1
-        if position < len(self._order):
-            following = self._order[position]
+        if self._next is None:
+            last = len(self._file_order)
+            order = sorted(self._work, key=lambda n: self._file_order.get(n, last))
+            self._next = dict(itertools.pairwise(order))
+        following = self._next.get(name)
+        if following is not None:
             if following not in self._ready:
                 self._ready[following] = self._pool.submit(self._work[following])
         return result
@@ -171,6 +193,7 @@ class DeferredTensors:
 _DEFER_BYTES = 1 << 16
 
 
+@collector_paused  # a few records per tensor, kept in the key: no walks of the analysis' objects over them
 def permute_model(
     analysis: ChannelAnalysis,
     perms: Mapping[str, np.ndarray],
@@ -216,7 +239,8 @@ def permute_model(
     return PermutationKey(
         source_sha256=source_sha256,
         source_fingerprint=source_fingerprint,
-        permuted_fingerprint=graph_fingerprint(model),
+        # Moving elements keeps every name, type and shape the fingerprint reads: only untying changes the graph.
+        permuted_fingerprint=graph_fingerprint(model) if untied else source_fingerprint,
         groups=groups,
         tensors=tensors,
         untied=untied,
@@ -305,7 +329,7 @@ def _deferred_take(
         if source is not None:
             digest.add(source, raw)
         dims = tuple(int(d) for d in tensor.dims)
-        itemsize = len(raw) // max(1, int(np.prod(dims)))
+        itemsize = len(raw) // max(1, math.prod(dims))
         array = np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims)
         return _take_axes(array, axes)
 
@@ -313,15 +337,21 @@ def _deferred_take(
 
 
 def _element_count(tensor: onnx.TensorProto) -> int:
-    return int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    return math.prod(tensor.dims)  # math.prod: no numpy call per tensor (1 for a scalar)
 
 
 def _raw_size(tensor: onnx.TensorProto) -> int:
-    try:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return 0
-    return _element_count(tensor) * itemsize
+    itemsize = _ITEMSIZES.get(tensor.data_type)
+    if itemsize is None:
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 0
+        _ITEMSIZES[tensor.data_type] = itemsize  # looked up once per data type, not per tensor
+    return _element_count(tensor) * itemsize if itemsize else 0
+
+
+_ITEMSIZES: dict[int, int] = {}
 
 
 def _element_dtype(itemsize: int) -> np.dtype:
@@ -383,6 +413,7 @@ def unpermute_model_streamed(
     return verdict
 
 
+@collector_paused  # as permute_model: the collector would walk the key's records again and again
 def _unpermute(
     model: onnx.ModelProto,
     key: PermutationKey,
@@ -396,8 +427,9 @@ def _unpermute(
     """
     if deferred is not None and later is None:
         raise ValueError("deferred tensors need a list to record their restoring functions in")
-    if graph_fingerprint(model) != key.permuted_fingerprint:
-        if graph_fingerprint(model) == key.source_fingerprint and key.untied:
+    fingerprint = graph_fingerprint(model)
+    if fingerprint != key.permuted_fingerprint:
+        if fingerprint == key.source_fingerprint and key.untied:
             raise OnnxladyError("this model has the source's graph, not the permuted one: the key does not apply")
         raise OnnxladyError("the key was made for a different model (graph fingerprints differ)")
     check_key_fits(key, model)  # every size and name, before any tensor is touched
@@ -438,7 +470,7 @@ def _restored_take(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]])
     def compute() -> np.ndarray:
         raw = mapped_bytes(tensor) if is_mapped(tensor) else tensor.raw_data
         dims = tuple(int(d) for d in tensor.dims)
-        itemsize = len(raw) // max(1, int(np.prod(dims)))
+        itemsize = len(raw) // max(1, math.prod(dims))
         return np.ascontiguousarray(_take_axes(np.frombuffer(raw, dtype=_element_dtype(itemsize)).reshape(dims), axes))
 
     return compute
@@ -456,7 +488,7 @@ def _permute_tensor(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]
     dims = tuple(int(d) for d in tensor.dims)
     if tensor.HasField("raw_data"):
         raw = tensor.raw_data
-        itemsize = len(raw) // max(1, int(np.prod(dims)))
+        itemsize = len(raw) // max(1, math.prod(dims))
         array = np.frombuffer(raw, dtype=_element_dtype(itemsize))
         after = _take_axes(array.reshape(dims), axes).tobytes()
         tensor.raw_data = after
@@ -466,7 +498,7 @@ def _permute_tensor(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]
         field_name, dtype = "string_data", object
     values = getattr(tensor, field_name)
     flat: np.ndarray = np.array(list(values), dtype=dtype)
-    per_element = flat.size // max(1, int(np.prod(dims))) if dims else 1
+    per_element = flat.size // max(1, math.prod(dims)) if dims else 1
     array = flat.reshape(dims + ((per_element,) if per_element > 1 else ()))
     before = array.tobytes() if dtype is not object else repr(array.tolist()).encode()
     array = _take_axes(array, axes)
@@ -491,7 +523,7 @@ def _take_axes(array: np.ndarray, axes: list[tuple[int, np.ndarray]]) -> np.ndar
         return array
     last = max(axis for axis, _ in axes)
     lead_shape = array.shape[: last + 1]
-    tail = int(np.prod(array.shape[last + 1 :], dtype=np.int64))
+    tail = math.prod(array.shape[last + 1 :])
     if tail == 0 or array.size == 0:
         return array
     element = np.dtype((np.void, array.dtype.itemsize * tail))
