@@ -38,36 +38,7 @@ logging.getLogger("onnxruntime").setLevel(logging.ERROR)
 
 def shortcut_cnn(seed: int = 0) -> onnx.ModelProto:
     """A CNN whose first block adds a 1x1 shortcut convolution of its input (as wide as the block) to two 3x3 ones."""
-    rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-
-    def conv(name: str, x: str, out: int, inp: int, k: int) -> str:
-        weight = (rng.standard_normal((out, inp, k, k)) / np.sqrt(inp * k * k)).astype(np.float32)
-        inits.append(numpy_helper.from_array(weight, f"{name}.w"))
-        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(out)).astype(np.float32), f"{name}.b"))
-        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name, pads=[k // 2] * 4))
-        return name
-
-    def relu(x: str) -> str:
-        nodes.append(helper.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
-        return f"{x}.relu"
-
-    stem = relu(conv("stem", "x", 16, 3, 3))
-    main = conv("b1.c2", relu(conv("b1.c1", stem, 12, 16, 3)), 16, 12, 3)
-    short = conv("b1.short", stem, 16, 16, 1)
-    nodes.append(helper.make_node("Add", [short, main], ["b1.sum"], name="b1.sum"))
-    x = "b1.sum"
-    for block in (2, 3):
-        inner = conv(f"b{block}.c1", x, 16, 16, 3)
-        nodes.append(helper.make_node("Add", [inner, x], [f"b{block}.sum"], name=f"b{block}.sum"))
-        x = relu(f"b{block}.sum")
-    head = conv("head", x, 10, 16, 1)
-    nodes.append(helper.make_node("GlobalAveragePool", [head], ["out"], name="pool"))
-    graph = helper.make_graph(
-        nodes, "shortcut", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits,
-    )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return residual_cnn(seed, stem=16, blocks=3)
 
 
 def ghost_like_cnn(seed: int = 0) -> onnx.ModelProto:

@@ -32,11 +32,12 @@ from onnxlady.testing import copy_model, permute_copy, permute_producer_only
 logging.getLogger("onnxruntime").setLevel(logging.ERROR)
 
 
-def residual_cnn(seed: int = 0) -> onnx.ModelProto:
+def residual_cnn(seed: int = 0, *, stem: int = 8, blocks: int = 4) -> onnx.ModelProto:
     """A small CNN with GhostNet-like residuals: Conv + Add(+Relu) and a 1x1 shortcut Conv.
 
-    Block 1 adds a 1x1 shortcut convolution of the block input to the main branch (the shape
-    round 16 found refused); blocks 2 to 4 add the block input itself and a Relu after the sum.
+    Block 1 adds a 1x1 shortcut convolution of the block input (``stem`` channels wide) to the
+    main branch (the shape round 16 found refused); blocks 2 to ``blocks`` add the block input
+    itself and a Relu after the sum.
     """
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
@@ -52,12 +53,12 @@ def residual_cnn(seed: int = 0) -> onnx.ModelProto:
         nodes.append(helper.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
         return f"{x}.relu"
 
-    stem = relu(conv("stem", "x", 8, 3, 3))
-    main = conv("b1.c2", relu(conv("b1.c1", stem, 12, 8, 3)), 16, 12, 3)
-    short = conv("b1.short", stem, 16, 8, 1)
+    stem_out = relu(conv("stem", "x", stem, 3, 3))
+    main = conv("b1.c2", relu(conv("b1.c1", stem_out, 12, stem, 3)), 16, 12, 3)
+    short = conv("b1.short", stem_out, 16, stem, 1)
     nodes.append(helper.make_node("Add", [short, main], ["b1.sum"], name="b1.sum"))
     x = "b1.sum"
-    for block in range(2, 5):
+    for block in range(2, blocks + 1):
         inner = conv(f"b{block}.c1", x, 16, 16, 3)
         nodes.append(helper.make_node("Add", [inner, x], [f"b{block}.sum"], name=f"b{block}.sum"))
         x = relu(f"b{block}.sum")
