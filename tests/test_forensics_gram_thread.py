@@ -2,12 +2,14 @@
 
 ``classify_change`` hands each weight's Gram product (the top singular value of the change, the
 largest single cost of the forensics) to one worker thread while the main thread computes the
-medians, the reference's figures, the correlation and the column dispersion. The change it reads
-must stay as it is until the product is done: here the product is held back until the main
-thread is through with everything else, so any write into the change's memory in between would
-show in the spectral excess. Each figure is compared with the sequential three-array path
-(``_measure_widened``). Rows that a transpose copies (a kernel's input axis) are measured one
-step after the other, as before.
+median, the reference's figures, the correlation and the column dispersion; the product's top
+eigenvalue follows it there, and so does the change's median absolute deviation where the
+product is small (the worker has time for it; a wide product keeps the deviation in the main
+thread). The change they read must stay as it is until they are done: here each task is held
+back until the main thread has waited for it, so any write into the change's memory before the
+wait would show in the deviation or the spectral excess. Each figure is compared with the
+sequential three-array path (``_measure_widened``). Rows that a transpose copies (a kernel's input
+axis) are measured one step after the other, as before, their deviation in the worker.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from onnxlady._audit._forensics import WeightInfo, _measure, _measure_widened, _Scratch, classify_change
+from onnxlady._audit._forensics import (
+    _POOLED_GRAM,
+    WeightInfo,
+    _measure,
+    _measure_widened,
+    _Scratch,
+    classify_change,
+)
 
 
 class _LatePool(ThreadPoolExecutor):
@@ -29,21 +38,27 @@ class _LatePool(ThreadPoolExecutor):
     def __init__(self) -> None:
         super().__init__(1)
         self.threads: list[str] = []
+        self.tasks: list[str] = []  # the functions run, in order
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         def late() -> Any:
-            time.sleep(0.3)  # the main thread is done with its other figures by then
+            time.sleep(0.15)  # the main thread is done with its other figures by then
             self.threads.append(threading.current_thread().name)
+            self.tasks.append(fn.__name__)
             return fn(*args, **kwargs)
 
         return super().submit(late)
 
 
-def _pairs() -> list[tuple[WeightInfo, np.ndarray, np.ndarray]]:
-    """Noisy weights whose rows are a view of the change (axis 0, a matrix's axis 1) and one whose rows a transpose copies."""
+def _pairs(wide: bool = False) -> list[tuple[WeightInfo, np.ndarray, np.ndarray]]:
+    """Noisy weights whose rows are a view of the change (axis 0, a matrix's axis 1) and one whose rows a transpose copies.
+
+    ``wide``: also one whose Gram product is wider than the worker takes the deviation beside.
+    """
     rng = np.random.default_rng(21)
     out = []
-    for number, (shape, axis) in enumerate([((96, 40, 3, 3), 0), ((120, 80), 0), ((80, 120), 1), ((24, 64, 3, 3), 1)]):
+    shapes = [((96, 40, 3, 3), 0), ((120, 80), 0), ((80, 120), 1), ((24, 64, 3, 3), 1)]
+    for number, (shape, axis) in enumerate(shapes + ([((_POOLED_GRAM + 16, 2 * _POOLED_GRAM), 0)] if wide else [])):
         ref = rng.standard_normal(shape).astype(np.float32)
         spread = np.expand_dims(1 + rng.random(shape[axis]), tuple(d for d in range(len(shape)) if d != axis))
         sus = (ref + 0.1 * rng.standard_normal(shape) * spread).astype(np.float32)  # rows of unequal noise
@@ -54,13 +69,19 @@ def _pairs() -> list[tuple[WeightInfo, np.ndarray, np.ndarray]]:
 def test_gram_in_a_late_worker_gives_the_sequential_figures() -> None:
     buffers = _Scratch()
     with _LatePool() as pool:
-        for info, ref, sus in _pairs():
-            before = len(pool.threads)
+        for info, ref, sus in _pairs(wide=True):
+            before = len(pool.tasks)
             found = _measure(info.tensor, info, ref, sus, None, buffers, pool)
-            # Rows that are a view of the change (not a kernel's input axis): the product ran in the worker...
+            # Rows that are a view of the change (not a kernel's input axis): the product and its top
+            # eigenvalue ran in the worker, the deviation between them where the product is small...
             in_worker = info.row_axis == 0 or ref.ndim == 2
-            assert len(pool.threads) == before + in_worker
-            assert not in_worker or pool.threads[-1] != threading.current_thread().name
+            small = min(ref.shape[info.row_axis], ref.size // ref.shape[info.row_axis]) <= _POOLED_GRAM
+            if in_worker:
+                expected = ["_gram", *(["median_deviation"] if small else []), "_top_of_product"]
+            else:  # ...and the deviation alone where rows a transpose copies (no product there)
+                expected = ["median_deviation"]
+            assert pool.tasks[before:] == expected
+            assert threading.current_thread().name not in pool.threads
             assert repr(found) == repr(_measure_widened(info.tensor, info, ref, sus))  # ...on the change as computed
             assert found["spectral_excess"] is not None and found["spectral_excess"] > 0.5
 

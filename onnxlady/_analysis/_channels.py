@@ -11,6 +11,7 @@ that need different permutations (each such use gets its own copy).
 from __future__ import annotations
 
 import functools
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ from onnxlady._rules._context import (
     freeze_partial_derived,
     materialize_joint,
 )
-from onnxlady._rules._registry import rule_for
+from onnxlady._rules._registry import OpRule, rule_for
 
 #: Operators whose output neurons are the "producer neurons" counted by ``inspect``.
 PRODUCER_OPS = (
@@ -77,9 +78,16 @@ class GroupMember:
     index_map: str
     is_weight: bool
 
-    # Several per node: filled directly, at half the cost of the generated frozen __init__.
+    # Several per node: filled directly, at half the cost of the generated frozen __init__
+    # (item by item: a keyword dict for ``update`` costs a third more).
     def __init__(self, tensor: str, axis: int, role: str, node: str, index_map: str, is_weight: bool) -> None:
-        self.__dict__.update(tensor=tensor, axis=axis, role=role, node=node, index_map=index_map, is_weight=is_weight)
+        fields = self.__dict__
+        fields["tensor"] = tensor
+        fields["axis"] = axis
+        fields["role"] = role
+        fields["node"] = node
+        fields["index_map"] = index_map
+        fields["is_weight"] = is_weight
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,13 @@ class TensorPermutation:
         axes: tuple[tuple[int, Expr], ...],
         roles: tuple[str, ...],
     ) -> None:
-        self.__dict__.update(tensor=tensor, source=source, copy=copy, uses=uses, axes=axes, roles=roles)
+        fields = self.__dict__
+        fields["tensor"] = tensor
+        fields["source"] = source
+        fields["copy"] = copy
+        fields["uses"] = uses
+        fields["axes"] = axes
+        fields["roles"] = roles
 
 
 class _PermsByRoot(Mapping[int, np.ndarray]):
@@ -815,8 +829,14 @@ def walk_order(graph: ModelGraph) -> list[int]:
 
 def _run_rule(state: AnalysisState, index: int) -> None:
     ctx = RuleContext(state, index)
-    op_type, domain = state.graph.op_of(index)
-    rule = rule_for(domain, op_type)
+    op = state.graph._node_ops[index]
+    rules = state.rules
+    rule: OpRule | None
+    if op in rules:
+        rule = rules[op]
+    else:
+        rule = rules[op] = rule_for(op[1], op[0])
+    op_type, domain = op
     if rule is not None and not rule.joint_aware and state.joint:
         # Joint spaces reach only the rules that read them; the others see one axis per digit.
         for _, name in state.graph.inputs_of(index):
@@ -928,7 +948,7 @@ def _collect(state: AnalysisState, view: FunctionView | None = None) -> ChannelA
                 functools.partial(_joint_member, name, space, label),
             )
     # Each group's members in order; the groups in the order of their first member.
-    by_order = {root: sorted(found, key=_first_item) for root, found in members.items()}
+    by_order = {root: sorted(found, key=_FIRST_ITEM) for root, found in members.items()}
     ordered_roots = sorted(by_order, key=lambda root: by_order[root][0][0])
     groups = []
     for number, root in enumerate(ordered_roots):
@@ -1039,10 +1059,16 @@ def _plan_once(
     by_leaf = _bindings_by_leaf(state)
     existing: set[str] | None = None  # the names a copy must not take (made for the first copy)
     plans: list[TensorPermutation] = []
-    first_uses = {leaf: _first_use(position, uses) for leaf, uses in by_leaf.items()}
+    first_uses: dict[str, tuple[int, int]] = {}
+    for leaf, bound_uses in by_leaf.items():
+        if len(bound_uses) == 1:  # (most constants: _first_use's answer, without its call)
+            ((node, slot),) = bound_uses
+            first_uses[leaf] = (position.get(node, -1), slot)
+        else:
+            first_uses[leaf] = _first_use(position, bound_uses)
+    shapes = graph.shapes
     for leaf in sorted(by_leaf, key=first_uses.__getitem__):
         bound = by_leaf[leaf]
-        classes: dict[tuple, list[tuple[int, int]]] = {}
         uses = graph.constant_uses(leaf)
         if len(uses) == 1:  # one use (most weights): the tensor itself, if it moves at all
             # (_requirements of one use, without its list of one requirement per use)
@@ -1051,7 +1077,7 @@ def _plan_once(
             if not axes:
                 continue
             permuted_axes = []
-            for a in range(len(graph.shape(leaf) or ())):
+            for a in range(len(shapes.get(leaf) or ())):  # (graph.shape(leaf), without its call)
                 axis_binding = axes.get(a)
                 if axis_binding is not None:
                     expr = axis_binding.expr
@@ -1074,6 +1100,7 @@ def _plan_once(
                 plans.append(TensorPermutation(leaf, leaf, 0, (use,), tuple(permuted_axes), leaf_roles))
             continue
         requirements = _requirements(state, leaf, bound, uses)
+        classes: dict[tuple, list[tuple[int, int]]] = {}
         for use, requirement in zip(uses, requirements):
             classes.setdefault(requirement, []).append(use)
         # The uses that need no permutation keep the original tensor; the others get copies,
@@ -1109,8 +1136,8 @@ def _plan_once(
     return plans
 
 
-def _first_item(item: tuple[tuple[int, int, int], GroupMember]) -> tuple[int, int, int]:
-    return item[0]
+#: A member's place (the first item of its ``(order, member)`` pair), read in C by the sorts.
+_FIRST_ITEM: Callable[[tuple[tuple[int, int, int], GroupMember]], tuple[int, int, int]] = operator.itemgetter(0)
 
 
 def _first_use(position: Mapping[int, int], uses: Mapping[tuple[int, int], object]) -> tuple[int, int]:

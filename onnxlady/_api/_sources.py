@@ -26,7 +26,8 @@ from onnxlady._io._node_table import NodeTable
 from onnxlady._io._outputs import check_output_paths, external_data_path
 from onnxlady._io._progress import say
 from onnxlady._io._validate import in_memory_capacity, validate_model
-from onnxlady._transforms._key import PermutationKey, read_key
+from onnxlady._transforms._key import _KNOWN_FIELDS as _KEY_FIELDS
+from onnxlady._transforms._key import KEY_VERSION, PermutationKey, key_document, read_key
 
 #: A model argument: a path to an ONNX file or a model in memory.
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
@@ -232,9 +233,102 @@ def key_text(key: PermutationKey) -> str:
 
     The standard encoder writes an indented document in pure Python, one generator step per
     token (seconds for the key of a 50k-node graph); :func:`_indented` builds the same text in
-    one pass. A value it does not know (never in a key) falls back to ``json.dumps`` itself.
+    one pass, and finds the key's version on the way (a ``grouped`` index map among the tensors'
+    or the extra records makes it version 2: :meth:`PermutationKey.to_json` walks them for it
+    once more). A value it does not know (never in a key) falls back to ``json.dumps`` itself.
     """
-    document = key.to_json()
+    extra = key.extra
+    if _KEY_FIELDS & set(extra) or not all(type(name) is str for name in extra):
+        # Extra records that replace a field, or a name json.dumps turns into text: the document as to_json makes it.
+        return _document_text(key.to_json())
+    watched = {"tensors", *extra}  # the records to_json looks for a grouped map in (and the extra names themselves)
+    found = ["grouped" in extra]
+    parts = ["{\n "]
+    version_at = 0
+    try:
+        for position, (name, value) in enumerate(key_document(key, 1).items()):
+            if position:
+                parts.append(",\n ")
+            parts.append(_encode_string(name) + ": ")
+            if name == "version":
+                version_at = len(parts)
+                parts.append("")  # written below, once the records are walked
+                continue
+            if name == "tensors":
+                _tensor_records(value, "\n ", parts, found)
+            else:
+                _indented(value, "\n ", parts, found if name in watched else None)
+    except _NotPlainError:
+        return json.dumps(key.to_json(), indent=1) + "\n"
+    parts[version_at] = int.__repr__(KEY_VERSION if found[0] else 1)
+    parts.append("\n}\n")
+    return "".join(parts)
+
+
+_RECORD_FIELDS = ("tensor", "source", "axes")
+_AXIS_FIELDS = ("axis", "expr")
+
+
+def _tensor_records(records: Any, newline: str, parts: list[str], grouped: list[bool] | None) -> None:
+    """The key's tensor records as :func:`_indented` writes them, the common ones in one piece each.
+
+    A record of a tensor name, its source and axes each moved by one group or none (``{"group":
+    id}`` or ``{"identity": n}``) is most of a deep graph's key: written from one template, not
+    by four nested calls. Any other record (a sum, a product...) goes through :func:`_indented`.
+    """
+    if type(records) is not list or not records or all(type(record) is int for record in records):
+        _indented(records, newline, parts, grouped)
+        return
+    item = newline + " "  # the indents of: a record, its fields, its axes, their fields, an index map's entry
+    field = item + " "
+    axis = field + " "
+    axis_field = axis + " "
+    leaf = axis_field + " "
+    source_head, axes_head, axis_separator = "," + field + '"source": ', "," + field + '"axes": [' + axis, "," + axis
+    axis_head, expr_head, axis_end = "{" + axis_field + '"axis": ', "," + axis_field + '"expr": {' + leaf, axis_field + "}" + axis + "}"
+    record_head, record_end = "{" + field + '"tensor": ', field + "]" + item + "}"
+    parts.append("[" + item)
+    for position, record in enumerate(records):
+        if position:
+            parts.append("," + item)
+        text = _record_text(record, axis_head, expr_head, axis_end, axis_separator)
+        if text is None:
+            _indented(record, item, parts, grouped)
+            continue
+        parts.append(
+            record_head + _encode_string(record["tensor"]) + source_head + _encode_string(record["source"])
+            + axes_head + text + record_end
+        )  # fmt: skip
+    parts.append(newline + "]")
+
+
+def _record_text(record: Any, axis_head: str, expr_head: str, axis_end: str, separator: str) -> str | None:
+    """The axes of a common tensor record, as :func:`_tensor_records` writes them; None for another record."""
+    if type(record) is not dict or tuple(record) != _RECORD_FIELDS:
+        return None
+    axes = record["axes"]
+    if type(record["tensor"]) is not str or type(record["source"]) is not str or type(axes) is not list or not axes:
+        return None
+    texts = []
+    for entry in axes:
+        if type(entry) is not dict or tuple(entry) != _AXIS_FIELDS or type(entry["axis"]) is not int:
+            return None
+        expr = entry["expr"]
+        if type(expr) is not dict or len(expr) != 1:
+            return None
+        ((kind, value),) = expr.items()
+        if kind == "group" and type(value) is str:
+            shown = '"group": ' + _encode_string(value)
+        elif kind == "identity" and type(value) is int:
+            shown = '"identity": ' + int.__repr__(value)
+        else:
+            return None
+        texts.append(axis_head + int.__repr__(entry["axis"]) + expr_head + shown + axis_end)
+    return separator.join(texts)
+
+
+def _document_text(document: dict[str, Any]) -> str:
+    """``json.dumps(document, indent=1)`` and a newline: :func:`_indented`'s text, or the standard encoder's."""
     parts: list[str] = []
     try:
         _indented(document, "\n", parts)
@@ -272,12 +366,18 @@ def _scalar(value: Any) -> str:
     raise _NotPlainError
 
 
-def _indented(value: Any, newline: str, parts: list[str]) -> None:
-    """Append ``value`` as ``json.dumps(..., indent=1)`` writes it at the indent ``newline`` ends with."""
+def _indented(value: Any, newline: str, parts: list[str], grouped: list[bool] | None = None) -> None:
+    """Append ``value`` as ``json.dumps(..., indent=1)`` writes it at the indent ``newline`` ends with.
+
+    With ``grouped``, its flag is set when an object inside (through objects and lists, as
+    :meth:`PermutationKey.to_json` looks) has a ``grouped`` entry.
+    """
     if isinstance(value, dict):
         if not value:
             parts.append("{}")
             return
+        if grouped is not None and "grouped" in value:
+            grouped[0] = True
         inner = newline + " "
         separator = "," + inner
         parts.append("{" + inner)
@@ -295,7 +395,7 @@ def _indented(value: Any, newline: str, parts: list[str]) -> None:
                 parts.append(_encode_string(name) + ": " + int.__repr__(item))
             else:
                 parts.append(_encode_string(name) + ": ")
-                _indented(item, inner, parts)
+                _indented(item, inner, parts, grouped)
         parts.append(newline + "}")
     elif isinstance(value, (list, tuple)):
         if not value:
@@ -305,12 +405,13 @@ def _indented(value: Any, newline: str, parts: list[str]) -> None:
         if all(type(item) is int for item in value):  # a permutation, a shape: one join
             parts.append("[" + inner + ("," + inner).join(map(int.__repr__, value)) + newline + "]")
             return
+        within = grouped if isinstance(value, list) else None  # (to_json does not look inside tuples)
         separator = "," + inner
         parts.append("[" + inner)
         for position, item in enumerate(value):
             if position:
                 parts.append(separator)
-            _indented(item, inner, parts)
+            _indented(item, inner, parts, within)
         parts.append(newline + "]")
     else:
         parts.append(_scalar(value))

@@ -12,6 +12,8 @@ then writes its output; it never makes an operator's readers skip it and lose a 
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import onnx
 
 from onnxlady._audit._graph_edits import folded_tensors, graph_constants
@@ -22,7 +24,7 @@ __all__ = ["bypassed_branches"]
 _JOINING = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
-def bypassed_branches(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> list[str]:
+def bypassed_branches(reference: onnx.ModelProto, suspect: onnx.ModelProto, merged: Collection[str] = ()) -> list[str]:
     """The reference's joins of two activations that the suspect skips, one line each.
 
     A main-graph ``Add``/``Sub``/``Mul``/``Div`` of two different tensors computed from the
@@ -34,6 +36,9 @@ def bypassed_branches(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> l
     Args:
         reference: the reference model.
         suspect: the suspect, compared by tensor and node output names (a converter keeps them).
+        merged: outputs of the reference's Adds that sum parallel branches the suspect holds
+            re-parameterised into one kernel (:func:`~onnxlady._resync._branch_merges.merged_sums`):
+            their branches were compared merged, none is lost.
 
     Returns:
         Lines such as ``"Add '/v/Add' removed: its readers read its input '/v/base/Add' in the
@@ -58,7 +63,7 @@ def bypassed_branches(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> l
             continue
         first, second = node.input
         output = node.output[0]
-        if first == second or first in held or second in held or output in written or node.name in named:
+        if first == second or first in held or second in held or output in written or node.name in named or output in merged:
             continue  # (an operator kept under its node name gave its output another name: onnxslim)
         after = [(kept[reader.output[0]], slot) for reader, slot in readers.get(output, [])
                  if reader.output and reader.output[0] in kept and _same_node(reader, kept[reader.output[0]])]

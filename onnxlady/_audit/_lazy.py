@@ -11,7 +11,13 @@ suspect at once was its peak memory (2.1-2.4x such a model). For such models:
 - :class:`Overlay` is a mapping's values with some replaced by arrays of the caller's own (the
   float64 copies the scale analysis undoes scales in), the mapping itself never changed.
 
-Inline models keep plain dicts (:func:`constants_of`): their arrays are views of the model's
+The reference of an inline model (views of its file) is read per step, not held
+(:func:`reference_constants`): as views where a step only gathers rows or compares values
+(:class:`FileViews`), as an aligned copy of one tensor at a time where it needs aligned arrays
+(:class:`ReadEachTime`); a step that reads a few tensors per neuron holds them for its own
+length (:class:`Held`). The moved tensors are then the audit's only model's worth held.
+
+Other inline models keep plain dicts (:func:`constants_of`): their arrays are views of the model's
 bytes, in memory or mapped from the ``.onnx`` file (:func:`onnxlady._io._external.map_inline_payloads`),
 each read once; the re-synchronized suspect of such a model keeps each moved tensor once computed,
 until its last reader (the classification of the change) has it let go (:meth:`LazyConstants.release`).
@@ -32,7 +38,17 @@ from onnxlady._io._tensors import read_array, read_constants, require_loaded, te
 from onnxlady._resync._solver import ResyncResult
 from onnxlady._resync._twin import MovedTensor
 
-__all__ = ["LazyConstants", "Overlay", "constants_of", "gather", "resynced_constants"]
+__all__ = [
+    "FileViews",
+    "Held",
+    "LazyConstants",
+    "Overlay",
+    "ReadEachTime",
+    "constants_of",
+    "gather",
+    "reference_constants",
+    "resynced_constants",
+]
 
 
 class LazyConstants(Mapping[str, np.ndarray]):
@@ -188,6 +204,67 @@ def constants_of(model: onnx.ModelProto, which: str, *, aligned: bool = True) ->
         require_loaded(holder, label)  # refused up front, as read_constants does
         loaders[name] = _reader(holder, label)
     return LazyConstants(loaders)
+
+
+class FileViews(LazyConstants):
+    """Views of an inline file's tensors, each mapped when indexed and not kept: never copied.
+
+    For readers exact whatever an array's alignment: those that gather rows (:func:`gather`)
+    or compare values element by element (equality, maxima). The pages a view touched leave
+    the process's memory with the view.
+    """
+
+
+class ReadEachTime(LazyConstants):
+    """The reference's constants from views of its inline file, an aligned copy made at each index.
+
+    Each copy is what :func:`constants_of` keeps for the tensor (the same array); only the
+    last one read is kept. The audit holds the re-synchronized suspect's moved tensors whole;
+    holding the reference's copies whole beside them made its peak twice the model. ``views``
+    reads the same tensors uncopied (:class:`FileViews`).
+    """
+
+    def __init__(self, model: onnx.ModelProto, which: str) -> None:
+        holders = tensor_holders(model)
+        labels = {name: f"tensor '{name}' of the {which}" for name in holders}
+        super().__init__({name: _reader(holders[name], labels[name], aligned=True) for name in holders}, keep_last=True)
+        self.views = FileViews({name: _reader(holders[name], labels[name]) for name in holders})
+
+
+class Held(Mapping[str, np.ndarray]):
+    """``base``'s arrays, each kept once read, for one step that reads a few tensors many times.
+
+    A step that reads them per neuron (the scale analysis of one group) then maps each once.
+    """
+
+    def __init__(self, base: Mapping[str, np.ndarray]) -> None:
+        self._base = base
+        self._held: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        held = self._held.get(name)
+        if held is None:
+            held = self._held[name] = self._base[name]
+        return held
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._base
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+
+def reference_constants(model: onnx.ModelProto, which: str) -> Mapping[str, np.ndarray]:
+    """The reference's constants for the audit: :class:`ReadEachTime` for views of an inline file.
+
+    Otherwise what :func:`constants_of` gives (loaded arrays, or weights left in their files).
+    """
+    if has_mapped(model) and not has_mapped_external(model):
+        return ReadEachTime(model, which)
+    return constants_of(model, which)
 
 
 def gather(array: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:

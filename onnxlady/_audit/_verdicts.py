@@ -77,6 +77,7 @@ from onnxlady._audit._activation_quantization import activation_scales, mismatch
 from onnxlady._audit._added_operators import added_operators, approximated_gelus, changed_operators
 from onnxlady._audit._bypassed_branches import bypassed_branches
 from onnxlady._audit._derived_values import changed_copies, changed_derived_constants
+from onnxlady._audit._folded_inputs import changed_folded_inputs
 from onnxlady._audit._forensics import (
     SCALE_MAX_K,
     SCALE_MIN,
@@ -85,7 +86,18 @@ from onnxlady._audit._forensics import (
     weight_infos,
 )
 from onnxlady._audit._graph_edits import graph_edits, rewired_operators
-from onnxlady._audit._lazy import LazyConstants, Overlay, constants_of, gather, resynced_constants
+from onnxlady._audit._kept_order import kept_in_place, two_orders
+from onnxlady._audit._lazy import (
+    FileViews,
+    Held,
+    LazyConstants,
+    Overlay,
+    ReadEachTime,
+    constants_of,
+    gather,
+    reference_constants,
+    resynced_constants,
+)
 from onnxlady._audit._operator_constants import changed_operator_constants
 from onnxlady._audit._relatedness import check_related
 from onnxlady._audit._renamed_constants import renamed_constants
@@ -99,6 +111,7 @@ from onnxlady._io._pages import ordinary_pages
 from onnxlady._io._progress import say
 from onnxlady._io._tensors import all_finite, read_array, read_constants, tensor_holders
 from onnxlady._resync._across import AcrossResync, Approx, pair_unplanned
+from onnxlady._resync._branch_merges import merged_sums
 from onnxlady._resync._entry import resync_model
 from onnxlady._resync._match import ConversionFinding, analyze_with_state
 from onnxlady._resync._solver import ResyncResult
@@ -558,10 +571,14 @@ def _scale_analysis(
     attacked: list[NeuronScale] = []
     audits: list[TensorAudit] = []
     owned: set[str] = set()  # the arrays of work that are copies of our own, float64
+    whole = ref
     for group in analysis.permutable_groups:
         kinds = uses.get(group.id)
         if not kinds:
             continue
+        # Views of the reference's file, mapped anew at each index: each mapped once per group
+        # here, where a scaled neuron's compensation reads a few tensors per neuron.
+        ref = Held(whole) if isinstance(whole, FileViews) else whole
         for prod in kinds["producer"]:
             r_arr, s_arr = ref[prod.source], work[prod.tensor]
             cos, ratio, ks = _cos_ratios(r_arr, s_arr, prod)
@@ -1035,7 +1052,9 @@ def audit_models(
     node_for_node = report.resync is None or report.resync.across is None
     edited_reference, edited_suspect = _edit_forms(reference, suspect)
     if node_for_node or not report.conversions:
-        edits = graph_edits(edited_reference, edited_suspect, node_for_node=node_for_node)
+        edits = graph_edits(edited_reference, edited_suspect, node_for_node=node_for_node) or changed_folded_inputs(
+            edited_reference, edited_suspect
+        )
         if edits:
             report.verdict = "modified"
             report.graph_edits = edits
@@ -1053,8 +1072,10 @@ def audit_models(
         # Nor make an operator it keeps read another operator's output (a residual rewired).
         rewired, unwired = rewired_operators(edited_reference, edited_suspect)
         # Nor skip an operator that joins two branches (a residual Add, a gate's Mul), losing one.
+        # Nor store another value than the one a folded chain computed (a token shift's pads).
         checks = ((added_operators, "added", "adds"), (changed_operators, "changed", "changes"),
-                  (lambda *_: rewired, "rewired", "rewires"), (bypassed_branches, "removed", "removes"))
+                  (changed_folded_inputs, "changed", "changes"), (lambda *_: rewired, "rewired", "rewires"),
+                  (lambda mine, theirs: bypassed_branches(mine, theirs, _merged_sums(report)), "removed", "removes"))
         for check, done, does in checks:
             found = check(edited_reference, edited_suspect)
             if found:
@@ -1119,6 +1140,14 @@ def audit_models(
     return _checked_activation_scales(reference, suspect, report)
 
 
+def _merged_sums(report: AuditReport) -> set[str]:
+    """The reference's Adds of parallel branches that the suspect holds merged into one kernel (RepVGG's deploy form)."""
+    across = report.resync.across if report.resync is not None else None
+    if across is None:
+        return set()
+    return merged_sums(across.match.reference.graph, across.match.reference_sites)
+
+
 def _checked_activation_scales(reference: onnx.ModelProto, suspect: onnx.ModelProto, report: AuditReport) -> AuditReport:
     """A float reference's static-quantized copy: its activation scales checked where a relation holds, else said unchecked.
 
@@ -1164,8 +1193,12 @@ def _audit_weights(
     mirrored: bool,
 ) -> AuditReport:
     """:func:`audit_models` on the constants the analysis and the sites hold."""
-    # Weights left in their files are read as each comparison asks, one tensor at a time.
-    ref = constants_of(reference, "reference")
+    # Weights left in their files are read as each comparison asks, one tensor at a time; views
+    # of an inline file likewise (copied when a step needs aligned arrays, see ReadEachTime):
+    # the re-synchronized suspect is held whole below, the reference beside it made the peak 2x.
+    ref = reference_constants(reference, "reference")
+    # Where a step only gathers rows or compares values, the reference's views, never copied.
+    viewed = ref.views if isinstance(ref, ReadEachTime) else ref
     # The suspect as stored is compared whole (identical?) and sampled (similarity before the
     # resync), then let go: its views of an inline file are read as they are, not copied
     # (aligned copies of three quarters of a model, in fresh memory: its page faults).
@@ -1173,13 +1206,11 @@ def _audit_weights(
     analysis = analyze_with_state(reference)  # as resync analyses it: KV caches as state
     if (
         set(ref) == set(before)
-        and all(
-            ref[n].dtype == before[n].dtype and np.array_equal(ref[n], before[n])
-            for n in ref
-        )
+        and all(_bit_equal(viewed[n], before[n]) for n in ref)
         and len(reference.graph.node) == len(suspect.graph.node)
     ):
         before = constants_of(suspect, "suspect")  # read row by row below: aligned
+        ref = constants_of(reference, "reference")  # both held: nothing was moved
         sim = _similarity(analysis, ref, before, before)
         _, _, audits = _scale_analysis(analysis, ref, Overlay(before))  # copies only what it changes
         return AuditReport(
@@ -1196,7 +1227,7 @@ def _audit_weights(
     # peak one model lower); a suspect matched across conversions is read again afterwards.
     names = set(before)
     try:
-        twin_before: dict[str, tuple[list[list[float]], int]] | None = _similarity_side(analysis, ref, before, names)
+        twin_before: dict[str, tuple[list[list[float]], int]] | None = _similarity_side(analysis, viewed, before, names)
     except (KeyError, IndexError, ValueError):  # tensors named or shaped otherwise: no twin, compared later
         twin_before = None
     del before
@@ -1212,7 +1243,10 @@ def _audit_weights(
     aligned: Mapping[str, np.ndarray]
     if result.across is not None:
         stored_suspect = read_constants(suspect, "suspect")
+        if isinstance(ref, ReadEachTime):  # the compared form is computed from copies of every tensor
+            ref = constants_of(reference, "reference")
         ref, before, after, aligned, allowed = _common_form(result.across, analysis, ref)
+        viewed = ref
         sim = _similarity(analysis, ref, before, after)
         del before
     else:
@@ -1220,8 +1254,8 @@ def _audit_weights(
         lazy = resynced_constants(result)
         after = aligned = lazy if lazy is not None else _resynced_constants(result)
         if twin_before is None:  # as the comparison of the suspect as stored fails, once more
-            twin_before = _similarity_side(analysis, ref, constants_of(suspect, "suspect", aligned=False), names)
-        sim = _joined(twin_before, _similarity_side(analysis, ref, after, names))
+            twin_before = _similarity_side(analysis, viewed, constants_of(suspect, "suspect", aligned=False), names)
+        sim = _joined(twin_before, _similarity_side(analysis, viewed, after, names))
     conversions = list(result.across.match.conversions) if result.across is not None else []
     done = " and converted" if conversions else ""
 
@@ -1235,7 +1269,7 @@ def _audit_weights(
         known = compared.get(name)
         if known is not None and known[0]() is values:
             return known[1]
-        result = _close(ref[source], values, rtol, allowed.get(source))
+        result = _close(viewed[source], values, rtol, allowed.get(source))
         if not allowed:
             compared[name] = (weakref.ref(values), result)
         return result
@@ -1247,7 +1281,7 @@ def _audit_weights(
     diff = differing(after)
     say(progress, "audit: looking for scaled neurons")
     work = Overlay(aligned)  # the scale analysis copies (float64) only the arrays it changes
-    rescaled, attacked, audits = _scale_analysis(analysis, ref, work, _Bounds(allowed, ref) if allowed else None)
+    rescaled, attacked, audits = _scale_analysis(analysis, viewed, work, _Bounds(allowed, ref) if allowed else None)
     report = AuditReport(
         "permuted", "", rtol, result, audits, rescaled, attacked, similarity=sim, conversions=conversions,
         analysis=analysis,
@@ -1277,6 +1311,19 @@ def _audit_weights(
         return report
     remaining = differing(work)
     report.differing_tensors = remaining or diff
+    # Stored bit for bit as the reference's, yet out of the order the resync found for their
+    # groups: the suspect holds a group in two orders; never named as changed (round 17, F6).
+    kept = kept_in_place(suspect, viewed, remaining) if result.across is None else []  # compared bit for bit
+    if kept:
+        two, held_moved = two_orders(suspect, viewed, analysis, result, kept)
+        for name in kept:
+            work[name] = ref[name]
+        remaining = [name for name in remaining if name not in kept]
+        report.differing_tensors = sorted(set(remaining) | set(held_moved))
+        if not remaining:
+            report.verdict, report.summary = "modified", two
+            report.rescaled, report.scaled_neurons = [], []
+            return report
     # A k beyond SCALE_MAX_K (or below its inverse) is a near-zero row within a conversion's
     # storage error, not a scaled neuron.
     if not remaining:
@@ -1311,9 +1358,16 @@ def _audit_weights(
             return report
     say(progress, "audit: naming the change (noise, quantization, pruning, fine-tuning)")
     _forensics_verdict(report, analysis, ref, work, after, allowed, attacked, rtol, stored_suspect if conversions else None)
+    if kept:
+        report.summary = f"{two}; besides, {report.summary}"
     if conversions:
         report.summary += f"; besides, converted ({_conversion_text(conversions)})"
     return report
+
+
+def _bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same dtype and the same values (each array read once: a view of a file is mapped at each index)."""
+    return a.dtype == b.dtype and bool(np.array_equal(a, b))
 
 
 def _resynced_constants(result: ResyncResult) -> dict[str, np.ndarray]:
@@ -1399,10 +1453,13 @@ def _forensics_verdict(
     _restore(analysis, sus, original, [a for a in attacked if a not in plausible])
     attacked = plausible
     unscaled = sus.copy()  # as found, before any noisy scale is undone (the helpers copy what they change)
-    fits = _Fits()  # the producers' rows fitted once for both searches (where neither undid a scale)
-    rescales = _noisy_rescales(analysis, ref, sus, fits)
+    # The producers' rows fitted once for both searches (where neither undid a scale). They read
+    # rows only: the reference's views where it has them, never copied.
+    searched = ref.views if isinstance(ref, ReadEachTime) else ref
+    fits = _Fits(reread_reference=isinstance(searched, FileViews))
+    rescales = _noisy_rescales(analysis, searched, sus, fits)
     plain = sus.copy()
-    noisy = _noisy_scales(analysis, ref, sus, fits)
+    noisy = _noisy_scales(analysis, searched, sus, fits)
     del fits
     if not (noisy or rescales) and isinstance(after, LazyConstants):
         # No second classification follows: the next one reads each weight of the twin's
@@ -1539,10 +1596,11 @@ def _noisy_scales(
 
     found: list[NeuronScale] = []
     copied: set[str] = set()
+    held = Held(ref) if isinstance(ref, FileViews) else ref  # views mapped once (biases: read per neuron)
     for item in find_scaled_under_noise(rows()):
         gid, prod, biases = producers[int(item.tensor)]
         found.append(NeuronScale(gid, item.neuron, prod.source, item.k, None))
-        whole = _agree(_ratio_of(biases, ref, sus, item.neuron), item.k, SCALE_MATCH, 0.0) if biases else False
+        whole = _agree(_ratio_of(biases, held, sus, item.neuron), item.k, SCALE_MATCH, 0.0) if biases else False
         for use in [prod] + (biases if whole else []):
             if use.tensor not in copied:
                 sus[use.tensor] = np.array(sus[use.tensor], dtype=np.float64)
@@ -1572,13 +1630,22 @@ class _Fits:
     before, and none is kept alive.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, reread_reference: bool = False) -> None:
+        """Nothing fitted yet.
+
+        Args:
+            reread_reference: the reference's arrays are read anew at each index
+                (:class:`~onnxlady._audit._lazy.FileViews`): for one use, the same values in
+                another array each time, so the figures are known by the suspect's array alone
+                (the reference is never changed).
+        """
         self._known: dict[int, tuple[_Use, weakref.ref[np.ndarray], weakref.ref[np.ndarray], FittedRows]] = {}
+        self._reread_reference = reread_reference
 
     def fit(self, use: _Use, r_arr: np.ndarray, s_arr: np.ndarray) -> FittedRows:
         """The figures of ``use``'s rows, ``s_arr``'s against ``r_arr``'s (read a block at a time; see :func:`_block_width`)."""
         known = self._known.get(id(use))
-        if known is not None and known[0] is use and known[1]() is r_arr and known[2]() is s_arr:
+        if known is not None and known[0] is use and known[2]() is s_arr and (self._reread_reference or known[1]() is r_arr):
             return known[3]
         width = _block_width(use, r_arr)
         assert width is not None and r_arr.shape == s_arr.shape
@@ -1636,10 +1703,12 @@ def _noisy_rescales(
     uses = _group_uses(analysis, set(sus))
     found: list[NeuronScale] = []
     copied: set[str] = set()
+    whole = ref
     for group in analysis.permutable_groups:
         kinds = uses.get(group.id)
         if not kinds or len(kinds["producer"]) != 1 or group.size < 8:
             continue
+        ref = Held(whole) if isinstance(whole, FileViews) else whole  # views mapped once per group: read per neuron
         prod = kinds["producer"][0]
         r_arr, s_arr = ref.get(prod.source), sus.get(prod.tensor)
         if r_arr is None or s_arr is None or r_arr.shape != s_arr.shape:

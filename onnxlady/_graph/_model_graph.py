@@ -455,7 +455,7 @@ class ModelGraph:
         """
         overridable = {v.name for v in self.model.graph.input} if self.model.ir_version >= 4 else set()
         # Initializers are read when a node asks for them: most are weights no fold ever reads.
-        values: dict[str, np.ndarray] = _InitializerValues(
+        values = _InitializerValues(
             {name: tensor for name, tensor in self.initializers.items() if name not in overridable}
         )
         for name, index in self.constant_nodes.items():
@@ -468,22 +468,31 @@ class ModelGraph:
         refined: set[str] = set()  # tensors whose shape became better known in this pass
         symbolic: dict[str, _fold.SymbolicValue] = {}  # shape values with symbolic elements
         shapes, implicit = self.shapes, self.implicit_inputs
+        node_inputs, node_outputs, node_ops = self._node_inputs, self._node_outputs, self._node_ops
+        # ``name in values`` without a call for the names it holds or cannot hold (most): a
+        # pending initializer is asked the mapping itself, which reads it in.
+        held, pending = dict.__contains__, values._pending
+        contrib: dict[tuple[str, str], bool] = {}  # knows_operator's answer per operator
         for index in self.order:
-            outputs = self._node_outputs[index]
-            if index in implicit or not outputs or outputs[0] in values:
+            outputs = node_outputs[index]
+            if index in implicit or not outputs:
+                continue
+            first = outputs[0]
+            if held(values, first) or (first in pending and first in values):
                 continue
             node = self.nodes[index]
-            op_type, domain = self._node_ops[index]
+            op = node_ops[index]
+            op_type, domain = op
             default = domain in ("", "ai.onnx")
             # fold_node answers None for any other operator, and for one with an unknown input
             # (but Shape/Size, which read shapes): not called then (nor symbolic_value).
-            value = (
-                _fold.fold_node(node, values, shapes, self.dtypes, opset)
-                if default
-                and op_type in _fold.FOLDABLE_OPS
-                and (op_type in _SHAPE_READERS or not any(n and n not in values for n in self._node_inputs[index]))
-                else None
-            )
+            value = None
+            if default and op_type in _fold.FOLDABLE_OPS:
+                for n in node_inputs[index] if op_type not in _SHAPE_READERS else ():
+                    if n and not (held(values, n) or (n in pending and n in values)):
+                        break
+                else:
+                    value = _fold.fold_node(node, values, shapes, self.dtypes, opset)
             if value is not None:
                 name = outputs[0]
                 values[name] = value
@@ -500,7 +509,10 @@ class ModelGraph:
                 refined |= self._reshape_symbolic(node, symbolic, values)
             if op_type == "Expand" and default:
                 refined |= self._expand_symbolic(node, symbolic, values)
-            if _contrib_shapes.knows_operator(domain, op_type):
+            known = contrib.get(op)
+            if known is None:
+                known = contrib[op] = _contrib_shapes.knows_operator(domain, op_type)
+            if known:
                 refined |= self._infer_contrib(node)
                 continue
             if not default:
@@ -510,7 +522,7 @@ class ModelGraph:
                     break
             else:
                 continue  # every output's shape fully known
-            feeds = [name for name in self._node_inputs[index] if name]
+            feeds = [name for name in node_inputs[index] if name]
             # An output still unknown with every input known: inference on the skeleton stopped
             # before it (at an unknown operator) while value_info told the inputs' shapes.
             stalled = all(shapes.get(name) is not None for name in feeds) and any(
@@ -1152,7 +1164,14 @@ class ModelGraph:
             return None
         if not leaf.chain or all(self.nodes[i].op_type in SHAPE_KEEPING_CHAIN_OPS for i in leaf.chain):
             shape = self.shapes.get(leaf.name)
-            return None if shape is None else tuple(int(d) for d in shape if d is not None)
+            if shape is None:
+                return None
+            for d in shape:
+                if type(d) is not int:
+                    break
+            else:
+                return shape  # type: ignore[return-value]  # (an initializer's dims, most constants: ints already)
+            return tuple([int(d) for d in shape if d is not None])
         value = self.constant_value(name)
         return None if value is None else tuple(value.shape)
 
@@ -1161,11 +1180,20 @@ class ModelGraph:
 
         Slot -1 marks a use from inside a subgraph; a graph output is reported as ``(-1, k)``.
         """
-        uses: list[tuple[int, int]] = []
-        stack = [leaf_name]
         if self._output_positions is None:  # once, not per constant: a model may have thousands of outputs
             self._output_positions = {name: k for k, name in enumerate(self.graph_outputs)}
         outputs, node_ops = self._output_positions, self._node_ops
+        readers = self.consumers.get(leaf_name)
+        if readers is not None and leaf_name not in outputs:
+            # Most weights: read by operators that forward no constant, the walk below reads
+            # them as they are (one list, no stack).
+            for index, _ in readers:
+                if node_ops[index][0] in CHAIN_OPS:
+                    break
+            else:
+                return list(readers)
+        uses: list[tuple[int, int]] = []
+        stack = [leaf_name]
         while stack:
             name = stack.pop()
             if name in outputs:

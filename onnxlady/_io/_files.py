@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._collector import collector_paused
-from onnxlady._io._external import INLINE_BYTES, map_external_data, map_inline_payloads, read_payloads_in
+from onnxlady._io._external import INLINE_BYTES, map_external_data, map_inline_payloads, model_tensors, read_payloads_in
 from onnxlady._io._inputs import require_regular_file
 from onnxlady._io._node_table import NodeTable
 from onnxlady._io._outputs import OutputSet
@@ -222,51 +222,6 @@ def _uses_external_data(model: onnx.ModelProto, tensors: list[onnx.TensorProto] 
     """Whether a tensor of ``model`` (``tensors``: its :func:`model_tensors`, when listed already) is external."""
     external = onnx.TensorProto.EXTERNAL  # (is_external, inlined: asked of every tensor)
     return any(tensor.data_location == external for tensor in (model_tensors(model) if tensors is None else tensors))
-
-
-def model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Every tensor of ``model``, in the order of ``onnx.external_data_helper._get_all_tensors``.
-
-    The same walk as a list: onnx's nested generators resume once per tensor and visit every
-    node's attributes twice (a tenth of a second at 50,000 nodes); here a graph's nodes are
-    read once and only those with attributes are visited.
-    """
-    graph_type, graphs_type = onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS
-
-    def attributed(graph: onnx.GraphProto | onnx.FunctionProto) -> list[onnx.AttributeProto]:
-        return [attribute for node in graph.node if len(node.attribute) for attribute in node.attribute]
-
-    def subgraphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
-        kind = attribute.type
-        return [attribute.g] if kind == graph_type else list(attribute.graphs) if kind == graphs_type else []
-
-    def initializers(
-        graph: onnx.GraphProto, found: list[onnx.TensorProto], attributes: list[onnx.AttributeProto] | None = None
-    ) -> None:
-        found.extend(graph.initializer)
-        for attribute in attributed(graph) if attributes is None else attributes:
-            for subgraph in subgraphs(attribute):
-                initializers(subgraph, found)
-
-    def attribute_tensors(
-        graph: onnx.GraphProto | onnx.FunctionProto,
-        found: list[onnx.TensorProto],
-        attributes: list[onnx.AttributeProto] | None = None,
-    ) -> None:
-        for attribute in attributed(graph) if attributes is None else attributes:
-            if attribute.HasField("t"):
-                found.append(attribute.t)
-            found.extend(attribute.tensors)
-            for subgraph in subgraphs(attribute):
-                attribute_tensors(subgraph, found)
-
-    found: list[onnx.TensorProto] = []
-    main = attributed(model.graph)  # the main graph's nodes read once, for both walks
-    initializers(model.graph, found, main)
-    attribute_tensors(model.graph, found, main)
-    for function in model.functions:
-        attribute_tensors(function, found)
-    return found
 
 
 def _external_targets(model: onnx.ModelProto, path: Path) -> list[Path]:

@@ -30,6 +30,12 @@ _MAX_JSON_BYTES = 1 << 30
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _OPEN = np.frombuffer(b"[{", dtype=np.uint8)
 _CLOSE = np.frombuffer(b"]}", dtype=np.uint8)
+#: Each byte's change of nesting depth: +1 for ``[`` and ``{``, -1 for ``]`` and ``}``.
+_STEPS = np.zeros(256, dtype=np.int8)
+_STEPS[_OPEN] = 1
+_STEPS[_CLOSE] = -1
+#: Every byte but brackets and quotes.
+_NOT_STRUCTURE = bytes(code for code in range(256) if code not in b'[]{}"')
 
 
 def require_regular_file(path: str | os.PathLike[str], what: str = "file") -> os.stat_result:
@@ -124,6 +130,16 @@ def parse_json(raw: bytes, origin: str, what: str = "JSON file", max_depth: int 
 
 def json_depth(raw: bytes) -> int:
     """The deepest nesting of arrays and objects in JSON text (brackets inside strings ignored)."""
+    if b"\\" not in raw:
+        # No escape anywhere: every string is a quote, its text, a quote. Of the brackets and
+        # quotes alone, a string without brackets is two quotes in a row; with every such pair
+        # gone and no quote left, no string held a bracket, and what is left is the structure.
+        # Two passes in C over the bytes, where the pattern's took a third of reading a 50k-node key.
+        structure = raw.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+        if b'"' not in structure:
+            if not structure:
+                return 0
+            return int(max(0, np.cumsum(_STEPS[np.frombuffer(structure, dtype=np.uint8)], dtype=np.int64).max()))
     stripped = _STRING.sub(b'""', raw)
     codes = np.frombuffer(stripped, dtype=np.uint8)
     if codes.size == 0:

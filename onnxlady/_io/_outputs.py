@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 
 from onnxlady._errors import OnnxladyError
-from onnxlady._io._external import has_mapped, has_mapped_external, write_external
+from onnxlady._io._external import has_mapped, has_mapped_external, model_tensors, write_external
 from onnxlady._io._stream import Override, write_model
 
 __all__ = [
@@ -416,11 +416,14 @@ class OutputSet:
         # A model whose weights are still in their external data files (mapped) is written with
         # external data; one whose weights are views of the inline file it came from is written
         # inline as that file held them, streamed from the views.
-        if not external_data and (_estimated_size(model) > _EXTERNAL_DATA_THRESHOLD or has_mapped_external(model)):
+        tensors = model_tensors(model)  # listed once for the three questions below
+        if not external_data and (
+            _estimated_size(model, tensors) > _EXTERNAL_DATA_THRESHOLD or has_mapped_external(model, tensors)
+        ):
             external_data = True
         staged = self.stage(target)
         if not external_data:
-            if overrides or has_mapped(model):
+            if overrides or has_mapped(model, tensors):
                 sha = self._guard(target, lambda: _stream(model, staged, overrides or {}, digest))
             else:
                 data = model.SerializeToString()  # protobuf's encoding: a model that round-trips keeps its bytes
@@ -678,14 +681,21 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _estimated_size(model: onnx.ModelProto) -> int:
-    """Bytes of tensor data, from shapes alone (``ByteSize`` walks every byte and is slow)."""
+def _estimated_size(model: onnx.ModelProto, tensors: Sequence[onnx.TensorProto] | None = None) -> int:
+    """Bytes of tensor data, from shapes alone (``ByteSize`` walks every byte and is slow).
+
+    ``tensors``: the model's :func:`~onnxlady._io._external.model_tensors`, when listed already.
+    """
     total = 0
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        try:
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-        except (KeyError, TypeError, ValueError):
-            itemsize = 8
+    itemsizes: dict[int, int] = {}  # by data type: numpy's dtype is asked once per type, not per tensor
+    for tensor in model_tensors(model) if tensors is None else tensors:
+        itemsize = itemsizes.get(tensor.data_type)
+        if itemsize is None:
+            try:
+                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                itemsize = 8
+            itemsizes[tensor.data_type] = itemsize
         count = 1
         for dim in tensor.dims:
             count *= max(0, int(dim))

@@ -51,6 +51,7 @@ from onnxlady._io._external import has_mapped, is_mapped, load_mapped, mapped_by
 from onnxlady._io._files import copy_model
 from onnxlady._io._tensors import all_finite, tensor_holders
 from onnxlady._resync import _solver as solver
+from onnxlady._resync._branch_merges import merged_value
 from onnxlady._resync._computed import aligned_uses
 from onnxlady._resync._invariants import sharing_scratch
 from onnxlady._resync._match import ModelMatch, Unit, analyze_with_state, check_same_model, match_analyses
@@ -204,6 +205,13 @@ def _site_value(
     both models keep them they are compared as stored (folded, a bias several layers share, a
     zero vector through Identity nodes, would read another value per layer).
     """
+    if (site.branches or site.identity is not None) and role in ("weight", "bias"):
+        # Parallel branches the other model re-parameterised into one kernel: summed here.
+        own = _site_value(graph, replace(site, branches=(), identity=None), role, fold, bounds, shifts)
+        parts = [_site_value(graph, branch, role, fold, bounds, shifts) for branch in site.branches]
+        if own is None or any(part is None for part in parts):
+            return None
+        return merged_value(graph, site, role, own, [part for part in parts if part is not None])
     weight = site.operand("weight")
     size = weight.shape[0] if weight is not None else 0
     bn = _batchnorm(graph, site.batchnorm) if site.batchnorm is not None and fold else None
@@ -857,6 +865,7 @@ def resync_across(
     approx = None  # the last value checked: freed with the rest once moved
     rounds = state.run(progress)
     rounds += _settle_ties(state, progress)
+    state.keep_stored_orders()  # ties are no evidence of a move (see the method)
     tally = solver.PsiTally()
     groups = [solver.group_report(state, group, tally, true_perms.get(group.id)) for group in order]
     for gid, perm in true_perms.items():  # permuted but never solved: only fixed points are in place

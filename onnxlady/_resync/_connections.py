@@ -34,6 +34,9 @@ def successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
     for number, site in enumerate(sites):
         if site.family in CONNECTED_FAMILIES:
             at_node.setdefault(site.node, []).append(number)
+    # An identity branch merged into a layer (RepVGG's, re-parameterised in the other model):
+    # what reaches the block's input through it reaches that layer, as in the merged form.
+    stops = {site.identity: number for number, site in enumerate(sites) if site.identity is not None}
     edges: set[tuple[int, int]] = set()
     reached_from: dict[tuple[int, int], set[int]] = {}
     for number, site in enumerate(sites):
@@ -52,6 +55,9 @@ def successors(graph: ModelGraph, sites: list[Site]) -> set[tuple[int, int]]:
                 for index, slot in graph.consumers.get(stack.pop(), []):
                     # Shape arithmetic reads sizes, not values: a simplifier folds it away.
                     if index < 0 or graph.nodes[index].op_type in _SHAPE_READERS:
+                        continue
+                    if (index, slot) in stops:
+                        found.add(stops[(index, slot)])
                         continue
                     # A FusedConv's or NCHWc Conv's fourth input is a residual Add fused after it: passed through.
                     if index in at_node and index != site.node and not _fused_sum(graph, index, slot):

@@ -147,6 +147,21 @@ def find_conversions(
             findings.append(ConversionFinding(
                 "constants-folded", side, f"{count} weights computed in the graph from constants stored as the values they compute"
             ))  # fmt: skip
+    # Parallel branches (RepVGG's 3x3, 1x1 and identity) re-parameterised into one kernel on one side.
+    merged = {"reference": 0, "suspect": 0}
+    branches = {"reference": 0, "suspect": 0}
+    for mine, theirs in pairs:
+        for side, site in (("suspect", mine), ("reference", theirs)):  # the other side holds the merged form
+            if site.branches or site.identity is not None:
+                merged[side] += 1
+                branches[side] += len(site.branches) + 1 + (site.identity is not None)
+    for side, count in merged.items():
+        if count:
+            findings.append(ConversionFinding(
+                "branches-merged", side,
+                f"{count} convolutions hold {branches[side]} parallel branches (convolutions, identity) re-parameterised "
+                "into one kernel each (RepVGG's deploy form), compared with the branches' kernels summed",
+            ))  # fmt: skip
     # A per-channel scale after a layer (timm's layer scale) folded on one side.
     scaled = {"reference": 0, "suspect": 0}
     for mine, theirs in pairs:

@@ -15,14 +15,14 @@ statistics of the same kind on their own).
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-__all__ = ["QUANTILES", "distance", "signature", "sharing_scratch"]
+__all__ = ["QUANTILES", "RowScaled", "distance", "sharing_scratch", "signature"]
 
 #: Points of the quantile function kept per tensor (the sorted values, resampled).
 QUANTILES = 33
@@ -79,6 +79,97 @@ def _scratch(size: int) -> np.ndarray:
     return shared[0][:size]
 
 
+#: Rows per piece of a :class:`RowScaled` weight read whole: about this many values (2 MB of float64).
+_ROW_PIECE = 1 << 18
+
+
+class RowScaled:
+    """A weight with per-neuron factors folded in, computed a few rows at a time where read.
+
+    Stands for ``(float64(base) * factors[0]) * factors[1] ...`` (each factor spread over axis
+    0, one value per row or one for all), then ``+ 0.0`` with ``plus_zero``: what a signature
+    of a folded weight (a BatchNorm's scale, a scalar step after the layer) is taken of. Made
+    whole, a kernel's folded copy is a float64 array as large as two float32 ones, held through
+    the matching (a resync across QDQ peaked with it); made in pieces, each pass reads the weight
+    as stored and computes the products it needs in cache, in about the same time. Every value
+    is the same product of the same two numbers, so the signature is the same to the bit
+    (:func:`signature`).
+    Only C-contiguous float32 or float64 kernels (three axes or more, more than one tap, rows
+    and values enough to bucket) are made so (:meth:`fits`); others are folded whole as before
+    (a float16 weight among them: numpy widens half floats in software, once per pass here).
+    """
+
+    def __init__(self, base: np.ndarray, factors: tuple[np.ndarray, ...], plus_zero: bool = False) -> None:
+        self.base = base
+        self.factors = factors  # each 1-D float64, one value per row of ``base`` or one for all
+        self.plus_zero = plus_zero
+        self.shape: tuple[int, ...] = base.shape
+        self.ndim = base.ndim
+        self.size = base.size
+        self.dtype = np.dtype(np.float64)
+
+    @staticmethod
+    def fits(value: np.ndarray, factor: np.ndarray) -> bool:
+        """Whether ``value * factor`` may be kept as a :class:`RowScaled` (see the class docstring)."""
+        return (
+            value.ndim >= 3
+            and value.flags.c_contiguous
+            and value.shape[0] > 1
+            and value.size >= _BUCKETED_FROM
+            and int(np.prod(value.shape[2:])) > 1
+            and value.dtype in (np.float64, np.float32)  # (float16 widens in software: once, folded whole)
+            and factor.dtype == np.float64
+            and factor.shape[1:] == (1,) * (value.ndim - 1)
+            and factor.shape[0] in (1, value.shape[0])
+        )
+
+    def times(self, factor: np.ndarray) -> RowScaled:
+        """This weight times one more factor (of :meth:`fits`'s form)."""
+        return RowScaled(self.base, (*self.factors, factor.reshape(-1)), self.plus_zero)
+
+    def plus_zeros(self) -> RowScaled:
+        """This weight ``+ 0.0`` (a negative zero made a positive one)."""
+        return RowScaled(self.base, self.factors, True)
+
+    def _folded(self, values: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
+        """``values`` times ``factors`` in turn, each broadcast against it, then ``+ 0.0``: a new float64 array."""
+        out = np.multiply(values, factors[0])  # (float32 or float16 values widened: the float64 loop)
+        for factor in factors[1:]:
+            np.multiply(out, factor, out=out)
+        if self.plus_zero:
+            np.add(out, 0.0, out=out)
+        return out
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` folded, a new C-contiguous float64 array."""
+        spread = (-1,) + (1,) * (self.ndim - 1)
+        return self._folded(
+            self.base[start:stop],
+            [(f[start:stop] if f.size > 1 else f).reshape(spread) for f in self.factors],
+        )
+
+    def taken(self, positions: np.ndarray) -> np.ndarray:
+        """The folded values at these positions of the flattened weight, in their order."""
+        rows = positions // (self.size // self.shape[0])
+        return self._folded(self.base.reshape(-1)[positions], [f[rows] if f.size > 1 else f for f in self.factors])
+
+    def columns(self, start: int, stop: int) -> np.ndarray:
+        """Input columns ``start:stop`` as ``[stop - start, out * taps]``, folded: what moving the whole folded weight gives.
+
+        Each (output, input) kernel is copied as one opaque element (see :func:`_norms`), then folded.
+        """
+        out, inputs = self.shape[0], self.shape[1]
+        tail = self.size // (out * inputs)
+        kernels = self.base.reshape(out, inputs * tail).view(np.dtype((np.void, self.base.itemsize * tail)))
+        moved = np.array(kernels[:, start:stop].T, order="C").view(self.base.dtype).reshape(stop - start, out, tail)
+        folded = self._folded(moved, [f.reshape(1, -1, 1) for f in self.factors])
+        return folded.reshape(stop - start, -1)
+
+    def whole(self) -> np.ndarray:
+        """The folded weight, one new float64 array."""
+        return self.rows(0, self.shape[0])
+
+
 #: Per float type signed natively: the signed integer of its width and its exponent bits.
 #: Widening to float64 keeps every value and its order, so the order statistics of the stored
 #: values, widened, are those of the widened values (half or a quarter of the bytes to scan).
@@ -100,7 +191,7 @@ def _order_keys(bits: np.ndarray) -> np.ndarray:
     return bits ^ ((bits >> (width - 1)) & magnitude)
 
 
-def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+def _order_statistics(flat: np.ndarray | RowScaled, ranks: np.ndarray) -> np.ndarray:
     """The values of the given ranks in ``flat`` sorted (what ``np.partition(flat, ranks)[ranks]`` gives).
 
     ``np.partition`` costs about a pass per rank asked for. Here one pass counts the values in
@@ -111,7 +202,9 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     into a few buckets are partitioned as before.
 
     Args:
-        flat: a 1-D array (float64, float32 or float16 are bucketed, any other is partitioned).
+        flat: a 1-D array (float64, float32 or float16 are bucketed, any other is partitioned),
+            or a :class:`RowScaled` weight (its values in C order): read a few rows at a time,
+            made whole only where partitioned.
         ranks: ascending ranks in ``0..flat.size - 1``.
 
     Returns:
@@ -119,13 +212,15 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """
     native = _NATIVE.get(flat.dtype)
     if flat.size < _BUCKETED_FROM or native is None:
-        return np.partition(flat, ranks)[ranks]
+        return np.partition(_flat(flat), ranks)[ranks]
     integer, exponent_bits = native
     width = integer.itemsize * 8
     mantissa = _MANTISSA_BITS[flat.size >= _FINER_FROM]
     bucket_bits = width if width == 16 else 1 + exponent_bits + mantissa
     # Buckets at either end holding only infinities and NaNs (sign and exponent bits all ones).
     not_finite = 1 << (bucket_bits - 1 - exponent_bits)
+    if isinstance(flat, RowScaled):
+        return _scaled_order_statistics(flat, ranks, bucket_bits, not_finite)
     bits = np.ascontiguousarray(flat).view(integer)
     unsigned = bits.view(np.dtype(f"u{integer.itemsize}"))
     # The raw top bits (sign, exponent, leading mantissa bits), made in place on one new array:
@@ -137,6 +232,46 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     # A narrower type is shifted into the int64 scratch as well (its bits widened with no sign).
     raw = _scratch(bits.size)
     np.right_shift(unsigned, unsigned.dtype.type(width - bucket_bits), out=raw.view(np.uint64), casting="unsafe")
+    return _bucketed(flat, raw, ranks, bucket_bits, not_finite, lambda chosen: bits[chosen])
+
+
+def _flat(flat: np.ndarray | RowScaled) -> np.ndarray:
+    """The values in C order, one array (a :class:`RowScaled` weight made whole)."""
+    return flat.whole().reshape(-1) if isinstance(flat, RowScaled) else flat
+
+
+def _scaled_order_statistics(flat: RowScaled, ranks: np.ndarray, bucket_bits: int, not_finite: int) -> np.ndarray:
+    """:func:`_order_statistics` of a :class:`RowScaled` weight (float64): the same buckets, from its pieces.
+
+    Each piece of rows is folded in cache and its buckets shifted into the scratch; the values
+    of the wanted buckets are folded again, at their positions, for their sort.
+    """
+    raw = _scratch(flat.size)
+    per_row = flat.size // flat.shape[0]
+    step = max(1, _ROW_PIECE // per_row)
+    shift = np.uint64(64 - bucket_bits)
+    for start in range(0, flat.shape[0], step):
+        stop = min(start + step, flat.shape[0])
+        piece = flat.rows(start, stop).reshape(-1).view(np.uint64)
+        np.right_shift(piece, shift, out=raw[start * per_row : stop * per_row].view(np.uint64))
+    return _bucketed(
+        flat, raw, ranks, bucket_bits, not_finite, lambda chosen: flat.taken(np.flatnonzero(chosen)).view(np.int64)
+    )
+
+
+def _bucketed(
+    flat: np.ndarray | RowScaled,
+    raw: np.ndarray,
+    ranks: np.ndarray,
+    bucket_bits: int,
+    not_finite: int,
+    chosen_bits: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """:func:`_order_statistics` once each value's raw bucket is in ``raw``.
+
+    ``chosen_bits`` gives, for a boolean mask of the values, the signed integer bits of those
+    values (in any order: they are sorted).
+    """
     half = 1 << (bucket_bits - 1)
     raw_counts = np.bincount(raw, minlength=1 << bucket_bits)
     # Only the buckets holding values are put in order and summed up: a few thousand (the whole
@@ -148,17 +283,18 @@ def _order_statistics(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     counts = raw_counts[buckets]
     first, last = _ordered_bucket(int(buckets[0]), half), _ordered_bucket(int(buckets[-1]), half)
     if first < not_finite or last >= 2 * half - not_finite:
-        return np.partition(flat, ranks)[ranks]
+        return np.partition(_flat(flat), ranks)[ranks]
     ends = np.cumsum(counts)
     holding = np.searchsorted(ends, ranks, side="right")  # the (occupied) bucket of each rank
     wanted = np.unique(holding)
     if counts[wanted].sum() > flat.size // 8:  # crowded (a narrow range): sorting them would not pay
-        return np.partition(flat, ranks)[ranks]
+        return np.partition(_flat(flat), ranks)[ranks]
+    width = flat.dtype.itemsize * 8
     if bucket_bits == width:  # a bucket per value (float16): its raw bits are the statistic
-        return buckets[holding].astype(unsigned.dtype).view(flat.dtype)
+        return buckets[holding].astype(np.dtype(f"u{flat.dtype.itemsize}")).view(flat.dtype)
     raw_chosen = np.zeros(raw_counts.size, dtype=bool)
     raw_chosen[buckets[wanted]] = True
-    inside = np.sort(_order_keys(bits[raw_chosen[raw]]))  # the wanted buckets' values, in order
+    inside = np.sort(_order_keys(chosen_bits(raw_chosen[raw])))  # the wanted buckets' values, in order
     # Where each wanted bucket starts in ``inside``, and each rank's place in its bucket.
     starts = np.cumsum(counts[wanted]) - counts[wanted]
     place = starts[np.searchsorted(wanted, holding)] + (ranks - (ends[holding] - counts[holding]))
@@ -170,16 +306,16 @@ def _ordered_bucket(raw: int, half: int) -> int:
     return half + raw if raw < half else 2 * half - 1 - raw
 
 
-def _resampled(values: np.ndarray, points: int = QUANTILES) -> np.ndarray:
+def _resampled(values: np.ndarray | RowScaled, points: int = QUANTILES) -> np.ndarray:
     """The sorted values at ``points`` evenly spaced ranks (interpolated), whatever their count.
 
     Only the order statistics on either side of each rank are selected, not the whole array
     sorted; the interpolation is ``np.interp``'s over the ranks ``0..n-1``, term for term, so the
     result is the same to the bit.
     """
-    flat = values.ravel()
+    flat = values if isinstance(values, RowScaled) else values.ravel()
     if flat.size <= points:
-        return np.sort(flat).astype(np.float64)
+        return np.sort(_flat(flat)).astype(np.float64)
     grid = np.linspace(0.0, flat.size - 1.0, points)
     low = grid.astype(np.int64)  # floor: the ranks are not negative (and, as size > points, increasing)
     high = np.minimum(low + 1, flat.size - 1)
@@ -192,12 +328,14 @@ def _resampled(values: np.ndarray, points: int = QUANTILES) -> np.ndarray:
     return resampled
 
 
-def signature(value: np.ndarray) -> list[np.ndarray]:
+def signature(value: np.ndarray | RowScaled) -> list[np.ndarray]:
     """Permutation-invariant statistics of one weight in its canonical layout.
 
     Args:
         value: the weight, neurons on axis 0 (a matrix ``[out, in]``, a convolution kernel
-            ``[out, in, k...]``) or a vector over neurons (a bias, a normalisation's scale).
+            ``[out, in, k...]``) or a vector over neurons (a bias, a normalisation's scale);
+            or a kernel with its neurons' factors folded in (:class:`RowScaled`), signed as
+            the folded float64 array would be, without that array.
 
     Returns:
         Components compared one by one by :func:`distance`: the sorted values (resampled to
@@ -205,7 +343,7 @@ def signature(value: np.ndarray) -> list[np.ndarray]:
         and of its input columns (summed over kernel positions). Each is unchanged by any
         permutation of the neurons and of the inputs.
     """
-    flat = np.asarray(value)
+    flat: np.ndarray | RowScaled = value if isinstance(value, RowScaled) else np.asarray(value)
     # float32 and float16 are signed as stored, each value widened only where a float64 result
     # is computed from it: the same numbers as a float64 copy would give, without the copy.
     if flat.dtype not in _NATIVE:
@@ -218,7 +356,7 @@ def signature(value: np.ndarray) -> list[np.ndarray]:
     beside: Future[tuple[np.ndarray, np.ndarray]] | None = worker.submit(_norms, flat) if worker is not None else None
     if flat.size > 1 << 22:  # quantiles of a huge tensor cost a full sort: a selection suffices
         ranks = np.linspace(0, flat.size - 1, QUANTILES).astype(np.int64)
-        values = _order_statistics(flat.ravel(), ranks).astype(np.float64)
+        values = _order_statistics(flat if isinstance(flat, RowScaled) else flat.ravel(), ranks).astype(np.float64)
     else:
         values = _resampled(flat)
     parts = [values]
@@ -232,7 +370,7 @@ def signature(value: np.ndarray) -> list[np.ndarray]:
 _NORM_PIECE = 1 << 18
 
 
-def _norms(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _norms(flat: np.ndarray | RowScaled) -> tuple[np.ndarray, np.ndarray]:
     """The norms of a weight's rows (axis 0) and of its input columns (axis 1, over the rest).
 
     The squares summed along each row of ``squares.reshape(rows, -1)`` and of the columns moved
@@ -242,8 +380,11 @@ def _norms(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     own), so the norms are the same to the bit, without two whole arrays of squares (whose page
     faults cost more than the sums). Nothing is written into ``flat``. A float32 or float16
     weight is squared in float64 (each value widened, then squared: what a float64 copy gives).
+    A :class:`RowScaled` kernel is folded a piece at a time, each piece as the folded array's.
     """
     out, inputs = flat.shape[0], flat.shape[1]
+    if isinstance(flat, RowScaled):
+        return _scaled_norms(flat)
     if not flat.flags.c_contiguous or flat.ndim < 3:  # a matrix's columns are summed strided, as before
         squares = np.multiply(flat, flat, dtype=np.float64)
         rows = np.sqrt(squares.reshape(out, -1).sum(axis=1))
@@ -272,6 +413,28 @@ def _norms(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Squared into a new C-contiguous piece (the moved view may be the weight itself).
         moved = np.square(np.moveaxis(flat[:, start:stop], 1, 0).reshape(stop - start, -1), dtype=np.float64)
         column_sums[start:stop] = moved.sum(axis=1)
+    return np.sqrt(row_sums), np.sqrt(column_sums)
+
+
+def _scaled_norms(flat: RowScaled) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_norms` of a :class:`RowScaled` kernel: the same pieces, each folded where made.
+
+    A row piece is the folded rows, a column piece the folded weight's kernels moved (the
+    same numbers in the same C-contiguous layout as :func:`_norms` makes of the folded array):
+    squared in place and summed as there.
+    """
+    out, inputs = flat.shape[0], flat.shape[1]
+    row_sums = np.empty(out)
+    step = max(1, _NORM_PIECE // max(flat.size // out, 1))
+    for start in range(0, out, step):
+        piece = flat.rows(start, min(start + step, out))
+        row_sums[start : start + step] = np.square(piece, out=piece).reshape(piece.shape[0], -1).sum(axis=1)
+    column_sums = np.empty(inputs)
+    step = max(1, _NORM_PIECE // max(flat.size // inputs, 1))
+    for start in range(0, inputs, step):
+        stop = min(start + step, inputs)
+        moved = flat.columns(start, stop)
+        column_sums[start:stop] = np.square(moved, out=moved).sum(axis=1)
     return np.sqrt(row_sums), np.sqrt(column_sums)
 
 

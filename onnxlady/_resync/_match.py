@@ -66,6 +66,7 @@ import onnx
 
 from onnxlady._analysis._channels import ChannelAnalysis
 from onnxlady._graph._model_graph import ModelGraph, node_label
+from onnxlady._resync._branch_merges import absorbed_sites, merge_branches
 from onnxlady._resync._connections import connection_agreement
 from onnxlady._resync._conversions import LINEAR_FAMILIES, find_conversions
 from onnxlady._resync._group_pairing import axis_labels, pair_groups
@@ -133,14 +134,16 @@ def _divergences(
     ref_sites: list[Site],
     sus_sites: list[Site],
     pairing: SitePairing,
+    absorbed: tuple[set[int], set[int]] = (set(), set()),
 ) -> list[str]:
-    """Where sites stayed without counterpart, by the alignment's unequal stretches."""
+    """Where sites stayed without counterpart, by the alignment's unequal stretches (branches merged into a pair are held)."""
     found = []
-    paired_suspect = set(pairing.pairs.values())
+    paired_suspect = set(pairing.pairs.values()) | absorbed[1]
+    paired_reference = set(pairing.pairs) | absorbed[0]
     for tag, a0, a1, b0, b1 in pairing.opcodes:
         if tag == "equal":
             continue
-        ref_left = [ref_sites[i] for i in range(a0, a1) if i not in pairing.pairs and ref_sites[i].weighs and ref_sites[i].live]
+        ref_left = [ref_sites[i] for i in range(a0, a1) if i not in paired_reference and ref_sites[i].weighs and ref_sites[i].live]
         sus_left = [sus_sites[i] for i in range(b0, b1) if i not in paired_suspect and sus_sites[i].weighs and sus_sites[i].live]
         if not ref_left and not sus_left:
             continue
@@ -185,6 +188,9 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
     ref_sites = find_sites(ref_graph, {plan.source for plan in reference.tensors})
     sus_sites = find_sites(sus_graph, {plan.source for plan in suspect.tensors})
     pairing = pair_sites(ref_graph, sus_graph, ref_sites, sus_sites)
+    # Parallel branches one model re-parameterised into one convolution: read merged (F7).
+    merge_branches(ref_graph, sus_graph, ref_sites, sus_sites, pairing.pairs)
+    absorbed = (absorbed_sites(ref_sites), absorbed_sites(sus_sites))
     ordered = sorted(pairing.pairs.items())
     pairs = [(ref_sites[a], sus_sites[b]) for a, b in ordered]
     how = [pairing.how[a] for a, _ in ordered]
@@ -202,6 +208,10 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
     alike = [(mine, theirs) for mine, theirs in pairs if mine.live == theirs.live]
     held = sum(mine.size * counts(mine) + theirs.size * counts(theirs) for mine, theirs in alike)
     counted_pairs = sum(counts(mine) + counts(theirs) for mine, theirs in alike)
+    # Branches merged into a paired site are held by that pair.
+    merged = [sites[number] for sites, numbers in zip((ref_sites, sus_sites), absorbed) for number in numbers]
+    held += sum(site.size for site in merged if counts(site))
+    counted_pairs += sum(1 for site in merged if counts(site))
     # The smallest of three shares: of weights, of sites (a narrower first layer holds few
     # weights but is a different model all the same) and of layer-to-layer connections (two
     # encoders of one width pair every layer, but not how the layers connect).
@@ -222,6 +232,7 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
         )
         for number, site in enumerate(sites)
         if site.family in LINEAR_FAMILIES and counts(site) and site.size >= LAYER_ELEMENTS and number not in paired
+        and number not in absorbed[side == "suspect"]
     ]
     return ModelMatch(
         reference,
@@ -231,7 +242,7 @@ def match_analyses(reference: ChannelAnalysis, suspect: ChannelAnalysis) -> Mode
         sus_sites,
         groups,
         unmatched,
-        _divergences(ref_graph, sus_graph, ref_sites, sus_sites, pairing),
+        _divergences(ref_graph, sus_graph, ref_sites, sus_sites, pairing, absorbed),
         conversions,
         (len(ref_sites), len(sus_sites)),
         confidence,

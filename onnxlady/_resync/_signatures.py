@@ -13,7 +13,7 @@ import numpy as np
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
 from onnxlady._io._external import release_pages
-from onnxlady._resync._invariants import signature
+from onnxlady._resync._invariants import RowScaled, signature
 from onnxlady._resync._sites import Operand, Site, post_affine, read_operand
 from onnxlady._resync._values import read_constant
 
@@ -70,17 +70,21 @@ class Signatures:
 
 def _folded_for_signature(
     graph: ModelGraph, site: Site, operand: Operand, value: np.ndarray, scratch: list[np.ndarray] | None = None
-) -> np.ndarray:
+) -> np.ndarray | RowScaled:
     """A unit's weight and bias with its BatchNorm, then its scalar steps, folded in.
 
     A folded copy then signs the same as the unfolded one. With ``scratch`` (a list holding at
     most one float64 array, grown as needed), a folded weight is written into that array, reused
     from weight to weight: the result is then only valid until the next call with the same
     scratch (a signature is computed from it at once). A fresh array per weight cost its page
-    faults, more than the products themselves.
+    faults, more than the products themselves. A kernel :meth:`RowScaled.fits` is not written
+    at all: it comes back as the weight and its factors, folded a piece at a time as it is
+    signed (:class:`~onnxlady._resync._invariants.RowScaled`: about the same time, and no
+    float64 copy as large as the largest kernel held through the matching).
     """
     if operand.role not in ("weight", "bias"):
         return value
+    folded: np.ndarray | RowScaled = value
     if site.batchnorm is not None:
         if site.lone_batchnorm:  # a BatchNorm of its own: a layer of weight ones and bias zeros, folded
             value = np.ones(value.shape) if operand.role == "weight" else np.zeros(value.shape)
@@ -92,17 +96,21 @@ def _folded_for_signature(
             eps = float(node_attribute(graph.nodes[site.batchnorm], "epsilon", 1e-5))
             scale = gamma.value / np.sqrt(var.value + eps)
             if operand.role == "weight":
-                value = _product(value, scale.reshape((-1,) + (1,) * (value.ndim - 1)), scratch)
+                folded = _product(value, scale.reshape((-1,) + (1,) * (value.ndim - 1)), scratch)
             else:
-                value = (value - mean.value) * scale + beta.value
+                folded = (value - mean.value) * scale + beta.value
+        else:
+            folded = value
     post = post_affine(graph, site)
     if post is not None:
         if operand.role == "weight":
-            value = _product(value, post[0].value.reshape((-1,) + (1,) * (value.ndim - 1)), scratch)
-            value = np.add(value, 0.0, out=value) if scratch is not None and _in_scratch(value, scratch) else value + 0.0
-        else:
-            value = value * post[0].value + post[1].value
-    return value
+            folded = _product(folded, post[0].value.reshape((-1,) + (1,) * (folded.ndim - 1)), scratch)
+            if isinstance(folded, RowScaled):
+                return folded.plus_zeros()
+            return np.add(folded, 0.0, out=folded) if scratch is not None and _in_scratch(folded, scratch) else folded + 0.0
+        assert not isinstance(folded, RowScaled)  # (only a weight is kept so)
+        return folded * post[0].value + post[1].value
+    return folded
 
 
 def _in_scratch(array: np.ndarray, scratch: list[np.ndarray]) -> bool:
@@ -110,12 +118,19 @@ def _in_scratch(array: np.ndarray, scratch: list[np.ndarray]) -> bool:
     return bool(scratch) and np.shares_memory(array, scratch[0])
 
 
-def _product(value: np.ndarray, factor: np.ndarray, scratch: list[np.ndarray] | None) -> np.ndarray:
+def _product(value: np.ndarray | RowScaled, factor: np.ndarray, scratch: list[np.ndarray] | None) -> np.ndarray | RowScaled:
     """``value * factor``, written into ``scratch`` (see :func:`_folded_for_signature`) when it may be.
 
     Only where the plain product would be a C-contiguous float64 array of ``value``'s shape: the
-    same numbers in the same layout, so the signature sums them in the same order.
+    same numbers in the same layout, so the signature sums them in the same order. With a
+    scratch, a kernel and a factor per neuron (:meth:`RowScaled.fits`) are kept as such instead.
     """
+    if isinstance(value, RowScaled):  # (made from a kernel that fits, by a factor that fits)
+        if np.asarray(factor).dtype == np.float64 and factor.shape[0] in (1, value.shape[0]):
+            return value.times(factor)
+        value = value.whole()  # (not met: every factor here is a float64 vector over the neurons)
+    elif scratch is not None and RowScaled.fits(value, np.asarray(factor)):
+        return RowScaled(value, (), False).times(factor)
     if (
         scratch is None
         or not value.flags.c_contiguous

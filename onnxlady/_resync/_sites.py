@@ -215,6 +215,13 @@ class Site:
     #: converters treat differently (see :func:`_scalar_beyond`): ``("mul", node, constant's
     #: slot)`` or ``("alpha", node, -1)``. Not folded in: compared per pair, on the evidence.
     beyond: tuple[str, int, int] | None = None
+    #: Parallel convolutions summed with this one over its input, which the other model holds
+    #: re-parameterised into this layer's one kernel (RepVGG's deploy form): read merged, see
+    #: :mod:`onnxlady._resync._branch_merges`. Set by the matching, never by :func:`find_sites`.
+    branches: tuple[Site, ...] = ()
+    #: Where an identity branch summed with it enters, ``(BatchNormalization, 0)``: merged in
+    #: as a unit kernel with that BatchNorm folded.
+    identity: tuple[int, int] | None = None
 
     @property
     def key(self) -> tuple[int, int]:

@@ -48,9 +48,11 @@ to the suspect to produce the same tensors.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,6 +107,8 @@ _EXACT_PRODUCT = 1 << 28
 _SKETCH_DIM = 512
 #: Bytes of one band of :func:`_count_sketch`'s signed rows (reused while in cache).
 _SKETCH_BAND_BYTES = 1 << 20
+#: Within :meth:`ResyncState.run`: the thread a sketched block's suspect side is centred in.
+_BESIDE: contextvars.ContextVar[Executor | None] = contextvars.ContextVar("onnxlady_centring", default=None)
 #: Elements of a score matrix handled at once: a band of rows whose float64 temporaries stay in cache.
 _BAND = 1 << 16
 _CANDIDATES = 8
@@ -350,8 +354,12 @@ class _Block:
         """
         if stored:
             sign = rng.choice(np.array([-1.0, 1.0]), ref.shape[1])  # float64, as the widened block's
+            # The two sides are independent (numpy's passes let go of the GIL): within a run, the
+            # suspect's is centred in the run's second thread meanwhile (the same numbers).
+            worker = _BESIDE.get()
+            beside = worker.submit(_centred_sketch, sus, sign) if worker is not None else None
             ref_rows, ref_sketch, ref_sq = _centred_sketch(ref, sign)
-            sus_rows, sus_sketch, sus_sq = _centred_sketch(sus, sign)
+            sus_rows, sus_sketch, sus_sq = beside.result() if beside is not None else _centred_sketch(sus, sign)
             return cls(ref_rows, sus_rows, ref_sq, sus_sq, (ref_sketch, sus_sketch))
         if ref.shape[0] > 1:  # centring removes what all neurons share (BatchNorm variances near 1)
             ref_buffer, sus_buffer = buffers if buffers is not None else (None, None)
@@ -1028,6 +1036,11 @@ class ResyncState:
         self.stats[gid] = _Solve(margins, int(blocks.zero_sus.sum()), duplicates, float(chosen.mean()))
         if np.array_equal(step, identity):
             return False
+        self._take(gid, step)
+        return True
+
+    def _take(self, gid: str, step: np.ndarray) -> None:
+        """Re-order group ``gid`` by ``step`` (its new neuron ``j`` is its current ``step[j]``)."""
         self.match[gid] = self.match[gid][step]
         for plan_index in self.touched[gid]:
             self._apply(plan_index, gid, step)
@@ -1039,7 +1052,92 @@ class ResyncState:
             if len(held) == len(inners):
                 for block, inner in enumerate(inners):
                     self.match[inner] = held[int(step[block])]
-        return True
+
+    def keep_stored_orders(self, unchanged: frozenset[str] = frozenset()) -> list[str]:
+        """Put back in the suspect's stored order each group that order explains as well as its match.
+
+        The suspect as stored is the null hypothesis: a group is moved only on evidence the
+        stored order lacks. With every group solved, a moved group's slices are compared in both
+        orders; it goes back where the stored order
+
+        - agrees with the reference exactly on at least as many elements (and on some), for a
+          group carrying a tensor the suspect stores bit for bit as the reference does
+          (``unchanged``, reference names): a copy whose one layer's heads were swapped keeps the
+          other layer's tensors, which moving the heads group (shared through a stacked KV cache)
+          would re-order, as much as it puts the swapped layer back (held-out round 17, F6). A
+          true permutation agrees exactly in its own order only;
+        - or, where the match has ties (a margin below :data:`AMBIGUITY_MARGIN`), is at least as
+          close to the reference (a distance no larger, each slice scaled by its energy so that
+          no large tensor drowns a bias): the first pass broke the tie on what it could see (an
+          attention head dimension on its biases alone, the weights waiting for the hidden
+          size's group), and ties are no evidence of a move.
+
+        An audit then does not report as re-ordered the tensors the resync itself re-ordered.
+
+        Returns:
+            The groups put back (their statistics re-measured with every slice).
+        """
+        everything = frozenset(self.match)
+        kept = []
+        for group in self.order:
+            gid = group.id
+            stats, match = self.stats.get(gid), self.match.get(gid)
+            if stats is None or match is None:
+                continue
+            identity = np.arange(match.size)
+            if np.array_equal(match, identity):
+                continue
+            back = np.argsort(match)  # match[back] is the stored order
+            steps = (identity, back)
+            exact = any(self.analysis.tensors[piece.plan].source in unchanged for piece in self.slices[gid])
+            tied = bool(stats.margins.size and stats.margins.min() < AMBIGUITY_MARGIN)
+            if not (exact and 0 < (agreed := self._agreements(gid, everything, steps))[1] >= agreed[0]) and not (
+                tied and (distance := self._distances(gid, everything, steps))[1] <= distance[0]
+            ):
+                continue
+            self._take(gid, back)
+            blocks = self.blocks(gid, everything)
+            scores = blocks.scores(blocks.unit_weights(), self.options.similarity)
+            self.stats[gid] = _Solve(
+                scores.margins(), int(blocks.zero_sus.sum()), 0, float(scores.chosen(identity).mean())
+            )
+            kept.append(gid)
+        return kept
+
+    def _aligned_pairs(self, gid: str, solved: frozenset[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The reference's and the suspect's block of each of the group's aligned slices (as stored)."""
+        for piece in self.slices[gid]:
+            if not piece.misaligned_dims(solved):
+                yield gather_block(self.reference[piece.plan], piece, ()), gather_block(self.work[piece.plan], piece, ())
+
+    def _agreements(self, gid: str, solved: frozenset[str], steps: tuple[np.ndarray, np.ndarray]) -> list[int]:
+        """Per step, the elements of the group's aligned slices equal to the reference's, where the steps differ.
+
+        Only the elements the two orders place differently count: a tensor the move leaves as it
+        is (a shift of zeros, a constant scale) says nothing of which order is right.
+        """
+        totals = [0, 0]
+        for ref, sus in self._aligned_pairs(gid, solved):
+            first, second = sus[steps[0]], sus[steps[1]]
+            apart = first != second
+            if apart.any():
+                ref = ref[apart]
+                totals[0] += int(np.count_nonzero(ref == first[apart]))
+                totals[1] += int(np.count_nonzero(ref == second[apart]))
+        return totals
+
+    def _distances(self, gid: str, solved: frozenset[str], steps: Sequence[np.ndarray]) -> list[float]:
+        """Per step, the squared distance of the group's aligned slices, each scaled by its energy."""
+        totals = [0.0] * len(steps)
+        for ref_stored, sus_stored in self._aligned_pairs(gid, solved):
+            ref, sus = ref_stored.astype(np.float64), sus_stored.astype(np.float64)
+            energy = float(np.vdot(ref, ref) + np.vdot(sus, sus))
+            if not energy > 0:
+                continue
+            for number, step in enumerate(steps):
+                difference = ref - sus[step]
+                totals[number] += float(np.vdot(difference, difference)) / energy
+        return totals
 
     def _apply(self, plan_index: int, gid: str, step: np.ndarray) -> None:
         self.work[plan_index] = self._moved(self.work[plan_index], plan_index, gid, step)
@@ -1053,11 +1151,19 @@ class ResyncState:
         return array
 
     def run(self, progress: Callable[[str], None] | None) -> int:
-        """First pass in group order, then refinement rounds; returns the rounds run."""
+        """First pass in group order, then refinement rounds; returns the rounds run.
+
+        Within it, a sketched block's two sides are centred side by side (see :meth:`_Block.build`).
+        """
         self._centred = []
+        token = None
         try:
-            return self._run(progress)
+            with ThreadPoolExecutor(1, thread_name_prefix="onnxlady-centring") as worker:
+                token = _BESIDE.set(worker)
+                return self._run(progress)
         finally:
+            if token is not None:
+                _BESIDE.reset(token)
             self._centred = None
 
     def _run(self, progress: Callable[[str], None] | None) -> int:
@@ -1147,19 +1253,30 @@ def _duplicated(state: ResyncState, gid: str) -> np.ndarray:
 
     Their full signature (every slice, raw) equals another neuron's, or they are dead (every slice
     negligible, see DEAD_NEURON_SCALE) while another neuron of the group is dead too.
+
+    Rows are compared one slice at a time: each slice's distinct rows refine a label per neuron, so
+    memory stays within one tensor's slice (a residual stream's signature is most of the model;
+    concatenated in float64 it took several times the model, and minutes to sort).
     """
-    blocks = [gather_block(state.reference[p.plan], p, ()) for p in state.slices[gid]]
     n = state.analysis.group(gid).size
-    if not blocks:
+    if not state.slices[gid]:
         return np.ones(n, dtype=bool)
-    blocks64 = [b.astype(np.float64).reshape(n, -1) for b in blocks]
-    rows = np.ascontiguousarray(np.concatenate(blocks64, axis=1))
-    _, inverse, counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
-    duplicated = counts[inverse.reshape(-1)] > 1
+    labels = np.zeros(n, dtype=np.int64)
     dead = np.ones(n, dtype=bool)
-    for block in blocks64:
-        magnitude = np.abs(block).max(axis=1) if block.shape[1] else np.zeros(n)
+    for piece in state.slices[gid]:
+        block = gather_block(state.reference[piece.plan], piece, ()).astype(np.float64).reshape(n, -1)
+        if not block.shape[1]:
+            continue  # no values: equal rows, and dead (nothing above the scale)
+        magnitude = np.abs(block).max(axis=1)
         dead &= magnitude <= DEAD_NEURON_SCALE * max(float(magnitude.max()), 1e-300)
+        # + 0.0 makes -0.0 the bytes of 0.0: equal rows (the values are finite) are equal bytes.
+        rows = np.ascontiguousarray(block + 0.0).view(np.dtype((np.void, block.shape[1] * 8))).ravel()
+        del block
+        _, block_labels = np.unique(rows, return_inverse=True)
+        _, labels = np.unique(labels * n + block_labels.reshape(-1), return_inverse=True)
+        labels = labels.reshape(-1)
+    counts = np.bincount(labels, minlength=n)
+    duplicated = counts[labels] > 1
     if dead.sum() > 1:
         duplicated |= dead
     return duplicated

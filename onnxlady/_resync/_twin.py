@@ -432,6 +432,29 @@ def _check_finite_unkept(values: FloatConstants, names: Iterable[str]) -> None:
             raise OnnxladyError(f"tensor '{name}' of the {values.which} holds NaN or Inf values")
 
 
+def _unchanged(
+    analysis: ChannelAnalysis, leaves: list[list[str]], reference: FloatConstants, suspect: FloatConstants, released: bool
+) -> frozenset[str]:
+    """The planned tensors the suspect stores bit for bit as the reference does, under the same name.
+
+    The groups they carry are kept in the stored order unless a move agrees with the reference
+    on more elements (:meth:`~onnxlady._resync._solver.ResyncState.keep_stored_orders`). A
+    leading run of elements is compared first: a moved or perturbed tensor differs there and
+    is not compared whole. ``released``: the reference is read without being kept.
+    """
+    found: set[str] = set()
+    for plan, names in zip(analysis.tensors, leaves):
+        if names != [plan.source] or plan.source in found:
+            continue  # (a tensor the suspect untied into copies is not known unchanged)
+        ref = _read_unkept(reference, plan.source) if released else reference.array(plan.source)
+        sus = suspect.array(plan.source)
+        head = min(ref.size, 64)
+        if ref.shape == sus.shape and np.array_equal(ref.reshape(-1)[:head], sus.reshape(-1)[:head]):
+            if np.array_equal(ref, sus):
+                found.add(plan.source)
+    return frozenset(found)
+
+
 # -- entry point ------------------------------------------------------------------------------
 def twin_leaves(analysis: ChannelAnalysis, suspect: onnx.ModelProto) -> list[list[str]]:
     """The suspect's tensors behind each of the reference's planned tensors.
@@ -483,6 +506,7 @@ def resync_twin(
     else:
         ref_values.check_finite(plan.source for plan in analysis.tensors)
     sus_values.check_finite(name for names in leaves for name in names)
+    unchanged = _unchanged(analysis, leaves, ref_values, sus_values, released)
     order = analysis.permutable_groups
     slices, touched = group_slices(analysis, {g.id for g in order})
     if mapped:
@@ -523,6 +547,7 @@ def resync_twin(
         # solver moves its tensor, instead of the cache keeping every weight twice to the end.
         del sus_values
     rounds = state.run(progress)
+    state.keep_stored_orders(unchanged)  # the stored order is kept where it explains as much (see there)
     tally = PsiTally()
     groups = [group_report(state, group, tally, true_perms.get(group.id)) for group in order]
     say(progress, "resync: writing the re-ordered suspect")

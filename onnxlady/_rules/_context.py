@@ -59,9 +59,16 @@ class Binding:
     expr: Expr
     role: str
 
-    # One per weight axis: filled directly, at half the cost of the generated frozen __init__.
+    # One per weight axis: filled directly, at half the cost of the generated frozen __init__
+    # (item by item: a keyword dict for ``update`` costs a third more).
     def __init__(self, node: int, slot: int, leaf: str, axis: int, expr: Expr, role: str) -> None:
-        self.__dict__.update(node=node, slot=slot, leaf=leaf, axis=axis, expr=expr, role=role)
+        fields = self.__dict__
+        fields["node"] = node
+        fields["slot"] = slot
+        fields["leaf"] = leaf
+        fields["axis"] = axis
+        fields["expr"] = expr
+        fields["role"] = role
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,10 @@ class AnalysisState:
     #: The bindings grouped by constant leaf, with the number of bindings they were made from
     #: (a memo of the analysis, see ``onnxlady._analysis._channels._bindings_by_leaf``).
     bindings_by_leaf: tuple[int, dict[str, dict[tuple[int, int], dict[int, Binding]]]] | None = None
+    #: The rule (an ``OpRule``, which imports this module) of each ``(op_type, domain)`` met so
+    #: far, None where there is none: a memo of ``rule_for`` for this analysis, one dict read per
+    #: node instead of a call and a key made.
+    rules: dict[tuple[str, str], Any] = field(default_factory=dict)
 
 
 class RuleContext:
@@ -495,8 +506,9 @@ class RuleContext:
                     tracked[outputs[slot]] = {axis: expr}
                 else:
                     spaces[axis] = expr
-        for slot, joint_spaces in self._joint_emitted.items():
-            joint.setdefault(self.output(slot), []).extend(joint_spaces)
+        if self._joint_emitted:
+            for slot, joint_spaces in self._joint_emitted.items():
+                joint.setdefault(self.output(slot), []).extend(joint_spaces)
         if self._bound:  # (_with_companions: nothing without a binding)
             bindings = state.bindings
             for binding in self._with_companions():
@@ -561,6 +573,13 @@ class RuleContext:
             return []
         graph = self.graph
         node_inputs, constant_leaf = graph._node_inputs, graph.constant_leaf
+        for binding in self._bound:
+            if node_inputs[binding.node][binding.slot] != binding.leaf:
+                break
+        else:
+            # Every leaf read directly, by its own name (most weights): no chain node, so no
+            # companion (a name read through a chain is a chain node's output, never the leaf's).
+            return list(self._bound)
         # A queue read in place: companions are appended behind the bindings still to visit,
         # and the list, once read through, is every binding in the order visited.
         result = list(self._bound)

@@ -60,14 +60,21 @@ class BroadcastRule(OpRule):
         operands: dict[int, _Operand] = {}
         constants = 0
         carried = unknown_rank = False
+        top_rank = 0  # the highest known rank (the output's, when every rank is known)
+        names: set[str] = set()
         tracked = ctx.state_tracked
         for slot, name in enumerate(ctx.input_names):
             if name:
                 operand = operands[slot] = _Operand(ctx, name, tracked)
                 slots.append(slot)
+                names.add(name)
                 constants += operand.const
                 carried = carried or bool(operand.spaces)
-                unknown_rank = unknown_rank or operand.rank is None  # (rank None: shape None)
+                rank = operand.rank
+                if rank is None:  # (rank None: shape None)
+                    unknown_rank = True
+                elif rank > top_rank:
+                    top_rank = rank
         if not carried and not (constants and constants < len(slots)):
             return
         if not carried and unknown_rank:
@@ -80,10 +87,10 @@ class BroadcastRule(OpRule):
                     for expr in ctx.take_all(slot).values():
                         ctx.freeze(expr, "unknown-shape", f"the rank of '{ctx.input(slot)}' is unknown")
         else:
-            out_rank = max(operand.rank or 0 for operand in operands.values())  # (every rank known here)
+            out_rank = top_rank  # (every rank known here)
         # A take may start a state input's space (KV caches): one operand read twice (x * x)
         # must then see it at its other slot, so its spaces are read again at each axis.
-        again = len({operand.name for operand in operands.values()}) < len(slots)
+        again = len(names) < len(slots)
         for out_axis in range(out_rank):
             self._couple_axis(ctx, slots, operands, out_rank, out_axis, again)
 

@@ -69,27 +69,7 @@ class PermutationKey:
             A dict of plain values: format and version, the source and permuted models' hashes,
             the seed, the groups with their permutations, the permuted tensors and the untied copies.
         """
-        return {
-            "format": KEY_FORMAT,
-            "version": KEY_VERSION if _holds_grouped([self.tensors, self.extra]) else 1,
-            "source": {
-                "file": self.source_file,
-                "sha256": self.source_sha256,
-                "graph_fingerprint": self.source_fingerprint,
-                "weights_sha256": self.source_weights_sha256,
-            },
-            "permuted": {
-                "sha256": self.permuted_sha256,
-                "graph_fingerprint": self.permuted_fingerprint,
-                "weights_sha256": self.permuted_weights_sha256,
-                **({"data_sha256": self.permuted_data_sha256} if self.permuted_data_sha256 else {}),
-            },
-            "seed": self.seed,
-            "groups": self.groups,
-            "tensors": self.tensors,
-            "untied": self.untied,
-            **self.extra,
-        }
+        return key_document(self, KEY_VERSION if _holds_grouped([self.tensors, self.extra]) else 1)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], origin: str = "key") -> PermutationKey:
@@ -161,6 +141,34 @@ class PermutationKey:
         )
 
 
+def key_document(key: PermutationKey, version: int) -> dict[str, Any]:
+    """The document :meth:`PermutationKey.to_json` returns, with ``version`` as its version.
+
+    (A writer that finds the version as it walks the records passes a placeholder, then writes the found one.)
+    """
+    return {
+        "format": KEY_FORMAT,
+        "version": version,
+        "source": {
+            "file": key.source_file,
+            "sha256": key.source_sha256,
+            "graph_fingerprint": key.source_fingerprint,
+            "weights_sha256": key.source_weights_sha256,
+        },
+        "permuted": {
+            "sha256": key.permuted_sha256,
+            "graph_fingerprint": key.permuted_fingerprint,
+            "weights_sha256": key.permuted_weights_sha256,
+            **({"data_sha256": key.permuted_data_sha256} if key.permuted_data_sha256 else {}),
+        },
+        "seed": key.seed,
+        "groups": key.groups,
+        "tensors": key.tensors,
+        "untied": key.untied,
+        **key.extra,
+    }
+
+
 #: Largest group size, identity block or axis length a key may name.
 MAX_KEY_SIZE = 2**31 - 1
 #: Highest tensor rank a key may name an axis of.
@@ -218,41 +226,60 @@ class _Schema:
             raise self.fail(f"{what} is {_shown(text)}, not a sha256 in hex")
         return text
 
+    # group() and tensor() run once per record of a key of thousands: a field of the usual type
+    # is taken as it is, and only another one goes through the check that names it (formatting
+    # each check's label up front cost more than the checks).
     def group(self, value: Any, number: int) -> dict[str, Any]:
-        group = dict(self.mapping(value, f"group #{number}"))
+        group = dict(value if type(value) is dict else self.mapping(value, f"group #{number}"))
         for name in ("id", "size", "perm"):
             if name not in group:
                 raise self.fail(f"group #{number} lacks {name!r}")
-        gid = self.text(group["id"], f"the id of group #{number}")
-        size = self.integer(group["size"], f"the size of group {gid}", 1)
-        values = self.array(group["perm"], f"the permutation of group {gid}")
+        gid = group["id"]
+        if type(gid) is not str:
+            gid = self.text(gid, f"the id of group #{number}")
+        size = group["size"]
+        if type(size) is not int or not 1 <= size <= MAX_KEY_SIZE:
+            size = self.integer(size, f"the size of group {gid}", 1)
+        values = group["perm"]
+        if type(values) is not list:
+            values = self.array(values, f"the permutation of group {gid}")
         if len(values) != size:
             raise OnnxladyError(f"{self.origin}: group {gid} does not hold a permutation of {size}")
-        for value in values:
-            self.integer(value, f"an entry of group {gid}'s permutation", 0, size - 1)
+        # One pass over a permutation of plain ints (bools are not ints here); any other entry
+        # goes through the check that names it.
+        if not all(type(value) is int for value in values) or (values and not 0 <= min(values) <= max(values) < size):
+            for value in values:
+                self.integer(value, f"an entry of group {gid}'s permutation", 0, size - 1)
         if len(set(values)) != size:
             raise OnnxladyError(f"{self.origin}: group {gid} does not hold a permutation of {size}")
-        if "members" in group:
+        if "members" in group and type(group["members"]) is not list:
             self.array(group["members"], f"the members of group {gid}")
         return group
 
     def tensor(self, value: Any, known: set[str]) -> dict[str, Any]:
-        entry = dict(self.mapping(value, "a tensor entry"))
+        entry = dict(value if type(value) is dict else self.mapping(value, "a tensor entry"))
         for name in ("tensor", "source", "axes"):
             if name not in entry:
                 raise self.fail(f"a tensor entry lacks {name!r}")
-        name = self.text(entry["tensor"], "a tensor name")
-        self.text(entry["source"], f"the source of tensor {name!r}")
+        name = entry["tensor"]
+        if type(name) is not str:
+            name = self.text(name, "a tensor name")
+        if type(entry["source"]) is not str:
+            self.text(entry["source"], f"the source of tensor {name!r}")
+        items = entry["axes"]
+        if type(items) is not list:
+            items = self.array(items, f"the axes of tensor {name!r}")
         axes = [
-            dict(self.mapping(item, f"an axis of tensor {name!r}"))
-            for item in self.array(entry["axes"], f"the axes of tensor {name!r}")
+            dict(item if type(item) is dict else self.mapping(item, f"an axis of tensor {name!r}")) for item in items
         ]
         seen = set()
         for item in axes:
             for field_name in ("axis", "expr"):
                 if field_name not in item:
                     raise self.fail(f"an axis of tensor {name!r} lacks {field_name!r}")
-            axis = self.integer(item["axis"], f"the axis of tensor {name!r}", 0, MAX_KEY_RANK - 1)
+            axis = item["axis"]
+            if type(axis) is not int or not 0 <= axis < MAX_KEY_RANK:
+                axis = self.integer(axis, f"the axis of tensor {name!r}", 0, MAX_KEY_RANK - 1)
             if axis in seen:
                 raise self.fail(f"axis {axis} of tensor {name!r} is listed twice")
             seen.add(axis)
@@ -344,7 +371,9 @@ def read_key(path: str | os.PathLike[str]) -> PermutationKey:
     return PermutationKey.from_json(data, str(path))
 
 
-def check_key_fits(key: PermutationKey, model: onnx.ModelProto) -> None:
+def check_key_fits(
+    key: PermutationKey, model: onnx.ModelProto, holders: Mapping[str, onnx.TensorProto] | None = None
+) -> None:
     """Check, before anything is applied, that ``key`` fits ``model``'s tensors exactly.
 
     Every tensor the key names exists; every axis is within its rank; every index map's size
@@ -354,11 +383,13 @@ def check_key_fits(key: PermutationKey, model: onnx.ModelProto) -> None:
     Args:
         key: a key validated by :meth:`PermutationKey.from_json` (or made by this package).
         model: the model the key is to be applied to.
+        holders: ``tensor_holders(model)``, when the caller has it already.
 
     Raises:
         OnnxladyError: the first mismatch found.
     """
-    holders = tensor_holders(model)
+    if holders is None:
+        holders = tensor_holders(model)
     sizes = {str(g["id"]): int(g["size"]) for g in key.groups}
     for entry in key.tensors:
         name = entry["tensor"]
@@ -376,6 +407,8 @@ def check_key_fits(key: PermutationKey, model: onnx.ModelProto) -> None:
                 size = -1
             if size != dims[axis]:
                 raise OnnxladyError(f"tensor '{name}' does not have the shape the key expects on axis {axis}")
+    if not key.untied:  # (the sets below cost a pass over every node)
+        return
     outputs = {output for node in model.graph.node for output in node.output}
     names = outputs | {t.name for t in model.graph.initializer}
     for record in key.untied:
@@ -544,11 +577,14 @@ def _fingerprint_graph(graph: onnx.GraphProto, lines: list[bytes]) -> None:
         add(f"in:{value.name}\n".encode())
     for value in graph.output:
         add(f"out:{value.name}\n".encode())
+    # A repeated field's slice is a list (as list() makes it, in half the time), written as list() writes it.
     for tensor in graph.initializer:
-        add(f"init:{tensor.name}:{tensor.data_type}:{list(tensor.dims)}\n".encode())
+        add(f"init:{tensor.name}:{tensor.data_type}:{tensor.dims[:]}\n".encode())
     tensor_type, graph_type, graphs_type = onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS
     for node in graph.node:
-        add(f"node:{node.domain}:{node.op_type}:{list(node.input)}:{list(node.output)}\n".encode())
+        add(f"node:{node.domain}:{node.op_type}:{node.input[:]}:{node.output[:]}\n".encode())
+        if not node.attribute:  # (most nodes: asking is cheaper than an empty loop)
+            continue
         for attribute in node.attribute:
             kind = attribute.type
             if kind == tensor_type:

@@ -32,7 +32,6 @@ from onnxlady._transforms._key import (
     evaluate_tree,
     expr_to_tree,
     graph_fingerprint,
-    tree_size,
 )
 
 if TYPE_CHECKING:  # annotations only: unpermute runs without the analysis (and its rules) imported
@@ -214,9 +213,8 @@ def permute_model(
     _check_perms(analysis, perms)
     source_fingerprint = graph_fingerprint(model)
     untied = _untie(analysis)
-    holders = _tensor_holders(model)
-    # A streaming writer overrides main-graph tensors only: subgraphs' constants are permuted in place.
-    streamable = _tensor_holders(model, subgraphs=False)
+    # A streaming writer overrides main-graph tensors only (streamable): subgraphs' constants are permuted in place.
+    holders, streamable = _holders(model)
     group_ids = {group.root: group.id for group in analysis.groups if group.id in perms}
     digest = deferred.digest if deferred is not None else SourceDigest()
     file_order = {name: position for position, name in enumerate(holders)}
@@ -226,11 +224,12 @@ def permute_model(
         tensor = holders[plan.tensor]
         axes = [(axis, analysis.index_array(expr, perms)) for axis, expr in plan.axes]
         first = digest.expect(plan.source)
-        if deferred is not None and plan.tensor in streamable and _deferrable(tensor):
+        dims = tuple(tensor.dims)  # (read once: for the size below and the move)
+        if deferred is not None and plan.tensor in streamable and _deferrable(tensor, dims):
             work = _deferred_take(tensor, axes, digest, plan.source if first else None)
             deferred.add(plan.tensor, work, file_order)
         else:
-            before, _ = _permute_tensor(tensor, axes)
+            before, _ = _permute_tensor(tensor, axes, dims)
             if first:
                 digest.add(plan.source, before)
         tensors.append(_tensor_record(analysis, plan, group_ids))
@@ -311,12 +310,13 @@ def _state_records(
     return records
 
 
-def _deferrable(tensor: onnx.TensorProto) -> bool:
+def _deferrable(tensor: onnx.TensorProto, dims: tuple[int, ...] | None = None) -> bool:
+    """Whether ``tensor`` is large enough to be moved as the writer writes it (``dims``: its dims, when read already)."""
     return (
         (tensor.HasField("raw_data") or is_mapped(tensor))  # mapped: still in its external file
         and tensor.data_type not in _PACKED_TYPES
         and tensor.data_type != onnx.TensorProto.STRING
-        and _raw_size(tensor) >= _DEFER_BYTES
+        and _raw_size(tensor, dims) >= _DEFER_BYTES
     )
 
 
@@ -340,7 +340,7 @@ def _element_count(tensor: onnx.TensorProto) -> int:
     return math.prod(tensor.dims)  # math.prod: no numpy call per tensor (1 for a scalar)
 
 
-def _raw_size(tensor: onnx.TensorProto) -> int:
+def _raw_size(tensor: onnx.TensorProto, dims: tuple[int, ...] | None = None) -> int:
     itemsize = _ITEMSIZES.get(tensor.data_type)
     if itemsize is None:
         try:
@@ -348,7 +348,9 @@ def _raw_size(tensor: onnx.TensorProto) -> int:
         except (KeyError, TypeError, ValueError):
             itemsize = 0
         _ITEMSIZES[tensor.data_type] = itemsize  # looked up once per data type, not per tensor
-    return _element_count(tensor) * itemsize if itemsize else 0
+    if not itemsize:
+        return 0
+    return (_element_count(tensor) if dims is None else math.prod(dims)) * itemsize
 
 
 _ITEMSIZES: dict[int, int] = {}
@@ -356,7 +358,14 @@ _ITEMSIZES: dict[int, int] = {}
 
 def _element_dtype(itemsize: int) -> np.dtype:
     """An opaque dtype of one element: permutation moves elements, never reads their values."""
-    return np.dtype(f"u{itemsize}") if itemsize in (1, 2, 4, 8) else np.dtype(f"V{itemsize}")
+    dtype = _ELEMENT_DTYPES.get(itemsize)
+    if dtype is None:  # made once per size: a dtype from its name costs more than moving a small tensor
+        dtype = np.dtype(f"u{itemsize}") if itemsize in (1, 2, 4, 8) else np.dtype(f"V{itemsize}")
+        _ELEMENT_DTYPES[itemsize] = dtype
+    return dtype
+
+
+_ELEMENT_DTYPES: dict[int, np.dtype] = {}
 
 
 def _check_perms(analysis: ChannelAnalysis, perms: Mapping[str, np.ndarray]) -> None:
@@ -366,10 +375,21 @@ def _check_perms(analysis: ChannelAnalysis, perms: Mapping[str, np.ndarray]) -> 
         except KeyError:
             raise OnnxladyError(f"no group '{gid}' in this model") from None
         perm = np.asarray(perm)
-        if perm.shape != (group.size,) or not np.array_equal(np.sort(perm), np.arange(group.size)):
+        if perm.shape != (group.size,) or not _is_permutation(perm):
             raise OnnxladyError(f"the permutation given for group {gid} is not a permutation of {group.size}")
         if group.frozen and not np.array_equal(perm, np.arange(group.size)):
             raise OnnxladyError(f"group {gid} is frozen and cannot be permuted")
+
+
+def _is_permutation(perm: np.ndarray) -> bool:
+    """Whether the 1-D ``perm`` holds each of ``0 .. len(perm) - 1`` once.
+
+    A short one is compared as a Python list: three numpy calls cost more than its sort (a
+    deep graph has thousands of groups of a few dozen neurons).
+    """
+    if perm.size <= 256 and perm.dtype.kind in "iu":
+        return sorted(perm.tolist()) == list(range(perm.size))
+    return bool(np.array_equal(np.sort(perm), np.arange(perm.size)))
 
 
 def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
@@ -432,36 +452,52 @@ def _unpermute(
         if fingerprint == key.source_fingerprint and key.untied:
             raise OnnxladyError("this model has the source's graph, not the permuted one: the key does not apply")
         raise OnnxladyError("the key was made for a different model (graph fingerprints differ)")
-    check_key_fits(key, model)  # every size and name, before any tensor is touched
-    holders = _tensor_holders(model)
+    holders, streamable = _holders(model)
+    check_key_fits(key, model, holders)  # every name, rank and axis length, before any tensor is touched
     perms = key.permutations()
     sizes = {g["id"]: int(g["size"]) for g in key.groups}
     digest = deferred.digest if deferred is not None else SourceDigest()
     file_order = {name: position for position, name in enumerate(holders)}
-    streamable = _tensor_holders(model, subgraphs=False) if deferred is not None else {}
+    inverses: dict[str, np.ndarray] = {}  # a group's inverse, shared by the tensors it moves alone
     for entry in key.tensors:
         name = entry["tensor"]
-        if name not in holders:
-            raise OnnxladyError(f"the key names tensor '{name}' that this model lacks")
         tensor = holders[name]
         axes = []
         for item in entry["axes"]:
-            axis, tree = int(item["axis"]), item["expr"]
-            if axis >= len(tensor.dims) or tree_size(tree, sizes) != tensor.dims[axis]:
-                raise OnnxladyError(f"tensor '{name}' does not have the shape the key expects on axis {axis}")
-            axes.append((axis, np.argsort(evaluate_tree(tree, perms, sizes))))
+            tree = item["expr"]
+            gid = tree.get("group") if len(tree) == 1 else None
+            if gid is None:
+                axes.append((int(item["axis"]), np.argsort(evaluate_tree(tree, perms, sizes))))
+                continue
+            inverse = inverses.get(gid)
+            if inverse is None:
+                inverse = inverses[gid] = np.argsort(evaluate_tree(tree, perms, sizes))
+            axes.append((int(item["axis"]), inverse))
         first = digest.expect(entry["source"])
-        if deferred is not None and name in streamable and _deferrable(tensor):
+        dims = tuple(tensor.dims)  # (read once: for the size below and the move)
+        if deferred is not None and name in streamable and _deferrable(tensor, dims):
             restore = _restored_take(tensor, axes)
             deferred.add(name, restore, file_order)
             if first and later is not None:
                 later.append((entry["source"], restore))
             continue
-        _, after = _permute_tensor(tensor, axes)
+        _, after = _permute_tensor(tensor, axes, dims)
         if first:
             digest.add(entry["source"], after)
     _retie(model, key.untied)
     return digest
+
+
+def _holders(model: onnx.ModelProto) -> tuple[dict[str, onnx.TensorProto], dict[str, onnx.TensorProto]]:
+    """Every constant by name (:func:`tensor_holders`), and the main graph's (those a streaming writer overrides).
+
+    One walk of the graph where it has no subgraph (the two are then the same).
+    """
+    main = _tensor_holders(model, subgraphs=False)
+    graph_kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(attribute.type in graph_kinds for node in model.graph.node if node.attribute for attribute in node.attribute):
+        return _tensor_holders(model), main
+    return main, main
 
 
 def _restored_take(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> Callable[[], np.ndarray]:
@@ -477,15 +513,20 @@ def _restored_take(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]])
 
 
 # -- tensors ------------------------------------------------------------------------------
-def _permute_tensor(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> tuple[bytes, bytes]:
+def _permute_tensor(
+    tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]], dims: tuple[int, ...] | None = None
+) -> tuple[bytes, bytes]:
     """Move whole elements of ``tensor`` (``new = take(old, idx, axis)`` per axis), in its own storage.
 
-    Returns the element bytes before and after, for the key's digests.
+    ``dims``: the tensor's dims, when the caller read them already. Returns the element bytes
+    before and after, for the key's digests.
     """
     if tensor.data_type in _PACKED_TYPES:
         raise OnnxladyError(f"tensor '{tensor.name}' packs two values per byte and cannot be permuted")
-    require_loaded(tensor, f"tensor '{tensor.name}'")
-    dims = tuple(int(d) for d in tensor.dims)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:  # (the check's label costs more than a small move)
+        require_loaded(tensor, f"tensor '{tensor.name}'")
+    if dims is None:
+        dims = tuple(tensor.dims)  # (Python ints already)
     if tensor.HasField("raw_data"):
         raw = tensor.raw_data
         itemsize = len(raw) // max(1, math.prod(dims))
@@ -508,18 +549,33 @@ def _permute_tensor(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]
     return before, after
 
 
-def _take_axes(array: np.ndarray, axes: list[tuple[int, np.ndarray]]) -> np.ndarray:
-    """``take`` along several axes in one gather.
+#: Tensors of at most this many elements are moved one axis at a time (see :func:`_take_axes`).
+_CHAINED_ELEMENTS = 1 << 16
 
-    The axes after the last permuted one are folded into one opaque element and the permuted
-    leading axes into one flat index, so a weight [M, C, k, k] permuted on M and C moves M*C
-    blocks of k*k values in a single pass (four times faster than two chained takes).
+
+def _take_axes(array: np.ndarray, axes: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """``take`` along several axes; a large tensor in one gather.
+
+    For a large tensor the axes after the last permuted one are folded into one opaque element
+    and the permuted leading axes into one flat index, so a weight [M, C, k, k] permuted on M
+    and C moves M*C blocks of k*k values in a single pass. A small one (at most 65,536
+    elements) takes one ``take`` per axis: a few numpy calls where the folded gather costs a
+    dozen (a 16 x 16 weight moved in 3 us instead of 20; a deep graph's thousands of small
+    tensors made up most of its permute). Each index must hold one entry per element of its
+    axis (``ValueError`` otherwise, either way).
     """
     if not axes:
         return array
     if array.dtype == object:
         for axis, idx in axes:
             array = np.take(array, idx, axis=axis)
+        return array
+    if 0 < array.size <= _CHAINED_ELEMENTS:
+        shape = array.shape
+        for axis, idx in axes:
+            array = array.take(idx, axis=axis)  # the method: np.take's dispatch costs more than the move
+        if array.shape != shape:  # as the folded gather's reshape refuses it: never a shorter tensor
+            raise ValueError(f"an index of {len(idx)} positions does not fit an axis of shape {shape}")
         return array
     last = max(axis for axis, _ in axes)
     lead_shape = array.shape[: last + 1]
@@ -600,6 +656,8 @@ def _clone_node(node: onnx.NodeProto, suffix: str, renamed: Mapping[str, str]) -
 
 def _retie(model: onnx.ModelProto, records: list[dict[str, Any]]) -> None:
     """Remove the copies a key's untying made and point their uses back at the originals."""
+    if not records:  # nothing to remove: the graph's nodes are not rewritten
+        return
     back = {}
     removed_nodes: set[str] = set()
     removed_tensors: set[str] = set()
