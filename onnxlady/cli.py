@@ -59,20 +59,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if took_over:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with warnings.catch_warnings():
-            # Library warnings (numpy's "invalid value in sqrt" on a hostile model...) are not the
-            # user's business: stderr carries progress and one error line; debugging shows them.
-            if not os.environ.get("ONNXLADY_DEBUG"):
-                warnings.simplefilter("ignore")
-            return _main(argv)
-    except KeyboardInterrupt:  # while the arguments were parsed, before any command ran
-        print("onnxlady: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-        if took_over:
-            signal.signal(signal.SIGINT, starting)
+        try:
+            with warnings.catch_warnings():
+                # Library warnings (numpy's "invalid value in sqrt" on a hostile model...) are not the
+                # user's business: stderr carries progress and one error line; debugging shows them.
+                if not os.environ.get("ONNXLADY_DEBUG"):
+                    warnings.simplefilter("ignore")
+                return _main(argv)
+        except KeyboardInterrupt:  # while the arguments were parsed, before any command ran
+            print("onnxlady: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+            if took_over:
+                signal.signal(signal.SIGINT, starting)
+    except _Terminated:  # while the arguments were parsed, or as the handlers were put back
+        print("onnxlady: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def _main(argv: Sequence[str] | None) -> int:
