@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from test_audit_lazy import SUSPECTS as LAZY_SUSPECTS
+from test_audit_lazy import _noisy, _permute
 
 import onnxlady
 import onnxlady._audit._lazy as lazy_module
@@ -27,66 +28,14 @@ import onnxlady._audit._verdicts as verdicts_module
 import onnxlady._io._external as external_module
 import onnxlady._io._files as files_module
 from fixtures import FIXTURES
-from onnxlady._analysis._channels import analyze
 from onnxlady._audit._lazy import FileViews, Held, constants_of
 from onnxlady._io._files import load_model
 from onnxlady._io._tensors import read_array, tensor_holders
-from onnxlady._transforms._permute import draw_permutations, permute_model
-from onnxlady._transforms._perturb import perturb_model
-from onnxlady.testing import copy_model, permute_producer_only
+from onnxlady.testing import copy_model
 
-
-def _permute(model: onnx.ModelProto) -> onnx.ModelProto:
-    analysis = analyze(model)
-    permute_model(analysis, draw_permutations(analysis, 1))
-    return model
-
-
-def _edit(model: onnx.ModelProto, name: str, fn: Callable[[np.ndarray], np.ndarray]) -> None:
-    holder = tensor_holders(model)[name]
-    holder.CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(holder).copy()).astype(np.float32), name))
-
-
-def _rescaled(model: onnx.ModelProto) -> onnx.ModelProto:
-    scales = np.random.default_rng(0).uniform(0.5, 2.0, 32).astype(np.float32)
-    _edit(model, "features.block2.conv.weight", lambda v: v * scales[:, None, None, None])
-    _edit(model, "features.block2.conv.bias", lambda v: v * scales)
-    _edit(model, "features.block3.conv.weight", lambda v: v / scales[None, :, None, None])
-    return model
-
-
-def _attacked(model: onnx.ModelProto) -> onnx.ModelProto:
-    def scale(values: np.ndarray) -> np.ndarray:
-        values[[2, 5, 11]] *= 1.5
-        return values
-
-    _edit(model, "features.block2.conv.weight", scale)
-    return model
-
-
-def _noisy(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
-    perturb_model(model, seed=3, **kwargs)
-    return model
-
-
-def _wrong(model: onnx.ModelProto) -> onnx.ModelProto:
-    permute_producer_only(model, analyze(model))
-    return model
-
-
-#: Suspect builders (from a copy of the reference) and the verdict each must get (None: any change found).
-SUSPECTS: dict[str, tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto], str | None]] = {
-    "identical": ("vgg", lambda m: m, "identical"),
-    "permuted": ("resnet", _permute, "permuted"),
-    "rescaled": ("vgg", lambda m: _permute(_rescaled(m)), "permuted-rescaled"),
-    "attacked": ("vgg", lambda m: _permute(_attacked(m)), "scaled"),
-    "rescaled-noise": ("vgg", lambda m: _noisy(_permute(_rescaled(m)), noise=0.05), "perturbed"),
-    "attacked-noise": ("vgg", lambda m: _noisy(_permute(_attacked(m)), noise=0.05), None),
-    "noise": ("resnet", lambda m: _noisy(_permute(m), noise=0.05), "perturbed"),
-    "quantized": ("resnet", lambda m: _noisy(_permute(m), quantize_bits=6), "perturbed"),
-    "pruned": ("resnet", lambda m: _noisy(_permute(m), prune_percent=50), "perturbed"),
-    "wrong": ("resnet", lambda m: _wrong(_permute(m)), None),
-}
+#: The suspects of tests/test_audit_lazy.py (builders from a copy of the reference, and the
+#: verdict each must get; None: any change found), and a permuted copy with noise.
+SUSPECTS = {**LAZY_SUSPECTS, "noise": ("resnet", lambda m: _noisy(_permute(m), noise=0.05), "perturbed")}
 
 
 @pytest.fixture(autouse=True)

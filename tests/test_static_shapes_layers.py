@@ -13,28 +13,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_static_shapes import _graphs
 
 from fixtures import build_large_model
-from onnxlady._graph import _static_shapes
 from onnxlady._graph._model_graph import ModelGraph
-
-
-def _graphs(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch) -> tuple[ModelGraph, ModelGraph, bool]:
-    """The graph with the fast path, the graph with ONNX's inference only, and whether the fast path answered."""
-    answered = []
-    original = _static_shapes.static_output_shapes
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        found = original(*args, **kwargs)
-        answered.append(found is not None)
-        return found
-
-    monkeypatch.setattr(_static_shapes, "static_output_shapes", spy)
-    fast = ModelGraph(model)
-    monkeypatch.setattr(_static_shapes, "static_output_shapes", lambda *args, **kwargs: None)
-    slow = ModelGraph(model)
-    monkeypatch.undo()
-    return fast, slow, any(answered)
 
 
 def _weight(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> onnx.TensorProto:
