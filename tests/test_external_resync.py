@@ -200,16 +200,16 @@ def test_resync_over_its_own_external_suspect(models: dict[str, Path], tmp_path:
 def test_max_memory_of_an_external_twin_follows_its_largest_group(
     models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from onnxlady._api._memory import BASELINE_BYTES, INLINE_FACTOR, estimate_peak, twin_peak
+    from onnxlady._api._memory import BASELINE_BYTES, largest_group, pair_peak
     from onnxlady.cli import main
 
     reference, suspect = models["reference"], models["permuted"]
-    analysis = analyze_with_state(load_model(reference, map_external=True).model)
-    twin = twin_peak(analysis, [reference, suspect])
-    inline, _ = estimate_peak("resync", [reference, suspect])
-    assert BASELINE_BYTES < twin < inline and INLINE_FACTOR["resync"] > 1
+    group = largest_group(analyze_with_state(load_model(reference, map_external=True).model))
+    twin = pair_peak("resync", [reference, suspect], twin=True, group=group)
+    across = pair_peak("resync", [reference, suspect], twin=False)
+    assert BASELINE_BYTES < twin < across
     # Between the two estimates: a twin of external-data models runs, no longer refused.
-    budget = (twin + inline) // 2
+    budget = (twin + across) // 2
     result = onnxlady.resync(reference, suspect, output=tmp_path / "out.onnx", max_memory=budget)
     assert _values(result.model) == _values(onnx.load(reference))
     with pytest.raises(onnxlady.OnnxladyError, match=r"max_memory.*nothing was done"):
@@ -241,14 +241,14 @@ def test_max_memory_of_an_external_twin_audit_follows_its_largest_tensors(
 ) -> None:
     """The audit of an external-data twin reads its constants from their files (held-out F11:
     it was estimated at 10 times both models, refusing budgets it fits in)."""
-    from onnxlady._api._memory import FORENSICS_TENSORS, estimate_peak, twin_peak
+    from onnxlady._api._memory import FORENSICS_LARGEST, largest_group, pair_peak
     from onnxlady.cli import main
 
     reference, suspect = models["reference"], models["permuted"]
-    analysis = analyze_with_state(load_model(reference, map_external=True).model)
-    audit = twin_peak(analysis, [reference, suspect], "audit")
-    assert twin_peak(analysis, [reference, suspect]) < audit and FORENSICS_TENSORS > 0
-    inline, _ = estimate_peak("audit", [reference, suspect])
+    group = largest_group(analyze_with_state(load_model(reference, map_external=True).model))
+    audit = pair_peak("audit", [reference, suspect], twin=True, group=group)
+    assert pair_peak("resync", [reference, suspect], twin=True, group=group) < audit and FORENSICS_LARGEST > 0
+    inline = pair_peak("audit", [reference, suspect], twin=True, group=group, inline_moved=True)
     assert audit < inline
     budget = (audit + inline) // 2  # refused before: the inline estimate is above it
     assert onnxlady.audit(reference, suspect, max_memory=budget).verdict == "permuted"

@@ -21,7 +21,9 @@ import pytest
 import onnxlady
 from fixtures import FIXTURES, build_deep_model
 from fixtures.deployment import build_shared_bias_untied
+from onnxlady._api import _permute as _api_permute
 from onnxlady._api._sources import key_text
+from onnxlady._io._node_table import NodeTable
 from onnxlady._transforms import _permute
 from onnxlady._transforms._key import graph_fingerprint
 from onnxlady._transforms._permute import SourceDigest
@@ -76,11 +78,14 @@ def test_the_fingerprint_is_computed_once_when_nothing_is_untied(monkeypatch: py
     model = build_deep_model(60)
     calls: list[int] = []
 
-    def counted(model: onnx.ModelProto) -> str:
+    def counted(model: onnx.ModelProto, nodes: NodeTable | None = None) -> str:
         calls.append(1)
-        return graph_fingerprint(model)
+        return graph_fingerprint(model, nodes)
 
+    # (permute takes it before the analysis, from the nodes as the check read them; permute_model
+    # would take it itself when not given it)
     monkeypatch.setattr(_permute, "graph_fingerprint", counted)
+    monkeypatch.setattr(_api_permute, "graph_fingerprint", counted)
     result = onnxlady.permute(model, seed=1)
     assert len(calls) == 1
     assert not result.key.untied

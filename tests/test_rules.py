@@ -417,13 +417,17 @@ def test_grouped_conv_groups() -> None:
     assert conv1.permutable and conv1.size == 4
     assert _index_map(analysis, conv1, "conv1.weight", 0) == "I_4 (x) p"
     assert _index_map(analysis, conv1, "group4.weight", 1) == "p"
-    # group2's two output groups of 16 carry on through the depthwise conv (multiplier 2).
+    # group2's two output groups of 16 carry on through the depthwise conv (multiplier 2), whose
+    # two outputs per input channel take their own order, channel by channel.
     halves = [g for g, _ in _members(analysis, "group2.weight", 0)]
     assert [g.size for g in halves] == [16, 16] and all(g.permutable for g in halves)
+    in_block = "16 blocks of 2, each its own order"
     for group, (lo, hi) in zip(halves, ((0, 16), (16, 32))):
         assert _index_map(analysis, group, "group2.weight", 0) == f"[{lo}:{hi}] of 32: p"
-        assert _index_map(analysis, group, "depthwise.weight", 0) == f"[{2 * lo}:{2 * hi}] of 64: p (x) I_2"
-        assert _index_map(analysis, group, "logits.weight", 1) == f"[{2 * lo}:{2 * hi}] of 64: p (x) I_2"
+        assert _index_map(analysis, group, "depthwise.weight", 0) == f"[{2 * lo}:{2 * hi}] of 64: p (x) {{q_g}}: {in_block}"
+        assert _index_map(analysis, group, "logits.weight", 1) == f"[{2 * lo}:{2 * hi}] of 64: p (x) {{q_g}}: {in_block}"
+    pairs = [g for g, _ in _members(analysis, "depthwise.weight", 0) if g.size == 2]
+    assert len(pairs) == 32 and all(g.permutable for g in pairs)
     # group4's inputs per output group: the same permutation inside each half of 8 inputs.
     inner = [g for g, _ in _members(analysis, "group2.weight", 1)]
     assert all(g.size == 4 for g in inner)

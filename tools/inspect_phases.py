@@ -5,10 +5,15 @@
 Each run is a fresh interpreter (imports done before the clock starts, as in ``tools.bench``)
 that reads ``fixtures.build_deep_model(N)`` saved in ``DIR/deepN.onnx`` (built when missing,
 the same file ``tools.bench --workdir DIR`` uses) and times, in wall-clock and CPU seconds:
-the floor (``onnx.load`` + ``onnx.save``), ``load_model`` (parse, validate, hash), the graph
-(``ModelGraph``: shapes, folding), the whole analysis (``analyze``, graph included), the JSON
-document (``to_json``) and its text (``to_json_text``). Medians over the runs, with ms per node:
-CPU time tells the work's growth apart from a loaded machine's waiting (wall time).
+the floor (``onnx.load`` + ``onnx.save``), ``load_model`` (parse, validate, hash) and within it
+the structural check alone (``validate_model`` run again on the loaded model, the garbage
+collector paused as ``inspect`` pauses it), the graph
+(``ModelGraph``: shapes, folding), the whole analysis (``analyze``, graph included) and within it,
+measured in the same call, the graph it builds, the collection (``_collect``: the groups, their
+members and the tensors to permute) and the rules (the rest: the walk over the nodes, the
+freezes and joins after it), the JSON document (``to_json``) and its text (``to_json_text``).
+Medians over the runs, with ms per node: CPU time tells the work's growth apart from a loaded
+machine's waiting (wall time).
 
     python3 -m tools.inspect_phases --floor-parts --nodes 1000,20000,50000 --repeats 3 --workdir DIR
 
@@ -57,8 +62,49 @@ def clock(name, work):
 with tempfile.TemporaryDirectory() as folder:
     clock("floor", lambda: onnx.save(onnx.load(path), os.path.join(folder, "floor.onnx")))
 loaded = clock("load_model", lambda: load_model(path))
+try:
+    from onnxlady._io._validate import validate_model
+except ImportError:  # (a tree from before the check had a module of its own)
+    validate_model = None
+if validate_model is not None:
+    # With the collector paused, as inspect reads and checks a model: run again beside the loaded
+    # model and its table, a collection would walk them all and time that instead.
+    import gc
+    gc.disable()
+    try:
+        clock("validate_model (in load_model)", lambda: validate_model(loaded.model, path, node_table=True))
+    finally:
+        gc.enable()
 clock("graph", lambda: ModelGraph(loaded.model))
-analysis = clock("analyze", lambda: analyze(loaded.model))
+# The analysis's own parts, timed inside the one call (the module's names wrapped, then put back).
+import onnxlady._analysis._channels as channels
+inner = {}
+def timed(name, work):
+    def run(*args, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return work(*args, **kwargs)
+        finally:
+            spent = inner.get(name, (0.0, 0.0))
+            inner[name] = (spent[0] + time.perf_counter() - wall, spent[1] + time.process_time() - cpu)
+    return run
+parts = {"graph": "ModelGraph", "collect": "_collect"}
+originals = {attribute: getattr(channels, attribute, None) for attribute in parts.values()}
+for name, attribute in parts.items():
+    if originals[attribute] is not None:
+        setattr(channels, attribute, timed(name, originals[attribute]))
+try:
+    analysis = clock("analyze", lambda: analyze(loaded.model))
+finally:
+    for attribute, original in originals.items():
+        if original is not None:
+            setattr(channels, attribute, original)
+if set(inner) == set(parts):
+    phases["graph (in analyze)"] = inner["graph"]
+    phases["collect (in analyze: groups, tensors to permute)"] = inner["collect"]
+    phases["rules (in analyze: the rest, the node walk)"] = tuple(
+        total - graph - collect for total, graph, collect in zip(phases["analyze"], inner["graph"], inner["collect"])
+    )
 result = InspectResult(analysis, loaded.path, loaded.sha256)
 clock("to_json", result.to_json)
 # (a tree from before to_json_text existed: the standard library's encoder, the same text)

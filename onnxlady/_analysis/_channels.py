@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -579,6 +579,7 @@ def analyze(
         spaces = [*state.tracked.get(name, {}).values(), *(space.expr for space in state.joint.get(name, []))]
         for expr in spaces:
             state.solver.freeze(expr, FreezeReason("graph-output", f"graph output '{name}'"))
+    _freeze_overridable(state)
     freeze_partial_derived(state)
     _join_shared_constants(state)
     _freeze_constant_only(state)
@@ -760,6 +761,37 @@ def _join_shared_constants(state: AnalysisState) -> None:
             for mine, theirs in zip(first, other):
                 if mine is not None and theirs is not None:
                     solver.unify(mine, theirs, reason)
+
+
+def overridable_initializers(graph: ModelGraph) -> set[str]:
+    """The main graph's initializers that are also listed as its graph inputs."""
+    initializers = graph.initializers
+    return {value.name for value in graph.model.graph.input if value.name in initializers}
+
+
+def _freeze_overridable(state: AnalysisState) -> None:
+    """Freeze the groups of initializers also listed as graph inputs (IR version 4 on).
+
+    From IR version 4 an initializer need not be a graph input; one listed as an input anyway
+    is a default the caller may override (ONNX Runtime then does not treat it as a constant).
+    It is part of the interface: a caller feeding the original values to a permuted model would
+    get other outputs, so its groups keep the identity. IR version 3 lists every initializer as
+    an input by rule, meaning no interface, and exporters that keep that rule later (torch's
+    ``keep_initializers_as_inputs``) list them all too: those weights permute as any others
+    (``permute`` names them, see :func:`overridable_initializers`).
+    """
+    graph = state.graph
+    if graph.model.ir_version < 4 or not state.bindings:
+        return
+    listed = overridable_initializers(graph)
+    if not listed or len(listed) == len(graph.initializers):
+        return  # every one listed: IR 3's rule kept by the exporter (keep_initializers_as_inputs)
+    for binding in state.bindings.values():
+        if binding.leaf in listed:
+            reason = FreezeReason(
+                "graph-input", f"overridable: initializer '{binding.leaf}' is listed as a graph input (a caller may feed it)"
+            )
+            state.solver.freeze(binding.expr, reason)
 
 
 def _freeze_constant_only(state: AnalysisState) -> None:
@@ -986,7 +1018,7 @@ def _plan_tensors(
     graph = state.graph
     if position is None:
         position = {index: k for k, index in enumerate(walk_order(graph))}
-    main_initializers = {tensor.name for tensor in graph.model.graph.initializer}
+    main_initializers = graph.main_initializer_names()  # (not every name read from the protobuf again)
     while True:
         plans = _plan_once(state, position, lambda leaf, uses: _copyable(graph, leaf, uses, main_initializers))
         blocked = [plan for plan in plans if plan.copy > 0 and not _copyable(graph, plan.source, plan.uses, main_initializers)]
@@ -1029,7 +1061,9 @@ def _freeze_unwritable(state: AnalysisState, plans: list[TensorPermutation], vie
     return frozen
 
 
-def _copyable(graph: ModelGraph, source: str, uses: Iterable[tuple[int, int]], main_initializers: set[str]) -> bool:
+def _copyable(
+    graph: ModelGraph, source: str, uses: Iterable[tuple[int, int]], main_initializers: Collection[str]
+) -> bool:
     """Whether ``uses`` of constant ``source`` can get a copy of their own.
 
     They can when it is a main-graph constant read through main-graph chain nodes by main-graph

@@ -12,7 +12,7 @@ import onnx
 
 from onnxlady._analysis._channels import analyze
 from onnxlady._api._checks import check_number
-from onnxlady._api._memory import check_memory, check_twin_memory, has_external_weights, parse_memory
+from onnxlady._api._memory import check_memory, check_pair_memory
 from onnxlady._api._results import Result
 from onnxlady._api._resync import METHODS
 from onnxlady._api._sources import (
@@ -192,12 +192,9 @@ def audit(
         companions=[external_data_path(canonical_target)] if canonical_target is not None else [],
     )  # fmt: skip
     check_number(rtol, "--rtol")
-    # Models with external weights are estimated once the reference is analysed (below): a twin's
-    # audit reads them from their files as it needs them.
-    external = [has_external_weights(path) for path in inputs] if max_memory is not None else [False, False]
-    if not all(external):
-        check_memory(max_memory, "audit", inputs)
-    parse_memory(max_memory)  # a budget that is no size is refused before anything is read
+    # The graphs are estimated before anything is read, the weights once the reference is
+    # analysed and the suspect known to be a twin or not (below).
+    check_memory(max_memory, "audit", inputs)
     if method not in METHODS:
         raise OnnxladyError(f"unknown resync method {method!r}: choose one of {', '.join(METHODS)}")
     # External weights stay in their files, read as the audit needs them.
@@ -205,10 +202,10 @@ def audit(
     opened_suspect = open_model(suspect, "suspect", progress, map_external=True, digest=False)
     external_inputs = [path for opened in (opened_reference, opened_suspect) for path in opened.external_files]
     check_output_paths([target for target in targets if target is not None], external_inputs)
-    if all(external) and inputs[0] is not None and inputs[1] is not None:
+    if max_memory is not None and inputs[0] is not None and inputs[1] is not None:
         say(progress, "audit: analysing the reference")
         analysis = analyze_with_state(opened_reference.model)  # as the audit analyses it
-        check_twin_memory(max_memory, analysis, opened_suspect.model, [inputs[0], inputs[1]], "audit")
+        check_pair_memory(max_memory, analysis, opened_suspect.model, [inputs[0], inputs[1]], "audit")
     report = audit_models(
         opened_reference.model, opened_suspect.model, rtol=rtol, method=method, refine=refine, progress=progress
     )

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, analyze
+from onnxlady._analysis._channels import ChannelAnalysis, ChannelGroup, analyze, overridable_initializers
 from onnxlady._api._json_text import dumps_indented
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
@@ -266,6 +266,13 @@ def _inspect_text(analysis: ChannelAnalysis, path: Path | None, all_members: boo
     ]
     # A shared constant is untied only where its uses cannot take one permutation: say why.
     lines.extend(f"untied: {reason}" for reason in analysis.untie_reasons)
+    listed = overridable_initializers(analysis.graph) if analysis.permutable_groups else set()
+    if listed and len(listed) == len(analysis.graph.initializers):
+        # (listed alone, they freeze their groups with the reason; listed all, nobody meant an interface)
+        lines.append(
+            f"note: every initializer ({len(listed)}) is also listed as a graph input, as IR version 3 requires: "
+            "they permute as weights; a caller feeding its own values there must permute them with the key"
+        )
     lines.append("")
     lines.append(f"{'group':>6} {'size':>6}  {'status':<10} members / reasons")
     for group in analysis.groups:

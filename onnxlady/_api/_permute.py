@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import onnx
 
-from onnxlady._analysis._channels import ChannelAnalysis, analyze
+from onnxlady._analysis._channels import ChannelAnalysis, analyze, overridable_initializers
 from onnxlady._api._checks import check_seed
 from onnxlady._api._memory import check_memory
 from onnxlady._api._results import Result, read_back
@@ -72,6 +72,9 @@ class PermuteResult(Result):
         permutable_groups: how many groups of the model could move.
         untied_constants: shared constants given one copy per use that needs its own permutation.
         verify: the equivalence check, when ``verify=True`` was given.
+        overridable_permuted: permuted initializers that are also listed as graph inputs (a
+            model listing every initializer so, as IR version 3 requires): a caller feeding
+            its own values for them must permute those values with the key.
     """
 
     key: PermutationKey = field(repr=False)
@@ -83,6 +86,7 @@ class PermuteResult(Result):
     permutable_groups: int
     untied_constants: list[str]
     verify: VerifyResult | None = None
+    overridable_permuted: list[str] = field(default_factory=list)
     _model: onnx.ModelProto | None = field(default=None, repr=False)
 
     @property
@@ -150,6 +154,8 @@ class PermuteResult(Result):
                 "permutable_groups": self.permutable_groups,
                 "untied_constants": self.untied_constants,
                 "verify": self.verify.report.to_dict() if self.verify is not None else None,
+                # (only where there are some: every other document stays as it was)
+                **({"overridable_permuted": self.overridable_permuted} if self.overridable_permuted else {}),
             }
         )
 
@@ -164,6 +170,14 @@ class PermuteResult(Result):
         ]
         if self.untied_constants:
             lines.append(f"untied shared constants: {', '.join(self.untied_constants)}")
+        if self.overridable_permuted:
+            names = self.overridable_permuted
+            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            lines.append(
+                f"note: {len(names)} permuted initializer{'s are' if len(names) != 1 else ' is'} also graph input"
+                f"{'s' if len(names) != 1 else ''} (every initializer is listed, "
+                f"as IR version 3 requires): a caller feeding its own values must permute them with the key: {shown}"
+            )
         if self.verify is not None:
             lines.append(self.verify.to_text())
         return "\n".join(lines)
@@ -275,6 +289,8 @@ def permute(
     if perms is not None and not kv_state and _made_with_kv_state(perms):
         # Its group ids number the groups of an analysis with the caches as state.
         raise OnnxladyError("the permutations come from a key made with the KV caches as state: pass kv_state too")
+    # The key's source fingerprint, from the nodes as the check read them (before the analysis takes them).
+    fingerprint = graph_fingerprint(working, nodes)
     analysis = analyze(working, progress=progress, kv_state=bool(kv_state), nodes=nodes)
     if not analysis.permutable_groups:  # an unchanged copy would pass for a permuted one
         raise OnnxladyError(nothing_permutable(analysis, source.name if source else "the model"))
@@ -285,6 +301,7 @@ def permute(
         key = permute_model(
             analysis, chosen, source_sha256=opened.content_sha256(), source_file=source.name if source else "",
             seed=None if perms is not None else seed, progress=progress, deferred=deferred,
+            fingerprint=fingerprint,
         )  # fmt: skip
     except OnnxladyError as exc:
         made_for = _key_fingerprint(perms) if perms is not None else None
@@ -302,6 +319,7 @@ def permute(
         permuted_neurons=sum(analysis.group(gid).size for gid in chosen),
         permutable_groups=int(summary["permutable_groups"]),  # type: ignore[call-overload]
         untied_constants=list(summary["untied_constants"]),  # type: ignore[call-overload]
+        overridable_permuted=_overridable_permuted(analysis, key),
         _model=None if deferred is not None else working,
     )
     del analysis, summary
@@ -460,11 +478,49 @@ def nothing_permutable(analysis: ChannelAnalysis, name: str = "the model") -> st
     elif packed := _packed_weights(analysis):
         parts.append(f"no operator makes neurons that can move: {len(packed)} weights pack two values per byte "
                      f"(int4/uint4, moving them would split bytes and blocks; e.g. {packed[0]})")
+    elif stopped := _stopped_producers(analysis):
+        parts.append(f"no operator makes neurons: {len(stopped)} Conv/Gemm/MatMul with a constant weight could not "
+                     f"apply its rule (e.g. {stopped[0]})")
     else:
         parts.append("no operator makes neurons (no Conv, Gemm or MatMul with a constant weight, no embedding table)")
     if analysis.closed_subgraphs:
         parts.append("bodies not analysed: " + "; ".join(analysis.closed_subgraphs))
     return f"nothing to permute in {name}: " + "; ".join(parts)
+
+
+def _overridable_permuted(analysis: ChannelAnalysis, key: PermutationKey) -> list[str]:
+    """The permuted initializers listed as graph inputs (the analysis froze any listed alone)."""
+    listed = overridable_initializers(analysis.graph)
+    if not listed:
+        return []
+    return sorted({str(t["source"]) for t in key.tensors if t["source"] in listed and _moves(t["axes"])})
+
+
+def _moves(expr: object) -> bool:
+    """Whether a key's expression (or list of them) names a group: an identity one moves nothing."""
+    if isinstance(expr, dict):
+        return "group" in expr or any(_moves(value) for value in expr.values())
+    return isinstance(expr, list) and any(_moves(value) for value in expr)
+
+
+def _stopped_producers(analysis: ChannelAnalysis) -> list[str]:
+    """The reasons the Conv/Gemm/MatMul with a constant weight gave for making no neurons.
+
+    A producer whose rule does not apply (most often: its input's rank is unknown, behind an
+    operator no shape inference knows) marks its output with the reason; without this, such a
+    model read "no Conv, Gemm or MatMul with a constant weight" while it has them.
+    """
+    graph, untracked = analysis.graph, analysis.state.untracked_reason
+    found = []
+    for node in graph.nodes[: graph.main_count]:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        if not any(name and graph.is_constant(name) for name in node.input[:2]) or not node.output:
+            continue
+        reason = untracked.get(node.output[0])
+        if reason is not None:
+            found.append(reason.message)
+    return found
 
 
 def _choose_permutations(

@@ -10,7 +10,7 @@ from typing import Any, TypeVar, cast
 
 import onnx
 
-from onnxlady._api._memory import check_memory, check_twin_memory, has_external_weights, parse_memory
+from onnxlady._api._memory import check_memory, check_pair_memory
 from onnxlady._api._results import Result
 from onnxlady._api._sources import (
     KeySource,
@@ -220,12 +220,9 @@ def resync(
     extra = [key_path] if key_path is not None else []
     true_key_path = source_path(true_key) if true_key is not None else None
     check_outputs(target, [reference_path, suspect_path, true_key_path], extra, overwrite_input=overwrite_input)
-    # Models with external weights are estimated once the reference is analysed (below).
-    paths = (reference_path, suspect_path)
-    external = [has_external_weights(path) for path in paths] if max_memory is not None else [False, False]
-    if not all(external):
-        check_memory(max_memory, "resync", [reference_path, suspect_path])
-    parse_memory(max_memory)  # a budget that is no size is refused before anything is read
+    # The graphs are estimated before anything is read, the weights once the reference is
+    # analysed and the suspect known to be a twin or not (below).
+    check_memory(max_memory, "resync", [reference_path, suspect_path])
     key = open_key(true_key) if true_key is not None else None
     # External weights stay in their files, read as the resync needs them: memory does not
     # grow with the models (the output is written tensor by tensor from them).
@@ -239,8 +236,9 @@ def resync(
     check_external_inputs(target, [opened_reference, opened_suspect], extra, overwrite_input=overwrite_input)
     say(progress, "resync: analysing the reference")
     analysis = analyze_with_state(opened_reference.model, key)  # what resync_model would compute
-    if all(external) and max_memory is not None and reference_path is not None and suspect_path is not None:
-        check_twin_memory(max_memory, analysis, opened_suspect.model, [reference_path, suspect_path])
+    check_pair_memory(
+        max_memory, analysis, opened_suspect.model, [reference_path, suspect_path], true_key=key is not None
+    )
     details = resync_model(
         opened_reference.model, opened_suspect.model, method=method, refine=refine, true_key=key, progress=progress,
         analysis=analysis,

@@ -29,6 +29,7 @@ from onnxlady._api._sources import (
 from onnxlady._errors import OnnxladyError
 from onnxlady._io._digest import PendingDigest
 from onnxlady._io._files import file_sha256, load_model, save_model
+from onnxlady._io._node_table import NodeTable
 from onnxlady._io._outputs import OutputSet
 from onnxlady._io._progress import say
 from onnxlady._io._stream import Override
@@ -181,7 +182,9 @@ def unpermute(
     # protobuf does, so the file is the source's byte for byte. A key that untied constants is
     # undone in place (the copies it removes are never written).
     streamed = target is not None and not permutation_key.untied
-    opened = open_model(model, progress=progress, map_external=streamed, digest=hashing is None)
+    # (The nodes as the load's check read them make the graph fingerprint's lines: see graph_fingerprint.)
+    opened = open_model(model, progress=progress, map_external=streamed, digest=hashing is None, node_table=True)
+    nodes, opened.nodes = opened.nodes, None
     if hashing is not None:
         opened.sha256 = hashing.result()
     check_external_inputs(target, [opened], overwrite_input=overwrite_input)
@@ -192,7 +195,7 @@ def unpermute(
         _check_model_matches_key(opened, permutation_key)
     restored = opened.writable()
     if not streamed or not opened.owned:
-        identical = unpermute_model(restored, permutation_key)
+        identical = unpermute_model(restored, permutation_key, nodes)
         if checked and not identical:
             raise OnnxladyError(_BROKEN_KEY.format(model=opened.path))
         result = UnpermuteResult(restored, permutation_key, identical, source, key_source, target)
@@ -205,7 +208,7 @@ def unpermute(
     assert target is not None  # streamed
     sha256, identical = _write_restored(
         restored, permutation_key, target, external_data or opened.external_data, checked=checked,
-        shown=opened.path, progress=progress,
+        shown=opened.path, progress=progress, nodes=nodes,
     )  # fmt: skip
     del restored, opened  # the model in memory still holds the permuted bytes: the result reads the file
     return UnpermuteResult(None, permutation_key, identical, source, key_source, target, sha256)
@@ -226,6 +229,7 @@ def _write_restored(
     checked: bool,
     shown: Path | None,
     progress: Callable[[str], None] | None,
+    nodes: NodeTable | None = None,
 ) -> tuple[str, bool]:
     """Write ``restored``, its large weights restored as they are written; refused before commit.
 
@@ -239,7 +243,7 @@ def _write_restored(
         OnnxladyError: the key is broken, or the file cannot be written.
     """
     deferred = DeferredTensors()
-    verdict = unpermute_model_streamed(restored, key, deferred)
+    verdict = unpermute_model_streamed(restored, key, deferred, nodes)
     say(progress, f"saving {target}")
     overrides = cast("dict[str, Override]", deferred.overrides)  # arrays: the writer takes any buffer
     with OutputSet() as outputs:  # committed only when the check below passes

@@ -522,6 +522,49 @@ class _Reader:
             axis -= rank
         return (float(axis), float(legacy and axis != -1))
 
+    def _decomposed_epsilon(self, node: onnx.NodeProto) -> tuple[bool, Parameters]:
+        """Whether ``node`` adds an epsilon to a ``ReduceMean``'s variance under a square root, and that epsilon.
+
+        ``ReduceMean(x^2) + eps`` (or of ``(x - mean)^2``) read by ``Sqrt`` or ``Pow(., +-0.5)``: the
+        arithmetic of a normalization that ONNX Runtime's optimizers fuse into
+        ``(Skip)(Simplified)LayerNormalization``, carrying ``eps`` as the attribute. An epsilon
+        stored in a half type reads None (it rounds by more than :data:`_RTOL`; a wildcard).
+        """
+        if len(node.input) != 2 or not node.output or not node.output[0]:
+            return False, None
+        readers = self.arithmetic.consumers.get(node.output[0], [])
+        if not readers or not all(reader.op_type == "Sqrt" or (
+                reader.op_type == "Pow" and len(reader.input) == 2
+                and any(_near(self._scalar(reader.input[1], True), root) for root in (0.5, -0.5))) for reader in readers):
+            return False, None
+        for slot in (0, 1):
+            producer = self.arithmetic.producers.get(self.arithmetic._source(node.input[slot]))
+            if producer is None or producer.op_type != "ReduceMean":
+                continue
+            other = node.input[1 - slot]
+            epsilon = self._scalar(other, True)
+            if epsilon is None:
+                return False, None
+            return True, None if self._half(other) else (epsilon,)
+        return False, None
+
+    def _half(self, name: str) -> bool:
+        """Whether the constant ``name`` is stored (or cast) in float16 or bfloat16."""
+        halves = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+        for _ in range(16):
+            tensor = self.values.constants.get(name)
+            if isinstance(tensor, onnx.TensorProto) and tensor.data_type in halves:
+                return True
+            node = self.arithmetic.producers.get(name)
+            if node is None or (not node.input and node.op_type != "Constant"):
+                return False
+            if node.op_type == "Constant":
+                return any(a.name == "value" and a.t.data_type in halves for a in node.attribute)
+            if node.op_type == "Cast" and any(a.name == "to" and a.i in halves for a in node.attribute):
+                return True
+            name = node.input[0]
+        return False
+
     def parameters(self, node: onnx.NodeProto, outer: bool) -> Iterable[tuple[str, Parameters]]:
         """(kind, parameters) of what ``node`` computes; ``outer``: it sits where the main graph's constants are read."""
         name = _bare(node.op_type)
@@ -546,6 +589,10 @@ class _Reader:
         elif name in _NORMALIZATIONS:
             family, default = _NORMALIZATIONS[name]
             yield family, (next((a.f for a in node.attribute if a.name == "epsilon"), default),)
+        elif name == "add" and outer:
+            found, epsilon = self._decomposed_epsilon(node)
+            if found:  # a layer (or RMS) normalization left as arithmetic: what ONNX Runtime fuses into one
+                yield "layer normalization", epsilon
         activation = next((a.s.decode("utf-8", "replace").lower() for a in node.attribute
                            if a.name == "activation" and a.type == onnx.AttributeProto.STRING), None)
         if activation is not None and activation in _KINDS:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 
 import numpy as np
@@ -73,15 +74,27 @@ class LazyConstants(Mapping[str, np.ndarray]):
         self._keep_last = keep_last
         self._kept: dict[str, np.ndarray] | None = {} if keep_all else None
         self._last: tuple[str, np.ndarray] | None = None
+        # Two threads of the audit may read arrays kept all (see _beside): each computed once.
+        self._computing = threading.Lock()
+
+    @property
+    def keeps_all(self) -> bool:
+        """Whether every array is kept once read (until :meth:`release`)."""
+        return self._kept is not None
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if self._kept is not None:
-            kept = self._kept.get(name)
+        kept_all = self._kept  # (read once: the fields are read by one thread as another sets them)
+        if kept_all is not None:
+            kept = kept_all.get(name)
             if kept is None:
-                kept = self._kept[name] = self._loaders[name]()
+                with self._computing:
+                    kept = kept_all.get(name)
+                    if kept is None:
+                        kept = kept_all[name] = self._loaders[name]()
             return kept
-        if self._last is not None and self._last[0] == name:
-            return self._last[1]
+        last = self._last
+        if last is not None and last[0] == name:
+            return last[1]
         self._last = None  # the previous array goes before the next one is computed
         value = self._loaders[name]()
         if self._keep_last:

@@ -73,8 +73,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxlady._analysis._channels import COPY_SUFFIX, ChannelAnalysis, analyze
-from onnxlady._audit._activation_quantization import activation_scales, mismatched_activation_quantization
+from onnxlady._audit._activation_quantization import (
+    activation_scales,
+    mismatched_activation_quantization,
+    unclamped_fused_activations,
+)
 from onnxlady._audit._added_operators import added_operators, approximated_gelus, changed_operators
+from onnxlady._audit._beside import Beside
 from onnxlady._audit._bypassed_branches import bypassed_branches
 from onnxlady._audit._derived_values import changed_copies, changed_derived_constants
 from onnxlady._audit._folded_inputs import changed_folded_inputs
@@ -112,6 +117,7 @@ from onnxlady._io._progress import say
 from onnxlady._io._tensors import all_finite, read_array, read_constants, tensor_holders
 from onnxlady._resync._across import AcrossResync, Approx, pair_unplanned
 from onnxlady._resync._branch_merges import merged_sums
+from onnxlady._resync._conversions import FLOAT16_IN_FLOAT32
 from onnxlady._resync._entry import resync_model
 from onnxlady._resync._match import ConversionFinding, analyze_with_state
 from onnxlady._resync._solver import ResyncResult
@@ -275,7 +281,9 @@ def _close(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None
 
 
 _NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_CHUNK = 1 << 18
+#: Elements compared at once by :func:`_close_chunked`: its float64 temporaries (three of 512
+#: KiB) stay in cache, and add little to the peak of the step they run beside (see _beside).
+_CHUNK = 1 << 16
 
 
 def _close_chunked(a: np.ndarray, b: np.ndarray, rtol: float, allowed: np.ndarray | None) -> bool:
@@ -712,7 +720,14 @@ def _compensation(
     consumers = kinds["consumer"]
     if not consumers:
         return None
-    if not _agree(_ratio_of(consumers, ref, work, j, bounds), 1 / k, SCALE_MATCH, slack):
+    ratios = _ratio_of(consumers, ref, work, j, bounds)
+    if not _agree(ratios, 1 / k, SCALE_MATCH, slack):
+        return None
+    # Coarse storage (int4 blocks) leaves k uncertain by tens of percent: columns left as they
+    # were agree with 1 / k within that too. A compensation is read only where the columns are
+    # nearer 1 / k than unchanged (held-out round 19, F1: one block's scale x1.5 read as a
+    # rescale that the next layer undoes).
+    if not all(abs(x - 1 / k) < abs(x - 1) for x, _ in ratios):
         return None
     if not _homogeneous_path(analysis, prod.node):
         return None
@@ -919,12 +934,21 @@ def _similarity_side(
         n = group.size
         step = max(1, int(np.ceil(n / MAX_MATRIX)))
         pick = np.arange(0, n, step)
-        a = np.hstack([_picked_rows(ref[p.source], p, pick) for p in prods])
-        b = np.hstack([_picked_rows(model[p.tensor if p.tensor in model else p.source], p, pick) for p in prods])
+        a = _side_by_side([_picked_rows(ref[p.source], p, pick) for p in prods])
+        b = _side_by_side([_picked_rows(model[p.tensor if p.tensor in model else p.source], p, pick) for p in prods])
         a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
         b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-300)
         out[group.id] = (np.round(a @ b.T, 4).tolist(), step)
     return out
+
+
+def _side_by_side(parts: list[np.ndarray]) -> np.ndarray:
+    """``np.hstack(parts)``: one part as it is where it is C-contiguous (``hstack`` copied it).
+
+    The same values in the same layout (the products read it as they read the copy), without a
+    second array of the sampled rows (fresh memory, beside the first, for every group).
+    """
+    return np.ascontiguousarray(parts[0]) if len(parts) == 1 and parts[0].ndim == 2 else np.hstack(parts)
 
 
 def _joined(
@@ -1112,6 +1136,7 @@ def audit_models(
             ("constants computed from constants changed", lambda: changed_derived_constants(across.match, across.matches)),
             ("a stored copy of a constant changed", lambda: changed_copies(across.match)),
             ("a constant outside the weights changed", lambda: changed_operator_constants(across.match)),
+            ("a clamp fused into activation quantization undone", lambda: unclamped_fused_activations(across.match)),
         )
         for what, compare in comparisons:
             found = compare()
@@ -1226,21 +1251,38 @@ def _audit_weights(
     # through resync, which reads the suspect itself and lets each weight go as it moves it (the
     # peak one model lower); a suspect matched across conversions is read again afterwards.
     names = set(before)
-    try:
-        twin_before: dict[str, tuple[list[list[float]], int]] | None = _similarity_side(analysis, viewed, before, names)
-    except (KeyError, IndexError, ValueError):  # tensors named or shaped otherwise: no twin, compared later
-        twin_before = None
+    # Of models held in memory or mapped whole (not weights left in their files, read a tensor at
+    # a time: two readers would hold two), the sampled rows are compared in a thread beside the
+    # resync (see _beside): the same value, the resync's time.
+    beside = not isinstance(before, LazyConstants) and (isinstance(ref, ReadEachTime) or not isinstance(ref, LazyConstants))
+    sampled = Beside(_similarity_side, analysis, viewed, before, names) if beside else None
+    twin_before: dict[str, tuple[list[list[float]], int]] | None = None
+    if sampled is None:
+        try:
+            twin_before = _similarity_side(analysis, viewed, before, names)
+        except (KeyError, IndexError, ValueError):  # tensors named or shaped otherwise: no twin, compared later
+            twin_before = None
     del before
-    result = resync_model(
-        reference, suspect, method=method, refine=refine, progress=progress, analysis=analysis,
-        constants=(ref if isinstance(ref, dict) else {}, {}),
-    )
+    try:
+        result = resync_model(
+            reference, suspect, method=method, refine=refine, progress=progress, analysis=analysis,
+            constants=(ref if isinstance(ref, dict) else {}, {}),
+        )
+    except Exception:  # (an interruption is not waited for: the step beside is a daemon)
+        _raise_earlier(sampled, (KeyError, IndexError, ValueError))
+        raise
+    if sampled is not None:
+        try:
+            twin_before = sampled.result()
+        except (KeyError, IndexError, ValueError):  # (as in line above)
+            twin_before = None
     check_related(result)  # structure pairs, weights unrelated: not a derivative to audit
     say(progress, "audit: comparing neurons (similarity before and after resync)")
     allowed: dict[str, np.ndarray] = {}  # per tensor, the storage error a conversion may add
     stored_suspect: dict[str, np.ndarray] = {}  # as stored: forensics compares the constants no plan moves from it
     after: Mapping[str, np.ndarray]
     aligned: Mapping[str, np.ndarray]
+    resampled: Beside[dict[str, dict[str, Any]]] | None = None
     if result.across is not None:
         stored_suspect = read_constants(suspect, "suspect")
         if isinstance(ref, ReadEachTime):  # the compared form is computed from copies of every tensor
@@ -1255,7 +1297,12 @@ def _audit_weights(
         after = aligned = lazy if lazy is not None else _resynced_constants(result)
         if twin_before is None:  # as the comparison of the suspect as stored fails, once more
             twin_before = _similarity_side(analysis, viewed, constants_of(suspect, "suspect", aligned=False), names)
-        sim = _joined(twin_before, _similarity_side(analysis, viewed, after, names))
+        # Beside the comparisons below where the re-synchronized arrays are each computed once
+        # and kept (both threads read them): joined before the report is made.
+        if beside and (isinstance(after, dict) or (isinstance(after, LazyConstants) and after.keeps_all)):
+            resampled = Beside(_similarity_after, twin_before, analysis, viewed, after, names)
+        else:
+            sim = _joined(twin_before, _similarity_side(analysis, viewed, after, names))
     conversions = list(result.across.match.conversions) if result.across is not None else []
     done = " and converted" if conversions else ""
 
@@ -1278,10 +1325,16 @@ def _audit_weights(
         return sorted(n for n, a in values.items() if _source(n) in ref and not close(n, a))
 
     say(progress, "audit: comparing constants with the reference's")
-    diff = differing(after)
-    say(progress, "audit: looking for scaled neurons")
-    work = Overlay(aligned)  # the scale analysis copies (float64) only the arrays it changes
-    rescaled, attacked, audits = _scale_analysis(analysis, viewed, work, _Bounds(allowed, ref) if allowed else None)
+    try:
+        diff = differing(after)
+        say(progress, "audit: looking for scaled neurons")
+        work = Overlay(aligned)  # the scale analysis copies (float64) only the arrays it changes
+        rescaled, attacked, audits = _scale_analysis(analysis, viewed, work, _Bounds(allowed, ref) if allowed else None)
+    except Exception:
+        _raise_earlier(resampled)
+        raise
+    if resampled is not None:
+        sim = resampled.result()
     report = AuditReport(
         "permuted", "", rtol, result, audits, rescaled, attacked, similarity=sim, conversions=conversions,
         analysis=analysis,
@@ -1363,6 +1416,28 @@ def _audit_weights(
     if conversions:
         report.summary += f"; besides, converted ({_conversion_text(conversions)})"
     return report
+
+
+def _similarity_after(
+    before: dict[str, tuple[list[list[float]], int]],
+    analysis: ChannelAnalysis,
+    ref: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
+    names: set[str],
+) -> dict[str, dict[str, Any]]:
+    """:func:`_similarity` of a twin whose side ``before`` (the suspect as stored) is computed already."""
+    return _joined(before, _similarity_side(analysis, ref, after, names))
+
+
+def _raise_earlier(step: Beside[Any] | None, swallowed: tuple[type[BaseException], ...] = ()) -> None:
+    """Raise the error of ``step`` (begun before the caller's own step failed), once it is done.
+
+    In line it came first: the caller's error is raised only where the step returned, or
+    raised one of ``swallowed`` (what the caller catches of it, in line as beside).
+    """
+    error = step.error() if step is not None else None
+    if error is not None and not isinstance(error, swallowed):
+        raise error
 
 
 def _bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -1803,19 +1878,32 @@ def _conversion_text(conversions: list[ConversionFinding]) -> str:
 _FLOAT16_MAX = 65504.0
 
 
-def _storage_bound(reference: Approx, suspect: Approx) -> np.ndarray:
+def _storage_bound(reference: Approx, suspect: Approx, float16: frozenset[str] = frozenset()) -> np.ndarray:
     """How far two values of one constant may differ by their storage alone, per element.
 
     Both values' storage errors, one float32 rounding of the largest magnitude, and a float16
     clamp: a suspect value at float16's largest magnitude stands for any reference value beyond
-    it of the same sign (a causal mask's -3.4e38 stored as -65504).
+    it of the same sign (a causal mask's -3.4e38 stored as -65504). A side in ``float16`` holds
+    a float16 model's weights as float32 (the match's ``float16-as-float32`` conversion): where
+    its values are all float16 numbers, they carry float16's rounding (of the folds ONNX
+    Runtime computed in float16 before it cast them), not float32's.
     """
     scale = float(np.abs(reference.value).max()) if reference.value.size else 0.0
-    bound = reference.error + suspect.error + 2.0**-24 * scale
+    errors = [_float16_error(value) if side in float16 else value.error
+              for side, value in (("reference", reference), ("suspect", suspect))]  # fmt: skip
+    bound = errors[0] + errors[1] + 2.0**-24 * scale
     clamped = (np.abs(suspect.value) == _FLOAT16_MAX) & (reference.value * np.sign(suspect.value) >= _FLOAT16_MAX)
     if clamped.any():
         bound = np.where(clamped, np.abs(reference.value - suspect.value), bound)
     return bound
+
+
+def _float16_error(value: Approx) -> np.ndarray:
+    """``value``'s storage error, float16's where every one of its numbers is a float16 number."""
+    numbers = value.value
+    if numbers.size and np.array_equal(numbers.astype(np.float16).astype(numbers.dtype), numbers):
+        return np.maximum(value.error, half_ulp(numbers, np.dtype(np.float16)))
+    return value.error
 
 
 def _common_form(
@@ -1839,6 +1927,7 @@ def _common_form(
     after: dict[str, np.ndarray] = {}
     stored: dict[str, np.ndarray] = {}
     allowed: dict[str, np.ndarray] = {}
+    float16 = frozenset(c.model for c in details.match.conversions if c.kind == FLOAT16_IN_FLOAT32)
     for number, plan in enumerate(analysis.tensors):
         reference = details.reference[number]
         aligned = details.suspect_aligned[number]
@@ -1848,7 +1937,7 @@ def _common_form(
             ref[plan.source] = before[plan.source] = after[plan.source] = stored[plan.source] = value
             continue
         ref[plan.source] = reference.value
-        allowed[plan.source] = _storage_bound(reference, aligned)
+        allowed[plan.source] = _storage_bound(reference, aligned, float16)
         within = np.abs(reference.value - aligned.value) <= allowed[plan.source]
         after[plan.source] = np.where(within, reference.value, aligned.value)
         stored[plan.source] = aligned.value
@@ -1856,7 +1945,7 @@ def _common_form(
     # Constants no plan moves (frozen groups only): compared in place, through their paired sites.
     for name, (reference, suspect) in pair_unplanned(details.match).items():
         ref[name] = reference.value
-        allowed[name] = _storage_bound(reference, suspect)
+        allowed[name] = _storage_bound(reference, suspect, float16)
         within = np.abs(reference.value - suspect.value) <= allowed[name]
         after[name] = np.where(within, reference.value, suspect.value)
         stored[name] = before[name] = suspect.value

@@ -31,6 +31,15 @@ _FLOAT = onnx.TensorProto.FLOAT
 _INT32 = onnx.TensorProto.INT32
 
 
+_ML = "ai.onnx.ml"
+
+
+def _float_same_shape(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> Found:
+    """ai.onnx.ml Scaler / Normalizer: element-wise (row-wise), the input's shape, always float."""
+    shape = shapes.get(input_name(node, 0))
+    return {} if shape is None or not node.output[0] else {node.output[0]: (shape, _FLOAT)}
+
+
 def _output(node: onnx.NodeProto, slot: int) -> str:
     return node.output[slot] if slot < len(node.output) else ""
 
@@ -274,6 +283,12 @@ _SHAPES: dict[tuple[str, str], Callable[[onnx.NodeProto, Mapping[str, Shape]], F
     (MICROSOFT, "BiasAdd"): same_as_first_input,
     (MICROSOFT, "BiasSplitGelu"): _bias_split_gelu,
     ("", "GroupNormalization"): same_as_first_input,
+    # scikit-learn exports (skl2onnx, onnxmltools): ONNX's inference types these ai.onnx.ml
+    # operators' outputs but gives them no shape, and the MLP behind them would lose its ranks.
+    (_ML, "Scaler"): _float_same_shape,
+    (_ML, "Normalizer"): _float_same_shape,
+    (_ML, "Binarizer"): same_as_first_input,
+    (_ML, "Imputer"): same_as_first_input,
     **QUANTIZED_SHAPES,  # ONNX Runtime's QOperator activations
 }
 

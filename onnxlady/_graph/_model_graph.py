@@ -18,7 +18,7 @@ of fully static shapes (element-wise operators and MatMuls only) gets the same s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -168,6 +168,8 @@ class ModelGraph:
         #: Whether each node has any attribute (read with the fields above).
         self._node_attributed: list[bool] = []
         self._labels: list[str | None] = []
+        #: The main graph's initializer names, where opened bodies add their own to :attr:`initializers`.
+        self._main_initializers: frozenset[str] | None = None
         table = nodes.take(graph) if nodes is not None else None
         self._register_nodes(self.nodes, table)
         #: The main graph's nodes are ``nodes[:main_count]`` (``model.graph.node`` in its order);
@@ -263,7 +265,9 @@ class ModelGraph:
         self.subgraph_owner: dict[int, int] = opened.owner
         self._subgraph_infos = opened.value_infos
         self._subgraph_names = opened.names
-        self.initializers.update(opened.initializers)
+        if opened.initializers:  # (the main graph's names kept apart first: see main_initializer_names)
+            self._main_initializers = frozenset(self.initializers)
+            self.initializers.update(opened.initializers)
         self.nodes.extend(opened.nodes)
         self._register_nodes(opened.nodes)
         for index, bodies in self.subgraphs.items():
@@ -402,10 +406,11 @@ class ModelGraph:
         numbers only, so symbolic shape values are propagated by one more whole-graph run.
         """
         typed = []
-        for node in self.nodes[: self.main_count]:
-            if node.domain in ("", "ai.onnx"):
+        # (the operators and outputs as read once, not each node's protobuf fields again)
+        for (_, domain), outputs in zip(self._node_ops[: self.main_count], self._node_outputs[: self.main_count]):
+            if domain in ("", "ai.onnx"):
                 continue
-            for name in node.output:
+            for name in outputs:
                 shape, dtype = self.shapes.get(name), self.dtypes.get(name)
                 if name and shape is not None and dtype:
                     dims = [d if isinstance(d, (int, str)) else None for d in shape]
@@ -1136,10 +1141,18 @@ class ModelGraph:
         # point was dropped (held-out round 13, F1).
         integers = integer_range(value.dtype) is not None
         narrow = value.dtype.itemsize <= 2 and (zero is None or zero.dtype.itemsize <= 2)
-        if integers and narrow and value.ndim > 0:
+        small = integers and narrow and value.ndim > 0
+        offset = spread(zero) if small and zero is not None else None
+        if small and (offset is None or _broadcasts_into(offset.shape, value.shape)):
             # 4/8/16-bit integers and their difference are exact in float32 (below 2**24): the
-            # int64 path's numbers, in one pass and one array instead of three (a QDQ weight).
-            real = np.subtract(value, 0 if zero is None else spread(zero), dtype=np.float32)
+            # int64 path's numbers, in one array instead of three (a QDQ weight). Cast, then
+            # shifted in place: the same numbers as subtracting with ``dtype=float32``, whose
+            # buffered casts took three times as long.
+            real = value.astype(np.float32)
+            if offset is not None:
+                np.subtract(real, offset.astype(np.float32), out=real)
+        elif small:
+            real = np.subtract(value, 0 if offset is None else offset, dtype=np.float32)
         elif integers:
             shifted = value.astype(np.int64) - (0 if zero is None else spread(zero).astype(np.int64))
             real = shifted.astype(np.float32)
@@ -1174,6 +1187,10 @@ class ModelGraph:
             return tuple([int(d) for d in shape if d is not None])
         value = self.constant_value(name)
         return None if value is None else tuple(value.shape)
+
+    def main_initializer_names(self) -> Collection[str]:
+        """The names of the main graph's own initializers (:attr:`initializers` adds opened bodies' ones)."""
+        return self.initializers.keys() if self._main_initializers is None else self._main_initializers
 
     def constant_uses(self, leaf_name: str) -> list[tuple[int, int]]:
         """Every (node, input slot) that reads a leaf, directly or through its chain (data slots).
@@ -1359,3 +1376,8 @@ def _known_count(shape: Shape) -> int:
 def _sort_key(key: tuple[str, object]) -> str:
     kind, value = key
     return f"{kind}:{value:012d}" if isinstance(value, int) else f"{kind}:{value}"
+
+
+def _broadcasts_into(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` broadcasts against one of ``target`` without growing it."""
+    return len(shape) <= len(target) and all(size in (1, full) for size, full in zip(shape[::-1], target[::-1]))

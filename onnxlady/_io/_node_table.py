@@ -35,6 +35,13 @@ class NodeTable:
         self.attributed: list[bool] = []
         self.listed_in_order = False
 
+    def describes(self, graph: onnx.GraphProto) -> bool:
+        """Whether this table (not taken yet) was read from ``graph`` and still has as many nodes.
+
+        For a reader that only looks (the graph fingerprint), before the table is taken.
+        """
+        return self._graph is not None and self._graph is graph and len(graph.node) == len(self.ops)
+
     def take(self, graph: onnx.GraphProto) -> NodeTable | None:
         """This table for a graph of ``graph``, once; None when it was read from another or taken already.
 

@@ -2,7 +2,7 @@
 
 A command that writes several files (a model and its key, a model and its external data,
 reports and a canonicalized model) stages every file in a folder of its own beside the targets
-(``.onnxlady-tmp-<pid>-<random>``, short whatever the targets' names), under the target's own
+(``.onnxlady-tmp-<pid>-<host>-<start>-<random>``, short whatever the targets' names), under the target's own
 name, so a staged model finds its staged external data. Only when every file was written and
 synced does :meth:`OutputSet.commit` write a journal (the commit point) and rename the files
 into place; the staging folder is then removed. A set of one file needs no journal: its one
@@ -17,7 +17,10 @@ the journal is written, and the journal before the first rename.
 Every way out cleans up: an exception, ``KeyboardInterrupt`` or a ``SystemExit`` raised by a
 signal handler removes the staging folder. A run killed outright (SIGKILL, power loss) leaves
 it behind; the next output set writing into that folder finds it (the process that made it is
-gone) and completes it when its journal was written, or removes it when it was not. Between the
+provably gone: no process has its pid, or the one that has it started at another time or boot)
+and completes it when its journal was written, or removes it when it was not. A folder of
+another machine (its host tag differs: a shared file system) or of a running process is never
+touched, nor any name onnxlady does not make (:data:`_NAME`). Between the
 kill and that next run, a set killed in the middle of its renames may show some new files and
 some old ones; keys record the sha256 of the model they belong to, so such a pair is refused.
 
@@ -32,8 +35,10 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -166,27 +171,87 @@ def _check_name(target: Path) -> None:
 
 
 # -- recovery ---------------------------------------------------------------------------------
+#: A staging folder's name: ``<TEMP_PREFIX><pid>-<host>-<start>-<random>``, where ``host`` tags
+#: the machine and ``start`` the process's start (boot and start time), so another machine's
+#: folder on a shared file system, or a pid since reused by another process, is told apart.
+#: Before session 19 names were ``<TEMP_PREFIX><pid>-<random>`` (owner checked by pid alone).
+_NAME = re.compile(
+    re.escape(TEMP_PREFIX) + r"(?P<pid>[0-9]{1,10})(?:-(?P<host>[0-9a-f]{8})-(?P<start>[0-9a-f]{8}))?-[0-9a-f]{8}"
+)
+
+
+def _tag(text: str) -> str:
+    return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:8]
+
+
+def _process_stat(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat``'s fields after the command name (state first); ``None`` where unread."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _start_tag(pid: int) -> str:
+    """A tag of process ``pid``'s start (this boot's id and its start time); ``0...`` where unknown."""
+    fields = _process_stat(pid)
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        start = fields[19] if fields is not None else ""  # field 22, starttime
+    except (OSError, IndexError):
+        return "0" * 8
+    return _tag(f"{boot}:{start}") if start else "0" * 8
+
+
+_HOST = _tag(socket.gethostname())
+_STARTS: dict[int, str] = {}  # this process's start tag, by pid (a forked child has its own)
+
+
+def _own_start() -> str:
+    pid = os.getpid()
+    if pid not in _STARTS:
+        _STARTS[pid] = _start_tag(pid)
+    return _STARTS[pid]
+
+
 def _owner(name: str) -> int | None:
     """The process id in a staging folder's name, ``None`` for a name onnxlady did not make."""
-    try:
-        return int(name[len(TEMP_PREFIX) :].split("-", 1)[0])
-    except ValueError:
-        return None
+    match = _NAME.fullmatch(name)
+    return int(match["pid"]) if match else None
 
 
 def _running(pid: int) -> bool:
     """Whether process ``pid`` still runs (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a number too large for a pid: no process)
         return False
     except OSError:
         return True  # someone else's process: alive
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    fields = _process_stat(pid)
+    return fields is None or fields[0] not in ("Z", "X")
+
+
+def _stale(name: str) -> bool:
+    """Whether the staging folder ``name`` is onnxlady's and its process provably gone.
+
+    Never a name onnxlady does not make, nor another machine's folder (its pid means nothing
+    here), nor one whose process runs; a running pid whose start differs from the one in the
+    name was reused by another process after the owner died: the folder is stale.
+    """
+    match = _NAME.fullmatch(name)
+    if match is None or (match["host"] is not None and match["host"] != _HOST):
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return True  # not open here (the caller checked): an earlier set's, or a dead process's of our pid
+    if not _running(pid):
         return True
-    return state not in ("Z", "X")
+    start = match["start"]
+    if start is None or start == "0" * 8:
+        return False
+    running = _start_tag(pid)
+    return running != "0" * 8 and running != start
 
 
 def recover_folder(folder: str | os.PathLike[str]) -> list[str]:
@@ -208,13 +273,12 @@ def recover_folder(folder: str | os.PathLike[str]) -> list[str]:
     except OSError:
         return notes
     for entry in entries:
-        if not entry.name.startswith(TEMP_PREFIX):
-            continue
+        if not entry.name.startswith(TEMP_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue  # onnxlady stages in folders only: a file or a link of that name is not its own
         path = Path(entry.path)
-        pid = _owner(entry.name)
         with _ACTIVE_LOCK:
             active = _absolute(path) in _ACTIVE
-        if active or (pid is not None and pid != os.getpid() and _running(pid)):
+        if active or not _stale(entry.name):
             continue
         notes.extend(_recover(path))
     return notes
@@ -238,7 +302,7 @@ def _recover(staging: Path) -> list[str]:
                 except OSError as exc:
                     notes.append(f"could not complete an interrupted write of {target} ({exc.strerror or exc})")
         for other in {Path(staged).parent.parent for staged, _ in journal} - {staging}:
-            if other.name.startswith(TEMP_PREFIX):
+            if _owner(other.name) is not None:
                 _remove(other)
     return notes + _remove(staging)
 
@@ -283,7 +347,7 @@ class OutputSet:
     """
 
     def __init__(self) -> None:
-        self._token = f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._token = f"{TEMP_PREFIX}{os.getpid()}-{_HOST}-{_own_start()}-{secrets.token_hex(4)}"
         self._staging: dict[int, Path] = {}  # device -> staging folder
         self._primary: Path | None = None
         self._folders: dict[Path, Path] = {}  # target folder -> its sub-folder in the staging folder

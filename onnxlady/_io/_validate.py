@@ -412,6 +412,22 @@ def _check_operator_shapes(
     node: onnx.NodeProto, op: str, inputs: list[str], constants: Mapping[str, onnx.TensorProto], origin: str
 ) -> None:
     """The rank and length checks of :func:`_check_operator`, for an operator with a constant operand."""
+    if op == "MatMul":  # (most of them in a deep network: no helper made for its two operands)
+        a = constants.get(inputs[0]) if len(inputs) > 0 and inputs[0] else None
+        b = constants.get(inputs[1]) if len(inputs) > 1 and inputs[1] else None
+        for tensor in (a, b):
+            if tensor is not None and not tensor.dims:
+                raise OnnxladyError(
+                    f"{origin}: node {_node_label(node)}: operand '{tensor.name}' is a scalar; MatMul needs rank 1 or more"
+                )
+        if a is not None and b is not None and a.dims and b.dims:
+            inner_b = b.dims[-2] if len(b.dims) >= 2 else b.dims[0]
+            if a.dims[-1] != inner_b:
+                raise OnnxladyError(
+                    f"{origin}: node {_node_label(node)}: operands '{a.name}' {list(a.dims)} and '{b.name}' "
+                    f"{list(b.dims)} do not multiply"
+                )
+        return
 
     def constant(slot: int) -> onnx.TensorProto | None:
         if slot >= len(inputs) or not inputs[slot]:
@@ -450,15 +466,6 @@ def _check_operator_shapes(
             columns = b.dims[0] if _int_attribute(node, "transB", 0) else b.dims[1]
             if len(c.dims) > 2 or (c.dims and c.dims[-1] not in (1, columns)):
                 fail(f"bias '{c.name}' has shape {list(c.dims)}, which does not broadcast to {columns} columns")
-    elif op == "MatMul":
-        a, b = constant(0), constant(1)
-        for tensor in (a, b):
-            if tensor is not None and not tensor.dims:
-                fail(f"operand '{tensor.name}' is a scalar; MatMul needs rank 1 or more")
-        if a is not None and b is not None and a.dims and b.dims:
-            inner_b = b.dims[-2] if len(b.dims) >= 2 else b.dims[0]
-            if a.dims[-1] != inner_b:
-                fail(f"operands '{a.name}' {list(a.dims)} and '{b.name}' {list(b.dims)} do not multiply")
     elif op == "BatchNormalization":
         vectors = [tensor for tensor in (constant(slot) for slot in range(1, 5)) if tensor is not None]
         for tensor in vectors:

@@ -84,7 +84,20 @@ def pair_class(
             taken.add(j)
     left_rows = [i for i in range(len(rows)) if i not in decided]
     left_cols = [j for j in range(len(cols)) if j not in taken]
+    if left_rows and left_cols and len(left_rows) != len(left_cols):
+        # Some site left stays unpaired (its counterpart fused away or frozen on the other
+        # side): which one is the nearest content's to say, not the graph order's (a changed
+        # row made a Perceiver's self-attention query lose its counterpart to the cross-
+        # attention query before it, whose own was fused away: held-out round 18).
+        sub = table[np.ix_(left_rows, left_cols)]
+        for a, b in zip(*linear_sum_assignment(np.where(ruled_out[np.ix_(left_rows, left_cols)], 8.0, sub))):
+            i, j = left_rows[int(a)], left_cols[int(b)]
+            if not ruled_out[i, j]:
+                decided[i] = (j, "order")
+        left_cols = [j for j in left_cols if j not in {d for d, _ in decided.values()}]
     for i in left_rows:  # in graph order: the first counterpart left that content allows
+        if i in decided:
+            continue
         allowed = next((j for j in left_cols if not ruled_out[i, j]), None)
         if allowed is not None:
             decided[i] = (allowed, "order")

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
 
 from onnxlady._graph._attributes import node_attribute
 from onnxlady._graph._model_graph import ModelGraph
+from onnxlady._io._tensors import read_array
 from onnxlady._resync._match_results import ConversionFinding
 from onnxlady._resync._nchwc_forms import nchwc_block
 from onnxlady._resync._quantized_forms import quantized_form
 from onnxlady._resync._sites import Operand, Site
 
-__all__ = ["LINEAR_FAMILIES", "find_conversions"]
+__all__ = ["FLOAT16_IN_FLOAT32", "LINEAR_FAMILIES", "find_conversions"]
 
 #: Operators a converter or simplifier adds or removes without changing the computation.
 _PASS_THROUGH_OPS = frozenset({"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
@@ -41,6 +43,59 @@ def _stored_type(graph: ModelGraph, operand: Operand) -> int | None:
     leaf = graph.constant_leaf(graph.nodes[operand.node].input[operand.slot])
     tensor = graph.leaf_tensor_or_none(leaf) if leaf is not None else None
     return None if tensor is None else tensor.data_type
+
+
+def _float16_values(graph: ModelGraph, operand: Operand) -> bool | None:
+    """Whether a float32 weight holds float16 numbers only: each value exactly a float16's.
+
+    ONNX Runtime runs a float16 model's operators that its CPU provider has in float32 only
+    (Conv, BatchNorm folded into it, NCHWc) between inserted Casts, which ``ORT_ENABLE_ALL``
+    folds into the weights: float32 tensors of the float16 values, the float16 roundings of its
+    own folds included. Float32 weights of a float32 model are never all float16 numbers: the
+    first values read say so (the rest is read only where those are). None: not float32.
+    """
+    leaf = graph.constant_leaf(graph.nodes[operand.node].input[operand.slot])
+    tensor = graph.leaf_tensor_or_none(leaf) if leaf is not None else None
+    if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
+        return None
+    if tensor.raw_data and not _exact(np.frombuffer(tensor.raw_data[:1024], dtype="<f4")):
+        return False
+    return _exact(read_array(tensor, f"tensor '{tensor.name}'"))
+
+
+def _exact(values: np.ndarray) -> bool:
+    return bool(values.size) and bool(np.array_equal(values.astype(np.float16).astype(values.dtype), values))
+
+
+def _float16_held(side: ModelGraph, other: ModelGraph, pairs: list[tuple[Site, Site]], suspect: bool) -> int:
+    """How many paired weights ``side`` holds as float32 float16 numbers where ``other``'s are not.
+
+    Counted where the counterpart is stored as float16, or, where it is a float32 of other
+    numbers, only when every float32 weight of ``side`` is float16 numbers (the whole model went
+    through float16; one layer rounded so is no conversion's evidence).
+    """
+    beside_float16, beside_float32, every = 0, 0, True
+    for pair in pairs:
+        mine, theirs = (pair[1], pair[0]) if suspect else pair
+        weight, counterpart = mine.operand("weight"), theirs.operand("weight")
+        if mine.family not in LINEAR_FAMILIES or weight is None or counterpart is None:
+            continue
+        exact = _float16_values(side, weight)
+        if exact is None:
+            continue
+        every = every and exact
+        if not exact:
+            continue
+        if _stored_type(other, counterpart) == onnx.TensorProto.FLOAT16:
+            beside_float16 += 1
+        elif _float16_values(other, counterpart) is False:
+            beside_float32 += 1
+    return beside_float16 + (beside_float32 if every else 0)
+
+
+#: The conversion kind of float16 weights held as float32 (:func:`_float16_values`): the audit
+#: allows their values float16's storage error.
+FLOAT16_IN_FLOAT32 = "float16-as-float32"
 
 
 def _quantized_form(graph: ModelGraph, operand: Operand) -> str | None:
@@ -100,6 +155,14 @@ def find_conversions(
                         _DTYPE_KIND[dtype], side, f"{count} of {weights} paired weights stored as {_DTYPE_KIND[dtype]}"
                     )
                 )
+        if types[side][onnx.TensorProto.FLOAT]:
+            held = _float16_held(graphs[side], graphs[other], pairs, side == "suspect")
+            if held:
+                findings.append(ConversionFinding(
+                    FLOAT16_IN_FLOAT32, side,
+                    f"{held} of {weights} paired weights float16 numbers stored as float32 (the float16 model run "
+                    "in float32, as ONNX Runtime runs the operators its CPU provider lacks in float16)",
+                ))  # fmt: skip
         if sum(quantized[side].values()) > sum(quantized[other].values()):
             listed = ", ".join(f"{count} {form}" for form, count in sorted(quantized[side].items()))
             findings.append(ConversionFinding("quantized", side, f"of {weights} paired weights, quantized: {listed}"))

@@ -81,7 +81,7 @@ class ConversionFinding:
 
     #: "float16", "bfloat16", "float64", "batchnorm-folded", "quantized", "opset", "renamed",
     #: "simplified", "fused", "reordered", "ort-optimized", "ort-transformer-optimized", "scale-folded",
-    #: "gelu-approximated", "constants-folded", "branches-merged"
+    #: "gelu-approximated", "constants-folded", "branches-merged", "float16-as-float32"
     kind: str
     model: str  # the side that has the converted form: "reference" or "suspect"
     detail: str

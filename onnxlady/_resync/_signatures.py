@@ -8,6 +8,10 @@ signatures are bitwise equal are *twins* (one weight read twice, or an equal cop
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Generator
+from contextlib import contextmanager
+
 import numpy as np
 
 from onnxlady._graph._attributes import node_attribute
@@ -17,7 +21,7 @@ from onnxlady._resync._invariants import RowScaled, signature
 from onnxlady._resync._sites import Operand, Site, post_affine, read_operand
 from onnxlady._resync._values import read_constant
 
-__all__ = ["Signatures", "signature_key", "twins"]
+__all__ = ["FiniteArrays", "Signatures", "proving_finite", "signature_key", "twins"]
 
 #: Operand roles a converter may store once for several sites (ONNX Runtime and onnxslim
 #: deduplicate equal zero biases and shifts): a change to one then moves the signature of
@@ -48,6 +52,10 @@ class Signatures:
                 if value is None:
                     continue
                 signed = signature(_folded_for_signature(self.graph, site, operand, value.value, self._scratch))
+                # A lone BatchNorm signs a layer of ones and zeros in place of its parameters.
+                replaced = operand.role in ("weight", "bias") and site.batchnorm is not None and site.lone_batchnorm
+                if not replaced:
+                    _note_finite(value.value, signed)
                 parts.extend(signed)
                 if operand.role not in _SHAREABLE_ROLES:
                     own.extend(signed)
@@ -66,6 +74,79 @@ class Signatures:
         """Drop a site's signature (its site was rewritten in place)."""
         self._cache.pop(number, None)
         self._own.pop(number, None)
+
+
+class FiniteArrays:
+    """Arrays a signature proved to hold no NaN and no infinity (see :func:`proving_finite`)."""
+
+    def __init__(self) -> None:
+        self._arrays: list[np.ndarray] = []  # kept alive: their memory is not reused meanwhile
+
+    def add(self, array: np.ndarray) -> None:
+        if (array.flags.c_contiguous or array.flags.f_contiguous) and array.size:  # (a weight read transposed)
+            self._arrays.append(array)
+
+    def covers(self, array: np.ndarray) -> bool:
+        """Whether every element of ``array`` is an element of one array proved finite.
+
+        The same type, its memory inside that array's (which is contiguous: every byte in it
+        belongs to an element) and on its elements' boundaries: the array, or a view of it.
+        """
+        if array.size == 0 or any(stride % array.itemsize for stride in array.strides):
+            return False
+        low, high = _extent(array)
+        for proved in self._arrays:
+            start, stop = _extent(proved)
+            if proved.dtype == array.dtype and start <= low and high <= stop and (low - start) % array.itemsize == 0:
+                return True
+        return False
+
+
+def _extent(array: np.ndarray) -> tuple[int, int]:
+    """The addresses of an array's first byte and one past its last (a non-empty array)."""
+    low = high = int(array.__array_interface__["data"][0])
+    for count, stride in zip(array.shape, array.strides):
+        if stride > 0:
+            high += (count - 1) * stride
+        else:
+            low += (count - 1) * stride
+    return low, high + array.itemsize
+
+
+#: Within :func:`proving_finite`: where the signatures note the weights they proved finite.
+_PROVED_FINITE: contextvars.ContextVar[FiniteArrays | None] = contextvars.ContextVar("onnxlady_proved_finite", default=None)
+
+
+@contextmanager
+def proving_finite() -> Generator[FiniteArrays, None, None]:
+    """Within it, each weight a signature read whole and found finite is noted in the arrays yielded.
+
+    A signature's sorted values start with the weight's smallest value and end with its largest
+    (any NaN sorts last, an infinity is one of them): both finite, every value is. Resync across
+    conversions then does not test those weights for NaN and infinity a second time, a pass
+    over both models' weights (and the reference's file pages, read again). Values scaled by a
+    BatchNorm or a scalar step prove it too: a product or a sum of an infinity or a NaN is
+    never finite, and each value is one of the factors or terms of a value signed.
+    """
+    token = _PROVED_FINITE.set(FiniteArrays())
+    try:
+        yield _PROVED_FINITE.get()  # type: ignore[misc]
+    finally:
+        _PROVED_FINITE.reset(token)
+
+
+def _note_finite(value: np.ndarray, parts: list[np.ndarray]) -> None:
+    """Note ``value`` as finite where ``parts``, the signature of its values as signed, proves it.
+
+    Every value is signed, as it is or scaled and shifted element by element
+    (:func:`_folded_for_signature`, see :func:`proving_finite`).
+    """
+    proved = _PROVED_FINITE.get()
+    if proved is None or not parts:
+        return
+    ordered = parts[0]  # the sorted values, resampled: the first is the smallest, the last the largest
+    if ordered.size and np.isfinite(ordered[0]) and np.isfinite(ordered[-1]):
+        proved.add(value)
 
 
 def _folded_for_signature(

@@ -343,6 +343,10 @@ def _hand_to_twin(
     return None
 
 
+#: Rounds of :func:`_settle_by_connections` at most (each strictly gains connections, so it ends anyway).
+_SETTLE_ROUNDS = 8
+
+
 def _settle_by_connections(state: SitePairing) -> None:
     """Re-pair layer sites that content cannot tell apart by the layers they connect to.
 
@@ -362,7 +366,7 @@ def _settle_by_connections(state: SitePairing) -> None:
             continue
         if ref_sites[mine].family in CONNECTED_FAMILIES and sus_sites[pairs[mine]].token == ref_sites[mine].token:
             classes.setdefault(ref_sites[mine].token, []).append(mine)
-    candidates: list[tuple[list[int], np.ndarray]] = []
+    candidates: list[tuple[list[int], list[int], np.ndarray]] = []  # rows, their counterparts then, distances
     for rows in classes.values():
         if len(rows) < 2:
             continue
@@ -371,39 +375,48 @@ def _settle_by_connections(state: SitePairing) -> None:
         own = np.diag(table)[:, None]
         allowed = (table * DECISIVE_RATIO <= own) | (table <= NEAR_EXACT)
         if np.count_nonzero(allowed) > len(rows):  # some site has an interchangeable counterpart
-            candidates.append((rows, np.where(allowed, table, np.inf)))
+            candidates.append((rows, [pairs[r] for r in rows], np.where(allowed, table, np.inf)))
     if not candidates:
         return
     ref_edges, sus_edges = successors(state.reference, ref_sites), successors(state.suspect, sus_sites)
-    back = {b: a for a, b in pairs.items()}
     ref_next: dict[int, set[int]] = {}
     ref_prev: dict[int, set[int]] = {}
-    sus_next: dict[int, set[int]] = {}
-    sus_prev: dict[int, set[int]] = {}
     for a, b in ref_edges:
         ref_next.setdefault(a, set()).add(b)
         ref_prev.setdefault(b, set()).add(a)
-    for a, b in sus_edges:  # keyed by the suspect's site, its neighbours in the reference's numbering
-        if a in back and b in back:
-            sus_next.setdefault(a, set()).add(back[b])
-            sus_prev.setdefault(b, set()).add(back[a])
-    for rows, table in candidates:
-        cols = [pairs[r] for r in rows]
-        score = np.array(
-            [
-                [len(ref_next.get(r, set()) & sus_next.get(c, set())) + len(ref_prev.get(r, set()) & sus_prev.get(c, set()))
-                 for c in cols]
-                for r in rows
-            ],
-            dtype=np.float64,
-        )  # fmt: skip
-        cost = np.where(np.isfinite(table), -score, 1e9)
-        chosen_rows, chosen_cols = linear_sum_assignment(cost)
-        if float(score[chosen_rows, chosen_cols].sum()) <= float(np.trace(score)):
-            continue
-        if any(not np.isfinite(table[i, j]) for i, j in zip(chosen_rows, chosen_cols)):
-            continue
-        for i, j in zip(chosen_rows, chosen_cols):
-            if i != j:
-                pairs[rows[int(i)]] = cols[int(j)]
-                how[rows[int(i)]] = ("structure", None, float(table[i, j]) if table[i, j] < 4.0 else None)
+    # A class's neighbours may be among the crosswise pairs of another class (a Siamese model's
+    # two branches: each layer's neighbours are the other branch's until that class is settled):
+    # classes are settled in turn, each against the pairing as it stands, until none gains.
+    for _ in range(_SETTLE_ROUNDS):
+        changed = False
+        for rows, first, table in candidates:
+            back = {b: a for a, b in pairs.items()}
+            sus_next: dict[int, set[int]] = {}
+            sus_prev: dict[int, set[int]] = {}
+            for a, b in sus_edges:  # keyed by the suspect's site, its neighbours in the reference's numbering
+                if a in back and b in back:
+                    sus_next.setdefault(a, set()).add(back[b])
+                    sus_prev.setdefault(b, set()).add(back[a])
+            cols = [pairs[r] for r in rows]
+            score = np.array(
+                [
+                    [len(ref_next.get(r, set()) & sus_next.get(c, set())) + len(ref_prev.get(r, set()) & sus_prev.get(c, set()))
+                     for c in cols]
+                    for r in rows
+                ],
+                dtype=np.float64,
+            )  # fmt: skip
+            current = table[:, [first.index(c) for c in cols]]  # the distances' columns in the current pairing's order
+            cost = np.where(np.isfinite(current), -score, 1e9)
+            chosen_rows, chosen_cols = linear_sum_assignment(cost)
+            if float(score[chosen_rows, chosen_cols].sum()) <= float(np.trace(score)):
+                continue
+            if any(not np.isfinite(current[i, j]) for i, j in zip(chosen_rows, chosen_cols)):
+                continue
+            for i, j in zip(chosen_rows, chosen_cols):
+                if i != j:
+                    pairs[rows[int(i)]] = cols[int(j)]
+                    how[rows[int(i)]] = ("structure", None, float(current[i, j]) if current[i, j] < 4.0 else None)
+                    changed = True
+        if not changed:
+            break

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import onnx
 
 from onnxlady._graph._attributes import node_attribute
-from onnxlady._graph._expr import DirectSum, Expr, Fixed, product
+from onnxlady._graph._expr import DirectSum, Expr, Fixed, grouped, product
 from onnxlady._rules._context import Binding, RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 from onnxlady._rules.standardized import standardized_weight
@@ -20,16 +20,23 @@ def grouped_conv_outputs(
     """A convolution's output neurons from the permutation of its ``groups * in_per_group`` input channels.
 
     Plain (one group): the weight's input axis follows ``channels`` (``bind_inputs``) and the
-    outputs are a new group. Depthwise (one input per group): each output follows the input
-    channel it reads, times the depth multiplier. Grouped: the groups keep their order, one
-    permutation inside every input group (bound to the weight's input axis), and the outputs of
-    each group permute on their own. Shared by Conv and ONNX Runtime's channels-last NhwcConv.
+    outputs are a new group. Depthwise (one input per group): the outputs move in blocks with
+    the input channel they read, each block of ``depth multiplier`` outputs in its own order.
+    Grouped: the groups keep their order, one permutation inside every input group (bound to the
+    weight's input axis), and the outputs of each group permute on their own. Shared by Conv,
+    ONNX Runtime's channels-last NhwcConv and the integer convolutions (QLinearConv, ConvInteger).
     """
     if groups == 1:
         bind_inputs(channels)
         return ctx.new_group(out_channels)
     if in_per_group == 1:
-        return product(channels, ctx.fixed(out_channels // groups, "depth multiplier"))
+        # Output ``c * m + j`` reads input channel ``c`` alone through its own weight row, so
+        # the ``m`` outputs of each input channel re-order among themselves, independently of
+        # the other channels' (weight rows and bias follow): ``channels (x) {q_c}``.
+        multiplier = out_channels // groups
+        if multiplier == 1:
+            return channels
+        return grouped(channels, [ctx.new_group(multiplier) for _ in range(channels.size)])
     inner = ctx.new_group(in_per_group)
     ctx.unify(channels, product(ctx.fixed(groups, "order of conv groups"), inner))
     bind_inputs(inner)
@@ -41,8 +48,9 @@ class ConvRule(OpRule):
     """Conv: W[M, C/g, k...] — rows are output neurons, columns read input channels.
 
     Plain conv: new group for the M outputs. Depthwise (C/g == 1): outputs follow the input
-    channel they read (times the depth multiplier). Grouped: the same permutation inside every
-    input group, and an independent permutation of the outputs inside each output group.
+    channel they read, the depth multiplier's outputs of each channel in their own order.
+    Grouped: the same permutation inside every input group, and an independent permutation of
+    the outputs inside each output group.
     """
 
     op_types = ("Conv",)

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import math
 
-from onnxlady._graph._expr import DirectSum, Expr, product
+from onnxlady._graph._expr import Expr
 from onnxlady._graph._model_graph import Shape
 from onnxlady._rules._context import RuleContext, RuleDoesNotApply
 from onnxlady._rules._registry import OpRule, register
 from onnxlady._rules._slots import data_slots, per_tensor
-from onnxlady._rules.producers import MatMulRule
+from onnxlady._rules.producers import MatMulRule, grouped_conv_outputs
 
 
 def _int_dims(shape: Shape | None) -> tuple[int, ...] | None:
@@ -130,16 +130,9 @@ def _integer_conv(ctx: RuleContext, x: int, w: int, bias: int | None, w_params: 
     if out_channels % groups:
         raise RuleDoesNotApply("index-map", f"{out_channels} outputs do not split into {groups} groups")
     channels = ctx.take(x, 1, in_per_group * groups)
-    if groups == 1:
-        ctx.bind(w, 1, channels, "conv weight (input channels)")
-        outputs: Expr = ctx.new_group(out_channels)
-    elif in_per_group == 1:
-        outputs = product(channels, ctx.fixed(out_channels // groups, "depth multiplier"))
-    else:
-        inner = ctx.new_group(in_per_group)
-        ctx.unify(channels, product(ctx.fixed(groups, "order of conv groups"), inner))
-        ctx.bind(w, 1, inner, "conv weight (input channels)")
-        outputs = DirectSum(tuple(ctx.new_group(out_channels // groups) for _ in range(groups)))
+    outputs = grouped_conv_outputs(
+        ctx, channels, groups, out_channels, in_per_group, lambda expr: ctx.bind(w, 1, expr, "conv weight (input channels)")
+    )
     ctx.bind(w, 0, outputs, "conv weight")
     for slot, kind in w_params:
         _vector(ctx, slot, outputs, f"conv weight: {kind}")

@@ -21,6 +21,7 @@ import onnx
 from numpy.random import default_rng  # with the module: numpy loads it lazily, on a command's first draw
 
 from onnxlady._errors import OnnxladyError
+from onnxlady._graph._expr import Atom, Expr
 from onnxlady._io._collector import collector_paused
 from onnxlady._io._external import is_mapped, mapped_bytes
 from onnxlady._io._progress import advance
@@ -36,6 +37,7 @@ from onnxlady._transforms._key import (
 
 if TYPE_CHECKING:  # annotations only: unpermute runs without the analysis (and its rules) imported
     from onnxlady._analysis._channels import ChannelAnalysis, TensorPermutation
+    from onnxlady._io._node_table import NodeTable
 
 #: Typed storage fields of TensorProto, by data type, for tensors not stored as raw bytes.
 _TYPED_FIELDS: dict[int, tuple[str, type]] = {
@@ -202,16 +204,18 @@ def permute_model(
     seed: int | None = None,
     progress: Callable[[str], None] | None = None,
     deferred: DeferredTensors | None = None,
+    fingerprint: str | None = None,
 ) -> PermutationKey:
     """Permute ``analysis.graph.model`` by ``perms`` (group id -> perm) and return the key.
 
     The model is changed in place, except that with ``deferred`` large tensors are left as
     they are and their permuted bytes are produced when ``save_model(overrides=
     deferred.overrides)`` writes them; call ``deferred.finish(key)`` after saving.
+    ``fingerprint``: the model's :func:`graph_fingerprint`, when the caller took it already.
     """
     model = analysis.model  # the model as given (its local functions too), not an inlined view
     _check_perms(analysis, perms)
-    source_fingerprint = graph_fingerprint(model)
+    source_fingerprint = graph_fingerprint(model) if fingerprint is None else fingerprint
     untied = _untie(analysis)
     # A streaming writer overrides main-graph tensors only (streamable): subgraphs' constants are permuted in place.
     holders, streamable = _holders(model)
@@ -219,10 +223,23 @@ def permute_model(
     digest = deferred.digest if deferred is not None else SourceDigest()
     file_order = {name: position for position, name in enumerate(holders)}
     tensors: list[dict[str, object]] = []
+    resolve = analysis.solver.resolve
+    # An axis moved by one group (most) takes that group's index array, made once per group:
+    # the expression is resolved once per axis, for the move and for the key's record.
+    by_atom: dict[int, np.ndarray] = {}
     for number, plan in enumerate(analysis.tensors):
         advance(progress, "permuting tensors", number, len(analysis.tensors))
         tensor = holders[plan.tensor]
-        axes = [(axis, analysis.index_array(expr, perms)) for axis, expr in plan.axes]
+        resolved = [(axis, resolve(expr)) for axis, expr in plan.axes]
+        axes = []
+        for (axis, expr), (_, form) in zip(plan.axes, resolved):
+            if type(form) is Atom:
+                index = by_atom.get(form.id)
+                if index is None:
+                    index = by_atom[form.id] = analysis.index_array(expr, perms)
+            else:
+                index = analysis.index_array(expr, perms)
+            axes.append((axis, index))
         first = digest.expect(plan.source)
         dims = tuple(tensor.dims)  # (read once: for the size below and the move)
         if deferred is not None and plan.tensor in streamable and _deferrable(tensor, dims):
@@ -232,7 +249,7 @@ def permute_model(
             before, _ = _permute_tensor(tensor, axes, dims)
             if first:
                 digest.add(plan.source, before)
-        tensors.append(_tensor_record(analysis, plan, group_ids))
+        tensors.append(_tensor_record(analysis, plan, group_ids, resolved))
     groups = _group_records(analysis, perms)
     states = _state_records(analysis, perms, group_ids)
     return PermutationKey(
@@ -250,16 +267,23 @@ def permute_model(
     )
 
 
-def _tensor_record(analysis: ChannelAnalysis, plan: TensorPermutation, group_ids: Mapping[int, str]) -> dict[str, object]:
-    """The key's record of one permuted tensor: its name, source, and each axis's index map."""
+def _tensor_record(
+    analysis: ChannelAnalysis,
+    plan: TensorPermutation,
+    group_ids: Mapping[int, str],
+    resolved: list[tuple[int, Expr]] | None = None,
+) -> dict[str, object]:
+    """The key's record of one permuted tensor: its name, source, and each axis's index map.
+
+    ``resolved``: the plan's axes with their expressions resolved, when the caller has them.
+    """
     find = analysis.solver.find
+    if resolved is None:
+        resolved = [(axis, analysis.solver.resolve(expr)) for axis, expr in plan.axes]
     return {
         "tensor": plan.tensor,
         "source": plan.source,
-        "axes": [
-            {"axis": axis, "expr": expr_to_tree(analysis.solver.resolve(expr), group_ids, find)}
-            for axis, expr in plan.axes
-        ],
+        "axes": [{"axis": axis, "expr": expr_to_tree(expr, group_ids, find)} for axis, expr in resolved],
     }
 
 
@@ -312,11 +336,13 @@ def _state_records(
 
 def _deferrable(tensor: onnx.TensorProto, dims: tuple[int, ...] | None = None) -> bool:
     """Whether ``tensor`` is large enough to be moved as the writer writes it (``dims``: its dims, when read already)."""
+    # The size first, from the dims at hand: most tensors of a deep graph are small, and the
+    # other questions each read the protobuf again.
     return (
-        (tensor.HasField("raw_data") or is_mapped(tensor))  # mapped: still in its external file
+        _raw_size(tensor, dims) >= _DEFER_BYTES
+        and (tensor.HasField("raw_data") or is_mapped(tensor))  # mapped: still in its external file
         and tensor.data_type not in _PACKED_TYPES
         and tensor.data_type != onnx.TensorProto.STRING
-        and _raw_size(tensor, dims) >= _DEFER_BYTES
     )
 
 
@@ -392,13 +418,17 @@ def _is_permutation(perm: np.ndarray) -> bool:
     return bool(np.array_equal(np.sort(perm), np.arange(perm.size)))
 
 
-def unpermute_model(model: onnx.ModelProto, key: PermutationKey) -> bool:
-    """Undo ``key`` on ``model`` in place; True when the weights match the source bit for bit."""
-    return _unpermute(model, key, None).hexdigest() == key.source_weights_sha256
+def unpermute_model(model: onnx.ModelProto, key: PermutationKey, nodes: NodeTable | None = None) -> bool:
+    """Undo ``key`` on ``model`` in place; True when the weights match the source bit for bit.
+
+    ``nodes``: the main graph's nodes as the load's check read them, for the graph fingerprint
+    (see :func:`~onnxlady._transforms._key.graph_fingerprint`).
+    """
+    return _unpermute(model, key, None, nodes=nodes).hexdigest() == key.source_weights_sha256
 
 
 def unpermute_model_streamed(
-    model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTensors
+    model: onnx.ModelProto, key: PermutationKey, deferred: DeferredTensors, nodes: NodeTable | None = None
 ) -> Callable[[str], bool]:
     """Undo ``key`` on ``model``, its large tensors restored only as the writer writes them.
 
@@ -418,8 +448,8 @@ def unpermute_model_streamed(
     """
     if key.untied:
         raise ValueError("a key that untied constants is undone in place (unpermute_model)")
-    later: list[tuple[str, Callable[[], np.ndarray]]] = []
-    digest = _unpermute(model, key, deferred, later)
+    later: list[tuple[str, Callable[[], np.ndarray | bytes]]] = []
+    digest = _unpermute(model, key, deferred, later, nodes=nodes)
 
     def verdict(written_sha256: str = "") -> bool:
         deferred.close()
@@ -427,7 +457,8 @@ def unpermute_model_streamed(
             digest.close()
             return True
         for source, restore in later:
-            digest.add_now(source, restore().reshape(-1).view(np.uint8).data)
+            restored = restore()
+            digest.add_now(source, restored if isinstance(restored, bytes) else restored.reshape(-1).view(np.uint8).data)
         return digest.hexdigest() == key.source_weights_sha256
 
     return verdict
@@ -438,21 +469,25 @@ def _unpermute(
     model: onnx.ModelProto,
     key: PermutationKey,
     deferred: DeferredTensors | None,
-    later: list[tuple[str, Callable[[], np.ndarray]]] | None = None,
+    later: list[tuple[str, Callable[[], np.ndarray | bytes]]] | None = None,
+    *,
+    nodes: NodeTable | None = None,
 ) -> SourceDigest:
     """Undo ``key`` (mapped tensors through ``deferred``); the digest of the restored weights.
 
     The deferred tensors are not hashed as they are written: each source among them is listed in
-    ``later`` with the function that restores it, for the caller to hash when it needs to.
+    ``later`` with the function that restores it, for the caller to hash when it needs to. So
+    are, with ``later``, the small ones restored in place as raw bytes (listed with a function
+    reading them back): a file that is the source's byte for byte needs none of them hashed.
     """
     if deferred is not None and later is None:
         raise ValueError("deferred tensors need a list to record their restoring functions in")
-    fingerprint = graph_fingerprint(model)
+    fingerprint = graph_fingerprint(model, nodes)
     if fingerprint != key.permuted_fingerprint:
         if fingerprint == key.source_fingerprint and key.untied:
             raise OnnxladyError("this model has the source's graph, not the permuted one: the key does not apply")
         raise OnnxladyError("the key was made for a different model (graph fingerprints differ)")
-    holders, streamable = _holders(model)
+    holders, streamable = _holders(model, nodes)
     check_key_fits(key, model, holders)  # every name, rank and axis length, before any tensor is touched
     perms = key.permutations()
     sizes = {g["id"]: int(g["size"]) for g in key.groups}
@@ -483,21 +518,47 @@ def _unpermute(
             continue
         _, after = _permute_tensor(tensor, axes, dims)
         if first:
-            digest.add(entry["source"], after)
+            if later is not None and tensor.HasField("raw_data"):  # (its raw_data is now ``after``)
+                later.append((entry["source"], _raw_bytes(tensor)))
+            else:
+                digest.add(entry["source"], after)
     _retie(model, key.untied)
     return digest
 
 
-def _holders(model: onnx.ModelProto) -> tuple[dict[str, onnx.TensorProto], dict[str, onnx.TensorProto]]:
+def _holders(
+    model: onnx.ModelProto, nodes: NodeTable | None = None
+) -> tuple[dict[str, onnx.TensorProto], dict[str, onnx.TensorProto]]:
     """Every constant by name (:func:`tensor_holders`), and the main graph's (those a streaming writer overrides).
 
-    One walk of the graph where it has no subgraph (the two are then the same).
+    One walk of the graph where it has no subgraph (the two are then the same). ``nodes``: the
+    main graph's nodes as the load's check read them; while it describes the graph, only the
+    nodes it says hold attributes are read (a Constant's value, a subgraph), in the same order.
     """
-    main = _tensor_holders(model, subgraphs=False)
+    graph = model.graph
     graph_kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-    if any(attribute.type in graph_kinds for node in model.graph.node if node.attribute for attribute in node.attribute):
+    if nodes is None or not nodes.describes(graph):
+        main = _tensor_holders(model, subgraphs=False)
+        if any(attribute.type in graph_kinds for node in graph.node if node.attribute for attribute in node.attribute):
+            return _tensor_holders(model), main
+        return main, main
+    attributed = [graph.node[index] for index, flag in enumerate(nodes.attributed) if flag]
+    main = {}
+    for tensor in graph.initializer:  # as tensor_holders lists them: initializers, then Constant values
+        main.setdefault(tensor.name, tensor)
+    for node in attributed:  # (a Constant without attributes holds no value)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    main.setdefault(node.output[0], attribute.t)
+    if any(attribute.type in graph_kinds for node in attributed for attribute in node.attribute):
         return _tensor_holders(model), main
     return main, main
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> Callable[[], bytes]:
+    """A function reading ``tensor``'s raw bytes back (as the writer wrote them)."""
+    return lambda: tensor.raw_data
 
 
 def _restored_take(tensor: onnx.TensorProto, axes: list[tuple[int, np.ndarray]]) -> Callable[[], np.ndarray]:

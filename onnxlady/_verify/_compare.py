@@ -603,5 +603,27 @@ def verify_models(
         reasons=reasons,
         squash_inputs=squashed,
         inputs=feeds.records(),
-        notes=precision_notes + tuple(notes) + tuple(decoding_notes) + judged,
+        notes=precision_notes + tuple(notes) + _defaults_note(ref_graph, feeds.records()) + tuple(decoding_notes) + judged,
     )
+
+
+def _defaults_note(model: onnx.ModelProto, fed: tuple[InputRecord, ...]) -> tuple[str, ...]:
+    """A note naming the initializers listed as graph inputs that were not fed (each model used its own).
+
+    Such an input is a default a caller may override; the check ran on the stored defaults only,
+    so the verdict says nothing of other values fed there.
+    """
+    listed = {value.name for value in model.graph.input}
+    if not listed:
+        return ()
+    names = {record.name for record in fed}
+    defaults = [t.name for t in model.graph.initializer if t.name in listed and t.name not in names]
+    if not defaults:
+        return ()
+    shown = ", ".join(defaults[:3]) + (f" (+{len(defaults) - 3} more)" if len(defaults) > 3 else "")
+    plural = "s" if len(defaults) > 1 else ""
+    note = (
+        f"{len(defaults)} initializer{plural} also listed as graph inputs were not fed: each model used its own "
+        f"stored values (the verdict holds for those defaults): {shown}"
+    )
+    return (note,)
