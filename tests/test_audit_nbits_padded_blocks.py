@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
+from fixtures.block_dequantize import float_mlp
 from onnxlady._audit._verdicts import audit_models
 from onnxlady.testing import copy_model, permute_copy
 
@@ -28,25 +28,7 @@ WIDTHS = (48, 48, 96, 8)
 
 def _float_mlp() -> onnx.ModelProto:
     """``x [1, 4, 48]`` through MatMul + Add (bias) + Relu layers (no Relu after the last)."""
-    rng = np.random.default_rng(3)
-    nodes, inits, current = [], [], "x"
-    for layer in range(len(WIDTHS) - 1):
-        k, n = WIDTHS[layer], WIDTHS[layer + 1]
-        inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), f"fc{layer}.weight"))
-        inits.append(numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(np.float32), f"fc{layer}.bias"))
-        nodes.append(helper.make_node("MatMul", [current, f"fc{layer}.weight"], [f"fc{layer}.mm"], name=f"fc{layer}"))
-        last = layer == len(WIDTHS) - 2
-        out = "y" if last else f"fc{layer}.out"
-        nodes.append(helper.make_node("Add", [f"fc{layer}.mm", f"fc{layer}.bias"], [out], name=f"fc{layer}.add"))
-        if not last:
-            nodes.append(helper.make_node("Relu", [out], [f"relu{layer}"], name=f"relu{layer}"))
-            out = f"relu{layer}"
-        current = out
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, WIDTHS[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, WIDTHS[-1]])], inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return float_mlp(3, widths=WIDTHS, bias=True)
 
 
 def _quantized(model: onnx.ModelProto) -> onnx.ModelProto:

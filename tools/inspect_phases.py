@@ -35,7 +35,6 @@ inspect with such parts can reach, before it analyses anything or prints a line.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools._bench import REPO
+from tools._bench import BUILD_DEEP, REPO, child_json, machine_load
 
 _CHILD = """
 import json, sys, time, os, tempfile
@@ -174,19 +173,9 @@ _DISPATCH = "rule dispatch (a call per node reading its inputs' shapes)"
 #: Python's start and the imports an inspect with a networkx graph cannot do without.
 _START = "import onnx, networkx, numpy"
 
-_BUILD = """
-import sys, onnx
-from fixtures import build_deep_model
-onnx.save(build_deep_model(int(sys.argv[2])), sys.argv[1])
-"""
-
-
 def _child(script: str, path: Path) -> dict[str, tuple[float, float]]:
     """The phases ``script`` printed, run in a fresh interpreter on ``path``."""
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(path)], check=True, capture_output=True, text=True, cwd=REPO
-    )
-    return {name: (wall, cpu) for name, (wall, cpu) in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    return {name: (wall, cpu) for name, (wall, cpu) in child_json(script, path).items()}
 
 
 def _started() -> tuple[float, float]:
@@ -210,14 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    print(f"load before: `{uptime}`\n")
+    print(f"load before: `{machine_load()}`\n")
     print("| nodes | phase | wall s (median) | CPU s (median) | CPU ms/node | x floor (wall) |")
     print("|---|---|---|---|---|---|")
     for nodes in [int(n) for n in args.nodes.split(",") if n]:
         path = args.workdir / f"deep{nodes}.onnx"
         if not path.exists():
-            subprocess.run([sys.executable, "-c", _BUILD, str(path), str(nodes)], check=True, cwd=REPO)
+            subprocess.run([sys.executable, "-c", BUILD_DEEP, str(path), str(nodes)], check=True, cwd=REPO)
         runs = []
         for _ in range(args.repeats):
             if args.floor_parts:
@@ -250,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {nodes} | least ratio of {parts} (CPU, min / median) | | | | "
                     f"{min(least):.2f} / {statistics.median(least):.2f} |"
                 )
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    print(f"\nload after: `{uptime}`")
+    print(f"\nload after: `{machine_load()}`")
     return 0
 
 

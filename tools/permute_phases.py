@@ -32,14 +32,13 @@ moves + save: what the 1.2x goal leaves to everything else a command does.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from tools._bench import REPO
+from tools._bench import BUILD_DEEP, REPO, child_json, machine_load
 
 _PARTS = """
 import hashlib, json, os, sys, tempfile, time
@@ -102,12 +101,6 @@ assert code == 0, code
 print(json.dumps({"phases": phases}))
 """
 
-_BUILD = """
-import sys, onnx
-from fixtures import build_deep_model
-onnx.save(build_deep_model(int(sys.argv[2])), sys.argv[1])
-"""
-
 _PERMUTE = """
 import sys
 from onnxlady.cli import main
@@ -127,10 +120,7 @@ LEAST_UNPERMUTE = "load + key read + moves + save"
 
 def _child(script: str, *arguments: object) -> dict[str, Any]:
     """The JSON document ``script`` printed last, run in a fresh interpreter."""
-    out = subprocess.run(
-        [sys.executable, "-c", script, *map(str, arguments)], check=True, capture_output=True, text=True, cwd=REPO
-    )
-    document: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    document: dict[str, Any] = child_json(script, *arguments)
     return document
 
 
@@ -138,7 +128,7 @@ def _models(workdir: Path, nodes: int) -> tuple[Path, Path]:
     """``deepN.onnx`` and ``deeppermN.onnx`` (with its key) in ``workdir``, made when missing."""
     path, permuted = workdir / f"deep{nodes}.onnx", workdir / f"deepperm{nodes}.onnx"
     if not path.exists():
-        build = [sys.executable, "-c", _BUILD, str(path), str(nodes)]
+        build = [sys.executable, "-c", BUILD_DEEP, str(path), str(nodes)]
         subprocess.run(build, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     if not permuted.exists() or not Path(f"{permuted}.key.json").exists():
         subprocess.run(
@@ -181,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    print(f"load before: `{uptime}`\n")
+    print(f"load before: `{machine_load()}`\n")
     print("| nodes | part | wall s (median) | CPU s (median) | CPU ms/node | x floor (CPU, median) |")
     print("|---|---|---|---|---|---|")
     for nodes in [int(n) for n in args.nodes.split(",") if n]:
@@ -204,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {nodes} | least ratio of {name} (CPU, min / median) | | | | "
                 f"{min(least):.2f} / {statistics.median(least):.2f} |"
             )
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    print(f"\nload after: `{uptime}`")
+    print(f"\nload after: `{machine_load()}`")
     return 0
 
 
