@@ -12,20 +12,11 @@ from pathlib import Path
 
 import onnx
 import pytest
+from test_inspect_floor_parts import _rows
 
 import onnxlady
 from fixtures import build_deep_model
 from tools import permute_phases
-
-
-def _rows(text: str) -> dict[str, list[str]]:
-    """Each table row's part -> its other cells (one node count)."""
-    rows = {}
-    for line in text.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and cells[0].isdigit():
-            rows[cells[1]] = cells[2:]
-    return rows
 
 
 def _least(rows: dict[str, list[str]], name: str) -> float:

@@ -23,6 +23,24 @@ from fixtures import build_deep_model
 onnx.save(build_deep_model(int(sys.argv[2])), sys.argv[1])
 """
 
+#: The start of a phase-timing child's script (arguments: PATH ...): ``clock(name, work)`` records
+#: ``work``'s wall and CPU seconds in ``phases``; the floor's two parts (``onnx.load`` of PATH,
+#: ``onnx.save`` of it) are timed first, the loaded model left in ``model``.
+FLOOR_PRELUDE = """
+import json, os, sys, tempfile, time
+import onnx
+path = sys.argv[1]
+phases = {}
+def clock(name, work):
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = work()
+    phases[name] = (time.perf_counter() - wall, time.process_time() - cpu)
+    return value
+model = clock("onnx.load", lambda: onnx.load(path))
+with tempfile.TemporaryDirectory() as folder:
+    clock("onnx.save", lambda: onnx.save(model, os.path.join(folder, "floor.onnx")))
+"""
+
 
 def child_json(script: str, *arguments: object) -> Any:
     """The JSON document ``script`` printed last, run in a fresh interpreter in :data:`REPO`."""

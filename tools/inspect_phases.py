@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools._bench import BUILD_DEEP, REPO, child_json, machine_load
+from tools._bench import BUILD_DEEP, FLOOR_PRELUDE, REPO, child_json, machine_load
 
 _CHILD = """
 import json, sys, time, os, tempfile
@@ -111,19 +111,8 @@ clock("to_json_text", getattr(result, "to_json_text", lambda: json.dumps(result.
 print(json.dumps(phases))
 """
 
-_PARTS = """
-import json, sys, time, os, tempfile
-import onnx, networkx as nx, numpy
-path = sys.argv[1]
-phases = {}
-def clock(name, work):
-    wall, cpu = time.perf_counter(), time.process_time()
-    value = work()
-    phases[name] = (time.perf_counter() - wall, time.process_time() - cpu)
-    return value
-model = clock("onnx.load", lambda: onnx.load(path))
-with tempfile.TemporaryDirectory() as folder:
-    clock("onnx.save", lambda: onnx.save(model, os.path.join(folder, "floor.onnx")))
+_PARTS = FLOOR_PRELUDE + """
+import networkx as nx, numpy
 def one_pass():
     return [(tuple(node.input[:]), tuple(node.output[:]), (node.op_type, node.domain)) for node in model.graph.node]
 table = clock("node pass", one_pass)

@@ -38,22 +38,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tools._bench import BUILD_DEEP, REPO, child_json, machine_load
+from tools._bench import BUILD_DEEP, FLOOR_PRELUDE, REPO, child_json, machine_load
 
-_PARTS = """
-import hashlib, json, os, sys, tempfile, time
+_PARTS = FLOOR_PRELUDE + """
+import hashlib
 import numpy as np
-import onnx
-path, key_path = sys.argv[1], sys.argv[2]
-phases = {}
-def clock(name, work):
-    wall, cpu = time.perf_counter(), time.process_time()
-    value = work()
-    phases[name] = (time.perf_counter() - wall, time.process_time() - cpu)
-    return value
-model = clock("onnx.load", lambda: onnx.load(path))
-with tempfile.TemporaryDirectory() as folder:
-    clock("onnx.save", lambda: onnx.save(model, os.path.join(folder, "floor.onnx")))
+key_path = sys.argv[2]
 dtypes = {1: np.dtype("u1"), 2: np.dtype("u2"), 4: np.dtype("u4"), 8: np.dtype("u8")}
 reversals = {}  # one index array per axis length, made once (as a key's group permutations are)
 def move_all():
